@@ -1,0 +1,1 @@
+//! meshnet control plane.

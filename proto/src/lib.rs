@@ -1,0 +1,14 @@
+//! meshnet's sans-I/O core.
+//!
+//! This crate owns every decision that can be made without touching a socket, a
+//! device or a clock: wire formats, the Noise handshake, AEAD sessions with their
+//! replay windows, the MAC table, topology gossip and routes, and the IPAM ring.
+//! Time is always passed in (milliseconds on a monotonic clock chosen by the
+//! caller). Nothing here spawns threads, performs I/O or reads the clock, which is
+//! what makes the simulator in `tests/` and the fuzz targets in `fuzz/` cheap.
+//!
+//! Untrusted bytes are parsed in two steps (smoltcp style): a checked view first,
+//! after which accessors cannot panic, then a plain `Repr` the rest uses.
+
+pub mod peer;
+pub use peer::{Mac, PeerName};

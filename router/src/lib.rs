@@ -1,0 +1,7 @@
+//! meshnet's data plane: the kernel devices (bridge, TAP, veth) and the
+//! forwarding loop between the TAP and the UDP socket.
+//!
+//! This crate performs what `meshnet-proto` decides. It owns file descriptors and
+//! threads; it never makes a protocol decision of its own.
+
+pub mod netlink;
