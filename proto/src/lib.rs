@@ -11,4 +11,6 @@
 //! after which accessors cannot panic, then a plain `Repr` the rest uses.
 
 pub mod peer;
+pub mod session;
+pub mod replay;
 pub use peer::{Mac, PeerName};

@@ -1,0 +1,256 @@
+//! AEAD keys of one data-plane session: AES-256-GCM with a 64-bit counter nonce.
+//!
+//! A session is one direction of one handshake: the sender holds a [`SealKey`]
+//! (key plus the next counter to use), the receiver an [`OpenKey`] (key plus a
+//! [`ReplayWindow`]). The nonce is `4 zero bytes ‖ counter (big-endian)`; the
+//! counter also travels in the cleartext outer header so the receiver can
+//! rebuild the nonce.
+//!
+//! Both keys work in place on caller-owned buffers and never allocate.
+//!
+//! Rules this module enforces:
+//! - a counter is used at most once per key: [`SealKey`] only moves forward, and
+//!   refuses to go on once it reaches [`COUNTER_LIMIT`] (rekeying is the
+//!   handshake's job, not this module's);
+//! - [`OpenKey`] consults the replay window *before* decrypting (cheap rejection)
+//!   and marks it only *after* the tag verified, so forgeries cannot move it.
+
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
+
+use crate::replay::ReplayWindow;
+pub use crate::replay::COUNTER_LIMIT;
+
+/// AES-256 key length.
+pub const KEY_LEN: usize = 32;
+/// GCM tag length.
+pub const TAG_LEN: usize = 16;
+/// GCM nonce length.
+pub const NONCE_LEN: usize = 12;
+
+/// Why sealing or opening failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The send counter reached [`COUNTER_LIMIT`]: the session must be rekeyed.
+    #[error("send counter exhausted; session needs a rekey")]
+    CounterExhausted,
+    /// The counter was already accepted, or is older than the replay window.
+    #[error("replayed or too old counter")]
+    Replay,
+    /// The tag did not verify: wrong key, or the datagram was altered.
+    #[error("authentication failed")]
+    AuthFailed,
+}
+
+fn nonce(counter: u64) -> Nonce {
+    let mut n = [0u8; NONCE_LEN];
+    n[4..].copy_from_slice(&counter.to_be_bytes());
+    Nonce::assume_unique_for_key(n)
+}
+
+fn aead_key(key: &[u8; KEY_LEN]) -> LessSafeKey {
+    // A 32-byte key is always valid for AES-256-GCM; `new` fails only on a wrong length.
+    match UnboundKey::new(&AES_256_GCM, key) {
+        Ok(k) => LessSafeKey::new(k),
+        Err(_) => unreachable!("AES-256-GCM accepts every 32-byte key"),
+    }
+}
+
+/// The sending half of a session: the key and the next counter to use.
+pub struct SealKey {
+    key: LessSafeKey,
+    next: u64,
+}
+
+impl SealKey {
+    /// A fresh key whose first counter is 0.
+    pub fn new(key: &[u8; KEY_LEN]) -> Self {
+        SealKey { key: aead_key(key), next: 0 }
+    }
+
+    /// A key whose next counter is `next` (tests of exhaustion).
+    #[cfg(test)]
+    pub(crate) fn starting_at(key: &[u8; KEY_LEN], next: u64) -> Self {
+        SealKey { key: aead_key(key), next }
+    }
+
+    /// The counter the next [`seal_in_place`](Self::seal_in_place) will use, so the
+    /// caller can write it into the associated data first.
+    // `>=` stays correct should the limit ever be lowered below `u64::MAX`.
+    #[allow(clippy::absurd_extreme_comparisons)]
+    pub fn next_counter(&self) -> Result<u64, SessionError> {
+        if self.next >= COUNTER_LIMIT {
+            Err(SessionError::CounterExhausted)
+        } else {
+            Ok(self.next)
+        }
+    }
+
+    /// How many more messages this key may seal.
+    pub fn remaining(&self) -> u64 {
+        COUNTER_LIMIT.saturating_sub(self.next)
+    }
+
+    /// Encrypts `in_out` in place under the next counter, authenticating `aad`
+    /// too, and returns the counter used and the tag to append.
+    ///
+    /// The counter is always taken from the key, never from the caller, so a
+    /// nonce cannot be reused; if `aad` carries a different counter than the one
+    /// returned, the receiver will simply fail to authenticate.
+    pub fn seal_in_place(
+        &mut self,
+        aad: &[u8],
+        in_out: &mut [u8],
+    ) -> Result<(u64, [u8; TAG_LEN]), SessionError> {
+        let counter = self.next_counter()?;
+        let tag: Tag = self
+            .key
+            .seal_in_place_separate_tag(nonce(counter), Aad::from(aad), in_out)
+            // ring fails only on inputs longer than GCM's ~64 GiB limit.
+            .map_err(|_| SessionError::CounterExhausted)?;
+        self.next = counter + 1;
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(tag.as_ref());
+        Ok((counter, t))
+    }
+}
+
+impl std::fmt::Debug for SealKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealKey").field("next", &self.next).finish_non_exhaustive()
+    }
+}
+
+/// The receiving half of a session: the key and its replay window.
+pub struct OpenKey {
+    key: LessSafeKey,
+    window: ReplayWindow,
+}
+
+impl OpenKey {
+    pub fn new(key: &[u8; KEY_LEN]) -> Self {
+        OpenKey { key: aead_key(key), window: ReplayWindow::new() }
+    }
+
+    /// The replay window, for diagnostics.
+    pub fn window(&self) -> &ReplayWindow {
+        &self.window
+    }
+
+    /// Authenticates and decrypts `in_out` (ciphertext ‖ tag) in place and returns
+    /// the plaintext, a prefix of `in_out`.
+    ///
+    /// Rejects with [`SessionError::Replay`] without decrypting if the window
+    /// already holds `counter`; marks `counter` only once the tag verified.
+    pub fn open_in_place<'a>(
+        &mut self,
+        counter: u64,
+        aad: &[u8],
+        in_out: &'a mut [u8],
+    ) -> Result<&'a mut [u8], SessionError> {
+        if !self.window.check(counter) {
+            return Err(SessionError::Replay);
+        }
+        let plain = self
+            .key
+            .open_in_place(nonce(counter), Aad::from(aad), in_out)
+            .map_err(|_| SessionError::AuthFailed)?;
+        if !self.window.update(counter) {
+            // Unreachable: checked above and nothing else touched the window.
+            return Err(SessionError::Replay);
+        }
+        Ok(plain)
+    }
+}
+
+impl std::fmt::Debug for OpenKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenKey").field("window", &self.window).finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: [u8; KEY_LEN] = [7; KEY_LEN];
+
+    /// Seals `msg` behind an 8-byte header carrying the counter; returns the message.
+    fn seal(k: &mut SealKey, msg: &[u8]) -> Vec<u8> {
+        let counter = k.next_counter().unwrap();
+        let mut out = counter.to_be_bytes().to_vec();
+        out.extend_from_slice(msg);
+        let (aad, body) = out.split_at_mut(8);
+        let (used, tag) = k.seal_in_place(aad, body).unwrap();
+        assert_eq!(used, counter);
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    fn open(k: &mut OpenKey, mut m: Vec<u8>) -> Result<Vec<u8>, SessionError> {
+        let counter = u64::from_be_bytes(m[..8].try_into().unwrap());
+        let (aad, body) = m.split_at_mut(8);
+        k.open_in_place(counter, aad, body).map(|p| p.to_vec())
+    }
+
+    #[test]
+    fn seal_open_round_trip() {
+        let mut s = SealKey::new(&KEY);
+        let mut o = OpenKey::new(&KEY);
+        for i in 0..100u32 {
+            let msg = vec![i as u8; i as usize];
+            let m = seal(&mut s, &msg);
+            assert_eq!(m.len(), 8 + msg.len() + TAG_LEN);
+            assert_eq!(open(&mut o, m).unwrap(), msg);
+        }
+        assert_eq!(s.next_counter().unwrap(), 100);
+    }
+
+    #[test]
+    fn tampering_anywhere_fails_authentication() {
+        let mut s = SealKey::new(&KEY);
+        let m = seal(&mut s, b"hello, overlay");
+        for i in 0..m.len() {
+            // Bytes 0..8 are the header (aad + counter), then ciphertext, then tag.
+            let mut o = OpenKey::new(&KEY);
+            let mut bad = m.clone();
+            bad[i] ^= 0x40;
+            assert_eq!(open(&mut o, bad), Err(SessionError::AuthFailed), "byte {i}");
+            // A forgery does not consume the counter: the genuine one still opens.
+            assert_eq!(open(&mut o, m.clone()).unwrap(), b"hello, overlay");
+        }
+    }
+
+    #[test]
+    fn wrong_key_fails() {
+        let mut s = SealKey::new(&KEY);
+        let mut o = OpenKey::new(&[8; KEY_LEN]);
+        assert_eq!(open(&mut o, seal(&mut s, b"x")), Err(SessionError::AuthFailed));
+    }
+
+    #[test]
+    fn replay_rejected_before_decrypting() {
+        let mut s = SealKey::new(&KEY);
+        let mut o = OpenKey::new(&KEY);
+        let m = seal(&mut s, b"once");
+        assert!(open(&mut o, m.clone()).is_ok());
+        assert_eq!(open(&mut o, m), Err(SessionError::Replay));
+    }
+
+    #[test]
+    fn counter_exhaustion_refuses_to_wrap() {
+        let mut s = SealKey::starting_at(&KEY, COUNTER_LIMIT - 2);
+        assert_eq!(s.remaining(), 2);
+        let mut buf = [0u8; 4];
+        assert_eq!(s.seal_in_place(&[], &mut buf).unwrap().0, COUNTER_LIMIT - 2);
+        assert_eq!(s.seal_in_place(&[], &mut buf).unwrap().0, COUNTER_LIMIT - 1);
+        assert_eq!(s.next_counter(), Err(SessionError::CounterExhausted));
+        assert_eq!(s.seal_in_place(&[], &mut buf), Err(SessionError::CounterExhausted));
+        assert_eq!(s.remaining(), 0);
+    }
+
+    #[test]
+    fn nonce_layout() {
+        let n = nonce(0x0102_0304_0506_0708);
+        assert_eq!(n.as_ref(), &[0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+}
