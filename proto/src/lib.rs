@@ -13,4 +13,7 @@
 pub mod peer;
 pub mod session;
 pub mod replay;
+pub mod wire;
+pub mod session;
+pub mod replay;
 pub use peer::{Mac, PeerName};
