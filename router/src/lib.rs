@@ -4,4 +4,6 @@
 //! This crate performs what `meshnet-proto` decides. It owns file descriptors and
 //! threads; it never makes a protocol decision of its own.
 
+pub mod arp;
 pub mod netlink;
+pub mod netns;
