@@ -7,3 +7,4 @@
 pub mod arp;
 pub mod netlink;
 pub mod netns;
+pub mod tap;
