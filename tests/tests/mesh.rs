@@ -1,0 +1,696 @@
+//! End-to-end scenarios: real `meshnet` routers in network namespaces.
+//!
+//! Each test builds its own [`Lab`] (see `meshnet_tests::lab`): hosts `h<i>` on an
+//! underlay `10.250.<k>.0/24`, containers `c<j>` attached as `10.40.0.<j>/16`.
+//! They need root and skip otherwise. `MESHNET_BIN=...` picks the binary,
+//! `MESHNET_LAB_KEEP=1` keeps a failed lab, `MESHNET_E2E=0` skips them all.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use meshnet_tests::lab::*;
+use serde_json::Value;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// `10.40.0.<j>`
+fn overlay(j: u8) -> String {
+    format!("10.40.0.{j}")
+}
+
+#[track_caller]
+fn attach(h: &Host, c: &Container) {
+    let cidr = format!("{}/16", overlay(c.j));
+    h.meshnet(&["attach", &cidr, &c.ns])
+        .expect_ok(&format!("attach {cidr} {} on {}", c.ns, h.ns));
+}
+
+#[track_caller]
+fn assert_pings(from: &Container, to: u8, timeout: Duration) {
+    let ip = overlay(to);
+    let start = Instant::now();
+    assert!(
+        ping_until(&from.ns, &ip, timeout),
+        "{} cannot ping {ip} within {timeout:?}",
+        from.ns
+    );
+    // Once it works it must keep working.
+    assert!(
+        ping(&from.ns, &ip, 3),
+        "{} reached {ip} once, then lost it",
+        from.ns
+    );
+    eprintln!(
+        "{} -> {ip}: ok after {:.1}s",
+        from.ns,
+        start.elapsed().as_secs_f64()
+    );
+}
+
+fn lower(s: &str) -> String {
+    s.to_ascii_lowercase()
+}
+
+fn mentions_password(text: &str) -> bool {
+    let t = lower(text);
+    t.contains("password") || t.contains("authenticat")
+}
+
+/// Scenario 1: h3 is only told about h2, finds h1 by gossip; containers on all
+/// three hosts reach each other; `ps` and a repeated attach behave.
+#[test]
+fn three_hosts_find_each_other_by_gossip() {
+    let Some(lab) = Lab::new("gossip") else {
+        return;
+    };
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let (c1, c2, c3) = (
+        lab.add_container(&h1, 1),
+        lab.add_container(&h2, 2),
+        lab.add_container(&h3, 3),
+    );
+
+    let n1 = h1.launch(&[]);
+    let n2 = h2.launch(&[&h1.ip]);
+    let n3 = h3.launch(&[]);
+    h3.meshnet(&["connect", &h2.ip]).expect_ok("connect on h3");
+    assert!(
+        n1 != n2 && n2 != n3 && n1 != n3,
+        "peer names must differ: {n1} {n2} {n3}"
+    );
+    attach(&h1, &c1);
+    attach(&h2, &c2);
+    attach(&h3, &c3);
+
+    assert_pings(&c1, 3, SECS(30));
+    assert_pings(&c3, 1, SECS(10));
+    assert_pings(&c2, 1, SECS(10));
+    assert_pings(&c2, 3, SECS(10));
+
+    // Discovery: h3 knows h1 and holds an established connection to it although
+    // only h2 was ever named to it.
+    let found = wait_until(SECS(20), || {
+        let s = h3.status_json();
+        peer_names(&s).contains(&n1) && established_with(&s, &n1)
+    });
+    let s3 = h3.status_json();
+    assert!(found, "h3 did not discover h1 ({n1}) by gossip: {s3:#}");
+    assert_eq!(
+        s3["name"],
+        n3.as_str(),
+        "status name is not the launched name: {s3:#}"
+    );
+    assert_eq!(s3["port"], 6783, "{s3:#}");
+    assert_eq!(s3["password"], false, "{s3:#}");
+    assert!(
+        s3["version"].as_str().is_some_and(|v| !v.is_empty()),
+        "no version: {s3:#}"
+    );
+    let names = peer_names(&s3);
+    for n in [&n1, &n2, &n3] {
+        assert!(
+            names.contains(n),
+            "h3's peers lack {n} (self included): {s3:#}"
+        );
+    }
+    assert_eq!(h3.targets(), vec![h2.addr()], "h3 was only told about h2");
+
+    // The container side: ethwe up, our address, an MTU that full frames fit.
+    let ethwe = link(&c1.ns, "ethwe")
+        .unwrap_or_else(|| panic!("no ethwe in {}: {:#?}", c1.ns, links(&c1.ns)));
+    assert!(
+        ethwe["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "UP")),
+        "ethwe not up: {ethwe:#}"
+    );
+    assert_eq!(
+        ipv4_of(&ethwe),
+        vec!["10.40.0.1/16".to_string()],
+        "{ethwe:#}"
+    );
+    let mac = ethwe["address"].as_str().unwrap_or_default().to_string();
+    let mtu = ethwe["mtu"].as_u64().unwrap_or(0);
+    eprintln!("ethwe in c1: mac {mac}, mtu {mtu}");
+    assert!(
+        (576..1500).contains(&mtu),
+        "overlay MTU {mtu} cannot be carried over a 1500 underlay unfragmented"
+    );
+    let size = (mtu - 28).to_string();
+    let big = exec_in(
+        &c1.ns,
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-M",
+            "do",
+            "-s",
+            &size,
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-w",
+            "6",
+            &overlay(3),
+        ],
+    );
+    assert!(
+        big.ok(),
+        "full-MTU ({mtu}) frames do not cross the overlay: {big}"
+    );
+
+    // ps, as JSON and as text.
+    let ps = h1.ps_json();
+    let mine: Vec<&Value> = ps
+        .iter()
+        .filter(|e| e["target"] == c1.ns.as_str())
+        .collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "ps on h1 should list {} once: {ps:#?}",
+        c1.ns
+    );
+    assert_eq!(
+        mine[0]["mac"],
+        mac.as_str(),
+        "ps MAC is not ethwe's: {ps:#?}"
+    );
+    assert_eq!(
+        mine[0]["addresses"],
+        serde_json::json!(["10.40.0.1/16"]),
+        "{ps:#?}"
+    );
+    let text = h1.meshnet(&["ps"]).expect_ok("ps on h1");
+    let line = text
+        .stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(c1.ns.as_str()));
+    let line = line.unwrap_or_else(|| panic!("ps text has no line for {}: {text}", c1.ns));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        cols.len() >= 3 && cols[1] == mac && cols[2..].contains(&"10.40.0.1/16"),
+        "ps line `{line}` is not `TARGET MAC ADDR/PREFIX`"
+    );
+
+    // Attaching the same thing twice is harmless.
+    attach(&h1, &c1);
+    let ethwes: Vec<Value> = links(&c1.ns)
+        .into_iter()
+        .filter(|l| l["ifname"] == "ethwe")
+        .collect();
+    assert_eq!(ethwes.len(), 1, "{:#?}", links(&c1.ns));
+    assert_eq!(
+        ipv4_of(&ethwes[0]),
+        vec!["10.40.0.1/16".to_string()],
+        "address doubled? {:#}",
+        ethwes[0]
+    );
+    assert_eq!(
+        ethwes[0]["address"],
+        mac.as_str(),
+        "second attach changed the MAC"
+    );
+    let n_links = links(&c1.ns).len();
+    assert_eq!(
+        n_links,
+        2,
+        "c1 should hold lo and ethwe only: {:#?}",
+        links(&c1.ns)
+    );
+    let ps = h1.ps_json();
+    assert_eq!(
+        ps.iter().filter(|e| e["target"] == c1.ns.as_str()).count(),
+        1,
+        "{ps:#?}"
+    );
+    assert_pings(&c1, 3, SECS(10));
+    assert_pings(&c3, 1, SECS(10));
+
+    let v = h1.meshnet(&["--version"]).expect_ok("--version");
+    assert!(!v.stdout.trim().is_empty(), "--version prints nothing");
+}
+
+/// Scenario 2: a router with the wrong password, or none, is kept out, and both
+/// sides say why.
+#[test]
+fn wrong_or_missing_password_is_refused() {
+    let Some(lab) = Lab::new("password") else {
+        return;
+    };
+    let hs: Vec<Host> = (1..=5).map(|i| lab.add_host(i)).collect();
+    let (h1, h2, h3, h4, h5) = (&hs[0], &hs[1], &hs[2], &hs[3], &hs[4]);
+    let c1 = lab.add_container(h1, 1);
+    let c3 = lab.add_container(h3, 3);
+    let c4 = lab.add_container(h4, 4);
+    let c5 = lab.add_container(h5, 5);
+    // As a person would write it: `echo s3cret > file`.
+    let pwfile = lab.dir.join("password");
+    std::fs::write(&pwfile, "s3cret\n").unwrap();
+    let pwfile = pwfile.to_string_lossy().into_owned();
+
+    let n1 = h1.launch(&["--password", "s3cret"]);
+    let _n2 = h2.launch(&["--password-file", &pwfile, &h1.ip]);
+    let _n3 = h3.launch_env(&[&h2.ip], &[("MESHNET_PASSWORD", "s3cret")]);
+    attach(h1, &c1);
+    attach(h3, &c3);
+    assert!(
+        ping_until(&c1.ns, &overlay(3), SECS(30)),
+        "c1 cannot ping c3 with one password given three ways (flag, file with trailing newline, env)"
+    );
+    assert_pings(&c3, 1, SECS(10));
+    assert_eq!(h1.status_json()["password"], true);
+
+    // h4: wrong password.
+    let _n4 = h4.launch(&["--password", "wrong", &h1.ip]);
+    attach(h4, &c4);
+    let mut ever = false;
+    let mut last = Value::Null;
+    let refused = wait_until(SECS(20), || {
+        last = h4.status_json();
+        let to_h1 = connections_to(&last, &h1.ip);
+        ever |= to_h1.iter().any(|c| c["state"] == "established") || established_with(&last, &n1);
+        to_h1.iter().any(|c| {
+            c["state"] != "established" && mentions_password(c["info"].as_str().unwrap_or(""))
+        })
+    });
+    assert!(refused, "h4 (wrong password) shows no refused connection to h1 naming password/authentication: {last:#}");
+    assert!(
+        !ever,
+        "h4 with the wrong password got an established connection: {last:#}"
+    );
+    let why = wait_until(SECS(10), || h1.log().lines().any(mentions_password));
+    assert!(
+        why,
+        "h1's meshnet.log says nothing about password/authentication:\n{}",
+        h1.log()
+    );
+    assert!(
+        !ping(&c4.ns, &overlay(1), 3),
+        "c4 (wrong password) reaches c1"
+    );
+    let s4 = h4.status_json();
+    assert!(
+        !peer_names(&s4).contains(&n1),
+        "h4 learnt h1 by gossip despite the wrong password: {s4:#}"
+    );
+    assert!(
+        !connections(&s4).iter().any(|c| c["state"] == "established"),
+        "{s4:#}"
+    );
+
+    // h5: no password at all; launch says the mesh is open.
+    let out = h5
+        .meshnet(&["launch", &h1.ip])
+        .expect_ok("launch h5 without password");
+    assert!(
+        lower(&out.all()).contains("password"),
+        "launch without a password should say so: {out}"
+    );
+    attach(h5, &c5);
+    let s5 = h5.status_json();
+    assert_eq!(s5["password"], false, "{s5:#}");
+    let text = h5.meshnet(&["status"]).expect_ok("status h5");
+    assert!(
+        lower(&text.stdout).contains("password"),
+        "status without a password should say so: {text}"
+    );
+    let mut ever = false;
+    let refused = wait_until(SECS(20), || {
+        last = h5.status_json();
+        let to_h1 = connections_to(&last, &h1.ip);
+        ever |= to_h1.iter().any(|c| c["state"] == "established") || established_with(&last, &n1);
+        to_h1.iter().any(|c| {
+            c["state"] != "established"
+                && lower(c["info"].as_str().unwrap_or("")).contains("password")
+        })
+    });
+    assert!(refused, "h5 (no password) shows no refused connection to h1 saying a password is required: {last:#}");
+    assert!(
+        !ever,
+        "h5 without a password got an established connection: {last:#}"
+    );
+    assert!(!ping(&c5.ns, &overlay(1), 3), "c5 (no password) reaches c1");
+
+    // The members are unharmed.
+    assert_pings(&c1, 3, SECS(10));
+}
+
+const MARKER: &[u8] = b"meshnet-marker";
+
+const TCP_SINK: &str = r#"
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(1); s.settimeout(20)
+print("ready", flush=True)
+c, _ = s.accept(); c.settimeout(10); n = 0
+while True:
+    d = c.recv(65536)
+    if not d: break
+    n += len(d)
+print("got", n, flush=True)
+"#;
+
+const MARKER_SEND: &str = r#"
+import socket, sys
+dst, m = sys.argv[1], b"meshnet-marker" * 40
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(5): u.sendto(m, (dst, 9999))
+t = socket.create_connection((dst, 9998), timeout=10)
+t.sendall(m * 20); t.close()
+print("sent", flush=True)
+"#;
+
+/// Scenario 3: what containers say never crosses the underlay in the clear.
+#[test]
+fn no_plaintext_on_the_wire() {
+    let Some(lab) = Lab::new("wire") else { return };
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let (c1, c3) = (lab.add_container(&h1, 1), lab.add_container(&h3, 3));
+    h1.launch(&[]);
+    h2.launch(&[&h1.ip]);
+    h3.launch(&[&h2.ip]);
+    attach(&h1, &c1);
+    attach(&h3, &c3);
+    assert_pings(&c1, 3, SECS(30));
+
+    let wire = lab.capture(&h1.ns, UNDERLAY_IF);
+    let inside = lab.capture(&c1.ns, "ethwe");
+    let mut sink = lab.spawn_in(&c3.ns, &["python3", "-c", TCP_SINK, "9998"]);
+    assert!(
+        wait_until(SECS(10), || sink.stdout().contains("ready")),
+        "tcp sink in c3 did not start: {}",
+        sink.stderr()
+    );
+
+    let p = exec_in(
+        &c1.ns,
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-p",
+            "6d6573686e65742d6d61726b6572",
+            "-s",
+            "200",
+            "-c",
+            "5",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-w",
+            "8",
+            &overlay(3),
+        ],
+    );
+    assert!(p.ok(), "marker ping c1 -> c3 failed: {p}");
+    let s = exec_in(&c1.ns, &["python3", "-c", MARKER_SEND, &overlay(3)]);
+    assert!(s.ok(), "marker UDP/TCP send c1 -> c3 failed: {s}");
+    assert!(sink.wait(SECS(10)), "tcp sink in c3 did not finish");
+    assert!(
+        sink.stdout()
+            .contains(&format!("got {}", MARKER.len() * 40 * 20)),
+        "c3 did not receive the TCP stream: {} {}",
+        sink.stdout(),
+        sink.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    let wire = wire.stop();
+    let inside = inside.stop();
+    let udp = wire.count(17, 6783);
+    let tcp = wire.count(6, 6783);
+    eprintln!(
+        "underlay capture: {} frames, {udp} UDP/6783, {tcp} TCP/6783; ethwe capture: {} frames",
+        wire.frames.len(),
+        inside.frames.len()
+    );
+    assert!(
+        inside.contains(MARKER),
+        "control failed: the marker is not even on c1's ethwe"
+    );
+    assert!(
+        udp >= 10,
+        "only {udp} UDP 6783 datagrams on h1's underlay: did the traffic cross as UDP?"
+    );
+    assert!(
+        !wire.contains(MARKER),
+        "PLAINTEXT: the marker crossed h1's underlay in the clear ({})",
+        wire_offender(&wire)
+    );
+    assert!(
+        !wire.contains(&MARKER[4..12]),
+        "PLAINTEXT: part of the marker crossed h1's underlay ({})",
+        wire_offender(&wire)
+    );
+}
+
+/// Which frame carries the marker, for the failure message.
+fn wire_offender(p: &Pcap) -> String {
+    p.frames
+        .iter()
+        .enumerate()
+        .find(|(_, f)| f.windows(8).any(|w| w == &MARKER[4..12]))
+        .map(|(i, f)| format!("frame {i}, {} bytes, {:?}", f.len(), p.flows().get(i)))
+        .unwrap_or_default()
+}
+
+/// Scenario 4: stop and launch again keeps the name, the targets and the
+/// attachments.
+#[test]
+fn restart_keeps_name_targets_and_attachments() {
+    let Some(lab) = Lab::new("restart") else {
+        return;
+    };
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let (c1, c2, c3) = (
+        lab.add_container(&h1, 1),
+        lab.add_container(&h2, 2),
+        lab.add_container(&h3, 3),
+    );
+    let n1 = h1.launch(&[]);
+    let n2 = h2.launch(&[&h1.ip]);
+    h3.launch(&[&h1.ip]);
+    attach(&h1, &c1);
+    attach(&h2, &c2);
+    attach(&h3, &c3);
+    assert_pings(&c2, 1, SECS(30));
+    assert_pings(&c2, 3, SECS(10));
+
+    let t = Instant::now();
+    h2.meshnet(&["stop"]).expect_ok("stop h2");
+    assert!(
+        wait_until(SECS(10), || h2.pids().is_empty()),
+        "processes left in {} after stop: {:?}",
+        h2.ns,
+        h2.pids()
+    );
+    eprintln!("stop took {:.1}s", t.elapsed().as_secs_f64());
+    let st = h2.meshnet(&["status"]);
+    eprintln!("status while stopped: {st}");
+
+    let again = h2.launch(&[]);
+    assert_eq!(again, n2, "h2 changed its peer name across a restart");
+    assert!(
+        h2.targets().contains(&h1.addr()),
+        "h2 forgot its connect target {}: {:?}",
+        h1.addr(),
+        h2.targets()
+    );
+    let back = wait_until(SECS(20), || established_with(&h2.status_json(), &n1));
+    assert!(back, "h2 did not reconnect to h1: {:#}", h2.status_json());
+
+    let ethwe = link(&c2.ns, "ethwe")
+        .unwrap_or_else(|| panic!("ethwe gone from c2 after restart: {:#?}", links(&c2.ns)));
+    assert_eq!(ipv4_of(&ethwe), vec!["10.40.0.2/16".to_string()]);
+    let ps = h2.ps_json();
+    assert!(
+        ps.iter().any(|e| e["target"] == c2.ns.as_str()),
+        "ps on h2 forgot c2 after restart: {ps:#?}"
+    );
+    assert_pings(&c2, 1, SECS(30));
+    assert_pings(&c2, 3, SECS(10));
+    assert_pings(&c1, 2, SECS(10));
+}
+
+/// Scenario 5: reset leaves the host as it found it; launch works again.
+#[test]
+fn reset_removes_everything() {
+    let Some(lab) = Lab::new("reset") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
+    h1.launch(&[]);
+    h2.launch(&[&h1.ip]);
+    attach(&h1, &c1);
+    attach(&h2, &c2);
+    assert_pings(&c1, 2, SECS(30));
+    let before: Vec<String> = links(&h1.ns)
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(String::from))
+        .collect();
+    eprintln!("links in h1 before reset: {before:?}");
+
+    h1.meshnet(&["reset"]).expect_ok("reset h1");
+    let gone = wait_until(SECS(10), || h1.pids().is_empty());
+    let cmdlines: Vec<String> = h1
+        .pids()
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .replace('\0', " ")
+        })
+        .collect();
+    assert!(gone, "processes left in h1 after reset: {cmdlines:?}");
+    let mut names: Vec<String> = links(&h1.ns)
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(String::from))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        vec![UNDERLAY_IF.to_string(), "lo".to_string()],
+        "links left in h1 after reset: {:#?}",
+        links(&h1.ns)
+    );
+    let eth0 = link(&h1.ns, UNDERLAY_IF).expect("underlay link");
+    assert_eq!(
+        ipv4_of(&eth0),
+        vec![format!("{}/24", h1.ip)],
+        "reset touched the underlay address"
+    );
+    let c1_links: Vec<String> = links(&c1.ns)
+        .iter()
+        .filter_map(|l| l["ifname"].as_str().map(String::from))
+        .collect();
+    assert_eq!(
+        c1_links,
+        vec!["lo".to_string()],
+        "reset left interfaces in c1"
+    );
+    let ss = exec_in(&h1.ns, &["ss", "-ltnuH"]);
+    assert!(
+        !ss.stdout.contains(":6783"),
+        "still listening on 6783 after reset: {ss}"
+    );
+    assert!(
+        !h1.state_dir.exists(),
+        "state dir {} still there after reset",
+        h1.state_dir.display()
+    );
+
+    let name = h1.launch(&[&h2.ip]);
+    eprintln!("relaunched h1 as {name}");
+    attach(&h1, &c1);
+    assert_pings(&c1, 2, SECS(30));
+}
+
+const GARBAGE: &str = r#"
+import os, random, socket, sys
+host, port = sys.argv[1], 6783
+rnd = random.Random(6783)
+for i in range(20):
+    s = socket.socket(); s.settimeout(0.3)
+    try:
+        s.connect((host, port))
+        n = rnd.choice([1, 7, 64, 1000, 70000])
+        s.sendall(rnd.choice([os.urandom(n), b"\xff" * n, b"\x00" * n]))
+        try: s.recv(4096)
+        except Exception: pass
+    except Exception as e: print("tcp", i, e)
+    finally: s.close()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(500):
+    n = rnd.choice([0, 1, 20, 100, 1400, 1472])
+    u.sendto(rnd.choice([os.urandom(n), b"\xff" * n, b"\x00" * n]), (host, port))
+print("sent", flush=True)
+"#;
+
+/// Scenario 6: invalid commands fail clearly and change nothing; garbage from
+/// the network does not bring the router down.
+#[test]
+fn bad_input_changes_nothing() {
+    let Some(lab) = Lab::new("badinput") else {
+        return;
+    };
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
+    let n1 = h1.launch(&[]);
+    h2.launch(&[&h1.ip]);
+    attach(&h1, &c1);
+    attach(&h2, &c2);
+    assert_pings(&c1, 2, SECS(30));
+    let pids = h1.pids();
+    let ps_before = h1.ps_json();
+    let targets_before = h1.targets();
+    let c1_before = links(&c1.ns);
+
+    let bad = |args: &[&str], names: &[&str]| {
+        let out = h1.meshnet(args);
+        assert!(
+            !out.ok() && !out.timed_out,
+            "`meshnet {}` should fail quickly: {out}",
+            args.join(" ")
+        );
+        assert!(
+            names.iter().any(|n| out.stderr.contains(n)),
+            "the error of `meshnet {}` should name {names:?}: {out}",
+            args.join(" ")
+        );
+        eprintln!("`meshnet {}` -> {}", args.join(" "), out.stderr.trim());
+    };
+    bad(&["attach", "10.40.0.999/16", &c1.ns], &["10.40.0.999"]);
+    let ghost = format!("{}nosuch", lab.prefix);
+    bad(&["attach", "10.40.0.1/16", &ghost], &[&ghost]);
+    bad(&["attach", "10.40.0.9/16", "99999999"], &["99999999"]);
+    bad(&["connect", "not a host:99999"], &["not a host", "99999"]);
+    let bad_port = format!("{}:99999", h3.ip);
+    bad(&["connect", &bad_port], &["99999"]);
+    assert_eq!(h1.ps_json(), ps_before, "bad input changed ps");
+    assert_eq!(
+        h1.targets(),
+        targets_before,
+        "bad input changed the targets"
+    );
+    assert_eq!(links(&c1.ns), c1_before, "bad input changed c1's links");
+
+    // A second launch on the same state dir refuses; the first keeps serving.
+    let second = h1.meshnet(&["launch"]);
+    assert!(
+        !second.ok() && !second.timed_out,
+        "a second launch should fail: {second}"
+    );
+    assert!(
+        lower(&second.all()).contains("already"),
+        "a second launch should say the router already runs: {second}"
+    );
+    assert_eq!(h1.status_json()["name"], n1.as_str());
+    assert_pings(&c1, 2, SECS(10));
+
+    // Garbage from the network (another namespace) and on the control socket.
+    let g = exec_in(&h3.ns, &["python3", "-c", GARBAGE, &h1.ip]);
+    assert!(g.ok(), "garbage sender failed: {g}");
+    if let Ok(mut s) = UnixStream::connect(h1.state_dir.join("meshnet.sock")) {
+        let _ = s.set_write_timeout(Some(SECS(2)));
+        let _ = s.write_all(b"\xff\xfe{{{not json\n\0\0\0\0garbage\n");
+    }
+    std::thread::sleep(SECS(1));
+    let now = h1.pids();
+    assert!(
+        pids.iter().all(|p| now.contains(p)),
+        "a router process died after garbage: before {pids:?}, now {now:?}"
+    );
+    assert_eq!(h1.status_json()["name"], n1.as_str());
+    assert_pings(&c1, 2, SECS(15));
+    assert!(
+        wait_until(SECS(10), || established_with(&h2.status_json(), &n1)),
+        "h2 lost h1 after the garbage: {:#}",
+        h2.status_json()
+    );
+}
