@@ -788,3 +788,46 @@ fn tap_carries_superframes_with_virtio_header() {
         }
     });
 }
+
+#[test]
+fn tap_reuses_a_persistent_device_and_names_failures() {
+    require_root!();
+    let (host, _) = scratch(0);
+    let h = host.0.clone();
+    in_host(&host, move || {
+        let br = format!("mnb{}", unique());
+        let bridge_index = netlink::ensure_bridge(&br, 1500).unwrap();
+
+        // A persistent TAP made by someone else is attached to, not recreated.
+        let name = format!("mnt{}", unique());
+        h.ip(&["tuntap", "add", "dev", &name, "mode", "tap", "vnet_hdr"]);
+        let before = h.link(&name).unwrap()["ifindex"].clone();
+        let tap = Tap::create(&name, bridge_index, 1400).unwrap();
+        assert!(tap.vnet_hdr());
+        let link = h.link(&name).unwrap();
+        assert_eq!(link["ifindex"], before);
+        assert_eq!(link["master"], br.as_str());
+        assert_eq!(link["mtu"], 1400);
+        drop(tap);
+        assert!(
+            h.link(&name).is_some(),
+            "persistent: still there after close"
+        );
+        h.ip(&["tuntap", "del", "dev", &name, "mode", "tap"]);
+
+        // A non-TUN link of that name: the error names the TAP.
+        let (veth, peer) = (format!("mnv{}", unique()), format!("mnv{}", unique()));
+        h.ip(&["link", "add", &veth, "type", "veth", "peer", "name", &peer]);
+        let err = Tap::create(&veth, bridge_index, 1500).unwrap_err();
+        assert!(
+            err.to_string().starts_with(&format!("open TAP {veth}: ")),
+            "{err}"
+        );
+
+        // A missing bridge: the TAP is closed again (and, not persistent, gone).
+        let gone = format!("mnt{}", unique());
+        let err = Tap::create(&gone, 999_999, 1500).unwrap_err();
+        assert!(err.to_string().contains(&gone), "{err}");
+        assert!(h.link(&gone).is_none(), "no TAP left behind");
+    });
+}
