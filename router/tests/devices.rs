@@ -831,3 +831,30 @@ fn tap_reuses_a_persistent_device_and_names_failures() {
         assert!(h.link(&gone).is_none(), "no TAP left behind");
     });
 }
+
+#[test]
+fn attach_with_ipv6_address_keeps_ipv6_on_inside_only() {
+    require_root!();
+    let (host, cs) = scratch(1);
+    let (h, c) = (host.0.clone(), cs[0].0.clone());
+    let target = cs[0].netns();
+    in_host(&host, move || {
+        let br = format!("mnb{}", unique());
+        netlink::ensure_bridge(&br, 1500).unwrap();
+        let host_if = format!("mnv{}", unique());
+        let mut s = spec(target.clone(), &br, &host_if, 1500, &[("10.40.8.2", 24)]);
+        s.addrs.push(("fd00:40::2".parse().unwrap(), 64));
+        let att = netlink::attach(&s).unwrap();
+        assert!(
+            att.addrs.contains(&("fd00:40::2".parse().unwrap(), 64)),
+            "{att:?}"
+        );
+        assert_eq!(c.sysctl("/proc/sys/net/ipv6/conf/ethwe/disable_ipv6"), "0");
+        assert_eq!(
+            h.sysctl(&format!("/proc/sys/net/ipv6/conf/{host_if}/disable_ipv6")),
+            "1"
+        );
+        assert!(netlink::detach(&target, "ethwe", &[("fd00:40::2".parse().unwrap(), 64)]).unwrap());
+        assert_eq!(c.addrs("ethwe"), vec!["10.40.8.2/24"]);
+    });
+}
