@@ -1,1 +1,437 @@
-fn main() {}
+//! `meshnet`: the command line. Every command finds its router through the state
+//! directory (`--state-dir`, env `MESHNET_STATE_DIR`, default /var/lib/meshnet).
+
+use std::io::Read;
+use std::net::IpAddr;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use meshnet_control::api::{self, ClientError, ConnectionStatus, PeerStatus, PsEntry, Request, Status};
+use meshnet_control::daemon::{self, Config, DEFAULT_MTU, DEFAULT_PORT};
+use meshnet_control::peeraddr::PeerAddr;
+use meshnet_control::state::{StateDir, DEFAULT_STATE_DIR};
+use meshnet_proto::PeerName;
+
+#[derive(Parser)]
+#[command(name = "meshnet", version, about = "An encrypted Layer-2 overlay network for containers on many hosts")]
+struct Cli {
+    /// Directory holding this router's identity, targets, attachments, log and control socket.
+    #[arg(long, global = true, env = "MESHNET_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the router (in the background unless --foreground) and connect to PEERs.
+    Launch(LaunchArgs),
+    /// Add PEERs (host or host:port) to the persisted connect targets.
+    Connect {
+        /// Replace the targets instead of adding to them.
+        #[arg(long)]
+        replace: bool,
+        #[arg(required = true, value_name = "PEER")]
+        peers: Vec<String>,
+    },
+    /// Remove PEERs from the connect targets.
+    Forget {
+        #[arg(required = true, value_name = "PEER")]
+        peers: Vec<String>,
+    },
+    /// Give TARGET (netns name or PID) an interface `ethwe` on the overlay with these addresses.
+    Attach {
+        /// CIDR... TARGET
+        #[arg(required = true, num_args = 1.., value_name = "CIDR... TARGET")]
+        args: Vec<String>,
+    },
+    /// Remove addresses (all, and the interface, when none are given) from TARGET.
+    Detach {
+        /// [CIDR...] TARGET
+        #[arg(required = true, num_args = 1.., value_name = "[CIDR...] TARGET")]
+        args: Vec<String>,
+    },
+    /// Show the router, its peers, connections or targets.
+    Status {
+        #[arg(value_enum)]
+        what: Option<StatusPart>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List attached targets with MAC and addresses.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the router; attached interfaces and the bridge stay.
+    Stop,
+    /// Stop the router and remove its bridge, devices, interfaces and state.
+    Reset,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StatusPart {
+    Peers,
+    Connections,
+    Targets,
+}
+
+#[derive(clap::Args, Clone)]
+struct LaunchArgs {
+    /// Stay in the foreground (for containers and systemd).
+    #[arg(long)]
+    foreground: bool,
+    /// Shared secret: peers must all use the same one. Prefer --password-file or MESHNET_PASSWORD.
+    #[arg(long, env = "MESHNET_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Read the password from this file (trailing newline ignored).
+    #[arg(long, conflicts_with = "password")]
+    password_file: Option<PathBuf>,
+    /// Peer name (six hex bytes, e.g. 02:00:00:00:00:01); default: derived from the identity key.
+    #[arg(long)]
+    name: Option<String>,
+    /// Human-friendly name shown to other peers; default: the host name.
+    #[arg(long)]
+    nickname: Option<String>,
+    /// TCP (control) and UDP (data) port.
+    #[arg(long, default_value_t = DEFAULT_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    port: u16,
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    host: IpAddr,
+    /// Overlay MTU of attached interfaces.
+    #[arg(long, default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(576..=65000))]
+    mtu: u32,
+    /// Bridge to use (created if missing; an existing one is used as it is).
+    #[arg(long, default_value = "meshnet")]
+    bridge: String,
+    /// Do not dial peers learned through gossip; only the named targets.
+    #[arg(long)]
+    no_discovery: bool,
+    /// Most connections at once.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    conn_limit: u64,
+    /// Peers to connect to (host or host:port), persisted like `meshnet connect`.
+    #[arg(value_name = "PEER")]
+    peers: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meshnet: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let state = StateDir::new(&cli.state_dir);
+    match cli.cmd {
+        Cmd::Launch(args) => launch(&state, args),
+        Cmd::Connect { replace, peers } => {
+            let targets = call(&state, Request::Connect { peers, replace })?;
+            print_list("targets", &targets);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Forget { peers } => {
+            let targets = call(&state, Request::Forget { peers })?;
+            print_list("targets", &targets);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Attach { mut args } => {
+            let target = args.pop().expect("clap requires one");
+            let v = call(&state, Request::Attach { target, cidrs: args })?;
+            let addrs: Vec<String> = serde_json::from_value(v["addresses"].clone()).unwrap_or_default();
+            println!("{}", addrs.join(" "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Detach { mut args } => {
+            let target = args.pop().expect("clap requires one");
+            call(&state, Request::Detach { target, cidrs: args })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Status { what, json } => status(&state, what, json),
+        Cmd::Ps { json } => {
+            let v = call(&state, Request::Ps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let entries: Vec<PsEntry> = serde_json::from_value(v)?;
+                for e in entries {
+                    println!("{} {} {}", e.target, e.mac, e.addresses.join(" "));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Stop => {
+            match api::call(&state, &Request::Stop, Duration::from_secs(10)) {
+                Ok(_) => wait_stopped(&state, Duration::from_secs(30))?,
+                Err(ClientError::NotRunning(_)) => eprintln!("meshnet: no router is running for {}", state.root.display()),
+                Err(e) => return Err(e.into()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Reset => {
+            match api::call(&state, &Request::Reset, Duration::from_secs(10)) {
+                Ok(_) => wait_stopped(&state, Duration::from_secs(30))?,
+                Err(ClientError::NotRunning(_)) => {
+                    kill_stale(&state);
+                    daemon::reset_offline(&state)?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            if state.root.exists() {
+                std::fs::remove_dir_all(&state.root)
+                    .with_context(|| format!("remove state directory {}", state.root.display()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn call(state: &StateDir, req: Request) -> Result<serde_json::Value> {
+    api::call(state, &req, Duration::from_secs(60)).map_err(|e| anyhow!(e))
+}
+
+fn print_list(what: &str, v: &serde_json::Value) {
+    let items: Vec<String> = serde_json::from_value(v.clone()).unwrap_or_default();
+    if items.is_empty() {
+        println!("no {what}");
+    }
+    for i in items {
+        println!("{i}");
+    }
+}
+
+fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
+    // Validate everything before starting anything.
+    let password = match (&args.password, &args.password_file) {
+        (Some(p), _) => Some(p.clone().into_bytes()),
+        (None, Some(f)) => {
+            let mut s = String::new();
+            std::fs::File::open(f)
+                .and_then(|mut h| h.read_to_string(&mut s))
+                .with_context(|| format!("read password file {}", f.display()))?;
+            Some(s.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
+        }
+        (None, None) => None,
+    };
+    if password.as_ref().is_some_and(|p| p.is_empty()) {
+        bail!("the password is empty");
+    }
+    let name = args
+        .name
+        .as_deref()
+        .map(|n| n.parse::<PeerName>())
+        .transpose()
+        .map_err(|e| anyhow!("--name: {e}"))?;
+    let peers = args
+        .peers
+        .iter()
+        .map(|p| PeerAddr::parse(p, args.port))
+        .collect::<Result<Vec<_>, _>>()?;
+    if args.bridge.is_empty() || args.bridge.len() > 15 || args.bridge.contains(['/', ' ', '\0']) {
+        bail!("--bridge {:?}: an interface name of 1 to 15 characters", args.bridge);
+    }
+    if let Ok(v) = api::call(state, &Request::Status, Duration::from_secs(5)) {
+        bail!(
+            "a meshnet router is already running for {} (peer {})",
+            state.root.display(),
+            v["name"].as_str().unwrap_or("?")
+        );
+    }
+
+    if args.foreground {
+        meshnet_control::logger::init();
+        let nickname = args.nickname.clone().unwrap_or_else(hostname);
+        let cfg = Config {
+            state: state.clone(),
+            password,
+            name,
+            nickname,
+            port: args.port,
+            host: args.host,
+            mtu: args.mtu,
+            bridge: args.bridge.clone(),
+            discovery: !args.no_discovery,
+            conn_limit: args.conn_limit as usize,
+            peers,
+        };
+        daemon::run(cfg)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    // Background: run ourselves with --foreground, detached, logging to the state dir.
+    state.ensure()?;
+    kill_stale(state);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.log())
+        .with_context(|| format!("open log {}", state.log().display()))?;
+    let exe = std::env::current_exe().context("find the meshnet binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--state-dir").arg(&state.root).arg("launch").arg("--foreground");
+    cmd.args(["--port", &args.port.to_string(), "--host", &args.host.to_string()]);
+    cmd.args(["--mtu", &args.mtu.to_string(), "--bridge", &args.bridge]);
+    cmd.args(["--conn-limit", &args.conn_limit.to_string()]);
+    if let Some(n) = &args.name {
+        cmd.args(["--name", n]);
+    }
+    if let Some(n) = &args.nickname {
+        cmd.args(["--nickname", n]);
+    }
+    if args.no_discovery {
+        cmd.arg("--no-discovery");
+    }
+    cmd.args(&args.peers);
+    // The password travels in the environment, never on a command line.
+    cmd.env_remove("MESHNET_PASSWORD");
+    if let Some(p) = &password {
+        cmd.env("MESHNET_PASSWORD", String::from_utf8_lossy(p).as_ref());
+    }
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the router from our session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("start the router")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(exit) = child.try_wait()? {
+            bail!("the router exited ({exit}) during startup:\n{}", log_tail(state, 15));
+        }
+        if let Ok(v) = api::call(state, &Request::Status, Duration::from_secs(2)) {
+            let s: Status = serde_json::from_value(v)?;
+            if !s.password {
+                eprintln!(
+                    "meshnet: warning: no password set: traffic is encrypted, but any host that reaches port {} can join",
+                    s.port
+                );
+            }
+            println!("{}", s.name);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("the router did not start serving within 60s:\n{}", log_tail(state, 15));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "meshnet".into())
+}
+
+fn log_tail(state: &StateDir, lines: usize) -> String {
+    let text = std::fs::read_to_string(state.log()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Waits until the router of `state` has exited.
+fn wait_stopped(state: &StateDir, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let pid = state.recorded_pid();
+    loop {
+        let alive = pid.is_some_and(process_alive);
+        if !alive && !state.socket().exists() {
+            return Ok(());
+        }
+        if !alive && api::call(state, &Request::Status, Duration::from_secs(1)).is_err() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the router did not stop within {}s", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn process_alive(pid: i32) -> bool {
+    // A zombie or a reused pid of another program does not count.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()).flatten();
+            state != Some('Z')
+                && std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .map(|p| p.to_string_lossy().contains("meshnet"))
+                    .unwrap_or(false)
+        }
+        Err(_) => false,
+    }
+}
+
+/// A router that crashed may leave a process that no longer answers: end it.
+fn kill_stale(state: &StateDir) {
+    if let Some(pid) = state.recorded_pid() {
+        if pid > 1 && pid as u32 != std::process::id() && process_alive(pid) {
+            // SAFETY: signalling a pid we checked is a meshnet process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<ExitCode> {
+    let v = call(state, Request::Status)?;
+    let s: Status = serde_json::from_value(v.clone())?;
+    if json {
+        let out = match what {
+            None => v,
+            Some(StatusPart::Peers) => v["peers"].clone(),
+            Some(StatusPart::Connections) => v["connections"].clone(),
+            Some(StatusPart::Targets) => v["targets"].clone(),
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    match what {
+        None => {
+            let established = s.connections.iter().filter(|c| c.state == "established").count();
+            println!("        Version: {}", s.version);
+            println!("           Name: {} ({})", s.name, s.nickname);
+            println!("     Encryption: on ({})", if s.password {
+                "password set"
+            } else {
+                "no password: anyone who reaches the port can join"
+            });
+            println!("           Port: {} (TCP control, UDP data)", s.port);
+            println!("         Bridge: {} (MTU {})", s.bridge, s.mtu);
+            println!("          Peers: {}", s.peers.len());
+            println!("    Connections: {} ({} established)", s.connections.len(), established);
+            println!("        Targets: {}", s.targets.len());
+            println!("      Discovery: {}", if s.discovery { "on" } else { "off" });
+        }
+        Some(StatusPart::Peers) => print_peers(&s.peers),
+        Some(StatusPart::Connections) => print_connections(&s.connections),
+        Some(StatusPart::Targets) => s.targets.iter().for_each(|t| println!("{t}")),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_peers(peers: &[PeerStatus]) {
+    for p in peers {
+        println!("{}({}) {} connections", p.name, p.nickname, p.connections);
+    }
+}
+
+fn print_connections(conns: &[ConnectionStatus]) {
+    for c in conns {
+        let who = c.peer.clone().map(|p| format!("{p}({})", c.nickname)).unwrap_or_default();
+        println!("{:<8} {:<22} {:<12} {} {}", if c.direction == "outbound" { "->" } else { "<-" }, c.address, c.state, who, c.info);
+    }
+}

@@ -1,1 +1,19 @@
-//! meshnet control plane.
+//! meshnet's control plane: the router daemon's TCP connections, gossip,
+//! connection maker, persistence and the local API the CLI talks to.
+//!
+//! Layout:
+//! * [`state`] — the state directory (identity, targets, attachments) and atomic writes;
+//! * [`api`] — the JSON-over-Unix-socket API and its client;
+//! * [`daemon`] — `run`: devices, sockets, tasks, shutdown; `reset_offline`;
+//! * [`mesh`] — shared router state: topology, connections, targets, gossip;
+//! * [`conn`] — one TCP connection (handshake, messages, heartbeats) and the connection maker;
+//! * [`attach`] — resolving targets and attaching them to the bridge.
+
+pub mod api;
+pub mod attach;
+pub mod conn;
+pub mod daemon;
+pub mod logger;
+pub mod mesh;
+pub mod peeraddr;
+pub mod state;

@@ -8,3 +8,4 @@ pub mod arp;
 pub mod netlink;
 pub mod netns;
 pub mod tap;
+pub mod dataplane;

@@ -1,0 +1,131 @@
+//! The local API between the `meshnet` CLI and its router: one JSON request and
+//! one JSON response per connection on the Unix socket in the state directory
+//! (mode 0600, so only root — or the state directory's owner — can drive it).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::state::StateDir;
+
+/// Longest request or response line accepted.
+pub const MAX_LINE: usize = 1 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Connect { peers: Vec<String>, replace: bool },
+    Forget { peers: Vec<String> },
+    Attach { target: String, cidrs: Vec<String> },
+    Detach { target: String, cidrs: Vec<String> },
+    Ps,
+    Stop,
+    /// Stop and remove every device and interface this router made.
+    Reset,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Response {
+    Ok(serde_json::Value),
+    Error(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub nickname: String,
+    pub uid: u64,
+    pub connections: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConnectionStatus {
+    pub peer: Option<String>,
+    pub nickname: String,
+    pub address: String,
+    pub direction: String,
+    pub state: String,
+    pub info: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub name: String,
+    pub nickname: String,
+    pub version: String,
+    pub port: u16,
+    pub password: bool,
+    pub discovery: bool,
+    pub bridge: String,
+    pub mtu: u32,
+    pub peers: Vec<PeerStatus>,
+    pub connections: Vec<ConnectionStatus>,
+    pub targets: Vec<String>,
+    pub dataplane: serde_json::Value,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PsEntry {
+    pub target: String,
+    pub kind: String,
+    pub mac: String,
+    pub addresses: Vec<String>,
+}
+
+/// Why the CLI could not reach a router.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no router is running for state directory {0} (start one with `meshnet launch`)")]
+    NotRunning(String),
+    #[error("{0}")]
+    Router(String),
+    #[error("talking to the router: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad answer from the router: {0}")]
+    Protocol(String),
+}
+
+/// Sends one request to the router of `state` and returns its answer.
+pub fn call(state: &StateDir, req: &Request, timeout: Duration) -> Result<serde_json::Value, ClientError> {
+    let path = state.socket();
+    let stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(ClientError::NotRunning(state.root.display().to_string()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    (&stream).write_all(&line)?;
+    let mut reader = BufReader::new(&stream).take(MAX_LINE as u64);
+    let mut answer = String::new();
+    reader.read_line(&mut answer)?;
+    if answer.is_empty() {
+        return Err(ClientError::Protocol("router closed the connection".into()));
+    }
+    match serde_json::from_str::<Response>(&answer) {
+        Ok(Response::Ok(v)) => Ok(v),
+        Ok(Response::Error(e)) => Err(ClientError::Router(e)),
+        Err(e) => Err(ClientError::Protocol(e.to_string())),
+    }
+}
+
+use std::io::Read as _;
+
+/// Convenience for callers that want `anyhow`.
+pub fn call_anyhow(state: &StateDir, req: &Request) -> Result<serde_json::Value> {
+    call(state, req, Duration::from_secs(60)).map_err(anyhow::Error::from).context("meshnet")
+}

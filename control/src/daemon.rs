@@ -1,0 +1,356 @@
+//! The router process: devices, sockets, tasks, the local API, and shutdown.
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use meshnet_proto::PeerName;
+use meshnet_router::dataplane::DataPlane;
+use meshnet_router::netlink;
+use meshnet_router::tap::Tap;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+
+use crate::api::{self, Request, Response, Status};
+use crate::attach::{self, parse_cidr};
+use crate::conn::{self, Local};
+use crate::mesh::{self, Mesh, Settings, Shutdown};
+use crate::peeraddr::PeerAddr;
+use crate::state::{Attachment, Devices, StateDir};
+
+pub const DEFAULT_PORT: u16 = 6783;
+/// Default overlay MTU, as Weave's: leaves room for our headers in a 1500-byte underlay.
+pub const DEFAULT_MTU: u32 = 1376;
+/// Largest UDP payload we send on a 1500-byte underlay (IPv4 20 + UDP 8).
+pub const MAX_DATAGRAM: usize = 1472;
+
+/// Everything `meshnet launch` decided.
+pub struct Config {
+    pub state: StateDir,
+    pub password: Option<Vec<u8>>,
+    pub name: Option<PeerName>,
+    pub nickname: String,
+    pub port: u16,
+    pub host: IpAddr,
+    pub mtu: u32,
+    pub bridge: String,
+    pub discovery: bool,
+    pub conn_limit: usize,
+    pub peers: Vec<PeerAddr>,
+}
+
+/// Name of the TAP for a bridge (at most 15 bytes).
+pub fn tap_name(bridge: &str) -> String {
+    let stem: String = bridge.chars().take(11).collect();
+    format!("{stem}-tap")
+}
+
+/// Runs the router in this process until `stop` or `reset`.
+pub fn run(cfg: Config) -> Result<()> {
+    cfg.state.ensure()?;
+    if api::call(&cfg.state, &Request::Status, Duration::from_secs(2)).is_ok() {
+        bail!("a meshnet router is already running for state directory {}", cfg.state.root.display());
+    }
+    let identity = cfg.state.identity()?;
+    let me = cfg.name.unwrap_or_else(|| identity.name());
+    let psk = cfg.password.as_deref().map(meshnet_proto::handshake::derive_psk);
+
+    // Sockets first: a port in use is the most common launch failure.
+    let udp = UdpSocket::bind(SocketAddr::new(cfg.host, cfg.port))
+        .with_context(|| format!("bind UDP {}:{}", cfg.host, cfg.port))?;
+    let std_tcp = std::net::TcpListener::bind(SocketAddr::new(cfg.host, cfg.port))
+        .with_context(|| format!("bind TCP {}:{}", cfg.host, cfg.port))?;
+    std_tcp.set_nonblocking(true)?;
+
+    // Devices.
+    let existed = netlink::link_index(&cfg.bridge).context("look up bridge")?.is_some();
+    let previous = cfg.state.load_devices()?;
+    let bridge_created = !existed || previous.as_ref().is_some_and(|d| d.bridge == cfg.bridge && d.bridge_created);
+    let bridge_index = netlink::ensure_bridge(&cfg.bridge, cfg.mtu).with_context(|| format!("bridge {}", cfg.bridge))?;
+    let tap_if = tap_name(&cfg.bridge);
+    cfg.state.save_devices(&Devices { bridge: cfg.bridge.clone(), bridge_created, tap: tap_if.clone() })?;
+    let tap = Tap::create(&tap_if, bridge_index, cfg.mtu).with_context(|| format!("TAP {tap_if}"))?;
+    log::info!(
+        "meshnet {} peer {me} ({}) on bridge {} (TAP {tap_if}, virtio header {}), port {}",
+        env!("CARGO_PKG_VERSION"),
+        cfg.nickname,
+        cfg.bridge,
+        if tap.vnet_hdr() { "on" } else { "off" },
+        cfg.port
+    );
+    if psk.is_none() {
+        log::warn!("no password set: traffic is encrypted, but any host that reaches port {} can join", cfg.port);
+    }
+    let udp_port = udp.local_addr()?.port();
+    let dataplane = DataPlane::start(tap, udp, me, MAX_DATAGRAM).context("start the data plane")?;
+
+    // Re-attach what was attached before a restart; forget targets that are gone.
+    let mut attachments = cfg.state.load_attachments()?;
+    let before = attachments.len();
+    attachments.retain(|a| {
+        let Some(_) = attach::still_there(a) else {
+            log::info!("target {} is gone; forgetting it", a.target);
+            return false;
+        };
+        let addrs: Vec<_> = a.addrs.iter().filter_map(|s| parse_cidr(s).ok()).collect();
+        if let Err(e) = reattach(&cfg, a, &addrs) {
+            log::warn!("re-attaching {}: {e:#}", a.target);
+        }
+        true
+    });
+    if attachments.len() != before {
+        cfg.state.save_attachments(&attachments)?;
+    }
+
+    let mut targets = cfg.state.load_targets()?;
+    for p in &cfg.peers {
+        let t = p.to_string();
+        if !targets.contains(&t) {
+            targets.push(t);
+        }
+    }
+    cfg.state.save_targets(&targets)?;
+
+    let settings = Settings {
+        me,
+        nickname: cfg.nickname.clone(),
+        uid: mesh::random_u64(),
+        port: cfg.port,
+        password: psk.is_some(),
+        discovery: cfg.discovery,
+        conn_limit: cfg.conn_limit,
+        bridge: cfg.bridge.clone(),
+        mtu: cfg.mtu,
+    };
+    let local = Arc::new(Local { identity, psk, udp_port });
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("control")
+        .build()?;
+    let state = cfg.state.clone();
+    let how = rt.block_on(async move {
+        let mesh = Mesh::new(settings, state.clone(), dataplane, targets);
+        let listener = TcpListener::from_std(std_tcp)?;
+        let sock_path = state.socket();
+        let _ = std::fs::remove_file(&sock_path);
+        let api_listener = UnixListener::bind(&sock_path).with_context(|| format!("bind {}", sock_path.display()))?;
+        std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::write(state.pid(), format!("{}\n", std::process::id()))?;
+
+        let ctx = Arc::new(ApiCtx { mesh: mesh.clone(), attachments: Mutex::new(attachments) });
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(conn::accept_loop(mesh.clone(), local.clone(), listener));
+        tasks.spawn(conn::maker_loop(mesh.clone(), local.clone()));
+        tasks.spawn(api_loop(ctx.clone(), api_listener));
+
+        let mut sig_term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut sig_int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut stop = mesh.shutdown.subscribe();
+        let how = tokio::select! {
+            _ = sig_term.recv() => Shutdown::Stop,
+            _ = sig_int.recv() => Shutdown::Stop,
+            _ = stop.wait_for(|s| s.is_some()) => mesh.shutdown.borrow().unwrap_or(Shutdown::Stop),
+        };
+        log::info!("stopping ({how:?})");
+        mesh.request_shutdown(how);
+        // Let connections say goodbye.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tasks.abort_all();
+        let _ = std::fs::remove_file(&sock_path);
+        let attachments = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        anyhow::Ok((how, attachments, mesh))
+    })?;
+    let (how, attachments, mesh) = how;
+    rt.shutdown_timeout(Duration::from_secs(1));
+    if let Ok(mesh) = Arc::try_unwrap(mesh) {
+        mesh.dataplane.stop();
+    }
+    if how == Shutdown::Reset {
+        remove_devices(&cfg.state, &attachments);
+    }
+    let _ = std::fs::remove_file(cfg.state.pid());
+    log::info!("stopped");
+    Ok(())
+}
+
+fn reattach(cfg: &Config, a: &Attachment, addrs: &[(IpAddr, u8)]) -> Result<()> {
+    let ns = attach::still_there(a).context("namespace gone")?;
+    netlink::attach(&netlink::AttachSpec {
+        target: ns,
+        bridge: cfg.bridge.clone(),
+        host_if: a.host_if.clone(),
+        container_if: attach::CONTAINER_IF.into(),
+        mtu: cfg.mtu,
+        addrs: addrs.to_vec(),
+    })?;
+    Ok(())
+}
+
+/// Removes every interface and device this router made: container interfaces,
+/// the TAP, and the bridge if we created it.
+pub fn remove_devices(state: &StateDir, attachments: &[Attachment]) {
+    for a in attachments {
+        if let Some(ns) = attach::still_there(a) {
+            if let Err(e) = netlink::detach(&ns, attach::CONTAINER_IF, &[]) {
+                log::warn!("detaching {}: {e}", a.target);
+            }
+        }
+        let _ = netlink::delete_link(&a.host_if);
+    }
+    if let Ok(Some(d)) = state.load_devices() {
+        let _ = netlink::delete_link(&d.tap);
+        if d.bridge_created {
+            if let Err(e) = netlink::delete_link(&d.bridge) {
+                log::warn!("deleting bridge {}: {e}", d.bridge);
+            }
+        }
+    }
+}
+
+/// `meshnet reset` with no router running: remove what the state directory says we made.
+pub fn reset_offline(state: &StateDir) -> Result<()> {
+    let attachments = state.load_attachments().unwrap_or_default();
+    remove_devices(state, &attachments);
+    Ok(())
+}
+
+struct ApiCtx {
+    mesh: Arc<Mesh>,
+    attachments: Mutex<Vec<Attachment>>,
+}
+
+async fn api_loop(ctx: Arc<ApiCtx>, listener: UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _ = serve_api(ctx, stream).await;
+        });
+    }
+}
+
+async fn serve_api(ctx: Arc<ApiCtx>, stream: UnixStream) -> Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(tokio::io::AsyncReadExt::take(r, api::MAX_LINE as u64));
+    reader.read_line(&mut line).await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Response::Error(format!("bad request: {e}")),
+        Ok(req) => {
+            let ctx2 = ctx.clone();
+            let shutdown = match &req {
+                Request::Stop => Some(Shutdown::Stop),
+                Request::Reset => Some(Shutdown::Reset),
+                _ => None,
+            };
+            // Netlink work blocks: keep it off the async workers.
+            let result = tokio::task::spawn_blocking(move || handle(&ctx2, req)).await;
+            let response = match result {
+                Ok(Ok(v)) => Response::Ok(v),
+                Ok(Err(e)) => Response::Error(format!("{e:#}")),
+                Err(e) => Response::Error(format!("internal error: {e}")),
+            };
+            if let (Some(how), Response::Ok(_)) = (shutdown, &response) {
+                let mut bytes = serde_json::to_vec(&response)?;
+                bytes.push(b'\n');
+                w.write_all(&bytes).await?;
+                ctx.mesh.request_shutdown(how);
+                return Ok(());
+            }
+            response
+        }
+    };
+    let mut bytes = serde_json::to_vec(&response)?;
+    bytes.push(b'\n');
+    w.write_all(&bytes).await?;
+    Ok(())
+}
+
+fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
+    let mesh = &ctx.mesh;
+    let s = &mesh.settings;
+    match req {
+        Request::Status => {
+            let stats: serde_json::Map<String, serde_json::Value> =
+                mesh.dataplane.stats.to_json().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+            let status = Status {
+                name: s.me.to_string(),
+                nickname: s.nickname.clone(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                port: s.port,
+                password: s.password,
+                discovery: s.discovery,
+                bridge: s.bridge.clone(),
+                mtu: s.mtu,
+                peers: mesh.peer_status(),
+                connections: mesh.connection_status(),
+                targets: mesh.targets(),
+                dataplane: serde_json::Value::Object(stats),
+            };
+            Ok(serde_json::to_value(status)?)
+        }
+        Request::Connect { peers, replace } => {
+            let parsed = parse_peers(&peers, s.port)?;
+            Ok(json!(mesh.set_targets(&parsed, replace)?))
+        }
+        Request::Forget { peers } => {
+            let parsed = parse_peers(&peers, s.port)?;
+            Ok(json!(mesh.forget_targets(&parsed)?))
+        }
+        Request::Attach { target, cidrs } => {
+            if cidrs.is_empty() {
+                bail!("attach {target}: give at least one address as CIDR, e.g. 10.40.0.1/16");
+            }
+            let addrs = cidrs.iter().map(|c| parse_cidr(c)).collect::<Result<Vec<_>>>()?;
+            let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+            let done = attach::attach(&mesh.state, &mut a, &s.bridge, s.mtu, &target, &addrs)?;
+            Ok(json!({
+                "target": target,
+                "interface": done.container_if,
+                "mac": meshnet_proto::peer::format_mac(&done.mac),
+                "addresses": done.addrs.iter().map(attach::format_cidr).collect::<Vec<_>>(),
+            }))
+        }
+        Request::Detach { target, cidrs } => {
+            let addrs = cidrs.iter().map(|c| parse_cidr(c)).collect::<Result<Vec<_>>>()?;
+            let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+            let removed = attach::detach(&mesh.state, &mut a, &target, &addrs)?;
+            Ok(json!({ "target": target, "detached": removed }))
+        }
+        Request::Ps => {
+            let a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut out = Vec::new();
+            for at in a {
+                let seen = attach::still_there(&at).and_then(|ns| netlink::inspect(&ns, attach::CONTAINER_IF).ok().flatten());
+                out.push(api::PsEntry {
+                    target: at.target.clone(),
+                    kind: at.kind.clone(),
+                    mac: seen.as_ref().map(|s| meshnet_proto::peer::format_mac(&s.mac)).unwrap_or_else(|| "-".into()),
+                    addresses: seen
+                        .map(|s| s.addrs.iter().map(attach::format_cidr).collect())
+                        .unwrap_or_else(|| at.addrs.clone()),
+                });
+            }
+            Ok(serde_json::to_value(out)?)
+        }
+        Request::Stop | Request::Reset => Ok(json!({ "stopping": true })),
+    }
+}
+
+fn parse_peers(peers: &[String], port: u16) -> Result<Vec<PeerAddr>> {
+    if peers.is_empty() {
+        bail!("no peer given");
+    }
+    peers
+        .iter()
+        .map(|p| PeerAddr::parse(p, port).map_err(anyhow::Error::from))
+        .collect()
+}

@@ -1,0 +1,99 @@
+//! `PEER` arguments: `host` or `host:port` (IPv6 as `[addr]:port`).
+
+use std::fmt;
+
+/// A connect target as the user gave it, normalised to `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BadPeerAddr {
+    #[error("invalid peer {0:?}: empty")]
+    Empty(String),
+    #[error("invalid peer {0:?}: port must be a number from 1 to 65535")]
+    Port(String),
+    #[error("invalid peer {0:?}: not a host name or IP address")]
+    Host(String),
+}
+
+impl PeerAddr {
+    pub fn parse(s: &str, default_port: u16) -> Result<PeerAddr, BadPeerAddr> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(BadPeerAddr::Empty(s.into()));
+        }
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (h, after) = rest.split_once(']').ok_or_else(|| BadPeerAddr::Host(s.into()))?;
+            if h.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(BadPeerAddr::Host(s.into()));
+            }
+            match after {
+                "" => (h.to_string(), default_port),
+                p => (h.to_string(), parse_port(s, p.strip_prefix(':').ok_or_else(|| BadPeerAddr::Port(s.into()))?)?),
+            }
+        } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
+            (s.to_string(), default_port)
+        } else if let Some((h, p)) = s.rsplit_once(':') {
+            (h.to_string(), parse_port(s, p)?)
+        } else {
+            (s.to_string(), default_port)
+        };
+        let valid_name = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+                    && !label.starts_with('-')
+            });
+        if !(valid_name || host.parse::<std::net::IpAddr>().is_ok()) {
+            return Err(BadPeerAddr::Host(s.into()));
+        }
+        if host.parse::<std::net::Ipv4Addr>().is_err() && host.split('.').all(|l| l.bytes().all(|c| c.is_ascii_digit())) {
+            // All-numeric but not a valid IPv4 address, e.g. 10.0.0.999.
+            return Err(BadPeerAddr::Host(s.into()));
+        }
+        Ok(PeerAddr { host, port })
+    }
+}
+
+fn parse_port(whole: &str, p: &str) -> Result<u16, BadPeerAddr> {
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(BadPeerAddr::Port(whole.into())),
+        Ok(n) => Ok(n),
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_hosts_and_ports() {
+        assert_eq!(PeerAddr::parse("10.0.0.1", 6783).unwrap().to_string(), "10.0.0.1:6783");
+        assert_eq!(PeerAddr::parse("10.0.0.1:7000", 6783).unwrap().to_string(), "10.0.0.1:7000");
+        assert_eq!(PeerAddr::parse("host-a.example", 6783).unwrap().to_string(), "host-a.example:6783");
+        assert_eq!(PeerAddr::parse("[fd00::1]:7000", 6783).unwrap().to_string(), "[fd00::1]:7000");
+        assert_eq!(PeerAddr::parse("fd00::1", 6783).unwrap().to_string(), "[fd00::1]:6783");
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for bad in ["", "a b", "host:0", "host:99999", "host:x", "10.0.0.999", "[zz]:1", "-bad", "a..b", "not a host:99999"] {
+            assert!(PeerAddr::parse(bad, 6783).is_err(), "{bad}");
+        }
+    }
+}

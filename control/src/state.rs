@@ -1,0 +1,246 @@
+//! The state directory: everything a router must not lose across a crash or a
+//! restart, and the rendezvous points (control socket, pid, log) that let every
+//! CLI command find its router.
+//!
+//! Every file is written atomically (temporary file, fsync, rename, fsync of the
+//! directory), so a crash mid-write leaves either the old or the new content.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use meshnet_proto::identity::Identity;
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshnet";
+
+/// Paths inside one router's state directory.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+/// A container (or namespace) attached to the bridge, as remembered across restarts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    /// What the user typed: netns name, PID or container name.
+    pub target: String,
+    /// How it was resolved: "netns", "pid" or "docker".
+    pub kind: String,
+    /// Namespace file used to enter it.
+    pub ns_path: PathBuf,
+    /// Inode of that namespace when attached: a PID reused by another process is not mistaken for it.
+    pub ns_inode: u64,
+    /// Host-side veth name.
+    pub host_if: String,
+    /// Addresses as `ip/prefix`.
+    pub addrs: Vec<String>,
+}
+
+/// Devices the router created, so `reset` removes exactly those.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Devices {
+    pub bridge: String,
+    pub bridge_created: bool,
+    pub tap: String,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        StateDir { root: root.into() }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.root.join("meshnet.sock")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.root.join("meshnet.log")
+    }
+    pub fn pid(&self) -> PathBuf {
+        self.root.join("meshnet.pid")
+    }
+    fn identity_path(&self) -> PathBuf {
+        self.root.join("identity")
+    }
+    fn targets_path(&self) -> PathBuf {
+        self.root.join("targets.json")
+    }
+    fn attachments_path(&self) -> PathBuf {
+        self.root.join("attachments.json")
+    }
+    fn devices_path(&self) -> PathBuf {
+        self.root.join("devices.json")
+    }
+
+    /// Creates the directory (mode 0700) if needed.
+    pub fn ensure(&self) -> Result<()> {
+        fs::create_dir_all(&self.root)
+            .with_context(|| format!("create state directory {}", self.root.display()))?;
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("set permissions on {}", self.root.display()))?;
+        Ok(())
+    }
+
+    /// Loads the peer identity, creating and persisting a new one on first use.
+    pub fn identity(&self) -> Result<Identity> {
+        let path = self.identity_path();
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let bytes = decode_hex(text.trim())
+                    .with_context(|| format!("identity file {} is corrupt", path.display()))?;
+                let private: [u8; 32] = bytes.try_into().map_err(|_| {
+                    anyhow::anyhow!("identity file {} is corrupt: expected 32 bytes", path.display())
+                })?;
+                Identity::from_private(private)
+                    .map_err(|e| anyhow::anyhow!("identity file {}: {e}", path.display()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let id = Identity::generate();
+                write_atomic(&path, encode_hex(&id.private).as_bytes(), 0o600)?;
+                Ok(id)
+            }
+            Err(e) => Err(e).with_context(|| format!("read identity {}", path.display())),
+        }
+    }
+
+    pub fn load_targets(&self) -> Result<Vec<String>> {
+        Ok(read_json(&self.targets_path())?.unwrap_or_default())
+    }
+    pub fn save_targets(&self, targets: &[String]) -> Result<()> {
+        write_json(&self.targets_path(), &targets)
+    }
+    pub fn load_attachments(&self) -> Result<Vec<Attachment>> {
+        Ok(read_json(&self.attachments_path())?.unwrap_or_default())
+    }
+    pub fn save_attachments(&self, a: &[Attachment]) -> Result<()> {
+        write_json(&self.attachments_path(), &a)
+    }
+    pub fn load_devices(&self) -> Result<Option<Devices>> {
+        read_json(&self.devices_path())
+    }
+    pub fn save_devices(&self, d: &Devices) -> Result<()> {
+        write_json(&self.devices_path(), d)
+    }
+
+    /// The pid recorded by a running (or crashed) router, if any.
+    pub fn recorded_pid(&self) -> Option<i32> {
+        fs::read_to_string(self.pid()).ok()?.trim().parse().ok()
+    }
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+    match fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("{} is corrupt", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value)?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes, 0o600)
+}
+
+/// Writes `bytes` to `path` so that a crash at any point leaves the old or the new
+/// content, never a mix: temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
+        std::process::id()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        fs::File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("write {}", path.display()))
+}
+
+pub fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn decode_hex(s: &str) -> Result<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+        anyhow::bail!("not hex");
+    }
+    Ok((0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("checked hex"))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> StateDir {
+        let d = std::env::temp_dir().join(format!("meshnet-state-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        let s = StateDir::new(d);
+        s.ensure().unwrap();
+        s
+    }
+
+    #[test]
+    fn identity_is_created_once_and_kept() {
+        let s = scratch("id");
+        let a = s.identity().unwrap();
+        let b = s.identity().unwrap();
+        assert_eq!(a.public, b.public);
+        assert_eq!(a.name(), b.name());
+        fs::remove_dir_all(&s.root).unwrap();
+    }
+
+    #[test]
+    fn corrupt_identity_is_an_error_not_a_new_identity() {
+        let s = scratch("badid");
+        fs::write(s.root.join("identity"), "zz").unwrap();
+        assert!(s.identity().is_err());
+        assert_eq!(fs::read_to_string(s.root.join("identity")).unwrap(), "zz");
+        fs::remove_dir_all(&s.root).unwrap();
+    }
+
+    #[test]
+    fn targets_and_attachments_round_trip() {
+        let s = scratch("rt");
+        assert!(s.load_targets().unwrap().is_empty());
+        s.save_targets(&["10.0.0.1:6783".into()]).unwrap();
+        assert_eq!(s.load_targets().unwrap(), vec!["10.0.0.1:6783".to_string()]);
+        let a = Attachment {
+            target: "c1".into(),
+            kind: "netns".into(),
+            ns_path: "/run/netns/c1".into(),
+            ns_inode: 7,
+            host_if: "vmesh1".into(),
+            addrs: vec!["10.40.0.1/16".into()],
+        };
+        s.save_attachments(std::slice::from_ref(&a)).unwrap();
+        assert_eq!(s.load_attachments().unwrap(), vec![a]);
+        let leftovers: Vec<_> = fs::read_dir(&s.root)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+        fs::remove_dir_all(&s.root).unwrap();
+    }
+}
