@@ -119,11 +119,13 @@ meshnet_commit() { # HEAD, marked when the product sources in the work tree diff
   fi
 }
 
-meshnet_pids() { # PIDs of the meshnet router processes of the meshnet path
-  local r pid
-  for r in h1 h2; do
-    for pid in $(ip netns pids "$(ns meshnet $r)" 2>/dev/null); do
-      [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = meshnet ] && echo "$pid"
+meshnet_pids() { # [ROLE...]: PIDs of the meshnet router processes (default h1 and h2)
+  local r pid exe roles=("$@")
+  [ ${#roles[@]} -gt 0 ] || roles=(h1 h2)
+  exe=$(readlink -f "$MESHNET_BIN")
+  for r in "${roles[@]}"; do
+    for pid in $(ip netns pids "$(ns meshnet "$r")" 2>/dev/null); do
+      [ "$(readlink -f /proc/"$pid"/exe 2>/dev/null)" = "$exe" ] && echo "$pid"
     done
   done
 }

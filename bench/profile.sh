@@ -66,7 +66,8 @@ setup_meshnet >"$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; die "meshne
 wait_reachable meshnet 60 || die "meshnet: c1 cannot reach c2"
 declare -A PID
 for r in h1 h2; do
-  PID[$r]=$(for pid in $(ip netns pids "$(ns meshnet $r)"); do [ "$(cat /proc/$pid/comm)" = meshnet ] && echo $pid; done | head -1)
+  PID[$r]=$(meshnet_pids $r | head -1)
+  [ -n "${PID[$r]}" ] || die "no meshnet process in $(ns meshnet $r)"
 done
 log "routers: h1 ${PID[h1]} (sender), h2 ${PID[h2]} (receiver); recording ${T}s of TCP"
 PERF=()

@@ -159,7 +159,9 @@ done
   for p in "${PATH_LIST[@]}"; do
     [ $first = 1 ] || echo ","
     first=0
-    printf '"%s": {"state": "%s", "note": "%s", "mtu": "%s"}' "$p" "${STATE[$p]}" "${NOTE[$p]:-}" "$(overlay_mtu "$p")"
+    mtu=$(overlay_mtu "$p")
+    [ "${STATE[$p]}" = ok ] && mtu=$(ip -n "$(ns "$p" c1)" -o link show "$(c1_if "$p")" | grep -oE 'mtu [0-9]+' | cut -d' ' -f2)
+    printf '"%s": {"state": "%s", "note": "%s", "mtu": "%s"}' "$p" "${STATE[$p]}" "${NOTE[$p]:-}" "$mtu"
   done
   echo "}}"
 } >"$OUT/run.json"
