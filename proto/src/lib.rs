@@ -16,4 +16,5 @@ pub mod replay;
 pub mod wire;
 pub mod datapath;
 pub mod mac_table;
+pub mod ipam;
 pub use peer::{Mac, PeerName};

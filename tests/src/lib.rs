@@ -4,3 +4,4 @@
 //!   the scenarios using it live in `tests/mesh.rs`.
 
 pub mod lab;
+pub mod sim;

@@ -1,0 +1,1081 @@
+//! The [`Ipam`] state machine: allocations, donations and claims, gossip
+//! scheduling, persistence. See the parent module for the daemon's contract.
+//!
+//! Owns: this peer's allocations (address → target), requests waiting for space,
+//! outstanding asks to donors and owners, what to gossip next and when.
+//! Invariant: every allocated address lies in an entry this peer owns in its own
+//! ring; merges that would break it are refused ([`IpamError::OwnershipConflict`]).
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::Ipv4Addr;
+
+use super::paxos::Paxos;
+use super::ring::{free_in, Ring, MAX_SEEDS, TAKEOVER_JUMP};
+use super::space::{self, clip, Cidr};
+use super::wire::{self, Body, Envelope, Gossip, Outcome, PaxosGossip, Snapshot, MAX_HOPS, MAX_TARGET_LEN};
+use super::{
+    Allocation, Config, Dest, Event, Holder, InitMode, IpamError, IpamStatus, OwnerStatus, Request, RingState, Rng,
+    Waiting,
+};
+use crate::peer::PeerName;
+
+/// Most failed requests remembered for the next `allocate` call.
+const MAX_FAILED: usize = 1024;
+/// Most events queued; the oldest are dropped beyond it.
+const MAX_EVENTS: usize = 10_000;
+/// Least time between two full-state answers to the same peer.
+const SYNC_INTERVAL_MS: u64 = 1_000;
+/// A donor that said no (or did not answer) is not asked again for this many request timeouts.
+const SHUN_TIMEOUTS: u64 = 5;
+
+#[derive(Clone, Debug)]
+struct Ask {
+    id: u64,
+    peer: PeerName,
+    deadline: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PendingReq {
+    target: String,
+    req: Request,
+}
+
+enum Step {
+    Done(Ipv4Addr, u8),
+    Failed(IpamError),
+    NeedSpace(Cidr),
+    NeedClaim(u32),
+}
+
+/// One peer's IPAM (see the module docs of [`crate::ipam`]).
+#[derive(Debug)]
+pub struct Ipam {
+    me: PeerName,
+    universe: Cidr,
+    config: Config,
+    ring: Ring,
+    paxos: Paxos,
+    allocs: BTreeMap<u32, String>,
+    targets: BTreeMap<String, BTreeSet<u32>>,
+    pending: Vec<PendingReq>,
+    failed: VecDeque<(PendingReq, IpamError)>,
+    space_asks: BTreeMap<Cidr, Ask>,
+    claim_asks: BTreeMap<u32, Ask>,
+    shunned: BTreeMap<(Cidr, PeerName), u64>,
+    live: Option<BTreeSet<PeerName>>,
+    /// Ring starts changed since the last gossip.
+    changed: BTreeSet<u32>,
+    full_due: bool,
+    next_full_ms: u64,
+    next_paxos_full_ms: u64,
+    retry_at: Option<u64>,
+    last_sync: BTreeMap<PeerName, u64>,
+    last_sync_req: BTreeMap<PeerName, u64>,
+    transmits: VecDeque<(Dest, Vec<u8>)>,
+    events: VecDeque<Event>,
+    rng: Rng,
+    next_id: u64,
+    now: u64,
+    dirty: bool,
+}
+
+impl Ipam {
+    /// A fresh IPAM with default timers. Errors: a range outside /1../30, a
+    /// `Consensus(0)`, an empty or oversized seed list, or `me` the broadcast name.
+    pub fn new(me: PeerName, universe: Cidr, init: InitMode) -> Result<Ipam, IpamError> {
+        Ipam::with_config(me, universe, init, Config::default())
+    }
+
+    /// A fresh IPAM.
+    pub fn with_config(me: PeerName, universe: Cidr, init: InitMode, config: Config) -> Result<Ipam, IpamError> {
+        wire::check_universe(&universe)?;
+        if me == PeerName::BROADCAST {
+            return Err(IpamError::BadInit("peer name 00:00:00:00:00:00 is reserved".into()));
+        }
+        let retry = config.paxos_retry_ms;
+        let (ring, paxos) = match &init {
+            InitMode::Consensus(n) => {
+                if *n == 0 {
+                    return Err(IpamError::BadInit("consensus needs at least 1 peer".into()));
+                }
+                (Ring::new(universe), Paxos::new(me, true, *n, retry))
+            }
+            InitMode::Seed(peers) => {
+                if peers.is_empty() || peers.len() > MAX_SEEDS || peers.contains(&PeerName::BROADCAST) {
+                    return Err(IpamError::BadInit(format!("seed list must name 1 to {MAX_SEEDS} peers")));
+                }
+                let mut p = Paxos::new(me, false, 0, retry);
+                let ring = Ring::genesis(universe, peers);
+                p.set_decided(ring.seeds());
+                (ring, p)
+            }
+            InitMode::Observer => (Ring::new(universe), Paxos::new(me, false, 0, retry)),
+        };
+        let seed = if config.rng_seed != 0 { config.rng_seed } else { me.0 ^ 0x6d65_7368_6e65_7421 };
+        let mut ipam = Ipam {
+            me,
+            universe,
+            config,
+            ring,
+            paxos,
+            allocs: BTreeMap::new(),
+            targets: BTreeMap::new(),
+            pending: Vec::new(),
+            failed: VecDeque::new(),
+            space_asks: BTreeMap::new(),
+            claim_asks: BTreeMap::new(),
+            shunned: BTreeMap::new(),
+            live: None,
+            changed: BTreeSet::new(),
+            full_due: true,
+            next_full_ms: 0,
+            next_paxos_full_ms: 0,
+            retry_at: None,
+            last_sync: BTreeMap::new(),
+            last_sync_req: BTreeMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            rng: Rng::new(seed),
+            next_id: 0,
+            now: 0,
+            dirty: true,
+        };
+        ipam.next_id = ipam.fresh_ids();
+        Ok(ipam)
+    }
+
+    /// Request ids start at a random point, so that replies to asks made before a
+    /// restart are not taken for answers to new ones (ids are not persisted).
+    fn fresh_ids(&mut self) -> u64 {
+        (self.rng.next() >> 16) | 1
+    }
+
+    /// Restores from [`Ipam::snapshot`] bytes: the same ring (or consensus state),
+    /// allocations and request ids. `me` and `universe` must match the snapshot's
+    /// ([`IpamError::SnapshotPeer`], [`IpamError::SnapshotRange`]); a saved agreed
+    /// ring wins over `init`. Call [`Ipam::release_missing`] next.
+    pub fn restore(me: PeerName, universe: Cidr, init: InitMode, config: Config, bytes: &[u8]) -> Result<Ipam, IpamError> {
+        let s: Snapshot = wire::decode_snapshot(bytes)?;
+        if s.me != me {
+            return Err(IpamError::SnapshotPeer { found: s.me, expected: me });
+        }
+        if s.universe != universe {
+            return Err(IpamError::SnapshotRange { found: s.universe, expected: universe });
+        }
+        let mut ipam = Ipam::with_config(me, universe, init, config)?;
+        // Never repeat the random choices (and request ids) of the run that wrote the snapshot.
+        let digest = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3));
+        ipam.rng = Rng::new(ipam.rng.next() ^ digest);
+        ipam.next_id = ipam.fresh_ids();
+        if !s.seeds.is_empty() {
+            ipam.ring = Ring::from_parts(universe, s.seeds, s.entries);
+            ipam.paxos.set_decided(ipam.ring.seeds());
+        } else if let Some(p) = s.paxos {
+            if !ipam.ring.is_agreed() {
+                let participant = ipam.paxos.is_participant();
+                let initial = if participant { ipam.paxos.initial() } else { p.initial };
+                ipam.paxos = Paxos::restore(me, participant, initial, ipam.config.paxos_retry_ms, p.records);
+            }
+        }
+        for (ip, target) in s.allocations {
+            if ipam.ring.covering_owned(me, ip).is_none() {
+                return Err(IpamError::BadSnapshot(format!("{} is allocated but not in this peer's ranges", Ipv4Addr::from(ip))));
+            }
+            ipam.targets.entry(target.clone()).or_default().insert(ip);
+            ipam.allocs.insert(ip, target);
+        }
+        let mine: Vec<u32> = ipam.ring.owned_by(me).map(|(s, _)| s).collect();
+        for start in mine {
+            ipam.recompute_free(start);
+        }
+        ipam.dirty = false;
+        Ok(ipam)
+    }
+
+    /// Everything needed to come back after a crash, as bytes (version byte first).
+    pub fn snapshot(&self) -> Vec<u8> {
+        let paxos = (!self.ring.is_agreed() && self.paxos.known() > 0)
+            .then(|| PaxosGossip { initial: self.paxos.initial(), records: self.paxos.all() });
+        wire::encode_snapshot(&Snapshot {
+            me: self.me,
+            universe: self.universe,
+            seeds: self.ring.seeds().to_vec(),
+            entries: self.ring.all_entries(),
+            paxos,
+            allocations: self.allocs.iter().map(|(&ip, t)| (ip, t.clone())).collect(),
+        })
+    }
+
+    /// True once since the last call if the state changed: persist
+    /// [`Ipam::snapshot`] then, before sending anything from [`Ipam::poll_transmit`].
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub fn me(&self) -> PeerName {
+        self.me
+    }
+
+    pub fn universe(&self) -> Cidr {
+        self.universe
+    }
+
+    /// Whether initial ownership is settled here (allocation can proceed).
+    pub fn is_agreed(&self) -> bool {
+        self.ring.is_agreed()
+    }
+
+    /// The ring as this peer sees it.
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    /// The ring's canonical bytes: equal on peers that converged.
+    pub fn ring_bytes(&self) -> Vec<u8> {
+        self.ring.canonical_bytes()
+    }
+
+    /// Every address allocated here, with its target, by address.
+    pub fn allocations(&self) -> impl Iterator<Item = (Ipv4Addr, &str)> + '_ {
+        self.allocs.iter().map(|(&ip, t)| (Ipv4Addr::from(ip), t.as_str()))
+    }
+
+    /// The addresses `target` holds here.
+    pub fn addresses_of(&self, target: &str) -> Vec<Ipv4Addr> {
+        self.targets.get(target).map(|s| s.iter().map(|&ip| Ipv4Addr::from(ip)).collect()).unwrap_or_default()
+    }
+
+    /// Number of requests waiting.
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    // ------------------------------------------------------------------ API
+
+    /// Allocates for `target` (see the module docs for the answers).
+    pub fn allocate(&mut self, target: &str, req: Request, now_ms: u64) -> Result<Allocation, IpamError> {
+        self.tick(now_ms);
+        if target.is_empty() || target.len() > MAX_TARGET_LEN {
+            return Err(IpamError::BadTarget(target.chars().take(64).collect()));
+        }
+        self.check_request(&req)?;
+        let p = PendingReq { target: target.to_string(), req };
+        if let Some(i) = self.failed.iter().position(|(f, _)| *f == p) {
+            let (_, e) = self.failed.remove(i).expect("index is in range");
+            return Err(e);
+        }
+        if self.pending.contains(&p) {
+            return Ok(Allocation::Pending(self.waiting_for(&p.req)));
+        }
+        if !self.ring.is_agreed() {
+            let w = self.waiting_for(&p.req);
+            self.pending.push(p);
+            return Ok(Allocation::Pending(w));
+        }
+        match self.try_complete(&p) {
+            Step::Done(ip, prefix) => Ok(Allocation::Ready { ip, prefix }),
+            Step::Failed(e) => Err(e),
+            Step::NeedSpace(subnet) => {
+                self.pending.push(p.clone());
+                self.ensure_space_ask(subnet);
+                Ok(Allocation::Pending(self.waiting_for(&p.req)))
+            }
+            Step::NeedClaim(ip) => {
+                self.pending.push(p.clone());
+                self.ensure_claim_ask(ip);
+                Ok(Allocation::Pending(self.waiting_for(&p.req)))
+            }
+        }
+    }
+
+    /// Returns `ip` of `target` to the pool; false if it was not allocated to it.
+    pub fn free(&mut self, target: &str, ip: Ipv4Addr) -> bool {
+        let a = u32::from(ip);
+        if self.allocs.get(&a).map(String::as_str) != Some(target) {
+            return false;
+        }
+        self.unassign(a);
+        self.progress();
+        true
+    }
+
+    /// Frees every address of `target` and cancels its pending requests; returns the freed addresses.
+    pub fn free_target(&mut self, target: &str) -> Vec<Ipv4Addr> {
+        let ips: Vec<u32> = self.targets.get(target).map(|s| s.iter().copied().collect()).unwrap_or_default();
+        for &ip in &ips {
+            self.unassign(ip);
+        }
+        self.pending.retain(|p| p.target != target);
+        self.failed.retain(|(p, _)| p.target != target);
+        self.progress();
+        ips.into_iter().map(Ipv4Addr::from).collect()
+    }
+
+    /// After a restore: frees the addresses of every target not in `live_targets`
+    /// (containers that went away while the daemon was down); returns what was freed.
+    pub fn release_missing<I, S>(&mut self, live_targets: I) -> Vec<(String, Ipv4Addr)>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let live: BTreeSet<String> = live_targets.into_iter().map(|s| s.as_ref().to_string()).collect();
+        let gone: Vec<String> = self.targets.keys().filter(|t| !live.contains(*t)).cloned().collect();
+        let mut freed = Vec::new();
+        for t in gone {
+            for ip in self.free_target(&t) {
+                freed.push((t.clone(), ip));
+            }
+        }
+        freed
+    }
+
+    /// Takes over every range of `dead` (a peer that is gone for good); returns the
+    /// number of addresses taken. Unsafe if `dead` is alive but partitioned (see
+    /// the module docs). Refused for myself, before agreement, and for a peer in
+    /// the last [`Ipam::peers_changed`] list.
+    pub fn rmpeer(&mut self, dead: PeerName) -> Result<u64, IpamError> {
+        if dead == self.me {
+            return Err(IpamError::RemoveSelf);
+        }
+        if !self.ring.is_agreed() {
+            return Err(IpamError::NotAgreed);
+        }
+        if self.live.as_ref().is_some_and(|l| l.contains(&dead)) {
+            return Err(IpamError::PeerReachable(dead));
+        }
+        let changed = self.ring.reassign_all(dead, self.me, TAKEOVER_JUMP);
+        let total: u64 = changed.iter().filter_map(|s| self.ring.get(*s)).map(|e| e.size as u64).sum();
+        for &s in &changed {
+            self.recompute_free(s);
+        }
+        self.changed.extend(changed);
+        self.space_asks.retain(|_, a| a.peer != dead);
+        self.claim_asks.retain(|_, a| a.peer != dead);
+        self.dirty = true;
+        self.progress();
+        Ok(total)
+    }
+
+    /// Shutdown handoff (`meshnet reset`): gives every range of this peer to the
+    /// reachable peer owning the least space, forgets all allocations and requests,
+    /// and queues the news (flush [`Ipam::poll_transmit`] before exiting). Returns
+    /// the recipient, or `None` if this peer owned nothing. Errors with
+    /// [`IpamError::NoLivePeer`] (nothing changed) if no peer is reachable.
+    pub fn reset(&mut self) -> Result<Option<PeerName>, IpamError> {
+        let owned: u64 = self.ring.owned_by(self.me).map(|(_, e)| e.size as u64).sum();
+        if owned > 0 {
+            let live: Vec<PeerName> = self.live.iter().flatten().copied().filter(|p| *p != self.me).collect();
+            if live.is_empty() {
+                return Err(IpamError::NoLivePeer);
+            }
+            let mut space: BTreeMap<PeerName, u64> = live.iter().map(|p| (*p, 0)).collect();
+            for (_, e) in self.ring.entries() {
+                if let Some(s) = space.get_mut(&e.owner) {
+                    *s += e.size as u64;
+                }
+            }
+            let to = space.iter().min_by_key(|(p, s)| (**s, **p)).map(|(p, _)| *p).expect("live is not empty");
+            self.allocs.clear();
+            self.targets.clear();
+            let changed = self.ring.reassign_all(self.me, to, 1);
+            let entries = self.ring.entries_at(changed.iter().copied());
+            self.changed.extend(changed);
+            let gossip = Gossip { full: false, ring_id: self.ring.id(), seeds: Vec::new(), entries, paxos: None };
+            self.send_to(to, Body::Gossip(gossip));
+            self.finish_reset();
+            return Ok(Some(to));
+        }
+        self.allocs.clear();
+        self.targets.clear();
+        self.finish_reset();
+        Ok(None)
+    }
+
+    fn finish_reset(&mut self) {
+        self.pending.clear();
+        self.failed.clear();
+        self.space_asks.clear();
+        self.claim_asks.clear();
+        self.dirty = true;
+    }
+
+    /// The peers currently reachable (from the topology). Space of others is
+    /// reported unreachable and never asked for; a newly reachable peer makes this
+    /// peer send its full state to its neighbours.
+    pub fn peers_changed(&mut self, live: &[PeerName]) {
+        let new: BTreeSet<PeerName> = live.iter().copied().filter(|p| *p != self.me).collect();
+        let gained = match &self.live {
+            None => true,
+            Some(old) => new.iter().any(|p| !old.contains(p)),
+        };
+        if gained {
+            self.full_due = true;
+        }
+        self.space_asks.retain(|_, a| new.contains(&a.peer));
+        self.claim_asks.retain(|_, a| new.contains(&a.peer));
+        self.live = Some(new);
+        self.progress();
+    }
+
+    /// What `meshnet status ipam` shows.
+    pub fn status(&self) -> IpamStatus {
+        let mut owners: BTreeMap<PeerName, OwnerStatus> = BTreeMap::new();
+        for (s, e) in self.ring.entries() {
+            let o = owners.entry(e.owner).or_insert_with(|| OwnerStatus {
+                peer: e.owner,
+                ranges: Vec::new(),
+                size: 0,
+                free: 0,
+                reachable: self.is_live(e.owner),
+            });
+            let last = (s as u64 + e.size as u64 - 1) as u32;
+            o.ranges.push((Ipv4Addr::from(s), Ipv4Addr::from(last)));
+            o.size += e.size as u64;
+            o.free += e.free as u64;
+        }
+        let unreachable_space = owners.values().filter(|o| !o.reachable).map(|o| o.size).sum();
+        let state = if self.ring.is_agreed() {
+            RingState::Agreed { seeds: self.ring.seeds().to_vec() }
+        } else if self.paxos.is_participant() {
+            RingState::AwaitingConsensus { known: self.paxos.known(), quorum: self.paxos.quorum() }
+        } else {
+            RingState::AwaitingRing
+        };
+        IpamStatus {
+            me: self.me,
+            universe: self.universe,
+            state,
+            owners: owners.into_values().collect(),
+            allocated: self.allocs.len(),
+            pending: self.pending.len(),
+            unreachable_space,
+            ring_entries: self.ring.len(),
+        }
+    }
+
+    // ------------------------------------------------------------ I/O side
+
+    /// Handles one `ControlMsg::Ipam` payload received from neighbour `from`.
+    /// On error nothing was applied; see the module docs for what to do.
+    pub fn handle_message(&mut self, from: PeerName, bytes: &[u8], now_ms: u64) -> Result<(), IpamError> {
+        let _ = from; // errors name the original sender; the daemon acts on `from`'s connection
+        self.tick(now_ms);
+        let env = wire::decode(bytes)?;
+        if env.universe != self.universe {
+            return Err(IpamError::RangeMismatch { peer: env.src, ours: self.universe, theirs: env.universe });
+        }
+        if env.dst != PeerName::BROADCAST && env.dst != self.me {
+            if env.hops > 0 {
+                let dst = env.dst;
+                let relayed = Envelope { hops: env.hops - 1, ..env };
+                self.transmits.push_back((Dest::Peer(dst), wire::encode(&relayed)));
+            }
+            return Ok(());
+        }
+        if env.src == self.me {
+            return Ok(());
+        }
+        let src = env.src;
+        match env.body {
+            Body::Gossip(g) => self.on_gossip(src, g)?,
+            Body::SpaceRequest { id, subnet } => self.on_space_request(src, id, subnet),
+            Body::ClaimRequest { id, ip } => self.on_claim_request(src, id, ip),
+            Body::Reply { id, outcome, gossip } => self.on_reply(src, id, outcome, gossip)?,
+            Body::SyncRequest => self.send_sync(src),
+        }
+        self.progress();
+        Ok(())
+    }
+
+    /// The next message to send (see [`Dest`]); call until `None`.
+    pub fn poll_transmit(&mut self) -> Option<(Dest, Vec<u8>)> {
+        if let Some(t) = self.transmits.pop_front() {
+            return Some(t);
+        }
+        let gossip = if self.full_due {
+            self.full_due = false;
+            self.changed.clear();
+            self.paxos.clear_changed();
+            self.full_gossip()
+        } else if self.ring.is_agreed() {
+            if self.changed.is_empty() {
+                return None;
+            }
+            let entries = self.ring.entries_at(std::mem::take(&mut self.changed));
+            Gossip { full: false, ring_id: self.ring.id(), seeds: Vec::new(), entries, paxos: None }
+        } else {
+            if !self.paxos.has_changes() {
+                return None;
+            }
+            let records = self.paxos.take_changed();
+            let paxos = Some(PaxosGossip { initial: self.paxos.initial(), records });
+            Gossip { full: false, ring_id: 0, seeds: Vec::new(), entries: Vec::new(), paxos }
+        };
+        let env = Envelope { universe: self.universe, src: self.me, dst: PeerName::BROADCAST, hops: 0, body: Body::Gossip(gossip) };
+        Some((Dest::Neighbours, wire::encode(&env)))
+    }
+
+    /// The next event for the daemon.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Ipam::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let mut t = self.next_full_ms;
+        if !self.ring.is_agreed() {
+            t = t.min(self.next_paxos_full_ms);
+            if let Some(p) = self.paxos.poll_timeout() {
+                t = t.min(p);
+            }
+        }
+        for a in self.space_asks.values().chain(self.claim_asks.values()) {
+            t = t.min(a.deadline);
+        }
+        if let Some(r) = self.retry_at {
+            t = t.min(r);
+        }
+        Some(t)
+    }
+
+    /// Timers: periodic full gossip, paxos retries, unanswered asks, retries.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.tick(now_ms);
+        let now = self.now;
+        if now >= self.next_full_ms {
+            self.full_due = true;
+            let iv = self.config.full_gossip_interval_ms.max(1);
+            self.next_full_ms = now + iv - self.rng.below(iv / 4 + 1);
+        }
+        if !self.ring.is_agreed() && now >= self.next_paxos_full_ms {
+            self.full_due = true;
+            let iv = self.config.paxos_retry_ms.max(1);
+            self.next_paxos_full_ms = now + iv + self.rng.below(iv);
+        }
+        let timeout = self.config.request_timeout_ms;
+        let expired: Vec<(Cidr, PeerName)> =
+            self.space_asks.iter().filter(|(_, a)| a.deadline <= now).map(|(s, a)| (*s, a.peer)).collect();
+        for (subnet, peer) in expired {
+            self.space_asks.remove(&subnet);
+            self.shunned.insert((subnet, peer), now + SHUN_TIMEOUTS * timeout);
+        }
+        self.claim_asks.retain(|_, a| a.deadline > now);
+        self.shunned.retain(|_, until| *until > now);
+        if self.last_sync.len() > 1024 {
+            self.last_sync.retain(|_, t| *t + SYNC_INTERVAL_MS > now);
+        }
+        if self.last_sync_req.len() > 1024 {
+            self.last_sync_req.retain(|_, t| *t + SYNC_INTERVAL_MS > now);
+        }
+        if self.retry_at.is_some_and(|r| r <= now) {
+            self.retry_at = None;
+        }
+        self.progress();
+    }
+
+    // -------------------------------------------------------------- inside
+
+    fn tick(&mut self, now_ms: u64) {
+        self.now = self.now.max(now_ms);
+    }
+
+    fn is_live(&self, p: PeerName) -> bool {
+        p == self.me || self.live.as_ref().is_none_or(|l| l.contains(&p))
+    }
+
+    fn check_request(&self, req: &Request) -> Result<(), IpamError> {
+        let u = self.universe;
+        match req {
+            Request::Any(subnet) => {
+                if !u.contains_net(subnet) {
+                    return Err(IpamError::SubnetOutsideRange { subnet: *subnet, universe: u });
+                }
+                if subnet.prefix() > 30 {
+                    return Err(IpamError::SubnetTooSmall(*subnet));
+                }
+            }
+            Request::Exact { ip, prefix } => {
+                if *prefix > 32 {
+                    return Err(IpamError::BadPrefix(*prefix));
+                }
+                if !u.contains(*ip) {
+                    return Err(IpamError::AddressOutsideRange { ip: *ip, universe: u });
+                }
+                let a = u32::from(*ip);
+                let net = Cidr::containing(*ip, *prefix).map_err(|_| IpamError::BadPrefix(*prefix))?;
+                if net.is_reserved(a) {
+                    return Err(IpamError::ReservedAddress { ip: *ip, net });
+                }
+                if u.is_reserved(a) {
+                    return Err(IpamError::ReservedAddress { ip: *ip, net: u });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn waiting_for(&self, req: &Request) -> Waiting {
+        if !self.ring.is_agreed() {
+            return if self.paxos.is_participant() {
+                Waiting::Consensus { known: self.paxos.known(), quorum: self.paxos.quorum() }
+            } else {
+                Waiting::Ring
+            };
+        }
+        match req {
+            Request::Any(subnet) => match self.space_asks.get(subnet) {
+                Some(a) => Waiting::Donation { donor: a.peer },
+                None => Waiting::NoFreeSpace { subnet: *subnet },
+            },
+            Request::Exact { ip, .. } => match self.ring.covering(u32::from(*ip)) {
+                Some((_, e)) => Waiting::Owner { owner: e.owner, reachable: self.is_live(e.owner) },
+                None => Waiting::Ring,
+            },
+        }
+    }
+
+    fn address_in(&self, target: &str, subnet: &Cidr) -> Option<u32> {
+        self.targets.get(target)?.iter().copied().find(|ip| subnet.contains_u32(*ip))
+    }
+
+    fn lowest_free(&self, subnet: &Cidr) -> Option<u32> {
+        let (lo, hi) = subnet.usable();
+        self.ring.owned_by(self.me).find_map(|(s, e)| {
+            let (l, h) = clip(s as u64, s as u64 + e.size as u64, lo, hi)?;
+            space::lowest_free(l, h, &self.allocs)
+        })
+    }
+
+    fn try_complete(&mut self, p: &PendingReq) -> Step {
+        match &p.req {
+            Request::Any(subnet) => {
+                let ip = match self.address_in(&p.target, subnet) {
+                    Some(ip) => ip,
+                    None => match self.lowest_free(subnet) {
+                        Some(ip) => {
+                            self.assign(&p.target, ip);
+                            ip
+                        }
+                        None => return Step::NeedSpace(*subnet),
+                    },
+                };
+                Step::Done(Ipv4Addr::from(ip), subnet.prefix())
+            }
+            Request::Exact { ip, prefix } => {
+                let a = u32::from(*ip);
+                match self.allocs.get(&a) {
+                    Some(t) if *t == p.target => return Step::Done(*ip, *prefix),
+                    Some(t) => return Step::Failed(IpamError::AddressInUse { ip: *ip, holder: Holder::Target(t.clone()) }),
+                    None => {}
+                }
+                if self.ring.covering_owned(self.me, a).is_some() {
+                    self.assign(&p.target, a);
+                    Step::Done(*ip, *prefix)
+                } else {
+                    Step::NeedClaim(a)
+                }
+            }
+        }
+    }
+
+    fn assign(&mut self, target: &str, ip: u32) {
+        self.allocs.insert(ip, target.to_string());
+        self.targets.entry(target.to_string()).or_default().insert(ip);
+        if let Some((s, _)) = self.ring.covering_owned(self.me, ip) {
+            self.recompute_free(s);
+        }
+        self.dirty = true;
+    }
+
+    fn unassign(&mut self, ip: u32) {
+        if let Some(t) = self.allocs.remove(&ip) {
+            if let Some(set) = self.targets.get_mut(&t) {
+                set.remove(&ip);
+                if set.is_empty() {
+                    self.targets.remove(&t);
+                }
+            }
+            if let Some((s, _)) = self.ring.covering_owned(self.me, ip) {
+                self.recompute_free(s);
+            }
+            self.dirty = true;
+        }
+    }
+
+    /// Brings the free count of my entry at `start` up to date (bumping its version if it changed).
+    fn recompute_free(&mut self, start: u32) {
+        let Some(e) = self.ring.get(start) else { return };
+        if e.owner != self.me {
+            return;
+        }
+        let f = free_in(&self.universe, start, e.size, &self.allocs);
+        if self.ring.set_free(self.me, start, f) {
+            self.changed.insert(start);
+            self.dirty = true;
+        }
+    }
+
+    fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        id
+    }
+
+    fn send_to(&mut self, dst: PeerName, body: Body) {
+        let env = Envelope { universe: self.universe, src: self.me, dst, hops: MAX_HOPS, body };
+        self.transmits.push_back((Dest::Peer(dst), wire::encode(&env)));
+    }
+
+    fn full_gossip(&self) -> Gossip {
+        if self.ring.is_agreed() {
+            let (ring_id, seeds, entries) = (self.ring.id(), self.ring.seeds().to_vec(), self.ring.all_entries());
+            Gossip { full: true, ring_id, seeds, entries, paxos: None }
+        } else {
+            // Sent even when empty: an agreed neighbour answers with its full ring.
+            let paxos = (self.paxos.known() > 0)
+                .then(|| PaxosGossip { initial: self.paxos.initial(), records: self.paxos.all() });
+            Gossip { full: true, ring_id: 0, seeds: Vec::new(), entries: Vec::new(), paxos }
+        }
+    }
+
+    /// Sends my full state to `dst`, at most once per [`SYNC_INTERVAL_MS`].
+    fn send_sync(&mut self, dst: PeerName) {
+        if self.last_sync.get(&dst).is_some_and(|t| t + SYNC_INTERVAL_MS > self.now) {
+            return;
+        }
+        self.last_sync.insert(dst, self.now);
+        let g = self.full_gossip();
+        self.send_to(dst, Body::Gossip(g));
+    }
+
+    fn reply(&mut self, dst: PeerName, id: u64, outcome: Outcome, entries: Vec<(u32, super::ring::Entry)>) {
+        let ring_id = if entries.is_empty() { 0 } else { self.ring.id() };
+        let gossip = Gossip { full: false, ring_id, seeds: Vec::new(), entries, paxos: None };
+        self.send_to(dst, Body::Reply { id, outcome, gossip });
+    }
+
+    /// Refuses a merge that would leave one of my allocations outside my ranges.
+    fn check_ownership(&self, src: PeerName, changes: &[(u32, super::ring::Entry)]) -> Result<(), IpamError> {
+        if self.allocs.is_empty() {
+            return Ok(());
+        }
+        let touches_mine = changes.iter().any(|(s, e)| {
+            self.ring.get(*s).is_some_and(|m| m.owner == self.me && (e.owner != self.me || e.size < m.size))
+        });
+        if !touches_mine {
+            return Ok(());
+        }
+        let mut mine: BTreeMap<u32, u32> = self.ring.owned_by(self.me).map(|(s, e)| (s, e.size)).collect();
+        for (s, e) in changes {
+            if e.owner == self.me {
+                mine.insert(*s, e.size);
+            } else {
+                mine.remove(s);
+            }
+        }
+        for (&ip, target) in &self.allocs {
+            let covered = mine.range(..=ip).next_back().is_some_and(|(&s, &sz)| (ip as u64) < s as u64 + sz as u64);
+            if !covered {
+                let owner = changes
+                    .iter()
+                    .filter(|(s, e)| *s <= ip && (ip as u64) < *s as u64 + e.size as u64)
+                    .map(|(_, e)| e.owner)
+                    .next_back()
+                    .unwrap_or(PeerName::BROADCAST);
+                return Err(IpamError::OwnershipConflict { peer: src, ip: Ipv4Addr::from(ip), target: target.clone(), owner });
+            }
+        }
+        Ok(())
+    }
+
+    fn on_gossip(&mut self, src: PeerName, g: Gossip) -> Result<(), IpamError> {
+        let agreed_before = self.ring.is_agreed();
+        let paxos_up = match &g.paxos {
+            Some(p) if !agreed_before => Some((p.initial, self.paxos.plan_merge(src, p.initial, &p.records)?)),
+            _ => None,
+        };
+        let plan = if g.ring_id == 0 {
+            self.ring.plan_merge(src, &[], &[])?
+        } else if !g.seeds.is_empty() {
+            self.ring.plan_merge(src, &g.seeds, &g.entries)?
+        } else if agreed_before && g.ring_id == self.ring.id() {
+            self.ring.plan_merge_same(src, &g.entries)?
+        } else {
+            // A delta of a ring I do not know (not agreed yet, or another ring): get the
+            // full state, whose seeds let me adopt it or name the conflict.
+            self.request_sync(src);
+            self.ring.plan_merge(src, &[], &[])?
+        };
+        self.check_ownership(src, plan.changes())?;
+        // Everything checked: apply.
+        if let Some((initial, up)) = paxos_up {
+            self.paxos.apply(initial, up, self.now);
+        }
+        let adopted = plan.adopts();
+        // Only my own state must be persisted; other peers' entries can be learned again.
+        let me = self.me;
+        if adopted || plan.changes().iter().any(|(s, e)| e.owner == me || self.ring.get(*s).is_some_and(|m| m.owner == me)) {
+            self.dirty = true;
+        }
+        let changed = self.ring.apply(plan);
+        for &s in &changed {
+            // A newer version of my own entry (my state from before a restart): re-assert the truth.
+            self.recompute_free(s);
+        }
+        self.changed.extend(changed);
+        if adopted {
+            self.on_agreed();
+            if !g.full {
+                self.request_sync(src);
+            }
+        }
+        if self.ring.is_agreed() && g.ring_id == 0 {
+            // The sender has no ring yet: give it mine.
+            self.send_sync(src);
+        }
+        Ok(())
+    }
+
+    /// Asks `dst` for its full state, at most once per [`SYNC_INTERVAL_MS`].
+    fn request_sync(&mut self, dst: PeerName) {
+        if self.last_sync_req.get(&dst).is_some_and(|t| t + SYNC_INTERVAL_MS > self.now) {
+            return;
+        }
+        self.last_sync_req.insert(dst, self.now);
+        self.send_to(dst, Body::SyncRequest);
+    }
+
+    fn on_agreed(&mut self) {
+        let seeds = self.ring.seeds().to_vec();
+        self.paxos.set_decided(&seeds);
+        self.paxos.clear_changed();
+        self.push_event(Event::Agreed { seeds });
+        // No full broadcast: neighbours without the ring keep gossiping without
+        // one and get my full state in answer.
+        self.dirty = true;
+    }
+
+    fn push_event(&mut self, e: Event) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(e);
+    }
+
+    fn on_space_request(&mut self, src: PeerName, id: u64, subnet: Cidr) {
+        if !self.ring.is_agreed() {
+            return self.reply(src, id, Outcome::NotAgreed, Vec::new());
+        }
+        let (lo, hi) = subnet.usable();
+        let mut best: Option<(u64, u64)> = None;
+        let mut total = 0u64;
+        for (s, e) in self.ring.owned_by(self.me) {
+            if let Some((l, h)) = clip(s as u64, s as u64 + e.size as u64, lo, hi) {
+                for (a, b) in space::free_runs(l, h, &self.allocs) {
+                    total += b - a;
+                    if best.is_none_or(|(x, y)| b - a > y - x) {
+                        best = Some((a, b));
+                    }
+                }
+            }
+        }
+        let donated = best.and_then(|(a, b)| {
+            let want = (total / 2).clamp(1, b - a);
+            self.ring.transfer(self.me, b - want, b, src, &self.allocs)
+        });
+        match donated {
+            Some(changed) => {
+                let entries = self.ring.entries_at(changed.iter().copied());
+                self.changed.extend(changed);
+                self.dirty = true;
+                self.reply(src, id, Outcome::Donated, entries);
+            }
+            None => {
+                // Tell the asker my real free counts so it asks elsewhere.
+                let entries: Vec<_> = self
+                    .ring
+                    .owned_by(self.me)
+                    .filter(|(s, e)| clip(*s as u64, *s as u64 + e.size as u64, lo, hi).is_some())
+                    .map(|(s, e)| (s, *e))
+                    .collect();
+                self.reply(src, id, Outcome::NoSpace, entries);
+            }
+        }
+    }
+
+    fn on_claim_request(&mut self, src: PeerName, id: u64, ip: u32) {
+        if !self.ring.is_agreed() {
+            return self.reply(src, id, Outcome::NotAgreed, Vec::new());
+        }
+        match self.ring.covering_owned(self.me, ip).map(|(s, e)| (s, *e)) {
+            Some((s, e)) if self.allocs.contains_key(&ip) => self.reply(src, id, Outcome::InUse, vec![(s, e)]),
+            Some((s, e)) => match self.ring.transfer(self.me, ip as u64, ip as u64 + 1, src, &self.allocs) {
+                Some(changed) => {
+                    let entries = self.ring.entries_at(changed.iter().copied());
+                    self.changed.extend(changed);
+                    self.dirty = true;
+                    self.reply(src, id, Outcome::Donated, entries);
+                }
+                None => self.reply(src, id, Outcome::NoSpace, vec![(s, e)]),
+            },
+            None => {
+                let hint: Vec<_> = self.ring.covering(ip).map(|(s, e)| (s, *e)).into_iter().collect();
+                self.reply(src, id, Outcome::NotOwner, hint);
+            }
+        }
+    }
+
+    fn on_reply(&mut self, src: PeerName, id: u64, outcome: Outcome, gossip: Gossip) -> Result<(), IpamError> {
+        self.on_gossip(src, gossip)?;
+        let timeout = self.config.request_timeout_ms;
+        if let Some(subnet) = self.space_asks.iter().find(|(_, a)| a.id == id && a.peer == src).map(|(s, _)| *s) {
+            self.space_asks.remove(&subnet);
+            if outcome != Outcome::Donated {
+                self.shunned.insert((subnet, src), self.now + SHUN_TIMEOUTS * timeout);
+            }
+        } else if let Some(ip) = self.claim_asks.iter().find(|(_, a)| a.id == id && a.peer == src).map(|(ip, _)| *ip) {
+            self.claim_asks.remove(&ip);
+            match outcome {
+                Outcome::Donated => {}
+                Outcome::InUse => {
+                    let error = IpamError::AddressInUse { ip: Ipv4Addr::from(ip), holder: Holder::Peer(src) };
+                    let (failed, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
+                        .into_iter()
+                        .partition(|p| matches!(p.req, Request::Exact { ip: x, .. } if u32::from(x) == ip));
+                    self.pending = keep;
+                    for p in failed {
+                        self.fail(p, error.clone());
+                    }
+                }
+                Outcome::NotOwner | Outcome::NoSpace | Outcome::NotAgreed => {
+                    // Back off unless my view now names another owner.
+                    if self.ring.covering(ip).is_none_or(|(_, e)| e.owner == src) {
+                        self.claim_asks.insert(ip, Ask { id: 0, peer: src, deadline: self.now + timeout });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, p: PendingReq, error: IpamError) {
+        self.push_event(Event::Failed { target: p.target.clone(), request: p.req.clone(), error: error.clone() });
+        if self.failed.len() >= MAX_FAILED {
+            self.failed.pop_front();
+        }
+        self.failed.push_back((p, error));
+    }
+
+    /// Runs paxos, then completes what pending requests it can and asks for the rest.
+    fn progress(&mut self) {
+        if !self.ring.is_agreed() {
+            let jitter = self.rng.next();
+            let decided = self.paxos.think(self.now, jitter).map(|v| v.to_vec());
+            if self.paxos.take_mine_changed() {
+                self.dirty = true;
+            }
+            if let Some(seeds) = decided {
+                self.ring = Ring::genesis(self.universe, &seeds);
+                self.on_agreed();
+            } else {
+                return;
+            }
+        }
+        let mut need_space = BTreeSet::new();
+        let mut need_claim = BTreeSet::new();
+        let mut keep = Vec::new();
+        for p in std::mem::take(&mut self.pending) {
+            match self.try_complete(&p) {
+                Step::Done(ip, prefix) => self.push_event(Event::Allocated { target: p.target.clone(), ip, prefix }),
+                Step::Failed(e) => self.fail(p, e),
+                Step::NeedSpace(s) => {
+                    need_space.insert(s);
+                    keep.push(p);
+                }
+                Step::NeedClaim(ip) => {
+                    need_claim.insert(ip);
+                    keep.push(p);
+                }
+            }
+        }
+        self.pending = keep;
+        for s in need_space {
+            self.ensure_space_ask(s);
+        }
+        for ip in need_claim {
+            self.ensure_claim_ask(ip);
+        }
+    }
+
+    fn schedule_retry(&mut self) {
+        if self.retry_at.is_none() {
+            self.retry_at = Some(self.now + self.config.request_timeout_ms);
+        }
+    }
+
+    fn ensure_space_ask(&mut self, subnet: Cidr) {
+        if self.space_asks.contains_key(&subnet) {
+            return;
+        }
+        match self.choose_donor(&subnet) {
+            Some(donor) => {
+                let id = self.next_id();
+                self.send_to(donor, Body::SpaceRequest { id, subnet });
+                let deadline = self.now + self.config.request_timeout_ms;
+                self.space_asks.insert(subnet, Ask { id, peer: donor, deadline });
+            }
+            None => self.schedule_retry(),
+        }
+    }
+
+    /// A reachable peer with free space in `subnet`, at random weighted by the free
+    /// space its entries report there (clipped to the subnet).
+    fn choose_donor(&mut self, subnet: &Cidr) -> Option<PeerName> {
+        let (lo, hi) = subnet.usable();
+        let mut weights: BTreeMap<PeerName, u64> = BTreeMap::new();
+        for (s, e) in self.ring.entries() {
+            if e.owner == self.me || !self.is_live(e.owner) {
+                continue;
+            }
+            if self.shunned.get(&(*subnet, e.owner)).is_some_and(|u| *u > self.now) {
+                continue;
+            }
+            if let Some((l, h)) = clip(s as u64, s as u64 + e.size as u64, lo, hi) {
+                let est = (h - l).min(e.free as u64);
+                if est > 0 {
+                    *weights.entry(e.owner).or_default() += est;
+                }
+            }
+        }
+        let total: u64 = weights.values().sum();
+        if total == 0 {
+            return None;
+        }
+        let mut pick = self.rng.below(total);
+        for (p, w) in weights {
+            if pick < w {
+                return Some(p);
+            }
+            pick -= w;
+        }
+        None
+    }
+
+    fn ensure_claim_ask(&mut self, ip: u32) {
+        if self.claim_asks.contains_key(&ip) {
+            return;
+        }
+        let owner = self.ring.covering(ip).map(|(_, e)| e.owner);
+        match owner {
+            Some(o) if o != self.me && self.is_live(o) => {
+                let id = self.next_id();
+                self.send_to(o, Body::ClaimRequest { id, ip });
+                let deadline = self.now + self.config.request_timeout_ms;
+                self.claim_asks.insert(ip, Ask { id, peer: o, deadline });
+            }
+            _ => self.schedule_retry(),
+        }
+    }
+}
+

@@ -1,0 +1,417 @@
+//! IP address management (IPAM), like Weave Net's: every peer hands out unique
+//! addresses from one shared range (the *universe*, default `10.32.0.0/12`)
+//! without anyone coordinating by hand, and keeps them across restarts.
+//!
+//! Owns: who owns which part of the universe ([`ring`]), how the first peers agree
+//! on that ([`paxos`]), which addresses this peer has handed to which target, the
+//! donation and claim protocol, persistence, and every bound on what peers send.
+//! Never does I/O or reads a clock: the daemon feeds messages, API calls and
+//! `now_ms` (a monotonic clock in milliseconds), and carries out what
+//! [`Ipam::poll_transmit`] returns.
+//!
+//! # How it works
+//! * The universe is a **ring of ranges, each owned by one peer** ([`ring`]). Only
+//!   an owner changes its entries, every change bumps a version, and peers merge
+//!   entries by highest version. The ring travels as gossip.
+//! * **Initial ownership** ([`InitMode`]): `Consensus(N)` — the first peers agree on
+//!   the list of initial owners with single-decree Paxos carried in gossip, a
+//!   majority of `N` being needed ([`paxos`]); `Seed(peers)` — the universe is
+//!   divided among the listed peers at once, no agreement needed (every peer must
+//!   be given the same list); `Observer` — never takes space at start. Until the
+//!   ring is agreed, allocation answers [`Allocation::Pending`].
+//! * **Allocation** is local: a peer hands out the lowest free address of the
+//!   requested subnet from the ranges it owns. Without free space there, it asks a
+//!   reachable peer with free space (chosen at random, weighted by the free space
+//!   owners report) to **donate** part of a range; an exact claim of an address
+//!   owned by another peer asks that owner for exactly that address. Owners
+//!   transfer space by rewriting their own entries; that and the shutdown handoff
+//!   ([`Ipam::reset`]) are the only ways ownership moves, besides
+//!   [`Ipam::rmpeer`].
+//! * **Safety**: an address is only ever allocated by the peer that owns it in its
+//!   own view, which is exact for its own entries (single writer), and an owner
+//!   only gives away addresses that are free. So no address is handed to two
+//!   targets unless `rmpeer` is run on a peer that is alive, or the daemon breaks
+//!   the persistence rule below (the simulator in `tests/` checks this globally).
+//!
+//! # Driving it (the daemon's contract)
+//! ```text
+//! start:    Ipam::restore(me, range, init, config, &bytes)   if a snapshot exists,
+//!           else Ipam::with_config(me, range, init, config);
+//!           then ipam.release_missing(&running_targets) after a restore.
+//! topology: ipam.peers_changed(&reachable_peers)   whenever reachability changes
+//!           (all peers with a route, not only neighbours; me excluded or not).
+//! inbound:  ControlMsg::Ipam(bytes) from neighbour `from`
+//!             -> ipam.handle_message(from, &bytes, now_ms)
+//! API:      ipam.allocate(target, request, now_ms), free, free_target, rmpeer,
+//!           reset, status, ...
+//! timer:    at ipam.poll_timeout() -> ipam.handle_timeout(now_ms)
+//! after each of the above, in this order:
+//!   1. if ipam.take_dirty() { persist(ipam.snapshot()) }   (fsync'd, before 2.)
+//!   2. while let Some((dest, bytes)) = ipam.poll_transmit() {
+//!          Dest::Neighbours -> send ControlMsg::Ipam(bytes) on every established
+//!                              control connection;
+//!          Dest::Peer(p)    -> send it to the next hop towards p (p itself if a
+//!                              neighbour); drop it if p is unreachable.
+//!      }
+//!   3. while let Some(event) = ipam.poll_event() { wake waiting attaches, log }
+//!   4. re-arm the timer with ipam.poll_timeout().
+//! ```
+//! Step 1 before 2 matters: promises, donations and allocations must be on disk
+//! before anyone hears of them, or a crash can make this peer reuse space it gave
+//! away. Messages addressed to another peer are relayed by IPAM itself (they come
+//! back out of `poll_transmit` as `Dest::Peer`), so the daemon needs no parsing.
+//!
+//! ## Allocation
+//! `allocate(target, Request::Any(subnet) | Request::Exact { ip, prefix }, now)`:
+//! * `Ok(Allocation::Ready { ip, prefix })` — configure it. Asking again for the
+//!   same target and subnet returns the same address (idempotent).
+//! * `Ok(Allocation::Pending(why))` — IPAM keeps working on it; when it succeeds
+//!   [`Event::Allocated`] is emitted and asking again returns `Ready`; when it
+//!   fails [`Event::Failed`] is emitted and asking again returns that error once.
+//!   Show `why` (its `Display`, e.g. "waiting for consensus: 1 of 2 peers") and
+//!   give up after a timeout with [`Ipam::free_target`] (which also cancels).
+//! * `Err(e)` — refuse the attach with `e`'s message.
+//!
+//! A target is any string naming what holds addresses (a container id);
+//! [`Ipam::free`] returns one address, [`Ipam::free_target`] all of a target's.
+//!
+//! ## Errors from `handle_message`
+//! * [`IpamError::is_conflict`] true (different ranges, differently seeded or
+//!   agreed rings, inconsistent entries, conflicting consensus count, a takeover of
+//!   a range holding live allocations): nothing was applied; log the message and
+//!   close the control connection to `from` (Weave refuses such connections).
+//! * Anything else (malformed, unknown version, over a bound): the message was
+//!   dropped; log it. The connection may stay.
+//!
+//! ## Other operations
+//! * [`Ipam::rmpeer`]`(dead)` takes over every range of a dead peer. **Unsafe if the
+//!   peer is only partitioned away**: both would then hand out the same
+//!   addresses. Run it on one peer only, once the peer is gone for good.
+//! * [`Ipam::reset`] hands all this peer's ranges to a reachable peer before a
+//!   `meshnet reset`; flush `poll_transmit` afterwards, then delete the snapshot.
+//! * [`Ipam::status`] for `meshnet status ipam`.
+//!
+//! # Layout
+//! [`space`] address arithmetic, [`ring`] the ownership CRDT, [`paxos`] agreement,
+//! [`wire`] messages/snapshots and their bounds, `allocator` the [`Ipam`] state
+//! machine tying them together.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use crate::peer::PeerName;
+
+mod allocator;
+pub mod paxos;
+pub mod ring;
+pub mod space;
+pub mod wire;
+#[cfg(test)]
+mod tests;
+
+pub use allocator::Ipam;
+pub use space::{Cidr, CidrError};
+
+/// The default allocation range, as in Weave.
+pub const DEFAULT_RANGE: &str = "10.32.0.0/12";
+
+/// How initial ownership of the universe is decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InitMode {
+    /// `consensus=N`: agreed with a majority of the first `N` peers (Paxos). `N`
+    /// should be the number of peers started initially; every one of them must be
+    /// given the same `N`.
+    Consensus(u32),
+    /// `seed=PEER,...`: divided among these peers at once (identical list everywhere).
+    Seed(Vec<PeerName>),
+    /// `observer`: never takes space at start; gets space by asking.
+    Observer,
+}
+
+/// Timers and randomness; the defaults suit a real mesh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Full-state gossip to neighbours at least this often (repairs lost deltas).
+    pub full_gossip_interval_ms: u64,
+    /// How long to wait for a donor or owner to answer before asking another.
+    pub request_timeout_ms: u64,
+    /// Paxos proposal retry period (a random part up to the same again is added).
+    pub paxos_retry_ms: u64,
+    /// Seed of the random choices (donors, jitter, request ids); 0 derives one from
+    /// the peer name, which is deterministic: the daemon should pass a random value.
+    pub rng_seed: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { full_gossip_interval_ms: 30_000, request_timeout_ms: 2_000, paxos_retry_ms: 2_000, rng_seed: 0 }
+    }
+}
+
+/// What a target asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Request {
+    /// The lowest free address of this subnet (inside the universe, /30 or larger).
+    Any(Cidr),
+    /// Exactly this address, reported with `prefix` (`ip:10.32.1.5/12`).
+    Exact { ip: Ipv4Addr, prefix: u8 },
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Request::Any(c) => write!(f, "an address in {c}"),
+            Request::Exact { ip, prefix } => write!(f, "{ip}/{prefix}"),
+        }
+    }
+}
+
+/// The answer to [`Ipam::allocate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Allocation {
+    Ready { ip: Ipv4Addr, prefix: u8 },
+    /// Not yet; IPAM is working on it (see [`Waiting`]).
+    Pending(Waiting),
+}
+
+/// Why an allocation is pending; `Display` gives the user-facing text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Waiting {
+    /// The ring is not agreed; `known` of the `quorum` consensus peers needed are known.
+    Consensus { known: usize, quorum: usize },
+    /// An observer (or a late peer) waiting to hear the agreed ring from a peer.
+    Ring,
+    /// Asked `donor` for free space.
+    Donation { donor: PeerName },
+    /// No reachable peer reports free space in the subnet; retrying.
+    NoFreeSpace { subnet: Cidr },
+    /// Asked `owner` for the exact address (or it is unreachable: then only
+    /// `rmpeer` of a dead owner, or the owner's return, will help).
+    Owner { owner: PeerName, reachable: bool },
+}
+
+impl fmt::Display for Waiting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Waiting::Consensus { known, quorum } => write!(f, "waiting for consensus: {known} of {quorum} peers"),
+            Waiting::Ring => write!(f, "waiting to hear the IP allocation ring from another peer"),
+            Waiting::Donation { donor } => write!(f, "asked peer {donor} for free address space"),
+            Waiting::NoFreeSpace { subnet } => write!(f, "no reachable peer has free addresses in {subnet}"),
+            Waiting::Owner { owner, reachable: true } => write!(f, "asked owner {owner} for the address"),
+            Waiting::Owner { owner, reachable: false } => {
+                write!(f, "the address belongs to unreachable peer {owner} (rmpeer it if it is gone for good)")
+            }
+        }
+    }
+}
+
+/// Where [`Ipam::poll_transmit`] wants bytes sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dest {
+    /// Every established control connection.
+    Neighbours,
+    /// One peer, routed over the mesh (the next hop towards it).
+    Peer(PeerName),
+}
+
+/// Things the daemon may want to act on, from [`Ipam::poll_event`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A pending request completed.
+    Allocated { target: String, ip: Ipv4Addr, prefix: u8 },
+    /// A pending request failed (e.g. the exact address is in use elsewhere).
+    Failed { target: String, request: Request, error: IpamError },
+    /// The ring became agreed here (by consensus or adopted from a peer).
+    Agreed { seeds: Vec<PeerName> },
+}
+
+/// One owner's share, as this peer sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OwnerStatus {
+    pub peer: PeerName,
+    /// Ranges as inclusive `(first, last)` addresses, by start.
+    pub ranges: Vec<(Ipv4Addr, Ipv4Addr)>,
+    pub size: u64,
+    /// Free addresses the owner last reported (exact for me).
+    pub free: u64,
+    /// Me, or a peer in the last `peers_changed` list (all, before any call).
+    pub reachable: bool,
+}
+
+/// Whether initial ownership is settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RingState {
+    Agreed { seeds: Vec<PeerName> },
+    AwaitingConsensus { known: usize, quorum: usize },
+    AwaitingRing,
+}
+
+/// What `meshnet status ipam` shows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpamStatus {
+    pub me: PeerName,
+    pub universe: Cidr,
+    pub state: RingState,
+    /// By peer name.
+    pub owners: Vec<OwnerStatus>,
+    /// Addresses allocated here.
+    pub allocated: usize,
+    /// Requests waiting here.
+    pub pending: usize,
+    /// Addresses owned by unreachable peers.
+    pub unreachable_space: u64,
+    pub ring_entries: usize,
+}
+
+/// A seed list in errors.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Seeds(pub Vec<PeerName>);
+
+impl fmt::Display for Seeds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().take(8).enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{p}")?;
+        }
+        if self.0.len() > 8 {
+            write!(f, " and {} more", self.0.len() - 8)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Seeds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{self}]")
+    }
+}
+
+/// Who holds an address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Holder {
+    Target(String),
+    Peer(PeerName),
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Holder::Target(t) => write!(f, "{t}"),
+            Holder::Peer(p) => write!(f, "a target on peer {p}"),
+        }
+    }
+}
+
+/// Everything IPAM can refuse. See the module docs for how the daemon maps them.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IpamError {
+    // --- configuration ---
+    #[error("invalid IP allocation range {0}: it must be an IPv4 network between /1 and /30")]
+    BadRange(Cidr),
+    #[error("invalid IPAM init: {0}")]
+    BadInit(String),
+    #[error("the saved IPAM state is unreadable ({0}); remove it to start afresh")]
+    BadSnapshot(String),
+    #[error("the saved IPAM state belongs to peer {found}, not to this peer {expected}")]
+    SnapshotPeer { found: PeerName, expected: PeerName },
+    #[error("the saved IPAM state is for range {found} but this peer was started with {expected}; use the same --ipalloc-range or reset this peer")]
+    SnapshotRange { found: Cidr, expected: Cidr },
+
+    // --- API calls ---
+    #[error("invalid target name {0:?} (1 to 256 bytes)")]
+    BadTarget(String),
+    #[error("subnet {subnet} is not inside the IP allocation range {universe}")]
+    SubnetOutsideRange { subnet: Cidr, universe: Cidr },
+    #[error("subnet {0} is too small to allocate from (at most /30)")]
+    SubnetTooSmall(Cidr),
+    #[error("{ip} is outside the IP allocation range {universe}")]
+    AddressOutsideRange { ip: Ipv4Addr, universe: Cidr },
+    #[error("{ip} is the network or broadcast address of {net}")]
+    ReservedAddress { ip: Ipv4Addr, net: Cidr },
+    #[error("invalid prefix length /{0}")]
+    BadPrefix(u8),
+    #[error("{ip} is already allocated to {holder}")]
+    AddressInUse { ip: Ipv4Addr, holder: Holder },
+    #[error("cannot rmpeer myself; use reset")]
+    RemoveSelf,
+    #[error("peer {0} is reachable; rmpeer is only for peers that are gone for good")]
+    PeerReachable(PeerName),
+    #[error("the IP allocation ring is not agreed yet")]
+    NotAgreed,
+    #[error("no reachable peer to hand this peer's address space to")]
+    NoLivePeer,
+
+    // --- from peers: conflicts (refuse the connection) ---
+    #[error("peer {peer} uses IP allocation range {theirs} but this peer uses {ours}")]
+    RangeMismatch { peer: PeerName, ours: Cidr, theirs: Cidr },
+    #[error("IP allocation rings differ: this peer's was seeded by [{ours}] but peer {peer}'s by [{theirs}] (two groups agreed or were seeded separately; reset one side)")]
+    DifferentRings { peer: PeerName, ours: Seeds, theirs: Seeds },
+    #[error("peer {peer} sent ring entry {start} at version {version} that differs from this peer's at the same version (was rmpeer run on two peers, or on a live one?)")]
+    InconsistentEntry { peer: PeerName, start: Ipv4Addr, version: u64 },
+    #[error("peer {peer} says the range holding {ip} (allocated here to {target}) belongs to {owner} (was this peer rmpeer'd while running?)")]
+    OwnershipConflict { peer: PeerName, ip: Ipv4Addr, target: String, owner: PeerName },
+    #[error("peer {peer} was started with consensus={theirs} but this peer with consensus={ours}")]
+    ConsensusMismatch { peer: PeerName, ours: u32, theirs: u32 },
+    #[error("peer {peer} sent consensus claims of {participant} that contradict this peer's")]
+    InconsistentClaims { peer: PeerName, participant: PeerName },
+
+    // --- from peers: bad messages (drop the message) ---
+    #[error("malformed IPAM message: {0}")]
+    Malformed(String),
+    #[error("unsupported IPAM message version {0}")]
+    UnsupportedVersion(u8),
+    #[error("IP allocation ring would exceed {} entries", ring::MAX_ENTRIES)]
+    TooManyEntries,
+}
+
+impl IpamError {
+    /// Whether this is a conflict with the sending peer: close that connection.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            IpamError::RangeMismatch { .. }
+                | IpamError::DifferentRings { .. }
+                | IpamError::InconsistentEntry { .. }
+                | IpamError::OwnershipConflict { .. }
+                | IpamError::ConsensusMismatch { .. }
+                | IpamError::InconsistentClaims { .. }
+        )
+    }
+}
+
+/// A small deterministic generator (splitmix64), enough for donor choice and jitter.
+#[derive(Clone, Debug)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-ish in `0..n` (`n > 0`; 0 gives 0).
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    pub(crate) use super::Rng;
+}

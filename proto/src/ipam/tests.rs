@@ -1,0 +1,423 @@
+//! Unit tests of the [`Ipam`] state machine over a tiny lossless in-memory mesh
+//! (every peer a neighbour of every other). The faulty, many-peer simulator
+//! lives in `tests/src/sim/`.
+
+use std::net::Ipv4Addr;
+
+use super::wire::{self, Body, Envelope, Gossip};
+use super::*;
+use crate::peer::PeerName;
+
+fn u() -> Cidr {
+    "10.32.0.0/22".parse().unwrap()
+}
+fn p(n: u64) -> PeerName {
+    PeerName(0x0200_0000_0000 + n)
+}
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+fn any() -> Request {
+    Request::Any(u())
+}
+
+struct Mesh {
+    nodes: Vec<Ipam>,
+    up: Vec<bool>,
+    now: u64,
+    sent: usize,
+}
+
+impl Mesh {
+    fn new(init: impl Fn(usize) -> InitMode, n: usize) -> Mesh {
+        let nodes = (0..n).map(|i| Ipam::new(p(i as u64 + 1), u(), init(i)).unwrap()).collect();
+        let mut m = Mesh { nodes, up: vec![true; n], now: 0, sent: 0 };
+        m.topology();
+        m
+    }
+
+    fn idx(&self, name: PeerName) -> Option<usize> {
+        self.nodes.iter().position(|n| n.me() == name)
+    }
+
+    fn topology(&mut self) {
+        let live: Vec<PeerName> = (0..self.nodes.len()).filter(|&i| self.up[i]).map(|i| self.nodes[i].me()).collect();
+        for i in 0..self.nodes.len() {
+            if self.up[i] {
+                self.nodes[i].peers_changed(&live);
+            }
+        }
+    }
+
+    /// Delivers everything until quiet, advancing time by 10 ms a round.
+    fn run(&mut self) {
+        for _ in 0..200 {
+            self.now += 10;
+            let mut msgs = Vec::new();
+            for i in 0..self.nodes.len() {
+                if !self.up[i] {
+                    while self.nodes[i].poll_transmit().is_some() {}
+                    continue;
+                }
+                if self.nodes[i].poll_timeout().is_some_and(|t| t <= self.now) {
+                    self.nodes[i].handle_timeout(self.now);
+                }
+                while let Some((dest, bytes)) = self.nodes[i].poll_transmit() {
+                    msgs.push((i, dest, bytes));
+                }
+            }
+            if msgs.is_empty() {
+                return;
+            }
+            for (from, dest, bytes) in msgs {
+                let to: Vec<usize> = match dest {
+                    Dest::Neighbours => (0..self.nodes.len()).filter(|&j| j != from).collect(),
+                    Dest::Peer(name) => self.idx(name).into_iter().collect(),
+                };
+                for j in to {
+                    if self.up[j] {
+                        self.sent += 1;
+                        let me = self.nodes[from].me();
+                        self.nodes[j].handle_message(me, &bytes, self.now).unwrap();
+                    }
+                }
+            }
+        }
+        panic!("mesh did not go quiet");
+    }
+
+    fn alloc(&mut self, i: usize, target: &str, req: Request) -> Result<Allocation, IpamError> {
+        let now = self.now;
+        self.nodes[i].allocate(target, req, now)
+    }
+}
+
+fn ready(a: Result<Allocation, IpamError>) -> Ipv4Addr {
+    match a {
+        Ok(Allocation::Ready { ip, .. }) => ip,
+        other => panic!("expected ready, got {other:?}"),
+    }
+}
+
+fn seeded(n: usize) -> Mesh {
+    let seeds: Vec<PeerName> = (1..=n as u64).map(p).collect();
+    Mesh::new(|_| InitMode::Seed(seeds.clone()), n)
+}
+
+#[test]
+fn seeded_peers_allocate_locally_lowest_free() {
+    let mut m = seeded(2);
+    assert!(m.nodes[0].is_agreed());
+    assert_eq!(ready(m.alloc(0, "c1", any())), ip("10.32.0.1"), "the network address is skipped");
+    assert_eq!(ready(m.alloc(0, "c2", any())), ip("10.32.0.2"));
+    assert_eq!(ready(m.alloc(0, "c1", any())), ip("10.32.0.1"), "same target, same subnet: same address");
+    assert_eq!(ready(m.alloc(1, "c3", any())), ip("10.32.2.0"));
+    assert!(m.nodes[0].free("c1", ip("10.32.0.1")));
+    assert!(!m.nodes[0].free("c1", ip("10.32.0.1")));
+    assert_eq!(ready(m.alloc(0, "c4", any())), ip("10.32.0.1"));
+    // Subnet requests use the subnet's own reserved addresses.
+    let sub: Cidr = "10.32.1.0/24".parse().unwrap();
+    assert_eq!(ready(m.alloc(0, "c5", Request::Any(sub))), ip("10.32.1.1"));
+    assert_eq!(m.nodes[0].addresses_of("c5"), vec![ip("10.32.1.1")]);
+    m.run();
+    assert_eq!(m.nodes[0].ring_bytes(), m.nodes[1].ring_bytes());
+    assert_eq!(m.nodes[0].free_target("c5"), vec![ip("10.32.1.1")]);
+}
+
+#[test]
+fn bad_requests() {
+    let mut m2 = seeded(1);
+    let mut e2 = |r| m2.nodes[0].allocate("c", r, 0).unwrap_err();
+    assert!(matches!(e2(Request::Any("10.0.0.0/24".parse().unwrap())), IpamError::SubnetOutsideRange { .. }));
+    assert!(matches!(e2(Request::Any("10.32.0.0/31".parse().unwrap())), IpamError::SubnetTooSmall(_)));
+    assert!(matches!(e2(Request::Exact { ip: ip("10.33.0.1"), prefix: 12 }), IpamError::AddressOutsideRange { .. }));
+    assert!(matches!(e2(Request::Exact { ip: ip("10.32.1.0"), prefix: 24 }), IpamError::ReservedAddress { .. }));
+    assert!(matches!(e2(Request::Exact { ip: ip("10.32.0.0"), prefix: 30 }), IpamError::ReservedAddress { .. }));
+    assert!(matches!(e2(Request::Exact { ip: ip("10.32.3.255"), prefix: 32 }), IpamError::ReservedAddress { .. }));
+    assert!(matches!(e2(Request::Exact { ip: ip("10.32.1.1"), prefix: 33 }), IpamError::BadPrefix(33)));
+    assert!(matches!(m2.nodes[0].allocate("", any(), 0), Err(IpamError::BadTarget(_))));
+    assert!(matches!(m2.nodes[0].allocate(&"x".repeat(300), any(), 0), Err(IpamError::BadTarget(_))));
+    assert!(Ipam::new(p(1), "10.0.0.0/31".parse().unwrap(), InitMode::Observer).is_err());
+    assert!(Ipam::new(p(1), u(), InitMode::Consensus(0)).is_err());
+    assert!(Ipam::new(p(1), u(), InitMode::Seed(vec![])).is_err());
+}
+
+#[test]
+fn exact_claims_local_and_remote() {
+    let mut m = seeded(2);
+    // Mine and free.
+    assert_eq!(ready(m.alloc(0, "a", Request::Exact { ip: ip("10.32.0.9"), prefix: 22 })), ip("10.32.0.9"));
+    assert!(matches!(
+        m.alloc(0, "b", Request::Exact { ip: ip("10.32.0.9"), prefix: 22 }),
+        Err(IpamError::AddressInUse { holder: Holder::Target(t), .. }) if t == "a"
+    ));
+    // Owned by peer 2: ask it.
+    let want = Request::Exact { ip: ip("10.32.2.7"), prefix: 22 };
+    match m.alloc(0, "b", want.clone()) {
+        Ok(Allocation::Pending(Waiting::Owner { owner, reachable: true })) => assert_eq!(owner, p(2)),
+        other => panic!("{other:?}"),
+    }
+    m.run();
+    assert_eq!(m.nodes[0].poll_event(), Some(Event::Allocated { target: "b".into(), ip: ip("10.32.2.7"), prefix: 22 }));
+    assert_eq!(ready(m.alloc(0, "b", want)), ip("10.32.2.7"));
+    // Peer 2 gave away exactly one address; it allocates around it.
+    assert_eq!(m.nodes[1].ring().covering_owned(p(1), u32::from(ip("10.32.2.7"))).unwrap().1.size, 1);
+    // An address in use on peer 2 is refused.
+    let taken = ready(m.alloc(1, "x", any()));
+    let want = Request::Exact { ip: taken, prefix: 22 };
+    assert!(matches!(m.alloc(0, "c", want.clone()), Ok(Allocation::Pending(_))));
+    m.run();
+    assert!(matches!(m.nodes[0].poll_event(), Some(Event::Failed { .. })));
+    assert!(matches!(m.alloc(0, "c", want), Err(IpamError::AddressInUse { holder: Holder::Peer(_), .. })));
+    m.run();
+    assert_eq!(m.nodes[0].ring_bytes(), m.nodes[1].ring_bytes());
+}
+
+#[test]
+fn observer_gets_space_by_donation() {
+    let seeds = vec![p(1), p(2)];
+    let mut m = Mesh::new(|i| if i < 2 { InitMode::Seed(seeds.clone()) } else { InitMode::Observer }, 3);
+    // Before it hears anyone, the observer waits for the ring.
+    assert_eq!(m.alloc(2, "c", any()), Ok(Allocation::Pending(Waiting::Ring)));
+    m.run();
+    assert!(m.nodes[2].is_agreed());
+    assert!(matches!(m.nodes[2].poll_event(), Some(Event::Agreed { .. })));
+    let got = match m.nodes[2].poll_event() {
+        Some(Event::Allocated { target, ip, .. }) if target == "c" => ip,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(ready(m.alloc(2, "c", any())), got);
+    let st = m.nodes[2].status();
+    let mine = st.owners.iter().find(|o| o.peer == p(3)).expect("observer owns space now");
+    assert!(mine.size >= 1 && mine.free == mine.size - 1);
+    // The donor gave half of its free space.
+    let donor = st.owners.iter().find(|o| o.peer != p(3) && o.size < 512).expect("a donor shrank");
+    assert!(donor.size >= 255 && donor.size <= 257, "{donor:?}");
+    m.run();
+    let b = m.nodes[0].ring_bytes();
+    assert!(m.nodes.iter().all(|n| n.ring_bytes() == b));
+}
+
+#[test]
+fn full_peers_ask_and_exhaustion_waits() {
+    let tiny: Cidr = "10.9.0.0/29".parse().unwrap(); // 6 usable
+    let seeds = vec![p(1), p(2)];
+    let mut nodes: Vec<Ipam> = (1..=2).map(|i| Ipam::new(p(i), tiny, InitMode::Seed(seeds.clone())).unwrap()).collect();
+    let mut m = Mesh { nodes: std::mem::take(&mut nodes), up: vec![true; 2], now: 0, sent: 0 };
+    m.topology();
+    let mut got = Vec::new();
+    for k in 0..6 {
+        let r = m.alloc(0, &format!("t{k}"), Request::Any(tiny)).unwrap();
+        if let Allocation::Ready { ip, .. } = r {
+            got.push(ip);
+        }
+        m.run();
+        while let Some(e) = m.nodes[0].poll_event() {
+            if let Event::Allocated { ip, .. } = e {
+                got.push(ip);
+            }
+        }
+    }
+    got.sort();
+    got.dedup();
+    assert_eq!(got.len(), 6, "{got:?}");
+    assert!(matches!(m.alloc(0, "t6", Request::Any(tiny)), Ok(Allocation::Pending(_))));
+    m.run();
+    assert!(matches!(m.alloc(0, "t6", Request::Any(tiny)), Ok(Allocation::Pending(Waiting::NoFreeSpace { .. }))));
+    // A free elsewhere (on peer 2, which donated everything) is not needed: free here.
+    assert!(m.nodes[0].free("t0", got[0]));
+    m.run();
+    assert_eq!(ready(m.alloc(0, "t6", Request::Any(tiny))), got[0]);
+}
+
+#[test]
+fn consensus_of_one_and_of_three() {
+    let mut one = Ipam::new(p(1), u(), InitMode::Consensus(1)).unwrap();
+    assert!(matches!(one.allocate("c", any(), 0), Ok(Allocation::Pending(Waiting::Consensus { known: 1, quorum: 1 }))));
+    for _ in 0..4 {
+        let t = one.poll_timeout().unwrap();
+        one.handle_timeout(t);
+    }
+    assert!(one.is_agreed());
+    assert_eq!(one.poll_event(), Some(Event::Agreed { seeds: vec![p(1)] }));
+    assert!(matches!(one.poll_event(), Some(Event::Allocated { .. })));
+
+    let mut m = Mesh::new(|_| InitMode::Consensus(3), 3);
+    m.up = vec![true, false, false];
+    m.topology();
+    assert_eq!(m.alloc(0, "c", any()), Ok(Allocation::Pending(Waiting::Consensus { known: 1, quorum: 2 })));
+    for _ in 0..10 {
+        m.now += 1000;
+        m.run();
+    }
+    assert!(!m.nodes[0].is_agreed());
+    assert_eq!(m.nodes[0].allocate("c", any(), m.now).unwrap().to_string_for_test(), "waiting for consensus: 1 of 2 peers");
+    m.up = vec![true, true, false];
+    m.topology();
+    for _ in 0..10 {
+        m.now += 1000;
+        m.run();
+    }
+    assert!(m.nodes[0].is_agreed() && m.nodes[1].is_agreed());
+    assert_eq!(m.nodes[0].ring().seeds(), &[p(1), p(2)]);
+    assert!(matches!(m.alloc(0, "c", any()), Ok(Allocation::Ready { .. })));
+    // The third joins later, adopts the ring and gets space by asking.
+    m.up = vec![true, true, true];
+    m.topology();
+    assert!(matches!(m.alloc(2, "d", any()), Ok(Allocation::Pending(_))));
+    for _ in 0..5 {
+        m.now += 1000;
+        m.run();
+    }
+    assert!(matches!(m.alloc(2, "d", any()), Ok(Allocation::Ready { .. })));
+}
+
+impl Allocation {
+    fn to_string_for_test(&self) -> String {
+        match self {
+            Allocation::Pending(w) => w.to_string(),
+            Allocation::Ready { ip, prefix } => format!("{ip}/{prefix}"),
+        }
+    }
+}
+
+#[test]
+fn conflicts_are_refused_and_change_nothing() {
+    let mut a = seeded(2);
+    ready(a.alloc(0, "c", any()));
+    a.run();
+    let before = a.nodes[0].snapshot();
+    // Different seeds.
+    let mut other = Ipam::new(p(7), u(), InitMode::Seed(vec![p(7), p(8)])).unwrap();
+    let (_, bytes) = other.poll_transmit().unwrap();
+    let e = a.nodes[0].handle_message(p(7), &bytes, 1).unwrap_err();
+    assert!(e.is_conflict() && matches!(e, IpamError::DifferentRings { .. }), "{e}");
+    assert_eq!(a.nodes[0].snapshot(), before);
+    // Different range.
+    let mut other = Ipam::new(p(7), "10.32.0.0/21".parse().unwrap(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
+    let (_, bytes) = other.poll_transmit().unwrap();
+    assert!(matches!(a.nodes[0].handle_message(p(7), &bytes, 1), Err(IpamError::RangeMismatch { .. })));
+    assert_eq!(a.nodes[0].snapshot(), before);
+    // Someone "takes over" my range that holds an allocation (rmpeer on a live peer).
+    let mut thief = Ipam::new(p(2), u(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
+    thief.peers_changed(&[]);
+    thief.rmpeer(p(1)).unwrap();
+    while thief.poll_transmit().is_some() {}
+    thief.handle_timeout(100_000);
+    let (_, bytes) = thief.poll_transmit().unwrap();
+    let e = a.nodes[0].handle_message(p(2), &bytes, 1).unwrap_err();
+    assert!(matches!(e, IpamError::OwnershipConflict { .. }), "{e}");
+    assert_eq!(a.nodes[0].snapshot(), before);
+    // Garbage.
+    for junk in [&b""[..], &b"\x01"[..], &b"\x02abc"[..], &[1u8, 0xff, 0xff, 0xff, 0xff][..]] {
+        let e = a.nodes[0].handle_message(p(2), junk, 1).unwrap_err();
+        assert!(!e.is_conflict());
+    }
+    assert_eq!(a.nodes[0].snapshot(), before);
+    assert!(!a.nodes[0].take_dirty() || true);
+}
+
+#[test]
+fn relays_unicast_for_others() {
+    let mut a = seeded(1);
+    let env = Envelope { universe: u(), src: p(5), dst: p(6), hops: 3, body: Body::SyncRequest };
+    a.nodes[0].handle_message(p(5), &wire::encode(&env), 0).unwrap();
+    let mut out = Vec::new();
+    while let Some(t) = a.nodes[0].poll_transmit() {
+        out.push(t);
+    }
+    let relayed = out.iter().find(|(d, _)| *d == Dest::Peer(p(6))).expect("relayed");
+    let env2 = wire::decode(&relayed.1).unwrap();
+    assert_eq!(env2.hops, 2);
+    assert_eq!(env2.src, p(5));
+    let dead = Envelope { hops: 0, ..env };
+    a.nodes[0].handle_message(p(5), &wire::encode(&dead), 0).unwrap();
+    assert!(a.nodes[0].poll_transmit().is_none());
+}
+
+#[test]
+fn rmpeer_takes_dead_space_and_reset_hands_over() {
+    let mut m = seeded(3);
+    m.run();
+    m.up[2] = false;
+    m.topology();
+    assert!(matches!(m.nodes[0].rmpeer(p(1)), Err(IpamError::RemoveSelf)));
+    assert!(matches!(m.nodes[0].rmpeer(p(2)), Err(IpamError::PeerReachable(_))));
+    let st = m.nodes[0].status();
+    assert_eq!(st.unreachable_space, 342);
+    let taken = m.nodes[0].rmpeer(p(3)).unwrap();
+    assert_eq!(taken, 342);
+    m.run();
+    assert_eq!(m.nodes[1].status().unreachable_space, 0);
+    assert_eq!(m.nodes[1].ring_bytes(), m.nodes[0].ring_bytes());
+    // Peer 2 resets: everything goes to peer 1 (the only live peer).
+    ready(m.alloc(1, "x", any()));
+    assert_eq!(m.nodes[1].reset(), Ok(Some(p(1))));
+    assert_eq!(m.nodes[1].allocations().count(), 0);
+    m.run();
+    let st = m.nodes[0].status();
+    assert_eq!(st.owners.len(), 1);
+    assert_eq!(st.owners[0].size, 1024);
+    assert_eq!(st.owners[0].free, 1022);
+    // Alone: nobody to hand over to.
+    m.up[1] = false;
+    m.topology();
+    assert_eq!(m.nodes[0].reset(), Err(IpamError::NoLivePeer));
+}
+
+#[test]
+fn snapshot_restore_and_release_missing() {
+    let mut m = seeded(2);
+    let a = ready(m.alloc(0, "keep", any()));
+    let b = ready(m.alloc(0, "gone", any()));
+    let want = Request::Exact { ip: ip("10.32.2.9"), prefix: 22 };
+    assert!(matches!(m.alloc(0, "remote", want.clone()), Ok(Allocation::Pending(_))));
+    m.run();
+    let c = ready(m.alloc(0, "remote", want));
+    assert_eq!(c, ip("10.32.2.9"));
+    m.run();
+    assert!(m.nodes[0].take_dirty());
+    let snap = m.nodes[0].snapshot();
+    let cfg = Config::default();
+    let seeds = InitMode::Seed(vec![p(1), p(2)]);
+    let mut r = Ipam::restore(p(1), u(), seeds.clone(), cfg.clone(), &snap).unwrap();
+    assert_eq!(r.ring_bytes(), m.nodes[0].ring_bytes());
+    assert_eq!(r.allocations().collect::<Vec<_>>(), m.nodes[0].allocations().collect::<Vec<_>>());
+    assert_eq!(r.snapshot(), snap);
+    let freed = r.release_missing(["keep", "remote"]);
+    assert_eq!(freed, vec![("gone".to_string(), b)]);
+    assert_eq!(ready(r.allocate("keep", any(), 0)), a);
+    assert!(matches!(Ipam::restore(p(2), u(), seeds.clone(), cfg.clone(), &snap), Err(IpamError::SnapshotPeer { .. })));
+    assert!(matches!(
+        Ipam::restore(p(1), "10.32.0.0/21".parse().unwrap(), seeds.clone(), cfg.clone(), &snap),
+        Err(IpamError::SnapshotRange { .. })
+    ));
+    let mut bad = snap.clone();
+    bad[0] = 9;
+    assert!(matches!(Ipam::restore(p(1), u(), seeds.clone(), cfg.clone(), &bad), Err(IpamError::BadSnapshot(_))));
+    // Truncations never panic.
+    for n in 0..snap.len() {
+        let _ = Ipam::restore(p(1), u(), seeds.clone(), cfg.clone(), &snap[..n]);
+    }
+    // An unagreed consensus peer keeps its promises across a restart.
+    let mut c = Ipam::new(p(1), u(), InitMode::Consensus(3)).unwrap();
+    let _ = c.allocate("x", any(), 0);
+    let s = c.snapshot();
+    let r = Ipam::restore(p(1), u(), InitMode::Consensus(3), cfg, &s).unwrap();
+    assert_eq!(r.status().state, RingState::AwaitingConsensus { known: 1, quorum: 2 });
+}
+
+#[test]
+fn gossip_messages_are_small_deltas() {
+    let mut m = seeded(2);
+    m.run();
+    ready(m.alloc(0, "c", any()));
+    let (dest, bytes) = m.nodes[0].poll_transmit().unwrap();
+    assert_eq!(dest, Dest::Neighbours);
+    let env = wire::decode(&bytes).unwrap();
+    match env.body {
+        Body::Gossip(Gossip { full: false, entries, .. }) => assert_eq!(entries.len(), 1),
+        b => panic!("{b:?}"),
+    }
+    assert!(bytes.len() < 64, "{} bytes", bytes.len());
+}

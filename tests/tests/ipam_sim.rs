@@ -1,0 +1,503 @@
+//! IPAM in the simulator: many peers in one process, a virtual clock, seeded
+//! loss, duplication, reordering, partitions, crashes (see `meshnet_tests::sim`).
+//!
+//! The safety property checked after every tick of every scenario: no address is
+//! held by two targets at once (running peers, plus the targets of crashed peers,
+//! which keep their addresses while the daemon is down).
+//!
+//! `IPAM_SIM_SEED=n` reruns the randomized scenarios with seed `n`;
+//! `IPAM_SIM_SEEDS=k` runs `k` seeds each. The 1000-peer scale run is ignored by
+//! default: `cargo test --release -p meshnet-tests --test ipam_sim -- --ignored --nocapture scale`.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use meshnet_proto::ipam::{Allocation, Cidr, Event, InitMode, IpamError, Request, Waiting};
+use meshnet_proto::PeerName;
+use meshnet_tests::sim::ipam::{peer_name, IpamSim, Status, Workload};
+use meshnet_tests::sim::net::{Faults, Graph, SimRng};
+
+/// Counts heap bytes in use and their peak (for the scale run).
+struct Counting;
+
+static IN_USE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = IN_USE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            if new_size > layout.size() {
+                let now = IN_USE.fetch_add(new_size - layout.size(), Ordering::Relaxed) + new_size - layout.size();
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                IN_USE.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn seeds(default: u64) -> Vec<u64> {
+    let first = std::env::var("IPAM_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    let count = std::env::var("IPAM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1u64);
+    (first..first + count).collect()
+}
+
+fn cidr(s: &str) -> Cidr {
+    s.parse().unwrap()
+}
+
+fn check(sim: &IpamSim, seed: u64) -> usize {
+    sim.check_unique().unwrap_or_else(|e| panic!("seed {seed}: {e}"))
+}
+
+fn no_errors(sim: &IpamSim, seed: u64) {
+    assert!(sim.errors.is_empty(), "seed {seed}: {} handle_message errors, first: {:?}", sim.errors.len(), sim.errors.first());
+}
+
+/// A random partition into 1 to 3 groups.
+fn random_partition(n: usize, rng: &mut SimRng) -> Vec<u32> {
+    let groups = 1 + rng.below(3);
+    (0..n).map(|_| rng.below(groups) as u32).collect()
+}
+
+/// 50 peers agree by consensus, then allocate and free at random for thousands of
+/// ticks while the network loses, duplicates and reorders messages and is
+/// partitioned and healed; no address is ever held twice. After a final heal
+/// with a clean network every peer holds the same ring within a bounded time.
+#[test]
+fn fifty_peers_churn_under_partitions() {
+    for seed in seeds(1) {
+        let n = 50;
+        let universe = cidr("10.32.0.0/22"); // 1022 usable: ~20 per peer, so donations are frequent
+        let mut rng = SimRng::new(seed);
+        let graph = Graph::random(n, 5, &mut rng);
+        let faults = Faults { loss: 0.05, duplicate: 0.02, max_delay_ticks: 4 };
+        let mut sim = IpamSim::new(universe, vec![InitMode::Consensus(n as u32); n], graph, faults, seed);
+        sim.start_all();
+        let mut w = Workload::new(universe, vec![cidr("10.32.1.0/24"), cidr("10.32.2.0/25")]);
+        let ticks = 3000;
+        let mut agreed_at = None;
+        let mut peak_held = 0;
+        for t in 0..ticks {
+            match t % 300 {
+                120 => {
+                    let p = random_partition(n, &mut rng);
+                    sim.set_partitions(p);
+                }
+                250 => sim.heal(),
+                _ => {}
+            }
+            for _ in 0..rng.below(4) {
+                w.op(&mut sim);
+            }
+            sim.step();
+            w.collect(&mut sim);
+            peak_held = peak_held.max(check(&sim, seed));
+            if agreed_at.is_none() && (0..n).all(|i| sim.ipam(i).is_agreed()) {
+                agreed_at = Some(t);
+            }
+        }
+        no_errors(&sim, seed);
+        let agreed_at = agreed_at.expect("all peers agreed");
+        // End split in two, still churning; then no more requests, a clean network,
+        // heal: every peer must hold the same ring soon.
+        sim.set_partitions((0..n).map(|i| (i % 2) as u32).collect());
+        for _ in 0..100 {
+            w.op(&mut sim);
+            sim.step();
+            w.collect(&mut sim);
+            check(&sim, seed);
+        }
+        w.cancel_all(&mut sim);
+        sim.net.faults = Faults::none();
+        sim.heal();
+        let rounds = sim.run_until_converged(200).unwrap_or_else(|| panic!("seed {seed}: no convergence in 200 ticks"));
+        check(&sim, seed);
+        no_errors(&sim, seed);
+        let seeds0 = sim.ipam(0).ring().seeds().to_vec();
+        assert!(seeds0.len() >= n / 2 + 1, "a quorum of initial peers owns the ring");
+        let s = &w.stats;
+        println!(
+            "seed {seed}: agreed by tick {agreed_at}; ops: {} ready, {} pending ({} completed, {} failed, {} timed out), {} refused, {} frees, {} exact; \
+             peak held {peak_held}; converged {rounds} ticks after heal; ring {} entries; net {:?}",
+            s.ready, s.pending, s.completed_later, s.failed_later, s.timed_out, s.refused, s.freed, s.exact_ok,
+            sim.ipam(0).ring().len(), sim.net.stats
+        );
+        assert!(s.completed_later > 0 && s.ready > 500, "the workload exercised donations: {s:?}");
+        assert!(rounds <= 30, "seed {seed}: converged only after {rounds} ticks");
+    }
+}
+
+/// `consensus=N` needs a majority of N peers: with N = 3 a lone peer waits
+/// (showing "waiting for consensus: 1 of 2 peers") and the second one unblocks
+/// it; with N = 5 (and N = 4) allocation is blocked until the third peer joins.
+/// Later peers adopt the agreed ring and get space by donation.
+#[test]
+fn consensus_blocks_until_quorum_joins() {
+    for (consensus, quorum) in [(3usize, 2usize), (4, 3), (5, 3)] {
+        let seed = 100 + consensus as u64;
+        let universe = cidr("10.40.0.0/16");
+        let faults = Faults { loss: 0.1, duplicate: 0.05, max_delay_ticks: 3 };
+        let mut sim = IpamSim::new(universe, vec![InitMode::Consensus(consensus as u32); consensus], Graph::full(consensus), faults, seed);
+        let any = Request::Any(universe);
+        for joined in 1..quorum {
+            sim.start(joined - 1);
+            match sim.allocate(0, "c0", any.clone()) {
+                Ok(Allocation::Pending(w @ Waiting::Consensus { known, quorum: q })) => {
+                    assert!(known <= joined && q == quorum, "{w:?}");
+                    if joined == 1 {
+                        assert_eq!(w.to_string(), format!("waiting for consensus: 1 of {quorum} peers"));
+                    }
+                }
+                other => panic!("consensus={consensus}, {joined} up: {other:?}"),
+            }
+            sim.run(600); // a minute
+            for i in 0..joined {
+                assert!(!sim.ipam(i).is_agreed(), "consensus={consensus}: agreed with only {joined} peers");
+            }
+            assert!(matches!(sim.allocate(0, "c0", any.clone()), Ok(Allocation::Pending(_))));
+        }
+        sim.start(quorum - 1);
+        let mut ticks = 0;
+        while !(0..quorum).all(|i| sim.ipam(i).is_agreed()) {
+            sim.step();
+            ticks += 1;
+            assert!(ticks < 300, "consensus={consensus}: no agreement within 30 s of the quorum joining");
+        }
+        sim.run(20);
+        assert!(sim.nodes[0].events.iter().any(|e| matches!(e, Event::Allocated { target, .. } if target == "c0")));
+        assert!(matches!(sim.allocate(0, "c0", any.clone()), Ok(Allocation::Ready { .. })));
+        let seeds: Vec<PeerName> = (0..quorum).map(peer_name).collect();
+        assert_eq!(sim.ipam(0).ring().seeds(), &seeds[..]);
+        // The rest join late: same ring, space by donation.
+        for i in quorum..consensus {
+            sim.start(i);
+        }
+        for i in quorum..consensus {
+            let _ = sim.allocate(i, &format!("c{i}"), any.clone());
+        }
+        sim.run(100);
+        for i in 0..consensus {
+            assert_eq!(sim.ipam(i).ring().seeds(), &seeds[..]);
+            assert!(matches!(sim.allocate(i, &format!("c{i}"), any.clone()), Ok(Allocation::Ready { .. })), "peer {i}");
+        }
+        check(&sim, seed);
+        no_errors(&sim, seed);
+        println!("consensus={consensus}: agreed {ticks} ticks after peer {quorum} joined");
+    }
+}
+
+/// Paxos safety under heavy faults: many small meshes, 30% loss, duplicates,
+/// reordering, partitions flapping every 2 s. No two peers ever decide
+/// differently (that would surface as different seed lists or a DifferentRings
+/// error), and after healing all agree.
+#[test]
+fn consensus_safety_under_faults() {
+    let runs = std::env::var("IPAM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(40u64);
+    let mut max_ticks = 0;
+    for seed in 0..runs {
+        let n = 3 + (seed % 5) as usize;
+        let universe = cidr("10.32.0.0/16");
+        let mut rng = SimRng::new(seed);
+        let faults = Faults { loss: 0.3, duplicate: 0.1, max_delay_ticks: 6 };
+        let mut sim = IpamSim::new(universe, vec![InitMode::Consensus(n as u32); n], Graph::full(n), faults, seed);
+        sim.config.paxos_retry_ms = 500;
+        for i in 0..n {
+            if rng.chance(0.7) {
+                sim.start(i);
+            }
+        }
+        let mut decided: Option<Vec<PeerName>> = None;
+        for t in 0..600u64 {
+            if t % 20 == 0 {
+                let p = random_partition(n, &mut rng);
+                sim.set_partitions(p);
+            }
+            if t == 300 {
+                for i in 0..n {
+                    if sim.nodes[i].status == Status::NotStarted {
+                        sim.start(i);
+                    }
+                }
+            }
+            sim.step();
+            for i in sim.up_nodes() {
+                if sim.ipam(i).is_agreed() {
+                    let s = sim.ipam(i).ring().seeds().to_vec();
+                    match &decided {
+                        None => decided = Some(s),
+                        Some(d) => assert_eq!(*d, s, "seed {seed}: two different decisions"),
+                    }
+                }
+            }
+        }
+        sim.heal();
+        sim.net.faults = Faults::none();
+        let mut ticks = 0;
+        while !sim.up_nodes().iter().all(|&i| sim.ipam(i).is_agreed()) {
+            sim.step();
+            ticks += 1;
+            assert!(ticks < 300, "seed {seed}: no agreement after healing");
+        }
+        max_ticks = max_ticks.max(ticks);
+        let d = sim.ipam(0).ring().seeds().to_vec();
+        for i in sim.up_nodes() {
+            assert_eq!(sim.ipam(i).ring().seeds(), &d[..], "seed {seed}");
+        }
+        assert!(!sim.errors.iter().any(|(_, e)| e.is_conflict()), "seed {seed}: {:?}", sim.errors);
+    }
+    println!("{runs} runs agreed on one value each; at most {max_ticks} ticks after the final heal");
+}
+
+/// Peers crash at random moments (sometimes before the ring is agreed), stay down
+/// a while, and come back from their last snapshot: each gets exactly the
+/// addresses its targets held (minus targets that went away meanwhile), and no
+/// address is handed out twice, also while the peer is down.
+#[test]
+fn crash_and_restore_keep_addresses() {
+    for seed in seeds(7) {
+        let n = 20;
+        let universe = cidr("10.32.0.0/23");
+        let mut rng = SimRng::new(seed);
+        let graph = Graph::random(n, 4, &mut rng);
+        let faults = Faults { loss: 0.05, duplicate: 0.05, max_delay_ticks: 3 };
+        let mut sim = IpamSim::new(universe, vec![InitMode::Consensus(n as u32); n], graph, faults, seed);
+        sim.start_all();
+        let mut w = Workload::new(universe, vec![cidr("10.32.1.0/24")]);
+        w.exact_share = 0.3;
+        let mut crashes = 0;
+        let mut restored_addrs = 0;
+        // (node, restore at tick, targets that go away while down)
+        let mut down: Vec<(usize, u64)> = Vec::new();
+        for t in 0..2000u64 {
+            if down.len() < 2 && rng.chance(0.004) {
+                let up = sim.up_nodes();
+                let victim = *rng.pick(&up).unwrap();
+                sim.crash(victim);
+                crashes += 1;
+                down.push((victim, t + 50 + rng.below(400)));
+                // Others try to claim its addresses: never granted while it is down.
+                let held = sim.nodes[victim].frozen.clone();
+                for (k, (ip, _)) in held.iter().take(3).enumerate() {
+                    let up = sim.up_nodes();
+                    let i = *rng.pick(&up).unwrap();
+                    let r = sim.allocate(i, &format!("steal{t}-{k}"), Request::Exact { ip: *ip, prefix: 23 });
+                    assert!(!matches!(r, Ok(Allocation::Ready { .. })), "seed {seed}: {ip} of a crashed peer granted");
+                }
+            }
+            if let Some(k) = down.iter().position(|d| d.1 == t) {
+                let (victim, _) = down.swap_remove(k);
+                let frozen = sim.nodes[victim].frozen.clone();
+                let gone: Vec<String> = frozen.iter().filter(|_| rng.chance(0.2)).map(|(_, t)| t.clone()).collect();
+                let held = sim.restore(victim, &gone).unwrap_or_else(|e| panic!("seed {seed}: restore failed: {e}"));
+                let expect: Vec<_> = frozen.into_iter().filter(|(_, t)| !gone.contains(t)).collect();
+                assert_eq!(held, expect, "seed {seed}: restored peer {victim} holds other addresses");
+                restored_addrs += held.len();
+            }
+            for _ in 0..rng.below(3) {
+                w.op(&mut sim);
+            }
+            sim.step();
+            w.collect(&mut sim);
+            check(&sim, seed);
+        }
+        for (victim, _) in std::mem::take(&mut down) {
+            sim.restore(victim, &[]).unwrap();
+        }
+        sim.heal();
+        sim.net.faults = Faults::none();
+        w.cancel_all(&mut sim);
+        sim.run_until_converged(200).expect("converges");
+        check(&sim, seed);
+        no_errors(&sim, seed);
+        assert!(crashes >= 2, "seed {seed}: only {crashes} crashes");
+        println!("seed {seed}: {crashes} crashes, {restored_addrs} addresses restored, {} snapshots written", sim.snapshots_written);
+    }
+}
+
+/// A peer dies for good; its space is stranded and allocation elsewhere stalls
+/// once the live peers' space is used up. `rmpeer` on one survivor takes the dead
+/// peer's ranges and the others can allocate again (the dead peer's old addresses
+/// included).
+#[test]
+fn rmpeer_of_dead_owner_frees_its_space() {
+    let seed = 3;
+    let n = 4;
+    let universe = cidr("10.32.0.0/26"); // 62 usable
+    let seeds_list: Vec<PeerName> = (0..n).map(peer_name).collect();
+    let faults = Faults { loss: 0.02, duplicate: 0.02, max_delay_ticks: 2 };
+    let mut sim = IpamSim::new(universe, vec![InitMode::Seed(seeds_list); n], Graph::full(n), faults, seed);
+    sim.start_all();
+    let any = Request::Any(universe);
+    for k in 0..5 {
+        assert!(matches!(sim.allocate(3, &format!("dead{k}"), any.clone()), Ok(Allocation::Ready { .. })));
+    }
+    sim.run(50);
+    sim.kill(3);
+    let dead_space: u64 = sim.ipam(0).ring().owned_by(peer_name(3)).map(|(_, e)| e.size as u64).sum();
+    assert!(dead_space >= 15);
+    let dead_usable = dead_space - 1; // the last peer's range holds the broadcast address
+    // Fill everything the live peers own.
+    let mut held = 0;
+    for round in 0..40 {
+        for i in 0..3 {
+            match sim.allocate(i, &format!("t{round}-{i}"), any.clone()) {
+                Ok(Allocation::Ready { .. }) => held += 1,
+                Ok(Allocation::Pending(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        sim.run(30);
+        check(&sim, seed);
+    }
+    let held_now = check(&sim, seed);
+    assert_eq!(held_now as u64, 62 - dead_usable, "live space used up ({held} ready at once)");
+    assert_eq!(sim.ipam(0).status().unreachable_space, dead_space);
+    match sim.allocate(1, "more", any) {
+        Ok(Allocation::Pending(Waiting::NoFreeSpace { .. })) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(sim.rmpeer(0, 1), Err(IpamError::PeerReachable(_))));
+    assert_eq!(sim.rmpeer(0, 3), Ok(dead_space));
+    sim.run(100);
+    check(&sim, seed);
+    let total = check(&sim, seed);
+    assert_eq!(total, 62, "every usable address is allocated after rmpeer (to requests that were waiting)");
+    let completed: usize = (0..3).map(|i| sim.nodes[i].events.iter().filter(|e| matches!(e, Event::Allocated { .. })).count()).sum();
+    assert!(completed as u64 >= dead_usable, "{completed} waiting requests completed");
+    // Freeing one lets the next waiting request have it.
+    let (ip, t) = sim.ipam(0).allocations().map(|(ip, t)| (ip, t.to_string())).next().unwrap();
+    assert!(sim.free(0, &t, ip));
+    sim.run(20);
+    assert_eq!(check(&sim, seed), 62);
+    assert!(sim.rings_equal());
+    assert_eq!(sim.ipam(2).status().unreachable_space, 0);
+    no_errors(&sim, seed);
+}
+
+/// Two groups seeded differently meet: every merge is refused with an error
+/// naming both seed lists, and neither side's ring changes.
+#[test]
+fn differently_seeded_rings_refuse_to_merge() {
+    let seed = 5;
+    let n = 6;
+    let universe = cidr("10.32.0.0/24");
+    let a: Vec<PeerName> = (0..3).map(peer_name).collect();
+    let b: Vec<PeerName> = (3..6).map(peer_name).collect();
+    let inits = (0..n).map(|i| InitMode::Seed(if i < 3 { a.clone() } else { b.clone() })).collect();
+    let mut sim = IpamSim::new(universe, inits, Graph::full(n), Faults::none(), seed);
+    sim.start_all();
+    sim.set_partitions(vec![0, 0, 0, 1, 1, 1]);
+    for i in 0..n {
+        assert!(matches!(sim.allocate(i, &format!("c{i}"), Request::Any(universe)), Ok(Allocation::Ready { .. })));
+    }
+    sim.run(20);
+    let before: Vec<Vec<u8>> = (0..n).map(|i| sim.ipam(i).ring_bytes()).collect();
+    sim.heal();
+    sim.run(20);
+    assert!(!sim.errors.is_empty());
+    for (_, e) in &sim.errors {
+        assert!(matches!(e, IpamError::DifferentRings { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains(&a[0].to_string()) && msg.contains(&b[0].to_string()), "{msg}");
+    }
+    for i in 0..n {
+        assert_eq!(sim.ipam(i).ring_bytes(), before[i], "peer {i} changed its ring");
+    }
+    // (No global uniqueness check here: these are two separate meshes, each
+    // handing out the same range, which is exactly why they must not merge.)
+}
+
+/// 1000 peers (950 in consensus, 50 observers), a /12, a random graph of degree 6,
+/// 1% loss and duplication: ticks, messages, bytes and memory to agree, then for
+/// every peer to allocate 3 addresses (observers by donation) and converge.
+#[test]
+#[ignore]
+fn scale_1000_peers() {
+    let seed = 42;
+    let n = 1000;
+    let participants = 950;
+    let universe = cidr("10.32.0.0/12");
+    let mut rng = SimRng::new(seed);
+    let graph = Graph::random(n, 6, &mut rng);
+    let faults = Faults { loss: 0.01, duplicate: 0.01, max_delay_ticks: 2 };
+    let inits = (0..n).map(|i| if i < participants { InitMode::Consensus(participants as u32) } else { InitMode::Observer }).collect();
+    let wall = Instant::now();
+    let heap0 = IN_USE.load(Ordering::Relaxed);
+    PEAK.store(heap0, Ordering::Relaxed);
+    let mut sim = IpamSim::new(universe, inits, graph, faults, seed);
+    sim.start_all();
+    let mut ticks = 0;
+    while !(0..n).all(|i| sim.ipam(i).is_agreed()) {
+        sim.step();
+        ticks += 1;
+        assert!(ticks < 3000, "no agreement after 300 s");
+    }
+    let agreed = ticks;
+    let net1 = sim.net.stats.clone();
+    let t1 = wall.elapsed();
+    let conv = sim.run_until_converged(3000).expect("rings converge after agreement");
+    let net2 = sim.net.stats.clone();
+    println!(
+        "agreement: {agreed} ticks ({} s virtual), then rings equal after {conv} more; {} messages, {} MB, largest {} KB; wall {:.1?}",
+        agreed / 10, net2.sent, net2.bytes >> 20, net2.largest >> 10, t1
+    );
+    println!("  during agreement only: {} messages, {} MB", net1.sent, net1.bytes >> 20);
+    // Allocations: 3 per peer, some of them pending until donations arrive.
+    let any = Request::Any(universe);
+    let mut pending = 0;
+    for k in 0..3 {
+        for i in 0..n {
+            if let Ok(Allocation::Pending(_)) = sim.allocate(i, &format!("p{i}-{k}"), any.clone()) {
+                pending += 1;
+            }
+        }
+    }
+    let mut t2 = 0;
+    loop {
+        sim.step();
+        t2 += 1;
+        let done = (0..n).all(|i| sim.ipam(i).pending_count() == 0);
+        if done {
+            break;
+        }
+        assert!(t2 < 3000, "allocations still pending after 300 s");
+        check(&sim, seed);
+    }
+    let conv2 = sim.run_until_converged(3000).expect("rings converge after allocation");
+    let held = check(&sim, seed);
+    assert_eq!(held, 3 * n);
+    no_errors(&sim, seed);
+    let net3 = sim.net.stats.clone();
+    let state = sim.state_bytes();
+    let entries = sim.ipam(0).ring().len();
+    println!(
+        "allocation: {pending} of {} requests pending at first, all done in {t2} ticks, rings equal {conv2} ticks later; \
+         {} messages, {} MB for this phase",
+        3 * n, net3.sent - net2.sent, (net3.bytes - net2.bytes) >> 20
+    );
+    println!(
+        "totals: {} messages ({} lost, {} duplicated), {} MB, largest message {} KB; ring {entries} entries; \
+         state (sum of snapshots) {} KB, {} KB per peer; snapshots written {} ({} MB); peak heap {} MB; wall {:.1?}",
+        net3.sent, net3.lost, net3.duplicated, net3.bytes >> 20, net3.largest >> 10, state >> 10, state / n as u64 >> 10,
+        sim.snapshots_written, sim.snapshot_bytes_written >> 20, (PEAK.load(Ordering::Relaxed) - heap0) >> 20, wall.elapsed()
+    );
+}
