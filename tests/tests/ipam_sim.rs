@@ -54,9 +54,9 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn seeds(default: u64) -> Vec<u64> {
+fn seeds(default: u64, default_count: u64) -> Vec<u64> {
     let first = std::env::var("IPAM_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
-    let count = std::env::var("IPAM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1u64);
+    let count = std::env::var("IPAM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default_count);
     (first..first + count).collect()
 }
 
@@ -84,7 +84,7 @@ fn random_partition(n: usize, rng: &mut SimRng) -> Vec<u32> {
 /// with a clean network every peer holds the same ring within a bounded time.
 #[test]
 fn fifty_peers_churn_under_partitions() {
-    for seed in seeds(1) {
+    for seed in seeds(1, 3) {
         let n = 50;
         let universe = cidr("10.32.0.0/22"); // 1022 usable: ~20 per peer, so donations are frequent
         let mut rng = SimRng::new(seed);
@@ -273,7 +273,7 @@ fn consensus_safety_under_faults() {
 /// address is handed out twice, also while the peer is down.
 #[test]
 fn crash_and_restore_keep_addresses() {
-    for seed in seeds(7) {
+    for seed in seeds(7, 3) {
         let n = 20;
         let universe = cidr("10.32.0.0/23");
         let mut rng = SimRng::new(seed);

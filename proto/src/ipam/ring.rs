@@ -484,9 +484,9 @@ mod tests {
         assert_eq!(e, a);
     }
 
-    /// Random single-writer histories: each step, one owner edits its own entries
-    /// in the "truth"; views are random subsets of entries of random past truths.
-    fn random_views(rng: &mut Rng, steps: usize, views: usize) -> Vec<Ring> {
+    /// A random single-writer history: each step, one owner edits its own entries.
+    /// Returns the last state and every state.
+    fn random_history(rng: &mut Rng, steps: usize) -> (Ring, Vec<Ring>) {
         let owners: Vec<PeerName> = (1..=5).map(p).collect();
         let mut truth = Ring::genesis(u(), &owners[..3]);
         let mut history = vec![truth.clone()];
@@ -510,6 +510,12 @@ mod tests {
             }
             history.push(truth.clone());
         }
+        (truth, history)
+    }
+
+    /// Views: random subsets of the entries of random past states (partial, stale gossip).
+    fn random_views(rng: &mut Rng, steps: usize, views: usize) -> Vec<Ring> {
+        let (_, history) = random_history(rng, steps);
         (0..views)
             .map(|_| {
                 let src = &history[rng.below(history.len() as u64) as usize];
@@ -544,20 +550,27 @@ mod tests {
     }
 
     #[test]
-    fn owners_own_entries_are_exact_in_any_view() {
-        // Whatever partial view a peer holds, the entries it owns in the truth and
-        // has merged are exactly the truth's; no view gives two owners one address
-        // among the entries at their latest version.
+    fn join_of_a_history_is_its_last_state_and_partitions_the_universe() {
         let mut rng = Rng::new(11);
         for _ in 0..100 {
-            let v = random_views(&mut rng, 40, 4);
-            let all = v.iter().skip(1).fold(v[0].clone(), |acc, r| merged(&acc, r));
-            for r in &v {
-                for (s, e) in r.entries() {
-                    let latest = all.get(s).unwrap();
-                    assert!(latest.version >= e.version);
-                }
+            let (truth, history) = random_history(&mut rng, 40);
+            // The latest state divides the universe exactly.
+            let mut next = u().start() as u64;
+            for (s, e) in truth.entries() {
+                assert_eq!(s as u64, next, "gap or overlap at {s}");
+                next += e.size as u64;
             }
+            assert_eq!(next, u().end());
+            // Merging every past state, in any order, gives the latest one.
+            let mut order: Vec<usize> = (0..history.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            let mut m = Ring::new(u());
+            for i in order {
+                m.merge(X, &history[i]).unwrap();
+            }
+            assert_eq!(m, truth);
         }
     }
 }

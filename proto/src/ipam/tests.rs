@@ -26,12 +26,14 @@ struct Mesh {
     up: Vec<bool>,
     now: u64,
     sent: usize,
+    /// Every message delivered, for the mutation test.
+    log: Vec<Vec<u8>>,
 }
 
 impl Mesh {
     fn new(init: impl Fn(usize) -> InitMode, n: usize) -> Mesh {
         let nodes = (0..n).map(|i| Ipam::new(p(i as u64 + 1), u(), init(i)).unwrap()).collect();
-        let mut m = Mesh { nodes, up: vec![true; n], now: 0, sent: 0 };
+        let mut m = Mesh { nodes, up: vec![true; n], now: 0, sent: 0, log: Vec::new() };
         m.topology();
         m
     }
@@ -77,6 +79,9 @@ impl Mesh {
                 for j in to {
                     if self.up[j] {
                         self.sent += 1;
+                        if self.log.len() < 10_000 {
+                            self.log.push(bytes.clone());
+                        }
                         let me = self.nodes[from].me();
                         self.nodes[j].handle_message(me, &bytes, self.now).unwrap();
                     }
@@ -203,7 +208,7 @@ fn full_peers_ask_and_exhaustion_waits() {
     let tiny: Cidr = "10.9.0.0/29".parse().unwrap(); // 6 usable
     let seeds = vec![p(1), p(2)];
     let mut nodes: Vec<Ipam> = (1..=2).map(|i| Ipam::new(p(i), tiny, InitMode::Seed(seeds.clone())).unwrap()).collect();
-    let mut m = Mesh { nodes: std::mem::take(&mut nodes), up: vec![true; 2], now: 0, sent: 0 };
+    let mut m = Mesh { nodes: std::mem::take(&mut nodes), up: vec![true; 2], now: 0, sent: 0, log: Vec::new() };
     m.topology();
     let mut got = Vec::new();
     for k in 0..6 {
@@ -420,4 +425,52 @@ fn gossip_messages_are_small_deltas() {
         b => panic!("{b:?}"),
     }
     assert!(bytes.len() < 64, "{} bytes", bytes.len());
+}
+
+#[test]
+fn mutated_messages_never_panic_and_errors_change_nothing() {
+    // Record real traffic: gossip, donations, claims, replies, syncs.
+    let seeds = vec![p(1), p(2)];
+    let mut m = Mesh::new(|i| if i < 2 { InitMode::Seed(seeds.clone()) } else { InitMode::Observer }, 3);
+    m.run();
+    for k in 0..20 {
+        let _ = m.alloc(2, &format!("o{k}"), any());
+        let _ = m.alloc(0, &format!("c{k}"), Request::Exact { ip: Ipv4Addr::from(u32::from(ip("10.32.2.1")) + k), prefix: 22 });
+        m.run();
+    }
+    let mut c = Mesh::new(|_| InitMode::Consensus(3), 3);
+    for _ in 0..5 {
+        c.now += 1000;
+        c.run();
+    }
+    let mut corpus = std::mem::take(&mut m.log);
+    corpus.extend(std::mem::take(&mut c.log));
+    assert!(corpus.len() > 50);
+    let mut rng = Rng::new(99);
+    let target = &mut m.nodes[1];
+    let (mut applied, mut refused) = (0, 0);
+    for round in 0..10_000u64 {
+        let mut b = corpus[rng.below(corpus.len() as u64) as usize].clone();
+        match rng.below(4) {
+            0 => b.truncate(rng.below(b.len() as u64 + 1) as usize),
+            1 => b.push(rng.next() as u8),
+            _ => {
+                for _ in 0..1 + rng.below(3) {
+                    let i = rng.below(b.len() as u64) as usize;
+                    b[i] ^= 1 << rng.below(8);
+                }
+            }
+        }
+        let before = (target.snapshot(), target.ring_bytes());
+        match target.handle_message(p(3), &b, 1_000_000 + round) {
+            Ok(()) => applied += 1,
+            Err(_) => {
+                refused += 1;
+                assert_eq!((target.snapshot(), target.ring_bytes()), before, "a refused message changed state");
+            }
+        }
+        while target.poll_transmit().is_some() {}
+        while target.poll_event().is_some() {}
+    }
+    assert!(applied > 100 && refused > 100, "{applied} applied, {refused} refused");
 }
