@@ -91,6 +91,30 @@
 //!   `meshnet reset`; flush `poll_transmit` afterwards, then delete the snapshot.
 //! * [`Ipam::status`] for `meshnet status ipam`.
 //!
+//! ## Setup notes
+//! * Pass a random [`Config::rng_seed`]; 0 makes the choices (and request ids)
+//!   deterministic per peer name, which tests want and daemons do not.
+//! * Call [`Ipam::peers_changed`] at start and on every reachability change:
+//!   donors and owners are only asked while reachable, a newly reachable peer makes
+//!   this peer send its full state (that is what repairs a healed partition), and
+//!   `rmpeer`/`reset` use it.
+//! * `consensus=N` needs a majority of `N`: the quorum is `max(N, consensus peers
+//!   known)/2 + 1`, so with `N = 3` two peers agree and the third adopts their ring
+//!   and gets space by donation. Start at most `N` consensus peers before the ring
+//!   is agreed; two groups that agree apart refuse each other
+//!   ([`IpamError::DifferentRings`]) and one side must be reset.
+//! * A peer that lost its snapshot must not come back under the same name while
+//!   the mesh still lists ranges for it (in `seed=` mode it would re-take its
+//!   genesis share at once): `rmpeer` it from another peer first, or give it a new
+//!   name.
+//!
+//! ## Costs
+//! Gossip after a change carries only the changed entries (about 20 bytes each)
+//! plus a 64-bit ring id; every peer sends its whole ring to its neighbours every
+//! [`Config::full_gossip_interval_ms`] and when new peers become reachable (about
+//! 25 KB for a ring of 1000 entries). Each allocation or free changes one entry
+//! of its owner (its free count), which is flooded to every peer.
+//!
 //! # Layout
 //! [`space`] address arithmetic, [`ring`] the ownership CRDT, [`paxos`] agreement,
 //! [`wire`] messages/snapshots and their bounds, `allocator` the [`Ipam`] state
