@@ -16,5 +16,8 @@ pub mod replay;
 pub mod wire;
 pub mod datapath;
 pub mod mac_table;
+pub mod handshake;
+pub mod identity;
+pub mod topology;
 pub mod ipam;
 pub use peer::{Mac, PeerName};

@@ -4,3 +4,4 @@
 //! allocates, and no input makes a parser panic.
 
 pub mod datagram;
+pub mod control;

@@ -1,0 +1,559 @@
+//! The mesh as this peer believes it to be: who exists, who is connected to whom,
+//! and the next hop towards every reachable peer.
+//!
+//! Owns: the gossip merge rules, route computation, garbage collection of
+//! unreachable peers and the list of addresses worth dialling. Never does I/O or
+//! reads a clock; the control crate decides when to gossip, what to dial and when
+//! to collect garbage.
+//!
+//! # Merge rules (per peer entry)
+//! * A higher `version` wins.
+//! * Same name, different `uid` (the peer restarted) at the *same* version: the
+//!   higher `uid` wins. A rule where "either new uid wins" at equal versions never
+//!   converges (two peers holding different incarnations would swap forever); the
+//!   restarted peer soon bumps its own version past the old incarnation anyway (next rule).
+//! * Entries about me never overwrite me. If one carries a version at or above mine
+//!   and differs from me (typically my previous incarnation, before a restart), my
+//!   version jumps above it so that my current self wins everywhere.
+//! * An update is checked against the bounds ([`MAX_PEERS`], [`MAX_CONNECTIONS`],
+//!   [`MAX_TEXT`]) before anything is applied.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::peer::PeerName;
+
+/// Most peers a topology holds (including me); a gossip update that would exceed it is refused.
+pub const MAX_PEERS: usize = 10_000;
+/// Most connections one peer entry may list.
+pub const MAX_CONNECTIONS: usize = 1000;
+/// Longest nickname or software string (bytes) accepted from gossip.
+pub const MAX_TEXT: usize = 1024;
+
+/// One connection as its owner reports it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ConnInfo {
+    /// The peer at the other end.
+    pub peer: PeerName,
+    /// That peer's reachable TCP listen address: its IP as seen, plus its `Hello.tcp_port`.
+    pub addr: SocketAddr,
+    /// Whether the owner dialled it.
+    pub outbound: bool,
+    /// Whether the handshake (and data-plane setup) completed.
+    pub established: bool,
+}
+
+/// What the mesh knows about one peer. Only the peer itself changes its entry,
+/// bumping `version` each time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub name: PeerName,
+    pub nickname: String,
+    /// Random per process start: tells incarnations of one name apart.
+    pub uid: u64,
+    pub version: u64,
+    pub software: String,
+    pub connections: Vec<ConnInfo>,
+}
+
+/// Why a gossip update was refused (nothing of it was applied).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MergeError {
+    #[error("gossip would make {count} peers, more than the limit of {MAX_PEERS}")]
+    TooManyPeers { count: usize },
+    #[error("peer {peer} lists {count} connections, more than the limit of {MAX_CONNECTIONS}")]
+    TooManyConnections { peer: PeerName, count: usize },
+    #[error("peer {peer} has a nickname or software string over {MAX_TEXT} bytes")]
+    TextTooLong { peer: PeerName },
+    #[error("gossip names the broadcast address 00:00:00:00:00:00 as a peer")]
+    BroadcastName,
+}
+
+/// The local view of the mesh.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    me: PeerInfo,
+    /// Every other known peer.
+    others: BTreeMap<PeerName, PeerInfo>,
+}
+
+impl Topology {
+    /// Starts with only myself. Overlong text fields are cut to [`MAX_TEXT`] bytes so
+    /// that other peers never refuse my gossip; my connections are sorted and deduplicated.
+    pub fn new(mut me: PeerInfo) -> Self {
+        truncate_text(&mut me.nickname);
+        truncate_text(&mut me.software);
+        me.connections = normalise(std::mem::take(&mut me.connections));
+        Topology { me, others: BTreeMap::new() }
+    }
+
+    pub fn me(&self) -> &PeerInfo {
+        &self.me
+    }
+
+    /// Replaces my connection list; bumps my version and returns true if it changed.
+    pub fn set_local_connections(&mut self, conns: Vec<ConnInfo>) -> bool {
+        let conns = normalise(conns);
+        if conns == self.me.connections {
+            return false;
+        }
+        self.me.connections = conns;
+        self.me.version += 1;
+        true
+    }
+
+    /// Changes my nickname; bumps my version and returns true if it changed.
+    pub fn set_local_nickname(&mut self, nickname: &str) -> bool {
+        let mut nickname = nickname.to_string();
+        truncate_text(&mut nickname);
+        if nickname == self.me.nickname {
+            return false;
+        }
+        self.me.nickname = nickname;
+        self.me.version += 1;
+        true
+    }
+
+    /// Merges gossip (see the module docs for the rules). Returns the names whose
+    /// entries changed, sorted; my own name is among them if my version was bumped
+    /// (so the caller should gossip about me).
+    pub fn merge(&mut self, update: Vec<PeerInfo>) -> Result<Vec<PeerName>, MergeError> {
+        self.check(&update)?;
+        let mut changed = BTreeSet::new();
+        for info in update {
+            if info.name == self.me.name {
+                if info.version > self.me.version || (info.version == self.me.version && info != self.me) {
+                    self.me.version = info.version + 1;
+                    changed.insert(self.me.name);
+                }
+                continue;
+            }
+            match self.others.get_mut(&info.name) {
+                None => {
+                    changed.insert(info.name);
+                    self.others.insert(info.name, info);
+                }
+                Some(old) => {
+                    let newer = info.version > old.version
+                        || (info.version == old.version && info.uid != old.uid && info.uid > old.uid);
+                    if newer {
+                        changed.insert(info.name);
+                        *old = info;
+                    }
+                }
+            }
+        }
+        Ok(changed.into_iter().collect())
+    }
+
+    fn check(&self, update: &[PeerInfo]) -> Result<(), MergeError> {
+        if update.len() > MAX_PEERS {
+            return Err(MergeError::TooManyPeers { count: update.len() });
+        }
+        let mut new_names = BTreeSet::new();
+        for info in update {
+            if info.name == PeerName::BROADCAST || info.connections.iter().any(|c| c.peer == PeerName::BROADCAST) {
+                return Err(MergeError::BroadcastName);
+            }
+            if info.connections.len() > MAX_CONNECTIONS {
+                return Err(MergeError::TooManyConnections { peer: info.name, count: info.connections.len() });
+            }
+            if info.nickname.len() > MAX_TEXT || info.software.len() > MAX_TEXT {
+                return Err(MergeError::TextTooLong { peer: info.name });
+            }
+            if info.name != self.me.name && !self.others.contains_key(&info.name) {
+                new_names.insert(info.name);
+            }
+        }
+        let count = 1 + self.others.len() + new_names.len();
+        if count > MAX_PEERS {
+            return Err(MergeError::TooManyPeers { count });
+        }
+        Ok(())
+    }
+
+    /// Everything I know, me first: what a new connection is told.
+    pub fn gossip_all(&self) -> Vec<PeerInfo> {
+        self.peers().cloned().collect()
+    }
+
+    /// The entries for `names` that I know (unknown names are skipped).
+    pub fn gossip_about(&self, names: &[PeerName]) -> Vec<PeerInfo> {
+        let wanted: BTreeSet<PeerName> = names.iter().copied().collect();
+        wanted.into_iter().filter_map(|n| self.get(n).cloned()).collect()
+    }
+
+    /// Every known peer, me first, then by name.
+    pub fn peers(&self) -> impl Iterator<Item = &PeerInfo> {
+        std::iter::once(&self.me).chain(self.others.values())
+    }
+
+    pub fn get(&self, name: PeerName) -> Option<&PeerInfo> {
+        if name == self.me.name {
+            Some(&self.me)
+        } else {
+            self.others.get(&name)
+        }
+    }
+
+    /// Next hop for every reachable peer (not me).
+    ///
+    /// Shortest paths (BFS) over links that both ends list as established. Among
+    /// equally short paths the next hop is the smallest `PeerName` that starts one,
+    /// so every run over the same topology gives the same answer.
+    pub fn routes(&self) -> HashMap<PeerName, PeerName> {
+        let lists = |a: &PeerInfo, b: PeerName| a.connections.iter().any(|c| c.peer == b && c.established);
+        let neighbours = |name: PeerName| -> Vec<PeerName> {
+            let Some(info) = self.get(name) else { return Vec::new() };
+            let mut out: Vec<PeerName> = info
+                .connections
+                .iter()
+                .filter(|c| c.established && c.peer != name)
+                .map(|c| c.peer)
+                .filter(|&other| self.get(other).is_some_and(|o| lists(o, name)))
+                .collect();
+            out.sort();
+            out.dedup();
+            out
+        };
+
+        let mut hops: HashMap<PeerName, PeerName> = HashMap::new();
+        let mut layer: Vec<PeerName> = neighbours(self.me.name).into_iter().filter(|&n| n != self.me.name).collect();
+        for &n in &layer {
+            hops.insert(n, n);
+        }
+        while !layer.is_empty() {
+            // Next layer: undiscovered nodes; each takes the smallest hop among its parents in this layer.
+            let mut next: BTreeMap<PeerName, PeerName> = BTreeMap::new();
+            for &u in &layer {
+                let hop = hops[&u];
+                for v in neighbours(u) {
+                    if v == self.me.name || hops.contains_key(&v) {
+                        continue;
+                    }
+                    next.entry(v).and_modify(|h| *h = (*h).min(hop)).or_insert(hop);
+                }
+            }
+            layer = next.keys().copied().collect();
+            hops.extend(next);
+        }
+        hops
+    }
+
+    /// Removes peers I can no longer reach by following listed connections (in
+    /// either state) outwards from me. Returns the removed names, sorted.
+    pub fn garbage_collect(&mut self) -> Vec<PeerName> {
+        let mut seen = BTreeSet::new();
+        let mut queue = VecDeque::from([self.me.name]);
+        seen.insert(self.me.name);
+        while let Some(name) = queue.pop_front() {
+            let Some(info) = self.get(name) else { continue };
+            for c in &info.connections {
+                if seen.insert(c.peer) {
+                    queue.push_back(c.peer);
+                }
+            }
+        }
+        let gone: Vec<PeerName> = self.others.keys().filter(|n| !seen.contains(n)).copied().collect();
+        for n in &gone {
+            self.others.remove(n);
+        }
+        gone
+    }
+
+    /// TCP addresses others report for peers I have no direct connection to, sorted
+    /// and deduplicated. Addresses with port 0 or an unspecified IP are left out.
+    pub fn discovery_candidates(&self) -> Vec<(PeerName, SocketAddr)> {
+        let direct: BTreeSet<PeerName> = self.me.connections.iter().map(|c| c.peer).collect();
+        let mut out = BTreeSet::new();
+        for info in self.others.values() {
+            for c in &info.connections {
+                if c.peer == self.me.name || direct.contains(&c.peer) {
+                    continue;
+                }
+                if c.addr.port() == 0 || c.addr.ip().is_unspecified() {
+                    continue;
+                }
+                out.insert((c.peer, c.addr));
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+fn normalise(mut conns: Vec<ConnInfo>) -> Vec<ConnInfo> {
+    conns.sort();
+    conns.dedup();
+    conns
+}
+
+fn truncate_text(s: &mut String) {
+    if s.len() > MAX_TEXT {
+        let mut end = MAX_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(n: u64) -> PeerName {
+        PeerName(0x0200_0000_0000 | n)
+    }
+
+    fn addr(n: u64) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, n as u8], 6783))
+    }
+
+    fn info(n: u64, version: u64, conns: &[(u64, bool)]) -> PeerInfo {
+        PeerInfo {
+            name: name(n),
+            nickname: format!("host{n}"),
+            uid: n * 1000,
+            version,
+            software: "meshnet test".into(),
+            connections: conns
+                .iter()
+                .map(|&(p, established)| ConnInfo { peer: name(p), addr: addr(p), outbound: n < p, established })
+                .collect(),
+        }
+    }
+
+    /// A topology seen from peer 1, where every listed link is established.
+    fn mesh(edges: &[(u64, u64)], nodes: u64) -> Topology {
+        let conns = |n: u64| -> Vec<(u64, bool)> {
+            edges
+                .iter()
+                .filter_map(|&(a, b)| {
+                    if a == n {
+                        Some((b, true))
+                    } else if b == n {
+                        Some((a, true))
+                    } else {
+                        None
+                    }
+                })
+                .collect()
+        };
+        let mut t = Topology::new(info(1, 1, &conns(1)));
+        t.merge((2..=nodes).map(|n| info(n, 1, &conns(n))).collect()).unwrap();
+        t
+    }
+
+    #[test]
+    fn local_changes_bump_version_only_when_different() {
+        let mut t = Topology::new(info(1, 1, &[]));
+        let c = info(1, 1, &[(2, true), (3, false)]).connections;
+        assert!(t.set_local_connections(c.clone()));
+        assert_eq!(t.me().version, 2);
+        let mut reordered = c.clone();
+        reordered.reverse();
+        reordered.push(c[0].clone());
+        assert!(!t.set_local_connections(reordered));
+        assert_eq!(t.me().version, 2);
+        assert!(t.set_local_nickname("renamed"));
+        assert!(!t.set_local_nickname("renamed"));
+        assert_eq!(t.me().version, 3);
+    }
+
+    #[test]
+    fn newer_wins_older_ignored() {
+        let mut t = Topology::new(info(1, 1, &[]));
+        assert_eq!(t.merge(vec![info(2, 5, &[])]).unwrap(), vec![name(2)]);
+        assert_eq!(t.merge(vec![info(2, 4, &[(3, true)])]).unwrap(), vec![]);
+        assert_eq!(t.get(name(2)).unwrap().version, 5);
+        assert_eq!(t.merge(vec![info(2, 5, &[(3, true)])]).unwrap(), vec![], "same version, same uid: first wins");
+        assert_eq!(t.merge(vec![info(2, 6, &[(3, true)])]).unwrap(), vec![name(2)]);
+        assert_eq!(t.get(name(2)).unwrap().connections.len(), 1);
+    }
+
+    #[test]
+    fn restarted_peer_with_new_uid_wins_at_equal_version_deterministically() {
+        let mut t = Topology::new(info(1, 1, &[]));
+        t.merge(vec![info(2, 3, &[])]).unwrap();
+        let mut restarted = info(2, 3, &[(1, true)]);
+        restarted.uid = 999_999;
+        assert_eq!(t.merge(vec![restarted.clone()]).unwrap(), vec![name(2)]);
+        assert_eq!(t.get(name(2)).unwrap().uid, 999_999);
+        // The lower uid at the same version does not flip it back.
+        assert_eq!(t.merge(vec![info(2, 3, &[])]).unwrap(), vec![]);
+        // A newer version of any incarnation wins.
+        let mut old_uid_newer = info(2, 4, &[]);
+        old_uid_newer.uid = 1;
+        assert_eq!(t.merge(vec![old_uid_newer]).unwrap(), vec![name(2)]);
+    }
+
+    #[test]
+    fn gossip_about_me_never_overwrites_me_but_bumps_my_version() {
+        let mut t = Topology::new(info(1, 2, &[(2, true)]));
+        let me_before = t.me().clone();
+        // An older copy of me: ignored.
+        assert_eq!(t.merge(vec![info(1, 1, &[])]).unwrap(), vec![]);
+        // An identical copy of me: ignored.
+        assert_eq!(t.merge(vec![me_before.clone()]).unwrap(), vec![]);
+        // My previous incarnation, far ahead: my version jumps above it, contents stay mine.
+        let mut previous = info(1, 40, &[(7, true)]);
+        previous.uid = 5;
+        assert_eq!(t.merge(vec![previous]).unwrap(), vec![name(1)]);
+        assert_eq!(t.me().version, 41);
+        assert_eq!(t.me().connections, me_before.connections);
+        assert_eq!(t.me().uid, me_before.uid);
+        // Same version but different contents: bump again.
+        let mut forged = t.me().clone();
+        forged.nickname = "impostor".into();
+        assert_eq!(t.merge(vec![forged]).unwrap(), vec![name(1)]);
+        assert_eq!(t.me().version, 42);
+        assert_eq!(t.me().nickname, "host1");
+    }
+
+    #[test]
+    fn bounds_refuse_whole_update() {
+        let mut t = Topology::new(info(1, 1, &[]));
+        let mut too_many_conns = info(3, 1, &[]);
+        too_many_conns.connections = (0..=MAX_CONNECTIONS as u64)
+            .map(|i| ConnInfo { peer: name(10 + i), addr: addr(1), outbound: true, established: true })
+            .collect();
+        let err = t.merge(vec![info(2, 1, &[]), too_many_conns]).unwrap_err();
+        assert_eq!(err, MergeError::TooManyConnections { peer: name(3), count: MAX_CONNECTIONS + 1 });
+        assert!(t.get(name(2)).is_none(), "nothing applied");
+
+        let many: Vec<PeerInfo> = (2..(MAX_PEERS as u64 + 1)).map(|n| info(n, 1, &[])).collect();
+        assert_eq!(many.len(), MAX_PEERS - 1);
+        t.merge(many).unwrap();
+        assert_eq!(t.peers().count(), MAX_PEERS);
+        // Updating known peers is fine at the limit; one more name is not.
+        t.merge(vec![info(2, 2, &[])]).unwrap();
+        let err = t.merge(vec![info(2, 3, &[]), info(MAX_PEERS as u64 + 5, 1, &[])]).unwrap_err();
+        assert_eq!(err, MergeError::TooManyPeers { count: MAX_PEERS + 1 });
+        assert_eq!(t.get(name(2)).unwrap().version, 2, "nothing applied");
+
+        let big: Vec<PeerInfo> = (0..=MAX_PEERS as u64).map(|n| info(n + 20_000, 1, &[])).collect();
+        assert!(matches!(t.merge(big), Err(MergeError::TooManyPeers { .. })));
+
+        let mut long = info(4, 1, &[]);
+        long.nickname = "x".repeat(MAX_TEXT + 1);
+        let mut t = Topology::new(info(1, 1, &[]));
+        assert_eq!(t.merge(vec![long]), Err(MergeError::TextTooLong { peer: name(4) }));
+        let mut broadcast = info(5, 1, &[]);
+        broadcast.name = PeerName::BROADCAST;
+        assert_eq!(t.merge(vec![broadcast]), Err(MergeError::BroadcastName));
+        let mut to_broadcast = info(5, 1, &[(6, true)]);
+        to_broadcast.connections[0].peer = PeerName::BROADCAST;
+        assert_eq!(t.merge(vec![to_broadcast]), Err(MergeError::BroadcastName));
+    }
+
+    #[test]
+    fn my_overlong_text_is_cut_on_a_char_boundary() {
+        let mut me = info(1, 1, &[]);
+        me.nickname = "é".repeat(MAX_TEXT);
+        let t = Topology::new(me.clone());
+        assert!(t.me().nickname.len() <= MAX_TEXT);
+        me = t.me().clone();
+        me.name = name(9);
+        // Another peer accepts it.
+        Topology::new(info(2, 1, &[])).merge(vec![me]).unwrap();
+    }
+
+    #[test]
+    fn routes_on_a_chain() {
+        let t = mesh(&[(1, 2), (2, 3), (3, 4)], 4);
+        let r = t.routes();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[&name(2)], name(2));
+        assert_eq!(r[&name(3)], name(2));
+        assert_eq!(r[&name(4)], name(2));
+    }
+
+    #[test]
+    fn routes_on_a_triangle_are_direct() {
+        let t = mesh(&[(1, 2), (2, 3), (1, 3)], 3);
+        let r = t.routes();
+        assert_eq!(r[&name(2)], name(2));
+        assert_eq!(r[&name(3)], name(3));
+    }
+
+    #[test]
+    fn equal_paths_pick_the_smallest_first_hop() {
+        // 1 - 3 - 4 and 1 - 2 - 4: both two hops; 2 < 3.
+        let t = mesh(&[(1, 3), (3, 4), (1, 2), (2, 4)], 4);
+        assert_eq!(t.routes()[&name(4)], name(2));
+        // Same topology, edges listed in another order: same answer.
+        let t = mesh(&[(2, 4), (1, 2), (3, 4), (1, 3)], 4);
+        assert_eq!(t.routes()[&name(4)], name(2));
+    }
+
+    #[test]
+    fn asymmetric_or_unestablished_links_carry_no_routes() {
+        // 1 lists 2; 2 lists 3 but 3 does not list 2.
+        let mut t = Topology::new(info(1, 1, &[(2, true)]));
+        t.merge(vec![info(2, 1, &[(1, true), (3, true)]), info(3, 1, &[])]).unwrap();
+        let r = t.routes();
+        assert_eq!(r.get(&name(2)), Some(&name(2)));
+        assert_eq!(r.get(&name(3)), None);
+        // 3 lists 2 but only as not yet established.
+        t.merge(vec![info(3, 2, &[(2, false)])]).unwrap();
+        assert_eq!(t.routes().get(&name(3)), None);
+        t.merge(vec![info(3, 3, &[(2, true)])]).unwrap();
+        assert_eq!(t.routes().get(&name(3)), Some(&name(2)));
+        // A peer listing me when I do not list it gets no route.
+        t.merge(vec![info(4, 1, &[(1, true)])]).unwrap();
+        assert_eq!(t.routes().get(&name(4)), None);
+    }
+
+    #[test]
+    fn garbage_collect_drops_unreachable_peers() {
+        let mut t = Topology::new(info(1, 1, &[(2, true)]));
+        t.merge(vec![
+            info(2, 1, &[(1, true), (3, false)]),
+            info(3, 1, &[(2, false)]),
+            info(5, 1, &[(6, true)]),
+            info(6, 1, &[(5, true), (1, true)]),
+        ])
+        .unwrap();
+        assert_eq!(t.garbage_collect(), vec![name(5), name(6)]);
+        assert!(t.get(name(3)).is_some(), "reachable over an unestablished link");
+        // 2 drops its link to 3: 3 goes too.
+        t.merge(vec![info(2, 2, &[(1, true)])]).unwrap();
+        assert_eq!(t.garbage_collect(), vec![name(3)]);
+        assert_eq!(t.garbage_collect(), vec![]);
+        assert_eq!(t.peers().map(|p| p.name).collect::<Vec<_>>(), vec![name(1), name(2)]);
+    }
+
+    #[test]
+    fn discovery_offers_peers_i_am_not_connected_to() {
+        let mut t = Topology::new(info(1, 1, &[(2, true)]));
+        let mut two = info(2, 1, &[(1, true), (3, true), (4, false)]);
+        two.connections.push(ConnInfo {
+            peer: name(5),
+            addr: "0.0.0.0:6783".parse().unwrap(),
+            outbound: false,
+            established: true,
+        });
+        two.connections.push(ConnInfo {
+            peer: name(6),
+            addr: "10.0.0.6:0".parse().unwrap(),
+            outbound: false,
+            established: true,
+        });
+        t.merge(vec![two, info(3, 1, &[(2, true), (4, true)])]).unwrap();
+        assert_eq!(t.discovery_candidates(), vec![(name(3), addr(3)), (name(4), addr(4))]);
+        t.set_local_connections(info(1, 1, &[(2, true), (3, false)]).connections);
+        assert_eq!(t.discovery_candidates(), vec![(name(4), addr(4))]);
+    }
+
+    #[test]
+    fn gossip_views() {
+        let t = mesh(&[(1, 2), (2, 3)], 3);
+        let all = t.gossip_all();
+        assert_eq!(all.iter().map(|p| p.name).collect::<Vec<_>>(), vec![name(1), name(2), name(3)]);
+        let some = t.gossip_about(&[name(3), name(9), name(1), name(3)]);
+        assert_eq!(some.iter().map(|p| p.name).collect::<Vec<_>>(), vec![name(1), name(3)]);
+    }
+}
