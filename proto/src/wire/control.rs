@@ -1,0 +1,537 @@
+//! The TCP control protocol (port 6783): preamble, frames, and the encrypted
+//! message stream of an established connection.
+//!
+//! # Protocol (version 1)
+//!
+//! 1. **Preamble.** Each side sends 12 bytes in clear as soon as the TCP
+//!    connection is up, before reading anything:
+//!
+//!    ```text
+//!    b"meshnet\0" ‖ u8 min_version ‖ u8 max_version ‖ u8 flags ‖ u8 reserved (0)
+//!    ```
+//!
+//!    `flags` bit 0 means "I use a password"; other flag bits and the reserved
+//!    byte are sent as 0 and ignored on receipt. Each side checks the other's:
+//!    the version is `min(their max, our max)` if that is `>= max(both mins)`,
+//!    else `VersionMismatch`. If the password bits differ, the side without a
+//!    password fails with `PasswordRequiredByPeer` and the side with one with
+//!    `PeerHasNoPassword`, so both know at once why.
+//!
+//! 2. **Frames** follow the preamble in both directions:
+//!
+//!    ```text
+//!    u16 len (big-endian) ‖ u8 type ‖ payload      len = 1 + payload length, len >= 1
+//!    ```
+//!
+//!    | type | meaning | payload limit |
+//!    |------|---------|---------------|
+//!    | 0 | Noise handshake message | [`MAX_HANDSHAKE_PAYLOAD`] |
+//!    | 1 | Noise transport record | 65534 (what `len` allows) |
+//!    | 2 | refusal: UTF-8 reason, only valid before the handshake completes | [`MAX_REFUSAL`] |
+//!
+//!    An unknown type, `len == 0` or a payload over its limit is an error; the
+//!    limit is checked on the 3-byte header, before the payload is buffered.
+//!
+//! 3. **Noise.** `Noise_XXpsk3_25519_AESGCM_SHA256` with the password-derived PSK
+//!    when a password is set, else `Noise_XX_25519_AESGCM_SHA256`. The side that
+//!    dialled is the initiator; static keys are the peers' identity keys.
+//!    Message 1 (initiator) has an empty payload; message 2 (responder) carries the
+//!    responder's bincode `Hello`, message 3 (initiator) the initiator's.
+//!    A wrong password shows as a failure to decrypt message 3 at the responder,
+//!    which then sends the refusal `"authentication failed: passwords differ"` and
+//!    closes, so the initiator reports `Refused(reason)`.
+//!
+//!    **Key confirmation.** Right after reading message 3 the responder sends one
+//!    transport record with an empty plaintext. The initiator counts the handshake
+//!    complete only once it has decrypted a transport record from the responder;
+//!    until then a refusal frame is still valid. (Without this step the initiator
+//!    would finish before learning that the responder rejected its password.)
+//!
+//! 4. **Transport.** Application messages are `u32 len (BE) ‖ bincode(ControlMsg)`
+//!    (bincode 2 standard config), sent as a byte stream split over transport
+//!    records whose plaintext is at most [`MAX_RECORD_PLAINTEXT`] bytes. A message
+//!    over [`MAX_MESSAGE`] is an error, checked on its length prefix before it is
+//!    buffered. Refusals and handshake frames are errors from here on.
+//!
+//! 5. **Data-plane keys.** From the Noise split keys `(k1, k2)` (taken before
+//!    entering transport mode), HKDF-SHA256 with salt `b"meshnet-data-v1"`,
+//!    IKM `k1 ‖ k2` and info `b"meshnet data i->r"` / `b"meshnet data r->i"`
+//!    gives two 32-byte keys, distinct from the control channel's own keys.
+//!
+//! # This module
+//! Owns the byte layout (preamble, frame header, message prefix) and the
+//! [`ControlChannel`] that carries [`ControlMsg`]s once the handshake in
+//! [`crate::handshake`] is done. No I/O: callers feed bytes read from the socket
+//! and write out what `send` appends.
+
+use serde::{Deserialize, Serialize};
+
+use crate::topology::PeerInfo;
+
+/// The preamble's magic.
+pub const MAGIC: &[u8; 8] = b"meshnet\0";
+/// Preamble length.
+pub const PREAMBLE_LEN: usize = 12;
+/// Preamble flag: "I use a password".
+pub const FLAG_PASSWORD: u8 = 0x01;
+/// Frame header length: u16 len + u8 type.
+pub const FRAME_HEADER_LEN: usize = 3;
+/// Largest frame payload `len` can describe.
+pub const MAX_FRAME_PAYLOAD: usize = u16::MAX as usize - 1;
+/// Noise's AEAD tag.
+pub const TAG_LEN: usize = 16;
+/// Largest plaintext in one transport record: 65535 - 16 (tag) - 1 (type byte).
+pub const MAX_RECORD_PLAINTEXT: usize = u16::MAX as usize - TAG_LEN - 1;
+/// Largest Noise handshake message accepted (messages carry a `Hello`).
+pub const MAX_HANDSHAKE_PAYLOAD: usize = 4096;
+/// Largest refusal reason, in bytes.
+pub const MAX_REFUSAL: usize = 256;
+/// Largest application message (after its u32 length prefix).
+pub const MAX_MESSAGE: usize = 4 << 20;
+/// How many undecoded bytes a channel holds before refusing more: enough for the
+/// largest message plus two records, as long as the caller polls after each feed.
+pub const MAX_CHANNEL_BUFFER: usize = MAX_MESSAGE + 4 + 2 * (u16::MAX as usize + FRAME_HEADER_LEN) + (1 << 20);
+
+/// What travels over an established control connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ControlMsg {
+    /// Keep-alive; carries nothing.
+    Heartbeat,
+    /// Topology entries (all of them on a new connection, changed ones later).
+    Gossip(Vec<PeerInfo>),
+    /// IPAM ring state, encoded by the IPAM module.
+    Ipam(Vec<u8>),
+    /// The sender is closing the connection, and why.
+    Goodbye(String),
+}
+
+/// The opening 12 bytes each side sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Preamble {
+    pub min_version: u8,
+    pub max_version: u8,
+    pub password: bool,
+}
+
+/// Why a preamble could not be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("not a meshnet peer: bad preamble magic")]
+pub struct BadMagic;
+
+impl Preamble {
+    pub fn emit(&self) -> [u8; PREAMBLE_LEN] {
+        let mut b = [0u8; PREAMBLE_LEN];
+        b[..8].copy_from_slice(MAGIC);
+        b[8] = self.min_version;
+        b[9] = self.max_version;
+        b[10] = if self.password { FLAG_PASSWORD } else { 0 };
+        b
+    }
+
+    pub fn parse(b: &[u8; PREAMBLE_LEN]) -> Result<Preamble, BadMagic> {
+        if &b[..8] != MAGIC {
+            return Err(BadMagic);
+        }
+        Ok(Preamble { min_version: b[8], max_version: b[9], password: b[10] & FLAG_PASSWORD != 0 })
+    }
+}
+
+/// Frame types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameType {
+    Handshake = 0,
+    Transport = 1,
+    Refusal = 2,
+}
+
+impl FrameType {
+    fn from_byte(b: u8) -> Option<FrameType> {
+        match b {
+            0 => Some(FrameType::Handshake),
+            1 => Some(FrameType::Transport),
+            2 => Some(FrameType::Refusal),
+            _ => None,
+        }
+    }
+
+    /// Largest payload accepted for this type.
+    pub fn max_payload(self) -> usize {
+        match self {
+            FrameType::Handshake => MAX_HANDSHAKE_PAYLOAD,
+            FrameType::Transport => MAX_FRAME_PAYLOAD,
+            FrameType::Refusal => MAX_REFUSAL,
+        }
+    }
+}
+
+/// Why a frame header was rejected.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameError {
+    #[error("frame with length 0")]
+    Empty,
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    #[error("{kind:?} frame of {len} bytes is over its limit of {max}")]
+    TooLarge { kind: FrameType, len: usize, max: usize },
+}
+
+/// One frame, borrowed from the input buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub kind: FrameType,
+    pub payload: &'a [u8],
+}
+
+impl<'a> Frame<'a> {
+    /// Checks the frame at the front of `buf` (mini-redis `check` + `parse` in one):
+    /// `Ok(None)` if more bytes are needed, else the frame and how many bytes it
+    /// used. The header is validated as soon as it is complete, so an oversize or
+    /// unknown frame fails before its payload arrives.
+    pub fn parse(buf: &'a [u8]) -> Result<Option<(Frame<'a>, usize)>, FrameError> {
+        let [hi, lo, ty, ..] = *buf else { return Ok(None) };
+        let len = u16::from_be_bytes([hi, lo]) as usize;
+        if len == 0 {
+            return Err(FrameError::Empty);
+        }
+        let kind = FrameType::from_byte(ty).ok_or(FrameError::UnknownType(ty))?;
+        let payload_len = len - 1;
+        if payload_len > kind.max_payload() {
+            return Err(FrameError::TooLarge { kind, len: payload_len, max: kind.max_payload() });
+        }
+        let total = 2 + len;
+        match buf.get(FRAME_HEADER_LEN..total) {
+            Some(payload) => Ok(Some((Frame { kind, payload }, total))),
+            None => Ok(None),
+        }
+    }
+
+    /// Appends one frame to `out`. The payload must fit `kind`'s limit (callers
+    /// in this crate guarantee it); an oversize payload is refused, not truncated.
+    pub fn emit(kind: FrameType, payload: &[u8], out: &mut Vec<u8>) -> Result<(), FrameError> {
+        if payload.len() > kind.max_payload() {
+            return Err(FrameError::TooLarge { kind, len: payload.len(), max: kind.max_payload() });
+        }
+        out.extend_from_slice(&((payload.len() + 1) as u16).to_be_bytes());
+        out.push(kind as u8);
+        out.extend_from_slice(payload);
+        Ok(())
+    }
+}
+
+/// A refusal reason as received: invalid UTF-8 replaced, control characters
+/// (which could forge log lines) shown as `?`.
+pub fn sanitize_reason(payload: &[u8]) -> String {
+    String::from_utf8_lossy(payload).chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+/// Why the control channel failed. After any error the channel is unusable:
+/// close the connection.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    #[error("malformed frame: {0}")]
+    Frame(#[from] FrameError),
+    #[error("protocol violation: {0}")]
+    Malformed(&'static str),
+    #[error("peer sent a refusal after the handshake completed: {0:?}")]
+    UnexpectedRefusal(String),
+    #[error("message of {len} bytes is over the limit of {MAX_MESSAGE}")]
+    MessageTooLarge { len: usize },
+    #[error("transport record failed to decrypt")]
+    Decrypt,
+    #[error("message did not decode: {0}")]
+    Decode(String),
+    #[error("message did not encode: {0}")]
+    Encode(String),
+    #[error("more than {MAX_CHANNEL_BUFFER} bytes buffered: poll_message after every feed")]
+    BufferFull,
+    #[error("noise: {0}")]
+    Noise(String),
+    #[error("channel already failed")]
+    Poisoned,
+}
+
+/// bincode's decode limit counts the in-memory size of what it decodes (a u64 that
+/// took one varint byte on the wire counts 8), so it is set to 8x the wire bound:
+/// every message within [`MAX_MESSAGE`] on the wire decodes, and a forged length
+/// still cannot make the decoder reserve more than this.
+const DECODE_LIMIT: usize = 8 * MAX_MESSAGE;
+
+fn wire_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
+/// Encodes one message body (without the length prefix).
+pub fn encode_message(msg: &ControlMsg) -> Result<Vec<u8>, ControlError> {
+    let body = bincode::serde::encode_to_vec(msg, wire_config()).map_err(|e| ControlError::Encode(e.to_string()))?;
+    if body.len() > MAX_MESSAGE {
+        return Err(ControlError::MessageTooLarge { len: body.len() });
+    }
+    Ok(body)
+}
+
+/// Decodes one message body; every byte must be used.
+pub fn decode_message(body: &[u8]) -> Result<ControlMsg, ControlError> {
+    if body.len() > MAX_MESSAGE {
+        return Err(ControlError::MessageTooLarge { len: body.len() });
+    }
+    let (msg, used) =
+        bincode::serde::decode_from_slice(body, wire_config()).map_err(|e| ControlError::Decode(e.to_string()))?;
+    if used != body.len() {
+        return Err(ControlError::Malformed("trailing bytes after message"));
+    }
+    Ok(msg)
+}
+
+/// Decodes a bare bincode `Vec<PeerInfo>` (the body of a `Gossip` without its
+/// enum tag) under the same limit; for tools and fuzzing.
+pub fn decode_gossip(bytes: &[u8]) -> Result<Vec<PeerInfo>, ControlError> {
+    let (peers, _) =
+        bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| ControlError::Decode(e.to_string()))?;
+    Ok(peers)
+}
+
+/// The encrypted message stream of an established control connection.
+///
+/// Drive it with [`feed`](Self::feed) (bytes read from the socket), then
+/// [`poll_message`](Self::poll_message) until it returns `Ok(None)`. Records are
+/// decrypted lazily, only as far as the next complete message, so the undecoded
+/// input stays under [`MAX_CHANNEL_BUFFER`] for a caller that polls after every feed.
+pub struct ControlChannel {
+    transport: snow::TransportState,
+    /// Ciphertext frames not yet decrypted; `input[input_pos..]` is live.
+    input: Vec<u8>,
+    input_pos: usize,
+    /// Decrypted stream bytes; `stream[stream_pos..]` is live.
+    stream: Vec<u8>,
+    stream_pos: usize,
+    scratch: Vec<u8>,
+    failed: bool,
+}
+
+impl std::fmt::Debug for ControlChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlChannel")
+            .field("buffered_input", &(self.input.len() - self.input_pos))
+            .field("buffered_plaintext", &(self.stream.len() - self.stream_pos))
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+impl ControlChannel {
+    /// Wraps a finished Noise session. `input` holds bytes that arrived after the
+    /// handshake's last frame; `stream` plaintext already decrypted.
+    pub(crate) fn new(transport: snow::TransportState, input: Vec<u8>, stream: Vec<u8>) -> Self {
+        ControlChannel {
+            transport,
+            input,
+            input_pos: 0,
+            stream,
+            stream_pos: 0,
+            scratch: vec![0u8; u16::MAX as usize],
+            failed: false,
+        }
+    }
+
+    /// Test support: forget a failure and expect the peer's next record to carry
+    /// nonce `next_nonce`, so randomized tests can reuse one Noise session.
+    #[cfg(test)]
+    pub(crate) fn resync_for_test(&mut self, next_nonce: u64) {
+        self.transport.set_receiving_nonce(next_nonce);
+        self.input.clear();
+        self.input_pos = 0;
+        self.stream.clear();
+        self.stream_pos = 0;
+        self.failed = false;
+    }
+
+    #[cfg(test)]
+    pub(crate) fn sending_nonce_for_test(&self) -> u64 {
+        self.transport.sending_nonce()
+    }
+
+    /// Encrypts `msg` and appends its frames to `out`.
+    pub fn send(&mut self, msg: &ControlMsg, out: &mut Vec<u8>) -> Result<(), ControlError> {
+        let body = encode_message(msg)?;
+        let mut stream = Vec::with_capacity(4 + body.len());
+        stream.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        stream.extend_from_slice(&body);
+        self.send_stream_bytes(&stream, out)
+    }
+
+    /// Encrypts raw stream bytes (no message framing) into records. For building
+    /// test and fuzz inputs; [`send`](Self::send) is the way to send messages.
+    #[doc(hidden)]
+    pub fn send_stream_bytes(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Result<(), ControlError> {
+        if self.failed {
+            return Err(ControlError::Poisoned);
+        }
+        for chunk in bytes.chunks(MAX_RECORD_PLAINTEXT) {
+            self.seal_record(chunk, out)?;
+        }
+        Ok(())
+    }
+
+    /// Appends one transport record (an empty plaintext is allowed).
+    pub(crate) fn seal_record(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), ControlError> {
+        debug_assert!(plaintext.len() <= MAX_RECORD_PLAINTEXT);
+        let n = self.transport.write_message(plaintext, &mut self.scratch).map_err(|e| {
+            self.failed = true;
+            ControlError::Noise(e.to_string())
+        })?;
+        Ok(Frame::emit(FrameType::Transport, &self.scratch[..n], out)?)
+    }
+
+    /// Buffers bytes read from the socket. Poll messages after every call.
+    pub fn feed(&mut self, input: &[u8]) -> Result<(), ControlError> {
+        if self.failed {
+            return Err(ControlError::Poisoned);
+        }
+        let held = self.input.len() - self.input_pos + self.stream.len() - self.stream_pos;
+        if held + input.len() > MAX_CHANNEL_BUFFER {
+            self.failed = true;
+            return Err(ControlError::BufferFull);
+        }
+        if self.input_pos > 0 {
+            self.input.drain(..self.input_pos);
+            self.input_pos = 0;
+        }
+        self.input.extend_from_slice(input);
+        Ok(())
+    }
+
+    /// The next complete message, if any.
+    pub fn poll_message(&mut self) -> Result<Option<ControlMsg>, ControlError> {
+        if self.failed {
+            return Err(ControlError::Poisoned);
+        }
+        let result = self.poll_inner();
+        if result.is_err() {
+            self.failed = true;
+        }
+        result
+    }
+
+    fn poll_inner(&mut self) -> Result<Option<ControlMsg>, ControlError> {
+        loop {
+            if let Some(msg) = self.take_message()? {
+                return Ok(Some(msg));
+            }
+            if !self.open_record()? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Takes one complete message off the plaintext stream, checking its length
+    /// prefix as soon as it is there.
+    fn take_message(&mut self) -> Result<Option<ControlMsg>, ControlError> {
+        let live = &self.stream[self.stream_pos..];
+        let [a, b, c, d, ..] = *live else { return Ok(None) };
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if len > MAX_MESSAGE {
+            return Err(ControlError::MessageTooLarge { len });
+        }
+        let Some(body) = live.get(4..4 + len) else { return Ok(None) };
+        let msg = decode_message(body)?;
+        self.stream_pos += 4 + len;
+        if self.stream_pos == self.stream.len() {
+            self.stream.clear();
+            self.stream_pos = 0;
+        } else if self.stream_pos > self.stream.len() / 2 {
+            self.stream.drain(..self.stream_pos);
+            self.stream_pos = 0;
+        }
+        Ok(Some(msg))
+    }
+
+    /// Decrypts the next frame onto the plaintext stream; false if none is complete.
+    fn open_record(&mut self) -> Result<bool, ControlError> {
+        let Some((frame, used)) = Frame::parse(&self.input[self.input_pos..])? else { return Ok(false) };
+        match frame.kind {
+            FrameType::Transport => {
+                let n = self.transport.read_message(frame.payload, &mut self.scratch).map_err(|e| match e {
+                    snow::Error::Decrypt => ControlError::Decrypt,
+                    other => ControlError::Noise(other.to_string()),
+                })?;
+                self.stream.extend_from_slice(&self.scratch[..n]);
+            }
+            FrameType::Refusal => return Err(ControlError::UnexpectedRefusal(sanitize_reason(frame.payload))),
+            FrameType::Handshake => {
+                return Err(ControlError::Malformed("handshake frame after the handshake completed"))
+            }
+        }
+        self.input_pos += used;
+        if self.input_pos == self.input.len() {
+            self.input.clear();
+            self.input_pos = 0;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preamble_round_trip_and_magic() {
+        let p = Preamble { min_version: 1, max_version: 3, password: true };
+        let b = p.emit();
+        assert_eq!(&b[..8], b"meshnet\0");
+        assert_eq!(b[8..], [1, 3, 1, 0]);
+        assert_eq!(Preamble::parse(&b), Ok(p));
+        let mut other = b;
+        other[11] = 0xff;
+        other[10] = 0xfe;
+        assert_eq!(Preamble::parse(&other), Ok(Preamble { password: false, ..p }), "unknown bits ignored");
+        let mut bad = b;
+        bad[0] = b'M';
+        assert_eq!(Preamble::parse(&bad), Err(BadMagic));
+    }
+
+    #[test]
+    fn frame_parse_checks_the_header_before_the_payload() {
+        assert_eq!(Frame::parse(&[]), Ok(None));
+        assert_eq!(Frame::parse(&[0, 5]), Ok(None));
+        assert_eq!(Frame::parse(&[0, 5, 1, 9]), Ok(None), "truncated payload waits");
+        assert_eq!(Frame::parse(&[0, 0, 1]), Err(FrameError::Empty));
+        assert_eq!(Frame::parse(&[0, 1, 7]), Err(FrameError::UnknownType(7)));
+        assert!(matches!(Frame::parse(&[0x10, 2, 0]), Err(FrameError::TooLarge { kind: FrameType::Handshake, .. })));
+        assert!(matches!(Frame::parse(&[1, 2, 2]), Err(FrameError::TooLarge { kind: FrameType::Refusal, .. })));
+        assert_eq!(Frame::parse(&[0xff, 0xff, 1]), Ok(None), "largest transport record is fine");
+        let (f, used) = Frame::parse(&[0, 3, 2, b'n', b'o', 0xaa]).unwrap().unwrap();
+        assert_eq!((f.kind, f.payload, used), (FrameType::Refusal, &b"no"[..], 5));
+        assert_eq!(Frame::parse(&[0, 1, 1]).unwrap().unwrap().0.payload, b"");
+    }
+
+    #[test]
+    fn frame_emit_round_trips_and_refuses_oversize() {
+        let mut out = Vec::new();
+        Frame::emit(FrameType::Transport, &[1, 2, 3], &mut out).unwrap();
+        assert_eq!(out, [0, 4, 1, 1, 2, 3]);
+        assert!(Frame::emit(FrameType::Refusal, &[b'x'; MAX_REFUSAL + 1], &mut out).is_err());
+        assert!(Frame::emit(FrameType::Transport, &vec![0; MAX_FRAME_PAYLOAD + 1], &mut out).is_err());
+        assert_eq!(out.len(), 6);
+    }
+
+    #[test]
+    fn reasons_are_sanitised() {
+        assert_eq!(sanitize_reason(b"bad\npass\xffword"), "bad?pass\u{fffd}word");
+    }
+
+    #[test]
+    fn message_codec_rejects_trailing_bytes_and_garbage() {
+        let body = encode_message(&ControlMsg::Goodbye("bye".into())).unwrap();
+        assert_eq!(decode_message(&body).unwrap(), ControlMsg::Goodbye("bye".into()));
+        let mut longer = body.clone();
+        longer.push(0);
+        assert!(matches!(decode_message(&longer), Err(ControlError::Malformed(_))));
+        assert!(matches!(decode_message(&[9]), Err(ControlError::Decode(_))));
+        // A Vec claiming 2^60 elements must fail on the limit, not allocate.
+        assert!(matches!(decode_message(&[1, 0xff, 0, 0, 0, 0, 0, 0, 0, 0x10]), Err(ControlError::Decode(_))));
+        assert!(decode_gossip(&[0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+    }
+}
