@@ -133,7 +133,7 @@ fn fifty_peers_churn_under_partitions() {
         check(&sim, seed);
         no_errors(&sim, seed);
         let seeds0 = sim.ipam(0).ring().seeds().to_vec();
-        assert!(seeds0.len() >= n / 2 + 1, "a quorum of initial peers owns the ring");
+        assert!(seeds0.len() > n / 2, "a quorum of initial peers owns the ring");
         let s = &w.stats;
         println!(
             "seed {seed}: agreed by tick {agreed_at}; ops: {} ready, {} pending ({} completed, {} failed, {} timed out), {} refused, {} frees, {} exact; \
@@ -419,8 +419,8 @@ fn differently_seeded_rings_refuse_to_merge() {
         let msg = e.to_string();
         assert!(msg.contains(&a[0].to_string()) && msg.contains(&b[0].to_string()), "{msg}");
     }
-    for i in 0..n {
-        assert_eq!(sim.ipam(i).ring_bytes(), before[i], "peer {i} changed its ring");
+    for (i, b) in before.iter().enumerate() {
+        assert_eq!(&sim.ipam(i).ring_bytes(), b, "peer {i} changed its ring");
     }
     // (No global uniqueness check here: these are two separate meshes, each
     // handing out the same range, which is exactly why they must not merge.)
@@ -497,7 +497,7 @@ fn scale_1000_peers() {
     println!(
         "totals: {} messages ({} lost, {} duplicated), {} MB, largest message {} KB; ring {entries} entries; \
          state (sum of snapshots) {} KB, {} KB per peer; snapshots written {} ({} MB); peak heap {} MB; wall {:.1?}",
-        net3.sent, net3.lost, net3.duplicated, net3.bytes >> 20, net3.largest >> 10, state >> 10, state / n as u64 >> 10,
+        net3.sent, net3.lost, net3.duplicated, net3.bytes >> 20, net3.largest >> 10, state >> 10, (state / n as u64) >> 10,
         sim.snapshots_written, sim.snapshot_bytes_written >> 20, (PEAK.load(Ordering::Relaxed) - heap0) >> 20, wall.elapsed()
     );
 }

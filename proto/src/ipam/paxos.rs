@@ -461,8 +461,8 @@ mod tests {
                     nodes[j].apply(init, up, now);
                     nodes[j].think(now, rng.next());
                 }
-                for k in 0..n {
-                    nodes[k].think(now, rng.next());
+                for node in nodes.iter_mut() {
+                    node.think(now, rng.next());
                 }
             }
             // Everyone talks at the end: all decide, and on one value.
