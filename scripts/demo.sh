@@ -92,15 +92,16 @@ case ${1:-} in
 esac
 
 [ "$(id -u)" = 0 ] || die "needs root to create network namespaces: sudo $0 $*"
-for tool in ip ping; do command -v "$tool" >/dev/null || die "missing '$tool' (apt-get install iproute2 iputils-ping)"; done
-
 find_bin
 if [ -z "${MESHNET_BIN:-}" ]; then
+    # System packages (iproute2, ping, ...) first, as the README promises.
+    if [ -x "$ROOT/scripts/deps.sh" ]; then "$ROOT/scripts/deps.sh"; fi
     command -v cargo >/dev/null || die "cargo not found (or set MESHNET_BIN to a meshnet binary)"
     say "Building meshnet (cargo build --release -p meshnet)"
     (cd "$ROOT" && cargo build --release -p meshnet)
 fi
 [ -x "$BIN" ] || die "no meshnet binary at $BIN"
+for tool in ip ping; do command -v "$tool" >/dev/null || die "missing '$tool' (apt-get install iproute2 iputils-ping)"; done
 
 # A crashed or kept earlier run must not get in the way.
 if [ -n "$(demo_namespaces)" ] || [ -e "$DIR" ]; then
@@ -171,9 +172,9 @@ umask 022
 echo "  $(wc -c < "$DIR/password") characters"
 
 say "Launch the routers: h2 joins h1; h3 is told only about h2"
-mn 1 launch --password-file "$DIR/password"
-mn 2 launch --password-file "$DIR/password" "$UNDERLAY.1"
-mn 3 launch --password-file "$DIR/password"
+mn 1 launch --nickname h1 --password-file "$DIR/password"
+mn 2 launch --nickname h2 --password-file "$DIR/password" "$UNDERLAY.1"
+mn 3 launch --nickname h3 --password-file "$DIR/password"
 mn 3 connect "$UNDERLAY.2"
 
 say "Attach a container to the overlay on each host"

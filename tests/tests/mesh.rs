@@ -4,6 +4,15 @@
 //! underlay `10.250.<k>.0/24`, containers `c<j>` attached as `10.40.0.<j>/16`.
 //! They need root and skip otherwise. `MESHNET_BIN=...` picks the binary,
 //! `MESHNET_LAB_KEEP=1` keeps a failed lab, `MESHNET_E2E=0` skips them all.
+//!
+//! 1. three hosts, discovery by gossip, attach/ps/attach twice, full-MTU frames
+//! 2. wrong or missing password is refused, both sides say why
+//! 3. no plaintext on the underlay (pcap), with a control capture inside
+//! 4. stop/launch keeps name, targets and attachments
+//! 5. reset leaves the host clean; launch works again
+//! 6. bad input fails clearly and changes nothing; network garbage is survived
+//! 7. detach, forget, connect --replace, targets persisted
+//! 8. a mesh of five settles to one established connection per pair
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -280,6 +289,9 @@ fn wrong_or_missing_password_is_refused() {
         })
     });
     assert!(refused, "h4 (wrong password) shows no refused connection to h1 naming password/authentication: {last:#}");
+    for c in connections_to(&last, &h1.ip) {
+        eprintln!("h4 -> h1: {} {}: {}", c["direction"], c["state"], c["info"]);
+    }
     assert!(
         !ever,
         "h4 with the wrong password got an established connection: {last:#}"
@@ -331,6 +343,12 @@ fn wrong_or_missing_password_is_refused() {
         })
     });
     assert!(refused, "h5 (no password) shows no refused connection to h1 saying a password is required: {last:#}");
+    for c in connections_to(&last, &h1.ip) {
+        eprintln!("h5 -> h1: {} {}: {}", c["direction"], c["state"], c["info"]);
+    }
+    for l in h1.log().lines().filter(|l| mentions_password(l)).take(4) {
+        eprintln!("h1 log: {l}");
+    }
     assert!(
         !ever,
         "h5 without a password got an established connection: {last:#}"
@@ -693,4 +711,152 @@ fn bad_input_changes_nothing() {
         "h2 lost h1 after the garbage: {:#}",
         h2.status_json()
     );
+}
+
+/// Scenario 7: detach takes addresses (then the interface) away; forget and
+/// `connect --replace` edit the persisted targets, which survive a restart.
+#[test]
+fn detach_and_forget() {
+    let Some(lab) = Lab::new("detach") else {
+        return;
+    };
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
+    h1.launch(&[]);
+    h2.launch(&[&h1.ip]);
+    h1.meshnet(&["attach", "10.40.0.1/16", "10.40.1.1/16", &c1.ns])
+        .expect_ok("attach two addresses");
+    attach(&h2, &c2);
+    assert_pings(&c2, 1, SECS(30));
+    assert!(
+        ping(&c2.ns, "10.40.1.1", 2),
+        "c2 cannot reach c1's second address"
+    );
+    let ps = h1.ps_json();
+    let mut addrs = ps[0]["addresses"].clone();
+    if let Value::Array(a) = &mut addrs {
+        a.sort_by_key(|v| v.to_string());
+    }
+    assert_eq!(
+        addrs,
+        serde_json::json!(["10.40.0.1/16", "10.40.1.1/16"]),
+        "{ps:#?}"
+    );
+
+    h1.meshnet(&["detach", "10.40.1.1/16", &c1.ns])
+        .expect_ok("detach one address");
+    let ethwe = link(&c1.ns, "ethwe").expect("ethwe stays while it has addresses");
+    assert_eq!(ipv4_of(&ethwe), vec!["10.40.0.1/16".to_string()]);
+    assert_eq!(
+        h1.ps_json()[0]["addresses"],
+        serde_json::json!(["10.40.0.1/16"])
+    );
+    assert!(
+        ping(&c2.ns, &overlay(1), 2),
+        "c1's remaining address stopped working"
+    );
+    assert!(
+        !ping(&c2.ns, "10.40.1.1", 2),
+        "the detached address still answers"
+    );
+
+    h1.meshnet(&["detach", &c1.ns])
+        .expect_ok("detach everything");
+    assert!(
+        link(&c1.ns, "ethwe").is_none(),
+        "ethwe left after a full detach: {:#?}",
+        links(&c1.ns)
+    );
+    let ps = h1.ps_json();
+    assert!(
+        !ps.iter().any(|e| e["target"] == c1.ns.as_str()),
+        "ps still lists c1: {ps:#?}"
+    );
+    assert!(
+        !ping(&c2.ns, &overlay(1), 2),
+        "c1 still answers after detach"
+    );
+
+    // Targets: forget, connect --replace, persisted across stop/launch.
+    assert_eq!(h2.targets(), vec![h1.addr()]);
+    h2.meshnet(&["forget", &h1.ip]).expect_ok("forget h1");
+    assert!(h2.targets().is_empty(), "forget left {:?}", h2.targets());
+    h2.meshnet(&["connect", &h1.ip, &h3.addr()])
+        .expect_ok("connect two");
+    assert_eq!(h2.targets().len(), 2, "{:?}", h2.targets());
+    h2.meshnet(&["connect", "--replace", &h3.ip])
+        .expect_ok("connect --replace");
+    assert_eq!(h2.targets(), vec![h3.addr()], "--replace did not replace");
+    h2.meshnet(&["stop"]).expect_ok("stop h2");
+    assert!(
+        wait_until(SECS(10), || h2.pids().is_empty()),
+        "h2 did not stop"
+    );
+    h2.launch(&[]);
+    assert_eq!(
+        h2.targets(),
+        vec![h3.addr()],
+        "targets not persisted across a restart"
+    );
+}
+
+/// Scenario 8: a full mesh of five settles. h2..h5 are only told about h1, so
+/// they find each other by gossip at the same moment and dial each other
+/// simultaneously; afterwards every host must show exactly one established
+/// connection per other peer and nothing stale (connecting/retrying/failed).
+#[test]
+#[ignore = "product bug: after a simultaneous dial the losing outbound connection stays listed \
+            as `retrying ... retry in 0s` forever; run with --ignored once fixed"]
+fn five_hosts_settle_to_one_connection_per_pair() {
+    let Some(lab) = Lab::new("five") else { return };
+    let hs: Vec<Host> = (1..=5).map(|i| lab.add_host(i)).collect();
+    let c2 = lab.add_container(&hs[1], 2);
+    let c5 = lab.add_container(&hs[4], 5);
+    let mut names = vec![hs[0].launch(&[])];
+    for h in &hs[1..] {
+        names.push(h.launch(&[&hs[0].ip]));
+    }
+    attach(&hs[1], &c2);
+    attach(&hs[4], &c5);
+    assert_pings(&c2, 5, SECS(30));
+
+    let settled = |h: &Host| {
+        let s = h.status_json();
+        let conns = connections(&s);
+        conns.len() == 4
+            && conns.iter().all(|c| c["state"] == "established")
+            && names.iter().filter(|n| established_with(&s, n)).count() == 4
+    };
+    let ok = wait_until(SECS(20), || hs.iter().all(settled));
+    if !ok {
+        let views: Vec<String> = hs
+            .iter()
+            .map(|h| {
+                let conns = connections(&h.status_json());
+                let lines: Vec<String> = conns
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "    {} {} {} peer={} info={}",
+                            c["direction"], c["address"], c["state"], c["peer"], c["info"]
+                        )
+                    })
+                    .collect();
+                format!("  {} ({}):\n{}", h.ns, h.ip, lines.join("\n"))
+            })
+            .collect();
+        panic!(
+            "the mesh of five did not settle to one established connection per pair within 20 s:\n{}",
+            views.join("\n")
+        );
+    }
+    for h in &hs {
+        let s = h.status_json();
+        assert_eq!(
+            peer_names(&s).len(),
+            5,
+            "{} does not know all five peers: {s:#}",
+            h.ns
+        );
+    }
 }
