@@ -43,7 +43,7 @@ enum Cmd {
         #[arg(required = true, value_name = "PEER")]
         peers: Vec<String>,
     },
-    /// Give TARGET (netns name or PID) an interface `ethwe` on the overlay with these addresses.
+    /// Give TARGET (netns name, PID, Docker container name or ID, or namespace path) an interface `ethwe` on the overlay with these addresses.
     Attach {
         /// CIDR... TARGET
         #[arg(required = true, num_args = 1.., value_name = "CIDR... TARGET")]
@@ -147,7 +147,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Attach { mut args } => {
             let target = args.pop().expect("clap requires one");
-            let v = call(&state, Request::Attach { target, cidrs: args })?;
+            let v = call(&state, Request::Attach { target, cidrs: args, ifname: None })?;
             let addrs: Vec<String> = serde_json::from_value(v["addresses"].clone()).unwrap_or_default();
             println!("{}", addrs.join(" "));
             Ok(ExitCode::SUCCESS)
@@ -165,7 +165,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 let entries: Vec<PsEntry> = serde_json::from_value(v)?;
                 for e in entries {
-                    println!("{} {} {}", e.target, e.mac, e.addresses.join(" "));
+                    let target = match &e.container_id {
+                        Some(id) => format!("{}[{id}]", e.target),
+                        None => e.target.clone(),
+                    };
+                    println!("{target} {} {}", e.mac, e.addresses.join(" "));
                 }
             }
             Ok(ExitCode::SUCCESS)

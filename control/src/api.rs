@@ -20,7 +20,15 @@ pub enum Request {
     Status,
     Connect { peers: Vec<String>, replace: bool },
     Forget { peers: Vec<String> },
-    Attach { target: String, cidrs: Vec<String> },
+    /// `target`: netns name, PID, Docker container, or a namespace path
+    /// (`/var/run/netns/NAME`, `/proc/PID/ns/net`); `ifname`: the interface
+    /// inside it (default `ethwe`).
+    Attach {
+        target: String,
+        cidrs: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ifname: Option<String>,
+    },
     Detach { target: String, cidrs: Vec<String> },
     Ps,
     Stop,
@@ -71,10 +79,17 @@ pub struct Status {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PsEntry {
+    /// netns name, PID, namespace path, or the Docker container's name.
     pub target: String,
     pub kind: String,
     pub mac: String,
     pub addresses: Vec<String>,
+    /// Interface inside the target (`ethwe` unless attached with another name).
+    #[serde(default)]
+    pub interface: String,
+    /// Short Docker container ID, for kind "docker".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
 }
 
 /// Why the CLI could not reach a router.

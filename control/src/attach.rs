@@ -1,17 +1,33 @@
-//! Attaching targets (network namespaces, PIDs; Docker containers later) to the
-//! router's bridge, and remembering them in the state directory.
+//! Attaching targets (network namespaces, PIDs, Docker containers, namespace
+//! paths) to the router's bridge, and remembering them in the state directory.
+//!
+//! A TARGET is resolved in this order:
+//! 1. `/...`: a namespace file given by path (`/var/run/netns/cni-1234`,
+//!    `/proc/123/ns/net`), as a CNI runtime passes it;
+//! 2. an `ip netns` name (`/run/netns/NAME`);
+//! 3. a PID (its network namespace);
+//! 4. a Docker container name or ID, through the Docker Engine API
+//!    ([`crate::docker`]): its main process's namespace.
 
+use std::ffi::CString;
 use std::net::IpAddr;
-use std::path::Path;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use meshnet_router::netlink::{self, AttachSpec, Attached};
 use meshnet_router::netns::Netns;
 
+use crate::docker::{self, ContainerId, DockerError};
 use crate::state::{Attachment, StateDir};
 
-/// Interface name inside every attached target.
+/// Default interface name inside every attached target.
 pub const CONTAINER_IF: &str = "ethwe";
+
+/// `statfs` magic of nsfs, the file system of namespace files.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+/// `ioctl(fd, NS_GET_NSTYPE)`: which kind of namespace a namespace file is.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
 
 /// Parses `ip/prefix` (IPv4 or IPv6).
 pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8)> {
@@ -35,34 +51,119 @@ pub fn format_cidr(a: &(IpAddr, u8)) -> String {
     format!("{}/{}", a.0, a.1)
 }
 
-/// A resolved target: how to enter it and what kind it is.
-pub struct Target {
-    pub netns: Netns,
-    pub kind: &'static str,
+/// The interface name inside an attached target.
+pub fn ifname_of(a: &Attachment) -> &str {
+    a.ifname.as_deref().unwrap_or(CONTAINER_IF)
 }
 
-/// Resolves TARGET: an `ip netns` name, then a PID. (Docker containers come later.)
+/// A resolved target: how to enter it, what kind it is, and how to call it.
+pub struct Target {
+    pub netns: Netns,
+    /// "path", "netns", "pid" or "docker".
+    pub kind: &'static str,
+    /// How it is remembered and shown: the path, netns name or PID as given, or
+    /// the Docker container's name (also when it was given by ID).
+    pub name: String,
+    /// The container, for kind "docker".
+    pub container: Option<ContainerId>,
+}
+
+/// Resolves TARGET (see the module docs for the order).
 pub fn resolve(target: &str) -> Result<Target> {
+    if target.starts_with('/') {
+        return resolve_path(target);
+    }
     let valid_name = !target.is_empty()
         && target != "."
         && target != ".."
         && !target.contains('/')
         && !target.contains('\0');
+    let mut tried = Vec::new();
     if valid_name && Path::new("/run/netns").join(target).exists() {
         let netns = Netns::named(target).with_context(|| format!("target {target}"))?;
-        return Ok(Target { netns, kind: "netns" });
+        return Ok(Target { netns, kind: "netns", name: target.to_string(), container: None });
     }
-    if let Ok(pid) = target.parse::<u32>() {
-        if pid > 0 && Path::new(&format!("/proc/{pid}/ns/net")).exists() {
+    tried.push(if valid_name {
+        format!("network namespace /run/netns/{target} (none)")
+    } else {
+        "network namespace (not a valid name)".to_string()
+    });
+    match target.parse::<u32>() {
+        Ok(pid) if pid > 0 && Path::new(&format!("/proc/{pid}/ns/net")).exists() => {
             let netns = Netns::of_pid(pid).with_context(|| format!("target {target}"))?;
-            return Ok(Target { netns, kind: "pid" });
+            return Ok(Target { netns, kind: "pid", name: target.to_string(), container: None });
+        }
+        Ok(_) => tried.push(format!("process id {target} (no such process)")),
+        Err(_) => tried.push("process id (not a number)".to_string()),
+    }
+    if !docker::plausible_reference(target) {
+        tried.push("Docker container (not a valid container name)".to_string());
+    } else {
+        match docker::inspect_blocking(target) {
+            Ok(c) => return docker_target(target, c),
+            Err(e @ DockerError::NoSuchContainer(_)) => tried.push(format!("Docker container ({e})")),
+            Err(e @ DockerError::NoEngine { .. }) => tried.push(format!("Docker container ({e})")),
+            Err(DockerError::Engine { socket, message }) => {
+                tried.push(format!("Docker container (the engine at {socket} said: {message})"))
+            }
+            Err(e @ DockerError::NotRunning { .. }) => bail!("target {target:?}: {e}"),
         }
     }
-    bail!(
-        "unknown target {target:?}: tried network namespace /run/netns/{target}, process id{}; \
-         Docker containers are not supported yet",
-        if target.parse::<u32>().is_ok() { "" } else { " (not a number)" }
-    )
+    bail!("unknown target {target:?}: tried {}", tried.join(", "))
+}
+
+fn docker_target(target: &str, c: docker::Container) -> Result<Target> {
+    let Some(pid) = c.pid else {
+        bail!(
+            "target {target:?}: {}",
+            DockerError::NotRunning { name: c.id.name.clone(), short: c.id.short().into(), status: c.status }
+        );
+    };
+    let hint = "run the router in the host's PID namespace (docker run --pid=host, hostPID: true)";
+    let netns = Netns::of_pid(pid)
+        .map_err(|e| anyhow::anyhow!("Docker container {} ({}) has PID {pid}, but {e}; {hint}", c.id.name, c.id.short()))?;
+    // The PID is the engine's: make sure it is the same process here, not another
+    // one that happens to have that number in our own PID namespace.
+    if let Ok(cg) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+        if !cg.contains(&c.id.id) && !cg.trim().is_empty() && !cg.lines().all(|l| l.ends_with(":/")) {
+            bail!(
+                "Docker container {} ({}) has PID {pid}, but that process here is not in the container's cgroup; {hint}",
+                c.id.name,
+                c.id.short()
+            );
+        }
+    }
+    let name = if c.id.name.is_empty() { target.to_string() } else { c.id.name.clone() };
+    Ok(Target { netns, kind: "docker", name, container: Some(c.id) })
+}
+
+/// A namespace file given by path: it must exist and be a network namespace.
+fn resolve_path(target: &str) -> Result<Target> {
+    if target.contains('\0') || target.split('/').any(|c| c == "..") {
+        bail!("target {target:?}: not a valid namespace path");
+    }
+    let path = PathBuf::from(target);
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("unknown target {target:?}: no such namespace file")
+        }
+        Err(e) => bail!("target {target:?}: {e}"),
+    };
+    let cpath = CString::new(target).context("namespace path")?;
+    // SAFETY: statfs on a NUL-terminated path into a zeroed struct we own.
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    let is_nsfs = unsafe { libc::statfs(cpath.as_ptr(), &mut sfs) } == 0 && sfs.f_type as i64 == NSFS_MAGIC;
+    if !is_nsfs {
+        bail!("target {target:?}: not a namespace file (expected e.g. /var/run/netns/NAME or /proc/PID/ns/net)");
+    }
+    // SAFETY: ioctl NS_GET_NSTYPE on an open namespace file; no memory is passed.
+    let nstype = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if nstype >= 0 && nstype != libc::CLONE_NEWNET {
+        bail!("target {target:?}: not a network namespace");
+    }
+    let netns = Netns { path, label: target.to_string() };
+    Ok(Target { netns, kind: "path", name: target.to_string(), container: None })
 }
 
 /// Host-side veth name for a namespace, stable across restarts.
@@ -70,7 +171,8 @@ pub fn host_if_name(ns_inode: u64) -> String {
     format!("vmn{:08x}", (ns_inode ^ (ns_inode >> 32)) as u32)
 }
 
-/// Attaches `addrs` to `target` and updates the remembered attachments.
+/// Attaches `addrs` to `target` (as interface `ifname`, default [`CONTAINER_IF`])
+/// and updates the remembered attachments.
 pub fn attach(
     state: &StateDir,
     attachments: &mut Vec<Attachment>,
@@ -78,9 +180,23 @@ pub fn attach(
     mtu: u32,
     target: &str,
     addrs: &[(IpAddr, u8)],
+    ifname: Option<&str>,
 ) -> Result<Attached> {
     let t = resolve(target)?;
     let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
+    let ifname = ifname.filter(|s| !s.is_empty()).unwrap_or(CONTAINER_IF);
+    if let Some(e) = attachments.iter().find(|x| x.ns_inode == inode) {
+        if ifname_of(e) != ifname {
+            bail!("{target} is already attached as {} (detach it first to use {ifname})", ifname_of(e));
+        }
+    }
+    // Forget what is remembered of namespaces that are gone and stand in the way:
+    // same name (a container re-created under its old name while we did not
+    // watch) or an address wanted here.
+    forget_gone(state, attachments, |x| {
+        x.ns_inode != inode
+            && (same_target(x, &t) || x.addrs.iter().any(|y| addrs.iter().any(|a| same_ip(y, &a.0))))
+    })?;
     // An address may belong to one target only.
     for a in addrs {
         let text = format_cidr(a);
@@ -96,7 +212,7 @@ pub fn attach(
         target: t.netns.clone(),
         bridge: bridge.to_string(),
         host_if: host_if.clone(),
-        container_if: CONTAINER_IF.to_string(),
+        container_if: ifname.to_string(),
         mtu,
         addrs: addrs.to_vec(),
     };
@@ -105,12 +221,14 @@ pub fn attach(
         Some(e) => e,
         None => {
             attachments.push(Attachment {
-                target: target.to_string(),
+                target: t.name.clone(),
                 kind: t.kind.to_string(),
                 ns_path: t.netns.path.clone(),
                 ns_inode: inode,
                 host_if,
                 addrs: Vec::new(),
+                ifname: (ifname != CONTAINER_IF).then(|| ifname.to_string()),
+                container_id: t.container.as_ref().map(|c| c.id.clone()),
             });
             attachments.last_mut().expect("just pushed")
         }
@@ -125,16 +243,48 @@ pub fn attach(
     Ok(attached)
 }
 
-/// Detaches `addrs` (all when empty) from `target`.
+/// Detaches `addrs` (all when empty) from `target`. Returns whether anything changed.
+///
+/// A target that no longer resolves (a container that died, a deleted netns or
+/// namespace file) but is remembered, by name, container ID or path, is
+/// forgotten and its host interface removed. A namespace path that is neither
+/// there nor remembered is nothing to do (`Ok(false)`): CNI's DEL must be
+/// idempotent.
 pub fn detach(
     state: &StateDir,
     attachments: &mut Vec<Attachment>,
     target: &str,
     addrs: &[(IpAddr, u8)],
 ) -> Result<bool> {
-    let t = resolve(target)?;
-    let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
-    let removed = netlink::detach(&t.netns, CONTAINER_IF, addrs).with_context(|| format!("detach from {target}"))?;
+    let (netns, inode, ifname) = match resolve(target) {
+        Ok(t) => {
+            let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
+            // An earlier incarnation of the same target (a restarted container).
+            forget_gone(state, attachments, |x| x.ns_inode != inode && same_target(x, &t))?;
+            let ifname = attachments
+                .iter()
+                .find(|x| x.ns_inode == inode)
+                .map(|x| ifname_of(x).to_string())
+                .unwrap_or_else(|| CONTAINER_IF.to_string());
+            (t.netns, inode, ifname)
+        }
+        Err(e) => match find_remembered(attachments, target) {
+            Some(i) => match still_there(&attachments[i]) {
+                // Reachable without resolving (say the Docker Engine is down).
+                Some(ns) => (ns, attachments[i].ns_inode, ifname_of(&attachments[i]).to_string()),
+                None => {
+                    let gone = attachments.remove(i);
+                    log::info!("{} is gone; forgetting its attachment ({})", gone.target, gone.addrs.join(" "));
+                    let _ = netlink::delete_link(&gone.host_if);
+                    state.save_attachments(attachments)?;
+                    return Ok(true);
+                }
+            },
+            None if target.starts_with('/') && !Path::new(target).exists() => return Ok(false),
+            None => return Err(e),
+        },
+    };
+    let removed = netlink::detach(&netns, &ifname, addrs).with_context(|| format!("detach from {target}"))?;
     if let Some(i) = attachments.iter().position(|x| x.ns_inode == inode) {
         if addrs.is_empty() {
             attachments.remove(i);
@@ -147,6 +297,44 @@ pub fn detach(
         state.save_attachments(attachments)?;
     }
     Ok(removed)
+}
+
+/// Forgets the remembered attachments that `which` picks and whose namespace is
+/// gone, removing their host interfaces.
+fn forget_gone(state: &StateDir, attachments: &mut Vec<Attachment>, which: impl Fn(&Attachment) -> bool) -> Result<()> {
+    let before = attachments.len();
+    attachments.retain(|x| {
+        if which(x) && still_there(x).is_none() {
+            log::info!("forgetting {} ({}): its namespace is gone", x.target, x.addrs.join(" "));
+            let _ = netlink::delete_link(&x.host_if);
+            return false;
+        }
+        true
+    });
+    if attachments.len() != before {
+        state.save_attachments(attachments)?;
+    }
+    Ok(())
+}
+
+fn same_target(x: &Attachment, t: &Target) -> bool {
+    x.target == t.name
+        || t.container.as_ref().is_some_and(|c| x.container_id.as_deref() == Some(c.id.as_str()))
+}
+
+/// The remembered attachment called `target`: by name, path, or Docker
+/// container ID (full, or a prefix of at least 12 digits).
+pub fn find_remembered(attachments: &[Attachment], target: &str) -> Option<usize> {
+    attachments.iter().position(|a| {
+        a.target == target
+            || (target.starts_with('/') && a.ns_path == Path::new(target))
+            || a.container_id.as_deref().is_some_and(|id| id == target || (target.len() >= 12 && id.starts_with(target)))
+    })
+}
+
+/// Is `a` the attachment of Docker container `id`?
+pub fn is_container(a: &Attachment, id: &ContainerId) -> bool {
+    a.container_id.as_deref() == Some(id.id.as_str())
 }
 
 fn same_ip(cidr: &str, ip: &IpAddr) -> bool {
@@ -177,11 +365,68 @@ mod tests {
 
     #[test]
     fn unknown_targets_are_clear_errors() {
-        let e = resolve("definitely-not-a-namespace-xyz").err().unwrap().to_string();
+        let e = format!("{:#}", resolve("definitely-not-a-namespace-xyz").err().unwrap());
         assert!(e.contains("unknown target") && e.contains("/run/netns/"), "{e}");
+        assert!(e.contains("process id (not a number)") && e.contains("Docker container ("), "{e}");
         assert!(resolve("../etc").is_err());
         assert!(resolve("").is_err());
-        assert!(resolve("4294967295").is_err());
+        let e = format!("{:#}", resolve("4294967295").err().unwrap());
+        assert!(e.contains("process id 4294967295 (no such process)"), "{e}");
+    }
+
+    #[test]
+    fn namespace_paths() {
+        let t = resolve("/proc/self/ns/net").unwrap();
+        assert_eq!((t.kind, t.name.as_str()), ("path", "/proc/self/ns/net"));
+        let e = format!("{:#}", resolve("/proc/self/ns/pid").err().unwrap());
+        assert!(e.contains("not a network namespace"), "{e}");
+        let e = format!("{:#}", resolve("/etc/hostname").err().unwrap());
+        assert!(e.contains("not a namespace file"), "{e}");
+        let e = format!("{:#}", resolve("/var/run/netns/definitely-not-there-xyz").err().unwrap());
+        assert!(e.contains("no such namespace file"), "{e}");
+        assert!(resolve("/run/netns/../../etc/hostname").is_err());
+    }
+
+    fn remembered(target: &str, path: &str, id: Option<&str>) -> Attachment {
+        Attachment {
+            target: target.into(),
+            kind: if id.is_some() { "docker" } else { "path" }.into(),
+            ns_path: path.into(),
+            ns_inode: 1,
+            host_if: "vmnx".into(),
+            addrs: vec![],
+            ifname: None,
+            container_id: id.map(String::from),
+        }
+    }
+
+    #[test]
+    fn remembered_by_name_path_or_id() {
+        let id = "3f4e5a6b7c8d9e0f11223344556677889900aabbccddeeff0011223344556677";
+        let a = vec![remembered("/var/run/netns/cni-1", "/var/run/netns/cni-1", None), remembered("web", "/proc/9/ns/net", Some(id))];
+        assert_eq!(find_remembered(&a, "/var/run/netns/cni-1"), Some(0));
+        assert_eq!(find_remembered(&a, "web"), Some(1));
+        assert_eq!(find_remembered(&a, id), Some(1));
+        assert_eq!(find_remembered(&a, "3f4e5a6b7c8d"), Some(1));
+        assert_eq!(find_remembered(&a, "3f4e"), None);
+        assert_eq!(find_remembered(&a, "other"), None);
+        assert!(is_container(&a[1], &ContainerId { id: id.into(), name: "web".into() }));
+        assert_eq!(ifname_of(&a[0]), CONTAINER_IF);
+    }
+
+    #[test]
+    fn detaching_a_gone_path_is_nothing_to_do() {
+        let dir = std::env::temp_dir().join(format!("meshnet-attach-{}", std::process::id()));
+        let state = StateDir::new(&dir);
+        state.ensure().unwrap();
+        let mut a = vec![];
+        assert!(!detach(&state, &mut a, "/var/run/netns/gone-xyz", &[]).unwrap());
+        // Remembered but gone: forgotten.
+        let mut a = vec![remembered("/var/run/netns/gone-xyz", "/var/run/netns/gone-xyz", None)];
+        assert!(detach(&state, &mut a, "/var/run/netns/gone-xyz", &[]).unwrap());
+        assert!(a.is_empty());
+        assert!(state.load_attachments().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

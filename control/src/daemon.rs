@@ -147,6 +147,12 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(conn::accept_loop(mesh.clone(), local.clone(), listener));
         tasks.spawn(conn::maker_loop(mesh.clone(), local.clone()));
         tasks.spawn(api_loop(ctx.clone(), api_listener));
+        // Docker containers that die or are removed lose their attachment.
+        let gone_ctx = ctx.clone();
+        tasks.spawn(crate::docker::watch_events(move |c| {
+            let ctx = gone_ctx.clone();
+            tokio::task::spawn_blocking(move || container_gone(&ctx, c));
+        }));
 
         let mut sig_term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut sig_int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -184,7 +190,7 @@ fn reattach(cfg: &Config, a: &Attachment, addrs: &[(IpAddr, u8)]) -> Result<()> 
         target: ns,
         bridge: cfg.bridge.clone(),
         host_if: a.host_if.clone(),
-        container_if: attach::CONTAINER_IF.into(),
+        container_if: attach::ifname_of(a).into(),
         mtu: cfg.mtu,
         addrs: addrs.to_vec(),
     })?;
@@ -196,7 +202,7 @@ fn reattach(cfg: &Config, a: &Attachment, addrs: &[(IpAddr, u8)]) -> Result<()> 
 pub fn remove_devices(state: &StateDir, attachments: &[Attachment]) {
     for a in attachments {
         if let Some(ns) = attach::still_there(a) {
-            if let Err(e) = netlink::detach(&ns, attach::CONTAINER_IF, &[]) {
+            if let Err(e) = netlink::detach(&ns, attach::ifname_of(a), &[]) {
                 log::warn!("detaching {}: {e}", a.target);
             }
         }
@@ -305,13 +311,13 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let parsed = parse_peers(&peers, s.port)?;
             Ok(json!(mesh.forget_targets(&parsed)?))
         }
-        Request::Attach { target, cidrs } => {
+        Request::Attach { target, cidrs, ifname } => {
             if cidrs.is_empty() {
                 bail!("attach {target}: give at least one address as CIDR, e.g. 10.40.0.1/16");
             }
             let addrs = cidrs.iter().map(|c| parse_cidr(c)).collect::<Result<Vec<_>>>()?;
             let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
-            let done = attach::attach(&mesh.state, &mut a, &s.bridge, s.mtu, &target, &addrs)?;
+            let done = attach::attach(&mesh.state, &mut a, &s.bridge, s.mtu, &target, &addrs, ifname.as_deref())?;
             Ok(json!({
                 "target": target,
                 "interface": done.container_if,
@@ -329,7 +335,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let mut out = Vec::new();
             for at in a {
-                let seen = attach::still_there(&at).and_then(|ns| netlink::inspect(&ns, attach::CONTAINER_IF).ok().flatten());
+                let seen = attach::still_there(&at).and_then(|ns| netlink::inspect(&ns, attach::ifname_of(&at)).ok().flatten());
                 out.push(api::PsEntry {
                     target: at.target.clone(),
                     kind: at.kind.clone(),
@@ -337,11 +343,31 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                     addresses: seen
                         .map(|s| s.addrs.iter().map(attach::format_cidr).collect())
                         .unwrap_or_else(|| at.addrs.clone()),
+                    interface: attach::ifname_of(&at).to_string(),
+                    container_id: at.container_id.as_ref().map(|id| id[..id.len().min(12)].to_string()),
                 });
             }
             Ok(serde_json::to_value(out)?)
         }
         Request::Stop | Request::Reset => Ok(json!({ "stopping": true })),
+    }
+}
+
+/// A Docker container died or was removed: if it is attached, detach it the
+/// way `meshnet detach` does (so whatever that releases is released).
+fn container_gone(ctx: &ApiCtx, c: crate::docker::ContainerId) {
+    let attached = ctx
+        .attachments
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .any(|a| attach::is_container(a, &c));
+    if !attached {
+        return;
+    }
+    log::info!("container {} ({}) is gone: detaching it", c.name, c.short());
+    if let Err(e) = handle(ctx, Request::Detach { target: c.id.clone(), cidrs: vec![] }) {
+        log::warn!("detaching container {} ({}): {e:#}", c.name, c.short());
     }
 }
 

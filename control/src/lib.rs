@@ -7,12 +7,14 @@
 //! * [`daemon`] — `run`: devices, sockets, tasks, shutdown; `reset_offline`;
 //! * [`mesh`] — shared router state: topology, connections, targets, gossip;
 //! * [`conn`] — one TCP connection (handshake, messages, heartbeats) and the connection maker;
-//! * [`attach`] — resolving targets and attaching them to the bridge.
+//! * [`attach`] — resolving targets and attaching them to the bridge;
+//! * [`docker`] — Docker containers as targets, and their death through the engine's events.
 
 pub mod api;
 pub mod attach;
 pub mod conn;
 pub mod daemon;
+pub mod docker;
 pub mod logger;
 pub mod mesh;
 pub mod peeraddr;

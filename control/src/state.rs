@@ -38,6 +38,12 @@ pub struct Attachment {
     pub host_if: String,
     /// Addresses as `ip/prefix`.
     pub addrs: Vec<String>,
+    /// Interface name inside the target when not the default `ethwe` (CNI's `CNI_IFNAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+    /// Full Docker container ID, for kind "docker": its death releases the attachment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
 }
 
 /// Devices the router created, so `reset` removes exactly those.
@@ -70,6 +76,10 @@ impl StateDir {
     }
     fn attachments_path(&self) -> PathBuf {
         self.root.join("attachments.json")
+    }
+    /// The IPAM snapshot (ring, consensus state, allocations).
+    pub fn ipam(&self) -> PathBuf {
+        self.root.join("ipam.bin")
     }
     fn devices_path(&self) -> PathBuf {
         self.root.join("devices.json")
@@ -232,6 +242,8 @@ mod tests {
             ns_inode: 7,
             host_if: "vmesh1".into(),
             addrs: vec!["10.40.0.1/16".into()],
+            ifname: None,
+            container_id: None,
         };
         s.save_attachments(std::slice::from_ref(&a)).unwrap();
         assert_eq!(s.load_attachments().unwrap(), vec![a]);
