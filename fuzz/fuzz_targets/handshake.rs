@@ -1,0 +1,50 @@
+//! Feeds arbitrary bytes to a responder `Handshake`, in pieces whose sizes the
+//! input chooses, the way a stranger connecting to port 6783 could.
+//!
+//! First byte: bit 0 = use a password, bit 1 = prepend a valid preamble (so the
+//! fuzzer reaches the frame parser and Noise without guessing the magic), bits
+//! 2..8 = feed split size. Nothing may panic; after an error, output may hold
+//! at most a refusal and further feeds must fail.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use meshnet_proto::handshake::{derive_psk_with_iterations, Handshake, HandshakeConfig, Hello, Role, CAP_SUPERFRAMES};
+use meshnet_proto::identity::Identity;
+use meshnet_proto::wire::control::Preamble;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&mode, rest)) = data.split_first() else { return };
+    let password = mode & 1 != 0;
+    let identity = Identity::from_private([0x42; 32]).unwrap();
+    let hello = Hello {
+        name: identity.name(),
+        nickname: "fuzz".into(),
+        uid: 1,
+        software: "meshnet fuzz".into(),
+        tcp_port: 6783,
+        udp_port: 6784,
+        receiver_index: 1,
+        capabilities: CAP_SUPERFRAMES,
+    };
+    let psk = password.then(|| derive_psk_with_iterations(b"fuzz", 1));
+    let mut hs = Handshake::new(Role::Responder, HandshakeConfig { identity, psk, hello }).unwrap();
+    let _ = hs.take_output();
+
+    let mut input = Vec::new();
+    if mode & 2 != 0 {
+        input.extend_from_slice(&Preamble { min_version: 1, max_version: 1, password }.emit());
+    }
+    input.extend_from_slice(rest);
+    let split = 1 + (mode >> 2) as usize * 37;
+    for piece in input.chunks(split) {
+        if hs.feed(piece).is_err() {
+            let _ = hs.take_output();
+            assert!(hs.feed(b"x").is_err());
+            return;
+        }
+        let _ = hs.take_output();
+    }
+    if hs.is_complete() {
+        let _ = hs.finish();
+    }
+});
