@@ -14,6 +14,7 @@ use meshnet_control::api::{self, ClientError, ConnectionStatus, PeerStatus, PsEn
 use meshnet_control::daemon::{self, Config, DEFAULT_MTU, DEFAULT_PORT};
 use meshnet_control::peeraddr::PeerAddr;
 use meshnet_control::state::{StateDir, DEFAULT_STATE_DIR};
+use meshnet_proto::ipam::Cidr;
 use meshnet_proto::PeerName;
 
 #[derive(Parser)]
@@ -43,10 +44,12 @@ enum Cmd {
         #[arg(required = true, value_name = "PEER")]
         peers: Vec<String>,
     },
-    /// Give TARGET (netns name, PID, Docker container name or ID, or namespace path) an interface `ethwe` on the overlay with these addresses.
+    /// Give TARGET (netns name, PID, Docker container name or ID, or namespace path) an interface
+    /// `ethwe` on the overlay. ADDR: `ip:CIDR` or a bare CIDR (that address), `net:CIDR` (any free
+    /// address of that subnet), `net:default`; none: an address from the default subnet.
     Attach {
-        /// CIDR... TARGET
-        #[arg(required = true, num_args = 1.., value_name = "CIDR... TARGET")]
+        /// [ADDR...] TARGET
+        #[arg(required = true, num_args = 1.., value_name = "[ADDR...] TARGET")]
         args: Vec<String>,
     },
     /// Remove addresses (all, and the interface, when none are given) from TARGET.
@@ -67,14 +70,33 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Take over the address ranges of a dead peer (name or nickname). Unsafe if the peer is only
+    /// partitioned away: run it on one peer, once the other is gone for good.
+    Rmpeer {
+        peer: String,
+    },
+    /// Wait until the IP allocation ring is agreed (starting consensus if needed).
+    Prime {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
     /// Stop the router; attached interfaces and the bridge stay.
     Stop,
     /// Stop the router and remove its bridge, devices, interfaces and state.
     Reset,
 }
 
+/// The parts of `meshnet status` read from the router's main status.
+enum Part {
+    Peers,
+    Connections,
+    Targets,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum StatusPart {
+    Ipam,
     Peers,
     Connections,
     Targets,
@@ -115,6 +137,16 @@ struct LaunchArgs {
     /// Most connections at once.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10000))]
     conn_limit: u64,
+    /// Range IPAM allocates from. A default range that overlaps a route of the host is refused.
+    #[arg(long, default_value = meshnet_proto::ipam::DEFAULT_RANGE)]
+    ipalloc_range: String,
+    /// Subnet `attach` allocates from when given no address (default: the whole range).
+    #[arg(long)]
+    ipalloc_default_subnet: Option<String>,
+    /// How the range is first divided: consensus[=N] (default N: 1 + peers named here),
+    /// seed=PEER,... (those peers' names), or observer (takes no space at start).
+    #[arg(long, default_value = "consensus")]
+    ipalloc_init: String,
     /// Peers to connect to (host or host:port), persisted like `meshnet connect`.
     #[arg(value_name = "PEER")]
     peers: Vec<String>,
@@ -158,6 +190,27 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { what, json } => status(&state, what, json),
+        Cmd::Rmpeer { peer } => {
+            let v = call(&state, Request::Rmpeer { peer })?;
+            println!("{} addresses taken over from {}", v["addresses_taken_over"], v["peer"].as_str().unwrap_or("?"));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Prime { timeout } => {
+            let deadline = Instant::now() + Duration::from_secs(timeout);
+            loop {
+                let v = call(&state, Request::Prime)?;
+                if v["agreed"].as_bool() == Some(true) {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "the IP allocation ring is not agreed after {timeout}s: waiting for {}",
+                        v["state"]["waiting"].as_str().unwrap_or("consensus")
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
         Cmd::Ps { json } => {
             let v = call(&state, Request::Ps)?;
             if json {
@@ -244,6 +297,21 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     if args.bridge.is_empty() || args.bridge.len() > 15 || args.bridge.contains(['/', ' ', '\0']) {
         bail!("--bridge {:?}: an interface name of 1 to 15 characters", args.bridge);
     }
+    let ipalloc_range: Cidr = args
+        .ipalloc_range
+        .parse()
+        .map_err(|e| anyhow!("--ipalloc-range {}: {e}", args.ipalloc_range))?;
+    let ipalloc_default_subnet: Option<Cidr> = args
+        .ipalloc_default_subnet
+        .as_deref()
+        .map(|s| s.parse().map_err(|e| anyhow!("--ipalloc-default-subnet {s}: {e}")))
+        .transpose()?;
+    if let Some(d) = &ipalloc_default_subnet {
+        if !ipalloc_range.contains_net(d) {
+            bail!("--ipalloc-default-subnet {d} is not inside --ipalloc-range {ipalloc_range}");
+        }
+    }
+    let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, peers.len())?;
     if let Ok(v) = api::call(state, &Request::Status, Duration::from_secs(5)) {
         bail!(
             "a meshnet router is already running for {} (peer {})",
@@ -267,6 +335,10 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             discovery: !args.no_discovery,
             conn_limit: args.conn_limit as usize,
             peers,
+            ipalloc_range,
+            ipalloc_range_given: args.ipalloc_range != meshnet_proto::ipam::DEFAULT_RANGE,
+            ipalloc_default_subnet,
+            ipalloc_init,
         };
         daemon::run(cfg)?;
         return Ok(ExitCode::SUCCESS);
@@ -294,6 +366,10 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     }
     if args.no_discovery {
         cmd.arg("--no-discovery");
+    }
+    cmd.args(["--ipalloc-range", &args.ipalloc_range, "--ipalloc-init", &args.ipalloc_init]);
+    if let Some(d) = &args.ipalloc_default_subnet {
+        cmd.args(["--ipalloc-default-subnet", d]);
     }
     cmd.args(&args.peers);
     // The password travels in the environment, never on a command line.
@@ -391,14 +467,29 @@ fn kill_stale(state: &StateDir) {
 }
 
 fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<ExitCode> {
+    let what = match what {
+        Some(StatusPart::Ipam) => {
+            let v = call(state, Request::IpamStatus)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_ipam(&v);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(StatusPart::Peers) => Some(Part::Peers),
+        Some(StatusPart::Connections) => Some(Part::Connections),
+        Some(StatusPart::Targets) => Some(Part::Targets),
+        None => None,
+    };
     let v = call(state, Request::Status)?;
     let s: Status = serde_json::from_value(v.clone())?;
     if json {
         let out = match what {
             None => v,
-            Some(StatusPart::Peers) => v["peers"].clone(),
-            Some(StatusPart::Connections) => v["connections"].clone(),
-            Some(StatusPart::Targets) => v["targets"].clone(),
+            Some(Part::Peers) => v["peers"].clone(),
+            Some(Part::Connections) => v["connections"].clone(),
+            Some(Part::Targets) => v["targets"].clone(),
         };
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
@@ -420,11 +511,33 @@ fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<Exit
             println!("        Targets: {}", s.targets.len());
             println!("      Discovery: {}", if s.discovery { "on" } else { "off" });
         }
-        Some(StatusPart::Peers) => print_peers(&s.peers),
-        Some(StatusPart::Connections) => print_connections(&s.connections),
-        Some(StatusPart::Targets) => s.targets.iter().for_each(|t| println!("{t}")),
+        Some(Part::Peers) => print_peers(&s.peers),
+        Some(Part::Connections) => print_connections(&s.connections),
+        Some(Part::Targets) => s.targets.iter().for_each(|t| println!("{t}")),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_ipam(v: &serde_json::Value) {
+    let state = &v["state"];
+    let agreed = if state["agreed"].as_bool() == Some(true) {
+        "agreed".to_string()
+    } else {
+        format!("not agreed: waiting for {}", state["waiting"].as_str().unwrap_or("?"))
+    };
+    println!("          Range: {} (default subnet {})", v["range"].as_str().unwrap_or("?"), v["default_subnet"].as_str().unwrap_or("?"));
+    println!("           Ring: {agreed}, {} entries", v["ring_entries"]);
+    println!(" Allocated here: {} ({} pending)", v["allocated_here"], v["pending"]);
+    println!("    Unreachable: {} addresses owned by unreachable peers", v["unreachable_space"]);
+    for o in v["owners"].as_array().into_iter().flatten() {
+        println!(
+            "  {} {:>10} addresses, {:>10} free{}",
+            o["peer"].as_str().unwrap_or("?"),
+            o["size"],
+            o["free"],
+            if o["reachable"].as_bool() == Some(true) { "" } else { "  (unreachable)" }
+        );
+    }
 }
 
 fn print_peers(peers: &[PeerStatus]) {

@@ -31,6 +31,12 @@ pub enum Request {
     },
     Detach { target: String, cidrs: Vec<String> },
     Ps,
+    /// Ranges per owner, free space, unreachable peers' space.
+    IpamStatus,
+    /// Take over a dead peer's address ranges.
+    Rmpeer { peer: String },
+    /// Start IPAM consensus if needed; answers whether the ring is agreed.
+    Prime,
     Stop,
     /// Stop and remove every device and interface this router made.
     Reset,

@@ -284,6 +284,15 @@ pub fn detach(
             None => return Err(e),
         },
     };
+    let remembered = attachments.iter().any(|x| x.ns_inode == inode);
+    if !remembered {
+        // Not ours: leave an interface whose host end is not in our namespace
+        // alone (another router on this machine attached it).
+        let seen = netlink::inspect(&netns, &ifname).with_context(|| format!("detach from {target}"))?;
+        if seen.is_some_and(|s| s.host_if.is_empty()) {
+            return Ok(false);
+        }
+    }
     let removed = netlink::detach(&netns, &ifname, addrs).with_context(|| format!("detach from {target}"))?;
     if let Some(i) = attachments.iter().position(|x| x.ns_inode == inode) {
         if addrs.is_empty() {

@@ -21,6 +21,15 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(35);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const GOSSIP_EVERY: Duration = Duration::from_secs(30);
+/// Reasons a connection ends that are not failures: the pair already has one.
+pub const REPLACED: &str = "replaced by a newer connection";
+pub const ALREADY_CONNECTED: &str = "already connected to";
+pub const SELF_CONNECTION: &str = "connected to ourselves";
+
+/// Whether a connection ended only because the pair already has one (or it looped back to us).
+fn is_duplicate(reason: &str) -> bool {
+    [REPLACED, ALREADY_CONNECTED, SELF_CONNECTION].iter().any(|r| reason.contains(r))
+}
 
 /// What every connection needs to handshake.
 pub struct Local {
@@ -69,9 +78,10 @@ pub async fn maker_loop(mesh: Arc<Mesh>, local: Arc<Local>) {
         }
         tokio::select! {
             _ = mesh.maker.notified() => {}
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = gossip_timer.tick() => mesh.gossip_everything(),
         }
+        mesh.ipam_tick();
     }
 }
 
@@ -98,7 +108,9 @@ async fn dial(mesh: Arc<Mesh>, local: Arc<Local>, key: String) {
     let started = Instant::now();
     let result = run_connection(mesh.clone(), local, stream, addr, Direction::Outbound, Some(&key)).await;
     match result {
+        Ok(why) if is_duplicate(&why) => mesh.dial_satisfied(&key),
         Ok(why) => mesh.dial_closed(&key, &why, started.elapsed()),
+        Err(e) if is_duplicate(&e) => mesh.dial_satisfied(&key),
         Err(e) => {
             log::warn!("connection to {key} failed: {e}");
             mesh.dial_result(&key, Err(e));
@@ -177,6 +189,11 @@ async fn run_connection(
         return Err(why);
     }
 
+    // The handshake's last read may have carried messages already.
+    if let Err(why) = drain(&mesh, id, hello.name, &mut channel, &mut stream).await {
+        mesh.unregister(id, &why);
+        return Ok(why);
+    }
     let mut shutdown = mesh.shutdown.subscribe();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut last_heard = Instant::now();
@@ -194,19 +211,8 @@ async fn run_connection(
                 if let Err(e) = channel.feed(&buf[..n]) {
                     break 'conn format!("bad data from peer: {e}");
                 }
-                loop {
-                    match channel.poll_message() {
-                        Ok(None) => break,
-                        Ok(Some(ControlMsg::Heartbeat)) => {}
-                        Ok(Some(ControlMsg::Gossip(infos))) => {
-                            if let Err(e) = mesh.on_gossip(id, infos) {
-                                log::warn!("from {}: {e}", hello.name);
-                            }
-                        }
-                        Ok(Some(ControlMsg::Ipam(_))) => {}
-                        Ok(Some(ControlMsg::Goodbye(reason))) => break 'conn format!("peer said goodbye: {reason}"),
-                        Err(e) => break 'conn format!("bad message from peer: {e}"),
-                    }
+                if let Err(why) = drain(&mesh, id, hello.name, &mut channel, &mut stream).await {
+                    break 'conn why;
                 }
             }
             msg = queue.recv() => {
@@ -220,7 +226,7 @@ async fn run_connection(
                     break 'conn format!("write: {e}");
                 }
                 if bye {
-                    break 'conn "replaced".into();
+                    break 'conn REPLACED.into();
                 }
             }
             _ = heartbeat.tick() => {
@@ -243,6 +249,38 @@ async fn run_connection(
     };
     mesh.unregister(id, &why);
     Ok(why)
+}
+
+/// Handles every complete message buffered in `channel`. Err: close, with the reason.
+async fn drain(
+    mesh: &Mesh,
+    id: u64,
+    peer: meshnet_proto::PeerName,
+    channel: &mut meshnet_proto::wire::control::ControlChannel,
+    stream: &mut TcpStream,
+) -> Result<(), String> {
+    loop {
+        match channel.poll_message() {
+            Ok(None) => return Ok(()),
+            Ok(Some(ControlMsg::Heartbeat)) => {}
+            Ok(Some(ControlMsg::Gossip(infos))) => {
+                if let Err(e) = mesh.on_gossip(id, infos) {
+                    log::warn!("from {peer}: {e}");
+                }
+            }
+            Ok(Some(ControlMsg::Ipam(bytes))) => {
+                if let Err(why) = mesh.on_ipam(peer, &bytes) {
+                    log::warn!("{why}");
+                    let mut out = Vec::new();
+                    let _ = channel.send(&ControlMsg::Goodbye(why.clone()), &mut out);
+                    let _ = stream.write_all(&out).await;
+                    return Err(why);
+                }
+            }
+            Ok(Some(ControlMsg::Goodbye(reason))) => return Err(format!("peer said goodbye: {reason}")),
+            Err(e) => return Err(format!("bad message from peer: {e}")),
+        }
+    }
 }
 
 async fn handshake(stream: &mut TcpStream, role: Role, cfg: HandshakeConfig) -> Result<Established, String> {

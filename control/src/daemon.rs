@@ -18,7 +18,9 @@ use crate::api::{self, Request, Response, Status};
 use crate::attach::{self, parse_cidr};
 use crate::conn::{self, Local};
 use crate::mesh::{self, Mesh, Settings, Shutdown};
+use crate::ipam::{self as ipamd, AddrSpec, IpamHost};
 use crate::peeraddr::PeerAddr;
+use meshnet_proto::ipam::{Cidr, InitMode};
 use crate::state::{Attachment, Devices, StateDir};
 
 pub const DEFAULT_PORT: u16 = 6783;
@@ -40,6 +42,12 @@ pub struct Config {
     pub discovery: bool,
     pub conn_limit: usize,
     pub peers: Vec<PeerAddr>,
+    /// `--ipalloc-range`, and whether it was given (a default one must not overlap a host route).
+    pub ipalloc_range: Cidr,
+    pub ipalloc_range_given: bool,
+    /// `--ipalloc-default-subnet` (default: the range).
+    pub ipalloc_default_subnet: Option<Cidr>,
+    pub ipalloc_init: InitMode,
 }
 
 /// Name of the TAP for a bridge (at most 15 bytes).
@@ -56,6 +64,16 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     let identity = cfg.state.identity()?;
     let me = cfg.name.unwrap_or_else(|| identity.name());
+    if !cfg.ipalloc_range_given {
+        ipamd::check_default_range(&cfg.ipalloc_range)?;
+    }
+    let mut ipam = IpamHost::open(
+        &cfg.state,
+        me,
+        cfg.ipalloc_range,
+        cfg.ipalloc_default_subnet.unwrap_or(cfg.ipalloc_range),
+        cfg.ipalloc_init.clone(),
+    )?;
     let psk = cfg.password.as_deref().map(meshnet_proto::handshake::derive_psk);
 
     // Sockets first: a port in use is the most common launch failure.
@@ -104,6 +122,12 @@ pub fn run(cfg: Config) -> Result<()> {
     if attachments.len() != before {
         cfg.state.save_attachments(&attachments)?;
     }
+    // Addresses of targets that vanished while we were down go back to the pool.
+    let live: Vec<String> = attachments.iter().map(attachment_key).collect();
+    for (target, ip) in ipam.ipam.release_missing(&live) {
+        log::info!("IPAM: released {ip} of {target}, which is gone");
+    }
+    let _ = ipam.flush();
 
     let mut targets = cfg.state.load_targets()?;
     for p in &cfg.peers {
@@ -134,7 +158,7 @@ pub fn run(cfg: Config) -> Result<()> {
         .build()?;
     let state = cfg.state.clone();
     let how = rt.block_on(async move {
-        let mesh = Mesh::new(settings, state.clone(), dataplane, targets);
+        let mesh = Mesh::new(settings, state.clone(), dataplane, targets, ipam);
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
         let _ = std::fs::remove_file(&sock_path);
@@ -312,12 +336,31 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             Ok(json!(mesh.forget_targets(&parsed)?))
         }
         Request::Attach { target, cidrs, ifname } => {
-            if cidrs.is_empty() {
-                bail!("attach {target}: give at least one address as CIDR, e.g. 10.40.0.1/16");
-            }
-            let addrs = cidrs.iter().map(|c| parse_cidr(c)).collect::<Result<Vec<_>>>()?;
+            // Check everything before anything changes.
+            let specs: Vec<AddrSpec> = if cidrs.is_empty() {
+                vec![AddrSpec::Any(None)]
+            } else {
+                cidrs.iter().map(|c| ipamd::parse_addr(c)).collect::<Result<_>>()?
+            };
+            let t = attach::resolve(&target)?;
+            let key = ipamd::key(t.kind, &t.name, t.container.as_ref().map(|c| c.id.as_str()));
+            let requests = mesh.with_ipam(|h| specs.iter().map(|sp| ipamd::request_for(sp, h)).collect::<Result<Vec<_>>>())?;
+            let held_before = mesh.with_ipam(|h| h.ipam.addresses_of(&key));
+            let addrs = match allocate_all(mesh, &key, &specs, requests) {
+                Ok(a) => a,
+                Err(e) => {
+                    release_new(mesh, &key, &held_before);
+                    return Err(e.context(format!("attach {target}")));
+                }
+            };
             let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
-            let done = attach::attach(&mesh.state, &mut a, &s.bridge, s.mtu, &target, &addrs, ifname.as_deref())?;
+            let done = match attach::attach(&mesh.state, &mut a, &s.bridge, s.mtu, &target, &addrs, ifname.as_deref()) {
+                Ok(d) => d,
+                Err(e) => {
+                    release_new(mesh, &key, &held_before);
+                    return Err(e);
+                }
+            };
             Ok(json!({
                 "target": target,
                 "interface": done.container_if,
@@ -326,9 +369,26 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }))
         }
         Request::Detach { target, cidrs } => {
-            let addrs = cidrs.iter().map(|c| parse_cidr(c)).collect::<Result<Vec<_>>>()?;
+            let addrs = cidrs
+                .iter()
+                .map(|c| parse_cidr(c.strip_prefix("ip:").unwrap_or(c)))
+                .collect::<Result<Vec<_>>>()?;
             let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+            let key = attach::find_remembered(&a, &target).map(|i| attachment_key(&a[i]));
             let removed = attach::detach(&mesh.state, &mut a, &target, &addrs)?;
+            if let Some(key) = key {
+                mesh.with_ipam(|h| {
+                    if addrs.is_empty() {
+                        h.ipam.free_target(&key);
+                    } else {
+                        for (ip, _) in &addrs {
+                            if let IpAddr::V4(v4) = ip {
+                                h.ipam.free(&key, *v4);
+                            }
+                        }
+                    }
+                });
+            }
             Ok(json!({ "target": target, "detached": removed }))
         }
         Request::Ps => {
@@ -349,7 +409,33 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             Ok(serde_json::to_value(out)?)
         }
-        Request::Stop | Request::Reset => Ok(json!({ "stopping": true })),
+        Request::IpamStatus => Ok(mesh.with_ipam(|h| h.status_json())),
+        Request::Rmpeer { peer } => {
+            let name = resolve_peer_name(mesh, &peer)?;
+            let taken = mesh.with_ipam(|h| h.ipam.rmpeer(name)).map_err(|e| anyhow::anyhow!("rmpeer {peer}: {e}"))?;
+            Ok(json!({ "peer": name.to_string(), "addresses_taken_over": taken }))
+        }
+        Request::Prime => Ok(mesh.with_ipam(|h| {
+            // Consensus starts when an allocation waits for it (as in Weave): ask
+            // for one under a reserved key, released as soon as it is granted.
+            let agreed = h.ipam.is_agreed();
+            if !agreed {
+                let now = h.now_ms();
+                let _ = h.ipam.allocate(ipamd::PRIME_KEY, meshnet_proto::ipam::Request::Any(h.default_subnet), now);
+            }
+            h.ipam.free_target(ipamd::PRIME_KEY);
+            json!({ "agreed": h.ipam.is_agreed(), "state": h.status_json()["state"].clone() })
+        })),
+        Request::Stop => Ok(json!({ "stopping": true })),
+        Request::Reset => {
+            // Hand our address ranges to a live peer before we go.
+            match mesh.with_ipam(|h| h.ipam.reset()) {
+                Ok(Some(p)) => log::info!("IPAM: handed this peer's ranges to {p}"),
+                Ok(None) => {}
+                Err(e) => log::warn!("IPAM: could not hand over ranges: {e}"),
+            }
+            Ok(json!({ "stopping": true }))
+        }
     }
 }
 
@@ -368,6 +454,78 @@ fn container_gone(ctx: &ApiCtx, c: crate::docker::ContainerId) {
     log::info!("container {} ({}) is gone: detaching it", c.name, c.short());
     if let Err(e) = handle(ctx, Request::Detach { target: c.id.clone(), cidrs: vec![] }) {
         log::warn!("detaching container {} ({}): {e:#}", c.name, c.short());
+    }
+}
+
+/// The IPAM key of a remembered attachment (the same one `attach` used).
+fn attachment_key(a: &Attachment) -> String {
+    ipamd::key(&a.kind, &a.target, a.container_id.as_deref())
+}
+
+/// Gets an address for every spec, waiting (bounded) for consensus or donations.
+fn allocate_all(
+    mesh: &Mesh,
+    key: &str,
+    specs: &[AddrSpec],
+    requests: Vec<Option<meshnet_proto::ipam::Request>>,
+) -> Result<Vec<(IpAddr, u8)>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(ipamd::ALLOCATE_TIMEOUT_SECS);
+    let mut addrs = Vec::new();
+    for (spec, req) in specs.iter().zip(requests) {
+        let Some(req) = req else {
+            if let AddrSpec::Exact { ip, prefix, .. } = spec {
+                addrs.push((*ip, *prefix));
+            }
+            continue;
+        };
+        loop {
+            let answer = mesh.with_ipam(|h| {
+                let now = h.now_ms();
+                h.ipam.allocate(key, req.clone(), now)
+            });
+            match answer.map_err(|e| anyhow::anyhow!("{e}"))? {
+                meshnet_proto::ipam::Allocation::Ready { ip, prefix } => {
+                    addrs.push((IpAddr::V4(ip), prefix));
+                    break;
+                }
+                meshnet_proto::ipam::Allocation::Pending(why) => {
+                    if std::time::Instant::now() > deadline {
+                        bail!("no address after {}s: {why}", ipamd::ALLOCATE_TIMEOUT_SECS);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+    Ok(addrs)
+}
+
+/// Undoes the allocations of a failed attach: frees what `key` did not hold before.
+fn release_new(mesh: &Mesh, key: &str, held_before: &[std::net::Ipv4Addr]) {
+    mesh.with_ipam(|h| {
+        if held_before.is_empty() {
+            h.ipam.free_target(key);
+        } else {
+            for ip in h.ipam.addresses_of(key) {
+                if !held_before.contains(&ip) {
+                    h.ipam.free(key, ip);
+                }
+            }
+        }
+    });
+}
+
+/// A peer named by its name or its nickname.
+fn resolve_peer_name(mesh: &Mesh, peer: &str) -> Result<PeerName> {
+    if let Ok(p) = peer.parse::<PeerName>() {
+        return Ok(p);
+    }
+    let g = mesh.lock();
+    let matches: Vec<PeerName> = g.topology.peers().filter(|p| p.nickname == peer).map(|p| p.name).collect();
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => bail!("unknown peer {peer:?}: give its name (like 02:ab:cd:ef:01:23) or the nickname of a known peer"),
+        _ => bail!("nickname {peer:?} is ambiguous: give the peer name"),
     }
 }
 

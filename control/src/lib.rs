@@ -8,12 +8,14 @@
 //! * [`mesh`] — shared router state: topology, connections, targets, gossip;
 //! * [`conn`] — one TCP connection (handshake, messages, heartbeats) and the connection maker;
 //! * [`attach`] — resolving targets and attaching them to the bridge;
+//! * [`ipam`] — persistence, routing and timers around the IPAM ring, attach-time address requests;
 //! * [`docker`] — Docker containers as targets, and their death through the engine's events.
 
 pub mod api;
 pub mod attach;
 pub mod conn;
 pub mod daemon;
+pub mod ipam;
 pub mod docker;
 pub mod logger;
 pub mod mesh;

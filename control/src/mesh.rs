@@ -15,6 +15,8 @@ use meshnet_router::dataplane::{DataPlane, PeerLink};
 use tokio::sync::{mpsc, Notify};
 
 use crate::api::{ConnectionStatus, PeerStatus};
+use crate::ipam::IpamHost;
+use meshnet_proto::ipam::{Dest, Event};
 use crate::peeraddr::PeerAddr;
 use crate::state::StateDir;
 
@@ -75,6 +77,7 @@ pub struct Inner {
     pub targets: BTreeSet<String>,
     /// Dial state per target string, and per discovered address (as `ip:port`).
     pub attempts: HashMap<String, Attempt>,
+    pub ipam: IpamHost,
 }
 
 /// Router-wide settings the control plane needs.
@@ -108,7 +111,13 @@ pub enum Shutdown {
 }
 
 impl Mesh {
-    pub fn new(settings: Settings, state: StateDir, dataplane: DataPlane, targets: Vec<String>) -> Arc<Mesh> {
+    pub fn new(
+        settings: Settings,
+        state: StateDir,
+        dataplane: DataPlane,
+        targets: Vec<String>,
+        ipam: IpamHost,
+    ) -> Arc<Mesh> {
         let me = PeerInfo {
             name: settings.me,
             nickname: settings.nickname.clone(),
@@ -128,6 +137,7 @@ impl Mesh {
                 next_conn: 1,
                 targets: targets.into_iter().collect(),
                 attempts: HashMap::new(),
+                ipam,
             }),
             maker: Notify::new(),
             shutdown,
@@ -203,7 +213,7 @@ impl Mesh {
     ) -> Result<(), String> {
         let mut g = self.lock();
         if peer == self.settings.me {
-            return Err("connected to ourselves".into());
+            return Err(crate::conn::SELF_CONNECTION.into());
         }
         let Some(this) = g.conns.get(&id) else {
             return Err("connection vanished".into());
@@ -221,11 +231,11 @@ impl Mesh {
             if dir == this_dir || this_dir == preferred_dir {
                 // Same direction: the old one is stale (the peer restarted). Or ours is preferred.
                 if let Some(old) = g.conns.get(&cid) {
-                    let _ = old.queue.send(ControlMsg::Goodbye("replaced by a newer connection".into()));
+                    let _ = old.queue.send(ControlMsg::Goodbye(crate::conn::REPLACED.into()));
                 }
                 self.drop_conn_locked(&mut g, cid);
             } else {
-                return Err(format!("already connected to {peer}"));
+                return Err(format!("{} {peer}", crate::conn::ALREADY_CONNECTED));
             }
         }
         let c = g.conns.get_mut(&id).expect("checked above");
@@ -241,6 +251,7 @@ impl Mesh {
             let _ = c.queue.send(ControlMsg::Gossip(full));
         }
         self.local_connections_changed(&mut g);
+        self.reachability_changed(&mut g);
         Ok(())
     }
 
@@ -277,6 +288,7 @@ impl Mesh {
             if !removed.is_empty() {
                 log::info!("forgot unreachable peers: {}", names(&removed));
             }
+            self.reachability_changed(g);
         }
     }
 
@@ -308,10 +320,88 @@ impl Mesh {
         if !changed.is_empty() {
             let update = g.topology.gossip_about(&changed);
             broadcast(&mut g, Some(from), &ControlMsg::Gossip(update));
+            self.reachability_changed(&mut g);
             drop(g);
             self.maker.notify_one();
         }
         Ok(())
+    }
+
+    /// Tells IPAM which peers are reachable now.
+    fn reachability_changed(&self, g: &mut Inner) {
+        let live: Vec<PeerName> = g.topology.routes().into_keys().collect();
+        g.ipam.ipam.peers_changed(&live);
+        self.ipam_flush(g);
+    }
+
+    /// Persists IPAM's state, sends what it wants sent, logs its events.
+    fn ipam_flush(&self, g: &mut Inner) {
+        let (out, events) = g.ipam.flush();
+        if !out.is_empty() {
+            let routes = g.topology.routes();
+            for (dest, bytes) in out {
+                match dest {
+                    Dest::Neighbours => broadcast(g, None, &ControlMsg::Ipam(bytes)),
+                    Dest::Peer(p) => {
+                        let hop = routes.get(&p).copied().unwrap_or(p);
+                        if let Some(c) = g.conns.values().find(|c| c.established && c.peer == Some(hop)) {
+                            let _ = c.queue.send(ControlMsg::Ipam(bytes));
+                        }
+                    }
+                }
+            }
+        }
+        for e in events {
+            match e {
+                Event::Allocated { target, .. } if target == crate::ipam::PRIME_KEY => {
+                    g.ipam.ipam.free_target(&target);
+                    let _ = g.ipam.flush();
+                    log::info!("IPAM: primed");
+                }
+                Event::Allocated { target, ip, prefix } => log::info!("IPAM: {ip}/{prefix} allocated to {target}"),
+                Event::Failed { target, error, .. } => log::warn!("IPAM: allocation for {target} failed: {error}"),
+                Event::Agreed { seeds } => log::info!("IPAM: ring agreed, initial owners {}", names(&seeds)),
+                other => log::info!("IPAM: {other:?}"),
+            }
+        }
+    }
+
+    /// An IPAM message from the peer on connection `from`. Err: a conflict
+    /// (different ranges or rings) that must close the connection.
+    pub fn on_ipam(&self, from: PeerName, bytes: &[u8]) -> Result<(), String> {
+        let mut g = self.lock();
+        let now = g.ipam.now_ms();
+        let result = g.ipam.ipam.handle_message(from, bytes, now);
+        self.ipam_flush(&mut g);
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_conflict() => Err(format!(
+                "IPAM conflict between {} (us) and {from}: {e}",
+                self.settings.me
+            )),
+            Err(e) => {
+                log::warn!("IPAM message from {from} dropped: {e}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Runs IPAM's timers when due.
+    pub fn ipam_tick(&self) {
+        let mut g = self.lock();
+        if g.ipam.timer_due() {
+            let now = g.ipam.now_ms();
+            g.ipam.ipam.handle_timeout(now);
+            self.ipam_flush(&mut g);
+        }
+    }
+
+    /// Runs `f` on IPAM, then persists and sends what it changed.
+    pub fn with_ipam<T>(&self, f: impl FnOnce(&mut IpamHost) -> T) -> T {
+        let mut g = self.lock();
+        let out = f(&mut g.ipam);
+        self.ipam_flush(&mut g);
+        out
     }
 
     /// Sends our full view to every neighbour (anti-entropy).
@@ -472,6 +562,18 @@ impl Mesh {
                 a.last_error = e;
                 a.next_try = Instant::now() + backoff(a.failures);
             }
+        }
+    }
+
+    /// Dialling `key` reached a peer we are already connected to (or ourselves):
+    /// nothing failed, and there is nothing to show; look again much later.
+    pub fn dial_satisfied(&self, key: &str) {
+        let mut g = self.lock();
+        if let Some(a) = g.attempts.get_mut(key) {
+            a.conn = None;
+            a.failures = 0;
+            a.last_error.clear();
+            a.next_try = Instant::now() + BACKOFF_CAP;
         }
     }
 

@@ -1,0 +1,263 @@
+//! The daemon's side of IPAM: persistence, message routing and timers around the
+//! sans-I/O [`meshnet_proto::ipam::Ipam`], and the attach-time address requests.
+//!
+//! The contract (see `proto/src/ipam/mod.rs`): after every message, API call or
+//! timer, persist the snapshot if it changed (fsync'd, before anything is sent),
+//! then send what it wants sent, then log its events. [`IpamHost::flush`] does
+//! that; the mesh calls it with its lock held, so IPAM steps never interleave.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use meshnet_proto::ipam::{Allocation, Cidr, Config, Dest, Event, InitMode, Ipam, IpamError, RingState};
+use meshnet_proto::PeerName;
+use serde_json::json;
+
+use crate::state::{write_atomic, StateDir};
+
+/// How long `attach` waits for an address (consensus, donation) before giving up.
+pub const ALLOCATE_TIMEOUT_SECS: u64 = 30;
+
+/// `--ipalloc-init`.
+pub fn parse_init(s: &str, named_peers: usize) -> Result<InitMode> {
+    if s == "observer" {
+        return Ok(InitMode::Observer);
+    }
+    if s == "consensus" {
+        return Ok(InitMode::Consensus(1 + named_peers as u32));
+    }
+    if let Some(n) = s.strip_prefix("consensus=") {
+        let n: u32 = n
+            .parse()
+            .ok()
+            .filter(|n| *n >= 1)
+            .with_context(|| format!("--ipalloc-init {s}: consensus=N needs a whole number N ≥ 1"))?;
+        return Ok(InitMode::Consensus(n));
+    }
+    if let Some(list) = s.strip_prefix("seed=") {
+        let peers = list
+            .split(',')
+            .map(|p| p.trim().parse::<PeerName>().map_err(|e| anyhow::anyhow!("--ipalloc-init {s}: {e}")))
+            .collect::<Result<Vec<_>>>()?;
+        if peers.is_empty() {
+            bail!("--ipalloc-init {s}: name at least one peer");
+        }
+        return Ok(InitMode::Seed(peers));
+    }
+    bail!("--ipalloc-init {s:?}: expected consensus, consensus=N, seed=PEER,... or observer")
+}
+
+/// Refuses the *default* range when it overlaps a route of this host (Weave does
+/// the same): the user must pick another with `--ipalloc-range`.
+pub fn check_default_range(range: &Cidr) -> Result<()> {
+    let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    for line in routes.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 8 {
+            continue;
+        }
+        let (Ok(dst), Ok(mask)) = (u32::from_str_radix(f[1], 16), u32::from_str_radix(f[7], 16)) else { continue };
+        if mask == 0 {
+            continue; // the default route overlaps everything
+        }
+        // /proc/net/route prints addresses in host byte order of a little-endian u32.
+        let dst = Ipv4Addr::from(u32::from_be(dst));
+        let prefix = u32::from_be(mask).leading_ones() as u8;
+        let Ok(route) = Cidr::containing(dst, prefix) else { continue };
+        if route.contains(range.network()) || range.contains(route.network()) {
+            bail!(
+                "the default IP allocation range {range} overlaps route {route} on {} of this host: \
+                 choose another with --ipalloc-range",
+                f[0]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// IPAM plus what the daemon needs around it.
+pub struct IpamHost {
+    pub ipam: Ipam,
+    pub default_subnet: Cidr,
+    clock: Instant,
+    state: StateDir,
+}
+
+impl IpamHost {
+    /// Restores the persisted IPAM state, or starts afresh.
+    pub fn open(state: &StateDir, me: PeerName, range: Cidr, default_subnet: Cidr, init: InitMode) -> Result<IpamHost> {
+        if !range.contains_net(&default_subnet) {
+            bail!("--ipalloc-default-subnet {default_subnet} is not inside --ipalloc-range {range}");
+        }
+        let config = Config { rng_seed: crate::mesh::random_u64() | 1, ..Config::default() };
+        let path = state.ipam();
+        let ipam = match std::fs::read(&path) {
+            Ok(bytes) => Ipam::restore(me, range, init, config, &bytes).map_err(|e| match e {
+                IpamError::SnapshotRange { found, expected } => anyhow::anyhow!(
+                    "IPAM state in {} is for range {found}, not {expected}: launch with --ipalloc-range {found}, \
+                     or `meshnet reset` to start over",
+                    path.display()
+                ),
+                e => anyhow::anyhow!("IPAM state in {}: {e}", path.display()),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ipam::with_config(me, range, init, config).map_err(|e| anyhow::anyhow!("IPAM: {e}"))?
+            }
+            Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+        };
+        Ok(IpamHost { ipam, default_subnet, clock: Instant::now(), state: state.clone() })
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Persists (if changed), then returns what to send and what happened.
+    pub fn flush(&mut self) -> (Vec<(Dest, Vec<u8>)>, Vec<Event>) {
+        if self.ipam.take_dirty() {
+            if let Err(e) = write_atomic(&self.state.ipam(), &self.ipam.snapshot(), 0o600) {
+                // Sending now could hand out space we could not record: hold it back.
+                log::error!("persisting IPAM state: {e:#}; not sending IPAM updates");
+                return (Vec::new(), Vec::new());
+            }
+        }
+        let mut out = Vec::new();
+        while let Some(t) = self.ipam.poll_transmit() {
+            out.push(t);
+        }
+        let mut events = Vec::new();
+        while let Some(e) = self.ipam.poll_event() {
+            events.push(e);
+        }
+        (out, events)
+    }
+
+    /// Whether the IPAM timer is due.
+    pub fn timer_due(&self) -> bool {
+        self.ipam.poll_timeout().is_some_and(|t| t <= self.now_ms())
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        let s = self.ipam.status();
+        let state = match &s.state {
+            RingState::Agreed { seeds } => json!({"agreed": true, "seeds": seeds.iter().map(|p| p.to_string()).collect::<Vec<_>>()}),
+            RingState::AwaitingConsensus { known, quorum } => {
+                json!({"agreed": false, "waiting": format!("consensus: {known} of {quorum} peers needed")})
+            }
+            RingState::AwaitingRing => json!({"agreed": false, "waiting": "the ring from a peer"}),
+        };
+        json!({
+            "range": s.universe.to_string(),
+            "default_subnet": self.default_subnet.to_string(),
+            "state": state,
+            "allocated_here": s.allocated,
+            "pending": s.pending,
+            "unreachable_space": s.unreachable_space,
+            "ring_entries": s.ring_entries,
+            "owners": s.owners.iter().map(|o| json!({
+                "peer": o.peer.to_string(),
+                "reachable": o.reachable,
+                "size": o.size,
+                "free": o.free,
+                "ranges": o.ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "allocations": self.ipam.allocations().map(|(ip, t)| json!({"ip": ip.to_string(), "target": t})).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The IPAM key `meshnet prime` allocates under to start consensus; whatever it
+/// gets is released at once.
+pub const PRIME_KEY: &str = "meshnet:prime";
+
+/// The name IPAM knows a target by: stable for as long as the target lives.
+pub fn key(kind: &str, name: &str, container_id: Option<&str>) -> String {
+    match container_id {
+        Some(id) => format!("docker:{id}"),
+        None => format!("{kind}:{name}"),
+    }
+}
+
+/// One address an `attach` asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AddrSpec {
+    /// This exact address; claimed in the ring when inside the range.
+    Exact { ip: IpAddr, prefix: u8, strict: bool },
+    /// Any free address of this subnet (`None`: the default subnet).
+    Any(Option<Cidr>),
+}
+
+/// Parses `ip:CIDR`, a bare CIDR, `net:CIDR` or `net:default`.
+pub fn parse_addr(s: &str) -> Result<AddrSpec> {
+    if let Some(rest) = s.strip_prefix("ip:") {
+        let (ip, prefix) = crate::attach::parse_cidr(rest)?;
+        return Ok(AddrSpec::Exact { ip, prefix, strict: true });
+    }
+    if let Some(rest) = s.strip_prefix("net:") {
+        if rest == "default" {
+            return Ok(AddrSpec::Any(None));
+        }
+        let c: Cidr = rest.parse().map_err(|e| anyhow::anyhow!("invalid subnet {s:?}: {e}"))?;
+        return Ok(AddrSpec::Any(Some(c)));
+    }
+    let (ip, prefix) = crate::attach::parse_cidr(s)?;
+    Ok(AddrSpec::Exact { ip, prefix, strict: false })
+}
+
+/// What to ask IPAM for, or None when the address is not IPAM's to manage (a
+/// bare CIDR outside the range, or IPv6: used as given, as Weave does).
+pub fn request_for(spec: &AddrSpec, host: &IpamHost) -> Result<Option<meshnet_proto::ipam::Request>> {
+    use meshnet_proto::ipam::Request;
+    let universe = host.ipam.universe();
+    match spec {
+        AddrSpec::Any(None) => Ok(Some(Request::Any(host.default_subnet))),
+        AddrSpec::Any(Some(c)) => Ok(Some(Request::Any(*c))),
+        AddrSpec::Exact { ip: IpAddr::V4(ip), prefix, strict } => {
+            if universe.contains(*ip) {
+                Ok(Some(Request::Exact { ip: *ip, prefix: *prefix }))
+            } else if *strict {
+                bail!("address {ip}/{prefix} is outside the IP allocation range {universe}")
+            } else {
+                Ok(None)
+            }
+        }
+        AddrSpec::Exact { ip: IpAddr::V6(_), strict: true, .. } => bail!("IPAM manages IPv4 addresses only"),
+        AddrSpec::Exact { .. } => Ok(None),
+    }
+}
+
+/// Turns an allocation answer into an address, or the reason to keep waiting.
+pub fn ready(a: Allocation) -> std::result::Result<(IpAddr, u8), String> {
+    match a {
+        Allocation::Ready { ip, prefix } => Ok((IpAddr::V4(ip), prefix)),
+        Allocation::Pending(w) => Err(w.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_modes_parse() {
+        assert_eq!(parse_init("consensus", 2).unwrap(), InitMode::Consensus(3));
+        assert_eq!(parse_init("consensus=5", 0).unwrap(), InitMode::Consensus(5));
+        assert_eq!(parse_init("observer", 0).unwrap(), InitMode::Observer);
+        assert!(matches!(parse_init("seed=02:00:00:00:00:01,02:00:00:00:00:02", 0).unwrap(), InitMode::Seed(v) if v.len() == 2));
+        for bad in ["consensus=0", "consensus=x", "seed=", "seed=nope", "paxos"] {
+            assert!(parse_init(bad, 0).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(parse_addr("net:default").unwrap(), AddrSpec::Any(None));
+        assert!(matches!(parse_addr("net:10.32.1.0/24").unwrap(), AddrSpec::Any(Some(_))));
+        assert!(matches!(parse_addr("ip:10.32.0.5/12").unwrap(), AddrSpec::Exact { strict: true, .. }));
+        assert!(matches!(parse_addr("10.32.0.5/12").unwrap(), AddrSpec::Exact { strict: false, .. }));
+        for bad in ["net:10.32.1.0", "net:x", "ip:10.32.0.5", "ip:", "10.32.0.999/12"] {
+            assert!(parse_addr(bad).is_err(), "{bad}");
+        }
+    }
+}
