@@ -101,10 +101,19 @@ setup_vxlan() { # kernel VXLAN, unencrypted, bridged to the containers (Weave fa
 
 find_meshnet() { # sets MESHNET_BIN (builds a release binary if none is found)
   if [ -n "${MESHNET_BIN:-}" ]; then [ -x "$MESHNET_BIN" ] || die "MESHNET_BIN=$MESHNET_BIN is not executable"; return; fi
-  local tgt=${CARGO_TARGET_DIR:-/tmp/tgt-bench}
+  local tgt=${CARGO_TARGET_DIR:-/tmp/tgt-bench} src=$REPO_DIR
+  if [ "${BENCH_BUILD_HEAD:-0}" = 1 ]; then
+    # Build the committed HEAD, not a work tree others are editing.
+    local c; c=$(git -C "$REPO_DIR" rev-parse --short HEAD) || return 1
+    src=/tmp/mnb-src-$c
+    if [ ! -f "$src/Cargo.toml" ]; then
+      mkdir -p "$src" && git -C "$REPO_DIR" archive HEAD | tar -x -C "$src" || return 1
+    fi
+    export MESHNET_COMMIT=$c
+  fi
   if [ "${BENCH_BUILD:-1}" = 1 ]; then
-    log "building meshnet (release) into $tgt"
-    (cd "$REPO_DIR" && CARGO_TARGET_DIR=$tgt cargo build --release -q -p meshnet) >&2 || return 1
+    log "building meshnet (release) from $src into $tgt"
+    (cd "$src" && CARGO_TARGET_DIR=$tgt nice -n 10 cargo build --release -q -p meshnet) >&2 || return 1
   fi
   MESHNET_BIN=$tgt/release/meshnet
   [ -x "$MESHNET_BIN" ] || return 1

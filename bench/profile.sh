@@ -51,6 +51,7 @@ if ! command -v perf >/dev/null || ! perf record -q -e cpu-clock -o "$OUT/probe.
 fi
 rm -f "$OUT/probe.data"
 
+find_meshnet || die "meshnet did not build"
 if [ $WAIT = 1 ]; then
   waited=0
   below() { python3 -c 'import sys; sys.exit(0 if float(sys.argv[1]) < float(sys.argv[2]) else 1)' "$(load1)" "${BENCH_MAX_LOAD:-0.6}"; }
@@ -60,8 +61,6 @@ if [ $WAIT = 1 ]; then
   done
 fi
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
-
-find_meshnet || die "meshnet did not build"
 setup_meshnet >"$OUT/setup.log" 2>&1 || { tail -20 "$OUT/setup.log"; die "meshnet setup failed"; }
 wait_reachable meshnet 60 || die "meshnet: c1 cannot reach c2"
 declare -A PID

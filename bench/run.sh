@@ -10,7 +10,8 @@
 #          --no-wait (do not wait for a quiet machine)  --no-md (leave BENCHMARKS.md)
 # Env: MESHNET_BIN (use this binary, else build release into $CARGO_TARGET_DIR or
 #      /tmp/tgt-bench), MESHNET_MTU (default: meshnet's own default),
-#      BENCH_MAX_LOAD (0.6), BENCH_WAIT_MAX (seconds to wait for it, 3600).
+#      BENCH_BUILD_HEAD=1 (build the committed HEAD in /tmp/mnb-src-<commit>, not
+#      the work tree), BENCH_MAX_LOAD (0.6), BENCH_WAIT_MAX (seconds to wait for it, 3600).
 # Needs root, iproute2, iperf3, ping, python3; tinc is optional (path skipped).
 set -uo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
     --time) T=$2; shift ;;
     --no-wait) WAIT=0 ;;
     --no-md) WRITE_MD=0 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
@@ -70,6 +71,12 @@ trap cleanup_all EXIT
 trap 'exit 130' INT TERM
 IFS=, read -r -a PATH_LIST <<<"$PATHS"
 
+# ---- meshnet binary (built before waiting, so our own build is not measured) ----
+declare -A STATE NOTE
+if [[ ,$PATHS, == *,meshnet,* ]]; then
+  if ! find_meshnet; then STATE[meshnet]=failed; NOTE[meshnet]="meshnet did not build"; fi
+fi
+
 # ---- machine, quiet wait --------------------------------------------------
 MAX_LOAD=${BENCH_MAX_LOAD:-0.6}
 if [ $WAIT = 1 ]; then
@@ -84,10 +91,6 @@ fi
 START_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- topology --------------------------------------------------------------
-declare -A STATE NOTE
-if [[ ,$PATHS, == *,meshnet,* ]]; then
-  if ! find_meshnet; then STATE[meshnet]=failed; NOTE[meshnet]="meshnet did not build"; fi
-fi
 for p in "${PATH_LIST[@]}"; do
   [ -n "${STATE[$p]:-}" ] && continue
   log "setting up $p"
