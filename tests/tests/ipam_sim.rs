@@ -149,7 +149,9 @@ fn fifty_peers_churn_under_partitions() {
 /// `consensus=N` needs a majority of N peers: with N = 3 a lone peer waits
 /// (showing "waiting for consensus: 1 of 2 peers") and the second one unblocks
 /// it; with N = 5 (and N = 4) allocation is blocked until the third peer joins.
-/// Later peers adopt the agreed ring and get space by donation.
+/// Consensus is lazy (a peer proposes only with an allocation waiting), so every
+/// peer asks for an address as it starts: their proposals compete. Later peers
+/// adopt the agreed ring and get space by donation.
 #[test]
 fn consensus_blocks_until_quorum_joins() {
     for (consensus, quorum) in [(3usize, 2usize), (4, 3), (5, 3)] {
@@ -159,8 +161,9 @@ fn consensus_blocks_until_quorum_joins() {
         let mut sim = IpamSim::new(universe, vec![InitMode::Consensus(consensus as u32); consensus], Graph::full(consensus), faults, seed);
         let any = Request::Any(universe);
         for joined in 1..quorum {
-            sim.start(joined - 1);
-            match sim.allocate(0, "c0", any.clone()) {
+            let me = joined - 1;
+            sim.start(me);
+            match sim.allocate(me, &format!("c{me}"), any.clone()) {
                 Ok(Allocation::Pending(w @ Waiting::Consensus { known, quorum: q })) => {
                     assert!(known <= joined && q == quorum, "{w:?}");
                     if joined == 1 {
@@ -172,10 +175,11 @@ fn consensus_blocks_until_quorum_joins() {
             sim.run(600); // a minute
             for i in 0..joined {
                 assert!(!sim.ipam(i).is_agreed(), "consensus={consensus}: agreed with only {joined} peers");
+                assert!(matches!(sim.allocate(i, &format!("c{i}"), any.clone()), Ok(Allocation::Pending(_))));
             }
-            assert!(matches!(sim.allocate(0, "c0", any.clone()), Ok(Allocation::Pending(_))));
         }
         sim.start(quorum - 1);
+        let _ = sim.allocate(quorum - 1, &format!("c{}", quorum - 1), any.clone());
         let mut ticks = 0;
         while !(0..quorum).all(|i| sim.ipam(i).is_agreed()) {
             sim.step();
@@ -183,8 +187,11 @@ fn consensus_blocks_until_quorum_joins() {
             assert!(ticks < 300, "consensus={consensus}: no agreement within 30 s of the quorum joining");
         }
         sim.run(20);
-        assert!(sim.nodes[0].events.iter().any(|e| matches!(e, Event::Allocated { target, .. } if target == "c0")));
-        assert!(matches!(sim.allocate(0, "c0", any.clone()), Ok(Allocation::Ready { .. })));
+        for i in 0..quorum {
+            let target = format!("c{i}");
+            assert!(sim.nodes[i].events.iter().any(|e| matches!(e, Event::Allocated { target: t, .. } if *t == target)), "peer {i}");
+            assert!(matches!(sim.allocate(i, &target, any.clone()), Ok(Allocation::Ready { .. })));
+        }
         let seeds: Vec<PeerName> = (0..quorum).map(peer_name).collect();
         assert_eq!(sim.ipam(0).ring().seeds(), &seeds[..]);
         // The rest join late: same ring, space by donation.
@@ -205,6 +212,184 @@ fn consensus_blocks_until_quorum_joins() {
     }
 }
 
+/// Steps until `done`, checking uniqueness every tick; the ticks it took, or
+/// `None` after `max_ticks`.
+fn run_until(sim: &mut IpamSim, seed: u64, max_ticks: u64, done: impl Fn(&IpamSim) -> bool) -> Option<u64> {
+    for t in 0..=max_ticks {
+        if done(sim) {
+            return Some(t);
+        }
+        sim.step();
+        check(sim, seed);
+    }
+    None
+}
+
+/// Whether peer `i`'s record names no ballot of its own (it made no proposal,
+/// or one since overtaken by another peer's, which the scenarios rule out).
+fn never_proposed(sim: &IpamSim, i: usize) -> bool {
+    let me = peer_name(i);
+    sim.ipam(i).paxos().mine().is_some_and(|c| c.promised.proposer != me && c.accepted.proposer != me)
+}
+
+/// Whether peer `i`'s record is untouched: no ballot promised, its own or another's.
+fn no_ballot(sim: &IpamSim, i: usize) -> bool {
+    sim.ipam(i).paxos().mine().is_some_and(|c| c.promised.is_zero())
+}
+
+/// Weave-style lazy consensus, three peers on a line A - B - C: A (consensus=1)
+/// allocates and agrees alone; B (consensus=2) starts next to A and adopts A's
+/// ring; C (consensus=1) runs alone for ten minutes without allocating: it forms
+/// no ring and proposes nothing. Connected to B, C adopts the ring whatever its
+/// N, gets space by donation, and keeps the ring across a crash and restore. No
+/// conflict anywhere, no address held twice.
+#[test]
+fn late_consensus_peer_adopts_the_mesh_ring() {
+    for seed in seeds(11, 3) {
+        let universe = cidr("10.32.0.0/24");
+        let (a, b, c) = (0, 1, 2);
+        let inits = vec![InitMode::Consensus(1), InitMode::Consensus(2), InitMode::Consensus(1)];
+        let faults = Faults { loss: 0.05, duplicate: 0.05, max_delay_ticks: 3 };
+        let mut sim = IpamSim::new(universe, inits, Graph::from_links(3, &[(a, b), (b, c)]), faults, seed);
+        let any = Request::Any(universe);
+        sim.set_partitions(vec![0, 0, 1]);
+        sim.start(a);
+        sim.start(c);
+        match sim.allocate(a, "a", any.clone()) {
+            Ok(Allocation::Pending(Waiting::Consensus { known: 1, quorum: 1 })) => {}
+            other => panic!("seed {seed}: {other:?}"),
+        }
+        run_until(&mut sim, seed, 100, |s| s.ipam(a).is_agreed()).expect("A agrees alone");
+        assert_eq!(sim.ipam(a).ring().seeds(), &[peer_name(a)]);
+        let a_ip = match sim.allocate(a, "a", any.clone()) {
+            Ok(Allocation::Ready { ip, .. }) => ip,
+            other => panic!("seed {seed}: {other:?}"),
+        };
+        sim.start(b);
+        run_until(&mut sim, seed, 100, |s| s.ipam(b).is_agreed()).expect("B adopts A's ring");
+        assert_eq!(sim.ipam(b).ring().seeds(), &[peer_name(a)]);
+        // Ten minutes in all: C, alone and never asked for an address, stays unagreed.
+        while sim.tick < 6000 {
+            sim.step();
+            check(&sim, seed);
+        }
+        assert!(!sim.ipam(c).is_agreed(), "seed {seed}: C formed a ring of its own");
+        assert!(no_ballot(&sim, c) && no_ballot(&sim, b), "seed {seed}: a proposal without an allocation");
+        // C meets B: it adopts the mesh's ring, then gets space by donation (as does B).
+        sim.heal();
+        let adopt = run_until(&mut sim, seed, 100, |s| s.ipam(c).is_agreed()).expect("C adopts the ring");
+        assert_eq!(sim.ipam(c).ring().seeds(), &[peer_name(a)]);
+        assert!(sim.nodes[c].events.iter().any(|e| matches!(e, Event::Agreed { seeds } if *seeds == [peer_name(a)])));
+        assert!(matches!(sim.allocate(c, "c", any.clone()), Ok(Allocation::Pending(_))));
+        assert!(matches!(sim.allocate(b, "b", any.clone()), Ok(Allocation::Pending(_))));
+        let donated = run_until(&mut sim, seed, 200, |s| s.ipam(b).pending_count() + s.ipam(c).pending_count() == 0)
+            .unwrap_or_else(|| panic!("seed {seed}: donations to B and C did not complete"));
+        let held: Vec<_> = [(a, "a"), (b, "b"), (c, "c")]
+            .iter()
+            .map(|&(i, t)| match sim.allocate(i, t, any.clone()) {
+                Ok(Allocation::Ready { ip, .. }) => ip,
+                other => panic!("seed {seed}: peer {i}: {other:?}"),
+            })
+            .collect();
+        assert_eq!(held[0], a_ip);
+        assert_eq!(check(&sim, seed), 3);
+        // C crashes and comes back from its snapshot: still on the adopted ring.
+        sim.crash(c);
+        sim.run(20);
+        let back = sim.restore(c, &[]).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert_eq!(back, vec![(held[2], "c".to_string())]);
+        assert!(sim.ipam(c).is_agreed());
+        assert_eq!(sim.ipam(c).ring().seeds(), &[peer_name(a)]);
+        sim.net.faults = Faults::none();
+        sim.run_until_converged(100).unwrap_or_else(|| panic!("seed {seed}: no convergence"));
+        check(&sim, seed);
+        no_errors(&sim, seed);
+        println!("seed {seed}: C adopted the ring {adopt} ticks after connecting; donations done in {donated} ticks");
+    }
+}
+
+/// As above, but C allocates while still alone: with consensus=1 that makes it
+/// agree on a ring of its own. Connected to B, every IPAM message between the
+/// groups is refused with `DifferentRings` and no ring changes (one side must be
+/// reset).
+#[test]
+fn consensus_peer_that_allocated_alone_conflicts() {
+    let seed = 13;
+    let universe = cidr("10.32.0.0/24");
+    let inits = vec![InitMode::Consensus(1), InitMode::Consensus(2), InitMode::Consensus(1)];
+    let faults = Faults { loss: 0.05, duplicate: 0.05, max_delay_ticks: 3 };
+    let mut sim = IpamSim::new(universe, inits, Graph::from_links(3, &[(0, 1), (1, 2)]), faults, seed);
+    let any = Request::Any(universe);
+    sim.set_partitions(vec![0, 0, 1]);
+    sim.start(0);
+    sim.start(2);
+    let _ = sim.allocate(0, "a", any.clone());
+    run_until(&mut sim, seed, 100, |s| s.ipam(0).is_agreed()).expect("A agrees alone");
+    sim.start(1);
+    run_until(&mut sim, seed, 100, |s| s.ipam(1).is_agreed()).expect("B adopts A's ring");
+    let _ = sim.allocate(2, "c", any.clone());
+    // (From here on the two groups hand out the same addresses: no global check.)
+    for _ in 0..100 {
+        sim.step();
+    }
+    assert_eq!(sim.ipam(2).ring().seeds(), &[peer_name(2)], "C agreed alone");
+    assert!(matches!(sim.allocate(2, "c", any.clone()), Ok(Allocation::Ready { .. })));
+    let before: Vec<Vec<u8>> = (0..3).map(|i| sim.ipam(i).ring_bytes()).collect();
+    sim.heal();
+    sim.run(100);
+    assert!(!sim.errors.is_empty());
+    for (_, e) in &sim.errors {
+        assert!(matches!(e, IpamError::DifferentRings { .. }), "{e}");
+    }
+    assert!(sim.errors.iter().any(|(i, _)| *i == 1) && sim.errors.iter().any(|(i, _)| *i == 2), "both sides refuse");
+    for (i, b) in before.iter().enumerate() {
+        assert_eq!(&sim.ipam(i).ring_bytes(), b, "peer {i} changed its ring");
+    }
+}
+
+/// The README's two-host start: `h1$ meshnet launch` (consensus=1) and `h2$
+/// meshnet launch h1` (consensus=2) meet before either allocates: no conflict, no
+/// ring, no proposal for a minute. The first allocation (on h2) makes both agree
+/// on [h1, h2] (the largest N counts). Then `h3$ meshnet launch && meshnet connect
+/// h2` (consensus=1) is asked for an address the moment it connects: it waits to
+/// hear h2 before proposing, adopts the ring and gets space by donation.
+/// (No message loss here: the wait after connecting is a fixed time, so with loss
+/// the first answer might not arrive within it.)
+#[test]
+fn mixed_consensus_counts_agree_on_first_allocation() {
+    for seed in seeds(21, 3) {
+        let universe = cidr("10.32.0.0/24");
+        let inits = vec![InitMode::Consensus(1), InitMode::Consensus(2), InitMode::Consensus(1)];
+        let faults = Faults { loss: 0.0, duplicate: 0.05, max_delay_ticks: 3 };
+        let mut sim = IpamSim::new(universe, inits, Graph::from_links(3, &[(0, 1), (1, 2)]), faults, seed);
+        let any = Request::Any(universe);
+        sim.set_partitions(vec![0, 0, 1]);
+        sim.start_all();
+        sim.run(600);
+        for i in 0..3 {
+            assert!(!sim.ipam(i).is_agreed() && no_ballot(&sim, i), "seed {seed}: peer {i}");
+        }
+        no_errors(&sim, seed);
+        assert!(matches!(sim.allocate(1, "h2", any.clone()), Ok(Allocation::Pending(Waiting::Consensus { known: 2, quorum: 2 }))));
+        run_until(&mut sim, seed, 200, |s| s.ipam(0).is_agreed() && s.ipam(1).is_agreed()).expect("h1 and h2 agree");
+        let both = [peer_name(0), peer_name(1)];
+        assert_eq!(sim.ipam(0).ring().seeds(), &both);
+        assert_eq!(sim.ipam(1).ring().seeds(), &both);
+        assert!(never_proposed(&sim, 0), "only h2 proposed");
+        sim.heal();
+        match sim.allocate(2, "h3", any.clone()) {
+            Ok(Allocation::Pending(Waiting::Consensus { .. })) => {}
+            other => panic!("seed {seed}: {other:?}"),
+        }
+        run_until(&mut sim, seed, 200, |s| s.ipam(2).pending_count() == 0).expect("h3's allocation completes");
+        assert_eq!(sim.ipam(2).ring().seeds(), &both, "seed {seed}: h3 adopted the ring");
+        assert!(never_proposed(&sim, 2), "seed {seed}: h3 proposed before hearing h2");
+        assert!(matches!(sim.allocate(2, "h3", any.clone()), Ok(Allocation::Ready { .. })));
+        assert_eq!(check(&sim, seed), 2);
+        no_errors(&sim, seed);
+    }
+}
+
 /// Paxos safety under heavy faults: many small meshes, 30% loss, duplicates,
 /// reordering, partitions flapping every 2 s. No two peers ever decide
 /// differently (that would surface as different seed lists or a DifferentRings
@@ -220,9 +405,20 @@ fn consensus_safety_under_faults() {
         let faults = Faults { loss: 0.3, duplicate: 0.1, max_delay_ticks: 6 };
         let mut sim = IpamSim::new(universe, vec![InitMode::Consensus(n as u32); n], Graph::full(n), faults, seed);
         sim.config.paxos_retry_ms = 500;
+        let any = Request::Any(universe);
+        // Consensus is lazy: only peers with an allocation waiting propose. Most
+        // ask for one as they start (competing proposers), some never do.
+        let mut asked = 0;
+        let start = |sim: &mut IpamSim, i: usize, rng: &mut SimRng, asked: &mut usize| {
+            sim.start(i);
+            if rng.chance(0.6) {
+                assert!(matches!(sim.allocate(i, "c", any.clone()), Ok(Allocation::Pending(_))));
+                *asked += 1;
+            }
+        };
         for i in 0..n {
             if rng.chance(0.7) {
-                sim.start(i);
+                start(&mut sim, i, &mut rng, &mut asked);
             }
         }
         let mut decided: Option<Vec<PeerName>> = None;
@@ -234,8 +430,12 @@ fn consensus_safety_under_faults() {
             if t == 300 {
                 for i in 0..n {
                     if sim.nodes[i].status == Status::NotStarted {
-                        sim.start(i);
+                        start(&mut sim, i, &mut rng, &mut asked);
                     }
+                }
+                if asked == 0 {
+                    let _ = sim.allocate(0, "c", any.clone());
+                    asked += 1;
                 }
             }
             sim.step();
@@ -445,6 +645,9 @@ fn scale_1000_peers() {
     PEAK.store(heap0, Ordering::Relaxed);
     let mut sim = IpamSim::new(universe, inits, graph, faults, seed);
     sim.start_all();
+    // Consensus starts on the first allocation.
+    let any = Request::Any(universe);
+    let _ = sim.allocate(0, "p0-0", any.clone());
     let mut ticks = 0;
     while !(0..n).all(|i| sim.ipam(i).is_agreed()) {
         sim.step();
@@ -461,8 +664,7 @@ fn scale_1000_peers() {
         agreed / 10, net2.sent, net2.bytes >> 20, net2.largest >> 10, t1
     );
     println!("  during agreement only: {} messages, {} MB", net1.sent, net1.bytes >> 20);
-    // Allocations: 3 per peer, some of them pending until donations arrive.
-    let any = Request::Any(universe);
+    // Allocations: 3 per peer (p0-0 asked already), some pending until donations arrive.
     let mut pending = 0;
     for k in 0..3 {
         for i in 0..n {

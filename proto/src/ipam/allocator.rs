@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
 
-use super::paxos::Paxos;
+use super::paxos::{Paxos, MAX_PARTICIPANTS};
 use super::ring::{free_in, Ring, MAX_SEEDS, TAKEOVER_JUMP};
 use super::space::{self, clip, Cidr};
 use super::wire::{self, Body, Envelope, Gossip, Outcome, PaxosGossip, Snapshot, MAX_HOPS, MAX_TARGET_LEN};
@@ -70,6 +70,16 @@ pub struct Ipam {
     next_full_ms: u64,
     next_paxos_full_ms: u64,
     retry_at: Option<u64>,
+    /// Asked for an address before the ring was agreed: propose until it is (lazy
+    /// consensus, as Weave's `awaitingConsensus`; a request cancelled meanwhile,
+    /// like the daemon's `prime`, does not stop it). Not persisted.
+    want_ring: bool,
+    /// No ballot of mine before this time: a peer just became reachable and its
+    /// agreed ring (or its consensus records) may be on the way.
+    hold_proposals_until: u64,
+    /// Re-base `hold_proposals_until` on the next clock reading (`peers_changed`
+    /// gets no time).
+    hold_rebase: bool,
     last_sync: BTreeMap<PeerName, u64>,
     last_sync_req: BTreeMap<PeerName, u64>,
     transmits: VecDeque<(Dest, Vec<u8>)>,
@@ -96,8 +106,8 @@ impl Ipam {
         let retry = config.paxos_retry_ms;
         let (ring, paxos) = match &init {
             InitMode::Consensus(n) => {
-                if *n == 0 {
-                    return Err(IpamError::BadInit("consensus needs at least 1 peer".into()));
+                if *n == 0 || *n as usize > MAX_PARTICIPANTS {
+                    return Err(IpamError::BadInit(format!("consensus needs 1 to {MAX_PARTICIPANTS} peers")));
                 }
                 (Ring::new(universe), Paxos::new(me, true, *n, retry))
             }
@@ -132,6 +142,9 @@ impl Ipam {
             next_full_ms: 0,
             next_paxos_full_ms: 0,
             retry_at: None,
+            want_ring: false,
+            hold_proposals_until: 0,
+            hold_rebase: false,
             last_sync: BTreeMap::new(),
             last_sync_req: BTreeMap::new(),
             transmits: VecDeque::new(),
@@ -154,7 +167,8 @@ impl Ipam {
     /// Restores from [`Ipam::snapshot`] bytes: the same ring (or consensus state),
     /// allocations and request ids. `me` and `universe` must match the snapshot's
     /// ([`IpamError::SnapshotPeer`], [`IpamError::SnapshotRange`]); a saved agreed
-    /// ring wins over `init`. Call [`Ipam::release_missing`] next.
+    /// ring (agreed here or adopted from a peer) wins over `init`, whatever its
+    /// `N`. Call [`Ipam::release_missing`] next.
     pub fn restore(me: PeerName, universe: Cidr, init: InitMode, config: Config, bytes: &[u8]) -> Result<Ipam, IpamError> {
         let s: Snapshot = wire::decode_snapshot(bytes)?;
         if s.me != me {
@@ -174,7 +188,8 @@ impl Ipam {
         } else if let Some(p) = s.paxos {
             if !ipam.ring.is_agreed() {
                 let participant = ipam.paxos.is_participant();
-                let initial = if participant { ipam.paxos.initial() } else { p.initial };
+                // The largest N heard of before the restart still counts.
+                let initial = ipam.paxos.initial().max(p.initial);
                 ipam.paxos = Paxos::restore(me, participant, initial, ipam.config.paxos_retry_ms, p.records);
             }
         }
@@ -231,6 +246,12 @@ impl Ipam {
         &self.ring
     }
 
+    /// The consensus state (records of the participants known here); it stops
+    /// changing once the ring is agreed.
+    pub fn paxos(&self) -> &Paxos {
+        &self.paxos
+    }
+
     /// The ring's canonical bytes: equal on peers that converged.
     pub fn ring_bytes(&self) -> Vec<u8> {
         self.ring.canonical_bytes()
@@ -269,8 +290,11 @@ impl Ipam {
             return Ok(Allocation::Pending(self.waiting_for(&p.req)));
         }
         if !self.ring.is_agreed() {
+            // The first request is what starts consensus (lazy, as in Weave).
             let w = self.waiting_for(&p.req);
             self.pending.push(p);
+            self.want_ring = true;
+            self.progress();
             return Ok(Allocation::Pending(w));
         }
         match self.try_complete(&p) {
@@ -411,6 +435,14 @@ impl Ipam {
         };
         if gained {
             self.full_due = true;
+            if !new.is_empty() && !self.ring.is_agreed() {
+                // Hear the new peers before proposing: with an agreed ring they make
+                // me adopt it, with records they raise the quorum. Without this, a
+                // `consensus=1` peer asked for an address right after connecting
+                // would agree on a ring of its own before their answer arrives.
+                self.hold_proposals_until = self.now + self.config.paxos_retry_ms;
+                self.hold_rebase = true;
+            }
         }
         self.space_asks.retain(|_, a| new.contains(&a.peer));
         self.claim_asks.retain(|_, a| new.contains(&a.peer));
@@ -526,8 +558,13 @@ impl Ipam {
         let mut t = self.next_full_ms;
         if !self.ring.is_agreed() {
             t = t.min(self.next_paxos_full_ms);
-            if let Some(p) = self.paxos.poll_timeout() {
-                t = t.min(p);
+            if self.want_ring {
+                if self.hold_proposals_until > self.now {
+                    t = t.min(self.hold_proposals_until);
+                }
+                if let Some(p) = self.paxos.poll_timeout() {
+                    t = t.min(p);
+                }
             }
         }
         for a in self.space_asks.values().chain(self.claim_asks.values()) {
@@ -578,6 +615,9 @@ impl Ipam {
 
     fn tick(&mut self, now_ms: u64) {
         self.now = self.now.max(now_ms);
+        if std::mem::take(&mut self.hold_rebase) {
+            self.hold_proposals_until = self.hold_proposals_until.max(self.now + self.config.paxos_retry_ms);
+        }
     }
 
     fn is_live(&self, p: PeerName) -> bool {
@@ -791,10 +831,9 @@ impl Ipam {
 
     fn on_gossip(&mut self, src: PeerName, g: Gossip) -> Result<(), IpamError> {
         let agreed_before = self.ring.is_agreed();
-        let paxos_up = match &g.paxos {
-            Some(p) if !agreed_before => Some((p.initial, self.paxos.plan_merge(src, p.initial, &p.records)?)),
-            _ => None,
-        };
+        // The ring first: an agreed ring (seeds) supersedes consensus. An unagreed
+        // peer adopts it whatever its own `N` or records; only an agreed ring with
+        // other seeds is a conflict.
         let plan = if g.ring_id == 0 {
             self.ring.plan_merge(src, &[], &[])?
         } else if !g.seeds.is_empty() {
@@ -806,6 +845,11 @@ impl Ipam {
             // full state, whose seeds let me adopt it or name the conflict.
             self.request_sync(src);
             self.ring.plan_merge(src, &[], &[])?
+        };
+        // Paxos records only matter between peers that both have no ring yet.
+        let paxos_up = match &g.paxos {
+            Some(p) if !agreed_before && g.ring_id == 0 => Some((p.initial, self.paxos.plan_merge(src, &p.records)?)),
+            _ => None,
         };
         self.check_ownership(src, plan.changes())?;
         // Everything checked: apply.
@@ -968,10 +1012,14 @@ impl Ipam {
     }
 
     /// Runs paxos, then completes what pending requests it can and asks for the rest.
+    /// A ballot of my own is only started once an address was asked of me (lazy
+    /// consensus): a peer nobody asked forms no ring, so it can still adopt the
+    /// ring of a mesh it joins later.
     fn progress(&mut self) {
         if !self.ring.is_agreed() {
             let jitter = self.rng.next();
-            let decided = self.paxos.think(self.now, jitter).map(|v| v.to_vec());
+            let propose = self.want_ring && !self.hold_rebase && self.now >= self.hold_proposals_until;
+            let decided = self.paxos.think(self.now, jitter, propose).map(|v| v.to_vec());
             if self.paxos.take_mine_changed() {
                 self.dirty = true;
             }

@@ -15,10 +15,18 @@
 //!   entries by highest version. The ring travels as gossip.
 //! * **Initial ownership** ([`InitMode`]): `Consensus(N)` — the first peers agree on
 //!   the list of initial owners with single-decree Paxos carried in gossip, a
-//!   majority of `N` being needed ([`paxos`]); `Seed(peers)` — the universe is
-//!   divided among the listed peers at once, no agreement needed (every peer must
-//!   be given the same list); `Observer` — never takes space at start. Until the
-//!   ring is agreed, allocation answers [`Allocation::Pending`].
+//!   majority of `N` being needed ([`paxos`]). Consensus is **lazy**, as in
+//!   Weave: a peer only starts proposing once it is asked for an address (and
+//!   then until the ring is agreed, even if that request is cancelled: allocating
+//!   and freeing at once is how to "prime" it); until then it only answers
+//!   (promises, accepts, learns) proposals that others started. `Seed(peers)` —
+//!   the universe is divided among the listed peers at once, no agreement needed
+//!   (every peer must be given the same list); `Observer` — never takes space at
+//!   start. Until the ring is agreed, allocation answers [`Allocation::Pending`].
+//! * **An agreed ring wins.** A peer whose ring is not agreed adopts the first
+//!   agreed ring it hears of, whatever its `N`, its init mode or its own consensus
+//!   records; then it gets space by donation. Only two *agreed* rings with
+//!   different seeds refuse each other ([`IpamError::DifferentRings`]).
 //! * **Allocation** is local: a peer hands out the lowest free address of the
 //!   requested subnet from the ranges it owns. Without free space there, it asks a
 //!   reachable peer with free space (chosen at random, weighted by the free space
@@ -77,9 +85,10 @@
 //!
 //! ## Errors from `handle_message`
 //! * [`IpamError::is_conflict`] true (different ranges, differently seeded or
-//!   agreed rings, inconsistent entries, conflicting consensus count, a takeover of
-//!   a range holding live allocations): nothing was applied; log the message and
-//!   close the control connection to `from` (Weave refuses such connections).
+//!   agreed rings, inconsistent entries or consensus claims, a takeover of a range
+//!   holding live allocations): nothing was applied; log the message and close the
+//!   control connection to `from` (Weave refuses such connections). A different
+//!   `consensus=N` is not a conflict (see the setup notes).
 //! * Anything else (malformed, unknown version, over a bound): the message was
 //!   dropped; log it. The connection may stay.
 //!
@@ -98,11 +107,21 @@
 //!   donors and owners are only asked while reachable, a newly reachable peer makes
 //!   this peer send its full state (that is what repairs a healed partition), and
 //!   `rmpeer`/`reset` use it.
-//! * `consensus=N` needs a majority of `N`: the quorum is `max(N, consensus peers
-//!   known)/2 + 1`, so with `N = 3` two peers agree and the third adopts their ring
-//!   and gets space by donation. Start at most `N` consensus peers before the ring
-//!   is agreed; two groups that agree apart refuse each other
-//!   ([`IpamError::DifferentRings`]) and one side must be reset.
+//! * Consensus starts on the **first allocation**, not at start: launching peers
+//!   forms no ring. A peer that just gained a reachable peer waits
+//!   [`Config::paxos_retry_ms`] before proposing, to hear an agreed ring first.
+//!   The quorum is then `max(N, consensus peers known)/2 + 1`, `N` being the
+//!   largest `consensus=N` heard of (peers gossip theirs, and a different `N` is
+//!   no error: the daemon's default of 1 + peers named at launch gives `1` to
+//!   `launch` and `2` to `launch h1`, and those two agree on `[h1, h2]` when one
+//!   of them first allocates). With `N = 3` two peers agree and the third adopts
+//!   their ring and gets space by donation.
+//! * A peer that joins a mesh whose ring is agreed adopts that ring whatever its
+//!   `N` (e.g. `h3$ meshnet launch && meshnet connect h2` with `N = 1`), provided
+//!   it did not allocate before connecting: alone, with `N = 1`, its first
+//!   allocation makes it agree on a ring of its own, and two groups that agreed
+//!   apart refuse each other ([`IpamError::DifferentRings`]); one side must be
+//!   reset. The adopted ring is in the snapshot, so a restart keeps it.
 //! * A peer that lost its snapshot must not come back under the same name while
 //!   the mesh still lists ranges for it (in `seed=` mode it would re-take its
 //!   genesis share at once): `rmpeer` it from another peer first, or give it a new
@@ -142,9 +161,11 @@ pub const DEFAULT_RANGE: &str = "10.32.0.0/12";
 /// How initial ownership of the universe is decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InitMode {
-    /// `consensus=N`: agreed with a majority of the first `N` peers (Paxos). `N`
-    /// should be the number of peers started initially; every one of them must be
-    /// given the same `N`.
+    /// `consensus=N`: agreed with a majority of the first `N` peers (Paxos), on
+    /// the first allocation. `N` should be the number of peers started initially
+    /// (1 to [`paxos::MAX_PARTICIPANTS`]); peers given different values use the
+    /// largest one they hear of. An agreed ring heard from a peer is adopted
+    /// whatever `N`.
     Consensus(u32),
     /// `seed=PEER,...`: divided among these peers at once (identical list everywhere).
     Seed(Vec<PeerName>),
@@ -379,8 +400,6 @@ pub enum IpamError {
     InconsistentEntry { peer: PeerName, start: Ipv4Addr, version: u64 },
     #[error("peer {peer} says the range holding {ip} (allocated here to {target}) belongs to {owner} (was this peer rmpeer'd while running?)")]
     OwnershipConflict { peer: PeerName, ip: Ipv4Addr, target: String, owner: PeerName },
-    #[error("peer {peer} was started with consensus={theirs} but this peer with consensus={ours}")]
-    ConsensusMismatch { peer: PeerName, ours: u32, theirs: u32 },
     #[error("peer {peer} sent consensus claims of {participant} that contradict this peer's")]
     InconsistentClaims { peer: PeerName, participant: PeerName },
 
@@ -402,7 +421,6 @@ impl IpamError {
                 | IpamError::DifferentRings { .. }
                 | IpamError::InconsistentEntry { .. }
                 | IpamError::OwnershipConflict { .. }
-                | IpamError::ConsensusMismatch { .. }
                 | IpamError::InconsistentClaims { .. }
         )
     }

@@ -22,11 +22,16 @@
 //!    quorum of records promise exactly it, accept it myself with the value of the
 //!    highest accepted ballot among those records, or, if none accepted anything,
 //!    with the sorted names of all participants I know.
-//! 5. **Propose, phase 1.** Once I know of a quorum of participants, and again
-//!    whenever `retry` passes (with random jitter) without a decision, pick a
-//!    ballot `(highest round seen + 1, me)` and promise it to myself. The timer is
-//!    pushed back whenever new claims arrive, so a proposal making progress is not
-//!    interrupted.
+//! 5. **Propose, phase 1** — only while the caller asks for it (`propose` in
+//!    [`Paxos::think`]: the peer was asked for an address; consensus is lazy, as
+//!    in Weave, so a peer nobody asks for an address never starts a ballot and
+//!    can still adopt a ring agreed elsewhere). Once I know of a quorum of
+//!    participants, and again whenever `retry` passes (with random jitter)
+//!    without a decision, pick a ballot `(highest round seen + 1, me)` and
+//!    promise it to myself. The timer is pushed back whenever new claims arrive,
+//!    so a proposal making progress is not interrupted. Steps 1 to 4 run
+//!    whatever `propose` says: every participant is always an acceptor and a
+//!    learner, and finishes phase 2 of a ballot it started.
 //!
 //! A record that promises ballot `b` shows the records' accepted ballot as of
 //! that promise (a promise of `b` forbids accepting anything below `b`, and the
@@ -35,8 +40,15 @@
 //! quorums to intersect: the quorum is `max(N, participants known)/2 + 1`, so it
 //! also grows if more than `N` consensus peers show up (best effort: two groups of
 //! more than `N` peers that never hear of each other can still each decide, and
-//! then refuse to merge with [`super::IpamError::DifferentRings`]). Claims must be
-//! persisted before they are sent (see `Ipam::take_dirty`).
+//! then refuse to merge with [`super::IpamError::DifferentRings`]).
+//!
+//! `N` is the largest `consensus=N` heard of, not only mine: the daemon's default
+//! is 1 + the number of peers named at launch, so the first peers of a mesh
+//! normally differ (`launch` gives 1, `launch h1` gives 2). Gossip carries each
+//! peer's `N`; taking the maximum makes every peer that heard of the others count
+//! a majority of the same, largest, group (a peer with a small `N` that heard of
+//! a larger one cannot decide with a quorum the others would not intersect).
+//! Claims must be persisted before they are sent (see `Ipam::take_dirty`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -88,7 +100,8 @@ impl Claims {
 pub struct Paxos {
     me: PeerName,
     participant: bool,
-    /// `N` of `consensus=N`; 0 while unknown (a non-participant that has heard none).
+    /// `N`: the largest `consensus=N` of mine and those heard of; 0 while unknown
+    /// (a non-participant that has heard none).
     initial: u32,
     knows: BTreeMap<PeerName, Claims>,
     /// The value (sorted seeds) of every ballot some record accepted.
@@ -186,7 +199,13 @@ impl Paxos {
         self.changed.clear();
     }
 
-    /// When [`Paxos::think`] wants to run next.
+    /// My own record, if I am a participant.
+    pub fn mine(&self) -> Option<&Claims> {
+        self.knows.get(&self.me)
+    }
+
+    /// When [`Paxos::think`] wants to run next (with `propose` true; a peer that
+    /// is not proposing needs no timer).
     pub fn poll_timeout(&self) -> Option<u64> {
         if self.decided.is_some() || !self.participant {
             return None;
@@ -196,10 +215,9 @@ impl Paxos {
 
     /// Checks gossiped records (already bounded and shaped by the decoder: every
     /// accepted ballot has its value in `update`) without applying anything.
-    pub(crate) fn plan_merge(&self, peer: PeerName, initial: u32, update: &PaxosUpdate) -> Result<PaxosUpdate, IpamError> {
-        if self.participant && initial != 0 && initial != self.initial {
-            return Err(IpamError::ConsensusMismatch { peer, ours: self.initial, theirs: initial });
-        }
+    /// The sender's `N` is no part of the check: a different one is no error, the
+    /// larger is kept by [`Paxos::apply`] (see the module docs).
+    pub(crate) fn plan_merge(&self, peer: PeerName, update: &PaxosUpdate) -> Result<PaxosUpdate, IpamError> {
         for (b, v) in &update.values {
             if self.values.get(b).is_some_and(|mine| mine != v) {
                 return Err(IpamError::InconsistentClaims { peer, participant: b.proposer });
@@ -225,12 +243,11 @@ impl Paxos {
         Ok(PaxosUpdate { claims, values })
     }
 
-    /// Applies what [`Paxos::plan_merge`] returned. A record about me that is newer
-    /// than mine (my own, from before a restart from an old snapshot) is adopted.
+    /// Applies what [`Paxos::plan_merge`] returned, and the sender's `N` (`initial`,
+    /// 0 if unknown) if larger than mine. A record about me that is newer than
+    /// mine (my own, from before a restart from an old snapshot) is adopted.
     pub(crate) fn apply(&mut self, initial: u32, plan: PaxosUpdate, now_ms: u64) {
-        if self.initial == 0 {
-            self.initial = initial;
-        }
+        self.initial = self.initial.max(initial);
         if plan.claims.is_empty() {
             return;
         }
@@ -256,10 +273,15 @@ impl Paxos {
     }
 
     /// Runs the learner, acceptor and proposer steps; returns the chosen value once known.
-    /// `jitter` is a random number used to spread retries.
-    pub fn think(&mut self, now_ms: u64, jitter: u64) -> Option<&[PeerName]> {
+    /// `jitter` is a random number used to spread retries. `propose`: whether to
+    /// start (or retry) a ballot of my own (step 5); without it the proposal
+    /// timer is dropped.
+    pub fn think(&mut self, now_ms: u64, jitter: u64, propose: bool) -> Option<&[PeerName]> {
+        if !propose {
+            self.next_attempt = None;
+        }
         for _ in 0..4 {
-            if self.decided.is_some() || !self.step(now_ms, jitter) {
+            if self.decided.is_some() || !self.step(now_ms, jitter, propose) {
                 break;
             }
         }
@@ -267,7 +289,7 @@ impl Paxos {
     }
 
     /// One pass; true if my record changed (another pass may then make progress).
-    fn step(&mut self, now_ms: u64, jitter: u64) -> bool {
+    fn step(&mut self, now_ms: u64, jitter: u64, propose: bool) -> bool {
         let quorum = self.quorum();
         // 1. Learn (only once N is known).
         if self.initial > 0 {
@@ -317,8 +339,8 @@ impl Paxos {
                 self.values.insert(mine.promised, value);
             }
         }
-        // 5. Phase 1: start or retry a proposal.
-        if self.knows.len() >= quorum {
+        // 5. Phase 1: start or retry a proposal (only when asked to).
+        if propose && self.knows.len() >= quorum {
             let spread = jitter % self.retry_ms;
             match self.next_attempt {
                 None => self.next_attempt = Some(now_ms + spread / 4),
@@ -373,8 +395,14 @@ mod tests {
         PeerName(n)
     }
 
-    /// Exchanges full records between all pairs in `group` until nothing changes.
+    /// Exchanges full records between all pairs in `group` until nothing changes;
+    /// every node proposes.
     fn gossip(nodes: &mut [Paxos], group: &[usize], now: u64, rng: &mut Rng) {
+        gossip_with(nodes, group, now, rng, &vec![true; nodes.len()]);
+    }
+
+    /// Like [`gossip`]; only the nodes with `propose[i]` start ballots.
+    fn gossip_with(nodes: &mut [Paxos], group: &[usize], now: u64, rng: &mut Rng, propose: &[bool]) {
         for _ in 0..20 {
             let mut any = false;
             for &i in group {
@@ -382,14 +410,14 @@ mod tests {
                 let initial = nodes[i].initial;
                 for &j in group {
                     if i != j {
-                        let up = nodes[j].plan_merge(p(i as u64 + 1), initial, &all).unwrap();
+                        let up = nodes[j].plan_merge(p(i as u64 + 1), &all).unwrap();
                         any |= !up.claims.is_empty();
                         nodes[j].apply(initial, up, now);
                     }
                 }
             }
             for &i in group {
-                nodes[i].think(now, rng.next());
+                nodes[i].think(now, rng.next(), propose[i]);
             }
             if !any {
                 break;
@@ -425,17 +453,55 @@ mod tests {
     }
 
     #[test]
-    fn mismatched_consensus_count_is_refused_unchanged() {
+    fn different_counts_merge_and_the_largest_counts() {
         let mut a = Paxos::new(p(1), true, 1, 1000);
         let b = Paxos::new(p(2), true, 5, 1000);
-        assert!(matches!(a.plan_merge(p(2), b.initial, &b.all()), Err(IpamError::ConsensusMismatch { .. })));
-        // A decides alone (N = 1); a record claiming another value for A's ballot is refused.
-        a.think(0, 0);
-        a.think(1000, 0);
+        assert_eq!(a.quorum(), 1);
+        let up = a.plan_merge(p(2), &b.all()).expect("a different N is no conflict");
+        a.apply(b.initial, up, 0);
+        assert_eq!((a.initial(), a.quorum()), (5, 3), "the larger N is kept");
+        // A smaller N heard later changes nothing.
+        let c = Paxos::new(p(3), true, 2, 1000);
+        let up = a.plan_merge(p(3), &c.all()).unwrap();
+        a.apply(c.initial, up, 0);
+        assert_eq!((a.initial(), a.quorum()), (5, 3));
+        // Alone with N = 1, A decides; a record claiming another value for A's ballot is refused.
+        let mut a = Paxos::new(p(1), true, 1, 1000);
+        a.think(0, 0, true);
+        a.think(1000, 0, true);
         assert_eq!(a.decided(), Some(&[p(1)][..]));
         let mut bad = a.all();
         bad.values[0].1 = vec![p(9)];
-        assert!(matches!(a.plan_merge(p(2), 1, &bad), Err(IpamError::InconsistentClaims { .. })));
+        assert!(matches!(a.plan_merge(p(2), &bad), Err(IpamError::InconsistentClaims { .. })));
+    }
+
+    #[test]
+    fn idle_participants_never_propose_but_accept_and_learn() {
+        let mut rng = Rng::new(3);
+        // Alone, N = 1, nobody asks it to propose: no ballot, no decision, no timer.
+        let mut lone = Paxos::new(p(1), true, 1, 1000);
+        for t in 0..100 {
+            assert!(lone.think(t * 1000, rng.next(), false).is_none());
+        }
+        assert_eq!(lone.mine(), Some(&Claims::default()));
+        assert_eq!(lone.poll_timeout(), None);
+        // Three idle peers of N = 3 never decide either.
+        let mut nodes: Vec<Paxos> = (1..=3).map(|i| Paxos::new(p(i), true, 3, 1000)).collect();
+        let mut now = 0;
+        for _ in 0..20 {
+            now += 500;
+            gossip_with(&mut nodes, &[0, 1, 2], now, &mut rng, &[false; 3]);
+        }
+        assert!(nodes.iter().all(|n| n.decided().is_none() && n.mine() == Some(&Claims::default())));
+        // One of them proposes: the idle ones promise, accept and learn its value.
+        for _ in 0..20 {
+            now += 500;
+            gossip_with(&mut nodes, &[0, 1, 2], now, &mut rng, &[false, true, false]);
+        }
+        for n in &nodes {
+            assert_eq!(n.decided(), Some(&[p(1), p(2), p(3)][..]));
+        }
+        assert!(nodes.iter().all(|n| n.mine().unwrap().accepted.proposer == p(2)), "only peer 2 proposed");
     }
 
     #[test]
@@ -444,6 +510,9 @@ mod tests {
             let mut rng = Rng::new(seed);
             let n = 3 + rng.below(5) as usize;
             let mut nodes: Vec<Paxos> = (1..=n as u64).map(|i| Paxos::new(p(i), true, n as u32, 1000)).collect();
+            // Some peers have allocations waiting (they propose), the others only accept.
+            let mut propose: Vec<bool> = (0..n).map(|_| rng.below(3) != 0).collect();
+            propose[rng.below(n as u64) as usize] = true;
             let mut now = 0;
             for _ in 0..40 {
                 now += rng.below(1500);
@@ -457,19 +526,19 @@ mod tests {
                     let mut all = nodes[i].all();
                     all.claims.retain(|_| rng.below(4) != 0); // lose some records
                     let init = nodes[i].initial;
-                    let up = nodes[j].plan_merge(p(i as u64 + 1), init, &all).unwrap();
+                    let up = nodes[j].plan_merge(p(i as u64 + 1), &all).unwrap();
                     nodes[j].apply(init, up, now);
-                    nodes[j].think(now, rng.next());
+                    nodes[j].think(now, rng.next(), propose[j]);
                 }
-                for node in nodes.iter_mut() {
-                    node.think(now, rng.next());
+                for (k, node) in nodes.iter_mut().enumerate() {
+                    node.think(now, rng.next(), propose[k]);
                 }
             }
             // Everyone talks at the end: all decide, and on one value.
             for _ in 0..30 {
                 now += 1000;
                 let all: Vec<usize> = (0..n).collect();
-                gossip(&mut nodes, &all, now, &mut rng);
+                gossip_with(&mut nodes, &all, now, &mut rng, &propose);
             }
             let vals: BTreeSet<Vec<PeerName>> = nodes.iter().filter_map(|x| x.decided().map(|v| v.to_vec())).collect();
             assert_eq!(vals.len(), 1, "seed {seed}: {vals:?}");

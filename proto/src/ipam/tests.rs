@@ -28,12 +28,16 @@ struct Mesh {
     sent: usize,
     /// Every message delivered, for the mutation test.
     log: Vec<Vec<u8>>,
+    /// Errors from `handle_message` (receiver, error), kept instead of panicking
+    /// when `tolerate` is set.
+    errors: Vec<(usize, IpamError)>,
+    tolerate: bool,
 }
 
 impl Mesh {
     fn new(init: impl Fn(usize) -> InitMode, n: usize) -> Mesh {
         let nodes = (0..n).map(|i| Ipam::new(p(i as u64 + 1), u(), init(i)).unwrap()).collect();
-        let mut m = Mesh { nodes, up: vec![true; n], now: 0, sent: 0, log: Vec::new() };
+        let mut m = Mesh { nodes, up: vec![true; n], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
         m.topology();
         m
     }
@@ -83,7 +87,11 @@ impl Mesh {
                             self.log.push(bytes.clone());
                         }
                         let me = self.nodes[from].me();
-                        self.nodes[j].handle_message(me, &bytes, self.now).unwrap();
+                        match self.nodes[j].handle_message(me, &bytes, self.now) {
+                            Ok(()) => {}
+                            Err(e) if self.tolerate => self.errors.push((j, e)),
+                            Err(e) => panic!("peer {j}: {e}"),
+                        }
                     }
                 }
             }
@@ -94,6 +102,49 @@ impl Mesh {
     fn alloc(&mut self, i: usize, target: &str, req: Request) -> Result<Allocation, IpamError> {
         let now = self.now;
         self.nodes[i].allocate(target, req, now)
+    }
+
+    /// `run` once a virtual second for `secs` seconds (timers fire in between).
+    fn run_secs(&mut self, secs: u64) {
+        for _ in 0..secs {
+            self.now += 1000;
+            self.run();
+        }
+    }
+
+    /// Runs node `i` on its own (a peer nobody hears, not ticked by `run`) for
+    /// `ms` of virtual time, firing its timers; returns what it sent.
+    fn run_alone(&mut self, i: usize, ms: u64) -> Vec<Vec<u8>> {
+        let end = self.now + ms;
+        let mut sent = Vec::new();
+        let mut wakeups = 0;
+        while let Some(t) = self.nodes[i].poll_timeout() {
+            if t > end {
+                break;
+            }
+            wakeups += 1;
+            assert!(wakeups <= 10 + ms / 500, "peer {i} wakes up too often (timer at {t}, now {})", self.now);
+            self.now = self.now.max(t);
+            self.nodes[i].handle_timeout(self.now);
+            while let Some((_, bytes)) = self.nodes[i].poll_transmit() {
+                sent.push(bytes);
+            }
+        }
+        self.now = end;
+        sent
+    }
+
+    /// Every address held, by any node; panics if one is held twice.
+    fn check_unique(&self) -> usize {
+        let mut seen = std::collections::BTreeMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for (a, t) in n.allocations() {
+                if let Some((j, u)) = seen.insert(a, (i, t.to_string())) {
+                    panic!("{a} held by {u} on peer {j} and by {t} on peer {i}");
+                }
+            }
+        }
+        seen.len()
     }
 }
 
@@ -144,6 +195,7 @@ fn bad_requests() {
     assert!(matches!(m2.nodes[0].allocate(&"x".repeat(300), any(), 0), Err(IpamError::BadTarget(_))));
     assert!(Ipam::new(p(1), "10.0.0.0/31".parse().unwrap(), InitMode::Observer).is_err());
     assert!(Ipam::new(p(1), u(), InitMode::Consensus(0)).is_err());
+    assert!(Ipam::new(p(1), u(), InitMode::Consensus(paxos::MAX_PARTICIPANTS as u32 + 1)).is_err());
     assert!(Ipam::new(p(1), u(), InitMode::Seed(vec![])).is_err());
 }
 
@@ -208,7 +260,8 @@ fn full_peers_ask_and_exhaustion_waits() {
     let tiny: Cidr = "10.9.0.0/29".parse().unwrap(); // 6 usable
     let seeds = vec![p(1), p(2)];
     let mut nodes: Vec<Ipam> = (1..=2).map(|i| Ipam::new(p(i), tiny, InitMode::Seed(seeds.clone())).unwrap()).collect();
-    let mut m = Mesh { nodes: std::mem::take(&mut nodes), up: vec![true; 2], now: 0, sent: 0, log: Vec::new() };
+    let mut m =
+        Mesh { nodes: std::mem::take(&mut nodes), up: vec![true; 2], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
     m.topology();
     let mut got = Vec::new();
     for k in 0..6 {
@@ -275,6 +328,209 @@ fn consensus_of_one_and_of_three() {
         m.run();
     }
     assert!(matches!(m.alloc(2, "d", any()), Ok(Allocation::Ready { .. })));
+}
+
+/// Paxos claims carried by one encoded message, if it is gossip with records.
+fn claims_in(bytes: &[u8]) -> Vec<(PeerName, paxos::Claims)> {
+    match wire::decode(bytes).unwrap().body {
+        Body::Gossip(Gossip { paxos: Some(p), .. }) => p.records.claims,
+        _ => Vec::new(),
+    }
+}
+
+fn seeds_of(n: &Ipam) -> Vec<PeerName> {
+    n.ring().seeds().to_vec()
+}
+
+#[test]
+fn lone_consensus_peer_forms_no_ring_until_it_allocates() {
+    let mut m = Mesh::new(|_| InitMode::Consensus(1), 1);
+    let sent = m.run_alone(0, 600_000); // ten minutes
+    assert!(!m.nodes[0].is_agreed(), "consensus is lazy: no allocation, no ring");
+    assert_eq!(m.nodes[0].paxos().mine(), Some(&paxos::Claims::default()), "no ballot promised");
+    assert!(m.nodes[0].paxos().mine().unwrap().promised.is_zero());
+    assert!(!sent.is_empty(), "it still gossips (to learn a ring from peers it may meet)");
+    for b in &sent {
+        assert!(claims_in(b).iter().all(|(_, c)| c.promised.is_zero()), "no proposal was sent");
+    }
+    assert_eq!(m.nodes[0].status().state, RingState::AwaitingConsensus { known: 1, quorum: 1 });
+    // The first allocation starts consensus: alone with N = 1 it agrees at once.
+    assert!(matches!(m.alloc(0, "c", any()), Ok(Allocation::Pending(Waiting::Consensus { known: 1, quorum: 1 }))));
+    m.run_alone(0, 5_000);
+    assert!(m.nodes[0].is_agreed());
+    assert_eq!(seeds_of(&m.nodes[0]), vec![p(1)]);
+    assert!(!m.nodes[0].paxos().mine().unwrap().promised.is_zero());
+    assert!(matches!(m.alloc(0, "c", any()), Ok(Allocation::Ready { .. })));
+}
+
+/// Asking for an address starts consensus, which then runs to the end even if
+/// the request is cancelled at once (the daemon's `prime`); the address is not
+/// handed out.
+#[test]
+fn a_cancelled_request_still_primes_consensus() {
+    let mut m = Mesh::new(|_| InitMode::Consensus(2), 2);
+    m.run_secs(30);
+    assert!(!m.nodes[0].is_agreed() && !m.nodes[1].is_agreed());
+    assert!(matches!(m.alloc(1, "prime", any()), Ok(Allocation::Pending(Waiting::Consensus { .. }))));
+    assert!(m.nodes[1].free_target("prime").is_empty());
+    assert_eq!(m.nodes[1].pending_count(), 0);
+    m.run_secs(10);
+    assert!(m.nodes[0].is_agreed() && m.nodes[1].is_agreed());
+    assert_eq!(seeds_of(&m.nodes[0]), vec![p(1), p(2)]);
+    assert_eq!(m.check_unique(), 0);
+    assert!(!std::iter::from_fn(|| m.nodes[1].poll_event()).any(|e| matches!(e, Event::Allocated { .. })));
+}
+
+/// A (N = 1) allocates and agrees alone; B (N = 2) meets A and adopts A's ring;
+/// C (N = 1) runs alone for a long time without allocating, meets the others
+/// and adopts the ring too, then gets space by donation. No conflict anywhere.
+#[test]
+fn late_peers_adopt_the_agreed_ring_whatever_their_n() {
+    let inits = [InitMode::Consensus(1), InitMode::Consensus(2), InitMode::Consensus(1)];
+    let mut m = Mesh::new(|i| inits[i].clone(), 3);
+    m.up = vec![true, false, false];
+    m.topology();
+    m.nodes[2].peers_changed(&[]);
+    assert!(matches!(m.alloc(0, "a", any()), Ok(Allocation::Pending(_))));
+    m.run_secs(5);
+    assert!(m.nodes[0].is_agreed());
+    assert_eq!(seeds_of(&m.nodes[0]), vec![p(1)]);
+    let a_ip = ready(m.alloc(0, "a", any()));
+    // B, whose N is 2, meets A: it adopts A's ring instead of waiting for a quorum of 2.
+    m.up[1] = true;
+    m.topology();
+    m.run_secs(3);
+    assert!(m.nodes[1].is_agreed());
+    assert_eq!(seeds_of(&m.nodes[1]), vec![p(1)]);
+    assert_eq!(m.nodes[1].paxos().mine().map(|c| c.promised.is_zero()), Some(true), "B never proposed");
+    // C on its own for ten minutes, no allocation: no ring of its own.
+    m.run_alone(2, 600_000);
+    assert!(!m.nodes[2].is_agreed());
+    assert!(m.nodes[2].paxos().mine().unwrap().promised.is_zero());
+    // C connects: it adopts the ring (N = 1 does not matter) and gets space by donation.
+    m.up[2] = true;
+    m.topology();
+    m.run_secs(2);
+    assert!(m.nodes[2].is_agreed());
+    assert_eq!(seeds_of(&m.nodes[2]), vec![p(1)]);
+    assert!(m.nodes[2].poll_event().is_some_and(|e| e == Event::Agreed { seeds: vec![p(1)] }));
+    assert!(matches!(m.alloc(2, "c", any()), Ok(Allocation::Pending(Waiting::Donation { .. }))));
+    assert!(matches!(m.alloc(1, "b", any()), Ok(Allocation::Pending(Waiting::Donation { .. }))));
+    m.run_secs(3);
+    let c_ip = ready(m.alloc(2, "c", any()));
+    let b_ip = ready(m.alloc(1, "b", any()));
+    assert!(a_ip != b_ip && b_ip != c_ip && a_ip != c_ip);
+    assert_eq!(m.check_unique(), 3);
+    let b = m.nodes[0].ring_bytes();
+    assert!(m.nodes.iter().all(|n| n.ring_bytes() == b));
+    // C restarts from its snapshot: still agreed on the adopted ring, same address.
+    let snap = m.nodes[2].snapshot();
+    let mut r = Ipam::restore(p(3), u(), InitMode::Consensus(1), Config::default(), &snap).unwrap();
+    assert!(r.is_agreed());
+    assert_eq!(seeds_of(&r), vec![p(1)]);
+    assert_eq!(r.release_missing(["c"]), vec![]);
+    assert_eq!(ready(r.allocate("c", any(), m.now)), c_ip);
+    m.nodes[2] = r;
+    m.topology();
+    m.run_secs(2);
+    assert!(m.nodes[2].is_agreed());
+    assert_eq!(m.check_unique(), 3);
+}
+
+/// A participant in the middle of its own proposal (an allocation waiting, its
+/// ballot promised, the quorum gone) adopts an agreed ring it hears of, and its
+/// request completes by donation.
+#[test]
+fn unfinished_proposal_gives_way_to_an_agreed_ring() {
+    let inits = [InitMode::Seed(vec![p(1)]), InitMode::Consensus(3), InitMode::Consensus(3)];
+    let mut m = Mesh::new(|i| inits[i].clone(), 3);
+    // B and C exchange records (no allocation: no ballot), then C goes away.
+    m.up = vec![false, true, true];
+    m.topology();
+    m.run_secs(3);
+    assert!(m.nodes[1].paxos().mine().unwrap().promised.is_zero());
+    assert_eq!(m.nodes[1].paxos().known(), 2);
+    m.up = vec![false, true, false];
+    m.topology();
+    assert!(matches!(m.alloc(1, "x", any()), Ok(Allocation::Pending(Waiting::Consensus { known: 2, quorum: 2 }))));
+    m.run_secs(30);
+    assert!(!m.nodes[1].is_agreed());
+    assert_eq!(m.nodes[1].paxos().mine().unwrap().promised.proposer, p(2), "B proposed, C never answered");
+    // A (seeded, agreed) appears: B adopts A's ring and gets space from A.
+    m.up = vec![true, true, false];
+    m.topology();
+    m.run_secs(3);
+    assert!(m.nodes[1].is_agreed());
+    assert_eq!(seeds_of(&m.nodes[1]), vec![p(1)]);
+    assert!(matches!(m.alloc(1, "x", any()), Ok(Allocation::Ready { .. })));
+    assert_eq!(m.check_unique(), 1);
+}
+
+/// The README flow: `h1$ launch` (N = 1) and `h2$ launch h1` (N = 2) meet before
+/// either allocates: no conflict, no ring; the first allocation (on either)
+/// makes both agree on `[h1, h2]` (the largest N, 2, counts); `h3$ launch &&
+/// connect h2` (N = 1) adopts that ring.
+#[test]
+fn peers_with_different_n_agree_on_first_allocation() {
+    let inits = [InitMode::Consensus(1), InitMode::Consensus(2), InitMode::Consensus(1)];
+    let mut m = Mesh::new(|i| inits[i].clone(), 3);
+    m.up = vec![true, true, false];
+    m.topology();
+    m.nodes[2].peers_changed(&[]);
+    m.run_secs(60);
+    assert!(!m.nodes[0].is_agreed() && !m.nodes[1].is_agreed());
+    assert_eq!(m.nodes[0].paxos().initial(), 2, "h1 counts the larger N it heard of");
+    assert_eq!(m.nodes[0].status().state, RingState::AwaitingConsensus { known: 2, quorum: 2 });
+    // h1 allocates: with N = 2 it needs h2, which is there.
+    assert!(matches!(m.alloc(0, "c1", any()), Ok(Allocation::Pending(Waiting::Consensus { known: 2, quorum: 2 }))));
+    m.run_secs(5);
+    assert!(m.nodes[0].is_agreed() && m.nodes[1].is_agreed());
+    assert_eq!(seeds_of(&m.nodes[0]), vec![p(1), p(2)]);
+    assert_eq!(seeds_of(&m.nodes[1]), vec![p(1), p(2)]);
+    ready(m.alloc(0, "c1", any()));
+    m.run_alone(2, 60_000);
+    assert!(!m.nodes[2].is_agreed());
+    // h3 is asked for an address the moment it meets the others: it waits to hear
+    // them (the agreed ring) before proposing, so it does not agree on a ring of its own.
+    m.up[2] = true;
+    m.topology();
+    assert!(matches!(m.alloc(2, "c3", any()), Ok(Allocation::Pending(_))));
+    m.run_secs(5);
+    assert_eq!(seeds_of(&m.nodes[2]), vec![p(1), p(2)]);
+    ready(m.alloc(2, "c3", any()));
+    assert_eq!(m.check_unique(), 2);
+}
+
+/// C (N = 1) allocates before it ever meets anyone: it agrees on a ring of its
+/// own. Meeting the others is then a conflict (two agreed rings), and nothing is
+/// applied on either side.
+#[test]
+fn allocating_alone_first_makes_a_ring_that_conflicts() {
+    let inits = [InitMode::Consensus(1), InitMode::Consensus(2), InitMode::Consensus(1)];
+    let mut m = Mesh::new(|i| inits[i].clone(), 3);
+    m.up = vec![true, true, false];
+    m.topology();
+    m.nodes[2].peers_changed(&[]);
+    let _ = m.alloc(0, "a", any());
+    m.run_secs(5);
+    assert_eq!(seeds_of(&m.nodes[1]), vec![p(1), p(2)]);
+    let _ = m.alloc(2, "c", any());
+    m.run_alone(2, 5_000);
+    assert_eq!(seeds_of(&m.nodes[2]), vec![p(3)]);
+    let c_ip = ready(m.alloc(2, "c", any()));
+    let before: Vec<Vec<u8>> = m.nodes.iter().map(|n| n.snapshot()).collect();
+    m.tolerate = true;
+    m.up[2] = true;
+    m.topology();
+    m.run_secs(3);
+    assert!(!m.errors.is_empty());
+    for (_, e) in &m.errors {
+        assert!(e.is_conflict() && matches!(e, IpamError::DifferentRings { .. }), "{e}");
+    }
+    for (i, b) in before.iter().enumerate() {
+        assert_eq!(&m.nodes[i].snapshot(), b, "peer {i} changed");
+    }
+    assert_eq!(ready(m.alloc(2, "c", any())), c_ip);
 }
 
 impl Allocation {
@@ -438,10 +694,11 @@ fn mutated_messages_never_panic_and_errors_change_nothing() {
         m.run();
     }
     let mut c = Mesh::new(|_| InitMode::Consensus(3), 3);
-    for _ in 0..5 {
-        c.now += 1000;
-        c.run();
+    for i in 0..3 {
+        let _ = c.alloc(i, "x", any()); // consensus starts on the first allocation
     }
+    c.run_secs(5);
+    assert!(c.nodes.iter().all(|n| n.is_agreed()));
     let mut corpus = std::mem::take(&mut m.log);
     corpus.extend(std::mem::take(&mut c.log));
     assert!(corpus.len() > 50);

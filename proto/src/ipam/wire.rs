@@ -287,6 +287,9 @@ pub(crate) fn check_gossip(universe: &Cidr, g: &Gossip) -> Result<(), IpamError>
         if r.claims.len() > MAX_PARTICIPANTS || r.values.len() > r.claims.len() {
             return Err(malformed("too many paxos records or values"));
         }
+        if p.initial as usize > MAX_PARTICIPANTS {
+            return Err(malformed(format!("consensus={} is over the limit of {MAX_PARTICIPANTS}", p.initial)));
+        }
         let mut prev: Option<PeerName> = None;
         let mut accepted = std::collections::BTreeSet::new();
         for (name, c) in &r.claims {
@@ -362,6 +365,11 @@ mod tests {
                         values: vec![],
                     },
                 }),
+                ..Default::default()
+            })),
+            // Paxos: a consensus count over the participant limit.
+            env(Body::Gossip(Gossip {
+                paxos: Some(PaxosGossip { initial: MAX_PARTICIPANTS as u32 + 1, records: PaxosUpdate::default() }),
                 ..Default::default()
             })),
             // Bad universe.

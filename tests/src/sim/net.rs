@@ -104,6 +104,16 @@ impl Graph {
         g
     }
 
+    /// Nodes `0..n` with exactly these undirected links.
+    pub fn from_links(n: usize, links: &[(usize, usize)]) -> Graph {
+        let mut g = Graph { adj: vec![Vec::new(); n] };
+        for &(a, b) in links {
+            assert!(a < n && b < n, "link {a}-{b} outside 0..{n}");
+            g.link(a, b);
+        }
+        g
+    }
+
     fn link(&mut self, a: usize, b: usize) -> bool {
         if a == b || self.adj[a].contains(&b) {
             return false;
