@@ -489,6 +489,14 @@ fn allocate_all(
                     break;
                 }
                 meshnet_proto::ipam::Allocation::Pending(why) => {
+                    // A bare CIDR is the user's explicit choice: use it now and let the
+                    // claim complete in the ring later (as Weave does), so an address
+                    // can be attached before, or without, the ring being agreed.
+                    if let AddrSpec::Exact { ip, prefix, strict: false } = spec {
+                        log::info!("IPAM: claim of {ip}/{prefix} for {key} continues in the background: {why}");
+                        addrs.push((*ip, *prefix));
+                        break;
+                    }
                     if std::time::Instant::now() > deadline {
                         bail!("no address after {}s: {why}", ipamd::ALLOCATE_TIMEOUT_SECS);
                     }
