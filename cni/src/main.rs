@@ -1,0 +1,561 @@
+//! `meshnet-cni`: a CNI plugin (spec 1.0; results also for 0.3.x/0.4.0) that
+//! puts a pod's network namespace on the meshnet overlay.
+//!
+//! It is a thin client of the node's meshnet router: ADD asks the router,
+//! through the control socket in the state directory, to attach the namespace
+//! (`CNI_NETNS`) with interface `CNI_IFNAME` and the addresses of
+//! `ipam.addresses` (or, without them, addresses from meshnet's IPAM); the
+//! router sets the MTU. DEL detaches (idempotent), CHECK compares the router's
+//! view with the previous result, VERSION lists the supported versions.
+//!
+//! Network configuration (stdin):
+//! ```json
+//! {"cniVersion": "1.0.0", "name": "meshnet", "type": "meshnet-cni",
+//!  "stateDir": "/var/lib/meshnet",
+//!  "ipam": {"addresses": [{"address": "10.40.0.5/16", "gateway": "10.40.0.1"}],
+//!           "routes": [{"dst": "10.41.0.0/16", "gw": "10.40.0.1"}],
+//!           "dns": {"nameservers": ["10.40.0.1"]}}}
+//! ```
+//! Errors are CNI error objects on stdout with a non-zero exit.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use meshnet_control::api::{self, ClientError, PsEntry, Request};
+use meshnet_control::attach::parse_cidr;
+use meshnet_control::state::{write_atomic, StateDir, DEFAULT_STATE_DIR};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Versions whose configuration we accept and whose result format we produce.
+const SUPPORTED: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+/// How long one request to the router may take (an attach enters a namespace,
+/// and may wait for IPAM).
+const ROUTER_TIMEOUT: Duration = Duration::from_secs(60);
+
+// CNI error codes (spec, "Error"); 100 and up are ours.
+const E_VERSION: u32 = 1;
+const E_UNSUPPORTED_FIELD: u32 = 2;
+const E_UNKNOWN_CONTAINER: u32 = 3;
+const E_ENV: u32 = 4;
+const E_IO: u32 = 5;
+const E_DECODE: u32 = 6;
+const E_CONFIG: u32 = 7;
+const E_TRY_AGAIN: u32 = 11;
+/// The router refused the request (its message is in `msg`).
+const E_ROUTER: u32 = 100;
+/// CHECK: the interface or its addresses are not what the previous result says.
+const E_CHECK: u32 = 101;
+
+#[derive(Debug)]
+struct CniError {
+    code: u32,
+    msg: String,
+    details: String,
+}
+
+fn err(code: u32, msg: impl Into<String>) -> CniError {
+    CniError { code, msg: msg.into(), details: String::new() }
+}
+
+fn err_details(code: u32, msg: impl Into<String>, details: impl Into<String>) -> CniError {
+    CniError { code, msg: msg.into(), details: details.into() }
+}
+
+/// The network configuration. Unknown keys (`args`, `runtimeConfig`,
+/// `capabilities`, ...) are accepted and ignored, as the spec asks.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NetConf {
+    cni_version: String,
+    name: String,
+    #[serde(rename = "type")]
+    plugin_type: String,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default)]
+    ipam: Option<Ipam>,
+    #[serde(default)]
+    dns: Option<Value>,
+    #[serde(default)]
+    prev_result: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Ipam {
+    /// Absent or "meshnet": we allocate (statically or from meshnet's IPAM).
+    #[serde(default, rename = "type")]
+    ipam_type: Option<String>,
+    #[serde(default)]
+    addresses: Vec<IpamAddress>,
+    #[serde(default)]
+    routes: Vec<Route>,
+    #[serde(default)]
+    dns: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum IpamAddress {
+    Plain(String),
+    Full {
+        address: String,
+        #[serde(default)]
+        gateway: Option<IpAddr>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Route {
+    dst: String,
+    #[serde(default)]
+    gw: Option<IpAddr>,
+}
+
+struct Env {
+    command: String,
+    container_id: String,
+    netns: String,
+    ifname: String,
+}
+
+fn main() -> ExitCode {
+    let mut stdin = String::new();
+    let read = std::io::stdin().read_to_string(&mut stdin);
+    let command = std::env::var("CNI_COMMAND").unwrap_or_default();
+    // The version errors are reported in: the configuration's when it is one we speak.
+    let version = serde_json::from_str::<Value>(&stdin)
+        .ok()
+        .and_then(|v| v["cniVersion"].as_str().map(String::from))
+        .filter(|v| SUPPORTED.contains(&v.as_str()))
+        .unwrap_or_else(|| "1.0.0".to_string());
+    let result = match read {
+        Err(e) => Err(err(E_IO, format!("reading the network configuration from stdin: {e}"))),
+        Ok(_) => run(&command, &stdin),
+    };
+    match result {
+        Ok(Some(out)) => {
+            println!("{}", serde_json::to_string_pretty(&out).expect("JSON"));
+            ExitCode::SUCCESS
+        }
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => {
+            let out = json!({ "cniVersion": version, "code": e.code, "msg": e.msg, "details": e.details });
+            println!("{}", serde_json::to_string_pretty(&out).expect("JSON"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: &str, stdin: &str) -> Result<Option<Value>, CniError> {
+    match command {
+        "VERSION" => Ok(Some(version_result(stdin))),
+        "ADD" | "DEL" | "CHECK" => {
+            let conf = parse_conf(stdin)?;
+            let env = read_env(command)?;
+            match command {
+                "ADD" => add(&conf, &env).map(Some),
+                "DEL" => del(&conf, &env).map(|_| None),
+                _ => check(&conf, &env).map(|_| None),
+            }
+        }
+        "" => Err(err(E_ENV, "CNI_COMMAND is not set (ADD, DEL, CHECK or VERSION)")),
+        other => Err(err(E_ENV, format!("unknown CNI_COMMAND {other:?} (ADD, DEL, CHECK or VERSION)"))),
+    }
+}
+
+fn version_result(stdin: &str) -> Value {
+    let asked = serde_json::from_str::<Value>(stdin)
+        .ok()
+        .and_then(|v| v["cniVersion"].as_str().map(String::from))
+        .unwrap_or_else(|| "1.0.0".into());
+    json!({ "cniVersion": asked, "supportedVersions": SUPPORTED })
+}
+
+fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
+    let raw: Value = serde_json::from_str(stdin)
+        .map_err(|e| err_details(E_DECODE, "the network configuration is not JSON", e.to_string()))?;
+    let conf: NetConf = serde_json::from_value(raw)
+        .map_err(|e| err_details(E_CONFIG, "invalid network configuration", e.to_string()))?;
+    if !SUPPORTED.contains(&conf.cni_version.as_str()) {
+        return Err(err_details(
+            E_VERSION,
+            format!("cniVersion {:?} is not supported", conf.cni_version),
+            format!("supported: {}", SUPPORTED.join(", ")),
+        ));
+    }
+    let name_ok = conf.name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && conf.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if !name_ok {
+        return Err(err(E_CONFIG, format!("invalid network name {:?}", conf.name)));
+    }
+    if conf.plugin_type.is_empty() {
+        return Err(err(E_CONFIG, "the network configuration has no type"));
+    }
+    if let Some(t) = conf.ipam.as_ref().and_then(|i| i.ipam_type.as_deref()) {
+        if t != "meshnet" {
+            return Err(err_details(
+                E_UNSUPPORTED_FIELD,
+                format!("ipam.type {t:?} is not supported"),
+                "meshnet-cni assigns addresses itself: give ipam.addresses, or leave ipam out to use meshnet's IPAM",
+            ));
+        }
+    }
+    Ok(conf)
+}
+
+fn read_env(command: &str) -> Result<Env, CniError> {
+    let get = |k: &str| std::env::var(k).unwrap_or_default();
+    let env = Env { command: command.into(), container_id: get("CNI_CONTAINERID"), netns: get("CNI_NETNS"), ifname: get("CNI_IFNAME") };
+    if env.container_id.is_empty() {
+        return Err(err(E_ENV, "CNI_CONTAINERID is not set"));
+    }
+    if env.ifname.is_empty() {
+        return Err(err(E_ENV, "CNI_IFNAME is not set"));
+    }
+    let ifname_ok = env.ifname.len() <= 15
+        && !matches!(env.ifname.as_str(), "." | "..")
+        && !env.ifname.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c == '\0');
+    if !ifname_ok {
+        return Err(err(E_ENV, format!("CNI_IFNAME {:?} is not a valid interface name", env.ifname)));
+    }
+    if env.command != "DEL" {
+        if env.netns.is_empty() {
+            return Err(err(E_ENV, "CNI_NETNS is not set"));
+        }
+        if std::env::var_os("CNI_PATH").is_none() {
+            return Err(err(E_ENV, "CNI_PATH is not set"));
+        }
+    }
+    if !env.netns.is_empty() && !env.netns.starts_with('/') {
+        return Err(err(E_ENV, format!("CNI_NETNS {:?} is not an absolute path", env.netns)));
+    }
+    if !env.container_id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+        return Err(err(E_ENV, format!("CNI_CONTAINERID {:?} has characters other than letters, digits, _ . -", env.container_id)));
+    }
+    Ok(env)
+}
+
+fn state_dir(conf: &NetConf) -> StateDir {
+    StateDir::new(conf.state_dir.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)))
+}
+
+/// Sends one request to the router, turning failures into CNI errors.
+fn router(conf: &NetConf, req: &Request) -> Result<Value, CniError> {
+    let state = state_dir(conf);
+    api::call(&state, req, ROUTER_TIMEOUT).map_err(|e| match e {
+        ClientError::NotRunning(dir) => err_details(
+            E_TRY_AGAIN,
+            format!("no meshnet router is running for state directory {dir}"),
+            "start it (meshnet launch, the meshnet DaemonSet) and retry",
+        ),
+        ClientError::Router(msg) => err(E_ROUTER, format!("meshnet router: {msg}")),
+        ClientError::Io(e) => err(E_IO, format!("talking to the meshnet router: {e}")),
+        ClientError::Protocol(e) => err(E_IO, format!("bad answer from the meshnet router: {e}")),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// ADD
+
+fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
+    if !Path::new(&env.netns).exists() {
+        return Err(err(E_UNKNOWN_CONTAINER, format!("network namespace {} does not exist", env.netns)));
+    }
+    let ipam = conf.ipam.as_ref();
+    let mut wanted: Vec<(String, Option<IpAddr>)> = Vec::new();
+    for a in ipam.map(|i| i.addresses.as_slice()).unwrap_or_default() {
+        let (text, gw) = match a {
+            IpamAddress::Plain(s) => (s.clone(), None),
+            IpamAddress::Full { address, gateway } => (address.clone(), *gateway),
+        };
+        let (ip, prefix) = parse_cidr(&text).map_err(|e| err(E_CONFIG, format!("ipam.addresses: {e:#}")))?;
+        if let Some(g) = gw {
+            if g.is_ipv4() != ip.is_ipv4() {
+                return Err(err(E_CONFIG, format!("ipam.addresses: gateway {g} is not of the family of {text}")));
+            }
+        }
+        wanted.push((format!("{ip}/{prefix}"), gw));
+    }
+    let routes = parse_routes(ipam.map(|i| i.routes.as_slice()).unwrap_or_default())?;
+
+    let answer = router(
+        conf,
+        &Request::Attach {
+            target: env.netns.clone(),
+            cidrs: wanted.iter().map(|(c, _)| c.clone()).collect(),
+            ifname: Some(env.ifname.clone()),
+        },
+    )?;
+    remember(conf, env);
+    let mac = answer["mac"].as_str().unwrap_or_default().to_string();
+    let addresses: Vec<String> = serde_json::from_value(answer["addresses"].clone()).unwrap_or_default();
+    if addresses.is_empty() {
+        return Err(err(E_ROUTER, "the meshnet router attached the interface but gave it no address"));
+    }
+    if !routes.is_empty() {
+        add_routes(&env.netns, &env.ifname, &routes)
+            .map_err(|e| err_details(E_IO, format!("adding routes in {}", env.netns), e))?;
+    }
+
+    let old = conf.cni_version.starts_with("0.");
+    let mut interface = json!({ "name": env.ifname, "sandbox": env.netns });
+    if !mac.is_empty() {
+        interface["mac"] = json!(mac);
+    }
+    let ips: Vec<Value> = addresses
+        .iter()
+        .map(|a| {
+            let ip: Option<IpAddr> = a.split('/').next().and_then(|s| s.parse().ok());
+            let mut o = json!({ "address": a, "interface": 0 });
+            if let Some((_, Some(gw))) = wanted.iter().find(|(w, _)| w == a) {
+                o["gateway"] = json!(gw.to_string());
+            }
+            if old {
+                o["version"] = json!(if ip.is_some_and(|i| i.is_ipv6()) { "6" } else { "4" });
+            }
+            o
+        })
+        .collect();
+    let routes_out: Vec<Value> = routes
+        .iter()
+        .map(|r| {
+            let mut o = json!({ "dst": format!("{}/{}", r.0, r.1) });
+            if let Some(gw) = r.2 {
+                o["gw"] = json!(gw.to_string());
+            }
+            o
+        })
+        .collect();
+    let dns = conf.dns.clone().or_else(|| ipam.and_then(|i| i.dns.clone())).unwrap_or_else(|| json!({}));
+    Ok(json!({
+        "cniVersion": conf.cni_version,
+        "interfaces": [interface],
+        "ips": ips,
+        "routes": routes_out,
+        "dns": dns,
+    }))
+}
+
+type ParsedRoute = (IpAddr, u8, Option<IpAddr>);
+
+fn parse_routes(routes: &[Route]) -> Result<Vec<ParsedRoute>, CniError> {
+    routes
+        .iter()
+        .map(|r| {
+            let (ip, prefix) = r
+                .dst
+                .split_once('/')
+                .and_then(|(ip, p)| Some((ip.parse::<IpAddr>().ok()?, p.parse::<u8>().ok()?)))
+                .filter(|(ip, p)| *p <= if ip.is_ipv4() { 32 } else { 128 })
+                .ok_or_else(|| err(E_CONFIG, format!("ipam.routes: invalid dst {:?}", r.dst)))?;
+            if let Some(gw) = r.gw {
+                if gw.is_ipv4() != ip.is_ipv4() {
+                    return Err(err(E_CONFIG, format!("ipam.routes: gw {gw} is not of the family of {}", r.dst)));
+                }
+            }
+            Ok((ip, prefix, r.gw))
+        })
+        .collect()
+}
+
+/// Adds `routes` via `ifname` inside the namespace at `netns` (existing ones are replaced).
+fn add_routes(netns: &str, ifname: &str, routes: &[ParsedRoute]) -> Result<(), String> {
+    use futures::TryStreamExt;
+    use rtnetlink::RouteMessageBuilder;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    let ns = meshnet_router::netns::Netns { path: PathBuf::from(netns), label: netns.to_string() };
+    let ifname = ifname.to_string();
+    let routes = routes.to_vec();
+    meshnet_router::netns::run_in(&ns, move || -> Result<(), String> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
+            let driver = tokio::spawn(conn);
+            let result = async {
+                let link = handle
+                    .link()
+                    .get()
+                    .match_name(ifname.clone())
+                    .execute()
+                    .try_next()
+                    .await
+                    .map_err(|e| format!("look up {ifname}: {e}"))?
+                    .ok_or_else(|| format!("{ifname} not found"))?;
+                let index = link.header.index;
+                for (dst, prefix, gw) in routes {
+                    let msg = match (dst, gw) {
+                        (IpAddr::V4(d), gw) => {
+                            let mut b = RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(d, prefix).output_interface(index);
+                            if let Some(IpAddr::V4(g)) = gw {
+                                b = b.gateway(g);
+                            }
+                            b.build()
+                        }
+                        (IpAddr::V6(d), gw) => {
+                            let mut b = RouteMessageBuilder::<Ipv6Addr>::new().destination_prefix(d, prefix).output_interface(index);
+                            if let Some(IpAddr::V6(g)) = gw {
+                                b = b.gateway(g);
+                            }
+                            b.build()
+                        }
+                    };
+                    handle
+                        .route()
+                        .add(msg)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(|e| format!("route {dst}/{prefix}: {e}"))?;
+                }
+                Ok(())
+            }
+            .await;
+            driver.abort();
+            result
+        })
+    })
+    .map_err(|e| e.to_string())?
+}
+
+// ---------------------------------------------------------------------------
+// What ADD attached, so DEL without CNI_NETNS still finds it.
+
+fn record_path(conf: &NetConf, env: &Env) -> PathBuf {
+    state_dir(conf).root.join("cni").join(format!("{}-{}-{}", conf.name, env.container_id, env.ifname))
+}
+
+fn remember(conf: &NetConf, env: &Env) {
+    let path = record_path(conf, env);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let body = json!({ "netns": env.netns, "ifname": env.ifname, "containerId": env.container_id });
+    let _ = write_atomic(&path, body.to_string().as_bytes(), 0o600);
+}
+
+fn recalled_netns(conf: &NetConf, env: &Env) -> Option<String> {
+    let text = std::fs::read_to_string(record_path(conf, env)).ok()?;
+    serde_json::from_str::<Value>(&text).ok()?["netns"].as_str().map(String::from)
+}
+
+// ---------------------------------------------------------------------------
+// DEL
+
+fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
+    let netns = if env.netns.is_empty() { recalled_netns(conf, env) } else { Some(env.netns.clone()) };
+    let Some(netns) = netns else {
+        // Nothing we know of: already gone.
+        return Ok(());
+    };
+    match router(conf, &Request::Detach { target: netns.clone(), cidrs: vec![] }) {
+        Ok(_) => {}
+        // The namespace is gone and with it the interface; the router forgets it
+        // when it next starts. Nothing for the runtime to retry.
+        Err(e) if e.code == E_TRY_AGAIN && !Path::new(&netns).exists() => {}
+        Err(e) => return Err(e),
+    }
+    let _ = std::fs::remove_file(record_path(conf, env));
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// CHECK
+
+fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
+    if !Path::new(&env.netns).exists() {
+        return Err(err(E_UNKNOWN_CONTAINER, format!("network namespace {} does not exist", env.netns)));
+    }
+    let ps = router(conf, &Request::Ps)?;
+    let entries: Vec<PsEntry> = serde_json::from_value(ps).map_err(|e| err(E_IO, format!("bad answer from the meshnet router: {e}")))?;
+    let same_ns = |t: &str| t == env.netns || same_file(t, &env.netns);
+    let Some(entry) = entries.iter().find(|e| same_ns(&e.target)) else {
+        return Err(err(E_CHECK, format!("{} is not attached to meshnet", env.netns)));
+    };
+    let iface = if entry.interface.is_empty() { "ethwe" } else { entry.interface.as_str() };
+    if iface != env.ifname {
+        return Err(err(E_CHECK, format!("{} is attached as {iface}, not {}", env.netns, env.ifname)));
+    }
+    if entry.mac == "-" {
+        return Err(err(E_CHECK, format!("{} has no interface {} any more", env.netns, env.ifname)));
+    }
+    let Some(prev) = &conf.prev_result else {
+        return Ok(());
+    };
+    // Addresses of the previous result that belong to our interface.
+    let ifaces = prev["interfaces"].as_array().cloned().unwrap_or_default();
+    let ours: BTreeMap<usize, bool> = ifaces
+        .iter()
+        .enumerate()
+        .map(|(i, x)| (i, x["name"] == env.ifname.as_str() && x["sandbox"].as_str().is_some_and(|s| same_ns(s))))
+        .collect();
+    for ip in prev["ips"].as_array().cloned().unwrap_or_default() {
+        let Some(addr) = ip["address"].as_str() else { continue };
+        let mine = match ip["interface"].as_u64() {
+            Some(i) => ours.get(&(i as usize)).copied().unwrap_or(false),
+            None => true,
+        };
+        if mine && !entry.addresses.iter().any(|a| a == addr) {
+            return Err(err_details(
+                E_CHECK,
+                format!("{} in {} lacks address {addr}", env.ifname, env.netns),
+                format!("it has: {}", entry.addresses.join(" ")),
+            ));
+        }
+    }
+    if let Some(mac) = ifaces.iter().find(|x| x["name"] == env.ifname.as_str()).and_then(|x| x["mac"].as_str()) {
+        if !mac.eq_ignore_ascii_case(&entry.mac) {
+            return Err(err(E_CHECK, format!("{} in {} has MAC {}, not {mac}", env.ifname, env.netns, entry.mac)));
+        }
+    }
+    Ok(())
+}
+
+fn same_file(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configurations() {
+        let ok = r#"{"cniVersion":"1.0.0","name":"meshnet","type":"meshnet-cni","stateDir":"/x",
+                     "ipam":{"addresses":["10.40.0.5/16",{"address":"10.40.0.6/16","gateway":"10.40.0.1"}]},
+                     "runtimeConfig":{"a":1},"args":{}}"#;
+        let c = parse_conf(ok).unwrap();
+        assert_eq!(c.ipam.unwrap().addresses.len(), 2);
+        assert_eq!(parse_conf("nope").unwrap_err().code, E_DECODE);
+        assert_eq!(parse_conf(r#"{"name":"x","type":"t"}"#).unwrap_err().code, E_CONFIG);
+        assert_eq!(parse_conf(r#"{"cniVersion":"9.9.9","name":"x","type":"t"}"#).unwrap_err().code, E_VERSION);
+        assert_eq!(parse_conf(r#"{"cniVersion":"1.0.0","name":"a b","type":"t"}"#).unwrap_err().code, E_CONFIG);
+        let hl = r#"{"cniVersion":"1.0.0","name":"x","type":"t","ipam":{"type":"host-local"}}"#;
+        assert_eq!(parse_conf(hl).unwrap_err().code, E_UNSUPPORTED_FIELD);
+    }
+
+    #[test]
+    fn routes() {
+        let r = parse_routes(&[Route { dst: "0.0.0.0/0".into(), gw: Some("10.40.0.1".parse().unwrap()) }]).unwrap();
+        assert_eq!(r[0].1, 0);
+        assert!(parse_routes(&[Route { dst: "10.0.0.0/33".into(), gw: None }]).is_err());
+        assert!(parse_routes(&[Route { dst: "10.0.0.0/8".into(), gw: Some("fd00::1".parse().unwrap()) }]).is_err());
+    }
+
+    #[test]
+    fn version() {
+        let v = version_result(r#"{"cniVersion":"0.4.0"}"#);
+        assert_eq!(v["cniVersion"], "0.4.0");
+        assert!(v["supportedVersions"].as_array().unwrap().iter().any(|x| x == "1.0.0"));
+        assert_eq!(version_result("")["cniVersion"], "1.0.0");
+    }
+}

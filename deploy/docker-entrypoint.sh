@@ -1,0 +1,47 @@
+#!/bin/sh
+# Entrypoint of the meshnet image.
+#
+#   (no arguments)            meshnet launch --foreground
+#   launch [OPTIONS] [PEER..] meshnet launch --foreground [OPTIONS] [PEER..]
+#                             (a container's main process must stay in the foreground)
+#   any other meshnet command meshnet COMMAND ...   (status, ps, attach, ...)
+#   anything else             run it (sh, ip, ...)
+#
+# Peers can also come from $MESHNET_PEERS (space separated), and from a file
+# $MESHNET_PEERS_FILE (one per line; the Kubernetes DaemonSet writes it).
+# The password comes from $MESHNET_PASSWORD or --password-file.
+set -eu
+
+# An empty password (say, an unset compose variable) means none, not "".
+if [ -z "${MESHNET_PASSWORD:-}" ]; then
+    unset MESHNET_PASSWORD
+fi
+
+if [ "$#" -eq 0 ]; then
+    set -- launch
+fi
+
+case "$1" in
+    launch)
+        shift
+        foreground=--foreground
+        for a in "$@"; do
+            [ "$a" = "--foreground" ] && foreground=
+        done
+        peers=""
+        if [ -n "${MESHNET_PEERS:-}" ]; then
+            peers="$MESHNET_PEERS"
+        fi
+        if [ -n "${MESHNET_PEERS_FILE:-}" ] && [ -r "${MESHNET_PEERS_FILE}" ]; then
+            peers="$peers $(grep -v '^[[:space:]]*#' "$MESHNET_PEERS_FILE" | tr '\n' ' ')"
+        fi
+        # shellcheck disable=SC2086 # word splitting of the peer list is wanted
+        exec meshnet launch $foreground "$@" $peers
+        ;;
+    connect|forget|attach|detach|status|ps|stop|reset|help|--help|-h|--version|-V)
+        exec meshnet "$@"
+        ;;
+    *)
+        exec "$@"
+        ;;
+esac

@@ -1,0 +1,403 @@
+//! meshnet the way users run Weave: routers in containers, app containers
+//! attached by name.
+//!
+//! Builds the image from `deploy/Dockerfile` (target `prebuilt`, on a base image
+//! that `deploy/base-image.sh` debootstraps and imports once, cached), makes a
+//! user-defined Docker network as the underlay, and runs two router containers
+//! on it, each in its own network namespace standing for a host. App containers
+//! run with `--network none`; `docker exec ROUTER meshnet attach CIDR NAME`
+//! gives them `ethwe`, and they ping each other across the routers. A removed
+//! container loses its attachment (the router watches Docker's events).
+//!
+//! Needs a Docker Engine (skips with a line saying so otherwise) and root for
+//! the first debootstrap. Everything it makes has a unique name and is removed
+//! at the end, also on failure, except the cached base image.
+//! `MESHNET_DOCKER_KEEP=1` keeps a failed run's containers for poking around.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use meshnet_tests::lab::{meshnet_bin, run, wait_until, Out};
+use serde_json::Value;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn docker(args: &[&str]) -> Out {
+    docker_t(args, SECS(60))
+}
+
+fn docker_t(args: &[&str], timeout: Duration) -> Out {
+    run(Command::new("docker").args(args), timeout)
+}
+
+/// Why Docker cannot be used here, if it cannot.
+fn no_docker() -> Option<String> {
+    if !Path::new("/var/run/docker.sock").exists() && std::env::var_os("DOCKER_HOST").is_none() {
+        return Some("no Docker Engine (/var/run/docker.sock does not exist)".into());
+    }
+    let info = docker_t(&["info", "--format", "{{.ServerVersion}}"], SECS(20));
+    if !info.ok() || info.stdout.trim().is_empty() {
+        return Some(format!("no Docker Engine answers (`docker info`: {})", info.all().trim()));
+    }
+    None
+}
+
+fn workspace_root() -> PathBuf {
+    let m = Path::new(env!("CARGO_MANIFEST_DIR"));
+    m.parent().unwrap_or(m).to_path_buf()
+}
+
+/// `$MESHNET_CNI_BIN`, else `meshnet-cni` next to the `meshnet` under test when
+/// it is newer than the sources it is made of, else built once (release) into
+/// a target directory of our own (the outer `cargo test` may hold the lock on
+/// the default one).
+fn cni_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MESHNET_CNI_BIN") {
+            return PathBuf::from(p);
+        }
+        let sibling = meshnet_bin().with_file_name("meshnet-cni");
+        if newest_source().is_some_and(|src| mtime(&sibling).is_some_and(|t| t >= src)) {
+            return sibling;
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"))
+            .join("e2e-cni");
+        eprintln!("building meshnet-cni (cargo build --release -p meshnet-cni) into {}", target.display());
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "--release", "-p", "meshnet-cni"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo");
+        assert!(st.success(), "cargo build -p meshnet-cni failed");
+        target.join("release/meshnet-cni")
+    })
+    .clone()
+}
+
+fn mtime(p: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// The newest modification time of the sources meshnet-cni is built from.
+fn newest_source() -> Option<std::time::SystemTime> {
+    fn walk(dir: &Path, newest: &mut Option<std::time::SystemTime>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, newest);
+            } else if let Some(t) = mtime(&p) {
+                *newest = Some(newest.map_or(t, |n| n.max(t)));
+            }
+        }
+    }
+    let mut newest = None;
+    for d in ["cni", "control", "router", "proto"] {
+        walk(&workspace_root().join(d).join("src"), &mut newest);
+    }
+    newest
+}
+
+/// Everything one test made, removed on drop.
+struct World {
+    tag: String,
+    containers: Vec<String>,
+    networks: Vec<String>,
+    images: Vec<String>,
+    dirs: Vec<PathBuf>,
+}
+
+impl World {
+    fn new() -> World {
+        let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
+        World {
+            tag: format!("{}{:04x}", std::process::id(), nanos & 0xffff),
+            containers: vec![],
+            networks: vec![],
+            images: vec![],
+            dirs: vec![],
+        }
+    }
+
+    fn name(&self, what: &str) -> String {
+        format!("{what}_{}", self.tag)
+    }
+
+    #[track_caller]
+    fn run_container(&mut self, name: &str, args: &[&str]) {
+        self.containers.push(name.to_string());
+        let mut a = vec!["run", "-d", "--pull=never", "--name", name];
+        a.extend_from_slice(args);
+        docker(&a).expect_ok(&format!("docker run {name}"));
+    }
+
+    fn logs(&self, name: &str) -> String {
+        docker(&["logs", name]).all()
+    }
+
+    fn dump(&self) {
+        for c in &self.containers {
+            eprintln!("==== docker logs {c} ====\n{}", self.logs(c).trim_end());
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump();
+            if std::env::var("MESHNET_DOCKER_KEEP").is_ok_and(|v| !v.is_empty() && v != "0") {
+                eprintln!("MESHNET_DOCKER_KEEP: keeping containers {:?}, networks {:?}", self.containers, self.networks);
+                return;
+            }
+        }
+        for c in self.containers.iter().rev() {
+            let _ = docker(&["rm", "-f", "-v", c]);
+        }
+        for n in &self.networks {
+            let _ = docker(&["network", "rm", n]);
+        }
+        for i in &self.images {
+            let _ = docker(&["image", "rm", "-f", i]);
+        }
+        for d in &self.dirs {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// The base image (made once by deploy/base-image.sh, then cached).
+fn base_image() -> String {
+    let out = run(
+        &mut Command::new(workspace_root().join("deploy/base-image.sh")),
+        SECS(1200),
+    )
+    .expect_ok("deploy/base-image.sh");
+    out.last_line().expect("base-image.sh prints the image").to_string()
+}
+
+/// Builds deploy/Dockerfile (`--target prebuilt`) with the binaries under test.
+fn build_image(w: &mut World, base: &str) -> String {
+    let ctx = std::env::temp_dir().join(format!("meshnet-docker-ctx-{}", w.tag));
+    w.dirs.push(ctx.clone());
+    let deploy = ctx.join("deploy");
+    std::fs::create_dir_all(deploy.join("prebuilt")).unwrap();
+    for f in ["Dockerfile", "docker-entrypoint.sh", "meshnet-k8s-peers"] {
+        std::fs::copy(workspace_root().join("deploy").join(f), deploy.join(f)).unwrap();
+    }
+    for (bin, name) in [(meshnet_bin().to_path_buf(), "meshnet"), (cni_bin(), "meshnet-cni")] {
+        let dst = deploy.join("prebuilt").join(name);
+        // Without debug info the context is ~8 MB instead of ~60.
+        let stripped = run(Command::new("strip").arg("-o").arg(&dst).arg(&bin), SECS(60)).ok();
+        if !stripped {
+            std::fs::copy(&bin, &dst).unwrap();
+        }
+    }
+    let image = format!("meshnet-test:{}", w.tag);
+    w.images.push(image.clone());
+    let ctx_s = ctx.to_string_lossy().into_owned();
+    let dockerfile = deploy.join("Dockerfile").to_string_lossy().into_owned();
+    docker_t(
+        &[
+            "build", "-q", "-f", &dockerfile, "--target", "prebuilt",
+            "--build-arg", &format!("RUNTIME_IMAGE={base}"), "-t", &image, &ctx_s,
+        ],
+        SECS(300),
+    )
+    .expect_ok("docker build deploy/Dockerfile");
+    image
+}
+
+/// `--privileged`, or what the router needs of it where the engine cannot
+/// grant every capability (some sandboxes lack CAP_SYS_RESOURCE).
+fn router_privileges(base: &str) -> Vec<String> {
+    let p = docker(&["run", "--rm", "--pull=never", "--privileged", "--network", "none", base, "true"]);
+    if p.ok() {
+        return vec!["--privileged".into()];
+    }
+    eprintln!(
+        "note: `docker run --privileged` fails here ({}); giving the routers NET_ADMIN, SYS_ADMIN, SYS_PTRACE, /dev/net/tun and unconfined system paths instead",
+        p.stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("").trim()
+    );
+    [
+        "--cap-add=NET_ADMIN", "--cap-add=SYS_ADMIN", "--cap-add=SYS_PTRACE", "--device=/dev/net/tun",
+        "--security-opt=seccomp=unconfined", "--security-opt=apparmor=unconfined",
+        "--security-opt=systempaths=unconfined",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn ip_of(container: &str) -> String {
+    let out = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container])
+        .expect_ok("docker inspect");
+    out.stdout.trim().to_string()
+}
+
+fn full_id(container: &str) -> String {
+    docker(&["inspect", "-f", "{{.Id}}", container]).expect_ok("docker inspect").stdout.trim().to_string()
+}
+
+fn meshnet_in(router: &str, args: &[&str]) -> Out {
+    let mut a = vec!["exec", router, "meshnet"];
+    a.extend_from_slice(args);
+    docker(&a)
+}
+
+#[track_caller]
+fn json_of(router: &str, args: &[&str]) -> Value {
+    meshnet_in(router, args).expect_ok(&format!("meshnet {args:?} in {router}")).json()
+}
+
+fn pings(from: &str, ip: &str, count: u32) -> bool {
+    let c = count.to_string();
+    let deadline = (count + 2).to_string();
+    docker_t(&["exec", from, "ping", "-n", "-q", "-c", &c, "-i", "0.2", "-W", "1", "-w", &deadline, ip], SECS(u64::from(count) + 10)).ok()
+}
+
+#[test]
+fn routers_in_containers_attach_containers_by_name() {
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let mut w = World::new();
+    let base = base_image();
+    let image = build_image(&mut w, &base);
+    let privileges = router_privileges(&base);
+
+    let net = w.name("meshnet_underlay");
+    docker(&["network", "create", &net]).expect_ok("docker network create");
+    w.networks.push(net.clone());
+
+    // Two routers, each in its own network namespace on the underlay.
+    let (r1, r2) = (w.name("meshnet_r1"), w.name("meshnet_r2"));
+    let router_args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = privileges.clone();
+        a.extend(
+            ["--pid=host", "--network", &net, "-v", "/var/run/docker.sock:/var/run/docker.sock", "-e", "MESHNET_PASSWORD=docker-test-secret", &image]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let a1 = router_args(&["launch"]);
+    w.run_container(&r1, &a1.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        wait_until(SECS(30), || meshnet_in(&r1, &["status"]).ok()),
+        "router 1 does not answer: {}",
+        w.logs(&r1)
+    );
+    let ip1 = ip_of(&r1);
+    let a2 = router_args(&["launch", &ip1]);
+    w.run_container(&r2, &a2.iter().map(String::as_str).collect::<Vec<_>>());
+    let n2 = {
+        assert!(wait_until(SECS(30), || meshnet_in(&r2, &["status"]).ok()), "router 2 does not answer: {}", w.logs(&r2));
+        json_of(&r2, &["status", "--json"])["name"].as_str().unwrap().to_string()
+    };
+    assert!(
+        wait_until(SECS(30), || {
+            json_of(&r1, &["status", "connections", "--json"])
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["peer"] == n2.as_str() && c["state"] == "established"))
+        }),
+        "the routers did not connect: {}",
+        meshnet_in(&r1, &["status", "connections"])
+    );
+
+    // App containers with no network of their own.
+    let (app1, app2) = (w.name("weave_test"), w.name("another"));
+    w.run_container(&app1, &["--network", "none", &base, "sleep", "3600"]);
+    w.run_container(&app2, &["--network", "none", &base, "sleep", "3600"]);
+
+    let out = meshnet_in(&r1, &["attach", "172.25.11.23/24", &app1]).expect_ok("attach by name on router 1");
+    assert_eq!(out.stdout.trim(), "172.25.11.23/24", "{out}");
+    meshnet_in(&r2, &["attach", "172.25.11.24/24", &app2]).expect_ok("attach by name on router 2");
+    assert!(
+        wait_until(SECS(20), || pings(&app1, "172.25.11.24", 1)),
+        "{app1} cannot ping {app2} (172.25.11.24)"
+    );
+    assert!(pings(&app1, "172.25.11.24", 3), "ping worked once, then not");
+    assert!(pings(&app2, "172.25.11.23", 3), "{app2} cannot ping {app1}");
+    eprintln!("{app1} <-> {app2}: ping ok across two router containers");
+
+    // `ps` names the container and its short ID; attaching again by ID is the same attachment.
+    let id1 = full_id(&app1);
+    let ps = json_of(&r1, &["ps", "--json"]);
+    let entries = ps.as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{ps:#}");
+    assert_eq!(entries[0]["target"], app1.as_str(), "{ps:#}");
+    assert_eq!(entries[0]["kind"], "docker", "{ps:#}");
+    assert_eq!(entries[0]["container_id"], &id1[..12], "{ps:#}");
+    assert_eq!(entries[0]["addresses"], serde_json::json!(["172.25.11.23/24"]), "{ps:#}");
+    let text = meshnet_in(&r1, &["ps"]).expect_ok("ps");
+    assert!(text.stdout.contains(&format!("{app1}[{}]", &id1[..12])), "{text}");
+    meshnet_in(&r1, &["attach", "172.25.11.23/24", &id1[..12]]).expect_ok("attach again by short ID");
+    assert_eq!(json_of(&r1, &["ps", "--json"]).as_array().unwrap().len(), 1);
+
+    // An unknown name says what was tried.
+    let ghost = w.name("no_such_container");
+    let out = meshnet_in(&r1, &["attach", "172.25.11.99/24", &ghost]);
+    assert!(!out.ok(), "attaching {ghost} must fail: {out}");
+    let e = out.stderr.clone();
+    for want in ["unknown target", "network namespace", "process id", "Docker container", "no Docker container named"] {
+        assert!(e.contains(want), "error should mention {want:?}: {e}");
+    }
+    eprintln!("unknown container: {}", e.trim());
+
+    // A router without the Docker socket says so.
+    let r3 = w.name("meshnet_r3");
+    let mut a3: Vec<String> = privileges.clone();
+    a3.extend(["--network", &net, &image, "launch", "--no-discovery"].iter().map(|s| s.to_string()));
+    w.run_container(&r3, &a3.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(wait_until(SECS(30), || meshnet_in(&r3, &["status"]).ok()), "router 3: {}", w.logs(&r3));
+    let out = meshnet_in(&r3, &["attach", "172.25.11.98/24", &app2]);
+    assert!(!out.ok() && out.stderr.contains("no Docker Engine at /var/run/docker.sock"), "{out}");
+    assert!(w.logs(&r3).contains("no Docker Engine at /var/run/docker.sock"), "{}", w.logs(&r3));
+    let _ = docker(&["rm", "-f", &r3]);
+
+    // The container goes away: its attachment goes with it.
+    docker(&["rm", "-f", &app1]).expect_ok("docker rm -f");
+    assert!(
+        wait_until(SECS(15), || json_of(&r1, &["ps", "--json"]).as_array().is_some_and(|a| a.is_empty())),
+        "{app1} is still attached after docker rm -f: {}",
+        meshnet_in(&r1, &["ps", "--json"])
+    );
+    let links = docker(&["exec", &r1, "ip", "-br", "link"]).expect_ok("ip link in router 1");
+    assert!(!links.stdout.contains("vmn"), "host end of the veth left behind: {links}");
+    assert!(w.logs(&r1).contains("is gone: detaching it"), "{}", w.logs(&r1));
+    // Its address is free again: a new container can have it.
+    // (With meshnet IPAM, an allocated address is released by the same detach.)
+    let app3 = w.name("weave_test_again");
+    w.run_container(&app3, &["--network", "none", &base, "sleep", "3600"]);
+    meshnet_in(&r1, &["attach", "172.25.11.23/24", &app3]).expect_ok("re-use the address of the removed container");
+    assert!(wait_until(SECS(20), || pings(&app2, "172.25.11.23", 1)), "{app2} cannot ping the new {app3}");
+
+    // Detach by name.
+    meshnet_in(&r1, &["detach", &app3]).expect_ok("detach by name");
+    assert!(json_of(&r1, &["ps", "--json"]).as_array().unwrap().is_empty());
+    eprintln!("docker scenario done");
+}
+
+/// `deploy/validate.sh`: the Kubernetes manifests against the Kubernetes JSON
+/// schemas (PyPI `kubernetes-validate`, strict), the compose file, the systemd
+/// unit and the shell scripts.
+#[test]
+fn deploy_files_validate() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("skipping: no python3 for the Kubernetes schema validation");
+        return;
+    }
+    let mut cmd = Command::new(workspace_root().join("deploy/validate.sh"));
+    cmd.env("MESHNET_BIN", meshnet_bin());
+    let out = run(&mut cmd, SECS(600));
+    eprintln!("{}", out.stdout.trim_end());
+    assert!(out.ok(), "deploy/validate.sh: {out}");
+}
