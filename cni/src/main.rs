@@ -492,7 +492,7 @@ fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     let ours: BTreeMap<usize, bool> = ifaces
         .iter()
         .enumerate()
-        .map(|(i, x)| (i, x["name"] == env.ifname.as_str() && x["sandbox"].as_str().is_some_and(|s| same_ns(s))))
+        .map(|(i, x)| (i, x["name"] == env.ifname.as_str() && x["sandbox"].as_str().is_some_and(same_ns)))
         .collect();
     for ip in prev["ips"].as_array().cloned().unwrap_or_default() {
         let Some(addr) = ip["address"].as_str() else { continue };

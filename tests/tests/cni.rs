@@ -318,19 +318,26 @@ fn cni_plugin_add_check_del() {
     assert!(del.ok(), "DEL without CNI_NETNS: {del:?}");
     assert!(link(&pod2_ns.ns, "net1").is_none(), "net1 still there after DEL without CNI_NETNS");
 
-    // Without addresses the router allocates from meshnet IPAM (when it has it);
-    // either a valid result or a CNI error from the router.
+    // Without addresses the router allocates from meshnet IPAM; DEL releases it.
     let mut no_addr = conf.clone();
     no_addr.as_object_mut().unwrap().remove("ipam");
     let out = pod.call("ADD", &no_addr);
-    if out.ok() {
-        validate_result(&out.json(), "1.0.0", &pod.netns);
-        eprintln!("ADD without addresses: IPAM gave {}", out.json()["ips"]);
-        assert!(pod.call("DEL", &no_addr).ok());
-    } else {
-        let e = expect_error(&out, 100, "ADD without addresses and no IPAM");
-        eprintln!("ADD without addresses (no IPAM in the router yet): {}", e["msg"]);
-    }
+    assert!(out.ok(), "ADD without addresses (meshnet IPAM): {out:?}");
+    let r = out.json();
+    validate_result(&r, "1.0.0", &pod.netns);
+    let got = r["ips"][0]["address"].as_str().unwrap().to_string();
+    let ip = got.split('/').next().unwrap().to_string();
+    eprintln!("ADD without addresses: IPAM gave {got}");
+    let allocated = |ip: &str| {
+        let v = h1.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json();
+        v["allocations"].as_array().is_some_and(|a| a.iter().any(|x| x["ip"] == ip))
+    };
+    assert!(allocated(&ip), "{ip} is not in the IPAM allocations");
+    let mut chk = no_addr.clone();
+    chk["prevResult"] = r.clone();
+    assert!(pod.call("CHECK", &chk).ok(), "CHECK after an IPAM ADD");
+    assert!(pod.call("DEL", &no_addr).ok());
+    assert!(!allocated(&ip), "{ip} is still allocated after DEL");
 
     // Bad input: CNI error objects with the spec's codes.
     expect_error(&pod.call_raw("ADD", "{not json", &pod.netns), 6, "configuration that is not JSON");

@@ -363,18 +363,40 @@ fn routers_in_containers_attach_containers_by_name() {
     assert!(w.logs(&r3).contains("no Docker Engine at /var/run/docker.sock"), "{}", w.logs(&r3));
     let _ = docker(&["rm", "-f", &r3]);
 
-    // The container goes away: its attachment goes with it.
-    docker(&["rm", "-f", &app1]).expect_ok("docker rm -f");
+    // Without an address, meshnet IPAM picks one for the container.
+    let app_ipam = w.name("ipam_test");
+    w.run_container(&app_ipam, &["--network", "none", &base, "sleep", "3600"]);
+    let out = meshnet_in(&r1, &["attach", &app_ipam]).expect_ok("attach with an IPAM address");
+    let ipam_addr = out.last_line().unwrap_or_default().to_string();
+    let ipam_ip = ipam_addr.split('/').next().unwrap_or_default().to_string();
+    assert!(ipam_ip.parse::<std::net::Ipv4Addr>().is_ok(), "attach printed no address: {out}");
+    let ipam_key = format!("docker:{}", full_id(&app_ipam));
+    let allocated = |ip: &str| -> Option<String> {
+        json_of(&r1, &["status", "ipam", "--json"])["allocations"]
+            .as_array()?
+            .iter()
+            .find(|a| a["ip"] == ip)
+            .map(|a| a["target"].as_str().unwrap_or_default().to_string())
+    };
+    assert_eq!(allocated(&ipam_ip), Some(ipam_key.clone()), "IPAM allocations");
+    eprintln!("{app_ipam}: IPAM address {ipam_addr}");
+
+    // The containers go away: their attachments, and the IPAM address, go with them.
+    docker(&["rm", "-f", &app1, &app_ipam]).expect_ok("docker rm -f");
     assert!(
         wait_until(SECS(15), || json_of(&r1, &["ps", "--json"]).as_array().is_some_and(|a| a.is_empty())),
-        "{app1} is still attached after docker rm -f: {}",
+        "{app1} and {app_ipam} are still attached after docker rm -f: {}",
         meshnet_in(&r1, &["ps", "--json"])
+    );
+    assert!(
+        wait_until(SECS(10), || allocated(&ipam_ip).is_none()),
+        "{ipam_ip} is still allocated after docker rm -f: {}",
+        meshnet_in(&r1, &["status", "ipam", "--json"])
     );
     let links = docker(&["exec", &r1, "ip", "-br", "link"]).expect_ok("ip link in router 1");
     assert!(!links.stdout.contains("vmn"), "host end of the veth left behind: {links}");
     assert!(w.logs(&r1).contains("is gone: detaching it"), "{}", w.logs(&r1));
     // Its address is free again: a new container can have it.
-    // (With meshnet IPAM, an allocated address is released by the same detach.)
     let app3 = w.name("weave_test_again");
     w.run_container(&app3, &["--network", "none", &base, "sleep", "3600"]);
     meshnet_in(&r1, &["attach", "172.25.11.23/24", &app3]).expect_ok("re-use the address of the removed container");
