@@ -361,7 +361,7 @@ fn routers_in_containers_attach_containers_by_name() {
     let out = meshnet_in(&r3, &["attach", "172.25.11.98/24", &app2]);
     assert!(!out.ok() && out.stderr.contains("no Docker Engine at /var/run/docker.sock"), "{out}");
     assert!(w.logs(&r3).contains("no Docker Engine at /var/run/docker.sock"), "{}", w.logs(&r3));
-    let _ = docker(&["rm", "-f", &r3]);
+    let _ = docker(&["rm", "-f", "-v", &r3]);
 
     // Without an address, meshnet IPAM picks one for the container.
     let app_ipam = w.name("ipam_test");
