@@ -268,7 +268,7 @@ pub fn detach(
                 .unwrap_or_else(|| CONTAINER_IF.to_string());
             (t.netns, inode, ifname)
         }
-        Err(e) => match find_remembered(attachments, target) {
+        Err(e) => match find_remembered_by_name(attachments, target) {
             Some(i) => match still_there(&attachments[i]) {
                 // Reachable without resolving (say the Docker Engine is down).
                 Some(ns) => (ns, attachments[i].ns_inode, ifname_of(&attachments[i]).to_string()),
@@ -331,9 +331,19 @@ fn same_target(x: &Attachment, t: &Target) -> bool {
         || t.container.as_ref().is_some_and(|c| x.container_id.as_deref() == Some(c.id.as_str()))
 }
 
-/// The remembered attachment called `target`: by name, path, or Docker
-/// container ID (full, or a prefix of at least 12 digits).
+/// The remembered attachment `target` means: by name, path, or Docker
+/// container ID (full, or a prefix of at least 12 digits); failing that, by
+/// the namespace `target` resolves to (a container attached by name and
+/// detached by PID or ID, a netns attached by path and detached by name).
 pub fn find_remembered(attachments: &[Attachment], target: &str) -> Option<usize> {
+    find_remembered_by_name(attachments, target).or_else(|| {
+        let inode = resolve(target).ok()?.netns.inode().ok()?;
+        attachments.iter().position(|a| a.ns_inode == inode)
+    })
+}
+
+/// [`find_remembered`] without resolving `target`.
+fn find_remembered_by_name(attachments: &[Attachment], target: &str) -> Option<usize> {
     attachments.iter().position(|a| {
         a.target == target
             || (target.starts_with('/') && a.ns_path == Path::new(target))
@@ -419,6 +429,12 @@ mod tests {
         assert_eq!(find_remembered(&a, "3f4e5a6b7c8d"), Some(1));
         assert_eq!(find_remembered(&a, "3f4e"), None);
         assert_eq!(find_remembered(&a, "other"), None);
+        // Remembered by path, asked for by PID: the same namespace.
+        let me = std::process::id().to_string();
+        let inode = resolve(&me).unwrap().netns.inode().unwrap();
+        let mut b = remembered("/proc/self/ns/net", "/proc/self/ns/net", None);
+        b.ns_inode = inode;
+        assert_eq!(find_remembered(&[b], &me), Some(0));
         assert!(is_container(&a[1], &ContainerId { id: id.into(), name: "web".into() }));
         assert_eq!(ifname_of(&a[0]), CONTAINER_IF);
     }
