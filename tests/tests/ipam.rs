@@ -1,0 +1,1193 @@
+//! IPAM end-to-end: real `meshnet` routers in network namespaces hand out
+//! addresses themselves (issue "IP address management").
+//!
+//! Each test builds its own [`Lab`] (see `meshnet_tests::lab`). They need root
+//! and skip otherwise; `MESHNET_BIN=...` picks the binary, `MESHNET_LAB_KEEP=1`
+//! keeps a failed lab. On a failure each host's `status ipam` is printed before
+//! the lab's own dump.
+//!
+//! 1. three hosts, `attach` with no address on each: distinct addresses in the
+//!    default range, everyone pings everyone (first allocations concurrent)
+//! 2. `kill -9` a router right after two attaches, relaunch: same addresses, new
+//!    attaches anywhere never duplicate one, pings work
+//! 3. `rmpeer` of a dead host: its space is unreachable until then (an allocation
+//!    needing it waits and fails), afterwards it is usable
+//! 4. `--ipalloc-init consensus=3`: alone no agreement (attach fails saying so),
+//!    with a second host `prime` succeeds, a late third host gets addresses
+//! 5. bad IPAM input fails clearly and changes nothing; 5b. a bare CIDR held by
+//!    another container (on this host or another) is refused
+//! 6. two meshes with different `--ipalloc-range` refuse each other, both logs
+//!    name both peers, both keep their allocations
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use meshnet_tests::lab::*;
+use serde_json::Value;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+const DEFAULT_RANGE: &str = "10.32.0.0/12";
+/// `attach` waits up to 30 s for an address; give the command room beyond that.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(50);
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+/// Prints every host's `status ipam` when the test panics. Declare it after the
+/// lab so that it runs first, while the routers still answer.
+struct IpamDiag<'a>(&'a Lab);
+
+impl Drop for IpamDiag<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for h in self.0.hosts() {
+            let out = h.meshnet_full(&["status", "ipam", "--json"], &[], SECS(10));
+            eprintln!("==== status ipam on {} ====\n{out}", h.ns);
+        }
+    }
+}
+
+/// `a.b.c.d/len` -> (address, prefix).
+#[track_caller]
+fn parse_cidr(s: &str) -> (Ipv4Addr, u8) {
+    let (a, p) = s
+        .split_once('/')
+        .unwrap_or_else(|| panic!("{s:?} is not a.b.c.d/len"));
+    let ip: Ipv4Addr = a.parse().unwrap_or_else(|e| panic!("{s:?}: {e}"));
+    let p: u8 = p.parse().unwrap_or_else(|e| panic!("{s:?}: {e}"));
+    assert!(p <= 32, "{s:?}: prefix > 32");
+    (ip, p)
+}
+
+/// Whether address `ip` lies inside network `cidr`.
+fn inside(ip: Ipv4Addr, cidr: &str) -> bool {
+    let (net, p) = parse_cidr(cidr);
+    let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+/// `meshnet attach ARGS... <c>` with room for its 30 s wait.
+fn attach_out(h: &Host, c: &Container, args: &[&str]) -> Out {
+    let mut a = vec!["attach"];
+    a.extend_from_slice(args);
+    a.push(&c.ns);
+    h.meshnet_full(&a, &[], ATTACH_TIMEOUT)
+}
+
+/// `attach ARGS... c`, which must succeed and print exactly one address; checks
+/// that `ethwe` in the container has it. Returns `a.b.c.d/len`.
+#[track_caller]
+fn attach_one(h: &Host, c: &Container, args: &[&str]) -> String {
+    let out = attach_out(h, c, args).expect_ok(&format!("attach {args:?} {} on {}", c.ns, h.ns));
+    let printed: Vec<&str> = out
+        .last_line()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        printed.len(),
+        1,
+        "attach {args:?} {} should print one address: {out}",
+        c.ns
+    );
+    let addr = printed[0].to_string();
+    parse_cidr(&addr);
+    let have = container_addrs(c);
+    assert!(
+        have.contains(&addr),
+        "attach printed {addr} but ethwe in {} has {have:?}",
+        c.ns
+    );
+    eprintln!(
+        "attach {args:?} {} on {}: {addr} ({:.1}s)",
+        c.ns,
+        h.ns,
+        out.elapsed.as_secs_f64()
+    );
+    addr
+}
+
+/// IPv4 addresses of `ethwe` in a container (empty if it has none).
+fn container_addrs(c: &Container) -> Vec<String> {
+    link(&c.ns, "ethwe")
+        .map(|l| ipv4_of(&l))
+        .unwrap_or_default()
+}
+
+/// The address part of `a.b.c.d/len`.
+fn ip_of(cidr: &str) -> String {
+    cidr.split('/').next().unwrap_or(cidr).to_string()
+}
+
+/// `meshnet status ipam --json` (must succeed).
+#[track_caller]
+fn ipam(h: &Host) -> Value {
+    let out = h
+        .meshnet(&["status", "ipam", "--json"])
+        .expect_ok(&format!("status ipam on {}", h.ns));
+    let v = out.json();
+    assert!(
+        v.is_object(),
+        "status ipam --json on {} is not an object: {out}",
+        h.ns
+    );
+    v
+}
+
+fn agreed(v: &Value) -> bool {
+    v["state"]["agreed"] == true
+}
+
+/// `ip -> target` of a `status ipam` document.
+fn ipam_allocs(v: &Value) -> BTreeMap<String, String> {
+    v["allocations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            (
+                a["ip"].as_str().unwrap_or("?").to_string(),
+                a["target"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn owner<'a>(v: &'a Value, peer: &str) -> Option<&'a Value> {
+    v["owners"]
+        .as_array()
+        .and_then(|o| o.iter().find(|o| o["peer"] == peer))
+}
+
+/// Sum of `free` over the reachable owners of a `status ipam` document.
+fn reachable_free(v: &Value) -> u64 {
+    v["owners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|o| o["reachable"] == true)
+        .map(|o| o["free"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// `(host ns, target, address)` for every address in `ps` of every given host.
+#[track_caller]
+fn all_ps(hosts: &[&Host]) -> Vec<(String, String, String)> {
+    let mut v = vec![];
+    for h in hosts {
+        for e in h.ps_json() {
+            for a in e["addresses"].as_array().into_iter().flatten() {
+                v.push((
+                    h.ns.clone(),
+                    e["target"].as_str().unwrap_or("?").to_string(),
+                    a.as_str().unwrap_or("?").to_string(),
+                ));
+            }
+        }
+    }
+    v
+}
+
+/// Panics naming the holders if any address (ignoring the prefix) appears twice.
+#[track_caller]
+fn assert_no_duplicates(entries: &[(String, String, String)]) {
+    let mut by_ip: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (h, t, a) in entries {
+        by_ip
+            .entry(ip_of(a))
+            .or_default()
+            .push(format!("{t} on {h}"));
+    }
+    let dups: Vec<String> = by_ip
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(ip, v)| format!("{ip}: {}", v.join(", ")))
+        .collect();
+    assert!(
+        dups.is_empty(),
+        "DUPLICATE ADDRESSES handed out: {dups:#?}\nall: {entries:#?}"
+    );
+}
+
+/// Pings `ip` from `from` until it answers, then three more must answer.
+#[track_caller]
+fn assert_reaches(from: &Container, ip: &str, timeout: Duration) {
+    let t = Instant::now();
+    assert!(
+        ping_until(&from.ns, ip, timeout),
+        "{} cannot ping {ip} within {timeout:?}",
+        from.ns
+    );
+    assert!(
+        ping(&from.ns, ip, 3),
+        "{} reached {ip} once, then lost it",
+        from.ns
+    );
+    eprintln!(
+        "{} -> {ip}: ok after {:.1}s",
+        from.ns,
+        t.elapsed().as_secs_f64()
+    );
+}
+
+/// Waits until every host has an established connection with every other.
+#[track_caller]
+fn wait_meshed(hosts: &[(&Host, &str)], timeout: Duration) {
+    let ok = wait_until(timeout, || {
+        hosts.iter().all(|(h, me)| {
+            let s = h.status_json();
+            hosts
+                .iter()
+                .filter(|(_, n)| n != me)
+                .all(|(_, n)| established_with(&s, n))
+        })
+    });
+    if !ok {
+        let views: Vec<String> = hosts
+            .iter()
+            .map(|(h, _)| {
+                format!(
+                    "{}: {:#}",
+                    h.ns,
+                    connections(&h.status_json()).into_iter().collect::<Value>()
+                )
+            })
+            .collect();
+        panic!(
+            "hosts did not mesh within {timeout:?}:\n{}",
+            views.join("\n")
+        );
+    }
+}
+
+/// The router's pid from `<state dir>/meshnet.pid` (checked to live in the host).
+#[track_caller]
+fn router_pid(h: &Host) -> i32 {
+    let s = std::fs::read_to_string(h.state_dir.join("meshnet.pid")).unwrap_or_default();
+    let pid: i32 = s
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid in {}/meshnet.pid: {s:?}", h.state_dir.display()));
+    assert!(
+        h.pids().contains(&pid),
+        "meshnet.pid of {} says {pid}, which does not run in it ({:?})",
+        h.ns,
+        h.pids()
+    );
+    pid
+}
+
+/// `kill -9` of the router of `h`; waits until it is gone.
+#[track_caller]
+fn kill9(h: &Host) -> i32 {
+    let pid = router_pid(h);
+    // SAFETY: kill(2) on a pid that we checked lives in our own namespace.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let gone = wait_until(SECS(10), || !h.pids().contains(&pid));
+    assert!(gone, "router {pid} of {} survived SIGKILL", h.ns);
+    eprintln!("killed router {pid} of {} with SIGKILL", h.ns);
+    pid
+}
+
+fn lower(s: &str) -> String {
+    s.to_ascii_lowercase()
+}
+
+// ---------------------------------------------------------------------------
+// Scenarios
+
+/// Scenario 1: three hosts meshed, one container each attached with no address
+/// (the three attaches run at once, so consensus starts on all three together):
+/// three distinct addresses in 10.32.0.0/12, and everyone pings everyone.
+#[test]
+fn three_hosts_allocate_distinct_addresses() {
+    let Some(lab) = Lab::new("alloc3") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let cs = [
+        lab.add_container(&h1, 1),
+        lab.add_container(&h2, 2),
+        lab.add_container(&h3, 3),
+    ];
+    let n1 = h1.launch(&[]);
+    let n2 = h2.launch(&[&h1.ip]);
+    let n3 = h3.launch(&[&h2.ip]);
+    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
+
+    let hs = [&h1, &h2, &h3];
+    let t = Instant::now();
+    let addrs: Vec<String> = std::thread::scope(|s| {
+        let js: Vec<_> = hs
+            .iter()
+            .zip(&cs)
+            .map(|(h, c)| s.spawn(move || attach_out(h, c, &[])))
+            .collect();
+        js.into_iter()
+            .zip(&cs)
+            .map(|(j, c)| {
+                let out = j.join().expect("attach thread");
+                let out = out.expect_ok(&format!("attach (no address) {}", c.ns));
+                out.last_line().unwrap_or_default().to_string()
+            })
+            .collect()
+    });
+    eprintln!(
+        "three concurrent attaches without an address took {:.1}s: {addrs:?}",
+        t.elapsed().as_secs_f64()
+    );
+    let mut ips = BTreeSet::new();
+    for (a, c) in addrs.iter().zip(&cs) {
+        let (ip, prefix) = parse_cidr(a);
+        assert!(
+            inside(ip, DEFAULT_RANGE),
+            "{} got {a}, outside {DEFAULT_RANGE}",
+            c.ns
+        );
+        assert_eq!(
+            prefix, 12,
+            "{} got {a}: the default subnet is the whole range /12",
+            c.ns
+        );
+        assert_eq!(
+            container_addrs(c),
+            vec![a.clone()],
+            "ethwe of {} does not carry {a}",
+            c.ns
+        );
+        ips.insert(ip);
+    }
+    assert_eq!(ips.len(), 3, "addresses are not distinct: {addrs:?}");
+    assert_no_duplicates(&all_ps(&hs));
+
+    // Every router agrees on the ring and knows its own allocation.
+    let mut seeds = BTreeSet::new();
+    for ((h, c), a) in hs.iter().zip(&cs).zip(&addrs) {
+        let v = ipam(h);
+        assert!(agreed(&v), "ring not agreed on {}: {v:#}", h.ns);
+        assert_eq!(v["range"], DEFAULT_RANGE, "{v:#}");
+        seeds.insert(v["state"]["seeds"].to_string());
+        let allocs = ipam_allocs(&v);
+        assert_eq!(
+            allocs.len(),
+            1,
+            "{} should hold one allocation: {v:#}",
+            h.ns
+        );
+        let (ip, target) = allocs.iter().next().expect("one");
+        assert_eq!(*ip, ip_of(a), "{v:#}");
+        assert!(
+            target.contains(&c.ns),
+            "allocation target {target:?} does not name {}",
+            c.ns
+        );
+        assert_eq!(v["unreachable_space"], 0, "{v:#}");
+    }
+    assert_eq!(
+        seeds.len(),
+        1,
+        "routers disagree on the ring's seeds: {seeds:?}"
+    );
+
+    for (i, from) in cs.iter().enumerate() {
+        for (k, to) in addrs.iter().enumerate() {
+            if i != k {
+                assert_reaches(from, &ip_of(to), SECS(30));
+            }
+        }
+    }
+}
+
+/// Scenario 2: `kill -9` of a router right after two attaches; relaunched on the
+/// same state dir it keeps those addresses, and no attach anywhere afterwards
+/// (nor on another host while it was down) hands out an address in use.
+#[test]
+fn kill9_and_relaunch_keeps_addresses() {
+    let Some(lab) = Lab::new("kill9") else { return };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let c1 = lab.add_container(&h1, 1);
+    let (c2a, c2b) = (lab.add_container(&h2, 2), lab.add_container(&h2, 3));
+    let c3 = lab.add_container(&h3, 4);
+    let n1 = h1.launch(&[]);
+    let n2 = h2.launch(&[&h1.ip]);
+    let n3 = h3.launch(&[&h2.ip]);
+    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
+
+    let a1 = attach_one(&h1, &c1, &[]);
+    let a3 = attach_one(&h3, &c3, &[]);
+    let a2a = attach_one(&h2, &c2a, &[]);
+    let a2b = attach_one(&h2, &c2b, &[]);
+    // No pause: the allocation must be on disk before attach answered.
+    let old_pid = kill9(&h2);
+    let ps_before: BTreeSet<(String, String)> = [(&c2a, &a2a), (&c2b, &a2b)]
+        .iter()
+        .map(|(c, a)| (c.ns.clone(), a.to_string()))
+        .collect();
+
+    // While h2 is down, h1 allocates from its own space.
+    let c5 = lab.add_container(&h1, 5);
+    let a5 = attach_one(&h1, &c5, &[]);
+    for a in [&a2a, &a2b] {
+        assert_ne!(
+            ip_of(&a5),
+            ip_of(a),
+            "h1 handed out {a5}, held by a container of dead h2"
+        );
+    }
+
+    let t = Instant::now();
+    let again = h2.launch(&[]);
+    assert_eq!(again, n2, "h2 changed its peer name across kill -9");
+    assert_ne!(router_pid(&h2), old_pid);
+    eprintln!("relaunch took {:.1}s", t.elapsed().as_secs_f64());
+    let ps_after: BTreeSet<(String, String)> = h2
+        .ps_json()
+        .iter()
+        .flat_map(|e| {
+            let t = e["target"].as_str().unwrap_or("?").to_string();
+            e["addresses"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |a| (t.clone(), a.as_str().unwrap_or("?").to_string()))
+        })
+        .collect();
+    assert_eq!(
+        ps_after, ps_before,
+        "ps on h2 changed across kill -9 + launch"
+    );
+    let v2 = ipam(&h2);
+    let allocs = ipam_allocs(&v2);
+    for (c, a) in [(&c2a, &a2a), (&c2b, &a2b)] {
+        assert!(
+            allocs.get(&ip_of(a)).is_some_and(|t| t.contains(&c.ns)),
+            "h2's IPAM forgot {a} of {} across kill -9: {v2:#}",
+            c.ns
+        );
+    }
+    assert!(agreed(&v2), "{v2:#}");
+    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
+
+    // New attaches everywhere, h2 first (its own space, as restored).
+    let (c6, c7) = (lab.add_container(&h2, 6), lab.add_container(&h2, 7));
+    let (c8, c9) = (lab.add_container(&h3, 8), lab.add_container(&h1, 9));
+    let a6 = attach_one(&h2, &c6, &[]);
+    let a7 = attach_one(&h2, &c7, &[]);
+    let a8 = attach_one(&h3, &c8, &[]);
+    let a9 = attach_one(&h1, &c9, &[]);
+    let all = all_ps(&[&h1, &h2, &h3]);
+    eprintln!("all addresses: {all:?}");
+    assert_eq!(all.len(), 9, "{all:#?}");
+    assert_no_duplicates(&all);
+    // And what the containers really carry.
+    let carried: Vec<(String, String, String)> = [&c1, &c2a, &c2b, &c3, &c5, &c6, &c7, &c8, &c9]
+        .iter()
+        .flat_map(|c| {
+            container_addrs(c)
+                .into_iter()
+                .map(|a| ("ethwe".to_string(), c.ns.clone(), a))
+        })
+        .collect();
+    assert_eq!(carried.len(), 9, "{carried:#?}");
+    assert_no_duplicates(&carried);
+
+    // The restored containers work with old and new ones.
+    assert_reaches(&c2a, &ip_of(&a1), SECS(30));
+    assert_reaches(&c2b, &ip_of(&a3), SECS(10));
+    assert_reaches(&c9, &ip_of(&a2a), SECS(10));
+    assert_reaches(&c8, &ip_of(&a2b), SECS(10));
+    assert_reaches(&c6, &ip_of(&a5), SECS(10));
+    assert_reaches(&c5, &ip_of(&a7), SECS(10));
+    assert_reaches(&c1, &ip_of(&a8), SECS(10));
+    assert_reaches(&c3, &ip_of(&a6), SECS(10));
+    assert_reaches(&c2b, &ip_of(&a9), SECS(10));
+}
+
+/// Scenario 3: a host dies for good; its space shows as unreachable, an
+/// allocation that needs it waits and fails, `rmpeer` on h1 takes it over and
+/// then the whole range can be allocated. A /28 range makes the space run out.
+#[test]
+fn rmpeer_takes_over_a_dead_hosts_space() {
+    const RANGE: &str = "10.33.0.0/28";
+    let Some(lab) = Lab::new("rmpeer") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let opts = ["--ipalloc-range", RANGE];
+    let n1 = h1.launch(&opts);
+    let n2 = h2.launch(&[&opts[..], &[h1.ip.as_str()]].concat());
+    let n3 = h3.launch(&[&opts[..], &[h2.ip.as_str()]].concat());
+    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
+
+    let mut next_c = 1u8;
+    let mut new_container = |h: &Host| {
+        let c = lab.add_container(h, next_c);
+        next_c += 1;
+        c
+    };
+    let c1 = new_container(&h1);
+    let a1 = attach_one(&h1, &c1, &[]);
+    let (c3a, c3b) = (new_container(&h3), new_container(&h3));
+    let a3a = attach_one(&h3, &c3a, &[]);
+    let a3b = attach_one(&h3, &c3b, &[]);
+    assert_reaches(&c1, &ip_of(&a3a), SECS(30));
+    for a in [&a1, &a3a, &a3b] {
+        assert!(inside(parse_cidr(a).0, RANGE), "{a} outside {RANGE}");
+    }
+    // h3 must own space, or there is nothing to take over.
+    let seen = wait_until(SECS(10), || {
+        owner(&ipam(&h1), &n3).is_some_and(|o| o["size"].as_u64().unwrap_or(0) > 0)
+    });
+    assert!(
+        seen,
+        "h1 does not see h3 ({n3}) owning space: {:#}",
+        ipam(&h1)
+    );
+
+    // h3 dies for good: SIGKILL, and its underlay link down so nothing revives it.
+    kill9(&h3);
+    ip(&["-n", &h3.ns, "link", "set", UNDERLAY_IF, "down"]).expect_ok("underlay of h3 down");
+    let mut v1 = Value::Null;
+    let noticed = wait_until(SECS(30), || {
+        v1 = ipam(&h1);
+        v1["unreachable_space"].as_u64().unwrap_or(0) > 0
+            && owner(&v1, &n3).is_some_and(|o| o["reachable"] == false)
+    });
+    assert!(
+        noticed,
+        "h1 does not report h3's space as unreachable: {v1:#}"
+    );
+    let dead_space = v1["unreachable_space"].as_u64().unwrap_or(0);
+    let h3_ranges = owner(&v1, &n3)
+        .map(|o| o["ranges"].clone())
+        .unwrap_or_default();
+    eprintln!("h3's space, unreachable: {dead_space} addresses in {h3_ranges}");
+    let text = h1
+        .meshnet(&["status", "ipam"])
+        .expect_ok("status ipam (text)");
+    assert!(
+        text.stdout.contains("unreachable"),
+        "status ipam text does not show the unreachable space: {text}"
+    );
+    eprintln!("{}", text.stdout);
+    // rmpeer of a live peer is refused.
+    let live = h1.meshnet(&["rmpeer", &n2]);
+    assert!(!live.ok(), "rmpeer of live h2 succeeded: {live}");
+    assert!(
+        lower(&live.all()).contains("reachable"),
+        "rmpeer of a live peer should say it is reachable: {live}"
+    );
+
+    // Use up every reachable free address (h1's own, then h2's by donation).
+    // The reachable free count has to settle first (h2's count travels by gossip).
+    let mut free = 0;
+    let settled = wait_until(SECS(10), || {
+        let (a, b) = (reachable_free(&ipam(&h1)), reachable_free(&ipam(&h2)));
+        free = a;
+        a == b
+    });
+    assert!(
+        settled,
+        "h1 and h2 disagree about the reachable free space: {:#} {:#}",
+        ipam(&h1),
+        ipam(&h2)
+    );
+    eprintln!("reachable free addresses before rmpeer: {free}");
+    assert!(
+        free > 0 && free < 14,
+        "{free} reachable free addresses in a /28 with h3 owning space"
+    );
+    let mut ours = vec![a1.clone()];
+    for _ in 0..free {
+        let c = new_container(&h1);
+        ours.push(attach_one(&h1, &c, &[]));
+    }
+    let v1 = ipam(&h1);
+    assert_eq!(reachable_free(&v1), 0, "{v1:#}");
+
+    // Now an attach needs h3's space: it waits 30 s and fails, and so does an
+    // exact claim of an address in h3's range (both at once, to wait only once).
+    let dead_ip = {
+        let held: BTreeSet<String> = [&a3a, &a3b].iter().map(|a| ip_of(a)).collect();
+        let mut pick = None;
+        for r in h3_ranges.as_array().into_iter().flatten() {
+            let (s, e) = r.as_str().unwrap_or("").split_once('-').expect("a-b range");
+            let (s, e): (Ipv4Addr, Ipv4Addr) = (s.parse().unwrap(), e.parse().unwrap());
+            for n in u32::from(s)..=u32::from(e) {
+                let ip = Ipv4Addr::from(n);
+                let last = u8::try_from(n & 0xff).unwrap_or(0);
+                if last != 0 && last != 15 && !held.contains(&ip.to_string()) && pick.is_none() {
+                    pick = Some(ip.to_string());
+                }
+            }
+        }
+        pick
+    };
+    let (cx, cy) = (new_container(&h1), new_container(&h1));
+    let t = Instant::now();
+    let (hr, cxr, cyr) = (&h1, &cx, &cy);
+    let (any_out, claim_out) = std::thread::scope(|s| {
+        let a = s.spawn(move || attach_out(hr, cxr, &[]));
+        let b = dead_ip
+            .as_ref()
+            .map(|ip| s.spawn(move || attach_out(hr, cyr, &[&format!("ip:{ip}/28")])));
+        (
+            a.join().expect("thread"),
+            b.map(|b| b.join().expect("thread")),
+        )
+    });
+    eprintln!(
+        "attaches needing dead h3's space ended after {:.1}s:\n{any_out}\n{}",
+        t.elapsed().as_secs_f64(),
+        claim_out
+            .as_ref()
+            .map(|o| o.to_string())
+            .unwrap_or_default()
+    );
+    assert!(
+        !any_out.ok() && !any_out.timed_out,
+        "attach with only unreachable space left should fail after its wait: {any_out}"
+    );
+    assert!(
+        lower(&any_out.stderr).contains("no address") && lower(&any_out.stderr).contains("free"),
+        "the failed attach should say it found no free address: {any_out}"
+    );
+    assert!(
+        container_addrs(&cx).is_empty(),
+        "failed attach left addresses in {}",
+        cx.ns
+    );
+    if let Some(out) = &claim_out {
+        assert!(
+            !out.ok() && !out.timed_out,
+            "claim of an address of dead h3 should fail: {out}"
+        );
+        assert!(
+            out.stderr.contains(&n3) && lower(&out.stderr).contains("unreachable"),
+            "the failed claim should name unreachable owner {n3}: {out}"
+        );
+    }
+    let v1 = ipam(&h1);
+    assert_eq!(
+        v1["pending"], 0,
+        "failed attaches left pending requests: {v1:#}"
+    );
+
+    // rmpeer on h1.
+    let out = h1.meshnet(&["rmpeer", &n3]).expect_ok("rmpeer h3 on h1");
+    eprintln!("rmpeer: {}", out.stdout.trim());
+    assert!(
+        out.stdout.contains(&dead_space.to_string()),
+        "rmpeer should report taking over {dead_space} addresses: {out}"
+    );
+    let v1 = ipam(&h1);
+    assert_eq!(
+        v1["unreachable_space"], 0,
+        "unreachable space after rmpeer: {v1:#}"
+    );
+    assert!(
+        owner(&v1, &n3).is_none(),
+        "h3 still owns ranges after rmpeer: {v1:#}"
+    );
+    let taken = wait_until(SECS(10), || {
+        let v2 = ipam(&h2);
+        v2["unreachable_space"] == 0 && owner(&v2, &n3).is_none()
+    });
+    assert!(taken, "h2 did not learn of the takeover: {:#}", ipam(&h2));
+    let again = h1.meshnet(&["rmpeer", &n3]);
+    eprintln!("second rmpeer: {again}");
+
+    // The space is usable again: allocate all of it.
+    let free_now = reachable_free(&ipam(&h1));
+    assert!(
+        free_now >= dead_space.saturating_sub(2),
+        "only {free_now} free after taking over {dead_space}: {:#}",
+        ipam(&h1)
+    );
+    let t = Instant::now();
+    ours.push(attach_one(&h1, &cx, &[]));
+    if let Some(ip) = &dead_ip {
+        ours.push(attach_one(&h1, &cy, &[&format!("ip:{ip}/28")]));
+    }
+    while reachable_free(&ipam(&h1)) > 0 {
+        let c = new_container(&h1);
+        ours.push(attach_one(&h1, &c, &[]));
+    }
+    eprintln!(
+        "{} more allocations after rmpeer in {:.1}s",
+        ours.len() - 1 - free as usize,
+        t.elapsed().as_secs_f64()
+    );
+    assert_no_duplicates(&all_ps(&[&h1, &h2]));
+    let used: BTreeSet<String> = ours.iter().map(|a| ip_of(a)).collect();
+    assert_eq!(used.len(), ours.len(), "{ours:?}");
+    assert_eq!(
+        used.len(),
+        14,
+        "a /28 has 14 usable addresses; h1 got {} after rmpeer: {ours:?}",
+        used.len()
+    );
+    assert_reaches(&c1, &ip_of(ours.last().expect("one")), SECS(10));
+}
+
+/// Scenario 4: `--ipalloc-init consensus=3` (majority: 2 of 3). Alone, h1 cannot
+/// agree: attach fails after its wait, saying it waits for consensus. With h2, it
+/// agrees (`prime`), attach works; a late h3 adopts the ring and gets space.
+#[test]
+fn consensus_needs_a_majority() {
+    let Some(lab) = Lab::new("consensus") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let (c1, c1b, c2, c3) = (
+        lab.add_container(&h1, 1),
+        lab.add_container(&h1, 5),
+        lab.add_container(&h2, 2),
+        lab.add_container(&h3, 3),
+    );
+    let init = ["--ipalloc-init", "consensus=3"];
+    let n1 = h1.launch(&init);
+
+    let t = Instant::now();
+    let out = attach_out(&h1, &c1, &[]);
+    eprintln!("lone attach: {out}");
+    assert!(
+        !out.ok() && !out.timed_out,
+        "attach alone with consensus=3 should fail after its wait: {out}"
+    );
+    assert!(
+        out.elapsed >= SECS(25),
+        "attach gave up after {:.1}s, before its 30 s wait",
+        out.elapsed.as_secs_f64()
+    );
+    assert!(
+        lower(&out.stderr).contains("consensus"),
+        "the failed attach should say it waits for consensus: {out}"
+    );
+    assert!(
+        container_addrs(&c1).is_empty(),
+        "failed attach left {:?} in c1",
+        container_addrs(&c1)
+    );
+    assert!(
+        h1.ps_json().is_empty(),
+        "failed attach shows in ps: {:#?}",
+        h1.ps_json()
+    );
+    let v = ipam(&h1);
+    assert!(!agreed(&v), "h1 alone with consensus=3 agreed: {v:#}");
+    assert!(
+        lower(v["state"]["waiting"].as_str().unwrap_or("")).contains("consensus"),
+        "status ipam should say it waits for consensus: {v:#}"
+    );
+    assert_eq!(v["allocations"], serde_json::json!([]), "{v:#}");
+    let text = h1
+        .meshnet(&["status", "ipam"])
+        .expect_ok("status ipam text");
+    assert!(lower(&text.stdout).contains("not agreed"), "{text}");
+    let p = h1.meshnet_full(&["prime", "--timeout", "2"], &[], SECS(20));
+    assert!(!p.ok(), "prime alone should time out: {p}");
+    assert!(
+        lower(&p.stderr).contains("consensus"),
+        "prime should say what it waits for: {p}"
+    );
+    eprintln!("alone: {:.1}s", t.elapsed().as_secs_f64());
+
+    // h2 joins: two of three agree.
+    let n2 = h2.launch(&[&init[..], &[h1.ip.as_str()]].concat());
+    wait_meshed(&[(&h1, &n1), (&h2, &n2)], SECS(30));
+    let t = Instant::now();
+    let p = h1.meshnet_full(&["prime", "--timeout", "30"], &[], SECS(40));
+    assert!(
+        p.ok(),
+        "prime with two of three consensus=3 peers failed: {p}"
+    );
+    eprintln!("prime with h2: {:.1}s", t.elapsed().as_secs_f64());
+    let v1 = ipam(&h1);
+    assert!(agreed(&v1), "{v1:#}");
+    let seeds = v1["state"]["seeds"].clone();
+    assert!(
+        wait_until(SECS(10), || ipam(&h2)["state"]["seeds"] == seeds),
+        "h2 does not share h1's ring: {:#} vs {v1:#}",
+        ipam(&h2)
+    );
+    let a1 = attach_one(&h1, &c1, &[]);
+    let a2 = attach_one(&h2, &c2, &[]);
+
+    // h3 comes later and adopts the agreed ring.
+    let n3 = h3.launch(&[&init[..], &[h2.ip.as_str()]].concat());
+    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
+    let a3 = attach_one(&h3, &c3, &[]);
+    let a1b = attach_one(&h1, &c1b, &[]);
+    let v3 = ipam(&h3);
+    assert!(
+        agreed(&v3) && v3["state"]["seeds"] == seeds,
+        "h3 did not adopt the ring: {v3:#} vs {v1:#}"
+    );
+    let all = all_ps(&[&h1, &h2, &h3]);
+    assert_eq!(all.len(), 4, "{all:#?}");
+    assert_no_duplicates(&all);
+    for a in [&a1, &a2, &a3, &a1b] {
+        assert!(inside(parse_cidr(a).0, DEFAULT_RANGE), "{a}");
+    }
+    assert_reaches(&c3, &ip_of(&a1), SECS(30));
+    assert_reaches(&c1, &ip_of(&a2), SECS(10));
+    assert_reaches(&c2, &ip_of(&a3), SECS(10));
+    assert_reaches(&c1b, &ip_of(&a3), SECS(10));
+}
+
+/// Scenario 5: bad IPAM input fails clearly and changes nothing.
+#[test]
+fn bad_ipam_input_changes_nothing() {
+    let Some(lab) = Lab::new("badipam") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let (c1, c2, c3, c4) = (
+        lab.add_container(&h1, 1),
+        lab.add_container(&h1, 2),
+        lab.add_container(&h1, 3),
+        lab.add_container(&h2, 4),
+    );
+    let n1 = h1.launch(&[]);
+    let n2 = h2.launch(&[&h1.ip]);
+    wait_meshed(&[(&h1, &n1), (&h2, &n2)], SECS(30));
+    let a1 = attach_one(&h1, &c1, &[]);
+    let a2 = attach_one(&h1, &c2, &[]);
+    let a4 = attach_one(&h2, &c4, &[]);
+    let pids = h1.pids();
+
+    let snapshot = || {
+        (
+            h1.ps_json(),
+            h2.ps_json(),
+            ipam_allocs(&ipam(&h1)),
+            ipam_allocs(&ipam(&h2)),
+            [&c1, &c2, &c3, &c4].map(container_addrs),
+        )
+    };
+    let before = snapshot();
+    let bad = |h: &Host, args: &[&str], names: &[&str]| {
+        let out = h.meshnet_full(args, &[], SECS(45));
+        assert!(
+            !out.ok() && !out.timed_out,
+            "`meshnet {}` on {} should fail: {out}",
+            args.join(" "),
+            h.ns
+        );
+        assert!(
+            out.elapsed < SECS(10),
+            "`meshnet {}` should fail at once, not after {:.1}s: {out}",
+            args.join(" "),
+            out.elapsed.as_secs_f64()
+        );
+        for n in names {
+            assert!(
+                out.stderr.contains(n),
+                "the error of `meshnet {}` should name {n:?}: {out}",
+                args.join(" ")
+            );
+        }
+        eprintln!("`meshnet {}` -> {}", args.join(" "), out.stderr.trim());
+        assert_eq!(
+            snapshot(),
+            before,
+            "`meshnet {}` changed something",
+            args.join(" ")
+        );
+    };
+    bad(
+        &h1,
+        &["attach", "ip:172.30.0.1/24", &c3.ns],
+        &["172.30.0.1", DEFAULT_RANGE],
+    );
+    bad(
+        &h1,
+        &["attach", "net:10.32.0.0/33", &c3.ns],
+        &["10.32.0.0/33"],
+    );
+    bad(
+        &h1,
+        &["attach", "net:172.30.0.0/24", &c3.ns],
+        &["172.30.0.0/24", DEFAULT_RANGE],
+    );
+    bad(&h1, &["attach", "ip:10.32.0.5", &c3.ns], &["10.32.0.5"]);
+    // Held by another container of this host: the error names it.
+    let held = format!("ip:{a1}");
+    bad(&h1, &["attach", &held, &c3.ns], &[&ip_of(&a1), &c1.ns]);
+    // Held by a container of another host: refused too (the owner says so).
+    let held2 = format!("ip:{a4}");
+    let out = h1.meshnet_full(&["attach", &held2, &c3.ns], &[], SECS(45));
+    eprintln!("claim of h2's {a4}: {out}");
+    assert!(
+        !out.ok() && !out.timed_out,
+        "claiming {a4}, held on h2, succeeded: {out}"
+    );
+    assert!(
+        out.stderr.contains(&ip_of(&a4))
+            && (out.stderr.contains(&c4.ns) || out.stderr.contains(&n2)),
+        "the error should name {a4} and its holder ({} or peer {n2}): {out}",
+        c4.ns
+    );
+    assert_eq!(
+        snapshot(),
+        before,
+        "claiming a held address changed something"
+    );
+    // A good address along with a bad one: nothing is attached.
+    bad(
+        &h1,
+        &["attach", "net:default", "ip:172.30.0.1/24", &c3.ns],
+        &["172.30.0.1"],
+    );
+
+    // Launch with bad IPAM options: fails at once, no router.
+    for args in [
+        &["launch", "--ipalloc-init", "bogus"][..],
+        &["launch", "--ipalloc-init", "consensus=0"],
+        &["launch", "--ipalloc-range", "10.32.0.0/33"],
+        &[
+            "launch",
+            "--ipalloc-range",
+            "10.33.0.0/16",
+            "--ipalloc-default-subnet",
+            "10.34.0.0/24",
+        ],
+    ] {
+        let out = h3.meshnet(args);
+        assert!(
+            !out.ok() && !out.timed_out,
+            "`meshnet {}` should fail: {out}",
+            args.join(" ")
+        );
+        assert!(
+            out.stderr.contains(args[2]),
+            "the error of `meshnet {}` should name {:?}: {out}",
+            args.join(" "),
+            args[2]
+        );
+        if args[2] == "bogus" {
+            assert!(
+                out.stderr.contains("consensus"),
+                "the error should list the valid modes: {out}"
+            );
+        }
+        eprintln!("`meshnet {}` -> {}", args.join(" "), out.stderr.trim());
+        assert!(
+            h3.pids().is_empty(),
+            "a router runs in h3 after a failed launch: {:?}",
+            h3.pids()
+        );
+        assert!(
+            !h3.meshnet(&["status"]).ok(),
+            "status answers in h3 after a failed launch"
+        );
+        assert!(
+            !h3.state_dir.join("meshnet.sock").exists(),
+            "a control socket exists after a failed launch"
+        );
+    }
+    // On the running h1 too: refused, h1 keeps serving as it was.
+    let out = h1.meshnet(&["launch", "--ipalloc-init", "bogus"]);
+    assert!(!out.ok() && out.stderr.contains("bogus"), "{out}");
+    let now = h1.pids();
+    assert!(
+        pids.iter().all(|p| now.contains(p)),
+        "h1's router died: {pids:?} -> {now:?}"
+    );
+    assert_eq!(snapshot(), before, "a bad launch on h1 changed something");
+    assert_eq!(h1.status_json()["name"], n1.as_str());
+
+    // Still fine: a good attach of c3 works and pings.
+    let a3 = attach_one(&h1, &c3, &[]);
+    assert_no_duplicates(&all_ps(&[&h1, &h2]));
+    assert_reaches(&c3, &ip_of(&a4), SECS(30));
+    assert_reaches(&c4, &ip_of(&a2), SECS(10));
+    let _ = a3;
+}
+
+/// Scenario 5b: a bare CIDR (Weave's "use it now, claim it in the ring later")
+/// that another container already holds is refused, whether the holder is on
+/// this host or on another, reachable one: never two containers with one address.
+#[test]
+#[ignore = "product bug (36aca35): `attach 10.40.0.0/12 c3` on h1 while c2 on reachable h2 holds it \
+            succeeds and configures the address; the claim fails 1 ms later in the log \
+            (`allocation for netns:c3 failed: ... already allocated to a target on peer h2`) but c3 \
+            keeps it: a duplicate address. Run with --ignored once fixed"]
+fn bare_cidr_held_elsewhere_is_refused() {
+    let Some(lab) = Lab::new("bare") else { return };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let (c1, c2, c3) = (
+        lab.add_container(&h1, 1),
+        lab.add_container(&h2, 2),
+        lab.add_container(&h1, 3),
+    );
+    let n1 = h1.launch(&[]);
+    let n2 = h2.launch(&[&h1.ip]);
+    wait_meshed(&[(&h1, &n1), (&h2, &n2)], SECS(30));
+    let a1 = attach_one(&h1, &c1, &[]);
+    let a2 = attach_one(&h2, &c2, &[]);
+
+    // Held on this host: refused at once, naming the holder.
+    let out = attach_out(&h1, &c3, &[&a1]);
+    eprintln!("bare {a1} (held by {} on h1): {out}", c1.ns);
+    assert!(
+        !out.ok() && !out.timed_out,
+        "bare {a1}, held by {}, was attached to {}: {out}",
+        c1.ns,
+        c3.ns
+    );
+    assert!(
+        out.stderr.contains(&c1.ns),
+        "the error should name the holder {}: {out}",
+        c1.ns
+    );
+    assert!(
+        container_addrs(&c3).is_empty(),
+        "{:?}",
+        container_addrs(&c3)
+    );
+
+    // Held on h2 (reachable): must not end up on c3 as well.
+    let out = attach_out(&h1, &c3, &[&a2]);
+    eprintln!("bare {a2} (held by {} on h2): {out}", c2.ns);
+    std::thread::sleep(SECS(2));
+    let on_c3 = container_addrs(&c3);
+    let log: Vec<String> = h1
+        .log()
+        .lines()
+        .filter(|l| l.contains(&ip_of(&a2)) || l.contains(&c3.ns))
+        .map(String::from)
+        .collect();
+    assert!(
+        !on_c3.contains(&a2),
+        "DUPLICATE ADDRESS: bare {a2}, held by {} on reachable h2, was attached to {} on h1 \
+         (attach said: {}); h1's log: {log:#?}; h1 ps: {:#?}; h1 status ipam allocations: {:?}",
+        c2.ns,
+        c3.ns,
+        out.all().trim(),
+        h1.ps_json(),
+        ipam_allocs(&ipam(&h1))
+    );
+    assert!(
+        !out.ok(),
+        "attach of bare {a2}, held on h2, succeeded: {out}"
+    );
+    assert!(
+        out.stderr.contains(&ip_of(&a2)),
+        "the error should name {a2}: {out}"
+    );
+    assert_no_duplicates(&all_ps(&[&h1, &h2]));
+}
+
+/// Scenario 6: two meshes that allocated from different ranges are connected:
+/// the connection is refused, each side logs a line naming both peers and the
+/// conflict, and both keep their allocations.
+#[test]
+fn different_ranges_refuse_each_other() {
+    let Some(lab) = Lab::new("ranges") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
+    let n1 = h1.launch(&[]);
+    let n2 = h2.launch(&["--ipalloc-range", "10.40.0.0/16"]);
+    let a1 = attach_one(&h1, &c1, &[]);
+    let a2 = attach_one(&h2, &c2, &[]);
+    assert!(inside(parse_cidr(&a1).0, DEFAULT_RANGE), "{a1}");
+    assert!(inside(parse_cidr(&a2).0, "10.40.0.0/16"), "{a2}");
+    let before = (ipam(&h1), ipam(&h2), h1.ps_json(), h2.ps_json());
+
+    h2.meshnet(&["connect", &h1.ip])
+        .expect_ok("connect h2 -> h1");
+    let names_conflict = |log: &str| -> Option<String> {
+        log.lines()
+            .find(|l| lower(l).contains("conflict") && l.contains(&n1) && l.contains(&n2))
+            .map(String::from)
+    };
+    let logged = wait_until(SECS(20), || {
+        names_conflict(&h1.log()).is_some() && names_conflict(&h2.log()).is_some()
+    });
+    for (h, n) in [(&h1, 1), (&h2, 2)] {
+        let lines: Vec<String> = h
+            .log()
+            .lines()
+            .filter(|l| lower(l).contains("conflict") || lower(l).contains("range"))
+            .take(6)
+            .map(String::from)
+            .collect();
+        eprintln!("h{n} log: {lines:#?}");
+    }
+    assert!(
+        logged,
+        "both logs should have a line naming {n1}, {n2} and the conflict: h1 {:?}, h2 {:?}",
+        names_conflict(&h1.log()),
+        names_conflict(&h2.log())
+    );
+    for h in [&h1, &h2] {
+        let line = names_conflict(&h.log()).unwrap_or_default();
+        assert!(
+            line.contains(DEFAULT_RANGE) && line.contains("10.40.0.0/16"),
+            "{}'s conflict line should name both ranges: {line}",
+            h.ns
+        );
+    }
+
+    // The connection does not stay up (it may be retried and refused again).
+    let mut up = 0;
+    for _ in 0..10 {
+        if established_with(&h2.status_json(), &n1) || established_with(&h1.status_json(), &n2) {
+            up += 1;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let conns = connections_to(&h2.status_json(), &h1.ip);
+    eprintln!("h2 -> h1 connections: {conns:#?}");
+    assert!(
+        up <= 2,
+        "the refused connection was established in {up} of 10 samples: {conns:#?}"
+    );
+    assert!(
+        !ping(&c1.ns, &ip_of(&a2), 3),
+        "c1 reaches c2 across the refused connection"
+    );
+
+    // Both keep their allocations.
+    let after = (ipam(&h1), ipam(&h2), h1.ps_json(), h2.ps_json());
+    for (b, a, h) in [(&before.0, &after.0, &h1), (&before.1, &after.1, &h2)] {
+        assert_eq!(a["range"], b["range"], "{}'s range changed", h.ns);
+        assert_eq!(a["state"], b["state"], "{}'s ring state changed", h.ns);
+        assert_eq!(
+            ipam_allocs(a),
+            ipam_allocs(b),
+            "{}'s allocations changed",
+            h.ns
+        );
+        assert_eq!(
+            a["owners"].as_array().map(Vec::len),
+            Some(1),
+            "{} learnt the other's ring: {a:#}",
+            h.ns
+        );
+    }
+    assert_eq!(after.2, before.2, "ps on h1 changed");
+    assert_eq!(after.3, before.3, "ps on h2 changed");
+    assert_eq!(container_addrs(&c1), vec![a1.clone()]);
+    assert_eq!(container_addrs(&c2), vec![a2.clone()]);
+    // And each still allocates.
+    let c5 = lab.add_container(&h1, 5);
+    let a5 = attach_one(&h1, &c5, &[]);
+    assert!(inside(parse_cidr(&a5).0, DEFAULT_RANGE) && a5 != a1, "{a5}");
+    assert_reaches(&c5, &ip_of(&a1), SECS(10));
+}
