@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use meshnet_proto::topology::{ConnInfo, PeerInfo, Topology};
 use meshnet_proto::wire::control::ControlMsg;
 use meshnet_proto::PeerName;
-use meshnet_router::dataplane::{DataPlane, PeerLink};
+use meshnet_router::dataplane::{DataPlane, PeerLink, Routes};
 use tokio::sync::{mpsc, Notify};
 
 use crate::api::{ConnectionStatus, PeerStatus};
@@ -194,7 +194,8 @@ impl Mesh {
     pub fn fresh_recv_index(&self) -> u32 {
         let g = self.lock();
         loop {
-            let i = random_u32();
+            // The top bit marks relay sessions (see meshnet_proto::session::RELAY_INDEX_BIT).
+            let i = random_u32() & !meshnet_proto::session::RELAY_INDEX_BIT;
             if i != 0 && !g.conns.values().any(|c| c.recv_index == i) {
                 return i;
             }
@@ -327,9 +328,12 @@ impl Mesh {
         Ok(())
     }
 
-    /// Tells IPAM which peers are reachable now.
+    /// Recomputes routes and broadcast trees for the data plane, and tells IPAM
+    /// which peers are reachable now.
     fn reachability_changed(&self, g: &mut Inner) {
-        let live: Vec<PeerName> = g.topology.routes().into_keys().collect();
+        let next_hop = g.topology.routes();
+        let live: Vec<PeerName> = next_hop.keys().copied().collect();
+        self.dataplane.set_routes(Routes { next_hop, children: g.topology.broadcast_children() });
         g.ipam.ipam.peers_changed(&live);
         self.ipam_flush(g);
     }

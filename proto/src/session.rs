@@ -27,6 +27,30 @@ pub const TAG_LEN: usize = 16;
 /// GCM nonce length.
 pub const NONCE_LEN: usize = 12;
 
+/// Receiver indexes of relay sessions have this bit set; direct ones never do.
+pub const RELAY_INDEX_BIT: u32 = 0x8000_0000;
+
+/// The key of the relay session that rides beside a direct session keyed `key`.
+///
+/// A router relays from its receive thread while its send thread owns the direct
+/// session; two threads sealing under one key would reuse nonces, so relayed
+/// datagrams use a second session with its own key (HKDF-SHA256 of the direct
+/// key, label "meshnet relay") and counter, under `index | RELAY_INDEX_BIT`.
+pub fn relay_key(key: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {
+    struct Len32;
+    impl ring::hkdf::KeyType for Len32 {
+        fn len(&self) -> usize {
+            KEY_LEN
+        }
+    }
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"meshnet relay").extract(key);
+    let mut out = [0u8; KEY_LEN];
+    prk.expand(&[b"meshnet relay key"], Len32)
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    out
+}
+
 /// Why sealing or opening failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SessionError {
@@ -252,5 +276,13 @@ mod tests {
     fn nonce_layout() {
         let n = nonce(0x0102_0304_0506_0708);
         assert_eq!(n.as_ref(), &[0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn relay_keys_differ_from_direct_keys_and_agree_on_both_ends() {
+        let k = [7u8; KEY_LEN];
+        assert_ne!(relay_key(&k), k);
+        assert_eq!(relay_key(&k), relay_key(&[7u8; KEY_LEN]));
+        assert_ne!(relay_key(&k), relay_key(&[8u8; KEY_LEN]));
     }
 }

@@ -205,21 +205,7 @@ impl Topology {
     /// equally short paths the next hop is the smallest `PeerName` that starts one,
     /// so every run over the same topology gives the same answer.
     pub fn routes(&self) -> HashMap<PeerName, PeerName> {
-        let lists = |a: &PeerInfo, b: PeerName| a.connections.iter().any(|c| c.peer == b && c.established);
-        let neighbours = |name: PeerName| -> Vec<PeerName> {
-            let Some(info) = self.get(name) else { return Vec::new() };
-            let mut out: Vec<PeerName> = info
-                .connections
-                .iter()
-                .filter(|c| c.established && c.peer != name)
-                .map(|c| c.peer)
-                .filter(|&other| self.get(other).is_some_and(|o| lists(o, name)))
-                .collect();
-            out.sort();
-            out.dedup();
-            out
-        };
-
+        let neighbours = |name: PeerName| self.symmetric_neighbours(name);
         let mut hops: HashMap<PeerName, PeerName> = HashMap::new();
         let mut layer: Vec<PeerName> = neighbours(self.me.name).into_iter().filter(|&n| n != self.me.name).collect();
         for &n in &layer {
@@ -241,6 +227,60 @@ impl Topology {
             hops.extend(next);
         }
         hops
+    }
+
+    /// Peers `name` has an established connection with that the other end lists
+    /// too, sorted: the edges routes and broadcast trees use.
+    fn symmetric_neighbours(&self, name: PeerName) -> Vec<PeerName> {
+        let lists = |a: &PeerInfo, b: PeerName| a.connections.iter().any(|c| c.peer == b && c.established);
+        let Some(info) = self.get(name) else { return Vec::new() };
+        let mut out: Vec<PeerName> = info
+            .connections
+            .iter()
+            .filter(|c| c.established && c.peer != name)
+            .map(|c| c.peer)
+            .filter(|&other| self.get(other).is_some_and(|o| lists(o, name)))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// For every source peer (me included), the peers I pass its broadcasts on
+    /// to: my children in its spanning tree. The tree is the BFS tree from the
+    /// source in which each node's parent is the smallest-named neighbour one
+    /// layer closer, so every peer computes the same trees from the same
+    /// topology, and every peer gets each broadcast exactly once.
+    pub fn broadcast_children(&self) -> HashMap<PeerName, Vec<PeerName>> {
+        let me = self.me.name;
+        let mut out = HashMap::new();
+        for source in self.peers().map(|p| p.name) {
+            let mut seen: BTreeSet<PeerName> = BTreeSet::from([source]);
+            let mut layer = vec![source];
+            let mut mine = Vec::new();
+            while !layer.is_empty() {
+                // Parent of each newly reached node: the smallest node of this layer next to it.
+                let mut next: BTreeMap<PeerName, PeerName> = BTreeMap::new();
+                for &u in &layer {
+                    for v in self.symmetric_neighbours(u) {
+                        if !seen.contains(&v) {
+                            next.entry(v).and_modify(|p| *p = (*p).min(u)).or_insert(u);
+                        }
+                    }
+                }
+                for (&v, &parent) in &next {
+                    seen.insert(v);
+                    if parent == me {
+                        mine.push(v);
+                    }
+                }
+                layer = next.into_keys().collect();
+            }
+            if !mine.is_empty() {
+                out.insert(source, mine);
+            }
+        }
+        out
     }
 
     /// Removes peers I can no longer reach by following listed connections (in
@@ -459,6 +499,64 @@ mod tests {
         me.name = name(9);
         // Another peer accepts it.
         Topology::new(info(2, 1, &[])).merge(vec![me]).unwrap();
+    }
+
+    /// The topology as peer `me` sees it, every listed link established.
+    fn view(me: u64, edges: &[(u64, u64)], nodes: u64) -> Topology {
+        let conns = |n: u64| -> Vec<(u64, bool)> {
+            edges
+                .iter()
+                .filter_map(|&(a, b)| if a == n { Some((b, true)) } else if b == n { Some((a, true)) } else { None })
+                .collect()
+        };
+        let mut t = Topology::new(info(me, 1, &conns(me)));
+        t.merge((1..=nodes).filter(|&n| n != me).map(|n| info(n, 1, &conns(n))).collect()).unwrap();
+        t
+    }
+
+    #[test]
+    fn broadcast_trees_reach_every_peer_exactly_once() {
+        let full4: Vec<(u64, u64)> = vec![(1, 2), (1, 3), (1, 4), (2, 3), (2, 4), (3, 4)];
+        let chain: Vec<(u64, u64)> = vec![(1, 2), (2, 3), (3, 4), (4, 5)];
+        let ring6: Vec<(u64, u64)> = vec![(1, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 1)];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut random: Vec<(u64, u64)> = (2..=12).map(|n| (n - 1, n)).collect(); // connected
+        for _ in 0..15 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let (a, b) = (seed % 12 + 1, (seed >> 20) % 12 + 1);
+            if a != b && !random.contains(&(a, b)) && !random.contains(&(b, a)) {
+                random.push((a, b));
+            }
+        }
+        for (edges, nodes) in [(full4, 4u64), (chain, 5), (ring6, 6), (random, 12)] {
+            let views: Vec<Topology> = (1..=nodes).map(|me| view(me, &edges, nodes)).collect();
+            let children: Vec<HashMap<PeerName, Vec<PeerName>>> = views.iter().map(|v| v.broadcast_children()).collect();
+            for source in 1..=nodes {
+                let mut got = vec![0u32; nodes as usize + 1];
+                let mut queue = VecDeque::from([source]);
+                while let Some(at) = queue.pop_front() {
+                    for c in children[at as usize - 1].get(&name(source)).into_iter().flatten() {
+                        let n = c.0 & 0xff;
+                        got[n as usize] += 1;
+                        queue.push_back(n);
+                    }
+                }
+                for n in 1..=nodes {
+                    let want = if n == source { 0 } else { 1 };
+                    assert_eq!(got[n as usize], want, "source {source}, peer {n}, edges {edges:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn full_mesh_broadcast_goes_straight_to_everyone() {
+        let t = view(1, &[(1, 2), (1, 3), (2, 3)], 3);
+        let c = t.broadcast_children();
+        assert_eq!(c[&name(1)], vec![name(2), name(3)]);
+        assert!(!c.contains_key(&name(2)) && !c.contains_key(&name(3)), "{c:?}");
     }
 
     #[test]

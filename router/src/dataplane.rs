@@ -2,14 +2,18 @@
 //!
 //! * **TAP → UDP** reads units (virtio header + Ethernet frame, up to ~64 KiB with
 //!   TSO) from the TAP in batches, learns local source MACs, picks the owning peer
-//!   of each destination MAC (unknown and broadcast destinations go to every
-//!   connected peer), packs and seals the units per peer with
-//!   [`meshnet_proto::datapath::Encoder`] and sends each run of equal-sized
-//!   datagrams with one UDP GSO `sendmsg`.
+//!   of each destination MAC and the next hop towards it, packs and seals the
+//!   units per (next hop, destination) with [`meshnet_proto::datapath::Encoder`]
+//!   and sends each run of equal-sized datagrams with one UDP GSO `sendmsg`.
+//!   Broadcast and unknown destinations go to this peer's children in its own
+//!   spanning tree (every direct peer, in a full mesh).
 //! * **UDP → TAP** receives batches with `recvmmsg` + GRO, opens each datagram with
 //!   [`meshnet_proto::datapath::Receiver`] and writes each unit whole into the TAP
-//!   (the kernel segments superframes on the far side). It tells the TX thread
-//!   which MACs live behind which peer.
+//!   (the kernel segments superframes on the far side). Units for another peer
+//!   are relayed towards it, and broadcasts passed on to this peer's children in
+//!   the source's tree, whole, through *relay sessions* this thread owns (keys
+//!   from [`meshnet_proto::session::relay_key`]), so no session is ever shared
+//!   between threads. It tells the TX thread which MACs live behind which peer.
 //!
 //! Neither thread takes a lock or allocates per frame: they own their tables, and
 //! the control plane (and the other thread) reach them through channels drained
@@ -26,6 +30,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use meshnet_proto::datapath::{Encoder, Receiver, TxBatch, TxSession};
+use meshnet_proto::session::{relay_key, RELAY_INDEX_BIT};
 use meshnet_proto::mac_table::{MacOwner, MacTable};
 use meshnet_proto::wire::datagram::InnerHeader;
 use meshnet_proto::{Mac, PeerName};
@@ -76,6 +81,8 @@ pub struct Stats {
     pub tap_units_out: AtomicU64,
     pub tap_write_errors: AtomicU64,
     pub dropped_no_peer: AtomicU64,
+    pub relayed_units: AtomicU64,
+    pub dropped_no_route: AtomicU64,
 }
 
 impl Stats {
@@ -93,20 +100,33 @@ impl Stats {
             ("tap_units_out", g(&self.tap_units_out)),
             ("tap_write_errors", g(&self.tap_write_errors)),
             ("dropped_no_peer", g(&self.dropped_no_peer)),
+            ("relayed_units", g(&self.relayed_units)),
+            ("dropped_no_route", g(&self.dropped_no_route)),
         ]
     }
+}
+
+/// How to reach peers that are not direct neighbours, and where broadcasts go.
+#[derive(Clone, Debug, Default)]
+pub struct Routes {
+    /// Next hop towards every reachable peer (a neighbour is its own next hop).
+    pub next_hop: HashMap<PeerName, PeerName>,
+    /// For each source peer, this peer's children in the source's spanning tree.
+    pub children: HashMap<PeerName, Vec<PeerName>>,
 }
 
 enum TxCmd {
     AddPeer(PeerLink),
     RemovePeer(PeerName),
     Learn(Mac, PeerName),
+    Routes(Arc<Routes>),
     Stop,
 }
 
 enum RxCmd {
-    AddSession { index: u32, peer: PeerName, key: [u8; 32] },
-    RemoveSession(u32),
+    AddPeer(PeerLink),
+    RemovePeer(PeerName, u32),
+    Routes(Arc<Routes>),
     Stop,
 }
 
@@ -225,6 +245,8 @@ impl DataPlane {
             learn: tx_box.clone(),
             stats: stats.clone(),
             clock,
+            me,
+            max_datagram,
         };
         let threads = vec![
             std::thread::Builder::new().name("tap-to-udp".into()).spawn(move || tx_thread.run())?,
@@ -233,16 +255,25 @@ impl DataPlane {
         Ok(DataPlane { tx: tx_box, rx: rx_box, threads, stats })
     }
 
-    /// Starts carrying frames to and from `link.peer`.
+    /// Starts carrying frames to and from `link.peer`. Receiver indexes must
+    /// leave [`RELAY_INDEX_BIT`] clear: the relay sessions use it.
     pub fn add_peer(&self, link: PeerLink) {
-        self.rx.post(RxCmd::AddSession { index: link.recv_index, peer: link.peer, key: link.recv_key });
+        debug_assert_eq!(link.recv_index & RELAY_INDEX_BIT, 0);
+        self.rx.post(RxCmd::AddPeer(link.clone()));
         self.tx.post(TxCmd::AddPeer(link));
     }
 
     /// Stops carrying frames for `peer` (whose session we knew by `recv_index`).
     pub fn remove_peer(&self, peer: PeerName, recv_index: u32) {
         self.tx.post(TxCmd::RemovePeer(peer));
-        self.rx.post(RxCmd::RemoveSession(recv_index));
+        self.rx.post(RxCmd::RemovePeer(peer, recv_index));
+    }
+
+    /// Replaces the routes (after every topology change).
+    pub fn set_routes(&self, routes: Routes) {
+        let routes = Arc::new(routes);
+        self.tx.post(TxCmd::Routes(routes.clone()));
+        self.rx.post(RxCmd::Routes(routes));
     }
 
     /// Stops both threads and waits for them.
@@ -258,8 +289,42 @@ impl DataPlane {
 struct TxPeer {
     link: PeerLink,
     session: TxSession,
-    /// Indices into the batch of units going to this peer as unicast.
-    pending: Vec<u16>,
+}
+
+/// Direct peers by name, each with its sealing session.
+#[derive(Default)]
+struct PeerSet {
+    peers: Vec<TxPeer>,
+    index: HashMap<PeerName, usize>,
+}
+
+impl PeerSet {
+    fn insert(&mut self, entry: TxPeer) {
+        match self.index.get(&entry.link.peer) {
+            Some(&i) => self.peers[i] = entry,
+            None => {
+                self.index.insert(entry.link.peer, self.peers.len());
+                self.peers.push(entry);
+            }
+        }
+    }
+
+    fn remove(&mut self, peer: PeerName) -> bool {
+        let Some(i) = self.index.remove(&peer) else { return false };
+        self.peers.swap_remove(i);
+        if i < self.peers.len() {
+            self.index.insert(self.peers[i].link.peer, i);
+        }
+        true
+    }
+
+    /// The direct peer to hand a unit for `dst` to: itself, or its next hop.
+    fn hop_to(&self, dst: PeerName, routes: &Routes) -> Option<usize> {
+        self.index
+            .get(&dst)
+            .or_else(|| routes.next_hop.get(&dst).and_then(|h| self.index.get(h)))
+            .copied()
+    }
 }
 
 struct TxLoop {
@@ -279,8 +344,11 @@ impl TxLoop {
         let mut units: Vec<Vec<u8>> = (0..TX_BATCH).map(|_| vec![0u8; UNIT_BUF]).collect();
         let mut lens = [0usize; TX_BATCH];
         let mut flood: Vec<u16> = Vec::with_capacity(TX_BATCH);
-        let mut peers: Vec<TxPeer> = Vec::new();
-        let mut index: HashMap<PeerName, usize> = HashMap::new();
+        // (direct peer index, final destination, unit index), sorted to group datagrams.
+        let mut unicast: Vec<(u16, u64, u16)> = Vec::with_capacity(TX_BATCH);
+        let mut flood_to: Vec<u16> = Vec::new();
+        let mut set = PeerSet::default();
+        let mut routes = Arc::new(Routes::default());
         let mut macs = MacTable::new(MAC_AGEING_MS);
         let mut batch = TxBatch::new();
         let vnet = self.tap.vnet_hdr();
@@ -297,27 +365,17 @@ impl TxLoop {
                         TxCmd::Stop => return,
                         TxCmd::AddPeer(link) => {
                             let session = TxSession::new(link.send_index, &link.send_key);
-                            let entry = TxPeer { link, session, pending: Vec::with_capacity(TX_BATCH) };
-                            match index.get(&entry.link.peer) {
-                                Some(&i) => peers[i] = entry,
-                                None => {
-                                    index.insert(entry.link.peer, peers.len());
-                                    peers.push(entry);
-                                }
-                            }
+                            set.insert(TxPeer { link, session });
                         }
                         TxCmd::RemovePeer(peer) => {
-                            if let Some(i) = index.remove(&peer) {
-                                peers.swap_remove(i);
-                                if i < peers.len() {
-                                    index.insert(peers[i].link.peer, i);
-                                }
+                            if set.remove(peer) {
                                 macs.remove_peer(peer);
                             }
                         }
                         TxCmd::Learn(mac, peer) => {
                             macs.learn(mac, MacOwner::Peer(peer), self.now());
                         }
+                        TxCmd::Routes(r) => routes = r,
                     }
                 }
             }
@@ -353,6 +411,7 @@ impl TxLoop {
 
             // Classify: unicast to a known peer, dropped (local), or flooded.
             flood.clear();
+            unicast.clear();
             for (i, unit) in units.iter().enumerate().take(n) {
                 let len = lens[i];
                 self.stats.tap_units_in.fetch_add(1, Ordering::Relaxed);
@@ -369,33 +428,51 @@ impl TxLoop {
                     continue;
                 }
                 match macs.lookup(&dst, now) {
-                    Some(MacOwner::Peer(p)) => match index.get(&p) {
-                        Some(&pi) => peers[pi].pending.push(i as u16),
+                    Some(MacOwner::Peer(p)) => match set.hop_to(p, &routes) {
+                        Some(hop) => unicast.push((hop as u16, p.0, i as u16)),
                         None => flood.push(i as u16),
                     },
                     Some(MacOwner::Local) => {}
                     None => flood.push(i as u16),
                 }
             }
-            if peers.is_empty() {
+            if set.peers.is_empty() {
                 self.stats.dropped_no_peer.fetch_add(n as u64, Ordering::Relaxed);
                 continue;
             }
 
-            // Encode and send, peer by peer.
-            for p in peers.iter_mut() {
-                batch.clear();
-                if !p.pending.is_empty() {
-                    let hdr = InnerHeader { ttl: DEFAULT_TTL, broadcast: false, src: self.me, dst: p.link.peer };
-                    let _ = encode(&mut self.encoder, &mut p.session, hdr, &p.pending, &units, &lens, &mut batch);
-                    p.pending.clear();
+            // Broadcasts go down this peer's own spanning tree; before the first
+            // topology arrives, to every direct peer.
+            flood_to.clear();
+            if !flood.is_empty() {
+                match routes.children.get(&self.me) {
+                    Some(children) => flood_to.extend(children.iter().filter_map(|c| set.index.get(c)).map(|&i| i as u16)),
+                    None if routes.next_hop.is_empty() => flood_to.extend(0..set.peers.len() as u16),
+                    None => {}
                 }
-                if !flood.is_empty() {
+            }
+
+            // Encode and send, direct peer by direct peer, one header per final destination.
+            unicast.sort_unstable();
+            let mut u = 0;
+            for (pi, p) in set.peers.iter_mut().enumerate() {
+                batch.clear();
+                while u < unicast.len() && unicast[u].0 as usize == pi {
+                    let dst = unicast[u].1;
+                    let start = u;
+                    while u < unicast.len() && unicast[u].0 as usize == pi && unicast[u].1 == dst {
+                        u += 1;
+                    }
+                    let hdr = InnerHeader { ttl: DEFAULT_TTL, broadcast: false, src: self.me, dst: PeerName(dst) };
+                    let which = unicast[start..u].iter().map(|x| x.2);
+                    let _ = encode(&mut self.encoder, &mut p.session, hdr, which, &units, &lens, &mut batch);
+                }
+                if flood_to.contains(&(pi as u16)) {
                     let hdr = InnerHeader { ttl: DEFAULT_TTL, broadcast: true, src: self.me, dst: PeerName::BROADCAST };
-                    let _ = encode(&mut self.encoder, &mut p.session, hdr, &flood, &units, &lens, &mut batch);
+                    let _ = encode(&mut self.encoder, &mut p.session, hdr, flood.iter().copied(), &units, &lens, &mut batch);
                 }
                 if !batch.is_empty() {
-                    self.send(&batch, p.link.addr);
+                    send(&self.udp, &self.socket, &self.efd, &self.stats, &batch, p.link.addr);
                 }
             }
         }
@@ -405,63 +482,60 @@ impl TxLoop {
         self.clock.elapsed().as_millis() as u64
     }
 
-    fn send(&self, batch: &TxBatch, dest: SocketAddr) {
-        let max_segments = self.udp.max_gso_segments().max(1);
-        for (bytes, seg) in batch.runs(max_segments.min(64)) {
-            let count = bytes.len().div_ceil(seg);
-            // The kernel wants a GSO send to stay under 64 KiB in all.
-            let per_send = (65000 / seg).clamp(1, max_segments);
-            for part in bytes.chunks(per_send * seg) {
-                let transmit = Transmit {
-                    destination: dest,
-                    ecn: None,
-                    contents: part,
-                    segment_size: if part.len() > seg { Some(seg) } else { None },
-                    src_ip: None,
-                };
-                self.send_one(&transmit, part.len().div_ceil(seg) as u64);
-            }
-            let _ = count;
-        }
-    }
+}
 
-    fn send_one(&self, transmit: &Transmit<'_>, datagrams: u64) {
-        for _attempt in 0..50 {
-            match self.udp.try_send(UdpSockRef::from(&*self.socket), transmit) {
-                Ok(()) => {
-                    self.stats.udp_datagrams_out.fetch_add(datagrams, Ordering::Relaxed);
-                    self.stats.udp_bytes_out.fetch_add(transmit.contents.len() as u64, Ordering::Relaxed);
-                    return;
+/// Sends a batch of sealed datagrams to `dest`: each run of equal-sized
+/// datagrams in one UDP GSO `sendmsg` (under 64 KiB each, as the kernel wants).
+fn send(udp: &UdpSocketState, socket: &UdpSocket, efd: &EventFd, stats: &Stats, batch: &TxBatch, dest: SocketAddr) {
+    let max_segments = udp.max_gso_segments().max(1);
+    for (bytes, seg) in batch.runs_within(max_segments.min(64), 65000) {
+        let transmit = Transmit {
+            destination: dest,
+            ecn: None,
+            contents: bytes,
+            segment_size: if bytes.len() > seg { Some(seg) } else { None },
+            src_ip: None,
+        };
+        send_one(udp, socket, efd, stats, &transmit, bytes.len().div_ceil(seg) as u64);
+    }
+}
+
+fn send_one(udp: &UdpSocketState, socket: &UdpSocket, efd: &EventFd, stats: &Stats, transmit: &Transmit<'_>, datagrams: u64) {
+    for _attempt in 0..50 {
+        match udp.try_send(UdpSockRef::from(socket), transmit) {
+            Ok(()) => {
+                stats.udp_datagrams_out.fetch_add(datagrams, Ordering::Relaxed);
+                stats.udp_bytes_out.fetch_add(transmit.contents.len() as u64, Ordering::Relaxed);
+                return;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Socket buffer full: wait for room rather than drop.
+                wait(socket.as_raw_fd(), libc::POLLOUT, efd, 10);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let errors = stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
+                if errors % 1000 == 0 {
+                    log::warn!("sending to {}: {e}", transmit.destination);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Socket buffer full: wait for room rather than drop.
-                    wait(self.socket.as_raw_fd(), libc::POLLOUT, &self.efd, 10);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    let errors = self.stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
-                    if errors % 1000 == 0 {
-                        log::warn!("sending to {}: {e}", transmit.destination);
-                    }
-                    return;
-                }
+                return;
             }
         }
-        self.stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
     }
+    stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
 }
 
 fn encode(
     encoder: &mut Encoder,
     session: &mut TxSession,
     hdr: InnerHeader,
-    which: &[u16],
+    which: impl Iterator<Item = u16>,
     units: &[Vec<u8>],
     lens: &[usize],
     batch: &mut TxBatch,
 ) -> Result<(), meshnet_proto::datapath::DatapathError> {
     encoder.begin(session, hdr, batch);
-    for &i in which {
+    for i in which {
         let i = i as usize;
         if let Err(e) = encoder.push(session, &units[i][..lens[i]], batch) {
             log::debug!("dropping a unit: {e}");
@@ -479,13 +553,42 @@ struct RxLoop {
     learn: Mailbox<TxCmd>,
     stats: Arc<Stats>,
     clock: Instant,
+    me: PeerName,
+    max_datagram: usize,
+}
+
+/// What the receive thread needs to pass units on: its own relay sessions.
+struct Relay {
+    set: PeerSet,
+    encoder: Encoder,
+    batch: TxBatch,
+    routes: Arc<Routes>,
 }
 
 impl RxLoop {
+    /// Seals `unit` for the direct peer `hop` under `hdr` and sends it at once.
+    fn forward(&self, relay: &mut Relay, hop: usize, hdr: InnerHeader, unit: &[u8]) {
+        let Relay { set, encoder, batch, .. } = relay;
+        let p = &mut set.peers[hop];
+        batch.clear();
+        encoder.begin(&mut p.session, hdr, batch);
+        if encoder.push(&mut p.session, unit, batch).is_err() || encoder.finish(&mut p.session, batch).is_err() {
+            return;
+        }
+        self.stats.relayed_units.fetch_add(1, Ordering::Relaxed);
+        send(&self.udp, &self.socket, &self.efd, &self.stats, batch, p.link.addr);
+    }
+
     fn run(self) {
         let mut bufs: Vec<Vec<u8>> = (0..RX_BATCH).map(|_| vec![0u8; 65536]).collect();
         let mut metas = [RecvMeta::default(); RX_BATCH];
         let mut receiver = Receiver::new();
+        let mut relay = Relay {
+            set: PeerSet::default(),
+            encoder: Encoder::new(self.max_datagram),
+            batch: TxBatch::new(),
+            routes: Arc::new(Routes::default()),
+        };
         // MACs we told the TX thread about, and when.
         let mut announced: HashMap<Mac, (PeerName, u64)> = HashMap::new();
         let vnet = self.tap.vnet_hdr();
@@ -499,11 +602,19 @@ impl RxLoop {
                 while let Ok(cmd) = self.cmds.try_recv() {
                     match cmd {
                         RxCmd::Stop => return,
-                        RxCmd::AddSession { index, peer, key } => {
-                            receiver.add_session(index, peer, &key);
-                            announced.retain(|_, (p, _)| *p != peer);
+                        RxCmd::AddPeer(link) => {
+                            receiver.add_session(link.recv_index, link.peer, &link.recv_key);
+                            receiver.add_session(link.recv_index | RELAY_INDEX_BIT, link.peer, &relay_key(&link.recv_key));
+                            let session = TxSession::new(link.send_index | RELAY_INDEX_BIT, &relay_key(&link.send_key));
+                            announced.retain(|_, (p, _)| *p != link.peer);
+                            relay.set.insert(TxPeer { link, session });
                         }
-                        RxCmd::RemoveSession(index) => receiver.remove_session(index),
+                        RxCmd::RemovePeer(peer, index) => {
+                            receiver.remove_session(index);
+                            receiver.remove_session(index | RELAY_INDEX_BIT);
+                            relay.set.remove(peer);
+                        }
+                        RxCmd::Routes(r) => relay.routes = r,
                     }
                 }
             }
@@ -535,44 +646,34 @@ impl RxLoop {
                 for dgram in buf[..meta.len].chunks_mut(stride) {
                     self.stats.udp_datagrams_in.fetch_add(1, Ordering::Relaxed);
                     self.stats.udp_bytes_in.fetch_add(dgram.len() as u64, Ordering::Relaxed);
-                    let tap = &self.tap;
-                    let stats = &self.stats;
-                    let learn = &self.learn;
+                    let relay = &mut relay;
                     let announced = &mut announced;
-                    let result = receiver.receive(now, dgram, |peer, _hdr, unit| {
+                    let result = receiver.receive(now, dgram, |_sender, hdr, unit| {
                         if unit.len() < VNET_HDR_LEN + 14 {
                             return;
                         }
-                        let src: Mac = unit[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12]
-                            .try_into()
-                            .expect("length checked");
-                        if src[0] & 1 == 0 {
-                            let fresh = match announced.get(&src) {
-                                Some(&(p, at)) => p != peer || now.saturating_sub(at) > MAC_REANNOUNCE_MS,
-                                None => true,
-                            };
-                            if fresh {
-                                announced.insert(src, (peer, now));
-                                learn.post(TxCmd::Learn(src, peer));
+                        let onward = InnerHeader { ttl: hdr.ttl.saturating_sub(1), ..*hdr };
+                        if hdr.broadcast {
+                            // Pass it down the source's tree, then take it ourselves.
+                            if onward.ttl > 0 {
+                                let routes = relay.routes.clone();
+                                for child in routes.children.get(&hdr.src).into_iter().flatten() {
+                                    if let Some(&hop) = relay.set.index.get(child) {
+                                        self.forward(relay, hop, onward, unit);
+                                    }
+                                }
                             }
-                        }
-                        let out = if vnet {
-                            unit
-                        } else if unit[1] == 0 && unit[0] & 1 == 0 {
-                            // No virtio header on this TAP: only plain frames can go in.
-                            &unit[VNET_HDR_LEN..]
-                        } else {
-                            stats.tap_write_errors.fetch_add(1, Ordering::Relaxed);
+                        } else if hdr.dst != self.me {
+                            // Not ours: relay towards its destination, whole.
+                            match relay.set.hop_to(hdr.dst, &relay.routes) {
+                                Some(hop) if onward.ttl > 0 => self.forward(relay, hop, onward, unit),
+                                _ => {
+                                    self.stats.dropped_no_route.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
                             return;
-                        };
-                        match tap.write_unit(out) {
-                            Ok(_) => {
-                                stats.tap_units_out.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Err(_) => {
-                                stats.tap_write_errors.fetch_add(1, Ordering::Relaxed);
-                            }
                         }
+                        self.deliver(hdr.src, unit, now, announced, vnet);
                     });
                     if result.is_err() {
                         self.stats.udp_rejected.fetch_add(1, Ordering::Relaxed);
@@ -580,5 +681,33 @@ impl RxLoop {
                 }
             }
         }
+    }
+
+    /// Writes a unit from peer `origin` into the TAP and learns where its source MAC lives.
+    fn deliver(&self, origin: PeerName, unit: &[u8], now: u64, announced: &mut HashMap<Mac, (PeerName, u64)>, vnet: bool) {
+        let src: Mac = unit[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12].try_into().expect("length checked by the caller");
+        if src[0] & 1 == 0 {
+            let fresh = match announced.get(&src) {
+                Some(&(p, at)) => p != origin || now.saturating_sub(at) > MAC_REANNOUNCE_MS,
+                None => true,
+            };
+            if fresh {
+                announced.insert(src, (origin, now));
+                self.learn.post(TxCmd::Learn(src, origin));
+            }
+        }
+        let out = if vnet {
+            unit
+        } else if unit[1] == 0 && unit[0] & 1 == 0 {
+            // No virtio header on this TAP: only plain frames can go in.
+            &unit[VNET_HDR_LEN..]
+        } else {
+            self.stats.tap_write_errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        match self.tap.write_unit(out) {
+            Ok(_) => self.stats.tap_units_out.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.stats.tap_write_errors.fetch_add(1, Ordering::Relaxed),
+        };
     }
 }
