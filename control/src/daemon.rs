@@ -20,7 +20,7 @@ use crate::conn::{self, Local};
 use crate::mesh::{self, Mesh, Settings, Shutdown};
 use crate::ipam::{self as ipamd, AddrSpec, IpamHost};
 use crate::peeraddr::PeerAddr;
-use meshnet_proto::ipam::{Cidr, InitMode};
+use meshnet_proto::ipam::{Cidr, InitMode, Waiting};
 use crate::state::{Attachment, Devices, StateDir};
 
 pub const DEFAULT_PORT: u16 = 6783;
@@ -489,10 +489,16 @@ fn allocate_all(
                     break;
                 }
                 meshnet_proto::ipam::Allocation::Pending(why) => {
-                    // A bare CIDR is the user's explicit choice: use it now and let the
-                    // claim complete in the ring later (as Weave does), so an address
-                    // can be attached before, or without, the ring being agreed.
-                    if let AddrSpec::Exact { ip, prefix, strict: false } = spec {
+                    // A bare CIDR is the user's explicit choice: when nobody can answer
+                    // the claim yet (no ring agreed, or its owner unreachable), use it now
+                    // and let the claim complete later, as Weave does, so an isolated
+                    // peer can still attach. A reachable owner is waited for: it may
+                    // say the address is taken.
+                    let nobody_to_ask = matches!(
+                        why,
+                        Waiting::Consensus { .. } | Waiting::Ring | Waiting::Owner { reachable: false, .. }
+                    );
+                    if let (AddrSpec::Exact { ip, prefix, strict: false }, true) = (spec, nobody_to_ask) {
                         log::info!("IPAM: claim of {ip}/{prefix} for {key} continues in the background: {why}");
                         addrs.push((*ip, *prefix));
                         break;

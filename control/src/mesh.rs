@@ -379,10 +379,7 @@ impl Mesh {
         self.ipam_flush(&mut g);
         match result {
             Ok(()) => Ok(()),
-            Err(e) if e.is_conflict() => Err(format!(
-                "IPAM conflict between {} (us) and {from}: {e}",
-                self.settings.me
-            )),
+            Err(e) if e.is_conflict() => Err(format!("IPAM conflict between peers {} and {from}: {e}", self.settings.me)),
             Err(e) => {
                 log::warn!("IPAM message from {from} dropped: {e}");
                 Ok(())

@@ -1019,10 +1019,6 @@ fn bad_ipam_input_changes_nothing() {
 /// that another container already holds is refused, whether the holder is on
 /// this host or on another, reachable one: never two containers with one address.
 #[test]
-#[ignore = "product bug (36aca35): `attach 10.40.0.0/12 c3` on h1 while c2 on reachable h2 holds it \
-            succeeds and configures the address; the claim fails 1 ms later in the log \
-            (`allocation for netns:c3 failed: ... already allocated to a target on peer h2`) but c3 \
-            keeps it: a duplicate address. Run with --ignored once fixed"]
 fn bare_cidr_held_elsewhere_is_refused() {
     let Some(lab) = Lab::new("bare") else { return };
     let _diag = IpamDiag(&lab);
