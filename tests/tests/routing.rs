@@ -1,0 +1,113 @@
+//! Routing across a partial mesh: frames for peers without a direct connection
+//! are relayed, and broadcasts reach every container exactly once (per-source
+//! spanning trees), in a full mesh and along a chain.
+
+use std::time::Duration;
+
+use meshnet_tests::lab::*;
+
+/// Counts UDP datagrams to port 9999 carrying the marker for `argv[1]` seconds.
+const COUNTER: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 9999)); s.settimeout(0.2)
+print("listening", flush=True)
+end = time.time() + float(sys.argv[1]); n = 0
+while time.time() < end:
+    try:
+        b, _ = s.recvfrom(2048)
+        if b.startswith(b"meshnet-bcast"): n += 1
+    except socket.timeout:
+        pass
+print("count", n, flush=True)
+"#;
+
+/// Sends `argv[2]` broadcasts to `argv[1]`:9999.
+const BROADCASTER: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+for i in range(int(sys.argv[2])):
+    s.sendto(b"meshnet-bcast %d" % i, (sys.argv[1], 9999)); time.sleep(0.05)
+"#;
+
+/// `n` hosts; `links` are the (i, j) pairs told to connect. With `discovery`
+/// off, only those connections exist. Container j sits on host j as 10.42.0.j/16.
+fn mesh(lab: &Lab, n: u8, links: &[(u8, u8)], discovery: bool) -> (Vec<Host>, Vec<Container>) {
+    let hosts: Vec<Host> = (1..=n).map(|i| lab.add_host(i)).collect();
+    for h in &hosts {
+        let mut args: Vec<String> = Vec::new();
+        if !discovery {
+            args.push("--no-discovery".into());
+        }
+        for &(a, b) in links {
+            if b == h.i {
+                args.push(hosts[a as usize - 1].ip.clone());
+            }
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        h.launch(&args);
+    }
+    let cs: Vec<Container> = hosts.iter().map(|h| lab.add_container(h, h.i)).collect();
+    for (h, c) in hosts.iter().zip(&cs) {
+        h.meshnet(&["attach", &format!("10.42.0.{}/16", c.j), &c.ns]).expect_ok("attach");
+    }
+    (hosts, cs)
+}
+
+fn counter(h: &Host, key: &str) -> u64 {
+    h.status_json()["dataplane"][key].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn chain_relays_through_the_middle_host() {
+    let Some(lab) = Lab::new("relay") else { return };
+    let (hosts, cs) = mesh(&lab, 3, &[(1, 2), (2, 3)], false);
+    assert!(ping_until(&cs[0].ns, "10.42.0.3", Duration::from_secs(30)), "c1 cannot reach c3 through h2");
+    assert!(ping(&cs[2].ns, "10.42.0.1", 3), "c3 cannot reach c1 through h2");
+    // A frame larger than one datagram crosses the relay too.
+    let big = exec_in(&cs[0].ns, &["ping", "-c", "3", "-W", "2", "-s", "8000", "10.42.0.3"]);
+    assert!(big.ok(), "ping -s 8000 through the relay: {big}");
+    // h1 and h3 have no connection to each other: the frames went through h2.
+    let h1 = hosts[0].status_json();
+    let h3_name = hosts[2].status_json()["name"].as_str().unwrap_or_default().to_string();
+    assert!(
+        !h1["connections"].as_array().into_iter().flatten().any(|c| c["peer"] == h3_name.as_str()),
+        "h1 is connected to h3 directly: {h1:#}"
+    );
+    assert!(counter(&hosts[1], "relayed_units") >= 6, "h2 relayed nothing: {:#}", hosts[1].status_json());
+    assert_eq!(counter(&hosts[0], "relayed_units"), 0);
+}
+
+/// Sends 5 broadcasts from c1; every other container must count exactly 5.
+fn broadcast_exactly_once(lab: &Lab, cs: &[Container]) {
+    for c in &cs[1..] {
+        assert!(ping_until(&cs[0].ns, &format!("10.42.0.{}", c.j), Duration::from_secs(30)), "c1 cannot reach {}", c.ns);
+    }
+    let mut listeners: Vec<Bg> = cs[1..].iter().map(|c| lab.spawn_in(&c.ns, &["python3", "-c", COUNTER, "4"])).collect();
+    for l in &listeners {
+        assert!(wait_until(Duration::from_secs(10), || l.stdout().contains("listening")), "listener: {}", l.stderr());
+    }
+    exec_in(&cs[0].ns, &["python3", "-c", BROADCASTER, "10.42.255.255", "5"]).expect_ok("broadcast");
+    for (c, l) in cs[1..].iter().zip(listeners.iter_mut()) {
+        assert!(l.wait(Duration::from_secs(15)), "listener in {} did not finish", c.ns);
+        let out = l.stdout();
+        assert!(out.contains("count 5\n"), "{} did not get each broadcast exactly once: {out:?}", c.ns);
+    }
+}
+
+#[test]
+fn broadcast_reaches_each_container_once_in_a_full_mesh() {
+    let Some(lab) = Lab::new("bfull") else { return };
+    let (_hosts, cs) = mesh(&lab, 4, &[(1, 2), (1, 3), (1, 4)], true);
+    broadcast_exactly_once(&lab, &cs);
+}
+
+#[test]
+fn broadcast_reaches_each_container_once_along_a_chain() {
+    let Some(lab) = Lab::new("bchain") else { return };
+    let (hosts, cs) = mesh(&lab, 4, &[(1, 2), (2, 3), (3, 4)], false);
+    broadcast_exactly_once(&lab, &cs);
+    assert!(counter(&hosts[1], "relayed_units") > 0 && counter(&hosts[2], "relayed_units") > 0);
+}
