@@ -195,6 +195,21 @@ fn wait(fd: RawFd, events: i16, efd: &EventFd, timeout_ms: i32) -> (bool, bool) 
     (fds[0].revents != 0, fds[1].revents != 0)
 }
 
+/// Waits until `fd` has work (or a second has passed), then hands every queued
+/// command to `handle`. Returns false when `handle` says to stop the thread.
+fn wait_for_work<T>(fd: RawFd, efd: &EventFd, cmds: &ChanRx<T>, mut handle: impl FnMut(T) -> bool) -> bool {
+    let (_, woken) = wait(fd, libc::POLLIN, efd, 1000);
+    if woken {
+        efd.drain();
+        while let Ok(cmd) = cmds.try_recv() {
+            if !handle(cmd) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// The running data plane.
 pub struct DataPlane {
     tx: Mailbox<TxCmd>,
@@ -357,27 +372,28 @@ impl TxLoop {
         let mut last_expire = 0u64;
 
         loop {
-            let (_, woken) = wait(fd, libc::POLLIN, &self.efd, 1000);
-            if woken {
-                self.efd.drain();
-                while let Ok(cmd) = self.cmds.try_recv() {
-                    match cmd {
-                        TxCmd::Stop => return,
-                        TxCmd::AddPeer(link) => {
-                            let session = TxSession::new(link.send_index, &link.send_key);
-                            set.insert(TxPeer { link, session });
-                        }
-                        TxCmd::RemovePeer(peer) => {
-                            if set.remove(peer) {
-                                macs.remove_peer(peer);
-                            }
-                        }
-                        TxCmd::Learn(mac, peer) => {
-                            macs.learn(mac, MacOwner::Peer(peer), self.now());
-                        }
-                        TxCmd::Routes(r) => routes = r,
+            let clock = self.clock;
+            let running = wait_for_work(fd, &self.efd, &self.cmds, |cmd| {
+                match cmd {
+                    TxCmd::Stop => return false,
+                    TxCmd::AddPeer(link) => {
+                        let session = TxSession::new(link.send_index, &link.send_key);
+                        set.insert(TxPeer { link, session });
                     }
+                    TxCmd::RemovePeer(peer) => {
+                        if set.remove(peer) {
+                            macs.remove_peer(peer);
+                        }
+                    }
+                    TxCmd::Learn(mac, peer) => {
+                        macs.learn(mac, MacOwner::Peer(peer), clock.elapsed().as_millis() as u64);
+                    }
+                    TxCmd::Routes(r) => routes = r,
                 }
+                true
+            });
+            if !running {
+                return;
             }
 
             // Read a batch of units.
@@ -596,27 +612,27 @@ impl RxLoop {
         let mut last_expire = 0u64;
 
         loop {
-            let (_, woken) = wait(fd, libc::POLLIN, &self.efd, 1000);
-            if woken {
-                self.efd.drain();
-                while let Ok(cmd) = self.cmds.try_recv() {
-                    match cmd {
-                        RxCmd::Stop => return,
-                        RxCmd::AddPeer(link) => {
-                            receiver.add_session(link.recv_index, link.peer, &link.recv_key);
-                            receiver.add_session(link.recv_index | RELAY_INDEX_BIT, link.peer, &relay_key(&link.recv_key));
-                            let session = TxSession::new(link.send_index | RELAY_INDEX_BIT, &relay_key(&link.send_key));
-                            announced.retain(|_, (p, _)| *p != link.peer);
-                            relay.set.insert(TxPeer { link, session });
-                        }
-                        RxCmd::RemovePeer(peer, index) => {
-                            receiver.remove_session(index);
-                            receiver.remove_session(index | RELAY_INDEX_BIT);
-                            relay.set.remove(peer);
-                        }
-                        RxCmd::Routes(r) => relay.routes = r,
+            let running = wait_for_work(fd, &self.efd, &self.cmds, |cmd| {
+                match cmd {
+                    RxCmd::Stop => return false,
+                    RxCmd::AddPeer(link) => {
+                        receiver.add_session(link.recv_index, link.peer, &link.recv_key);
+                        receiver.add_session(link.recv_index | RELAY_INDEX_BIT, link.peer, &relay_key(&link.recv_key));
+                        let session = TxSession::new(link.send_index | RELAY_INDEX_BIT, &relay_key(&link.send_key));
+                        announced.retain(|_, (p, _)| *p != link.peer);
+                        relay.set.insert(TxPeer { link, session });
                     }
+                    RxCmd::RemovePeer(peer, index) => {
+                        receiver.remove_session(index);
+                        receiver.remove_session(index | RELAY_INDEX_BIT);
+                        relay.set.remove(peer);
+                    }
+                    RxCmd::Routes(r) => relay.routes = r,
                 }
+                true
+            });
+            if !running {
+                return;
             }
             let now = self.clock.elapsed().as_millis() as u64;
             if now.saturating_sub(last_expire) > 250 {
