@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# Runs every test: unit tests, the simulator, and the namespace end-to-end tests
-# (these need root; without it they say so and skip).
+# Runs every test: unit tests, the IPAM simulator, the namespace end-to-end tests
+# (mesh, fast path, routing, IPAM), the Docker and CNI tests, the offline checks
+# of deploy/, and the benchmark in its short smoke mode. The namespace and Docker
+# tests need root (and a Docker Engine); without them they say so and skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
-# The end-to-end tests drive the release binary.
-cargo build --release --locked -p meshnet
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+# The end-to-end tests drive the release binaries.
+cargo build --release --locked -p meshnet -p meshnet-cni
+export MESHNET_BIN="$CARGO_TARGET_DIR/release/meshnet"
 cargo test --release --locked --workspace -- --test-threads="${MESHNET_TEST_THREADS:-2}"
+deploy/validate.sh
+if [ "$(id -u)" -eq 0 ]; then
+  bench/run.sh --smoke --no-wait --no-md
+else
+  echo "bench smoke: skipped (needs root)"
+fi

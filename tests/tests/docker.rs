@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use meshnet_tests::lab::{meshnet_bin, run, wait_until, Out};
+use meshnet_tests::lab::{cni_bin, meshnet_bin, run, wait_until, workspace_root, Out};
 use serde_json::Value;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -43,65 +43,6 @@ fn no_docker() -> Option<String> {
     None
 }
 
-fn workspace_root() -> PathBuf {
-    let m = Path::new(env!("CARGO_MANIFEST_DIR"));
-    m.parent().unwrap_or(m).to_path_buf()
-}
-
-/// `$MESHNET_CNI_BIN`, else `meshnet-cni` next to the `meshnet` under test when
-/// it is newer than the sources it is made of, else built once (release) into
-/// a target directory of our own (the outer `cargo test` may hold the lock on
-/// the default one).
-fn cni_bin() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("MESHNET_CNI_BIN") {
-            return PathBuf::from(p);
-        }
-        let sibling = meshnet_bin().with_file_name("meshnet-cni");
-        if newest_source().is_some_and(|src| mtime(&sibling).is_some_and(|t| t >= src)) {
-            return sibling;
-        }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"))
-            .join("e2e-cni");
-        eprintln!("building meshnet-cni (cargo build --release -p meshnet-cni) into {}", target.display());
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "--release", "-p", "meshnet-cni"])
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(workspace_root())
-            .status()
-            .expect("run cargo");
-        assert!(st.success(), "cargo build -p meshnet-cni failed");
-        target.join("release/meshnet-cni")
-    })
-    .clone()
-}
-
-fn mtime(p: &Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
-}
-
-/// The newest modification time of the sources meshnet-cni is built from.
-fn newest_source() -> Option<std::time::SystemTime> {
-    fn walk(dir: &Path, newest: &mut Option<std::time::SystemTime>) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, newest);
-            } else if let Some(t) = mtime(&p) {
-                *newest = Some(newest.map_or(t, |n| n.max(t)));
-            }
-        }
-    }
-    let mut newest = None;
-    for d in ["cni", "control", "router", "proto"] {
-        walk(&workspace_root().join(d).join("src"), &mut newest);
-    }
-    newest
-}
 
 /// Everything one test made, removed on drop.
 struct World {
