@@ -737,11 +737,12 @@ fn rmpeer_takes_over_a_dead_hosts_space() {
     assert_reaches(&c1, &ip_of(ours.last().expect("one")), SECS(10));
 }
 
-/// Scenario 4: `--ipalloc-init consensus=3` (majority: 2 of 3). Alone, h1 cannot
-/// agree: attach fails after its wait, saying it waits for consensus. With h2, it
-/// agrees (`prime`), attach works; a late h3 adopts the ring and gets space.
+/// Scenario 4: `--ipalloc-init consensus=3` blocks allocation until the third
+/// peer joins. Alone, h1's attach fails after its wait, saying it waits for
+/// consensus; with h2 `prime` still waits ("2 of 3"); once h3 joins, all three
+/// agree, own space, and attach everywhere.
 #[test]
-fn consensus_needs_a_majority() {
+fn consensus_waits_for_all_n_peers() {
     let Some(lab) = Lab::new("consensus") else {
         return;
     };
@@ -801,37 +802,37 @@ fn consensus_needs_a_majority() {
     );
     eprintln!("alone: {:.1}s", t.elapsed().as_secs_f64());
 
-    // h2 joins: two of three agree.
+    // h2 joins: two of three are not enough, consensus=3 waits for the third.
     let n2 = h2.launch(&[&init[..], &[h1.ip.as_str()]].concat());
     wait_meshed(&[(&h1, &n1), (&h2, &n2)], SECS(30));
+    let p = h1.meshnet_full(&["prime", "--timeout", "3"], &[], SECS(20));
+    assert!(!p.ok(), "prime with two of three consensus=3 peers should still wait: {p}");
+    assert!(lower(&p.stderr).contains("2 of 3"), "prime should say it has 2 of 3 peers: {p}");
+    assert!(!agreed(&ipam(&h1)) && !agreed(&ipam(&h2)));
+
+    // h3 joins: all three agree.
+    let n3 = h3.launch(&[&init[..], &[h2.ip.as_str()]].concat());
+    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
     let t = Instant::now();
     let p = h1.meshnet_full(&["prime", "--timeout", "30"], &[], SECS(40));
-    assert!(
-        p.ok(),
-        "prime with two of three consensus=3 peers failed: {p}"
-    );
-    eprintln!("prime with h2: {:.1}s", t.elapsed().as_secs_f64());
+    assert!(p.ok(), "prime with all three consensus=3 peers failed: {p}");
+    eprintln!("prime with h3: {:.1}s", t.elapsed().as_secs_f64());
     let v1 = ipam(&h1);
     assert!(agreed(&v1), "{v1:#}");
     let seeds = v1["state"]["seeds"].clone();
-    assert!(
-        wait_until(SECS(10), || ipam(&h2)["state"]["seeds"] == seeds),
-        "h2 does not share h1's ring: {:#} vs {v1:#}",
-        ipam(&h2)
-    );
+    assert_eq!(seeds.as_array().map(Vec::len), Some(3), "all three own space: {v1:#}");
+    for h in [&h2, &h3] {
+        assert!(
+            wait_until(SECS(10), || ipam(h)["state"]["seeds"] == seeds),
+            "{} does not share h1's ring: {:#} vs {v1:#}",
+            h.ns,
+            ipam(h)
+        );
+    }
     let a1 = attach_one(&h1, &c1, &[]);
     let a2 = attach_one(&h2, &c2, &[]);
-
-    // h3 comes later and adopts the agreed ring.
-    let n3 = h3.launch(&[&init[..], &[h2.ip.as_str()]].concat());
-    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
     let a3 = attach_one(&h3, &c3, &[]);
     let a1b = attach_one(&h1, &c1b, &[]);
-    let v3 = ipam(&h3);
-    assert!(
-        agreed(&v3) && v3["state"]["seeds"] == seeds,
-        "h3 did not adopt the ring: {v3:#} vs {v1:#}"
-    );
     let all = all_ps(&[&h1, &h2, &h3]);
     assert_eq!(all.len(), 4, "{all:#?}");
     assert_no_duplicates(&all);

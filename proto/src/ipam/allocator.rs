@@ -470,7 +470,7 @@ impl Ipam {
         let state = if self.ring.is_agreed() {
             RingState::Agreed { seeds: self.ring.seeds().to_vec() }
         } else if self.paxos.is_participant() {
-            RingState::AwaitingConsensus { known: self.paxos.known(), quorum: self.paxos.quorum() }
+            RingState::AwaitingConsensus { known: self.paxos.known(), quorum: self.paxos.needed() }
         } else {
             RingState::AwaitingRing
         };
@@ -658,7 +658,7 @@ impl Ipam {
     fn waiting_for(&self, req: &Request) -> Waiting {
         if !self.ring.is_agreed() {
             return if self.paxos.is_participant() {
-                Waiting::Consensus { known: self.paxos.known(), quorum: self.paxos.quorum() }
+                Waiting::Consensus { known: self.paxos.known(), quorum: self.paxos.needed() }
             } else {
                 Waiting::Ring
             };

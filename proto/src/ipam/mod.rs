@@ -14,8 +14,9 @@
 //!   an owner changes its entries, every change bumps a version, and peers merge
 //!   entries by highest version. The ring travels as gossip.
 //! * **Initial ownership** ([`InitMode`]): `Consensus(N)` — the first peers agree on
-//!   the list of initial owners with single-decree Paxos carried in gossip, a
-//!   majority of `N` being needed ([`paxos`]). Consensus is **lazy**, as in
+//!   the list of initial owners with single-decree Paxos carried in gossip
+//!   ([`paxos`]): no proposal starts before all `N` participants are known, and
+//!   agreement then needs a majority of them. Consensus is **lazy**, as in
 //!   Weave: a peer only starts proposing once it is asked for an address (and
 //!   then until the ring is agreed, even if that request is cancelled: allocating
 //!   and freeing at once is how to "prime" it); until then it only answers
@@ -110,12 +111,13 @@
 //! * Consensus starts on the **first allocation**, not at start: launching peers
 //!   forms no ring. A peer that just gained a reachable peer waits
 //!   [`Config::paxos_retry_ms`] before proposing, to hear an agreed ring first.
-//!   The quorum is then `max(N, consensus peers known)/2 + 1`, `N` being the
+//!   A proposal starts once `N` participants are known, and the quorum is
+//!   `max(N, consensus peers known)/2 + 1`, `N` being the
 //!   largest `consensus=N` heard of (peers gossip theirs, and a different `N` is
 //!   no error: the daemon's default of 1 + peers named at launch gives `1` to
 //!   `launch` and `2` to `launch h1`, and those two agree on `[h1, h2]` when one
-//!   of them first allocates). With `N = 3` two peers agree and the third adopts
-//!   their ring and gets space by donation.
+//!   of them first allocates). With `N = 3` nothing is allocated until the
+//!   third peer is there; then all three own space.
 //! * A peer that joins a mesh whose ring is agreed adopts that ring whatever its
 //!   `N` (e.g. `h3$ meshnet launch && meshnet connect h2` with `N = 1`), provided
 //!   it did not allocate before connecting: alone, with `N = 1`, its first
@@ -161,7 +163,8 @@ pub const DEFAULT_RANGE: &str = "10.32.0.0/12";
 /// How initial ownership of the universe is decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum InitMode {
-    /// `consensus=N`: agreed with a majority of the first `N` peers (Paxos), on
+    /// `consensus=N`: agreed among the first `N` peers (Paxos: proposals start once
+    /// all `N` are known, a majority decides), on
     /// the first allocation. `N` should be the number of peers started initially
     /// (1 to [`paxos::MAX_PARTICIPANTS`]); peers given different values use the
     /// largest one they hear of. An agreed ring heard from a peer is adopted

@@ -155,6 +155,14 @@ impl Paxos {
         (self.initial as usize).max(self.knows.len()) / 2 + 1
     }
 
+    /// Participants that must be known before a proposal starts: all `N` of
+    /// `consensus=N` (so `consensus=3` allocates nothing until the third peer is
+    /// there), and at least a quorum. Agreement itself needs only the quorum, so
+    /// a participant that fails later does not block the others' agreement.
+    pub fn needed(&self) -> usize {
+        self.quorum().max(self.initial as usize)
+    }
+
     pub fn decided(&self) -> Option<&[PeerName]> {
         self.decided.as_deref()
     }
@@ -340,7 +348,7 @@ impl Paxos {
             }
         }
         // 5. Phase 1: start or retry a proposal (only when asked to).
-        if propose && self.knows.len() >= quorum {
+        if propose && self.knows.len() >= self.needed() {
             let spread = jitter % self.retry_ms;
             match self.next_attempt {
                 None => self.next_attempt = Some(now_ms + spread / 4),
@@ -426,27 +434,25 @@ mod tests {
     }
 
     #[test]
-    fn three_of_five_decide_and_late_ones_learn_the_same() {
+    fn all_of_n_must_be_known_before_anyone_proposes() {
         let mut rng = Rng::new(1);
         let mut nodes: Vec<Paxos> = (1..=5).map(|i| Paxos::new(p(i), true, 5, 1000)).collect();
         let mut now = 0;
-        // Two peers are not a quorum of 5.
-        for _ in 0..10 {
-            now += 500;
-            gossip(&mut nodes, &[0, 1], now, &mut rng);
-        }
-        assert!(nodes[0].decided().is_none() && nodes[1].decided().is_none());
         assert_eq!(nodes[0].quorum(), 3);
+        assert_eq!(nodes[0].needed(), 5);
+        // Three of five are a quorum, but consensus=5 waits for all five.
         for _ in 0..10 {
             now += 500;
             gossip(&mut nodes, &[0, 1, 2], now, &mut rng);
         }
-        let v = nodes[0].decided().expect("three of five decide").to_vec();
-        assert_eq!(v, vec![p(1), p(2), p(3)]);
+        assert!(nodes.iter().all(|n| n.decided().is_none()));
+        assert!(nodes[0].mine().is_some_and(|m| m.promised.is_zero()), "nobody proposed");
         for _ in 0..10 {
             now += 500;
             gossip(&mut nodes, &[0, 1, 2, 3, 4], now, &mut rng);
         }
+        let v = nodes[0].decided().expect("five of five decide").to_vec();
+        assert_eq!(v, vec![p(1), p(2), p(3), p(4), p(5)]);
         for n in &nodes {
             assert_eq!(n.decided(), Some(&v[..]));
         }

@@ -303,30 +303,32 @@ fn consensus_of_one_and_of_three() {
     let mut m = Mesh::new(|_| InitMode::Consensus(3), 3);
     m.up = vec![true, false, false];
     m.topology();
-    assert_eq!(m.alloc(0, "c", any()), Ok(Allocation::Pending(Waiting::Consensus { known: 1, quorum: 2 })));
+    assert_eq!(m.alloc(0, "c", any()), Ok(Allocation::Pending(Waiting::Consensus { known: 1, quorum: 3 })));
     for _ in 0..10 {
         m.now += 1000;
         m.run();
     }
     assert!(!m.nodes[0].is_agreed());
-    assert_eq!(m.nodes[0].allocate("c", any(), m.now).unwrap().to_string_for_test(), "waiting for consensus: 1 of 2 peers");
+    assert_eq!(m.nodes[0].allocate("c", any(), m.now).unwrap().to_string_for_test(), "waiting for consensus: 1 of 3 peers");
+    // Two of three are a quorum, but consensus=3 waits for the third.
     m.up = vec![true, true, false];
     m.topology();
     for _ in 0..10 {
         m.now += 1000;
         m.run();
     }
-    assert!(m.nodes[0].is_agreed() && m.nodes[1].is_agreed());
-    assert_eq!(m.nodes[0].ring().seeds(), &[p(1), p(2)]);
-    assert!(matches!(m.alloc(0, "c", any()), Ok(Allocation::Ready { .. })));
-    // The third joins later, adopts the ring and gets space by asking.
+    assert!(!m.nodes[0].is_agreed() && !m.nodes[1].is_agreed());
+    assert_eq!(m.nodes[0].allocate("c", any(), m.now).unwrap().to_string_for_test(), "waiting for consensus: 2 of 3 peers");
+    // The third joins: all three agree, and the waiting request completes.
     m.up = vec![true, true, true];
     m.topology();
-    assert!(matches!(m.alloc(2, "d", any()), Ok(Allocation::Pending(_))));
-    for _ in 0..5 {
+    for _ in 0..10 {
         m.now += 1000;
         m.run();
     }
+    assert!(m.nodes.iter().all(|n| n.is_agreed()));
+    assert_eq!(m.nodes[0].ring().seeds(), &[p(1), p(2), p(3)]);
+    assert!(matches!(m.alloc(0, "c", any()), Ok(Allocation::Ready { .. })));
     assert!(matches!(m.alloc(2, "d", any()), Ok(Allocation::Ready { .. })));
 }
 
@@ -442,7 +444,7 @@ fn late_peers_adopt_the_agreed_ring_whatever_their_n() {
 /// request completes by donation.
 #[test]
 fn unfinished_proposal_gives_way_to_an_agreed_ring() {
-    let inits = [InitMode::Seed(vec![p(1)]), InitMode::Consensus(3), InitMode::Consensus(3)];
+    let inits = [InitMode::Seed(vec![p(1)]), InitMode::Consensus(2), InitMode::Consensus(2)];
     let mut m = Mesh::new(|i| inits[i].clone(), 3);
     // B and C exchange records (no allocation: no ballot), then C goes away.
     m.up = vec![false, true, true];
@@ -664,7 +666,7 @@ fn snapshot_restore_and_release_missing() {
     let _ = c.allocate("x", any(), 0);
     let s = c.snapshot();
     let r = Ipam::restore(p(1), u(), InitMode::Consensus(3), cfg, &s).unwrap();
-    assert_eq!(r.status().state, RingState::AwaitingConsensus { known: 1, quorum: 2 });
+    assert_eq!(r.status().state, RingState::AwaitingConsensus { known: 1, quorum: 3 });
 }
 
 #[test]
