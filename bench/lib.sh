@@ -211,10 +211,12 @@ setup_path() { # PATH -> 0 ok, 1 failed, 2 skipped
 }
 
 # Waits until c1 reaches c2 on PATH (full-size frames too), up to SECS.
+# On failure UNREACHABLE says what did not get through.
 wait_reachable() { # PATH SECS
   local p=$1 t=$2 ip size end
   ip=$(target_ip "$p")
   end=$((SECONDS + t))
+  UNREACHABLE="no reply to a small ping"
   while [ $SECONDS -lt $end ]; do
     if inns "$p" c1 ping -c 1 -W 1 -q "$ip" >/dev/null 2>&1; then
       # A full-MTU, don't-fragment ping proves the MTU fits end to end.
@@ -222,10 +224,29 @@ wait_reachable() { # PATH SECS
       if inns "$p" c1 ping -c 1 -W 1 -q -M do -s "$size" "$ip" >/dev/null 2>&1; then
         return 0
       fi
+      UNREACHABLE="small pings pass, full-MTU ($size B payload, DF) pings do not"
     fi
     sleep 0.3
   done
   return 1
+}
+
+# What a path looks like when it does not pass traffic, for the raw output.
+path_diag() { # PATH
+  local p=$1 r ip size
+  ip=$(target_ip "$p")
+  size=$(($(inns "$p" c1 cat /sys/class/net/"$(c1_if "$p")"/mtu 2>/dev/null || echo 1028) - 28))
+  echo "== ping small"; inns "$p" c1 ping -c 2 -W 1 "$ip" 2>&1
+  echo "== ping full MTU, DF"; inns "$p" c1 ping -c 2 -W 1 -M do -s "$size" "$ip" 2>&1
+  for r in h1 h2 c1 c2; do echo "== $r links"; ip -n "$(ns "$p" $r)" -s -d link 2>&1; ip -n "$(ns "$p" $r)" addr 2>&1 | grep inet; done
+  if [ "$p" = tinc ]; then
+    local pid; for pid in $(tinc_pids); do kill -USR2 "$pid" 2>/dev/null; done  # tinc 1.0: dump nodes (with PMTU) to its log
+    sleep 0.5
+    for r in h1 h2; do echo "== tinc $r log"; tail -40 "$WORK/tinc/$r/tinc.log" 2>&1; done
+  fi
+  if [ "$p" = meshnet ]; then
+    for r in h1 h2; do echo "== meshnet $r status"; meshnet_status $r; echo "== meshnet $r log"; tail -40 "$WORK/meshnet/$r/meshnet.log" 2>&1; done
+  fi
 }
 
 c1_if() { if [ "$1" = direct ]; then echo eth0; else echo ethwe; fi; }

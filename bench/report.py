@@ -184,7 +184,8 @@ def markdown(summary, out):
                  + "; ".join(f"round {r} {p}: {b}" for p, r, b in builds[:6]) + (" …" if len(builds) > 6 else ""))
     else:
         L.append(f"- no build process of anyone else was running before any of the {n_meas} measurement blocks")
-    L.append(f"- meshnet: commit {run['meshnet_commit']}, binary `{run['meshnet_bin']}`, overlay MTU {run['meshnet_mtu']}")
+    L.append(f"- meshnet: commit {run['meshnet_commit']}, binary `{run['meshnet_bin']}`, overlay MTU {ps.get('meshnet', {}).get('mtu', run['meshnet_mtu'])}"
+             + (" (its default)" if run["meshnet_mtu"] == "default" else ""))
     L.append(f"- {run['rounds']} interleaved round(s), path order rotated each round; medians shown. TCP {run['tcp_s']} s per test, "
              f"UDP {run['udp_s']} s (`-u -l 64 -b 0`), {run['pings']} pings at 10 ms.")
     L.append("")
@@ -217,7 +218,7 @@ def markdown(summary, out):
     L.append("")
     L.append("<details><summary>Per round</summary>")
     L.append("")
-    L.append("| path | round | load before | TCP×1 | TCP×4 | UDP kpps | loss % | RTT ms | tunnel CPU s | system CPU s | RSS MiB |")
+    L.append("| path | round | load1 before (includes this run's own previous tests) | TCP×1 | TCP×4 | UDP kpps | loss % | RTT ms | tunnel CPU s | system CPU s | RSS MiB |")
     L.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for p, s in ps.items():
         for i, r in enumerate(s["rounds"]):

@@ -108,7 +108,9 @@ for p in "${PATH_LIST[@]}"; do
   if wait_reachable "$p" "$([ "$p" = tinc ] || [ "$p" = meshnet ] && echo 60 || echo 10)"; then
     STATE[$p]=ok
   else
-    STATE[$p]=failed; NOTE[$p]="c1 cannot reach c2 at full MTU"
+    STATE[$p]=failed; NOTE[$p]="c1 cannot reach c2: $UNREACHABLE (see diag-$p.txt)"
+    path_diag "$p" >"$OUT/diag-$p.txt" 2>&1
+    log "$p: $UNREACHABLE"
   fi
 done
 if [ "${STATE[meshnet]:-}" = ok ]; then
