@@ -526,6 +526,9 @@ impl Mesh {
                 }
             }
         }
+        // Forget dial state for addresses that are neither targets nor candidates
+        // any more (a discovered peer that went away).
+        g.attempts.retain(|k, a| a.conn.is_some() || keys.contains(k));
         if g.conns.len() >= self.settings.conn_limit {
             return Vec::new();
         }
