@@ -2,11 +2,11 @@
 //! one JSON response per connection on the Unix socket in the state directory
 //! (mode 0600, so only root — or the state directory's owner — can drive it).
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::state::StateDir;
@@ -144,9 +144,3 @@ pub fn call(state: &StateDir, req: &Request, timeout: Duration) -> Result<serde_
     }
 }
 
-use std::io::Read as _;
-
-/// Convenience for callers that want `anyhow`.
-pub fn call_anyhow(state: &StateDir, req: &Request) -> Result<serde_json::Value> {
-    call(state, req, Duration::from_secs(60)).map_err(anyhow::Error::from).context("meshnet")
-}

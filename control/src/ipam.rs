@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use meshnet_proto::ipam::{Allocation, Cidr, Config, Dest, Event, InitMode, Ipam, IpamError, RingState};
+use meshnet_proto::ipam::{Cidr, Config, Dest, Event, InitMode, Ipam, IpamError, RingState};
 use meshnet_proto::PeerName;
 use serde_json::json;
 
@@ -224,14 +224,6 @@ pub fn request_for(spec: &AddrSpec, host: &IpamHost) -> Result<Option<meshnet_pr
         }
         AddrSpec::Exact { ip: IpAddr::V6(_), strict: true, .. } => bail!("IPAM manages IPv4 addresses only"),
         AddrSpec::Exact { .. } => Ok(None),
-    }
-}
-
-/// Turns an allocation answer into an address, or the reason to keep waiting.
-pub fn ready(a: Allocation) -> std::result::Result<(IpAddr, u8), String> {
-    match a {
-        Allocation::Ready { ip, prefix } => Ok((IpAddr::V4(ip), prefix)),
-        Allocation::Pending(w) => Err(w.to_string()),
     }
 }
 
