@@ -179,7 +179,7 @@ mn 3 connect "$UNDERLAY.2"
 
 say "Attach a container to the overlay on each host"
 for i in 1 2 3; do
-    mn "$i" attach "10.40.0.$i/16" "${P}c$i"
+    mn "$i" attach "10.40.0.$i/12" "${P}c$i"
 done
 
 say "Waiting for c1 to reach c3 (h3 must find h1 through h2)"
@@ -204,5 +204,14 @@ say "c1 -> c3 and c3 -> c1 over the encrypted overlay"
 in_c 1 ping -c 3 10.40.0.3
 echo
 in_c 3 ping -c 3 10.40.0.1
+
+say "IPAM: c4 on h2, attached with no address, gets a unique one from the mesh's range"
+ip netns add "${P}c4"
+ip -n "${P}c4" link set lo up
+addr4=$(mn 2 attach "${P}c4" | tail -n 1)
+echo "  c4 = $addr4"
+mn 2 status ipam
+echo
+in_c 1 ping -c 3 "${addr4%/*}"
 
 printf '\n%sDemo OK:%s three hosts, one encrypted Layer-2 network, containers talking across it.\n' "$G" "$N"

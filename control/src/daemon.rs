@@ -127,6 +127,22 @@ pub fn run(cfg: Config) -> Result<()> {
     for (target, ip) in ipam.ipam.release_missing(&live) {
         log::info!("IPAM: released {ip} of {target}, which is gone");
     }
+    // Addresses attached before a ring was agreed and never claimed: claim them
+    // once it is (at once, if it already is).
+    for a in &attachments {
+        let key = attachment_key(a);
+        let held = ipam.ipam.addresses_of(&key);
+        for (ip, prefix) in a.addrs.iter().filter_map(|s| parse_cidr(s).ok()) {
+            if let IpAddr::V4(v4) = ip {
+                if ipam.ipam.universe().contains(v4) && !held.contains(&v4) {
+                    ipam.deferred.push((key.clone(), v4, prefix));
+                }
+            }
+        }
+    }
+    if ipam.ipam.is_agreed() {
+        ipam.claim_deferred();
+    }
     let _ = ipam.flush();
 
     let mut targets = cfg.state.load_targets()?;
@@ -378,6 +394,9 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let removed = attach::detach(&mesh.state, &mut a, &target, &addrs)?;
             if let Some(key) = key {
                 mesh.with_ipam(|h| {
+                    h.deferred.retain(|(k, ip, _)| {
+                        k != &key || !(addrs.is_empty() || addrs.iter().any(|(a, _)| *a == IpAddr::V4(*ip)))
+                    });
                     if addrs.is_empty() {
                         h.ipam.free_target(&key);
                     } else {
@@ -478,6 +497,22 @@ fn allocate_all(
             }
             continue;
         };
+        // A bare CIDR before any ring exists: use it now, claim it once a ring is
+        // agreed (asking now would start consensus before we have met the mesh).
+        if let (AddrSpec::Exact { ip, prefix, strict: false }, meshnet_proto::ipam::Request::Exact { ip: v4, .. }) = (spec, &req) {
+            let deferred = mesh.with_ipam(|h| {
+                let defer = !h.ipam.is_agreed();
+                if defer && !h.deferred.iter().any(|(k, a, _)| k == key && a == v4) {
+                    h.deferred.push((key.to_string(), *v4, *prefix));
+                }
+                defer
+            });
+            if deferred {
+                log::info!("IPAM: {ip}/{prefix} for {key} will be claimed once the ring is agreed");
+                addrs.push((*ip, *prefix));
+                continue;
+            }
+        }
         loop {
             let answer = mesh.with_ipam(|h| {
                 let now = h.now_ms();

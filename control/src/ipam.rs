@@ -80,6 +80,10 @@ pub fn check_default_range(range: &Cidr) -> Result<()> {
 pub struct IpamHost {
     pub ipam: Ipam,
     pub default_subnet: Cidr,
+    /// Addresses attached by a bare CIDR before any ring was agreed: claimed in
+    /// the ring once one is (claiming earlier would start consensus, and a peer
+    /// that has not met the mesh yet would agree on a ring of its own).
+    pub deferred: Vec<(String, Ipv4Addr, u8)>,
     clock: Instant,
     state: StateDir,
 }
@@ -106,7 +110,7 @@ impl IpamHost {
             }
             Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
         };
-        Ok(IpamHost { ipam, default_subnet, clock: Instant::now(), state: state.clone() })
+        Ok(IpamHost { ipam, default_subnet, deferred: Vec::new(), clock: Instant::now(), state: state.clone() })
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -131,6 +135,17 @@ impl IpamHost {
             events.push(e);
         }
         (out, events)
+    }
+
+    /// Claims the deferred addresses, now that a ring is agreed.
+    pub fn claim_deferred(&mut self) {
+        let now = self.now_ms();
+        for (key, ip, prefix) in std::mem::take(&mut self.deferred) {
+            match self.ipam.allocate(&key, meshnet_proto::ipam::Request::Exact { ip, prefix }, now) {
+                Ok(_) => log::info!("IPAM: claimed {ip}/{prefix} for {key}"),
+                Err(e) => log::warn!("IPAM: {ip}/{prefix} of {key} conflicts with the ring: {e}"),
+            }
+        }
     }
 
     /// Whether the IPAM timer is due.

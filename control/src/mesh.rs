@@ -364,7 +364,11 @@ impl Mesh {
                 }
                 Event::Allocated { target, ip, prefix } => log::info!("IPAM: {ip}/{prefix} allocated to {target}"),
                 Event::Failed { target, error, .. } => log::warn!("IPAM: allocation for {target} failed: {error}"),
-                Event::Agreed { seeds } => log::info!("IPAM: ring agreed, initial owners {}", names(&seeds)),
+                Event::Agreed { seeds } => {
+                    log::info!("IPAM: ring agreed, initial owners {}", names(&seeds));
+                    g.ipam.claim_deferred();
+                    let _ = g.ipam.flush();
+                }
                 other => log::info!("IPAM: {other:?}"),
             }
         }

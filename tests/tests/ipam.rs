@@ -1188,3 +1188,51 @@ fn different_ranges_refuse_each_other() {
     assert!(inside(parse_cidr(&a5).0, DEFAULT_RANGE) && a5 != a1, "{a5}");
     assert_reaches(&c5, &ip_of(&a1), SECS(10));
 }
+
+/// Scenario 7: an address attached on a peer that has not met the mesh yet does
+/// not make it agree on a ring of its own. h3 is launched alone
+/// (`consensus=1`) and attaches a bare CIDR at once, as `launch && connect &&
+/// attach` may before the connection is up; only later does it connect. It
+/// must adopt the mesh's ring (no IPAM conflict), and its address is claimed in
+/// that ring.
+#[test]
+fn early_bare_cidr_does_not_split_the_ring() {
+    let Some(lab) = Lab::new("early") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let (c1, c3) = (lab.add_container(&h1, 1), lab.add_container(&h3, 3));
+    let n1 = h1.launch(&[]);
+    let n2 = h2.launch(&[h1.ip.as_str()]);
+    wait_meshed(&[(&h1, &n1), (&h2, &n2)], SECS(30));
+    let a1 = attach_one(&h1, &c1, &[]);
+
+    let n3 = h3.launch(&[]);
+    let out = attach_out(&h3, &c3, &["10.40.0.3/12"]);
+    assert!(out.ok(), "a bare CIDR attach on a lone peer must succeed at once: {out}");
+    // Long enough for a lone consensus=1 peer to have agreed on its own ring.
+    std::thread::sleep(SECS(5));
+    let v3 = ipam(&h3);
+    assert!(!agreed(&v3), "h3 agreed on a ring before meeting anyone: {v3:#}");
+
+    h3.meshnet(&["connect", &h2.ip]).expect_ok("connect");
+    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
+    let seeds = ipam(&h1)["state"]["seeds"].clone();
+    assert!(
+        wait_until(SECS(20), || ipam(&h3)["state"]["seeds"] == seeds),
+        "h3 did not adopt the mesh's ring: {:#} vs {seeds}",
+        ipam(&h3)
+    );
+    assert!(
+        !lower(&h3.log()).contains("ipam conflict") && !lower(&h1.log()).contains("ipam conflict"),
+        "an IPAM conflict was logged:\n{}",
+        h3.log()
+    );
+    assert!(
+        wait_until(SECS(20), || ipam_allocs(&ipam(&h3)).contains_key("10.40.0.3")),
+        "h3 did not claim 10.40.0.3 in the ring: {:#}",
+        ipam(&h3)
+    );
+    assert_reaches(&c3, &ip_of(&a1), SECS(30));
+}
