@@ -13,7 +13,9 @@ export MESHNET_BIN="$CARGO_TARGET_DIR/release/meshnet"
 cargo test --release --locked --workspace -- --test-threads="${MESHNET_TEST_THREADS:-2}"
 deploy/validate.sh
 if [ "$(id -u)" -eq 0 ]; then
-  bench/run.sh --smoke --no-wait --no-md
+  # tinc is a third-party comparison whose own path-MTU probing sometimes is not
+  # ready in a smoke-length run: the full benchmark runs it; CI checks ours and the kernel paths.
+  bench/run.sh --smoke --no-wait --no-md --paths direct,vxlan,meshnet
 else
   echo "bench smoke: skipped (needs root)"
 fi
