@@ -102,14 +102,29 @@ enum StatusPart {
     Targets,
 }
 
-#[derive(clap::Args, Clone)]
+#[derive(clap::Args, Clone, serde::Serialize, serde::Deserialize)]
 struct LaunchArgs {
     /// Stay in the foreground (for containers and systemd).
     #[arg(long)]
+    #[serde(skip)]
     foreground: bool,
+    /// Launch again with the options of this state directory's last launch (its
+    /// connect targets, attachments and IPAM state are always kept). A password
+    /// given then by MESHNET_PASSWORD or --password must be given again.
+    #[arg(long, conflicts_with_all = [
+        "name", "nickname", "port", "host", "mtu", "bridge", "no_discovery", "conn_limit",
+        "ipalloc_range", "ipalloc_default_subnet", "ipalloc_init", "peers",
+    ])]
+    #[serde(skip)]
+    resume: bool,
     /// Shared secret: peers must all use the same one. Prefer --password-file or MESHNET_PASSWORD.
     #[arg(long, env = "MESHNET_PASSWORD", hide_env_values = true)]
+    #[serde(skip)]
     password: Option<String>,
+    /// Whether the launch used a password (recorded for --resume; never the password).
+    #[arg(skip)]
+    #[serde(default)]
+    had_password: bool,
     /// Read the password from this file (trailing newline ignored).
     #[arg(long, conflicts_with = "password")]
     password_file: Option<PathBuf>,
@@ -149,7 +164,32 @@ struct LaunchArgs {
     ipalloc_init: String,
     /// Peers to connect to (host or host:port), persisted like `meshnet connect`.
     #[arg(value_name = "PEER")]
+    #[serde(skip)]
     peers: Vec<String>,
+}
+
+/// Where `launch` records its options for `--resume`.
+fn launch_record(state: &StateDir) -> PathBuf {
+    state.root.join("launch.json")
+}
+
+/// The last launch's options, with this invocation's password and `--foreground`.
+fn resume_args(state: &StateDir, now: LaunchArgs) -> Result<LaunchArgs> {
+    let path = launch_record(state);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        anyhow!("--resume: no earlier launch recorded in {} ({e}); launch without --resume first", state.root.display())
+    })?;
+    let mut args: LaunchArgs =
+        serde_json::from_str(&text).with_context(|| format!("--resume: read {}", path.display()))?;
+    args.foreground = now.foreground;
+    args.password = now.password;
+    if now.password_file.is_some() {
+        args.password_file = now.password_file;
+    }
+    if args.had_password && args.password.is_none() && args.password_file.is_none() {
+        bail!("--resume: the last launch used a password; give it again (MESHNET_PASSWORD, --password or --password-file)");
+    }
+    Ok(args)
 }
 
 fn main() -> ExitCode {
@@ -268,6 +308,7 @@ fn print_list(what: &str, v: &serde_json::Value) {
 }
 
 fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
+    let mut args = if args.resume { resume_args(state, args)? } else { args };
     // Validate everything before starting anything.
     let password = match (&args.password, &args.password_file) {
         (Some(p), _) => Some(p.clone().into_bytes()),
@@ -283,6 +324,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     if password.as_ref().is_some_and(|p| p.is_empty()) {
         bail!("the password is empty");
     }
+    args.had_password = password.is_some();
     let name = args
         .name
         .as_deref()
@@ -322,6 +364,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
 
     if args.foreground {
         meshnet_control::logger::init();
+        record_launch(state, &args)?;
         let nickname = args.nickname.clone().unwrap_or_else(hostname);
         let cfg = Config {
             state: state.clone(),
@@ -399,6 +442,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
                     s.port
                 );
             }
+            record_launch(state, &args)?;
             println!("{}", s.name);
             return Ok(ExitCode::SUCCESS);
         }
@@ -408,6 +452,22 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Records the options of a launch for `--resume` (never the password itself).
+fn record_launch(state: &StateDir, args: &LaunchArgs) -> Result<()> {
+    state.ensure()?;
+    let mut args = args.clone();
+    // `consensus` counts the peers named at launch; a resume names none.
+    if args.ipalloc_init.trim() == "consensus" {
+        args.ipalloc_init = format!("consensus={}", 1 + args.peers.len());
+    }
+    if let Some(f) = &args.password_file {
+        args.password_file = Some(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()));
+    }
+    let json = serde_json::to_vec_pretty(&args)?;
+    meshnet_control::state::write_atomic(&launch_record(state), &json, 0o600)
+        .with_context(|| format!("record the launch options in {}", state.root.display()))
 }
 
 fn hostname() -> String {

@@ -57,14 +57,34 @@ pub struct PeerStatus {
     pub connections: usize,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ConnectionStatus {
     pub peer: Option<String>,
     pub nickname: String,
     pub address: String,
     pub direction: String,
+    /// `connecting` (handshake), `pending` (control channel up, UDP heartbeats
+    /// not yet working both ways: carries no data), `established`, or, for a
+    /// connect target not connected, `retrying` / `failed`.
     pub state: String,
     pub info: String,
+    /// How data reaches the peer: `direct`, `relayed` (see `via`), `unreachable`.
+    #[serde(default)]
+    pub route: String,
+    /// The next hop when relayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_nickname: Option<String>,
+    /// The largest datagram (UDP payload bytes) the path to the peer carries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_mtu: Option<u32>,
+    /// Milliseconds since the peer's last UDP heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_ms_ago: Option<u64>,
+    /// Where datagrams to the peer go (learned from its heartbeats).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp_addr: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

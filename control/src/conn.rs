@@ -81,6 +81,7 @@ pub async fn maker_loop(mesh: Arc<Mesh>, local: Arc<Local>) {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = gossip_timer.tick() => mesh.gossip_everything(),
         }
+        mesh.refresh_links();
         mesh.ipam_tick();
     }
 }

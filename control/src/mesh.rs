@@ -43,7 +43,11 @@ impl Direction {
 pub struct Conn {
     pub direction: Direction,
     pub remote: SocketAddr,
+    /// The handshake completed (TCP control channel up).
     pub established: bool,
+    /// UDP heartbeats work both ways: the connection carries data, and is
+    /// gossiped as established so routes use it.
+    pub udp_ok: bool,
     pub peer: Option<PeerName>,
     pub nickname: String,
     /// The peer's TCP listen address (its IP as seen, its advertised port).
@@ -179,6 +183,7 @@ impl Mesh {
                 direction,
                 remote,
                 established: false,
+                udp_ok: false,
                 peer: None,
                 nickname: String::new(),
                 listen: None,
@@ -246,7 +251,11 @@ impl Mesh {
         c.listen = Some(listen);
         c.since = Instant::now();
         self.dataplane.add_peer(link);
-        log::info!("connection to {peer} ({}) established, {}", c.remote, c.direction.as_str());
+        log::info!(
+            "connection to {peer} ({}) established, {}; waiting for UDP heartbeats both ways",
+            c.remote,
+            c.direction.as_str()
+        );
         let full = g.topology.gossip_all();
         if let Some(c) = g.conns.get(&id) {
             let _ = c.queue.send(ControlMsg::Gossip(full));
@@ -304,13 +313,45 @@ impl Mesh {
                     peer: c.peer?,
                     addr: c.listen?,
                     outbound: c.direction == Direction::Outbound,
-                    established: true,
+                    established: c.udp_ok,
                 })
             })
             .collect();
         if g.topology.set_local_connections(conns) {
             let update = g.topology.gossip_about(&[self.settings.me]);
             broadcast(g, None, &ControlMsg::Gossip(update));
+        }
+    }
+
+    /// Follows the data plane's heartbeats: a connection carries data (and is
+    /// gossiped as established) only while UDP works both ways.
+    pub fn refresh_links(&self) {
+        let links = self.dataplane.links();
+        let mut g = self.lock();
+        let mut changed = false;
+        for c in g.conns.values_mut().filter(|c| c.established) {
+            let Some(peer) = c.peer else { continue };
+            let ok = links.get(&peer).is_some_and(|l| l.udp_ok);
+            if ok == c.udp_ok {
+                continue;
+            }
+            c.udp_ok = ok;
+            changed = true;
+            match links.get(&peer) {
+                Some(l) if ok => log::info!(
+                    "UDP to {peer} ({}) works both ways, path MTU {} bytes: carrying data",
+                    l.addr,
+                    l.path_mtu.unwrap_or(0)
+                ),
+                _ => log::warn!(
+                    "UDP heartbeats with {peer} ({}) stopped working both ways: data goes around it",
+                    c.remote.ip()
+                ),
+            }
+        }
+        if changed {
+            self.local_connections_changed(&mut g);
+            self.reachability_changed(&mut g);
         }
     }
 
@@ -433,21 +474,63 @@ impl Mesh {
     }
 
     pub fn connection_status(&self) -> Vec<ConnectionStatus> {
+        let links = self.dataplane.links();
         let g = self.lock();
+        let routes = g.topology.routes();
+        let nick = |p: PeerName| g.topology.get(p).map(|i| i.nickname.clone()).unwrap_or_default();
         let mut v: Vec<ConnectionStatus> = g
             .conns
             .values()
-            .map(|c| ConnectionStatus {
-                peer: c.peer.map(|p| p.to_string()),
-                nickname: c.nickname.clone(),
-                address: c.listen.unwrap_or(c.remote).to_string(),
-                direction: c.direction.as_str().into(),
-                state: if c.established { "established" } else { "connecting" }.into(),
-                info: if c.established {
-                    format!("encrypted, up {}s", c.since.elapsed().as_secs())
+            .map(|c| {
+                let link = c.peer.and_then(|p| links.get(&p));
+                let (route, via) = match c.peer.map(|p| (p, routes.get(&p))) {
+                    Some((p, Some(&hop))) if hop == p => ("direct", None),
+                    Some((_, Some(&hop))) => ("relayed", Some(hop)),
+                    Some((_, None)) if c.established => ("unreachable", None),
+                    _ => ("", None),
+                };
+                let state = match (c.established, c.udp_ok) {
+                    (false, _) => "connecting",
+                    (true, false) => "pending",
+                    (true, true) => "established",
+                };
+                let mut info = Vec::new();
+                if c.established {
+                    info.push("encrypted".to_string());
+                    info.push(match via {
+                        Some(h) => format!("relayed via {h}({})", nick(h)),
+                        None => route.to_string(),
+                    });
+                    if !c.udp_ok {
+                        info.push(match link.and_then(|l| l.heard_ms_ago) {
+                            None => "no UDP heartbeat from it yet".into(),
+                            Some(ms) => format!("UDP heartbeats not working both ways (last heard {:.1}s ago)", ms as f64 / 1000.0),
+                        });
+                    }
+                    if let Some(mtu) = link.and_then(|l| l.path_mtu) {
+                        info.push(format!("path MTU {mtu}"));
+                    }
+                    if let (true, Some(ms)) = (c.udp_ok, link.and_then(|l| l.heard_ms_ago)) {
+                        info.push(format!("heartbeat {:.1}s ago", ms as f64 / 1000.0));
+                    }
+                    info.push(format!("up {}s", c.since.elapsed().as_secs()));
                 } else {
-                    "handshake".into()
-                },
+                    info.push("handshake".into());
+                }
+                ConnectionStatus {
+                    peer: c.peer.map(|p| p.to_string()),
+                    nickname: c.nickname.clone(),
+                    address: c.listen.unwrap_or(c.remote).to_string(),
+                    direction: c.direction.as_str().into(),
+                    state: state.into(),
+                    info: info.join(", "),
+                    route: route.into(),
+                    via: via.map(|h| h.to_string()),
+                    via_nickname: via.map(nick),
+                    path_mtu: link.and_then(|l| l.path_mtu).map(|m| m as u32),
+                    heartbeat_ms_ago: link.and_then(|l| l.heard_ms_ago),
+                    udp_addr: link.map(|l| l.addr.to_string()),
+                }
             })
             .collect();
         let now = Instant::now();
@@ -463,6 +546,7 @@ impl Mesh {
                 direction: "outbound".into(),
                 state: if a.failures > 0 { "retrying" } else { "failed" }.into(),
                 info: format!("{}; retry in {wait}s", a.last_error),
+                ..Default::default()
             });
         }
         v.sort_by(|a, b| a.address.cmp(&b.address));

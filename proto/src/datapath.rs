@@ -35,8 +35,8 @@ use std::collections::HashMap;
 use crate::peer::PeerName;
 use crate::session::{OpenKey, SealKey, SessionError, KEY_LEN};
 use crate::wire::datagram::{
-    parse_plaintext, InnerHeader, OuterHeader, OuterPacket, Record, RecordHeader, WireError, CHUNK_HDR_LEN, INNER_LEN,
-    KIND_DATA, MAX_UNIT, OUTER_LEN, OVERHEAD, RECORD_HDR_LEN,
+    parse_plaintext, Heartbeat, InnerHeader, OuterHeader, OuterPacket, Record, RecordHeader, WireError, CHUNK_HDR_LEN,
+    HEARTBEAT_LEN, INNER_LEN, KIND_HEARTBEAT, MAX_UNIT, OUTER_LEN, OVERHEAD, RECORD_HDR_LEN,
 };
 
 /// Smallest `max_datagram` an [`Encoder`] accepts.
@@ -336,6 +336,41 @@ impl Encoder {
     }
 }
 
+/// Smallest heartbeat datagram.
+pub const MIN_HEARTBEAT: usize = OUTER_LEN + HEARTBEAT_LEN + crate::session::TAG_LEN;
+
+/// Appends one sealed heartbeat datagram of exactly `size` bytes (padded with
+/// zeros) to `batch`. Call it outside an [`Encoder`]'s `begin`..`finish`.
+pub fn seal_heartbeat(
+    session: &mut TxSession,
+    hb: Heartbeat,
+    size: usize,
+    batch: &mut TxBatch,
+) -> Result<(), DatapathError> {
+    assert!((MIN_HEARTBEAT..=MAX_DATAGRAM).contains(&size), "heartbeat of {size} bytes");
+    if let Some(start) = batch.open.take() {
+        batch.buf.truncate(start);
+    }
+    let counter = session.key.next_counter()?;
+    let start = batch.buf.len();
+    batch.buf.resize(start + size - crate::session::TAG_LEN, 0);
+    let (outer, plain) = batch.buf[start..].split_at_mut(OUTER_LEN);
+    OuterHeader { receiver_index: session.receiver_index, counter }
+        .emit_kind(KIND_HEARTBEAT, &mut OuterPacket::new_unchecked(&mut *outer));
+    plain[..HEARTBEAT_LEN].copy_from_slice(&hb.to_bytes());
+    match session.key.seal_in_place(outer, plain) {
+        Ok((_, tag)) => {
+            batch.buf.extend_from_slice(&tag);
+            batch.ends.push(batch.buf.len());
+            Ok(())
+        }
+        Err(e) => {
+            batch.buf.truncate(start);
+            Err(e.into())
+        }
+    }
+}
+
 fn assert_datagram_size(n: usize) {
     assert!(
         (MIN_DATAGRAM..=MAX_DATAGRAM).contains(&n),
@@ -403,6 +438,8 @@ pub struct RxStats {
     pub reassembly_drops: u64,
     /// Chunks of a unit already delivered or dropped, ignored.
     pub stale_chunks: u64,
+    /// Heartbeats authenticated (counted in `datagrams_ok` too).
+    pub heartbeats: u64,
 }
 
 /// One partially received chunked unit.
@@ -586,16 +623,29 @@ impl Receiver {
 
     /// Authenticate and decrypt `dgram` in place; call `on_unit(session_peer,
     /// &inner, unit)` for every complete unit (whole records, and chunked units
-    /// once all their bytes arrived). Returns units delivered.
+    /// once all their bytes arrived). Returns units delivered. Heartbeats are
+    /// authenticated and then ignored (see [`receive_any`](Self::receive_any)).
     ///
     /// A datagram whose plaintext does not parse delivers nothing.
     pub fn receive(
         &mut self,
         now_ms: u64,
         dgram: &mut [u8],
-        mut on_unit: impl FnMut(PeerName, &InnerHeader, &[u8]),
+        on_unit: impl FnMut(PeerName, &InnerHeader, &[u8]),
     ) -> Result<usize, DatapathError> {
-        let res = self.receive_inner(now_ms, dgram, &mut on_unit);
+        self.receive_any(now_ms, dgram, on_unit, |_, _, _| {})
+    }
+
+    /// [`receive`](Self::receive), and for an authenticated heartbeat, call
+    /// `on_heartbeat(session_peer, heartbeat, datagram_len)` (it delivers no unit).
+    pub fn receive_any(
+        &mut self,
+        now_ms: u64,
+        dgram: &mut [u8],
+        mut on_unit: impl FnMut(PeerName, &InnerHeader, &[u8]),
+        mut on_heartbeat: impl FnMut(PeerName, Heartbeat, usize),
+    ) -> Result<usize, DatapathError> {
+        let res = self.receive_inner(now_ms, dgram, &mut on_unit, &mut on_heartbeat);
         let s = &mut self.stats;
         match res {
             Ok(n) => {
@@ -615,19 +665,34 @@ impl Receiver {
         now_ms: u64,
         dgram: &mut [u8],
         on_unit: &mut impl FnMut(PeerName, &InnerHeader, &[u8]),
+        on_heartbeat: &mut impl FnMut(PeerName, Heartbeat, usize),
     ) -> Result<usize, DatapathError> {
-        if dgram.len() < OVERHEAD {
+        let len = dgram.len();
+        if len < OUTER_LEN + crate::session::TAG_LEN {
             return Err(DatapathError::TooShort);
         }
         let mut packet = OuterPacket::new_checked(dgram)?;
-        if packet.kind() != KIND_DATA {
+        let kind = packet.kind();
+        if kind == KIND_HEARTBEAT {
+            if len < MIN_HEARTBEAT {
+                return Err(DatapathError::TooShort);
+            }
+        } else if kind != crate::wire::datagram::KIND_DATA {
             return Err(DatapathError::BadKind);
+        } else if len < OVERHEAD {
+            return Err(DatapathError::TooShort);
         }
-        let outer = OuterHeader::parse(&packet)?;
+        let (_, outer) = OuterHeader::parse_any(&packet)?;
         let session =
             self.sessions.get_mut(&outer.receiver_index).ok_or(DatapathError::UnknownSession(outer.receiver_index))?;
         let (aad, body) = packet.split_mut();
         let plain = session.key.open_in_place(outer.counter, aad, body)?;
+        if kind == KIND_HEARTBEAT {
+            let hb = Heartbeat::parse(plain)?;
+            self.stats.heartbeats += 1;
+            on_heartbeat(session.peer, hb, len);
+            return Ok(0);
+        }
 
         let (inner, records) = parse_plaintext(plain)?;
         records.validate()?;
@@ -924,6 +989,35 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_seal_to_the_asked_size_and_reach_only_the_heartbeat_callback() {
+        let (_, mut tx, mut rx) = pair(1472);
+        let mut batch = TxBatch::new();
+        for size in [MIN_HEARTBEAT, 512, 1472] {
+            seal_heartbeat(&mut tx, Heartbeat { heard: 1000, seq: size as u32 }, size, &mut batch).unwrap();
+        }
+        assert_eq!(batch.datagram_count(), 3);
+        let mut seen = Vec::new();
+        for (i, size) in [MIN_HEARTBEAT, 512, 1472].into_iter().enumerate() {
+            let mut d = batch.datagram(i).unwrap().to_vec();
+            assert_eq!(d.len(), size);
+            let n = rx
+                .receive_any(0, &mut d, |_, _, _| panic!("a heartbeat is not a unit"), |p, hb, len| seen.push((p, hb, len)))
+                .unwrap();
+            assert_eq!(n, 0);
+        }
+        assert_eq!(seen.len(), 3);
+        assert!(seen.iter().all(|(p, hb, _)| *p == PEER && hb.heard == 1000));
+        assert_eq!(seen.iter().map(|s| s.2).collect::<Vec<_>>(), vec![MIN_HEARTBEAT, 512, 1472]);
+        assert_eq!(rx.stats().heartbeats, 3);
+        // Replayed, or one byte short: rejected.
+        let mut again = batch.datagram(1).unwrap().to_vec();
+        assert!(rx.receive_any(0, &mut again, |_, _, _| {}, |_, _, _| panic!("replay accepted")).is_err());
+        let mut short = batch.datagram(2).unwrap().to_vec();
+        short.truncate(MIN_HEARTBEAT - 1);
+        assert_eq!(rx.receive(0, &mut short, |_, _, _| {}), Err(DatapathError::TooShort));
+    }
+
+    #[test]
     fn outer_header_problems_are_reported() {
         let (mut enc, mut tx, mut rx) = pair(1472);
         let batch = encode(&mut enc, &mut tx, &[unit(50, 1)]);
@@ -932,8 +1026,15 @@ mod tests {
             assert_eq!(rx.receive(0, &mut d[..n].to_vec(), |_, _, _| {}), Err(DatapathError::TooShort));
         }
         let mut bad = d.clone();
-        bad[0] = 2;
+        bad[0] = 3;
         assert_eq!(rx.receive(0, &mut bad, |_, _, _| {}), Err(DatapathError::BadKind));
+        // A data datagram relabelled as a heartbeat fails authentication (the kind is associated data).
+        let mut bad = d.clone();
+        bad[0] = KIND_HEARTBEAT;
+        assert_eq!(
+            rx.receive(0, &mut bad, |_, _, _| {}),
+            Err(DatapathError::Session(crate::session::SessionError::AuthFailed))
+        );
         let mut bad = d.clone();
         bad[1] = 1;
         assert_eq!(rx.receive(0, &mut bad, |_, _, _| {}), Err(WireError::Reserved.into()));

@@ -15,9 +15,18 @@
 //!   from [`meshnet_proto::session::relay_key`]), so no session is ever shared
 //!   between threads. It tells the TX thread which MACs live behind which peer.
 //!
+//! * **Heartbeats**: the TX thread sends each direct peer sealed UDP heartbeats
+//!   of several sizes ([`meshnet_proto::liveness`]); the RX thread records what
+//!   arrives, learns the peer's address from it (NAT-friendly), and so both know
+//!   whether UDP works both ways and the largest datagram the path carries. The
+//!   control plane reads that ([`DataPlane::links`]) and lists a connection as
+//!   established, and so routes data over it, only while UDP works both ways.
+//!
 //! Neither thread takes a lock or allocates per frame: they own their tables, and
 //! the control plane (and the other thread) reach them through channels drained
-//! once per batch, with an eventfd to wake a thread blocked in `poll`.
+//! once per batch, with an eventfd to wake a thread blocked in `poll`. The one
+//! shared table, the peers' heartbeat state, is locked per heartbeat round and
+//! per heartbeat received, never per frame.
 
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
@@ -25,11 +34,13 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver as ChanRx, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use meshnet_proto::datapath::{Encoder, Receiver, TxBatch, TxSession};
+use meshnet_proto::datapath::{seal_heartbeat, Encoder, MIN_DATAGRAM, Receiver, TxBatch, TxSession};
+use meshnet_proto::liveness::Liveness;
+use meshnet_proto::wire::datagram::Heartbeat;
 use meshnet_proto::session::{relay_key, RELAY_INDEX_BIT};
 use meshnet_proto::mac_table::{MacOwner, MacTable};
 use meshnet_proto::wire::datagram::InnerHeader;
@@ -52,6 +63,9 @@ const MAC_REANNOUNCE_MS: u64 = 60 * 1000;
 /// Hop budget put in every datagram.
 const DEFAULT_TTL: u8 = 16;
 const SOCKET_BUFFER: usize = 8 << 20;
+/// How often the TX thread looks for due heartbeats (and the RX thread picks up
+/// learned addresses and path MTUs for its relay sessions).
+const TICK_MS: u64 = 100;
 
 /// One direct peer as the data plane needs it: where to send, and the two
 /// directions' keys from the handshake.
@@ -83,6 +97,8 @@ pub struct Stats {
     pub dropped_no_peer: AtomicU64,
     pub relayed_units: AtomicU64,
     pub dropped_no_route: AtomicU64,
+    pub heartbeats_out: AtomicU64,
+    pub heartbeats_in: AtomicU64,
 }
 
 impl Stats {
@@ -102,6 +118,8 @@ impl Stats {
             ("dropped_no_peer", g(&self.dropped_no_peer)),
             ("relayed_units", g(&self.relayed_units)),
             ("dropped_no_route", g(&self.dropped_no_route)),
+            ("heartbeats_out", g(&self.heartbeats_out)),
+            ("heartbeats_in", g(&self.heartbeats_in)),
         ]
     }
 }
@@ -113,6 +131,32 @@ pub struct Routes {
     pub next_hop: HashMap<PeerName, PeerName>,
     /// For each source peer, this peer's children in the source's spanning tree.
     pub children: HashMap<PeerName, Vec<PeerName>>,
+}
+
+/// One direct peer's UDP state, as the control plane sees it.
+#[derive(Clone, Debug)]
+pub struct LinkStatus {
+    /// UDP heartbeats work both ways: the connection may carry data.
+    pub udp_ok: bool,
+    /// The largest datagram (UDP payload bytes) known to reach the peer.
+    pub path_mtu: Option<usize>,
+    /// Milliseconds since the peer's last heartbeat arrived.
+    pub heard_ms_ago: Option<u64>,
+    /// Where datagrams to the peer go (learned from its heartbeats).
+    pub addr: SocketAddr,
+}
+
+/// The heartbeat state of every direct peer, shared by both threads and the
+/// control plane (locked per heartbeat, never per frame).
+struct Link {
+    liveness: Liveness,
+    addr: SocketAddr,
+}
+
+type Links = Arc<Mutex<HashMap<PeerName, Link>>>;
+
+fn lock(links: &Links) -> MutexGuard<'_, HashMap<PeerName, Link>> {
+    links.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 enum TxCmd {
@@ -195,10 +239,16 @@ fn wait(fd: RawFd, events: i16, efd: &EventFd, timeout_ms: i32) -> (bool, bool) 
     (fds[0].revents != 0, fds[1].revents != 0)
 }
 
-/// Waits until `fd` has work (or a second has passed), then hands every queued
-/// command to `handle`. Returns false when `handle` says to stop the thread.
-fn wait_for_work<T>(fd: RawFd, efd: &EventFd, cmds: &ChanRx<T>, mut handle: impl FnMut(T) -> bool) -> bool {
-    let (_, woken) = wait(fd, libc::POLLIN, efd, 1000);
+/// Waits until `fd` has work (or `timeout_ms` has passed), then hands every
+/// queued command to `handle`. Returns false when `handle` says to stop the thread.
+fn wait_for_work<T>(
+    fd: RawFd,
+    efd: &EventFd,
+    cmds: &ChanRx<T>,
+    timeout_ms: i32,
+    mut handle: impl FnMut(T) -> bool,
+) -> bool {
+    let (_, woken) = wait(fd, libc::POLLIN, efd, timeout_ms);
     if woken {
         efd.drain();
         while let Ok(cmd) = cmds.try_recv() {
@@ -215,6 +265,9 @@ pub struct DataPlane {
     tx: Mailbox<TxCmd>,
     rx: Mailbox<RxCmd>,
     threads: Vec<JoinHandle<()>>,
+    links: Links,
+    clock: Instant,
+    max_datagram: usize,
     pub stats: Arc<Stats>,
 }
 
@@ -234,6 +287,7 @@ impl DataPlane {
         let socket = Arc::new(socket);
         let stats = Arc::new(Stats::default());
         let clock = Instant::now();
+        let links: Links = Arc::default();
 
         let (ttx, trx) = channel();
         let tx_box = Mailbox { tx: ttx, efd: Arc::new(EventFd::new()?) };
@@ -250,6 +304,8 @@ impl DataPlane {
             me,
             encoder: Encoder::new(max_datagram),
             clock,
+            links: links.clone(),
+            max_datagram,
         };
         let rx_thread = RxLoop {
             tap,
@@ -262,26 +318,48 @@ impl DataPlane {
             clock,
             me,
             max_datagram,
+            links: links.clone(),
         };
         let threads = vec![
             std::thread::Builder::new().name("tap-to-udp".into()).spawn(move || tx_thread.run())?,
             std::thread::Builder::new().name("udp-to-tap".into()).spawn(move || rx_thread.run())?,
         ];
-        Ok(DataPlane { tx: tx_box, rx: rx_box, threads, stats })
+        Ok(DataPlane { tx: tx_box, rx: rx_box, threads, links, clock, max_datagram, stats })
     }
 
-    /// Starts carrying frames to and from `link.peer`. Receiver indexes must
-    /// leave [`RELAY_INDEX_BIT`] clear: the relay sessions use it.
+    /// Starts heartbeats with `link.peer` and accepts its datagrams; data goes
+    /// to it once routes say so. Receiver indexes must leave
+    /// [`RELAY_INDEX_BIT`] clear: the relay sessions use it.
     pub fn add_peer(&self, link: PeerLink) {
         debug_assert_eq!(link.recv_index & RELAY_INDEX_BIT, 0);
+        let now = self.clock.elapsed().as_millis() as u64;
+        lock(&self.links).insert(link.peer, Link { liveness: Liveness::new(self.max_datagram, now), addr: link.addr });
         self.rx.post(RxCmd::AddPeer(link.clone()));
         self.tx.post(TxCmd::AddPeer(link));
     }
 
     /// Stops carrying frames for `peer` (whose session we knew by `recv_index`).
     pub fn remove_peer(&self, peer: PeerName, recv_index: u32) {
+        lock(&self.links).remove(&peer);
         self.tx.post(TxCmd::RemovePeer(peer));
         self.rx.post(RxCmd::RemovePeer(peer, recv_index));
+    }
+
+    /// Every direct peer's UDP state.
+    pub fn links(&self) -> HashMap<PeerName, LinkStatus> {
+        let now = self.clock.elapsed().as_millis() as u64;
+        lock(&self.links)
+            .iter()
+            .map(|(p, l)| {
+                let status = LinkStatus {
+                    udp_ok: l.liveness.udp_ok(now),
+                    path_mtu: l.liveness.path_mtu(now),
+                    heard_ms_ago: l.liveness.last_heard().map(|t| now.saturating_sub(t)),
+                    addr: l.addr,
+                };
+                (*p, status)
+            })
+            .collect()
     }
 
     /// Replaces the routes (after every topology change).
@@ -304,6 +382,8 @@ impl DataPlane {
 struct TxPeer {
     link: PeerLink,
     session: TxSession,
+    /// The largest datagram the path to the peer carries (its path MTU).
+    max_datagram: usize,
 }
 
 /// Direct peers by name, each with its sealing session.
@@ -333,12 +413,20 @@ impl PeerSet {
         true
     }
 
-    /// The direct peer to hand a unit for `dst` to: itself, or its next hop.
+    /// The direct peer to hand a unit for `dst` to: its next hop, which is the
+    /// peer itself only while the connection to it carries data.
     fn hop_to(&self, dst: PeerName, routes: &Routes) -> Option<usize> {
-        self.index
-            .get(&dst)
-            .or_else(|| routes.next_hop.get(&dst).and_then(|h| self.index.get(h)))
-            .copied()
+        routes.next_hop.get(&dst).and_then(|h| self.index.get(h)).copied()
+    }
+
+    /// Takes each peer's address and path MTU from the heartbeat state.
+    fn refresh(&mut self, links: &HashMap<PeerName, Link>, now: u64, max_datagram: usize) {
+        for p in &mut self.peers {
+            if let Some(l) = links.get(&p.link.peer) {
+                p.link.addr = l.addr;
+                p.max_datagram = l.liveness.path_mtu(now).unwrap_or(max_datagram).clamp(MIN_DATAGRAM, max_datagram);
+            }
+        }
     }
 }
 
@@ -352,9 +440,36 @@ struct TxLoop {
     me: PeerName,
     encoder: Encoder,
     clock: Instant,
+    links: Links,
+    max_datagram: usize,
 }
 
 impl TxLoop {
+    /// Sends the heartbeats that are due, and takes the peers' learned
+    /// addresses and path MTUs.
+    fn heartbeats(&self, set: &mut PeerSet, batch: &mut TxBatch, sizes: &mut Vec<u16>) {
+        let now = self.now();
+        let mut links = lock(&self.links);
+        set.refresh(&links, now, self.max_datagram);
+        for p in &mut set.peers {
+            let Some(l) = links.get_mut(&p.link.peer) else { continue };
+            let Some(hb) = l.liveness.poll(now, sizes) else { continue };
+            batch.clear();
+            for &size in sizes.iter() {
+                let size = (size as usize).clamp(meshnet_proto::datapath::MIN_HEARTBEAT, self.max_datagram);
+                if let Err(e) = seal_heartbeat(&mut p.session, hb, size, batch) {
+                    log::debug!("heartbeat to {}: {e}", p.link.peer);
+                }
+            }
+            self.stats.heartbeats_out.fetch_add(batch.datagram_count() as u64, Ordering::Relaxed);
+            for d in batch.datagrams() {
+                // One datagram per send: each probes its own size.
+                let t = Transmit { destination: p.link.addr, ecn: None, contents: d, segment_size: None, src_ip: None };
+                send_one(&self.udp, &self.socket, &self.efd, &self.stats, &t, 1);
+            }
+        }
+    }
+
     fn run(mut self) {
         let mut units: Vec<Vec<u8>> = (0..TX_BATCH).map(|_| vec![0u8; UNIT_BUF]).collect();
         let mut lens = [0usize; TX_BATCH];
@@ -370,15 +485,19 @@ impl TxLoop {
         let hdr_room = if vnet { 0 } else { VNET_HDR_LEN };
         let fd = self.tap.raw_fd();
         let mut last_expire = 0u64;
+        let mut last_tick = 0u64;
+        let mut hb_batch = TxBatch::new();
+        let mut sizes = Vec::new();
+        let max_datagram = self.max_datagram;
 
         loop {
             let clock = self.clock;
-            let running = wait_for_work(fd, &self.efd, &self.cmds, |cmd| {
+            let running = wait_for_work(fd, &self.efd, &self.cmds, TICK_MS as i32, |cmd| {
                 match cmd {
                     TxCmd::Stop => return false,
                     TxCmd::AddPeer(link) => {
                         let session = TxSession::new(link.send_index, &link.send_key);
-                        set.insert(TxPeer { link, session });
+                        set.insert(TxPeer { link, session, max_datagram });
                     }
                     TxCmd::RemovePeer(peer) => {
                         if set.remove(peer) {
@@ -394,6 +513,11 @@ impl TxLoop {
             });
             if !running {
                 return;
+            }
+            let now = self.now();
+            if now.saturating_sub(last_tick) >= TICK_MS {
+                last_tick = now;
+                self.heartbeats(&mut set, &mut hb_batch, &mut sizes);
             }
 
             // Read a batch of units.
@@ -457,15 +581,10 @@ impl TxLoop {
                 continue;
             }
 
-            // Broadcasts go down this peer's own spanning tree; before the first
-            // topology arrives, to every direct peer.
+            // Broadcasts go down this peer's own spanning tree.
             flood_to.clear();
-            if !flood.is_empty() {
-                match routes.children.get(&self.me) {
-                    Some(children) => flood_to.extend(children.iter().filter_map(|c| set.index.get(c)).map(|&i| i as u16)),
-                    None if routes.next_hop.is_empty() => flood_to.extend(0..set.peers.len() as u16),
-                    None => {}
-                }
+            if let (false, Some(children)) = (flood.is_empty(), routes.children.get(&self.me)) {
+                flood_to.extend(children.iter().filter_map(|c| set.index.get(c)).map(|&i| i as u16));
             }
 
             // Encode and send, direct peer by direct peer, one header per final destination.
@@ -473,6 +592,7 @@ impl TxLoop {
             let mut u = 0;
             for (pi, p) in set.peers.iter_mut().enumerate() {
                 batch.clear();
+                self.encoder.set_max_datagram(p.max_datagram);
                 while u < unicast.len() && unicast[u].0 as usize == pi {
                     let dst = unicast[u].1;
                     let start = u;
@@ -571,6 +691,7 @@ struct RxLoop {
     clock: Instant,
     me: PeerName,
     max_datagram: usize,
+    links: Links,
 }
 
 /// What the receive thread needs to pass units on: its own relay sessions.
@@ -587,6 +708,7 @@ impl RxLoop {
         let Relay { set, encoder, batch, .. } = relay;
         let p = &mut set.peers[hop];
         batch.clear();
+        encoder.set_max_datagram(p.max_datagram);
         encoder.begin(&mut p.session, hdr, batch);
         if encoder.push(&mut p.session, unit, batch).is_err() || encoder.finish(&mut p.session, batch).is_err() {
             return;
@@ -610,9 +732,11 @@ impl RxLoop {
         let vnet = self.tap.vnet_hdr();
         let fd = self.socket.as_raw_fd();
         let mut last_expire = 0u64;
+        let mut heard: Vec<(PeerName, Heartbeat, usize, SocketAddr)> = Vec::new();
+        let max_datagram = self.max_datagram;
 
         loop {
-            let running = wait_for_work(fd, &self.efd, &self.cmds, |cmd| {
+            let running = wait_for_work(fd, &self.efd, &self.cmds, 1000, |cmd| {
                 match cmd {
                     RxCmd::Stop => return false,
                     RxCmd::AddPeer(link) => {
@@ -620,7 +744,7 @@ impl RxLoop {
                         receiver.add_session(link.recv_index | RELAY_INDEX_BIT, link.peer, &relay_key(&link.recv_key));
                         let session = TxSession::new(link.send_index | RELAY_INDEX_BIT, &relay_key(&link.send_key));
                         announced.retain(|_, (p, _)| *p != link.peer);
-                        relay.set.insert(TxPeer { link, session });
+                        relay.set.insert(TxPeer { link, session, max_datagram });
                     }
                     RxCmd::RemovePeer(peer, index) => {
                         receiver.remove_session(index);
@@ -638,6 +762,7 @@ impl RxLoop {
             if now.saturating_sub(last_expire) > 250 {
                 receiver.expire(now);
                 last_expire = now;
+                relay.set.refresh(&lock(&self.links), now, self.max_datagram);
                 if announced.len() > 65536 {
                     announced.clear();
                 }
@@ -664,7 +789,10 @@ impl RxLoop {
                     self.stats.udp_bytes_in.fetch_add(dgram.len() as u64, Ordering::Relaxed);
                     let relay = &mut relay;
                     let announced = &mut announced;
-                    let result = receiver.receive(now, dgram, |_sender, hdr, unit| {
+                    let heard = &mut heard;
+                    let from = meta.addr;
+                    let on_heartbeat = |peer, hb, len| heard.push((peer, hb, len, from));
+                    let result = receiver.receive_any(now, dgram, |_sender, hdr, unit| {
                         if unit.len() < VNET_HDR_LEN + 14 {
                             return;
                         }
@@ -690,11 +818,29 @@ impl RxLoop {
                             return;
                         }
                         self.deliver(hdr.src, unit, now, announced, vnet);
-                    });
+                    }, on_heartbeat);
                     if result.is_err() {
                         self.stats.udp_rejected.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+            }
+            if !heard.is_empty() {
+                self.heard(&mut heard, now);
+            }
+        }
+    }
+
+    /// Records heartbeats that arrived, and where they came from: a peer's
+    /// datagrams go where its authenticated heartbeats come from (NAT-friendly).
+    fn heard(&self, heard: &mut Vec<(PeerName, Heartbeat, usize, SocketAddr)>, now: u64) {
+        self.stats.heartbeats_in.fetch_add(heard.len() as u64, Ordering::Relaxed);
+        let mut links = lock(&self.links);
+        for (peer, hb, len, from) in heard.drain(..) {
+            let Some(l) = links.get_mut(&peer) else { continue };
+            l.liveness.on_heartbeat(now, hb, len);
+            if l.addr != from {
+                log::info!("peer {peer} now sends from {from} (was {}); sending there", l.addr);
+                l.addr = from;
             }
         }
     }

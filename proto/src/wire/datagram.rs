@@ -62,6 +62,10 @@ pub const MAX_UNIT: usize = 65535 + 10 + 14 + 4;
 
 /// Outer `kind` of a data datagram.
 pub const KIND_DATA: u8 = 0x01;
+/// Outer `kind` of a heartbeat datagram (see [`Heartbeat`]).
+pub const KIND_HEARTBEAT: u8 = 0x02;
+/// Plaintext bytes of a heartbeat before its padding.
+pub const HEARTBEAT_LEN: usize = 8;
 /// Inner header flag: the units are for every peer.
 pub const INNER_FLAG_BROADCAST: u8 = 0x01;
 /// Record flag: the record is one chunk of a larger unit.
@@ -215,19 +219,32 @@ pub struct OuterHeader {
 impl OuterHeader {
     /// Parses a checked view: kind must be data, flags and reserved zero.
     pub fn parse<T: AsRef<[u8]>>(p: &OuterPacket<T>) -> Result<Self, WireError> {
+        match Self::parse_any(p)? {
+            (KIND_DATA, h) => Ok(h),
+            (kind, _) => Err(WireError::BadKind(kind)),
+        }
+    }
+
+    /// Parses a checked view of a data or heartbeat datagram; returns its kind.
+    pub fn parse_any<T: AsRef<[u8]>>(p: &OuterPacket<T>) -> Result<(u8, Self), WireError> {
         p.check_len()?;
-        if p.kind() != KIND_DATA {
+        if p.kind() != KIND_DATA && p.kind() != KIND_HEARTBEAT {
             return Err(WireError::BadKind(p.kind()));
         }
         if p.flags() != 0 || p.reserved() != 0 {
             return Err(WireError::Reserved);
         }
-        Ok(OuterHeader { receiver_index: p.receiver_index(), counter: p.counter() })
+        Ok((p.kind(), OuterHeader { receiver_index: p.receiver_index(), counter: p.counter() }))
     }
 
-    /// Writes every field of the header (kind, zero flags and reserved included).
+    /// Writes every field of a data datagram's header (kind, zero flags and reserved included).
     pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(&self, p: &mut OuterPacket<T>) {
-        p.set_kind(KIND_DATA);
+        self.emit_kind(KIND_DATA, p);
+    }
+
+    /// Writes every field, with the given kind.
+    pub fn emit_kind<T: AsRef<[u8]> + AsMut<[u8]>>(&self, kind: u8, p: &mut OuterPacket<T>) {
+        p.set_kind(kind);
         p.set_flags(0);
         p.set_reserved(0);
         p.set_receiver_index(self.receiver_index);
@@ -538,6 +555,48 @@ impl FusedIterator for Records<'_> {}
 
 /// Parses a decrypted plaintext: the inner header, and an iterator over its
 /// records. A plaintext with no records is valid (it carries nothing).
+// ---------------------------------------------------------------------------
+// Heartbeat
+
+/// The plaintext of a heartbeat datagram (outer kind [`KIND_HEARTBEAT`]),
+/// sealed under the same session as data:
+///
+/// ```text
+///   0..2  u16  heard: the largest heartbeat datagram (UDP payload bytes) the
+///              sender received from the receiver recently; 0 = none
+///   2..4  u16  reserved, 0
+///   4..8  u32  seq: the sender's heartbeat round
+///   then padding up to the probed datagram size (content ignored)
+/// ```
+///
+/// Heartbeats of several sizes probe the path MTU: what arrives is reported
+/// back in `heard`, and that is the largest datagram the receiver will be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Heartbeat {
+    pub heard: u16,
+    pub seq: u32,
+}
+
+impl Heartbeat {
+    /// Parses a heartbeat plaintext (padding included).
+    pub fn parse(plain: &[u8]) -> Result<Self, WireError> {
+        if plain.len() < HEARTBEAT_LEN {
+            return Err(WireError::Truncated);
+        }
+        if be16(&plain[2..4]) != 0 {
+            return Err(WireError::Reserved);
+        }
+        Ok(Heartbeat { heard: be16(&plain[0..2]), seq: be32(&plain[4..8]) })
+    }
+
+    pub fn to_bytes(&self) -> [u8; HEARTBEAT_LEN] {
+        let mut b = [0u8; HEARTBEAT_LEN];
+        b[0..2].copy_from_slice(&self.heard.to_be_bytes());
+        b[4..8].copy_from_slice(&self.seq.to_be_bytes());
+        b
+    }
+}
+
 pub fn parse_plaintext(buf: &[u8]) -> Result<(InnerHeader, Records<'_>), WireError> {
     let p = InnerPacket::new_checked(buf)?;
     let hdr = InnerHeader::parse(&p)?;
@@ -561,6 +620,23 @@ mod tests {
             v.extend_from_slice(r.data());
         }
         v
+    }
+
+    #[test]
+    fn heartbeat_round_trips_and_rejects_reserved() {
+        let hb = Heartbeat { heard: 1472, seq: 0xdead_beef };
+        let mut b = hb.to_bytes().to_vec();
+        b.extend_from_slice(&[0xaa; 100]);
+        assert_eq!(Heartbeat::parse(&b), Ok(hb));
+        assert_eq!(Heartbeat::parse(&b[..HEARTBEAT_LEN - 1]), Err(WireError::Truncated));
+        b[3] = 1;
+        assert_eq!(Heartbeat::parse(&b), Err(WireError::Reserved));
+        let mut outer = OuterHeader { receiver_index: 7, counter: 9 }.to_bytes();
+        assert_eq!(OuterHeader::parse(&OuterPacket::new_unchecked(&outer[..])).map(|h| h.counter), Ok(9));
+        OuterHeader { receiver_index: 7, counter: 9 }.emit_kind(KIND_HEARTBEAT, &mut OuterPacket::new_unchecked(&mut outer[..]));
+        let p = OuterPacket::new_unchecked(&outer[..]);
+        assert_eq!(OuterHeader::parse(&p), Err(WireError::BadKind(KIND_HEARTBEAT)));
+        assert_eq!(OuterHeader::parse_any(&p).map(|(k, h)| (k, h.receiver_index)), Ok((KIND_HEARTBEAT, 7)));
     }
 
     #[test]

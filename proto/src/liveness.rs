@@ -1,0 +1,281 @@
+//! UDP liveness and path-MTU discovery for one connection, sans-I/O.
+//!
+//! Each side sends sealed heartbeats ([`crate::wire::datagram::Heartbeat`]) to
+//! the other over UDP: every [`FAST_MS`] until UDP works both ways, then every
+//! [`SLOW_MS`]. A heartbeat reports the largest heartbeat datagram its sender
+//! received from the other side in the last one or two [`WINDOW_MS`] windows
+//! (`heard`). UDP *works both ways* when a heartbeat arrived within
+//! [`DEAD_MS`] and it reported hearing us; only then does the connection carry
+//! data (the control plane lists it as established, so routes use it).
+//!
+//! Path MTU: while UDP does not work, and every [`FULL_LADDER_EVERY`] rounds
+//! after, a round sends heartbeats of every size of a ladder from the largest
+//! datagram we may send down to [`LADDER`]'s smallest; other rounds send the
+//! current path MTU and the smallest size only (and a report smaller than the
+//! one before triggers a whole ladder at once). The peer's `heard` is then the
+//! largest datagram that crossed the path, and that is the most we send it. A
+//! path that shrinks is noticed when the window that saw the bigger size has
+//! passed (at most 2 × [`WINDOW_MS`]).
+
+use crate::wire::datagram::Heartbeat;
+
+/// Heartbeat interval until UDP works both ways (for the first [`FAST_FOR_MS`]).
+pub const FAST_MS: u64 = 250;
+/// Heartbeat interval once UDP works both ways, or after [`FAST_FOR_MS`] without it.
+pub const SLOW_MS: u64 = 1000;
+/// How long fast heartbeats go on without an answer before slowing down.
+pub const FAST_FOR_MS: u64 = 10_000;
+/// No heartbeat for this long: UDP is down.
+pub const DEAD_MS: u64 = 5000;
+/// The window over which received heartbeat sizes are reported.
+pub const WINDOW_MS: u64 = 2500;
+/// Every this many rounds the whole ladder is probed again (the path may have grown).
+pub const FULL_LADDER_EVERY: u32 = 10;
+/// Probed datagram sizes (UDP payload bytes) below the largest we may send:
+/// IPv4 and IPv6 on a 1500-byte link, common tunnel and PPPoE sizes, down to
+/// what every IPv4 path carries.
+pub const LADDER: [u16; 13] = [1472, 1452, 1400, 1350, 1280, 1200, 1100, 1000, 900, 800, 700, 576, 512];
+
+/// One connection's heartbeat and path-MTU state.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    max: u16,
+    last_heard: Option<u64>,
+    /// What the peer last reported hearing from us.
+    peer_heard: u16,
+    /// Largest heartbeat from the peer in the current and previous window.
+    cur: u16,
+    prev: u16,
+    window_start: u64,
+    next_send: u64,
+    /// Since when UDP has not worked (None while it does).
+    down_since: Option<u64>,
+    /// The peer reported less than before: probe the whole ladder next round.
+    reprobe: bool,
+    seq: u32,
+}
+
+impl Liveness {
+    /// `max_datagram`: the largest datagram we may send (UDP payload bytes).
+    /// The first heartbeats are due at once.
+    pub fn new(max_datagram: usize, now: u64) -> Self {
+        Liveness {
+            max: max_datagram.clamp(LADDER[LADDER.len() - 1] as usize, u16::MAX as usize) as u16,
+            last_heard: None,
+            peer_heard: 0,
+            cur: 0,
+            prev: 0,
+            window_start: now,
+            next_send: now,
+            down_since: Some(now),
+            reprobe: false,
+            seq: 0,
+        }
+    }
+
+    fn roll(&mut self, now: u64) {
+        let k = now.saturating_sub(self.window_start) / WINDOW_MS;
+        match k {
+            0 => return,
+            1 => {
+                self.prev = self.cur;
+                self.cur = 0;
+            }
+            _ => {
+                self.prev = 0;
+                self.cur = 0;
+            }
+        }
+        self.window_start += k * WINDOW_MS;
+    }
+
+    /// An authenticated heartbeat of `len` bytes arrived from the peer.
+    pub fn on_heartbeat(&mut self, now: u64, hb: Heartbeat, len: usize) {
+        self.roll(now);
+        self.cur = self.cur.max(len.min(u16::MAX as usize) as u16);
+        self.last_heard = Some(now);
+        let heard = hb.heard.min(self.max);
+        self.reprobe |= heard < self.peer_heard;
+        self.peer_heard = heard;
+    }
+
+    /// The largest heartbeat received from the peer recently (what we report).
+    pub fn heard(&mut self, now: u64) -> u16 {
+        self.roll(now);
+        self.cur.max(self.prev)
+    }
+
+    /// UDP works both ways: the peer's heartbeats arrive and say ours do.
+    pub fn udp_ok(&self, now: u64) -> bool {
+        self.peer_heard > 0 && self.last_heard.is_some_and(|t| now.saturating_sub(t) < DEAD_MS)
+    }
+
+    /// The largest datagram known to reach the peer, once UDP works.
+    pub fn path_mtu(&self, now: u64) -> Option<usize> {
+        self.udp_ok(now).then_some(self.peer_heard as usize)
+    }
+
+    /// When the last heartbeat from the peer arrived.
+    pub fn last_heard(&self) -> Option<u64> {
+        self.last_heard
+    }
+
+    /// When [`poll`](Self::poll) next has something to send.
+    pub fn next_due(&self) -> u64 {
+        self.next_send
+    }
+
+    /// If a round is due: the heartbeat to send, at each size put in `sizes`
+    /// (largest first). Otherwise None.
+    pub fn poll(&mut self, now: u64, sizes: &mut Vec<u16>) -> Option<Heartbeat> {
+        if now < self.next_send {
+            return None;
+        }
+        let ok = self.udp_ok(now);
+        match (ok, self.down_since) {
+            (true, _) => self.down_since = None,
+            (false, None) => self.down_since = Some(now),
+            (false, Some(_)) => {}
+        }
+        sizes.clear();
+        if !ok || self.reprobe || self.seq % FULL_LADDER_EVERY == 0 {
+            self.reprobe = false;
+            sizes.push(self.max);
+            sizes.extend(LADDER.iter().copied().filter(|&s| s < self.max));
+        } else {
+            sizes.push(self.peer_heard);
+            let smallest = LADDER[LADDER.len() - 1];
+            if self.peer_heard > smallest {
+                sizes.push(smallest);
+            }
+        }
+        let fast = self.down_since.is_some_and(|t| now.saturating_sub(t) < FAST_FOR_MS);
+        self.next_send = now + if fast { FAST_MS } else { SLOW_MS };
+        self.seq = self.seq.wrapping_add(1);
+        Some(Heartbeat { heard: self.heard(now), seq: self.seq })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two ends exchanging heartbeats over a path that carries datagrams of at
+    /// most `path` bytes (each way) when `up`, for `ms` of virtual time.
+    struct Link {
+        a: Liveness,
+        b: Liveness,
+        now: u64,
+        sizes: Vec<u16>,
+    }
+
+    impl Link {
+        fn new(max: usize) -> Self {
+            Link { a: Liveness::new(max, 0), b: Liveness::new(max, 0), now: 0, sizes: Vec::new() }
+        }
+
+        fn run(&mut self, ms: u64, path_ab: u16, path_ba: u16) {
+            let end = self.now + ms;
+            while self.now < end {
+                if let Some(hb) = self.a.poll(self.now, &mut self.sizes) {
+                    for &s in &self.sizes {
+                        if s <= path_ab {
+                            self.b.on_heartbeat(self.now, hb, s as usize);
+                        }
+                    }
+                }
+                if let Some(hb) = self.b.poll(self.now, &mut self.sizes) {
+                    for &s in &self.sizes {
+                        if s <= path_ba {
+                            self.a.on_heartbeat(self.now, hb, s as usize);
+                        }
+                    }
+                }
+                self.now += 10;
+            }
+        }
+    }
+
+    #[test]
+    fn works_both_ways_within_two_fast_rounds_and_finds_the_path_mtu() {
+        let mut l = Link::new(1472);
+        l.run(2 * FAST_MS + 20, 1472, 1472);
+        assert!(l.a.udp_ok(l.now) && l.b.udp_ok(l.now));
+        assert_eq!(l.a.path_mtu(l.now), Some(1472));
+        assert_eq!(l.b.path_mtu(l.now), Some(1472));
+    }
+
+    #[test]
+    fn a_small_path_gives_the_largest_ladder_step_that_fits() {
+        let mut l = Link::new(1472);
+        l.run(1000, 1000, 1300);
+        assert_eq!(l.a.path_mtu(l.now), Some(1000), "a → b carries up to 1000");
+        assert_eq!(l.b.path_mtu(l.now), Some(1280), "b → a carries up to 1300");
+    }
+
+    #[test]
+    fn one_way_udp_never_works() {
+        let mut l = Link::new(1472);
+        l.run(20_000, 1472, 0);
+        assert!(!l.a.udp_ok(l.now), "a never hears b");
+        assert!(!l.b.udp_ok(l.now), "b hears a, but a never says it hears b");
+        assert_eq!(l.a.path_mtu(l.now), None);
+    }
+
+    #[test]
+    fn heartbeats_slow_down_once_up_and_after_a_while_without_answer() {
+        let mut up = Liveness::new(1472, 0);
+        let mut sizes = Vec::new();
+        assert!(up.poll(0, &mut sizes).is_some());
+        assert_eq!(sizes.len(), 1 + LADDER.len() - 1, "the full ladder while down: {sizes:?}");
+        assert_eq!(up.next_due(), FAST_MS);
+        up.on_heartbeat(100, Heartbeat { heard: 1472, seq: 1 }, 1472);
+        assert!(up.poll(FAST_MS, &mut sizes).is_some());
+        assert_eq!(sizes, vec![1472, 512], "once up: the path MTU and the smallest size");
+        assert_eq!(up.next_due(), FAST_MS + SLOW_MS);
+
+        let mut silent = Liveness::new(1472, 0);
+        let mut t = 0;
+        let mut intervals = Vec::new();
+        while t < FAST_FOR_MS + 3 * SLOW_MS {
+            if silent.poll(t, &mut sizes).is_some() {
+                intervals.push(silent.next_due() - t);
+            }
+            t += 10;
+        }
+        assert_eq!(intervals.first(), Some(&FAST_MS));
+        assert_eq!(intervals.last(), Some(&SLOW_MS), "no answer for {FAST_FOR_MS} ms: slow");
+    }
+
+    #[test]
+    fn missed_heartbeats_take_udp_down_and_it_comes_back() {
+        let mut l = Link::new(1472);
+        l.run(1000, 1472, 1472);
+        assert!(l.a.udp_ok(l.now));
+        l.run(DEAD_MS + 100, 0, 0);
+        assert!(!l.a.udp_ok(l.now) && !l.b.udp_ok(l.now));
+        l.run(2 * SLOW_MS + 20, 1472, 1472);
+        assert!(l.a.udp_ok(l.now) && l.b.udp_ok(l.now));
+    }
+
+    #[test]
+    fn a_shrinking_path_is_followed_and_a_growing_one_found_again() {
+        let mut l = Link::new(1472);
+        l.run(1000, 1472, 1472);
+        assert_eq!(l.a.path_mtu(l.now), Some(1472));
+        // The path shrinks to 1000: the smallest-size heartbeats keep UDP up,
+        // the window that saw 1472 passes, and the next full ladder finds 1000.
+        l.run(2 * WINDOW_MS + FULL_LADDER_EVERY as u64 * SLOW_MS, 1000, 1000);
+        assert!(l.a.udp_ok(l.now));
+        assert_eq!(l.a.path_mtu(l.now), Some(1000));
+        l.run(FULL_LADDER_EVERY as u64 * SLOW_MS + 100, 1472, 1472);
+        assert_eq!(l.a.path_mtu(l.now), Some(1472));
+    }
+
+    #[test]
+    fn a_peer_cannot_raise_the_path_mtu_above_our_maximum() {
+        let mut a = Liveness::new(1200, 0);
+        a.on_heartbeat(0, Heartbeat { heard: 9000, seq: 1 }, 600);
+        assert_eq!(a.path_mtu(0), Some(1200));
+    }
+}
