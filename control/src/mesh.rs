@@ -128,6 +128,7 @@ impl Mesh {
             uid: settings.uid,
             version: 1,
             software: env!("CARGO_PKG_VERSION").to_string(),
+            mtu: settings.mtu,
             connections: Vec::new(),
         };
         let (shutdown, _) = tokio::sync::watch::channel(None);
@@ -374,7 +375,13 @@ impl Mesh {
     fn reachability_changed(&self, g: &mut Inner) {
         let next_hop = g.topology.routes();
         let live: Vec<PeerName> = next_hop.keys().copied().collect();
-        self.dataplane.set_routes(Routes { next_hop, children: g.topology.broadcast_children() });
+        let mtu = g
+            .topology
+            .peers()
+            .filter(|p| p.mtu != 0 && p.mtu < self.settings.mtu && next_hop.contains_key(&p.name))
+            .map(|p| (p.name, p.mtu))
+            .collect();
+        self.dataplane.set_routes(Routes { next_hop, children: g.topology.broadcast_children(), mtu });
         g.ipam.ipam.peers_changed(&live);
         self.ipam_flush(g);
     }

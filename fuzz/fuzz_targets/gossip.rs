@@ -18,6 +18,7 @@ fn peer(n: u64, links: &[u64]) -> PeerInfo {
         uid: n,
         version: 1,
         software: "meshnet fuzz".into(),
+        mtu: 1376,
         connections: links
             .iter()
             .map(|&l| ConnInfo {

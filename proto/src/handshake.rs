@@ -827,6 +827,7 @@ mod tests {
             uid: n,
             version: 1,
             software: "meshnet 0.1.0".into(),
+            mtu: 1376,
             connections: (0..conns as u64)
                 .map(|c| ConnInfo {
                     peer: PeerName(0x0200_0000_0000 | c),

@@ -55,6 +55,9 @@ pub struct PeerInfo {
     pub uid: u64,
     pub version: u64,
     pub software: String,
+    /// The peer's overlay MTU (its bridge's), so senders can answer frames too
+    /// big for it with ICMP "fragmentation needed". 0: unknown.
+    pub mtu: u32,
     pub connections: Vec<ConnInfo>,
 }
 
@@ -359,6 +362,7 @@ mod tests {
             uid: n * 1000,
             version,
             software: "meshnet test".into(),
+            mtu: 1376,
             connections: conns
                 .iter()
                 .map(|&(p, established)| ConnInfo { peer: name(p), addr: addr(p), outbound: n < p, established })

@@ -99,6 +99,8 @@ pub struct Stats {
     pub dropped_no_route: AtomicU64,
     pub heartbeats_out: AtomicU64,
     pub heartbeats_in: AtomicU64,
+    pub frag_needed_sent: AtomicU64,
+    pub dropped_too_big: AtomicU64,
 }
 
 impl Stats {
@@ -120,6 +122,8 @@ impl Stats {
             ("dropped_no_route", g(&self.dropped_no_route)),
             ("heartbeats_out", g(&self.heartbeats_out)),
             ("heartbeats_in", g(&self.heartbeats_in)),
+            ("frag_needed_sent", g(&self.frag_needed_sent)),
+            ("dropped_too_big", g(&self.dropped_too_big)),
         ]
     }
 }
@@ -131,6 +135,8 @@ pub struct Routes {
     pub next_hop: HashMap<PeerName, PeerName>,
     /// For each source peer, this peer's children in the source's spanning tree.
     pub children: HashMap<PeerName, Vec<PeerName>>,
+    /// Overlay MTUs of peers that run a smaller one than ours.
+    pub mtu: HashMap<PeerName, u32>,
 }
 
 /// One direct peer's UDP state, as the control plane sees it.
@@ -489,6 +495,7 @@ impl TxLoop {
         let mut hb_batch = TxBatch::new();
         let mut sizes = Vec::new();
         let max_datagram = self.max_datagram;
+        let mut icmp = [0u8; VNET_HDR_LEN + crate::icmp::MAX_REPLY];
 
         loop {
             let clock = self.clock;
@@ -568,6 +575,7 @@ impl TxLoop {
                     continue;
                 }
                 match macs.lookup(&dst, now) {
+                    Some(MacOwner::Peer(p)) if !routes.mtu.is_empty() && self.too_big(unit, len, p, &routes, &mut icmp) => {}
                     Some(MacOwner::Peer(p)) => match set.hop_to(p, &routes) {
                         Some(hop) => unicast.push((hop as u16, p.0, i as u16)),
                         None => flood.push(i as u16),
@@ -616,6 +624,29 @@ impl TxLoop {
 
     fn now(&self) -> u64 {
         self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Whether `unit` (a plain frame, not a superframe) is too big for the
+    /// destination peer's overlay; if so, answers an IPv4 DF packet with ICMP
+    /// "fragmentation needed" through the TAP.
+    #[cold]
+    fn too_big(&self, unit: &[u8], len: usize, dst: PeerName, routes: &Routes, icmp: &mut [u8]) -> bool {
+        const GSO_NONE: u8 = 0;
+        let Some(&mtu) = routes.mtu.get(&dst) else { return false };
+        if unit[1] != GSO_NONE || len <= VNET_HDR_LEN + 14 + mtu as usize {
+            return false;
+        }
+        let (hdr, reply) = icmp.split_at_mut(VNET_HDR_LEN);
+        let reply: &mut [u8; crate::icmp::MAX_REPLY] = reply.try_into().expect("sized for it");
+        if let Some(n) = crate::icmp::frag_needed(&unit[VNET_HDR_LEN..len], mtu.min(u16::MAX as u32) as u16, reply) {
+            hdr.fill(0);
+            let out = if self.tap.vnet_hdr() { &icmp[..VNET_HDR_LEN + n] } else { &icmp[VNET_HDR_LEN..VNET_HDR_LEN + n] };
+            let _ = self.tap.write_unit(out);
+            self.stats.frag_needed_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        // Too big either way: the destination's bridge would drop it.
+        self.stats.dropped_too_big.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
 }

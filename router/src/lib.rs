@@ -9,3 +9,4 @@ pub mod netlink;
 pub mod netns;
 pub mod tap;
 pub mod dataplane;
+pub mod icmp;

@@ -142,6 +142,17 @@ fn hosts_with_different_mtus_interoperate() {
     // ICMP that fits the smaller MTU goes both ways unfragmented.
     assert!(ping_sized(&p.c[0].ns, "10.41.0.2", 1300, true));
     assert!(ping_sized(&p.c[1].ns, "10.41.0.1", 1300, true));
+    // Too big for the far side's MTU, with DF: the sender's router answers with
+    // ICMP "fragmentation needed" carrying 1376, and the sender's kernel learns it.
+    let out = exec_in(&p.c[1].ns, &["ping", "-c", "3", "-W", "2", "-M", "do", "-s", "3000", "10.41.0.1"]);
+    let text = out.all();
+    assert!(
+        text.contains("mtu = 1376") || text.contains("mtu=1376"),
+        "ping -M do -s 3000 from the MTU 8000 side did not learn MTU 1376:\n{text}"
+    );
+    assert!(p.hosts[1].status_json()["dataplane"]["frag_needed_sent"].as_u64().unwrap_or(0) >= 1);
+    // Without DF the same size crosses (fragmented by the sender's kernel, now that it knows).
+    assert!(ping_sized(&p.c[1].ns, "10.41.0.1", 3000, false));
 }
 
 #[test]
