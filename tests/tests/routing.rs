@@ -1,6 +1,7 @@
 //! Routing across a partial mesh: frames for peers without a direct connection
 //! are relayed, and broadcasts reach every container exactly once (per-source
-//! spanning trees), in a full mesh and along a chain.
+//! spanning trees), in a full mesh and along a chain; a peer behind a port-rewriting
+//! NAT is reached where its heartbeats come from.
 
 use std::time::Duration;
 
@@ -110,4 +111,38 @@ fn broadcast_reaches_each_container_once_along_a_chain() {
     let (hosts, cs) = mesh(&lab, 4, &[(1, 2), (2, 3), (3, 4)], false);
     broadcast_exactly_once(&lab, &cs);
     assert!(counter(&hosts[1], "relayed_units") > 0 && counter(&hosts[2], "relayed_units") > 0);
+}
+
+/// h1 sits behind a port-rewriting NAT: its datagrams leave from UDP port 7000
+/// instead of 6783, and unsolicited datagrams to 6783 are dropped. h2 must learn
+/// the rewritten address from h1's heartbeats, send there, and the pair must
+/// carry data directly.
+#[test]
+fn a_peer_behind_nat_is_reached_where_its_heartbeats_come_from() {
+    let Some(lab) = Lab::new("nat") else { return };
+    let h1 = lab.add_host(1);
+    let h2 = lab.add_host(2);
+    let nat = [
+        vec!["iptables", "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "--sport", "6783", "-j", "SNAT"],
+        vec!["iptables", "-A", "INPUT", "-p", "udp", "--dport", "6783", "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP"],
+    ];
+    let to = format!("{}:7000", h1.ip);
+    let mut snat = nat[0].clone();
+    snat.extend(["--to-source", to.as_str()]);
+    exec_in(&h1.ns, &snat).expect_ok("SNAT rule");
+    exec_in(&h1.ns, &nat[1]).expect_ok("inbound drop rule");
+    let n1 = h1.launch(&[]);
+    h2.launch(&[&h1.ip]);
+    let c1 = lab.add_container(&h1, 1);
+    let c2 = lab.add_container(&h2, 2);
+    h1.meshnet(&["attach", "10.42.0.1/16", &c1.ns]).expect_ok("attach c1");
+    h2.meshnet(&["attach", "10.42.0.2/16", &c2.ns]).expect_ok("attach c2");
+    assert!(ping_until(&c2.ns, "10.42.0.1", Duration::from_secs(30)), "c2 cannot reach c1 behind the NAT");
+    assert!(ping(&c1.ns, "10.42.0.2", 3));
+    let s2 = h2.status_json();
+    let to_h1 = connections(&s2).into_iter().find(|c| c["peer"] == n1.as_str()).expect("h2 has a connection to h1");
+    assert_eq!(to_h1["state"], "established", "{to_h1:#}");
+    assert_eq!(to_h1["route"], "direct", "{to_h1:#}");
+    assert_eq!(to_h1["udp_addr"], to.as_str(), "h2 did not learn h1's translated address: {to_h1:#}");
+    assert!(h2.log().contains(&format!("now sends from {to}")), "h2 did not log the address it learned");
 }
