@@ -218,7 +218,10 @@ async fn run_connection(
             }
             msg = queue.recv() => {
                 let Some(msg) = msg else { break 'conn "closed".into() };
-                let bye = matches!(msg, ControlMsg::Goodbye(_));
+                let bye = match &msg {
+                    ControlMsg::Goodbye(why) => Some(why.clone()),
+                    _ => None,
+                };
                 out.clear();
                 if let Err(e) = channel.send(&msg, &mut out) {
                     break 'conn format!("encode: {e}");
@@ -226,8 +229,8 @@ async fn run_connection(
                 if let Err(e) = stream.write_all(&out).await {
                     break 'conn format!("write: {e}");
                 }
-                if bye {
-                    break 'conn REPLACED.into();
+                if let Some(why) = bye {
+                    break 'conn why;
                 }
             }
             _ = heartbeat.tick() => {

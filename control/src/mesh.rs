@@ -23,6 +23,9 @@ use crate::state::StateDir;
 /// First retry delay of the connection maker; grows ×1.5 with jitter up to the cap.
 pub const BACKOFF_START: Duration = Duration::from_secs(2);
 pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
+/// A connection whose UDP worked and then stopped for this long is closed (and
+/// dialled again by whoever holds the target): the peer may have moved.
+pub const UDP_LOST_CLOSE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -48,6 +51,8 @@ pub struct Conn {
     /// UDP heartbeats work both ways: the connection carries data, and is
     /// gossiped as established so routes use it.
     pub udp_ok: bool,
+    /// Since when UDP has not worked, on a connection where it once did.
+    pub udp_lost_at: Option<Instant>,
     pub peer: Option<PeerName>,
     pub nickname: String,
     /// The peer's TCP listen address (its IP as seen, its advertised port).
@@ -185,6 +190,7 @@ impl Mesh {
                 remote,
                 established: false,
                 udp_ok: false,
+                udp_lost_at: None,
                 peer: None,
                 nickname: String::new(),
                 listen: None,
@@ -330,13 +336,18 @@ impl Mesh {
         let links = self.dataplane.links();
         let mut g = self.lock();
         let mut changed = false;
-        for c in g.conns.values_mut().filter(|c| c.established) {
+        let mut lost = Vec::new();
+        for (&id, c) in g.conns.iter_mut().filter(|(_, c)| c.established) {
             let Some(peer) = c.peer else { continue };
             let ok = links.get(&peer).is_some_and(|l| l.udp_ok);
+            if c.udp_lost_at.is_some_and(|t| t.elapsed() >= UDP_LOST_CLOSE) {
+                lost.push((id, peer));
+            }
             if ok == c.udp_ok {
                 continue;
             }
             c.udp_ok = ok;
+            c.udp_lost_at = if ok { None } else { Some(Instant::now()) };
             changed = true;
             match links.get(&peer) {
                 Some(l) if ok => log::info!(
@@ -349,6 +360,15 @@ impl Mesh {
                     c.remote.ip()
                 ),
             }
+        }
+        for (id, peer) in lost {
+            let why = format!("UDP heartbeats missed for {}s", UDP_LOST_CLOSE.as_secs());
+            log::warn!("closing the connection to {peer}: {why}");
+            if let Some(c) = g.conns.get(&id) {
+                let _ = c.queue.send(ControlMsg::Goodbye(why));
+            }
+            self.drop_conn_locked(&mut g, id);
+            changed = false; // dropping recomputed everything
         }
         if changed {
             self.local_connections_changed(&mut g);

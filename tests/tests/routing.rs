@@ -146,3 +146,41 @@ fn a_peer_behind_nat_is_reached_where_its_heartbeats_come_from() {
     assert_eq!(to_h1["udp_addr"], to.as_str(), "h2 did not learn h1's translated address: {to_h1:#}");
     assert!(h2.log().contains(&format!("now sends from {to}")), "h2 did not log the address it learned");
 }
+
+/// UDP between two established hosts stops (TCP still works): within seconds
+/// the connection is `pending` and carries no data; after 30 s without UDP it
+/// is closed and dialled again; once UDP works again it is established and
+/// carries data.
+#[test]
+fn missed_udp_heartbeats_stop_data_then_close_the_connection() {
+    let Some(lab) = Lab::new("udploss") else { return };
+    let h1 = lab.add_host(1);
+    let h2 = lab.add_host(2);
+    let n1 = h1.launch(&[]);
+    h2.launch(&[&h1.ip]);
+    let c1 = lab.add_container(&h1, 1);
+    let c2 = lab.add_container(&h2, 2);
+    h1.meshnet(&["attach", "10.42.0.1/16", &c1.ns]).expect_ok("attach c1");
+    h2.meshnet(&["attach", "10.42.0.2/16", &c2.ns]).expect_ok("attach c2");
+    assert!(ping_until(&c2.ns, "10.42.0.1", Duration::from_secs(30)));
+    let state = || {
+        connections(&h2.status_json())
+            .into_iter()
+            .find(|c| c["peer"] == n1.as_str())
+            .map(|c| c["state"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(state(), "established");
+    let block = ["iptables", "-I", "INPUT", "-p", "udp", "--dport", "6783", "-j", "DROP"];
+    exec_in(&h2.ns, &block).expect_ok("block UDP into h2");
+    assert!(wait_until(Duration::from_secs(10), || state() == "pending"), "still {} after 10 s without UDP", state());
+    assert!(!ping(&c2.ns, "10.42.0.1", 2), "data crossed a connection whose UDP is blocked");
+    assert!(
+        wait_until(Duration::from_secs(45), || h2.log().contains("UDP heartbeats missed for 30s")),
+        "the connection was not closed after 30 s without UDP:\n{}",
+        h2.log()
+    );
+    exec_in(&h2.ns, &["iptables", "-D", "INPUT", "-p", "udp", "--dport", "6783", "-j", "DROP"]).expect_ok("unblock");
+    assert!(wait_until(Duration::from_secs(30), || state() == "established"), "not established again: {}", state());
+    assert!(ping_until(&c2.ns, "10.42.0.1", Duration::from_secs(10)));
+}
