@@ -381,6 +381,12 @@ impl Mesh {
         let mut g = self.lock();
         let changed = g.topology.merge(infos).map_err(|e| format!("bad gossip: {e}"))?;
         if !changed.is_empty() {
+            // A peer's news may cut others off (a partition): forget who is no
+            // longer reachable, or stale entries would keep coming back.
+            let removed = g.topology.garbage_collect();
+            if !removed.is_empty() {
+                log::info!("forgot unreachable peers: {}", names(&removed));
+            }
             let update = g.topology.gossip_about(&changed);
             broadcast(&mut g, Some(from), &ControlMsg::Gossip(update));
             self.reachability_changed(&mut g);
@@ -571,8 +577,20 @@ impl Mesh {
                 nickname: String::new(),
                 address: addr.clone(),
                 direction: "outbound".into(),
-                state: if a.failures > 0 { "retrying" } else { "failed" }.into(),
-                info: format!("{}; retry in {wait}s", a.last_error),
+                // A dial under way holds its target far in the future.
+                state: if wait > BACKOFF_CAP.as_secs() {
+                    "connecting"
+                } else if a.failures > 0 {
+                    "retrying"
+                } else {
+                    "failed"
+                }
+                .into(),
+                info: if wait > BACKOFF_CAP.as_secs() {
+                    format!("dialling; last attempt: {}", a.last_error)
+                } else {
+                    format!("{}; retry in {wait}s", a.last_error)
+                },
                 ..Default::default()
             });
         }
