@@ -7,8 +7,7 @@
 //!    TCP (discovery), UDP between h1 and h3 dropped. c1↔c3 ping without loss
 //!    (relayed by h2); h1's connection to h3 says `route: relayed`, `via: h2`,
 //!    `state: pending`. Rule lifted: within 30 s `direct`/`established`, pings
-//!    work, h2's `relayed_units` stops growing. (Needs UDP heartbeats and the
-//!    `route`/`via` fields being built in main.)
+//!    work, h2's `relayed_units` stops growing.
 //! 2. `discovery_keeps_the_ends_talking_when_the_middle_stops`: chain, the ends
 //!    only told about h2; they meet by gossip; `meshnet stop` on h2; a ping
 //!    running across the stop loses nothing.
@@ -28,8 +27,8 @@
 //!    c1↔c4 pings.
 //! 5. `small_datagram_underlay_needs_path_mtu_discovery`: UDP datagrams whose
 //!    payload is over 1000 bytes are dropped between the hosts; `ping -s 10000`
-//!    and a 100 MB transfer (SHA-256 checked) must still work. (Needs per-peer
-//!    path-MTU probing being built in main.)
+//!    and a 100 MB transfer (SHA-256 checked) must still work (per-peer
+//!    path-MTU probing).
 //! 6. `transfer_survives_loss_and_reordering`: 2 % random loss of the routers'
 //!    UDP each way plus reordering (HTB priority classes, see the test's doc);
 //!    a UDP probe pair proves the underlay reorders, a sniffer proves meshnet's
@@ -38,15 +37,15 @@
 //! Run: `MESHNET_BIN=target/release/meshnet cargo test --release -p meshnet-tests
 //! --test faults -- --test-threads=1 --nocapture` (root; skips otherwise).
 //!
-//! Where they stood when written: on 54e5939 (no UDP heartbeats, no path-MTU
-//! probing) 1 fails (c1↔c3 is a black hole: h1 sends straight to h3 over the
-//! blocked UDP) and 5 fails (`ping -s 10000` never crosses: datagrams stay
-//! 1472 bytes); on b4e35c1 (heartbeats and probing) both pass. 4 fails on
-//! both: a router that loses its last link to the other half while its
-//! neighbour still lists it keeps the other half's entries (garbage is only
-//! collected when a connection of its own drops), and re-gossips them to the
-//! neighbour that had collected them, so every router keeps listing all four
-//! peers for as long as the partition lasts. 2, 3 and 6 pass on both.
+//! Each was seen failing where the property it checks was missing: on 54e5939
+//! (no UDP heartbeats, no path-MTU probing) 1 fails (c1↔c3 is a black hole: h1
+//! sends straight to h3 over the blocked UDP) and 5 fails (`ping -s 10000`
+//! never crosses: datagrams stay 1472 bytes). 4 failed until the topology
+//! collected unreachable peers after merging gossip as well as when a
+//! connection of its own drops: before, a router that lost its last link to
+//! the other half while its neighbour still listed it kept the other half's
+//! entries and re-gossiped them, so every router listed all four peers for as
+//! long as the partition lasted.
 
 use std::time::{Duration, Instant};
 
