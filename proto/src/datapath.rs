@@ -47,6 +47,11 @@ pub const MAX_DATAGRAM: usize = 65_507;
 pub const REASSEMBLY_SLOTS: usize = 8;
 /// Partial units older than this are dropped by [`Receiver::expire`].
 pub const REASSEMBLY_TIMEOUT_MS: u64 = 500;
+/// A partial unit overtaken by this many newer units of its session that
+/// completed is given up (and offered for salvage): chunks of one unit travel
+/// together and in order, so it has almost surely lost one. Fewer overtakings
+/// are tolerated as reordering.
+pub const SALVAGE_AFTER: u8 = 3;
 /// Unit ids of recently finished or dropped units remembered per session, so
 /// their late chunks do not start (and evict for) a unit that cannot complete.
 const RETIRED_IDS: usize = 32;
@@ -440,6 +445,8 @@ pub struct RxStats {
     pub stale_chunks: u64,
     /// Heartbeats authenticated (counted in `datagrams_ok` too).
     pub heartbeats: u64,
+    /// Partial units handed to the caller to salvage (counted in `reassembly_drops` too).
+    pub salvaged: u64,
 }
 
 /// One partially received chunked unit.
@@ -452,6 +459,10 @@ struct Slot {
     started_ms: u64,
     /// Order of creation, to find the oldest.
     seq: u64,
+    /// The inner header of the datagram that started the unit.
+    hdr: Option<InnerHeader>,
+    /// Newer units of the session completed since this one started.
+    overtaken: u8,
     /// MAX_UNIT bytes once first used.
     buf: Vec<u8>,
     /// One bit per byte of the unit already received.
@@ -461,7 +472,15 @@ struct Slot {
 const HAVE_WORDS: usize = MAX_UNIT.div_ceil(64);
 
 impl Slot {
-    fn start(&mut self, unit_id: u32, total: u32, now_ms: u64, seq: u64) {
+    /// Whether every byte of `start..end` has arrived.
+    fn covers(&self, start: usize, end: usize) -> bool {
+        if end > self.total as usize || start > end {
+            return false;
+        }
+        (start..end).step_by(1).all(|i| self.have.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0))
+    }
+
+    fn start(&mut self, unit_id: u32, total: u32, now_ms: u64, seq: u64, hdr: InnerHeader) {
         if self.buf.len() < MAX_UNIT {
             // Allocated once per slot, reused for every later unit.
             self.buf.resize(MAX_UNIT, 0);
@@ -475,6 +494,8 @@ impl Slot {
         self.received = 0;
         self.started_ms = now_ms;
         self.seq = seq;
+        self.hdr = Some(hdr);
+        self.overtaken = 0;
     }
 
     /// Copies `data` at `offset` and counts the bytes not received before.
@@ -522,28 +543,32 @@ impl Reassembly {
         self.retire(id);
     }
 
-    /// Adds one chunk; returns the slot holding the unit if it is now complete.
+    /// Adds one chunk; returns the slot holding the unit if it is now complete,
+    /// and (bit per slot) the older incomplete units this completion made
+    /// [`SALVAGE_AFTER`] times overtaken.
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
         now_ms: u64,
+        hdr: &InnerHeader,
         unit_id: u32,
         offset: u32,
         total: u32,
         data: &[u8],
         stats: &mut RxStats,
-    ) -> Option<usize> {
+    ) -> (Option<usize>, u32) {
         let i = match self.slots.iter().position(|s| s.active && s.unit_id == unit_id) {
             Some(i) => {
                 if self.slots[i].total != total {
                     self.drop_slot(i, stats);
-                    return None;
+                    return (None, 0);
                 }
                 i
             }
             None => {
                 if self.retired.contains(&Some(unit_id)) {
                     stats.stale_chunks += 1;
-                    return None;
+                    return (None, 0);
                 }
                 let i = match self.slots.iter().position(|s| !s.active) {
                     Some(free) => free,
@@ -555,7 +580,7 @@ impl Reassembly {
                 };
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                self.slots[i].start(unit_id, total, now_ms, seq);
+                self.slots[i].start(unit_id, total, now_ms, seq, *hdr);
                 i
             }
         };
@@ -563,10 +588,20 @@ impl Reassembly {
         slot.fill(offset as usize, data);
         if slot.received >= slot.total {
             slot.active = false;
+            let seq = slot.seq;
             self.retire(unit_id);
-            Some(i)
+            let mut older = 0u32;
+            for (j, other) in self.slots.iter_mut().enumerate() {
+                if other.active && other.seq < seq {
+                    other.overtaken = other.overtaken.saturating_add(1);
+                    if other.overtaken >= SALVAGE_AFTER {
+                        older |= 1 << j;
+                    }
+                }
+            }
+            (Some(i), older)
         } else {
-            None
+            (None, 0)
         }
     }
 
@@ -642,10 +677,28 @@ impl Receiver {
         &mut self,
         now_ms: u64,
         dgram: &mut [u8],
+        on_unit: impl FnMut(PeerName, &InnerHeader, &[u8]),
+        on_heartbeat: impl FnMut(PeerName, Heartbeat, usize),
+    ) -> Result<usize, DatapathError> {
+        self.receive_salvaging(now_ms, dgram, on_unit, on_heartbeat, |_, _, _, _| {})
+    }
+
+    /// [`receive_any`](Self::receive_any), and when a chunked unit completes
+    /// and so has overtaken an older, incomplete unit of the same session
+    /// [`SALVAGE_AFTER`] times (a chunk of it was lost), first
+    /// `on_partial(peer, &inner, unit, have)` for each such unit, where `unit`
+    /// is the unit's full length with holes and `have(start, end)` says whether
+    /// those bytes arrived; the partial unit is then dropped. A caller can
+    /// salvage the segments of a superframe that did arrive.
+    pub fn receive_salvaging(
+        &mut self,
+        now_ms: u64,
+        dgram: &mut [u8],
         mut on_unit: impl FnMut(PeerName, &InnerHeader, &[u8]),
         mut on_heartbeat: impl FnMut(PeerName, Heartbeat, usize),
+        mut on_partial: impl FnMut(PeerName, &InnerHeader, &[u8], &dyn Fn(usize, usize) -> bool),
     ) -> Result<usize, DatapathError> {
-        let res = self.receive_inner(now_ms, dgram, &mut on_unit, &mut on_heartbeat);
+        let res = self.receive_inner(now_ms, dgram, &mut on_unit, &mut on_heartbeat, &mut on_partial);
         let s = &mut self.stats;
         match res {
             Ok(n) => {
@@ -666,6 +719,7 @@ impl Receiver {
         dgram: &mut [u8],
         on_unit: &mut impl FnMut(PeerName, &InnerHeader, &[u8]),
         on_heartbeat: &mut impl FnMut(PeerName, Heartbeat, usize),
+        on_partial: &mut impl FnMut(PeerName, &InnerHeader, &[u8], &dyn Fn(usize, usize) -> bool),
     ) -> Result<usize, DatapathError> {
         let len = dgram.len();
         if len < OUTER_LEN + crate::session::TAG_LEN {
@@ -706,7 +760,20 @@ impl Receiver {
                 }
                 Record::Chunk { unit_id, offset, total, data } => {
                     let r = &mut session.reassembly;
-                    if let Some(i) = r.add(now_ms, unit_id, offset, total, data, &mut self.stats) {
+                    let (done, older) = r.add(now_ms, &inner, unit_id, offset, total, data, &mut self.stats);
+                    if older != 0 {
+                        let mut by_age: Vec<usize> = (0..REASSEMBLY_SLOTS).filter(|j| older & (1 << j) != 0).collect();
+                        by_age.sort_by_key(|&j| r.slots[j].seq);
+                        for j in by_age {
+                            let slot = &r.slots[j];
+                            if let Some(h) = slot.hdr {
+                                on_partial(peer, &h, &slot.buf[..slot.total as usize], &|a, b| slot.covers(a, b));
+                            }
+                            self.stats.salvaged += 1;
+                            r.drop_slot(j, &mut self.stats);
+                        }
+                    }
+                    if let Some(i) = done {
                         let slot = &r.slots[i];
                         on_unit(peer, &inner, &slot.buf[..slot.total as usize]);
                         delivered += 1;
@@ -944,6 +1011,58 @@ mod tests {
     }
 
     #[test]
+    fn a_unit_overtaken_often_enough_is_offered_for_salvage_with_its_holes() {
+        let (mut enc, mut tx, mut rx) = pair(1472);
+        let units: Vec<Vec<u8>> = (0..5).map(|i| unit(10_000, i)).collect();
+        let batch = encode(&mut enc, &mut tx, &units);
+        let per = 10_000usize.div_ceil(enc.chunk_payload());
+        let lost = 3; // the fourth chunk of unit 0
+        let delivered = std::cell::RefCell::new(Vec::new());
+        let mut partial = Vec::new();
+        for (i, d) in batch.datagrams().enumerate() {
+            if i == lost {
+                continue;
+            }
+            rx.receive_salvaging(
+                0,
+                &mut d.to_vec(),
+                |_, _, u| delivered.borrow_mut().push(u.to_vec()),
+                |_, _, _| {},
+                |p, h, u, have| {
+                    let c = enc.chunk_payload();
+                    let holes: Vec<usize> = (0..per).filter(|&k| !have(k * c, ((k + 1) * c).min(u.len()))).collect();
+                    assert_eq!(p, PEER);
+                    assert_eq!(h.src, PEER);
+                    assert_eq!(&u[..lost * c], &units[0][..lost * c], "bytes before the hole are the unit's");
+                    partial.push((u.len(), holes, delivered.borrow().len()));
+                },
+            )
+            .unwrap();
+        }
+        // Offered once, after SALVAGE_AFTER newer units completed and before the
+        // one that made it so is delivered; the rest arrive whole.
+        assert_eq!(partial, vec![(10_000, vec![lost], SALVAGE_AFTER as usize - 1)]);
+        assert_eq!(delivered.into_inner(), units[1..].to_vec());
+        assert_eq!(rx.stats().salvaged, 1);
+        assert_eq!(rx.stats().reassembly_drops, 1);
+    }
+
+    #[test]
+    fn a_chunk_late_by_fewer_overtakings_still_completes_its_unit() {
+        let (mut enc, mut tx, mut rx) = pair(1472);
+        let units: Vec<Vec<u8>> = (0..4).map(|i| unit(5_000, i)).collect();
+        let batch = encode(&mut enc, &mut tx, &units);
+        let per = 5_000usize.div_ceil(enc.chunk_payload());
+        let mut order: Vec<&[u8]> = batch.datagrams().collect();
+        // Unit 0's first chunk arrives after units 1 and 2 (SALVAGE_AFTER - 1 overtakings).
+        let late = order.remove(0);
+        order.insert(3 * per - 1, late);
+        let got = receive_all(&mut rx, 0, order);
+        assert_eq!(got, vec![units[1].clone(), units[2].clone(), units[0].clone(), units[3].clone()]);
+        assert_eq!(rx.stats().salvaged, 0);
+    }
+
+    #[test]
     fn reordered_chunks_are_reassembled() {
         let (mut enc, mut tx, mut rx) = pair(1472);
         let a = unit(65_000, 7);
@@ -1118,7 +1237,7 @@ mod tests {
             rx.receive(id as u64, &mut d, |_, _, _| got.push(id)).unwrap();
         }
         assert_eq!(rx.stats().reassembly_drops, 1);
-        for id in (0..=REASSEMBLY_SLOTS as u32).rev() {
+        for id in 0..=REASSEMBLY_SLOTS as u32 {
             let mut d = seal_plain(&mut key, &half(id, true));
             rx.receive(100, &mut d, |_, _, x| {
                 assert_eq!(x, &u[..]);
@@ -1127,7 +1246,7 @@ mod tests {
             .unwrap();
         }
         // Unit 0 was evicted; its late half is stale and evicts nobody.
-        assert_eq!(got, (1..=REASSEMBLY_SLOTS as u32).rev().collect::<Vec<_>>());
+        assert_eq!(got, (1..=REASSEMBLY_SLOTS as u32).collect::<Vec<_>>());
         assert_eq!(rx.stats().stale_chunks, 1);
         assert_eq!(rx.stats().reassembly_drops, 1);
     }
