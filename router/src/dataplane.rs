@@ -36,7 +36,7 @@ use meshnet_proto::wire::datagram::InnerHeader;
 use meshnet_proto::{Mac, PeerName};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 
-use crate::tap::Tap;
+use crate::device::Device;
 
 /// Units read from the TAP per batch.
 const TX_BATCH: usize = 64;
@@ -219,9 +219,10 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// Starts both forwarding threads on `tap` and `socket` (already bound).
+    /// Starts both forwarding threads on `tap` (a TAP or a capture device) and
+    /// `socket` (already bound).
     pub fn start(
-        tap: Tap,
+        tap: impl Into<Device>,
         socket: UdpSocket,
         me: PeerName,
         max_datagram: usize,
@@ -230,7 +231,7 @@ impl DataPlane {
         let state = Arc::new(UdpSocketState::new(UdpSockRef::from(&socket))?);
         let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
         let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
-        let tap = Arc::new(tap);
+        let tap = Arc::new(tap.into());
         let socket = Arc::new(socket);
         let stats = Arc::new(Stats::default());
         let clock = Instant::now();
@@ -343,7 +344,7 @@ impl PeerSet {
 }
 
 struct TxLoop {
-    tap: Arc<Tap>,
+    tap: Arc<Device>,
     socket: Arc<UdpSocket>,
     udp: Arc<UdpSocketState>,
     cmds: ChanRx<TxCmd>,
@@ -561,7 +562,7 @@ fn encode(
 }
 
 struct RxLoop {
-    tap: Arc<Tap>,
+    tap: Arc<Device>,
     socket: Arc<UdpSocket>,
     udp: Arc<UdpSocketState>,
     cmds: ChanRx<RxCmd>,
@@ -715,7 +716,7 @@ impl RxLoop {
         let out = if vnet {
             unit
         } else if unit[1] == 0 && unit[0] & 1 == 0 {
-            // No virtio header on this TAP: only plain frames can go in.
+            // No virtio header on this device: only plain frames can go in.
             &unit[VNET_HDR_LEN..]
         } else {
             self.stats.tap_write_errors.fetch_add(1, Ordering::Relaxed);

@@ -9,3 +9,6 @@ pub mod netlink;
 pub mod netns;
 pub mod tap;
 pub mod dataplane;
+pub mod device;
+pub mod capture;
+pub mod ethtool;
