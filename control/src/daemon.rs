@@ -102,6 +102,7 @@ pub fn run(cfg: Config) -> Result<()> {
     if psk.is_none() {
         log::warn!("no password set: traffic is encrypted, but any host that reaches port {} can join", cfg.port);
     }
+    let capabilities = if tap.vnet_hdr() { meshnet_proto::handshake::CAP_SUPERFRAMES } else { 0 };
     let udp_port = udp.local_addr()?.port();
     let dataplane = DataPlane::start(tap, udp, me, MAX_DATAGRAM).context("start the data plane")?;
 
@@ -165,7 +166,7 @@ pub fn run(cfg: Config) -> Result<()> {
         bridge: cfg.bridge.clone(),
         mtu: cfg.mtu,
     };
-    let local = Arc::new(Local { identity, psk, udp_port });
+    let local = Arc::new(Local { identity, psk, udp_port, capabilities });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -37,6 +37,7 @@ use meshnet_proto::{Mac, PeerName};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 
 use crate::device::Device;
+use crate::perframe::PerFrame;
 
 /// Units read from the TAP per batch.
 const TX_BATCH: usize = 64;
@@ -65,6 +66,9 @@ pub struct PeerLink {
     /// The receiver index we chose: identifies what the peer sends us.
     pub recv_index: u32,
     pub recv_key: [u8; 32],
+    /// The peer advertised `CAP_SUPERFRAMES`: it takes units whole. Without
+    /// it, units go to it through the per-frame path ([`crate::perframe`]).
+    pub superframes: bool,
 }
 
 /// Counters shared with the control plane (`meshnet status`).
@@ -83,6 +87,7 @@ pub struct Stats {
     pub dropped_no_peer: AtomicU64,
     pub relayed_units: AtomicU64,
     pub dropped_no_route: AtomicU64,
+    pub per_frame: crate::perframe::Counters,
 }
 
 impl Stats {
@@ -103,6 +108,9 @@ impl Stats {
             ("relayed_units", g(&self.relayed_units)),
             ("dropped_no_route", g(&self.dropped_no_route)),
         ]
+        .into_iter()
+        .chain(self.per_frame.to_json())
+        .collect()
     }
 }
 
@@ -367,6 +375,7 @@ impl TxLoop {
         let mut routes = Arc::new(Routes::default());
         let mut macs = MacTable::new(MAC_AGEING_MS);
         let mut batch = TxBatch::new();
+        let mut per_frame = PerFrame::new(self.stats.clone());
         let vnet = self.tap.vnet_hdr();
         let hdr_room = if vnet { 0 } else { VNET_HDR_LEN };
         let fd = self.tap.raw_fd();
@@ -482,14 +491,18 @@ impl TxLoop {
                     }
                     let hdr = InnerHeader { ttl: DEFAULT_TTL, broadcast: false, src: self.me, dst: PeerName(dst) };
                     let which = unicast[start..u].iter().map(|x| x.2);
-                    let _ = encode(&mut self.encoder, &mut p.session, hdr, which, &units, &lens, &mut batch);
+                    let pf = (!p.link.superframes).then_some(&mut per_frame);
+                    let _ = encode(&mut self.encoder, &mut p.session, hdr, which, &units, &lens, &mut batch, pf);
                 }
                 if flood_to.contains(&(pi as u16)) {
                     let hdr = InnerHeader { ttl: DEFAULT_TTL, broadcast: true, src: self.me, dst: PeerName::BROADCAST };
-                    let _ = encode(&mut self.encoder, &mut p.session, hdr, flood.iter().copied(), &units, &lens, &mut batch);
+                    let pf = (!p.link.superframes).then_some(&mut per_frame);
+                    let _ = encode(&mut self.encoder, &mut p.session, hdr, flood.iter().copied(), &units, &lens, &mut batch, pf);
                 }
-                if !batch.is_empty() {
+                if !batch.is_empty() && p.link.superframes {
                     send(&self.udp, &self.socket, &self.efd, &self.stats, &batch, p.link.addr);
+                } else if !batch.is_empty() {
+                    per_frame.send(&self.udp, &self.socket, &batch, p.link.addr);
                 }
             }
         }
@@ -542,6 +555,8 @@ fn send_one(udp: &UdpSocketState, socket: &UdpSocket, efd: &EventFd, stats: &Sta
     stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
 }
 
+/// `per_frame`: Some when the next hop takes no superframes.
+#[allow(clippy::too_many_arguments)]
 fn encode(
     encoder: &mut Encoder,
     session: &mut TxSession,
@@ -550,11 +565,17 @@ fn encode(
     units: &[Vec<u8>],
     lens: &[usize],
     batch: &mut TxBatch,
+    mut per_frame: Option<&mut PerFrame>,
 ) -> Result<(), meshnet_proto::datapath::DatapathError> {
     encoder.begin(session, hdr, batch);
     for i in which {
         let i = i as usize;
-        if let Err(e) = encoder.push(session, &units[i][..lens[i]], batch) {
+        let unit = &units[i][..lens[i]];
+        let pushed = match per_frame.as_deref_mut() {
+            None => encoder.push(session, unit, batch),
+            Some(pf) => pf.push(encoder, session, unit, batch),
+        };
+        if let Err(e) = pushed {
             log::debug!("dropping a unit: {e}");
         }
     }
@@ -580,20 +601,28 @@ struct Relay {
     encoder: Encoder,
     batch: TxBatch,
     routes: Arc<Routes>,
+    per_frame: PerFrame,
 }
 
 impl RxLoop {
     /// Seals `unit` for the direct peer `hop` under `hdr` and sends it at once.
     fn forward(&self, relay: &mut Relay, hop: usize, hdr: InnerHeader, unit: &[u8]) {
-        let Relay { set, encoder, batch, .. } = relay;
+        let Relay { set, encoder, batch, per_frame, .. } = relay;
         let p = &mut set.peers[hop];
         batch.clear();
         encoder.begin(&mut p.session, hdr, batch);
-        if encoder.push(&mut p.session, unit, batch).is_err() || encoder.finish(&mut p.session, batch).is_err() {
+        let pushed = match p.link.superframes {
+            true => encoder.push(&mut p.session, unit, batch),
+            false => per_frame.push(encoder, &mut p.session, unit, batch),
+        };
+        if pushed.is_err() || encoder.finish(&mut p.session, batch).is_err() {
             return;
         }
         self.stats.relayed_units.fetch_add(1, Ordering::Relaxed);
-        send(&self.udp, &self.socket, &self.efd, &self.stats, batch, p.link.addr);
+        match p.link.superframes {
+            true => send(&self.udp, &self.socket, &self.efd, &self.stats, batch, p.link.addr),
+            false => per_frame.send(&self.udp, &self.socket, batch, p.link.addr),
+        }
     }
 
     fn run(self) {
@@ -605,6 +634,7 @@ impl RxLoop {
             encoder: Encoder::new(self.max_datagram),
             batch: TxBatch::new(),
             routes: Arc::new(Routes::default()),
+            per_frame: PerFrame::new(self.stats.clone()),
         };
         // MACs we told the TX thread about, and when.
         let mut announced: HashMap<Mac, (PeerName, u64)> = HashMap::new();
@@ -690,7 +720,7 @@ impl RxLoop {
                             }
                             return;
                         }
-                        self.deliver(hdr.src, unit, now, announced, vnet);
+                        self.deliver(hdr.src, unit, now, announced, vnet, &mut relay.per_frame);
                     });
                     if result.is_err() {
                         self.stats.udp_rejected.fetch_add(1, Ordering::Relaxed);
@@ -701,7 +731,7 @@ impl RxLoop {
     }
 
     /// Writes a unit from peer `origin` into the TAP and learns where its source MAC lives.
-    fn deliver(&self, origin: PeerName, unit: &[u8], now: u64, announced: &mut HashMap<Mac, (PeerName, u64)>, vnet: bool) {
+    fn deliver(&self, origin: PeerName, unit: &[u8], now: u64, announced: &mut HashMap<Mac, (PeerName, u64)>, vnet: bool, per_frame: &mut PerFrame) {
         let src: Mac = unit[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12].try_into().expect("length checked by the caller");
         if src[0] & 1 == 0 {
             let fresh = match announced.get(&src) {
@@ -715,12 +745,9 @@ impl RxLoop {
         }
         let out = if vnet {
             unit
-        } else if unit[1] == 0 && unit[0] & 1 == 0 {
-            // No virtio header on this device: only plain frames can go in.
-            &unit[VNET_HDR_LEN..]
         } else {
-            self.stats.tap_write_errors.fetch_add(1, Ordering::Relaxed);
-            return;
+            // No virtio header on this device: only plain frames go in.
+            return per_frame.deliver(&self.tap, unit);
         };
         match self.tap.write_unit(out) {
             Ok(_) => self.stats.tap_units_out.fetch_add(1, Ordering::Relaxed),

@@ -12,3 +12,4 @@ pub mod dataplane;
 pub mod device;
 pub mod capture;
 pub mod ethtool;
+pub mod perframe;
