@@ -516,7 +516,7 @@ mod tests {
             f.extend_from_slice(&[0x9c, 0x40, 0x13, 0x89]);
             f.extend_from_slice(&s.seq.to_be_bytes());
             f.extend_from_slice(&[0, 0, 0, 1]);
-            f.push(((20 + s.tcp_opts.len()) / 4 << 4) as u8);
+            f.push((((20 + s.tcp_opts.len()) / 4) << 4) as u8);
             f.push(s.tcp_flags);
             f.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
             f.extend_from_slice(&s.tcp_opts);

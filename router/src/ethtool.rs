@@ -165,7 +165,7 @@ pub fn disable_offloads(ifname: &str) -> io::Result<()> {
         }
     }
     sock.clear(ifname, words, &off)?;
-    let still = features_on(&names, words, &sock.active(ifname)?.1, |n| must_be_off(n));
+    let still = features_on(&names, words, &sock.active(ifname)?.1, must_be_off);
     if !still.is_empty() {
         return Err(io::Error::other(format!("{ifname}: offloads still on: {}", still.join(", "))));
     }
