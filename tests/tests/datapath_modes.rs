@@ -205,3 +205,48 @@ fn tap_relay_segments_for_a_pcap_host() {
         assert_eq!(counter(h, "tap_write_errors"), 0, "on {}", h.ns);
     }
 }
+
+/// SIGKILLs the router of `h` (its pid from the state directory) and waits until it is gone.
+fn kill9(h: &Host) {
+    let pid: i32 = std::fs::read_to_string(h.state_dir.join("meshnet.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {}/meshnet.pid", h.state_dir.display()));
+    assert!(h.pids().contains(&pid), "router {pid} does not run in {}", h.ns);
+    // SAFETY: kill(2) on a pid that we checked lives in our own namespace.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(10), || !h.pids().contains(&pid)), "router {pid} survived SIGKILL");
+}
+
+/// A router switched between datapaths across crashes: re-attached containers
+/// get their offloads turned off in pcap mode, a capture veth left by a
+/// crashed router is replaced (same datapath) or removed (the other one).
+#[test]
+fn datapath_changes_across_restarts() {
+    let Some(lab) = Lab::new("dpswitch") else { return };
+    let (hs, cs) = hosts(&lab, &["tap", "pcap"], false);
+    let (h1, c1, c2) = (&hs[0], &cs[0], &cs[1]);
+    assert!(ping_until(&c1.ns, &ip_of(c2), Duration::from_secs(30)), "c1 cannot reach c2");
+    let k = exec_in(&c1.ns, &["ethtool", "-k", "ethwe"]).expect_ok("ethtool -k");
+    assert!(k.stdout.contains("tx-checksumming: on"), "tap mode left ethwe's offloads alone:\n{}", k.stdout);
+
+    kill9(h1);
+    h1.launch(&["--password", "modes", "--datapath", "pcap"]);
+    offloads_off(&c1.ns, "ethwe");
+    assert!(!has_link(h1, "meshnet-tap") && has_link(h1, "meshnet-pcap"));
+    assert!(ping_until(&c1.ns, &ip_of(c2), Duration::from_secs(30)), "c1 cannot reach c2 with h1 on pcap");
+    transfer(&lab, c1, c2, 10 * MB);
+
+    // A crash leaves the veth behind; the next launch replaces or removes it.
+    kill9(h1);
+    assert!(has_link(h1, "meshnet-pcap"), "the veth did not outlive the crash (nothing to test)");
+    h1.launch(&["--password", "modes", "--datapath", "pcap"]);
+    assert!(ping_until(&c1.ns, &ip_of(c2), Duration::from_secs(30)), "c1 cannot reach c2 after a relaunch on pcap");
+    kill9(h1);
+    h1.launch(&["--password", "modes"]);
+    assert_eq!(h1.status_json()["datapath"], "tap");
+    assert!(!has_link(h1, "meshnet-pcap") && !has_link(h1, "meshnet-pbr"), "capture veth left on a tap router");
+    assert!(has_link(h1, "meshnet-tap"));
+    assert!(ping_until(&c1.ns, &ip_of(c2), Duration::from_secs(30)), "c1 cannot reach c2 back on tap");
+    transfer(&lab, c2, c1, 10 * MB);
+}
