@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use meshnet_control::api::{self, ClientError, ConnectionStatus, PeerStatus, PsEntry, Request, Status};
-use meshnet_control::daemon::{self, Config, DEFAULT_MTU, DEFAULT_PORT};
+use meshnet_control::daemon::{self, Config, Datapath, DEFAULT_MTU, DEFAULT_PORT};
 use meshnet_control::peeraddr::PeerAddr;
 use meshnet_control::state::{StateDir, DEFAULT_STATE_DIR};
 use meshnet_proto::ipam::Cidr;
@@ -162,6 +162,10 @@ struct LaunchArgs {
     /// seed=PEER,... (those peers' names), or observer (takes no space at start).
     #[arg(long, default_value = "consensus")]
     ipalloc_init: String,
+    /// How the router joins the bridge: `tap` (a TAP carrying TSO superframes whole) or `pcap`
+    /// (libpcap on a veth, plain frames, as Weave's original router; slower, for where a TAP cannot be used).
+    #[arg(long, default_value = "tap", value_parser = ["tap", "pcap"])]
+    datapath: String,
     /// Peers to connect to (host or host:port), persisted like `meshnet connect`.
     #[arg(value_name = "PEER")]
     #[serde(skip)]
@@ -354,6 +358,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         }
     }
     let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, peers.len())?;
+    let datapath: Datapath = args.datapath.parse().map_err(|e| anyhow!("--datapath: {e}"))?;
     if let Ok(v) = api::call(state, &Request::Status, Duration::from_secs(5)) {
         bail!(
             "a meshnet router is already running for {} (peer {})",
@@ -382,6 +387,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             ipalloc_range_given: args.ipalloc_range != meshnet_proto::ipam::DEFAULT_RANGE,
             ipalloc_default_subnet,
             ipalloc_init,
+            datapath,
         };
         daemon::run(cfg)?;
         return Ok(ExitCode::SUCCESS);
@@ -400,7 +406,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     cmd.arg("--state-dir").arg(&state.root).arg("launch").arg("--foreground");
     cmd.args(["--port", &args.port.to_string(), "--host", &args.host.to_string()]);
     cmd.args(["--mtu", &args.mtu.to_string(), "--bridge", &args.bridge]);
-    cmd.args(["--conn-limit", &args.conn_limit.to_string()]);
+    cmd.args(["--conn-limit", &args.conn_limit.to_string(), "--datapath", datapath.as_str()]);
     if let Some(n) = &args.name {
         cmd.args(["--name", n]);
     }
@@ -566,6 +572,11 @@ fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<Exit
             });
             println!("           Port: {} (TCP control, UDP data)", s.port);
             println!("         Bridge: {} (MTU {})", s.bridge, s.mtu);
+            println!("       Datapath: {}", match s.datapath.as_str() {
+                "pcap" => "pcap (libpcap on a veth: plain frames)",
+                "tap" => "tap (superframes)",
+                other => other,
+            });
             println!("          Peers: {}", s.peers.len());
             println!("    Connections: {} ({} established)", s.connections.len(), established);
             println!("        Targets: {}", s.targets.len());

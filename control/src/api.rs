@@ -97,6 +97,9 @@ pub struct Status {
     pub discovery: bool,
     pub bridge: String,
     pub mtu: u32,
+    /// `tap` or `pcap` (`meshnet launch --datapath`).
+    #[serde(default)]
+    pub datapath: String,
     pub peers: Vec<PeerStatus>,
     pub connections: Vec<ConnectionStatus>,
     pub targets: Vec<String>,

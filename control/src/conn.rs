@@ -36,6 +36,9 @@ pub struct Local {
     pub identity: Identity,
     pub psk: Option<[u8; 32]>,
     pub udp_port: u16,
+    /// `CAP_*` bits we advertise: `CAP_SUPERFRAMES` only when our device has a
+    /// virtio header (a capture device takes plain frames only).
+    pub capabilities: u32,
 }
 
 /// Accepts inbound control connections until shutdown.
@@ -157,7 +160,7 @@ async fn run_connection(
         tcp_port: mesh.settings.port,
         udp_port: local.udp_port,
         receiver_index: recv_index,
-        capabilities: CAP_SUPERFRAMES,
+        capabilities: local.capabilities,
     };
     let role = if direction == Direction::Outbound { Role::Initiator } else { Role::Responder };
     let cfg = HandshakeConfig { identity: local.identity.clone(), psk: local.psk, hello };
@@ -181,7 +184,11 @@ async fn run_connection(
         send_key: data_keys.send,
         recv_index,
         recv_key: data_keys.recv,
+        superframes: hello.capabilities & CAP_SUPERFRAMES != 0,
     };
+    if !link.superframes {
+        log::info!("{} takes no superframes: frames go to it one by one (segmented here)", hello.name);
+    }
     if let Err(why) = mesh.establish(id, hello.name, hello.nickname.clone(), listen, link) {
         let mut out = Vec::new();
         let _ = channel.send(&ControlMsg::Goodbye(why.clone()), &mut out);

@@ -9,6 +9,9 @@ use anyhow::{bail, Context, Result};
 use meshnet_proto::PeerName;
 use meshnet_router::dataplane::DataPlane;
 use meshnet_router::netlink;
+use meshnet_router::capture::{self, CaptureDevice};
+use meshnet_router::device::Device;
+pub use meshnet_router::device::Datapath;
 use meshnet_router::tap::Tap;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -48,6 +51,8 @@ pub struct Config {
     /// `--ipalloc-default-subnet` (default: the range).
     pub ipalloc_default_subnet: Option<Cidr>,
     pub ipalloc_init: InitMode,
+    /// `--datapath`: how the router joins the bridge.
+    pub datapath: Datapath,
 }
 
 /// Name of the TAP for a bridge (at most 15 bytes).
@@ -88,17 +93,29 @@ pub fn run(cfg: Config) -> Result<()> {
     let previous = cfg.state.load_devices()?;
     let bridge_created = !existed || previous.as_ref().is_some_and(|d| d.bridge == cfg.bridge && d.bridge_created);
     let bridge_index = netlink::ensure_bridge(&cfg.bridge, cfg.mtu).with_context(|| format!("bridge {}", cfg.bridge))?;
-    let tap_if = tap_name(&cfg.bridge);
+    let tap_if = port_name(&cfg.bridge, cfg.datapath);
+    if let Some(old) = previous.as_ref().filter(|d| d.tap != tap_if) {
+        // The port of a run with the other datapath (a capture veth outlives a crash).
+        let _ = netlink::delete_link(&old.tap);
+    }
     cfg.state.save_devices(&Devices { bridge: cfg.bridge.clone(), bridge_created, tap: tap_if.clone() })?;
-    let tap = Tap::create(&tap_if, bridge_index, cfg.mtu).with_context(|| format!("TAP {tap_if}"))?;
+    let tap: Device = match cfg.datapath {
+        Datapath::Tap => Tap::create(&tap_if, bridge_index, cfg.mtu).with_context(|| format!("TAP {tap_if}"))?.into(),
+        Datapath::Pcap => CaptureDevice::create(&cfg.bridge, bridge_index, cfg.mtu)
+            .with_context(|| format!("capture device {tap_if}"))?
+            .into(),
+    };
     log::info!(
-        "meshnet {} peer {me} ({}) on bridge {} (TAP {tap_if}, virtio header {}), port {}",
+        "meshnet {} peer {me} ({}) on bridge {} (datapath {}, port {}, virtio header {}), port {}",
         env!("CARGO_PKG_VERSION"),
         cfg.nickname,
         cfg.bridge,
+        cfg.datapath,
+        tap.name(),
         if tap.vnet_hdr() { "on" } else { "off" },
         cfg.port
     );
+    let capabilities = if tap.vnet_hdr() { meshnet_proto::handshake::CAP_SUPERFRAMES } else { 0 };
     if psk.is_none() {
         log::warn!("no password set: traffic is encrypted, but any host that reaches port {} can join", cfg.port);
     }
@@ -165,7 +182,7 @@ pub fn run(cfg: Config) -> Result<()> {
         bridge: cfg.bridge.clone(),
         mtu: cfg.mtu,
     };
-    let local = Arc::new(Local { identity, psk, udp_port });
+    let local = Arc::new(Local { identity, psk, udp_port, capabilities });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -182,7 +199,7 @@ pub fn run(cfg: Config) -> Result<()> {
         std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
         std::fs::write(state.pid(), format!("{}\n", std::process::id()))?;
 
-        let ctx = Arc::new(ApiCtx { mesh: mesh.clone(), attachments: Mutex::new(attachments) });
+        let ctx = Arc::new(ApiCtx { mesh: mesh.clone(), attachments: Mutex::new(attachments), datapath: cfg.datapath });
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(conn::accept_loop(mesh.clone(), local.clone(), listener));
         tasks.spawn(conn::maker_loop(mesh.clone(), local.clone()));
@@ -216,6 +233,10 @@ pub fn run(cfg: Config) -> Result<()> {
     if let Ok(mesh) = Arc::try_unwrap(mesh) {
         mesh.dataplane.stop();
     }
+    if cfg.datapath == Datapath::Pcap {
+        // Dropping the device removes its veth; this covers a data plane still referenced.
+        let _ = netlink::delete_link(&tap_if);
+    }
     if how == Shutdown::Reset {
         remove_devices(&cfg.state, &attachments);
     }
@@ -227,14 +248,34 @@ pub fn run(cfg: Config) -> Result<()> {
 fn reattach(cfg: &Config, a: &Attachment, addrs: &[(IpAddr, u8)]) -> Result<()> {
     let ns = attach::still_there(a).context("namespace gone")?;
     netlink::attach(&netlink::AttachSpec {
-        target: ns,
+        target: ns.clone(),
         bridge: cfg.bridge.clone(),
         host_if: a.host_if.clone(),
         container_if: attach::ifname_of(a).into(),
         mtu: cfg.mtu,
         addrs: addrs.to_vec(),
     })?;
+    plain_frames_if_capturing(cfg.datapath, &ns, attach::ifname_of(a));
     Ok(())
+}
+
+/// In the capture datapath a container must send plain frames: its interface's
+/// transmit offloads go off (as Weave's `ethtool -K ethwe tx off`).
+fn plain_frames_if_capturing(datapath: Datapath, ns: &meshnet_router::netns::Netns, ifname: &str) {
+    if datapath == Datapath::Pcap {
+        if let Err(e) = capture::plain_frames_only(ns, ifname) {
+            log::warn!("{e}");
+        }
+    }
+}
+
+/// The router's port on the bridge: the TAP, or the capture veth's far end
+/// (deleting it deletes the pair).
+pub fn port_name(bridge: &str, datapath: Datapath) -> String {
+    match datapath {
+        Datapath::Tap => tap_name(bridge),
+        Datapath::Pcap => capture::veth_names(bridge).0,
+    }
 }
 
 /// Removes every interface and device this router made: container interfaces,
@@ -268,6 +309,7 @@ pub fn reset_offline(state: &StateDir) -> Result<()> {
 struct ApiCtx {
     mesh: Arc<Mesh>,
     attachments: Mutex<Vec<Attachment>>,
+    datapath: Datapath,
 }
 
 async fn api_loop(ctx: Arc<ApiCtx>, listener: UnixListener) {
@@ -336,6 +378,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 discovery: s.discovery,
                 bridge: s.bridge.clone(),
                 mtu: s.mtu,
+                datapath: ctx.datapath.to_string(),
                 peers: mesh.peer_status(),
                 connections: mesh.connection_status(),
                 targets: mesh.targets(),
@@ -377,6 +420,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                     return Err(e);
                 }
             };
+            plain_frames_if_capturing(ctx.datapath, &t.netns, &done.container_if);
             Ok(json!({
                 "target": target,
                 "interface": done.container_if,

@@ -51,6 +51,8 @@ pub struct Attachment {
 pub struct Devices {
     pub bridge: String,
     pub bridge_created: bool,
+    /// The router's port on the bridge: the TAP, or with `--datapath pcap` the
+    /// capture veth's end (deleting it deletes the pair).
     pub tap: String,
 }
 

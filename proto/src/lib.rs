@@ -16,6 +16,7 @@ pub mod replay;
 pub mod wire;
 pub mod datapath;
 pub mod liveness;
+pub mod gso;
 pub mod mac_table;
 pub mod handshake;
 pub mod identity;

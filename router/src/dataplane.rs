@@ -47,7 +47,8 @@ use meshnet_proto::wire::datagram::InnerHeader;
 use meshnet_proto::{Mac, PeerName};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 
-use crate::tap::Tap;
+use crate::device::Device;
+use crate::perframe::PerFrame;
 
 /// Units read from the TAP per batch.
 const TX_BATCH: usize = 64;
@@ -79,6 +80,9 @@ pub struct PeerLink {
     /// The receiver index we chose: identifies what the peer sends us.
     pub recv_index: u32,
     pub recv_key: [u8; 32],
+    /// The peer advertised `CAP_SUPERFRAMES`: it takes units whole. Without
+    /// it, units go to it through the per-frame path ([`crate::perframe`]).
+    pub superframes: bool,
 }
 
 /// Counters shared with the control plane (`meshnet status`).
@@ -101,6 +105,7 @@ pub struct Stats {
     pub heartbeats_in: AtomicU64,
     pub frag_needed_sent: AtomicU64,
     pub dropped_too_big: AtomicU64,
+    pub per_frame: crate::perframe::Counters,
 }
 
 impl Stats {
@@ -125,6 +130,9 @@ impl Stats {
             ("frag_needed_sent", g(&self.frag_needed_sent)),
             ("dropped_too_big", g(&self.dropped_too_big)),
         ]
+        .into_iter()
+        .chain(self.per_frame.to_json())
+        .collect()
     }
 }
 
@@ -278,9 +286,10 @@ pub struct DataPlane {
 }
 
 impl DataPlane {
-    /// Starts both forwarding threads on `tap` and `socket` (already bound).
+    /// Starts both forwarding threads on `tap` (a TAP or a capture device) and
+    /// `socket` (already bound).
     pub fn start(
-        tap: Tap,
+        tap: impl Into<Device>,
         socket: UdpSocket,
         me: PeerName,
         max_datagram: usize,
@@ -289,7 +298,7 @@ impl DataPlane {
         let state = Arc::new(UdpSocketState::new(UdpSockRef::from(&socket))?);
         let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
         let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
-        let tap = Arc::new(tap);
+        let tap = Arc::new(tap.into());
         let socket = Arc::new(socket);
         let stats = Arc::new(Stats::default());
         let clock = Instant::now();
@@ -437,7 +446,7 @@ impl PeerSet {
 }
 
 struct TxLoop {
-    tap: Arc<Tap>,
+    tap: Arc<Device>,
     socket: Arc<UdpSocket>,
     udp: Arc<UdpSocketState>,
     cmds: ChanRx<TxCmd>,
@@ -487,6 +496,7 @@ impl TxLoop {
         let mut routes = Arc::new(Routes::default());
         let mut macs = MacTable::new(MAC_AGEING_MS);
         let mut batch = TxBatch::new();
+        let mut per_frame = PerFrame::new(self.stats.clone());
         let vnet = self.tap.vnet_hdr();
         let hdr_room = if vnet { 0 } else { VNET_HDR_LEN };
         let fd = self.tap.raw_fd();
@@ -609,14 +619,18 @@ impl TxLoop {
                     }
                     let hdr = InnerHeader { ttl: DEFAULT_TTL, broadcast: false, src: self.me, dst: PeerName(dst) };
                     let which = unicast[start..u].iter().map(|x| x.2);
-                    let _ = encode(&mut self.encoder, &mut p.session, hdr, which, &units, &lens, &mut batch);
+                    let pf = (!p.link.superframes).then_some(&mut per_frame);
+                    let _ = encode(&mut self.encoder, &mut p.session, hdr, which, &units, &lens, &mut batch, pf);
                 }
                 if flood_to.contains(&(pi as u16)) {
                     let hdr = InnerHeader { ttl: DEFAULT_TTL, broadcast: true, src: self.me, dst: PeerName::BROADCAST };
-                    let _ = encode(&mut self.encoder, &mut p.session, hdr, flood.iter().copied(), &units, &lens, &mut batch);
+                    let pf = (!p.link.superframes).then_some(&mut per_frame);
+                    let _ = encode(&mut self.encoder, &mut p.session, hdr, flood.iter().copied(), &units, &lens, &mut batch, pf);
                 }
-                if !batch.is_empty() {
+                if !batch.is_empty() && p.link.superframes {
                     send(&self.udp, &self.socket, &self.efd, &self.stats, &batch, p.link.addr);
+                } else if !batch.is_empty() {
+                    per_frame.send(&self.udp, &self.socket, &batch, p.link.addr);
                 }
             }
         }
@@ -692,6 +706,8 @@ fn send_one(udp: &UdpSocketState, socket: &UdpSocket, efd: &EventFd, stats: &Sta
     stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
 }
 
+/// `per_frame`: Some when the next hop takes no superframes.
+#[allow(clippy::too_many_arguments)]
 fn encode(
     encoder: &mut Encoder,
     session: &mut TxSession,
@@ -700,11 +716,17 @@ fn encode(
     units: &[Vec<u8>],
     lens: &[usize],
     batch: &mut TxBatch,
+    mut per_frame: Option<&mut PerFrame>,
 ) -> Result<(), meshnet_proto::datapath::DatapathError> {
     encoder.begin(session, hdr, batch);
     for i in which {
         let i = i as usize;
-        if let Err(e) = encoder.push(session, &units[i][..lens[i]], batch) {
+        let unit = &units[i][..lens[i]];
+        let pushed = match per_frame.as_deref_mut() {
+            None => encoder.push(session, unit, batch),
+            Some(pf) => pf.push(encoder, session, unit, batch),
+        };
+        if let Err(e) = pushed {
             log::debug!("dropping a unit: {e}");
         }
     }
@@ -712,7 +734,7 @@ fn encode(
 }
 
 struct RxLoop {
-    tap: Arc<Tap>,
+    tap: Arc<Device>,
     socket: Arc<UdpSocket>,
     udp: Arc<UdpSocketState>,
     cmds: ChanRx<RxCmd>,
@@ -731,21 +753,29 @@ struct Relay {
     encoder: Encoder,
     batch: TxBatch,
     routes: Arc<Routes>,
+    per_frame: PerFrame,
 }
 
 impl RxLoop {
     /// Seals `unit` for the direct peer `hop` under `hdr` and sends it at once.
     fn forward(&self, relay: &mut Relay, hop: usize, hdr: InnerHeader, unit: &[u8]) {
-        let Relay { set, encoder, batch, .. } = relay;
+        let Relay { set, encoder, batch, per_frame, .. } = relay;
         let p = &mut set.peers[hop];
         batch.clear();
         encoder.set_max_datagram(p.max_datagram);
         encoder.begin(&mut p.session, hdr, batch);
-        if encoder.push(&mut p.session, unit, batch).is_err() || encoder.finish(&mut p.session, batch).is_err() {
+        let pushed = match p.link.superframes {
+            true => encoder.push(&mut p.session, unit, batch),
+            false => per_frame.push(encoder, &mut p.session, unit, batch),
+        };
+        if pushed.is_err() || encoder.finish(&mut p.session, batch).is_err() {
             return;
         }
         self.stats.relayed_units.fetch_add(1, Ordering::Relaxed);
-        send(&self.udp, &self.socket, &self.efd, &self.stats, batch, p.link.addr);
+        match p.link.superframes {
+            true => send(&self.udp, &self.socket, &self.efd, &self.stats, batch, p.link.addr),
+            false => per_frame.send(&self.udp, &self.socket, batch, p.link.addr),
+        }
     }
 
     fn run(self) {
@@ -757,6 +787,7 @@ impl RxLoop {
             encoder: Encoder::new(self.max_datagram),
             batch: TxBatch::new(),
             routes: Arc::new(Routes::default()),
+            per_frame: PerFrame::new(self.stats.clone()),
         };
         // MACs we told the TX thread about, and when.
         let mut announced: HashMap<Mac, (PeerName, u64)> = HashMap::new();
@@ -848,7 +879,7 @@ impl RxLoop {
                             }
                             return;
                         }
-                        self.deliver(hdr.src, unit, now, announced, vnet);
+                        self.deliver(hdr.src, unit, now, announced, vnet, &mut relay.per_frame);
                     }, on_heartbeat);
                     if result.is_err() {
                         self.stats.udp_rejected.fetch_add(1, Ordering::Relaxed);
@@ -877,7 +908,7 @@ impl RxLoop {
     }
 
     /// Writes a unit from peer `origin` into the TAP and learns where its source MAC lives.
-    fn deliver(&self, origin: PeerName, unit: &[u8], now: u64, announced: &mut HashMap<Mac, (PeerName, u64)>, vnet: bool) {
+    fn deliver(&self, origin: PeerName, unit: &[u8], now: u64, announced: &mut HashMap<Mac, (PeerName, u64)>, vnet: bool, per_frame: &mut PerFrame) {
         let src: Mac = unit[VNET_HDR_LEN + 6..VNET_HDR_LEN + 12].try_into().expect("length checked by the caller");
         if src[0] & 1 == 0 {
             let fresh = match announced.get(&src) {
@@ -891,12 +922,9 @@ impl RxLoop {
         }
         let out = if vnet {
             unit
-        } else if unit[1] == 0 && unit[0] & 1 == 0 {
-            // No virtio header on this TAP: only plain frames can go in.
-            &unit[VNET_HDR_LEN..]
         } else {
-            self.stats.tap_write_errors.fetch_add(1, Ordering::Relaxed);
-            return;
+            // No virtio header on this device: only plain frames go in.
+            return per_frame.deliver(&self.tap, unit);
         };
         match self.tap.write_unit(out) {
             Ok(_) => self.stats.tap_units_out.fetch_add(1, Ordering::Relaxed),

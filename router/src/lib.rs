@@ -10,3 +10,7 @@ pub mod netns;
 pub mod tap;
 pub mod dataplane;
 pub mod icmp;
+pub mod device;
+pub mod capture;
+pub mod ethtool;
+pub mod perframe;

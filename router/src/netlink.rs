@@ -239,6 +239,58 @@ pub(crate) fn set_port(name: &str, cfg: PortConfig) -> Result<(), NetlinkError> 
     })
 }
 
+/// Make a veth pair that stays in the calling thread's namespace, for the
+/// capture datapath: `bridge_end` a port of the bridge with ifindex
+/// `bridge_index`, `capture_end` promiscuous; both with MTU `mtu`, IPv6 off, up.
+/// Links already named so (left by a router that crashed) are deleted first; on
+/// error the new pair is deleted again.
+pub fn create_veth_port(
+    capture_end: &str,
+    bridge_end: &str,
+    bridge_index: u32,
+    mtu: u32,
+) -> Result<(), NetlinkError> {
+    let what = format!("create veth {capture_end}/{bridge_end}");
+    check_ifname(&what, "capture end name", capture_end)?;
+    check_ifname(&what, "bridge end name", bridge_end)?;
+    let (capture_end, bridge_end) = (capture_end.to_string(), bridge_end.to_string());
+    on_netlink_thread(what.clone(), move |h| async move {
+        delete_by_name(&h, &capture_end, &what).await?;
+        delete_by_name(&h, &bridge_end, &what).await?;
+        h.link()
+            .add(LinkVeth::new(&capture_end, &bridge_end).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(|e| kernel(what.clone(), e))?;
+        let made: Result<(), NetlinkError> = async {
+            let cfg = PortConfig { bridge_index, mtu: Some(mtu), promisc: false, txqueuelen: None };
+            for (name, port) in [(&bridge_end, true), (&capture_end, false)] {
+                let link = link_by_name(&h, name)
+                    .await
+                    .ctx(|| format!("{what}: look up {name}"))?
+                    .ok_or_else(|| NetlinkError::NotFound {
+                        what: what.clone(),
+                        problem: format!("{name} vanished after creation"),
+                    })?;
+                if port {
+                    configure_port(&h, name, link.header.index, &cfg).await?;
+                } else {
+                    set_ipv6_disabled(name, true)?;
+                    set_link(&h, LinkUnspec::new_with_index(link.header.index).promiscuous(true).up().build())
+                        .await
+                        .ctx(|| format!("{what}: set {name} promiscuous and up"))?;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        if made.is_err() {
+            undo_veth(&h, &capture_end).await;
+        }
+        made
+    })
+}
+
 /// Make a veth pair: host end on the bridge (up, IPv6 off), the other moved into
 /// the target namespace (by fd), renamed to container_if, MTU set, addresses
 /// added, up, IPv6 off (unless an IPv6 address is asked for), then a gratuitous
