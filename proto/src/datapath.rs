@@ -47,6 +47,11 @@ pub const MAX_DATAGRAM: usize = 65_507;
 pub const REASSEMBLY_SLOTS: usize = 8;
 /// Partial units older than this are dropped by [`Receiver::expire`].
 pub const REASSEMBLY_TIMEOUT_MS: u64 = 500;
+/// A partial unit this old is given up by [`Receiver::salvage_older_than`]'s
+/// usual caller: its chunks travel together, so one this late is lost, and
+/// waiting longer only stalls the flow (the sender may have nothing more to send
+/// until the segments in it are acknowledged).
+pub const SALVAGE_AGE_MS: u64 = 10;
 /// A partial unit overtaken by this many newer units of its session that
 /// completed is given up (and offered for salvage): chunks of one unit travel
 /// together and in order, so it has almost surely lost one. Fewer overtakings
@@ -784,6 +789,35 @@ impl Receiver {
         Ok(delivered)
     }
 
+    /// Partial units waiting for chunks, across sessions.
+    pub fn partial_units(&self) -> usize {
+        self.sessions.values().map(|s| s.reassembly.slots.iter().filter(|x| x.active).count()).sum()
+    }
+
+    /// Gives up partial units started `age_ms` or longer ago, offering each to
+    /// `on_partial` as [`receive_salvaging`](Self::receive_salvaging) does.
+    pub fn salvage_older_than(
+        &mut self,
+        now_ms: u64,
+        age_ms: u64,
+        mut on_partial: impl FnMut(PeerName, &InnerHeader, &[u8], &dyn Fn(usize, usize) -> bool),
+    ) {
+        for s in self.sessions.values_mut() {
+            let r = &mut s.reassembly;
+            for j in 0..REASSEMBLY_SLOTS {
+                let slot = &r.slots[j];
+                if !slot.active || now_ms.saturating_sub(slot.started_ms) < age_ms {
+                    continue;
+                }
+                if let Some(h) = slot.hdr {
+                    on_partial(s.peer, &h, &slot.buf[..slot.total as usize], &|a, b| slot.covers(a, b));
+                }
+                self.stats.salvaged += 1;
+                r.drop_slot(j, &mut self.stats);
+            }
+        }
+    }
+
     /// Drop partial reassemblies older than [`REASSEMBLY_TIMEOUT_MS`].
     pub fn expire(&mut self, now_ms: u64) {
         for s in self.sessions.values_mut() {
@@ -1045,6 +1079,27 @@ mod tests {
         assert_eq!(delivered.into_inner(), units[1..].to_vec());
         assert_eq!(rx.stats().salvaged, 1);
         assert_eq!(rx.stats().reassembly_drops, 1);
+    }
+
+    #[test]
+    fn the_last_unit_of_a_burst_is_salvaged_by_age() {
+        let (mut enc, mut tx, mut rx) = pair(1472);
+        let u = unit(6_000, 9);
+        let batch = encode(&mut enc, &mut tx, std::slice::from_ref(&u));
+        let mut dgrams: Vec<_> = batch.datagrams().collect();
+        dgrams.pop();
+        assert!(receive_all(&mut rx, 100, dgrams).is_empty());
+        assert_eq!(rx.partial_units(), 1);
+        let mut offered = 0;
+        rx.salvage_older_than(100 + SALVAGE_AGE_MS - 1, SALVAGE_AGE_MS, |_, _, _, _| offered += 1);
+        assert_eq!((offered, rx.partial_units()), (0, 1), "too young");
+        rx.salvage_older_than(100 + SALVAGE_AGE_MS, SALVAGE_AGE_MS, |_, _, x, have| {
+            offered += 1;
+            assert_eq!(x.len(), 6_000);
+            assert!(have(0, 1000) && !have(0, 6_000));
+        });
+        assert_eq!((offered, rx.partial_units()), (1, 0));
+        assert_eq!(rx.stats().salvaged, 1);
     }
 
     #[test]

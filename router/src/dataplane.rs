@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use meshnet_proto::datapath::{seal_heartbeat, Encoder, MIN_DATAGRAM, Receiver, TxBatch, TxSession};
+use meshnet_proto::datapath::{seal_heartbeat, Encoder, Receiver, TxBatch, TxSession, MIN_DATAGRAM, SALVAGE_AGE_MS};
 use meshnet_proto::liveness::Liveness;
 use meshnet_proto::wire::datagram::Heartbeat;
 use meshnet_proto::session::{relay_key, RELAY_INDEX_BIT};
@@ -105,6 +105,9 @@ pub struct Stats {
     pub heartbeats_in: AtomicU64,
     pub frag_needed_sent: AtomicU64,
     pub dropped_too_big: AtomicU64,
+    /// Superframes that lost a chunk, and the whole segments salvaged from them.
+    pub salvaged_units: AtomicU64,
+    pub salvaged_frames: AtomicU64,
     pub per_frame: crate::perframe::Counters,
 }
 
@@ -129,6 +132,8 @@ impl Stats {
             ("heartbeats_in", g(&self.heartbeats_in)),
             ("frag_needed_sent", g(&self.frag_needed_sent)),
             ("dropped_too_big", g(&self.dropped_too_big)),
+            ("salvaged_units", g(&self.salvaged_units)),
+            ("salvaged_frames", g(&self.salvaged_frames)),
         ]
         .into_iter()
         .chain(self.per_frame.to_json())
@@ -747,6 +752,41 @@ struct RxLoop {
     links: Links,
 }
 
+/// The segments salvaged from superframes that lost a chunk, as plain units
+/// (zeroed virtio header + frame) back to back, delivered after the datagram
+/// that gave them up. Buffers are kept and reused.
+#[derive(Default)]
+struct Salvage {
+    arena: Vec<u8>,
+    frames: Vec<(PeerName, usize, usize)>,
+    scratch: Vec<u8>,
+    units: u64,
+}
+
+impl Salvage {
+    fn take(&mut self, origin: PeerName, unit: &[u8], have: &dyn Fn(usize, usize) -> bool) {
+        self.units += 1;
+        if self.scratch.len() < UNIT_BUF {
+            self.scratch.resize(UNIT_BUF, 0);
+        }
+        let Salvage { arena, frames, scratch, .. } = self;
+        let emitted = meshnet_proto::gso::to_plain_frames_where(unit, scratch, VNET_HDR_LEN, have, |f| {
+            let start = arena.len();
+            arena.extend_from_slice(f);
+            frames.push((origin, start, arena.len()));
+        });
+        if let Err(e) = emitted {
+            log::debug!("salvaging a partial unit from {origin}: {e}");
+        }
+    }
+
+    fn clear(&mut self) {
+        self.arena.clear();
+        self.frames.clear();
+        self.units = 0;
+    }
+}
+
 /// What the receive thread needs to pass units on: its own relay sessions.
 struct Relay {
     set: PeerSet,
@@ -795,10 +835,13 @@ impl RxLoop {
         let fd = self.socket.as_raw_fd();
         let mut last_expire = 0u64;
         let mut heard: Vec<(PeerName, Heartbeat, usize, SocketAddr)> = Vec::new();
+        let mut salvage = Salvage::default();
         let max_datagram = self.max_datagram;
 
         loop {
-            let running = wait_for_work(fd, &self.efd, &self.cmds, 1000, |cmd| {
+            // Partial superframes waiting: wake up in time to salvage them.
+            let timeout = if receiver.partial_units() > 0 { SALVAGE_AGE_MS as i32 } else { 1000 };
+            let running = wait_for_work(fd, &self.efd, &self.cmds, timeout, |cmd| {
                 match cmd {
                     RxCmd::Stop => return false,
                     RxCmd::AddPeer(link) => {
@@ -854,7 +897,15 @@ impl RxLoop {
                     let heard = &mut heard;
                     let from = meta.addr;
                     let on_heartbeat = |peer, hb, len| heard.push((peer, hb, len, from));
-                    let result = receiver.receive_any(now, dgram, |_sender, hdr, unit| {
+                    let salvage = &mut salvage;
+                    let me = self.me;
+                    let on_partial = |_: PeerName, hdr: &InnerHeader, unit: &[u8], have: &dyn Fn(usize, usize) -> bool| {
+                        // Only what is for us: a relay passes whole units on or nothing.
+                        if hdr.broadcast || hdr.dst == me {
+                            salvage.take(hdr.src, unit, have);
+                        }
+                    };
+                    let result = receiver.receive_salvaging(now, dgram, |_sender, hdr, unit| {
                         if unit.len() < VNET_HDR_LEN + 14 {
                             return;
                         }
@@ -880,16 +931,48 @@ impl RxLoop {
                             return;
                         }
                         self.deliver(hdr.src, unit, now, announced, vnet, &mut relay.per_frame);
-                    }, on_heartbeat);
+                    }, on_heartbeat, on_partial);
                     if result.is_err() {
                         self.stats.udp_rejected.fetch_add(1, Ordering::Relaxed);
                     }
+                    self.flush_salvage(salvage, now, announced, vnet, &mut relay.per_frame);
                 }
+            }
+            // A superframe still missing chunks after SALVAGE_AGE_MS has lost
+            // one: deliver what arrived rather than stall the flow.
+            if receiver.partial_units() > 0 {
+                let me = self.me;
+                let s = &mut salvage;
+                receiver.salvage_older_than(now, SALVAGE_AGE_MS, |_, hdr, unit, have| {
+                    if hdr.broadcast || hdr.dst == me {
+                        s.take(hdr.src, unit, have);
+                    }
+                });
+                self.flush_salvage(&mut salvage, now, &mut announced, vnet, &mut relay.per_frame);
             }
             if !heard.is_empty() {
                 self.heard(&mut heard, now);
             }
         }
+    }
+
+    /// Delivers what [`Salvage`] collected, and empties it.
+    fn flush_salvage(
+        &self,
+        salvage: &mut Salvage,
+        now: u64,
+        announced: &mut HashMap<Mac, (PeerName, u64)>,
+        vnet: bool,
+        per_frame: &mut PerFrame,
+    ) {
+        if salvage.units > 0 {
+            self.stats.salvaged_units.fetch_add(salvage.units, Ordering::Relaxed);
+            self.stats.salvaged_frames.fetch_add(salvage.frames.len() as u64, Ordering::Relaxed);
+            for &(origin, a, b) in &salvage.frames {
+                self.deliver(origin, &salvage.arena[a..b], now, announced, vnet, per_frame);
+            }
+        }
+        salvage.clear();
     }
 
     /// Records heartbeats that arrived, and where they came from: a peer's
