@@ -28,6 +28,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Cmd {
     /// Start the router (in the background unless --foreground) and connect to PEERs.
     Launch(LaunchArgs),

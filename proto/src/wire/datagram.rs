@@ -553,8 +553,6 @@ impl<'a> Iterator for Records<'a> {
 
 impl FusedIterator for Records<'_> {}
 
-/// Parses a decrypted plaintext: the inner header, and an iterator over its
-/// records. A plaintext with no records is valid (it carries nothing).
 // ---------------------------------------------------------------------------
 // Heartbeat
 
@@ -597,6 +595,8 @@ impl Heartbeat {
     }
 }
 
+/// Parses a decrypted plaintext: the inner header, and an iterator over its
+/// records. A plaintext with no records is valid (it carries nothing).
 pub fn parse_plaintext(buf: &[u8]) -> Result<(InnerHeader, Records<'_>), WireError> {
     let p = InnerPacket::new_checked(buf)?;
     let hdr = InnerHeader::parse(&p)?;
