@@ -173,7 +173,9 @@ fn tap_and_pcap_hosts_interoperate() {
     show_counters(&hs);
     // The TAP host read superframes and cut them in software for its pcap peer.
     let (h1, h2) = (&hs[0], &hs[1]);
-    assert!(average_unit(h1) > 8000, "h1 read no superframes: average unit {} bytes", average_unit(h1));
+    // Plain units from a 1376-byte TAP are at most 1400 bytes: a larger average
+    // means superframes (how large depends on load; ACKs pull it down).
+    assert!(average_unit(h1) > 1500, "h1 read no superframes: average unit {} bytes", average_unit(h1));
     let segmented = counter(h1, "sw_segmented_units");
     assert!(segmented > 100, "h1 segmented {segmented} units");
     assert!(counter(h1, "sw_frames_out") > segmented * 4);
