@@ -38,7 +38,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use meshnet_proto::datapath::{seal_heartbeat, Encoder, Receiver, TxBatch, TxSession, MIN_DATAGRAM, SALVAGE_AGE_MS};
+use meshnet_proto::datapath::{seal_heartbeat, DatapathError, Encoder, Receiver, TxBatch, TxSession, MIN_DATAGRAM, SALVAGE_AGE_MS};
 use meshnet_proto::liveness::Liveness;
 use meshnet_proto::wire::datagram::Heartbeat;
 use meshnet_proto::session::{relay_key, RELAY_INDEX_BIT};
@@ -95,7 +95,11 @@ pub struct Stats {
     pub udp_send_errors: AtomicU64,
     pub udp_datagrams_in: AtomicU64,
     pub udp_bytes_in: AtomicU64,
+    /// Datagrams that failed authentication, were replays or malformed.
     pub udp_rejected: AtomicU64,
+    /// Datagrams for a session we do not (yet, or any more) have: a peer's first
+    /// heartbeats can arrive before our end of the handshake installed it.
+    pub udp_unknown_session: AtomicU64,
     pub tap_units_out: AtomicU64,
     pub tap_write_errors: AtomicU64,
     pub dropped_no_peer: AtomicU64,
@@ -123,6 +127,7 @@ impl Stats {
             ("udp_datagrams_in", g(&self.udp_datagrams_in)),
             ("udp_bytes_in", g(&self.udp_bytes_in)),
             ("udp_rejected", g(&self.udp_rejected)),
+            ("udp_unknown_session", g(&self.udp_unknown_session)),
             ("tap_units_out", g(&self.tap_units_out)),
             ("tap_write_errors", g(&self.tap_write_errors)),
             ("dropped_no_peer", g(&self.dropped_no_peer)),
@@ -932,8 +937,14 @@ impl RxLoop {
                         }
                         self.deliver(hdr.src, unit, now, announced, vnet, &mut relay.per_frame);
                     }, on_heartbeat, on_partial);
-                    if result.is_err() {
-                        self.stats.udp_rejected.fetch_add(1, Ordering::Relaxed);
+                    match result {
+                        Ok(_) => {}
+                        Err(DatapathError::UnknownSession(_)) => {
+                            self.stats.udp_unknown_session.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            self.stats.udp_rejected.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     self.flush_salvage(salvage, now, announced, vnet, &mut relay.per_frame);
                 }
