@@ -178,7 +178,9 @@ fn tap_and_pcap_hosts_interoperate() {
     assert!(average_unit(h1) > 1500, "h1 read no superframes: average unit {} bytes", average_unit(h1));
     let segmented = counter(h1, "sw_segmented_units");
     assert!(segmented > 100, "h1 segmented {segmented} units");
-    assert!(counter(h1, "sw_frames_out") > segmented * 4);
+    // More frames than units: superframes were cut (how many segments each had
+    // depends on load; units needing only a checksum give one frame each).
+    assert!(counter(h1, "sw_frames_out") > segmented, "h1 cut no superframe into segments");
     assert!(h1.log().contains("takes no superframes"), "h1's log does not say h2 takes no superframes");
     for h in &hs {
         assert_eq!(counter(h, "sw_malformed_units"), 0, "on {}", h.ns);
