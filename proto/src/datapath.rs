@@ -361,24 +361,10 @@ pub fn seal_heartbeat(
     if let Some(start) = batch.open.take() {
         batch.buf.truncate(start);
     }
-    let counter = session.key.next_counter()?;
     let start = batch.buf.len();
     batch.buf.resize(start + size - crate::session::TAG_LEN, 0);
-    let (outer, plain) = batch.buf[start..].split_at_mut(OUTER_LEN);
-    OuterHeader { receiver_index: session.receiver_index, counter }
-        .emit_kind(KIND_HEARTBEAT, &mut OuterPacket::new_unchecked(&mut *outer));
-    plain[..HEARTBEAT_LEN].copy_from_slice(&hb.to_bytes());
-    match session.key.seal_in_place(outer, plain) {
-        Ok((_, tag)) => {
-            batch.buf.extend_from_slice(&tag);
-            batch.ends.push(batch.buf.len());
-            Ok(())
-        }
-        Err(e) => {
-            batch.buf.truncate(start);
-            Err(e.into())
-        }
-    }
+    batch.buf[start + OUTER_LEN..start + OUTER_LEN + HEARTBEAT_LEN].copy_from_slice(&hb.to_bytes());
+    seal_at(session, batch, start, KIND_HEARTBEAT)
 }
 
 fn assert_datagram_size(n: usize) {
@@ -401,6 +387,13 @@ fn seal_open(session: &mut TxSession, batch: &mut TxBatch) -> Result<(), Datapat
     let Some(start) = batch.open.take() else {
         return Ok(());
     };
+    seal_at(session, batch, start, crate::wire::datagram::KIND_DATA)
+}
+
+/// Seals the datagram of `kind` whose outer header (left to fill) and
+/// plaintext run from `start` to the end of the batch, and appends its tag.
+/// On error the datagram is discarded.
+fn seal_at(session: &mut TxSession, batch: &mut TxBatch, start: usize, kind: u8) -> Result<(), DatapathError> {
     let counter = match session.key.next_counter() {
         Ok(c) => c,
         Err(e) => {
@@ -409,7 +402,7 @@ fn seal_open(session: &mut TxSession, batch: &mut TxBatch) -> Result<(), Datapat
         }
     };
     let (outer, plain) = batch.buf[start..].split_at_mut(OUTER_LEN);
-    OuterHeader { receiver_index: session.receiver_index, counter }.emit(&mut OuterPacket::new_unchecked(&mut *outer));
+    OuterHeader { receiver_index: session.receiver_index, counter }.emit_kind(kind, &mut OuterPacket::new_unchecked(&mut *outer));
     match session.key.seal_in_place(outer, plain) {
         Ok((_, tag)) => {
             batch.buf.extend_from_slice(&tag);
