@@ -1107,6 +1107,102 @@ pub fn connections_to(status: &Value, ip: &str) -> Vec<Value> {
         .collect()
 }
 
+// ---------------------------------------------------------------------------
+// Bulk data with checksums, and the router's process
+
+/// Receives one TCP connection on port 5001 and prints `sha256hex bytes`.
+pub const SINK: &str = r#"
+import hashlib, socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 5001)); s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 20)
+    if not b: break
+    h.update(b); n += len(b)
+print(h.hexdigest(), n, flush=True)
+"#;
+
+/// Sends `argv[2]` random bytes to `argv[1]`:5001; prints `sha256hex bytes`.
+pub const SOURCE: &str = r#"
+import hashlib, os, socket, sys
+total = int(sys.argv[2]); h = hashlib.sha256(); sent = 0
+c = socket.create_connection((sys.argv[1], 5001), timeout=60)
+while sent < total:
+    b = os.urandom(min(1 << 20, total - sent))
+    c.sendall(b); h.update(b); sent += len(b)
+c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
+print(h.hexdigest(), sent, flush=True)
+"#;
+
+/// Starts [`SINK`] in namespace `ns` and waits until it listens.
+#[track_caller]
+pub fn start_sink(lab: &Lab, ns: &str) -> Bg {
+    let s = lab.spawn_in(ns, &["python3", "-c", SINK]);
+    assert!(
+        wait_until(Duration::from_secs(10), || s.stdout().contains("listening")),
+        "sink in {ns} did not start: {}",
+        s.stderr()
+    );
+    s
+}
+
+/// The `sha256hex bytes` line a finished sink or source printed.
+pub fn digest_line(out: &str) -> String {
+    out.lines().last().unwrap_or_default().trim().to_string()
+}
+
+/// Sends `bytes` random bytes from namespace `from` to a sink in namespace `to`
+/// listening on `to_ip`, and checks that the receiver got exactly what was sent
+/// (SHA-256 and length). Dumps the lab if the sender fails. Returns how long it took.
+#[track_caller]
+pub fn checked_transfer(lab: &Lab, from: &str, to: &str, to_ip: &str, bytes: u64, timeout: Duration) -> Duration {
+    let mut rx = start_sink(lab, to);
+    let t = Instant::now();
+    let sent = exec_in_timeout(from, &["python3", "-c", SOURCE, to_ip, &bytes.to_string()], timeout);
+    if !sent.ok() {
+        lab.dump();
+    }
+    assert!(sent.ok(), "transfer of {bytes} bytes {from} -> {to} failed: {sent}");
+    assert!(rx.wait(Duration::from_secs(30)), "sink in {to} did not finish: {}", rx.stderr());
+    let (got, sent) = (digest_line(&rx.stdout()), digest_line(&sent.stdout));
+    assert_eq!(sent.split(' ').nth(1), Some(bytes.to_string().as_str()), "sender: {sent}");
+    assert_eq!(got, sent, "received data differs from what was sent ({from} -> {to})");
+    let took = t.elapsed();
+    eprintln!(
+        "{} MB {from} -> {to} intact in {:.1}s ({:.0} Mbit/s)",
+        bytes >> 20,
+        took.as_secs_f64(),
+        bytes as f64 * 8.0 / took.as_secs_f64() / 1e6
+    );
+    took
+}
+
+/// The router's pid from `<state dir>/meshnet.pid`, checked to run in the host.
+#[track_caller]
+pub fn router_pid(h: &Host) -> i32 {
+    let s = fs::read_to_string(h.state_dir.join("meshnet.pid")).unwrap_or_default();
+    let pid: i32 = s
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no pid in {}/meshnet.pid: {s:?}", h.state_dir.display()));
+    assert!(h.pids().contains(&pid), "meshnet.pid of {} says {pid}, not running there ({:?})", h.ns, h.pids());
+    pid
+}
+
+/// `kill -9` of the router of `h`; waits until it is gone. Returns its pid.
+#[track_caller]
+pub fn kill9(h: &Host) -> i32 {
+    let pid = router_pid(h);
+    // SAFETY: kill(2) on a pid that we checked lives in our own namespace.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let gone = wait_until(Duration::from_secs(10), || !h.pids().contains(&pid));
+    assert!(gone, "router {pid} of {} survived SIGKILL", h.ns);
+    eprintln!("killed router {pid} of {} with SIGKILL", h.ns);
+    pid
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,32 +11,6 @@ use std::time::Duration;
 
 use meshnet_tests::lab::*;
 
-/// Receives one TCP connection on port 5001 and prints `sha256hex bytes`.
-const SINK: &str = r#"
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 5001)); s.listen(1)
-print("listening", flush=True)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 20)
-    if not b: break
-    h.update(b); n += len(b)
-print(h.hexdigest(), n, flush=True)
-"#;
-
-/// Sends `argv[2]` bytes of random data to `argv[1]`:5001 and prints `sha256hex bytes`.
-const SOURCE: &str = r#"
-import hashlib, os, socket, sys
-total = int(sys.argv[2]); h = hashlib.sha256(); sent = 0
-c = socket.create_connection((sys.argv[1], 5001), timeout=30)
-while sent < total:
-    b = os.urandom(min(1 << 20, total - sent))
-    c.sendall(b); h.update(b); sent += len(b)
-c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
-print(h.hexdigest(), sent, flush=True)
-"#;
-
 const MB: u64 = 1 << 20;
 
 /// Hosts h1..hN launched with `datapaths[i]`, each joining the one before it
@@ -71,23 +45,7 @@ fn ip_of(c: &Container) -> String {
 /// Sends `bytes` from `from` to `to` and checks the digest.
 #[track_caller]
 fn transfer(lab: &Lab, from: &Container, to: &Container, bytes: u64) {
-    let mut sink = lab.spawn_in(&to.ns, &["python3", "-c", SINK]);
-    assert!(
-        wait_until(Duration::from_secs(10), || sink.stdout().contains("listening")),
-        "sink did not start: {}",
-        sink.stderr()
-    );
-    let sent = exec_in_timeout(&from.ns, &["python3", "-c", SOURCE, &ip_of(to), &bytes.to_string()], Duration::from_secs(180));
-    if !sent.ok() {
-        lab.dump();
-    }
-    let sent = sent.expect_ok(&format!("sending {bytes} bytes from {} to {}", from.ns, to.ns));
-    assert!(sink.wait(Duration::from_secs(30)), "sink did not finish: {}", sink.stderr());
-    let got = sink.stdout();
-    let got = got.lines().last().unwrap_or_default().to_string();
-    let sent = sent.last_line().unwrap_or_default().to_string();
-    assert_eq!(sent.split(' ').nth(1), Some(bytes.to_string().as_str()), "sender: {sent}");
-    assert_eq!(got, sent, "received data differs from what was sent ({} -> {})", from.ns, to.ns);
+    checked_transfer(lab, &from.ns, &to.ns, &ip_of(to), bytes, Duration::from_secs(180));
 }
 
 fn counter(h: &Host, key: &str) -> u64 {
@@ -208,18 +166,6 @@ fn tap_relay_segments_for_a_pcap_host() {
         assert_eq!(counter(h, "sw_malformed_units"), 0, "on {}", h.ns);
         assert_eq!(counter(h, "tap_write_errors"), 0, "on {}", h.ns);
     }
-}
-
-/// SIGKILLs the router of `h` (its pid from the state directory) and waits until it is gone.
-fn kill9(h: &Host) {
-    let pid: i32 = std::fs::read_to_string(h.state_dir.join("meshnet.pid"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {}/meshnet.pid", h.state_dir.display()));
-    assert!(h.pids().contains(&pid), "router {pid} does not run in {}", h.ns);
-    // SAFETY: kill(2) on a pid that we checked lives in our own namespace.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    assert!(wait_until(Duration::from_secs(10), || !h.pids().contains(&pid)), "router {pid} survived SIGKILL");
 }
 
 /// A router switched between datapaths across crashes: re-attached containers

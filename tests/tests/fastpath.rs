@@ -9,32 +9,6 @@ use std::time::Duration;
 
 use meshnet_tests::lab::*;
 
-/// Receives one TCP connection on port 5001 and prints `sha256hex bytes`.
-const SINK: &str = r#"
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 5001)); s.listen(1)
-print("listening", flush=True)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 20)
-    if not b: break
-    h.update(b); n += len(b)
-print(h.hexdigest(), n, flush=True)
-"#;
-
-/// Sends `argv[2]` bytes of random data to `argv[1]`:5001 and prints `sha256hex bytes`.
-const SOURCE: &str = r#"
-import hashlib, os, socket, sys
-total = int(sys.argv[2]); h = hashlib.sha256(); sent = 0
-c = socket.create_connection((sys.argv[1], 5001), timeout=30)
-while sent < total:
-    b = os.urandom(min(1 << 20, total - sent))
-    c.sendall(b); h.update(b); sent += len(b)
-c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
-print(h.hexdigest(), sent, flush=True)
-"#;
-
 struct Pair {
     lab: Lab,
     hosts: [Host; 2],
@@ -65,27 +39,7 @@ fn pair(test: &str, mtu: [u32; 2]) -> Option<Pair> {
 #[track_caller]
 fn transfer(p: &Pair, from: usize, to: usize, bytes: u64, timeout: Duration) {
     let to_ip = format!("10.41.0.{}", to + 1);
-    let mut sink = p.lab.spawn_in(&p.c[to].ns, &["python3", "-c", SINK]);
-    assert!(
-        wait_until(Duration::from_secs(10), || sink.stdout().contains("listening")),
-        "sink did not start: {}",
-        sink.stderr()
-    );
-    let sent = exec_in_timeout(
-        &p.c[from].ns,
-        &["python3", "-c", SOURCE, &to_ip, &bytes.to_string()],
-        timeout,
-    );
-    if !sent.ok() {
-        p.lab.dump();
-    }
-    let sent = sent.expect_ok("source");
-    assert!(sink.wait(Duration::from_secs(30)), "sink did not finish");
-    let got = sink.stdout();
-    let got = got.lines().last().unwrap_or_default().to_string();
-    let sent = sent.last_line().unwrap_or_default().to_string();
-    assert_eq!(sent.split(' ').nth(1), Some(bytes.to_string().as_str()), "sender: {sent}");
-    assert_eq!(got, sent, "received data differs from what was sent");
+    checked_transfer(&p.lab, &p.c[from].ns, &p.c[to].ns, &to_ip, bytes, timeout);
 }
 
 fn dataplane_counter(h: &Host, key: &str) -> u64 {

@@ -206,37 +206,6 @@ fn describe_mesh(hosts: &[Host]) -> String {
         .join("\n")
 }
 
-/// The router's pid from `<state dir>/meshnet.pid`, checked to run in the host.
-#[track_caller]
-fn router_pid(h: &Host) -> i32 {
-    let s = std::fs::read_to_string(h.state_dir.join("meshnet.pid")).unwrap_or_default();
-    let pid: i32 = s
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("no pid in {}/meshnet.pid: {s:?}", h.state_dir.display()));
-    assert!(
-        h.pids().contains(&pid),
-        "meshnet.pid of {} says {pid}, not running there ({:?})",
-        h.ns,
-        h.pids()
-    );
-    pid
-}
-
-/// `kill -9` of the router of `h`; waits until it is gone.
-#[track_caller]
-fn kill9(h: &Host) {
-    let pid = router_pid(h);
-    // SAFETY: kill(2) of a pid we checked lives in our own namespace.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    assert!(
-        wait_until(SECS(10), || !h.pids().contains(&pid)),
-        "router {pid} of {} survived SIGKILL",
-        h.ns
-    );
-    eprintln!("killed router {pid} of {} with SIGKILL", h.ns);
-}
-
 /// Every router runs and no log mentions a panic.
 #[track_caller]
 fn nobody_crashed(hosts: &[Host]) {
@@ -290,32 +259,6 @@ fn received_of(stdout: &str) -> u32 {
 // ---------------------------------------------------------------------------
 // Bulk data with checksums
 
-/// Receives one TCP connection on port 5001 and prints `sha256hex bytes`.
-const SINK: &str = r#"
-import hashlib, socket
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 5001)); s.listen(1)
-print("listening", flush=True)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(1 << 20)
-    if not b: break
-    h.update(b); n += len(b)
-print(h.hexdigest(), n, flush=True)
-"#;
-
-/// Sends `argv[2]` random bytes to `argv[1]`:5001; prints `sha256hex bytes`.
-const SOURCE: &str = r#"
-import hashlib, os, socket, sys
-total = int(sys.argv[2]); h = hashlib.sha256(); sent = 0
-c = socket.create_connection((sys.argv[1], 5001), timeout=60)
-while sent < total:
-    b = os.urandom(min(1 << 20, total - sent))
-    c.sendall(b); h.update(b); sent += len(b)
-c.shutdown(socket.SHUT_WR); c.recv(1); c.close()
-print(h.hexdigest(), sent, flush=True)
-"#;
-
 /// Streams random bytes to `argv[1]`:5001 for `argv[2]` seconds at about
 /// `argv[3]` bytes/s; prints `sha256hex bytes`.
 const STREAM: &str = r#"
@@ -337,53 +280,13 @@ print(h.hexdigest(), sent, flush=True)
 /// A started sink in `c`.
 #[track_caller]
 fn sink(lab: &Lab, c: &Container) -> Bg {
-    let s = lab.spawn_in(&c.ns, &["python3", "-c", SINK]);
-    assert!(
-        wait_until(SECS(10), || s.stdout().contains("listening")),
-        "sink in {} did not start: {}",
-        c.ns,
-        s.stderr()
-    );
-    s
-}
-
-/// The `sha256hex bytes` line a finished sink or source printed.
-fn digest_line(out: &str) -> String {
-    out.lines().last().unwrap_or_default().trim().to_string()
+    start_sink(lab, &c.ns)
 }
 
 /// Sends `bytes` from `from` to container `to` and checks the SHA-256.
 #[track_caller]
 fn transfer(lab: &Lab, from: &Container, to: &Container, bytes: u64, timeout: Duration) {
-    let mut rx = sink(lab, to);
-    let t = Instant::now();
-    let sent = exec_in_timeout(
-        &from.ns,
-        &["python3", "-c", SOURCE, &overlay(to.j), &bytes.to_string()],
-        timeout,
-    );
-    assert!(
-        sent.ok(),
-        "transfer of {bytes} bytes {} -> {} failed: {sent}",
-        from.ns,
-        to.ns
-    );
-    assert!(rx.wait(SECS(30)), "sink in {} did not finish", to.ns);
-    let (got, sent) = (digest_line(&rx.stdout()), digest_line(&sent.stdout));
-    assert_eq!(
-        sent.split(' ').nth(1),
-        Some(bytes.to_string().as_str()),
-        "sender: {sent}"
-    );
-    assert_eq!(got, sent, "received data differs from what was sent");
-    let secs = t.elapsed().as_secs_f64();
-    eprintln!(
-        "{} MB {} -> {} intact in {secs:.1}s ({:.0} Mbit/s)",
-        bytes >> 20,
-        from.ns,
-        to.ns,
-        bytes as f64 * 8.0 / secs / 1e6
-    );
+    checked_transfer(lab, &from.ns, &to.ns, &overlay(to.j), bytes, timeout);
 }
 
 // ---------------------------------------------------------------------------

@@ -263,34 +263,6 @@ fn wait_meshed(hosts: &[(&Host, &str)], timeout: Duration) {
     }
 }
 
-/// The router's pid from `<state dir>/meshnet.pid` (checked to live in the host).
-#[track_caller]
-fn router_pid(h: &Host) -> i32 {
-    let s = std::fs::read_to_string(h.state_dir.join("meshnet.pid")).unwrap_or_default();
-    let pid: i32 = s
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("no pid in {}/meshnet.pid: {s:?}", h.state_dir.display()));
-    assert!(
-        h.pids().contains(&pid),
-        "meshnet.pid of {} says {pid}, which does not run in it ({:?})",
-        h.ns,
-        h.pids()
-    );
-    pid
-}
-
-/// `kill -9` of the router of `h`; waits until it is gone.
-#[track_caller]
-fn kill9(h: &Host) -> i32 {
-    let pid = router_pid(h);
-    // SAFETY: kill(2) on a pid that we checked lives in our own namespace.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let gone = wait_until(SECS(10), || !h.pids().contains(&pid));
-    assert!(gone, "router {pid} of {} survived SIGKILL", h.ns);
-    eprintln!("killed router {pid} of {} with SIGKILL", h.ns);
-    pid
-}
 
 fn lower(s: &str) -> String {
     s.to_ascii_lowercase()
