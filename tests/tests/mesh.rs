@@ -13,6 +13,8 @@
 //! 6. bad input fails clearly and changes nothing; network garbage is survived
 //! 7. detach, forget, connect --replace, targets persisted
 //! 8. a mesh of five settles to one established connection per pair
+//! 9. `launch --resume`: refused, starting nothing, without an earlier launch,
+//!    with other options, or without the password; with it, the same options
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -858,4 +860,30 @@ fn five_hosts_settle_to_one_connection_per_pair() {
             h.ns
         );
     }
+}
+
+/// Scenario 9: `launch --resume` takes the last launch's options. Without an
+/// earlier launch, with another option, or without the password the last launch
+/// used, it is refused and starts nothing.
+#[test]
+fn resume_relaunches_with_the_last_options() {
+    let Some(lab) = Lab::new("resume") else { return };
+    let h = lab.add_host(1);
+    let out = h.meshnet(&["launch", "--resume"]);
+    assert!(!out.ok() && out.all().contains("no earlier launch"), "{out}");
+    assert!(h.pids().is_empty() && !h.state_dir.exists(), "a refused resume started or created something");
+
+    let pw = [("MESHNET_PASSWORD", "resume-secret")];
+    let name = h.launch_env(&["--mtu", "1300", "--nickname", "alpha"], &pw);
+    h.meshnet(&["stop"]).expect_ok("stop");
+    let out = h.meshnet(&["launch", "--resume", "--mtu", "1400"]);
+    assert!(!out.ok() && out.all().contains("cannot be used with"), "{out}");
+    let out = h.meshnet(&["launch", "--resume"]);
+    assert!(!out.ok() && out.all().contains("used a password"), "{out}");
+    assert!(h.pids().is_empty(), "a refused resume started a router");
+
+    let out = h.meshnet_env(&["launch", "--resume"], &pw).expect_ok("resume");
+    assert_eq!(out.last_line(), Some(name.as_str()));
+    let s = h.status_json();
+    assert_eq!((s["mtu"].as_u64(), s["nickname"].as_str(), s["password"].as_bool()), (Some(1300), Some("alpha"), Some(true)));
 }
