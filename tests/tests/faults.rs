@@ -95,6 +95,18 @@ fn build(
     (hosts, cs, names)
 }
 
+/// Launches `h1`, then `h2` joining it (hosts made, and their underlay rigged,
+/// before the routers start), and attaches `c1` and `c2`.
+fn launch_pair(lab: &Lab, h1: &Host, h2: &Host) -> (Container, Container) {
+    h1.launch(&[]);
+    h2.launch(&[&h1.ip]);
+    let c1 = lab.add_container(h1, 1);
+    let c2 = lab.add_container(h2, 2);
+    h1.meshnet(&["attach", &format!("{}/16", overlay(1)), &c1.ns]).expect_ok("attach c1");
+    h2.meshnet(&["attach", &format!("{}/16", overlay(2)), &c2.ns]).expect_ok("attach c2");
+    (c1, c2)
+}
+
 /// `iptables ARGS` in `ns`, which must succeed.
 #[track_caller]
 fn ipt(ns: &str, args: &[&str]) {
@@ -871,14 +883,7 @@ fn small_datagram_underlay_needs_path_mtu_discovery() {
             ],
         );
     }
-    h1.launch(&[]);
-    h2.launch(&[&h1.ip]);
-    let c1 = lab.add_container(&h1, 1);
-    let c2 = lab.add_container(&h2, 2);
-    h1.meshnet(&["attach", &format!("{}/16", overlay(1)), &c1.ns])
-        .expect_ok("attach c1");
-    h2.meshnet(&["attach", &format!("{}/16", overlay(2)), &c2.ns])
-        .expect_ok("attach c2");
+    let (c1, c2) = launch_pair(&lab, &h1, &h2);
     assert!(
         ping_until(&c1.ns, &overlay(2), SECS(30)),
         "even small pings do not cross"
@@ -1217,14 +1222,7 @@ fn transfer_survives_loss_and_reordering() {
         );
     }
 
-    h1.launch(&[]);
-    h2.launch(&[&h1.ip]);
-    let c1 = lab.add_container(&h1, 1);
-    let c2 = lab.add_container(&h2, 2);
-    h1.meshnet(&["attach", &format!("{}/16", overlay(1)), &c1.ns])
-        .expect_ok("attach c1");
-    h2.meshnet(&["attach", &format!("{}/16", overlay(2)), &c2.ns])
-        .expect_ok("attach c2");
+    let (c1, c2) = launch_pair(&lab, &h1, &h2);
     assert!(
         ping_until(&c1.ns, &overlay(2), SECS(30)),
         "c1 cannot reach c2"
