@@ -10,16 +10,17 @@
 //! Untrusted bytes are parsed in two steps (smoltcp style): a checked view first,
 //! after which accessors cannot panic, then a plain `Repr` the rest uses.
 
-pub mod peer;
-pub mod session;
-pub mod replay;
-pub mod wire;
 pub mod datapath;
-pub mod liveness;
 pub mod gso;
-pub mod mac_table;
 pub mod handshake;
 pub mod identity;
-pub mod topology;
 pub mod ipam;
+pub mod liveness;
+pub mod mac_table;
+pub mod peer;
+pub mod replay;
+pub mod session;
+pub mod topology;
+pub mod trust;
+pub mod wire;
 pub use peer::{Mac, PeerName};
