@@ -15,6 +15,7 @@ pub mod session;
 pub mod replay;
 pub mod wire;
 pub mod datapath;
+pub mod ingress;
 pub mod liveness;
 pub mod gso;
 pub mod mac_table;
