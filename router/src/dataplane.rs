@@ -129,7 +129,7 @@ impl Stats {
     /// and every 1000th.
     pub(crate) fn encode_error(&self, peer: PeerName, e: &DatapathError) {
         let n = self.encode_errors.fetch_add(1, Ordering::Relaxed);
-        if n % 1000 == 0 {
+        if n.is_multiple_of(1000) {
             log::warn!("dropping data for {peer} that could not be sealed: {e} ({} so far)", n + 1);
         }
     }
@@ -147,7 +147,7 @@ impl Stats {
             }
             Err(why) => {
                 let n = self.refused[why.index()].fetch_add(1, Ordering::Relaxed);
-                if n % 1000 == 0 {
+                if n.is_multiple_of(1000) {
                     log::warn!(
                         "refusing a frame from {sender} that claims origin {}{}: {why} ({} so far)",
                         hdr.src,
