@@ -407,7 +407,8 @@ impl Mesh {
             .filter(|p| p.mtu != 0 && p.mtu < self.settings.mtu && next_hop.contains_key(&p.name))
             .map(|p| (p.name, p.mtu))
             .collect();
-        self.dataplane.set_routes(Routes { next_hop, children: g.topology.broadcast_children(), mtu });
+        let upstream = g.topology.upstream();
+        self.dataplane.set_routes(Routes { next_hop, children: g.topology.broadcast_children(), mtu, upstream });
         g.ipam.ipam.peers_changed(&live);
         self.ipam_flush(g);
     }

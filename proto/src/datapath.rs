@@ -917,6 +917,40 @@ mod tests {
         assert_eq!((st.datagrams_ok, st.units_delivered), (n as u64, 200));
     }
 
+    /// Issue 10: whatever the path MTU the probing found (the smallest ladder
+    /// rungs included), every datagram of every unit, from a small frame to a
+    /// 64 KiB superframe, is at most that size; runs handed to GSO never have a
+    /// segment larger either; and the receiver puts every unit back together.
+    #[test]
+    fn every_datagram_fits_the_path_mtu_and_reassembles() {
+        let sizes = [60usize, 100, 500, 523, 524, 525, 552, 575, 576, 577, 600, 700, 848, 852, 900, 1052, 1376, 1400, 1500, 9000, 10_042, 40_000, 65_536, MAX_UNIT];
+        for pmtu in [576usize, 700, 900] {
+            // One encoder used for a bigger path first, then shrunk, as the TX thread does.
+            let (mut enc, mut tx, mut rx) = pair(1472);
+            encode(&mut enc, &mut tx, &[unit(3000, 1)]);
+            enc.set_max_datagram(pmtu);
+            let units: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, &n)| unit(n, i as u8)).collect();
+            // All in one batch (packed and chunked mixed), and each alone.
+            let mut batches = vec![encode(&mut enc, &mut tx, &units)];
+            batches.extend(units.iter().map(|u| encode(&mut enc, &mut tx, std::slice::from_ref(u))));
+            let mut got = Vec::new();
+            for b in &batches {
+                for d in b.datagrams() {
+                    assert!(d.len() <= pmtu, "a {}-byte datagram for a path MTU of {pmtu}", d.len());
+                }
+                for (bytes, seg) in b.runs_within(64, 65_000) {
+                    assert!(seg <= pmtu && bytes.len().div_ceil(seg) <= 64);
+                }
+                got.extend(receive_all(&mut rx, 0, b.datagrams()));
+            }
+            let mut want = units.clone();
+            want.extend(units.iter().cloned());
+            assert_eq!(got.len(), want.len(), "path MTU {pmtu}");
+            assert!(got == want, "path MTU {pmtu}: units differ after reassembly");
+            assert_eq!(rx.stats().reassembly_drops, 0);
+        }
+    }
+
     #[test]
     fn a_64k_unit_is_chunked_into_full_datagrams() {
         for max in [1472usize, 1280, 8972, MIN_DATAGRAM] {

@@ -11,6 +11,7 @@
 //! after which accessors cannot panic, then a plain `Repr` the rest uses.
 
 pub mod datapath;
+pub mod ingress;
 pub mod gso;
 pub mod handshake;
 pub mod identity;

@@ -286,6 +286,51 @@ impl Topology {
         out
     }
 
+    /// For every peer I reach (not me): how many hops away it is and which of
+    /// my neighbours are one hop closer to it, the first being my parent in
+    /// its broadcast tree (the same parent [`broadcast_children`](Self::broadcast_children)
+    /// picks: the smallest neighbour one layer closer to the source). What
+    /// [`crate::ingress::admit`] checks a received frame's origin against.
+    ///
+    /// Kept apart from `broadcast_children`: one BFS from me and one from each
+    /// of my neighbours, O(degree × (peers + links)).
+    pub fn upstream(&self) -> HashMap<PeerName, crate::ingress::Upstream> {
+        let me = self.me.name;
+        let mine = self.hop_counts(me);
+        let neighbours: Vec<(PeerName, HashMap<PeerName, u32>)> =
+            self.symmetric_neighbours(me).into_iter().map(|n| (n, self.hop_counts(n))).collect();
+        let mut out = HashMap::new();
+        for (&origin, &hops) in &mine {
+            if origin == me {
+                continue;
+            }
+            // Neighbours come sorted, so `via` is too.
+            let via: Vec<PeerName> = neighbours
+                .iter()
+                .filter(|(_, d)| d.get(&origin).is_some_and(|&k| k + 1 == hops))
+                .map(|(n, _)| *n)
+                .collect();
+            out.insert(origin, crate::ingress::Upstream { hops, via });
+        }
+        out
+    }
+
+    /// Hops from `start` to every peer it reaches over the links routes use.
+    fn hop_counts(&self, start: PeerName) -> HashMap<PeerName, u32> {
+        let mut dist = HashMap::from([(start, 0u32)]);
+        let mut queue = VecDeque::from([start]);
+        while let Some(u) = queue.pop_front() {
+            let d = dist[&u];
+            for v in self.symmetric_neighbours(u) {
+                dist.entry(v).or_insert_with(|| {
+                    queue.push_back(v);
+                    d + 1
+                });
+            }
+        }
+        dist
+    }
+
     /// Removes peers I can no longer reach by following listed connections (in
     /// either state) outwards from me. Returns the removed names, sorted.
     pub fn garbage_collect(&mut self) -> Vec<PeerName> {

@@ -39,6 +39,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use meshnet_proto::datapath::{seal_heartbeat, DatapathError, Encoder, Receiver, TxBatch, TxSession, MIN_DATAGRAM, SALVAGE_AGE_MS};
+use meshnet_proto::ingress::{self, Refused, UpstreamMap};
 use meshnet_proto::liveness::Liveness;
 use meshnet_proto::wire::datagram::Heartbeat;
 use meshnet_proto::session::{relay_key, RELAY_INDEX_BIT};
@@ -62,7 +63,7 @@ const MAC_AGEING_MS: u64 = 10 * 60 * 1000;
 /// the TX table does not age out a MAC that is still talking.
 const MAC_REANNOUNCE_MS: u64 = 60 * 1000;
 /// Hop budget put in every datagram.
-const DEFAULT_TTL: u8 = 16;
+const DEFAULT_TTL: u8 = ingress::MAX_TTL;
 const SOCKET_BUFFER: usize = 8 << 20;
 /// How often the TX thread looks for due heartbeats (and the RX thread picks up
 /// learned addresses and path MTUs for its relay sessions).
@@ -112,10 +113,53 @@ pub struct Stats {
     /// Superframes that lost a chunk, and the whole segments salvaged from them.
     pub salvaged_units: AtomicU64,
     pub salvaged_frames: AtomicU64,
+    /// Units (or datagrams holding them) that could not be sealed: counter
+    /// exhausted, empty or oversized unit. Rate-limit logged.
+    pub encode_errors: AtomicU64,
+    /// Received frames refused because their claimed origin does not fit the
+    /// peer they came from, by [`Refused::index`] (see [`ingress::admit`]).
+    pub refused: [AtomicU64; Refused::ALL.len()],
+    /// Received frames whose TTL was higher than their sender could use, cut.
+    pub ttl_clamped: AtomicU64,
     pub per_frame: crate::perframe::Counters,
 }
 
 impl Stats {
+    /// Counts a unit (or datagram) that could not be sealed; logs the first
+    /// and every 1000th.
+    pub(crate) fn encode_error(&self, peer: PeerName, e: &DatapathError) {
+        let n = self.encode_errors.fetch_add(1, Ordering::Relaxed);
+        if n.is_multiple_of(1000) {
+            log::warn!("dropping data for {peer} that could not be sealed: {e} ({} so far)", n + 1);
+        }
+    }
+
+    /// Performs [`ingress::admit`] for a frame from direct peer `sender`:
+    /// counts a refusal (logging the first and every 1000th of each reason)
+    /// or a clamped TTL, and returns the header to handle the frame with.
+    fn admit(&self, me: PeerName, sender: PeerName, hdr: &InnerHeader, upstream: &UpstreamMap) -> Option<InnerHeader> {
+        match ingress::admit(me, sender, hdr, |origin| upstream.get(&origin)) {
+            Ok(a) => {
+                if a.clamped {
+                    self.ttl_clamped.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(a.hdr)
+            }
+            Err(why) => {
+                let n = self.refused[why.index()].fetch_add(1, Ordering::Relaxed);
+                if n.is_multiple_of(1000) {
+                    log::warn!(
+                        "refusing a frame from {sender} that claims origin {}{}: {why} ({} so far)",
+                        hdr.src,
+                        if hdr.broadcast { " (broadcast)" } else { "" },
+                        n + 1
+                    );
+                }
+                None
+            }
+        }
+    }
+
     pub fn to_json(&self) -> Vec<(&'static str, u64)> {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         vec![
@@ -139,8 +183,11 @@ impl Stats {
             ("dropped_too_big", g(&self.dropped_too_big)),
             ("salvaged_units", g(&self.salvaged_units)),
             ("salvaged_frames", g(&self.salvaged_frames)),
+            ("encode_errors", g(&self.encode_errors)),
+            ("ttl_clamped", g(&self.ttl_clamped)),
         ]
         .into_iter()
+        .chain(Refused::ALL.into_iter().map(|r| (r.counter_name(), g(&self.refused[r.index()]))))
         .chain(self.per_frame.to_json())
         .collect()
     }
@@ -155,6 +202,9 @@ pub struct Routes {
     pub children: HashMap<PeerName, Vec<PeerName>>,
     /// Overlay MTUs of peers that run a smaller one than ours.
     pub mtu: HashMap<PeerName, u32>,
+    /// For each origin peer, how far it is and which direct peers may hand us
+    /// its frames (one hop closer to it; the first is our parent in its tree).
+    pub upstream: UpstreamMap,
 }
 
 /// One direct peer's UDP state, as the control plane sees it.
@@ -483,7 +533,7 @@ impl TxLoop {
             for &size in sizes.iter() {
                 let size = (size as usize).clamp(meshnet_proto::datapath::MIN_HEARTBEAT, self.max_datagram);
                 if let Err(e) = seal_heartbeat(&mut p.session, hb, size, batch) {
-                    log::debug!("heartbeat to {}: {e}", p.link.peer);
+                    self.stats.encode_error(p.link.peer, &e);
                 }
             }
             self.stats.heartbeats_out.fetch_add(batch.datagram_count() as u64, Ordering::Relaxed);
@@ -630,12 +680,12 @@ impl TxLoop {
                     let hdr = InnerHeader { ttl: DEFAULT_TTL, broadcast: false, src: self.me, dst: PeerName(dst) };
                     let which = unicast[start..u].iter().map(|x| x.2);
                     let pf = (!p.link.superframes).then_some(&mut per_frame);
-                    let _ = encode(&mut self.encoder, &mut p.session, hdr, which, &units, &lens, &mut batch, pf);
+                    encode(&mut self.encoder, &mut p.session, hdr, which, &units, &lens, &mut batch, pf, &self.stats, p.link.peer);
                 }
                 if flood_to.contains(&(pi as u16)) {
                     let hdr = InnerHeader { ttl: DEFAULT_TTL, broadcast: true, src: self.me, dst: PeerName::BROADCAST };
                     let pf = (!p.link.superframes).then_some(&mut per_frame);
-                    let _ = encode(&mut self.encoder, &mut p.session, hdr, flood.iter().copied(), &units, &lens, &mut batch, pf);
+                    encode(&mut self.encoder, &mut p.session, hdr, flood.iter().copied(), &units, &lens, &mut batch, pf, &self.stats, p.link.peer);
                 }
                 if !batch.is_empty() && p.link.superframes {
                     send(&self.udp, &self.socket, &self.efd, &self.stats, &batch, p.link.addr);
@@ -665,8 +715,10 @@ impl TxLoop {
         if let Some(n) = crate::icmp::frag_needed(&unit[VNET_HDR_LEN..len], mtu.min(u16::MAX as u32) as u16, reply) {
             hdr.fill(0);
             let out = if self.tap.vnet_hdr() { &icmp[..VNET_HDR_LEN + n] } else { &icmp[VNET_HDR_LEN..VNET_HDR_LEN + n] };
-            let _ = self.tap.write_unit(out);
-            self.stats.frag_needed_sent.fetch_add(1, Ordering::Relaxed);
+            match self.tap.write_unit(out) {
+                Ok(_) => self.stats.frag_needed_sent.fetch_add(1, Ordering::Relaxed),
+                Err(_) => self.stats.tap_write_errors.fetch_add(1, Ordering::Relaxed),
+            };
         }
         // Too big either way: the destination's bridge would drop it.
         self.stats.dropped_too_big.fetch_add(1, Ordering::Relaxed);
@@ -716,7 +768,10 @@ fn send_one(udp: &UdpSocketState, socket: &UdpSocket, efd: &EventFd, stats: &Sta
     stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
 }
 
-/// `per_frame`: Some when the next hop takes no superframes.
+/// Seals units `which` for direct peer `peer` under `hdr` into `batch`.
+/// `per_frame`: Some when the next hop takes no superframes. A unit that
+/// cannot be sealed, and a last datagram that cannot, are counted in
+/// `encode_errors` and dropped; the others still go.
 #[allow(clippy::too_many_arguments)]
 fn encode(
     encoder: &mut Encoder,
@@ -727,7 +782,9 @@ fn encode(
     lens: &[usize],
     batch: &mut TxBatch,
     mut per_frame: Option<&mut PerFrame>,
-) -> Result<(), meshnet_proto::datapath::DatapathError> {
+    stats: &Stats,
+    peer: PeerName,
+) {
     encoder.begin(session, hdr, batch);
     for i in which {
         let i = i as usize;
@@ -737,10 +794,12 @@ fn encode(
             Some(pf) => pf.push(encoder, session, unit, batch),
         };
         if let Err(e) = pushed {
-            log::debug!("dropping a unit: {e}");
+            stats.encode_error(peer, &e);
         }
     }
-    encoder.finish(session, batch)
+    if let Err(e) = encoder.finish(session, batch) {
+        stats.encode_error(peer, &e);
+    }
 }
 
 struct RxLoop {
@@ -813,7 +872,8 @@ impl RxLoop {
             true => encoder.push(&mut p.session, unit, batch),
             false => per_frame.push(encoder, &mut p.session, unit, batch),
         };
-        if pushed.is_err() || encoder.finish(&mut p.session, batch).is_err() {
+        if let Err(e) = pushed.and_then(|()| encoder.finish(&mut p.session, batch)) {
+            self.stats.encode_error(p.link.peer, &e);
             return;
         }
         self.stats.relayed_units.fetch_add(1, Ordering::Relaxed);
@@ -892,6 +952,8 @@ impl RxLoop {
                     }
                 }
             };
+            // Routes change only between batches (commands are handled above).
+            let routes = relay.routes.clone();
             for (buf, meta) in bufs.iter_mut().zip(metas.iter()).take(n) {
                 let stride = meta.stride.max(1);
                 for dgram in buf[..meta.len].chunks_mut(stride) {
@@ -904,21 +966,25 @@ impl RxLoop {
                     let on_heartbeat = |peer, hb, len| heard.push((peer, hb, len, from));
                     let salvage = &mut salvage;
                     let me = self.me;
-                    let on_partial = |_: PeerName, hdr: &InnerHeader, unit: &[u8], have: &dyn Fn(usize, usize) -> bool| {
+                    let stats = &*self.stats;
+                    let routes = &*routes;
+                    let on_partial = |sender: PeerName, hdr: &InnerHeader, unit: &[u8], have: &dyn Fn(usize, usize) -> bool| {
                         // Only what is for us: a relay passes whole units on or nothing.
-                        if hdr.broadcast || hdr.dst == me {
+                        if (hdr.broadcast || hdr.dst == me) && stats.admit(me, sender, hdr, &routes.upstream).is_some() {
                             salvage.take(hdr.src, unit, have);
                         }
                     };
-                    let result = receiver.receive_salvaging(now, dgram, |_sender, hdr, unit| {
+                    let result = receiver.receive_salvaging(now, dgram, |sender, hdr, unit| {
                         if unit.len() < VNET_HDR_LEN + 14 {
                             return;
                         }
-                        let onward = InnerHeader { ttl: hdr.ttl.saturating_sub(1), ..*hdr };
+                        // The claimed origin must fit the peer it came from; nothing of a
+                        // refused frame is learned, relayed or delivered.
+                        let Some(hdr) = stats.admit(me, sender, hdr, &routes.upstream) else { return };
+                        let onward = InnerHeader { ttl: hdr.ttl.saturating_sub(1), ..hdr };
                         if hdr.broadcast {
                             // Pass it down the source's tree, then take it ourselves.
                             if onward.ttl > 0 {
-                                let routes = relay.routes.clone();
                                 for child in routes.children.get(&hdr.src).into_iter().flatten() {
                                     if let Some(&hop) = relay.set.index.get(child) {
                                         self.forward(relay, hop, onward, unit);
@@ -927,7 +993,7 @@ impl RxLoop {
                             }
                         } else if hdr.dst != self.me {
                             // Not ours: relay towards its destination, whole.
-                            match relay.set.hop_to(hdr.dst, &relay.routes) {
+                            match relay.set.hop_to(hdr.dst, routes) {
                                 Some(hop) if onward.ttl > 0 => self.forward(relay, hop, onward, unit),
                                 _ => {
                                     self.stats.dropped_no_route.fetch_add(1, Ordering::Relaxed);
@@ -954,8 +1020,9 @@ impl RxLoop {
             if receiver.partial_units() > 0 {
                 let me = self.me;
                 let s = &mut salvage;
-                receiver.salvage_older_than(now, SALVAGE_AGE_MS, |_, hdr, unit, have| {
-                    if hdr.broadcast || hdr.dst == me {
+                let (stats, upstream) = (&*self.stats, &relay.routes.upstream);
+                receiver.salvage_older_than(now, SALVAGE_AGE_MS, |sender, hdr, unit, have| {
+                    if (hdr.broadcast || hdr.dst == me) && stats.admit(me, sender, hdr, upstream).is_some() {
                         s.take(hdr.src, unit, have);
                     }
                 });
