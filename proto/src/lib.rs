@@ -19,6 +19,7 @@ pub mod liveness;
 pub mod gso;
 pub mod mac_table;
 pub mod handshake;
+pub mod rekey;
 pub mod identity;
 pub mod topology;
 pub mod ipam;
