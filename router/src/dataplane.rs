@@ -114,8 +114,6 @@ pub struct Stats {
     pub udp_bytes_in: AtomicU64,
     /// Datagrams that failed authentication, were replays or malformed.
     pub udp_rejected: AtomicU64,
-    /// Of those, datagrams whose tag did not verify under the session's key.
-    pub udp_auth_failed: AtomicU64,
     /// Datagrams for a session we do not (yet, or any more) have: a peer's first
     /// heartbeats can arrive before our end of the handshake installed it.
     pub udp_unknown_session: AtomicU64,
@@ -131,6 +129,10 @@ pub struct Stats {
     /// Superframes that lost a chunk, and the whole segments salvaged from them.
     pub salvaged_units: AtomicU64,
     pub salvaged_frames: AtomicU64,
+    // New counters go last: the ones above are updated per datagram by both
+    // threads, and moving them changes which share a cache line.
+    /// Of `udp_rejected`, datagrams whose tag did not verify under the session's key.
+    pub udp_auth_failed: AtomicU64,
     /// Data-key rekeys completed (our sending key replaced), all connections.
     pub rekeys: AtomicU64,
     pub per_frame: crate::perframe::Counters,
