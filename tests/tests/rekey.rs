@@ -1,6 +1,6 @@
 //! Rekeying under load, end to end in namespaces: with `--rekey-interval 2`,
-//! a checked TCP transfer lasting well over five intervals crosses at least five
-//! rekeys on both routers, and not one datagram is rejected for key reasons
+//! checked TCP transfers both ways lasting well over five intervals cross at
+//! least five rekeys on both routers, and not one datagram is rejected for key reasons
 //! (unknown receiver index, failed authentication) meanwhile.
 
 use std::time::{Duration, Instant};
@@ -45,27 +45,34 @@ fn transfer_crosses_five_rekeys_without_a_rejected_datagram() {
     let before: Vec<Vec<u64>> = hosts.iter().map(|h| KEY_REJECTIONS.iter().map(|k| counter(h, k)).collect()).collect();
     let rekeys_before: Vec<u64> = hosts.iter().map(|h| counter(h, "rekeys")).collect();
 
-    // One TCP transfer, both ways busy (data one way, ACKs the other), for 14 s:
-    // seven intervals.
-    let mut sink = start_sink(&lab, &c2.ns);
+    // Two TCP transfers at once, one each way, for 14 s: seven intervals. Each
+    // router both seals and opens bulk data across every switch, whichever
+    // side of the rekey exchange it is.
+    let sinks = [start_sink(&lab, &c2.ns), start_sink(&lab, &c1.ns)];
     let t = Instant::now();
-    let sent = exec_in_timeout(&c1.ns, &["python3", "-c", TIMED_SOURCE, "10.43.0.2", "14"], Duration::from_secs(60));
+    let mut back = lab.spawn_in(&c2.ns, &["python3", "-c", TIMED_SOURCE, "10.43.0.1", "14"]);
+    let forth = exec_in_timeout(&c1.ns, &["python3", "-c", TIMED_SOURCE, "10.43.0.2", "14"], Duration::from_secs(60));
+    let back_done = back.wait(Duration::from_secs(60));
     let took = t.elapsed();
-    if !sent.ok() {
+    if !forth.ok() || !back_done {
         lab.dump();
     }
-    assert!(sent.ok(), "transfer failed: {sent}");
-    assert!(sink.wait(Duration::from_secs(30)), "sink did not finish: {}", sink.stderr());
-    let (got, sent) = (digest_line(&sink.stdout()), digest_line(&sent.stdout));
-    assert_eq!(got, sent, "received data differs from what was sent");
-    let bytes: u64 = sent.split(' ').nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
-    eprintln!(
-        "{} MB intact in {:.1}s ({:.0} Mbit/s)",
-        bytes >> 20,
-        took.as_secs_f64(),
-        bytes as f64 * 8.0 / took.as_secs_f64() / 1e6
-    );
-    assert!(bytes > 10 << 20, "too little data crossed to mean anything: {bytes} bytes");
+    assert!(forth.ok(), "transfer c1 -> c2 failed: {forth}");
+    assert!(back_done, "transfer c2 -> c1 did not finish: {}", back.stderr());
+    let [mut sink_forth, mut sink_back] = sinks;
+    for (sink, sent, what) in [(&mut sink_forth, forth.stdout.clone(), "c1 -> c2"), (&mut sink_back, back.stdout(), "c2 -> c1")] {
+        assert!(sink.wait(Duration::from_secs(30)), "sink of {what} did not finish: {}", sink.stderr());
+        let (got, sent) = (digest_line(&sink.stdout()), digest_line(&sent));
+        assert_eq!(got, sent, "{what}: received data differs from what was sent");
+        let bytes: u64 = sent.split(' ').nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+        eprintln!(
+            "{what}: {} MB intact in {:.1}s ({:.0} Mbit/s)",
+            bytes >> 20,
+            took.as_secs_f64(),
+            bytes as f64 * 8.0 / took.as_secs_f64() / 1e6
+        );
+        assert!(bytes > 10 << 20, "{what}: too little data crossed to mean anything: {bytes} bytes");
+    }
 
     for (i, h) in hosts.iter().enumerate() {
         let rekeys = counter(h, "rekeys") - rekeys_before[i];
