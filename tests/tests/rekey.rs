@@ -26,6 +26,61 @@ fn counter(h: &Host, key: &str) -> u64 {
 /// Counters that move when a datagram is refused for its key.
 const KEY_REJECTIONS: [&str; 3] = ["udp_unknown_session", "udp_auth_failed", "udp_rejected"];
 
+/// Key-rejection counters of each host, in [`KEY_REJECTIONS`] order, and its rekeys.
+fn key_counters(hosts: &[&Host]) -> Vec<(Vec<u64>, u64)> {
+    hosts.iter().map(|h| (KEY_REJECTIONS.iter().map(|k| counter(h, k)).collect(), counter(h, "rekeys"))).collect()
+}
+
+/// Two TCP transfers at once, `a` -> `b` and `b` -> `a`, each for `secs`
+/// seconds, both checked (SHA-256 and length). Each router on the way both
+/// seals and opens bulk data across every switch, whichever side of the rekey
+/// exchange it is. Returns how long they took.
+fn transfers_both_ways(lab: &Lab, a: (&str, &str), b: (&str, &str), secs: u32) -> Duration {
+    let secs = secs.to_string();
+    let sinks = [start_sink(lab, b.0), start_sink(lab, a.0)];
+    let t = Instant::now();
+    let mut back = lab.spawn_in(b.0, &["python3", "-c", TIMED_SOURCE, a.1, &secs]);
+    let forth = exec_in_timeout(a.0, &["python3", "-c", TIMED_SOURCE, b.1, &secs], Duration::from_secs(120));
+    let back_done = back.wait(Duration::from_secs(60));
+    let took = t.elapsed();
+    if !forth.ok() || !back_done {
+        lab.dump();
+    }
+    assert!(forth.ok(), "transfer {} -> {} failed: {forth}", a.1, b.1);
+    assert!(back_done, "transfer {} -> {} did not finish: {}", b.1, a.1, back.stderr());
+    let [mut sink_forth, mut sink_back] = sinks;
+    let ways = [(&mut sink_forth, forth.stdout.clone(), (a.1, b.1)), (&mut sink_back, back.stdout(), (b.1, a.1))];
+    for (sink, sent, (from, to)) in ways {
+        assert!(sink.wait(Duration::from_secs(30)), "sink of {from} -> {to} did not finish: {}", sink.stderr());
+        let (got, sent) = (digest_line(&sink.stdout()), digest_line(&sent));
+        assert_eq!(got, sent, "{from} -> {to}: received data differs from what was sent");
+        let bytes: u64 = sent.split(' ').nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+        eprintln!(
+            "{from} -> {to}: {} MB intact in {:.1}s ({:.0} Mbit/s)",
+            bytes >> 20,
+            took.as_secs_f64(),
+            bytes as f64 * 8.0 / took.as_secs_f64() / 1e6
+        );
+        assert!(bytes > 10 << 20, "{from} -> {to}: too little data crossed to mean anything: {bytes} bytes");
+    }
+    took
+}
+
+/// Every host rekeyed at least `min` times since `before`, and no datagram was
+/// refused for its key.
+#[track_caller]
+fn check_rekeys(hosts: &[&Host], before: &[(Vec<u64>, u64)], min: u64, took: Duration) {
+    for (h, (rejected, rekeys)) in hosts.iter().zip(before) {
+        let done = counter(h, "rekeys") - rekeys;
+        assert!(done >= min, "{}: only {done} rekeys during {:.1}s of transfers", h.ns, took.as_secs_f64());
+        for (key, was) in KEY_REJECTIONS.iter().zip(rejected) {
+            let moved = counter(h, key) - was;
+            assert_eq!(moved, 0, "{}: {moved} datagrams counted as {key} across the rekeys", h.ns);
+        }
+        eprintln!("{}: {done} rekeys during the transfers", h.ns);
+    }
+}
+
 #[test]
 fn transfer_crosses_five_rekeys_without_a_rejected_datagram() {
     let Some(lab) = Lab::new("rekey") else { return };
@@ -42,47 +97,10 @@ fn transfer_crosses_five_rekeys_without_a_rejected_datagram() {
     // Datagrams that arrived before the handshake finished on our side count as
     // unknown sessions: measure from here.
     let hosts = [&h1, &h2];
-    let before: Vec<Vec<u64>> = hosts.iter().map(|h| KEY_REJECTIONS.iter().map(|k| counter(h, k)).collect()).collect();
-    let rekeys_before: Vec<u64> = hosts.iter().map(|h| counter(h, "rekeys")).collect();
-
-    // Two TCP transfers at once, one each way, for 14 s: seven intervals. Each
-    // router both seals and opens bulk data across every switch, whichever
-    // side of the rekey exchange it is.
-    let sinks = [start_sink(&lab, &c2.ns), start_sink(&lab, &c1.ns)];
-    let t = Instant::now();
-    let mut back = lab.spawn_in(&c2.ns, &["python3", "-c", TIMED_SOURCE, "10.43.0.1", "14"]);
-    let forth = exec_in_timeout(&c1.ns, &["python3", "-c", TIMED_SOURCE, "10.43.0.2", "14"], Duration::from_secs(60));
-    let back_done = back.wait(Duration::from_secs(60));
-    let took = t.elapsed();
-    if !forth.ok() || !back_done {
-        lab.dump();
-    }
-    assert!(forth.ok(), "transfer c1 -> c2 failed: {forth}");
-    assert!(back_done, "transfer c2 -> c1 did not finish: {}", back.stderr());
-    let [mut sink_forth, mut sink_back] = sinks;
-    for (sink, sent, what) in [(&mut sink_forth, forth.stdout.clone(), "c1 -> c2"), (&mut sink_back, back.stdout(), "c2 -> c1")] {
-        assert!(sink.wait(Duration::from_secs(30)), "sink of {what} did not finish: {}", sink.stderr());
-        let (got, sent) = (digest_line(&sink.stdout()), digest_line(&sent));
-        assert_eq!(got, sent, "{what}: received data differs from what was sent");
-        let bytes: u64 = sent.split(' ').nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
-        eprintln!(
-            "{what}: {} MB intact in {:.1}s ({:.0} Mbit/s)",
-            bytes >> 20,
-            took.as_secs_f64(),
-            bytes as f64 * 8.0 / took.as_secs_f64() / 1e6
-        );
-        assert!(bytes > 10 << 20, "{what}: too little data crossed to mean anything: {bytes} bytes");
-    }
-
-    for (i, h) in hosts.iter().enumerate() {
-        let rekeys = counter(h, "rekeys") - rekeys_before[i];
-        assert!(rekeys >= 5, "{}: only {rekeys} rekeys during a {:.1}s transfer", h.ns, took.as_secs_f64());
-        for (k, key) in KEY_REJECTIONS.iter().enumerate() {
-            let moved = counter(h, key) - before[i][k];
-            assert_eq!(moved, 0, "{}: {moved} datagrams counted as {key} across the rekeys", h.ns);
-        }
-        eprintln!("{}: {rekeys} rekeys during the transfer", h.ns);
-    }
+    let before = key_counters(&hosts);
+    // 14 s: seven intervals.
+    let took = transfers_both_ways(&lab, (&c1.ns, "10.43.0.1"), (&c2.ns, "10.43.0.2"), 14);
+    check_rekeys(&hosts, &before, 5, took);
 
     // `status connections` shows the key's epoch and age; the age stays within
     // an interval (plus a rekey's round trip and the polling step).
@@ -97,6 +115,35 @@ fn transfer_crosses_five_rekeys_without_a_rejected_datagram() {
     }
     // Still working after all that.
     assert!(ping(&c2.ns, "10.43.0.1", 3), "c2 cannot reach c1 after the rekeys");
+}
+
+/// h1 - h2 - h3 in a chain: what c1 and c3 exchange is relayed by h2, under its
+/// relay sessions, which are rekeyed with their connections.
+#[test]
+fn relayed_transfer_crosses_rekeys_of_both_hops() {
+    let Some(lab) = Lab::new("rekeyrelay") else { return };
+    let hosts: Vec<Host> = (1..=3).map(|i| lab.add_host(i)).collect();
+    let iv = ["--no-discovery", "--rekey-interval", "2"];
+    hosts[0].launch(&iv);
+    hosts[1].launch(&[&iv[..], &[hosts[0].ip.as_str()]].concat());
+    hosts[2].launch(&[&iv[..], &[hosts[1].ip.as_str()]].concat());
+    let c1 = lab.add_container(&hosts[0], 1);
+    let c3 = lab.add_container(&hosts[2], 3);
+    hosts[0].meshnet(&["attach", "10.43.0.1/24", &c1.ns]).expect_ok("attach c1");
+    hosts[2].meshnet(&["attach", "10.43.0.3/24", &c3.ns]).expect_ok("attach c3");
+    assert!(ping_until(&c1.ns, "10.43.0.3", Duration::from_secs(30)), "c1 cannot reach c3 through h2");
+
+    let hosts: Vec<&Host> = hosts.iter().collect();
+    let before = key_counters(&hosts);
+    let relayed = counter(hosts[1], "relayed_units");
+    let took = transfers_both_ways(&lab, (&c1.ns, "10.43.0.1"), (&c3.ns, "10.43.0.3"), 14);
+    check_rekeys(&hosts, &before, 5, took);
+    // h1 and h3 only reach each other through h2: the data went through its relay sessions.
+    for h in [hosts[0], hosts[2]] {
+        assert_eq!(connections(&h.status_json()).len(), 1, "{} has more than its one connection", h.ns);
+    }
+    let relayed = counter(hosts[1], "relayed_units") - relayed;
+    assert!(relayed > 10_000, "h2 relayed only {relayed} units");
 }
 
 #[test]
