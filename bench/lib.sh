@@ -143,6 +143,8 @@ setup_meshnet() {
   local p=meshnet mtu=()
   underlay $p
   [ -n "${MESHNET_MTU:-}" ] && mtu=(--mtu "$MESHNET_MTU")
+  # Extra launch options (e.g. MESHNET_LAUNCH_ARGS="--rekey-interval 1"), word-split.
+  [ -n "${MESHNET_LAUNCH_ARGS:-}" ] && read -r -a extra <<<"$MESHNET_LAUNCH_ARGS" && mtu+=("${extra[@]}")
   mkdir -p "$WORK/meshnet"
   MESHNET_PASSWORD=$PASSWORD inns $p h1 "$MESHNET_BIN" --state-dir "$WORK/meshnet/h1" launch "${mtu[@]}" >&2 || return 1
   MESHNET_PASSWORD=$PASSWORD inns $p h2 "$MESHNET_BIN" --state-dir "$WORK/meshnet/h2" launch "${mtu[@]}" $UL1 >&2 || return 1

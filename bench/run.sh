@@ -10,6 +10,7 @@
 #          --no-wait (do not wait for a quiet machine)  --no-md (leave BENCHMARKS.md)
 # Env: MESHNET_BIN (use this binary, else build release into $CARGO_TARGET_DIR or
 #      /tmp/tgt-bench), MESHNET_MTU (default: meshnet's own default),
+#      MESHNET_LAUNCH_ARGS (more `meshnet launch` options, e.g. "--rekey-interval 1"),
 #      BENCH_BUILD_HEAD=1 (build the committed HEAD in /tmp/mnb-src-<commit>, not
 #      the work tree), BENCH_MAX_LOAD (0.6), BENCH_WAIT_MAX (seconds to wait for it, 3600).
 # Needs root, iproute2, iperf3, ping, python3; tinc is optional (path skipped).
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
     --time) T=$2; shift ;;
     --no-wait) WAIT=0 ;;
     --no-md) WRITE_MD=0 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift

@@ -113,7 +113,7 @@ struct LaunchArgs {
     /// connect targets, attachments and IPAM state are always kept). A password
     /// given then by MESHNET_PASSWORD or --password must be given again.
     #[arg(long, conflicts_with_all = [
-        "name", "nickname", "port", "host", "mtu", "bridge", "no_discovery", "conn_limit",
+        "name", "nickname", "port", "host", "mtu", "bridge", "no_discovery", "conn_limit", "rekey_interval",
         "ipalloc_range", "ipalloc_default_subnet", "ipalloc_init", "peers",
     ])]
     #[serde(skip)]
@@ -153,6 +153,10 @@ struct LaunchArgs {
     /// Most connections at once.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10000))]
     conn_limit: u64,
+    /// Fresh data keys at least every this many seconds (1-120; shorter is for tests).
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=120))]
+    #[serde(default = "default_rekey_interval")]
+    rekey_interval: u64,
     /// Range IPAM allocates from. A default range that overlaps a route of the host is refused.
     #[arg(long, default_value = meshnet_proto::ipam::DEFAULT_RANGE)]
     ipalloc_range: String,
@@ -171,6 +175,11 @@ struct LaunchArgs {
     #[arg(value_name = "PEER")]
     #[serde(skip)]
     peers: Vec<String>,
+}
+
+/// `--rekey-interval` of a launch recorded before the option existed.
+fn default_rekey_interval() -> u64 {
+    120
 }
 
 /// Where `launch` records its options for `--resume`.
@@ -383,6 +392,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             bridge: args.bridge.clone(),
             discovery: !args.no_discovery,
             conn_limit: args.conn_limit as usize,
+            rekey_interval: Duration::from_secs(args.rekey_interval),
             peers,
             ipalloc_range,
             ipalloc_range_given: args.ipalloc_range != meshnet_proto::ipam::DEFAULT_RANGE,
@@ -408,6 +418,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     cmd.args(["--port", &args.port.to_string(), "--host", &args.host.to_string()]);
     cmd.args(["--mtu", &args.mtu.to_string(), "--bridge", &args.bridge]);
     cmd.args(["--conn-limit", &args.conn_limit.to_string(), "--datapath", datapath.as_str()]);
+    cmd.args(["--rekey-interval", &args.rekey_interval.to_string()]);
     if let Some(n) = &args.name {
         cmd.args(["--name", n]);
     }

@@ -85,6 +85,12 @@ pub struct ConnectionStatus {
     /// Where datagrams to the peer go (learned from its heartbeats).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub udp_addr: Option<String>,
+    /// The epoch of the data key we send under (0: the handshake's; +1 per rekey).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_epoch: Option<u32>,
+    /// Seconds since that key was put in use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_age_s: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use meshnet_proto::handshake::{Established, Handshake, HandshakeConfig, HandshakeError, Hello, Role, CAP_SUPERFRAMES};
 use meshnet_proto::identity::Identity;
+use meshnet_proto::rekey::{self, Fresh, Output, RekeyConfig, RekeyMsg, Rekeyer};
 use meshnet_proto::wire::control::ControlMsg;
 use meshnet_router::dataplane::PeerLink;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,6 +22,10 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(35);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const GOSSIP_EVERY: Duration = Duration::from_secs(30);
+/// How often a connection looks whether its data keys are due (interval, AES blocks).
+const REKEY_CHECK: Duration = Duration::from_millis(250);
+/// How long the data plane may take to install a new receiving key.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reasons a connection ends that are not failures: the pair already has one.
 pub const REPLACED: &str = "replaced by a newer connection";
 pub const ALREADY_CONNECTED: &str = "already connected to";
@@ -175,7 +180,10 @@ async fn run_connection(
             return Err("handshake timed out".into());
         }
     };
-    let Established { mut channel, remote: hello, data_keys, .. } = est;
+    let Established { mut channel, remote: hello, data_keys, role, .. } = est;
+    let clock = Instant::now();
+    let rekey_cfg = RekeyConfig { interval_ms: mesh.settings.rekey_interval.as_millis() as u64 };
+    let mut rekeyer = Rekeyer::new(role, rekey_cfg, &data_keys, recv_index, hello.receiver_index, 0);
     let listen = SocketAddr::new(remote.ip(), hello.tcp_port);
     let link = PeerLink {
         peer: hello.name,
@@ -197,13 +205,17 @@ async fn run_connection(
         return Err(why);
     }
 
+    drop(data_keys);
     // The handshake's last read may have carried messages already.
-    if let Err(why) = drain(&mesh, id, hello.name, &mut channel, &mut stream).await {
+    let mut rekey_in = Vec::new();
+    if let Err(why) = drain(&mesh, id, hello.name, &mut channel, &mut stream, &mut rekey_in).await {
         mesh.unregister(id, &why);
         return Ok(why);
     }
     let mut shutdown = mesh.shutdown.subscribe();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    let mut rekey_check = tokio::time::interval(REKEY_CHECK);
+    let rekey_ctx = RekeyCtx { mesh: &mesh, id, peer: hello.name, clock };
     let mut last_heard = Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::new();
@@ -219,7 +231,21 @@ async fn run_connection(
                 if let Err(e) = channel.feed(&buf[..n]) {
                     break 'conn format!("bad data from peer: {e}");
                 }
-                if let Err(why) = drain(&mesh, id, hello.name, &mut channel, &mut stream).await {
+                if let Err(why) = drain(&mesh, id, hello.name, &mut channel, &mut stream, &mut rekey_in).await {
+                    break 'conn why;
+                }
+                for msg in rekey_in.drain(..) {
+                    let outs = rekeyer.on_message(rekey_ctx.now(), msg, &mut || rekey_ctx.fresh());
+                    if let Err(why) = rekey_ctx.perform(outs, &mut channel, &mut stream).await {
+                        break 'conn why;
+                    }
+                }
+            }
+            _ = rekey_check.tick() => {
+                let sealed = mesh.dataplane.links().get(&hello.name).map_or(0, |l| l.sealed_under(rekeyer.send_index()));
+                let blocks = rekey::blocks_sealed(sealed, crate::daemon::MAX_DATAGRAM);
+                let outs = rekeyer.poll(rekey_ctx.now(), blocks, &mut || rekey_ctx.fresh());
+                if let Err(why) = rekey_ctx.perform(outs, &mut channel, &mut stream).await {
                     break 'conn why;
                 }
             }
@@ -262,18 +288,83 @@ async fn run_connection(
     Ok(why)
 }
 
-/// Handles every complete message buffered in `channel`. Err: close, with the reason.
+/// What a connection's rekeying acts on.
+struct RekeyCtx<'a> {
+    mesh: &'a Mesh,
+    id: u64,
+    peer: meshnet_proto::PeerName,
+    clock: Instant,
+}
+
+impl RekeyCtx<'_> {
+    fn now(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// A fresh X25519 secret and a receiver index reserved for this connection.
+    fn fresh(&self) -> Fresh {
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret).expect("system randomness");
+        Fresh { secret, recv_index: self.mesh.reserve_recv_index(self.id) }
+    }
+
+    /// Performs what [`Rekeyer`] decided, in order. Err: close, with the reason.
+    async fn perform(
+        &self,
+        outs: Vec<Output>,
+        channel: &mut meshnet_proto::wire::control::ControlChannel,
+        stream: &mut TcpStream,
+    ) -> Result<(), String> {
+        let dp = &self.mesh.dataplane;
+        for o in outs {
+            match o {
+                Output::InstallRecv { index, key } => {
+                    // The peer may seal under it as soon as it hears from us: wait
+                    // until the receive thread really has it.
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    // Err from `send` only means we stopped waiting (timed out).
+                    dp.install_recv(self.peer, index, key, Box::new(move || tx.send(()).unwrap_or_default()));
+                    match tokio::time::timeout(INSTALL_TIMEOUT, rx).await {
+                        Ok(Ok(())) => {}
+                        _ => return Err("rekey: the data plane did not install the new key".into()),
+                    }
+                }
+                Output::SwitchSend { from_index, index, key } => dp.switch_send(self.peer, from_index, index, key),
+                Output::RemoveRecv { index } => {
+                    dp.remove_recv(index);
+                    self.mesh.release_recv_index(self.id, index);
+                }
+                Output::Send(msg) => {
+                    let mut out = Vec::new();
+                    channel.send(&ControlMsg::Rekey(msg), &mut out).map_err(|e| format!("encode: {e}"))?;
+                    stream.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
+                }
+                Output::Rekeyed { epoch } => {
+                    log::debug!("data keys with {} rekeyed: epoch {epoch}", self.peer);
+                    self.mesh.rekeyed(self.id, epoch);
+                }
+                Output::Close(why) => return Err(why),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Handles every complete message buffered in `channel`; rekey messages are
+/// left in `rekey_in` for the connection's [`Rekeyer`]. Err: close, with the reason.
 async fn drain(
     mesh: &Mesh,
     id: u64,
     peer: meshnet_proto::PeerName,
     channel: &mut meshnet_proto::wire::control::ControlChannel,
     stream: &mut TcpStream,
+    rekey_in: &mut Vec<RekeyMsg>,
 ) -> Result<(), String> {
     loop {
         match channel.poll_message() {
             Ok(None) => return Ok(()),
             Ok(Some(ControlMsg::Heartbeat)) => {}
+            Ok(Some(ControlMsg::Rekey(msg))) => rekey_in.push(msg),
             Ok(Some(ControlMsg::Gossip(infos))) => {
                 if let Err(e) = mesh.on_gossip(id, infos) {
                     log::warn!("from {peer}: {e}");

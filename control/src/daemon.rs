@@ -44,6 +44,8 @@ pub struct Config {
     pub bridge: String,
     pub discovery: bool,
     pub conn_limit: usize,
+    /// `--rekey-interval`: fresh data keys at least this often.
+    pub rekey_interval: Duration,
     pub peers: Vec<PeerAddr>,
     /// `--ipalloc-range`, and whether it was given (a default one must not overlap a host route).
     pub ipalloc_range: Cidr,
@@ -181,6 +183,7 @@ pub fn run(cfg: Config) -> Result<()> {
         conn_limit: cfg.conn_limit,
         bridge: cfg.bridge.clone(),
         mtu: cfg.mtu,
+        rekey_interval: cfg.rekey_interval,
     };
     let local = Arc::new(Local { identity, psk, udp_port, capabilities });
 

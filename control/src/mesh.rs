@@ -58,6 +58,11 @@ pub struct Conn {
     /// The peer's TCP listen address (its IP as seen, its advertised port).
     pub listen: Option<SocketAddr>,
     pub recv_index: u32,
+    /// Receiver indexes reserved or installed by rekeying, not yet removed.
+    pub rekey_indexes: Vec<u32>,
+    /// The epoch of the data key we send under, and since when.
+    pub key_epoch: u32,
+    pub key_since: Instant,
     pub queue: mpsc::UnboundedSender<ControlMsg>,
     pub since: Instant,
 }
@@ -100,6 +105,8 @@ pub struct Settings {
     pub conn_limit: usize,
     pub bridge: String,
     pub mtu: u32,
+    /// `--rekey-interval`: fresh data keys at least this often.
+    pub rekey_interval: Duration,
 }
 
 pub struct Mesh {
@@ -195,6 +202,9 @@ impl Mesh {
                 nickname: String::new(),
                 listen: None,
                 recv_index,
+                rekey_indexes: Vec::new(),
+                key_epoch: 0,
+                key_since: Instant::now(),
                 queue,
                 since: Instant::now(),
             },
@@ -208,9 +218,35 @@ impl Mesh {
         loop {
             // The top bit marks relay sessions (see meshnet_proto::session::RELAY_INDEX_BIT).
             let i = random_u32() & !meshnet_proto::session::RELAY_INDEX_BIT;
-            if i != 0 && !g.conns.values().any(|c| c.recv_index == i) {
+            if i != 0 && !g.conns.values().any(|c| c.recv_index == i || c.rekey_indexes.contains(&i)) {
                 return i;
             }
+        }
+    }
+
+    /// Rekeying: a receiver index no live session uses, reserved for connection `id`
+    /// until [`release_recv_index`](Self::release_recv_index) or the connection ends.
+    pub fn reserve_recv_index(&self, id: u64) -> u32 {
+        let i = self.fresh_recv_index();
+        if let Some(c) = self.lock().conns.get_mut(&id) {
+            c.rekey_indexes.push(i);
+        }
+        i
+    }
+
+    /// Rekeying: connection `id` no longer receives under `index`.
+    pub fn release_recv_index(&self, id: u64, index: u32) {
+        if let Some(c) = self.lock().conns.get_mut(&id) {
+            c.rekey_indexes.retain(|&i| i != index);
+        }
+    }
+
+    /// Rekeying: connection `id` now sends under data-key epoch `epoch`.
+    pub fn rekeyed(&self, id: u64, epoch: u32) {
+        self.dataplane.stats.rekeys.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(c) = self.lock().conns.get_mut(&id) {
+            c.key_epoch = epoch;
+            c.key_since = Instant::now();
         }
     }
 
@@ -257,6 +293,7 @@ impl Mesh {
         c.nickname = nickname;
         c.listen = Some(listen);
         c.since = Instant::now();
+        c.key_since = c.since;
         self.dataplane.add_peer(link);
         log::info!(
             "connection to {peer} ({}) established, {}; waiting for UDP heartbeats both ways",
@@ -298,7 +335,9 @@ impl Mesh {
         }
         if c.established {
             if let Some(peer) = c.peer {
-                self.dataplane.remove_peer(peer, c.recv_index);
+                let mut indexes = c.rekey_indexes.clone();
+                indexes.push(c.recv_index);
+                self.dataplane.remove_peer(peer, indexes);
             }
             self.local_connections_changed(g);
             let removed = g.topology.garbage_collect();
@@ -547,6 +586,7 @@ impl Mesh {
                     if let (true, Some(ms)) = (c.udp_ok, link.and_then(|l| l.heard_ms_ago)) {
                         info.push(format!("heartbeat {:.1}s ago", ms as f64 / 1000.0));
                     }
+                    info.push(format!("key epoch {} age {}s", c.key_epoch, c.key_since.elapsed().as_secs()));
                     info.push(format!("up {}s", c.since.elapsed().as_secs()));
                 } else {
                     info.push("handshake".into());
@@ -564,6 +604,8 @@ impl Mesh {
                     path_mtu: link.and_then(|l| l.path_mtu).map(|m| m as u32),
                     heartbeat_ms_ago: link.and_then(|l| l.heard_ms_ago),
                     udp_addr: link.map(|l| l.addr.to_string()),
+                    key_epoch: c.established.then_some(c.key_epoch),
+                    key_age_s: c.established.then(|| c.key_since.elapsed().as_secs()),
                 }
             })
             .collect();

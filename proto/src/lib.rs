@@ -14,6 +14,7 @@ pub mod datapath;
 pub mod ingress;
 pub mod gso;
 pub mod handshake;
+pub mod rekey;
 pub mod identity;
 pub mod ipam;
 pub mod liveness;

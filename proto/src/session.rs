@@ -10,10 +10,13 @@
 //!
 //! Rules this module enforces:
 //! - a counter is used at most once per key: [`SealKey`] only moves forward, and
-//!   refuses to go on once it reaches [`COUNTER_LIMIT`] (rekeying is the
-//!   handshake's job, not this module's);
+//!   refuses to go on once it reaches [`COUNTER_LIMIT`] (rekeying, long
+//!   before that, is [`crate::rekey`]'s job);
 //! - [`OpenKey`] consults the replay window *before* decrypting (cheap rejection)
-//!   and marks it only *after* the tag verified, so forgeries cannot move it.
+//!   and marks it only *after* the tag verified, so forgeries cannot move it;
+//! - a key is overwritten with zeros when its [`SealKey`] or [`OpenKey`] is dropped.
+
+use std::mem::ManuallyDrop;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 
@@ -71,17 +74,33 @@ fn nonce(counter: u64) -> Nonce {
     Nonce::assume_unique_for_key(n)
 }
 
-fn aead_key(key: &[u8; KEY_LEN]) -> LessSafeKey {
+fn aead_key(key: &[u8; KEY_LEN]) -> ManuallyDrop<LessSafeKey> {
     // A 32-byte key is always valid for AES-256-GCM; `new` fails only on a wrong length.
     match UnboundKey::new(&AES_256_GCM, key) {
-        Ok(k) => LessSafeKey::new(k),
+        Ok(k) => ManuallyDrop::new(LessSafeKey::new(k)),
         Err(_) => unreachable!("AES-256-GCM accepts every 32-byte key"),
     }
 }
 
+// ring keeps the expanded key (whose first round keys are the key itself) inline
+// and owns nothing else, so overwriting it in place erases the key.
+const _: () = assert!(!std::mem::needs_drop::<LessSafeKey>());
+
+/// Overwrites a key schedule with zeros; it is never used (or dropped) again.
+fn erase_key(key: &mut ManuallyDrop<LessSafeKey>) {
+    let p = (&mut **key as *mut LessSafeKey).cast::<u8>();
+    for i in 0..std::mem::size_of::<LessSafeKey>() {
+        // SAFETY: writes stay inside the value, which is never read again: it
+        // is only ever erased from `Drop`, and `ManuallyDrop` runs no drop glue
+        // (and `LessSafeKey` has none).
+        unsafe { std::ptr::write_volatile(p.add(i), 0) };
+    }
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+}
+
 /// The sending half of a session: the key and the next counter to use.
 pub struct SealKey {
-    key: LessSafeKey,
+    key: ManuallyDrop<LessSafeKey>,
     next: u64,
 }
 
@@ -138,6 +157,19 @@ impl SealKey {
     }
 }
 
+impl Drop for SealKey {
+    /// Keys are erased when their session goes (after a rekey, or with the connection).
+    fn drop(&mut self) {
+        erase_key(&mut self.key);
+    }
+}
+
+impl Drop for OpenKey {
+    fn drop(&mut self) {
+        erase_key(&mut self.key);
+    }
+}
+
 impl std::fmt::Debug for SealKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SealKey").field("next", &self.next).finish_non_exhaustive()
@@ -146,7 +178,7 @@ impl std::fmt::Debug for SealKey {
 
 /// The receiving half of a session: the key and its replay window.
 pub struct OpenKey {
-    key: LessSafeKey,
+    key: ManuallyDrop<LessSafeKey>,
     window: ReplayWindow,
 }
 

@@ -42,7 +42,8 @@ use meshnet_proto::datapath::{seal_heartbeat, DatapathError, Encoder, Receiver, 
 use meshnet_proto::ingress::{self, Refused, UpstreamMap};
 use meshnet_proto::liveness::Liveness;
 use meshnet_proto::wire::datagram::Heartbeat;
-use meshnet_proto::session::{relay_key, RELAY_INDEX_BIT};
+use meshnet_proto::rekey::{erase, Key};
+use meshnet_proto::session::{relay_key, COUNTER_LIMIT, RELAY_INDEX_BIT};
 use meshnet_proto::mac_table::{MacOwner, MacTable};
 use meshnet_proto::wire::datagram::InnerHeader;
 use meshnet_proto::{Mac, PeerName};
@@ -86,6 +87,22 @@ pub struct PeerLink {
     pub superframes: bool,
 }
 
+impl Drop for PeerLink {
+    /// Copies of the handshake's keys do not outlive their link.
+    fn drop(&mut self) {
+        erase(&mut self.send_key);
+        erase(&mut self.recv_key);
+    }
+}
+
+impl PeerLink {
+    /// Erases the keys once the sessions are made from them.
+    fn forget_keys(&mut self) {
+        erase(&mut self.send_key);
+        erase(&mut self.recv_key);
+    }
+}
+
 /// Counters shared with the control plane (`meshnet status`).
 #[derive(Default, Debug)]
 pub struct Stats {
@@ -121,6 +138,12 @@ pub struct Stats {
     pub refused: [AtomicU64; Refused::ALL.len()],
     /// Received frames whose TTL was higher than their sender could use, cut.
     pub ttl_clamped: AtomicU64,
+    // New counters go last: the ones above are updated per datagram by both
+    // threads, and moving them changes which share a cache line.
+    /// Of `udp_rejected`, datagrams whose tag did not verify under the session's key.
+    pub udp_auth_failed: AtomicU64,
+    /// Data-key rekeys completed (our sending key replaced), all connections.
+    pub rekeys: AtomicU64,
     pub per_frame: crate::perframe::Counters,
 }
 
@@ -171,6 +194,7 @@ impl Stats {
             ("udp_datagrams_in", g(&self.udp_datagrams_in)),
             ("udp_bytes_in", g(&self.udp_bytes_in)),
             ("udp_rejected", g(&self.udp_rejected)),
+            ("udp_auth_failed", g(&self.udp_auth_failed)),
             ("udp_unknown_session", g(&self.udp_unknown_session)),
             ("tap_units_out", g(&self.tap_units_out)),
             ("tap_write_errors", g(&self.tap_write_errors)),
@@ -185,6 +209,7 @@ impl Stats {
             ("salvaged_frames", g(&self.salvaged_frames)),
             ("encode_errors", g(&self.encode_errors)),
             ("ttl_clamped", g(&self.ttl_clamped)),
+            ("rekeys", g(&self.rekeys)),
         ]
         .into_iter()
         .chain(Refused::ALL.into_iter().map(|r| (r.counter_name(), g(&self.refused[r.index()]))))
@@ -218,6 +243,17 @@ pub struct LinkStatus {
     pub heard_ms_ago: Option<u64>,
     /// Where datagrams to the peer go (learned from its heartbeats).
     pub addr: SocketAddr,
+    /// Datagrams sealed so far by the direct and the relay sending session,
+    /// each with the receiver index it seals under (refreshed every 100–250 ms).
+    pub sealed: [(u32, u64); 2],
+}
+
+impl LinkStatus {
+    /// Datagrams sealed under the sending key whose receiver index is `index`
+    /// (its direct and its relay session, whichever sealed more).
+    pub fn sealed_under(&self, index: u32) -> u64 {
+        self.sealed.iter().filter(|(i, _)| i & !RELAY_INDEX_BIT == index).map(|s| s.1).max().unwrap_or(0)
+    }
 }
 
 /// The heartbeat state of every direct peer, shared by both threads and the
@@ -225,6 +261,8 @@ pub struct LinkStatus {
 struct Link {
     liveness: Liveness,
     addr: SocketAddr,
+    /// (receiver index, datagrams sealed) of the direct and the relay session.
+    sealed: [(u32, u64); 2],
 }
 
 type Links = Arc<Mutex<HashMap<PeerName, Link>>>;
@@ -236,6 +274,8 @@ fn lock(links: &Links) -> MutexGuard<'_, HashMap<PeerName, Link>> {
 enum TxCmd {
     AddPeer(PeerLink),
     RemovePeer(PeerName),
+    /// Seal for `peer` under a new key from now on, if it still seals under `from`.
+    Switch { peer: PeerName, from: u32, index: u32, key: Key },
     Learn(Mac, PeerName),
     Routes(Arc<Routes>),
     Stop,
@@ -243,7 +283,12 @@ enum TxCmd {
 
 enum RxCmd {
     AddPeer(PeerLink),
-    RemovePeer(PeerName, u32),
+    RemovePeer(PeerName, Vec<u32>),
+    /// A receiving key (and its relay key) of a new epoch; `done` runs once installed.
+    AddRecv { peer: PeerName, index: u32, key: Key, done: Box<dyn FnOnce() + Send> },
+    RemoveRecv(u32),
+    /// As [`TxCmd::Switch`], for the relay session.
+    SwitchRelay { peer: PeerName, from: u32, index: u32, key: Key },
     Routes(Arc<Routes>),
     Stop,
 }
@@ -408,16 +453,39 @@ impl DataPlane {
     pub fn add_peer(&self, link: PeerLink) {
         debug_assert_eq!(link.recv_index & RELAY_INDEX_BIT, 0);
         let now = self.clock.elapsed().as_millis() as u64;
-        lock(&self.links).insert(link.peer, Link { liveness: Liveness::new(self.max_datagram, now), addr: link.addr });
+        let link_state = Link { liveness: Liveness::new(self.max_datagram, now), addr: link.addr, sealed: [(0, 0); 2] };
+        lock(&self.links).insert(link.peer, link_state);
         self.rx.post(RxCmd::AddPeer(link.clone()));
         self.tx.post(TxCmd::AddPeer(link));
     }
 
-    /// Stops carrying frames for `peer` (whose session we knew by `recv_index`).
-    pub fn remove_peer(&self, peer: PeerName, recv_index: u32) {
+    /// Stops carrying frames for `peer` (whose sessions we knew by `recv_indexes`).
+    pub fn remove_peer(&self, peer: PeerName, recv_indexes: Vec<u32>) {
         lock(&self.links).remove(&peer);
         self.tx.post(TxCmd::RemovePeer(peer));
-        self.rx.post(RxCmd::RemovePeer(peer, recv_index));
+        self.rx.post(RxCmd::RemovePeer(peer, recv_indexes));
+    }
+
+    /// Rekeying: accepts `peer`'s datagrams under `index` (and its relay index)
+    /// opened with `key`, beside the sessions already there. `done` runs on the
+    /// receive thread once datagrams under `index` open.
+    pub fn install_recv(&self, peer: PeerName, index: u32, key: Key, done: Box<dyn FnOnce() + Send>) {
+        debug_assert_eq!(index & RELAY_INDEX_BIT, 0);
+        self.rx.post(RxCmd::AddRecv { peer, index, key, done });
+    }
+
+    /// Rekeying: seals what goes to `peer` (directly and relayed) under
+    /// `index`/`key` from now on, unless its sessions no longer seal under
+    /// `from` (the connection was replaced meanwhile).
+    pub fn switch_send(&self, peer: PeerName, from: u32, index: u32, key: Key) {
+        self.rx.post(RxCmd::SwitchRelay { peer, from, index, key: key.clone() });
+        self.tx.post(TxCmd::Switch { peer, from, index, key });
+    }
+
+    /// Rekeying: stops accepting datagrams under `index` (and its relay index);
+    /// the receive thread erases their keys.
+    pub fn remove_recv(&self, index: u32) {
+        self.rx.post(RxCmd::RemoveRecv(index));
     }
 
     /// Every direct peer's UDP state.
@@ -431,6 +499,7 @@ impl DataPlane {
                     path_mtu: l.liveness.path_mtu(now),
                     heard_ms_ago: l.liveness.last_heard().map(|t| now.saturating_sub(t)),
                     addr: l.addr,
+                    sealed: l.sealed,
                 };
                 (*p, status)
             })
@@ -528,6 +597,7 @@ impl TxLoop {
         set.refresh(&links, now, self.max_datagram);
         for p in &mut set.peers {
             let Some(l) = links.get_mut(&p.link.peer) else { continue };
+            l.sealed[0] = (p.session.receiver_index(), COUNTER_LIMIT - p.session.remaining());
             let Some(hb) = l.liveness.poll(now, sizes) else { continue };
             batch.clear();
             for &size in sizes.iter() {
@@ -572,9 +642,19 @@ impl TxLoop {
             let running = wait_for_work(fd, &self.efd, &self.cmds, TICK_MS as i32, |cmd| {
                 match cmd {
                     TxCmd::Stop => return false,
-                    TxCmd::AddPeer(link) => {
+                    TxCmd::AddPeer(mut link) => {
                         let session = TxSession::new(link.send_index, &link.send_key);
+                        link.forget_keys();
                         set.insert(TxPeer { link, session, max_datagram });
+                    }
+                    TxCmd::Switch { peer, from, index, key } => {
+                        if let Some(p) = set.index.get(&peer).map(|&i| &mut set.peers[i]) {
+                            if p.session.receiver_index() == from {
+                                // The old session (and its key) is dropped, erased, here.
+                                p.session = TxSession::new(index, &key.0);
+                                p.link.send_index = index;
+                            }
+                        }
                     }
                     TxCmd::RemovePeer(peer) => {
                         if set.remove(peer) {
@@ -768,6 +848,23 @@ fn send_one(udp: &UdpSocketState, socket: &UdpSocket, efd: &EventFd, stats: &Sta
     stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Accepts `peer`'s datagrams under `index` opened with `key`, and relayed
+/// ones under `index | RELAY_INDEX_BIT` with its relay key.
+fn add_recv(receiver: &mut Receiver, peer: PeerName, index: u32, key: &[u8; 32]) {
+    receiver.add_session(index, peer, key);
+    let mut relay = relay_key(key);
+    receiver.add_session(index | RELAY_INDEX_BIT, peer, &relay);
+    erase(&mut relay);
+}
+
+/// The relay sending session beside the direct one sealing under `index`/`key`.
+fn relay_session(index: u32, key: &[u8; 32]) -> TxSession {
+    let mut relay = relay_key(key);
+    let session = TxSession::new(index | RELAY_INDEX_BIT, &relay);
+    erase(&mut relay);
+    session
+}
+
 /// Seals units `which` for direct peer `peer` under `hdr` into `batch`.
 /// `per_frame`: Some when the next hop takes no superframes. A unit that
 /// cannot be sealed, and a last datagram that cannot, are counted in
@@ -909,17 +1006,35 @@ impl RxLoop {
             let running = wait_for_work(fd, &self.efd, &self.cmds, timeout, |cmd| {
                 match cmd {
                     RxCmd::Stop => return false,
-                    RxCmd::AddPeer(link) => {
-                        receiver.add_session(link.recv_index, link.peer, &link.recv_key);
-                        receiver.add_session(link.recv_index | RELAY_INDEX_BIT, link.peer, &relay_key(&link.recv_key));
-                        let session = TxSession::new(link.send_index | RELAY_INDEX_BIT, &relay_key(&link.send_key));
+                    RxCmd::AddPeer(mut link) => {
+                        add_recv(&mut receiver, link.peer, link.recv_index, &link.recv_key);
+                        let session = relay_session(link.send_index, &link.send_key);
+                        link.forget_keys();
                         announced.retain(|_, (p, _)| *p != link.peer);
                         relay.set.insert(TxPeer { link, session, max_datagram });
                     }
-                    RxCmd::RemovePeer(peer, index) => {
+                    RxCmd::RemovePeer(peer, indexes) => {
+                        for index in indexes {
+                            receiver.remove_session(index);
+                            receiver.remove_session(index | RELAY_INDEX_BIT);
+                        }
+                        relay.set.remove(peer);
+                    }
+                    RxCmd::AddRecv { peer, index, key, done } => {
+                        add_recv(&mut receiver, peer, index, &key.0);
+                        done();
+                    }
+                    RxCmd::RemoveRecv(index) => {
                         receiver.remove_session(index);
                         receiver.remove_session(index | RELAY_INDEX_BIT);
-                        relay.set.remove(peer);
+                    }
+                    RxCmd::SwitchRelay { peer, from, index, key } => {
+                        if let Some(p) = relay.set.index.get(&peer).map(|&i| &mut relay.set.peers[i]) {
+                            if p.session.receiver_index() == from | RELAY_INDEX_BIT {
+                                p.session = relay_session(index, &key.0);
+                                p.link.send_index = index;
+                            }
+                        }
                     }
                     RxCmd::Routes(r) => relay.routes = r,
                 }
@@ -932,7 +1047,14 @@ impl RxLoop {
             if now.saturating_sub(last_expire) > 250 {
                 receiver.expire(now);
                 last_expire = now;
-                relay.set.refresh(&lock(&self.links), now, self.max_datagram);
+                let mut links = lock(&self.links);
+                relay.set.refresh(&links, now, self.max_datagram);
+                for p in &relay.set.peers {
+                    if let Some(l) = links.get_mut(&p.link.peer) {
+                        l.sealed[1] = (p.session.receiver_index(), COUNTER_LIMIT - p.session.remaining());
+                    }
+                }
+                drop(links);
                 if announced.len() > 65536 {
                     announced.clear();
                 }
@@ -1007,6 +1129,10 @@ impl RxLoop {
                         Ok(_) => {}
                         Err(DatapathError::UnknownSession(_)) => {
                             self.stats.udp_unknown_session.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(DatapathError::Session(meshnet_proto::session::SessionError::AuthFailed)) => {
+                            self.stats.udp_auth_failed.fetch_add(1, Ordering::Relaxed);
+                            self.stats.udp_rejected.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(_) => {
                             self.stats.udp_rejected.fetch_add(1, Ordering::Relaxed);

@@ -103,6 +103,8 @@ pub enum ControlMsg {
     Ipam(Vec<u8>),
     /// The sender is closing the connection, and why.
     Goodbye(String),
+    /// Data-plane rekeying (see [`crate::rekey`]).
+    Rekey(crate::rekey::RekeyMsg),
 }
 
 /// The opening 12 bytes each side sends.
