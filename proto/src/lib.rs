@@ -19,6 +19,8 @@ pub mod liveness;
 pub mod gso;
 pub mod mac_table;
 pub mod handshake;
+pub mod admission;
+pub mod sendqueue;
 pub mod identity;
 pub mod topology;
 pub mod ipam;
