@@ -507,7 +507,6 @@ impl Handshake {
     /// key-confirmation record.
     fn on_msg3(&mut self, msg: &[u8]) -> Result<(), HandshakeError> {
         let mut payload = [0u8; MAX_HANDSHAKE_PAYLOAD];
-        let with_psk = self.cfg.psk.is_some();
         let n = self.noise()?.read_message(msg, &mut payload).map_err(|e| match e {
             // The password was proven in message 1: this is tampering or forgery.
             snow::Error::Decrypt => HandshakeError::Decrypt("message 3"),
