@@ -429,7 +429,7 @@ async fn run_established(
     let mut closing: Option<CloseReason> = None;
     let mut shutdown = mesh.shutdown.subscribe();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    let mut last_heard = Instant::now();
+    let mut last_heard = tokio::time::Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
 
     // The handshake's last read may have carried messages already.
@@ -457,7 +457,7 @@ async fn run_established(
                     Ok(n) => n,
                     Err(e) => return CloseReason::Read(e.to_string()),
                 };
-                last_heard = Instant::now();
+                last_heard = tokio::time::Instant::now();
                 if let Err(e) = channel.feed(&buf[..n]) {
                     return CloseReason::BadData(e.to_string());
                 }
@@ -489,10 +489,11 @@ async fn run_established(
                 return CloseReason::WriteTimeout;
             }
             _ = queue.wake.notified(), if closing.is_none() && !writing => {}
+            // The dead-peer check, on its own timer: nothing above can hold it up.
+            _ = tokio::time::sleep_until(last_heard + DEAD_AFTER) => {
+                return CloseReason::NoHeartbeat;
+            }
             _ = heartbeat.tick() => {
-                if last_heard.elapsed() > DEAD_AFTER {
-                    return CloseReason::NoHeartbeat;
-                }
                 // A backed-up socket needs no heartbeat on top.
                 if !writing {
                     if let Err(e) = channel.send(&ControlMsg::Heartbeat, &mut pending) {
