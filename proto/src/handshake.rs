@@ -291,11 +291,7 @@ impl Handshake {
         if min == 0 || min > max {
             return Err(HandshakeError::BadConfig("version range must be 1 <= min <= max"));
         }
-        let hello_bytes = bincode::serde::encode_to_vec(&cfg.hello, hello_config())
-            .map_err(|_| HandshakeError::HelloTooLarge(MAX_HELLO + 1))?;
-        if hello_bytes.len() > MAX_HELLO {
-            return Err(HandshakeError::HelloTooLarge(hello_bytes.len()));
-        }
+        let hello_bytes = encode_hello(&cfg.hello)?;
         let preamble = Preamble { min_version: min, max_version: max, password: cfg.psk.is_some() }.emit();
         let mut prologue = [0u8; 2 * PREAMBLE_LEN];
         let ours = if role == Role::Initiator { 0 } else { PREAMBLE_LEN };
@@ -575,13 +571,24 @@ impl Handshake {
     }
 }
 
+/// Encodes a [`Hello`] as the handshake sends it.
+pub fn encode_hello(hello: &Hello) -> Result<Vec<u8>, HandshakeError> {
+    let bytes = bincode::serde::encode_to_vec(hello, hello_config()).map_err(|_| HandshakeError::HelloTooLarge(MAX_HELLO + 1))?;
+    if bytes.len() > MAX_HELLO {
+        return Err(HandshakeError::HelloTooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
 /// The wire size is checked separately; bincode's limit counts decoded memory
 /// (see `wire::control`), hence the factor.
 fn hello_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ 8 * MAX_HELLO }>()
 }
 
-fn decode_hello(bytes: &[u8]) -> Result<Hello, HandshakeError> {
+/// Decodes a peer's [`Hello`] (bincode, at most [`MAX_HELLO`] bytes, nothing
+/// trailing). Public for the fuzz target; the handshake calls it itself.
+pub fn decode_hello(bytes: &[u8]) -> Result<Hello, HandshakeError> {
     if bytes.len() > MAX_HELLO {
         return Err(HandshakeError::BadHello(format!("{} bytes, over the limit of {MAX_HELLO}", bytes.len())));
     }
