@@ -852,6 +852,8 @@ mod tests {
         assert!(matches!(r.err, Some(HandshakeError::PeerHasNoPassword)), "{:?}", r.err);
     }
 
+    type Rewrite = Box<dyn FnMut(&mut Vec<u8>)>;
+
     /// Runs a handshake through a man in the middle who may rewrite the bytes
     /// going one way (`to_responder` or back). Returns both sides.
     fn connect_through(
@@ -900,13 +902,14 @@ mod tests {
             ];
             for (what, at, f) in flips {
                 for towards_responder in [true, false] {
-                    let (t, n): (Box<dyn FnMut(&mut Vec<u8>)>, Box<dyn FnMut(&mut Vec<u8>)>) = if towards_responder {
+                    let (t, n): (Rewrite, Rewrite) = if towards_responder {
                         (Box::new(tamper(at, f)), Box::new(|_: &mut Vec<u8>| {}))
                     } else {
                         (Box::new(|_: &mut Vec<u8>| {}), Box::new(tamper(at, f)))
                     };
                     let (i, r) = connect_through(cfg(1, p), cfg(2, p), t, n);
-                    let ctx = format!("{what}, towards the {}, psk {with_psk}", if towards_responder { "responder" } else { "initiator" });
+                    let side = if towards_responder { "responder" } else { "initiator" };
+                    let ctx = format!("{what}, towards the {side}, psk {with_psk}");
                     assert!(!i.hs.is_complete() && !r.hs.is_complete(), "{ctx}: handshake completed");
                     assert!(i.err.is_some() && r.err.is_some(), "{ctx}: {:?} / {:?}", i.err, r.err);
                 }

@@ -73,7 +73,7 @@ impl SendQueue {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.msgs.is_empty() && self.goodbye.is_none() && !(self.overflowed && !self.closed)
+        self.msgs.is_empty() && self.goodbye.is_none() && (!self.overflowed || self.closed)
     }
 
     pub fn push(&mut self, msg: ControlMsg) -> Pushed {

@@ -90,7 +90,7 @@ pub fn flood(target: SocketAddr, hold: usize, per_sec: u32, stop: &AtomicBool, d
         if swept.elapsed() > Duration::from_millis(200) {
             swept = Instant::now();
             let before = open.len();
-            open.retain(|s| alive(s));
+            open.retain(alive);
             st.closed_by_router += (before - open.len()) as u64;
         }
         next += period;
