@@ -295,8 +295,10 @@ impl Mesh {
             return Err("connection vanished".into());
         };
         let this_dir = this.direction;
-        // Accepted connections were not counted while they handshook.
-        if this_dir == Direction::Inbound && established(&g) >= self.settings.conn_limit {
+        // Accepted connections were not counted while they handshook (one that
+        // replaces the peer's old connection takes that one's slot).
+        let replaces = g.conns.values().any(|c| c.established && c.peer == Some(peer));
+        if this_dir == Direction::Inbound && !replaces && established(&g) >= self.settings.conn_limit {
             return Err(format!("connection limit ({}) reached", self.settings.conn_limit));
         }
         // One connection per pair of peers: keep the one dialled by the smaller name.
