@@ -593,6 +593,22 @@ fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<Exit
             println!("    Connections: {} ({} established)", s.connections.len(), established);
             println!("        Targets: {}", s.targets.len());
             println!("      Discovery: {}", if s.discovery { "on" } else { "off" });
+            let l = &s.limits;
+            let i = &l.inbound;
+            let refused = i.refused_rate_limited
+                + i.refused_password_backoff
+                + i.refused_pending_full
+                + i.refused_source_pending_full
+                + i.refused_conn_limit;
+            println!(
+                "         Limits: {}/{} connection slots, {}/{} accepted handshaking; {refused} refused, {} wrong passwords, {} slow peers closed",
+                l.conn_slots_used,
+                l.conn_limit,
+                i.pending,
+                i.pending_limit,
+                i.handshakes_wrong_password,
+                l.closed_queue_full + l.closed_write_timeout
+            );
         }
         Some(Part::Peers) => print_peers(&s.peers),
         Some(Part::Connections) => print_connections(&s.connections),

@@ -93,6 +93,27 @@ pub struct ConnectionStatus {
     pub key_age_s: Option<u64>,
 }
 
+/// Limits that keep strangers and slow peers from starving the router, and
+/// what they refused or closed (`status --json`: `limits`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LimitsStatus {
+    /// `--conn-limit`: established connections plus our own dials.
+    pub conn_limit: usize,
+    pub conn_slots_used: usize,
+    /// Accepted connections: handshaking now, admitted, refused by reason,
+    /// handshake outcomes (see `meshnet_proto::admission`).
+    #[serde(flatten)]
+    pub inbound: meshnet_proto::admission::AdmissionStats,
+    /// Gossip merged into gossip already queued for a slow peer.
+    pub gossip_coalesced: u64,
+    /// Connections closed because their send queue overflowed.
+    pub closed_queue_full: u64,
+    /// Connections closed because a write made no progress for 10 s.
+    pub closed_write_timeout: u64,
+    /// Connections closed after 35 s without a heartbeat.
+    pub closed_no_heartbeat: u64,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     pub name: String,
@@ -110,6 +131,8 @@ pub struct Status {
     pub connections: Vec<ConnectionStatus>,
     pub targets: Vec<String>,
     pub dataplane: serde_json::Value,
+    #[serde(default)]
+    pub limits: LimitsStatus,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -2,26 +2,40 @@
 //! accept loop and the connection maker that dials targets and discovered peers.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meshnet_proto::handshake::{Established, Handshake, HandshakeConfig, HandshakeError, Hello, Role, CAP_SUPERFRAMES};
+use meshnet_proto::admission::{Outcome, Ticket};
+use meshnet_proto::handshake::{
+    early_refusal, Established, Handshake, HandshakeConfig, HandshakeError, Hello, Role, CAP_SUPERFRAMES,
+};
 use meshnet_proto::identity::Identity;
 use meshnet_proto::rekey::{self, Fresh, Output, RekeyConfig, RekeyMsg, Rekeyer};
-use meshnet_proto::wire::control::ControlMsg;
+use meshnet_proto::sendqueue::{Next, Pushed, SendQueue};
+use meshnet_proto::wire::control::{ControlChannel, ControlError, ControlMsg};
 use meshnet_router::dataplane::PeerLink;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::mesh::{Direction, Mesh};
 
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// A connection that hears nothing for this long is torn down.
 pub const DEAD_AFTER: Duration = Duration::from_secs(35);
+/// A write that makes no progress for this long closes the connection: the peer
+/// does not read.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Our dials: the whole handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Accepted connections: a stranger holds a half-open slot at most this long.
+pub const INBOUND_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const GOSSIP_EVERY: Duration = Duration::from_secs(30);
+/// Encrypted bytes waiting for the socket above which the send queue is left
+/// alone (so gossip coalesces there instead of piling up here).
+const WRITE_BACKLOG: usize = 256 * 1024;
 /// How often a connection looks whether its data keys are due (interval, AES blocks).
 const REKEY_CHECK: Duration = Duration::from_millis(250);
 /// How long the data plane may take to install a new receiving key.
@@ -31,9 +45,134 @@ pub const REPLACED: &str = "replaced by a newer connection";
 pub const ALREADY_CONNECTED: &str = "already connected to";
 pub const SELF_CONNECTION: &str = "connected to ourselves";
 
-/// Whether a connection ended only because the pair already has one (or it looped back to us).
-fn is_duplicate(reason: &str) -> bool {
-    [REPLACED, ALREADY_CONNECTED, SELF_CONNECTION].iter().any(|r| reason.contains(r))
+/// Why a connection ended (or never got established). `Display` gives the text
+/// logged and shown in `status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    PeerClosed,
+    PeerClosedDuringHandshake,
+    Read(String),
+    Write(String),
+    /// A write made no progress for [`WRITE_TIMEOUT`].
+    WriteTimeout,
+    /// The send queue overflowed: the peer reads too slowly.
+    QueueFull,
+    BadData(String),
+    BadMessage(String),
+    Encode(String),
+    NoHeartbeat,
+    Stopping,
+    /// The mesh dropped the connection's queue.
+    QueueClosed,
+    /// The peer's Goodbye, with its reason.
+    PeerGoodbye(String),
+    /// We said goodbye, with this reason (queued by the mesh).
+    Goodbye(String),
+    /// We closed after an IPAM conflict (the peer was told).
+    Ipam(String),
+    Handshake(String),
+    HandshakeTimeout,
+    /// No `--conn-limit` slot was free.
+    ConnLimit(usize),
+    /// The mesh would not take the connection (ourselves, a duplicate).
+    Establish(String),
+    /// Rekeying failed (the peer did not answer in time, or the data plane did
+    /// not take the new key).
+    Rekey(String),
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::PeerClosed => f.write_str("peer closed the connection"),
+            CloseReason::PeerClosedDuringHandshake => f.write_str("peer closed the connection during the handshake"),
+            CloseReason::Read(e) => write!(f, "read: {e}"),
+            CloseReason::Write(e) => write!(f, "write: {e}"),
+            CloseReason::WriteTimeout => {
+                write!(f, "write timed out: the peer read nothing for {}s", WRITE_TIMEOUT.as_secs())
+            }
+            CloseReason::QueueFull => f.write_str("send queue full: the peer reads too slowly"),
+            CloseReason::BadData(e) => write!(f, "bad data from peer: {e}"),
+            CloseReason::BadMessage(e) => write!(f, "bad message from peer: {e}"),
+            CloseReason::Encode(e) => write!(f, "encode: {e}"),
+            CloseReason::NoHeartbeat => write!(f, "no heartbeat for {}s", DEAD_AFTER.as_secs()),
+            CloseReason::Stopping => f.write_str("router stopping"),
+            CloseReason::QueueClosed => f.write_str("closed"),
+            CloseReason::PeerGoodbye(r) => write!(f, "peer said goodbye: {r}"),
+            CloseReason::Goodbye(r)
+            | CloseReason::Ipam(r)
+            | CloseReason::Handshake(r)
+            | CloseReason::Establish(r)
+            | CloseReason::Rekey(r) => f.write_str(r),
+            CloseReason::HandshakeTimeout => f.write_str("handshake timed out"),
+            CloseReason::ConnLimit(n) => write!(f, "connection limit ({n}) reached"),
+        }
+    }
+}
+
+impl CloseReason {
+    /// Whether the connection ended only because the pair already has one (or it
+    /// looped back to us). Reasons from the peer arrive as text, hence `contains`.
+    pub fn is_duplicate(&self) -> bool {
+        match self {
+            CloseReason::PeerGoodbye(s)
+            | CloseReason::Goodbye(s)
+            | CloseReason::Handshake(s)
+            | CloseReason::Establish(s) => [REPLACED, ALREADY_CONNECTED, SELF_CONNECTION].iter().any(|r| s.contains(r)),
+            _ => false,
+        }
+    }
+}
+
+/// Counters of slow or hostile peers, for `status --json` (`limits`).
+#[derive(Debug, Default)]
+pub struct ConnCounters {
+    pub gossip_coalesced: AtomicU64,
+    pub closed_queue_full: AtomicU64,
+    pub closed_write_timeout: AtomicU64,
+    pub closed_no_heartbeat: AtomicU64,
+}
+
+/// A connection's send queue ([`SendQueue`]: bounded, gossip coalesced, Goodbye
+/// first), filled by the mesh and emptied by the connection's task.
+#[derive(Debug)]
+pub struct Outbox {
+    queue: Mutex<SendQueue>,
+    wake: Notify,
+    counters: Arc<ConnCounters>,
+}
+
+/// The message will never be sent: the connection is closing.
+#[derive(Debug)]
+pub struct Closing;
+
+impl Outbox {
+    pub fn new(counters: Arc<ConnCounters>) -> Arc<Outbox> {
+        Arc::new(Outbox { queue: Mutex::new(SendQueue::default()), wake: Notify::new(), counters })
+    }
+
+    /// Queues `msg` for the peer. Err: it will never be sent (the connection is
+    /// closing, or this overflowed its queue and closes it).
+    pub fn send(&self, msg: ControlMsg) -> Result<(), Closing> {
+        let pushed = self.queue.lock().unwrap_or_else(|p| p.into_inner()).push(msg);
+        match pushed {
+            Pushed::Queued => {}
+            Pushed::Coalesced => {
+                self.counters.gossip_coalesced.fetch_add(1, Ordering::Relaxed);
+            }
+            Pushed::Overflow => {
+                self.wake.notify_one();
+                return Err(Closing);
+            }
+            Pushed::Closing => return Err(Closing),
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    fn pop(&self) -> Option<Next> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).pop()
+    }
 }
 
 /// What every connection needs to handshake.
@@ -46,9 +185,26 @@ pub struct Local {
     pub capabilities: u32,
 }
 
-/// Accepts inbound control connections until shutdown.
+/// An admitted inbound connection's half-open slot; given back (with how the
+/// handshake ended) when dropped.
+struct HalfOpen {
+    mesh: Arc<Mesh>,
+    ticket: Option<Ticket>,
+    outcome: Outcome,
+}
+
+impl Drop for HalfOpen {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            self.mesh.admission_finished(ticket, self.outcome);
+        }
+    }
+}
+
+/// Accepts inbound control connections until shutdown. Each is judged by the
+/// admission gate first (per-source rate, password backoff, half-open caps, free
+/// `--conn-limit` slots); refusals are counted, not logged one by one.
 pub async fn accept_loop(mesh: Arc<Mesh>, local: Arc<Local>, listener: TcpListener) {
-    let mut recent: Vec<Instant> = Vec::new();
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(x) => x,
@@ -58,20 +214,45 @@ pub async fn accept_loop(mesh: Arc<Mesh>, local: Arc<Local>, listener: TcpListen
                 continue;
             }
         };
-        // Accept rate limit: at most 20 new connections a second.
-        let now = Instant::now();
-        recent.retain(|t| now.duration_since(*t) < Duration::from_secs(1));
-        if recent.len() >= 20 {
-            log::warn!("refusing connection from {remote}: too many connection attempts");
-            continue;
-        }
-        recent.push(now);
+        let ticket = match mesh.admit(remote.ip()) {
+            Ok(t) => t,
+            Err(refusal) => {
+                if refusal.worth_telling() {
+                    // A legitimate peer (wrong password, full router) learns why;
+                    // this costs no key work. Bounded: the source spent a token.
+                    let bytes = early_refusal(local.psk.is_some(), &refusal.to_string());
+                    tokio::spawn(tell_and_close(stream, bytes));
+                }
+                // Otherwise dropped: closed at once.
+                continue;
+            }
+        };
+        let half_open = HalfOpen { mesh: mesh.clone(), ticket: Some(ticket), outcome: Outcome::Failed };
         let (mesh, local) = (mesh.clone(), local.clone());
         tokio::spawn(async move {
-            if let Err(e) = run_connection(mesh, local, stream, remote, Direction::Inbound, None).await {
+            if let Err(e) = run_connection(mesh, local, stream, remote, Direction::Inbound, None, Some(half_open)).await {
                 log::info!("connection from {remote} refused: {e}");
             }
         });
+    }
+}
+
+/// Writes a refusal and closes, reading (and dropping) what the peer sent so the
+/// close is a FIN, not a reset that could lose the refusal. At most ~2 s.
+async fn tell_and_close(mut stream: TcpStream, bytes: Vec<u8>) {
+    let wrote = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bytes)).await;
+    if matches!(wrote, Ok(Ok(()))) && stream.shutdown().await.is_ok() {
+        let mut sink = [0u8; 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut total = 0;
+            while let Ok(n @ 1..) = stream.read(&mut sink).await {
+                total += n;
+                if total > 8 * 1024 {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -87,7 +268,10 @@ pub async fn maker_loop(mesh: Arc<Mesh>, local: Arc<Local>) {
         tokio::select! {
             _ = mesh.maker.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = gossip_timer.tick() => mesh.gossip_everything(),
+            _ = gossip_timer.tick() => {
+                mesh.gossip_everything();
+                mesh.admission_tick();
+            }
         }
         mesh.refresh_links();
         mesh.ipam_tick();
@@ -115,14 +299,14 @@ async fn dial(mesh: Arc<Mesh>, local: Arc<Local>, key: String) {
         }
     };
     let started = Instant::now();
-    let result = run_connection(mesh.clone(), local, stream, addr, Direction::Outbound, Some(&key)).await;
+    let result = run_connection(mesh.clone(), local, stream, addr, Direction::Outbound, Some(&key), None).await;
     match result {
-        Ok(why) if is_duplicate(&why) => mesh.dial_satisfied(&key),
-        Ok(why) => mesh.dial_closed(&key, &why, started.elapsed()),
-        Err(e) if is_duplicate(&e) => mesh.dial_satisfied(&key),
+        Ok(why) if why.is_duplicate() => mesh.dial_satisfied(&key),
+        Ok(why) => mesh.dial_closed(&key, &why.to_string(), started.elapsed()),
+        Err(e) if e.is_duplicate() => mesh.dial_satisfied(&key),
         Err(e) => {
             log::warn!("connection to {key} failed: {e}");
-            mesh.dial_result(&key, Err(e));
+            mesh.dial_result(&key, Err(e.to_string()));
         }
     }
 }
@@ -139,7 +323,8 @@ async fn resolve(key: &str) -> Result<SocketAddr, String> {
 }
 
 /// Runs one connection to its end. Err = it never got established (the reason);
-/// Ok = it was established and later closed (the reason).
+/// Ok = it was established and later closed (the reason). `half_open`: an
+/// accepted connection's slot, given back as soon as the handshake ends.
 async fn run_connection(
     mesh: Arc<Mesh>,
     local: Arc<Local>,
@@ -147,12 +332,15 @@ async fn run_connection(
     remote: SocketAddr,
     direction: Direction,
     dial_key: Option<&str>,
-) -> Result<String, String> {
-    let _ = stream.set_nodelay(true);
-    let (queue_tx, mut queue) = mpsc::unbounded_channel();
+    mut half_open: Option<HalfOpen>,
+) -> Result<CloseReason, CloseReason> {
+    if let Err(e) = stream.set_nodelay(true) {
+        log::debug!("TCP_NODELAY on {remote}: {e}");
+    }
+    let queue = Outbox::new(mesh.conn_counters.clone());
     let recv_index = mesh.fresh_recv_index();
-    let Some(id) = mesh.register(direction, remote, queue_tx, recv_index) else {
-        return Err(format!("connection limit ({}) reached", mesh.settings.conn_limit));
+    let Some(id) = mesh.register(direction, remote, queue.clone(), recv_index) else {
+        return Err(CloseReason::ConnLimit(mesh.settings.conn_limit));
     };
     if let Some(key) = dial_key {
         mesh.dial_result(key, Ok(id));
@@ -169,15 +357,25 @@ async fn run_connection(
     };
     let role = if direction == Direction::Outbound { Role::Initiator } else { Role::Responder };
     let cfg = HandshakeConfig { identity: local.identity.clone(), psk: local.psk, hello };
-    let est = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut stream, role, cfg)).await {
-        Ok(Ok(est)) => est,
-        Ok(Err(e)) => {
-            mesh.unregister(id, &e);
-            return Err(e);
+    let limit = if direction == Direction::Inbound { INBOUND_HANDSHAKE_TIMEOUT } else { HANDSHAKE_TIMEOUT };
+    let result = tokio::time::timeout(limit, handshake(&mut stream, role, cfg)).await;
+    let (outcome, result) = match result {
+        Ok(Ok(est)) => (Outcome::Established, Ok(est)),
+        Ok(Err(HandshakeFailure::Protocol(e))) => {
+            let outcome = if matches!(e, HandshakeError::WrongPassword) { Outcome::WrongPassword } else { Outcome::Failed };
+            (outcome, Err(CloseReason::Handshake(e.to_string())))
         }
-        Err(_) => {
-            mesh.unregister(id, "handshake timed out");
-            return Err("handshake timed out".into());
+        Ok(Err(HandshakeFailure::Io(why))) => (Outcome::Failed, Err(why)),
+        Err(_) => (Outcome::TimedOut, Err(CloseReason::HandshakeTimeout)),
+    };
+    if let Some(mut h) = half_open.take() {
+        h.outcome = outcome;
+    }
+    let est = match result {
+        Ok(est) => est,
+        Err(why) => {
+            mesh.unregister(id, &why.to_string());
+            return Err(why);
         }
     };
     let Established { mut channel, remote: hello, data_keys, role, .. } = est;
@@ -199,93 +397,241 @@ async fn run_connection(
     }
     if let Err(why) = mesh.establish(id, hello.name, hello.nickname.clone(), listen, link) {
         let mut out = Vec::new();
-        let _ = channel.send(&ControlMsg::Goodbye(why.clone()), &mut out);
-        let _ = stream.write_all(&out).await;
+        if channel.send(&ControlMsg::Goodbye(why.clone()), &mut out).is_ok() {
+            // Best effort: the peer learns why; we close either way.
+            if let Err(e) = write_within(&mut stream, &out, WRITE_TIMEOUT).await {
+                log::debug!("goodbye to {remote}: {e}");
+            }
+        }
         mesh.unregister(id, &why);
-        return Err(why);
+        return Err(CloseReason::Establish(why));
     }
-
     drop(data_keys);
-    // The handshake's last read may have carried messages already.
-    let mut rekey_in = Vec::new();
-    if let Err(why) = drain(&mesh, id, hello.name, &mut channel, &mut stream, &mut rekey_in).await {
-        mesh.unregister(id, &why);
-        return Ok(why);
+    let rekey = RekeyCtx { mesh: &mesh, id, peer: hello.name, clock };
+    let why = run_established(&mesh, id, hello.name, &queue, &mut channel, &mut stream, &mut rekeyer, &rekey).await;
+    let counter = match &why {
+        CloseReason::QueueFull => Some(&mesh.conn_counters.closed_queue_full),
+        CloseReason::WriteTimeout => Some(&mesh.conn_counters.closed_write_timeout),
+        CloseReason::NoHeartbeat => Some(&mesh.conn_counters.closed_no_heartbeat),
+        _ => None,
+    };
+    if let Some(c) = counter {
+        c.fetch_add(1, Ordering::Relaxed);
     }
+    mesh.unregister(id, &why.to_string());
+    Ok(why)
+}
+
+/// An established connection's life: reads, the send queue, heartbeats, the
+/// dead-peer check and shutdown in one select loop that never waits on a write:
+/// encrypted bytes wait in `pending` and go out as the socket takes them; a
+/// write without progress for [`WRITE_TIMEOUT`] closes the connection, and the
+/// queue is not drained while more than [`WRITE_BACKLOG`] bytes wait.
+#[allow(clippy::too_many_arguments)]
+async fn run_established(
+    mesh: &Mesh,
+    id: u64,
+    peer: meshnet_proto::PeerName,
+    queue: &Outbox,
+    channel: &mut ControlChannel,
+    stream: &mut TcpStream,
+    rekeyer: &mut Rekeyer,
+    rekey: &RekeyCtx<'_>,
+) -> CloseReason {
+    let (mut rd, mut wr) = stream.split();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut sent = 0usize;
+    // Since when the oldest unwritten byte has waited without any progress.
+    let mut write_progress = tokio::time::Instant::now();
+    // Set once a Goodbye is encoded: close when it has been written.
+    let mut closing: Option<CloseReason> = None;
     let mut shutdown = mesh.shutdown.subscribe();
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    let mut rekey_check = tokio::time::interval(REKEY_CHECK);
-    let rekey_ctx = RekeyCtx { mesh: &mesh, id, peer: hello.name, clock };
-    let mut last_heard = Instant::now();
+    let mut last_heard = tokio::time::Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
-    let mut out = Vec::new();
-    let why: String = 'conn: loop {
+    let mut rekey_check = tokio::time::interval(REKEY_CHECK);
+    let mut rekey_in = Vec::new();
+
+    // The handshake's last read may have carried messages already.
+    if let Err(why) = drain(mesh, id, peer, channel, &mut rekey_in) {
+        return finish_with(why, channel, &mut pending, sent, &mut wr).await;
+    }
+    loop {
+        // Take from the queue only while the socket keeps up.
+        if closing.is_none() && pending.len() - sent < WRITE_BACKLOG {
+            let was_idle = sent == pending.len();
+            match fill(queue, channel, &mut pending) {
+                Ok(None) => {}
+                Ok(Some(why)) => closing = Some(why),
+                Err(why) => return why,
+            }
+            if was_idle && sent < pending.len() {
+                write_progress = tokio::time::Instant::now();
+            }
+        }
+        let writing = sent < pending.len();
         tokio::select! {
-            r = stream.read(&mut buf) => {
+            r = rd.read(&mut buf) => {
                 let n = match r {
-                    Ok(0) => break 'conn "peer closed the connection".into(),
+                    Ok(0) => return CloseReason::PeerClosed,
                     Ok(n) => n,
-                    Err(e) => break 'conn format!("read: {e}"),
+                    Err(e) => return CloseReason::Read(e.to_string()),
                 };
-                last_heard = Instant::now();
+                last_heard = tokio::time::Instant::now();
                 if let Err(e) = channel.feed(&buf[..n]) {
-                    break 'conn format!("bad data from peer: {e}");
+                    return CloseReason::BadData(e.to_string());
                 }
-                if let Err(why) = drain(&mesh, id, hello.name, &mut channel, &mut stream, &mut rekey_in).await {
-                    break 'conn why;
+                if let Err(why) = drain(mesh, id, peer, channel, &mut rekey_in) {
+                    return finish_with(why, channel, &mut pending, sent, &mut wr).await;
                 }
+                let was_idle = sent == pending.len();
                 for msg in rekey_in.drain(..) {
-                    let outs = rekeyer.on_message(rekey_ctx.now(), msg, &mut || rekey_ctx.fresh());
-                    if let Err(why) = rekey_ctx.perform(outs, &mut channel, &mut stream).await {
-                        break 'conn why;
+                    let outs = rekeyer.on_message(rekey.now(), msg, &mut || rekey.fresh());
+                    if let Err(why) = rekey.perform(outs, channel, &mut pending).await {
+                        return why;
                     }
+                }
+                if was_idle && sent < pending.len() {
+                    write_progress = tokio::time::Instant::now();
                 }
             }
             _ = rekey_check.tick() => {
-                let sealed = mesh.dataplane.links().get(&hello.name).map_or(0, |l| l.sealed_under(rekeyer.send_index()));
+                let sealed = mesh.dataplane.links().get(&peer).map_or(0, |l| l.sealed_under(rekeyer.send_index()));
                 let blocks = rekey::blocks_sealed(sealed, crate::daemon::MAX_DATAGRAM);
-                let outs = rekeyer.poll(rekey_ctx.now(), blocks, &mut || rekey_ctx.fresh());
-                if let Err(why) = rekey_ctx.perform(outs, &mut channel, &mut stream).await {
-                    break 'conn why;
+                let was_idle = sent == pending.len();
+                let outs = rekeyer.poll(rekey.now(), blocks, &mut || rekey.fresh());
+                if let Err(why) = rekey.perform(outs, channel, &mut pending).await {
+                    return why;
+                }
+                if was_idle && sent < pending.len() {
+                    write_progress = tokio::time::Instant::now();
                 }
             }
-            msg = queue.recv() => {
-                let Some(msg) = msg else { break 'conn "closed".into() };
-                let bye = match &msg {
-                    ControlMsg::Goodbye(why) => Some(why.clone()),
-                    _ => None,
-                };
-                out.clear();
-                if let Err(e) = channel.send(&msg, &mut out) {
-                    break 'conn format!("encode: {e}");
+            w = wr.write(&pending[sent..]), if writing => {
+                match w {
+                    Ok(0) => return CloseReason::Write("wrote zero bytes".into()),
+                    Ok(n) => {
+                        sent += n;
+                        write_progress = tokio::time::Instant::now();
+                        if sent == pending.len() {
+                            pending.clear();
+                            sent = 0;
+                            if let Some(why) = closing.take() {
+                                return why;
+                            }
+                        } else if sent > WRITE_BACKLOG {
+                            pending.drain(..sent);
+                            sent = 0;
+                        }
+                    }
+                    Err(e) => return CloseReason::Write(e.to_string()),
                 }
-                if let Err(e) = stream.write_all(&out).await {
-                    break 'conn format!("write: {e}");
-                }
-                if let Some(why) = bye {
-                    break 'conn why;
-                }
+            }
+            _ = tokio::time::sleep_until(write_progress + WRITE_TIMEOUT), if writing => {
+                return CloseReason::WriteTimeout;
+            }
+            _ = queue.wake.notified(), if closing.is_none() && !writing => {}
+            // The dead-peer check, on its own timer: nothing above can hold it up.
+            _ = tokio::time::sleep_until(last_heard + DEAD_AFTER) => {
+                return CloseReason::NoHeartbeat;
             }
             _ = heartbeat.tick() => {
-                if last_heard.elapsed() > DEAD_AFTER {
-                    break 'conn format!("no heartbeat for {}s", DEAD_AFTER.as_secs());
-                }
-                out.clear();
-                let _ = channel.send(&ControlMsg::Heartbeat, &mut out);
-                if let Err(e) = stream.write_all(&out).await {
-                    break 'conn format!("write: {e}");
+                // A backed-up socket needs no heartbeat on top.
+                if !writing {
+                    if let Err(e) = channel.send(&ControlMsg::Heartbeat, &mut pending) {
+                        return CloseReason::Encode(e.to_string());
+                    }
+                    write_progress = tokio::time::Instant::now();
                 }
             }
             _ = shutdown.changed() => {
-                out.clear();
-                let _ = channel.send(&ControlMsg::Goodbye("router stopping".into()), &mut out);
-                let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
-                break 'conn "router stopping".into();
+                let mut bye = Vec::new();
+                if channel.send(&ControlMsg::Goodbye(CloseReason::Stopping.to_string()), &mut bye).is_ok() {
+                    pending.extend_from_slice(&bye);
+                    // Best effort within a second: the router is going away.
+                    if let Err(e) = write_within_split(&mut wr, &pending[sent..], Duration::from_secs(1)).await {
+                        log::debug!("goodbye to {peer}: {e}");
+                    }
+                }
+                return CloseReason::Stopping;
             }
         }
-    };
-    mesh.unregister(id, &why);
-    Ok(why)
+    }
+}
+
+/// Encodes what the send queue holds into `pending`, up to [`WRITE_BACKLOG`].
+/// Ok(Some(reason)): a Goodbye was encoded; close once it is written.
+fn fill(queue: &Outbox, channel: &mut ControlChannel, pending: &mut Vec<u8>) -> Result<Option<CloseReason>, CloseReason> {
+    while pending.len() < WRITE_BACKLOG {
+        match queue.pop() {
+            None => return Ok(None),
+            Some(Next::Overflow) => return Err(CloseReason::QueueFull),
+            Some(Next::Goodbye(why)) => {
+                send_split(channel, ControlMsg::Goodbye(why.clone()), pending)?;
+                return Ok(Some(CloseReason::Goodbye(why)));
+            }
+            Some(Next::Send(msg)) => send_split(channel, msg, pending)?,
+        }
+    }
+    Ok(None)
+}
+
+/// Encodes `msg`; gossip too large for one message (coalesced gossip can be) is
+/// sent in halves.
+fn send_split(channel: &mut ControlChannel, msg: ControlMsg, out: &mut Vec<u8>) -> Result<(), CloseReason> {
+    match channel.send(&msg, out) {
+        Ok(()) => Ok(()),
+        Err(ControlError::MessageTooLarge { .. }) => match msg {
+            ControlMsg::Gossip(mut infos) if infos.len() > 1 => {
+                let tail = infos.split_off(infos.len() / 2);
+                send_split(channel, ControlMsg::Gossip(infos), out)?;
+                send_split(channel, ControlMsg::Gossip(tail), out)
+            }
+            _ => Err(CloseReason::Encode("message too large".into())),
+        },
+        Err(e) => Err(CloseReason::Encode(e.to_string())),
+    }
+}
+
+/// Closes after `why`, first telling the peer when it should know (an IPAM
+/// conflict), within [`WRITE_TIMEOUT`].
+async fn finish_with(
+    why: CloseReason,
+    channel: &mut ControlChannel,
+    pending: &mut Vec<u8>,
+    sent: usize,
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+) -> CloseReason {
+    if let CloseReason::Ipam(text) = &why {
+        let mut bye = Vec::new();
+        if channel.send(&ControlMsg::Goodbye(text.clone()), &mut bye).is_ok() {
+            pending.extend_from_slice(&bye);
+            if let Err(e) = write_within_split(wr, &pending[sent..], WRITE_TIMEOUT).await {
+                log::debug!("goodbye after {why}: {e}");
+            }
+        }
+    }
+    why
+}
+
+async fn write_within(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> Result<(), String> {
+    match tokio::time::timeout(limit, stream.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write: {e}")),
+        Err(_) => Err(format!("write timed out after {}s", limit.as_secs())),
+    }
+}
+
+async fn write_within_split(
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    bytes: &[u8],
+    limit: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(limit, wr.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("write: {e}")),
+        Err(_) => Err(format!("write timed out after {}s", limit.as_secs())),
+    }
 }
 
 /// What a connection's rekeying acts on.
@@ -308,13 +654,9 @@ impl RekeyCtx<'_> {
         Fresh { secret, recv_index: self.mesh.reserve_recv_index(self.id) }
     }
 
-    /// Performs what [`Rekeyer`] decided, in order. Err: close, with the reason.
-    async fn perform(
-        &self,
-        outs: Vec<Output>,
-        channel: &mut meshnet_proto::wire::control::ControlChannel,
-        stream: &mut TcpStream,
-    ) -> Result<(), String> {
+    /// Performs what [`Rekeyer`] decided, in order; rekey messages are encoded
+    /// into `pending`, which the connection loop writes. Err: close, with the reason.
+    async fn perform(&self, outs: Vec<Output>, channel: &mut ControlChannel, pending: &mut Vec<u8>) -> Result<(), CloseReason> {
         let dp = &self.mesh.dataplane;
         for o in outs {
             match o {
@@ -326,7 +668,7 @@ impl RekeyCtx<'_> {
                     dp.install_recv(self.peer, index, key, Box::new(move || tx.send(()).unwrap_or_default()));
                     match tokio::time::timeout(INSTALL_TIMEOUT, rx).await {
                         Ok(Ok(())) => {}
-                        _ => return Err("rekey: the data plane did not install the new key".into()),
+                        _ => return Err(CloseReason::Rekey("rekey: the data plane did not install the new key".into())),
                     }
                 }
                 Output::SwitchSend { from_index, index, key } => dp.switch_send(self.peer, from_index, index, key),
@@ -335,15 +677,13 @@ impl RekeyCtx<'_> {
                     self.mesh.release_recv_index(self.id, index);
                 }
                 Output::Send(msg) => {
-                    let mut out = Vec::new();
-                    channel.send(&ControlMsg::Rekey(msg), &mut out).map_err(|e| format!("encode: {e}"))?;
-                    stream.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
+                    channel.send(&ControlMsg::Rekey(msg), pending).map_err(|e| CloseReason::Encode(e.to_string()))?;
                 }
                 Output::Rekeyed { epoch } => {
                     log::debug!("data keys with {} rekeyed: epoch {epoch}", self.peer);
                     self.mesh.rekeyed(self.id, epoch);
                 }
-                Output::Close(why) => return Err(why),
+                Output::Close(why) => return Err(CloseReason::Rekey(why)),
             }
         }
         Ok(())
@@ -352,14 +692,13 @@ impl RekeyCtx<'_> {
 
 /// Handles every complete message buffered in `channel`; rekey messages are
 /// left in `rekey_in` for the connection's [`Rekeyer`]. Err: close, with the reason.
-async fn drain(
+fn drain(
     mesh: &Mesh,
     id: u64,
     peer: meshnet_proto::PeerName,
-    channel: &mut meshnet_proto::wire::control::ControlChannel,
-    stream: &mut TcpStream,
+    channel: &mut ControlChannel,
     rekey_in: &mut Vec<RekeyMsg>,
-) -> Result<(), String> {
+) -> Result<(), CloseReason> {
     loop {
         match channel.poll_message() {
             Ok(None) => return Ok(()),
@@ -373,44 +712,66 @@ async fn drain(
             Ok(Some(ControlMsg::Ipam(bytes))) => {
                 if let Err(why) = mesh.on_ipam(peer, &bytes) {
                     log::warn!("{why}");
-                    let mut out = Vec::new();
-                    let _ = channel.send(&ControlMsg::Goodbye(why.clone()), &mut out);
-                    let _ = stream.write_all(&out).await;
-                    return Err(why);
+                    return Err(CloseReason::Ipam(why));
                 }
             }
-            Ok(Some(ControlMsg::Goodbye(reason))) => return Err(format!("peer said goodbye: {reason}")),
-            Err(e) => return Err(format!("bad message from peer: {e}")),
+            Ok(Some(ControlMsg::Goodbye(reason))) => return Err(CloseReason::PeerGoodbye(reason)),
+            Err(e) => return Err(CloseReason::BadMessage(e.to_string())),
         }
     }
 }
 
-async fn handshake(stream: &mut TcpStream, role: Role, cfg: HandshakeConfig) -> Result<Established, String> {
-    let mut hs = Handshake::new(role, cfg).map_err(|e| e.to_string())?;
+/// Why a handshake did not complete (the timeout is the caller's).
+enum HandshakeFailure {
+    Protocol(HandshakeError),
+    Io(CloseReason),
+}
+
+async fn handshake(stream: &mut TcpStream, role: Role, cfg: HandshakeConfig) -> Result<Established, HandshakeFailure> {
+    let mut hs = Handshake::new(role, cfg).map_err(HandshakeFailure::Protocol)?;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let out = hs.take_output();
         if !out.is_empty() {
-            stream.write_all(&out).await.map_err(|e| format!("write: {e}"))?;
+            stream.write_all(&out).await.map_err(|e| HandshakeFailure::Io(CloseReason::Write(e.to_string())))?;
         }
         if hs.is_complete() {
-            return hs.finish().map_err(|e| describe(&e));
+            return hs.finish().map_err(HandshakeFailure::Protocol);
         }
-        let n = stream.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        let n = stream.read(&mut buf).await.map_err(|e| HandshakeFailure::Io(CloseReason::Read(e.to_string())))?;
         if n == 0 {
-            return Err("peer closed the connection during the handshake".into());
+            return Err(HandshakeFailure::Io(CloseReason::PeerClosedDuringHandshake));
         }
         if let Err(e) = hs.feed(&buf[..n]) {
             // Send what the handshake has to say (a refusal) before closing.
             let out = hs.take_output();
             if !out.is_empty() {
-                let _ = stream.write_all(&out).await;
+                if let Err(w) = stream.write_all(&out).await {
+                    log::debug!("refusal not sent: {w}");
+                }
             }
-            return Err(describe(&e));
+            return Err(HandshakeFailure::Protocol(e));
         }
     }
 }
 
-fn describe(e: &HandshakeError) -> String {
-    e.to_string()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn close_reasons_read_as_before() {
+        assert_eq!(CloseReason::PeerClosed.to_string(), "peer closed the connection");
+        assert_eq!(CloseReason::NoHeartbeat.to_string(), "no heartbeat for 35s");
+        assert_eq!(CloseReason::Stopping.to_string(), "router stopping");
+        assert_eq!(CloseReason::HandshakeTimeout.to_string(), "handshake timed out");
+        assert_eq!(CloseReason::ConnLimit(100).to_string(), "connection limit (100) reached");
+        assert_eq!(CloseReason::PeerGoodbye("x".into()).to_string(), "peer said goodbye: x");
+        assert_eq!(CloseReason::Read("boom".into()).to_string(), "read: boom");
+        assert!(CloseReason::PeerGoodbye(format!("{ALREADY_CONNECTED} 02:00:00:00:00:01")).is_duplicate());
+        assert!(CloseReason::Goodbye(REPLACED.into()).is_duplicate());
+        assert!(CloseReason::Establish(SELF_CONNECTION.into()).is_duplicate());
+        assert!(!CloseReason::NoHeartbeat.is_duplicate());
+        assert!(!CloseReason::PeerGoodbye("router stopping".into()).is_duplicate());
+    }
 }

@@ -386,6 +386,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 connections: mesh.connection_status(),
                 targets: mesh.targets(),
                 dataplane: serde_json::Value::Object(stats),
+                limits: mesh.limits_status(),
             };
             Ok(serde_json::to_value(status)?)
         }

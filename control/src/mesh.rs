@@ -12,9 +12,11 @@ use meshnet_proto::topology::{ConnInfo, PeerInfo, Topology};
 use meshnet_proto::wire::control::ControlMsg;
 use meshnet_proto::PeerName;
 use meshnet_router::dataplane::{DataPlane, PeerLink, Routes};
-use tokio::sync::{mpsc, Notify};
+use meshnet_proto::admission::{AdmissionConfig, Gate, Outcome, Refusal, Ticket};
+use tokio::sync::Notify;
 
-use crate::api::{ConnectionStatus, PeerStatus};
+use crate::api::{ConnectionStatus, LimitsStatus, PeerStatus};
+use crate::conn::{ConnCounters, Outbox};
 use crate::ipam::IpamHost;
 use meshnet_proto::ipam::{Dest, Event};
 use crate::peeraddr::PeerAddr;
@@ -63,7 +65,8 @@ pub struct Conn {
     /// The epoch of the data key we send under, and since when.
     pub key_epoch: u32,
     pub key_since: Instant,
-    pub queue: mpsc::UnboundedSender<ControlMsg>,
+    /// Bounded; gossip coalesces, Goodbye always gets through (see `conn::Outbox`).
+    pub queue: Arc<Outbox>,
     pub since: Instant,
 }
 
@@ -118,6 +121,11 @@ pub struct Mesh {
     pub maker: Notify,
     /// Fired once to stop the router.
     pub shutdown: tokio::sync::watch::Sender<Option<Shutdown>>,
+    /// Who may open an inbound connection now (its own lock, never held with `inner`'s).
+    admission: Mutex<Gate>,
+    pub conn_counters: Arc<ConnCounters>,
+    /// The admission gate's clock.
+    epoch: Instant,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,7 +166,55 @@ impl Mesh {
             }),
             maker: Notify::new(),
             shutdown,
+            admission: Mutex::new(Gate::new(AdmissionConfig::default())),
+            conn_counters: Arc::new(ConnCounters::default()),
+            epoch: Instant::now(),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn admission(&self) -> MutexGuard<'_, Gate> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Judges an accepted connection from `ip` (see `meshnet_proto::admission`).
+    pub fn admit(&self, ip: std::net::IpAddr) -> Result<Ticket, Refusal> {
+        let full = {
+            let g = self.lock();
+            established(&g) >= self.settings.conn_limit
+        };
+        self.admission().admit(ip, self.now_ms(), full)
+    }
+
+    /// Gives back an admitted connection's half-open slot.
+    pub fn admission_finished(&self, ticket: Ticket, outcome: Outcome) {
+        let now = self.now_ms();
+        self.admission().finished(ticket, outcome, now);
+    }
+
+    /// Forgets idle sources.
+    pub fn admission_tick(&self) {
+        let now = self.now_ms();
+        self.admission().tick(now);
+    }
+
+    /// Counters of refusals and slow peers, for `status`.
+    pub fn limits_status(&self) -> LimitsStatus {
+        let used = slots_used(&self.lock());
+        let c = &self.conn_counters;
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        LimitsStatus {
+            conn_limit: self.settings.conn_limit,
+            conn_slots_used: used,
+            inbound: self.admission().stats(),
+            gossip_coalesced: load(&c.gossip_coalesced),
+            closed_queue_full: load(&c.closed_queue_full),
+            closed_write_timeout: load(&c.closed_write_timeout),
+            closed_no_heartbeat: load(&c.closed_no_heartbeat),
+        }
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -176,16 +232,23 @@ impl Mesh {
         });
     }
 
-    /// Registers a connection that is starting its handshake. None when over the limit.
+    /// Registers a connection that is starting its handshake. None when over the
+    /// limit: `--conn-limit` counts established connections and our own dials;
+    /// accepted connections still handshaking are capped by the admission gate
+    /// instead, so strangers never take these slots.
     pub fn register(
         &self,
         direction: Direction,
         remote: SocketAddr,
-        queue: mpsc::UnboundedSender<ControlMsg>,
+        queue: Arc<Outbox>,
         recv_index: u32,
     ) -> Option<u64> {
         let mut g = self.lock();
-        if g.conns.len() >= self.settings.conn_limit {
+        let used = match direction {
+            Direction::Outbound => slots_used(&g),
+            Direction::Inbound => established(&g),
+        };
+        if used >= self.settings.conn_limit {
             return None;
         }
         let id = g.next_conn;
@@ -268,6 +331,12 @@ impl Mesh {
             return Err("connection vanished".into());
         };
         let this_dir = this.direction;
+        // Accepted connections were not counted while they handshook (one that
+        // replaces the peer's old connection takes that one's slot).
+        let replaces = g.conns.values().any(|c| c.established && c.peer == Some(peer));
+        if this_dir == Direction::Inbound && !replaces && established(&g) >= self.settings.conn_limit {
+            return Err(format!("connection limit ({}) reached", self.settings.conn_limit));
+        }
         // One connection per pair of peers: keep the one dialled by the smaller name.
         let preferred_dir = if self.settings.me < peer { Direction::Outbound } else { Direction::Inbound };
         let existing: Vec<(u64, Direction)> = g
@@ -705,7 +774,8 @@ impl Mesh {
         // Forget dial state for addresses that are neither targets nor candidates
         // any more (a discovered peer that went away).
         g.attempts.retain(|k, a| a.conn.is_some() || keys.contains(k));
-        if g.conns.len() >= self.settings.conn_limit {
+        // Accepted connections still handshaking never hold our dials back.
+        if slots_used(&g) >= self.settings.conn_limit {
             return Vec::new();
         }
         let mut due = Vec::new();
@@ -770,6 +840,16 @@ impl Mesh {
             a.next_try = Instant::now() + backoff(a.failures);
         }
     }
+}
+
+/// Established connections.
+fn established(g: &Inner) -> usize {
+    g.conns.values().filter(|c| c.established).count()
+}
+
+/// `--conn-limit` slots in use: established connections and our own dials.
+fn slots_used(g: &Inner) -> usize {
+    g.conns.values().filter(|c| c.established || c.direction == Direction::Outbound).count()
 }
 
 fn broadcast(g: &mut Inner, except: Option<u64>, msg: &ControlMsg) {

@@ -8,7 +8,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshnet_proto::handshake::{derive_psk_with_iterations, Handshake, HandshakeConfig, Hello, Role, CAP_SUPERFRAMES};
+use meshnet_proto::handshake::{
+    derive_psk_with_iterations, Handshake, HandshakeConfig, Hello, Role, CAP_SUPERFRAMES, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION,
+};
 use meshnet_proto::identity::Identity;
 use meshnet_proto::wire::control::Preamble;
 
@@ -32,7 +35,9 @@ fuzz_target!(|data: &[u8]| {
 
     let mut input = Vec::new();
     if mode & 2 != 0 {
-        input.extend_from_slice(&Preamble { min_version: 1, max_version: 1, password }.emit());
+        input.extend_from_slice(
+            &Preamble { min_version: MIN_PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, password }.emit(),
+        );
     }
     input.extend_from_slice(rest);
     let split = 1 + (mode >> 2) as usize * 37;

@@ -28,9 +28,13 @@ use crate::wire::control::{
 };
 
 /// The protocol version this build speaks (and the highest it accepts).
-pub const PROTOCOL_VERSION: u8 = 1;
-/// The oldest protocol version this build accepts.
-pub const MIN_PROTOCOL_VERSION: u8 = 1;
+/// Version 2: `XXpsk0` (the password is proven in message 1, before the
+/// responder reveals anything) and both preambles bound into the Noise prologue.
+pub const PROTOCOL_VERSION: u8 = 2;
+/// The oldest protocol version this build accepts. Version 1 (`XXpsk3`, unbound
+/// preambles) revealed the responder's Hello to anyone and is not spoken any more:
+/// accepting it would let a man in the middle downgrade to it.
+pub const MIN_PROTOCOL_VERSION: u8 = 2;
 /// Capability bit: the peer understands data-plane superframes.
 pub const CAP_SUPERFRAMES: u32 = 1;
 /// What the responder tells an initiator whose password differs.
@@ -41,7 +45,7 @@ pub const PSK_ITERATIONS: u32 = 600_000;
 pub const MAX_HELLO: usize = 2048;
 
 const PSK_SALT: &[u8] = b"meshnet-psk-v1";
-const PARAMS_PSK: &str = "Noise_XXpsk3_25519_AESGCM_SHA256";
+const PARAMS_PSK: &str = "Noise_XXpsk0_25519_AESGCM_SHA256";
 const PARAMS_PLAIN: &str = "Noise_XX_25519_AESGCM_SHA256";
 const DATA_SALT: &[u8] = b"meshnet-data-v1";
 const DATA_INFO_I2R: &[u8] = b"meshnet data i->r";
@@ -140,6 +144,26 @@ pub struct Established {
     /// The negotiated protocol version.
     pub version: u8,
     pub role: Role,
+}
+
+/// Bytes that refuse an inbound connection before any handshake work: our
+/// preamble, then a refusal frame with `reason` (cut to [`MAX_REFUSAL`] bytes).
+/// An initiator reports it as [`HandshakeError::Refused`]. Reveals nothing the
+/// preamble does not (versions, whether a password is used).
+pub fn early_refusal(password: bool, reason: &str) -> Vec<u8> {
+    let mut out =
+        Preamble { min_version: MIN_PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, password }.emit().to_vec();
+    emit_refusal(reason, &mut out);
+    out
+}
+
+fn emit_refusal(reason: &str, out: &mut Vec<u8>) {
+    let mut end = reason.len().min(MAX_REFUSAL);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    // Cannot fail: the reason is cut to the refusal limit above.
+    let _ = Frame::emit(FrameType::Refusal, &reason.as_bytes()[..end], out);
 }
 
 /// Why a handshake failed.
@@ -244,6 +268,9 @@ pub struct Handshake {
     output: Vec<u8>,
     hello_bytes: Vec<u8>,
     scratch: Vec<u8>,
+    /// The Noise prologue: the initiator's preamble then the responder's, as sent
+    /// and received, so a preamble changed in transit fails the handshake.
+    prologue: [u8; 2 * PREAMBLE_LEN],
 }
 
 impl fmt::Debug for Handshake {
@@ -264,12 +291,11 @@ impl Handshake {
         if min == 0 || min > max {
             return Err(HandshakeError::BadConfig("version range must be 1 <= min <= max"));
         }
-        let hello_bytes = bincode::serde::encode_to_vec(&cfg.hello, hello_config())
-            .map_err(|_| HandshakeError::HelloTooLarge(MAX_HELLO + 1))?;
-        if hello_bytes.len() > MAX_HELLO {
-            return Err(HandshakeError::HelloTooLarge(hello_bytes.len()));
-        }
-        let preamble = Preamble { min_version: min, max_version: max, password: cfg.psk.is_some() };
+        let hello_bytes = encode_hello(&cfg.hello)?;
+        let preamble = Preamble { min_version: min, max_version: max, password: cfg.psk.is_some() }.emit();
+        let mut prologue = [0u8; 2 * PREAMBLE_LEN];
+        let ours = if role == Role::Initiator { 0 } else { PREAMBLE_LEN };
+        prologue[ours..ours + PREAMBLE_LEN].copy_from_slice(&preamble);
         Ok(Handshake {
             role,
             cfg,
@@ -282,9 +308,10 @@ impl Handshake {
             input: Vec::new(),
             input_pos: 0,
             stream: Vec::new(),
-            output: preamble.emit().to_vec(),
+            output: preamble.to_vec(),
             hello_bytes,
             scratch: vec![0u8; u16::MAX as usize],
+            prologue,
         })
     }
 
@@ -385,6 +412,8 @@ impl Handshake {
 
     fn on_preamble(&mut self, raw: [u8; PREAMBLE_LEN]) -> Result<(), HandshakeError> {
         let theirs = Preamble::parse(&raw).map_err(|_| HandshakeError::BadPreamble)?;
+        let at = if self.role == Role::Initiator { PREAMBLE_LEN } else { 0 };
+        self.prologue[at..at + PREAMBLE_LEN].copy_from_slice(&raw);
         self.version = negotiate_version(self.versions, (theirs.min_version, theirs.max_version))?;
         match (self.cfg.psk.is_some(), theirs.password) {
             (false, true) => return Err(HandshakeError::PasswordRequiredByPeer),
@@ -393,14 +422,14 @@ impl Handshake {
         }
         match self.role {
             Role::Initiator => {
-                let mut noise = build_noise(self.role, &self.cfg)?;
+                let mut noise = build_noise(self.role, &self.cfg, &self.prologue)?;
                 let n = noise.write_message(&[], &mut self.scratch).map_err(noise_err)?;
                 Frame::emit(FrameType::Handshake, &self.scratch[..n], &mut self.output)?;
                 self.noise = Some(noise);
                 self.stage = Stage::AwaitMsg2;
             }
-            // The responder builds its Noise state (an X25519 operation) only when
-            // message 1 arrives, so a bare preamble costs it no key work.
+            // The responder builds its Noise state (deriving its public key) only
+            // when message 1 arrives, so a bare preamble costs it no key work.
             Role::Responder => self.stage = Stage::AwaitMsg1,
         }
         Ok(())
@@ -423,14 +452,19 @@ impl Handshake {
         self.noise.as_mut().ok_or(HandshakeError::Malformed("no handshake in progress"))
     }
 
-    /// Responder: message 1 (-> e) in, message 2 (<- e, ee, s, es + our Hello) out.
+    /// Responder: message 1 (-> [psk,] e) in, message 2 (<- e, ee, s, es + our
+    /// Hello) out. With a password, message 1's empty payload is sealed under the
+    /// PSK-mixed key: a wrong password fails here, before any Diffie-Hellman and
+    /// before our static key or Hello is sent.
     fn on_msg1(&mut self, msg: &[u8]) -> Result<(), HandshakeError> {
         let mut payload = [0u8; MAX_HANDSHAKE_PAYLOAD];
+        let with_psk = self.cfg.psk.is_some();
         let noise = match &mut self.noise {
             Some(noise) => noise,
-            none => none.insert(build_noise(self.role, &self.cfg)?),
+            none => none.insert(build_noise(self.role, &self.cfg, &self.prologue)?),
         };
         let n = noise.read_message(msg, &mut payload).map_err(|e| match e {
+            snow::Error::Decrypt if with_psk => HandshakeError::WrongPassword,
             snow::Error::Decrypt => HandshakeError::Decrypt("message 1"),
             other => noise_err(other),
         })?;
@@ -443,10 +477,15 @@ impl Handshake {
         Ok(())
     }
 
-    /// Initiator: message 2 in (their Hello), message 3 (-> s, se [, psk] + our Hello) out.
+    /// Initiator: message 2 in (their Hello), message 3 (-> s, se + our Hello) out.
     fn on_msg2(&mut self, msg: &[u8]) -> Result<(), HandshakeError> {
         let mut payload = [0u8; MAX_HANDSHAKE_PAYLOAD];
+        let with_psk = self.cfg.psk.is_some();
         let n = self.noise()?.read_message(msg, &mut payload).map_err(|e| match e {
+            // A responder that accepted message 1 holds the PSK, so this is a
+            // forgery or a tampered preamble; with a password, a peer that cannot
+            // seal message 2 does not hold ours.
+            snow::Error::Decrypt if with_psk => HandshakeError::WrongPassword,
             snow::Error::Decrypt => HandshakeError::Decrypt("message 2"),
             other => noise_err(other),
         })?;
@@ -464,9 +503,8 @@ impl Handshake {
     /// key-confirmation record.
     fn on_msg3(&mut self, msg: &[u8]) -> Result<(), HandshakeError> {
         let mut payload = [0u8; MAX_HANDSHAKE_PAYLOAD];
-        let with_psk = self.cfg.psk.is_some();
         let n = self.noise()?.read_message(msg, &mut payload).map_err(|e| match e {
-            snow::Error::Decrypt if with_psk => HandshakeError::WrongPassword,
+            // The password was proven in message 1: this is tampering or forgery.
             snow::Error::Decrypt => HandshakeError::Decrypt("message 3"),
             other => noise_err(other),
         })?;
@@ -511,12 +549,7 @@ impl Handshake {
     }
 
     fn queue_refusal(&mut self, reason: &str) {
-        let mut end = reason.len().min(MAX_REFUSAL);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        // Cannot fail: the reason is cut to the refusal limit above.
-        let _ = Frame::emit(FrameType::Refusal, &reason.as_bytes()[..end], &mut self.output);
+        emit_refusal(reason, &mut self.output);
     }
 
     /// The established connection; fails unless [`is_complete`](Self::is_complete).
@@ -538,13 +571,24 @@ impl Handshake {
     }
 }
 
+/// Encodes a [`Hello`] as the handshake sends it.
+pub fn encode_hello(hello: &Hello) -> Result<Vec<u8>, HandshakeError> {
+    let bytes = bincode::serde::encode_to_vec(hello, hello_config()).map_err(|_| HandshakeError::HelloTooLarge(MAX_HELLO + 1))?;
+    if bytes.len() > MAX_HELLO {
+        return Err(HandshakeError::HelloTooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
 /// The wire size is checked separately; bincode's limit counts decoded memory
 /// (see `wire::control`), hence the factor.
 fn hello_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ 8 * MAX_HELLO }>()
 }
 
-fn decode_hello(bytes: &[u8]) -> Result<Hello, HandshakeError> {
+/// Decodes a peer's [`Hello`] (bincode, at most [`MAX_HELLO`] bytes, nothing
+/// trailing). Public for the fuzz target; the handshake calls it itself.
+pub fn decode_hello(bytes: &[u8]) -> Result<Hello, HandshakeError> {
     if bytes.len() > MAX_HELLO {
         return Err(HandshakeError::BadHello(format!("{} bytes, over the limit of {MAX_HELLO}", bytes.len())));
     }
@@ -556,12 +600,20 @@ fn decode_hello(bytes: &[u8]) -> Result<Hello, HandshakeError> {
     Ok(hello)
 }
 
-fn build_noise(role: Role, cfg: &HandshakeConfig) -> Result<snow::HandshakeState, HandshakeError> {
+fn build_noise(
+    role: Role,
+    cfg: &HandshakeConfig,
+    prologue: &[u8; 2 * PREAMBLE_LEN],
+) -> Result<snow::HandshakeState, HandshakeError> {
     let params = if cfg.psk.is_some() { PARAMS_PSK } else { PARAMS_PLAIN };
     let params = params.parse().map_err(noise_err)?;
-    let mut builder = snow::Builder::new(params).local_private_key(&cfg.identity.private).map_err(noise_err)?;
+    let mut builder = snow::Builder::new(params)
+        .local_private_key(&cfg.identity.private)
+        .map_err(noise_err)?
+        .prologue(prologue)
+        .map_err(noise_err)?;
     if let Some(psk) = &cfg.psk {
-        builder = builder.psk(3, psk).map_err(noise_err)?;
+        builder = builder.psk(0, psk).map_err(noise_err)?;
     }
     match role {
         Role::Initiator => builder.build_initiator(),
@@ -703,11 +755,16 @@ mod tests {
 
     #[test]
     fn version_mismatch_is_seen_by_both_sides() {
-        let mut i = Side { hs: Handshake::with_versions(Role::Initiator, cfg(1, None), 2, 3).unwrap(), err: None };
+        let mut i = Side { hs: Handshake::with_versions(Role::Initiator, cfg(1, None), 3, 4).unwrap(), err: None };
         let mut r = Side::new(Role::Responder, cfg(2, None));
         pump(&mut i, &mut r, 5);
-        assert!(matches!(i.err, Some(HandshakeError::VersionMismatch { ours: (2, 3), theirs: (1, 1) })), "{:?}", i.err);
-        assert!(matches!(r.err, Some(HandshakeError::VersionMismatch { ours: (1, 1), theirs: (2, 3) })), "{:?}", r.err);
+        assert!(matches!(i.err, Some(HandshakeError::VersionMismatch { ours: (3, 4), theirs: (2, 2) })), "{:?}", i.err);
+        assert!(matches!(r.err, Some(HandshakeError::VersionMismatch { ours: (2, 2), theirs: (3, 4) })), "{:?}", r.err);
+        // A version-1 peer (XXpsk3, unbound preambles) is refused, not spoken to.
+        let mut i = Side { hs: Handshake::with_versions(Role::Initiator, cfg(1, None), 1, 1).unwrap(), err: None };
+        let mut r = Side::new(Role::Responder, cfg(2, None));
+        pump(&mut i, &mut r, 64);
+        assert!(matches!(r.err, Some(HandshakeError::VersionMismatch { .. })), "{:?}", r.err);
         assert!(Handshake::with_versions(Role::Initiator, cfg(1, None), 3, 2).is_err());
         assert!(Handshake::with_versions(Role::Initiator, cfg(1, None), 0, 2).is_err());
     }
@@ -717,8 +774,8 @@ mod tests {
         let mut i = Side { hs: Handshake::with_versions(Role::Initiator, cfg(1, None), 1, 4).unwrap(), err: None };
         let mut r = Side::new(Role::Responder, cfg(2, None));
         pump(&mut i, &mut r, 64);
-        assert_eq!(i.hs.finish().unwrap().version, 1);
-        assert_eq!(r.hs.finish().unwrap().version, 1);
+        assert_eq!(i.hs.finish().unwrap().version, PROTOCOL_VERSION);
+        assert_eq!(r.hs.finish().unwrap().version, PROTOCOL_VERSION);
     }
 
     #[test]
@@ -793,6 +850,131 @@ mod tests {
         let (i, r) = connect(cfg(1, None), cfg(2, psk("sesame")), 100);
         assert!(matches!(i.err, Some(HandshakeError::PasswordRequiredByPeer)), "{:?}", i.err);
         assert!(matches!(r.err, Some(HandshakeError::PeerHasNoPassword)), "{:?}", r.err);
+    }
+
+    type Rewrite = Box<dyn FnMut(&mut Vec<u8>)>;
+
+    /// Runs a handshake through a man in the middle who may rewrite the bytes
+    /// going one way (`to_responder` or back). Returns both sides.
+    fn connect_through(
+        ci: HandshakeConfig,
+        cr: HandshakeConfig,
+        mut to_responder: impl FnMut(&mut Vec<u8>),
+        mut to_initiator: impl FnMut(&mut Vec<u8>),
+    ) -> (Side, Side) {
+        let mut i = Side::new(Role::Initiator, ci);
+        let mut r = Side::new(Role::Responder, cr);
+        for _ in 0..20 {
+            let mut to_r = i.hs.take_output();
+            let mut to_i = r.hs.take_output();
+            if to_r.is_empty() && to_i.is_empty() {
+                break;
+            }
+            to_responder(&mut to_r);
+            to_initiator(&mut to_i);
+            r.deliver(&to_r, 4096);
+            i.deliver(&to_i, 4096);
+        }
+        (i, r)
+    }
+
+    /// Rewrites byte `at` of the first preamble that passes (once).
+    fn tamper(at: usize, f: impl Fn(u8) -> u8) -> impl FnMut(&mut Vec<u8>) {
+        let mut done = false;
+        move |bytes: &mut Vec<u8>| {
+            if !done && bytes.len() >= PREAMBLE_LEN && &bytes[..8] == crate::wire::control::MAGIC {
+                bytes[at] = f(bytes[at]);
+                done = true;
+            }
+        }
+    }
+
+    #[test]
+    fn a_tampered_preamble_fails_the_handshake() {
+        // Each tamper leaves a preamble both sides accept on its own; only the
+        // Noise prologue, which binds both preambles, catches it.
+        for with_psk in [false, true] {
+            let p = if with_psk { psk("sesame") } else { None };
+            let flips: [(&str, usize, fn(u8) -> u8); 3] = [
+                ("an unused flag bit set", 10, |b| b | 0x80),
+                ("the reserved byte set", 11, |_| 7),
+                ("a lower min version offered", 8, |_| 1),
+            ];
+            for (what, at, f) in flips {
+                for towards_responder in [true, false] {
+                    let (t, n): (Rewrite, Rewrite) = if towards_responder {
+                        (Box::new(tamper(at, f)), Box::new(|_: &mut Vec<u8>| {}))
+                    } else {
+                        (Box::new(|_: &mut Vec<u8>| {}), Box::new(tamper(at, f)))
+                    };
+                    let (i, r) = connect_through(cfg(1, p), cfg(2, p), t, n);
+                    let side = if towards_responder { "responder" } else { "initiator" };
+                    let ctx = format!("{what}, towards the {side}, psk {with_psk}");
+                    assert!(!i.hs.is_complete() && !r.hs.is_complete(), "{ctx}: handshake completed");
+                    assert!(i.err.is_some() && r.err.is_some(), "{ctx}: {:?} / {:?}", i.err, r.err);
+                }
+            }
+            // Untouched, the same path completes.
+            let (i, r) = connect_through(cfg(1, p), cfg(2, p), |_| {}, |_| {});
+            assert!(i.hs.is_complete() && r.hs.is_complete(), "{:?} / {:?}", i.err, r.err);
+        }
+        // The password flag flipped by a man in the middle: refused before any keys.
+        let (i, r) = connect_through(cfg(1, psk("pw")), cfg(2, psk("pw")), tamper(10, |b| b & !1), |_| {});
+        assert!(matches!(r.err, Some(HandshakeError::PeerHasNoPassword)), "{:?}", r.err);
+        assert!(!i.hs.is_complete(), "the responder closes; the initiator never completes");
+        // Both without a password, the flag set towards the initiator.
+        let (i, r) = connect_through(cfg(1, None), cfg(2, None), |_| {}, tamper(10, |b| b | 1));
+        assert!(matches!(i.err, Some(HandshakeError::PasswordRequiredByPeer)), "{:?}", i.err);
+        assert!(!r.hs.is_complete());
+    }
+
+    /// What a stranger without the password learns from a responder that has one:
+    /// its preamble and a refusal, never its static key or Hello.
+    #[test]
+    fn a_wrong_password_learns_nothing_about_the_responder() {
+        let cr = cfg(2, psk("sesame"));
+        let mut i = Handshake::new(Role::Initiator, cfg(1, psk("guess"))).unwrap();
+        let mut r = Handshake::new(Role::Responder, cr.clone()).unwrap();
+        let mut from_r = r.take_output();
+        r.feed(&i.take_output()).unwrap(); // preamble
+        i.feed(&from_r).unwrap(); // preamble; i writes message 1
+        let msg1 = i.take_output();
+        assert_eq!(msg1.len(), 3 + 32 + 16, "message 1: e and the PSK-sealed empty payload");
+        assert!(matches!(r.feed(&msg1), Err(HandshakeError::WrongPassword)));
+        let refusal = r.take_output();
+        from_r.extend_from_slice(&refusal);
+        // Preamble + refusal frame, nothing else: no message 2.
+        let (frame, used) = Frame::parse(&refusal).unwrap().unwrap();
+        assert_eq!((frame.kind, used), (FrameType::Refusal, refusal.len()));
+        assert_eq!(frame.payload, REFUSAL_WRONG_PASSWORD.as_bytes());
+        let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+        assert!(!contains(&from_r, &cr.identity.public));
+        assert!(!contains(&from_r, cr.hello.nickname.as_bytes()));
+        assert!(!contains(&from_r, cr.hello.software.as_bytes()));
+        match i.feed(&refusal) {
+            Err(HandshakeError::Refused(reason)) => assert_eq!(reason, REFUSAL_WRONG_PASSWORD),
+            other => panic!("initiator: {other:?}"),
+        }
+        // With the right password, message 2 does carry them, sealed.
+        let (ie, _) = established(cfg(1, psk("sesame")), cr.clone(), 4096);
+        assert_eq!(ie.remote_static, cr.identity.public);
+    }
+
+    #[test]
+    fn early_refusal_reads_as_a_refusal() {
+        for password in [false, true] {
+            let p = if password { psk("pw") } else { None };
+            let mut i = Handshake::new(Role::Initiator, cfg(1, p)).unwrap();
+            i.take_output();
+            let bytes = early_refusal(password, "too many connections from 10.0.0.1");
+            match i.feed(&bytes) {
+                Err(HandshakeError::Refused(reason)) => assert_eq!(reason, "too many connections from 10.0.0.1"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let long = "é".repeat(MAX_REFUSAL);
+        let bytes = early_refusal(false, &long);
+        assert!(bytes.len() <= PREAMBLE_LEN + 3 + MAX_REFUSAL);
     }
 
     #[test]
@@ -933,7 +1115,8 @@ mod tests {
 
     /// Preamble + a frame, as a misbehaving peer would send.
     fn after_preamble(psk: bool, frame: &[u8]) -> Vec<u8> {
-        let mut v = Preamble { min_version: 1, max_version: 1, password: psk }.emit().to_vec();
+        let mut v =
+            Preamble { min_version: MIN_PROTOCOL_VERSION, max_version: PROTOCOL_VERSION, password: psk }.emit().to_vec();
         v.extend_from_slice(frame);
         v
     }

@@ -15,6 +15,8 @@ pub mod ingress;
 pub mod gso;
 pub mod handshake;
 pub mod rekey;
+pub mod admission;
+pub mod sendqueue;
 pub mod identity;
 pub mod ipam;
 pub mod liveness;

@@ -1,7 +1,7 @@
 //! The TCP control protocol (port 6783): preamble, frames, and the encrypted
 //! message stream of an established connection.
 //!
-//! # Protocol (version 1)
+//! # Protocol (version 2)
 //!
 //! 1. **Preamble.** Each side sends 12 bytes in clear as soon as the TCP
 //!    connection is up, before reading anything:
@@ -11,11 +11,13 @@
 //!    ```
 //!
 //!    `flags` bit 0 means "I use a password"; other flag bits and the reserved
-//!    byte are sent as 0 and ignored on receipt. Each side checks the other's:
+//!    byte are sent as 0 and ignored on receipt (but bound into the handshake,
+//!    see 3). Each side checks the other's:
 //!    the version is `min(their max, our max)` if that is `>= max(both mins)`,
 //!    else `VersionMismatch`. If the password bits differ, the side without a
 //!    password fails with `PasswordRequiredByPeer` and the side with one with
-//!    `PeerHasNoPassword`, so both know at once why.
+//!    `PeerHasNoPassword`, so both know at once why. Version 1 (`XXpsk3`, no
+//!    prologue) is no longer accepted.
 //!
 //! 2. **Frames** follow the preamble in both directions:
 //!
@@ -31,21 +33,31 @@
 //!
 //!    An unknown type, `len == 0` or a payload over its limit is an error; the
 //!    limit is checked on the 3-byte header, before the payload is buffered.
+//!    A responder that refuses a connection before any handshake work (rate
+//!    limits, too many connections) sends its preamble and a refusal at once.
 //!
-//! 3. **Noise.** `Noise_XXpsk3_25519_AESGCM_SHA256` with the password-derived PSK
+//! 3. **Noise.** `Noise_XXpsk0_25519_AESGCM_SHA256` with the password-derived PSK
 //!    when a password is set, else `Noise_XX_25519_AESGCM_SHA256`. The side that
-//!    dialled is the initiator; static keys are the peers' identity keys.
+//!    dialled is the initiator; static keys are the peers' identity keys. The
+//!    **prologue** is the initiator's preamble followed by the responder's, as
+//!    sent and received: a preamble changed in transit (a downgraded version, a
+//!    flag) makes the handshake fail. The initiator sends message 1 only after it
+//!    has read the responder's preamble.
 //!    Message 1 (initiator) has an empty payload; message 2 (responder) carries the
 //!    responder's bincode `Hello`, message 3 (initiator) the initiator's.
-//!    A wrong password shows as a failure to decrypt message 3 at the responder,
-//!    which then sends the refusal `"authentication failed: passwords differ"` and
-//!    closes, so the initiator reports `Refused(reason)`.
+//!    With `psk0`, message 1 is sealed under a key mixed from the PSK, so a
+//!    wrong password fails to decrypt message 1 at the responder — before any
+//!    Diffie-Hellman, and before the responder's static key or `Hello` (sent in
+//!    message 2 under PSK-mixed keys) leaves it. The responder then sends the
+//!    refusal `"authentication failed: passwords differ"` and closes, so the
+//!    initiator reports `Refused(reason)`. An initiator that cannot decrypt
+//!    message 2 with a password set reports a wrong password too.
 //!
 //!    **Key confirmation.** Right after reading message 3 the responder sends one
 //!    transport record with an empty plaintext. The initiator counts the handshake
 //!    complete only once it has decrypted a transport record from the responder;
 //!    until then a refusal frame is still valid. (Without this step the initiator
-//!    would finish before learning that the responder rejected its password.)
+//!    would finish before learning that the responder refused it.)
 //!
 //! 4. **Transport.** Application messages are `u32 len (BE) ‖ bincode(ControlMsg)`
 //!    (bincode 2 standard config), sent as a byte stream split over transport
