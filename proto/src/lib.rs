@@ -21,5 +21,6 @@ pub mod mac_table;
 pub mod handshake;
 pub mod identity;
 pub mod topology;
+pub mod discovery;
 pub mod ipam;
 pub use peer::{Mac, PeerName};
