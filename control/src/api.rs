@@ -104,6 +104,10 @@ pub struct Status {
     pub connections: Vec<ConnectionStatus>,
     pub targets: Vec<String>,
     pub dataplane: serde_json::Value,
+    /// Control-plane counters: route recomputations (count, last duration in ms),
+    /// discovery dials deferred by the dial budget.
+    #[serde(default)]
+    pub control: serde_json::Value,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -203,6 +203,7 @@ pub fn run(cfg: Config) -> Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(conn::accept_loop(mesh.clone(), local.clone(), listener));
         tasks.spawn(conn::maker_loop(mesh.clone(), local.clone()));
+        tasks.spawn(mesh::route_loop(mesh.clone()));
         tasks.spawn(api_loop(ctx.clone(), api_listener));
         // Docker containers that die or are removed lose their attachment.
         let gone_ctx = ctx.clone();
@@ -383,6 +384,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 connections: mesh.connection_status(),
                 targets: mesh.targets(),
                 dataplane: serde_json::Value::Object(stats),
+                control: mesh.control_stats(),
             };
             Ok(serde_json::to_value(status)?)
         }
