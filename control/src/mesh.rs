@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use meshnet_proto::discovery::DialBudget;
-use meshnet_proto::topology::{ConnInfo, PeerInfo, Topology};
+use meshnet_proto::topology::{full_gossip_targets, ConnInfo, PeerInfo, Topology};
 use meshnet_proto::wire::control::{split_gossip, ControlMsg, GOSSIP_CHUNK};
 use meshnet_proto::PeerName;
 use meshnet_router::dataplane::{DataPlane, PeerLink, Routes};
@@ -556,11 +556,21 @@ impl Mesh {
         out
     }
 
-    /// Sends our full view to every neighbour (anti-entropy).
+    /// Sends our full view to a few random neighbours, about 2·log₂ n of them
+    /// (anti-entropy; changes reach every neighbour as deltas already).
     pub fn gossip_everything(&self) {
-        let mut g = self.lock();
-        let all = g.topology.gossip_all();
-        broadcast_gossip(&mut g, None, all);
+        let g = self.lock();
+        let mut ids: Vec<u64> = g.conns.iter().filter(|(_, c)| c.established).map(|(&id, _)| id).collect();
+        ids.sort_unstable();
+        let chosen = full_gossip_targets(ids.len(), g.topology.peers().count(), random_u64());
+        let msgs = split_gossip(g.topology.gossip_all(), GOSSIP_CHUNK);
+        for i in chosen {
+            if let Some(c) = g.conns.get(&ids[i]) {
+                for m in &msgs {
+                    let _ = c.queue.send(m.clone());
+                }
+            }
+        }
     }
 
     /// Counters for `status --json` (`control`).

@@ -608,6 +608,37 @@ impl Graph {
     }
 }
 
+/// How many neighbours get my full topology at each periodic (anti-entropy)
+/// round in a mesh of `peers` peers: about 2·log₂ n, as in Weave, never fewer
+/// than 2. Changes spread as deltas to every neighbour regardless; a new
+/// connection is told everything.
+pub fn full_gossip_fanout(peers: usize) -> usize {
+    let log2 = usize::BITS - peers.max(1).leading_zeros(); // ⌈log₂(n + 1)⌉
+    (2 * log2 as usize).max(2)
+}
+
+/// Which of `neighbours` (indices) get the periodic full gossip: a random
+/// [`full_gossip_fanout`]-sized subset (all if there are no more), chosen with
+/// the randomness `seed` passed in. Sorted.
+pub fn full_gossip_targets(neighbours: usize, peers: usize, seed: u64) -> Vec<usize> {
+    let k = full_gossip_fanout(peers).min(neighbours);
+    let mut idx: Vec<usize> = (0..neighbours).collect();
+    let mut state = seed;
+    for i in 0..k {
+        // splitmix64
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let j = i + (z % (neighbours - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    idx.truncate(k);
+    idx.sort_unstable();
+    idx
+}
+
 fn normalise(mut conns: Vec<ConnInfo>) -> Vec<ConnInfo> {
     conns.sort();
     conns.dedup();
@@ -991,6 +1022,31 @@ mod tests {
         let err = t.merge(vec![big(2, 3), big(peers as u64 + 10, 1)]).unwrap_err();
         assert!(matches!(err, MergeError::TooManyTotalConnections { .. }), "{err:?}");
         assert_eq!(t.get(name(2)).unwrap().version, 2, "nothing applied");
+    }
+
+    #[test]
+    fn full_gossip_goes_to_about_two_log2_n_random_neighbours() {
+        assert_eq!(full_gossip_fanout(1), 2);
+        assert_eq!(full_gossip_fanout(3), 4);
+        assert_eq!(full_gossip_fanout(100), 14);
+        assert_eq!(full_gossip_fanout(1000), 20);
+        // Few neighbours: all of them.
+        assert_eq!(full_gossip_targets(3, 100, 42), vec![0, 1, 2]);
+        assert_eq!(full_gossip_targets(0, 100, 42), Vec::<usize>::new());
+        // Many: 14 distinct ones, different with different randomness, and over many
+        // rounds every neighbour is picked about equally often.
+        let mut counts = vec![0u32; 99];
+        for seed in 0..2000u64 {
+            let t = full_gossip_targets(99, 100, seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+            assert_eq!(t.len(), 14);
+            assert!(t.windows(2).all(|w| w[0] < w[1]) && t[13] < 99);
+            for i in t {
+                counts[i] += 1;
+            }
+        }
+        assert_ne!(full_gossip_targets(99, 100, 1), full_gossip_targets(99, 100, 2));
+        // Expected 2000 * 14 / 99 = 283 each.
+        assert!(counts.iter().all(|&c| (200..370).contains(&c)), "{counts:?}");
     }
 
     #[test]
