@@ -114,6 +114,7 @@ fn full_mesh(n: u64) -> Vec<Vec<u64>> {
 }
 
 struct Cost {
+    parts: usize,
     merge: Duration,
     routes: Duration,
     trees: Duration,
@@ -126,6 +127,7 @@ fn measure(n: u64, adj: &[Vec<u64>]) -> Cost {
     // Me in the middle of the names.
     let all = infos(n, adj, n | 1);
     let gossip_bytes = bincode::serde::encode_to_vec(&all, bincode::config::standard()).unwrap().len();
+    let parts = meshnet_proto::wire::control::split_gossip(all.clone(), meshnet_proto::wire::control::GOSSIP_CHUNK);
     let mut t = Topology::new(all[0].clone());
     let start = Instant::now();
     t.merge(all[1..].to_vec()).unwrap();
@@ -135,11 +137,11 @@ fn measure(n: u64, adj: &[Vec<u64>]) -> Cost {
     let routes_time = start.elapsed();
     // Routes and broadcast trees together, as the daemon recomputes them.
     let start = Instant::now();
-    let children = t.broadcast_children();
+    let children = t.graph().tables().children;
     let trees = start.elapsed();
     assert_eq!(routes.len() as u64, n - 1, "connected");
     assert!(children.values().all(|c| !c.is_empty()));
-    Cost { merge, routes: routes_time, trees, gossip_bytes, reachable: routes.len() }
+    Cost { parts: parts.len(), merge, routes: routes_time, trees, gossip_bytes, reachable: routes.len() }
 }
 
 #[test]
@@ -156,8 +158,10 @@ fn bench_figures() {
         let best = |f: fn(&Cost) -> Duration| runs.iter().map(f).min().unwrap();
         let links: usize = adj.iter().map(Vec::len).sum::<usize>() / 2;
         println!(
-            "{label}: {links} links, gossip {} bytes; merge {:?}, routes {:?}, broadcast trees {:?} ({} reachable)",
+            "{label}: {links} links, gossip {} bytes ({} messages); merge {:?}, routes {:?}, \
+             routes and broadcast trees {:?} ({} reachable)",
             runs[0].gossip_bytes,
+            runs[0].parts,
             best(|c| c.merge),
             best(|c| c.routes),
             best(|c| c.trees),
