@@ -113,35 +113,13 @@ fn full_mesh(n: u64) -> Vec<Vec<u64>> {
     (0..=n).map(|i| if i == 0 { Vec::new() } else { (1..=n).filter(|&j| j != i).collect() }).collect()
 }
 
-struct Cost {
-    parts: usize,
-    merge: Duration,
-    routes: Duration,
-    trees: Duration,
-    gossip_bytes: usize,
-    reachable: usize,
-}
-
-/// Peer 1's view: merge everyone else's entries in one update, then recompute.
-fn measure(n: u64, adj: &[Vec<u64>]) -> Cost {
-    // Me in the middle of the names.
-    let all = infos(n, adj, n | 1);
-    let gossip_bytes = bincode::serde::encode_to_vec(&all, bincode::config::standard()).unwrap().len();
-    let parts = meshnet_proto::wire::control::split_gossip(all.clone(), meshnet_proto::wire::control::GOSSIP_CHUNK);
-    let mut t = Topology::new(all[0].clone());
-    let start = Instant::now();
-    t.merge(all[1..].to_vec()).unwrap();
-    let merge = start.elapsed();
-    let start = Instant::now();
-    let routes = t.routes();
-    let routes_time = start.elapsed();
-    // Routes and broadcast trees together, as the daemon recomputes them.
-    let start = Instant::now();
-    let children = t.graph().tables().children;
-    let trees = start.elapsed();
-    assert_eq!(routes.len() as u64, n - 1, "connected");
-    assert!(children.values().all(|c| !c.is_empty()));
-    Cost { parts: parts.len(), merge, routes: routes_time, trees, gossip_bytes, reachable: routes.len() }
+/// Runs `f` `reps` times: CPU time and wall time per run.
+fn per_run(reps: u32, mut f: impl FnMut()) -> (Duration, Duration) {
+    let (cpu, wall) = (thread_cpu(), Instant::now());
+    for _ in 0..reps {
+        f();
+    }
+    ((thread_cpu() - cpu) / reps, wall.elapsed() / reps)
 }
 
 #[test]
@@ -149,23 +127,33 @@ fn measure(n: u64, adj: &[Vec<u64>]) -> Cost {
 fn bench_figures() {
     // TOPOLOGY_BENCH_MESH=n measures a full mesh of n instead of 500.
     let mesh: u64 = std::env::var("TOPOLOGY_BENCH_MESH").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
-    for (label, n, adj) in [
-        ("1000 peers, degree 10".to_string(), 1000u64, random_graph(1000, 10, 0x5eed)),
-        (format!("full mesh of {mesh}"), mesh, full_mesh(mesh)),
+    for (label, n, adj, reps) in [
+        ("1000 peers, degree 10".to_string(), 1000u64, random_graph(1000, 10, 0x5eed), 200),
+        (format!("full mesh of {mesh}"), mesh, full_mesh(mesh), 50),
     ] {
-        // Best of three.
-        let runs: Vec<Cost> = (0..3).map(|_| measure(n, &adj)).collect();
-        let best = |f: fn(&Cost) -> Duration| runs.iter().map(f).min().unwrap();
+        // Peer 1's view, me in the middle of the names: merge everyone else's
+        // entries in one update, then recompute.
+        let all = infos(n, &adj, n | 1);
+        let bytes = bincode::serde::encode_to_vec(&all, bincode::config::standard()).unwrap().len();
+        let parts = meshnet_proto::wire::control::split_gossip(all.clone(), meshnet_proto::wire::control::GOSSIP_CHUNK);
+        let mut t = Topology::new(all[0].clone());
+        let update = all[1..].to_vec();
+        let (clone, _) = per_run(reps, || drop(std::hint::black_box(update.clone())));
+        let (merge, merge_wall) = per_run(reps, || {
+            t = Topology::new(all[0].clone());
+            t.merge(update.clone()).unwrap();
+        });
+        let (routes, routes_wall) = per_run(reps, || drop(std::hint::black_box(t.routes())));
+        // Routes and broadcast trees together, as the daemon recomputes them.
+        let (tables, tables_wall) = per_run(reps, || drop(std::hint::black_box(t.graph().tables())));
+        let result = t.graph().tables();
+        assert_eq!(result.next_hop.len() as u64, n - 1, "connected");
         let links: usize = adj.iter().map(Vec::len).sum::<usize>() / 2;
         println!(
-            "{label}: {links} links, gossip {} bytes ({} messages); merge {:?}, routes {:?}, \
-             routes and broadcast trees {:?} ({} reachable)",
-            runs[0].gossip_bytes,
-            runs[0].parts,
-            best(|c| c.merge),
-            best(|c| c.routes),
-            best(|c| c.trees),
-            runs[0].reachable
+            "{label}: {links} links, gossip {bytes} bytes ({} messages); CPU per run: merge {merge:?} \
+             (including copying the update, {clone:?}), routes {routes:?}, routes and broadcast trees {tables:?}; \
+             wall: {merge_wall:?}, {routes_wall:?}, {tables_wall:?}",
+            parts.len(),
         );
     }
 }
