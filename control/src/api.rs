@@ -133,6 +133,10 @@ pub struct Status {
     pub dataplane: serde_json::Value,
     #[serde(default)]
     pub limits: LimitsStatus,
+    /// Control-plane counters: route recomputations (count, last duration in ms),
+    /// discovery dials deferred by the dial budget.
+    #[serde(default)]
+    pub control: serde_json::Value,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

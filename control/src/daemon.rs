@@ -206,6 +206,7 @@ pub fn run(cfg: Config) -> Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(conn::accept_loop(mesh.clone(), local.clone(), listener));
         tasks.spawn(conn::maker_loop(mesh.clone(), local.clone()));
+        tasks.spawn(mesh::route_loop(mesh.clone()));
         tasks.spawn(api_loop(ctx.clone(), api_listener));
         // Docker containers that die or are removed lose their attachment.
         let gone_ctx = ctx.clone();
@@ -387,6 +388,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 targets: mesh.targets(),
                 dataplane: serde_json::Value::Object(stats),
                 limits: mesh.limits_status(),
+                control: mesh.control_stats(),
             };
             Ok(serde_json::to_value(status)?)
         }

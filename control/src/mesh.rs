@@ -3,13 +3,14 @@
 //! Tasks hold the lock only for short, non-async sections. Messages to a
 //! connection go through its queue; the connection's own task encrypts and writes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use meshnet_proto::topology::{ConnInfo, PeerInfo, Topology};
-use meshnet_proto::wire::control::ControlMsg;
+use meshnet_proto::discovery::DialBudget;
+use meshnet_proto::topology::{full_gossip_targets, ConnInfo, PeerInfo, Topology};
+use meshnet_proto::wire::control::{split_gossip, ControlMsg, GOSSIP_CHUNK};
 use meshnet_proto::PeerName;
 use meshnet_router::dataplane::{DataPlane, PeerLink, Routes};
 use meshnet_proto::admission::{AdmissionConfig, Gate, Outcome, Refusal, Ticket};
@@ -28,6 +29,10 @@ pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// A connection whose UDP worked and then stopped for this long is closed (and
 /// dialled again by whoever holds the target): the peer may have moved.
 pub const UDP_LOST_CLOSE: Duration = Duration::from_secs(30);
+/// Routes and broadcast trees are recomputed at most this often: a burst of
+/// gossip costs one recomputation (the first change after a quiet spell is
+/// applied at once).
+pub const ROUTES_DEBOUNCE: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Direction {
@@ -78,11 +83,13 @@ pub struct Attempt {
     pub last_error: String,
     /// The live connection made by dialling it, if any.
     pub conn: Option<u64>,
+    /// A dial (connect and handshake) is under way.
+    pub dialling: bool,
 }
 
 impl Attempt {
     fn new() -> Self {
-        Attempt { failures: 0, next_try: Instant::now(), last_error: String::new(), conn: None }
+        Attempt { failures: 0, next_try: Instant::now(), last_error: String::new(), conn: None, dialling: false }
     }
 }
 
@@ -95,6 +102,17 @@ pub struct Inner {
     /// Dial state per target string, and per discovered address (as `ip:port`).
     pub attempts: HashMap<String, Attempt>,
     pub ipam: IpamHost,
+    /// Next hop towards every reachable peer, as last computed (see [`route_loop`]).
+    pub next_hop: HashMap<PeerName, PeerName>,
+    /// Discovery candidates (addresses, sorted) since the topology last changed.
+    discovery: Option<Vec<String>>,
+    /// Caps discovery dials (forged addresses must not make us dial without bound).
+    dial_budget: DialBudget,
+    /// Discovery dials refused by the budget (a counter).
+    pub discovery_deferred: u64,
+    /// Route recomputations, and how long the last one took off the lock.
+    pub route_runs: u64,
+    pub route_last_ms: u64,
 }
 
 /// Router-wide settings the control plane needs.
@@ -119,6 +137,10 @@ pub struct Mesh {
     inner: Mutex<Inner>,
     /// Wakes the connection maker (new targets, lost connections).
     pub maker: Notify,
+    /// Wakes [`route_loop`]: the topology changed.
+    pub routes_due: Notify,
+    /// Monotonic origin for the dial budget's clock.
+    started: Instant,
     /// Fired once to stop the router.
     pub shutdown: tokio::sync::watch::Sender<Option<Shutdown>>,
     /// Who may open an inbound connection now (its own lock, never held with `inner`'s).
@@ -163,8 +185,16 @@ impl Mesh {
                 targets: targets.into_iter().collect(),
                 attempts: HashMap::new(),
                 ipam,
+                next_hop: HashMap::new(),
+                discovery: None,
+                dial_budget: DialBudget::default(),
+                discovery_deferred: 0,
+                route_runs: 0,
+                route_last_ms: 0,
             }),
             maker: Notify::new(),
+            routes_due: Notify::new(),
+            started: Instant::now(),
             shutdown,
             admission: Mutex::new(Gate::new(AdmissionConfig::default())),
             conn_counters: Arc::new(ConnCounters::default()),
@@ -371,7 +401,14 @@ impl Mesh {
         );
         let full = g.topology.gossip_all();
         if let Some(c) = g.conns.get(&id) {
-            let _ = c.queue.send(ControlMsg::Gossip(full));
+            for msg in split_gossip(full, GOSSIP_CHUNK) {
+                let _ = c.queue.send(msg);
+            }
+        }
+        for a in g.attempts.values_mut() {
+            if a.conn == Some(id) {
+                a.dialling = false;
+            }
         }
         self.local_connections_changed(&mut g);
         self.reachability_changed(&mut g);
@@ -400,6 +437,7 @@ impl Mesh {
         for a in g.attempts.values_mut() {
             if a.conn == Some(id) {
                 a.conn = None;
+                a.dialling = false;
             }
         }
         if c.established {
@@ -411,6 +449,7 @@ impl Mesh {
             self.local_connections_changed(g);
             let removed = g.topology.garbage_collect();
             if !removed.is_empty() {
+                g.discovery = None;
                 log::info!("forgot unreachable peers: {}", names(&removed));
             }
             self.reachability_changed(g);
@@ -433,8 +472,9 @@ impl Mesh {
             })
             .collect();
         if g.topology.set_local_connections(conns) {
+            g.discovery = None;
             let update = g.topology.gossip_about(&[self.settings.me]);
-            broadcast(g, None, &ControlMsg::Gossip(update));
+            broadcast_gossip(g, None, update);
         }
     }
 
@@ -489,14 +529,10 @@ impl Mesh {
         let mut g = self.lock();
         let changed = g.topology.merge(infos).map_err(|e| format!("bad gossip: {e}"))?;
         if !changed.is_empty() {
-            // A peer's news may cut others off (a partition): forget who is no
-            // longer reachable, or stale entries would keep coming back.
-            let removed = g.topology.garbage_collect();
-            if !removed.is_empty() {
-                log::info!("forgot unreachable peers: {}", names(&removed));
-            }
+            g.discovery = None;
             let update = g.topology.gossip_about(&changed);
-            broadcast(&mut g, Some(from), &ControlMsg::Gossip(update));
+            broadcast_gossip(&mut g, Some(from), update);
+            // Garbage collection and routes follow in route_loop, off this path.
             self.reachability_changed(&mut g);
             drop(g);
             self.maker.notify_one();
@@ -504,33 +540,74 @@ impl Mesh {
         Ok(())
     }
 
-    /// Recomputes routes and broadcast trees for the data plane, and tells IPAM
-    /// which peers are reachable now.
-    fn reachability_changed(&self, g: &mut Inner) {
-        let next_hop = g.topology.routes();
+    /// The topology changed: [`route_loop`] recomputes routes and broadcast trees.
+    fn reachability_changed(&self, _g: &mut Inner) {
+        self.routes_due.notify_one();
+    }
+
+    /// Forgets peers no longer reachable, recomputes routes and broadcast trees
+    /// for the data plane (on a blocking thread, without the lock), and tells
+    /// IPAM which peers are reachable now.
+    pub async fn recompute_routes(&self) {
+        let (graph, mtus) = {
+            let mut g = self.lock();
+            // A peer's news may cut others off (a partition): forget who is no
+            // longer reachable, or stale entries would keep coming back.
+            let removed = g.topology.garbage_collect();
+            if !removed.is_empty() {
+                g.discovery = None;
+                log::info!("forgot unreachable peers: {}", names(&removed));
+            }
+            let mtus: Vec<(PeerName, u32)> = g
+                .topology
+                .peers()
+                .filter(|p| p.mtu != 0 && p.mtu < self.settings.mtu)
+                .map(|p| (p.name, p.mtu))
+                .collect();
+            (g.topology.graph(), mtus)
+        };
+        let started = Instant::now();
+        let tables = match tokio::task::spawn_blocking(move || graph.tables()).await {
+            Ok(t) => t,
+            Err(e) => {
+                log::error!("route computation failed: {e}");
+                return;
+            }
+        };
+        let took = started.elapsed();
+        if took > Duration::from_millis(50) {
+            log::info!(
+                "routes and broadcast trees for {} peers took {} ms",
+                tables.next_hop.len() + 1,
+                took.as_millis()
+            );
+        }
+        let mtu = mtus.into_iter().filter(|(p, _)| tables.next_hop.contains_key(p)).collect();
+        let next_hop = tables.next_hop;
+        self.dataplane.set_routes(Routes {
+            next_hop: next_hop.clone(),
+            children: tables.children,
+            mtu,
+            upstream: tables.upstream,
+        });
+        let mut g = self.lock();
         let live: Vec<PeerName> = next_hop.keys().copied().collect();
-        let mtu = g
-            .topology
-            .peers()
-            .filter(|p| p.mtu != 0 && p.mtu < self.settings.mtu && next_hop.contains_key(&p.name))
-            .map(|p| (p.name, p.mtu))
-            .collect();
-        let upstream = g.topology.upstream();
-        self.dataplane.set_routes(Routes { next_hop, children: g.topology.broadcast_children(), mtu, upstream });
+        g.next_hop = next_hop;
+        g.route_runs += 1;
+        g.route_last_ms = took.as_millis() as u64;
         g.ipam.ipam.peers_changed(&live);
-        self.ipam_flush(g);
+        self.ipam_flush(&mut g);
     }
 
     /// Persists IPAM's state, sends what it wants sent, logs its events.
     fn ipam_flush(&self, g: &mut Inner) {
         let (out, events) = g.ipam.flush();
         if !out.is_empty() {
-            let routes = g.topology.routes();
             for (dest, bytes) in out {
                 match dest {
                     Dest::Neighbours => broadcast(g, None, &ControlMsg::Ipam(bytes)),
                     Dest::Peer(p) => {
-                        let hop = routes.get(&p).copied().unwrap_or(p);
+                        let hop = g.next_hop.get(&p).copied().unwrap_or(p);
                         if let Some(c) = g.conns.values().find(|c| c.established && c.peer == Some(hop)) {
                             let _ = c.queue.send(ControlMsg::Ipam(bytes));
                         }
@@ -592,11 +669,31 @@ impl Mesh {
         out
     }
 
-    /// Sends our full view to every neighbour (anti-entropy).
+    /// Sends our full view to a few random neighbours, about 2·log₂ n of them
+    /// (anti-entropy; changes reach every neighbour as deltas already).
     pub fn gossip_everything(&self) {
-        let mut g = self.lock();
-        let all = g.topology.gossip_all();
-        broadcast(&mut g, None, &ControlMsg::Gossip(all));
+        let g = self.lock();
+        let mut ids: Vec<u64> = g.conns.iter().filter(|(_, c)| c.established).map(|(&id, _)| id).collect();
+        ids.sort_unstable();
+        let chosen = full_gossip_targets(ids.len(), g.topology.peers().count(), random_u64());
+        let msgs = split_gossip(g.topology.gossip_all(), GOSSIP_CHUNK);
+        for i in chosen {
+            if let Some(c) = g.conns.get(&ids[i]) {
+                for m in &msgs {
+                    let _ = c.queue.send(m.clone());
+                }
+            }
+        }
+    }
+
+    /// Counters for `status --json` (`control`).
+    pub fn control_stats(&self) -> serde_json::Value {
+        let g = self.lock();
+        serde_json::json!({
+            "route_recomputes": g.route_runs,
+            "route_recompute_last_ms": g.route_last_ms,
+            "discovery_dials_deferred": g.discovery_deferred,
+        })
     }
 
     pub fn peer_status(&self) -> Vec<PeerStatus> {
@@ -618,7 +715,7 @@ impl Mesh {
     pub fn connection_status(&self) -> Vec<ConnectionStatus> {
         let links = self.dataplane.links();
         let g = self.lock();
-        let routes = g.topology.routes();
+        let routes = &g.next_hop;
         let nick = |p: PeerName| g.topology.get(p).map(|i| i.nickname.clone()).unwrap_or_default();
         let mut v: Vec<ConnectionStatus> = g
             .conns
@@ -757,41 +854,74 @@ impl Mesh {
         self.lock().targets.iter().cloned().collect()
     }
 
-    /// What the connection maker should dial now: (key, address-or-host, is_target).
+    /// What the connection maker should dial now: connect targets when due, and
+    /// addresses learnt from gossip (discovery) within the [`DialBudget`]: at most
+    /// a few dials under way at once and a few new ones a second, starting at a
+    /// random place in the list so that no address can starve the rest.
     pub fn due_dials(&self) -> Vec<String> {
-        let mut g = self.lock();
+        let mut guard = self.lock();
+        let g = &mut *guard;
         let now = Instant::now();
-        let connected: Vec<PeerName> = g.conns.values().filter_map(|c| c.peer).collect();
-        let listening: Vec<SocketAddr> = g.conns.values().filter_map(|c| c.listen).collect();
-        let mut keys: Vec<String> = g.targets.iter().cloned().collect();
-        if self.settings.discovery {
-            for (peer, addr) in g.topology.discovery_candidates() {
-                if peer != self.settings.me && !connected.contains(&peer) {
-                    keys.push(addr.to_string());
-                }
-            }
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        if self.settings.discovery && g.discovery.is_none() {
+            // Recomputed only after the topology changed.
+            let connected: HashSet<PeerName> = g.conns.values().filter_map(|c| c.peer).collect();
+            let mut list: Vec<String> = g
+                .topology
+                .discovery_candidates()
+                .into_iter()
+                .filter(|(peer, _)| *peer != self.settings.me && !connected.contains(peer))
+                .map(|(_, addr)| addr.to_string())
+                .collect();
+            list.sort();
+            list.dedup();
+            // Forget dial state for addresses that are neither targets nor candidates
+            // any more (a discovered peer that went away).
+            let keep: HashSet<&String> = g.targets.iter().chain(list.iter()).collect();
+            g.attempts.retain(|k, a| a.conn.is_some() || a.dialling || keep.contains(k));
+            g.discovery = Some(list);
         }
-        // Forget dial state for addresses that are neither targets nor candidates
-        // any more (a discovered peer that went away).
-        g.attempts.retain(|k, a| a.conn.is_some() || keys.contains(k));
         // Accepted connections still handshaking never hold our dials back.
         if slots_used(&g) >= self.settings.conn_limit {
             return Vec::new();
         }
+        let listening: HashSet<SocketAddr> = g.conns.values().filter_map(|c| c.listen).collect();
+        // A target we are already connected to (e.g. it dialled us first) needs no dial.
+        let connected_to = |key: &str| key.parse::<SocketAddr>().is_ok_and(|sa| listening.contains(&sa));
         let mut due = Vec::new();
-        for key in keys {
-            // A target we are already connected to (e.g. it dialled us first) needs no dial.
-            if let Ok(sa) = key.parse::<SocketAddr>() {
-                if listening.contains(&sa) {
-                    continue;
-                }
+        for key in &g.targets {
+            if connected_to(key) {
+                continue;
             }
             let a = g.attempts.entry(key.clone()).or_insert_with(Attempt::new);
-            if a.conn.is_none() && a.next_try <= now {
+            if a.conn.is_none() && !a.dialling && a.next_try <= now {
                 // Hold it while the dial is under way.
+                a.dialling = true;
                 a.next_try = now + Duration::from_secs(3600);
-                due.push(key);
+                due.push(key.clone());
             }
+        }
+        let Some(found) = g.discovery.as_ref().filter(|l| self.settings.discovery && !l.is_empty()) else {
+            return due;
+        };
+        let mut in_flight = g.attempts.iter().filter(|(k, a)| a.dialling && !g.targets.contains(k.as_str())).count();
+        let start = random_u32() as usize % found.len();
+        for key in found[start..].iter().chain(&found[..start]) {
+            if g.targets.contains(key) || connected_to(key) {
+                continue;
+            }
+            if g.attempts.get(key).is_some_and(|a| a.conn.is_some() || a.dialling || a.next_try > now) {
+                continue;
+            }
+            if !g.dial_budget.take(now_ms, in_flight) {
+                g.discovery_deferred += 1;
+                break;
+            }
+            let a = g.attempts.entry(key.clone()).or_insert_with(Attempt::new);
+            a.dialling = true;
+            a.next_try = now + Duration::from_secs(3600);
+            in_flight += 1;
+            due.push(key.clone());
         }
         due
     }
@@ -808,6 +938,7 @@ impl Mesh {
             }
             Err(e) => {
                 a.conn = None;
+                a.dialling = false;
                 a.failures += 1;
                 a.last_error = e;
                 a.next_try = Instant::now() + backoff(a.failures);
@@ -821,6 +952,7 @@ impl Mesh {
         let mut g = self.lock();
         if let Some(a) = g.attempts.get_mut(key) {
             a.conn = None;
+            a.dialling = false;
             a.failures = 0;
             a.last_error.clear();
             a.next_try = Instant::now() + BACKOFF_CAP;
@@ -832,6 +964,7 @@ impl Mesh {
         let mut g = self.lock();
         if let Some(a) = g.attempts.get_mut(key) {
             a.conn = None;
+            a.dialling = false;
             if lasted > Duration::from_secs(30) {
                 a.failures = 0;
             }
@@ -850,6 +983,28 @@ fn established(g: &Inner) -> usize {
 /// `--conn-limit` slots in use: established connections and our own dials.
 fn slots_used(g: &Inner) -> usize {
     g.conns.values().filter(|c| c.established || c.direction == Direction::Outbound).count()
+}
+
+/// Sends topology entries to every established connection but `except`, split
+/// into messages of at most [`GOSSIP_CHUNK`] bytes.
+fn broadcast_gossip(g: &mut Inner, except: Option<u64>, infos: Vec<PeerInfo>) {
+    for msg in split_gossip(infos, GOSSIP_CHUNK) {
+        broadcast(g, except, &msg);
+    }
+}
+
+/// Recomputes routes whenever the topology changed, at most every
+/// [`ROUTES_DEBOUNCE`]: a burst of changes is coalesced into one run.
+pub async fn route_loop(mesh: Arc<Mesh>) {
+    let mut last: Option<Instant> = None;
+    loop {
+        mesh.routes_due.notified().await;
+        if let Some(wait) = last.map(|t| ROUTES_DEBOUNCE.saturating_sub(t.elapsed())) {
+            tokio::time::sleep(wait).await;
+        }
+        last = Some(Instant::now());
+        mesh.recompute_routes().await;
+    }
 }
 
 fn broadcast(g: &mut Inner, except: Option<u64>, msg: &ControlMsg) {

@@ -1,7 +1,8 @@
 //! Bytes -> bincode `Vec<PeerInfo>` (under the wire decode limit) -> merge into a
 //! topology that already knows a few peers -> routes, discovery, garbage
-//! collection. Nothing may panic, a refused update must change nothing, and
-//! every route must lead to a known peer through a direct neighbour.
+//! collection. Nothing may panic, a refused update must change nothing, every
+//! route must lead to a known peer through a direct neighbour, and the broadcast
+//! trees must fit the routes.
 #![no_main]
 
 use std::net::SocketAddr;
@@ -47,6 +48,24 @@ fuzz_target!(|data: &[u8]| {
         assert!(topo.get(dest).is_some());
         assert!(direct.contains(&hop), "next hop {hop} is not a neighbour");
     }
+    // Broadcast trees: computed in the same pass as the routes and agreeing with
+    // them; my parent in a source's tree is the next hop towards it, my children
+    // are neighbours, and my own broadcasts go to every neighbour that carries data.
+    let graph = topo.graph();
+    let tables = graph.tables();
+    assert_eq!(tables.next_hop, graph.routes());
+    assert_eq!(tables.next_hop, topo.routes());
+    assert_eq!(tables.parents, tables.next_hop);
+    let neighbours: std::collections::BTreeSet<PeerName> =
+        tables.next_hop.iter().filter(|(d, h)| d == h).map(|(d, _)| *d).collect();
+    for (source, kids) in &tables.children {
+        assert!(*source == me || tables.next_hop.contains_key(source), "tree of an unreachable peer");
+        assert!(kids.windows(2).all(|w| w[0] < w[1]), "children sorted, once each");
+        assert!(kids.iter().all(|k| neighbours.contains(k) && k != source), "child {kids:?} not a neighbour");
+    }
+    let mine: std::collections::BTreeSet<PeerName> =
+        tables.children.get(&me).into_iter().flatten().copied().collect();
+    assert_eq!(mine, neighbours);
     let _ = topo.discovery_candidates();
     let _ = topo.garbage_collect();
     let _ = topo.routes();

@@ -10,19 +10,20 @@
 //! Untrusted bytes are parsed in two steps (smoltcp style): a checked view first,
 //! after which accessors cannot panic, then a plain `Repr` the rest uses.
 
+pub mod admission;
 pub mod datapath;
-pub mod ingress;
+pub mod discovery;
 pub mod gso;
 pub mod handshake;
-pub mod rekey;
-pub mod admission;
-pub mod sendqueue;
 pub mod identity;
+pub mod ingress;
 pub mod ipam;
 pub mod liveness;
 pub mod mac_table;
 pub mod peer;
+pub mod rekey;
 pub mod replay;
+pub mod sendqueue;
 pub mod session;
 pub mod topology;
 pub mod trust;

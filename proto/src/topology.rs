@@ -29,6 +29,10 @@ use crate::peer::PeerName;
 pub const MAX_PEERS: usize = 10_000;
 /// Most connections one peer entry may list.
 pub const MAX_CONNECTIONS: usize = 1000;
+/// Most connections all entries together may list (about 50 MB held): bounds the
+/// memory a topology takes and the cost of recomputing routes and broadcast trees
+/// (see [`Graph::tables`]). A full mesh of 1000 peers lists 999 000.
+pub const MAX_TOTAL_CONNECTIONS: usize = 1 << 20;
 /// Longest nickname or software string (bytes) accepted from gossip.
 pub const MAX_TEXT: usize = 1024;
 
@@ -69,6 +73,8 @@ pub enum MergeError {
     TooManyPeers { count: usize },
     #[error("peer {peer} lists {count} connections, more than the limit of {MAX_CONNECTIONS}")]
     TooManyConnections { peer: PeerName, count: usize },
+    #[error("gossip would make {count} connections in all, more than the limit of {MAX_TOTAL_CONNECTIONS}")]
+    TooManyTotalConnections { count: usize },
     #[error("peer {peer} has a nickname or software string over {MAX_TEXT} bytes")]
     TextTooLong { peer: PeerName },
     #[error("gossip names the broadcast address 00:00:00:00:00:00 as a peer")]
@@ -175,12 +181,43 @@ impl Topology {
         if count > MAX_PEERS {
             return Err(MergeError::TooManyPeers { count });
         }
+        // Connections listed once the update is applied, counting every entry of
+        // it as if it won (an upper bound: fine unless right at the limit).
+        let mut total: usize = self.peers().map(|p| p.connections.len()).sum();
+        let mut replaced = BTreeSet::new();
+        for info in update.iter().filter(|i| i.name != self.me.name) {
+            if replaced.insert(info.name) {
+                total -= self.others.get(&info.name).map_or(0, |old| old.connections.len());
+            }
+            total += info.connections.len();
+        }
+        if total > MAX_TOTAL_CONNECTIONS {
+            return Err(MergeError::TooManyTotalConnections { count: total });
+        }
         Ok(())
     }
 
-    /// Everything I know, me first: what a new connection is told.
+    /// Everything I know, me first, then in breadth-first order along listed
+    /// connections (the peers not reachable so, last): what a new connection is
+    /// told. The order matters when it is split into several messages: every peer
+    /// in a prefix is reachable through the prefix, so garbage collection at the
+    /// receiver between two parts removes none of them.
     pub fn gossip_all(&self) -> Vec<PeerInfo> {
-        self.peers().cloned().collect()
+        let mut seen = BTreeSet::from([self.me.name]);
+        let mut out = vec![self.me.clone()];
+        let mut at = 0;
+        while let Some(info) = out.get(at) {
+            let next: Vec<&PeerInfo> = info
+                .connections
+                .iter()
+                .filter(|c| seen.insert(c.peer))
+                .filter_map(|c| self.others.get(&c.peer))
+                .collect();
+            out.extend(next.into_iter().cloned());
+            at += 1;
+        }
+        out.extend(self.others.values().filter(|p| !seen.contains(&p.name)).cloned());
+        out
     }
 
     /// The entries for `names` that I know (unknown names are skipped).
@@ -206,47 +243,10 @@ impl Topology {
     ///
     /// Shortest paths (BFS) over links that both ends list as established. Among
     /// equally short paths the next hop is the smallest `PeerName` that starts one,
-    /// so every run over the same topology gives the same answer.
+    /// so every run over the same topology gives the same answer. One BFS over
+    /// [`graph`](Self::graph): O(L log L) for L listed connections.
     pub fn routes(&self) -> HashMap<PeerName, PeerName> {
-        let neighbours = |name: PeerName| self.symmetric_neighbours(name);
-        let mut hops: HashMap<PeerName, PeerName> = HashMap::new();
-        let mut layer: Vec<PeerName> = neighbours(self.me.name).into_iter().filter(|&n| n != self.me.name).collect();
-        for &n in &layer {
-            hops.insert(n, n);
-        }
-        while !layer.is_empty() {
-            // Next layer: undiscovered nodes; each takes the smallest hop among its parents in this layer.
-            let mut next: BTreeMap<PeerName, PeerName> = BTreeMap::new();
-            for &u in &layer {
-                let hop = hops[&u];
-                for v in neighbours(u) {
-                    if v == self.me.name || hops.contains_key(&v) {
-                        continue;
-                    }
-                    next.entry(v).and_modify(|h| *h = (*h).min(hop)).or_insert(hop);
-                }
-            }
-            layer = next.keys().copied().collect();
-            hops.extend(next);
-        }
-        hops
-    }
-
-    /// Peers `name` has an established connection with that the other end lists
-    /// too, sorted: the edges routes and broadcast trees use.
-    fn symmetric_neighbours(&self, name: PeerName) -> Vec<PeerName> {
-        let lists = |a: &PeerInfo, b: PeerName| a.connections.iter().any(|c| c.peer == b && c.established);
-        let Some(info) = self.get(name) else { return Vec::new() };
-        let mut out: Vec<PeerName> = info
-            .connections
-            .iter()
-            .filter(|c| c.established && c.peer != name)
-            .map(|c| c.peer)
-            .filter(|&other| self.get(other).is_some_and(|o| lists(o, name)))
-            .collect();
-        out.sort();
-        out.dedup();
-        out
+        self.graph().routes()
     }
 
     /// For every source peer (me included), the peers I pass its broadcasts on
@@ -254,36 +254,89 @@ impl Topology {
     /// source in which each node's parent is the smallest-named neighbour one
     /// layer closer, so every peer computes the same trees from the same
     /// topology, and every peer gets each broadcast exactly once.
+    /// [`Graph::tables`] computes it together with the routes.
     pub fn broadcast_children(&self) -> HashMap<PeerName, Vec<PeerName>> {
-        let me = self.me.name;
-        let mut out = HashMap::new();
-        for source in self.peers().map(|p| p.name) {
-            let mut seen: BTreeSet<PeerName> = BTreeSet::from([source]);
-            let mut layer = vec![source];
-            let mut mine = Vec::new();
-            while !layer.is_empty() {
-                // Parent of each newly reached node: the smallest node of this layer next to it.
-                let mut next: BTreeMap<PeerName, PeerName> = BTreeMap::new();
-                for &u in &layer {
-                    for v in self.symmetric_neighbours(u) {
-                        if !seen.contains(&v) {
-                            next.entry(v).and_modify(|p| *p = (*p).min(u)).or_insert(u);
-                        }
-                    }
+        self.graph().tables().children
+    }
+
+    /// For every source peer I can reach (not me), my parent in its spanning tree
+    /// (same trees as [`broadcast_children`](Self::broadcast_children)): the only
+    /// neighbour its broadcasts may come from. By the tie rule it is always the next
+    /// hop of [`routes`](Self::routes) towards the source.
+    pub fn broadcast_parents(&self) -> HashMap<PeerName, PeerName> {
+        self.graph().tables().parents
+    }
+
+    /// The links routes and broadcast trees use (established, listed by both ends),
+    /// in a compact form that can be computed on away from the topology (off a lock).
+    pub fn graph(&self) -> Graph {
+        let mut names: Vec<PeerName> = self.peers().map(|p| p.name).collect();
+        names.sort_unstable();
+        let index = |n: PeerName| names.binary_search(&n).ok().map(|i| i as u32);
+        // What each peer lists, row by row in name order (sorted, no duplicates).
+        let n = names.len();
+        let mut out: Vec<u32> = Vec::new();
+        let mut starts = vec![0usize; n + 1];
+        for (i, &name) in names.iter().enumerate() {
+            let from = out.len();
+            let info = self.get(name).expect("a known peer");
+            out.extend(
+                info.connections.iter().filter(|c| c.established && c.peer != name).filter_map(|c| index(c.peer)),
+            );
+            out[from..].sort_unstable();
+            let mut kept = from;
+            for k in from..out.len() {
+                if k == from || out[k] != out[kept - 1] {
+                    out[kept] = out[k];
+                    kept += 1;
                 }
-                for (&v, &parent) in &next {
-                    seen.insert(v);
-                    if parent == me {
-                        mine.push(v);
-                    }
-                }
-                layer = next.into_keys().collect();
             }
-            if !mine.is_empty() {
-                out.insert(source, mine);
+            out.truncate(kept);
+            starts[i + 1] = out.len();
+        }
+        // Who lists each peer (sorted, by a counting sort), then the links both
+        // ends list: each row intersected with its reverse, merging two sorted lists.
+        let mut rev_starts = vec![0usize; n + 1];
+        for &j in &out {
+            rev_starts[j as usize + 1] += 1;
+        }
+        for i in 0..n {
+            rev_starts[i + 1] += rev_starts[i];
+        }
+        let mut fill = rev_starts.clone();
+        let mut rev = vec![0u32; out.len()];
+        for i in 0..n {
+            for &j in &out[starts[i]..starts[i + 1]] {
+                rev[fill[j as usize]] = i as u32;
+                fill[j as usize] += 1;
             }
         }
-        out
+        let mut offsets = vec![0u32; n + 1];
+        let mut adj = Vec::with_capacity(out.len());
+        for i in 0..n {
+            let (mut a, mut b) = (
+                out[starts[i]..starts[i + 1]].iter().peekable(),
+                rev[rev_starts[i]..rev_starts[i + 1]].iter().peekable(),
+            );
+            while let (Some(&&x), Some(&&y)) = (a.peek(), b.peek()) {
+                match x.cmp(&y) {
+                    std::cmp::Ordering::Less => {
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        adj.push(x);
+                        a.next();
+                        b.next();
+                    }
+                }
+            }
+            offsets[i + 1] = adj.len() as u32;
+        }
+        let me = index(self.me.name).expect("me is a peer");
+        Graph { names, me, offsets, adj }
     }
 
     /// For every peer I reach (not me): how many hops away it is and which of
@@ -291,44 +344,9 @@ impl Topology {
     /// its broadcast tree (the same parent [`broadcast_children`](Self::broadcast_children)
     /// picks: the smallest neighbour one layer closer to the source). What
     /// [`crate::ingress::admit`] checks a received frame's origin against.
-    ///
-    /// Kept apart from `broadcast_children`: one BFS from me and one from each
-    /// of my neighbours, O(degree × (peers + links)).
+    /// Computed with the trees, in [`Graph::tables`].
     pub fn upstream(&self) -> HashMap<PeerName, crate::ingress::Upstream> {
-        let me = self.me.name;
-        let mine = self.hop_counts(me);
-        let neighbours: Vec<(PeerName, HashMap<PeerName, u32>)> =
-            self.symmetric_neighbours(me).into_iter().map(|n| (n, self.hop_counts(n))).collect();
-        let mut out = HashMap::new();
-        for (&origin, &hops) in &mine {
-            if origin == me {
-                continue;
-            }
-            // Neighbours come sorted, so `via` is too.
-            let via: Vec<PeerName> = neighbours
-                .iter()
-                .filter(|(_, d)| d.get(&origin).is_some_and(|&k| k + 1 == hops))
-                .map(|(n, _)| *n)
-                .collect();
-            out.insert(origin, crate::ingress::Upstream { hops, via });
-        }
-        out
-    }
-
-    /// Hops from `start` to every peer it reaches over the links routes use.
-    fn hop_counts(&self, start: PeerName) -> HashMap<PeerName, u32> {
-        let mut dist = HashMap::from([(start, 0u32)]);
-        let mut queue = VecDeque::from([start]);
-        while let Some(u) = queue.pop_front() {
-            let d = dist[&u];
-            for v in self.symmetric_neighbours(u) {
-                dist.entry(v).or_insert_with(|| {
-                    queue.push_back(v);
-                    d + 1
-                });
-            }
-        }
-        dist
+        self.graph().tables().upstream
     }
 
     /// Removes peers I can no longer reach by following listed connections (in
@@ -370,6 +388,290 @@ impl Topology {
         }
         out.into_iter().collect()
     }
+}
+
+/// The links routes and broadcast trees run over, from [`Topology::graph`]: peers
+/// numbered in name order (so "smallest name" is "smallest number"), each with its
+/// sorted neighbours (links both ends list as established).
+#[derive(Clone, Debug)]
+pub struct Graph {
+    names: Vec<PeerName>,
+    me: u32,
+    /// Neighbours of peer `i`: `adj[offsets[i]..offsets[i + 1]]`, sorted.
+    offsets: Vec<u32>,
+    adj: Vec<u32>,
+}
+
+/// What the data plane needs, from [`Graph::tables`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RouteTables {
+    /// As [`Topology::routes`].
+    pub next_hop: HashMap<PeerName, PeerName>,
+    /// As [`Topology::broadcast_children`].
+    pub children: HashMap<PeerName, Vec<PeerName>>,
+    /// As [`Topology::broadcast_parents`].
+    pub parents: HashMap<PeerName, PeerName>,
+    /// As [`Topology::upstream`]: per reachable origin, its distance and my
+    /// neighbours one hop closer to it (what the receive path checks frames against).
+    pub upstream: crate::ingress::UpstreamMap,
+}
+
+const UNREACHED: u32 = u32::MAX;
+
+impl Graph {
+    fn neighbours(&self, i: u32) -> &[u32] {
+        &self.adj[self.offsets[i as usize] as usize..self.offsets[i as usize + 1] as usize]
+    }
+
+    /// How many peers and links (each counted once) it has.
+    pub fn size(&self) -> (usize, usize) {
+        (self.names.len(), self.adj.len() / 2)
+    }
+
+    /// Distance from me to every peer (UNREACHED if none), and the smallest
+    /// neighbour of mine that starts a shortest path to it.
+    fn bfs_from_me(&self) -> (Vec<u32>, Vec<u32>) {
+        let n = self.names.len();
+        let (mut dist, mut hop) = (vec![UNREACHED; n], vec![UNREACHED; n]);
+        dist[self.me as usize] = 0;
+        let mut queue = VecDeque::from([self.me]);
+        while let Some(u) = queue.pop_front() {
+            for &v in self.neighbours(u) {
+                let h = if u == self.me { v } else { hop[u as usize] };
+                if dist[v as usize] == UNREACHED {
+                    dist[v as usize] = dist[u as usize] + 1;
+                    hop[v as usize] = h;
+                    queue.push_back(v);
+                } else if dist[v as usize] == dist[u as usize] + 1 {
+                    // Every node of the layer before is dequeued before v is.
+                    hop[v as usize] = hop[v as usize].min(h);
+                }
+            }
+        }
+        (dist, hop)
+    }
+
+    /// Next hop for every reachable peer (not me): one BFS, O(peers + links).
+    pub fn routes(&self) -> HashMap<PeerName, PeerName> {
+        let (_, hop) = self.bfs_from_me();
+        hop.iter()
+            .enumerate()
+            .filter(|&(_, &h)| h != UNREACHED)
+            .map(|(v, &h)| (self.names[v], self.names[h as usize]))
+            .collect()
+    }
+
+    /// Routes, and my children and parent in every source's broadcast tree.
+    ///
+    /// In source s's tree, with d = dist(s, me), a neighbour v of mine is my child
+    /// iff dist(s, v) = d + 1 and no neighbour u of v smaller than me has
+    /// dist(s, u) = d; my parent is my smallest neighbour at d - 1 (the next hop
+    /// towards s). So only distances from me, my neighbours and their neighbours
+    /// smaller than me (the set X) matter, and links are undirected, so these come
+    /// from BFS runs *from X* rather than from every source: 64 of them at a time,
+    /// one bit each (multi-source BFS). Every peer of X is within two hops of me, so
+    /// a peer is reached in at most 5 different layers of one batch: each batch
+    /// costs O(peers + links), and the whole is O(|X| / 64 · (peers + links)).
+    pub fn tables(&self) -> RouteTables {
+        let n = self.names.len();
+        let me = self.me;
+        let (dme, hop) = self.bfs_from_me();
+        let mine = self.neighbours(me);
+        // Position of each of my neighbours in `mine`.
+        let mut pos = vec![UNREACHED; n];
+        for (p, &v) in mine.iter().enumerate() {
+            pos[v as usize] = p as u32;
+        }
+        // X minus me: my neighbours, then their neighbours smaller than me.
+        let mut in_x = vec![false; n];
+        in_x[me as usize] = true;
+        let mut xs: Vec<u32> = Vec::new();
+        for &v in mine {
+            in_x[v as usize] = true;
+            xs.push(v);
+        }
+        for &v in mine {
+            for &u in self.neighbours(v).iter().take_while(|&&u| u < me) {
+                if !in_x[u as usize] {
+                    in_x[u as usize] = true;
+                    xs.push(u);
+                }
+            }
+        }
+        // Per neighbour of mine: sources for which dist(s, v) = d + 1 (a candidate
+        // child), and for which a neighbour of v smaller than me is at d (then
+        // that one, not me, is v's parent). Bitsets over sources.
+        let words = n.div_ceil(64);
+        let mut candidate = vec![0u64; mine.len() * words];
+        let mut blocked = vec![0u64; mine.len() * words];
+        // Per neighbour of mine: sources for which dist(s, v) = d - 1 (v is one
+        // hop closer to s than me).
+        let mut closer = vec![0u64; mine.len() * words];
+        let mut seen = vec![0u64; n];
+        let mut frontier = vec![0u64; n];
+        let mut next = vec![0u64; n];
+        // Per peer: lanes whose distance to it is d (eq), d + 1 (plus), d - 1 (minus).
+        let mut eq = vec![0u64; n];
+        let mut plus = vec![0u64; n];
+        let mut minus = vec![0u64; n];
+        let mut bits = vec![0u64; words];
+        for batch in xs.chunks(64) {
+            seen.iter_mut().for_each(|w| *w = 0);
+            eq.iter_mut().for_each(|w| *w = 0);
+            plus.iter_mut().for_each(|w| *w = 0);
+            minus.iter_mut().for_each(|w| *w = 0);
+            let mut active: Vec<u32> = Vec::new();
+            for (b, &x) in batch.iter().enumerate() {
+                seen[x as usize] |= 1 << b;
+                if frontier[x as usize] == 0 {
+                    active.push(x);
+                }
+                frontier[x as usize] |= 1 << b;
+            }
+            let record = |w: u32, lanes: u64, layer: u32, eq: &mut [u64], plus: &mut [u64], minus: &mut [u64]| {
+                let d = dme[w as usize];
+                if layer == d {
+                    eq[w as usize] |= lanes;
+                } else if d != UNREACHED && layer == d + 1 {
+                    plus[w as usize] |= lanes;
+                } else if d != UNREACHED && layer + 1 == d {
+                    minus[w as usize] |= lanes;
+                }
+            };
+            for &x in &active {
+                record(x, frontier[x as usize], 0, &mut eq, &mut plus, &mut minus);
+            }
+            let mut layer = 0;
+            let mut touched: Vec<u32> = Vec::new();
+            while !active.is_empty() {
+                layer += 1;
+                for &u in &active {
+                    let f = frontier[u as usize];
+                    frontier[u as usize] = 0;
+                    for &w in self.neighbours(u) {
+                        let add = f & !seen[w as usize];
+                        if add != 0 {
+                            if next[w as usize] == 0 {
+                                touched.push(w);
+                            }
+                            next[w as usize] |= add;
+                        }
+                    }
+                }
+                active.clear();
+                for &w in &touched {
+                    let newly = std::mem::take(&mut next[w as usize]) & !seen[w as usize];
+                    seen[w as usize] |= newly;
+                    frontier[w as usize] = newly;
+                    active.push(w);
+                    record(w, newly, layer, &mut eq, &mut plus, &mut minus);
+                }
+                touched.clear();
+            }
+            // Transpose: for each lane, the sources at d (or d + 1) from it.
+            for (b, &x) in batch.iter().enumerate() {
+                let near = pos[x as usize] != UNREACHED;
+                let small = x < me;
+                if !near && !small {
+                    continue;
+                }
+                if near {
+                    bits.iter_mut().for_each(|w| *w = 0);
+                    for (s, &p) in plus.iter().enumerate() {
+                        if p >> b & 1 != 0 {
+                            bits[s / 64] |= 1 << (s % 64);
+                        }
+                    }
+                    let p = pos[x as usize] as usize;
+                    candidate[p * words..(p + 1) * words].copy_from_slice(&bits);
+                    bits.iter_mut().for_each(|w| *w = 0);
+                    for (s, &m) in minus.iter().enumerate() {
+                        if m >> b & 1 != 0 {
+                            bits[s / 64] |= 1 << (s % 64);
+                        }
+                    }
+                    closer[p * words..(p + 1) * words].copy_from_slice(&bits);
+                }
+                if small {
+                    bits.iter_mut().for_each(|w| *w = 0);
+                    for (s, &e) in eq.iter().enumerate() {
+                        if e >> b & 1 != 0 {
+                            bits[s / 64] |= 1 << (s % 64);
+                        }
+                    }
+                    for &v in self.neighbours(x) {
+                        let p = pos[v as usize];
+                        if p != UNREACHED {
+                            let p = p as usize;
+                            for (blk, bit) in blocked[p * words..(p + 1) * words].iter_mut().zip(bits.iter()) {
+                                *blk |= bit;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = RouteTables::default();
+        for s in 0..n {
+            if dme[s] == UNREACHED {
+                continue;
+            }
+            let name = self.names[s];
+            if s as u32 != me {
+                let h = self.names[hop[s] as usize];
+                out.next_hop.insert(name, h);
+                out.parents.insert(name, h);
+            }
+            let (word, bit) = (s / 64, 1u64 << (s % 64));
+            let kids: Vec<PeerName> = (0..mine.len())
+                .filter(|&p| candidate[p * words + word] & bit != 0 && blocked[p * words + word] & bit == 0)
+                .map(|p| self.names[mine[p] as usize])
+                .collect();
+            if !kids.is_empty() {
+                out.children.insert(name, kids);
+            }
+            if s as u32 != me {
+                // `mine` is sorted by name, so `via` is too.
+                let via: Vec<PeerName> = (0..mine.len())
+                    .filter(|&p| closer[p * words + word] & bit != 0)
+                    .map(|p| self.names[mine[p] as usize])
+                    .collect();
+                out.upstream.insert(name, crate::ingress::Upstream { hops: dme[s], via });
+            }
+        }
+        out
+    }
+}
+
+/// How many neighbours get my full topology at each periodic (anti-entropy)
+/// round in a mesh of `peers` peers: about 2·log₂ n, as in Weave, never fewer
+/// than 2. Changes spread as deltas to every neighbour regardless; a new
+/// connection is told everything.
+pub fn full_gossip_fanout(peers: usize) -> usize {
+    let log2 = usize::BITS - peers.max(1).leading_zeros(); // ⌈log₂(n + 1)⌉
+    (2 * log2 as usize).max(2)
+}
+
+/// Which of `neighbours` (indices) get the periodic full gossip: a random
+/// [`full_gossip_fanout`]-sized subset (all if there are no more), chosen with
+/// the randomness `seed` passed in. Sorted.
+pub fn full_gossip_targets(neighbours: usize, peers: usize, seed: u64) -> Vec<usize> {
+    let k = full_gossip_fanout(peers).min(neighbours);
+    let mut idx: Vec<usize> = (0..neighbours).collect();
+    let mut state = seed;
+    for i in 0..k {
+        // splitmix64
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let j = i + (z % (neighbours - i) as u64) as usize;
+        idx.swap(i, j);
+    }
+    idx.truncate(k);
+    idx.sort_unstable();
+    idx
 }
 
 fn normalise(mut conns: Vec<ConnInfo>) -> Vec<ConnInfo> {
@@ -606,6 +908,216 @@ mod tests {
         let c = t.broadcast_children();
         assert_eq!(c[&name(1)], vec![name(2), name(3)]);
         assert!(!c.contains_key(&name(2)) && !c.contains_key(&name(3)), "{c:?}");
+    }
+
+    /// The implementation before [`Graph`] (per-source BFS over sorted neighbour
+    /// lists, O(N²·C²)): the reference the fast one must agree with.
+    mod reference {
+        use super::*;
+
+        fn symmetric_neighbours(t: &Topology, name: PeerName) -> Vec<PeerName> {
+            let lists = |a: &PeerInfo, b: PeerName| a.connections.iter().any(|c| c.peer == b && c.established);
+            let Some(info) = t.get(name) else { return Vec::new() };
+            let mut out: Vec<PeerName> = info
+                .connections
+                .iter()
+                .filter(|c| c.established && c.peer != name)
+                .map(|c| c.peer)
+                .filter(|&other| t.get(other).is_some_and(|o| lists(o, name)))
+                .collect();
+            out.sort();
+            out.dedup();
+            out
+        }
+
+        /// One BFS from me and one from each neighbour, O(degree × (peers + links)).
+        pub fn upstream(t: &Topology) -> HashMap<PeerName, crate::ingress::Upstream> {
+            let hop_counts = |start: PeerName| {
+                let mut dist = HashMap::from([(start, 0u32)]);
+                let mut queue = VecDeque::from([start]);
+                while let Some(u) = queue.pop_front() {
+                    let d = dist[&u];
+                    for v in symmetric_neighbours(t, u) {
+                        dist.entry(v).or_insert_with(|| {
+                            queue.push_back(v);
+                            d + 1
+                        });
+                    }
+                }
+                dist
+            };
+            let me = t.me.name;
+            let mine = hop_counts(me);
+            let neighbours: Vec<(PeerName, HashMap<PeerName, u32>)> =
+                symmetric_neighbours(t, me).into_iter().map(|n| (n, hop_counts(n))).collect();
+            let mut out = HashMap::new();
+            for (&origin, &hops) in &mine {
+                if origin == me {
+                    continue;
+                }
+                let via: Vec<PeerName> = neighbours
+                    .iter()
+                    .filter(|(_, d)| d.get(&origin).is_some_and(|&k| k + 1 == hops))
+                    .map(|(n, _)| *n)
+                    .collect();
+                out.insert(origin, crate::ingress::Upstream { hops, via });
+            }
+            out
+        }
+
+        pub fn routes(t: &Topology) -> HashMap<PeerName, PeerName> {
+            let neighbours = |name: PeerName| symmetric_neighbours(t, name);
+            let mut hops: HashMap<PeerName, PeerName> = HashMap::new();
+            let mut layer: Vec<PeerName> = neighbours(t.me.name).into_iter().filter(|&n| n != t.me.name).collect();
+            for &n in &layer {
+                hops.insert(n, n);
+            }
+            while !layer.is_empty() {
+                let mut next: BTreeMap<PeerName, PeerName> = BTreeMap::new();
+                for &u in &layer {
+                    let hop = hops[&u];
+                    for v in neighbours(u) {
+                        if v == t.me.name || hops.contains_key(&v) {
+                            continue;
+                        }
+                        next.entry(v).and_modify(|h| *h = (*h).min(hop)).or_insert(hop);
+                    }
+                }
+                layer = next.keys().copied().collect();
+                hops.extend(next);
+            }
+            hops
+        }
+
+        /// Children and (new) parents: per source, a BFS tree with the smallest parent.
+        pub fn trees(t: &Topology) -> (HashMap<PeerName, Vec<PeerName>>, HashMap<PeerName, PeerName>) {
+            let me = t.me.name;
+            let (mut children, mut parents) = (HashMap::new(), HashMap::new());
+            for source in t.peers().map(|p| p.name) {
+                let mut seen: BTreeSet<PeerName> = BTreeSet::from([source]);
+                let mut layer = vec![source];
+                let mut mine = Vec::new();
+                while !layer.is_empty() {
+                    let mut next: BTreeMap<PeerName, PeerName> = BTreeMap::new();
+                    for &u in &layer {
+                        for v in symmetric_neighbours(t, u) {
+                            if !seen.contains(&v) {
+                                next.entry(v).and_modify(|p| *p = (*p).min(u)).or_insert(u);
+                            }
+                        }
+                    }
+                    for (&v, &parent) in &next {
+                        seen.insert(v);
+                        if parent == me {
+                            mine.push(v);
+                        }
+                        if v == me {
+                            parents.insert(source, parent);
+                        }
+                    }
+                    layer = next.into_keys().collect();
+                }
+                if !mine.is_empty() {
+                    children.insert(source, mine);
+                }
+            }
+            (children, parents)
+        }
+    }
+
+    /// Random graphs with asymmetric, unestablished, duplicate and dangling links,
+    /// seen from every peer: the one-pass tables equal the reference, per source.
+    #[test]
+    fn tables_agree_with_the_reference_on_random_graphs() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..300 {
+            let nodes = 2 + rnd(if round < 250 { 14 } else { 60 });
+            let density = 1 + rnd(6);
+            let mut conns: Vec<Vec<(u64, bool)>> = vec![Vec::new(); nodes as usize + 1];
+            for a in 1..=nodes {
+                for b in 1..=nodes {
+                    if a < b && rnd(nodes) < density {
+                        // Usually both ends, established; sometimes one end, or pending.
+                        let est = rnd(10) != 0;
+                        conns[a as usize].push((b, est));
+                        if rnd(12) != 0 {
+                            conns[b as usize].push((a, if rnd(10) != 0 { true } else { est }));
+                        }
+                    }
+                }
+                if rnd(20) == 0 {
+                    conns[a as usize].push((nodes + 5, true)); // unknown peer
+                }
+                if rnd(20) == 0 {
+                    conns[a as usize].push((a, true)); // itself
+                }
+                if let (0, Some(&c)) = (rnd(10), conns[a as usize].first()) {
+                    conns[a as usize].push(c); // twice
+                }
+            }
+            for me in 1..=nodes {
+                let mut t = Topology::new(info(me, 1, &conns[me as usize]));
+                t.merge((1..=nodes).filter(|&n| n != me).map(|n| info(n, 1, &conns[n as usize])).collect()).unwrap();
+                let tables = t.graph().tables();
+                let (children, parents) = reference::trees(&t);
+                assert_eq!(tables.next_hop, reference::routes(&t), "round {round}, me {me}, {conns:?}");
+                assert_eq!(t.routes(), tables.next_hop);
+                assert_eq!(tables.children, children, "round {round}, me {me}, {conns:?}");
+                assert_eq!(tables.parents, parents, "round {round}, me {me}, {conns:?}");
+                assert_eq!(tables.upstream, reference::upstream(&t), "round {round}, me {me}, {conns:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn total_connections_are_bounded() {
+        let mut t = Topology::new(info(1, 1, &[]));
+        let per = MAX_CONNECTIONS as u64;
+        let peers = (MAX_TOTAL_CONNECTIONS as u64 / per) as usize;
+        let big = |n: u64, version: u64| {
+            let mut p = info(n, version, &[]);
+            p.connections = (0..per)
+                .map(|i| ConnInfo { peer: name(100_000 + i), addr: addr(1), outbound: true, established: true })
+                .collect();
+            p
+        };
+        t.merge((0..peers as u64).map(|n| big(n + 2, 1)).collect()).unwrap();
+        // Replacing entries with equally large ones is fine; adding more is not.
+        t.merge(vec![big(2, 2)]).unwrap();
+        let err = t.merge(vec![big(2, 3), big(peers as u64 + 10, 1)]).unwrap_err();
+        assert!(matches!(err, MergeError::TooManyTotalConnections { .. }), "{err:?}");
+        assert_eq!(t.get(name(2)).unwrap().version, 2, "nothing applied");
+    }
+
+    #[test]
+    fn full_gossip_goes_to_about_two_log2_n_random_neighbours() {
+        assert_eq!(full_gossip_fanout(1), 2);
+        assert_eq!(full_gossip_fanout(3), 4);
+        assert_eq!(full_gossip_fanout(100), 14);
+        assert_eq!(full_gossip_fanout(1000), 20);
+        // Few neighbours: all of them.
+        assert_eq!(full_gossip_targets(3, 100, 42), vec![0, 1, 2]);
+        assert_eq!(full_gossip_targets(0, 100, 42), Vec::<usize>::new());
+        // Many: 14 distinct ones, different with different randomness, and over many
+        // rounds every neighbour is picked about equally often.
+        let mut counts = vec![0u32; 99];
+        for seed in 0..2000u64 {
+            let t = full_gossip_targets(99, 100, seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+            assert_eq!(t.len(), 14);
+            assert!(t.windows(2).all(|w| w[0] < w[1]) && t[13] < 99);
+            for i in t {
+                counts[i] += 1;
+            }
+        }
+        assert_ne!(full_gossip_targets(99, 100, 1), full_gossip_targets(99, 100, 2));
+        // Expected 2000 * 14 / 99 = 283 each.
+        assert!(counts.iter().all(|&c| (200..370).contains(&c)), "{counts:?}");
     }
 
     #[test]

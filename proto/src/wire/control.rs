@@ -306,6 +306,36 @@ pub fn decode_gossip(bytes: &[u8]) -> Result<Vec<PeerInfo>, ControlError> {
     Ok(peers)
 }
 
+/// Largest encoded size [`split_gossip`] aims for per message: well under
+/// [`MAX_MESSAGE`], so gossip of any topology the bounds allow fits, and one
+/// message never holds a connection's queue for long.
+pub const GOSSIP_CHUNK: usize = 256 << 10;
+
+/// Splits topology entries into `Gossip` messages of at most about `max` encoded
+/// bytes each, keeping their order (an entry larger than `max` on its own, which
+/// the topology bounds keep under [`MAX_MESSAGE`], gets a message to itself). No
+/// entries: no messages.
+pub fn split_gossip(infos: Vec<PeerInfo>, max: usize) -> Vec<ControlMsg> {
+    // Enum tag and vector length: at most 5 + 9 bytes.
+    const OVERHEAD: usize = 16;
+    let mut out = Vec::new();
+    let mut chunk = Vec::new();
+    let mut size = OVERHEAD;
+    for info in infos {
+        let len = bincode::serde::encode_to_vec(&info, wire_config()).map_or(usize::MAX / 2, |b| b.len());
+        if !chunk.is_empty() && size + len > max {
+            out.push(ControlMsg::Gossip(std::mem::take(&mut chunk)));
+            size = OVERHEAD;
+        }
+        size += len;
+        chunk.push(info);
+    }
+    if !chunk.is_empty() {
+        out.push(ControlMsg::Gossip(chunk));
+    }
+    out
+}
+
 /// The encrypted message stream of an established control connection.
 ///
 /// Drive it with [`feed`](Self::feed) (bytes read from the socket), then
