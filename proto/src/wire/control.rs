@@ -66,7 +66,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::topology::PeerInfo;
+use crate::topology::SignedPeerInfo;
 
 /// The preamble's magic.
 pub const MAGIC: &[u8; 8] = b"meshnet\0";
@@ -97,8 +97,9 @@ pub const MAX_CHANNEL_BUFFER: usize = MAX_MESSAGE + 4 + 2 * (u16::MAX as usize +
 pub enum ControlMsg {
     /// Keep-alive; carries nothing.
     Heartbeat,
-    /// Topology entries (all of them on a new connection, changed ones later).
-    Gossip(Vec<PeerInfo>),
+    /// Topology entries, each signed by its owner (all of them on a new
+    /// connection, changed ones later).
+    Gossip(Vec<SignedPeerInfo>),
     /// IPAM ring state, encoded by the IPAM module.
     Ipam(Vec<u8>),
     /// The sender is closing the connection, and why.
@@ -284,9 +285,9 @@ pub fn decode_message(body: &[u8]) -> Result<ControlMsg, ControlError> {
     Ok(msg)
 }
 
-/// Decodes a bare bincode `Vec<PeerInfo>` (the body of a `Gossip` without its
-/// enum tag) under the same limit; for tools and fuzzing.
-pub fn decode_gossip(bytes: &[u8]) -> Result<Vec<PeerInfo>, ControlError> {
+/// Decodes a bare bincode `Vec<SignedPeerInfo>` (the body of a `Gossip` without
+/// its enum tag) under the same limit; for tools and fuzzing.
+pub fn decode_gossip(bytes: &[u8]) -> Result<Vec<SignedPeerInfo>, ControlError> {
     let (peers, _) =
         bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| ControlError::Decode(e.to_string()))?;
     Ok(peers)
