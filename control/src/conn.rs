@@ -161,6 +161,7 @@ async fn run_connection(
         udp_port: local.udp_port,
         receiver_index: recv_index,
         capabilities: local.capabilities,
+        binding: mesh.settings.binding.clone(),
     };
     let role = if direction == Direction::Outbound { Role::Initiator } else { Role::Responder };
     let cfg = HandshakeConfig { identity: local.identity.clone(), psk: local.psk, hello };
@@ -175,7 +176,16 @@ async fn run_connection(
             return Err("handshake timed out".into());
         }
     };
-    let Established { mut channel, remote: hello, data_keys, .. } = est;
+    let Established { mut channel, remote: hello, data_keys, remote_static, .. } = est;
+    // The name is believed only if it is bound to the key the handshake authenticated.
+    if let Err(why) = mesh.admit_identity(&hello, &remote_static, remote) {
+        let mut out = Vec::new();
+        if channel.send(&ControlMsg::Goodbye(why.clone()), &mut out).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+        }
+        mesh.unregister(id, &why);
+        return Err(why);
+    }
     let listen = SocketAddr::new(remote.ip(), hello.tcp_port);
     let link = PeerLink {
         peer: hello.name,
@@ -198,7 +208,7 @@ async fn run_connection(
     }
 
     // The handshake's last read may have carried messages already.
-    if let Err(why) = drain(&mesh, id, hello.name, &mut channel, &mut stream).await {
+    if let Err(why) = drain(&mesh, id, hello.name, remote, &mut channel, &mut stream).await {
         mesh.unregister(id, &why);
         return Ok(why);
     }
@@ -219,7 +229,7 @@ async fn run_connection(
                 if let Err(e) = channel.feed(&buf[..n]) {
                     break 'conn format!("bad data from peer: {e}");
                 }
-                if let Err(why) = drain(&mesh, id, hello.name, &mut channel, &mut stream).await {
+                if let Err(why) = drain(&mesh, id, hello.name, remote, &mut channel, &mut stream).await {
                     break 'conn why;
                 }
             }
@@ -267,6 +277,7 @@ async fn drain(
     mesh: &Mesh,
     id: u64,
     peer: meshnet_proto::PeerName,
+    remote: SocketAddr,
     channel: &mut meshnet_proto::wire::control::ControlChannel,
     stream: &mut TcpStream,
 ) -> Result<(), String> {
@@ -288,7 +299,12 @@ async fn drain(
                     return Err(why);
                 }
             }
-            Ok(Some(ControlMsg::Goodbye(reason))) => return Err(format!("peer said goodbye: {reason}")),
+            Ok(Some(ControlMsg::Goodbye(reason))) => {
+                if reason.starts_with(crate::mesh::IDENTITY_REFUSED) {
+                    mesh.refused_by_peer(peer, remote, &reason);
+                }
+                return Err(format!("peer said goodbye: {reason}"));
+            }
             Err(e) => return Err(format!("bad message from peer: {e}")),
         }
     }

@@ -3,18 +3,20 @@
 //! Tasks hold the lock only for short, non-async sections. Messages to a
 //! connection go through its queue; the connection's own task encrypts and writes.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use meshnet_proto::topology::{ConnInfo, PeerInfo, Topology};
+use meshnet_proto::handshake::{verify_peer, Hello};
+use meshnet_proto::topology::{ConnInfo, PeerInfo, SignedPeerInfo, Topology};
+use meshnet_proto::trust::{Admission, Binding, KeyBook, PeerKeys, Signer};
 use meshnet_proto::wire::control::ControlMsg;
 use meshnet_proto::PeerName;
 use meshnet_router::dataplane::{DataPlane, PeerLink, Routes};
 use tokio::sync::{mpsc, Notify};
 
-use crate::api::{ConnectionStatus, PeerStatus};
+use crate::api::{ConnectionStatus, PeerStatus, Refusal, TrustStatus};
 use crate::ipam::IpamHost;
 use meshnet_proto::ipam::{Dest, Event};
 use crate::peeraddr::PeerAddr;
@@ -87,6 +89,58 @@ pub struct Inner {
     /// Dial state per target string, and per discovered address (as `ip:port`).
     pub attempts: HashMap<String, Attempt>,
     pub ipam: IpamHost,
+    /// Names pinned to keys; persisted in `keys.json` by [`Mesh::save_keys`].
+    pub keys: meshnet_proto::trust::KeyBook,
+    pub trust: TrustStats,
+}
+
+/// How many refusals `status` lists.
+const RECENT_REFUSALS: usize = 16;
+/// Least time between two log lines about refusals of one name, or about dropped gossip.
+const TRUST_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Prefix of the Goodbye reason a router sends when it refuses a peer's identity.
+pub const IDENTITY_REFUSED: &str = "identity refused by";
+
+/// Identities refused and gossip dropped, for `status` and rate-limited logs.
+#[derive(Default)]
+pub struct TrustStats {
+    pub refused_identities: u64,
+    pub refused_by_peers: u64,
+    recent: VecDeque<(Instant, Refusal)>,
+    pub gossip_rejected: BTreeMap<&'static str, u64>,
+    /// Dropped entries not yet reported in the log, and when it last was.
+    unlogged: u64,
+    last_gossip_log: Option<Instant>,
+    last_refusal_log: HashMap<PeerName, Instant>,
+    /// Keys `rmpeer` removed: not pinned again from old gossip during this run.
+    revoked: HashMap<PeerName, PeerKeys>,
+    /// Key book changes made, and the last one saved.
+    keys_changed: u64,
+    keys_saved: u64,
+}
+
+impl TrustStats {
+    fn remember(&mut self, r: Refusal) {
+        if self.recent.len() >= RECENT_REFUSALS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((Instant::now(), r));
+    }
+
+    /// Whether to log a refusal about `name` now (at most once per TRUST_LOG_EVERY per name).
+    fn should_log(&mut self, name: PeerName) -> bool {
+        let now = Instant::now();
+        if self.last_refusal_log.len() > 1024 {
+            self.last_refusal_log.retain(|_, t| now.duration_since(*t) < TRUST_LOG_EVERY);
+        }
+        match self.last_refusal_log.get(&name) {
+            Some(t) if now.duration_since(*t) < TRUST_LOG_EVERY => false,
+            _ => {
+                self.last_refusal_log.insert(name, now);
+                true
+            }
+        }
+    }
 }
 
 /// Router-wide settings the control plane needs.
@@ -100,6 +154,10 @@ pub struct Settings {
     pub conn_limit: usize,
     pub bridge: String,
     pub mtu: u32,
+    /// Signs our topology entry (derived from the identity).
+    pub signer: Arc<Signer>,
+    /// Our name bound to our keys, sent in every Hello and gossiped with our entry.
+    pub binding: Binding,
 }
 
 pub struct Mesh {
@@ -109,6 +167,8 @@ pub struct Mesh {
     inner: Mutex<Inner>,
     /// Wakes the connection maker (new targets, lost connections).
     pub maker: Notify,
+    /// Wakes the task that persists the key book.
+    pub keys_saver: Notify,
     /// Fired once to stop the router.
     pub shutdown: tokio::sync::watch::Sender<Option<Shutdown>>,
 }
@@ -126,6 +186,7 @@ impl Mesh {
         dataplane: DataPlane,
         targets: Vec<String>,
         ipam: IpamHost,
+        mut keys: KeyBook,
     ) -> Arc<Mesh> {
         let me = PeerInfo {
             name: settings.me,
@@ -137,19 +198,39 @@ impl Mesh {
             connections: Vec::new(),
         };
         let (shutdown, _) = tokio::sync::watch::channel(None);
+        // We are who our identity says, whatever an old key book pinned for our name.
+        let mut trust = TrustStats::default();
+        if keys.get(settings.me) != Some(&settings.binding.keys) {
+            if let Some(old) = keys.remove(settings.me) {
+                log::warn!(
+                    "key book pinned our name {} to key {}; re-pinning it to ours, {}",
+                    settings.me,
+                    old.fingerprint(),
+                    settings.binding.keys.fingerprint()
+                );
+            }
+            if let Err(e) = keys.admit(&settings.binding) {
+                log::error!("our own binding does not verify: {e}");
+            }
+            trust.keys_changed = 1;
+        }
+        let topology = Topology::with_signer(me, settings.signer.clone(), settings.binding.clone());
         Arc::new(Mesh {
             settings,
             state,
             dataplane,
             inner: Mutex::new(Inner {
-                topology: Topology::new(me),
+                topology,
                 conns: HashMap::new(),
                 next_conn: 1,
                 targets: targets.into_iter().collect(),
                 attempts: HashMap::new(),
                 ipam,
+                keys,
+                trust,
             }),
             maker: Notify::new(),
+            keys_saver: Notify::new(),
             shutdown,
         })
     }
@@ -263,7 +344,7 @@ impl Mesh {
             c.remote,
             c.direction.as_str()
         );
-        let full = g.topology.gossip_all();
+        let full = g.topology.gossip_all_signed();
         if let Some(c) = g.conns.get(&id) {
             let _ = c.queue.send(ControlMsg::Gossip(full));
         }
@@ -325,7 +406,7 @@ impl Mesh {
             })
             .collect();
         if g.topology.set_local_connections(conns) {
-            let update = g.topology.gossip_about(&[self.settings.me]);
+            let update = g.topology.gossip_about_signed(&[self.settings.me]);
             broadcast(g, None, &ControlMsg::Gossip(update));
         }
     }
@@ -376,10 +457,179 @@ impl Mesh {
         }
     }
 
-    /// Merges gossip received on connection `from` and passes on what was new.
-    pub fn on_gossip(&self, from: u64, infos: Vec<PeerInfo>) -> Result<(), String> {
+    /// Counts gossiped entries dropped on connection `from` (the connection stays)
+    /// and logs a summary at most every TRUST_LOG_EVERY.
+    fn gossip_dropped(&self, g: &mut Inner, from: u64, dropped: &[(PeerName, &'static str)]) {
+        for (_, why) in dropped {
+            *g.trust.gossip_rejected.entry(why).or_default() += 1;
+        }
+        g.trust.unlogged += dropped.len() as u64;
+        let now = Instant::now();
+        if g.trust.last_gossip_log.is_some_and(|t| now.duration_since(t) < TRUST_LOG_EVERY) {
+            return;
+        }
+        let via = g.conns.get(&from).and_then(|c| c.peer).map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+        let (name, why) = dropped[dropped.len() - 1];
+        log::warn!(
+            "dropped {} gossiped topology entries (latest: the entry for {name} relayed by {via}: {why}); counts in status --json, trust.gossip_rejected",
+            g.trust.unlogged
+        );
+        g.trust.unlogged = 0;
+        g.trust.last_gossip_log = Some(now);
+    }
+
+    /// Checks who the peer of a completed handshake is: its Hello's binding must
+    /// name the claimed name, bind it to the key the handshake authenticated, and
+    /// agree with the key book (a new name is pinned). Err: the Goodbye reason to
+    /// send before closing; the refusal is logged (naming both peers) and counted.
+    pub fn admit_identity(&self, hello: &Hello, remote_static: &[u8; 32], remote: SocketAddr) -> Result<(), String> {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        let revoked = g.trust.revoked.get(&hello.name) == Some(&hello.binding.keys);
+        let result = verify_peer(hello, remote_static).and_then(|()| {
+            if revoked {
+                Err(meshnet_proto::trust::TrustError::Conflict {
+                    name: hello.name,
+                    pinned: "(removed by rmpeer)".into(),
+                    offered: hello.binding.keys.fingerprint(),
+                })
+            } else {
+                g.keys.admit_preferring_derived(&hello.binding)
+            }
+        });
+        match result {
+            Ok(Admission::Known) => Ok(()),
+            Ok(Admission::Pinned) => {
+                log::info!("pinned peer name {} to key {}", hello.name, hello.binding.keys.fingerprint());
+                g.trust.keys_changed += 1;
+                self.keys_saver.notify_one();
+                Ok(())
+            }
+            Err(e) => {
+                let me = self.settings.me;
+                g.trust.refused_identities += 1;
+                g.trust.remember(Refusal {
+                    by: "us".into(),
+                    peer: hello.name.to_string(),
+                    address: remote.to_string(),
+                    reason: e.to_string(),
+                    seconds_ago: 0,
+                });
+                if g.trust.should_log(hello.name) {
+                    log::warn!(
+                        "peer {me} refused the connection from {remote} claiming to be {} ({}): {e}",
+                        hello.name,
+                        hello.nickname
+                    );
+                }
+                Err(format!("{IDENTITY_REFUSED} {me}: {} ({remote}): {e}", hello.name))
+            }
+        }
+    }
+
+    /// The peer at `remote` refused our identity (its Goodbye said so).
+    pub fn refused_by_peer(&self, peer: PeerName, remote: SocketAddr, reason: &str) {
         let mut g = self.lock();
-        let changed = g.topology.merge(infos).map_err(|e| format!("bad gossip: {e}"))?;
+        g.trust.refused_by_peers += 1;
+        g.trust.remember(Refusal {
+            by: "peer".into(),
+            peer: self.settings.me.to_string(),
+            address: remote.to_string(),
+            reason: reason.to_string(),
+            seconds_ago: 0,
+        });
+        if g.trust.should_log(peer) {
+            log::warn!("peer {peer} ({remote}) refused our identity {}: {reason}", self.settings.me);
+        }
+    }
+
+    /// `rmpeer`: forgets the keys pinned for `name` and its topology entry, so a
+    /// host reinstalled with a new key can use the name again; the removed keys
+    /// are refused for it until the router restarts. Err if `name` is us or is
+    /// reachable. Ok(Some(fingerprint)) if keys were pinned.
+    pub fn forget_identity(&self, name: PeerName) -> Result<Option<String>, String> {
+        if name == self.settings.me {
+            return Err("this router's own identity cannot be removed".into());
+        }
+        let mut g = self.lock();
+        if g.conns.values().any(|c| c.established && c.peer == Some(name)) || g.topology.routes().contains_key(&name) {
+            return Err(format!("peer {name} is reachable: rmpeer is for peers that are gone"));
+        }
+        g.topology.forget(name);
+        let Some(keys) = g.keys.remove(name) else { return Ok(None) };
+        g.trust.revoked.insert(name, keys);
+        g.trust.keys_changed += 1;
+        drop(g);
+        self.keys_saver.notify_one();
+        log::info!("forgot the key {} pinned for peer {name} (rmpeer)", keys.fingerprint());
+        Ok(Some(keys.fingerprint()))
+    }
+
+    /// Writes the key book if it changed since the last save: a snapshot is taken
+    /// under the lock, the file is written outside it. True if it wrote.
+    pub fn save_keys(&self) -> anyhow::Result<bool> {
+        let (changed, book) = {
+            let g = self.lock();
+            if g.trust.keys_changed == g.trust.keys_saved {
+                return Ok(false);
+            }
+            (g.trust.keys_changed, g.keys.clone())
+        };
+        self.state.save_keys(&book)?;
+        let mut g = self.lock();
+        g.trust.keys_saved = g.trust.keys_saved.max(changed);
+        Ok(true)
+    }
+
+    pub fn trust_status(&self) -> TrustStatus {
+        let g = self.lock();
+        let now = Instant::now();
+        TrustStatus {
+            pinned_keys: g.keys.len(),
+            refused_identities: g.trust.refused_identities,
+            refused_by_peers: g.trust.refused_by_peers,
+            recent_refusals: g
+                .trust
+                .recent
+                .iter()
+                .map(|(t, r)| Refusal { seconds_ago: now.duration_since(*t).as_secs(), ..r.clone() })
+                .collect(),
+            gossip_rejected: g.trust.gossip_rejected.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    /// Merges gossip received on connection `from` and passes on what was new.
+    pub fn on_gossip(&self, from: u64, mut infos: Vec<SignedPeerInfo>) -> Result<(), String> {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        let mut dropped: Vec<(PeerName, &'static str)> = Vec::new();
+        if !g.trust.revoked.is_empty() {
+            let revoked = &g.trust.revoked;
+            infos.retain(|e| {
+                let gone = revoked.get(&e.info.name) == Some(&e.seal.binding.keys);
+                if gone {
+                    dropped.push((e.info.name, "revoked"));
+                }
+                !gone
+            });
+        }
+        let report = match g.topology.merge_signed(infos, &mut g.keys) {
+            Ok(r) => r,
+            Err(e) => {
+                *g.trust.gossip_rejected.entry("oversize").or_default() += 1;
+                return Err(format!("bad gossip: {e}"));
+            }
+        };
+        dropped.extend(report.rejected.iter().map(|(n, why)| (*n, why.label())));
+        if !dropped.is_empty() {
+            self.gossip_dropped(g, from, &dropped);
+        }
+        if !report.pinned.is_empty() {
+            g.trust.keys_changed += 1;
+            self.keys_saver.notify_one();
+        }
+        let changed = report.changed;
+        let mut g = guard;
         if !changed.is_empty() {
             // A peer's news may cut others off (a partition): forget who is no
             // longer reachable, or stale entries would keep coming back.
@@ -387,7 +637,7 @@ impl Mesh {
             if !removed.is_empty() {
                 log::info!("forgot unreachable peers: {}", names(&removed));
             }
-            let update = g.topology.gossip_about(&changed);
+            let update = g.topology.gossip_about_signed(&changed);
             broadcast(&mut g, Some(from), &ControlMsg::Gossip(update));
             self.reachability_changed(&mut g);
             drop(g);
@@ -486,7 +736,7 @@ impl Mesh {
     /// Sends our full view to every neighbour (anti-entropy).
     pub fn gossip_everything(&self) {
         let mut g = self.lock();
-        let all = g.topology.gossip_all();
+        let all = g.topology.gossip_all_signed();
         broadcast(&mut g, None, &ControlMsg::Gossip(all));
     }
 
