@@ -2,6 +2,8 @@
 //!
 //! - [`lab`]: network namespaces running the real `meshnet` binary (needs root);
 //!   the scenarios using it live in `tests/mesh.rs`.
+//! - [`hostile`]: a mesh member that forges protocol fields (`tests/hostile.rs`).
 
+pub mod hostile;
 pub mod lab;
 pub mod sim;
