@@ -10,6 +10,7 @@
 use libfuzzer_sys::fuzz_target;
 use meshnet_proto::handshake::{derive_psk_with_iterations, Handshake, HandshakeConfig, Hello, Role, CAP_SUPERFRAMES};
 use meshnet_proto::identity::Identity;
+use meshnet_proto::trust::{Binding, Signer};
 use meshnet_proto::wire::control::Preamble;
 
 fuzz_target!(|data: &[u8]| {
@@ -25,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
         udp_port: 6784,
         receiver_index: 1,
         capabilities: CAP_SUPERFRAMES,
+        binding: Binding::new(identity.name(), &identity, &Signer::from_identity(&identity)),
     };
     let psk = password.then(|| derive_psk_with_iterations(b"fuzz", 1));
     let mut hs = Handshake::new(Role::Responder, HandshakeConfig { identity, psk, hello }).unwrap();

@@ -564,7 +564,8 @@ fn hello_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<{ 8 * MAX_HELLO }>()
 }
 
-fn decode_hello(bytes: &[u8]) -> Result<Hello, HandshakeError> {
+/// Decodes a Hello as it arrives in a handshake message (size limit, every byte used).
+pub fn decode_hello(bytes: &[u8]) -> Result<Hello, HandshakeError> {
     if bytes.len() > MAX_HELLO {
         return Err(HandshakeError::BadHello(format!("{} bytes, over the limit of {MAX_HELLO}", bytes.len())));
     }

@@ -159,6 +159,8 @@ pub struct MergeReport {
     pub rejected: Vec<(PeerName, Rejection)>,
     /// Entry signatures checked (entries that would change nothing are not).
     pub verified: usize,
+    /// Names newly pinned in the key book (persist it).
+    pub pinned: Vec<PeerName>,
 }
 
 /// Why a gossip update was refused (nothing of it was applied).
@@ -336,7 +338,8 @@ impl Topology {
             }
             let pinned = book.get(name) == Some(&seal.binding.keys);
             match if pinned { Ok(Admission::Known) } else { book.admit_preferring_derived(&seal.binding) } {
-                Ok(_) => {}
+                Ok(Admission::Known) => {}
+                Ok(Admission::Pinned) => report.pinned.push(name),
                 Err(TrustError::BookFull(_)) => {
                     report.rejected.push((name, Rejection::Full));
                     continue;
@@ -980,6 +983,7 @@ mod tests {
         assert_eq!(r.changed.len(), 2);
         assert!(r.rejected.is_empty());
         assert_eq!(book.get(b.id.name()), Some(&b.binding.keys), "new names are pinned");
+        assert_eq!(r.pinned, vec![b.id.name(), c.id.name()]);
         let routes = t.routes();
 
         // The member m forges b's entry in every way it can, next to one honest entry.
