@@ -130,8 +130,12 @@ impl TrustStats {
     /// Whether to log a refusal about `name` now (at most once per TRUST_LOG_EVERY per name).
     fn should_log(&mut self, name: PeerName) -> bool {
         let now = Instant::now();
-        if self.last_refusal_log.len() > 1024 {
+        if self.last_refusal_log.len() > 16 {
             self.last_refusal_log.retain(|_, t| now.duration_since(*t) < TRUST_LOG_EVERY);
+        }
+        // At most 16 names logged per period: a flood of invented names cannot flood the log.
+        if self.last_refusal_log.len() > 16 {
+            return false;
         }
         match self.last_refusal_log.get(&name) {
             Some(t) if now.duration_since(*t) < TRUST_LOG_EVERY => false,
@@ -486,6 +490,7 @@ impl Mesh {
         let mut guard = self.lock();
         let g = &mut *guard;
         let revoked = g.trust.revoked.get(&hello.name) == Some(&hello.binding.keys);
+        let pinned_before = g.keys.get(hello.name).copied();
         let result = verify_peer(hello, remote_static).and_then(|()| {
             if revoked {
                 Err(meshnet_proto::trust::TrustError::Conflict {
@@ -503,6 +508,28 @@ impl Mesh {
                 log::info!("pinned peer name {} to key {}", hello.name, hello.binding.keys.fingerprint());
                 g.trust.keys_changed += 1;
                 self.keys_saver.notify_one();
+                if let Some(old) = pinned_before {
+                    // A name derived from its key took the name back from a first-use
+                    // claim: connections made under the old pin go.
+                    log::warn!(
+                        "peer {} proved its name with its key {}: dropping connections made under key {}",
+                        hello.name,
+                        hello.binding.keys.fingerprint(),
+                        old.fingerprint()
+                    );
+                    let stale: Vec<u64> =
+                        g.conns.iter().filter(|(_, c)| c.peer == Some(hello.name)).map(|(id, _)| *id).collect();
+                    for id in stale {
+                        if let Some(c) = g.conns.get(&id) {
+                            let _ = c.queue.send(ControlMsg::Goodbye(format!(
+                                "{IDENTITY_REFUSED} {}: {} is bound to another key now",
+                                self.settings.me, hello.name
+                            )));
+                        }
+                        self.drop_conn_locked(g, id);
+                    }
+                    g.topology.forget(hello.name);
+                }
                 Ok(())
             }
             Err(e) => {
