@@ -131,7 +131,7 @@ pub fn forge_seal(info: PeerInfo, binding: &Binding) -> SignedPeerInfo {
 }
 
 fn other(e: impl ToString) -> std::io::Error {
-    std::io::Error::new(ErrorKind::Other, e.to_string())
+    std::io::Error::other(e.to_string())
 }
 
 /// An established control connection to a router.
