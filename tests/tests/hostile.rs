@@ -151,7 +151,8 @@ fn a_member_claiming_a_live_peers_name_is_refused() {
         log.lines().any(|l| l.contains("refused the connection") && l.contains(&n1.to_string()) && l.contains(&n2.to_string())),
         "h1's log does not name both peers"
     );
-    assert!(m.h1.meshnet(&["status"]).expect_ok("status").stdout.contains("refused"));
+    let text = m.h1.meshnet(&["status"]).expect_ok("status").stdout;
+    assert!(text.contains("Identities:") && text.contains(&attacker.ip), "status does not show the refusal: {text}");
 
     // The victim is untouched.
     assert_eq!(view_of(&m.h1, m.n2).0, view_before.0, "h1's route to the victim changed");
@@ -274,4 +275,25 @@ fn forged_gossip_is_dropped_and_counted() {
     // h2's entry and the route to it are as they were.
     assert_eq!(view_of(&m.h1, m.n2), view_before, "h1's view of h2 changed");
     victim_still_works(&lab, &m);
+}
+
+#[test]
+fn a_corrupt_key_book_or_name_zero_stops_the_launch() {
+    let Some(lab) = Lab::new("hostile_keys") else { return };
+    let h1 = lab.add_host(1);
+    let zero = h1.meshnet(&["launch", "--name", "00:00:00:00:00:00"]);
+    assert!(!zero.ok(), "launch with name 0 succeeded: {zero}");
+    assert!(zero.all().contains("--name"), "{zero}");
+    h1.launch(&[]);
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    assert!(wait_until(Duration::from_secs(10), || h1.pids().is_empty()));
+    let keys = h1.state_dir.join("keys.json");
+    let saved = std::fs::read_to_string(&keys).expect("keys.json written");
+    assert!(saved.contains("pinned"), "{saved}");
+    std::fs::write(&keys, "{ truncated").unwrap();
+    let out = h1.meshnet(&["launch"]);
+    assert!(!out.ok(), "launch with a corrupt key book succeeded: {out}");
+    assert!(out.all().contains("keys.json is corrupt"), "{out}");
+    assert_eq!(std::fs::read_to_string(&keys).unwrap(), "{ truncated", "the corrupt file was replaced");
+    assert!(wait_until(Duration::from_secs(5), || h1.pids().is_empty()), "a router runs after the failed launch");
 }
