@@ -93,15 +93,23 @@ fn a_member_claiming_a_live_peers_name_is_refused() {
     let before = trust(&m.h1);
     let view_before = view_of(&m.h1, m.n2);
     let (h1, h2, n1, n2) = (addr(&m.h1), addr(&m.h2), m.n1, m.n2);
+    let member = std::sync::Arc::new(Member::new(Some(PW)));
+
+    // Learn the victim's real binding from an honest connection to it (which h2
+    // accepts, and sends heartbeats to until it closes).
+    let honest_member = member.clone();
+    let victim_binding = in_netns(&attacker.ns, move || {
+        let member = honest_member;
+        let mut honest = member.connect(h2, member.hello(member.name(), member.binding(member.name()), 0)).unwrap();
+        drop(honest.recv_for(Duration::from_millis(300)));
+        honest.router().binding.clone()
+    });
+    assert_eq!(victim_binding.name, n2);
+    std::thread::sleep(Duration::from_secs(1));
+    // Everything that reaches the attacker's host from now to the end of the victim's transfer.
+    let capture = lab.capture(&attacker.ns, UNDERLAY_IF);
 
     let (outcomes, datagrams) = in_netns(&attacker.ns, move || {
-        let member = Member::new(Some(PW));
-        // Learn the victim's real binding from an honest connection to it.
-        let mut honest = member.connect(h2, member.hello(member.name(), member.binding(member.name()), 0)).unwrap();
-        let victim_binding = honest.router().binding.clone();
-        assert_eq!(victim_binding.name, n2);
-        drop(honest.recv_for(Duration::from_millis(300)));
-        drop(honest);
         let mut outcomes = Vec::new();
         let mut sessions = Vec::new();
         for (router, binding, what) in [
@@ -157,6 +165,11 @@ fn a_member_claiming_a_live_peers_name_is_refused() {
     // The victim is untouched.
     assert_eq!(view_of(&m.h1, m.n2).0, view_before.0, "h1's route to the victim changed");
     victim_still_works(&lab, &m);
+    let pcap = capture.stop();
+    let tcp = pcap.count(6, 6783);
+    assert!(tcp > 0, "the capture saw none of the attacker's own control connections");
+    assert_eq!(pcap.count(17, 6783), 0, "data-plane datagrams reached the attacker's host");
+    eprintln!("attacker's capture: {tcp} control segments, no data-plane datagrams");
 }
 
 #[test]
