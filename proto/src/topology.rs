@@ -337,7 +337,8 @@ impl Topology {
                 }
             }
             let pinned = book.get(name) == Some(&seal.binding.keys);
-            match if pinned { Ok(Admission::Known) } else { book.admit_preferring_derived(&seal.binding) } {
+            // check_signed verified the binding unless its keys were pinned already.
+            match if pinned { Ok(Admission::Known) } else { book.admit_verified(&seal.binding) } {
                 Ok(Admission::Known) => {}
                 Ok(Admission::Pinned) => report.pinned.push(name),
                 Err(TrustError::BookFull(_)) => {

@@ -353,6 +353,12 @@ impl KeyBook {
     /// [`MAX_PINNED`] names.
     pub fn admit_preferring_derived(&mut self, binding: &Binding) -> Result<Admission, TrustError> {
         binding.verify()?;
+        self.admit_verified(binding)
+    }
+
+    /// [`admit_preferring_derived`](Self::admit_preferring_derived) for a binding
+    /// the caller has just verified (saves a second signature check).
+    pub(crate) fn admit_verified(&mut self, binding: &Binding) -> Result<Admission, TrustError> {
         match self.pinned.get(&binding.name) {
             Some(keys) if *keys == binding.keys => Ok(Admission::Known),
             Some(keys)
