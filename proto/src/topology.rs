@@ -1119,6 +1119,46 @@ mod tests {
         assert_eq!(t.get(name).unwrap().version, 1);
     }
 
+    /// Prints what signing and verifying cost for 1000 peers of degree 10 (run
+    /// with `--ignored --nocapture`; release build).
+    #[test]
+    #[ignore]
+    fn signed_merge_cost_for_1000_peers() {
+        let owners: Vec<Owner> = (0..1000u32)
+            .map(|i| {
+                let mut seed = [7u8; 32];
+                seed[1..5].copy_from_slice(&i.to_le_bytes()); // byte 0 is clamped
+                let id = crate::identity::Identity::from_private(seed).unwrap();
+                let signer = Arc::new(Signer::from_identity(&id));
+                let binding = Binding::new(id.name(), &id, &signer);
+                Owner { id, signer, binding }
+            })
+            .collect();
+        let t0 = std::time::Instant::now();
+        let update: Vec<SignedPeerInfo> = (1..1000)
+            .map(|i| {
+                let links: Vec<&Owner> = (1..=10).map(|d| &owners[(i + d * 97) % 1000]).collect();
+                sealed(entry(&owners[i], 1, &links), &owners[i])
+            })
+            .collect();
+        let sign = t0.elapsed();
+        let bytes = bincode::serde::encode_to_vec(&update, bincode::config::standard()).unwrap().len();
+        let mut book = KeyBook::new();
+        book.admit(&owners[0].binding).unwrap();
+        let mut t = Topology::with_signer(entry(&owners[0], 1, &[]), owners[0].signer.clone(), owners[0].binding.clone());
+        let t1 = std::time::Instant::now();
+        let r = t.merge_signed(update.clone(), &mut book).unwrap();
+        let first = t1.elapsed();
+        assert_eq!((r.changed.len(), r.rejected.len()), (999, 0), "{:?}", &r.rejected[..r.rejected.len().min(3)]);
+        let t2 = std::time::Instant::now();
+        let r = t.merge_signed(update, &mut book).unwrap();
+        let again = t2.elapsed();
+        assert_eq!(r.verified, 0);
+        eprintln!(
+            "1000 peers, degree 10: signing 999 entries {sign:?}; full gossip {bytes} bytes; first merge (pin + verify) {first:?}; same gossip again {again:?}"
+        );
+    }
+
     #[test]
     fn gossip_views() {
         let t = mesh(&[(1, 2), (2, 3)], 3);
