@@ -247,6 +247,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Rmpeer { peer } => {
             let v = call(&state, Request::Rmpeer { peer })?;
             println!("{} addresses taken over from {}", v["addresses_taken_over"], v["peer"].as_str().unwrap_or("?"));
+            if let Some(fp) = v["identity_removed"].as_str() {
+                println!(
+                    "forgot key {fp} pinned for {}: a host with a new key may now use this name",
+                    v["peer"].as_str().unwrap_or("?")
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Prime { timeout } => {
@@ -345,6 +351,9 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         .map(|n| n.parse::<PeerName>())
         .transpose()
         .map_err(|e| anyhow!("--name: {e}"))?;
+    if let Some(n) = name.filter(|n| !meshnet_proto::trust::valid_name(*n)) {
+        bail!("--name {n}: cannot name a peer (00:00:00:00:00:00 is the broadcast name)");
+    }
     let peers = args
         .peers
         .iter()
@@ -609,6 +618,16 @@ fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<Exit
                 i.handshakes_wrong_password,
                 l.closed_queue_full + l.closed_write_timeout
             );
+            let t = &s.trust;
+            let dropped: u64 = t.gossip_rejected.values().sum();
+            println!(
+                "     Identities: {} pinned, {} refused, {} times refused by peers; {} gossip entries dropped",
+                t.pinned_keys, t.refused_identities, t.refused_by_peers, dropped
+            );
+            for r in &t.recent_refusals {
+                let who = if r.by == "peer" { "refused us" } else { "refused" };
+                println!("                 {who}: {} at {} ({}s ago): {}", r.peer, r.address, r.seconds_ago, r.reason);
+            }
         }
         Some(Part::Peers) => print_peers(&s.peers),
         Some(Part::Connections) => print_connections(&s.connections),

@@ -137,6 +137,38 @@ pub struct Status {
     /// discovery dials deferred by the dial budget.
     #[serde(default)]
     pub control: serde_json::Value,
+    /// Identities refused and gossip dropped (see [`TrustStatus`]).
+    #[serde(default)]
+    pub trust: TrustStatus,
+}
+
+/// What the router refused to believe.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrustStatus {
+    /// Names pinned to keys (persisted in `keys.json`).
+    pub pinned_keys: usize,
+    /// Connections refused because the peer's name and key did not match the
+    /// handshake or the key book.
+    pub refused_identities: u64,
+    /// Connections on which the peer refused our identity.
+    pub refused_by_peers: u64,
+    /// The latest refusals, newest last (at most 16).
+    pub recent_refusals: Vec<Refusal>,
+    /// Gossiped topology entries dropped, per reason (`malformed`, `version`,
+    /// `bad_binding`, `key_conflict`, `bad_signature`, `full`).
+    pub gossip_rejected: std::collections::BTreeMap<String, u64>,
+}
+
+/// One refused identity.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Refusal {
+    /// `us` (we refused the peer) or `peer` (the peer refused us).
+    pub by: String,
+    /// The name the other side claimed (ours when `by` is `peer`).
+    pub peer: String,
+    pub address: String,
+    pub reason: String,
+    pub seconds_ago: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -354,6 +354,7 @@ async fn run_connection(
         udp_port: local.udp_port,
         receiver_index: recv_index,
         capabilities: local.capabilities,
+        binding: mesh.settings.binding.clone(),
     };
     let role = if direction == Direction::Outbound { Role::Initiator } else { Role::Responder };
     let cfg = HandshakeConfig { identity: local.identity.clone(), psk: local.psk, hello };
@@ -378,7 +379,18 @@ async fn run_connection(
             return Err(why);
         }
     };
-    let Established { mut channel, remote: hello, data_keys, role, .. } = est;
+    let Established { mut channel, remote: hello, data_keys, role, remote_static, .. } = est;
+    // The name is believed only if it is bound to the key the handshake authenticated.
+    if let Err(why) = mesh.admit_identity(&hello, &remote_static, remote) {
+        let mut out = Vec::new();
+        if channel.send(&ControlMsg::Goodbye(why.clone()), &mut out).is_ok() {
+            if let Err(e) = write_within(&mut stream, &out, Duration::from_secs(1)).await {
+                log::debug!("goodbye to {remote}: {e}");
+            }
+        }
+        mesh.unregister(id, &why);
+        return Err(CloseReason::Establish(why));
+    }
     let clock = Instant::now();
     let rekey_cfg = RekeyConfig { interval_ms: mesh.settings.rekey_interval.as_millis() as u64 };
     let mut rekeyer = Rekeyer::new(role, rekey_cfg, &data_keys, recv_index, hello.receiver_index, 0);
@@ -408,7 +420,7 @@ async fn run_connection(
     }
     drop(data_keys);
     let rekey = RekeyCtx { mesh: &mesh, id, peer: hello.name, clock };
-    let why = run_established(&mesh, id, hello.name, &queue, &mut channel, &mut stream, &mut rekeyer, &rekey).await;
+    let why = run_established(&mesh, id, hello.name, &queue, remote, &mut channel, &mut stream, &mut rekeyer, &rekey).await;
     let counter = match &why {
         CloseReason::QueueFull => Some(&mesh.conn_counters.closed_queue_full),
         CloseReason::WriteTimeout => Some(&mesh.conn_counters.closed_write_timeout),
@@ -433,6 +445,7 @@ async fn run_established(
     id: u64,
     peer: meshnet_proto::PeerName,
     queue: &Outbox,
+    remote: SocketAddr,
     channel: &mut ControlChannel,
     stream: &mut TcpStream,
     rekeyer: &mut Rekeyer,
@@ -453,7 +466,7 @@ async fn run_established(
     let mut rekey_in = Vec::new();
 
     // The handshake's last read may have carried messages already.
-    if let Err(why) = drain(mesh, id, peer, channel, &mut rekey_in) {
+    if let Err(why) = drain(mesh, id, peer, remote, channel, &mut rekey_in) {
         return finish_with(why, channel, &mut pending, sent, &mut wr).await;
     }
     loop {
@@ -481,7 +494,7 @@ async fn run_established(
                 if let Err(e) = channel.feed(&buf[..n]) {
                     return CloseReason::BadData(e.to_string());
                 }
-                if let Err(why) = drain(mesh, id, peer, channel, &mut rekey_in) {
+                if let Err(why) = drain(mesh, id, peer, remote, channel, &mut rekey_in) {
                     return finish_with(why, channel, &mut pending, sent, &mut wr).await;
                 }
                 let was_idle = sent == pending.len();
@@ -696,6 +709,7 @@ fn drain(
     mesh: &Mesh,
     id: u64,
     peer: meshnet_proto::PeerName,
+    remote: SocketAddr,
     channel: &mut ControlChannel,
     rekey_in: &mut Vec<RekeyMsg>,
 ) -> Result<(), CloseReason> {
@@ -715,7 +729,12 @@ fn drain(
                     return Err(CloseReason::Ipam(why));
                 }
             }
-            Ok(Some(ControlMsg::Goodbye(reason))) => return Err(CloseReason::PeerGoodbye(reason)),
+            Ok(Some(ControlMsg::Goodbye(reason))) => {
+                if reason.starts_with(crate::mesh::IDENTITY_REFUSED) {
+                    mesh.refused_by_peer(peer, remote, &reason);
+                }
+                return Err(CloseReason::PeerGoodbye(reason));
+            }
             Err(e) => return Err(CloseReason::BadMessage(e.to_string())),
         }
     }

@@ -71,6 +71,13 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     let identity = cfg.state.identity()?;
     let me = cfg.name.unwrap_or_else(|| identity.name());
+    if !meshnet_proto::trust::valid_name(me) {
+        bail!("peer name {me} cannot name a peer (00:00:00:00:00:00 is the broadcast name)");
+    }
+    // Names pinned to keys: a corrupt file stops the launch rather than unpinning everything.
+    let keys = cfg.state.load_keys()?;
+    let signer = Arc::new(meshnet_proto::trust::Signer::from_identity(&identity));
+    let binding = meshnet_proto::trust::Binding::new(me, &identity, &signer);
     if !cfg.ipalloc_range_given {
         ipamd::check_default_range(&cfg.ipalloc_range)?;
     }
@@ -184,6 +191,8 @@ pub fn run(cfg: Config) -> Result<()> {
         bridge: cfg.bridge.clone(),
         mtu: cfg.mtu,
         rekey_interval: cfg.rekey_interval,
+        signer,
+        binding,
     };
     let local = Arc::new(Local { identity, psk, udp_port, capabilities });
 
@@ -194,7 +203,7 @@ pub fn run(cfg: Config) -> Result<()> {
         .build()?;
     let state = cfg.state.clone();
     let how = rt.block_on(async move {
-        let mesh = Mesh::new(settings, state.clone(), dataplane, targets, ipam);
+        let mesh = Mesh::new(settings, state.clone(), dataplane, targets, ipam, keys);
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
         let _ = std::fs::remove_file(&sock_path);
@@ -208,6 +217,7 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(conn::maker_loop(mesh.clone(), local.clone()));
         tasks.spawn(mesh::route_loop(mesh.clone()));
         tasks.spawn(api_loop(ctx.clone(), api_listener));
+        tasks.spawn(keys_saver(mesh.clone()));
         // Docker containers that die or are removed lose their attachment.
         let gone_ctx = ctx.clone();
         tasks.spawn(crate::docker::watch_events(move |c| {
@@ -228,6 +238,9 @@ pub fn run(cfg: Config) -> Result<()> {
         // Let connections say goodbye.
         tokio::time::sleep(Duration::from_millis(300)).await;
         tasks.abort_all();
+        if let Err(e) = mesh.save_keys() {
+            log::error!("saving the key book: {e:#}");
+        }
         let _ = std::fs::remove_file(&sock_path);
         let attachments = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).clone();
         anyhow::Ok((how, attachments, mesh))
@@ -247,6 +260,35 @@ pub fn run(cfg: Config) -> Result<()> {
     let _ = std::fs::remove_file(cfg.state.pid());
     log::info!("stopped");
     Ok(())
+}
+
+/// Persists the key book after it changes (debounced, written off the mesh lock
+/// and off the async workers); a failed write is retried.
+async fn keys_saver(mesh: Arc<Mesh>) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = mesh.keys_saver.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let m = mesh.clone();
+        match tokio::task::spawn_blocking(move || m.save_keys()).await {
+            Ok(Ok(_)) => {
+                if failing {
+                    log::info!("key book saved again");
+                }
+                failing = false;
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    log::error!("saving the key book failed (retrying every 10 s): {e:#}");
+                }
+                failing = true;
+            }
+            Err(e) => log::error!("key book saver: {e}"),
+        }
+    }
 }
 
 fn reattach(cfg: &Config, a: &Attachment, addrs: &[(IpAddr, u8)]) -> Result<()> {
@@ -389,6 +431,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 dataplane: serde_json::Value::Object(stats),
                 limits: mesh.limits_status(),
                 control: mesh.control_stats(),
+                trust: mesh.trust_status(),
             };
             Ok(serde_json::to_value(status)?)
         }
@@ -481,8 +524,15 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::IpamStatus => Ok(mesh.with_ipam(|h| h.status_json())),
         Request::Rmpeer { peer } => {
             let name = resolve_peer_name(mesh, &peer)?;
-            let taken = mesh.with_ipam(|h| h.ipam.rmpeer(name)).map_err(|e| anyhow::anyhow!("rmpeer {peer}: {e}"))?;
-            Ok(json!({ "peer": name.to_string(), "addresses_taken_over": taken }))
+            // Its pinned keys go too, so a host reinstalled with a new key can take the name.
+            let identity = mesh.forget_identity(name).map_err(|e| anyhow::anyhow!("rmpeer {peer}: {e}"))?;
+            let taken = match mesh.with_ipam(|h| h.ipam.rmpeer(name)) {
+                Ok(n) => n,
+                // The identity is gone already; a mesh without an agreed ring has no ranges to take.
+                Err(meshnet_proto::ipam::IpamError::NotAgreed) => 0,
+                Err(e) => return Err(anyhow::anyhow!("rmpeer {peer}: {e}")),
+            };
+            Ok(json!({ "peer": name.to_string(), "addresses_taken_over": taken, "identity_removed": identity }))
         }
         Request::Prime => Ok(mesh.with_ipam(|h| {
             // Consensus starts when an allocation waits for it (as in Weave): ask

@@ -3,20 +3,22 @@
 //! Tasks hold the lock only for short, non-async sections. Messages to a
 //! connection go through its queue; the connection's own task encrypts and writes.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use meshnet_proto::discovery::DialBudget;
-use meshnet_proto::topology::{full_gossip_targets, ConnInfo, PeerInfo, Topology};
+use meshnet_proto::handshake::{verify_peer, Hello};
+use meshnet_proto::topology::{full_gossip_targets, ConnInfo, PeerInfo, SignedPeerInfo, Topology};
+use meshnet_proto::trust::{Admission, Binding, KeyBook, PeerKeys, Signer};
 use meshnet_proto::wire::control::{split_gossip, ControlMsg, GOSSIP_CHUNK};
 use meshnet_proto::PeerName;
 use meshnet_router::dataplane::{DataPlane, PeerLink, Routes};
-use meshnet_proto::admission::{AdmissionConfig, Gate, Outcome, Refusal, Ticket};
+use meshnet_proto::admission::{self, AdmissionConfig, Gate, Outcome, Ticket};
 use tokio::sync::Notify;
 
-use crate::api::{ConnectionStatus, LimitsStatus, PeerStatus};
+use crate::api::{ConnectionStatus, LimitsStatus, PeerStatus, Refusal, TrustStatus};
 use crate::conn::{ConnCounters, Outbox};
 use crate::ipam::IpamHost;
 use meshnet_proto::ipam::{Dest, Event};
@@ -113,6 +115,62 @@ pub struct Inner {
     /// Route recomputations, and how long the last one took off the lock.
     pub route_runs: u64,
     pub route_last_ms: u64,
+    /// Names pinned to keys; persisted in `keys.json` by [`Mesh::save_keys`].
+    pub keys: meshnet_proto::trust::KeyBook,
+    pub trust: TrustStats,
+}
+
+/// How many refusals `status` lists.
+const RECENT_REFUSALS: usize = 16;
+/// Least time between two log lines about refusals of one name, or about dropped gossip.
+const TRUST_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Prefix of the Goodbye reason a router sends when it refuses a peer's identity.
+pub const IDENTITY_REFUSED: &str = "identity refused by";
+
+/// Identities refused and gossip dropped, for `status` and rate-limited logs.
+#[derive(Default)]
+pub struct TrustStats {
+    pub refused_identities: u64,
+    pub refused_by_peers: u64,
+    recent: VecDeque<(Instant, Refusal)>,
+    pub gossip_rejected: BTreeMap<&'static str, u64>,
+    /// Dropped entries not yet reported in the log, and when it last was.
+    unlogged: u64,
+    last_gossip_log: Option<Instant>,
+    last_refusal_log: HashMap<PeerName, Instant>,
+    /// Keys `rmpeer` removed: not pinned again from old gossip during this run.
+    revoked: HashMap<PeerName, PeerKeys>,
+    /// Key book changes made, and the last one saved.
+    keys_changed: u64,
+    keys_saved: u64,
+}
+
+impl TrustStats {
+    fn remember(&mut self, r: Refusal) {
+        if self.recent.len() >= RECENT_REFUSALS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((Instant::now(), r));
+    }
+
+    /// Whether to log a refusal about `name` now (at most once per TRUST_LOG_EVERY per name).
+    fn should_log(&mut self, name: PeerName) -> bool {
+        let now = Instant::now();
+        if self.last_refusal_log.len() > 16 {
+            self.last_refusal_log.retain(|_, t| now.duration_since(*t) < TRUST_LOG_EVERY);
+        }
+        // At most 16 names logged per period: a flood of invented names cannot flood the log.
+        if self.last_refusal_log.len() > 16 {
+            return false;
+        }
+        match self.last_refusal_log.get(&name) {
+            Some(t) if now.duration_since(*t) < TRUST_LOG_EVERY => false,
+            _ => {
+                self.last_refusal_log.insert(name, now);
+                true
+            }
+        }
+    }
 }
 
 /// Router-wide settings the control plane needs.
@@ -128,6 +186,10 @@ pub struct Settings {
     pub mtu: u32,
     /// `--rekey-interval`: fresh data keys at least this often.
     pub rekey_interval: Duration,
+    /// Signs our topology entry (derived from the identity).
+    pub signer: Arc<Signer>,
+    /// Our name bound to our keys, sent in every Hello and gossiped with our entry.
+    pub binding: Binding,
 }
 
 pub struct Mesh {
@@ -141,6 +203,8 @@ pub struct Mesh {
     pub routes_due: Notify,
     /// Monotonic origin for the dial budget's clock.
     started: Instant,
+    /// Wakes the task that persists the key book.
+    pub keys_saver: Notify,
     /// Fired once to stop the router.
     pub shutdown: tokio::sync::watch::Sender<Option<Shutdown>>,
     /// Who may open an inbound connection now (its own lock, never held with `inner`'s).
@@ -163,6 +227,7 @@ impl Mesh {
         dataplane: DataPlane,
         targets: Vec<String>,
         ipam: IpamHost,
+        mut keys: KeyBook,
     ) -> Arc<Mesh> {
         let me = PeerInfo {
             name: settings.me,
@@ -174,12 +239,29 @@ impl Mesh {
             connections: Vec::new(),
         };
         let (shutdown, _) = tokio::sync::watch::channel(None);
+        // We are who our identity says, whatever an old key book pinned for our name.
+        let mut trust = TrustStats::default();
+        if keys.get(settings.me) != Some(&settings.binding.keys) {
+            if let Some(old) = keys.remove(settings.me) {
+                log::warn!(
+                    "key book pinned our name {} to key {}; re-pinning it to ours, {}",
+                    settings.me,
+                    old.fingerprint(),
+                    settings.binding.keys.fingerprint()
+                );
+            }
+            if let Err(e) = keys.admit(&settings.binding) {
+                log::error!("our own binding does not verify: {e}");
+            }
+            trust.keys_changed = 1;
+        }
+        let topology = Topology::with_signer(me, settings.signer.clone(), settings.binding.clone());
         Arc::new(Mesh {
             settings,
             state,
             dataplane,
             inner: Mutex::new(Inner {
-                topology: Topology::new(me),
+                topology,
                 conns: HashMap::new(),
                 next_conn: 1,
                 targets: targets.into_iter().collect(),
@@ -191,10 +273,13 @@ impl Mesh {
                 discovery_deferred: 0,
                 route_runs: 0,
                 route_last_ms: 0,
+                keys,
+                trust,
             }),
             maker: Notify::new(),
             routes_due: Notify::new(),
             started: Instant::now(),
+            keys_saver: Notify::new(),
             shutdown,
             admission: Mutex::new(Gate::new(AdmissionConfig::default())),
             conn_counters: Arc::new(ConnCounters::default()),
@@ -211,7 +296,7 @@ impl Mesh {
     }
 
     /// Judges an accepted connection from `ip` (see `meshnet_proto::admission`).
-    pub fn admit(&self, ip: std::net::IpAddr) -> Result<Ticket, Refusal> {
+    pub fn admit(&self, ip: std::net::IpAddr) -> Result<Ticket, admission::Refusal> {
         let full = {
             let g = self.lock();
             established(&g) >= self.settings.conn_limit
@@ -399,7 +484,7 @@ impl Mesh {
             c.remote,
             c.direction.as_str()
         );
-        let full = g.topology.gossip_all();
+        let full = g.topology.gossip_all_signed();
         if let Some(c) = g.conns.get(&id) {
             for msg in split_gossip(full, GOSSIP_CHUNK) {
                 let _ = c.queue.send(msg);
@@ -473,7 +558,7 @@ impl Mesh {
             .collect();
         if g.topology.set_local_connections(conns) {
             g.discovery = None;
-            let update = g.topology.gossip_about(&[self.settings.me]);
+            let update = g.topology.gossip_about_signed(&[self.settings.me]);
             broadcast_gossip(g, None, update);
         }
     }
@@ -524,13 +609,205 @@ impl Mesh {
         }
     }
 
-    /// Merges gossip received on connection `from` and passes on what was new.
-    pub fn on_gossip(&self, from: u64, infos: Vec<PeerInfo>) -> Result<(), String> {
+    /// Counts gossiped entries dropped on connection `from` (the connection stays)
+    /// and logs a summary at most every TRUST_LOG_EVERY.
+    fn gossip_dropped(&self, g: &mut Inner, from: u64, dropped: &[(PeerName, &'static str)]) {
+        for (_, why) in dropped {
+            *g.trust.gossip_rejected.entry(why).or_default() += 1;
+        }
+        g.trust.unlogged += dropped.len() as u64;
+        let now = Instant::now();
+        if g.trust.last_gossip_log.is_some_and(|t| now.duration_since(t) < TRUST_LOG_EVERY) {
+            return;
+        }
+        let via = g.conns.get(&from).and_then(|c| c.peer).map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+        let (name, why) = dropped[dropped.len() - 1];
+        log::warn!(
+            "dropped {} gossiped topology entries (latest: the entry for {name} relayed by {via}: {why}); counts in status --json, trust.gossip_rejected",
+            g.trust.unlogged
+        );
+        g.trust.unlogged = 0;
+        g.trust.last_gossip_log = Some(now);
+    }
+
+    /// Checks who the peer of a completed handshake is: its Hello's binding must
+    /// name the claimed name, bind it to the key the handshake authenticated, and
+    /// agree with the key book (a new name is pinned). Err: the Goodbye reason to
+    /// send before closing; the refusal is logged (naming both peers) and counted.
+    pub fn admit_identity(&self, hello: &Hello, remote_static: &[u8; 32], remote: SocketAddr) -> Result<(), String> {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        let revoked = g.trust.revoked.get(&hello.name) == Some(&hello.binding.keys);
+        let pinned_before = g.keys.get(hello.name).copied();
+        let result = verify_peer(hello, remote_static).and_then(|()| {
+            if revoked {
+                Err(meshnet_proto::trust::TrustError::Conflict {
+                    name: hello.name,
+                    pinned: "(removed by rmpeer)".into(),
+                    offered: hello.binding.keys.fingerprint(),
+                })
+            } else {
+                g.keys.admit_preferring_derived(&hello.binding)
+            }
+        });
+        match result {
+            Ok(Admission::Known) => Ok(()),
+            Ok(Admission::Pinned) => {
+                log::info!("pinned peer name {} to key {}", hello.name, hello.binding.keys.fingerprint());
+                g.trust.keys_changed += 1;
+                self.keys_saver.notify_one();
+                if let Some(old) = pinned_before {
+                    // A name derived from its key took the name back from a first-use
+                    // claim: connections made under the old pin go.
+                    log::warn!(
+                        "peer {} proved its name with its key {}: dropping connections made under key {}",
+                        hello.name,
+                        hello.binding.keys.fingerprint(),
+                        old.fingerprint()
+                    );
+                    let stale: Vec<u64> =
+                        g.conns.iter().filter(|(_, c)| c.peer == Some(hello.name)).map(|(id, _)| *id).collect();
+                    for id in stale {
+                        if let Some(c) = g.conns.get(&id) {
+                            let _ = c.queue.send(ControlMsg::Goodbye(format!(
+                                "{IDENTITY_REFUSED} {}: {} is bound to another key now",
+                                self.settings.me, hello.name
+                            )));
+                        }
+                        self.drop_conn_locked(g, id);
+                    }
+                    g.topology.forget(hello.name);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let me = self.settings.me;
+                g.trust.refused_identities += 1;
+                g.trust.remember(Refusal {
+                    by: "us".into(),
+                    peer: hello.name.to_string(),
+                    address: remote.to_string(),
+                    reason: e.to_string(),
+                    seconds_ago: 0,
+                });
+                if g.trust.should_log(hello.name) {
+                    log::warn!(
+                        "peer {me} refused the connection from {remote} claiming to be {} ({}): {e}",
+                        hello.name,
+                        hello.nickname
+                    );
+                }
+                Err(format!("{IDENTITY_REFUSED} {me}: {} ({remote}): {e}", hello.name))
+            }
+        }
+    }
+
+    /// The peer at `remote` refused our identity (its Goodbye said so).
+    pub fn refused_by_peer(&self, peer: PeerName, remote: SocketAddr, reason: &str) {
         let mut g = self.lock();
-        let changed = g.topology.merge(infos).map_err(|e| format!("bad gossip: {e}"))?;
+        g.trust.refused_by_peers += 1;
+        g.trust.remember(Refusal {
+            by: "peer".into(),
+            peer: self.settings.me.to_string(),
+            address: remote.to_string(),
+            reason: reason.to_string(),
+            seconds_ago: 0,
+        });
+        if g.trust.should_log(peer) {
+            log::warn!("peer {peer} ({remote}) refused our identity {}: {reason}", self.settings.me);
+        }
+    }
+
+    /// `rmpeer`: forgets the keys pinned for `name` and its topology entry, so a
+    /// host reinstalled with a new key can use the name again; the removed keys
+    /// are refused for it until the router restarts. Err if `name` is us or is
+    /// reachable. Ok(Some(fingerprint)) if keys were pinned.
+    pub fn forget_identity(&self, name: PeerName) -> Result<Option<String>, String> {
+        if name == self.settings.me {
+            return Err("this router's own identity cannot be removed".into());
+        }
+        let mut g = self.lock();
+        if g.conns.values().any(|c| c.established && c.peer == Some(name)) || g.topology.routes().contains_key(&name) {
+            return Err(format!("peer {name} is reachable: rmpeer is for peers that are gone"));
+        }
+        g.topology.forget(name);
+        let Some(keys) = g.keys.remove(name) else { return Ok(None) };
+        g.trust.revoked.insert(name, keys);
+        g.trust.keys_changed += 1;
+        drop(g);
+        self.keys_saver.notify_one();
+        log::info!("forgot the key {} pinned for peer {name} (rmpeer)", keys.fingerprint());
+        Ok(Some(keys.fingerprint()))
+    }
+
+    /// Writes the key book if it changed since the last save: a snapshot is taken
+    /// under the lock, the file is written outside it. True if it wrote.
+    pub fn save_keys(&self) -> anyhow::Result<bool> {
+        let (changed, book) = {
+            let g = self.lock();
+            if g.trust.keys_changed == g.trust.keys_saved {
+                return Ok(false);
+            }
+            (g.trust.keys_changed, g.keys.clone())
+        };
+        self.state.save_keys(&book)?;
+        let mut g = self.lock();
+        g.trust.keys_saved = g.trust.keys_saved.max(changed);
+        Ok(true)
+    }
+
+    pub fn trust_status(&self) -> TrustStatus {
+        let g = self.lock();
+        let now = Instant::now();
+        TrustStatus {
+            pinned_keys: g.keys.len(),
+            refused_identities: g.trust.refused_identities,
+            refused_by_peers: g.trust.refused_by_peers,
+            recent_refusals: g
+                .trust
+                .recent
+                .iter()
+                .map(|(t, r)| Refusal { seconds_ago: now.duration_since(*t).as_secs(), ..r.clone() })
+                .collect(),
+            gossip_rejected: g.trust.gossip_rejected.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    /// Merges gossip received on connection `from` and passes on what was new.
+    pub fn on_gossip(&self, from: u64, mut infos: Vec<SignedPeerInfo>) -> Result<(), String> {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        let mut dropped: Vec<(PeerName, &'static str)> = Vec::new();
+        if !g.trust.revoked.is_empty() {
+            let revoked = &g.trust.revoked;
+            infos.retain(|e| {
+                let gone = revoked.get(&e.info.name) == Some(&e.seal.binding.keys);
+                if gone {
+                    dropped.push((e.info.name, "revoked"));
+                }
+                !gone
+            });
+        }
+        let report = match g.topology.merge_signed(infos, &mut g.keys) {
+            Ok(r) => r,
+            Err(e) => {
+                *g.trust.gossip_rejected.entry("oversize").or_default() += 1;
+                return Err(format!("bad gossip: {e}"));
+            }
+        };
+        dropped.extend(report.rejected.iter().map(|(n, why)| (*n, why.label())));
+        if !dropped.is_empty() {
+            self.gossip_dropped(g, from, &dropped);
+        }
+        if !report.pinned.is_empty() {
+            g.trust.keys_changed += 1;
+            self.keys_saver.notify_one();
+        }
+        let changed = report.changed;
+        let mut g = guard;
         if !changed.is_empty() {
             g.discovery = None;
-            let update = g.topology.gossip_about(&changed);
+            let update = g.topology.gossip_about_signed(&changed);
             broadcast_gossip(&mut g, Some(from), update);
             // Garbage collection and routes follow in route_loop, off this path.
             self.reachability_changed(&mut g);
@@ -676,7 +953,7 @@ impl Mesh {
         let mut ids: Vec<u64> = g.conns.iter().filter(|(_, c)| c.established).map(|(&id, _)| id).collect();
         ids.sort_unstable();
         let chosen = full_gossip_targets(ids.len(), g.topology.peers().count(), random_u64());
-        let msgs = split_gossip(g.topology.gossip_all(), GOSSIP_CHUNK);
+        let msgs = split_gossip(g.topology.gossip_all_signed(), GOSSIP_CHUNK);
         for i in chosen {
             if let Some(c) = g.conns.get(&ids[i]) {
                 for m in &msgs {
@@ -987,7 +1264,7 @@ fn slots_used(g: &Inner) -> usize {
 
 /// Sends topology entries to every established connection but `except`, split
 /// into messages of at most [`GOSSIP_CHUNK`] bytes.
-fn broadcast_gossip(g: &mut Inner, except: Option<u64>, infos: Vec<PeerInfo>) {
+fn broadcast_gossip(g: &mut Inner, except: Option<u64>, infos: Vec<SignedPeerInfo>) {
     for msg in split_gossip(infos, GOSSIP_CHUNK) {
         broadcast(g, except, &msg);
     }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use meshnet_proto::identity::Identity;
+use meshnet_proto::trust::KeyBook;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Default state directory.
@@ -86,6 +87,10 @@ impl StateDir {
     fn devices_path(&self) -> PathBuf {
         self.root.join("devices.json")
     }
+    /// Peer names pinned to their keys (see `meshnet_proto::trust`).
+    pub fn keys_path(&self) -> PathBuf {
+        self.root.join("keys.json")
+    }
 
     /// Creates the directory (mode 0700) if needed.
     pub fn ensure(&self) -> Result<()> {
@@ -135,6 +140,18 @@ impl StateDir {
     }
     pub fn save_devices(&self, d: &Devices) -> Result<()> {
         write_json(&self.devices_path(), d)
+    }
+
+    /// The key book; empty when there is none yet. A corrupt file is an error:
+    /// silently starting afresh would unpin every name.
+    pub fn load_keys(&self) -> Result<KeyBook> {
+        let path = self.keys_path();
+        let book: Option<KeyBook> = read_json(&path)
+            .map_err(|e| anyhow::anyhow!("{e:#} (names pinned to keys; move it away to forget every pin)"))?;
+        Ok(book.unwrap_or_default())
+    }
+    pub fn save_keys(&self, book: &KeyBook) -> Result<()> {
+        write_json(&self.keys_path(), book)
     }
 
     /// The pid recorded by a running (or crashed) router, if any.
@@ -228,6 +245,23 @@ mod tests {
         fs::write(s.root.join("identity"), "zz").unwrap();
         assert!(s.identity().is_err());
         assert_eq!(fs::read_to_string(s.root.join("identity")).unwrap(), "zz");
+        fs::remove_dir_all(&s.root).unwrap();
+    }
+
+    #[test]
+    fn keys_round_trip_and_a_corrupt_key_book_is_an_error() {
+        use meshnet_proto::trust::{Binding, Signer};
+        let s = scratch("keys");
+        assert!(s.load_keys().unwrap().is_empty());
+        let id = Identity::generate();
+        let mut book = KeyBook::new();
+        book.admit(&Binding::new(id.name(), &id, &Signer::from_identity(&id))).unwrap();
+        s.save_keys(&book).unwrap();
+        assert_eq!(s.load_keys().unwrap(), book);
+        fs::write(s.keys_path(), "{ not json").unwrap();
+        let err = format!("{:#}", s.load_keys().unwrap_err());
+        assert!(err.contains("keys.json is corrupt"), "{err}");
+        assert_eq!(fs::read_to_string(s.keys_path()).unwrap(), "{ not json");
         fs::remove_dir_all(&s.root).unwrap();
     }
 

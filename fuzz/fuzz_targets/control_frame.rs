@@ -10,6 +10,7 @@
 use libfuzzer_sys::fuzz_target;
 use meshnet_proto::handshake::{Established, Handshake, HandshakeConfig, Hello, Role, CAP_SUPERFRAMES};
 use meshnet_proto::identity::Identity;
+use meshnet_proto::trust::{Binding, Signer};
 
 fn config(seed: u8) -> HandshakeConfig {
     let identity = Identity::from_private([seed; 32]).unwrap();
@@ -22,6 +23,7 @@ fn config(seed: u8) -> HandshakeConfig {
         udp_port: 6784,
         receiver_index: seed as u32,
         capabilities: CAP_SUPERFRAMES,
+        binding: Binding::new(identity.name(), &identity, &Signer::from_identity(&identity)),
     };
     HandshakeConfig { identity, psk: None, hello }
 }

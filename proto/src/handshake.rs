@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::Identity;
 use crate::peer::PeerName;
+use crate::trust::{Binding, TrustError};
 use crate::wire::control::{
     sanitize_reason, ControlChannel, Frame, FrameError, FrameType, Preamble, MAX_HANDSHAKE_PAYLOAD, MAX_REFUSAL,
     PREAMBLE_LEN,
@@ -87,6 +88,25 @@ pub struct Hello {
     pub receiver_index: u32,
     /// `CAP_*` bits.
     pub capabilities: u32,
+    /// The sender's signed statement that `name` is bound to its keys; checked
+    /// against the key the handshake authenticated by [`verify_peer`].
+    pub binding: Binding,
+}
+
+/// Whether the peer of a completed handshake is who its [`Hello`] says: its
+/// binding is well formed and signed, names the name the Hello claims, and binds
+/// that name to the static key Noise authenticated (`remote_static`). Whether the
+/// name is already bound to other keys is the caller's question (its
+/// [`crate::trust::KeyBook`]).
+pub fn verify_peer(hello: &Hello, remote_static: &[u8; 32]) -> Result<(), TrustError> {
+    hello.binding.verify()?;
+    if hello.binding.name != hello.name {
+        return Err(TrustError::NameMismatch { claimed: hello.name, bound: hello.binding.name });
+    }
+    if hello.binding.keys.static_key != *remote_static {
+        return Err(TrustError::StaticKeyMismatch(hello.name));
+    }
+    Ok(())
 }
 
 /// Which end of the TCP connection this is.
@@ -654,11 +674,13 @@ fn derive_data_keys(role: Role, k1: &[u8; 32], k2: &[u8; 32]) -> Result<DataKeys
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::{ConnInfo, PeerInfo, Topology};
+    use crate::topology::{ConnInfo, PeerInfo, Seal, SignedPeerInfo, Topology};
     use crate::wire::control::{decode_gossip, ControlError, ControlMsg, MAX_MESSAGE, MAX_RECORD_PLAINTEXT};
 
     pub(crate) fn hello_for(id: &Identity, tcp_port: u16) -> Hello {
+        let signer = crate::trust::Signer::from_identity(id);
         Hello {
+            binding: Binding::new(id.name(), id, &signer),
             name: id.name(),
             nickname: format!("host-{tcp_port}"),
             uid: tcp_port as u64 * 7,
@@ -797,6 +819,56 @@ mod tests {
         assert_ne!(i.data_keys.send, i.data_keys.recv);
         assert_eq!((i.version, r.version), (PROTOCOL_VERSION, PROTOCOL_VERSION));
         assert_eq!((i.role, r.role), (Role::Initiator, Role::Responder));
+    }
+
+    #[test]
+    fn verify_peer_binds_the_claimed_name_to_the_authenticated_key() {
+        let (ca, cb) = (cfg(1, psk("pw")), cfg(2, psk("pw")));
+        let (i, r) = established(ca.clone(), cb.clone(), 1 << 16);
+        verify_peer(&i.remote, &i.remote_static).unwrap();
+        verify_peer(&r.remote, &r.remote_static).unwrap();
+
+        // The thief answers as responder; `r` is what the initiator learnt of it.
+        // A member (peer 3, same password) claims peer 2's name.
+        let victim = cb.hello.clone();
+        let mut thief = cfg(3, psk("pw"));
+        // (a) with its own binding: the names differ.
+        thief.hello.name = victim.name;
+        let (r, _) = established(ca.clone(), thief.clone(), 1 << 16);
+        assert_eq!(
+            verify_peer(&r.remote, &r.remote_static),
+            Err(TrustError::NameMismatch { claimed: victim.name, bound: thief.cfg_name() })
+        );
+        // (b) replaying the victim's binding: the handshake proved another key.
+        thief.hello.binding = victim.binding.clone();
+        let (r, _) = established(ca.clone(), thief.clone(), 1 << 16);
+        assert_eq!(verify_peer(&r.remote, &r.remote_static), Err(TrustError::StaticKeyMismatch(victim.name)));
+        // (c) a binding it signed itself for the victim's name: consistent, so
+        // only the key book can refuse it (the name is pinned to the victim's keys).
+        let signer = crate::trust::Signer::from_identity(&thief.identity);
+        thief.hello.binding = Binding::new(victim.name, &thief.identity, &signer);
+        let (r, _) = established(ca.clone(), thief.clone(), 1 << 16);
+        verify_peer(&r.remote, &r.remote_static).unwrap();
+        let mut book = crate::trust::KeyBook::new();
+        book.admit(&victim.binding).unwrap();
+        assert!(matches!(book.admit(&r.remote.binding), Err(TrustError::Conflict { .. })));
+        // (d) a tampered binding.
+        thief.hello.binding.sig.0[0] ^= 1;
+        let (r, _) = established(ca, thief, 1 << 16);
+        assert_eq!(verify_peer(&r.remote, &r.remote_static), Err(TrustError::BadSignature(victim.name)));
+        // Names 0 and wider than 48 bits are refused.
+        let mut zero = cfg(4, None);
+        let signer = crate::trust::Signer::from_identity(&zero.identity);
+        zero.hello.name = PeerName(1 << 48);
+        zero.hello.binding = Binding::new(zero.hello.name, &zero.identity, &signer);
+        let (r, _) = established(cfg(5, None), zero, 1 << 16);
+        assert_eq!(verify_peer(&r.remote, &r.remote_static), Err(TrustError::BadName(PeerName(1 << 48))));
+    }
+
+    impl HandshakeConfig {
+        fn cfg_name(&self) -> PeerName {
+            self.identity.name()
+        }
     }
 
     #[test]
@@ -1021,11 +1093,20 @@ mod tests {
         }
     }
 
+    /// `peer_info`, signed by one test signer (a valid seal for tests of the channel).
+    fn signed_info(n: u64, conns: usize) -> SignedPeerInfo {
+        let id = Identity::from_private([77; 32]).unwrap();
+        let signer = crate::trust::Signer::from_identity(&id);
+        let info = peer_info(n, conns);
+        let binding = Binding::new(info.name, &id, &signer);
+        SignedPeerInfo { seal: Seal::sign(&info, &signer, &binding), info }
+    }
+
     #[test]
     fn large_messages_span_records_and_the_bound_holds() {
         let (mut i, mut r) = established(cfg(1, None), cfg(2, None), 4096);
         // About 1 MiB of gossip.
-        let gossip = ControlMsg::Gossip((0..600).map(|n| peer_info(n, 100)).collect());
+        let gossip = ControlMsg::Gossip((0..600).map(|n| signed_info(n, 100)).collect());
         let mut wire = Vec::new();
         i.channel.send(&gossip, &mut wire).unwrap();
         assert!(wire.len() > 1 << 20, "{}", wire.len());
@@ -1354,7 +1435,7 @@ mod tests {
         // each failure instead of paying for a new handshake.
         let (mut tx, mut rx) = established(cfg(1, None), cfg(2, None), 1 << 16);
         let mut sample = Vec::new();
-        tx.channel.send(&ControlMsg::Gossip(vec![peer_info(1, 3), peer_info(2, 1)]), &mut sample).unwrap();
+        tx.channel.send(&ControlMsg::Gossip(vec![signed_info(1, 3), signed_info(2, 1)]), &mut sample).unwrap();
         rx.channel.resync_for_test(tx.channel.sending_nonce_for_test());
         for _ in 0..10_000 {
             let input = match rng.below(4) {
@@ -1393,9 +1474,10 @@ mod tests {
             rx.channel.resync_for_test(tx.channel.sending_nonce_for_test());
         }
 
-        // bincode Vec<PeerInfo> + merge + routes.
+        // bincode Vec<SignedPeerInfo> + signed merge + routes.
+        let mut book = crate::trust::KeyBook::new();
         let good = bincode::serde::encode_to_vec(
-            (0..6).map(|n| peer_info(n, 4)).collect::<Vec<_>>(),
+            (0..6).map(|n| signed_info(n, 4)).collect::<Vec<_>>(),
             bincode::config::standard(),
         )
         .unwrap();
@@ -1404,7 +1486,7 @@ mod tests {
             let input = if rng.below(3) == 0 { rng.bytes(100) } else { rng.mutate(good.clone()) };
             if let Ok(peers) = decode_gossip(&input) {
                 outcomes[2] += 1;
-                if topo.merge(peers).is_ok() {
+                if topo.merge_signed(peers, &mut book).is_ok() {
                     outcomes[3] += 1;
                 }
                 let _ = topo.routes();

@@ -14,7 +14,7 @@
 
 use std::collections::VecDeque;
 
-use crate::topology::PeerInfo;
+use crate::topology::SignedPeerInfo;
 use crate::wire::control::ControlMsg;
 
 /// Messages (other than gossip, which merges, and Goodbye) a queue holds by default.
@@ -136,10 +136,10 @@ impl SendQueue {
 
 /// Merges `newer` into `queued`: per peer, the entry with the higher version wins
 /// (on a tie the newer message's). Entries keep their first position.
-fn merge_gossip(queued: &mut Vec<PeerInfo>, newer: Vec<PeerInfo>) {
+fn merge_gossip(queued: &mut Vec<SignedPeerInfo>, newer: Vec<SignedPeerInfo>) {
     for info in newer {
-        match queued.iter_mut().find(|q| q.name == info.name) {
-            Some(q) if q.version <= info.version => *q = info,
+        match queued.iter_mut().find(|q| q.info.name == info.info.name) {
+            Some(q) if q.info.version <= info.info.version => *q = info,
             Some(_) => {}
             None => queued.push(info),
         }
@@ -151,16 +151,24 @@ mod tests {
     use super::*;
     use crate::PeerName;
 
-    fn info(n: u64, version: u64) -> PeerInfo {
-        PeerInfo {
-            name: PeerName(0x0200_0000_0000 | n),
+    /// An entry with a seal that is never checked here (the queue only orders and
+    /// coalesces; verifying is the topology's job).
+    fn info(n: u64, version: u64) -> SignedPeerInfo {
+        use crate::topology::{PeerInfo, Seal};
+        use crate::trust::{Binding, PeerKeys, Signature};
+        let name = PeerName(0x0200_0000_0000 | n);
+        let info = PeerInfo {
+            name,
             nickname: format!("p{n}"),
             uid: n,
             version,
             software: "t".into(),
             mtu: 1376,
             connections: Vec::new(),
-        }
+        };
+        let keys = PeerKeys { static_key: [n as u8; 32], signing_key: [n as u8; 32] };
+        let binding = Binding { name, keys, sig: Signature([0; 64]) };
+        SignedPeerInfo { info, seal: Seal { binding, sig: Signature([0; 64]) } }
     }
 
     #[test]

@@ -213,7 +213,15 @@ pub enum TrustError {
     StaticKeyMismatch(PeerName),
     #[error("{0} is not known: no key is bound to it")]
     Unknown(PeerName),
+    #[error("peer claims name {claimed} but its key is bound to {bound}")]
+    NameMismatch { claimed: PeerName, bound: PeerName },
+    #[error("no room to pin {0}: the key book holds {MAX_PINNED} names")]
+    BookFull(PeerName),
 }
+
+/// Most names a [`KeyBook`] pins through [`KeyBook::admit_preferring_derived`]
+/// (gossip can invent names; the book must not grow without bound).
+pub const MAX_PINNED: usize = 40_000;
 
 /// Whether a peer name can name a peer: not 0 (broadcast), not wider than 48 bits.
 pub fn valid_name(name: PeerName) -> bool {
@@ -337,6 +345,62 @@ impl KeyBook {
         }
     }
 
+    /// Like [`admit`](Self::admit), with two differences for bindings met on the
+    /// network: a binding whose name is derived from its static key replaces a pin
+    /// that is not derived (such a pin can only be someone else's first-use claim
+    /// of a name its owner proves with its key; the return is then
+    /// `Admission::Pinned`), and no new name is pinned once the book holds
+    /// [`MAX_PINNED`] names.
+    pub fn admit_preferring_derived(&mut self, binding: &Binding) -> Result<Admission, TrustError> {
+        binding.verify()?;
+        self.admit_verified(binding)
+    }
+
+    /// [`admit_preferring_derived`](Self::admit_preferring_derived) for a binding
+    /// the caller has just verified (saves a second signature check).
+    pub(crate) fn admit_verified(&mut self, binding: &Binding) -> Result<Admission, TrustError> {
+        match self.pinned.get(&binding.name) {
+            Some(keys) if *keys == binding.keys => Ok(Admission::Known),
+            Some(keys)
+                if binding.is_derived() && PeerName::from_public_key(&keys.static_key) != binding.name =>
+            {
+                self.pinned.insert(binding.name, binding.keys);
+                Ok(Admission::Pinned)
+            }
+            Some(keys) => Err(TrustError::Conflict {
+                name: binding.name,
+                pinned: keys.fingerprint(),
+                offered: binding.keys.fingerprint(),
+            }),
+            None if self.pinned.len() >= MAX_PINNED => Err(TrustError::BookFull(binding.name)),
+            None => {
+                self.pinned.insert(binding.name, binding.keys);
+                Ok(Admission::Pinned)
+            }
+        }
+    }
+
+    /// What [`admit_preferring_derived`](Self::admit_preferring_derived) would
+    /// answer, without changing the book.
+    pub fn check_preferring_derived(&self, binding: &Binding) -> Result<Admission, TrustError> {
+        binding.verify()?;
+        match self.pinned.get(&binding.name) {
+            Some(keys) if *keys == binding.keys => Ok(Admission::Known),
+            Some(keys)
+                if binding.is_derived() && PeerName::from_public_key(&keys.static_key) != binding.name =>
+            {
+                Ok(Admission::Pinned)
+            }
+            Some(keys) => Err(TrustError::Conflict {
+                name: binding.name,
+                pinned: keys.fingerprint(),
+                offered: binding.keys.fingerprint(),
+            }),
+            None if self.pinned.len() >= MAX_PINNED => Err(TrustError::BookFull(binding.name)),
+            None => Ok(Admission::Pinned),
+        }
+    }
+
     /// Forgets `name`'s keys (after `rmpeer`), so a reinstalled host can bind it anew.
     pub fn remove(&mut self, name: PeerName) -> Option<PeerKeys> {
         self.pinned.remove(&name)
@@ -441,6 +505,31 @@ mod tests {
         assert_eq!(book.get(name).unwrap().signing_key, sa.public());
         book.remove(name);
         assert_eq!(book.admit(&intruder), Ok(Admission::Pinned));
+    }
+
+    #[test]
+    fn a_derived_binding_replaces_a_first_use_claim_of_its_name() {
+        let (owner, so) = peer(11);
+        let (squatter, ss) = peer(12);
+        let mut book = KeyBook::new();
+        // The squatter claims the owner's derived name first, with its own key.
+        let squat = Binding::new(owner.name(), &squatter, &ss);
+        assert_eq!(book.admit_preferring_derived(&squat), Ok(Admission::Pinned));
+        // The owner proves the name with its key: it wins the pin.
+        let real = Binding::new(owner.name(), &owner, &so);
+        assert!(real.is_derived());
+        assert_eq!(book.check_preferring_derived(&real), Ok(Admission::Pinned));
+        assert_eq!(book.admit_preferring_derived(&real), Ok(Admission::Pinned));
+        assert_eq!(book.get(owner.name()), Some(&real.keys));
+        // And the squatter cannot take it back.
+        assert!(matches!(book.admit_preferring_derived(&squat), Err(TrustError::Conflict { .. })));
+        // A chosen (not derived) name stays pinned to its first keys.
+        let chosen = PeerName(0x02_00_00_00_00_42);
+        book.admit_preferring_derived(&Binding::new(chosen, &owner, &so)).unwrap();
+        assert!(matches!(
+            book.admit_preferring_derived(&Binding::new(chosen, &squatter, &ss)),
+            Err(TrustError::Conflict { .. })
+        ));
     }
 
     #[test]

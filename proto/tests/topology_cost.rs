@@ -9,7 +9,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use meshnet_proto::topology::{ConnInfo, PeerInfo, Topology, MAX_CONNECTIONS, MAX_PEERS};
+use meshnet_proto::identity::Identity;
+use meshnet_proto::topology::{ConnInfo, PeerInfo, Seal, SignedPeerInfo, Topology, MAX_CONNECTIONS, MAX_PEERS};
+use meshnet_proto::trust::{Binding, KeyBook, Signer};
 use meshnet_proto::PeerName;
 
 fn name(n: u64) -> PeerName {
@@ -71,6 +73,20 @@ impl Rng {
 /// Peers 1..=n, every link listed (established) by both ends; peer 1 named `me`.
 fn infos(n: u64, adj: &[Vec<u64>], me: u64) -> Vec<PeerInfo> {
     (1..=n).map(|i| peer(i, &adj[i as usize], me)).collect()
+}
+
+/// Each entry sealed by its owner, as gossip carries them (a key per name).
+fn sign_all(all: &[PeerInfo]) -> Vec<SignedPeerInfo> {
+    all.iter()
+        .map(|p| {
+            let mut key = [1u8; 32];
+            key[..8].copy_from_slice(&p.name.0.to_be_bytes());
+            let id = Identity::from_private(key).unwrap();
+            let signer = Signer::from_identity(&id);
+            let binding = Binding::new(p.name, &id, &signer);
+            SignedPeerInfo { seal: Seal::sign(p, &signer, &binding), info: p.clone() }
+        })
+        .collect()
 }
 
 /// A connected random graph of `n` peers with average degree about `degree`:
@@ -135,7 +151,7 @@ fn bench_figures() {
         // entries in one update, then recompute.
         let all = infos(n, &adj, n | 1);
         let bytes = bincode::serde::encode_to_vec(&all, bincode::config::standard()).unwrap().len();
-        let parts = meshnet_proto::wire::control::split_gossip(all.clone(), meshnet_proto::wire::control::GOSSIP_CHUNK);
+        let parts = meshnet_proto::wire::control::split_gossip(sign_all(&all), meshnet_proto::wire::control::GOSSIP_CHUNK);
         let mut t = Topology::new(all[0].clone());
         let update = all[1..].to_vec();
         let (clone, _) = per_run(reps, || drop(std::hint::black_box(update.clone())));
@@ -252,22 +268,24 @@ fn merge_in_parts(n: u64, adj: &[Vec<u64>], chunk: usize) -> usize {
     let all = infos(n, adj, n | 1);
     let mut sender = Topology::new(all[0].clone());
     sender.merge(all[1..].to_vec()).unwrap();
-    let full = sender.gossip_all();
+    let full = sign_all(&sender.gossip_all());
     let msgs = split_gossip(full.clone(), chunk);
     let count = msgs.len();
     // A new peer, connected only to the sender (pending: not yet in its entry).
     let mut me = peer(1, &[], n | 1);
     me.name = name(1);
     me.connections =
-        vec![ConnInfo { peer: full[0].name, addr: "10.9.9.9:6783".parse().unwrap(), outbound: true, established: false }];
+        vec![ConnInfo { peer: full[0].info.name, addr: "10.9.9.9:6783".parse().unwrap(), outbound: true, established: false }];
     let mut receiver = Topology::new(me);
+    let mut book = KeyBook::new();
     let mut got = Vec::new();
     for msg in msgs {
         let body = encode_message(&msg).unwrap();
         assert!(body.len() <= chunk, "{} bytes", body.len());
         let ControlMsg::Gossip(part) = decode_message(&body).unwrap() else { panic!("not gossip") };
         got.extend(part.iter().cloned());
-        receiver.merge(part).unwrap();
+        let report = receiver.merge_signed(part, &mut book).unwrap();
+        assert!(report.rejected.is_empty(), "{report:?}");
         assert_eq!(receiver.garbage_collect(), vec![], "every part is reachable through the parts before it");
     }
     assert_eq!(got, full, "same entries, same order");
@@ -282,7 +300,7 @@ fn large_gossip_is_split_and_every_part_merges() {
     use meshnet_proto::wire::control::{encode_message, ControlMsg, GOSSIP_CHUNK};
     let adj = full_mesh(500);
     let all = infos(500, &adj, 501);
-    assert!(encode_message(&ControlMsg::Gossip(all)).is_err(), "too big for one message");
+    assert!(encode_message(&ControlMsg::Gossip(sign_all(&all))).is_err(), "too big for one message");
     assert!(merge_in_parts(500, &adj, GOSSIP_CHUNK) > 4_000_000 / GOSSIP_CHUNK);
     // A sparse mesh in small parts: most peers are not the sender's neighbours, so
     // the order (breadth-first from the sender) is what keeps them.

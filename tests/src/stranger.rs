@@ -20,7 +20,8 @@ use meshnet_proto::handshake::{
     derive_psk, derive_psk_with_iterations, Established, Handshake, HandshakeConfig, Hello, Role, CAP_SUPERFRAMES,
 };
 use meshnet_proto::identity::Identity;
-use meshnet_proto::topology::PeerInfo;
+use meshnet_proto::topology::{PeerInfo, Seal, SignedPeerInfo};
+use meshnet_proto::trust::{Binding, Signer};
 use meshnet_proto::wire::control::ControlMsg;
 use meshnet_proto::PeerName;
 
@@ -174,6 +175,7 @@ fn config(psk: Option<[u8; 32]>, nickname: &str) -> HandshakeConfig {
         udp_port: 6783,
         receiver_index: 7,
         capabilities: CAP_SUPERFRAMES,
+        binding: Binding::new(identity.name(), &identity, &Signer::from_identity(&identity)),
     };
     HandshakeConfig { identity, psk, hello }
 }
@@ -215,6 +217,9 @@ pub struct Member {
     pub est: Established,
     pub name: PeerName,
     pub uid: u64,
+    /// Signs the member's own topology entry, as a router does.
+    pub signer: Signer,
+    pub binding: Binding,
 }
 
 /// From the calling thread's namespace: dials `target` and completes a real
@@ -222,9 +227,10 @@ pub struct Member {
 pub fn join(target: SocketAddr, password: &str, nickname: &str) -> Result<Member, String> {
     let cfg = config(Some(derive_psk(password.as_bytes())), nickname);
     let (name, uid) = (cfg.hello.name, cfg.hello.uid);
+    let (signer, binding) = (Signer::from_identity(&cfg.identity), cfg.hello.binding.clone());
     let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(3)).map_err(|e| e.to_string())?;
     let est = handshake(&mut stream, Role::Initiator, cfg)?;
-    Ok(Member { stream, est, name, uid })
+    Ok(Member { stream, est, name, uid, signer, binding })
 }
 
 impl Member {
@@ -286,6 +292,7 @@ impl Member {
                     mtu: 1376,
                     connections: Vec::new(),
                 };
+                let me = SignedPeerInfo { seal: Seal::sign(&me, &self.signer, &self.binding), info: me };
                 if let Err(e) = self.est.channel.send(&ControlMsg::Gossip(vec![me]), &mut out) {
                     encode_err = Some(format!("encode: {e}"));
                     break;

@@ -78,7 +78,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::topology::PeerInfo;
+use crate::topology::SignedPeerInfo;
 
 /// The preamble's magic.
 pub const MAGIC: &[u8; 8] = b"meshnet\0";
@@ -109,8 +109,9 @@ pub const MAX_CHANNEL_BUFFER: usize = MAX_MESSAGE + 4 + 2 * (u16::MAX as usize +
 pub enum ControlMsg {
     /// Keep-alive; carries nothing.
     Heartbeat,
-    /// Topology entries (all of them on a new connection, changed ones later).
-    Gossip(Vec<PeerInfo>),
+    /// Topology entries, each signed by its owner (all of them on a new
+    /// connection, changed ones later).
+    Gossip(Vec<SignedPeerInfo>),
     /// IPAM ring state, encoded by the IPAM module.
     Ipam(Vec<u8>),
     /// The sender is closing the connection, and why.
@@ -298,9 +299,9 @@ pub fn decode_message(body: &[u8]) -> Result<ControlMsg, ControlError> {
     Ok(msg)
 }
 
-/// Decodes a bare bincode `Vec<PeerInfo>` (the body of a `Gossip` without its
-/// enum tag) under the same limit; for tools and fuzzing.
-pub fn decode_gossip(bytes: &[u8]) -> Result<Vec<PeerInfo>, ControlError> {
+/// Decodes a bare bincode `Vec<SignedPeerInfo>` (the body of a `Gossip` without
+/// its enum tag) under the same limit; for tools and fuzzing.
+pub fn decode_gossip(bytes: &[u8]) -> Result<Vec<SignedPeerInfo>, ControlError> {
     let (peers, _) =
         bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| ControlError::Decode(e.to_string()))?;
     Ok(peers)
@@ -315,7 +316,7 @@ pub const GOSSIP_CHUNK: usize = 256 << 10;
 /// bytes each, keeping their order (an entry larger than `max` on its own, which
 /// the topology bounds keep under [`MAX_MESSAGE`], gets a message to itself). No
 /// entries: no messages.
-pub fn split_gossip(infos: Vec<PeerInfo>, max: usize) -> Vec<ControlMsg> {
+pub fn split_gossip(infos: Vec<SignedPeerInfo>, max: usize) -> Vec<ControlMsg> {
     // Enum tag and vector length: at most 5 + 9 bytes.
     const OVERHEAD: usize = 16;
     let mut out = Vec::new();
