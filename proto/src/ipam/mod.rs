@@ -155,6 +155,7 @@ pub mod wire;
 mod tests;
 
 pub use allocator::Ipam;
+pub use wire::Proof;
 pub use space::{Cidr, CidrError};
 
 /// The default allocation range, as in Weave.
@@ -311,6 +312,42 @@ pub struct IpamStatus {
     /// Addresses owned by unreachable peers.
     pub unreachable_space: u64,
     pub ring_entries: usize,
+    /// What was dropped from peers, by reason.
+    pub drops: DropStats,
+}
+
+/// IPAM input dropped, by reason (shown by `meshnet status ipam --json`). Each
+/// counts records (entries, Paxos records or values, bindings) or whole messages
+/// as named; none of them closes a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DropStats {
+    /// Messages that did not decode or broke a bound.
+    pub malformed_messages: u64,
+    /// Messages of another IPAM protocol version.
+    pub version_mismatches: u64,
+    /// Messages whose sender has no key bound here (no binding came with them).
+    pub unknown_senders: u64,
+    /// Messages whose signature is not their claimed sender's.
+    pub forged_messages: u64,
+    /// Bindings whose own signature or name is bad.
+    pub bad_bindings: u64,
+    /// Bindings for a name already bound to other keys.
+    pub conflicting_bindings: u64,
+    /// Ring entries with a bad signature, a writer with no right to them, or
+    /// a genesis entry that is not the genesis.
+    pub forged_entries: u64,
+    /// Ring entries whose writer has no key bound here.
+    pub unknown_entry_signers: u64,
+    /// Ring entries for a live peer's range, validly signed by another peer:
+    /// a forged claim, or a transfer this peer missed. Dropped; the owner this
+    /// peer knows is asked for its full state (which settles a missed transfer).
+    pub unverifiable_entries: u64,
+    /// Paxos records with a bad signature or a value nobody signed.
+    pub forged_paxos_records: u64,
+    /// Paxos values not signed by their ballot's proposer.
+    pub forged_paxos_values: u64,
+    /// Paxos records whose round jumps too far ahead of every round known here.
+    pub paxos_round_jumps: u64,
 }
 
 /// A seed list in errors.

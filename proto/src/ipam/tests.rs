@@ -6,7 +6,9 @@ use std::net::Ipv4Addr;
 
 use super::wire::{self, Body, Envelope, Gossip};
 use super::*;
+use crate::identity::Identity;
 use crate::peer::PeerName;
+use crate::trust::{Binding, KeyBook, Signer};
 
 fn u() -> Cidr {
     "10.32.0.0/22".parse().unwrap()
@@ -21,8 +23,29 @@ fn any() -> Request {
     Request::Any(u())
 }
 
+/// A fixed identity per peer name (tests are deterministic).
+pub(super) fn id_of(name: PeerName) -> Identity {
+    let mut k = [0x5au8; 32];
+    k[..8].copy_from_slice(&name.0.to_be_bytes());
+    Identity::from_private(k).unwrap()
+}
+pub(super) fn new_ipam(me: PeerName, universe: Cidr, init: InitMode) -> Result<Ipam, IpamError> {
+    Ipam::new(me, universe, init, &id_of(me))
+}
+fn restore_ipam(me: PeerName, universe: Cidr, init: InitMode, cfg: Config, bytes: &[u8]) -> Result<Ipam, IpamError> {
+    Ipam::restore(me, universe, init, cfg, bytes, &id_of(me))
+}
+/// Signs `env` as `env.src` (whose identity is [`id_of`]) with its binding.
+fn signed(env: &Envelope, hops: u8) -> Vec<u8> {
+    let id = id_of(env.src);
+    let signer = Signer::from_identity(&id);
+    wire::encode(env, hops, vec![Binding::new(env.src, &id, &signer)], &signer)
+}
+
 struct Mesh {
     nodes: Vec<Ipam>,
+    /// Each peer's key book (the daemon's, filled from the messages here).
+    keys: Vec<KeyBook>,
     up: Vec<bool>,
     now: u64,
     sent: usize,
@@ -36,8 +59,8 @@ struct Mesh {
 
 impl Mesh {
     fn new(init: impl Fn(usize) -> InitMode, n: usize) -> Mesh {
-        let nodes = (0..n).map(|i| Ipam::new(p(i as u64 + 1), u(), init(i)).unwrap()).collect();
-        let mut m = Mesh { nodes, up: vec![true; n], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
+        let nodes = (0..n).map(|i| new_ipam(p(i as u64 + 1), u(), init(i)).unwrap()).collect();
+        let mut m = Mesh { nodes, keys: vec![KeyBook::new(); n], up: vec![true; n], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
         m.topology();
         m
     }
@@ -87,7 +110,7 @@ impl Mesh {
                             self.log.push(bytes.clone());
                         }
                         let me = self.nodes[from].me();
-                        match self.nodes[j].handle_message(me, &bytes, self.now) {
+                        match self.nodes[j].handle_message(me, &bytes, self.now, &mut self.keys[j]) {
                             Ok(()) => {}
                             Err(e) if self.tolerate => self.errors.push((j, e)),
                             Err(e) => panic!("peer {j}: {e}"),
@@ -193,10 +216,10 @@ fn bad_requests() {
     assert!(matches!(e2(Request::Exact { ip: ip("10.32.1.1"), prefix: 33 }), IpamError::BadPrefix(33)));
     assert!(matches!(m2.nodes[0].allocate("", any(), 0), Err(IpamError::BadTarget(_))));
     assert!(matches!(m2.nodes[0].allocate(&"x".repeat(300), any(), 0), Err(IpamError::BadTarget(_))));
-    assert!(Ipam::new(p(1), "10.0.0.0/31".parse().unwrap(), InitMode::Observer).is_err());
-    assert!(Ipam::new(p(1), u(), InitMode::Consensus(0)).is_err());
-    assert!(Ipam::new(p(1), u(), InitMode::Consensus(paxos::MAX_PARTICIPANTS as u32 + 1)).is_err());
-    assert!(Ipam::new(p(1), u(), InitMode::Seed(vec![])).is_err());
+    assert!(new_ipam(p(1), "10.0.0.0/31".parse().unwrap(), InitMode::Observer).is_err());
+    assert!(new_ipam(p(1), u(), InitMode::Consensus(0)).is_err());
+    assert!(new_ipam(p(1), u(), InitMode::Consensus(paxos::MAX_PARTICIPANTS as u32 + 1)).is_err());
+    assert!(new_ipam(p(1), u(), InitMode::Seed(vec![])).is_err());
 }
 
 #[test]
@@ -259,9 +282,9 @@ fn observer_gets_space_by_donation() {
 fn full_peers_ask_and_exhaustion_waits() {
     let tiny: Cidr = "10.9.0.0/29".parse().unwrap(); // 6 usable
     let seeds = vec![p(1), p(2)];
-    let mut nodes: Vec<Ipam> = (1..=2).map(|i| Ipam::new(p(i), tiny, InitMode::Seed(seeds.clone())).unwrap()).collect();
+    let mut nodes: Vec<Ipam> = (1..=2).map(|i| new_ipam(p(i), tiny, InitMode::Seed(seeds.clone())).unwrap()).collect();
     let mut m =
-        Mesh { nodes: std::mem::take(&mut nodes), up: vec![true; 2], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
+        Mesh { nodes: std::mem::take(&mut nodes), keys: vec![KeyBook::new(); 2], up: vec![true; 2], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
     m.topology();
     let mut got = Vec::new();
     for k in 0..6 {
@@ -290,7 +313,7 @@ fn full_peers_ask_and_exhaustion_waits() {
 
 #[test]
 fn consensus_of_one_and_of_three() {
-    let mut one = Ipam::new(p(1), u(), InitMode::Consensus(1)).unwrap();
+    let mut one = new_ipam(p(1), u(), InitMode::Consensus(1)).unwrap();
     assert!(matches!(one.allocate("c", any(), 0), Ok(Allocation::Pending(Waiting::Consensus { known: 1, quorum: 1 }))));
     for _ in 0..4 {
         let t = one.poll_timeout().unwrap();
@@ -334,7 +357,7 @@ fn consensus_of_one_and_of_three() {
 
 /// Paxos claims carried by one encoded message, if it is gossip with records.
 fn claims_in(bytes: &[u8]) -> Vec<(PeerName, paxos::Claims)> {
-    match wire::decode(bytes).unwrap().body {
+    match wire::decode(bytes).unwrap().1.body {
         Body::Gossip(Gossip { paxos: Some(p), .. }) => p.records.claims,
         _ => Vec::new(),
     }
@@ -427,7 +450,7 @@ fn late_peers_adopt_the_agreed_ring_whatever_their_n() {
     assert!(m.nodes.iter().all(|n| n.ring_bytes() == b));
     // C restarts from its snapshot: still agreed on the adopted ring, same address.
     let snap = m.nodes[2].snapshot();
-    let mut r = Ipam::restore(p(3), u(), InitMode::Consensus(1), Config::default(), &snap).unwrap();
+    let mut r = restore_ipam(p(3), u(), InitMode::Consensus(1), Config::default(), &snap).unwrap();
     assert!(r.is_agreed());
     assert_eq!(seeds_of(&r), vec![p(1)]);
     assert_eq!(r.release_missing(["c"]), vec![]);
@@ -520,7 +543,7 @@ fn allocating_alone_first_makes_a_ring_that_conflicts() {
     m.run_alone(2, 5_000);
     assert_eq!(seeds_of(&m.nodes[2]), vec![p(3)]);
     let c_ip = ready(m.alloc(2, "c", any()));
-    let before: Vec<Vec<u8>> = m.nodes.iter().map(|n| n.snapshot()).collect();
+    let before: Vec<Vec<u8>> = m.nodes.iter_mut().map(|n| n.snapshot()).collect();
     m.tolerate = true;
     m.up[2] = true;
     m.topology();
@@ -551,29 +574,31 @@ fn conflicts_are_refused_and_change_nothing() {
     a.run();
     let before = a.nodes[0].snapshot();
     // Different seeds.
-    let mut other = Ipam::new(p(7), u(), InitMode::Seed(vec![p(7), p(8)])).unwrap();
+    let mut other = new_ipam(p(7), u(), InitMode::Seed(vec![p(7), p(8)])).unwrap();
     let (_, bytes) = other.poll_transmit().unwrap();
-    let e = a.nodes[0].handle_message(p(7), &bytes, 1).unwrap_err();
+    let e = a.nodes[0].handle_message(p(7), &bytes, 1, &mut a.keys[0]).unwrap_err();
     assert!(e.is_conflict() && matches!(e, IpamError::DifferentRings { .. }), "{e}");
     assert_eq!(a.nodes[0].snapshot(), before);
     // Different range.
-    let mut other = Ipam::new(p(7), "10.32.0.0/21".parse().unwrap(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
+    let mut other = new_ipam(p(7), "10.32.0.0/21".parse().unwrap(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
     let (_, bytes) = other.poll_transmit().unwrap();
-    assert!(matches!(a.nodes[0].handle_message(p(7), &bytes, 1), Err(IpamError::RangeMismatch { .. })));
+    assert!(matches!(a.nodes[0].handle_message(p(7), &bytes, 1, &mut a.keys[0]), Err(IpamError::RangeMismatch { .. })));
     assert_eq!(a.nodes[0].snapshot(), before);
-    // Someone "takes over" my range that holds an allocation (rmpeer on a live peer).
-    let mut thief = Ipam::new(p(2), u(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
+    // Someone "takes over" my range that holds an allocation (rmpeer on a live
+    // peer): entries of mine I did not sign are dropped and counted, no conflict.
+    let mut thief = new_ipam(p(2), u(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
     thief.peers_changed(&[]);
     thief.rmpeer(p(1)).unwrap();
     while thief.poll_transmit().is_some() {}
     thief.handle_timeout(100_000);
     let (_, bytes) = thief.poll_transmit().unwrap();
-    let e = a.nodes[0].handle_message(p(2), &bytes, 1).unwrap_err();
-    assert!(matches!(e, IpamError::OwnershipConflict { .. }), "{e}");
+    let forged = a.nodes[0].drops().forged_entries;
+    a.nodes[0].handle_message(p(2), &bytes, 1, &mut a.keys[0]).unwrap();
+    assert_eq!(a.nodes[0].drops().forged_entries, forged + 1);
     assert_eq!(a.nodes[0].snapshot(), before);
     // Garbage.
     for junk in [&b""[..], &b"\x01"[..], &b"\x02abc"[..], &[1u8, 0xff, 0xff, 0xff, 0xff][..]] {
-        let e = a.nodes[0].handle_message(p(2), junk, 1).unwrap_err();
+        let e = a.nodes[0].handle_message(p(2), junk, 1, &mut a.keys[0]).unwrap_err();
         assert!(!e.is_conflict());
     }
     assert_eq!(a.nodes[0].snapshot(), before);
@@ -582,18 +607,19 @@ fn conflicts_are_refused_and_change_nothing() {
 #[test]
 fn relays_unicast_for_others() {
     let mut a = seeded(1);
-    let env = Envelope { universe: u(), src: p(5), dst: p(6), hops: 3, body: Body::SyncRequest };
-    a.nodes[0].handle_message(p(5), &wire::encode(&env), 0).unwrap();
+    let env = Envelope { universe: u(), src: p(5), dst: p(6), body: Body::SyncRequest };
+    a.nodes[0].handle_message(p(5), &signed(&env, 3), 0, &mut a.keys[0]).unwrap();
     let mut out = Vec::new();
     while let Some(t) = a.nodes[0].poll_transmit() {
         out.push(t);
     }
     let relayed = out.iter().find(|(d, _)| *d == Dest::Peer(p(6))).expect("relayed");
-    let env2 = wire::decode(&relayed.1).unwrap();
-    assert_eq!(env2.hops, 2);
+    let (packet, env2) = wire::decode(&relayed.1).unwrap();
+    assert_eq!(packet.hops, 2);
     assert_eq!(env2.src, p(5));
-    let dead = Envelope { hops: 0, ..env };
-    a.nodes[0].handle_message(p(5), &wire::encode(&dead), 0).unwrap();
+    // Relayed as signed: the receiver can still verify the original sender.
+    assert_eq!(wire::decode(&signed(&env, 3)).unwrap().0.signed, packet.signed);
+    a.nodes[0].handle_message(p(5), &signed(&env, 0), 0, &mut a.keys[0]).unwrap();
     assert!(a.nodes[0].poll_transmit().is_none());
 }
 
@@ -642,30 +668,30 @@ fn snapshot_restore_and_release_missing() {
     let snap = m.nodes[0].snapshot();
     let cfg = Config::default();
     let seeds = InitMode::Seed(vec![p(1), p(2)]);
-    let mut r = Ipam::restore(p(1), u(), seeds.clone(), cfg.clone(), &snap).unwrap();
+    let mut r = restore_ipam(p(1), u(), seeds.clone(), cfg.clone(), &snap).unwrap();
     assert_eq!(r.ring_bytes(), m.nodes[0].ring_bytes());
     assert_eq!(r.allocations().collect::<Vec<_>>(), m.nodes[0].allocations().collect::<Vec<_>>());
     assert_eq!(r.snapshot(), snap);
     let freed = r.release_missing(["keep", "remote"]);
     assert_eq!(freed, vec![("gone".to_string(), b)]);
     assert_eq!(ready(r.allocate("keep", any(), 0)), a);
-    assert!(matches!(Ipam::restore(p(2), u(), seeds.clone(), cfg.clone(), &snap), Err(IpamError::SnapshotPeer { .. })));
+    assert!(matches!(restore_ipam(p(2), u(), seeds.clone(), cfg.clone(), &snap), Err(IpamError::SnapshotPeer { .. })));
     assert!(matches!(
-        Ipam::restore(p(1), "10.32.0.0/21".parse().unwrap(), seeds.clone(), cfg.clone(), &snap),
+        restore_ipam(p(1), "10.32.0.0/21".parse().unwrap(), seeds.clone(), cfg.clone(), &snap),
         Err(IpamError::SnapshotRange { .. })
     ));
     let mut bad = snap.clone();
     bad[0] = 9;
-    assert!(matches!(Ipam::restore(p(1), u(), seeds.clone(), cfg.clone(), &bad), Err(IpamError::BadSnapshot(_))));
+    assert!(matches!(restore_ipam(p(1), u(), seeds.clone(), cfg.clone(), &bad), Err(IpamError::BadSnapshot(_))));
     // Truncations never panic.
     for n in 0..snap.len() {
-        let _ = Ipam::restore(p(1), u(), seeds.clone(), cfg.clone(), &snap[..n]);
+        let _ = restore_ipam(p(1), u(), seeds.clone(), cfg.clone(), &snap[..n]);
     }
     // An unagreed consensus peer keeps its promises across a restart.
-    let mut c = Ipam::new(p(1), u(), InitMode::Consensus(3)).unwrap();
+    let mut c = new_ipam(p(1), u(), InitMode::Consensus(3)).unwrap();
     let _ = c.allocate("x", any(), 0);
     let s = c.snapshot();
-    let r = Ipam::restore(p(1), u(), InitMode::Consensus(3), cfg, &s).unwrap();
+    let r = restore_ipam(p(1), u(), InitMode::Consensus(3), cfg, &s).unwrap();
     assert_eq!(r.status().state, RingState::AwaitingConsensus { known: 1, quorum: 3 });
 }
 
@@ -676,12 +702,15 @@ fn gossip_messages_are_small_deltas() {
     ready(m.alloc(0, "c", any()));
     let (dest, bytes) = m.nodes[0].poll_transmit().unwrap();
     assert_eq!(dest, Dest::Neighbours);
-    let env = wire::decode(&bytes).unwrap();
+    let (packet, env) = wire::decode(&bytes).unwrap();
     match env.body {
         Body::Gossip(Gossip { full: false, entries, .. }) => assert_eq!(entries.len(), 1),
         b => panic!("{b:?}"),
     }
-    assert!(bytes.len() < 64, "{} bytes", bytes.len());
+    // One entry (about 20 bytes) with its proof (73), the envelope signature (64)
+    // and the sender's binding (136, it wrote the entry too).
+    assert_eq!(packet.bindings.len(), 1);
+    assert!(bytes.len() < 340, "{} bytes", bytes.len());
 }
 
 #[test]
@@ -706,6 +735,7 @@ fn mutated_messages_never_panic_and_errors_change_nothing() {
     assert!(corpus.len() > 50);
     let mut rng = Rng::new(99);
     let target = &mut m.nodes[1];
+    let keys = &mut m.keys[1];
     let (mut applied, mut refused) = (0, 0);
     for round in 0..10_000u64 {
         let mut b = corpus[rng.below(corpus.len() as u64) as usize].clone();
@@ -720,7 +750,7 @@ fn mutated_messages_never_panic_and_errors_change_nothing() {
             }
         }
         let before = (target.snapshot(), target.ring_bytes());
-        match target.handle_message(p(3), &b, 1_000_000 + round) {
+        match target.handle_message(p(3), &b, 1_000_000 + round, keys) {
             Ok(()) => applied += 1,
             Err(_) => {
                 refused += 1;
