@@ -762,3 +762,254 @@ fn mutated_messages_never_panic_and_errors_change_nothing() {
     }
     assert!(applied > 100 && refused > 100, "{applied} applied, {refused} refused");
 }
+
+// ------------------------------------------------------------------ forgeries
+
+/// The attacker: a member with its own identity, named `p(9)`.
+fn attacker() -> (Identity, Signer) {
+    let id = id_of(p(9));
+    let s = Signer::from_identity(&id);
+    (id, s)
+}
+
+/// `env` signed with `key`'s signer whatever `env.src` says, carrying `bindings`.
+fn forge(env: &Envelope, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
+    wire::encode(env, 0, bindings, key)
+}
+
+fn entry_proof(key: &Signer, by: PeerName, ring_id: u64, start: u32, e: &ring::Entry) -> wire::Proof {
+    wire::Proof { by, sig: key.sign(wire::DOMAIN_ENTRY, &wire::entry_message(ring_id, start, e)) }
+}
+
+/// State a forgery must not change: the ring, allocations and Paxos records.
+fn state(n: &mut Ipam) -> (Vec<u8>, Vec<u8>) {
+    (n.ring_bytes(), n.snapshot())
+}
+
+#[test]
+fn forged_entries_are_dropped_and_counted() {
+    let mut m = seeded(2);
+    m.run();
+    ready(m.alloc(0, "c", any()));
+    m.run();
+    let (mid, ms) = attacker();
+    let me_binding = Binding::new(p(9), &mid, &ms);
+    let rid = m.nodes[0].ring().id();
+    let start = u().start();
+    let victim_entry = *m.nodes[0].ring().get(start).unwrap();
+    assert_eq!(victim_entry.owner, p(1));
+    let stolen = ring::Entry { owner: p(9), size: victim_entry.size, version: victim_entry.version + 5, free: victim_entry.free };
+    let send = |m: &mut Mesh, j: usize, proof: wire::Proof, bindings: Vec<Binding>| {
+        let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, stolen)], proofs: vec![proof], paxos: None };
+        let env = Envelope { universe: u(), src: p(9), dst: PeerName::BROADCAST, body: Body::Gossip(g) };
+        let bytes = forge(&env, &ms, bindings);
+        let keys = &mut m.keys[j];
+        m.nodes[j].handle_message(p(9), &bytes, m.now, keys)
+    };
+    let before: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    // 1. The victim's own range, claimed by the attacker under its own signature.
+    let own_sig = entry_proof(&ms, p(9), rid, start, &stolen);
+    send(&mut m, 0, own_sig, vec![me_binding.clone()]).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_entries, 1);
+    // 2. A third peer: a live owner's range signed by someone else is not believed
+    //    (and the owner is asked for its state).
+    send(&mut m, 1, own_sig, vec![me_binding.clone()]).unwrap();
+    assert_eq!(m.nodes[1].drops().unverifiable_entries, 1);
+    // 3. Claiming to be the owner's signature: a bad signature.
+    let fake_owner_sig = entry_proof(&ms, p(1), rid, start, &stolen);
+    send(&mut m, 1, fake_owner_sig, vec![me_binding.clone()]).unwrap();
+    assert_eq!(m.nodes[1].drops().forged_entries, 1);
+    // 4. A writer with no key bound anywhere (no binding sent for it).
+    let xs = Signer::from_identity(&id_of(p(7)));
+    send(&mut m, 1, entry_proof(&xs, p(7), rid, start, &stolen), vec![me_binding.clone()]).unwrap();
+    assert_eq!(m.nodes[1].drops().unknown_entry_signers, 1);
+    // 5. No signature at all: the message does not decode (proofs missing).
+    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, stolen)], proofs: vec![], paxos: None };
+    let env = Envelope { universe: u(), src: p(9), dst: PeerName::BROADCAST, body: Body::Gossip(g) };
+    let e = m.nodes[1].handle_message(p(9), &forge(&env, &ms, vec![me_binding]), m.now, &mut m.keys[1]).unwrap_err();
+    assert!(!e.is_conflict(), "{e}");
+    assert_eq!(m.nodes[1].drops().malformed_messages, 1);
+    let after: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    assert_eq!(before, after, "a forgery changed state");
+    // The victim still allocates from its range, and the mesh still agrees.
+    m.run();
+    ready(m.alloc(0, "d", any()));
+    m.run();
+    assert_eq!(m.nodes[0].ring_bytes(), m.nodes[1].ring_bytes());
+    assert_eq!(m.nodes[0].ring().get(start).unwrap().owner, p(1));
+}
+
+#[test]
+fn forged_sender_and_conflicting_binding_are_dropped() {
+    let mut m = seeded(2);
+    m.run();
+    let (mid, ms) = attacker();
+    let before: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    // A space request claiming to come from peer 2, signed by the attacker.
+    let env = Envelope { universe: u(), src: p(2), dst: p(1), body: Body::SpaceRequest { id: 7, subnet: u() } };
+    m.nodes[0].handle_message(p(9), &forge(&env, &ms, vec![]), m.now, &mut m.keys[0]).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_messages, 1);
+    assert!(m.nodes[0].poll_transmit().is_none(), "nothing donated, nothing answered");
+    // The same with a binding of peer 2's name to the attacker's keys.
+    let squat = Binding::new(p(2), &mid, &ms);
+    m.nodes[0].handle_message(p(9), &forge(&env, &ms, vec![squat]), m.now, &mut m.keys[0]).unwrap();
+    assert_eq!(m.nodes[0].drops().conflicting_bindings, 1);
+    assert_eq!(m.nodes[0].drops().forged_messages, 2);
+    assert_eq!(m.keys[0].get(p(2)).unwrap().signing_key, Signer::from_identity(&id_of(p(2))).public());
+    // A sender nobody knows, with no binding.
+    let env = Envelope { universe: u(), src: p(8), dst: p(1), body: Body::SyncRequest };
+    m.nodes[0].handle_message(p(9), &forge(&env, &Signer::from_identity(&id_of(p(8))), vec![]), m.now, &mut m.keys[0]).unwrap();
+    assert_eq!(m.nodes[0].drops().unknown_senders, 1);
+    // A genuine message altered by a relay (its signature no longer matches).
+    let genuine = Envelope { universe: u(), src: p(2), dst: p(1), body: Body::SyncRequest };
+    let mut bytes = signed(&genuine, 3);
+    let n = bytes.len();
+    bytes[n - 10] ^= 1; // inside the signature
+    m.nodes[0].handle_message(p(2), &bytes, m.now, &mut m.keys[0]).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_messages, 3);
+    assert!(m.nodes[0].poll_transmit().is_none());
+    let after: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    assert_eq!(before, after);
+    assert_eq!(m.nodes[0].status().drops.forged_messages, 3);
+}
+
+#[test]
+fn a_donation_reply_not_from_the_donor_is_dropped() {
+    let seeds = vec![p(1), p(2)];
+    let mut m = Mesh::new(|i| if i < 2 { InitMode::Seed(seeds.clone()) } else { InitMode::Observer }, 3);
+    m.run();
+    // The observer asks a donor; the attacker answers in the donor's name.
+    assert!(matches!(m.alloc(2, "o", any()), Ok(Allocation::Pending(Waiting::Donation { .. }))));
+    let (dest, bytes) = m.nodes[2].poll_transmit().unwrap();
+    let Dest::Peer(donor) = dest else { panic!("{dest:?}") };
+    let (_, env) = wire::decode(&bytes).unwrap();
+    let Body::SpaceRequest { id, .. } = env.body else { panic!() };
+    let (mid, ms) = attacker();
+    let rid = m.nodes[2].ring().id();
+    let start = m.nodes[2].ring().owned_by(donor).next().map(|(s, _)| s).unwrap();
+    let gift = ring::Entry { owner: p(3), size: 4, version: 9, free: 4 };
+    let before = state(&mut m.nodes[2]);
+    // (a) In the donor's name, signed by the attacker.
+    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, gift)], proofs: vec![entry_proof(&ms, donor, rid, start, &gift)], paxos: None };
+    let env = Envelope { universe: u(), src: donor, dst: p(3), body: Body::Reply { id, outcome: wire::Outcome::Donated, gossip: g } };
+    m.nodes[2].handle_message(p(9), &forge(&env, &ms, vec![]), m.now, &mut m.keys[2]).unwrap();
+    assert_eq!(m.nodes[2].drops().forged_messages, 1);
+    // (b) In its own name, giving away the donor's space.
+    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, gift)], proofs: vec![entry_proof(&ms, p(9), rid, start, &gift)], paxos: None };
+    let env = Envelope { universe: u(), src: p(9), dst: p(3), body: Body::Reply { id, outcome: wire::Outcome::Donated, gossip: g } };
+    m.nodes[2].handle_message(p(9), &forge(&env, &ms, vec![Binding::new(p(9), &mid, &ms)]), m.now, &mut m.keys[2]).unwrap();
+    assert_eq!(m.nodes[2].drops().unverifiable_entries, 1);
+    assert_eq!(state(&mut m.nodes[2]), before);
+    assert_eq!(m.nodes[2].allocations().count(), 0);
+    assert!(matches!(m.alloc(2, "o", any()), Ok(Allocation::Pending(Waiting::Donation { .. }))), "still waiting for the real donor");
+    // The real donor's answer still works.
+    let bytes_to_donor = bytes;
+    let donor_i = m.idx(donor).unwrap();
+    m.nodes[donor_i].handle_message(p(3), &bytes_to_donor, m.now, &mut m.keys[donor_i]).unwrap();
+    m.run();
+    ready(m.alloc(2, "o", any()));
+    assert_eq!(m.check_unique(), 1);
+}
+
+#[test]
+fn forged_paxos_records_and_values_are_dropped() {
+    let mut m = Mesh::new(|_| InitMode::Consensus(3), 3);
+    m.run();
+    let (mid, ms) = attacker();
+    let before: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    let big = paxos::Ballot { round: 1000, proposer: p(2) };
+    let huge = paxos::Ballot { round: 1 << 40, proposer: p(9) };
+    let send = |m: &mut Mesh, records: paxos::PaxosUpdate, sigs: Vec<crate::trust::Signature>, value_sigs: Vec<crate::trust::Signature>| {
+        let pg = wire::PaxosGossip { initial: 3, records, sigs, value_sigs };
+        let g = Gossip { paxos: Some(pg), ..Default::default() };
+        let env = Envelope { universe: u(), src: p(9), dst: PeerName::BROADCAST, body: Body::Gossip(g) };
+        m.nodes[0].handle_message(p(9), &forge(&env, &ms, vec![Binding::new(p(9), &mid, &ms)]), m.now, &mut m.keys[0])
+    };
+    // Peer 2's record promising a high ballot, signed by the attacker.
+    let c = paxos::Claims { promised: big, accepted: Default::default() };
+    let sig = ms.sign(wire::DOMAIN_PAXOS_RECORD, &wire::record_message(&u(), p(2), &c));
+    send(&mut m, paxos::PaxosUpdate { claims: vec![(p(2), c)], values: vec![] }, vec![sig], vec![]).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_paxos_records, 1);
+    // The attacker's own record, jumping rounds towards the bound.
+    let c = paxos::Claims { promised: huge, accepted: Default::default() };
+    let sig = ms.sign(wire::DOMAIN_PAXOS_RECORD, &wire::record_message(&u(), p(9), &c));
+    send(&mut m, paxos::PaxosUpdate { claims: vec![(p(9), c)], values: vec![] }, vec![sig], vec![]).unwrap();
+    assert_eq!(m.nodes[0].drops().paxos_round_jumps, 1);
+    // Its own record accepting peer 2's ballot with a value it made up.
+    let c = paxos::Claims { promised: big, accepted: big };
+    let value = vec![p(9)];
+    let sig = ms.sign(wire::DOMAIN_PAXOS_RECORD, &wire::record_message(&u(), p(9), &c));
+    let vsig = ms.sign(wire::DOMAIN_PAXOS_VALUE, &wire::value_message(&u(), &big, &value));
+    send(&mut m, paxos::PaxosUpdate { claims: vec![(p(9), c)], values: vec![(big, value)] }, vec![sig], vec![vsig]).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_paxos_values, 1);
+    assert_eq!(m.nodes[0].drops().forged_paxos_records, 2);
+    let after: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    assert_eq!(before, after);
+    // Consensus among the real peers still works.
+    for i in 0..3 {
+        let _ = m.alloc(i, "x", any());
+    }
+    m.run_secs(5);
+    assert!(m.nodes.iter().all(|n| n.is_agreed() && n.ring().seeds() == [p(1), p(2), p(3)]));
+}
+
+#[test]
+fn a_version_1_snapshot_loads_and_is_re_signed() {
+    // The previous release's layout, written by hand.
+    let start = u().start();
+    let mine = ring::Entry { owner: p(1), size: 256, version: 3, free: 254 };
+    let given = ring::Entry { owner: p(2), size: 256, version: 1, free: 256 };
+    let theirs = ring::Entry { owner: p(2), size: 512, version: 0, free: 511 };
+    let old = wire::SnapshotV1 {
+        me: p(1),
+        universe: u(),
+        seeds: vec![p(1), p(2)],
+        entries: vec![(start, mine), (start + 256, given), (start + 512, theirs)],
+        paxos: None,
+        allocations: vec![(start + 1, "keep".to_string())],
+    };
+    let mut bytes = vec![1u8];
+    bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap());
+    let seeds = InitMode::Seed(vec![p(1), p(2)]);
+    let mut r = restore_ipam(p(1), u(), seeds.clone(), Config::default(), &bytes).unwrap();
+    assert_eq!(r.allocations().collect::<Vec<_>>(), vec![(Ipv4Addr::from(start + 1), "keep")]);
+    assert_eq!(r.ring().get(start), Some(&mine));
+    assert_eq!(r.ring().get(start + 256), Some(&given));
+    // My own entry is signed anew; the other's is kept but not relayed unsigned.
+    assert_eq!(r.ring().proof(start).map(|p| p.by), Some(p(1)));
+    assert!(r.ring().proof(start + 256).is_none());
+    assert!(r.needs_save(), "a migrated snapshot is written back in the new format");
+    let snap = r.snapshot();
+    assert_eq!(snap[0], wire::SNAPSHOT_VERSION);
+    let mut again = restore_ipam(p(1), u(), seeds, Config::default(), &snap).unwrap();
+    assert!(!again.needs_save());
+    assert_eq!(again.ring_bytes(), r.ring_bytes());
+    assert_eq!(again.snapshot(), snap);
+    // Full gossip carries my signed entry only (genesis entries follow from the seeds).
+    again.peers_changed(&[p(2)]);
+    let (_, bytes) = again.poll_transmit().unwrap();
+    let (_, env) = wire::decode(&bytes).unwrap();
+    let Body::Gossip(g) = env.body else { panic!() };
+    assert_eq!(g.entries, vec![(start, mine)]);
+    // Peer 2 verifies and merges it.
+    let mut two = new_ipam(p(2), u(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
+    let mut keys = KeyBook::new();
+    two.handle_message(p(1), &bytes, 0, &mut keys).unwrap();
+    assert_eq!(two.ring().get(start), Some(&mine));
+    assert_eq!(two.drops(), DropStats::default());
+}
+
+#[test]
+fn versions_at_the_bound_do_not_wrap() {
+    let mut r = ring::Ring::genesis(u(), &[p(1)]);
+    let start = u().start();
+    let allocs: std::collections::BTreeMap<u32, ()> = Default::default();
+    // Push the entry to the bound through merges (as only its owner can sign).
+    let top = ring::Entry { owner: p(1), size: 1024, version: ring::MAX_VERSION, free: 1022 };
+    let plan = r.plan_merge_same(p(1), &[(start, top)]).unwrap();
+    r.apply(plan);
+    assert!(!r.set_free(p(1), start, 5), "no edit past the bound");
+    assert!(r.transfer(p(1), start as u64 + 10, start as u64 + 20, p(2), &allocs).is_none());
+    assert!(r.reassign_all(p(1), p(2), 1).is_empty());
+    assert_eq!(r.get(start), Some(&top));
+}
