@@ -87,6 +87,8 @@ pub struct Inner {
     /// Dial state per target string, and per discovered address (as `ip:port`).
     pub attempts: HashMap<String, Attempt>,
     pub ipam: IpamHost,
+    /// Names pinned to keys: every signed record (IPAM here) is checked against it.
+    pub keys: meshnet_proto::trust::KeyBook,
 }
 
 /// Router-wide settings the control plane needs.
@@ -148,6 +150,7 @@ impl Mesh {
                 targets: targets.into_iter().collect(),
                 attempts: HashMap::new(),
                 ipam,
+                keys: meshnet_proto::trust::KeyBook::new(),
             }),
             maker: Notify::new(),
             shutdown,
@@ -453,13 +456,23 @@ impl Mesh {
     pub fn on_ipam(&self, from: PeerName, bytes: &[u8]) -> Result<(), String> {
         let mut g = self.lock();
         let now = g.ipam.now_ms();
-        let result = g.ipam.ipam.handle_message(from, bytes, now);
+        let inner = &mut *g;
+        let result = inner.ipam.ipam.handle_message(from, bytes, now, &mut inner.keys);
         self.ipam_flush(&mut g);
         match result {
             Ok(()) => Ok(()),
             Err(e) if e.is_conflict() => Err(format!("IPAM conflict between peers {} and {from}: {e}", self.settings.me)),
             Err(e) => {
-                log::warn!("IPAM message from {from} dropped: {e}");
+                // Counted in `status ipam` (drops); logged at most once every 10 s.
+                if g.ipam.log_drop_due() {
+                    match e {
+                        meshnet_proto::ipam::IpamError::UnsupportedVersion(v) => log::warn!(
+                            "IPAM message from {from} dropped: it speaks IPAM protocol version {v}, this router {}                              (upgrade both ends to the same release)",
+                            meshnet_proto::ipam::wire::WIRE_VERSION
+                        ),
+                        e => log::warn!("IPAM message from {from} dropped: {e}"),
+                    }
+                }
                 Ok(())
             }
         }
