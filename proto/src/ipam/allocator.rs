@@ -1169,15 +1169,15 @@ impl Ipam {
             let allowed = takeover
                 || candidates.iter().any(|&(owner, fits)| fits && (proof.by == owner || (src == owner && owner != self.me)));
             if !allowed {
-                let stale = candidates.iter().find(|&&(owner, fits)| fits && owner != self.me && self.is_live(owner));
-                match stale {
-                    // A claim on a live peer's range that peer did not sign: a forgery,
-                    // or a transfer I missed. Ask that owner for its state.
-                    Some(&(owner, _)) => {
-                        drops.unverifiable_entries += 1;
-                        ask.insert(owner);
-                    }
-                    _ => drops.forged_entries += 1,
+                let others: Vec<PeerName> = candidates.iter().filter(|(o, fits)| *fits && *o != self.me).map(|(o, _)| *o).collect();
+                if others.is_empty() {
+                    // My own range (exact here), or an entry that does not fit.
+                    drops.forged_entries += 1;
+                } else {
+                    // Another peer's range, written by someone else: a forgery, or a
+                    // transfer I missed. Ask the owner I know for its state.
+                    drops.unverifiable_entries += 1;
+                    ask.extend(others.into_iter().filter(|o| self.is_live(*o)));
                 }
                 continue;
             }

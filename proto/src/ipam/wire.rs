@@ -326,6 +326,21 @@ pub fn check_snapshot(bytes: &[u8]) -> Result<(), IpamError> {
     decode_snapshot(bytes).map(|_| ())
 }
 
+/// Bytes of a message spent on authentication: the envelope signature, the
+/// bindings, the entries' proofs and the Paxos signatures (0 if it does not decode).
+pub fn signature_overhead(bytes: &[u8]) -> usize {
+    let Ok((p, env)) = decode(bytes) else { return 0 };
+    let binding = 8 + 32 + 32 + 64;
+    let mut n = 64 + binding * p.bindings.len();
+    if let Body::Gossip(g) | Body::Reply { gossip: g, .. } = &env.body {
+        n += g.proofs.len() * (8 + 64);
+        if let Some(pg) = &g.paxos {
+            n += 64 * (pg.sigs.len() + pg.value_sigs.len());
+        }
+    }
+    n
+}
+
 /// Decodes a packet and its envelope without checking signatures.
 pub(crate) fn decode(bytes: &[u8]) -> Result<(Packet, Envelope), IpamError> {
     let p = decode_packet(bytes)?;
