@@ -44,18 +44,20 @@
 //!
 //! # Driving it (the daemon's contract)
 //! ```text
-//! start:    Ipam::restore(me, range, init, config, &bytes)   if a snapshot exists,
-//!           else Ipam::with_config(me, range, init, config);
+//! start:    Ipam::restore(me, range, init, config, &bytes, &identity)   if a snapshot
+//!           exists, else Ipam::with_config(me, range, init, config, &identity);
 //!           then ipam.release_missing(&running_targets) after a restore.
 //! topology: ipam.peers_changed(&reachable_peers)   whenever reachability changes
 //!           (all peers with a route, not only neighbours; me excluded or not).
 //! inbound:  ControlMsg::Ipam(bytes) from neighbour `from`
-//!             -> ipam.handle_message(from, &bytes, now_ms)
+//!             -> ipam.handle_message(from, &bytes, now_ms, &mut key_book)
 //! API:      ipam.allocate(target, request, now_ms), free, free_target, rmpeer,
 //!           reset, status, ...
 //! timer:    at ipam.poll_timeout() -> ipam.handle_timeout(now_ms)
 //! after each of the above, in this order:
-//!   1. if ipam.take_dirty() { persist(ipam.snapshot()) }   (fsync'd, before 2.)
+//!   1. if ipam.needs_save() { persist(ipam.snapshot())?; ipam.saved() }
+//!      (fsync'd, before 2.; if the write fails, stop here: send nothing, keep
+//!      the events, try again on the next step)
 //!   2. while let Some((dest, bytes)) = ipam.poll_transmit() {
 //!          Dest::Neighbours -> send ControlMsg::Ipam(bytes) on every established
 //!                              control connection;
@@ -83,6 +85,14 @@
 //!
 //! A target is any string naming what holds addresses (a container id);
 //! [`Ipam::free`] returns one address, [`Ipam::free_target`] all of a target's.
+//!
+//! ## Signatures
+//! Every message is signed by its sender, every ring entry by its writer, every
+//! Paxos record by its participant and value by its proposer (see [`wire`]).
+//! `handle_message` admits the bindings a message carries into the daemon's
+//! [`crate::trust::KeyBook`] and checks every signature against it; what is
+//! forged is dropped and counted in [`Ipam::drops`] (and [`IpamStatus::drops`]),
+//! never returned as an error.
 //!
 //! ## Errors from `handle_message`
 //! * [`IpamError::is_conflict`] true (different ranges, differently seeded or
