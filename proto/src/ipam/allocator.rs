@@ -643,10 +643,19 @@ impl Ipam {
         let src = env.src;
         let result = match env.body {
             Body::Gossip(g) => self.on_gossip(src, g, keys),
-            Body::SpaceRequest { id, subnet } => Ok(self.on_space_request(src, id, subnet)),
-            Body::ClaimRequest { id, ip } => Ok(self.on_claim_request(src, id, ip)),
+            Body::SpaceRequest { id, subnet } => {
+                self.on_space_request(src, id, subnet);
+                Ok(())
+            }
+            Body::ClaimRequest { id, ip } => {
+                self.on_claim_request(src, id, ip);
+                Ok(())
+            }
             Body::Reply { id, outcome, gossip } => self.on_reply(src, id, outcome, gossip, keys),
-            Body::SyncRequest => Ok(self.send_sync(src)),
+            Body::SyncRequest => {
+                self.send_sync(src);
+                Ok(())
+            }
         };
         self.offered.clear();
         result?;
@@ -1195,6 +1204,7 @@ impl Ipam {
     /// Keeps the Paxos records signed by their participants (whose accepted value
     /// is signed by its proposer, here or known) and not far ahead of every round
     /// known; returns them with their signatures.
+    #[allow(clippy::type_complexity)]
     fn verify_paxos(&self, p: &PaxosGossip, keys: &KeyBook, drops: &mut DropStats) -> (PaxosUpdate, Vec<(PeerName, Claims, Signature)>, Vec<(Ballot, Signature)>) {
         let u = self.universe;
         let mut values = Vec::new();
