@@ -1217,7 +1217,11 @@ impl Drop for Unmount {
     fn drop(&mut self) {
         // The tmpfs, and the read-only bind mount over it if the test stopped early.
         for _ in 0..2 {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status();
         }
     }
 }
