@@ -87,6 +87,7 @@ pub fn run(cfg: Config) -> Result<()> {
         cfg.ipalloc_range,
         cfg.ipalloc_default_subnet.unwrap_or(cfg.ipalloc_range),
         cfg.ipalloc_init.clone(),
+        &identity,
     )?;
     let psk = cfg.password.as_deref().map(meshnet_proto::handshake::derive_psk);
 
@@ -433,7 +434,12 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 control: mesh.control_stats(),
                 trust: mesh.trust_status(),
             };
-            Ok(serde_json::to_value(status)?)
+            let mut v = serde_json::to_value(status)?;
+            // IPAM's drop counters and save health (the full IPAM view is `status ipam`).
+            v["ipam"] = mesh.with_ipam(|h| {
+                json!({ "drops": h.ipam.drops(), "save_failures": h.save_failures, "unsaved": h.ipam.needs_save() })
+            });
+            Ok(v)
         }
         Request::Connect { peers, replace } => {
             let parsed = parse_peers(&peers, s.port)?;
@@ -620,6 +626,11 @@ fn allocate_all(
             });
             match answer.map_err(|e| anyhow::anyhow!("{e}"))? {
                 meshnet_proto::ipam::Allocation::Ready { ip, prefix } => {
+                    // An address is only handed out once the state that records it is
+                    // on disk (the flush after the call above tried to save it).
+                    if let Some(e) = mesh.with_ipam(|h| h.unsaved_error()) {
+                        bail!("{ip}/{prefix} was not allocated: {e}");
+                    }
                     addrs.push((IpAddr::V4(ip), prefix));
                     break;
                 }

@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use meshnet_proto::identity::Identity;
 use meshnet_proto::ipam::{Cidr, Config, Dest, Event, InitMode, Ipam, IpamError, RingState};
 use meshnet_proto::PeerName;
 use serde_json::json;
@@ -86,18 +87,34 @@ pub struct IpamHost {
     pub deferred: Vec<(String, Ipv4Addr, u8)>,
     clock: Instant,
     state: StateDir,
+    /// Failed writes of the state so far, and the last one's message (cleared by
+    /// a successful write).
+    pub save_failures: u64,
+    pub save_error: Option<String>,
+    last_save_log: Option<Instant>,
+    last_drop_log: Option<Instant>,
 }
+
+/// Least time between two log lines about failed saves, or about dropped messages.
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl IpamHost {
     /// Restores the persisted IPAM state, or starts afresh.
-    pub fn open(state: &StateDir, me: PeerName, range: Cidr, default_subnet: Cidr, init: InitMode) -> Result<IpamHost> {
+    pub fn open(
+        state: &StateDir,
+        me: PeerName,
+        range: Cidr,
+        default_subnet: Cidr,
+        init: InitMode,
+        identity: &Identity,
+    ) -> Result<IpamHost> {
         if !range.contains_net(&default_subnet) {
             bail!("--ipalloc-default-subnet {default_subnet} is not inside --ipalloc-range {range}");
         }
         let config = Config { rng_seed: crate::mesh::random_u64() | 1, ..Config::default() };
         let path = state.ipam();
         let ipam = match std::fs::read(&path) {
-            Ok(bytes) => Ipam::restore(me, range, init, config, &bytes).map_err(|e| match e {
+            Ok(bytes) => Ipam::restore(me, range, init, config, &bytes, identity).map_err(|e| match e {
                 IpamError::SnapshotRange { found, expected } => anyhow::anyhow!(
                     "IPAM state in {} is for range {found}, not {expected}: launch with --ipalloc-range {found}, \
                      or `meshnet reset` to start over",
@@ -106,11 +123,21 @@ impl IpamHost {
                 e => anyhow::anyhow!("IPAM state in {}: {e}", path.display()),
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ipam::with_config(me, range, init, config).map_err(|e| anyhow::anyhow!("IPAM: {e}"))?
+                Ipam::with_config(me, range, init, config, identity).map_err(|e| anyhow::anyhow!("IPAM: {e}"))?
             }
             Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
         };
-        Ok(IpamHost { ipam, default_subnet, deferred: Vec::new(), clock: Instant::now(), state: state.clone() })
+        Ok(IpamHost {
+            ipam,
+            default_subnet,
+            deferred: Vec::new(),
+            clock: Instant::now(),
+            state: state.clone(),
+            save_failures: 0,
+            save_error: None,
+            last_save_log: None,
+            last_drop_log: None,
+        })
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -118,12 +145,35 @@ impl IpamHost {
     }
 
     /// Persists (if changed), then returns what to send and what happened.
+    ///
+    /// The state stays dirty until a write succeeds: after a failed write
+    /// nothing is sent and no event is reported (messages stay queued in IPAM and
+    /// go out after the next successful write), so no peer ever hears of state
+    /// this router could lose in a crash.
     pub fn flush(&mut self) -> (Vec<(Dest, Vec<u8>)>, Vec<Event>) {
-        if self.ipam.take_dirty() {
-            if let Err(e) = write_atomic(&self.state.ipam(), &self.ipam.snapshot(), 0o600) {
-                // Sending now could hand out space we could not record: hold it back.
-                log::error!("persisting IPAM state: {e:#}; not sending IPAM updates");
-                return (Vec::new(), Vec::new());
+        if self.ipam.needs_save() {
+            let snapshot = self.ipam.snapshot();
+            match write_atomic(&self.state.ipam(), &snapshot, 0o600) {
+                Ok(()) => {
+                    self.ipam.saved();
+                    if self.save_error.take().is_some() {
+                        log::info!("IPAM state saved again to {}; sending held-back IPAM updates", self.state.ipam().display());
+                    }
+                }
+                Err(e) => {
+                    // Sending now could hand out space we could not record: hold it back.
+                    self.save_failures += 1;
+                    let msg = format!("{e:#}");
+                    if self.last_save_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                        self.last_save_log = Some(Instant::now());
+                        log::error!(
+                            "persisting IPAM state failed ({} failures so far): {msg}; IPAM updates are held back until it can be saved",
+                            self.save_failures
+                        );
+                    }
+                    self.save_error = Some(msg);
+                    return (Vec::new(), Vec::new());
+                }
             }
         }
         let mut out = Vec::new();
@@ -135,6 +185,27 @@ impl IpamHost {
             events.push(e);
         }
         (out, events)
+    }
+
+    /// Why the current state is not on disk, if it is not (the last write failed).
+    pub fn unsaved_error(&self) -> Option<String> {
+        if !self.ipam.needs_save() {
+            return None;
+        }
+        Some(match &self.save_error {
+            Some(e) => format!("the IPAM state could not be saved ({e})"),
+            None => format!("the IPAM state is not saved yet to {}", self.state.ipam().display()),
+        })
+    }
+
+    /// Whether a dropped IPAM message may be logged now (at most once every 10 s;
+    /// every drop is counted in the status).
+    pub fn log_drop_due(&mut self) -> bool {
+        if self.last_drop_log.is_some_and(|t| t.elapsed() < LOG_EVERY) {
+            return false;
+        }
+        self.last_drop_log = Some(Instant::now());
+        true
     }
 
     /// Claims the deferred addresses, now that a ring is agreed.
@@ -170,6 +241,10 @@ impl IpamHost {
             "pending": s.pending,
             "unreachable_space": s.unreachable_space,
             "ring_entries": s.ring_entries,
+            "drops": s.drops,
+            "save_failures": self.save_failures,
+            "save_error": self.save_error,
+            "unsaved": self.ipam.needs_save(),
             "owners": s.owners.iter().map(|o| json!({
                 "peer": o.peer.to_string(),
                 "reachable": o.reachable,

@@ -916,13 +916,29 @@ impl Mesh {
     pub fn on_ipam(&self, from: PeerName, bytes: &[u8]) -> Result<(), String> {
         let mut g = self.lock();
         let now = g.ipam.now_ms();
-        let result = g.ipam.ipam.handle_message(from, bytes, now);
+        let inner = &mut *g;
+        let pinned_before = inner.keys.len();
+        let result = inner.ipam.ipam.handle_message(from, bytes, now, &mut inner.keys);
+        if g.keys.len() != pinned_before {
+            // IPAM pinned the bindings of signers new to us: persist the book too.
+            g.trust.keys_changed += 1;
+            self.keys_saver.notify_one();
+        }
         self.ipam_flush(&mut g);
         match result {
             Ok(()) => Ok(()),
             Err(e) if e.is_conflict() => Err(format!("IPAM conflict between peers {} and {from}: {e}", self.settings.me)),
             Err(e) => {
-                log::warn!("IPAM message from {from} dropped: {e}");
+                // Counted in `status ipam` (drops); logged at most once every 10 s.
+                if g.ipam.log_drop_due() {
+                    match e {
+                        meshnet_proto::ipam::IpamError::UnsupportedVersion(v) => log::warn!(
+                            "IPAM message from {from} dropped: it speaks IPAM protocol version {v}, this router {} (upgrade both ends to the same release)",
+                            meshnet_proto::ipam::wire::WIRE_VERSION
+                        ),
+                        e => log::warn!("IPAM message from {from} dropped: {e}"),
+                    }
+                }
                 Ok(())
             }
         }

@@ -1208,3 +1208,112 @@ fn early_bare_cidr_does_not_split_the_ring() {
     );
     assert_reaches(&c3, &ip_of(&a1), SECS(30));
 }
+
+/// Unmounts the tmpfs under a host's state dir when the test ends (lazily: the
+/// router may still hold its log open).
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        // The tmpfs, and the read-only bind mount over it if the test stopped early.
+        for _ in 0..2 {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+#[track_caller]
+fn sh(args: &[&str]) -> Out {
+    run(std::process::Command::new(args[0]).args(&args[1..]), SECS(20))
+}
+
+/// `(size, free)` of `peer`'s space as host `h` sees it.
+#[track_caller]
+fn owner_view(h: &Host, peer: &str) -> (u64, u64) {
+    let v = ipam(h);
+    let o = owner(&v, peer).unwrap_or_else(|| panic!("{} does not know owner {peer}: {v:#}", h.ns));
+    (o["size"].as_u64().unwrap_or(0), o["free"].as_u64().unwrap_or(0))
+}
+
+/// Scenario 7: the state directory is a tiny tmpfs. Filled up, then made
+/// read-only: `attach` fails naming the state file and the OS error, nothing
+/// that depends on the unsaved state is sent (the other host's view of this
+/// host's space does not move), and the failures are counted. Once the
+/// directory is writable again, allocation works and the other host hears of it.
+#[test]
+fn full_or_read_only_state_dir_blocks_allocation() {
+    let Some(lab) = Lab::new("ipamfull") else {
+        return;
+    };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    std::fs::create_dir_all(&h1.state_dir).expect("state dir");
+    let dir = h1.state_dir.to_string_lossy().to_string();
+    sh(&["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", &dir]).expect_ok("mount tmpfs");
+    let _unmount = Unmount(h1.state_dir.clone());
+    let _diag = IpamDiag(&lab);
+    let cs: Vec<Container> = (1..=4).map(|j| lab.add_container(if j == 4 { &h2 } else { &h1 }, j)).collect();
+    let n1 = h1.launch(&[]);
+    let n2 = h2.launch(&[&h1.ip]);
+    wait_meshed(&[(&h1, &n1), (&h2, &n2)], SECS(30));
+    attach_one(&h1, &cs[0], &[]);
+    attach_one(&h2, &cs[3], &[]);
+    // Both hosts agree on h1's space (size and free count).
+    let settled = || wait_until(SECS(20), || owner_view(&h2, &n1) == owner_view(&h1, &n1));
+    assert!(settled(), "h2 never converged on h1's space: {:?} vs {:?}", owner_view(&h2, &n1), owner_view(&h1, &n1));
+    let before = owner_view(&h2, &n1);
+
+    // 1. Full: a file takes every free block.
+    let fill = h1.state_dir.join("fill");
+    let _ = sh(&["dd", "if=/dev/zero", &format!("of={}", fill.display()), "bs=4k"]);
+    let out = attach_out(&h1, &cs[1], &[]);
+    assert!(!out.ok(), "attach succeeded on a full state dir: {out}");
+    let text = out.all();
+    assert!(text.contains("ipam.bin") && text.contains("No space left on device"), "attach error should name the state file and the OS error: {out}");
+    eprintln!("attach on a full state dir: {}", text.trim());
+    std::thread::sleep(SECS(3));
+    assert_eq!(owner_view(&h2, &n1), before, "h2 heard of state h1 could not save");
+    let v = ipam(&h1);
+    assert!(v["save_failures"].as_u64().unwrap_or(0) >= 1 && v["unsaved"] == true, "{v:#}");
+    assert!(v["save_error"].as_str().unwrap_or("").contains("No space left on device"), "{v:#}");
+    assert_eq!(ipam_allocs(&v).len(), 1, "the failed attach keeps no address: {v:#}");
+    assert!(container_addrs(&cs[1]).is_empty(), "the failed attach configured an address");
+    // `status --json` shows the failures too (each flush retries the write).
+    assert!(h1.status_json()["ipam"]["save_failures"].as_u64().unwrap_or(0) >= v["save_failures"].as_u64().unwrap_or(0));
+
+    // 2. Read-only (with room again): the same. A read-only bind mount over the
+    // directory, in the router's mount namespace (`ip netns exec` gave it its
+    // own; remounting the tmpfs itself read-only is refused while the router
+    // holds its log open for writing, which keeps going to the tmpfs).
+    std::fs::remove_file(&fill).expect("remove fill");
+    let pid = router_pid(&h1).to_string();
+    let in_router = |args: &[&str]| {
+        let mut a = vec!["nsenter", "-t", pid.as_str(), "-m", "--"];
+        a.extend_from_slice(args);
+        sh(&a)
+    };
+    in_router(&["mount", "--bind", &dir, &dir]).expect_ok("bind mount");
+    in_router(&["mount", "-o", "remount,bind,ro", &dir]).expect_ok("remount ro");
+    let out = attach_out(&h1, &cs[1], &[]);
+    assert!(!out.ok(), "attach succeeded on a read-only state dir: {out}");
+    assert!(out.all().contains("ipam.bin") && out.all().contains("Read-only file system"), "{out}");
+    std::thread::sleep(SECS(3));
+    assert_eq!(owner_view(&h2, &n1), before, "h2 heard of state h1 could not save");
+
+    // 3. Writable again: allocation works and h2 hears of it.
+    in_router(&["umount", &dir]).expect_ok("remove the read-only bind mount");
+    let a = attach_one(&h1, &cs[1], &[]);
+    assert!(inside(parse_cidr(&a).0, DEFAULT_RANGE), "{a}");
+    let v = ipam(&h1);
+    assert_eq!(v["unsaved"], false, "{v:#}");
+    assert_eq!(ipam_allocs(&v).len(), 2, "{v:#}");
+    assert!(settled(), "h2 never heard of h1's state after the save worked");
+    assert_eq!(owner_view(&h2, &n1).1, before.1 - 1, "h2 sees one more address taken on h1");
+    assert!(h1.log().contains("IPAM state saved again"), "the recovery is logged:\n{}", h1.log());
+    // The snapshot on disk holds both allocations (restart-proof).
+    let snap = std::fs::read(h1.state_dir.join("ipam.bin")).expect("ipam.bin");
+    assert_eq!(snap[0], 2, "snapshot version");
+}

@@ -8,16 +8,23 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
-use super::paxos::{Paxos, MAX_PARTICIPANTS};
-use super::ring::{free_in, Ring, MAX_SEEDS, TAKEOVER_JUMP};
+use super::paxos::{Ballot, Claims, Paxos, PaxosUpdate, MAX_PARTICIPANTS};
+use super::ring::{free_in, Entry, Ring, MAX_SEEDS, TAKEOVER_JUMP};
 use super::space::{self, clip, Cidr};
-use super::wire::{self, Body, Envelope, Gossip, Outcome, PaxosGossip, Snapshot, MAX_HOPS, MAX_TARGET_LEN};
-use super::{
-    Allocation, Config, Dest, Event, Holder, InitMode, IpamError, IpamStatus, OwnerStatus, Request, RingState, Rng,
-    Waiting,
+use super::wire::{
+    self, Body, Envelope, Gossip, Outcome, Packet, PaxosGossip, PaxosState, Proof, Snapshot, DOMAIN_ENTRY,
+    DOMAIN_ENVELOPE, DOMAIN_PAXOS_RECORD, DOMAIN_PAXOS_VALUE, FULL_GOSSIP_CHUNK, MAX_HOPS, MAX_SNAPSHOT_BINDINGS,
+    MAX_TARGET_LEN,
 };
+use super::{
+    Allocation, Config, Dest, DropStats, Event, Holder, InitMode, IpamError, IpamStatus, OwnerStatus, Request, RingState,
+    Rng, Waiting,
+};
+use crate::identity::Identity;
 use crate::peer::PeerName;
+use crate::trust::{Binding, KeyBook, Signature, Signer, TrustError};
 
 /// Most failed requests remembered for the next `allocate` call.
 const MAX_FAILED: usize = 1024;
@@ -27,6 +34,12 @@ const MAX_EVENTS: usize = 10_000;
 const SYNC_INTERVAL_MS: u64 = 1_000;
 /// A donor that said no (or did not answer) is not asked again for this many request timeouts.
 const SHUN_TIMEOUTS: u64 = 5;
+/// How far above every round known here a gossiped Paxos ballot may be: rounds
+/// grow by one per attempt, so this never drops an honest record, and pushing
+/// rounds to [`super::ring::MAX_VERSION`] takes 2^42 messages.
+const MAX_ROUND_STEP: u64 = 1 << 20;
+/// How many entries before a gap in this peer's view may have cut it off.
+const GAP_LOOKBACK: usize = 16;
 
 #[derive(Clone, Debug)]
 struct Ask {
@@ -88,17 +101,32 @@ pub struct Ipam {
     next_id: u64,
     now: u64,
     dirty: bool,
+    /// Signs this peer's messages, entries, Paxos records and values.
+    signer: Arc<Signer>,
+    /// This peer's binding, sent with its messages.
+    binding: Binding,
+    /// Bindings of the signers of records held here, to send along with them.
+    bindings: BTreeMap<PeerName, Binding>,
+    /// Signatures of other participants' Paxos records (for the record held).
+    paxos_sigs: BTreeMap<PeerName, (Claims, Signature)>,
+    /// Proposers' signatures of the values held.
+    value_sigs: BTreeMap<Ballot, Signature>,
+    drops: DropStats,
+    /// Bindings admitted from the message being handled: kept in `bindings`
+    /// only for the signers of records that end up held here.
+    offered: BTreeMap<PeerName, Binding>,
 }
 
 impl Ipam {
     /// A fresh IPAM with default timers. Errors: a range outside /1../30, a
     /// `Consensus(0)`, an empty or oversized seed list, or `me` the broadcast name.
-    pub fn new(me: PeerName, universe: Cidr, init: InitMode) -> Result<Ipam, IpamError> {
-        Ipam::with_config(me, universe, init, Config::default())
+    pub fn new(me: PeerName, universe: Cidr, init: InitMode, identity: &Identity) -> Result<Ipam, IpamError> {
+        Ipam::with_config(me, universe, init, Config::default(), identity)
     }
 
-    /// A fresh IPAM.
-    pub fn with_config(me: PeerName, universe: Cidr, init: InitMode, config: Config) -> Result<Ipam, IpamError> {
+    /// A fresh IPAM. `identity` is this peer's: its signing key (derived from it)
+    /// signs every message and record this peer writes, bound to the name `me`.
+    pub fn with_config(me: PeerName, universe: Cidr, init: InitMode, config: Config, identity: &Identity) -> Result<Ipam, IpamError> {
         wire::check_universe(&universe)?;
         if me == PeerName::BROADCAST {
             return Err(IpamError::BadInit("peer name 00:00:00:00:00:00 is reserved".into()));
@@ -123,6 +151,8 @@ impl Ipam {
             InitMode::Observer => (Ring::new(universe), Paxos::new(me, false, 0, retry)),
         };
         let seed = if config.rng_seed != 0 { config.rng_seed } else { me.0 ^ 0x6d65_7368_6e65_7421 };
+        let signer = Arc::new(Signer::from_identity(identity));
+        let binding = Binding::new(me, identity, &signer);
         let mut ipam = Ipam {
             me,
             universe,
@@ -153,6 +183,13 @@ impl Ipam {
             next_id: 0,
             now: 0,
             dirty: true,
+            signer,
+            binding,
+            bindings: BTreeMap::new(),
+            paxos_sigs: BTreeMap::new(),
+            value_sigs: BTreeMap::new(),
+            drops: DropStats::default(),
+            offered: BTreeMap::new(),
         };
         ipam.next_id = ipam.fresh_ids();
         Ok(ipam)
@@ -169,7 +206,12 @@ impl Ipam {
     /// ([`IpamError::SnapshotPeer`], [`IpamError::SnapshotRange`]); a saved agreed
     /// ring (agreed here or adopted from a peer) wins over `init`, whatever its
     /// `N`. Call [`Ipam::release_missing`] next.
-    pub fn restore(me: PeerName, universe: Cidr, init: InitMode, config: Config, bytes: &[u8]) -> Result<Ipam, IpamError> {
+    ///
+    /// A version-1 snapshot (no signatures) loads too: my own entries are signed
+    /// anew; other peers' entries are kept unsigned (they only guide donor choice
+    /// and status, never what this peer allocates) and are not relayed until a
+    /// signed copy arrives from the mesh, which then replaces them.
+    pub fn restore(me: PeerName, universe: Cidr, init: InitMode, config: Config, bytes: &[u8], identity: &Identity) -> Result<Ipam, IpamError> {
         let s: Snapshot = wire::decode_snapshot(bytes)?;
         if s.me != me {
             return Err(IpamError::SnapshotPeer { found: s.me, expected: me });
@@ -177,20 +219,33 @@ impl Ipam {
         if s.universe != universe {
             return Err(IpamError::SnapshotRange { found: s.universe, expected: universe });
         }
-        let mut ipam = Ipam::with_config(me, universe, init, config)?;
+        let mut ipam = Ipam::with_config(me, universe, init, config, identity)?;
         // Never repeat the random choices (and request ids) of the run that wrote the snapshot.
         let digest = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3));
         ipam.rng = Rng::new(ipam.rng.next() ^ digest);
         ipam.next_id = ipam.fresh_ids();
+        for b in s.bindings {
+            if b.verify().is_ok() && b.name != me {
+                ipam.bindings.insert(b.name, b);
+            }
+        }
         if !s.seeds.is_empty() {
-            ipam.ring = Ring::from_parts(universe, s.seeds, s.entries);
+            ipam.ring = Ring::from_parts(universe, s.seeds, s.entries, s.proofs, me);
             ipam.paxos.set_decided(ipam.ring.seeds());
         } else if let Some(p) = s.paxos {
             if !ipam.ring.is_agreed() {
                 let participant = ipam.paxos.is_participant();
                 // The largest N heard of before the restart still counts.
                 let initial = ipam.paxos.initial().max(p.initial);
+                let records = p.records.claims.clone();
                 ipam.paxos = Paxos::restore(me, participant, initial, ipam.config.paxos_retry_ms, p.records);
+                let sigs: BTreeMap<PeerName, Signature> = s.paxos_sigs.into_iter().collect();
+                for (n, c) in records {
+                    if let Some(sig) = sigs.get(&n) {
+                        ipam.paxos_sigs.insert(n, (c, *sig));
+                    }
+                }
+                ipam.value_sigs = s.value_sigs.into_iter().filter(|(b, _)| ipam.paxos.has_value(b)).collect();
             }
         }
         for (ip, target) in s.allocations {
@@ -204,28 +259,70 @@ impl Ipam {
         for start in mine {
             ipam.recompute_free(start);
         }
-        ipam.dirty = false;
+        ipam.sign_pending();
+        // Re-signed or migrated entries must reach the disk in the new format.
+        ipam.dirty = bytes.first() != Some(&wire::SNAPSHOT_VERSION);
         Ok(ipam)
     }
 
     /// Everything needed to come back after a crash, as bytes (version byte first).
-    pub fn snapshot(&self) -> Vec<u8> {
+    /// Signs what this peer changed since the last signature first.
+    pub fn snapshot(&mut self) -> Vec<u8> {
+        self.sign_pending();
         let paxos = (!self.ring.is_agreed() && self.paxos.known() > 0)
-            .then(|| PaxosGossip { initial: self.paxos.initial(), records: self.paxos.all() });
+            .then(|| PaxosState { initial: self.paxos.initial(), records: self.paxos.all() });
+        let (paxos_sigs, value_sigs) = if paxos.is_some() {
+            (
+                self.paxos_sigs.iter().map(|(n, (_, sig))| (*n, *sig)).collect(),
+                self.value_sigs.iter().map(|(b, sig)| (*b, *sig)).collect(),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let entries = self.ring.all_entries();
+        let proofs = entries.iter().map(|(s, _)| self.ring.proof(*s).copied()).collect();
         wire::encode_snapshot(&Snapshot {
             me: self.me,
             universe: self.universe,
             seeds: self.ring.seeds().to_vec(),
-            entries: self.ring.all_entries(),
+            entries,
+            proofs,
             paxos,
+            paxos_sigs,
+            value_sigs,
+            bindings: self.bindings.values().cloned().collect(),
             allocations: self.allocs.iter().map(|(&ip, t)| (ip, t.clone())).collect(),
         })
     }
 
-    /// True once since the last call if the state changed: persist
-    /// [`Ipam::snapshot`] then, before sending anything from [`Ipam::poll_transmit`].
+    /// True once since the last call if the state changed. Clears the flag
+    /// whether or not the caller manages to persist: a daemon should use
+    /// [`Ipam::needs_save`] and [`Ipam::saved`] instead.
     pub fn take_dirty(&mut self) -> bool {
         std::mem::take(&mut self.dirty)
+    }
+
+    /// Whether the state changed since the last [`Ipam::saved`]: persist
+    /// [`Ipam::snapshot`], then call [`Ipam::saved`], before sending anything from
+    /// [`Ipam::poll_transmit`] or acting on [`Ipam::poll_event`]. If the write
+    /// fails, send nothing: the state stays dirty and the messages stay queued.
+    pub fn needs_save(&self) -> bool {
+        self.dirty
+    }
+
+    /// The snapshot taken last was written durably.
+    pub fn saved(&mut self) {
+        self.dirty = false;
+    }
+
+    /// This peer's binding (name, keys), as its messages carry it.
+    pub fn binding(&self) -> &Binding {
+        &self.binding
+    }
+
+    /// What was dropped from peers so far, by reason.
+    pub fn drops(&self) -> DropStats {
+        self.drops
     }
 
     pub fn me(&self) -> PeerName {
@@ -403,9 +500,9 @@ impl Ipam {
             self.allocs.clear();
             self.targets.clear();
             let changed = self.ring.reassign_all(self.me, to, 1);
-            let entries = self.ring.entries_at(changed.iter().copied());
+            let (entries, proofs) = self.signed_entries(changed.iter().copied());
             self.changed.extend(changed);
-            let gossip = Gossip { full: false, ring_id: self.ring.id(), seeds: Vec::new(), entries, paxos: None };
+            let gossip = Gossip { full: false, ring_id: self.ring.id(), seeds: Vec::new(), entries, proofs, paxos: None };
             self.send_to(to, Body::Gossip(gossip));
             self.finish_reset();
             return Ok(Some(to));
@@ -483,6 +580,7 @@ impl Ipam {
             pending: self.pending.len(),
             unreachable_space,
             ring_entries: self.ring.len(),
+            drops: self.drops,
         }
     }
 
@@ -490,18 +588,52 @@ impl Ipam {
 
     /// Handles one `ControlMsg::Ipam` payload received from neighbour `from`.
     /// On error nothing was applied; see the module docs for what to do.
-    pub fn handle_message(&mut self, from: PeerName, bytes: &[u8], now_ms: u64) -> Result<(), IpamError> {
+    ///
+    /// `keys` is the daemon's key book: the bindings a message carries are
+    /// admitted into it (pinned if new), and every signature is checked against
+    /// the key pinned for its signer. A message not signed by its `src`, and every
+    /// record inside not signed by the peer it belongs to, is dropped and counted
+    /// in [`Ipam::drops`] (returning `Ok`): only malformed messages and genuine
+    /// conflicts return errors.
+    pub fn handle_message(&mut self, from: PeerName, bytes: &[u8], now_ms: u64, keys: &mut KeyBook) -> Result<(), IpamError> {
         let _ = from; // errors name the original sender; the daemon acts on `from`'s connection
         self.tick(now_ms);
-        let env = wire::decode(bytes)?;
+        self.ensure_own_binding(keys);
+        let decoded = wire::decode_packet(bytes).and_then(|p| wire::decode_envelope(&p.signed).map(|env| (p, env)));
+        let (packet, env) = match decoded {
+            Ok(x) => x,
+            Err(e) => {
+                match e {
+                    IpamError::UnsupportedVersion(_) => self.drops.version_mismatches += 1,
+                    _ => self.drops.malformed_messages += 1,
+                }
+                return Err(e);
+            }
+        };
+        // Admit only the bindings of peers whose signatures this message holds.
+        let signers = signers_of(&env);
+        for b in packet.bindings.iter().filter(|b| signers.contains(&b.name)) {
+            self.admit(b, keys);
+        }
+        match keys.verify_from(env.src, DOMAIN_ENVELOPE, &packet.signed, &packet.sig) {
+            Ok(()) => {}
+            Err(TrustError::Unknown(_)) => {
+                self.drops.unknown_senders += 1;
+                return Ok(());
+            }
+            Err(_) => {
+                self.drops.forged_messages += 1;
+                return Ok(());
+            }
+        }
         if env.universe != self.universe {
             return Err(IpamError::RangeMismatch { peer: env.src, ours: self.universe, theirs: env.universe });
         }
         if env.dst != PeerName::BROADCAST && env.dst != self.me {
-            if env.hops > 0 {
+            if packet.hops > 0 {
                 let dst = env.dst;
-                let relayed = Envelope { hops: env.hops - 1, ..env };
-                self.transmits.push_back((Dest::Peer(dst), wire::encode(&relayed)));
+                let relayed = Packet { hops: packet.hops - 1, ..packet };
+                self.transmits.push_back((Dest::Peer(dst), wire::encode_packet(&relayed)));
             }
             return Ok(());
         }
@@ -509,13 +641,24 @@ impl Ipam {
             return Ok(());
         }
         let src = env.src;
-        match env.body {
-            Body::Gossip(g) => self.on_gossip(src, g)?,
-            Body::SpaceRequest { id, subnet } => self.on_space_request(src, id, subnet),
-            Body::ClaimRequest { id, ip } => self.on_claim_request(src, id, ip),
-            Body::Reply { id, outcome, gossip } => self.on_reply(src, id, outcome, gossip)?,
-            Body::SyncRequest => self.send_sync(src),
-        }
+        let result = match env.body {
+            Body::Gossip(g) => self.on_gossip(src, g, keys),
+            Body::SpaceRequest { id, subnet } => {
+                self.on_space_request(src, id, subnet);
+                Ok(())
+            }
+            Body::ClaimRequest { id, ip } => {
+                self.on_claim_request(src, id, ip);
+                Ok(())
+            }
+            Body::Reply { id, outcome, gossip } => self.on_reply(src, id, outcome, gossip, keys),
+            Body::SyncRequest => {
+                self.send_sync(src);
+                Ok(())
+            }
+        };
+        self.offered.clear();
+        result?;
         self.progress();
         Ok(())
     }
@@ -525,7 +668,7 @@ impl Ipam {
         if let Some(t) = self.transmits.pop_front() {
             return Some(t);
         }
-        let gossip = if self.full_due {
+        let mut gossips = if self.full_due {
             self.full_due = false;
             self.changed.clear();
             self.paxos.clear_changed();
@@ -534,18 +677,27 @@ impl Ipam {
             if self.changed.is_empty() {
                 return None;
             }
-            let entries = self.ring.entries_at(std::mem::take(&mut self.changed));
-            Gossip { full: false, ring_id: self.ring.id(), seeds: Vec::new(), entries, paxos: None }
+            let changed = std::mem::take(&mut self.changed);
+            let (entries, proofs) = self.signed_entries(changed);
+            if entries.is_empty() {
+                return None;
+            }
+            vec![Gossip { full: false, ring_id: self.ring.id(), seeds: Vec::new(), entries, proofs, paxos: None }]
         } else {
             if !self.paxos.has_changes() {
                 return None;
             }
             let records = self.paxos.take_changed();
-            let paxos = Some(PaxosGossip { initial: self.paxos.initial(), records });
-            Gossip { full: false, ring_id: 0, seeds: Vec::new(), entries: Vec::new(), paxos }
+            let paxos = Some(self.paxos_gossip(records));
+            vec![Gossip { full: false, ring_id: 0, seeds: Vec::new(), entries: Vec::new(), proofs: Vec::new(), paxos }]
         };
-        let env = Envelope { universe: self.universe, src: self.me, dst: PeerName::BROADCAST, hops: 0, body: Body::Gossip(gossip) };
-        Some((Dest::Neighbours, wire::encode(&env)))
+        let rest = gossips.split_off(1.min(gossips.len()));
+        let first = gossips.pop()?;
+        for g in rest {
+            let bytes = self.encode(PeerName::BROADCAST, 0, Body::Gossip(g));
+            self.transmits.push_back((Dest::Neighbours, bytes));
+        }
+        Some((Dest::Neighbours, self.encode(PeerName::BROADCAST, 0, Body::Gossip(first))))
     }
 
     /// The next event for the daemon.
@@ -763,19 +915,38 @@ impl Ipam {
     }
 
     fn send_to(&mut self, dst: PeerName, body: Body) {
-        let env = Envelope { universe: self.universe, src: self.me, dst, hops: MAX_HOPS, body };
-        self.transmits.push_back((Dest::Peer(dst), wire::encode(&env)));
+        let bytes = self.encode(dst, MAX_HOPS, body);
+        self.transmits.push_back((Dest::Peer(dst), bytes));
     }
 
-    fn full_gossip(&self) -> Gossip {
+    /// Signs a message from me, with the bindings of every signer inside.
+    fn encode(&self, dst: PeerName, hops: u8, body: Body) -> Vec<u8> {
+        let env = Envelope { universe: self.universe, src: self.me, dst, body };
+        let bindings = signers_of(&env)
+            .into_iter()
+            .filter_map(|n| if n == self.me { Some(self.binding.clone()) } else { self.bindings.get(&n).cloned() })
+            .collect();
+        wire::encode(&env, hops, bindings, &self.signer)
+    }
+
+    /// My full state, in as many messages as [`FULL_GOSSIP_CHUNK`] requires.
+    fn full_gossip(&mut self) -> Vec<Gossip> {
         if self.ring.is_agreed() {
-            let (ring_id, seeds, entries) = (self.ring.id(), self.ring.seeds().to_vec(), self.ring.all_entries());
-            Gossip { full: true, ring_id, seeds, entries, paxos: None }
+            let (ring_id, seeds) = (self.ring.id(), self.ring.seeds().to_vec());
+            let starts: Vec<u32> = self.ring.entries().map(|(s, _)| s).collect();
+            let (entries, proofs) = self.signed_entries(starts);
+            if entries.is_empty() {
+                return vec![Gossip { full: true, ring_id, seeds, entries, proofs, paxos: None }];
+            }
+            entries
+                .chunks(FULL_GOSSIP_CHUNK)
+                .zip(proofs.chunks(FULL_GOSSIP_CHUNK))
+                .map(|(e, p)| Gossip { full: true, ring_id, seeds: seeds.clone(), entries: e.to_vec(), proofs: p.to_vec(), paxos: None })
+                .collect()
         } else {
             // Sent even when empty: an agreed neighbour answers with its full ring.
-            let paxos = (self.paxos.known() > 0)
-                .then(|| PaxosGossip { initial: self.paxos.initial(), records: self.paxos.all() });
-            Gossip { full: true, ring_id: 0, seeds: Vec::new(), entries: Vec::new(), paxos }
+            let paxos = (self.paxos.known() > 0).then(|| self.paxos_gossip(self.paxos.all()));
+            vec![Gossip { full: true, ring_id: 0, seeds: Vec::new(), entries: Vec::new(), proofs: Vec::new(), paxos }]
         }
     }
 
@@ -785,14 +956,291 @@ impl Ipam {
             return;
         }
         self.last_sync.insert(dst, self.now);
-        let g = self.full_gossip();
-        self.send_to(dst, Body::Gossip(g));
+        for g in self.full_gossip() {
+            self.send_to(dst, Body::Gossip(g));
+        }
     }
 
-    fn reply(&mut self, dst: PeerName, id: u64, outcome: Outcome, entries: Vec<(u32, super::ring::Entry)>) {
+    fn reply(&mut self, dst: PeerName, id: u64, outcome: Outcome, entries: Vec<(u32, Entry)>) {
+        let (entries, proofs) = self.signed_entries(entries.into_iter().map(|(s, _)| s));
         let ring_id = if entries.is_empty() { 0 } else { self.ring.id() };
-        let gossip = Gossip { full: false, ring_id, seeds: Vec::new(), entries, paxos: None };
+        let gossip = Gossip { full: false, ring_id, seeds: Vec::new(), entries, proofs, paxos: None };
         self.send_to(dst, Body::Reply { id, outcome, gossip });
+    }
+
+    // ------------------------------------------------------------ signatures
+
+    /// Signs every entry this peer edited since it last signed.
+    fn sign_pending(&mut self) {
+        let id = self.ring.id();
+        for s in self.ring.take_unsigned() {
+            if let Some(e) = self.ring.get(s).copied().filter(|e| e.version > 0) {
+                let sig = self.signer.sign(DOMAIN_ENTRY, &wire::entry_message(id, s, &e));
+                self.ring.set_proof(s, Proof { by: self.me, sig });
+            }
+        }
+    }
+
+    /// The entries at `starts` that can be sent: signed, and not genesis entries
+    /// (which follow from the seeds). Entries of others held without a proof (from
+    /// a version-1 snapshot) are left out.
+    fn signed_entries(&mut self, starts: impl IntoIterator<Item = u32>) -> (Vec<(u32, Entry)>, Vec<Proof>) {
+        self.sign_pending();
+        let mut entries = Vec::new();
+        let mut proofs = Vec::new();
+        for s in starts {
+            if let (Some(e), Some(p)) = (self.ring.get(s), self.ring.proof(s)) {
+                if e.version > 0 {
+                    entries.push((s, *e));
+                    proofs.push(*p);
+                }
+            }
+        }
+        (entries, proofs)
+    }
+
+    /// Paxos records and values with their signatures: mine signed now, others'
+    /// as received. A record or value held without a signature is left out (and
+    /// so is a record accepting a value that is).
+    fn paxos_gossip(&self, up: PaxosUpdate) -> PaxosGossip {
+        let u = self.universe;
+        let mut value_sigs: BTreeMap<Ballot, Signature> = BTreeMap::new();
+        for (b, v) in &up.values {
+            let sig = if b.proposer == self.me {
+                Some(self.signer.sign(DOMAIN_PAXOS_VALUE, &wire::value_message(&u, b, v)))
+            } else {
+                self.value_sigs.get(b).copied()
+            };
+            if let Some(sig) = sig {
+                value_sigs.insert(*b, sig);
+            }
+        }
+        let mut claims = Vec::new();
+        let mut sigs = Vec::new();
+        for (n, c) in up.claims {
+            if !c.accepted.is_zero() && !value_sigs.contains_key(&c.accepted) {
+                continue;
+            }
+            let sig = if n == self.me {
+                Some(self.signer.sign(DOMAIN_PAXOS_RECORD, &wire::record_message(&u, n, &c)))
+            } else {
+                self.paxos_sigs.get(&n).filter(|(held, _)| *held == c).map(|(_, sig)| *sig)
+            };
+            if let Some(sig) = sig {
+                claims.push((n, c));
+                sigs.push(sig);
+            }
+        }
+        let used: BTreeSet<Ballot> = claims.iter().map(|(_, c)| c.accepted).collect();
+        let values: Vec<(Ballot, Vec<PeerName>)> = up.values.into_iter().filter(|(b, _)| used.contains(b)).collect();
+        let value_sigs = values.iter().map(|(b, _)| value_sigs[b]).collect();
+        PaxosGossip { initial: self.paxos.initial(), records: PaxosUpdate { claims, values }, sigs, value_sigs }
+    }
+
+    /// Makes sure my own binding is in the key book (my records come back to me).
+    fn ensure_own_binding(&mut self, keys: &mut KeyBook) {
+        if keys.get(self.me) == Some(&self.binding.keys) {
+            return;
+        }
+        match keys.admit(&self.binding) {
+            Ok(_) => {}
+            Err(TrustError::Conflict { .. }) => self.drops.conflicting_bindings += 1,
+            Err(_) => self.drops.bad_bindings += 1,
+        }
+    }
+
+    /// Admits a binding a message carried (pinned if its name is new).
+    fn admit(&mut self, b: &Binding, keys: &mut KeyBook) {
+        if b.name == self.me {
+            // My name is bound to my keys only; another binding for it is an impostor's.
+            if *b != self.binding {
+                self.drops.conflicting_bindings += 1;
+            }
+            return;
+        }
+        if self.bindings.get(&b.name) == Some(b) && keys.get(b.name) == Some(&b.keys) {
+            self.offered.insert(b.name, b.clone());
+            return;
+        }
+        match keys.admit(b) {
+            Ok(_) => {
+                self.offered.insert(b.name, b.clone());
+            }
+            Err(TrustError::Conflict { .. }) => self.drops.conflicting_bindings += 1,
+            Err(_) => self.drops.bad_bindings += 1,
+        }
+    }
+
+    /// Keeps the binding of `signer` (offered by the message being handled), whose
+    /// record is now held here and may be relayed.
+    fn keep_binding(&mut self, signer: PeerName) {
+        if signer == self.me || self.bindings.contains_key(&signer) {
+            return;
+        }
+        if let Some(b) = self.offered.get(&signer) {
+            if self.bindings.len() < MAX_SNAPSHOT_BINDINGS {
+                self.bindings.insert(signer, b.clone());
+            }
+        }
+    }
+
+    /// Keeps the entries of `g` whose signature is their writer's and whose writer
+    /// may write them, given my view `base`. Returns them,
+    /// their proofs, proofs of entries I hold unsigned with the same content, and
+    /// the owners to ask for their full state (entries I could not verify yet).
+    #[allow(clippy::type_complexity)]
+    fn verify_entries(
+        &self,
+        src: PeerName,
+        base: &Ring,
+        g: &Gossip,
+        keys: &KeyBook,
+        drops: &mut DropStats,
+    ) -> (Vec<(u32, Entry)>, BTreeMap<u32, Proof>, Vec<(u32, Proof)>, BTreeSet<PeerName>) {
+        let mut overlay: BTreeMap<u32, Entry> = BTreeMap::new();
+        let mut out = Vec::new();
+        let mut proofs = BTreeMap::new();
+        let mut fills = Vec::new();
+        let mut ask = BTreeSet::new();
+        for ((s, e), proof) in g.entries.iter().zip(&g.proofs) {
+            let (s, e) = (*s, *e);
+            // Starts are unique in a message: an existing start is judged by my view.
+            let cur = base.get(s).copied();
+            let known = cur.is_some_and(|c| c.version > e.version || c == e);
+            if known && !(cur == Some(e) && base.proof(s).is_none()) {
+                continue; // nothing new: no need to check it
+            }
+            match keys.verify_from(proof.by, DOMAIN_ENTRY, &wire::entry_message(g.ring_id, s, &e), &proof.sig) {
+                Ok(()) => {}
+                Err(TrustError::Unknown(_)) => {
+                    drops.unknown_entry_signers += 1;
+                    continue;
+                }
+                Err(_) => {
+                    drops.forged_entries += 1;
+                    continue;
+                }
+            }
+            // Who may write it: the owner of its start in my view (a single writer,
+            // which may give it away); for a new start, the owner of the range it
+            // splits, in my view or as changed by the earlier entries of this message
+            // (a range given away and split again); or, if that owner is unreachable,
+            // a takeover by `rmpeer` signed by the new owner. The owner may also
+            // vouch for the current state of its range by sending it itself.
+            let mut candidates: Vec<(PeerName, bool)> = Vec::new();
+            let mut takeover = false;
+            match cur {
+                Some(c) => {
+                    candidates.push((c.owner, e.owner != c.owner || e.size <= c.size));
+                    takeover = proof.by == e.owner
+                        && c.owner != self.me
+                        && !self.is_live(c.owner)
+                        && e.version >= c.version.saturating_add(TAKEOVER_JUMP);
+                }
+                None => {
+                    let fit = |(cs, c): (u32, Entry)| (c.owner, s as u64 + e.size as u64 <= cs as u64 + c.size as u64);
+                    candidates.extend(base.covering(s).map(|(cs, c)| fit((cs, *c))));
+                    candidates.extend(base.covering_with(&overlay, s).map(fit));
+                    if candidates.is_empty() {
+                        // A gap in my view: the range before it shrank and the pieces
+                        // cut off are unknown here (only ever in my view of other
+                        // peers' space: my own ranges are exact). One of the last
+                        // owners or writers of the entries before it cut it off.
+                        let mut b = base.entries_before(s).peekable();
+                        let mut o = overlay.range(..s).rev().peekable();
+                        for _ in 0..GAP_LOOKBACK {
+                            let (owner, writer) = match (b.peek(), o.peek()) {
+                                (Some(&(bs, _)), Some(&(&os, _))) if bs > os => {
+                                    let (bs, be) = b.next().expect("peeked");
+                                    (be.owner, base.proof(bs).map(|p| p.by))
+                                }
+                                (Some(&(bs, _)), Some(&(&os, _))) if bs == os => {
+                                    b.next();
+                                    let (os, oe) = o.next().expect("peeked");
+                                    (oe.owner, proofs.get(os).map(|p: &Proof| p.by))
+                                }
+                                (_, Some(_)) => {
+                                    let (os, oe) = o.next().expect("peeked");
+                                    (oe.owner, proofs.get(os).map(|p: &Proof| p.by))
+                                }
+                                (Some(_), None) => {
+                                    let (bs, be) = b.next().expect("peeked");
+                                    (be.owner, base.proof(bs).map(|p| p.by))
+                                }
+                                (None, None) => break,
+                            };
+                            candidates.push((owner, owner != self.me));
+                            candidates.extend(writer.filter(|w| *w != self.me).map(|w| (w, true)));
+                        }
+                    }
+                }
+            }
+            let allowed = takeover
+                || candidates.iter().any(|&(owner, fits)| fits && (proof.by == owner || (src == owner && owner != self.me)));
+            if !allowed {
+                let others: Vec<PeerName> = candidates.iter().filter(|(o, fits)| *fits && *o != self.me).map(|(o, _)| *o).collect();
+                if others.is_empty() {
+                    // My own range (exact here), or an entry that does not fit.
+                    drops.forged_entries += 1;
+                } else {
+                    // Another peer's range, written by someone else: a forgery, or a
+                    // transfer I missed. Ask the owner I know for its state.
+                    drops.unverifiable_entries += 1;
+                    ask.extend(others.into_iter().filter(|o| self.is_live(*o)));
+                }
+                continue;
+            }
+            if known {
+                fills.push((s, *proof));
+                continue;
+            }
+            overlay.insert(s, e);
+            proofs.insert(s, *proof);
+            out.push((s, e));
+        }
+        (out, proofs, fills, ask)
+    }
+
+    /// Keeps the Paxos records signed by their participants (whose accepted value
+    /// is signed by its proposer, here or known) and not far ahead of every round
+    /// known; returns them with their signatures.
+    #[allow(clippy::type_complexity)]
+    fn verify_paxos(&self, p: &PaxosGossip, keys: &KeyBook, drops: &mut DropStats) -> (PaxosUpdate, Vec<(PeerName, Claims, Signature)>, Vec<(Ballot, Signature)>) {
+        let u = self.universe;
+        let mut values = Vec::new();
+        let mut vsigs = Vec::new();
+        for ((b, v), sig) in p.records.values.iter().zip(&p.value_sigs) {
+            if keys.verify_from(b.proposer, DOMAIN_PAXOS_VALUE, &wire::value_message(&u, b, v), sig).is_ok() {
+                values.push((*b, v.clone()));
+                vsigs.push((*b, *sig));
+            } else {
+                drops.forged_paxos_values += 1;
+            }
+        }
+        let good: BTreeSet<Ballot> = values.iter().map(|(b, _)| *b).collect();
+        let limit = self.paxos.max_round().saturating_add(MAX_ROUND_STEP);
+        let mut claims = Vec::new();
+        let mut signed = Vec::new();
+        for ((n, c), sig) in p.records.claims.iter().zip(&p.sigs) {
+            if keys.verify_from(*n, DOMAIN_PAXOS_RECORD, &wire::record_message(&u, *n, c), sig).is_err() {
+                drops.forged_paxos_records += 1;
+                continue;
+            }
+            if c.promised.round.max(c.accepted.round) > limit {
+                drops.paxos_round_jumps += 1;
+                continue;
+            }
+            if !c.accepted.is_zero() && !good.contains(&c.accepted) && !self.paxos.has_value(&c.accepted) {
+                drops.forged_paxos_records += 1;
+                continue;
+            }
+            claims.push((*n, *c));
+            signed.push((*n, *c, *sig));
+        }
+        let used: BTreeSet<Ballot> = claims.iter().map(|(_, c)| c.accepted).collect();
+        values.retain(|(b, _)| used.contains(b));
+        vsigs.retain(|(b, _)| used.contains(b));
+        (PaxosUpdate { claims, values }, signed, vsigs)
     }
 
     /// Refuses a merge that would leave one of my allocations outside my ranges.
@@ -829,8 +1277,40 @@ impl Ipam {
         Ok(())
     }
 
-    fn on_gossip(&mut self, src: PeerName, g: Gossip) -> Result<(), IpamError> {
+    fn on_gossip(&mut self, src: PeerName, mut g: Gossip, keys: &KeyBook) -> Result<(), IpamError> {
         let agreed_before = self.ring.is_agreed();
+        // Only records signed by the peers they belong to are looked at.
+        let mut drops = self.drops;
+        let mut fills = Vec::new();
+        let mut ask = BTreeSet::new();
+        let mut proofs = BTreeMap::new();
+        if g.ring_id != 0 && !g.entries.is_empty() {
+            let adopt;
+            let base = if !agreed_before && !g.seeds.is_empty() {
+                adopt = Ring::genesis(self.universe, &g.seeds);
+                Some(&adopt)
+            } else if agreed_before && g.ring_id == self.ring.id() {
+                Some(&self.ring)
+            } else {
+                None // another ring: refused or synced below, entries unused
+            };
+            if let Some(base) = base {
+                let (entries, p, f, a) = self.verify_entries(src, base, &g, keys, &mut drops);
+                g.entries = entries;
+                proofs = p;
+                fills = f;
+                ask = a;
+            }
+        }
+        let mut paxos_sigs = (Vec::new(), Vec::new());
+        if let Some(p) = g.paxos.take() {
+            if !agreed_before && g.ring_id == 0 {
+                let (records, signed, vsigs) = self.verify_paxos(&p, keys, &mut drops);
+                paxos_sigs = (signed, vsigs);
+                g.paxos = Some(PaxosGossip { initial: p.initial, records, sigs: Vec::new(), value_sigs: Vec::new() });
+            }
+        }
+        self.drops = drops;
         // The ring first: an agreed ring (seeds) supersedes consensus. An unagreed
         // peer adopts it whatever its own `N` or records; only an agreed ring with
         // other seeds is a conflict.
@@ -852,9 +1332,25 @@ impl Ipam {
             _ => None,
         };
         self.check_ownership(src, plan.changes())?;
+        let writers: BTreeSet<PeerName> = proofs.values().chain(fills.iter().map(|(_, p)| p)).map(|p| p.by).collect();
+        let plan = plan.with_proofs(proofs);
         // Everything checked: apply.
         if let Some((initial, up)) = paxos_up {
             self.paxos.apply(initial, up, self.now);
+            for (n, c, sig) in paxos_sigs.0 {
+                if n != self.me && self.paxos.record(n) == Some(&c) {
+                    self.paxos_sigs.insert(n, (c, sig));
+                    self.keep_binding(n);
+                }
+            }
+            for (b, sig) in paxos_sigs.1 {
+                if b.proposer != self.me && self.paxos.has_value(&b) {
+                    self.value_sigs.insert(b, sig);
+                    self.keep_binding(b.proposer);
+                }
+            }
+            let paxos = &self.paxos;
+            self.value_sigs.retain(|b, _| paxos.has_value(b));
         }
         let adopted = plan.adopts();
         // Only my own state must be persisted; other peers' entries can be learned again.
@@ -868,6 +1364,18 @@ impl Ipam {
             self.recompute_free(s);
         }
         self.changed.extend(changed);
+        for (s, proof) in fills {
+            if self.ring.proof(s).is_none() {
+                self.ring.set_proof(s, proof);
+                self.dirty |= self.ring.get(s).is_some_and(|e| e.owner == self.me);
+            }
+        }
+        for w in writers {
+            self.keep_binding(w);
+        }
+        for owner in ask {
+            self.request_sync(owner);
+        }
         if adopted {
             self.on_agreed();
             if !g.full {
@@ -970,8 +1478,8 @@ impl Ipam {
         }
     }
 
-    fn on_reply(&mut self, src: PeerName, id: u64, outcome: Outcome, gossip: Gossip) -> Result<(), IpamError> {
-        self.on_gossip(src, gossip)?;
+    fn on_reply(&mut self, src: PeerName, id: u64, outcome: Outcome, gossip: Gossip, keys: &KeyBook) -> Result<(), IpamError> {
+        self.on_gossip(src, gossip, keys)?;
         let timeout = self.config.request_timeout_ms;
         if let Some(subnet) = self.space_asks.iter().find(|(_, a)| a.id == id && a.peer == src).map(|(s, _)| *s) {
             self.space_asks.remove(&subnet);
@@ -1127,3 +1635,20 @@ impl Ipam {
     }
 }
 
+
+/// Every peer whose signature `env` carries: its sender, the writers of its ring
+/// entries, the participants of its Paxos records and the proposers of its values.
+fn signers_of(env: &Envelope) -> BTreeSet<PeerName> {
+    let mut names = BTreeSet::new();
+    names.insert(env.src);
+    let g = match &env.body {
+        Body::Gossip(g) | Body::Reply { gossip: g, .. } => g,
+        _ => return names,
+    };
+    names.extend(g.proofs.iter().map(|p| p.by));
+    if let Some(p) = &g.paxos {
+        names.extend(p.records.claims.iter().map(|(n, _)| *n));
+        names.extend(p.records.values.iter().map(|(b, _)| b.proposer));
+    }
+    names
+}

@@ -44,18 +44,20 @@
 //!
 //! # Driving it (the daemon's contract)
 //! ```text
-//! start:    Ipam::restore(me, range, init, config, &bytes)   if a snapshot exists,
-//!           else Ipam::with_config(me, range, init, config);
+//! start:    Ipam::restore(me, range, init, config, &bytes, &identity)   if a snapshot
+//!           exists, else Ipam::with_config(me, range, init, config, &identity);
 //!           then ipam.release_missing(&running_targets) after a restore.
 //! topology: ipam.peers_changed(&reachable_peers)   whenever reachability changes
 //!           (all peers with a route, not only neighbours; me excluded or not).
 //! inbound:  ControlMsg::Ipam(bytes) from neighbour `from`
-//!             -> ipam.handle_message(from, &bytes, now_ms)
+//!             -> ipam.handle_message(from, &bytes, now_ms, &mut key_book)
 //! API:      ipam.allocate(target, request, now_ms), free, free_target, rmpeer,
 //!           reset, status, ...
 //! timer:    at ipam.poll_timeout() -> ipam.handle_timeout(now_ms)
 //! after each of the above, in this order:
-//!   1. if ipam.take_dirty() { persist(ipam.snapshot()) }   (fsync'd, before 2.)
+//!   1. if ipam.needs_save() { persist(ipam.snapshot())?; ipam.saved() }
+//!      (fsync'd, before 2.; if the write fails, stop here: send nothing, keep
+//!      the events, try again on the next step)
 //!   2. while let Some((dest, bytes)) = ipam.poll_transmit() {
 //!          Dest::Neighbours -> send ControlMsg::Ipam(bytes) on every established
 //!                              control connection;
@@ -83,6 +85,14 @@
 //!
 //! A target is any string naming what holds addresses (a container id);
 //! [`Ipam::free`] returns one address, [`Ipam::free_target`] all of a target's.
+//!
+//! ## Signatures
+//! Every message is signed by its sender, every ring entry by its writer, every
+//! Paxos record by its participant and value by its proposer (see [`wire`]).
+//! `handle_message` admits the bindings a message carries into the daemon's
+//! [`crate::trust::KeyBook`] and checks every signature against it; what is
+//! forged is dropped and counted in [`Ipam::drops`] (and [`IpamStatus::drops`]),
+//! never returned as an error.
 //!
 //! ## Errors from `handle_message`
 //! * [`IpamError::is_conflict`] true (different ranges, differently seeded or
@@ -155,6 +165,7 @@ pub mod wire;
 mod tests;
 
 pub use allocator::Ipam;
+pub use wire::Proof;
 pub use space::{Cidr, CidrError};
 
 /// The default allocation range, as in Weave.
@@ -311,6 +322,42 @@ pub struct IpamStatus {
     /// Addresses owned by unreachable peers.
     pub unreachable_space: u64,
     pub ring_entries: usize,
+    /// What was dropped from peers, by reason.
+    pub drops: DropStats,
+}
+
+/// IPAM input dropped, by reason (shown by `meshnet status ipam --json`). Each
+/// counts records (entries, Paxos records or values, bindings) or whole messages
+/// as named; none of them closes a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DropStats {
+    /// Messages that did not decode or broke a bound.
+    pub malformed_messages: u64,
+    /// Messages of another IPAM protocol version.
+    pub version_mismatches: u64,
+    /// Messages whose sender has no key bound here (no binding came with them).
+    pub unknown_senders: u64,
+    /// Messages whose signature is not their claimed sender's.
+    pub forged_messages: u64,
+    /// Bindings whose own signature or name is bad.
+    pub bad_bindings: u64,
+    /// Bindings for a name already bound to other keys.
+    pub conflicting_bindings: u64,
+    /// Ring entries with a bad signature, a writer with no right to them, or
+    /// a genesis entry that is not the genesis.
+    pub forged_entries: u64,
+    /// Ring entries whose writer has no key bound here.
+    pub unknown_entry_signers: u64,
+    /// Ring entries for a live peer's range, validly signed by another peer:
+    /// a forged claim, or a transfer this peer missed. Dropped; the owner this
+    /// peer knows is asked for its full state (which settles a missed transfer).
+    pub unverifiable_entries: u64,
+    /// Paxos records with a bad signature or a value nobody signed.
+    pub forged_paxos_records: u64,
+    /// Paxos values not signed by their ballot's proposer.
+    pub forged_paxos_values: u64,
+    /// Paxos records whose round jumps too far ahead of every round known here.
+    pub paxos_round_jumps: u64,
 }
 
 /// A seed list in errors.

@@ -207,6 +207,21 @@ impl Paxos {
         self.changed.clear();
     }
 
+    /// The highest round of any ballot in the records known here.
+    pub fn max_round(&self) -> u64 {
+        self.knows.values().map(|c| c.promised.round.max(c.accepted.round)).max().unwrap_or(0)
+    }
+
+    /// `name`'s record as known here.
+    pub fn record(&self, name: PeerName) -> Option<&Claims> {
+        self.knows.get(&name)
+    }
+
+    /// Whether the value of ballot `b` is known here.
+    pub(crate) fn has_value(&self, b: &Ballot) -> bool {
+        self.values.contains_key(b)
+    }
+
     /// My own record, if I am a participant.
     pub fn mine(&self) -> Option<&Claims> {
         self.knows.get(&self.me)
@@ -353,8 +368,10 @@ impl Paxos {
             match self.next_attempt {
                 None => self.next_attempt = Some(now_ms + spread / 4),
                 Some(t) if now_ms >= t => {
-                    let round = self.knows.values().map(|c| c.promised.round.max(c.accepted.round)).max().unwrap_or(0);
-                    mine.promised = Ballot { round: round.saturating_add(1), proposer: self.me };
+                    // Rounds are bounded like versions: at the bound no new ballot starts.
+                    if let Some(round) = super::ring::bump(self.max_round(), 1) {
+                        mine.promised = Ballot { round, proposer: self.me };
+                    }
                     self.next_attempt = Some(now_ms + self.retry_ms + spread);
                 }
                 Some(_) => {}

@@ -35,9 +35,11 @@
 //! (tests below), so all peers that have seen the same updates hold the same
 //! bytes ([`Ring::canonical_bytes`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
+
+use super::wire::Proof;
 
 use super::space::{clip, count_used, Cidr};
 use super::IpamError;
@@ -52,6 +54,12 @@ pub const MAX_VERSION: u64 = 1 << 62;
 /// How far `rmpeer` raises the versions of the entries it takes over, so that the
 /// takeover wins over updates the dead peer made that were never seen here.
 pub(crate) const TAKEOVER_JUMP: u64 = 1 << 20;
+
+/// `v + by`, if that stays within [`MAX_VERSION`] (checked: a version at the
+/// bound cannot be bumped, so the entry cannot change any more).
+pub(crate) fn bump(v: u64, by: u64) -> Option<u64> {
+    v.checked_add(by).filter(|n| *n <= MAX_VERSION)
+}
 
 /// One owned range, `[start, start + size)`, keyed by `start` in the ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +77,8 @@ pub(crate) struct MergePlan {
     /// The genesis to start from, when this ring had no seeds yet.
     adopt: Option<Ring>,
     changes: Vec<(u32, Entry)>,
+    /// The writers' proofs of (some of) the changes.
+    proofs: BTreeMap<u32, Proof>,
 }
 
 impl MergePlan {
@@ -79,17 +89,37 @@ impl MergePlan {
     pub(crate) fn adopts(&self) -> bool {
         self.adopt.is_some()
     }
+
+    /// Attaches the proofs of the changes (verified by the caller).
+    pub(crate) fn with_proofs(mut self, proofs: BTreeMap<u32, Proof>) -> MergePlan {
+        self.proofs = proofs;
+        self
+    }
 }
 
 /// The ownership CRDT (see the module docs).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Ring {
     universe: Cidr,
     seeds: Vec<PeerName>,
     /// [`ring_id`] of the universe and seeds; 0 while unseeded.
     id: u64,
     entries: BTreeMap<u32, Entry>,
+    /// The writer's signature of each entry, where known (never for genesis
+    /// entries; not for entries kept from a version-1 snapshot until a signed copy
+    /// arrives). Entries without one are not relayed.
+    proofs: BTreeMap<u32, Proof>,
+    /// Starts edited here since they were last signed (see `Ipam::sign_pending`).
+    unsigned: BTreeSet<u32>,
 }
+
+/// Equal state: proofs (who signed the same content) do not count.
+impl PartialEq for Ring {
+    fn eq(&self, o: &Ring) -> bool {
+        self.universe == o.universe && self.seeds == o.seeds && self.entries == o.entries
+    }
+}
+impl Eq for Ring {}
 
 /// A ring's identity: 64 bits of SHA-256 over the universe and the sorted seeds
 /// (never 0). Delta gossip carries this instead of the seed list, which can be
@@ -132,7 +162,7 @@ pub(crate) fn free_in<T>(universe: &Cidr, start: u32, size: u32, allocs: &BTreeM
 impl Ring {
     /// A ring with no seeds: nothing is owned until seeds are agreed or adopted.
     pub fn new(universe: Cidr) -> Ring {
-        Ring { universe, seeds: Vec::new(), id: 0, entries: BTreeMap::new() }
+        Ring { universe, seeds: Vec::new(), id: 0, entries: BTreeMap::new(), proofs: BTreeMap::new(), unsigned: BTreeSet::new() }
     }
 
     /// The deterministic initial division of `universe` among `seeds` (sorted and
@@ -143,7 +173,7 @@ impl Ring {
         seeds.sort();
         seeds.dedup();
         let id = ring_id(&universe, &seeds);
-        let mut ring = Ring { universe, seeds, id, entries: BTreeMap::new() };
+        let mut ring = Ring { universe, seeds, id, entries: BTreeMap::new(), proofs: BTreeMap::new(), unsigned: BTreeSet::new() };
         let n = ring.seeds.len() as u64;
         if n == 0 {
             return ring;
@@ -192,6 +222,52 @@ impl Ring {
         self.entries.get(&start)
     }
 
+    /// The writer's proof of the entry at `start`, if known.
+    pub fn proof(&self, start: u32) -> Option<&Proof> {
+        self.proofs.get(&start)
+    }
+
+    /// Records the proof of the entry at `start` (already verified, or made here).
+    pub(crate) fn set_proof(&mut self, start: u32, proof: Proof) {
+        if self.entries.contains_key(&start) {
+            self.proofs.insert(start, proof);
+        }
+    }
+
+    /// Starts edited here and not signed since; clears the list.
+    pub(crate) fn take_unsigned(&mut self) -> BTreeSet<u32> {
+        std::mem::take(&mut self.unsigned)
+    }
+
+    /// The entries below `start`, nearest first.
+    pub(crate) fn entries_before(&self, start: u32) -> impl Iterator<Item = (u32, &Entry)> + '_ {
+        self.entries.range(..start).rev().map(|(&s, e)| (s, e))
+    }
+
+    /// The entry covering `ip` in this ring with `overlay` (newer entries, e.g. the
+    /// earlier ones of a message being verified) applied on top.
+    pub(crate) fn covering_with(&self, overlay: &BTreeMap<u32, Entry>, ip: u32) -> Option<(u32, Entry)> {
+        let mut a = self.entries.range(..=ip).rev().take(64).peekable();
+        let mut b = overlay.range(..=ip).rev().take(64).peekable();
+        for _ in 0..128 {
+            let next = match (a.peek(), b.peek()) {
+                (Some((&sa, _)), Some((&sb, _))) if sa > sb => a.next().map(|(&s, e)| (s, *e)),
+                (Some((&sa, _)), Some((&sb, _))) if sa == sb => {
+                    a.next();
+                    b.next().map(|(&s, e)| (s, *e))
+                }
+                (_, Some(_)) => b.next().map(|(&s, e)| (s, *e)),
+                (Some(_), None) => a.next().map(|(&s, e)| (s, *e)),
+                (None, None) => None,
+            };
+            let (s, e) = next?;
+            if (ip as u64) < s as u64 + e.size as u64 {
+                return Some((s, e));
+            }
+        }
+        None
+    }
+
     /// All entries by start.
     pub fn entries(&self) -> impl Iterator<Item = (u32, &Entry)> + '_ {
         self.entries.iter().map(|(&s, e)| (s, e))
@@ -234,7 +310,7 @@ impl Ring {
             if !entries.is_empty() {
                 return Err(IpamError::Malformed("ring entries without seeds".into()));
             }
-            return Ok(MergePlan { adopt: None, changes: Vec::new() });
+            return Ok(MergePlan { adopt: None, changes: Vec::new(), proofs: BTreeMap::new() });
         }
         let adopt = if self.seeds.is_empty() {
             Some(Ring::genesis(self.universe, seeds))
@@ -276,7 +352,7 @@ impl Ring {
         if base.entries.len() + new_starts > MAX_ENTRIES {
             return Err(IpamError::TooManyEntries);
         }
-        Ok(MergePlan { adopt, changes })
+        Ok(MergePlan { adopt, changes, proofs: BTreeMap::new() })
     }
 
     /// Applies a plan from [`Ring::plan_merge`] on this same ring; returns the
@@ -286,8 +362,14 @@ impl Ring {
             *self = genesis;
         }
         let mut changed = Vec::with_capacity(plan.changes.len());
+        let mut proofs = plan.proofs;
         for (s, e) in plan.changes {
             self.entries.insert(s, e);
+            self.unsigned.remove(&s);
+            match proofs.remove(&s) {
+                Some(p) => self.proofs.insert(s, p),
+                None => self.proofs.remove(&s),
+            };
             changed.push(s);
         }
         changed
@@ -307,8 +389,11 @@ impl Ring {
     pub(crate) fn set_free(&mut self, me: PeerName, start: u32, free: u32) -> bool {
         match self.entries.get_mut(&start) {
             Some(e) if e.owner == me && e.free != free => {
+                let Some(v) = bump(e.version, 1) else { return false };
                 e.free = free;
-                e.version = e.version.saturating_add(1);
+                e.version = v;
+                self.proofs.remove(&start);
+                self.unsigned.insert(start);
                 true
             }
             _ => false,
@@ -333,12 +418,17 @@ impl Ring {
             return None;
         }
         let universe = self.universe;
-        let next_version = |ring: &Ring, at: u32| ring.entries.get(&at).map_or(1, |x| x.version.saturating_add(1));
+        let next_version = |ring: &Ring, at: u32| ring.entries.get(&at).map_or(Some(1), |x| bump(x.version, 1));
+        // Every version this edit writes must stay bounded, or nothing changes.
+        let own_next = bump(e.version, 1)?;
+        if (hi < end && next_version(self, hi as u32).is_none()) || (lo > s as u64 && next_version(self, lo as u32).is_none()) {
+            return None;
+        }
         let mut changed = Vec::new();
         if hi < end {
             let t = hi as u32;
             let size = (end - hi) as u32;
-            let v = next_version(self, t);
+            let v = next_version(self, t)?;
             self.entries.insert(t, Entry { owner: me, size, version: v, free: free_in(&universe, t, size, allocs) });
             changed.push(t);
         }
@@ -346,19 +436,22 @@ impl Ring {
         let piece_free = free_in(&universe, lo as u32, piece, allocs);
         if lo > s as u64 {
             let head = (lo - s as u64) as u32;
-            let v = e.version.saturating_add(1);
+            let v = own_next;
             self.entries.insert(s, Entry { owner: me, size: head, version: v, free: free_in(&universe, s, head, allocs) });
             changed.push(s);
             let t = lo as u32;
-            let v = next_version(self, t);
+            let v = next_version(self, t)?;
             self.entries.insert(t, Entry { owner: to, size: piece, version: v, free: piece_free });
             changed.push(t);
         } else {
-            let v = e.version.saturating_add(1);
-            self.entries.insert(s, Entry { owner: to, size: piece, version: v, free: piece_free });
+            self.entries.insert(s, Entry { owner: to, size: piece, version: own_next, free: piece_free });
             changed.push(s);
         }
         changed.sort_unstable();
+        for &c in &changed {
+            self.proofs.remove(&c);
+            self.unsigned.insert(c);
+        }
         Some(changed)
     }
 
@@ -370,11 +463,17 @@ impl Ring {
         let mut changed = Vec::new();
         for (&s, e) in self.entries.iter_mut() {
             if e.owner == from {
+                // An entry whose version cannot grow any more stays as it is.
+                let Some(v) = bump(e.version, jump) else { continue };
                 e.owner = to;
-                e.version = e.version.saturating_add(jump);
+                e.version = v;
                 e.free = usable_count(&universe, s as u64, s as u64 + e.size as u64) as u32;
                 changed.push(s);
             }
+        }
+        for &c in &changed {
+            self.proofs.remove(&c);
+            self.unsigned.insert(c);
         }
         changed
     }
@@ -387,9 +486,24 @@ impl Ring {
     }
 
     /// Restores a ring from its parts (snapshot); the caller validated them.
-    pub(crate) fn from_parts(universe: Cidr, seeds: Vec<PeerName>, entries: Vec<(u32, Entry)>) -> Ring {
+    /// Entries without a proof that are not genesis entries and are owned by
+    /// `me` are marked for signing (a version-1 snapshot, or unsigned at save time).
+    pub(crate) fn from_parts(universe: Cidr, seeds: Vec<PeerName>, entries: Vec<(u32, Entry)>, proofs: Vec<Option<Proof>>, me: PeerName) -> Ring {
         let id = ring_id(&universe, &seeds);
-        Ring { universe, seeds, id, entries: entries.into_iter().collect() }
+        let mut ring = Ring { universe, seeds, id, entries: BTreeMap::new(), proofs: BTreeMap::new(), unsigned: BTreeSet::new() };
+        for ((s, e), p) in entries.into_iter().zip(proofs.into_iter().chain(std::iter::repeat(None))) {
+            match p {
+                Some(p) => {
+                    ring.proofs.insert(s, p);
+                }
+                None if e.owner == me && e.version > 0 => {
+                    ring.unsigned.insert(s);
+                }
+                None => {}
+            }
+            ring.entries.insert(s, e);
+        }
+        ring
     }
 }
 

@@ -6,7 +6,9 @@ use std::net::Ipv4Addr;
 
 use super::wire::{self, Body, Envelope, Gossip};
 use super::*;
+use crate::identity::Identity;
 use crate::peer::PeerName;
+use crate::trust::{Binding, KeyBook, Signer};
 
 fn u() -> Cidr {
     "10.32.0.0/22".parse().unwrap()
@@ -21,8 +23,29 @@ fn any() -> Request {
     Request::Any(u())
 }
 
+/// A fixed identity per peer name (tests are deterministic).
+pub(super) fn id_of(name: PeerName) -> Identity {
+    let mut k = [0x5au8; 32];
+    k[..8].copy_from_slice(&name.0.to_be_bytes());
+    Identity::from_private(k).unwrap()
+}
+pub(super) fn new_ipam(me: PeerName, universe: Cidr, init: InitMode) -> Result<Ipam, IpamError> {
+    Ipam::new(me, universe, init, &id_of(me))
+}
+fn restore_ipam(me: PeerName, universe: Cidr, init: InitMode, cfg: Config, bytes: &[u8]) -> Result<Ipam, IpamError> {
+    Ipam::restore(me, universe, init, cfg, bytes, &id_of(me))
+}
+/// Signs `env` as `env.src` (whose identity is [`id_of`]) with its binding.
+fn signed(env: &Envelope, hops: u8) -> Vec<u8> {
+    let id = id_of(env.src);
+    let signer = Signer::from_identity(&id);
+    wire::encode(env, hops, vec![Binding::new(env.src, &id, &signer)], &signer)
+}
+
 struct Mesh {
     nodes: Vec<Ipam>,
+    /// Each peer's key book (the daemon's, filled from the messages here).
+    keys: Vec<KeyBook>,
     up: Vec<bool>,
     now: u64,
     sent: usize,
@@ -36,8 +59,8 @@ struct Mesh {
 
 impl Mesh {
     fn new(init: impl Fn(usize) -> InitMode, n: usize) -> Mesh {
-        let nodes = (0..n).map(|i| Ipam::new(p(i as u64 + 1), u(), init(i)).unwrap()).collect();
-        let mut m = Mesh { nodes, up: vec![true; n], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
+        let nodes = (0..n).map(|i| new_ipam(p(i as u64 + 1), u(), init(i)).unwrap()).collect();
+        let mut m = Mesh { nodes, keys: vec![KeyBook::new(); n], up: vec![true; n], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
         m.topology();
         m
     }
@@ -87,7 +110,7 @@ impl Mesh {
                             self.log.push(bytes.clone());
                         }
                         let me = self.nodes[from].me();
-                        match self.nodes[j].handle_message(me, &bytes, self.now) {
+                        match self.nodes[j].handle_message(me, &bytes, self.now, &mut self.keys[j]) {
                             Ok(()) => {}
                             Err(e) if self.tolerate => self.errors.push((j, e)),
                             Err(e) => panic!("peer {j}: {e}"),
@@ -193,10 +216,10 @@ fn bad_requests() {
     assert!(matches!(e2(Request::Exact { ip: ip("10.32.1.1"), prefix: 33 }), IpamError::BadPrefix(33)));
     assert!(matches!(m2.nodes[0].allocate("", any(), 0), Err(IpamError::BadTarget(_))));
     assert!(matches!(m2.nodes[0].allocate(&"x".repeat(300), any(), 0), Err(IpamError::BadTarget(_))));
-    assert!(Ipam::new(p(1), "10.0.0.0/31".parse().unwrap(), InitMode::Observer).is_err());
-    assert!(Ipam::new(p(1), u(), InitMode::Consensus(0)).is_err());
-    assert!(Ipam::new(p(1), u(), InitMode::Consensus(paxos::MAX_PARTICIPANTS as u32 + 1)).is_err());
-    assert!(Ipam::new(p(1), u(), InitMode::Seed(vec![])).is_err());
+    assert!(new_ipam(p(1), "10.0.0.0/31".parse().unwrap(), InitMode::Observer).is_err());
+    assert!(new_ipam(p(1), u(), InitMode::Consensus(0)).is_err());
+    assert!(new_ipam(p(1), u(), InitMode::Consensus(paxos::MAX_PARTICIPANTS as u32 + 1)).is_err());
+    assert!(new_ipam(p(1), u(), InitMode::Seed(vec![])).is_err());
 }
 
 #[test]
@@ -259,9 +282,9 @@ fn observer_gets_space_by_donation() {
 fn full_peers_ask_and_exhaustion_waits() {
     let tiny: Cidr = "10.9.0.0/29".parse().unwrap(); // 6 usable
     let seeds = vec![p(1), p(2)];
-    let mut nodes: Vec<Ipam> = (1..=2).map(|i| Ipam::new(p(i), tiny, InitMode::Seed(seeds.clone())).unwrap()).collect();
+    let mut nodes: Vec<Ipam> = (1..=2).map(|i| new_ipam(p(i), tiny, InitMode::Seed(seeds.clone())).unwrap()).collect();
     let mut m =
-        Mesh { nodes: std::mem::take(&mut nodes), up: vec![true; 2], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
+        Mesh { nodes: std::mem::take(&mut nodes), keys: vec![KeyBook::new(); 2], up: vec![true; 2], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
     m.topology();
     let mut got = Vec::new();
     for k in 0..6 {
@@ -290,7 +313,7 @@ fn full_peers_ask_and_exhaustion_waits() {
 
 #[test]
 fn consensus_of_one_and_of_three() {
-    let mut one = Ipam::new(p(1), u(), InitMode::Consensus(1)).unwrap();
+    let mut one = new_ipam(p(1), u(), InitMode::Consensus(1)).unwrap();
     assert!(matches!(one.allocate("c", any(), 0), Ok(Allocation::Pending(Waiting::Consensus { known: 1, quorum: 1 }))));
     for _ in 0..4 {
         let t = one.poll_timeout().unwrap();
@@ -334,7 +357,7 @@ fn consensus_of_one_and_of_three() {
 
 /// Paxos claims carried by one encoded message, if it is gossip with records.
 fn claims_in(bytes: &[u8]) -> Vec<(PeerName, paxos::Claims)> {
-    match wire::decode(bytes).unwrap().body {
+    match wire::decode(bytes).unwrap().1.body {
         Body::Gossip(Gossip { paxos: Some(p), .. }) => p.records.claims,
         _ => Vec::new(),
     }
@@ -427,7 +450,7 @@ fn late_peers_adopt_the_agreed_ring_whatever_their_n() {
     assert!(m.nodes.iter().all(|n| n.ring_bytes() == b));
     // C restarts from its snapshot: still agreed on the adopted ring, same address.
     let snap = m.nodes[2].snapshot();
-    let mut r = Ipam::restore(p(3), u(), InitMode::Consensus(1), Config::default(), &snap).unwrap();
+    let mut r = restore_ipam(p(3), u(), InitMode::Consensus(1), Config::default(), &snap).unwrap();
     assert!(r.is_agreed());
     assert_eq!(seeds_of(&r), vec![p(1)]);
     assert_eq!(r.release_missing(["c"]), vec![]);
@@ -520,7 +543,7 @@ fn allocating_alone_first_makes_a_ring_that_conflicts() {
     m.run_alone(2, 5_000);
     assert_eq!(seeds_of(&m.nodes[2]), vec![p(3)]);
     let c_ip = ready(m.alloc(2, "c", any()));
-    let before: Vec<Vec<u8>> = m.nodes.iter().map(|n| n.snapshot()).collect();
+    let before: Vec<Vec<u8>> = m.nodes.iter_mut().map(|n| n.snapshot()).collect();
     m.tolerate = true;
     m.up[2] = true;
     m.topology();
@@ -551,29 +574,31 @@ fn conflicts_are_refused_and_change_nothing() {
     a.run();
     let before = a.nodes[0].snapshot();
     // Different seeds.
-    let mut other = Ipam::new(p(7), u(), InitMode::Seed(vec![p(7), p(8)])).unwrap();
+    let mut other = new_ipam(p(7), u(), InitMode::Seed(vec![p(7), p(8)])).unwrap();
     let (_, bytes) = other.poll_transmit().unwrap();
-    let e = a.nodes[0].handle_message(p(7), &bytes, 1).unwrap_err();
+    let e = a.nodes[0].handle_message(p(7), &bytes, 1, &mut a.keys[0]).unwrap_err();
     assert!(e.is_conflict() && matches!(e, IpamError::DifferentRings { .. }), "{e}");
     assert_eq!(a.nodes[0].snapshot(), before);
     // Different range.
-    let mut other = Ipam::new(p(7), "10.32.0.0/21".parse().unwrap(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
+    let mut other = new_ipam(p(7), "10.32.0.0/21".parse().unwrap(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
     let (_, bytes) = other.poll_transmit().unwrap();
-    assert!(matches!(a.nodes[0].handle_message(p(7), &bytes, 1), Err(IpamError::RangeMismatch { .. })));
+    assert!(matches!(a.nodes[0].handle_message(p(7), &bytes, 1, &mut a.keys[0]), Err(IpamError::RangeMismatch { .. })));
     assert_eq!(a.nodes[0].snapshot(), before);
-    // Someone "takes over" my range that holds an allocation (rmpeer on a live peer).
-    let mut thief = Ipam::new(p(2), u(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
+    // Someone "takes over" my range that holds an allocation (rmpeer on a live
+    // peer): entries of mine I did not sign are dropped and counted, no conflict.
+    let mut thief = new_ipam(p(2), u(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
     thief.peers_changed(&[]);
     thief.rmpeer(p(1)).unwrap();
     while thief.poll_transmit().is_some() {}
     thief.handle_timeout(100_000);
     let (_, bytes) = thief.poll_transmit().unwrap();
-    let e = a.nodes[0].handle_message(p(2), &bytes, 1).unwrap_err();
-    assert!(matches!(e, IpamError::OwnershipConflict { .. }), "{e}");
+    let forged = a.nodes[0].drops().forged_entries;
+    a.nodes[0].handle_message(p(2), &bytes, 1, &mut a.keys[0]).unwrap();
+    assert_eq!(a.nodes[0].drops().forged_entries, forged + 1);
     assert_eq!(a.nodes[0].snapshot(), before);
     // Garbage.
     for junk in [&b""[..], &b"\x01"[..], &b"\x02abc"[..], &[1u8, 0xff, 0xff, 0xff, 0xff][..]] {
-        let e = a.nodes[0].handle_message(p(2), junk, 1).unwrap_err();
+        let e = a.nodes[0].handle_message(p(2), junk, 1, &mut a.keys[0]).unwrap_err();
         assert!(!e.is_conflict());
     }
     assert_eq!(a.nodes[0].snapshot(), before);
@@ -582,18 +607,19 @@ fn conflicts_are_refused_and_change_nothing() {
 #[test]
 fn relays_unicast_for_others() {
     let mut a = seeded(1);
-    let env = Envelope { universe: u(), src: p(5), dst: p(6), hops: 3, body: Body::SyncRequest };
-    a.nodes[0].handle_message(p(5), &wire::encode(&env), 0).unwrap();
+    let env = Envelope { universe: u(), src: p(5), dst: p(6), body: Body::SyncRequest };
+    a.nodes[0].handle_message(p(5), &signed(&env, 3), 0, &mut a.keys[0]).unwrap();
     let mut out = Vec::new();
     while let Some(t) = a.nodes[0].poll_transmit() {
         out.push(t);
     }
     let relayed = out.iter().find(|(d, _)| *d == Dest::Peer(p(6))).expect("relayed");
-    let env2 = wire::decode(&relayed.1).unwrap();
-    assert_eq!(env2.hops, 2);
+    let (packet, env2) = wire::decode(&relayed.1).unwrap();
+    assert_eq!(packet.hops, 2);
     assert_eq!(env2.src, p(5));
-    let dead = Envelope { hops: 0, ..env };
-    a.nodes[0].handle_message(p(5), &wire::encode(&dead), 0).unwrap();
+    // Relayed as signed: the receiver can still verify the original sender.
+    assert_eq!(wire::decode(&signed(&env, 3)).unwrap().0.signed, packet.signed);
+    a.nodes[0].handle_message(p(5), &signed(&env, 0), 0, &mut a.keys[0]).unwrap();
     assert!(a.nodes[0].poll_transmit().is_none());
 }
 
@@ -642,30 +668,30 @@ fn snapshot_restore_and_release_missing() {
     let snap = m.nodes[0].snapshot();
     let cfg = Config::default();
     let seeds = InitMode::Seed(vec![p(1), p(2)]);
-    let mut r = Ipam::restore(p(1), u(), seeds.clone(), cfg.clone(), &snap).unwrap();
+    let mut r = restore_ipam(p(1), u(), seeds.clone(), cfg.clone(), &snap).unwrap();
     assert_eq!(r.ring_bytes(), m.nodes[0].ring_bytes());
     assert_eq!(r.allocations().collect::<Vec<_>>(), m.nodes[0].allocations().collect::<Vec<_>>());
     assert_eq!(r.snapshot(), snap);
     let freed = r.release_missing(["keep", "remote"]);
     assert_eq!(freed, vec![("gone".to_string(), b)]);
     assert_eq!(ready(r.allocate("keep", any(), 0)), a);
-    assert!(matches!(Ipam::restore(p(2), u(), seeds.clone(), cfg.clone(), &snap), Err(IpamError::SnapshotPeer { .. })));
+    assert!(matches!(restore_ipam(p(2), u(), seeds.clone(), cfg.clone(), &snap), Err(IpamError::SnapshotPeer { .. })));
     assert!(matches!(
-        Ipam::restore(p(1), "10.32.0.0/21".parse().unwrap(), seeds.clone(), cfg.clone(), &snap),
+        restore_ipam(p(1), "10.32.0.0/21".parse().unwrap(), seeds.clone(), cfg.clone(), &snap),
         Err(IpamError::SnapshotRange { .. })
     ));
     let mut bad = snap.clone();
     bad[0] = 9;
-    assert!(matches!(Ipam::restore(p(1), u(), seeds.clone(), cfg.clone(), &bad), Err(IpamError::BadSnapshot(_))));
+    assert!(matches!(restore_ipam(p(1), u(), seeds.clone(), cfg.clone(), &bad), Err(IpamError::BadSnapshot(_))));
     // Truncations never panic.
     for n in 0..snap.len() {
-        let _ = Ipam::restore(p(1), u(), seeds.clone(), cfg.clone(), &snap[..n]);
+        let _ = restore_ipam(p(1), u(), seeds.clone(), cfg.clone(), &snap[..n]);
     }
     // An unagreed consensus peer keeps its promises across a restart.
-    let mut c = Ipam::new(p(1), u(), InitMode::Consensus(3)).unwrap();
+    let mut c = new_ipam(p(1), u(), InitMode::Consensus(3)).unwrap();
     let _ = c.allocate("x", any(), 0);
     let s = c.snapshot();
-    let r = Ipam::restore(p(1), u(), InitMode::Consensus(3), cfg, &s).unwrap();
+    let r = restore_ipam(p(1), u(), InitMode::Consensus(3), cfg, &s).unwrap();
     assert_eq!(r.status().state, RingState::AwaitingConsensus { known: 1, quorum: 3 });
 }
 
@@ -676,12 +702,15 @@ fn gossip_messages_are_small_deltas() {
     ready(m.alloc(0, "c", any()));
     let (dest, bytes) = m.nodes[0].poll_transmit().unwrap();
     assert_eq!(dest, Dest::Neighbours);
-    let env = wire::decode(&bytes).unwrap();
+    let (packet, env) = wire::decode(&bytes).unwrap();
     match env.body {
         Body::Gossip(Gossip { full: false, entries, .. }) => assert_eq!(entries.len(), 1),
         b => panic!("{b:?}"),
     }
-    assert!(bytes.len() < 64, "{} bytes", bytes.len());
+    // One entry (about 20 bytes) with its proof (73), the envelope signature (64)
+    // and the sender's binding (136, it wrote the entry too).
+    assert_eq!(packet.bindings.len(), 1);
+    assert!(bytes.len() < 340, "{} bytes", bytes.len());
 }
 
 #[test]
@@ -706,6 +735,7 @@ fn mutated_messages_never_panic_and_errors_change_nothing() {
     assert!(corpus.len() > 50);
     let mut rng = Rng::new(99);
     let target = &mut m.nodes[1];
+    let keys = &mut m.keys[1];
     let (mut applied, mut refused) = (0, 0);
     for round in 0..10_000u64 {
         let mut b = corpus[rng.below(corpus.len() as u64) as usize].clone();
@@ -720,7 +750,7 @@ fn mutated_messages_never_panic_and_errors_change_nothing() {
             }
         }
         let before = (target.snapshot(), target.ring_bytes());
-        match target.handle_message(p(3), &b, 1_000_000 + round) {
+        match target.handle_message(p(3), &b, 1_000_000 + round, keys) {
             Ok(()) => applied += 1,
             Err(_) => {
                 refused += 1;
@@ -731,4 +761,255 @@ fn mutated_messages_never_panic_and_errors_change_nothing() {
         while target.poll_event().is_some() {}
     }
     assert!(applied > 100 && refused > 100, "{applied} applied, {refused} refused");
+}
+
+// ------------------------------------------------------------------ forgeries
+
+/// The attacker: a member with its own identity, named `p(9)`.
+fn attacker() -> (Identity, Signer) {
+    let id = id_of(p(9));
+    let s = Signer::from_identity(&id);
+    (id, s)
+}
+
+/// `env` signed with `key`'s signer whatever `env.src` says, carrying `bindings`.
+fn forge(env: &Envelope, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
+    wire::encode(env, 0, bindings, key)
+}
+
+fn entry_proof(key: &Signer, by: PeerName, ring_id: u64, start: u32, e: &ring::Entry) -> wire::Proof {
+    wire::Proof { by, sig: key.sign(wire::DOMAIN_ENTRY, &wire::entry_message(ring_id, start, e)) }
+}
+
+/// State a forgery must not change: the ring, allocations and Paxos records.
+fn state(n: &mut Ipam) -> (Vec<u8>, Vec<u8>) {
+    (n.ring_bytes(), n.snapshot())
+}
+
+#[test]
+fn forged_entries_are_dropped_and_counted() {
+    let mut m = seeded(2);
+    m.run();
+    ready(m.alloc(0, "c", any()));
+    m.run();
+    let (mid, ms) = attacker();
+    let me_binding = Binding::new(p(9), &mid, &ms);
+    let rid = m.nodes[0].ring().id();
+    let start = u().start();
+    let victim_entry = *m.nodes[0].ring().get(start).unwrap();
+    assert_eq!(victim_entry.owner, p(1));
+    let stolen = ring::Entry { owner: p(9), size: victim_entry.size, version: victim_entry.version + 5, free: victim_entry.free };
+    let send = |m: &mut Mesh, j: usize, proof: wire::Proof, bindings: Vec<Binding>| {
+        let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, stolen)], proofs: vec![proof], paxos: None };
+        let env = Envelope { universe: u(), src: p(9), dst: PeerName::BROADCAST, body: Body::Gossip(g) };
+        let bytes = forge(&env, &ms, bindings);
+        let keys = &mut m.keys[j];
+        m.nodes[j].handle_message(p(9), &bytes, m.now, keys)
+    };
+    let before: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    // 1. The victim's own range, claimed by the attacker under its own signature.
+    let own_sig = entry_proof(&ms, p(9), rid, start, &stolen);
+    send(&mut m, 0, own_sig, vec![me_binding.clone()]).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_entries, 1);
+    // 2. A third peer: a live owner's range signed by someone else is not believed
+    //    (and the owner is asked for its state).
+    send(&mut m, 1, own_sig, vec![me_binding.clone()]).unwrap();
+    assert_eq!(m.nodes[1].drops().unverifiable_entries, 1);
+    // 3. Claiming to be the owner's signature: a bad signature.
+    let fake_owner_sig = entry_proof(&ms, p(1), rid, start, &stolen);
+    send(&mut m, 1, fake_owner_sig, vec![me_binding.clone()]).unwrap();
+    assert_eq!(m.nodes[1].drops().forged_entries, 1);
+    // 4. A writer with no key bound anywhere (no binding sent for it).
+    let xs = Signer::from_identity(&id_of(p(7)));
+    send(&mut m, 1, entry_proof(&xs, p(7), rid, start, &stolen), vec![me_binding.clone()]).unwrap();
+    assert_eq!(m.nodes[1].drops().unknown_entry_signers, 1);
+    // 5. No signature at all: the message does not decode (proofs missing).
+    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, stolen)], proofs: vec![], paxos: None };
+    let env = Envelope { universe: u(), src: p(9), dst: PeerName::BROADCAST, body: Body::Gossip(g) };
+    let e = m.nodes[1].handle_message(p(9), &forge(&env, &ms, vec![me_binding]), m.now, &mut m.keys[1]).unwrap_err();
+    assert!(!e.is_conflict(), "{e}");
+    assert_eq!(m.nodes[1].drops().malformed_messages, 1);
+    let after: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    assert_eq!(before, after, "a forgery changed state");
+    // The victim still allocates from its range, and the mesh still agrees.
+    m.run();
+    ready(m.alloc(0, "d", any()));
+    m.run();
+    assert_eq!(m.nodes[0].ring_bytes(), m.nodes[1].ring_bytes());
+    assert_eq!(m.nodes[0].ring().get(start).unwrap().owner, p(1));
+}
+
+#[test]
+fn forged_sender_and_conflicting_binding_are_dropped() {
+    let mut m = seeded(2);
+    m.run();
+    let (mid, ms) = attacker();
+    let before: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    // A space request claiming to come from peer 2, signed by the attacker.
+    let env = Envelope { universe: u(), src: p(2), dst: p(1), body: Body::SpaceRequest { id: 7, subnet: u() } };
+    m.nodes[0].handle_message(p(9), &forge(&env, &ms, vec![]), m.now, &mut m.keys[0]).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_messages, 1);
+    assert!(m.nodes[0].poll_transmit().is_none(), "nothing donated, nothing answered");
+    // The same with a binding of peer 2's name to the attacker's keys.
+    let squat = Binding::new(p(2), &mid, &ms);
+    m.nodes[0].handle_message(p(9), &forge(&env, &ms, vec![squat]), m.now, &mut m.keys[0]).unwrap();
+    assert_eq!(m.nodes[0].drops().conflicting_bindings, 1);
+    assert_eq!(m.nodes[0].drops().forged_messages, 2);
+    assert_eq!(m.keys[0].get(p(2)).unwrap().signing_key, Signer::from_identity(&id_of(p(2))).public());
+    // A sender nobody knows, with no binding.
+    let env = Envelope { universe: u(), src: p(8), dst: p(1), body: Body::SyncRequest };
+    m.nodes[0].handle_message(p(9), &forge(&env, &Signer::from_identity(&id_of(p(8))), vec![]), m.now, &mut m.keys[0]).unwrap();
+    assert_eq!(m.nodes[0].drops().unknown_senders, 1);
+    // A genuine message altered by a relay (its signature no longer matches).
+    let genuine = Envelope { universe: u(), src: p(2), dst: p(1), body: Body::SyncRequest };
+    let mut bytes = signed(&genuine, 3);
+    let n = bytes.len();
+    bytes[n - 10] ^= 1; // inside the signature
+    m.nodes[0].handle_message(p(2), &bytes, m.now, &mut m.keys[0]).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_messages, 3);
+    assert!(m.nodes[0].poll_transmit().is_none());
+    let after: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    assert_eq!(before, after);
+    assert_eq!(m.nodes[0].status().drops.forged_messages, 3);
+}
+
+#[test]
+fn a_donation_reply_not_from_the_donor_is_dropped() {
+    let seeds = vec![p(1), p(2)];
+    let mut m = Mesh::new(|i| if i < 2 { InitMode::Seed(seeds.clone()) } else { InitMode::Observer }, 3);
+    m.run();
+    // The observer asks a donor; the attacker answers in the donor's name.
+    assert!(matches!(m.alloc(2, "o", any()), Ok(Allocation::Pending(Waiting::Donation { .. }))));
+    let (dest, bytes) = m.nodes[2].poll_transmit().unwrap();
+    let Dest::Peer(donor) = dest else { panic!("{dest:?}") };
+    let (_, env) = wire::decode(&bytes).unwrap();
+    let Body::SpaceRequest { id, .. } = env.body else { panic!() };
+    let (mid, ms) = attacker();
+    let rid = m.nodes[2].ring().id();
+    let start = m.nodes[2].ring().owned_by(donor).next().map(|(s, _)| s).unwrap();
+    let gift = ring::Entry { owner: p(3), size: 4, version: 9, free: 4 };
+    let before = state(&mut m.nodes[2]);
+    // (a) In the donor's name, signed by the attacker.
+    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, gift)], proofs: vec![entry_proof(&ms, donor, rid, start, &gift)], paxos: None };
+    let env = Envelope { universe: u(), src: donor, dst: p(3), body: Body::Reply { id, outcome: wire::Outcome::Donated, gossip: g } };
+    m.nodes[2].handle_message(p(9), &forge(&env, &ms, vec![]), m.now, &mut m.keys[2]).unwrap();
+    assert_eq!(m.nodes[2].drops().forged_messages, 1);
+    // (b) In its own name, giving away the donor's space.
+    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, gift)], proofs: vec![entry_proof(&ms, p(9), rid, start, &gift)], paxos: None };
+    let env = Envelope { universe: u(), src: p(9), dst: p(3), body: Body::Reply { id, outcome: wire::Outcome::Donated, gossip: g } };
+    m.nodes[2].handle_message(p(9), &forge(&env, &ms, vec![Binding::new(p(9), &mid, &ms)]), m.now, &mut m.keys[2]).unwrap();
+    assert_eq!(m.nodes[2].drops().unverifiable_entries, 1);
+    assert_eq!(state(&mut m.nodes[2]), before);
+    assert_eq!(m.nodes[2].allocations().count(), 0);
+    assert!(matches!(m.alloc(2, "o", any()), Ok(Allocation::Pending(Waiting::Donation { .. }))), "still waiting for the real donor");
+    // The real donor's answer still works.
+    let bytes_to_donor = bytes;
+    let donor_i = m.idx(donor).unwrap();
+    m.nodes[donor_i].handle_message(p(3), &bytes_to_donor, m.now, &mut m.keys[donor_i]).unwrap();
+    m.run();
+    ready(m.alloc(2, "o", any()));
+    assert_eq!(m.check_unique(), 1);
+}
+
+#[test]
+fn forged_paxos_records_and_values_are_dropped() {
+    let mut m = Mesh::new(|_| InitMode::Consensus(3), 3);
+    m.run();
+    let (mid, ms) = attacker();
+    let before: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    let big = paxos::Ballot { round: 1000, proposer: p(2) };
+    let huge = paxos::Ballot { round: 1 << 40, proposer: p(9) };
+    let send = |m: &mut Mesh, records: paxos::PaxosUpdate, sigs: Vec<crate::trust::Signature>, value_sigs: Vec<crate::trust::Signature>| {
+        let pg = wire::PaxosGossip { initial: 3, records, sigs, value_sigs };
+        let g = Gossip { paxos: Some(pg), ..Default::default() };
+        let env = Envelope { universe: u(), src: p(9), dst: PeerName::BROADCAST, body: Body::Gossip(g) };
+        m.nodes[0].handle_message(p(9), &forge(&env, &ms, vec![Binding::new(p(9), &mid, &ms)]), m.now, &mut m.keys[0])
+    };
+    // Peer 2's record promising a high ballot, signed by the attacker.
+    let c = paxos::Claims { promised: big, accepted: Default::default() };
+    let sig = ms.sign(wire::DOMAIN_PAXOS_RECORD, &wire::record_message(&u(), p(2), &c));
+    send(&mut m, paxos::PaxosUpdate { claims: vec![(p(2), c)], values: vec![] }, vec![sig], vec![]).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_paxos_records, 1);
+    // The attacker's own record, jumping rounds towards the bound.
+    let c = paxos::Claims { promised: huge, accepted: Default::default() };
+    let sig = ms.sign(wire::DOMAIN_PAXOS_RECORD, &wire::record_message(&u(), p(9), &c));
+    send(&mut m, paxos::PaxosUpdate { claims: vec![(p(9), c)], values: vec![] }, vec![sig], vec![]).unwrap();
+    assert_eq!(m.nodes[0].drops().paxos_round_jumps, 1);
+    // Its own record accepting peer 2's ballot with a value it made up.
+    let c = paxos::Claims { promised: big, accepted: big };
+    let value = vec![p(9)];
+    let sig = ms.sign(wire::DOMAIN_PAXOS_RECORD, &wire::record_message(&u(), p(9), &c));
+    let vsig = ms.sign(wire::DOMAIN_PAXOS_VALUE, &wire::value_message(&u(), &big, &value));
+    send(&mut m, paxos::PaxosUpdate { claims: vec![(p(9), c)], values: vec![(big, value)] }, vec![sig], vec![vsig]).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_paxos_values, 1);
+    assert_eq!(m.nodes[0].drops().forged_paxos_records, 2);
+    let after: Vec<_> = m.nodes.iter_mut().map(state).collect();
+    assert_eq!(before, after);
+    // Consensus among the real peers still works.
+    for i in 0..3 {
+        let _ = m.alloc(i, "x", any());
+    }
+    m.run_secs(5);
+    assert!(m.nodes.iter().all(|n| n.is_agreed() && n.ring().seeds() == [p(1), p(2), p(3)]));
+}
+
+#[test]
+fn a_version_1_snapshot_loads_and_is_re_signed() {
+    // The previous release's layout, written by hand.
+    let start = u().start();
+    let mine = ring::Entry { owner: p(1), size: 256, version: 3, free: 254 };
+    let given = ring::Entry { owner: p(2), size: 256, version: 1, free: 256 };
+    let theirs = ring::Entry { owner: p(2), size: 512, version: 0, free: 511 };
+    let old = wire::SnapshotV1 {
+        me: p(1),
+        universe: u(),
+        seeds: vec![p(1), p(2)],
+        entries: vec![(start, mine), (start + 256, given), (start + 512, theirs)],
+        paxos: None,
+        allocations: vec![(start + 1, "keep".to_string())],
+    };
+    let mut bytes = vec![1u8];
+    bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap());
+    let seeds = InitMode::Seed(vec![p(1), p(2)]);
+    let mut r = restore_ipam(p(1), u(), seeds.clone(), Config::default(), &bytes).unwrap();
+    assert_eq!(r.allocations().collect::<Vec<_>>(), vec![(Ipv4Addr::from(start + 1), "keep")]);
+    assert_eq!(r.ring().get(start), Some(&mine));
+    assert_eq!(r.ring().get(start + 256), Some(&given));
+    // My own entry is signed anew; the other's is kept but not relayed unsigned.
+    assert_eq!(r.ring().proof(start).map(|p| p.by), Some(p(1)));
+    assert!(r.ring().proof(start + 256).is_none());
+    assert!(r.needs_save(), "a migrated snapshot is written back in the new format");
+    let snap = r.snapshot();
+    assert_eq!(snap[0], wire::SNAPSHOT_VERSION);
+    let mut again = restore_ipam(p(1), u(), seeds, Config::default(), &snap).unwrap();
+    assert!(!again.needs_save());
+    assert_eq!(again.ring_bytes(), r.ring_bytes());
+    assert_eq!(again.snapshot(), snap);
+    // Full gossip carries my signed entry only (genesis entries follow from the seeds).
+    again.peers_changed(&[p(2)]);
+    let (_, bytes) = again.poll_transmit().unwrap();
+    let (_, env) = wire::decode(&bytes).unwrap();
+    let Body::Gossip(g) = env.body else { panic!() };
+    assert_eq!(g.entries, vec![(start, mine)]);
+    // Peer 2 verifies and merges it.
+    let mut two = new_ipam(p(2), u(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
+    let mut keys = KeyBook::new();
+    two.handle_message(p(1), &bytes, 0, &mut keys).unwrap();
+    assert_eq!(two.ring().get(start), Some(&mine));
+    assert_eq!(two.drops(), DropStats::default());
+}
+
+#[test]
+fn versions_at_the_bound_do_not_wrap() {
+    let mut r = ring::Ring::genesis(u(), &[p(1)]);
+    let start = u().start();
+    let allocs: std::collections::BTreeMap<u32, ()> = Default::default();
+    // Push the entry to the bound through merges (as only its owner can sign).
+    let top = ring::Entry { owner: p(1), size: 1024, version: ring::MAX_VERSION, free: 1022 };
+    let plan = r.plan_merge_same(p(1), &[(start, top)]).unwrap();
+    r.apply(plan);
+    assert!(!r.set_free(p(1), start, 5), "no edit past the bound");
+    assert!(r.transfer(p(1), start as u64 + 10, start as u64 + 20, p(2), &allocs).is_none());
+    assert!(r.reassign_all(p(1), p(2), 1).is_empty());
+    assert_eq!(r.get(start), Some(&top));
 }

@@ -1,52 +1,148 @@
 //! IPAM messages and snapshots: byte layout and the checks on everything decoded.
 //!
 //! Owns: the envelope every IPAM message travels in, the message bodies, the
-//! snapshot format, and the bounds every decoded value must meet before the rest
-//! of IPAM sees it. Decoding never panics and never allocates more than
-//! [`MAX_MESSAGE_BYTES`] (bincode's limit), whatever the input.
+//! snapshot format, the signed encodings of records, and the bounds every decoded
+//! value must meet before the rest of IPAM sees it. Decoding never panics and never
+//! allocates more than [`MAX_MESSAGE_BYTES`] (bincode's limit), whatever the input.
 //!
-//! # Layout
-//! A message is `u8 version (= 1) ‖ bincode(Envelope)` with bincode 2's standard
-//! config; a snapshot is `u8 version (= 1) ‖ bincode(Snapshot)`. Both are opaque to
-//! the daemon, which carries messages in `ControlMsg::Ipam(Vec<u8>)`.
+//! # Layout (version 2)
+//! A message is `u8 version (= 2) ‖ bincode(Packet)` with bincode 2's standard
+//! config. [`Packet`] holds the relay hop count, the [`Binding`]s of the peers
+//! whose signatures the message carries, the bytes of the [`Envelope`]
+//! (`bincode(Envelope)`) and the sender's Ed25519 signature of those bytes in
+//! [`DOMAIN_ENVELOPE`]. Only `hops` (decremented by relays) is outside the
+//! signature, so relays cannot alter a message and its `src` is proven.
+//!
+//! Inside, every ring entry carries a [`Proof`]: the signature of the peer that
+//! wrote it (its owner, or the previous owner that gave it away) over
+//! [`entry_message`] in [`DOMAIN_ENTRY`]; every Paxos record is signed by its
+//! participant ([`record_message`], [`DOMAIN_PAXOS_RECORD`]) and every Paxos value
+//! by the proposer of its ballot ([`value_message`], [`DOMAIN_PAXOS_VALUE`]). So a
+//! full ring relayed by a third peer is still verifiable record by record.
+//! Version-0 (genesis) entries follow from the seeds and are never sent.
+//!
+//! A snapshot is `u8 version (= 2) ‖ bincode(Snapshot)`; version 1 snapshots (the
+//! previous release, without signatures) still load. Both are opaque to the
+//! daemon, which carries messages in `ControlMsg::Ipam(Vec<u8>)`.
 
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use super::paxos::{Ballot, PaxosUpdate, MAX_PARTICIPANTS};
+use super::paxos::{Ballot, Claims, PaxosUpdate, MAX_PARTICIPANTS};
 use super::ring::{ring_id, Entry, MAX_ENTRIES, MAX_SEEDS, MAX_VERSION};
 use super::space::Cidr;
 use super::IpamError;
 use crate::peer::PeerName;
+use crate::trust::{Binding, Signature, Signer};
 
-/// Message format version (first byte).
-pub const WIRE_VERSION: u8 = 1;
-/// Snapshot format version (first byte).
-pub const SNAPSHOT_VERSION: u8 = 1;
-/// Largest message or snapshot accepted; leaves room for the control channel's
-/// framing inside its 4 MiB message limit. A full ring of [`MAX_ENTRIES`] entries
-/// encodes to well under this.
+/// Message format version (first byte). Version 2: signed envelopes and records.
+pub const WIRE_VERSION: u8 = 2;
+/// Snapshot format version (first byte). Version 2 adds the records' signatures
+/// and the bindings of their signers; version 1 is still read.
+pub const SNAPSHOT_VERSION: u8 = 2;
+/// Largest message accepted; leaves room for the control channel's
+/// framing inside its 4 MiB message limit. Full gossip is split into messages of
+/// at most [`FULL_GOSSIP_CHUNK`] entries to stay under it.
 pub const MAX_MESSAGE_BYTES: usize = (4 << 20) - 4096;
+/// Largest snapshot accepted (a full ring of [`MAX_ENTRIES`] signed entries, the
+/// bindings of their signers and [`MAX_ALLOCATIONS`] targets fit).
+pub const MAX_SNAPSHOT_BYTES: usize = 512 << 20;
+/// Most ring entries per full-gossip message (about 1 MB with their proofs and bindings).
+pub const FULL_GOSSIP_CHUNK: usize = 8192;
 /// Longest target name (bytes).
 pub const MAX_TARGET_LEN: usize = 256;
 /// Most addresses a snapshot may hold.
 pub const MAX_ALLOCATIONS: usize = 1 << 20;
+/// Most bindings one message may carry.
+pub const MAX_BINDINGS: usize = 2 * FULL_GOSSIP_CHUNK + MAX_PARTICIPANTS;
+/// Most bindings a snapshot may hold.
+pub const MAX_SNAPSHOT_BINDINGS: usize = MAX_ENTRIES + MAX_PARTICIPANTS;
 /// Relay hop limit for messages addressed to one peer.
 pub(crate) const MAX_HOPS: u8 = 32;
 
-/// What every IPAM message is wrapped in.
+/// Domain of the sender's signature over a message's envelope bytes.
+pub const DOMAIN_ENVELOPE: &[u8] = b"meshnet ipam envelope v1";
+/// Domain of a ring entry's signature ([`entry_message`]).
+pub const DOMAIN_ENTRY: &[u8] = b"meshnet ipam entry v1";
+/// Domain of a Paxos record's signature ([`record_message`]).
+pub const DOMAIN_PAXOS_RECORD: &[u8] = b"meshnet ipam paxos record v1";
+/// Domain of a Paxos value's signature ([`value_message`]).
+pub const DOMAIN_PAXOS_VALUE: &[u8] = b"meshnet ipam paxos value v1";
+
+/// What travels on the wire: the signed envelope and what relays may touch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Packet {
+    /// Relays left (not signed: each relay decrements it).
+    pub hops: u8,
+    /// Bindings of the sender and of the signers of the records inside.
+    pub bindings: Vec<Binding>,
+    /// `bincode(Envelope)`, exactly as signed.
+    pub signed: Vec<u8>,
+    /// `src`'s signature of `signed` in [`DOMAIN_ENVELOPE`].
+    pub sig: Signature,
+}
+
+/// What every IPAM message is wrapped in (signed by `src`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Envelope {
     /// The sender's allocation range; must equal the receiver's.
     pub universe: Cidr,
-    /// The original sender (not the relay).
+    /// The original sender (not the relay); proven by the packet's signature.
     pub src: PeerName,
     /// [`PeerName::BROADCAST`] for gossip to neighbours, else the one recipient.
     pub dst: PeerName,
-    /// Relays left.
-    pub hops: u8,
     pub body: Body,
+}
+
+/// Who wrote a ring entry: `by`'s signature over [`entry_message`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proof {
+    pub by: PeerName,
+    pub sig: Signature,
+}
+
+/// The bytes a ring entry's [`Proof`] signs: ring id, start and every field.
+pub fn entry_message(ring_id: u64, start: u32, e: &Entry) -> [u8; 36] {
+    let mut m = [0u8; 36];
+    m[..8].copy_from_slice(&ring_id.to_be_bytes());
+    m[8..12].copy_from_slice(&start.to_be_bytes());
+    m[12..20].copy_from_slice(&e.owner.0.to_be_bytes());
+    m[20..24].copy_from_slice(&e.size.to_be_bytes());
+    m[24..32].copy_from_slice(&e.version.to_be_bytes());
+    m[32..36].copy_from_slice(&e.free.to_be_bytes());
+    m
+}
+
+fn put_universe(m: &mut Vec<u8>, universe: &Cidr) {
+    m.extend_from_slice(&universe.network().octets());
+    m.push(universe.prefix());
+}
+
+fn put_ballot(m: &mut Vec<u8>, b: &Ballot) {
+    m.extend_from_slice(&b.round.to_be_bytes());
+    m.extend_from_slice(&b.proposer.0.to_be_bytes());
+}
+
+/// The bytes participant `name`'s signature of its Paxos record covers.
+pub fn record_message(universe: &Cidr, name: PeerName, c: &Claims) -> Vec<u8> {
+    let mut m = Vec::with_capacity(45);
+    put_universe(&mut m, universe);
+    m.extend_from_slice(&name.0.to_be_bytes());
+    put_ballot(&mut m, &c.promised);
+    put_ballot(&mut m, &c.accepted);
+    m
+}
+
+/// The bytes a ballot's proposer signs to fix the ballot's value.
+pub fn value_message(universe: &Cidr, b: &Ballot, value: &[PeerName]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(21 + 8 * value.len());
+    put_universe(&mut m, universe);
+    put_ballot(&mut m, b);
+    for p in value {
+        m.extend_from_slice(&p.0.to_be_bytes());
+    }
+    m
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -72,8 +168,20 @@ pub(crate) struct Gossip {
     pub ring_id: u64,
     /// The ring's seeds, in full gossip only (deltas identify the ring by `ring_id`).
     pub seeds: Vec<PeerName>,
+    /// Entries by start; never version 0 (genesis).
     pub entries: Vec<(u32, Entry)>,
+    /// One per entry, in the same order.
+    pub proofs: Vec<Proof>,
     pub paxos: Option<PaxosGossip>,
+}
+
+/// Paxos records as persisted: `N` and the records (the version-1 snapshot layout).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct PaxosState {
+    /// `N` of `consensus=N`; 0 from a relay that does not know it.
+    pub initial: u32,
+    /// Records, and the value of each ballot they accepted (once per ballot).
+    pub records: PaxosUpdate,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -82,6 +190,10 @@ pub(crate) struct PaxosGossip {
     pub initial: u32,
     /// Records, and the value of each ballot they accepted (once per ballot).
     pub records: PaxosUpdate,
+    /// One per record: by the record's participant, over [`record_message`].
+    pub sigs: Vec<Signature>,
+    /// One per value: by the ballot's proposer, over [`value_message`].
+    pub value_sigs: Vec<Signature>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,14 +210,33 @@ pub(crate) enum Outcome {
     NotAgreed,
 }
 
-/// Everything [`super::Ipam::restore`] needs.
+/// Everything [`super::Ipam::restore`] needs (version 2).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Snapshot {
     pub me: PeerName,
     pub universe: Cidr,
     pub seeds: Vec<PeerName>,
     pub entries: Vec<(u32, Entry)>,
-    pub paxos: Option<PaxosGossip>,
+    /// One per entry; `None` for genesis entries, for entries migrated from a
+    /// version-1 snapshot and for my own entries not yet signed (re-signed on load).
+    pub proofs: Vec<Option<Proof>>,
+    pub paxos: Option<PaxosState>,
+    /// Signatures of the records in `paxos` (a record without one is not relayed).
+    pub paxos_sigs: Vec<(PeerName, Signature)>,
+    pub value_sigs: Vec<(Ballot, Signature)>,
+    /// Bindings of the signers above, to relay with their records.
+    pub bindings: Vec<Binding>,
+    pub allocations: Vec<(u32, String)>,
+}
+
+/// The version-1 snapshot (no signatures), still read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SnapshotV1 {
+    pub me: PeerName,
+    pub universe: Cidr,
+    pub seeds: Vec<PeerName>,
+    pub entries: Vec<(u32, Entry)>,
+    pub paxos: Option<PaxosState>,
     pub allocations: Vec<(u32, String)>,
 }
 
@@ -113,65 +244,156 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_MESSAGE_BYTES>()
 }
 
+fn snapshot_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_SNAPSHOT_BYTES>()
+}
+
+fn body_bytes<T: Serialize>(value: &T) -> Vec<u8> {
+    // Encoding plain structs into a Vec cannot fail; an empty body would be refused on decode.
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).unwrap_or_default()
+}
+
 fn encode_with<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
     let mut out = vec![version];
-    // Encoding plain structs into a Vec cannot fail; an empty body would be refused on decode.
-    if let Ok(body) = bincode::serde::encode_to_vec(value, bincode::config::standard()) {
-        out.extend_from_slice(&body);
-    }
+    out.extend_from_slice(&body_bytes(value));
     out
 }
 
-pub(crate) fn encode(env: &Envelope) -> Vec<u8> {
-    encode_with(WIRE_VERSION, env)
+/// Signs `env` as its sender and wraps it with `bindings` for `hops` relays.
+pub(crate) fn encode(env: &Envelope, hops: u8, bindings: Vec<Binding>, signer: &Signer) -> Vec<u8> {
+    let signed = body_bytes(env);
+    let sig = signer.sign(DOMAIN_ENVELOPE, &signed);
+    encode_packet(&Packet { hops, bindings, signed, sig })
+}
+
+pub(crate) fn encode_packet(p: &Packet) -> Vec<u8> {
+    encode_with(WIRE_VERSION, p)
 }
 
 pub(crate) fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
     encode_with(SNAPSHOT_VERSION, s)
 }
 
-fn decode_with<T: for<'de> Deserialize<'de>>(bytes: &[u8], version: u8) -> Result<T, IpamError> {
-    if bytes.len() > MAX_MESSAGE_BYTES {
-        return Err(IpamError::Malformed(format!("{} bytes, over the {MAX_MESSAGE_BYTES} byte limit", bytes.len())));
+fn decode_body<T: for<'de> Deserialize<'de>>(rest: &[u8], limit: usize, snapshot: bool) -> Result<T, IpamError> {
+    if rest.len() > limit {
+        return Err(IpamError::Malformed(format!("{} bytes, over the {limit} byte limit", rest.len())));
     }
-    let (&v, rest) = bytes.split_first().ok_or_else(|| IpamError::Malformed("empty".into()))?;
-    if v != version {
-        return Err(IpamError::UnsupportedVersion(v));
-    }
-    let (value, used): (T, usize) =
-        bincode::serde::decode_from_slice(rest, config()).map_err(|e| IpamError::Malformed(e.to_string()))?;
+    let r = if snapshot {
+        bincode::serde::decode_from_slice(rest, snapshot_config())
+    } else {
+        bincode::serde::decode_from_slice(rest, config())
+    };
+    let (value, used): (T, usize) = r.map_err(|e| IpamError::Malformed(e.to_string()))?;
     if used != rest.len() {
         return Err(IpamError::Malformed(format!("{} trailing bytes", rest.len() - used)));
     }
     Ok(value)
 }
 
-/// Decodes and checks a message (see [`check_envelope`]).
-pub(crate) fn decode(bytes: &[u8]) -> Result<Envelope, IpamError> {
-    let env: Envelope = decode_with(bytes, WIRE_VERSION)?;
+/// Decodes the outer packet (not yet verified: see [`decode_envelope`]).
+pub(crate) fn decode_packet(bytes: &[u8]) -> Result<Packet, IpamError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(malformed(format!("{} bytes, over the {MAX_MESSAGE_BYTES} byte limit", bytes.len())));
+    }
+    let (&v, rest) = bytes.split_first().ok_or_else(|| IpamError::Malformed("empty".into()))?;
+    if v != WIRE_VERSION {
+        return Err(IpamError::UnsupportedVersion(v));
+    }
+    let p: Packet = decode_body(rest, MAX_MESSAGE_BYTES, false)?;
+    if p.hops > MAX_HOPS {
+        return Err(malformed("hop count over the limit"));
+    }
+    if p.bindings.len() > MAX_BINDINGS {
+        return Err(malformed(format!("{} bindings, over the limit of {MAX_BINDINGS}", p.bindings.len())));
+    }
+    Ok(p)
+}
+
+/// Decodes and checks the envelope a packet signs (see [`check_envelope`]).
+pub(crate) fn decode_envelope(signed: &[u8]) -> Result<Envelope, IpamError> {
+    let env: Envelope = decode_body(signed, MAX_MESSAGE_BYTES, false)?;
     check_envelope(&env)?;
     Ok(env)
 }
 
-/// Decodes and checks a snapshot.
+/// Decodes a packet and its envelope without checking signatures (tests, fuzzing).
+pub fn check_message(bytes: &[u8]) -> Result<(), IpamError> {
+    decode(bytes).map(|_| ())
+}
+
+/// Wraps arbitrary envelope bytes in a packet signed by `signer` (fuzzing and
+/// hostile-peer tests: it lets bytes reach the checks behind the signature).
+#[doc(hidden)]
+pub fn sign_raw(signed: &[u8], hops: u8, bindings: Vec<Binding>, signer: &Signer) -> Vec<u8> {
+    let sig = signer.sign(DOMAIN_ENVELOPE, signed);
+    encode_packet(&Packet { hops, bindings, signed: signed.to_vec(), sig })
+}
+
+/// Decodes and checks a snapshot (fuzzing).
+pub fn check_snapshot(bytes: &[u8]) -> Result<(), IpamError> {
+    decode_snapshot(bytes).map(|_| ())
+}
+
+/// Bytes of a message spent on authentication: the envelope signature, the
+/// bindings, the entries' proofs and the Paxos signatures (0 if it does not decode).
+pub fn signature_overhead(bytes: &[u8]) -> usize {
+    let Ok((p, env)) = decode(bytes) else { return 0 };
+    let binding = 8 + 32 + 32 + 64;
+    let mut n = 64 + binding * p.bindings.len();
+    if let Body::Gossip(g) | Body::Reply { gossip: g, .. } = &env.body {
+        n += g.proofs.len() * (8 + 64);
+        if let Some(pg) = &g.paxos {
+            n += 64 * (pg.sigs.len() + pg.value_sigs.len());
+        }
+    }
+    n
+}
+
+/// Decodes a packet and its envelope without checking signatures.
+pub(crate) fn decode(bytes: &[u8]) -> Result<(Packet, Envelope), IpamError> {
+    let p = decode_packet(bytes)?;
+    let env = decode_envelope(&p.signed)?;
+    Ok((p, env))
+}
+
+/// Decodes and checks a snapshot, of this version or of version 1 (migrated:
+/// no proofs, signatures or bindings).
 pub(crate) fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, IpamError> {
-    let s: Snapshot = decode_with(bytes, SNAPSHOT_VERSION).map_err(|e| IpamError::BadSnapshot(e.to_string()))?;
     let bad = |e: IpamError| IpamError::BadSnapshot(e.to_string());
+    let (&v, rest) = bytes.split_first().ok_or_else(|| IpamError::BadSnapshot("empty".into()))?;
+    let s: Snapshot = match v {
+        SNAPSHOT_VERSION => decode_body(rest, MAX_SNAPSHOT_BYTES, true).map_err(bad)?,
+        1 => {
+            let o: SnapshotV1 = decode_body(rest, MAX_SNAPSHOT_BYTES, true).map_err(bad)?;
+            Snapshot {
+                me: o.me,
+                universe: o.universe,
+                seeds: o.seeds,
+                proofs: vec![None; o.entries.len()],
+                entries: o.entries,
+                paxos: o.paxos,
+                paxos_sigs: Vec::new(),
+                value_sigs: Vec::new(),
+                bindings: Vec::new(),
+                allocations: o.allocations,
+            }
+        }
+        v => return Err(IpamError::BadSnapshot(format!("unknown snapshot version {v} (this release reads 1 and {SNAPSHOT_VERSION})"))),
+    };
     check_universe(&s.universe).map_err(bad)?;
     if s.me == PeerName::BROADCAST {
         return Err(IpamError::BadSnapshot("names the broadcast peer".into()));
     }
-    check_gossip(
-        &s.universe,
-        &Gossip {
-            full: true,
-            ring_id: ring_id(&s.universe, &s.seeds),
-            seeds: s.seeds.clone(),
-            entries: s.entries.clone(),
-            paxos: s.paxos.clone(),
-        },
-    )
-    .map_err(bad)?;
+    if s.proofs.len() != s.entries.len() {
+        return Err(IpamError::BadSnapshot("proofs do not match the entries".into()));
+    }
+    check_ring(&s.universe, &s.seeds, &s.entries, true).map_err(bad)?;
+    if let Some(p) = &s.paxos {
+        check_paxos(p.initial, &p.records).map_err(bad)?;
+    }
+    if s.bindings.len() > MAX_SNAPSHOT_BINDINGS || s.paxos_sigs.len() > MAX_PARTICIPANTS || s.value_sigs.len() > MAX_PARTICIPANTS {
+        return Err(IpamError::BadSnapshot("too many bindings or signatures".into()));
+    }
     if s.allocations.len() > MAX_ALLOCATIONS {
         return Err(IpamError::BadSnapshot("too many allocations".into()));
     }
@@ -207,9 +429,6 @@ pub(crate) fn check_envelope(env: &Envelope) -> Result<(), IpamError> {
     check_universe(&env.universe)?;
     if env.src == PeerName::BROADCAST {
         return Err(malformed("sender is the broadcast name"));
-    }
-    if env.hops > MAX_HOPS {
-        return Err(malformed("hop count over the limit"));
     }
     match &env.body {
         Body::Gossip(g) => check_gossip(&env.universe, g),
@@ -265,11 +484,31 @@ pub(crate) fn check_gossip(universe: &Cidr, g: &Gossip) -> Result<(), IpamError>
     if !g.seeds.is_empty() && ring_id(universe, &g.seeds) != g.ring_id {
         return Err(malformed("ring id does not match the seeds"));
     }
-    if g.entries.len() > MAX_ENTRIES {
+    if g.proofs.len() != g.entries.len() {
+        return Err(malformed("ring entries and proofs differ in number"));
+    }
+    check_ring(universe, &[], &g.entries, false)?;
+    if let Some(p) = &g.paxos {
+        check_paxos(p.initial, &p.records)?;
+        if p.sigs.len() != p.records.claims.len() || p.value_sigs.len() != p.records.values.len() {
+            return Err(malformed("paxos records or values without their signatures"));
+        }
+    }
+    Ok(())
+}
+
+/// Entries sorted by start, inside the universe, non-empty, `free <= size`,
+/// versions bounded (and above 0 on the wire: genesis entries are never sent).
+fn check_ring(universe: &Cidr, seeds: &[PeerName], entries: &[(u32, Entry)], genesis_ok: bool) -> Result<(), IpamError> {
+    check_sorted_names(seeds, MAX_SEEDS, "seeds")?;
+    if seeds.is_empty() && genesis_ok && !entries.is_empty() {
+        return Err(malformed("ring entries without seeds"));
+    }
+    if entries.len() > MAX_ENTRIES {
         return Err(IpamError::TooManyEntries);
     }
     let mut prev: Option<u32> = None;
-    for (start, e) in &g.entries {
+    for (start, e) in entries {
         if prev.is_some_and(|p| p >= *start) {
             return Err(malformed("ring entries not sorted by start"));
         }
@@ -278,45 +517,46 @@ pub(crate) fn check_gossip(universe: &Cidr, g: &Gossip) -> Result<(), IpamError>
         if !universe.contains_u32(*start) || e.size == 0 || end > universe.end() {
             return Err(malformed(format!("entry {} (+{}) outside {universe}", Ipv4Addr::from(*start), e.size)));
         }
-        if e.owner == PeerName::BROADCAST || e.version > MAX_VERSION || e.free > e.size {
+        if e.owner == PeerName::BROADCAST || e.version > MAX_VERSION || e.free > e.size || (e.version == 0 && !genesis_ok) {
             return Err(malformed(format!("bad entry at {}", Ipv4Addr::from(*start))));
         }
     }
-    if let Some(p) = &g.paxos {
-        let r = &p.records;
-        if r.claims.len() > MAX_PARTICIPANTS || r.values.len() > r.claims.len() {
-            return Err(malformed("too many paxos records or values"));
+    Ok(())
+}
+
+fn check_paxos(initial: u32, r: &PaxosUpdate) -> Result<(), IpamError> {
+    if r.claims.len() > MAX_PARTICIPANTS || r.values.len() > r.claims.len() {
+        return Err(malformed("too many paxos records or values"));
+    }
+    if initial as usize > MAX_PARTICIPANTS {
+        return Err(malformed(format!("consensus={initial} is over the limit of {MAX_PARTICIPANTS}")));
+    }
+    let mut prev: Option<PeerName> = None;
+    let mut accepted = std::collections::BTreeSet::new();
+    for (name, c) in &r.claims {
+        if *name == PeerName::BROADCAST || prev.is_some_and(|x| x >= *name) {
+            return Err(malformed("paxos records not sorted or naming the broadcast peer"));
         }
-        if p.initial as usize > MAX_PARTICIPANTS {
-            return Err(malformed(format!("consensus={} is over the limit of {MAX_PARTICIPANTS}", p.initial)));
+        prev = Some(*name);
+        check_ballot(&c.promised)?;
+        check_ballot(&c.accepted)?;
+        if c.accepted > c.promised {
+            return Err(malformed("paxos record accepts above its promise"));
         }
-        let mut prev: Option<PeerName> = None;
-        let mut accepted = std::collections::BTreeSet::new();
-        for (name, c) in &r.claims {
-            if *name == PeerName::BROADCAST || prev.is_some_and(|x| x >= *name) {
-                return Err(malformed("paxos records not sorted or naming the broadcast peer"));
-            }
-            prev = Some(*name);
-            check_ballot(&c.promised)?;
-            check_ballot(&c.accepted)?;
-            if c.accepted > c.promised {
-                return Err(malformed("paxos record accepts above its promise"));
-            }
-            if !c.accepted.is_zero() {
-                accepted.insert(c.accepted);
-            }
+        if !c.accepted.is_zero() {
+            accepted.insert(c.accepted);
         }
-        let mut prev: Option<Ballot> = None;
-        for (b, v) in &r.values {
-            if prev.is_some_and(|x| x >= *b) || !accepted.remove(b) || v.is_empty() {
-                return Err(malformed("paxos values unsorted, unused or empty"));
-            }
-            prev = Some(*b);
-            check_sorted_names(v, MAX_PARTICIPANTS, "paxos value")?;
+    }
+    let mut prev: Option<Ballot> = None;
+    for (b, v) in &r.values {
+        if prev.is_some_and(|x| x >= *b) || !accepted.remove(b) || v.is_empty() {
+            return Err(malformed("paxos values unsorted, unused or empty"));
         }
-        if !accepted.is_empty() {
-            return Err(malformed("accepted paxos ballot without its value"));
-        }
+        prev = Some(*b);
+        check_sorted_names(v, MAX_PARTICIPANTS, "paxos value")?;
+    }
+    if !accepted.is_empty() {
+        return Err(malformed("accepted paxos ballot without its value"));
     }
     Ok(())
 }
@@ -328,7 +568,17 @@ mod tests {
     use crate::ipam::testutil::Rng;
 
     fn env(body: Body) -> Envelope {
-        Envelope { universe: "10.32.0.0/12".parse().unwrap(), src: PeerName(1), dst: PeerName(2), hops: 4, body }
+        Envelope { universe: "10.32.0.0/12".parse().unwrap(), src: PeerName(1), dst: PeerName(2), body }
+    }
+
+    fn encode(env: &Envelope) -> Vec<u8> {
+        let id = crate::identity::Identity::from_private([3; 32]).unwrap();
+        let signer = Signer::from_identity(&id);
+        super::encode(env, 4, vec![Binding::new(env.src, &id, &signer)], &signer)
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Envelope, IpamError> {
+        super::decode(bytes).map(|(_, e)| e)
     }
 
     #[test]
@@ -364,20 +614,48 @@ mod tests {
                         claims: vec![(PeerName(1), Claims { promised: Ballot { round: 1, proposer: PeerName(1) }, accepted: Ballot { round: 1, proposer: PeerName(1) } })],
                         values: vec![],
                     },
+                    sigs: vec![Signature([0; 64])],
+                    value_sigs: vec![],
                 }),
                 ..Default::default()
             })),
             // Paxos: a consensus count over the participant limit.
             env(Body::Gossip(Gossip {
-                paxos: Some(PaxosGossip { initial: MAX_PARTICIPANTS as u32 + 1, records: PaxosUpdate::default() }),
+                paxos: Some(PaxosGossip { initial: MAX_PARTICIPANTS as u32 + 1, records: PaxosUpdate::default(), sigs: vec![], value_sigs: vec![] }),
                 ..Default::default()
             })),
             // Bad universe.
             Envelope { universe: "10.0.0.0/31".parse().unwrap(), ..env(Body::SyncRequest) },
         ];
+        let proof = Proof { by: PeerName(1), sig: Signature([7; 64]) };
+        let rid = ring_id(&u, &[PeerName(1)]);
+        let mut cases = cases;
+        // Every case above fails for its own reason, not for missing proofs.
+        for c in cases.iter_mut() {
+            if let Body::Gossip(g) = &mut c.body {
+                g.proofs = vec![proof; g.entries.len()];
+            }
+        }
+        // Entries without their proofs, and a genesis (version 0) entry on the wire.
+        cases.push(env(Body::Gossip(Gossip { ring_id: rid, seeds: vec![PeerName(1)], entries: vec![(u.start(), entry(1, 1, 0))], ..Default::default() })));
+        let genesis = Entry { version: 0, ..entry(1, 1, 0) };
+        cases.push(env(Body::Gossip(Gossip { ring_id: rid, seeds: vec![PeerName(1)], entries: vec![(u.start(), genesis)], proofs: vec![proof], ..Default::default() })));
+        // Paxos records without their signatures.
+        cases.push(env(Body::Gossip(Gossip {
+            paxos: Some(PaxosGossip {
+                initial: 3,
+                records: PaxosUpdate { claims: vec![(PeerName(1), Claims::default())], values: vec![] },
+                sigs: vec![],
+                value_sigs: vec![],
+            }),
+            ..Default::default()
+        })));
         for (i, c) in cases.iter().enumerate() {
             assert!(decode(&encode(c)).is_err(), "case {i}: {c:?}");
         }
+        // The same shapes with what they lacked are accepted.
+        let ok = env(Body::Gossip(Gossip { ring_id: rid, seeds: vec![PeerName(1)], entries: vec![(u.start(), entry(1, 1, 0))], proofs: vec![proof], ..Default::default() }));
+        assert_eq!(decode(&encode(&ok)).unwrap(), ok);
         assert!(matches!(decode(&[]), Err(IpamError::Malformed(_))));
         assert!(matches!(decode(&[9, 0]), Err(IpamError::UnsupportedVersion(9))));
         let mut trailing = encode(&env(Body::SyncRequest));
@@ -394,6 +672,7 @@ mod tests {
             ring_id: ring_id(&u, &[PeerName(1), PeerName(2)]),
             seeds: vec![PeerName(1), PeerName(2)],
             entries: vec![(u32::from(Ipv4Addr::new(10, 32, 0, 0)), Entry { owner: PeerName(1), size: 100, version: 3, free: 50 })],
+            proofs: vec![Proof { by: PeerName(1), sig: Signature([7; 64]) }],
             paxos: None,
         })));
         for _ in 0..20_000 {

@@ -1,6 +1,8 @@
 //! Many IPAM peers in one process over a faulty [`Network`], driven like the
 //! daemon drives them, with crashes, restores, permanent deaths and a global
-//! check that no address is held by two targets.
+//! check that no address is held by two targets. Every peer has its own
+//! identity and key book, and runs the real signing and verification of IPAM
+//! messages and records ([`IpamSim::signature_bytes`] counts what that costs).
 //!
 //! The driver follows the daemon's contract from `meshnet_proto::ipam`: after
 //! every API call and after each tick's messages and timers, a dirty peer's
@@ -11,10 +13,20 @@
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
+use meshnet_proto::identity::Identity;
 use meshnet_proto::ipam::{Allocation, Cidr, Config, Dest, Event, InitMode, Ipam, IpamError, Request};
+use meshnet_proto::trust::KeyBook;
 use meshnet_proto::PeerName;
 
 use super::net::{Faults, Graph, Network, SimRng};
+
+/// The identity of simulated peer `i` (deterministic per seed).
+pub fn sim_identity(i: usize, seed: u64) -> Identity {
+    let mut k = [0x33u8; 32];
+    k[..8].copy_from_slice(&(i as u64).to_be_bytes());
+    k[8..16].copy_from_slice(&seed.to_be_bytes());
+    Identity::from_private(k).expect("any 32 bytes make an X25519 key")
+}
 
 /// The name of simulated peer `i`.
 pub fn peer_name(i: usize) -> PeerName {
@@ -33,6 +45,10 @@ pub enum Status {
 
 pub struct Node {
     pub name: PeerName,
+    /// The peer's long-term key (its signing key derives from it).
+    pub identity: Identity,
+    /// The daemon's key book (persisted, so it survives a crash).
+    pub keys: KeyBook,
     pub init: InitMode,
     pub status: Status,
     pub ipam: Option<Ipam>,
@@ -57,6 +73,9 @@ pub struct IpamSim {
     pub errors: Vec<(usize, IpamError)>,
     pub snapshots_written: u64,
     pub snapshot_bytes_written: u64,
+    /// Bytes of signatures, proofs and bindings in the messages sent (part of
+    /// the network's byte count).
+    pub signature_bytes: u64,
     index: HashMap<PeerName, usize>,
     restarts: u64,
 }
@@ -70,6 +89,8 @@ impl IpamSim {
             .enumerate()
             .map(|(i, init)| Node {
                 name: peer_name(i),
+                identity: sim_identity(i, seed),
+                keys: KeyBook::new(),
                 init,
                 status: Status::NotStarted,
                 ipam: None,
@@ -90,6 +111,7 @@ impl IpamSim {
             errors: Vec::new(),
             snapshots_written: 0,
             snapshot_bytes_written: 0,
+            signature_bytes: 0,
             index,
             restarts: seed.wrapping_mul(1_000_003),
         }
@@ -129,7 +151,7 @@ impl IpamSim {
         assert_eq!(self.nodes[i].status, Status::NotStarted);
         let cfg = self.config_for(i);
         let n = &mut self.nodes[i];
-        n.ipam = Some(Ipam::with_config(n.name, self.universe, n.init.clone(), cfg).expect("valid config"));
+        n.ipam = Some(Ipam::with_config(n.name, self.universe, n.init.clone(), cfg, &n.identity).expect("valid config"));
         n.status = Status::Up;
         self.persist(i);
         self.net.set_up(i, true);
@@ -141,7 +163,7 @@ impl IpamSim {
             if self.nodes[i].status == Status::NotStarted {
                 let cfg = self.config_for(i);
                 let n = &mut self.nodes[i];
-                n.ipam = Some(Ipam::with_config(n.name, self.universe, n.init.clone(), cfg).expect("valid config"));
+                n.ipam = Some(Ipam::with_config(n.name, self.universe, n.init.clone(), cfg, &n.identity).expect("valid config"));
                 n.status = Status::Up;
                 self.persist(i);
                 self.net.set_up(i, true);
@@ -191,7 +213,7 @@ impl IpamSim {
         let cfg = self.config_for(i);
         let n = &mut self.nodes[i];
         let bytes = n.persisted.clone().expect("a crashed node wrote a snapshot");
-        let mut ipam = Ipam::restore(n.name, self.universe, n.init.clone(), cfg, &bytes)?;
+        let mut ipam = Ipam::restore(n.name, self.universe, n.init.clone(), cfg, &bytes, &n.identity)?;
         let live: Vec<String> = n.frozen.iter().map(|(_, t)| t.clone()).filter(|t| !gone.contains(t)).collect();
         ipam.release_missing(&live);
         n.frozen.clear();
@@ -217,11 +239,12 @@ impl IpamSim {
     fn persist(&mut self, i: usize) {
         let n = &mut self.nodes[i];
         if let Some(ipam) = n.ipam.as_mut() {
-            if ipam.take_dirty() {
+            if ipam.needs_save() {
                 let s = ipam.snapshot();
                 self.snapshots_written += 1;
                 self.snapshot_bytes_written += s.len() as u64;
                 n.persisted = Some(s);
+                ipam.saved();
             }
         }
     }
@@ -258,8 +281,9 @@ impl IpamSim {
         let now = self.now_ms();
         for (from, to, bytes) in self.net.due(self.tick) {
             let from_name = self.nodes[from].name;
-            if let Some(ipam) = self.nodes[to].ipam.as_mut() {
-                if let Err(e) = ipam.handle_message(from_name, &bytes, now) {
+            let node = &mut self.nodes[to];
+            if let Some(ipam) = node.ipam.as_mut() {
+                if let Err(e) = ipam.handle_message(from_name, &bytes, now, &mut node.keys) {
                     self.errors.push((to, e));
                 }
             }
@@ -286,9 +310,11 @@ impl IpamSim {
                 node.events.push(e);
             }
             for (dest, bytes) in out {
+                let sig = meshnet_proto::ipam::wire::signature_overhead(&bytes) as u64;
                 match dest {
                     Dest::Neighbours => {
                         for j in self.net.neighbours(i) {
+                            self.signature_bytes += sig;
                             self.net.send(self.tick, i, j, bytes.clone(), &mut self.rng);
                         }
                     }
@@ -296,6 +322,7 @@ impl IpamSim {
                         // The daemon routes it; unreachable peers get nothing.
                         if let Some(&j) = self.index.get(&p) {
                             if self.net.connected(i, j) {
+                                self.signature_bytes += sig;
                                 self.net.send(self.tick, i, j, bytes, &mut self.rng);
                             }
                         }
@@ -355,8 +382,8 @@ impl IpamSim {
     }
 
     /// Bytes of all running peers' snapshots (their whole state).
-    pub fn state_bytes(&self) -> u64 {
-        self.nodes.iter().filter_map(|n| n.ipam.as_ref()).map(|i| i.snapshot().len() as u64).sum()
+    pub fn state_bytes(&mut self) -> u64 {
+        self.nodes.iter_mut().filter_map(|n| n.ipam.as_mut()).map(|i| i.snapshot().len() as u64).sum()
     }
 }
 
