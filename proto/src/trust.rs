@@ -359,31 +359,23 @@ impl KeyBook {
     /// [`admit_preferring_derived`](Self::admit_preferring_derived) for a binding
     /// the caller has just verified (saves a second signature check).
     pub(crate) fn admit_verified(&mut self, binding: &Binding) -> Result<Admission, TrustError> {
-        match self.pinned.get(&binding.name) {
-            Some(keys) if *keys == binding.keys => Ok(Admission::Known),
-            Some(keys)
-                if binding.is_derived() && PeerName::from_public_key(&keys.static_key) != binding.name =>
-            {
-                self.pinned.insert(binding.name, binding.keys);
-                Ok(Admission::Pinned)
-            }
-            Some(keys) => Err(TrustError::Conflict {
-                name: binding.name,
-                pinned: keys.fingerprint(),
-                offered: binding.keys.fingerprint(),
-            }),
-            None if self.pinned.len() >= MAX_PINNED => Err(TrustError::BookFull(binding.name)),
-            None => {
-                self.pinned.insert(binding.name, binding.keys);
-                Ok(Admission::Pinned)
-            }
+        let admission = self.judge_verified(binding)?;
+        if admission == Admission::Pinned {
+            self.pinned.insert(binding.name, binding.keys);
         }
+        Ok(admission)
     }
 
     /// What [`admit_preferring_derived`](Self::admit_preferring_derived) would
     /// answer, without changing the book.
     pub fn check_preferring_derived(&self, binding: &Binding) -> Result<Admission, TrustError> {
         binding.verify()?;
+        self.judge_verified(binding)
+    }
+
+    /// The verdict on a verified binding: known, to be pinned (new, or a derived
+    /// name taking back a first-use pin), or refused.
+    fn judge_verified(&self, binding: &Binding) -> Result<Admission, TrustError> {
         match self.pinned.get(&binding.name) {
             Some(keys) if *keys == binding.keys => Ok(Admission::Known),
             Some(keys)

@@ -767,10 +767,13 @@ impl TxLoop {
                     let pf = (!p.link.superframes).then_some(&mut per_frame);
                     encode(&mut self.encoder, &mut p.session, hdr, flood.iter().copied(), &units, &lens, &mut batch, pf, &self.stats, p.link.peer);
                 }
-                if !batch.is_empty() && p.link.superframes {
+                // A path whose probing found a black hole below our largest
+                // datagram gets its datagrams one per message (see PerFrame::send).
+                let gso = p.max_datagram >= self.max_datagram;
+                if !batch.is_empty() && p.link.superframes && gso {
                     send(&self.udp, &self.socket, &self.efd, &self.stats, &batch, p.link.addr);
                 } else if !batch.is_empty() {
-                    per_frame.send(&self.udp, &self.socket, &batch, p.link.addr);
+                    per_frame.send(&self.udp, &self.socket, &batch, p.link.addr, gso);
                 }
             }
         }
@@ -974,9 +977,10 @@ impl RxLoop {
             return;
         }
         self.stats.relayed_units.fetch_add(1, Ordering::Relaxed);
-        match p.link.superframes {
+        let gso = p.max_datagram >= self.max_datagram;
+        match p.link.superframes && gso {
             true => send(&self.udp, &self.socket, &self.efd, &self.stats, batch, p.link.addr),
-            false => per_frame.send(&self.udp, &self.socket, batch, p.link.addr),
+            false => per_frame.send(&self.udp, &self.socket, batch, p.link.addr, gso),
         }
     }
 

@@ -128,13 +128,17 @@ impl PerFrame {
 
     /// Sends `batch` to `dest`: runs of equal-sized datagrams as UDP GSO
     /// messages, up to [`MMSG`] messages per `sendmmsg`.
-    pub(crate) fn send(&mut self, udp: &UdpSocketState, socket: &UdpSocket, batch: &TxBatch, dest: SocketAddr) {
+    ///
+    /// `gso: false` sends every datagram as a message of its own (still many per
+    /// `sendmmsg`): for a path where probing found that large datagrams vanish,
+    /// so that no filter or middlebox on the way ever sees a GSO send whole.
+    pub(crate) fn send(&mut self, udp: &UdpSocketState, socket: &UdpSocket, batch: &TxBatch, dest: SocketAddr, gso: bool) {
         let v6 = *self.v6_socket.get_or_insert_with(|| socket.local_addr().map(|a| a.is_ipv6()).unwrap_or(false));
         let Some((addr, addr_len)) = sockaddr(dest, v6) else {
             self.stats.udp_send_errors.fetch_add(batch.datagram_count() as u64, Ordering::Relaxed);
             return;
         };
-        let max_segments = if self.no_gso { 1 } else { udp.max_gso_segments().clamp(1, MMSG) };
+        let max_segments = if self.no_gso || !gso { 1 } else { udp.max_gso_segments().clamp(1, MMSG) };
         let mut runs = batch.runs_within(max_segments, MAX_GSO_BYTES);
         // SAFETY (all zeroed): plain C structs for which all-zero is a valid value.
         let mut iovs: [libc::iovec; MMSG] = unsafe { zeroed() };
@@ -367,14 +371,18 @@ mod tests {
             enc.push(&mut tx, &vec![n as u8; n], &mut batch).unwrap();
         }
         enc.finish(&mut tx, &mut batch).unwrap();
-        pf.send(&state, &tx_sock, &batch, rx_sock.local_addr().unwrap());
-        let mut buf = [0u8; 2000];
-        for want in batch.datagrams() {
-            let n = rx_sock.recv(&mut buf).unwrap();
-            assert_eq!(&buf[..n], want);
+        // With GSO runs, and one datagram per message (a black-holed path): the
+        // same datagrams arrive, in order.
+        for gso in [true, false] {
+            pf.send(&state, &tx_sock, &batch, rx_sock.local_addr().unwrap(), gso);
+            let mut buf = [0u8; 2000];
+            for want in batch.datagrams() {
+                let n = rx_sock.recv(&mut buf).unwrap();
+                assert_eq!(&buf[..n], want, "gso {gso}");
+            }
         }
-        assert_eq!(stats.udp_datagrams_out.load(Ordering::Relaxed), batch.datagram_count() as u64);
-        assert_eq!(stats.udp_bytes_out.load(Ordering::Relaxed), batch.len_bytes() as u64);
+        assert_eq!(stats.udp_datagrams_out.load(Ordering::Relaxed), 2 * batch.datagram_count() as u64);
+        assert_eq!(stats.udp_bytes_out.load(Ordering::Relaxed), 2 * batch.len_bytes() as u64);
         assert_eq!(stats.udp_send_errors.load(Ordering::Relaxed), 0);
     }
 
