@@ -15,6 +15,7 @@ use meshnet_proto::handshake::{
     PROTOCOL_VERSION,
 };
 use meshnet_proto::identity::Identity;
+use meshnet_proto::trust::{Binding, Signer};
 use meshnet_proto::wire::control::Preamble;
 
 fuzz_target!(|data: &[u8]| {
@@ -30,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
         udp_port: 6783,
         receiver_index: 2,
         capabilities: CAP_SUPERFRAMES,
+        binding: Binding::new(identity.name(), &identity, &Signer::from_identity(&identity)),
     };
     let psk = password.then(|| derive_psk_with_iterations(b"fuzz", 1));
     let mut hs = Handshake::new(Role::Initiator, HandshakeConfig { identity, psk, hello }).unwrap();

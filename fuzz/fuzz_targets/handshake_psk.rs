@@ -14,6 +14,7 @@
 use libfuzzer_sys::fuzz_target;
 use meshnet_proto::handshake::{derive_psk_with_iterations, Handshake, HandshakeConfig, Hello, Role, CAP_SUPERFRAMES};
 use meshnet_proto::identity::Identity;
+use meshnet_proto::trust::{Binding, Signer};
 
 fn config(seed: u8, psk: [u8; 32]) -> HandshakeConfig {
     let identity = Identity::from_private([seed; 32]).unwrap();
@@ -26,6 +27,7 @@ fn config(seed: u8, psk: [u8; 32]) -> HandshakeConfig {
         udp_port: 6783,
         receiver_index: seed as u32,
         capabilities: CAP_SUPERFRAMES,
+        binding: Binding::new(identity.name(), &identity, &Signer::from_identity(&identity)),
     };
     HandshakeConfig { identity, psk: Some(psk), hello }
 }

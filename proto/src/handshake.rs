@@ -967,7 +967,8 @@ mod tests {
         // Noise prologue, which binds both preambles, catches it.
         for with_psk in [false, true] {
             let p = if with_psk { psk("sesame") } else { None };
-            let flips: [(&str, usize, fn(u8) -> u8); 3] = [
+            type Flip = (&'static str, usize, fn(u8) -> u8);
+            let flips: [Flip; 3] = [
                 ("an unused flag bit set", 10, |b| b | 0x80),
                 ("the reserved byte set", 11, |_| 7),
                 ("a lower min version offered", 8, |_| 1),

@@ -138,7 +138,7 @@ impl Liveness {
             (false, Some(_)) => {}
         }
         sizes.clear();
-        if !ok || self.reprobe || self.seq % FULL_LADDER_EVERY == 0 {
+        if !ok || self.reprobe || self.seq.is_multiple_of(FULL_LADDER_EVERY) {
             self.reprobe = false;
             sizes.push(self.max);
             sizes.extend(LADDER.iter().copied().filter(|&s| s < self.max));

@@ -11,7 +11,14 @@
 //!   gossip, raw IPAM bytes with [`Session::send_ipam`], ...).
 //! - [`Session::recv_for`]: everything the router says back, until it closes.
 //! - [`Session::udp_datagrams`]: whatever reaches the UDP port the Hello
-//!   advertised (data the router meant for the name it claimed).
+//!   advertised (data the router meant for the name it claimed), decrypted with
+//!   the session's data key into [`Session::frames`] (so a test can tell what the
+//!   router sent and to whom it was meant).
+//! - [`Session::send_frame`]: an Ethernet frame sealed with the session's data
+//!   key under any inner header (any claimed origin, broadcast or not, any TTL).
+//! - IPAM forgeries are built with `meshnet_proto::ipam::forge` and sent with
+//!   [`Session::send_ipam`]; [`ipam_of`] picks the router's IPAM messages out of
+//!   what it said.
 //! - [`Member::seal`] / [`forge_seal`]: topology entries signed by itself, by
 //!   nobody, or carrying someone else's binding.
 
@@ -20,11 +27,14 @@ use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use meshnet_proto::datapath::{seal_heartbeat, Encoder, Receiver, TxBatch, TxSession};
 use meshnet_proto::handshake::{derive_psk, Established, Handshake, HandshakeConfig, Hello, Role};
 use meshnet_proto::identity::Identity;
-use meshnet_proto::topology::{PeerInfo, Seal, SignedPeerInfo};
+use meshnet_proto::liveness::Liveness;
+use meshnet_proto::topology::{ConnInfo, PeerInfo, Seal, SignedPeerInfo};
 use meshnet_proto::trust::{Binding, Signature, Signer};
 use meshnet_proto::wire::control::ControlMsg;
+use meshnet_proto::wire::datagram::InnerHeader;
 use meshnet_proto::PeerName;
 
 /// Runs `f` on a thread that has entered the network namespace `ns` (a name
@@ -82,6 +92,21 @@ impl Member {
         }
     }
 
+    /// Its own honest topology entry (version `version`), listing an established
+    /// connection to `peer` at `addr`, signed by itself.
+    pub fn own_entry(&self, version: u64, peer: PeerName, addr: SocketAddr) -> SignedPeerInfo {
+        let info = PeerInfo {
+            name: self.name(),
+            nickname: "hostile".into(),
+            uid: 0x0bad,
+            version,
+            software: "meshnet-hostile".into(),
+            mtu: 0,
+            connections: vec![ConnInfo { peer, addr, outbound: true, established: true }],
+        };
+        self.seal(info, &self.binding(self.name()))
+    }
+
     /// `info` sealed by this member, with `binding` (its own, or a stolen one).
     pub fn seal(&self, info: PeerInfo, binding: &Binding) -> SignedPeerInfo {
         SignedPeerInfo { seal: Seal::sign(&info, &self.signer, binding), info }
@@ -96,6 +121,7 @@ impl Member {
         hello.udp_port = udp.local_addr()?.port();
         let mut stream = TcpStream::connect_timeout(&router, Duration::from_secs(5))?;
         stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let my_index = hello.receiver_index;
         let cfg = HandshakeConfig { identity: self.identity.clone(), psk: self.psk, hello };
         let mut hs = Handshake::new(Role::Initiator, cfg).map_err(other)?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -121,7 +147,19 @@ impl Member {
             }
         }
         let est = hs.finish().map_err(other)?;
-        Ok(Session { stream, est, udp, closed: false })
+        let mut rx = Receiver::new();
+        rx.add_session(my_index, est.remote.name, &est.data_keys.recv);
+        let data = Data {
+            to: SocketAddr::new(router.ip(), est.remote.udp_port),
+            rx,
+            tx: TxSession::new(est.remote.receiver_index, &est.data_keys.send),
+            encoder: Encoder::new(1400),
+            batch: TxBatch::new(),
+            since: Instant::now(),
+            liveness: Liveness::new(1400, 0),
+            heartbeats: 0,
+        };
+        Ok(Session { stream, est, udp, closed: false, data, pending: 0, frames: Vec::new() })
     }
 }
 
@@ -140,6 +178,36 @@ pub struct Session {
     pub est: Established,
     udp: UdpSocket,
     closed: bool,
+    data: Data,
+    /// Datagrams read while waiting for control messages, not yet reported.
+    pending: usize,
+    /// Every unit the router sealed to this session so far (read by
+    /// [`Session::udp_datagrams`]): the inner header and the Ethernet frame.
+    pub frames: Vec<(InnerHeader, Vec<u8>)>,
+}
+
+/// The data-plane side of a session: the handshake's data keys, used as the
+/// peer the router believes this is.
+struct Data {
+    to: SocketAddr,
+    rx: Receiver,
+    tx: TxSession,
+    encoder: Encoder,
+    batch: TxBatch,
+    since: Instant,
+    liveness: Liveness,
+    /// Authenticated heartbeats received (proof the data key opens what the router sends).
+    heartbeats: u64,
+}
+
+/// The router's IPAM messages among `msgs`.
+pub fn ipam_of(msgs: &[ControlMsg]) -> Vec<&[u8]> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            ControlMsg::Ipam(b) => Some(b.as_slice()),
+            _ => None,
+        })
+        .collect()
 }
 
 impl Session {
@@ -166,12 +234,14 @@ impl Session {
     }
 
     /// Every message the router sends within `dur` (less if it closes), answering
-    /// nothing but heartbeats.
+    /// nothing but heartbeats (control heartbeats, and UDP heartbeats as an honest
+    /// peer does, so the router's data plane takes this session as a working link).
     pub fn recv_for(&mut self, dur: Duration) -> Vec<ControlMsg> {
         let deadline = Instant::now() + dur;
         let mut got = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         while !self.closed && Instant::now() < deadline {
+            self.pending += self.udp_datagrams_inner();
             while let Ok(Some(m)) = self.est.channel.poll_message() {
                 if m == ControlMsg::Heartbeat {
                     let _ = self.send(&ControlMsg::Heartbeat);
@@ -200,13 +270,72 @@ impl Session {
         self.closed
     }
 
-    /// Datagrams that reached the advertised UDP port so far.
-    pub fn udp_datagrams(&self) -> usize {
+    /// Datagrams that reached the advertised UDP port since the last call; the
+    /// units they carry (sealed for this session) are added to [`Session::frames`].
+    pub fn udp_datagrams(&mut self) -> usize {
+        let n = std::mem::take(&mut self.pending);
+        n + self.udp_datagrams_inner()
+    }
+
+    /// Authenticated heartbeats received from the router so far.
+    pub fn heartbeats(&self) -> u64 {
+        self.data.heartbeats
+    }
+
+    /// Reads the UDP socket: decrypts units into `frames`, feeds heartbeats to
+    /// liveness and sends the heartbeats it asks for.
+    fn udp_datagrams_inner(&mut self) -> usize {
         let mut n = 0;
-        let mut buf = [0u8; 65536];
-        while self.udp.recv_from(&mut buf).is_ok() {
+        let mut buf = vec![0u8; 65536];
+        let d = &mut self.data;
+        while let Ok((len, _)) = self.udp.recv_from(&mut buf) {
             n += 1;
+            let now = d.since.elapsed().as_millis() as u64;
+            let frames = &mut self.frames;
+            let (liveness, heartbeats) = (&mut d.liveness, &mut d.heartbeats);
+            let _ = d.rx.receive_any(
+                now,
+                &mut buf[..len],
+                |_, hdr, unit| {
+                    // A unit is a virtio-net header, then the frame.
+                    frames.push((*hdr, unit.get(10..).unwrap_or_default().to_vec()));
+                },
+                |_, hb, len| {
+                    *heartbeats += 1;
+                    liveness.on_heartbeat(now, hb, len);
+                },
+            );
+        }
+        let now = d.since.elapsed().as_millis() as u64;
+        let mut sizes = Vec::new();
+        if now >= d.liveness.next_due() {
+            if let Some(hb) = d.liveness.poll(now, &mut sizes) {
+                for size in sizes {
+                    d.batch.clear();
+                    if seal_heartbeat(&mut d.tx, hb, usize::from(size), &mut d.batch).is_ok() {
+                        for dgram in d.batch.datagrams() {
+                            let _ = self.udp.send_to(dgram, d.to);
+                        }
+                    }
+                }
+            }
         }
         n
+    }
+
+    /// Seals the Ethernet `frame` under `hdr` with this session's data key and
+    /// sends it to the router's data-plane port, as the peer it believes this is.
+    pub fn send_frame(&mut self, hdr: InnerHeader, frame: &[u8]) -> std::io::Result<()> {
+        let mut unit = vec![0u8; 10]; // a virtio-net header saying nothing
+        unit.extend_from_slice(frame);
+        let d = &mut self.data;
+        d.batch.clear();
+        d.encoder.begin(&mut d.tx, hdr, &mut d.batch);
+        d.encoder.push(&mut d.tx, &unit, &mut d.batch).map_err(other)?;
+        d.encoder.finish(&mut d.tx, &mut d.batch).map_err(other)?;
+        for dgram in d.batch.datagrams() {
+            self.udp.send_to(dgram, d.to)?;
+        }
+        Ok(())
     }
 }

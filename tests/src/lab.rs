@@ -1203,6 +1203,65 @@ pub fn kill9(h: &Host) -> i32 {
     pid
 }
 
+// ---------------------------------------------------------------------------
+// meshnet-cni (for the CNI and Docker tests)
+
+
+/// `$MESHNET_CNI_BIN`, else `meshnet-cni` next to the `meshnet` under test when
+/// it is newer than the sources it is made of, else built once (release) into
+/// a target directory of our own (the outer `cargo test` may hold the lock on
+/// the default one).
+pub fn cni_bin() -> PathBuf {
+    static CNI_BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    CNI_BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("MESHNET_CNI_BIN") {
+            return PathBuf::from(p);
+        }
+        let sibling = meshnet_bin().with_file_name("meshnet-cni");
+        if newest_source().is_some_and(|src| mtime(&sibling).is_some_and(|t| t >= src)) {
+            return sibling;
+        }
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target"))
+            .join("e2e-cni");
+        eprintln!("building meshnet-cni (cargo build --release -p meshnet-cni) into {}", target.display());
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let st = Command::new(cargo)
+            .args(["build", "--release", "-p", "meshnet-cni"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(workspace_root())
+            .status()
+            .expect("run cargo");
+        assert!(st.success(), "cargo build -p meshnet-cni failed");
+        target.join("release/meshnet-cni")
+    })
+    .clone()
+}
+
+fn mtime(p: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+/// The newest modification time of the sources meshnet-cni is built from.
+fn newest_source() -> Option<std::time::SystemTime> {
+    fn walk(dir: &Path, newest: &mut Option<std::time::SystemTime>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(&p, newest);
+            } else if let Some(t) = mtime(&p) {
+                *newest = Some(newest.map_or(t, |n| n.max(t)));
+            }
+        }
+    }
+    let mut newest = None;
+    for d in ["cni", "control", "router", "proto"] {
+        walk(&workspace_root().join(d).join("src"), &mut newest);
+    }
+    newest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1268,63 +1327,4 @@ mod tests {
         assert_eq!(connections_to(&s, "10.250.1.2").len(), 1);
         assert!(connections_to(&s, "10.250.1.24").is_empty());
     }
-}
-
-// ---------------------------------------------------------------------------
-// meshnet-cni (for the CNI and Docker tests)
-
-
-/// `$MESHNET_CNI_BIN`, else `meshnet-cni` next to the `meshnet` under test when
-/// it is newer than the sources it is made of, else built once (release) into
-/// a target directory of our own (the outer `cargo test` may hold the lock on
-/// the default one).
-pub fn cni_bin() -> PathBuf {
-    static CNI_BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    CNI_BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("MESHNET_CNI_BIN") {
-            return PathBuf::from(p);
-        }
-        let sibling = meshnet_bin().with_file_name("meshnet-cni");
-        if newest_source().is_some_and(|src| mtime(&sibling).is_some_and(|t| t >= src)) {
-            return sibling;
-        }
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target"))
-            .join("e2e-cni");
-        eprintln!("building meshnet-cni (cargo build --release -p meshnet-cni) into {}", target.display());
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "--release", "-p", "meshnet-cni"])
-            .env("CARGO_TARGET_DIR", &target)
-            .current_dir(workspace_root())
-            .status()
-            .expect("run cargo");
-        assert!(st.success(), "cargo build -p meshnet-cni failed");
-        target.join("release/meshnet-cni")
-    })
-    .clone()
-}
-
-fn mtime(p: &Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
-}
-
-/// The newest modification time of the sources meshnet-cni is built from.
-fn newest_source() -> Option<std::time::SystemTime> {
-    fn walk(dir: &Path, newest: &mut Option<std::time::SystemTime>) {
-        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, newest);
-            } else if let Some(t) = mtime(&p) {
-                *newest = Some(newest.map_or(t, |n| n.max(t)));
-            }
-        }
-    }
-    let mut newest = None;
-    for d in ["cni", "control", "router", "proto"] {
-        walk(&workspace_root().join(d).join("src"), &mut newest);
-    }
-    newest
 }

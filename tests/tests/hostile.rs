@@ -7,13 +7,21 @@
 //! pings and a checked transfer work, routes stay as they were, and the counter
 //! for the rejection moves.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use meshnet_proto::ingress::MAX_TTL;
+use meshnet_proto::ipam::forge;
+use meshnet_proto::ipam::paxos::Ballot;
+use meshnet_proto::ipam::ring::Entry;
+use meshnet_proto::ipam::Cidr;
 use meshnet_proto::topology::{ConnInfo, SignedPeerInfo};
 use meshnet_proto::wire::control::ControlMsg;
+use meshnet_proto::wire::datagram::InnerHeader;
 use meshnet_proto::PeerName;
-use meshnet_tests::hostile::{forge_seal, in_netns, Member};
+use meshnet_tests::hostile::{forge_seal, in_netns, ipam_of, Member, Session};
 use meshnet_tests::lab::*;
 use serde_json::Value;
 
@@ -128,7 +136,7 @@ fn a_member_claiming_a_live_peers_name_is_refused() {
         }
         // Give the routers time to send anything they would (data, heartbeats) to the impostor.
         std::thread::sleep(Duration::from_secs(3));
-        let datagrams: usize = sessions.iter().map(|s| s.udp_datagrams()).sum();
+        let datagrams: usize = sessions.iter_mut().map(|s| s.udp_datagrams()).sum();
         (outcomes, datagrams)
     });
     for (what, msgs, closed) in &outcomes {
@@ -309,4 +317,388 @@ fn a_corrupt_key_book_or_name_zero_stops_the_launch() {
     assert!(out.all().contains("keys.json is corrupt"), "{out}");
     assert_eq!(std::fs::read_to_string(&keys).unwrap(), "{ truncated", "the corrupt file was replaced");
     assert!(wait_until(Duration::from_secs(5), || h1.pids().is_empty()), "a router runs after the failed launch");
+}
+
+/// The MAC address of `ethwe` in a container.
+fn mac_of(ns: &str) -> [u8; 6] {
+    let l = link(ns, "ethwe").unwrap_or_else(|| panic!("no ethwe in {ns}"));
+    let s = l["address"].as_str().unwrap_or_default().to_string();
+    let b: Vec<u8> = s.split(':').map(|x| u8::from_str_radix(x, 16).unwrap()).collect();
+    b.try_into().unwrap_or_else(|_| panic!("bad MAC {s}"))
+}
+
+/// An ARP reply frame from `src` to `dst`: "`ip` is at `at`".
+fn arp_reply(dst: [u8; 6], src: [u8; 6], at: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 2]);
+    f.extend_from_slice(&at);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&ip.octets());
+    f.resize(60, 0);
+    f
+}
+
+/// Frames the router sealed to the attacker that were meant for the victim: unicast
+/// to its MAC, or IPv4 to its address.
+fn meant_for(frames: &[(InnerHeader, Vec<u8>)], mac: [u8; 6], ip: Ipv4Addr) -> usize {
+    frames
+        .iter()
+        .filter(|(_, f)| f.len() >= 34 && (f[..6] == mac || (f[12..14] == [8, 0] && f[30..34] == ip.octets())))
+        .count()
+}
+
+/// Broadcast frames from `mac` among `frames`.
+fn broadcasts_from(frames: &[(InnerHeader, Vec<u8>)], mac: [u8; 6]) -> usize {
+    frames.iter().filter(|(_, f)| f.len() >= 14 && f[..6] == [0xff; 6] && f[6..12] == mac).count()
+}
+
+/// Pings the broadcast address `bcast` from `ns` (Ethernet broadcasts that every
+/// member of the overlay receives; replies are not needed).
+fn broadcast_ping(ns: &str, bcast: &str) {
+    let _ = exec_in(ns, &["ping", "-b", "-c", "3", "-i", "0.2", "-W", "1", bcast]);
+}
+
+/// Counters of h's data plane (`status --json`, "dataplane").
+fn dataplane(h: &Host) -> Value {
+    h.status_json()["dataplane"].clone()
+}
+
+/// What the attacker saw on its data-plane port while it ran.
+struct Heard {
+    datagrams: usize,
+    heartbeats: u64,
+    frames: Vec<(InnerHeader, Vec<u8>)>,
+    closed: bool,
+}
+
+/// Keeps `s` reading (answering heartbeats, decrypting datagrams) until `stop`.
+fn listen_until(mut s: Session, stop: &AtomicBool) -> Heard {
+    let mut datagrams = 0;
+    while !stop.load(Ordering::Relaxed) && !s.closed() {
+        s.recv_for(Duration::from_millis(200));
+        datagrams += s.udp_datagrams();
+    }
+    datagrams += s.udp_datagrams();
+    Heard { datagrams, heartbeats: s.heartbeats(), frames: std::mem::take(&mut s.frames), closed: s.closed() }
+}
+
+#[test]
+fn frames_with_a_forged_origin_are_refused() {
+    let Some(lab) = Lab::new("hostile_origin") else { return };
+    let m = launch(&lab);
+    let attacker = lab.add_host(9);
+    let c2_ns = format!("{}c2", lab.prefix);
+    let (c1_mac, c2_mac) = (mac_of(&m.c1.ns), mac_of(&c2_ns));
+    let (c1_ip, c2_ip): (Ipv4Addr, Ipv4Addr) = (overlay(1).parse().unwrap(), overlay(2).parse().unwrap());
+    let evil_mac = [0x02, 0x66, 0x66, 0x66, 0x66, 0x09];
+    let (h1, n1, n2) = (addr(&m.h1), m.n1, m.n2);
+    let view_before = view_of(&m.h1, m.n2);
+    let before = dataplane(&m.h1);
+    let capture = lab.capture(&attacker.ns, UNDERLAY_IF);
+
+    // An honest connection to h1 under the attacker's own name gives it real data
+    // keys; every frame it then sends claims someone else's origin.
+    const ROUNDS: u64 = 20;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let ns = attacker.ns.clone();
+    let stop2 = stop.clone();
+    let member = Member::new(Some(PW));
+    let me = member.name();
+    let go = Arc::new(AtomicBool::new(false));
+    let go2 = go.clone();
+    let attack = std::thread::spawn(move || {
+        in_netns(&ns, move || {
+            let mut s = member.connect(h1, member.hello(me, member.binding(me), 0)).unwrap();
+            // As an honest member: its own signed entry, heartbeats answered, until h1
+            // lists it as established (the main thread watches).
+            s.gossip(vec![member.own_entry(1, n1, h1)]).unwrap();
+            while !go2.load(Ordering::Relaxed) && !s.closed() {
+                s.recv_for(Duration::from_millis(200));
+            }
+            let unknown = PeerName(0x02_00_00_00_99_02);
+            let hdr = |src, broadcast| InnerHeader {
+                ttl: MAX_TTL - 1,
+                broadcast,
+                src,
+                dst: if broadcast { PeerName::BROADCAST } else { n1 },
+            };
+            let cases = [
+                // h2's gratuitous ARP: "c2's address is at the attacker's MAC", to everyone.
+                (hdr(n2, true), arp_reply([0xff; 6], evil_mac, evil_mac, c2_ip)),
+                // From c2's MAC to c1, in h2's name: "c2's address is at the attacker's MAC".
+                (hdr(n2, false), arp_reply(c1_mac, c2_mac, evil_mac, c2_ip)),
+                // h1's own broadcast, coming back from outside.
+                (hdr(n1, true), arp_reply([0xff; 6], c2_mac, evil_mac, c2_ip)),
+                // A peer nobody knows, to c1 from c2's MAC.
+                (hdr(unknown, false), arp_reply(c1_mac, c2_mac, evil_mac, c2_ip)),
+            ];
+            for _ in 0..ROUNDS {
+                for (h, f) in &cases {
+                    s.send_frame(*h, f).unwrap();
+                }
+                s.recv_for(Duration::from_millis(100));
+            }
+            sent_tx.send(()).unwrap();
+            listen_until(s, &stop2)
+        })
+    });
+    assert!(
+        wait_until(Duration::from_secs(20), || established_with(&m.h1.status_json(), &me.to_string())),
+        "h1 never took the attacker's connection as established"
+    );
+    go.store(true, Ordering::Relaxed);
+    sent_rx.recv_timeout(Duration::from_secs(60)).expect("the attacker did not finish sending");
+    let moved = |after: &Value, k: &str| counter(after, &[k]) - counter(&before, &[k]);
+    let mut after = Value::Null;
+    let all_counted = wait_until(Duration::from_secs(5), || {
+        after = dataplane(&m.h1);
+        ["refused_broadcast_not_parent", "refused_not_on_path", "refused_origin_is_me", "refused_unknown_origin"]
+            .iter()
+            .all(|k| moved(&after, k) >= ROUNDS)
+    });
+    assert!(all_counted, "refusals not counted ({ROUNDS} of each sent): before {before}, after {after}");
+    eprintln!(
+        "h1 refused: not parent {}, not on path {}, origin is me {}, unknown origin {}",
+        moved(&after, "refused_broadcast_not_parent"),
+        moved(&after, "refused_not_on_path"),
+        moved(&after, "refused_origin_is_me"),
+        moved(&after, "refused_unknown_origin")
+    );
+    // c1 still maps c2's address to c2's MAC (no forged ARP reached it).
+    let neigh = exec_in(&m.c1.ns, &["ip", "neigh", "show", &c2_ip.to_string()]).stdout;
+    let evil = "02:66:66:66:66:09";
+    assert!(!neigh.contains(evil), "c1 learned the attacker's MAC for c2: {neigh}");
+
+    // The victim's traffic flows while the attacker listens; none of it reaches the attacker.
+    assert_eq!(view_of(&m.h1, m.n2).0, view_before.0, "h1's route to h2 changed");
+    victim_still_works(&lab, &m);
+    // A broadcast from c1 reaches the attacker, as it reaches every member: its
+    // view of the data plane is real.
+    broadcast_ping(&m.c1.ns, "10.44.255.255");
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let heard = attack.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let pcap = capture.stop();
+    assert!(broadcasts_from(&heard.frames, c1_mac) >= 1, "c1's broadcast did not reach the attacker: {} frames", heard.frames.len());
+    assert_eq!(meant_for(&heard.frames, c2_mac, c2_ip), 0, "frames meant for c2 reached the attacker");
+    assert_eq!(meant_for(&heard.frames, c1_mac, c1_ip), 0, "frames meant for c1 reached the attacker");
+    let neigh = exec_in(&m.c1.ns, &["ip", "neigh", "show", &c2_ip.to_string()]).stdout;
+    assert!(!neigh.contains(evil), "c1 learned the attacker's MAC for c2: {neigh}");
+    eprintln!(
+        "attacker: {} datagrams on its port ({} UDP packets from 6783 in the capture), {} authenticated heartbeats, {} frames decrypted ({} broadcasts from c1), none for c1 or c2; connection closed: {}",
+        heard.datagrams,
+        pcap.count(17, 6783),
+        heard.heartbeats,
+        heard.frames.len(),
+        broadcasts_from(&heard.frames, c1_mac),
+        heard.closed
+    );
+}
+
+/// An IPAM forgery, built and signed by the attacker (see `forge`).
+enum Forgery {
+    /// Paxos: h2's record promising a high ballot.
+    PaxosAsH2,
+    /// Paxos: the attacker's own record accepting h2's ballot with a value of its own making.
+    PaxosOwnValue,
+    /// Paxos: the attacker's own record jumping rounds towards the bound.
+    PaxosJump,
+    /// "Send me your full state" (honest: how the attacker learns the ring).
+    Sync,
+    /// A ring entry; its proof claims to be by `by` (signed by the attacker whoever `by` is).
+    Entry { ring_id: u64, start: u32, entry: Entry, by: PeerName },
+    /// A space request from h2 to h1; `squat`: carrying a binding of h2's name to the attacker's key.
+    SpaceAsH2 { squat: bool },
+    /// A claim of `ip` from h2 to h1.
+    ClaimAsH2 { ip: u32 },
+}
+
+struct Forger {
+    member: Member,
+    universe: Cidr,
+    n1: PeerName,
+    n2: PeerName,
+}
+
+impl Forger {
+    fn build(&self, f: &Forgery) -> Vec<u8> {
+        let (u, me, n1, n2) = (self.universe, self.member.name(), self.n1, self.n2);
+        let key = &self.member.signer;
+        let own = vec![self.member.binding(me)];
+        let as_ = |by| forge::RecordSig::As { by, key };
+        let high = Ballot { round: 1000, proposer: n2 };
+        match *f {
+            Forgery::PaxosAsH2 => forge::paxos_record(u, me, 2, n2, high, None, as_(n2), key, own),
+            Forgery::PaxosOwnValue => {
+                forge::paxos_record(u, me, 2, me, high, Some((high, vec![me], key)), as_(me), key, own)
+            }
+            Forgery::PaxosJump => {
+                forge::paxos_record(u, me, 2, me, Ballot { round: 1 << 40, proposer: me }, None, as_(me), key, own)
+            }
+            Forgery::Sync => forge::sync_request(u, me, n1, key, own),
+            Forgery::Entry { ring_id, start, entry, by } => forge::entries(u, me, ring_id, vec![(start, entry)], as_(by), key, own),
+            Forgery::SpaceAsH2 { squat } => {
+                forge::space_request(u, n2, n1, u, key, if squat { vec![self.member.binding(n2)] } else { vec![] })
+            }
+            Forgery::ClaimAsH2 { ip } => forge::claim_request(u, n2, n1, ip, key, vec![]),
+        }
+    }
+}
+
+#[test]
+fn forged_ipam_records_are_dropped_and_counted() {
+    let Some(lab) = Lab::new("hostile_ipam") else { return };
+    let h1 = lab.add_host(1);
+    let h2 = lab.add_host(2);
+    let n1: PeerName = h1.launch(&["--password", PW, "--ipalloc-init", "consensus=2"]).parse().unwrap();
+    let n2: PeerName = h2.launch(&["--password", PW, "--ipalloc-init", "consensus=2", &h1.ip]).parse().unwrap();
+    assert!(wait_until(Duration::from_secs(20), || established_with(&h1.status_json(), &n2.to_string())));
+    let attacker = lab.add_host(9);
+    let universe: Cidr = "10.32.0.0/12".parse().unwrap();
+    let drops = |h: &Host| h.status_json()["ipam"]["drops"].clone();
+    let ipam = |h: &Host| h.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json();
+    let moved = |a: &Value, b: &Value, k: &str| counter(b, &[k]) - counter(a, &[k]);
+    let capture = lab.capture(&attacker.ns, UNDERLAY_IF);
+    let h1a = addr(&h1);
+    let forger = Forger { member: Member::new(Some(PW)), universe, n1, n2 };
+    let me = forger.member.name();
+
+    // The attacker, a member with an honest connection to h1, stays connected
+    // throughout: it sends what the test asks for and reports h1's IPAM messages.
+    let (to_attacker, commands) = std::sync::mpsc::channel::<Vec<Forgery>>();
+    let (results_tx, results) = std::sync::mpsc::channel::<Vec<Vec<u8>>>();
+    let ns = attacker.ns.clone();
+    let attack = std::thread::spawn(move || {
+        in_netns(&ns, move || {
+            let m = &forger.member;
+            let mut s = m.connect(h1a, m.hello(me, m.binding(me), 0)).unwrap();
+            s.gossip(vec![m.own_entry(1, n1, h1a)]).unwrap();
+            let mut datagrams = 0;
+            loop {
+                let cmds = match commands.recv_timeout(Duration::from_millis(200)) {
+                    Ok(c) if c.is_empty() => break,
+                    Ok(c) => c,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        // An honest member keeps its link alive meanwhile.
+                        s.recv_for(Duration::from_millis(100));
+                        continue;
+                    }
+                    Err(_) => break,
+                };
+                for f in &cmds {
+                    s.send_ipam(forger.build(f)).unwrap();
+                }
+                let said = s.recv_for(Duration::from_secs(3));
+                datagrams += s.udp_datagrams();
+                results_tx.send(ipam_of(&said).into_iter().map(|b| b.to_vec()).collect()).unwrap();
+            }
+            let stop = AtomicBool::new(true);
+            let mut heard = listen_until(s, &stop);
+            heard.datagrams += datagrams;
+            heard
+        })
+    });
+    let ask = |cmds: Vec<Forgery>| -> Vec<Vec<u8>> {
+        to_attacker.send(cmds).unwrap();
+        results.recv_timeout(Duration::from_secs(60)).expect("the attacker stopped")
+    };
+
+    // 1. Before any allocation (consensus not started): Paxos records in h2's
+    //    name, a value nobody proposed, a round jump towards the bound.
+    let d0 = drops(&h1);
+    ask(vec![Forgery::PaxosAsH2, Forgery::PaxosOwnValue, Forgery::PaxosJump]);
+    let d1 = drops(&h1);
+    eprintln!("h1's IPAM drops after the Paxos forgeries: {d1}");
+    assert!(moved(&d0, &d1, "forged_paxos_records") >= 2, "before {d0}, after {d1}");
+    assert!(moved(&d0, &d1, "forged_paxos_values") >= 1, "before {d0}, after {d1}");
+    assert!(moved(&d0, &d1, "paxos_round_jumps") >= 1, "before {d0}, after {d1}");
+    for h in [&h1, &h2] {
+        let v = ipam(h);
+        assert_eq!(v["state"]["agreed"], false, "{} agreed on a ring after forged Paxos: {v}", h.ns);
+    }
+
+    // The real peers then agree, on themselves only.
+    let c1 = lab.add_container(&h1, 1);
+    let c2 = lab.add_container(&h2, 2);
+    let attach = |h: &Host, c: &Container| -> Ipv4Addr {
+        let out = h.meshnet_full(&["attach", &c.ns], &[], Duration::from_secs(60)).expect_ok("attach");
+        let a = out.last_line().unwrap_or_default().trim().to_string();
+        a.split('/').next().unwrap().parse().unwrap_or_else(|e| panic!("attach printed {a:?}: {e}"))
+    };
+    let c1_ip = attach(&h1, &c1);
+    let c2_ip = attach(&h2, &c2);
+    assert!(ping_until(&c1.ns, &c2_ip.to_string(), Duration::from_secs(30)), "c1 ({c1_ip}) cannot reach c2 ({c2_ip})");
+    let mut want = vec![n1.to_string(), n2.to_string()];
+    want.sort();
+    assert_eq!(ipam(&h1)["state"]["seeds"], serde_json::json!(want), "the ring's seeds");
+
+    // 2. With the ring agreed: entries taking h1's and h2's ranges (signed by
+    //    the attacker, or claiming h2's signature); requests for space and for
+    //    c1's address in h2's name (with no binding, and with h2's name bound to
+    //    the attacker's key).
+    let owners = |h: &Host| {
+        let v = ipam(h);
+        (v["owners"].clone(), v["allocations"].clone(), v["state"].clone())
+    };
+    let (o1, o2) = (owners(&h1), owners(&h2));
+    let said = ask(vec![Forgery::Sync]);
+    let mut ring_id = 0;
+    let mut entries = Vec::new();
+    for v in said.iter().filter_map(|b| forge::read_gossip(b)).filter(|v| v.ring_id != 0) {
+        ring_id = v.ring_id;
+        entries.extend(v.entries);
+    }
+    assert_ne!(ring_id, 0, "h1 did not send its ring to the attacker ({} IPAM messages)", said.len());
+    let taken = |owner: PeerName, by: PeerName| {
+        let (start, e) = *entries
+            .iter()
+            .filter(|(_, e)| e.owner == owner)
+            .max_by_key(|(_, e)| e.size)
+            .unwrap_or_else(|| panic!("no entry of {owner} in {entries:?}"));
+        Forgery::Entry { ring_id, start, entry: Entry { owner: me, size: e.size, version: e.version + 5, free: e.size }, by }
+    };
+    let d2 = drops(&h1);
+    ask(vec![
+        taken(n1, me),
+        taken(n2, me),
+        taken(n2, n2),
+        Forgery::SpaceAsH2 { squat: false },
+        Forgery::SpaceAsH2 { squat: true },
+        Forgery::ClaimAsH2 { ip: u32::from(c1_ip) },
+    ]);
+    let d3 = drops(&h1);
+    eprintln!("h1's IPAM drops before the ring forgeries: {d2}\nafter: {d3}");
+    assert!(moved(&d2, &d3, "forged_entries") >= 2, "{d3}");
+    assert!(moved(&d2, &d3, "unverifiable_entries") >= 1, "{d3}");
+    assert!(moved(&d2, &d3, "forged_messages") >= 3, "{d3}");
+    assert!(moved(&d2, &d3, "conflicting_bindings") >= 1, "{d3}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(owners(&h1), o1, "h1's ring or allocations changed");
+    assert_eq!(owners(&h2), o2, "h2's ring or allocations changed");
+
+    // The victim's traffic still flows, and none of it reaches the attacker.
+    assert!(ping(&c1.ns, &c2_ip.to_string(), 3));
+    checked_transfer(&lab, &c1.ns, &c2.ns, &c2_ip.to_string(), 20 << 20, Duration::from_secs(60));
+    assert!(established_with(&h1.status_json(), &me.to_string()), "h1 does not list the attacker as established");
+    broadcast_ping(&c1.ns, "10.47.255.255");
+    std::thread::sleep(Duration::from_secs(1));
+    to_attacker.send(Vec::new()).unwrap();
+    let heard = attack.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let pcap = capture.stop();
+    let c1_mac = mac_of(&c1.ns);
+    assert!(broadcasts_from(&heard.frames, c1_mac) >= 1, "c1's broadcast did not reach the attacker: {} frames", heard.frames.len());
+    assert_eq!(meant_for(&heard.frames, mac_of(&c2.ns), c2_ip), 0, "frames meant for c2 reached the attacker");
+    assert!(!heard.closed, "h1 closed the member's connection over dropped IPAM records");
+    eprintln!(
+        "attacker: {} datagrams ({} UDP packets from 6783 captured), {} authenticated heartbeats, {} frames decrypted ({} broadcasts from c1), none for c2",
+        heard.datagrams,
+        pcap.count(17, 6783),
+        heard.heartbeats,
+        heard.frames.len(),
+        broadcasts_from(&heard.frames, c1_mac)
+    );
 }

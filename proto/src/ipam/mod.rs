@@ -157,6 +157,8 @@ use std::net::Ipv4Addr;
 use crate::peer::PeerName;
 
 mod allocator;
+#[doc(hidden)]
+pub mod forge;
 pub mod paxos;
 pub mod ring;
 pub mod space;

@@ -1,0 +1,152 @@
+//! Hostile IPAM messages, for the hostile-member tests and fuzzing: a member
+//! that knows the mesh password builds messages whose envelope it signs with
+//! its own key whatever `src` says, with any records and any signatures inside.
+//! Nothing here is used by a router; it exists so that tests outside this crate
+//! can lie in every field the wire format has.
+//!
+//! [`read_gossip`] reads what an honest router sends (without verifying it), so
+//! a forger can learn the ring it attacks.
+
+use super::paxos::{Ballot, Claims, PaxosUpdate};
+use super::ring::Entry;
+use super::space::Cidr;
+use super::wire::{
+    self, Body, Envelope, Gossip, PaxosGossip, Proof, DOMAIN_ENTRY, DOMAIN_PAXOS_RECORD, DOMAIN_PAXOS_VALUE,
+};
+use crate::peer::PeerName;
+use crate::trust::{Binding, Signer};
+
+/// What a gossip message says about the ring (nothing is verified).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RingView {
+    pub src: PeerName,
+    pub universe: Option<Cidr>,
+    /// The sender's ring id; 0 before agreement.
+    pub ring_id: u64,
+    pub seeds: Vec<PeerName>,
+    pub entries: Vec<(u32, Entry)>,
+}
+
+/// The ring a gossip message (or a reply carrying gossip) describes; `None`
+/// for other messages and for bytes that do not decode.
+pub fn read_gossip(bytes: &[u8]) -> Option<RingView> {
+    let (_, env) = wire::decode(bytes).ok()?;
+    let g = match env.body {
+        Body::Gossip(g) | Body::Reply { gossip: g, .. } => g,
+        _ => return None,
+    };
+    Some(RingView { src: env.src, universe: Some(env.universe), ring_id: g.ring_id, seeds: g.seeds, entries: g.entries })
+}
+
+/// How a forged record is signed.
+pub enum RecordSig<'a> {
+    /// By `key`, claiming to be `by`'s signature (a lie unless `key` is `by`'s).
+    As { by: PeerName, key: &'a Signer },
+}
+
+/// One envelope from `src` to `dst` carrying `body`, signed by `key` (whoever
+/// `src` is), with `bindings`.
+fn sealed(universe: Cidr, src: PeerName, dst: PeerName, body: Body, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
+    wire::encode(&Envelope { universe, src, dst, body }, 0, bindings, key)
+}
+
+/// Gossip from `src` of ring entries, each with a proof made as `sig` says.
+pub fn entries(
+    universe: Cidr,
+    src: PeerName,
+    ring_id: u64,
+    entries: Vec<(u32, Entry)>,
+    sig: RecordSig<'_>,
+    key: &Signer,
+    bindings: Vec<Binding>,
+) -> Vec<u8> {
+    let RecordSig::As { by, key: entry_key } = sig;
+    let proofs = entries
+        .iter()
+        .map(|(start, e)| Proof { by, sig: entry_key.sign(DOMAIN_ENTRY, &wire::entry_message(ring_id, *start, e)) })
+        .collect();
+    let g = Gossip { full: false, ring_id, seeds: Vec::new(), entries, proofs, paxos: None };
+    sealed(universe, src, PeerName::BROADCAST, Body::Gossip(g), key, bindings)
+}
+
+/// "Donate part of `subnet` to me", from `src` to `dst`.
+pub fn space_request(universe: Cidr, src: PeerName, dst: PeerName, subnet: Cidr, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
+    sealed(universe, src, dst, Body::SpaceRequest { id: 0x0bad, subnet }, key, bindings)
+}
+
+/// "Give me exactly `ip`", from `src` to `dst`.
+pub fn claim_request(universe: Cidr, src: PeerName, dst: PeerName, ip: u32, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
+    sealed(universe, src, dst, Body::ClaimRequest { id: 0x0bad, ip }, key, bindings)
+}
+
+/// "Send me your full state", from `src` to `dst`.
+pub fn sync_request(universe: Cidr, src: PeerName, dst: PeerName, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
+    sealed(universe, src, dst, Body::SyncRequest, key, bindings)
+}
+
+/// Paxos gossip from `src`: `participant`'s record promising `promised` (and
+/// accepting `accepted` with `value`, if given), the record signed as `sig`
+/// says and the value by `value_key`. `initial` is the `N` of `consensus=N`.
+#[allow(clippy::too_many_arguments)]
+pub fn paxos_record(
+    universe: Cidr,
+    src: PeerName,
+    initial: u32,
+    participant: PeerName,
+    promised: Ballot,
+    accepted: Option<(Ballot, Vec<PeerName>, &Signer)>,
+    sig: RecordSig<'_>,
+    key: &Signer,
+    bindings: Vec<Binding>,
+) -> Vec<u8> {
+    let RecordSig::As { key: record_key, .. } = sig;
+    let claims = Claims { promised, accepted: accepted.as_ref().map(|a| a.0).unwrap_or_default() };
+    let sigs = vec![record_key.sign(DOMAIN_PAXOS_RECORD, &wire::record_message(&universe, participant, &claims))];
+    let (values, value_sigs) = match accepted {
+        Some((b, value, value_key)) => {
+            let vsig = value_key.sign(DOMAIN_PAXOS_VALUE, &wire::value_message(&universe, &b, &value));
+            (vec![(b, value)], vec![vsig])
+        }
+        None => (Vec::new(), Vec::new()),
+    };
+    let records = PaxosUpdate { claims: vec![(participant, claims)], values };
+    let g = Gossip { paxos: Some(PaxosGossip { initial, records, sigs, value_sigs }), ..Default::default() };
+    sealed(universe, src, PeerName::BROADCAST, Body::Gossip(g), key, bindings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::ipam::{Config, InitMode, Ipam};
+
+    /// Every forgery decodes (so it reaches the checks behind the signature)
+    /// and a router's own gossip reads back as the ring it holds.
+    #[test]
+    fn forgeries_decode_and_gossip_reads_back() {
+        let u: Cidr = "10.32.0.0/12".parse().unwrap();
+        let id = Identity::generate();
+        let me = id.name();
+        let mut ipam = Ipam::with_config(me, u, InitMode::Seed(vec![me]), Config::default(), &id).unwrap();
+        ipam.allocate("t", crate::ipam::Request::Any(u), 0).unwrap();
+        ipam.handle_timeout(60_000);
+        let mut view = None;
+        while let Some((_, bytes)) = ipam.poll_transmit() {
+            view = view.or_else(|| read_gossip(&bytes).filter(|v| !v.entries.is_empty()));
+        }
+        let view = view.expect("the seeded peer gossips its ring");
+        assert_eq!((view.src, view.ring_id, view.universe), (me, ipam.ring().id(), Some(u)));
+        let s = Signer::from_identity(&Identity::generate());
+        let as_me = || RecordSig::As { by: me, key: &s };
+        let b = Ballot { round: 7, proposer: me };
+        for bytes in [
+            entries(u, me, view.ring_id, view.entries.clone(), as_me(), &s, vec![]),
+            space_request(u, me, PeerName(5), u, &s, vec![]),
+            claim_request(u, me, PeerName(5), 1, &s, vec![]),
+            sync_request(u, me, PeerName(5), &s, vec![]),
+            paxos_record(u, me, 3, me, b, Some((b, vec![me], &s)), as_me(), &s, vec![]),
+        ] {
+            wire::check_message(&bytes).unwrap();
+        }
+    }
+}
