@@ -158,6 +158,7 @@ impl Member {
             since: Instant::now(),
             liveness: Liveness::new(1400, 0),
             heartbeats: 0,
+            answer: false,
         };
         Ok(Session { stream, est, udp, closed: false, data, pending: 0, frames: Vec::new() })
     }
@@ -198,6 +199,8 @@ struct Data {
     liveness: Liveness,
     /// Authenticated heartbeats received (proof the data key opens what the router sends).
     heartbeats: u64,
+    /// Whether to send heartbeats (see [`Session::keep_link_up`]).
+    answer: bool,
 }
 
 /// The router's IPAM messages among `msgs`.
@@ -233,9 +236,16 @@ impl Session {
         self.send(&ControlMsg::Gossip(entries))
     }
 
+    /// From now on, sends UDP heartbeats as an honest peer does, so that the
+    /// router takes this session as a working data-plane link (routes over it,
+    /// floods broadcasts to it). Off by default: nothing is sent over UDP.
+    pub fn keep_link_up(&mut self) {
+        self.data.answer = true;
+    }
+
     /// Every message the router sends within `dur` (less if it closes), answering
-    /// nothing but heartbeats (control heartbeats, and UDP heartbeats as an honest
-    /// peer does, so the router's data plane takes this session as a working link).
+    /// nothing but heartbeats (on the control channel, and on UDP after
+    /// [`Session::keep_link_up`]).
     pub fn recv_for(&mut self, dur: Duration) -> Vec<ControlMsg> {
         let deadline = Instant::now() + dur;
         let mut got = Vec::new();
@@ -308,7 +318,7 @@ impl Session {
         }
         let now = d.since.elapsed().as_millis() as u64;
         let mut sizes = Vec::new();
-        if now >= d.liveness.next_due() {
+        if d.answer && now >= d.liveness.next_due() {
             if let Some(hb) = d.liveness.poll(now, &mut sizes) {
                 for size in sizes {
                     d.batch.clear();

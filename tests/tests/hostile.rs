@@ -4,8 +4,21 @@
 //!
 //! Each test: two routers (h1, h2) with a container each; the attacker runs in
 //! its own namespace (h9, no router). During and after the attack the victim's
-//! pings and a checked transfer work, routes stay as they were, and the counter
-//! for the rejection moves.
+//! pings and a checked transfer work, routes (and IPAM) stay as they were, and
+//! the counter for the rejection moves. Where the attacker holds a connection,
+//! it is an honest member in everything it does not forge (its own signed
+//! entry, UDP heartbeats answered), so the router floods broadcasts to it: it
+//! decrypts everything it is sent, and a broadcast from c1 must be among it
+//! while nothing meant for the victim is. A capture on its host records what
+//! crossed the wire.
+//!
+//! Scenarios: claiming a live peer's name (four ways); a name reused with
+//! another key; forged topology gossip (u64::MAX, invented links, stolen or bad
+//! bindings and signatures); IPAM forgeries (Paxos records and values, a round
+//! jump, ring entries, space and claim requests in the victim's name, a
+//! squatted binding); data-plane frames claiming another origin (h2's
+//! broadcasts and unicasts, h1's own, an unknown peer's), which would poison
+//! c1's ARP table and h1's MAC table if believed.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -230,11 +243,18 @@ fn forged_gossip_is_dropped_and_counted() {
     let attacker = lab.add_host(9);
     let before = trust(&m.h1);
     let view_before = view_of(&m.h1, m.n2);
-    let (h1, n2) = (addr(&m.h1), m.n2);
+    let (h1, n1, n2) = (addr(&m.h1), m.n1, m.n2);
 
-    let (stayed_up, heard) = in_netns(&attacker.ns, move || {
+    let capture = lab.capture(&attacker.ns, UNDERLAY_IF);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let ns = attacker.ns.clone();
+    let attack = std::thread::spawn(move || in_netns(&ns, move || {
         let member = Member::new(Some(PW));
         let mut s = member.connect(h1, member.hello(member.name(), member.binding(member.name()), 0)).unwrap();
+        s.gossip(vec![member.own_entry(1, n1, h1)]).unwrap();
+        s.keep_link_up();
         // The router tells a new connection everything, signed.
         let gossip: Vec<SignedPeerInfo> = s
             .recv_for(Duration::from_secs(2))
@@ -280,8 +300,11 @@ fn forged_gossip_is_dropped_and_counted() {
         s.gossip(vec![bad_sig, bad_binding]).unwrap();
         // The connection stays up: the router keeps talking (heartbeats every 10 s).
         let heard = s.recv_for(Duration::from_secs(12));
-        (!s.closed(), heard.len())
-    });
+        done_tx.send((!s.closed(), heard.len())).unwrap();
+        // Listening on, while the victim's traffic flows.
+        (listen_until(s, &stop2), member.name())
+    }));
+    let (stayed_up, heard) = done.recv_timeout(Duration::from_secs(60)).expect("the attacker stopped");
     assert!(stayed_up, "h1 closed the connection that relayed forged gossip");
     assert!(heard >= 1, "h1 went silent on the attacker's connection");
 
@@ -296,6 +319,23 @@ fn forged_gossip_is_dropped_and_counted() {
     // h2's entry and the route to it are as they were.
     assert_eq!(view_of(&m.h1, m.n2), view_before, "h1's view of h2 changed");
     victim_still_works(&lab, &m);
+    broadcast_ping(&m.c1.ns, "10.44.255.255");
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let (heard, me) = attack.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+    let pcap = capture.stop();
+    let c2 = format!("{}c2", lab.prefix);
+    let c1_mac = mac_of(&m.c1.ns);
+    assert!(broadcasts_from(&heard.frames, c1_mac) >= 1, "c1's broadcast did not reach the attacker: {} frames", heard.frames.len());
+    assert_eq!(meant_for(&heard.frames, mac_of(&c2), overlay(2).parse().unwrap()), 0, "frames meant for c2 reached the attacker");
+    eprintln!(
+        "attacker {me}: {} datagrams ({} UDP packets from 6783 captured), {} authenticated heartbeats, {} frames decrypted ({} broadcasts from c1), none for c2",
+        heard.datagrams,
+        pcap.count(17, 6783),
+        heard.heartbeats,
+        heard.frames.len(),
+        broadcasts_from(&heard.frames, c1_mac)
+    );
 }
 
 #[test]
@@ -416,6 +456,8 @@ fn frames_with_a_forged_origin_are_refused() {
             // As an honest member: its own signed entry, heartbeats answered, until h1
             // lists it as established (the main thread watches).
             s.gossip(vec![member.own_entry(1, n1, h1)]).unwrap();
+        s.keep_link_up();
+            s.keep_link_up();
             while !go2.load(Ordering::Relaxed) && !s.closed() {
                 s.recv_for(Duration::from_millis(200));
             }
@@ -577,6 +619,7 @@ fn forged_ipam_records_are_dropped_and_counted() {
             let m = &forger.member;
             let mut s = m.connect(h1a, m.hello(me, m.binding(me), 0)).unwrap();
             s.gossip(vec![m.own_entry(1, n1, h1a)]).unwrap();
+            s.keep_link_up();
             let mut datagrams = 0;
             loop {
                 let cmds = match commands.recv_timeout(Duration::from_millis(200)) {
