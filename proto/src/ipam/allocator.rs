@@ -738,7 +738,10 @@ impl Ipam {
             self.next_full_ms = now + iv - self.rng.below(iv / 4 + 1);
         }
         if !self.ring.is_agreed() && now >= self.next_paxos_full_ms {
-            self.full_due = true;
+            // Retries only while consensus is under way (someone proposed, or I
+            // want a ring): before that, records say no more than "I take part",
+            // which the periodic full gossip and the deltas already spread.
+            self.full_due |= self.want_ring || self.paxos.max_round() > 0;
             let iv = self.config.paxos_retry_ms.max(1);
             self.next_paxos_full_ms = now + iv + self.rng.below(iv);
         }

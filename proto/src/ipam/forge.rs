@@ -142,7 +142,7 @@ mod tests {
         for bytes in [
             entries(u, me, view.ring_id, view.entries.clone(), as_me(), &s, vec![]),
             space_request(u, me, PeerName(5), u, &s, vec![]),
-            claim_request(u, me, PeerName(5), 1, &s, vec![]),
+            claim_request(u, me, PeerName(5), u32::from(u.network()) + 1, &s, vec![]),
             sync_request(u, me, PeerName(5), &s, vec![]),
             paxos_record(u, me, 3, me, b, Some((b, vec![me], &s)), as_me(), &s, vec![]),
         ] {
