@@ -10,6 +10,12 @@
 //! - `many_routers_form_a_full_mesh` (opt-in, `--ignored`): `MESHNET_SCALE_N`
 //!   routers (default 100), the same checks and figures.
 //!
+//! The kernel's ARP table is one for all namespaces (`gc_thresh3`, 1024 by
+//! default): n hosts on one underlay need about n² entries, so above ~30 hosts
+//! the lab itself loses packets ("neighbor table overflow", `ENOBUFS`) unless
+//! the limits are raised; [`NeighLimits`] raises them for the test and puts
+//! them back after.
+//!
 //! Each prints the figures BENCHMARKS.md records: time to converge, CPU of all
 //! routers together at rest (from /proc, over `MESHNET_SCALE_REST` seconds,
 //! default 30), RSS per router (median, largest) and underlay bytes each router
@@ -82,6 +88,32 @@ fn established_counts(hosts: &[Host]) -> Vec<usize> {
             .collect();
         handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
     })
+}
+
+/// Raised kernel ARP table limits while it lives (see the module doc).
+struct NeighLimits(Vec<(String, String)>);
+
+impl NeighLimits {
+    fn for_hosts(n: usize) -> NeighLimits {
+        let need = (n * n * 2 + 1024).next_power_of_two();
+        let mut saved = Vec::new();
+        for (k, v) in [("gc_thresh1", need / 4), ("gc_thresh2", need / 2), ("gc_thresh3", need)] {
+            let path = format!("/proc/sys/net/ipv4/neigh/default/{k}");
+            let old = std::fs::read_to_string(&path).unwrap_or_default().trim().to_string();
+            if old.parse::<usize>().is_ok_and(|o| o < v) && std::fs::write(&path, v.to_string()).is_ok() {
+                saved.push((path, old));
+            }
+        }
+        NeighLimits(saved)
+    }
+}
+
+impl Drop for NeighLimits {
+    fn drop(&mut self) {
+        for (path, old) in self.0.iter().rev() {
+            let _ = std::fs::write(path, old);
+        }
+    }
 }
 
 /// Launches `n` routers at once, each told only of h1; returns the hosts.
@@ -179,6 +211,7 @@ fn rest_time() -> Duration {
 
 fn full_mesh(test: &str, n: u8) {
     let Some(lab) = Lab::new(test) else { return };
+    let _limits = NeighLimits::for_hosts(usize::from(n));
     let started = Instant::now();
     let hosts = launch_all(&lab, n, &[]);
     let launched = started.elapsed();
@@ -229,6 +262,7 @@ fn many_routers_form_a_full_mesh() {
 fn partial_mesh_reaches_every_host_by_relays() {
     let Some(lab) = Lab::new("scale_partial") else { return };
     let n: u8 = 30;
+    let _limits = NeighLimits::for_hosts(usize::from(n) * 2);
     let limit = 10;
     let started = Instant::now();
     let hosts = launch_all(&lab, n, &["--conn-limit", &limit.to_string()]);
