@@ -509,7 +509,7 @@ async fn run_established(
                 }
             }
             _ = rekey_check.tick() => {
-                let sealed = mesh.dataplane.links().get(&peer).map_or(0, |l| l.sealed_under(rekeyer.send_index()));
+                let sealed = mesh.dataplane.sealed_under(peer, rekeyer.send_index());
                 let blocks = rekey::blocks_sealed(sealed, crate::daemon::MAX_DATAGRAM);
                 let was_idle = sent == pending.len();
                 let outs = rekeyer.poll(rekey.now(), blocks, &mut || rekey.fresh());

@@ -252,8 +252,12 @@ impl LinkStatus {
     /// Datagrams sealed under the sending key whose receiver index is `index`
     /// (its direct and its relay session, whichever sealed more).
     pub fn sealed_under(&self, index: u32) -> u64 {
-        self.sealed.iter().filter(|(i, _)| i & !RELAY_INDEX_BIT == index).map(|s| s.1).max().unwrap_or(0)
+        sealed_under(&self.sealed, index)
     }
+}
+
+fn sealed_under(sealed: &[(u32, u64); 2], index: u32) -> u64 {
+    sealed.iter().filter(|(i, _)| i & !RELAY_INDEX_BIT == index).map(|s| s.1).max().unwrap_or(0)
 }
 
 /// The heartbeat state of every direct peer, shared by both threads and the
@@ -504,6 +508,14 @@ impl DataPlane {
                 (*p, status)
             })
             .collect()
+    }
+
+    /// Datagrams sealed to `peer` under the sending key whose receiver index is
+    /// `index` (see [`LinkStatus::sealed_under`]); 0 for a peer with no link.
+    /// One lookup: each connection asks this every 250 ms, so it must not cost
+    /// as much as [`links`](Self::links) (all links) does at hundreds of peers.
+    pub fn sealed_under(&self, peer: PeerName, index: u32) -> u64 {
+        lock(&self.links).get(&peer).map_or(0, |l| sealed_under(&l.sealed, index))
     }
 
     /// Replaces the routes (after every topology change).
