@@ -256,7 +256,7 @@ pub fn backoff_ms(failures: u32, random: u32) -> u64 {
 
 /// `base` × [0.75, 1.25), by `random`.
 fn jitter(base: u64, random: u32) -> u64 {
-    base * (750 + (random as u64 * 500 >> 32)) / 1000
+    base * (750 + ((random as u64 * 500) >> 32)) / 1000
 }
 
 /// Draws several values from one seed (splitmix64).

@@ -859,6 +859,18 @@ fn five_hosts_settle_to_one_connection_per_pair() {
             h.ns
         );
     }
+    // How many duplicate connections the tie-break closed (0 when the dials
+    // happened not to cross this time).
+    let duplicates: usize = hs
+        .iter()
+        .map(|h| {
+            h.log()
+                .lines()
+                .filter(|l| l.contains("replaced by a newer connection") || l.contains("already connected to"))
+                .count()
+        })
+        .sum();
+    eprintln!("five hosts settled; log lines about duplicate connections: {duplicates}");
 }
 
 /// Scenario 9: `launch --resume` takes the last launch's options. Without an
