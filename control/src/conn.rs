@@ -332,6 +332,8 @@ async fn run_connection(
     dial: Option<DialId>,
     mut half_open: Option<HalfOpen>,
 ) -> Result<CloseReason, CloseReason> {
+    // Shutdown waits until this task ends.
+    let _alive = mesh.conn_alive();
     if let Err(e) = stream.set_nodelay(true) {
         log::debug!("TCP_NODELAY on {remote}: {e}");
     }
@@ -357,7 +359,11 @@ async fn run_connection(
     let role = if direction == Direction::Outbound { Role::Initiator } else { Role::Responder };
     let cfg = HandshakeConfig { identity: local.identity.clone(), psk: local.psk, hello };
     let limit = if direction == Direction::Inbound { INBOUND_HANDSHAKE_TIMEOUT } else { HANDSHAKE_TIMEOUT };
-    let result = tokio::time::timeout(limit, handshake(&mut stream, role, cfg)).await;
+    let mut stop = mesh.shutdown.subscribe();
+    let result = tokio::select! {
+        r = tokio::time::timeout(limit, handshake(&mut stream, role, cfg)) => r,
+        _ = stop.wait_for(|s| s.is_some()) => Ok(Err(HandshakeFailure::Io(CloseReason::Stopping))),
+    };
     let (outcome, result) = match result {
         Ok(Ok(est)) => (Outcome::Established, Ok(est)),
         Ok(Err(HandshakeFailure::Protocol(e))) => {
@@ -459,6 +465,10 @@ async fn run_established(
     // Set once a Goodbye is encoded: close when it has been written.
     let mut closing: Option<CloseReason> = None;
     let mut shutdown = mesh.shutdown.subscribe();
+    if shutdown.borrow().is_some() {
+        // Requested before we subscribed: the select below must still see it.
+        shutdown.mark_changed();
+    }
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut last_heard = tokio::time::Instant::now();
     let mut buf = vec![0u8; 64 * 1024];

@@ -172,12 +172,19 @@ pub struct Mesh {
     pub keys_saver: Notify,
     /// Fired once to stop the router.
     pub shutdown: tokio::sync::watch::Sender<Option<Shutdown>>,
+    /// Cloned into every connection task ([`ConnAlive`]); dropped at shutdown,
+    /// after which the receiver hears the channel close once every task ended.
+    alive: Mutex<Option<tokio::sync::mpsc::Sender<()>>>,
+    all_ended: Mutex<Option<tokio::sync::mpsc::Receiver<()>>>,
     /// Who may open an inbound connection now (its own lock, never held with `inner`'s).
     admission: Mutex<Gate>,
     pub conn_counters: Arc<ConnCounters>,
     /// The clock of the admission gate and the dialer.
     epoch: Instant,
 }
+
+/// Held by a running connection task: shutdown waits until every one is dropped.
+pub struct ConnAlive(#[allow(dead_code)] tokio::sync::mpsc::Sender<()>);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shutdown {
@@ -204,6 +211,7 @@ impl Mesh {
             connections: Vec::new(),
         };
         let (shutdown, _) = tokio::sync::watch::channel(None);
+        let (alive, all_ended) = tokio::sync::mpsc::channel(1);
         // We are who our identity says, whatever an old key book pinned for our name.
         let mut trust = TrustStats::default();
         if keys.get(settings.me) != Some(&settings.binding.keys) {
@@ -247,6 +255,8 @@ impl Mesh {
             routes_due: Notify::new(),
             keys_saver: Notify::new(),
             shutdown,
+            alive: Mutex::new(Some(alive)),
+            all_ended: Mutex::new(Some(all_ended)),
             admission: Mutex::new(Gate::new(AdmissionConfig::default())),
             conn_counters: Arc::new(ConnCounters::default()),
             epoch: Instant::now(),
@@ -300,6 +310,24 @@ impl Mesh {
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// For a connection task to hold while it runs (None once shutdown began
+    /// waiting: then nobody waits for it).
+    pub fn conn_alive(&self) -> Option<ConnAlive> {
+        self.alive.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|tx| ConnAlive(tx.clone()))
+    }
+
+    /// After [`request_shutdown`](Self::request_shutdown): waits until every
+    /// connection task has ended (each says goodbye first), at most `limit`.
+    /// The number still running when it gave up, 0 if none.
+    pub async fn connections_ended(&self, limit: Duration) -> usize {
+        drop(self.alive.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let Some(mut rx) = self.all_ended.lock().unwrap_or_else(|p| p.into_inner()).take() else { return 0 };
+        match tokio::time::timeout(limit, rx.recv()).await {
+            Ok(_) => 0,
+            Err(_) => self.lock().conns.len().max(1),
+        }
     }
 
     pub fn request_shutdown(&self, how: Shutdown) {

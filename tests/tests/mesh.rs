@@ -871,6 +871,13 @@ fn five_hosts_settle_to_one_connection_per_pair() {
         })
         .sum();
     eprintln!("five hosts settled; log lines about duplicate connections: {duplicates}");
+    // A router with four connections stops once each has said goodbye.
+    let started = Instant::now();
+    hs[4].meshnet(&["stop"]).expect_ok("stop h5");
+    assert!(wait_until(SECS(10), || hs[4].pids().is_empty()), "h5 did not stop");
+    let log = hs[4].log();
+    let closed = log.lines().filter(|l| l.contains("connections closed in") || l.contains("still closing")).last();
+    eprintln!("h5 stopped in {} ms: {}", started.elapsed().as_millis(), closed.unwrap_or("(no line)"));
 }
 
 /// Scenario 9: `launch --resume` takes the last launch's options. Without an
