@@ -176,6 +176,9 @@ pub struct Mesh {
     /// after which the receiver hears the channel close once every task ended.
     alive: Mutex<Option<tokio::sync::mpsc::Sender<()>>>,
     all_ended: Mutex<Option<tokio::sync::mpsc::Receiver<()>>>,
+    /// Held while the connect targets change: their file is written under it,
+    /// never under `inner`'s lock, which the connection tasks need.
+    targets_io: Mutex<()>,
     /// Who may open an inbound connection now (its own lock, never held with `inner`'s).
     admission: Mutex<Gate>,
     pub conn_counters: Arc<ConnCounters>,
@@ -257,6 +260,7 @@ impl Mesh {
             shutdown,
             alive: Mutex::new(Some(alive)),
             all_ended: Mutex::new(Some(all_ended)),
+            targets_io: Mutex::new(()),
             admission: Mutex::new(Gate::new(AdmissionConfig::default())),
             conn_counters: Arc::new(ConnCounters::default()),
             epoch: Instant::now(),
@@ -1096,13 +1100,15 @@ impl Mesh {
         v
     }
 
-    /// Replaces or extends the connect targets and persists them.
+    /// Replaces or extends the connect targets and persists them (the file is
+    /// written before the change is applied, off the mesh lock).
     pub fn set_targets(&self, add: &[PeerAddr], replace: bool) -> anyhow::Result<Vec<String>> {
-        let mut g = self.lock();
-        let mut next = if replace { BTreeSet::new() } else { g.targets.clone() };
+        let _io = self.targets_io.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = if replace { BTreeSet::new() } else { self.lock().targets.clone() };
         next.extend(add.iter().map(|p| p.to_string()));
         let list: Vec<String> = next.iter().cloned().collect();
         self.state.save_targets(&list)?;
+        let mut g = self.lock();
         g.targets = next;
         g.dialer.set_targets(list.iter().cloned());
         for t in add {
@@ -1114,22 +1120,22 @@ impl Mesh {
     }
 
     pub fn forget_targets(&self, gone: &[PeerAddr]) -> anyhow::Result<Vec<String>> {
-        let mut g = self.lock();
-        let unknown: Vec<String> =
-            gone.iter().map(|p| p.to_string()).filter(|p| !g.targets.contains(p)).collect();
+        let _io = self.targets_io.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.lock().targets.clone();
+        let unknown: Vec<String> = gone.iter().map(|p| p.to_string()).filter(|p| !next.contains(p)).collect();
         if !unknown.is_empty() {
             anyhow::bail!(
                 "not a connect target: {} (targets: {})",
                 unknown.join(", "),
-                g.targets.iter().cloned().collect::<Vec<_>>().join(", ")
+                next.iter().cloned().collect::<Vec<_>>().join(", ")
             );
         }
-        let mut next = g.targets.clone();
         for p in gone {
             next.remove(&p.to_string());
         }
         let list: Vec<String> = next.iter().cloned().collect();
         self.state.save_targets(&list)?;
+        let mut g = self.lock();
         g.targets = next;
         g.dialer.set_targets(list.iter().cloned());
         Ok(list)
