@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use meshnet_proto::admission::{Outcome, Ticket};
+use meshnet_proto::dialer::{Dial, DialId, Failure};
 use meshnet_proto::handshake::{
     early_refusal, Established, Handshake, HandshakeConfig, HandshakeError, Hello, Role, CAP_SUPERFRAMES,
 };
@@ -261,9 +262,9 @@ pub async fn maker_loop(mesh: Arc<Mesh>, local: Arc<Local>) {
     let mut gossip_timer = tokio::time::interval(GOSSIP_EVERY);
     gossip_timer.tick().await;
     loop {
-        for key in mesh.due_dials() {
+        for d in mesh.due_dials() {
             let (mesh, local) = (mesh.clone(), local.clone());
-            tokio::spawn(async move { dial(mesh, local, key).await });
+            tokio::spawn(async move { dial(mesh, local, d).await });
         }
         tokio::select! {
             _ = mesh.maker.notified() => {}
@@ -278,36 +279,33 @@ pub async fn maker_loop(mesh: Arc<Mesh>, local: Arc<Local>) {
     }
 }
 
-async fn dial(mesh: Arc<Mesh>, local: Arc<Local>, key: String) {
+/// Dials `d.key` and runs the connection. The mesh hears how it went: here
+/// when no connection came of it, from [`run_connection`] otherwise.
+async fn dial(mesh: Arc<Mesh>, local: Arc<Local>, d: Dial) {
+    let key = d.key;
     let addr = match resolve(&key).await {
         Ok(a) => a,
         Err(e) => {
             log::info!("connect to {key}: {e}");
-            mesh.dial_result(&key, Err(e));
+            mesh.dial_failed(d.id, Failure::Resolve(e));
             return;
         }
     };
     let stream = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            mesh.dial_result(&key, Err(format!("cannot reach {addr}: {e}")));
+            mesh.dial_failed(d.id, Failure::Connect(format!("cannot reach {addr}: {e}")));
             return;
         }
         Err(_) => {
-            mesh.dial_result(&key, Err(format!("cannot reach {addr}: timed out")));
+            mesh.dial_failed(d.id, Failure::Connect(format!("cannot reach {addr}: timed out")));
             return;
         }
     };
-    let started = Instant::now();
-    let result = run_connection(mesh.clone(), local, stream, addr, Direction::Outbound, Some(&key), None).await;
-    match result {
-        Ok(why) if why.is_duplicate() => mesh.dial_satisfied(&key),
-        Ok(why) => mesh.dial_closed(&key, &why.to_string(), started.elapsed()),
-        Err(e) if e.is_duplicate() => mesh.dial_satisfied(&key),
-        Err(e) => {
-            log::warn!("connection to {key} failed: {e}");
-            mesh.dial_result(&key, Err(e.to_string()));
-        }
+    match run_connection(mesh.clone(), local, stream, addr, Direction::Outbound, Some(d.id), None).await {
+        Err(why @ CloseReason::ConnLimit(_)) => mesh.dial_failed(d.id, Failure::ConnLimit(why.to_string())),
+        Err(e) if !e.is_duplicate() => log::warn!("connection to {key} failed: {e}"),
+        _ => {}
     }
 }
 
@@ -331,9 +329,11 @@ async fn run_connection(
     mut stream: TcpStream,
     remote: SocketAddr,
     direction: Direction,
-    dial_key: Option<&str>,
+    dial: Option<DialId>,
     mut half_open: Option<HalfOpen>,
 ) -> Result<CloseReason, CloseReason> {
+    // Shutdown waits until this task ends.
+    let _alive = mesh.conn_alive();
     if let Err(e) = stream.set_nodelay(true) {
         log::debug!("TCP_NODELAY on {remote}: {e}");
     }
@@ -342,8 +342,8 @@ async fn run_connection(
     let Some(id) = mesh.register(direction, remote, queue.clone(), recv_index) else {
         return Err(CloseReason::ConnLimit(mesh.settings.conn_limit));
     };
-    if let Some(key) = dial_key {
-        mesh.dial_result(key, Ok(id));
+    if let Some(dial) = dial {
+        mesh.dial_registered(dial, id);
     }
     let hello = Hello {
         name: mesh.settings.me,
@@ -359,7 +359,11 @@ async fn run_connection(
     let role = if direction == Direction::Outbound { Role::Initiator } else { Role::Responder };
     let cfg = HandshakeConfig { identity: local.identity.clone(), psk: local.psk, hello };
     let limit = if direction == Direction::Inbound { INBOUND_HANDSHAKE_TIMEOUT } else { HANDSHAKE_TIMEOUT };
-    let result = tokio::time::timeout(limit, handshake(&mut stream, role, cfg)).await;
+    let mut stop = mesh.shutdown.subscribe();
+    let result = tokio::select! {
+        r = tokio::time::timeout(limit, handshake(&mut stream, role, cfg)) => r,
+        _ = stop.wait_for(|s| s.is_some()) => Ok(Err(HandshakeFailure::Io(CloseReason::Stopping))),
+    };
     let (outcome, result) = match result {
         Ok(Ok(est)) => (Outcome::Established, Ok(est)),
         Ok(Err(HandshakeFailure::Protocol(e))) => {
@@ -375,7 +379,7 @@ async fn run_connection(
     let est = match result {
         Ok(est) => est,
         Err(why) => {
-            mesh.unregister(id, &why.to_string());
+            mesh.unregister(id, &why);
             return Err(why);
         }
     };
@@ -388,8 +392,9 @@ async fn run_connection(
                 log::debug!("goodbye to {remote}: {e}");
             }
         }
+        let why = CloseReason::Establish(why);
         mesh.unregister(id, &why);
-        return Err(CloseReason::Establish(why));
+        return Err(why);
     }
     let clock = Instant::now();
     let rekey_cfg = RekeyConfig { interval_ms: mesh.settings.rekey_interval.as_millis() as u64 };
@@ -415,8 +420,9 @@ async fn run_connection(
                 log::debug!("goodbye to {remote}: {e}");
             }
         }
+        let why = CloseReason::Establish(why);
         mesh.unregister(id, &why);
-        return Err(CloseReason::Establish(why));
+        return Err(why);
     }
     drop(data_keys);
     let rekey = RekeyCtx { mesh: &mesh, id, peer: hello.name, clock };
@@ -430,7 +436,7 @@ async fn run_connection(
     if let Some(c) = counter {
         c.fetch_add(1, Ordering::Relaxed);
     }
-    mesh.unregister(id, &why.to_string());
+    mesh.unregister(id, &why);
     Ok(why)
 }
 
@@ -459,6 +465,10 @@ async fn run_established(
     // Set once a Goodbye is encoded: close when it has been written.
     let mut closing: Option<CloseReason> = None;
     let mut shutdown = mesh.shutdown.subscribe();
+    if shutdown.borrow().is_some() {
+        // Requested before we subscribed: the select below must still see it.
+        shutdown.mark_changed();
+    }
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut last_heard = tokio::time::Instant::now();
     let mut buf = vec![0u8; 64 * 1024];

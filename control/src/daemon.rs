@@ -236,8 +236,12 @@ pub fn run(cfg: Config) -> Result<()> {
         };
         log::info!("stopping ({how:?})");
         mesh.request_shutdown(how);
-        // Let connections say goodbye.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Let connections say goodbye: each task has a second to write it.
+        let started = std::time::Instant::now();
+        match mesh.connections_ended(Duration::from_millis(1500)).await {
+            0 => log::info!("connections closed in {} ms", started.elapsed().as_millis()),
+            n => log::warn!("{n} connections still closing after 1.5 s; stopping anyway"),
+        }
         tasks.abort_all();
         if let Err(e) = mesh.save_keys() {
             log::error!("saving the key book: {e:#}");

@@ -2,13 +2,16 @@
 //!
 //! Tasks hold the lock only for short, non-async sections. Messages to a
 //! connection go through its queue; the connection's own task encrypts and writes.
+//! What to dial and when is decided by `meshnet_proto::dialer` (held here, told
+//! about every connection that is established or ends); the tasks in `conn`
+//! perform the dials.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use meshnet_proto::discovery::DialBudget;
+use meshnet_proto::dialer::{self, Dial, DialId, Dialer, End, Failure, Keep};
 use meshnet_proto::handshake::{verify_peer, Hello};
 use meshnet_proto::topology::{full_gossip_targets, ConnInfo, PeerInfo, SignedPeerInfo, Topology};
 use meshnet_proto::trust::{Admission, Binding, KeyBook, PeerKeys, Signer};
@@ -19,15 +22,12 @@ use meshnet_proto::admission::{self, AdmissionConfig, Gate, Outcome, Ticket};
 use tokio::sync::Notify;
 
 use crate::api::{ConnectionStatus, LimitsStatus, PeerStatus, Refusal, TrustStatus};
-use crate::conn::{ConnCounters, Outbox};
+use crate::conn::{CloseReason, ConnCounters, Outbox};
 use crate::ipam::IpamHost;
 use meshnet_proto::ipam::{Dest, Event};
 use crate::peeraddr::PeerAddr;
 use crate::state::StateDir;
 
-/// First retry delay of the connection maker; grows ×1.5 with jitter up to the cap.
-pub const BACKOFF_START: Duration = Duration::from_secs(2);
-pub const BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// A connection whose UDP worked and then stopped for this long is closed (and
 /// dialled again by whoever holds the target): the peer may have moved.
 pub const UDP_LOST_CLOSE: Duration = Duration::from_secs(30);
@@ -36,20 +36,7 @@ pub const UDP_LOST_CLOSE: Duration = Duration::from_secs(30);
 /// applied at once).
 pub const ROUTES_DEBOUNCE: Duration = Duration::from_millis(100);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    Outbound,
-    Inbound,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Direction::Outbound => "outbound",
-            Direction::Inbound => "inbound",
-        }
-    }
-}
+pub use meshnet_proto::dialer::Direction;
 
 /// A live TCP connection (handshaking or established).
 pub struct Conn {
@@ -77,41 +64,21 @@ pub struct Conn {
     pub since: Instant,
 }
 
-/// What the connection maker knows about one address it dials.
-#[derive(Clone, Debug)]
-pub struct Attempt {
-    pub failures: u32,
-    pub next_try: Instant,
-    pub last_error: String,
-    /// The live connection made by dialling it, if any.
-    pub conn: Option<u64>,
-    /// A dial (connect and handshake) is under way.
-    pub dialling: bool,
-}
-
-impl Attempt {
-    fn new() -> Self {
-        Attempt { failures: 0, next_try: Instant::now(), last_error: String::new(), conn: None, dialling: false }
-    }
-}
-
 pub struct Inner {
     pub topology: Topology,
     pub conns: HashMap<u64, Conn>,
     next_conn: u64,
     /// Persisted connect targets, normalised `host:port`.
     pub targets: BTreeSet<String>,
-    /// Dial state per target string, and per discovered address (as `ip:port`).
-    pub attempts: HashMap<String, Attempt>,
+    /// Dial state per target string, and per discovered address (as `ip:port`);
+    /// the discovery dial budget and its deferred counter.
+    pub dialer: Dialer,
     pub ipam: IpamHost,
     /// Next hop towards every reachable peer, as last computed (see [`route_loop`]).
     pub next_hop: HashMap<PeerName, PeerName>,
-    /// Discovery candidates (addresses, sorted) since the topology last changed.
-    discovery: Option<Vec<String>>,
-    /// Caps discovery dials (forged addresses must not make us dial without bound).
-    dial_budget: DialBudget,
-    /// Discovery dials refused by the budget (a counter).
-    pub discovery_deferred: u64,
+    /// The topology changed since the discovery candidates were last given to
+    /// the dialer.
+    discovery_stale: bool,
     /// Route recomputations, and how long the last one took off the lock.
     pub route_runs: u64,
     pub route_last_ms: u64,
@@ -201,18 +168,26 @@ pub struct Mesh {
     pub maker: Notify,
     /// Wakes [`route_loop`]: the topology changed.
     pub routes_due: Notify,
-    /// Monotonic origin for the dial budget's clock.
-    started: Instant,
     /// Wakes the task that persists the key book.
     pub keys_saver: Notify,
     /// Fired once to stop the router.
     pub shutdown: tokio::sync::watch::Sender<Option<Shutdown>>,
+    /// Cloned into every connection task ([`ConnAlive`]); dropped at shutdown,
+    /// after which the receiver hears the channel close once every task ended.
+    alive: Mutex<Option<tokio::sync::mpsc::Sender<()>>>,
+    all_ended: Mutex<Option<tokio::sync::mpsc::Receiver<()>>>,
+    /// Held while the connect targets change: their file is written under it,
+    /// never under `inner`'s lock, which the connection tasks need.
+    targets_io: Mutex<()>,
     /// Who may open an inbound connection now (its own lock, never held with `inner`'s).
     admission: Mutex<Gate>,
     pub conn_counters: Arc<ConnCounters>,
-    /// The admission gate's clock.
+    /// The clock of the admission gate and the dialer.
     epoch: Instant,
 }
+
+/// Held by a running connection task: shutdown waits until every one is dropped.
+pub struct ConnAlive(#[allow(dead_code)] tokio::sync::mpsc::Sender<()>);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Shutdown {
@@ -239,6 +214,7 @@ impl Mesh {
             connections: Vec::new(),
         };
         let (shutdown, _) = tokio::sync::watch::channel(None);
+        let (alive, all_ended) = tokio::sync::mpsc::channel(1);
         // We are who our identity says, whatever an old key book pinned for our name.
         let mut trust = TrustStats::default();
         if keys.get(settings.me) != Some(&settings.binding.keys) {
@@ -264,13 +240,15 @@ impl Mesh {
                 topology,
                 conns: HashMap::new(),
                 next_conn: 1,
+                dialer: {
+                    let mut d = Dialer::default();
+                    d.set_targets(targets.iter().cloned());
+                    d
+                },
                 targets: targets.into_iter().collect(),
-                attempts: HashMap::new(),
                 ipam,
                 next_hop: HashMap::new(),
-                discovery: None,
-                dial_budget: DialBudget::default(),
-                discovery_deferred: 0,
+                discovery_stale: true,
                 route_runs: 0,
                 route_last_ms: 0,
                 keys,
@@ -278,9 +256,11 @@ impl Mesh {
             }),
             maker: Notify::new(),
             routes_due: Notify::new(),
-            started: Instant::now(),
             keys_saver: Notify::new(),
             shutdown,
+            alive: Mutex::new(Some(alive)),
+            all_ended: Mutex::new(Some(all_ended)),
+            targets_io: Mutex::new(()),
             admission: Mutex::new(Gate::new(AdmissionConfig::default())),
             conn_counters: Arc::new(ConnCounters::default()),
             epoch: Instant::now(),
@@ -334,6 +314,24 @@ impl Mesh {
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// For a connection task to hold while it runs (None once shutdown began
+    /// waiting: then nobody waits for it).
+    pub fn conn_alive(&self) -> Option<ConnAlive> {
+        self.alive.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|tx| ConnAlive(tx.clone()))
+    }
+
+    /// After [`request_shutdown`](Self::request_shutdown): waits until every
+    /// connection task has ended (each says goodbye first), at most `limit`.
+    /// The number still running when it gave up, 0 if none.
+    pub async fn connections_ended(&self, limit: Duration) -> usize {
+        drop(self.alive.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let Some(mut rx) = self.all_ended.lock().unwrap_or_else(|p| p.into_inner()).take() else { return 0 };
+        match tokio::time::timeout(limit, rx.recv()).await {
+            Ok(_) => 0,
+            Err(_) => self.lock().conns.len().max(1),
+        }
     }
 
     pub fn request_shutdown(&self, how: Shutdown) {
@@ -453,7 +451,6 @@ impl Mesh {
             return Err(format!("connection limit ({}) reached", self.settings.conn_limit));
         }
         // One connection per pair of peers: keep the one dialled by the smaller name.
-        let preferred_dir = if self.settings.me < peer { Direction::Outbound } else { Direction::Inbound };
         let existing: Vec<(u64, Direction)> = g
             .conns
             .iter()
@@ -461,14 +458,14 @@ impl Mesh {
             .map(|(cid, c)| (*cid, c.direction))
             .collect();
         for (cid, dir) in existing {
-            if dir == this_dir || this_dir == preferred_dir {
-                // Same direction: the old one is stale (the peer restarted). Or ours is preferred.
-                if let Some(old) = g.conns.get(&cid) {
-                    let _ = old.queue.send(ControlMsg::Goodbye(crate::conn::REPLACED.into()));
+            match dialer::tie_break(self.settings.me, peer, this_dir, dir) {
+                Keep::New => {
+                    if let Some(old) = g.conns.get(&cid) {
+                        let _ = old.queue.send(ControlMsg::Goodbye(crate::conn::REPLACED.into()));
+                    }
+                    self.drop_conn_locked(&mut g, cid, End::Duplicate);
                 }
-                self.drop_conn_locked(&mut g, cid);
-            } else {
-                return Err(format!("{} {peer}", crate::conn::ALREADY_CONNECTED));
+                Keep::Old => return Err(format!("{} {peer}", crate::conn::ALREADY_CONNECTED)),
             }
         }
         let c = g.conns.get_mut(&id).expect("checked above");
@@ -490,41 +487,42 @@ impl Mesh {
                 let _ = c.queue.send(msg);
             }
         }
-        for a in g.attempts.values_mut() {
-            if a.conn == Some(id) {
-                a.dialling = false;
-            }
-        }
+        let now = self.now_ms();
+        g.dialer.established(id, now);
         self.local_connections_changed(&mut g);
         self.reachability_changed(&mut g);
         Ok(())
     }
 
-    /// Forgets a connection (closed, failed or refused).
-    pub fn unregister(&self, id: u64, why: &str) {
+    /// Forgets a connection (closed, failed or refused). If the mesh dropped it
+    /// already (a duplicate, lost UDP), that decision stands: `why` is only the
+    /// connection's side of the story.
+    pub fn unregister(&self, id: u64, why: &CloseReason) {
         let mut g = self.lock();
-        if let Some(c) = g.conns.get(&id) {
-            if c.established {
-                log::info!(
-                    "connection to {} ({}) closed: {why}",
-                    c.peer.map(|p| p.to_string()).unwrap_or_default(),
-                    c.remote
-                );
-            }
+        let Some(c) = g.conns.get(&id) else { return };
+        if c.established {
+            log::info!(
+                "connection to {} ({}) closed: {why}",
+                c.peer.map(|p| p.to_string()).unwrap_or_default(),
+                c.remote
+            );
         }
-        self.drop_conn_locked(&mut g, id);
+        let end = if why.is_duplicate() {
+            End::Duplicate
+        } else if c.established {
+            End::Failed(Failure::Closed(why.to_string()))
+        } else {
+            End::Failed(Failure::Handshake(why.to_string()))
+        };
+        self.drop_conn_locked(&mut g, id, end);
         drop(g);
         self.maker.notify_one();
     }
 
-    fn drop_conn_locked(&self, g: &mut Inner, id: u64) {
+    /// Forgets connection `id`; the dialer learns how it ended (`end`) after it
+    /// learnt which addresses are still connected.
+    fn drop_conn_locked(&self, g: &mut Inner, id: u64, end: End) {
         let Some(c) = g.conns.remove(&id) else { return };
-        for a in g.attempts.values_mut() {
-            if a.conn == Some(id) {
-                a.conn = None;
-                a.dialling = false;
-            }
-        }
         if c.established {
             if let Some(peer) = c.peer {
                 let mut indexes = c.rekey_indexes.clone();
@@ -534,15 +532,21 @@ impl Mesh {
             self.local_connections_changed(g);
             let removed = g.topology.garbage_collect();
             if !removed.is_empty() {
-                g.discovery = None;
+                g.discovery_stale = true;
                 log::info!("forgot unreachable peers: {}", names(&removed));
             }
             self.reachability_changed(g);
         }
+        let now = self.now_ms();
+        g.dialer.ended(id, now, random_u64(), end);
     }
 
     /// Recomputes our own entry from the established connections and gossips it.
     fn local_connections_changed(&self, g: &mut Inner) {
+        let listening = g.conns.values().filter(|c| c.established).filter_map(|c| Some(c.listen?.to_string()));
+        let listening: Vec<String> = listening.collect();
+        let now = self.now_ms();
+        g.dialer.set_connected(now, random_u64(), listening);
         let conns: Vec<ConnInfo> = g
             .conns
             .values()
@@ -557,7 +561,7 @@ impl Mesh {
             })
             .collect();
         if g.topology.set_local_connections(conns) {
-            g.discovery = None;
+            g.discovery_stale = true;
             let update = g.topology.gossip_about_signed(&[self.settings.me]);
             broadcast_gossip(g, None, update);
         }
@@ -598,9 +602,9 @@ impl Mesh {
             let why = format!("UDP heartbeats missed for {}s", UDP_LOST_CLOSE.as_secs());
             log::warn!("closing the connection to {peer}: {why}");
             if let Some(c) = g.conns.get(&id) {
-                let _ = c.queue.send(ControlMsg::Goodbye(why));
+                let _ = c.queue.send(ControlMsg::Goodbye(why.clone()));
             }
-            self.drop_conn_locked(&mut g, id);
+            self.drop_conn_locked(&mut g, id, End::Failed(Failure::Closed(why)));
             changed = false; // dropping recomputed everything
         }
         if changed {
@@ -668,13 +672,14 @@ impl Mesh {
                     let stale: Vec<u64> =
                         g.conns.iter().filter(|(_, c)| c.peer == Some(hello.name)).map(|(id, _)| *id).collect();
                     for id in stale {
+                        let why = format!(
+                            "{IDENTITY_REFUSED} {}: {} is bound to another key now",
+                            self.settings.me, hello.name
+                        );
                         if let Some(c) = g.conns.get(&id) {
-                            let _ = c.queue.send(ControlMsg::Goodbye(format!(
-                                "{IDENTITY_REFUSED} {}: {} is bound to another key now",
-                                self.settings.me, hello.name
-                            )));
+                            let _ = c.queue.send(ControlMsg::Goodbye(why.clone()));
                         }
-                        self.drop_conn_locked(g, id);
+                        self.drop_conn_locked(g, id, End::Failed(Failure::Closed(why)));
                     }
                     g.topology.forget(hello.name);
                 }
@@ -806,7 +811,7 @@ impl Mesh {
         let changed = report.changed;
         let mut g = guard;
         if !changed.is_empty() {
-            g.discovery = None;
+            g.discovery_stale = true;
             let update = g.topology.gossip_about_signed(&changed);
             broadcast_gossip(&mut g, Some(from), update);
             // Garbage collection and routes follow in route_loop, off this path.
@@ -832,7 +837,7 @@ impl Mesh {
             // longer reachable, or stale entries would keep coming back.
             let removed = g.topology.garbage_collect();
             if !removed.is_empty() {
-                g.discovery = None;
+                g.discovery_stale = true;
                 log::info!("forgot unreachable peers: {}", names(&removed));
             }
             let mtus: Vec<(PeerName, u32)> = g
@@ -985,7 +990,7 @@ impl Mesh {
         serde_json::json!({
             "route_recomputes": g.route_runs,
             "route_recompute_last_ms": g.route_last_ms,
-            "discovery_dials_deferred": g.discovery_deferred,
+            "discovery_dials_deferred": g.dialer.deferred,
         })
     }
 
@@ -1068,30 +1073,25 @@ impl Mesh {
                 }
             })
             .collect();
-        let now = Instant::now();
-        for (addr, a) in &g.attempts {
-            if a.conn.is_some() || a.last_error.is_empty() {
-                continue;
-            }
-            let wait = a.next_try.saturating_duration_since(now).as_secs();
+        for d in g.dialer.shown(self.now_ms()) {
+            let wait = d.retry_in_ms / 1000;
             v.push(ConnectionStatus {
                 peer: None,
                 nickname: String::new(),
-                address: addr.clone(),
+                address: d.key.to_string(),
                 direction: "outbound".into(),
-                // A dial under way holds its target far in the future.
-                state: if wait > BACKOFF_CAP.as_secs() {
+                state: if d.dialling {
                     "connecting"
-                } else if a.failures > 0 {
+                } else if d.failures > 0 {
                     "retrying"
                 } else {
                     "failed"
                 }
                 .into(),
-                info: if wait > BACKOFF_CAP.as_secs() {
-                    format!("dialling; last attempt: {}", a.last_error)
+                info: if d.dialling {
+                    format!("dialling; last attempt: {}", d.error)
                 } else {
-                    format!("{}; retry in {wait}s", a.last_error)
+                    format!("{}; retry in {wait}s", d.error)
                 },
                 ..Default::default()
             });
@@ -1100,19 +1100,19 @@ impl Mesh {
         v
     }
 
-    /// Replaces or extends the connect targets and persists them.
+    /// Replaces or extends the connect targets and persists them (the file is
+    /// written before the change is applied, off the mesh lock).
     pub fn set_targets(&self, add: &[PeerAddr], replace: bool) -> anyhow::Result<Vec<String>> {
-        let mut g = self.lock();
-        let mut next = if replace { BTreeSet::new() } else { g.targets.clone() };
+        let _io = self.targets_io.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = if replace { BTreeSet::new() } else { self.lock().targets.clone() };
         next.extend(add.iter().map(|p| p.to_string()));
         let list: Vec<String> = next.iter().cloned().collect();
         self.state.save_targets(&list)?;
+        let mut g = self.lock();
         g.targets = next;
-        g.attempts.retain(|k, a| a.conn.is_some() || list.contains(k) || k.parse::<SocketAddr>().is_ok());
+        g.dialer.set_targets(list.iter().cloned());
         for t in add {
-            if let Some(a) = g.attempts.get_mut(&t.to_string()) {
-                a.next_try = Instant::now();
-            }
+            g.dialer.retry_now(&t.to_string());
         }
         drop(g);
         self.maker.notify_one();
@@ -1120,26 +1120,24 @@ impl Mesh {
     }
 
     pub fn forget_targets(&self, gone: &[PeerAddr]) -> anyhow::Result<Vec<String>> {
-        let mut g = self.lock();
-        let unknown: Vec<String> =
-            gone.iter().map(|p| p.to_string()).filter(|p| !g.targets.contains(p)).collect();
+        let _io = self.targets_io.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = self.lock().targets.clone();
+        let unknown: Vec<String> = gone.iter().map(|p| p.to_string()).filter(|p| !next.contains(p)).collect();
         if !unknown.is_empty() {
             anyhow::bail!(
                 "not a connect target: {} (targets: {})",
                 unknown.join(", "),
-                g.targets.iter().cloned().collect::<Vec<_>>().join(", ")
+                next.iter().cloned().collect::<Vec<_>>().join(", ")
             );
         }
-        let mut next = g.targets.clone();
         for p in gone {
             next.remove(&p.to_string());
         }
         let list: Vec<String> = next.iter().cloned().collect();
         self.state.save_targets(&list)?;
+        let mut g = self.lock();
         g.targets = next;
-        for p in gone {
-            g.attempts.remove(&p.to_string());
-        }
+        g.dialer.set_targets(list.iter().cloned());
         Ok(list)
     }
 
@@ -1147,124 +1145,41 @@ impl Mesh {
         self.lock().targets.iter().cloned().collect()
     }
 
-    /// What the connection maker should dial now: connect targets when due, and
-    /// addresses learnt from gossip (discovery) within the [`DialBudget`]: at most
-    /// a few dials under way at once and a few new ones a second, starting at a
-    /// random place in the list so that no address can starve the rest.
-    pub fn due_dials(&self) -> Vec<String> {
+    /// What the connection maker should dial now (see `meshnet_proto::dialer`):
+    /// connect targets when due, and addresses learnt from gossip (discovery)
+    /// within the dial budget, while `--conn-limit` has slots for our dials.
+    pub fn due_dials(&self) -> Vec<Dial> {
         let mut guard = self.lock();
         let g = &mut *guard;
-        let now = Instant::now();
-        let now_ms = self.started.elapsed().as_millis() as u64;
-        if self.settings.discovery && g.discovery.is_none() {
+        if self.settings.discovery && g.discovery_stale {
             // Recomputed only after the topology changed.
             let connected: HashSet<PeerName> = g.conns.values().filter_map(|c| c.peer).collect();
-            let mut list: Vec<String> = g
+            let list: Vec<String> = g
                 .topology
                 .discovery_candidates()
                 .into_iter()
                 .filter(|(peer, _)| *peer != self.settings.me && !connected.contains(peer))
                 .map(|(_, addr)| addr.to_string())
                 .collect();
-            list.sort();
-            list.dedup();
-            // Forget dial state for addresses that are neither targets nor candidates
-            // any more (a discovered peer that went away).
-            let keep: HashSet<&String> = g.targets.iter().chain(list.iter()).collect();
-            g.attempts.retain(|k, a| a.conn.is_some() || a.dialling || keep.contains(k));
-            g.discovery = Some(list);
+            g.dialer.set_candidates(list);
+            g.discovery_stale = false;
         }
         // Accepted connections still handshaking never hold our dials back.
-        if slots_used(&g) >= self.settings.conn_limit {
-            return Vec::new();
-        }
-        let listening: HashSet<SocketAddr> = g.conns.values().filter_map(|c| c.listen).collect();
-        // A target we are already connected to (e.g. it dialled us first) needs no dial.
-        let connected_to = |key: &str| key.parse::<SocketAddr>().is_ok_and(|sa| listening.contains(&sa));
-        let mut due = Vec::new();
-        for key in &g.targets {
-            if connected_to(key) {
-                continue;
-            }
-            let a = g.attempts.entry(key.clone()).or_insert_with(Attempt::new);
-            if a.conn.is_none() && !a.dialling && a.next_try <= now {
-                // Hold it while the dial is under way.
-                a.dialling = true;
-                a.next_try = now + Duration::from_secs(3600);
-                due.push(key.clone());
-            }
-        }
-        let Some(found) = g.discovery.as_ref().filter(|l| self.settings.discovery && !l.is_empty()) else {
-            return due;
-        };
-        let mut in_flight = g.attempts.iter().filter(|(k, a)| a.dialling && !g.targets.contains(k.as_str())).count();
-        let start = random_u32() as usize % found.len();
-        for key in found[start..].iter().chain(&found[..start]) {
-            if g.targets.contains(key) || connected_to(key) {
-                continue;
-            }
-            if g.attempts.get(key).is_some_and(|a| a.conn.is_some() || a.dialling || a.next_try > now) {
-                continue;
-            }
-            if !g.dial_budget.take(now_ms, in_flight) {
-                g.discovery_deferred += 1;
-                break;
-            }
-            let a = g.attempts.entry(key.clone()).or_insert_with(Attempt::new);
-            a.dialling = true;
-            a.next_try = now + Duration::from_secs(3600);
-            in_flight += 1;
-            due.push(key.clone());
-        }
-        due
+        let free = self.settings.conn_limit.saturating_sub(slots_used(g));
+        g.dialer.poll(self.now_ms(), random_u64(), free).dials
     }
 
-    /// Records the outcome of dialling `key`.
-    pub fn dial_result(&self, key: &str, result: Result<u64, String>) {
-        let mut g = self.lock();
-        let a = g.attempts.entry(key.to_string()).or_insert_with(Attempt::new);
-        match result {
-            Ok(id) => {
-                a.conn = Some(id);
-                a.failures = 0;
-                a.last_error.clear();
-            }
-            Err(e) => {
-                a.conn = None;
-                a.dialling = false;
-                a.failures += 1;
-                a.last_error = e;
-                a.next_try = Instant::now() + backoff(a.failures);
-            }
-        }
+    /// Dial `dial` opened connection `conn` (handshaking now).
+    pub fn dial_registered(&self, dial: DialId, conn: u64) {
+        self.lock().dialer.registered(dial, conn);
     }
 
-    /// Dialling `key` reached a peer we are already connected to (or ourselves):
-    /// nothing failed, and there is nothing to show; look again much later.
-    pub fn dial_satisfied(&self, key: &str) {
-        let mut g = self.lock();
-        if let Some(a) = g.attempts.get_mut(key) {
-            a.conn = None;
-            a.dialling = false;
-            a.failures = 0;
-            a.last_error.clear();
-            a.next_try = Instant::now() + BACKOFF_CAP;
-        }
-    }
-
-    /// After an established connection made by dialling `key` ends, retry soon.
-    pub fn dial_closed(&self, key: &str, why: &str, lasted: Duration) {
-        let mut g = self.lock();
-        if let Some(a) = g.attempts.get_mut(key) {
-            a.conn = None;
-            a.dialling = false;
-            if lasted > Duration::from_secs(30) {
-                a.failures = 0;
-            }
-            a.failures += 1;
-            a.last_error = why.to_string();
-            a.next_try = Instant::now() + backoff(a.failures);
-        }
+    /// Dial `dial` failed before it had a connection. (What becomes of a
+    /// connection is learnt in [`establish`](Self::establish) and
+    /// [`unregister`](Self::unregister).)
+    pub fn dial_failed(&self, dial: DialId, why: Failure) {
+        let now = self.now_ms();
+        self.lock().dialer.failed(dial, now, random_u64(), why);
     }
 }
 
@@ -1308,14 +1223,6 @@ fn broadcast(g: &mut Inner, except: Option<u64>, msg: &ControlMsg) {
     }
 }
 
-/// Delay before attempt number `failures + 1`: 2 s × 1.5^(n-1), ±25 % jitter, capped.
-pub fn backoff(failures: u32) -> Duration {
-    let base = BACKOFF_START.as_secs_f64() * 1.5f64.powi(failures.saturating_sub(1).min(30) as i32);
-    let capped = base.min(BACKOFF_CAP.as_secs_f64());
-    let jitter = 0.75 + (random_u32() as f64 / u32::MAX as f64) * 0.5;
-    Duration::from_secs_f64(capped * jitter)
-}
-
 pub fn random_u32() -> u32 {
     let mut b = [0u8; 4];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("system randomness");
@@ -1330,20 +1237,4 @@ pub fn random_u64() -> u64 {
 
 fn names(v: &[PeerName]) -> String {
     v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let first = backoff(1);
-        assert!(first >= Duration::from_millis(1500) && first <= Duration::from_millis(2500));
-        let third = backoff(3);
-        assert!(third >= Duration::from_secs_f64(4.5 * 0.75) && third <= Duration::from_secs_f64(4.5 * 1.25));
-        for n in [20, 100, u32::MAX] {
-            assert!(backoff(n) <= BACKOFF_CAP.mul_f64(1.25));
-        }
-    }
 }
