@@ -666,14 +666,18 @@ fn scale_1000_peers() {
     }
     let agreed = ticks;
     let net1 = sim.net.stats.clone();
+    let cost1 = sim.costs.clone();
     let t1 = wall.elapsed();
     let conv = sim.run_until_converged(3000).expect("rings converge after agreement");
     let net2 = sim.net.stats.clone();
+    let cost2 = sim.costs.clone();
     println!(
         "agreement: {agreed} ticks ({} s virtual), then rings equal after {conv} more; {} messages, {} MB, largest {} KB; wall {:.1?}",
         agreed / 10, net2.sent, net2.bytes >> 20, net2.largest >> 10, t1
     );
     println!("  during agreement only: {} messages, {} MB", net1.sent, net1.bytes >> 20);
+    println!("  agreement: {}", cost1.since(&Default::default()));
+    println!("  until rings equal: {}", cost2.since(&cost1));
     // Allocations: 3 per peer (p0-0 asked already), some pending until donations arrive.
     let mut pending = 0;
     for k in 0..3 {
@@ -699,6 +703,11 @@ fn scale_1000_peers() {
     assert_eq!(held, 3 * n);
     no_errors(&sim, seed);
     let net3 = sim.net.stats.clone();
+    println!("  allocation: {}", sim.costs.since(&cost2));
+    println!(
+        "per peer: {} KB in all ({} KB agreement, {} KB allocation)",
+        net3.bytes / n as u64 / 1000, net2.bytes / n as u64 / 1000, (net3.bytes - net2.bytes) / n as u64 / 1000
+    );
     let state = sim.state_bytes();
     let entries = sim.ipam(0).ring().len();
     println!(

@@ -335,8 +335,17 @@ pub struct DropStats {
     pub malformed_messages: u64,
     /// Messages of another IPAM protocol version.
     pub version_mismatches: u64,
-    /// Messages whose sender has no key bound here (no binding came with them).
+    /// Messages to this peer alone whose sender has no key bound here (no
+    /// binding came with them).
     pub unknown_senders: u64,
+    /// Gossip from neighbours (whole messages, Paxos records or values) whose
+    /// signer has no key bound here. Gossip carries each binding to the
+    /// neighbours once, so this follows a lost message (or a new neighbour):
+    /// the neighbour is asked for its full state, which carries them all.
+    pub missing_bindings: u64,
+    /// Paxos records accepting a ballot whose value (sent to the neighbours
+    /// once) is not held here: the neighbour is asked for its full state.
+    pub missing_paxos_values: u64,
     /// Messages whose signature is not their claimed sender's.
     pub forged_messages: u64,
     /// Bindings whose own signature or name is bad.
@@ -346,7 +355,8 @@ pub struct DropStats {
     /// Ring entries with a bad signature, a writer with no right to them, or
     /// a genesis entry that is not the genesis.
     pub forged_entries: u64,
-    /// Ring entries whose writer has no key bound here.
+    /// Ring entries whose writer has no key bound here (from a neighbour's
+    /// gossip: it is asked for its full state).
     pub unknown_entry_signers: u64,
     /// Ring entries for a live peer's range, validly signed by another peer:
     /// a forged claim, or a transfer this peer missed. Dropped; the owner this
