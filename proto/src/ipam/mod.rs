@@ -140,11 +140,33 @@
 //!   name.
 //!
 //! ## Costs
-//! Gossip after a change carries only the changed entries (about 20 bytes each)
-//! plus a 64-bit ring id; every peer sends its whole ring to its neighbours every
-//! [`Config::full_gossip_interval_ms`] and when new peers become reachable (about
-//! 25 KB for a ring of 1000 entries). Each allocation or free changes one entry
-//! of its owner (its free count), which is flooded to every peer.
+//! Gossip after a change carries only the changed entries (about 20 bytes each,
+//! plus 72 of proof) and a 64-bit ring id; every peer sends its whole ring to
+//! its neighbours every [`Config::full_gossip_interval_ms`] and when new peers
+//! become reachable (about 90 KB for a ring of 1000 signed entries).
+//! * **Bindings and Paxos values go to the neighbours once.** Gossip to the
+//!   neighbours ([`Dest::Neighbours`]) carries a signer's binding (136 bytes) and
+//!   a ballot's value (the list of initial owners: up to thousands of names) only
+//!   the first time; both are sent again after [`Ipam::peers_changed`] reports a
+//!   newly reachable peer. A neighbour that lacks one anyway (the message
+//!   carrying it was lost) drops what needs it, counts it
+//!   ([`DropStats::missing_bindings`], [`DropStats::missing_paxos_values`]) and
+//!   asks the sender for its full state, which, like every message to one peer,
+//!   carries all the bindings and values it needs. The daemon needs to do
+//!   nothing for this: `handle_message`'s `from` names that neighbour.
+//! * **Free counts are rate-limited.** An allocation or free changes its owner's
+//!   free count, but a new version of the entry (flooded to every peer) is only
+//!   written when the count reaches or leaves zero or moves by an eighth; other
+//!   changes wait for the next full gossip (or a "no space" answer, which
+//!   carries exact counts). The count only guides donor choice;
+//!   [`Ipam::status`] shows this peer's own counts exactly.
+//! * **Paxos.** Records travel when they change. While the ring is not agreed a
+//!   peer also sends all its records every [`Config::paxos_retry_ms`] (plus
+//!   jitter) to repair losses, but only once records stop flowing to it. A peer
+//!   that agreed answers a neighbour still gossiping without a ring with its full
+//!   ring (seeds included) at once if that gossip was full, else only a second
+//!   after agreeing (the neighbour usually learns the decision from the records
+//!   in flight).
 //!
 //! # Layout
 //! [`space`] address arithmetic, [`ring`] the ownership CRDT, [`paxos`] agreement,
