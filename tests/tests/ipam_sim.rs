@@ -344,6 +344,9 @@ fn consensus_peer_that_allocated_alone_conflicts() {
     }
     assert_eq!(sim.ipam(2).ring().seeds(), &[peer_name(2)], "C agreed alone");
     assert!(matches!(sim.allocate(2, "c", any.clone()), Ok(Allocation::Ready { .. })));
+    // Let the periodic full gossip (every 30 s at most) publish the free counts
+    // the allocations moved (small moves wait for it).
+    sim.run(310);
     let before: Vec<Vec<u8>> = (0..3).map(|i| sim.ipam(i).ring_bytes()).collect();
     sim.heal();
     sim.run(100);

@@ -122,11 +122,11 @@ pub struct Ipam {
     /// Bindings admitted from the message being handled: kept in `bindings`
     /// only for the signers of records that end up held here.
     offered: BTreeMap<PeerName, Binding>,
-    /// Bindings and Paxos values already sent to the neighbours (since reachable
-    /// peers were last gained): later gossip to neighbours leaves them out. A
-    /// neighbour that missed them (a lost message) asks for a sync, which
-    /// carries everything.
-    sent_bindings: BTreeSet<PeerName>,
+    /// Whether my binding, and which Paxos values, were sent to the neighbours
+    /// (since reachable peers were last gained): later gossip to neighbours
+    /// leaves them out. A neighbour that missed them (a lost message) asks for a
+    /// sync, which carries everything.
+    sent_binding: bool,
     sent_values: BTreeSet<Ballot>,
 }
 
@@ -204,7 +204,7 @@ impl Ipam {
             value_sigs: BTreeMap::new(),
             drops: DropStats::default(),
             offered: BTreeMap::new(),
-            sent_bindings: BTreeSet::new(),
+            sent_binding: false,
             sent_values: BTreeSet::new(),
         };
         ipam.next_id = ipam.fresh_ids();
@@ -549,7 +549,7 @@ impl Ipam {
         if gained {
             self.full_due = true;
             // A new neighbour may be among them: send bindings and values again.
-            self.sent_bindings.clear();
+            self.sent_binding = false;
             self.sent_values.clear();
             if !new.is_empty() && !self.ring.is_agreed() {
                 // Hear the new peers before proposing: with an agreed ring they make
@@ -972,8 +972,11 @@ impl Ipam {
         wire::encode(&env, hops, bindings, &self.signer)
     }
 
-    /// Signs gossip for the neighbours. Each Paxos value and each binding goes to
-    /// them once (see `sent_values`): records that need them follow without them.
+    /// Signs gossip for the neighbours. Each Paxos value goes to them once (see
+    /// `sent_values`): records that need it follow without it. Of the bindings,
+    /// only mine goes, once: the daemon's key book holds those of the peers it
+    /// reaches (topology gossip pins them), and a neighbour that lacks one asks
+    /// for my full state, which carries the bindings of every signer inside.
     fn encode_gossip(&mut self, mut g: Gossip) -> Vec<u8> {
         if let Some(p) = g.paxos.as_mut() {
             let values = std::mem::take(&mut p.records.values);
@@ -986,15 +989,7 @@ impl Ipam {
             }
         }
         let env = Envelope { universe: self.universe, src: self.me, dst: PeerName::BROADCAST, body: Body::Gossip(g) };
-        let mut bindings = Vec::new();
-        for n in signers_of(&env) {
-            if !self.sent_bindings.contains(&n) {
-                if let Some(b) = self.binding_of(n) {
-                    self.sent_bindings.insert(n);
-                    bindings.push(b);
-                }
-            }
-        }
+        let bindings = if std::mem::replace(&mut self.sent_binding, true) { Vec::new() } else { vec![self.binding.clone()] };
         wire::encode(&env, 0, bindings, &self.signer)
     }
 

@@ -145,15 +145,19 @@
 //! its neighbours every [`Config::full_gossip_interval_ms`] and when new peers
 //! become reachable (about 90 KB for a ring of 1000 signed entries).
 //! * **Bindings and Paxos values go to the neighbours once.** Gossip to the
-//!   neighbours ([`Dest::Neighbours`]) carries a signer's binding (136 bytes) and
-//!   a ballot's value (the list of initial owners: up to thousands of names) only
-//!   the first time; both are sent again after [`Ipam::peers_changed`] reports a
-//!   newly reachable peer. A neighbour that lacks one anyway (the message
-//!   carrying it was lost) drops what needs it, counts it
-//!   ([`DropStats::missing_bindings`], [`DropStats::missing_paxos_values`]) and
-//!   asks the sender for its full state, which, like every message to one peer,
-//!   carries all the bindings and values it needs. The daemon needs to do
-//!   nothing for this: `handle_message`'s `from` names that neighbour.
+//!   neighbours ([`Dest::Neighbours`]) carries the sender's own binding (136
+//!   bytes) and a ballot's value (the list of initial owners: up to thousands of
+//!   names) only the first time; both are sent again after
+//!   [`Ipam::peers_changed`] reports a newly reachable peer. It carries no other
+//!   peer's binding: the key book passed to `handle_message` is the daemon's,
+//!   which holds the bindings of the peers it reaches (topology gossip pins
+//!   them). A neighbour that lacks a binding or value anyway (a lost message, a
+//!   signer it never reached) drops what needs it, counts it
+//!   ([`DropStats::missing_bindings`], [`DropStats::missing_paxos_values`],
+//!   [`DropStats::unknown_entry_signers`]) and asks the sender for its full
+//!   state, which, like every message to one peer, carries all the bindings and
+//!   values it needs. The daemon needs to do nothing for this:
+//!   `handle_message`'s `from` names that neighbour.
 //! * **Free counts are rate-limited.** An allocation or free changes its owner's
 //!   free count, but a new version of the entry (flooded to every peer) is only
 //!   written when the count reaches or leaves zero or moves by an eighth; other
@@ -361,9 +365,10 @@ pub struct DropStats {
     /// binding came with them).
     pub unknown_senders: u64,
     /// Gossip from neighbours (whole messages, Paxos records or values) whose
-    /// signer has no key bound here. Gossip carries each binding to the
-    /// neighbours once, so this follows a lost message (or a new neighbour):
-    /// the neighbour is asked for its full state, which carries them all.
+    /// signer has no key bound here. Gossip carries only its sender's binding,
+    /// once (others come with the topology), so this follows a lost message or a
+    /// signer this peer never reached: the neighbour is asked for its full
+    /// state, which carries the bindings of every signer inside.
     pub missing_bindings: u64,
     /// Paxos records accepting a ballot whose value (sent to the neighbours
     /// once) is not held here: the neighbour is asked for its full state.

@@ -8,8 +8,9 @@
 //! # Layout (version 3)
 //! A message is `u8 version (= 3) ‖ bincode(Packet)` with bincode 2's standard
 //! config. [`Packet`] holds the relay hop count, the [`Binding`]s of the peers
-//! whose signatures the message carries (in gossip to neighbours, only those not
-//! sent to them before), the bytes of the [`Envelope`]
+//! whose signatures the message carries (in gossip to neighbours only the
+//! sender's, once: the receiver's key book has the others from the topology),
+//! the bytes of the [`Envelope`]
 //! (`bincode(Envelope)`) and the sender's Ed25519 signature of those bytes in
 //! [`DOMAIN_ENVELOPE`]. Only `hops` (decremented by relays) is outside the
 //! signature, so relays cannot alter a message and its `src` is proven.

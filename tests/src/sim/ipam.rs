@@ -9,13 +9,18 @@
 //! snapshot is "written to disk" *before* its messages are sent. A crash keeps
 //! that snapshot and the addresses its targets hold (containers outlive the
 //! daemon); a restore must give exactly those back.
+//!
+//! Key books model the daemon's: there, topology gossip pins the binding of
+//! every peer a router reaches, and IPAM verifies against that same book. So
+//! whenever reachability changes, each running peer's book admits the bindings
+//! of the peers it now reaches (IPAM gossip itself carries only its sender's).
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use meshnet_proto::identity::Identity;
 use meshnet_proto::ipam::{Allocation, Cidr, Config, Dest, Event, InitMode, Ipam, IpamError, Request};
-use meshnet_proto::trust::KeyBook;
+use meshnet_proto::trust::{Binding, KeyBook, Signer};
 use meshnet_proto::PeerName;
 
 use super::net::{Faults, Graph, Network, SimRng};
@@ -47,6 +52,8 @@ pub struct Node {
     pub name: PeerName,
     /// The peer's long-term key (its signing key derives from it).
     pub identity: Identity,
+    /// Its name bound to its keys (what topology gossip carries).
+    pub binding: Binding,
     /// The daemon's key book (persisted, so it survives a crash).
     pub keys: KeyBook,
     pub init: InitMode,
@@ -89,9 +96,15 @@ impl IpamSim {
         let nodes: Vec<Node> = inits
             .into_iter()
             .enumerate()
-            .map(|(i, init)| Node {
+            .map(|(i, init)| {
+                let identity = sim_identity(i, seed);
+                let binding = Binding::new(peer_name(i), &identity, &Signer::from_identity(&identity));
+                (i, init, identity, binding)
+            })
+            .map(|(i, init, identity, binding)| Node {
                 name: peer_name(i),
-                identity: sim_identity(i, seed),
+                identity,
+                binding,
                 keys: KeyBook::new(),
                 init,
                 status: Status::NotStarted,
@@ -175,12 +188,21 @@ impl IpamSim {
         self.refresh_topology();
     }
 
-    /// Tells every running peer who it can reach now.
+    /// Tells every running peer who it can reach now, and pins their bindings
+    /// in its key book (what the daemon's topology gossip does).
     fn refresh_topology(&mut self) {
         let names: Vec<PeerName> = self.nodes.iter().map(|n| n.name).collect();
         for i in 0..self.nodes.len() {
             if self.is_up(i) {
-                let live: Vec<PeerName> = self.net.reachable(i).into_iter().map(|j| names[j]).collect();
+                let reach = self.net.reachable(i);
+                for &j in &reach {
+                    let b = &self.nodes[j].binding;
+                    if self.nodes[i].keys.get(b.name) != Some(&b.keys) {
+                        let b = b.clone();
+                        self.nodes[i].keys.admit(&b).expect("simulated peers' bindings are valid and distinct");
+                    }
+                }
+                let live: Vec<PeerName> = reach.into_iter().map(|j| names[j]).collect();
                 self.nodes[i].ipam.as_mut().expect("up").peers_changed(&live);
                 self.persist(i);
             }
