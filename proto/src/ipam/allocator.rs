@@ -1002,7 +1002,11 @@ impl Ipam {
     }
 
     /// My full state, in as many messages as [`FULL_GOSSIP_CHUNK`] requires, with
-    /// the exact free counts of my entries (published now if they drifted).
+    /// the exact free counts of my entries (published now if they drifted). This
+    /// can run in `poll_transmit`, after the daemon saved: a new version written
+    /// here is a function of saved state only (the entry and the allocations),
+    /// so after a crash `restore` writes the same entry again (same version, same
+    /// deterministic signature), never a different one under that version.
     fn full_gossip(&mut self) -> Vec<Gossip> {
         if self.ring.is_agreed() {
             let mine: Vec<u32> = self.ring.owned_by(self.me).map(|(s, _)| s).collect();
