@@ -155,9 +155,12 @@
 //!   signer it never reached) drops what needs it, counts it
 //!   ([`DropStats::missing_bindings`], [`DropStats::missing_paxos_values`],
 //!   [`DropStats::unknown_entry_signers`]) and asks the sender for its full
-//!   state, which, like every message to one peer, carries all the bindings and
-//!   values it needs. The daemon needs to do nothing for this:
-//!   `handle_message`'s `from` names that neighbour.
+//!   state, which, like every message to one peer, carries the values and the
+//!   bindings it holds of the signers inside (those that reached it in
+//!   messages). The daemon needs to do nothing for this: `handle_message`'s
+//!   `from` names that neighbour. Known gap: a peer that joins after another
+//!   died (before `rmpeer`) checks the dead peer's self-written entries only if
+//!   a neighbour holds that peer's binding.
 //! * **Free counts are rate-limited.** An allocation or free changes its owner's
 //!   free count, but a new version of the entry (flooded to every peer) is only
 //!   written when the count reaches or leaves zero or moves by an eighth; other
