@@ -1244,6 +1244,9 @@ fn owner_view(h: &Host, peer: &str) -> (u64, u64) {
 /// that depends on the unsaved state is sent (the other host's view of this
 /// host's space does not move), and the failures are counted. Once the
 /// directory is writable again, allocation works and the other host hears of it.
+/// The range is a /28: with a handful of free addresses every allocation moves
+/// a host's free count by more than an eighth, so each one is gossiped at once
+/// (in a large range small moves wait for the next full gossip).
 #[test]
 fn full_or_read_only_state_dir_blocks_allocation() {
     let Some(lab) = Lab::new("ipamfull") else {
@@ -1256,8 +1259,9 @@ fn full_or_read_only_state_dir_blocks_allocation() {
     let _unmount = Unmount(h1.state_dir.clone());
     let _diag = IpamDiag(&lab);
     let cs: Vec<Container> = (1..=4).map(|j| lab.add_container(if j == 4 { &h2 } else { &h1 }, j)).collect();
-    let n1 = h1.launch(&[]);
-    let n2 = h2.launch(&[&h1.ip]);
+    const RANGE: &str = "10.34.0.0/28";
+    let n1 = h1.launch(&["--ipalloc-range", RANGE]);
+    let n2 = h2.launch(&["--ipalloc-range", RANGE, &h1.ip]);
     wait_meshed(&[(&h1, &n1), (&h2, &n2)], SECS(30));
     attach_one(&h1, &cs[0], &[]);
     attach_one(&h2, &cs[3], &[]);
@@ -1306,7 +1310,7 @@ fn full_or_read_only_state_dir_blocks_allocation() {
     // 3. Writable again: allocation works and h2 hears of it.
     in_router(&["umount", &dir]).expect_ok("remove the read-only bind mount");
     let a = attach_one(&h1, &cs[1], &[]);
-    assert!(inside(parse_cidr(&a).0, DEFAULT_RANGE), "{a}");
+    assert!(inside(parse_cidr(&a).0, RANGE), "{a}");
     let v = ipam(&h1);
     assert_eq!(v["unsaved"], false, "{v:#}");
     assert_eq!(ipam_allocs(&v).len(), 2, "{v:#}");

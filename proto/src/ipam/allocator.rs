@@ -40,6 +40,11 @@ const SHUN_TIMEOUTS: u64 = 5;
 const MAX_ROUND_STEP: u64 = 1 << 20;
 /// How many entries before a gap in this peer's view may have cut it off.
 const GAP_LOOKBACK: usize = 16;
+/// How long after agreeing this peer leaves neighbours that still gossip without
+/// a ring to learn the decision from the Paxos records in flight, before it
+/// answers their gossip with its full ring (the seeds: up to thousands of names).
+/// Their full gossip is answered at once.
+const AGREED_GRACE_MS: u64 = 1_000;
 
 #[derive(Clone, Debug)]
 struct Ask {
@@ -95,6 +100,8 @@ pub struct Ipam {
     hold_rebase: bool,
     last_sync: BTreeMap<PeerName, u64>,
     last_sync_req: BTreeMap<PeerName, u64>,
+    /// When the ring became agreed here (0 if it was at start or restore).
+    agreed_at: u64,
     transmits: VecDeque<(Dest, Vec<u8>)>,
     events: VecDeque<Event>,
     rng: Rng,
@@ -115,6 +122,12 @@ pub struct Ipam {
     /// Bindings admitted from the message being handled: kept in `bindings`
     /// only for the signers of records that end up held here.
     offered: BTreeMap<PeerName, Binding>,
+    /// Whether my binding, and which Paxos values, were sent to the neighbours
+    /// (since reachable peers were last gained): later gossip to neighbours
+    /// leaves them out. A neighbour that missed them (a lost message) asks for a
+    /// sync, which carries everything.
+    sent_binding: bool,
+    sent_values: BTreeSet<Ballot>,
 }
 
 impl Ipam {
@@ -177,6 +190,7 @@ impl Ipam {
             hold_rebase: false,
             last_sync: BTreeMap::new(),
             last_sync_req: BTreeMap::new(),
+            agreed_at: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             rng: Rng::new(seed),
@@ -190,6 +204,8 @@ impl Ipam {
             value_sigs: BTreeMap::new(),
             drops: DropStats::default(),
             offered: BTreeMap::new(),
+            sent_binding: false,
+            sent_values: BTreeSet::new(),
         };
         ipam.next_id = ipam.fresh_ids();
         Ok(ipam)
@@ -532,6 +548,9 @@ impl Ipam {
         };
         if gained {
             self.full_due = true;
+            // A new neighbour may be among them: send bindings and values again.
+            self.sent_binding = false;
+            self.sent_values.clear();
             if !new.is_empty() && !self.ring.is_agreed() {
                 // Hear the new peers before proposing: with an agreed ring they make
                 // me adopt it, with records they raise the quorum. Without this, a
@@ -561,7 +580,8 @@ impl Ipam {
             let last = (s as u64 + e.size as u64 - 1) as u32;
             o.ranges.push((Ipv4Addr::from(s), Ipv4Addr::from(last)));
             o.size += e.size as u64;
-            o.free += e.free as u64;
+            // Mine exactly (my published count may lag: see `publish_free`).
+            o.free += if e.owner == self.me { free_in(&self.universe, s, e.size, &self.allocs) } else { e.free } as u64;
         }
         let unreachable_space = owners.values().filter(|o| !o.reachable).map(|o| o.size).sum();
         let state = if self.ring.is_agreed() {
@@ -596,8 +616,11 @@ impl Ipam {
     /// in [`Ipam::drops`] (returning `Ok`): only malformed messages and genuine
     /// conflicts return errors.
     pub fn handle_message(&mut self, from: PeerName, bytes: &[u8], now_ms: u64, keys: &mut KeyBook) -> Result<(), IpamError> {
-        let _ = from; // errors name the original sender; the daemon acts on `from`'s connection
+        // Errors name the original sender; the daemon acts on `from`'s connection.
+        // `from` is asked for a sync when its gossip relies on bindings or values
+        // that did not reach me (they go to each neighbour once).
         self.tick(now_ms);
+        self.offered.clear();
         self.ensure_own_binding(keys);
         let decoded = wire::decode_packet(bytes).and_then(|p| wire::decode_envelope(&p.signed).map(|env| (p, env)));
         let (packet, env) = match decoded {
@@ -617,12 +640,21 @@ impl Ipam {
         }
         match keys.verify_from(env.src, DOMAIN_ENVELOPE, &packet.signed, &packet.sig) {
             Ok(()) => {}
+            Err(TrustError::Unknown(_)) if env.dst == PeerName::BROADCAST => {
+                // Gossip carries the sender's binding once per neighbour: it was lost.
+                self.drops.missing_bindings += 1;
+                self.offered.clear();
+                self.request_sync(from);
+                return Ok(());
+            }
             Err(TrustError::Unknown(_)) => {
                 self.drops.unknown_senders += 1;
+                self.offered.clear();
                 return Ok(());
             }
             Err(_) => {
                 self.drops.forged_messages += 1;
+                self.offered.clear();
                 return Ok(());
             }
         }
@@ -642,7 +674,7 @@ impl Ipam {
         }
         let src = env.src;
         let result = match env.body {
-            Body::Gossip(g) => self.on_gossip(src, g, keys),
+            Body::Gossip(g) => self.on_gossip(src, g, keys, Some(from)),
             Body::SpaceRequest { id, subnet } => {
                 self.on_space_request(src, id, subnet);
                 Ok(())
@@ -694,10 +726,10 @@ impl Ipam {
         let rest = gossips.split_off(1.min(gossips.len()));
         let first = gossips.pop()?;
         for g in rest {
-            let bytes = self.encode(PeerName::BROADCAST, 0, Body::Gossip(g));
+            let bytes = self.encode_gossip(g);
             self.transmits.push_back((Dest::Neighbours, bytes));
         }
-        Some((Dest::Neighbours, self.encode(PeerName::BROADCAST, 0, Body::Gossip(first))))
+        Some((Dest::Neighbours, self.encode_gossip(first)))
     }
 
     /// The next event for the daemon.
@@ -878,7 +910,7 @@ impl Ipam {
         self.allocs.insert(ip, target.to_string());
         self.targets.entry(target.to_string()).or_default().insert(ip);
         if let Some((s, _)) = self.ring.covering_owned(self.me, ip) {
-            self.recompute_free(s);
+            self.publish_free(s, false);
         }
         self.dirty = true;
     }
@@ -892,19 +924,33 @@ impl Ipam {
                 }
             }
             if let Some((s, _)) = self.ring.covering_owned(self.me, ip) {
-                self.recompute_free(s);
+                self.publish_free(s, false);
             }
             self.dirty = true;
         }
     }
 
-    /// Brings the free count of my entry at `start` up to date (bumping its version if it changed).
+    /// Brings the free count of my entry at `start` up to date (bumping its
+    /// version if it changed), whatever the change.
     fn recompute_free(&mut self, start: u32) {
+        self.publish_free(start, true);
+    }
+
+    /// Publishes the free count of my entry at `start` if it changed (`force`),
+    /// or only if the change is news worth flooding ([`free_is_news`]): an
+    /// allocation or a free changes one entry of mine, and every peer hears of
+    /// each new version, so small changes wait for the next full gossip. The
+    /// count only guides other peers' choice of donors; what this peer hands
+    /// out follows its allocations, never the published count.
+    fn publish_free(&mut self, start: u32, force: bool) {
         let Some(e) = self.ring.get(start) else { return };
         if e.owner != self.me {
             return;
         }
         let f = free_in(&self.universe, start, e.size, &self.allocs);
+        if !force && !free_is_news(e.free, f) {
+            return;
+        }
         if self.ring.set_free(self.me, start, f) {
             self.changed.insert(start);
             self.dirty = true;
@@ -925,16 +971,51 @@ impl Ipam {
     /// Signs a message from me, with the bindings of every signer inside.
     fn encode(&self, dst: PeerName, hops: u8, body: Body) -> Vec<u8> {
         let env = Envelope { universe: self.universe, src: self.me, dst, body };
-        let bindings = signers_of(&env)
-            .into_iter()
-            .filter_map(|n| if n == self.me { Some(self.binding.clone()) } else { self.bindings.get(&n).cloned() })
-            .collect();
+        let bindings = signers_of(&env).into_iter().filter_map(|n| self.binding_of(n)).collect();
         wire::encode(&env, hops, bindings, &self.signer)
     }
 
-    /// My full state, in as many messages as [`FULL_GOSSIP_CHUNK`] requires.
+    /// Signs gossip for the neighbours. Each Paxos value goes to them once (see
+    /// `sent_values`): records that need it follow without it. Of the bindings,
+    /// only mine goes, once: the daemon's key book holds those of the peers it
+    /// reaches (topology gossip pins them), and a neighbour that lacks one asks
+    /// for my full state, which carries the bindings of every signer inside.
+    fn encode_gossip(&mut self, mut g: Gossip) -> Vec<u8> {
+        if let Some(p) = g.paxos.as_mut() {
+            let values = std::mem::take(&mut p.records.values);
+            let sigs = std::mem::take(&mut p.value_sigs);
+            for ((b, v), sig) in values.into_iter().zip(sigs) {
+                if self.sent_values.insert(b) {
+                    p.records.values.push((b, v));
+                    p.value_sigs.push(sig);
+                }
+            }
+        }
+        let env = Envelope { universe: self.universe, src: self.me, dst: PeerName::BROADCAST, body: Body::Gossip(g) };
+        let bindings = if std::mem::replace(&mut self.sent_binding, true) { Vec::new() } else { vec![self.binding.clone()] };
+        wire::encode(&env, 0, bindings, &self.signer)
+    }
+
+    fn binding_of(&self, n: PeerName) -> Option<Binding> {
+        if n == self.me {
+            Some(self.binding.clone())
+        } else {
+            self.bindings.get(&n).cloned()
+        }
+    }
+
+    /// My full state, in as many messages as [`FULL_GOSSIP_CHUNK`] requires, with
+    /// the exact free counts of my entries (published now if they drifted). This
+    /// can run in `poll_transmit`, after the daemon saved: a new version written
+    /// here is a function of saved state only (the entry and the allocations),
+    /// so after a crash `restore` writes the same entry again (same version, same
+    /// deterministic signature), never a different one under that version.
     fn full_gossip(&mut self) -> Vec<Gossip> {
         if self.ring.is_agreed() {
+            let mine: Vec<u32> = self.ring.owned_by(self.me).map(|(s, _)| s).collect();
+            for s in mine {
+                self.recompute_free(s);
+            }
             let (ring_id, seeds) = (self.ring.id(), self.ring.seeds().to_vec());
             let starts: Vec<u32> = self.ring.entries().map(|(s, _)| s).collect();
             let (entries, proofs) = self.signed_entries(starts);
@@ -1206,18 +1287,30 @@ impl Ipam {
 
     /// Keeps the Paxos records signed by their participants (whose accepted value
     /// is signed by its proposer, here or known) and not far ahead of every round
-    /// known; returns them with their signatures.
+    /// known; returns them with their signatures. Records no newer than mine and
+    /// values I hold are skipped unchecked (merging them would change nothing).
+    /// A signer without a binding here, or an accepted value neither carried nor
+    /// held, is counted as missing (the caller asks the neighbour for a sync).
     #[allow(clippy::type_complexity)]
     fn verify_paxos(&self, p: &PaxosGossip, keys: &KeyBook, drops: &mut DropStats) -> (PaxosUpdate, Vec<(PeerName, Claims, Signature)>, Vec<(Ballot, Signature)>) {
         let u = self.universe;
         let mut values = Vec::new();
         let mut vsigs = Vec::new();
+        let mut forged = BTreeSet::new();
         for ((b, v), sig) in p.records.values.iter().zip(&p.value_sigs) {
-            if keys.verify_from(b.proposer, DOMAIN_PAXOS_VALUE, &wire::value_message(&u, b, v), sig).is_ok() {
-                values.push((*b, v.clone()));
-                vsigs.push((*b, *sig));
-            } else {
-                drops.forged_paxos_values += 1;
+            if self.paxos.value(b) == Some(v.as_slice()) {
+                continue;
+            }
+            match keys.verify_from(b.proposer, DOMAIN_PAXOS_VALUE, &wire::value_message(&u, b, v), sig) {
+                Ok(()) => {
+                    values.push((*b, v.clone()));
+                    vsigs.push((*b, *sig));
+                }
+                Err(TrustError::Unknown(_)) => drops.missing_bindings += 1,
+                Err(_) => {
+                    drops.forged_paxos_values += 1;
+                    forged.insert(*b);
+                }
             }
         }
         let good: BTreeSet<Ballot> = values.iter().map(|(b, _)| *b).collect();
@@ -1225,16 +1318,31 @@ impl Ipam {
         let mut claims = Vec::new();
         let mut signed = Vec::new();
         for ((n, c), sig) in p.records.claims.iter().zip(&p.sigs) {
-            if keys.verify_from(*n, DOMAIN_PAXOS_RECORD, &wire::record_message(&u, *n, c), sig).is_err() {
-                drops.forged_paxos_records += 1;
+            if self.paxos.record(*n).is_some_and(|m| (m.promised, m.accepted) >= (c.promised, c.accepted)) {
                 continue;
+            }
+            match keys.verify_from(*n, DOMAIN_PAXOS_RECORD, &wire::record_message(&u, *n, c), sig) {
+                Ok(()) => {}
+                Err(TrustError::Unknown(_)) => {
+                    drops.missing_bindings += 1;
+                    continue;
+                }
+                Err(_) => {
+                    drops.forged_paxos_records += 1;
+                    continue;
+                }
             }
             if c.promised.round.max(c.accepted.round) > limit {
                 drops.paxos_round_jumps += 1;
                 continue;
             }
             if !c.accepted.is_zero() && !good.contains(&c.accepted) && !self.paxos.has_value(&c.accepted) {
-                drops.forged_paxos_records += 1;
+                if forged.contains(&c.accepted) {
+                    // It relies on the value this message carried, which was forged.
+                    drops.forged_paxos_records += 1;
+                } else {
+                    drops.missing_paxos_values += 1;
+                }
                 continue;
             }
             claims.push((*n, *c));
@@ -1280,10 +1388,13 @@ impl Ipam {
         Ok(())
     }
 
-    fn on_gossip(&mut self, src: PeerName, mut g: Gossip, keys: &KeyBook) -> Result<(), IpamError> {
+    /// Gossip from `src`, sent to its neighbours (`neighbour`: the one it came
+    /// from) or in a reply.
+    fn on_gossip(&mut self, src: PeerName, mut g: Gossip, keys: &KeyBook, neighbour: Option<PeerName>) -> Result<(), IpamError> {
         let agreed_before = self.ring.is_agreed();
         // Only records signed by the peers they belong to are looked at.
         let mut drops = self.drops;
+        let before = drops;
         let mut fills = Vec::new();
         let mut ask = BTreeSet::new();
         let mut proofs = BTreeMap::new();
@@ -1314,6 +1425,11 @@ impl Ipam {
             }
         }
         self.drops = drops;
+        // Records whose signer's binding or value did not reach me: the neighbour
+        // that sent them holds those and sends them with its full state.
+        let missing = drops.missing_bindings > before.missing_bindings
+            || drops.missing_paxos_values > before.missing_paxos_values
+            || drops.unknown_entry_signers > before.unknown_entry_signers;
         // The ring first: an agreed ring (seeds) supersedes consensus. An unagreed
         // peer adopts it whatever its own `N` or records; only an agreed ring with
         // other seeds is a conflict.
@@ -1339,6 +1455,11 @@ impl Ipam {
         let plan = plan.with_proofs(proofs);
         // Everything checked: apply.
         if let Some((initial, up)) = paxos_up {
+            if !up.claims.is_empty() {
+                // Records are flowing: a full exchange to repair losses can wait
+                // until they stop (each full one is every record with its signature).
+                self.next_paxos_full_ms = self.next_paxos_full_ms.max(self.now + self.config.paxos_retry_ms);
+            }
             self.paxos.apply(initial, up, self.now);
             for (n, c, sig) in paxos_sigs.0 {
                 if n != self.me && self.paxos.record(n) == Some(&c) {
@@ -1379,14 +1500,17 @@ impl Ipam {
         for owner in ask {
             self.request_sync(owner);
         }
+        if let Some(n) = neighbour.filter(|_| missing) {
+            self.request_sync(n);
+        }
         if adopted {
             self.on_agreed();
             if !g.full {
                 self.request_sync(src);
             }
         }
-        if self.ring.is_agreed() && g.ring_id == 0 {
-            // The sender has no ring yet: give it mine.
+        if self.ring.is_agreed() && g.ring_id == 0 && (g.full || self.now >= self.agreed_at + AGREED_GRACE_MS) {
+            // The sender has no ring yet and is not about to learn it: give it mine.
             self.send_sync(src);
         }
         Ok(())
@@ -1402,6 +1526,7 @@ impl Ipam {
     }
 
     fn on_agreed(&mut self) {
+        self.agreed_at = self.now;
         let seeds = self.ring.seeds().to_vec();
         self.paxos.set_decided(&seeds);
         self.paxos.clear_changed();
@@ -1448,6 +1573,10 @@ impl Ipam {
             }
             None => {
                 // Tell the asker my real free counts so it asks elsewhere.
+                let mine: Vec<u32> = self.ring.owned_by(self.me).map(|(s, _)| s).collect();
+                for s in mine {
+                    self.recompute_free(s);
+                }
                 let entries: Vec<_> = self
                     .ring
                     .owned_by(self.me)
@@ -1482,7 +1611,7 @@ impl Ipam {
     }
 
     fn on_reply(&mut self, src: PeerName, id: u64, outcome: Outcome, gossip: Gossip, keys: &KeyBook) -> Result<(), IpamError> {
-        self.on_gossip(src, gossip, keys)?;
+        self.on_gossip(src, gossip, keys, None)?;
         let timeout = self.config.request_timeout_ms;
         if let Some(subnet) = self.space_asks.iter().find(|(_, a)| a.id == id && a.peer == src).map(|(s, _)| *s) {
             self.space_asks.remove(&subnet);
@@ -1638,6 +1767,13 @@ impl Ipam {
     }
 }
 
+/// Whether my free count moving from `published` to `exact` is worth a new
+/// version of my entry now: it reaches or leaves zero, or it moved by an eighth
+/// of the larger of the two (so counts are exact near exhaustion, and a burst of
+/// allocations in a large range is one update, or none until the next full gossip).
+fn free_is_news(published: u32, exact: u32) -> bool {
+    published != exact && ((published == 0) != (exact == 0) || published.abs_diff(exact) >= (published.max(exact) / 8).max(1))
+}
 
 /// Every peer whose signature `env` carries: its sender, the writers of its ring
 /// entries, the participants of its Paxos records and the proposers of its values.

@@ -140,11 +140,40 @@
 //!   name.
 //!
 //! ## Costs
-//! Gossip after a change carries only the changed entries (about 20 bytes each)
-//! plus a 64-bit ring id; every peer sends its whole ring to its neighbours every
-//! [`Config::full_gossip_interval_ms`] and when new peers become reachable (about
-//! 25 KB for a ring of 1000 entries). Each allocation or free changes one entry
-//! of its owner (its free count), which is flooded to every peer.
+//! Gossip after a change carries only the changed entries (about 20 bytes each,
+//! plus 72 of proof) and a 64-bit ring id; every peer sends its whole ring to
+//! its neighbours every [`Config::full_gossip_interval_ms`] and when new peers
+//! become reachable (about 90 KB for a ring of 1000 signed entries).
+//! * **Bindings and Paxos values go to the neighbours once.** Gossip to the
+//!   neighbours ([`Dest::Neighbours`]) carries the sender's own binding (136
+//!   bytes) and a ballot's value (the list of initial owners: up to thousands of
+//!   names) only the first time; both are sent again after
+//!   [`Ipam::peers_changed`] reports a newly reachable peer. It carries no other
+//!   peer's binding: the key book passed to `handle_message` is the daemon's,
+//!   which holds the bindings of the peers it reaches (topology gossip pins
+//!   them). A neighbour that lacks a binding or value anyway (a lost message, a
+//!   signer it never reached) drops what needs it, counts it
+//!   ([`DropStats::missing_bindings`], [`DropStats::missing_paxos_values`],
+//!   [`DropStats::unknown_entry_signers`]) and asks the sender for its full
+//!   state, which, like every message to one peer, carries the values and the
+//!   bindings it holds of the signers inside (those that reached it in
+//!   messages). The daemon needs to do nothing for this: `handle_message`'s
+//!   `from` names that neighbour. Known gap: a peer that joins after another
+//!   died (before `rmpeer`) checks the dead peer's self-written entries only if
+//!   a neighbour holds that peer's binding.
+//! * **Free counts are rate-limited.** An allocation or free changes its owner's
+//!   free count, but a new version of the entry (flooded to every peer) is only
+//!   written when the count reaches or leaves zero or moves by an eighth; other
+//!   changes wait for the next full gossip (or a "no space" answer, which
+//!   carries exact counts). The count only guides donor choice;
+//!   [`Ipam::status`] shows this peer's own counts exactly.
+//! * **Paxos.** Records travel when they change. While the ring is not agreed a
+//!   peer also sends all its records every [`Config::paxos_retry_ms`] (plus
+//!   jitter) to repair losses, but only once records stop flowing to it. A peer
+//!   that agreed answers a neighbour still gossiping without a ring with its full
+//!   ring (seeds included) at once if that gossip was full, else only a second
+//!   after agreeing (the neighbour usually learns the decision from the records
+//!   in flight).
 //!
 //! # Layout
 //! [`space`] address arithmetic, [`ring`] the ownership CRDT, [`paxos`] agreement,
@@ -337,8 +366,18 @@ pub struct DropStats {
     pub malformed_messages: u64,
     /// Messages of another IPAM protocol version.
     pub version_mismatches: u64,
-    /// Messages whose sender has no key bound here (no binding came with them).
+    /// Messages to this peer alone whose sender has no key bound here (no
+    /// binding came with them).
     pub unknown_senders: u64,
+    /// Gossip from neighbours (whole messages, Paxos records or values) whose
+    /// signer has no key bound here. Gossip carries only its sender's binding,
+    /// once (others come with the topology), so this follows a lost message or a
+    /// signer this peer never reached: the neighbour is asked for its full
+    /// state, which carries the bindings of every signer inside.
+    pub missing_bindings: u64,
+    /// Paxos records accepting a ballot whose value (sent to the neighbours
+    /// once) is not held here: the neighbour is asked for its full state.
+    pub missing_paxos_values: u64,
     /// Messages whose signature is not their claimed sender's.
     pub forged_messages: u64,
     /// Bindings whose own signature or name is bad.
@@ -348,7 +387,8 @@ pub struct DropStats {
     /// Ring entries with a bad signature, a writer with no right to them, or
     /// a genesis entry that is not the genesis.
     pub forged_entries: u64,
-    /// Ring entries whose writer has no key bound here.
+    /// Ring entries whose writer has no key bound here (from a neighbour's
+    /// gossip: it is asked for its full state).
     pub unknown_entry_signers: u64,
     /// Ring entries for a live peer's range, validly signed by another peer:
     /// a forged claim, or a transfer this peer missed. Dropped; the owner this

@@ -543,6 +543,9 @@ fn allocating_alone_first_makes_a_ring_that_conflicts() {
     m.run_alone(2, 5_000);
     assert_eq!(seeds_of(&m.nodes[2]), vec![p(3)]);
     let c_ip = ready(m.alloc(2, "c", any()));
+    // Let the periodic full gossip publish the free counts the allocations moved.
+    m.run_secs(31);
+    m.run_alone(2, 31_000);
     let before: Vec<Vec<u8>> = m.nodes.iter_mut().map(|n| n.snapshot()).collect();
     m.tolerate = true;
     m.up[2] = true;
@@ -696,21 +699,44 @@ fn snapshot_restore_and_release_missing() {
 }
 
 #[test]
-fn gossip_messages_are_small_deltas() {
+fn free_counts_are_published_in_small_deltas_when_they_move_enough() {
     let mut m = seeded(2);
     m.run();
-    ready(m.alloc(0, "c", any()));
+    let start = u().start();
+    assert_eq!(m.nodes[0].ring().get(start).map(|e| (e.owner, e.free)), Some((p(1), 511)));
+    // One allocation in a range with 511 free addresses is no news: nothing is sent.
+    ready(m.alloc(0, "c0", any()));
+    assert!(m.nodes[0].poll_transmit().is_none());
+    // A burst that moves the count by an eighth is one delta of one entry.
+    for k in 1..62 {
+        ready(m.alloc(0, &format!("c{k}"), any()));
+    }
+    assert!(m.nodes[0].poll_transmit().is_none(), "62 of 511 is not yet an eighth");
+    ready(m.alloc(0, "c62", any()));
     let (dest, bytes) = m.nodes[0].poll_transmit().unwrap();
+    assert!(m.nodes[0].poll_transmit().is_none());
     assert_eq!(dest, Dest::Neighbours);
     let (packet, env) = wire::decode(&bytes).unwrap();
     match env.body {
-        Body::Gossip(Gossip { full: false, entries, .. }) => assert_eq!(entries.len(), 1),
+        Body::Gossip(Gossip { full: false, entries, .. }) => assert_eq!(entries, vec![(start, *m.nodes[0].ring().get(start).unwrap())]),
         b => panic!("{b:?}"),
     }
-    // One entry (about 20 bytes) with its proof (73), the envelope signature (64)
-    // and the sender's binding (136, it wrote the entry too).
-    assert_eq!(packet.bindings.len(), 1);
-    assert!(bytes.len() < 340, "{} bytes", bytes.len());
+    assert_eq!(m.nodes[0].ring().get(start).unwrap().free, 511 - 63);
+    // One entry (about 20 bytes) with its proof (73) and the envelope signature
+    // (64); the sender's binding (136) went to the neighbours with its first gossip.
+    assert!(packet.bindings.is_empty());
+    assert!(bytes.len() < 200, "{} bytes", bytes.len());
+    let now = m.now;
+    m.nodes[1].handle_message(p(1), &bytes, now, &mut m.keys[1]).unwrap();
+    // The status is exact for my own ranges; the next full gossip publishes it.
+    ready(m.alloc(0, "c63", any()));
+    let mine = |n: &Ipam| n.status().owners.iter().find(|o| o.peer == p(1)).map(|o| o.free);
+    assert_eq!(mine(&m.nodes[0]), Some(511 - 64));
+    m.run();
+    assert_eq!(mine(&m.nodes[1]), Some(511 - 63));
+    m.run_secs(31);
+    assert_eq!(mine(&m.nodes[1]), Some(511 - 64));
+    assert_eq!(m.nodes[1].ring_bytes(), m.nodes[0].ring_bytes());
 }
 
 #[test]

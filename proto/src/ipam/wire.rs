@@ -5,10 +5,12 @@
 //! value must meet before the rest of IPAM sees it. Decoding never panics and never
 //! allocates more than [`MAX_MESSAGE_BYTES`] (bincode's limit), whatever the input.
 //!
-//! # Layout (version 2)
-//! A message is `u8 version (= 2) ‖ bincode(Packet)` with bincode 2's standard
+//! # Layout (version 3)
+//! A message is `u8 version (= 3) ‖ bincode(Packet)` with bincode 2's standard
 //! config. [`Packet`] holds the relay hop count, the [`Binding`]s of the peers
-//! whose signatures the message carries, the bytes of the [`Envelope`]
+//! whose signatures the message carries (in gossip to neighbours only the
+//! sender's, once: the receiver's key book has the others from the topology),
+//! the bytes of the [`Envelope`]
 //! (`bincode(Envelope)`) and the sender's Ed25519 signature of those bytes in
 //! [`DOMAIN_ENVELOPE`]. Only `hops` (decremented by relays) is outside the
 //! signature, so relays cannot alter a message and its `src` is proven.
@@ -19,6 +21,10 @@
 //! participant ([`record_message`], [`DOMAIN_PAXOS_RECORD`]) and every Paxos value
 //! by the proposer of its ballot ([`value_message`], [`DOMAIN_PAXOS_VALUE`]). So a
 //! full ring relayed by a third peer is still verifiable record by record.
+//! Gossip to neighbours carries a value once (the list of up to thousands of
+//! initial owners); later records accepting its ballot come without it. Version
+//! 3 differs from 2 only there: a version-2 message always carried the value of
+//! every accepted ballot. Routers of the two versions do not exchange IPAM.
 //! Version-0 (genesis) entries follow from the seeds and are never sent.
 //!
 //! A snapshot is `u8 version (= 2) ‖ bincode(Snapshot)`; version 1 snapshots (the
@@ -36,8 +42,10 @@ use super::IpamError;
 use crate::peer::PeerName;
 use crate::trust::{Binding, Signature, Signer};
 
-/// Message format version (first byte). Version 2: signed envelopes and records.
-pub const WIRE_VERSION: u8 = 2;
+/// Message format version (first byte). Version 2: signed envelopes and records;
+/// version 3: gossip to neighbours carries each binding and each Paxos value once,
+/// so records may accept a value the message does not carry.
+pub const WIRE_VERSION: u8 = 3;
 /// Snapshot format version (first byte). Version 2 adds the records' signatures
 /// and the bindings of their signers; version 1 is still read.
 pub const SNAPSHOT_VERSION: u8 = 2;
@@ -188,7 +196,8 @@ pub(crate) struct PaxosState {
 pub(crate) struct PaxosGossip {
     /// `N` of `consensus=N`; 0 from a relay that does not know it.
     pub initial: u32,
-    /// Records, and the value of each ballot they accepted (once per ballot).
+    /// Records, and the values of ballots they accepted (once per ballot; in
+    /// gossip to neighbours only values not sent to them before).
     pub records: PaxosUpdate,
     /// One per record: by the record's participant, over [`record_message`].
     pub sigs: Vec<Signature>,
@@ -349,6 +358,50 @@ pub fn signature_overhead(bytes: &[u8]) -> usize {
     n
 }
 
+/// Where the bytes of one message go, as encoded (see [`message_cost`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MessageCost {
+    pub total: usize,
+    /// The bindings the packet carries.
+    pub bindings: usize,
+    /// The envelope's signature.
+    pub envelope_sig: usize,
+    /// Ring entries and seeds.
+    pub entries: usize,
+    /// The entries' proofs.
+    pub proofs: usize,
+    /// Paxos records with their signatures.
+    pub paxos_records: usize,
+    /// Paxos values (lists of initial owners) with their signatures.
+    pub paxos_values: usize,
+}
+
+/// What kind of message `bytes` is (`"full"`, `"delta"` or `"paxos"` gossip,
+/// `"reply"`, `"request"`) and where its bytes go; `None` if it does not decode.
+/// For the simulator's accounting.
+pub fn message_cost(bytes: &[u8]) -> Option<(&'static str, MessageCost)> {
+    let (p, env) = decode(bytes).ok()?;
+    let mut c = MessageCost { total: bytes.len(), bindings: len(&p.bindings), envelope_sig: 64, ..Default::default() };
+    let (kind, g) = match &env.body {
+        Body::Gossip(g) if g.paxos.is_some() => ("paxos", g),
+        Body::Gossip(g) if g.full => ("full", g),
+        Body::Gossip(g) => ("delta", g),
+        Body::Reply { gossip, .. } => ("reply", gossip),
+        _ => return Some(("request", c)),
+    };
+    c.entries = len(&g.entries) + len(&g.seeds);
+    c.proofs = len(&g.proofs);
+    if let Some(pg) = &g.paxos {
+        c.paxos_records = len(&pg.records.claims) + len(&pg.sigs);
+        c.paxos_values = len(&pg.records.values) + len(&pg.value_sigs);
+    }
+    Some((kind, c))
+}
+
+fn len<T: Serialize>(value: &T) -> usize {
+    body_bytes(value).len()
+}
+
 /// Decodes a packet and its envelope without checking signatures.
 pub(crate) fn decode(bytes: &[u8]) -> Result<(Packet, Envelope), IpamError> {
     let p = decode_packet(bytes)?;
@@ -389,7 +442,7 @@ pub(crate) fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, IpamError> {
     }
     check_ring(&s.universe, &s.seeds, &s.entries, true).map_err(bad)?;
     if let Some(p) = &s.paxos {
-        check_paxos(p.initial, &p.records).map_err(bad)?;
+        check_paxos(p.initial, &p.records, true).map_err(bad)?;
     }
     if s.bindings.len() > MAX_SNAPSHOT_BINDINGS || s.paxos_sigs.len() > MAX_PARTICIPANTS || s.value_sigs.len() > MAX_PARTICIPANTS {
         return Err(IpamError::BadSnapshot("too many bindings or signatures".into()));
@@ -489,7 +542,7 @@ pub(crate) fn check_gossip(universe: &Cidr, g: &Gossip) -> Result<(), IpamError>
     }
     check_ring(universe, &[], &g.entries, false)?;
     if let Some(p) = &g.paxos {
-        check_paxos(p.initial, &p.records)?;
+        check_paxos(p.initial, &p.records, false)?;
         if p.sigs.len() != p.records.claims.len() || p.value_sigs.len() != p.records.values.len() {
             return Err(malformed("paxos records or values without their signatures"));
         }
@@ -524,7 +577,11 @@ fn check_ring(universe: &Cidr, seeds: &[PeerName], entries: &[(u32, Entry)], gen
     Ok(())
 }
 
-fn check_paxos(initial: u32, r: &PaxosUpdate) -> Result<(), IpamError> {
+/// Records sorted and bounded, values sorted and each used by a record; with
+/// `all_values` (snapshots) every accepted ballot has its value too. Gossip
+/// carries each value to a neighbour once, so records may accept a value that
+/// the message does not carry.
+fn check_paxos(initial: u32, r: &PaxosUpdate, all_values: bool) -> Result<(), IpamError> {
     if r.claims.len() > MAX_PARTICIPANTS || r.values.len() > r.claims.len() {
         return Err(malformed("too many paxos records or values"));
     }
@@ -555,7 +612,7 @@ fn check_paxos(initial: u32, r: &PaxosUpdate) -> Result<(), IpamError> {
         prev = Some(*b);
         check_sorted_names(v, MAX_PARTICIPANTS, "paxos value")?;
     }
-    if !accepted.is_empty() {
+    if all_values && !accepted.is_empty() {
         return Err(malformed("accepted paxos ballot without its value"));
     }
     Ok(())
@@ -606,16 +663,16 @@ mod tests {
             env(Body::Gossip(Gossip { ring_id: 12345, seeds: vec![PeerName(1)], ..Default::default() })),
             // Seeds unsorted.
             env(Body::Gossip(Gossip { seeds: vec![PeerName(2), PeerName(1)], ..Default::default() })),
-            // Paxos: accepted without value.
+            // Paxos: a value no record accepted.
             env(Body::Gossip(Gossip {
                 paxos: Some(PaxosGossip {
                     initial: 3,
                     records: PaxosUpdate {
-                        claims: vec![(PeerName(1), Claims { promised: Ballot { round: 1, proposer: PeerName(1) }, accepted: Ballot { round: 1, proposer: PeerName(1) } })],
-                        values: vec![],
+                        claims: vec![(PeerName(1), Claims { promised: Ballot { round: 1, proposer: PeerName(1) }, accepted: Ballot::default() })],
+                        values: vec![(Ballot { round: 1, proposer: PeerName(1) }, vec![PeerName(1)])],
                     },
                     sigs: vec![Signature([0; 64])],
-                    value_sigs: vec![],
+                    value_sigs: vec![Signature([0; 64])],
                 }),
                 ..Default::default()
             })),
@@ -655,6 +712,18 @@ mod tests {
         }
         // The same shapes with what they lacked are accepted.
         let ok = env(Body::Gossip(Gossip { ring_id: rid, seeds: vec![PeerName(1)], entries: vec![(u.start(), entry(1, 1, 0))], proofs: vec![proof], ..Default::default() }));
+        assert_eq!(decode(&encode(&ok)).unwrap(), ok);
+        // A record accepting a value the message does not carry (sent earlier).
+        let b = Ballot { round: 1, proposer: PeerName(1) };
+        let ok = env(Body::Gossip(Gossip {
+            paxos: Some(PaxosGossip {
+                initial: 3,
+                records: PaxosUpdate { claims: vec![(PeerName(1), Claims { promised: b, accepted: b })], values: vec![] },
+                sigs: vec![Signature([0; 64])],
+                value_sigs: vec![],
+            }),
+            ..Default::default()
+        }));
         assert_eq!(decode(&encode(&ok)).unwrap(), ok);
         assert!(matches!(decode(&[]), Err(IpamError::Malformed(_))));
         assert!(matches!(decode(&[9, 0]), Err(IpamError::UnsupportedVersion(9))));

@@ -9,13 +9,18 @@
 //! snapshot is "written to disk" *before* its messages are sent. A crash keeps
 //! that snapshot and the addresses its targets hold (containers outlive the
 //! daemon); a restore must give exactly those back.
+//!
+//! Key books model the daemon's: there, topology gossip pins the binding of
+//! every peer a router reaches, and IPAM verifies against that same book. So
+//! whenever reachability changes, each running peer's book admits the bindings
+//! of the peers it now reaches (IPAM gossip itself carries only its sender's).
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use meshnet_proto::identity::Identity;
 use meshnet_proto::ipam::{Allocation, Cidr, Config, Dest, Event, InitMode, Ipam, IpamError, Request};
-use meshnet_proto::trust::KeyBook;
+use meshnet_proto::trust::{Binding, KeyBook, Signer};
 use meshnet_proto::PeerName;
 
 use super::net::{Faults, Graph, Network, SimRng};
@@ -47,6 +52,8 @@ pub struct Node {
     pub name: PeerName,
     /// The peer's long-term key (its signing key derives from it).
     pub identity: Identity,
+    /// Its name bound to its keys (what topology gossip carries).
+    pub binding: Binding,
     /// The daemon's key book (persisted, so it survives a crash).
     pub keys: KeyBook,
     pub init: InitMode,
@@ -76,6 +83,8 @@ pub struct IpamSim {
     /// Bytes of signatures, proofs and bindings in the messages sent (part of
     /// the network's byte count).
     pub signature_bytes: u64,
+    /// Messages sent and where their bytes went, by kind of message.
+    pub costs: Costs,
     index: HashMap<PeerName, usize>,
     restarts: u64,
 }
@@ -87,9 +96,15 @@ impl IpamSim {
         let nodes: Vec<Node> = inits
             .into_iter()
             .enumerate()
-            .map(|(i, init)| Node {
+            .map(|(i, init)| {
+                let identity = sim_identity(i, seed);
+                let binding = Binding::new(peer_name(i), &identity, &Signer::from_identity(&identity));
+                (i, init, identity, binding)
+            })
+            .map(|(i, init, identity, binding)| Node {
                 name: peer_name(i),
-                identity: sim_identity(i, seed),
+                identity,
+                binding,
                 keys: KeyBook::new(),
                 init,
                 status: Status::NotStarted,
@@ -112,6 +127,7 @@ impl IpamSim {
             snapshots_written: 0,
             snapshot_bytes_written: 0,
             signature_bytes: 0,
+            costs: Costs::default(),
             index,
             restarts: seed.wrapping_mul(1_000_003),
         }
@@ -172,12 +188,21 @@ impl IpamSim {
         self.refresh_topology();
     }
 
-    /// Tells every running peer who it can reach now.
+    /// Tells every running peer who it can reach now, and pins their bindings
+    /// in its key book (what the daemon's topology gossip does).
     fn refresh_topology(&mut self) {
         let names: Vec<PeerName> = self.nodes.iter().map(|n| n.name).collect();
         for i in 0..self.nodes.len() {
             if self.is_up(i) {
-                let live: Vec<PeerName> = self.net.reachable(i).into_iter().map(|j| names[j]).collect();
+                let reach = self.net.reachable(i);
+                for &j in &reach {
+                    let b = &self.nodes[j].binding;
+                    if self.nodes[i].keys.get(b.name) != Some(&b.keys) {
+                        let b = b.clone();
+                        self.nodes[i].keys.admit(&b).expect("simulated peers' bindings are valid and distinct");
+                    }
+                }
+                let live: Vec<PeerName> = reach.into_iter().map(|j| names[j]).collect();
                 self.nodes[i].ipam.as_mut().expect("up").peers_changed(&live);
                 self.persist(i);
             }
@@ -311,10 +336,12 @@ impl IpamSim {
             }
             for (dest, bytes) in out {
                 let sig = meshnet_proto::ipam::wire::signature_overhead(&bytes) as u64;
+                let cost = meshnet_proto::ipam::wire::message_cost(&bytes);
                 match dest {
                     Dest::Neighbours => {
                         for j in self.net.neighbours(i) {
                             self.signature_bytes += sig;
+                            self.costs.add(cost);
                             self.net.send(self.tick, i, j, bytes.clone(), &mut self.rng);
                         }
                     }
@@ -323,6 +350,7 @@ impl IpamSim {
                         if let Some(&j) = self.index.get(&p) {
                             if self.net.connected(i, j) {
                                 self.signature_bytes += sig;
+                                self.costs.add(cost);
                                 self.net.send(self.tick, i, j, bytes, &mut self.rng);
                             }
                         }
@@ -384,6 +412,74 @@ impl IpamSim {
     /// Bytes of all running peers' snapshots (their whole state).
     pub fn state_bytes(&mut self) -> u64 {
         self.nodes.iter_mut().filter_map(|n| n.ipam.as_mut()).map(|i| i.snapshot().len() as u64).sum()
+    }
+}
+
+/// Messages sent (once per link) and their bytes, by kind and by part.
+#[derive(Clone, Debug, Default)]
+pub struct Costs {
+    /// Kind of message (see `wire::message_cost`) -> (messages, bytes).
+    pub kinds: std::collections::BTreeMap<&'static str, (u64, u64)>,
+    /// The parts of all of them, summed.
+    pub parts: MessageCostSum,
+}
+
+/// [`meshnet_proto::ipam::wire::MessageCost`] summed over messages.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MessageCostSum {
+    pub total: u64,
+    pub bindings: u64,
+    pub envelope_sigs: u64,
+    pub entries: u64,
+    pub proofs: u64,
+    pub paxos_records: u64,
+    pub paxos_values: u64,
+}
+
+impl Costs {
+    fn add(&mut self, cost: Option<(&'static str, meshnet_proto::ipam::wire::MessageCost)>) {
+        let Some((kind, c)) = cost else { return };
+        let k = self.kinds.entry(kind).or_default();
+        k.0 += 1;
+        k.1 += c.total as u64;
+        let p = &mut self.parts;
+        p.total += c.total as u64;
+        p.bindings += c.bindings as u64;
+        p.envelope_sigs += c.envelope_sig as u64;
+        p.entries += c.entries as u64;
+        p.proofs += c.proofs as u64;
+        p.paxos_records += c.paxos_records as u64;
+        p.paxos_values += c.paxos_values as u64;
+    }
+
+    /// What was sent since `earlier` (a clone of these costs), one line per kind and one of parts.
+    pub fn since(&self, earlier: &Costs) -> String {
+        let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+        let mut out = String::new();
+        for (kind, (n, b)) in &self.kinds {
+            let (n0, b0) = earlier.kinds.get(kind).copied().unwrap_or_default();
+            if *n > n0 {
+                out += &format!("{kind}: {} msgs {}; ", n - n0, mb(b - b0));
+            }
+        }
+        let (p, q) = (&self.parts, &earlier.parts);
+        out += &format!(
+            "\n    parts: bindings {}, envelope signatures {}, entries+seeds {}, proofs {}, paxos records+sigs {}, paxos values+sigs {}, other {}",
+            mb(p.bindings - q.bindings),
+            mb(p.envelope_sigs - q.envelope_sigs),
+            mb(p.entries - q.entries),
+            mb(p.proofs - q.proofs),
+            mb(p.paxos_records - q.paxos_records),
+            mb(p.paxos_values - q.paxos_values),
+            mb((p.total - q.total)
+                - (p.bindings - q.bindings)
+                - (p.envelope_sigs - q.envelope_sigs)
+                - (p.entries - q.entries)
+                - (p.proofs - q.proofs)
+                - (p.paxos_records - q.paxos_records)
+                - (p.paxos_values - q.paxos_values)),
+        );
+        out
     }
 }
 
