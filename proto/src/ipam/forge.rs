@@ -38,6 +38,23 @@ pub fn read_gossip(bytes: &[u8]) -> Option<RingView> {
     Some(RingView { src: env.src, universe: Some(env.universe), ring_id: g.ring_id, seeds: g.seeds, entries: g.entries })
 }
 
+impl RingView {
+    /// Every entry of the ring this view describes: the genesis that `seeds`
+    /// imply (never sent: it follows from them), overlaid with the entries
+    /// gossiped (the highest version of each start). Empty without seeds.
+    pub fn ring(&self) -> Vec<(u32, Entry)> {
+        let (Some(universe), false) = (self.universe, self.seeds.is_empty()) else { return Vec::new() };
+        let mut all: std::collections::BTreeMap<u32, Entry> =
+            super::ring::Ring::genesis(universe, &self.seeds).entries().map(|(s, e)| (s, *e)).collect();
+        for (s, e) in &self.entries {
+            if all.get(s).is_none_or(|have| have.version < e.version) {
+                all.insert(*s, *e);
+            }
+        }
+        all.into_iter().collect()
+    }
+}
+
 /// How a forged record is signed.
 pub enum RecordSig<'a> {
     /// By `key`, claiming to be `by`'s signature (a lie unless `key` is `by`'s).
