@@ -322,20 +322,9 @@ fn forged_gossip_is_dropped_and_counted() {
     broadcast_ping(&m.c1.ns, "10.44.255.255");
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
-    let (heard, me) = attack.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-    let pcap = capture.stop();
+    let (heard, _) = attack.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
     let c2 = format!("{}c2", lab.prefix);
-    let c1_mac = mac_of(&m.c1.ns);
-    assert!(broadcasts_from(&heard.frames, c1_mac) >= 1, "c1's broadcast did not reach the attacker: {} frames", heard.frames.len());
-    assert_eq!(meant_for(&heard.frames, mac_of(&c2), overlay(2).parse().unwrap()), 0, "frames meant for c2 reached the attacker");
-    eprintln!(
-        "attacker {me}: {} datagrams ({} UDP packets from 6783 captured), {} authenticated heartbeats, {} frames decrypted ({} broadcasts from c1), none for c2",
-        heard.datagrams,
-        pcap.count(17, 6783),
-        heard.heartbeats,
-        heard.frames.len(),
-        broadcasts_from(&heard.frames, c1_mac)
-    );
+    check_heard(&heard, &capture.stop(), mac_of(&m.c1.ns), mac_of(&c2), overlay(2).parse().unwrap());
 }
 
 #[test]
@@ -399,6 +388,23 @@ fn broadcasts_from(frames: &[(InnerHeader, Vec<u8>)], mac: [u8; 6]) -> usize {
 /// member of the overlay receives; replies are not needed).
 fn broadcast_ping(ns: &str, bcast: &str) {
     let _ = exec_in(ns, &["ping", "-b", "-c", "3", "-i", "0.2", "-W", "1", bcast]);
+}
+
+/// What the attacker heard while it listened, checked: c1's broadcast among it
+/// (so its view of the data plane is real) and nothing meant for the victim
+/// (`mac`, `ip`); printed with the capture's count.
+fn check_heard(heard: &Heard, pcap: &Pcap, c1_mac: [u8; 6], mac: [u8; 6], ip: Ipv4Addr) {
+    let broadcasts = broadcasts_from(&heard.frames, c1_mac);
+    assert!(broadcasts >= 1, "c1's broadcast did not reach the attacker: {} frames", heard.frames.len());
+    assert_eq!(meant_for(&heard.frames, mac, ip), 0, "frames meant for the victim ({ip}) reached the attacker");
+    eprintln!(
+        "attacker: {} datagrams on its port ({} UDP packets from or to 6783 in the capture), {} authenticated heartbeats, \
+         {} frames decrypted ({broadcasts} broadcasts from c1), none for {ip}",
+        heard.datagrams,
+        pcap.count(17, 6783),
+        heard.heartbeats,
+        heard.frames.len(),
+    );
 }
 
 /// Counters of h's data plane (`status --json`, "dataplane").
@@ -524,21 +530,10 @@ fn frames_with_a_forged_origin_are_refused() {
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     let heard = attack.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-    let pcap = capture.stop();
-    assert!(broadcasts_from(&heard.frames, c1_mac) >= 1, "c1's broadcast did not reach the attacker: {} frames", heard.frames.len());
-    assert_eq!(meant_for(&heard.frames, c2_mac, c2_ip), 0, "frames meant for c2 reached the attacker");
     assert_eq!(meant_for(&heard.frames, c1_mac, c1_ip), 0, "frames meant for c1 reached the attacker");
     let neigh = exec_in(&m.c1.ns, &["ip", "neigh", "show", &c2_ip.to_string()]).stdout;
     assert!(!neigh.contains(evil), "c1 learned the attacker's MAC for c2: {neigh}");
-    eprintln!(
-        "attacker: {} datagrams on its port ({} UDP packets from 6783 in the capture), {} authenticated heartbeats, {} frames decrypted ({} broadcasts from c1), none for c1 or c2; connection closed: {}",
-        heard.datagrams,
-        pcap.count(17, 6783),
-        heard.heartbeats,
-        heard.frames.len(),
-        broadcasts_from(&heard.frames, c1_mac),
-        heard.closed
-    );
+    check_heard(&heard, &capture.stop(), c1_mac, c2_mac, c2_ip);
 }
 
 /// An IPAM forgery, built and signed by the attacker (see `forge`).
@@ -742,17 +737,6 @@ fn forged_ipam_records_are_dropped_and_counted() {
     std::thread::sleep(Duration::from_secs(1));
     to_attacker.send(Vec::new()).unwrap();
     let heard = attack.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
-    let pcap = capture.stop();
-    let c1_mac = mac_of(&c1.ns);
-    assert!(broadcasts_from(&heard.frames, c1_mac) >= 1, "c1's broadcast did not reach the attacker: {} frames", heard.frames.len());
-    assert_eq!(meant_for(&heard.frames, mac_of(&c2.ns), c2_ip), 0, "frames meant for c2 reached the attacker");
     assert!(!heard.closed, "h1 closed the member's connection over dropped IPAM records");
-    eprintln!(
-        "attacker: {} datagrams ({} UDP packets from 6783 captured), {} authenticated heartbeats, {} frames decrypted ({} broadcasts from c1), none for c2",
-        heard.datagrams,
-        pcap.count(17, 6783),
-        heard.heartbeats,
-        heard.frames.len(),
-        broadcasts_from(&heard.frames, c1_mac)
-    );
+    check_heard(&heard, &capture.stop(), mac_of(&c1.ns), mac_of(&c2.ns), c2_ip);
 }
