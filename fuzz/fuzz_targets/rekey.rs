@@ -5,7 +5,8 @@
 //!
 //! Nothing may panic; no side ever installs or sends under a relay index (top
 //! bit); a side removes only receiving indexes it installed; a side holds at
-//! most three receiving keys at once; the epoch never goes backwards. While the
+//! most `MAX_RETIRING` + 2 receiving keys at once (newest, pending, retiring),
+//! however fast the peer rekeys; the epoch never goes backwards. While the
 //! run is honest (nothing made up, nothing dropped, nobody closed), every key a
 //! side sends under is installed, under that index with that key, at the other
 //! side once the messages in flight are delivered.
@@ -15,7 +16,7 @@ use std::collections::{HashMap, VecDeque};
 
 use libfuzzer_sys::fuzz_target;
 use meshnet_proto::handshake::{DataKeys, Role};
-use meshnet_proto::rekey::{Fresh, Output, RekeyConfig, RekeyMsg, Rekeyer, MIN_INTERVAL_MS};
+use meshnet_proto::rekey::{Fresh, Output, RekeyConfig, RekeyMsg, Rekeyer, MAX_RETIRING, MIN_INTERVAL_MS};
 use meshnet_proto::session::RELAY_INDEX_BIT;
 
 struct End {
@@ -54,7 +55,7 @@ impl End {
                 Output::Close(_) => self.closed = true,
             }
         }
-        assert!(self.recv.len() <= 3, "{} receiving keys installed", self.recv.len());
+        assert!(self.recv.len() <= MAX_RETIRING + 2, "{} receiving keys installed", self.recv.len());
     }
 }
 

@@ -51,6 +51,12 @@ pub const MIN_INTERVAL_MS: u64 = 1_000;
 /// How long an old receiving key stays after the peer stopped sealing under it:
 /// datagrams already in flight (or queued behind a batch) still open.
 pub const OVERLAP_MS: u64 = 5_000;
+/// Most old receiving keys kept at once (each a receive session in the data
+/// plane). Rekeys at the shortest interval retire one key a second, each kept
+/// [`OVERLAP_MS`]: an honest peer never needs more than 6. A peer that offers
+/// (or asks for) rekeys faster than that would make us hold sessions without
+/// bound; its Offer closes the connection, its Request waits.
+pub const MAX_RETIRING: usize = 8;
 /// A rekey this side needs that has not finished after this long closes the
 /// connection.
 pub const REKEY_TIMEOUT_MS: u64 = 15_000;
@@ -341,6 +347,9 @@ impl Rekeyer {
     }
 
     fn offer(&mut self, now: u64, fresh: &mut dyn FnMut() -> Fresh, out: &mut Vec<Output>) {
+        if self.retiring.len() >= MAX_RETIRING {
+            return; // asked again when a retiring key has gone (poll, or the peer's next Request)
+        }
         let f = fresh();
         let epoch = self.epoch + 1;
         out.push(Output::Send(RekeyMsg::Offer { epoch, public: public_of(&f.secret), receiver_index: f.recv_index }));
@@ -364,6 +373,9 @@ impl Rekeyer {
                 }
                 if receiver_index & crate::session::RELAY_INDEX_BIT != 0 {
                     return unexpected("receiver index");
+                }
+                if self.retiring.len() >= MAX_RETIRING {
+                    return unexpected("offer: rekeys faster than old keys retire");
                 }
                 let f = fresh();
                 let Some(mut shared) = agree(&f.secret, &public) else {
@@ -693,6 +705,39 @@ mod tests {
         r.poll(2_000, 0, &mut fresh);
         assert!(matches!(&r.poll(2_000 + REKEY_TIMEOUT_MS, 0, &mut fresh)[..], [Output::Close(_)]));
         assert!(i.next_deadline() <= 2_000 + REKEY_TIMEOUT_MS);
+    }
+
+    /// A peer that rekeys faster than old keys retire cannot make us hold
+    /// receive sessions without bound: its Offer beyond [`MAX_RETIRING`] closes.
+    #[test]
+    fn rekeys_faster_than_keys_retire_close() {
+        let mut src = Source(5, 1);
+        let mut fresh = || src.fresh();
+        let (mut i, mut r) = pair();
+        let sends = |o: &[Output]| o.iter().filter_map(|o| if let Output::Send(m) = o { Some(m.clone()) } else { None }).collect::<Vec<_>>();
+        // Offers as fast as the initiator likes (its Request-free path: the peer drives).
+        for k in 0..MAX_RETIRING as u64 {
+            let now = 1_000 + k; // far less than OVERLAP_MS apart
+            let mut offer = Vec::new();
+            i.offer(now, &mut fresh, &mut offer);
+            let accept = r.on_message(now, sends(&offer).remove(0), &mut fresh);
+            let switched = i.on_message(now, sends(&accept).remove(0), &mut fresh);
+            let back = r.on_message(now, sends(&switched).remove(0), &mut fresh);
+            i.on_message(now, sends(&back).remove(0), &mut fresh);
+        }
+        assert_eq!(r.recv_indexes().len(), 1 + MAX_RETIRING);
+        // Our own side waits instead of offering a ninth...
+        let mut offer = Vec::new();
+        i.offer(2_000, &mut fresh, &mut offer);
+        assert!(offer.is_empty());
+        // ...and a peer that offers it anyway is closed.
+        let epoch = r.epoch() + 1;
+        let out = r.on_message(2_000, RekeyMsg::Offer { epoch, public: [9; 32], receiver_index: 5 }, &mut fresh);
+        assert!(matches!(&out[..], [Output::Close(_)]), "{out:?}");
+        // Once the old keys have retired, rekeying goes on.
+        let out = r.poll(1_000 + OVERLAP_MS + MAX_RETIRING as u64, 0, &mut fresh);
+        assert_eq!(out.iter().filter(|o| matches!(o, Output::RemoveRecv { .. })).count(), MAX_RETIRING);
+        assert_eq!(r.recv_indexes().len(), 1);
     }
 
     #[test]
