@@ -243,17 +243,6 @@ pub struct LinkStatus {
     pub heard_ms_ago: Option<u64>,
     /// Where datagrams to the peer go (learned from its heartbeats).
     pub addr: SocketAddr,
-    /// Datagrams sealed so far by the direct and the relay sending session,
-    /// each with the receiver index it seals under (refreshed every 100–250 ms).
-    pub sealed: [(u32, u64); 2],
-}
-
-impl LinkStatus {
-    /// Datagrams sealed under the sending key whose receiver index is `index`
-    /// (its direct and its relay session, whichever sealed more).
-    pub fn sealed_under(&self, index: u32) -> u64 {
-        sealed_under(&self.sealed, index)
-    }
 }
 
 fn sealed_under(sealed: &[(u32, u64); 2], index: u32) -> u64 {
@@ -503,7 +492,6 @@ impl DataPlane {
                     path_mtu: l.liveness.path_mtu(now),
                     heard_ms_ago: l.liveness.last_heard().map(|t| now.saturating_sub(t)),
                     addr: l.addr,
-                    sealed: l.sealed,
                 };
                 (*p, status)
             })
@@ -511,7 +499,8 @@ impl DataPlane {
     }
 
     /// Datagrams sealed to `peer` under the sending key whose receiver index is
-    /// `index` (see [`LinkStatus::sealed_under`]); 0 for a peer with no link.
+    /// `index` (its direct and its relay session, whichever sealed more; refreshed
+    /// every 100–250 ms); 0 for a peer with no link.
     /// One lookup: each connection asks this every 250 ms, so it must not cost
     /// as much as [`links`](Self::links) (all links) does at hundreds of peers.
     pub fn sealed_under(&self, peer: PeerName, index: u32) -> u64 {

@@ -566,18 +566,17 @@ impl Forger {
         let (u, me, n1, n2) = (self.universe, self.member.name(), self.n1, self.n2);
         let key = &self.member.signer;
         let own = vec![self.member.binding(me)];
-        let as_ = |by| forge::RecordSig::As { by, key };
         let high = Ballot { round: 1000, proposer: n2 };
         match *f {
-            Forgery::PaxosAsH2 => forge::paxos_record(u, me, 2, n2, high, None, as_(n2), key, own),
+            Forgery::PaxosAsH2 => forge::paxos_record(u, me, 2, n2, high, None, key, key, own),
             Forgery::PaxosOwnValue => {
-                forge::paxos_record(u, me, 2, me, high, Some((high, vec![me], key)), as_(me), key, own)
+                forge::paxos_record(u, me, 2, me, high, Some((high, vec![me], key)), key, key, own)
             }
             Forgery::PaxosJump => {
-                forge::paxos_record(u, me, 2, me, Ballot { round: 1 << 40, proposer: me }, None, as_(me), key, own)
+                forge::paxos_record(u, me, 2, me, Ballot { round: 1 << 40, proposer: me }, None, key, key, own)
             }
             Forgery::Sync => forge::sync_request(u, me, n1, key, own),
-            Forgery::Entry { ring_id, start, entry, by } => forge::entries(u, me, ring_id, vec![(start, entry)], as_(by), key, own),
+            Forgery::Entry { ring_id, start, entry, by } => forge::entries(u, me, ring_id, vec![(start, entry)], by, key, key, own),
             Forgery::SpaceAsH2 { squat } => {
                 forge::space_request(u, n2, n1, u, key, if squat { vec![self.member.binding(n2)] } else { vec![] })
             }

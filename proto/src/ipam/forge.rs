@@ -55,32 +55,27 @@ impl RingView {
     }
 }
 
-/// How a forged record is signed.
-pub enum RecordSig<'a> {
-    /// By `key`, claiming to be `by`'s signature (a lie unless `key` is `by`'s).
-    As { by: PeerName, key: &'a Signer },
-}
-
 /// One envelope from `src` to `dst` carrying `body`, signed by `key` (whoever
 /// `src` is), with `bindings`.
 fn sealed(universe: Cidr, src: PeerName, dst: PeerName, body: Body, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
     wire::encode(&Envelope { universe, src, dst, body }, 0, bindings, key)
 }
 
-/// Gossip from `src` of ring entries, each with a proof made as `sig` says.
+/// Gossip from `src` of ring entries, each with a proof claiming to be `by`'s
+/// but signed with `by_key` (a lie unless it is `by`'s key).
 pub fn entries(
     universe: Cidr,
     src: PeerName,
     ring_id: u64,
     entries: Vec<(u32, Entry)>,
-    sig: RecordSig<'_>,
+    by: PeerName,
+    by_key: &Signer,
     key: &Signer,
     bindings: Vec<Binding>,
 ) -> Vec<u8> {
-    let RecordSig::As { by, key: entry_key } = sig;
     let proofs = entries
         .iter()
-        .map(|(start, e)| Proof { by, sig: entry_key.sign(DOMAIN_ENTRY, &wire::entry_message(ring_id, *start, e)) })
+        .map(|(start, e)| Proof { by, sig: by_key.sign(DOMAIN_ENTRY, &wire::entry_message(ring_id, *start, e)) })
         .collect();
     let g = Gossip { full: false, ring_id, seeds: Vec::new(), entries, proofs, paxos: None };
     sealed(universe, src, PeerName::BROADCAST, Body::Gossip(g), key, bindings)
@@ -102,8 +97,8 @@ pub fn sync_request(universe: Cidr, src: PeerName, dst: PeerName, key: &Signer, 
 }
 
 /// Paxos gossip from `src`: `participant`'s record promising `promised` (and
-/// accepting `accepted` with `value`, if given), the record signed as `sig`
-/// says and the value by `value_key`. `initial` is the `N` of `consensus=N`.
+/// accepting `accepted` with `value`, if given), the record signed with
+/// `record_key` and the value with `value_key`. `initial` is the `N` of `consensus=N`.
 #[allow(clippy::too_many_arguments)]
 pub fn paxos_record(
     universe: Cidr,
@@ -112,11 +107,10 @@ pub fn paxos_record(
     participant: PeerName,
     promised: Ballot,
     accepted: Option<(Ballot, Vec<PeerName>, &Signer)>,
-    sig: RecordSig<'_>,
+    record_key: &Signer,
     key: &Signer,
     bindings: Vec<Binding>,
 ) -> Vec<u8> {
-    let RecordSig::As { key: record_key, .. } = sig;
     let claims = Claims { promised, accepted: accepted.as_ref().map(|a| a.0).unwrap_or_default() };
     let sigs = vec![record_key.sign(DOMAIN_PAXOS_RECORD, &wire::record_message(&universe, participant, &claims))];
     let (values, value_sigs) = match accepted {
@@ -154,14 +148,13 @@ mod tests {
         let view = view.expect("the seeded peer gossips its ring");
         assert_eq!((view.src, view.ring_id, view.universe), (me, ipam.ring().id(), Some(u)));
         let s = Signer::from_identity(&Identity::generate());
-        let as_me = || RecordSig::As { by: me, key: &s };
         let b = Ballot { round: 7, proposer: me };
         for bytes in [
-            entries(u, me, view.ring_id, view.entries.clone(), as_me(), &s, vec![]),
+            entries(u, me, view.ring_id, view.entries.clone(), me, &s, &s, vec![]),
             space_request(u, me, PeerName(5), u, &s, vec![]),
             claim_request(u, me, PeerName(5), u32::from(u.network()) + 1, &s, vec![]),
             sync_request(u, me, PeerName(5), &s, vec![]),
-            paxos_record(u, me, 3, me, b, Some((b, vec![me], &s)), as_me(), &s, vec![]),
+            paxos_record(u, me, 3, me, b, Some((b, vec![me], &s)), &s, &s, vec![]),
         ] {
             wire::check_message(&bytes).unwrap();
         }
