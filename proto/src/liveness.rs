@@ -2,20 +2,27 @@
 //!
 //! Each side sends sealed heartbeats ([`crate::wire::datagram::Heartbeat`]) to
 //! the other over UDP: every [`FAST_MS`] until UDP works both ways, then every
-//! [`SLOW_MS`]. A heartbeat reports the largest heartbeat datagram its sender
-//! received from the other side in the last one or two [`WINDOW_MS`] windows
-//! (`heard`). UDP *works both ways* when a heartbeat arrived within
-//! [`DEAD_MS`] and it reported hearing us; only then does the connection carry
-//! data (the control plane lists it as established, so routes use it).
+//! [`SLOW_MS`]. A heartbeat reports the largest *probe* (a heartbeat of at
+//! least [`LADDER`]'s smallest size) its sender received from the other side in
+//! the last one or two [`WINDOW_MS`] windows (`heard`). UDP *works both ways*
+//! when a heartbeat arrived within [`DEAD_MS`] and it reported hearing a probe
+//! of ours; only then does the connection carry data (the control plane lists
+//! it as established, so routes use it).
 //!
-//! Path MTU: while UDP does not work, and every [`FULL_LADDER_EVERY`] rounds
-//! after, a round sends heartbeats of every size of a ladder from the largest
-//! datagram we may send down to [`LADDER`]'s smallest; other rounds send the
-//! current path MTU and the smallest size only (and a report smaller than the
-//! one before triggers a whole ladder at once). The peer's `heard` is then the
-//! largest datagram that crossed the path, and that is the most we send it. A
-//! path that shrinks is noticed when the window that saw the bigger size has
-//! passed (at most 2 × [`WINDOW_MS`]).
+//! What a round sends, cheapest first (a mesh of n hosts has n − 1 of these per
+//! host, so the steady state must cost little):
+//! - every round: one [`BEAT`], the smallest heartbeat the wire allows: it keeps
+//!   liveness (and NAT mappings) and carries the `heard` report;
+//! - every [`CONFIRM_EVERY`] rounds: also the current path MTU and the smallest
+//!   ladder size, which keep the peer's report of both within its window;
+//! - while UDP does not work, every [`FULL_LADDER_EVERY`] rounds after, and at
+//!   once when the peer reports less than before: the whole ladder, from the
+//!   largest datagram we may send down to [`LADDER`]'s smallest.
+//!
+//! The peer's `heard` is then the largest datagram that crossed the path, and
+//! that is the most we send it. A path that shrinks is noticed when the window
+//! that saw the bigger size has passed (at most 2 × [`WINDOW_MS`]); one that
+//! grows, at the next whole ladder.
 
 use crate::wire::datagram::Heartbeat;
 
@@ -27,10 +34,18 @@ pub const SLOW_MS: u64 = 1000;
 pub const FAST_FOR_MS: u64 = 10_000;
 /// No heartbeat for this long: UDP is down.
 pub const DEAD_MS: u64 = 5000;
-/// The window over which received heartbeat sizes are reported.
-pub const WINDOW_MS: u64 = 2500;
+/// The window over which received probe sizes are reported: longer than
+/// [`CONFIRM_EVERY`] slow rounds (with their timer slack), so the current and
+/// the previous window always hold a confirmation.
+pub const WINDOW_MS: u64 = 12_500;
+/// Every this many rounds the path MTU and the smallest ladder size are sent
+/// again, once UDP works.
+pub const CONFIRM_EVERY: u32 = 10;
 /// Every this many rounds the whole ladder is probed again (the path may have grown).
-pub const FULL_LADDER_EVERY: u32 = 10;
+pub const FULL_LADDER_EVERY: u32 = 60;
+/// In [`Liveness::poll`]'s sizes: the smallest heartbeat the wire allows (the
+/// sender pads nothing). It proves liveness only, never a path size.
+pub const BEAT: u16 = 0;
 /// Probed datagram sizes (UDP payload bytes) below the largest we may send:
 /// IPv4 and IPv6 on a 1500-byte link, common tunnel and PPPoE sizes, down to
 /// what every IPv4 path carries.
@@ -92,7 +107,9 @@ impl Liveness {
     /// An authenticated heartbeat of `len` bytes arrived from the peer.
     pub fn on_heartbeat(&mut self, now: u64, hb: Heartbeat, len: usize) {
         self.roll(now);
-        self.cur = self.cur.max(len.min(u16::MAX as usize) as u16);
+        if len >= LADDER[LADDER.len() - 1] as usize {
+            self.cur = self.cur.max(len.min(u16::MAX as usize) as u16);
+        }
         self.last_heard = Some(now);
         let heard = hb.heard.min(self.max);
         self.reprobe |= heard < self.peer_heard;
@@ -142,12 +159,14 @@ impl Liveness {
             self.reprobe = false;
             sizes.push(self.max);
             sizes.extend(LADDER.iter().copied().filter(|&s| s < self.max));
-        } else {
+        } else if self.seq.is_multiple_of(CONFIRM_EVERY) {
             sizes.push(self.peer_heard);
             let smallest = LADDER[LADDER.len() - 1];
             if self.peer_heard > smallest {
                 sizes.push(smallest);
             }
+        } else {
+            sizes.push(BEAT);
         }
         let fast = self.down_since.is_some_and(|t| now.saturating_sub(t) < FAST_FOR_MS);
         self.next_send = now + if fast { FAST_MS } else { SLOW_MS };
@@ -179,15 +198,17 @@ mod tests {
             while self.now < end {
                 if let Some(hb) = self.a.poll(self.now, &mut self.sizes) {
                     for &s in &self.sizes {
-                        if s <= path_ab {
-                            self.b.on_heartbeat(self.now, hb, s as usize);
+                        let len = if s == BEAT { crate::datapath::MIN_HEARTBEAT as u16 } else { s };
+                        if len <= path_ab {
+                            self.b.on_heartbeat(self.now, hb, len as usize);
                         }
                     }
                 }
                 if let Some(hb) = self.b.poll(self.now, &mut self.sizes) {
                     for &s in &self.sizes {
-                        if s <= path_ba {
-                            self.a.on_heartbeat(self.now, hb, s as usize);
+                        let len = if s == BEAT { crate::datapath::MIN_HEARTBEAT as u16 } else { s };
+                        if len <= path_ba {
+                            self.a.on_heartbeat(self.now, hb, len as usize);
                         }
                     }
                 }
@@ -231,8 +252,22 @@ mod tests {
         assert_eq!(up.next_due(), FAST_MS);
         up.on_heartbeat(100, Heartbeat { heard: 1472, seq: 1 }, 1472);
         assert!(up.poll(FAST_MS, &mut sizes).is_some());
-        assert_eq!(sizes, vec![1472, 512], "once up: the path MTU and the smallest size");
+        assert_eq!(sizes, vec![BEAT], "once up: the smallest heartbeat");
         assert_eq!(up.next_due(), FAST_MS + SLOW_MS);
+        let mut rounds = vec![sizes.clone()];
+        let mut t = FAST_MS + SLOW_MS;
+        for _ in 0..FULL_LADDER_EVERY {
+            up.on_heartbeat(t, Heartbeat { heard: 1472, seq: 1 }, 1472);
+            assert!(up.poll(t, &mut sizes).is_some());
+            rounds.push(sizes.clone());
+            t += SLOW_MS;
+        }
+        let confirms = rounds.iter().filter(|r| **r == [1472, 512]).count();
+        let ladders = rounds.iter().filter(|r| r.len() == LADDER.len()).count();
+        let beats = rounds.iter().filter(|r| **r == [BEAT]).count();
+        assert_eq!(ladders, 1, "one whole ladder in {FULL_LADDER_EVERY} rounds: {rounds:?}");
+        assert_eq!(confirms, (FULL_LADDER_EVERY / CONFIRM_EVERY) as usize - 1, "{rounds:?}");
+        assert_eq!(beats + confirms + ladders, rounds.len(), "{rounds:?}");
 
         let mut silent = Liveness::new(1472, 0);
         let mut t = 0;
@@ -270,6 +305,21 @@ mod tests {
         assert_eq!(l.a.path_mtu(l.now), Some(1000));
         l.run(FULL_LADDER_EVERY as u64 * SLOW_MS + 100, 1472, 1472);
         assert_eq!(l.a.path_mtu(l.now), Some(1472));
+    }
+
+    #[test]
+    fn beats_alone_prove_no_path_size() {
+        let mut a = Liveness::new(1472, 0);
+        a.on_heartbeat(0, Heartbeat { heard: 0, seq: 1 }, crate::datapath::MIN_HEARTBEAT);
+        assert_eq!(a.heard(0), 0, "a beat is not a probe");
+        // Steady state over a long run: the report never falls between confirmations.
+        let mut l = Link::new(1472);
+        l.run(2 * FAST_MS, 1472, 1472);
+        for _ in 0..(3 * FULL_LADDER_EVERY) {
+            l.run(SLOW_MS, 1472, 1472);
+            assert_eq!(l.a.path_mtu(l.now), Some(1472), "at {} ms", l.now);
+            assert_eq!(l.b.path_mtu(l.now), Some(1472), "at {} ms", l.now);
+        }
     }
 
     #[test]

@@ -602,6 +602,7 @@ impl TxLoop {
             let Some(hb) = l.liveness.poll(now, sizes) else { continue };
             batch.clear();
             for &size in sizes.iter() {
+                // `liveness::BEAT` (0) becomes the smallest heartbeat.
                 let size = (size as usize).clamp(meshnet_proto::datapath::MIN_HEARTBEAT, self.max_datagram);
                 if let Err(e) = seal_heartbeat(&mut p.session, hb, size, batch) {
                     self.stats.encode_error(p.link.peer, &e);

@@ -322,7 +322,9 @@ impl Session {
             if let Some(hb) = d.liveness.poll(now, &mut sizes) {
                 for size in sizes {
                     d.batch.clear();
-                    if seal_heartbeat(&mut d.tx, hb, usize::from(size), &mut d.batch).is_ok() {
+                    // `liveness::BEAT` (0) is the smallest heartbeat.
+                    let size = usize::from(size).max(meshnet_proto::datapath::MIN_HEARTBEAT);
+                    if seal_heartbeat(&mut d.tx, hb, size, &mut d.batch).is_ok() {
                         for dgram in d.batch.datagrams() {
                             let _ = self.udp.send_to(dgram, d.to);
                         }
