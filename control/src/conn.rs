@@ -280,6 +280,7 @@ pub async fn maker_loop(mesh: Arc<Mesh>, local: Arc<Local>) {
             }
         }
         mesh.refresh_links();
+        mesh.own_entry_tick();
         mesh.ipam_tick();
     }
 }
@@ -476,7 +477,9 @@ async fn run_established(
     }
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     let mut last_heard = tokio::time::Instant::now();
-    let mut buf = vec![0u8; 64 * 1024];
+    // Reads loop until the socket is drained: a small buffer costs a few more
+    // calls on a burst, and a hundred connections do not hold 64 KiB each.
+    let mut buf = vec![0u8; 16 * 1024];
     let mut rekey_at = rekey.next_check(rekeyer);
     let mut rekey_in = Vec::new();
 
@@ -545,6 +548,8 @@ async fn run_established(
                         write_progress = tokio::time::Instant::now();
                         if sent == pending.len() {
                             pending.clear();
+                            // A burst's room is given back once written.
+                            pending.shrink_to(64 * 1024);
                             sent = 0;
                             if let Some(why) = closing.take() {
                                 return why;

@@ -35,6 +35,11 @@ pub const UDP_LOST_CLOSE: Duration = Duration::from_secs(30);
 /// gossip costs one recomputation (the first change after a quiet spell is
 /// applied at once).
 pub const ROUTES_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Our own entry goes out at most this often (the first change after a quiet
+/// spell at once): while a mesh forms, a router's connections change a couple of
+/// hundred times in a minute, and each change sent alone cost every neighbour a
+/// message and a signature check.
+pub const OWN_ENTRY_EVERY: Duration = Duration::from_millis(500);
 
 pub use meshnet_proto::dialer::Direction;
 
@@ -79,6 +84,10 @@ pub struct Inner {
     /// The topology changed since the discovery candidates were last given to
     /// the dialer.
     discovery_stale: bool,
+    /// Our own entry changed since it was last sent, and when it last was (see
+    /// [`OWN_ENTRY_EVERY`]).
+    own_entry_pending: bool,
+    own_entry_sent: Option<Instant>,
     /// Route recomputations, and how long the last one took off the lock.
     pub route_runs: u64,
     pub route_last_ms: u64,
@@ -249,6 +258,8 @@ impl Mesh {
                 ipam,
                 next_hop: HashMap::new(),
                 discovery_stale: true,
+                own_entry_pending: false,
+                own_entry_sent: None,
                 route_runs: 0,
                 route_last_ms: 0,
                 keys,
@@ -562,9 +573,28 @@ impl Mesh {
             .collect();
         if g.topology.set_local_connections(conns) {
             g.discovery_stale = true;
-            let update = g.topology.gossip_about_signed(&[self.settings.me]);
-            broadcast_gossip(g, None, update);
+            g.own_entry_pending = true;
+            self.send_own_entry(g);
         }
+    }
+
+    /// Sends our own entry to every neighbour if it changed and was not sent in
+    /// the last [`OWN_ENTRY_EVERY`]; [`maker_loop`](crate::conn::maker_loop)
+    /// calls it again until it has gone.
+    fn send_own_entry(&self, g: &mut Inner) {
+        if !g.own_entry_pending || g.own_entry_sent.is_some_and(|t| t.elapsed() < OWN_ENTRY_EVERY) {
+            return;
+        }
+        g.own_entry_pending = false;
+        g.own_entry_sent = Some(Instant::now());
+        let update = g.topology.gossip_about_signed(&[self.settings.me]);
+        broadcast_gossip(g, update);
+    }
+
+    /// Sends our own entry if a change of it is waiting (see [`send_own_entry`](Self::send_own_entry)).
+    pub fn own_entry_tick(&self) {
+        let mut g = self.lock();
+        self.send_own_entry(&mut g);
     }
 
     /// Follows the data plane's heartbeats: a connection carries data (and is
@@ -813,7 +843,7 @@ impl Mesh {
         if !changed.is_empty() {
             g.discovery_stale = true;
             let update = g.topology.gossip_about_signed(&changed);
-            broadcast_gossip(&mut g, Some(from), update);
+            relay_gossip(&mut g, from, update);
             // Garbage collection and routes follow in route_loop, off this path.
             self.reachability_changed(&mut g);
             drop(g);
@@ -1193,11 +1223,11 @@ fn slots_used(g: &Inner) -> usize {
     g.conns.values().filter(|c| c.established || c.direction == Direction::Outbound).count()
 }
 
-/// Sends topology entries to every established connection but `except`, split
-/// into messages of at most [`GOSSIP_CHUNK`] bytes.
-fn broadcast_gossip(g: &mut Inner, except: Option<u64>, infos: Vec<SignedPeerInfo>) {
+/// Sends topology entries to every established connection, split into
+/// messages of at most [`GOSSIP_CHUNK`] bytes.
+fn broadcast_gossip(g: &mut Inner, infos: Vec<SignedPeerInfo>) {
     for msg in split_gossip(infos, GOSSIP_CHUNK) {
-        broadcast(g, except, &msg);
+        broadcast(g, None, &msg);
     }
 }
 
@@ -1212,6 +1242,28 @@ pub async fn route_loop(mesh: Arc<Mesh>) {
         }
         last = Some(Instant::now());
         mesh.recompute_routes().await;
+    }
+}
+
+/// Passes entries that were news to us, heard on connection `from`, on to a
+/// random [`full_gossip_fanout`](meshnet_proto::topology::full_gossip_fanout)
+/// of the other established connections (about 2·log₂ n, as Weave's
+/// `GossipNeighbourSubset`), not to all of them: in a full mesh of n every
+/// neighbour has usually heard the owner itself, and flooding made each change
+/// cost n² messages (a mesh of 100 spent its routers' CPU decoding copies and
+/// starved handshakes). Whoever hears it new passes it on the same way, so it
+/// spreads epidemically; the periodic exchange repairs what that missed.
+fn relay_gossip(g: &mut Inner, from: u64, infos: Vec<SignedPeerInfo>) {
+    let mut ids: Vec<u64> = g.conns.iter().filter(|(&id, c)| id != from && c.established).map(|(&id, _)| id).collect();
+    ids.sort_unstable();
+    let chosen = full_gossip_targets(ids.len(), g.topology.peers().count(), random_u64());
+    let msgs = split_gossip(infos, GOSSIP_CHUNK);
+    for i in chosen {
+        if let Some(c) = g.conns.get(&ids[i]) {
+            for m in &msgs {
+                let _ = c.queue.send(m.clone());
+            }
+        }
     }
 }
 

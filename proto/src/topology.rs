@@ -938,8 +938,8 @@ impl Graph {
 
 /// How many neighbours get my full topology at each periodic (anti-entropy)
 /// round in a mesh of `peers` peers: about 2·log₂ n, as in Weave, never fewer
-/// than 2. Changes spread as deltas to every neighbour regardless; a new
-/// connection is told everything.
+/// than 2. The same number of neighbours get each change a router passes on
+/// (our own entry goes to every neighbour); a new connection is told everything.
 pub fn full_gossip_fanout(peers: usize) -> usize {
     let log2 = usize::BITS - peers.max(1).leading_zeros(); // ⌈log₂(n + 1)⌉
     (2 * log2 as usize).max(2)

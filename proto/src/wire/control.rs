@@ -351,9 +351,14 @@ pub struct ControlChannel {
     /// Decrypted stream bytes; `stream[stream_pos..]` is live.
     stream: Vec<u8>,
     stream_pos: usize,
-    scratch: Vec<u8>,
     failed: bool,
 }
+
+/// Capacity an emptied buffer keeps (see [`ControlChannel`]): records are
+/// sealed and opened in place, and a buffer that grew for a large message gives
+/// the rest back once it is consumed, so a router with a hundred connections
+/// does not hold a hundred copies of its largest gossip.
+const KEEP_CAPACITY: usize = 16 * 1024;
 
 impl std::fmt::Debug for ControlChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -375,7 +380,6 @@ impl ControlChannel {
             input_pos: 0,
             stream,
             stream_pos: 0,
-            scratch: vec![0u8; u16::MAX as usize],
             failed: false,
         }
     }
@@ -419,14 +423,28 @@ impl ControlChannel {
         Ok(())
     }
 
-    /// Appends one transport record (an empty plaintext is allowed).
+    /// Appends one transport record (an empty plaintext is allowed), sealed in
+    /// place at the end of `out`.
     pub(crate) fn seal_record(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), ControlError> {
-        debug_assert!(plaintext.len() <= MAX_RECORD_PLAINTEXT);
-        let n = self.transport.write_message(plaintext, &mut self.scratch).map_err(|e| {
-            self.failed = true;
-            ControlError::Noise(e.to_string())
-        })?;
-        Ok(Frame::emit(FrameType::Transport, &self.scratch[..n], out)?)
+        if plaintext.len() > MAX_RECORD_PLAINTEXT {
+            let (kind, len) = (FrameType::Transport, plaintext.len() + TAG_LEN);
+            return Err(FrameError::TooLarge { kind, len, max: kind.max_payload() }.into());
+        }
+        let start = out.len();
+        let body = start + FRAME_HEADER_LEN;
+        out.resize(body + plaintext.len() + TAG_LEN, 0);
+        let n = match self.transport.write_message(plaintext, &mut out[body..]) {
+            Ok(n) => n,
+            Err(e) => {
+                out.truncate(start);
+                self.failed = true;
+                return Err(ControlError::Noise(e.to_string()));
+            }
+        };
+        out.truncate(body + n);
+        out[start..start + 2].copy_from_slice(&((n + 1) as u16).to_be_bytes());
+        out[start + 2] = FrameType::Transport as u8;
+        Ok(())
     }
 
     /// Buffers bytes read from the socket. Poll messages after every call.
@@ -484,6 +502,7 @@ impl ControlChannel {
         self.stream_pos += 4 + len;
         if self.stream_pos == self.stream.len() {
             self.stream.clear();
+            self.stream.shrink_to(KEEP_CAPACITY);
             self.stream_pos = 0;
         } else if self.stream_pos > self.stream.len() / 2 {
             self.stream.drain(..self.stream_pos);
@@ -497,11 +516,19 @@ impl ControlChannel {
         let Some((frame, used)) = Frame::parse(&self.input[self.input_pos..])? else { return Ok(false) };
         match frame.kind {
             FrameType::Transport => {
-                let n = self.transport.read_message(frame.payload, &mut self.scratch).map_err(|e| match e {
-                    snow::Error::Decrypt => ControlError::Decrypt,
-                    other => ControlError::Noise(other.to_string()),
-                })?;
-                self.stream.extend_from_slice(&self.scratch[..n]);
+                // Opened in place at the end of the plaintext stream.
+                let start = self.stream.len();
+                self.stream.resize(start + frame.payload.len(), 0);
+                match self.transport.read_message(frame.payload, &mut self.stream[start..]) {
+                    Ok(n) => self.stream.truncate(start + n),
+                    Err(e) => {
+                        self.stream.truncate(start);
+                        return Err(match e {
+                            snow::Error::Decrypt => ControlError::Decrypt,
+                            other => ControlError::Noise(other.to_string()),
+                        });
+                    }
+                }
             }
             FrameType::Refusal => return Err(ControlError::UnexpectedRefusal(sanitize_reason(frame.payload))),
             FrameType::Handshake => {
@@ -511,6 +538,7 @@ impl ControlChannel {
         self.input_pos += used;
         if self.input_pos == self.input.len() {
             self.input.clear();
+            self.input.shrink_to(KEEP_CAPACITY);
             self.input_pos = 0;
         }
         Ok(true)
