@@ -142,10 +142,26 @@ fn launch_all(lab: &Lab, n: u8, extra: &[&str]) -> Vec<Host> {
 /// passes); returns how long it took.
 fn converge(hosts: &[Host], want: impl Fn(usize) -> bool, limit: Duration, started: Instant) -> Duration {
     let mut last = Vec::new();
+    let mut shown = Instant::now();
     while started.elapsed() < limit {
         last = established_counts(hosts);
         if last.iter().all(|&c| want(c)) {
             return started.elapsed();
+        }
+        if shown.elapsed() >= Duration::from_secs(20) {
+            // Progress for the record: how the mesh fills in.
+            let mut sorted = last.clone();
+            sorted.sort_unstable();
+            let done = last.iter().filter(|&&c| want(c)).count();
+            eprintln!(
+                "after {:.0?}: {done} of {} routers done; established connections min {} median {} max {}",
+                started.elapsed(),
+                hosts.len(),
+                sorted[0],
+                sorted[sorted.len() / 2],
+                sorted[sorted.len() - 1]
+            );
+            shown = Instant::now();
         }
         std::thread::sleep(Duration::from_secs(2));
     }
