@@ -35,6 +35,11 @@ pub const UDP_LOST_CLOSE: Duration = Duration::from_secs(30);
 /// gossip costs one recomputation (the first change after a quiet spell is
 /// applied at once).
 pub const ROUTES_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Discovery candidates are computed again at most this often: it walks every
+/// connection of every peer (10 000 in a full mesh of 100), and while a mesh
+/// forms the topology changes hundreds of times a second; this walk was the
+/// largest single cost of a forming mesh of 100.
+pub const DISCOVERY_EVERY: Duration = Duration::from_millis(500);
 /// Our own entry goes out at most this often (the first change after a quiet
 /// spell at once): while a mesh forms, a router's connections change a couple of
 /// hundred times in a minute, and each change sent alone cost every neighbour a
@@ -84,6 +89,8 @@ pub struct Inner {
     /// The topology changed since the discovery candidates were last given to
     /// the dialer.
     discovery_stale: bool,
+    /// When the discovery candidates were last computed (see [`DISCOVERY_EVERY`]).
+    discovery_at: Option<Instant>,
     /// Our own entry changed since it was last sent, and when it last was (see
     /// [`OWN_ENTRY_EVERY`]).
     own_entry_pending: bool,
@@ -258,6 +265,7 @@ impl Mesh {
                 ipam,
                 next_hop: HashMap::new(),
                 discovery_stale: true,
+                discovery_at: None,
                 own_entry_pending: false,
                 own_entry_sent: None,
                 route_runs: 0,
@@ -1181,8 +1189,10 @@ impl Mesh {
     pub fn due_dials(&self) -> Vec<Dial> {
         let mut guard = self.lock();
         let g = &mut *guard;
-        if self.settings.discovery && g.discovery_stale {
-            // Recomputed only after the topology changed.
+        let recent = g.discovery_at.is_some_and(|t| t.elapsed() < DISCOVERY_EVERY);
+        if self.settings.discovery && g.discovery_stale && !recent {
+            // Recomputed only after the topology changed, and not more often
+            // than DISCOVERY_EVERY (the maker loop comes back within 200 ms).
             let connected: HashSet<PeerName> = g.conns.values().filter_map(|c| c.peer).collect();
             let list: Vec<String> = g
                 .topology
@@ -1193,6 +1203,7 @@ impl Mesh {
                 .collect();
             g.dialer.set_candidates(list);
             g.discovery_stale = false;
+            g.discovery_at = Some(Instant::now());
         }
         // Accepted connections still handshaking never hold our dials back.
         let free = self.settings.conn_limit.saturating_sub(slots_used(g));
