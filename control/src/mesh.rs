@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use meshnet_proto::dialer::{self, Dial, DialId, Dialer, End, Failure, Keep};
 use meshnet_proto::handshake::{verify_peer, Hello};
-use meshnet_proto::topology::{full_gossip_targets, ConnInfo, PeerInfo, SignedPeerInfo, Topology};
+use meshnet_proto::topology::{full_gossip_targets, relay_targets, ConnInfo, PeerInfo, SignedPeerInfo, Topology};
 use meshnet_proto::trust::{Admission, Binding, KeyBook, PeerKeys, Signer};
 use meshnet_proto::wire::control::{split_gossip, ControlMsg, GOSSIP_CHUNK};
 use meshnet_proto::PeerName;
@@ -1256,23 +1256,34 @@ pub async fn route_loop(mesh: Arc<Mesh>) {
     }
 }
 
-/// Passes entries that were news to us, heard on connection `from`, on to a
-/// random [`full_gossip_fanout`](meshnet_proto::topology::full_gossip_fanout)
-/// of the other established connections (about 2·log₂ n, as Weave's
-/// `GossipNeighbourSubset`), not to all of them: in a full mesh of n every
-/// neighbour has usually heard the owner itself, and flooding made each change
-/// cost n² messages (a mesh of 100 spent its routers' CPU decoding copies and
-/// starved handshakes). Whoever hears it new passes it on the same way, so it
-/// spreads epidemically; the periodic exchange repairs what that missed.
+/// Passes entries that were news to us, heard on connection `from`, on to the
+/// neighbours [`relay_targets`] picks for each: not those the owner reaches
+/// itself, and of the rest about 2·log₂ n at random. Flooding every change to
+/// every neighbour cost a full mesh of n about n² messages per change (a mesh
+/// of 100 spent its routers' CPU decoding copies and starved handshakes).
+/// Whoever hears it new passes it on the same way; the periodic exchange
+/// repairs what that missed.
 fn relay_gossip(g: &mut Inner, from: u64, infos: Vec<SignedPeerInfo>) {
-    let mut ids: Vec<u64> = g.conns.iter().filter(|(&id, c)| id != from && c.established).map(|(&id, _)| id).collect();
-    ids.sort_unstable();
-    let chosen = full_gossip_targets(ids.len(), g.topology.peers().count(), random_u64());
-    let msgs = split_gossip(infos, GOSSIP_CHUNK);
-    for i in chosen {
-        if let Some(c) = g.conns.get(&ids[i]) {
-            for m in &msgs {
-                let _ = c.queue.send(m.clone());
+    let Some(from_peer) = g.conns.get(&from).and_then(|c| c.peer) else { return };
+    let mut neighbours: Vec<(u64, PeerName)> = g
+        .conns
+        .iter()
+        .filter(|(&id, c)| id != from && c.established)
+        .filter_map(|(&id, c)| Some((id, c.peer?)))
+        .collect();
+    neighbours.sort_unstable();
+    let names: Vec<PeerName> = neighbours.iter().map(|n| n.1).collect();
+    let peers = g.topology.peers().count();
+    let mut per_conn: BTreeMap<u64, Vec<SignedPeerInfo>> = BTreeMap::new();
+    for e in infos {
+        for i in relay_targets(&e.info, from_peer, &names, peers, random_u64()) {
+            per_conn.entry(neighbours[i].0).or_default().push(e.clone());
+        }
+    }
+    for (id, list) in per_conn {
+        if let Some(c) = g.conns.get(&id) {
+            for m in split_gossip(list, GOSSIP_CHUNK) {
+                let _ = c.queue.send(m);
             }
         }
     }

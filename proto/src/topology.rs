@@ -32,7 +32,7 @@
 //! topology made with [`Topology::with_signer`] re-signs my entry on every change.
 //! The plain [`Topology::merge`] trusts its input (tests and tools only).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 
 use std::sync::Arc;
@@ -967,6 +967,26 @@ pub fn full_gossip_targets(neighbours: usize, peers: usize, seed: u64) -> Vec<us
     idx
 }
 
+/// Which of my `neighbours` (their names, in the caller's order; returned as
+/// sorted indices) an entry that was news to me is passed on to, heard from
+/// neighbour `from`: not `from`, not the entry's owner, and none the entry lists
+/// as the owner's connections (the owner sends its own entry to each of them
+/// itself), then a random [`full_gossip_fanout`]-sized subset of the rest
+/// (Weave's `GossipNeighbourSubset`). In a full mesh nobody passes anything on;
+/// in a chain each hop passes it to the next.
+pub fn relay_targets(entry: &PeerInfo, from: PeerName, neighbours: &[PeerName], peers: usize, seed: u64) -> Vec<usize> {
+    let adjacent: HashSet<PeerName> = entry.connections.iter().map(|c| c.peer).collect();
+    let open: Vec<usize> = (0..neighbours.len())
+        .filter(|&i| {
+            let n = neighbours[i];
+            n != from && n != entry.name && !adjacent.contains(&n)
+        })
+        .collect();
+    let mut chosen: Vec<usize> = full_gossip_targets(open.len(), peers, seed).into_iter().map(|i| open[i]).collect();
+    chosen.sort_unstable();
+    chosen
+}
+
 fn normalise(mut conns: Vec<ConnInfo>) -> Vec<ConnInfo> {
     conns.sort();
     conns.dedup();
@@ -985,6 +1005,37 @@ fn truncate_text(s: &mut String) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn news_is_passed_on_only_to_neighbours_the_owner_does_not_reach() {
+        let conn = |p: u64| ConnInfo { peer: PeerName(p), addr: "10.0.0.1:6783".parse().unwrap(), outbound: true, established: true };
+        let entry = |owner: u64, conns: &[u64]| PeerInfo {
+            name: PeerName(owner),
+            nickname: String::new(),
+            uid: 1,
+            version: 2,
+            software: String::new(),
+            mtu: 1400,
+            connections: conns.iter().map(|&p| conn(p)).collect(),
+        };
+        // Full mesh of 1..=5, I am 1: the owner 2 reached everyone itself.
+        let full = entry(2, &[1, 3, 4, 5]);
+        let mine: Vec<PeerName> = [2, 3, 4, 5].map(PeerName).to_vec();
+        assert!(relay_targets(&full, PeerName(2), &mine, 5, 7).is_empty());
+        // Heard from 3 (relayed): still nobody, 2 reaches the others itself.
+        assert!(relay_targets(&full, PeerName(3), &mine, 5, 7).is_empty());
+        // Chain 2 - 1 - 3: the next hop gets it.
+        let chain = entry(2, &[1]);
+        let mine: Vec<PeerName> = [2, 3].map(PeerName).to_vec();
+        assert_eq!(relay_targets(&chain, PeerName(2), &mine, 3, 7), vec![1]);
+        // A hub with 200 neighbours the owner does not reach: about 2·log2 n of them.
+        let star = entry(2, &[1]);
+        let mine: Vec<PeerName> = (2..202).map(PeerName).collect();
+        let chosen = relay_targets(&star, PeerName(2), &mine, 202, 7);
+        assert_eq!(chosen.len(), full_gossip_fanout(202));
+        assert!(chosen.iter().all(|&i| mine[i] != PeerName(2)));
+        assert!(chosen.windows(2).all(|w| w[0] < w[1]));
+    }
+
     use super::*;
 
     fn name(n: u64) -> PeerName {
