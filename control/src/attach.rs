@@ -181,6 +181,7 @@ pub fn attach(
     target: &str,
     addrs: &[(IpAddr, u8)],
     ifname: Option<&str>,
+    multicast_route: bool,
 ) -> Result<Attached> {
     let t = resolve(target)?;
     let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
@@ -215,6 +216,7 @@ pub fn attach(
         container_if: ifname.to_string(),
         mtu,
         addrs: addrs.to_vec(),
+        multicast_route,
     };
     let attached = netlink::attach(&spec).with_context(|| format!("attach to {target}"))?;
     let entry = match attachments.iter_mut().find(|x| x.ns_inode == inode) {
@@ -229,10 +231,12 @@ pub fn attach(
                 addrs: Vec::new(),
                 ifname: (ifname != CONTAINER_IF).then(|| ifname.to_string()),
                 container_id: t.container.as_ref().map(|c| c.id.clone()),
+                no_multicast_route: !multicast_route,
             });
             attachments.last_mut().expect("just pushed")
         }
     };
+    entry.no_multicast_route = !multicast_route;
     for a in addrs {
         let text = format_cidr(a);
         if !entry.addrs.contains(&text) {
@@ -356,7 +360,7 @@ pub fn is_container(a: &Attachment, id: &ContainerId) -> bool {
     a.container_id.as_deref() == Some(id.id.as_str())
 }
 
-fn same_ip(cidr: &str, ip: &IpAddr) -> bool {
+pub fn same_ip(cidr: &str, ip: &IpAddr) -> bool {
     cidr.split('/').next().and_then(|s| s.parse::<IpAddr>().ok()) == Some(*ip)
 }
 
@@ -416,6 +420,7 @@ mod tests {
             addrs: vec![],
             ifname: None,
             container_id: id.map(String::from),
+            no_multicast_route: false,
         }
     }
 
