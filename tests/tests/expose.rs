@@ -57,7 +57,7 @@ print(c.recv(200).decode().strip())
 #[track_caller]
 fn who_server(lab: &Lab, ns: &str, port: u16, name: &str) -> Bg {
     let bg = lab.spawn_in(ns, &["python3", "-c", WHO_SERVER, &port.to_string(), name]);
-    assert!(wait_until(SECS(10), || bg.stdout().contains("listening")), "server in {ns}: {}", bg.stderr());
+    assert!(wait_until(SECS(30), || bg.stdout().contains("listening")), "server in {ns} did not start: {} {}", bg.stdout(), bg.stderr());
     bg
 }
 
@@ -241,4 +241,248 @@ fn expose_hide_isolate_reset() {
     assert!(!routes(&h1.ns).contains("10.2."), "reset left a route: {}", routes(&h1.ns));
     let addrs = exec_in(&h1.ns, &["ip", "-4", "addr"]).stdout;
     assert!(!addrs.contains("10.2."), "reset left an address: {addrs}");
+}
+
+// ---------------------------------------------------------------------------
+// CNI chains, driven as runtimes drive them
+
+/// The conflist shipped in `deploy/kubernetes/configmap.yaml` (`cni-conflist`).
+fn shipped_conflist() -> Value {
+    let path = workspace_root().join("deploy/kubernetes/configmap.yaml");
+    let yaml = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = yaml.lines().skip_while(|l| l.trim() != "cni-conflist: |").skip(1);
+    let mut text = String::new();
+    for l in lines.by_ref() {
+        if !l.starts_with("    ") && !l.trim().is_empty() {
+            break;
+        }
+        text.push_str(l);
+        text.push('\n');
+    }
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("cni-conflist in {} is not JSON ({e}):\n{text}", path.display()))
+}
+
+/// Where Debian's containernetworking-plugins put the standard plugins.
+const DEBIAN_PLUGINS: &str = "/usr/lib/cni";
+
+/// A plugin directory for the lab: `meshnet-cni` (the one under test) and the
+/// standard plugins the conflist names, from Debian's package.
+fn plugin_dir(lab: &Lab, conflist: &Value) -> PathBuf {
+    let dir = lab.dir.join("cni-bin");
+    let _ = std::fs::create_dir_all(&dir);
+    for p in conflist["plugins"].as_array().expect("plugins") {
+        let ty = p["type"].as_str().expect("type");
+        let from = if ty == "meshnet-cni" { cni_bin() } else { Path::new(DEBIAN_PLUGINS).join(ty) };
+        assert!(from.exists(), "plugin {ty} ({}) is missing: install containernetworking-plugins", from.display());
+        let _ = std::os::unix::fs::symlink(&from, dir.join(ty));
+    }
+    dir
+}
+
+/// One pod's sandbox, added to the network by a chain of plugins.
+struct Sandbox<'a> {
+    host: &'a Host,
+    id: String,
+    netns: String,
+    conflist: &'a Value,
+    plugins: &'a Path,
+    runtime_config: Value,
+}
+
+impl Sandbox<'_> {
+    /// The network configuration plugin `i` gets: its entry with the list's
+    /// name and version, our state directory, the runtime config its
+    /// capabilities ask for, and the previous result.
+    fn conf(&self, i: usize, prev: Option<&Value>) -> Value {
+        let mut c = self.conflist["plugins"][i].clone();
+        c["cniVersion"] = self.conflist["cniVersion"].clone();
+        c["name"] = self.conflist["name"].clone();
+        if c["type"] == "meshnet-cni" {
+            c["stateDir"] = json!(self.host.state_dir.to_string_lossy());
+        }
+        let mut rc = serde_json::Map::new();
+        for (cap, on) in c["capabilities"].as_object().cloned().unwrap_or_default() {
+            if on == true {
+                if let Some(v) = self.runtime_config.get(&cap) {
+                    rc.insert(cap, v.clone());
+                }
+            }
+        }
+        if !rc.is_empty() {
+            c["runtimeConfig"] = Value::Object(rc);
+        }
+        if let Some(p) = prev {
+            c["prevResult"] = p.clone();
+        }
+        c
+    }
+
+    fn run(&self, i: usize, command: &str, conf: &Value) -> Result<Value, String> {
+        let ty = conf["type"].as_str().unwrap_or_default().to_string();
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.host.ns]).arg(self.plugins.join(&ty));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &self.id)
+            .env("CNI_NETNS", &self.netns)
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", self.plugins);
+        cmd.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().map_err(|e| format!("spawn {ty}: {e}"))?;
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), conf.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().map_err(|e| format!("{ty}: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            return Err(format!(
+                "{command} through plugin {i} ({ty}) failed ({:?}): {stdout} {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        if stdout.trim().is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_str(&stdout).map_err(|e| format!("{ty} printed no JSON ({e}): {stdout}"))
+    }
+
+    /// ADD through every plugin in order, each given the previous one's result.
+    fn add(&self) -> Result<Value, String> {
+        let mut prev: Option<Value> = None;
+        for i in 0..self.conflist["plugins"].as_array().unwrap().len() {
+            let conf = self.conf(i, prev.as_ref());
+            prev = Some(self.run(i, "ADD", &conf)?);
+        }
+        Ok(prev.unwrap_or(Value::Null))
+    }
+
+    /// DEL through the plugins in reverse, each given the final ADD result.
+    fn del(&self, result: &Value) -> Result<(), String> {
+        for i in (0..self.conflist["plugins"].as_array().unwrap().len()).rev() {
+            let conf = self.conf(i, Some(result));
+            self.run(i, "DEL", &conf)?;
+        }
+        Ok(())
+    }
+}
+
+/// An "outside" namespace (`203.0.113.2`) wired to host 1 only, on a link
+/// where host 1 speaks with its underlay address; host 2 reaches it through
+/// host 1's underlay address. Runs a [`WHO_SERVER`] on port 7000 named `outside`.
+fn outside(lab: &Lab, h1: &Host, h2: &Host) -> (Container, Bg) {
+    let o = lab.add_container(h1, 9);
+    let h1_32 = format!("{}/32", h1.ip);
+    ip(&["-n", &h1.ns, "link", "add", "out0", "type", "veth", "peer", "name", "eth0", "netns", &o.ns]).expect_ok("out0");
+    ip(&["-n", &h1.ns, "addr", "add", &h1_32, "dev", "out0"]).expect_ok("h1 out0 address");
+    ip(&["-n", &h1.ns, "link", "set", "out0", "up"]).expect_ok("out0 up");
+    ip(&["-n", &h1.ns, "route", "add", "203.0.113.2/32", "dev", "out0", "src", &h1.ip]).expect_ok("h1 route to outside");
+    ip(&["-n", &o.ns, "addr", "add", "203.0.113.2/24", "dev", "eth0"]).expect_ok("outside address");
+    ip(&["-n", &o.ns, "link", "set", "eth0", "up"]).expect_ok("outside eth0 up");
+    let underlay = format!("10.250.{}.0/24", lab.k);
+    ip(&["-n", &o.ns, "route", "add", &underlay, "via", &h1.ip, "dev", "eth0", "onlink"]).expect_ok("outside route to the underlay");
+    ip(&["-n", &h2.ns, "route", "add", "203.0.113.0/24", "via", &h1.ip]).expect_ok("h2 route to outside");
+    let server = who_server(lab, &o.ns, 7000, "outside");
+    (o, server)
+}
+
+/// A Service as kube-proxy makes one: DNAT from `10.96.0.10:80` to the
+/// backend, for pods (prerouting) and the host itself (output), and
+/// masquerade of a backend reaching itself through it (hairpin).
+fn kube_proxy_service(h: &Host, backend: &str) {
+    let rules = format!(
+        "table ip kubeproxy {{
+  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;
+    ip daddr 10.96.0.10 tcp dport 80 dnat to {backend}:8080
+  }}
+  chain output {{ type nat hook output priority -100; policy accept;
+    ip daddr 10.96.0.10 tcp dport 80 dnat to {backend}:8080
+  }}
+  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;
+    ip saddr {backend} ip daddr {backend} masquerade
+  }}
+}}
+"
+    );
+    let file = h.state_dir.with_extension("kubeproxy.nft");
+    std::fs::write(&file, rules).unwrap();
+    exec_in(&h.ns, &["nft", "-f", &file.to_string_lossy()]).expect_ok("kube-proxy's Service rules");
+}
+
+#[test]
+fn pods_through_the_cni_chain() {
+    let Some(lab) = Lab::new("cni chain") else {
+        return;
+    };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let pod1 = lab.add_container(&h1, 1);
+    let pod2 = lab.add_container(&h2, 2);
+    two_routers(&h1, &h2);
+    let (_o, _outside_server) = outside(&lab, &h1, &h2);
+
+    let conflist = shipped_conflist();
+    let types: Vec<&str> = conflist["plugins"].as_array().unwrap().iter().filter_map(|p| p["type"].as_str()).collect();
+    assert_eq!(types, ["meshnet-cni", "portmap"], "the shipped conflist: {conflist:#}");
+    assert_eq!(conflist["plugins"][1]["capabilities"]["portMappings"], true);
+    let plugins = plugin_dir(&lab, &conflist);
+    let sandbox = |h, id: &str, ns: &str, rc: Value| Sandbox {
+        host: h,
+        id: format!("{id}-{}", lab.prefix),
+        netns: format!("/run/netns/{ns}"),
+        conflist: &conflist,
+        plugins: &plugins,
+        runtime_config: rc,
+    };
+    let s1 = sandbox(&h1, "pod1", &pod1.ns, json!({"portMappings": [{"hostPort": 8081, "containerPort": 8080, "protocol": "tcp"}]}));
+    let s2 = sandbox(&h2, "pod2", &pod2.ns, json!({}));
+    let r1 = s1.add().unwrap_or_else(|e| panic!("{e}"));
+    let r2 = s2.add().unwrap_or_else(|e| panic!("{e}"));
+    let (a1, a2) = (r1["ips"][0]["address"].as_str().unwrap().to_string(), r2["ips"][0]["address"].as_str().unwrap().to_string());
+    let (p1, p2) = (ip_of(&a1), ip_of(&a2));
+    // The gateway is the node's exposed address in the pod's subnet.
+    let (g1, g2) = (exposed(&h1), exposed(&h2));
+    assert_eq!(g1.len(), 1, "h1 exposed {g1:?}");
+    assert_eq!(g2.len(), 1, "h2 exposed {g2:?}");
+    assert_eq!(r1["ips"][0]["gateway"].as_str(), Some(ip_of(&g1[0]).as_str()), "{r1:#}");
+    assert!(r1["routes"].as_array().unwrap().iter().any(|r| r["dst"] == "0.0.0.0/0"), "{r1:#}");
+    assert!(routes(&pod1.ns).contains(&format!("default via {}", ip_of(&g1[0]))), "{}", routes(&pod1.ns));
+    // Hairpin on the pods' bridge ports.
+    let ports = exec_in(&h1.ns, &["bridge", "-d", "-j", "link", "show"]).expect_ok("bridge link").json();
+    assert!(
+        ports.as_array().unwrap().iter().any(|p| p["ifname"].as_str().is_some_and(|n| n.starts_with("vmn")) && p["hairpin"] == true),
+        "no pod port with hairpin on: {ports:#}"
+    );
+    assert!(ping_until(&pod1.ns, &p2, SECS(20)), "pod1 does not reach pod2");
+
+    // Egress: the outside sees the nodes' underlay addresses.
+    assert_eq!(ask_until(&pod1.ns, "203.0.113.2", 7000), Some(format!("outside {}", h1.ip)));
+    assert_eq!(ask_until(&pod2.ns, "203.0.113.2", 7000), Some(format!("outside {}", h2.ip)));
+
+    // A Service on every node pointing at pod2; pod1 reaches it, pod2 reaches itself.
+    let _backend = who_server(&lab, &pod2.ns, 8080, "backend");
+    kube_proxy_service(&h1, &p2);
+    kube_proxy_service(&h2, &p2);
+    assert_eq!(ask_until(&pod1.ns, "10.96.0.10", 80), Some(format!("backend {p1}")));
+    let hairpin = ask_until(&pod2.ns, "10.96.0.10", 80).unwrap_or_default();
+    assert!(hairpin.starts_with("backend "), "pod2 does not reach its own Service: {hairpin:?}");
+
+    // hostPort through portmap: h1's underlay address, port 8081, reaches pod1.
+    let _web = who_server(&lab, &pod1.ns, 8080, "pod1");
+    assert_eq!(ask_until(&h2.ns, &h1.ip, 8081), Some(format!("pod1 {}", h2.ip)));
+
+    // A router restart keeps the pod's address, route and reach.
+    h1.meshnet(&["stop"]).expect_ok("stop h1");
+    h1.launch(&["--resume"]);
+    assert_eq!(addrs_of(&pod1.ns, "eth0"), vec![a1.clone()], "pod1's address after a router restart");
+    assert!(routes(&pod1.ns).contains(&format!("default via {}", ip_of(&g1[0]))));
+    assert_eq!(exposed(&h1), g1);
+    assert!(ping_until(&pod1.ns, &p2, SECS(20)), "pod1 does not reach pod2 after the restart");
+    assert_eq!(ask_until(&pod1.ns, "203.0.113.2", 7000), Some(format!("outside {}", h1.ip)));
+
+    // DEL in reverse: the pod leaves the overlay and the host port goes.
+    s1.del(&r1).unwrap_or_else(|e| panic!("{e}"));
+    s2.del(&r2).unwrap_or_else(|e| panic!("{e}"));
+    assert!(link(&pod1.ns, "eth0").is_none(), "eth0 left in pod1");
+    let nat = exec_in(&h1.ns, &["iptables-save", "-t", "nat"]).stdout;
+    assert!(!nat.contains("8081"), "portmap's rule for 8081 is left:\n{nat}");
+    assert_eq!(ask(&h2.ns, &h1.ip, 8081), None, "the host port still answers after DEL");
 }
