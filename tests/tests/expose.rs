@@ -486,3 +486,140 @@ fn pods_through_the_cni_chain() {
     assert!(!nat.contains("8081"), "portmap's rule for 8081 is left:\n{nat}");
     assert_eq!(ask(&h2.ns, &h1.ip, 8081), None, "the host port still answers after DEL");
 }
+
+// ---------------------------------------------------------------------------
+// podman
+
+/// A tiny image root: bash, sleep, cat, ping and perl (for a TCP server and
+/// client) with the libraries they load, copied from this machine.
+fn rootfs_tarball(lab: &Lab) -> PathBuf {
+    let root = lab.dir.join("rootfs");
+    let mut files: Vec<String> = Vec::new();
+    for bin in ["/usr/bin/perl", "/usr/bin/bash", "/usr/bin/sleep", "/usr/bin/ping", "/usr/bin/cat"] {
+        files.push(bin.into());
+        let ldd = run(std::process::Command::new("ldd").arg(bin), SECS(10));
+        files.extend(ldd.stdout.split_whitespace().filter(|w| w.starts_with('/')).map(String::from));
+    }
+    let perl = run(std::process::Command::new("find").args(["/usr/lib/x86_64-linux-gnu/perl-base", "-type", "f"]), SECS(10));
+    files.extend(perl.stdout.lines().map(String::from));
+    std::fs::create_dir_all(&root).unwrap();
+    let list = lab.dir.join("rootfs.files");
+    std::fs::write(&list, files.join("\n")).unwrap();
+    let copy = format!(
+        "tar -chf - -T {} 2>/dev/null | tar -C {r} -xf - && mkdir -p {r}/bin {r}/etc {r}/tmp {r}/proc {r}/sys {r}/dev && ln -sf /usr/bin/bash {r}/bin/sh && tar -C {r} -cf {r}.tar .",
+        list.display(),
+        r = root.display()
+    );
+    run(std::process::Command::new("sh").args(["-c", &copy]), SECS(60)).expect_ok("make the image root");
+    root.with_extension("tar")
+}
+
+/// podman for one host: its own storage, run directory and containers.conf
+/// (CNI backend, meshnet's conflist, the lab's plugin directory).
+struct Podman {
+    ns: String,
+    root: PathBuf,
+    conf: PathBuf,
+}
+
+impl Podman {
+    fn new(lab: &Lab, h: &Host, conflist: &Value, plugins: &Path) -> Podman {
+        let root = lab.dir.join(format!("podman-h{}", h.i));
+        let net = root.join("net.d");
+        std::fs::create_dir_all(&net).unwrap();
+        let mut list = conflist.clone();
+        for p in list["plugins"].as_array_mut().unwrap() {
+            if p["type"] == "meshnet-cni" {
+                p["stateDir"] = json!(h.state_dir.to_string_lossy());
+            }
+        }
+        std::fs::write(net.join("10-meshnet.conflist"), serde_json::to_string_pretty(&list).unwrap()).unwrap();
+        let conf = root.join("containers.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=4096:4096\"]\n\
+                 [network]\nnetwork_backend = \"cni\"\nnetwork_config_dir = \"{}\"\ncni_plugin_dirs = [\"{}\"]\n\
+                 [engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
+                net.display(),
+                plugins.display()
+            ),
+        )
+        .unwrap();
+        Podman { ns: h.ns.clone(), root, conf }
+    }
+
+    fn run(&self, args: &[&str]) -> Out {
+        // Only the network namespace: `ip netns exec` would also give podman a
+        // mount namespace of its own, and the routers (in theirs) would not see
+        // the namespace files podman mounts under /run/netns.
+        let mut cmd = std::process::Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.ns))
+            .arg("podman")
+            .arg("--root")
+            .arg(self.root.join("storage"))
+            .arg("--runroot")
+            .arg(self.root.join("run"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .env("CONTAINERS_CONF", &self.conf);
+        run(&mut cmd, SECS(90))
+    }
+
+    fn address(&self, name: &str) -> String {
+        self.run(&["inspect", name, "--format", "{{.NetworkSettings.Networks.meshnet.IPAddress}}"])
+            .expect_ok("podman inspect")
+            .stdout
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = self.run(&["rm", "--force", "--all", "--time", "0"]);
+    }
+}
+
+const PERL_SERVER: &str = r#"use IO::Socket::INET; my $s = IO::Socket::INET->new(LocalPort => 8080, Listen => 5, ReuseAddr => 1) or die "listen: $!"; $| = 1; print "listening\n"; while (my $c = $s->accept) { print $c "$ARGV[0] " . $c->peerhost . "\n"; close $c }"#;
+const PERL_CLIENT: &str = r#"use IO::Socket::INET; my $c = IO::Socket::INET->new(PeerAddr => $ARGV[0], Timeout => 3) or die "connect: $!"; print scalar <$c>"#;
+
+#[test]
+fn podman_on_two_routers() {
+    let Some(lab) = Lab::new("podman") else {
+        return;
+    };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    two_routers(&h1, &h2);
+    let (_o, _outside_server) = outside(&lab, &h1, &h2);
+    let conflist = shipped_conflist();
+    let plugins = plugin_dir(&lab, &conflist);
+    let tarball = rootfs_tarball(&lab);
+    let (pm1, pm2) = (Podman::new(&lab, &h1, &conflist, &plugins), Podman::new(&lab, &h2, &conflist, &plugins));
+    for pm in [&pm1, &pm2] {
+        pm.run(&["import", &tarball.to_string_lossy(), "localhost/meshnet-test-root:1"]).expect_ok("podman import");
+        let nets = pm.run(&["network", "ls", "--format", "{{.Name}}"]).expect_ok("podman network ls");
+        assert!(nets.stdout.lines().any(|l| l == "meshnet"), "podman does not see meshnet's conflist: {nets}");
+    }
+    let image = "localhost/meshnet-test-root:1";
+    pm1.run(&["run", "-d", "--name", "web1", "--network", "meshnet", "--cap-add", "NET_RAW", "-p", "8082:8080", image, "perl", "-e", PERL_SERVER, "web1"])
+        .expect_ok("podman run on h1");
+    pm2.run(&["run", "-d", "--name", "web2", "--network", "meshnet", "--cap-add", "NET_RAW", image, "perl", "-e", PERL_SERVER, "web2"])
+        .expect_ok("podman run on h2");
+    let (ip1, ip2) = (pm1.address("web1"), pm2.address("web2"));
+    assert!(ip1.starts_with("10.2.1.") && ip2.starts_with("10.2.1."), "addresses {ip1} {ip2}");
+    let ps1 = h1.ps_json();
+    assert!(ps1.iter().any(|e| e["addresses"].to_string().contains(&ip1)), "h1's router does not list {ip1}: {ps1:?}");
+    let pinged = wait_until(SECS(20), || pm1.run(&["exec", "web1", "ping", "-c", "1", "-W", "1", &ip2]).ok());
+    assert!(pinged, "web1 does not ping web2");
+    assert!(pm2.run(&["exec", "web2", "ping", "-c", "1", "-W", "1", &ip1]).ok(), "web2 does not ping web1");
+    for (pm, name, h) in [(&pm1, "web1", &h1), (&pm2, "web2", &h2)] {
+        let out = pm.run(&["exec", name, "perl", "-e", PERL_CLIENT, "203.0.113.2:7000"]);
+        assert_eq!(out.stdout.trim(), format!("outside {}", h.ip), "{name} to the outside: {out}");
+    }
+    // -p 8082:8080 on h1, through portmap: h2 reaches web1 at h1's underlay address.
+    assert_eq!(ask_until(&h2.ns, &h1.ip, 8082), Some(format!("web1 {}", h2.ip)));
+    pm1.run(&["rm", "--force", "--time", "0", "web1"]).expect_ok("podman rm web1");
+    assert!(!h1.ps_json().iter().any(|e| e["addresses"].to_string().contains(&ip1)), "web1 still attached after rm");
+    assert_eq!(ask(&h2.ns, &h1.ip, 8082), None, "the published port still answers after rm");
+}
