@@ -171,8 +171,17 @@ pub fn host_if_name(ns_inode: u64) -> String {
     format!("vmn{:08x}", (ns_inode ^ (ns_inode >> 32)) as u32)
 }
 
-/// Attaches `addrs` to `target` (as interface `ifname`, default [`CONTAINER_IF`])
-/// and updates the remembered attachments.
+/// How the interface inside an attached target is made.
+#[derive(Clone, Copy, Debug)]
+pub struct Inside<'a> {
+    /// Its name (default [`CONTAINER_IF`]).
+    pub ifname: Option<&'a str>,
+    /// Route `224.0.0.0/4` through it (off: `attach --no-multicast-route`).
+    pub multicast_route: bool,
+}
+
+/// Attaches `addrs` to `target` (as interface `inside.ifname`, default
+/// [`CONTAINER_IF`]) and updates the remembered attachments.
 pub fn attach(
     state: &StateDir,
     attachments: &mut Vec<Attachment>,
@@ -180,9 +189,9 @@ pub fn attach(
     mtu: u32,
     target: &str,
     addrs: &[(IpAddr, u8)],
-    ifname: Option<&str>,
-    multicast_route: bool,
+    inside: Inside,
 ) -> Result<Attached> {
+    let Inside { ifname, multicast_route } = inside;
     let t = resolve(target)?;
     let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
     let ifname = ifname.filter(|s| !s.is_empty()).unwrap_or(CONTAINER_IF);

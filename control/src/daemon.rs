@@ -518,8 +518,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 s.mtu,
                 &target,
                 &addrs,
-                ifname.as_deref(),
-                !no_multicast_route,
+                attach::Inside { ifname: ifname.as_deref(), multicast_route: !no_multicast_route },
             ) {
                 Ok(d) => d,
                 Err(e) => {

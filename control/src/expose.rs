@@ -108,12 +108,14 @@ pub fn delete_table(bridge: &str) -> Result<bool> {
     Ok(true)
 }
 
+/// Whether the table is there; without `nft` installed it cannot be (meshnet
+/// only ever makes it through `nft`).
 fn table_exists(table: &str) -> Result<bool> {
-    let out = Command::new("nft")
-        .args(["list", "table", "ip", table])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(nft_missing)?;
+    let out = match Command::new("nft").args(["list", "table", "ip", table]).stdin(Stdio::null()).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(nft_missing(e)),
+    };
     Ok(out.status.success())
 }
 

@@ -48,8 +48,8 @@ while True:
 /// Connects to `argv[1]:argv[2]` and prints what the server says.
 const WHO_CLIENT: &str = r#"
 import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=2)
-c.settimeout(2)
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+c.settimeout(5)
 print(c.recv(200).decode().strip())
 "#;
 
@@ -63,14 +63,15 @@ fn who_server(lab: &Lab, ns: &str, port: u16, name: &str) -> Bg {
 
 /// What a [`WHO_SERVER`] at `ip:port` answers a client in `ns`, if it does.
 fn ask(ns: &str, ip: &str, port: u16) -> Option<String> {
-    let out = exec_in_timeout(ns, &["python3", "-c", WHO_CLIENT, ip, &port.to_string()], SECS(5));
+    // Generous: python's start alone takes seconds on a loaded machine.
+    let out = exec_in_timeout(ns, &["python3", "-c", WHO_CLIENT, ip, &port.to_string()], SECS(30));
     out.ok().then(|| out.stdout.trim().to_string()).filter(|s| !s.is_empty())
 }
 
 /// Retries [`ask`] for a while (routes, ARP and the overlay settling).
 fn ask_until(ns: &str, ip: &str, port: u16) -> Option<String> {
     let mut answer = None;
-    wait_until(SECS(20), || {
+    wait_until(SECS(60), || {
         answer = ask(ns, ip, port);
         answer.is_some()
     });
@@ -101,7 +102,7 @@ fn exposed(h: &Host) -> Vec<String> {
 /// `nft list table ip meshnet` in the host, or None when there is no such table.
 fn meshnet_table(h: &Host) -> Option<String> {
     let out = exec_in(&h.ns, &["nft", "list", "table", "ip", "meshnet"]);
-    out.ok().then(|| out.stdout)
+    out.ok().then_some(out.stdout)
 }
 
 /// The IPv4 addresses (`ip/prefix`) on `dev` in `ns`.
