@@ -527,8 +527,9 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 }
             };
             if hairpin {
-                if let Some(host_if) = a.iter().find(|x| x.ns_inode == done_inode(&t)).map(|x| x.host_if.clone()) {
-                    netlink::set_hairpin(&host_if, true).with_context(|| format!("attach {target}"))?;
+                let inode = t.netns.inode().with_context(|| format!("attach {target}"))?;
+                if let Some(x) = a.iter().find(|x| x.ns_inode == inode) {
+                    netlink::set_hairpin(&x.host_if, true).with_context(|| format!("attach {target}"))?;
                 }
             }
             plain_frames_if_capturing(ctx.datapath, &t.netns, &done.container_if);
@@ -618,10 +619,6 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             Ok(json!({ "stopping": true }))
         }
     }
-}
-
-fn done_inode(t: &attach::Target) -> u64 {
-    t.netns.inode().unwrap_or_default()
 }
 
 /// `meshnet expose`: an address on the bridge for every spec (an exposed one

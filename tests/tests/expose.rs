@@ -218,6 +218,15 @@ fn expose_hide_isolate_reset() {
     let held = ipam["allocations"].as_array().unwrap().iter().filter(|a| a["target"] == "meshnet:expose").count();
     assert_eq!(held, 1, "hide did not release to IPAM: {ipam:#}");
 
+    // --without-masquerade turns the subnet's masquerade off; exposing plainly again, on.
+    let masq = |h: &Host| meshnet_table(h).unwrap_or_default().contains("ip saddr 10.2.1.0/24 ip daddr != 10.2.0.0/16");
+    assert!(masq(&h1));
+    let out = h1.meshnet(&["expose", "--without-masquerade"]).expect_ok("expose --without-masquerade");
+    assert_eq!(out.stdout.trim(), e1);
+    assert!(!masq(&h1), "still masqueraded:\n{}", meshnet_table(&h1).unwrap_or_default());
+    h1.meshnet(&["expose"]).expect_ok("expose");
+    assert!(masq(&h1), "not masqueraded again:\n{}", meshnet_table(&h1).unwrap_or_default());
+
     // A restart re-applies the exposure.
     h1.meshnet(&["stop"]).expect_ok("stop h1");
     exec_in(&h1.ns, &["nft", "delete", "table", "ip", "meshnet"]).expect_ok("drop the table while stopped");
