@@ -233,6 +233,7 @@ pub fn run(cfg: Config) -> Result<()> {
 
         let ctx = Arc::new(ApiCtx {
             mesh: mesh.clone(),
+            expose_op: Mutex::new(()),
             exposed: Mutex::new(exposed),
             attachments: Mutex::new(attachments),
             datapath: cfg.datapath,
@@ -384,9 +385,12 @@ pub fn reset_offline(state: &StateDir) -> Result<()> {
     Ok(())
 }
 
-/// What the API handlers share. Lock order: `exposed` before `attachments`.
+/// What the API handlers share. Lock order: `expose_op`, then `exposed` or
+/// `attachments` (never both held at once).
 struct ApiCtx {
     mesh: Arc<Mesh>,
+    /// Held for a whole `expose` or `hide`.
+    expose_op: Mutex<()>,
     /// The host's addresses on the overlay (persisted in `exposed.json`).
     exposed: Mutex<Vec<Exposure>>,
     attachments: Mutex<Vec<Attachment>>,
@@ -632,7 +636,11 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
         cidrs.iter().map(|c| ipamd::parse_addr(c)).collect::<Result<_>>()?
     };
     let (range, default_subnet) = mesh.with_ipam(|h| (h.ipam.universe(), h.default_subnet));
-    let mut exposed = ctx.exposed.lock().unwrap_or_else(|p| p.into_inner());
+    // One expose or hide at a time (concurrent CNI ADDs must not expose two
+    // addresses in one subnet); `exposed` itself is only locked briefly, so
+    // `status` never waits for an allocation.
+    let _one_at_a_time = ctx.expose_op.lock().unwrap_or_else(|p| p.into_inner());
+    let exposed = ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).clone();
     // Check everything before anything changes.
     let mut answer: Vec<Option<String>> = Vec::new();
     let mut new_specs = Vec::new();
@@ -723,7 +731,7 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
         let _ = expose::apply_table(bridge, range, &exposed);
         return Err(e.context("expose"));
     }
-    *exposed = next;
+    *ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()) = next;
     for (ip, prefix) in &added {
         log::info!("exposed {ip}/{prefix} on {bridge}");
     }
@@ -736,7 +744,8 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
     let mesh = &ctx.mesh;
     let bridge = &mesh.settings.bridge;
     let (range, default_subnet) = mesh.with_ipam(|h| (h.ipam.universe(), h.default_subnet));
-    let mut exposed = ctx.exposed.lock().unwrap_or_else(|p| p.into_inner());
+    let _one_at_a_time = ctx.expose_op.lock().unwrap_or_else(|p| p.into_inner());
+    let exposed = ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut chosen: Vec<usize> = Vec::new();
     if cidrs.is_empty() {
         chosen = (0..exposed.len()).collect();
@@ -780,8 +789,8 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
         });
         log::info!("hid {} from {bridge}", e.addr);
     }
-    *exposed = next;
-    expose::apply_table(bridge, range, &exposed).context("hide")?;
+    expose::apply_table(bridge, range, &next).context("hide")?;
+    *ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()) = next;
     Ok(json!({ "hidden": gone.iter().map(|e| e.addr.clone()).collect::<Vec<_>>() }))
 }
 
