@@ -5,7 +5,12 @@
 //! through the control socket in the state directory, to attach the namespace
 //! (`CNI_NETNS`) with interface `CNI_IFNAME` and the addresses of
 //! `ipam.addresses` (or, without them, addresses from meshnet's IPAM); the
-//! router sets the MTU. DEL detaches (idempotent), CHECK compares the router's
+//! router sets the MTU. A pod whose address is inside meshnet's range (and
+//! whose configuration names no gateway or default route) gets a default route
+//! through the node's exposed address in its subnet, which the router exposes
+//! the first time one is needed; its bridge port gets hairpin mode. The node's
+//! exposed address stays when pods go.
+//! DEL detaches (idempotent), CHECK compares the router's
 //! view with the previous result, VERSION lists the supported versions.
 //!
 //! Network configuration (stdin):
@@ -578,6 +583,17 @@ fn same_file(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_subnets() {
+        assert_eq!(v4_net("10.2.1.5/24"), Some(("10.2.1.5".parse().unwrap(), 24)));
+        assert_eq!(mask("10.2.1.5".parse().unwrap(), 24), "10.2.1.0".parse::<std::net::Ipv4Addr>().unwrap());
+        assert_eq!(mask("10.47.255.1".parse().unwrap(), 12), "10.32.0.0".parse::<std::net::Ipv4Addr>().unwrap());
+        assert_eq!(mask("10.2.1.5".parse().unwrap(), 0), std::net::Ipv4Addr::UNSPECIFIED);
+        for bad in ["10.2.1.5", "10.2.1.5/33", "fd00::1/64", "x/8"] {
+            assert_eq!(v4_net(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn configurations() {
