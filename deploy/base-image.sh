@@ -2,7 +2,7 @@
 # Makes a local Debian bookworm image without any registry, for building
 # deploy/Dockerfile where nothing can be pulled (CI, air-gapped hosts):
 #
-#   debootstrap --variant=minbase bookworm (+ iproute2, iputils-ping, procps, curl, libpcap0.8)
+#   debootstrap --variant=minbase bookworm (+ iproute2, iputils-ping, procps, curl, libpcap0.8, nftables)
 #   -> tarball cached in $MESHNET_BASE_CACHE (default /var/cache/meshnet-test)
 #   -> `docker import` as $MESHNET_BASE_IMAGE (default meshnet-test-base:bookworm-<hash of the package list>)
 #
@@ -15,7 +15,7 @@ set -euo pipefail
 SUITE="${MESHNET_BASE_SUITE:-bookworm}"
 MIRROR="${MESHNET_BASE_MIRROR:-}"
 # What deploy/Dockerfile installs when missing, plus ping and ps for the tests.
-PACKAGES="iproute2,iputils-ping,procps,curl,ca-certificates,libpcap0.8"
+PACKAGES="iproute2,iputils-ping,procps,curl,ca-certificates,libpcap0.8,nftables"
 # The package list is part of the names: changing it makes a new cache entry.
 KEY="$(printf '%s %s' "$SUITE" "$PACKAGES" | sha256sum | cut -c1-8)"
 IMAGE="${MESHNET_BASE_IMAGE:-meshnet-test-base:$SUITE-$KEY}"

@@ -13,6 +13,10 @@ have ethtool  || need+=(ethtool)
 have python3  || need+=(python3)
 have ss       || need+=(iproute2)
 have cc       || need+=(gcc)
+have nft      || need+=(nftables)
+have podman   || need+=(podman)
+# The standard CNI plugins (portmap, chained by meshnet's conflist) as Debian ships them.
+[ -x /usr/lib/cni/portmap ] || need+=(containernetworking-plugins)
 [ -e /usr/include/pcap/pcap.h ] || need+=(libpcap-dev)
 [ -e /usr/lib/x86_64-linux-gnu/pkgconfig/libpcap.pc ] || [ -e /usr/include/pcap/pcap.h ] || need+=(pkg-config)
 if [ ${#need[@]} -gt 0 ]; then

@@ -49,6 +49,9 @@ enum Cmd {
     /// `ethwe` on the overlay. ADDR: `ip:CIDR` or a bare CIDR (that address), `net:CIDR` (any free
     /// address of that subnet), `net:default`; none: an address from the default subnet.
     Attach {
+        /// Leave out the route of 224.0.0.0/4 (multicast) through `ethwe`.
+        #[arg(long)]
+        no_multicast_route: bool,
         /// [ADDR...] TARGET
         #[arg(required = true, num_args = 1.., value_name = "[ADDR...] TARGET")]
         args: Vec<String>,
@@ -58,6 +61,20 @@ enum Cmd {
         /// [CIDR...] TARGET
         #[arg(required = true, num_args = 1.., value_name = "[CIDR...] TARGET")]
         args: Vec<String>,
+    },
+    /// Give this host an address on the overlay (on the bridge), printed one a line. ADDR as for
+    /// attach; none: one in the default subnet. Exposing again gives the same address.
+    Expose {
+        /// Do not masquerade traffic from the exposed subnet to the outside.
+        #[arg(long)]
+        without_masquerade: bool,
+        #[arg(value_name = "ADDR")]
+        addrs: Vec<String>,
+    },
+    /// Take this host's exposed addresses (all when none are given) off the overlay.
+    Hide {
+        #[arg(value_name = "ADDR")]
+        addrs: Vec<String>,
     },
     /// Show the router, its peers, connections or targets.
     Status {
@@ -231,9 +248,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_list("targets", &targets);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Attach { mut args } => {
+        Cmd::Attach { no_multicast_route, mut args } => {
             let target = args.pop().expect("clap requires one");
-            let v = call(&state, Request::Attach { target, cidrs: args, ifname: None })?;
+            let v = call(
+                &state,
+                Request::Attach { target, cidrs: args, ifname: None, no_multicast_route, hairpin: false },
+            )?;
             let addrs: Vec<String> = serde_json::from_value(v["addresses"].clone()).unwrap_or_default();
             println!("{}", addrs.join(" "));
             Ok(ExitCode::SUCCESS)
@@ -241,6 +261,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Detach { mut args } => {
             let target = args.pop().expect("clap requires one");
             call(&state, Request::Detach { target, cidrs: args })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Expose { without_masquerade, addrs } => {
+            let v = call(&state, Request::Expose { cidrs: addrs, masquerade: Some(!without_masquerade) })?;
+            let addrs: Vec<String> = serde_json::from_value(v["addresses"].clone()).unwrap_or_default();
+            for a in addrs {
+                println!("{a}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Hide { addrs } => {
+            call(&state, Request::Hide { cidrs: addrs })?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { what, json } => status(&state, what, json),
@@ -601,6 +633,9 @@ fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<Exit
             println!("          Peers: {}", s.peers.len());
             println!("    Connections: {} ({} established)", s.connections.len(), established);
             println!("        Targets: {}", s.targets.len());
+            if !s.exposed.is_empty() {
+                println!("        Exposed: {}", s.exposed.join(" "));
+            }
             println!("      Discovery: {}", if s.discovery { "on" } else { "off" });
             let l = &s.limits;
             let i = &l.inbound;

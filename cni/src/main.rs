@@ -5,7 +5,12 @@
 //! through the control socket in the state directory, to attach the namespace
 //! (`CNI_NETNS`) with interface `CNI_IFNAME` and the addresses of
 //! `ipam.addresses` (or, without them, addresses from meshnet's IPAM); the
-//! router sets the MTU. DEL detaches (idempotent), CHECK compares the router's
+//! router sets the MTU. A pod whose address is inside meshnet's range (and
+//! whose configuration names no gateway or default route) gets a default route
+//! through the node's exposed address in its subnet, which the router exposes
+//! the first time one is needed; its bridge port gets hairpin mode. The node's
+//! exposed address stays when pods go.
+//! DEL detaches (idempotent), CHECK compares the router's
 //! view with the previous result, VERSION lists the supported versions.
 //!
 //! Network configuration (stdin):
@@ -289,6 +294,8 @@ fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
             target: env.netns.clone(),
             cidrs: wanted.iter().map(|(c, _)| c.clone()).collect(),
             ifname: Some(env.ifname.clone()),
+            no_multicast_route: false,
+            hairpin: true,
         },
     )?;
     remember(conf, env);
@@ -296,6 +303,19 @@ fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
     let addresses: Vec<String> = serde_json::from_value(answer["addresses"].clone()).unwrap_or_default();
     if addresses.is_empty() {
         return Err(err(E_ROUTER, "the meshnet router attached the interface but gave it no address"));
+    }
+    let mut routes = routes;
+    // The pod's way off the overlay: a default route through the node's
+    // address in the pod's subnet (the router exposes one when none is yet),
+    // unless the configuration names a gateway or a default route itself.
+    let mut gateway: Option<(String, IpAddr)> = None;
+    let configured = routes.iter().any(|(ip, prefix, _)| ip.is_ipv4() && *prefix == 0)
+        || wanted.iter().any(|(_, gw)| gw.is_some_and(|g| g.is_ipv4()));
+    if !configured {
+        if let Some((addr, gw)) = node_gateway(conf, &addresses)? {
+            routes.push((IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0, Some(gw)));
+            gateway = Some((addr, gw));
+        }
     }
     if !routes.is_empty() {
         add_routes(&env.netns, &env.ifname, &routes)
@@ -313,6 +333,9 @@ fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
             let ip: Option<IpAddr> = a.split('/').next().and_then(|s| s.parse().ok());
             let mut o = json!({ "address": a, "interface": 0 });
             if let Some((_, Some(gw))) = wanted.iter().find(|(w, _)| w == a) {
+                o["gateway"] = json!(gw.to_string());
+            }
+            if let Some((_, gw)) = gateway.as_ref().filter(|(g, _)| g == a) {
                 o["gateway"] = json!(gw.to_string());
             }
             if old {
@@ -342,6 +365,39 @@ fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
 }
 
 type ParsedRoute = (IpAddr, u8, Option<IpAddr>);
+
+/// The first IPv4 address of `addresses` inside meshnet's IP allocation range,
+/// and the node's exposed address in its subnet (exposed now if there is none).
+fn node_gateway(conf: &NetConf, addresses: &[String]) -> Result<Option<(String, IpAddr)>, CniError> {
+    let ipam = router(conf, &Request::IpamStatus)?;
+    let Some(range) = ipam["range"].as_str().and_then(v4_net) else { return Ok(None) };
+    let Some((addr, net)) = addresses.iter().find_map(|a| {
+        let (ip, prefix) = v4_net(a)?;
+        let in_range = prefix >= range.1 && mask(ip, range.1) == range.0;
+        in_range.then(|| (a.clone(), (mask(ip, prefix), prefix)))
+    }) else {
+        return Ok(None);
+    };
+    let answer = router(conf, &Request::Expose { cidrs: vec![format!("net:{}/{}", net.0, net.1)], masquerade: None })
+        .map_err(|e| err_details(e.code, format!("exposing the node on {}/{}: {}", net.0, net.1, e.msg), e.details))?;
+    let gw = answer["addresses"][0]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+        .and_then(|ip| ip.parse::<IpAddr>().ok())
+        .ok_or_else(|| err(E_ROUTER, format!("the meshnet router exposed no address in {}/{}", net.0, net.1)))?;
+    Ok(Some((addr, gw)))
+}
+
+fn v4_net(cidr: &str) -> Option<(std::net::Ipv4Addr, u8)> {
+    let (ip, prefix) = cidr.split_once('/')?;
+    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
+    Some((ip.parse().ok()?, prefix))
+}
+
+fn mask(ip: std::net::Ipv4Addr, prefix: u8) -> std::net::Ipv4Addr {
+    let m = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    std::net::Ipv4Addr::from(u32::from(ip) & m)
+}
 
 fn parse_routes(routes: &[Route]) -> Result<Vec<ParsedRoute>, CniError> {
     routes
@@ -527,6 +583,17 @@ fn same_file(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_subnets() {
+        assert_eq!(v4_net("10.2.1.5/24"), Some(("10.2.1.5".parse().unwrap(), 24)));
+        assert_eq!(mask("10.2.1.5".parse().unwrap(), 24), "10.2.1.0".parse::<std::net::Ipv4Addr>().unwrap());
+        assert_eq!(mask("10.47.255.1".parse().unwrap(), 12), "10.32.0.0".parse::<std::net::Ipv4Addr>().unwrap());
+        assert_eq!(mask("10.2.1.5".parse().unwrap(), 0), std::net::Ipv4Addr::UNSPECIFIED);
+        for bad in ["10.2.1.5", "10.2.1.5/33", "fd00::1/64", "x/8"] {
+            assert_eq!(v4_net(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn configurations() {

@@ -28,8 +28,24 @@ pub enum Request {
         cidrs: Vec<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ifname: Option<String>,
+        /// Leave out the `224.0.0.0/4` route through the interface.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        no_multicast_route: bool,
+        /// Hairpin mode on the bridge port (pods: a pod reaches itself through its Service).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        hairpin: bool,
     },
     Detach { target: String, cidrs: Vec<String> },
+    /// Give this host addresses on the overlay (`cidrs` in `attach`'s forms;
+    /// none: one in the default subnet). Idempotent. Answers `addresses`.
+    /// `masquerade`: `None` keeps an exposed address's setting (new ones masquerade).
+    Expose {
+        cidrs: Vec<String>,
+        #[serde(default)]
+        masquerade: Option<bool>,
+    },
+    /// Take exposed addresses away again (all when `cidrs` is empty). Answers `hidden`.
+    Hide { cidrs: Vec<String> },
     Ps,
     /// Ranges per owner, free space, unreachable peers' space.
     IpamStatus,
@@ -140,6 +156,9 @@ pub struct Status {
     /// Identities refused and gossip dropped (see [`TrustStatus`]).
     #[serde(default)]
     pub trust: TrustStatus,
+    /// This host's addresses on the overlay (`meshnet expose`), as `ip/prefix`.
+    #[serde(default)]
+    pub exposed: Vec<String>,
 }
 
 /// What the router refused to believe.

@@ -171,8 +171,17 @@ pub fn host_if_name(ns_inode: u64) -> String {
     format!("vmn{:08x}", (ns_inode ^ (ns_inode >> 32)) as u32)
 }
 
-/// Attaches `addrs` to `target` (as interface `ifname`, default [`CONTAINER_IF`])
-/// and updates the remembered attachments.
+/// How the interface inside an attached target is made.
+#[derive(Clone, Copy, Debug)]
+pub struct Inside<'a> {
+    /// Its name (default [`CONTAINER_IF`]).
+    pub ifname: Option<&'a str>,
+    /// Route `224.0.0.0/4` through it (off: `attach --no-multicast-route`).
+    pub multicast_route: bool,
+}
+
+/// Attaches `addrs` to `target` (as interface `inside.ifname`, default
+/// [`CONTAINER_IF`]) and updates the remembered attachments.
 pub fn attach(
     state: &StateDir,
     attachments: &mut Vec<Attachment>,
@@ -180,8 +189,9 @@ pub fn attach(
     mtu: u32,
     target: &str,
     addrs: &[(IpAddr, u8)],
-    ifname: Option<&str>,
+    inside: Inside,
 ) -> Result<Attached> {
+    let Inside { ifname, multicast_route } = inside;
     let t = resolve(target)?;
     let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
     let ifname = ifname.filter(|s| !s.is_empty()).unwrap_or(CONTAINER_IF);
@@ -215,6 +225,7 @@ pub fn attach(
         container_if: ifname.to_string(),
         mtu,
         addrs: addrs.to_vec(),
+        multicast_route,
     };
     let attached = netlink::attach(&spec).with_context(|| format!("attach to {target}"))?;
     let entry = match attachments.iter_mut().find(|x| x.ns_inode == inode) {
@@ -229,10 +240,12 @@ pub fn attach(
                 addrs: Vec::new(),
                 ifname: (ifname != CONTAINER_IF).then(|| ifname.to_string()),
                 container_id: t.container.as_ref().map(|c| c.id.clone()),
+                no_multicast_route: !multicast_route,
             });
             attachments.last_mut().expect("just pushed")
         }
     };
+    entry.no_multicast_route = !multicast_route;
     for a in addrs {
         let text = format_cidr(a);
         if !entry.addrs.contains(&text) {
@@ -356,7 +369,7 @@ pub fn is_container(a: &Attachment, id: &ContainerId) -> bool {
     a.container_id.as_deref() == Some(id.id.as_str())
 }
 
-fn same_ip(cidr: &str, ip: &IpAddr) -> bool {
+pub fn same_ip(cidr: &str, ip: &IpAddr) -> bool {
     cidr.split('/').next().and_then(|s| s.parse::<IpAddr>().ok()) == Some(*ip)
 }
 
@@ -416,6 +429,7 @@ mod tests {
             addrs: vec![],
             ifname: None,
             container_id: id.map(String::from),
+            no_multicast_route: false,
         }
     }
 

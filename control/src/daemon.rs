@@ -24,7 +24,8 @@ use crate::mesh::{self, Mesh, Settings, Shutdown};
 use crate::ipam::{self as ipamd, AddrSpec, IpamHost};
 use crate::peeraddr::PeerAddr;
 use meshnet_proto::ipam::{Cidr, InitMode, Waiting};
-use crate::state::{Attachment, Devices, StateDir};
+use crate::expose::{self, EXPOSE_KEY};
+use crate::state::{Attachment, Devices, Exposure, StateDir};
 
 pub const DEFAULT_PORT: u16 = 6783;
 /// Default overlay MTU, as Weave's: leaves room for our headers in a 1500-byte underlay.
@@ -149,8 +150,16 @@ pub fn run(cfg: Config) -> Result<()> {
     if attachments.len() != before {
         cfg.state.save_attachments(&attachments)?;
     }
+    // The host's own addresses on the overlay, and meshnet's nftables table.
+    let exposed = cfg.state.load_exposed()?;
+    if let Err(e) = expose::apply(&cfg.bridge, ipam.ipam.universe(), &exposed) {
+        log::warn!("re-exposing {}: {e:#}", exposed.iter().map(|e| e.addr.as_str()).collect::<Vec<_>>().join(" "));
+    }
     // Addresses of targets that vanished while we were down go back to the pool.
-    let live: Vec<String> = attachments.iter().map(attachment_key).collect();
+    let mut live: Vec<String> = attachments.iter().map(attachment_key).collect();
+    if !exposed.is_empty() {
+        live.push(EXPOSE_KEY.to_string());
+    }
     for (target, ip) in ipam.ipam.release_missing(&live) {
         log::info!("IPAM: released {ip} of {target}, which is gone");
     }
@@ -163,6 +172,16 @@ pub fn run(cfg: Config) -> Result<()> {
             if let IpAddr::V4(v4) = ip {
                 if ipam.ipam.universe().contains(v4) && !held.contains(&v4) {
                     ipam.deferred.push((key.clone(), v4, prefix));
+                }
+            }
+        }
+    }
+    {
+        let held = ipam.ipam.addresses_of(EXPOSE_KEY);
+        for e in &exposed {
+            if let Ok((ip, subnet)) = expose::parse(e) {
+                if ipam.ipam.universe().contains(ip) && !held.contains(&ip) {
+                    ipam.deferred.push((EXPOSE_KEY.to_string(), ip, subnet.prefix()));
                 }
             }
         }
@@ -212,7 +231,13 @@ pub fn run(cfg: Config) -> Result<()> {
         std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
         std::fs::write(state.pid(), format!("{}\n", std::process::id()))?;
 
-        let ctx = Arc::new(ApiCtx { mesh: mesh.clone(), attachments: Mutex::new(attachments), datapath: cfg.datapath });
+        let ctx = Arc::new(ApiCtx {
+            mesh: mesh.clone(),
+            expose_op: Mutex::new(()),
+            exposed: Mutex::new(exposed),
+            attachments: Mutex::new(attachments),
+            datapath: cfg.datapath,
+        });
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(conn::accept_loop(mesh.clone(), local.clone(), listener));
         tasks.spawn(conn::maker_loop(mesh.clone(), local.clone()));
@@ -305,6 +330,7 @@ fn reattach(cfg: &Config, a: &Attachment, addrs: &[(IpAddr, u8)]) -> Result<()> 
         container_if: attach::ifname_of(a).into(),
         mtu: cfg.mtu,
         addrs: addrs.to_vec(),
+        multicast_route: !a.no_multicast_route,
     })?;
     plain_frames_if_capturing(cfg.datapath, &ns, attach::ifname_of(a));
     Ok(())
@@ -330,7 +356,8 @@ pub fn port_name(bridge: &str, datapath: Datapath) -> String {
 }
 
 /// Removes every interface and device this router made: container interfaces,
-/// the TAP, and the bridge if we created it.
+/// the TAP, the exposed addresses and meshnet's nftables table, and the bridge
+/// if we created it.
 pub fn remove_devices(state: &StateDir, attachments: &[Attachment]) {
     for a in attachments {
         if let Some(ns) = attach::still_there(a) {
@@ -341,6 +368,7 @@ pub fn remove_devices(state: &StateDir, attachments: &[Attachment]) {
         let _ = netlink::delete_link(&a.host_if);
     }
     if let Ok(Some(d)) = state.load_devices() {
+        expose::remove_all(&d.bridge, &state.load_exposed().unwrap_or_default());
         let _ = netlink::delete_link(&d.tap);
         if d.bridge_created {
             if let Err(e) = netlink::delete_link(&d.bridge) {
@@ -357,8 +385,14 @@ pub fn reset_offline(state: &StateDir) -> Result<()> {
     Ok(())
 }
 
+/// What the API handlers share. Lock order: `expose_op`, then `exposed` or
+/// `attachments` (never both held at once).
 struct ApiCtx {
     mesh: Arc<Mesh>,
+    /// Held for a whole `expose` or `hide`.
+    expose_op: Mutex<()>,
+    /// The host's addresses on the overlay (persisted in `exposed.json`).
+    exposed: Mutex<Vec<Exposure>>,
     attachments: Mutex<Vec<Attachment>>,
     datapath: Datapath,
 }
@@ -437,6 +471,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 limits: mesh.limits_status(),
                 control: mesh.control_stats(),
                 trust: mesh.trust_status(),
+                exposed: ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|e| e.addr.clone()).collect(),
             };
             let mut v = serde_json::to_value(status)?;
             // IPAM's drop counters and save health (the full IPAM view is `status ipam`).
@@ -453,7 +488,9 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let parsed = parse_peers(&peers, s.port)?;
             Ok(json!(mesh.forget_targets(&parsed)?))
         }
-        Request::Attach { target, cidrs, ifname } => {
+        Request::Expose { cidrs, masquerade } => expose_addrs(ctx, &cidrs, masquerade),
+        Request::Hide { cidrs } => hide_addrs(ctx, &cidrs),
+        Request::Attach { target, cidrs, ifname, no_multicast_route, hairpin } => {
             // Check everything before anything changes.
             let specs: Vec<AddrSpec> = if cidrs.is_empty() {
                 vec![AddrSpec::Any(None)]
@@ -471,14 +508,34 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                     return Err(e.context(format!("attach {target}")));
                 }
             };
+            let exposed = ctx.exposed.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(e) = exposed.iter().find(|e| addrs.iter().any(|(ip, _)| attach::same_ip(&e.addr, ip))) {
+                release_new(mesh, &key, &held_before);
+                bail!("address {} is exposed on this host (meshnet hide it first)", e.addr);
+            }
+            drop(exposed);
             let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
-            let done = match attach::attach(&mesh.state, &mut a, &s.bridge, s.mtu, &target, &addrs, ifname.as_deref()) {
+            let done = match attach::attach(
+                &mesh.state,
+                &mut a,
+                &s.bridge,
+                s.mtu,
+                &target,
+                &addrs,
+                attach::Inside { ifname: ifname.as_deref(), multicast_route: !no_multicast_route },
+            ) {
                 Ok(d) => d,
                 Err(e) => {
                     release_new(mesh, &key, &held_before);
                     return Err(e);
                 }
             };
+            if hairpin {
+                let inode = t.netns.inode().with_context(|| format!("attach {target}"))?;
+                if let Some(x) = a.iter().find(|x| x.ns_inode == inode) {
+                    netlink::set_hairpin(&x.host_if, true).with_context(|| format!("attach {target}"))?;
+                }
+            }
             plain_frames_if_capturing(ctx.datapath, &t.netns, &done.container_if);
             Ok(json!({
                 "target": target,
@@ -566,6 +623,175 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             Ok(json!({ "stopping": true }))
         }
     }
+}
+
+/// `meshnet expose`: an address on the bridge for every spec (an exposed one
+/// that fits is reused), persisted, then the nftables table.
+fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Result<serde_json::Value> {
+    let mesh = &ctx.mesh;
+    let bridge = &mesh.settings.bridge;
+    let specs: Vec<AddrSpec> = if cidrs.is_empty() {
+        vec![AddrSpec::Any(None)]
+    } else {
+        cidrs.iter().map(|c| ipamd::parse_addr(c)).collect::<Result<_>>()?
+    };
+    let (range, default_subnet) = mesh.with_ipam(|h| (h.ipam.universe(), h.default_subnet));
+    // One expose or hide at a time (concurrent CNI ADDs must not expose two
+    // addresses in one subnet); `exposed` itself is only locked briefly, so
+    // `status` never waits for an allocation.
+    let _one_at_a_time = ctx.expose_op.lock().unwrap_or_else(|p| p.into_inner());
+    let exposed = ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // Check everything before anything changes.
+    let mut answer: Vec<Option<String>> = Vec::new();
+    let mut new_specs = Vec::new();
+    {
+        let attachments = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+        for spec in &specs {
+            let found = exposed.iter().find(|e| {
+                let Ok((ip, _)) = expose::parse(e) else { return false };
+                match spec {
+                    AddrSpec::Any(None) => default_subnet.contains(ip),
+                    AddrSpec::Any(Some(c)) => c.contains(ip),
+                    AddrSpec::Exact { ip: want, .. } => *want == IpAddr::V4(ip),
+                }
+            });
+            if let Some(e) = found {
+                answer.push(Some(e.addr.clone()));
+                continue;
+            }
+            match spec {
+                AddrSpec::Exact { ip, prefix, .. } => {
+                    let inside = matches!(ip, IpAddr::V4(v4) if range.contains(*v4));
+                    if !inside {
+                        bail!("cannot expose {ip}/{prefix}: it is outside the IP allocation range {range}");
+                    }
+                    if let Some(holder) = attachments.iter().find(|a| a.addrs.iter().any(|x| attach::same_ip(x, ip))) {
+                        bail!("cannot expose {ip}/{prefix}: the address is attached to {}", holder.target);
+                    }
+                }
+                AddrSpec::Any(Some(c)) if !range.contains_net(c) => {
+                    bail!("cannot expose an address of {c}: it is outside the IP allocation range {range}")
+                }
+                AddrSpec::Any(_) => {}
+            }
+            answer.push(None);
+            new_specs.push(match spec {
+                // An exposed address is always claimed in the ring (it is inside the range).
+                AddrSpec::Exact { ip, prefix, .. } => AddrSpec::Exact { ip: *ip, prefix: *prefix, strict: true },
+                other => other.clone(),
+            });
+        }
+    }
+    let held_before = mesh.with_ipam(|h| h.ipam.addresses_of(EXPOSE_KEY));
+    let requests = mesh.with_ipam(|h| new_specs.iter().map(|sp| ipamd::request_for(sp, h)).collect::<Result<Vec<_>>>())?;
+    let allocated = allocate_all(mesh, EXPOSE_KEY, &new_specs, requests).map_err(|e| {
+        release_new(mesh, EXPOSE_KEY, &held_before);
+        e.context("expose")
+    })?;
+    let mut added = Vec::new();
+    for (ip, prefix) in &allocated {
+        if let Err(e) = netlink::add_link_address(bridge, *ip, *prefix) {
+            for (ip, prefix) in &added {
+                let _ = netlink::del_link_address(bridge, *ip, *prefix);
+            }
+            release_new(mesh, EXPOSE_KEY, &held_before);
+            return Err(anyhow::Error::from(e).context("expose"));
+        }
+        added.push((*ip, *prefix));
+    }
+    let mut next = exposed.clone();
+    let mut fresh = allocated.iter();
+    for a in answer.iter_mut() {
+        if a.is_none() {
+            let text = attach::format_cidr(fresh.next().expect("one per new spec"));
+            if !next.iter().any(|e| e.addr == text) {
+                next.push(Exposure { addr: text.clone(), masquerade: masquerade.unwrap_or(true) });
+            }
+            *a = Some(text);
+        }
+    }
+    // Exposing again with (or without) --without-masquerade changes that.
+    if let Some(m) = masquerade {
+        for e in next.iter_mut() {
+            if answer.iter().flatten().any(|a| *a == e.addr) {
+                e.masquerade = m;
+            }
+        }
+    }
+    let applied = mesh.state.save_exposed(&next).and_then(|_| {
+        expose::enable_forwarding();
+        expose::apply_table(bridge, range, &next)
+    });
+    if let Err(e) = applied {
+        for (ip, prefix) in &added {
+            let _ = netlink::del_link_address(bridge, *ip, *prefix);
+        }
+        release_new(mesh, EXPOSE_KEY, &held_before);
+        let _ = mesh.state.save_exposed(&exposed);
+        let _ = expose::apply_table(bridge, range, &exposed);
+        return Err(e.context("expose"));
+    }
+    *ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()) = next;
+    for (ip, prefix) in &added {
+        log::info!("exposed {ip}/{prefix} on {bridge}");
+    }
+    Ok(json!({ "addresses": answer.into_iter().flatten().collect::<Vec<_>>() }))
+}
+
+/// `meshnet hide`: removes the exposed addresses `cidrs` name (all when none),
+/// releases them to IPAM, and rewrites (or deletes) the nftables table.
+fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
+    let mesh = &ctx.mesh;
+    let bridge = &mesh.settings.bridge;
+    let (range, default_subnet) = mesh.with_ipam(|h| (h.ipam.universe(), h.default_subnet));
+    let _one_at_a_time = ctx.expose_op.lock().unwrap_or_else(|p| p.into_inner());
+    let exposed = ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut chosen: Vec<usize> = Vec::new();
+    if cidrs.is_empty() {
+        chosen = (0..exposed.len()).collect();
+    }
+    for c in cidrs {
+        let spec = ipamd::parse_addr(c)?;
+        let matching: Vec<usize> = exposed
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| {
+                let Ok((ip, _)) = expose::parse(e) else { return false };
+                match &spec {
+                    AddrSpec::Any(None) => default_subnet.contains(ip),
+                    AddrSpec::Any(Some(n)) => n.contains(ip),
+                    AddrSpec::Exact { ip: want, .. } => *want == IpAddr::V4(ip),
+                }
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if matching.is_empty() {
+            let now: Vec<&str> = exposed.iter().map(|e| e.addr.as_str()).collect();
+            bail!(
+                "{c} is not exposed (exposed: {})",
+                if now.is_empty() { "nothing".to_string() } else { now.join(" ") }
+            );
+        }
+        chosen.extend(matching);
+    }
+    chosen.sort_unstable();
+    chosen.dedup();
+    let next: Vec<Exposure> =
+        exposed.iter().enumerate().filter(|(i, _)| !chosen.contains(i)).map(|(_, e)| e.clone()).collect();
+    let gone: Vec<Exposure> = chosen.iter().map(|i| exposed[*i].clone()).collect();
+    mesh.state.save_exposed(&next)?;
+    for e in &gone {
+        let (ip, subnet) = expose::parse(e)?;
+        netlink::del_link_address(bridge, IpAddr::V4(ip), subnet.prefix()).context("hide")?;
+        mesh.with_ipam(|h| {
+            h.deferred.retain(|(k, d, _)| !(k == EXPOSE_KEY && *d == ip));
+            h.ipam.free(EXPOSE_KEY, ip);
+        });
+        log::info!("hid {} from {bridge}", e.addr);
+    }
+    expose::apply_table(bridge, range, &next).context("hide")?;
+    *ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()) = next;
+    Ok(json!({ "hidden": gone.iter().map(|e| e.addr.clone()).collect::<Vec<_>>() }))
 }
 
 /// A Docker container died or was removed: if it is attached, detach it the

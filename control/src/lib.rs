@@ -8,6 +8,7 @@
 //! * [`mesh`] — shared router state: topology, connections, targets, gossip;
 //! * [`conn`] — one TCP connection (handshake, messages, heartbeats) and the connection maker;
 //! * [`attach`] — resolving targets and attaching them to the bridge;
+//! * [`expose`] — the host's own addresses on the overlay and meshnet's nftables table;
 //! * [`ipam`] — persistence, routing and timers around the IPAM ring, attach-time address requests;
 //! * [`docker`] — Docker containers as targets, and their death through the engine's events.
 
@@ -17,6 +18,7 @@ pub mod conn;
 pub mod daemon;
 pub mod ipam;
 pub mod docker;
+pub mod expose;
 pub mod logger;
 pub mod mesh;
 pub mod peeraddr;

@@ -45,6 +45,19 @@ pub struct Attachment {
     /// Full Docker container ID, for kind "docker": its death releases the attachment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// Attached with `--no-multicast-route`: no `224.0.0.0/4` route through the interface.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_multicast_route: bool,
+}
+
+/// An address of this host on the overlay (`meshnet expose`), on the bridge.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Exposure {
+    /// `ip/prefix`, the prefix of the subnet it was allocated in.
+    pub addr: String,
+    /// Whether traffic from its subnet to the outside is masqueraded
+    /// (off with `expose --without-masquerade`).
+    pub masquerade: bool,
 }
 
 /// Devices the router created, so `reset` removes exactly those.
@@ -83,6 +96,9 @@ impl StateDir {
     /// The IPAM snapshot (ring, consensus state, allocations).
     pub fn ipam(&self) -> PathBuf {
         self.root.join("ipam.bin")
+    }
+    fn exposed_path(&self) -> PathBuf {
+        self.root.join("exposed.json")
     }
     fn devices_path(&self) -> PathBuf {
         self.root.join("devices.json")
@@ -134,6 +150,12 @@ impl StateDir {
     }
     pub fn save_attachments(&self, a: &[Attachment]) -> Result<()> {
         write_json(&self.attachments_path(), &a)
+    }
+    pub fn load_exposed(&self) -> Result<Vec<Exposure>> {
+        Ok(read_json(&self.exposed_path())?.unwrap_or_default())
+    }
+    pub fn save_exposed(&self, e: &[Exposure]) -> Result<()> {
+        write_json(&self.exposed_path(), &e)
     }
     pub fn load_devices(&self) -> Result<Option<Devices>> {
         read_json(&self.devices_path())
@@ -280,6 +302,7 @@ mod tests {
             addrs: vec!["10.40.0.1/16".into()],
             ifname: None,
             container_id: None,
+            no_multicast_route: true,
         };
         s.save_attachments(std::slice::from_ref(&a)).unwrap();
         assert_eq!(s.load_attachments().unwrap(), vec![a]);

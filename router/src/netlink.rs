@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::{
-    BridgePortState, InfoBridgePort, InfoKind, InfoPortData, LinkAttribute, LinkInfo, LinkMessage,
+    BridgePortState, InfoBridgePort, InfoKind, InfoPortData, InfoPortKind, LinkAttribute, LinkInfo, LinkMessage,
 };
 use rtnetlink::{
     AddressMessageBuilder, Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth,
@@ -109,6 +109,9 @@ pub struct AttachSpec {
     pub mtu: u32,
     /// Addresses for the container end, with prefix lengths.
     pub addrs: Vec<(IpAddr, u8)>,
+    /// Route multicast (`224.0.0.0/4`) through the container end, so it stays
+    /// on the overlay (`attach --no-multicast-route` leaves it out).
+    pub multicast_route: bool,
 }
 
 /// A container end as it is in the kernel.
@@ -403,6 +406,84 @@ pub fn inspect(target: &Netns, container_if: &str) -> Result<Option<Attached>, N
     Ok(Some(end.attached(host_if)))
 }
 
+/// The multicast block routed through an attached interface.
+pub const MULTICAST: &str = "224.0.0.0/4";
+
+/// Add `ip/prefix` to link `ifname` in the caller's namespace (the bridge, for
+/// `meshnet expose`). Ok(false) if it was already there.
+pub fn add_link_address(ifname: &str, ip: IpAddr, prefix: u8) -> Result<bool, NetlinkError> {
+    let what = format!("add {ip}/{prefix} to {ifname}");
+    check_ifname(&what, "interface name", ifname)?;
+    check_prefixes(&what, &[(ip, prefix)])?;
+    let name = ifname.to_string();
+    on_netlink_thread(what.clone(), move |h| async move {
+        let link = link_by_name(&h, &name)
+            .await
+            .ctx(|| format!("{what}: look up"))?
+            .ok_or_else(|| NetlinkError::NotFound { what: what.clone(), problem: format!("{name} does not exist") })?;
+        add_address(&h, link.header.index, ip, prefix).await.ctx(|| what.clone())
+    })
+}
+
+/// Remove `ip/prefix` from link `ifname` in the caller's namespace. Ok(false)
+/// if it (or the link) was not there.
+pub fn del_link_address(ifname: &str, ip: IpAddr, prefix: u8) -> Result<bool, NetlinkError> {
+    let what = format!("remove {ip}/{prefix} from {ifname}");
+    check_ifname(&what, "interface name", ifname)?;
+    check_prefixes(&what, &[(ip, prefix)])?;
+    let name = ifname.to_string();
+    on_netlink_thread(what.clone(), move |h| async move {
+        let Some(link) = link_by_name(&h, &name).await.ctx(|| format!("{what}: look up"))? else {
+            return Ok(false);
+        };
+        del_address(&h, link.header.index, ip, prefix).await.ctx(|| what.clone())
+    })
+}
+
+/// The addresses of link `ifname` in the caller's namespace (IPv6 link-local
+/// ones left out); empty if there is no such link.
+pub fn link_addresses(ifname: &str) -> Result<Vec<(IpAddr, u8)>, NetlinkError> {
+    let what = format!("list addresses of {ifname}");
+    check_ifname(&what, "interface name", ifname)?;
+    let name = ifname.to_string();
+    on_netlink_thread(what.clone(), move |h| async move {
+        let Some(link) = link_by_name(&h, &name).await.ctx(|| format!("{what}: look up"))? else {
+            return Ok(Vec::new());
+        };
+        addresses(&h, link.header.index).await.ctx(|| what.clone())
+    })
+}
+
+/// Switch hairpin mode of bridge port `ifname` (in the caller's namespace) on
+/// or off: a frame may then leave the port it came in on, so a pod reaches
+/// itself through a Service that points back at it.
+pub fn set_hairpin(ifname: &str, on: bool) -> Result<(), NetlinkError> {
+    let what = format!("set hairpin mode of {ifname} {}", if on { "on" } else { "off" });
+    check_ifname(&what, "interface name", ifname)?;
+    let name = ifname.to_string();
+    on_netlink_thread(what.clone(), move |h| async move {
+        let link = link_by_name(&h, &name)
+            .await
+            .ctx(|| format!("{what}: look up"))?
+            .ok_or_else(|| NetlinkError::NotFound { what: what.clone(), problem: format!("{name} does not exist") })?;
+        let mut msg = LinkUnspec::new_with_index(link.header.index).build();
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::HairpinMode(on)])),
+        ]));
+        set_link(&h, msg).await.ctx(|| what.clone())
+    })
+}
+
+/// `224.0.0.0/4` through interface `index` (replacing one already there).
+async fn add_multicast_route(h: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
+    let msg = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(Ipv4Addr::new(224, 0, 0, 0), 4)
+        .output_interface(index)
+        .build();
+    h.route().add(msg).replace().execute().await
+}
+
 // ---------------------------------------------------------------------------
 // attach, step by step
 // ---------------------------------------------------------------------------
@@ -470,6 +551,7 @@ fn attach_new(
 
     // Container side: rename, configure, up; announce once the port forwards.
     let (container_if, addrs) = (spec.container_if.clone(), spec.addrs.clone());
+    let multicast = spec.multicast_route;
     let inner_what = what.to_string();
     let inside = in_ns(&spec.target, what, move || {
         let what = inner_what;
@@ -500,6 +582,11 @@ fn attach_new(
             set_link(&h, LinkUnspec::new_with_index(index).up().build())
                 .await
                 .ctx(|| format!("{what}: set {container_if} up"))?;
+            if multicast {
+                add_multicast_route(&h, index)
+                    .await
+                    .ctx(|| format!("{what}: route {MULTICAST} via {container_if}"))?;
+            }
             container_end(&h, &container_if)
                 .await?
                 .ok_or_else(|| NetlinkError::NotFound {
@@ -556,6 +643,7 @@ fn announce_when_forwarding(spec: &AttachSpec, what: &str, host_if: &str, end: &
 fn reattach(spec: &AttachSpec, what: &str, host_if: String) -> Result<Attached, NetlinkError> {
     let container_if = spec.container_if.clone();
     let addrs = spec.addrs.clone();
+    let multicast = spec.multicast_route;
     let inner_what = what.to_string();
     let end = in_ns(&spec.target, what, move || {
         let what = inner_what;
@@ -592,6 +680,11 @@ fn reattach(spec: &AttachSpec, what: &str, host_if: String) -> Result<Attached, 
                     set_link(&h, LinkUnspec::new_with_index(index).up().build())
                         .await
                         .ctx(|| format!("{what}: set {container_if} up"))?;
+                    if multicast {
+                        add_multicast_route(&h, index)
+                            .await
+                            .ctx(|| format!("{what}: route {MULTICAST} via {container_if}"))?;
+                    }
                     container_end(&h, &container_if)
                         .await?
                         .ok_or_else(|| NetlinkError::NotFound {

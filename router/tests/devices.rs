@@ -225,6 +225,7 @@ fn spec(target: Netns, bridge: &str, host_if: &str, mtu: u32, addrs: &[(&str, u8
         container_if: "ethwe".to_string(),
         mtu,
         addrs: addrs.iter().map(|(a, p)| (v4(a), *p)).collect(),
+        multicast_route: false,
     }
 }
 

@@ -8,6 +8,8 @@
 //! run with `--network none`; `docker exec ROUTER meshnet attach CIDR NAME`
 //! gives them `ethwe`, and they ping each other across the routers. A removed
 //! container loses its attachment (the router watches Docker's events).
+//! `meshnet expose` works inside the image (it ships nftables): a container
+//! reaches the router's exposed address, and `hide` removes meshnet's table.
 //!
 //! Needs a Docker Engine (skips with a line saying so otherwise) and root for
 //! the first debootstrap. Everything it makes has a unique name and is removed
@@ -321,6 +323,20 @@ fn routers_in_containers_attach_containers_by_name() {
     };
     assert_eq!(allocated(&ipam_ip), Some(ipam_key.clone()), "IPAM allocations");
     eprintln!("{app_ipam}: IPAM address {ipam_addr}");
+
+    // The image ships what `expose` needs (nftables): the router's host gets an
+    // address on the overlay and meshnet's table, the container reaches it, and
+    // `hide` takes both away.
+    let exposed = meshnet_in(&r1, &["expose"]).expect_ok("expose in router 1").last_line().unwrap_or_default().to_string();
+    let exposed_ip = exposed.split('/').next().unwrap_or_default().to_string();
+    assert!(exposed_ip.parse::<std::net::Ipv4Addr>().is_ok(), "expose printed no address: {exposed:?}");
+    docker(&["exec", &r1, "nft", "list", "table", "ip", "meshnet"]).expect_ok("meshnet's nftables table in router 1");
+    let reached = wait_until(Duration::from_secs(10), || {
+        docker(&["exec", &app_ipam, "ping", "-c", "1", "-W", "1", &exposed_ip]).ok()
+    });
+    assert!(reached, "{app_ipam} does not reach router 1's exposed {exposed}");
+    meshnet_in(&r1, &["hide"]).expect_ok("hide in router 1");
+    assert!(!docker(&["exec", &r1, "nft", "list", "table", "ip", "meshnet"]).ok(), "hide left meshnet's table");
 
     // The containers go away: their attachments, and the IPAM address, go with them.
     docker(&["rm", "-f", &app1, &app_ipam]).expect_ok("docker rm -f");
