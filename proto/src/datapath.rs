@@ -523,6 +523,9 @@ impl Slot {
 #[derive(Debug, Default)]
 struct Reassembly {
     slots: [Slot; REASSEMBLY_SLOTS],
+    /// Slots active now (kept, so the receive loop need not look at every slot
+    /// of every session on every wake-up).
+    active: usize,
     next_seq: u64,
     retired: [Option<u32>; RETIRED_IDS],
     retired_pos: usize,
@@ -535,6 +538,9 @@ impl Reassembly {
     }
 
     fn drop_slot(&mut self, i: usize, stats: &mut RxStats) {
+        if self.slots[i].active {
+            self.active -= 1;
+        }
         self.slots[i].active = false;
         stats.reassembly_drops += 1;
         let id = self.slots[i].unit_id;
@@ -579,6 +585,7 @@ impl Reassembly {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 self.slots[i].start(unit_id, total, now_ms, seq, *hdr);
+                self.active += 1;
                 i
             }
         };
@@ -586,6 +593,7 @@ impl Reassembly {
         slot.fill(offset as usize, data);
         if slot.received >= slot.total {
             slot.active = false;
+            self.active -= 1;
             let seq = slot.seq;
             self.retire(unit_id);
             let mut older = 0u32;
@@ -625,6 +633,8 @@ struct RxSession {
 pub struct Receiver {
     sessions: HashMap<u32, RxSession>,
     stats: RxStats,
+    /// Active reassembly slots across sessions (see [`partial_units`](Self::partial_units)).
+    partial: usize,
 }
 
 impl Receiver {
@@ -635,14 +645,19 @@ impl Receiver {
     /// Installs (or replaces, with a fresh replay window) the session that
     /// `peer` seals towards us under `receiver_index`.
     pub fn add_session(&mut self, receiver_index: u32, peer: PeerName, key: &[u8; KEY_LEN]) {
-        self.sessions.insert(
+        let old = self.sessions.insert(
             receiver_index,
             RxSession { peer, key: OpenKey::new(key), reassembly: Box::default() },
         );
+        if let Some(old) = old {
+            self.partial -= old.reassembly.active;
+        }
     }
 
     pub fn remove_session(&mut self, receiver_index: u32) {
-        self.sessions.remove(&receiver_index);
+        if let Some(old) = self.sessions.remove(&receiver_index) {
+            self.partial -= old.reassembly.active;
+        }
     }
 
     /// The peer behind a receiver index.
@@ -758,6 +773,7 @@ impl Receiver {
                 }
                 Record::Chunk { unit_id, offset, total, data } => {
                     let r = &mut session.reassembly;
+                    let before = r.active;
                     let (done, older) = r.add(now_ms, &inner, unit_id, offset, total, data, &mut self.stats);
                     if older != 0 {
                         let mut by_age: Vec<usize> = (0..REASSEMBLY_SLOTS).filter(|j| older & (1 << j) != 0).collect();
@@ -771,6 +787,7 @@ impl Receiver {
                             r.drop_slot(j, &mut self.stats);
                         }
                     }
+                    self.partial = self.partial + r.active - before;
                     if let Some(i) = done {
                         let slot = &r.slots[i];
                         on_unit(peer, &inner, &slot.buf[..slot.total as usize]);
@@ -784,7 +801,11 @@ impl Receiver {
 
     /// Partial units waiting for chunks, across sessions.
     pub fn partial_units(&self) -> usize {
-        self.sessions.values().map(|s| s.reassembly.slots.iter().filter(|x| x.active).count()).sum()
+        debug_assert_eq!(
+            self.partial,
+            self.sessions.values().map(|s| s.reassembly.slots.iter().filter(|x| x.active).count()).sum::<usize>()
+        );
+        self.partial
     }
 
     /// Gives up partial units started `age_ms` or longer ago, offering each to
@@ -795,8 +816,15 @@ impl Receiver {
         age_ms: u64,
         mut on_partial: impl FnMut(PeerName, &InnerHeader, &[u8], &dyn Fn(usize, usize) -> bool),
     ) {
+        if self.partial == 0 {
+            return;
+        }
         for s in self.sessions.values_mut() {
             let r = &mut s.reassembly;
+            if r.active == 0 {
+                continue;
+            }
+            let before = r.active;
             for j in 0..REASSEMBLY_SLOTS {
                 let slot = &r.slots[j];
                 if !slot.active || now_ms.saturating_sub(slot.started_ms) < age_ms {
@@ -808,13 +836,21 @@ impl Receiver {
                 self.stats.salvaged += 1;
                 r.drop_slot(j, &mut self.stats);
             }
+            self.partial -= before - r.active;
         }
     }
 
     /// Drop partial reassemblies older than [`REASSEMBLY_TIMEOUT_MS`].
     pub fn expire(&mut self, now_ms: u64) {
+        if self.partial == 0 {
+            return;
+        }
         for s in self.sessions.values_mut() {
-            s.reassembly.expire(now_ms, &mut self.stats);
+            let before = s.reassembly.active;
+            if before > 0 {
+                s.reassembly.expire(now_ms, &mut self.stats);
+                self.partial -= before - s.reassembly.active;
+            }
         }
     }
 
