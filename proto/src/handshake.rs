@@ -38,6 +38,13 @@ pub const PROTOCOL_VERSION: u8 = 2;
 pub const MIN_PROTOCOL_VERSION: u8 = 2;
 /// Capability bit: the peer understands data-plane superframes.
 pub const CAP_SUPERFRAMES: u32 = 1;
+/// Capability bit: the peer understands gossip digests and summaries
+/// (`ControlMsg::GossipDigest`, `ControlMsg::GossipSummary`, see [`crate::gossip`]);
+/// peers without it get periodic full gossip and never those messages.
+pub const CAP_GOSSIP_DIGEST: u32 = 2;
+/// Capability bit: the sender has no other established connection (it is
+/// lonely): a router at its `--conn-limit` accepts it anyway (see [`crate::slots`]).
+pub const CAP_LONELY: u32 = 4;
 /// What the responder tells an initiator whose password differs.
 pub const REFUSAL_WRONG_PASSWORD: &str = "authentication failed: passwords differ";
 /// PBKDF2 iterations for [`derive_psk`].
