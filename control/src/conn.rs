@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 use meshnet_proto::admission::{Outcome, Ticket};
 use meshnet_proto::dialer::{Dial, DialId, Failure};
 use meshnet_proto::handshake::{
-    early_refusal, Established, Handshake, HandshakeConfig, HandshakeError, Hello, Role, CAP_GOSSIP_DIGEST, CAP_LONELY,
-    CAP_SUPERFRAMES,
+    early_refusal, Established, Handshake, HandshakeConfig, HandshakeError, Hello, Role, CAP_GOSSIP_DIGEST, CAP_SUPERFRAMES,
 };
 use meshnet_proto::identity::Identity;
 use meshnet_proto::rekey::{self, Fresh, Output, RekeyConfig, RekeyMsg, Rekeyer};
@@ -277,6 +276,7 @@ pub async fn maker_loop(mesh: Arc<Mesh>, local: Arc<Local>) {
         }
         mesh.gossip_tick();
         mesh.refresh_links();
+        mesh.shed_excess();
         mesh.ipam_tick();
     }
 }
@@ -355,9 +355,10 @@ async fn run_connection(
         tcp_port: mesh.settings.port,
         udp_port: local.udp_port,
         receiver_index: recv_index,
-        // We understand gossip digests; and say when we have no connection yet
-        // (a router at its --conn-limit then takes us: see meshnet_proto::slots).
-        capabilities: local.capabilities | CAP_GOSSIP_DIGEST | if mesh.lonely() { CAP_LONELY } else { 0 },
+        // We understand gossip digests; and say when we have fewer than two
+        // connections (a router at its --conn-limit then makes room: see
+        // meshnet_proto::slots).
+        capabilities: local.capabilities | CAP_GOSSIP_DIGEST | mesh.need_capabilities(),
         binding: mesh.settings.binding.clone(),
     };
     let role = if direction == Direction::Outbound { Role::Initiator } else { Role::Responder };

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use meshnet_proto::dialer::{self, Dial, DialId, Dialer, End, Failure, Keep};
 use meshnet_proto::gossip::{self, Digest, EntryVersion, Gossip};
-use meshnet_proto::handshake::{verify_peer, Hello, CAP_GOSSIP_DIGEST, CAP_LONELY};
-use meshnet_proto::slots::{self, Admit, Held};
+use meshnet_proto::handshake::{verify_peer, Hello, CAP_GOSSIP_DIGEST};
+use meshnet_proto::slots::{self, Admit, Held, Need};
 use meshnet_proto::topology::{ConnInfo, PeerInfo, SignedPeerInfo, Topology};
 use meshnet_proto::trust::{Admission, Binding, KeyBook, PeerKeys, Signer};
 use meshnet_proto::wire::control::{split_gossip, ControlMsg, GOSSIP_CHUNK};
@@ -481,20 +481,12 @@ impl Mesh {
         // replaces the peer's old connection takes that one's slot).
         if this_dir == Direction::Inbound {
             let replaces = g.conns.values().any(|c| c.established && c.peer == Some(peer));
-            let held: Vec<Held> = g
-                .conns
-                .iter()
-                .filter(|(_, c)| c.established)
-                .filter_map(|(&conn, c)| {
-                    let discovered = c.direction == Direction::Outbound && !g.targets.contains(&c.remote.to_string());
-                    Some(Held { conn, peer: c.peer?, discovered })
-                })
-                .collect();
-            let lonely = capabilities & CAP_LONELY != 0;
-            match slots::admit_inbound(self.settings.conn_limit, &held, replaces, lonely, &g.topology.graph()) {
+            let held = held(g);
+            let need = Need::from_capabilities(capabilities);
+            match slots::admit_inbound(self.settings.conn_limit, &held, replaces, need, peer, &g.topology.graph()) {
                 Admit::Accept => {}
                 Admit::AcceptShedding { shed } => {
-                    let why = format!("{} makes room for {peer}, which has no other connection", self.settings.me);
+                    let why = format!("{} makes room for {peer}, which has too few connections", self.settings.me);
                     let to = g.conns.get(&shed).and_then(|c| c.peer).map(|p| p.to_string()).unwrap_or_default();
                     log::info!("--conn-limit: closing the connection to {to}: {why}");
                     if let Some(c) = g.conns.get(&shed) {
@@ -503,10 +495,13 @@ impl Mesh {
                     self.drop_conn_locked(g, shed, End::Duplicate);
                 }
                 Admit::Refuse => {
-                    return Err(Refused {
-                        reason: format!("connection limit ({}) reached", self.settings.conn_limit),
-                        topology: split_gossip(g.topology.gossip_all_signed(), GOSSIP_CHUNK),
-                    });
+                    // A newcomer with fewer than two connections learns our
+                    // topology, to dial others; the rest hear it from their neighbours.
+                    let topology = match need {
+                        Need::Enough => Vec::new(),
+                        _ => split_gossip(g.topology.gossip_all_signed(), GOSSIP_CHUNK),
+                    };
+                    return Err(Refused { reason: format!("connection limit ({}) reached", self.settings.conn_limit), topology });
                 }
             }
         }
@@ -1082,10 +1077,28 @@ impl Mesh {
         self.perform(g, out);
     }
 
-    /// Whether we have no established connection: our Hello says so
-    /// (`CAP_LONELY`), and a full router takes us anyway.
-    pub fn lonely(&self) -> bool {
-        established(&self.lock()) == 0
+    /// The `CAP_*` bits that say how few connections we have (see
+    /// `meshnet_proto::slots::Need`): a full router makes room for us.
+    pub fn need_capabilities(&self) -> u32 {
+        Need::capabilities(established(&self.lock()))
+    }
+
+    /// Over `--conn-limit` (a lonely newcomer was taken): closes one connection
+    /// whose peer stays reachable without it (see `meshnet_proto::slots::excess`).
+    pub fn shed_excess(&self) {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        if established(g) <= self.settings.conn_limit {
+            return;
+        }
+        let held = held(g);
+        let Some(shed) = slots::excess(self.settings.conn_limit, &held, &g.topology.graph()) else { return };
+        let why = format!("{} is over its connection limit ({})", self.settings.me, self.settings.conn_limit);
+        if let Some(c) = g.conns.get(&shed) {
+            log::info!("closing the connection to {}: {why}", c.peer.map(|p| p.to_string()).unwrap_or_default());
+            let _ = c.queue.send(ControlMsg::Goodbye(why));
+        }
+        self.drop_conn_locked(g, shed, End::Duplicate);
     }
 
     /// Counters for `status --json` (`control`).
@@ -1264,11 +1277,17 @@ impl Mesh {
         if self.settings.discovery && g.discovery_stale {
             // Recomputed only after the topology changed.
             let connected: HashSet<PeerName> = g.conns.values().filter_map(|c| c.peer).collect();
+            let ours = established(g);
+            let limit = self.settings.conn_limit;
+            let topology = &g.topology;
+            let worth = |p: &PeerName| {
+                slots::worth_dialling(ours, limit, topology.get(*p).map_or(0, |i| i.connections.len()))
+            };
             let mut list: Vec<String> = g
                 .topology
                 .discovery_candidates()
                 .into_iter()
-                .filter(|(peer, _)| *peer != self.settings.me && !connected.contains(peer))
+                .filter(|(peer, _)| *peer != self.settings.me && !connected.contains(peer) && worth(peer))
                 .map(|(_, addr)| addr.to_string())
                 .collect();
             list.extend(g.hints.iter().cloned());
@@ -1276,8 +1295,12 @@ impl Mesh {
             g.discovery_stale = false;
         }
         // Accepted connections still handshaking never hold our dials back.
-        let free = self.settings.conn_limit.saturating_sub(slots_used(g));
-        g.dialer.poll(self.now_ms(), random_u64(), free).dials
+        let now = self.now_ms();
+        let known: HashSet<String> =
+            g.topology.peers().flat_map(|p| p.connections.iter().map(|c| c.addr.to_string())).collect();
+        let outside = g.dialer.due_targets(now).any(|t| !known.contains(t));
+        let free = slots::dial_slots(self.settings.conn_limit, slots_used(g), outside);
+        g.dialer.poll(now, random_u64(), free).dials
     }
 
     /// Dial `dial` opened connection `conn` (handshaking now).
@@ -1297,6 +1320,25 @@ impl Mesh {
 /// Established connections.
 fn established(g: &Inner) -> usize {
     g.conns.values().filter(|c| c.established).count()
+}
+
+/// Established connections as `meshnet_proto::slots` judges them.
+fn held(g: &Inner) -> Vec<Held> {
+    g.conns
+        .iter()
+        .filter(|(_, c)| c.established)
+        .filter_map(|(&conn, c)| {
+            let peer = c.peer?;
+            let target = c.direction == Direction::Outbound && g.targets.contains(&c.remote.to_string());
+            Some(Held {
+                conn,
+                peer,
+                discovered: c.direction == Direction::Outbound && !target,
+                target,
+                peer_connections: g.topology.get(peer).map_or(0, |p| p.connections.len()),
+            })
+        })
+        .collect()
 }
 
 /// `--conn-limit` slots in use: established connections and our own dials.

@@ -524,6 +524,11 @@ impl Dialer {
         })
     }
 
+    /// Connect targets due for a dial now.
+    pub fn due_targets(&self, now: u64) -> impl Iterator<Item = &str> {
+        self.entries.iter().filter(move |(_, e)| e.target && e.state.due(now)).map(|(k, _)| k.as_str())
+    }
+
     /// Discovery dials under way (they count against the budget's in-flight cap).
     pub fn discovery_in_flight(&self) -> usize {
         self.entries.values().filter(|e| !e.target && matches!(e.state, DialState::Dialling { .. })).count()

@@ -37,7 +37,7 @@ use meshnet_proto::gossip::{self, Gossip};
 use meshnet_proto::identity::Identity;
 use meshnet_proto::ipam::{Cidr, Config as IpamConfig, Dest, InitMode, Ipam};
 use meshnet_proto::sendqueue::{Next, SendQueue};
-use meshnet_proto::slots::{self, Admit, Held};
+use meshnet_proto::slots::{self, Admit, Held, Need};
 use meshnet_proto::topology::{ConnInfo, PeerInfo, SignedPeerInfo, Topology};
 use meshnet_proto::trust::{Binding, KeyBook, Signer};
 use meshnet_proto::wire::control::{encode_message, split_gossip, ControlMsg, GOSSIP_CHUNK};
@@ -158,9 +158,9 @@ pub struct SimNode {
 
 enum Event {
     /// A dial reached `to`'s listener (or not): the handshake starts.
-    Connect { from: usize, epoch: u64, conn: u64, to: usize, lonely: bool },
+    Connect { from: usize, epoch: u64, conn: u64, to: usize, need: Need },
     /// The handshake finished: both sides judge.
-    Handshake { a: usize, a_epoch: u64, a_conn: u64, b: usize, b_epoch: u64, lonely: bool },
+    Handshake { a: usize, a_epoch: u64, a_conn: u64, b: usize, b_epoch: u64, need: Need },
     DialFailed { node: usize, epoch: u64, dial: u64, why: Failure },
     Deliver { to: usize, epoch: u64, conn: u64, msg: ControlMsg },
     /// The connection died under `node` (the peer crashed, or a partition).
@@ -444,6 +444,18 @@ impl MeshSim {
         if n.routes_dirty && now >= n.routes_at + ROUTES_EVERY_MS {
             self.recompute_routes(i);
         }
+        // Over the limit: shed what is redundant (`Mesh::shed_excess`).
+        let n = &mut self.nodes[i];
+        if n.established() > self.cfg.conn_limit {
+            if let Some(shed) = slots::excess(self.cfg.conn_limit, &held(n), &n.topology.graph()) {
+                self.counters.shed += 1;
+                if let Some(c) = self.nodes[i].conns.get_mut(&shed) {
+                    c.queue.push(ControlMsg::Goodbye("over its connection limit".into()));
+                }
+                self.flush_conn(i, shed);
+                self.drop_conn(i, shed, End::Duplicate);
+            }
+        }
         // The connection maker.
         let n = &mut self.nodes[i];
         if n.maker_due || n.wake_at.is_some_and(|t| t <= now) {
@@ -487,18 +499,27 @@ impl MeshSim {
         if n.discovery_stale {
             let connected: HashSet<PeerName> = n.conns.values().filter_map(|c| c.peer).collect();
             let me = n.name;
+            let ours = n.established();
+            let limit = self.cfg.conn_limit;
+            let topology = &n.topology;
+            let worth = |p: &PeerName| {
+                slots::worth_dialling(ours, limit, topology.get(*p).map_or(0, |i| i.connections.len()))
+            };
             let mut list: Vec<String> = n
                 .topology
                 .discovery_candidates()
                 .into_iter()
-                .filter(|(p, _)| *p != me && !connected.contains(p))
+                .filter(|(p, _)| *p != me && !connected.contains(p) && worth(p))
                 .map(|(_, a)| a.to_string())
                 .collect();
             list.extend(n.hints.iter().cloned());
             n.dialer.set_candidates(list);
             n.discovery_stale = false;
         }
-        let free = self.cfg.conn_limit.saturating_sub(n.slots_used());
+        let known: HashSet<String> =
+            n.topology.peers().flat_map(|p| p.connections.iter().map(|c| c.addr.to_string())).collect();
+        let outside = n.dialer.due_targets(now).any(|t| !known.contains(t));
+        let free = slots::dial_slots(self.cfg.conn_limit, n.slots_used(), outside);
         let poll = n.dialer.poll(now, random, free);
         n.wake_at = poll.wake_at;
         for d in poll.dials {
@@ -528,8 +549,8 @@ impl MeshSim {
                         },
                     );
                     n.dialer.registered(d.id, conn);
-                    let lonely = n.established() == 0;
-                    self.schedule(now + lat, Event::Connect { from: i, epoch, conn, to: t, lonely });
+                    let need = Need::from_capabilities(Need::capabilities(n.established()));
+                    self.schedule(now + lat, Event::Connect { from: i, epoch, conn, to: t, need });
                 }
                 Some(t) if !self.nodes[t].up && self.nodes[t].partition == self.nodes[i].partition && !lost => {
                     // Connection refused: at once (a reset).
@@ -546,7 +567,7 @@ impl MeshSim {
 
     fn handle(&mut self, e: Event) {
         match e {
-            Event::Connect { from, epoch, conn, to, lonely } => {
+            Event::Connect { from, epoch, conn, to, need } => {
                 if self.nodes[from].epoch != epoch || !self.nodes[from].conns.contains_key(&conn) {
                     return;
                 }
@@ -560,10 +581,10 @@ impl MeshSim {
                 let b_epoch = self.nodes[to].epoch;
                 self.schedule(
                     self.now + 2 * lat,
-                    Event::Handshake { a: from, a_epoch: epoch, a_conn: conn, b: to, b_epoch, lonely },
+                    Event::Handshake { a: from, a_epoch: epoch, a_conn: conn, b: to, b_epoch, need },
                 );
             }
-            Event::Handshake { a, a_epoch, a_conn, b, b_epoch, lonely } => self.handshake(a, a_epoch, a_conn, b, b_epoch, lonely),
+            Event::Handshake { a, a_epoch, a_conn, b, b_epoch, need } => self.handshake(a, a_epoch, a_conn, b, b_epoch, need),
             Event::DialFailed { node, epoch, dial, why } => {
                 if self.nodes[node].epoch == epoch && self.nodes[node].up {
                     self.counters.dials_failed += 1;
@@ -588,7 +609,7 @@ impl MeshSim {
 
     /// Both ends judge a completed handshake: the responder `b` first (as the
     /// daemon's responder establishes before its key confirmation reaches `a`).
-    fn handshake(&mut self, a: usize, a_epoch: u64, a_conn: u64, b: usize, b_epoch: u64, lonely: bool) {
+    fn handshake(&mut self, a: usize, a_epoch: u64, a_conn: u64, b: usize, b_epoch: u64, need: Need) {
         if self.nodes[a].epoch != a_epoch || !self.nodes[a].up || !self.nodes[a].conns.contains_key(&a_conn) {
             return;
         }
@@ -617,8 +638,8 @@ impl MeshSim {
             id
         };
         self.nodes[a].conns.get_mut(&a_conn).expect("checked").peer_conn = b_conn;
-        let b_result = self.establish(b, b_conn, a, lonely);
-        let a_result = self.establish(a, a_conn, b, false);
+        let b_result = self.establish(b, b_conn, a, need);
+        let a_result = self.establish(a, a_conn, b, Need::Enough);
         for (node, conn, result) in [(b, b_conn, b_result), (a, a_conn, a_result)] {
             if let Err((why, first)) = result {
                 // Tell the peer (topology first when refused for the limit), then close.
@@ -635,8 +656,8 @@ impl MeshSim {
         }
     }
 
-    /// `Mesh::establish`: `lonely` is the peer's Hello's flag.
-    fn establish(&mut self, i: usize, id: u64, peer_node: usize, lonely: bool) -> Result<(), (String, Vec<ControlMsg>)> {
+    /// `Mesh::establish`: `need` is what the peer's Hello says.
+    fn establish(&mut self, i: usize, id: u64, peer_node: usize, need: Need) -> Result<(), (String, Vec<ControlMsg>)> {
         let peer = self.nodes[peer_node].name;
         let me = self.nodes[i].name;
         let limit = self.cfg.conn_limit;
@@ -648,16 +669,8 @@ impl MeshSim {
         let this_dir = this.direction;
         if this_dir == Direction::Inbound {
             let replaces = n.conns.values().any(|c| c.established && c.peer == Some(peer));
-            let held: Vec<Held> = n
-                .conns
-                .iter()
-                .filter(|(_, c)| c.established)
-                .filter_map(|(&conn, c)| {
-                    let discovered = c.direction == Direction::Outbound && !n.targets.contains(&c.listen.to_string());
-                    Some(Held { conn, peer: c.peer?, discovered })
-                })
-                .collect();
-            match slots::admit_inbound(limit, &held, replaces, lonely, &n.topology.graph()) {
+            let held = held(n);
+            match slots::admit_inbound(limit, &held, replaces, need, peer, &n.topology.graph()) {
                 Admit::Accept => {
                     if held.len() >= limit && !replaces {
                         self.counters.lonely_accepted += 1;
@@ -666,7 +679,7 @@ impl MeshSim {
                 Admit::AcceptShedding { shed } => {
                     self.counters.lonely_accepted += 1;
                     self.counters.shed += 1;
-                    let why = format!("{me} makes room for {peer}, which has no other connection");
+                    let why = format!("{me} makes room for {peer}, which has too few connections");
                     if let Some(c) = n.conns.get_mut(&shed) {
                         c.queue.push(ControlMsg::Goodbye(why.clone()));
                     }
@@ -675,7 +688,10 @@ impl MeshSim {
                 }
                 Admit::Refuse => {
                     self.counters.refused_conn_limit += 1;
-                    let topo = split_gossip(n.topology.gossip_all_signed(), GOSSIP_CHUNK);
+                    let topo = match need {
+                        Need::Enough => Vec::new(),
+                        _ => split_gossip(n.topology.gossip_all_signed(), GOSSIP_CHUNK),
+                    };
                     return Err((format!("connection limit ({limit}) reached"), topo));
                 }
             }
@@ -1051,6 +1067,25 @@ impl MeshSim {
     pub fn pending_events(&self) -> usize {
         self.events.len()
     }
+}
+
+/// Established connections as `meshnet_proto::slots` judges them (`control::mesh::held`).
+fn held(n: &SimNode) -> Vec<Held> {
+    n.conns
+        .iter()
+        .filter(|(_, c)| c.established)
+        .filter_map(|(&conn, c)| {
+            let peer = c.peer?;
+            let target = c.direction == Direction::Outbound && n.targets.contains(&c.listen.to_string());
+            Some(Held {
+                conn,
+                peer,
+                discovered: c.direction == Direction::Outbound && !target,
+                target,
+                peer_connections: n.topology.get(peer).map_or(0, |p| p.connections.len()),
+            })
+        })
+        .collect()
 }
 
 fn varint_len(v: u64) -> u64 {
