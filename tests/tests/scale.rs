@@ -278,8 +278,14 @@ fn partial_mesh_reaches_every_host_by_relays() {
     });
     assert!(all_known, "not every router learnt all {n} peers");
     let known = started.elapsed();
-    let counts = established_counts(&hosts);
-    assert!(counts.iter().all(|&c| (1..=limit).contains(&c)), "connections per router: {counts:?}");
+    // A router that took lonely newcomers over its limit sheds redundant
+    // connections as the newcomers find others: the shape settles.
+    let mut counts = established_counts(&hosts);
+    let settled = wait_until(Duration::from_secs(90), || {
+        counts = established_counts(&hosts);
+        counts.iter().all(|&c| (1..=limit).contains(&c))
+    });
+    assert!(settled, "connections per router: {counts:?}");
     // A container on every host; c1 and cN reach all of them.
     let cs: Vec<(Container, String)> = hosts
         .iter()
