@@ -4,7 +4,7 @@
 //!
 //! - `thirty_routers_form_a_full_mesh` (CI): every router ends with 29
 //!   established connections and stays there.
-//! - `partial_mesh_reaches_every_host_by_relays` (opt-in): `MESHNET_PARTIAL_N`
+//! - `partial_mesh_reaches_every_host_by_relays` (CI, ~40 s): `MESHNET_PARTIAL_N`
 //!   routers (default 12) with `--conn-limit MESHNET_PARTIAL_LIMIT` (default 4);
 //!   a container on every host, and c1 and cN reach all of them (most through
 //!   relays). A full router tells a refused newcomer its topology, and takes a
@@ -261,7 +261,6 @@ fn many_routers_form_a_full_mesh() {
 }
 
 #[test]
-#[ignore = "opt-in: MESHNET_PARTIAL_N routers (default 12) with --conn-limit MESHNET_PARTIAL_LIMIT (default 4)"]
 fn partial_mesh_reaches_every_host_by_relays() {
     let Some(lab) = Lab::new("scale_partial") else { return };
     let n: u8 = std::env::var("MESHNET_PARTIAL_N").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
