@@ -1296,10 +1296,14 @@ impl Mesh {
         }
         // Accepted connections still handshaking never hold our dials back.
         let now = self.now_ms();
-        let known: HashSet<String> =
-            g.topology.peers().flat_map(|p| p.connections.iter().map(|c| c.addr.to_string())).collect();
-        let outside = g.dialer.due_targets(now).any(|t| !known.contains(t));
-        let free = slots::dial_slots(self.settings.conn_limit, slots_used(g), outside);
+        // Only when no slot is free: is a due connect target outside our mesh?
+        let used = slots_used(g);
+        let outside = used >= self.settings.conn_limit && g.dialer.due_targets(now).next().is_some() && {
+            let known: HashSet<String> =
+                g.topology.peers().flat_map(|p| p.connections.iter().map(|c| c.addr.to_string())).collect();
+            g.dialer.due_targets(now).any(|t| !known.contains(t))
+        };
+        let free = slots::dial_slots(self.settings.conn_limit, used, outside);
         g.dialer.poll(now, random_u64(), free).dials
     }
 

@@ -297,7 +297,7 @@ impl Gossip {
 
 /// `base` × [0.75, 1.25), by `random`.
 fn jitter(base: u64, random: u64) -> u64 {
-    base * (750 + ((random & 0xffff_ffff) * 500 >> 32)) / 1000
+    base * (750 + (((random & 0xffff_ffff) * 500) >> 32)) / 1000
 }
 
 #[cfg(test)]

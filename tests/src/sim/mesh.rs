@@ -516,10 +516,14 @@ impl MeshSim {
             n.dialer.set_candidates(list);
             n.discovery_stale = false;
         }
-        let known: HashSet<String> =
-            n.topology.peers().flat_map(|p| p.connections.iter().map(|c| c.addr.to_string())).collect();
-        let outside = n.dialer.due_targets(now).any(|t| !known.contains(t));
-        let free = slots::dial_slots(self.cfg.conn_limit, n.slots_used(), outside);
+        // Only when no slot is free: is a due connect target outside our mesh?
+        let used = n.slots_used();
+        let outside = used >= self.cfg.conn_limit && n.dialer.due_targets(now).next().is_some() && {
+            let known: HashSet<String> =
+                n.topology.peers().flat_map(|p| p.connections.iter().map(|c| c.addr.to_string())).collect();
+            n.dialer.due_targets(now).any(|t| !known.contains(t))
+        };
+        let free = slots::dial_slots(self.cfg.conn_limit, used, outside);
         let poll = n.dialer.poll(now, random, free);
         n.wake_at = poll.wake_at;
         for d in poll.dials {
