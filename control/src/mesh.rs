@@ -1296,6 +1296,24 @@ impl Mesh {
         }
         // Accepted connections still handshaking never hold our dials back.
         let now = self.now_ms();
+        // A due connect target that is a peer of our mesh already at our limit
+        // would refuse us: not dialled for a while unless we need connections
+        // (without this, routers below their limit redial a full seed forever).
+        if established(g) >= 2 {
+            let due: Vec<String> = g.dialer.due_targets(now).map(str::to_string).collect();
+            if !due.is_empty() {
+                let full: HashSet<String> = g
+                    .topology
+                    .peers()
+                    .flat_map(|p| p.connections.iter())
+                    .filter(|c| g.topology.get(c.peer).is_some_and(|p| !slots::worth_dialling(established(g), self.settings.conn_limit, p.connections.len())))
+                    .map(|c| c.addr.to_string())
+                    .collect();
+                for t in due.iter().filter(|t| full.contains(*t)) {
+                    g.dialer.hold(t, now, now + dialer::SATISFIED_MS);
+                }
+            }
+        }
         // Only when no slot is free: is a due connect target outside our mesh?
         let used = slots_used(g);
         let outside = used >= self.settings.conn_limit && g.dialer.due_targets(now).next().is_some() && {

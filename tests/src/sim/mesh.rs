@@ -516,6 +516,24 @@ impl MeshSim {
             n.dialer.set_candidates(list);
             n.discovery_stale = false;
         }
+        // A due connect target that is a peer of our mesh already at our limit
+        // would refuse us: not dialled for a while unless we need connections
+        // (without this, routers below their limit redial a full seed forever).
+        if n.established() >= 2 {
+            let due: Vec<String> = n.dialer.due_targets(now).map(str::to_string).collect();
+            if !due.is_empty() {
+                let full: HashSet<String> = n
+                    .topology
+                    .peers()
+                    .flat_map(|p| p.connections.iter())
+                    .filter(|c| n.topology.get(c.peer).is_some_and(|p| !slots::worth_dialling(n.established(), self.cfg.conn_limit, p.connections.len())))
+                    .map(|c| c.addr.to_string())
+                    .collect();
+                for t in due.iter().filter(|t| full.contains(*t)) {
+                    n.dialer.hold(t, now, now + dialer::SATISFIED_MS);
+                }
+            }
+        }
         // Only when no slot is free: is a due connect target outside our mesh?
         let used = n.slots_used();
         let outside = used >= self.cfg.conn_limit && n.dialer.due_targets(now).next().is_some() && {
