@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use meshnet_proto::admission::{Outcome, Ticket};
 use meshnet_proto::dialer::{Dial, DialId, Failure};
 use meshnet_proto::handshake::{
-    early_refusal, Established, Handshake, HandshakeConfig, HandshakeError, Hello, Role, CAP_SUPERFRAMES,
+    early_refusal, Established, Handshake, HandshakeConfig, HandshakeError, Hello, Role, CAP_GOSSIP_DIGEST, CAP_SUPERFRAMES,
 };
 use meshnet_proto::identity::Identity;
 use meshnet_proto::rekey::{self, Fresh, Output, RekeyConfig, RekeyMsg, Rekeyer};
@@ -33,7 +33,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepted connections: a stranger holds a half-open slot at most this long.
 pub const INBOUND_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
-const GOSSIP_EVERY: Duration = Duration::from_secs(30);
+/// How often the admission gate forgets idle sources.
+const ADMISSION_TICK: Duration = Duration::from_secs(30);
 /// Encrypted bytes waiting for the socket above which the send queue is left
 /// alone (so gossip coalesces there instead of piling up here).
 const WRITE_BACKLOG: usize = 256 * 1024;
@@ -264,7 +265,7 @@ async fn tell_and_close(mut stream: TcpStream, bytes: Vec<u8>) {
 
 /// Dials due targets and discovered peers, forever.
 pub async fn maker_loop(mesh: Arc<Mesh>, local: Arc<Local>) {
-    let mut gossip_timer = tokio::time::interval(GOSSIP_EVERY);
+    let mut gossip_timer = tokio::time::interval(ADMISSION_TICK);
     gossip_timer.tick().await;
     loop {
         for d in mesh.due_dials() {
@@ -275,12 +276,12 @@ pub async fn maker_loop(mesh: Arc<Mesh>, local: Arc<Local>) {
             _ = mesh.maker.notified() => {}
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = gossip_timer.tick() => {
-                mesh.gossip_everything();
                 mesh.admission_tick();
             }
         }
+        mesh.gossip_tick();
         mesh.refresh_links();
-        mesh.own_entry_tick();
+        mesh.shed_excess();
         mesh.ipam_tick();
     }
 }
@@ -359,7 +360,10 @@ async fn run_connection(
         tcp_port: mesh.settings.port,
         udp_port: local.udp_port,
         receiver_index: recv_index,
-        capabilities: local.capabilities,
+        // We understand gossip digests; and say when we have fewer than two
+        // connections (a router at its --conn-limit then makes room: see
+        // meshnet_proto::slots).
+        capabilities: local.capabilities | CAP_GOSSIP_DIGEST | mesh.need_capabilities(),
         binding: mesh.settings.binding.clone(),
     };
     let role = if direction == Direction::Outbound { Role::Initiator } else { Role::Responder };
@@ -418,8 +422,17 @@ async fn run_connection(
     if !link.superframes {
         log::info!("{} takes no superframes: frames go to it one by one (segmented here)", hello.name);
     }
-    if let Err(why) = mesh.establish(id, hello.name, hello.nickname.clone(), listen, link) {
+    if let Err(refused) = mesh.establish(id, hello.name, hello.nickname.clone(), listen, link, hello.capabilities) {
+        let why = refused.reason;
         let mut out = Vec::new();
+        // A refusal for --conn-limit tells our topology first: the peer's
+        // discovery can dial someone else.
+        for m in &refused.topology {
+            if let Err(e) = send_split(&mut channel, m.clone(), &mut out) {
+                log::debug!("topology to refused {remote}: {e}");
+                break;
+            }
+        }
         if channel.send(&ControlMsg::Goodbye(why.clone()), &mut out).is_ok() {
             // Best effort: the peer learns why; we close either way.
             if let Err(e) = write_within(&mut stream, &out, WRITE_TIMEOUT).await {
@@ -753,6 +766,8 @@ fn drain(
                     log::warn!("from {peer}: {e}");
                 }
             }
+            Ok(Some(ControlMsg::GossipDigest(d))) => mesh.on_gossip_digest(id, d),
+            Ok(Some(ControlMsg::GossipSummary(s))) => mesh.on_gossip_summary(id, &s),
             Ok(Some(ControlMsg::Ipam(bytes))) => {
                 if let Err(why) = mesh.on_ipam(peer, &bytes) {
                     log::warn!("{why}");

@@ -4,7 +4,10 @@
 //! connection go through its queue; the connection's own task encrypts and writes.
 //! What to dial and when is decided by `meshnet_proto::dialer` (held here, told
 //! about every connection that is established or ends); the tasks in `conn`
-//! perform the dials.
+//! perform the dials. What to gossip to whom and when is decided by
+//! `meshnet_proto::gossip` (told about connections, merges and ticks); this
+//! module only queues what it returns ([`Mesh::perform`]). Which inbound
+//! connection `--conn-limit` takes is `meshnet_proto::slots`' decision.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -12,8 +15,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use meshnet_proto::dialer::{self, Dial, DialId, Dialer, End, Failure, Keep};
-use meshnet_proto::handshake::{verify_peer, Hello};
-use meshnet_proto::topology::{full_gossip_targets, relay_targets, ConnInfo, PeerInfo, SignedPeerInfo, Topology};
+use meshnet_proto::gossip::{self, Digest, EntryVersion, Gossip};
+use meshnet_proto::handshake::{verify_peer, Hello, CAP_GOSSIP_DIGEST};
+use meshnet_proto::slots::{self, Admit, Held, Need};
+use meshnet_proto::topology::{ConnInfo, PeerInfo, SignedPeerInfo, Topology};
 use meshnet_proto::trust::{Admission, Binding, KeyBook, PeerKeys, Signer};
 use meshnet_proto::wire::control::{split_gossip, ControlMsg, GOSSIP_CHUNK};
 use meshnet_proto::PeerName;
@@ -40,11 +45,6 @@ pub const ROUTES_DEBOUNCE: Duration = Duration::from_millis(100);
 /// forms the topology changes hundreds of times a second; this walk was the
 /// largest single cost of a forming mesh of 100.
 pub const DISCOVERY_EVERY: Duration = Duration::from_millis(500);
-/// Our own entry goes out at most this often (the first change after a quiet
-/// spell at once): while a mesh forms, a router's connections change a couple of
-/// hundred times in a minute, and each change sent alone cost every neighbour a
-/// message and a signature check.
-pub const OWN_ENTRY_EVERY: Duration = Duration::from_millis(500);
 
 pub use meshnet_proto::dialer::Direction;
 
@@ -91,16 +91,18 @@ pub struct Inner {
     discovery_stale: bool,
     /// When the discovery candidates were last computed (see [`DISCOVERY_EVERY`]).
     discovery_at: Option<Instant>,
-    /// Our own entry changed since it was last sent, and when it last was (see
-    /// [`OWN_ENTRY_EVERY`]).
-    own_entry_pending: bool,
-    own_entry_sent: Option<Instant>,
     /// Route recomputations, and how long the last one took off the lock.
     pub route_runs: u64,
     pub route_last_ms: u64,
     /// Names pinned to keys; persisted in `keys.json` by [`Mesh::save_keys`].
     pub keys: meshnet_proto::trust::KeyBook,
     pub trust: TrustStats,
+    /// Who gets which topology entries, and when (deltas, anti-entropy).
+    pub gossip: Gossip,
+    /// Discovery addresses remembered when our last connection ended (the
+    /// refusal of a full router tells its topology first): dialled while we
+    /// have no connection, although garbage collection forgot their entries.
+    hints: Vec<String>,
 }
 
 /// How many refusals `status` lists.
@@ -202,6 +204,22 @@ pub struct Mesh {
     epoch: Instant,
 }
 
+/// Why [`Mesh::establish`] would not take a connection.
+#[derive(Debug)]
+pub struct Refused {
+    /// The Goodbye reason.
+    pub reason: String,
+    /// Messages to send before the Goodbye (our topology, when refused for
+    /// `--conn-limit`, so the peer's discovery can dial others).
+    pub topology: Vec<ControlMsg>,
+}
+
+impl Refused {
+    fn plain(reason: &str) -> Refused {
+        Refused { reason: reason.to_string(), topology: Vec::new() }
+    }
+}
+
 /// Held by a running connection task: shutdown waits until every one is dropped.
 pub struct ConnAlive(#[allow(dead_code)] tokio::sync::mpsc::Sender<()>);
 
@@ -266,12 +284,12 @@ impl Mesh {
                 next_hop: HashMap::new(),
                 discovery_stale: true,
                 discovery_at: None,
-                own_entry_pending: false,
-                own_entry_sent: None,
                 route_runs: 0,
                 route_last_ms: 0,
                 keys,
                 trust,
+                gossip: Gossip::new(),
+                hints: Vec::new(),
             }),
             maker: Notify::new(),
             routes_due: Notify::new(),
@@ -295,12 +313,12 @@ impl Mesh {
     }
 
     /// Judges an accepted connection from `ip` (see `meshnet_proto::admission`).
+    /// A full `--conn-limit` does not refuse it here: the handshake must tell
+    /// whether the peer is lonely (taken anyway) and, if refused, the peer
+    /// learns our topology first (see [`establish`](Self::establish)). The
+    /// gate's rate and half-open caps bound what that costs.
     pub fn admit(&self, ip: std::net::IpAddr) -> Result<Ticket, admission::Refusal> {
-        let full = {
-            let g = self.lock();
-            established(&g) >= self.settings.conn_limit
-        };
-        self.admission().admit(ip, self.now_ms(), full)
+        self.admission().admit(ip, self.now_ms(), false)
     }
 
     /// Gives back an admitted connection's half-open slot.
@@ -365,9 +383,10 @@ impl Mesh {
     }
 
     /// Registers a connection that is starting its handshake. None when over the
-    /// limit: `--conn-limit` counts established connections and our own dials;
-    /// accepted connections still handshaking are capped by the admission gate
-    /// instead, so strangers never take these slots.
+    /// limit: `--conn-limit` counts established connections and our own dials.
+    /// Accepted connections still handshaking are capped by the admission gate
+    /// instead, so strangers never take these slots, and are judged against the
+    /// limit once their handshake says who they are ([`establish`](Self::establish)).
     pub fn register(
         &self,
         direction: Direction,
@@ -376,11 +395,7 @@ impl Mesh {
         recv_index: u32,
     ) -> Option<u64> {
         let mut g = self.lock();
-        let used = match direction {
-            Direction::Outbound => slots_used(&g),
-            Direction::Inbound => established(&g),
-        };
-        if used >= self.settings.conn_limit {
+        if direction == Direction::Outbound && slots_used(&g) >= self.settings.conn_limit {
             return None;
         }
         let id = g.next_conn;
@@ -447,6 +462,11 @@ impl Mesh {
 
     /// Marks a connection established. Returns Err(reason) if it must be closed
     /// (a connection to ourselves, or the losing side of a duplicate).
+    ///
+    /// `capabilities`: the peer's Hello's `CAP_*` bits. An inbound connection
+    /// over `--conn-limit` is refused ([`Refused::topology`] holds what to tell
+    /// the peer before the Goodbye), unless the peer has no other connection
+    /// (`CAP_LONELY`): see `meshnet_proto::slots`.
     pub fn establish(
         &self,
         id: u64,
@@ -454,20 +474,44 @@ impl Mesh {
         nickname: String,
         listen: SocketAddr,
         link: PeerLink,
-    ) -> Result<(), String> {
-        let mut g = self.lock();
+        capabilities: u32,
+    ) -> Result<(), Refused> {
+        let mut guard = self.lock();
+        let g = &mut *guard;
         if peer == self.settings.me {
-            return Err(crate::conn::SELF_CONNECTION.into());
+            return Err(Refused::plain(crate::conn::SELF_CONNECTION));
         }
         let Some(this) = g.conns.get(&id) else {
-            return Err("connection vanished".into());
+            return Err(Refused::plain("connection vanished"));
         };
         let this_dir = this.direction;
         // Accepted connections were not counted while they handshook (one that
         // replaces the peer's old connection takes that one's slot).
-        let replaces = g.conns.values().any(|c| c.established && c.peer == Some(peer));
-        if this_dir == Direction::Inbound && !replaces && established(&g) >= self.settings.conn_limit {
-            return Err(format!("connection limit ({}) reached", self.settings.conn_limit));
+        if this_dir == Direction::Inbound {
+            let replaces = g.conns.values().any(|c| c.established && c.peer == Some(peer));
+            let held = held(g);
+            let need = Need::from_capabilities(capabilities);
+            match slots::admit_inbound(self.settings.conn_limit, &held, replaces, need, peer, &g.topology.graph()) {
+                Admit::Accept => {}
+                Admit::AcceptShedding { shed } => {
+                    let why = format!("{} makes room for {peer}, which has too few connections", self.settings.me);
+                    let to = g.conns.get(&shed).and_then(|c| c.peer).map(|p| p.to_string()).unwrap_or_default();
+                    log::info!("--conn-limit: closing the connection to {to}: {why}");
+                    if let Some(c) = g.conns.get(&shed) {
+                        let _ = c.queue.send(ControlMsg::Goodbye(why));
+                    }
+                    self.drop_conn_locked(g, shed, End::Duplicate);
+                }
+                Admit::Refuse => {
+                    // A newcomer with fewer than two connections learns our
+                    // topology, to dial others; the rest hear it from their neighbours.
+                    let topology = match need {
+                        Need::Enough => Vec::new(),
+                        _ => split_gossip(g.topology.gossip_all_signed(), GOSSIP_CHUNK),
+                    };
+                    return Err(Refused { reason: format!("connection limit ({}) reached", self.settings.conn_limit), topology });
+                }
+            }
         }
         // One connection per pair of peers: keep the one dialled by the smaller name.
         let existing: Vec<(u64, Direction)> = g
@@ -482,9 +526,9 @@ impl Mesh {
                     if let Some(old) = g.conns.get(&cid) {
                         let _ = old.queue.send(ControlMsg::Goodbye(crate::conn::REPLACED.into()));
                     }
-                    self.drop_conn_locked(&mut g, cid, End::Duplicate);
+                    self.drop_conn_locked(g, cid, End::Duplicate);
                 }
-                Keep::Old => return Err(format!("{} {peer}", crate::conn::ALREADY_CONNECTED)),
+                Keep::Old => return Err(Refused::plain(&format!("{} {peer}", crate::conn::ALREADY_CONNECTED))),
             }
         }
         let c = g.conns.get_mut(&id).expect("checked above");
@@ -500,16 +544,16 @@ impl Mesh {
             c.remote,
             c.direction.as_str()
         );
-        let full = g.topology.gossip_all_signed();
-        if let Some(c) = g.conns.get(&id) {
-            for msg in split_gossip(full, GOSSIP_CHUNK) {
-                let _ = c.queue.send(msg);
-            }
+        if !g.hints.is_empty() {
+            g.hints.clear();
+            g.discovery_stale = true;
         }
+        let out = g.gossip.connected(id, peer, capabilities & CAP_GOSSIP_DIGEST != 0);
+        self.perform(g, out);
         let now = self.now_ms();
         g.dialer.established(id, now);
-        self.local_connections_changed(&mut g);
-        self.reachability_changed(&mut g);
+        self.local_connections_changed(g);
+        self.reachability_changed(g);
         Ok(())
     }
 
@@ -543,12 +587,26 @@ impl Mesh {
     fn drop_conn_locked(&self, g: &mut Inner, id: u64, end: End) {
         let Some(c) = g.conns.remove(&id) else { return };
         if c.established {
+            g.gossip.disconnected(id);
             if let Some(peer) = c.peer {
                 let mut indexes = c.rekey_indexes.clone();
                 indexes.push(c.recv_index);
                 self.dataplane.remove_peer(peer, indexes);
             }
             self.local_connections_changed(g);
+            if self.settings.discovery && established(g) == 0 {
+                // Garbage collection is about to forget every other peer: keep
+                // their addresses to dial (a full router's refusal told them).
+                let me = self.settings.me;
+                g.hints = g
+                    .topology
+                    .discovery_candidates()
+                    .into_iter()
+                    .filter(|(p, _)| *p != me)
+                    .map(|(_, a)| a.to_string())
+                    .collect();
+                g.discovery_stale = true;
+            }
             let removed = g.topology.garbage_collect();
             if !removed.is_empty() {
                 g.discovery_stale = true;
@@ -581,28 +639,10 @@ impl Mesh {
             .collect();
         if g.topology.set_local_connections(conns) {
             g.discovery_stale = true;
-            g.own_entry_pending = true;
-            self.send_own_entry(g);
+            let now = self.now_ms();
+            let out = g.gossip.own_changed(now, &g.topology);
+            self.perform(g, out);
         }
-    }
-
-    /// Sends our own entry to every neighbour if it changed and was not sent in
-    /// the last [`OWN_ENTRY_EVERY`]; [`maker_loop`](crate::conn::maker_loop)
-    /// calls it again until it has gone.
-    fn send_own_entry(&self, g: &mut Inner) {
-        if !g.own_entry_pending || g.own_entry_sent.is_some_and(|t| t.elapsed() < OWN_ENTRY_EVERY) {
-            return;
-        }
-        g.own_entry_pending = false;
-        g.own_entry_sent = Some(Instant::now());
-        let update = g.topology.gossip_about_signed(&[self.settings.me]);
-        broadcast_gossip(g, update);
-    }
-
-    /// Sends our own entry if a change of it is waiting (see [`send_own_entry`](Self::send_own_entry)).
-    pub fn own_entry_tick(&self) {
-        let mut g = self.lock();
-        self.send_own_entry(&mut g);
     }
 
     /// Follows the data plane's heartbeats: a connection carries data (and is
@@ -847,17 +887,49 @@ impl Mesh {
             self.keys_saver.notify_one();
         }
         let changed = report.changed;
-        let mut g = guard;
         if !changed.is_empty() {
             g.discovery_stale = true;
-            let update = g.topology.gossip_about_signed(&changed);
-            relay_gossip(&mut g, from, update);
+            let out = g.gossip.relay(&changed, from, &g.topology, random_u64());
+            self.perform(g, out);
             // Garbage collection and routes follow in route_loop, off this path.
-            self.reachability_changed(&mut g);
-            drop(g);
+            self.reachability_changed(g);
+            drop(guard);
             self.maker.notify_one();
         }
         Ok(())
+    }
+
+    /// A neighbour's topology digest (anti-entropy): our summary if ours differs.
+    pub fn on_gossip_digest(&self, from: u64, digest: Digest) {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        let out = g.gossip.on_digest(from, digest, self.now_ms(), &g.topology);
+        self.perform(g, out);
+    }
+
+    /// A neighbour's topology summary: what it lacks, and our summary if it
+    /// holds what we lack.
+    pub fn on_gossip_summary(&self, from: u64, summary: &[EntryVersion]) {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        let out = g.gossip.on_summary(from, summary, self.now_ms(), &g.topology);
+        self.perform(g, out);
+    }
+
+    /// Queues what the gossip schedule decided (see `meshnet_proto::gossip`).
+    fn perform(&self, g: &mut Inner, out: Vec<gossip::Out>) {
+        for o in out {
+            let Some(c) = g.conns.get(&o.to) else { continue };
+            let msgs = match o.send {
+                gossip::Send::Entries(names) => split_gossip(g.topology.gossip_about_signed(&names), GOSSIP_CHUNK),
+                gossip::Send::Everything => split_gossip(g.topology.gossip_all_signed(), GOSSIP_CHUNK),
+                gossip::Send::Digest(d) => vec![ControlMsg::GossipDigest(d)],
+                gossip::Send::Summary(s) => vec![ControlMsg::GossipSummary(s)],
+            };
+            for m in msgs {
+                let _ = c.queue.send(m);
+            }
+        }
     }
 
     /// The topology changed: [`route_loop`] recomputes routes and broadcast trees.
@@ -1005,21 +1077,37 @@ impl Mesh {
         out
     }
 
-    /// Sends our full view to a few random neighbours, about 2·log₂ n of them
-    /// (anti-entropy; changes reach every neighbour as deltas already).
-    pub fn gossip_everything(&self) {
-        let g = self.lock();
-        let mut ids: Vec<u64> = g.conns.iter().filter(|(_, c)| c.established).map(|(&id, _)| id).collect();
-        ids.sort_unstable();
-        let chosen = full_gossip_targets(ids.len(), g.topology.peers().count(), random_u64());
-        let msgs = split_gossip(g.topology.gossip_all_signed(), GOSSIP_CHUNK);
-        for i in chosen {
-            if let Some(c) = g.conns.get(&ids[i]) {
-                for m in &msgs {
-                    let _ = c.queue.send(m.clone());
-                }
-            }
+    /// Runs the anti-entropy round when due (see `meshnet_proto::gossip`): a
+    /// digest to about 2·log₂ n random neighbours. Call it often; it decides.
+    pub fn gossip_tick(&self) {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        let out = g.gossip.tick(self.now_ms(), random_u64(), &g.topology);
+        self.perform(g, out);
+    }
+
+    /// The `CAP_*` bits that say how few connections we have (see
+    /// `meshnet_proto::slots::Need`): a full router makes room for us.
+    pub fn need_capabilities(&self) -> u32 {
+        Need::capabilities(established(&self.lock()))
+    }
+
+    /// Over `--conn-limit` (a lonely newcomer was taken): closes one connection
+    /// whose peer stays reachable without it (see `meshnet_proto::slots::excess`).
+    pub fn shed_excess(&self) {
+        let mut guard = self.lock();
+        let g = &mut *guard;
+        if established(g) <= self.settings.conn_limit {
+            return;
         }
+        let held = held(g);
+        let Some(shed) = slots::excess(self.settings.conn_limit, &held, &g.topology.graph()) else { return };
+        let why = format!("{} is over its connection limit ({})", self.settings.me, self.settings.conn_limit);
+        if let Some(c) = g.conns.get(&shed) {
+            log::info!("closing the connection to {}: {why}", c.peer.map(|p| p.to_string()).unwrap_or_default());
+            let _ = c.queue.send(ControlMsg::Goodbye(why));
+        }
+        self.drop_conn_locked(g, shed, End::Duplicate);
     }
 
     /// Counters for `status --json` (`control`).
@@ -1029,6 +1117,12 @@ impl Mesh {
             "route_recomputes": g.route_runs,
             "route_recompute_last_ms": g.route_last_ms,
             "discovery_dials_deferred": g.dialer.deferred,
+            "gossip_rounds": g.gossip.stats.rounds,
+            "gossip_digests_sent": g.gossip.stats.digests_sent,
+            "gossip_digests_matched": g.gossip.stats.digests_matched,
+            "gossip_summaries_sent": g.gossip.stats.summaries_sent,
+            "gossip_summaries_answered": g.gossip.stats.summaries_answered,
+            "gossip_summaries_limited": g.gossip.stats.limited,
         })
     }
 
@@ -1194,20 +1288,53 @@ impl Mesh {
             // Recomputed only after the topology changed, and not more often
             // than DISCOVERY_EVERY (the maker loop comes back within 200 ms).
             let connected: HashSet<PeerName> = g.conns.values().filter_map(|c| c.peer).collect();
-            let list: Vec<String> = g
+            let ours = established(g);
+            let limit = self.settings.conn_limit;
+            let topology = &g.topology;
+            let worth = |p: &PeerName| {
+                slots::worth_dialling(ours, limit, topology.get(*p).map_or(0, |i| i.connections.len()))
+            };
+            let mut list: Vec<String> = g
                 .topology
                 .discovery_candidates()
                 .into_iter()
-                .filter(|(peer, _)| *peer != self.settings.me && !connected.contains(peer))
+                .filter(|(peer, _)| *peer != self.settings.me && !connected.contains(peer) && worth(peer))
                 .map(|(_, addr)| addr.to_string())
                 .collect();
+            list.extend(g.hints.iter().cloned());
             g.dialer.set_candidates(list);
             g.discovery_stale = false;
             g.discovery_at = Some(Instant::now());
         }
         // Accepted connections still handshaking never hold our dials back.
-        let free = self.settings.conn_limit.saturating_sub(slots_used(g));
-        g.dialer.poll(self.now_ms(), random_u64(), free).dials
+        let now = self.now_ms();
+        // A due connect target that is a peer of our mesh already at our limit
+        // would refuse us: not dialled for a while unless we need connections
+        // (without this, routers below their limit redial a full seed forever).
+        if established(g) >= 2 {
+            let due: Vec<String> = g.dialer.due_targets(now).map(str::to_string).collect();
+            if !due.is_empty() {
+                let full: HashSet<String> = g
+                    .topology
+                    .peers()
+                    .flat_map(|p| p.connections.iter())
+                    .filter(|c| g.topology.get(c.peer).is_some_and(|p| !slots::worth_dialling(established(g), self.settings.conn_limit, p.connections.len())))
+                    .map(|c| c.addr.to_string())
+                    .collect();
+                for t in due.iter().filter(|t| full.contains(*t)) {
+                    g.dialer.hold(t, now, now + dialer::SATISFIED_MS);
+                }
+            }
+        }
+        // Only when no slot is free: is a due connect target outside our mesh?
+        let used = slots_used(g);
+        let outside = used >= self.settings.conn_limit && g.dialer.due_targets(now).next().is_some() && {
+            let known: HashSet<String> =
+                g.topology.peers().flat_map(|p| p.connections.iter().map(|c| c.addr.to_string())).collect();
+            g.dialer.due_targets(now).any(|t| !known.contains(t))
+        };
+        let free = slots::dial_slots(self.settings.conn_limit, used, outside);
+        g.dialer.poll(now, random_u64(), free).dials
     }
 
     /// Dial `dial` opened connection `conn` (handshaking now).
@@ -1229,18 +1356,30 @@ fn established(g: &Inner) -> usize {
     g.conns.values().filter(|c| c.established).count()
 }
 
+/// Established connections as `meshnet_proto::slots` judges them.
+fn held(g: &Inner) -> Vec<Held> {
+    g.conns
+        .iter()
+        .filter(|(_, c)| c.established)
+        .filter_map(|(&conn, c)| {
+            let peer = c.peer?;
+            let target = c.direction == Direction::Outbound && g.targets.contains(&c.remote.to_string());
+            Some(Held {
+                conn,
+                peer,
+                discovered: c.direction == Direction::Outbound && !target,
+                target,
+                peer_connections: g.topology.get(peer).map_or(0, |p| p.connections.len()),
+            })
+        })
+        .collect()
+}
+
 /// `--conn-limit` slots in use: established connections and our own dials.
 fn slots_used(g: &Inner) -> usize {
     g.conns.values().filter(|c| c.established || c.direction == Direction::Outbound).count()
 }
 
-/// Sends topology entries to every established connection, split into
-/// messages of at most [`GOSSIP_CHUNK`] bytes.
-fn broadcast_gossip(g: &mut Inner, infos: Vec<SignedPeerInfo>) {
-    for msg in split_gossip(infos, GOSSIP_CHUNK) {
-        broadcast(g, None, &msg);
-    }
-}
 
 /// Recomputes routes whenever the topology changed, at most every
 /// [`ROUTES_DEBOUNCE`]: a burst of changes is coalesced into one run.
@@ -1253,39 +1392,6 @@ pub async fn route_loop(mesh: Arc<Mesh>) {
         }
         last = Some(Instant::now());
         mesh.recompute_routes().await;
-    }
-}
-
-/// Passes entries that were news to us, heard on connection `from`, on to the
-/// neighbours [`relay_targets`] picks for each: not those the owner reaches
-/// itself, and of the rest about 2·log₂ n at random. Flooding every change to
-/// every neighbour cost a full mesh of n about n² messages per change (a mesh
-/// of 100 spent its routers' CPU decoding copies and starved handshakes).
-/// Whoever hears it new passes it on the same way; the periodic exchange
-/// repairs what that missed.
-fn relay_gossip(g: &mut Inner, from: u64, infos: Vec<SignedPeerInfo>) {
-    let Some(from_peer) = g.conns.get(&from).and_then(|c| c.peer) else { return };
-    let mut neighbours: Vec<(u64, PeerName)> = g
-        .conns
-        .iter()
-        .filter(|(&id, c)| id != from && c.established)
-        .filter_map(|(&id, c)| Some((id, c.peer?)))
-        .collect();
-    neighbours.sort_unstable();
-    let names: Vec<PeerName> = neighbours.iter().map(|n| n.1).collect();
-    let peers = g.topology.peers().count();
-    let mut per_conn: BTreeMap<u64, Vec<SignedPeerInfo>> = BTreeMap::new();
-    for e in infos {
-        for i in relay_targets(&e.info, from_peer, &names, peers, random_u64()) {
-            per_conn.entry(neighbours[i].0).or_default().push(e.clone());
-        }
-    }
-    for (id, list) in per_conn {
-        if let Some(c) = g.conns.get(&id) {
-            for m in split_gossip(list, GOSSIP_CHUNK) {
-                let _ = c.queue.send(m);
-            }
-        }
     }
 }
 

@@ -524,6 +524,21 @@ impl Dialer {
         })
     }
 
+    /// Holds back entry `key` until `until` if it is due now (the caller
+    /// judged it not worth a dial yet: a full peer already in our mesh).
+    pub fn hold(&mut self, key: &str, now: u64, until: u64) {
+        if let Some(e) = self.entries.get_mut(key) {
+            if e.state.due(now) {
+                e.state = DialState::Satisfied { until };
+            }
+        }
+    }
+
+    /// Connect targets due for a dial now.
+    pub fn due_targets(&self, now: u64) -> impl Iterator<Item = &str> {
+        self.entries.iter().filter(move |(_, e)| e.target && e.state.due(now)).map(|(k, _)| k.as_str())
+    }
+
     /// Discovery dials under way (they count against the budget's in-flight cap).
     pub fn discovery_in_flight(&self) -> usize {
         self.entries.values().filter(|e| !e.target && matches!(e.state, DialState::Dialling { .. })).count()

@@ -38,6 +38,16 @@ pub const PROTOCOL_VERSION: u8 = 2;
 pub const MIN_PROTOCOL_VERSION: u8 = 2;
 /// Capability bit: the peer understands data-plane superframes.
 pub const CAP_SUPERFRAMES: u32 = 1;
+/// Capability bit: the peer understands gossip digests and summaries
+/// (`ControlMsg::GossipDigest`, `ControlMsg::GossipSummary`, see [`crate::gossip`]);
+/// peers without it get periodic full gossip and never those messages.
+pub const CAP_GOSSIP_DIGEST: u32 = 2;
+/// Capability bit: the sender has no established connection (it is lonely): a
+/// router at its `--conn-limit` takes it anyway (see [`crate::slots`]).
+pub const CAP_LONELY: u32 = 4;
+/// Capability bit: the sender has exactly one established connection: a router
+/// at its `--conn-limit` takes it if a redundant connection can make room.
+pub const CAP_ONE_CONNECTION: u32 = 8;
 /// What the responder tells an initiator whose password differs.
 pub const REFUSAL_WRONG_PASSWORD: &str = "authentication failed: passwords differ";
 /// PBKDF2 iterations for [`derive_psk`].

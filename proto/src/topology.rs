@@ -716,6 +716,32 @@ impl Graph {
         &self.adj[self.offsets[i as usize] as usize..self.offsets[i as usize + 1] as usize]
     }
 
+    /// Whether `peer` is reachable from me over links other than a direct one
+    /// between us (so dropping our connection would leave it reachable). False
+    /// for an unknown peer.
+    pub fn reachable_avoiding_direct(&self, peer: PeerName) -> bool {
+        let Ok(target) = self.names.binary_search(&peer) else { return false };
+        let target = target as u32;
+        let mut seen = vec![false; self.names.len()];
+        seen[self.me as usize] = true;
+        let mut queue = VecDeque::from([self.me]);
+        while let Some(u) = queue.pop_front() {
+            for &v in self.neighbours(u) {
+                if u == self.me && v == target {
+                    continue;
+                }
+                if v == target {
+                    return true;
+                }
+                if !seen[v as usize] {
+                    seen[v as usize] = true;
+                    queue.push_back(v);
+                }
+            }
+        }
+        false
+    }
+
     /// How many peers and links (each counted once) it has.
     pub fn size(&self) -> (usize, usize) {
         (self.names.len(), self.adj.len() / 2)

@@ -4,11 +4,11 @@
 //!
 //! - `thirty_routers_form_a_full_mesh` (CI): every router ends with 29
 //!   established connections and stays there.
-//! - `partial_mesh_reaches_every_host_by_relays` (opt-in while it fails): 30
-//!   routers with `--conn-limit 10`; a container on every host, and c1 and c30
-//!   reach all of them (most through relays). Today h1 fills its 10 slots and
-//!   refuses the rest after their handshake without telling them any peer, so
-//!   they never learn another address.
+//! - `partial_mesh_reaches_every_host_by_relays` (CI, ~40 s): `MESHNET_PARTIAL_N`
+//!   routers (default 12) with `--conn-limit MESHNET_PARTIAL_LIMIT` (default 4);
+//!   a container on every host, and c1 and cN reach all of them (most through
+//!   relays). A full router tells a refused newcomer its topology, and takes a
+//!   newcomer with no other connection anyway (see `meshnet_proto::slots`).
 //! - `many_routers_form_a_full_mesh` (opt-in, `--ignored`): `MESHNET_SCALE_N`
 //!   routers (default 100), the same checks and figures.
 //!
@@ -277,12 +277,11 @@ fn many_routers_form_a_full_mesh() {
 }
 
 #[test]
-#[ignore = "fails today (issue 17): a router at its --conn-limit refuses newcomers after the handshake, telling them nothing, and routers that were told only of it never learn another peer"]
 fn partial_mesh_reaches_every_host_by_relays() {
     let Some(lab) = Lab::new("scale_partial") else { return };
-    let n: u8 = 30;
+    let n: u8 = std::env::var("MESHNET_PARTIAL_N").ok().and_then(|s| s.parse().ok()).unwrap_or(12);
     let _limits = NeighLimits::for_hosts(usize::from(n) * 2);
-    let limit = 10;
+    let limit: usize = std::env::var("MESHNET_PARTIAL_LIMIT").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     let started = Instant::now();
     let hosts = launch_all(&lab, n, &["--conn-limit", &limit.to_string()]);
     // Every router knows every peer, and has at least one connection.
@@ -294,8 +293,14 @@ fn partial_mesh_reaches_every_host_by_relays() {
     });
     assert!(all_known, "not every router learnt all {n} peers");
     let known = started.elapsed();
-    let counts = established_counts(&hosts);
-    assert!(counts.iter().all(|&c| (1..=limit).contains(&c)), "connections per router: {counts:?}");
+    // A router that took lonely newcomers over its limit sheds redundant
+    // connections as the newcomers find others: the shape settles.
+    let mut counts = established_counts(&hosts);
+    let settled = wait_until(Duration::from_secs(90), || {
+        counts = established_counts(&hosts);
+        counts.iter().all(|&c| (1..=limit).contains(&c))
+    });
+    assert!(settled, "connections per router: {counts:?}");
     // A container on every host; c1 and cN reach all of them.
     let cs: Vec<(Container, String)> = hosts
         .iter()

@@ -78,6 +78,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::gossip::{Digest, EntryVersion, MAX_SUMMARY};
 use crate::topology::SignedPeerInfo;
 
 /// The preamble's magic.
@@ -118,6 +119,24 @@ pub enum ControlMsg {
     Goodbye(String),
     /// Data-plane rekeying (see [`crate::rekey`]).
     Rekey(crate::rekey::RekeyMsg),
+    /// Anti-entropy: a hash over every topology entry's version (see
+    /// [`crate::gossip`]); sent only to peers with `CAP_GOSSIP_DIGEST`.
+    GossipDigest(Digest),
+    /// Every topology entry's name, uid and version, sorted by name, at most
+    /// [`MAX_SUMMARY`] of them; the answer to a digest that differs.
+    GossipSummary(Vec<EntryVersion>),
+}
+
+impl ControlMsg {
+    /// Checks the bounds bincode cannot express (after decoding, before use).
+    pub fn check(&self) -> Result<(), ControlError> {
+        match self {
+            ControlMsg::GossipSummary(v) if v.len() > MAX_SUMMARY => {
+                Err(ControlError::Malformed("gossip summary over MAX_SUMMARY entries"))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// The opening 12 bytes each side sends.
@@ -291,11 +310,12 @@ pub fn decode_message(body: &[u8]) -> Result<ControlMsg, ControlError> {
     if body.len() > MAX_MESSAGE {
         return Err(ControlError::MessageTooLarge { len: body.len() });
     }
-    let (msg, used) =
+    let (msg, used): (ControlMsg, usize) =
         bincode::serde::decode_from_slice(body, wire_config()).map_err(|e| ControlError::Decode(e.to_string()))?;
     if used != body.len() {
         return Err(ControlError::Malformed("trailing bytes after message"));
     }
+    msg.check()?;
     Ok(msg)
 }
 
@@ -606,5 +626,20 @@ mod tests {
         // A Vec claiming 2^60 elements must fail on the limit, not allocate.
         assert!(matches!(decode_message(&[1, 0xff, 0, 0, 0, 0, 0, 0, 0, 0x10]), Err(ControlError::Decode(_))));
         assert!(decode_gossip(&[0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
+    }
+
+    #[test]
+    fn gossip_digests_and_summaries_round_trip_within_bounds() {
+        use crate::gossip::{Digest, EntryVersion};
+        use crate::PeerName;
+        let d = ControlMsg::GossipDigest(Digest { peers: 3, hash: [9; 16] });
+        assert_eq!(decode_message(&encode_message(&d).unwrap()).unwrap(), d);
+        let e = EntryVersion { name: PeerName(0x1234_5678_9abc), uid: u64::MAX, version: 7 };
+        let s = ControlMsg::GossipSummary(vec![e; MAX_SUMMARY]);
+        let body = encode_message(&s).unwrap();
+        assert!(body.len() < MAX_MESSAGE / 8, "the largest summary is small: {}", body.len());
+        assert_eq!(decode_message(&body).unwrap(), s);
+        let over = encode_message(&ControlMsg::GossipSummary(vec![e; MAX_SUMMARY + 1])).unwrap();
+        assert!(matches!(decode_message(&over), Err(ControlError::Malformed(_))));
     }
 }

@@ -6,8 +6,12 @@
 //! - [`ipam`]: [`ipam::IpamSim`], IPAM peers driven as the daemon drives them
 //!   (persist before send), crashes and restores, the global "no address held
 //!   twice" check, and a random [`ipam::Workload`]. Scenarios: `tests/ipam_sim.rs`.
+//! - [`mesh`]: [`mesh::MeshSim`], the whole control plane (connection making,
+//!   topology gossip, discovery, `--conn-limit`, IPAM) of many routers over
+//!   simulated connections. Scenarios: `tests/mesh_sim.rs`.
 //!
 //! Everything is deterministic for a given seed; a failing run prints its seed.
 
 pub mod ipam;
+pub mod mesh;
 pub mod net;
