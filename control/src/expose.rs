@@ -5,8 +5,9 @@
 //! - the exposed addresses on the bridge (added, re-applied after a restart,
 //!   removed by `hide` and `reset`); IPAM holds them under [`EXPOSE_KEY`];
 //! - one nftables table, `ip meshnet` (`ip meshnet-<bridge>` for another
-//!   bridge), written whole in one `nft -f` transaction each time the set of
-//!   exposed addresses changes, and deleted when nothing is exposed:
+//!   bridge), built as typed nftables JSON (the `nftables` crate; [`ruleset`]
+//!   is pure) and written whole in one transaction (`nft -j -f -`) each time
+//!   the set of exposed addresses changes, and deleted when nothing is exposed:
 //!   - `postrouting` (nat): traffic from an exposed subnet (unless exposed
 //!     `--without-masquerade`) to a destination outside the IP allocation
 //!     range that leaves through another interface than the bridge is
@@ -17,15 +18,20 @@
 //!
 //! It never touches another table (iptables-legacy, iptables-nft, Docker and
 //! kube-proxy keep theirs), never flushes the ruleset, and never runs without
-//! an address exposed. `nft` (the nftables package) must be installed.
+//! an address exposed. The `nft` binary (the nftables package) must be
+//! installed: the crate drives it, it does not talk netlink itself.
 
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use meshnet_proto::ipam::Cidr;
 use meshnet_router::netlink;
+use nftables::batch::Batch;
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::helper::{self, NftablesError};
+use nftables::schema::{Chain, NfListObject, NfObject, Nftables, Rule, Table};
+use nftables::stmt::{Counter, Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use crate::attach::parse_cidr;
 use crate::state::Exposure;
@@ -50,9 +56,11 @@ pub fn parse(e: &Exposure) -> Result<(Ipv4Addr, Cidr)> {
     Ok((v4, subnet))
 }
 
-/// The table for these exposures, as an `nft -f` script that replaces the
-/// table whole; `None` when nothing is exposed (the table must go).
-pub fn ruleset(bridge: &str, range: Cidr, exposed: &[Exposure]) -> Option<String> {
+/// The table for these exposures, as one nftables JSON batch (one
+/// transaction: all of it or nothing) that replaces the table whole: declare
+/// it (so the delete succeeds when it is not there yet), delete it, define it
+/// again. With nothing exposed the batch only declares and deletes it.
+pub fn ruleset(bridge: &str, range: Cidr, exposed: &[Exposure]) -> Nftables<'static> {
     let mut subnets: Vec<(Cidr, bool)> = Vec::new();
     for e in exposed {
         let Ok((_, subnet)) = parse(e) else { continue };
@@ -62,39 +70,114 @@ pub fn ruleset(bridge: &str, range: Cidr, exposed: &[Exposure]) -> Option<String
         }
     }
     if subnets.is_empty() {
-        return None;
+        return deletion(bridge);
     }
     let table = table_name(bridge);
-    let br = quote(bridge);
-    let mut forward = String::new();
-    let mut nat = String::new();
-    for (subnet, masquerade) in &subnets {
-        forward += &format!(
-            "    iifname {br} oifname {br} ip saddr {subnet} ip daddr != {subnet} counter drop comment \"isolate {subnet} from other overlay subnets\"\n"
-        );
-        if *masquerade {
-            nat += &format!(
-                "    oifname != {br} ip saddr {subnet} ip daddr != {range} counter masquerade comment \"egress of {subnet}\"\n"
-            );
-        }
+    let mut batch = declare_and_delete(&table);
+    batch.add(NfListObject::Table(our_table(&table)));
+    batch.add(NfListObject::Chain(base_chain(&table, FORWARD, NfChainType::Filter, NfHook::Forward, PRIO_FILTER)));
+    batch.add(NfListObject::Chain(base_chain(&table, POSTROUTING, NfChainType::NAT, NfHook::Postrouting, PRIO_SRCNAT)));
+    for (subnet, _) in &subnets {
+        // iifname BRIDGE oifname BRIDGE ip saddr SUBNET ip daddr != SUBNET counter drop
+        let expr = vec![
+            matches(meta(MetaKey::Iifname), Operator::EQ, text(bridge)),
+            matches(meta(MetaKey::Oifname), Operator::EQ, text(bridge)),
+            matches(ip_field("saddr"), Operator::EQ, prefix(*subnet)),
+            matches(ip_field("daddr"), Operator::NEQ, prefix(*subnet)),
+            Statement::Counter(Counter::Anonymous(None)),
+            Statement::Drop(None),
+        ];
+        batch.add(NfListObject::Rule(rule(&table, FORWARD, expr, format!("isolate {subnet} from other overlay subnets"))));
     }
-    // Declaring the table first makes the delete succeed when it is not there yet;
-    // the whole file is one transaction.
-    Some(format!(
-        "table ip {table}\ndelete table ip {table}\ntable ip {table} {{\n  chain forward {{\n    type filter hook forward priority filter; policy accept;\n{forward}  }}\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{nat}  }}\n}}\n"
-    ))
+    for (subnet, _) in subnets.iter().filter(|(_, masquerade)| *masquerade) {
+        // oifname != BRIDGE ip saddr SUBNET ip daddr != RANGE counter masquerade
+        let expr = vec![
+            matches(meta(MetaKey::Oifname), Operator::NEQ, text(bridge)),
+            matches(ip_field("saddr"), Operator::EQ, prefix(*subnet)),
+            matches(ip_field("daddr"), Operator::NEQ, prefix(range)),
+            Statement::Counter(Counter::Anonymous(None)),
+            Statement::Masquerade(None),
+        ];
+        batch.add(NfListObject::Rule(rule(&table, POSTROUTING, expr, format!("egress of {subnet}"))));
+    }
+    batch.to_nftables()
 }
 
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace(['"', '\\'], ""))
+/// The batch that deletes meshnet's table (and nothing else), whether or not
+/// it is there.
+pub fn deletion(bridge: &str) -> Nftables<'static> {
+    declare_and_delete(&table_name(bridge)).to_nftables()
+}
+
+fn declare_and_delete(table: &str) -> Batch<'static> {
+    let mut batch = Batch::new();
+    batch.add(NfListObject::Table(our_table(table)));
+    batch.delete(NfListObject::Table(our_table(table)));
+    batch
+}
+
+const FORWARD: &str = "forward";
+const POSTROUTING: &str = "postrouting";
+/// nft's `priority filter`.
+const PRIO_FILTER: i32 = 0;
+/// nft's `priority srcnat`.
+const PRIO_SRCNAT: i32 = 100;
+
+fn our_table(table: &str) -> Table<'static> {
+    Table { family: NfFamily::IP, name: table.to_string().into(), handle: None }
+}
+
+fn base_chain(table: &str, name: &'static str, kind: NfChainType, hook: NfHook, prio: i32) -> Chain<'static> {
+    Chain {
+        family: NfFamily::IP,
+        table: table.to_string().into(),
+        name: name.into(),
+        _type: Some(kind),
+        hook: Some(hook),
+        prio: Some(prio),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    }
+}
+
+fn rule(table: &str, chain: &'static str, expr: Vec<Statement<'static>>, comment: String) -> Rule<'static> {
+    Rule {
+        family: NfFamily::IP,
+        table: table.to_string().into(),
+        chain: chain.into(),
+        expr: expr.into(),
+        comment: Some(comment.into()),
+        ..Rule::default()
+    }
+}
+
+fn matches(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn ip_field(field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField { protocol: "ip".into(), field: field.into() })))
+}
+
+fn prefix(cidr: Cidr) -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix { addr: Box::new(text(&cidr.network().to_string())), len: u32::from(cidr.prefix()) }))
+}
+
+fn text(s: &str) -> Expression<'static> {
+    Expression::String(s.to_string().into())
 }
 
 /// Makes the table what `exposed` needs: replaced whole, or deleted when
 /// nothing is exposed.
 pub fn apply_table(bridge: &str, range: Cidr, exposed: &[Exposure]) -> Result<()> {
-    match ruleset(bridge, range, exposed) {
-        Some(script) => nft(&script).with_context(|| format!("nftables table ip {}", table_name(bridge))),
-        None => delete_table(bridge).map(|_| ()),
+    if exposed.iter().any(|e| parse(e).is_ok()) {
+        nft(&ruleset(bridge, range, exposed)).with_context(|| format!("nftables table ip {}", table_name(bridge)))
+    } else {
+        delete_table(bridge).map(|_| ())
     }
 }
 
@@ -104,40 +187,43 @@ pub fn delete_table(bridge: &str) -> Result<bool> {
     if !table_exists(&table)? {
         return Ok(false);
     }
-    nft(&format!("delete table ip {table}\n")).with_context(|| format!("delete nftables table ip {table}"))?;
+    nft(&deletion(bridge)).with_context(|| format!("delete nftables table ip {table}"))?;
     Ok(true)
 }
 
-/// Whether the table is there; without `nft` installed it cannot be (meshnet
-/// only ever makes it through `nft`).
+/// Whether the table is there (`nft -j list tables`); without `nft` installed
+/// it cannot be (meshnet only ever makes it through `nft`).
 fn table_exists(table: &str) -> Result<bool> {
-    let out = match Command::new("nft").args(["list", "table", "ip", table]).stdin(Stdio::null()).output() {
-        Ok(out) => out,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(nft_missing(e)),
+    let listed = match helper::get_current_ruleset_with_args(helper::DEFAULT_NFT, ["list", "tables", "ip"]) {
+        Ok(listed) => listed,
+        Err(NftablesError::NftExecution { inner, .. }) if inner.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(nft_error(e)),
     };
-    Ok(out.status.success())
+    Ok(listed.objects.iter().any(|o| {
+        matches!(o, NfObject::ListObject(NfListObject::Table(t)) if t.family == NfFamily::IP && t.name == table)
+    }))
 }
 
-/// Runs an `nft -f -` script (one transaction: all of it or nothing).
-fn nft(script: &str) -> Result<()> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(nft_missing)?;
-    child.stdin.take().expect("piped").write_all(script.as_bytes()).context("write to nft")?;
-    let out = child.wait_with_output().context("wait for nft")?;
-    if !out.status.success() {
-        bail!("nft refused the rules: {}", String::from_utf8_lossy(&out.stderr).trim());
+/// Applies a batch through `nft -j -f -` (one transaction: all of it or nothing).
+fn nft(batch: &Nftables) -> Result<()> {
+    helper::apply_ruleset(batch).map_err(nft_error)
+}
+
+fn nft_error(e: NftablesError) -> anyhow::Error {
+    match e {
+        NftablesError::NftExecution { inner, .. } if inner.kind() == std::io::ErrorKind::NotFound => {
+            anyhow::anyhow!("cannot run nft ({inner}): meshnet expose needs nftables installed")
+        }
+        NftablesError::NftFailed { stderr, stdout, .. } => {
+            let said = [stderr.trim(), stdout.trim()].into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join("; ");
+            if said.is_empty() {
+                anyhow::anyhow!("nft refused the rules (its message is in the router's log)")
+            } else {
+                anyhow::anyhow!("nft refused the rules: {said}")
+            }
+        }
+        e => anyhow::anyhow!("nft: {e}"),
     }
-    Ok(())
-}
-
-fn nft_missing(e: std::io::Error) -> anyhow::Error {
-    anyhow::anyhow!("cannot run nft ({e}): meshnet expose needs nftables installed")
 }
 
 /// Exposed traffic is forwarded by this host: make sure it forwards IPv4 (as
@@ -184,25 +270,111 @@ pub fn remove_all(bridge: &str, exposed: &[Exposure]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
     fn ex(addr: &str, masquerade: bool) -> Exposure {
         Exposure { addr: addr.into(), masquerade }
     }
 
-    #[test]
-    fn nothing_exposed_means_no_table() {
-        assert_eq!(ruleset("meshnet", "10.32.0.0/12".parse().unwrap(), &[]), None);
+    fn to_json(batch: &Nftables) -> Value {
+        serde_json::to_value(batch).unwrap()
+    }
+
+    fn table(name: &str) -> Value {
+        json!({"table": {"family": "ip", "name": name}})
+    }
+
+    /// The commands before the rules: declare, delete, define the table and its two base chains.
+    fn head(name: &str) -> Vec<Value> {
+        vec![
+            json!({"add": table(name)}),
+            json!({"delete": table(name)}),
+            json!({"add": table(name)}),
+            json!({"add": {"chain": {"family": "ip", "table": name, "name": "forward",
+                "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}}),
+            json!({"add": {"chain": {"family": "ip", "table": name, "name": "postrouting",
+                "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}}),
+        ]
+    }
+
+    fn ifname(key: &str, op: &str, bridge: &str) -> Value {
+        json!({"match": {"left": {"meta": {"key": key}}, "right": bridge, "op": op}})
+    }
+
+    fn ip(field: &str, op: &str, addr: &str, len: u32) -> Value {
+        json!({"match": {"left": {"payload": {"protocol": "ip", "field": field}},
+            "right": {"prefix": {"addr": addr, "len": len}}, "op": op}})
+    }
+
+    /// iifname B oifname B ip saddr S ip daddr != S counter drop
+    fn isolate(name: &str, bridge: &str, net: &str, len: u32) -> Value {
+        json!({"add": {"rule": {"family": "ip", "table": name, "chain": "forward", "expr": [
+            ifname("iifname", "==", bridge), ifname("oifname", "==", bridge),
+            ip("saddr", "==", net, len), ip("daddr", "!=", net, len),
+            {"counter": null}, {"drop": null},
+        ], "comment": format!("isolate {net}/{len} from other overlay subnets")}}})
+    }
+
+    /// oifname != B ip saddr S ip daddr != RANGE counter masquerade
+    fn masquerade(name: &str, bridge: &str, net: &str, len: u32, range: (&str, u32)) -> Value {
+        json!({"add": {"rule": {"family": "ip", "table": name, "chain": "postrouting", "expr": [
+            ifname("oifname", "!=", bridge), ip("saddr", "==", net, len), ip("daddr", "!=", range.0, range.1),
+            {"counter": null}, {"masquerade": null},
+        ], "comment": format!("egress of {net}/{len}")}}})
+    }
+
+    fn batch(objects: Vec<Value>) -> Value {
+        json!({"nftables": objects})
     }
 
     #[test]
-    fn rules_per_subnet() {
+    fn nothing_exposed_deletes_only_our_table() {
+        let range: Cidr = "10.32.0.0/12".parse().unwrap();
+        let ours = batch(vec![json!({"add": table("meshnet")}), json!({"delete": table("meshnet")})]);
+        assert_eq!(to_json(&ruleset("meshnet", range, &[])), ours);
+        assert_eq!(to_json(&deletion("meshnet")), ours);
+        // Exposures that do not parse count as nothing.
+        assert_eq!(to_json(&ruleset("meshnet", range, &[ex("bogus", true)])), ours);
+        let other = batch(vec![json!({"add": table("meshnet-br1")}), json!({"delete": table("meshnet-br1")})]);
+        assert_eq!(to_json(&deletion("br1")), other);
+    }
+
+    #[test]
+    fn one_subnet_with_and_without_masquerade() {
+        let range: Cidr = "10.32.0.0/12".parse().unwrap();
+        let mut want = head("meshnet");
+        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12));
+        want.push(masquerade("meshnet", "meshnet", "10.32.0.0", 12, ("10.32.0.0", 12)));
+        assert_eq!(to_json(&ruleset("meshnet", range, &[ex("10.32.0.1/12", true)])), batch(want));
+
+        let mut want = head("meshnet");
+        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12));
+        assert_eq!(to_json(&ruleset("meshnet", range, &[ex("10.32.0.1/12", false)])), batch(want));
+    }
+
+    #[test]
+    fn two_subnets_with_and_without_masquerade() {
         let range: Cidr = "10.2.0.0/16".parse().unwrap();
-        let s = ruleset("br1", range, &[ex("10.2.1.3/24", true), ex("10.2.5.1/24", false)]).unwrap();
-        assert!(s.starts_with("table ip meshnet-br1\ndelete table ip meshnet-br1\n"), "{s}");
-        assert!(s.contains("iifname \"br1\" oifname \"br1\" ip saddr 10.2.1.0/24 ip daddr != 10.2.1.0/24 counter drop"), "{s}");
-        assert!(s.contains("iifname \"br1\" oifname \"br1\" ip saddr 10.2.5.0/24 ip daddr != 10.2.5.0/24 counter drop"), "{s}");
-        assert!(s.contains("oifname != \"br1\" ip saddr 10.2.1.0/24 ip daddr != 10.2.0.0/16 counter masquerade"), "{s}");
-        assert!(!s.contains("ip saddr 10.2.5.0/24 ip daddr != 10.2.0.0/16"), "{s}");
+        let t = "meshnet-br1";
+        let both = |m1: bool, m2: bool| {
+            let mut want = head(t);
+            want.push(isolate(t, "br1", "10.2.1.0", 24));
+            want.push(isolate(t, "br1", "10.2.5.0", 24));
+            if m1 {
+                want.push(masquerade(t, "br1", "10.2.1.0", 24, ("10.2.0.0", 16)));
+            }
+            if m2 {
+                want.push(masquerade(t, "br1", "10.2.5.0", 24, ("10.2.0.0", 16)));
+            }
+            batch(want)
+        };
+        for (m1, m2) in [(true, true), (true, false), (false, true), (false, false)] {
+            let got = ruleset("br1", range, &[ex("10.2.1.3/24", m1), ex("10.2.5.1/24", m2)]);
+            assert_eq!(to_json(&got), both(m1, m2), "masquerade {m1} {m2}");
+        }
+        // Two addresses in one subnet make one set of rules, masqueraded if either asks.
+        let got = ruleset("br1", range, &[ex("10.2.1.3/24", false), ex("10.2.1.9/24", true), ex("10.2.5.1/24", false)]);
+        assert_eq!(to_json(&got), both(true, false));
         assert_eq!(table_name("meshnet"), "meshnet");
     }
 }
