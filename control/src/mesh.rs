@@ -1288,19 +1288,7 @@ impl Mesh {
             // Recomputed only after the topology changed, and not more often
             // than DISCOVERY_EVERY (the maker loop comes back within 200 ms).
             let connected: HashSet<PeerName> = g.conns.values().filter_map(|c| c.peer).collect();
-            let ours = established(g);
-            let limit = self.settings.conn_limit;
-            let topology = &g.topology;
-            let worth = |p: &PeerName| {
-                slots::worth_dialling(ours, limit, topology.get(*p).map_or(0, |i| i.connections.len()))
-            };
-            let mut list: Vec<String> = g
-                .topology
-                .discovery_candidates()
-                .into_iter()
-                .filter(|(peer, _)| *peer != self.settings.me && !connected.contains(peer) && worth(peer))
-                .map(|(_, addr)| addr.to_string())
-                .collect();
+            let mut list = slots::discovery_addresses(&g.topology, &connected, established(g), self.settings.conn_limit);
             list.extend(g.hints.iter().cloned());
             g.dialer.set_candidates(list);
             g.discovery_stale = false;
@@ -1314,13 +1302,7 @@ impl Mesh {
         if established(g) >= 2 {
             let due: Vec<String> = g.dialer.due_targets(now).map(str::to_string).collect();
             if !due.is_empty() {
-                let full: HashSet<String> = g
-                    .topology
-                    .peers()
-                    .flat_map(|p| p.connections.iter())
-                    .filter(|c| g.topology.get(c.peer).is_some_and(|p| !slots::worth_dialling(established(g), self.settings.conn_limit, p.connections.len())))
-                    .map(|c| c.addr.to_string())
-                    .collect();
+                let full = slots::full_addresses(&g.topology, established(g), self.settings.conn_limit);
                 for t in due.iter().filter(|t| full.contains(*t)) {
                     g.dialer.hold(t, now, now + dialer::SATISFIED_MS);
                 }

@@ -42,7 +42,9 @@
 //!
 //! Never does: I/O, reading the clock, closing connections (it says which).
 
-use crate::topology::Graph;
+use std::collections::HashSet;
+
+use crate::topology::{Graph, Topology};
 use crate::PeerName;
 
 /// How many connections a newcomer has, as its Hello says.
@@ -141,6 +143,36 @@ pub fn admit_inbound(limit: usize, held: &[Held], replaces: bool, need: Need, pe
 /// keep dialling full ones, each dial a handshake and a refusal.
 pub fn worth_dialling(established: usize, limit: usize, peer_connections: usize) -> bool {
     established < 2 || peer_connections < limit
+}
+
+/// The addresses discovery may dial (as `ip:port`): those `topology` reports
+/// for peers we have no connection with (`connected`), not ourselves, and
+/// [`worth_dialling`] with our `established` connections and `limit`.
+pub fn discovery_addresses(
+    topology: &Topology,
+    connected: &HashSet<PeerName>,
+    established: usize,
+    limit: usize,
+) -> Vec<String> {
+    let me = topology.me().name;
+    let worth = |p: PeerName| worth_dialling(established, limit, topology.get(p).map_or(0, |i| i.connections.len()));
+    topology
+        .discovery_candidates()
+        .into_iter()
+        .filter(|&(peer, _)| peer != me && !connected.contains(&peer) && worth(peer))
+        .map(|(_, addr)| addr.to_string())
+        .collect()
+}
+
+/// Addresses (`ip:port`, as `topology` lists them) of peers already at our
+/// limit: a connect target among them would refuse us (see [`worth_dialling`]).
+pub fn full_addresses(topology: &Topology, established: usize, limit: usize) -> HashSet<String> {
+    topology
+        .peers()
+        .flat_map(|p| p.connections.iter())
+        .filter(|c| topology.get(c.peer).is_some_and(|p| !worth_dialling(established, limit, p.connections.len())))
+        .map(|c| c.addr.to_string())
+        .collect()
 }
 
 /// Slots our dials may use: the free ones, or one when a connect target that

@@ -498,20 +498,7 @@ impl MeshSim {
         let n = &mut self.nodes[i];
         if n.discovery_stale {
             let connected: HashSet<PeerName> = n.conns.values().filter_map(|c| c.peer).collect();
-            let me = n.name;
-            let ours = n.established();
-            let limit = self.cfg.conn_limit;
-            let topology = &n.topology;
-            let worth = |p: &PeerName| {
-                slots::worth_dialling(ours, limit, topology.get(*p).map_or(0, |i| i.connections.len()))
-            };
-            let mut list: Vec<String> = n
-                .topology
-                .discovery_candidates()
-                .into_iter()
-                .filter(|(p, _)| *p != me && !connected.contains(p) && worth(p))
-                .map(|(_, a)| a.to_string())
-                .collect();
+            let mut list = slots::discovery_addresses(&n.topology, &connected, n.established(), self.cfg.conn_limit);
             list.extend(n.hints.iter().cloned());
             n.dialer.set_candidates(list);
             n.discovery_stale = false;
@@ -522,13 +509,7 @@ impl MeshSim {
         if n.established() >= 2 {
             let due: Vec<String> = n.dialer.due_targets(now).map(str::to_string).collect();
             if !due.is_empty() {
-                let full: HashSet<String> = n
-                    .topology
-                    .peers()
-                    .flat_map(|p| p.connections.iter())
-                    .filter(|c| n.topology.get(c.peer).is_some_and(|p| !slots::worth_dialling(n.established(), self.cfg.conn_limit, p.connections.len())))
-                    .map(|c| c.addr.to_string())
-                    .collect();
+                let full = slots::full_addresses(&n.topology, n.established(), self.cfg.conn_limit);
                 for t in due.iter().filter(|t| full.contains(*t)) {
                     n.dialer.hold(t, now, now + dialer::SATISFIED_MS);
                 }
