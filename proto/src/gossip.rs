@@ -10,10 +10,13 @@
 //!
 //! # The exchange
 //! * A new connection is told everything, once ([`Gossip::connected`]).
-//! * A change of our own entry goes to every neighbour, at most once per
-//!   [`OWN_ENTRY_EVERY_MS`] (the first change after a quiet spell at once, later
-//!   ones with the next [`Gossip::tick`]): while a mesh forms a router's
-//!   connections change a couple of hundred times a minute ([`Gossip::own_changed`]).
+//! * A change of our own entry goes to every neighbour at once, as long as a
+//!   token bucket allows ([`OWN_ENTRY_BURST`] in a row, then one per
+//!   [`OWN_ENTRY_EVERY_MS`]; a change that must wait goes with a later
+//!   [`Gossip::tick`]): while a mesh forms a router's connections change a
+//!   couple of hundred times a minute, while a quiet mesh's rare changes (a
+//!   connection whose UDP starts working, which moves routes) are not delayed
+//!   ([`Gossip::own_changed`]).
 //! * Entries that were news to us are passed on ([`Gossip::relay`]) to the
 //!   neighbours [`relay_targets`] picks: not the sender, not the owner, none the
 //!   entry lists as the owner's connections (the owner tells those itself), and
@@ -57,7 +60,9 @@ pub const ROUND_MS: u64 = 30_000;
 /// At most one summary sent to, and one summary from a neighbour answered,
 /// per this long.
 pub const SUMMARY_EVERY_MS: u64 = 10_000;
-/// Our own entry goes out at most this often.
+/// Our own entry goes out at once this many times in a row...
+pub const OWN_ENTRY_BURST: u64 = 4;
+/// ...and then at most once per this long.
 pub const OWN_ENTRY_EVERY_MS: u64 = 500;
 /// Most entries a [`Summary`] may list (checked when it is decoded).
 pub const MAX_SUMMARY: usize = MAX_PEERS;
@@ -132,9 +137,10 @@ struct NeighbourState {
 pub struct Gossip {
     neighbours: BTreeMap<Neighbour, NeighbourState>,
     next_round: Option<u64>,
-    /// Our own entry changed since it was last sent, and when it last was.
+    /// Our own entry changed since it was last sent; the token bucket for
+    /// sending it (thousandths of a send; None: full) and when it was filled.
     own_pending: bool,
-    own_sent_at: Option<u64>,
+    own_tokens: Option<(u64, u64)>,
     pub stats: Stats,
 }
 
@@ -201,18 +207,27 @@ impl Gossip {
     }
 
     /// Our own entry (of `topology`) changed: every neighbour gets it, now or,
-    /// within [`OWN_ENTRY_EVERY_MS`] of the last time, from a later [`tick`](Self::tick).
+    /// when the token bucket is empty, from a later [`tick`](Self::tick).
     pub fn own_changed(&mut self, now: u64, topology: &Topology) -> Vec<Out> {
         self.own_pending = true;
         self.send_own(now, topology)
     }
 
     fn send_own(&mut self, now: u64, topology: &Topology) -> Vec<Out> {
-        if !self.own_pending || self.own_sent_at.is_some_and(|t| now < t.saturating_add(OWN_ENTRY_EVERY_MS)) {
+        if !self.own_pending {
             return Vec::new();
         }
+        let full = OWN_ENTRY_BURST * 1000;
+        let tokens = match self.own_tokens {
+            None => full,
+            Some((t, at)) => (t + now.saturating_sub(at) * 1000 / OWN_ENTRY_EVERY_MS).min(full),
+        };
+        if tokens < 1000 {
+            self.own_tokens = Some((tokens, now));
+            return Vec::new();
+        }
+        self.own_tokens = Some((tokens - 1000, now));
         self.own_pending = false;
-        self.own_sent_at = Some(now);
         let me = topology.me().name;
         self.neighbours.keys().map(|&id| Out { to: id, send: Send::Entries(vec![me]) }).collect()
     }
@@ -408,17 +423,21 @@ mod tests {
     }
 
     #[test]
-    fn our_own_entry_goes_out_at_most_every_period() {
+    fn our_own_entry_goes_out_at_once_until_it_changes_too_often() {
         let mut g = Gossip::new();
         let t = topo(1, &[(2, 1)]);
         g.connected(2, name(2), true);
         let me = |out: &[Out]| out.iter().filter(|o| o.send == Send::Entries(vec![name(1)])).count();
-        assert_eq!(me(&g.own_changed(1000, &t)), 1, "the first change at once");
-        assert_eq!(me(&g.own_changed(1100, &t)), 0, "the next waits");
-        assert_eq!(me(&g.own_changed(1200, &t)), 0);
+        for k in 0..OWN_ENTRY_BURST {
+            assert_eq!(me(&g.own_changed(1000 + k, &t)), 1, "change {k} of a burst goes at once");
+        }
+        assert_eq!(me(&g.own_changed(1010, &t)), 0, "then it waits");
+        assert_eq!(me(&g.own_changed(1100, &t)), 0);
         assert_eq!(me(&g.tick(1400, 1, &t)), 0);
-        assert_eq!(me(&g.tick(1500, 1, &t)), 1, "sent with the tick once the period passed");
-        assert_eq!(me(&g.tick(2500, 1, &t)), 0, "nothing waits");
+        assert_eq!(me(&g.tick(1010 + OWN_ENTRY_EVERY_MS, 1, &t)), 1, "sent with a tick once a token is back");
+        assert_eq!(me(&g.tick(5000, 1, &t)), 0, "nothing waits");
+        // A quiet spell fills the bucket again.
+        assert_eq!(me(&g.own_changed(60_000, &t)), 1);
     }
 
     #[test]
