@@ -22,8 +22,9 @@
 //!   seen for it and refuses any other keys for it until the operator removes the
 //!   old identity (`rmpeer`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
+use std::sync::Mutex;
 
 use ring::hkdf;
 use ring::signature::{self, Ed25519KeyPair, KeyPair};
@@ -161,10 +162,70 @@ impl hkdf::KeyType for Seed {
 }
 
 /// Whether `sig` is `public`'s signature of `msg` in `domain`.
+///
+/// The same signed record reaches a router many times (from several neighbours,
+/// in full gossip, inside relayed IPAM messages), and an Ed25519 verification
+/// costs ~50 µs. Signatures that verified are remembered in [`VERIFIED`], keyed by
+/// the SHA-256 of everything verified (key, domain, message, signature), so an
+/// exact repeat is believed without the curve arithmetic. Only successes are
+/// remembered: a forged or altered record misses and is verified (and refused)
+/// every time. The answer is the same with or without the memo.
 pub fn verify(public: &[u8; 32], domain: &[u8], msg: &[u8], sig: &Signature) -> bool {
-    signature::UnparsedPublicKey::new(&signature::ED25519, public)
-        .verify(&signed_message(domain, msg), &sig.0)
-        .is_ok()
+    let signed = signed_message(domain, msg);
+    let key = memo_key(public, &signed, sig);
+    if VERIFIED.lock().map(|m| m.contains(&key)).unwrap_or(false) {
+        return true;
+    }
+    let ok = signature::UnparsedPublicKey::new(&signature::ED25519, public).verify(&signed, &sig.0).is_ok();
+    if ok {
+        if let Ok(mut m) = VERIFIED.lock() {
+            m.insert(key);
+        }
+    }
+    ok
+}
+
+fn memo_key(public: &[u8; 32], signed: &[u8], sig: &Signature) -> [u8; 32] {
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    h.update(public);
+    h.update(&sig.0);
+    h.update(signed);
+    let mut key = [0u8; 32];
+    key.copy_from_slice(h.finish().as_ref());
+    key
+}
+
+/// Signatures verified in this process (all routers of a simulation share it).
+static VERIFIED: Mutex<VerifiedMemo> = Mutex::new(VerifiedMemo::new());
+
+/// Most signatures remembered per generation; two generations are kept, so
+/// the memo holds at most `2 * MEMO_GENERATION` keys (about 1 MB).
+pub const MEMO_GENERATION: usize = 8192;
+
+/// A set of 32-byte keys in two generations: when the current one is full it
+/// becomes the previous one (the one before is forgotten). Recently seen keys
+/// stay; memory is bounded; no per-entry bookkeeping.
+struct VerifiedMemo {
+    current: Option<HashSet<[u8; 32]>>,
+    previous: Option<HashSet<[u8; 32]>>,
+}
+
+impl VerifiedMemo {
+    const fn new() -> VerifiedMemo {
+        VerifiedMemo { current: None, previous: None }
+    }
+
+    fn contains(&self, key: &[u8; 32]) -> bool {
+        self.current.as_ref().is_some_and(|s| s.contains(key)) || self.previous.as_ref().is_some_and(|s| s.contains(key))
+    }
+
+    fn insert(&mut self, key: [u8; 32]) {
+        let current = self.current.get_or_insert_with(HashSet::new);
+        if current.len() >= MEMO_GENERATION {
+            self.previous = self.current.take();
+        }
+        self.current.get_or_insert_with(|| HashSet::with_capacity(MEMO_GENERATION)).insert(key);
+    }
 }
 
 /// The two public keys that make up a peer's identity on the mesh.
@@ -429,6 +490,43 @@ mod tests {
         assert_ne!(sa.public(), sb.public());
         // The signing key is not the Noise key.
         assert_ne!(sa.public(), a.public);
+    }
+
+    #[test]
+    fn a_remembered_signature_never_vouches_for_anything_else() {
+        let (_, s) = peer(4);
+        let (_, other) = peer(5);
+        let sig = s.sign(b"topology", b"remembered");
+        assert!(verify(&s.public(), b"topology", b"remembered", &sig));
+        assert!(verify(&s.public(), b"topology", b"remembered", &sig), "a repeat (from the memo) is still believed");
+        assert!(!verify(&s.public(), b"topology", b"rememberee", &sig));
+        assert!(!verify(&s.public(), b"ipam", b"remembered", &sig));
+        assert!(!verify(&other.public(), b"topology", b"remembered", &sig));
+        let mut bad = sig;
+        bad.0[5] ^= 1;
+        assert!(!verify(&s.public(), b"topology", b"remembered", &bad));
+        // Failures are not remembered as successes, nor successes as failures.
+        assert!(!verify(&s.public(), b"topology", b"rememberee", &sig));
+        assert!(verify(&s.public(), b"topology", b"remembered", &sig));
+    }
+
+    #[test]
+    fn the_memo_keeps_recent_keys_and_a_bounded_number() {
+        let key = |i: usize| {
+            let mut k = [0u8; 32];
+            k[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            k
+        };
+        let mut m = VerifiedMemo::new();
+        assert!(!m.contains(&key(0)));
+        for i in 0..MEMO_GENERATION * 3 {
+            m.insert(key(i));
+            assert!(m.contains(&key(i)));
+        }
+        let held = m.current.as_ref().map_or(0, |s| s.len()) + m.previous.as_ref().map_or(0, |s| s.len());
+        assert!(held <= 2 * MEMO_GENERATION, "{held}");
+        assert!(m.contains(&key(MEMO_GENERATION * 3 - 1)) && m.contains(&key(MEMO_GENERATION * 2)));
+        assert!(!m.contains(&key(0)), "the oldest generation is forgotten");
     }
 
     #[test]
