@@ -85,6 +85,9 @@ pub struct Ipam {
     /// Ring starts changed since the last gossip.
     changed: BTreeSet<u32>,
     full_due: bool,
+    /// Send the neighbours a [`Body::Digest`] of the agreed ring (the periodic
+    /// anti-entropy once agreed; full state goes only to neighbours that differ).
+    digest_due: bool,
     next_full_ms: u64,
     next_paxos_full_ms: u64,
     retry_at: Option<u64>,
@@ -182,6 +185,7 @@ impl Ipam {
             live: None,
             changed: BTreeSet::new(),
             full_due: true,
+            digest_due: false,
             next_full_ms: 0,
             next_paxos_full_ms: 0,
             retry_at: None,
@@ -688,6 +692,10 @@ impl Ipam {
                 self.send_sync(src);
                 Ok(())
             }
+            Body::Digest { ring_id, digest } => {
+                self.on_digest(src, ring_id, digest);
+                Ok(())
+            }
         };
         self.offered.clear();
         result?;
@@ -700,8 +708,23 @@ impl Ipam {
         if let Some(t) = self.transmits.pop_front() {
             return Some(t);
         }
+        if self.digest_due && !self.full_due && self.ring.is_agreed() {
+            // The exact free counts of my entries first (as in full state): a
+            // drifted one goes out as a delta before the digest that covers it.
+            let mine: Vec<u32> = self.ring.owned_by(self.me).map(|(s, _)| s).collect();
+            for s in mine {
+                self.recompute_free(s);
+            }
+            if self.changed.is_empty() {
+                self.digest_due = false;
+                let ring_id = self.ring.id();
+                let digest = wire::ring_digest(ring_id, self.ring.entries());
+                return Some((Dest::Neighbours, self.encode_broadcast(Body::Digest { ring_id, digest })));
+            }
+        }
         let mut gossips = if self.full_due {
             self.full_due = false;
+            self.digest_due = false;
             self.changed.clear();
             self.paxos.clear_changed();
             self.full_gossip()
@@ -765,7 +788,13 @@ impl Ipam {
         self.tick(now_ms);
         let now = self.now;
         if now >= self.next_full_ms {
-            self.full_due = true;
+            // Agreed: a digest, and full state only where it differs. Not yet
+            // agreed: the records themselves (they are few and all change).
+            if self.ring.is_agreed() {
+                self.digest_due = true;
+            } else {
+                self.full_due = true;
+            }
             let iv = self.config.full_gossip_interval_ms.max(1);
             self.next_full_ms = now + iv - self.rng.below(iv / 4 + 1);
         }
@@ -991,7 +1020,12 @@ impl Ipam {
                 }
             }
         }
-        let env = Envelope { universe: self.universe, src: self.me, dst: PeerName::BROADCAST, body: Body::Gossip(g) };
+        self.encode_broadcast(Body::Gossip(g))
+    }
+
+    /// Signs `body` for the neighbours, with my binding the first time only.
+    fn encode_broadcast(&mut self, body: Body) -> Vec<u8> {
+        let env = Envelope { universe: self.universe, src: self.me, dst: PeerName::BROADCAST, body };
         let bindings = if std::mem::replace(&mut self.sent_binding, true) { Vec::new() } else { vec![self.binding.clone()] };
         wire::encode(&env, 0, bindings, &self.signer)
     }
@@ -1514,6 +1548,20 @@ impl Ipam {
             self.send_sync(src);
         }
         Ok(())
+    }
+
+    /// A neighbour's periodic digest: equal rings need nothing; a different one
+    /// gets my full state (its newer entries reach me by its own full state when
+    /// my digest reaches it, or at once if I have no ring to offer).
+    fn on_digest(&mut self, src: PeerName, ring_id: u64, digest: [u8; 16]) {
+        if !self.ring.is_agreed() {
+            self.request_sync(src);
+            return;
+        }
+        let mine = self.ring.id();
+        if ring_id != mine || digest != wire::ring_digest(mine, self.ring.entries()) {
+            self.send_sync(src);
+        }
     }
 
     /// Asks `dst` for its full state, at most once per [`SYNC_INTERVAL_MS`].

@@ -593,7 +593,7 @@ fn conflicts_are_refused_and_change_nothing() {
     thief.peers_changed(&[]);
     thief.rmpeer(p(1)).unwrap();
     while thief.poll_transmit().is_some() {}
-    thief.handle_timeout(100_000);
+    thief.peers_changed(&[p(5)]); // a newly reachable peer: full state to the neighbours
     let (_, bytes) = thief.poll_transmit().unwrap();
     let forged = a.nodes[0].drops().forged_entries;
     a.nodes[0].handle_message(p(2), &bytes, 1, &mut a.keys[0]).unwrap();
@@ -696,6 +696,46 @@ fn snapshot_restore_and_release_missing() {
     let s = c.snapshot();
     let r = restore_ipam(p(1), u(), InitMode::Consensus(3), cfg, &s).unwrap();
     assert_eq!(r.status().state, RingState::AwaitingConsensus { known: 1, quorum: 3 });
+}
+
+#[test]
+fn agreed_peers_compare_digests_and_only_a_stale_one_gets_full_state() {
+    let mut m = seeded(3);
+    m.run();
+    m.run_secs(1);
+    // At rest, the periodic anti-entropy of an agreed ring is one small digest.
+    let sent = m.run_alone(0, 31_000);
+    assert!(!sent.is_empty());
+    for bytes in &sent {
+        let (_, env) = wire::decode(bytes).unwrap();
+        assert!(matches!(env.body, Body::Digest { .. }), "{:?}", env.body);
+        assert!(bytes.len() < 120, "{} bytes", bytes.len());
+    }
+    // Peer 3 misses a delta (64 of 511 addresses taken at peer 1: news).
+    m.up[2] = false;
+    for k in 0..64 {
+        ready(m.alloc(0, &format!("c{k}"), any()));
+    }
+    m.run();
+    m.up[2] = true;
+    assert_ne!(m.nodes[2].ring_bytes(), m.nodes[0].ring_bytes());
+    // Equal digests between peers 1 and 2 send nothing more; peer 3's differs,
+    // and one period later it holds the same ring.
+    let before = m.sent;
+    m.run_secs(31);
+    assert_eq!(m.nodes[2].ring_bytes(), m.nodes[0].ring_bytes());
+    assert_eq!(m.nodes[1].ring_bytes(), m.nodes[0].ring_bytes());
+    assert!(m.sent - before <= 3 * 2 + 2 * 3, "{} messages", m.sent - before);
+    // Garbage digests change nothing: a digest to one peer, or of no ring, is malformed.
+    let ring = m.nodes[0].ring_bytes();
+    let malformed = m.nodes[0].drops().malformed_messages;
+    for (dst, ring_id) in [(p(1), 1), (PeerName::BROADCAST, 0)] {
+        let env = Envelope { universe: u(), src: p(2), dst, body: Body::Digest { ring_id, digest: [0; 16] } };
+        let _ = m.nodes[0].handle_message(p(2), &signed(&env, 0), m.now, &mut m.keys[0]);
+    }
+    assert!(m.nodes[0].poll_transmit().is_none());
+    assert_eq!(m.nodes[0].ring_bytes(), ring);
+    assert_eq!(m.nodes[0].drops().malformed_messages, malformed + 2);
 }
 
 #[test]

@@ -166,6 +166,11 @@ pub(crate) enum Body {
     Reply { id: u64, outcome: Outcome, gossip: Gossip },
     /// "Send me your full state" (after adopting a ring from partial gossip).
     SyncRequest,
+    /// To the neighbours, periodically, once the ring is agreed: which ring I hold
+    /// and a digest of all its entries ([`ring_digest`]). A neighbour whose ring
+    /// differs sends its full state back (and asks for mine if it has none); equal
+    /// rings cost this one small message instead of the whole ring.
+    Digest { ring_id: u64, digest: [u8; 16] },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -502,7 +507,29 @@ pub(crate) fn check_envelope(env: &Envelope) -> Result<(), IpamError> {
             check_gossip(&env.universe, gossip)
         }
         Body::SyncRequest => check_unicast(env),
+        Body::Digest { ring_id, .. } => {
+            if env.dst != PeerName::BROADCAST {
+                return Err(malformed("digest to one peer"));
+            }
+            if *ring_id == 0 {
+                return Err(malformed("digest of no ring"));
+            }
+            Ok(())
+        }
     }
+}
+
+/// The digest of a ring in [`Body::Digest`]: SHA-256 (first 16 bytes) of the ring
+/// id and every entry's signed bytes ([`entry_message`]), by start.
+pub fn ring_digest<'a>(ring_id: u64, entries: impl Iterator<Item = (u32, &'a Entry)>) -> [u8; 16] {
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    h.update(&ring_id.to_be_bytes());
+    for (start, e) in entries {
+        h.update(&entry_message(ring_id, start, e));
+    }
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&h.finish().as_ref()[..16]);
+    d
 }
 
 fn check_unicast(env: &Envelope) -> Result<(), IpamError> {
