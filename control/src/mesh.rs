@@ -548,9 +548,9 @@ impl Mesh {
             g.hints.clear();
             g.discovery_stale = true;
         }
-        let out = g.gossip.connected(id, peer, capabilities & CAP_GOSSIP_DIGEST != 0);
-        self.perform(g, out);
         let now = self.now_ms();
+        let out = g.gossip.connected(id, peer, capabilities & CAP_GOSSIP_DIGEST != 0, now, &g.topology);
+        self.perform(g, out);
         g.dialer.established(id, now);
         self.local_connections_changed(g);
         self.reachability_changed(g);

@@ -9,7 +9,9 @@
 //! own messages.
 //!
 //! # The exchange
-//! * A new connection is told everything, once ([`Gossip::connected`]).
+//! * A new connection gets our summary, and the two ends send each other what
+//!   the other lacks ([`Gossip::connected`]; a peer without digests is told
+//!   everything).
 //! * A change of our own entry goes to every neighbour at once, as long as a
 //!   token bucket allows ([`OWN_ENTRY_BURST`] in a row, then one per
 //!   [`OWN_ENTRY_EVERY_MS`]; a change that must wait goes with a later
@@ -195,10 +197,21 @@ impl Gossip {
     }
 
     /// Connection `id` to `peer` was established; `digests`: the peer
-    /// understands digests and summaries. It is told everything.
-    pub fn connected(&mut self, id: Neighbour, peer: PeerName, digests: bool) -> Vec<Out> {
-        self.neighbours.insert(id, NeighbourState { peer, digests, summary_sent_at: None, summary_answered_at: None });
-        vec![Out { to: id, send: Send::Everything }]
+    /// understands digests and summaries. It gets our [`Summary`], and answers
+    /// with the entries we lack or hold older (and its summary if it lacks
+    /// some of ours, which we answer likewise); a peer without digests is told
+    /// everything. Both ends of a new connection usually hold nearly the same
+    /// topology: the summaries cost about 20 bytes per peer where everything
+    /// cost a few hundred (in a forming mesh of 200, most of its bytes).
+    pub fn connected(&mut self, id: Neighbour, peer: PeerName, digests: bool, now: u64, topology: &Topology) -> Vec<Out> {
+        let summary_sent_at = digests.then_some(now);
+        self.neighbours.insert(id, NeighbourState { peer, digests, summary_sent_at, summary_answered_at: None });
+        if digests {
+            self.stats.summaries_sent += 1;
+            vec![Out { to: id, send: Send::Summary(summary(topology)) }]
+        } else {
+            vec![Out { to: id, send: Send::Everything }]
+        }
     }
 
     /// Connection `id` ended.
@@ -395,14 +408,20 @@ mod tests {
     }
 
     #[test]
-    fn a_new_neighbour_is_told_everything_and_news_skips_who_has_it() {
+    fn a_new_neighbour_gets_our_summary_and_news_skips_who_has_it() {
         let mut g = Gossip::new();
-        assert_eq!(g.connected(7, name(7), true), vec![Out { to: 7, send: Send::Everything }]);
-        g.connected(8, name(8), true);
-        g.connected(9, name(9), false);
         // Me (1) connected to 7, 8, 9; entries of 2 and 3, whose owners reach only me.
         let mut t = Topology::new(info(1, 1, &[7, 8, 9]));
         t.merge(vec![info(2, 1, &[1]), info(3, 1, &[1]), info(7, 1, &[1]), info(8, 1, &[1]), info(9, 1, &[1])]).unwrap();
+        assert_eq!(g.connected(7, name(7), true, 0, &t), vec![Out { to: 7, send: Send::Summary(summary(&t)) }]);
+        g.connected(8, name(8), true, 0, &t);
+        assert_eq!(g.connected(9, name(9), false, 0, &t), vec![Out { to: 9, send: Send::Everything }], "no digests: everything");
+        // 7 answers with its own summary (it lacks 2 and 3, holds 8 newer): it
+        // gets what it lacks; ours is not sent again (it had it on connect).
+        let mut theirs = summary(&t);
+        theirs.retain(|e| e.name != name(2) && e.name != name(3));
+        theirs.iter_mut().filter(|e| e.name == name(8)).for_each(|e| e.version += 1);
+        assert_eq!(g.on_summary(7, &theirs, 10, &t), vec![Out { to: 7, send: Send::Entries(vec![name(2), name(3)]) }]);
         let out = g.relay(&[name(3), name(2), name(3)], 8, &t, 5);
         assert_eq!(
             out,
@@ -426,7 +445,7 @@ mod tests {
     fn our_own_entry_goes_out_at_once_until_it_changes_too_often() {
         let mut g = Gossip::new();
         let t = topo(1, &[(2, 1)]);
-        g.connected(2, name(2), true);
+        g.connected(2, name(2), true, 0, &t);
         let me = |out: &[Out]| out.iter().filter(|o| o.send == Send::Entries(vec![name(1)])).count();
         for k in 0..OWN_ENTRY_BURST {
             assert_eq!(me(&g.own_changed(1000 + k, &t)), 1, "change {k} of a burst goes at once");
@@ -445,7 +464,7 @@ mod tests {
         let t = topo(1, &[(2, 1), (3, 1)]);
         let mut g = Gossip::new();
         for id in 0..100 {
-            g.connected(id, name(id + 100), id != 5);
+            g.connected(id, name(id + 100), id != 5, 0, &t);
         }
         assert!(g.tick(0, 1, &t).is_empty(), "the first tick schedules");
         let due = g.next_round().unwrap();
@@ -493,16 +512,17 @@ mod tests {
         let a = topo(1, &[(2, 1), (3, 2), (4, 1)]);
         let b = topo(1, &[(2, 3), (3, 2), (5, 1)]);
         let (mut ga, mut gb) = (Gossip::new(), Gossip::new());
-        ga.connected(1, name(1), true);
-        gb.connected(1, name(1), true);
-        assert!(gb.on_digest(1, digest(&b), 0, &b).is_empty(), "equal digests: nothing");
-        let out = gb.on_digest(1, digest(&a), 0, &b);
+        ga.connected(1, name(1), true, 0, &a);
+        gb.connected(1, name(1), true, 0, &b);
+        let now = SUMMARY_EVERY_MS; // after the summaries of the connect
+        assert!(gb.on_digest(1, digest(&b), now, &b).is_empty(), "equal digests: nothing");
+        let out = gb.on_digest(1, digest(&a), now, &b);
         let [Out { send: Send::Summary(sb), .. }] = &out[..] else { panic!("{out:?}") };
-        let out = ga.on_summary(1, sb, 0, &a);
+        let out = ga.on_summary(1, sb, now, &a);
         assert_eq!(out.len(), 2, "{out:?}");
         assert_eq!(out[0].send, Send::Entries(vec![name(4)]), "b lacks 4 (2 is newer at b, 3 equal)");
         let Send::Summary(sa) = &out[1].send else { panic!("{out:?}") };
-        let out = gb.on_summary(1, sa, 0, &b);
+        let out = gb.on_summary(1, sa, now, &b);
         assert_eq!(out, vec![Out { to: 1, send: Send::Entries(vec![name(2), name(5)]) }], "b answers, and sent its summary already");
         assert_eq!(gb.stats.limited, 1);
     }
@@ -511,11 +531,11 @@ mod tests {
     fn a_neighbour_cannot_make_us_send_summaries_or_entries_in_a_loop() {
         let a = topo(1, &[(2, 1), (3, 1)]);
         let mut g = Gossip::new();
-        g.connected(4, name(4), true);
+        g.connected(4, name(4), true, 0, &a);
         let bogus = Digest { peers: 1, hash: [7; 16] };
         let mut summaries = 0;
         let mut answers = 0;
-        for t in (0..60_000).step_by(100) {
+        for t in (SUMMARY_EVERY_MS..SUMMARY_EVERY_MS + 60_000).step_by(100) {
             summaries += g.on_digest(4, bogus, t, &a).len();
             answers += g.on_summary(4, &[], t, &a).len();
         }

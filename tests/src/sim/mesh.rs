@@ -732,7 +732,7 @@ impl MeshSim {
             n.hints.clear();
             n.discovery_stale = true;
         }
-        let out = n.gossip.connected(id, peer, true);
+        let out = n.gossip.connected(id, peer, true, now, &n.topology);
         self.perform(i, out);
         let n = &mut self.nodes[i];
         n.dialer.established(id, now);
