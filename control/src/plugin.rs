@@ -618,8 +618,9 @@ impl Plugin {
         self.host.joined(&r.endpoint_id, &joined, &net);
         let mut answer = json!({
             "InterfaceName": { "SrcName": ep.container_if, "DstPrefix": CONTAINER_IF_PREFIX },
-            // Multicast stays on the overlay, as `meshnet attach` routes it (1: a connected route).
-            "StaticRoutes": [{ "Destination": "224.0.0.0/4", "RoutingType": 1 }],
+            // No multicast route as `attach` adds: Docker 20.10 programs a
+            // connected static route (RoutingType 1) as one through a next hop
+            // and fails the container's start ("route for the next hop <nil>").
             "DisableGatewayService": false,
         });
         if let Some(gw) = net.gateway.as_deref().and_then(parse_address) {
@@ -861,7 +862,7 @@ mod tests {
         assert_eq!(j["InterfaceName"]["SrcName"], "vmc0123456789ab");
         assert_eq!(j["InterfaceName"]["DstPrefix"], "ethwe");
         assert_eq!(j["Gateway"], "10.40.5.1");
-        assert_eq!(j["StaticRoutes"][0]["Destination"], "224.0.0.0/4");
+        assert!(j.get("StaticRoutes").is_none(), "{j}");
         assert!(fake.ports.lock().unwrap().contains("vmd0123456789ab"));
         assert_eq!(*fake.joined.lock().unwrap(), vec![EP.to_string()]);
         assert_eq!(ok(&p, "/NetworkDriver.EndpointOperInfo", json!({"NetworkID": NET, "EndpointID": EP}))["Value"]["joined"], true);
