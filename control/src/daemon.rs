@@ -1030,6 +1030,12 @@ impl crate::plugin::PluginHost for PluginRouter {
         let s = &self.ctx.mesh.settings;
         let bridge = netlink::link_index(&s.bridge)?.with_context(|| format!("no bridge {}", s.bridge))?;
         netlink::create_veth_for_runtime(container_if, host_if, bridge, s.mtu)?;
+        if self.ctx.datapath == Datapath::Pcap {
+            // Plain frames from the container, as `attach` does (the offloads
+            // stay off when Docker moves the interface into the container).
+            let here = meshnet_router::netns::Netns::of_pid(std::process::id())?;
+            plain_frames_if_capturing(self.ctx.datapath, &here, container_if);
+        }
         Ok(())
     }
 
@@ -1040,9 +1046,29 @@ impl crate::plugin::PluginHost for PluginRouter {
     }
 
     /// The one place a container joins a meshnet network through the plugin
-    /// (register its name here, e.g. in meshnet DNS).
+    /// (register its name here, e.g. in meshnet DNS). `Join` names only the
+    /// endpoint; the container (its name) is known to the engine once the join
+    /// completed: `docker::container_of_endpoint_blocking(&ep.network, ep_id)`
+    /// a moment later (off this call: Docker waits for the answer).
     fn joined(&self, ep_id: &str, ep: &crate::plugin::Endpoint, _net: &crate::plugin::Network) {
         log::info!("docker plugin: endpoint {} joined with {} ({})", &ep_id[..12.min(ep_id.len())], ep.address, ep.host_if);
+        let (network, endpoint, address) = (ep.network.clone(), ep_id.to_string(), ep.address.clone());
+        std::thread::spawn(move || {
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(250));
+                match crate::docker::container_of_endpoint_blocking(&network, &endpoint) {
+                    Ok(Some(c)) => {
+                        log::info!("docker plugin: container {} ({}) is on the overlay as {address}", c.name, c.short());
+                        return;
+                    }
+                    Ok(None) => continue,
+                    Err(e) => {
+                        log::debug!("docker plugin: which container has endpoint {endpoint}: {e}");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     /// The one place a container leaves (undo [`Self::joined`]).

@@ -137,6 +137,29 @@ pub fn inspect_blocking(name_or_id: &str) -> Result<Container, DockerError> {
     block_on_own_thread(inspect_at(&socket, name_or_id))
 }
 
+/// The container that holds endpoint `endpoint_id` on network `network_id`, if
+/// the engine lists it yet (the Docker plugin's `Join` names only the endpoint;
+/// the engine lists the container once the join completed, so ask a little later).
+pub fn container_of_endpoint_blocking(network_id: &str, endpoint_id: &str) -> Result<Option<ContainerId>, DockerError> {
+    if !plausible_reference(network_id) {
+        return Err(DockerError::Engine { socket: socket_path(), message: format!("invalid network ID {network_id:?}") });
+    }
+    let socket = socket_path();
+    block_on_own_thread(async {
+        let docker = connect(&socket).await?;
+        let net = docker
+            .inspect_network(network_id, None::<bollard::query_parameters::InspectNetworkOptions>)
+            .await
+            .map_err(|e| engine_error(&socket, e))?;
+        Ok(net
+            .containers
+            .unwrap_or_default()
+            .into_iter()
+            .find(|(_, c)| c.endpoint_id.as_deref() == Some(endpoint_id))
+            .map(|(id, c)| ContainerId { id, name: c.name.unwrap_or_default() }))
+    })
+}
+
 fn block_on_own_thread<T: Send>(fut: impl Future<Output = Result<T, DockerError>> + Send) -> Result<T, DockerError> {
     std::thread::scope(|s| {
         s.spawn(|| {

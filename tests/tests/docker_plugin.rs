@@ -312,6 +312,9 @@ fn docker_plugin_networks_and_restarted_containers() {
     assert!(wait_until(SECS(20), || pings(&ca, &ip_b, 1)), "{ca} ({ip_a}) cannot ping {cb} ({ip_b})");
     assert!(pings(&ca, &ip_b, 3) && pings(&cb, &ip_a, 3), "pings across the routers stopped");
     eprintln!("plugin: {ca} {ip_a} (router A) <-> {cb} {ip_b} (router B): ping ok");
+    // The router learns which container joined (the name DNS registers).
+    let said = format!("container {ca} ({}) is on the overlay as {ip_a}/24", &full_id(&ca)[..12]);
+    assert!(wait_until(SECS(10), || a.log().contains(&said)), "router A's log lacks {said:?}");
 
     // --ip is honoured (and claimed in IPAM); an address in use is Docker's error.
     let cc = w.name("mncc");
