@@ -188,10 +188,27 @@ struct LaunchArgs {
     /// (libpcap on a veth, plain frames, as Weave's original router; slower, for where a TAP cannot be used).
     #[arg(long, default_value = "tap", value_parser = ["tap", "pcap"])]
     datapath: String,
+    /// Do not serve Docker's plugin API (the `meshnet` network and IPAM drivers).
+    #[arg(long)]
+    #[serde(default)]
+    no_docker_plugin: bool,
+    /// Directory of the Docker plugin's socket (default /run/docker/plugins, used when a Docker Engine is present).
+    #[arg(long)]
+    #[serde(default)]
+    docker_plugin_dir: Option<PathBuf>,
+    /// Name of the Docker plugin (its socket NAME.sock, and both drivers' name).
+    #[arg(long, default_value = meshnet_control::plugin::DEFAULT_NAME)]
+    #[serde(default = "default_docker_plugin_name")]
+    docker_plugin_name: String,
     /// Peers to connect to (host or host:port), persisted like `meshnet connect`.
     #[arg(value_name = "PEER")]
     #[serde(skip)]
     peers: Vec<String>,
+}
+
+/// `--docker-plugin-name` of a launch recorded before the option existed.
+fn default_docker_plugin_name() -> String {
+    meshnet_control::plugin::DEFAULT_NAME.to_string()
 }
 
 /// `--rekey-interval` of a launch recorded before the option existed.
@@ -391,6 +408,10 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         .iter()
         .map(|p| PeerAddr::parse(p, args.port))
         .collect::<Result<Vec<_>, _>>()?;
+    let n = &args.docker_plugin_name;
+    if n.is_empty() || n.len() > 64 || n.starts_with('.') || !n.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        bail!("--docker-plugin-name {n:?}: 1 to 64 letters, digits, '.', '_' or '-'");
+    }
     if args.bridge.is_empty() || args.bridge.len() > 15 || args.bridge.contains(['/', ' ', '\0']) {
         bail!("--bridge {:?}: an interface name of 1 to 15 characters", args.bridge);
     }
@@ -440,6 +461,11 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             ipalloc_default_subnet,
             ipalloc_init,
             datapath,
+            docker_plugin: daemon::DockerPlugin {
+                enabled: !args.no_docker_plugin,
+                dir: args.docker_plugin_dir.clone(),
+                name: args.docker_plugin_name.clone(),
+            },
         };
         daemon::run(cfg)?;
         return Ok(ExitCode::SUCCESS);
@@ -473,6 +499,13 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     if let Some(d) = &args.ipalloc_default_subnet {
         cmd.args(["--ipalloc-default-subnet", d]);
     }
+    if args.no_docker_plugin {
+        cmd.arg("--no-docker-plugin");
+    }
+    if let Some(d) = &args.docker_plugin_dir {
+        cmd.arg("--docker-plugin-dir").arg(d);
+    }
+    cmd.args(["--docker-plugin-name", &args.docker_plugin_name]);
     cmd.args(&args.peers);
     // The password travels in the environment, never on a command line.
     cmd.env_remove("MESHNET_PASSWORD");

@@ -202,10 +202,12 @@ pub fn attach(
     }
     // Forget what is remembered of namespaces that are gone and stand in the way:
     // same name (a container re-created under its old name while we did not
-    // watch) or an address wanted here.
+    // watch) or an address wanted here, unless that is a stopped container,
+    // which keeps its addresses until it is removed or detached.
     forget_gone(state, attachments, |x| {
         x.ns_inode != inode
-            && (same_target(x, &t) || x.addrs.iter().any(|y| addrs.iter().any(|a| same_ip(y, &a.0))))
+            && (same_target(x, &t)
+                || (x.addrs.iter().any(|y| addrs.iter().any(|a| same_ip(y, &a.0))) && !container_exists(x)))
     })?;
     // An address may belong to one target only.
     for a in addrs {
@@ -362,6 +364,11 @@ fn find_remembered_by_name(attachments: &[Attachment], target: &str) -> Option<u
             || (target.starts_with('/') && a.ns_path == Path::new(target))
             || a.container_id.as_deref().is_some_and(|id| id == target || (target.len() >= 12 && id.starts_with(target)))
     })
+}
+
+/// Whether `a` is a Docker container that still exists (running or stopped).
+fn container_exists(a: &Attachment) -> bool {
+    a.container_id.as_deref().is_some_and(|id| docker::inspect_blocking(id).is_ok())
 }
 
 /// Is `a` the attachment of Docker container `id`?

@@ -56,6 +56,26 @@ pub struct Config {
     pub ipalloc_init: InitMode,
     /// `--datapath`: how the router joins the bridge.
     pub datapath: Datapath,
+    /// Docker's plugin API (`--no-docker-plugin` turns it off).
+    pub docker_plugin: DockerPlugin,
+}
+
+/// Where and whether the Docker network and IPAM plugin is served.
+#[derive(Clone, Debug)]
+pub struct DockerPlugin {
+    /// Off with `--no-docker-plugin`.
+    pub enabled: bool,
+    /// `--docker-plugin-dir`; `None`: [`crate::plugin::DEFAULT_DIR`], and only
+    /// when a Docker Engine is present.
+    pub dir: Option<std::path::PathBuf>,
+    /// `--docker-plugin-name`: the socket's name and so both drivers' name.
+    pub name: String,
+}
+
+impl Default for DockerPlugin {
+    fn default() -> Self {
+        DockerPlugin { enabled: true, dir: None, name: crate::plugin::DEFAULT_NAME.to_string() }
+    }
 }
 
 /// Name of the TAP for a bridge (at most 15 bytes).
@@ -138,6 +158,12 @@ pub fn run(cfg: Config) -> Result<()> {
     let before = attachments.len();
     attachments.retain(|a| {
         let Some(_) = attach::still_there(a) else {
+            if a.container_id.is_some() {
+                // A stopped container keeps its attachment until it is removed:
+                // the engine's events (and the resync when they connect) decide.
+                log::info!("container {} is not running; keeping its attachment until it is removed", a.target);
+                return true;
+            }
             log::info!("target {} is gone; forgetting it", a.target);
             return false;
         };
@@ -160,6 +186,9 @@ pub fn run(cfg: Config) -> Result<()> {
     if !exposed.is_empty() {
         live.push(EXPOSE_KEY.to_string());
     }
+    // The Docker plugin's addresses live as long as Docker's endpoints (persisted).
+    let plugin_state = crate::plugin::load(&cfg.state)?;
+    live.extend(plugin_state.ipam_keys());
     for (target, ip) in ipam.ipam.release_missing(&live) {
         log::info!("IPAM: released {ip} of {target}, which is gone");
     }
@@ -244,12 +273,24 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(mesh::route_loop(mesh.clone()));
         tasks.spawn(api_loop(ctx.clone(), api_listener));
         tasks.spawn(keys_saver(mesh.clone()));
-        // Docker containers that die or are removed lose their attachment.
-        let gone_ctx = ctx.clone();
-        tasks.spawn(crate::docker::watch_events(move |c| {
-            let ctx = gone_ctx.clone();
-            tokio::task::spawn_blocking(move || container_gone(&ctx, c));
+        // Docker containers attached by name: attached again when they start,
+        // released when they are removed.
+        let events_ctx = ctx.clone();
+        tasks.spawn(crate::docker::watch_events(move |ev| {
+            let ctx = events_ctx.clone();
+            tokio::task::spawn_blocking(move || engine_event(&ctx, ev));
         }));
+        let plugin_socket = match start_docker_plugin(&cfg.docker_plugin, &ctx, plugin_state) {
+            Ok(Some((socket, plugin, listener))) => {
+                tasks.spawn(crate::plugin::serve(plugin, listener));
+                Some(socket)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                log::error!("Docker plugin not served: {e:#}");
+                None
+            }
+        };
 
         let mut sig_term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut sig_int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -272,6 +313,9 @@ pub fn run(cfg: Config) -> Result<()> {
             log::error!("saving the key book: {e:#}");
         }
         let _ = std::fs::remove_file(&sock_path);
+        if let Some(s) = &plugin_socket {
+            s.remove();
+        }
         let attachments = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).clone();
         anyhow::Ok((how, attachments, mesh))
     })?;
@@ -794,8 +838,76 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
     Ok(json!({ "hidden": gone.iter().map(|e| e.addr.clone()).collect::<Vec<_>>() }))
 }
 
-/// A Docker container died or was removed: if it is attached, detach it the
-/// way `meshnet detach` does (so whatever that releases is released).
+/// What the engine's event stream says, applied to the attached containers.
+fn engine_event(ctx: &ApiCtx, ev: crate::docker::EngineEvent) {
+    use crate::docker::EngineEvent;
+    match ev {
+        EngineEvent::Connected => resync_containers(ctx),
+        EngineEvent::Started(c) => container_started(ctx, &c),
+        EngineEvent::Died(c) => {
+            if let Some(a) = attached_container(ctx, &c) {
+                log::info!(
+                    "container {} ({}) stopped: keeping its attachment ({}) until it is removed or detached",
+                    c.name,
+                    c.short(),
+                    a.addrs.join(" ")
+                );
+            }
+        }
+        EngineEvent::Destroyed(c) => container_gone(ctx, c),
+    }
+}
+
+fn attached_container(ctx: &ApiCtx, c: &crate::docker::ContainerId) -> Option<Attachment> {
+    ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|a| attach::is_container(a, c)).cloned()
+}
+
+/// A container attached by name (re)started: attach it again, with the same
+/// addresses and interface, the way `meshnet attach` does. Nothing to do when
+/// its attachment is still in place (an event seen twice).
+fn container_started(ctx: &ApiCtx, c: &crate::docker::ContainerId) {
+    let Some(a) = attached_container(ctx, c) else { return };
+    if attach::still_there(&a).is_some() {
+        return;
+    }
+    log::info!("container {} ({}) started: attaching it again ({})", c.name, c.short(), a.addrs.join(" "));
+    let req = Request::Attach {
+        target: c.id.clone(),
+        cidrs: a.addrs.clone(),
+        ifname: a.ifname.clone(),
+        no_multicast_route: a.no_multicast_route,
+        hairpin: false,
+    };
+    if let Err(e) = handle(ctx, req) {
+        log::warn!("attaching container {} ({}) again: {e:#}", c.name, c.short());
+    }
+}
+
+/// After (re)connecting to the engine: containers that were removed while we
+/// did not watch are released, those restarted meanwhile attached again.
+fn resync_containers(ctx: &ApiCtx) {
+    let stale: Vec<Attachment> = ctx
+        .attachments
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|a| a.container_id.is_some() && attach::still_there(a).is_none())
+        .cloned()
+        .collect();
+    for a in stale {
+        let id = a.container_id.clone().expect("filtered");
+        let c = crate::docker::ContainerId { id: id.clone(), name: a.target.clone() };
+        match crate::docker::inspect_blocking(&id) {
+            Ok(found) if found.pid.is_some() => container_started(ctx, &c),
+            Ok(_) => {}
+            Err(crate::docker::DockerError::NoSuchContainer(_)) => container_gone(ctx, c),
+            Err(e) => log::debug!("resync of container {}: {e}", a.target),
+        }
+    }
+}
+
+/// A Docker container was removed: if it is attached, detach it the way
+/// `meshnet detach` does (so whatever that releases is released).
 fn container_gone(ctx: &ApiCtx, c: crate::docker::ContainerId) {
     let attached = ctx
         .attachments
@@ -809,6 +921,159 @@ fn container_gone(ctx: &ApiCtx, c: crate::docker::ContainerId) {
     log::info!("container {} ({}) is gone: detaching it", c.name, c.short());
     if let Err(e) = handle(ctx, Request::Detach { target: c.id.clone(), cidrs: vec![] }) {
         log::warn!("detaching container {} ({}): {e:#}", c.name, c.short());
+    }
+}
+
+/// Serves Docker's plugin API if asked to and a Docker Engine is present (or
+/// `--docker-plugin-dir` is given). `Ok(None)`: not served (said in the log).
+#[allow(clippy::type_complexity)]
+fn start_docker_plugin(
+    opts: &DockerPlugin,
+    ctx: &Arc<ApiCtx>,
+    state: crate::plugin::PluginState,
+) -> Result<Option<(crate::plugin::Socket, Arc<crate::plugin::Plugin>, tokio::net::UnixListener)>> {
+    if !opts.enabled {
+        return Ok(None);
+    }
+    let dir = match &opts.dir {
+        Some(d) => d.clone(),
+        None => {
+            let engine = std::path::Path::new(&crate::docker::socket_path()).exists()
+                || std::path::Path::new(crate::plugin::DEFAULT_DIR).exists();
+            if !engine {
+                log::info!("no Docker Engine here: not serving the Docker plugin");
+                return Ok(None);
+            }
+            std::path::PathBuf::from(crate::plugin::DEFAULT_DIR)
+        }
+    };
+    let Some(mut socket) = crate::plugin::Socket::bind(&dir, &opts.name)? else {
+        log::warn!(
+            "{}/{}.sock is served by another router: not serving the Docker plugin (give this one --docker-plugin-name)",
+            dir.display(),
+            opts.name
+        );
+        return Ok(None);
+    };
+    let host: Arc<dyn crate::plugin::PluginHost> = Arc::new(PluginRouter { ctx: ctx.clone() });
+    let plugin = Arc::new(crate::plugin::Plugin::new(host, state, Some(ctx.mesh.state.docker_plugin())));
+    let listener = tokio::net::UnixListener::from_std(socket.take_listener().expect("just bound"))?;
+    log::info!("Docker plugin {:?} (network and IPAM driver) on {}", opts.name, socket.path.display());
+    Ok(Some((socket, plugin, listener)))
+}
+
+/// The router as the Docker plugin sees it: IPAM, the host's exposed
+/// addresses, and veth pairs on the bridge.
+struct PluginRouter {
+    ctx: Arc<ApiCtx>,
+}
+
+impl crate::plugin::PluginHost for PluginRouter {
+    fn range(&self) -> Cidr {
+        self.ctx.mesh.with_ipam(|h| h.ipam.universe())
+    }
+
+    fn default_subnet(&self) -> Cidr {
+        self.ctx.mesh.with_ipam(|h| h.default_subnet)
+    }
+
+    fn allocate(&self, key: &str, subnet: Cidr, exact: Option<std::net::Ipv4Addr>) -> Result<std::net::Ipv4Addr> {
+        let mesh = &self.ctx.mesh;
+        let spec = match exact {
+            Some(ip) => AddrSpec::Exact { ip: IpAddr::V4(ip), prefix: subnet.prefix(), strict: true },
+            None => AddrSpec::Any(Some(subnet)),
+        };
+        if let AddrSpec::Exact { ip, .. } = &spec {
+            let attachments = self.ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(holder) = attachments.iter().find(|a| a.addrs.iter().any(|x| attach::same_ip(x, ip))) {
+                bail!("address {ip} is attached to {}", holder.target);
+            }
+        }
+        let requests = mesh.with_ipam(|h| ipamd::request_for(&spec, h).map(|r| vec![r]))?;
+        let held_before = mesh.with_ipam(|h| h.ipam.addresses_of(key));
+        match allocate_all(mesh, key, std::slice::from_ref(&spec), requests) {
+            Ok(addrs) => match addrs.first() {
+                Some((IpAddr::V4(ip), _)) => Ok(*ip),
+                _ => bail!("IPAM gave no IPv4 address"),
+            },
+            Err(e) => {
+                release_new(mesh, key, &held_before);
+                Err(e)
+            }
+        }
+    }
+
+    fn free(&self, key: &str, ip: std::net::Ipv4Addr) {
+        if !self.ctx.mesh.with_ipam(|h| h.ipam.free(key, ip)) {
+            log::warn!("docker plugin: {ip} was not allocated to {key}");
+        }
+    }
+
+    fn gateway(&self, subnet: Cidr, exact: Option<std::net::Ipv4Addr>) -> Result<(std::net::Ipv4Addr, bool)> {
+        let spec = match exact {
+            Some(ip) => format!("ip:{ip}/{}", subnet.prefix()),
+            None => format!("net:{subnet}"),
+        };
+        let before: Vec<String> =
+            self.ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|e| e.addr.clone()).collect();
+        let v = expose_addrs(&self.ctx, &[spec], None)?;
+        let addr = v["addresses"][0].as_str().context("expose gave no address")?.to_string();
+        let ip = addr.split('/').next().and_then(|s| s.parse().ok()).context("expose gave a bad address")?;
+        Ok((ip, !before.contains(&addr)))
+    }
+
+    fn release_gateway(&self, ip: std::net::Ipv4Addr, prefix: u8) -> Result<()> {
+        hide_addrs(&self.ctx, &[format!("{ip}/{prefix}")]).map(|_| ())
+    }
+
+    fn create_port(&self, host_if: &str, container_if: &str) -> Result<()> {
+        let s = &self.ctx.mesh.settings;
+        let bridge = netlink::link_index(&s.bridge)?.with_context(|| format!("no bridge {}", s.bridge))?;
+        netlink::create_veth_for_runtime(container_if, host_if, bridge, s.mtu)?;
+        if self.ctx.datapath == Datapath::Pcap {
+            // Plain frames from the container, as `attach` does (the offloads
+            // stay off when Docker moves the interface into the container).
+            let here = meshnet_router::netns::Netns::of_pid(std::process::id())?;
+            plain_frames_if_capturing(self.ctx.datapath, &here, container_if);
+        }
+        Ok(())
+    }
+
+    fn delete_port(&self, host_if: &str) {
+        if let Err(e) = netlink::delete_link(host_if) {
+            log::warn!("docker plugin: deleting {host_if}: {e}");
+        }
+    }
+
+    /// The one place a container joins a meshnet network through the plugin
+    /// (register its name here, e.g. in meshnet DNS). `Join` names only the
+    /// endpoint; the container (its name) is known to the engine once the join
+    /// completed: `docker::container_of_endpoint_blocking(&ep.network, ep_id)`
+    /// a moment later (off this call: Docker waits for the answer).
+    fn joined(&self, ep_id: &str, ep: &crate::plugin::Endpoint, _net: &crate::plugin::Network) {
+        log::info!("docker plugin: endpoint {} joined with {} ({})", &ep_id[..12.min(ep_id.len())], ep.address, ep.host_if);
+        let (network, endpoint, address) = (ep.network.clone(), ep_id.to_string(), ep.address.clone());
+        std::thread::spawn(move || {
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(250));
+                match crate::docker::container_of_endpoint_blocking(&network, &endpoint) {
+                    Ok(Some(c)) => {
+                        log::info!("docker plugin: container {} ({}) is on the overlay as {address}", c.name, c.short());
+                        return;
+                    }
+                    Ok(None) => continue,
+                    Err(e) => {
+                        log::debug!("docker plugin: which container has endpoint {endpoint}: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// The one place a container leaves (undo [`Self::joined`]).
+    fn left(&self, ep_id: &str, ep: &crate::plugin::Endpoint) {
+        log::info!("docker plugin: endpoint {} left ({})", &ep_id[..12.min(ep_id.len())], ep.address);
     }
 }
 

@@ -5,7 +5,9 @@
 //! * [`inspect`] / [`inspect_blocking`]: a container name or ID → its ID, name
 //!   and main PID (so `/proc/PID/ns/net` is its network namespace);
 //! * [`watch_events`]: the engine's event stream, calling back when a container
-//!   dies or is removed, so the router can release what it attached.
+//!   starts, dies or is removed (and each time the stream is (re)connected), so
+//!   the router can attach a restarted container again and release what a
+//!   removed one held.
 //!
 //! Every call makes its own short-lived client: the blocking callers run on
 //! threads of their own with a throwaway current-thread runtime, and a hyper
@@ -135,6 +137,29 @@ pub fn inspect_blocking(name_or_id: &str) -> Result<Container, DockerError> {
     block_on_own_thread(inspect_at(&socket, name_or_id))
 }
 
+/// The container that holds endpoint `endpoint_id` on network `network_id`, if
+/// the engine lists it yet (the Docker plugin's `Join` names only the endpoint;
+/// the engine lists the container once the join completed, so ask a little later).
+pub fn container_of_endpoint_blocking(network_id: &str, endpoint_id: &str) -> Result<Option<ContainerId>, DockerError> {
+    if !plausible_reference(network_id) {
+        return Err(DockerError::Engine { socket: socket_path(), message: format!("invalid network ID {network_id:?}") });
+    }
+    let socket = socket_path();
+    block_on_own_thread(async {
+        let docker = connect(&socket).await?;
+        let net = docker
+            .inspect_network(network_id, None::<bollard::query_parameters::InspectNetworkOptions>)
+            .await
+            .map_err(|e| engine_error(&socket, e))?;
+        Ok(net
+            .containers
+            .unwrap_or_default()
+            .into_iter()
+            .find(|(_, c)| c.endpoint_id.as_deref() == Some(endpoint_id))
+            .map(|(id, c)| ContainerId { id, name: c.name.unwrap_or_default() }))
+    })
+}
+
 fn block_on_own_thread<T: Send>(fut: impl Future<Output = Result<T, DockerError>> + Send) -> Result<T, DockerError> {
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -158,19 +183,32 @@ pub fn plausible_reference(s: &str) -> bool {
         && s.len() <= 255
 }
 
-/// Watches the engine's events for containers that die or are removed and calls
-/// `on_gone` for each (a container that dies and is then removed is reported
-/// twice: callers must be idempotent). Never returns.
+/// What the engine's event stream reports to [`watch_events`]' callback.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EngineEvent {
+    /// The stream is (re)connected: events may have been missed, look again.
+    Connected,
+    /// A container's main process started (`docker start`, `docker restart`, a restart policy).
+    Started(ContainerId),
+    /// A container's main process ended; the container still exists.
+    Died(ContainerId),
+    /// A container was removed.
+    Destroyed(ContainerId),
+}
+
+/// Watches the engine's events for containers that start, die or are removed
+/// and calls `on_event` for each (events missed while disconnected are asked
+/// for again, so one may come twice: callers must be idempotent). Never returns.
 ///
 /// With no engine, it logs that once and checks again every few seconds; when
 /// the engine goes away (restarts), it reconnects with backoff and asks for the
 /// events it missed since the stream broke.
-pub async fn watch_events(on_gone: impl Fn(ContainerId) + Send + Sync + 'static) {
-    watch_events_at(socket_path(), on_gone).await
+pub async fn watch_events(on_event: impl Fn(EngineEvent) + Send + Sync + 'static) {
+    watch_events_at(socket_path(), on_event).await
 }
 
 /// [`watch_events`] on a given socket.
-pub async fn watch_events_at(socket: String, on_gone: impl Fn(ContainerId) + Send + Sync + 'static) {
+pub async fn watch_events_at(socket: String, on_event: impl Fn(EngineEvent) + Send + Sync + 'static) {
     let mut said_absent = false;
     let mut backoff = Duration::from_secs(1);
     let mut since: Option<i64> = None;
@@ -199,13 +237,14 @@ pub async fn watch_events_at(socket: String, on_gone: impl Fn(ContainerId) + Sen
         }
         said_absent = false;
         let filters: HashMap<&str, Vec<&str>> =
-            HashMap::from([("type", vec!["container"]), ("event", vec!["die", "destroy"])]);
+            HashMap::from([("type", vec!["container"]), ("event", vec!["start", "die", "destroy"])]);
         let mut opts = EventsOptionsBuilder::new().filters(&filters);
         let since_text = since.map(|s| s.to_string());
         if let Some(s) = &since_text {
             opts = opts.since(s);
         }
         let mut stream = docker.events(Some(opts.build()));
+        on_event(EngineEvent::Connected);
         let mut got_any = false;
         let why = loop {
             match stream.next().await {
@@ -224,8 +263,15 @@ pub async fn watch_events_at(socket: String, on_gone: impl Fn(ContainerId) + Sen
                         .and_then(|a| a.get("name"))
                         .cloned()
                         .unwrap_or_default();
-                    log::debug!("container {name} ({}) {}", &id[..id.len().min(12)], ev.action.as_deref().unwrap_or("?"));
-                    on_gone(ContainerId { id, name });
+                    let action = ev.action.as_deref().unwrap_or("?");
+                    log::debug!("container {name} ({}) {action}", &id[..id.len().min(12)]);
+                    let c = ContainerId { id, name };
+                    match action {
+                        "start" => on_event(EngineEvent::Started(c)),
+                        "die" => on_event(EngineEvent::Died(c)),
+                        "destroy" => on_event(EngineEvent::Destroyed(c)),
+                        _ => {}
+                    }
                 }
             }
         };

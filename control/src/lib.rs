@@ -10,7 +10,8 @@
 //! * [`attach`] — resolving targets and attaching them to the bridge;
 //! * [`expose`] — the host's own addresses on the overlay and meshnet's nftables table;
 //! * [`ipam`] — persistence, routing and timers around the IPAM ring, attach-time address requests;
-//! * [`docker`] — Docker containers as targets, and their death through the engine's events.
+//! * [`docker`] — Docker containers as targets; their start, death and removal through the engine's events;
+//! * [`plugin`] — Docker's plugin API: the `meshnet` network and IPAM drivers.
 
 pub mod api;
 pub mod attach;
@@ -22,4 +23,5 @@ pub mod expose;
 pub mod logger;
 pub mod mesh;
 pub mod peeraddr;
+pub mod plugin;
 pub mod state;

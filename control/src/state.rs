@@ -103,6 +103,10 @@ impl StateDir {
     fn devices_path(&self) -> PathBuf {
         self.root.join("devices.json")
     }
+    /// The Docker plugin's pools, networks and endpoints (see `crate::plugin`).
+    pub fn docker_plugin(&self) -> PathBuf {
+        self.root.join("docker-plugin.json")
+    }
     /// Peer names pinned to their keys (see `meshnet_proto::trust`).
     pub fn keys_path(&self) -> PathBuf {
         self.root.join("keys.json")

@@ -253,6 +253,31 @@ pub fn create_veth_port(
     bridge_index: u32,
     mtu: u32,
 ) -> Result<(), NetlinkError> {
+    make_veth_port(capture_end, bridge_end, bridge_index, mtu, true)
+}
+
+/// Make a veth pair for a container runtime that moves one end itself (the
+/// Docker plugin's `Join`): `bridge_end` a port of the bridge with ifindex
+/// `bridge_index` (IPv6 off, up), `other_end` left down in this namespace for
+/// the runtime to move and rename; both with MTU `mtu`. As
+/// [`create_veth_port`], leftovers of the same names are deleted first and a
+/// failure deletes the new pair.
+pub fn create_veth_for_runtime(
+    other_end: &str,
+    bridge_end: &str,
+    bridge_index: u32,
+    mtu: u32,
+) -> Result<(), NetlinkError> {
+    make_veth_port(other_end, bridge_end, bridge_index, mtu, false)
+}
+
+fn make_veth_port(
+    capture_end: &str,
+    bridge_end: &str,
+    bridge_index: u32,
+    mtu: u32,
+    capture: bool,
+) -> Result<(), NetlinkError> {
     let what = format!("create veth {capture_end}/{bridge_end}");
     check_ifname(&what, "capture end name", capture_end)?;
     check_ifname(&what, "bridge end name", bridge_end)?;
@@ -277,7 +302,7 @@ pub fn create_veth_port(
                     })?;
                 if port {
                     configure_port(&h, name, link.header.index, &cfg).await?;
-                } else {
+                } else if capture {
                     set_ipv6_disabled(name, true)?;
                     set_link(&h, LinkUnspec::new_with_index(link.header.index).promiscuous(true).up().build())
                         .await

@@ -1,0 +1,987 @@
+//! Docker's plugin API: a libnetwork *remote network driver* and a *remote
+//! IPAM driver*, both named after the socket (`meshnet`), served as JSON over
+//! HTTP on `/run/docker/plugins/meshnet.sock`.
+//!
+//! What it owns: the plugin's bookkeeping ([`PluginState`]: address pools,
+//! networks, endpoints and the IPAM keys of the addresses it handed out),
+//! persisted in the state directory (`docker-plugin.json`) after every change,
+//! because Docker does not replay its requests after a router restart. What it
+//! never does: device or IPAM work of its own. Addresses come from meshnet's
+//! IPAM ring, the network's gateway is the host's exposed address in the
+//! subnet, and the veth pair is made on the bridge, all through the router
+//! ([`PluginHost`], implemented by the daemon); so [`Plugin::handle`] is tested
+//! here with a fake host.
+//!
+//! Docker's calls, in the order a `docker network create --driver meshnet
+//! --ipam-driver meshnet --subnet S N` and a `docker run --network N` make them:
+//! `IpamDriver.RequestPool` (S, inside the IP allocation range), `RequestAddress`
+//! for the gateway, `NetworkDriver.CreateNetwork`; then per container
+//! `RequestAddress`, `CreateEndpoint`, `Join` (a veth pair: one end on the
+//! bridge, the other handed to Docker by name, which moves it into the
+//! container as `ethwe0`), and on stop `Leave`, `DeleteEndpoint`,
+//! `ReleaseAddress`. Errors go back as `{"Err": "..."}` (HTTP 500), which
+//! Docker shows to the user.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, StatusCode};
+use meshnet_proto::ipam::Cidr;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::state::{write_atomic, StateDir};
+
+/// Where Docker looks for plugin sockets.
+pub const DEFAULT_DIR: &str = "/run/docker/plugins";
+/// The plugin's name, which is both drivers' name (`--driver meshnet --ipam-driver meshnet`).
+pub const DEFAULT_NAME: &str = "meshnet";
+/// The content type of Docker's plugin protocol.
+pub const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1.2+json";
+/// Largest request body read.
+pub const MAX_BODY: usize = 1 << 20;
+/// Docker names the container's interface this plus an index (`ethwe0`).
+pub const CONTAINER_IF_PREFIX: &str = "ethwe";
+/// `RequestAddress` option key saying what the address is for, and its value for a gateway.
+const REQUEST_ADDRESS_TYPE: &str = "RequestAddressType";
+const GATEWAY_TYPE: &str = "com.docker.network.gateway";
+/// Pool IDs are this plus the subnet.
+const POOL_PREFIX: &str = "meshnet/";
+/// IPAM keys of the addresses the plugin hands out are this plus a sequence number.
+pub const IPAM_KEY_PREFIX: &str = "docker-plugin:";
+
+/// What the plugin needs of the router.
+pub trait PluginHost: Send + Sync {
+    /// The IP allocation range.
+    fn range(&self) -> Cidr;
+    /// Where addresses come from when a network is created without `--subnet`.
+    fn default_subnet(&self) -> Cidr;
+    /// Allocates an address of `subnet` for `key` in meshnet's IPAM (`exact`: that one).
+    fn allocate(&self, key: &str, subnet: Cidr, exact: Option<Ipv4Addr>) -> Result<Ipv4Addr>;
+    /// Returns an address of `key` to IPAM.
+    fn free(&self, key: &str, ip: Ipv4Addr);
+    /// The host's address in `subnet` (`exact`: that one), exposed on the bridge
+    /// if it is not yet: the network's gateway. Says whether it was exposed now.
+    fn gateway(&self, subnet: Cidr, exact: Option<Ipv4Addr>) -> Result<(Ipv4Addr, bool)>;
+    /// Hides a gateway [`PluginHost::gateway`] exposed.
+    fn release_gateway(&self, ip: Ipv4Addr, prefix: u8) -> Result<()>;
+    /// A veth pair: `host_if` on the bridge (up), `container_if` left for Docker to move.
+    fn create_port(&self, host_if: &str, container_if: &str) -> Result<()>;
+    /// Deletes the pair (either end may be gone already).
+    fn delete_port(&self, host_if: &str);
+    /// A container joined network `net` through endpoint `ep` (the place to
+    /// register it by name, e.g. in DNS).
+    fn joined(&self, ep_id: &str, ep: &Endpoint, net: &Network);
+    /// The container left: undo what [`PluginHost::joined`] did.
+    fn left(&self, ep_id: &str, ep: &Endpoint);
+}
+
+/// Everything the plugin remembers, persisted in `docker-plugin.json`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginState {
+    /// Address pools by pool ID.
+    #[serde(default)]
+    pub pools: BTreeMap<String, Pool>,
+    /// Networks by Docker's network ID.
+    #[serde(default)]
+    pub networks: BTreeMap<String, Network>,
+    /// Endpoints by Docker's endpoint ID.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, Endpoint>,
+    /// The next IPAM key's number.
+    #[serde(default)]
+    pub next_key: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    /// The subnet, inside the IP allocation range.
+    pub subnet: String,
+    /// `--ip-range`: where container addresses come from, inside the subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sub_pool: Option<String>,
+    /// Addresses handed out (not the gateway), each with its IPAM key.
+    #[serde(default)]
+    pub addresses: BTreeMap<String, String>,
+    /// The gateway (`ip/prefix`), the host's exposed address in the subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Whether the plugin exposed the gateway (and so hides it on release).
+    #[serde(default)]
+    pub gateway_exposed: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Network {
+    /// Its IPv4 subnet.
+    pub subnet: String,
+    /// Its gateway (`ip/prefix`), if Docker gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub network: String,
+    /// `ip/prefix`, as IPAM gave it to Docker.
+    pub address: String,
+    /// The bridge end of the veth pair.
+    pub host_if: String,
+    /// The end handed to Docker (renamed `ethwe0` inside the container).
+    pub container_if: String,
+    /// Whether a container has joined (the veth pair exists).
+    #[serde(default)]
+    pub joined: bool,
+    /// The container's network namespace, as Docker named it in `Join`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<String>,
+}
+
+impl PluginState {
+    /// Every IPAM key the plugin holds addresses under (the router must not
+    /// release them as gone at startup).
+    pub fn ipam_keys(&self) -> Vec<String> {
+        self.pools.values().flat_map(|p| p.addresses.values().cloned()).collect()
+    }
+}
+
+/// Loads the persisted state (empty when there is none).
+pub fn load(state: &StateDir) -> Result<PluginState> {
+    let path = state.docker_plugin();
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("{} is corrupt", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PluginState::default()),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// The plugin: its state, where it is persisted, and the router behind it.
+pub struct Plugin {
+    host: Arc<dyn PluginHost>,
+    state: Mutex<PluginState>,
+    /// Where the state is saved (`None`: not saved, for tests).
+    store: Option<PathBuf>,
+}
+
+/// A failed call: the message Docker shows.
+type Answer = std::result::Result<Value, String>;
+
+// Docker's requests. Unknown fields are ignored (Docker adds some across
+// versions); maps Docker may send as `null` are options.
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RequestPool {
+    #[serde(default)]
+    pool: String,
+    #[serde(default)]
+    sub_pool: String,
+    #[serde(default, rename = "V6")]
+    v6: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct PoolRef {
+    #[serde(rename = "PoolID")]
+    pool_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RequestAddress {
+    #[serde(rename = "PoolID")]
+    pool_id: String,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    options: Option<BTreeMap<String, Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ReleaseAddress {
+    #[serde(rename = "PoolID")]
+    pool_id: String,
+    address: String,
+}
+
+#[derive(Deserialize)]
+struct IpamData {
+    #[serde(rename = "Pool", default)]
+    pool: String,
+    #[serde(rename = "Gateway", default)]
+    gateway: String,
+}
+
+#[derive(Deserialize)]
+struct CreateNetwork {
+    #[serde(rename = "NetworkID")]
+    network_id: String,
+    #[serde(rename = "IPv4Data", default)]
+    ipv4_data: Option<Vec<IpamData>>,
+    #[serde(rename = "IPv6Data", default)]
+    ipv6_data: Option<Vec<IpamData>>,
+}
+
+#[derive(Deserialize)]
+struct NetworkRef {
+    #[serde(rename = "NetworkID")]
+    network_id: String,
+}
+
+#[derive(Deserialize, Default)]
+struct EndpointInterface {
+    #[serde(rename = "Address", default)]
+    address: String,
+    #[serde(rename = "AddressIPv6", default)]
+    address_ipv6: String,
+}
+
+#[derive(Deserialize)]
+struct CreateEndpoint {
+    #[serde(rename = "NetworkID")]
+    network_id: String,
+    #[serde(rename = "EndpointID")]
+    endpoint_id: String,
+    #[serde(rename = "Interface", default)]
+    interface: Option<EndpointInterface>,
+}
+
+#[derive(Deserialize)]
+struct EndpointRef {
+    #[serde(rename = "NetworkID")]
+    network_id: String,
+    #[serde(rename = "EndpointID")]
+    endpoint_id: String,
+}
+
+#[derive(Deserialize)]
+struct Join {
+    #[serde(rename = "NetworkID")]
+    network_id: String,
+    #[serde(rename = "EndpointID")]
+    endpoint_id: String,
+    #[serde(rename = "SandboxKey", default)]
+    sandbox_key: String,
+}
+
+fn decode<T: DeserializeOwned>(call: &str, body: &[u8]) -> std::result::Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("meshnet: bad {call} request: {e}"))
+}
+
+/// Docker's IDs are 64 hex digits; anything else is refused before it names an interface.
+fn check_id(what: &str, id: &str) -> std::result::Result<(), String> {
+    if id.len() < 12 || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(format!("meshnet: invalid {what} {id:?}"));
+    }
+    Ok(())
+}
+
+/// `ip/prefix` → the address and prefix.
+fn parse_ip_prefix(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (ip, p) = s.split_once('/')?;
+    let prefix: u8 = p.parse().ok().filter(|p| *p <= 32)?;
+    Some((ip.parse().ok()?, prefix))
+}
+
+/// An address as Docker sends it: bare or `ip/prefix`.
+fn parse_address(s: &str) -> Option<Ipv4Addr> {
+    s.split('/').next()?.parse().ok()
+}
+
+impl Plugin {
+    /// A plugin over `host` with `state`, saved to `store` after every change.
+    pub fn new(host: Arc<dyn PluginHost>, state: PluginState, store: Option<PathBuf>) -> Plugin {
+        Plugin { host, state: Mutex::new(state), store }
+    }
+
+    /// A copy of the current state.
+    pub fn state(&self) -> PluginState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn save(&self, s: &PluginState) -> std::result::Result<(), String> {
+        let Some(path) = &self.store else { return Ok(()) };
+        let mut bytes = serde_json::to_vec_pretty(s).map_err(|e| e.to_string())?;
+        bytes.push(b'\n');
+        write_atomic(path, &bytes, 0o600).map_err(|e| format!("meshnet: {e:#}"))
+    }
+
+    /// Answers one call (`path` like `/NetworkDriver.Join`) with the JSON body
+    /// Docker expects, or the error message Docker shows. One call at a time:
+    /// the state is locked for the whole call.
+    pub fn handle(&self, path: &str, body: &[u8]) -> Answer {
+        let call = path.trim_start_matches('/');
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *guard;
+        match call {
+            "Plugin.Activate" => Ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] })),
+            "NetworkDriver.GetCapabilities" => Ok(json!({ "Scope": "local", "ConnectivityScope": "local" })),
+            "IpamDriver.GetCapabilities" => Ok(json!({ "RequiresMACAddress": false, "RequiresRequestReplay": false })),
+            "IpamDriver.GetDefaultAddressSpaces" => {
+                Ok(json!({ "LocalDefaultAddressSpace": "meshnet", "GlobalDefaultAddressSpace": "meshnet" }))
+            }
+            "IpamDriver.RequestPool" => self.request_pool(s, decode(call, body)?),
+            "IpamDriver.ReleasePool" => self.release_pool(s, decode(call, body)?),
+            "IpamDriver.RequestAddress" => self.request_address(s, decode(call, body)?),
+            "IpamDriver.ReleaseAddress" => self.release_address(s, decode(call, body)?),
+            "NetworkDriver.CreateNetwork" => self.create_network(s, decode(call, body)?),
+            "NetworkDriver.DeleteNetwork" => self.delete_network(s, decode(call, body)?),
+            "NetworkDriver.CreateEndpoint" => self.create_endpoint(s, decode(call, body)?),
+            "NetworkDriver.DeleteEndpoint" => self.delete_endpoint(s, decode(call, body)?),
+            "NetworkDriver.EndpointOperInfo" => {
+                let r: EndpointRef = decode(call, body)?;
+                let ep = endpoint(s, &r)?;
+                Ok(json!({ "Value": { "address": ep.address, "host_interface": ep.host_if, "joined": ep.joined } }))
+            }
+            "NetworkDriver.Join" => self.join(s, decode(call, body)?),
+            "NetworkDriver.Leave" => self.leave(s, decode(call, body)?),
+            "NetworkDriver.DiscoverNew" | "NetworkDriver.DiscoverDelete" => {
+                let _: Value = decode(call, body)?;
+                Ok(json!({}))
+            }
+            "NetworkDriver.ProgramExternalConnectivity" | "NetworkDriver.RevokeExternalConnectivity" => {
+                // The gateway is the host's exposed address, masqueraded by
+                // meshnet's nftables table: nothing per endpoint to program.
+                let r: EndpointRef = decode(call, body)?;
+                endpoint(s, &r)?;
+                Ok(json!({}))
+            }
+            // Optional calls of newer engines: not implemented, said the way Docker expects.
+            "NetworkDriver.AllocateNetwork" | "NetworkDriver.FreeNetwork" => {
+                Err(format!("meshnet: {call} is for swarm-scope drivers; meshnet is a local-scope driver"))
+            }
+            _ => Err(format!("meshnet: unknown call {call:?}")),
+        }
+    }
+
+    fn request_pool(&self, s: &mut PluginState, r: RequestPool) -> Answer {
+        if r.v6 {
+            return Err("meshnet: meshnet's IPAM hands out IPv4 addresses only (leave out --ipv6)".into());
+        }
+        let range = self.host.range();
+        let subnet: Cidr = if r.pool.is_empty() {
+            self.host.default_subnet()
+        } else {
+            r.pool.parse().map_err(|e| format!("meshnet: invalid subnet {:?}: {e}", r.pool))?
+        };
+        if !range.contains_net(&subnet) {
+            return Err(format!("meshnet: subnet {subnet} is outside meshnet's IP allocation range {range}"));
+        }
+        let sub_pool = if r.sub_pool.is_empty() {
+            None
+        } else {
+            let c: Cidr = r.sub_pool.parse().map_err(|e| format!("meshnet: invalid --ip-range {:?}: {e}", r.sub_pool))?;
+            if !subnet.contains_net(&c) {
+                return Err(format!("meshnet: --ip-range {c} is not inside subnet {subnet}"));
+            }
+            Some(c.to_string())
+        };
+        let id = format!("{POOL_PREFIX}{subnet}");
+        if s.pools.contains_key(&id) {
+            return Err(format!(
+                "meshnet: subnet {subnet} is already used by another meshnet network on this host (give another with --subnet)"
+            ));
+        }
+        let mut next = s.clone();
+        next.pools.insert(id.clone(), Pool { subnet: subnet.to_string(), sub_pool, ..Pool::default() });
+        self.save(&next)?;
+        *s = next;
+        log::info!("docker plugin: pool {subnet}");
+        Ok(json!({ "PoolID": id, "Pool": subnet.to_string(), "Data": {} }))
+    }
+
+    fn release_pool(&self, s: &mut PluginState, r: PoolRef) -> Answer {
+        let Some(pool) = s.pools.get(&r.pool_id).cloned() else {
+            return Err(format!("meshnet: unknown pool {:?}", r.pool_id));
+        };
+        let mut next = s.clone();
+        next.pools.remove(&r.pool_id);
+        self.save(&next)?;
+        *s = next;
+        for (ip, key) in &pool.addresses {
+            if let Ok(ip) = ip.parse() {
+                self.host.free(key, ip);
+            }
+        }
+        self.release_gateway_of(&pool);
+        log::info!("docker plugin: released pool {}", pool.subnet);
+        Ok(json!({}))
+    }
+
+    fn release_gateway_of(&self, pool: &Pool) {
+        if let (true, Some((ip, prefix))) = (pool.gateway_exposed, pool.gateway.as_deref().and_then(parse_ip_prefix)) {
+            if let Err(e) = self.host.release_gateway(ip, prefix) {
+                log::warn!("docker plugin: hiding gateway {ip}/{prefix}: {e:#}");
+            }
+        }
+    }
+
+    fn request_address(&self, s: &mut PluginState, r: RequestAddress) -> Answer {
+        let pool = s.pools.get(&r.pool_id).ok_or_else(|| format!("meshnet: unknown pool {:?}", r.pool_id))?;
+        let subnet: Cidr = pool.subnet.parse().map_err(|e| format!("meshnet: pool {}: {e}", pool.subnet))?;
+        let exact = if r.address.is_empty() {
+            None
+        } else {
+            let ip = parse_address(&r.address).ok_or_else(|| format!("meshnet: invalid address {:?}", r.address))?;
+            if !subnet.contains(ip) {
+                return Err(format!("meshnet: address {ip} is not in subnet {subnet}"));
+            }
+            Some(ip)
+        };
+        let is_gateway = r
+            .options
+            .as_ref()
+            .and_then(|o| o.get(REQUEST_ADDRESS_TYPE))
+            .and_then(Value::as_str)
+            == Some(GATEWAY_TYPE);
+        let mut next = s.clone();
+        let p = next.pools.get_mut(&r.pool_id).expect("looked up above");
+        if is_gateway {
+            if p.gateway.is_some() {
+                return Err(format!("meshnet: pool {subnet} already has a gateway"));
+            }
+            let (ip, exposed) = self.host.gateway(subnet, exact).map_err(|e| format!("meshnet: gateway of {subnet}: {e:#}"))?;
+            let text = format!("{ip}/{}", subnet.prefix());
+            p.gateway = Some(text.clone());
+            p.gateway_exposed = exposed;
+            if let Err(e) = self.save(&next) {
+                if exposed {
+                    let _ = self.host.release_gateway(ip, subnet.prefix());
+                }
+                return Err(e);
+            }
+            *s = next;
+            log::info!("docker plugin: gateway of {subnet} is this host's {text}");
+            return Ok(json!({ "Address": text, "Data": {} }));
+        }
+        let from = match (&p.sub_pool, exact) {
+            (Some(c), None) => c.parse().unwrap_or(subnet),
+            _ => subnet,
+        };
+        let key = format!("{IPAM_KEY_PREFIX}{}", next.next_key);
+        next.next_key += 1;
+        let ip = self.host.allocate(&key, from, exact).map_err(|e| format!("meshnet: {e:#}"))?;
+        let p = next.pools.get_mut(&r.pool_id).expect("looked up above");
+        p.addresses.insert(ip.to_string(), key.clone());
+        if let Err(e) = self.save(&next) {
+            self.host.free(&key, ip);
+            return Err(e);
+        }
+        *s = next;
+        Ok(json!({ "Address": format!("{ip}/{}", subnet.prefix()), "Data": {} }))
+    }
+
+    fn release_address(&self, s: &mut PluginState, r: ReleaseAddress) -> Answer {
+        let pool = s.pools.get(&r.pool_id).ok_or_else(|| format!("meshnet: unknown pool {:?}", r.pool_id))?;
+        let ip = parse_address(&r.address).ok_or_else(|| format!("meshnet: invalid address {:?}", r.address))?;
+        let mut next = s.clone();
+        let p = next.pools.get_mut(&r.pool_id).expect("looked up above");
+        if pool.gateway.as_deref().and_then(parse_ip_prefix).is_some_and(|(g, _)| g == ip) {
+            let old = p.clone();
+            p.gateway = None;
+            p.gateway_exposed = false;
+            self.save(&next)?;
+            *s = next;
+            self.release_gateway_of(&old);
+            return Ok(json!({}));
+        }
+        let Some(key) = p.addresses.remove(&ip.to_string()) else {
+            return Err(format!("meshnet: address {ip} is not allocated in pool {}", pool.subnet));
+        };
+        // Forget it first: a crash after this leaves the address to be released
+        // as unknown at the next start, never handed out twice.
+        self.save(&next)?;
+        *s = next;
+        self.host.free(&key, ip);
+        log::info!("docker plugin: released {ip}");
+        Ok(json!({}))
+    }
+
+    fn create_network(&self, s: &mut PluginState, r: CreateNetwork) -> Answer {
+        check_id("network ID", &r.network_id)?;
+        if s.networks.contains_key(&r.network_id) {
+            return Err(format!("meshnet: network {} exists already", r.network_id));
+        }
+        if r.ipv6_data.as_ref().is_some_and(|v| !v.is_empty()) {
+            return Err("meshnet: meshnet networks carry IPv4 only (leave out --ipv6)".into());
+        }
+        let data = r.ipv4_data.unwrap_or_default();
+        let [d] = data.as_slice() else {
+            return Err(format!("meshnet: a meshnet network has exactly one IPv4 subnet (got {})", data.len()));
+        };
+        let subnet: Cidr =
+            d.pool.parse().map_err(|e| format!("meshnet: invalid subnet {:?}: {e}", d.pool))?;
+        if !s.pools.values().any(|p| p.subnet == subnet.to_string()) {
+            return Err(format!(
+                "meshnet: subnet {subnet} does not come from meshnet's IPAM: create the network with --ipam-driver meshnet"
+            ));
+        }
+        let gateway = (!d.gateway.is_empty()).then(|| d.gateway.clone());
+        let mut next = s.clone();
+        next.networks.insert(r.network_id.clone(), Network { subnet: subnet.to_string(), gateway });
+        self.save(&next)?;
+        *s = next;
+        log::info!("docker plugin: network {} on {subnet}", short(&r.network_id));
+        Ok(json!({}))
+    }
+
+    fn delete_network(&self, s: &mut PluginState, r: NetworkRef) -> Answer {
+        if !s.networks.contains_key(&r.network_id) {
+            return Err(format!("meshnet: unknown network {}", r.network_id));
+        }
+        let in_use = s.endpoints.values().filter(|e| e.network == r.network_id).count();
+        if in_use > 0 {
+            return Err(format!("meshnet: network {} is in use by {in_use} endpoint(s)", short(&r.network_id)));
+        }
+        let mut next = s.clone();
+        next.networks.remove(&r.network_id);
+        self.save(&next)?;
+        *s = next;
+        log::info!("docker plugin: network {} deleted", short(&r.network_id));
+        Ok(json!({}))
+    }
+
+    fn create_endpoint(&self, s: &mut PluginState, r: CreateEndpoint) -> Answer {
+        check_id("endpoint ID", &r.endpoint_id)?;
+        let net = s.networks.get(&r.network_id).ok_or_else(|| format!("meshnet: unknown network {}", r.network_id))?;
+        if s.endpoints.contains_key(&r.endpoint_id) {
+            return Err(format!("meshnet: endpoint {} exists already", r.endpoint_id));
+        }
+        let iface = r.interface.unwrap_or_default();
+        if !iface.address_ipv6.is_empty() {
+            return Err("meshnet: meshnet networks carry IPv4 only".into());
+        }
+        let Some((ip, _)) = parse_ip_prefix(&iface.address) else {
+            return Err(format!("meshnet: endpoint needs an IPv4 address from meshnet's IPAM (got {:?})", iface.address));
+        };
+        let subnet: Cidr = net.subnet.parse().map_err(|e| format!("meshnet: {e}"))?;
+        if !subnet.contains(ip) {
+            return Err(format!("meshnet: address {ip} is not in the network's subnet {subnet}"));
+        }
+        let stem = &r.endpoint_id[..12];
+        let ep = Endpoint {
+            network: r.network_id.clone(),
+            address: iface.address.clone(),
+            host_if: format!("vmd{stem}"),
+            container_if: format!("vmc{stem}"),
+            joined: false,
+            sandbox: None,
+        };
+        let mut next = s.clone();
+        next.endpoints.insert(r.endpoint_id.clone(), ep);
+        self.save(&next)?;
+        *s = next;
+        // The interface keeps the MAC of the veth end: nothing to add.
+        Ok(json!({}))
+    }
+
+    fn delete_endpoint(&self, s: &mut PluginState, r: EndpointRef) -> Answer {
+        let ep = endpoint(s, &r)?.clone();
+        let mut next = s.clone();
+        next.endpoints.remove(&r.endpoint_id);
+        self.save(&next)?;
+        *s = next;
+        if ep.joined {
+            self.host.left(&r.endpoint_id, &ep);
+        }
+        self.host.delete_port(&ep.host_if);
+        Ok(json!({}))
+    }
+
+    fn join(&self, s: &mut PluginState, r: Join) -> Answer {
+        let er = EndpointRef { network_id: r.network_id.clone(), endpoint_id: r.endpoint_id.clone() };
+        let ep = endpoint(s, &er)?.clone();
+        let net = s.networks.get(&r.network_id).cloned().ok_or_else(|| format!("meshnet: unknown network {}", r.network_id))?;
+        self.host
+            .create_port(&ep.host_if, &ep.container_if)
+            .map_err(|e| format!("meshnet: join {}: {e:#}", short(&r.endpoint_id)))?;
+        let mut next = s.clone();
+        let e = next.endpoints.get_mut(&r.endpoint_id).expect("looked up above");
+        e.joined = true;
+        e.sandbox = (!r.sandbox_key.is_empty()).then(|| r.sandbox_key.clone());
+        let joined = e.clone();
+        if let Err(err) = self.save(&next) {
+            self.host.delete_port(&ep.host_if);
+            return Err(err);
+        }
+        *s = next;
+        self.host.joined(&r.endpoint_id, &joined, &net);
+        let mut answer = json!({
+            "InterfaceName": { "SrcName": ep.container_if, "DstPrefix": CONTAINER_IF_PREFIX },
+            // No multicast route as `attach` adds: Docker 20.10 programs a
+            // connected static route (RoutingType 1) as one through a next hop
+            // and fails the container's start ("route for the next hop <nil>").
+            "DisableGatewayService": false,
+        });
+        if let Some(gw) = net.gateway.as_deref().and_then(parse_address) {
+            answer["Gateway"] = json!(gw.to_string());
+        }
+        Ok(answer)
+    }
+
+    fn leave(&self, s: &mut PluginState, r: EndpointRef) -> Answer {
+        let ep = endpoint(s, &r)?.clone();
+        let mut next = s.clone();
+        let e = next.endpoints.get_mut(&r.endpoint_id).expect("looked up above");
+        e.joined = false;
+        e.sandbox = None;
+        self.save(&next)?;
+        *s = next;
+        if ep.joined {
+            self.host.left(&r.endpoint_id, &ep);
+        }
+        self.host.delete_port(&ep.host_if);
+        Ok(json!({}))
+    }
+}
+
+fn endpoint<'a>(s: &'a PluginState, r: &EndpointRef) -> std::result::Result<&'a Endpoint, String> {
+    match s.endpoints.get(&r.endpoint_id) {
+        Some(e) if e.network == r.network_id => Ok(e),
+        Some(_) => Err(format!("meshnet: endpoint {} is not on network {}", r.endpoint_id, r.network_id)),
+        None => Err(format!("meshnet: unknown endpoint {}", r.endpoint_id)),
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// The plugin's socket, bound; removed again by [`Socket::remove`] if it is still ours.
+pub struct Socket {
+    pub path: PathBuf,
+    inode: u64,
+    listener: Option<std::os::unix::net::UnixListener>,
+}
+
+impl Socket {
+    /// Binds `DIR/NAME.sock`. A socket there that answers belongs to another
+    /// router: `Ok(None)`, and it is left alone; a dead one is replaced.
+    pub fn bind(dir: &Path, name: &str) -> Result<Option<Socket>> {
+        if name.is_empty() || name.contains(['/', '\0']) || name.starts_with('.') {
+            anyhow::bail!("docker plugin name {name:?}: not a valid file name");
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let path = dir.join(format!("{name}.sock"));
+        if path.exists() {
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Ok(None);
+            }
+            std::fs::remove_file(&path).with_context(|| format!("remove the dead socket {}", path.display()))?;
+        }
+        let listener =
+            std::os::unix::net::UnixListener::bind(&path).with_context(|| format!("bind {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let inode = std::fs::metadata(&path)?.ino();
+        Ok(Some(Socket { path, inode, listener: Some(listener) }))
+    }
+
+    /// The listener, once (for [`serve`]).
+    pub fn take_listener(&mut self) -> Option<std::os::unix::net::UnixListener> {
+        self.listener.take()
+    }
+
+    /// Removes the socket file if it is still the one we bound.
+    pub fn remove(&self) {
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Serves Docker's calls on `listener` (HTTP/1.1, one task per connection; the
+/// calls themselves run on the blocking pool: they wait for IPAM and netlink).
+pub async fn serve(plugin: Arc<Plugin>, listener: tokio::net::UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let plugin = plugin.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let plugin = plugin.clone();
+                async move { Ok::<_, Infallible>(respond(plugin, req).await) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                log::debug!("docker plugin connection: {e}");
+            }
+        });
+    }
+}
+
+async fn respond(plugin: Arc<Plugin>, req: hyper::Request<Incoming>) -> hyper::Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    if req.method() != Method::POST {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, &json!({ "Err": format!("meshnet: {} {path}: only POST", req.method()) }));
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return reply(StatusCode::BAD_REQUEST, &json!({ "Err": format!("meshnet: {path}: {e}") })),
+    };
+    let call = path.clone();
+    let answer = tokio::task::spawn_blocking(move || plugin.handle(&call, &body))
+        .await
+        .unwrap_or_else(|e| Err(format!("meshnet: internal error: {e}")));
+    match answer {
+        Ok(v) => reply(StatusCode::OK, &v),
+        Err(e) => {
+            log::info!("docker plugin: {path}: {e}");
+            reply(StatusCode::INTERNAL_SERVER_ERROR, &json!({ "Err": e }))
+        }
+    }
+}
+
+fn reply(status: StatusCode, v: &Value) -> hyper::Response<Full<Bytes>> {
+    let mut r = hyper::Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(CONTENT_TYPE));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// A router that records what it was asked to do.
+    #[derive(Default)]
+    struct Fake {
+        allocated: Mutex<BTreeMap<Ipv4Addr, String>>,
+        ports: Mutex<BTreeSet<String>>,
+        exposed: Mutex<Vec<Ipv4Addr>>,
+        joined: Mutex<Vec<String>>,
+    }
+
+    impl PluginHost for Fake {
+        fn range(&self) -> Cidr {
+            "10.40.0.0/16".parse().unwrap()
+        }
+        fn default_subnet(&self) -> Cidr {
+            "10.40.0.0/24".parse().unwrap()
+        }
+        fn allocate(&self, key: &str, subnet: Cidr, exact: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+            let mut a = self.allocated.lock().unwrap();
+            let ip = match exact {
+                Some(ip) => ip,
+                None => (1..255u32)
+                    .map(|i| Ipv4Addr::from(u32::from(subnet.network()) + i + 1))
+                    .find(|ip| !a.contains_key(ip))
+                    .unwrap(),
+            };
+            if a.contains_key(&ip) {
+                anyhow::bail!("{ip} is in use");
+            }
+            a.insert(ip, key.to_string());
+            Ok(ip)
+        }
+        fn free(&self, key: &str, ip: Ipv4Addr) {
+            let mut a = self.allocated.lock().unwrap();
+            assert_eq!(a.remove(&ip).as_deref(), Some(key));
+        }
+        fn gateway(&self, subnet: Cidr, exact: Option<Ipv4Addr>) -> Result<(Ipv4Addr, bool)> {
+            let ip = exact.unwrap_or(Ipv4Addr::from(u32::from(subnet.network()) + 1));
+            self.exposed.lock().unwrap().push(ip);
+            Ok((ip, true))
+        }
+        fn release_gateway(&self, ip: Ipv4Addr, _prefix: u8) -> Result<()> {
+            self.exposed.lock().unwrap().retain(|x| *x != ip);
+            Ok(())
+        }
+        fn create_port(&self, host_if: &str, _container_if: &str) -> Result<()> {
+            self.ports.lock().unwrap().insert(host_if.to_string());
+            Ok(())
+        }
+        fn delete_port(&self, host_if: &str) {
+            self.ports.lock().unwrap().remove(host_if);
+        }
+        fn joined(&self, ep_id: &str, _ep: &Endpoint, _net: &Network) {
+            self.joined.lock().unwrap().push(ep_id.to_string());
+        }
+        fn left(&self, ep_id: &str, _ep: &Endpoint) {
+            self.joined.lock().unwrap().retain(|x| x != ep_id);
+        }
+    }
+
+    const NET: &str = "4a5b6c7d8e9f00112233445566778899aabbccddeeff00112233445566778899";
+    const EP: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn call(p: &Plugin, path: &str, body: Value) -> Answer {
+        p.handle(path, body.to_string().as_bytes())
+    }
+
+    #[track_caller]
+    fn ok(p: &Plugin, path: &str, body: Value) -> Value {
+        call(p, path, body).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[track_caller]
+    fn err(p: &Plugin, path: &str, body: Value) -> String {
+        match call(p, path, body) {
+            Ok(v) => panic!("{path} should fail, answered {v}"),
+            Err(e) => e,
+        }
+    }
+
+    /// Docker's calls for `docker network create --subnet 10.40.5.0/24` and one
+    /// `docker run` then `docker rm -f` and `docker network rm`, as the engine makes them.
+    #[test]
+    fn a_network_and_a_container_come_and_go() {
+        let fake = Arc::new(Fake::default());
+        let p = Plugin::new(fake.clone(), PluginState::default(), None);
+        assert_eq!(ok(&p, "/Plugin.Activate", json!({}))["Implements"], json!(["NetworkDriver", "IpamDriver"]));
+        assert_eq!(ok(&p, "/NetworkDriver.GetCapabilities", json!({}))["Scope"], "local");
+        let pool = ok(&p, "/IpamDriver.RequestPool", json!({"AddressSpace": "meshnet", "Pool": "10.40.5.0/24", "SubPool": "", "Options": {}, "V6": false}));
+        assert_eq!(pool["Pool"], "10.40.5.0/24");
+        let pool_id = pool["PoolID"].as_str().unwrap().to_string();
+        let gw = ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": pool_id, "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}}));
+        assert_eq!(gw["Address"], "10.40.5.1/24");
+        assert_eq!(*fake.exposed.lock().unwrap(), vec!["10.40.5.1".parse::<Ipv4Addr>().unwrap()]);
+        ok(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": NET, "Options": {"com.docker.network.generic": {}}, "IPv4Data": [{"AddressSpace": "meshnet", "Pool": "10.40.5.0/24", "Gateway": "10.40.5.1/24"}], "IPv6Data": []}));
+
+        let a = ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": pool_id, "Address": "", "Options": null}));
+        let addr = a["Address"].as_str().unwrap().to_string();
+        assert!(addr.starts_with("10.40.5.") && addr.ends_with("/24") && addr != "10.40.5.1/24", "{addr}");
+        assert_eq!(fake.allocated.lock().unwrap().len(), 1);
+        ok(&p, "/NetworkDriver.CreateEndpoint", json!({"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": addr, "AddressIPv6": "", "MacAddress": ""}, "Options": {}}));
+        let j = ok(&p, "/NetworkDriver.Join", json!({"NetworkID": NET, "EndpointID": EP, "SandboxKey": "/var/run/docker/netns/abc", "Options": {}}));
+        assert_eq!(j["InterfaceName"]["SrcName"], "vmc0123456789ab");
+        assert_eq!(j["InterfaceName"]["DstPrefix"], "ethwe");
+        assert_eq!(j["Gateway"], "10.40.5.1");
+        assert!(j.get("StaticRoutes").is_none(), "{j}");
+        assert!(fake.ports.lock().unwrap().contains("vmd0123456789ab"));
+        assert_eq!(*fake.joined.lock().unwrap(), vec![EP.to_string()]);
+        assert_eq!(ok(&p, "/NetworkDriver.EndpointOperInfo", json!({"NetworkID": NET, "EndpointID": EP}))["Value"]["joined"], true);
+        ok(&p, "/NetworkDriver.ProgramExternalConnectivity", json!({"NetworkID": NET, "EndpointID": EP, "Options": {}}));
+        ok(&p, "/NetworkDriver.DiscoverNew", json!({"DiscoveryType": 1, "DiscoveryData": {}}));
+
+        // The network is in use while the endpoint exists.
+        let e = err(&p, "/NetworkDriver.DeleteNetwork", json!({"NetworkID": NET}));
+        assert!(e.contains("in use"), "{e}");
+
+        // docker rm -f: Leave, DeleteEndpoint, ReleaseAddress.
+        ok(&p, "/NetworkDriver.RevokeExternalConnectivity", json!({"NetworkID": NET, "EndpointID": EP}));
+        ok(&p, "/NetworkDriver.Leave", json!({"NetworkID": NET, "EndpointID": EP}));
+        assert!(fake.ports.lock().unwrap().is_empty());
+        assert!(fake.joined.lock().unwrap().is_empty());
+        ok(&p, "/NetworkDriver.DeleteEndpoint", json!({"NetworkID": NET, "EndpointID": EP}));
+        ok(&p, "/IpamDriver.ReleaseAddress", json!({"PoolID": pool_id, "Address": addr.split('/').next().unwrap()}));
+        assert!(fake.allocated.lock().unwrap().is_empty());
+        let e = err(&p, "/NetworkDriver.Leave", json!({"NetworkID": NET, "EndpointID": EP}));
+        assert!(e.contains("unknown endpoint"), "{e}");
+
+        // docker network rm: DeleteNetwork, ReleaseAddress (gateway), ReleasePool.
+        ok(&p, "/NetworkDriver.DeleteNetwork", json!({"NetworkID": NET}));
+        ok(&p, "/IpamDriver.ReleaseAddress", json!({"PoolID": pool_id, "Address": "10.40.5.1"}));
+        assert!(fake.exposed.lock().unwrap().is_empty());
+        ok(&p, "/IpamDriver.ReleasePool", json!({"PoolID": pool_id}));
+        assert_eq!(p.state().pools.len() + p.state().networks.len() + p.state().endpoints.len(), 0);
+    }
+
+    #[test]
+    fn bad_requests_are_errors_and_change_nothing() {
+        let fake = Arc::new(Fake::default());
+        let p = Plugin::new(fake.clone(), PluginState::default(), None);
+        let e = err(&p, "/IpamDriver.RequestPool", json!({"Pool": "192.168.7.0/24"}));
+        assert!(e.contains("outside meshnet's IP allocation range 10.40.0.0/16"), "{e}");
+        let e = err(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.5.1/24"}));
+        assert!(e.contains("invalid subnet"), "{e}");
+        let e = err(&p, "/IpamDriver.RequestPool", json!({"Pool": "", "V6": true}));
+        assert!(e.contains("IPv4"), "{e}");
+        let e = err(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.5.0/24", "SubPool": "10.41.0.0/24"}));
+        assert!(e.contains("not inside subnet"), "{e}");
+        assert_eq!(p.state(), PluginState::default());
+        // Not JSON, wrong types, missing fields: errors, never panics.
+        for (path, body) in [
+            ("/IpamDriver.RequestPool", &b"{"[..]),
+            ("/IpamDriver.RequestAddress", b"{}"),
+            ("/IpamDriver.RequestAddress", b"{\"PoolID\": 5}"),
+            ("/NetworkDriver.CreateNetwork", b"[]"),
+            ("/NetworkDriver.Join", b"null"),
+            ("/NetworkDriver.Nonsense", b"{}"),
+        ] {
+            let e = p.handle(path, body).unwrap_err();
+            assert!(e.starts_with("meshnet: "), "{path}: {e}");
+        }
+        let e = err(&p, "/IpamDriver.RequestAddress", json!({"PoolID": "meshnet/10.40.9.0/24"}));
+        assert!(e.contains("unknown pool"), "{e}");
+        let e = err(&p, "/NetworkDriver.Join", json!({"NetworkID": NET, "EndpointID": EP}));
+        assert!(e.contains("unknown endpoint"), "{e}");
+        // A network without meshnet's IPAM.
+        let e = err(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": NET, "IPv4Data": [{"Pool": "172.18.0.0/16", "Gateway": "172.18.0.1/16"}]}));
+        assert!(e.contains("--ipam-driver meshnet"), "{e}");
+        let e = err(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": "../x", "IPv4Data": []}));
+        assert!(e.contains("invalid network ID"), "{e}");
+        assert_eq!(p.state(), PluginState::default());
+        assert!(fake.allocated.lock().unwrap().is_empty());
+
+        // The same subnet twice on one host; an address outside the pool; one taken.
+        let pool = ok(&p, "/IpamDriver.RequestPool", json!({"Pool": ""}));
+        assert_eq!(pool["Pool"], "10.40.0.0/24");
+        let e = err(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.0.0/24"}));
+        assert!(e.contains("already used"), "{e}");
+        let id = pool["PoolID"].as_str().unwrap();
+        let e = err(&p, "/IpamDriver.RequestAddress", json!({"PoolID": id, "Address": "10.40.1.5"}));
+        assert!(e.contains("not in subnet"), "{e}");
+        assert_eq!(ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": id, "Address": "10.40.0.9"}))["Address"], "10.40.0.9/24");
+        let before = p.state();
+        let e = err(&p, "/IpamDriver.RequestAddress", json!({"PoolID": id, "Address": "10.40.0.9"}));
+        assert!(e.contains("in use"), "{e}");
+        // A failed allocation changes nothing.
+        assert_eq!(p.state(), before);
+        let e = err(&p, "/IpamDriver.ReleaseAddress", json!({"PoolID": id, "Address": "10.40.0.10"}));
+        assert!(e.contains("not allocated"), "{e}");
+    }
+
+    #[test]
+    fn state_survives_a_restart() {
+        let dir = std::env::temp_dir().join(format!("meshnet-plugin-{}", std::process::id()));
+        let state = StateDir::new(&dir);
+        state.ensure().unwrap();
+        let fake = Arc::new(Fake::default());
+        let p = Plugin::new(fake.clone(), load(&state).unwrap(), Some(state.docker_plugin()));
+        let pool = ok(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.7.0/24"}));
+        let id = pool["PoolID"].as_str().unwrap().to_string();
+        let a = ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": id}));
+        let saved = load(&state).unwrap();
+        assert_eq!(saved, p.state());
+        assert_eq!(saved.ipam_keys(), vec!["docker-plugin:0".to_string()]);
+        // A new router process reads it back and releases the address.
+        let p2 = Plugin::new(fake.clone(), load(&state).unwrap(), Some(state.docker_plugin()));
+        ok(&p2, "/IpamDriver.ReleaseAddress", json!({"PoolID": id, "Address": a["Address"]}));
+        assert!(fake.allocated.lock().unwrap().is_empty());
+        assert!(load(&state).unwrap().ipam_keys().is_empty());
+        std::fs::write(state.docker_plugin(), "{ not json").unwrap();
+        assert!(format!("{:#}", load(&state).unwrap_err()).contains("docker-plugin.json is corrupt"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_live_socket_is_left_alone_and_a_dead_one_replaced() {
+        let dir = std::env::temp_dir().join(format!("meshnet-plugin-sock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let first = Socket::bind(&dir, "meshnet").unwrap().expect("free");
+        assert!(Socket::bind(&dir, "meshnet").unwrap().is_none(), "a live socket must not be taken over");
+        drop(first); // the listener closes; the file stays
+        let mut second = Socket::bind(&dir, "meshnet").unwrap().expect("a dead socket is replaced");
+        assert!(second.take_listener().is_some());
+        second.remove();
+        assert!(!dir.join("meshnet.sock").exists());
+        assert!(Socket::bind(&dir, "../x").is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
