@@ -56,6 +56,8 @@ pub enum Request {
     Stop,
     /// Stop and remove every device and interface this router made.
     Reset,
+    /// Everything the router knows in one document (see `crate::report`).
+    Report,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

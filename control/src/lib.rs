@@ -10,7 +10,9 @@
 //! * [`attach`] — resolving targets and attaching them to the bridge;
 //! * [`expose`] — the host's own addresses on the overlay and meshnet's nftables table;
 //! * [`ipam`] — persistence, routing and timers around the IPAM ring, attach-time address requests;
-//! * [`docker`] — Docker containers as targets, and their death through the engine's events.
+//! * [`docker`] — Docker containers as targets, and their death through the engine's events;
+//! * [`metrics`] — the observability port: Prometheus `/metrics`, `/api/mesh`, the live map;
+//! * [`report`] — `meshnet report`: everything the router knows in one document.
 
 pub mod api;
 pub mod attach;
@@ -21,5 +23,7 @@ pub mod docker;
 pub mod expose;
 pub mod logger;
 pub mod mesh;
+pub mod metrics;
 pub mod peeraddr;
+pub mod report;
 pub mod state;
