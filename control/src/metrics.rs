@@ -88,17 +88,31 @@ async fn answer(src: Arc<Sources>, req: Request<Incoming>) -> Result<Response<Fu
         return Ok(plain(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are served\n"));
     }
     let path = req.uri().path().to_string();
+    // Prometheus asks for OpenMetrics; anything else (curl, promtool, older
+    // scrapers) gets the classic text format 0.0.4.
+    let openmetrics = req
+        .headers()
+        .get_all(hyper::header::ACCEPT)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("application/openmetrics-text")));
     let page = match path.as_str() {
         "/metrics" | "/api/mesh" => {
             let json = path == "/api/mesh";
             let built = tokio::task::spawn_blocking(move || match json {
                 true => serde_json::to_vec(&mesh_view(&src)).map_err(|e| e.to_string()),
-                false => encode_metrics(&src).map(String::into_bytes).map_err(|e| e.to_string()),
+                false => encode_metrics(&src)
+                    .map(|t| if openmetrics { t } else { classic_text(&t) })
+                    .map(String::into_bytes)
+                    .map_err(|e| e.to_string()),
             })
             .await;
             match built {
                 Ok(Ok(body)) => {
-                    let kind = if json { "application/json" } else { "application/openmetrics-text; version=1.0.0; charset=utf-8" };
+                    let kind = match (json, openmetrics) {
+                        (true, _) => "application/json",
+                        (false, true) => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        (false, false) => "text/plain; version=0.0.4; charset=utf-8",
+                    };
                     (StatusCode::OK, kind, Bytes::from(body))
                 }
                 Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, "text/plain", Bytes::from(e)),
@@ -371,22 +385,22 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     let labels = |p: PeerName| PeerLabels { peer: p.to_string(), nickname: nicknames.get(&p.to_string()).cloned().unwrap_or_default() };
 
     // Connections and peers.
-    let by_state = gauges::<StateLabels>(&mut reg, "meshnet_connections", "Connections and connect targets by state (established, pending, connecting, retrying, failed).");
+    let by_state = gauges::<StateLabels>(&mut reg, "meshnet_connections", "Connections and connect targets by state (established, pending, connecting, retrying, failed)");
     for s in CONNECTION_STATES {
         by_state.get_or_create(&StateLabels { state: s.into() }).set(conns.iter().filter(|c| c.state == s).count() as i64);
     }
-    gauge(&mut reg, "meshnet_peers", "Peers known in the topology, this router included.", peers.len() as i64);
-    gauge(&mut reg, "meshnet_targets", "Persisted connect targets.", mesh.targets().len() as i64);
+    gauge(&mut reg, "meshnet_peers", "Peers known in the topology, this router included", peers.len() as i64);
+    gauge(&mut reg, "meshnet_targets", "Persisted connect targets", mesh.targets().len() as i64);
     let reachable = mesh.lock().next_hop.len();
-    gauge(&mut reg, "meshnet_reachable_peers", "Peers this router has a route to (not counting itself).", reachable as i64);
+    gauge(&mut reg, "meshnet_reachable_peers", "Peers this router has a route to (not counting itself)", reachable as i64);
 
     // Per direct peer: traffic, drops, path, route.
-    let sent_bytes = counters::<PeerLabels>(&mut reg, "meshnet_peer_sent_bytes", "UDP payload bytes sent to the peer (data, heartbeats and relayed units).");
-    let recv_bytes = counters::<PeerLabels>(&mut reg, "meshnet_peer_received_bytes", "UDP payload bytes received from the peer that authenticated.");
-    let sent_dgrams = counters::<PeerLabels>(&mut reg, "meshnet_peer_sent_datagrams", "UDP datagrams sent to the peer.");
-    let recv_dgrams = counters::<PeerLabels>(&mut reg, "meshnet_peer_received_datagrams", "UDP datagrams received from the peer that authenticated.");
-    let relayed_bytes = counters::<PeerLabels>(&mut reg, "meshnet_peer_relayed_bytes", "Bytes of other peers' units this router relayed to the peer.");
-    let drops = counters::<PeerReasonLabels>(&mut reg, "meshnet_peer_dropped_frames", "Frames to or from the peer dropped, by reason.");
+    let sent_bytes = counters::<PeerLabels>(&mut reg, "meshnet_peer_sent_bytes", "UDP payload bytes sent to the peer (data, heartbeats and relayed units)");
+    let recv_bytes = counters::<PeerLabels>(&mut reg, "meshnet_peer_received_bytes", "UDP payload bytes received from the peer that authenticated");
+    let sent_dgrams = counters::<PeerLabels>(&mut reg, "meshnet_peer_sent_datagrams", "UDP datagrams sent to the peer");
+    let recv_dgrams = counters::<PeerLabels>(&mut reg, "meshnet_peer_received_datagrams", "UDP datagrams received from the peer that authenticated");
+    let relayed_bytes = counters::<PeerLabels>(&mut reg, "meshnet_peer_relayed_bytes", "Bytes of other peers' units this router relayed to the peer");
+    let drops = counters::<PeerReasonLabels>(&mut reg, "meshnet_peer_dropped_frames", "Frames to or from the peer dropped, by reason");
     for (p, t) in mesh.dataplane.traffic.snapshot() {
         let l = labels(p);
         sent_bytes.get_or_create(&l).inc_by(t.tx_bytes);
@@ -398,11 +412,11 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
             drops.get_or_create(&PeerReasonLabels { peer: l.peer.clone(), nickname: l.nickname.clone(), reason: reason.clone() }).inc_by(*n);
         }
     }
-    let mtu = gauges::<PeerLabels>(&mut reg, "meshnet_peer_path_mtu_bytes", "Largest datagram (UDP payload) the path to the direct peer carries.");
+    let mtu = gauges::<PeerLabels>(&mut reg, "meshnet_peer_path_mtu_bytes", "Largest datagram (UDP payload) the path to the direct peer carries");
     let heard = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
-    reg.register("meshnet_peer_heartbeat_age_seconds", "Seconds since the direct peer's last UDP heartbeat arrived.", heard.clone());
-    let route = gauges::<PeerRouteLabels>(&mut reg, "meshnet_peer_route", "1 for the way data reaches the peer: direct, relayed or unreachable.");
-    let key_age = gauges::<PeerLabels>(&mut reg, "meshnet_peer_key_age_seconds", "Seconds since the data key to the peer was put in use.");
+    reg.register("meshnet_peer_heartbeat_age_seconds", "Seconds since the direct peer's last UDP heartbeat arrived", heard.clone());
+    let route = gauges::<PeerRouteLabels>(&mut reg, "meshnet_peer_route", "1 for the way data reaches the peer: direct, relayed or unreachable");
+    let key_age = gauges::<PeerLabels>(&mut reg, "meshnet_peer_key_age_seconds", "Seconds since the data key to the peer was put in use");
     for c in conns.iter() {
         let Some(name) = c.peer.as_ref() else { continue };
         let l = PeerLabels { peer: name.clone(), nickname: c.nickname.clone() };
@@ -434,7 +448,7 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     // Handshakes, refusals, rekeys.
     let limits = mesh.limits_status();
     let i = &limits.inbound;
-    let hs = counters::<OutcomeLabels>(&mut reg, "meshnet_inbound_handshakes", "Handshakes of accepted connections by outcome (established, wrong_password, timed_out, failed).");
+    let hs = counters::<OutcomeLabels>(&mut reg, "meshnet_inbound_handshakes", "Handshakes of accepted connections by outcome (established, wrong_password, timed_out, failed)");
     for (o, n) in [
         ("established", i.handshakes_established),
         ("wrong_password", i.handshakes_wrong_password),
@@ -443,7 +457,7 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     ] {
         hs.get_or_create(&OutcomeLabels { outcome: o.into() }).inc_by(n);
     }
-    let refused = counters::<ReasonLabels>(&mut reg, "meshnet_inbound_connections_refused", "Accepted connections closed before their handshake, by reason.");
+    let refused = counters::<ReasonLabels>(&mut reg, "meshnet_inbound_connections_refused", "Accepted connections closed before their handshake, by reason");
     for (r, n) in [
         ("rate_limited", i.refused_rate_limited),
         ("password_backoff", i.refused_password_backoff),
@@ -453,7 +467,7 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     ] {
         refused.get_or_create(&ReasonLabels { reason: r.into() }).inc_by(n);
     }
-    let closed = counters::<ReasonLabels>(&mut reg, "meshnet_connections_closed", "Established connections closed because the peer was slow or silent, by reason.");
+    let closed = counters::<ReasonLabels>(&mut reg, "meshnet_connections_closed", "Established connections closed because the peer was slow or silent, by reason");
     for (r, n) in [
         ("queue_full", limits.closed_queue_full),
         ("write_timeout", limits.closed_write_timeout),
@@ -462,25 +476,25 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
         closed.get_or_create(&ReasonLabels { reason: r.into() }).inc_by(n);
     }
     let trust = mesh.trust_status();
-    counter(&mut reg, "meshnet_identities_refused", "Connections refused because the peer's name and key did not match.", trust.refused_identities);
-    counter(&mut reg, "meshnet_identities_refused_by_peers", "Connections on which the peer refused our identity.", trust.refused_by_peers);
-    let gossip = counters::<ReasonLabels>(&mut reg, "meshnet_gossip_rejected_entries", "Gossiped topology entries dropped, by reason.");
+    counter(&mut reg, "meshnet_identities_refused", "Connections refused because the peer's name and key did not match", trust.refused_identities);
+    counter(&mut reg, "meshnet_identities_refused_by_peers", "Connections on which the peer refused our identity", trust.refused_by_peers);
+    let gossip = counters::<ReasonLabels>(&mut reg, "meshnet_gossip_rejected_entries", "Gossiped topology entries dropped, by reason");
     for (r, n) in &trust.gossip_rejected {
         gossip.get_or_create(&ReasonLabels { reason: r.clone() }).inc_by(*n);
     }
 
     // The data plane's own counters.
     let stats = &mesh.dataplane.stats;
-    counter(&mut reg, "meshnet_rekeys", "Data-key rekeys completed (our sending key replaced), all connections.", stats.rekeys.load(std::sync::atomic::Ordering::Relaxed));
-    let superframes = counters::<DirectionLabels>(&mut reg, "meshnet_superframes", "Superframes (TSO/USO units up to 64 KiB) read from the TAP (tx) or written to it whole (rx).");
+    counter(&mut reg, "meshnet_rekeys", "Data-key rekeys completed (our sending key replaced), all connections", stats.rekeys.load(std::sync::atomic::Ordering::Relaxed));
+    let superframes = counters::<DirectionLabels>(&mut reg, "meshnet_superframes", "Superframes (TSO/USO units up to 64 KiB) read from the TAP (tx) or written to it whole (rx)");
     let tc = &mesh.dataplane.counters;
     superframes.get_or_create(&DirectionLabels { direction: "tx".into() }).inc_by(tc.tx_superframes.get());
     superframes.get_or_create(&DirectionLabels { direction: "rx".into() }).inc_by(tc.rx.superframes.get());
     let pf = &stats.per_frame;
     let load = |a: &AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    counter(&mut reg, "meshnet_software_segmented_units", "Units (superframes, partial checksums) cut into plain frames in software for peers or devices that take no superframes.", load(&pf.sw_segmented_units));
-    counter(&mut reg, "meshnet_software_segmented_frames", "Plain frames those units became.", load(&pf.sw_frames_out));
-    let dp = counters::<KindLabels>(&mut reg, "meshnet_dataplane_events", "The data plane's counters of `meshnet status --json` (dataplane), by name.");
+    counter(&mut reg, "meshnet_software_segmented_units", "Units (superframes, partial checksums) cut into plain frames in software for peers or devices that take no superframes", load(&pf.sw_segmented_units));
+    counter(&mut reg, "meshnet_software_segmented_frames", "Plain frames those units became", load(&pf.sw_frames_out));
+    let dp = counters::<KindLabels>(&mut reg, "meshnet_dataplane_events", "The data plane's counters of `meshnet status --json` (dataplane), by name");
     for (name, n) in stats.to_json() {
         dp.get_or_create(&KindLabels { kind: name.into() }).inc_by(n);
     }
@@ -488,28 +502,60 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     // IPAM.
     let st = mesh.with_ipam(|h| h.ipam.status());
     let me = mesh.settings.me;
-    gauge(&mut reg, "meshnet_ipam_range_addresses", "Addresses in the IP allocation range.", st.universe.size() as i64);
-    let owned = gauges::<PeerLabels>(&mut reg, "meshnet_ipam_owned_addresses", "Addresses of the range each peer owns.");
-    let free = gauges::<PeerLabels>(&mut reg, "meshnet_ipam_free_addresses", "Free addresses each peer owns (as it last reported; exact for this router).");
+    gauge(&mut reg, "meshnet_ipam_range_addresses", "Addresses in the IP allocation range", st.universe.size() as i64);
+    let owned = gauges::<PeerLabels>(&mut reg, "meshnet_ipam_owned_addresses", "Addresses of the range each peer owns");
+    let free = gauges::<PeerLabels>(&mut reg, "meshnet_ipam_free_addresses", "Free addresses each peer owns (as it last reported; exact for this router)");
     for o in &st.owners {
         let l = labels(o.peer);
         owned.get_or_create(&l).set(o.size as i64);
         free.get_or_create(&l).set(o.free as i64);
     }
     let mine = st.owners.iter().find(|o| o.peer == me);
-    gauge(&mut reg, "meshnet_ipam_owned_here_addresses", "Addresses this router owns.", mine.map_or(0, |o| o.size) as i64);
-    gauge(&mut reg, "meshnet_ipam_free_here_addresses", "Free addresses this router owns.", mine.map_or(0, |o| o.free) as i64);
-    gauge(&mut reg, "meshnet_ipam_allocated_addresses", "Addresses allocated by this router.", st.allocated as i64);
-    gauge(&mut reg, "meshnet_ipam_pending_requests", "Allocation requests waiting here (for consensus, a ring or a donation).", st.pending as i64);
-    gauge(&mut reg, "meshnet_ipam_unreachable_addresses", "Addresses owned by peers this router cannot reach.", st.unreachable_space as i64);
-    gauge(&mut reg, "meshnet_ipam_unreachable_peers", "Peers owning space that this router cannot reach.", st.owners.iter().filter(|o| !o.reachable).count() as i64);
-    gauge(&mut reg, "meshnet_ipam_ring_agreed", "1 once the allocation ring is agreed.", matches!(st.state, meshnet_proto::ipam::RingState::Agreed { .. }) as i64);
+    gauge(&mut reg, "meshnet_ipam_owned_here_addresses", "Addresses this router owns", mine.map_or(0, |o| o.size) as i64);
+    gauge(&mut reg, "meshnet_ipam_free_here_addresses", "Free addresses this router owns", mine.map_or(0, |o| o.free) as i64);
+    gauge(&mut reg, "meshnet_ipam_allocated_addresses", "Addresses allocated by this router", st.allocated as i64);
+    gauge(&mut reg, "meshnet_ipam_pending_requests", "Allocation requests waiting here (for consensus, a ring or a donation)", st.pending as i64);
+    gauge(&mut reg, "meshnet_ipam_unreachable_addresses", "Addresses owned by peers this router cannot reach", st.unreachable_space as i64);
+    gauge(&mut reg, "meshnet_ipam_unreachable_peers", "Peers owning space that this router cannot reach", st.owners.iter().filter(|o| !o.reachable).count() as i64);
+    gauge(&mut reg, "meshnet_ipam_ring_agreed", "1 once the allocation ring is agreed", matches!(st.state, meshnet_proto::ipam::RingState::Agreed { .. }) as i64);
 
     // DNS: the DNS records metric (meshnet_dns_records) is registered here once DNS exists.
 
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;
     Ok(out)
+}
+
+/// The OpenMetrics exposition `prometheus-client` writes, in the classic
+/// Prometheus text format (0.0.4): there a counter's family is named as its
+/// samples are (`x_total`), and there is no `# EOF` or `# UNIT` line.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        if let Some((prefix, rest)) = meta {
+            let name = rest.split(' ').next().unwrap_or("");
+            if counters.contains(name) {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total");
+                out.push_str(&rest[name.len()..]);
+                out.push('\n');
+                continue;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// The `--metrics-addr` value: an address to serve on, or `None` (empty: off).
@@ -549,6 +595,15 @@ mod tests {
             assert!(!MAP_HTML.contains(bad), "the map refers to something outside: {bad}");
         }
         assert!(MAP_HTML.contains("/api/mesh"));
+    }
+
+    #[test]
+    fn classic_text_names_counter_families_as_their_samples() {
+        let om = "# HELP meshnet_rekeys Rekeys.\n# TYPE meshnet_rekeys counter\nmeshnet_rekeys_total 3\n# HELP meshnet_peers Peers.\n# TYPE meshnet_peers gauge\nmeshnet_peers 2\n# EOF\n";
+        assert_eq!(
+            classic_text(om),
+            "# HELP meshnet_rekeys_total Rekeys.\n# TYPE meshnet_rekeys_total counter\nmeshnet_rekeys_total 3\n# HELP meshnet_peers Peers.\n# TYPE meshnet_peers gauge\nmeshnet_peers 2\n"
+        );
     }
 
     #[test]

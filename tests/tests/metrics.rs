@@ -92,6 +92,10 @@ fn three_routers(lab: &Lab) -> (Vec<Host>, Vec<String>, Vec<Container>) {
         lab.dump();
     }
     assert!(full, "the three routers did not reach two established connections each");
+    // An agreed IPAM ring, for the IPAM series and the map's ownership chart.
+    for h in &hosts {
+        h.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime");
+    }
     (hosts, vec![n1, n2, n3], containers)
 }
 
