@@ -38,7 +38,12 @@ fn cli_gaps_and_report() {
     assert!(none.trim().is_empty(), "{none}");
 
     // report: everything in one document; text and JSON.
-    let report = h1.meshnet(&["report", "--json"]).expect_ok("report --json").json();
+    // (Routes follow the connection within ~100 ms.)
+    let mut report = serde_json::Value::Null;
+    wait_until(SECS(10), || {
+        report = h1.meshnet(&["report", "--json"]).expect_ok("report --json").json();
+        report["routes"].as_array().is_some_and(|r| !r.is_empty())
+    });
     assert_eq!(report["router"]["name"], n1.as_str());
     assert_eq!(report["peers"].as_array().map(|a| a.len()), Some(2), "{report:#}");
     assert_eq!(report["routes"][0]["peer"], n2.as_str());
