@@ -138,6 +138,28 @@ fn prometheus_scrapes_three_routers() {
         }
     }
 
+    // Every metric the shipped alert rules and Grafana dashboard use is one a router exports.
+    let exported = std::fs::read_to_string(lab.dir.join("metrics-h1.txt")).unwrap();
+    for file in ["deploy/prometheus/meshnet-rules.yml", "deploy/grafana/meshnet-dashboard.json"] {
+        let text = std::fs::read_to_string(workspace_root().join(file)).unwrap();
+        let mut used: Vec<&str> = text
+            .match_indices("meshnet_")
+            .map(|(i, _)| {
+                let end = text[i..].find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).map_or(text.len(), |e| i + e);
+                &text[i..end]
+            })
+            .collect();
+        used.sort();
+        used.dedup();
+        assert!(!used.is_empty(), "{file} uses no meshnet metric");
+        for m in used {
+            assert!(
+                exported.lines().any(|l| l.starts_with(m) && l[m.len()..].starts_with(['{', ' '])),
+                "{file} uses {m}, which no router exports"
+            );
+        }
+    }
+
     // Prometheus in h9, on its own loopback, scraping the three every second.
     let targets: Vec<String> = hosts.iter().map(|h| format!("'{}:{PORT}'", h.ip)).collect();
     let config = format!(
