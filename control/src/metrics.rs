@@ -417,6 +417,12 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     reg.register("meshnet_peer_heartbeat_age_seconds", "Seconds since the direct peer's last UDP heartbeat arrived", heard.clone());
     let route = gauges::<PeerRouteLabels>(&mut reg, "meshnet_peer_route", "1 for the way data reaches the peer: direct, relayed or unreachable");
     let key_age = gauges::<PeerLabels>(&mut reg, "meshnet_peer_key_age_seconds", "Seconds since the data key to the peer was put in use");
+    let rtt = Family::<PeerLabels, Gauge<f64, AtomicU64>>::default();
+    reg.register(
+        "meshnet_peer_rtt_seconds",
+        "Round-trip time to the direct peer: the kernel's smoothed RTT of the control connection, read at every control heartbeat (10 s)",
+        rtt.clone(),
+    );
     for c in conns.iter() {
         let Some(name) = c.peer.as_ref() else { continue };
         let l = PeerLabels { peer: name.clone(), nickname: c.nickname.clone() };
@@ -428,6 +434,9 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
         }
         if let Some(a) = c.key_age_s {
             key_age.get_or_create(&l).set(a as i64);
+        }
+        if let Some(us) = c.rtt_us {
+            rtt.get_or_create(&l).set(us as f64 / 1e6);
         }
     }
     {

@@ -133,6 +133,7 @@ fn prometheus_scrapes_three_routers() {
             "meshnet_inbound_handshakes_total{",
             "meshnet_rekeys_total ",
             "meshnet_superframes_total{",
+            "meshnet_peer_rtt_seconds{",
         ] {
             assert!(body.contains(name), "h{}'s /metrics lacks {name}:\n{body}", h.i);
         }
