@@ -162,7 +162,7 @@ teardown_meshnet() {
   for r in h1 h2; do
     [ -d "$WORK/meshnet/$r" ] || continue
     ip netns list | grep -q "^$(ns meshnet $r)\b" || continue
-    timeout 20 ip netns exec "$(ns meshnet $r)" "$MESHNET_BIN" --state-dir "$WORK/meshnet/$r" reset >/dev/null 2>&1 || true
+    timeout 20 ip netns exec "$(ns meshnet $r)" "$MESHNET_BIN" --state-dir "$WORK/meshnet/$r" reset --force >/dev/null 2>&1 || true
   done
 }
 

@@ -38,7 +38,7 @@ case "$1" in
         # shellcheck disable=SC2086 # word splitting of the peer list is wanted
         exec meshnet launch $foreground "$@" $peers
         ;;
-    connect|forget|attach|detach|status|ps|stop|reset|help|--help|-h|--version|-V)
+    connect|forget|attach|detach|status|ps|report|rmpeer|stop|reset|help|--help|-h|--version|-V)
         exec meshnet "$@"
         ;;
     *)

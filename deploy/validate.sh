@@ -3,6 +3,8 @@
 #   - Kubernetes manifests against the Kubernetes schemas (kubernetes/validate.sh);
 #   - docker-compose.yml (`docker-compose config` or `docker compose config`);
 #   - systemd/meshnet.service (`systemd-analyze verify`, warnings are errors);
+#   - Prometheus alert rules (`promtool check rules`, `promtool test rules`) and
+#     the Grafana dashboard (JSON);
 #   - shell scripts (`sh -n`, and shellcheck when installed).
 # A check whose tool is missing says so and is skipped; the Kubernetes one
 # installs its validator from PyPI.
@@ -40,6 +42,17 @@ if command -v systemd-analyze >/dev/null; then
 else
     echo "systemd/meshnet.service: skipped (no systemd-analyze)"
 fi
+
+if command -v promtool >/dev/null; then
+    promtool check rules "$here/prometheus/meshnet-rules.yml"
+    (cd "$here/prometheus" && promtool test rules meshnet-rules.test.yml)
+    echo "prometheus/meshnet-rules.yml: valid, alerts fire as tested (promtool)"
+else
+    echo "prometheus/meshnet-rules.yml: skipped (no promtool)"
+fi
+python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["panels"] and all(t["expr"] for p in d["panels"] for t in p["targets"])' \
+    "$here/grafana/meshnet-dashboard.json"
+echo "grafana/meshnet-dashboard.json: valid JSON, every panel has queries"
 
 for s in "$here/docker-entrypoint.sh" "$here/meshnet-k8s-peers"; do
     sh -n "$s"

@@ -15,6 +15,11 @@ have ss       || need+=(iproute2)
 have cc       || need+=(gcc)
 have nft      || need+=(nftables)
 have podman   || need+=(podman)
+have curl     || need+=(curl)
+# The metrics test runs a real Prometheus and promtool; the map test a headless Chromium.
+have prometheus || need+=(prometheus)
+have promtool   || need+=(prometheus)
+have chromium   || need+=(chromium)
 # The standard CNI plugins (portmap, chained by meshnet's conflist) as Debian ships them.
 [ -x /usr/lib/cni/portmap ] || need+=(containernetworking-plugins)
 [ -e /usr/include/pcap/pcap.h ] || need+=(libpcap-dev)

@@ -34,10 +34,10 @@ enum Cmd {
     Launch(LaunchArgs),
     /// Add PEERs (host or host:port) to the persisted connect targets.
     Connect {
-        /// Replace the targets instead of adding to them.
+        /// Replace the targets instead of adding to them (with no PEER: clear them).
         #[arg(long)]
         replace: bool,
-        #[arg(required = true, value_name = "PEER")]
+        #[arg(required_unless_present = "replace", value_name = "PEER")]
         peers: Vec<String>,
     },
     /// Remove PEERs from the connect targets.
@@ -83,15 +83,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// List attached targets with MAC and addresses.
+    /// List attached targets with MAC and addresses (only TARGETs, by name or container ID, when given).
     Ps {
         #[arg(long)]
         json: bool,
+        #[arg(value_name = "TARGET")]
+        targets: Vec<String>,
     },
-    /// Take over the address ranges of a dead peer (name or nickname). Unsafe if the peer is only
+    /// Take over the address ranges of dead peers (names or nicknames). Unsafe if a peer is only
     /// partitioned away: run it on one peer, once the other is gone for good.
     Rmpeer {
-        peer: String,
+        #[arg(required = true, value_name = "PEER")]
+        peers: Vec<String>,
+    },
+    /// Everything this router knows in one document: peers, connections, routes, MAC table,
+    /// IPAM ring, exposed addresses, attachments, data-plane counters.
+    Report {
+        #[arg(long)]
+        json: bool,
     },
     /// Wait until the IP allocation ring is agreed (starting consensus if needed).
     Prime {
@@ -101,8 +110,14 @@ enum Cmd {
     },
     /// Stop the router; attached interfaces and the bridge stay.
     Stop,
-    /// Stop the router and remove its bridge, devices, interfaces and state.
-    Reset,
+    /// Stop the router and remove its bridge, devices, interfaces and state. Refused while the
+    /// router is not running (it hands this peer's address ranges to a live peer first).
+    Reset {
+        /// Remove everything even though no router is running: this peer's address ranges are
+        /// then not handed over (take them over with `meshnet rmpeer` on another peer).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 /// The parts of `meshnet status` read from the router's main status.
@@ -131,7 +146,7 @@ struct LaunchArgs {
     /// given then by MESHNET_PASSWORD or --password must be given again.
     #[arg(long, conflicts_with_all = [
         "name", "nickname", "port", "host", "mtu", "bridge", "no_discovery", "conn_limit", "rekey_interval",
-        "ipalloc_range", "ipalloc_default_subnet", "ipalloc_init", "peers",
+        "ipalloc_range", "ipalloc_default_subnet", "ipalloc_init", "peers", "metrics_addr",
     ])]
     #[serde(skip)]
     resume: bool,
@@ -200,6 +215,16 @@ struct LaunchArgs {
     #[arg(long, default_value = meshnet_control::plugin::DEFAULT_NAME)]
     #[serde(default = "default_docker_plugin_name")]
     docker_plugin_name: String,
+    /// Serve Prometheus metrics (/metrics), the mesh as JSON (/api/mesh) and a live map of the mesh
+    /// (/) over HTTP on ADDR:PORT; an empty value turns it off. Read-only, no authentication: keep it
+    /// on loopback or a trusted network.
+    #[arg(long, default_value = meshnet_control::metrics::DEFAULT_ADDR, value_name = "ADDR:PORT")]
+    #[serde(default = "default_metrics_addr")]
+    metrics_addr: String,
+    /// Log level: error, warn, info, debug or trace (default info; MESHNET_LOG sets it too).
+    #[arg(long, value_parser = ["error", "warn", "info", "debug", "trace"])]
+    #[serde(default)]
+    log_level: Option<String>,
     /// Peers to connect to (host or host:port), persisted like `meshnet connect`.
     #[arg(value_name = "PEER")]
     #[serde(skip)]
@@ -209,6 +234,11 @@ struct LaunchArgs {
 /// `--docker-plugin-name` of a launch recorded before the option existed.
 fn default_docker_plugin_name() -> String {
     meshnet_control::plugin::DEFAULT_NAME.to_string()
+}
+
+/// `--metrics-addr` of a launch recorded before the option existed.
+fn default_metrics_addr() -> String {
+    meshnet_control::metrics::DEFAULT_ADDR.to_string()
 }
 
 /// `--rekey-interval` of a launch recorded before the option existed.
@@ -231,6 +261,9 @@ fn resume_args(state: &StateDir, now: LaunchArgs) -> Result<LaunchArgs> {
         serde_json::from_str(&text).with_context(|| format!("--resume: read {}", path.display()))?;
     args.foreground = now.foreground;
     args.password = now.password;
+    if now.log_level.is_some() {
+        args.log_level = now.log_level;
+    }
     if now.password_file.is_some() {
         args.password_file = now.password_file;
     }
@@ -293,14 +326,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Status { what, json } => status(&state, what, json),
-        Cmd::Rmpeer { peer } => {
-            let v = call(&state, Request::Rmpeer { peer })?;
-            println!("{} addresses taken over from {}", v["addresses_taken_over"], v["peer"].as_str().unwrap_or("?"));
-            if let Some(fp) = v["identity_removed"].as_str() {
-                println!(
-                    "forgot key {fp} pinned for {}: a host with a new key may now use this name",
-                    v["peer"].as_str().unwrap_or("?")
-                );
+        Cmd::Rmpeer { peers } => {
+            // Each in turn; one that fails does not stop the others.
+            let mut failed = 0;
+            for peer in peers {
+                let v = match call(&state, Request::Rmpeer { peer: peer.clone() }) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        eprintln!("meshnet: rmpeer {peer}: {e:#}");
+                        failed += 1;
+                        continue;
+                    }
+                };
+                println!("{} addresses taken over from {}", v["addresses_taken_over"], v["peer"].as_str().unwrap_or("?"));
+                if let Some(fp) = v["identity_removed"].as_str() {
+                    println!(
+                        "forgot key {fp} pinned for {}: a host with a new key may now use this name",
+                        v["peer"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Cmd::Report { json } => {
+            let v = call(&state, Request::Report)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print!("{}", meshnet_control::report::to_text(&v));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -320,12 +373,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 std::thread::sleep(Duration::from_millis(250));
             }
         }
-        Cmd::Ps { json } => {
+        Cmd::Ps { json, targets } => {
             let v = call(&state, Request::Ps)?;
+            let mut entries: Vec<PsEntry> = serde_json::from_value(v)?;
+            if !targets.is_empty() {
+                entries.retain(|e| targets.iter().any(|t| ps_matches(e, t)));
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
-                let entries: Vec<PsEntry> = serde_json::from_value(v)?;
                 for e in entries {
                     let target = match &e.container_id {
                         Some(id) => format!("{}[{id}]", e.target),
@@ -344,9 +400,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Reset => {
+        Cmd::Reset { force } => {
             match api::call(&state, &Request::Reset, Duration::from_secs(10)) {
                 Ok(_) => wait_stopped(&state, Duration::from_secs(30))?,
+                Err(ClientError::NotRunning(_)) if !force => bail!(
+                    "no router is running for {}: reset hands this peer's address ranges to a live peer, which \
+                     only a running router can do. Start it (`meshnet launch --resume`) and reset again, or \
+                     `meshnet reset --force` to remove its devices and state anyway (its ranges then stay \
+                     with its name until another peer runs `meshnet rmpeer` for it)",
+                    state.root.display()
+                ),
                 Err(ClientError::NotRunning(_)) => {
                     kill_stale(&state);
                     daemon::reset_offline(&state)?;
@@ -360,6 +423,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Whether `ps` entry `e` is the target named `t`: its name, its container ID
+/// (or a prefix of 12 or fewer characters), or its namespace path.
+fn ps_matches(e: &PsEntry, t: &str) -> bool {
+    e.target == t || e.container_id.as_deref().is_some_and(|id| !t.is_empty() && (id.starts_with(t) || t.starts_with(id)))
 }
 
 fn call(state: &StateDir, req: Request) -> Result<serde_json::Value> {
@@ -431,6 +500,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     }
     let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, peers.len())?;
     let datapath: Datapath = args.datapath.parse().map_err(|e| anyhow!("--datapath: {e}"))?;
+    let metrics_addr = meshnet_control::metrics::parse_addr(&args.metrics_addr).map_err(|e| anyhow!(e))?;
     if let Ok(v) = api::call(state, &Request::Status, Duration::from_secs(5)) {
         bail!(
             "a meshnet router is already running for {} (peer {})",
@@ -440,7 +510,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     }
 
     if args.foreground {
-        meshnet_control::logger::init();
+        meshnet_control::logger::init(args.log_level.as_deref());
         record_launch(state, &args)?;
         let nickname = args.nickname.clone().unwrap_or_else(hostname);
         let cfg = Config {
@@ -466,6 +536,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
                 dir: args.docker_plugin_dir.clone(),
                 name: args.docker_plugin_name.clone(),
             },
+            metrics_addr,
         };
         daemon::run(cfg)?;
         return Ok(ExitCode::SUCCESS);
@@ -486,6 +557,10 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     cmd.args(["--mtu", &args.mtu.to_string(), "--bridge", &args.bridge]);
     cmd.args(["--conn-limit", &args.conn_limit.to_string(), "--datapath", datapath.as_str()]);
     cmd.args(["--rekey-interval", &args.rekey_interval.to_string()]);
+    cmd.arg(format!("--metrics-addr={}", args.metrics_addr));
+    if let Some(l) = &args.log_level {
+        cmd.args(["--log-level", l]);
+    }
     if let Some(n) = &args.name {
         cmd.args(["--name", n]);
     }

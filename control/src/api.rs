@@ -56,6 +56,8 @@ pub enum Request {
     Stop,
     /// Stop and remove every device and interface this router made.
     Reset,
+    /// Everything the router knows in one document (see `crate::report`).
+    Report,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -107,6 +109,10 @@ pub struct ConnectionStatus {
     /// Seconds since that key was put in use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_age_s: Option<u64>,
+    /// Round-trip time to the peer in microseconds: the kernel's smoothed RTT
+    /// of the control connection (its heartbeats and gossip), read every 10 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_us: Option<u32>,
 }
 
 /// Limits that keep strangers and slow peers from starving the router, and

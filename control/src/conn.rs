@@ -459,6 +459,20 @@ async fn run_connection(
     Ok(why)
 }
 
+/// The kernel's smoothed round-trip time of TCP socket `fd`, in microseconds
+/// (None before it has a sample, or if the kernel will not say).
+fn tcp_rtt_us(fd: std::os::fd::RawFd) -> Option<u32> {
+    // SAFETY: tcp_info is plain data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is that large;
+    // `fd` is the connection's socket, open for this whole function's caller.
+    let r = unsafe {
+        libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info as *mut libc::tcp_info as *mut libc::c_void, &mut len)
+    };
+    (r == 0 && info.tcpi_rtt > 0).then_some(info.tcpi_rtt)
+}
+
 /// An established connection's life: reads, the send queue, heartbeats, the
 /// dead-peer check and shutdown in one select loop that never waits on a write:
 /// encrypted bytes wait in `pending` and go out as the socket takes them; a
@@ -476,6 +490,7 @@ async fn run_established(
     rekeyer: &mut Rekeyer,
     rekey: &RekeyCtx<'_>,
 ) -> CloseReason {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&*stream);
     let (mut rd, mut wr) = stream.split();
     let mut pending: Vec<u8> = Vec::new();
     let mut sent = 0usize;
@@ -584,6 +599,9 @@ async fn run_established(
                 return CloseReason::NoHeartbeat;
             }
             _ = heartbeat.tick() => {
+                if let Some(rtt) = tcp_rtt_us(fd) {
+                    mesh.set_rtt(id, rtt);
+                }
                 // A backed-up socket needs no heartbeat on top.
                 if !writing {
                     if let Err(e) = channel.send(&ControlMsg::Heartbeat, &mut pending) {

@@ -58,6 +58,8 @@ pub struct Config {
     pub datapath: Datapath,
     /// Docker's plugin API (`--no-docker-plugin` turns it off).
     pub docker_plugin: DockerPlugin,
+    /// `--metrics-addr`: where `/metrics`, `/api/mesh` and the map are served (None: off).
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Where and whether the Docker network and IPAM plugin is served.
@@ -118,6 +120,14 @@ pub fn run(cfg: Config) -> Result<()> {
     let std_tcp = std::net::TcpListener::bind(SocketAddr::new(cfg.host, cfg.port))
         .with_context(|| format!("bind TCP {}:{}", cfg.host, cfg.port))?;
     std_tcp.set_nonblocking(true)?;
+    let metrics_listener = match cfg.metrics_addr {
+        Some(a) => {
+            let l = std::net::TcpListener::bind(a).with_context(|| format!("bind the metrics port {a} (--metrics-addr)"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
 
     // Devices.
     let existed = netlink::link_index(&cfg.bridge).context("look up bridge")?.is_some();
@@ -273,6 +283,17 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(mesh::route_loop(mesh.clone()));
         tasks.spawn(api_loop(ctx.clone(), api_listener));
         tasks.spawn(keys_saver(mesh.clone()));
+        if let Some(l) = metrics_listener {
+            log::info!("serving metrics and the map on http://{}", l.local_addr()?);
+            let exposed_ctx = ctx.clone();
+            let sources = Arc::new(crate::metrics::Sources {
+                mesh: mesh.clone(),
+                exposed: Box::new(move || {
+                    exposed_ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|e| e.addr.clone()).collect()
+                }),
+            });
+            tasks.spawn(crate::metrics::serve(sources, TcpListener::from_std(l)?));
+        }
         // Docker containers attached by name: attached again when they start,
         // released when they are removed.
         let events_ctx = ctx.clone();
@@ -524,6 +545,8 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             });
             Ok(v)
         }
+        // `connect --replace` with no peers clears the targets.
+        Request::Connect { peers, replace: true } if peers.is_empty() => Ok(json!(mesh.set_targets(&[], true)?)),
         Request::Connect { peers, replace } => {
             let parsed = parse_peers(&peers, s.port)?;
             Ok(json!(mesh.set_targets(&parsed, replace)?))
@@ -656,6 +679,16 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             h.ipam.free_target(ipamd::PRIME_KEY);
             json!({ "agreed": h.ipam.is_agreed(), "state": h.status_json()["state"].clone() })
         })),
+        Request::Report => {
+            let mut status = handle(ctx, Request::Status)?;
+            let exposed = ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let ps = handle(ctx, Request::Ps)?;
+            let ipam = mesh.with_ipam(|h| h.status_json());
+            if let Some(o) = status.as_object_mut() {
+                o.remove("ipam");
+            }
+            Ok(crate::report::build(mesh, status, ipam, ps, &exposed))
+        }
         Request::Stop => Ok(json!({ "stopping": true })),
         Request::Reset => {
             // Hand our address ranges to a live peer before we go.

@@ -12,6 +12,8 @@
 //! * [`ipam`] — persistence, routing and timers around the IPAM ring, attach-time address requests;
 //! * [`docker`] — Docker containers as targets; their start, death and removal through the engine's events;
 //! * [`plugin`] — Docker's plugin API: the `meshnet` network and IPAM drivers.
+//! * [`metrics`] — the observability port: Prometheus `/metrics`, `/api/mesh`, the live map;
+//! * [`report`] — `meshnet report`: everything the router knows in one document.
 
 pub mod api;
 pub mod attach;
@@ -22,6 +24,8 @@ pub mod docker;
 pub mod expose;
 pub mod logger;
 pub mod mesh;
+pub mod metrics;
 pub mod peeraddr;
 pub mod plugin;
+pub mod report;
 pub mod state;

@@ -30,11 +30,12 @@ impl log::Log for Logger {
     fn flush(&self) {}
 }
 
-/// Installs the logger; `MESHNET_LOG=debug` (or trace, warn...) changes the level.
-pub fn init() {
-    let level = std::env::var("MESHNET_LOG")
-        .ok()
+/// Installs the logger at `level` (`--log-level`); without one,
+/// `MESHNET_LOG=debug` (or trace, warn...) sets it; default info.
+pub fn init(level: Option<&str>) {
+    let level = level
         .and_then(|v| v.parse().ok())
+        .or_else(|| std::env::var("MESHNET_LOG").ok().and_then(|v| v.parse().ok()))
         .unwrap_or(log::LevelFilter::Info);
     if log::set_boxed_logger(Box::new(Logger { level })).is_ok() {
         log::set_max_level(level);

@@ -69,6 +69,9 @@ pub struct Conn {
     /// The epoch of the data key we send under, and since when.
     pub key_epoch: u32,
     pub key_since: Instant,
+    /// The kernel's smoothed round-trip time of the control connection
+    /// (TCP_INFO, read at every control heartbeat), in microseconds.
+    pub rtt_us: Option<u32>,
     /// Bounded; gossip coalesces, Goodbye always gets through (see `conn::Outbox`).
     pub queue: Arc<Outbox>,
     pub since: Instant,
@@ -415,6 +418,7 @@ impl Mesh {
                 rekey_indexes: Vec::new(),
                 key_epoch: 0,
                 key_since: Instant::now(),
+                rtt_us: None,
                 queue,
                 since: Instant::now(),
             },
@@ -452,6 +456,13 @@ impl Mesh {
     }
 
     /// Rekeying: connection `id` now sends under data-key epoch `epoch`.
+    /// Records connection `id`'s control-channel round-trip time.
+    pub fn set_rtt(&self, id: u64, rtt_us: u32) {
+        if let Some(c) = self.lock().conns.get_mut(&id) {
+            c.rtt_us = Some(rtt_us);
+        }
+    }
+
     pub fn rekeyed(&self, id: u64, epoch: u32) {
         self.dataplane.stats.rekeys.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(c) = self.lock().conns.get_mut(&id) {
@@ -1202,6 +1213,7 @@ impl Mesh {
                     udp_addr: link.map(|l| l.addr.to_string()),
                     key_epoch: c.established.then_some(c.key_epoch),
                     key_age_s: c.established.then(|| c.key_since.elapsed().as_secs()),
+                    rtt_us: c.rtt_us.filter(|_| c.established),
                 }
             })
             .collect();

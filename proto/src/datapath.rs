@@ -635,6 +635,8 @@ pub struct Receiver {
     stats: RxStats,
     /// Active reassembly slots across sessions (see [`partial_units`](Self::partial_units)).
     partial: usize,
+    /// The peer whose session the last datagram authenticated under.
+    last_sender: Option<PeerName>,
 }
 
 impl Receiver {
@@ -658,6 +660,13 @@ impl Receiver {
         if let Some(old) = self.sessions.remove(&receiver_index) {
             self.partial -= old.reassembly.active;
         }
+    }
+
+    /// The peer whose session the datagram of the last `receive*` call
+    /// authenticated under (None if it did not authenticate): lets a caller
+    /// count datagrams per peer without a second lookup.
+    pub fn last_sender(&self) -> Option<PeerName> {
+        self.last_sender
     }
 
     /// The peer behind a receiver index.
@@ -711,6 +720,7 @@ impl Receiver {
         mut on_heartbeat: impl FnMut(PeerName, Heartbeat, usize),
         mut on_partial: impl FnMut(PeerName, &InnerHeader, &[u8], &dyn Fn(usize, usize) -> bool),
     ) -> Result<usize, DatapathError> {
+        self.last_sender = None;
         let res = self.receive_inner(now_ms, dgram, &mut on_unit, &mut on_heartbeat, &mut on_partial);
         let s = &mut self.stats;
         match res {
@@ -754,6 +764,7 @@ impl Receiver {
             self.sessions.get_mut(&outer.receiver_index).ok_or(DatapathError::UnknownSession(outer.receiver_index))?;
         let (aad, body) = packet.split_mut();
         let plain = session.key.open_in_place(outer.counter, aad, body)?;
+        self.last_sender = Some(session.peer);
         if kind == KIND_HEARTBEAT {
             let hb = Heartbeat::parse(plain)?;
             self.stats.heartbeats += 1;
@@ -951,6 +962,22 @@ mod tests {
         assert_eq!(receive_all(&mut rx, 0, batch.datagrams()), units);
         let st = rx.stats();
         assert_eq!((st.datagrams_ok, st.units_delivered), (n as u64, 200));
+    }
+
+    #[test]
+    fn last_sender_names_the_peer_of_an_authentic_datagram_only() {
+        let (mut enc, mut tx, mut rx) = pair(1472);
+        assert_eq!(rx.last_sender(), None);
+        let batch = encode(&mut enc, &mut tx, &[unit(100, 1)]);
+        let mut d = batch.datagrams().next().unwrap().to_vec();
+        let mut forged = d.clone();
+        rx.receive(0, &mut d, |_, _, _| {}).unwrap();
+        assert_eq!(rx.last_sender(), Some(PEER));
+        // A datagram that does not authenticate names nobody.
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert!(rx.receive(0, &mut forged, |_, _, _| {}).is_err());
+        assert_eq!(rx.last_sender(), None);
     }
 
     /// Issue 10: whatever the path MTU the probing found (the smallest ladder

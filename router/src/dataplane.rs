@@ -51,6 +51,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 
 use crate::device::Device;
 use crate::perframe::PerFrame;
+use crate::traffic::{PeerTraffic, ThreadCounters, TrafficBook};
 
 /// Units read from the TAP per batch.
 const TX_BATCH: usize = 64;
@@ -160,7 +161,14 @@ impl Stats {
     /// Performs [`ingress::admit`] for a frame from direct peer `sender`:
     /// counts a refusal (logging the first and every 1000th of each reason)
     /// or a clamped TTL, and returns the header to handle the frame with.
-    fn admit(&self, me: PeerName, sender: PeerName, hdr: &InnerHeader, upstream: &UpstreamMap) -> Option<InnerHeader> {
+    fn admit(
+        &self,
+        me: PeerName,
+        sender: PeerName,
+        hdr: &InnerHeader,
+        upstream: &UpstreamMap,
+        traffic: &HashMap<PeerName, Arc<PeerTraffic>>,
+    ) -> Option<InnerHeader> {
         match ingress::admit(me, sender, hdr, |origin| upstream.get(&origin)) {
             Ok(a) => {
                 if a.clamped {
@@ -170,6 +178,10 @@ impl Stats {
             }
             Err(why) => {
                 let n = self.refused[why.index()].fetch_add(1, Ordering::Relaxed);
+                // Only the RX thread admits frames: it is these counters' one writer.
+                if let Some(t) = traffic.get(&sender) {
+                    t.rx.refused[why.index()].add(1);
+                }
                 if n.is_multiple_of(1000) {
                     log::warn!(
                         "refusing a frame from {sender} that claims origin {}{}: {why} ({} so far)",
@@ -265,7 +277,7 @@ fn lock(links: &Links) -> MutexGuard<'_, HashMap<PeerName, Link>> {
 }
 
 enum TxCmd {
-    AddPeer(PeerLink),
+    AddPeer(PeerLink, Arc<PeerTraffic>),
     RemovePeer(PeerName),
     /// Seal for `peer` under a new key from now on, if it still seals under `from`.
     Switch { peer: PeerName, from: u32, index: u32, key: Key },
@@ -275,7 +287,7 @@ enum TxCmd {
 }
 
 enum RxCmd {
-    AddPeer(PeerLink),
+    AddPeer(PeerLink, Arc<PeerTraffic>),
     RemovePeer(PeerName, Vec<u32>),
     /// A receiving key (and its relay key) of a new epoch; `done` runs once installed.
     AddRecv { peer: PeerName, index: u32, key: Key, done: Box<dyn FnOnce() + Send> },
@@ -381,6 +393,9 @@ pub struct DataPlane {
     clock: Instant,
     max_datagram: usize,
     pub stats: Arc<Stats>,
+    /// Per-peer counters (each written by one thread, see [`crate::traffic`]).
+    pub traffic: Arc<TrafficBook>,
+    pub counters: Arc<ThreadCounters>,
 }
 
 impl DataPlane {
@@ -399,6 +414,7 @@ impl DataPlane {
         let tap = Arc::new(tap.into());
         let socket = Arc::new(socket);
         let stats = Arc::new(Stats::default());
+        let counters = Arc::new(ThreadCounters::default());
         let clock = Instant::now();
         let links: Links = Arc::default();
 
@@ -414,6 +430,7 @@ impl DataPlane {
             cmds: trx,
             efd: tx_box.efd.clone(),
             stats: stats.clone(),
+            counters: counters.clone(),
             me,
             encoder: Encoder::new(max_datagram),
             clock,
@@ -428,6 +445,7 @@ impl DataPlane {
             efd: rx_box.efd.clone(),
             learn: tx_box.clone(),
             stats: stats.clone(),
+            counters: counters.clone(),
             clock,
             me,
             max_datagram,
@@ -437,7 +455,8 @@ impl DataPlane {
             std::thread::Builder::new().name("tap-to-udp".into()).spawn(move || tx_thread.run())?,
             std::thread::Builder::new().name("udp-to-tap".into()).spawn(move || rx_thread.run())?,
         ];
-        Ok(DataPlane { tx: tx_box, rx: rx_box, threads, links, clock, max_datagram, stats })
+        let traffic = Arc::new(TrafficBook::default());
+        Ok(DataPlane { tx: tx_box, rx: rx_box, threads, links, clock, max_datagram, stats, traffic, counters })
     }
 
     /// Starts heartbeats with `link.peer` and accepts its datagrams; data goes
@@ -448,8 +467,9 @@ impl DataPlane {
         let now = self.clock.elapsed().as_millis() as u64;
         let link_state = Link { liveness: Liveness::new(self.max_datagram, now), addr: link.addr, sealed: [(0, 0); 2] };
         lock(&self.links).insert(link.peer, link_state);
-        self.rx.post(RxCmd::AddPeer(link.clone()));
-        self.tx.post(TxCmd::AddPeer(link));
+        let traffic = self.traffic.of(link.peer);
+        self.rx.post(RxCmd::AddPeer(link.clone(), traffic.clone()));
+        self.tx.post(TxCmd::AddPeer(link, traffic));
     }
 
     /// Stops carrying frames for `peer` (whose sessions we knew by `recv_indexes`).
@@ -526,6 +546,8 @@ impl DataPlane {
 
 struct TxPeer {
     link: PeerLink,
+    /// The peer's counters: the TX thread writes `tx`, the RX thread `rx`.
+    traffic: Arc<PeerTraffic>,
     session: TxSession,
     /// The largest datagram the path to the peer carries (its path MTU).
     max_datagram: usize,
@@ -582,6 +604,7 @@ struct TxLoop {
     cmds: ChanRx<TxCmd>,
     efd: Arc<EventFd>,
     stats: Arc<Stats>,
+    counters: Arc<ThreadCounters>,
     me: PeerName,
     encoder: Encoder,
     clock: Instant,
@@ -609,6 +632,8 @@ impl TxLoop {
                 }
             }
             self.stats.heartbeats_out.fetch_add(batch.datagram_count() as u64, Ordering::Relaxed);
+            p.traffic.tx.datagrams.add(batch.datagram_count() as u64);
+            p.traffic.tx.bytes.add(batch.len_bytes() as u64);
             for d in batch.datagrams() {
                 // One datagram per send: each probes its own size.
                 let t = Transmit { destination: p.link.addr, ecn: None, contents: d, segment_size: None, src_ip: None };
@@ -644,10 +669,10 @@ impl TxLoop {
             let running = wait_for_work(fd, &self.efd, &self.cmds, TICK_MS as i32, |cmd| {
                 match cmd {
                     TxCmd::Stop => return false,
-                    TxCmd::AddPeer(mut link) => {
+                    TxCmd::AddPeer(mut link, traffic) => {
                         let session = TxSession::new(link.send_index, &link.send_key);
                         link.forget_keys();
-                        set.insert(TxPeer { link, session, max_datagram });
+                        set.insert(TxPeer { link, traffic, session, max_datagram });
                     }
                     TxCmd::Switch { peer, from, index, key } => {
                         if let Some(p) = set.index.get(&peer).map(|&i| &mut set.peers[i]) {
@@ -677,6 +702,7 @@ impl TxLoop {
             if now.saturating_sub(last_tick) >= TICK_MS {
                 last_tick = now;
                 self.heartbeats(&mut set, &mut hb_batch, &mut sizes);
+                self.counters.tx_mac_entries.store(macs.len() as u64, Ordering::Relaxed);
             }
 
             // Read a batch of units.
@@ -717,6 +743,10 @@ impl TxLoop {
                 self.stats.tap_bytes_in.fetch_add(len as u64, Ordering::Relaxed);
                 if len < VNET_HDR_LEN + 14 {
                     continue;
+                }
+                if unit[1] != 0 {
+                    // virtio gso_type: a superframe the kernel left whole.
+                    self.counters.tx_superframes.add(1);
                 }
                 let frame = &unit[VNET_HDR_LEN..len];
                 let dst: Mac = frame[0..6].try_into().expect("14 bytes checked");
@@ -762,12 +792,18 @@ impl TxLoop {
                     let hdr = InnerHeader { ttl: DEFAULT_TTL, broadcast: false, src: self.me, dst: PeerName(dst) };
                     let which = unicast[start..u].iter().map(|x| x.2);
                     let pf = (!p.link.superframes).then_some(&mut per_frame);
-                    encode(&mut self.encoder, &mut p.session, hdr, which, &units, &lens, &mut batch, pf, &self.stats, p.link.peer);
+                    p.traffic.tx.units.add((u - start) as u64);
+                    encode(&mut self.encoder, &mut p.session, hdr, which, &units, &lens, &mut batch, pf, &self.stats, p.link.peer, &p.traffic);
                 }
                 if flood_to.contains(&(pi as u16)) {
                     let hdr = InnerHeader { ttl: DEFAULT_TTL, broadcast: true, src: self.me, dst: PeerName::BROADCAST };
                     let pf = (!p.link.superframes).then_some(&mut per_frame);
-                    encode(&mut self.encoder, &mut p.session, hdr, flood.iter().copied(), &units, &lens, &mut batch, pf, &self.stats, p.link.peer);
+                    p.traffic.tx.units.add(flood.len() as u64);
+                    encode(&mut self.encoder, &mut p.session, hdr, flood.iter().copied(), &units, &lens, &mut batch, pf, &self.stats, p.link.peer, &p.traffic);
+                }
+                if !batch.is_empty() {
+                    p.traffic.tx.datagrams.add(batch.datagram_count() as u64);
+                    p.traffic.tx.bytes.add(batch.len_bytes() as u64);
                 }
                 // A path whose probing found a black hole below our largest
                 // datagram gets its datagrams one per message (see PerFrame::send).
@@ -886,6 +922,7 @@ fn encode(
     mut per_frame: Option<&mut PerFrame>,
     stats: &Stats,
     peer: PeerName,
+    traffic: &PeerTraffic,
 ) {
     encoder.begin(session, hdr, batch);
     for i in which {
@@ -897,10 +934,12 @@ fn encode(
         };
         if let Err(e) = pushed {
             stats.encode_error(peer, &e);
+            traffic.tx.encode_errors.add(1);
         }
     }
     if let Err(e) = encoder.finish(session, batch) {
         stats.encode_error(peer, &e);
+        traffic.tx.encode_errors.add(1);
     }
 }
 
@@ -912,6 +951,7 @@ struct RxLoop {
     efd: Arc<EventFd>,
     learn: Mailbox<TxCmd>,
     stats: Arc<Stats>,
+    counters: Arc<ThreadCounters>,
     clock: Instant,
     me: PeerName,
     max_datagram: usize,
@@ -979,6 +1019,10 @@ impl RxLoop {
             return;
         }
         self.stats.relayed_units.fetch_add(1, Ordering::Relaxed);
+        let rx = &p.traffic.rx;
+        rx.relayed_units.add(1);
+        rx.relayed_datagrams.add(batch.datagram_count() as u64);
+        rx.relayed_bytes.add(batch.len_bytes() as u64);
         let gso = p.max_datagram >= self.max_datagram;
         match p.link.superframes && gso {
             true => send(&self.udp, &self.socket, &self.efd, &self.stats, batch, p.link.addr),
@@ -1005,6 +1049,10 @@ impl RxLoop {
         let mut heard: Vec<(PeerName, Heartbeat, usize, SocketAddr)> = Vec::new();
         let mut salvage = Salvage::default();
         let max_datagram = self.max_datagram;
+        // Every peer's counters (kept after a peer goes: a datagram of its may still be queued),
+        // and the last peer a datagram came from (most come in runs from one peer).
+        let mut traffic: HashMap<PeerName, Arc<PeerTraffic>> = HashMap::new();
+        let mut last_from: Option<(PeerName, Arc<PeerTraffic>)> = None;
 
         loop {
             // Partial superframes waiting: wake up in time to salvage them.
@@ -1012,12 +1060,13 @@ impl RxLoop {
             let running = wait_for_work(fd, &self.efd, &self.cmds, timeout, |cmd| {
                 match cmd {
                     RxCmd::Stop => return false,
-                    RxCmd::AddPeer(mut link) => {
+                    RxCmd::AddPeer(mut link, t) => {
                         add_recv(&mut receiver, link.peer, link.recv_index, &link.recv_key);
                         let session = relay_session(link.send_index, &link.send_key);
                         link.forget_keys();
                         announced.retain(|_, (p, _)| *p != link.peer);
-                        relay.set.insert(TxPeer { link, session, max_datagram });
+                        traffic.insert(link.peer, t.clone());
+                        relay.set.insert(TxPeer { link, traffic: t, session, max_datagram });
                     }
                     RxCmd::RemovePeer(peer, indexes) => {
                         for index in indexes {
@@ -1096,9 +1145,10 @@ impl RxLoop {
                     let me = self.me;
                     let stats = &*self.stats;
                     let routes = &*routes;
+                    let traffic = &traffic;
                     let on_partial = |sender: PeerName, hdr: &InnerHeader, unit: &[u8], have: &dyn Fn(usize, usize) -> bool| {
                         // Only what is for us: a relay passes whole units on or nothing.
-                        if (hdr.broadcast || hdr.dst == me) && stats.admit(me, sender, hdr, &routes.upstream).is_some() {
+                        if (hdr.broadcast || hdr.dst == me) && stats.admit(me, sender, hdr, &routes.upstream, traffic).is_some() {
                             salvage.take(hdr.src, unit, have);
                         }
                     };
@@ -1108,7 +1158,7 @@ impl RxLoop {
                         }
                         // The claimed origin must fit the peer it came from; nothing of a
                         // refused frame is learned, relayed or delivered.
-                        let Some(hdr) = stats.admit(me, sender, hdr, &routes.upstream) else { return };
+                        let Some(hdr) = stats.admit(me, sender, hdr, &routes.upstream, traffic) else { return };
                         let onward = InnerHeader { ttl: hdr.ttl.saturating_sub(1), ..hdr };
                         if hdr.broadcast {
                             // Pass it down the source's tree, then take it ourselves.
@@ -1125,6 +1175,9 @@ impl RxLoop {
                                 Some(hop) if onward.ttl > 0 => self.forward(relay, hop, onward, unit),
                                 _ => {
                                     self.stats.dropped_no_route.fetch_add(1, Ordering::Relaxed);
+                                    if let Some(t) = traffic.get(&sender) {
+                                        t.rx.dropped_no_route.add(1);
+                                    }
                                 }
                             }
                             return;
@@ -1132,7 +1185,17 @@ impl RxLoop {
                         self.deliver(hdr.src, unit, now, announced, vnet, &mut relay.per_frame);
                     }, on_heartbeat, on_partial);
                     match result {
-                        Ok(_) => {}
+                        Ok(_) => {
+                            if let Some(peer) = receiver.last_sender() {
+                                if last_from.as_ref().map_or(true, |(p, _)| *p != peer) {
+                                    last_from = traffic.get(&peer).map(|t| (peer, t.clone()));
+                                }
+                                if let Some((_, t)) = &last_from {
+                                    t.rx.datagrams.add(1);
+                                    t.rx.bytes.add(dgram.len() as u64);
+                                }
+                            }
+                        }
                         Err(DatapathError::UnknownSession(_)) => {
                             self.stats.udp_unknown_session.fetch_add(1, Ordering::Relaxed);
                         }
@@ -1153,8 +1216,9 @@ impl RxLoop {
                 let me = self.me;
                 let s = &mut salvage;
                 let (stats, upstream) = (&*self.stats, &relay.routes.upstream);
+                let traffic = &traffic;
                 receiver.salvage_older_than(now, SALVAGE_AGE_MS, |sender, hdr, unit, have| {
-                    if (hdr.broadcast || hdr.dst == me) && stats.admit(me, sender, hdr, upstream).is_some() {
+                    if (hdr.broadcast || hdr.dst == me) && stats.admit(me, sender, hdr, upstream, traffic).is_some() {
                         s.take(hdr.src, unit, have);
                     }
                 });
@@ -1219,6 +1283,9 @@ impl RxLoop {
             // No virtio header on this device: only plain frames go in.
             return per_frame.deliver(&self.tap, unit);
         };
+        if out[1] != 0 {
+            self.counters.rx.superframes.add(1);
+        }
         match self.tap.write_unit(out) {
             Ok(_) => self.stats.tap_units_out.fetch_add(1, Ordering::Relaxed),
             Err(_) => self.stats.tap_write_errors.fetch_add(1, Ordering::Relaxed),

@@ -14,3 +14,4 @@ pub mod device;
 pub mod capture;
 pub mod ethtool;
 pub mod perframe;
+pub mod traffic;

@@ -813,7 +813,7 @@ impl Lab {
             for h in &hosts {
                 s.spawn(move || {
                     if h.state_dir.exists() {
-                        let _ = h.meshnet_full(&["reset"], &[], Duration::from_secs(20));
+                        let _ = h.meshnet_full(&["reset", "--force"], &[], Duration::from_secs(20));
                     }
                 });
             }

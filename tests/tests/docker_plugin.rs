@@ -130,7 +130,7 @@ impl Drop for World {
             let _ = docker(&["image", "rm", "-f", i]);
         }
         for r in &self.routers {
-            let _ = r.meshnet(&["reset"]);
+            let _ = r.meshnet(&["reset", "--force"]);
             let _ = run(Command::new("ip").args(["link", "del", &r.bridge]), SECS(10));
             let _ = std::fs::remove_file(Path::new(PLUGIN_DIR).join(format!("{}.sock", r.plugin)));
         }
@@ -240,6 +240,8 @@ fn docker_plugin_networks_and_restarted_containers() {
             "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", names[i],
             "--nickname", side, "--no-discovery", "--ipalloc-range", RANGE, "--ipalloc-init", &seed,
             "--docker-plugin-name", &r.plugin,
+            // Two routers in one network namespace: the metrics port's default is one.
+            "--metrics-addr=",
         ];
         let peer = format!("127.0.0.1:{}", w.routers[0].port);
         if i == 1 {

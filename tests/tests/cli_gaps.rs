@@ -1,0 +1,86 @@
+//! The last Weave CLI gaps, end to end: `rmpeer PEER...`, `ps [TARGET...]`,
+//! `connect --replace` with no peers, `reset` refused while no router runs
+//! (unless `--force`), `launch --log-level`, and `report [--json]`.
+
+use std::time::Duration;
+
+use meshnet_tests::lab::*;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+#[test]
+fn cli_gaps_and_report() {
+    let Some(lab) = Lab::new("cligaps") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let n1 = h1.launch(&["--log-level", "debug", "--nickname", "one"]);
+    let n2 = h2.launch(&[&h1.ip, "--nickname", "two"]);
+    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h1, 2));
+    h1.meshnet(&["attach", "10.40.0.1/16", &c1.ns]).expect_ok("attach c1");
+    h1.meshnet(&["attach", "10.40.0.2/16", &c2.ns]).expect_ok("attach c2");
+    assert!(
+        wait_until(SECS(30), || established_with(&h1.status_json(), &n2)),
+        "h1 and h2 did not connect"
+    );
+
+    // --log-level debug: debug lines in the log (info is the default).
+    assert!(wait_until(SECS(10), || h1.log().contains("DEBUG")), "no DEBUG line in h1's log at --log-level debug");
+    assert!(!h2.log().contains("DEBUG"), "h2 logs DEBUG at the default level");
+
+    // ps filters by target; no match lists nothing; no target lists all.
+    let all = h1.meshnet(&["ps"]).expect_ok("ps").stdout;
+    assert_eq!(all.lines().count(), 2, "{all}");
+    let one = h1.meshnet(&["ps", &c2.ns]).expect_ok("ps c2").stdout;
+    assert_eq!(one.lines().count(), 1, "{one}");
+    assert!(one.starts_with(&c2.ns) && one.contains("10.40.0.2/16"), "{one}");
+    let json = h1.meshnet(&["ps", "--json", &c1.ns, &c2.ns]).expect_ok("ps --json").json();
+    assert_eq!(json.as_array().map(|a| a.len()), Some(2));
+    let none = h1.meshnet(&["ps", "no-such-target"]).expect_ok("ps no-such-target").stdout;
+    assert!(none.trim().is_empty(), "{none}");
+
+    // report: everything in one document; text and JSON.
+    // (Routes follow the connection within ~100 ms.)
+    let mut report = serde_json::Value::Null;
+    wait_until(SECS(10), || {
+        report = h1.meshnet(&["report", "--json"]).expect_ok("report --json").json();
+        report["routes"].as_array().is_some_and(|r| !r.is_empty())
+    });
+    assert_eq!(report["router"]["name"], n1.as_str());
+    assert_eq!(report["peers"].as_array().map(|a| a.len()), Some(2), "{report:#}");
+    assert_eq!(report["routes"][0]["peer"], n2.as_str());
+    assert_eq!(report["routes"][0]["route"], "direct");
+    assert_eq!(report["attachments"].as_array().map(|a| a.len()), Some(2));
+    assert!(report["mac_table"]["entries"].as_u64().is_some());
+    assert!(report["ipam"]["range"].is_string());
+    assert!(report["traffic"][0]["sent_bytes"].as_u64().unwrap_or(0) > 0, "{:#}", report["traffic"]);
+    assert!(report["dataplane"]["udp_datagrams_out"].as_u64().unwrap_or(0) > 0);
+    let text = h1.meshnet(&["report"]).expect_ok("report").stdout;
+    for part in ["Router", "Peers", "Connections", "Routes", "MAC table", "IPAM", "Attachments", "Traffic per peer", "Data plane"] {
+        assert!(text.contains(part), "report lacks {part}:\n{text}");
+    }
+
+    // connect --replace with no peers clears the targets; without --replace a peer is needed.
+    assert_eq!(h2.targets().len(), 1);
+    let bad = h2.meshnet(&["connect"]);
+    assert!(!bad.ok(), "connect with no peer and no --replace succeeded: {bad}");
+    assert_eq!(h2.targets().len(), 1, "a refused connect changed the targets");
+    h2.meshnet(&["connect", "--replace"]).expect_ok("connect --replace");
+    assert!(h2.targets().is_empty(), "targets left: {:?}", h2.targets());
+
+    // rmpeer takes several peers; an unknown one fails alone, the others are done.
+    h2.meshnet(&["stop"]).expect_ok("stop h2");
+    let out = h1.meshnet(&["rmpeer", &n2, "nosuchpeer"]);
+    assert!(!out.ok(), "rmpeer with an unknown peer reported success: {out}");
+    assert!(out.stdout.contains(&n2), "rmpeer did not report {n2}: {out}");
+    assert!(out.stderr.contains("nosuchpeer"), "rmpeer did not say which failed: {out}");
+
+    // reset with no router: refused, saying why, and nothing is removed; --force removes.
+    h1.meshnet(&["stop"]).expect_ok("stop h1");
+    let refused = h1.meshnet(&["reset"]);
+    assert!(!refused.ok(), "reset without a router succeeded: {refused}");
+    assert!(refused.stderr.contains("address ranges") && refused.stderr.contains("--force"), "{refused}");
+    assert!(h1.state_dir.exists(), "a refused reset removed the state directory");
+    assert!(link(&h1.ns, "meshnet").is_some(), "a refused reset removed the bridge");
+    h1.meshnet(&["reset", "--force"]).expect_ok("reset --force");
+    assert!(!h1.state_dir.exists(), "reset --force left the state directory");
+    assert!(link(&h1.ns, "meshnet").is_none(), "reset --force left the bridge");
+}
