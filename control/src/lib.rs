@@ -10,7 +10,8 @@
 //! * [`attach`] — resolving targets and attaching them to the bridge;
 //! * [`expose`] — the host's own addresses on the overlay and meshnet's nftables table;
 //! * [`ipam`] — persistence, routing and timers around the IPAM ring, attach-time address requests;
-//! * [`docker`] — Docker containers as targets, and their death through the engine's events.
+//! * [`docker`] — Docker containers as targets, and their death through the engine's events;
+//! * [`dns`] — meshnet DNS: our records, the table's gossip, the server on port 53.
 
 pub mod api;
 pub mod attach;
@@ -18,6 +19,7 @@ pub mod conn;
 pub mod daemon;
 pub mod ipam;
 pub mod docker;
+pub mod dns;
 pub mod expose;
 pub mod logger;
 pub mod mesh;

@@ -72,6 +72,8 @@ pub struct Conn {
     /// Bounded; gossip coalesces, Goodbye always gets through (see `conn::Outbox`).
     pub queue: Arc<Outbox>,
     pub since: Instant,
+    /// The peer's Hello's `CAP_*` bits (0 until established).
+    pub capabilities: u32,
 }
 
 pub struct Inner {
@@ -181,6 +183,8 @@ pub struct Mesh {
     pub settings: Settings,
     pub state: StateDir,
     pub dataplane: DataPlane,
+    /// meshnet DNS: the table, our records, the server's counters (see `crate::dns`).
+    pub dns: Arc<crate::dns::Dns>,
     inner: Mutex<Inner>,
     /// Wakes the connection maker (new targets, lost connections).
     pub maker: Notify,
@@ -237,6 +241,7 @@ impl Mesh {
         targets: Vec<String>,
         ipam: IpamHost,
         mut keys: KeyBook,
+        dns: Arc<crate::dns::Dns>,
     ) -> Arc<Mesh> {
         let me = PeerInfo {
             name: settings.me,
@@ -270,6 +275,7 @@ impl Mesh {
             settings,
             state,
             dataplane,
+            dns,
             inner: Mutex::new(Inner {
                 topology,
                 conns: HashMap::new(),
@@ -304,7 +310,7 @@ impl Mesh {
         })
     }
 
-    fn now_ms(&self) -> u64 {
+    pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
@@ -417,6 +423,7 @@ impl Mesh {
                 key_since: Instant::now(),
                 queue,
                 since: Instant::now(),
+                capabilities: 0,
             },
         );
         Some(id)
@@ -538,6 +545,7 @@ impl Mesh {
         c.listen = Some(listen);
         c.since = Instant::now();
         c.key_since = c.since;
+        c.capabilities = capabilities;
         self.dataplane.add_peer(link);
         log::info!(
             "connection to {peer} ({}) established, {}; waiting for UDP heartbeats both ways",
@@ -550,6 +558,8 @@ impl Mesh {
         }
         let out = g.gossip.connected(id, peer, capabilities & CAP_GOSSIP_DIGEST != 0);
         self.perform(g, out);
+        // After the topology, which pins the keys the DNS sets are checked with.
+        crate::dns::connected(&self.dns, g, id);
         let now = self.now_ms();
         g.dialer.established(id, now);
         self.local_connections_changed(g);
@@ -588,6 +598,7 @@ impl Mesh {
         let Some(c) = g.conns.remove(&id) else { return };
         if c.established {
             g.gossip.disconnected(id);
+            self.dns.table().disconnected(id);
             if let Some(peer) = c.peer {
                 let mut indexes = c.rekey_indexes.clone();
                 indexes.push(c.recv_index);
@@ -814,6 +825,10 @@ impl Mesh {
             return Err(format!("peer {name} is reachable: rmpeer is for peers that are gone"));
         }
         g.topology.forget(name);
+        // Its DNS records go too; stale copies still gossiped are refused.
+        if self.dns.table().remove_owner(name, crate::dns::unix_ms()) {
+            log::info!("DNS: dropped the records of {name} (rmpeer)");
+        }
         let Some(keys) = g.keys.remove(name) else { return Ok(None) };
         g.trust.revoked.insert(name, keys);
         g.trust.keys_changed += 1;
