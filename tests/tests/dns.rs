@@ -92,7 +92,7 @@ fn upstream_resolver(ns: &str, ip: Ipv4Addr, stop: Arc<AtomicBool>) -> std::thre
 
 fn dig(ns: &str, server: &str, args: &[&str]) -> Out {
     let at = format!("@{server}");
-    let mut a = vec!["dig", &at, "+time=2", "+tries=1"];
+    let mut a = vec!["dig", &at, "+time=4", "+tries=1"];
     a.extend_from_slice(args);
     exec_in_timeout(ns, &a, SECS(20))
 }
