@@ -908,6 +908,46 @@ mod tests {
         assert_eq!(parts.len(), 5);
     }
 
+    /// BENCHMARKS.md's 1000-record table: what its gossip costs on the wire
+    /// and what a lookup costs (release build; the bounds are loose).
+    #[test]
+    fn a_thousand_records() {
+        let peers: Vec<Peer> = (1..=10).map(peer).collect();
+        let keys = book(&peers.iter().collect::<Vec<_>>());
+        let mut t = Table::new(D, PeerName(99));
+        let sets: Vec<SignedSet> = peers
+            .iter()
+            .enumerate()
+            .map(|(p, peer)| {
+                let records = (0..100u32).map(|i| rec(&format!("container-{p}-{i}"), [10, 32, p as u8, i as u8])).collect();
+                set(peer, 1, records)
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let report = t.merge(sets.clone(), &keys);
+        let merge_us = started.elapsed().as_micros();
+        assert_eq!((report.changed.len(), t.len()), (10, 1000));
+        let whole: usize = split_sets(t.all_signed(), SETS_CHUNK_BYTES)
+            .into_iter()
+            .map(|m| crate::wire::control::encode_message(&crate::wire::control::ControlMsg::Dns(m)).unwrap().len())
+            .sum();
+        let one = crate::wire::control::encode_message(&crate::wire::control::ControlMsg::Dns(DnsMsg::Sets(vec![sets[0].clone()]))).unwrap().len();
+        let digest = crate::wire::control::encode_message(&crate::wire::control::ControlMsg::Dns(DnsMsg::Digest(t.digest()))).unwrap().len();
+        let n = 100_000;
+        let started = std::time::Instant::now();
+        let mut found = 0;
+        for i in 0..n {
+            let name = format!("container-{}-{}.meshnet.local.", i % 10, i % 100);
+            if matches!(t.resolve(&name, QueryType::A, i), Answer::Addresses(_)) {
+                found += 1;
+            }
+        }
+        let ns = started.elapsed().as_nanos() / n as u128;
+        assert_eq!(found, n);
+        eprintln!("1000 records: whole table {whole} bytes, one owner's change (100 records) {one} bytes, digest {digest} bytes; merge of 10 sets {merge_us} us; lookup {ns} ns");
+        assert!(whole < 100_000 && digest < 40, "{whole} {digest}");
+    }
+
     #[test]
     fn summaries_to_one_neighbour_are_rate_limited() {
         let (a, b) = (peer(1), peer(2));
