@@ -273,9 +273,6 @@ fn change_own<T>(mesh: &Mesh, f: impl FnOnce(&mut Vec<Record>) -> Vec<T>) -> Res
     records.sort();
     records.dedup();
     RecordSet { owner: me, version, records: records.clone() }.check(&dns.config.domain)?;
-    if records.len() > table::MAX_RECORDS {
-        bail!("this router holds {} records already (at most {})", table::MAX_RECORDS, table::MAX_RECORDS);
-    }
     dns.state.save_dns(&OwnRecords { version, records: records.clone() })?;
     let signed = dns.table().set_own(records, version, &dns.signer)?;
     let g = mesh.lock();
