@@ -108,6 +108,34 @@ enum Cmd {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// Register NAME (in the DNS domain; a single label is taken as relative to it) for TARGET with
+    /// ADDRs (IPv4); none: the addresses attached to TARGET.
+    #[command(disable_help_flag = true)]
+    DnsAdd {
+        /// The name to register.
+        #[arg(short = 'h', long = "hostname", value_name = "NAME", required = true)]
+        name: String,
+        /// [ADDR...] TARGET
+        #[arg(required = true, num_args = 1.., value_name = "[ADDR...] TARGET")]
+        args: Vec<String>,
+        #[arg(long, action = clap::ArgAction::Help)]
+        help: Option<bool>,
+    },
+    /// Remove this router's DNS records of TARGET (only of NAME, and of ADDRs, when given).
+    #[command(disable_help_flag = true)]
+    DnsRemove {
+        #[arg(short = 'h', long = "hostname", value_name = "NAME")]
+        name: Option<String>,
+        /// [ADDR...] TARGET
+        #[arg(required = true, num_args = 1.., value_name = "[ADDR...] TARGET")]
+        args: Vec<String>,
+        #[arg(long, action = clap::ArgAction::Help)]
+        help: Option<bool>,
+    },
+    /// Print the addresses of NAME in meshnet DNS, one a line.
+    DnsLookup { name: String },
+    /// Print the `docker run` flags that make a container use meshnet DNS.
+    DnsArgs,
     /// Stop the router; attached interfaces and the bridge stay.
     Stop,
     /// Stop the router and remove its bridge, devices, interfaces and state. Refused while the
@@ -130,6 +158,7 @@ enum Part {
 #[derive(Clone, Copy, ValueEnum)]
 enum StatusPart {
     Ipam,
+    Dns,
     Peers,
     Connections,
     Targets,
@@ -147,6 +176,7 @@ struct LaunchArgs {
     #[arg(long, conflicts_with_all = [
         "name", "nickname", "port", "host", "mtu", "bridge", "no_discovery", "conn_limit", "rekey_interval",
         "ipalloc_range", "ipalloc_default_subnet", "ipalloc_init", "peers", "metrics_addr",
+        "no_dns", "dns_listen_address", "dns_domain", "dns_ttl",
     ])]
     #[serde(skip)]
     resume: bool,
@@ -225,6 +255,23 @@ struct LaunchArgs {
     #[arg(long, value_parser = ["error", "warn", "info", "debug", "trace"])]
     #[serde(default)]
     log_level: Option<String>,
+    /// Do not serve DNS (records are still gossiped through this router).
+    #[arg(long)]
+    #[serde(default)]
+    no_dns: bool,
+    /// Where the DNS server listens (IP or IP:PORT; port 53 by default). Default: port 53 of the
+    /// bridge's first exposed address, once there is one.
+    #[arg(long)]
+    #[serde(default)]
+    dns_listen_address: Option<String>,
+    /// The domain meshnet DNS answers for.
+    #[arg(long, default_value = meshnet_proto::dns::DEFAULT_DOMAIN)]
+    #[serde(default = "default_dns_domain")]
+    dns_domain: String,
+    /// TTL of meshnet DNS answers, in seconds.
+    #[arg(long, default_value_t = 1)]
+    #[serde(default = "default_dns_ttl")]
+    dns_ttl: u32,
     /// Peers to connect to (host or host:port), persisted like `meshnet connect`.
     #[arg(value_name = "PEER")]
     #[serde(skip)]
@@ -244,6 +291,22 @@ fn default_metrics_addr() -> String {
 /// `--rekey-interval` of a launch recorded before the option existed.
 fn default_rekey_interval() -> u64 {
     120
+}
+
+fn default_dns_domain() -> String {
+    meshnet_proto::dns::DEFAULT_DOMAIN.to_string()
+}
+
+fn default_dns_ttl() -> u32 {
+    1
+}
+
+/// `--dns-listen-address`: IP or IP:PORT.
+fn parse_dns_listen(s: &str) -> Result<std::net::SocketAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, meshnet_control::dns::PORT));
+    }
+    s.parse().map_err(|_| anyhow!("--dns-listen-address {s}: expected IP or IP:PORT"))
 }
 
 /// Where `launch` records its options for `--resume`.
@@ -392,6 +455,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::DnsAdd { name, mut args, .. } => {
+            let target = args.pop().expect("clap requires one");
+            let v = call(&state, Request::DnsAdd { target, addrs: args, name })?;
+            let addrs: Vec<String> = serde_json::from_value(v["addresses"].clone()).unwrap_or_default();
+            println!("{} {}", v["name"].as_str().unwrap_or("?"), addrs.join(" "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::DnsRemove { name, mut args, .. } => {
+            let target = args.pop().expect("clap requires one");
+            call(&state, Request::DnsRemove { target, addrs: args, name })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::DnsLookup { name } => {
+            let v = call(&state, Request::DnsLookup { name })?;
+            let addrs: Vec<String> = serde_json::from_value(v["addresses"].clone()).unwrap_or_default();
+            for a in addrs {
+                println!("{a}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::DnsArgs => {
+            let s: meshnet_control::dns::DnsStatus = serde_json::from_value(call(&state, Request::DnsStatus)?)?;
+            if !s.enabled {
+                bail!("this router does not serve DNS (launched with --no-dns)");
+            }
+            let Some(listen) = s.listen else {
+                bail!("the DNS server is not listening yet: expose an address on the bridge (meshnet expose) or launch with --dns-listen-address");
+            };
+            let addr: std::net::SocketAddr = listen.parse()?;
+            if addr.port() != meshnet_control::dns::PORT {
+                bail!("the DNS server listens on port {}, and Docker's --dns takes port 53 only", addr.port());
+            }
+            println!("--dns {} --dns-search {}", addr.ip(), s.domain.trim_end_matches('.'));
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Stop => {
             match api::call(&state, &Request::Stop, Duration::from_secs(10)) {
                 Ok(_) => wait_stopped(&state, Duration::from_secs(30))?,
@@ -501,6 +599,8 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, peers.len())?;
     let datapath: Datapath = args.datapath.parse().map_err(|e| anyhow!("--datapath: {e}"))?;
     let metrics_addr = meshnet_control::metrics::parse_addr(&args.metrics_addr).map_err(|e| anyhow!(e))?;
+    let dns_domain = meshnet_proto::dns::normalize_domain(&args.dns_domain).map_err(|e| anyhow!("--dns-domain: {e}"))?;
+    let dns_listen = args.dns_listen_address.as_deref().map(parse_dns_listen).transpose()?;
     if let Ok(v) = api::call(state, &Request::Status, Duration::from_secs(5)) {
         bail!(
             "a meshnet router is already running for {} (peer {})",
@@ -537,6 +637,12 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
                 name: args.docker_plugin_name.clone(),
             },
             metrics_addr,
+            dns: meshnet_control::dns::DnsConfig {
+                enabled: !args.no_dns,
+                listen: dns_listen,
+                domain: dns_domain,
+                ttl: args.dns_ttl,
+            },
         };
         daemon::run(cfg)?;
         return Ok(ExitCode::SUCCESS);
@@ -581,6 +687,13 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         cmd.arg("--docker-plugin-dir").arg(d);
     }
     cmd.args(["--docker-plugin-name", &args.docker_plugin_name]);
+    if args.no_dns {
+        cmd.arg("--no-dns");
+    }
+    if let Some(a) = &args.dns_listen_address {
+        cmd.args(["--dns-listen-address", a]);
+    }
+    cmd.args(["--dns-domain", &args.dns_domain, "--dns-ttl", &args.dns_ttl.to_string()]);
     cmd.args(&args.peers);
     // The password travels in the environment, never on a command line.
     cmd.env_remove("MESHNET_PASSWORD");
@@ -701,6 +814,26 @@ fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<Exit
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_ipam(&v);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(StatusPart::Dns) => {
+            let v = call(state, Request::DnsStatus)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let s: meshnet_control::dns::DnsStatus = serde_json::from_value(v)?;
+                let listen = match (s.enabled, &s.listen) {
+                    (false, _) => "off (--no-dns)".to_string(),
+                    (true, Some(a)) => a.clone(),
+                    (true, None) => "not listening (no address exposed on the bridge)".to_string(),
+                };
+                println!("         Domain: {} (TTL {}s)", s.domain, s.ttl);
+                println!("         Listen: {listen}");
+                println!("        Records: {}", s.records.len());
+                for r in &s.records {
+                    println!("  {:<32} {:<15} {:<20} {}", r.name, r.address, r.target, r.owner);
+                }
             }
             return Ok(ExitCode::SUCCESS);
         }

@@ -53,6 +53,26 @@ pub enum Request {
     Rmpeer { peer: String },
     /// Start IPAM consensus if needed; answers whether the ring is agreed.
     Prime,
+    /// Register NAME for TARGET (a netns, PID, Docker container or namespace
+    /// path) with `addrs`; none: the target's attached addresses. Answers `added`.
+    DnsAdd {
+        target: String,
+        #[serde(default)]
+        addrs: Vec<String>,
+        name: String,
+    },
+    /// Remove this router's records of TARGET (of `name` and `addrs` when given). Answers `removed`.
+    DnsRemove {
+        target: String,
+        #[serde(default)]
+        addrs: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// The addresses of NAME in the table (as the server answers an A query).
+    DnsLookup { name: String },
+    /// The records of every router, the listen address, counters.
+    DnsStatus,
     Stop,
     /// Stop and remove every device and interface this router made.
     Reset,

@@ -363,7 +363,7 @@ async fn run_connection(
         // We understand gossip digests; and say when we have fewer than two
         // connections (a router at its --conn-limit then makes room: see
         // meshnet_proto::slots).
-        capabilities: local.capabilities | CAP_GOSSIP_DIGEST | mesh.need_capabilities(),
+        capabilities: local.capabilities | CAP_GOSSIP_DIGEST | meshnet_proto::handshake::CAP_DNS | mesh.need_capabilities(),
         binding: mesh.settings.binding.clone(),
     };
     let role = if direction == Direction::Outbound { Role::Initiator } else { Role::Responder };
@@ -786,6 +786,7 @@ fn drain(
             }
             Ok(Some(ControlMsg::GossipDigest(d))) => mesh.on_gossip_digest(id, d),
             Ok(Some(ControlMsg::GossipSummary(s))) => mesh.on_gossip_summary(id, &s),
+            Ok(Some(ControlMsg::Dns(m))) => crate::dns::on_message(mesh, id, m, mesh.now_ms()),
             Ok(Some(ControlMsg::Ipam(bytes))) => {
                 if let Err(why) = mesh.on_ipam(peer, &bytes) {
                     log::warn!("{why}");

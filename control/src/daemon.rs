@@ -60,6 +60,8 @@ pub struct Config {
     pub docker_plugin: DockerPlugin,
     /// `--metrics-addr`: where `/metrics`, `/api/mesh` and the map are served (None: off).
     pub metrics_addr: Option<SocketAddr>,
+    /// `--no-dns`, `--dns-listen-address`, `--dns-domain`, `--dns-ttl`.
+    pub dns: crate::dns::DnsConfig,
 }
 
 /// Where and whether the Docker network and IPAM plugin is served.
@@ -253,6 +255,7 @@ pub fn run(cfg: Config) -> Result<()> {
         signer,
         binding,
     };
+    let dns = Arc::new(crate::dns::Dns::open(&cfg.state, cfg.dns.clone(), me, settings.signer.clone())?);
     let local = Arc::new(Local { identity, psk, udp_port, capabilities });
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -262,7 +265,7 @@ pub fn run(cfg: Config) -> Result<()> {
         .build()?;
     let state = cfg.state.clone();
     let how = rt.block_on(async move {
-        let mesh = Mesh::new(settings, state.clone(), dataplane, targets, ipam, keys);
+        let mesh = Mesh::new(settings, state.clone(), dataplane, targets, ipam, keys, dns.clone());
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
         let _ = std::fs::remove_file(&sock_path);
@@ -293,6 +296,15 @@ pub fn run(cfg: Config) -> Result<()> {
                 }),
             });
             tasks.spawn(crate::metrics::serve(sources, TcpListener::from_std(l)?));
+        }
+        // DNS gossip runs with or without --no-dns (records pass through); the server only without it.
+        tasks.spawn(crate::dns::digest_loop(mesh.clone()));
+        if cfg.dns.enabled {
+            let exposed_ctx = ctx.clone();
+            tasks.spawn(crate::dns::serve(dns.clone(), move || {
+                let e = exposed_ctx.exposed.lock().unwrap_or_else(|p| p.into_inner());
+                e.iter().find_map(|x| expose::parse(x).ok()).map(|(ip, _)| IpAddr::V4(ip))
+            }));
         }
         // Docker containers attached by name: attached again when they start,
         // released when they are removed.
@@ -604,6 +616,19 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 }
             }
             plain_frames_if_capturing(ctx.datapath, &t.netns, &done.container_if);
+            drop(a);
+            if t.kind == "docker" {
+                // Containers attached by name are found by it: <name>.<domain>.
+                let v4: Vec<std::net::Ipv4Addr> = done.addrs.iter().filter_map(|(ip, _)| match ip {
+                    IpAddr::V4(v) => Some(*v),
+                    IpAddr::V6(_) => None,
+                }).collect();
+                if !v4.is_empty() {
+                    if let Err(e) = crate::dns::register(mesh, &t.name, &t.name, &v4) {
+                        log::warn!("DNS: not registering container {}: {e:#}", t.name);
+                    }
+                }
+            }
             Ok(json!({
                 "target": target,
                 "interface": done.container_if,
@@ -617,8 +642,22 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 .map(|c| parse_cidr(c.strip_prefix("ip:").unwrap_or(c)))
                 .collect::<Result<Vec<_>>>()?;
             let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+            let remembered = attach::find_remembered(&a, &target).map(|i| a[i].target.clone());
             let key = attach::find_remembered(&a, &target).map(|i| attachment_key(&a[i]));
             let removed = attach::detach(&mesh.state, &mut a, &target, &addrs)?;
+            drop(a);
+            if let Some(name) = remembered {
+                // Its DNS records go with its addresses (all of them with the interface).
+                let v4: Vec<std::net::Ipv4Addr> = addrs.iter().filter_map(|(ip, _)| match ip {
+                    IpAddr::V4(v) => Some(*v),
+                    IpAddr::V6(_) => None,
+                }).collect();
+                if addrs.is_empty() || !v4.is_empty() {
+                    if let Err(e) = crate::dns::unregister(mesh, &name, None, &v4) {
+                        log::warn!("DNS: removing the records of {name}: {e:#}");
+                    }
+                }
+            }
             if let Some(key) = key {
                 mesh.with_ipam(|h| {
                     h.deferred.retain(|(k, ip, _)| {
@@ -689,6 +728,18 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             Ok(crate::report::build(mesh, status, ipam, ps, &exposed))
         }
+        Request::DnsAdd { target, addrs, name } => dns_add(ctx, &target, &addrs, &name),
+        Request::DnsRemove { target, addrs, name } => dns_remove(ctx, &target, &addrs, name.as_deref()),
+        Request::DnsLookup { name } => {
+            let dns = &mesh.dns;
+            let fq = meshnet_proto::dns::normalize_name(&name, &dns.config.domain)?;
+            let addrs: Vec<String> = dns.table().lookup(&fq).iter().map(|a| a.to_string()).collect();
+            if addrs.is_empty() {
+                bail!("{fq}: no such name in the table");
+            }
+            Ok(json!({ "name": fq, "addresses": addrs }))
+        }
+        Request::DnsStatus => Ok(serde_json::to_value(mesh.dns.status())?),
         Request::Stop => Ok(json!({ "stopping": true })),
         Request::Reset => {
             // Hand our address ranges to a live peer before we go.
@@ -700,6 +751,84 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             Ok(json!({ "stopping": true }))
         }
     }
+}
+
+/// Parses `dns-add`/`dns-remove` addresses: IPv4, optionally as `ip:A.B.C.D` or with a `/prefix`.
+fn parse_dns_addrs(addrs: &[String]) -> Result<Vec<std::net::Ipv4Addr>> {
+    addrs
+        .iter()
+        .map(|s| {
+            let bare = s.strip_prefix("ip:").unwrap_or(s);
+            let bare = bare.split_once('/').map_or(bare, |(a, _)| a);
+            match bare.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v)) => Ok(v),
+                Ok(IpAddr::V6(_)) => bail!("{s}: meshnet DNS holds IPv4 addresses only"),
+                Err(_) => bail!("{s}: not an IPv4 address"),
+            }
+        })
+        .collect()
+}
+
+/// `meshnet dns-add [ADDR...] TARGET -h NAME`: checked whole before anything changes.
+fn dns_add(ctx: &ApiCtx, target: &str, addrs: &[String], name: &str) -> Result<serde_json::Value> {
+    let mesh = &ctx.mesh;
+    let given = parse_dns_addrs(addrs)?;
+    meshnet_proto::dns::normalize_name(name, &mesh.dns.config.domain)?;
+    let remembered = {
+        let a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+        attach::find_remembered(&a, target).map(|i| a[i].clone())
+    };
+    let (record_target, addrs) = match remembered {
+        Some(at) => {
+            let attached: Vec<std::net::Ipv4Addr> = at
+                .addrs
+                .iter()
+                .filter_map(|c| match parse_cidr(c) {
+                    Ok((IpAddr::V4(v), _)) => Some(v),
+                    _ => None,
+                })
+                .collect();
+            (at.target.clone(), if given.is_empty() { attached } else { given })
+        }
+        None => {
+            let t = attach::resolve(target).with_context(|| format!("dns-add {target}"))?;
+            if given.is_empty() {
+                bail!("dns-add {target}: it is not attached, so it has no addresses to register: give them");
+            }
+            (t.name, given)
+        }
+    };
+    if addrs.is_empty() {
+        bail!("dns-add {target}: it has no IPv4 address attached");
+    }
+    let added = crate::dns::register(mesh, &record_target, name, &addrs).with_context(|| format!("dns-add {target}"))?;
+    let fq = meshnet_proto::dns::normalize_name(name, &mesh.dns.config.domain)?;
+    Ok(json!({ "name": fq, "target": record_target, "addresses": addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), "added": added.len() }))
+}
+
+/// `meshnet dns-remove [ADDR...] TARGET [-h NAME]`.
+fn dns_remove(ctx: &ApiCtx, target: &str, addrs: &[String], name: Option<&str>) -> Result<serde_json::Value> {
+    let mesh = &ctx.mesh;
+    let addrs = parse_dns_addrs(addrs)?;
+    if let Some(n) = name {
+        meshnet_proto::dns::normalize_name(n, &mesh.dns.config.domain)?;
+    }
+    let remembered = {
+        let a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+        attach::find_remembered(&a, target).map(|i| a[i].target.clone())
+    };
+    // A target that is gone (a removed container) can still lose its records by the name they carry.
+    let known = remembered.is_some();
+    let record_target = match remembered {
+        Some(t) => t,
+        None => attach::resolve(target).map(|t| t.name).unwrap_or_else(|_| target.to_string()),
+    };
+    let owns = mesh.dns.table().own().iter().any(|r| r.target == record_target);
+    if !known && !owns {
+        bail!("dns-remove {target}: unknown target: no records are registered for it here");
+    }
+    let removed = crate::dns::unregister(mesh, &record_target, name, &addrs).with_context(|| format!("dns-remove {target}"))?;
+    Ok(json!({ "target": record_target, "removed": removed.len() }))
 }
 
 /// `meshnet expose`: an address on the bridge for every spec (an exposed one
@@ -885,6 +1014,10 @@ fn engine_event(ctx: &ApiCtx, ev: crate::docker::EngineEvent) {
                     c.short(),
                     a.addrs.join(" ")
                 );
+                // Its name stops resolving while it is stopped; `start` registers it again.
+                if let Err(e) = crate::dns::unregister(&ctx.mesh, &a.target, None, &[]) {
+                    log::warn!("DNS: removing the records of {}: {e:#}", a.target);
+                }
             }
         }
         EngineEvent::Destroyed(c) => container_gone(ctx, c),
@@ -1086,12 +1219,20 @@ impl crate::plugin::PluginHost for PluginRouter {
     fn joined(&self, ep_id: &str, ep: &crate::plugin::Endpoint, _net: &crate::plugin::Network) {
         log::info!("docker plugin: endpoint {} joined with {} ({})", &ep_id[..12.min(ep_id.len())], ep.address, ep.host_if);
         let (network, endpoint, address) = (ep.network.clone(), ep_id.to_string(), ep.address.clone());
+        let ctx = self.ctx.clone();
         std::thread::spawn(move || {
             for _ in 0..20 {
                 std::thread::sleep(Duration::from_millis(250));
                 match crate::docker::container_of_endpoint_blocking(&network, &endpoint) {
                     Ok(Some(c)) => {
                         log::info!("docker plugin: container {} ({}) is on the overlay as {address}", c.name, c.short());
+                        // Found by name in meshnet DNS: <name>.<domain>.
+                        let ip = address.split('/').next().and_then(|a| a.parse::<std::net::Ipv4Addr>().ok());
+                        if let Some(ip) = ip {
+                            if let Err(e) = crate::dns::register(&ctx.mesh, &plugin_dns_target(&endpoint), &c.name, &[ip]) {
+                                log::warn!("DNS: not registering container {}: {e:#}", c.name);
+                            }
+                        }
                         return;
                     }
                     Ok(None) => continue,
@@ -1107,7 +1248,20 @@ impl crate::plugin::PluginHost for PluginRouter {
     /// The one place a container leaves (undo [`Self::joined`]).
     fn left(&self, ep_id: &str, ep: &crate::plugin::Endpoint) {
         log::info!("docker plugin: endpoint {} left ({})", &ep_id[..12.min(ep_id.len())], ep.address);
+        let (ctx, target) = (self.ctx.clone(), plugin_dns_target(ep_id));
+        // Writes dns.json: off the async worker that answers Docker.
+        std::thread::spawn(move || {
+            if let Err(e) = crate::dns::unregister(&ctx.mesh, &target, None, &[]) {
+                log::warn!("DNS: removing the records of {target}: {e:#}");
+            }
+        });
     }
+}
+
+/// The target a plugin endpoint's DNS records are kept under (its container's
+/// name is only known after `Join`; the endpoint id is known at `Leave`).
+fn plugin_dns_target(ep_id: &str) -> String {
+    format!("docker-plugin:{}", &ep_id[..12.min(ep_id.len())])
 }
 
 /// The IPAM key of a remembered attachment (the same one `attach` used).

@@ -14,6 +14,7 @@
 //! * [`plugin`] — Docker's plugin API: the `meshnet` network and IPAM drivers.
 //! * [`metrics`] — the observability port: Prometheus `/metrics`, `/api/mesh`, the live map;
 //! * [`report`] — `meshnet report`: everything the router knows in one document.
+//! * [`dns`] — meshnet DNS: our records, the table's gossip, the server on port 53.
 
 pub mod api;
 pub mod attach;
@@ -21,6 +22,7 @@ pub mod conn;
 pub mod daemon;
 pub mod ipam;
 pub mod docker;
+pub mod dns;
 pub mod expose;
 pub mod logger;
 pub mod mesh;

@@ -75,6 +75,8 @@ pub struct Conn {
     /// Bounded; gossip coalesces, Goodbye always gets through (see `conn::Outbox`).
     pub queue: Arc<Outbox>,
     pub since: Instant,
+    /// The peer's Hello's `CAP_*` bits (0 until established).
+    pub capabilities: u32,
 }
 
 pub struct Inner {
@@ -184,6 +186,8 @@ pub struct Mesh {
     pub settings: Settings,
     pub state: StateDir,
     pub dataplane: DataPlane,
+    /// meshnet DNS: the table, our records, the server's counters (see `crate::dns`).
+    pub dns: Arc<crate::dns::Dns>,
     inner: Mutex<Inner>,
     /// Wakes the connection maker (new targets, lost connections).
     pub maker: Notify,
@@ -240,6 +244,7 @@ impl Mesh {
         targets: Vec<String>,
         ipam: IpamHost,
         mut keys: KeyBook,
+        dns: Arc<crate::dns::Dns>,
     ) -> Arc<Mesh> {
         let me = PeerInfo {
             name: settings.me,
@@ -273,6 +278,7 @@ impl Mesh {
             settings,
             state,
             dataplane,
+            dns,
             inner: Mutex::new(Inner {
                 topology,
                 conns: HashMap::new(),
@@ -307,7 +313,7 @@ impl Mesh {
         })
     }
 
-    fn now_ms(&self) -> u64 {
+    pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
@@ -421,6 +427,7 @@ impl Mesh {
                 rtt_us: None,
                 queue,
                 since: Instant::now(),
+                capabilities: 0,
             },
         );
         Some(id)
@@ -549,6 +556,7 @@ impl Mesh {
         c.listen = Some(listen);
         c.since = Instant::now();
         c.key_since = c.since;
+        c.capabilities = capabilities;
         self.dataplane.add_peer(link);
         log::info!(
             "connection to {peer} ({}) established, {}; waiting for UDP heartbeats both ways",
@@ -562,6 +570,9 @@ impl Mesh {
         let now = self.now_ms();
         let out = g.gossip.connected(id, peer, capabilities & CAP_GOSSIP_DIGEST != 0, now, &g.topology);
         self.perform(g, out);
+        // DNS sets are checked with keys the topology pins: a set whose owner
+        // is not pinned yet is refused and comes again with the DNS digests.
+        crate::dns::connected(&self.dns, g, id);
         g.dialer.established(id, now);
         self.local_connections_changed(g);
         self.reachability_changed(g);
@@ -599,6 +610,7 @@ impl Mesh {
         let Some(c) = g.conns.remove(&id) else { return };
         if c.established {
             g.gossip.disconnected(id);
+            self.dns.table().disconnected(id);
             if let Some(peer) = c.peer {
                 let mut indexes = c.rekey_indexes.clone();
                 indexes.push(c.recv_index);
@@ -825,6 +837,10 @@ impl Mesh {
             return Err(format!("peer {name} is reachable: rmpeer is for peers that are gone"));
         }
         g.topology.forget(name);
+        // Its DNS records go too; stale copies still gossiped are refused.
+        if self.dns.table().remove_owner(name, crate::dns::unix_ms()) {
+            log::info!("DNS: dropped the records of {name} (rmpeer)");
+        }
         let Some(keys) = g.keys.remove(name) else { return Ok(None) };
         g.trust.revoked.insert(name, keys);
         g.trust.keys_changed += 1;

@@ -107,6 +107,12 @@ impl StateDir {
     pub fn docker_plugin(&self) -> PathBuf {
         self.root.join("docker-plugin.json")
     }
+
+    /// This router's own DNS records and their version (see `crate::dns`).
+    pub fn dns_path(&self) -> PathBuf {
+        self.root.join("dns.json")
+    }
+
     /// Peer names pinned to their keys (see `meshnet_proto::trust`).
     pub fn keys_path(&self) -> PathBuf {
         self.root.join("keys.json")
@@ -178,6 +184,14 @@ impl StateDir {
     }
     pub fn save_keys(&self, book: &KeyBook) -> Result<()> {
         write_json(&self.keys_path(), book)
+    }
+
+    /// Our DNS records; none when there is no file yet. A corrupt file is an error.
+    pub fn load_dns(&self) -> Result<crate::dns::OwnRecords> {
+        Ok(read_json(&self.dns_path())?.unwrap_or_default())
+    }
+    pub fn save_dns(&self, own: &crate::dns::OwnRecords) -> Result<()> {
+        write_json(&self.dns_path(), own)
     }
 
     /// The pid recorded by a running (or crashed) router, if any.

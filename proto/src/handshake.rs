@@ -48,6 +48,9 @@ pub const CAP_LONELY: u32 = 4;
 /// Capability bit: the sender has exactly one established connection: a router
 /// at its `--conn-limit` takes it if a redundant connection can make room.
 pub const CAP_ONE_CONNECTION: u32 = 8;
+/// Capability bit: the peer understands DNS gossip (`ControlMsg::Dns`, see
+/// [`crate::dns`]); peers without it are never sent those messages.
+pub const CAP_DNS: u32 = 16;
 /// What the responder tells an initiator whose password differs.
 pub const REFUSAL_WRONG_PASSWORD: &str = "authentication failed: passwords differ";
 /// PBKDF2 iterations for [`derive_psk`].

@@ -14,6 +14,7 @@ pub mod admission;
 pub mod datapath;
 pub mod dialer;
 pub mod discovery;
+pub mod dns;
 pub mod gossip;
 pub mod gso;
 pub mod handshake;

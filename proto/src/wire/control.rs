@@ -125,6 +125,9 @@ pub enum ControlMsg {
     /// Every topology entry's name, uid and version, sorted by name, at most
     /// [`MAX_SUMMARY`] of them; the answer to a digest that differs.
     GossipSummary(Vec<EntryVersion>),
+    /// meshnet DNS: signed record sets, digests and summaries (see
+    /// [`crate::dns`]). Last, so the bincode tags of the others stay.
+    Dns(crate::dns::DnsMsg),
 }
 
 impl ControlMsg {
@@ -134,6 +137,7 @@ impl ControlMsg {
             ControlMsg::GossipSummary(v) if v.len() > MAX_SUMMARY => {
                 Err(ControlError::Malformed("gossip summary over MAX_SUMMARY entries"))
             }
+            ControlMsg::Dns(m) => m.check().map_err(|_| ControlError::Malformed("DNS message over its bounds")),
             _ => Ok(()),
         }
     }

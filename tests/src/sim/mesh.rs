@@ -846,7 +846,8 @@ impl MeshSim {
                 }
                 self.ipam_flush(i);
             }
-            ControlMsg::Heartbeat | ControlMsg::Rekey(_) => {}
+            // The simulator does not model DNS (its nodes never send it).
+            ControlMsg::Heartbeat | ControlMsg::Rekey(_) | ControlMsg::Dns(_) => {}
         }
     }
 

@@ -1,0 +1,322 @@
+//! meshnet DNS in the namespace lab (needs root; the lab skips otherwise).
+//!
+//! `names_across_routers`: two routers, each with a container namespace; host
+//! 1 exposes an address on its bridge, where its DNS server listens (port 53).
+//! A name registered on router 2 (`dns-add`, address taken from the
+//! attachment) is answered by router 1 (`dig`), and the container on host 1
+//! pings it by name (its resolv.conf names router 1's server only). A name
+//! outside the domain is forwarded to a resolver the test runs in a namespace
+//! of its own (named by the routers' resolv.conf); one that resolver never
+//! answers gets SERVFAIL, not a hang. PTR, AAAA (empty NOERROR), NXDOMAIN,
+//! several addresses in rotating order. Bad input (`dns-add` of an unknown
+//! target, a name outside the domain, a malformed name) is a clear error and
+//! changes nothing. A removal on router 2 is seen by router 1 within seconds,
+//! also one made while the two are partitioned, once the partition heals.
+//! Router 2's records survive kill -9 and `launch --resume`. A flood of 10 000
+//! queries from the container is answered, garbage is dropped and counted, and
+//! the router's API answers meanwhile.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use meshnet_tests::hostile::in_netns;
+use meshnet_tests::lab::*;
+use serde_json::Value;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+const OPTS: [&str; 4] = ["--ipalloc-range", "10.2.0.0/16", "--ipalloc-default-subnet", "10.2.1.0/24"];
+/// What the test's upstream resolver answers for [`EXTERNAL`].
+const EXTERNAL: &str = "ext.example.org.";
+const EXTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
+
+/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` mounts over the
+/// namespace's `/etc/resolv.conf`; removed on drop.
+struct ResolvConf(Vec<String>);
+
+impl ResolvConf {
+    fn set(&mut self, ns: &str, text: &str) {
+        let dir = format!("/etc/netns/{ns}");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(format!("{dir}/resolv.conf"), text).unwrap();
+        self.0.push(dir);
+    }
+}
+
+impl Drop for ResolvConf {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        let _ = std::fs::remove_dir("/etc/netns");
+    }
+}
+
+/// A tiny upstream resolver on `ip:53` in namespace `ns`: answers [`EXTERNAL`]
+/// with [`EXTERNAL_ADDR`], ignores every other question (so forwarding them
+/// must time out into SERVFAIL). Runs until `stop`.
+fn upstream_resolver(ns: &str, ip: Ipv4Addr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    let ns = ns.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        in_netns(&ns, move || {
+            let sock = UdpSocket::bind((ip, 53)).expect("bind the upstream resolver");
+            sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            tx.send(()).unwrap();
+            let mut answered = 0;
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                let Ok((n, src)) = sock.recv_from(&mut buf) else { continue };
+                let Ok(req) = Message::from_vec(&buf[..n]) else { continue };
+                let Some(q) = req.queries.first() else { continue };
+                if q.name().to_lowercase().to_ascii() != EXTERNAL {
+                    continue;
+                }
+                let mut resp = Message::response(req.metadata.id, OpCode::Query);
+                resp.metadata.recursion_desired = req.metadata.recursion_desired;
+                resp.add_query(q.clone());
+                resp.add_answer(Record::from_rdata(q.name().clone(), 60, RData::A(A(EXTERNAL_ADDR))));
+                let _ = sock.send_to(&resp.to_vec().unwrap(), src);
+                answered += 1;
+            }
+            answered
+        })
+    });
+    rx.recv_timeout(SECS(10)).expect("the upstream resolver started");
+    handle
+}
+
+fn dig(ns: &str, server: &str, args: &[&str]) -> Out {
+    let at = format!("@{server}");
+    let mut a = vec!["dig", &at, "+time=4", "+tries=1"];
+    a.extend_from_slice(args);
+    exec_in_timeout(ns, &a, SECS(20))
+}
+
+/// `dig +short` answers, one a line.
+fn short(ns: &str, server: &str, name: &str, qtype: &str) -> Vec<String> {
+    dig(ns, server, &["+short", name, qtype]).stdout.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
+}
+
+/// The status line of a full `dig` answer (`NOERROR`, `NXDOMAIN`, `SERVFAIL`).
+fn rcode(ns: &str, server: &str, name: &str, qtype: &str) -> String {
+    let out = dig(ns, server, &[name, qtype]);
+    out.stdout
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1).map(|s| s.split(',').next().unwrap_or("").to_string()))
+        .unwrap_or_else(|| format!("no answer: {out}"))
+}
+
+fn dns_status(h: &Host) -> Value {
+    h.meshnet(&["status", "dns", "--json"]).expect_ok("status dns").json()
+}
+
+fn own_records(h: &Host, owner: &str) -> Vec<(String, String)> {
+    dns_status(h)["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["owner"] == owner)
+        .map(|r| (r["name"].as_str().unwrap().to_string(), r["address"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn established(h: &Host) -> usize {
+    connections(&h.status_json()).iter().filter(|c| c["state"] == "established").count()
+}
+
+fn ip_of(cidr: &str) -> String {
+    cidr.split('/').next().unwrap_or_default().to_string()
+}
+
+#[test]
+fn names_across_routers() {
+    let Some(lab) = Lab::new("names_across_routers") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let up = lab.add_host(9);
+    let upstream_ip: Ipv4Addr = up.ip.parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let resolver = upstream_resolver(&up.ns, upstream_ip, stop.clone());
+    let mut conf = ResolvConf(Vec::new());
+    // The routers' "host resolvers": the test's upstream.
+    conf.set(&h1.ns, &format!("nameserver {upstream_ip}\n"));
+    conf.set(&h2.ns, &format!("nameserver {upstream_ip}\n"));
+
+    h1.launch(&OPTS);
+    let n2 = h2.launch(&[&OPTS[..], &[h1.ip.as_str()]].concat());
+    assert!(wait_until(SECS(30), || established(&h1) >= 1 && established(&h2) >= 1), "h1 and h2 did not connect");
+    h1.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime h1");
+    h2.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime h2");
+
+    // Before anything is exposed, no server listens; `dns-args` says why.
+    assert!(dns_status(&h1)["listen"].is_null(), "{}", dns_status(&h1));
+    let out = h1.meshnet(&["dns-args"]);
+    assert!(!out.ok() && out.stderr.contains("meshnet expose"), "{out}");
+    let exposed = h1.meshnet(&["expose"]).expect_ok("expose h1").last_line().unwrap_or_default().to_string();
+    let server = ip_of(&exposed);
+    assert!(wait_until(SECS(5), || dns_status(&h1)["listen"] == format!("{server}:53")), "{}", dns_status(&h1));
+    let args = h1.meshnet(&["dns-args"]).expect_ok("dns-args");
+    assert_eq!(args.stdout.trim(), format!("--dns {server} --dns-search meshnet.local"));
+
+    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
+    let a1 = h1.meshnet(&["attach", &c1.ns]).expect_ok("attach c1").last_line().unwrap_or_default().to_string();
+    let a2 = h2.meshnet(&["attach", &c2.ns]).expect_ok("attach c2").last_line().unwrap_or_default().to_string();
+    let ip2 = ip_of(&a2);
+    assert!(ip_of(&a1).parse::<Ipv4Addr>().is_ok(), "{a1}");
+    conf.set(&c1.ns, &format!("nameserver {server}\nsearch meshnet.local\n"));
+    assert!(ping_until(&c1.ns, &server, SECS(20)), "c1 does not reach h1's exposed {server}");
+
+    // Bad input: each a clear error, and the table unchanged.
+    let before = dns_status(&h2)["records"].clone();
+    for (args, want) in [
+        (vec!["dns-add", "no-such-target-xyz", "-h", "db"], "unknown target"),
+        (vec!["dns-add", &c2.ns, "-h", "db.example.com"], "outside the domain"),
+        (vec!["dns-add", &c2.ns, "-h", "bad name!"], "only letters"),
+        (vec!["dns-add", "10.2.1.300", &c2.ns, "-h", "db"], "not an IPv4 address"),
+        (vec!["dns-remove", "no-such-target-xyz"], "unknown target"),
+        (vec!["dns-lookup", "nobody"], "no such name"),
+    ] {
+        let out = h2.meshnet(&args);
+        assert!(!out.ok() && out.stderr.contains(want), "{args:?}: expected an error with {want:?}: {out}");
+    }
+    assert_eq!(dns_status(&h2)["records"], before, "bad input changed the table");
+
+    // A name registered on router 2 resolves on router 1, and c1 pings it by name.
+    let out = h2.meshnet(&["dns-add", &c2.ns, "-h", "db"]).expect_ok("dns-add db");
+    assert_eq!(out.stdout.trim(), format!("db.meshnet.local. {ip2}"));
+    let started = Instant::now();
+    assert!(wait_until(SECS(10), || short(&c1.ns, &server, "db.meshnet.local", "A") == [ip2.clone()]), "router 1 does not answer db");
+    eprintln!("db registered on router 2 resolved on router 1 after {} ms", started.elapsed().as_millis());
+    assert_eq!(h1.meshnet(&["dns-lookup", "db"]).expect_ok("dns-lookup").stdout.trim(), ip2);
+    let ping = exec_in_timeout(&c1.ns, &["ping", "-c", "2", "-i", "0.3", "-W", "2", "db"], SECS(20));
+    assert!(ping.ok() && ping.stdout.contains(&ip2), "c1 cannot ping db by name: {ping}");
+    // Reverse, AAAA, unknown names, the domain's own case and the TTL.
+    let ptr = dig(&c1.ns, &server, &["+short", "-x", &ip2]);
+    assert_eq!(ptr.stdout.trim(), "db.meshnet.local.", "{ptr}");
+    assert_eq!(rcode(&c1.ns, &server, "db.meshnet.local", "AAAA"), "NOERROR");
+    assert!(short(&c1.ns, &server, "db.meshnet.local", "AAAA").is_empty());
+    assert_eq!(rcode(&c1.ns, &server, "nobody.meshnet.local", "A"), "NXDOMAIN");
+    assert_eq!(short(&c1.ns, &server, "DB.MeshNet.Local", "A"), [ip2.clone()]);
+    let full = dig(&c1.ns, &server, &["+noall", "+answer", "db.meshnet.local", "A"]);
+    assert!(full.stdout.split_whitespace().nth(1) == Some("1"), "TTL 1 expected: {full}");
+    // Over TCP too.
+    let tcp = dig(&c1.ns, &server, &["+tcp", "+short", "db.meshnet.local"]);
+    assert_eq!(tcp.stdout.trim(), ip2, "{tcp}");
+
+    // Forwarding: the test's resolver answers; what it ignores is SERVFAIL, quickly.
+    assert_eq!(short(&c1.ns, &server, EXTERNAL, "A"), [EXTERNAL_ADDR.to_string()]);
+    let t = Instant::now();
+    assert_eq!(rcode(&c1.ns, &server, "silent.example.org", "A"), "SERVFAIL");
+    assert!(t.elapsed() < SECS(6), "SERVFAIL took {:?}", t.elapsed());
+
+    // Several addresses: all answered, each first in turn.
+    h2.meshnet(&["dns-add", "10.2.1.201", "10.2.1.202", "10.2.1.203", &c2.ns, "-h", "multi"]).expect_ok("dns-add multi");
+    assert!(wait_until(SECS(10), || short(&c1.ns, &server, "multi.meshnet.local", "A").len() == 3));
+    let mut firsts = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let v = short(&c1.ns, &server, "multi.meshnet.local", "A");
+        let mut sorted = v.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["10.2.1.201", "10.2.1.202", "10.2.1.203"]);
+        firsts.insert(v[0].clone());
+    }
+    assert_eq!(firsts.len(), 3, "rotation: {firsts:?}");
+
+    // Removal reaches router 1 within seconds.
+    h2.meshnet(&["dns-remove", &c2.ns, "-h", "multi"]).expect_ok("dns-remove multi");
+    let t = Instant::now();
+    assert!(wait_until(SECS(5), || rcode(&c1.ns, &server, "multi.meshnet.local", "A") == "NXDOMAIN"), "removal not seen");
+    eprintln!("removal seen on router 1 after {} ms", t.elapsed().as_millis());
+    assert_eq!(short(&c1.ns, &server, "db.meshnet.local", "A"), [ip2.clone()], "the other name stays");
+
+    // Records survive kill -9 and a relaunch.
+    kill9(&h2);
+    h2.launch(&["--resume"]);
+    let own = own_records(&h2, &n2);
+    assert_eq!(own, [("db.meshnet.local.".to_string(), ip2.clone())], "after kill -9: {}", dns_status(&h2));
+    assert!(wait_until(SECS(30), || established(&h1) >= 1), "h2 did not reconnect");
+
+    // A partition: router 2 removes db while cut off; router 1 still answers
+    // the old record, and learns of the removal once the partition heals.
+    ip(&["-n", &h2.ns, "link", "set", "eth0", "down"]);
+    // Until router 1 closed the connection (UDP lost for 30 s): nothing queued on it survives.
+    let connected_to_2 = |h: &Host| connections(&h.status_json()).iter().any(|c| c["peer"] == n2.as_str());
+    assert!(wait_until(SECS(60), || !connected_to_2(&h1)), "the partition did not close the connection");
+    h2.meshnet(&["dns-remove", &c2.ns]).expect_ok("dns-remove during the partition");
+    assert!(own_records(&h2, &n2).is_empty());
+    assert_eq!(short(&c1.ns, &server, "db.meshnet.local", "A"), [ip2.clone()], "router 1 cannot know yet");
+    ip(&["-n", &h2.ns, "link", "set", "eth0", "up"]);
+    let t = Instant::now();
+    assert!(
+        wait_until(SECS(90), || rcode(&c1.ns, &server, "db.meshnet.local", "A") == "NXDOMAIN"),
+        "the removal did not reach router 1 after the partition healed: {}",
+        dns_status(&h1)
+    );
+    eprintln!("after the partition healed, the removal reached router 1 in {} ms", t.elapsed().as_millis());
+    h2.meshnet(&["dns-add", &c2.ns, "-h", "db"]).expect_ok("dns-add db again");
+    assert!(wait_until(SECS(10), || short(&c1.ns, &server, "db.meshnet.local", "A") == [ip2.clone()]));
+
+    // A flood of 10 000 queries from c1, plus garbage: answered, counted, and
+    // the router's API answers meanwhile.
+    let before = dns_status(&h1)["counters"].clone();
+    let server_addr: SocketAddr = format!("{server}:53").parse().unwrap();
+    let flooding = Arc::new(AtomicBool::new(true));
+    let api_ms = {
+        let (h1c, flooding) = (h1.clone(), flooding.clone());
+        std::thread::spawn(move || {
+            let mut worst = 0u128;
+            while flooding.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                h1c.meshnet(&["status"]).expect_ok("status during the flood");
+                worst = worst.max(t.elapsed().as_millis());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            worst
+        })
+    };
+    let t = Instant::now();
+    let (sent, answered) = in_netns(&c1.ns, move || {
+        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        sock.send_to(b"\x00\x01garbage that is not DNS", server_addr).unwrap();
+        let (mut sent, mut answered) = (0u32, 0u32);
+        let mut buf = [0u8; 1500];
+        for batch in 0..100u16 {
+            for i in 0..100u16 {
+                let mut q = Message::query();
+                q.metadata.id = batch * 100 + i;
+                q.metadata.message_type = MessageType::Query;
+                q.add_query(Query::query(Name::from_ascii("db.meshnet.local.").unwrap(), RecordType::A));
+                sock.send_to(&q.to_vec().unwrap(), server_addr).unwrap();
+                sent += 1;
+            }
+            let mut got = 0;
+            while got < 100 {
+                let Ok((n, _)) = sock.recv_from(&mut buf) else { break };
+                if Message::from_vec(&buf[..n]).is_ok_and(|m| m.answers.len() == 1) {
+                    got += 1;
+                }
+            }
+            answered += got;
+        }
+        (sent, answered)
+    });
+    let flood_ms = t.elapsed().as_millis();
+    flooding.store(false, Ordering::Relaxed);
+    let worst_api = api_ms.join().unwrap();
+    eprintln!("flood: {answered}/{sent} answered in {flood_ms} ms; slowest `status` meanwhile {worst_api} ms");
+    assert!(answered >= sent * 99 / 100, "{answered}/{sent} answered");
+    assert!(worst_api < 2000, "the API took {worst_api} ms during the flood");
+    let after = dns_status(&h1)["counters"].clone();
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(delta("dropped_garbage"), 1, "{after}");
+    assert!(delta("answered") >= u64::from(answered), "{after}");
+
+    stop.store(true, Ordering::Relaxed);
+    let forwarded = resolver.join().unwrap();
+    assert!(forwarded >= 1);
+}
