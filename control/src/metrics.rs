@@ -528,7 +528,15 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     gauge(&mut reg, "meshnet_ipam_unreachable_peers", "Peers owning space that this router cannot reach", st.owners.iter().filter(|o| !o.reachable).count() as i64);
     gauge(&mut reg, "meshnet_ipam_ring_agreed", "1 once the allocation ring is agreed", matches!(st.state, meshnet_proto::ipam::RingState::Agreed { .. }) as i64);
 
-    // DNS: the DNS records metric (meshnet_dns_records) is registered here once DNS exists.
+    // DNS.
+    let (records, own, owners) = {
+        let t = mesh.dns.table();
+        (t.len(), t.own().len(), t.versions().len())
+    };
+    gauge(&mut reg, "meshnet_dns_records", "Records in this router's DNS table (every router's)", records as i64);
+    gauge(&mut reg, "meshnet_dns_own_records", "DNS records this router registered", own as i64);
+    gauge(&mut reg, "meshnet_dns_owners", "Routers whose DNS record sets this router holds", owners as i64);
+    gauge(&mut reg, "meshnet_dns_listening", "1 while the DNS server listens", mesh.dns.listening().is_some() as i64);
 
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;

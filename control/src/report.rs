@@ -95,8 +95,7 @@ pub fn build(mesh: &Mesh, status: Value, ipam: Value, ps: Value, exposed: &[Expo
         "ipam": ipam,
         "exposed": exposed.iter().map(|e| json!({ "address": e.addr, "masquerade": e.masquerade })).collect::<Vec<_>>(),
         "attachments": ps,
-        // DNS: the lead wires the DNS records in here once DNS exists.
-        "dns": Value::Null,
+        "dns": serde_json::to_value(mesh.dns.status()).unwrap_or(Value::Null),
         "traffic": traffic,
         "dataplane": s("dataplane"),
         "superframes": {

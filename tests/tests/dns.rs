@@ -192,6 +192,12 @@ fn names_across_routers() {
     assert!(wait_until(SECS(10), || short(&c1.ns, &server, "db.meshnet.local", "A") == [ip2.clone()]), "router 1 does not answer db");
     eprintln!("db registered on router 2 resolved on router 1 after {} ms", started.elapsed().as_millis());
     assert_eq!(h1.meshnet(&["dns-lookup", "db"]).expect_ok("dns-lookup").stdout.trim(), ip2);
+    // The metrics port and `report` show the table.
+    let metrics = exec_in_timeout(&h1.ns, &["curl", "-s", "--max-time", "10", "http://127.0.0.1:6782/metrics"], SECS(15));
+    assert!(metrics.stdout.lines().any(|l| l == "meshnet_dns_records 1"), "h1 metrics: {}", metrics.stdout.lines().filter(|l| l.contains("dns")).collect::<Vec<_>>().join("\n"));
+    assert!(metrics.stdout.lines().any(|l| l == "meshnet_dns_listening 1"));
+    let report = h1.meshnet(&["report", "--json"]).expect_ok("report").json();
+    assert_eq!(report["dns"]["records"][0]["address"], ip2.as_str(), "{}", report["dns"]);
     let ping = exec_in_timeout(&c1.ns, &["ping", "-c", "2", "-i", "0.3", "-W", "2", "db"], SECS(20));
     assert!(ping.ok() && ping.stdout.contains(&ip2), "c1 cannot ping db by name: {ping}");
     // Reverse, AAAA, unknown names, the domain's own case and the TTL.
