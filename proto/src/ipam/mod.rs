@@ -142,8 +142,10 @@
 //! ## Costs
 //! Gossip after a change carries only the changed entries (about 20 bytes each,
 //! plus 72 of proof) and a 64-bit ring id; every peer sends its whole ring to
-//! its neighbours every [`Config::full_gossip_interval_ms`] and when new peers
-//! become reachable (about 90 KB for a ring of 1000 signed entries).
+//! its neighbours when new peers become reachable (about 90 KB for a ring of
+//! 1000 signed entries), and every [`Config::full_gossip_interval_ms`] a
+//! digest of it (once agreed; before, the full state): a neighbour whose ring
+//! differs answers with its full state.
 //! * **Bindings and Paxos values go to the neighbours once.** Gossip to the
 //!   neighbours ([`Dest::Neighbours`]) carries the sender's own binding (136
 //!   bytes) and a ballot's value (the list of initial owners: up to thousands of
