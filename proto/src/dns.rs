@@ -47,7 +47,7 @@ pub const MAX_LABEL: usize = 63;
 pub const MAX_TARGET: usize = 256;
 /// Most owners a table holds, and most sets or versions one message carries.
 pub const MAX_OWNERS: usize = crate::topology::MAX_PEERS;
-/// Time between anti-entropy rounds: a digest to every neighbour.
+/// Time between anti-entropy rounds: a digest to about 2·log₂ n random neighbours.
 pub const DIGEST_EVERY_MS: u64 = 2_000;
 /// At most one summary sent to a neighbour per this long (a neighbour that
 /// sends digests in a loop gets at most this much of the table back).
@@ -95,7 +95,7 @@ pub struct Digest {
 pub enum DnsMsg {
     /// Signed record sets: the whole table on a new connection, changed sets later.
     Sets(Vec<SignedSet>),
-    /// Anti-entropy: sent to every neighbour every [`DIGEST_EVERY_MS`].
+    /// Anti-entropy: sent to about 2·log₂ n random neighbours every [`DIGEST_EVERY_MS`].
     Digest(Digest),
     /// Every held set's (owner, version), sorted by owner: the answer to a digest
     /// that differs. `answer`: the receiver should send its own summary back if
