@@ -539,6 +539,17 @@ fn docker_names_across_routers() {
         run(&mut cmd, SECS(60)).expect_ok(&format!("launch router {side} in its own mount namespace"));
     }
     let (a, b) = (w.routers[0].clone(), w.routers[1].clone());
+    // Each router daemon runs in a mount namespace of its own, where
+    // /etc/resolv.conf is the test's: nothing is forwarded to this host's resolvers.
+    let own_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    for r in [&a, &b] {
+        let pid = std::fs::read_to_string(r.state.join("meshnet.pid")).unwrap();
+        let pid = pid.trim();
+        let mnt = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_ne!(mnt, own_mnt, "router {pid} shares the test's mount namespace");
+        let conf = std::fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf")).unwrap();
+        assert_eq!(conf, format!("nameserver {upstream_ip}\n"), "router {pid}'s resolv.conf");
+    }
     for r in [&a, &b] {
         let rule = ["DOCKER-USER", "-i", &r.bridge, "-o", &r.bridge, "-j", "ACCEPT"];
         if run(Command::new("iptables").arg("-I").args(rule), SECS(10)).ok() {
@@ -581,6 +592,9 @@ fn docker_names_across_routers() {
     assert!(ip_b.starts_with("10.214.5."), "{ip_b}");
 
     // cb (registered by router B's plugin) resolves on router A, and ca pings it by its bare name.
+    eprintln!("dns: {ca} resolver: {}", docker(&["inspect", "-f", "{{.HostConfig.Dns}} {{.HostConfig.DnsSearch}}", &ca]).stdout.trim());
+    let answered = |r: &Router| r.json(&["status", "dns", "--json"])["counters"]["answered"].as_u64().unwrap_or(0);
+    let answered_before = answered(&a);
     let fqdn_b = format!("{cb}.meshnet.local");
     let t = Instant::now();
     assert!(
@@ -590,6 +604,7 @@ fn docker_names_across_routers() {
         a.meshnet(&["status", "dns"])
     );
     eprintln!("dns: {fqdn_b} -> {ip_b} resolved in {ca} (router A) after {} ms", t.elapsed().as_millis());
+    assert!(answered(&a) > answered_before, "router A's server answered nothing: the name came from elsewhere");
     assert_eq!(a.meshnet(&["dns-lookup", &cb]).expect_ok("dns-lookup").stdout.trim(), ip_b);
     let ping = docker(&["exec", &ca, "ping", "-c", "2", "-i", "0.3", "-W", "2", &cb]);
     assert!(ping.ok() && ping.stdout.contains(&ip_b), "{ca} cannot ping {cb} by name: {ping}");
@@ -662,7 +677,19 @@ fn docker_names_across_routers() {
     );
     let ping = docker(&["exec", &r1, "ping", "-c", "2", "-i", "0.3", "-W", "2", &r2]);
     assert!(ping.ok() && ping.stdout.contains("10.214.5.62"), "{r1} cannot ping {r2} by name: {ping}");
-    assert_eq!(resolve_in(&r1, EXTERNAL.trim_end_matches('.')), Some(EXTERNAL_ADDR.to_string()), "the outside name from r1");
+    let counters = |r: &Router| r.json(&["status", "dns", "--json"])["counters"].clone();
+    let before = counters(&a);
+    let t = Instant::now();
+    let mut tries = 0;
+    assert!(
+        wait_until(SECS(15), || {
+            tries += 1;
+            resolve_in(&r1, EXTERNAL.trim_end_matches('.')) == Some(EXTERNAL_ADDR.to_string())
+        }),
+        "the outside name from {r1}: router A's DNS counters {before} -> {}",
+        counters(&a)
+    );
+    eprintln!("attach: {EXTERNAL} forwarded for {r1} in {} ms ({tries} lookups; router A's DNS counters {before} -> {})", t.elapsed().as_millis(), counters(&a));
     eprintln!("attach: {r1} (router A) resolved and pinged {r2} (router B) by name");
     docker(&["rm", "-f", &r2]).expect_ok("docker rm -f r2");
     let t = Instant::now();
