@@ -15,6 +15,9 @@
 //! The image holds only `ping`, `sleep` and `ip` copied from this host with
 //! their libraries (`docker import`: no registry, no download).
 //!
+//! `docker_names_across_routers`: meshnet DNS with real containers on two such
+//! routers (issue 13's first must-show); its doc comment says what it shows.
+//!
 //! Everything made here (containers, networks, image, bridges, the routers'
 //! exposed addresses and nftables tables, state directories) has a unique name
 //! and is removed at the end, also on failure (`meshnet reset` for the routers).
