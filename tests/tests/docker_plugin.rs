@@ -15,6 +15,9 @@
 //! The image holds only `ping`, `sleep` and `ip` copied from this host with
 //! their libraries (`docker import`: no registry, no download).
 //!
+//! `docker_names_across_routers`: meshnet DNS with real containers on two such
+//! routers (issue 13's first must-show); its doc comment says what it shows.
+//!
 //! Everything made here (containers, networks, image, bridges, the routers'
 //! exposed addresses and nftables tables, state directories) has a unique name
 //! and is removed at the end, also on failure (`meshnet reset` for the routers).
@@ -141,12 +144,12 @@ impl Drop for World {
     }
 }
 
-/// A tiny image made of this host's `ping`, `sleep` and `ip` and their libraries.
-fn build_image(w: &mut World) -> String {
+/// A tiny image made of this host's `ping`, `sleep` and `ip` (and `extra`) and their libraries.
+fn build_image(w: &mut World, extra: &[&str]) -> String {
     let root = w.dir.join("rootfs");
     std::fs::create_dir_all(&root).unwrap();
     let mut files: Vec<PathBuf> = Vec::new();
-    for bin in ["ping", "sleep", "ip"] {
+    for bin in ["ping", "sleep", "ip"].iter().chain(extra) {
         let which = run(Command::new("sh").args(["-c", &format!("command -v {bin}")]), SECS(5)).expect_ok(bin);
         let path = PathBuf::from(which.stdout.trim());
         let ldd = run(Command::new("ldd").arg(&path), SECS(10));
@@ -222,7 +225,7 @@ fn docker_plugin_networks_and_restarted_containers() {
         iptables: vec![],
     };
     std::fs::create_dir_all(&w.dir).unwrap();
-    let image = build_image(&mut w);
+    let image = build_image(&mut w, &[]);
 
     // Two routers on the host namespace, seeded so the ring is agreed at once.
     let names = ["02:00:5e:d0:00:0a", "02:00:5e:d0:00:0b"];
@@ -395,4 +398,316 @@ fn docker_plugin_networks_and_restarted_containers() {
         "removed container still attached"
     );
     eprintln!("docker plugin scenario done");
+}
+
+/// What the test's upstream resolver answers for an outside name.
+const EXTERNAL: &str = "ext.example.org.";
+const EXTERNAL_ADDR: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 0, 2, 77);
+
+/// Network namespaces made by the DNS test (deleted on drop) and its resolver thread (stopped).
+struct Netns {
+    names: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for n in &self.names {
+            let _ = run(Command::new("ip").args(["netns", "del", n]), SECS(10));
+        }
+    }
+}
+
+/// The test's upstream resolver on `ip:53` in namespace `ns`: answers
+/// [`EXTERNAL`] with [`EXTERNAL_ADDR`], every other name NXDOMAIN; returns how
+/// many questions it answered with an address when `stop` is set.
+fn upstream_resolver(ns: &str, ip: std::net::Ipv4Addr, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<u64> {
+    use hickory_proto::op::{Message, OpCode, ResponseCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record};
+    let ns = ns.to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        meshnet_tests::hostile::in_netns(&ns, move || {
+            let sock = UdpSocket::bind((ip, 53)).expect("bind the upstream resolver");
+            sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+            tx.send(()).unwrap();
+            let mut answered = 0;
+            let mut buf = [0u8; 4096];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok((n, src)) = sock.recv_from(&mut buf) else { continue };
+                let Ok(req) = Message::from_vec(&buf[..n]) else { continue };
+                let Some(q) = req.queries.first() else { continue };
+                let mut resp = Message::response(req.metadata.id, OpCode::Query);
+                resp.metadata.recursion_desired = req.metadata.recursion_desired;
+                resp.metadata.recursion_available = true;
+                resp.add_query(q.clone());
+                if q.name().to_lowercase().to_ascii() == EXTERNAL && q.query_type() == hickory_proto::rr::RecordType::A {
+                    resp.add_answer(Record::from_rdata(q.name().clone(), 60, RData::A(A(EXTERNAL_ADDR))));
+                    answered += 1;
+                } else if q.name().to_lowercase().to_ascii() != EXTERNAL {
+                    resp.metadata.response_code = ResponseCode::NXDomain;
+                }
+                let _ = sock.send_to(&resp.to_vec().unwrap(), src);
+            }
+            answered
+        })
+    });
+    rx.recv_timeout(SECS(10)).expect("the upstream resolver started");
+    handle
+}
+
+/// The IPv4 address `name` resolves to in `container` (glibc's resolver), if any.
+fn resolve_in(container: &str, name: &str) -> Option<String> {
+    let out = run(Command::new("docker").args(["exec", container, "getent", "ahostsv4", name]), SECS(20));
+    out.ok().then(|| out.stdout.split_whitespace().next().unwrap_or_default().to_string())
+}
+
+/// Two routers; containers use router 1's DNS server (`meshnet dns-args` given
+/// to `docker run`): a container on router 1 resolves and pings by name a
+/// container on router 2, registered by the plugin's Join (and one attached by
+/// name with `meshnet attach`); an outside name is forwarded to the resolver of
+/// router 1's resolv.conf (a resolver the test runs in a namespace of its own,
+/// on the overlay; each router runs in its own mount namespace with its own
+/// resolv.conf bind-mounted, so nothing goes to this host's resolvers). After
+/// `docker rm -f` on router 2 the name stops resolving on router 1 within
+/// seconds, also when it was removed during a partition between the routers
+/// (iptables DROP of their ports), once that heals.
+#[test]
+fn docker_names_across_routers() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Instant;
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
+    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
+    // Made before the routers (each copies this host's mounts when it starts
+    // in its own mount namespace), dropped after them.
+    let upstream_ns = format!("mndnsup{tag}");
+    let mut netns = Netns { names: vec![], stop: Arc::new(AtomicBool::new(false)) };
+    run(Command::new("ip").args(["netns", "add", &upstream_ns]), SECS(10)).expect_ok("ip netns add");
+    netns.names.push(upstream_ns.clone());
+    run(Command::new("ip").args(["-n", &upstream_ns, "link", "set", "lo", "up"]), SECS(10)).expect_ok("lo up");
+    let mut w = World {
+        dir: std::env::temp_dir().join(format!("meshnet-docker-dns-{tag}")),
+        tag,
+        containers: vec![],
+        networks: vec![],
+        image: None,
+        routers: vec![],
+        iptables: vec![],
+    };
+    std::fs::create_dir_all(&w.dir).unwrap();
+    let image = build_image(&mut w, &["getent"]);
+
+    // The routers' resolv.conf: the test's resolver only, on an overlay address.
+    let upstream_ip: std::net::Ipv4Addr = "10.214.5.53".parse().unwrap();
+    let resolv = w.dir.join("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {upstream_ip}\n")).unwrap();
+    let range = "10.214.0.0/16";
+    let names = ["02:00:5e:d1:00:0a", "02:00:5e:d1:00:0b"];
+    for (i, side) in ["a", "b"].iter().enumerate() {
+        w.routers.push(Router {
+            state: w.dir.join(format!("state-{side}")),
+            plugin: w.name(&format!("mnd{side}")),
+            bridge: w.name(&format!("mnd{side}")),
+            port: free_port(),
+        });
+        let r = &w.routers[i];
+        let port = r.port.to_string();
+        let seed = format!("seed={}", names.join(","));
+        let peer = format!("127.0.0.1:{}", w.routers[0].port);
+        let mut cmd = Command::new("unshare");
+        // A mount namespace of its own (slave: it still sees this host's later
+        // mounts) whose /etc/resolv.conf is the test's; the daemon `launch`
+        // starts inherits it.
+        cmd.args(["-m", "--propagation", "slave", "--", "sh", "-c", "mount --bind \"$1\" /etc/resolv.conf && shift && exec \"$@\"", "sh"])
+            .arg(&resolv)
+            .arg(meshnet_bin())
+            .arg("--state-dir")
+            .arg(&r.state)
+            .args([
+                "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", names[i], "--nickname", side,
+                "--no-discovery", "--ipalloc-range", range, "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin,
+                "--metrics-addr=",
+            ]);
+        if i == 1 {
+            cmd.arg(&peer);
+        }
+        cmd.env_remove("MESHNET_PASSWORD");
+        run(&mut cmd, SECS(60)).expect_ok(&format!("launch router {side} in its own mount namespace"));
+    }
+    let (a, b) = (w.routers[0].clone(), w.routers[1].clone());
+    // Each router daemon runs in a mount namespace of its own, where
+    // /etc/resolv.conf is the test's: nothing is forwarded to this host's resolvers.
+    let own_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    for r in [&a, &b] {
+        let pid = std::fs::read_to_string(r.state.join("meshnet.pid")).unwrap();
+        let pid = pid.trim();
+        let mnt = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_ne!(mnt, own_mnt, "router {pid} shares the test's mount namespace");
+        let conf = std::fs::read_to_string(format!("/proc/{pid}/root/etc/resolv.conf")).unwrap();
+        assert_eq!(conf, format!("nameserver {upstream_ip}\n"), "router {pid}'s resolv.conf");
+    }
+    for r in [&a, &b] {
+        let rule = ["DOCKER-USER", "-i", &r.bridge, "-o", &r.bridge, "-j", "ACCEPT"];
+        if run(Command::new("iptables").arg("-I").args(rule), SECS(10)).ok() {
+            w.iptables.push(rule.iter().map(|s| s.to_string()).collect());
+        }
+    }
+    let connected = |a: &Router| {
+        a.json(&["status", "connections", "--json"])
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["peer"] == names[1] && c["state"] == "established"))
+    };
+    assert!(wait_until(SECS(30), || connected(&a)), "the routers did not connect: {}", a.meshnet(&["status", "connections"]));
+
+    // The test's upstream resolver, on the overlay through router B.
+    b.meshnet(&["attach", &format!("{upstream_ip}/24"), &upstream_ns]).expect_ok("attach the upstream resolver's namespace");
+    let resolver = upstream_resolver(&upstream_ns, upstream_ip, netns.stop.clone());
+
+    // The same overlay subnet through each router's plugin; router A's gateway
+    // is its first exposed address, where its DNS server listens.
+    let subnet = "10.214.5.0/24";
+    let (net_a, net_b) = (w.name("mndneta"), w.name("mndnetb"));
+    for (net, p) in [(&net_a, &a.plugin), (&net_b, &b.plugin)] {
+        w.networks.push(net.clone());
+        docker(&["network", "create", "--driver", p, "--ipam-driver", p, "--subnet", subnet, net])
+            .expect_ok(&format!("docker network create {net}"));
+    }
+    assert!(wait_until(SECS(5), || a.meshnet(&["dns-args"]).ok()), "router A's DNS server does not listen: {}", a.meshnet(&["dns-args"]));
+    let dns_args = a.meshnet(&["dns-args"]).expect_ok("dns-args").stdout.trim().to_string();
+    let server = dns_args.split_whitespace().nth(1).unwrap_or_default().to_string();
+    assert!(server.starts_with("10.214.5.") && dns_args.ends_with("--dns-search meshnet.local"), "dns-args: {dns_args}");
+    let dns: Vec<&str> = dns_args.split_whitespace().collect();
+
+    let (ca, cb) = (w.name("mndca"), w.name("mndcb"));
+    let mut args = vec!["--network", &net_a];
+    args.extend(&dns);
+    args.extend([&image[..], "sleep", "3600"]);
+    w.run_container(&ca, &args).expect_ok("docker run on router A's network");
+    w.run_container(&cb, &["--network", &net_b, &image, "sleep", "3600"]).expect_ok("docker run on router B's network");
+    let ip_b = ip_in(&cb, &net_b);
+    assert!(ip_b.starts_with("10.214.5."), "{ip_b}");
+
+    // cb (registered by router B's plugin) resolves on router A, and ca pings it by its bare name.
+    eprintln!("dns: {ca} resolver: {}", docker(&["inspect", "-f", "{{.HostConfig.Dns}} {{.HostConfig.DnsSearch}}", &ca]).stdout.trim());
+    let answered = |r: &Router| r.json(&["status", "dns", "--json"])["counters"]["answered"].as_u64().unwrap_or(0);
+    let answered_before = answered(&a);
+    let fqdn_b = format!("{cb}.meshnet.local");
+    let t = Instant::now();
+    assert!(
+        wait_until(SECS(15), || resolve_in(&ca, &fqdn_b).as_deref() == Some(&ip_b[..])),
+        "{ca} does not resolve {fqdn_b} to {ip_b}: {:?}; router A: {}",
+        resolve_in(&ca, &fqdn_b),
+        a.meshnet(&["status", "dns"])
+    );
+    eprintln!("dns: {fqdn_b} -> {ip_b} resolved in {ca} (router A) after {} ms", t.elapsed().as_millis());
+    assert!(answered(&a) > answered_before, "router A's server answered nothing: the name came from elsewhere");
+    assert_eq!(a.meshnet(&["dns-lookup", &cb]).expect_ok("dns-lookup").stdout.trim(), ip_b);
+    let ping = docker(&["exec", &ca, "ping", "-c", "2", "-i", "0.3", "-W", "2", &cb]);
+    assert!(ping.ok() && ping.stdout.contains(&ip_b), "{ca} cannot ping {cb} by name: {ping}");
+    eprintln!("dns: {ca} pinged {cb} by name");
+
+    // An outside name: forwarded by router A to the test's resolver.
+    let before = a.json(&["status", "dns", "--json"])["counters"]["forwarded"].as_u64().unwrap_or(0);
+    assert_eq!(resolve_in(&ca, EXTERNAL.trim_end_matches('.')), Some(EXTERNAL_ADDR.to_string()), "the outside name");
+    let forwarded = a.json(&["status", "dns", "--json"])["counters"]["forwarded"].as_u64().unwrap_or(0);
+    assert!(forwarded > before, "router A forwarded nothing ({before} -> {forwarded})");
+
+    // docker rm -f on router B: the name is gone on router A within seconds.
+    docker(&["rm", "-f", &cb]).expect_ok("docker rm -f cb");
+    let t = Instant::now();
+    assert!(wait_until(SECS(5), || resolve_in(&ca, &fqdn_b).is_none()), "{fqdn_b} still resolves after docker rm -f");
+    eprintln!("dns: {fqdn_b} gone on router A {} ms after docker rm -f", t.elapsed().as_millis());
+
+    // The same with a partition: a container removed on router B while the
+    // routers cannot reach each other is gone on router A once it heals.
+    let cp = w.name("mndcp");
+    w.run_container(&cp, &["--network", &net_b, &image, "sleep", "3600"]).expect_ok("docker run cp");
+    let ip_p = ip_in(&cp, &net_b);
+    let fqdn_p = format!("{cp}.meshnet.local");
+    assert!(wait_until(SECS(15), || resolve_in(&ca, &fqdn_p).as_deref() == Some(&ip_p[..])), "{fqdn_p} does not resolve on router A");
+    let ports = format!("{},{}", a.port, b.port);
+    let rules: Vec<Vec<String>> = ["tcp", "udp"]
+        .iter()
+        .map(|p| ["INPUT", "-i", "lo", "-p", p, "-m", "multiport", "--ports", &ports, "-j", "DROP"].iter().map(|s| s.to_string()).collect())
+        .collect();
+    for rule in &rules {
+        run(Command::new("iptables").arg("-I").args(rule), SECS(10)).expect_ok("partition");
+        w.iptables.push(rule.clone());
+    }
+    // Until router A closed the connection (UDP lost for 30 s): nothing queued on it survives.
+    let t = Instant::now();
+    let any_conn = |r: &Router| {
+        r.json(&["status", "connections", "--json"]).as_array().is_some_and(|c| c.iter().any(|c| c["peer"] == names[1]))
+    };
+    assert!(wait_until(SECS(60), || !any_conn(&a)), "the partition did not close the connection: {}", a.meshnet(&["status", "connections"]));
+    eprintln!("partition: router A closed its connection to router B after {} ms", t.elapsed().as_millis());
+    docker(&["rm", "-f", &cp]).expect_ok("docker rm -f cp during the partition");
+    assert!(
+        wait_until(SECS(5), || b.meshnet(&["dns-lookup", &cp]).stderr.contains("no such name")),
+        "router B still has {cp}: {}",
+        b.meshnet(&["status", "dns"])
+    );
+    assert_eq!(resolve_in(&ca, &fqdn_p), Some(ip_p.clone()), "router A cannot have learnt of the removal yet");
+    for rule in &rules {
+        run(Command::new("iptables").arg("-D").args(rule), SECS(10)).expect_ok("heal");
+        w.iptables.retain(|r| r != rule);
+    }
+    let t = Instant::now();
+    assert!(
+        wait_until(SECS(90), || resolve_in(&ca, &fqdn_p).is_none()),
+        "{fqdn_p} still resolves on router A after the partition healed: {}",
+        a.meshnet(&["status", "dns"])
+    );
+    eprintln!("partition healed: {fqdn_p} gone on router A after {} ms", t.elapsed().as_millis());
+
+    // Containers attached by name (`meshnet attach`) are registered too.
+    let (r1, r2) = (w.name("mndr1"), w.name("mndr2"));
+    let mut args = vec!["--network", "none"];
+    args.extend(&dns);
+    args.extend([&image[..], "sleep", "3600"]);
+    w.run_container(&r1, &args).expect_ok("docker run r1");
+    w.run_container(&r2, &["--network", "none", &image, "sleep", "3600"]).expect_ok("docker run r2");
+    a.meshnet(&["attach", "10.214.5.61/24", &r1]).expect_ok("attach r1 by name");
+    b.meshnet(&["attach", "10.214.5.62/24", &r2]).expect_ok("attach r2 by name");
+    let fqdn_r2 = format!("{r2}.meshnet.local");
+    assert!(
+        wait_until(SECS(15), || resolve_in(&r1, &fqdn_r2).as_deref() == Some("10.214.5.62")),
+        "{r1} does not resolve {fqdn_r2}: {:?}; router A: {}; {}; {r1} to router A's server: {}",
+        resolve_in(&r1, &fqdn_r2),
+        a.meshnet(&["dns-lookup", &r2]),
+        a.meshnet(&["status", "connections"]),
+        docker(&["exec", &r1, "ping", "-c", "2", "-W", "1", &server])
+    );
+    let ping = docker(&["exec", &r1, "ping", "-c", "2", "-i", "0.3", "-W", "2", &r2]);
+    assert!(ping.ok() && ping.stdout.contains("10.214.5.62"), "{r1} cannot ping {r2} by name: {ping}");
+    let counters = |r: &Router| r.json(&["status", "dns", "--json"])["counters"].clone();
+    let before = counters(&a);
+    let t = Instant::now();
+    let mut tries = 0;
+    assert!(
+        wait_until(SECS(15), || {
+            tries += 1;
+            resolve_in(&r1, EXTERNAL.trim_end_matches('.')) == Some(EXTERNAL_ADDR.to_string())
+        }),
+        "the outside name from {r1}: router A's DNS counters {before} -> {}",
+        counters(&a)
+    );
+    eprintln!("attach: {EXTERNAL} forwarded for {r1} in {} ms ({tries} lookups; router A's DNS counters {before} -> {})", t.elapsed().as_millis(), counters(&a));
+    eprintln!("attach: {r1} (router A) resolved and pinged {r2} (router B) by name");
+    docker(&["rm", "-f", &r2]).expect_ok("docker rm -f r2");
+    let t = Instant::now();
+    assert!(wait_until(SECS(5), || resolve_in(&r1, &fqdn_r2).is_none()), "{fqdn_r2} still resolves after docker rm -f");
+    eprintln!("attach: {fqdn_r2} gone on router A {} ms after docker rm -f", t.elapsed().as_millis());
+
+    netns.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let answered = resolver.join().unwrap();
+    assert!(answered >= 2, "the upstream resolver answered {answered} questions for {EXTERNAL}");
+    eprintln!("docker dns scenario done; the upstream resolver answered {answered}");
 }
