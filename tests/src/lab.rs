@@ -1199,8 +1199,24 @@ pub fn kill9(h: &Host) -> i32 {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let gone = wait_until(Duration::from_secs(10), || !h.pids().contains(&pid));
     assert!(gone, "router {pid} of {} survived SIGKILL", h.ns);
+    // Out of the namespace's list is not yet dead: the group leader leaves its
+    // namespace before the other threads have exited, and the last one to exit
+    // closes the sockets (a relaunch at once found UDP 6783 still bound). Wait
+    // until every thread left is a zombie (or the process is gone).
+    let exited = wait_until(Duration::from_secs(10), || threads_exited(pid));
+    assert!(exited, "router {pid} of {}: threads still running 10 s after SIGKILL", h.ns);
     eprintln!("killed router {pid} of {} with SIGKILL", h.ns);
     pid
+}
+
+/// Whether every thread of `pid` has exited (zombie or dead), so its files
+/// (sockets) are closed; true when the process is gone.
+fn threads_exited(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return true };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .map_or(true, |s| s.rsplit(") ").next().is_none_or(|rest| rest.starts_with('Z') || rest.starts_with('X')))
+    })
 }
 
 // ---------------------------------------------------------------------------
