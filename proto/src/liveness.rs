@@ -15,9 +15,10 @@
 //!   liveness (and NAT mappings) and carries the `heard` report;
 //! - every [`CONFIRM_EVERY`] rounds: also the current path MTU and the smallest
 //!   ladder size, which keep the peer's report of both within its window;
-//! - while UDP does not work, every [`FULL_LADDER_EVERY`] rounds after, and at
-//!   once when the peer reports less than before: the whole ladder, from the
-//!   largest datagram we may send down to [`LADDER`]'s smallest.
+//! - while UDP does not work, every [`FULL_LADDER_EVERY`] rounds after, and in
+//!   the next [`REPROBE_LADDERS`] rounds when the peer reports less than
+//!   before: the whole ladder, from the largest datagram we may send down to
+//!   [`LADDER`]'s smallest.
 //!
 //! The peer's `heard` is then the largest datagram that crossed the path, and
 //! that is the most we send it. A path that shrinks is noticed when the window
@@ -34,10 +35,17 @@ pub const SLOW_MS: u64 = 1000;
 pub const FAST_FOR_MS: u64 = 10_000;
 /// No heartbeat for this long: UDP is down.
 pub const DEAD_MS: u64 = 5000;
-/// The window over which received probe sizes are reported: longer than
-/// [`CONFIRM_EVERY`] slow rounds (with their timer slack), so the current and
-/// the previous window always hold a confirmation.
-pub const WINDOW_MS: u64 = 12_500;
+/// The window over which received probe sizes are reported: longer than two
+/// confirmations ([`CONFIRM_EVERY`] slow rounds each, with their timer slack),
+/// so the current and the previous window together always hold two of them and
+/// one confirmation lost under load (a full socket buffer during a transfer)
+/// lowers nothing.
+pub const WINDOW_MS: u64 = 2 * CONFIRM_EVERY as u64 * SLOW_MS + 2500;
+/// After the peer reports less than before, this many whole ladders, one per
+/// round: a ladder is a burst, and under load a burst can lose the size that
+/// does fit while a smaller one arrives; the report is the largest heard over
+/// the window, so one good ladder of these restores it.
+pub const REPROBE_LADDERS: u8 = 3;
 /// Every this many rounds the path MTU and the smallest ladder size are sent
 /// again, once UDP works.
 pub const CONFIRM_EVERY: u32 = 10;
@@ -65,8 +73,9 @@ pub struct Liveness {
     next_send: u64,
     /// Since when UDP has not worked (None while it does).
     down_since: Option<u64>,
-    /// The peer reported less than before: probe the whole ladder next round.
-    reprobe: bool,
+    /// The peer reported less than before: whole ladders still to send, one
+    /// per round (see [`REPROBE_LADDERS`]).
+    reprobe: u8,
     seq: u32,
 }
 
@@ -83,7 +92,7 @@ impl Liveness {
             window_start: now,
             next_send: now,
             down_since: Some(now),
-            reprobe: false,
+            reprobe: 0,
             seq: 0,
         }
     }
@@ -112,7 +121,9 @@ impl Liveness {
         }
         self.last_heard = Some(now);
         let heard = hb.heard.min(self.max);
-        self.reprobe |= heard < self.peer_heard;
+        if heard < self.peer_heard {
+            self.reprobe = REPROBE_LADDERS;
+        }
         self.peer_heard = heard;
     }
 
@@ -155,8 +166,8 @@ impl Liveness {
             (false, Some(_)) => {}
         }
         sizes.clear();
-        if !ok || self.reprobe || self.seq.is_multiple_of(FULL_LADDER_EVERY) {
-            self.reprobe = false;
+        if !ok || self.reprobe > 0 || self.seq.is_multiple_of(FULL_LADDER_EVERY) {
+            self.reprobe = self.reprobe.saturating_sub(1);
             sizes.push(self.max);
             sizes.extend(LADDER.iter().copied().filter(|&s| s < self.max));
         } else if self.seq.is_multiple_of(CONFIRM_EVERY) {
@@ -194,21 +205,22 @@ mod tests {
         }
 
         fn run(&mut self, ms: u64, path_ab: u16, path_ba: u16) {
+            self.run_lossy(ms, |a_to_b, _, len| len <= if a_to_b { path_ab } else { path_ba });
+        }
+
+        /// As [`run`](Self::run), each datagram crossing when
+        /// `crosses(a_to_b, now, len)`.
+        fn run_lossy(&mut self, ms: u64, mut crosses: impl FnMut(bool, u64, u16) -> bool) {
             let end = self.now + ms;
             while self.now < end {
-                if let Some(hb) = self.a.poll(self.now, &mut self.sizes) {
-                    for &s in &self.sizes {
-                        let len = if s == BEAT { crate::datapath::MIN_HEARTBEAT as u16 } else { s };
-                        if len <= path_ab {
-                            self.b.on_heartbeat(self.now, hb, len as usize);
-                        }
-                    }
-                }
-                if let Some(hb) = self.b.poll(self.now, &mut self.sizes) {
-                    for &s in &self.sizes {
-                        let len = if s == BEAT { crate::datapath::MIN_HEARTBEAT as u16 } else { s };
-                        if len <= path_ba {
-                            self.a.on_heartbeat(self.now, hb, len as usize);
+                for a_to_b in [true, false] {
+                    let (from, to) = if a_to_b { (&mut self.a, &mut self.b) } else { (&mut self.b, &mut self.a) };
+                    if let Some(hb) = from.poll(self.now, &mut self.sizes) {
+                        for &s in &self.sizes {
+                            let len = if s == BEAT { crate::datapath::MIN_HEARTBEAT as u16 } else { s };
+                            if crosses(a_to_b, self.now, len) {
+                                to.on_heartbeat(self.now, hb, len as usize);
+                            }
                         }
                     }
                 }
@@ -320,6 +332,54 @@ mod tests {
             assert_eq!(l.a.path_mtu(l.now), Some(1472), "at {} ms", l.now);
             assert_eq!(l.b.path_mtu(l.now), Some(1472), "at {} ms", l.now);
         }
+    }
+
+    #[test]
+    fn one_lost_confirmation_lowers_nothing() {
+        let mut l = Link::new(1472);
+        l.run(2 * FAST_MS, 1000, 1000);
+        assert_eq!(l.a.path_mtu(l.now), Some(1000));
+        // Every confirmation a → b in the next stretch of one confirmation
+        // interval is lost, the smallest size with it (a burst of loss), at
+        // every phase of the windows.
+        for _ in 0..8 {
+            l.run(3 * SLOW_MS, 1000, 1000);
+            let lost_until = l.now + CONFIRM_EVERY as u64 * SLOW_MS;
+            let mut lowest = u16::MAX;
+            let mut down = false;
+            let until = l.now + 2 * WINDOW_MS;
+            while l.now < until {
+                l.run_lossy(SLOW_MS, |a_to_b, now, len| {
+                    len <= 1000 && !(a_to_b && now < lost_until && len >= LADDER[LADDER.len() - 1])
+                });
+                lowest = lowest.min(l.a.path_mtu(l.now).unwrap_or(0) as u16);
+                down |= !l.a.udp_ok(l.now);
+            }
+            assert_eq!(lowest, 1000, "one lost confirmation lowered the path MTU (at {} ms)", l.now);
+            assert!(!down, "one lost confirmation took UDP down");
+        }
+    }
+
+    #[test]
+    fn a_ladder_that_loses_the_fitting_size_is_repeated() {
+        let mut l = Link::new(1472);
+        l.run(2 * FAST_MS, 1472, 1472);
+        // The path shrinks to 900 and the first ladder after that loses its
+        // 900 probe (a burst) while 800 arrives: the next ladders find 900,
+        // long before the next periodic ladder.
+        let mut lost_at = None;
+        while lost_at.is_none() {
+            l.run_lossy(SLOW_MS, |a_to_b, now, len| {
+                if a_to_b && len == 900 && lost_at.is_none() {
+                    lost_at = Some(now);
+                    return false;
+                }
+                len <= 900
+            });
+            assert!(l.now < 3 * WINDOW_MS, "no ladder after the path shrank");
+        }
+        l.run(REPROBE_LADDERS as u64 * SLOW_MS + 100, 900, 900);
+        assert_eq!(l.a.path_mtu(l.now), Some(900), "{} ms after the lossy ladder", l.now - lost_at.unwrap_or(0));
     }
 
     #[test]
