@@ -38,6 +38,12 @@ const ADMISSION_TICK: Duration = Duration::from_secs(30);
 /// Encrypted bytes waiting for the socket above which the send queue is left
 /// alone (so gossip coalesces there instead of piling up here).
 const WRITE_BACKLOG: usize = 256 * 1024;
+/// A connection's read buffer, and the room its output keeps once written:
+/// at rest a connection carries digests and heartbeats of a few hundred bytes,
+/// and a router with a hundred connections should not hold a burst for each
+/// (16 + 64 KiB each made 8 of a 100-peer router's ~25 MiB).
+const READ_BUF: usize = 4 * 1024;
+const KEEP_PENDING: usize = 4 * 1024;
 /// A connection looks whether its data keys are due when the rekeyer's next
 /// deadline comes, but at least this often for the volume of data sealed (at
 /// 10 Gbit/s two seconds seal 2^27 AES blocks, far below the 2^32 that force a
@@ -507,7 +513,7 @@ async fn run_established(
     let mut last_heard = tokio::time::Instant::now();
     // Reads loop until the socket is drained: a small buffer costs a few more
     // calls on a burst, and a hundred connections do not hold 64 KiB each.
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; READ_BUF];
     let mut rekey_at = rekey.next_check(rekeyer);
     let mut rekey_in = Vec::new();
 
@@ -577,7 +583,7 @@ async fn run_established(
                         if sent == pending.len() {
                             pending.clear();
                             // A burst's room is given back once written.
-                            pending.shrink_to(64 * 1024);
+                            pending.shrink_to(KEEP_PENDING);
                             sent = 0;
                             if let Some(why) = closing.take() {
                                 return why;

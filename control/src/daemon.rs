@@ -90,6 +90,7 @@ pub fn tap_name(bridge: &str) -> String {
 
 /// Runs the router in this process until `stop` or `reset`.
 pub fn run(cfg: Config) -> Result<()> {
+    crate::heap::tune();
     cfg.state.ensure()?;
     if api::call(&cfg.state, &Request::Status, Duration::from_secs(2)).is_ok() {
         bail!("a meshnet router is already running for state directory {}", cfg.state.root.display());
@@ -286,6 +287,7 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(mesh::route_loop(mesh.clone()));
         tasks.spawn(api_loop(ctx.clone(), api_listener));
         tasks.spawn(keys_saver(mesh.clone()));
+        tasks.spawn(crate::heap::trim_loop());
         if let Some(l) = metrics_listener {
             log::info!("serving metrics and the map on http://{}", l.local_addr()?);
             let exposed_ctx = ctx.clone();

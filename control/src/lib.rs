@@ -24,6 +24,7 @@ pub mod ipam;
 pub mod docker;
 pub mod dns;
 pub mod expose;
+pub mod heap;
 pub mod logger;
 pub mod mesh;
 pub mod metrics;

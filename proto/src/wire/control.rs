@@ -382,7 +382,7 @@ pub struct ControlChannel {
 /// sealed and opened in place, and a buffer that grew for a large message gives
 /// the rest back once it is consumed, so a router with a hundred connections
 /// does not hold a hundred copies of its largest gossip.
-const KEEP_CAPACITY: usize = 16 * 1024;
+const KEEP_CAPACITY: usize = 4 * 1024;
 
 impl std::fmt::Debug for ControlChannel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
