@@ -31,3 +31,4 @@ pub mod peeraddr;
 pub mod plugin;
 pub mod report;
 pub mod state;
+pub mod trusted;
