@@ -87,12 +87,18 @@ struct Pair {
 /// Two routers with the given `--trusted-subnets` (None: the option left out),
 /// containers c1/c2 as 10.43.0.1/2, reachable.
 fn pair(test: &str, trust: impl Fn(&Lab) -> [Option<String>; 2]) -> Option<Pair> {
+    pair_with(test, trust, &[])
+}
+
+/// [`pair`] with more launch options for both routers.
+fn pair_with(test: &str, trust: impl Fn(&Lab) -> [Option<String>; 2], extra: &[&str]) -> Option<Pair> {
     let lab = Lab::new(test)?;
     let trust = trust(&lab);
     let h1 = lab.add_host(1);
     let h2 = lab.add_host(2);
     let args = |i: usize, peer: Option<&str>| {
         let mut a: Vec<String> = vec!["--password".into(), "trust".into()];
+        a.extend(extra.iter().map(|x| x.to_string()));
         if let Some(t) = &trust[i] {
             a.push("--trusted-subnets".into());
             a.push(t.clone());
@@ -253,4 +259,24 @@ fn reset_removes_the_device_and_relaunches_make_it_again() {
     assert!(out.all().contains("host bits are set"), "{out}");
     let out = h1.meshnet(&["launch", "--trusted-subnets", "banana"]);
     assert!(!out.ok() && out.all().contains("--trusted-subnets"), "{out}");
+}
+
+#[test]
+fn mutual_trust_works_with_the_pcap_datapath() {
+    let Some(p) = pair_with("trustpcap", |lab| [Some(underlay(lab)), Some(underlay(lab))], &["--datapath", "pcap"]) else { return };
+    let [h1, h2] = &p.h;
+    wait_mode(&p.lab, h1, &p.names[1], "trusted (kernel)");
+    wait_mode(&p.lab, h2, &p.names[0], "trusted (kernel)");
+    let learned = wait_until(Duration::from_secs(20), || {
+        assert!(ping(&p.c[0].ns, "10.43.0.2", 1));
+        [h1, h2].iter().all(|h| trusted_status(h)["fdb_entries"].as_u64().unwrap_or(0) >= 1)
+    });
+    assert!(learned, "no forwarding entries: {:#} / {:#}", trusted_status(h1), trusted_status(h2));
+    let vx_before = dev_tx_packets(h1, VXLAN_DEV);
+    let pcap = ping_marked(&p.lab, &p.c[0], "10.43.0.2", h1);
+    assert!(pcap.contains(MARKER), "the marker is not in plain text on the underlay");
+    assert!(dev_tx_packets(h1, VXLAN_DEV) - vx_before >= 10);
+    checked_transfer(&p.lab, &p.c[0].ns, &p.c[1].ns, "10.43.0.2", 20 << 20, Duration::from_secs(120));
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    assert!(wait_until(Duration::from_secs(10), || !link_exists(h1, VXLAN_DEV)), "stop left {VXLAN_DEV}");
 }
