@@ -148,6 +148,10 @@ fn mutual_trust_carries_data_in_plain_text_through_the_kernel() {
     assert!(out.ok() && !out.stdout.contains("DUP!"), "duplicate or lost replies: {out}");
     let text = h1.meshnet(&["status", "connections"]).expect_ok("status connections");
     assert!(text.stdout.contains("trusted (kernel)"), "{text}");
+    eprintln!("status connections on h1:\n{}", text.stdout);
+    let st = h1.meshnet(&["status"]).expect_ok("status");
+    assert!(st.stdout.contains("Trusted subnets:"), "{st}");
+    eprintln!("{}", st.stdout.lines().find(|l| l.contains("Trusted subnets:")).unwrap_or_default());
 
     // Bulk both ways, checked, through the kernel.
     let before = tap_units(h1);
