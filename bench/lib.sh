@@ -37,7 +37,7 @@ overlay_mtu() {
     direct) echo 1500 ;;
     vxlan) echo $VXLAN_MTU ;;
     tinc) echo $TINC_MTU ;;
-    meshnet) echo "${MESHNET_MTU:-default}" ;;
+    meshnet|meshnet-trusted) echo "${MESHNET_MTU:-default}" ;;
   esac
 }
 
@@ -128,41 +128,62 @@ meshnet_commit() { # HEAD, marked when the product sources in the work tree diff
   fi
 }
 
-meshnet_pids() { # [ROLE...]: PIDs of the meshnet router processes (default h1 and h2)
+meshnet_pids() { # [ROLE...]: PIDs of the meshnet router processes (default h1 and h2) of path $MESHNET_PATH (meshnet)
   local r pid exe roles=("$@")
   [ ${#roles[@]} -gt 0 ] || roles=(h1 h2)
   exe=$(readlink -f "$MESHNET_BIN")
   for r in "${roles[@]}"; do
-    for pid in $(ip netns pids "$(ns meshnet "$r")" 2>/dev/null); do
+    for pid in $(ip netns pids "$(ns "${MESHNET_PATH:-meshnet}" "$r")" 2>/dev/null); do
       [ "$(readlink -f /proc/"$pid"/exe 2>/dev/null)" = "$exe" ] && echo "$pid"
     done
   done
 }
 
-setup_meshnet() {
-  local p=meshnet mtu=()
+setup_meshnet() { # [PATH [LAUNCH ARGS...]]: meshnet (default) or meshnet-trusted
+  local p=${1:-meshnet} mtu=()
+  shift
   underlay $p
   [ -n "${MESHNET_MTU:-}" ] && mtu=(--mtu "$MESHNET_MTU")
   # Extra launch options (e.g. MESHNET_LAUNCH_ARGS="--rekey-interval 1"), word-split.
   [ -n "${MESHNET_LAUNCH_ARGS:-}" ] && read -r -a extra <<<"$MESHNET_LAUNCH_ARGS" && mtu+=("${extra[@]}")
-  mkdir -p "$WORK/meshnet"
-  MESHNET_PASSWORD=$PASSWORD inns $p h1 "$MESHNET_BIN" --state-dir "$WORK/meshnet/h1" launch "${mtu[@]}" >&2 || return 1
-  MESHNET_PASSWORD=$PASSWORD inns $p h2 "$MESHNET_BIN" --state-dir "$WORK/meshnet/h2" launch "${mtu[@]}" $UL1 >&2 || return 1
-  inns $p h1 "$MESHNET_BIN" --state-dir "$WORK/meshnet/h1" attach 10.40.0.1/16 "$(ns $p c1)" >&2 || return 1
-  inns $p h2 "$MESHNET_BIN" --state-dir "$WORK/meshnet/h2" attach 10.40.0.2/16 "$(ns $p c2)" >&2 || return 1
+  mtu+=("$@")
+  mkdir -p "$WORK/$p"
+  MESHNET_PASSWORD=$PASSWORD inns $p h1 "$MESHNET_BIN" --state-dir "$WORK/$p/h1" launch "${mtu[@]}" >&2 || return 1
+  MESHNET_PASSWORD=$PASSWORD inns $p h2 "$MESHNET_BIN" --state-dir "$WORK/$p/h2" launch "${mtu[@]}" $UL1 >&2 || return 1
+  inns $p h1 "$MESHNET_BIN" --state-dir "$WORK/$p/h1" attach 10.40.0.1/16 "$(ns $p c1)" >&2 || return 1
+  inns $p h2 "$MESHNET_BIN" --state-dir "$WORK/$p/h2" attach 10.40.0.2/16 "$(ns $p c2)" >&2 || return 1
 }
 
-meshnet_status() { # ROLE: status --json of one router
-  inns meshnet "$1" "$MESHNET_BIN" --state-dir "$WORK/meshnet/$1" status --json 2>&1
+# Both routers trust the underlay: data goes unencrypted through their kernel
+# VXLAN devices once each has learned the other container's MAC (the first ping).
+setup_meshnet_trusted() {
+  local p=meshnet-trusted r
+  setup_meshnet $p --trusted-subnets 192.168.77.0/24 || return 1
+  for r in h1 h2; do
+    for _ in $(seq 100); do
+      meshnet_status $r $p | grep -q '"trusted (kernel)"' && break
+      sleep 0.2
+    done
+    meshnet_status $r $p | grep -q '"trusted (kernel)"' || { log "$p $r: connection not trusted (kernel)"; return 1; }
+  done
+  inns $p c1 ping -c 3 -i 0.3 -q 10.40.0.2 >/dev/null 2>&1
+  sleep 1
+}
+
+meshnet_status() { # ROLE [PATH]: status --json of one router
+  local p=${2:-meshnet}
+  inns "$p" "$1" "$MESHNET_BIN" --state-dir "$WORK/$p/$1" status --json 2>&1
 }
 
 teardown_meshnet() {
-  local r
+  local r p
   [ -n "${MESHNET_BIN:-}" ] || return 0
-  for r in h1 h2; do
-    [ -d "$WORK/meshnet/$r" ] || continue
-    ip netns list | grep -q "^$(ns meshnet $r)\b" || continue
-    timeout 20 ip netns exec "$(ns meshnet $r)" "$MESHNET_BIN" --state-dir "$WORK/meshnet/$r" reset --force >/dev/null 2>&1 || true
+  for p in meshnet meshnet-trusted; do
+    for r in h1 h2; do
+      [ -d "$WORK/$p/$r" ] || continue
+      ip netns list | grep -q "^$(ns $p $r)\b" || continue
+      timeout 20 ip netns exec "$(ns $p $r)" "$MESHNET_BIN" --state-dir "$WORK/$p/$r" reset --force >/dev/null 2>&1 || true
+    done
   done
 }
 
@@ -208,6 +229,7 @@ setup_path() { # PATH -> 0 ok, 1 failed, 2 skipped
     direct) setup_direct ;;
     vxlan) setup_vxlan ;;
     meshnet) setup_meshnet ;;
+    meshnet-trusted) setup_meshnet_trusted ;;
     tinc) setup_tinc ;;
   esac
 }
@@ -246,8 +268,8 @@ path_diag() { # PATH
     sleep 0.5
     for r in h1 h2; do echo "== tinc $r log"; tail -40 "$WORK/tinc/$r/tinc.log" 2>&1; done
   fi
-  if [ "$p" = meshnet ]; then
-    for r in h1 h2; do echo "== meshnet $r status"; meshnet_status $r; echo "== meshnet $r log"; tail -40 "$WORK/meshnet/$r/meshnet.log" 2>&1; done
+  if [ "$p" = meshnet ] || [ "$p" = meshnet-trusted ]; then
+    for r in h1 h2; do echo "== $p $r status"; meshnet_status $r $p; echo "== $p $r log"; tail -40 "$WORK/$p/$r/meshnet.log" 2>&1; done
   fi
 }
 
@@ -272,6 +294,7 @@ sys_busy_ticks() { # all CPUs, everything but idle and iowait
 tunnel_pids() { # PATH
   case $1 in
     meshnet) meshnet_pids ;;
+    meshnet-trusted) MESHNET_PATH=meshnet-trusted meshnet_pids ;;
     tinc) tinc_pids ;;
   esac
 }

@@ -15,12 +15,13 @@ import re
 import statistics
 import sys
 
-PATHS = ["direct", "vxlan", "meshnet", "tinc"]
+PATHS = ["direct", "vxlan", "meshnet", "tinc", "meshnet-trusted"]
 LABEL = {
     "direct": "(a) direct veth routing, no overlay",
     "vxlan": "(b) kernel VXLAN, unencrypted",
     "meshnet": "(c) meshnet, encrypted",
     "tinc": "(d) tinc 1.0 switch mode, encrypted",
+    "meshnet-trusted": "(e) meshnet, --trusted-subnets (kernel VXLAN, unencrypted)",
 }
 RSS_LIMIT_KB = 30_000_000 / 1024  # 30 MB
 
@@ -208,6 +209,13 @@ def markdown(summary, out):
         m, v = ps["meshnet"]["median"], ps["vxlan"]["median"]
         L.append("meshnet ÷ VXLAN: " + ", ".join(
             f"{h} {fmt(ratio(m[k], v[k]), '{:.2f}')}×" for k, h, f, _ in METRICS if k not in ("proc_cpu_per_gb", "rss_kb")))
+        L.append("")
+    if "meshnet-trusted" in ps and "vxlan" in ps and ps["meshnet-trusted"]["state"] == "ok" and ps["vxlan"]["state"] == "ok":
+        m, v = ps["meshnet-trusted"]["median"], ps["vxlan"]["median"]
+        r = ratio(m["tcp1_gbps"], v["tcp1_gbps"])
+        L.append(f"meshnet-trusted ÷ VXLAN, one TCP stream: {fmt(r, '{:.2f}')}× ({fmt(m['tcp1_gbps'], '{:.2f}')} vs "
+                 f"{fmt(v['tcp1_gbps'], '{:.2f}')} Gbit/s; goal ≥ 0.95×: **{'PASS' if r is not None and r >= 0.95 else 'FAIL'}**); "
+                 + ", ".join(f"{h} {fmt(ratio(m[k], v[k]), '{:.2f}')}×" for k, h, f, _ in METRICS if k not in ("tcp1_gbps", "proc_cpu_per_gb", "rss_kb")))
         L.append("")
     L.append("### Goals (meshnet against kernel VXLAN)")
     L.append("")

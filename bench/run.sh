@@ -6,7 +6,9 @@
 #   bench/run.sh --smoke         CI: one short round; non-zero exit if a path fails
 #   bench/run.sh --clean         remove leftovers of earlier runs (mnb<pid>-* namespaces)
 #
-# Options: --paths direct,vxlan,meshnet,tinc  --rounds N  --time SECS
+# Options: --paths direct,vxlan,meshnet,tinc[,meshnet-trusted]  --rounds N  --time SECS
+#          (meshnet-trusted: both routers --trusted-subnets of the underlay, so data
+#          goes unencrypted through their kernel VXLAN devices)
 #          --no-wait (do not wait for a quiet machine)  --no-md (leave BENCHMARKS.md)
 # Env: MESHNET_BIN (use this binary, else build release into $CARGO_TARGET_DIR or
 #      /tmp/tgt-bench), MESHNET_MTU (default: meshnet's own default),
@@ -74,8 +76,10 @@ IFS=, read -r -a PATH_LIST <<<"$PATHS"
 
 # ---- meshnet binary (built before waiting, so our own build is not measured) ----
 declare -A STATE NOTE
-if [[ ,$PATHS, == *,meshnet,* ]]; then
-  if ! find_meshnet; then STATE[meshnet]=failed; NOTE[meshnet]="meshnet did not build"; fi
+if [[ ,$PATHS, == *,meshnet,* ]] || [[ ,$PATHS, == *,meshnet-trusted,* ]]; then
+  if ! find_meshnet; then
+    for p in meshnet meshnet-trusted; do STATE[$p]=failed; NOTE[$p]="meshnet did not build"; done
+  fi
 fi
 
 # ---- machine, quiet wait --------------------------------------------------
@@ -106,7 +110,7 @@ for p in "${PATH_LIST[@]}"; do
     done
     continue
   fi
-  if wait_reachable "$p" "$([ "$p" = tinc ] || [ "$p" = meshnet ] && echo 60 || echo 10)"; then
+  if wait_reachable "$p" "$([ "$p" = tinc ] || [ "${p%-trusted}" = meshnet ] && echo 60 || echo 10)"; then
     STATE[$p]=ok
   else
     STATE[$p]=failed; NOTE[$p]="c1 cannot reach c2: $UNREACHABLE (see diag-$p.txt)"
@@ -114,9 +118,11 @@ for p in "${PATH_LIST[@]}"; do
     log "$p: $UNREACHABLE"
   fi
 done
-if [ "${STATE[meshnet]:-}" = ok ]; then
-  for r in h1 h2; do meshnet_status $r >"$OUT/meshnet-status-$r-start.json"; done
-fi
+for p in meshnet meshnet-trusted; do
+  if [ "${STATE[$p]:-}" = ok ]; then
+    for r in h1 h2; do meshnet_status $r $p >"$OUT/$p-status-$r-start.json"; done
+  fi
+done
 for p in "${PATH_LIST[@]}"; do log "$p: ${STATE[$p]} ${NOTE[$p]:-}"; done
 
 # ---- measurements: interleaved rounds, rotating the order ---------------------
@@ -132,8 +138,8 @@ measure() { # PATH ROUND
   log "round $r $p: ping x$PINGS"
   ping_run "$p" "$f-ping.txt" "$PINGS" || log "  ping lost replies"
   rss_run "$p" "$f-rss.json"
-  if [ "$p" = meshnet ]; then
-    local h; for h in h1 h2; do meshnet_status $h >"$f-status-$h.json"; done
+  if [ "${p%-trusted}" = meshnet ]; then
+    local h; for h in h1 h2; do meshnet_status $h $p >"$f-status-$h.json"; done
   fi
 }
 n=${#PATH_LIST[@]}
@@ -148,6 +154,7 @@ END_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 # ---- meshnet logs ---------------------------------------------------------------
 for r in h1 h2; do
   [ -f "$WORK/meshnet/$r/meshnet.log" ] && cp "$WORK/meshnet/$r/meshnet.log" "$OUT/meshnet-$r.log"
+  [ -f "$WORK/meshnet-trusted/$r/meshnet.log" ] && cp "$WORK/meshnet-trusted/$r/meshnet.log" "$OUT/meshnet-trusted-$r.log"
   [ -f "$WORK/tinc/$r/tinc.log" ] && cp "$WORK/tinc/$r/tinc.log" "$OUT/tinc-$r.log"
 done
 

@@ -176,7 +176,7 @@ struct LaunchArgs {
     #[arg(long, conflicts_with_all = [
         "name", "nickname", "port", "host", "mtu", "bridge", "no_discovery", "conn_limit", "rekey_interval",
         "ipalloc_range", "ipalloc_default_subnet", "ipalloc_init", "peers", "metrics_addr",
-        "no_dns", "dns_listen_address", "dns_domain", "dns_ttl",
+        "no_dns", "dns_listen_address", "dns_domain", "dns_ttl", "trusted_subnets",
     ])]
     #[serde(skip)]
     resume: bool,
@@ -272,6 +272,12 @@ struct LaunchArgs {
     #[arg(long, default_value_t = 1)]
     #[serde(default = "default_dns_ttl")]
     dns_ttl: u32,
+    /// Underlay subnets this router trusts, as Weave's option: data to a peer whose address is in one
+    /// of them, and which trusts ours back, goes UNENCRYPTED through the kernel's VXLAN device
+    /// (UDP --port + 1). The control plane stays encrypted.
+    #[arg(long, value_name = "CIDR[,CIDR...]")]
+    #[serde(default)]
+    trusted_subnets: Option<String>,
     /// Peers to connect to (host or host:port), persisted like `meshnet connect`.
     #[arg(value_name = "PEER")]
     #[serde(skip)]
@@ -601,6 +607,19 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     let metrics_addr = meshnet_control::metrics::parse_addr(&args.metrics_addr).map_err(|e| anyhow!(e))?;
     let dns_domain = meshnet_proto::dns::normalize_domain(&args.dns_domain).map_err(|e| anyhow!("--dns-domain: {e}"))?;
     let dns_listen = args.dns_listen_address.as_deref().map(parse_dns_listen).transpose()?;
+    let trusted_subnets = match args.trusted_subnets.as_deref() {
+        Some(s) => {
+            let v = meshnet_proto::trusted::parse_list(s).map_err(|e| anyhow!("--trusted-subnets: {e}"))?;
+            if v.is_empty() {
+                bail!("--trusted-subnets: no CIDR given (e.g. 10.0.0.0/8)");
+            }
+            v
+        }
+        None => Vec::new(),
+    };
+    if trusted_subnets.iter().any(|s| s.prefix == 0) {
+        eprintln!("warning: --trusted-subnets includes a /0: data to every peer that trusts us back goes unencrypted");
+    }
     if let Ok(v) = api::call(state, &Request::Status, Duration::from_secs(5)) {
         bail!(
             "a meshnet router is already running for {} (peer {})",
@@ -643,6 +662,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
                 domain: dns_domain,
                 ttl: args.dns_ttl,
             },
+            trusted_subnets,
         };
         daemon::run(cfg)?;
         return Ok(ExitCode::SUCCESS);
@@ -694,6 +714,9 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         cmd.args(["--dns-listen-address", a]);
     }
     cmd.args(["--dns-domain", &args.dns_domain, "--dns-ttl", &args.dns_ttl.to_string()]);
+    if let Some(t) = &args.trusted_subnets {
+        cmd.args(["--trusted-subnets", t]);
+    }
     cmd.args(&args.peers);
     // The password travels in the environment, never on a command line.
     cmd.env_remove("MESHNET_PASSWORD");
@@ -878,6 +901,15 @@ fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<Exit
                 println!("        Exposed: {}", s.exposed.join(" "));
             }
             println!("      Discovery: {}", if s.discovery { "on" } else { "off" });
+            if !s.trusted.subnets.is_empty() {
+                let t = &s.trusted;
+                let how = match (&t.device, &t.unavailable) {
+                    (Some(d), _) => format!("kernel VXLAN {d} on UDP {}, {} MACs, {} packets out, {} in", t.port.unwrap_or(0), t.fdb_entries, t.tx_packets, t.rx_packets),
+                    (None, Some(e)) => format!("no kernel VXLAN device: {e}"),
+                    (None, None) => "no kernel VXLAN device".to_string(),
+                };
+                println!("Trusted subnets: {} (unencrypted to peers that trust us back; {how})", t.subnets.join(","));
+            }
             let l = &s.limits;
             let i = &l.inbound;
             let refused = i.refused_rate_limited

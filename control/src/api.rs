@@ -133,6 +133,13 @@ pub struct ConnectionStatus {
     /// of the control connection (its heartbeats and gossip), read every 10 s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_us: Option<u32>,
+    /// How data to the peer travels: `encrypted` or `trusted (kernel)`
+    /// (`--trusted-subnets`); empty before the connection is established.
+    #[serde(default)]
+    pub data: String,
+    /// Why it stays encrypted although trusted subnets are set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_reason: Option<String>,
 }
 
 /// Limits that keep strangers and slow peers from starving the router, and
@@ -185,6 +192,9 @@ pub struct Status {
     /// This host's addresses on the overlay (`meshnet expose`), as `ip/prefix`.
     #[serde(default)]
     pub exposed: Vec<String>,
+    /// `--trusted-subnets` and the kernel VXLAN device.
+    #[serde(default)]
+    pub trusted: crate::trusted::TrustedStatus,
 }
 
 /// What the router refused to believe.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use meshnet_proto::admission::{Outcome, Ticket};
 use meshnet_proto::dialer::{Dial, DialId, Failure};
 use meshnet_proto::handshake::{
-    early_refusal, Established, Handshake, HandshakeConfig, HandshakeError, Hello, Role, CAP_GOSSIP_DIGEST, CAP_SUPERFRAMES,
+    early_refusal, Established, Handshake, HandshakeConfig, HandshakeError, Hello, Role, CAP_GOSSIP_DIGEST, CAP_SUPERFRAMES, CAP_TRUSTED,
 };
 use meshnet_proto::identity::Identity;
 use meshnet_proto::rekey::{self, Fresh, Output, RekeyConfig, RekeyMsg, Rekeyer};
@@ -369,7 +369,7 @@ async fn run_connection(
         // We understand gossip digests; and say when we have fewer than two
         // connections (a router at its --conn-limit then makes room: see
         // meshnet_proto::slots).
-        capabilities: local.capabilities | CAP_GOSSIP_DIGEST | meshnet_proto::handshake::CAP_DNS | mesh.need_capabilities(),
+        capabilities: local.capabilities | CAP_GOSSIP_DIGEST | meshnet_proto::handshake::CAP_DNS | CAP_TRUSTED | mesh.need_capabilities(),
         binding: mesh.settings.binding.clone(),
     };
     let role = if direction == Direction::Outbound { Role::Initiator } else { Role::Responder };
@@ -450,8 +450,16 @@ async fn run_connection(
         return Err(why);
     }
     drop(data_keys);
+    // Trusted subnets: what the peer may believe about us, sent once; ours is
+    // checked against the signing key its handshake proved.
+    let local_ip = stream.local_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    mesh.trusted.connected(id, hello.name, local_ip, remote.ip(), hello.binding.keys.signing_key);
+    if hello.capabilities & CAP_TRUSTED != 0 {
+        let _ = queue.send(ControlMsg::Trusted(mesh.trusted.record()));
+    }
     let rekey = RekeyCtx { mesh: &mesh, id, peer: hello.name, clock };
     let why = run_established(&mesh, id, hello.name, &queue, remote, &mut channel, &mut stream, &mut rekeyer, &rekey).await;
+    mesh.trusted.disconnected(id);
     let counter = match &why {
         CloseReason::QueueFull => Some(&mesh.conn_counters.closed_queue_full),
         CloseReason::WriteTimeout => Some(&mesh.conn_counters.closed_write_timeout),
@@ -793,6 +801,14 @@ fn drain(
             Ok(Some(ControlMsg::GossipDigest(d))) => mesh.on_gossip_digest(id, d),
             Ok(Some(ControlMsg::GossipSummary(s))) => mesh.on_gossip_summary(id, &s),
             Ok(Some(ControlMsg::Dns(m))) => crate::dns::on_message(mesh, id, m, mesh.now_ms()),
+            Ok(Some(ControlMsg::Trusted(rec))) => match mesh.trusted.on_record(id, &rec) {
+                Ok(()) => log::info!(
+                    "{peer} trusts {}; data to it: {}",
+                    if rec.record.subnets.is_empty() { "no subnet".to_string() } else { rec.record.subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",") },
+                    mesh.trusted.describe(id).0
+                ),
+                Err(e) => log::warn!("from {peer}: {e}; data to it stays encrypted"),
+            },
             Ok(Some(ControlMsg::Ipam(bytes))) => {
                 if let Err(why) = mesh.on_ipam(peer, &bytes) {
                     log::warn!("{why}");

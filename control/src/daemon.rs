@@ -62,6 +62,9 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// `--no-dns`, `--dns-listen-address`, `--dns-domain`, `--dns-ttl`.
     pub dns: crate::dns::DnsConfig,
+    /// `--trusted-subnets`: data to peers that trust us back goes unencrypted
+    /// through the kernel's VXLAN device (see `crate::trusted`).
+    pub trusted_subnets: Vec<meshnet_proto::trusted::Subnet>,
 }
 
 /// Where and whether the Docker network and IPAM plugin is served.
@@ -164,6 +167,7 @@ pub fn run(cfg: Config) -> Result<()> {
         log::warn!("no password set: traffic is encrypted, but any host that reaches port {} can join", cfg.port);
     }
     let udp_port = udp.local_addr()?.port();
+    let trusted_device = trusted_device(&cfg, bridge_index);
     let dataplane = DataPlane::start(tap, udp, me, MAX_DATAGRAM).context("start the data plane")?;
 
     // Re-attach what was attached before a restart; forget targets that are gone.
@@ -258,6 +262,14 @@ pub fn run(cfg: Config) -> Result<()> {
     };
     let dns = Arc::new(crate::dns::Dns::open(&cfg.state, cfg.dns.clone(), me, settings.signer.clone())?);
     let local = Arc::new(Local { identity, psk, udp_port, capabilities });
+    let trusted = Arc::new(crate::trusted::Trusted::new(
+        cfg.trusted_subnets.clone(),
+        trusted_device,
+        me,
+        settings.uid,
+        &settings.signer,
+    ));
+    let vxlan_made = trusted.device.as_ref().ok().and_then(|d| d.as_ref()).map(|d| d.name.clone());
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -266,7 +278,7 @@ pub fn run(cfg: Config) -> Result<()> {
         .build()?;
     let state = cfg.state.clone();
     let how = rt.block_on(async move {
-        let mesh = Mesh::new(settings, state.clone(), dataplane, targets, ipam, keys, dns.clone());
+        let mesh = Mesh::new(settings, state.clone(), dataplane, targets, ipam, keys, dns.clone(), trusted);
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
         let _ = std::fs::remove_file(&sock_path);
@@ -288,6 +300,7 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(api_loop(ctx.clone(), api_listener));
         tasks.spawn(keys_saver(mesh.clone()));
         tasks.spawn(crate::heap::trim_loop());
+        tasks.spawn(crate::trusted::sync_loop(mesh.clone()));
         if let Some(l) = metrics_listener {
             log::info!("serving metrics and the map on http://{}", l.local_addr()?);
             let exposed_ctx = ctx.clone();
@@ -363,6 +376,12 @@ pub fn run(cfg: Config) -> Result<()> {
         // Dropping the device removes its veth; this covers a data plane still referenced.
         let _ = netlink::delete_link(&tap_if);
     }
+    // The VXLAN device goes with the router (stop and reset); a launch makes it again.
+    if let Some(name) = &vxlan_made {
+        if let Err(e) = meshnet_router::vxlan::remove(name) {
+            log::warn!("removing {name}: {e}");
+        }
+    }
     if how == Shutdown::Reset {
         remove_devices(&cfg.state, &attachments);
     }
@@ -434,6 +453,46 @@ pub fn port_name(bridge: &str, datapath: Datapath) -> String {
     }
 }
 
+/// The kernel VXLAN device for `--trusted-subnets` (UDP `--port` + 1), made
+/// afresh (one left by a router killed with -9 is deleted first); without
+/// trusted subnets a left-over one is only deleted. Err: why there is none
+/// (data to trusted peers then stays encrypted; the launch goes on).
+fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trusted::Device>, String> {
+    use meshnet_router::vxlan;
+    let name = vxlan::device_name(&cfg.bridge);
+    if cfg.trusted_subnets.is_empty() {
+        if let Ok(true) = vxlan::remove(&name) {
+            log::info!("removed {name}, left by an earlier run");
+        }
+        return Ok(None);
+    }
+    let Some(port) = cfg.port.checked_add(1) else {
+        return Err(format!("no UDP port after {} for VXLAN", cfg.port));
+    };
+    let router_port = match cfg.datapath {
+        Datapath::Tap => tap_name(&cfg.bridge),
+        Datapath::Pcap => capture::veth_names(&cfg.bridge).1,
+    };
+    let local = match cfg.host {
+        IpAddr::V4(v4) if !v4.is_unspecified() => Some(v4),
+        _ => None,
+    };
+    let spec = vxlan::VxlanSpec { name: name.clone(), bridge_index, router_port, port, mtu: cfg.mtu, local };
+    match vxlan::create(&spec) {
+        Ok(index) => {
+            log::info!(
+                "trusted subnets {}: kernel VXLAN device {name} on UDP {port}; data to peers that trust us back goes there unencrypted",
+                cfg.trusted_subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")
+            );
+            Ok(Some(crate::trusted::Device { name, index, port }))
+        }
+        Err(e) => {
+            log::warn!("trusted subnets: no kernel VXLAN device ({e}); data to trusted peers stays encrypted");
+            Err(e.to_string())
+        }
+    }
+}
+
 /// Removes every interface and device this router made: container interfaces,
 /// the TAP, the exposed addresses and meshnet's nftables table, and the bridge
 /// if we created it.
@@ -449,6 +508,7 @@ pub fn remove_devices(state: &StateDir, attachments: &[Attachment]) {
     if let Ok(Some(d)) = state.load_devices() {
         expose::remove_all(&d.bridge, &state.load_exposed().unwrap_or_default());
         let _ = netlink::delete_link(&d.tap);
+        let _ = meshnet_router::vxlan::remove(&meshnet_router::vxlan::device_name(&d.bridge));
         if d.bridge_created {
             if let Err(e) = netlink::delete_link(&d.bridge) {
                 log::warn!("deleting bridge {}: {e}", d.bridge);
@@ -551,6 +611,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 control: mesh.control_stats(),
                 trust: mesh.trust_status(),
                 exposed: ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|e| e.addr.clone()).collect(),
+                trusted: mesh.trusted.status(),
             };
             let mut v = serde_json::to_value(status)?;
             // IPAM's drop counters and save health (the full IPAM view is `status ipam`).

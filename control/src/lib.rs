@@ -32,3 +32,4 @@ pub mod peeraddr;
 pub mod plugin;
 pub mod report;
 pub mod state;
+pub mod trusted;

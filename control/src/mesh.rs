@@ -188,6 +188,8 @@ pub struct Mesh {
     pub dataplane: DataPlane,
     /// meshnet DNS: the table, our records, the server's counters (see `crate::dns`).
     pub dns: Arc<crate::dns::Dns>,
+    /// `--trusted-subnets`: peers' records and the kernel VXLAN path (see `crate::trusted`).
+    pub trusted: Arc<crate::trusted::Trusted>,
     inner: Mutex<Inner>,
     /// Wakes the connection maker (new targets, lost connections).
     pub maker: Notify,
@@ -245,6 +247,7 @@ impl Mesh {
         ipam: IpamHost,
         mut keys: KeyBook,
         dns: Arc<crate::dns::Dns>,
+        trusted: Arc<crate::trusted::Trusted>,
     ) -> Arc<Mesh> {
         let me = PeerInfo {
             name: settings.me,
@@ -279,6 +282,7 @@ impl Mesh {
             state,
             dataplane,
             dns,
+            trusted,
             inner: Mutex::new(Inner {
                 topology,
                 conns: HashMap::new(),
@@ -1176,9 +1180,10 @@ impl Mesh {
         let nick = |p: PeerName| g.topology.get(p).map(|i| i.nickname.clone()).unwrap_or_default();
         let mut v: Vec<ConnectionStatus> = g
             .conns
-            .values()
-            .map(|c| {
+            .iter()
+            .map(|(id, c)| {
                 let link = c.peer.and_then(|p| links.get(&p));
+                let (data, data_reason) = if c.established { self.trusted.describe(*id) } else { (String::new(), None) };
                 let (route, via) = match c.peer.map(|p| (p, routes.get(&p))) {
                     Some((p, Some(&hop))) if hop == p => ("direct", None),
                     Some((_, Some(&hop))) => ("relayed", Some(hop)),
@@ -1192,7 +1197,10 @@ impl Mesh {
                 };
                 let mut info = Vec::new();
                 if c.established {
-                    info.push("encrypted".to_string());
+                    info.push(match &data_reason {
+                        Some(why) => format!("{data} ({why})"),
+                        None => data.clone(),
+                    });
                     info.push(match via {
                         Some(h) => format!("relayed via {h}({})", nick(h)),
                         None => route.to_string(),
@@ -1230,6 +1238,8 @@ impl Mesh {
                     key_epoch: c.established.then_some(c.key_epoch),
                     key_age_s: c.established.then(|| c.key_since.elapsed().as_secs()),
                     rtt_us: c.rtt_us.filter(|_| c.established),
+                    data,
+                    data_reason,
                 }
             })
             .collect();

@@ -51,6 +51,10 @@ pub const CAP_ONE_CONNECTION: u32 = 8;
 /// Capability bit: the peer understands DNS gossip (`ControlMsg::Dns`, see
 /// [`crate::dns`]); peers without it are never sent those messages.
 pub const CAP_DNS: u32 = 16;
+/// Capability bit: the peer understands trusted-subnet records
+/// (`ControlMsg::Trusted`, see [`crate::trusted`]); peers without it are never
+/// sent one, and data to them stays encrypted.
+pub const CAP_TRUSTED: u32 = 32;
 /// What the responder tells an initiator whose password differs.
 pub const REFUSAL_WRONG_PASSWORD: &str = "authentication failed: passwords differ";
 /// PBKDF2 iterations for [`derive_psk`].

@@ -31,5 +31,6 @@ pub mod session;
 pub mod slots;
 pub mod topology;
 pub mod trust;
+pub mod trusted;
 pub mod wire;
 pub use peer::{Mac, PeerName};

@@ -44,7 +44,8 @@ use meshnet_proto::liveness::Liveness;
 use meshnet_proto::wire::datagram::Heartbeat;
 use meshnet_proto::rekey::{erase, Key};
 use meshnet_proto::session::{relay_key, COUNTER_LIMIT, RELAY_INDEX_BIT};
-use meshnet_proto::mac_table::{MacOwner, MacTable};
+use meshnet_proto::mac_table::{Learned, MacOwner, MacTable};
+use crate::mac_owners::{MacOwners, Owner};
 use meshnet_proto::wire::datagram::InnerHeader;
 use meshnet_proto::{Mac, PeerName};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
@@ -396,6 +397,8 @@ pub struct DataPlane {
     /// Per-peer counters (each written by one thread, see [`crate::traffic`]).
     pub traffic: Arc<TrafficBook>,
     pub counters: Arc<ThreadCounters>,
+    /// Which peer owns which MAC, for the trusted-subnet sync (see [`crate::mac_owners`]).
+    pub mac_owners: Arc<MacOwners>,
 }
 
 impl DataPlane {
@@ -417,6 +420,7 @@ impl DataPlane {
         let counters = Arc::new(ThreadCounters::default());
         let clock = Instant::now();
         let links: Links = Arc::default();
+        let mac_owners: Arc<MacOwners> = Arc::default();
 
         let (ttx, trx) = channel();
         let tx_box = Mailbox { tx: ttx, efd: Arc::new(EventFd::new()?) };
@@ -436,6 +440,7 @@ impl DataPlane {
             clock,
             links: links.clone(),
             max_datagram,
+            mac_owners: mac_owners.clone(),
         };
         let rx_thread = RxLoop {
             tap,
@@ -450,13 +455,14 @@ impl DataPlane {
             me,
             max_datagram,
             links: links.clone(),
+            mac_owners: mac_owners.clone(),
         };
         let threads = vec![
             std::thread::Builder::new().name("tap-to-udp".into()).spawn(move || tx_thread.run())?,
             std::thread::Builder::new().name("udp-to-tap".into()).spawn(move || rx_thread.run())?,
         ];
         let traffic = Arc::new(TrafficBook::default());
-        Ok(DataPlane { tx: tx_box, rx: rx_box, threads, links, clock, max_datagram, stats, traffic, counters })
+        Ok(DataPlane { tx: tx_box, rx: rx_box, threads, links, clock, max_datagram, stats, traffic, counters, mac_owners })
     }
 
     /// Starts heartbeats with `link.peer` and accepts its datagrams; data goes
@@ -610,6 +616,7 @@ struct TxLoop {
     clock: Instant,
     links: Links,
     max_datagram: usize,
+    mac_owners: Arc<MacOwners>,
 }
 
 impl TxLoop {
@@ -751,7 +758,9 @@ impl TxLoop {
                 let frame = &unit[VNET_HDR_LEN..len];
                 let dst: Mac = frame[0..6].try_into().expect("14 bytes checked");
                 let src: Mac = frame[6..12].try_into().expect("14 bytes checked");
-                macs.learn(src, MacOwner::Local, now);
+                if let Learned::Moved { from: MacOwner::Peer(_) } = macs.learn(src, MacOwner::Local, now) {
+                    self.mac_owners.note(src, Owner::Local, now);
+                }
                 if dst[0] & 1 != 0 {
                     flood.push(i as u16);
                     continue;
@@ -956,6 +965,7 @@ struct RxLoop {
     me: PeerName,
     max_datagram: usize,
     links: Links,
+    mac_owners: Arc<MacOwners>,
 }
 
 /// The segments salvaged from superframes that lost a chunk, as plain units
@@ -1275,6 +1285,7 @@ impl RxLoop {
             if fresh {
                 announced.insert(src, (origin, now));
                 self.learn.post(TxCmd::Learn(src, origin));
+                self.mac_owners.note(src, Owner::Peer(origin), now);
             }
         }
         let out = if vnet {

@@ -10,6 +10,8 @@ pub mod netns;
 pub mod tap;
 pub mod dataplane;
 pub mod icmp;
+pub mod mac_owners;
+pub mod vxlan;
 pub mod device;
 pub mod capture;
 pub mod ethtool;

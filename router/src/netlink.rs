@@ -870,7 +870,7 @@ fn verified_peer(what: &str, end: &ContainerEnd) -> Result<Option<HostEnd>, Netl
     })
 }
 
-async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, rtnetlink::Error> {
+pub(crate) async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMessage>, rtnetlink::Error> {
     let mut links = h.link().get().match_name(name).execute();
     match links.try_next().await {
         Ok(link) => Ok(link),
@@ -932,7 +932,7 @@ fn bridge_port_state(link: &LinkMessage) -> Option<&BridgePortState> {
     })
 }
 
-fn is_kind(link: &LinkMessage, kind: &InfoKind) -> bool {
+pub(crate) fn is_kind(link: &LinkMessage, kind: &InfoKind) -> bool {
     link.attributes.iter().any(|a| match a {
         LinkAttribute::LinkInfo(infos) => infos
             .iter()
@@ -960,7 +960,7 @@ fn bridge_index_of(what: &str, link: &LinkMessage) -> Result<u32, NetlinkError> 
 // ---------------------------------------------------------------------------
 
 /// RTM_NEWLINK without NLM_F_CREATE: change an existing link (`ip link set`).
-async fn set_link(h: &Handle, msg: LinkMessage) -> Result<(), rtnetlink::Error> {
+pub(crate) async fn set_link(h: &Handle, msg: LinkMessage) -> Result<(), rtnetlink::Error> {
     h.link().change(msg).execute().await
 }
 
@@ -990,7 +990,7 @@ async fn configure_port(
     })
 }
 
-async fn delete_by_name(h: &Handle, name: &str, what: &str) -> Result<bool, NetlinkError> {
+pub(crate) async fn delete_by_name(h: &Handle, name: &str, what: &str) -> Result<bool, NetlinkError> {
     let Some(link) = link_by_name(h, name)
         .await
         .ctx(|| format!("{what}: look up"))?
@@ -1079,7 +1079,7 @@ async fn addresses(h: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>, rtnetlin
 /// Write /proc/sys/net/ipv6/conf/NAME/disable_ipv6 for the calling thread's
 /// namespace (/proc/sys/net follows the thread). A missing file means IPv6 is
 /// not there at all, which is as good as off.
-fn set_ipv6_disabled(name: &str, disabled: bool) -> Result<(), NetlinkError> {
+pub(crate) fn set_ipv6_disabled(name: &str, disabled: bool) -> Result<(), NetlinkError> {
     let path = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
     match std::fs::write(&path, if disabled { "1\n" } else { "0\n" }) {
         Ok(()) => Ok(()),
@@ -1098,7 +1098,7 @@ fn set_ipv6_disabled(name: &str, disabled: bool) -> Result<(), NetlinkError> {
 // Validation
 // ---------------------------------------------------------------------------
 
-fn check_ifname(what: &str, role: &str, name: &str) -> Result<(), NetlinkError> {
+pub(crate) fn check_ifname(what: &str, role: &str, name: &str) -> Result<(), NetlinkError> {
     let problem = if name.is_empty() {
         Some(format!("{role} is empty"))
     } else if name.len() > MAX_IFNAME_LEN {
@@ -1171,7 +1171,7 @@ where
 
 /// Run `work` on a fresh thread (which stays in the caller's namespace) with its
 /// own runtime and rtnetlink connection, and wait for it.
-fn on_netlink_thread<T, F, Fut>(what: String, work: F) -> Result<T, NetlinkError>
+pub(crate) fn on_netlink_thread<T, F, Fut>(what: String, work: F) -> Result<T, NetlinkError>
 where
     T: Send + 'static,
     F: FnOnce(Handle) -> Fut + Send + 'static,
@@ -1195,14 +1195,14 @@ where
 // ---------------------------------------------------------------------------
 
 /// The positive errno of a kernel refusal.
-fn errno_of(e: &rtnetlink::Error) -> Option<i32> {
+pub(crate) fn errno_of(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| c.get().abs()),
         _ => None,
     }
 }
 
-fn kernel(what: String, e: rtnetlink::Error) -> NetlinkError {
+pub(crate) fn kernel(what: String, e: rtnetlink::Error) -> NetlinkError {
     match errno_of(&e) {
         Some(errno) => NetlinkError::Kernel {
             what,
@@ -1212,7 +1212,7 @@ fn kernel(what: String, e: rtnetlink::Error) -> NetlinkError {
     }
 }
 
-trait Context<T> {
+pub(crate) trait Context<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T, NetlinkError>;
 }
 

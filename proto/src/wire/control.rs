@@ -128,6 +128,10 @@ pub enum ControlMsg {
     /// meshnet DNS: signed record sets, digests and summaries (see
     /// [`crate::dns`]). Last, so the bincode tags of the others stay.
     Dns(crate::dns::DnsMsg),
+    /// The sender's trusted subnets, signed (see [`crate::trusted`]); sent once
+    /// per connection, only to peers with `CAP_TRUSTED`. Last, so the bincode
+    /// tags of the others stay.
+    Trusted(crate::trusted::SignedTrustedSubnets),
 }
 
 impl ControlMsg {
@@ -138,6 +142,7 @@ impl ControlMsg {
                 Err(ControlError::Malformed("gossip summary over MAX_SUMMARY entries"))
             }
             ControlMsg::Dns(m) => m.check().map_err(|_| ControlError::Malformed("DNS message over its bounds")),
+            ControlMsg::Trusted(t) => t.check().map_err(|_| ControlError::Malformed("trusted-subnets record over its bounds")),
             _ => Ok(()),
         }
     }

@@ -1,0 +1,332 @@
+//! Trusted subnets (`--trusted-subnets`): the records peers exchange, the
+//! per-connection decision, and the task that keeps the kernel VXLAN device's
+//! forwarding entries in step with who is trusted and which MACs they own.
+//!
+//! Owns: this router's signed [`SignedTrustedSubnets`] (sent once on every
+//! connection to a peer with `CAP_TRUSTED`), the verified records of direct
+//! peers (keyed by connection), the [`DataMode`] of each connection, and the
+//! set of MACs installed on the VXLAN device ([`sync_loop`]). Never touches the
+//! forwarding threads: it reads [`meshnet_router::mac_owners::MacOwners`], which
+//! they fill. Its locks are never held together with the mesh lock.
+//!
+//! The control plane is always encrypted; only data frames between two peers
+//! that trust each other's underlay address go unencrypted, and only unicast to
+//! MACs learned behind such a peer: broadcast, multicast and unknown unicast
+//! stay on the encrypted userspace path.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use meshnet_proto::trusted::{self, DataMode, SignedTrustedSubnets, Sides, Subnet, TrustedSubnets, Why};
+use meshnet_proto::{Mac, PeerName};
+use meshnet_router::vxlan;
+use serde::{Deserialize, Serialize};
+
+use crate::mesh::Mesh;
+
+/// How often the forwarding entries are compared with what should be.
+const SYNC_EVERY: Duration = Duration::from_millis(250);
+/// Entries are re-applied from scratch this often (repairs a hand-deleted one).
+const RESYNC_EVERY: Duration = Duration::from_secs(30);
+
+/// The kernel device, when it could be made.
+#[derive(Clone, Debug)]
+pub struct Device {
+    pub name: String,
+    pub index: u32,
+    pub port: u16,
+}
+
+/// One direct connection as far as trust goes.
+#[derive(Clone, Debug)]
+struct PeerSide {
+    peer: PeerName,
+    local: IpAddr,
+    remote: IpAddr,
+    signing_key: [u8; 32],
+    theirs: Option<TrustedSubnets>,
+}
+
+/// See the module docs.
+pub struct Trusted {
+    pub subnets: Vec<Subnet>,
+    /// The device, or why there is none (None: no trusted subnets, none wanted).
+    pub device: Result<Option<Device>, String>,
+    record: SignedTrustedSubnets,
+    conns: Mutex<HashMap<u64, PeerSide>>,
+    /// MAC → peer address installed on the device.
+    installed: Mutex<HashMap<Mac, Ipv4Addr>>,
+    /// Records refused (bad signature, wrong name, malformed).
+    pub rejected: std::sync::atomic::AtomicU64,
+}
+
+/// `status --json`: `trusted`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrustedStatus {
+    pub subnets: Vec<String>,
+    /// The kernel VXLAN device, if there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Why there is no device although subnets are trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+    /// MACs the bridge sends through the device.
+    pub fdb_entries: usize,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub records_rejected: u64,
+}
+
+impl Trusted {
+    /// `me`'s state; `device` is what launching the kernel device gave.
+    pub fn new(
+        subnets: Vec<Subnet>,
+        device: Result<Option<Device>, String>,
+        me: PeerName,
+        uid: u64,
+        signer: &meshnet_proto::trust::Signer,
+    ) -> Trusted {
+        let kernel = matches!(device, Ok(Some(_)));
+        let record = SignedTrustedSubnets::sign(TrustedSubnets { name: me, uid, subnets: subnets.clone(), kernel }, signer);
+        Trusted {
+            subnets,
+            device,
+            record,
+            conns: Mutex::default(),
+            installed: Mutex::default(),
+            rejected: Default::default(),
+        }
+    }
+
+    /// What to send a newly established peer that has `CAP_TRUSTED`.
+    pub fn record(&self) -> SignedTrustedSubnets {
+        self.record.clone()
+    }
+
+    fn device_ok(&self) -> Option<&Device> {
+        self.device.as_ref().ok().and_then(|d| d.as_ref())
+    }
+
+    /// Connection `id` to `peer` is established: `local` and `remote` are the
+    /// TCP connection's two addresses, `signing_key` the peer's (from the
+    /// binding its handshake proved).
+    pub fn connected(&self, id: u64, peer: PeerName, local: IpAddr, remote: IpAddr, signing_key: [u8; 32]) {
+        let mut c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.insert(id, PeerSide { peer, local: trusted::unmapped(local), remote: trusted::unmapped(remote), signing_key, theirs: None });
+    }
+
+    /// A record arrived on connection `id`: kept if it verifies, else counted
+    /// and ignored (data to that peer stays encrypted).
+    pub fn on_record(&self, id: u64, rec: &SignedTrustedSubnets) -> Result<(), trusted::RecordError> {
+        let mut c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(side) = c.get_mut(&id) else { return Ok(()) };
+        match rec.verify(side.peer, &side.signing_key) {
+            Ok(r) => {
+                side.theirs = Some(r.clone());
+                Ok(())
+            }
+            Err(e) => {
+                self.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn disconnected(&self, id: u64) {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    fn decide(&self, side: &PeerSide) -> DataMode {
+        trusted::decide(Sides {
+            ours: &self.subnets,
+            our_kernel: self.device_ok().is_some(),
+            local: side.local,
+            remote: side.remote,
+            theirs: side.theirs.as_ref(),
+        })
+    }
+
+    /// How data on connection `id` travels (None: not established here).
+    pub fn mode(&self, id: u64) -> Option<DataMode> {
+        let c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.get(&id).map(|s| self.decide(s))
+    }
+
+    /// `encrypted`, `encrypted (why)` or `trusted (kernel)`, for `status connections`.
+    pub fn describe(&self, id: u64) -> (String, Option<String>) {
+        match self.mode(id) {
+            Some(DataMode::TrustedKernel) => ("trusted (kernel)".into(), None),
+            Some(DataMode::Encrypted(Why::NoTrustedSubnets)) | None => ("encrypted".into(), None),
+            Some(DataMode::Encrypted(Why::NoLocalDevice)) => {
+                let why = match &self.device {
+                    Err(e) => format!("{}: {e}", Why::NoLocalDevice.text()),
+                    Ok(_) => Why::NoLocalDevice.text().to_string(),
+                };
+                ("encrypted".into(), Some(why))
+            }
+            Some(DataMode::Encrypted(w)) => ("encrypted".into(), Some(w.text().to_string())),
+        }
+    }
+
+    /// Peers on connections in `ok` (established, UDP working) whose data goes
+    /// through the kernel, with their underlay addresses.
+    fn kernel_peers(&self, ok: &HashSet<u64>) -> HashMap<PeerName, Ipv4Addr> {
+        let c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.iter()
+            .filter(|(id, _)| ok.contains(id))
+            .filter(|(_, s)| self.decide(s) == DataMode::TrustedKernel)
+            .filter_map(|(_, s)| match s.remote {
+                IpAddr::V4(v4) => Some((s.peer, v4)),
+                IpAddr::V6(_) => None,
+            })
+            .collect()
+    }
+
+    pub fn status(&self) -> TrustedStatus {
+        let dev = self.device_ok();
+        let counters = dev.and_then(|d| vxlan::counters(&d.name)).unwrap_or_default();
+        TrustedStatus {
+            subnets: self.subnets.iter().map(|s| s.to_string()).collect(),
+            device: dev.map(|d| d.name.clone()),
+            port: dev.map(|d| d.port),
+            unavailable: self.device.as_ref().err().cloned(),
+            fdb_entries: self.installed.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            rx_packets: counters[0],
+            rx_bytes: counters[1],
+            tx_packets: counters[2],
+            tx_bytes: counters[3],
+            records_rejected: self.rejected.load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
+/// What the device's entries should be: every MAC owned by a kernel-trusted peer.
+fn wanted(owners: &[(Mac, PeerName)], peers: &HashMap<PeerName, Ipv4Addr>) -> HashMap<Mac, Ipv4Addr> {
+    owners.iter().filter_map(|(mac, p)| peers.get(p).map(|ip| (*mac, *ip))).collect()
+}
+
+/// Keeps the VXLAN device's entries equal to [`wanted`]: adds and moves
+/// entries for MACs of kernel-trusted peers, removes those of peers no longer
+/// trusted or gone and of MACs that moved elsewhere. Runs until the router stops.
+pub async fn sync_loop(mesh: Arc<Mesh>) {
+    let Some(dev) = mesh.trusted.device_ok().cloned() else { return };
+    let mut last: Option<(u64, HashMap<PeerName, Ipv4Addr>)> = None;
+    let mut last_full = std::time::Instant::now();
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(SYNC_EVERY).await;
+        let ok: HashSet<u64> = {
+            let g = mesh.lock();
+            g.conns.iter().filter(|(_, c)| c.established && c.udp_ok).map(|(id, _)| *id).collect()
+        };
+        let peers = mesh.trusted.kernel_peers(&ok);
+        let generation = mesh.dataplane.mac_owners.generation();
+        let full = last_full.elapsed() >= RESYNC_EVERY;
+        if !full && last.as_ref().is_some_and(|(g, p)| *g == generation && *p == peers) {
+            continue;
+        }
+        let want = wanted(&mesh.dataplane.mac_owners.of_peers(), &peers);
+        let have = mesh.trusted.installed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let add: Vec<(Mac, Ipv4Addr)> =
+            want.iter().filter(|(m, ip)| full || have.get(*m) != Some(ip)).map(|(m, ip)| (*m, *ip)).collect();
+        let del: Vec<Mac> = have.keys().filter(|m| !want.contains_key(*m)).copied().collect();
+        let index = dev.index;
+        let result = tokio::task::spawn_blocking(move || {
+            let mut errors = Vec::new();
+            let mut done_add = Vec::new();
+            let mut done_del = Vec::new();
+            for m in del {
+                match vxlan::del_fdb(index, m) {
+                    Ok(()) => done_del.push(m),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            for (m, ip) in add {
+                match vxlan::add_fdb(index, m, ip) {
+                    Ok(()) => done_add.push((m, ip)),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            (done_add, done_del, errors)
+        })
+        .await;
+        let Ok((done_add, done_del, errors)) = result else { continue };
+        {
+            let mut inst = mesh.trusted.installed.lock().unwrap_or_else(|p| p.into_inner());
+            for m in &done_del {
+                inst.remove(m);
+            }
+            for (m, ip) in &done_add {
+                if inst.insert(*m, *ip) != Some(*ip) {
+                    log::debug!("trusted: {} via {} on {}", fmt_mac(m), ip, dev.name);
+                }
+            }
+        }
+        if errors.is_empty() {
+            if failing {
+                log::info!("trusted: {} entries in step again", dev.name);
+            }
+            failing = false;
+            last = Some((generation, peers));
+            if full {
+                last_full = std::time::Instant::now();
+            }
+        } else {
+            if !failing {
+                log::warn!("trusted: programming {} failed (retrying): {}", dev.name, errors.join("; "));
+            }
+            failing = true;
+            last = None;
+        }
+    }
+}
+
+fn fmt_mac(m: &Mac) -> String {
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshnet_proto::identity::Identity;
+    use meshnet_proto::trust::Signer;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn records_decide_per_connection_and_forged_ones_are_ignored() {
+        let subnets = trusted::parse_list("10.250.0.0/16").unwrap();
+        let me = Signer::from_identity(&Identity::generate());
+        let dev = Device { name: "vxm-t".into(), index: 7, port: 6784 };
+        let t = Trusted::new(subnets.clone(), Ok(Some(dev)), PeerName(1), 1, &me);
+        let peer = Signer::from_identity(&Identity::generate());
+        t.connected(5, PeerName(2), ip("10.250.0.1"), ip("10.250.0.2"), peer.public());
+        assert_eq!(t.mode(5), Some(DataMode::Encrypted(Why::PeerSaidNothing)));
+        // Signed by someone else: refused, counted, still encrypted.
+        let forged = SignedTrustedSubnets::sign(TrustedSubnets { name: PeerName(2), uid: 1, subnets: subnets.clone(), kernel: true }, &me);
+        assert!(t.on_record(5, &forged).is_err());
+        assert_eq!(t.rejected.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(t.mode(5), Some(DataMode::Encrypted(Why::PeerSaidNothing)));
+        let good = SignedTrustedSubnets::sign(TrustedSubnets { name: PeerName(2), uid: 1, subnets, kernel: true }, &peer);
+        t.on_record(5, &good).unwrap();
+        assert_eq!(t.mode(5), Some(DataMode::TrustedKernel));
+        let ok: HashSet<u64> = [5].into();
+        let peers = t.kernel_peers(&ok);
+        assert_eq!(peers.get(&PeerName(2)), Some(&Ipv4Addr::new(10, 250, 0, 2)));
+        assert!(t.kernel_peers(&HashSet::new()).is_empty(), "UDP not working: not through the kernel");
+        let owners = vec![([2, 0, 0, 0, 0, 1], PeerName(2)), ([2, 0, 0, 0, 0, 2], PeerName(3))];
+        let w = wanted(&owners, &peers);
+        assert_eq!(w.len(), 1);
+        assert_eq!(w.get(&[2, 0, 0, 0, 0, 1]), Some(&Ipv4Addr::new(10, 250, 0, 2)));
+        t.disconnected(5);
+        assert_eq!(t.mode(5), None);
+    }
+}

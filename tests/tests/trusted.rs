@@ -1,0 +1,286 @@
+//! Trusted subnets (`--trusted-subnets`) end to end in namespaces: mutual trust
+//! puts data in plain text on the underlay through the kernel's VXLAN device
+//! (whose counters move while meshnet's do not), one-sided trust stays
+//! encrypted, a mesh mixes both, and `reset`/`stop`/`kill -9` handle the device.
+
+use std::time::Duration;
+
+use meshnet_tests::lab::*;
+use serde_json::Value;
+
+/// 16 bytes `ping -p` repeats through each echo's payload.
+const MARKER: &[u8] = b"trusted-marker!!";
+/// The bridge every router here uses (the default), and so its VXLAN device.
+const VXLAN_DEV: &str = "vxm-meshnet";
+
+fn marker_hex() -> String {
+    MARKER.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn underlay(lab: &Lab) -> String {
+    format!("10.250.{}.0/24", lab.k)
+}
+
+/// The connection of `h` to peer `name`, from `status connections --json`.
+fn conn_to(h: &Host, name: &str) -> Option<Value> {
+    connections(&h.status_json()).into_iter().find(|c| c["peer"].as_str() == Some(name))
+}
+
+fn data_mode(h: &Host, name: &str) -> String {
+    conn_to(h, name).and_then(|c| c["data"].as_str().map(String::from)).unwrap_or_default()
+}
+
+#[track_caller]
+fn wait_mode(lab: &Lab, h: &Host, name: &str, want: &str) {
+    let ok = wait_until(Duration::from_secs(30), || data_mode(h, name) == want);
+    if !ok {
+        lab.dump();
+    }
+    assert!(ok, "{}: connection to {name} is {:?}, not {want:?}: {:#}", h.ns, data_mode(h, name), conn_to(h, name).unwrap_or_default());
+}
+
+fn trusted_status(h: &Host) -> Value {
+    h.status_json()["trusted"].clone()
+}
+
+fn tap_units(h: &Host) -> u64 {
+    h.status_json()["dataplane"]["tap_units_in"].as_u64().unwrap_or(0)
+}
+
+fn link_exists(h: &Host, name: &str) -> bool {
+    ip(&["-n", &h.ns, "link", "show", name]).ok()
+}
+
+/// tx packets of `dev` in `h`, from the kernel.
+fn dev_tx_packets(h: &Host, dev: &str) -> u64 {
+    let out = ip(&["-n", &h.ns, "-s", "-j", "link", "show", dev]);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
+    v[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or(0)
+}
+
+/// Pings with the marker in every payload while capturing the underlay of
+/// `capture_on`; returns the capture.
+fn ping_marked(lab: &Lab, from: &Container, to_ip: &str, capture_on: &Host) -> Pcap {
+    let cap = lab.capture(&capture_on.ns, UNDERLAY_IF);
+    let out = exec_in(&from.ns, &["ping", "-c", "10", "-i", "0.2", "-W", "2", "-p", &marker_hex(), to_ip]);
+    assert!(out.ok(), "marked ping {} -> {to_ip} failed: {out}", from.ns);
+    cap.stop()
+}
+
+/// IPv4 ICMP echo requests in `pcap` that carry the marker.
+fn echo_requests_with_marker(pcap: &Pcap) -> usize {
+    pcap.frames
+        .iter()
+        .filter(|f| f.len() > 34 && f[12..14] == [0x08, 0x00] && f[23] == 1)
+        .filter(|f| f.get(14 + usize::from(f[14] & 0x0f) * 4) == Some(&8))
+        .filter(|f| f.windows(MARKER.len()).any(|w| w == MARKER))
+        .count()
+}
+
+struct Pair {
+    lab: Lab,
+    h: [Host; 2],
+    names: [String; 2],
+    c: [Container; 2],
+}
+
+/// Two routers with the given `--trusted-subnets` (None: the option left out),
+/// containers c1/c2 as 10.43.0.1/2, reachable.
+fn pair(test: &str, trust: impl Fn(&Lab) -> [Option<String>; 2]) -> Option<Pair> {
+    pair_with(test, trust, &[])
+}
+
+/// [`pair`] with more launch options for both routers.
+fn pair_with(test: &str, trust: impl Fn(&Lab) -> [Option<String>; 2], extra: &[&str]) -> Option<Pair> {
+    let lab = Lab::new(test)?;
+    let trust = trust(&lab);
+    let h1 = lab.add_host(1);
+    let h2 = lab.add_host(2);
+    let args = |i: usize, peer: Option<&str>| {
+        let mut a: Vec<String> = vec!["--password".into(), "trust".into()];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        if let Some(t) = &trust[i] {
+            a.push("--trusted-subnets".into());
+            a.push(t.clone());
+        }
+        if let Some(p) = peer {
+            a.push(p.into());
+        }
+        a
+    };
+    let a1 = args(0, None);
+    let n1 = h1.launch(&a1.iter().map(String::as_str).collect::<Vec<_>>());
+    let a2 = args(1, Some(&h1.ip));
+    let n2 = h2.launch(&a2.iter().map(String::as_str).collect::<Vec<_>>());
+    let c1 = lab.add_container(&h1, 1);
+    let c2 = lab.add_container(&h2, 2);
+    h1.meshnet(&["attach", "10.43.0.1/24", &c1.ns]).expect_ok("attach c1");
+    h2.meshnet(&["attach", "10.43.0.2/24", &c2.ns]).expect_ok("attach c2");
+    assert!(ping_until(&c1.ns, "10.43.0.2", Duration::from_secs(30)), "c1 cannot reach c2");
+    Some(Pair { lab, h: [h1, h2], names: [n1, n2], c: [c1, c2] })
+}
+
+#[test]
+fn mutual_trust_carries_data_in_plain_text_through_the_kernel() {
+    let Some(p) = pair("trustmutual", |lab| [Some(underlay(lab)), Some(underlay(lab))]) else { return };
+    let [h1, h2] = &p.h;
+    wait_mode(&p.lab, h1, &p.names[1], "trusted (kernel)");
+    wait_mode(&p.lab, h2, &p.names[0], "trusted (kernel)");
+    // Both routers learned the other container's MAC and pointed the bridge at the device.
+    let learned = wait_until(Duration::from_secs(20), || {
+        assert!(ping(&p.c[0].ns, "10.43.0.2", 1));
+        [h1, h2].iter().all(|h| trusted_status(h)["fdb_entries"].as_u64().unwrap_or(0) >= 1)
+    });
+    assert!(learned, "no forwarding entries: {:#} / {:#}", trusted_status(h1), trusted_status(h2));
+    assert!(link_exists(h1, VXLAN_DEV) && link_exists(h2, VXLAN_DEV));
+
+    let units_before = tap_units(h1);
+    let vx_before = dev_tx_packets(h1, VXLAN_DEV);
+    let pcap = ping_marked(&p.lab, &p.c[0], "10.43.0.2", h1);
+    let units = tap_units(h1) - units_before;
+    let vx = dev_tx_packets(h1, VXLAN_DEV) - vx_before;
+    assert!(pcap.contains(MARKER), "the marker is not in plain text on the underlay");
+    assert!(pcap.count(17, 6784) >= 10, "fewer than 10 datagrams on UDP 6784: {}", pcap.count(17, 6784));
+    assert!(vx >= 10, "the VXLAN device sent {vx} packets for 10 echoes");
+    // meshnet's own path saw at most the odd ARP broadcast, not the 10 echoes.
+    assert!(units < 5, "meshnet's TAP took {units} units during 10 echoes: not the kernel path");
+    let out = exec_in(&p.c[0].ns, &["ping", "-c", "5", "-i", "0.2", "10.43.0.2"]);
+    assert!(out.ok() && !out.stdout.contains("DUP!"), "duplicate or lost replies: {out}");
+    let text = h1.meshnet(&["status", "connections"]).expect_ok("status connections");
+    assert!(text.stdout.contains("trusted (kernel)"), "{text}");
+    eprintln!("status connections on h1:\n{}", text.stdout);
+    let st = h1.meshnet(&["status"]).expect_ok("status");
+    assert!(st.stdout.contains("Trusted subnets:"), "{st}");
+    eprintln!("{}", st.stdout.lines().find(|l| l.contains("Trusted subnets:")).unwrap_or_default());
+
+    // Bulk both ways, checked, through the kernel.
+    let before = tap_units(h1);
+    checked_transfer(&p.lab, &p.c[0].ns, &p.c[1].ns, "10.43.0.2", 50 << 20, Duration::from_secs(120));
+    checked_transfer(&p.lab, &p.c[1].ns, &p.c[0].ns, "10.43.0.1", 50 << 20, Duration::from_secs(120));
+    let units = tap_units(h1) - before;
+    assert!(units < 100, "meshnet's TAP took {units} units during 100 MB of trusted transfers");
+    assert!(trusted_status(h1)["tx_bytes"].as_u64().unwrap_or(0) > 50 << 20, "{:#}", trusted_status(h1));
+}
+
+#[test]
+fn one_sided_trust_stays_encrypted() {
+    // h1 trusts the underlay; h2 trusts only a subnet h1 is not in.
+    let Some(p) = pair("trustone", |lab| [Some(underlay(lab)), Some("192.0.2.0/24".into())]) else { return };
+    let [h1, h2] = &p.h;
+    // Both records arrived and both sides say why they stay encrypted.
+    let said = wait_until(Duration::from_secs(20), || {
+        conn_to(h1, &p.names[1]).and_then(|c| c["data_reason"].as_str().map(String::from)).is_some_and(|r| r.contains("does not trust"))
+            && conn_to(h2, &p.names[0]).and_then(|c| c["data_reason"].as_str().map(String::from)).is_some_and(|r| r.contains("not in our trusted"))
+    });
+    assert!(said, "{:#} / {:#}", conn_to(h1, &p.names[1]).unwrap_or_default(), conn_to(h2, &p.names[0]).unwrap_or_default());
+    assert_eq!(data_mode(h1, &p.names[1]), "encrypted");
+    assert_eq!(data_mode(h2, &p.names[0]), "encrypted");
+    let units_before = tap_units(h1);
+    let pcap = ping_marked(&p.lab, &p.c[0], "10.43.0.2", h1);
+    assert!(!pcap.contains(MARKER), "one-sided trust put the marker in plain text on the underlay");
+    assert_eq!(pcap.count(17, 6784), 0, "datagrams on the VXLAN port with one-sided trust");
+    assert!(tap_units(h1) - units_before >= 10, "the echoes did not take meshnet's encrypted path");
+    assert_eq!(trusted_status(h1)["fdb_entries"].as_u64(), Some(0));
+}
+
+#[test]
+fn a_mesh_mixes_trusted_and_encrypted_peers() {
+    let Some(lab) = Lab::new("trustmix") else { return };
+    let t = underlay(&lab);
+    let h1 = lab.add_host(1);
+    let h2 = lab.add_host(2);
+    let h3 = lab.add_host(3);
+    let n1 = h1.launch(&["--password", "mix", "--trusted-subnets", &t]);
+    let n2 = h2.launch(&["--password", "mix", "--trusted-subnets", &t, &h1.ip]);
+    let n3 = h3.launch(&["--password", "mix", &h1.ip, &h2.ip]);
+    let c: Vec<Container> = [&h1, &h2, &h3].iter().enumerate().map(|(i, h)| lab.add_container(h, i as u8 + 1)).collect();
+    for (i, h) in [&h1, &h2, &h3].iter().enumerate() {
+        h.meshnet(&["attach", &format!("10.44.0.{}/24", i + 1), &c[i].ns]).expect_ok("attach");
+    }
+    for (a, b) in [(0, 1), (0, 2), (1, 2), (1, 0), (2, 0), (2, 1)] {
+        let to = format!("10.44.0.{}", b + 1);
+        assert!(ping_until(&c[a].ns, &to, Duration::from_secs(30)), "c{} cannot reach {to}", a + 1);
+    }
+    wait_mode(&lab, &h1, &n2, "trusted (kernel)");
+    wait_mode(&lab, &h2, &n1, "trusted (kernel)");
+    wait_mode(&lab, &h1, &n3, "encrypted");
+    wait_mode(&lab, &h3, &n1, "encrypted");
+    wait_mode(&lab, &h2, &n3, "encrypted");
+    // The untrusted peer never hears plain data: capture its underlay while c1 talks to c3.
+    let cap = lab.capture(&h3.ns, UNDERLAY_IF);
+    let out = exec_in(&c[0].ns, &["ping", "-c", "5", "-i", "0.2", "-p", &marker_hex(), "10.44.0.3"]);
+    assert!(out.ok(), "{out}");
+    let pcap = cap.stop();
+    assert!(!pcap.contains(MARKER), "data to the untrusted peer went in plain text");
+    // Checked transfers on both kinds of link, both ways.
+    checked_transfer(&lab, &c[0].ns, &c[2].ns, "10.44.0.3", 20 << 20, Duration::from_secs(120));
+    checked_transfer(&lab, &c[2].ns, &c[0].ns, "10.44.0.1", 20 << 20, Duration::from_secs(120));
+    checked_transfer(&lab, &c[0].ns, &c[1].ns, "10.44.0.2", 20 << 20, Duration::from_secs(120));
+    checked_transfer(&lab, &c[1].ns, &c[0].ns, "10.44.0.1", 20 << 20, Duration::from_secs(120));
+    // Broadcasts arrive exactly once everywhere over the mixed mesh (they take
+    // the encrypted path; the VXLAN port floods nothing).
+    let caps: Vec<Capture> = c[1..].iter().map(|x| lab.capture(&x.ns, "ethwe")).collect();
+    let _ = exec_in(&c[0].ns, &["ping", "-b", "-c", "3", "-i", "0.3", "-W", "1", "-p", &marker_hex(), "10.44.0.255"]);
+    std::thread::sleep(Duration::from_millis(500));
+    for (i, cap) in caps.into_iter().enumerate() {
+        let n = echo_requests_with_marker(&cap.stop());
+        assert_eq!(n, 3, "c{} saw {n} of 3 broadcast echo requests", i + 2);
+    }
+    // The trusted pair used the kernel for its transfers, the other links did not.
+    assert!(trusted_status(&h1)["tx_bytes"].as_u64().unwrap_or(0) > 20 << 20, "{:#}", trusted_status(&h1));
+    assert_eq!(trusted_status(&h3)["device"], Value::Null);
+}
+
+#[test]
+fn reset_removes_the_device_and_relaunches_make_it_again() {
+    let Some(lab) = Lab::new("trustreset") else { return };
+    let t = underlay(&lab);
+    let h1 = lab.add_host(1);
+    h1.launch(&["--trusted-subnets", &t]);
+    assert!(link_exists(&h1, VXLAN_DEV), "no {VXLAN_DEV} after launch");
+    assert_eq!(trusted_status(&h1)["port"].as_u64(), Some(6784));
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    assert!(wait_until(Duration::from_secs(10), || !link_exists(&h1, VXLAN_DEV)), "stop left {VXLAN_DEV}");
+    h1.launch(&["--trusted-subnets", &t]);
+    assert!(link_exists(&h1, VXLAN_DEV), "relaunch did not make {VXLAN_DEV}");
+    // kill -9 leaves it; the next launch replaces it.
+    kill9(&h1);
+    assert!(link_exists(&h1, VXLAN_DEV));
+    h1.launch(&["--trusted-subnets", &t]);
+    assert!(link_exists(&h1, VXLAN_DEV));
+    assert!(trusted_status(&h1)["device"].as_str() == Some(VXLAN_DEV), "{:#}", trusted_status(&h1));
+    h1.meshnet(&["reset"]).expect_ok("reset");
+    assert!(wait_until(Duration::from_secs(10), || !link_exists(&h1, VXLAN_DEV)), "reset left {VXLAN_DEV}");
+    // kill -9 then a launch without the option removes the stale device too.
+    h1.launch(&["--trusted-subnets", &t]);
+    kill9(&h1);
+    h1.launch(&[]);
+    assert!(!link_exists(&h1, VXLAN_DEV), "a launch without --trusted-subnets kept the stale {VXLAN_DEV}");
+    // A bad CIDR is a clear error and nothing starts.
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    let out = h1.meshnet(&["launch", "--trusted-subnets", "10.0.0.1/8"]);
+    assert!(!out.ok(), "a bad CIDR launched: {out}");
+    assert!(out.all().contains("host bits are set"), "{out}");
+    let out = h1.meshnet(&["launch", "--trusted-subnets", "banana"]);
+    assert!(!out.ok() && out.all().contains("--trusted-subnets"), "{out}");
+}
+
+#[test]
+fn mutual_trust_works_with_the_pcap_datapath() {
+    let Some(p) = pair_with("trustpcap", |lab| [Some(underlay(lab)), Some(underlay(lab))], &["--datapath", "pcap"]) else { return };
+    let [h1, h2] = &p.h;
+    wait_mode(&p.lab, h1, &p.names[1], "trusted (kernel)");
+    wait_mode(&p.lab, h2, &p.names[0], "trusted (kernel)");
+    let learned = wait_until(Duration::from_secs(20), || {
+        assert!(ping(&p.c[0].ns, "10.43.0.2", 1));
+        [h1, h2].iter().all(|h| trusted_status(h)["fdb_entries"].as_u64().unwrap_or(0) >= 1)
+    });
+    assert!(learned, "no forwarding entries: {:#} / {:#}", trusted_status(h1), trusted_status(h2));
+    let vx_before = dev_tx_packets(h1, VXLAN_DEV);
+    let pcap = ping_marked(&p.lab, &p.c[0], "10.43.0.2", h1);
+    assert!(pcap.contains(MARKER), "the marker is not in plain text on the underlay");
+    assert!(dev_tx_packets(h1, VXLAN_DEV) - vx_before >= 10);
+    checked_transfer(&p.lab, &p.c[0].ns, &p.c[1].ns, "10.43.0.2", 20 << 20, Duration::from_secs(120));
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    assert!(wait_until(Duration::from_secs(10), || !link_exists(h1, VXLAN_DEV)), "stop left {VXLAN_DEV}");
+}
