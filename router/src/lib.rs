@@ -13,5 +13,5 @@ pub mod icmp;
 pub mod device;
 pub mod capture;
 pub mod ethtool;
-pub mod perframe;
+pub mod udp;
 pub mod traffic;
