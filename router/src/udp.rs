@@ -255,10 +255,10 @@ mod tests {
         let mut tx = TxSession::new(1, &KEY);
         let mut d = Datagrams::default();
         let batch = &mut d.batch;
-        enc.begin(&mut tx, InnerHeader { ttl: 4, broadcast: false, src: PeerName(2), dst: PeerName(3) }, &mut batch);
+        enc.begin(&mut tx, InnerHeader { ttl: 4, broadcast: false, src: PeerName(2), dst: PeerName(3) }, batch);
         // Mixed sizes: several runs, some of one datagram, one of many (a chunked unit).
         for n in [100usize, 1400, 1400, 1400, 60, 5000, 1300, 70] {
-            enc.push(&mut tx, &vec![n as u8; n], &mut batch).unwrap();
+            enc.push(&mut tx, &vec![n as u8; n], batch).unwrap();
         }
         enc.finish(&mut tx, batch).unwrap();
         // The same datagrams to a second socket, one per message.
