@@ -1008,6 +1008,35 @@ mod tests {
     }
 
     #[test]
+    fn a_unit_completed_in_a_slot_stays_readable_until_the_next_receive() {
+        let (_, _, mut rx) = pair(1472);
+        let mut key = SealKey::new(&KEY);
+        let whole = unit(100, 9);
+        // Every slot holds half a unit.
+        for id in 0..REASSEMBLY_SLOTS as u32 {
+            let data = if id == 0 { &whole[..50] } else { &whole[50..] };
+            let mut d = seal_plain(&mut key, &plain(&[Record::Chunk { unit_id: id, offset: 0, total: 100, data }]));
+            rx.receive(0, &mut d, |_, _, _| panic!("incomplete")).unwrap();
+        }
+        // One datagram completes unit 0, then starts as many new units as
+        // there are slots (a hostile peer may pack records so).
+        let mut recs = vec![Record::Chunk { unit_id: 0, offset: 50, total: 100, data: &whole[50..] }];
+        let junk = [0xeeu8; 60];
+        recs.extend((100..100 + REASSEMBLY_SLOTS as u32).map(|id| Record::Chunk { unit_id: id, offset: 0, total: 100, data: &junk }));
+        let mut d = seal_plain(&mut key, &plain(&recs));
+        let mut places = Vec::new();
+        rx.receive_placed(1, &mut d, |_, _, u, place| places.push((u.to_vec(), place)), |_, _, _| {}, |_, _, _, _| {}).unwrap();
+        assert_eq!(places.len(), 1);
+        assert_eq!(places[0].0, whole);
+        let Place::Slot { receiver_index, slot } = places[0].1 else { panic!("a chunked unit lives in a slot") };
+        assert_eq!(rx.held_unit(receiver_index, slot), Some(&whole[..]), "not overwritten by the chunks after it");
+        // The next receive may reuse the slot: it is no longer handed out.
+        let mut d = seal_plain(&mut key, &plain(&[Record::Whole(&whole)]));
+        rx.receive(2, &mut d, |_, _, _| {}).unwrap();
+        assert_eq!(rx.held_unit(receiver_index, slot), None);
+    }
+
+    #[test]
     fn small_units_are_packed_several_per_datagram() {
         let (mut enc, mut tx, mut rx) = pair(1472);
         let units: Vec<_> = (0..200).map(|i| unit(60 + (i * 7) % 140, i as u8)).collect();
