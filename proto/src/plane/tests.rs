@@ -520,3 +520,18 @@ fn garbage_and_forgeries_change_nothing() {
     assert_eq!(refused, 1);
     let _ = Receiver::new();
 }
+
+#[test]
+fn a_mac_that_moves_behind_the_device_is_reported() {
+    let mut net = Net::new(2, &[(0, 1)], true);
+    let now = net.now;
+    net.nodes[0].tx.learn(mac(7), name(1), now);
+    let mut out = TxOut::default();
+    let u = unit(mac(1), mac(7), 1, 100);
+    net.nodes[0].tx.handle(now, &[u.clone()], &[u.len()], &mut out);
+    assert_eq!(out.moved_local, vec![mac(7)]);
+    assert_eq!(net.nodes[0].tx.mac_owner(&mac(7), now), Some(MacOwner::Local));
+    // Seen from the device again: not a move.
+    net.nodes[0].tx.handle(now, &[u.clone()], &[u.len()], &mut out);
+    assert!(out.moved_local.is_empty());
+}

@@ -27,7 +27,7 @@ use super::traffic::{PeerTraffic, ThreadCounters};
 use super::{Datagrams, Peer, PeerPath, PeerSet, Routes, Segmenter, Transmit, DEFAULT_TTL, MIN_UNIT};
 use crate::datapath::{seal_heartbeat, Encoder, TxSession, MIN_HEARTBEAT};
 use crate::gso::{GSO_NONE, VNET_HDR_LEN};
-use crate::mac_table::{MacOwner, MacTable};
+use crate::mac_table::{Learned, MacOwner, MacTable};
 use crate::wire::datagram::{Heartbeat, InnerHeader};
 use crate::{Mac, PeerName};
 
@@ -44,6 +44,9 @@ pub struct TxOut {
     /// Frames to write back into the device (ICMP errors), as ranges of `device_bytes`.
     device: Vec<(usize, usize)>,
     device_bytes: Vec<u8>,
+    /// Source MACs last seen behind a peer that now come from the device (a
+    /// container moved here): for whoever mirrors MAC owners elsewhere.
+    pub moved_local: Vec<Mac>,
 }
 
 impl TxOut {
@@ -51,6 +54,7 @@ impl TxOut {
         self.datagrams.clear();
         self.device.clear();
         self.device_bytes.clear();
+        self.moved_local.clear();
     }
 
     /// The frames for the device, each as the device takes it (with a zeroed
@@ -207,7 +211,9 @@ impl TxPlane {
             let frame = &unit[VNET_HDR_LEN..];
             let dst: Mac = frame[0..6].try_into().expect("14 bytes checked");
             let src: Mac = frame[6..12].try_into().expect("14 bytes checked");
-            self.macs.learn(src, MacOwner::Local, now);
+            if let Learned::Moved { from: MacOwner::Peer(_) } = self.macs.learn(src, MacOwner::Local, now) {
+                out.moved_local.push(src);
+            }
             if dst[0] & 1 != 0 {
                 self.flood.push(i as u16);
                 continue;
