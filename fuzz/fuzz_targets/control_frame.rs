@@ -64,7 +64,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let topology = Topology::new(me);
     let mut gossip = Gossip::new();
-    gossip.connected(1, meshnet_proto::PeerName(1), true);
+    gossip.connected(1, meshnet_proto::PeerName(1), true, 0, &topology);
     let (mut summaries, mut entries) = (0, 0);
     let wire = if mode & 1 == 0 {
         rest.to_vec()

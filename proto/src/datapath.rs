@@ -114,6 +114,16 @@ impl TxBatch {
         self.open = None;
     }
 
+    /// Keeps the first `n` sealed datagrams, dropping the later ones and a
+    /// datagram still open.
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.ends.len() {
+            self.ends.truncate(n);
+        }
+        self.buf.truncate(self.ends.last().copied().unwrap_or(0));
+        self.open = None;
+    }
+
     /// Whether no sealed datagram is in the batch.
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
@@ -159,7 +169,14 @@ impl TxBatch {
     /// Like [`runs`](Self::runs), also keeping each run within `max_bytes`
     /// (Linux refuses a GSO send over 64 KiB; a single datagram is always a run).
     pub fn runs_within(&self, max_segments: usize, max_bytes: usize) -> Runs<'_> {
-        Runs { batch: self, next: 0, max_segments: max_segments.max(1), max_bytes }
+        self.runs_in(0..self.ends.len(), max_segments, max_bytes)
+    }
+
+    /// Like [`runs_within`](Self::runs_within), over the datagrams numbered
+    /// `range` only (one destination's share of a batch holding several).
+    pub fn runs_in(&self, range: std::ops::Range<usize>, max_segments: usize, max_bytes: usize) -> Runs<'_> {
+        let end = range.end.min(self.ends.len());
+        Runs { batch: self, next: range.start, end, max_segments: max_segments.max(1), max_bytes }
     }
 }
 
@@ -168,6 +185,7 @@ impl TxBatch {
 pub struct Runs<'a> {
     batch: &'a TxBatch,
     next: usize,
+    end: usize,
     max_segments: usize,
     max_bytes: usize,
 }
@@ -176,7 +194,7 @@ impl<'a> Iterator for Runs<'a> {
     type Item = (&'a [u8], usize);
 
     fn next(&mut self) -> Option<Self::Item> {
-        let ends = &self.batch.ends;
+        let ends = &self.batch.ends[..self.end];
         if self.next >= ends.len() {
             return None;
         }
@@ -455,6 +473,9 @@ struct Slot {
     total: u32,
     received: u32,
     started_ms: u64,
+    /// The receive call (see `Receiver::gen`) that completed the unit: until the
+    /// next call, the slot is not reused, so the caller may still read it.
+    held: u64,
     /// Order of creation, to find the oldest.
     seq: u64,
     /// The inner header of the datagram that started the unit.
@@ -553,6 +574,7 @@ impl Reassembly {
     #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
+        gen: u64,
         now_ms: u64,
         hdr: &InnerHeader,
         unit_id: u32,
@@ -574,10 +596,16 @@ impl Reassembly {
                     stats.stale_chunks += 1;
                     return (None, 0);
                 }
-                let i = match self.slots.iter().position(|s| !s.active) {
+                let i = match self.slots.iter().position(|s| !s.active && s.held != gen) {
                     Some(free) => free,
                     None => {
-                        let oldest = (0..REASSEMBLY_SLOTS).min_by_key(|&j| self.slots[j].seq).unwrap_or(0);
+                        // Only an active slot is evicted: one completed in this
+                        // receive call is still the caller's to read.
+                        let active = (0..REASSEMBLY_SLOTS).filter(|&j| self.slots[j].active);
+                        let Some(oldest) = active.min_by_key(|&j| self.slots[j].seq) else {
+                            stats.reassembly_drops += 1;
+                            return (None, 0);
+                        };
                         self.drop_slot(oldest, stats);
                         oldest
                     }
@@ -593,6 +621,7 @@ impl Reassembly {
         slot.fill(offset as usize, data);
         if slot.received >= slot.total {
             slot.active = false;
+            slot.held = gen;
             self.active -= 1;
             let seq = slot.seq;
             self.retire(unit_id);
@@ -637,6 +666,18 @@ pub struct Receiver {
     partial: usize,
     /// The peer whose session the last datagram authenticated under.
     last_sender: Option<PeerName>,
+    /// Counts `receive*` calls: a unit completed in a slot stays readable
+    /// ([`held_unit`](Self::held_unit)) until the next call.
+    gen: u64,
+}
+
+/// Where a unit handed out by [`Receiver::receive_placed`] lives until the
+/// next `receive*` call: in the datagram (decrypted in place) or in a
+/// reassembly slot of the session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    Datagram,
+    Slot { receiver_index: u32, slot: u8 },
 }
 
 impl Receiver {
@@ -717,10 +758,25 @@ impl Receiver {
         now_ms: u64,
         dgram: &mut [u8],
         mut on_unit: impl FnMut(PeerName, &InnerHeader, &[u8]),
+        on_heartbeat: impl FnMut(PeerName, Heartbeat, usize),
+        on_partial: impl FnMut(PeerName, &InnerHeader, &[u8], &dyn Fn(usize, usize) -> bool),
+    ) -> Result<usize, DatapathError> {
+        self.receive_placed(now_ms, dgram, |p, h, u, _| on_unit(p, h, u), on_heartbeat, on_partial)
+    }
+
+    /// [`receive_salvaging`](Self::receive_salvaging), also saying where each
+    /// unit lives, so that a caller can note it and read it after the call
+    /// (from the datagram, or with [`held_unit`](Self::held_unit)).
+    pub fn receive_placed(
+        &mut self,
+        now_ms: u64,
+        dgram: &mut [u8],
+        mut on_unit: impl FnMut(PeerName, &InnerHeader, &[u8], Place),
         mut on_heartbeat: impl FnMut(PeerName, Heartbeat, usize),
         mut on_partial: impl FnMut(PeerName, &InnerHeader, &[u8], &dyn Fn(usize, usize) -> bool),
     ) -> Result<usize, DatapathError> {
         self.last_sender = None;
+        self.gen += 1;
         let res = self.receive_inner(now_ms, dgram, &mut on_unit, &mut on_heartbeat, &mut on_partial);
         let s = &mut self.stats;
         match res {
@@ -740,7 +796,7 @@ impl Receiver {
         &mut self,
         now_ms: u64,
         dgram: &mut [u8],
-        on_unit: &mut impl FnMut(PeerName, &InnerHeader, &[u8]),
+        on_unit: &mut impl FnMut(PeerName, &InnerHeader, &[u8], Place),
         on_heartbeat: &mut impl FnMut(PeerName, Heartbeat, usize),
         on_partial: &mut impl FnMut(PeerName, &InnerHeader, &[u8], &dyn Fn(usize, usize) -> bool),
     ) -> Result<usize, DatapathError> {
@@ -779,13 +835,13 @@ impl Receiver {
         for rec in records.flatten() {
             match rec {
                 Record::Whole(unit) => {
-                    on_unit(peer, &inner, unit);
+                    on_unit(peer, &inner, unit, Place::Datagram);
                     delivered += 1;
                 }
                 Record::Chunk { unit_id, offset, total, data } => {
                     let r = &mut session.reassembly;
                     let before = r.active;
-                    let (done, older) = r.add(now_ms, &inner, unit_id, offset, total, data, &mut self.stats);
+                    let (done, older) = r.add(self.gen, now_ms, &inner, unit_id, offset, total, data, &mut self.stats);
                     if older != 0 {
                         let mut by_age: Vec<usize> = (0..REASSEMBLY_SLOTS).filter(|j| older & (1 << j) != 0).collect();
                         by_age.sort_by_key(|&j| r.slots[j].seq);
@@ -801,13 +857,21 @@ impl Receiver {
                     self.partial = self.partial + r.active - before;
                     if let Some(i) = done {
                         let slot = &r.slots[i];
-                        on_unit(peer, &inner, &slot.buf[..slot.total as usize]);
+                        let place = Place::Slot { receiver_index: outer.receiver_index, slot: i as u8 };
+                        on_unit(peer, &inner, &slot.buf[..slot.total as usize], place);
                         delivered += 1;
                     }
                 }
             }
         }
         Ok(delivered)
+    }
+
+    /// A unit the last `receive*` call completed in a reassembly slot
+    /// ([`Place::Slot`]); None once a later call may have reused the slot.
+    pub fn held_unit(&self, receiver_index: u32, slot: u8) -> Option<&[u8]> {
+        let s = self.sessions.get(&receiver_index)?.reassembly.slots.get(slot as usize)?;
+        (s.held == self.gen && !s.active).then(|| &s.buf[..s.total as usize])
     }
 
     /// Partial units waiting for chunks, across sessions.
@@ -941,6 +1005,35 @@ mod tests {
             v.extend_from_slice(r.data());
         }
         v
+    }
+
+    #[test]
+    fn a_unit_completed_in_a_slot_stays_readable_until_the_next_receive() {
+        let (_, _, mut rx) = pair(1472);
+        let mut key = SealKey::new(&KEY);
+        let whole = unit(100, 9);
+        // Every slot holds half a unit.
+        for id in 0..REASSEMBLY_SLOTS as u32 {
+            let data = if id == 0 { &whole[..50] } else { &whole[50..] };
+            let mut d = seal_plain(&mut key, &plain(&[Record::Chunk { unit_id: id, offset: 0, total: 100, data }]));
+            rx.receive(0, &mut d, |_, _, _| panic!("incomplete")).unwrap();
+        }
+        // One datagram completes unit 0, then starts as many new units as
+        // there are slots (a hostile peer may pack records so).
+        let mut recs = vec![Record::Chunk { unit_id: 0, offset: 50, total: 100, data: &whole[50..] }];
+        let junk = [0xeeu8; 60];
+        recs.extend((100..100 + REASSEMBLY_SLOTS as u32).map(|id| Record::Chunk { unit_id: id, offset: 0, total: 100, data: &junk }));
+        let mut d = seal_plain(&mut key, &plain(&recs));
+        let mut places = Vec::new();
+        rx.receive_placed(1, &mut d, |_, _, u, place| places.push((u.to_vec(), place)), |_, _, _| {}, |_, _, _, _| {}).unwrap();
+        assert_eq!(places.len(), 1);
+        assert_eq!(places[0].0, whole);
+        let Place::Slot { receiver_index, slot } = places[0].1 else { panic!("a chunked unit lives in a slot") };
+        assert_eq!(rx.held_unit(receiver_index, slot), Some(&whole[..]), "not overwritten by the chunks after it");
+        // The next receive may reuse the slot: it is no longer handed out.
+        let mut d = seal_plain(&mut key, &plain(&[Record::Whole(&whole)]));
+        rx.receive(2, &mut d, |_, _, _| {}).unwrap();
+        assert_eq!(rx.held_unit(receiver_index, slot), None);
     }
 
     #[test]

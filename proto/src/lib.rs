@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod datapath;
+pub mod plane;
 pub mod dialer;
 pub mod discovery;
 pub mod dns;

@@ -15,5 +15,5 @@ pub mod vxlan;
 pub mod device;
 pub mod capture;
 pub mod ethtool;
-pub mod perframe;
+pub mod udp;
 pub mod traffic;
