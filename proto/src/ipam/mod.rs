@@ -377,9 +377,6 @@ pub struct DropStats {
     /// signer this peer never reached: the neighbour is asked for its full
     /// state, which carries the bindings of every signer inside.
     pub missing_bindings: u64,
-    /// Paxos records accepting a ballot whose value (sent to the neighbours
-    /// once) is not held here: the neighbour is asked for its full state.
-    pub missing_paxos_values: u64,
     /// Messages whose signature is not their claimed sender's.
     pub forged_messages: u64,
     /// Bindings whose own signature or name is bad.
@@ -396,12 +393,16 @@ pub struct DropStats {
     /// a forged claim, or a transfer this peer missed. Dropped; the owner this
     /// peer knows is asked for its full state (which settles a missed transfer).
     pub unverifiable_entries: u64,
-    /// Paxos records with a bad signature or a value nobody signed.
+    /// Paxos messages claiming another peer's ballot (a prepare or accept
+    /// request not from its proposer), or acceptances with a bad signature.
     pub forged_paxos_records: u64,
     /// Paxos values not signed by their ballot's proposer.
     pub forged_paxos_values: u64,
-    /// Paxos records whose round jumps too far ahead of every round known here.
+    /// Paxos messages whose round jumps too far ahead of every round known here.
     pub paxos_round_jumps: u64,
+    /// Decisions with too few acceptances, one by a peer outside the value,
+    /// or a bad acceptance signature.
+    pub forged_decisions: u64,
 }
 
 /// A seed list in errors.
