@@ -844,10 +844,10 @@ impl Ipam {
         }
         if let Some((asked, until)) = self.want_decision {
             if until <= now {
-                // No answer: ask another neighbour that announced one.
+                // No answer: ask the next neighbour that announced one (in turn).
                 self.want_decision = None;
-                self.announcers.remove(&asked);
-                if let Some(&next) = self.announcers.iter().next() {
+                let next = self.announcers.range(asked..).nth(1).or_else(|| self.announcers.iter().next()).copied();
+                if let Some(next) = next {
                     self.ask_decision(next);
                 }
             }
