@@ -123,6 +123,8 @@ pub struct Ipam {
     announce_due: bool,
     /// The neighbour asked for its decision, and until when its answer is awaited.
     want_decision: Option<(PeerName, u64)>,
+    /// When my decision was last sent to each peer.
+    last_decision: BTreeMap<PeerName, u64>,
     /// Neighbours that announced a decision not yet held here.
     announcers: BTreeSet<PeerName>,
     drops: DropStats,
@@ -209,6 +211,7 @@ impl Ipam {
             decision: None,
             announce_due: false,
             want_decision: None,
+            last_decision: BTreeMap::new(),
             announcers: BTreeSet::new(),
             drops: DropStats::default(),
             offered: BTreeMap::new(),
@@ -1623,10 +1626,16 @@ impl Ipam {
             }
             return;
         };
-        if self.last_sync.get(&dst).is_some_and(|t| t + SYNC_INTERVAL_MS > self.now) {
+        // Its own rate limit: a sync asked for meanwhile (a delta that arrived
+        // before the decision) must not be held back by this answer.
+        if self.last_decision.get(&dst).is_some_and(|t| t + SYNC_INTERVAL_MS > self.now) {
             return;
         }
-        self.last_sync.insert(dst, self.now);
+        if self.last_decision.len() >= 1024 {
+            let now = self.now;
+            self.last_decision.retain(|_, t| *t + SYNC_INTERVAL_MS > now);
+        }
+        self.last_decision.insert(dst, self.now);
         self.send_to(dst, Body::Decision(d));
     }
 
