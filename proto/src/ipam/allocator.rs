@@ -711,8 +711,8 @@ impl Ipam {
                 self.on_decided(src);
                 Ok(())
             }
-            Body::WantDecision => {
-                self.send_decision(src);
+            Body::WantDecision { holds } => {
+                self.send_decision(src, holds);
                 Ok(())
             }
             Body::Decision(d) => self.on_decision(src, d, keys),
@@ -1527,7 +1527,7 @@ impl Ipam {
         if self.ring.is_agreed() {
             // The proposer's side has not heard: the neighbour gets the outcome.
             if self.decision.is_some() {
-                self.send_decision(from);
+                self.send_decision(from, None);
             } else {
                 self.send_sync(from);
             }
@@ -1578,7 +1578,7 @@ impl Ipam {
         }
         if self.ring.is_agreed() {
             if self.decision.is_some() {
-                self.send_decision(src);
+                self.send_decision(src, None);
             }
             return;
         }
@@ -1614,13 +1614,15 @@ impl Ipam {
 
     fn ask_decision(&mut self, dst: PeerName) {
         self.want_decision = Some((dst, self.now + self.config.request_timeout_ms));
-        self.send_to(dst, Body::WantDecision);
+        let holds = self.paxos.accepted_value().map(wire::value_digest);
+        self.send_to(dst, Body::WantDecision { holds });
     }
 
-    /// Sends my decision to `dst` (at most once per [`SYNC_INTERVAL_MS`]); my full
-    /// ring if I agreed without one (adopted, seeded or restored).
-    fn send_decision(&mut self, dst: PeerName) {
-        let Some(d) = self.decision.clone() else {
+    /// Sends my decision to `dst` (at most once per [`SYNC_INTERVAL_MS`]),
+    /// without its value if `dst` holds it (`holds`: that value's digest); my
+    /// full ring if I agreed without a decision (adopted, seeded or restored).
+    fn send_decision(&mut self, dst: PeerName, holds: Option<[u8; 32]>) {
+        let Some(mut d) = self.decision.clone() else {
             if self.ring.is_agreed() {
                 self.send_sync(dst);
             }
@@ -1636,6 +1638,9 @@ impl Ipam {
             self.last_decision.retain(|_, t| *t + SYNC_INTERVAL_MS > now);
         }
         self.last_decision.insert(dst, self.now);
+        if holds.is_some_and(|h| h == wire::value_digest(&d.value)) {
+            d.value = Vec::new();
+        }
         self.send_to(dst, Body::Decision(d));
     }
 
@@ -1667,7 +1672,17 @@ impl Ipam {
     }
 
     /// A decision from `src`: verified, it makes me agree on its value.
-    fn on_decision(&mut self, src: PeerName, d: Decision, keys: &KeyBook) -> Result<(), IpamError> {
+    fn on_decision(&mut self, src: PeerName, mut d: Decision, keys: &KeyBook) -> Result<(), IpamError> {
+        if d.value.is_empty() {
+            // The value I said I hold (checked with the rest below).
+            match self.paxos.accepted_value() {
+                Some(v) => d.value = v.to_vec(),
+                None => {
+                    self.drops.forged_decisions += 1;
+                    return Ok(());
+                }
+            }
+        }
         if self.ring.is_agreed() && self.ring.seeds() == d.value.as_slice() {
             return Ok(());
         }

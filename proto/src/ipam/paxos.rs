@@ -224,6 +224,11 @@ impl Paxos {
         self.max_round.max(self.mine.promised.round)
     }
 
+    /// The value of the ballot I accepted last, if I hold it.
+    pub(crate) fn accepted_value(&self) -> Option<&[PeerName]> {
+        self.my_value.as_ref().filter(|_| !self.mine.accepted.is_zero()).map(|v| v.value.as_slice())
+    }
+
     /// Whether a proposal of mine is under way.
     pub fn proposing(&self) -> bool {
         self.proposal.is_some()

@@ -198,9 +198,11 @@ pub(crate) enum Body {
     Accepted { ballot: Ballot, sig: Signature },
     /// To the neighbours, once, by every peer that verified a decision.
     Decided { ballot: Ballot },
-    /// "Send me the decision you announced."
-    WantDecision,
-    /// A decision, verifiable by anyone.
+    /// "Send me the decision you announced"; `holds`: the [`value_digest`] of
+    /// the value I accepted, if any (a decision of that value comes without it).
+    WantDecision { holds: Option<[u8; 32]> },
+    /// A decision, verifiable by anyone. Its value is empty when it is the one
+    /// the recipient said it holds.
     Decision(Decision),
 }
 
@@ -431,7 +433,7 @@ pub fn message_cost(bytes: &[u8]) -> Option<(&'static str, MessageCost)> {
         Body::Gossip(g) if g.full => ("full", g),
         Body::Gossip(g) => ("delta", g),
         Body::Reply { gossip, .. } => ("reply", gossip),
-        Body::Prepare { .. } | Body::Accepted { .. } | Body::Decided { .. } | Body::WantDecision => {
+        Body::Prepare { .. } | Body::Accepted { .. } | Body::Decided { .. } | Body::WantDecision { .. } => {
             paxos(&mut c, 0);
             return Some(("paxos", c));
         }
@@ -601,13 +603,15 @@ pub(crate) fn check_envelope(env: &Envelope) -> Result<(), IpamError> {
             check_broadcast(env)?;
             check_live_ballot(ballot)
         }
-        Body::WantDecision => check_unicast(env),
+        Body::WantDecision { .. } => check_unicast(env),
         Body::Decision(d) => {
             check_unicast(env)?;
             check_live_ballot(&d.ballot)?;
             check_initial(d.initial)?;
-            check_value(&d.value)?;
-            if d.accepts.len() > d.value.len() || d.accepts.windows(2).any(|w| w[0].0 >= w[1].0) {
+            if !d.value.is_empty() {
+                check_value(&d.value)?;
+            }
+            if d.accepts.len() > MAX_PARTICIPANTS || d.accepts.windows(2).any(|w| w[0].0 >= w[1].0) {
                 return Err(malformed("decision accepts unsorted, duplicated or more than the value's names"));
             }
             Ok(())
@@ -827,13 +831,13 @@ mod tests {
             env(Body::Accept { ballot: b1, value: vec![], value_sig: sig0 }),
             env(Body::Accept { ballot: b1, value: vec![PeerName(2), PeerName(1)], value_sig: sig0 }),
             bcast(Body::Accept { ballot: b1, value: vec![PeerName(1)], value_sig: sig0 }),
-            // Decision: accepts unsorted, duplicated, more than the value's names.
+            // Decision: accepts unsorted or duplicated, the value unsorted.
             env(Body::Decision(Decision { accepts: vec![(PeerName(2), sig0), (PeerName(1), sig0)], ..decision.clone() })),
             env(Body::Decision(Decision { accepts: vec![(PeerName(1), sig0), (PeerName(1), sig0)], ..decision.clone() })),
-            env(Body::Decision(Decision { value: vec![PeerName(1)], ..decision.clone() })),
+            env(Body::Decision(Decision { value: vec![PeerName(2), PeerName(1)], ..decision.clone() })),
             // Announcements: to one peer; a request for the decision to all.
             env(Body::Decided { ballot: b1 }),
-            bcast(Body::WantDecision),
+            bcast(Body::WantDecision { holds: None }),
             // Bad universe.
             Envelope { universe: "10.0.0.0/31".parse().unwrap(), ..env(Body::SyncRequest) },
         ];
@@ -864,7 +868,8 @@ mod tests {
             env(Body::Accept { ballot: b1, value: vec![PeerName(1), PeerName(2)], value_sig: sig0 }),
             env(Body::Accepted { ballot: b1, sig: sig0 }),
             bcast(Body::Decided { ballot: b1 }),
-            env(Body::WantDecision),
+            env(Body::WantDecision { holds: Some([7; 32]) }),
+            env(Body::Decision(Decision { value: vec![], ..decision.clone() })),
             env(Body::Decision(decision.clone())),
         ] {
             assert_eq!(decode(&encode(&ok)).unwrap(), ok);
