@@ -784,10 +784,8 @@ impl Ipam {
         let mut t = self.next_full_ms;
         if !self.ring.is_agreed() {
             t = t.min(self.next_paxos_full_ms);
-            if self.want_ring {
-                if self.hold_proposals_until > self.now {
-                    t = t.min(self.hold_proposals_until);
-                }
+            if self.want_ring && self.hold_proposals_until > self.now {
+                t = t.min(self.hold_proposals_until);
             }
             if let Some(p) = self.paxos.poll_timeout() {
                 t = t.min(p);

@@ -646,10 +646,10 @@ mod tests {
         }
 
         fn think(&mut self, now: u64, rng: &mut Rng, propose: &[bool]) {
-            for i in 0..self.nodes.len() {
+            for (i, &wants) in propose.iter().enumerate() {
                 if self.up[i] {
                     let s = &self.signers[i];
-                    self.nodes[i].think(now, rng.next(), propose[i], s);
+                    self.nodes[i].think(now, rng.next(), wants, s);
                     self.collect(i);
                 }
             }
