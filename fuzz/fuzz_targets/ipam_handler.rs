@@ -1,13 +1,17 @@
 //! Bytes -> a sequence of IPAM messages into a peer's handler with a key book.
-//! The first byte of each chunk says how it is wrapped: raw bytes, or envelope
+//! The first byte of each chunk says how it is wrapped: raw bytes, envelope
 //! bytes signed by a real neighbour or by an attacker (so the fuzzer gets past
-//! the signature check into the gossip, request and Paxos handling).
+//! the signature check into the gossip, request and Paxos handling), or a
+//! well-formed Paxos message (prepare, accept request, decision) whose fields
+//! and signers come from the bytes (so it reaches the Paxos checks).
 //! Nothing may panic; a message refused with an error changes nothing; every
 //! message the peer sends decodes cleanly; the snapshot restores.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use meshnet_proto::identity::Identity;
+use meshnet_proto::ipam::forge;
+use meshnet_proto::ipam::paxos::Ballot;
 use meshnet_proto::ipam::wire::{check_message, sign_raw};
 use meshnet_proto::ipam::{Cidr, Config, InitMode, Ipam, Request};
 use meshnet_proto::trust::{Binding, KeyBook, Signer};
@@ -40,10 +44,11 @@ fuzz_target!(|data: &[u8]| {
         let len = (u16::from_le_bytes([rest[1], rest[2]]) as usize).min(rest.len() - 3);
         let body = &rest[3..3 + len];
         rest = &rest[3 + len..];
-        let msg = match kind % 3 {
+        let msg = match kind % 4 {
             0 => body.to_vec(),
             1 => sign_raw(body, kind >> 2, vec![bnb.clone()], &snb),
-            _ => sign_raw(body, kind >> 2, vec![bat.clone(), bnb.clone()], &sat),
+            2 => sign_raw(body, kind >> 2, vec![bat.clone(), bnb.clone()], &sat),
+            _ => paxos(u, body, (name(2), &snb), (name(9), &sat), vec![bat.clone(), bnb.clone()]),
         };
         let before = ipam.snapshot();
         now += 100;
@@ -61,3 +66,25 @@ fuzz_target!(|data: &[u8]| {
     let snap = ipam.snapshot();
     Ipam::restore(name(1), u, init, Config::default(), &snap, &me).expect("own snapshot restores");
 });
+
+/// A well-formed Paxos message from the neighbour or the attacker, built from
+/// `b`: which message, who sends it, the ballot's round and proposer, the
+/// value's names (from 1..=9) and who signs the value and the acceptances.
+fn paxos(u: Cidr, b: &[u8], nb: (PeerName, &Signer), at: (PeerName, &Signer), bindings: Vec<Binding>) -> Vec<u8> {
+    let byte = |i: usize| b.get(i).copied().unwrap_or(0);
+    let who = |x: u8| if x & 1 == 0 { nb } else { at };
+    let (src, key) = who(byte(1));
+    let round = u64::from_le_bytes(std::array::from_fn(|i| byte(3 + i))) >> (byte(2) % 64);
+    let ballot = Ballot { round: round.max(1), proposer: name(1 + byte(11) as u64 % 9) };
+    let mut value: Vec<PeerName> = (1..=9u64).filter(|i| byte(12) >> (i - 1) & 1 != 0 || *i == 1).map(name).collect();
+    value.dedup();
+    let (_, vkey) = who(byte(13));
+    match byte(0) % 3 {
+        0 => forge::prepare(u, src, byte(14) as u32, ballot, key, bindings),
+        1 => forge::accept(u, src, name(1), ballot, value, vkey, key, bindings),
+        _ => {
+            let signers: Vec<(PeerName, &Signer)> = value.iter().map(|n| (*n, who(byte(15) >> (n.0 as u8 % 8)).1)).collect();
+            forge::decision(u, src, name(1), ballot, byte(14) as u32, value, vkey, &signers, key)
+        }
+    }
+}

@@ -538,11 +538,11 @@ fn frames_with_a_forged_origin_are_refused() {
 
 /// An IPAM forgery, built and signed by the attacker (see `forge`).
 enum Forgery {
-    /// Paxos: h2's record promising a high ballot.
+    /// Paxos: a prepare of h2's ballot.
     PaxosAsH2,
-    /// Paxos: the attacker's own record accepting h2's ballot with a value of its own making.
+    /// Paxos: an accept request for h2's ballot with a value of the attacker's making.
     PaxosOwnValue,
-    /// Paxos: the attacker's own record jumping rounds towards the bound.
+    /// Paxos: the attacker's own prepare jumping rounds towards the bound.
     PaxosJump,
     /// "Send me your full state" (honest: how the attacker learns the ring).
     Sync,
@@ -568,13 +568,9 @@ impl Forger {
         let own = vec![self.member.binding(me)];
         let high = Ballot { round: 1000, proposer: n2 };
         match *f {
-            Forgery::PaxosAsH2 => forge::paxos_record(u, me, 2, n2, high, None, key, key, own),
-            Forgery::PaxosOwnValue => {
-                forge::paxos_record(u, me, 2, me, high, Some((high, vec![me], key)), key, key, own)
-            }
-            Forgery::PaxosJump => {
-                forge::paxos_record(u, me, 2, me, Ballot { round: 1 << 40, proposer: me }, None, key, key, own)
-            }
+            Forgery::PaxosAsH2 => forge::prepare(u, me, 2, high, key, own),
+            Forgery::PaxosOwnValue => forge::accept(u, me, n1, high, vec![me], key, key, own),
+            Forgery::PaxosJump => forge::prepare(u, me, 2, Ballot { round: 1 << 40, proposer: me }, key, own),
             Forgery::Sync => forge::sync_request(u, me, n1, key, own),
             Forgery::Entry { ring_id, start, entry, by } => forge::entries(u, me, ring_id, vec![(start, entry)], by, key, key, own),
             Forgery::SpaceAsH2 { squat } => {

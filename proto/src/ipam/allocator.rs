@@ -10,12 +10,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use super::paxos::{Ballot, Claims, Paxos, PaxosUpdate, MAX_PARTICIPANTS};
+use super::paxos::{decision_quorum, Ballot, Out, Paxos, SignedValue, MAX_PARTICIPANTS};
 use super::ring::{free_in, Entry, Ring, MAX_SEEDS, TAKEOVER_JUMP};
 use super::space::{self, clip, Cidr};
 use super::wire::{
-    self, Body, Envelope, Gossip, Outcome, Packet, PaxosGossip, PaxosState, Proof, Snapshot, DOMAIN_ENTRY,
-    DOMAIN_ENVELOPE, DOMAIN_PAXOS_RECORD, DOMAIN_PAXOS_VALUE, FULL_GOSSIP_CHUNK, MAX_HOPS, MAX_SNAPSHOT_BINDINGS,
+    self, Body, Decision, Envelope, Gossip, Outcome, Packet, PaxosState, Proof, Snapshot, DOMAIN_ENTRY,
+    DOMAIN_ENVELOPE, DOMAIN_PAXOS_ACCEPT, DOMAIN_PAXOS_VALUE, FULL_GOSSIP_CHUNK, MAX_HOPS, MAX_SNAPSHOT_BINDINGS,
     MAX_TARGET_LEN,
 };
 use super::{
@@ -117,20 +117,24 @@ pub struct Ipam {
     binding: Binding,
     /// Bindings of the signers of records held here, to send along with them.
     bindings: BTreeMap<PeerName, Binding>,
-    /// Signatures of other participants' Paxos records (for the record held).
-    paxos_sigs: BTreeMap<PeerName, (Claims, Signature)>,
-    /// Proposers' signatures of the values held.
-    value_sigs: BTreeMap<Ballot, Signature>,
+    /// The decision this peer learned or verified (not persisted): announced
+    /// to the neighbours once ([`Body::Decided`]), sent to those that ask.
+    decision: Option<Decision>,
+    announce_due: bool,
+    /// The neighbour asked for its decision, and until when its answer is awaited.
+    want_decision: Option<(PeerName, u64)>,
+    /// When my decision was last sent to each peer.
+    last_decision: BTreeMap<PeerName, u64>,
+    /// Neighbours that announced a decision not yet held here.
+    announcers: BTreeSet<PeerName>,
     drops: DropStats,
     /// Bindings admitted from the message being handled: kept in `bindings`
     /// only for the signers of records that end up held here.
     offered: BTreeMap<PeerName, Binding>,
-    /// Whether my binding, and which Paxos values, were sent to the neighbours
-    /// (since reachable peers were last gained): later gossip to neighbours
-    /// leaves them out. A neighbour that missed them (a lost message) asks for a
-    /// sync, which carries everything.
+    /// Whether my binding was sent to the neighbours (since reachable peers were
+    /// last gained): later gossip to neighbours leaves it out. A neighbour that
+    /// missed it (a lost message) asks for a sync, which carries it.
     sent_binding: bool,
-    sent_values: BTreeSet<Ballot>,
 }
 
 impl Ipam {
@@ -153,18 +157,18 @@ impl Ipam {
                 if *n == 0 || *n as usize > MAX_PARTICIPANTS {
                     return Err(IpamError::BadInit(format!("consensus needs 1 to {MAX_PARTICIPANTS} peers")));
                 }
-                (Ring::new(universe), Paxos::new(me, true, *n, retry))
+                (Ring::new(universe), Paxos::new(me, true, *n, retry, universe))
             }
             InitMode::Seed(peers) => {
                 if peers.is_empty() || peers.len() > MAX_SEEDS || peers.contains(&PeerName::BROADCAST) {
                     return Err(IpamError::BadInit(format!("seed list must name 1 to {MAX_SEEDS} peers")));
                 }
-                let mut p = Paxos::new(me, false, 0, retry);
+                let mut p = Paxos::new(me, false, 0, retry, universe);
                 let ring = Ring::genesis(universe, peers);
                 p.set_decided(ring.seeds());
                 (ring, p)
             }
-            InitMode::Observer => (Ring::new(universe), Paxos::new(me, false, 0, retry)),
+            InitMode::Observer => (Ring::new(universe), Paxos::new(me, false, 0, retry, universe)),
         };
         let seed = if config.rng_seed != 0 { config.rng_seed } else { me.0 ^ 0x6d65_7368_6e65_7421 };
         let signer = Arc::new(Signer::from_identity(identity));
@@ -204,12 +208,14 @@ impl Ipam {
             signer,
             binding,
             bindings: BTreeMap::new(),
-            paxos_sigs: BTreeMap::new(),
-            value_sigs: BTreeMap::new(),
+            decision: None,
+            announce_due: false,
+            want_decision: None,
+            last_decision: BTreeMap::new(),
+            announcers: BTreeSet::new(),
             drops: DropStats::default(),
             offered: BTreeMap::new(),
             sent_binding: false,
-            sent_values: BTreeSet::new(),
         };
         ipam.next_id = ipam.fresh_ids();
         Ok(ipam)
@@ -257,15 +263,8 @@ impl Ipam {
                 let participant = ipam.paxos.is_participant();
                 // The largest N heard of before the restart still counts.
                 let initial = ipam.paxos.initial().max(p.initial);
-                let records = p.records.claims.clone();
-                ipam.paxos = Paxos::restore(me, participant, initial, ipam.config.paxos_retry_ms, p.records);
-                let sigs: BTreeMap<PeerName, Signature> = s.paxos_sigs.into_iter().collect();
-                for (n, c) in records {
-                    if let Some(sig) = sigs.get(&n) {
-                        ipam.paxos_sigs.insert(n, (c, *sig));
-                    }
-                }
-                ipam.value_sigs = s.value_sigs.into_iter().filter(|(b, _)| ipam.paxos.has_value(b)).collect();
+                let retry = ipam.config.paxos_retry_ms;
+                ipam.paxos = Paxos::restore(me, participant, initial, retry, universe, p.records, &s.value_sigs);
             }
         }
         for (ip, target) in s.allocations {
@@ -289,16 +288,13 @@ impl Ipam {
     /// Signs what this peer changed since the last signature first.
     pub fn snapshot(&mut self) -> Vec<u8> {
         self.sign_pending();
-        let paxos = (!self.ring.is_agreed() && self.paxos.known() > 0)
-            .then(|| PaxosState { initial: self.paxos.initial(), records: self.paxos.all() });
-        let (paxos_sigs, value_sigs) = if paxos.is_some() {
-            (
-                self.paxos_sigs.iter().map(|(n, (_, sig))| (*n, *sig)).collect(),
-                self.value_sigs.iter().map(|(b, sig)| (*b, *sig)).collect(),
-            )
+        let (paxos, value_sigs) = if !self.ring.is_agreed() && self.paxos.is_participant() {
+            let (records, sigs) = self.paxos.saved();
+            (Some(PaxosState { initial: self.paxos.initial(), records }), sigs)
         } else {
-            (Vec::new(), Vec::new())
+            (None, Vec::new())
         };
+        let paxos_sigs = Vec::new();
         let entries = self.ring.all_entries();
         let proofs = entries.iter().map(|(s, _)| self.ring.proof(*s).copied()).collect();
         wire::encode_snapshot(&Snapshot {
@@ -522,7 +518,7 @@ impl Ipam {
             let changed = self.ring.reassign_all(self.me, to, 1);
             let (entries, proofs) = self.signed_entries(changed.iter().copied());
             self.changed.extend(changed);
-            let gossip = Gossip { full: false, ring_id: self.ring.id(), seeds: Vec::new(), entries, proofs, paxos: None };
+            let gossip = Gossip { full: false, ring_id: self.ring.id(), seeds: Vec::new(), entries, proofs, consensus: 0 };
             self.send_to(to, Body::Gossip(gossip));
             self.finish_reset();
             return Ok(Some(to));
@@ -552,9 +548,8 @@ impl Ipam {
         };
         if gained {
             self.full_due = true;
-            // A new neighbour may be among them: send bindings and values again.
+            // A new neighbour may be among them: send my binding again.
             self.sent_binding = false;
-            self.sent_values.clear();
             if !new.is_empty() && !self.ring.is_agreed() {
                 // Hear the new peers before proposing: with an agreed ring they make
                 // me adopt it, with records they raise the quorum. Without this, a
@@ -696,6 +691,31 @@ impl Ipam {
                 self.on_digest(src, ring_id, digest);
                 Ok(())
             }
+            Body::Prepare { ballot, attempt, initial } => {
+                self.on_prepare(src, from, ballot, attempt, initial, bytes);
+                Ok(())
+            }
+            Body::Promise { ballot, initial, accepted, value, value_sig } => {
+                self.on_promise(src, ballot, initial, accepted, value, value_sig, keys);
+                Ok(())
+            }
+            Body::Accept { ballot, value, value_sig } => {
+                self.on_accept(src, ballot, value, value_sig, keys);
+                Ok(())
+            }
+            Body::Accepted { ballot, sig } => {
+                self.on_accepted(src, ballot, sig, keys);
+                Ok(())
+            }
+            Body::Decided { .. } => {
+                self.on_decided(src);
+                Ok(())
+            }
+            Body::WantDecision { holds } => {
+                self.send_decision(src, holds);
+                Ok(())
+            }
+            Body::Decision(d) => self.on_decision(src, d, keys),
         };
         self.offered.clear();
         result?;
@@ -707,6 +727,11 @@ impl Ipam {
     pub fn poll_transmit(&mut self) -> Option<(Dest, Vec<u8>)> {
         if let Some(t) = self.transmits.pop_front() {
             return Some(t);
+        }
+        if std::mem::take(&mut self.announce_due) {
+            if let Some(ballot) = self.decision.as_ref().map(|d| d.ballot) {
+                return Some((Dest::Neighbours, self.encode_broadcast(Body::Decided { ballot })));
+            }
         }
         if self.digest_due && !self.full_due && self.ring.is_agreed() {
             // The exact free counts of my entries first (as in full state): a
@@ -726,7 +751,6 @@ impl Ipam {
             self.full_due = false;
             self.digest_due = false;
             self.changed.clear();
-            self.paxos.clear_changed();
             self.full_gossip()
         } else if self.ring.is_agreed() {
             if self.changed.is_empty() {
@@ -737,14 +761,9 @@ impl Ipam {
             if entries.is_empty() {
                 return None;
             }
-            vec![Gossip { full: false, ring_id: self.ring.id(), seeds: Vec::new(), entries, proofs, paxos: None }]
+            vec![Gossip { full: false, ring_id: self.ring.id(), seeds: Vec::new(), entries, proofs, consensus: 0 }]
         } else {
-            if !self.paxos.has_changes() {
-                return None;
-            }
-            let records = self.paxos.take_changed();
-            let paxos = Some(self.paxos_gossip(records));
-            vec![Gossip { full: false, ring_id: 0, seeds: Vec::new(), entries: Vec::new(), proofs: Vec::new(), paxos }]
+            return None;
         };
         let rest = gossips.split_off(1.min(gossips.len()));
         let first = gossips.pop()?;
@@ -765,13 +784,14 @@ impl Ipam {
         let mut t = self.next_full_ms;
         if !self.ring.is_agreed() {
             t = t.min(self.next_paxos_full_ms);
-            if self.want_ring {
-                if self.hold_proposals_until > self.now {
-                    t = t.min(self.hold_proposals_until);
-                }
-                if let Some(p) = self.paxos.poll_timeout() {
-                    t = t.min(p);
-                }
+            if self.want_ring && self.hold_proposals_until > self.now {
+                t = t.min(self.hold_proposals_until);
+            }
+            if let Some(p) = self.paxos.poll_timeout() {
+                t = t.min(p);
+            }
+            if let Some((_, until)) = self.want_decision {
+                t = t.min(until);
             }
         }
         for a in self.space_asks.values().chain(self.claim_asks.values()) {
@@ -799,10 +819,9 @@ impl Ipam {
             self.next_full_ms = now + iv - self.rng.below(iv / 4 + 1);
         }
         if !self.ring.is_agreed() && now >= self.next_paxos_full_ms {
-            // Retries only while consensus is under way (someone proposed, or I
-            // want a ring): before that, records say no more than "I take part",
-            // which the periodic full gossip and the deltas already spread.
-            self.full_due |= self.want_ring || self.paxos.max_round() > 0;
+            // While I want a ring: my (small) full state, which an agreed
+            // neighbour answers with its ring (Paxos repairs its own losses).
+            self.full_due |= self.want_ring;
             let iv = self.config.paxos_retry_ms.max(1);
             self.next_paxos_full_ms = now + iv + self.rng.below(iv);
         }
@@ -823,6 +842,16 @@ impl Ipam {
         }
         if self.retry_at.is_some_and(|r| r <= now) {
             self.retry_at = None;
+        }
+        if let Some((asked, until)) = self.want_decision {
+            if until <= now {
+                // No answer: ask the next neighbour that announced one (in turn).
+                self.want_decision = None;
+                let next = self.announcers.range(asked..).nth(1).or_else(|| self.announcers.iter().next()).copied();
+                if let Some(next) = next {
+                    self.ask_decision(next);
+                }
+            }
         }
         self.progress();
     }
@@ -1004,22 +1033,11 @@ impl Ipam {
         wire::encode(&env, hops, bindings, &self.signer)
     }
 
-    /// Signs gossip for the neighbours. Each Paxos value goes to them once (see
-    /// `sent_values`): records that need it follow without it. Of the bindings,
-    /// only mine goes, once: the daemon's key book holds those of the peers it
-    /// reaches (topology gossip pins them), and a neighbour that lacks one asks
-    /// for my full state, which carries the bindings of every signer inside.
-    fn encode_gossip(&mut self, mut g: Gossip) -> Vec<u8> {
-        if let Some(p) = g.paxos.as_mut() {
-            let values = std::mem::take(&mut p.records.values);
-            let sigs = std::mem::take(&mut p.value_sigs);
-            for ((b, v), sig) in values.into_iter().zip(sigs) {
-                if self.sent_values.insert(b) {
-                    p.records.values.push((b, v));
-                    p.value_sigs.push(sig);
-                }
-            }
-        }
+    /// Signs gossip for the neighbours. Of the bindings, only mine goes, once:
+    /// the daemon's key book holds those of the peers it reaches (topology
+    /// gossip pins them), and a neighbour that lacks one asks for my full
+    /// state, which carries the bindings of every signer inside.
+    fn encode_gossip(&mut self, g: Gossip) -> Vec<u8> {
         self.encode_broadcast(Body::Gossip(g))
     }
 
@@ -1054,17 +1072,17 @@ impl Ipam {
             let starts: Vec<u32> = self.ring.entries().map(|(s, _)| s).collect();
             let (entries, proofs) = self.signed_entries(starts);
             if entries.is_empty() {
-                return vec![Gossip { full: true, ring_id, seeds, entries, proofs, paxos: None }];
+                return vec![Gossip { full: true, ring_id, seeds, entries, proofs, consensus: 0 }];
             }
             entries
                 .chunks(FULL_GOSSIP_CHUNK)
                 .zip(proofs.chunks(FULL_GOSSIP_CHUNK))
-                .map(|(e, p)| Gossip { full: true, ring_id, seeds: seeds.clone(), entries: e.to_vec(), proofs: p.to_vec(), paxos: None })
+                .map(|(e, p)| Gossip { full: true, ring_id, seeds: seeds.clone(), entries: e.to_vec(), proofs: p.to_vec(), consensus: 0 })
                 .collect()
         } else {
             // Sent even when empty: an agreed neighbour answers with its full ring.
-            let paxos = (self.paxos.known() > 0).then(|| self.paxos_gossip(self.paxos.all()));
-            vec![Gossip { full: true, ring_id: 0, seeds: Vec::new(), entries: Vec::new(), proofs: Vec::new(), paxos }]
+            let consensus = if self.paxos.is_participant() { self.paxos.initial() } else { 0 };
+            vec![Gossip { full: true, ring_id: 0, seeds: Vec::new(), entries: Vec::new(), proofs: Vec::new(), consensus }]
         }
     }
 
@@ -1082,7 +1100,7 @@ impl Ipam {
     fn reply(&mut self, dst: PeerName, id: u64, outcome: Outcome, entries: Vec<(u32, Entry)>) {
         let (entries, proofs) = self.signed_entries(entries.into_iter().map(|(s, _)| s));
         let ring_id = if entries.is_empty() { 0 } else { self.ring.id() };
-        let gossip = Gossip { full: false, ring_id, seeds: Vec::new(), entries, proofs, paxos: None };
+        let gossip = Gossip { full: false, ring_id, seeds: Vec::new(), entries, proofs, consensus: 0 };
         self.send_to(dst, Body::Reply { id, outcome, gossip });
     }
 
@@ -1115,44 +1133,6 @@ impl Ipam {
             }
         }
         (entries, proofs)
-    }
-
-    /// Paxos records and values with their signatures: mine signed now, others'
-    /// as received. A record or value held without a signature is left out (and
-    /// so is a record accepting a value that is).
-    fn paxos_gossip(&self, up: PaxosUpdate) -> PaxosGossip {
-        let u = self.universe;
-        let mut value_sigs: BTreeMap<Ballot, Signature> = BTreeMap::new();
-        for (b, v) in &up.values {
-            let sig = if b.proposer == self.me {
-                Some(self.signer.sign(DOMAIN_PAXOS_VALUE, &wire::value_message(&u, b, v)))
-            } else {
-                self.value_sigs.get(b).copied()
-            };
-            if let Some(sig) = sig {
-                value_sigs.insert(*b, sig);
-            }
-        }
-        let mut claims = Vec::new();
-        let mut sigs = Vec::new();
-        for (n, c) in up.claims {
-            if !c.accepted.is_zero() && !value_sigs.contains_key(&c.accepted) {
-                continue;
-            }
-            let sig = if n == self.me {
-                Some(self.signer.sign(DOMAIN_PAXOS_RECORD, &wire::record_message(&u, n, &c)))
-            } else {
-                self.paxos_sigs.get(&n).filter(|(held, _)| *held == c).map(|(_, sig)| *sig)
-            };
-            if let Some(sig) = sig {
-                claims.push((n, c));
-                sigs.push(sig);
-            }
-        }
-        let used: BTreeSet<Ballot> = claims.iter().map(|(_, c)| c.accepted).collect();
-        let values: Vec<(Ballot, Vec<PeerName>)> = up.values.into_iter().filter(|(b, _)| used.contains(b)).collect();
-        let value_sigs = values.iter().map(|(b, _)| value_sigs[b]).collect();
-        PaxosGossip { initial: self.paxos.initial(), records: PaxosUpdate { claims, values }, sigs, value_sigs }
     }
 
     /// Makes sure my own binding is in the key book (my records come back to me).
@@ -1319,75 +1299,6 @@ impl Ipam {
         (out, proofs, fills, ask)
     }
 
-    /// Keeps the Paxos records signed by their participants (whose accepted value
-    /// is signed by its proposer, here or known) and not far ahead of every round
-    /// known; returns them with their signatures. Records no newer than mine and
-    /// values I hold are skipped unchecked (merging them would change nothing).
-    /// A signer without a binding here, or an accepted value neither carried nor
-    /// held, is counted as missing (the caller asks the neighbour for a sync).
-    #[allow(clippy::type_complexity)]
-    fn verify_paxos(&self, p: &PaxosGossip, keys: &KeyBook, drops: &mut DropStats) -> (PaxosUpdate, Vec<(PeerName, Claims, Signature)>, Vec<(Ballot, Signature)>) {
-        let u = self.universe;
-        let mut values = Vec::new();
-        let mut vsigs = Vec::new();
-        let mut forged = BTreeSet::new();
-        for ((b, v), sig) in p.records.values.iter().zip(&p.value_sigs) {
-            if self.paxos.value(b) == Some(v.as_slice()) {
-                continue;
-            }
-            match keys.verify_from(b.proposer, DOMAIN_PAXOS_VALUE, &wire::value_message(&u, b, v), sig) {
-                Ok(()) => {
-                    values.push((*b, v.clone()));
-                    vsigs.push((*b, *sig));
-                }
-                Err(TrustError::Unknown(_)) => drops.missing_bindings += 1,
-                Err(_) => {
-                    drops.forged_paxos_values += 1;
-                    forged.insert(*b);
-                }
-            }
-        }
-        let good: BTreeSet<Ballot> = values.iter().map(|(b, _)| *b).collect();
-        let limit = self.paxos.max_round().saturating_add(MAX_ROUND_STEP);
-        let mut claims = Vec::new();
-        let mut signed = Vec::new();
-        for ((n, c), sig) in p.records.claims.iter().zip(&p.sigs) {
-            if self.paxos.record(*n).is_some_and(|m| (m.promised, m.accepted) >= (c.promised, c.accepted)) {
-                continue;
-            }
-            match keys.verify_from(*n, DOMAIN_PAXOS_RECORD, &wire::record_message(&u, *n, c), sig) {
-                Ok(()) => {}
-                Err(TrustError::Unknown(_)) => {
-                    drops.missing_bindings += 1;
-                    continue;
-                }
-                Err(_) => {
-                    drops.forged_paxos_records += 1;
-                    continue;
-                }
-            }
-            if c.promised.round.max(c.accepted.round) > limit {
-                drops.paxos_round_jumps += 1;
-                continue;
-            }
-            if !c.accepted.is_zero() && !good.contains(&c.accepted) && !self.paxos.has_value(&c.accepted) {
-                if forged.contains(&c.accepted) {
-                    // It relies on the value this message carried, which was forged.
-                    drops.forged_paxos_records += 1;
-                } else {
-                    drops.missing_paxos_values += 1;
-                }
-                continue;
-            }
-            claims.push((*n, *c));
-            signed.push((*n, *c, *sig));
-        }
-        let used: BTreeSet<Ballot> = claims.iter().map(|(_, c)| c.accepted).collect();
-        values.retain(|(b, _)| used.contains(b));
-        vsigs.retain(|(b, _)| used.contains(b));
-        (PaxosUpdate { claims, values }, signed, vsigs)
-    }
-
     /// Refuses a merge that would leave one of my allocations outside my ranges.
     fn check_ownership(&self, src: PeerName, changes: &[(u32, super::ring::Entry)]) -> Result<(), IpamError> {
         if self.allocs.is_empty() {
@@ -1425,6 +1336,10 @@ impl Ipam {
     /// Gossip from `src`, sent to its neighbours (`neighbour`: the one it came
     /// from) or in a reply.
     fn on_gossip(&mut self, src: PeerName, mut g: Gossip, keys: &KeyBook, neighbour: Option<PeerName>) -> Result<(), IpamError> {
+        if g.consensus > 0 && neighbour.is_some() && !self.ring.is_agreed() {
+            // A neighbour that takes part: it counts towards the N needed.
+            self.paxos.heard_participant(src, g.consensus);
+        }
         let agreed_before = self.ring.is_agreed();
         // Only records signed by the peers they belong to are looked at.
         let mut drops = self.drops;
@@ -1450,19 +1365,10 @@ impl Ipam {
                 ask = a;
             }
         }
-        let mut paxos_sigs = (Vec::new(), Vec::new());
-        if let Some(p) = g.paxos.take() {
-            if !agreed_before && g.ring_id == 0 {
-                let (records, signed, vsigs) = self.verify_paxos(&p, keys, &mut drops);
-                paxos_sigs = (signed, vsigs);
-                g.paxos = Some(PaxosGossip { initial: p.initial, records, sigs: Vec::new(), value_sigs: Vec::new() });
-            }
-        }
         self.drops = drops;
-        // Records whose signer's binding or value did not reach me: the neighbour
-        // that sent them holds those and sends them with its full state.
+        // Records whose signer's binding did not reach me: the neighbour that
+        // sent them holds those and sends them with its full state.
         let missing = drops.missing_bindings > before.missing_bindings
-            || drops.missing_paxos_values > before.missing_paxos_values
             || drops.unknown_entry_signers > before.unknown_entry_signers;
         // The ring first: an agreed ring (seeds) supersedes consensus. An unagreed
         // peer adopts it whatever its own `N` or records; only an agreed ring with
@@ -1479,37 +1385,10 @@ impl Ipam {
             self.request_sync(src);
             self.ring.plan_merge(src, &[], &[])?
         };
-        // Paxos records only matter between peers that both have no ring yet.
-        let paxos_up = match &g.paxos {
-            Some(p) if !agreed_before && g.ring_id == 0 => Some((p.initial, self.paxos.plan_merge(src, &p.records)?)),
-            _ => None,
-        };
         self.check_ownership(src, plan.changes())?;
         let writers: BTreeSet<PeerName> = proofs.values().chain(fills.iter().map(|(_, p)| p)).map(|p| p.by).collect();
         let plan = plan.with_proofs(proofs);
         // Everything checked: apply.
-        if let Some((initial, up)) = paxos_up {
-            if !up.claims.is_empty() {
-                // Records are flowing: a full exchange to repair losses can wait
-                // until they stop (each full one is every record with its signature).
-                self.next_paxos_full_ms = self.next_paxos_full_ms.max(self.now + self.config.paxos_retry_ms);
-            }
-            self.paxos.apply(initial, up, self.now);
-            for (n, c, sig) in paxos_sigs.0 {
-                if n != self.me && self.paxos.record(n) == Some(&c) {
-                    self.paxos_sigs.insert(n, (c, sig));
-                    self.keep_binding(n);
-                }
-            }
-            for (b, sig) in paxos_sigs.1 {
-                if b.proposer != self.me && self.paxos.has_value(&b) {
-                    self.value_sigs.insert(b, sig);
-                    self.keep_binding(b.proposer);
-                }
-            }
-            let paxos = &self.paxos;
-            self.value_sigs.retain(|b, _| paxos.has_value(b));
-        }
         let adopted = plan.adopts();
         // Only my own state must be persisted; other peers' entries can be learned again.
         let me = self.me;
@@ -1577,11 +1456,255 @@ impl Ipam {
         self.agreed_at = self.now;
         let seeds = self.ring.seeds().to_vec();
         self.paxos.set_decided(&seeds);
-        self.paxos.clear_changed();
         self.push_event(Event::Agreed { seeds });
-        // No full broadcast: neighbours without the ring keep gossiping without
-        // one and get my full state in answer.
+        // No full broadcast: a decision is announced (neighbours pull it), and
+        // neighbours without the ring that gossip get my full state in answer.
+        self.announce_due = self.decision.is_some();
+        self.want_decision = None;
+        self.announcers.clear();
         self.dirty = true;
+    }
+
+    // ------------------------------------------------------------ Paxos
+
+    /// Sends what Paxos asked for (after the caller's save: see the contract).
+    fn flush_paxos(&mut self) {
+        let initial = self.paxos.initial();
+        for out in self.paxos.take_out() {
+            match out {
+                Out::Prepare { ballot, attempt } => {
+                    let bytes = self.encode_broadcast(Body::Prepare { ballot, attempt, initial });
+                    self.transmits.push_back((Dest::Neighbours, bytes));
+                }
+                Out::Promise { to, ballot, accepted, value } => {
+                    let (value, value_sig) = match value {
+                        Some(v) => (v.value, Some(v.sig)),
+                        None => (Vec::new(), None),
+                    };
+                    self.send_to(to, Body::Promise { ballot, initial, accepted, value, value_sig });
+                }
+                Out::Accept { to, ballot, value } => {
+                    self.send_to(to, Body::Accept { ballot, value: value.value, value_sig: value.sig })
+                }
+                Out::Accepted { to, ballot, sig } => self.send_to(to, Body::Accepted { ballot, sig }),
+            }
+        }
+    }
+
+    /// Rounds far above every round known here are dropped (see [`MAX_ROUND_STEP`]).
+    fn round_ok(&mut self, b: &Ballot) -> bool {
+        if b.round > self.paxos.max_round().saturating_add(MAX_ROUND_STEP) {
+            self.drops.paxos_round_jumps += 1;
+            return false;
+        }
+        true
+    }
+
+    /// Whether `v` is signed by `b`'s proposer; counts what is not.
+    fn value_ok(&mut self, b: &Ballot, v: &[PeerName], sig: &Signature, keys: &KeyBook) -> bool {
+        match keys.verify_from(b.proposer, DOMAIN_PAXOS_VALUE, &wire::value_message(&self.universe, b, v), sig) {
+            Ok(()) => true,
+            Err(TrustError::Unknown(_)) => {
+                self.drops.missing_bindings += 1;
+                false
+            }
+            Err(_) => {
+                self.drops.forged_paxos_values += 1;
+                false
+            }
+        }
+    }
+
+    /// A prepare flooded by `src` (its proposer), here from neighbour `from`.
+    fn on_prepare(&mut self, src: PeerName, from: PeerName, ballot: Ballot, attempt: u32, initial: u32, bytes: &[u8]) {
+        if ballot.proposer != src {
+            // A prepare is only ever its proposer's own packet.
+            self.drops.forged_paxos_records += 1;
+            return;
+        }
+        if self.ring.is_agreed() {
+            // The proposer's side has not heard: the neighbour gets the outcome.
+            if self.decision.is_some() {
+                self.send_decision(from, None);
+            } else {
+                self.send_sync(from);
+            }
+            return;
+        }
+        if !self.round_ok(&ballot) {
+            return;
+        }
+        if self.paxos.on_prepare(ballot, attempt, initial, self.now) {
+            // Forwarded unchanged (the proposer's signature); my own promise,
+            // if any, is saved before it goes (queued behind the save).
+            self.transmits.push_back((Dest::Neighbours, bytes.to_vec()));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_promise(
+        &mut self,
+        src: PeerName,
+        ballot: Ballot,
+        initial: u32,
+        accepted: Ballot,
+        value: Vec<PeerName>,
+        value_sig: Option<Signature>,
+        keys: &KeyBook,
+    ) {
+        if ballot.proposer != self.me || self.ring.is_agreed() || !self.round_ok(&accepted) {
+            return;
+        }
+        let value = match value_sig {
+            Some(sig) => {
+                if !self.value_ok(&accepted, &value, &sig, keys) {
+                    return;
+                }
+                Some(SignedValue { value, sig })
+            }
+            None => None,
+        };
+        self.paxos.on_promise(src, ballot, initial, accepted, value, self.now, &self.signer);
+    }
+
+    fn on_accept(&mut self, src: PeerName, ballot: Ballot, value: Vec<PeerName>, value_sig: Signature, keys: &KeyBook) {
+        if ballot.proposer != src {
+            self.drops.forged_paxos_records += 1;
+            // (Its value is checked too: counted if it is not the proposer's.)
+            let _ = self.value_ok(&ballot, &value, &value_sig, keys);
+            return;
+        }
+        if self.ring.is_agreed() {
+            if self.decision.is_some() {
+                self.send_decision(src, None);
+            }
+            return;
+        }
+        if !self.round_ok(&ballot) || !self.value_ok(&ballot, &value, &value_sig, keys) {
+            return;
+        }
+        self.paxos.on_accept(ballot, SignedValue { value, sig: value_sig }, self.now, &self.signer);
+    }
+
+    fn on_accepted(&mut self, src: PeerName, ballot: Ballot, sig: Signature, keys: &KeyBook) {
+        let Some(digest) = self.paxos.proposal_digest(&ballot) else { return };
+        let msg = wire::accept_message(&self.universe, src, &ballot, &digest);
+        match keys.verify_from(src, DOMAIN_PAXOS_ACCEPT, &msg, &sig) {
+            Ok(()) => self.paxos.on_accepted(src, ballot, sig),
+            Err(TrustError::Unknown(_)) => self.drops.missing_bindings += 1,
+            Err(_) => self.drops.forged_paxos_records += 1,
+        }
+    }
+
+    /// A neighbour announced a decision: ask for it unless I agreed (one
+    /// neighbour at a time; another if it does not answer).
+    fn on_decided(&mut self, src: PeerName) {
+        if self.ring.is_agreed() {
+            return;
+        }
+        if self.announcers.len() < 64 {
+            self.announcers.insert(src);
+        }
+        if self.want_decision.is_none_or(|(_, until)| until <= self.now) {
+            self.ask_decision(src);
+        }
+    }
+
+    fn ask_decision(&mut self, dst: PeerName) {
+        self.want_decision = Some((dst, self.now + self.config.request_timeout_ms));
+        let holds = self.paxos.accepted_value().map(wire::value_digest);
+        self.send_to(dst, Body::WantDecision { holds });
+    }
+
+    /// Sends my decision to `dst` (at most once per [`SYNC_INTERVAL_MS`]),
+    /// without its value if `dst` holds it (`holds`: that value's digest); my
+    /// full ring if I agreed without a decision (adopted, seeded or restored).
+    fn send_decision(&mut self, dst: PeerName, holds: Option<[u8; 32]>) {
+        let Some(mut d) = self.decision.clone() else {
+            if self.ring.is_agreed() {
+                self.send_sync(dst);
+            }
+            return;
+        };
+        // Its own rate limit: a sync asked for meanwhile (a delta that arrived
+        // before the decision) must not be held back by this answer.
+        if self.last_decision.get(&dst).is_some_and(|t| t + SYNC_INTERVAL_MS > self.now) {
+            return;
+        }
+        if self.last_decision.len() >= 1024 {
+            let now = self.now;
+            self.last_decision.retain(|_, t| *t + SYNC_INTERVAL_MS > now);
+        }
+        self.last_decision.insert(dst, self.now);
+        if holds.is_some_and(|h| h == wire::value_digest(&d.value)) {
+            d.value = Vec::new();
+        }
+        self.send_to(dst, Body::Decision(d));
+    }
+
+    /// Checks every signature of a decision and that it shows a quorum.
+    fn decision_ok(&mut self, d: &Decision, keys: &KeyBook) -> bool {
+        if !self.value_ok(&d.ballot, &d.value, &d.value_sig, keys) {
+            return false;
+        }
+        let need = decision_quorum(d.initial.max(self.paxos.initial()), d.value.len());
+        if d.accepts.len() < need || d.accepts.iter().any(|(n, _)| d.value.binary_search(n).is_err()) {
+            self.drops.forged_decisions += 1;
+            return false;
+        }
+        let digest = wire::value_digest(&d.value);
+        for (n, sig) in &d.accepts {
+            match keys.verify_from(*n, DOMAIN_PAXOS_ACCEPT, &wire::accept_message(&self.universe, *n, &d.ballot, &digest), sig) {
+                Ok(()) => {}
+                Err(TrustError::Unknown(_)) => {
+                    self.drops.missing_bindings += 1;
+                    return false;
+                }
+                Err(_) => {
+                    self.drops.forged_decisions += 1;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// A decision from `src`: verified, it makes me agree on its value.
+    fn on_decision(&mut self, src: PeerName, mut d: Decision, keys: &KeyBook) -> Result<(), IpamError> {
+        if d.value.is_empty() {
+            // The value I said I hold (checked with the rest below).
+            match self.paxos.accepted_value() {
+                Some(v) => d.value = v.to_vec(),
+                None => {
+                    self.drops.forged_decisions += 1;
+                    return Ok(());
+                }
+            }
+        }
+        if self.ring.is_agreed() && self.ring.seeds() == d.value.as_slice() {
+            return Ok(());
+        }
+        if !self.decision_ok(&d, keys) {
+            if self.want_decision.is_some_and(|(p, _)| p == src) {
+                self.want_decision = None;
+                self.announcers.remove(&src);
+                if let Some(&next) = self.announcers.iter().next() {
+                    self.ask_decision(next);
+                }
+            }
+            return Ok(());
+        }
+        if self.ring.is_agreed() {
+            return Err(IpamError::DifferentRings {
+                peer: src,
+                ours: super::Seeds(self.ring.seeds().to_vec()),
+                theirs: super::Seeds(d.value),
+            });
+        }
+        self.ring = Ring::genesis(self.universe, &d.value);
+        self.decision = Some(d);
+        self.on_agreed();
+        Ok(())
     }
 
     fn push_event(&mut self, e: Event) {
@@ -1707,11 +1830,22 @@ impl Ipam {
         if !self.ring.is_agreed() {
             let jitter = self.rng.next();
             let propose = self.want_ring && !self.hold_rebase && self.now >= self.hold_proposals_until;
-            let decided = self.paxos.think(self.now, jitter, propose).map(|v| v.to_vec());
+            let decided = self.paxos.think(self.now, jitter, propose, &self.signer).map(|v| v.to_vec());
             if self.paxos.take_mine_changed() {
                 self.dirty = true;
             }
+            let learned = self.paxos.take_learned();
+            self.flush_paxos();
             if let Some(seeds) = decided {
+                if let Some(l) = learned {
+                    self.decision = Some(Decision {
+                        ballot: l.ballot,
+                        initial: self.paxos.initial(),
+                        value: l.value.value,
+                        value_sig: l.value.sig,
+                        accepts: l.accepts,
+                    });
+                }
                 self.ring = Ring::genesis(self.universe, &seeds);
                 self.on_agreed();
             } else {
@@ -1828,14 +1962,16 @@ fn free_is_news(published: u32, exact: u32) -> bool {
 fn signers_of(env: &Envelope) -> BTreeSet<PeerName> {
     let mut names = BTreeSet::new();
     names.insert(env.src);
-    let g = match &env.body {
-        Body::Gossip(g) | Body::Reply { gossip: g, .. } => g,
-        _ => return names,
-    };
-    names.extend(g.proofs.iter().map(|p| p.by));
-    if let Some(p) = &g.paxos {
-        names.extend(p.records.claims.iter().map(|(n, _)| *n));
-        names.extend(p.records.values.iter().map(|(b, _)| b.proposer));
+    match &env.body {
+        Body::Gossip(g) | Body::Reply { gossip: g, .. } => names.extend(g.proofs.iter().map(|p| p.by)),
+        Body::Promise { accepted, value_sig: Some(_), .. } => {
+            names.insert(accepted.proposer);
+        }
+        Body::Decision(d) => {
+            names.insert(d.ballot.proposer);
+            names.extend(d.accepts.iter().map(|(n, _)| *n));
+        }
+        _ => {}
     }
     names
 }

@@ -7,11 +7,11 @@
 //! [`read_gossip`] reads what an honest router sends (without verifying it), so
 //! a forger can learn the ring it attacks.
 
-use super::paxos::{Ballot, Claims, PaxosUpdate};
+use super::paxos::Ballot;
 use super::ring::Entry;
 use super::space::Cidr;
 use super::wire::{
-    self, Body, Envelope, Gossip, PaxosGossip, Proof, DOMAIN_ENTRY, DOMAIN_PAXOS_RECORD, DOMAIN_PAXOS_VALUE,
+    self, Body, Decision, Envelope, Gossip, Proof, DOMAIN_ENTRY, DOMAIN_PAXOS_ACCEPT, DOMAIN_PAXOS_VALUE,
 };
 use crate::peer::PeerName;
 use crate::trust::{Binding, Signer};
@@ -77,7 +77,7 @@ pub fn entries(
         .iter()
         .map(|(start, e)| Proof { by, sig: by_key.sign(DOMAIN_ENTRY, &wire::entry_message(ring_id, *start, e)) })
         .collect();
-    let g = Gossip { full: false, ring_id, seeds: Vec::new(), entries, proofs, paxos: None };
+    let g = Gossip { full: false, ring_id, seeds: Vec::new(), entries, proofs, consensus: 0 };
     sealed(universe, src, PeerName::BROADCAST, Body::Gossip(g), key, bindings)
 }
 
@@ -96,33 +96,51 @@ pub fn sync_request(universe: Cidr, src: PeerName, dst: PeerName, key: &Signer, 
     sealed(universe, src, dst, Body::SyncRequest, key, bindings)
 }
 
-/// Paxos gossip from `src`: `participant`'s record promising `promised` (and
-/// accepting `accepted` with `value`, if given), the record signed with
-/// `record_key` and the value with `value_key`. `initial` is the `N` of `consensus=N`.
+/// A Paxos prepare flooded by `src` for `ballot` (honest only if `src` is the
+/// ballot's proposer), signed with `key`. `initial` is the `N` of `consensus=N`.
+pub fn prepare(universe: Cidr, src: PeerName, initial: u32, ballot: Ballot, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
+    sealed(universe, src, PeerName::BROADCAST, Body::Prepare { ballot, attempt: 0, initial }, key, bindings)
+}
+
+/// A Paxos accept request from `src` to `dst` for `ballot` with `value`, the
+/// value signed with `value_key` (honest only if both are the ballot's proposer's).
 #[allow(clippy::too_many_arguments)]
-pub fn paxos_record(
+pub fn accept(
     universe: Cidr,
     src: PeerName,
-    initial: u32,
-    participant: PeerName,
-    promised: Ballot,
-    accepted: Option<(Ballot, Vec<PeerName>, &Signer)>,
-    record_key: &Signer,
+    dst: PeerName,
+    ballot: Ballot,
+    value: Vec<PeerName>,
+    value_key: &Signer,
     key: &Signer,
     bindings: Vec<Binding>,
 ) -> Vec<u8> {
-    let claims = Claims { promised, accepted: accepted.as_ref().map(|a| a.0).unwrap_or_default() };
-    let sigs = vec![record_key.sign(DOMAIN_PAXOS_RECORD, &wire::record_message(&universe, participant, &claims))];
-    let (values, value_sigs) = match accepted {
-        Some((b, value, value_key)) => {
-            let vsig = value_key.sign(DOMAIN_PAXOS_VALUE, &wire::value_message(&universe, &b, &value));
-            (vec![(b, value)], vec![vsig])
-        }
-        None => (Vec::new(), Vec::new()),
-    };
-    let records = PaxosUpdate { claims: vec![(participant, claims)], values };
-    let g = Gossip { paxos: Some(PaxosGossip { initial, records, sigs, value_sigs }), ..Default::default() };
-    sealed(universe, src, PeerName::BROADCAST, Body::Gossip(g), key, bindings)
+    let value_sig = value_key.sign(DOMAIN_PAXOS_VALUE, &wire::value_message(&universe, &ballot, &value));
+    sealed(universe, src, dst, Body::Accept { ballot, value, value_sig }, key, bindings)
+}
+
+/// A decision from `src` to `dst` that `ballot` chose `value`, with the value and
+/// every acceptance in `accepts` signed with the keys given (honest only if each
+/// is its named peer's).
+#[allow(clippy::too_many_arguments)]
+pub fn decision(
+    universe: Cidr,
+    src: PeerName,
+    dst: PeerName,
+    ballot: Ballot,
+    initial: u32,
+    value: Vec<PeerName>,
+    value_key: &Signer,
+    accepts: &[(PeerName, &Signer)],
+    key: &Signer,
+) -> Vec<u8> {
+    let value_sig = value_key.sign(DOMAIN_PAXOS_VALUE, &wire::value_message(&universe, &ballot, &value));
+    let digest = wire::value_digest(&value);
+    let accepts = accepts
+        .iter()
+        .map(|(n, k)| (*n, k.sign(DOMAIN_PAXOS_ACCEPT, &wire::accept_message(&universe, *n, &ballot, &digest))))
+        .collect();
+    sealed(universe, src, dst, Body::Decision(Decision { ballot, initial, value, value_sig, accepts }), key, Vec::new())
 }
 
 #[cfg(test)]
@@ -154,7 +172,9 @@ mod tests {
             space_request(u, me, PeerName(5), u, &s, vec![]),
             claim_request(u, me, PeerName(5), u32::from(u.network()) + 1, &s, vec![]),
             sync_request(u, me, PeerName(5), &s, vec![]),
-            paxos_record(u, me, 3, me, b, Some((b, vec![me], &s)), &s, &s, vec![]),
+            prepare(u, me, 3, b, &s, vec![]),
+            accept(u, me, PeerName(5), b, vec![me], &s, &s, vec![]),
+            decision(u, me, PeerName(5), b, 1, vec![me], &s, &[(me, &s)], &s),
         ] {
             wire::check_message(&bytes).unwrap();
         }

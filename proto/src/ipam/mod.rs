@@ -14,8 +14,7 @@
 //!   an owner changes its entries, every change bumps a version, and peers merge
 //!   entries by highest version. The ring travels as gossip.
 //! * **Initial ownership** ([`InitMode`]): `Consensus(N)` — the first peers agree on
-//!   the list of initial owners with single-decree Paxos carried in gossip
-//!   ([`paxos`]): no proposal starts before all `N` participants are known, and
+//!   the list of initial owners with single-decree Paxos ([`paxos`]): no proposal starts before all `N` participants are known, and
 //!   agreement then needs a majority of them. Consensus is **lazy**, as in
 //!   Weave: a peer only starts proposing once it is asked for an address (and
 //!   then until the ring is agreed, even if that request is cancelled: allocating
@@ -88,7 +87,8 @@
 //!
 //! ## Signatures
 //! Every message is signed by its sender, every ring entry by its writer, every
-//! Paxos record by its participant and value by its proposer (see [`wire`]).
+//! Paxos value by its proposer and every acceptance in a decision by its
+//! participant (see [`wire`]).
 //! `handle_message` admits the bindings a message carries into the daemon's
 //! [`crate::trust::KeyBook`] and checks every signature against it; what is
 //! forged is dropped and counted in [`Ipam::drops`] (and [`IpamStatus::drops`]),
@@ -146,21 +146,16 @@
 //! 1000 signed entries), and every [`Config::full_gossip_interval_ms`] a
 //! digest of it (once agreed; before, the full state): a neighbour whose ring
 //! differs answers with its full state.
-//! * **Bindings and Paxos values go to the neighbours once.** Gossip to the
-//!   neighbours ([`Dest::Neighbours`]) carries the sender's own binding (136
-//!   bytes) and a ballot's value (the list of initial owners: up to thousands of
-//!   names) only the first time; both are sent again after
-//!   [`Ipam::peers_changed`] reports a newly reachable peer. It carries no other
-//!   peer's binding: the key book passed to `handle_message` is the daemon's,
-//!   which holds the bindings of the peers it reaches (topology gossip pins
-//!   them). A neighbour that lacks a binding or value anyway (a lost message, a
-//!   signer it never reached) drops what needs it, counts it
-//!   ([`DropStats::missing_bindings`], [`DropStats::missing_paxos_values`],
+//! * **Bindings go to the neighbours once.** Gossip to the neighbours
+//!   ([`Dest::Neighbours`]) carries the sender's own binding (136 bytes) only
+//!   the first time, and again after [`Ipam::peers_changed`] reports a newly
+//!   reachable peer. It carries no other peer's binding: the key book passed to
+//!   `handle_message` is the daemon's, which holds the bindings of the peers it
+//!   reaches (topology gossip pins them). A neighbour that lacks a binding
+//!   anyway drops what needs it, counts it ([`DropStats::missing_bindings`],
 //!   [`DropStats::unknown_entry_signers`]) and asks the sender for its full
-//!   state, which, like every message to one peer, carries the values and the
-//!   bindings it holds of the signers inside (those that reached it in
-//!   messages). The daemon needs to do nothing for this: `handle_message`'s
-//!   `from` names that neighbour. Known gap: a peer that joins after another
+//!   state, which, like every message to one peer, carries the bindings it
+//!   holds of the signers inside. Known gap: a peer that joins after another
 //!   died (before `rmpeer`) checks the dead peer's self-written entries only if
 //!   a neighbour holds that peer's binding.
 //! * **Free counts are rate-limited.** An allocation or free changes its owner's
@@ -169,13 +164,15 @@
 //!   changes wait for the next full gossip (or a "no space" answer, which
 //!   carries exact counts). The count only guides donor choice;
 //!   [`Ipam::status`] shows this peer's own counts exactly.
-//! * **Paxos.** Records travel when they change. While the ring is not agreed a
-//!   peer also sends all its records every [`Config::paxos_retry_ms`] (plus
-//!   jitter) to repair losses, but only once records stop flowing to it. A peer
-//!   that agreed answers a neighbour still gossiping without a ring with its full
-//!   ring (seeds included) at once if that gossip was full, else only a second
-//!   after agreeing (the neighbour usually learns the decision from the records
-//!   in flight).
+//! * **Paxos** ([`paxos`]): only the proposer's prepare is flooded (about
+//!   100 bytes, forwarded once per peer); promises and acceptances go to the
+//!   proposer, its accept request (the value: 8 bytes per participant) to each
+//!   participant, and the decision (value + a quorum of 72-byte acceptances)
+//!   is announced to the neighbours and pulled once per peer
+//!   ([`Body`](wire) `Decided`, `WantDecision`, `Decision`). While it wants a
+//!   ring a peer also sends its (small) full state every
+//!   [`Config::paxos_retry_ms`] plus jitter, which an agreed neighbour answers
+//!   with its ring.
 //!
 //! # Layout
 //! [`space`] address arithmetic, [`ring`] the ownership CRDT, [`paxos`] agreement,
@@ -377,9 +374,6 @@ pub struct DropStats {
     /// signer this peer never reached: the neighbour is asked for its full
     /// state, which carries the bindings of every signer inside.
     pub missing_bindings: u64,
-    /// Paxos records accepting a ballot whose value (sent to the neighbours
-    /// once) is not held here: the neighbour is asked for its full state.
-    pub missing_paxos_values: u64,
     /// Messages whose signature is not their claimed sender's.
     pub forged_messages: u64,
     /// Bindings whose own signature or name is bad.
@@ -396,12 +390,16 @@ pub struct DropStats {
     /// a forged claim, or a transfer this peer missed. Dropped; the owner this
     /// peer knows is asked for its full state (which settles a missed transfer).
     pub unverifiable_entries: u64,
-    /// Paxos records with a bad signature or a value nobody signed.
+    /// Paxos messages claiming another peer's ballot (a prepare or accept
+    /// request not from its proposer), or acceptances with a bad signature.
     pub forged_paxos_records: u64,
     /// Paxos values not signed by their ballot's proposer.
     pub forged_paxos_values: u64,
-    /// Paxos records whose round jumps too far ahead of every round known here.
+    /// Paxos messages whose round jumps too far ahead of every round known here.
     pub paxos_round_jumps: u64,
+    /// Decisions with too few acceptances, one by a peer outside the value,
+    /// or a bad acceptance signature.
+    pub forged_decisions: u64,
 }
 
 /// A seed list in errors.

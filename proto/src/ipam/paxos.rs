@@ -1,64 +1,64 @@
-//! Single-decree Paxos carried in gossip: how the first peers agree on the seeds
-//! of the ring (`consensus=N`).
+//! Single-decree Paxos over addressed messages: how the first peers agree on
+//! the seeds of the ring (`consensus=N`).
 //!
-//! Owns: every participant's claims as this peer knows them, the merge of
-//! claims from gossip, and the acceptor, proposer and learner steps. Knows
-//! nothing about rings, messages or the clock (time is passed in).
+//! Owns: this peer's acceptor record, the participants it knows of, and, while
+//! it proposes, the promises and accepts sent to it. Knows nothing about rings,
+//! the wire or the clock (time is passed in); the allocator verifies what
+//! arrives, wraps what goes out ([`Out`]) and spreads the decision.
 //!
-//! # Protocol
-//! Each participant `P` publishes one record, its [`Claims`]: the highest ballot
-//! it has promised, the highest ballot it has accepted and that ballot's value.
-//! Only `P` writes its record, and both ballots only grow, so records merge by
-//! taking the larger `(promised, accepted)`; everyone gossips everyone's records
-//! (like Weave's paxos-over-gossip). Then, at each peer, after every merge:
+//! # Protocol (wire version 4)
+//! Classic Paxos in which only the proposer collects answers:
 //!
-//! 1. **Learn.** If a quorum of records have accepted the same ballot, its value is
-//!    chosen: the seeds of the ring.
-//! 2. **Promise** (acceptor). Promise the highest ballot seen in any record.
-//! 3. **Accept** (acceptor). If some record has accepted a ballot equal to my
-//!    promise, accept it with its value. (A ballot is accepted first by its own
-//!    proposer, which stands for the proposer's "accept" message.)
-//! 4. **Propose, phase 2.** If my promise is my own ballot, not yet accepted, and a
-//!    quorum of records promise exactly it, accept it myself with the value of the
-//!    highest accepted ballot among those records, or, if none accepted anything,
-//!    with the sorted names of all participants I know.
-//! 5. **Propose, phase 1** — only while the caller asks for it (`propose` in
-//!    [`Paxos::think`]: the peer was asked for an address; consensus is lazy, as
-//!    in Weave, so a peer nobody asks for an address never starts a ballot and
-//!    can still adopt a ring agreed elsewhere). Once I know of a quorum of
-//!    participants, and again whenever `retry` passes (with random jitter)
-//!    without a decision, pick a ballot `(highest round seen + 1, me)` and
-//!    promise it to myself. The timer is pushed back whenever new claims arrive,
-//!    so a proposal making progress is not interrupted. Steps 1 to 4 run
-//!    whatever `propose` says: every participant is always an acceptor and a
-//!    learner, and finishes phase 2 of a ballot it started.
+//! 1. **Prepare** (flooded). A participant asked for an address (`propose` in
+//!    [`Paxos::think`]: consensus is lazy, as in Weave) picks a ballot
+//!    `(highest round seen + 1, me)`, promises it to itself and floods a
+//!    `Prepare`: each peer forwards a prepare to its neighbours only the first
+//!    time it sees that `(ballot, attempt)` and only if it is the highest seen,
+//!    so competing floods stop where a higher one passed.
+//! 2. **Promise** (addressed to the proposer). A participant promises the
+//!    highest ballot it saw and answers with the ballot it accepted last and
+//!    that ballot's value (signed by its proposer).
+//! 3. **Accept** (addressed to each participant). Once the promises of a quorum
+//!    are in and all `N` participants are known (from promises, neighbours'
+//!    gossip and values), the proposer takes the value of the highest accepted
+//!    ballot among the promises, or, if none, the sorted names of every
+//!    participant it knows, signs it and sends it to every participant.
+//! 4. **Accepted** (addressed to the proposer). A participant that has not
+//!    promised a higher ballot accepts, persists, and answers with its
+//!    signature over (ballot, SHA-256 of the value).
+//! 5. **Decision**. With a quorum of accept signatures the proposer has learned
+//!    the value; the decision (ballot, value, value signature and a quorum of
+//!    accept signatures) is verifiable by anyone and spreads announce-and-pull
+//!    (see the allocator): no single peer can forge one.
 //!
-//! A record that promises ballot `b` shows the records' accepted ballot as of
-//! that promise (a promise of `b` forbids accepting anything below `b`, and the
-//! record is written atomically), which is exactly what a phase-1 reply carries,
-//! so this is classic Paxos with gossip as the transport. Safety needs any two
-//! quorums to intersect: the quorum is `max(N, participants known)/2 + 1`, so it
-//! also grows if more than `N` consensus peers show up (best effort: two groups of
-//! more than `N` peers that never hear of each other can still each decide, and
-//! then refuse to merge with [`super::IpamError::DifferentRings`]).
+//! Losses are repaired by the proposer alone: every `retry` it floods the
+//! prepare again (a higher `attempt`) while promises are missing, or sends the
+//! accept again to those that did not answer; a proposal that brings nothing
+//! new for [`IDLE_RESENDS`] resends gives way to a new ballot. A participant
+//! that wants a ring and sees no prepare or accept for `retry` (the proposer
+//! died) starts its own ballot, as Paxos does; the promises then carry the
+//! values accepted so far, so a chosen value stays chosen.
 //!
-//! `N` is the largest `consensus=N` heard of, not only mine: the daemon's default
-//! is 1 + the number of peers named at launch, so the first peers of a mesh
-//! normally differ (`launch` gives 1, `launch h1` gives 2). Gossip carries each
-//! peer's `N`; taking the maximum makes every peer that heard of the others count
-//! a majority of the same, largest, group (a peer with a small `N` that heard of
-//! a larger one cannot decide with a quorum the others would not intersect).
-//! Claims must be persisted before they are sent (see `Ipam::take_dirty`).
+//! The quorum is `max(N, participants known)/2 + 1` (so it grows if more than
+//! `N` consensus peers show up); `N` is the largest `consensus=N` heard of
+//! (gossip, prepares and promises carry it). An acceptor record must be
+//! persisted before the promise or accept that reports it is sent
+//! (see `Ipam::take_dirty`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::IpamError;
+use super::space::Cidr;
+use super::wire;
 use crate::peer::PeerName;
+use crate::trust::{Signature, Signer};
 
-/// Most participants whose claims are kept (and accepted from gossip).
+/// Most participants counted (and accepted in values and decisions).
 pub const MAX_PARTICIPANTS: usize = 10_000;
+/// Resends without a new promise or accept after which a proposal gives way
+/// to a new ballot (some acceptors promised a higher one this peer never saw).
+pub const IDLE_RESENDS: u32 = 3;
 
 /// A proposal number; ordered by round, then proposer. The zero ballot means "none".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -73,26 +73,60 @@ impl Ballot {
     }
 }
 
-/// One participant's published state. The value of its accepted ballot is kept
-/// (and gossiped) once per ballot, not per record: with a thousand participants a
-/// value is a few KB.
+/// One participant's acceptor record: the highest ballot it promised, the
+/// highest it accepted.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     pub promised: Ballot,
     pub accepted: Ballot,
 }
 
-/// Records plus the values of the ballots they accepted: what gossip carries.
+/// Records plus the values of the ballots they accepted: the snapshot layout
+/// (since wire version 4 only this peer's own record is kept).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct PaxosUpdate {
     pub claims: Vec<(PeerName, Claims)>,
     pub values: Vec<(Ballot, Vec<PeerName>)>,
 }
 
-impl Claims {
-    fn key(&self) -> (Ballot, Ballot) {
-        (self.promised, self.accepted)
-    }
+/// A ballot's value with its proposer's signature over [`wire::value_message`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SignedValue {
+    pub value: Vec<PeerName>,
+    pub sig: Signature,
+}
+
+/// What Paxos wants sent; the allocator signs the envelope and routes it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Out {
+    /// Flood my prepare to the neighbours.
+    Prepare { ballot: Ballot, attempt: u32 },
+    Promise { to: PeerName, ballot: Ballot, accepted: Ballot, value: Option<SignedValue> },
+    Accept { to: PeerName, ballot: Ballot, value: SignedValue },
+    Accepted { to: PeerName, ballot: Ballot, sig: Signature },
+}
+
+/// What a proposer learned: enough for a verifiable decision.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Learned {
+    pub ballot: Ballot,
+    pub value: SignedValue,
+    /// A quorum of accept signatures, by name.
+    pub accepts: Vec<(PeerName, Signature)>,
+}
+
+#[derive(Clone, Debug)]
+struct Proposal {
+    ballot: Ballot,
+    attempt: u32,
+    promises: BTreeSet<PeerName>,
+    /// The highest accepted ballot the promises reported, with its value.
+    best: Option<(Ballot, SignedValue)>,
+    /// Phase 2: the value sent and its digest.
+    value: Option<(SignedValue, [u8; 32])>,
+    accepts: BTreeMap<PeerName, Signature>,
+    resend_at: u64,
+    idle: u32,
 }
 
 /// Paxos state at one peer (see the module docs).
@@ -100,42 +134,57 @@ impl Claims {
 pub struct Paxos {
     me: PeerName,
     participant: bool,
-    /// `N`: the largest `consensus=N` of mine and those heard of; 0 while unknown
-    /// (a non-participant that has heard none).
+    universe: Cidr,
+    /// `N`: the largest `consensus=N` of mine and those heard of; 0 while unknown.
     initial: u32,
-    knows: BTreeMap<PeerName, Claims>,
-    /// The value (sorted seeds) of every ballot some record accepted.
-    values: BTreeMap<Ballot, Vec<PeerName>>,
-    /// Records changed since the last gossip.
-    changed: BTreeSet<PeerName>,
+    /// My acceptor record (participants only).
+    mine: Claims,
+    /// The value of `mine.accepted`.
+    my_value: Option<SignedValue>,
+    participants: BTreeSet<PeerName>,
+    max_round: u64,
+    /// The highest `(ballot, attempt)` of a prepare seen (forwarded once).
+    seen: (Ballot, u32),
+    proposal: Option<Proposal>,
     next_attempt: Option<u64>,
     retry_ms: u64,
     decided: Option<Vec<PeerName>>,
-    /// My own record changed since [`Paxos::take_mine_changed`] (must be persisted).
     mine_changed: bool,
+    out: Vec<Out>,
+    learned: Option<Learned>,
+}
+
+/// The quorum a decision of `value` must show (anyone can check it).
+pub(crate) fn decision_quorum(initial: u32, value_len: usize) -> usize {
+    (initial as usize).max(value_len) / 2 + 1
 }
 
 impl Paxos {
     /// A participant (`consensus=initial`) or a relay (`participant` false: it
-    /// merges and forwards claims but never makes any).
-    pub fn new(me: PeerName, participant: bool, initial: u32, retry_ms: u64) -> Paxos {
-        let mut p = Paxos {
+    /// forwards prepares but never promises or proposes).
+    pub fn new(me: PeerName, participant: bool, initial: u32, retry_ms: u64, universe: Cidr) -> Paxos {
+        let mut participants = BTreeSet::new();
+        if participant {
+            participants.insert(me);
+        }
+        Paxos {
             me,
             participant,
+            universe,
             initial: if participant { initial.max(1) } else { 0 },
-            knows: BTreeMap::new(),
-            values: BTreeMap::new(),
-            changed: BTreeSet::new(),
+            mine: Claims::default(),
+            my_value: None,
+            participants,
+            max_round: 0,
+            seen: (Ballot::default(), 0),
+            proposal: None,
             next_attempt: None,
             retry_ms: retry_ms.max(1),
             decided: None,
             mine_changed: participant,
-        };
-        if participant {
-            p.knows.insert(me, Claims::default());
-            p.changed.insert(me);
+            out: Vec::new(),
+            learned: None,
         }
-        p
     }
 
     pub fn is_participant(&self) -> bool {
@@ -146,19 +195,17 @@ impl Paxos {
         self.initial
     }
 
-    /// Participants whose records I hold (me included).
+    /// Participants known (me included).
     pub fn known(&self) -> usize {
-        self.knows.len()
+        self.participants.len()
     }
 
     pub fn quorum(&self) -> usize {
-        (self.initial as usize).max(self.knows.len()) / 2 + 1
+        (self.initial as usize).max(self.participants.len()) / 2 + 1
     }
 
-    /// Participants that must be known before a proposal starts: all `N` of
-    /// `consensus=N` (so `consensus=3` allocates nothing until the third peer is
-    /// there), and at least a quorum. Agreement itself needs only the quorum, so
-    /// a participant that fails later does not block the others' agreement.
+    /// Participants that must be known before a value is proposed: all `N` of
+    /// `consensus=N`, and at least a quorum.
     pub fn needed(&self) -> usize {
         self.quorum().max(self.initial as usize)
     }
@@ -167,246 +214,361 @@ impl Paxos {
         self.decided.as_deref()
     }
 
-    pub fn claims(&self) -> impl Iterator<Item = (PeerName, &Claims)> {
-        self.knows.iter().map(|(&p, c)| (p, c))
-    }
-
-    /// The value of ballot `b`, if some record accepted it.
-    pub fn value(&self, b: &Ballot) -> Option<&[PeerName]> {
-        self.values.get(b).map(Vec::as_slice)
-    }
-
-    fn update_for(&self, claims: Vec<(PeerName, Claims)>) -> PaxosUpdate {
-        let ballots: BTreeSet<Ballot> = claims.iter().map(|(_, c)| c.accepted).filter(|b| !b.is_zero()).collect();
-        let values = ballots.into_iter().filter_map(|b| self.values.get(&b).map(|v| (b, v.clone()))).collect();
-        PaxosUpdate { claims, values }
-    }
-
-    /// Everything, for full gossip and snapshots.
-    pub(crate) fn all(&self) -> PaxosUpdate {
-        self.update_for(self.knows.iter().map(|(&p, c)| (p, *c)).collect())
-    }
-
-    /// The records changed since the last call, for delta gossip.
-    pub(crate) fn take_changed(&mut self) -> PaxosUpdate {
-        let names = std::mem::take(&mut self.changed);
-        let claims = names.into_iter().filter_map(|n| self.knows.get(&n).map(|c| (n, *c))).collect();
-        self.update_for(claims)
-    }
-
-    /// Whether my own record changed since the last call (persist before sending it).
-    pub(crate) fn take_mine_changed(&mut self) -> bool {
-        std::mem::take(&mut self.mine_changed)
-    }
-
-    pub(crate) fn has_changes(&self) -> bool {
-        !self.changed.is_empty()
-    }
-
-    pub(crate) fn clear_changed(&mut self) {
-        self.changed.clear();
-    }
-
-    /// The highest round of any ballot in the records known here.
-    pub fn max_round(&self) -> u64 {
-        self.knows.values().map(|c| c.promised.round.max(c.accepted.round)).max().unwrap_or(0)
-    }
-
-    /// `name`'s record as known here.
-    pub fn record(&self, name: PeerName) -> Option<&Claims> {
-        self.knows.get(&name)
-    }
-
-    /// Whether the value of ballot `b` is known here.
-    pub(crate) fn has_value(&self, b: &Ballot) -> bool {
-        self.values.contains_key(b)
-    }
-
-    /// My own record, if I am a participant.
+    /// My acceptor record, if I am a participant.
     pub fn mine(&self) -> Option<&Claims> {
-        self.knows.get(&self.me)
+        self.participant.then_some(&self.mine)
     }
 
-    /// When [`Paxos::think`] wants to run next (with `propose` true; a peer that
-    /// is not proposing needs no timer).
+    /// The highest round seen.
+    pub fn max_round(&self) -> u64 {
+        self.max_round.max(self.mine.promised.round)
+    }
+
+    /// The value of the ballot I accepted last, if I hold it.
+    pub(crate) fn accepted_value(&self) -> Option<&[PeerName]> {
+        self.my_value.as_ref().filter(|_| !self.mine.accepted.is_zero()).map(|v| v.value.as_slice())
+    }
+
+    /// Whether a proposal of mine is under way.
+    pub fn proposing(&self) -> bool {
+        self.proposal.is_some()
+    }
+
+    /// When [`Paxos::think`] wants to run next.
     pub fn poll_timeout(&self) -> Option<u64> {
         if self.decided.is_some() || !self.participant {
             return None;
         }
-        self.next_attempt
+        let resend = self.proposal.as_ref().map(|p| p.resend_at);
+        match (self.next_attempt, resend) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
-    /// Checks gossiped records (already bounded and shaped by the decoder: every
-    /// accepted ballot has its value in `update`) without applying anything.
-    /// The sender's `N` is no part of the check: a different one is no error, the
-    /// larger is kept by [`Paxos::apply`] (see the module docs).
-    pub(crate) fn plan_merge(&self, peer: PeerName, update: &PaxosUpdate) -> Result<PaxosUpdate, IpamError> {
-        for (b, v) in &update.values {
-            if self.values.get(b).is_some_and(|mine| mine != v) {
-                return Err(IpamError::InconsistentClaims { peer, participant: b.proposer });
-            }
-        }
-        let mut claims = Vec::new();
-        let mut new_names = 0usize;
-        for (name, c) in &update.claims {
-            match self.knows.get(name) {
-                None => {
-                    new_names += 1;
-                    claims.push((*name, *c));
-                }
-                Some(m) if c.key() > m.key() => claims.push((*name, *c)),
-                Some(_) => {}
-            }
-        }
-        if self.knows.len() + new_names > MAX_PARTICIPANTS {
-            return Err(IpamError::Malformed(format!("more than {MAX_PARTICIPANTS} consensus participants")));
-        }
-        let needed: BTreeSet<Ballot> = claims.iter().map(|(_, c)| c.accepted).filter(|b| !b.is_zero()).collect();
-        let values = update.values.iter().filter(|(b, _)| needed.contains(b) && !self.values.contains_key(b)).cloned().collect();
-        Ok(PaxosUpdate { claims, values })
+    pub(crate) fn take_out(&mut self) -> Vec<Out> {
+        std::mem::take(&mut self.out)
     }
 
-    /// Applies what [`Paxos::plan_merge`] returned, and the sender's `N` (`initial`,
-    /// 0 if unknown) if larger than mine. A record about me that is newer than
-    /// mine (my own, from before a restart from an old snapshot) is adopted.
-    pub(crate) fn apply(&mut self, initial: u32, plan: PaxosUpdate, now_ms: u64) {
-        self.initial = self.initial.max(initial);
-        if plan.claims.is_empty() {
-            return;
+    pub(crate) fn take_learned(&mut self) -> Option<Learned> {
+        self.learned.take()
+    }
+
+    /// Whether my own record changed since the last call (persist before sending).
+    pub(crate) fn take_mine_changed(&mut self) -> bool {
+        std::mem::take(&mut self.mine_changed)
+    }
+
+    fn note_initial(&mut self, initial: u32) {
+        if initial as usize <= MAX_PARTICIPANTS {
+            self.initial = self.initial.max(initial);
         }
-        self.values.extend(plan.values);
-        for (name, c) in plan.claims {
-            self.mine_changed |= name == self.me;
-            self.knows.insert(name, c);
-            self.changed.insert(name);
+    }
+
+    fn add_participant(&mut self, p: PeerName) {
+        if self.participants.len() < MAX_PARTICIPANTS && p != PeerName::BROADCAST {
+            self.participants.insert(p);
         }
-        self.prune_values();
-        // Progress is being made: do not interrupt it with a new ballot.
+    }
+
+    fn note_round(&mut self, b: &Ballot) {
+        self.max_round = self.max_round.max(b.round);
+    }
+
+    /// Progress by someone else: a new ballot of mine can wait.
+    fn push_back(&mut self, now_ms: u64) {
         if let Some(t) = self.next_attempt.as_mut() {
             *t = (*t).max(now_ms + self.retry_ms);
         }
     }
 
-    /// Drops values no record refers to any more.
-    fn prune_values(&mut self) {
-        if self.values.len() > 1 {
-            let used: BTreeSet<Ballot> = self.knows.values().map(|c| c.accepted).collect();
-            self.values.retain(|b, _| used.contains(b));
-        }
+    /// A neighbour's gossip says it takes part with `consensus=initial`.
+    pub(crate) fn heard_participant(&mut self, p: PeerName, initial: u32) {
+        self.note_initial(initial);
+        self.add_participant(p);
     }
 
-    /// Runs the learner, acceptor and proposer steps; returns the chosen value once known.
-    /// `jitter` is a random number used to spread retries. `propose`: whether to
-    /// start (or retry) a ballot of my own (step 5); without it the proposal
-    /// timer is dropped.
-    pub fn think(&mut self, now_ms: u64, jitter: u64, propose: bool) -> Option<&[PeerName]> {
-        if !propose {
-            self.next_attempt = None;
-        }
-        for _ in 0..4 {
-            if self.decided.is_some() || !self.step(now_ms, jitter, propose) {
-                break;
-            }
-        }
-        self.decided.as_deref()
-    }
-
-    /// One pass; true if my record changed (another pass may then make progress).
-    fn step(&mut self, now_ms: u64, jitter: u64, propose: bool) -> bool {
-        let quorum = self.quorum();
-        // 1. Learn (only once N is known).
-        if self.initial > 0 {
-            let mut counts: BTreeMap<Ballot, usize> = BTreeMap::new();
-            for c in self.knows.values() {
-                if !c.accepted.is_zero() {
-                    *counts.entry(c.accepted).or_default() += 1;
-                }
-            }
-            if let Some((&b, _)) = counts.iter().rev().find(|(_, &n)| n >= quorum) {
-                if let Some(value) = self.values.get(&b).filter(|v| !v.is_empty()) {
-                    self.decided = Some(value.clone());
-                    return false;
-                }
-            }
-        }
-        if !self.participant {
+    /// A verified prepare (its envelope is the proposer's). Returns whether to
+    /// forward it to the neighbours (first sight, highest seen).
+    pub(crate) fn on_prepare(&mut self, ballot: Ballot, attempt: u32, initial: u32, now_ms: u64) -> bool {
+        self.note_initial(initial);
+        self.note_round(&ballot);
+        self.add_participant(ballot.proposer);
+        if (ballot, attempt) <= self.seen {
             return false;
         }
-        let Some(mut mine) = self.knows.get(&self.me).copied() else { return false };
-        let before = mine;
-        // 2. Promise the highest ballot seen.
-        let max_promised = self.knows.values().map(|c| c.promised.max(c.accepted)).max().unwrap_or_default();
-        if max_promised > mine.promised {
-            mine.promised = max_promised;
-        }
-        // 3. Accept a ballot equal to my promise that someone accepted.
-        if mine.accepted < mine.promised && self.values.contains_key(&mine.promised) {
-            mine.accepted = mine.promised;
-        }
-        // 4. Phase 2 of my own proposal.
-        if mine.promised.proposer == self.me && !mine.promised.is_zero() && mine.accepted < mine.promised {
-            let promisers: Vec<&Claims> = self
-                .knows
-                .iter()
-                .map(|(n, c)| if *n == self.me { &mine } else { c })
-                .filter(|c| c.promised == mine.promised)
-                .collect();
-            if promisers.len() >= quorum {
-                let value = promisers
-                    .iter()
-                    .filter(|c| !c.accepted.is_zero())
-                    .max_by_key(|c| c.accepted)
-                    .and_then(|c| self.values.get(&c.accepted).cloned())
-                    .unwrap_or_else(|| self.knows.keys().copied().collect());
-                mine.accepted = mine.promised;
-                self.values.insert(mine.promised, value);
+        self.seen = (ballot, attempt);
+        self.push_back(now_ms);
+        if self.participant && self.decided.is_none() {
+            if ballot > self.mine.promised {
+                self.mine.promised = ballot;
+                self.mine_changed = true;
+            }
+            if ballot == self.mine.promised && ballot.proposer != self.me {
+                let value = if self.mine.accepted.is_zero() { None } else { self.my_value.clone() };
+                self.out.push(Out::Promise { to: ballot.proposer, ballot, accepted: self.mine.accepted, value });
             }
         }
-        // 5. Phase 1: start or retry a proposal (only when asked to).
-        if propose && self.knows.len() >= self.needed() {
-            let spread = jitter % self.retry_ms;
+        true
+    }
+
+    /// A verified promise from participant `from` (its value, if any, signed by
+    /// its ballot's proposer).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn on_promise(
+        &mut self,
+        from: PeerName,
+        ballot: Ballot,
+        initial: u32,
+        accepted: Ballot,
+        value: Option<SignedValue>,
+        now_ms: u64,
+        signer: &Signer,
+    ) {
+        self.note_initial(initial);
+        self.note_round(&accepted);
+        self.add_participant(from);
+        if let Some(v) = &value {
+            for &n in &v.value {
+                self.add_participant(n);
+            }
+        }
+        let Some(p) = self.proposal.as_mut().filter(|p| p.ballot == ballot) else { return };
+        if !p.promises.insert(from) {
+            return;
+        }
+        p.idle = 0;
+        if let Some(v) = value.filter(|_| !accepted.is_zero()) {
+            if p.best.as_ref().is_none_or(|(b, _)| accepted > *b) {
+                p.best = Some((accepted, v));
+            }
+        }
+        if let Some((v, _)) = &p.value {
+            // Phase 2 is under way: this one may accept too.
+            self.out.push(Out::Accept { to: from, ballot, value: v.clone() });
+        }
+        self.try_phase2(now_ms, signer);
+    }
+
+    /// A verified accept request from `ballot`'s proposer.
+    pub(crate) fn on_accept(&mut self, ballot: Ballot, value: SignedValue, now_ms: u64, signer: &Signer) {
+        self.note_round(&ballot);
+        self.add_participant(ballot.proposer);
+        for &n in &value.value {
+            self.add_participant(n);
+        }
+        self.push_back(now_ms);
+        if !self.participant || self.decided.is_some() || ballot < self.mine.promised {
+            return;
+        }
+        if self.mine.accepted != ballot {
+            self.mine = Claims { promised: ballot, accepted: ballot };
+            self.my_value = Some(value);
+            self.mine_changed = true;
+        }
+        if ballot.proposer != self.me {
+            if let Some(sig) = self.accept_sig_with(signer, ballot) {
+                self.out.push(Out::Accepted { to: ballot.proposer, ballot, sig });
+            }
+        }
+    }
+
+    fn accept_sig_with(&self, signer: &Signer, ballot: Ballot) -> Option<Signature> {
+        let v = self.my_value.as_ref()?;
+        let digest = wire::value_digest(&v.value);
+        Some(signer.sign(wire::DOMAIN_PAXOS_ACCEPT, &wire::accept_message(&self.universe, self.me, &ballot, &digest)))
+    }
+
+    /// The digest of the value my proposal `ballot` sent (to check accept signatures).
+    pub(crate) fn proposal_digest(&self, ballot: &Ballot) -> Option<[u8; 32]> {
+        self.proposal.as_ref().filter(|p| p.ballot == *ballot).and_then(|p| p.value.as_ref()).map(|(_, d)| *d)
+    }
+
+    /// A verified accept signature from participant `from` for my proposal.
+    pub(crate) fn on_accepted(&mut self, from: PeerName, ballot: Ballot, sig: Signature) {
+        self.add_participant(from);
+        let Some(p) = self.proposal.as_mut().filter(|p| p.ballot == ballot && p.value.is_some()) else { return };
+        if p.accepts.insert(from, sig).is_none() {
+            p.idle = 0;
+        }
+        self.check_learned();
+    }
+
+    /// Phase 2 of my proposal, once a quorum promised and all `N` are known.
+    fn try_phase2(&mut self, now_ms: u64, signer: &Signer) {
+        let (quorum, needed) = (self.quorum(), self.needed());
+        let known = self.participants.len();
+        let Some(p) = self.proposal.as_mut() else { return };
+        if p.value.is_some() || p.ballot != self.mine.promised || p.promises.len() < quorum || known < needed {
+            return;
+        }
+        let ballot = p.ballot;
+        let value = match &p.best {
+            Some((_, v)) => v.value.clone(),
+            None => self.participants.iter().copied().collect(),
+        };
+        let sig = signer.sign(wire::DOMAIN_PAXOS_VALUE, &wire::value_message(&self.universe, &ballot, &value));
+        let sv = SignedValue { value, sig };
+        let digest = wire::value_digest(&sv.value);
+        p.value = Some((sv.clone(), digest));
+        p.resend_at = now_ms + self.retry_ms;
+        p.idle = 0;
+        self.mine = Claims { promised: ballot, accepted: ballot };
+        self.my_value = Some(sv.clone());
+        self.mine_changed = true;
+        if let Some(s) = self.accept_sig_with(signer, ballot) {
+            if let Some(p) = self.proposal.as_mut() {
+                p.accepts.insert(self.me, s);
+            }
+        }
+        for &to in &self.participants {
+            if to != self.me {
+                self.out.push(Out::Accept { to, ballot, value: sv.clone() });
+            }
+        }
+        self.check_learned();
+    }
+
+    fn check_learned(&mut self) {
+        let q = self.quorum();
+        let Some(p) = self.proposal.as_ref() else { return };
+        let Some((sv, _)) = &p.value else { return };
+        let need = q.max(decision_quorum(self.initial, sv.value.len()));
+        let members: Vec<(PeerName, Signature)> =
+            p.accepts.iter().filter(|(n, _)| sv.value.binary_search(n).is_ok()).map(|(n, s)| (*n, *s)).take(need).collect();
+        if members.len() < need {
+            return;
+        }
+        self.decided = Some(sv.value.clone());
+        self.learned = Some(Learned { ballot: p.ballot, value: sv.clone(), accepts: members });
+        self.proposal = None;
+        self.next_attempt = None;
+    }
+
+    /// Timers and my own proposal: starts a ballot when asked to (`propose`),
+    /// resends, gives way. `jitter` is a random number used to spread retries.
+    pub(crate) fn think(&mut self, now_ms: u64, jitter: u64, propose: bool, signer: &Signer) -> Option<&[PeerName]> {
+        if self.decided.is_some() || !self.participant {
+            self.next_attempt = None;
+            return self.decided.as_deref();
+        }
+        if self.proposal.as_ref().is_some_and(|p| p.ballot < self.mine.promised) {
+            self.proposal = None; // someone promised a higher ballot: mine gave way
+        }
+        let quorum = self.quorum();
+        let spread = jitter % self.retry_ms;
+        if let Some(p) = self.proposal.as_mut().filter(|p| now_ms >= p.resend_at) {
+            p.idle += 1;
+            p.resend_at = now_ms + self.retry_ms;
+            let waiting_for_joiners = p.value.is_none() && p.promises.len() >= quorum;
+            if p.idle > IDLE_RESENDS && !waiting_for_joiners {
+                self.proposal = None;
+                self.next_attempt = Some(now_ms + spread / 4);
+            } else if p.value.is_none() {
+                p.attempt = p.attempt.saturating_add(1);
+                let (ballot, attempt) = (p.ballot, p.attempt);
+                self.seen = self.seen.max((ballot, attempt));
+                self.out.push(Out::Prepare { ballot, attempt });
+            } else if let Some((v, _)) = &p.value {
+                let (ballot, v) = (p.ballot, v.clone());
+                let missing: Vec<PeerName> =
+                    self.participants.iter().copied().filter(|n| *n != self.me && !p.accepts.contains_key(n)).collect();
+                for to in missing {
+                    self.out.push(Out::Accept { to, ballot, value: v.clone() });
+                }
+            }
+        }
+        if !propose {
+            self.next_attempt = None;
+        } else if self.proposal.is_none() {
             match self.next_attempt {
                 None => self.next_attempt = Some(now_ms + spread / 4),
                 Some(t) if now_ms >= t => {
                     // Rounds are bounded like versions: at the bound no new ballot starts.
                     if let Some(round) = super::ring::bump(self.max_round(), 1) {
-                        mine.promised = Ballot { round, proposer: self.me };
+                        let ballot = Ballot { round, proposer: self.me };
+                        self.mine.promised = ballot;
+                        self.mine_changed = true;
+                        self.max_round = round;
+                        let best = (!self.mine.accepted.is_zero())
+                            .then(|| self.my_value.clone().map(|v| (self.mine.accepted, v)))
+                            .flatten();
+                        self.proposal = Some(Proposal {
+                            ballot,
+                            attempt: 0,
+                            promises: BTreeSet::from([self.me]),
+                            best,
+                            value: None,
+                            accepts: BTreeMap::new(),
+                            resend_at: now_ms + self.retry_ms,
+                            idle: 0,
+                        });
+                        self.seen = self.seen.max((ballot, 0));
+                        self.out.push(Out::Prepare { ballot, attempt: 0 });
                     }
                     self.next_attempt = Some(now_ms + self.retry_ms + spread);
                 }
                 Some(_) => {}
             }
         }
-        if mine != before {
-            self.knows.insert(self.me, mine);
-            self.changed.insert(self.me);
-            self.mine_changed = true;
-            self.prune_values();
-            true
-        } else {
-            false
-        }
+        self.try_phase2(now_ms, signer);
+        self.decided.as_deref()
     }
 
-    /// Marks the decision known from elsewhere (an agreed ring was adopted).
+    /// Marks the decision known from elsewhere (a decision or an agreed ring).
     pub(crate) fn set_decided(&mut self, seeds: &[PeerName]) {
         if self.decided.is_none() {
             self.decided = Some(seeds.to_vec());
         }
+        self.proposal = None;
+        self.next_attempt = None;
+        self.out.clear();
     }
 
-    /// Restores from a snapshot (validated by the caller).
-    pub(crate) fn restore(me: PeerName, participant: bool, initial: u32, retry_ms: u64, saved: PaxosUpdate) -> Paxos {
-        let mut p = Paxos::new(me, participant, initial, retry_ms);
-        for (n, c) in saved.claims {
-            if n == me && !participant {
-                continue;
-            }
-            p.knows.insert(n, c);
-            p.changed.insert(n);
+    /// My record and its value (with the value's signature), for the snapshot.
+    pub(crate) fn saved(&self) -> (PaxosUpdate, Vec<(Ballot, Signature)>) {
+        if !self.participant {
+            return (PaxosUpdate::default(), Vec::new());
         }
-        p.values.extend(saved.values);
-        p.prune_values();
+        let mut up = PaxosUpdate { claims: vec![(self.me, self.mine)], values: Vec::new() };
+        let mut sigs = Vec::new();
+        if let Some(v) = self.my_value.as_ref().filter(|_| !self.mine.accepted.is_zero()) {
+            up.values.push((self.mine.accepted, v.value.clone()));
+            sigs.push((self.mine.accepted, v.sig));
+        }
+        (up, sigs)
+    }
+
+    /// Restores from a snapshot (validated by the caller): my own record and
+    /// the value it accepted (records of others from older snapshots are not needed).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn restore(
+        me: PeerName,
+        participant: bool,
+        initial: u32,
+        retry_ms: u64,
+        universe: Cidr,
+        saved: PaxosUpdate,
+        value_sigs: &[(Ballot, Signature)],
+    ) -> Paxos {
+        let mut p = Paxos::new(me, participant, initial, retry_ms, universe);
+        if !participant {
+            return p;
+        }
+        if let Some((_, c)) = saved.claims.iter().find(|(n, _)| *n == me) {
+            p.mine = *c;
+            p.max_round = c.promised.round.max(c.accepted.round);
+            let value = saved.values.iter().find(|(b, _)| *b == c.accepted).map(|(_, v)| v.clone());
+            let sig = value_sigs.iter().find(|(b, _)| *b == c.accepted).map(|(_, s)| *s);
+            if let (Some(value), Some(sig)) = (value, sig) {
+                for &n in &value {
+                    p.add_participant(n);
+                }
+                p.my_value = Some(SignedValue { value, sig });
+            }
+            // (A value held without its signature, from a version-1 snapshot, is
+            // not reported in promises: its signature cannot be shown.)
+        }
         p
     }
 }
@@ -414,157 +576,162 @@ impl Paxos {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::Identity;
     use crate::ipam::testutil::Rng;
 
     fn p(n: u64) -> PeerName {
         PeerName(n)
     }
 
-    /// Exchanges full records between all pairs in `group` until nothing changes;
-    /// every node proposes.
-    fn gossip(nodes: &mut [Paxos], group: &[usize], now: u64, rng: &mut Rng) {
-        gossip_with(nodes, group, now, rng, &vec![true; nodes.len()]);
+    /// A full mesh of `n` participants exchanging [`Out`]s through a lossy,
+    /// reordering queue; returns every value a proposer learned.
+    struct Net {
+        nodes: Vec<Paxos>,
+        signers: Vec<Signer>,
+        queue: Vec<(usize, Out)>,
+        learned: Vec<Learned>,
+        up: Vec<bool>,
     }
 
-    /// Like [`gossip`]; only the nodes with `propose[i]` start ballots.
-    fn gossip_with(nodes: &mut [Paxos], group: &[usize], now: u64, rng: &mut Rng, propose: &[bool]) {
-        for _ in 0..20 {
-            let mut any = false;
-            for &i in group {
-                let all = nodes[i].all();
-                let initial = nodes[i].initial;
-                for &j in group {
-                    if i != j {
-                        let up = nodes[j].plan_merge(p(i as u64 + 1), &all).unwrap();
-                        any |= !up.claims.is_empty();
-                        nodes[j].apply(initial, up, now);
-                    }
-                }
-            }
-            for &i in group {
-                nodes[i].think(now, rng.next(), propose[i]);
-            }
-            if !any {
-                break;
+    impl Net {
+        fn new(n: usize, initial: u32) -> Net {
+            let u: Cidr = "10.32.0.0/12".parse().unwrap();
+            Net {
+                nodes: (1..=n as u64).map(|i| Paxos::new(p(i), true, initial, 1000, u)).collect(),
+                signers: (1..=n as u8).map(|i| Signer::from_identity(&Identity::from_private([i; 32]).unwrap())).collect(),
+                queue: Vec::new(),
+                learned: Vec::new(),
+                up: vec![true; n],
             }
         }
-    }
 
-    #[test]
-    fn all_of_n_must_be_known_before_anyone_proposes() {
-        let mut rng = Rng::new(1);
-        let mut nodes: Vec<Paxos> = (1..=5).map(|i| Paxos::new(p(i), true, 5, 1000)).collect();
-        let mut now = 0;
-        assert_eq!(nodes[0].quorum(), 3);
-        assert_eq!(nodes[0].needed(), 5);
-        // Three of five are a quorum, but consensus=5 waits for all five.
-        for _ in 0..10 {
-            now += 500;
-            gossip(&mut nodes, &[0, 1, 2], now, &mut rng);
+        fn collect(&mut self, i: usize) {
+            for o in self.nodes[i].take_out() {
+                self.queue.push((i, o));
+            }
+            if let Some(l) = self.nodes[i].take_learned() {
+                self.learned.push(l);
+            }
         }
-        assert!(nodes.iter().all(|n| n.decided().is_none()));
-        assert!(nodes[0].mine().is_some_and(|m| m.promised.is_zero()), "nobody proposed");
-        for _ in 0..10 {
-            now += 500;
-            gossip(&mut nodes, &[0, 1, 2, 3, 4], now, &mut rng);
-        }
-        let v = nodes[0].decided().expect("five of five decide").to_vec();
-        assert_eq!(v, vec![p(1), p(2), p(3), p(4), p(5)]);
-        for n in &nodes {
-            assert_eq!(n.decided(), Some(&v[..]));
-        }
-    }
 
-    #[test]
-    fn different_counts_merge_and_the_largest_counts() {
-        let mut a = Paxos::new(p(1), true, 1, 1000);
-        let b = Paxos::new(p(2), true, 5, 1000);
-        assert_eq!(a.quorum(), 1);
-        let up = a.plan_merge(p(2), &b.all()).expect("a different N is no conflict");
-        a.apply(b.initial, up, 0);
-        assert_eq!((a.initial(), a.quorum()), (5, 3), "the larger N is kept");
-        // A smaller N heard later changes nothing.
-        let c = Paxos::new(p(3), true, 2, 1000);
-        let up = a.plan_merge(p(3), &c.all()).unwrap();
-        a.apply(c.initial, up, 0);
-        assert_eq!((a.initial(), a.quorum()), (5, 3));
-        // Alone with N = 1, A decides; a record claiming another value for A's ballot is refused.
-        let mut a = Paxos::new(p(1), true, 1, 1000);
-        a.think(0, 0, true);
-        a.think(1000, 0, true);
-        assert_eq!(a.decided(), Some(&[p(1)][..]));
-        let mut bad = a.all();
-        bad.values[0].1 = vec![p(9)];
-        assert!(matches!(a.plan_merge(p(2), &bad), Err(IpamError::InconsistentClaims { .. })));
-    }
-
-    #[test]
-    fn idle_participants_never_propose_but_accept_and_learn() {
-        let mut rng = Rng::new(3);
-        // Alone, N = 1, nobody asks it to propose: no ballot, no decision, no timer.
-        let mut lone = Paxos::new(p(1), true, 1, 1000);
-        for t in 0..100 {
-            assert!(lone.think(t * 1000, rng.next(), false).is_none());
-        }
-        assert_eq!(lone.mine(), Some(&Claims::default()));
-        assert_eq!(lone.poll_timeout(), None);
-        // Three idle peers of N = 3 never decide either.
-        let mut nodes: Vec<Paxos> = (1..=3).map(|i| Paxos::new(p(i), true, 3, 1000)).collect();
-        let mut now = 0;
-        for _ in 0..20 {
-            now += 500;
-            gossip_with(&mut nodes, &[0, 1, 2], now, &mut rng, &[false; 3]);
-        }
-        assert!(nodes.iter().all(|n| n.decided().is_none() && n.mine() == Some(&Claims::default())));
-        // One of them proposes: the idle ones promise, accept and learn its value.
-        for _ in 0..20 {
-            now += 500;
-            gossip_with(&mut nodes, &[0, 1, 2], now, &mut rng, &[false, true, false]);
-        }
-        for n in &nodes {
-            assert_eq!(n.decided(), Some(&[p(1), p(2), p(3)][..]));
-        }
-        assert!(nodes.iter().all(|n| n.mine().unwrap().accepted.proposer == p(2)), "only peer 2 proposed");
-    }
-
-    #[test]
-    fn random_partitions_never_decide_two_values() {
-        for seed in 0..300 {
-            let mut rng = Rng::new(seed);
-            let n = 3 + rng.below(5) as usize;
-            let mut nodes: Vec<Paxos> = (1..=n as u64).map(|i| Paxos::new(p(i), true, n as u32, 1000)).collect();
-            // Some peers have allocations waiting (they propose), the others only accept.
-            let mut propose: Vec<bool> = (0..n).map(|_| rng.below(3) != 0).collect();
-            propose[rng.below(n as u64) as usize] = true;
-            let mut now = 0;
-            for _ in 0..40 {
-                now += rng.below(1500);
-                // A random group talks; pairwise one-way deliveries of random records.
-                for _ in 0..rng.below(6) {
-                    let i = rng.below(n as u64) as usize;
-                    let j = rng.below(n as u64) as usize;
-                    if i == j {
+        /// Delivers the queue in random order, losing `loss_pct` % of deliveries.
+        fn deliver(&mut self, now: u64, rng: &mut Rng, loss_pct: u64) {
+            let mut q = std::mem::take(&mut self.queue);
+            for k in (1..q.len()).rev() {
+                q.swap(k, rng.below(k as u64 + 1) as usize);
+            }
+            for (from, o) in q {
+                let to: Vec<usize> = match &o {
+                    Out::Prepare { .. } => (0..self.nodes.len()).filter(|&j| j != from).collect(),
+                    Out::Promise { to, .. } | Out::Accept { to, .. } | Out::Accepted { to, .. } => vec![to.0 as usize - 1],
+                };
+                for j in to {
+                    if !self.up[j] || !self.up[from] || rng.below(100) < loss_pct {
                         continue;
                     }
-                    let mut all = nodes[i].all();
-                    all.claims.retain(|_| rng.below(4) != 0); // lose some records
-                    let init = nodes[i].initial;
-                    let up = nodes[j].plan_merge(p(i as u64 + 1), &all).unwrap();
-                    nodes[j].apply(init, up, now);
-                    nodes[j].think(now, rng.next(), propose[j]);
-                }
-                for (k, node) in nodes.iter_mut().enumerate() {
-                    node.think(now, rng.next(), propose[k]);
+                    let src = p(from as u64 + 1);
+                    let s = &self.signers[j];
+                    let node = &mut self.nodes[j];
+                    match o.clone() {
+                        Out::Prepare { ballot, attempt } => {
+                            node.on_prepare(ballot, attempt, 0, now);
+                        }
+                        Out::Promise { ballot, accepted, value, .. } => node.on_promise(src, ballot, 0, accepted, value, now, s),
+                        Out::Accept { ballot, value, .. } => node.on_accept(ballot, value, now, s),
+                        Out::Accepted { ballot, sig, .. } => node.on_accepted(src, ballot, sig),
+                    }
+                    self.collect(j);
                 }
             }
-            // Everyone talks at the end: all decide, and on one value.
-            for _ in 0..30 {
-                now += 1000;
-                let all: Vec<usize> = (0..n).collect();
-                gossip_with(&mut nodes, &all, now, &mut rng, &propose);
+        }
+
+        fn think(&mut self, now: u64, rng: &mut Rng, propose: &[bool]) {
+            for (i, &wants) in propose.iter().enumerate() {
+                if self.up[i] {
+                    let s = &self.signers[i];
+                    self.nodes[i].think(now, rng.next(), wants, s);
+                    self.collect(i);
+                }
             }
-            let vals: BTreeSet<Vec<PeerName>> = nodes.iter().filter_map(|x| x.decided().map(|v| v.to_vec())).collect();
-            assert_eq!(vals.len(), 1, "seed {seed}: {vals:?}");
+        }
+    }
+
+    #[test]
+    fn one_proposer_decides_with_all_n_known() {
+        let mut rng = Rng::new(1);
+        let mut net = Net::new(5, 5);
+        let propose = [false, false, true, false, false];
+        let mut now = 0;
+        for _ in 0..20 {
+            now += 250;
+            net.think(now, &mut rng, &propose);
+            net.deliver(now, &mut rng, 0);
+        }
+        assert_eq!(net.learned.len(), 1);
+        let l = &net.learned[0];
+        assert_eq!(l.value.value, (1..=5).map(p).collect::<Vec<_>>());
+        assert_eq!(l.ballot.proposer, p(3));
+        assert_eq!(l.accepts.len(), 5 / 2 + 1, "a bare quorum of acceptances");
+        assert!(net.nodes.iter().enumerate().all(|(i, n)| (i == 2) == n.decided().is_some()));
+    }
+
+    #[test]
+    fn a_proposer_dying_mid_round_is_taken_over_with_its_value() {
+        let mut rng = Rng::new(2);
+        let mut net = Net::new(5, 5);
+        let mut now = 0;
+        // Peer 5 proposes; once some acceptors accepted its value, it dies.
+        let mut propose = [false, false, false, false, true];
+        while !net.nodes[0..4].iter().any(|n| !n.mine.accepted.is_zero()) {
+            now += 50;
+            net.think(now, &mut rng, &propose);
+            net.deliver(now, &mut rng, 0);
+            net.queue.retain(|(_, o)| !matches!(o, Out::Accepted { .. })); // it never learns
+            assert!(now < 10_000);
+        }
+        let first = net.nodes.iter().find(|n| !n.mine.accepted.is_zero() && n.me != p(5)).unwrap().my_value.clone().unwrap();
+        net.up[4] = false;
+        net.queue.clear();
+        propose = [true, false, false, false, false];
+        for _ in 0..200 {
+            now += 100;
+            net.think(now, &mut rng, &propose);
+            net.deliver(now, &mut rng, 0);
+        }
+        assert_eq!(net.learned.len(), 1, "peer 1 took over");
+        assert_eq!(net.learned[0].ballot.proposer, p(1));
+        assert_eq!(net.learned[0].value.value, first.value, "a value accepted may be chosen: kept");
+    }
+
+    #[test]
+    fn competing_proposers_under_loss_never_learn_two_values() {
+        for seed in 0..200 {
+            let mut rng = Rng::new(seed);
+            let n = 3 + rng.below(5) as usize;
+            let mut net = Net::new(n, n as u32);
+            let mut propose: Vec<bool> = (0..n).map(|_| rng.below(2) == 0).collect();
+            propose[rng.below(n as u64) as usize] = true;
+            let mut now = 0;
+            for t in 0..400 {
+                now += rng.below(300);
+                // Proposers crash and come back (state kept, as if restored).
+                if t % 50 == 0 {
+                    for k in 0..n {
+                        net.up[k] = rng.below(5) != 0;
+                    }
+                }
+                net.think(now, &mut rng, &propose);
+                net.deliver(now, &mut rng, 30);
+            }
+            net.up = vec![true; n];
+            for _ in 0..300 {
+                now += 200;
+                net.think(now, &mut rng, &propose);
+                net.deliver(now, &mut rng, 0);
+            }
+            assert!(!net.learned.is_empty(), "seed {seed}: no decision after healing");
+            let values: BTreeSet<Vec<PeerName>> = net.learned.iter().map(|l| l.value.value.clone()).collect();
+            assert_eq!(values.len(), 1, "seed {seed}: {values:?}");
         }
     }
 }

@@ -355,11 +355,11 @@ fn consensus_of_one_and_of_three() {
     assert!(matches!(m.alloc(2, "d", any()), Ok(Allocation::Ready { .. })));
 }
 
-/// Paxos claims carried by one encoded message, if it is gossip with records.
-fn claims_in(bytes: &[u8]) -> Vec<(PeerName, paxos::Claims)> {
+/// The ballot a message proposes, if it is a prepare.
+fn prepare_in(bytes: &[u8]) -> Option<paxos::Ballot> {
     match wire::decode(bytes).unwrap().1.body {
-        Body::Gossip(Gossip { paxos: Some(p), .. }) => p.records.claims,
-        _ => Vec::new(),
+        Body::Prepare { ballot, .. } => Some(ballot),
+        _ => None,
     }
 }
 
@@ -376,7 +376,7 @@ fn lone_consensus_peer_forms_no_ring_until_it_allocates() {
     assert!(m.nodes[0].paxos().mine().unwrap().promised.is_zero());
     assert!(!sent.is_empty(), "it still gossips (to learn a ring from peers it may meet)");
     for b in &sent {
-        assert!(claims_in(b).iter().all(|(_, c)| c.promised.is_zero()), "no proposal was sent");
+        assert_eq!(prepare_in(b), None, "no proposal was sent");
     }
     assert_eq!(m.nodes[0].status().state, RingState::AwaitingConsensus { known: 1, quorum: 1 });
     // The first allocation starts consensus: alone with N = 1 it agrees at once.
@@ -866,7 +866,7 @@ fn forged_entries_are_dropped_and_counted() {
     assert_eq!(victim_entry.owner, p(1));
     let stolen = ring::Entry { owner: p(9), size: victim_entry.size, version: victim_entry.version + 5, free: victim_entry.free };
     let send = |m: &mut Mesh, j: usize, proof: wire::Proof, bindings: Vec<Binding>| {
-        let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, stolen)], proofs: vec![proof], paxos: None };
+        let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, stolen)], proofs: vec![proof], consensus: 0 };
         let env = Envelope { universe: u(), src: p(9), dst: PeerName::BROADCAST, body: Body::Gossip(g) };
         let bytes = forge(&env, &ms, bindings);
         let keys = &mut m.keys[j];
@@ -890,7 +890,7 @@ fn forged_entries_are_dropped_and_counted() {
     send(&mut m, 1, entry_proof(&xs, p(7), rid, start, &stolen), vec![me_binding.clone()]).unwrap();
     assert_eq!(m.nodes[1].drops().unknown_entry_signers, 1);
     // 5. No signature at all: the message does not decode (proofs missing).
-    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, stolen)], proofs: vec![], paxos: None };
+    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, stolen)], proofs: vec![], consensus: 0 };
     let env = Envelope { universe: u(), src: p(9), dst: PeerName::BROADCAST, body: Body::Gossip(g) };
     let e = m.nodes[1].handle_message(p(9), &forge(&env, &ms, vec![me_binding]), m.now, &mut m.keys[1]).unwrap_err();
     assert!(!e.is_conflict(), "{e}");
@@ -956,12 +956,12 @@ fn a_donation_reply_not_from_the_donor_is_dropped() {
     let gift = ring::Entry { owner: p(3), size: 4, version: 9, free: 4 };
     let before = state(&mut m.nodes[2]);
     // (a) In the donor's name, signed by the attacker.
-    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, gift)], proofs: vec![entry_proof(&ms, donor, rid, start, &gift)], paxos: None };
+    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, gift)], proofs: vec![entry_proof(&ms, donor, rid, start, &gift)], consensus: 0 };
     let env = Envelope { universe: u(), src: donor, dst: p(3), body: Body::Reply { id, outcome: wire::Outcome::Donated, gossip: g } };
     m.nodes[2].handle_message(p(9), &forge(&env, &ms, vec![]), m.now, &mut m.keys[2]).unwrap();
     assert_eq!(m.nodes[2].drops().forged_messages, 1);
     // (b) In its own name, giving away the donor's space.
-    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, gift)], proofs: vec![entry_proof(&ms, p(9), rid, start, &gift)], paxos: None };
+    let g = Gossip { full: false, ring_id: rid, seeds: vec![], entries: vec![(start, gift)], proofs: vec![entry_proof(&ms, p(9), rid, start, &gift)], consensus: 0 };
     let env = Envelope { universe: u(), src: p(9), dst: p(3), body: Body::Reply { id, outcome: wire::Outcome::Donated, gossip: g } };
     m.nodes[2].handle_message(p(9), &forge(&env, &ms, vec![Binding::new(p(9), &mid, &ms)]), m.now, &mut m.keys[2]).unwrap();
     assert_eq!(m.nodes[2].drops().unverifiable_entries, 1);
@@ -978,39 +978,50 @@ fn a_donation_reply_not_from_the_donor_is_dropped() {
 }
 
 #[test]
-fn forged_paxos_records_and_values_are_dropped() {
+fn forged_paxos_messages_and_decisions_are_dropped() {
     let mut m = Mesh::new(|_| InitMode::Consensus(3), 3);
     m.run();
     let (mid, ms) = attacker();
     let before: Vec<_> = m.nodes.iter_mut().map(state).collect();
     let big = paxos::Ballot { round: 1000, proposer: p(2) };
     let huge = paxos::Ballot { round: 1 << 40, proposer: p(9) };
-    let send = |m: &mut Mesh, records: paxos::PaxosUpdate, sigs: Vec<crate::trust::Signature>, value_sigs: Vec<crate::trust::Signature>| {
-        let pg = wire::PaxosGossip { initial: 3, records, sigs, value_sigs };
-        let g = Gossip { paxos: Some(pg), ..Default::default() };
-        let env = Envelope { universe: u(), src: p(9), dst: PeerName::BROADCAST, body: Body::Gossip(g) };
+    let send = |m: &mut Mesh, body: Body, dst: PeerName| {
+        let env = Envelope { universe: u(), src: p(9), dst, body };
         m.nodes[0].handle_message(p(9), &forge(&env, &ms, vec![Binding::new(p(9), &mid, &ms)]), m.now, &mut m.keys[0])
     };
-    // Peer 2's record promising a high ballot, signed by the attacker.
-    let c = paxos::Claims { promised: big, accepted: Default::default() };
-    let sig = ms.sign(wire::DOMAIN_PAXOS_RECORD, &wire::record_message(&u(), p(2), &c));
-    send(&mut m, paxos::PaxosUpdate { claims: vec![(p(2), c)], values: vec![] }, vec![sig], vec![]).unwrap();
+    // A prepare of peer 2's ballot, flooded by the attacker.
+    send(&mut m, Body::Prepare { ballot: big, attempt: 0, initial: 3 }, PeerName::BROADCAST).unwrap();
     assert_eq!(m.nodes[0].drops().forged_paxos_records, 1);
-    // The attacker's own record, jumping rounds towards the bound.
-    let c = paxos::Claims { promised: huge, accepted: Default::default() };
-    let sig = ms.sign(wire::DOMAIN_PAXOS_RECORD, &wire::record_message(&u(), p(9), &c));
-    send(&mut m, paxos::PaxosUpdate { claims: vec![(p(9), c)], values: vec![] }, vec![sig], vec![]).unwrap();
+    // Its own prepare, jumping rounds towards the bound.
+    send(&mut m, Body::Prepare { ballot: huge, attempt: 0, initial: 3 }, PeerName::BROADCAST).unwrap();
     assert_eq!(m.nodes[0].drops().paxos_round_jumps, 1);
-    // Its own record accepting peer 2's ballot with a value it made up.
-    let c = paxos::Claims { promised: big, accepted: big };
+    // An accept request for peer 2's ballot with a value it made up.
     let value = vec![p(9)];
-    let sig = ms.sign(wire::DOMAIN_PAXOS_RECORD, &wire::record_message(&u(), p(9), &c));
-    let vsig = ms.sign(wire::DOMAIN_PAXOS_VALUE, &wire::value_message(&u(), &big, &value));
-    send(&mut m, paxos::PaxosUpdate { claims: vec![(p(9), c)], values: vec![(big, value)] }, vec![sig], vec![vsig]).unwrap();
+    let value_sig = ms.sign(wire::DOMAIN_PAXOS_VALUE, &wire::value_message(&u(), &big, &value));
+    send(&mut m, Body::Accept { ballot: big, value, value_sig }, p(1)).unwrap();
     assert_eq!(m.nodes[0].drops().forged_paxos_values, 1);
     assert_eq!(m.nodes[0].drops().forged_paxos_records, 2);
+    // Decisions: acceptances signed by the attacker in the peers' names; too
+    // few acceptances; an acceptance by a peer outside the value.
+    let mine = paxos::Ballot { round: 1, proposer: p(9) };
+    let value = vec![p(1), p(2), p(3)];
+    let value_sig = ms.sign(wire::DOMAIN_PAXOS_VALUE, &wire::value_message(&u(), &mine, &value));
+    let digest = wire::value_digest(&value);
+    let acc = |n: PeerName| (n, ms.sign(wire::DOMAIN_PAXOS_ACCEPT, &wire::accept_message(&u(), n, &mine, &digest)));
+    let d = wire::Decision { ballot: mine, initial: 3, value: value.clone(), value_sig, accepts: vec![acc(p(1)), acc(p(2))] };
+    send(&mut m, Body::Decision(d.clone()), p(1)).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_decisions, 1);
+    send(&mut m, Body::Decision(wire::Decision { accepts: vec![acc(p(1))], ..d.clone() }), p(1)).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_decisions, 2);
+    let value = vec![p(1), p(9)];
+    let value_sig = ms.sign(wire::DOMAIN_PAXOS_VALUE, &wire::value_message(&u(), &mine, &value));
+    let d = wire::Decision { ballot: mine, initial: 1, value, value_sig, accepts: vec![acc(p(9))] };
+    send(&mut m, Body::Decision(d), p(1)).unwrap();
+    assert_eq!(m.nodes[0].drops().forged_decisions, 3, "its own acceptance of another value's digest");
+    m.run();
     let after: Vec<_> = m.nodes.iter_mut().map(state).collect();
     assert_eq!(before, after);
+    assert!(m.nodes.iter().all(|n| !n.is_agreed()));
     // Consensus among the real peers still works.
     for i in 0..3 {
         let _ = m.alloc(i, "x", any());

@@ -5,8 +5,8 @@
 //! value must meet before the rest of IPAM sees it. Decoding never panics and never
 //! allocates more than [`MAX_MESSAGE_BYTES`] (bincode's limit), whatever the input.
 //!
-//! # Layout (version 3)
-//! A message is `u8 version (= 3) ‖ bincode(Packet)` with bincode 2's standard
+//! # Layout (version 4)
+//! A message is `u8 version (= 4) ‖ bincode(Packet)` with bincode 2's standard
 //! config. [`Packet`] holds the relay hop count, the [`Binding`]s of the peers
 //! whose signatures the message carries (in gossip to neighbours only the
 //! sender's, once: the receiver's key book has the others from the topology),
@@ -17,14 +17,16 @@
 //!
 //! Inside, every ring entry carries a [`Proof`]: the signature of the peer that
 //! wrote it (its owner, or the previous owner that gave it away) over
-//! [`entry_message`] in [`DOMAIN_ENTRY`]; every Paxos record is signed by its
-//! participant ([`record_message`], [`DOMAIN_PAXOS_RECORD`]) and every Paxos value
-//! by the proposer of its ballot ([`value_message`], [`DOMAIN_PAXOS_VALUE`]). So a
-//! full ring relayed by a third peer is still verifiable record by record.
-//! Gossip to neighbours carries a value once (the list of up to thousands of
-//! initial owners); later records accepting its ballot come without it. Version
-//! 3 differs from 2 only there: a version-2 message always carried the value of
-//! every accepted ballot. Routers of the two versions do not exchange IPAM.
+//! [`entry_message`] in [`DOMAIN_ENTRY`]; every Paxos value is signed by the
+//! proposer of its ballot ([`value_message`], [`DOMAIN_PAXOS_VALUE`]) and every
+//! acceptance by its participant ([`accept_message`], [`DOMAIN_PAXOS_ACCEPT`]),
+//! so a [`Decision`] relayed by any peer is verifiable signature by signature.
+//! Prepares, promises and accept requests are signed by their envelope alone
+//! (a prepare is flooded as its proposer's own packet, unchanged).
+//! Version 4 replaced Paxos records in gossip (every participant's record
+//! flooded to every peer; versions 2 and 3) with those addressed messages.
+//! Routers of different versions do not exchange IPAM: a message of another
+//! version is dropped and counted ([`super::DropStats::version_mismatches`]).
 //! Version-0 (genesis) entries follow from the seeds and are never sent.
 //!
 //! A snapshot is `u8 version (= 2) ‖ bincode(Snapshot)`; version 1 snapshots (the
@@ -35,7 +37,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use super::paxos::{Ballot, Claims, PaxosUpdate, MAX_PARTICIPANTS};
+use super::paxos::{Ballot, PaxosUpdate, MAX_PARTICIPANTS};
 use super::ring::{ring_id, Entry, MAX_ENTRIES, MAX_SEEDS, MAX_VERSION};
 use super::space::Cidr;
 use super::IpamError;
@@ -43,9 +45,10 @@ use crate::peer::PeerName;
 use crate::trust::{Binding, Signature, Signer};
 
 /// Message format version (first byte). Version 2: signed envelopes and records;
-/// version 3: gossip to neighbours carries each binding and each Paxos value once,
-/// so records may accept a value the message does not carry.
-pub const WIRE_VERSION: u8 = 3;
+/// version 3: gossip to neighbours carries each binding and each Paxos value once;
+/// version 4: Paxos by addressed messages to the proposer and a verifiable
+/// decision instead of every participant's records in gossip.
+pub const WIRE_VERSION: u8 = 4;
 /// Snapshot format version (first byte). Version 2 adds the records' signatures
 /// and the bindings of their signers; version 1 is still read.
 pub const SNAPSHOT_VERSION: u8 = 2;
@@ -73,8 +76,8 @@ pub(crate) const MAX_HOPS: u8 = 32;
 pub const DOMAIN_ENVELOPE: &[u8] = b"meshnet ipam envelope v1";
 /// Domain of a ring entry's signature ([`entry_message`]).
 pub const DOMAIN_ENTRY: &[u8] = b"meshnet ipam entry v1";
-/// Domain of a Paxos record's signature ([`record_message`]).
-pub const DOMAIN_PAXOS_RECORD: &[u8] = b"meshnet ipam paxos record v1";
+/// Domain of a participant's acceptance of a ballot ([`accept_message`]).
+pub const DOMAIN_PAXOS_ACCEPT: &[u8] = b"meshnet ipam paxos accept v1";
 /// Domain of a Paxos value's signature ([`value_message`]).
 pub const DOMAIN_PAXOS_VALUE: &[u8] = b"meshnet ipam paxos value v1";
 
@@ -132,13 +135,25 @@ fn put_ballot(m: &mut Vec<u8>, b: &Ballot) {
     m.extend_from_slice(&b.proposer.0.to_be_bytes());
 }
 
-/// The bytes participant `name`'s signature of its Paxos record covers.
-pub fn record_message(universe: &Cidr, name: PeerName, c: &Claims) -> Vec<u8> {
-    let mut m = Vec::with_capacity(45);
+/// SHA-256 of a Paxos value (the names, 8 bytes each, in order).
+pub fn value_digest(value: &[PeerName]) -> [u8; 32] {
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in value {
+        h.update(&p.0.to_be_bytes());
+    }
+    let mut d = [0u8; 32];
+    d.copy_from_slice(h.finish().as_ref());
+    d
+}
+
+/// The bytes participant `name` signs to accept `ballot` with the value of
+/// digest `value` ([`value_digest`]): a decision carries a quorum of these.
+pub fn accept_message(universe: &Cidr, name: PeerName, ballot: &Ballot, value: &[u8; 32]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(61);
     put_universe(&mut m, universe);
     m.extend_from_slice(&name.0.to_be_bytes());
-    put_ballot(&mut m, &c.promised);
-    put_ballot(&mut m, &c.accepted);
+    put_ballot(&mut m, ballot);
+    m.extend_from_slice(value);
     m
 }
 
@@ -171,6 +186,37 @@ pub(crate) enum Body {
     /// differs sends its full state back (and asks for mine if it has none); equal
     /// rings cost this one small message instead of the whole ring.
     Digest { ring_id: u64, digest: [u8; 16] },
+    /// Paxos phase 1, flooded (`src` is the ballot's proposer; relays forward the
+    /// packet unchanged). `attempt` counts the proposer's re-floods of it.
+    Prepare { ballot: Ballot, attempt: u32, initial: u32 },
+    /// To the ballot's proposer: I promised `ballot`; I accepted `accepted` last,
+    /// whose `value` (with its proposer's signature) comes along.
+    Promise { ballot: Ballot, initial: u32, accepted: Ballot, value: Vec<PeerName>, value_sig: Option<Signature> },
+    /// From the ballot's proposer to one participant: accept `value`.
+    Accept { ballot: Ballot, value: Vec<PeerName>, value_sig: Signature },
+    /// To the ballot's proposer: my signature over [`accept_message`].
+    Accepted { ballot: Ballot, sig: Signature },
+    /// To the neighbours, once, by every peer that verified a decision.
+    Decided { ballot: Ballot },
+    /// "Send me the decision you announced"; `holds`: the [`value_digest`] of
+    /// the value I accepted, if any (a decision of that value comes without it).
+    WantDecision { holds: Option<[u8; 32]> },
+    /// A decision, verifiable by anyone. Its value is empty when it is the one
+    /// the recipient said it holds.
+    Decision(Decision),
+}
+
+/// The chosen value of `ballot` and a quorum of acceptances of it
+/// ([`super::paxos::decision_quorum`] of `max(initial, value's length)`), every
+/// one signed by its participant, the value by the ballot's proposer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Decision {
+    pub ballot: Ballot,
+    pub initial: u32,
+    pub value: Vec<PeerName>,
+    pub value_sig: Signature,
+    /// Sorted by name, each a member of `value`.
+    pub accepts: Vec<(PeerName, Signature)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -185,7 +231,9 @@ pub(crate) struct Gossip {
     pub entries: Vec<(u32, Entry)>,
     /// One per entry, in the same order.
     pub proofs: Vec<Proof>,
-    pub paxos: Option<PaxosGossip>,
+    /// The sender's `N` of `consensus=N` while it is an unagreed participant,
+    /// else 0 (neighbours learn of each other's participation from it).
+    pub consensus: u32,
 }
 
 /// Paxos records as persisted: `N` and the records (the version-1 snapshot layout).
@@ -195,19 +243,6 @@ pub(crate) struct PaxosState {
     pub initial: u32,
     /// Records, and the value of each ballot they accepted (once per ballot).
     pub records: PaxosUpdate,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(crate) struct PaxosGossip {
-    /// `N` of `consensus=N`; 0 from a relay that does not know it.
-    pub initial: u32,
-    /// Records, and the values of ballots they accepted (once per ballot; in
-    /// gossip to neighbours only values not sent to them before).
-    pub records: PaxosUpdate,
-    /// One per record: by the record's participant, over [`record_message`].
-    pub sigs: Vec<Signature>,
-    /// One per value: by the ballot's proposer, over [`value_message`].
-    pub value_sigs: Vec<Signature>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -235,7 +270,7 @@ pub(crate) struct Snapshot {
     /// version-1 snapshot and for my own entries not yet signed (re-signed on load).
     pub proofs: Vec<Option<Proof>>,
     pub paxos: Option<PaxosState>,
-    /// Signatures of the records in `paxos` (a record without one is not relayed).
+    /// Signatures of other participants' records (versions before 4; written empty).
     pub paxos_sigs: Vec<(PeerName, Signature)>,
     pub value_sigs: Vec<(Ballot, Signature)>,
     /// Bindings of the signers above, to relay with their records.
@@ -354,11 +389,11 @@ pub fn signature_overhead(bytes: &[u8]) -> usize {
     let Ok((p, env)) = decode(bytes) else { return 0 };
     let binding = 8 + 32 + 32 + 64;
     let mut n = 64 + binding * p.bindings.len();
-    if let Body::Gossip(g) | Body::Reply { gossip: g, .. } = &env.body {
-        n += g.proofs.len() * (8 + 64);
-        if let Some(pg) = &g.paxos {
-            n += 64 * (pg.sigs.len() + pg.value_sigs.len());
-        }
+    match &env.body {
+        Body::Gossip(g) | Body::Reply { gossip: g, .. } => n += g.proofs.len() * (8 + 64),
+        Body::Promise { value_sig: Some(_), .. } | Body::Accept { .. } | Body::Accepted { .. } => n += 64,
+        Body::Decision(d) => n += 64 + d.accepts.len() * (8 + 64),
+        _ => {}
     }
     n
 }
@@ -375,31 +410,49 @@ pub struct MessageCost {
     pub entries: usize,
     /// The entries' proofs.
     pub proofs: usize,
-    /// Paxos records with their signatures.
+    /// Paxos messages besides their values: ballots, acceptances with their
+    /// signatures (a decision's quorum of them).
     pub paxos_records: usize,
     /// Paxos values (lists of initial owners) with their signatures.
     pub paxos_values: usize,
 }
 
-/// What kind of message `bytes` is (`"full"`, `"delta"` or `"paxos"` gossip,
-/// `"reply"`, `"request"`) and where its bytes go; `None` if it does not decode.
-/// For the simulator's accounting.
+/// What kind of message `bytes` is (`"full"` or `"delta"` gossip, `"reply"`,
+/// `"request"`, `"paxos"` for prepares, promises, accepts and announcements,
+/// `"decision"`) and where its bytes go; `None` if it does not decode. For the
+/// simulator's accounting.
 pub fn message_cost(bytes: &[u8]) -> Option<(&'static str, MessageCost)> {
     let (p, env) = decode(bytes).ok()?;
     let mut c = MessageCost { total: bytes.len(), bindings: len(&p.bindings), envelope_sig: 64, ..Default::default() };
+    let body = len(&env.body);
+    let paxos = |c: &mut MessageCost, values: usize| {
+        c.paxos_values = values;
+        c.paxos_records = body.saturating_sub(values);
+    };
     let (kind, g) = match &env.body {
-        Body::Gossip(g) if g.paxos.is_some() => ("paxos", g),
         Body::Gossip(g) if g.full => ("full", g),
         Body::Gossip(g) => ("delta", g),
         Body::Reply { gossip, .. } => ("reply", gossip),
+        Body::Prepare { .. } | Body::Accepted { .. } | Body::Decided { .. } | Body::WantDecision { .. } => {
+            paxos(&mut c, 0);
+            return Some(("paxos", c));
+        }
+        Body::Promise { value, value_sig, .. } => {
+            paxos(&mut c, len(value) + len(value_sig));
+            return Some(("paxos", c));
+        }
+        Body::Accept { value, value_sig, .. } => {
+            paxos(&mut c, len(value) + len(value_sig));
+            return Some(("paxos", c));
+        }
+        Body::Decision(d) => {
+            paxos(&mut c, len(&d.value) + len(&d.value_sig));
+            return Some(("decision", c));
+        }
         _ => return Some(("request", c)),
     };
     c.entries = len(&g.entries) + len(&g.seeds);
     c.proofs = len(&g.proofs);
-    if let Some(pg) = &g.paxos {
-        c.paxos_records = len(&pg.records.claims) + len(&pg.sigs);
-        c.paxos_values = len(&pg.records.values) + len(&pg.value_sigs);
-    }
     Some((kind, c))
 }
 
@@ -516,7 +569,84 @@ pub(crate) fn check_envelope(env: &Envelope) -> Result<(), IpamError> {
             }
             Ok(())
         }
+        Body::Prepare { ballot, initial, .. } => {
+            check_broadcast(env)?;
+            check_live_ballot(ballot)?;
+            check_initial(*initial)
+        }
+        Body::Promise { ballot, initial, accepted, value, value_sig } => {
+            check_unicast(env)?;
+            check_live_ballot(ballot)?;
+            check_ballot(accepted)?;
+            check_initial(*initial)?;
+            if *accepted > *ballot {
+                return Err(malformed("promise reporting an acceptance above its ballot"));
+            }
+            if value.is_empty() != value_sig.is_none() || (!value.is_empty() && accepted.is_zero()) {
+                return Err(malformed("promise value without its signature or accepted ballot"));
+            }
+            if !value.is_empty() {
+                check_sorted_names(value, MAX_PARTICIPANTS, "paxos value")?;
+            }
+            Ok(())
+        }
+        Body::Accept { ballot, value, .. } => {
+            check_unicast(env)?;
+            check_live_ballot(ballot)?;
+            check_value(value)
+        }
+        Body::Accepted { ballot, .. } => {
+            check_unicast(env)?;
+            check_live_ballot(ballot)
+        }
+        Body::Decided { ballot } => {
+            check_broadcast(env)?;
+            check_live_ballot(ballot)
+        }
+        Body::WantDecision { .. } => check_unicast(env),
+        Body::Decision(d) => {
+            check_unicast(env)?;
+            check_live_ballot(&d.ballot)?;
+            check_initial(d.initial)?;
+            if !d.value.is_empty() {
+                check_value(&d.value)?;
+            }
+            if d.accepts.len() > MAX_PARTICIPANTS || d.accepts.windows(2).any(|w| w[0].0 >= w[1].0) {
+                return Err(malformed("decision accepts unsorted, duplicated or more than the value's names"));
+            }
+            Ok(())
+        }
     }
+}
+
+fn check_broadcast(env: &Envelope) -> Result<(), IpamError> {
+    if env.dst != PeerName::BROADCAST {
+        return Err(malformed("neighbour message addressed to one peer"));
+    }
+    Ok(())
+}
+
+/// A ballot that names a proposal (not the zero ballot).
+fn check_live_ballot(b: &Ballot) -> Result<(), IpamError> {
+    check_ballot(b)?;
+    if b.round == 0 {
+        return Err(malformed("zero ballot"));
+    }
+    Ok(())
+}
+
+fn check_initial(initial: u32) -> Result<(), IpamError> {
+    if initial as usize > MAX_PARTICIPANTS {
+        return Err(malformed(format!("consensus={initial} is over the limit of {MAX_PARTICIPANTS}")));
+    }
+    Ok(())
+}
+
+fn check_value(value: &[PeerName]) -> Result<(), IpamError> {
+    if value.is_empty() {
+        return Err(malformed("empty paxos value"));
+    }
+    check_sorted_names(value, MAX_PARTICIPANTS, "paxos value")
 }
 
 /// The digest of a ring in [`Body::Digest`]: SHA-256 (first 16 bytes) of the ring
@@ -568,13 +698,7 @@ pub(crate) fn check_gossip(universe: &Cidr, g: &Gossip) -> Result<(), IpamError>
         return Err(malformed("ring entries and proofs differ in number"));
     }
     check_ring(universe, &[], &g.entries, false)?;
-    if let Some(p) = &g.paxos {
-        check_paxos(p.initial, &p.records, false)?;
-        if p.sigs.len() != p.records.claims.len() || p.value_sigs.len() != p.records.values.len() {
-            return Err(malformed("paxos records or values without their signatures"));
-        }
-    }
-    Ok(())
+    check_initial(g.consensus)
 }
 
 /// Entries sorted by start, inside the universe, non-empty, `free <= size`,
@@ -648,7 +772,6 @@ fn check_paxos(initial: u32, r: &PaxosUpdate, all_values: bool) -> Result<(), Ip
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ipam::paxos::Claims;
     use crate::ipam::testutil::Rng;
 
     fn env(body: Body) -> Envelope {
@@ -675,6 +798,10 @@ mod tests {
     fn refuses_bad_input() {
         let u: Cidr = "10.32.0.0/12".parse().unwrap();
         let entry = |owner, size, free| Entry { owner: PeerName(owner), size, version: 1, free };
+        let (b1, b2) = (Ballot { round: 1, proposer: PeerName(1) }, Ballot { round: 2, proposer: PeerName(1) });
+        let sig0 = Signature([0; 64]);
+        let bcast = |body| Envelope { dst: PeerName::BROADCAST, ..env(body) };
+        let decision = Decision { ballot: b1, initial: 2, value: vec![PeerName(1), PeerName(2)], value_sig: sig0, accepts: vec![(PeerName(1), sig0), (PeerName(2), sig0)] };
         let cases: Vec<Envelope> = vec![
             // Request outside the range, and one without a recipient.
             env(Body::SpaceRequest { id: 1, subnet: "10.0.0.0/24".parse().unwrap() }),
@@ -690,24 +817,27 @@ mod tests {
             env(Body::Gossip(Gossip { ring_id: 12345, seeds: vec![PeerName(1)], ..Default::default() })),
             // Seeds unsorted.
             env(Body::Gossip(Gossip { seeds: vec![PeerName(2), PeerName(1)], ..Default::default() })),
-            // Paxos: a value no record accepted.
-            env(Body::Gossip(Gossip {
-                paxos: Some(PaxosGossip {
-                    initial: 3,
-                    records: PaxosUpdate {
-                        claims: vec![(PeerName(1), Claims { promised: Ballot { round: 1, proposer: PeerName(1) }, accepted: Ballot::default() })],
-                        values: vec![(Ballot { round: 1, proposer: PeerName(1) }, vec![PeerName(1)])],
-                    },
-                    sigs: vec![Signature([0; 64])],
-                    value_sigs: vec![Signature([0; 64])],
-                }),
-                ..Default::default()
-            })),
-            // Paxos: a consensus count over the participant limit.
-            env(Body::Gossip(Gossip {
-                paxos: Some(PaxosGossip { initial: MAX_PARTICIPANTS as u32 + 1, records: PaxosUpdate::default(), sigs: vec![], value_sigs: vec![] }),
-                ..Default::default()
-            })),
+            // A consensus count over the participant limit.
+            env(Body::Gossip(Gossip { consensus: MAX_PARTICIPANTS as u32 + 1, ..Default::default() })),
+            // Paxos: a prepare to one peer, of the zero ballot, over the count limit.
+            env(Body::Prepare { ballot: b1, attempt: 0, initial: 3 }),
+            bcast(Body::Prepare { ballot: Ballot::default(), attempt: 0, initial: 3 }),
+            bcast(Body::Prepare { ballot: b1, attempt: 0, initial: MAX_PARTICIPANTS as u32 + 1 }),
+            // A promise accepting above its ballot, a value without its signature or ballot.
+            env(Body::Promise { ballot: b1, initial: 3, accepted: b2, value: vec![], value_sig: None }),
+            env(Body::Promise { ballot: b2, initial: 3, accepted: b1, value: vec![PeerName(1)], value_sig: None }),
+            env(Body::Promise { ballot: b2, initial: 3, accepted: Ballot::default(), value: vec![PeerName(1)], value_sig: Some(sig0) }),
+            // Accept: an empty or unsorted value; broadcast.
+            env(Body::Accept { ballot: b1, value: vec![], value_sig: sig0 }),
+            env(Body::Accept { ballot: b1, value: vec![PeerName(2), PeerName(1)], value_sig: sig0 }),
+            bcast(Body::Accept { ballot: b1, value: vec![PeerName(1)], value_sig: sig0 }),
+            // Decision: accepts unsorted or duplicated, the value unsorted.
+            env(Body::Decision(Decision { accepts: vec![(PeerName(2), sig0), (PeerName(1), sig0)], ..decision.clone() })),
+            env(Body::Decision(Decision { accepts: vec![(PeerName(1), sig0), (PeerName(1), sig0)], ..decision.clone() })),
+            env(Body::Decision(Decision { value: vec![PeerName(2), PeerName(1)], ..decision.clone() })),
+            // Announcements: to one peer; a request for the decision to all.
+            env(Body::Decided { ballot: b1 }),
+            bcast(Body::WantDecision { holds: None }),
             // Bad universe.
             Envelope { universe: "10.0.0.0/31".parse().unwrap(), ..env(Body::SyncRequest) },
         ];
@@ -724,34 +854,30 @@ mod tests {
         cases.push(env(Body::Gossip(Gossip { ring_id: rid, seeds: vec![PeerName(1)], entries: vec![(u.start(), entry(1, 1, 0))], ..Default::default() })));
         let genesis = Entry { version: 0, ..entry(1, 1, 0) };
         cases.push(env(Body::Gossip(Gossip { ring_id: rid, seeds: vec![PeerName(1)], entries: vec![(u.start(), genesis)], proofs: vec![proof], ..Default::default() })));
-        // Paxos records without their signatures.
-        cases.push(env(Body::Gossip(Gossip {
-            paxos: Some(PaxosGossip {
-                initial: 3,
-                records: PaxosUpdate { claims: vec![(PeerName(1), Claims::default())], values: vec![] },
-                sigs: vec![],
-                value_sigs: vec![],
-            }),
-            ..Default::default()
-        })));
         for (i, c) in cases.iter().enumerate() {
             assert!(decode(&encode(c)).is_err(), "case {i}: {c:?}");
         }
         // The same shapes with what they lacked are accepted.
         let ok = env(Body::Gossip(Gossip { ring_id: rid, seeds: vec![PeerName(1)], entries: vec![(u.start(), entry(1, 1, 0))], proofs: vec![proof], ..Default::default() }));
         assert_eq!(decode(&encode(&ok)).unwrap(), ok);
-        // A record accepting a value the message does not carry (sent earlier).
-        let b = Ballot { round: 1, proposer: PeerName(1) };
-        let ok = env(Body::Gossip(Gossip {
-            paxos: Some(PaxosGossip {
-                initial: 3,
-                records: PaxosUpdate { claims: vec![(PeerName(1), Claims { promised: b, accepted: b })], values: vec![] },
-                sigs: vec![Signature([0; 64])],
-                value_sigs: vec![],
-            }),
-            ..Default::default()
-        }));
-        assert_eq!(decode(&encode(&ok)).unwrap(), ok);
+        // Every Paxos message in its right shape.
+        for ok in [
+            bcast(Body::Prepare { ballot: b1, attempt: 3, initial: 3 }),
+            env(Body::Promise { ballot: b2, initial: 3, accepted: b1, value: vec![PeerName(1)], value_sig: Some(sig0) }),
+            env(Body::Promise { ballot: b2, initial: 3, accepted: Ballot::default(), value: vec![], value_sig: None }),
+            env(Body::Accept { ballot: b1, value: vec![PeerName(1), PeerName(2)], value_sig: sig0 }),
+            env(Body::Accepted { ballot: b1, sig: sig0 }),
+            bcast(Body::Decided { ballot: b1 }),
+            env(Body::WantDecision { holds: Some([7; 32]) }),
+            env(Body::Decision(Decision { value: vec![], ..decision.clone() })),
+            env(Body::Decision(decision.clone())),
+        ] {
+            assert_eq!(decode(&encode(&ok)).unwrap(), ok);
+        }
+        // A message of the previous wire version is refused as such.
+        let mut old = encode(&env(Body::SyncRequest));
+        old[0] = 3;
+        assert!(matches!(decode(&old), Err(IpamError::UnsupportedVersion(3))));
         assert!(matches!(decode(&[]), Err(IpamError::Malformed(_))));
         assert!(matches!(decode(&[9, 0]), Err(IpamError::UnsupportedVersion(9))));
         let mut trailing = encode(&env(Body::SyncRequest));
@@ -769,7 +895,7 @@ mod tests {
             seeds: vec![PeerName(1), PeerName(2)],
             entries: vec![(u32::from(Ipv4Addr::new(10, 32, 0, 0)), Entry { owner: PeerName(1), size: 100, version: 3, free: 50 })],
             proofs: vec![Proof { by: PeerName(1), sig: Signature([7; 64]) }],
-            paxos: None,
+            consensus: 0,
         })));
         for _ in 0..20_000 {
             let mut b = good.clone();
