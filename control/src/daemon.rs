@@ -381,6 +381,7 @@ pub fn run(cfg: Config) -> Result<()> {
         if let Err(e) = meshnet_router::vxlan::remove(name) {
             log::warn!("removing {name}: {e}");
         }
+        crate::trusted::remove_filter(&cfg.bridge);
     }
     if how == Shutdown::Reset {
         remove_devices(&cfg.state, &attachments);
@@ -464,6 +465,7 @@ fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trust
         if let Ok(true) = vxlan::remove(&name) {
             log::info!("removed {name}, left by an earlier run");
         }
+        crate::trusted::remove_filter(&cfg.bridge);
         return Ok(None);
     }
     let Some(port) = cfg.port.checked_add(1) else {
@@ -480,11 +482,18 @@ fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trust
     let spec = vxlan::VxlanSpec { name: name.clone(), bridge_index, router_port, port, mtu: cfg.mtu, local };
     match vxlan::create(&spec) {
         Ok(index) => {
+            // Nobody may send to the port until a peer is trusted both ways
+            // (the sync loop lets peers' addresses in); no filter, no device.
+            if let Err(e) = crate::trusted::apply_filter(&cfg.bridge, port, &[]) {
+                let _ = vxlan::remove(&name);
+                log::warn!("trusted subnets: no nftables filter for UDP {port} ({e:#}); data to trusted peers stays encrypted");
+                return Err(format!("no nftables filter for UDP {port}: {e:#}"));
+            }
             log::info!(
                 "trusted subnets {}: kernel VXLAN device {name} on UDP {port}; data to peers that trust us back goes there unencrypted",
                 cfg.trusted_subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",")
             );
-            Ok(Some(crate::trusted::Device { name, index, port }))
+            Ok(Some(crate::trusted::Device { name, index, port, bridge: cfg.bridge.clone() }))
         }
         Err(e) => {
             log::warn!("trusted subnets: no kernel VXLAN device ({e}); data to trusted peers stays encrypted");
@@ -509,6 +518,7 @@ pub fn remove_devices(state: &StateDir, attachments: &[Attachment]) {
         expose::remove_all(&d.bridge, &state.load_exposed().unwrap_or_default());
         let _ = netlink::delete_link(&d.tap);
         let _ = meshnet_router::vxlan::remove(&meshnet_router::vxlan::device_name(&d.bridge));
+        crate::trusted::remove_filter(&d.bridge);
         if d.bridge_created {
             if let Err(e) = netlink::delete_link(&d.bridge) {
                 log::warn!("deleting bridge {}: {e}", d.bridge);

@@ -26,14 +26,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use anyhow::{bail, Context, Result};
 use meshnet_proto::ipam::Cidr;
 use meshnet_router::netlink;
-use nftables::batch::Batch;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
-use nftables::helper::{self, NftablesError};
-use nftables::schema::{Chain, NfListObject, NfObject, Nftables, Rule, Table};
-use nftables::stmt::{Counter, Match, Operator, Statement};
-use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use nftables::expr::MetaKey;
+use nftables::schema::{NfListObject, Nftables};
+use nftables::stmt::{Counter, Operator, Statement};
+use nftables::types::{NfChainType, NfHook};
 
 use crate::attach::parse_cidr;
+use crate::nft::{self, base_chain, declare_and_delete, matches, meta, our_table, prefix, rule, text, PRIO_FILTER, PRIO_SRCNAT};
 use crate::state::Exposure;
 
 /// The IPAM key the host's own addresses are allocated under.
@@ -82,8 +81,8 @@ pub fn ruleset(bridge: &str, range: Cidr, exposed: &[Exposure]) -> Nftables<'sta
         let expr = vec![
             matches(meta(MetaKey::Iifname), Operator::EQ, text(bridge)),
             matches(meta(MetaKey::Oifname), Operator::EQ, text(bridge)),
-            matches(ip_field("saddr"), Operator::EQ, prefix(*subnet)),
-            matches(ip_field("daddr"), Operator::NEQ, prefix(*subnet)),
+            matches(nft::field("ip", "saddr"), Operator::EQ, prefix(*subnet)),
+            matches(nft::field("ip", "daddr"), Operator::NEQ, prefix(*subnet)),
             Statement::Counter(Counter::Anonymous(None)),
             Statement::Drop(None),
         ];
@@ -93,8 +92,8 @@ pub fn ruleset(bridge: &str, range: Cidr, exposed: &[Exposure]) -> Nftables<'sta
         // oifname != BRIDGE ip saddr SUBNET ip daddr != RANGE counter masquerade
         let expr = vec![
             matches(meta(MetaKey::Oifname), Operator::NEQ, text(bridge)),
-            matches(ip_field("saddr"), Operator::EQ, prefix(*subnet)),
-            matches(ip_field("daddr"), Operator::NEQ, prefix(range)),
+            matches(nft::field("ip", "saddr"), Operator::EQ, prefix(*subnet)),
+            matches(nft::field("ip", "daddr"), Operator::NEQ, prefix(range)),
             Statement::Counter(Counter::Anonymous(None)),
             Statement::Masquerade(None),
         ];
@@ -109,73 +108,14 @@ pub fn deletion(bridge: &str) -> Nftables<'static> {
     declare_and_delete(&table_name(bridge)).to_nftables()
 }
 
-fn declare_and_delete(table: &str) -> Batch<'static> {
-    let mut batch = Batch::new();
-    batch.add(NfListObject::Table(our_table(table)));
-    batch.delete(NfListObject::Table(our_table(table)));
-    batch
-}
-
 const FORWARD: &str = "forward";
 const POSTROUTING: &str = "postrouting";
-/// nft's `priority filter`.
-const PRIO_FILTER: i32 = 0;
-/// nft's `priority srcnat`.
-const PRIO_SRCNAT: i32 = 100;
-
-fn our_table(table: &str) -> Table<'static> {
-    Table { family: NfFamily::IP, name: table.to_string().into(), handle: None }
-}
-
-fn base_chain(table: &str, name: &'static str, kind: NfChainType, hook: NfHook, prio: i32) -> Chain<'static> {
-    Chain {
-        family: NfFamily::IP,
-        table: table.to_string().into(),
-        name: name.into(),
-        _type: Some(kind),
-        hook: Some(hook),
-        prio: Some(prio),
-        policy: Some(NfChainPolicy::Accept),
-        ..Chain::default()
-    }
-}
-
-fn rule(table: &str, chain: &'static str, expr: Vec<Statement<'static>>, comment: String) -> Rule<'static> {
-    Rule {
-        family: NfFamily::IP,
-        table: table.to_string().into(),
-        chain: chain.into(),
-        expr: expr.into(),
-        comment: Some(comment.into()),
-        ..Rule::default()
-    }
-}
-
-fn matches(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
-    Statement::Match(Match { left, right, op })
-}
-
-fn meta(key: MetaKey) -> Expression<'static> {
-    Expression::Named(NamedExpression::Meta(Meta { key }))
-}
-
-fn ip_field(field: &'static str) -> Expression<'static> {
-    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField { protocol: "ip".into(), field: field.into() })))
-}
-
-fn prefix(cidr: Cidr) -> Expression<'static> {
-    Expression::Named(NamedExpression::Prefix(Prefix { addr: Box::new(text(&cidr.network().to_string())), len: u32::from(cidr.prefix()) }))
-}
-
-fn text(s: &str) -> Expression<'static> {
-    Expression::String(s.to_string().into())
-}
 
 /// Makes the table what `exposed` needs: replaced whole, or deleted when
 /// nothing is exposed.
 pub fn apply_table(bridge: &str, range: Cidr, exposed: &[Exposure]) -> Result<()> {
     if exposed.iter().any(|e| parse(e).is_ok()) {
-        nft(&ruleset(bridge, range, exposed)).with_context(|| format!("nftables table ip {}", table_name(bridge)))
+        nft::apply(&ruleset(bridge, range, exposed)).with_context(|| format!("nftables table ip {}", table_name(bridge)))
     } else {
         delete_table(bridge).map(|_| ())
     }
@@ -184,46 +124,7 @@ pub fn apply_table(bridge: &str, range: Cidr, exposed: &[Exposure]) -> Result<()
 /// Deletes meshnet's table; Ok(false) if it was not there.
 pub fn delete_table(bridge: &str) -> Result<bool> {
     let table = table_name(bridge);
-    if !table_exists(&table)? {
-        return Ok(false);
-    }
-    nft(&deletion(bridge)).with_context(|| format!("delete nftables table ip {table}"))?;
-    Ok(true)
-}
-
-/// Whether the table is there (`nft -j list tables`); without `nft` installed
-/// it cannot be (meshnet only ever makes it through `nft`).
-fn table_exists(table: &str) -> Result<bool> {
-    let listed = match helper::get_current_ruleset_with_args(helper::DEFAULT_NFT, ["list", "tables", "ip"]) {
-        Ok(listed) => listed,
-        Err(NftablesError::NftExecution { inner, .. }) if inner.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(nft_error(e)),
-    };
-    Ok(listed.objects.iter().any(|o| {
-        matches!(o, NfObject::ListObject(NfListObject::Table(t)) if t.family == NfFamily::IP && t.name == table)
-    }))
-}
-
-/// Applies a batch through `nft -j -f -` (one transaction: all of it or nothing).
-fn nft(batch: &Nftables) -> Result<()> {
-    helper::apply_ruleset(batch).map_err(nft_error)
-}
-
-fn nft_error(e: NftablesError) -> anyhow::Error {
-    match e {
-        NftablesError::NftExecution { inner, .. } if inner.kind() == std::io::ErrorKind::NotFound => {
-            anyhow::anyhow!("cannot run nft ({inner}): meshnet expose needs nftables installed")
-        }
-        NftablesError::NftFailed { stderr, stdout, .. } => {
-            let said = [stderr.trim(), stdout.trim()].into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join("; ");
-            if said.is_empty() {
-                anyhow::anyhow!("nft refused the rules (its message is in the router's log)")
-            } else {
-                anyhow::anyhow!("nft refused the rules: {said}")
-            }
-        }
-        e => anyhow::anyhow!("nft: {e}"),
-    }
+    nft::delete_table(&table).with_context(|| format!("delete nftables table ip {table}"))
 }
 
 /// Exposed traffic is forwarded by this host: make sure it forwards IPv4 (as

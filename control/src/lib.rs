@@ -28,6 +28,7 @@ pub mod heap;
 pub mod logger;
 pub mod mesh;
 pub mod metrics;
+pub mod nft;
 pub mod peeraddr;
 pub mod plugin;
 pub mod report;

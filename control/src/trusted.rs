@@ -37,6 +37,57 @@ pub struct Device {
     pub name: String,
     pub index: u32,
     pub port: u16,
+    /// The bridge it is on (names the filter's table, [`filter_table`]).
+    pub bridge: String,
+}
+
+/// meshnet's nftables table that guards the VXLAN port of the router on
+/// `bridge`: the kernel device takes a frame from anyone who can send to its
+/// port, so only the underlay addresses of peers trusted both ways may.
+pub fn filter_table(bridge: &str) -> String {
+    format!("meshnet-trusted-{bridge}")
+}
+
+const INPUT: &str = "input";
+/// The comment of the rule that drops (and counts) datagrams to the VXLAN
+/// port from anyone else.
+const FOREIGN: &str = "VXLAN only from peers trusted both ways";
+
+/// The filter table for `port` letting only `peers` through (none: nobody):
+/// `udp dport PORT ip saddr != { PEERS } counter drop` in an input chain,
+/// the table replaced whole in one transaction.
+pub fn filter_ruleset(bridge: &str, port: u16, peers: &[Ipv4Addr]) -> nftables::schema::Nftables<'static> {
+    use crate::nft;
+    use nftables::schema::NfListObject;
+    use nftables::stmt::{Counter, Operator, Statement};
+    use nftables::types::{NfChainType, NfHook};
+    let table = filter_table(bridge);
+    let mut batch = nft::declare_and_delete(&table);
+    batch.add(NfListObject::Table(nft::our_table(&table)));
+    batch.add(NfListObject::Chain(nft::base_chain(&table, INPUT, NfChainType::Filter, NfHook::Input, nft::PRIO_FILTER)));
+    let mut addrs: Vec<String> = peers.iter().map(|a| a.to_string()).collect();
+    addrs.sort();
+    addrs.dedup();
+    let mut expr = vec![nft::matches(nft::field("udp", "dport"), Operator::EQ, nftables::expr::Expression::Number(u32::from(port)))];
+    if !addrs.is_empty() {
+        expr.push(nft::matches(nft::field("ip", "saddr"), Operator::NEQ, nft::set_of(addrs)));
+    }
+    expr.push(Statement::Counter(Counter::Anonymous(None)));
+    expr.push(Statement::Drop(None));
+    batch.add(NfListObject::Rule(nft::rule(&table, INPUT, expr, FOREIGN.to_string())));
+    batch.to_nftables()
+}
+
+/// Writes the filter for `port` on `bridge` letting only `peers` through.
+pub fn apply_filter(bridge: &str, port: u16, peers: &[Ipv4Addr]) -> anyhow::Result<()> {
+    crate::nft::apply(&filter_ruleset(bridge, port, peers))
+}
+
+/// Deletes the filter table of the router on `bridge`, if it is there.
+pub fn remove_filter(bridge: &str) {
+    if let Err(e) = crate::nft::delete_table(&filter_table(bridge)) {
+        log::warn!("removing nftables table ip {}: {e:#}", filter_table(bridge));
+    }
 }
 
 /// One direct connection as far as trust goes.
@@ -81,6 +132,10 @@ pub struct TrustedStatus {
     pub tx_packets: u64,
     pub tx_bytes: u64,
     pub records_rejected: u64,
+    /// Datagrams to the VXLAN port from addresses that are not peers trusted
+    /// both ways, dropped by meshnet's nftables filter (None: not readable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub foreign_dropped: Option<u64>,
 }
 
 impl Trusted {
@@ -202,6 +257,7 @@ impl Trusted {
             tx_packets: counters[2],
             tx_bytes: counters[3],
             records_rejected: self.rejected.load(std::sync::atomic::Ordering::Relaxed),
+            foreign_dropped: dev.and_then(|d| crate::nft::counted(&filter_table(&d.bridge), FOREIGN).ok()),
         }
     }
 }
@@ -217,6 +273,8 @@ fn wanted(owners: &[(Mac, PeerName)], peers: &HashMap<PeerName, Ipv4Addr>) -> Ha
 pub async fn sync_loop(mesh: Arc<Mesh>) {
     let Some(dev) = mesh.trusted.device_ok().cloned() else { return };
     let mut last: Option<(u64, HashMap<PeerName, Ipv4Addr>)> = None;
+    // The addresses the filter lets through (it starts with none, see the daemon).
+    let mut allowed: Option<Vec<Ipv4Addr>> = Some(Vec::new());
     let mut last_full = std::time::Instant::now();
     let mut failing = false;
     loop {
@@ -230,6 +288,20 @@ pub async fn sync_loop(mesh: Arc<Mesh>) {
         let full = last_full.elapsed() >= RESYNC_EVERY;
         if !full && last.as_ref().is_some_and(|(g, p)| *g == generation && *p == peers) {
             continue;
+        }
+        let mut addrs: Vec<Ipv4Addr> = peers.values().copied().collect();
+        addrs.sort();
+        addrs.dedup();
+        if full || allowed.as_ref() != Some(&addrs) {
+            let (bridge, port, a) = (dev.bridge.clone(), dev.port, addrs.clone());
+            match tokio::task::spawn_blocking(move || apply_filter(&bridge, port, &a)).await {
+                Ok(Ok(())) => allowed = Some(addrs),
+                Ok(Err(e)) => {
+                    log::warn!("trusted: the filter of UDP {} failed (retrying): {e:#}", dev.port);
+                    allowed = None;
+                }
+                Err(_) => allowed = None,
+            }
         }
         let want = wanted(&mesh.dataplane.mac_owners.of_peers(), &peers);
         let have = mesh.trusted.installed.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -302,10 +374,31 @@ mod tests {
     }
 
     #[test]
+    fn the_filter_lets_only_trusted_peers_reach_the_vxlan_port() {
+        let rule = |peers: &[Ipv4Addr]| {
+            let v = serde_json::to_value(filter_ruleset("br0", 6784, peers)).unwrap();
+            let objs = v["nftables"].as_array().unwrap().clone();
+            // Declared, deleted, defined again: the table is replaced whole.
+            assert_eq!(objs[0]["add"]["table"]["name"], "meshnet-trusted-br0");
+            assert_eq!(objs[1]["delete"]["table"]["name"], "meshnet-trusted-br0");
+            assert_eq!(objs[3]["add"]["chain"]["hook"], "input");
+            objs[4]["add"]["rule"]["expr"].clone()
+        };
+        let none = rule(&[]);
+        assert_eq!(none[0]["match"]["right"], 6784);
+        assert_eq!(none[0]["match"]["left"]["payload"]["field"], "dport");
+        assert!(none[1].get("counter").is_some() && none[2].get("drop").is_some(), "{none}");
+        let two = rule(&["10.0.0.9".parse().unwrap(), "10.0.0.2".parse().unwrap(), "10.0.0.9".parse().unwrap()]);
+        assert_eq!(two[1]["match"]["op"], "!=");
+        assert_eq!(two[1]["match"]["right"]["set"], serde_json::json!(["10.0.0.2", "10.0.0.9"]));
+        assert!(two[3].get("drop").is_some(), "{two}");
+    }
+
+    #[test]
     fn records_decide_per_connection_and_forged_ones_are_ignored() {
         let subnets = trusted::parse_list("10.250.0.0/16").unwrap();
         let me = Signer::from_identity(&Identity::generate());
-        let dev = Device { name: "vxm-t".into(), index: 7, port: 6784 };
+        let dev = Device { name: "vxm-t".into(), index: 7, port: 6784, bridge: "t".into() };
         let t = Trusted::new(subnets.clone(), Ok(Some(dev)), PeerName(1), 1, &me);
         let peer = Signer::from_identity(&Identity::generate());
         t.connected(5, PeerName(2), ip("10.250.0.1"), ip("10.250.0.2"), peer.public());

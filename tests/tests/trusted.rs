@@ -229,7 +229,45 @@ fn a_mesh_mixes_trusted_and_encrypted_peers() {
     // The trusted pair used the kernel for its transfers, the other links did not.
     assert!(trusted_status(&h1)["tx_bytes"].as_u64().unwrap_or(0) > 20 << 20, "{:#}", trusted_status(&h1));
     assert_eq!(trusted_status(&h3)["device"], Value::Null);
+
+    // A host on the underlay that h1 does not trust both ways (h3) sends h1's
+    // VXLAN port a frame for c1: meshnet's filter drops and counts it.
+    let c1_mac = exec_in(&c[0].ns, &["cat", "/sys/class/net/ethwe/address"]).stdout.trim().to_string();
+    let forge = |from: &Host| {
+        let cap = lab.capture(&c[0].ns, "ethwe");
+        let out = exec_in(&from.ns, &["python3", "-c", FORGE_VXLAN, &h1.ip, &c1_mac, "10.44.0.1"]);
+        assert!(out.ok(), "{out}");
+        std::thread::sleep(Duration::from_millis(500));
+        cap.stop().contains(FORGED)
+    };
+    let dropped = trusted_status(&h1)["foreign_dropped"].as_u64().unwrap_or(0);
+    assert!(!forge(&h3), "a frame sent to h1's VXLAN port by an untrusted host reached c1");
+    let now = trusted_status(&h1)["foreign_dropped"].as_u64().unwrap_or(0);
+    assert!(now >= dropped + 5, "the filter counted {} of 5 forged datagrams: {:#}", now - dropped, trusted_status(&h1));
+    // The filter is meshnet's own table, and names the trusted peer.
+    let table = exec_in(&h1.ns, &["nft", "list", "table", "ip", "meshnet-trusted-meshnet"]).expect_ok("nft list table");
+    assert!(table.stdout.contains(&h2.ip) && !table.stdout.contains(&h3.ip), "{table}");
 }
+
+/// `python3 -c FORGE_VXLAN HOST DST_MAC DST_IP`: five VXLAN datagrams (VNI
+/// 28014) to HOST:6784, each an Ethernet frame to DST_MAC carrying a UDP
+/// datagram to DST_IP:9 whose payload is [`FORGED`].
+const FORGE_VXLAN: &str = r#"
+import socket, struct, sys
+host, mac, dst = sys.argv[1], bytes.fromhex(sys.argv[2].replace(':', '')), socket.inet_aton(sys.argv[3])
+payload = b'forged-vxlan-frame'
+udp = struct.pack('!HHHH', 4242, 9, 8 + len(payload), 0) + payload
+hdr = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0, socket.inet_aton('10.44.0.99'), dst)
+s = sum(struct.unpack('!10H', hdr))
+s = (s & 0xffff) + (s >> 16); s = (s & 0xffff) + (s >> 16)
+hdr = hdr[:10] + struct.pack('!H', ~s & 0xffff) + hdr[12:]
+frame = mac + bytes.fromhex('02aabbccddee') + bytes.fromhex('0800') + hdr + udp
+vxlan = struct.pack('!BBBBI', 0x08, 0, 0, 0, 28014 << 8)
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(5):
+    sock.sendto(vxlan + frame, (host, 6784))
+"#;
+const FORGED: &[u8] = b"forged-vxlan-frame";
 
 #[test]
 fn reset_removes_the_device_and_relaunches_make_it_again() {
@@ -249,8 +287,10 @@ fn reset_removes_the_device_and_relaunches_make_it_again() {
     h1.launch(&["--trusted-subnets", &t]);
     assert!(link_exists(&h1, VXLAN_DEV));
     assert!(trusted_status(&h1)["device"].as_str() == Some(VXLAN_DEV), "{:#}", trusted_status(&h1));
+    assert!(exec_in(&h1.ns, &["nft", "list", "table", "ip", "meshnet-trusted-meshnet"]).ok(), "no filter table with the device");
     h1.meshnet(&["reset"]).expect_ok("reset");
     assert!(wait_until(Duration::from_secs(10), || !link_exists(&h1, VXLAN_DEV)), "reset left {VXLAN_DEV}");
+    assert!(!exec_in(&h1.ns, &["nft", "list", "table", "ip", "meshnet-trusted-meshnet"]).ok(), "reset left the filter table");
     // kill -9 then a launch without the option removes the stale device too.
     h1.launch(&["--trusted-subnets", &t]);
     kill9(&h1);
