@@ -23,7 +23,7 @@ const MMAP_THRESHOLD: libc::c_int = 64 * 1024;
 /// Called once at the start of the router, before its threads.
 pub fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before other threads exist.
+    // SAFETY: mallopt only sets allocator parameters (glibc takes the arena lock).
     unsafe {
         if libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1 {
             log::debug!("mallopt(M_MMAP_THRESHOLD) refused");
