@@ -120,18 +120,24 @@ fn pair_with(test: &str, trust: impl Fn(&Lab) -> [Option<String>; 2], extra: &[&
     Some(Pair { lab, h: [h1, h2], names: [n1, n2], c: [c1, c2] })
 }
 
+/// Pings c1 → c2 until both routers learned the other container's MAC and
+/// pointed the bridge at the device (an entry each), for at most 20 s.
+fn wait_learned(p: &Pair) {
+    let [h1, h2] = &p.h;
+    let learned = wait_until(Duration::from_secs(20), || {
+        assert!(ping(&p.c[0].ns, "10.43.0.2", 1));
+        [h1, h2].iter().all(|h| trusted_status(h)["fdb_entries"].as_u64().unwrap_or(0) >= 1)
+    });
+    assert!(learned, "no forwarding entries: {:#} / {:#}", trusted_status(h1), trusted_status(h2));
+}
+
 #[test]
 fn mutual_trust_carries_data_in_plain_text_through_the_kernel() {
     let Some(p) = pair("trustmutual", |lab| [Some(underlay(lab)), Some(underlay(lab))]) else { return };
     let [h1, h2] = &p.h;
     wait_mode(&p.lab, h1, &p.names[1], "trusted (kernel)");
     wait_mode(&p.lab, h2, &p.names[0], "trusted (kernel)");
-    // Both routers learned the other container's MAC and pointed the bridge at the device.
-    let learned = wait_until(Duration::from_secs(20), || {
-        assert!(ping(&p.c[0].ns, "10.43.0.2", 1));
-        [h1, h2].iter().all(|h| trusted_status(h)["fdb_entries"].as_u64().unwrap_or(0) >= 1)
-    });
-    assert!(learned, "no forwarding entries: {:#} / {:#}", trusted_status(h1), trusted_status(h2));
+    wait_learned(&p);
     assert!(link_exists(h1, VXLAN_DEV) && link_exists(h2, VXLAN_DEV));
 
     let units_before = tap_units(h1);
@@ -311,11 +317,7 @@ fn mutual_trust_works_with_the_pcap_datapath() {
     let [h1, h2] = &p.h;
     wait_mode(&p.lab, h1, &p.names[1], "trusted (kernel)");
     wait_mode(&p.lab, h2, &p.names[0], "trusted (kernel)");
-    let learned = wait_until(Duration::from_secs(20), || {
-        assert!(ping(&p.c[0].ns, "10.43.0.2", 1));
-        [h1, h2].iter().all(|h| trusted_status(h)["fdb_entries"].as_u64().unwrap_or(0) >= 1)
-    });
-    assert!(learned, "no forwarding entries: {:#} / {:#}", trusted_status(h1), trusted_status(h2));
+    wait_learned(&p);
     let vx_before = dev_tx_packets(h1, VXLAN_DEV);
     let pcap = ping_marked(&p.lab, &p.c[0], "10.43.0.2", h1);
     assert!(pcap.contains(MARKER), "the marker is not in plain text on the underlay");
