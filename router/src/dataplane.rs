@@ -52,6 +52,7 @@ use crate::device::Device;
 use crate::traffic::{PeerTraffic, ThreadCounters, TrafficBook};
 use crate::udp::UdpSender;
 
+pub use meshnet_proto::plane::stats::StatsSet;
 pub use meshnet_proto::plane::{Routes, Stats};
 
 /// Units read from the TAP per batch.
@@ -107,7 +108,7 @@ struct ErrorLog {
 }
 
 impl ErrorLog {
-    fn report(&mut self, stats: &Stats) {
+    fn report(&mut self, stats: &StatsSet) {
         let grew = |last: &mut u64, now: u64| {
             let logged = now > *last && (*last == 0 || now / 1000 > *last / 1000);
             if logged {
@@ -115,12 +116,12 @@ impl ErrorLog {
             }
             logged
         };
-        let n = stats.encode_errors.load(Ordering::Relaxed);
+        let n = stats.total(|s| &s.encode_errors);
         if grew(&mut self.encode_errors, n) {
             log::warn!("dropped data that could not be sealed ({n} so far)");
         }
         for r in Refused::ALL {
-            let n = stats.refused[r.index()].load(Ordering::Relaxed);
+            let n = stats.total(|s| &s.refused[r.index()]);
             if grew(&mut self.refused[r.index()], n) {
                 log::warn!("refused frames whose claimed origin does not fit the peer they came from: {r} ({n} so far)");
             }
@@ -255,7 +256,8 @@ pub struct DataPlane {
     links: Links,
     clock: Instant,
     max_datagram: usize,
-    pub stats: Arc<Stats>,
+    /// Every forwarding thread's counters (each writes its own), read summed.
+    pub stats: Arc<StatsSet>,
     /// Per-peer counters (each written by one thread, see [`crate::traffic`]).
     pub traffic: Arc<TrafficBook>,
     pub counters: Arc<ThreadCounters>,
@@ -278,7 +280,8 @@ impl DataPlane {
         let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
         let tap = Arc::new(tap.into());
         let socket = Arc::new(socket);
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(StatsSet::default());
+        let (tx_stats, rx_stats) = (stats.thread(), stats.thread());
         let counters = Arc::new(ThreadCounters::default());
         let clock = Instant::now();
         let links: Links = Arc::default();
@@ -293,26 +296,27 @@ impl DataPlane {
         let tx_thread = TxLoop {
             tap: tap.clone(),
             socket: socket.clone(),
-            sender: UdpSender::new(stats.clone(), &state, &socket),
+            sender: UdpSender::new(tx_stats.clone(), &state, &socket),
             cmds: trx,
             efd: tx_box.efd.clone(),
             counters: counters.clone(),
-            plane: TxPlane::new(me, max_datagram, vnet, stats.clone(), counters.clone()),
-            stats: stats.clone(),
+            plane: TxPlane::new(me, max_datagram, vnet, tx_stats.clone(), counters.clone()),
+            stats: tx_stats,
             clock,
             links: links.clone(),
             mac_owners: mac_owners.clone(),
         };
         let rx_thread = RxLoop {
             tap,
-            sender: UdpSender::new(stats.clone(), &state, &socket),
+            sender: UdpSender::new(rx_stats.clone(), &state, &socket),
             socket,
             udp: state,
             cmds: rrx,
             efd: rx_box.efd.clone(),
             learn: tx_box.clone(),
-            plane: RxPlane::new(me, max_datagram, vnet, stats.clone(), counters.clone()),
-            stats: stats.clone(),
+            plane: RxPlane::new(me, max_datagram, vnet, rx_stats.clone(), counters.clone()),
+            stats: rx_stats,
+            all_stats: stats.clone(),
             clock,
             links: links.clone(),
             mac_owners: mac_owners.clone(),
@@ -536,9 +540,9 @@ impl TxLoop {
 /// Writes one unit (or plain frame) into the device, counting it.
 fn write_device(dev: &Device, stats: &Stats, unit: &[u8]) {
     match dev.write_unit(unit) {
-        Ok(_) => stats.tap_units_out.fetch_add(1, Ordering::Relaxed),
-        Err(_) => stats.tap_write_errors.fetch_add(1, Ordering::Relaxed),
-    };
+        Ok(_) => stats.tap_units_out.add(1),
+        Err(_) => stats.tap_write_errors.add(1),
+    }
 }
 
 /// The UDP → TAP thread.
@@ -551,6 +555,8 @@ struct RxLoop {
     efd: Arc<EventFd>,
     learn: Mailbox<TxCmd>,
     stats: Arc<Stats>,
+    /// Every thread's counters, for the error log.
+    all_stats: Arc<StatsSet>,
     plane: RxPlane,
     clock: Instant,
     links: Links,
@@ -589,7 +595,7 @@ impl RxLoop {
             }
         }
         drop(links);
-        errors.report(&self.stats);
+        errors.report(&self.all_stats);
     }
 
     /// Performs what the plane decided for one datagram (or poll).
@@ -669,7 +675,7 @@ impl RxLoop {
     /// Records heartbeats that arrived, and where they came from: a peer's
     /// datagrams go where its authenticated heartbeats come from (NAT-friendly).
     fn heard(&self, out: &mut RxOut, now: u64) {
-        self.stats.heartbeats_in.fetch_add(out.heard.len() as u64, Ordering::Relaxed);
+        self.stats.heartbeats_in.add(out.heard.len() as u64);
         let mut links = lock(&self.links);
         for h in out.heard.drain(..) {
             let Some(l) = links.get_mut(&h.peer) else { continue };

@@ -12,7 +12,8 @@
 //!   and goes on. A GSO message the kernel refuses (`EIO`: no checksum offload
 //!   on the route's device) turns GSO off for good.
 //!
-//! Each forwarding thread owns one sender. Nothing is allocated per datagram.
+//! Each forwarding thread owns one sender, which counts into that thread's
+//! own [`Stats`]. Nothing is allocated per datagram.
 //!
 //! [`TxBatch::runs_in`]: meshnet_proto::datapath::TxBatch::runs_in
 
@@ -20,7 +21,6 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use meshnet_proto::plane::{Datagrams, Stats};
@@ -60,7 +60,7 @@ impl UdpSender {
         let mut n = 0;
         for t in &d.sends {
             let Some((addr, addr_len)) = sockaddr(t.addr, self.v6_socket) else {
-                self.stats.udp_send_errors.fetch_add(t.datagrams.len() as u64, Ordering::Relaxed);
+                self.stats.udp_send_errors.add(t.datagrams.len() as u64);
                 continue;
             };
             let max_segments = if self.no_gso || !t.gso { 1 } else { self.max_segments };
@@ -125,8 +125,8 @@ impl UdpSender {
             let rc = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as libc::c_uint, 0) };
             if rc > 0 {
                 for (m, &c) in msgs[done..done + rc as usize].iter().zip(&counts[done..]) {
-                    stats.udp_datagrams_out.fetch_add(c, Ordering::Relaxed);
-                    stats.udp_bytes_out.fetch_add(m.msg_len as u64, Ordering::Relaxed);
+                    stats.udp_datagrams_out.add(c);
+                    stats.udp_bytes_out.add(m.msg_len as u64);
                 }
                 done += rc as usize;
                 continue;
@@ -147,7 +147,8 @@ impl UdpSender {
                         // GSO refused (no checksum offload on the route's device): stop using it.
                         self.no_gso = true;
                     }
-                    let errors = stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
+                    let errors = stats.udp_send_errors.get();
+                    stats.udp_send_errors.add(1);
                     if errors % 1000 == 0 {
                         log::warn!("sending {} datagrams: {e}", counts[done]);
                     }
@@ -286,9 +287,9 @@ mod tests {
         }
         let (count, bytes) = (d.batch.datagram_count() as u64, d.batch.len_bytes() as u64);
         let half_bytes: u64 = d.batch.datagrams().skip(half).map(|x| x.len() as u64).sum();
-        assert_eq!(stats.udp_datagrams_out.load(Ordering::Relaxed), 2 * (count + (n - half) as u64));
-        assert_eq!(stats.udp_bytes_out.load(Ordering::Relaxed), 2 * (bytes + half_bytes));
-        assert_eq!(stats.udp_send_errors.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.udp_datagrams_out.get(), 2 * (count + (n - half) as u64));
+        assert_eq!(stats.udp_bytes_out.get(), 2 * (bytes + half_bytes));
+        assert_eq!(stats.udp_send_errors.get(), 0);
     }
 
     #[test]

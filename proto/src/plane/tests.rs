@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::rx::{RxOut, RxPlane};
@@ -245,8 +244,8 @@ impl Net {
         self.nodes[i].delivered.iter().filter(|u| tag_of(u) == tag).count()
     }
 
-    fn stat(&self, i: usize, f: impl Fn(&Stats) -> &std::sync::atomic::AtomicU64) -> u64 {
-        f(&self.nodes[i].stats).load(Ordering::Relaxed)
+    fn stat(&self, i: usize, f: impl Fn(&Stats) -> &super::traffic::Counter) -> u64 {
+        f(&self.nodes[i].stats).get()
     }
 }
 
