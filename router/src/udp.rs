@@ -159,6 +159,84 @@ impl UdpSender {
     }
 }
 
+/// Binds `n` UDP sockets to `addr`, one per queue. One socket (`n` = 1) is a
+/// plain bind. Several join one `SO_REUSEPORT` group, bound in queue order
+/// (the group's socket index is the queue), and a classic BPF program on the
+/// group picks the socket of every datagram by its queue field (outer header
+/// bytes 2..4, see `meshnet_proto::wire::datagram`): `queue mod n`. The
+/// kernel runs it on the UDP payload: a datagram too short for the field
+/// goes to queue 0, as do heartbeats and everything from single-queue peers.
+pub fn bind_queues(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
+    if n <= 1 {
+        return Ok(vec![UdpSocket::bind(addr)?]);
+    }
+    let first = reuseport_socket(addr)?;
+    // Port 0: the others join the port the first was given.
+    let addr = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..n {
+        sockets.push(reuseport_socket(addr)?);
+    }
+    steer_by_queue(&sockets[0], n as u32)?;
+    Ok(sockets)
+}
+
+/// A UDP socket with `SO_REUSEPORT`, bound to `addr`.
+fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use std::os::fd::FromRawFd;
+    let family = if addr.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain syscall; the descriptor is owned by the UdpSocket below
+    // (or closed on error).
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a socket we just opened and own.
+    let socket = unsafe { UdpSocket::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: an int option on our socket.
+    let rc = unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, &one as *const _ as *const libc::c_void, size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (ss, len) = sockaddr(addr, addr.is_ipv6()).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address family"))?;
+    // SAFETY: ss holds a valid address of length len.
+    if unsafe { libc::bind(fd, &ss as *const _ as *const libc::sockaddr, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+/// asm-generic/socket.h (x86, arm, riscv; libc defines it for Android only).
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Attaches the reuseport program `A = payload[2..4]; A %= n; return A`.
+fn steer_by_queue(socket: &UdpSocket, n: u32) -> io::Result<()> {
+    let prog = [
+        // ldh [2]: the queue field (big-endian, as the kernel loads it).
+        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: 2 },
+        libc::sock_filter { code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16, jt: 0, jf: 0, k: n },
+        libc::sock_filter { code: (libc::BPF_RET | libc::BPF_A) as u16, jt: 0, jf: 0, k: 0 },
+    ];
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
+    // SAFETY: fprog points at `prog`, alive for the call; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            &fprog as *const _ as *const libc::c_void,
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Puts a `UDP_SEGMENT` control message with `seg` into `buf` and points `m` at it.
 fn set_segment_size(m: &mut libc::msghdr, buf: &mut [u64; 4], seg: u16) {
     // SAFETY: CMSG_SPACE(2) (24 bytes) fits the 32-byte, 8-aligned buffer;

@@ -54,6 +54,9 @@ pub struct Stats {
     pub ttl_clamped: Counter,
     /// Of `udp_rejected`, datagrams whose tag did not verify under the session's key.
     pub udp_auth_failed: Counter,
+    /// Datagrams a queue's socket received for another queue (a receive
+    /// batch the kernel's GRO merged across queues), handed to that queue.
+    pub udp_other_queue: Counter,
     pub per_frame: PerFrameCounters,
 }
 
@@ -127,6 +130,7 @@ impl Stats {
         .into_iter()
         .chain(Refused::ALL.into_iter().map(|r| (r.counter_name(), self.refused[r.index()].get())))
         .chain(self.per_frame.to_json())
+        .chain([("udp_other_queue", self.udp_other_queue.get())])
         .collect()
     }
 
@@ -224,7 +228,8 @@ mod tests {
         let i = |n: &str| names.iter().position(|k| *k == n).unwrap();
         assert_eq!(i("rekeys"), i("ttl_clamped") + 1);
         assert_eq!(names[0], "tap_units_in");
-        assert_eq!(names.last(), Some(&"sw_malformed_units"));
-        assert_eq!(names.len(), 24 + Refused::ALL.len() + 3);
+        assert_eq!(names[names.len() - 2], "sw_malformed_units");
+        assert_eq!(names.last(), Some(&"udp_other_queue"));
+        assert_eq!(names.len(), 24 + Refused::ALL.len() + 3 + 1);
     }
 }
