@@ -233,6 +233,11 @@ struct LaunchArgs {
     /// (libpcap on a veth, plain frames, as Weave's original router; slower, for where a TAP cannot be used).
     #[arg(long, default_value = "tap", value_parser = ["tap", "pcap"])]
     datapath: String,
+    /// Forwarding queues, each a TX and an RX thread with its own TAP queue and UDP socket
+    /// (1 to 64; 1: one pair, as before queues; more needs --datapath tap).
+    #[arg(long, default_value_t = 1)]
+    #[serde(default = "default_datapath_threads")]
+    datapath_threads: u32,
     /// Do not serve Docker's plugin API (the `meshnet` network and IPAM drivers).
     #[arg(long)]
     #[serde(default)]
@@ -295,6 +300,10 @@ fn default_metrics_addr() -> String {
 }
 
 /// `--rekey-interval` of a launch recorded before the option existed.
+fn default_datapath_threads() -> u32 {
+    1
+}
+
 fn default_rekey_interval() -> u64 {
     120
 }
@@ -604,6 +613,13 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     }
     let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, peers.len())?;
     let datapath: Datapath = args.datapath.parse().map_err(|e| anyhow!("--datapath: {e}"))?;
+    let max_threads = meshnet_proto::session::MAX_QUEUES as u32;
+    if !(1..=max_threads).contains(&args.datapath_threads) {
+        bail!("--datapath-threads {}: must be 1 to {max_threads}", args.datapath_threads);
+    }
+    if args.datapath_threads > 1 && datapath == Datapath::Pcap {
+        bail!("--datapath-threads {}: more than one queue needs --datapath tap (a capture device has one queue)", args.datapath_threads);
+    }
     let metrics_addr = meshnet_control::metrics::parse_addr(&args.metrics_addr).map_err(|e| anyhow!(e))?;
     let dns_domain = meshnet_proto::dns::normalize_domain(&args.dns_domain).map_err(|e| anyhow!("--dns-domain: {e}"))?;
     let dns_listen = args.dns_listen_address.as_deref().map(parse_dns_listen).transpose()?;
@@ -650,6 +666,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             ipalloc_default_subnet,
             ipalloc_init,
             datapath,
+            datapath_threads: args.datapath_threads as usize,
             docker_plugin: daemon::DockerPlugin {
                 enabled: !args.no_docker_plugin,
                 dir: args.docker_plugin_dir.clone(),
@@ -682,6 +699,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     cmd.args(["--port", &args.port.to_string(), "--host", &args.host.to_string()]);
     cmd.args(["--mtu", &args.mtu.to_string(), "--bridge", &args.bridge]);
     cmd.args(["--conn-limit", &args.conn_limit.to_string(), "--datapath", datapath.as_str()]);
+    cmd.args(["--datapath-threads", &args.datapath_threads.to_string()]);
     cmd.args(["--rekey-interval", &args.rekey_interval.to_string()]);
     cmd.arg(format!("--metrics-addr={}", args.metrics_addr));
     if let Some(l) = &args.log_level {

@@ -369,7 +369,12 @@ async fn run_connection(
         // We understand gossip digests; and say when we have fewer than two
         // connections (a router at its --conn-limit then makes room: see
         // meshnet_proto::slots).
-        capabilities: local.capabilities | CAP_GOSSIP_DIGEST | meshnet_proto::handshake::CAP_DNS | CAP_TRUSTED | mesh.need_capabilities(),
+        capabilities: local.capabilities
+            | CAP_GOSSIP_DIGEST
+            | meshnet_proto::handshake::CAP_DNS
+            | CAP_TRUSTED
+            | meshnet_proto::handshake::CAP_MULTIQUEUE
+            | mesh.need_capabilities(),
         binding: mesh.settings.binding.clone(),
     };
     let role = if direction == Direction::Outbound { Role::Initiator } else { Role::Responder };
@@ -424,6 +429,7 @@ async fn run_connection(
         recv_index,
         recv_key: data_keys.recv,
         superframes: hello.capabilities & CAP_SUPERFRAMES != 0,
+        multiqueue: hello.capabilities & meshnet_proto::handshake::CAP_MULTIQUEUE != 0,
     };
     if !link.superframes {
         log::info!("{} takes no superframes: frames go to it one by one (segmented here)", hello.name);

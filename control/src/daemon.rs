@@ -1,6 +1,6 @@
 //! The router process: devices, sockets, tasks, the local API, and shutdown.
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,6 +56,8 @@ pub struct Config {
     pub ipalloc_init: InitMode,
     /// `--datapath`: how the router joins the bridge.
     pub datapath: Datapath,
+    /// `--datapath-threads`: forwarding queues (a TX and an RX thread each).
+    pub datapath_threads: usize,
     /// Docker's plugin API (`--no-docker-plugin` turns it off).
     pub docker_plugin: DockerPlugin,
     /// `--metrics-addr`: where `/metrics`, `/api/mesh` and the map are served (None: off).
@@ -121,8 +123,13 @@ pub fn run(cfg: Config) -> Result<()> {
     let psk = cfg.password.as_deref().map(meshnet_proto::handshake::derive_psk);
 
     // Sockets first: a port in use is the most common launch failure.
-    let udp = UdpSocket::bind(SocketAddr::new(cfg.host, cfg.port))
+    let threads = cfg.datapath_threads.max(1);
+    if threads > 1 && cfg.datapath == Datapath::Pcap {
+        anyhow::bail!("--datapath-threads {threads} needs --datapath tap (a capture device has one queue)");
+    }
+    let mut udps = meshnet_router::udp::bind_queues(SocketAddr::new(cfg.host, cfg.port), threads)
         .with_context(|| format!("bind UDP {}:{}", cfg.host, cfg.port))?;
+    let udp = udps.remove(0);
     let std_tcp = std::net::TcpListener::bind(SocketAddr::new(cfg.host, cfg.port))
         .with_context(|| format!("bind TCP {}:{}", cfg.host, cfg.port))?;
     std_tcp.set_nonblocking(true)?;
@@ -146,12 +153,17 @@ pub fn run(cfg: Config) -> Result<()> {
         let _ = netlink::delete_link(&old.tap);
     }
     cfg.state.save_devices(&Devices { bridge: cfg.bridge.clone(), bridge_created, tap: tap_if.clone() })?;
-    let tap: Device = match cfg.datapath {
-        Datapath::Tap => Tap::create(&tap_if, bridge_index, cfg.mtu).with_context(|| format!("TAP {tap_if}"))?.into(),
-        Datapath::Pcap => CaptureDevice::create(&cfg.bridge, bridge_index, cfg.mtu)
+    let mut queues: Vec<Device> = match cfg.datapath {
+        Datapath::Tap => Tap::create_queues(&tap_if, bridge_index, cfg.mtu, threads)
+            .with_context(|| format!("TAP {tap_if}"))?
+            .into_iter()
+            .map(Device::from)
+            .collect(),
+        Datapath::Pcap => vec![CaptureDevice::create(&cfg.bridge, bridge_index, cfg.mtu)
             .with_context(|| format!("capture device {tap_if}"))?
-            .into(),
+            .into()],
     };
+    let tap = queues.remove(0);
     log::info!(
         "meshnet {} peer {me} ({}) on bridge {} (datapath {}, port {}, virtio header {}), port {}",
         env!("CARGO_PKG_VERSION"),
@@ -168,7 +180,11 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     let udp_port = udp.local_addr()?.port();
     let trusted_device = trusted_device(&cfg, bridge_index);
-    let dataplane = DataPlane::start(tap, udp, me, MAX_DATAGRAM).context("start the data plane")?;
+    let dataplane = DataPlane::start_queues([tap].into_iter().chain(queues).collect(), [udp].into_iter().chain(udps).collect(), me, MAX_DATAGRAM)
+        .context("start the data plane")?;
+    if threads > 1 {
+        log::info!("data plane: {threads} queues (a TX and an RX thread each)");
+    }
 
     // Re-attach what was attached before a restart; forget targets that are gone.
     let mut attachments = cfg.state.load_attachments()?;

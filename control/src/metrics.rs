@@ -496,13 +496,11 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     let stats = &mesh.dataplane.stats;
     counter(&mut reg, "meshnet_rekeys", "Data-key rekeys completed (our sending key replaced), all connections", stats.rekeys.load(std::sync::atomic::Ordering::Relaxed));
     let superframes = counters::<DirectionLabels>(&mut reg, "meshnet_superframes", "Superframes (TSO/USO units up to 64 KiB) read from the TAP (tx) or written to it whole (rx)");
-    let tc = &mesh.dataplane.counters;
-    superframes.get_or_create(&DirectionLabels { direction: "tx".into() }).inc_by(tc.tx_superframes.get());
-    superframes.get_or_create(&DirectionLabels { direction: "rx".into() }).inc_by(tc.rx.superframes.get());
-    let pf = &stats.per_frame;
-    let load = |a: &AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    counter(&mut reg, "meshnet_software_segmented_units", "Units (superframes, partial checksums) cut into plain frames in software for peers or devices that take no superframes", load(&pf.sw_segmented_units));
-    counter(&mut reg, "meshnet_software_segmented_frames", "Plain frames those units became", load(&pf.sw_frames_out));
+    let (tx_superframes, rx_superframes) = mesh.dataplane.superframes();
+    superframes.get_or_create(&DirectionLabels { direction: "tx".into() }).inc_by(tx_superframes);
+    superframes.get_or_create(&DirectionLabels { direction: "rx".into() }).inc_by(rx_superframes);
+    counter(&mut reg, "meshnet_software_segmented_units", "Units (superframes, partial checksums) cut into plain frames in software for peers or devices that take no superframes", stats.total(|s| &s.per_frame.sw_segmented_units));
+    counter(&mut reg, "meshnet_software_segmented_frames", "Plain frames those units became", stats.total(|s| &s.per_frame.sw_frames_out));
     let dp = counters::<KindLabels>(&mut reg, "meshnet_dataplane_events", "The data plane's counters of `meshnet status --json` (dataplane), by name");
     for (name, n) in stats.to_json() {
         dp.get_or_create(&KindLabels { kind: name.into() }).inc_by(n);

@@ -33,7 +33,6 @@ pub fn build(mesh: &Mesh, status: Value, ipam: Value, ps: Value, exposed: &[Expo
             })
         })
         .collect();
-    let counters = &mesh.dataplane.counters;
     let (peers, routes) = {
         let g = mesh.lock();
         let nick = |p: meshnet_proto::PeerName| g.topology.get(p).map(|i| i.nickname.clone()).unwrap_or_default();
@@ -91,7 +90,7 @@ pub fn build(mesh: &Mesh, status: Value, ipam: Value, ps: Value, exposed: &[Expo
         "connections": s("connections"),
         "targets": s("targets"),
         "routes": routes,
-        "mac_table": { "entries": counters.tx_mac_entries.load(std::sync::atomic::Ordering::Relaxed) },
+        "mac_table": { "entries": mesh.dataplane.mac_entries() },
         "ipam": ipam,
         "exposed": exposed.iter().map(|e| json!({ "address": e.addr, "masquerade": e.masquerade })).collect::<Vec<_>>(),
         "attachments": ps,
@@ -99,8 +98,8 @@ pub fn build(mesh: &Mesh, status: Value, ipam: Value, ps: Value, exposed: &[Expo
         "traffic": traffic,
         "dataplane": s("dataplane"),
         "superframes": {
-            "tx": counters.tx_superframes.get(),
-            "rx": counters.rx.superframes.get(),
+            "tx": mesh.dataplane.superframes().0,
+            "rx": mesh.dataplane.superframes().1,
         },
         "limits": s("limits"),
         "control": s("control"),

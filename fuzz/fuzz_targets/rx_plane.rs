@@ -51,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&flags, mut rest)) = data.split_first() else { return };
     let mut plane = RxPlane::new(ME, MAX, flags & 1 == 0, Arc::default(), Arc::default());
     for (peer, i) in [(P1, 1u8), (P3, 3u8)] {
-        let path = PeerPath { peer, addr: addr(i), superframes: flags & 2 == 0 };
+        let path = PeerPath { peer, addr: addr(i), superframes: flags & 2 == 0, multiqueue: flags & 4 == 0 };
         plane.add_peer(path, i as u32, &key(i, 2), 10 + i as u32, &key(2, i), Arc::default());
     }
     let mut routes = Routes::default();

@@ -224,16 +224,41 @@ pub struct TxSession {
     receiver_index: u32,
     key: SealKey,
     next_unit_id: u32,
+    /// The queue field of every datagram sealed (0: a single-queue sender).
+    queue: u16,
 }
 
 impl TxSession {
     pub fn new(receiver_index: u32, key: &[u8; KEY_LEN]) -> Self {
-        TxSession { receiver_index, key: SealKey::new(key), next_unit_id: 0 }
+        TxSession { receiver_index, key: SealKey::new(key), next_unit_id: 0, queue: 0 }
+    }
+
+    /// Queue `queue`'s session of a multi-queue sender towards a peer that
+    /// takes queues: its own key ([`crate::session::queue_key`]) and so its
+    /// own counter space, and the queue in every datagram's outer header.
+    pub fn on_queue(receiver_index: u32, key: &[u8; KEY_LEN], queue: u16) -> Self {
+        let mut k = crate::session::queue_key(key, queue);
+        let s = TxSession { receiver_index, key: SealKey::new(&k), next_unit_id: 0, queue };
+        crate::rekey::erase(&mut k);
+        s
+    }
+
+    /// Queue `queue`'s session of a multi-queue sender towards a peer that
+    /// opens one counter space only (no `CAP_MULTIQUEUE`): queue field 0, the
+    /// key itself, counters from `counter`, shared by every queue's copy, and
+    /// chunked units numbered apart per queue (top byte).
+    pub fn shared(receiver_index: u32, key: &[u8; KEY_LEN], counter: std::sync::Arc<std::sync::atomic::AtomicU64>, queue: u16) -> Self {
+        TxSession { receiver_index, key: SealKey::shared(key, counter), next_unit_id: (queue as u32) << 24, queue: 0 }
+    }
+
+    /// The queue field this session writes.
+    pub fn queue(&self) -> u16 {
+        self.queue
     }
 
     #[cfg(test)]
     fn with_seal_key(receiver_index: u32, key: SealKey) -> Self {
-        TxSession { receiver_index, key, next_unit_id: 0 }
+        TxSession { receiver_index, key, next_unit_id: 0, queue: 0 }
     }
 
     /// The index the receiving peer chose for this session.
@@ -412,7 +437,7 @@ fn seal_open(session: &mut TxSession, batch: &mut TxBatch) -> Result<(), Datapat
 /// plaintext run from `start` to the end of the batch, and appends its tag.
 /// On error the datagram is discarded.
 fn seal_at(session: &mut TxSession, batch: &mut TxBatch, start: usize, kind: u8) -> Result<(), DatapathError> {
-    let counter = match session.key.next_counter() {
+    let counter = match session.key.reserve_counter() {
         Ok(c) => c,
         Err(e) => {
             batch.buf.truncate(start);
@@ -420,7 +445,9 @@ fn seal_at(session: &mut TxSession, batch: &mut TxBatch, start: usize, kind: u8)
         }
     };
     let (outer, plain) = batch.buf[start..].split_at_mut(OUTER_LEN);
-    OuterHeader { receiver_index: session.receiver_index, counter }.emit_kind(kind, &mut OuterPacket::new_unchecked(&mut *outer));
+    let mut packet = OuterPacket::new_unchecked(&mut *outer);
+    OuterHeader { receiver_index: session.receiver_index, counter }.emit_kind(kind, &mut packet);
+    packet.set_queue(session.queue);
     match session.key.seal_in_place(outer, plain) {
         Ok((_, tag)) => {
             batch.buf.extend_from_slice(&tag);
@@ -657,10 +684,40 @@ struct RxSession {
     reassembly: Box<Reassembly>,
 }
 
-/// The sessions peers opened towards us, keyed by the receiver index we chose.
+/// A session's key, kept to derive its queues' keys when their first
+/// datagram arrives; erased when dropped.
+struct BaseKey {
+    peer: PeerName,
+    key: [u8; KEY_LEN],
+}
+
+impl Drop for BaseKey {
+    fn drop(&mut self) {
+        crate::rekey::erase(&mut self.key);
+    }
+}
+
+impl std::fmt::Debug for BaseKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BaseKey").field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+/// Where a (receiver index, queue) session lives in [`Receiver`]'s table.
+#[inline]
+fn session_id(receiver_index: u32, queue: u16) -> u64 {
+    (queue as u64) << 32 | receiver_index as u64
+}
+
+/// The sessions peers opened towards us, keyed by the receiver index we chose
+/// and the sender's queue (outer header): each (index, queue) has its own key
+/// (queue 0 the session's key, queue q [`crate::session::queue_key`]), replay
+/// window and reassembly. A queue's session is made when its first datagram
+/// arrives (at most [`crate::session::MAX_QUEUES`] per index).
 #[derive(Debug, Default)]
 pub struct Receiver {
-    sessions: HashMap<u32, RxSession>,
+    sessions: HashMap<u64, RxSession>,
+    bases: HashMap<u32, BaseKey>,
     stats: RxStats,
     /// Active reassembly slots across sessions (see [`partial_units`](Self::partial_units)).
     partial: usize,
@@ -677,7 +734,8 @@ pub struct Receiver {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Place {
     Datagram,
-    Slot { receiver_index: u32, slot: u8 },
+    /// `session` as [`Receiver::held_unit`] takes it (receiver index and queue).
+    Slot { session: u64, slot: u8 },
 }
 
 impl Receiver {
@@ -688,19 +746,28 @@ impl Receiver {
     /// Installs (or replaces, with a fresh replay window) the session that
     /// `peer` seals towards us under `receiver_index`.
     pub fn add_session(&mut self, receiver_index: u32, peer: PeerName, key: &[u8; KEY_LEN]) {
-        let old = self.sessions.insert(
-            receiver_index,
+        // Replacing: every queue's session goes, with its window.
+        self.remove_session(receiver_index);
+        self.sessions.insert(
+            session_id(receiver_index, 0),
             RxSession { peer, key: OpenKey::new(key), reassembly: Box::default() },
         );
-        if let Some(old) = old {
-            self.partial -= old.reassembly.active;
-        }
+        self.bases.insert(receiver_index, BaseKey { peer, key: *key });
     }
 
     pub fn remove_session(&mut self, receiver_index: u32) {
-        if let Some(old) = self.sessions.remove(&receiver_index) {
-            self.partial -= old.reassembly.active;
+        if self.bases.remove(&receiver_index).is_none() {
+            return;
         }
+        let mut partial = 0;
+        self.sessions.retain(|&id, s| {
+            let keep = id as u32 != receiver_index;
+            if !keep {
+                partial += s.reassembly.active;
+            }
+            keep
+        });
+        self.partial -= partial;
     }
 
     /// The peer whose session the datagram of the last `receive*` call
@@ -712,11 +779,12 @@ impl Receiver {
 
     /// The peer behind a receiver index.
     pub fn session_peer(&self, receiver_index: u32) -> Option<PeerName> {
-        self.sessions.get(&receiver_index).map(|s| s.peer)
+        self.bases.get(&receiver_index).map(|s| s.peer)
     }
 
+    /// Sessions installed (not counting their queues).
     pub fn session_count(&self) -> usize {
-        self.sessions.len()
+        self.bases.len()
     }
 
     /// Authenticate and decrypt `dgram` in place; call `on_unit(session_peer,
@@ -816,10 +884,27 @@ impl Receiver {
             return Err(DatapathError::TooShort);
         }
         let (_, outer) = OuterHeader::parse_any(&packet)?;
-        let session =
-            self.sessions.get_mut(&outer.receiver_index).ok_or(DatapathError::UnknownSession(outer.receiver_index))?;
+        let id = session_id(outer.receiver_index, packet.queue());
+        let fresh = !self.sessions.contains_key(&id);
+        if fresh {
+            // A queue's first datagram: its key derives from the session's.
+            let base = self.bases.get(&outer.receiver_index).ok_or(DatapathError::UnknownSession(outer.receiver_index))?;
+            let mut k = crate::session::queue_key(&base.key, packet.queue());
+            let s = RxSession { peer: base.peer, key: OpenKey::new(&k), reassembly: Box::default() };
+            crate::rekey::erase(&mut k);
+            self.sessions.insert(id, s);
+        }
         let (aad, body) = packet.split_mut();
-        let plain = session.key.open_in_place(outer.counter, aad, body)?;
+        let opened = match self.sessions.get_mut(&id) {
+            Some(session) => session.key.open_in_place(outer.counter, aad, body),
+            None => return Err(DatapathError::UnknownSession(outer.receiver_index)),
+        };
+        if opened.is_err() && fresh {
+            // Kept only once a datagram of the queue authenticated.
+            self.sessions.remove(&id);
+        }
+        let plain = opened?;
+        let session = self.sessions.get_mut(&id).ok_or(DatapathError::UnknownSession(outer.receiver_index))?;
         self.last_sender = Some(session.peer);
         if kind == KIND_HEARTBEAT {
             let hb = Heartbeat::parse(plain)?;
@@ -857,7 +942,7 @@ impl Receiver {
                     self.partial = self.partial + r.active - before;
                     if let Some(i) = done {
                         let slot = &r.slots[i];
-                        let place = Place::Slot { receiver_index: outer.receiver_index, slot: i as u8 };
+                        let place = Place::Slot { session: id, slot: i as u8 };
                         on_unit(peer, &inner, &slot.buf[..slot.total as usize], place);
                         delivered += 1;
                     }
@@ -869,8 +954,8 @@ impl Receiver {
 
     /// A unit the last `receive*` call completed in a reassembly slot
     /// ([`Place::Slot`]); None once a later call may have reused the slot.
-    pub fn held_unit(&self, receiver_index: u32, slot: u8) -> Option<&[u8]> {
-        let s = self.sessions.get(&receiver_index)?.reassembly.slots.get(slot as usize)?;
+    pub fn held_unit(&self, session: u64, slot: u8) -> Option<&[u8]> {
+        let s = self.sessions.get(&session)?.reassembly.slots.get(slot as usize)?;
         (s.held == self.gen && !s.active).then(|| &s.buf[..s.total as usize])
     }
 
@@ -970,6 +1055,76 @@ mod tests {
         batch
     }
 
+    /// Each queue of a multi-queue sender seals under its own key and counter
+    /// space with its queue in the header; one receiver session opens them all
+    /// (a window per queue: the same counters on two queues are no replay),
+    /// still refuses a replay within a queue, and a queue's datagram under a
+    /// wrong key makes no session.
+    #[test]
+    fn queues_have_their_own_counter_spaces() {
+        let mut enc = Encoder::new(1400);
+        let mut rx = Receiver::new();
+        rx.add_session(IDX, PEER, &KEY);
+        let mut txs: Vec<TxSession> = (0..4).map(|q| TxSession::on_queue(IDX, &KEY, q)).collect();
+        let mut sent = Vec::new();
+        for round in 0..3u8 {
+            for (q, tx) in txs.iter_mut().enumerate() {
+                let u = unit(100 + q, round * 4 + q as u8);
+                let b = encode(&mut enc, tx, std::slice::from_ref(&u));
+                let d = b.datagrams().next().unwrap().to_vec();
+                assert_eq!(OuterPacket::new_checked(&d[..]).unwrap().queue(), q as u16);
+                assert_eq!(OuterPacket::new_checked(&d[..]).unwrap().counter(), round as u64);
+                sent.push((d, u));
+            }
+        }
+        for (d, u) in &sent {
+            assert_eq!(receive_all(&mut rx, 0, [&d[..]]), vec![u.clone()]);
+        }
+        // A replay on queue 2 is refused.
+        let mut again = sent[2].0.clone();
+        assert!(matches!(rx.receive(0, &mut again, |_, _, _| {}), Err(DatapathError::Session(SessionError::Replay))));
+        // Queue 0 is the plain session: a single-queue sender's datagrams open.
+        let mut plain = TxSession::new(IDX, &KEY);
+        let _ = encode(&mut enc, &mut plain, &[unit(50, 1)]); // counters 0..: replays of queue 0's
+        let b = encode(&mut enc, &mut plain, &[unit(50, 2), unit(50, 3), unit(50, 4)]);
+        assert!(rx.receive(0, &mut b.datagrams().next().unwrap().to_vec(), |_, _, _| {}).is_err(), "counter 1 was seen");
+        // Forged on queue 9 (wrong key): refused, and no session is kept.
+        let mut forged = TxSession::on_queue(IDX, &[1; KEY_LEN], 9);
+        let b = encode(&mut enc, &mut forged, &[unit(60, 9)]);
+        assert!(rx.receive(0, &mut b.datagrams().next().unwrap().to_vec(), |_, _, _| {}).is_err());
+        assert_eq!(rx.sessions.len(), 4);
+        assert_eq!(rx.session_count(), 1);
+        // Removing the session removes its queues.
+        rx.remove_session(IDX);
+        assert!(rx.sessions.is_empty());
+    }
+
+    /// Queues sharing one counter space (a peer without queues) interleave
+    /// under queue field 0 and all open; chunked units of two queues do not
+    /// mix (their ids differ).
+    #[test]
+    fn shared_sessions_of_two_queues_open_on_one_window() {
+        let mut enc = Encoder::new(600);
+        let mut rx = Receiver::new();
+        rx.add_session(IDX, PEER, &KEY);
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut a = TxSession::shared(IDX, &KEY, counter.clone(), 0);
+        let mut b = TxSession::shared(IDX, &KEY, counter, 1);
+        let (ua, ub) = (unit(2000, 1), unit(2000, 2));
+        let ba = encode(&mut enc, &mut a, std::slice::from_ref(&ua));
+        let bb = encode(&mut enc, &mut b, std::slice::from_ref(&ub));
+        let mut got = Vec::new();
+        // Chunks interleaved on the wire.
+        for (x, y) in ba.datagrams().zip(bb.datagrams()) {
+            assert_eq!(OuterPacket::new_checked(x).unwrap().queue(), 0);
+            got.extend(receive_all(&mut rx, 0, [x, y]));
+        }
+        got.sort();
+        let mut want = vec![ua, ub];
+        want.sort();
+        assert_eq!(got, want);
+    }
+
     /// Receives copies of `dgrams` in order; returns the units delivered.
     fn receive_all<'a>(rx: &mut Receiver, now: u64, dgrams: impl IntoIterator<Item = &'a [u8]>) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
@@ -1028,12 +1183,12 @@ mod tests {
         rx.receive_placed(1, &mut d, |_, _, u, place| places.push((u.to_vec(), place)), |_, _, _| {}, |_, _, _, _| {}).unwrap();
         assert_eq!(places.len(), 1);
         assert_eq!(places[0].0, whole);
-        let Place::Slot { receiver_index, slot } = places[0].1 else { panic!("a chunked unit lives in a slot") };
-        assert_eq!(rx.held_unit(receiver_index, slot), Some(&whole[..]), "not overwritten by the chunks after it");
+        let Place::Slot { session, slot } = places[0].1 else { panic!("a chunked unit lives in a slot") };
+        assert_eq!(rx.held_unit(session, slot), Some(&whole[..]), "not overwritten by the chunks after it");
         // The next receive may reuse the slot: it is no longer handed out.
         let mut d = seal_plain(&mut key, &plain(&[Record::Whole(&whole)]));
         rx.receive(2, &mut d, |_, _, _| {}).unwrap();
-        assert_eq!(rx.held_unit(receiver_index, slot), None);
+        assert_eq!(rx.held_unit(session, slot), None);
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub const CAP_DNS: u32 = 16;
 /// (`ControlMsg::Trusted`, see [`crate::trusted`]); peers without it are never
 /// sent one, and data to them stays encrypted.
 pub const CAP_TRUSTED: u32 = 32;
+/// Capability bit: the peer takes datagrams of several queues (the outer
+/// header's queue field, each queue its own key and counter space, see
+/// [`crate::wire::datagram`]); peers without it get queue 0 only, and a
+/// multi-queue router's queues share one counter space for them.
+pub const CAP_MULTIQUEUE: u32 = 64;
 /// What the responder tells an initiator whose password differs.
 pub const REFUSAL_WRONG_PASSWORD: &str = "authentication failed: passwords differ";
 /// PBKDF2 iterations for [`derive_psk`].

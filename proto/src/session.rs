@@ -17,6 +17,8 @@
 //! - a key is overwritten with zeros when its [`SealKey`] or [`OpenKey`] is dropped.
 
 use std::mem::ManuallyDrop;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM};
 
@@ -49,6 +51,34 @@ pub fn relay_key(key: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {
     let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"meshnet relay").extract(key);
     let mut out = [0u8; KEY_LEN];
     prk.expand(&[b"meshnet relay key"], Len32)
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("32 bytes is a valid HKDF-SHA256 output length");
+    out
+}
+
+/// The most queues (forwarding thread pairs) a router runs, and so the
+/// largest queue number + 1 a datagram's outer header may carry.
+pub const MAX_QUEUES: u16 = 64;
+
+/// The key of queue `queue`'s session beside the session keyed `key` (its
+/// queue 0): each of a multi-queue router's threads seals under a key of its
+/// own, so none shares a counter space (HKDF-SHA256 of the key, label
+/// "meshnet queue", the queue number as info). Queue 0 is `key` itself, which
+/// is what a single-queue router seals and opens.
+pub fn queue_key(key: &[u8; KEY_LEN], queue: u16) -> [u8; KEY_LEN] {
+    if queue == 0 {
+        return *key;
+    }
+    struct Len32;
+    impl ring::hkdf::KeyType for Len32 {
+        fn len(&self) -> usize {
+            KEY_LEN
+        }
+    }
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"meshnet queue").extract(key);
+    let mut out = [0u8; KEY_LEN];
+    let info = queue.to_be_bytes();
+    prk.expand(&[&b"meshnet queue key"[..], &info[..]], Len32)
         .and_then(|okm| okm.fill(&mut out))
         .expect("32 bytes is a valid HKDF-SHA256 output length");
     out
@@ -99,21 +129,55 @@ fn erase_key(key: &mut ManuallyDrop<LessSafeKey>) {
 }
 
 /// The sending half of a session: the key and the next counter to use.
+///
+/// A key is normally owned by one thread. A key *shared* by several threads
+/// ([`SealKey::shared`]: a multi-queue router's threads all sealing for a peer
+/// that opens one counter space only) takes its counters from one atomic
+/// instead: [`reserve_counter`](Self::reserve_counter) before each seal.
 pub struct SealKey {
     key: ManuallyDrop<LessSafeKey>,
     next: u64,
+    /// The counter space shared with other threads' copies of this key.
+    shared: Option<Arc<AtomicU64>>,
+    /// The counter reserved from `shared` for the next seal.
+    reserved: Option<u64>,
 }
 
 impl SealKey {
     /// A fresh key whose first counter is 0.
     pub fn new(key: &[u8; KEY_LEN]) -> Self {
-        SealKey { key: aead_key(key), next: 0 }
+        SealKey { key: aead_key(key), next: 0, shared: None, reserved: None }
+    }
+
+    /// A key whose counters come from `counter`, which every copy of the
+    /// same key (on other threads) shares: no counter is used twice.
+    pub fn shared(key: &[u8; KEY_LEN], counter: Arc<AtomicU64>) -> Self {
+        SealKey { key: aead_key(key), next: 0, shared: Some(counter), reserved: None }
     }
 
     /// A key whose next counter is `next` (tests of exhaustion).
     #[cfg(test)]
     pub(crate) fn starting_at(key: &[u8; KEY_LEN], next: u64) -> Self {
-        SealKey { key: aead_key(key), next }
+        SealKey { key: aead_key(key), next, shared: None, reserved: None }
+    }
+
+    /// Takes the counter the next [`seal_in_place`](Self::seal_in_place) will
+    /// use: for an owned key the same as [`next_counter`](Self::next_counter);
+    /// for a shared one the next counter of the shared space, which is then
+    /// this key's alone (a reservation not sealed is skipped, never reused).
+    #[allow(clippy::absurd_extreme_comparisons)]
+    pub fn reserve_counter(&mut self) -> Result<u64, SessionError> {
+        let Some(shared) = &self.shared else { return self.next_counter() };
+        if let Some(c) = self.reserved {
+            return Ok(c);
+        }
+        let c = shared.fetch_add(1, Ordering::Relaxed);
+        if c >= COUNTER_LIMIT {
+            shared.store(COUNTER_LIMIT, Ordering::Relaxed);
+            return Err(SessionError::CounterExhausted);
+        }
+        self.reserved = Some(c);
+        Ok(c)
     }
 
     /// The counter the next [`seal_in_place`](Self::seal_in_place) will use, so the
@@ -121,16 +185,26 @@ impl SealKey {
     // `>=` stays correct should the limit ever be lowered below `u64::MAX`.
     #[allow(clippy::absurd_extreme_comparisons)]
     pub fn next_counter(&self) -> Result<u64, SessionError> {
-        if self.next >= COUNTER_LIMIT {
+        // A shared key: the reserved counter, else (a guess only, another
+        // thread may take it first) the shared space's next one.
+        let next = match (&self.shared, self.reserved) {
+            (Some(_), Some(c)) => return Ok(c),
+            (Some(shared), None) => shared.load(Ordering::Relaxed),
+            (None, _) => self.next,
+        };
+        if next >= COUNTER_LIMIT {
             Err(SessionError::CounterExhausted)
         } else {
-            Ok(self.next)
+            Ok(next)
         }
     }
 
     /// How many more messages this key may seal.
     pub fn remaining(&self) -> u64 {
-        COUNTER_LIMIT.saturating_sub(self.next)
+        match &self.shared {
+            Some(shared) => COUNTER_LIMIT.saturating_sub(shared.load(Ordering::Relaxed)),
+            None => COUNTER_LIMIT.saturating_sub(self.next),
+        }
     }
 
     /// Encrypts `in_out` in place under the next counter, authenticating `aad`
@@ -144,13 +218,16 @@ impl SealKey {
         aad: &[u8],
         in_out: &mut [u8],
     ) -> Result<(u64, [u8; TAG_LEN]), SessionError> {
-        let counter = self.next_counter()?;
+        let counter = if self.shared.is_some() { self.reserve_counter()? } else { self.next_counter()? };
+        self.reserved = None;
         let tag: Tag = self
             .key
             .seal_in_place_separate_tag(nonce(counter), Aad::from(aad), in_out)
             // ring fails only on inputs longer than GCM's ~64 GiB limit.
             .map_err(|_| SessionError::CounterExhausted)?;
-        self.next = counter + 1;
+        if self.shared.is_none() {
+            self.next = counter + 1;
+        }
         let mut t = [0u8; TAG_LEN];
         t.copy_from_slice(tag.as_ref());
         Ok((counter, t))
@@ -172,7 +249,7 @@ impl Drop for OpenKey {
 
 impl std::fmt::Debug for SealKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SealKey").field("next", &self.next).finish_non_exhaustive()
+        f.debug_struct("SealKey").field("next", &self.next).field("shared", &self.shared.is_some()).finish_non_exhaustive()
     }
 }
 
@@ -316,5 +393,42 @@ mod tests {
         assert_ne!(relay_key(&k), k);
         assert_eq!(relay_key(&k), relay_key(&[7u8; KEY_LEN]));
         assert_ne!(relay_key(&k), relay_key(&[8u8; KEY_LEN]));
+    }
+
+    #[test]
+    fn queue_keys_differ_per_queue_and_queue_0_is_the_key() {
+        let k = [7u8; KEY_LEN];
+        assert_eq!(queue_key(&k, 0), k);
+        assert_ne!(queue_key(&k, 1), k);
+        assert_ne!(queue_key(&k, 1), queue_key(&k, 2));
+        assert_eq!(queue_key(&k, 3), queue_key(&[7u8; KEY_LEN], 3));
+        assert_ne!(queue_key(&k, 1), relay_key(&k));
+    }
+
+    #[test]
+    fn shared_keys_never_use_a_counter_twice() {
+        let counter = Arc::new(AtomicU64::new(0));
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let mut k = SealKey::shared(&KEY, counter);
+                    let mut used = Vec::new();
+                    let mut buf = [0u8; 4];
+                    for _ in 0..5000 {
+                        let c = k.reserve_counter().unwrap();
+                        assert_eq!(k.next_counter(), Ok(c));
+                        assert_eq!(k.seal_in_place(&[], &mut buf).unwrap().0, c);
+                        used.push(c);
+                    }
+                    used
+                })
+            })
+            .collect();
+        let mut all: Vec<u64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 10_000);
+        assert_eq!(SealKey::shared(&KEY, counter).remaining(), COUNTER_LIMIT - 10_000);
     }
 }

@@ -42,7 +42,7 @@ use meshnet_proto::ingress::Refused;
 use meshnet_proto::liveness::Liveness;
 use meshnet_proto::plane::rx::{RxOut, RxPlane};
 use meshnet_proto::plane::tx::{TxOut, TxPlane};
-use meshnet_proto::plane::{Datagrams, PeerPath};
+use meshnet_proto::plane::{Datagrams, PeerPath, QueueSealing, SharedCounters};
 use meshnet_proto::rekey::{erase, Key};
 use meshnet_proto::session::RELAY_INDEX_BIT;
 use meshnet_proto::{Mac, PeerName};
@@ -52,6 +52,7 @@ use crate::device::Device;
 use crate::traffic::{PeerTraffic, ThreadCounters, TrafficBook};
 use crate::udp::UdpSender;
 
+pub use meshnet_proto::plane::stats::StatsSet;
 pub use meshnet_proto::plane::{Routes, Stats};
 
 /// Units read from the TAP per batch.
@@ -82,6 +83,8 @@ pub struct PeerLink {
     /// The peer advertised `CAP_SUPERFRAMES`: it takes units whole. Without
     /// it, the planes send it plain frames (segmented in software).
     pub superframes: bool,
+    /// The peer advertised `CAP_MULTIQUEUE` (see [`PeerPath::multiqueue`]).
+    pub multiqueue: bool,
 }
 
 impl Drop for PeerLink {
@@ -94,7 +97,7 @@ impl Drop for PeerLink {
 
 impl PeerLink {
     fn path(&self) -> PeerPath {
-        PeerPath { peer: self.peer, addr: self.addr, superframes: self.superframes }
+        PeerPath { peer: self.peer, addr: self.addr, superframes: self.superframes, multiqueue: self.multiqueue }
     }
 }
 
@@ -107,7 +110,7 @@ struct ErrorLog {
 }
 
 impl ErrorLog {
-    fn report(&mut self, stats: &Stats) {
+    fn report(&mut self, stats: &StatsSet) {
         let grew = |last: &mut u64, now: u64| {
             let logged = now > *last && (*last == 0 || now / 1000 > *last / 1000);
             if logged {
@@ -115,12 +118,12 @@ impl ErrorLog {
             }
             logged
         };
-        let n = stats.encode_errors.load(Ordering::Relaxed);
+        let n = stats.total(|s| &s.encode_errors);
         if grew(&mut self.encode_errors, n) {
             log::warn!("dropped data that could not be sealed ({n} so far)");
         }
         for r in Refused::ALL {
-            let n = stats.refused[r.index()].load(Ordering::Relaxed);
+            let n = stats.total(|s| &s.refused[r.index()]);
             if grew(&mut self.refused[r.index()], n) {
                 log::warn!("refused frames whose claimed origin does not fit the peer they came from: {r} ({n} so far)");
             }
@@ -141,7 +144,7 @@ pub struct LinkStatus {
     pub addr: SocketAddr,
 }
 
-fn sealed_under(sealed: &[(u32, u64); 2], index: u32) -> u64 {
+fn sealed_under(sealed: &[(u32, u64)], index: u32) -> u64 {
     sealed.iter().filter(|(i, _)| i & !RELAY_INDEX_BIT == index).map(|s| s.1).max().unwrap_or(0)
 }
 
@@ -150,8 +153,8 @@ fn sealed_under(sealed: &[(u32, u64); 2], index: u32) -> u64 {
 struct Link {
     liveness: Liveness,
     addr: SocketAddr,
-    /// (receiver index, datagrams sealed) of the direct and the relay session.
-    sealed: [(u32, u64); 2],
+    /// (receiver index, datagrams sealed) of each queue's direct (2q) and relay (2q + 1) session.
+    sealed: Vec<(u32, u64)>,
 }
 
 type Links = Arc<Mutex<HashMap<PeerName, Link>>>;
@@ -174,12 +177,34 @@ enum RxCmd {
     AddPeer(PeerLink, Arc<PeerTraffic>),
     RemovePeer(PeerName, Vec<u32>),
     /// A receiving key (and its relay key) of a new epoch; `done` runs once installed.
-    AddRecv { peer: PeerName, index: u32, key: Key, done: Box<dyn FnOnce() + Send> },
+    AddRecv { peer: PeerName, index: u32, key: Key, done: Arc<Countdown> },
+    /// A datagram another queue's socket received for this queue (see [`RxLoop::run`]).
+    Foreign(Vec<u8>, SocketAddr),
     RemoveRecv(u32),
     /// As [`TxCmd::Switch`], for the relay session.
     SwitchRelay { peer: PeerName, from: u32, index: u32, key: Key },
     Routes(Arc<Routes>),
     Stop,
+}
+
+/// Runs its callback once every queue's receive thread counted down.
+pub(crate) struct Countdown {
+    left: std::sync::atomic::AtomicUsize,
+    done: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Countdown {
+    fn new(n: usize, done: Box<dyn FnOnce() + Send>) -> Arc<Countdown> {
+        Arc::new(Countdown { left: n.into(), done: Mutex::new(Some(done)) })
+    }
+
+    fn count_down(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Some(f) = self.done.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                f();
+            }
+        }
+    }
 }
 
 /// A thread's wake-up: a channel plus an eventfd it polls beside its data fd.
@@ -247,82 +272,140 @@ fn wait(fd: RawFd, events: i16, efd: &EventFd, timeout_ms: i32) -> (bool, bool) 
     (fds[0].revents != 0, fds[1].revents != 0)
 }
 
-/// The running data plane.
+/// The running data plane: one queue (a TX and an RX thread, a TAP queue and
+/// a UDP socket of the port's `SO_REUSEPORT` group) per `--datapath-threads`.
 pub struct DataPlane {
-    tx: Mailbox<TxCmd>,
-    rx: Mailbox<RxCmd>,
+    tx: Vec<Mailbox<TxCmd>>,
+    rx: Vec<Mailbox<RxCmd>>,
     threads: Vec<JoinHandle<()>>,
     links: Links,
     clock: Instant,
     max_datagram: usize,
-    pub stats: Arc<Stats>,
+    /// Every forwarding thread's counters (each writes its own), read summed.
+    pub stats: Arc<StatsSet>,
     /// Per-peer counters (each written by one thread, see [`crate::traffic`]).
     pub traffic: Arc<TrafficBook>,
-    pub counters: Arc<ThreadCounters>,
+    /// Each queue's thread counters.
+    counters: Vec<Arc<ThreadCounters>>,
     /// Which peer owns which MAC, for the trusted-subnet sync (see [`crate::mac_owners`]).
     pub mac_owners: Arc<MacOwners>,
 }
 
 impl DataPlane {
     /// Starts both forwarding threads on `tap` (a TAP or a capture device) and
-    /// `socket` (already bound).
-    pub fn start(
-        tap: impl Into<Device>,
-        socket: UdpSocket,
-        me: PeerName,
-        max_datagram: usize,
-    ) -> io::Result<DataPlane> {
-        socket.set_nonblocking(true)?;
-        let state = Arc::new(UdpSocketState::new(UdpSockRef::from(&socket))?);
-        let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
-        let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
-        let tap = Arc::new(tap.into());
-        let socket = Arc::new(socket);
-        let stats = Arc::new(Stats::default());
-        let counters = Arc::new(ThreadCounters::default());
+    /// `socket` (already bound): one queue.
+    pub fn start(tap: impl Into<Device>, socket: UdpSocket, me: PeerName, max_datagram: usize) -> io::Result<DataPlane> {
+        Self::start_queues(vec![tap.into()], vec![socket], me, max_datagram)
+    }
+
+    /// Starts a TX and an RX thread per queue: `devices[q]` is the device's
+    /// queue q, `sockets[q]` the socket its kernel steers queue q's datagrams
+    /// to ([`crate::udp::bind_queues`]). Heartbeats (liveness) run on queue 0.
+    pub fn start_queues(devices: Vec<Device>, sockets: Vec<UdpSocket>, me: PeerName, max_datagram: usize) -> io::Result<DataPlane> {
+        let n = devices.len();
+        if n == 0 || n != sockets.len() || n > meshnet_proto::plane::MAX_QUEUES as usize {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{n} device queues for {} sockets", sockets.len())));
+        }
+        let stats = Arc::new(StatsSet::default());
         let clock = Instant::now();
         let links: Links = Arc::default();
         let mac_owners: Arc<MacOwners> = Arc::default();
+        let shared = Arc::new(SharedCounters::default());
 
-        let (ttx, trx) = channel();
-        let tx_box = Mailbox { tx: ttx, efd: Arc::new(EventFd::new()?) };
-        let (rtx, rrx) = channel();
-        let rx_box = Mailbox { tx: rtx, efd: Arc::new(EventFd::new()?) };
-
-        let vnet = tap.vnet_hdr();
-        let tx_thread = TxLoop {
-            tap: tap.clone(),
-            socket: socket.clone(),
-            sender: UdpSender::new(stats.clone(), &state, &socket),
-            cmds: trx,
-            efd: tx_box.efd.clone(),
-            counters: counters.clone(),
-            plane: TxPlane::new(me, max_datagram, vnet, stats.clone(), counters.clone()),
-            stats: stats.clone(),
-            clock,
-            links: links.clone(),
-            mac_owners: mac_owners.clone(),
-        };
-        let rx_thread = RxLoop {
-            tap,
-            sender: UdpSender::new(stats.clone(), &state, &socket),
-            socket,
-            udp: state,
-            cmds: rrx,
-            efd: rx_box.efd.clone(),
-            learn: tx_box.clone(),
-            plane: RxPlane::new(me, max_datagram, vnet, stats.clone(), counters.clone()),
-            stats: stats.clone(),
-            clock,
-            links: links.clone(),
-            mac_owners: mac_owners.clone(),
-        };
-        let threads = vec![
-            std::thread::Builder::new().name("tap-to-udp".into()).spawn(move || tx_thread.run())?,
-            std::thread::Builder::new().name("udp-to-tap".into()).spawn(move || rx_thread.run())?,
-        ];
+        let mut tx_boxes = Vec::new();
+        let mut tx_chans = Vec::new();
+        let mut rx_boxes = Vec::new();
+        let mut rx_chans = Vec::new();
+        for _ in 0..n {
+            let (t, r) = channel();
+            tx_boxes.push(Mailbox { tx: t, efd: Arc::new(EventFd::new()?) });
+            tx_chans.push(r);
+            let (t, r) = channel();
+            rx_boxes.push(Mailbox { tx: t, efd: Arc::new(EventFd::new()?) });
+            rx_chans.push(r);
+        }
+        let mut threads = Vec::new();
+        let mut counters = Vec::new();
+        for (q, ((tap, socket), (trx, rrx))) in devices.into_iter().zip(sockets).zip(tx_chans.into_iter().zip(rx_chans)).enumerate() {
+            socket.set_nonblocking(true)?;
+            let state = Arc::new(UdpSocketState::new(UdpSockRef::from(&socket))?);
+            let _ = state.set_send_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
+            let _ = state.set_recv_buffer_size(UdpSockRef::from(&socket), SOCKET_BUFFER);
+            let tap = Arc::new(tap);
+            let socket = Arc::new(socket);
+            let (tx_stats, rx_stats) = (stats.thread(), stats.thread());
+            let qc = Arc::new(ThreadCounters::default());
+            counters.push(qc.clone());
+            let vnet = tap.vnet_hdr();
+            let sealing = QueueSealing { queue: q as u16, queues: n as u16, shared: shared.clone() };
+            let mut tx_plane = TxPlane::new(me, max_datagram, vnet, tx_stats.clone(), qc.clone());
+            tx_plane.set_queue(sealing.clone());
+            let mut rx_plane = RxPlane::new(me, max_datagram, vnet, rx_stats.clone(), qc.clone());
+            rx_plane.set_queue(sealing);
+            let tx_thread = TxLoop {
+                queue: q,
+                tap: tap.clone(),
+                socket: socket.clone(),
+                sender: UdpSender::new(tx_stats.clone(), &state, &socket),
+                cmds: trx,
+                efd: tx_boxes[q].efd.clone(),
+                counters: qc.clone(),
+                plane: tx_plane,
+                stats: tx_stats,
+                clock,
+                links: links.clone(),
+                mac_owners: mac_owners.clone(),
+            };
+            let rx_thread = RxLoop {
+                queue: q,
+                tap,
+                sender: UdpSender::new(rx_stats.clone(), &state, &socket),
+                socket,
+                udp: state,
+                cmds: rrx,
+                efd: rx_boxes[q].efd.clone(),
+                learn: tx_boxes.clone(),
+                others: rx_boxes.clone(),
+                plane: rx_plane,
+                stats: rx_stats,
+                all_stats: stats.clone(),
+                clock,
+                links: links.clone(),
+                mac_owners: mac_owners.clone(),
+            };
+            let suffix = if n > 1 { format!("-{q}") } else { String::new() };
+            threads.push(std::thread::Builder::new().name(format!("tap-to-udp{suffix}")).spawn(move || tx_thread.run())?);
+            threads.push(std::thread::Builder::new().name(format!("udp-to-tap{suffix}")).spawn(move || rx_thread.run())?);
+        }
         let traffic = Arc::new(TrafficBook::default());
-        Ok(DataPlane { tx: tx_box, rx: rx_box, threads, links, clock, max_datagram, stats, traffic, counters, mac_owners })
+        Ok(DataPlane { tx: tx_boxes, rx: rx_boxes, threads, links, clock, max_datagram, stats, traffic, counters, mac_owners })
+    }
+
+    /// How many queues (thread pairs) forward.
+    pub fn queues(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// Superframes read from the device (TX) and written to it whole (RX), all queues.
+    pub fn superframes(&self) -> (u64, u64) {
+        self.counters.iter().fold((0, 0), |(t, r), c| (t + c.tx_superframes.get(), r + c.rx.superframes.get()))
+    }
+
+    /// Entries in the MAC table (queue 0's: every queue learns the same remote MACs).
+    pub fn mac_entries(&self) -> u64 {
+        self.counters.iter().map(|c| c.tx_mac_entries.load(Ordering::Relaxed)).max().unwrap_or(0)
+    }
+
+    fn post_tx(&self, cmd: impl Fn() -> TxCmd) {
+        for m in &self.tx {
+            m.post(cmd());
+        }
+    }
+
+    fn post_rx(&self, cmd: impl Fn() -> RxCmd) {
+        for m in &self.rx {
+            m.post(cmd());
+        }
     }
 
     /// Starts heartbeats with `link.peer` and accepts its datagrams; data goes
@@ -331,40 +414,44 @@ impl DataPlane {
     pub fn add_peer(&self, link: PeerLink) {
         debug_assert_eq!(link.recv_index & RELAY_INDEX_BIT, 0);
         let now = self.clock.elapsed().as_millis() as u64;
-        let link_state = Link { liveness: Liveness::new(self.max_datagram, now), addr: link.addr, sealed: [(0, 0); 2] };
+        let sealed = vec![(0, 0); 2 * self.queues()];
+        let link_state = Link { liveness: Liveness::new(self.max_datagram, now), addr: link.addr, sealed };
         lock(&self.links).insert(link.peer, link_state);
-        let traffic = self.traffic.of(link.peer);
-        self.rx.post(RxCmd::AddPeer(link.clone(), traffic.clone()));
-        self.tx.post(TxCmd::AddPeer(link, traffic));
+        for q in 0..self.queues() {
+            let traffic = self.traffic.of(link.peer, q);
+            self.rx[q].post(RxCmd::AddPeer(link.clone(), traffic.clone()));
+            self.tx[q].post(TxCmd::AddPeer(link.clone(), traffic));
+        }
     }
 
     /// Stops carrying frames for `peer` (whose sessions we knew by `recv_indexes`).
     pub fn remove_peer(&self, peer: PeerName, recv_indexes: Vec<u32>) {
         lock(&self.links).remove(&peer);
-        self.tx.post(TxCmd::RemovePeer(peer));
-        self.rx.post(RxCmd::RemovePeer(peer, recv_indexes));
+        self.post_tx(|| TxCmd::RemovePeer(peer));
+        self.post_rx(|| RxCmd::RemovePeer(peer, recv_indexes.clone()));
     }
 
     /// Rekeying: accepts `peer`'s datagrams under `index` (and its relay index)
-    /// opened with `key`, beside the sessions already there. `done` runs on the
-    /// receive thread once datagrams under `index` open.
+    /// opened with `key`, beside the sessions already there. `done` runs on a
+    /// receive thread once datagrams under `index` open on every queue.
     pub fn install_recv(&self, peer: PeerName, index: u32, key: Key, done: Box<dyn FnOnce() + Send>) {
         debug_assert_eq!(index & RELAY_INDEX_BIT, 0);
-        self.rx.post(RxCmd::AddRecv { peer, index, key, done });
+        let done = Countdown::new(self.queues(), done);
+        self.post_rx(|| RxCmd::AddRecv { peer, index, key: key.clone(), done: done.clone() });
     }
 
     /// Rekeying: seals what goes to `peer` (directly and relayed) under
     /// `index`/`key` from now on, unless its sessions no longer seal under
     /// `from` (the connection was replaced meanwhile).
     pub fn switch_send(&self, peer: PeerName, from: u32, index: u32, key: Key) {
-        self.rx.post(RxCmd::SwitchRelay { peer, from, index, key: key.clone() });
-        self.tx.post(TxCmd::Switch { peer, from, index, key });
+        self.post_rx(|| RxCmd::SwitchRelay { peer, from, index, key: key.clone() });
+        self.post_tx(|| TxCmd::Switch { peer, from, index, key: key.clone() });
     }
 
     /// Rekeying: stops accepting datagrams under `index` (and its relay index);
     /// the receive thread erases their keys.
     pub fn remove_recv(&self, index: u32) {
-        self.rx.post(RxCmd::RemoveRecv(index));
+        self.post_rx(|| RxCmd::RemoveRecv(index));
     }
 
     /// Every direct peer's UDP state.
@@ -396,22 +483,23 @@ impl DataPlane {
     /// Replaces the routes (after every topology change).
     pub fn set_routes(&self, routes: Routes) {
         let routes = Arc::new(routes);
-        self.tx.post(TxCmd::Routes(routes.clone()));
-        self.rx.post(RxCmd::Routes(routes));
+        self.post_tx(|| TxCmd::Routes(routes.clone()));
+        self.post_rx(|| RxCmd::Routes(routes.clone()));
     }
 
     /// Stops both threads and waits for them.
     pub fn stop(mut self) {
-        self.tx.post(TxCmd::Stop);
-        self.rx.post(RxCmd::Stop);
+        self.post_tx(|| TxCmd::Stop);
+        self.post_rx(|| RxCmd::Stop);
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
 }
 
-/// The TAP → UDP thread.
+/// The TAP → UDP thread of one queue.
 struct TxLoop {
+    queue: usize,
     tap: Arc<Device>,
     socket: Arc<UdpSocket>,
     sender: UdpSender,
@@ -441,7 +529,13 @@ impl TxLoop {
             let Some(l) = links.get_mut(&peer) else { continue };
             self.plane.set_path(peer, l.addr, l.liveness.path_mtu(now));
             if let Some(sealed) = self.plane.sealed(peer) {
-                l.sealed[0] = sealed;
+                if let Some(s) = l.sealed.get_mut(2 * self.queue) {
+                    *s = sealed;
+                }
+            }
+            // Liveness is queue 0's alone.
+            if self.queue != 0 {
+                continue;
             }
             let Some(hb) = l.liveness.poll(now, sizes) else { continue };
             self.plane.seal_heartbeats(peer, hb, sizes, out);
@@ -533,24 +627,38 @@ impl TxLoop {
     }
 }
 
+/// The queue field of a datagram (0 if it is too short to have one).
+fn queue_of(dgram: &[u8]) -> u16 {
+    match dgram.get(2..4) {
+        Some(b) => u16::from_be_bytes([b[0], b[1]]),
+        None => 0,
+    }
+}
+
 /// Writes one unit (or plain frame) into the device, counting it.
 fn write_device(dev: &Device, stats: &Stats, unit: &[u8]) {
     match dev.write_unit(unit) {
-        Ok(_) => stats.tap_units_out.fetch_add(1, Ordering::Relaxed),
-        Err(_) => stats.tap_write_errors.fetch_add(1, Ordering::Relaxed),
-    };
+        Ok(_) => stats.tap_units_out.add(1),
+        Err(_) => stats.tap_write_errors.add(1),
+    }
 }
 
-/// The UDP → TAP thread.
+/// The UDP → TAP thread of one queue.
 struct RxLoop {
+    queue: usize,
     tap: Arc<Device>,
     socket: Arc<UdpSocket>,
     udp: Arc<UdpSocketState>,
     sender: UdpSender,
     cmds: ChanRx<RxCmd>,
     efd: Arc<EventFd>,
-    learn: Mailbox<TxCmd>,
+    /// Every queue's TX thread: MACs learned here go to all.
+    learn: Vec<Mailbox<TxCmd>>,
+    /// Every queue's RX thread (this one's too): datagrams for another queue go there.
+    others: Vec<Mailbox<RxCmd>>,
     stats: Arc<Stats>,
+    /// Every thread's counters, for the error log.
+    all_stats: Arc<StatsSet>,
     plane: RxPlane,
     clock: Instant,
     links: Links,
@@ -567,7 +675,16 @@ impl RxLoop {
             RxCmd::RemovePeer(peer, indexes) => self.plane.remove_peer(peer, &indexes),
             RxCmd::AddRecv { peer, index, key, done } => {
                 self.plane.add_recv(peer, index, &key.0);
-                done();
+                done.count_down();
+            }
+            RxCmd::Foreign(mut dgram, from) => {
+                let now = self.clock.elapsed().as_millis() as u64;
+                let mut out = RxOut::default();
+                let _ = self.plane.receive(now, &mut dgram, from, &mut out);
+                self.perform(&mut out, &dgram, now);
+                if !out.heard.is_empty() {
+                    self.heard(&mut out, now);
+                }
             }
             RxCmd::RemoveRecv(index) => self.plane.remove_recv(index),
             RxCmd::SwitchRelay { peer, from, index, key } => self.plane.switch_relay(peer, from, index, &key.0),
@@ -585,11 +702,15 @@ impl RxLoop {
             let Some(l) = links.get_mut(&peer) else { continue };
             self.plane.set_path(peer, l.addr, l.liveness.path_mtu(now));
             if let Some(sealed) = self.plane.sealed(peer) {
-                l.sealed[1] = sealed;
+                if let Some(s) = l.sealed.get_mut(2 * self.queue + 1) {
+                    *s = sealed;
+                }
             }
         }
         drop(links);
-        errors.report(&self.stats);
+        if self.queue == 0 {
+            errors.report(&self.all_stats);
+        }
     }
 
     /// Performs what the plane decided for one datagram (or poll).
@@ -604,7 +725,9 @@ impl RxLoop {
         }
         for (mac, peer) in out.learned.drain(..) {
             self.mac_owners.note(mac, Owner::Peer(peer), now);
-            self.learn.post(TxCmd::Learn(mac, peer));
+            for tx in &self.learn {
+                tx.post(TxCmd::Learn(mac, peer));
+            }
         }
     }
 
@@ -648,9 +771,22 @@ impl RxLoop {
                     }
                 }
             };
+            let queues = self.others.len();
             for (buf, meta) in bufs.iter_mut().zip(metas.iter()).take(n) {
                 let stride = meta.stride.max(1);
                 for dgram in buf[..meta.len].chunks_mut(stride) {
+                    if queues > 1 {
+                        // The kernel steers by the queue field; a GRO batch
+                        // that mixed queues lands whole on its first one's
+                        // socket: hand the others over, so that every
+                        // (session, queue) is opened by one thread only.
+                        let q = queue_of(dgram) as usize % queues;
+                        if q != self.queue {
+                            self.stats.udp_other_queue.add(1);
+                            self.others[q].post(RxCmd::Foreign(dgram.to_vec(), meta.addr));
+                            continue;
+                        }
+                    }
                     // Errors are counted by the plane.
                     let _ = self.plane.receive(now, dgram, meta.addr, &mut out);
                     self.perform(&mut out, dgram, now);
@@ -669,7 +805,7 @@ impl RxLoop {
     /// Records heartbeats that arrived, and where they came from: a peer's
     /// datagrams go where its authenticated heartbeats come from (NAT-friendly).
     fn heard(&self, out: &mut RxOut, now: u64) {
-        self.stats.heartbeats_in.fetch_add(out.heard.len() as u64, Ordering::Relaxed);
+        self.stats.heartbeats_in.add(out.heard.len() as u64);
         let mut links = lock(&self.links);
         for h in out.heard.drain(..) {
             let Some(l) = links.get_mut(&h.peer) else { continue };

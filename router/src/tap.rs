@@ -52,6 +52,14 @@ impl Tap {
     /// and put it on the bridge with ifindex `bridge_index`: promiscuous, up, MTU
     /// `mtu`, txqueuelen 10000. On error the device is closed again.
     pub fn create(name: &str, bridge_index: u32, mtu: u32) -> Result<Tap, NetlinkError> {
+        Ok(Self::create_queues(name, bridge_index, mtu, 1)?.remove(0))
+    }
+
+    /// [`create`](Self::create) with `queues` queues: more than one opens the
+    /// device with `IFF_MULTI_QUEUE` and one descriptor per queue (the kernel
+    /// picks a frame's queue by its flow, so a flow stays on one queue). The
+    /// first [`Tap`] owns the device; all go together.
+    pub fn create_queues(name: &str, bridge_index: u32, mtu: u32, queues: usize) -> Result<Vec<Tap>, NetlinkError> {
         let what = format!("open TAP {name}");
         if name.is_empty() || name.len() > MAX_IFNAME_LEN {
             return Err(NetlinkError::InvalidArgument {
@@ -64,6 +72,7 @@ impl Tap {
             .name(name)
             .layer(Layer::L2)
             .offload(true)
+            .multi_queue(queues > 1)
             // Up only once IPv6 is off and it is on the bridge (below).
             .enable(false)
             .build_sync()
@@ -78,6 +87,12 @@ impl Tap {
             // tun-rs falls back silently only when IFF_VNET_HDR is compiled out.
             log::warn!("TAP {name}: no virtio-net header; superframes are off");
         }
+        let mut taps = vec![tap];
+        for q in 1..queues {
+            let dev = taps[0].dev.try_clone().map_err(io_err(format!("{what}: queue {q}")))?;
+            dev.set_nonblocking(true).map_err(io_err(format!("{what}: queue {q}: set non-blocking")))?;
+            taps.push(Tap { dev, name: name.to_string() });
+        }
         netlink::set_port(
             name,
             PortConfig {
@@ -87,7 +102,7 @@ impl Tap {
                 txqueuelen: Some(TXQUEUELEN),
             },
         )?;
-        Ok(tap)
+        Ok(taps)
     }
 
     /// The interface name.

@@ -9,23 +9,53 @@ use meshnet_proto::PeerName;
 
 pub use meshnet_proto::plane::traffic::*;
 
-/// Every peer's counters, ever since the data plane started. Locked when a
-/// peer is added and when the counters are read, never per frame.
+/// Every peer's counters, ever since the data plane started: one
+/// [`PeerTraffic`] per peer and queue (each queue's threads write their own),
+/// summed when read. Locked when a peer is added and when the counters are
+/// read, never per frame.
 #[derive(Default)]
 pub struct TrafficBook {
-    peers: Mutex<HashMap<PeerName, Arc<PeerTraffic>>>,
+    peers: Mutex<HashMap<PeerName, Vec<Arc<PeerTraffic>>>>,
 }
 
 impl TrafficBook {
-    /// The counters of `peer` (made on first use, kept for good).
-    pub fn of(&self, peer: PeerName) -> Arc<PeerTraffic> {
-        self.peers.lock().unwrap_or_else(|p| p.into_inner()).entry(peer).or_default().clone()
+    /// The counters of `peer` on queue `queue` (made on first use, kept for good).
+    pub fn of(&self, peer: PeerName, queue: usize) -> Arc<PeerTraffic> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let v = peers.entry(peer).or_default();
+        while v.len() <= queue {
+            v.push(Arc::default());
+        }
+        v[queue].clone()
     }
 
-    /// Every peer's counters, in name order.
+    /// Every peer's counters, summed over the queues, in name order.
     pub fn snapshot(&self) -> Vec<(PeerName, TrafficSnapshot)> {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = peers.iter().map(|(p, t)| (*p, t.snapshot())).collect();
+        let mut v: Vec<_> = peers
+            .iter()
+            .map(|(p, queues)| {
+                let mut sum = TrafficSnapshot::default();
+                for t in queues {
+                    let s = t.snapshot();
+                    sum.tx_datagrams += s.tx_datagrams;
+                    sum.tx_bytes += s.tx_bytes;
+                    sum.tx_units += s.tx_units;
+                    sum.rx_datagrams += s.rx_datagrams;
+                    sum.rx_bytes += s.rx_bytes;
+                    sum.relayed_units += s.relayed_units;
+                    sum.relayed_bytes += s.relayed_bytes;
+                    if sum.drops.is_empty() {
+                        sum.drops = s.drops;
+                    } else {
+                        for (d, (_, n)) in sum.drops.iter_mut().zip(s.drops) {
+                            d.1 += n;
+                        }
+                    }
+                }
+                (*p, sum)
+            })
+            .collect();
         v.sort_by_key(|(p, _)| *p);
         v
     }
@@ -40,17 +70,19 @@ mod tests {
     fn counters_add_and_snapshot() {
         let book = TrafficBook::default();
         let p = PeerName(7);
-        let t = book.of(p);
+        let t = book.of(p, 0);
         t.tx.datagrams.add(3);
         t.tx.bytes.add(4000);
         t.rx.bytes.add(10);
         t.rx.refused[Refused::NotOnPath.index()].add(2);
         // The same counters come back for the same peer (a reconnect keeps them).
-        book.of(p).tx.datagrams.add(1);
+        book.of(p, 0).tx.datagrams.add(1);
+        // Another queue's counters of the same peer add up.
+        book.of(p, 2).rx.bytes.add(5);
         let snap = book.snapshot();
         assert_eq!(snap.len(), 1);
         let s = &snap[0].1;
-        assert_eq!((s.tx_datagrams, s.tx_bytes, s.rx_bytes), (4, 4000, 10));
+        assert_eq!((s.tx_datagrams, s.tx_bytes, s.rx_bytes), (4, 4000, 15));
         assert!(s.drops.contains(&("not_on_path".to_string(), 2)));
         assert!(s.drops.contains(&("no_route".to_string(), 0)));
     }

@@ -12,7 +12,8 @@
 //!   and goes on. A GSO message the kernel refuses (`EIO`: no checksum offload
 //!   on the route's device) turns GSO off for good.
 //!
-//! Each forwarding thread owns one sender. Nothing is allocated per datagram.
+//! Each forwarding thread owns one sender, which counts into that thread's
+//! own [`Stats`]. Nothing is allocated per datagram.
 //!
 //! [`TxBatch::runs_in`]: meshnet_proto::datapath::TxBatch::runs_in
 
@@ -20,7 +21,6 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use meshnet_proto::plane::{Datagrams, Stats};
@@ -60,7 +60,7 @@ impl UdpSender {
         let mut n = 0;
         for t in &d.sends {
             let Some((addr, addr_len)) = sockaddr(t.addr, self.v6_socket) else {
-                self.stats.udp_send_errors.fetch_add(t.datagrams.len() as u64, Ordering::Relaxed);
+                self.stats.udp_send_errors.add(t.datagrams.len() as u64);
                 continue;
             };
             let max_segments = if self.no_gso || !t.gso { 1 } else { self.max_segments };
@@ -125,8 +125,8 @@ impl UdpSender {
             let rc = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), rest.len() as libc::c_uint, 0) };
             if rc > 0 {
                 for (m, &c) in msgs[done..done + rc as usize].iter().zip(&counts[done..]) {
-                    stats.udp_datagrams_out.fetch_add(c, Ordering::Relaxed);
-                    stats.udp_bytes_out.fetch_add(m.msg_len as u64, Ordering::Relaxed);
+                    stats.udp_datagrams_out.add(c);
+                    stats.udp_bytes_out.add(m.msg_len as u64);
                 }
                 done += rc as usize;
                 continue;
@@ -147,7 +147,8 @@ impl UdpSender {
                         // GSO refused (no checksum offload on the route's device): stop using it.
                         self.no_gso = true;
                     }
-                    let errors = stats.udp_send_errors.fetch_add(1, Ordering::Relaxed);
+                    let errors = stats.udp_send_errors.get();
+                    stats.udp_send_errors.add(1);
                     if errors % 1000 == 0 {
                         log::warn!("sending {} datagrams: {e}", counts[done]);
                     }
@@ -156,6 +157,84 @@ impl UdpSender {
             }
         }
     }
+}
+
+/// Binds `n` UDP sockets to `addr`, one per queue. One socket (`n` = 1) is a
+/// plain bind. Several join one `SO_REUSEPORT` group, bound in queue order
+/// (the group's socket index is the queue), and a classic BPF program on the
+/// group picks the socket of every datagram by its queue field (outer header
+/// bytes 2..4, see `meshnet_proto::wire::datagram`): `queue mod n`. The
+/// kernel runs it on the UDP payload: a datagram too short for the field
+/// goes to queue 0, as do heartbeats and everything from single-queue peers.
+pub fn bind_queues(addr: SocketAddr, n: usize) -> io::Result<Vec<UdpSocket>> {
+    if n <= 1 {
+        return Ok(vec![UdpSocket::bind(addr)?]);
+    }
+    let first = reuseport_socket(addr)?;
+    // Port 0: the others join the port the first was given.
+    let addr = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..n {
+        sockets.push(reuseport_socket(addr)?);
+    }
+    steer_by_queue(&sockets[0], n as u32)?;
+    Ok(sockets)
+}
+
+/// A UDP socket with `SO_REUSEPORT`, bound to `addr`.
+fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use std::os::fd::FromRawFd;
+    let family = if addr.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain syscall; the descriptor is owned by the UdpSocket below
+    // (or closed on error).
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a socket we just opened and own.
+    let socket = unsafe { UdpSocket::from_raw_fd(fd) };
+    let one: libc::c_int = 1;
+    // SAFETY: an int option on our socket.
+    let rc = unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEPORT, &one as *const _ as *const libc::c_void, size_of::<libc::c_int>() as libc::socklen_t)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (ss, len) = sockaddr(addr, addr.is_ipv6()).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address family"))?;
+    // SAFETY: ss holds a valid address of length len.
+    if unsafe { libc::bind(fd, &ss as *const _ as *const libc::sockaddr, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+/// asm-generic/socket.h (x86, arm, riscv; libc defines it for Android only).
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+
+/// Attaches the reuseport program `A = payload[2..4]; A %= n; return A`.
+fn steer_by_queue(socket: &UdpSocket, n: u32) -> io::Result<()> {
+    let prog = [
+        // ldh [2]: the queue field (big-endian, as the kernel loads it).
+        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: 2 },
+        libc::sock_filter { code: (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16, jt: 0, jf: 0, k: n },
+        libc::sock_filter { code: (libc::BPF_RET | libc::BPF_A) as u16, jt: 0, jf: 0, k: 0 },
+    ];
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_ptr() as *mut libc::sock_filter };
+    // SAFETY: fprog points at `prog`, alive for the call; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            &fprog as *const _ as *const libc::c_void,
+            size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Puts a `UDP_SEGMENT` control message with `seg` into `buf` and points `m` at it.
@@ -286,9 +365,9 @@ mod tests {
         }
         let (count, bytes) = (d.batch.datagram_count() as u64, d.batch.len_bytes() as u64);
         let half_bytes: u64 = d.batch.datagrams().skip(half).map(|x| x.len() as u64).sum();
-        assert_eq!(stats.udp_datagrams_out.load(Ordering::Relaxed), 2 * (count + (n - half) as u64));
-        assert_eq!(stats.udp_bytes_out.load(Ordering::Relaxed), 2 * (bytes + half_bytes));
-        assert_eq!(stats.udp_send_errors.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.udp_datagrams_out.get(), 2 * (count + (n - half) as u64));
+        assert_eq!(stats.udp_bytes_out.get(), 2 * (bytes + half_bytes));
+        assert_eq!(stats.udp_send_errors.get(), 0);
     }
 
     #[test]

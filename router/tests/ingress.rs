@@ -11,14 +11,13 @@
 
 use std::collections::HashMap;
 use std::net::UdpSocket;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use meshnet_proto::datapath::{Encoder, TxBatch, TxSession};
 use meshnet_proto::ingress::{Upstream, MAX_TTL};
 use meshnet_proto::wire::datagram::InnerHeader;
 use meshnet_proto::PeerName;
-use meshnet_router::dataplane::{DataPlane, PeerLink, Routes, Stats};
+use meshnet_router::dataplane::{DataPlane, PeerLink, Routes, StatsSet};
 use meshnet_router::netlink;
 use meshnet_router::tap::Tap;
 
@@ -104,17 +103,13 @@ impl Peer {
     }
 }
 
-fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
-    a.load(Ordering::Relaxed)
-}
-
-/// (tap_units_out, refused by reason, ttl_clamped)
-fn snapshot(s: &Stats) -> (u64, [u64; 4], u64) {
-    (load(&s.tap_units_out), std::array::from_fn(|i| load(&s.refused[i])), load(&s.ttl_clamped))
+/// (tap_units_out, refused by reason, ttl_clamped), summed over the threads.
+fn snapshot(s: &StatsSet) -> (u64, [u64; 4], u64) {
+    (s.total(|s| &s.tap_units_out), std::array::from_fn(|i| s.total(|s| &s.refused[i])), s.total(|s| &s.ttl_clamped))
 }
 
 /// Waits until the counters move from `before` (or 2 s pass), then returns them.
-fn after(s: &Stats, before: (u64, [u64; 4], u64)) -> (u64, [u64; 4], u64) {
+fn after(s: &StatsSet, before: (u64, [u64; 4], u64)) -> (u64, [u64; 4], u64) {
     let end = Instant::now() + Duration::from_secs(2);
     while snapshot(s) == before && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(10));

@@ -43,6 +43,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::datapath::{DatapathError, Encoder, TxBatch, TxSession, MIN_DATAGRAM};
+pub use crate::session::MAX_QUEUES;
 use crate::gso::{self, VNET_HDR_LEN};
 use crate::ingress::UpstreamMap;
 use crate::rekey::erase;
@@ -120,6 +121,78 @@ pub struct PeerPath {
     /// The peer advertised `CAP_SUPERFRAMES`: it takes units whole; otherwise
     /// they go to it as plain frames (segmented here).
     pub superframes: bool,
+    /// The peer advertised `CAP_MULTIQUEUE`: it opens a counter space per
+    /// (session, queue) and steers by the queue field, so each of our queues
+    /// seals for it under a key of its own. Otherwise our queues share one
+    /// counter space for it (see [`QueueSealing`]).
+    pub multiqueue: bool,
+}
+
+/// Which queue (forwarding thread pair) a plane belongs to, and so how it
+/// makes its sending sessions.
+///
+/// * One queue (`queues` 1, the default): a session seals under the key the
+///   handshake made, queue field 0: what a router without queues does.
+/// * Several, to a peer with `CAP_MULTIQUEUE`: queue q seals under
+///   [`crate::session::queue_key`] with the queue field q: no counter, key or
+///   replay window is shared with another queue.
+/// * Several, to a peer without it (an older router): every queue seals under
+///   the handshake's key with queue field 0, taking counters from one atomic
+///   per session ([`SharedCounters`]): one shared read-modify-write per
+///   datagram, for such peers only.
+#[derive(Clone, Debug)]
+pub struct QueueSealing {
+    pub queue: u16,
+    pub queues: u16,
+    pub shared: Arc<SharedCounters>,
+}
+
+impl Default for QueueSealing {
+    fn default() -> Self {
+        QueueSealing { queue: 0, queues: 1, shared: Arc::default() }
+    }
+}
+
+impl QueueSealing {
+    /// The session this queue seals under towards a peer whose receiver
+    /// index is `index`, keyed `key`.
+    pub fn session(&self, index: u32, key: &[u8; 32], multiqueue: bool) -> TxSession {
+        if self.queues <= 1 {
+            TxSession::new(index, key)
+        } else if multiqueue {
+            TxSession::on_queue(index, key, self.queue)
+        } else {
+            TxSession::shared(index, key, self.shared.counter(index), self.queue)
+        }
+    }
+
+    /// The relay session beside the direct one sealing under `index`/`key`
+    /// (see [`relay_session`]), for this queue.
+    pub fn relay(&self, index: u32, key: &[u8; 32], multiqueue: bool) -> TxSession {
+        let mut relay = relay_key(key);
+        let session = self.session(index | RELAY_INDEX_BIT, &relay, multiqueue);
+        erase(&mut relay);
+        session
+    }
+}
+
+/// The counter spaces the queues share for peers without `CAP_MULTIQUEUE`,
+/// by receiver index (relay bit included). Locked only when a session is made.
+#[derive(Debug, Default)]
+pub struct SharedCounters(std::sync::Mutex<HashMap<u32, std::sync::Weak<std::sync::atomic::AtomicU64>>>);
+
+impl SharedCounters {
+    /// The counter of the sessions under `index`, shared by every queue.
+    pub fn counter(&self, index: u32) -> Arc<std::sync::atomic::AtomicU64> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, w| w.strong_count() > 0);
+        if let Some(c) = m.get(&index).and_then(|w| w.upgrade()) {
+            return c;
+        }
+        let c = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        m.insert(index, Arc::downgrade(&c));
+        c
+    }
 }
 
 /// One direct peer in a plane: its path, its sealing session and counters.
@@ -156,6 +229,11 @@ impl PeerSet {
             self.index.insert(self.peers[i].path.peer, i);
         }
         true
+    }
+
+    /// Whether `peer` takes queues (`CAP_MULTIQUEUE`); false for an unknown peer.
+    pub(crate) fn multiqueue(&self, peer: PeerName) -> bool {
+        self.index.get(&peer).is_some_and(|&i| self.peers[i].path.multiqueue)
     }
 
     pub(crate) fn get_mut(&mut self, peer: PeerName) -> Option<&mut Peer> {

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use super::stats::{add, Stats};
 use super::traffic::{PeerTraffic, ThreadCounters};
-use super::{relay_session, Datagrams, Peer, PeerPath, PeerSet, Routes, Segmenter, MIN_UNIT};
+use super::{Datagrams, Peer, PeerPath, PeerSet, QueueSealing, Routes, Segmenter, MIN_UNIT};
 use crate::datapath::{DatapathError, Encoder, Place, Receiver, TxBatch, SALVAGE_AGE_MS};
 use crate::gso::{self, GSO_NONE, VNET_HDR_LEN};
 use crate::ingress::{self, UpstreamMap};
@@ -62,7 +62,7 @@ enum Held {
     /// Bytes of the datagram (decrypted in place).
     Datagram(usize, usize),
     /// A unit completed in a reassembly slot by the last receive.
-    Slot { receiver_index: u32, slot: u8 },
+    Slot { session: u64, slot: u8 },
     /// Bytes of the out's arena.
     Arena(usize, usize),
 }
@@ -122,6 +122,8 @@ pub struct RxPlane {
     /// MACs told to the TX plane, and when.
     announced: HashMap<Mac, (PeerName, u64)>,
     last_expire: u64,
+    /// The queue this plane's relay sessions seal on.
+    sealing: QueueSealing,
 }
 
 impl RxPlane {
@@ -144,7 +146,13 @@ impl RxPlane {
             last_from: None,
             announced: HashMap::new(),
             last_expire: 0,
+            sealing: QueueSealing::default(),
         }
+    }
+
+    /// Makes this plane queue `sealing.queue` of `sealing.queues` (before any peer is added).
+    pub fn set_queue(&mut self, sealing: QueueSealing) {
+        self.sealing = sealing;
     }
 
     /// Accepts `path.peer`'s datagrams under `recv_index` (and relayed ones
@@ -161,7 +169,7 @@ impl RxPlane {
     ) {
         let peer = path.peer;
         self.add_recv(peer, recv_index, recv_key);
-        let session = relay_session(send_index, send_key);
+        let session = self.sealing.relay(send_index, send_key, path.multiqueue);
         self.announced.retain(|_, (p, _)| *p != peer);
         self.traffic.insert(peer, traffic.clone());
         let max_datagram = self.max_datagram;
@@ -193,7 +201,8 @@ impl RxPlane {
     /// Relays to `peer` under the relay session of a new key, if its relay
     /// session still seals beside `from`.
     pub fn switch_relay(&mut self, peer: PeerName, from: u32, index: u32, key: &[u8; 32]) {
-        self.peers.switch(peer, from, relay_session(index, key));
+        let session = self.sealing.relay(index, key, self.peers.multiqueue(peer));
+        self.peers.switch(peer, from, session);
     }
 
     pub fn set_routes(&mut self, routes: Arc<Routes>) {
@@ -226,7 +235,7 @@ impl RxPlane {
     pub fn deliveries<'a>(&'a self, out: &'a RxOut, dgram: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
         out.deliver.iter().chain(&out.salvaged).map(move |h| match *h {
             Held::Datagram(a, b) => dgram.get(a..b).unwrap_or_default(),
-            Held::Slot { receiver_index, slot } => self.receiver.held_unit(receiver_index, slot).unwrap_or_default(),
+            Held::Slot { session, slot } => self.receiver.held_unit(session, slot).unwrap_or_default(),
             Held::Arena(a, b) => &out.arena[a..b],
         })
     }
@@ -397,7 +406,7 @@ impl Sink<'_> {
                 }
                 Held::Datagram(start, start + unit.len())
             }
-            Place::Slot { receiver_index, slot } => Held::Slot { receiver_index, slot },
+            Place::Slot { session, slot } => Held::Slot { session, slot },
         };
         out.deliver.push(held);
     }

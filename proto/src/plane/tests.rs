@@ -4,7 +4,6 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::rx::{RxOut, RxPlane};
@@ -136,7 +135,7 @@ impl Net {
             let mut tx = TxPlane::new(name(i), MAX_DATAGRAM, true, stats.clone(), counters.clone());
             let mut rx = RxPlane::new(name(i), MAX_DATAGRAM, true, stats.clone(), counters);
             for &j in &adj[i] {
-                let path = PeerPath { peer: name(j), addr: addr(j), superframes };
+                let path = PeerPath { peer: name(j), addr: addr(j), superframes, multiqueue: true };
                 let traffic = Arc::new(PeerTraffic::default());
                 tx.add_peer(path.clone(), index(i, j), &key(i, j), traffic.clone());
                 rx.add_peer(path, index(j, i), &key(j, i), index(i, j), &key(i, j), traffic);
@@ -245,8 +244,8 @@ impl Net {
         self.nodes[i].delivered.iter().filter(|u| tag_of(u) == tag).count()
     }
 
-    fn stat(&self, i: usize, f: impl Fn(&Stats) -> &std::sync::atomic::AtomicU64) -> u64 {
-        f(&self.nodes[i].stats).load(Ordering::Relaxed)
+    fn stat(&self, i: usize, f: impl Fn(&Stats) -> &super::traffic::Counter) -> u64 {
+        f(&self.nodes[i].stats).get()
     }
 }
 
@@ -503,7 +502,7 @@ fn garbage_and_forgeries_change_nothing() {
     }
     // A frame from 0 that claims to come from 2 is refused by 1, not relayed.
     let mut forger = TxPlane::new(name(2), MAX_DATAGRAM, true, Arc::default(), Arc::default());
-    forger.add_peer(PeerPath { peer: name(1), addr: addr(1), superframes: true }, index(0, 1), &key(0, 1), Arc::default());
+    forger.add_peer(PeerPath { peer: name(1), addr: addr(1), superframes: true, multiqueue: true }, index(0, 1), &key(0, 1), Arc::default());
     forger.learn(mac(2), name(2), 1);
     let mut r = Routes::default();
     r.next_hop.insert(name(2), name(1));

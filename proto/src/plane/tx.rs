@@ -24,8 +24,8 @@ use std::sync::Arc;
 use super::icmp;
 use super::stats::{add, Stats};
 use super::traffic::{PeerTraffic, ThreadCounters};
-use super::{Datagrams, Peer, PeerPath, PeerSet, Routes, Segmenter, Transmit, DEFAULT_TTL, MIN_UNIT};
-use crate::datapath::{seal_heartbeat, Encoder, TxSession, MIN_HEARTBEAT};
+use super::{Datagrams, Peer, PeerPath, PeerSet, QueueSealing, Routes, Segmenter, Transmit, DEFAULT_TTL, MIN_UNIT};
+use crate::datapath::{seal_heartbeat, Encoder, MIN_HEARTBEAT};
 use crate::gso::{GSO_NONE, VNET_HDR_LEN};
 use crate::mac_table::{Learned, MacOwner, MacTable};
 use crate::wire::datagram::{Heartbeat, InnerHeader};
@@ -78,6 +78,8 @@ pub struct TxPlane {
     seg: Segmenter,
     stats: Arc<Stats>,
     counters: Arc<ThreadCounters>,
+    /// The queue this plane seals on.
+    sealing: QueueSealing,
     last_expire: u64,
     // Reused per batch.
     flood: Vec<u16>,
@@ -101,6 +103,7 @@ impl TxPlane {
             seg: Segmenter::new(),
             stats,
             counters,
+            sealing: QueueSealing::default(),
             last_expire: 0,
             flood: Vec::new(),
             unicast: Vec::new(),
@@ -108,9 +111,14 @@ impl TxPlane {
         }
     }
 
+    /// Makes this plane queue `sealing.queue` of `sealing.queues` (before any peer is added).
+    pub fn set_queue(&mut self, sealing: QueueSealing) {
+        self.sealing = sealing;
+    }
+
     /// Adds (or replaces) a direct peer, sealing under `send_index`/`send_key`.
     pub fn add_peer(&mut self, path: PeerPath, send_index: u32, send_key: &[u8; 32], traffic: Arc<PeerTraffic>) {
-        let session = TxSession::new(send_index, send_key);
+        let session = self.sealing.session(send_index, send_key, path.multiqueue);
         let max_datagram = self.max_datagram;
         self.peers.insert(Peer { path, session, traffic, max_datagram });
     }
@@ -125,7 +133,8 @@ impl TxPlane {
     /// Seals for `peer` under a new key from now on, if it still seals under
     /// `from` (the connection was not replaced meanwhile).
     pub fn switch(&mut self, peer: PeerName, from: u32, index: u32, key: &[u8; 32]) {
-        self.peers.switch(peer, from, TxSession::new(index, key));
+        let session = self.sealing.session(index, key, self.peers.multiqueue(peer));
+        self.peers.switch(peer, from, session);
     }
 
     /// A remote MAC seen behind `peer` (by the RX plane).

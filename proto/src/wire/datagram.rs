@@ -7,7 +7,12 @@
 //! outer header                        (all integers big-endian)
 //!   0      u8   kind: 0x01 = data (anything else is rejected)
 //!   1      u8   flags: 0 (reserved; nonzero is rejected)
-//!   2..4   u16  reserved, 0
+//!   2..4   u16  queue: the sender's queue (forwarding thread) that sealed it,
+//!               below MAX_QUEUES; 0 to a peer without CAP_MULTIQUEUE, which
+//!               rejects anything else (the field was "reserved, 0" before).
+//!               Queue q > 0 seals under its own key (`session::queue_key`),
+//!               so each (session, queue) is a counter space and replay
+//!               window of its own; the receiver's kernel steers by it.
 //!   4..8   u32  receiver index: the session id the RECEIVER chose in the handshake
 //!   8..16  u64  counter: per-session send counter;
 //!               nonce = 4 zero bytes ‖ counter (big-endian)
@@ -171,6 +176,10 @@ impl<T: AsRef<[u8]>> OuterPacket<T> {
     pub fn reserved(&self) -> u16 {
         be16(&self.buffer.as_ref()[field::OUTER_RESERVED])
     }
+    /// The queue field (bytes 2..4, which were reserved before queues).
+    pub fn queue(&self) -> u16 {
+        self.reserved()
+    }
     pub fn receiver_index(&self) -> u32 {
         be32(&self.buffer.as_ref()[field::RECEIVER_INDEX])
     }
@@ -197,6 +206,9 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> OuterPacket<T> {
     pub fn set_reserved(&mut self, v: u16) {
         self.buffer.as_mut()[field::OUTER_RESERVED].copy_from_slice(&v.to_be_bytes());
     }
+    pub fn set_queue(&mut self, v: u16) {
+        self.set_reserved(v);
+    }
     pub fn set_receiver_index(&mut self, v: u32) {
         self.buffer.as_mut()[field::RECEIVER_INDEX].copy_from_slice(&v.to_be_bytes());
     }
@@ -217,7 +229,8 @@ pub struct OuterHeader {
 }
 
 impl OuterHeader {
-    /// Parses a checked view: kind must be data, flags and reserved zero.
+    /// Parses a checked view: kind must be data, flags zero, the queue below
+    /// [`MAX_QUEUES`](crate::session::MAX_QUEUES) (read it with [`OuterPacket::queue`]).
     pub fn parse<T: AsRef<[u8]>>(p: &OuterPacket<T>) -> Result<Self, WireError> {
         match Self::parse_any(p)? {
             (KIND_DATA, h) => Ok(h),
@@ -231,7 +244,7 @@ impl OuterHeader {
         if p.kind() != KIND_DATA && p.kind() != KIND_HEARTBEAT {
             return Err(WireError::BadKind(p.kind()));
         }
-        if p.flags() != 0 || p.reserved() != 0 {
+        if p.flags() != 0 || p.queue() >= crate::session::MAX_QUEUES {
             return Err(WireError::Reserved);
         }
         Ok((p.kind(), OuterHeader { receiver_index: p.receiver_index(), counter: p.counter() }))
@@ -662,13 +675,20 @@ mod tests {
             let p = OuterPacket::new_checked(&x[..]).unwrap();
             assert_eq!(OuterHeader::parse(&p), Err(WireError::BadKind(kind)));
         }
-        for i in 1..4 {
-            for bit in 0..8 {
-                let mut x = b;
-                x[i] |= 1 << bit;
-                let p = OuterPacket::new_checked(&x[..]).unwrap();
-                assert_eq!(OuterHeader::parse(&p), Err(WireError::Reserved), "byte {i} bit {bit}");
-            }
+        for bit in 0..8 {
+            let mut x = b;
+            x[1] |= 1 << bit;
+            let p = OuterPacket::new_checked(&x[..]).unwrap();
+            assert_eq!(OuterHeader::parse(&p), Err(WireError::Reserved), "flags bit {bit}");
+        }
+        // The queue field: below MAX_QUEUES is taken, from it on refused.
+        for q in [1u16, 63, 64, 0x100, 0xffff] {
+            let mut x = b;
+            x[2..4].copy_from_slice(&q.to_be_bytes());
+            let p = OuterPacket::new_checked(&x[..]).unwrap();
+            let want = if q < crate::session::MAX_QUEUES { Ok(OuterHeader { receiver_index: 1, counter: 2 }) } else { Err(WireError::Reserved) };
+            assert_eq!(OuterHeader::parse(&p), want, "queue {q}");
+            assert_eq!(p.queue(), q);
         }
     }
 
