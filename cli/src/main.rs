@@ -220,11 +220,15 @@ struct LaunchArgs {
     #[serde(default = "default_rekey_interval")]
     rekey_interval: u64,
     /// Range IPAM allocates from. A default range that overlaps a route of the host is refused.
+    /// Give it once per family (e.g. also `--ipalloc-range fd32::/64`): an IPv6 range adds a
+    /// second, independent ring, and `attach` then gives one address of each family.
     #[arg(long, default_value = meshnet_proto::ipam::DEFAULT_RANGE)]
-    ipalloc_range: String,
-    /// Subnet `attach` allocates from when given no address (default: the whole range).
+    #[serde(deserialize_with = "one_or_many")]
+    ipalloc_range: Vec<String>,
+    /// Subnet `attach` allocates from when given no address (default: the whole range); once per family.
     #[arg(long)]
-    ipalloc_default_subnet: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    ipalloc_default_subnet: Vec<String>,
     /// How the range is first divided: consensus[=N] (default N: 1 + peers named here),
     /// seed=PEER,... (those peers' names), or observer (takes no space at start).
     #[arg(long, default_value = "consensus")]
@@ -588,20 +592,8 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     if args.bridge.is_empty() || args.bridge.len() > 15 || args.bridge.contains(['/', ' ', '\0']) {
         bail!("--bridge {:?}: an interface name of 1 to 15 characters", args.bridge);
     }
-    let ipalloc_range: Cidr = args
-        .ipalloc_range
-        .parse()
-        .map_err(|e| anyhow!("--ipalloc-range {}: {e}", args.ipalloc_range))?;
-    let ipalloc_default_subnet: Option<Cidr> = args
-        .ipalloc_default_subnet
-        .as_deref()
-        .map(|s| s.parse().map_err(|e| anyhow!("--ipalloc-default-subnet {s}: {e}")))
-        .transpose()?;
-    if let Some(d) = &ipalloc_default_subnet {
-        if !ipalloc_range.contains_net(d) {
-            bail!("--ipalloc-default-subnet {d} is not inside --ipalloc-range {ipalloc_range}");
-        }
-    }
+    let ipam_args = parse_ipalloc(&args.ipalloc_range, &args.ipalloc_default_subnet)?;
+    let (ipalloc_range, ipalloc_default_subnet) = (ipam_args.range, ipam_args.default_subnet);
     let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, peers.len())?;
     let datapath: Datapath = args.datapath.parse().map_err(|e| anyhow!("--datapath: {e}"))?;
     let metrics_addr = meshnet_control::metrics::parse_addr(&args.metrics_addr).map_err(|e| anyhow!(e))?;
@@ -646,8 +638,10 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             rekey_interval: Duration::from_secs(args.rekey_interval),
             peers,
             ipalloc_range,
-            ipalloc_range_given: args.ipalloc_range != meshnet_proto::ipam::DEFAULT_RANGE,
+            ipalloc_range_given: ipam_args.range_given,
             ipalloc_default_subnet,
+            ipalloc_range6: ipam_args.range6,
+            ipalloc_default_subnet6: ipam_args.default_subnet6,
             ipalloc_init,
             datapath,
             docker_plugin: daemon::DockerPlugin {
@@ -758,6 +752,77 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
 }
 
 /// Records the options of a launch for `--resume` (never the password itself).
+/// `--ipalloc-range` and `--ipalloc-default-subnet`, each at most once per family.
+#[derive(Debug, PartialEq)]
+struct IpallocArgs {
+    range: Cidr,
+    /// Whether the IPv4 range was given (not the default).
+    range_given: bool,
+    default_subnet: Option<Cidr>,
+    range6: Option<Cidr>,
+    default_subnet6: Option<Cidr>,
+}
+
+fn parse_ipalloc(ranges: &[String], subnets: &[String]) -> Result<IpallocArgs> {
+    let (mut v4, mut v6): (Option<Cidr>, Option<Cidr>) = (None, None);
+    for r in ranges {
+        let c: Cidr = r.parse().map_err(|e| anyhow!("--ipalloc-range {r}: {e}"))?;
+        if !c.is_allocatable() {
+            bail!(
+                "--ipalloc-range {c}: {}",
+                if c.is_v6() {
+                    "an IPv6 range must be between /1 and /126 and not hold ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+                } else {
+                    "an IPv4 range must be between /1 and /30"
+                }
+            );
+        }
+        let slot = if c.is_v6() { &mut v6 } else { &mut v4 };
+        if let Some(prev) = slot.replace(c) {
+            bail!("--ipalloc-range given twice for one address family ({prev} and {c}): give at most one IPv4 and one IPv6 range");
+        }
+    }
+    let range_given = v4.is_some() && ranges.iter().any(|r| r != meshnet_proto::ipam::DEFAULT_RANGE);
+    let range = match v4 {
+        Some(r) => r,
+        None => meshnet_proto::ipam::DEFAULT_RANGE.parse().map_err(|e| anyhow!("default range: {e}"))?,
+    };
+    let (mut d4, mut d6): (Option<Cidr>, Option<Cidr>) = (None, None);
+    for s in subnets {
+        let d: Cidr = s.parse().map_err(|e| anyhow!("--ipalloc-default-subnet {s}: {e}"))?;
+        let (slot, within) = if d.is_v6() { (&mut d6, v6) } else { (&mut d4, Some(range)) };
+        let Some(within) = within else {
+            bail!("--ipalloc-default-subnet {d}: no IPv6 --ipalloc-range was given");
+        };
+        if !within.contains_net(&d) {
+            bail!("--ipalloc-default-subnet {d} is not inside --ipalloc-range {within}");
+        }
+        if d.prefix() > d.max_subnet_prefix() {
+            bail!("--ipalloc-default-subnet {d} is too small to allocate from (at most /{})", d.max_subnet_prefix());
+        }
+        if let Some(prev) = slot.replace(d) {
+            bail!("--ipalloc-default-subnet given twice for one address family ({prev} and {d})");
+        }
+    }
+    Ok(IpallocArgs { range, range_given, default_subnet: d4, range6: v6, default_subnet6: d6 })
+}
+
+/// A launch record's option that older releases stored as one string (or null).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+        Null(Option<()>),
+    }
+    Ok(match <OneOrMany as serde::Deserialize>::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+        OneOrMany::Null(_) => Vec::new(),
+    })
+}
+
 fn record_launch(state: &StateDir, args: &LaunchArgs) -> Result<()> {
     state.ensure()?;
     let mut args = args.clone();

@@ -53,6 +53,9 @@ pub struct Config {
     pub ipalloc_range_given: bool,
     /// `--ipalloc-default-subnet` (default: the range).
     pub ipalloc_default_subnet: Option<Cidr>,
+    /// The IPv6 `--ipalloc-range` (a second ring), if given, and its default subnet.
+    pub ipalloc_range6: Option<Cidr>,
+    pub ipalloc_default_subnet6: Option<Cidr>,
     pub ipalloc_init: InitMode,
     /// `--datapath`: how the router joins the bridge.
     pub datapath: Datapath,
@@ -118,6 +121,17 @@ pub fn run(cfg: Config) -> Result<()> {
         cfg.ipalloc_init.clone(),
         &identity,
     )?;
+    let ipam6 = match cfg.ipalloc_range6 {
+        Some(r6) => Some(IpamHost::open(
+            &cfg.state,
+            me,
+            r6,
+            cfg.ipalloc_default_subnet6.unwrap_or(r6),
+            cfg.ipalloc_init.clone(),
+            &identity,
+        )?),
+        None => None,
+    };
     let psk = cfg.password.as_deref().map(meshnet_proto::handshake::derive_psk);
 
     // Sockets first: a port in use is the most common launch failure.
@@ -206,36 +220,38 @@ pub fn run(cfg: Config) -> Result<()> {
     // The Docker plugin's addresses live as long as Docker's endpoints (persisted).
     let plugin_state = crate::plugin::load(&cfg.state)?;
     live.extend(plugin_state.ipam_keys());
-    for (target, ip) in ipam.ipam.release_missing(&live) {
-        log::info!("IPAM: released {ip} of {target}, which is gone");
-    }
-    // Addresses attached before a ring was agreed and never claimed: claim them
-    // once it is (at once, if it already is).
-    for a in &attachments {
-        let key = attachment_key(a);
-        let held = ipam.ipam.addresses_of(&key);
-        for (ip, prefix) in a.addrs.iter().filter_map(|s| parse_cidr(s).ok()) {
-            if let IpAddr::V4(v4) = ip {
-                if ipam.ipam.universe().contains(v4) && !held.contains(&v4) {
-                    ipam.deferred.push((key.clone(), v4, prefix));
+    let mut ipam6 = ipam6;
+    for h in std::iter::once(&mut ipam).chain(ipam6.as_mut()) {
+        for (target, ip) in h.ipam.release_missing(&live) {
+            log::info!("IPAM: released {ip} of {target}, which is gone");
+        }
+        // Addresses attached before a ring was agreed and never claimed: claim them
+        // once it is (at once, if it already is).
+        for a in &attachments {
+            let key = attachment_key(a);
+            let held = h.ipam.addresses_of(&key);
+            for (ip, prefix) in a.addrs.iter().filter_map(|s| parse_cidr(s).ok()) {
+                if h.ipam.universe().contains(ip) && !held.contains(&ip) {
+                    h.deferred.push((key.clone(), ip, prefix));
                 }
             }
         }
-    }
-    {
-        let held = ipam.ipam.addresses_of(EXPOSE_KEY);
-        for e in &exposed {
-            if let Ok((ip, subnet)) = expose::parse(e) {
-                if ipam.ipam.universe().contains(ip) && !held.contains(&ip) {
-                    ipam.deferred.push((EXPOSE_KEY.to_string(), ip, subnet.prefix()));
+        {
+            let held = h.ipam.addresses_of(EXPOSE_KEY);
+            for e in &exposed {
+                if let Ok((ip, subnet)) = expose::parse(e) {
+                    let ip = IpAddr::V4(ip);
+                    if h.ipam.universe().contains(ip) && !held.contains(&ip) {
+                        h.deferred.push((EXPOSE_KEY.to_string(), ip, subnet.prefix()));
+                    }
                 }
             }
         }
+        if h.ipam.is_agreed() {
+            h.claim_deferred();
+        }
+        let _ = h.flush();
     }
-    if ipam.ipam.is_agreed() {
-        ipam.claim_deferred();
-    }
-    let _ = ipam.flush();
 
     let mut targets = cfg.state.load_targets()?;
     for p in &cfg.peers {
@@ -279,6 +295,9 @@ pub fn run(cfg: Config) -> Result<()> {
     let state = cfg.state.clone();
     let how = rt.block_on(async move {
         let mesh = Mesh::new(settings, state.clone(), dataplane, targets, ipam, keys, dns.clone(), trusted);
+        if let Some(h) = ipam6 {
+            mesh.set_ipam6(h);
+        }
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
         let _ = std::fs::remove_file(&sock_path);

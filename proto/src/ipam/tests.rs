@@ -2,7 +2,9 @@
 //! (every peer a neighbour of every other). The faulty, many-peer simulator
 //! lives in `tests/src/sim/`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::space::{addr_value, Addr};
 
 use super::wire::{self, Body, Envelope, Gossip};
 use super::*;
@@ -16,7 +18,7 @@ fn u() -> Cidr {
 fn p(n: u64) -> PeerName {
     PeerName(0x0200_0000_0000 + n)
 }
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 fn any() -> Request {
@@ -171,7 +173,7 @@ impl Mesh {
     }
 }
 
-fn ready(a: Result<Allocation, IpamError>) -> Ipv4Addr {
+fn ready(a: Result<Allocation, IpamError>) -> IpAddr {
     match a {
         Ok(Allocation::Ready { ip, .. }) => ip,
         other => panic!("expected ready, got {other:?}"),
@@ -241,7 +243,7 @@ fn exact_claims_local_and_remote() {
     assert_eq!(m.nodes[0].poll_event(), Some(Event::Allocated { target: "b".into(), ip: ip("10.32.2.7"), prefix: 22 }));
     assert_eq!(ready(m.alloc(0, "b", want)), ip("10.32.2.7"));
     // Peer 2 gave away exactly one address; it allocates around it.
-    assert_eq!(m.nodes[1].ring().covering_owned(p(1), u32::from(ip("10.32.2.7"))).unwrap().1.size, 1);
+    assert_eq!(m.nodes[1].ring().covering_owned(p(1), addr_value(ip("10.32.2.7"))).unwrap().1.size, 1);
     // An address in use on peer 2 is refused.
     let taken = ready(m.alloc(1, "x", any()));
     let want = Request::Exact { ip: taken, prefix: 22 };
@@ -787,7 +789,7 @@ fn mutated_messages_never_panic_and_errors_change_nothing() {
     m.run();
     for k in 0..20 {
         let _ = m.alloc(2, &format!("o{k}"), any());
-        let _ = m.alloc(0, &format!("c{k}"), Request::Exact { ip: Ipv4Addr::from(u32::from(ip("10.32.2.1")) + k), prefix: 22 });
+        let _ = m.alloc(0, &format!("c{k}"), Request::Exact { ip: IpAddr::V4(Ipv4Addr::from(u32::from(ip("10.32.2.1").to_string().parse::<Ipv4Addr>().unwrap()) + k)), prefix: 22 });
         m.run();
     }
     let mut c = Mesh::new(|_| InitMode::Consensus(3), 3);
@@ -843,7 +845,7 @@ fn forge(env: &Envelope, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
     wire::encode(env, 0, bindings, key)
 }
 
-fn entry_proof(key: &Signer, by: PeerName, ring_id: u64, start: u32, e: &ring::Entry) -> wire::Proof {
+fn entry_proof(key: &Signer, by: PeerName, ring_id: u64, start: Addr, e: &ring::Entry) -> wire::Proof {
     wire::Proof { by, sig: key.sign(wire::DOMAIN_ENTRY, &wire::entry_message(ring_id, start, e)) }
 }
 
@@ -1049,7 +1051,7 @@ fn a_version_1_snapshot_loads_and_is_re_signed() {
     bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap());
     let seeds = InitMode::Seed(vec![p(1), p(2)]);
     let mut r = restore_ipam(p(1), u(), seeds.clone(), Config::default(), &bytes).unwrap();
-    assert_eq!(r.allocations().collect::<Vec<_>>(), vec![(Ipv4Addr::from(start + 1), "keep")]);
+    assert_eq!(r.allocations().collect::<Vec<_>>(), vec![(IpAddr::V4(Ipv4Addr::from(start as u32 + 1)), "keep")]);
     assert_eq!(r.ring().get(start), Some(&mine));
     assert_eq!(r.ring().get(start + 256), Some(&given));
     // My own entry is signed anew; the other's is kept but not relayed unsigned.
@@ -1080,13 +1082,13 @@ fn a_version_1_snapshot_loads_and_is_re_signed() {
 fn versions_at_the_bound_do_not_wrap() {
     let mut r = ring::Ring::genesis(u(), &[p(1)]);
     let start = u().start();
-    let allocs: std::collections::BTreeMap<u32, ()> = Default::default();
+    let allocs: std::collections::BTreeMap<Addr, ()> = Default::default();
     // Push the entry to the bound through merges (as only its owner can sign).
     let top = ring::Entry { owner: p(1), size: 1024, version: ring::MAX_VERSION, free: 1022 };
     let plan = r.plan_merge_same(p(1), &[(start, top)]).unwrap();
     r.apply(plan);
     assert!(!r.set_free(p(1), start, 5), "no edit past the bound");
-    assert!(r.transfer(p(1), start as u64 + 10, start as u64 + 20, p(2), &allocs).is_none());
+    assert!(r.transfer(p(1), start + 10, start + 20, p(2), &allocs).is_none());
     assert!(r.reassign_all(p(1), p(2), 1).is_empty());
     assert_eq!(r.get(start), Some(&top));
 }
