@@ -690,8 +690,11 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     if args.no_discovery {
         cmd.arg("--no-discovery");
     }
-    cmd.args(["--ipalloc-range", &args.ipalloc_range, "--ipalloc-init", &args.ipalloc_init]);
-    if let Some(d) = &args.ipalloc_default_subnet {
+    for r in &args.ipalloc_range {
+        cmd.args(["--ipalloc-range", r]);
+    }
+    cmd.args(["--ipalloc-init", &args.ipalloc_init]);
+    for d in &args.ipalloc_default_subnet {
         cmd.args(["--ipalloc-default-subnet", d]);
     }
     if args.no_docker_plugin {
@@ -814,6 +817,7 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Ve
     enum OneOrMany {
         One(String),
         Many(Vec<String>),
+        #[allow(dead_code)]
         Null(Option<()>),
     }
     Ok(match <OneOrMany as serde::Deserialize>::deserialize(d)? {
@@ -1019,16 +1023,26 @@ fn print_ipam(v: &serde_json::Value) {
     println!("          Range: {} (default subnet {})", v["range"].as_str().unwrap_or("?"), v["default_subnet"].as_str().unwrap_or("?"));
     println!("           Ring: {agreed}, {} entries", v["ring_entries"]);
     println!(" Allocated here: {} ({} pending)", v["allocated_here"], v["pending"]);
-    println!("    Unreachable: {} addresses owned by unreachable peers", v["unreachable_space"]);
+    println!("    Unreachable: {} addresses owned by unreachable peers", count_text(&v["unreachable_space"]));
     for o in v["owners"].as_array().into_iter().flatten() {
         println!(
             "  {} {:>10} addresses, {:>10} free{}",
             o["peer"].as_str().unwrap_or("?"),
-            o["size"],
-            o["free"],
+            count_text(&o["size"]),
+            count_text(&o["free"]),
             if o["reachable"].as_bool() == Some(true) { "" } else { "  (unreachable)" }
         );
     }
+    if v["ipv6"].is_object() {
+        println!();
+        println!("IPv6 ring:");
+        print_ipam(&v["ipv6"]);
+    }
+}
+
+/// An address count of `status ipam --json`: a number, or (over 2^64 - 1) a string of digits.
+fn count_text(v: &serde_json::Value) -> String {
+    v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
 }
 
 fn print_peers(peers: &[PeerStatus]) {
@@ -1041,5 +1055,66 @@ fn print_connections(conns: &[ConnectionStatus]) {
     for c in conns {
         let who = c.peer.clone().map(|p| format!("{p}({})", c.nickname)).unwrap_or_default();
         println!("{:<8} {:<22} {:<12} {} {}", if c.direction == "outbound" { "->" } else { "<-" }, c.address, c.state, who, c.info);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn ipalloc_once_per_family() {
+        // One range given: today's behaviour.
+        let one = parse_ipalloc(&v(&["10.40.0.0/16"]), &v(&["10.40.1.0/24"])).unwrap();
+        assert_eq!(one.range, "10.40.0.0/16".parse().unwrap());
+        assert!(one.range_given && one.range6.is_none() && one.default_subnet6.is_none());
+        let dflt = parse_ipalloc(&v(&[meshnet_proto::ipam::DEFAULT_RANGE]), &[]).unwrap();
+        assert!(!dflt.range_given);
+        // Both families, in either order.
+        let both = parse_ipalloc(&v(&["fd32::/64", "10.32.0.0/12"]), &v(&["fd32::/80", "10.32.1.0/24"])).unwrap();
+        assert_eq!(both.range6, Some("fd32::/64".parse().unwrap()));
+        assert_eq!(both.default_subnet6, Some("fd32::/80".parse().unwrap()));
+        assert_eq!(both.default_subnet, Some("10.32.1.0/24".parse().unwrap()));
+        // IPv6 alone keeps the default IPv4 range.
+        let six = parse_ipalloc(&v(&["fd32::/64"]), &[]).unwrap();
+        assert_eq!(six.range, meshnet_proto::ipam::DEFAULT_RANGE.parse().unwrap());
+        assert!(!six.range_given);
+        for (ranges, subnets, want) in [
+            (v(&["10.32.0.0/12", "10.48.0.0/12"]), v(&[]), "twice"),
+            (v(&["fd32::/64", "fd33::/64"]), v(&[]), "twice"),
+            (v(&["fd32::1/64"]), v(&[]), "host bits"),
+            (v(&["fd32::/127"]), v(&[]), "/126"),
+            (v(&["ff00::/8"]), v(&[]), "ffff"),
+            (v(&["10.32.0.0/31"]), v(&[]), "/30"),
+            (v(&["fd32::/64"]), v(&["fd33::/80"]), "not inside"),
+            (v(&["10.32.0.0/12"]), v(&["fd33::/80"]), "no IPv6"),
+            (v(&["fd32::/64"]), v(&["fd32::/80", "fd32:0:0:0:1::/80"]), "twice"),
+            (v(&["fd32::/64"]), v(&["fd32::/127"]), "too small"),
+        ] {
+            let e = parse_ipalloc(&ranges, &subnets).unwrap_err().to_string();
+            assert!(e.contains(want), "{ranges:?} {subnets:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn launch_record_of_an_older_release_loads() {
+        let old = r#"{"ipalloc_range": "10.40.0.0/16", "ipalloc_default_subnet": null}"#;
+        #[derive(serde::Deserialize)]
+        struct Part {
+            #[serde(deserialize_with = "one_or_many")]
+            ipalloc_range: Vec<String>,
+            #[serde(default, deserialize_with = "one_or_many")]
+            ipalloc_default_subnet: Vec<String>,
+        }
+        let p: Part = serde_json::from_str(old).unwrap();
+        assert_eq!(p.ipalloc_range, v(&["10.40.0.0/16"]));
+        assert!(p.ipalloc_default_subnet.is_empty());
+        let new: Part = serde_json::from_str(r#"{"ipalloc_range": ["10.40.0.0/16", "fd32::/64"], "ipalloc_default_subnet": ["fd32::/80"]}"#).unwrap();
+        assert_eq!(new.ipalloc_range.len(), 2);
+        assert_eq!(new.ipalloc_default_subnet, v(&["fd32::/80"]));
     }
 }

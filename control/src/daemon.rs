@@ -664,14 +664,17 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::Attach { target, cidrs, ifname, no_multicast_route, hairpin } => {
             // Check everything before anything changes.
             let specs: Vec<AddrSpec> = if cidrs.is_empty() {
-                vec![AddrSpec::Any(None)]
+                // One address of each configured family, from its default subnet.
+                let mut v = vec![AddrSpec::Any(None)];
+                v.extend(mesh.with_ipam_for(true, |h| AddrSpec::Any(Some(h.default_subnet))));
+                v
             } else {
                 cidrs.iter().map(|c| ipamd::parse_addr(c)).collect::<Result<_>>()?
             };
             let t = attach::resolve(&target)?;
             let key = ipamd::key(t.kind, &t.name, t.container.as_ref().map(|c| c.id.as_str()));
-            let requests = mesh.with_ipam(|h| specs.iter().map(|sp| ipamd::request_for(sp, h)).collect::<Result<Vec<_>>>())?;
-            let held_before = mesh.with_ipam(|h| h.ipam.addresses_of(&key));
+            let requests = mesh.with_ipams(|h, h6| specs.iter().map(|sp| ipamd::request_for(sp, h, h6.as_deref())).collect::<Result<Vec<_>>>())?;
+            let held_before = held(mesh, &key);
             let addrs = match allocate_all(mesh, &key, &specs, requests) {
                 Ok(a) => a,
                 Err(e) => {
@@ -751,16 +754,16 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 }
             }
             if let Some(key) = key {
-                mesh.with_ipam(|h| {
-                    h.deferred.retain(|(k, ip, _)| {
-                        k != &key || !(addrs.is_empty() || addrs.iter().any(|(a, _)| *a == IpAddr::V4(*ip)))
-                    });
-                    if addrs.is_empty() {
-                        h.ipam.free_target(&key);
-                    } else {
-                        for (ip, _) in &addrs {
-                            if let IpAddr::V4(v4) = ip {
-                                h.ipam.free(&key, *v4);
+                mesh.with_ipams(|h4, h6| {
+                    for h in std::iter::once(h4).chain(h6) {
+                        h.deferred.retain(|(k, ip, _)| {
+                            k != &key || !(addrs.is_empty() || addrs.iter().any(|(a, _)| a == ip))
+                        });
+                        if addrs.is_empty() {
+                            h.ipam.free_target(&key);
+                        } else {
+                            for (ip, _) in &addrs {
+                                h.ipam.free(&key, *ip);
                             }
                         }
                     }
@@ -786,7 +789,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             Ok(serde_json::to_value(out)?)
         }
-        Request::IpamStatus => Ok(mesh.with_ipam(|h| h.status_json())),
+        Request::IpamStatus => Ok(ipam_status_json(mesh)),
         Request::Rmpeer { peer } => {
             let name = resolve_peer_name(mesh, &peer)?;
             // Its pinned keys go too, so a host reinstalled with a new key can take the name.
@@ -797,18 +800,34 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 Err(meshnet_proto::ipam::IpamError::NotAgreed) => 0,
                 Err(e) => return Err(anyhow::anyhow!("rmpeer {peer}: {e}")),
             };
-            Ok(json!({ "peer": name.to_string(), "addresses_taken_over": taken, "identity_removed": identity }))
+            let mut out = json!({ "peer": name.to_string(), "addresses_taken_over": ipamd::count(taken), "identity_removed": identity });
+            if let Some(r) = mesh.with_ipam_for(true, |h| h.ipam.rmpeer(name)) {
+                let taken6 = match r {
+                    Ok(n) => n,
+                    Err(meshnet_proto::ipam::IpamError::NotAgreed) => 0,
+                    Err(e) => return Err(anyhow::anyhow!("rmpeer {peer} (IPv6 ring): {e}")),
+                };
+                out["ipv6_addresses_taken_over"] = ipamd::count(taken6);
+            }
+            Ok(out)
         }
-        Request::Prime => Ok(mesh.with_ipam(|h| {
+        Request::Prime => Ok(mesh.with_ipams(|h4, h6| {
             // Consensus starts when an allocation waits for it (as in Weave): ask
             // for one under a reserved key, released as soon as it is granted.
-            let agreed = h.ipam.is_agreed();
-            if !agreed {
-                let now = h.now_ms();
-                let _ = h.ipam.allocate(ipamd::PRIME_KEY, meshnet_proto::ipam::Request::Any(h.default_subnet), now);
+            let prime = |h: &mut ipamd::IpamHost| {
+                if !h.ipam.is_agreed() {
+                    let now = h.now_ms();
+                    let _ = h.ipam.allocate(ipamd::PRIME_KEY, meshnet_proto::ipam::Request::Any(h.default_subnet), now);
+                }
+                h.ipam.free_target(ipamd::PRIME_KEY);
+            };
+            prime(h4);
+            let mut out = json!({ "agreed": h4.ipam.is_agreed(), "state": h4.status_json()["state"].clone() });
+            if let Some(h6) = h6 {
+                prime(h6);
+                out["ipv6"] = json!({ "agreed": h6.ipam.is_agreed(), "state": h6.status_json()["state"].clone() });
             }
-            h.ipam.free_target(ipamd::PRIME_KEY);
-            json!({ "agreed": h.ipam.is_agreed(), "state": h.status_json()["state"].clone() })
+            out
         })),
         Request::Report => {
             let mut status = handle(ctx, Request::Status)?;
@@ -835,10 +854,12 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::Stop => Ok(json!({ "stopping": true })),
         Request::Reset => {
             // Hand our address ranges to a live peer before we go.
-            match mesh.with_ipam(|h| h.ipam.reset()) {
-                Ok(Some(p)) => log::info!("IPAM: handed this peer's ranges to {p}"),
-                Ok(None) => {}
-                Err(e) => log::warn!("IPAM: could not hand over ranges: {e}"),
+            for r in std::iter::once(mesh.with_ipam(|h| h.ipam.reset())).chain(mesh.with_ipam_for(true, |h| h.ipam.reset())) {
+                match r {
+                    Ok(Some(p)) => log::info!("IPAM: handed this peer's ranges to {p}"),
+                    Ok(None) => {}
+                    Err(e) => log::warn!("IPAM: could not hand over ranges: {e}"),
+                }
             }
             Ok(json!({ "stopping": true }))
         }
@@ -980,8 +1001,9 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
             });
         }
     }
-    let held_before = mesh.with_ipam(|h| h.ipam.addresses_of(EXPOSE_KEY));
-    let requests = mesh.with_ipam(|h| new_specs.iter().map(|sp| ipamd::request_for(sp, h)).collect::<Result<Vec<_>>>())?;
+    let held_before = held(mesh, EXPOSE_KEY);
+    // Exposed addresses are IPv4 only (the nftables rules are).
+    let requests = mesh.with_ipam(|h| new_specs.iter().map(|sp| ipamd::request_for(sp, h, None)).collect::<Result<Vec<_>>>())?;
     let allocated = allocate_all(mesh, EXPOSE_KEY, &new_specs, requests).map_err(|e| {
         release_new(mesh, EXPOSE_KEY, &held_before);
         e.context("expose")
@@ -1247,8 +1269,8 @@ impl crate::plugin::PluginHost for PluginRouter {
                 bail!("address {ip} is attached to {}", holder.target);
             }
         }
-        let requests = mesh.with_ipam(|h| ipamd::request_for(&spec, h).map(|r| vec![r]))?;
-        let held_before = mesh.with_ipam(|h| h.ipam.addresses_of(key));
+        let requests = mesh.with_ipam(|h| ipamd::request_for(&spec, h, None).map(|r| vec![r]))?;
+        let held_before = held(mesh, key);
         match allocate_all(mesh, key, std::slice::from_ref(&spec), requests) {
             Ok(addrs) => match addrs.first() {
                 Some((IpAddr::V4(ip), _)) => Ok(*ip),
@@ -1379,14 +1401,21 @@ fn allocate_all(
         };
         // A bare CIDR before any ring exists: use it now, claim it once a ring is
         // agreed (asking now would start consensus before we have met the mesh).
-        if let (AddrSpec::Exact { ip, prefix, strict: false }, meshnet_proto::ipam::Request::Exact { ip: v4, .. }) = (spec, &req) {
-            let deferred = mesh.with_ipam(|h| {
-                let defer = !h.ipam.is_agreed();
-                if defer && !h.deferred.iter().any(|(k, a, _)| k == key && a == v4) {
-                    h.deferred.push((key.to_string(), *v4, *prefix));
-                }
-                defer
-            });
+        let v6 = match &req {
+            meshnet_proto::ipam::Request::Any(c) => c.is_v6(),
+            meshnet_proto::ipam::Request::Exact { ip, .. } => ip.is_ipv6(),
+        };
+        let no_ring = || anyhow::anyhow!("no IPv6 --ipalloc-range was given at launch");
+        if let (AddrSpec::Exact { ip, prefix, strict: false }, meshnet_proto::ipam::Request::Exact { ip: want, .. }) = (spec, &req) {
+            let deferred = mesh
+                .with_ipam_for(v6, |h| {
+                    let defer = !h.ipam.is_agreed();
+                    if defer && !h.deferred.iter().any(|(k, a, _)| k == key && a == want) {
+                        h.deferred.push((key.to_string(), *want, *prefix));
+                    }
+                    defer
+                })
+                .ok_or_else(no_ring)?;
             if deferred {
                 log::info!("IPAM: {ip}/{prefix} for {key} will be claimed once the ring is agreed");
                 addrs.push((*ip, *prefix));
@@ -1394,18 +1423,20 @@ fn allocate_all(
             }
         }
         loop {
-            let answer = mesh.with_ipam(|h| {
-                let now = h.now_ms();
-                h.ipam.allocate(key, req.clone(), now)
-            });
+            let answer = mesh
+                .with_ipam_for(v6, |h| {
+                    let now = h.now_ms();
+                    h.ipam.allocate(key, req.clone(), now)
+                })
+                .ok_or_else(no_ring)?;
             match answer.map_err(|e| anyhow::anyhow!("{e}"))? {
                 meshnet_proto::ipam::Allocation::Ready { ip, prefix } => {
                     // An address is only handed out once the state that records it is
                     // on disk (the flush after the call above tried to save it).
-                    if let Some(e) = mesh.with_ipam(|h| h.unsaved_error()) {
+                    if let Some(e) = mesh.with_ipam_for(v6, |h| h.unsaved_error()).flatten() {
                         bail!("{ip}/{prefix} was not allocated: {e}");
                     }
-                    addrs.push((IpAddr::V4(ip), prefix));
+                    addrs.push((ip, prefix));
                     break;
                 }
                 meshnet_proto::ipam::Allocation::Pending(why) => {
@@ -1434,12 +1465,33 @@ fn allocate_all(
     Ok(addrs)
 }
 
+/// The addresses `key` holds in both rings.
+fn held(mesh: &Mesh, key: &str) -> Vec<IpAddr> {
+    mesh.with_ipams(|h4, h6| {
+        let mut v = h4.ipam.addresses_of(key);
+        if let Some(h6) = h6 {
+            v.extend(h6.ipam.addresses_of(key));
+        }
+        v
+    })
+}
+
+/// `status ipam`: the IPv4 ring's view, with the IPv6 ring's under `ipv6`
+/// when there is one.
+fn ipam_status_json(mesh: &Mesh) -> serde_json::Value {
+    mesh.with_ipams(|h4, h6| {
+        let mut v = h4.status_json();
+        if let Some(h6) = h6 {
+            v["ipv6"] = h6.status_json();
+        }
+        v
+    })
+}
+
 /// Undoes the allocations of a failed attach: frees what `key` did not hold before.
-fn release_new(mesh: &Mesh, key: &str, held_before: &[std::net::Ipv4Addr]) {
-    mesh.with_ipam(|h| {
-        if held_before.is_empty() {
-            h.ipam.free_target(key);
-        } else {
+fn release_new(mesh: &Mesh, key: &str, held_before: &[IpAddr]) {
+    mesh.with_ipams(|h4, h6| {
+        for h in std::iter::once(h4).chain(h6) {
             for ip in h.ipam.addresses_of(key) {
                 if !held_before.contains(&ip) {
                     h.ipam.free(key, ip);

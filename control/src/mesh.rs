@@ -1131,7 +1131,8 @@ impl Mesh {
     pub fn ipam_tick(&self) {
         let mut g = self.lock();
         let mut due = false;
-        for h in std::iter::once(&mut g.ipam).chain(g.ipam6.as_mut()) {
+        let inner = &mut *g;
+        for h in std::iter::once(&mut inner.ipam).chain(inner.ipam6.as_mut()) {
             if h.timer_due() {
                 let now = h.now_ms();
                 h.ipam.handle_timeout(now);
