@@ -625,7 +625,12 @@ impl Ipam {
         self.tick(now_ms);
         self.offered.clear();
         self.ensure_own_binding(keys);
-        let decoded = wire::decode_packet(bytes).and_then(|p| wire::decode_envelope(&p.signed).map(|env| (p, env)));
+        // A ring only reads its own family's version (IPv4 and IPv6 rings are
+        // separate instances that never exchange messages).
+        let decoded = match bytes.first() {
+            Some(&v) if v != wire::wire_version(&self.universe) => Err(IpamError::UnsupportedVersion(v)),
+            _ => wire::decode_packet(bytes).and_then(|p| wire::decode_envelope(&p.signed).map(|env| (p, env))),
+        };
         let (packet, env) = match decoded {
             Ok(x) => x,
             Err(e) => {

@@ -692,4 +692,66 @@ mod tests {
             assert_eq!(m, truth);
         }
     }
+
+    /// A 128-bit ring that ends just below 2^128: genesis, splits and transfers at
+    /// its edges, a takeover, and merges, with no overflow and no enumeration.
+    #[test]
+    fn ipv6_ring_near_the_top_of_the_space() {
+        let edge: Cidr = "ffff:ffff:ffff:ffff:8000::/65".parse().unwrap();
+        assert!(!edge.is_allocatable(), "ends at 2^128");
+        let top: Cidr = "ffff:ffff:ffff:fffe:8000::/65".parse().unwrap();
+        assert!(top.is_allocatable());
+        assert_eq!(top.end(), u128::MAX - (1u128 << 64) + 1);
+        let seeds: Vec<PeerName> = (1..=3).map(p).collect();
+        let mut r = Ring::genesis(top, &seeds);
+        let total: u128 = r.entries().map(|(_, e)| e.size).sum();
+        assert_eq!(total, 1u128 << 63);
+        let mut next = top.start();
+        for (s, e) in r.entries() {
+            assert_eq!(s, next);
+            next += e.size;
+        }
+        assert_eq!(next, top.end());
+        let (last_start, last) = r.entries().last().map(|(s, e)| (s, *e)).unwrap();
+        assert_eq!(last.free, last.size - 1, "the last address is reserved");
+        let end = last_start + last.size;
+        // Give away the very last address, then the first of the last entry.
+        let ch = r.transfer(last.owner, end - 1, end, X, &no_allocs()).unwrap();
+        assert_eq!(ch, vec![last_start, end - 1]);
+        assert_eq!(r.get(end - 1).unwrap().size, 1);
+        assert_eq!(r.get(end - 1).unwrap().free, 0);
+        let ch = r.transfer(last.owner, last_start, last_start + 1, X, &no_allocs()).unwrap();
+        assert_eq!(ch, vec![last_start, last_start + 1]);
+        assert_eq!(r.covering(end - 1).unwrap().1.owner, X);
+        assert_eq!(r.covering(last_start + 5).unwrap().1.owner, last.owner);
+        // Nothing past the universe, nothing crossing an entry.
+        assert_eq!(r.transfer(X, end - 1, end + 1, p(1), &no_allocs()), None);
+        // An allocation blocks a transfer; a huge piece is fine.
+        let mut allocs = BTreeMap::new();
+        allocs.insert(last_start + 100, ());
+        assert_eq!(r.transfer(last.owner, last_start + 50, last_start + 150, X, &allocs), None);
+        let first = top.start();
+        let big = r.get(first).unwrap().size / 2;
+        assert!(r.transfer(p(1), first + big, first + 2 * big, X, &no_allocs()).is_some());
+        // A takeover of X's entries by p(2).
+        let mut r2 = r.clone();
+        let taken = r2.reassign_all(X, p(2), TAKEOVER_JUMP);
+        assert_eq!(taken.len(), 3);
+        assert_eq!(r2.owned_by(X).count(), 0);
+        // Merging views in any order gives the same bytes.
+        let mut a = Ring::genesis(top, &seeds);
+        a.merge(X, &r).unwrap();
+        let mut b = Ring::new(top);
+        b.merge(X, &r).unwrap();
+        assert_eq!(a.canonical_bytes(), b.canonical_bytes());
+        assert_eq!(a, r);
+        // An IPv6 ring and an IPv4 ring never merge.
+        let v4 = Ring::genesis(u(), &seeds);
+        assert!(matches!(a.clone().merge(X, &v4), Err(IpamError::RangeMismatch { .. })));
+        // Many seeds over a huge space: exact shares, no overflow.
+        let many: Vec<PeerName> = (1..=9999).map(p).collect();
+        let g = Ring::genesis(top, &many);
+        assert_eq!(g.len(), 9999);
+        assert_eq!(g.entries().map(|(_, e)| e.size).sum::<u128>(), 1u128 << 63);
+    }
 }

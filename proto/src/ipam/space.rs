@@ -364,4 +364,61 @@ mod tests {
         assert_eq!(free_runs(10, 12, &used), vec![]);
         assert_eq!(lowest_free(u32::MAX as Addr, u32::MAX as Addr + 1, &used), Some(u32::MAX as Addr));
     }
+
+    #[test]
+    fn ipv6_cidrs() {
+        let u = c("fd32::/64");
+        assert!(u.is_v6() && u.is_allocatable());
+        assert_eq!(u.size(), 1u128 << 64);
+        assert_eq!(u.to_string(), "fd32::/64");
+        assert!(u.contains("fd32::5".parse::<IpAddr>().unwrap()));
+        assert!(!u.contains("fd33::5".parse::<IpAddr>().unwrap()));
+        assert!(!u.contains(Ipv4Addr::new(10, 0, 0, 1)), "another family");
+        assert!(u.contains_net(&c("fd32:0:0:0:1::/80")));
+        assert!(!u.contains_net(&c("10.32.0.0/12")));
+        assert!(!c("10.32.0.0/12").contains_net(&c("::/0")));
+        assert!(matches!("fd32::1/64".parse::<Cidr>(), Err(CidrError::HostBits { .. })));
+        assert!(matches!("fd32::/129".parse::<Cidr>(), Err(CidrError::Prefix(129))));
+        assert!(matches!("10.0.0.0/100".parse::<Cidr>(), Err(CidrError::Syntax(_))));
+        assert_eq!(c("::/0").size(), u128::MAX);
+        assert!(!c("::/0").is_allocatable());
+        assert!(!c("ff00::/8").is_allocatable(), "holds the last address");
+        assert!(c("fe00::/8").is_allocatable());
+        assert!(!c("fd32::/127").is_allocatable());
+        assert_eq!(c("fd32::/126").usable(), (u.start() + 1, u.start() + 3));
+        assert!(c("fd32::/126").is_reserved(u.start()));
+        assert!(!c("fd32::/127").is_reserved(u.start()));
+        assert_eq!(Cidr::containing("fd32::1:2:3:4".parse::<IpAddr>().unwrap(), 80).unwrap(), c("fd32:0:0:0:1::/80"));
+    }
+
+    /// An IPv4 network encodes exactly as the `{ start: u32, prefix: u8 }` of
+    /// releases before IPv6 (peers and snapshots of those releases still read
+    /// it); an IPv6 one does not decode as IPv4.
+    #[test]
+    fn serde_compatible_with_the_ipv4_only_layout() {
+        #[derive(Serialize, Deserialize)]
+        struct Old {
+            start: u32,
+            prefix: u8,
+        }
+        let cfg = bincode::config::standard();
+        for s in ["10.32.0.0/12", "0.0.0.0/0", "255.255.255.252/30", "10.40.0.0/16"] {
+            let new = c(s);
+            let old = Old { start: u32::from(new.network_v4().unwrap()), prefix: new.prefix() };
+            let nb = bincode::serde::encode_to_vec(new, cfg).unwrap();
+            assert_eq!(nb, bincode::serde::encode_to_vec(&old, cfg).unwrap(), "{s}");
+            let (back, _): (Cidr, usize) = bincode::serde::decode_from_slice(&nb, cfg).unwrap();
+            assert_eq!(back, new);
+        }
+        let v6 = c("fd32::/64");
+        let b = bincode::serde::encode_to_vec(v6, cfg).unwrap();
+        let (back, _): (Cidr, usize) = bincode::serde::decode_from_slice(&b, cfg).unwrap();
+        assert_eq!(back, v6);
+        assert!(bincode::serde::decode_from_slice::<Old, _>(&b, cfg).is_err(), "an old peer cannot read it as IPv4");
+        // Out-of-range codes and IPv4 starts over 32 bits are refused.
+        for bad in [(1u128, 33u16), (1u128 << 40, 8u16), (0, 385), (0, 255)] {
+            let b = bincode::serde::encode_to_vec(bad, cfg).unwrap();
+            assert!(bincode::serde::decode_from_slice::<Cidr, _>(&b, cfg).is_err(), "{bad:?}");
+        }
+    }
 }
