@@ -36,14 +36,13 @@ fn launch_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     a
 }
 
-/// The addresses an `attach` answered with, as (ip, prefix).
-fn addrs_of(out: &Value) -> Vec<(IpAddr, u8)> {
-    out["addresses"]
-        .as_array()
-        .into_iter()
-        .flatten()
+/// The addresses `attach` printed (`ip/prefix ...` on its last line).
+fn addrs_of(out: &Out) -> Vec<(IpAddr, u8)> {
+    out.last_line()
+        .unwrap_or_default()
+        .split_whitespace()
         .filter_map(|a| {
-            let (ip, p) = a.as_str()?.split_once('/')?;
+            let (ip, p) = a.split_once('/')?;
             Some((ip.parse().ok()?, p.parse().ok()?))
         })
         .collect()
@@ -89,9 +88,9 @@ fn dual_stack_lab_of_three_hosts() {
     // attach with no address: one address of each family, from each range.
     let mut all: Vec<Vec<(IpAddr, u8)>> = Vec::new();
     for (h, c) in hosts.iter().zip(&cs) {
-        let out = h.meshnet(&["attach", &c.ns]).expect_ok("attach").json();
+        let out = h.meshnet(&["attach", &c.ns]).expect_ok("attach");
         let a = addrs_of(&out);
-        assert_eq!(a.len(), 2, "attach on {} gave {out:#}", h.ns);
+        assert_eq!(a.len(), 2, "attach on {} gave {out}", h.ns);
         let r4: meshnet_proto::ipam::Cidr = RANGE4.parse().unwrap();
         let r6: meshnet_proto::ipam::Cidr = RANGE6.parse().unwrap();
         assert!(a.iter().any(|(ip, p)| ip.is_ipv4() && r4.contains(*ip) && *p == 16), "{a:?}");
@@ -155,12 +154,12 @@ fn dual_stack_lab_of_three_hosts() {
     assert!(ping6_until(&cs[0].ns, &v6_2, Duration::from_secs(30)), "ping -6 c1 -> c2 after the relaunch");
     // A new container on h2 gets fresh addresses of both families.
     let c4 = lab.add_container(&h2, 4);
-    let a4 = addrs_of(&h2.meshnet(&["attach", &c4.ns]).expect_ok("attach c4").json());
+    let a4 = addrs_of(&h2.meshnet(&["attach", &c4.ns]).expect_ok("attach c4"));
     assert_eq!(a4.len(), 2);
     assert!(a4.iter().all(|(ip, _)| !unique.contains(ip)), "{a4:?} reuses one of {unique:?}");
     // Exact IPv6 forms: ip:, net: and a bare CIDR; detach releases.
     let c5 = lab.add_container(&h3, 5);
-    let out = h3.meshnet(&["attach", "ip:fd44::5/64", "net:fd44:0:0:0:1::/80", &c5.ns]).expect_ok("attach c5").json();
+    let out = h3.meshnet(&["attach", "ip:fd44::5/64", "net:fd44:0:0:0:1::/80", &c5.ns]).expect_ok("attach c5");
     let a5 = addrs_of(&out);
     assert!(a5.contains(&("fd44::5".parse().unwrap(), 64)), "{a5:?}");
     assert!(a5.iter().any(|(ip, p)| *p == 80 && ip.to_string().starts_with("fd44::1:")), "{a5:?}");
