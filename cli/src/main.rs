@@ -220,11 +220,15 @@ struct LaunchArgs {
     #[serde(default = "default_rekey_interval")]
     rekey_interval: u64,
     /// Range IPAM allocates from. A default range that overlaps a route of the host is refused.
+    /// Give it once per family (e.g. also `--ipalloc-range fd32::/64`): an IPv6 range adds a
+    /// second, independent ring, and `attach` then gives one address of each family.
     #[arg(long, default_value = meshnet_proto::ipam::DEFAULT_RANGE)]
-    ipalloc_range: String,
-    /// Subnet `attach` allocates from when given no address (default: the whole range).
+    #[serde(deserialize_with = "one_or_many")]
+    ipalloc_range: Vec<String>,
+    /// Subnet `attach` allocates from when given no address (default: the whole range); once per family.
     #[arg(long)]
-    ipalloc_default_subnet: Option<String>,
+    #[serde(default, deserialize_with = "one_or_many")]
+    ipalloc_default_subnet: Vec<String>,
     /// How the range is first divided: consensus[=N] (default N: 1 + peers named here),
     /// seed=PEER,... (those peers' names), or observer (takes no space at start).
     #[arg(long, default_value = "consensus")]
@@ -597,20 +601,8 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     if args.bridge.is_empty() || args.bridge.len() > 15 || args.bridge.contains(['/', ' ', '\0']) {
         bail!("--bridge {:?}: an interface name of 1 to 15 characters", args.bridge);
     }
-    let ipalloc_range: Cidr = args
-        .ipalloc_range
-        .parse()
-        .map_err(|e| anyhow!("--ipalloc-range {}: {e}", args.ipalloc_range))?;
-    let ipalloc_default_subnet: Option<Cidr> = args
-        .ipalloc_default_subnet
-        .as_deref()
-        .map(|s| s.parse().map_err(|e| anyhow!("--ipalloc-default-subnet {s}: {e}")))
-        .transpose()?;
-    if let Some(d) = &ipalloc_default_subnet {
-        if !ipalloc_range.contains_net(d) {
-            bail!("--ipalloc-default-subnet {d} is not inside --ipalloc-range {ipalloc_range}");
-        }
-    }
+    let ipam_args = parse_ipalloc(&args.ipalloc_range, &args.ipalloc_default_subnet)?;
+    let (ipalloc_range, ipalloc_default_subnet) = (ipam_args.range, ipam_args.default_subnet);
     let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, peers.len())?;
     let datapath: Datapath = args.datapath.parse().map_err(|e| anyhow!("--datapath: {e}"))?;
     let max_threads = meshnet_proto::session::MAX_QUEUES as u32;
@@ -662,8 +654,10 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             rekey_interval: Duration::from_secs(args.rekey_interval),
             peers,
             ipalloc_range,
-            ipalloc_range_given: args.ipalloc_range != meshnet_proto::ipam::DEFAULT_RANGE,
+            ipalloc_range_given: ipam_args.range_given,
             ipalloc_default_subnet,
+            ipalloc_range6: ipam_args.range6,
+            ipalloc_default_subnet6: ipam_args.default_subnet6,
             ipalloc_init,
             datapath,
             datapath_threads: args.datapath_threads as usize,
@@ -714,8 +708,11 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     if args.no_discovery {
         cmd.arg("--no-discovery");
     }
-    cmd.args(["--ipalloc-range", &args.ipalloc_range, "--ipalloc-init", &args.ipalloc_init]);
-    if let Some(d) = &args.ipalloc_default_subnet {
+    for r in &args.ipalloc_range {
+        cmd.args(["--ipalloc-range", r]);
+    }
+    cmd.args(["--ipalloc-init", &args.ipalloc_init]);
+    for d in &args.ipalloc_default_subnet {
         cmd.args(["--ipalloc-default-subnet", d]);
     }
     if args.no_docker_plugin {
@@ -776,6 +773,78 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
 }
 
 /// Records the options of a launch for `--resume` (never the password itself).
+/// `--ipalloc-range` and `--ipalloc-default-subnet`, each at most once per family.
+#[derive(Debug, PartialEq)]
+struct IpallocArgs {
+    range: Cidr,
+    /// Whether the IPv4 range was given (not the default).
+    range_given: bool,
+    default_subnet: Option<Cidr>,
+    range6: Option<Cidr>,
+    default_subnet6: Option<Cidr>,
+}
+
+fn parse_ipalloc(ranges: &[String], subnets: &[String]) -> Result<IpallocArgs> {
+    let (mut v4, mut v6): (Option<Cidr>, Option<Cidr>) = (None, None);
+    for r in ranges {
+        let c: Cidr = r.parse().map_err(|e| anyhow!("--ipalloc-range {r}: {e}"))?;
+        if !c.is_allocatable() {
+            bail!(
+                "--ipalloc-range {c}: {}",
+                if c.is_v6() {
+                    "an IPv6 range must be between /1 and /126 and not hold ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"
+                } else {
+                    "an IPv4 range must be between /1 and /30"
+                }
+            );
+        }
+        let slot = if c.is_v6() { &mut v6 } else { &mut v4 };
+        if let Some(prev) = slot.replace(c) {
+            bail!("--ipalloc-range given twice for one address family ({prev} and {c}): give at most one IPv4 and one IPv6 range");
+        }
+    }
+    let range_given = v4.is_some() && ranges.iter().any(|r| r != meshnet_proto::ipam::DEFAULT_RANGE);
+    let range = match v4 {
+        Some(r) => r,
+        None => meshnet_proto::ipam::DEFAULT_RANGE.parse().map_err(|e| anyhow!("default range: {e}"))?,
+    };
+    let (mut d4, mut d6): (Option<Cidr>, Option<Cidr>) = (None, None);
+    for s in subnets {
+        let d: Cidr = s.parse().map_err(|e| anyhow!("--ipalloc-default-subnet {s}: {e}"))?;
+        let (slot, within) = if d.is_v6() { (&mut d6, v6) } else { (&mut d4, Some(range)) };
+        let Some(within) = within else {
+            bail!("--ipalloc-default-subnet {d}: no IPv6 --ipalloc-range was given");
+        };
+        if !within.contains_net(&d) {
+            bail!("--ipalloc-default-subnet {d} is not inside --ipalloc-range {within}");
+        }
+        if d.prefix() > d.max_subnet_prefix() {
+            bail!("--ipalloc-default-subnet {d} is too small to allocate from (at most /{})", d.max_subnet_prefix());
+        }
+        if let Some(prev) = slot.replace(d) {
+            bail!("--ipalloc-default-subnet given twice for one address family ({prev} and {d})");
+        }
+    }
+    Ok(IpallocArgs { range, range_given, default_subnet: d4, range6: v6, default_subnet6: d6 })
+}
+
+/// A launch record's option that older releases stored as one string (or null).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+        #[allow(dead_code)]
+        Null(Option<()>),
+    }
+    Ok(match <OneOrMany as serde::Deserialize>::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+        OneOrMany::Null(_) => Vec::new(),
+    })
+}
+
 fn record_launch(state: &StateDir, args: &LaunchArgs) -> Result<()> {
     state.ensure()?;
     let mut args = args.clone();
@@ -972,16 +1041,26 @@ fn print_ipam(v: &serde_json::Value) {
     println!("          Range: {} (default subnet {})", v["range"].as_str().unwrap_or("?"), v["default_subnet"].as_str().unwrap_or("?"));
     println!("           Ring: {agreed}, {} entries", v["ring_entries"]);
     println!(" Allocated here: {} ({} pending)", v["allocated_here"], v["pending"]);
-    println!("    Unreachable: {} addresses owned by unreachable peers", v["unreachable_space"]);
+    println!("    Unreachable: {} addresses owned by unreachable peers", count_text(&v["unreachable_space"]));
     for o in v["owners"].as_array().into_iter().flatten() {
         println!(
             "  {} {:>10} addresses, {:>10} free{}",
             o["peer"].as_str().unwrap_or("?"),
-            o["size"],
-            o["free"],
+            count_text(&o["size"]),
+            count_text(&o["free"]),
             if o["reachable"].as_bool() == Some(true) { "" } else { "  (unreachable)" }
         );
     }
+    if v["ipv6"].is_object() {
+        println!();
+        println!("IPv6 ring:");
+        print_ipam(&v["ipv6"]);
+    }
+}
+
+/// An address count of `status ipam --json`: a number, or (over 2^64 - 1) a string of digits.
+fn count_text(v: &serde_json::Value) -> String {
+    v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
 }
 
 fn print_peers(peers: &[PeerStatus]) {
@@ -994,5 +1073,66 @@ fn print_connections(conns: &[ConnectionStatus]) {
     for c in conns {
         let who = c.peer.clone().map(|p| format!("{p}({})", c.nickname)).unwrap_or_default();
         println!("{:<8} {:<22} {:<12} {} {}", if c.direction == "outbound" { "->" } else { "<-" }, c.address, c.state, who, c.info);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn ipalloc_once_per_family() {
+        // One range given: today's behaviour.
+        let one = parse_ipalloc(&v(&["10.40.0.0/16"]), &v(&["10.40.1.0/24"])).unwrap();
+        assert_eq!(one.range, "10.40.0.0/16".parse().unwrap());
+        assert!(one.range_given && one.range6.is_none() && one.default_subnet6.is_none());
+        let dflt = parse_ipalloc(&v(&[meshnet_proto::ipam::DEFAULT_RANGE]), &[]).unwrap();
+        assert!(!dflt.range_given);
+        // Both families, in either order.
+        let both = parse_ipalloc(&v(&["fd32::/64", "10.32.0.0/12"]), &v(&["fd32::/80", "10.32.1.0/24"])).unwrap();
+        assert_eq!(both.range6, Some("fd32::/64".parse().unwrap()));
+        assert_eq!(both.default_subnet6, Some("fd32::/80".parse().unwrap()));
+        assert_eq!(both.default_subnet, Some("10.32.1.0/24".parse().unwrap()));
+        // IPv6 alone keeps the default IPv4 range.
+        let six = parse_ipalloc(&v(&["fd32::/64"]), &[]).unwrap();
+        assert_eq!(six.range, meshnet_proto::ipam::DEFAULT_RANGE.parse().unwrap());
+        assert!(!six.range_given);
+        for (ranges, subnets, want) in [
+            (v(&["10.32.0.0/12", "10.48.0.0/12"]), v(&[]), "twice"),
+            (v(&["fd32::/64", "fd33::/64"]), v(&[]), "twice"),
+            (v(&["fd32::1/64"]), v(&[]), "host bits"),
+            (v(&["fd32::/127"]), v(&[]), "/126"),
+            (v(&["ff00::/8"]), v(&[]), "ffff"),
+            (v(&["10.32.0.0/31"]), v(&[]), "/30"),
+            (v(&["fd32::/64"]), v(&["fd33::/80"]), "not inside"),
+            (v(&["10.32.0.0/12"]), v(&["fd33::/80"]), "no IPv6"),
+            (v(&["fd32::/64"]), v(&["fd32::/80", "fd32:0:0:0:1::/80"]), "twice"),
+            (v(&["fd32::/64"]), v(&["fd32::/127"]), "too small"),
+        ] {
+            let e = parse_ipalloc(&ranges, &subnets).unwrap_err().to_string();
+            assert!(e.contains(want), "{ranges:?} {subnets:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn launch_record_of_an_older_release_loads() {
+        let old = r#"{"ipalloc_range": "10.40.0.0/16", "ipalloc_default_subnet": null}"#;
+        #[derive(serde::Deserialize)]
+        struct Part {
+            #[serde(deserialize_with = "one_or_many")]
+            ipalloc_range: Vec<String>,
+            #[serde(default, deserialize_with = "one_or_many")]
+            ipalloc_default_subnet: Vec<String>,
+        }
+        let p: Part = serde_json::from_str(old).unwrap();
+        assert_eq!(p.ipalloc_range, v(&["10.40.0.0/16"]));
+        assert!(p.ipalloc_default_subnet.is_empty());
+        let new: Part = serde_json::from_str(r#"{"ipalloc_range": ["10.40.0.0/16", "fd32::/64"], "ipalloc_default_subnet": ["fd32::/80"]}"#).unwrap();
+        assert_eq!(new.ipalloc_range.len(), 2);
+        assert_eq!(new.ipalloc_default_subnet, v(&["fd32::/80"]));
     }
 }

@@ -53,6 +53,9 @@ pub struct Config {
     pub ipalloc_range_given: bool,
     /// `--ipalloc-default-subnet` (default: the range).
     pub ipalloc_default_subnet: Option<Cidr>,
+    /// The IPv6 `--ipalloc-range` (a second ring), if given, and its default subnet.
+    pub ipalloc_range6: Option<Cidr>,
+    pub ipalloc_default_subnet6: Option<Cidr>,
     pub ipalloc_init: InitMode,
     /// `--datapath`: how the router joins the bridge.
     pub datapath: Datapath,
@@ -120,6 +123,17 @@ pub fn run(cfg: Config) -> Result<()> {
         cfg.ipalloc_init.clone(),
         &identity,
     )?;
+    let ipam6 = match cfg.ipalloc_range6 {
+        Some(r6) => Some(IpamHost::open(
+            &cfg.state,
+            me,
+            r6,
+            cfg.ipalloc_default_subnet6.unwrap_or(r6),
+            cfg.ipalloc_init.clone(),
+            &identity,
+        )?),
+        None => None,
+    };
     let psk = cfg.password.as_deref().map(meshnet_proto::handshake::derive_psk);
 
     // Sockets first: a port in use is the most common launch failure.
@@ -222,36 +236,38 @@ pub fn run(cfg: Config) -> Result<()> {
     // The Docker plugin's addresses live as long as Docker's endpoints (persisted).
     let plugin_state = crate::plugin::load(&cfg.state)?;
     live.extend(plugin_state.ipam_keys());
-    for (target, ip) in ipam.ipam.release_missing(&live) {
-        log::info!("IPAM: released {ip} of {target}, which is gone");
-    }
-    // Addresses attached before a ring was agreed and never claimed: claim them
-    // once it is (at once, if it already is).
-    for a in &attachments {
-        let key = attachment_key(a);
-        let held = ipam.ipam.addresses_of(&key);
-        for (ip, prefix) in a.addrs.iter().filter_map(|s| parse_cidr(s).ok()) {
-            if let IpAddr::V4(v4) = ip {
-                if ipam.ipam.universe().contains(v4) && !held.contains(&v4) {
-                    ipam.deferred.push((key.clone(), v4, prefix));
+    let mut ipam6 = ipam6;
+    for h in std::iter::once(&mut ipam).chain(ipam6.as_mut()) {
+        for (target, ip) in h.ipam.release_missing(&live) {
+            log::info!("IPAM: released {ip} of {target}, which is gone");
+        }
+        // Addresses attached before a ring was agreed and never claimed: claim them
+        // once it is (at once, if it already is).
+        for a in &attachments {
+            let key = attachment_key(a);
+            let held = h.ipam.addresses_of(&key);
+            for (ip, prefix) in a.addrs.iter().filter_map(|s| parse_cidr(s).ok()) {
+                if h.ipam.universe().contains(ip) && !held.contains(&ip) {
+                    h.deferred.push((key.clone(), ip, prefix));
                 }
             }
         }
-    }
-    {
-        let held = ipam.ipam.addresses_of(EXPOSE_KEY);
-        for e in &exposed {
-            if let Ok((ip, subnet)) = expose::parse(e) {
-                if ipam.ipam.universe().contains(ip) && !held.contains(&ip) {
-                    ipam.deferred.push((EXPOSE_KEY.to_string(), ip, subnet.prefix()));
+        {
+            let held = h.ipam.addresses_of(EXPOSE_KEY);
+            for e in &exposed {
+                if let Ok((ip, subnet)) = expose::parse(e) {
+                    let ip = IpAddr::V4(ip);
+                    if h.ipam.universe().contains(ip) && !held.contains(&ip) {
+                        h.deferred.push((EXPOSE_KEY.to_string(), ip, subnet.prefix()));
+                    }
                 }
             }
         }
+        if h.ipam.is_agreed() {
+            h.claim_deferred();
+        }
+        let _ = h.flush();
     }
-    if ipam.ipam.is_agreed() {
-        ipam.claim_deferred();
-    }
-    let _ = ipam.flush();
 
     let mut targets = cfg.state.load_targets()?;
     for p in &cfg.peers {
@@ -295,6 +311,9 @@ pub fn run(cfg: Config) -> Result<()> {
     let state = cfg.state.clone();
     let how = rt.block_on(async move {
         let mesh = Mesh::new(settings, state.clone(), dataplane, targets, ipam, keys, dns.clone(), trusted);
+        if let Some(h) = ipam6 {
+            mesh.set_ipam6(h);
+        }
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
         let _ = std::fs::remove_file(&sock_path);
@@ -661,14 +680,17 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::Attach { target, cidrs, ifname, no_multicast_route, hairpin } => {
             // Check everything before anything changes.
             let specs: Vec<AddrSpec> = if cidrs.is_empty() {
-                vec![AddrSpec::Any(None)]
+                // One address of each configured family, from its default subnet.
+                let mut v = vec![AddrSpec::Any(None)];
+                v.extend(mesh.with_ipam_for(true, |h| AddrSpec::Any(Some(h.default_subnet))));
+                v
             } else {
                 cidrs.iter().map(|c| ipamd::parse_addr(c)).collect::<Result<_>>()?
             };
             let t = attach::resolve(&target)?;
             let key = ipamd::key(t.kind, &t.name, t.container.as_ref().map(|c| c.id.as_str()));
-            let requests = mesh.with_ipam(|h| specs.iter().map(|sp| ipamd::request_for(sp, h)).collect::<Result<Vec<_>>>())?;
-            let held_before = mesh.with_ipam(|h| h.ipam.addresses_of(&key));
+            let requests = mesh.with_ipams(|h, h6| specs.iter().map(|sp| ipamd::request_for(sp, h, h6.as_deref())).collect::<Result<Vec<_>>>())?;
+            let held_before = held(mesh, &key);
             let addrs = match allocate_all(mesh, &key, &specs, requests) {
                 Ok(a) => a,
                 Err(e) => {
@@ -748,16 +770,16 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 }
             }
             if let Some(key) = key {
-                mesh.with_ipam(|h| {
-                    h.deferred.retain(|(k, ip, _)| {
-                        k != &key || !(addrs.is_empty() || addrs.iter().any(|(a, _)| *a == IpAddr::V4(*ip)))
-                    });
-                    if addrs.is_empty() {
-                        h.ipam.free_target(&key);
-                    } else {
-                        for (ip, _) in &addrs {
-                            if let IpAddr::V4(v4) = ip {
-                                h.ipam.free(&key, *v4);
+                mesh.with_ipams(|h4, h6| {
+                    for h in std::iter::once(h4).chain(h6) {
+                        h.deferred.retain(|(k, ip, _)| {
+                            k != &key || !(addrs.is_empty() || addrs.iter().any(|(a, _)| a == ip))
+                        });
+                        if addrs.is_empty() {
+                            h.ipam.free_target(&key);
+                        } else {
+                            for (ip, _) in &addrs {
+                                h.ipam.free(&key, *ip);
                             }
                         }
                     }
@@ -783,7 +805,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             Ok(serde_json::to_value(out)?)
         }
-        Request::IpamStatus => Ok(mesh.with_ipam(|h| h.status_json())),
+        Request::IpamStatus => Ok(ipam_status_json(mesh)),
         Request::Rmpeer { peer } => {
             let name = resolve_peer_name(mesh, &peer)?;
             // Its pinned keys go too, so a host reinstalled with a new key can take the name.
@@ -794,18 +816,34 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 Err(meshnet_proto::ipam::IpamError::NotAgreed) => 0,
                 Err(e) => return Err(anyhow::anyhow!("rmpeer {peer}: {e}")),
             };
-            Ok(json!({ "peer": name.to_string(), "addresses_taken_over": taken, "identity_removed": identity }))
+            let mut out = json!({ "peer": name.to_string(), "addresses_taken_over": ipamd::count(taken), "identity_removed": identity });
+            if let Some(r) = mesh.with_ipam_for(true, |h| h.ipam.rmpeer(name)) {
+                let taken6 = match r {
+                    Ok(n) => n,
+                    Err(meshnet_proto::ipam::IpamError::NotAgreed) => 0,
+                    Err(e) => return Err(anyhow::anyhow!("rmpeer {peer} (IPv6 ring): {e}")),
+                };
+                out["ipv6_addresses_taken_over"] = ipamd::count(taken6);
+            }
+            Ok(out)
         }
-        Request::Prime => Ok(mesh.with_ipam(|h| {
+        Request::Prime => Ok(mesh.with_ipams(|h4, h6| {
             // Consensus starts when an allocation waits for it (as in Weave): ask
             // for one under a reserved key, released as soon as it is granted.
-            let agreed = h.ipam.is_agreed();
-            if !agreed {
-                let now = h.now_ms();
-                let _ = h.ipam.allocate(ipamd::PRIME_KEY, meshnet_proto::ipam::Request::Any(h.default_subnet), now);
+            let prime = |h: &mut ipamd::IpamHost| {
+                if !h.ipam.is_agreed() {
+                    let now = h.now_ms();
+                    let _ = h.ipam.allocate(ipamd::PRIME_KEY, meshnet_proto::ipam::Request::Any(h.default_subnet), now);
+                }
+                h.ipam.free_target(ipamd::PRIME_KEY);
+            };
+            prime(h4);
+            let mut out = json!({ "agreed": h4.ipam.is_agreed(), "state": h4.status_json()["state"].clone() });
+            if let Some(h6) = h6 {
+                prime(h6);
+                out["ipv6"] = json!({ "agreed": h6.ipam.is_agreed(), "state": h6.status_json()["state"].clone() });
             }
-            h.ipam.free_target(ipamd::PRIME_KEY);
-            json!({ "agreed": h.ipam.is_agreed(), "state": h.status_json()["state"].clone() })
+            out
         })),
         Request::Report => {
             let mut status = handle(ctx, Request::Status)?;
@@ -832,10 +870,12 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::Stop => Ok(json!({ "stopping": true })),
         Request::Reset => {
             // Hand our address ranges to a live peer before we go.
-            match mesh.with_ipam(|h| h.ipam.reset()) {
-                Ok(Some(p)) => log::info!("IPAM: handed this peer's ranges to {p}"),
-                Ok(None) => {}
-                Err(e) => log::warn!("IPAM: could not hand over ranges: {e}"),
+            for r in std::iter::once(mesh.with_ipam(|h| h.ipam.reset())).chain(mesh.with_ipam_for(true, |h| h.ipam.reset())) {
+                match r {
+                    Ok(Some(p)) => log::info!("IPAM: handed this peer's ranges to {p}"),
+                    Ok(None) => {}
+                    Err(e) => log::warn!("IPAM: could not hand over ranges: {e}"),
+                }
             }
             Ok(json!({ "stopping": true }))
         }
@@ -977,8 +1017,9 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
             });
         }
     }
-    let held_before = mesh.with_ipam(|h| h.ipam.addresses_of(EXPOSE_KEY));
-    let requests = mesh.with_ipam(|h| new_specs.iter().map(|sp| ipamd::request_for(sp, h)).collect::<Result<Vec<_>>>())?;
+    let held_before = held(mesh, EXPOSE_KEY);
+    // Exposed addresses are IPv4 only (the nftables rules are).
+    let requests = mesh.with_ipam(|h| new_specs.iter().map(|sp| ipamd::request_for(sp, h, None)).collect::<Result<Vec<_>>>())?;
     let allocated = allocate_all(mesh, EXPOSE_KEY, &new_specs, requests).map_err(|e| {
         release_new(mesh, EXPOSE_KEY, &held_before);
         e.context("expose")
@@ -1244,8 +1285,8 @@ impl crate::plugin::PluginHost for PluginRouter {
                 bail!("address {ip} is attached to {}", holder.target);
             }
         }
-        let requests = mesh.with_ipam(|h| ipamd::request_for(&spec, h).map(|r| vec![r]))?;
-        let held_before = mesh.with_ipam(|h| h.ipam.addresses_of(key));
+        let requests = mesh.with_ipam(|h| ipamd::request_for(&spec, h, None).map(|r| vec![r]))?;
+        let held_before = held(mesh, key);
         match allocate_all(mesh, key, std::slice::from_ref(&spec), requests) {
             Ok(addrs) => match addrs.first() {
                 Some((IpAddr::V4(ip), _)) => Ok(*ip),
@@ -1376,14 +1417,21 @@ fn allocate_all(
         };
         // A bare CIDR before any ring exists: use it now, claim it once a ring is
         // agreed (asking now would start consensus before we have met the mesh).
-        if let (AddrSpec::Exact { ip, prefix, strict: false }, meshnet_proto::ipam::Request::Exact { ip: v4, .. }) = (spec, &req) {
-            let deferred = mesh.with_ipam(|h| {
-                let defer = !h.ipam.is_agreed();
-                if defer && !h.deferred.iter().any(|(k, a, _)| k == key && a == v4) {
-                    h.deferred.push((key.to_string(), *v4, *prefix));
-                }
-                defer
-            });
+        let v6 = match &req {
+            meshnet_proto::ipam::Request::Any(c) => c.is_v6(),
+            meshnet_proto::ipam::Request::Exact { ip, .. } => ip.is_ipv6(),
+        };
+        let no_ring = || anyhow::anyhow!("no IPv6 --ipalloc-range was given at launch");
+        if let (AddrSpec::Exact { ip, prefix, strict: false }, meshnet_proto::ipam::Request::Exact { ip: want, .. }) = (spec, &req) {
+            let deferred = mesh
+                .with_ipam_for(v6, |h| {
+                    let defer = !h.ipam.is_agreed();
+                    if defer && !h.deferred.iter().any(|(k, a, _)| k == key && a == want) {
+                        h.deferred.push((key.to_string(), *want, *prefix));
+                    }
+                    defer
+                })
+                .ok_or_else(no_ring)?;
             if deferred {
                 log::info!("IPAM: {ip}/{prefix} for {key} will be claimed once the ring is agreed");
                 addrs.push((*ip, *prefix));
@@ -1391,18 +1439,20 @@ fn allocate_all(
             }
         }
         loop {
-            let answer = mesh.with_ipam(|h| {
-                let now = h.now_ms();
-                h.ipam.allocate(key, req.clone(), now)
-            });
+            let answer = mesh
+                .with_ipam_for(v6, |h| {
+                    let now = h.now_ms();
+                    h.ipam.allocate(key, req.clone(), now)
+                })
+                .ok_or_else(no_ring)?;
             match answer.map_err(|e| anyhow::anyhow!("{e}"))? {
                 meshnet_proto::ipam::Allocation::Ready { ip, prefix } => {
                     // An address is only handed out once the state that records it is
                     // on disk (the flush after the call above tried to save it).
-                    if let Some(e) = mesh.with_ipam(|h| h.unsaved_error()) {
+                    if let Some(e) = mesh.with_ipam_for(v6, |h| h.unsaved_error()).flatten() {
                         bail!("{ip}/{prefix} was not allocated: {e}");
                     }
-                    addrs.push((IpAddr::V4(ip), prefix));
+                    addrs.push((ip, prefix));
                     break;
                 }
                 meshnet_proto::ipam::Allocation::Pending(why) => {
@@ -1431,12 +1481,33 @@ fn allocate_all(
     Ok(addrs)
 }
 
+/// The addresses `key` holds in both rings.
+fn held(mesh: &Mesh, key: &str) -> Vec<IpAddr> {
+    mesh.with_ipams(|h4, h6| {
+        let mut v = h4.ipam.addresses_of(key);
+        if let Some(h6) = h6 {
+            v.extend(h6.ipam.addresses_of(key));
+        }
+        v
+    })
+}
+
+/// `status ipam`: the IPv4 ring's view, with the IPv6 ring's under `ipv6`
+/// when there is one.
+fn ipam_status_json(mesh: &Mesh) -> serde_json::Value {
+    mesh.with_ipams(|h4, h6| {
+        let mut v = h4.status_json();
+        if let Some(h6) = h6 {
+            v["ipv6"] = h6.status_json();
+        }
+        v
+    })
+}
+
 /// Undoes the allocations of a failed attach: frees what `key` did not hold before.
-fn release_new(mesh: &Mesh, key: &str, held_before: &[std::net::Ipv4Addr]) {
-    mesh.with_ipam(|h| {
-        if held_before.is_empty() {
-            h.ipam.free_target(key);
-        } else {
+fn release_new(mesh: &Mesh, key: &str, held_before: &[IpAddr]) {
+    mesh.with_ipams(|h4, h6| {
+        for h in std::iter::once(h4).chain(h6) {
             for ip in h.ipam.addresses_of(key) {
                 if !held_before.contains(&ip) {
                     h.ipam.free(key, ip);

@@ -7,6 +7,7 @@
 //! that; the mesh calls it with its lock held, so IPAM steps never interleave.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -84,9 +85,10 @@ pub struct IpamHost {
     /// Addresses attached by a bare CIDR before any ring was agreed: claimed in
     /// the ring once one is (claiming earlier would start consensus, and a peer
     /// that has not met the mesh yet would agree on a ring of its own).
-    pub deferred: Vec<(String, Ipv4Addr, u8)>,
+    pub deferred: Vec<(String, IpAddr, u8)>,
     clock: Instant,
-    state: StateDir,
+    /// Where the snapshot lives (`ipam.bin`, or `ipam6.bin` for the IPv6 ring).
+    path: PathBuf,
     /// Failed writes of the state so far, and the last one's message (cleared by
     /// a successful write).
     pub save_failures: u64,
@@ -99,7 +101,8 @@ pub struct IpamHost {
 const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl IpamHost {
-    /// Restores the persisted IPAM state, or starts afresh.
+    /// Restores the persisted IPAM state, or starts afresh (the IPv6 ring's
+    /// state is kept apart from the IPv4 ring's, in `ipam6.bin`).
     pub fn open(
         state: &StateDir,
         me: PeerName,
@@ -112,7 +115,7 @@ impl IpamHost {
             bail!("--ipalloc-default-subnet {default_subnet} is not inside --ipalloc-range {range}");
         }
         let config = Config { rng_seed: crate::mesh::random_u64() | 1, ..Config::default() };
-        let path = state.ipam();
+        let path = if range.is_v6() { state.ipam6() } else { state.ipam() };
         let ipam = match std::fs::read(&path) {
             Ok(bytes) => Ipam::restore(me, range, init, config, &bytes, identity).map_err(|e| match e {
                 IpamError::SnapshotRange { found, expected } => anyhow::anyhow!(
@@ -132,7 +135,7 @@ impl IpamHost {
             default_subnet,
             deferred: Vec::new(),
             clock: Instant::now(),
-            state: state.clone(),
+            path,
             save_failures: 0,
             save_error: None,
             last_save_log: None,
@@ -153,11 +156,11 @@ impl IpamHost {
     pub fn flush(&mut self) -> (Vec<(Dest, Vec<u8>)>, Vec<Event>) {
         if self.ipam.needs_save() {
             let snapshot = self.ipam.snapshot();
-            match write_atomic(&self.state.ipam(), &snapshot, 0o600) {
+            match write_atomic(&self.path, &snapshot, 0o600) {
                 Ok(()) => {
                     self.ipam.saved();
                     if self.save_error.take().is_some() {
-                        log::info!("IPAM state saved again to {}; sending held-back IPAM updates", self.state.ipam().display());
+                        log::info!("IPAM state saved again to {}; sending held-back IPAM updates", self.path.display());
                     }
                 }
                 Err(e) => {
@@ -194,7 +197,7 @@ impl IpamHost {
         }
         Some(match &self.save_error {
             Some(e) => format!("the IPAM state could not be saved ({e})"),
-            None => format!("the IPAM state is not saved yet to {}", self.state.ipam().display()),
+            None => format!("the IPAM state is not saved yet to {}", self.path.display()),
         })
     }
 
@@ -212,6 +215,9 @@ impl IpamHost {
     pub fn claim_deferred(&mut self) {
         let now = self.now_ms();
         for (key, ip, prefix) in std::mem::take(&mut self.deferred) {
+            if !self.ipam.universe().contains(ip) {
+                continue;
+            }
             match self.ipam.allocate(&key, meshnet_proto::ipam::Request::Exact { ip, prefix }, now) {
                 Ok(_) => log::info!("IPAM: claimed {ip}/{prefix} for {key}"),
                 Err(e) => log::warn!("IPAM: {ip}/{prefix} of {key} conflicts with the ring: {e}"),
@@ -239,7 +245,7 @@ impl IpamHost {
             "state": state,
             "allocated_here": s.allocated,
             "pending": s.pending,
-            "unreachable_space": s.unreachable_space,
+            "unreachable_space": count(s.unreachable_space),
             "ring_entries": s.ring_entries,
             "drops": s.drops,
             "save_failures": self.save_failures,
@@ -248,12 +254,21 @@ impl IpamHost {
             "owners": s.owners.iter().map(|o| json!({
                 "peer": o.peer.to_string(),
                 "reachable": o.reachable,
-                "size": o.size,
-                "free": o.free,
+                "size": count(o.size),
+                "free": count(o.free),
                 "ranges": o.ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "allocations": self.ipam.allocations().map(|(ip, t)| json!({"ip": ip.to_string(), "target": t})).collect::<Vec<_>>(),
         })
+    }
+}
+
+/// An address count in JSON: a number up to 2^64 - 1, beyond (IPv6 ranges of
+/// /64 or shorter) its decimal digits as a string.
+pub fn count(n: u128) -> serde_json::Value {
+    match u64::try_from(n) {
+        Ok(v) => json!(v),
+        Err(_) => json!(n.to_string()),
     }
 }
 
@@ -296,14 +311,25 @@ pub fn parse_addr(s: &str) -> Result<AddrSpec> {
 }
 
 /// What to ask IPAM for, or None when the address is not IPAM's to manage (a
-/// bare CIDR outside the range, or IPv6: used as given, as Weave does).
-pub fn request_for(spec: &AddrSpec, host: &IpamHost) -> Result<Option<meshnet_proto::ipam::Request>> {
+/// bare CIDR outside the range of its family, or of a family without a range:
+/// used as given, as Weave does). `host6` is the IPv6 ring, if configured.
+pub fn request_for(spec: &AddrSpec, host: &IpamHost, host6: Option<&IpamHost>) -> Result<Option<meshnet_proto::ipam::Request>> {
     use meshnet_proto::ipam::Request;
-    let universe = host.ipam.universe();
     match spec {
         AddrSpec::Any(None) => Ok(Some(Request::Any(host.default_subnet))),
-        AddrSpec::Any(Some(c)) => Ok(Some(Request::Any(*c))),
-        AddrSpec::Exact { ip: IpAddr::V4(ip), prefix, strict } => {
+        AddrSpec::Any(Some(c)) => match (c.is_v6(), host6) {
+            (false, _) => Ok(Some(Request::Any(*c))),
+            (true, Some(_)) => Ok(Some(Request::Any(*c))),
+            (true, None) => bail!("subnet {c}: no IPv6 --ipalloc-range was given at launch"),
+        },
+        AddrSpec::Exact { ip, prefix, strict } => {
+            let h = match (ip, host6) {
+                (IpAddr::V4(_), _) => host,
+                (IpAddr::V6(_), Some(h6)) => h6,
+                (IpAddr::V6(_), None) if *strict => bail!("address {ip}/{prefix}: no IPv6 --ipalloc-range was given at launch"),
+                (IpAddr::V6(_), None) => return Ok(None),
+            };
+            let universe = h.ipam.universe();
             if universe.contains(*ip) {
                 Ok(Some(Request::Exact { ip: *ip, prefix: *prefix }))
             } else if *strict {
@@ -312,8 +338,6 @@ pub fn request_for(spec: &AddrSpec, host: &IpamHost) -> Result<Option<meshnet_pr
                 Ok(None)
             }
         }
-        AddrSpec::Exact { ip: IpAddr::V6(_), strict: true, .. } => bail!("IPAM manages IPv4 addresses only"),
-        AddrSpec::Exact { .. } => Ok(None),
     }
 }
 

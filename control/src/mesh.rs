@@ -89,6 +89,10 @@ pub struct Inner {
     /// the discovery dial budget and its deferred counter.
     pub dialer: Dialer,
     pub ipam: IpamHost,
+    /// The IPv6 ring, when a second `--ipalloc-range` (IPv6) was given: an
+    /// independent IPAM instance whose messages are told apart by their first
+    /// byte ([`meshnet_proto::ipam::wire::is_v6_message`]).
+    pub ipam6: Option<IpamHost>,
     /// Next hop towards every reachable peer, as last computed (see [`route_loop`]).
     pub next_hop: HashMap<PeerName, PeerName>,
     /// The topology changed since the discovery candidates were last given to
@@ -294,6 +298,7 @@ impl Mesh {
                 },
                 targets: targets.into_iter().collect(),
                 ipam,
+                ipam6: None,
                 next_hop: HashMap::new(),
                 discovery_stale: true,
                 discovery_at: None,
@@ -1019,12 +1024,35 @@ impl Mesh {
         g.route_runs += 1;
         g.route_last_ms = took.as_millis() as u64;
         g.ipam.ipam.peers_changed(&live);
+        if let Some(h) = g.ipam6.as_mut() {
+            h.ipam.peers_changed(&live);
+        }
         self.ipam_flush(&mut g);
     }
 
-    /// Persists IPAM's state, sends what it wants sent, logs its events.
+    /// Installs the IPv6 ring (at launch, before anything runs).
+    pub fn set_ipam6(&self, host: IpamHost) {
+        self.lock().ipam6 = Some(host);
+    }
+
+    /// Persists both rings' state, sends what they want sent, logs their events.
     fn ipam_flush(&self, g: &mut Inner) {
-        let (out, events) = g.ipam.flush();
+        self.ipam_flush_one(g, false);
+        if g.ipam6.is_some() {
+            self.ipam_flush_one(g, true);
+        }
+    }
+
+    fn host_of(g: &mut Inner, v6: bool) -> &mut IpamHost {
+        match g.ipam6.as_mut() {
+            Some(h) if v6 => h,
+            _ => &mut g.ipam,
+        }
+    }
+
+    /// [`Mesh::ipam_flush`] for one ring.
+    fn ipam_flush_one(&self, g: &mut Inner, v6: bool) {
+        let (out, events) = Self::host_of(g, v6).flush();
         if !out.is_empty() {
             for (dest, bytes) in out {
                 match dest {
@@ -1041,16 +1069,18 @@ impl Mesh {
         for e in events {
             match e {
                 Event::Allocated { target, .. } if target == crate::ipam::PRIME_KEY => {
-                    g.ipam.ipam.free_target(&target);
-                    let _ = g.ipam.flush();
+                    let h = Self::host_of(g, v6);
+                    h.ipam.free_target(&target);
+                    let _ = h.flush();
                     log::info!("IPAM: primed");
                 }
                 Event::Allocated { target, ip, prefix } => log::info!("IPAM: {ip}/{prefix} allocated to {target}"),
                 Event::Failed { target, error, .. } => log::warn!("IPAM: allocation for {target} failed: {error}"),
                 Event::Agreed { seeds } => {
                     log::info!("IPAM: ring agreed, initial owners {}", names(&seeds));
-                    g.ipam.claim_deferred();
-                    let _ = g.ipam.flush();
+                    let h = Self::host_of(g, v6);
+                    h.claim_deferred();
+                    let _ = h.flush();
                 }
                 other => log::info!("IPAM: {other:?}"),
             }
@@ -1061,10 +1091,17 @@ impl Mesh {
     /// (different ranges or rings) that must close the connection.
     pub fn on_ipam(&self, from: PeerName, bytes: &[u8]) -> Result<(), String> {
         let mut g = self.lock();
-        let now = g.ipam.now_ms();
+        // An IPv6 ring's message goes to the IPv6 ring; without one, the IPv4
+        // ring drops it and counts it as another version.
+        let v6 = meshnet_proto::ipam::wire::is_v6_message(bytes) && g.ipam6.is_some();
         let inner = &mut *g;
+        let host = match inner.ipam6.as_mut() {
+            Some(h) if v6 => h,
+            _ => &mut inner.ipam,
+        };
+        let now = host.now_ms();
         let pinned_before = inner.keys.len();
-        let result = inner.ipam.ipam.handle_message(from, bytes, now, &mut inner.keys);
+        let result = host.ipam.handle_message(from, bytes, now, &mut inner.keys);
         if g.keys.len() != pinned_before {
             // IPAM pinned the bindings of signers new to us: persist the book too.
             g.trust.keys_changed += 1;
@@ -1076,7 +1113,7 @@ impl Mesh {
             Err(e) if e.is_conflict() => Err(format!("IPAM conflict between peers {} and {from}: {e}", self.settings.me)),
             Err(e) => {
                 // Counted in `status ipam` (drops); logged at most once every 10 s.
-                if g.ipam.log_drop_due() {
+                if Self::host_of(&mut g, v6).log_drop_due() {
                     match e {
                         meshnet_proto::ipam::IpamError::UnsupportedVersion(v) => log::warn!(
                             "IPAM message from {from} dropped: it speaks IPAM protocol version {v}, this router {} (upgrade both ends to the same release)",
@@ -1093,17 +1130,43 @@ impl Mesh {
     /// Runs IPAM's timers when due.
     pub fn ipam_tick(&self) {
         let mut g = self.lock();
-        if g.ipam.timer_due() {
-            let now = g.ipam.now_ms();
-            g.ipam.ipam.handle_timeout(now);
+        let mut due = false;
+        let inner = &mut *g;
+        for h in std::iter::once(&mut inner.ipam).chain(inner.ipam6.as_mut()) {
+            if h.timer_due() {
+                let now = h.now_ms();
+                h.ipam.handle_timeout(now);
+                due = true;
+            }
+        }
+        if due {
             self.ipam_flush(&mut g);
         }
     }
 
-    /// Runs `f` on IPAM, then persists and sends what it changed.
+    /// Runs `f` on IPAM (the IPv4 ring), then persists and sends what it changed.
     pub fn with_ipam<T>(&self, f: impl FnOnce(&mut IpamHost) -> T) -> T {
         let mut g = self.lock();
         let out = f(&mut g.ipam);
+        self.ipam_flush(&mut g);
+        out
+    }
+
+    /// Runs `f` on the ring of one family (`None`: no IPv6 ring), then persists
+    /// and sends what it changed.
+    pub fn with_ipam_for<T>(&self, v6: bool, f: impl FnOnce(&mut IpamHost) -> T) -> Option<T> {
+        let mut g = self.lock();
+        let out = if v6 { g.ipam6.as_mut().map(f) } else { Some(f(&mut g.ipam)) };
+        self.ipam_flush(&mut g);
+        out
+    }
+
+    /// Runs `f` on both rings (the IPv6 one if configured), then persists and
+    /// sends what they changed.
+    pub fn with_ipams<T>(&self, f: impl FnOnce(&mut IpamHost, Option<&mut IpamHost>) -> T) -> T {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let out = f(&mut inner.ipam, inner.ipam6.as_mut());
         self.ipam_flush(&mut g);
         out
     }

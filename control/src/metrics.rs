@@ -286,8 +286,8 @@ pub fn mesh_view(src: &Sources) -> MeshView {
             .map(|o| OwnerView {
                 peer: o.peer.to_string(),
                 nickname: nick(o.peer),
-                size: o.size,
-                free: o.free,
+                size: u64::try_from(o.size).unwrap_or(u64::MAX),
+                free: u64::try_from(o.free).unwrap_or(u64::MAX),
                 reachable: o.reachable,
             })
             .collect(),

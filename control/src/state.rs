@@ -97,6 +97,10 @@ impl StateDir {
     pub fn ipam(&self) -> PathBuf {
         self.root.join("ipam.bin")
     }
+    /// The IPv6 ring's IPAM snapshot (when an IPv6 `--ipalloc-range` is given).
+    pub fn ipam6(&self) -> PathBuf {
+        self.root.join("ipam6.bin")
+    }
     fn exposed_path(&self) -> PathBuf {
         self.root.join("exposed.json")
     }

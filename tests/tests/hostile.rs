@@ -547,11 +547,11 @@ enum Forgery {
     /// "Send me your full state" (honest: how the attacker learns the ring).
     Sync,
     /// A ring entry; its proof claims to be by `by` (signed by the attacker whoever `by` is).
-    Entry { ring_id: u64, start: u32, entry: Entry, by: PeerName },
+    Entry { ring_id: u64, start: u128, entry: Entry, by: PeerName },
     /// A space request from h2 to h1; `squat`: carrying a binding of h2's name to the attacker's key.
     SpaceAsH2 { squat: bool },
     /// A claim of `ip` from h2 to h1.
-    ClaimAsH2 { ip: u32 },
+    ClaimAsH2 { ip: u128 },
 }
 
 struct Forger {
@@ -712,7 +712,7 @@ fn forged_ipam_records_are_dropped_and_counted() {
         taken(n2, n2),
         Forgery::SpaceAsH2 { squat: false },
         Forgery::SpaceAsH2 { squat: true },
-        Forgery::ClaimAsH2 { ip: u32::from(c1_ip) },
+        Forgery::ClaimAsH2 { ip: u32::from(c1_ip) as u128 },
     ]);
     let d3 = drops(&h1);
     eprintln!("h1's IPAM drops before the ring forgeries: {d2}\nafter: {d3}");

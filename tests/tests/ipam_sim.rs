@@ -94,15 +94,37 @@ fn random_partition(n: usize, rng: &mut SimRng) -> Vec<u32> {
 /// with a clean network every peer holds the same ring within a bounded time.
 #[test]
 fn fifty_peers_churn_under_partitions() {
+    // 1022 usable: ~20 per peer, so donations are frequent
+    churn_under_partitions("10.32.0.0/22", &["10.32.1.0/24", "10.32.2.0/25"], 0.15);
+}
+
+/// The same on an IPv6 ring of the same shape (1024 addresses), and on one
+/// that ends just below 2^128.
+#[test]
+fn fifty_peers_churn_under_partitions_ipv6() {
+    churn_under_partitions("fd32::/118", &["fd32::100/120", "fd32::200/121"], 0.15);
+    churn_under_partitions("ffff:ffff:ffff:ffff:ffff:ffff:ffff:f000/118", &["ffff:ffff:ffff:ffff:ffff:ffff:ffff:f300/120"], 0.2);
+}
+
+/// A /64 universe (2^64 addresses, never enumerated): subnets far smaller than
+/// any peer's share, so every peer but their owner gets space by donation, and
+/// exact claims (some among the allocated addresses) cross owners.
+#[test]
+fn fifty_peers_churn_under_partitions_ipv6_slash64() {
+    churn_under_partitions("fd32::/64", &["fd32::/120", "fd32:0:0:0:8000::/112"], 0.2);
+}
+
+fn churn_under_partitions(universe: &str, subnets: &[&str], exact_share: f64) {
     for seed in seeds(1, 3) {
         let n = 50;
-        let universe = cidr("10.32.0.0/22"); // 1022 usable: ~20 per peer, so donations are frequent
+        let universe = cidr(universe);
         let mut rng = SimRng::new(seed);
         let graph = Graph::random(n, 5, &mut rng);
         let faults = Faults { loss: 0.05, duplicate: 0.02, max_delay_ticks: 4 };
         let mut sim = IpamSim::new(universe, vec![InitMode::Consensus(n as u32); n], graph, faults, seed);
         sim.start_all();
-        let mut w = Workload::new(universe, vec![cidr("10.32.1.0/24"), cidr("10.32.2.0/25")]);
+        let mut w = Workload::new(universe, subnets.iter().map(|s| cidr(s)).collect());
+        w.exact_share = exact_share;
         let ticks = 3000;
         let mut agreed_at = None;
         let mut peak_held = 0;
@@ -146,7 +168,7 @@ fn fifty_peers_churn_under_partitions() {
         assert!(seeds0.len() > n / 2, "a quorum of initial peers owns the ring");
         let s = &w.stats;
         println!(
-            "seed {seed}: agreed by tick {agreed_at}; ops: {} ready, {} pending ({} completed, {} failed, {} timed out), {} refused, {} frees, {} exact; \
+            "{universe} seed {seed}: agreed by tick {agreed_at}; ops: {} ready, {} pending ({} completed, {} failed, {} timed out), {} refused, {} frees, {} exact; \
              peak held {peak_held}; converged {rounds} ticks after heal; ring {} entries; net {:?}, {} bytes of it signatures, proofs and bindings",
             s.ready, s.pending, s.completed_later, s.failed_later, s.timed_out, s.refused, s.freed, s.exact_ok,
             sim.ipam(0).ring().len(), sim.net.stats, sim.signature_bytes
@@ -486,15 +508,26 @@ fn consensus_safety_under_faults() {
 /// address is handed out twice, also while the peer is down.
 #[test]
 fn crash_and_restore_keep_addresses() {
+    crash_and_restore("10.32.0.0/23", "10.32.1.0/24");
+}
+
+/// The same with an IPv6 ring (snapshots of 128-bit rings restore exactly).
+#[test]
+fn crash_and_restore_keep_addresses_ipv6() {
+    crash_and_restore("fd32::/119", "fd32::100/120");
+    crash_and_restore("fd32::/64", "fd32:0:0:0:4000::/120");
+}
+
+fn crash_and_restore(universe: &str, subnet: &str) {
     for seed in seeds(7, 3) {
         let n = 20;
-        let universe = cidr("10.32.0.0/23");
+        let universe = cidr(universe);
         let mut rng = SimRng::new(seed);
         let graph = Graph::random(n, 4, &mut rng);
         let faults = Faults { loss: 0.05, duplicate: 0.05, max_delay_ticks: 3 };
         let mut sim = IpamSim::new(universe, vec![InitMode::Consensus(n as u32); n], graph, faults, seed);
         sim.start_all();
-        let mut w = Workload::new(universe, vec![cidr("10.32.1.0/24")]);
+        let mut w = Workload::new(universe, vec![cidr(subnet)]);
         w.exact_share = 0.3;
         let mut crashes = 0;
         let mut restored_addrs = 0;
@@ -512,7 +545,7 @@ fn crash_and_restore_keep_addresses() {
                 for (k, (ip, _)) in held.iter().take(3).enumerate() {
                     let up = sim.up_nodes();
                     let i = *rng.pick(&up).unwrap();
-                    let r = sim.allocate(i, &format!("steal{t}-{k}"), Request::Exact { ip: *ip, prefix: 23 });
+                    let r = sim.allocate(i, &format!("steal{t}-{k}"), Request::Exact { ip: *ip, prefix: universe.prefix() });
                     assert!(!matches!(r, Ok(Allocation::Ready { .. })), "seed {seed}: {ip} of a crashed peer granted");
                 }
             }
@@ -544,7 +577,7 @@ fn crash_and_restore_keep_addresses() {
         check(&sim, seed);
         no_errors(&sim, seed);
         assert!(crashes >= 2, "seed {seed}: only {crashes} crashes");
-        println!("seed {seed}: {crashes} crashes, {restored_addrs} addresses restored, {} snapshots written", sim.snapshots_written);
+        println!("{universe} seed {seed}: {crashes} crashes, {restored_addrs} addresses restored, {} snapshots written", sim.snapshots_written);
     }
 }
 
@@ -554,9 +587,21 @@ fn crash_and_restore_keep_addresses() {
 /// included).
 #[test]
 fn rmpeer_of_dead_owner_frees_its_space() {
+    rmpeer_of_dead_owner("10.32.0.0/26"); // 62 usable
+}
+
+/// The same on IPv6 rings of 64 addresses, one of them the last but one /122
+/// below 2^128.
+#[test]
+fn rmpeer_of_dead_owner_frees_its_space_ipv6() {
+    rmpeer_of_dead_owner("fd32::/122");
+    rmpeer_of_dead_owner("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ff80/122");
+}
+
+fn rmpeer_of_dead_owner(universe: &str) {
     let seed = 3;
     let n = 4;
-    let universe = cidr("10.32.0.0/26"); // 62 usable
+    let universe = cidr(universe);
     let seeds_list: Vec<PeerName> = (0..n).map(peer_name).collect();
     let faults = Faults { loss: 0.02, duplicate: 0.02, max_delay_ticks: 2 };
     let mut sim = IpamSim::new(universe, vec![InitMode::Seed(seeds_list); n], Graph::full(n), faults, seed);
@@ -568,6 +613,7 @@ fn rmpeer_of_dead_owner_frees_its_space() {
     sim.run(50);
     sim.kill(3);
     let dead_space: u64 = sim.ipam(0).ring().owned_by(peer_name(3)).map(|(_, e)| e.size as u64).sum();
+    let dead_space128 = dead_space as u128;
     assert!(dead_space >= 15);
     let dead_usable = dead_space - 1; // the last peer's range holds the broadcast address
     // Fill everything the live peers own.
@@ -585,13 +631,13 @@ fn rmpeer_of_dead_owner_frees_its_space() {
     }
     let held_now = check(&sim, seed);
     assert_eq!(held_now as u64, 62 - dead_usable, "live space used up ({held} ready at once)");
-    assert_eq!(sim.ipam(0).status().unreachable_space, dead_space);
+    assert_eq!(sim.ipam(0).status().unreachable_space, dead_space128);
     match sim.allocate(1, "more", any) {
         Ok(Allocation::Pending(Waiting::NoFreeSpace { .. })) => {}
         other => panic!("{other:?}"),
     }
     assert!(matches!(sim.rmpeer(0, 1), Err(IpamError::PeerReachable(_))));
-    assert_eq!(sim.rmpeer(0, 3), Ok(dead_space));
+    assert_eq!(sim.rmpeer(0, 3), Ok(dead_space128));
     sim.run(100);
     check(&sim, seed);
     let total = check(&sim, seed);

@@ -7,12 +7,12 @@
 //! ring; merges that would break it are refused ([`IpamError::OwnershipConflict`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::paxos::{decision_quorum, Ballot, Out, Paxos, SignedValue, MAX_PARTICIPANTS};
 use super::ring::{free_in, Entry, Ring, MAX_SEEDS, TAKEOVER_JUMP};
-use super::space::{self, clip, Cidr};
+use super::space::{self, addr_value, clip, Addr, Cidr};
 use super::wire::{
     self, Body, Decision, Envelope, Gossip, Outcome, Packet, PaxosState, Proof, Snapshot, DOMAIN_ENTRY,
     DOMAIN_ENVELOPE, DOMAIN_PAXOS_ACCEPT, DOMAIN_PAXOS_VALUE, FULL_GOSSIP_CHUNK, MAX_HOPS, MAX_SNAPSHOT_BINDINGS,
@@ -60,10 +60,10 @@ struct PendingReq {
 }
 
 enum Step {
-    Done(Ipv4Addr, u8),
+    Done(IpAddr, u8),
     Failed(IpamError),
     NeedSpace(Cidr),
-    NeedClaim(u32),
+    NeedClaim(Addr),
 }
 
 /// One peer's IPAM (see the module docs of [`crate::ipam`]).
@@ -74,16 +74,16 @@ pub struct Ipam {
     config: Config,
     ring: Ring,
     paxos: Paxos,
-    allocs: BTreeMap<u32, String>,
-    targets: BTreeMap<String, BTreeSet<u32>>,
+    allocs: BTreeMap<Addr, String>,
+    targets: BTreeMap<String, BTreeSet<Addr>>,
     pending: Vec<PendingReq>,
     failed: VecDeque<(PendingReq, IpamError)>,
     space_asks: BTreeMap<Cidr, Ask>,
-    claim_asks: BTreeMap<u32, Ask>,
+    claim_asks: BTreeMap<Addr, Ask>,
     shunned: BTreeMap<(Cidr, PeerName), u64>,
     live: Option<BTreeSet<PeerName>>,
     /// Ring starts changed since the last gossip.
-    changed: BTreeSet<u32>,
+    changed: BTreeSet<Addr>,
     full_due: bool,
     /// Send the neighbours a [`Body::Digest`] of the agreed ring (the periodic
     /// anti-entropy once agreed; full state goes only to neighbours that differ).
@@ -269,12 +269,12 @@ impl Ipam {
         }
         for (ip, target) in s.allocations {
             if ipam.ring.covering_owned(me, ip).is_none() {
-                return Err(IpamError::BadSnapshot(format!("{} is allocated but not in this peer's ranges", Ipv4Addr::from(ip))));
+                return Err(IpamError::BadSnapshot(format!("{} is allocated but not in this peer's ranges", universe.ip(ip))));
             }
             ipam.targets.entry(target.clone()).or_default().insert(ip);
             ipam.allocs.insert(ip, target);
         }
-        let mine: Vec<u32> = ipam.ring.owned_by(me).map(|(s, _)| s).collect();
+        let mine: Vec<Addr> = ipam.ring.owned_by(me).map(|(s, _)| s).collect();
         for start in mine {
             ipam.recompute_free(start);
         }
@@ -371,13 +371,13 @@ impl Ipam {
     }
 
     /// Every address allocated here, with its target, by address.
-    pub fn allocations(&self) -> impl Iterator<Item = (Ipv4Addr, &str)> + '_ {
-        self.allocs.iter().map(|(&ip, t)| (Ipv4Addr::from(ip), t.as_str()))
+    pub fn allocations(&self) -> impl Iterator<Item = (IpAddr, &str)> + '_ {
+        self.allocs.iter().map(|(&ip, t)| (self.universe.ip(ip), t.as_str()))
     }
 
     /// The addresses `target` holds here.
-    pub fn addresses_of(&self, target: &str) -> Vec<Ipv4Addr> {
-        self.targets.get(target).map(|s| s.iter().map(|&ip| Ipv4Addr::from(ip)).collect()).unwrap_or_default()
+    pub fn addresses_of(&self, target: &str) -> Vec<IpAddr> {
+        self.targets.get(target).map(|s| s.iter().map(|&ip| self.universe.ip(ip)).collect()).unwrap_or_default()
     }
 
     /// Number of requests waiting.
@@ -427,8 +427,12 @@ impl Ipam {
     }
 
     /// Returns `ip` of `target` to the pool; false if it was not allocated to it.
-    pub fn free(&mut self, target: &str, ip: Ipv4Addr) -> bool {
-        let a = u32::from(ip);
+    pub fn free(&mut self, target: &str, ip: impl Into<IpAddr>) -> bool {
+        let ip = ip.into();
+        if !self.universe.contains(ip) {
+            return false;
+        }
+        let a = addr_value(ip);
         if self.allocs.get(&a).map(String::as_str) != Some(target) {
             return false;
         }
@@ -438,20 +442,20 @@ impl Ipam {
     }
 
     /// Frees every address of `target` and cancels its pending requests; returns the freed addresses.
-    pub fn free_target(&mut self, target: &str) -> Vec<Ipv4Addr> {
-        let ips: Vec<u32> = self.targets.get(target).map(|s| s.iter().copied().collect()).unwrap_or_default();
+    pub fn free_target(&mut self, target: &str) -> Vec<IpAddr> {
+        let ips: Vec<Addr> = self.targets.get(target).map(|s| s.iter().copied().collect()).unwrap_or_default();
         for &ip in &ips {
             self.unassign(ip);
         }
         self.pending.retain(|p| p.target != target);
         self.failed.retain(|(p, _)| p.target != target);
         self.progress();
-        ips.into_iter().map(Ipv4Addr::from).collect()
+        ips.into_iter().map(|a| self.universe.ip(a)).collect()
     }
 
     /// After a restore: frees the addresses of every target not in `live_targets`
     /// (containers that went away while the daemon was down); returns what was freed.
-    pub fn release_missing<I, S>(&mut self, live_targets: I) -> Vec<(String, Ipv4Addr)>
+    pub fn release_missing<I, S>(&mut self, live_targets: I) -> Vec<(String, IpAddr)>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -471,7 +475,7 @@ impl Ipam {
     /// number of addresses taken. Unsafe if `dead` is alive but partitioned (see
     /// the module docs). Refused for myself, before agreement, and for a peer in
     /// the last [`Ipam::peers_changed`] list.
-    pub fn rmpeer(&mut self, dead: PeerName) -> Result<u64, IpamError> {
+    pub fn rmpeer(&mut self, dead: PeerName) -> Result<u128, IpamError> {
         if dead == self.me {
             return Err(IpamError::RemoveSelf);
         }
@@ -482,7 +486,7 @@ impl Ipam {
             return Err(IpamError::PeerReachable(dead));
         }
         let changed = self.ring.reassign_all(dead, self.me, TAKEOVER_JUMP);
-        let total: u64 = changed.iter().filter_map(|s| self.ring.get(*s)).map(|e| e.size as u64).sum();
+        let total: u128 = changed.iter().filter_map(|s| self.ring.get(*s)).fold(0u128, |t, e| t.saturating_add(e.size));
         for &s in &changed {
             self.recompute_free(s);
         }
@@ -500,16 +504,16 @@ impl Ipam {
     /// the recipient, or `None` if this peer owned nothing. Errors with
     /// [`IpamError::NoLivePeer`] (nothing changed) if no peer is reachable.
     pub fn reset(&mut self) -> Result<Option<PeerName>, IpamError> {
-        let owned: u64 = self.ring.owned_by(self.me).map(|(_, e)| e.size as u64).sum();
+        let owned: u128 = self.ring.owned_by(self.me).fold(0u128, |t, (_, e)| t.saturating_add(e.size));
         if owned > 0 {
             let live: Vec<PeerName> = self.live.iter().flatten().copied().filter(|p| *p != self.me).collect();
             if live.is_empty() {
                 return Err(IpamError::NoLivePeer);
             }
-            let mut space: BTreeMap<PeerName, u64> = live.iter().map(|p| (*p, 0)).collect();
+            let mut space: BTreeMap<PeerName, u128> = live.iter().map(|p| (*p, 0)).collect();
             for (_, e) in self.ring.entries() {
                 if let Some(s) = space.get_mut(&e.owner) {
-                    *s += e.size as u64;
+                    *s = s.saturating_add(e.size);
                 }
             }
             let to = space.iter().min_by_key(|(p, s)| (**s, **p)).map(|(p, _)| *p).expect("live is not empty");
@@ -576,13 +580,13 @@ impl Ipam {
                 free: 0,
                 reachable: self.is_live(e.owner),
             });
-            let last = (s as u64 + e.size as u64 - 1) as u32;
-            o.ranges.push((Ipv4Addr::from(s), Ipv4Addr::from(last)));
-            o.size += e.size as u64;
+            let last = s + e.size - 1;
+            o.ranges.push((self.universe.ip(s), self.universe.ip(last)));
+            o.size = o.size.saturating_add(e.size);
             // Mine exactly (my published count may lag: see `publish_free`).
-            o.free += if e.owner == self.me { free_in(&self.universe, s, e.size, &self.allocs) } else { e.free } as u64;
+            o.free = o.free.saturating_add(if e.owner == self.me { free_in(&self.universe, s, e.size, &self.allocs) } else { e.free });
         }
-        let unreachable_space = owners.values().filter(|o| !o.reachable).map(|o| o.size).sum();
+        let unreachable_space = owners.values().filter(|o| !o.reachable).fold(0u128, |t, o| t.saturating_add(o.size));
         let state = if self.ring.is_agreed() {
             RingState::Agreed { seeds: self.ring.seeds().to_vec() }
         } else if self.paxos.is_participant() {
@@ -621,7 +625,12 @@ impl Ipam {
         self.tick(now_ms);
         self.offered.clear();
         self.ensure_own_binding(keys);
-        let decoded = wire::decode_packet(bytes).and_then(|p| wire::decode_envelope(&p.signed).map(|env| (p, env)));
+        // A ring only reads its own family's version (IPv4 and IPv6 rings are
+        // separate instances that never exchange messages).
+        let decoded = match bytes.first() {
+            Some(&v) if v != wire::wire_version(&self.universe) => Err(IpamError::UnsupportedVersion(v)),
+            _ => wire::decode_packet(bytes).and_then(|p| wire::decode_envelope(&p.signed).map(|env| (p, env))),
+        };
         let (packet, env) = match decoded {
             Ok(x) => x,
             Err(e) => {
@@ -736,7 +745,7 @@ impl Ipam {
         if self.digest_due && !self.full_due && self.ring.is_agreed() {
             // The exact free counts of my entries first (as in full state): a
             // drifted one goes out as a delta before the digest that covers it.
-            let mine: Vec<u32> = self.ring.owned_by(self.me).map(|(s, _)| s).collect();
+            let mine: Vec<Addr> = self.ring.owned_by(self.me).map(|(s, _)| s).collect();
             for s in mine {
                 self.recompute_free(s);
             }
@@ -876,18 +885,18 @@ impl Ipam {
                 if !u.contains_net(subnet) {
                     return Err(IpamError::SubnetOutsideRange { subnet: *subnet, universe: u });
                 }
-                if subnet.prefix() > 30 {
+                if subnet.prefix() > subnet.max_subnet_prefix() {
                     return Err(IpamError::SubnetTooSmall(*subnet));
                 }
             }
             Request::Exact { ip, prefix } => {
-                if *prefix > 32 {
+                if *prefix > space::width(ip.is_ipv6()) {
                     return Err(IpamError::BadPrefix(*prefix));
                 }
                 if !u.contains(*ip) {
                     return Err(IpamError::AddressOutsideRange { ip: *ip, universe: u });
                 }
-                let a = u32::from(*ip);
+                let a = addr_value(*ip);
                 let net = Cidr::containing(*ip, *prefix).map_err(|_| IpamError::BadPrefix(*prefix))?;
                 if net.is_reserved(a) {
                     return Err(IpamError::ReservedAddress { ip: *ip, net });
@@ -913,21 +922,21 @@ impl Ipam {
                 Some(a) => Waiting::Donation { donor: a.peer },
                 None => Waiting::NoFreeSpace { subnet: *subnet },
             },
-            Request::Exact { ip, .. } => match self.ring.covering(u32::from(*ip)) {
+            Request::Exact { ip, .. } => match self.ring.covering(addr_value(*ip)) {
                 Some((_, e)) => Waiting::Owner { owner: e.owner, reachable: self.is_live(e.owner) },
                 None => Waiting::Ring,
             },
         }
     }
 
-    fn address_in(&self, target: &str, subnet: &Cidr) -> Option<u32> {
-        self.targets.get(target)?.iter().copied().find(|ip| subnet.contains_u32(*ip))
+    fn address_in(&self, target: &str, subnet: &Cidr) -> Option<Addr> {
+        self.targets.get(target)?.iter().copied().find(|ip| subnet.contains_u(*ip))
     }
 
-    fn lowest_free(&self, subnet: &Cidr) -> Option<u32> {
+    fn lowest_free(&self, subnet: &Cidr) -> Option<Addr> {
         let (lo, hi) = subnet.usable();
         self.ring.owned_by(self.me).find_map(|(s, e)| {
-            let (l, h) = clip(s as u64, s as u64 + e.size as u64, lo, hi)?;
+            let (l, h) = clip(s, s + e.size, lo, hi)?;
             space::lowest_free(l, h, &self.allocs)
         })
     }
@@ -945,10 +954,10 @@ impl Ipam {
                         None => return Step::NeedSpace(*subnet),
                     },
                 };
-                Step::Done(Ipv4Addr::from(ip), subnet.prefix())
+                Step::Done(self.universe.ip(ip), subnet.prefix())
             }
             Request::Exact { ip, prefix } => {
-                let a = u32::from(*ip);
+                let a = addr_value(*ip);
                 match self.allocs.get(&a) {
                     Some(t) if *t == p.target => return Step::Done(*ip, *prefix),
                     Some(t) => return Step::Failed(IpamError::AddressInUse { ip: *ip, holder: Holder::Target(t.clone()) }),
@@ -964,7 +973,7 @@ impl Ipam {
         }
     }
 
-    fn assign(&mut self, target: &str, ip: u32) {
+    fn assign(&mut self, target: &str, ip: Addr) {
         self.allocs.insert(ip, target.to_string());
         self.targets.entry(target.to_string()).or_default().insert(ip);
         if let Some((s, _)) = self.ring.covering_owned(self.me, ip) {
@@ -973,7 +982,7 @@ impl Ipam {
         self.dirty = true;
     }
 
-    fn unassign(&mut self, ip: u32) {
+    fn unassign(&mut self, ip: Addr) {
         if let Some(t) = self.allocs.remove(&ip) {
             if let Some(set) = self.targets.get_mut(&t) {
                 set.remove(&ip);
@@ -990,7 +999,7 @@ impl Ipam {
 
     /// Brings the free count of my entry at `start` up to date (bumping its
     /// version if it changed), whatever the change.
-    fn recompute_free(&mut self, start: u32) {
+    fn recompute_free(&mut self, start: Addr) {
         self.publish_free(start, true);
     }
 
@@ -1000,7 +1009,7 @@ impl Ipam {
     /// each new version, so small changes wait for the next full gossip. The
     /// count only guides other peers' choice of donors; what this peer hands
     /// out follows its allocations, never the published count.
-    fn publish_free(&mut self, start: u32, force: bool) {
+    fn publish_free(&mut self, start: Addr, force: bool) {
         let Some(e) = self.ring.get(start) else { return };
         if e.owner != self.me {
             return;
@@ -1064,12 +1073,12 @@ impl Ipam {
     /// deterministic signature), never a different one under that version.
     fn full_gossip(&mut self) -> Vec<Gossip> {
         if self.ring.is_agreed() {
-            let mine: Vec<u32> = self.ring.owned_by(self.me).map(|(s, _)| s).collect();
+            let mine: Vec<Addr> = self.ring.owned_by(self.me).map(|(s, _)| s).collect();
             for s in mine {
                 self.recompute_free(s);
             }
             let (ring_id, seeds) = (self.ring.id(), self.ring.seeds().to_vec());
-            let starts: Vec<u32> = self.ring.entries().map(|(s, _)| s).collect();
+            let starts: Vec<Addr> = self.ring.entries().map(|(s, _)| s).collect();
             let (entries, proofs) = self.signed_entries(starts);
             if entries.is_empty() {
                 return vec![Gossip { full: true, ring_id, seeds, entries, proofs, consensus: 0 }];
@@ -1097,7 +1106,7 @@ impl Ipam {
         }
     }
 
-    fn reply(&mut self, dst: PeerName, id: u64, outcome: Outcome, entries: Vec<(u32, Entry)>) {
+    fn reply(&mut self, dst: PeerName, id: u64, outcome: Outcome, entries: Vec<(Addr, Entry)>) {
         let (entries, proofs) = self.signed_entries(entries.into_iter().map(|(s, _)| s));
         let ring_id = if entries.is_empty() { 0 } else { self.ring.id() };
         let gossip = Gossip { full: false, ring_id, seeds: Vec::new(), entries, proofs, consensus: 0 };
@@ -1120,7 +1129,7 @@ impl Ipam {
     /// The entries at `starts` that can be sent: signed, and not genesis entries
     /// (which follow from the seeds). Entries of others held without a proof (from
     /// a version-1 snapshot) are left out.
-    fn signed_entries(&mut self, starts: impl IntoIterator<Item = u32>) -> (Vec<(u32, Entry)>, Vec<Proof>) {
+    fn signed_entries(&mut self, starts: impl IntoIterator<Item = Addr>) -> (Vec<(Addr, Entry)>, Vec<Proof>) {
         self.sign_pending();
         let mut entries = Vec::new();
         let mut proofs = Vec::new();
@@ -1194,8 +1203,8 @@ impl Ipam {
         g: &Gossip,
         keys: &KeyBook,
         drops: &mut DropStats,
-    ) -> (Vec<(u32, Entry)>, BTreeMap<u32, Proof>, Vec<(u32, Proof)>, BTreeSet<PeerName>) {
-        let mut overlay: BTreeMap<u32, Entry> = BTreeMap::new();
+    ) -> (Vec<(Addr, Entry)>, BTreeMap<Addr, Proof>, Vec<(Addr, Proof)>, BTreeSet<PeerName>) {
+        let mut overlay: BTreeMap<Addr, Entry> = BTreeMap::new();
         let mut out = Vec::new();
         let mut proofs = BTreeMap::new();
         let mut fills = Vec::new();
@@ -1236,7 +1245,7 @@ impl Ipam {
                         && e.version >= c.version.saturating_add(TAKEOVER_JUMP);
                 }
                 None => {
-                    let fit = |(cs, c): (u32, Entry)| (c.owner, s as u64 + e.size as u64 <= cs as u64 + c.size as u64);
+                    let fit = |(cs, c): (Addr, Entry)| (c.owner, s + e.size <= cs + c.size);
                     candidates.extend(base.covering(s).map(|(cs, c)| fit((cs, *c))));
                     candidates.extend(base.covering_with(&overlay, s).map(fit));
                     if candidates.is_empty() {
@@ -1300,7 +1309,7 @@ impl Ipam {
     }
 
     /// Refuses a merge that would leave one of my allocations outside my ranges.
-    fn check_ownership(&self, src: PeerName, changes: &[(u32, super::ring::Entry)]) -> Result<(), IpamError> {
+    fn check_ownership(&self, src: PeerName, changes: &[(Addr, super::ring::Entry)]) -> Result<(), IpamError> {
         if self.allocs.is_empty() {
             return Ok(());
         }
@@ -1310,7 +1319,7 @@ impl Ipam {
         if !touches_mine {
             return Ok(());
         }
-        let mut mine: BTreeMap<u32, u32> = self.ring.owned_by(self.me).map(|(s, e)| (s, e.size)).collect();
+        let mut mine: BTreeMap<Addr, Addr> = self.ring.owned_by(self.me).map(|(s, e)| (s, e.size)).collect();
         for (s, e) in changes {
             if e.owner == self.me {
                 mine.insert(*s, e.size);
@@ -1319,15 +1328,15 @@ impl Ipam {
             }
         }
         for (&ip, target) in &self.allocs {
-            let covered = mine.range(..=ip).next_back().is_some_and(|(&s, &sz)| (ip as u64) < s as u64 + sz as u64);
+            let covered = mine.range(..=ip).next_back().is_some_and(|(&s, &sz)| (ip) < s + sz);
             if !covered {
                 let owner = changes
                     .iter()
-                    .filter(|(s, e)| *s <= ip && (ip as u64) < *s as u64 + e.size as u64)
+                    .filter(|(s, e)| *s <= ip && (ip) < *s + e.size)
                     .map(|(_, e)| e.owner)
                     .next_back()
                     .unwrap_or(PeerName::BROADCAST);
-                return Err(IpamError::OwnershipConflict { peer: src, ip: Ipv4Addr::from(ip), target: target.clone(), owner });
+                return Err(IpamError::OwnershipConflict { peer: src, ip: self.universe.ip(ip), target: target.clone(), owner });
             }
         }
         Ok(())
@@ -1719,12 +1728,12 @@ impl Ipam {
             return self.reply(src, id, Outcome::NotAgreed, Vec::new());
         }
         let (lo, hi) = subnet.usable();
-        let mut best: Option<(u64, u64)> = None;
-        let mut total = 0u64;
+        let mut best: Option<(Addr, Addr)> = None;
+        let mut total: u128 = 0;
         for (s, e) in self.ring.owned_by(self.me) {
-            if let Some((l, h)) = clip(s as u64, s as u64 + e.size as u64, lo, hi) {
+            if let Some((l, h)) = clip(s, s + e.size, lo, hi) {
                 for (a, b) in space::free_runs(l, h, &self.allocs) {
-                    total += b - a;
+                    total = total.saturating_add(b - a);
                     if best.is_none_or(|(x, y)| b - a > y - x) {
                         best = Some((a, b));
                     }
@@ -1744,14 +1753,14 @@ impl Ipam {
             }
             None => {
                 // Tell the asker my real free counts so it asks elsewhere.
-                let mine: Vec<u32> = self.ring.owned_by(self.me).map(|(s, _)| s).collect();
+                let mine: Vec<Addr> = self.ring.owned_by(self.me).map(|(s, _)| s).collect();
                 for s in mine {
                     self.recompute_free(s);
                 }
                 let entries: Vec<_> = self
                     .ring
                     .owned_by(self.me)
-                    .filter(|(s, e)| clip(*s as u64, *s as u64 + e.size as u64, lo, hi).is_some())
+                    .filter(|(s, e)| clip(*s, *s + e.size, lo, hi).is_some())
                     .map(|(s, e)| (s, *e))
                     .collect();
                 self.reply(src, id, Outcome::NoSpace, entries);
@@ -1759,13 +1768,13 @@ impl Ipam {
         }
     }
 
-    fn on_claim_request(&mut self, src: PeerName, id: u64, ip: u32) {
+    fn on_claim_request(&mut self, src: PeerName, id: u64, ip: Addr) {
         if !self.ring.is_agreed() {
             return self.reply(src, id, Outcome::NotAgreed, Vec::new());
         }
         match self.ring.covering_owned(self.me, ip).map(|(s, e)| (s, *e)) {
             Some((s, e)) if self.allocs.contains_key(&ip) => self.reply(src, id, Outcome::InUse, vec![(s, e)]),
-            Some((s, e)) => match self.ring.transfer(self.me, ip as u64, ip as u64 + 1, src, &self.allocs) {
+            Some((s, e)) => match self.ring.transfer(self.me, ip, ip + 1, src, &self.allocs) {
                 Some(changed) => {
                     let entries = self.ring.entries_at(changed.iter().copied());
                     self.changed.extend(changed);
@@ -1794,10 +1803,10 @@ impl Ipam {
             match outcome {
                 Outcome::Donated => {}
                 Outcome::InUse => {
-                    let error = IpamError::AddressInUse { ip: Ipv4Addr::from(ip), holder: Holder::Peer(src) };
+                    let error = IpamError::AddressInUse { ip: self.universe.ip(ip), holder: Holder::Peer(src) };
                     let (failed, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.pending)
                         .into_iter()
-                        .partition(|p| matches!(p.req, Request::Exact { ip: x, .. } if u32::from(x) == ip));
+                        .partition(|p| matches!(p.req, Request::Exact { ip: x, .. } if addr_value(x) == ip));
                     self.pending = keep;
                     for p in failed {
                         self.fail(p, error.clone());
@@ -1903,7 +1912,7 @@ impl Ipam {
     /// space its entries report there (clipped to the subnet).
     fn choose_donor(&mut self, subnet: &Cidr) -> Option<PeerName> {
         let (lo, hi) = subnet.usable();
-        let mut weights: BTreeMap<PeerName, u64> = BTreeMap::new();
+        let mut weights: BTreeMap<PeerName, u128> = BTreeMap::new();
         for (s, e) in self.ring.entries() {
             if e.owner == self.me || !self.is_live(e.owner) {
                 continue;
@@ -1911,18 +1920,19 @@ impl Ipam {
             if self.shunned.get(&(*subnet, e.owner)).is_some_and(|u| *u > self.now) {
                 continue;
             }
-            if let Some((l, h)) = clip(s as u64, s as u64 + e.size as u64, lo, hi) {
-                let est = (h - l).min(e.free as u64);
+            if let Some((l, h)) = clip(s, s + e.size, lo, hi) {
+                let est = (h - l).min(e.free);
                 if est > 0 {
-                    *weights.entry(e.owner).or_default() += est;
+                    let w = weights.entry(e.owner).or_default();
+                    *w = w.saturating_add(est);
                 }
             }
         }
-        let total: u64 = weights.values().sum();
+        let total: u128 = weights.values().fold(0u128, |t, w| t.saturating_add(*w));
         if total == 0 {
             return None;
         }
-        let mut pick = self.rng.below(total);
+        let mut pick = self.rng.below128(total);
         for (p, w) in weights {
             if pick < w {
                 return Some(p);
@@ -1932,7 +1942,7 @@ impl Ipam {
         None
     }
 
-    fn ensure_claim_ask(&mut self, ip: u32) {
+    fn ensure_claim_ask(&mut self, ip: Addr) {
         if self.claim_asks.contains_key(&ip) {
             return;
         }
@@ -1953,7 +1963,7 @@ impl Ipam {
 /// version of my entry now: it reaches or leaves zero, or it moved by an eighth
 /// of the larger of the two (so counts are exact near exhaustion, and a burst of
 /// allocations in a large range is one update, or none until the next full gossip).
-fn free_is_news(published: u32, exact: u32) -> bool {
+fn free_is_news(published: Addr, exact: Addr) -> bool {
     published != exact && ((published == 0) != (exact == 0) || published.abs_diff(exact) >= (published.max(exact) / 8).max(1))
 }
 

@@ -24,7 +24,7 @@ pub struct RingView {
     /// The sender's ring id; 0 before agreement.
     pub ring_id: u64,
     pub seeds: Vec<PeerName>,
-    pub entries: Vec<(u32, Entry)>,
+    pub entries: Vec<(super::Addr, Entry)>,
 }
 
 /// The ring a gossip message (or a reply carrying gossip) describes; `None`
@@ -42,9 +42,9 @@ impl RingView {
     /// Every entry of the ring this view describes: the genesis that `seeds`
     /// imply (never sent: it follows from them), overlaid with the entries
     /// gossiped (the highest version of each start). Empty without seeds.
-    pub fn ring(&self) -> Vec<(u32, Entry)> {
+    pub fn ring(&self) -> Vec<(super::Addr, Entry)> {
         let (Some(universe), false) = (self.universe, self.seeds.is_empty()) else { return Vec::new() };
-        let mut all: std::collections::BTreeMap<u32, Entry> =
+        let mut all: std::collections::BTreeMap<super::Addr, Entry> =
             super::ring::Ring::genesis(universe, &self.seeds).entries().map(|(s, e)| (s, *e)).collect();
         for (s, e) in &self.entries {
             if all.get(s).is_none_or(|have| have.version < e.version) {
@@ -67,7 +67,7 @@ pub fn entries(
     universe: Cidr,
     src: PeerName,
     ring_id: u64,
-    entries: Vec<(u32, Entry)>,
+    entries: Vec<(super::Addr, Entry)>,
     by: PeerName,
     by_key: &Signer,
     key: &Signer,
@@ -87,7 +87,7 @@ pub fn space_request(universe: Cidr, src: PeerName, dst: PeerName, subnet: Cidr,
 }
 
 /// "Give me exactly `ip`", from `src` to `dst`.
-pub fn claim_request(universe: Cidr, src: PeerName, dst: PeerName, ip: u32, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
+pub fn claim_request(universe: Cidr, src: PeerName, dst: PeerName, ip: super::Addr, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
     sealed(universe, src, dst, Body::ClaimRequest { id: 0x0bad, ip }, key, bindings)
 }
 
@@ -170,7 +170,7 @@ mod tests {
         for bytes in [
             entries(u, me, view.ring_id, view.entries.clone(), me, &s, &s, vec![]),
             space_request(u, me, PeerName(5), u, &s, vec![]),
-            claim_request(u, me, PeerName(5), u32::from(u.network()) + 1, &s, vec![]),
+            claim_request(u, me, PeerName(5), crate::ipam::space::addr_value(u.network()) + 1, &s, vec![]),
             sync_request(u, me, PeerName(5), &s, vec![]),
             prepare(u, me, 3, b, &s, vec![]),
             accept(u, me, PeerName(5), b, vec![me], &s, &s, vec![]),

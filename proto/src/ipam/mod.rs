@@ -180,7 +180,7 @@
 //! machine tying them together.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::peer::PeerName;
 
@@ -196,7 +196,7 @@ mod tests;
 
 pub use allocator::Ipam;
 pub use wire::Proof;
-pub use space::{Cidr, CidrError};
+pub use space::{Addr, Cidr, CidrError};
 
 /// The default allocation range, as in Weave.
 pub const DEFAULT_RANGE: &str = "10.32.0.0/12";
@@ -240,10 +240,11 @@ impl Default for Config {
 /// What a target asks for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Request {
-    /// The lowest free address of this subnet (inside the universe, /30 or larger).
+    /// The lowest free address of this subnet (inside the universe, /30 or
+    /// larger; /126 or larger for IPv6).
     Any(Cidr),
-    /// Exactly this address, reported with `prefix` (`ip:10.32.1.5/12`).
-    Exact { ip: Ipv4Addr, prefix: u8 },
+    /// Exactly this address, reported with `prefix` (`ip:10.32.1.5/12`, `ip:fd32::5/64`).
+    Exact { ip: IpAddr, prefix: u8 },
 }
 
 impl fmt::Display for Request {
@@ -258,7 +259,7 @@ impl fmt::Display for Request {
 /// The answer to [`Ipam::allocate`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Allocation {
-    Ready { ip: Ipv4Addr, prefix: u8 },
+    Ready { ip: IpAddr, prefix: u8 },
     /// Not yet; IPAM is working on it (see [`Waiting`]).
     Pending(Waiting),
 }
@@ -309,7 +310,7 @@ pub enum Dest {
 #[non_exhaustive]
 pub enum Event {
     /// A pending request completed.
-    Allocated { target: String, ip: Ipv4Addr, prefix: u8 },
+    Allocated { target: String, ip: IpAddr, prefix: u8 },
     /// A pending request failed (e.g. the exact address is in use elsewhere).
     Failed { target: String, request: Request, error: IpamError },
     /// The ring became agreed here (by consensus or adopted from a peer).
@@ -321,10 +322,10 @@ pub enum Event {
 pub struct OwnerStatus {
     pub peer: PeerName,
     /// Ranges as inclusive `(first, last)` addresses, by start.
-    pub ranges: Vec<(Ipv4Addr, Ipv4Addr)>,
-    pub size: u64,
+    pub ranges: Vec<(IpAddr, IpAddr)>,
+    pub size: u128,
     /// Free addresses the owner last reported (exact for me).
-    pub free: u64,
+    pub free: u128,
     /// Me, or a peer in the last `peers_changed` list (all, before any call).
     pub reachable: bool,
 }
@@ -350,7 +351,7 @@ pub struct IpamStatus {
     /// Requests waiting here.
     pub pending: usize,
     /// Addresses owned by unreachable peers.
-    pub unreachable_space: u64,
+    pub unreachable_space: u128,
     pub ring_entries: usize,
     /// What was dropped from peers, by reason.
     pub drops: DropStats,
@@ -448,7 +449,7 @@ impl fmt::Display for Holder {
 #[non_exhaustive]
 pub enum IpamError {
     // --- configuration ---
-    #[error("invalid IP allocation range {0}: it must be an IPv4 network between /1 and /30")]
+    #[error("invalid IP allocation range {0}: it must be an IPv4 network between /1 and /30, or an IPv6 network between /1 and /126 that does not hold ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")]
     BadRange(Cidr),
     #[error("invalid IPAM init: {0}")]
     BadInit(String),
@@ -464,16 +465,16 @@ pub enum IpamError {
     BadTarget(String),
     #[error("subnet {subnet} is not inside the IP allocation range {universe}")]
     SubnetOutsideRange { subnet: Cidr, universe: Cidr },
-    #[error("subnet {0} is too small to allocate from (at most /30)")]
+    #[error("subnet {0} is too small to allocate from (at most /30 for IPv4, /126 for IPv6)")]
     SubnetTooSmall(Cidr),
     #[error("{ip} is outside the IP allocation range {universe}")]
-    AddressOutsideRange { ip: Ipv4Addr, universe: Cidr },
+    AddressOutsideRange { ip: IpAddr, universe: Cidr },
     #[error("{ip} is the network or broadcast address of {net}")]
-    ReservedAddress { ip: Ipv4Addr, net: Cidr },
+    ReservedAddress { ip: IpAddr, net: Cidr },
     #[error("invalid prefix length /{0}")]
     BadPrefix(u8),
     #[error("{ip} is already allocated to {holder}")]
-    AddressInUse { ip: Ipv4Addr, holder: Holder },
+    AddressInUse { ip: IpAddr, holder: Holder },
     #[error("cannot rmpeer myself; use reset")]
     RemoveSelf,
     #[error("peer {0} is reachable; rmpeer is only for peers that are gone for good")]
@@ -489,9 +490,9 @@ pub enum IpamError {
     #[error("IP allocation rings differ: this peer's was seeded by [{ours}] but peer {peer}'s by [{theirs}] (two groups agreed or were seeded separately; reset one side)")]
     DifferentRings { peer: PeerName, ours: Seeds, theirs: Seeds },
     #[error("peer {peer} sent ring entry {start} at version {version} that differs from this peer's at the same version (was rmpeer run on two peers, or on a live one?)")]
-    InconsistentEntry { peer: PeerName, start: Ipv4Addr, version: u64 },
+    InconsistentEntry { peer: PeerName, start: IpAddr, version: u64 },
     #[error("peer {peer} says the range holding {ip} (allocated here to {target}) belongs to {owner} (was this peer rmpeer'd while running?)")]
-    OwnershipConflict { peer: PeerName, ip: Ipv4Addr, target: String, owner: PeerName },
+    OwnershipConflict { peer: PeerName, ip: IpAddr, target: String, owner: PeerName },
     #[error("peer {peer} sent consensus claims of {participant} that contradict this peer's")]
     InconsistentClaims { peer: PeerName, participant: PeerName },
 
@@ -533,6 +534,15 @@ impl Rng {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+
+    /// Uniform-ish in `0..n` over 128 bits (`n > 0`; 0 gives 0).
+    pub(crate) fn below128(&mut self, n: u128) -> u128 {
+        if n == 0 {
+            0
+        } else {
+            (((self.next() as u128) << 64) | self.next() as u128) % n
+        }
     }
 
     /// Uniform-ish in `0..n` (`n > 0`; 0 gives 0).

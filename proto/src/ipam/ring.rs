@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 
 use super::wire::Proof;
 
-use super::space::{clip, count_used, Cidr};
+use super::space::{clip, count_used, Addr, Cidr};
 use super::IpamError;
 use crate::peer::PeerName;
 
@@ -65,10 +65,10 @@ pub(crate) fn bump(v: u64, by: u64) -> Option<u64> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub owner: PeerName,
-    pub size: u32,
+    pub size: Addr,
     pub version: u64,
     /// Free addresses in the range as the owner last reported them.
-    pub free: u32,
+    pub free: Addr,
 }
 
 /// A validated merge, ready to apply.
@@ -76,13 +76,13 @@ pub struct Entry {
 pub(crate) struct MergePlan {
     /// The genesis to start from, when this ring had no seeds yet.
     adopt: Option<Ring>,
-    changes: Vec<(u32, Entry)>,
+    changes: Vec<(Addr, Entry)>,
     /// The writers' proofs of (some of) the changes.
-    proofs: BTreeMap<u32, Proof>,
+    proofs: BTreeMap<Addr, Proof>,
 }
 
 impl MergePlan {
-    pub(crate) fn changes(&self) -> &[(u32, Entry)] {
+    pub(crate) fn changes(&self) -> &[(Addr, Entry)] {
         &self.changes
     }
 
@@ -91,7 +91,7 @@ impl MergePlan {
     }
 
     /// Attaches the proofs of the changes (verified by the caller).
-    pub(crate) fn with_proofs(mut self, proofs: BTreeMap<u32, Proof>) -> MergePlan {
+    pub(crate) fn with_proofs(mut self, proofs: BTreeMap<Addr, Proof>) -> MergePlan {
         self.proofs = proofs;
         self
     }
@@ -104,13 +104,13 @@ pub struct Ring {
     seeds: Vec<PeerName>,
     /// [`ring_id`] of the universe and seeds; 0 while unseeded.
     id: u64,
-    entries: BTreeMap<u32, Entry>,
+    entries: BTreeMap<Addr, Entry>,
     /// The writer's signature of each entry, where known (never for genesis
     /// entries; not for entries kept from a version-1 snapshot until a signed copy
     /// arrives). Entries without one are not relayed.
-    proofs: BTreeMap<u32, Proof>,
+    proofs: BTreeMap<Addr, Proof>,
     /// Starts edited here since they were last signed (see `Ipam::sign_pending`).
-    unsigned: BTreeSet<u32>,
+    unsigned: BTreeSet<Addr>,
 }
 
 /// Equal state: proofs (who signed the same content) do not count.
@@ -130,7 +130,10 @@ pub fn ring_id(universe: &Cidr, seeds: &[PeerName]) -> u64 {
     }
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(b"meshnet ipam ring v1");
-    ctx.update(&universe.network().octets());
+    match universe.network() {
+        std::net::IpAddr::V4(a) => ctx.update(&a.octets()),
+        std::net::IpAddr::V6(a) => ctx.update(&a.octets()),
+    }
     ctx.update(&[universe.prefix()]);
     for s in seeds {
         ctx.update(&s.0.to_be_bytes());
@@ -143,18 +146,18 @@ pub fn ring_id(universe: &Cidr, seeds: &[PeerName]) -> u64 {
 
 /// Addresses of `[lo, hi)` that may ever be allocated (the universe's network and
 /// broadcast addresses never are).
-pub(crate) fn usable_count(universe: &Cidr, lo: u64, hi: u64) -> u64 {
+pub(crate) fn usable_count(universe: &Cidr, lo: Addr, hi: Addr) -> u128 {
     let (a, b) = universe.usable();
     clip(lo, hi, a, b).map_or(0, |(l, h)| h - l)
 }
 
 /// Free addresses in `[start, start+size)` given this peer's allocations.
-pub(crate) fn free_in<T>(universe: &Cidr, start: u32, size: u32, allocs: &BTreeMap<u32, T>) -> u32 {
-    let lo = start as u64;
-    let hi = lo + size as u64;
+pub(crate) fn free_in<T>(universe: &Cidr, start: Addr, size: Addr, allocs: &BTreeMap<Addr, T>) -> Addr {
+    let lo = start;
+    let hi = lo + size;
     let (a, b) = universe.usable();
     match clip(lo, hi, a, b) {
-        Some((l, h)) => ((h - l) - count_used(l, h, allocs)) as u32,
+        Some((l, h)) => (h - l) - count_used(l, h, allocs),
         None => 0,
     }
 }
@@ -174,20 +177,22 @@ impl Ring {
         seeds.dedup();
         let id = ring_id(&universe, &seeds);
         let mut ring = Ring { universe, seeds, id, entries: BTreeMap::new(), proofs: BTreeMap::new(), unsigned: BTreeSet::new() };
-        let n = ring.seeds.len() as u64;
+        let n = ring.seeds.len() as u128;
         if n == 0 {
             return ring;
         }
-        let start = universe.start() as u64;
+        let start = universe.start();
         let size = universe.size();
-        let token = |i: u64| start + i * size / n;
+        // start + floor(i * size / n), without overflowing 128 bits.
+        let (q, r) = (size / n, size % n);
+        let token = |i: u128| start + i * q + i * r / n;
         for (i, &owner) in ring.seeds.iter().enumerate() {
-            let (t, next) = (token(i as u64), token(i as u64 + 1));
+            let (t, next) = (token(i as u128), token(i as u128 + 1));
             if t == next {
                 continue;
             }
-            let free = usable_count(&universe, t, next) as u32;
-            ring.entries.insert(t as u32, Entry { owner, size: (next - t) as u32, version: 0, free });
+            let free = usable_count(&universe, t, next);
+            ring.entries.insert(t, Entry { owner, size: (next - t), version: 0, free });
         }
         ring
     }
@@ -218,35 +223,35 @@ impl Ring {
         self.entries.is_empty()
     }
 
-    pub fn get(&self, start: u32) -> Option<&Entry> {
+    pub fn get(&self, start: Addr) -> Option<&Entry> {
         self.entries.get(&start)
     }
 
     /// The writer's proof of the entry at `start`, if known.
-    pub fn proof(&self, start: u32) -> Option<&Proof> {
+    pub fn proof(&self, start: Addr) -> Option<&Proof> {
         self.proofs.get(&start)
     }
 
     /// Records the proof of the entry at `start` (already verified, or made here).
-    pub(crate) fn set_proof(&mut self, start: u32, proof: Proof) {
+    pub(crate) fn set_proof(&mut self, start: Addr, proof: Proof) {
         if self.entries.contains_key(&start) {
             self.proofs.insert(start, proof);
         }
     }
 
     /// Starts edited here and not signed since; clears the list.
-    pub(crate) fn take_unsigned(&mut self) -> BTreeSet<u32> {
+    pub(crate) fn take_unsigned(&mut self) -> BTreeSet<Addr> {
         std::mem::take(&mut self.unsigned)
     }
 
     /// The entries below `start`, nearest first.
-    pub(crate) fn entries_before(&self, start: u32) -> impl Iterator<Item = (u32, &Entry)> + '_ {
+    pub(crate) fn entries_before(&self, start: Addr) -> impl Iterator<Item = (Addr, &Entry)> + '_ {
         self.entries.range(..start).rev().map(|(&s, e)| (s, e))
     }
 
     /// The entry covering `ip` in this ring with `overlay` (newer entries, e.g. the
     /// earlier ones of a message being verified) applied on top.
-    pub(crate) fn covering_with(&self, overlay: &BTreeMap<u32, Entry>, ip: u32) -> Option<(u32, Entry)> {
+    pub(crate) fn covering_with(&self, overlay: &BTreeMap<Addr, Entry>, ip: Addr) -> Option<(Addr, Entry)> {
         let mut a = self.entries.range(..=ip).rev().take(64).peekable();
         let mut b = overlay.range(..=ip).rev().take(64).peekable();
         for _ in 0..128 {
@@ -261,7 +266,7 @@ impl Ring {
                 (None, None) => None,
             };
             let (s, e) = next?;
-            if (ip as u64) < s as u64 + e.size as u64 {
+            if (ip) < s + e.size {
                 return Some((s, e));
             }
         }
@@ -269,43 +274,43 @@ impl Ring {
     }
 
     /// All entries by start.
-    pub fn entries(&self) -> impl Iterator<Item = (u32, &Entry)> + '_ {
+    pub fn entries(&self) -> impl Iterator<Item = (Addr, &Entry)> + '_ {
         self.entries.iter().map(|(&s, e)| (s, e))
     }
 
     /// The entries for `starts` (unknown ones skipped), as gossip carries them.
-    pub(crate) fn entries_at(&self, starts: impl IntoIterator<Item = u32>) -> Vec<(u32, Entry)> {
+    pub(crate) fn entries_at(&self, starts: impl IntoIterator<Item = Addr>) -> Vec<(Addr, Entry)> {
         starts.into_iter().filter_map(|s| self.entries.get(&s).map(|e| (s, *e))).collect()
     }
 
-    pub(crate) fn all_entries(&self) -> Vec<(u32, Entry)> {
+    pub(crate) fn all_entries(&self) -> Vec<(Addr, Entry)> {
         self.entries.iter().map(|(&s, e)| (s, *e)).collect()
     }
 
     /// The entries `peer` owns, by start.
-    pub fn owned_by(&self, peer: PeerName) -> impl Iterator<Item = (u32, &Entry)> + '_ {
+    pub fn owned_by(&self, peer: PeerName) -> impl Iterator<Item = (Addr, &Entry)> + '_ {
         self.entries().filter(move |(_, e)| e.owner == peer)
     }
 
     /// The entry whose range holds `ip`. In a stale view several may; the one with
     /// the greatest start wins (looking back at most 64 entries).
-    pub fn covering(&self, ip: u32) -> Option<(u32, &Entry)> {
+    pub fn covering(&self, ip: Addr) -> Option<(Addr, &Entry)> {
         self.entries
             .range(..=ip)
             .rev()
             .take(64)
-            .find(|(&s, e)| (ip as u64) < s as u64 + e.size as u64)
+            .find(|(&s, e)| (ip) < s + e.size)
             .map(|(&s, e)| (s, e))
     }
 
     /// The entry owned by `me` whose range holds `ip`.
-    pub fn covering_owned(&self, me: PeerName, ip: u32) -> Option<(u32, &Entry)> {
+    pub fn covering_owned(&self, me: PeerName, ip: Addr) -> Option<(Addr, &Entry)> {
         self.covering(ip).filter(|(_, e)| e.owner == me)
     }
 
     /// Checks an update (`seeds` and some entries, all already validated against
     /// the universe) without changing anything. `peer` names the sender in errors.
-    pub(crate) fn plan_merge(&self, peer: PeerName, seeds: &[PeerName], entries: &[(u32, Entry)]) -> Result<MergePlan, IpamError> {
+    pub(crate) fn plan_merge(&self, peer: PeerName, seeds: &[PeerName], entries: &[(Addr, Entry)]) -> Result<MergePlan, IpamError> {
         if seeds.is_empty() {
             if !entries.is_empty() {
                 return Err(IpamError::Malformed("ring entries without seeds".into()));
@@ -328,11 +333,11 @@ impl Ring {
 
     /// Like [`Ring::plan_merge`] for entries of this same ring (the caller checked
     /// the sender's [`ring_id`]).
-    pub(crate) fn plan_merge_same(&self, peer: PeerName, entries: &[(u32, Entry)]) -> Result<MergePlan, IpamError> {
+    pub(crate) fn plan_merge_same(&self, peer: PeerName, entries: &[(Addr, Entry)]) -> Result<MergePlan, IpamError> {
         self.plan_entries(peer, None, entries)
     }
 
-    fn plan_entries(&self, peer: PeerName, adopt: Option<Ring>, entries: &[(u32, Entry)]) -> Result<MergePlan, IpamError> {
+    fn plan_entries(&self, peer: PeerName, adopt: Option<Ring>, entries: &[(Addr, Entry)]) -> Result<MergePlan, IpamError> {
         let base = adopt.as_ref().unwrap_or(self);
         let mut changes = Vec::new();
         let mut new_starts = 0usize;
@@ -344,7 +349,7 @@ impl Ring {
                 }
                 Some(m) if e.version > m.version => changes.push((s, e)),
                 Some(m) if e.version == m.version && e != *m => {
-                    return Err(IpamError::InconsistentEntry { peer, start: s.into(), version: e.version });
+                    return Err(IpamError::InconsistentEntry { peer, start: self.universe.ip(s), version: e.version });
                 }
                 Some(_) => {}
             }
@@ -357,7 +362,7 @@ impl Ring {
 
     /// Applies a plan from [`Ring::plan_merge`] on this same ring; returns the
     /// starts that changed (genesis entries of an adopted ring excluded).
-    pub(crate) fn apply(&mut self, plan: MergePlan) -> Vec<u32> {
+    pub(crate) fn apply(&mut self, plan: MergePlan) -> Vec<Addr> {
         if let Some(genesis) = plan.adopt {
             *self = genesis;
         }
@@ -376,7 +381,7 @@ impl Ring {
     }
 
     /// Merges another ring (plan + apply); for tests and tools.
-    pub fn merge(&mut self, peer: PeerName, other: &Ring) -> Result<Vec<u32>, IpamError> {
+    pub fn merge(&mut self, peer: PeerName, other: &Ring) -> Result<Vec<Addr>, IpamError> {
         if other.universe != self.universe {
             return Err(IpamError::RangeMismatch { peer, ours: self.universe, theirs: other.universe });
         }
@@ -386,7 +391,7 @@ impl Ring {
 
     /// Owner edit: sets the free count `me` reports for its entry at `start`,
     /// bumping the version if it changed. False if not `me`'s entry or unchanged.
-    pub(crate) fn set_free(&mut self, me: PeerName, start: u32, free: u32) -> bool {
+    pub(crate) fn set_free(&mut self, me: PeerName, start: Addr, free: Addr) -> bool {
         match self.entries.get_mut(&start) {
             Some(e) if e.owner == me && e.free != free => {
                 let Some(v) = bump(e.version, 1) else { return false };
@@ -404,42 +409,42 @@ impl Ring {
     /// to `to`. Splits as needed; the free counts of the pieces are computed from
     /// `allocs` (which must have nothing in `[lo, hi)`). Returns the changed starts,
     /// or `None` (nothing changed) if the piece is not `me`'s or the ring is full.
-    pub(crate) fn transfer<T>(&mut self, me: PeerName, lo: u64, hi: u64, to: PeerName, allocs: &BTreeMap<u32, T>) -> Option<Vec<u32>> {
+    pub(crate) fn transfer<T>(&mut self, me: PeerName, lo: Addr, hi: Addr, to: PeerName, allocs: &BTreeMap<Addr, T>) -> Option<Vec<Addr>> {
         if lo >= hi || hi > self.universe.end() || to == me {
             return None;
         }
-        let (s, e) = self.covering_owned(me, lo as u32).map(|(s, e)| (s, *e))?;
-        let end = s as u64 + e.size as u64;
+        let (s, e) = self.covering_owned(me, lo).map(|(s, e)| (s, *e))?;
+        let end = s + e.size;
         if hi > end || count_used(lo, hi, allocs) != 0 {
             return None;
         }
-        let extra = usize::from(lo > s as u64) + usize::from(hi < end);
+        let extra = usize::from(lo > s) + usize::from(hi < end);
         if self.entries.len() + extra > MAX_ENTRIES {
             return None;
         }
         let universe = self.universe;
-        let next_version = |ring: &Ring, at: u32| ring.entries.get(&at).map_or(Some(1), |x| bump(x.version, 1));
+        let next_version = |ring: &Ring, at: Addr| ring.entries.get(&at).map_or(Some(1), |x| bump(x.version, 1));
         // Every version this edit writes must stay bounded, or nothing changes.
         let own_next = bump(e.version, 1)?;
-        if (hi < end && next_version(self, hi as u32).is_none()) || (lo > s as u64 && next_version(self, lo as u32).is_none()) {
+        if (hi < end && next_version(self, hi).is_none()) || (lo > s && next_version(self, lo).is_none()) {
             return None;
         }
         let mut changed = Vec::new();
         if hi < end {
-            let t = hi as u32;
-            let size = (end - hi) as u32;
+            let t = hi;
+            let size = end - hi;
             let v = next_version(self, t)?;
             self.entries.insert(t, Entry { owner: me, size, version: v, free: free_in(&universe, t, size, allocs) });
             changed.push(t);
         }
-        let piece = (hi - lo) as u32;
-        let piece_free = free_in(&universe, lo as u32, piece, allocs);
-        if lo > s as u64 {
-            let head = (lo - s as u64) as u32;
+        let piece = hi - lo;
+        let piece_free = free_in(&universe, lo, piece, allocs);
+        if lo > s {
+            let head = lo - s;
             let v = own_next;
             self.entries.insert(s, Entry { owner: me, size: head, version: v, free: free_in(&universe, s, head, allocs) });
             changed.push(s);
-            let t = lo as u32;
+            let t = lo;
             let v = next_version(self, t)?;
             self.entries.insert(t, Entry { owner: to, size: piece, version: v, free: piece_free });
             changed.push(t);
@@ -458,7 +463,7 @@ impl Ring {
     /// Gives every entry of `from` to `to`, raising versions by `jump` and marking
     /// the ranges entirely free. Used by the owner for its shutdown handoff
     /// (`jump` 1) and by `rmpeer` for a dead peer ([`TAKEOVER_JUMP`]).
-    pub(crate) fn reassign_all(&mut self, from: PeerName, to: PeerName, jump: u64) -> Vec<u32> {
+    pub(crate) fn reassign_all(&mut self, from: PeerName, to: PeerName, jump: u64) -> Vec<Addr> {
         let universe = self.universe;
         let mut changed = Vec::new();
         for (&s, e) in self.entries.iter_mut() {
@@ -467,7 +472,7 @@ impl Ring {
                 let Some(v) = bump(e.version, jump) else { continue };
                 e.owner = to;
                 e.version = v;
-                e.free = usable_count(&universe, s as u64, s as u64 + e.size as u64) as u32;
+                e.free = usable_count(&universe, s, s + e.size);
                 changed.push(s);
             }
         }
@@ -488,7 +493,7 @@ impl Ring {
     /// Restores a ring from its parts (snapshot); the caller validated them.
     /// Entries without a proof that are not genesis entries and are owned by
     /// `me` are marked for signing (a version-1 snapshot, or unsigned at save time).
-    pub(crate) fn from_parts(universe: Cidr, seeds: Vec<PeerName>, entries: Vec<(u32, Entry)>, proofs: Vec<Option<Proof>>, me: PeerName) -> Ring {
+    pub(crate) fn from_parts(universe: Cidr, seeds: Vec<PeerName>, entries: Vec<(Addr, Entry)>, proofs: Vec<Option<Proof>>, me: PeerName) -> Ring {
         let id = ring_id(&universe, &seeds);
         let mut ring = Ring { universe, seeds, id, entries: BTreeMap::new(), proofs: BTreeMap::new(), unsigned: BTreeSet::new() };
         for ((s, e), p) in entries.into_iter().zip(proofs.into_iter().chain(std::iter::repeat(None))) {
@@ -520,7 +525,7 @@ mod tests {
     }
     const X: PeerName = PeerName(99);
 
-    fn no_allocs() -> BTreeMap<u32, ()> {
+    fn no_allocs() -> BTreeMap<Addr, ()> {
         BTreeMap::new()
     }
 
@@ -536,35 +541,35 @@ mod tests {
         // More seeds than addresses: the ring still covers everything exactly once.
         let tiny: Cidr = "10.0.0.0/30".parse().unwrap();
         let r = Ring::genesis(tiny, &(1..=10).map(p).collect::<Vec<_>>());
-        assert_eq!(r.entries().map(|(_, e)| e.size as u64).sum::<u64>(), 4);
+        assert_eq!(r.entries().map(|(_, e)| e.size).sum::<u128>(), 4);
     }
 
     #[test]
     fn transfer_splits_and_only_owner_may() {
         let mut r = Ring::genesis(u(), &[p(1), p(2)]);
-        let base = u().start() as u64;
+        let base = u().start();
         // p(2) may not give away p(1)'s space.
         assert_eq!(r.transfer(p(2), base + 10, base + 20, X, &no_allocs()), None);
         let before = r.clone();
         let ch = r.transfer(p(1), base + 100, base + 200, X, &no_allocs()).unwrap();
         assert_eq!(ch.len(), 3);
-        assert_eq!(r.get(base as u32).unwrap().size, 100);
-        assert_eq!(r.get(base as u32).unwrap().version, 1);
-        assert_eq!(r.get(base as u32 + 100).unwrap().owner, X);
-        assert_eq!(r.get(base as u32 + 200).unwrap().owner, p(1));
-        assert_eq!(r.get(base as u32 + 200).unwrap().size, 312);
+        assert_eq!(r.get(base as Addr).unwrap().size, 100);
+        assert_eq!(r.get(base as Addr).unwrap().version, 1);
+        assert_eq!(r.get(base as Addr + 100).unwrap().owner, X);
+        assert_eq!(r.get(base as Addr + 200).unwrap().owner, p(1));
+        assert_eq!(r.get(base as Addr + 200).unwrap().size, 312);
         // p(2)'s entry untouched.
-        assert_eq!(r.get(base as u32 + 512), before.get(base as u32 + 512));
+        assert_eq!(r.get(base as Addr + 512), before.get(base as Addr + 512));
         // The piece must not hold allocations.
         let mut allocs = BTreeMap::new();
-        allocs.insert(base as u32 + 300, ());
+        allocs.insert(base as Addr + 300, ());
         assert_eq!(r.transfer(p(1), base + 250, base + 350, X, &allocs), None);
         // Crossing an entry boundary is refused.
         assert_eq!(r.transfer(p(1), base + 50, base + 150, X, &no_allocs()), None);
         // Rmpeer-style reassign touches only the named owner's entries.
         let mut r2 = r.clone();
         let ch = r2.reassign_all(X, p(2), TAKEOVER_JUMP);
-        assert_eq!(ch, vec![base as u32 + 100]);
+        assert_eq!(ch, vec![base as Addr + 100]);
         assert_eq!(r2.owned_by(X).count(), 0);
         for (s, e) in r.entries() {
             if e.owner != X {
@@ -606,20 +611,20 @@ mod tests {
         let mut history = vec![truth.clone()];
         for _ in 0..steps {
             let me = owners[rng.below(owners.len() as u64) as usize];
-            let mine: Vec<(u32, Entry)> = truth.owned_by(me).map(|(s, e)| (s, *e)).collect();
+            let mine: Vec<(Addr, Entry)> = truth.owned_by(me).map(|(s, e)| (s, *e)).collect();
             if mine.is_empty() {
                 continue;
             }
             let (s, e) = mine[rng.below(mine.len() as u64) as usize];
             match rng.below(3) {
                 0 => {
-                    truth.set_free(me, s, rng.below(e.size as u64 + 1) as u32);
+                    truth.set_free(me, s, rng.below(e.size as u64 + 1) as Addr);
                 }
                 _ => {
                     let lo = s as u64 + rng.below(e.size as u64);
                     let hi = lo + 1 + rng.below(s as u64 + e.size as u64 - lo);
                     let to = owners[rng.below(owners.len() as u64) as usize];
-                    truth.transfer(me, lo, hi, to, &no_allocs());
+                    truth.transfer(me, lo as Addr, hi as Addr, to, &no_allocs());
                 }
             }
             history.push(truth.clone());
@@ -633,7 +638,7 @@ mod tests {
         (0..views)
             .map(|_| {
                 let src = &history[rng.below(history.len() as u64) as usize];
-                let keep: Vec<(u32, Entry)> = src.all_entries().into_iter().filter(|_| rng.below(3) != 0).collect();
+                let keep: Vec<(Addr, Entry)> = src.all_entries().into_iter().filter(|_| rng.below(3) != 0).collect();
                 let mut v = Ring::new(u());
                 let plan = v.plan_merge(X, src.seeds(), &keep).unwrap();
                 v.apply(plan);
@@ -669,10 +674,10 @@ mod tests {
         for _ in 0..100 {
             let (truth, history) = random_history(&mut rng, 40);
             // The latest state divides the universe exactly.
-            let mut next = u().start() as u64;
+            let mut next = u().start();
             for (s, e) in truth.entries() {
-                assert_eq!(s as u64, next, "gap or overlap at {s}");
-                next += e.size as u64;
+                assert_eq!(s, next, "gap or overlap at {s}");
+                next += e.size;
             }
             assert_eq!(next, u().end());
             // Merging every past state, in any order, gives the latest one.
@@ -686,5 +691,67 @@ mod tests {
             }
             assert_eq!(m, truth);
         }
+    }
+
+    /// A 128-bit ring that ends just below 2^128: genesis, splits and transfers at
+    /// its edges, a takeover, and merges, with no overflow and no enumeration.
+    #[test]
+    fn ipv6_ring_near_the_top_of_the_space() {
+        let edge: Cidr = "ffff:ffff:ffff:ffff:8000::/65".parse().unwrap();
+        assert!(!edge.is_allocatable(), "ends at 2^128");
+        let top: Cidr = "ffff:ffff:ffff:fffe:8000::/65".parse().unwrap();
+        assert!(top.is_allocatable());
+        assert_eq!(top.end(), u128::MAX - (1u128 << 64) + 1);
+        let seeds: Vec<PeerName> = (1..=3).map(p).collect();
+        let mut r = Ring::genesis(top, &seeds);
+        let total: u128 = r.entries().map(|(_, e)| e.size).sum();
+        assert_eq!(total, 1u128 << 63);
+        let mut next = top.start();
+        for (s, e) in r.entries() {
+            assert_eq!(s, next);
+            next += e.size;
+        }
+        assert_eq!(next, top.end());
+        let (last_start, last) = r.entries().last().map(|(s, e)| (s, *e)).unwrap();
+        assert_eq!(last.free, last.size - 1, "the last address is reserved");
+        let end = last_start + last.size;
+        // Give away the very last address, then the first of the last entry.
+        let ch = r.transfer(last.owner, end - 1, end, X, &no_allocs()).unwrap();
+        assert_eq!(ch, vec![last_start, end - 1]);
+        assert_eq!(r.get(end - 1).unwrap().size, 1);
+        assert_eq!(r.get(end - 1).unwrap().free, 0);
+        let ch = r.transfer(last.owner, last_start, last_start + 1, X, &no_allocs()).unwrap();
+        assert_eq!(ch, vec![last_start, last_start + 1]);
+        assert_eq!(r.covering(end - 1).unwrap().1.owner, X);
+        assert_eq!(r.covering(last_start + 5).unwrap().1.owner, last.owner);
+        // Nothing past the universe, nothing crossing an entry.
+        assert_eq!(r.transfer(X, end - 1, end + 1, p(1), &no_allocs()), None);
+        // An allocation blocks a transfer; a huge piece is fine.
+        let mut allocs = BTreeMap::new();
+        allocs.insert(last_start + 100, ());
+        assert_eq!(r.transfer(last.owner, last_start + 50, last_start + 150, X, &allocs), None);
+        let first = top.start();
+        let big = r.get(first).unwrap().size / 2;
+        assert!(r.transfer(p(1), first + big, first + 2 * big, X, &no_allocs()).is_some());
+        // A takeover of X's entries by p(2).
+        let mut r2 = r.clone();
+        let taken = r2.reassign_all(X, p(2), TAKEOVER_JUMP);
+        assert_eq!(taken.len(), 3);
+        assert_eq!(r2.owned_by(X).count(), 0);
+        // Merging views in any order gives the same bytes.
+        let mut a = Ring::genesis(top, &seeds);
+        a.merge(X, &r).unwrap();
+        let mut b = Ring::new(top);
+        b.merge(X, &r).unwrap();
+        assert_eq!(a.canonical_bytes(), b.canonical_bytes());
+        assert_eq!(a, r);
+        // An IPv6 ring and an IPv4 ring never merge.
+        let v4 = Ring::genesis(u(), &seeds);
+        assert!(matches!(a.clone().merge(X, &v4), Err(IpamError::RangeMismatch { .. })));
+        // Many seeds over a huge space: exact shares, no overflow.
+        let many: Vec<PeerName> = (1..=9999).map(p).collect();
+        let g = Ring::genesis(top, &many);
+        assert_eq!(g.len(), 9999);
+        assert_eq!(g.entries().map(|(_, e)| e.size).sum::<u128>(), 1u128 << 63);
     }
 }

@@ -2,7 +2,9 @@
 //! (every peer a neighbour of every other). The faulty, many-peer simulator
 //! lives in `tests/src/sim/`.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::space::{addr_value, Addr};
 
 use super::wire::{self, Body, Envelope, Gossip};
 use super::*;
@@ -16,7 +18,7 @@ fn u() -> Cidr {
 fn p(n: u64) -> PeerName {
     PeerName(0x0200_0000_0000 + n)
 }
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 fn any() -> Request {
@@ -59,7 +61,11 @@ struct Mesh {
 
 impl Mesh {
     fn new(init: impl Fn(usize) -> InitMode, n: usize) -> Mesh {
-        let nodes = (0..n).map(|i| new_ipam(p(i as u64 + 1), u(), init(i)).unwrap()).collect();
+        Mesh::new_in(u(), init, n)
+    }
+
+    fn new_in(universe: Cidr, init: impl Fn(usize) -> InitMode, n: usize) -> Mesh {
+        let nodes = (0..n).map(|i| new_ipam(p(i as u64 + 1), universe, init(i)).unwrap()).collect();
         let mut m = Mesh { nodes, keys: vec![KeyBook::new(); n], up: vec![true; n], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
         m.topology();
         m
@@ -171,7 +177,7 @@ impl Mesh {
     }
 }
 
-fn ready(a: Result<Allocation, IpamError>) -> Ipv4Addr {
+fn ready(a: Result<Allocation, IpamError>) -> IpAddr {
     match a {
         Ok(Allocation::Ready { ip, .. }) => ip,
         other => panic!("expected ready, got {other:?}"),
@@ -241,7 +247,7 @@ fn exact_claims_local_and_remote() {
     assert_eq!(m.nodes[0].poll_event(), Some(Event::Allocated { target: "b".into(), ip: ip("10.32.2.7"), prefix: 22 }));
     assert_eq!(ready(m.alloc(0, "b", want)), ip("10.32.2.7"));
     // Peer 2 gave away exactly one address; it allocates around it.
-    assert_eq!(m.nodes[1].ring().covering_owned(p(1), u32::from(ip("10.32.2.7"))).unwrap().1.size, 1);
+    assert_eq!(m.nodes[1].ring().covering_owned(p(1), addr_value(ip("10.32.2.7"))).unwrap().1.size, 1);
     // An address in use on peer 2 is refused.
     let taken = ready(m.alloc(1, "x", any()));
     let want = Request::Exact { ip: taken, prefix: 22 };
@@ -787,7 +793,7 @@ fn mutated_messages_never_panic_and_errors_change_nothing() {
     m.run();
     for k in 0..20 {
         let _ = m.alloc(2, &format!("o{k}"), any());
-        let _ = m.alloc(0, &format!("c{k}"), Request::Exact { ip: Ipv4Addr::from(u32::from(ip("10.32.2.1")) + k), prefix: 22 });
+        let _ = m.alloc(0, &format!("c{k}"), Request::Exact { ip: IpAddr::V4(Ipv4Addr::from(u32::from(ip("10.32.2.1").to_string().parse::<Ipv4Addr>().unwrap()) + k)), prefix: 22 });
         m.run();
     }
     let mut c = Mesh::new(|_| InitMode::Consensus(3), 3);
@@ -843,7 +849,7 @@ fn forge(env: &Envelope, key: &Signer, bindings: Vec<Binding>) -> Vec<u8> {
     wire::encode(env, 0, bindings, key)
 }
 
-fn entry_proof(key: &Signer, by: PeerName, ring_id: u64, start: u32, e: &ring::Entry) -> wire::Proof {
+fn entry_proof(key: &Signer, by: PeerName, ring_id: u64, start: Addr, e: &ring::Entry) -> wire::Proof {
     wire::Proof { by, sig: key.sign(wire::DOMAIN_ENTRY, &wire::entry_message(ring_id, start, e)) }
 }
 
@@ -1049,7 +1055,7 @@ fn a_version_1_snapshot_loads_and_is_re_signed() {
     bytes.extend(bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap());
     let seeds = InitMode::Seed(vec![p(1), p(2)]);
     let mut r = restore_ipam(p(1), u(), seeds.clone(), Config::default(), &bytes).unwrap();
-    assert_eq!(r.allocations().collect::<Vec<_>>(), vec![(Ipv4Addr::from(start + 1), "keep")]);
+    assert_eq!(r.allocations().collect::<Vec<_>>(), vec![(IpAddr::V4(Ipv4Addr::from(start as u32 + 1)), "keep")]);
     assert_eq!(r.ring().get(start), Some(&mine));
     assert_eq!(r.ring().get(start + 256), Some(&given));
     // My own entry is signed anew; the other's is kept but not relayed unsigned.
@@ -1080,13 +1086,96 @@ fn a_version_1_snapshot_loads_and_is_re_signed() {
 fn versions_at_the_bound_do_not_wrap() {
     let mut r = ring::Ring::genesis(u(), &[p(1)]);
     let start = u().start();
-    let allocs: std::collections::BTreeMap<u32, ()> = Default::default();
+    let allocs: std::collections::BTreeMap<Addr, ()> = Default::default();
     // Push the entry to the bound through merges (as only its owner can sign).
     let top = ring::Entry { owner: p(1), size: 1024, version: ring::MAX_VERSION, free: 1022 };
     let plan = r.plan_merge_same(p(1), &[(start, top)]).unwrap();
     r.apply(plan);
     assert!(!r.set_free(p(1), start, 5), "no edit past the bound");
-    assert!(r.transfer(p(1), start as u64 + 10, start as u64 + 20, p(2), &allocs).is_none());
+    assert!(r.transfer(p(1), start + 10, start + 20, p(2), &allocs).is_none());
     assert!(r.reassign_all(p(1), p(2), 1).is_empty());
     assert_eq!(r.get(start), Some(&top));
+}
+
+// --- IPv6 rings: 128-bit universes, never enumerated ---
+
+fn c6(s: &str) -> Cidr {
+    s.parse().unwrap()
+}
+
+/// A /64 ring: allocation, a donation to an observer, an exact claim across
+/// owners and a snapshot round trip, all without enumerating 2^64 addresses.
+#[test]
+fn ipv6_slash64_allocates_donates_claims_and_restores() {
+    let u6 = c6("fd32::/64");
+    let seeds = vec![p(1), p(2)];
+    let mut m = Mesh::new_in(u6, |i| if i < 2 { InitMode::Seed(seeds.clone()) } else { InitMode::Observer }, 3);
+    assert_eq!(ready(m.alloc(0, "a", Request::Any(u6))), ip("fd32::1"), "the first address is reserved");
+    assert_eq!(ready(m.alloc(1, "b", Request::Any(u6))), ip("fd32::8000:0:0:0"), "peer 2 owns the upper half");
+    // A subnet of peer 2's half, asked of peer 1: a donation.
+    let sub = c6("fd32:0:0:0:8000:0:1:0/112");
+    assert!(matches!(m.alloc(0, "c", Request::Any(sub)), Ok(Allocation::Pending(Waiting::Donation { .. }))));
+    m.run();
+    let got = ready(m.alloc(0, "c", Request::Any(sub)));
+    assert!(sub.contains(got), "{got} in {sub}");
+    let (_, e) = m.nodes[0].ring().covering(addr_value(got)).unwrap();
+    assert_eq!(e.owner, p(1), "the donated piece is peer 1's now");
+    // The observer gets space by donation too.
+    assert!(matches!(m.alloc(2, "d", Request::Any(u6)), Ok(Allocation::Pending(_))));
+    m.run();
+    let d = ready(m.alloc(2, "d", Request::Any(u6)));
+    assert!(u6.contains(d));
+    // Exact claim of an address peer 1 owns, from peer 2.
+    let want = Request::Exact { ip: ip("fd32::1234:5678"), prefix: 64 };
+    assert!(matches!(m.alloc(1, "e", want.clone()), Ok(Allocation::Pending(Waiting::Owner { .. }))));
+    m.run();
+    assert_eq!(ready(m.alloc(1, "e", want)), ip("fd32::1234:5678"));
+    m.run();
+    assert_eq!(m.check_unique(), 5);
+    let st = m.nodes[0].status();
+    let total: u128 = st.owners.iter().map(|o| o.size).sum();
+    assert_eq!(total, 1u128 << 64, "the owners' sizes add up to the universe");
+    assert_eq!(st.universe, u6);
+    assert!(st.owners.iter().all(|o| o.ranges.iter().all(|(a, b)| a.is_ipv6() && b.is_ipv6())));
+    // Snapshot and restore keep the ring and the addresses exactly.
+    let snap = m.nodes[1].snapshot();
+    let r = restore_ipam(p(2), u6, InitMode::Seed(seeds.clone()), Config::default(), &snap).unwrap();
+    assert_eq!(r.ring_bytes(), m.nodes[1].ring_bytes());
+    assert_eq!(r.addresses_of("e"), vec![ip("fd32::1234:5678")]);
+    assert_eq!(r.addresses_of("b"), vec![ip("fd32::8000:0:0:0")]);
+    // An IPv6 snapshot does not load into an IPv4 ring, nor the other way round.
+    assert!(matches!(restore_ipam(p(2), u(), InitMode::Seed(seeds.clone()), Config::default(), &snap), Err(IpamError::SnapshotRange { .. })));
+    // Requests of the other family, too-small subnets and reserved addresses are refused.
+    assert!(matches!(m.alloc(0, "x", Request::Any(u())), Err(IpamError::SubnetOutsideRange { .. })));
+    assert!(matches!(m.alloc(0, "x", Request::Exact { ip: ip("10.32.0.5"), prefix: 22 }), Err(IpamError::AddressOutsideRange { .. })));
+    assert!(matches!(m.alloc(0, "x", Request::Any(c6("fd32::/127"))), Err(IpamError::SubnetTooSmall(_))));
+    assert!(matches!(m.alloc(0, "x", Request::Exact { ip: ip("fd32::"), prefix: 64 }), Err(IpamError::ReservedAddress { .. })));
+    assert!(matches!(m.alloc(0, "x", Request::Exact { ip: ip("fd32::1"), prefix: 129 }), Err(IpamError::BadPrefix(129))));
+}
+
+/// IPv4 and IPv6 rings do not talk: a message of one family's ring is refused
+/// by the other's as another version (dropped and counted, no conflict).
+#[test]
+fn rings_of_the_two_families_drop_each_others_messages() {
+    let u6 = c6("fd32::/64");
+    let mut a4 = new_ipam(p(1), u(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
+    let mut b6 = new_ipam(p(2), u6, InitMode::Seed(vec![p(1), p(2)])).unwrap();
+    a4.peers_changed(&[p(1), p(2)]);
+    b6.peers_changed(&[p(1), p(2)]);
+    a4.handle_timeout(0);
+    b6.handle_timeout(0);
+    let m4: Vec<Vec<u8>> = std::iter::from_fn(|| a4.poll_transmit()).map(|(_, b)| b).collect();
+    let m6: Vec<Vec<u8>> = std::iter::from_fn(|| b6.poll_transmit()).map(|(_, b)| b).collect();
+    assert!(!m4.is_empty() && !m6.is_empty());
+    assert!(m4.iter().all(|b| b[0] == wire::WIRE_VERSION && !wire::is_v6_message(b)));
+    assert!(m6.iter().all(|b| b[0] == wire::WIRE_VERSION_V6 && wire::is_v6_message(b)));
+    let mut keys = KeyBook::new();
+    for b in &m6 {
+        assert!(matches!(a4.handle_message(p(2), b, 1, &mut keys), Err(IpamError::UnsupportedVersion(v)) if v == wire::WIRE_VERSION_V6));
+    }
+    for b in &m4 {
+        assert!(matches!(b6.handle_message(p(1), b, 1, &mut keys), Err(IpamError::UnsupportedVersion(4))));
+    }
+    assert_eq!(a4.drops().version_mismatches, m6.len() as u64);
+    assert_eq!(b6.drops().version_mismatches, m4.len() as u64);
 }

@@ -33,13 +33,12 @@
 //! previous release, without signatures) still load. Both are opaque to the
 //! daemon, which carries messages in `ControlMsg::Ipam(Vec<u8>)`.
 
-use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
 use super::paxos::{Ballot, PaxosUpdate, MAX_PARTICIPANTS};
 use super::ring::{ring_id, Entry, MAX_ENTRIES, MAX_SEEDS, MAX_VERSION};
-use super::space::Cidr;
+use super::space::{Addr, Cidr};
 use super::IpamError;
 use crate::peer::PeerName;
 use crate::trust::{Binding, Signature, Signer};
@@ -49,6 +48,26 @@ use crate::trust::{Binding, Signature, Signer};
 /// version 4: Paxos by addressed messages to the proposer and a verifiable
 /// decision instead of every participant's records in gossip.
 pub const WIRE_VERSION: u8 = 4;
+/// First byte of the messages of an IPv6 ring (same layout as [`WIRE_VERSION`]):
+/// an IPv6 ring is a second, independent IPAM instance whose messages
+/// routers without it, or of another version, drop and count as a version
+/// mismatch; a router with both rings hands each message to the ring of its
+/// first byte ([`is_v6_message`]).
+pub const WIRE_VERSION_V6: u8 = 0x80 | WIRE_VERSION;
+
+/// The first byte of the messages of a ring over `universe`.
+pub fn wire_version(universe: &Cidr) -> u8 {
+    if universe.is_v6() {
+        WIRE_VERSION_V6
+    } else {
+        WIRE_VERSION
+    }
+}
+
+/// Whether `bytes` is a message of an IPv6 ring (its first byte).
+pub fn is_v6_message(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&WIRE_VERSION_V6)
+}
 /// Snapshot format version (first byte). Version 2 adds the records' signatures
 /// and the bindings of their signers; version 1 is still read.
 pub const SNAPSHOT_VERSION: u8 = 2;
@@ -84,6 +103,9 @@ pub const DOMAIN_PAXOS_VALUE: &[u8] = b"meshnet ipam paxos value v1";
 /// What travels on the wire: the signed envelope and what relays may touch.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Packet {
+    /// The version byte it travelled with (not encoded inside: it is the first byte).
+    #[serde(skip)]
+    pub version: u8,
     /// Relays left (not signed: each relay decrements it).
     pub hops: u8,
     /// Bindings of the sender and of the signers of the records inside.
@@ -114,19 +136,35 @@ pub struct Proof {
 }
 
 /// The bytes a ring entry's [`Proof`] signs: ring id, start and every field.
-pub fn entry_message(ring_id: u64, start: u32, e: &Entry) -> [u8; 36] {
-    let mut m = [0u8; 36];
-    m[..8].copy_from_slice(&ring_id.to_be_bytes());
-    m[8..12].copy_from_slice(&start.to_be_bytes());
-    m[12..20].copy_from_slice(&e.owner.0.to_be_bytes());
-    m[20..24].copy_from_slice(&e.size.to_be_bytes());
-    m[24..32].copy_from_slice(&e.version.to_be_bytes());
-    m[32..36].copy_from_slice(&e.free.to_be_bytes());
+/// When start, size and free count fit 32 bits (always in an IPv4 ring) that is
+/// 36 bytes with 32-bit fields, as before IPv6 rings existed; otherwise 72
+/// bytes with 128-bit ones. The ring id (which covers the universe) tells the
+/// rings apart, and the lengths the layouts.
+pub fn entry_message(ring_id: u64, start: Addr, e: &Entry) -> Vec<u8> {
+    let small = |v: u128| u32::try_from(v).ok();
+    let mut m = Vec::with_capacity(72);
+    m.extend_from_slice(&ring_id.to_be_bytes());
+    if let (Some(start), Some(size), Some(free)) = (small(start), small(e.size), small(e.free)) {
+        m.extend_from_slice(&start.to_be_bytes());
+        m.extend_from_slice(&e.owner.0.to_be_bytes());
+        m.extend_from_slice(&size.to_be_bytes());
+        m.extend_from_slice(&e.version.to_be_bytes());
+        m.extend_from_slice(&free.to_be_bytes());
+    } else {
+        m.extend_from_slice(&start.to_be_bytes());
+        m.extend_from_slice(&e.owner.0.to_be_bytes());
+        m.extend_from_slice(&e.size.to_be_bytes());
+        m.extend_from_slice(&e.version.to_be_bytes());
+        m.extend_from_slice(&e.free.to_be_bytes());
+    }
     m
 }
 
 fn put_universe(m: &mut Vec<u8>, universe: &Cidr) {
-    m.extend_from_slice(&universe.network().octets());
+    match universe.network() {
+        std::net::IpAddr::V4(a) => m.extend_from_slice(&a.octets()),
+        std::net::IpAddr::V6(a) => m.extend_from_slice(&a.octets()),
+    }
     m.push(universe.prefix());
 }
 
@@ -176,7 +214,7 @@ pub(crate) enum Body {
     /// "Please donate part of your free space in `subnet`."
     SpaceRequest { id: u64, subnet: Cidr },
     /// "Please give me exactly `ip`."
-    ClaimRequest { id: u64, ip: u32 },
+    ClaimRequest { id: u64, ip: Addr },
     /// The answer to either request, with the donor's relevant entries.
     Reply { id: u64, outcome: Outcome, gossip: Gossip },
     /// "Send me your full state" (after adopting a ring from partial gossip).
@@ -228,7 +266,7 @@ pub(crate) struct Gossip {
     /// The ring's seeds, in full gossip only (deltas identify the ring by `ring_id`).
     pub seeds: Vec<PeerName>,
     /// Entries by start; never version 0 (genesis).
-    pub entries: Vec<(u32, Entry)>,
+    pub entries: Vec<(Addr, Entry)>,
     /// One per entry, in the same order.
     pub proofs: Vec<Proof>,
     /// The sender's `N` of `consensus=N` while it is an unagreed participant,
@@ -265,7 +303,7 @@ pub(crate) struct Snapshot {
     pub me: PeerName,
     pub universe: Cidr,
     pub seeds: Vec<PeerName>,
-    pub entries: Vec<(u32, Entry)>,
+    pub entries: Vec<(Addr, Entry)>,
     /// One per entry; `None` for genesis entries, for entries migrated from a
     /// version-1 snapshot and for my own entries not yet signed (re-signed on load).
     pub proofs: Vec<Option<Proof>>,
@@ -275,7 +313,7 @@ pub(crate) struct Snapshot {
     pub value_sigs: Vec<(Ballot, Signature)>,
     /// Bindings of the signers above, to relay with their records.
     pub bindings: Vec<Binding>,
-    pub allocations: Vec<(u32, String)>,
+    pub allocations: Vec<(Addr, String)>,
 }
 
 /// The version-1 snapshot (no signatures), still read.
@@ -284,9 +322,9 @@ pub(crate) struct SnapshotV1 {
     pub me: PeerName,
     pub universe: Cidr,
     pub seeds: Vec<PeerName>,
-    pub entries: Vec<(u32, Entry)>,
+    pub entries: Vec<(Addr, Entry)>,
     pub paxos: Option<PaxosState>,
-    pub allocations: Vec<(u32, String)>,
+    pub allocations: Vec<(Addr, String)>,
 }
 
 fn config() -> impl bincode::config::Config {
@@ -312,11 +350,12 @@ fn encode_with<T: Serialize>(version: u8, value: &T) -> Vec<u8> {
 pub(crate) fn encode(env: &Envelope, hops: u8, bindings: Vec<Binding>, signer: &Signer) -> Vec<u8> {
     let signed = body_bytes(env);
     let sig = signer.sign(DOMAIN_ENVELOPE, &signed);
-    encode_packet(&Packet { hops, bindings, signed, sig })
+    encode_packet(&Packet { version: wire_version(&env.universe), hops, bindings, signed, sig })
 }
 
+/// Encodes with the packet's own version byte ([`WIRE_VERSION`] if unset).
 pub(crate) fn encode_packet(p: &Packet) -> Vec<u8> {
-    encode_with(WIRE_VERSION, p)
+    encode_with(if p.version == 0 { WIRE_VERSION } else { p.version }, p)
 }
 
 pub(crate) fn encode_snapshot(s: &Snapshot) -> Vec<u8> {
@@ -345,10 +384,11 @@ pub(crate) fn decode_packet(bytes: &[u8]) -> Result<Packet, IpamError> {
         return Err(malformed(format!("{} bytes, over the {MAX_MESSAGE_BYTES} byte limit", bytes.len())));
     }
     let (&v, rest) = bytes.split_first().ok_or_else(|| IpamError::Malformed("empty".into()))?;
-    if v != WIRE_VERSION {
+    if v != WIRE_VERSION && v != WIRE_VERSION_V6 {
         return Err(IpamError::UnsupportedVersion(v));
     }
-    let p: Packet = decode_body(rest, MAX_MESSAGE_BYTES, false)?;
+    let mut p: Packet = decode_body(rest, MAX_MESSAGE_BYTES, false)?;
+    p.version = v;
     if p.hops > MAX_HOPS {
         return Err(malformed("hop count over the limit"));
     }
@@ -375,7 +415,7 @@ pub fn check_message(bytes: &[u8]) -> Result<(), IpamError> {
 #[doc(hidden)]
 pub fn sign_raw(signed: &[u8], hops: u8, bindings: Vec<Binding>, signer: &Signer) -> Vec<u8> {
     let sig = signer.sign(DOMAIN_ENVELOPE, signed);
-    encode_packet(&Packet { hops, bindings, signed: signed.to_vec(), sig })
+    encode_packet(&Packet { version: WIRE_VERSION, hops, bindings, signed: signed.to_vec(), sig })
 }
 
 /// Decodes and checks a snapshot (fuzzing).
@@ -464,6 +504,9 @@ fn len<T: Serialize>(value: &T) -> usize {
 pub(crate) fn decode(bytes: &[u8]) -> Result<(Packet, Envelope), IpamError> {
     let p = decode_packet(bytes)?;
     let env = decode_envelope(&p.signed)?;
+    if p.version != wire_version(&env.universe) {
+        return Err(malformed("version byte of the other address family"));
+    }
     Ok((p, env))
 }
 
@@ -508,10 +551,10 @@ pub(crate) fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, IpamError> {
     if s.allocations.len() > MAX_ALLOCATIONS {
         return Err(IpamError::BadSnapshot("too many allocations".into()));
     }
-    let mut prev: Option<u32> = None;
+    let mut prev: Option<Addr> = None;
     for (ip, target) in &s.allocations {
-        if prev.is_some_and(|p| p >= *ip) || !s.universe.contains_u32(*ip) {
-            return Err(IpamError::BadSnapshot(format!("allocation {} out of order or range", Ipv4Addr::from(*ip))));
+        if prev.is_some_and(|p| p >= *ip) || !s.universe.contains_u(*ip) {
+            return Err(IpamError::BadSnapshot(format!("allocation {} out of order or range", s.universe.ip(*ip))));
         }
         if target.is_empty() || target.len() > MAX_TARGET_LEN {
             return Err(IpamError::BadSnapshot("bad target name".into()));
@@ -521,9 +564,9 @@ pub(crate) fn decode_snapshot(bytes: &[u8]) -> Result<Snapshot, IpamError> {
     Ok(s)
 }
 
-/// The allocation range must be a network of /1 to /30.
+/// The allocation range must be a network IPAM can use ([`Cidr::is_allocatable`]).
 pub(crate) fn check_universe(u: &Cidr) -> Result<(), IpamError> {
-    if !u.is_valid() || u.prefix() == 0 || u.prefix() > 30 {
+    if !u.is_valid() || !u.is_allocatable() {
         return Err(IpamError::BadRange(*u));
     }
     Ok(())
@@ -544,13 +587,13 @@ pub(crate) fn check_envelope(env: &Envelope) -> Result<(), IpamError> {
     match &env.body {
         Body::Gossip(g) => check_gossip(&env.universe, g),
         Body::SpaceRequest { subnet, .. } => {
-            if !subnet.is_valid() || !env.universe.contains_net(subnet) || subnet.prefix() > 30 {
+            if !subnet.is_valid() || !env.universe.contains_net(subnet) || subnet.prefix() > subnet.max_subnet_prefix() {
                 return Err(malformed(format!("space request for {subnet}")));
             }
             check_unicast(env)
         }
         Body::ClaimRequest { ip, .. } => {
-            if !env.universe.contains_u32(*ip) {
+            if !env.universe.contains_u(*ip) {
                 return Err(malformed("claim outside the range"));
             }
             check_unicast(env)
@@ -651,7 +694,7 @@ fn check_value(value: &[PeerName]) -> Result<(), IpamError> {
 
 /// The digest of a ring in [`Body::Digest`]: SHA-256 (first 16 bytes) of the ring
 /// id and every entry's signed bytes ([`entry_message`]), by start.
-pub fn ring_digest<'a>(ring_id: u64, entries: impl Iterator<Item = (u32, &'a Entry)>) -> [u8; 16] {
+pub fn ring_digest<'a>(ring_id: u64, entries: impl Iterator<Item = (Addr, &'a Entry)>) -> [u8; 16] {
     let mut h = ring::digest::Context::new(&ring::digest::SHA256);
     h.update(&ring_id.to_be_bytes());
     for (start, e) in entries {
@@ -703,7 +746,7 @@ pub(crate) fn check_gossip(universe: &Cidr, g: &Gossip) -> Result<(), IpamError>
 
 /// Entries sorted by start, inside the universe, non-empty, `free <= size`,
 /// versions bounded (and above 0 on the wire: genesis entries are never sent).
-fn check_ring(universe: &Cidr, seeds: &[PeerName], entries: &[(u32, Entry)], genesis_ok: bool) -> Result<(), IpamError> {
+fn check_ring(universe: &Cidr, seeds: &[PeerName], entries: &[(Addr, Entry)], genesis_ok: bool) -> Result<(), IpamError> {
     check_sorted_names(seeds, MAX_SEEDS, "seeds")?;
     if seeds.is_empty() && genesis_ok && !entries.is_empty() {
         return Err(malformed("ring entries without seeds"));
@@ -711,18 +754,18 @@ fn check_ring(universe: &Cidr, seeds: &[PeerName], entries: &[(u32, Entry)], gen
     if entries.len() > MAX_ENTRIES {
         return Err(IpamError::TooManyEntries);
     }
-    let mut prev: Option<u32> = None;
+    let mut prev: Option<Addr> = None;
     for (start, e) in entries {
         if prev.is_some_and(|p| p >= *start) {
             return Err(malformed("ring entries not sorted by start"));
         }
         prev = Some(*start);
-        let end = *start as u64 + e.size as u64;
-        if !universe.contains_u32(*start) || e.size == 0 || end > universe.end() {
-            return Err(malformed(format!("entry {} (+{}) outside {universe}", Ipv4Addr::from(*start), e.size)));
+        let end = start.checked_add(e.size);
+        if !universe.contains_u(*start) || e.size == 0 || end.is_none_or(|end| end > universe.end()) {
+            return Err(malformed(format!("entry {} (+{}) outside {universe}", universe.ip(*start), e.size)));
         }
         if e.owner == PeerName::BROADCAST || e.version > MAX_VERSION || e.free > e.size || (e.version == 0 && !genesis_ok) {
-            return Err(malformed(format!("bad entry at {}", Ipv4Addr::from(*start))));
+            return Err(malformed(format!("bad entry at {}", universe.ip(*start))));
         }
     }
     Ok(())
@@ -893,7 +936,7 @@ mod tests {
             full: true,
             ring_id: ring_id(&u, &[PeerName(1), PeerName(2)]),
             seeds: vec![PeerName(1), PeerName(2)],
-            entries: vec![(u32::from(Ipv4Addr::new(10, 32, 0, 0)), Entry { owner: PeerName(1), size: 100, version: 3, free: 50 })],
+            entries: vec![(u32::from(std::net::Ipv4Addr::new(10, 32, 0, 0)) as Addr, Entry { owner: PeerName(1), size: 100, version: 3, free: 50 })],
             proofs: vec![Proof { by: PeerName(1), sig: Signature([7; 64]) }],
             consensus: 0,
         })));

@@ -287,15 +287,25 @@ impl TxPlane {
 
     /// Whether `unit` (a plain frame, not a superframe) is too big for the
     /// destination peer's overlay; if so, answers an IPv4 DF packet with ICMP
-    /// "fragmentation needed" for the device.
+    /// "fragmentation needed", and an IPv6 packet with ICMPv6 "packet too big",
+    /// for the device (both counted in `frag_needed_sent`).
     #[cold]
     fn too_big(&self, unit: &[u8], dst: PeerName, routes: &Routes, out: &mut TxOut) -> bool {
         let Some(&mtu) = routes.mtu.get(&dst) else { return false };
         if unit[1] != GSO_NONE || unit.len() <= MIN_UNIT + mtu as usize {
             return false;
         }
-        let mut reply = [0u8; icmp::MAX_REPLY];
-        if let Some(n) = icmp::frag_needed(&unit[VNET_HDR_LEN..], mtu.min(u16::MAX as u32) as u16, &mut reply) {
+        let mtu16 = mtu.min(u16::MAX as u32) as u16;
+        let frame = &unit[VNET_HDR_LEN..];
+        let mut reply = [0u8; icmp::MAX_REPLY_V6];
+        let n = match frame.get(12..14) {
+            Some([0x86, 0xdd]) => icmp::packet_too_big(frame, mtu16, &mut reply),
+            _ => {
+                let mut r4 = [0u8; icmp::MAX_REPLY];
+                icmp::frag_needed(frame, mtu16, &mut r4).inspect(|&n| reply[..n].copy_from_slice(&r4[..n]))
+            }
+        };
+        if let Some(n) = n {
             let start = out.device_bytes.len();
             if self.vnet {
                 out.device_bytes.extend_from_slice(&[0u8; VNET_HDR_LEN]);

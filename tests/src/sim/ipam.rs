@@ -16,9 +16,10 @@
 //! of the peers it now reaches (IPAM gossip itself carries only its sender's).
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use meshnet_proto::identity::Identity;
+use meshnet_proto::ipam::space::addr_value;
 use meshnet_proto::ipam::{Allocation, Cidr, Config, Dest, Event, InitMode, Ipam, IpamError, Request};
 use meshnet_proto::trust::{Binding, KeyBook, Signer};
 use meshnet_proto::PeerName;
@@ -62,7 +63,7 @@ pub struct Node {
     /// The last snapshot written "to disk".
     pub persisted: Option<Vec<u8>>,
     /// What the targets hold while the daemon is down.
-    pub frozen: Vec<(Ipv4Addr, String)>,
+    pub frozen: Vec<(IpAddr, String)>,
     /// Events not yet taken by the workload.
     pub events: Vec<Event>,
 }
@@ -233,7 +234,7 @@ impl IpamSim {
 
     /// Restarts a crashed daemon from its snapshot, then releases targets that
     /// went away while it was down (`gone`). Returns what the restored peer holds.
-    pub fn restore(&mut self, i: usize, gone: &[String]) -> Result<Vec<(Ipv4Addr, String)>, IpamError> {
+    pub fn restore(&mut self, i: usize, gone: &[String]) -> Result<Vec<(IpAddr, String)>, IpamError> {
         assert_eq!(self.nodes[i].status, Status::Crashed);
         let cfg = self.config_for(i);
         let n = &mut self.nodes[i];
@@ -281,19 +282,19 @@ impl IpamSim {
         r
     }
 
-    pub fn free(&mut self, i: usize, target: &str, ip: Ipv4Addr) -> bool {
+    pub fn free(&mut self, i: usize, target: &str, ip: IpAddr) -> bool {
         let r = self.nodes[i].ipam.as_mut().expect("up").free(target, ip);
         self.persist(i);
         r
     }
 
-    pub fn free_target(&mut self, i: usize, target: &str) -> Vec<Ipv4Addr> {
+    pub fn free_target(&mut self, i: usize, target: &str) -> Vec<IpAddr> {
         let r = self.nodes[i].ipam.as_mut().expect("up").free_target(target);
         self.persist(i);
         r
     }
 
-    pub fn rmpeer(&mut self, i: usize, dead: usize) -> Result<u64, IpamError> {
+    pub fn rmpeer(&mut self, i: usize, dead: usize) -> Result<u128, IpamError> {
         let name = self.nodes[dead].name;
         let r = self.nodes[i].ipam.as_mut().expect("up").rmpeer(name);
         self.persist(i);
@@ -369,9 +370,9 @@ impl IpamSim {
     /// Every address held by a target: by running peers, and by the targets of
     /// crashed ones. Errors if one address is held twice; else the count.
     pub fn check_unique(&self) -> Result<usize, String> {
-        let mut seen: HashMap<Ipv4Addr, (usize, String)> = HashMap::new();
+        let mut seen: HashMap<IpAddr, (usize, String)> = HashMap::new();
         for (i, n) in self.nodes.iter().enumerate() {
-            let held: Vec<(Ipv4Addr, String)> = match (&n.status, &n.ipam) {
+            let held: Vec<(IpAddr, String)> = match (&n.status, &n.ipam) {
                 (Status::Up, Some(ipam)) => ipam.allocations().map(|(ip, t)| (ip, t.to_string())).collect(),
                 (Status::Crashed, _) => n.frozen.clone(),
                 _ => Vec::new(),
@@ -538,8 +539,13 @@ impl Workload {
             self.next_target += 1;
             let target = format!("t{}", self.next_target);
             let req = if sim.rng.chance(self.exact_share) {
-                let (lo, size) = (u32::from(sim.universe.network()), sim.universe.size());
-                let ip = Ipv4Addr::from(lo + 1 + sim.rng.below(size - 2) as u32);
+                // Anywhere in the universe, or (half the time) among its first
+                // addresses, where `Any` requests allocate: in a large (IPv6)
+                // universe only those collide with what others hold.
+                let (lo, size) = (addr_value(sim.universe.network()), sim.universe.size());
+                let span = if sim.rng.chance(0.5) { (size - 2).min(4096) } else { size - 2 };
+                let r = ((sim.rng.next_u64() as u128) << 64 | sim.rng.next_u64() as u128) % span;
+                let ip = sim.universe.ip(lo + 1 + r);
                 Request::Exact { ip, prefix: sim.universe.prefix() }
             } else if sim.rng.chance(0.6) {
                 Request::Any(self.subnets[0])
@@ -560,7 +566,7 @@ impl Workload {
                 Err(_) => self.stats.refused += 1,
             }
         } else {
-            let held: Vec<(Ipv4Addr, String)> = sim.ipam(i).allocations().map(|(ip, t)| (ip, t.to_string())).collect();
+            let held: Vec<(IpAddr, String)> = sim.ipam(i).allocations().map(|(ip, t)| (ip, t.to_string())).collect();
             if let Some((ip, t)) = sim.rng.pick(&held).cloned() {
                 if sim.rng.chance(0.7) {
                     assert!(sim.free(i, &t, ip));

@@ -1,0 +1,198 @@
+//! IPv6 on the overlay, end to end in namespaces: a dual-stack lab of three hosts
+//! (h1 - h2 - h3, no discovery, so h1 and h3 talk only through h2) whose routers
+//! have an IPv4 and an IPv6 `--ipalloc-range`. Containers get one address of
+//! each family, unique across the mesh; `ping -6` crosses hosts and the relay;
+//! 100 MB cross over IPv6 intact; `kill -9` and a relaunch keep the IPv6
+//! addresses. A second lab of two hosts with different MTUs shows ICMPv6
+//! "packet too big" and a `ping -6 -s 8000` that then crosses.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use meshnet_tests::lab::*;
+use serde_json::Value;
+
+const RANGE4: &str = "10.44.0.0/16";
+const RANGE6: &str = "fd44::/64";
+
+/// [`SINK`] listening on IPv6 (and IPv4-mapped) addresses.
+const SINK6: &str = r#"
+import hashlib, socket
+s = socket.socket(socket.AF_INET6); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", 5001)); s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 20)
+    if not b: break
+    h.update(b); n += len(b)
+print(h.hexdigest(), n, flush=True)
+"#;
+
+fn launch_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["--no-discovery", "--ipalloc-range", RANGE4, "--ipalloc-range", RANGE6];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// The addresses `attach` printed (`ip/prefix ...` on its last line).
+fn addrs_of(out: &Out) -> Vec<(IpAddr, u8)> {
+    out.last_line()
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|a| {
+            let (ip, p) = a.split_once('/')?;
+            Some((ip.parse().ok()?, p.parse().ok()?))
+        })
+        .collect()
+}
+
+fn v6_of(addrs: &[(IpAddr, u8)]) -> String {
+    addrs.iter().find(|(ip, _)| ip.is_ipv6()).map(|(ip, _)| ip.to_string()).expect("an IPv6 address")
+}
+
+fn connected_to(h: &Host, name: &str) -> bool {
+    h.status_json()["connections"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["peer"] == name && c["state"] == "established")
+}
+
+fn relayed(h: &Host) -> u64 {
+    h.status_json()["dataplane"]["relayed_units"].as_u64().unwrap_or(0)
+}
+
+/// `ping -6` until one answer (or `timeout`).
+fn ping6_until(ns: &str, ip: &str, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        exec_in_timeout(ns, &["ping", "-6", "-n", "-q", "-c", "1", "-W", "1", ip], Duration::from_secs(5)).ok()
+    })
+}
+
+#[test]
+fn dual_stack_lab_of_three_hosts() {
+    let Some(lab) = Lab::new("ip6") else { return };
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let n1 = h1.launch(&launch_args(&[]));
+    let n2 = h2.launch(&launch_args(&[&h1.ip]));
+    let n3 = h3.launch(&launch_args(&[&h2.ip]));
+    assert!(
+        wait_until(Duration::from_secs(30), || connected_to(&h2, &n1) && connected_to(&h2, &n3)),
+        "h2 is not connected to h1 and h3: {:#}",
+        h2.status_json()
+    );
+    let cs: Vec<Container> = [&h1, &h2, &h3].iter().enumerate().map(|(k, h)| lab.add_container(h, k as u8 + 1)).collect();
+    let hosts = [&h1, &h2, &h3];
+    // attach with no address: one address of each family, from each range.
+    let mut all: Vec<Vec<(IpAddr, u8)>> = Vec::new();
+    for (h, c) in hosts.iter().zip(&cs) {
+        let out = h.meshnet(&["attach", &c.ns]).expect_ok("attach");
+        let a = addrs_of(&out);
+        assert_eq!(a.len(), 2, "attach on {} gave {out}", h.ns);
+        let r4: meshnet_proto::ipam::Cidr = RANGE4.parse().unwrap();
+        let r6: meshnet_proto::ipam::Cidr = RANGE6.parse().unwrap();
+        assert!(a.iter().any(|(ip, p)| ip.is_ipv4() && r4.contains(*ip) && *p == 16), "{a:?}");
+        assert!(a.iter().any(|(ip, p)| ip.is_ipv6() && r6.contains(*ip) && *p == 64), "{a:?}");
+        all.push(a);
+    }
+    let unique: BTreeSet<IpAddr> = all.iter().flatten().map(|(ip, _)| *ip).collect();
+    assert_eq!(unique.len(), 6, "addresses not unique across the mesh: {all:?}");
+    // ps shows both families.
+    for (h, c) in hosts.iter().zip(&cs) {
+        let ps = h.ps_json();
+        let e = ps.iter().find(|e| e["target"] == c.ns.as_str()).expect("in ps");
+        let shown: Vec<&str> = e["addresses"].as_array().unwrap().iter().filter_map(|a| a.as_str()).collect();
+        assert!(shown.iter().any(|a| a.contains(':')) && shown.iter().any(|a| a.contains('.')), "ps: {shown:?}");
+    }
+    // status ipam shows the IPv6 ring, agreed, with its allocations.
+    let st = h1.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json();
+    assert_eq!(st["ipv6"]["range"], RANGE6, "{st:#}");
+    assert_eq!(st["ipv6"]["state"]["agreed"], true, "{st:#}");
+    let text = h1.meshnet(&["status", "ipam"]).expect_ok("status ipam").stdout;
+    assert!(text.contains("IPv6 ring:") && text.contains(RANGE6), "{text}");
+
+    let (v6_1, v6_2, v6_3) = (v6_of(&all[0]), v6_of(&all[1]), v6_of(&all[2]));
+    assert!(ping6_until(&cs[0].ns, &v6_2, Duration::from_secs(30)), "ping -6 c1 -> c2 across hosts");
+    assert!(ping6_until(&cs[1].ns, &v6_1, Duration::from_secs(10)), "ping -6 c2 -> c1");
+    let relayed_before = relayed(&h2);
+    assert!(ping6_until(&cs[0].ns, &v6_3, Duration::from_secs(30)), "ping -6 c1 -> c3 through h2");
+    assert!(ping6_until(&cs[2].ns, &v6_1, Duration::from_secs(10)), "ping -6 c3 -> c1 through h2");
+    assert!(!connected_to(&h1, &n3), "h1 is connected to h3 directly");
+    assert!(relayed(&h2) > relayed_before, "h2 relayed nothing: {:#}", h2.status_json());
+    // Neighbour discovery went across: c1 knows c2's and c3's MACs.
+    let neigh = exec_in(&cs[0].ns, &["ip", "-6", "neigh", "show"]).stdout;
+    assert!(neigh.contains(&v6_2) && neigh.contains(&v6_3), "neighbours of c1: {neigh}");
+
+    // 100 MB over IPv6, checked end to end.
+    let mut rx = lab.spawn_in(&cs[1].ns, &["python3", "-c", SINK6]);
+    assert!(wait_until(Duration::from_secs(10), || rx.stdout().contains("listening")), "sink: {}", rx.stderr());
+    let bytes = 100u64 << 20;
+    let t = std::time::Instant::now();
+    let sent = exec_in_timeout(&cs[0].ns, &["python3", "-c", SOURCE, &v6_2, &bytes.to_string()], Duration::from_secs(180));
+    assert!(sent.ok(), "100 MB over IPv6: {sent}");
+    assert!(rx.wait(Duration::from_secs(30)), "sink did not finish: {}", rx.stderr());
+    let (got, sent) = (digest_line(&rx.stdout()), digest_line(&sent.stdout));
+    assert_eq!(sent.split(' ').nth(1), Some(bytes.to_string().as_str()), "sender: {sent}");
+    assert_eq!(got, sent, "received data differs from what was sent");
+    eprintln!("100 MB over IPv6 in {:.1}s", t.elapsed().as_secs_f64());
+
+    // kill -9 and relaunch: the IPv6 addresses stay (ipam6.bin), in ps and in IPAM.
+    let ps_before = h2.ps_json();
+    kill9(&h2);
+    let again = h2.launch(&launch_args(&[&h1.ip]));
+    assert_eq!(again, n2);
+    let ps_after = h2.ps_json();
+    let addrs = |ps: &[Value]| -> BTreeSet<String> {
+        ps.iter().flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default()).filter_map(|a| a.as_str().map(String::from)).collect()
+    };
+    assert_eq!(addrs(&ps_after), addrs(&ps_before), "ps on h2 changed across kill -9 + launch");
+    let st = h2.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json();
+    let held6: Vec<&str> = st["ipv6"]["allocations"].as_array().into_iter().flatten().filter_map(|a| a["ip"].as_str()).collect();
+    assert!(held6.contains(&v6_2.as_str()), "h2's IPv6 ring forgot {v6_2} across kill -9: {st:#}");
+    assert!(ping6_until(&cs[0].ns, &v6_2, Duration::from_secs(30)), "ping -6 c1 -> c2 after the relaunch");
+    // A new container on h2 gets fresh addresses of both families.
+    let c4 = lab.add_container(&h2, 4);
+    let a4 = addrs_of(&h2.meshnet(&["attach", &c4.ns]).expect_ok("attach c4"));
+    assert_eq!(a4.len(), 2);
+    assert!(a4.iter().all(|(ip, _)| !unique.contains(ip)), "{a4:?} reuses one of {unique:?}");
+    // Exact IPv6 forms: ip:, net: and a bare CIDR; detach releases.
+    let c5 = lab.add_container(&h3, 5);
+    let out = h3.meshnet(&["attach", "ip:fd44::5/64", "net:fd44:0:0:0:1::/80", &c5.ns]).expect_ok("attach c5");
+    let a5 = addrs_of(&out);
+    assert!(a5.contains(&("fd44::5".parse().unwrap(), 64)), "{a5:?}");
+    assert!(a5.iter().any(|(ip, p)| *p == 80 && ip.to_string().starts_with("fd44::1:")), "{a5:?}");
+    let taken = h1.meshnet(&["attach", "ip:fd44::5/64", &lab.add_container(&h1, 6).ns]);
+    assert!(!taken.ok(), "fd44::5 handed out twice: {taken}");
+    h3.meshnet(&["detach", "ip:fd44::5/64", &c5.ns]).expect_ok("detach");
+    let st = h3.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json();
+    assert!(
+        !st["ipv6"]["allocations"].as_array().into_iter().flatten().any(|a| a["ip"] == "fd44::5"),
+        "detach did not release fd44::5: {st:#}"
+    );
+}
+
+/// One host with MTU 1376, one with 8000: a `ping -6 -s 8000` from the 8000
+/// side gets ICMPv6 packet too big carrying 1376 from its router, the sender's
+/// kernel learns it, and the pings then cross.
+#[test]
+fn ipv6_packet_too_big_then_crosses() {
+    let Some(lab) = Lab::new("ip6ptb") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    h1.launch(&launch_args(&["--mtu", "1376"]));
+    h2.launch(&launch_args(&["--mtu", "8000", &h1.ip]));
+    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
+    h1.meshnet(&["attach", "fd44::1/64", &c1.ns]).expect_ok("attach c1");
+    h2.meshnet(&["attach", "fd44::2/64", &c2.ns]).expect_ok("attach c2");
+    assert!(ping6_until(&c2.ns, "fd44::1", Duration::from_secs(30)), "c2 cannot reach c1 over IPv6");
+    let before = h2.status_json()["dataplane"]["frag_needed_sent"].as_u64().unwrap_or(0);
+    let first = exec_in_timeout(&c2.ns, &["ping", "-6", "-n", "-c", "3", "-i", "0.5", "-W", "2", "-s", "8000", "fd44::1"], Duration::from_secs(15));
+    eprintln!("first ping -6 -s 8000:\n{first}");
+    let after = h2.status_json()["dataplane"]["frag_needed_sent"].as_u64().unwrap_or(0);
+    assert!(after > before, "no packet too big sent by h2 ({before} -> {after})");
+    let route = exec_in(&c2.ns, &["ip", "-6", "route", "get", "fd44::1"]).stdout;
+    assert!(route.contains("mtu 1376"), "c2 did not learn MTU 1376: {route}");
+    let again = exec_in_timeout(&c2.ns, &["ping", "-6", "-n", "-c", "3", "-i", "0.5", "-W", "2", "-s", "8000", "fd44::1"], Duration::from_secs(15));
+    assert!(again.ok(), "ping -6 -s 8000 after packet too big: {again}");
+}
