@@ -220,7 +220,9 @@ impl Drop for HalfOpen {
 pub async fn accept_loop(mesh: Arc<Mesh>, local: Arc<Local>, listener: TcpListener) {
     loop {
         let (stream, remote) = match listener.accept().await {
-            Ok(x) => x,
+            // A dual-stack listener reports IPv4 peers as mapped IPv6: one
+            // peer, one address (gossip, dials, UDP), whichever socket saw it.
+            Ok((s, r)) => (s, meshnet_router::dataplane::canonical(r)),
             Err(e) => {
                 log::warn!("accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -304,6 +306,14 @@ async fn dial(mesh: Arc<Mesh>, local: Arc<Local>, d: Dial) {
             return;
         }
     };
+    if !mesh.settings.reaches(&addr) {
+        // TCP would connect, but our UDP socket cannot send to this family:
+        // the connection would stay pending for ever. Say so instead.
+        let why = format!("cannot reach {addr}: --host {} listens on {} only (use --host ::)", mesh.settings.host,
+            if mesh.settings.host.is_ipv4() { "IPv4" } else { "IPv6" });
+        mesh.dial_failed(d.id, Failure::Connect(why));
+        return;
+    }
     let stream = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

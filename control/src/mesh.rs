@@ -180,6 +180,22 @@ pub struct Settings {
     pub signer: Arc<Signer>,
     /// Our name bound to our keys, sent in every Hello and gossiped with our entry.
     pub binding: Binding,
+    /// `--host`: which address families our UDP socket reaches.
+    pub host: std::net::IpAddr,
+}
+
+impl Settings {
+    /// Our sockets can carry UDP to `addr`: an IPv4 `--host` reaches IPv4
+    /// only, an IPv6 one IPv6 only, `::` both. Discovery dials nothing else
+    /// (a peer with no family in common is reached by relay).
+    pub fn reaches(&self, addr: &std::net::SocketAddr) -> bool {
+        let v6 = addr.ip().to_canonical().is_ipv6();
+        match self.host {
+            std::net::IpAddr::V4(_) => !v6,
+            std::net::IpAddr::V6(h) if h.is_unspecified() => true,
+            std::net::IpAddr::V6(_) => v6,
+        }
+    }
 }
 
 pub struct Mesh {
@@ -1328,6 +1344,8 @@ impl Mesh {
             let connected: HashSet<PeerName> = g.conns.values().filter_map(|c| c.peer).collect();
             let mut list = slots::discovery_addresses(&g.topology, &connected, established(g), self.settings.conn_limit);
             list.extend(g.hints.iter().cloned());
+            // Addresses of a family our sockets cannot reach are never dialled.
+            list.retain(|a| a.parse::<std::net::SocketAddr>().map_or(true, |a| self.settings.reaches(&a)));
             g.dialer.set_candidates(list);
             g.discovery_stale = false;
             g.discovery_at = Some(Instant::now());

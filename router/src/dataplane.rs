@@ -156,6 +156,18 @@ struct Link {
 
 type Links = Arc<Mutex<HashMap<PeerName, Link>>>;
 
+/// `addr` with an IPv4-mapped IPv6 address (what a dual-stack socket reports
+/// for an IPv4 sender) as the IPv4 address it maps: one peer, one address,
+/// whichever socket saw it.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// The path to `addr` is IPv6 (not IPv4, mapped or not).
+fn is_ipv6(addr: SocketAddr) -> bool {
+    canonical(addr).is_ipv6()
+}
+
 fn lock(links: &Links) -> MutexGuard<'_, HashMap<PeerName, Link>> {
     links.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -331,7 +343,8 @@ impl DataPlane {
     pub fn add_peer(&self, link: PeerLink) {
         debug_assert_eq!(link.recv_index & RELAY_INDEX_BIT, 0);
         let now = self.clock.elapsed().as_millis() as u64;
-        let link_state = Link { liveness: Liveness::new(self.max_datagram, now), addr: link.addr, sealed: [(0, 0); 2] };
+        let liveness = Liveness::for_family(self.max_datagram, is_ipv6(link.addr), now);
+        let link_state = Link { liveness, addr: link.addr, sealed: [(0, 0); 2] };
         lock(&self.links).insert(link.peer, link_state);
         let traffic = self.traffic.of(link.peer);
         self.rx.post(RxCmd::AddPeer(link.clone(), traffic.clone()));
@@ -652,7 +665,7 @@ impl RxLoop {
                 let stride = meta.stride.max(1);
                 for dgram in buf[..meta.len].chunks_mut(stride) {
                     // Errors are counted by the plane.
-                    let _ = self.plane.receive(now, dgram, meta.addr, &mut out);
+                    let _ = self.plane.receive(now, dgram, canonical(meta.addr), &mut out);
                     self.perform(&mut out, dgram, now);
                 }
             }
@@ -676,6 +689,9 @@ impl RxLoop {
             l.liveness.on_heartbeat(now, h.heartbeat, h.len);
             if l.addr != h.from {
                 log::info!("peer {} now sends from {} (was {}); sending there", h.peer, h.from, l.addr);
+                if is_ipv6(l.addr) != is_ipv6(h.from) {
+                    l.liveness.set_family(is_ipv6(h.from));
+                }
                 l.addr = h.from;
             }
         }
