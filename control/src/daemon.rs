@@ -365,6 +365,7 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(conn::accept_loop(mesh.clone(), local.clone(), listener));
         tasks.spawn(conn::maker_loop(mesh.clone(), local.clone()));
         tasks.spawn(mesh::route_loop(mesh.clone()));
+        tasks.spawn(crate::splice::open_loop(mesh.clone(), local.clone()));
         tasks.spawn(api_loop(ctx.clone(), api_listener));
         tasks.spawn(keys_saver(mesh.clone()));
         tasks.spawn(crate::heap::trim_loop());

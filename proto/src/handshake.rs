@@ -55,6 +55,11 @@ pub const CAP_DNS: u32 = 16;
 /// (`ControlMsg::Trusted`, see [`crate::trusted`]); peers without it are never
 /// sent one, and data to them stays encrypted.
 pub const CAP_TRUSTED: u32 = 32;
+/// Capability bit: the peer relays and ends splices (`ControlMsg::Splice`, see
+/// [`crate::wire::control::SpliceMsg`]): control connections between two of
+/// its neighbours that cannot dial each other (NAT). Peers without it are
+/// never sent one.
+pub const CAP_SPLICE: u32 = 1 << 12;
 /// What the responder tells an initiator whose password differs.
 pub const REFUSAL_WRONG_PASSWORD: &str = "authentication failed: passwords differ";
 /// PBKDF2 iterations for [`derive_psk`].

@@ -147,3 +147,72 @@ fn ipv4_only_and_ipv6_only_hosts_talk_through_a_dual_stack_host() {
     assert!(said, "no reason for the IPv6 target on an IPv4 socket: {:#?}", connections(&h1));
     let _ = (n3,);
 }
+
+/// `h`'s connection to `peer` in any state.
+fn any_conn_to(h: &Host, peer: &str) -> Option<Value> {
+    connections(h).into_iter().find(|c| c["peer"] == peer)
+}
+
+/// One public host and two hosts each behind its own NAT box doing `nat`;
+/// the NATed hosts connect to the public one only. Containers 10.42.0.<i>.
+fn nat_lab(lab: &Lab, nat: &[&str]) -> (Host, Host, Host, Vec<Container>) {
+    let public = lab.add_host(1);
+    let (h2, _n2) = lab.add_host_behind_nat(2, nat);
+    let (h3, _n3) = lab.add_host_behind_nat(3, nat);
+    public.launch(&[]);
+    h2.launch(&[&public.ip]);
+    h3.launch(&[&public.ip]);
+    let cs: Vec<Container> = [&public, &h2, &h3].iter().map(|h| lab.add_container(h, h.i)).collect();
+    for (h, c) in [&public, &h2, &h3].iter().zip(&cs) {
+        h.meshnet(&["attach", &format!("10.42.0.{}/16", c.j), &c.ns]).expect_ok("attach");
+    }
+    (public, h2, h3, cs)
+}
+
+#[test]
+fn two_peers_behind_nats_get_a_direct_path() {
+    let Some(lab) = Lab::new("natdirect") else { return };
+    let (public, h2, h3, cs) = nat_lab(&lab, &["-j", "MASQUERADE"]);
+    let (n2, n3) = (name(&h2), name(&h3));
+    // The NATed hosts cannot dial each other: h2 cannot even reach h3's address.
+    assert!(!ping(&h2.ns, &h3.ip, 1), "h2 reaches h3 behind its NAT: the lab is wrong");
+    let t = std::time::Instant::now();
+    let direct = wait_until(Duration::from_secs(30), || {
+        [(&h2, &n3), (&h3, &n2)].iter().all(|(h, p)| conn_to(h, p).is_some_and(|c| c["route"] == "direct"))
+    });
+    assert!(direct, "no direct path between the NATed hosts within 30 s: {:#?} {:#?}", connections(&h2), connections(&h3));
+    eprintln!("NATed pair direct after {:.1}s", t.elapsed().as_secs_f64());
+    let c = conn_to(&h2, &n3).expect("direct");
+    assert!(c["info"].as_str().unwrap_or_default().contains("spliced through"), "{c:#}");
+    // h2 sends to h3's NAT box, at the port the public host saw.
+    let udp = c["udp_addr"].as_str().unwrap_or_default().to_string();
+    assert!(udp.starts_with(&format!("{}:", lab.host_ip(3))), "h2 sends to h3 at {udp}");
+    assert!(ping_until(&cs[1].ns, "10.42.0.3", Duration::from_secs(10)), "c2 cannot reach c3");
+    let before = relayed_units(&public);
+    checked_transfer(&lab, &cs[1].ns, &cs[2].ns, "10.42.0.3", 30 << 20, Duration::from_secs(60));
+    checked_transfer(&lab, &cs[2].ns, &cs[1].ns, "10.42.0.2", 10 << 20, Duration::from_secs(60));
+    let after = relayed_units(&public);
+    assert_eq!(after, before, "the public host relayed during a transfer between the NATed hosts");
+    // Both still reach the public host's container.
+    assert!(ping(&cs[1].ns, "10.42.0.1", 2) && ping(&cs[2].ns, "10.42.0.1", 2));
+}
+
+#[test]
+fn peers_behind_per_destination_nats_stay_relayed_and_say_why() {
+    let Some(lab) = Lab::new("natsym") else { return };
+    let (public, h2, h3, cs) = nat_lab(&lab, &["-j", "MASQUERADE", "--random"]);
+    let n3 = name(&h3);
+    let said = wait_until(Duration::from_secs(40), || {
+        any_conn_to(&h2, &n3).is_some_and(|c| c["info"].as_str().unwrap_or_default().contains("hole punching failed"))
+    });
+    assert!(said, "h2 does not say why it has no direct path to h3: {:#?}", connections(&h2));
+    let c = any_conn_to(&h2, &n3).expect("spliced");
+    assert_eq!(c["route"], "relayed", "{c:#}");
+    assert_ne!(c["state"], "established", "{c:#}");
+    let before = relayed_units(&public);
+    assert!(ping_until(&cs[1].ns, "10.42.0.3", Duration::from_secs(10)), "c2 cannot reach c3 through the public host");
+    checked_transfer(&lab, &cs[1].ns, &cs[2].ns, "10.42.0.3", 5 << 20, Duration::from_secs(60));
+    assert!(relayed_units(&public) > before + 100, "the public host relayed nothing: {:#}", public.status_json());
+    let out = h2.meshnet(&["status", "connections"]).expect_ok("status connections");
+    assert!(out.stdout.contains("hole punching failed"), "{out}");
+}
