@@ -368,9 +368,11 @@ impl Mesh {
 
     /// For `crate::splice::open_loop`, with discovery on: the peers we reach
     /// but have no connection to, and of those the ones this router opens a
-    /// splice to (its name is the smaller), each with a neighbour that
-    /// carries splices, whose UDP works and that lists the peer as an
-    /// established connection of its own.
+    /// splice to: its name is the smaller, discovery dialled every address
+    /// gossiped for the peer (of a family we reach) and failed, a
+    /// `--conn-limit` slot is free (a partial mesh leaves peers unconnected
+    /// on purpose), and a neighbour carries splices, has working UDP and
+    /// lists the peer as an established connection of its own.
     pub fn splice_candidates(&self) -> (HashSet<PeerName>, Vec<(PeerName, PeerName)>) {
         let g = self.lock();
         let me = self.settings.me;
@@ -379,6 +381,19 @@ impl Mesh {
         if !self.settings.discovery {
             return (unconnected, out);
         }
+        let full = slots_used(&g) >= self.settings.conn_limit;
+        // A peer with no address of a family we reach is never spliced: its
+        // heartbeats could not reach us either.
+        let dials_failed = |peer: PeerName| {
+            let mut addrs = g
+                .topology
+                .peers()
+                .flat_map(|p| p.connections.iter())
+                .filter(|c| c.peer == peer && c.addr.port() != 0 && !c.addr.ip().is_unspecified() && self.settings.reaches(&c.addr))
+                .peekable();
+            addrs.peek().is_some()
+                && addrs.all(|c| g.dialer.get(&c.addr.to_string()).is_some_and(|e| e.failures > 0 && !e.state.in_progress()))
+        };
         let connected: HashSet<PeerName> = g.conns.values().filter_map(|c| c.peer).collect();
         let relays: Vec<PeerName> = g
             .conns
@@ -391,7 +406,7 @@ impl Mesh {
                 continue;
             }
             unconnected.insert(p.name);
-            if me >= p.name {
+            if me >= p.name || full || !dials_failed(p.name) {
                 continue;
             }
             let via = relays.iter().copied().find(|r| {

@@ -236,6 +236,9 @@ pub fn on_message(mesh: &Mesh, sender: PeerName, m: SpliceMsg) {
                 let _ = send_via(mesh, sender, msg(me, other, m.id, SpliceBody::Close(why.into())));
             };
             let Some(observed) = m.observed else { return refuse("no observed address") };
+            if !mesh.settings.reaches(&observed) {
+                return refuse("no address family in common");
+            }
             if other >= me {
                 return refuse("the peer with the smaller name opens");
             }
