@@ -225,10 +225,12 @@ pub fn on_message(mesh: &Mesh, sender: PeerName, m: SpliceMsg) {
         relay(mesh, sender, m);
         return;
     }
-    // For us: it came through `sender`, the relay (or from the peer itself,
-    // which may be a neighbour: then `observed` is None and the path is the
-    // one the heartbeats find anyway).
+    // For us: it came through `sender`, the relay.
     let other = m.from;
+    if other == sender {
+        // A neighbour needs no splice to us (and its `observed` would be its own word).
+        return;
+    }
     let key = (other, m.id);
     match m.body {
         SpliceBody::Open => {
