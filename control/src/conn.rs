@@ -166,6 +166,11 @@ impl Outbox {
 
     /// Queues `msg` for the peer. Err: it will never be sent (the connection is
     /// closing, or this overflowed its queue and closes it).
+    /// Messages waiting.
+    pub fn len(&self) -> usize {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     pub fn send(&self, msg: ControlMsg) -> Result<(), Closing> {
         let pushed = self.queue.lock().unwrap_or_else(|p| p.into_inner()).push(msg);
         match pushed {
@@ -220,7 +225,9 @@ impl Drop for HalfOpen {
 pub async fn accept_loop(mesh: Arc<Mesh>, local: Arc<Local>, listener: TcpListener) {
     loop {
         let (stream, remote) = match listener.accept().await {
-            Ok(x) => x,
+            // A dual-stack listener reports IPv4 peers as mapped IPv6: one
+            // peer, one address (gossip, dials, UDP), whichever socket saw it.
+            Ok((s, r)) => (s, meshnet_router::dataplane::canonical(r)),
             Err(e) => {
                 log::warn!("accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -243,7 +250,7 @@ pub async fn accept_loop(mesh: Arc<Mesh>, local: Arc<Local>, listener: TcpListen
         let half_open = HalfOpen { mesh: mesh.clone(), ticket: Some(ticket), outcome: Outcome::Failed };
         let (mesh, local) = (mesh.clone(), local.clone());
         tokio::spawn(async move {
-            if let Err(e) = run_connection(mesh, local, stream, remote, Direction::Inbound, None, Some(half_open)).await {
+            if let Err(e) = run_connection(mesh, local, stream, remote, Direction::Inbound, None, Some(half_open), None).await {
                 log::info!("connection from {remote} refused: {e}");
             }
         });
@@ -304,6 +311,14 @@ async fn dial(mesh: Arc<Mesh>, local: Arc<Local>, d: Dial) {
             return;
         }
     };
+    if !mesh.settings.reaches(&addr) {
+        // TCP would connect, but our UDP socket cannot send to this family:
+        // the connection would stay pending for ever. Say so instead.
+        let why = format!("cannot reach {addr}: --host {} listens on {} only (use --host ::)", mesh.settings.host,
+            if mesh.settings.host.is_ipv4() { "IPv4" } else { "IPv6" });
+        mesh.dial_failed(d.id, Failure::Connect(why));
+        return;
+    }
     let stream = match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -315,7 +330,7 @@ async fn dial(mesh: Arc<Mesh>, local: Arc<Local>, d: Dial) {
             return;
         }
     };
-    match run_connection(mesh.clone(), local, stream, addr, Direction::Outbound, Some(d.id), None).await {
+    match run_connection(mesh.clone(), local, stream, addr, Direction::Outbound, Some(d.id), None, None).await {
         Err(why @ CloseReason::ConnLimit(_)) => mesh.dial_failed(d.id, Failure::ConnLimit(why.to_string())),
         Err(e) if !e.is_duplicate() => log::warn!("connection to {key} failed: {e}"),
         _ => {}
@@ -333,6 +348,40 @@ async fn resolve(key: &str) -> Result<SocketAddr, String> {
     }
 }
 
+/// What a spliced connection (see `crate::splice`) knows beforehand.
+pub struct Spliced {
+    /// The neighbour carrying it.
+    pub via: meshnet_proto::PeerName,
+    /// The peer it must reach.
+    pub peer: meshnet_proto::PeerName,
+}
+
+/// Runs a spliced connection to `peer` through `via` over `stream` (one end of
+/// a loopback pair); `observed` is the peer's UDP address as `via` sees it.
+/// Returns how long it was established.
+pub async fn run_spliced(
+    mesh: Arc<Mesh>,
+    local: Arc<Local>,
+    stream: TcpStream,
+    observed: SocketAddr,
+    opener: bool,
+    via: meshnet_proto::PeerName,
+    peer: meshnet_proto::PeerName,
+) -> Duration {
+    let t = std::time::Instant::now();
+    let direction = if opener { Direction::Outbound } else { Direction::Inbound };
+    match run_connection(mesh, local, stream, observed, direction, None, None, Some(Spliced { via, peer })).await {
+        Ok(why) => {
+            log::info!("spliced connection to {peer} through {via} closed: {why}");
+            t.elapsed()
+        }
+        Err(why) => {
+            log::info!("spliced connection to {peer} through {via} failed: {why}");
+            Duration::ZERO
+        }
+    }
+}
+
 /// Runs one connection to its end. Err = it never got established (the reason);
 /// Ok = it was established and later closed (the reason). `half_open`: an
 /// accepted connection's slot, given back as soon as the handshake ends.
@@ -344,6 +393,7 @@ async fn run_connection(
     direction: Direction,
     dial: Option<DialId>,
     mut half_open: Option<HalfOpen>,
+    spliced: Option<Spliced>,
 ) -> Result<CloseReason, CloseReason> {
     // Shutdown waits until this task ends.
     let _alive = mesh.conn_alive();
@@ -357,6 +407,9 @@ async fn run_connection(
     };
     if let Some(dial) = dial {
         mesh.dial_registered(dial, id);
+    }
+    if let Some(sp) = &spliced {
+        mesh.set_spliced(id, sp.via);
     }
     let hello = Hello {
         name: mesh.settings.me,
@@ -374,6 +427,7 @@ async fn run_connection(
             | meshnet_proto::handshake::CAP_DNS
             | CAP_TRUSTED
             | meshnet_proto::handshake::CAP_MULTIQUEUE
+            | meshnet_proto::handshake::CAP_SPLICE
             | mesh.need_capabilities(),
         binding: mesh.settings.binding.clone(),
     };
@@ -420,10 +474,18 @@ async fn run_connection(
     let clock = Instant::now();
     let rekey_cfg = RekeyConfig { interval_ms: mesh.settings.rekey_interval.as_millis() as u64 };
     let mut rekeyer = Rekeyer::new(role, rekey_cfg, &data_keys, recv_index, hello.receiver_index, 0);
+    if let Some(sp) = spliced.as_ref().filter(|sp| sp.peer != hello.name) {
+        // The splice was for another peer: whoever answered is not who we meant.
+        let why = CloseReason::Establish(format!("spliced connection meant for {} reached {}", sp.peer, hello.name));
+        mesh.unregister(id, &why);
+        return Err(why);
+    }
     let listen = SocketAddr::new(remote.ip(), hello.tcp_port);
     let link = PeerLink {
         peer: hello.name,
-        addr: SocketAddr::new(remote.ip(), hello.udp_port),
+        // Spliced: where the relay sees the peer's heartbeats come from (its
+        // NAT's mapping), port included; believed once heartbeats answer.
+        addr: if spliced.is_some() { remote } else { SocketAddr::new(remote.ip(), hello.udp_port) },
         send_index: hello.receiver_index,
         send_key: data_keys.send,
         recv_index,
@@ -458,7 +520,11 @@ async fn run_connection(
     drop(data_keys);
     // Trusted subnets: what the peer may believe about us, sent once; ours is
     // checked against the signing key its handshake proved.
-    let local_ip = stream.local_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    // A spliced connection's socket is loopback: no address to trust.
+    let local_ip = match spliced {
+        Some(_) => std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        None => stream.local_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
+    };
     mesh.trusted.connected(id, hello.name, local_ip, remote.ip(), hello.binding.keys.signing_key);
     if hello.capabilities & CAP_TRUSTED != 0 {
         let _ = queue.send(ControlMsg::Trusted(mesh.trusted.record()));
@@ -807,6 +873,7 @@ fn drain(
             Ok(Some(ControlMsg::GossipDigest(d))) => mesh.on_gossip_digest(id, d),
             Ok(Some(ControlMsg::GossipSummary(s))) => mesh.on_gossip_summary(id, &s),
             Ok(Some(ControlMsg::Dns(m))) => crate::dns::on_message(mesh, id, m, mesh.now_ms()),
+            Ok(Some(ControlMsg::Splice(m))) => crate::splice::on_message(mesh, peer, m),
             Ok(Some(ControlMsg::Trusted(rec))) => match mesh.trusted.on_record(id, &rec) {
                 Ok(()) => log::info!(
                     "{peer} trusts {}; data to it: {}",

@@ -91,6 +91,71 @@ impl Default for DockerPlugin {
 }
 
 /// Name of the TAP for a bridge (at most 15 bytes).
+/// A socket of `ty` (`SOCK_DGRAM` or `SOCK_STREAM`, then listening) bound to
+/// `addr`. `::` is dual-stack whatever `net.ipv6.bindv6only` says: IPv4 peers
+/// arrive as mapped addresses (made canonical where they are read), and IPv4
+/// destinations are mapped by the sender.
+fn bind_listen(addr: SocketAddr, ty: libc::c_int) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd, AsRawFd};
+    let family = if addr.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let set = |level: libc::c_int, name: libc::c_int, v: libc::c_int| -> std::io::Result<()> {
+        // SAFETY: a c_int option value of the right size on our descriptor.
+        let r = unsafe {
+            libc::setsockopt(fd.as_raw_fd(), level, name, &v as *const libc::c_int as *const libc::c_void, size_of::<libc::c_int>() as libc::socklen_t)
+        };
+        if r < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    };
+    if addr.is_ipv6() {
+        set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, i32::from(!addr.ip().is_unspecified()))?;
+    }
+    if ty == libc::SOCK_STREAM {
+        set(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    }
+    // SAFETY: all-zero is a valid sockaddr_storage; we fill the family's part.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    // SAFETY: ss holds a valid address of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), &ss as *const _ as *const libc::sockaddr, len as libc::socklen_t) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: listen(2) on our bound stream socket.
+    if ty == libc::SOCK_STREAM && unsafe { libc::listen(fd.as_raw_fd(), 1024) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
 pub fn tap_name(bridge: &str) -> String {
     let stem: String = bridge.chars().take(11).collect();
     format!("{stem}-tap")
@@ -141,11 +206,17 @@ pub fn run(cfg: Config) -> Result<()> {
     if threads > 1 && cfg.datapath == Datapath::Pcap {
         anyhow::bail!("--datapath-threads {threads} needs --datapath tap (a capture device has one queue)");
     }
-    let mut udps = meshnet_router::udp::bind_queues(SocketAddr::new(cfg.host, cfg.port), threads)
-        .with_context(|| format!("bind UDP {}:{}", cfg.host, cfg.port))?;
+    let listen = SocketAddr::new(cfg.host, cfg.port);
+    let mut udps = if threads > 1 {
+        meshnet_router::udp::bind_queues(listen, threads).with_context(|| format!("bind UDP {listen}"))?
+    } else {
+        vec![std::net::UdpSocket::from(bind_listen(listen, libc::SOCK_DGRAM).with_context(|| format!("bind UDP {listen}"))?)]
+    };
     let udp = udps.remove(0);
-    let std_tcp = std::net::TcpListener::bind(SocketAddr::new(cfg.host, cfg.port))
-        .with_context(|| format!("bind TCP {}:{}", cfg.host, cfg.port))?;
+    let std_tcp = std::net::TcpListener::from(bind_listen(listen, libc::SOCK_STREAM).with_context(|| format!("bind TCP {listen}"))?);
+    if cfg.host.is_ipv6() && cfg.host.is_unspecified() {
+        log::info!("listening on {listen}: IPv6 and IPv4 (dual-stack)");
+    }
     std_tcp.set_nonblocking(true)?;
     let metrics_listener = match cfg.metrics_addr {
         Some(a) => {
@@ -291,6 +362,7 @@ pub fn run(cfg: Config) -> Result<()> {
         rekey_interval: cfg.rekey_interval,
         signer,
         binding,
+        host: cfg.host,
     };
     let dns = Arc::new(crate::dns::Dns::open(&cfg.state, cfg.dns.clone(), me, settings.signer.clone())?);
     let local = Arc::new(Local { identity, psk, udp_port, capabilities });
@@ -332,6 +404,7 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(conn::accept_loop(mesh.clone(), local.clone(), listener));
         tasks.spawn(conn::maker_loop(mesh.clone(), local.clone()));
         tasks.spawn(mesh::route_loop(mesh.clone()));
+        tasks.spawn(crate::splice::open_loop(mesh.clone(), local.clone()));
         tasks.spawn(api_loop(ctx.clone(), api_listener));
         tasks.spawn(keys_saver(mesh.clone()));
         tasks.spawn(crate::heap::trim_loop());

@@ -32,5 +32,6 @@ pub mod nft;
 pub mod peeraddr;
 pub mod plugin;
 pub mod report;
+pub mod splice;
 pub mod state;
 pub mod trusted;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use meshnet_proto::dialer::{self, Dial, DialId, Dialer, End, Failure, Keep};
 use meshnet_proto::gossip::{self, Digest, EntryVersion, Gossip};
-use meshnet_proto::handshake::{verify_peer, Hello, CAP_GOSSIP_DIGEST};
+use meshnet_proto::handshake::{verify_peer, Hello, CAP_GOSSIP_DIGEST, CAP_SPLICE};
 use meshnet_proto::slots::{self, Admit, Held, Need};
 use meshnet_proto::topology::{ConnInfo, PeerInfo, SignedPeerInfo, Topology};
 use meshnet_proto::trust::{Admission, Binding, KeyBook, PeerKeys, Signer};
@@ -77,6 +77,8 @@ pub struct Conn {
     pub since: Instant,
     /// The peer's Hello's `CAP_*` bits (0 until established).
     pub capabilities: u32,
+    /// A spliced connection (see `crate::splice`): carried through this peer.
+    pub spliced_via: Option<PeerName>,
 }
 
 pub struct Inner {
@@ -184,6 +186,22 @@ pub struct Settings {
     pub signer: Arc<Signer>,
     /// Our name bound to our keys, sent in every Hello and gossiped with our entry.
     pub binding: Binding,
+    /// `--host`: which address families our UDP socket reaches.
+    pub host: std::net::IpAddr,
+}
+
+impl Settings {
+    /// Our sockets can carry UDP to `addr`: an IPv4 `--host` reaches IPv4
+    /// only, an IPv6 one IPv6 only, `::` both. Discovery dials nothing else
+    /// (a peer with no family in common is reached by relay).
+    pub fn reaches(&self, addr: &std::net::SocketAddr) -> bool {
+        let v6 = addr.ip().to_canonical().is_ipv6();
+        match self.host {
+            std::net::IpAddr::V4(_) => !v6,
+            std::net::IpAddr::V6(h) if h.is_unspecified() => true,
+            std::net::IpAddr::V6(_) => v6,
+        }
+    }
 }
 
 pub struct Mesh {
@@ -215,6 +233,8 @@ pub struct Mesh {
     pub conn_counters: Arc<ConnCounters>,
     /// The clock of the admission gate and the dialer.
     epoch: Instant,
+    /// Connections carried through a neighbour, for peers behind NAT (see `crate::splice`).
+    pub splices: crate::splice::Splices,
 }
 
 /// Why [`Mesh::establish`] would not take a connection.
@@ -319,7 +339,89 @@ impl Mesh {
             admission: Mutex::new(Gate::new(AdmissionConfig::default())),
             conn_counters: Arc::new(ConnCounters::default()),
             epoch: Instant::now(),
+            splices: crate::splice::Splices::default(),
         })
+    }
+
+    /// The queue of our established connection to `peer`, if it carries splices.
+    pub fn splice_queue(&self, peer: PeerName) -> Option<Arc<Outbox>> {
+        let g = self.lock();
+        g.conns
+            .values()
+            .find(|c| c.established && c.peer == Some(peer) && c.capabilities & CAP_SPLICE != 0)
+            .map(|c| c.queue.clone())
+    }
+
+    /// Where our link to `peer` sends: the address its authenticated
+    /// heartbeats come from (None before one arrived).
+    pub fn udp_addr_of(&self, peer: PeerName) -> Option<SocketAddr> {
+        let l = self.dataplane.links().remove(&peer)?;
+        l.heard_ms_ago.map(|_| l.addr)
+    }
+
+    /// We have a connection (in any state past the handshake) to `peer`.
+    pub fn connected_to(&self, peer: PeerName) -> bool {
+        self.lock().conns.values().any(|c| c.peer == Some(peer))
+    }
+
+    /// Mark connection `id` as spliced through `via`.
+    pub fn set_spliced(&self, id: u64, via: PeerName) {
+        if let Some(c) = self.lock().conns.get_mut(&id) {
+            c.spliced_via = Some(via);
+        }
+    }
+
+    /// For `crate::splice::open_loop`, with discovery on: the peers we reach
+    /// but have no connection to, and of those the ones this router opens a
+    /// splice to: its name is the smaller, discovery dialled every address
+    /// gossiped for the peer (of a family we reach) and failed, a
+    /// `--conn-limit` slot is free (a partial mesh leaves peers unconnected
+    /// on purpose), and a neighbour carries splices, has working UDP and
+    /// lists the peer as an established connection of its own.
+    pub fn splice_candidates(&self) -> (HashSet<PeerName>, Vec<(PeerName, PeerName)>) {
+        let g = self.lock();
+        let me = self.settings.me;
+        let mut unconnected = HashSet::new();
+        let mut out = Vec::new();
+        if !self.settings.discovery {
+            return (unconnected, out);
+        }
+        let full = slots_used(&g) >= self.settings.conn_limit;
+        // A peer with no address of a family we reach is never spliced: its
+        // heartbeats could not reach us either.
+        let dials_failed = |peer: PeerName| {
+            let mut addrs = g
+                .topology
+                .peers()
+                .flat_map(|p| p.connections.iter())
+                .filter(|c| c.peer == peer && c.addr.port() != 0 && !c.addr.ip().is_unspecified() && self.settings.reaches(&c.addr))
+                .peekable();
+            addrs.peek().is_some()
+                && addrs.all(|c| g.dialer.get(&c.addr.to_string()).is_some_and(|e| e.failures > 0 && !e.state.in_progress()))
+        };
+        let connected: HashSet<PeerName> = g.conns.values().filter_map(|c| c.peer).collect();
+        let relays: Vec<PeerName> = g
+            .conns
+            .values()
+            .filter(|c| c.established && c.udp_ok && c.capabilities & CAP_SPLICE != 0 && c.spliced_via.is_none())
+            .filter_map(|c| c.peer)
+            .collect();
+        for p in g.topology.peers() {
+            if p.name == me || connected.contains(&p.name) || !g.next_hop.contains_key(&p.name) {
+                continue;
+            }
+            unconnected.insert(p.name);
+            if me >= p.name || full || !dials_failed(p.name) {
+                continue;
+            }
+            let via = relays.iter().copied().find(|r| {
+                g.topology.get(*r).is_some_and(|info| info.connections.iter().any(|c| c.peer == p.name && c.established))
+            });
+            if let Some(via) = via {
+                out.push((p.name, via));
+            }
+        }
+        (unconnected, out)
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -437,6 +539,7 @@ impl Mesh {
                 queue,
                 since: Instant::now(),
                 capabilities: 0,
+                spliced_via: None,
             },
         );
         Some(id)
@@ -1206,6 +1309,7 @@ impl Mesh {
 
     /// Counters for `status --json` (`control`).
     pub fn control_stats(&self) -> serde_json::Value {
+        let splice = self.splices.stats();
         let g = self.lock();
         serde_json::json!({
             "route_recomputes": g.route_runs,
@@ -1217,6 +1321,7 @@ impl Mesh {
             "gossip_summaries_sent": g.gossip.stats.summaries_sent,
             "gossip_summaries_answered": g.gossip.stats.summaries_answered,
             "gossip_summaries_limited": g.gossip.stats.limited,
+            "splice": splice,
         })
     }
 
@@ -1268,6 +1373,16 @@ impl Mesh {
                         Some(h) => format!("relayed via {h}({})", nick(h)),
                         None => route.to_string(),
                     });
+                    if let Some(v) = c.spliced_via {
+                        info.push(format!("spliced through {v}({}): no TCP path either way (NAT)", nick(v)));
+                        if !c.udp_ok && c.since.elapsed() >= Duration::from_secs(10) {
+                            let to = link.map(|l| l.addr.to_string()).unwrap_or_default();
+                            info.push(match link.and_then(|l| l.heard_ms_ago) {
+                                None => format!("no direct path: hole punching failed (no UDP heartbeat from {to}, where {v} sees it; a NAT that maps each destination to another port?)"),
+                                Some(_) => format!("no direct path: hole punching works one way only (to {to})"),
+                            });
+                        }
+                    }
                     if !c.udp_ok {
                         info.push(match link.and_then(|l| l.heard_ms_ago) {
                             None => "no UDP heartbeat from it yet".into(),
@@ -1391,6 +1506,8 @@ impl Mesh {
             let connected: HashSet<PeerName> = g.conns.values().filter_map(|c| c.peer).collect();
             let mut list = slots::discovery_addresses(&g.topology, &connected, established(g), self.settings.conn_limit);
             list.extend(g.hints.iter().cloned());
+            // Addresses of a family our sockets cannot reach are never dialled.
+            list.retain(|a| a.parse::<std::net::SocketAddr>().map_or(true, |a| self.settings.reaches(&a)));
             g.dialer.set_candidates(list);
             g.discovery_stale = false;
             g.discovery_at = Some(Instant::now());

@@ -60,6 +60,11 @@ pub const CAP_TRUSTED: u32 = 32;
 /// [`crate::wire::datagram`]); peers without it get queue 0 only, and a
 /// multi-queue router's queues share one counter space for them.
 pub const CAP_MULTIQUEUE: u32 = 64;
+/// Capability bit: the peer relays and ends splices (`ControlMsg::Splice`, see
+/// [`crate::wire::control::SpliceMsg`]): control connections between two of
+/// its neighbours that cannot dial each other (NAT). Peers without it are
+/// never sent one.
+pub const CAP_SPLICE: u32 = 1 << 12;
 /// What the responder tells an initiator whose password differs.
 pub const REFUSAL_WRONG_PASSWORD: &str = "authentication failed: passwords differ";
 /// PBKDF2 iterations for [`derive_psk`].

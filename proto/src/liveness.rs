@@ -21,7 +21,9 @@
 //!   [`LADDER`]'s smallest.
 //!
 //! The peer's `heard` is then the largest datagram that crossed the path, and
-//! that is the most we send it. A path that shrinks is noticed when the window
+//! that is the most we send it. On an IPv6 path the ladder stops at
+//! [`IPV6_FLOOR`] (1280-byte packets, the IPv6 minimum): see
+//! [`Liveness::for_family`]. A path that shrinks is noticed when the window
 //! that saw the bigger size has passed (at most 2 × [`WINDOW_MS`]); one that
 //! grows, at the next whole ladder.
 
@@ -58,11 +60,17 @@ pub const BEAT: u16 = 0;
 /// IPv4 and IPv6 on a 1500-byte link, common tunnel and PPPoE sizes, down to
 /// what every IPv4 path carries.
 pub const LADDER: [u16; 13] = [1472, 1452, 1400, 1350, 1280, 1200, 1100, 1000, 900, 800, 700, 576, 512];
+/// The smallest size probed on an IPv6 path: every IPv6 link carries 1280-byte
+/// packets (RFC 8200), i.e. 1280 − 40 (IPv6) − 8 (UDP) bytes of UDP payload.
+/// Below it an IPv6 path is broken, not small, and probing smaller only costs.
+pub const IPV6_FLOOR: u16 = 1280 - 48;
 
 /// One connection's heartbeat and path-MTU state.
 #[derive(Debug, Clone)]
 pub struct Liveness {
     max: u16,
+    /// The smallest probe size: [`LADDER`]'s last on IPv4, [`IPV6_FLOOR`] on IPv6.
+    min: u16,
     last_heard: Option<u64>,
     /// What the peer last reported hearing from us.
     peer_heard: u16,
@@ -85,6 +93,7 @@ impl Liveness {
     pub fn new(max_datagram: usize, now: u64) -> Self {
         Liveness {
             max: max_datagram.clamp(LADDER[LADDER.len() - 1] as usize, u16::MAX as usize) as u16,
+            min: LADDER[LADDER.len() - 1],
             last_heard: None,
             peer_heard: 0,
             cur: 0,
@@ -95,6 +104,25 @@ impl Liveness {
             reprobe: 0,
             seq: 0,
         }
+    }
+
+    /// As [`new`](Self::new), for a path of the given family: on IPv6 the
+    /// ladder stops at [`IPV6_FLOOR`] (1280 bytes of IPv6).
+    pub fn for_family(max_datagram: usize, ipv6: bool, now: u64) -> Self {
+        let mut l = Liveness::new(max_datagram, now);
+        l.set_family(ipv6);
+        l
+    }
+
+    /// The path's address family changed (the peer now sends from an address
+    /// of the other family): the ladder's bounds follow it.
+    pub fn set_family(&mut self, ipv6: bool) {
+        self.min = if ipv6 { IPV6_FLOOR.min(self.max) } else { LADDER[LADDER.len() - 1] };
+    }
+
+    /// The smallest size this connection probes.
+    pub fn floor(&self) -> u16 {
+        self.min
     }
 
     fn roll(&mut self, now: u64) {
@@ -169,10 +197,13 @@ impl Liveness {
         if !ok || self.reprobe > 0 || self.seq.is_multiple_of(FULL_LADDER_EVERY) {
             self.reprobe = self.reprobe.saturating_sub(1);
             sizes.push(self.max);
-            sizes.extend(LADDER.iter().copied().filter(|&s| s < self.max));
+            sizes.extend(LADDER.iter().copied().filter(|&s| s < self.max && s > self.min));
+            if self.min < self.max {
+                sizes.push(self.min);
+            }
         } else if self.seq.is_multiple_of(CONFIRM_EVERY) {
             sizes.push(self.peer_heard);
-            let smallest = LADDER[LADDER.len() - 1];
+            let smallest = self.min;
             if self.peer_heard > smallest {
                 sizes.push(smallest);
             }
@@ -380,6 +411,41 @@ mod tests {
         }
         l.run(REPROBE_LADDERS as u64 * SLOW_MS + 100, 900, 900);
         assert_eq!(l.a.path_mtu(l.now), Some(900), "{} ms after the lossy ladder", l.now - lost_at.unwrap_or(0));
+    }
+
+    #[test]
+    fn an_ipv6_ladder_stops_at_1280_bytes_of_ip() {
+        let mut l = Liveness::for_family(1452, true, 0);
+        let mut sizes = Vec::new();
+        assert!(l.poll(0, &mut sizes).is_some());
+        assert_eq!(sizes.first(), Some(&1452));
+        assert_eq!(sizes.last(), Some(&IPV6_FLOOR), "{sizes:?}");
+        assert!(sizes.iter().all(|&s| s >= IPV6_FLOOR), "nothing below 1280 bytes of IPv6: {sizes:?}");
+        assert!(sizes.windows(2).all(|w| w[0] > w[1]), "largest first, once each: {sizes:?}");
+        // Once up, the confirmation carries the floor, not 512.
+        let mut a = Link { a: Liveness::for_family(1452, true, 0), b: Liveness::for_family(1452, true, 0), now: 0, sizes: Vec::new() };
+        a.run(2 * FAST_MS + 20, 1300, 1300);
+        assert_eq!(a.a.path_mtu(a.now), Some(1280), "the largest step of the ladder that fits 1300");
+        let mut confirms = Vec::new();
+        let mut t = a.now;
+        for _ in 0..2 * CONFIRM_EVERY {
+            a.a.on_heartbeat(t, Heartbeat { heard: 1280, seq: 1 }, 1280);
+            if a.a.poll(t, &mut sizes).is_some() && sizes.len() == 2 {
+                confirms.push(sizes.clone());
+            }
+            t += SLOW_MS;
+        }
+        assert!(!confirms.is_empty() && confirms.iter().all(|c| *c == [1280, IPV6_FLOOR]), "{confirms:?}");
+        // A path that carries less than 1280 bytes of IPv6 never works.
+        let mut broken = Link { a: Liveness::for_family(1452, true, 0), b: Liveness::for_family(1452, true, 0), now: 0, sizes: Vec::new() };
+        broken.run(5000, 1200, 1200);
+        assert!(!broken.a.udp_ok(broken.now), "beats cross, no probe does");
+        // The family may change under a connection (a dual-stack peer).
+        let mut v = Liveness::for_family(1472, true, 0);
+        v.set_family(false);
+        assert_eq!(v.floor(), 512);
+        v.set_family(true);
+        assert_eq!(v.floor(), IPV6_FLOOR);
     }
 
     #[test]

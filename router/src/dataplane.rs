@@ -159,6 +159,18 @@ struct Link {
 
 type Links = Arc<Mutex<HashMap<PeerName, Link>>>;
 
+/// `addr` with an IPv4-mapped IPv6 address (what a dual-stack socket reports
+/// for an IPv4 sender) as the IPv4 address it maps: one peer, one address,
+/// whichever socket saw it.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// The path to `addr` is IPv6 (not IPv4, mapped or not).
+fn is_ipv6(addr: SocketAddr) -> bool {
+    canonical(addr).is_ipv6()
+}
+
 fn lock(links: &Links) -> MutexGuard<'_, HashMap<PeerName, Link>> {
     links.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -415,7 +427,8 @@ impl DataPlane {
         debug_assert_eq!(link.recv_index & RELAY_INDEX_BIT, 0);
         let now = self.clock.elapsed().as_millis() as u64;
         let sealed = vec![(0, 0); 2 * self.queues()];
-        let link_state = Link { liveness: Liveness::new(self.max_datagram, now), addr: link.addr, sealed };
+        let liveness = Liveness::for_family(self.max_datagram, is_ipv6(link.addr), now);
+        let link_state = Link { liveness, addr: link.addr, sealed };
         lock(&self.links).insert(link.peer, link_state);
         for q in 0..self.queues() {
             let traffic = self.traffic.of(link.peer, q);
@@ -788,7 +801,7 @@ impl RxLoop {
                         }
                     }
                     // Errors are counted by the plane.
-                    let _ = self.plane.receive(now, dgram, meta.addr, &mut out);
+                    let _ = self.plane.receive(now, dgram, canonical(meta.addr), &mut out);
                     self.perform(&mut out, dgram, now);
                 }
             }
@@ -812,6 +825,9 @@ impl RxLoop {
             l.liveness.on_heartbeat(now, h.heartbeat, h.len);
             if l.addr != h.from {
                 log::info!("peer {} now sends from {} (was {}); sending there", h.peer, h.from, l.addr);
+                if is_ipv6(l.addr) != is_ipv6(h.from) {
+                    l.liveness.set_family(is_ipv6(h.from));
+                }
                 l.addr = h.from;
             }
         }

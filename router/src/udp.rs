@@ -201,6 +201,18 @@ fn reuseport_socket(addr: SocketAddr) -> io::Result<UdpSocket> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    if addr.is_ipv6() {
+        // As the single socket: `::` takes IPv4 too (dual-stack), an IPv6
+        // address only IPv6, whatever net.ipv6.bindv6only says.
+        let v6only = libc::c_int::from(!addr.ip().is_unspecified());
+        // SAFETY: an int option on our socket.
+        let rc = unsafe {
+            libc::setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, &v6only as *const _ as *const libc::c_void, size_of::<libc::c_int>() as libc::socklen_t)
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     let (ss, len) = sockaddr(addr, addr.is_ipv6()).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "address family"))?;
     // SAFETY: ss holds a valid address of length len.
     if unsafe { libc::bind(fd, &ss as *const _ as *const libc::sockaddr, len) } != 0 {

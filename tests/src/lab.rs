@@ -702,6 +702,49 @@ impl Lab {
         host
     }
 
+    /// A host behind its own NAT: namespace `<prefix>n<i>` is a router on the
+    /// underlay (`10.250.<k>.<i>`, a switch port like a host's) that
+    /// forwards for namespace `<prefix>h<i>` (`192.168.<i>.2/24` on its
+    /// `eth0`, default route through `192.168.<i>.1`) and rewrites what
+    /// leaves with `nat` (e.g. `["-j", "MASQUERADE"]`, appended to an
+    /// iptables POSTROUTING rule for the underlay interface). Nothing on the
+    /// underlay can open a connection to the host. Returns (the host, the
+    /// NAT box as a `Host` whose router is never launched).
+    #[track_caller]
+    pub fn add_host_behind_nat(&self, i: u8, nat: &[&str]) -> (Host, Host) {
+        let natbox = self.add_host(i);
+        self.hosts.borrow_mut().retain(|h| h.ns != natbox.ns);
+        let n_ns = format!("{}n{i}", self.prefix);
+        ip_ok(&["-n", &natbox.ns, "link", "set", "dev", UNDERLAY_IF, "down"]);
+        // The NAT box keeps the underlay address under its own name: rename the namespace.
+        ip_ok(&["netns", "add", &n_ns]);
+        self.record_ns(&n_ns);
+        ip_ok(&["-n", &n_ns, "link", "set", "lo", "up"]);
+        ip_ok(&["-n", &natbox.ns, "link", "set", UNDERLAY_IF, "netns", &n_ns]);
+        ip_ok(&["-n", &n_ns, "addr", "add", &format!("{}/24", natbox.ip), "dev", UNDERLAY_IF]);
+        ip_ok(&["-n", &n_ns, "link", "set", UNDERLAY_IF, "up"]);
+        ip_ok(&["-n", &n_ns, "link", "add", "lan", "type", "veth", "peer", "name", UNDERLAY_IF, "netns", &natbox.ns]);
+        ip_ok(&["-n", &n_ns, "addr", "add", &format!("192.168.{i}.1/24"), "dev", "lan"]);
+        ip_ok(&["-n", &n_ns, "link", "set", "lan", "up"]);
+        ip_ok(&["-n", &natbox.ns, "addr", "add", &format!("192.168.{i}.2/24"), "dev", UNDERLAY_IF]);
+        ip_ok(&["-n", &natbox.ns, "link", "set", UNDERLAY_IF, "up"]);
+        ip_ok(&["-n", &natbox.ns, "route", "add", "default", "via", &format!("192.168.{i}.1")]);
+        exec_in(&n_ns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]).expect_ok("ip_forward");
+        let mut rule = vec!["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", UNDERLAY_IF];
+        rule.extend_from_slice(nat);
+        exec_in(&n_ns, &rule).expect_ok("NAT rule");
+        // As a home router: nothing unsolicited from the underlay reaches the
+        // box itself. (Without this, Linux conntrack records a peer's first
+        // datagram to the box as a flow of the box's own, and the host's
+        // later outbound mapping for that peer moves to another port.)
+        exec_in(&n_ns, &["iptables", "-A", "INPUT", "-i", UNDERLAY_IF, "-m", "conntrack", "--ctstate", "NEW,INVALID", "-j", "DROP"])
+            .expect_ok("inbound drop rule");
+        let host = Host { i, ns: natbox.ns.clone(), ip: format!("192.168.{i}.2"), state_dir: natbox.state_dir.clone(), bin: self.bin.clone() };
+        self.hosts.borrow_mut().push(host.clone());
+        let boxed = Host { i, ns: n_ns, ip: natbox.ip.clone(), state_dir: self.dir.join(format!("n{i}")), bin: self.bin.clone() };
+        (host, boxed)
+    }
+
     /// Namespace `<prefix>c<j>`, meant to be attached on `host`.
     #[track_caller]
     pub fn add_container(&self, host: &Host, j: u8) -> Container {
