@@ -174,6 +174,7 @@ fn forged_origins_here() {
         recv_index: RECV_INDEX,
         recv_key: RECV_KEY,
         superframes: true,
+        multiqueue: true,
     });
     // Every peer's frames go out through P (so a MAC learned behind any of
     // them would show as a datagram to P), but only P is one hop closer to
