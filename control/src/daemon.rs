@@ -1581,6 +1581,12 @@ fn ipam_status_json(mesh: &Mesh) -> serde_json::Value {
 fn release_new(mesh: &Mesh, key: &str, held_before: &[IpAddr]) {
     mesh.with_ipams(|h4, h6| {
         for h in std::iter::once(h4).chain(h6) {
+            let universe = h.ipam.universe();
+            if !held_before.iter().any(|ip| universe.contains(*ip)) {
+                // Held nothing of this ring before: free all, and cancel what waits.
+                h.ipam.free_target(key);
+                continue;
+            }
             for ip in h.ipam.addresses_of(key) {
                 if !held_before.contains(&ip) {
                     h.ipam.free(key, ip);

@@ -1218,6 +1218,9 @@ impl Mesh {
                 // Counted in `status ipam` (drops); logged at most once every 10 s.
                 if Self::host_of(&mut g, v6).log_drop_due() {
                     match e {
+                        meshnet_proto::ipam::IpamError::UnsupportedVersion(v) if v == meshnet_proto::ipam::wire::WIRE_VERSION_V6 => log::warn!(
+                            "IPAM message of an IPv6 ring from {from} dropped: this router was launched without an IPv6 --ipalloc-range"
+                        ),
                         meshnet_proto::ipam::IpamError::UnsupportedVersion(v) => log::warn!(
                             "IPAM message from {from} dropped: it speaks IPAM protocol version {v}, this router {} (upgrade both ends to the same release)",
                             meshnet_proto::ipam::wire::WIRE_VERSION

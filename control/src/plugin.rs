@@ -779,7 +779,7 @@ mod tests {
             let ip = match exact {
                 Some(ip) => ip,
                 None => (1..255u32)
-                    .map(|i| Ipv4Addr::from(u32::from(subnet.network_v4().unwrap()) + i + 1))
+                    .map(|i| Ipv4Addr::from(u32::from(subnet.network_v4().expect("IPv4")) + i + 1))
                     .find(|ip| !a.contains_key(ip))
                     .unwrap(),
             };
@@ -794,7 +794,7 @@ mod tests {
             assert_eq!(a.remove(&ip).as_deref(), Some(key));
         }
         fn gateway(&self, subnet: Cidr, exact: Option<Ipv4Addr>) -> Result<(Ipv4Addr, bool)> {
-            let ip = exact.unwrap_or(Ipv4Addr::from(u32::from(subnet.network_v4().unwrap()) + 1));
+            let ip = exact.unwrap_or(Ipv4Addr::from(u32::from(subnet.network_v4().expect("IPv4")) + 1));
             self.exposed.lock().unwrap().push(ip);
             Ok((ip, true))
         }

@@ -5,14 +5,16 @@
 //! well-formed Paxos message (prepare, accept request, decision) whose fields
 //! and signers come from the bytes (so it reaches the Paxos checks).
 //! Nothing may panic; a message refused with an error changes nothing; every
-//! message the peer sends decodes cleanly; the snapshot restores.
+//! message the peer sends decodes cleanly; the snapshot restores. Bit 6 of the
+//! first byte makes the peer an IPv6 ring (a /64: 128-bit arithmetic near
+//! nothing a small range would reach), whose messages carry its version byte.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use meshnet_proto::identity::Identity;
 use meshnet_proto::ipam::forge;
 use meshnet_proto::ipam::paxos::Ballot;
-use meshnet_proto::ipam::wire::{check_message, sign_raw};
+use meshnet_proto::ipam::wire::{check_message, sign_raw, WIRE_VERSION_V6};
 use meshnet_proto::ipam::{Cidr, Config, InitMode, Ipam, Request};
 use meshnet_proto::trust::{Binding, KeyBook, Signer};
 use meshnet_proto::PeerName;
@@ -26,7 +28,8 @@ fn id(n: u64) -> Identity {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let u: Cidr = "10.32.0.0/22".parse().unwrap();
+    let v6 = data.first().is_some_and(|b| b & 0x40 != 0);
+    let u: Cidr = if v6 { "fd32::/64" } else { "10.32.0.0/22" }.parse().unwrap();
     let seeds = vec![name(1), name(2)];
     let me = id(1);
     let init = if data.first().is_some_and(|b| b & 0x80 != 0) { InitMode::Consensus(3) } else { InitMode::Seed(seeds) };
@@ -44,12 +47,15 @@ fuzz_target!(|data: &[u8]| {
         let len = (u16::from_le_bytes([rest[1], rest[2]]) as usize).min(rest.len() - 3);
         let body = &rest[3..3 + len];
         rest = &rest[3 + len..];
-        let msg = match kind % 4 {
+        let mut msg = match kind % 4 {
             0 => body.to_vec(),
             1 => sign_raw(body, kind >> 2, vec![bnb.clone()], &snb),
             2 => sign_raw(body, kind >> 2, vec![bat.clone(), bnb.clone()], &sat),
             _ => paxos(u, body, (name(2), &snb), (name(9), &sat), vec![bat.clone(), bnb.clone()]),
         };
+        if v6 && kind % 4 != 0 && kind % 4 != 3 {
+            msg[0] = WIRE_VERSION_V6;
+        }
         let before = ipam.snapshot();
         now += 100;
         if ipam.handle_message(name(2), &msg, now, &mut keys).is_err() {
