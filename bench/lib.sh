@@ -145,7 +145,8 @@ setup_meshnet() { # [PATH [LAUNCH ARGS...]]: meshnet (default) or meshnet-truste
   underlay $p
   [ -n "${MESHNET_MTU:-}" ] && mtu=(--mtu "$MESHNET_MTU")
   # bench/run.sh --threads N: forwarding queues of both routers.
-  mtu+=(--datapath-threads "${MESHNET_THREADS:-1}")
+  # Only when asked: binaries from before the option (compared side by side) refuse it.
+  [ "${MESHNET_THREADS:-1}" != 1 ] && mtu+=(--datapath-threads "$MESHNET_THREADS")
   # Extra launch options (e.g. MESHNET_LAUNCH_ARGS="--rekey-interval 1"), word-split.
   [ -n "${MESHNET_LAUNCH_ARGS:-}" ] && read -r -a extra <<<"$MESHNET_LAUNCH_ARGS" && mtu+=("${extra[@]}")
   mtu+=("$@")
