@@ -118,33 +118,7 @@ fn bind_listen(addr: SocketAddr, ty: libc::c_int) -> std::io::Result<std::os::fd
     if ty == libc::SOCK_STREAM {
         set(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
     }
-    // SAFETY: all-zero is a valid sockaddr_storage; we fill the family's part.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in.
-            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr { s6_addr: a.ip().octets() },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for sockaddr_in6.
-            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
+    let (ss, len) = meshnet_router::udp::sockaddr(addr, addr.is_ipv6()).expect("a socket of the address's own family");
     // SAFETY: ss holds a valid address of `len` bytes.
     if unsafe { libc::bind(fd.as_raw_fd(), &ss as *const _ as *const libc::sockaddr, len as libc::socklen_t) } < 0 {
         return Err(std::io::Error::last_os_error());

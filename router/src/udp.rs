@@ -266,7 +266,7 @@ fn set_segment_size(m: &mut libc::msghdr, buf: &mut [u64; 4], seg: u16) {
 
 /// `dest` as a C socket address for a socket of the given family (an IPv4
 /// address is mapped for an IPv6 socket); None for IPv6 on an IPv4 socket.
-fn sockaddr(dest: SocketAddr, v6_socket: bool) -> Option<(libc::sockaddr_storage, libc::socklen_t)> {
+pub fn sockaddr(dest: SocketAddr, v6_socket: bool) -> Option<(libc::sockaddr_storage, libc::socklen_t)> {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
     let (ip6, scope) = match (dest, v6_socket) {
