@@ -418,6 +418,17 @@ fn chain_with_udp_block_relays_then_goes_direct() {
         "direct again after {:.1}s: {last}",
         t.elapsed().as_secs_f64()
     );
+    // h1 seeing the path direct is one router's view; h3 and h2 learn the
+    // h1–h3 link by gossip a moment later, and until then h3's broadcasts may
+    // still take the tree through h2. Wait until every router's topology lists
+    // all three links as established by both ends and routes every peer
+    // directly; from then on h2 must relay nothing.
+    let mut views = Vec::new();
+    let agreed = wait_until(SECS(30), || {
+        views = hosts.iter().map(|h| h.meshnet(&["report", "--json"]).expect_ok("report").json()).collect();
+        views.iter().all(all_direct)
+    });
+    assert!(agreed, "30 s after h1 went direct the routers' views still differ: {views:#?}");
     let before = counter(&h2, "relayed_units");
     let got = ping_received(&c1.ns, &overlay(3), 20);
     assert_eq!(got, 20, "c1 -> c3 direct: {got}/20 answered");
@@ -426,6 +437,21 @@ fn chain_with_udp_block_relays_then_goes_direct() {
         after, before,
         "h2 still relays c1 <-> c3 traffic after the path went direct"
     );
+}
+
+/// One router's `report --json` lists every peer's links as established by
+/// both ends (three peers, each with two) and routes every other peer directly.
+fn all_direct(report: &Value) -> bool {
+    let peers = report["peers"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let routes = report["routes"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    peers.len() == 3
+        && peers.iter().all(|p| {
+            p["connections"].as_array().is_some_and(|cs| {
+                cs.iter().filter(|c| c["established"] == true).count() == 2
+            })
+        })
+        && routes.len() == 2
+        && routes.iter().all(|r| r["route"] == "direct")
 }
 
 // ---------------------------------------------------------------------------
