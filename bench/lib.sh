@@ -144,9 +144,10 @@ setup_meshnet() { # [PATH [LAUNCH ARGS...]]: meshnet (default) or meshnet-truste
   shift
   underlay $p
   [ -n "${MESHNET_MTU:-}" ] && mtu=(--mtu "$MESHNET_MTU")
-  # bench/run.sh --threads N: forwarding queues of both routers.
-  # Only when asked: binaries from before the option (compared side by side) refuse it.
-  [ "${MESHNET_THREADS:-1}" != 1 ] && mtu+=(--datapath-threads "$MESHNET_THREADS")
+  # bench/run.sh --threads N: forwarding queues of both routers. Only when asked
+  # (otherwise the router's default, half the cores): binaries from before the
+  # option (compared side by side) refuse it.
+  [ -n "${MESHNET_THREADS:-}" ] && mtu+=(--datapath-threads "$MESHNET_THREADS")
   # Extra launch options (e.g. MESHNET_LAUNCH_ARGS="--rekey-interval 1"), word-split.
   [ -n "${MESHNET_LAUNCH_ARGS:-}" ] && read -r -a extra <<<"$MESHNET_LAUNCH_ARGS" && mtu+=("${extra[@]}")
   mtu+=("$@")

@@ -10,7 +10,8 @@
 #          (meshnet-trusted: both routers --trusted-subnets of the underlay, so data
 #          goes unencrypted through their kernel VXLAN devices)
 #          --no-wait (do not wait for a quiet machine)  --no-md (leave BENCHMARKS.md)
-#          --threads N (both meshnet routers launched with --datapath-threads N; default 1)
+#          --threads N (both meshnet routers launched with --datapath-threads N; default:
+#          the router's own default, half the cores, at least 1)
 # Env: MESHNET_BIN (use this binary, else build release into $CARGO_TARGET_DIR or
 #      /tmp/tgt-bench), MESHNET_MTU (default: meshnet's own default),
 #      MESHNET_LAUNCH_ARGS (more `meshnet launch` options, e.g. "--rekey-interval 1"),
@@ -34,14 +35,18 @@ while [ $# -gt 0 ]; do
     --no-wait) WAIT=0 ;;
     --no-md) WRITE_MD=0 ;;
     --threads) MESHNET_THREADS=$2; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
 done
-MESHNET_THREADS=${MESHNET_THREADS:-1}
-[[ $MESHNET_THREADS =~ ^[0-9]+$ ]] && [ "$MESHNET_THREADS" -ge 1 ] || die "--threads $MESHNET_THREADS: a number, at least 1"
-export MESHNET_THREADS
+if [ -n "${MESHNET_THREADS:-}" ]; then
+  [[ $MESHNET_THREADS =~ ^[0-9]+$ ]] && [ "$MESHNET_THREADS" -ge 1 ] || die "--threads $MESHNET_THREADS: a number, at least 1"
+  export MESHNET_THREADS
+  THREADS_USED=$MESHNET_THREADS
+else
+  THREADS_USED=$(( $(nproc) / 2 )); [ "$THREADS_USED" -ge 1 ] || THREADS_USED=1
+fi
 if [ $SMOKE = 1 ]; then ROUNDS=1 T=2 UDP_T=1 PINGS=20 WAIT=0 WRITE_MD=0; fi
 
 [ "$(id -u)" = 0 ] || die "needs root (network namespaces)"
@@ -171,7 +176,7 @@ done
   echo "\"start_load\": \"$START_LOAD\", \"end_load\": \"$END_LOAD\", \"nproc\": $(nproc), \"kernel\": \"$(uname -r)\","
   echo "\"cpu\": \"$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)\","
   echo "\"iperf3\": \"$(iperf3 --version | head -1)\", \"tinc\": \"$(tincd --version 2>/dev/null | head -1)\","
-  echo "\"meshnet_threads\": $MESHNET_THREADS,"
+  echo "\"meshnet_threads\": $THREADS_USED,"
   echo "\"meshnet_bin\": \"${MESHNET_BIN:-}\", \"meshnet_commit\": \"${MESHNET_COMMIT:-$(meshnet_commit)}\", \"meshnet_mtu\": \"$(overlay_mtu meshnet)\","
   echo "\"paths\": {"
   first=1

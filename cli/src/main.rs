@@ -238,10 +238,11 @@ struct LaunchArgs {
     #[arg(long, default_value = "tap", value_parser = ["tap", "pcap"])]
     datapath: String,
     /// Forwarding queues, each a TX and an RX thread with its own TAP queue and UDP socket
-    /// (1 to 64; 1: one pair, as before queues; more needs --datapath tap).
-    #[arg(long, default_value_t = 1)]
-    #[serde(default = "default_datapath_threads")]
-    datapath_threads: u32,
+    /// (1 to 64; more than 1 needs --datapath tap). Default: half the cores (a queue keeps two
+    /// threads busy), at least 1; 1 with --datapath pcap.
+    #[arg(long, value_name = "N")]
+    #[serde(default)]
+    datapath_threads: Option<u32>,
     /// Do not serve Docker's plugin API (the `meshnet` network and IPAM drivers).
     #[arg(long)]
     #[serde(default)]
@@ -303,11 +304,17 @@ fn default_metrics_addr() -> String {
     meshnet_control::metrics::DEFAULT_ADDR.to_string()
 }
 
-/// `--rekey-interval` of a launch recorded before the option existed.
-fn default_datapath_threads() -> u32 {
-    1
+/// The forwarding queues when `--datapath-threads` is not given: one per two
+/// cores (each queue is a TX and an RX thread), at least one, at most
+/// `max`; one for a capture device, which has a single queue.
+fn default_datapath_threads(cores: usize, datapath: Datapath, max: u32) -> u32 {
+    if datapath == Datapath::Pcap {
+        return 1;
+    }
+    ((cores / 2) as u32).clamp(1, max)
 }
 
+/// `--rekey-interval` of a launch recorded before the option existed.
 fn default_rekey_interval() -> u64 {
     120
 }
@@ -606,11 +613,18 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, peers.len())?;
     let datapath: Datapath = args.datapath.parse().map_err(|e| anyhow!("--datapath: {e}"))?;
     let max_threads = meshnet_proto::session::MAX_QUEUES as u32;
-    if !(1..=max_threads).contains(&args.datapath_threads) {
-        bail!("--datapath-threads {}: must be 1 to {max_threads}", args.datapath_threads);
+    let datapath_threads = match args.datapath_threads {
+        Some(n) => n,
+        None => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            default_datapath_threads(cores, datapath, max_threads)
+        }
+    };
+    if !(1..=max_threads).contains(&datapath_threads) {
+        bail!("--datapath-threads {datapath_threads}: must be 1 to {max_threads}");
     }
-    if args.datapath_threads > 1 && datapath == Datapath::Pcap {
-        bail!("--datapath-threads {}: more than one queue needs --datapath tap (a capture device has one queue)", args.datapath_threads);
+    if datapath_threads > 1 && datapath == Datapath::Pcap {
+        bail!("--datapath-threads {datapath_threads}: more than one queue needs --datapath tap (a capture device has one queue)");
     }
     let metrics_addr = meshnet_control::metrics::parse_addr(&args.metrics_addr).map_err(|e| anyhow!(e))?;
     let dns_domain = meshnet_proto::dns::normalize_domain(&args.dns_domain).map_err(|e| anyhow!("--dns-domain: {e}"))?;
@@ -660,7 +674,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             ipalloc_default_subnet6: ipam_args.default_subnet6,
             ipalloc_init,
             datapath,
-            datapath_threads: args.datapath_threads as usize,
+            datapath_threads: datapath_threads as usize,
             docker_plugin: daemon::DockerPlugin {
                 enabled: !args.no_docker_plugin,
                 dir: args.docker_plugin_dir.clone(),
@@ -693,7 +707,9 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     cmd.args(["--port", &args.port.to_string(), "--host", &args.host.to_string()]);
     cmd.args(["--mtu", &args.mtu.to_string(), "--bridge", &args.bridge]);
     cmd.args(["--conn-limit", &args.conn_limit.to_string(), "--datapath", datapath.as_str()]);
-    cmd.args(["--datapath-threads", &args.datapath_threads.to_string()]);
+    if let Some(n) = args.datapath_threads {
+        cmd.args(["--datapath-threads", &n.to_string()]);
+    }
     cmd.args(["--rekey-interval", &args.rekey_interval.to_string()]);
     cmd.arg(format!("--metrics-addr={}", args.metrics_addr));
     if let Some(l) = &args.log_level {
@@ -1082,6 +1098,14 @@ mod tests {
 
     fn v(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn datapath_threads_default_from_cores() {
+        let tap = |cores| default_datapath_threads(cores, Datapath::Tap, 64);
+        assert_eq!([tap(1), tap(2), tap(3), tap(4), tap(8), tap(16)], [1, 1, 1, 2, 4, 8]);
+        assert_eq!(tap(512), 64, "capped at the most queues a session has");
+        assert_eq!(default_datapath_threads(16, Datapath::Pcap, 64), 1, "a capture device has one queue");
     }
 
     #[test]
