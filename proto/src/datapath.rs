@@ -689,11 +689,38 @@ struct RxSession {
 struct BaseKey {
     peer: PeerName,
     key: [u8; KEY_LEN],
+    /// Queue keys derived so far (bit q of `derived`: `queues[q]` holds
+    /// queue q's key), so that datagrams naming a queue whose first datagram
+    /// has not authenticated yet (a forger's, say) cost one HKDF per queue and
+    /// session, not one each.
+    derived: u64,
+    queues: Box<[[u8; KEY_LEN]; crate::session::MAX_QUEUES as usize]>,
+}
+
+const _: () = assert!(crate::session::MAX_QUEUES <= 64, "BaseKey::derived has a bit per queue");
+
+impl BaseKey {
+    fn new(peer: PeerName, key: &[u8; KEY_LEN]) -> Self {
+        BaseKey { peer, key: *key, derived: 0, queues: Box::new([[0; KEY_LEN]; crate::session::MAX_QUEUES as usize]) }
+    }
+
+    /// Queue `queue`'s key (below `MAX_QUEUES`: the outer header refuses others).
+    fn queue_key(&mut self, queue: u16) -> &[u8; KEY_LEN] {
+        let q = usize::from(queue);
+        if self.derived & (1 << q) == 0 {
+            self.queues[q] = crate::session::queue_key(&self.key, queue);
+            self.derived |= 1 << q;
+        }
+        &self.queues[q]
+    }
 }
 
 impl Drop for BaseKey {
     fn drop(&mut self) {
         crate::rekey::erase(&mut self.key);
+        for k in self.queues.iter_mut() {
+            crate::rekey::erase(k);
+        }
     }
 }
 
@@ -782,7 +809,7 @@ impl Receiver {
             session_id(receiver_index, 0),
             RxSession { peer, key: OpenKey::new(key), reassembly: Box::default() },
         );
-        self.bases.insert(receiver_index, BaseKey { peer, key: *key });
+        self.bases.insert(receiver_index, BaseKey::new(peer, key));
     }
 
     pub fn remove_session(&mut self, receiver_index: u32) {
@@ -918,10 +945,8 @@ impl Receiver {
         let fresh = !self.sessions.contains_key(&id);
         if fresh {
             // A queue's first datagram: its key derives from the session's.
-            let base = self.bases.get(&outer.receiver_index).ok_or(DatapathError::UnknownSession(outer.receiver_index))?;
-            let mut k = crate::session::queue_key(&base.key, packet.queue());
-            let s = RxSession { peer: base.peer, key: OpenKey::new(&k), reassembly: Box::default() };
-            crate::rekey::erase(&mut k);
+            let base = self.bases.get_mut(&outer.receiver_index).ok_or(DatapathError::UnknownSession(outer.receiver_index))?;
+            let s = RxSession { peer: base.peer, key: OpenKey::new(base.queue_key(packet.queue())), reassembly: Box::default() };
             self.sessions.insert(id, s);
         }
         let (aad, body) = packet.split_mut();
@@ -1124,6 +1149,19 @@ mod tests {
         assert!(rx.receive(0, &mut b.datagrams().next().unwrap().to_vec(), |_, _, _| {}).is_err());
         assert_eq!(rx.sessions.len(), 4);
         assert_eq!(rx.session_count(), 1);
+        // Its key was derived once and is kept: more forgeries on queue 9 do
+        // not derive it again, and the real sender's queue 9 then opens.
+        assert_eq!(rx.bases[&IDX].derived, 0b10_0000_1110, "queues 1 to 3 and 9 (queue 0 is the session key)");
+        let mut forged = TxSession::on_queue(IDX, &[1; KEY_LEN], 9);
+        for i in 0..3 {
+            let b = encode(&mut enc, &mut forged, &[unit(61, i)]);
+            assert!(rx.receive(0, &mut b.datagrams().next().unwrap().to_vec(), |_, _, _| {}).is_err());
+        }
+        assert_eq!(rx.bases[&IDX].derived.count_ones(), 4);
+        let mut real = TxSession::on_queue(IDX, &KEY, 9);
+        let u = unit(62, 7);
+        assert_eq!(receive_all(&mut rx, 0, [&encode(&mut enc, &mut real, std::slice::from_ref(&u)).datagrams().next().unwrap().to_vec()[..]]), vec![u]);
+        assert_eq!(rx.sessions.len(), 5);
         // Removing the session removes its queues.
         rx.remove_session(IDX);
         assert!(rx.sessions.is_empty());
