@@ -441,3 +441,79 @@ fn ipv6_names_across_routers() {
     assert!(wait_until(SECS(30), || established(&h1) >= 1), "h2 did not reconnect");
     assert!(wait_until(SECS(10), || short(&c1.ns, &server, "db.meshnet.local", "AAAA") == [ip6.clone()]));
 }
+
+/// Mixed versions: routers 1 and 2 of this build, router 3 of the previous
+/// one (`MESHNET_OLD_BIN`, a binary without `CAP_DNS6`; the test is skipped
+/// without it). Router 2's dual-stack name resolves A and AAAA on router 1;
+/// router 3 gets its IPv4 record only (it is never sent IPv6 gossip, so it
+/// rejects nothing and keeps its connections); router 3's own IPv4 record
+/// resolves on router 1 (AAAA: no data); removals reach both.
+#[test]
+fn ipv6_names_with_a_router_of_the_previous_build() {
+    let Some(old_bin) = std::env::var_os("MESHNET_OLD_BIN") else {
+        eprintln!("skipped: set MESHNET_OLD_BIN to a meshnet binary of the previous build");
+        return;
+    };
+    const RANGE4: &str = "10.47.0.0/16";
+    const RANGE6: &str = "fd47::/64";
+    let opts = ["--ipalloc-range", RANGE4, "--ipalloc-range", RANGE6];
+    let Some(lab) = Lab::new("ipv6_names_mixed_versions") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    eprintln!("router 3 runs {}", std::path::Path::new(&old_bin).display());
+    let h3 = lab.add_host(3).with_bin(old_bin);
+    h1.launch(&opts);
+    h2.launch(&[&opts[..], &[h1.ip.as_str()]].concat());
+    h3.launch(&[&opts[..], &[h1.ip.as_str()]].concat());
+    assert!(
+        wait_until(SECS(40), || established(&h1) == 2 && established(&h2) == 2 && established(&h3) == 2),
+        "no full mesh: {} {} {}",
+        established(&h1),
+        established(&h2),
+        established(&h3)
+    );
+    for h in [&h1, &h2, &h3] {
+        h.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime");
+    }
+    let exposed = h1.meshnet(&["expose"]).expect_ok("expose h1").last_line().unwrap_or_default().to_string();
+    let server = ip_of(&exposed);
+    assert!(wait_until(SECS(5), || dns_status(&h1)["listen"] == format!("{server}:53")), "{}", dns_status(&h1));
+    let (c1, c2, c3) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2), lab.add_container(&h3, 3));
+    h1.meshnet(&["attach", &c1.ns]).expect_ok("attach c1");
+    let out = h2.meshnet(&["attach", &c2.ns]).expect_ok("attach c2");
+    let addrs: Vec<String> = out.last_line().unwrap_or_default().split_whitespace().map(ip_of).collect();
+    let ip4 = addrs.iter().find(|a| a.parse::<Ipv4Addr>().is_ok()).cloned().expect("an IPv4 address");
+    let ip6 = addrs.iter().find(|a| a.parse::<std::net::Ipv6Addr>().is_ok()).cloned().expect("an IPv6 address");
+    assert!(ping_until(&c1.ns, &server, SECS(20)), "c1 does not reach h1's exposed {server}");
+
+    h2.meshnet(&["dns-add", &c2.ns, "-h", "db"]).expect_ok("dns-add db");
+    assert!(wait_until(SECS(10), || short(&c1.ns, &server, "db.meshnet.local", "AAAA") == [ip6.clone()]), "AAAA db on router 1");
+    assert_eq!(short(&c1.ns, &server, "db.meshnet.local", "A"), [ip4.clone()]);
+    // The old router holds the IPv4 record, and only it.
+    assert!(
+        wait_until(SECS(10), || h3.meshnet(&["dns-lookup", "db"]).stdout.trim() == ip4),
+        "router 3: {}",
+        h3.meshnet(&["dns-lookup", "db"])
+    );
+    // Its own (IPv4) record reaches router 1, which has no IPv6 data for it.
+    h3.meshnet(&["dns-add", "10.47.9.7", &c3.ns, "-h", "old"]).expect_ok("dns-add on the old router");
+    assert!(wait_until(SECS(10), || short(&c1.ns, &server, "old.meshnet.local", "A") == ["10.47.9.7"]), "old on router 1");
+    assert_eq!(rcode(&c1.ns, &server, "old.meshnet.local", "AAAA"), "NOERROR");
+    assert!(short(&c1.ns, &server, "old.meshnet.local", "AAAA").is_empty());
+    // Removals reach both kinds of router.
+    h2.meshnet(&["dns-remove", &c2.ns]).expect_ok("dns-remove c2");
+    assert!(wait_until(SECS(5), || rcode(&c1.ns, &server, "db.meshnet.local", "AAAA") == "NXDOMAIN"), "removal on router 1");
+    assert!(wait_until(SECS(5), || !h3.meshnet(&["dns-lookup", "db"]).ok()), "removal on router 3");
+    // Nobody refused anything (but its own set relayed back), and nobody
+    // dropped a connection.
+    for (h, keys) in [(&h1, &["sets_rejected", "sets6_rejected"][..]), (&h2, &["sets_rejected", "sets6_rejected"][..]), (&h3, &["sets_rejected"][..])] {
+        let st = dns_status(h);
+        for k in keys {
+            let why = st["counters"][k].as_object().unwrap_or_else(|| panic!("{}: no {k}: {st}", h.ns));
+            assert!(why.keys().all(|w| w == "own"), "{}: {k}: {st}", h.ns);
+        }
+    }
+    assert!(dns_status(&h3)["records"].as_array().unwrap().iter().all(|r| r["address"].as_str().unwrap().parse::<Ipv4Addr>().is_ok()));
+    assert_eq!((established(&h1), established(&h2), established(&h3)), (2, 2, 2));
+    let conns3 = connections(&h3.status_json());
+    assert!(conns3.iter().all(|c| c["state"] == "established"), "{conns3:?}");
+}
