@@ -15,6 +15,13 @@
 //! Router 2's records survive kill -9 and `launch --resume`. A flood of 10 000
 //! queries from the container is answered, garbage is dropped and counted, and
 //! the router's API answers meanwhile.
+//!
+//! `ipv6_names_across_routers`: dual-stack routers; a dual-stack container's
+//! name registered on router 2 answers A and AAAA on router 1, `dig -x` of its
+//! IPv6 address gives the name, mixed lists, rotation, NOERROR/no data for the
+//! family a name lacks, removals within seconds, kill -9 and `--resume`.
+//! `ipv6_names_with_a_router_of_the_previous_build`: the same next to a router
+//! running `$MESHNET_OLD_BIN` (skipped without it).
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
