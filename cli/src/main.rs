@@ -109,7 +109,7 @@ enum Cmd {
         timeout: u64,
     },
     /// Register NAME (in the DNS domain; a single label is taken as relative to it) for TARGET with
-    /// ADDRs (IPv4); none: the addresses attached to TARGET.
+    /// ADDRs (IPv4 and/or IPv6); none: the addresses attached to TARGET.
     #[command(disable_help_flag = true)]
     DnsAdd {
         /// The name to register.
@@ -132,7 +132,7 @@ enum Cmd {
         #[arg(long, action = clap::ArgAction::Help)]
         help: Option<bool>,
     },
-    /// Print the addresses of NAME in meshnet DNS, one a line.
+    /// Print the addresses of NAME in meshnet DNS, one a line (IPv4 ones first, then IPv6).
     DnsLookup { name: String },
     /// Print the `docker run` flags that make a container use meshnet DNS.
     DnsArgs,

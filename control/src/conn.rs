@@ -425,6 +425,7 @@ async fn run_connection(
         capabilities: local.capabilities
             | CAP_GOSSIP_DIGEST
             | meshnet_proto::handshake::CAP_DNS
+            | meshnet_proto::handshake::CAP_DNS6
             | CAP_TRUSTED
             | meshnet_proto::handshake::CAP_MULTIQUEUE
             | meshnet_proto::handshake::CAP_SPLICE
@@ -873,6 +874,7 @@ fn drain(
             Ok(Some(ControlMsg::GossipDigest(d))) => mesh.on_gossip_digest(id, d),
             Ok(Some(ControlMsg::GossipSummary(s))) => mesh.on_gossip_summary(id, &s),
             Ok(Some(ControlMsg::Dns(m))) => crate::dns::on_message(mesh, id, m, mesh.now_ms()),
+            Ok(Some(ControlMsg::Dns6(m))) => crate::dns::on_message(mesh, id, m, mesh.now_ms()),
             Ok(Some(ControlMsg::Splice(m))) => crate::splice::on_message(mesh, peer, m),
             Ok(Some(ControlMsg::Trusted(rec))) => match mesh.trusted.on_record(id, &rec) {
                 Ok(()) => log::info!(

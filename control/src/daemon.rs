@@ -776,13 +776,11 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             plain_frames_if_capturing(ctx.datapath, &t.netns, &done.container_if);
             drop(a);
             if t.kind == "docker" {
-                // Containers attached by name are found by it: <name>.<domain>.
-                let v4: Vec<std::net::Ipv4Addr> = done.addrs.iter().filter_map(|(ip, _)| match ip {
-                    IpAddr::V4(v) => Some(*v),
-                    IpAddr::V6(_) => None,
-                }).collect();
-                if !v4.is_empty() {
-                    if let Err(e) = crate::dns::register(mesh, &t.name, &t.name, &v4) {
+                // Containers attached by name are found by it: <name>.<domain>
+                // (A for its IPv4 addresses, AAAA for its IPv6 ones).
+                let ips: Vec<IpAddr> = done.addrs.iter().map(|(ip, _)| *ip).collect();
+                if !ips.is_empty() {
+                    if let Err(e) = crate::dns::register(mesh, &t.name, &t.name, &ips) {
                         log::warn!("DNS: not registering container {}: {e:#}", t.name);
                     }
                 }
@@ -805,15 +803,11 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let removed = attach::detach(&mesh.state, &mut a, &target, &addrs)?;
             drop(a);
             if let Some(name) = remembered {
-                // Its DNS records go with its addresses (all of them with the interface).
-                let v4: Vec<std::net::Ipv4Addr> = addrs.iter().filter_map(|(ip, _)| match ip {
-                    IpAddr::V4(v) => Some(*v),
-                    IpAddr::V6(_) => None,
-                }).collect();
-                if addrs.is_empty() || !v4.is_empty() {
-                    if let Err(e) = crate::dns::unregister(mesh, &name, None, &v4) {
-                        log::warn!("DNS: removing the records of {name}: {e:#}");
-                    }
+                // Its DNS records go with its addresses (all of them, of both
+                // families, with the interface).
+                let ips: Vec<IpAddr> = addrs.iter().map(|(ip, _)| *ip).collect();
+                if let Err(e) = crate::dns::unregister(mesh, &name, None, &ips) {
+                    log::warn!("DNS: removing the records of {name}: {e:#}");
                 }
             }
             if let Some(key) = key {
@@ -907,6 +901,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::DnsLookup { name } => {
             let dns = &mesh.dns;
             let fq = meshnet_proto::dns::normalize_name(&name, &dns.config.domain)?;
+            // IPv4 addresses first, then IPv6 ones.
             let addrs: Vec<String> = dns.table().lookup(&fq).iter().map(|a| a.to_string()).collect();
             if addrs.is_empty() {
                 bail!("{fq}: no such name in the table");
@@ -929,17 +924,17 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
     }
 }
 
-/// Parses `dns-add`/`dns-remove` addresses: IPv4, optionally as `ip:A.B.C.D` or with a `/prefix`.
-fn parse_dns_addrs(addrs: &[String]) -> Result<Vec<std::net::Ipv4Addr>> {
+/// Parses `dns-add`/`dns-remove` addresses: IPv4 or IPv6, optionally as
+/// `ip:ADDR` or with a `/prefix`.
+fn parse_dns_addrs(addrs: &[String]) -> Result<Vec<IpAddr>> {
     addrs
         .iter()
         .map(|s| {
             let bare = s.strip_prefix("ip:").unwrap_or(s);
             let bare = bare.split_once('/').map_or(bare, |(a, _)| a);
             match bare.parse::<IpAddr>() {
-                Ok(IpAddr::V4(v)) => Ok(v),
-                Ok(IpAddr::V6(_)) => bail!("{s}: meshnet DNS holds IPv4 addresses only"),
-                Err(_) => bail!("{s}: not an IPv4 address"),
+                Ok(ip) => Ok(ip),
+                Err(_) => bail!("{s}: not an IPv4 address, nor an IPv6 one"),
             }
         })
         .collect()
@@ -956,14 +951,7 @@ fn dns_add(ctx: &ApiCtx, target: &str, addrs: &[String], name: &str) -> Result<s
     };
     let (record_target, addrs) = match remembered {
         Some(at) => {
-            let attached: Vec<std::net::Ipv4Addr> = at
-                .addrs
-                .iter()
-                .filter_map(|c| match parse_cidr(c) {
-                    Ok((IpAddr::V4(v), _)) => Some(v),
-                    _ => None,
-                })
-                .collect();
+            let attached: Vec<IpAddr> = at.addrs.iter().filter_map(|c| parse_cidr(c).ok().map(|(ip, _)| ip)).collect();
             (at.target.clone(), if given.is_empty() { attached } else { given })
         }
         None => {
@@ -975,7 +963,7 @@ fn dns_add(ctx: &ApiCtx, target: &str, addrs: &[String], name: &str) -> Result<s
         }
     };
     if addrs.is_empty() {
-        bail!("dns-add {target}: it has no IPv4 address attached");
+        bail!("dns-add {target}: it has no address attached");
     }
     let added = crate::dns::register(mesh, &record_target, name, &addrs).with_context(|| format!("dns-add {target}"))?;
     let fq = meshnet_proto::dns::normalize_name(name, &mesh.dns.config.domain)?;
@@ -999,7 +987,7 @@ fn dns_remove(ctx: &ApiCtx, target: &str, addrs: &[String], name: Option<&str>) 
         Some(t) => t,
         None => attach::resolve(target).map(|t| t.name).unwrap_or_else(|_| target.to_string()),
     };
-    let owns = mesh.dns.table().own().iter().any(|r| r.target == record_target);
+    let owns = mesh.dns.table().own_target(&record_target);
     if !known && !owns {
         bail!("dns-remove {target}: unknown target: no records are registered for it here");
     }
@@ -1404,7 +1392,7 @@ impl crate::plugin::PluginHost for PluginRouter {
                     Ok(Some(c)) => {
                         log::info!("docker plugin: container {} ({}) is on the overlay as {address}", c.name, c.short());
                         // Found by name in meshnet DNS: <name>.<domain>.
-                        let ip = address.split('/').next().and_then(|a| a.parse::<std::net::Ipv4Addr>().ok());
+                        let ip = address.split('/').next().and_then(|a| a.parse::<IpAddr>().ok());
                         if let Some(ip) = ip {
                             if let Err(e) = crate::dns::register(&ctx.mesh, &plugin_dns_target(&endpoint), &c.name, &[ip]) {
                                 log::warn!("DNS: not registering container {}: {e:#}", c.name);

@@ -15,8 +15,9 @@
 //! address `meshnet expose` gave the bridge: it starts listening when an
 //! address is exposed, moves when that address changes and stops when it is
 //! hidden (checked every second). Names in `--dns-domain` are answered from the
-//! table (A, PTR; other types an empty NOERROR for a name that exists;
-//! NXDOMAIN for one that does not). Other names, and reverse lookups of
+//! tables (A from the IPv4 one, AAAA from the IPv6 one, PTR of `in-addr.arpa`
+//! and `ip6.arpa` names; other types, or the family a name lacks, an empty
+//! NOERROR for a name that exists; NXDOMAIN for one that does not). Other names, and reverse lookups of
 //! addresses not in the table, go to the nameservers of the host's
 //! `/etc/resolv.conf` (our own listen address left out); no answer within
 //! [`FORWARD_TIMEOUT`] per nameserver, or an error, is answered SERVFAIL.
@@ -24,20 +25,26 @@
 //! queries and [`MAX_TCP`] TCP connections at once; beyond that SERVFAIL /
 //! refused, counted.
 //!
+//! # IPv6
+//! Our IPv6 records are a second signed set with versions of its own
+//! (`meshnet_proto::dns::Table6`), gossiped as `ControlMsg::Dns6` only to peers
+//! with `CAP_DNS6`; the IPv4 set and `ControlMsg::Dns` are as before, so peers
+//! of the previous build see no change.
+//!
 //! Lock order: the mesh's lock, then the table's. The server takes only the
 //! table's, for the length of one lookup.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use hickory_proto::op::{Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, PTR};
+use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{Name, RData, Record as DnsRecord, RecordType};
-use meshnet_proto::dns::{self as table, Answer, DnsMsg, QueryType, Record, RecordSet, SignedSet, Table};
-use meshnet_proto::handshake::CAP_DNS;
+use meshnet_proto::dns::{self as table, Answer, DnsMsg, Family, QueryType, Record, Record6, RecordSet, SignedSet, Table, Table6};
+use meshnet_proto::handshake::{CAP_DNS, CAP_DNS6};
 use meshnet_proto::trust::Signer;
 use meshnet_proto::wire::control::ControlMsg;
 use meshnet_proto::PeerName;
@@ -71,11 +78,93 @@ pub struct DnsConfig {
     pub ttl: u32,
 }
 
-/// Our records as persisted in `dns.json`: the version they were signed under.
+/// Our records as persisted in `dns.json`: the versions they were signed
+/// under. The IPv6 fields are absent from files of older builds (and ignored
+/// by them).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OwnRecords {
     pub version: u64,
     pub records: Vec<Record>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version6: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records6: Vec<Record6>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// Both families' tables, under one lock.
+#[derive(Debug)]
+pub struct Tables {
+    pub v4: Table,
+    pub v6: Table6,
+}
+
+impl Tables {
+    /// `rmpeer`: drops `owner`'s sets of both families (see `Table::remove_owner`).
+    pub fn remove_owner(&mut self, owner: PeerName, floor: u64) -> bool {
+        let a = self.v4.remove_owner(owner, floor);
+        let b = self.v6.remove_owner(owner, floor);
+        a || b
+    }
+
+    pub fn disconnected(&mut self, from: u64) {
+        self.v4.disconnected(from);
+        self.v6.disconnected(from);
+    }
+
+    /// Every address of `name` (fully qualified): IPv4 ones first, each family sorted.
+    pub fn lookup(&self, name: &str) -> Vec<IpAddr> {
+        let v4 = self.v4.lookup(name).iter().map(|a| IpAddr::V4(*a));
+        v4.chain(self.v6.lookup(name).iter().map(|a| IpAddr::V6(*a))).collect()
+    }
+
+    pub fn resolve(&self, name: &str, qtype: QueryType, turn: usize) -> Answer {
+        table::resolve(&self.v4, &self.v6, name, qtype, turn)
+    }
+
+    /// Whether we registered a record of either family for `target`.
+    pub fn own_target(&self, target: &str) -> bool {
+        self.v4.own().iter().any(|r| r.target == target) || self.v6.own().iter().any(|r| r.target == target)
+    }
+
+    /// Records of both families, our own records, owners with a set of either.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let mut owners: Vec<PeerName> = self.v4.versions().into_iter().chain(self.v6.versions()).map(|(o, _)| o).collect();
+        owners.sort_unstable();
+        owners.dedup();
+        (self.v4.len() + self.v6.len(), self.v4.own().len() + self.v6.own().len(), owners.len())
+    }
+}
+
+/// A family as gossip carries it: which capability a peer needs for it, and
+/// which control message wraps it.
+pub trait Gossiped: Family {
+    const CAP: u32;
+    fn wrap(m: DnsMsg<Self>) -> ControlMsg;
+    fn of(t: &mut Tables) -> &mut Table<Self>;
+}
+
+impl Gossiped for Ipv4Addr {
+    const CAP: u32 = CAP_DNS;
+    fn wrap(m: DnsMsg<Self>) -> ControlMsg {
+        ControlMsg::Dns(m)
+    }
+    fn of(t: &mut Tables) -> &mut Table<Self> {
+        &mut t.v4
+    }
+}
+
+impl Gossiped for Ipv6Addr {
+    const CAP: u32 = CAP_DNS6;
+    fn wrap(m: DnsMsg<Self>) -> ControlMsg {
+        ControlMsg::Dns6(m)
+    }
+    fn of(t: &mut Tables) -> &mut Table<Self> {
+        &mut t.v6
+    }
 }
 
 /// Server counters (`status dns`).
@@ -100,6 +189,9 @@ pub struct DnsStatus {
     pub listen: Option<String>,
     pub records: Vec<RecordStatus>,
     pub own_version: u64,
+    /// Our IPv6 set's version (0 before the first; absent from older routers' status).
+    #[serde(default)]
+    pub own_version6: u64,
     pub counters: serde_json::Value,
 }
 
@@ -114,7 +206,7 @@ pub struct RecordStatus {
 /// A router's DNS: the table, our records' file, the server's state.
 pub struct Dns {
     pub config: DnsConfig,
-    table: Mutex<Table>,
+    table: Mutex<Tables>,
     /// Held for a whole change of our records (the file is written under it).
     io: Mutex<()>,
     state: StateDir,
@@ -130,20 +222,14 @@ impl Dns {
     /// under their persisted version.
     pub fn open(state: &StateDir, config: DnsConfig, me: PeerName, signer: Arc<Signer>) -> Result<Dns> {
         let mut t = Table::new(&config.domain, me);
+        let mut t6 = Table6::new(&config.domain, me);
         let own = state.load_dns()?;
-        if !own.records.is_empty() || own.version > 0 {
-            // Records of another domain (a relaunch with a new --dns-domain) are dropped.
-            let (keep, gone): (Vec<Record>, Vec<Record>) =
-                own.records.into_iter().partition(|r| table::in_domain(&r.name, &config.domain));
-            for r in &gone {
-                log::warn!("DNS: dropping record {} -> {}: outside the domain {}", r.name, r.addr, config.domain);
-            }
-            let version = if gone.is_empty() { own.version } else { t.next_version(unix_ms()).max(own.version + 1) };
-            t.set_own(keep, version, &signer).with_context(|| format!("{} is corrupt", state.dns_path().display()))?;
-        }
+        let corrupt = || format!("{} is corrupt", state.dns_path().display());
+        restore(&mut t, own.records, own.version, &config.domain, &signer).with_context(corrupt)?;
+        restore(&mut t6, own.records6, own.version6, &config.domain, &signer).with_context(corrupt)?;
         Ok(Dns {
             config,
-            table: Mutex::new(t),
+            table: Mutex::new(Tables { v4: t, v6: t6 }),
             io: Mutex::new(()),
             state: state.clone(),
             signer,
@@ -153,7 +239,7 @@ impl Dns {
         })
     }
 
-    pub fn table(&self) -> MutexGuard<'_, Table> {
+    pub fn table(&self) -> MutexGuard<'_, Tables> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -175,15 +261,13 @@ impl Dns {
             ttl: self.config.ttl,
             listen: self.listening().map(|a| a.to_string()),
             records: t
+                .v4
                 .records()
-                .map(|(o, r)| RecordStatus {
-                    name: r.name.clone(),
-                    address: r.addr.to_string(),
-                    target: r.target.clone(),
-                    owner: o.to_string(),
-                })
+                .map(|(o, r)| record_status(o, r))
+                .chain(t.v6.records().map(|(o, r)| record_status(o, r)))
                 .collect(),
-            own_version: t.own_version(),
+            own_version: t.v4.own_version(),
+            own_version6: t.v6.own_version(),
             counters: serde_json::json!({
                 "queries": load(&s.queries),
                 "answered": load(&s.answered),
@@ -192,23 +276,46 @@ impl Dns {
                 "forward_failed": load(&s.forward_failed),
                 "dropped_garbage": load(&s.dropped_garbage),
                 "refused_busy": load(&s.refused_busy),
-                "sets_merged": t.stats.sets_merged,
-                "sets_stale": t.stats.sets_stale,
-                "sets_rejected": t.stats.sets_rejected,
+                "sets_merged": t.v4.stats.sets_merged,
+                "sets_stale": t.v4.stats.sets_stale,
+                "sets_rejected": t.v4.stats.sets_rejected,
+                "sets6_merged": t.v6.stats.sets_merged,
+                "sets6_stale": t.v6.stats.sets_stale,
+                "sets6_rejected": t.v6.stats.sets_rejected,
             }),
         }
     }
+}
+
+fn record_status<A: Family>(owner: PeerName, r: &Record<A>) -> RecordStatus {
+    RecordStatus { name: r.name.clone(), address: r.addr.to_string(), target: r.target.clone(), owner: owner.to_string() }
+}
+
+/// Our persisted records of one family, signed again under their version.
+fn restore<A: Family>(t: &mut Table<A>, records: Vec<Record<A>>, version: u64, domain: &str, signer: &Signer) -> Result<()> {
+    if records.is_empty() && version == 0 {
+        return Ok(());
+    }
+    // Records of another domain (a relaunch with a new --dns-domain) are dropped.
+    let (keep, gone): (Vec<Record<A>>, Vec<Record<A>>) = records.into_iter().partition(|r| table::in_domain(&r.name, domain));
+    for r in &gone {
+        log::warn!("DNS: dropping record {} -> {}: outside the domain {domain}", r.name, r.addr);
+    }
+    let version = if gone.is_empty() { version } else { t.next_version(unix_ms()).max(version + 1) };
+    t.set_own(keep, version, signer)?;
+    Ok(())
 }
 
 pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Registers `name` for `target` with `addrs` (this router's records): the one
-/// call `dns-add`, `attach` of a Docker container and the Docker plugin use.
-/// Persisted, then signed and gossiped. Err (and nothing changed) for a bad
-/// name, target or address. Returns the records added (none if all were there).
-pub fn register(mesh: &Mesh, target: &str, name: &str, addrs: &[Ipv4Addr]) -> Result<Vec<Record>> {
+/// Registers `name` for `target` with `addrs` (this router's records, of
+/// either family): the one call `dns-add`, `attach` of a Docker container and
+/// the Docker plugin use. Persisted, then signed and gossiped. Err (and
+/// nothing changed) for a bad name, target or address. Returns the records
+/// added as (name, address) (none if all were there).
+pub fn register(mesh: &Mesh, target: &str, name: &str, addrs: &[IpAddr]) -> Result<Vec<(String, IpAddr)>> {
     let dns = &mesh.dns;
     let name = table::normalize_name(name, &dns.config.domain)?;
     table::check_target(target)?;
@@ -216,112 +323,169 @@ pub fn register(mesh: &Mesh, target: &str, name: &str, addrs: &[Ipv4Addr]) -> Re
         bail!("no address to register for {name}");
     }
     for a in addrs {
-        if a.is_unspecified() || a.is_broadcast() || a.is_multicast() {
+        let bad = match a {
+            IpAddr::V4(v) => v.is_unspecified() || v.is_broadcast() || v.is_multicast(),
+            IpAddr::V6(v) => v.is_unspecified() || v.is_multicast(),
+        };
+        if bad {
             bail!("{a} cannot be registered: not a unicast address");
         }
     }
-    let new: Vec<Record> =
-        addrs.iter().map(|a| Record { name: name.clone(), addr: *a, target: target.to_string() }).collect();
-    let added = change_own(mesh, |own| {
-        let mut added = Vec::new();
-        for r in &new {
-            if !own.contains(r) {
-                own.push(r.clone());
-                added.push(r.clone());
-            }
-        }
+    let (v4, v6) = split_families(addrs);
+    let rec = |a| Record { name: name.clone(), addr: a, target: target.to_string() };
+    let new4: Vec<Record> = v4.into_iter().map(rec).collect();
+    let new6: Vec<Record6> = v6.into_iter().map(|a| Record { name: name.clone(), addr: a, target: target.to_string() }).collect();
+    let added = change_own(mesh, |own4, own6| {
+        let mut added = add_new(own4, &new4);
+        added.extend(add_new(own6, &new6));
         added
     })?;
-    for r in &added {
-        log::info!("DNS: registered {} -> {} for {}", r.name, r.addr, r.target);
+    for (n, a) in &added {
+        log::info!("DNS: registered {n} -> {a} for {target}");
     }
     Ok(added)
 }
 
-/// Removes this router's records of `target` (only those of `name`, and of
-/// `addrs`, when given). Returns the records removed.
-pub fn unregister(mesh: &Mesh, target: &str, name: Option<&str>, addrs: &[Ipv4Addr]) -> Result<Vec<Record>> {
+fn add_new<A: Family>(own: &mut Vec<Record<A>>, new: &[Record<A>]) -> Vec<(String, IpAddr)> {
+    let mut added = Vec::new();
+    for r in new {
+        if !own.contains(r) {
+            own.push(r.clone());
+            added.push((r.name.clone(), r.addr.ip()));
+        }
+    }
+    added
+}
+
+/// The addresses of each family.
+pub fn split_families(addrs: &[IpAddr]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for a in addrs {
+        match a {
+            IpAddr::V4(v) => v4.push(*v),
+            IpAddr::V6(v) => v6.push(*v),
+        }
+    }
+    (v4, v6)
+}
+
+/// Removes this router's records of `target`, of both families (only those of
+/// `name`, and of `addrs`, when given). Returns the records removed.
+pub fn unregister(mesh: &Mesh, target: &str, name: Option<&str>, addrs: &[IpAddr]) -> Result<Vec<(String, IpAddr)>> {
     let name = name.map(|n| table::normalize_name(n, &mesh.dns.config.domain)).transpose()?;
-    let removed = change_own(mesh, |own| {
-        let (gone, keep): (Vec<Record>, Vec<Record>) = own.drain(..).partition(|r| {
-            r.target == target
-                && name.as_ref().map_or(true, |n| &r.name == n)
-                && (addrs.is_empty() || addrs.contains(&r.addr))
-        });
-        *own = keep;
+    let removed = change_own(mesh, |own4, own6| {
+        let mut gone = drop_matching(own4, target, name.as_deref(), addrs);
+        gone.extend(drop_matching(own6, target, name.as_deref(), addrs));
         gone
     })?;
-    for r in &removed {
-        log::info!("DNS: removed {} -> {} of {}", r.name, r.addr, r.target);
+    for (n, a) in &removed {
+        log::info!("DNS: removed {n} -> {a} of {target}");
     }
     Ok(removed)
 }
 
-/// Changes our records: the new set is checked, written to `dns.json`, then
-/// published (signed under a higher version) and sent to every neighbour.
-fn change_own<T>(mesh: &Mesh, f: impl FnOnce(&mut Vec<Record>) -> Vec<T>) -> Result<Vec<T>> {
+fn drop_matching<A: Family>(own: &mut Vec<Record<A>>, target: &str, name: Option<&str>, addrs: &[IpAddr]) -> Vec<(String, IpAddr)> {
+    let (gone, keep): (Vec<Record<A>>, Vec<Record<A>>) = own.drain(..).partition(|r| {
+        r.target == target && name.map_or(true, |n| r.name == n) && (addrs.is_empty() || addrs.contains(&r.addr.ip()))
+    });
+    *own = keep;
+    gone.into_iter().map(|r| (r.name, r.addr.ip())).collect()
+}
+
+/// Changes our records: each family's set that changed is checked, both are
+/// written to `dns.json`, then each changed one is published (signed under a
+/// higher version of its own) and sent to every neighbour that takes it.
+fn change_own<T>(mesh: &Mesh, f: impl FnOnce(&mut Vec<Record>, &mut Vec<Record6>) -> Vec<T>) -> Result<Vec<T>> {
     let dns = &mesh.dns;
     let _io = dns.io.lock().unwrap_or_else(|p| p.into_inner());
-    let (mut records, version, me) = {
+    let me = mesh.settings.me;
+    let (old4, old6, mut version, mut version6, next4, next6) = {
         let t = dns.table();
-        (t.own().to_vec(), t.next_version(unix_ms()), mesh.settings.me)
+        let now = unix_ms();
+        (t.v4.own().to_vec(), t.v6.own().to_vec(), t.v4.own_version(), t.v6.own_version(), t.v4.next_version(now), t.v6.next_version(now))
     };
-    let out = f(&mut records);
+    let (mut records, mut records6) = (old4.clone(), old6.clone());
+    let out = f(&mut records, &mut records6);
     if out.is_empty() {
         return Ok(out);
     }
     records.sort();
     records.dedup();
-    RecordSet { owner: me, version, records: records.clone() }.check(&dns.config.domain)?;
-    dns.state.save_dns(&OwnRecords { version, records: records.clone() })?;
-    let signed = dns.table().set_own(records, version, &dns.signer)?;
+    records6.sort();
+    records6.dedup();
+    let (changed4, changed6) = (records != old4, records6 != old6);
+    if changed4 {
+        version = next4;
+        RecordSet { owner: me, version, records: records.clone() }.check(&dns.config.domain)?;
+    }
+    if changed6 {
+        version6 = next6;
+        RecordSet { owner: me, version: version6, records: records6.clone() }.check(&dns.config.domain)?;
+    }
+    dns.state.save_dns(&OwnRecords { version, records: records.clone(), version6, records6: records6.clone() })?;
+    let signed4 = changed4.then(|| dns.table().v4.set_own(records, version, &dns.signer)).transpose()?;
+    let signed6 = changed6.then(|| dns.table().v6.set_own(records6, version6, &dns.signer)).transpose()?;
     let g = mesh.lock();
-    send_to_all(&g, None, split(vec![signed]));
+    if let Some(s) = signed4 {
+        send_to_all(&g, None, split(vec![s]));
+    }
+    if let Some(s) = signed6 {
+        send_to_all(&g, None, split(vec![s]));
+    }
     Ok(out)
 }
 
-fn split(sets: Vec<SignedSet>) -> Vec<DnsMsg> {
+fn split<A>(sets: Vec<SignedSet<A>>) -> Vec<DnsMsg<A>> {
     table::split_sets(sets, table::SETS_CHUNK_BYTES)
 }
 
-/// Queues DNS messages for every established neighbour that speaks DNS gossip, but `except`.
-fn send_to_all(g: &Inner, except: Option<u64>, msgs: Vec<DnsMsg>) {
+/// Queues DNS messages for every established neighbour that speaks DNS gossip
+/// of the family (`CAP_DNS`, `CAP_DNS6`), but `except`.
+fn send_to_all<A: Gossiped>(g: &Inner, except: Option<u64>, msgs: Vec<DnsMsg<A>>) {
     if msgs.is_empty() {
         return;
     }
     for (id, c) in g.conns.iter() {
-        if Some(*id) != except && c.established && c.capabilities & CAP_DNS != 0 {
+        if Some(*id) != except && c.established && c.capabilities & A::CAP != 0 {
             for m in &msgs {
-                let _ = c.queue.send(ControlMsg::Dns(m.clone()));
+                let _ = c.queue.send(A::wrap(m.clone()));
             }
         }
     }
 }
 
-fn send_to(g: &Inner, to: u64, msgs: Vec<DnsMsg>) {
+/// Queues DNS messages for one neighbour, if it takes the family.
+fn send_to<A: Gossiped>(g: &Inner, to: u64, msgs: Vec<DnsMsg<A>>) {
     if let Some(c) = g.conns.get(&to) {
+        if c.capabilities & A::CAP == 0 {
+            return;
+        }
         for m in msgs {
-            let _ = c.queue.send(ControlMsg::Dns(m));
+            let _ = c.queue.send(A::wrap(m));
         }
     }
 }
 
-/// A connection was established (called under the mesh lock): it gets the whole table.
+/// A connection was established (called under the mesh lock): it gets the
+/// whole table of each family it takes.
 pub fn connected(dns: &Dns, g: &Inner, id: u64) {
-    let Some(c) = g.conns.get(&id) else { return };
-    if c.capabilities & CAP_DNS == 0 {
-        return;
-    }
-    send_to(g, id, split(dns.table().all_signed()));
+    let (v4, v6) = {
+        let t = dns.table();
+        (t.v4.all_signed(), t.v6.all_signed())
+    };
+    send_to(g, id, split(v4));
+    send_to(g, id, split(v6));
 }
 
-/// A DNS gossip message from connection `from`.
-pub fn on_message(mesh: &Mesh, from: u64, msg: DnsMsg, now_ms: u64) {
+/// A DNS gossip message of either family from connection `from`
+/// (`ControlMsg::Dns`, `ControlMsg::Dns6`).
+pub fn on_message<A: Gossiped>(mesh: &Mesh, from: u64, msg: DnsMsg<A>, now_ms: u64) {
     let g = mesh.lock();
     let dns = &mesh.dns;
     match msg {
         DnsMsg::Sets(sets) => {
-            let report = dns.table().merge(sets, &g.keys);
+            let report = A::of(&mut dns.table()).merge(sets, &g.keys);
             if !report.rejected.is_empty() {
                 let (owner, why) = report.rejected[report.rejected.len() - 1];
                 log::debug!("DNS: {} sets dropped (latest of {owner}: {})", report.rejected.len(), why.label());
@@ -329,17 +493,17 @@ pub fn on_message(mesh: &Mesh, from: u64, msg: DnsMsg, now_ms: u64) {
             if !report.changed.is_empty() {
                 // Relay what was news: a router that has it already finds it
                 // stale, so the flood stops after one round.
-                let sets = dns.table().signed_of(&report.changed);
+                let sets = A::of(&mut dns.table()).signed_of(&report.changed);
                 send_to_all(&g, Some(from), split(sets));
             }
         }
         DnsMsg::Digest(d) => {
-            if let Some(m) = dns.table().on_digest(from, d, now_ms) {
+            if let Some(m) = A::of(&mut dns.table()).on_digest(from, d, now_ms) {
                 send_to(&g, from, vec![m]);
             }
         }
         DnsMsg::Summary { versions, answer } => {
-            let out = dns.table().on_summary(from, &versions, answer, now_ms);
+            let out = A::of(&mut dns.table()).on_summary(from, &versions, answer, now_ms);
             send_to(&g, from, out);
         }
     }
@@ -350,20 +514,25 @@ pub async fn digest_loop(mesh: Arc<Mesh>) {
     loop {
         tokio::time::sleep(Duration::from_millis(table::DIGEST_EVERY_MS)).await;
         let g = mesh.lock();
-        let d = mesh.dns.table().digest();
+        let (d4, d6) = {
+            let t = mesh.dns.table();
+            (t.v4.digest(), t.v6.digest())
+        };
         // To about 2·log₂ n random neighbours each round, as topology digests
         // go: in a full mesh of 100 a digest to every neighbour every 2 s cost
         // each router ~180 KB a minute; a new connection gets the whole table
         // anyway, so a partition that heals does not wait for a digest.
-        let ids: Vec<u64> = g
-            .conns
-            .iter()
-            .filter(|(_, c)| c.established && c.capabilities & CAP_DNS != 0)
-            .map(|(id, _)| *id)
-            .collect();
         let peers = g.topology.peers().count();
-        for i in meshnet_proto::topology::full_gossip_targets(ids.len(), peers, crate::mesh::random_u64()) {
-            send_to(&g, ids[i], vec![DnsMsg::Digest(d)]);
+        let ids = |cap: u32| -> Vec<u64> {
+            g.conns.iter().filter(|(_, c)| c.established && c.capabilities & cap != 0).map(|(id, _)| *id).collect()
+        };
+        let ids4 = ids(CAP_DNS);
+        for i in meshnet_proto::topology::full_gossip_targets(ids4.len(), peers, crate::mesh::random_u64()) {
+            send_to(&g, ids4[i], vec![DnsMsg::<Ipv4Addr>::Digest(d4)]);
+        }
+        let ids6 = ids(CAP_DNS6);
+        for i in meshnet_proto::topology::full_gossip_targets(ids6.len(), peers, crate::mesh::random_u64()) {
+            send_to(&g, ids6[i], vec![DnsMsg::<Ipv6Addr>::Digest(d6)]);
         }
     }
 }
@@ -447,6 +616,7 @@ impl Dns {
         let qname = q.name().to_lowercase().to_ascii();
         let qtype = match q.query_type() {
             RecordType::A => QueryType::A,
+            RecordType::AAAA => QueryType::Aaaa,
             RecordType::PTR => QueryType::Ptr,
             _ => QueryType::Other,
         };
@@ -458,6 +628,11 @@ impl Dns {
             Answer::Addresses(v) => {
                 for a in v {
                     resp.add_answer(DnsRecord::from_rdata(q.name().clone(), ttl, RData::A(A(a))));
+                }
+            }
+            Answer::Addresses6(v) => {
+                for a in v {
+                    resp.add_answer(DnsRecord::from_rdata(q.name().clone(), ttl, RData::AAAA(AAAA(a))));
                 }
             }
             Answer::Names(v) => {
@@ -655,6 +830,106 @@ async fn forward_tcp(up: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::op::Query;
+    use meshnet_proto::identity::Identity;
+
+    fn temp_state(tag: &str) -> StateDir {
+        let dir = std::env::temp_dir().join(format!("meshnet-dns-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        StateDir::new(dir)
+    }
+
+    fn test_dns(tag: &str) -> Dns {
+        let config = DnsConfig { enabled: true, listen: None, domain: table::DEFAULT_DOMAIN.into(), ttl: 7 };
+        let signer = Arc::new(Signer::from_identity(&Identity::generate()));
+        Dns::open(&temp_state(tag), config, PeerName(1), signer).unwrap()
+    }
+
+    fn ask(dns: &Dns, name: Name, qtype: RecordType) -> Message {
+        let mut q = Message::query();
+        q.metadata.id = 42;
+        q.metadata.message_type = MessageType::Query;
+        q.add_query(Query::query(name, qtype));
+        match dns.handle(&q.to_vec().unwrap()) {
+            // Through the wire format and back, as a client sees it.
+            Handled::Reply(m) => Message::from_vec(&m.to_vec().unwrap()).unwrap(),
+            Handled::Forward(_) => panic!("forwarded"),
+            Handled::Drop => panic!("dropped"),
+        }
+    }
+
+    /// The server's answers, as hickory encodes and decodes them: AAAA from
+    /// the IPv6 table (every address, rotating, the TTL), A from the IPv4 one,
+    /// PTR of the `ip6.arpa` name hickory makes of an address, NOERROR with no
+    /// data for the family a name lacks, NXDOMAIN for an unknown name.
+    #[test]
+    fn aaaa_and_ip6_arpa_queries_are_answered() {
+        let dns = test_dns("answers");
+        {
+            let mut t = dns.table();
+            let r4 = |n: &str, a: &str| Record { name: format!("{n}.meshnet.local."), addr: a.parse().unwrap(), target: "t".into() };
+            let r6 = |n: &str, a: &str| Record6 { name: format!("{n}.meshnet.local."), addr: a.parse().unwrap(), target: "t".into() };
+            t.v4.set_own(vec![r4("db", "10.0.0.1"), r4("only4", "10.0.0.2")], 1, &dns.signer).unwrap();
+            t.v6.set_own(vec![r6("db", "fd32::5"), r6("db", "fd32::6")], 1, &dns.signer).unwrap();
+        }
+        let db = Name::from_ascii("db.meshnet.local.").unwrap();
+        let mut firsts = Vec::new();
+        for _ in 0..2 {
+            let m = ask(&dns, db.clone(), RecordType::AAAA);
+            assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+            let got: Vec<Ipv6Addr> = m.answers.iter().map(|r| match &r.data {
+                RData::AAAA(a) => a.0,
+                other => panic!("{other:?}"),
+            }).collect();
+            assert!(m.answers.iter().all(|r| r.ttl == 7));
+            let mut sorted = got.clone();
+            sorted.sort();
+            assert_eq!(sorted, ["fd32::5".parse::<Ipv6Addr>().unwrap(), "fd32::6".parse().unwrap()]);
+            firsts.push(got[0]);
+        }
+        assert_ne!(firsts[0], firsts[1], "rotation");
+        let m = ask(&dns, db.clone(), RecordType::A);
+        assert!(matches!(&m.answers[..], [r] if r.data == RData::A(A("10.0.0.1".parse().unwrap()))), "{m:?}");
+        let m = ask(&dns, Name::from_ascii("only4.meshnet.local.").unwrap(), RecordType::AAAA);
+        assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::NoError, 0));
+        let m = ask(&dns, Name::from_ascii("nobody.meshnet.local.").unwrap(), RecordType::AAAA);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        // hickory's reverse name of an address is ours, and gets the name.
+        let a: Ipv6Addr = "fd32::6".parse().unwrap();
+        let reverse = Name::from(a);
+        assert_eq!(reverse.to_lowercase().to_ascii(), table::reverse_name6(a));
+        let m = ask(&dns, reverse, RecordType::PTR);
+        assert!(matches!(&m.answers[..], [r] if r.data == RData::PTR(PTR(db.clone()))), "{m:?}");
+        let _ = std::fs::remove_dir_all(&dns.state.root);
+    }
+
+    /// `dns.json` of the previous build (no IPv6 fields) loads; ours keeps both
+    /// families' records and versions and writes no IPv6 fields while there
+    /// are none (so the previous build reads it back unchanged).
+    #[test]
+    fn own_records_file_is_compatible() {
+        let old = r#"{"version":5,"records":[{"name":"db.meshnet.local.","addr":"10.0.0.1","target":"t"}]}"#;
+        let own: OwnRecords = serde_json::from_str(old).unwrap();
+        assert_eq!((own.version, own.records.len(), own.version6, own.records6.len()), (5, 1, 0, 0));
+        assert_eq!(serde_json::to_string(&own).unwrap(), old);
+        let mut both = own.clone();
+        both.version6 = 9;
+        both.records6 = vec![Record6 { name: "db.meshnet.local.".into(), addr: "fd32::1".parse().unwrap(), target: "t".into() }];
+        let text = serde_json::to_string(&both).unwrap();
+        assert_eq!(serde_json::from_str::<OwnRecords>(&text).unwrap(), both);
+        // Reopened from the file: both sets signed again under their versions.
+        let state = temp_state("reopen");
+        state.save_dns(&both).unwrap();
+        let config = DnsConfig { enabled: true, listen: None, domain: table::DEFAULT_DOMAIN.into(), ttl: 1 };
+        let signer = Arc::new(Signer::from_identity(&Identity::generate()));
+        let dns = Dns::open(&state, config, PeerName(1), signer).unwrap();
+        let t = dns.table();
+        assert_eq!((t.v4.own_version(), t.v6.own_version()), (5, 9));
+        assert_eq!(t.lookup("db.meshnet.local."), ["10.0.0.1".parse::<IpAddr>().unwrap(), "fd32::1".parse().unwrap()]);
+        drop(t);
+        let _ = std::fs::remove_dir_all(&state.root);
+    }
 
     #[test]
     fn upstreams_come_from_resolv_conf_without_ourselves() {

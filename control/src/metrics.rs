@@ -527,10 +527,7 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     gauge(&mut reg, "meshnet_ipam_ring_agreed", "1 once the allocation ring is agreed", matches!(st.state, meshnet_proto::ipam::RingState::Agreed { .. }) as i64);
 
     // DNS.
-    let (records, own, owners) = {
-        let t = mesh.dns.table();
-        (t.len(), t.own().len(), t.versions().len())
-    };
+    let (records, own, owners) = mesh.dns.table().counts();
     gauge(&mut reg, "meshnet_dns_records", "Records in this router's DNS table (every router's)", records as i64);
     gauge(&mut reg, "meshnet_dns_own_records", "DNS records this router registered", own as i64);
     gauge(&mut reg, "meshnet_dns_owners", "Routers whose DNS record sets this router holds", owners as i64);

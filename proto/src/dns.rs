@@ -21,20 +21,32 @@
 //! * `rmpeer` of a dead peer drops its set ([`Table::remove_owner`]) and keeps a
 //!   tombstone version for it, so stale copies still gossiped by others are not
 //!   taken back (a reinstalled peer publishes under a newer version).
+//! * IPv6 (AAAA, `ip6.arpa`) records live in a second table of the same
+//!   shape ([`Table6`], [`Record6`], [`SignedSet6`], [`DnsMsg6`]): each owner
+//!   publishes a separate IPv6 set, with its own versions, signed under its own
+//!   domain ([`DOMAIN_DNS_SET6`]) and gossiped as `ControlMsg::Dns6` only to
+//!   peers with `CAP_DNS6`. Peers of the previous build never see it (their
+//!   IPv4 sets and messages are unchanged, byte for byte); IPv6 records cross
+//!   only paths of peers that have the bit. [`resolve`] answers from both.
 //! * Everything decoded is bounded: names are valid DNS names inside the
 //!   domain, at most [`MAX_RECORDS`] per owner, [`MAX_TARGET`] bytes of target,
 //!   [`MAX_OWNERS`] sets in a table or a message.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::fmt;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
 use crate::trust::{self, KeyBook, Signature, Signer};
 use crate::PeerName;
 
-/// Domain of [`SignedSet`] signatures.
+/// Domain of [`SignedSet`] signatures (IPv4 sets).
 pub const DOMAIN_DNS_SET: &[u8] = b"meshnet dns set v1";
+/// Domain of [`SignedSet6`] signatures (IPv6 sets): distinct, so no IPv4
+/// set's signature can be passed off as an IPv6 set's or the reverse.
+pub const DOMAIN_DNS_SET6: &[u8] = b"meshnet dns6 set v1";
 /// The default DNS domain (`--dns-domain`).
 pub const DEFAULT_DOMAIN: &str = "meshnet.local.";
 /// Most records one owner may publish.
@@ -57,31 +69,79 @@ pub const SUMMARY_EVERY_MS: u64 = 1_000;
 /// control message (4 MiB) on its own.
 pub const SETS_CHUNK_BYTES: usize = 256 << 10;
 
+/// An address family the table holds: IPv4 ([`Record`], A records,
+/// `in-addr.arpa`) or IPv6 ([`Record6`], AAAA records, `ip6.arpa`). Each family
+/// is a table of its own, with its own signed sets per owner, versions and
+/// gossip (IPv6 only between peers with `CAP_DNS6`, see the module docs).
+pub trait Family: Copy + Ord + Hash + fmt::Debug + fmt::Display + Send + Sync + 'static {
+    /// Domain of this family's set signatures.
+    const SIGN_DOMAIN: &'static [u8];
+    /// Appends the address's bytes to a signed message.
+    fn put(&self, m: &mut Vec<u8>);
+    /// The address of a reverse name of this family (`…in-addr.arpa.`, `…ip6.arpa.`).
+    fn from_reverse(q: &str) -> Option<Self>;
+    fn ip(&self) -> IpAddr;
+}
+
+impl Family for Ipv4Addr {
+    const SIGN_DOMAIN: &'static [u8] = DOMAIN_DNS_SET;
+    fn put(&self, m: &mut Vec<u8>) {
+        m.extend_from_slice(&self.octets());
+    }
+    fn from_reverse(q: &str) -> Option<Self> {
+        parse_reverse(q)
+    }
+    fn ip(&self) -> IpAddr {
+        IpAddr::V4(*self)
+    }
+}
+
+impl Family for Ipv6Addr {
+    const SIGN_DOMAIN: &'static [u8] = DOMAIN_DNS_SET6;
+    fn put(&self, m: &mut Vec<u8>) {
+        m.extend_from_slice(&self.octets());
+    }
+    fn from_reverse(q: &str) -> Option<Self> {
+        parse_reverse6(q)
+    }
+    fn ip(&self) -> IpAddr {
+        IpAddr::V6(*self)
+    }
+}
+
 /// One name → address mapping, registered for `target` on the owning router.
+/// `Record` is IPv4 (the original wire format), [`Record6`] IPv6.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Record {
+pub struct Record<A = Ipv4Addr> {
     /// Lowercase, fully qualified, with the final dot (`db.meshnet.local.`).
     pub name: String,
-    pub addr: Ipv4Addr,
+    pub addr: A,
     /// The container, namespace or PID it was registered for, as the owner calls it.
     pub target: String,
 }
 
-/// Everything one peer publishes.
+/// An IPv6 record.
+pub type Record6 = Record<Ipv6Addr>;
+
+/// Everything one peer publishes in one family.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordSet {
+pub struct RecordSet<A = Ipv4Addr> {
     pub owner: PeerName,
     pub version: u64,
     /// Sorted, without duplicates (checked on receipt: the signed bytes are canonical).
-    pub records: Vec<Record>,
+    pub records: Vec<Record<A>>,
 }
 
-/// A record set and its owner's signature over [`RecordSet::message`].
+/// A record set and its owner's signature over [`RecordSet::message`] (domain
+/// [`Family::SIGN_DOMAIN`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SignedSet {
-    pub set: RecordSet,
+pub struct SignedSet<A = Ipv4Addr> {
+    pub set: RecordSet<A>,
     pub sig: Signature,
 }
+
+/// An IPv6 owner's set, signed.
+pub type SignedSet6 = SignedSet<Ipv6Addr>;
 
 /// A hash over every held set's (owner, version), and how many there are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -90,11 +150,12 @@ pub struct Digest {
     pub hash: [u8; 16],
 }
 
-/// What DNS gossip carries (`ControlMsg::Dns`).
+/// What DNS gossip carries: `ControlMsg::Dns` for IPv4 (`DnsMsg`),
+/// `ControlMsg::Dns6` for IPv6 ([`DnsMsg6`], only to peers with `CAP_DNS6`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum DnsMsg {
+pub enum DnsMsg<A = Ipv4Addr> {
     /// Signed record sets: the whole table on a new connection, changed sets later.
-    Sets(Vec<SignedSet>),
+    Sets(Vec<SignedSet<A>>),
     /// Anti-entropy: sent to about 2·log₂ n random neighbours every [`DIGEST_EVERY_MS`].
     Digest(Digest),
     /// Every held set's (owner, version), sorted by owner: the answer to a digest
@@ -119,7 +180,10 @@ pub enum DnsError {
     TooManyRecords,
 }
 
-impl DnsMsg {
+/// IPv6 DNS gossip (`ControlMsg::Dns6`).
+pub type DnsMsg6 = DnsMsg<Ipv6Addr>;
+
+impl<A> DnsMsg<A> {
     /// The bounds bincode cannot express (after decoding, before use). Record
     /// syntax is checked per set by [`Table::merge`] (a bad set is dropped and
     /// counted, the rest of the message still merges).
@@ -177,11 +241,13 @@ pub struct TableStats {
     pub sets_rejected: BTreeMap<String, u64>,
 }
 
-/// What a question gets (see [`Table::resolve`]).
+/// What a question gets (see [`Table::resolve`] and [`resolve`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Answer {
     /// A records, in this (rotated) order.
     Addresses(Vec<Ipv4Addr>),
+    /// AAAA records, in this (rotated) order.
+    Addresses6(Vec<Ipv6Addr>),
     /// PTR records.
     Names(Vec<String>),
     /// The name exists but has no records of the type asked (AAAA, MX...): NOERROR, no answers.
@@ -196,8 +262,9 @@ pub enum Answer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QueryType {
     A,
+    Aaaa,
     Ptr,
-    /// Anything else (AAAA included).
+    /// Anything else.
     Other,
 }
 
@@ -281,9 +348,10 @@ pub fn check_target(target: &str) -> Result<(), DnsError> {
     Ok(())
 }
 
-impl RecordSet {
+impl<A: Family> RecordSet<A> {
     /// The bytes the owner signs: owner, version, record count, then each
-    /// record as length-prefixed name, address, length-prefixed target.
+    /// record as length-prefixed name, address (4 or 16 bytes), length-prefixed
+    /// target. Signed under the family's own domain.
     pub fn message(&self) -> Vec<u8> {
         let mut m = Vec::with_capacity(20 + self.records.len() * 48);
         m.extend_from_slice(&self.owner.0.to_be_bytes());
@@ -292,7 +360,7 @@ impl RecordSet {
         for r in &self.records {
             m.extend_from_slice(&(r.name.len() as u16).to_be_bytes());
             m.extend_from_slice(r.name.as_bytes());
-            m.extend_from_slice(&r.addr.octets());
+            r.addr.put(&mut m);
             m.extend_from_slice(&(r.target.len() as u16).to_be_bytes());
             m.extend_from_slice(r.target.as_bytes());
         }
@@ -319,32 +387,36 @@ impl RecordSet {
     }
 }
 
-impl SignedSet {
-    pub fn sign(set: RecordSet, signer: &Signer) -> SignedSet {
-        let sig = signer.sign(DOMAIN_DNS_SET, &set.message());
+impl<A: Family> SignedSet<A> {
+    pub fn sign(set: RecordSet<A>, signer: &Signer) -> SignedSet<A> {
+        let sig = signer.sign(A::SIGN_DOMAIN, &set.message());
         SignedSet { set, sig }
     }
 }
 
-/// The table every router holds: one signed set per owner (see the module docs).
+/// The table every router holds: one signed set per owner (see the module
+/// docs); one table per family (`Table` IPv4, [`Table6`] IPv6).
 #[derive(Debug)]
-pub struct Table {
+pub struct Table<A = Ipv4Addr> {
     domain: String,
     me: PeerName,
-    sets: BTreeMap<PeerName, SignedSet>,
+    sets: BTreeMap<PeerName, SignedSet<A>>,
     /// `rmpeer`'d owners: sets at or below this version are refused.
     removed: BTreeMap<PeerName, u64>,
     /// name → (owner, address), and address → names, rebuilt on every change.
-    by_name: HashMap<String, Vec<Ipv4Addr>>,
-    by_addr: HashMap<Ipv4Addr, Vec<String>>,
+    by_name: HashMap<String, Vec<A>>,
+    by_addr: HashMap<A, Vec<String>>,
     /// Neighbour → when we last sent it a summary.
     summaries: HashMap<u64, u64>,
     pub stats: TableStats,
 }
 
-impl Table {
+/// The IPv6 table.
+pub type Table6 = Table<Ipv6Addr>;
+
+impl<A: Family> Table<A> {
     /// An empty table for `domain` (already normalised, see [`normalize_domain`]).
-    pub fn new(domain: &str, me: PeerName) -> Table {
+    pub fn new(domain: &str, me: PeerName) -> Table<A> {
         Table {
             domain: domain.to_string(),
             me,
@@ -362,7 +434,7 @@ impl Table {
     }
 
     /// Our own records (sorted).
-    pub fn own(&self) -> &[Record] {
+    pub fn own(&self) -> &[Record<A>] {
         self.sets.get(&self.me).map_or(&[], |s| &s.set.records)
     }
 
@@ -381,7 +453,7 @@ impl Table {
     /// Publishes our records (sorted and deduplicated here) under `version`
     /// (from [`next_version`](Self::next_version), or as persisted on restart).
     /// Err if a record is invalid; the table is then unchanged.
-    pub fn set_own(&mut self, mut records: Vec<Record>, version: u64, signer: &Signer) -> Result<SignedSet, DnsError> {
+    pub fn set_own(&mut self, mut records: Vec<Record<A>>, version: u64, signer: &Signer) -> Result<SignedSet<A>, DnsError> {
         records.sort();
         records.dedup();
         let set = RecordSet { owner: self.me, version, records };
@@ -394,7 +466,7 @@ impl Table {
 
     /// Merges sets from gossip (see the module docs); the table changes only
     /// by whole, verified, newer sets.
-    pub fn merge(&mut self, sets: Vec<SignedSet>, keys: &KeyBook) -> MergeReport {
+    pub fn merge(&mut self, sets: Vec<SignedSet<A>>, keys: &KeyBook) -> MergeReport {
         let mut report = MergeReport::default();
         for s in sets {
             let owner = s.set.owner;
@@ -428,7 +500,7 @@ impl Table {
         report
     }
 
-    fn judge(&self, s: &SignedSet, keys: &KeyBook) -> Result<(), Reject> {
+    fn judge(&self, s: &SignedSet<A>, keys: &KeyBook) -> Result<(), Reject> {
         let owner = s.set.owner;
         if owner == self.me {
             return Err(Reject::Own);
@@ -445,7 +517,7 @@ impl Table {
             return Ok(());
         }
         let key = keys.get(owner).ok_or(Reject::UnknownOwner)?;
-        if !trust::verify(&key.signing_key, DOMAIN_DNS_SET, &s.set.message(), &s.sig) {
+        if !trust::verify(&key.signing_key, A::SIGN_DOMAIN, &s.set.message(), &s.sig) {
             return Err(Reject::BadSignature);
         }
         Ok(())
@@ -498,52 +570,18 @@ impl Table {
     }
 
     /// Every address of `name` (lowercase, fully qualified), sorted.
-    pub fn lookup(&self, name: &str) -> &[Ipv4Addr] {
+    pub fn lookup(&self, name: &str) -> &[A] {
         self.by_name.get(name).map_or(&[], |v| v.as_slice())
     }
 
     /// Every name of `addr`, sorted.
-    pub fn reverse(&self, addr: Ipv4Addr) -> &[String] {
+    pub fn reverse(&self, addr: A) -> &[String] {
         self.by_addr.get(&addr).map_or(&[], |v| v.as_slice())
     }
 
-    /// The answer to a question for `name` (any case, with or without the final
-    /// dot). `turn` rotates the addresses of a name with several (pass a
-    /// counter: successive queries get each address first in turn).
-    pub fn resolve(&self, name: &str, qtype: QueryType, turn: usize) -> Answer {
-        let mut q = name.to_ascii_lowercase();
-        if !q.ends_with('.') {
-            q.push('.');
-        }
-        if qtype == QueryType::Ptr {
-            if let Some(addr) = parse_reverse(&q) {
-                let names = self.reverse(addr);
-                if !names.is_empty() {
-                    return Answer::Names(names.to_vec());
-                }
-            }
-        }
-        if !in_domain(&q, &self.domain) {
-            return Answer::Forward;
-        }
-        let addrs = self.lookup(&q);
-        if addrs.is_empty() {
-            // The domain itself exists (it holds names) but has no address.
-            return if q == self.domain { Answer::NoData } else { Answer::NxDomain };
-        }
-        match qtype {
-            QueryType::A => {
-                let mut v = addrs.to_vec();
-                let n = v.len();
-                v.rotate_left(turn % n);
-                Answer::Addresses(v)
-            }
-            _ => Answer::NoData,
-        }
-    }
 
     /// Every (owner, record), by owner then record.
-    pub fn records(&self) -> impl Iterator<Item = (PeerName, &Record)> {
+    pub fn records(&self) -> impl Iterator<Item = (PeerName, &Record<A>)> {
         self.sets.values().flat_map(|s| s.set.records.iter().map(move |r| (s.set.owner, r)))
     }
 
@@ -556,12 +594,12 @@ impl Table {
     }
 
     /// Every set (for a new connection).
-    pub fn all_signed(&self) -> Vec<SignedSet> {
+    pub fn all_signed(&self) -> Vec<SignedSet<A>> {
         self.sets.values().cloned().collect()
     }
 
     /// The sets of `owners` that we hold.
-    pub fn signed_of(&self, owners: &[PeerName]) -> Vec<SignedSet> {
+    pub fn signed_of(&self, owners: &[PeerName]) -> Vec<SignedSet<A>> {
         owners.iter().filter_map(|o| self.sets.get(o).cloned()).collect()
     }
 
@@ -582,7 +620,7 @@ impl Table {
 
     /// A neighbour's digest: our summary if ours differs (at most one per
     /// [`SUMMARY_EVERY_MS`] per neighbour).
-    pub fn on_digest(&mut self, from: u64, digest: Digest, now_ms: u64) -> Option<DnsMsg> {
+    pub fn on_digest(&mut self, from: u64, digest: Digest, now_ms: u64) -> Option<DnsMsg<A>> {
         if digest == self.digest() || !self.summary_allowed(from, now_ms) {
             return None;
         }
@@ -591,7 +629,7 @@ impl Table {
 
     /// A neighbour's summary: the sets it lacks or holds older, and our own
     /// summary if it holds something newer than we do and asked for an answer.
-    pub fn on_summary(&mut self, from: u64, versions: &[(PeerName, u64)], answer: bool, now_ms: u64) -> Vec<DnsMsg> {
+    pub fn on_summary(&mut self, from: u64, versions: &[(PeerName, u64)], answer: bool, now_ms: u64) -> Vec<DnsMsg<A>> {
         let theirs: HashMap<PeerName, u64> = versions.iter().copied().collect();
         let newer: Vec<PeerName> = self
             .sets
@@ -630,14 +668,72 @@ impl Table {
     }
 }
 
+impl Table<Ipv4Addr> {
+    /// The answer from this IPv4 table alone (no IPv6 names): see [`resolve`].
+    pub fn resolve(&self, name: &str, qtype: QueryType, turn: usize) -> Answer {
+        resolve_in(&self.domain, Some(self), None, name, qtype, turn)
+    }
+}
+
+/// The answer to a question for `name` (any case, with or without the final
+/// dot) from both families' tables (of the same domain). A name exists if
+/// either family holds it: A is answered from the IPv4 table, AAAA from the
+/// IPv6 one, and a name with records of the other family only (or a question
+/// of another type) gets [`Answer::NoData`], never NXDOMAIN. PTR questions
+/// for `in-addr.arpa.` / `ip6.arpa.` names of held addresses get their names;
+/// other reverse names are forwarded. `turn` rotates the addresses of a name
+/// with several (pass a counter: successive queries get each address first
+/// in turn).
+pub fn resolve(v4: &Table, v6: &Table6, name: &str, qtype: QueryType, turn: usize) -> Answer {
+    resolve_in(&v4.domain, Some(v4), Some(v6), name, qtype, turn)
+}
+
+fn resolve_in(domain: &str, v4: Option<&Table>, v6: Option<&Table6>, name: &str, qtype: QueryType, turn: usize) -> Answer {
+    let mut q = name.to_ascii_lowercase();
+    if !q.ends_with('.') {
+        q.push('.');
+    }
+    if qtype == QueryType::Ptr {
+        let names: &[String] = match (parse_reverse(&q), parse_reverse6(&q)) {
+            (Some(a), _) => v4.map_or(&[], |t| t.reverse(a)),
+            (_, Some(a)) => v6.map_or(&[], |t| t.reverse(a)),
+            _ => &[],
+        };
+        if !names.is_empty() {
+            return Answer::Names(names.to_vec());
+        }
+    }
+    if !in_domain(&q, domain) {
+        return Answer::Forward;
+    }
+    let a4 = v4.map_or(&[][..], |t| t.lookup(&q));
+    let a6 = v6.map_or(&[][..], |t| t.lookup(&q));
+    if a4.is_empty() && a6.is_empty() {
+        // The domain itself exists (it holds names) but has no address.
+        return if q == domain { Answer::NoData } else { Answer::NxDomain };
+    }
+    match qtype {
+        QueryType::A if !a4.is_empty() => Answer::Addresses(rotated(a4, turn)),
+        QueryType::Aaaa if !a6.is_empty() => Answer::Addresses6(rotated(a6, turn)),
+        _ => Answer::NoData,
+    }
+}
+
+fn rotated<A: Copy>(addrs: &[A], turn: usize) -> Vec<A> {
+    let mut v = addrs.to_vec();
+    let n = v.len();
+    v.rotate_left(turn % n);
+    v
+}
+
 /// Splits sets into `Sets` messages of about `max` encoded bytes (a set larger
 /// than that gets a message of its own). No sets: no messages.
-pub fn split_sets(sets: Vec<SignedSet>, max: usize) -> Vec<DnsMsg> {
+pub fn split_sets<A>(sets: Vec<SignedSet<A>>, max: usize) -> Vec<DnsMsg<A>> {
     let mut out = Vec::new();
     let mut chunk = Vec::new();
     let mut size = 0;
     for s in sets {
-        let len = 96 + s.set.records.iter().map(|r| r.name.len() + r.target.len() + 8).sum::<usize>();
+        let len = 96 + s.set.records.iter().map(|r| r.name.len() + r.target.len() + std::mem::size_of::<A>() + 4).sum::<usize>();
         if !chunk.is_empty() && size + len > max {
             out.push(DnsMsg::Sets(std::mem::take(&mut chunk)));
             size = 0;
@@ -672,6 +768,42 @@ pub fn parse_reverse(q: &str) -> Option<Ipv4Addr> {
 pub fn reverse_name(addr: Ipv4Addr) -> String {
     let [a, b, c, d] = addr.octets();
     format!("{d}.{c}.{b}.{a}.in-addr.arpa.")
+}
+
+/// A lowercase `ip6.arpa.` name in nibble format (32 single hex digits, least
+/// significant first, RFC 3596) → the address. Anything else (fewer nibbles: a
+/// zone, not an address; upper case; two-digit labels) is None.
+pub fn parse_reverse6(q: &str) -> Option<Ipv6Addr> {
+    let body = q.strip_suffix(".ip6.arpa.")?;
+    let mut bits: u128 = 0;
+    let mut n = 0;
+    for (i, p) in body.split('.').enumerate() {
+        let &[c] = p.as_bytes() else { return None };
+        let nibble = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => return None,
+        };
+        if i >= 32 {
+            return None;
+        }
+        bits |= u128::from(nibble) << (4 * i);
+        n = i + 1;
+    }
+    (n == 32).then(|| Ipv6Addr::from(bits))
+}
+
+/// The reverse name of `addr` (`…b.a.9.8.ip6.arpa.`, RFC 3596 nibble format).
+pub fn reverse_name6(addr: Ipv6Addr) -> String {
+    let bits = u128::from(addr);
+    let mut s = String::with_capacity(73);
+    for i in 0..32 {
+        let nibble = ((bits >> (4 * i)) & 0xf) as u32;
+        s.push(char::from_digit(nibble, 16).unwrap_or('0'));
+        s.push('.');
+    }
+    s.push_str("ip6.arpa.");
+    s
 }
 
 #[cfg(test)]
@@ -900,7 +1032,7 @@ mod tests {
         let a = peer(1);
         let big = set(&a, 1, vec![]);
         assert!(DnsMsg::Sets(vec![big.clone(); MAX_OWNERS + 1]).check().is_err());
-        assert!(DnsMsg::Summary { versions: vec![(a.name, 1); MAX_OWNERS + 1], answer: true }.check().is_err());
+        assert!(DnsMsg::<Ipv4Addr>::Summary { versions: vec![(a.name, 1); MAX_OWNERS + 1], answer: true }.check().is_err());
         let mut many = big;
         many.set.records = (0..=MAX_RECORDS as u32).map(|i| rec(&format!("n{i}"), i.to_be_bytes())).collect();
         assert_eq!(DnsMsg::Sets(vec![many]).check(), Err(DnsError::TooManyRecords));
@@ -946,6 +1078,170 @@ mod tests {
         assert_eq!(found, n);
         eprintln!("1000 records: whole table {whole} bytes, one owner's change (100 records) {one} bytes, digest {digest} bytes; merge of 10 sets {merge_us} us; lookup {ns} ns");
         assert!(whole < 100_000 && digest < 40, "{whole} {digest}");
+    }
+
+    fn rec6(name: &str, addr: &str) -> Record6 {
+        Record { name: format!("{name}.{D}"), addr: addr.parse().unwrap(), target: name.into() }
+    }
+
+    fn set6(p: &Peer, version: u64, records: Vec<Record6>) -> SignedSet6 {
+        let mut records = records;
+        records.sort();
+        SignedSet::sign(RecordSet { owner: p.name, version, records }, &p.signer)
+    }
+
+    fn v6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn aaaa_answers_rotate_and_a_missing_family_is_nodata() {
+        let (a, b) = (peer(1), peer(2));
+        let keys = book(&[&a, &b]);
+        let mut t4 = Table::new(D, b.name);
+        let mut t6 = Table6::new(D, b.name);
+        t4.merge(vec![set(&a, 1, vec![rec("db", [10, 0, 0, 1]), rec("only4", [10, 0, 0, 2])])], &keys);
+        let r = t6.merge(vec![set6(&a, 1, vec![rec6("db", "fd32::5"), rec6("db", "fd32::6"), rec6("only6", "fd32::7")])], &keys);
+        assert_eq!(r.changed, vec![a.name]);
+        t6.set_own(vec![rec6("db", "fd32::1")], 1, &b.signer).unwrap();
+        let all = [v6("fd32::1"), v6("fd32::5"), v6("fd32::6")];
+        let firsts: Vec<Ipv6Addr> = (0..3)
+            .map(|turn| match resolve(&t4, &t6, "DB.meshnet.local", QueryType::Aaaa, turn) {
+                Answer::Addresses6(v) => {
+                    let mut s = v.clone();
+                    s.sort();
+                    assert_eq!(s, all);
+                    v[0]
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(firsts, all, "each address comes first in turn");
+        assert_eq!(resolve(&t4, &t6, "db.meshnet.local.", QueryType::A, 0), Answer::Addresses(vec![Ipv4Addr::new(10, 0, 0, 1)]));
+        // One family only: the other is NOERROR with no data, never NXDOMAIN.
+        assert_eq!(resolve(&t4, &t6, "only4.meshnet.local.", QueryType::Aaaa, 0), Answer::NoData);
+        assert_eq!(resolve(&t4, &t6, "only6.meshnet.local.", QueryType::A, 0), Answer::NoData);
+        assert_eq!(resolve(&t4, &t6, "only6.meshnet.local.", QueryType::Other, 0), Answer::NoData);
+        assert_eq!(
+            resolve(&t4, &t6, "only6.meshnet.local.", QueryType::Aaaa, 5),
+            Answer::Addresses6(vec![v6("fd32::7")])
+        );
+        assert_eq!(resolve(&t4, &t6, "nope.meshnet.local.", QueryType::Aaaa, 0), Answer::NxDomain);
+        assert_eq!(resolve(&t4, &t6, "meshnet.local.", QueryType::Aaaa, 0), Answer::NoData);
+        assert_eq!(resolve(&t4, &t6, "example.com.", QueryType::Aaaa, 0), Answer::Forward);
+        // The IPv4 table alone does not know IPv6 names.
+        assert_eq!(t4.resolve("only6.meshnet.local.", QueryType::A, 0), Answer::NxDomain);
+        // PTR of both families; reverse names of other addresses are forwarded.
+        assert_eq!(
+            resolve(&t4, &t6, &reverse_name6(v6("fd32::7")), QueryType::Ptr, 0),
+            Answer::Names(vec!["only6.meshnet.local.".into()])
+        );
+        assert_eq!(
+            resolve(&t4, &t6, &reverse_name(Ipv4Addr::new(10, 0, 0, 2)), QueryType::Ptr, 0),
+            Answer::Names(vec!["only4.meshnet.local.".into()])
+        );
+        assert_eq!(resolve(&t4, &t6, &reverse_name6(v6("fd32::99")), QueryType::Ptr, 0), Answer::Forward);
+        // A removal is a newer set without the record.
+        t6.set_own(vec![], 2, &b.signer).unwrap();
+        let v = match resolve(&t4, &t6, "db.meshnet.local.", QueryType::Aaaa, 0) {
+            Answer::Addresses6(v) => v,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(v, [v6("fd32::5"), v6("fd32::6")]);
+    }
+
+    #[test]
+    fn ip6_arpa_names_round_trip_and_malformed_ones_are_refused() {
+        let a = v6("fd32:1:2:3::5");
+        let name = reverse_name6(a);
+        assert_eq!(name, "5.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.3.0.0.0.2.0.0.0.1.0.0.0.2.3.d.f.ip6.arpa.");
+        for addr in ["::", "::1", "fd32::5", "2001:db8::dead:beef", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "fe80::1:2:3:4"] {
+            assert_eq!(parse_reverse6(&reverse_name6(v6(addr))), Some(v6(addr)), "{addr}");
+        }
+        let body = name.strip_suffix(".ip6.arpa.").unwrap();
+        for bad in [
+            "ip6.arpa.".to_string(),
+            "d.f.ip6.arpa.".to_string(),                        // a zone, not an address
+            format!("0.{name}"),                                // 33 nibbles
+            name[2..].to_string(),                              // 31 nibbles
+            name.replacen('5', "05", 1),                        // two digits in a label
+            name.replacen('d', "g", 1),                         // not hex
+            name.replacen('5', "", 1),                          // empty label
+            format!("{body}.ip6.arpa"),                         // not fully qualified
+            format!("{body}.in-addr.arpa."),
+        ] {
+            assert_eq!(parse_reverse6(&bad), None, "{bad}");
+        }
+        // Questions are lowercased before parsing.
+        assert_eq!(parse_reverse6(&name.to_ascii_uppercase()), None);
+        assert_eq!(parse_reverse(&name), None);
+    }
+
+    #[test]
+    fn forged_and_cross_family_ipv6_sets_are_refused() {
+        let (a, b, c, mallory) = (peer(1), peer(2), peer(3), peer(4));
+        let keys = book(&[&a, &b, &c]);
+        let mut t = Table6::new(D, c.name);
+        t.merge(vec![set6(&a, 5, vec![rec6("db", "fd32::1")])], &keys);
+        // Signed by b, claiming a.
+        let mut forged = set6(&b, 9, vec![rec6("db", "fd66::6")]);
+        forged.set.owner = a.name;
+        // An IPv4 set's signature replayed on an IPv6 set of the same owner and version.
+        let four = set(&a, 10, vec![]);
+        let replay = SignedSet { set: RecordSet { owner: a.name, version: 10, records: vec![] }, sig: four.sig };
+        // A version bumped by a relay; an unknown owner; unsorted records.
+        let mut bumped = set6(&a, 6, vec![rec6("db", "fd32::1")]);
+        bumped.set.version = 99;
+        let unknown = set6(&mallory, 1, vec![rec6("x", "fd32::9")]);
+        let mut unsorted = set6(&b, 3, vec![]);
+        unsorted.set.records = vec![rec6("z", "fd32::1"), rec6("a", "fd32::1")];
+        let unsorted = SignedSet::sign(unsorted.set, &b.signer);
+        let r = t.merge(vec![forged, replay, bumped, unknown, unsorted], &keys);
+        assert!(r.changed.is_empty(), "{r:?}");
+        let why: Vec<Reject> = r.rejected.iter().map(|x| x.1).collect();
+        assert_eq!(why, [Reject::BadSignature, Reject::BadSignature, Reject::BadSignature, Reject::UnknownOwner, Reject::Malformed]);
+        assert_eq!(t.lookup("db.meshnet.local."), [v6("fd32::1")]);
+        // And the other way round: an IPv6 set's signature is no IPv4 set's.
+        let six = set6(&b, 20, vec![]);
+        let mut t4: Table = Table::new(D, c.name);
+        let r = t4.merge(vec![SignedSet { set: RecordSet { owner: b.name, version: 20, records: vec![] }, sig: six.sig }], &keys);
+        assert_eq!(r.rejected, vec![(b.name, Reject::BadSignature)]);
+        // rmpeer drops the IPv6 set too, and stale copies stay out.
+        let old = set6(&a, 5, vec![rec6("db", "fd32::1")]);
+        assert!(t.remove_owner(a.name, 1000));
+        assert_eq!(t.merge(vec![old], &keys).rejected, vec![(a.name, Reject::Removed)]);
+        assert!(t.is_empty());
+    }
+
+    /// What peers of the previous build see: IPv4 sets and messages are the
+    /// same bytes as before (the signed message pinned here byte for byte, and
+    /// `ControlMsg::Dns` keeps its tag), and IPv6 gossip is a new tag after
+    /// every old one, which an old peer is never sent (`CAP_DNS6`).
+    #[test]
+    fn ipv4_sets_keep_the_previous_wire_format() {
+        use crate::wire::control::{decode_message, encode_message, ControlMsg};
+        let set = RecordSet {
+            owner: PeerName(0x0102_0304_0506),
+            version: 7,
+            records: vec![Record { name: "a.meshnet.local.".into(), addr: Ipv4Addr::new(10, 0, 0, 1), target: "t".into() }],
+        };
+        let mut want = vec![0, 0, 1, 2, 3, 4, 5, 6, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 1, 0, 16];
+        want.extend_from_slice(b"a.meshnet.local.");
+        want.extend_from_slice(&[10, 0, 0, 1, 0, 1, b't']);
+        assert_eq!(set.message(), want);
+        let a = peer(1);
+        let four = ControlMsg::Dns(DnsMsg::Sets(vec![self::set(&a, 1, vec![rec("db", [10, 0, 0, 1])])]));
+        let six = ControlMsg::Dns6(DnsMsg::Sets(vec![set6(&a, 1, vec![rec6("db", "fd32::1")])]));
+        let (b4, b6) = (encode_message(&four).unwrap(), encode_message(&six).unwrap());
+        // A message body starts with the variant's tag.
+        assert_eq!(b4[0], 7, "ControlMsg::Dns keeps its tag");
+        assert_eq!(b6[0], 10, "ControlMsg::Dns6 comes after every older variant");
+        assert_eq!(decode_message(&b4).unwrap(), four);
+        assert_eq!(decode_message(&b6).unwrap(), six);
+        // An IPv6 record has the address's 16 bytes where an IPv4 one has 4: a
+        // previous build could not parse it, which is why it never gets one.
+        let m6 = RecordSet { owner: set.owner, version: 7, records: vec![rec6("a", "fd32::1")] }.message();
+        assert_eq!(m6.len(), want.len() + 12);
     }
 
     #[test]

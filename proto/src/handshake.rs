@@ -65,6 +65,10 @@ pub const CAP_MULTIQUEUE: u32 = 64;
 /// its neighbours that cannot dial each other (NAT). Peers without it are
 /// never sent one.
 pub const CAP_SPLICE: u32 = 1 << 12;
+/// Capability bit: the peer understands IPv6 DNS gossip (`ControlMsg::Dns6`,
+/// [`crate::dns::DnsMsg6`]): IPv6 record sets, signed apart from the IPv4 ones.
+/// Peers without it are never sent those messages.
+pub const CAP_DNS6: u32 = 1 << 13;
 /// What the responder tells an initiator whose password differs.
 pub const REFUSAL_WRONG_PASSWORD: &str = "authentication failed: passwords differ";
 /// PBKDF2 iterations for [`derive_psk`].

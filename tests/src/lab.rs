@@ -405,6 +405,13 @@ pub struct Host {
 }
 
 impl Host {
+    /// This host running another meshnet binary (e.g. a previous build, for
+    /// mixed-version tests).
+    pub fn with_bin(mut self, bin: impl Into<PathBuf>) -> Host {
+        self.bin = bin.into();
+        self
+    }
+
     /// `ip netns exec <ns> meshnet ARGS...` with this host's state dir.
     pub fn meshnet(&self, args: &[&str]) -> Out {
         self.meshnet_env(args, &[])

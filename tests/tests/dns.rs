@@ -15,6 +15,13 @@
 //! Router 2's records survive kill -9 and `launch --resume`. A flood of 10 000
 //! queries from the container is answered, garbage is dropped and counted, and
 //! the router's API answers meanwhile.
+//!
+//! `ipv6_names_across_routers`: dual-stack routers; a dual-stack container's
+//! name registered on router 2 answers A and AAAA on router 1, `dig -x` of its
+//! IPv6 address gives the name, mixed lists, rotation, NOERROR/no data for the
+//! family a name lacks, removals within seconds, kill -9 and `--resume`.
+//! `ipv6_names_with_a_router_of_the_previous_build`: the same next to a router
+//! running `$MESHNET_OLD_BIN` (skipped without it).
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -325,4 +332,195 @@ fn names_across_routers() {
     stop.store(true, Ordering::Relaxed);
     let forwarded = resolver.join().unwrap();
     assert!(forwarded >= 1);
+}
+
+/// IPv6 in meshnet DNS: dual-stack routers (an IPv4 and an IPv6
+/// `--ipalloc-range`); a name registered on router 2 for a dual-stack
+/// container gets an A and an AAAA record; router 1's server (asked from a
+/// container on host 1) answers both, `dig -x` of the IPv6 address gives the
+/// name, an explicit mixed list (`dns-add fd.. 10.. TARGET`) registers both,
+/// a name with one family answers NOERROR with no data for the other, and a
+/// removal of the IPv6 address (then of the name) reaches router 1 within
+/// seconds. `dns-lookup` and `status dns --json` show both families.
+#[test]
+fn ipv6_names_across_routers() {
+    const RANGE4: &str = "10.46.0.0/16";
+    const RANGE6: &str = "fd46::/64";
+    let opts = ["--no-discovery", "--ipalloc-range", RANGE4, "--ipalloc-range", RANGE6];
+    let Some(lab) = Lab::new("ipv6_names_across_routers") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    h1.launch(&opts);
+    let n2 = h2.launch(&[&opts[..], &[h1.ip.as_str()]].concat());
+    assert!(wait_until(SECS(30), || established(&h1) >= 1 && established(&h2) >= 1), "h1 and h2 did not connect");
+    h1.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime h1");
+    h2.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime h2");
+    let exposed = h1.meshnet(&["expose"]).expect_ok("expose h1").last_line().unwrap_or_default().to_string();
+    let server = ip_of(&exposed);
+    assert!(wait_until(SECS(5), || dns_status(&h1)["listen"] == format!("{server}:53")), "{}", dns_status(&h1));
+
+    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
+    h1.meshnet(&["attach", &c1.ns]).expect_ok("attach c1");
+    let out = h2.meshnet(&["attach", &c2.ns]).expect_ok("attach c2");
+    let addrs: Vec<String> = out.last_line().unwrap_or_default().split_whitespace().map(ip_of).collect();
+    let ip4 = addrs.iter().find(|a| a.parse::<Ipv4Addr>().is_ok()).cloned().expect("an IPv4 address");
+    let ip6 = addrs.iter().find(|a| a.parse::<std::net::Ipv6Addr>().is_ok()).cloned().expect("an IPv6 address");
+    assert!(ping_until(&c1.ns, &server, SECS(20)), "c1 does not reach h1's exposed {server}");
+
+    // Both of c2's addresses, registered on router 2, resolve on router 1.
+    let out = h2.meshnet(&["dns-add", &c2.ns, "-h", "db"]).expect_ok("dns-add db");
+    assert_eq!(out.stdout.trim(), format!("db.meshnet.local. {ip4} {ip6}"));
+    let t = Instant::now();
+    assert!(
+        wait_until(SECS(10), || short(&c1.ns, &server, "db.meshnet.local", "AAAA") == [ip6.clone()]),
+        "router 1 does not answer AAAA db: {}",
+        dns_status(&h1)
+    );
+    eprintln!("AAAA of db registered on router 2 answered by router 1 after {} ms", t.elapsed().as_millis());
+    assert_eq!(short(&c1.ns, &server, "db.meshnet.local", "A"), [ip4.clone()]);
+    let ptr = dig(&c1.ns, &server, &["+short", "-x", &ip6]);
+    assert_eq!(ptr.stdout.trim(), "db.meshnet.local.", "{ptr}");
+    let ptr4 = dig(&c1.ns, &server, &["+short", "-x", &ip4]);
+    assert_eq!(ptr4.stdout.trim(), "db.meshnet.local.", "{ptr4}");
+    let full = dig(&c1.ns, &server, &["+noall", "+answer", "db.meshnet.local", "AAAA"]);
+    assert!(full.stdout.split_whitespace().nth(1) == Some("1") && full.stdout.contains("AAAA"), "TTL 1 expected: {full}");
+    let lookup = h1.meshnet(&["dns-lookup", "db"]).expect_ok("dns-lookup");
+    assert_eq!(lookup.stdout.lines().collect::<Vec<_>>(), [ip4.as_str(), ip6.as_str()]);
+    let mut own = own_records(&h1, &n2);
+    own.sort();
+    let mut want = vec![("db.meshnet.local.".to_string(), ip4.clone()), ("db.meshnet.local.".to_string(), ip6.clone())];
+    want.sort();
+    assert_eq!(own, want, "{}", dns_status(&h1));
+    assert!(dns_status(&h2)["own_version6"].as_u64().unwrap_or(0) > 0, "{}", dns_status(&h2));
+
+    // An explicit mixed list; several IPv6 addresses rotate; a family a name
+    // lacks is NOERROR with no answers.
+    h2.meshnet(&["dns-add", "fd46::aa", "fd46::bb", "10.46.9.9", &c2.ns, "-h", "mixed"]).expect_ok("dns-add mixed");
+    h2.meshnet(&["dns-add", "fd46::cc", &c2.ns, "-h", "only6"]).expect_ok("dns-add only6");
+    assert!(wait_until(SECS(10), || short(&c1.ns, &server, "only6.meshnet.local", "AAAA") == ["fd46::cc"]));
+    assert_eq!(short(&c1.ns, &server, "mixed.meshnet.local", "A"), ["10.46.9.9"]);
+    let mut firsts = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let v = short(&c1.ns, &server, "mixed.meshnet.local", "AAAA");
+        let mut sorted = v.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["fd46::aa", "fd46::bb"]);
+        firsts.insert(v[0].clone());
+    }
+    assert_eq!(firsts.len(), 2, "rotation: {firsts:?}");
+    assert_eq!(rcode(&c1.ns, &server, "only6.meshnet.local", "A"), "NOERROR");
+    assert!(short(&c1.ns, &server, "only6.meshnet.local", "A").is_empty());
+    assert_eq!(rcode(&c1.ns, &server, "nobody.meshnet.local", "AAAA"), "NXDOMAIN");
+    let bad = h2.meshnet(&["dns-add", "fd46::zz", &c2.ns, "-h", "x"]);
+    assert!(!bad.ok() && bad.stderr.contains("not an IPv4 address"), "{bad}");
+    let bad = h2.meshnet(&["dns-add", "ff02::1", &c2.ns, "-h", "x"]);
+    assert!(!bad.ok() && bad.stderr.contains("not a unicast address"), "{bad}");
+
+    // Removing the IPv6 address only: AAAA goes within seconds, A stays.
+    h2.meshnet(&["dns-remove", &ip6, &c2.ns, "-h", "db"]).expect_ok("dns-remove the IPv6 address");
+    let t = Instant::now();
+    assert!(
+        wait_until(SECS(5), || rcode(&c1.ns, &server, "db.meshnet.local", "AAAA") == "NOERROR"
+            && short(&c1.ns, &server, "db.meshnet.local", "AAAA").is_empty()),
+        "the AAAA removal did not reach router 1"
+    );
+    eprintln!("AAAA removal seen on router 1 after {} ms", t.elapsed().as_millis());
+    assert_eq!(short(&c1.ns, &server, "db.meshnet.local", "A"), [ip4.clone()]);
+    let ptr = dig(&c1.ns, &server, &["+short", "-x", &ip6]);
+    assert!(!ptr.stdout.contains("db.meshnet.local"), "{ptr}");
+    // Removing the target: every name of both families goes.
+    h2.meshnet(&["dns-remove", &c2.ns]).expect_ok("dns-remove c2");
+    assert!(
+        wait_until(SECS(5), || rcode(&c1.ns, &server, "mixed.meshnet.local", "AAAA") == "NXDOMAIN"
+            && rcode(&c1.ns, &server, "only6.meshnet.local", "AAAA") == "NXDOMAIN"
+            && rcode(&c1.ns, &server, "db.meshnet.local", "A") == "NXDOMAIN"),
+        "the removal of c2's names did not reach router 1: {}",
+        dns_status(&h1)
+    );
+    assert!(own_records(&h1, &n2).is_empty(), "{}", dns_status(&h1));
+
+    // Records of both families survive kill -9 and a relaunch.
+    h2.meshnet(&["dns-add", &c2.ns, "-h", "db"]).expect_ok("dns-add db again");
+    kill9(&h2);
+    h2.launch(&["--resume"]);
+    let mut own = own_records(&h2, &n2);
+    own.sort();
+    assert_eq!(own, want, "after kill -9: {}", dns_status(&h2));
+    assert!(wait_until(SECS(30), || established(&h1) >= 1), "h2 did not reconnect");
+    assert!(wait_until(SECS(10), || short(&c1.ns, &server, "db.meshnet.local", "AAAA") == [ip6.clone()]));
+}
+
+/// Mixed versions: routers 1 and 2 of this build, router 3 of the previous
+/// one (`MESHNET_OLD_BIN`, a binary without `CAP_DNS6`; the test is skipped
+/// without it). Router 2's dual-stack name resolves A and AAAA on router 1;
+/// router 3 gets its IPv4 record only (it is never sent IPv6 gossip, so it
+/// rejects nothing and keeps its connections); router 3's own IPv4 record
+/// resolves on router 1 (AAAA: no data); removals reach both.
+#[test]
+fn ipv6_names_with_a_router_of_the_previous_build() {
+    let Some(old_bin) = std::env::var_os("MESHNET_OLD_BIN") else {
+        eprintln!("skipped: set MESHNET_OLD_BIN to a meshnet binary of the previous build");
+        return;
+    };
+    const RANGE4: &str = "10.47.0.0/16";
+    const RANGE6: &str = "fd47::/64";
+    let opts = ["--ipalloc-range", RANGE4, "--ipalloc-range", RANGE6];
+    let Some(lab) = Lab::new("ipv6_names_mixed_versions") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    eprintln!("router 3 runs {}", std::path::Path::new(&old_bin).display());
+    let h3 = lab.add_host(3).with_bin(old_bin);
+    h1.launch(&opts);
+    h2.launch(&[&opts[..], &[h1.ip.as_str()]].concat());
+    h3.launch(&[&opts[..], &[h1.ip.as_str()]].concat());
+    assert!(
+        wait_until(SECS(40), || established(&h1) == 2 && established(&h2) == 2 && established(&h3) == 2),
+        "no full mesh: {} {} {}",
+        established(&h1),
+        established(&h2),
+        established(&h3)
+    );
+    for h in [&h1, &h2, &h3] {
+        h.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime");
+    }
+    let exposed = h1.meshnet(&["expose"]).expect_ok("expose h1").last_line().unwrap_or_default().to_string();
+    let server = ip_of(&exposed);
+    assert!(wait_until(SECS(5), || dns_status(&h1)["listen"] == format!("{server}:53")), "{}", dns_status(&h1));
+    let (c1, c2, c3) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2), lab.add_container(&h3, 3));
+    h1.meshnet(&["attach", &c1.ns]).expect_ok("attach c1");
+    let out = h2.meshnet(&["attach", &c2.ns]).expect_ok("attach c2");
+    let addrs: Vec<String> = out.last_line().unwrap_or_default().split_whitespace().map(ip_of).collect();
+    let ip4 = addrs.iter().find(|a| a.parse::<Ipv4Addr>().is_ok()).cloned().expect("an IPv4 address");
+    let ip6 = addrs.iter().find(|a| a.parse::<std::net::Ipv6Addr>().is_ok()).cloned().expect("an IPv6 address");
+    assert!(ping_until(&c1.ns, &server, SECS(20)), "c1 does not reach h1's exposed {server}");
+
+    h2.meshnet(&["dns-add", &c2.ns, "-h", "db"]).expect_ok("dns-add db");
+    assert!(wait_until(SECS(10), || short(&c1.ns, &server, "db.meshnet.local", "AAAA") == [ip6.clone()]), "AAAA db on router 1");
+    assert_eq!(short(&c1.ns, &server, "db.meshnet.local", "A"), [ip4.clone()]);
+    // The old router holds the IPv4 record, and only it.
+    assert!(
+        wait_until(SECS(10), || h3.meshnet(&["dns-lookup", "db"]).stdout.trim() == ip4),
+        "router 3: {}",
+        h3.meshnet(&["dns-lookup", "db"])
+    );
+    // Its own (IPv4) record reaches router 1, which has no IPv6 data for it.
+    h3.meshnet(&["dns-add", "10.47.9.7", &c3.ns, "-h", "old"]).expect_ok("dns-add on the old router");
+    assert!(wait_until(SECS(10), || short(&c1.ns, &server, "old.meshnet.local", "A") == ["10.47.9.7"]), "old on router 1");
+    assert_eq!(rcode(&c1.ns, &server, "old.meshnet.local", "AAAA"), "NOERROR");
+    assert!(short(&c1.ns, &server, "old.meshnet.local", "AAAA").is_empty());
+    // Removals reach both kinds of router.
+    h2.meshnet(&["dns-remove", &c2.ns]).expect_ok("dns-remove c2");
+    assert!(wait_until(SECS(5), || rcode(&c1.ns, &server, "db.meshnet.local", "AAAA") == "NXDOMAIN"), "removal on router 1");
+    assert!(wait_until(SECS(5), || !h3.meshnet(&["dns-lookup", "db"]).ok()), "removal on router 3");
+    // Nobody refused anything (but its own set relayed back), and nobody
+    // dropped a connection.
+    for (h, keys) in [(&h1, &["sets_rejected", "sets6_rejected"][..]), (&h2, &["sets_rejected", "sets6_rejected"][..]), (&h3, &["sets_rejected"][..])] {
+        let st = dns_status(h);
+        for k in keys {
+            let why = st["counters"][k].as_object().unwrap_or_else(|| panic!("{}: no {k}: {st}", h.ns));
+            assert!(why.keys().all(|w| w == "own"), "{}: {k}: {st}", h.ns);
+        }
+    }
+    assert!(dns_status(&h3)["records"].as_array().unwrap().iter().all(|r| r["address"].as_str().unwrap().parse::<Ipv4Addr>().is_ok()));
+    assert_eq!((established(&h1), established(&h2), established(&h3)), (2, 2, 2));
+    let conns3 = connections(&h3.status_json());
+    assert!(conns3.iter().all(|c| c["state"] == "established"), "{conns3:?}");
 }

@@ -136,6 +136,10 @@ pub enum ControlMsg {
     /// carried through a neighbour of both (see [`SpliceMsg`]); only between
     /// peers with `CAP_SPLICE`. Last, so the bincode tags of the others stay.
     Splice(SpliceMsg),
+    /// meshnet DNS, IPv6: the same messages over IPv6 record sets (see
+    /// [`crate::dns::DnsMsg6`]); only between peers with `CAP_DNS6`. Last, so
+    /// the bincode tags of the others stay.
+    Dns6(crate::dns::DnsMsg6),
 }
 
 /// Largest [`SpliceBody::Data`] chunk.
@@ -198,6 +202,7 @@ impl ControlMsg {
                 Err(ControlError::Malformed("gossip summary over MAX_SUMMARY entries"))
             }
             ControlMsg::Dns(m) => m.check().map_err(|_| ControlError::Malformed("DNS message over its bounds")),
+            ControlMsg::Dns6(m) => m.check().map_err(|_| ControlError::Malformed("DNS message over its bounds")),
             ControlMsg::Trusted(t) => t.check().map_err(|_| ControlError::Malformed("trusted-subnets record over its bounds")),
             ControlMsg::Splice(m) => m.check(),
             _ => Ok(()),

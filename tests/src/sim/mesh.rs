@@ -847,7 +847,7 @@ impl MeshSim {
                 self.ipam_flush(i);
             }
             // The simulator does not model DNS (its nodes never send it).
-            ControlMsg::Heartbeat | ControlMsg::Rekey(_) | ControlMsg::Dns(_) | ControlMsg::Trusted(_) | ControlMsg::Splice(_) => {}
+            ControlMsg::Heartbeat | ControlMsg::Rekey(_) | ControlMsg::Dns(_) | ControlMsg::Dns6(_) | ControlMsg::Trusted(_) | ControlMsg::Splice(_) => {}
         }
     }
 
