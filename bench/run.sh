@@ -8,7 +8,8 @@
 #
 # Options: --paths direct,vxlan,meshnet,tinc[,meshnet-trusted]  --rounds N  --time SECS
 #          (meshnet-trusted: both routers --trusted-subnets of the underlay, so data
-#          goes unencrypted through their kernel VXLAN devices)
+#          goes unencrypted through their kernel VXLAN devices; with
+#          BENCH_TRUSTED=userspace, unsealed over meshnet's own path instead)
 #          --no-wait (do not wait for a quiet machine)  --no-md (leave BENCHMARKS.md)
 #          --threads N (both meshnet routers launched with --datapath-threads N; default 1)
 # Env: MESHNET_BIN (use this binary, else build release into $CARGO_TARGET_DIR or
@@ -34,7 +35,7 @@ while [ $# -gt 0 ]; do
     --no-wait) WAIT=0 ;;
     --no-md) WRITE_MD=0 ;;
     --threads) MESHNET_THREADS=$2; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift

@@ -65,6 +65,12 @@ pub const CAP_MULTIQUEUE: u32 = 64;
 /// its neighbours that cannot dial each other (NAT). Peers without it are
 /// never sent one.
 pub const CAP_SPLICE: u32 = 1 << 12;
+/// Capability bit: the peer takes unsealed data datagrams (`trusted
+/// (userspace)`, the outer flag [`crate::wire::datagram::OUTER_FLAG_UNSEALED`])
+/// from a peer whose underlay address it trusts and that trusts its own, when
+/// the kernel VXLAN path is not available (see [`crate::trusted::decide`]).
+/// A peer without it is only ever sent sealed datagrams.
+pub const CAP_TRUSTED_USERSPACE: u32 = 1 << 15;
 /// What the responder tells an initiator whose password differs.
 pub const REFUSAL_WRONG_PASSWORD: &str = "authentication failed: passwords differ";
 /// PBKDF2 iterations for [`derive_psk`].
