@@ -1830,15 +1830,19 @@ mod tests {
             Err(DatapathError::Session(crate::session::SessionError::AuthFailed))
         );
         let mut bad = d.clone();
-        bad[1] = 1;
+        bad[1] = 2;
         assert_eq!(rx.receive(0, &mut bad, |_, _, _| {}), Err(WireError::Reserved.into()));
+        // UNSEALED on a sealed datagram from a peer never agreed: refused.
+        let mut bad = d.clone();
+        bad[1] = crate::wire::datagram::OUTER_FLAG_UNSEALED;
+        assert_eq!(rx.receive(0, &mut bad, |_, _, _| {}), Err(DatapathError::UnsealedRefused));
         let mut bad = d.clone();
         bad[7] = 9;
         assert_eq!(rx.receive(0, &mut bad, |_, _, _| {}), Err(DatapathError::UnknownSession(9)));
         rx.remove_session(IDX);
         assert_eq!(rx.receive(0, &mut d.clone(), |_, _, _| {}), Err(DatapathError::UnknownSession(IDX)));
         let st = rx.stats();
-        assert_eq!((st.malformed, st.unknown_session), (OVERHEAD as u64 + 2, 2));
+        assert_eq!((st.malformed, st.unknown_session, st.unsealed_refused), (OVERHEAD as u64 + 2, 2, 1));
     }
 
     #[test]
@@ -2075,7 +2079,8 @@ mod tests {
             }
         }
         let s = rx.stats();
-        assert_eq!(s.datagrams_ok + s.replays + s.auth_failures + s.malformed + s.unknown_session, N);
+        assert_eq!(s.datagrams_ok + s.replays + s.auth_failures + s.malformed + s.unknown_session + s.unsealed_refused, N);
+        assert_eq!(s.unsealed_ok, 0, "nothing unsealed is taken from a peer never agreed");
         assert!(s.datagrams_ok > N / 50 && s.units_delivered > 0, "{s:?}");
         assert!(s.malformed > 0 && s.auth_failures > 0 && s.replays > 0 && s.reassembly_drops > 0, "{s:?}");
     }

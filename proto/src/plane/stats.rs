@@ -241,8 +241,10 @@ mod tests {
         let i = |n: &str| names.iter().position(|k| *k == n).unwrap();
         assert_eq!(i("rekeys"), i("ttl_clamped") + 1);
         assert_eq!(names[0], "tap_units_in");
-        assert_eq!(names[names.len() - 2], "sw_malformed_units");
-        assert_eq!(names.last(), Some(&"udp_other_queue"));
-        assert_eq!(names.len(), 24 + Refused::ALL.len() + 3 + 1);
+        assert_eq!(names[names.len() - 5], "sw_malformed_units");
+        assert_eq!(names[names.len() - 4], "udp_other_queue");
+        // Added after: `trusted (userspace)`.
+        assert_eq!(names[names.len() - 3..], ["udp_unsealed_out", "udp_unsealed_in", "udp_unsealed_refused"]);
+        assert_eq!(names.len(), 24 + Refused::ALL.len() + 3 + 1 + 3);
     }
 }
