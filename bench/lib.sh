@@ -152,7 +152,7 @@ setup_meshnet() { # [PATH [LAUNCH ARGS...]]: meshnet (default) or meshnet-truste
   mtu+=("$@")
   mkdir -p "$WORK/$p"
   MESHNET_PASSWORD=$PASSWORD inns $p h1 "$MESHNET_BIN" --state-dir "$WORK/$p/h1" launch "${mtu[@]}" >&2 || return 1
-  MESHNET_PASSWORD=$PASSWORD inns $p h2 "$MESHNET_BIN" --state-dir "$WORK/$p/h2" launch "${mtu[@]}" $UL1 >&2 || return 1
+  MESHNET_PASSWORD=$PASSWORD inns $p h2 "$MESHNET_BIN" --state-dir "$WORK/$p/h2" launch "${mtu[@]}" "${UL1_TARGET:-$UL1}" >&2 || return 1
   inns $p h1 "$MESHNET_BIN" --state-dir "$WORK/$p/h1" attach 10.40.0.1/16 "$(ns $p c1)" >&2 || return 1
   inns $p h2 "$MESHNET_BIN" --state-dir "$WORK/$p/h2" attach 10.40.0.2/16 "$(ns $p c2)" >&2 || return 1
 }
@@ -166,7 +166,7 @@ setup_meshnet_trusted() {
   local p=meshnet-trusted r want='trusted (kernel)'
   if [ "${BENCH_TRUSTED:-kernel}" = userspace ]; then
     want='trusted (userspace)'
-    UL1=$UL1:65535 setup_meshnet $p --port 65535 --trusted-subnets 192.168.77.0/24 || return 1
+    UL1_TARGET=$UL1:65535 setup_meshnet $p --port 65535 --trusted-subnets 192.168.77.0/24 || return 1
   else
     setup_meshnet $p --trusted-subnets 192.168.77.0/24 || return 1
   fi
