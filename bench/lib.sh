@@ -153,22 +153,30 @@ setup_meshnet() { # [PATH [LAUNCH ARGS...]]: meshnet (default) or meshnet-truste
   mtu+=("$@")
   mkdir -p "$WORK/$p"
   MESHNET_PASSWORD=$PASSWORD inns $p h1 "$MESHNET_BIN" --state-dir "$WORK/$p/h1" launch "${mtu[@]}" >&2 || return 1
-  MESHNET_PASSWORD=$PASSWORD inns $p h2 "$MESHNET_BIN" --state-dir "$WORK/$p/h2" launch "${mtu[@]}" $UL1 >&2 || return 1
+  MESHNET_PASSWORD=$PASSWORD inns $p h2 "$MESHNET_BIN" --state-dir "$WORK/$p/h2" launch "${mtu[@]}" "${UL1_TARGET:-$UL1}" >&2 || return 1
   inns $p h1 "$MESHNET_BIN" --state-dir "$WORK/$p/h1" attach 10.40.0.1/16 "$(ns $p c1)" >&2 || return 1
   inns $p h2 "$MESHNET_BIN" --state-dir "$WORK/$p/h2" attach 10.40.0.2/16 "$(ns $p c2)" >&2 || return 1
 }
 
 # Both routers trust the underlay: data goes unencrypted through their kernel
 # VXLAN devices once each has learned the other container's MAC (the first ping).
+# BENCH_TRUSTED=userspace: both on --port 65535, which leaves no port for the
+# VXLAN device, so the pair goes `trusted (userspace)` (unsealed datagrams over
+# meshnet's own path) instead.
 setup_meshnet_trusted() {
-  local p=meshnet-trusted r
-  setup_meshnet $p --trusted-subnets 192.168.77.0/24 || return 1
+  local p=meshnet-trusted r want='trusted (kernel)'
+  if [ "${BENCH_TRUSTED:-kernel}" = userspace ]; then
+    want='trusted (userspace)'
+    UL1_TARGET=$UL1:65535 setup_meshnet $p --port 65535 --trusted-subnets 192.168.77.0/24 || return 1
+  else
+    setup_meshnet $p --trusted-subnets 192.168.77.0/24 || return 1
+  fi
   for r in h1 h2; do
     for _ in $(seq 100); do
-      meshnet_status $r $p | grep -q '"trusted (kernel)"' && break
+      meshnet_status $r $p | grep -q "\"$want\"" && break
       sleep 0.2
     done
-    meshnet_status $r $p | grep -q '"trusted (kernel)"' || { log "$p $r: connection not trusted (kernel)"; return 1; }
+    meshnet_status $r $p | grep -q "\"$want\"" || { log "$p $r: connection not $want"; return 1; }
   done
   inns $p c1 ping -c 3 -i 0.3 -q 10.40.0.2 >/dev/null 2>&1
   sleep 1

@@ -23,6 +23,9 @@ LABEL = {
     "tinc": "(d) tinc 1.0 switch mode, encrypted",
     "meshnet-trusted": "(e) meshnet, --trusted-subnets (kernel VXLAN, unencrypted)",
 }
+if os.environ.get("BENCH_TRUSTED") == "userspace":
+    # bench/run.sh with BENCH_TRUSTED=userspace: no VXLAN device, unsealed over meshnet's UDP path.
+    LABEL["meshnet-trusted"] = "(e) meshnet, --trusted-subnets, trusted (userspace): unencrypted over meshnet's own UDP path"
 RSS_LIMIT_KB = 30_000_000 / 1024  # 30 MB
 
 

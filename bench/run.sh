@@ -8,7 +8,8 @@
 #
 # Options: --paths direct,vxlan,meshnet,tinc[,meshnet-trusted]  --rounds N  --time SECS
 #          (meshnet-trusted: both routers --trusted-subnets of the underlay, so data
-#          goes unencrypted through their kernel VXLAN devices)
+#          goes unencrypted through their kernel VXLAN devices; with
+#          BENCH_TRUSTED=userspace, unsealed over meshnet's own path instead)
 #          --no-wait (do not wait for a quiet machine)  --no-md (leave BENCHMARKS.md)
 #          --threads N (both meshnet routers launched with --datapath-threads N; default:
 #          the router's own default, half the cores, at least 1)

@@ -427,6 +427,7 @@ async fn run_connection(
             | meshnet_proto::handshake::CAP_DNS
             | meshnet_proto::handshake::CAP_DNS6
             | CAP_TRUSTED
+            | meshnet_proto::handshake::CAP_TRUSTED_USERSPACE
             | meshnet_proto::handshake::CAP_MULTIQUEUE
             | meshnet_proto::handshake::CAP_SPLICE
             | mesh.need_capabilities(),
@@ -526,7 +527,8 @@ async fn run_connection(
         Some(_) => std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         None => stream.local_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)),
     };
-    mesh.trusted.connected(id, hello.name, local_ip, remote.ip(), hello.binding.keys.signing_key);
+    let userspace = hello.capabilities & meshnet_proto::handshake::CAP_TRUSTED_USERSPACE != 0;
+    mesh.trusted.connected(id, hello.name, local_ip, remote.ip(), hello.binding.keys.signing_key, userspace);
     if hello.capabilities & CAP_TRUSTED != 0 {
         let _ = queue.send(ControlMsg::Trusted(mesh.trusted.record()));
     }
@@ -877,11 +879,16 @@ fn drain(
             Ok(Some(ControlMsg::Dns6(m))) => crate::dns::on_message(mesh, id, m, mesh.now_ms()),
             Ok(Some(ControlMsg::Splice(m))) => crate::splice::on_message(mesh, peer, m),
             Ok(Some(ControlMsg::Trusted(rec))) => match mesh.trusted.on_record(id, &rec) {
-                Ok(()) => log::info!(
-                    "{peer} trusts {}; data to it: {}",
-                    if rec.record.subnets.is_empty() { "no subnet".to_string() } else { rec.record.subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",") },
-                    mesh.trusted.describe(id).0
-                ),
+                Ok(()) => {
+                    // Unsealed over the userspace path only while trust is
+                    // mutual and the kernel path unavailable; sealed otherwise.
+                    mesh.dataplane.set_unsealed(peer, mesh.trusted.unsealed_to(id));
+                    log::info!(
+                        "{peer} trusts {}; data to it: {}",
+                        if rec.record.subnets.is_empty() { "no subnet".to_string() } else { rec.record.subnets.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(",") },
+                        mesh.trusted.describe(id).0
+                    )
+                }
                 Err(e) => log::warn!("from {peer}: {e}; data to it stays encrypted"),
             },
             Ok(Some(ControlMsg::Ipam(bytes))) => {

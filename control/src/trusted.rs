@@ -13,6 +13,14 @@
 //! that trust each other's underlay address go unencrypted, and only unicast to
 //! MACs learned behind such a peer: broadcast, multicast and unknown unicast
 //! stay on the encrypted userspace path.
+//!
+//! Where trust is mutual but the kernel path is unavailable (IPv6 underlay, no
+//! device on either side) and the peer advertised `CAP_TRUSTED_USERSPACE`, the
+//! connection is `trusted (userspace)`: [`Trusted::unsealed_to`] gives the
+//! peer's underlay address, and the connection tells the data plane
+//! ([`meshnet_router::dataplane::DataPlane::set_unsealed`]) to send units for
+//! that peer itself unsealed and to take unsealed datagrams from that address
+//! only. Broadcasts and units relayed through the peer stay sealed.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -98,6 +106,8 @@ struct PeerSide {
     remote: IpAddr,
     signing_key: [u8; 32],
     theirs: Option<TrustedSubnets>,
+    /// The peer advertised `CAP_TRUSTED_USERSPACE`.
+    userspace: bool,
 }
 
 /// See the module docs.
@@ -170,10 +180,19 @@ impl Trusted {
 
     /// Connection `id` to `peer` is established: `local` and `remote` are the
     /// TCP connection's two addresses, `signing_key` the peer's (from the
-    /// binding its handshake proved).
-    pub fn connected(&self, id: u64, peer: PeerName, local: IpAddr, remote: IpAddr, signing_key: [u8; 32]) {
+    /// binding its handshake proved), `userspace` whether it advertised
+    /// `CAP_TRUSTED_USERSPACE`.
+    pub fn connected(&self, id: u64, peer: PeerName, local: IpAddr, remote: IpAddr, signing_key: [u8; 32], userspace: bool) {
         let mut c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        c.insert(id, PeerSide { peer, local: trusted::unmapped(local), remote: trusted::unmapped(remote), signing_key, theirs: None });
+        let side = PeerSide { peer, local: trusted::unmapped(local), remote: trusted::unmapped(remote), signing_key, theirs: None, userspace };
+        c.insert(id, side);
+    }
+
+    /// The peer's underlay address when data on connection `id` goes unsealed
+    /// over the userspace path (`trusted (userspace)`); None otherwise.
+    pub fn unsealed_to(&self, id: u64) -> Option<IpAddr> {
+        let c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.get(&id).filter(|s| self.decide(s).unsealed()).map(|s| s.remote)
     }
 
     /// A record arrived on connection `id`: kept if it verifies, else counted
@@ -204,6 +223,7 @@ impl Trusted {
             local: side.local,
             remote: side.remote,
             theirs: side.theirs.as_ref(),
+            their_userspace: side.userspace,
         })
     }
 
@@ -213,19 +233,18 @@ impl Trusted {
         c.get(&id).map(|s| self.decide(s))
     }
 
-    /// `encrypted`, `encrypted (why)` or `trusted (kernel)`, for `status connections`.
+    /// `encrypted`, `encrypted (why)`, `trusted (kernel)` or `trusted
+    /// (userspace)` with why the kernel path is not used, for `status connections`.
     pub fn describe(&self, id: u64) -> (String, Option<String>) {
+        let why = |w: Why| match (w, &self.device) {
+            (Why::NoLocalDevice, Err(e)) => format!("{}: {e}", w.text()),
+            _ => w.text().to_string(),
+        };
         match self.mode(id) {
             Some(DataMode::TrustedKernel) => ("trusted (kernel)".into(), None),
+            Some(DataMode::TrustedUserspace(w)) => ("trusted (userspace)".into(), Some(why(w))),
             Some(DataMode::Encrypted(Why::NoTrustedSubnets)) | None => ("encrypted".into(), None),
-            Some(DataMode::Encrypted(Why::NoLocalDevice)) => {
-                let why = match &self.device {
-                    Err(e) => format!("{}: {e}", Why::NoLocalDevice.text()),
-                    Ok(_) => Why::NoLocalDevice.text().to_string(),
-                };
-                ("encrypted".into(), Some(why))
-            }
-            Some(DataMode::Encrypted(w)) => ("encrypted".into(), Some(w.text().to_string())),
+            Some(DataMode::Encrypted(w)) => ("encrypted".into(), Some(why(w))),
         }
     }
 
@@ -401,7 +420,7 @@ mod tests {
         let dev = Device { name: "vxm-t".into(), index: 7, port: 6784, bridge: "t".into() };
         let t = Trusted::new(subnets.clone(), Ok(Some(dev)), PeerName(1), 1, &me);
         let peer = Signer::from_identity(&Identity::generate());
-        t.connected(5, PeerName(2), ip("10.250.0.1"), ip("10.250.0.2"), peer.public());
+        t.connected(5, PeerName(2), ip("10.250.0.1"), ip("10.250.0.2"), peer.public(), true);
         assert_eq!(t.mode(5), Some(DataMode::Encrypted(Why::PeerSaidNothing)));
         // Signed by someone else: refused, counted, still encrypted.
         let forged = SignedTrustedSubnets::sign(TrustedSubnets { name: PeerName(2), uid: 1, subnets: subnets.clone(), kernel: true }, &me);
@@ -419,7 +438,36 @@ mod tests {
         let w = wanted(&owners, &peers);
         assert_eq!(w.len(), 1);
         assert_eq!(w.get(&[2, 0, 0, 0, 0, 1]), Some(&Ipv4Addr::new(10, 250, 0, 2)));
+        assert_eq!(t.unsealed_to(5), None, "through the kernel, not unsealed");
         t.disconnected(5);
         assert_eq!(t.mode(5), None);
+    }
+
+    #[test]
+    fn mutual_trust_without_a_device_is_unsealed_only_to_peers_that_take_it() {
+        let subnets = trusted::parse_list("10.250.0.0/16").unwrap();
+        let me = Signer::from_identity(&Identity::generate());
+        let t = Trusted::new(subnets.clone(), Err("no VXLAN here".into()), PeerName(1), 1, &me);
+        let peer = Signer::from_identity(&Identity::generate());
+        let good = SignedTrustedSubnets::sign(TrustedSubnets { name: PeerName(2), uid: 1, subnets: subnets.clone(), kernel: true }, &peer);
+        t.connected(5, PeerName(2), ip("10.250.0.1"), ip("::ffff:10.250.0.2"), peer.public(), true);
+        assert_eq!(t.unsealed_to(5), None, "no record yet");
+        t.on_record(5, &good).unwrap();
+        assert_eq!(t.mode(5), Some(DataMode::TrustedUserspace(Why::NoLocalDevice)));
+        assert_eq!(t.unsealed_to(5), Some(ip("10.250.0.2")));
+        let (label, why) = t.describe(5);
+        assert_eq!(label, "trusted (userspace)");
+        assert!(why.unwrap().ends_with("no VXLAN here"));
+        // The same peer of an older build: encrypted.
+        t.connected(6, PeerName(2), ip("10.250.0.1"), ip("10.250.0.2"), peer.public(), false);
+        t.on_record(6, &good).unwrap();
+        assert_eq!(t.mode(6), Some(DataMode::Encrypted(Why::NoLocalDevice)));
+        assert_eq!(t.unsealed_to(6), None);
+        // A peer that does not trust us: encrypted.
+        let other = SignedTrustedSubnets::sign(TrustedSubnets { name: PeerName(2), uid: 1, subnets: vec![], kernel: false }, &peer);
+        t.connected(7, PeerName(2), ip("10.250.0.1"), ip("10.250.0.2"), peer.public(), true);
+        t.on_record(7, &other).unwrap();
+        assert_eq!(t.describe(7).0, "encrypted");
+        assert_eq!(t.unsealed_to(7), None);
     }
 }

@@ -32,9 +32,13 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(r) = rec.verify(PeerName(1), &key) {
             panic!("a record nobody signed verified: {r:?}");
         }
-        let mode = trusted::decide(Sides { ours: &ours, our_kernel: true, local, remote, theirs: Some(&rec.record) });
-        if mode == DataMode::TrustedKernel {
+        let their_userspace = data.get(8).is_some_and(|b| b & 1 != 0);
+        let mode = trusted::decide(Sides { ours: &ours, our_kernel: true, local, remote, theirs: Some(&rec.record), their_userspace });
+        if mode == DataMode::TrustedKernel || mode.unsealed() {
             assert!(trusted::trusts(&ours, remote) && trusted::trusts(&rec.record.subnets, local));
+        }
+        if mode.unsealed() {
+            assert!(their_userspace, "unsealed to a peer that does not take it");
         }
     }
     let text = String::from_utf8_lossy(data);

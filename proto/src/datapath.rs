@@ -81,6 +81,8 @@ pub enum DatapathError {
     EmptyUnit,
     #[error("push or finish without begin")]
     NotBegun,
+    #[error("unsealed datagram not taken (sender not trusted both ways from this address, relay session, or broadcast)")]
+    UnsealedRefused,
 }
 
 // ---------------------------------------------------------------------------
@@ -278,6 +280,8 @@ pub struct Encoder {
     max_datagram: usize,
     /// The inner header of the current `begin`, already encoded.
     inner: Option<[u8; INNER_LEN]>,
+    /// The current `begin`'s datagrams go unsealed ([`Encoder::begin_as`]).
+    unsealed: bool,
 }
 
 impl Encoder {
@@ -285,7 +289,7 @@ impl Encoder {
     /// If `max_datagram` is outside [`MIN_DATAGRAM`]..=[`MAX_DATAGRAM`].
     pub fn new(max_datagram: usize) -> Self {
         assert_datagram_size(max_datagram);
-        Encoder { max_datagram, inner: None }
+        Encoder { max_datagram, inner: None, unsealed: false }
     }
 
     pub fn max_datagram(&self) -> usize {
@@ -315,12 +319,22 @@ impl Encoder {
     /// Starts datagrams for one next hop with this inner header. A datagram left
     /// open by an earlier `begin` without `finish` is discarded, unsent.
     pub fn begin(&mut self, session: &mut TxSession, hdr: InnerHeader, batch: &mut TxBatch) {
+        self.begin_as(session, hdr, batch, false);
+    }
+
+    /// [`begin`](Self::begin), with this `begin`'s datagrams left unsealed
+    /// (flag [`OUTER_FLAG_UNSEALED`](crate::wire::datagram::OUTER_FLAG_UNSEALED),
+    /// zero tag; counters still taken from the session) when `unsealed`: for a
+    /// direct peer trusted both ways (`trusted (userspace)`), never broadcast
+    /// or relayed units (the receiver refuses those).
+    pub fn begin_as(&mut self, session: &mut TxSession, hdr: InnerHeader, batch: &mut TxBatch, unsealed: bool) {
         let _ = session;
         debug_assert!(hdr.is_consistent(), "receivers reject this inner header: {hdr:?}");
         if let Some(start) = batch.open.take() {
             batch.buf.truncate(start);
         }
         self.inner = Some(hdr.to_bytes());
+        self.unsealed = unsealed && !hdr.broadcast;
     }
 
     /// Adds one unit: packed whole into the open datagram (sealing it first if
@@ -339,7 +353,7 @@ impl Encoder {
             if let Some(start) = batch.open {
                 let used = batch.buf.len() - start;
                 if used + RECORD_HDR_LEN + unit.len() + crate::session::TAG_LEN > self.max_datagram {
-                    seal_open(session, batch)?;
+                    seal_open(session, batch, self.unsealed)?;
                 }
             }
             if batch.open.is_none() {
@@ -353,7 +367,7 @@ impl Encoder {
         }
 
         if batch.open.is_some() {
-            seal_open(session, batch)?;
+            seal_open(session, batch, self.unsealed)?;
         }
         let chunk = self.chunk_payload();
         let pieces = unit.len().div_ceil(chunk);
@@ -374,7 +388,7 @@ impl Encoder {
             .emit(&mut rh);
             batch.buf.extend_from_slice(&rh);
             batch.buf.extend_from_slice(piece);
-            seal_open(session, batch)?;
+            seal_open(session, batch, self.unsealed)?;
         }
         Ok(())
     }
@@ -383,7 +397,7 @@ impl Encoder {
     pub fn finish(&mut self, session: &mut TxSession, batch: &mut TxBatch) -> Result<(), DatapathError> {
         self.inner.take().ok_or(DatapathError::NotBegun)?;
         if batch.open.is_some() {
-            seal_open(session, batch)?;
+            seal_open(session, batch, self.unsealed)?;
         }
         Ok(())
     }
@@ -426,11 +440,36 @@ fn open_datagram(batch: &mut TxBatch, inner: &[u8; INNER_LEN]) {
 
 /// Seals the open datagram in place and appends its tag. On error the open
 /// datagram is discarded.
-fn seal_open(session: &mut TxSession, batch: &mut TxBatch) -> Result<(), DatapathError> {
+fn seal_open(session: &mut TxSession, batch: &mut TxBatch, unsealed: bool) -> Result<(), DatapathError> {
     let Some(start) = batch.open.take() else {
         return Ok(());
     };
+    if unsealed {
+        return unsealed_at(session, batch, start);
+    }
     seal_at(session, batch, start, crate::wire::datagram::KIND_DATA)
+}
+
+/// Finishes the open data datagram at `start` unsealed: outer header with
+/// [`OUTER_FLAG_UNSEALED`](crate::wire::datagram::OUTER_FLAG_UNSEALED) and the
+/// session's next counter, plaintext as it is, a zero tag (so sizes and GSO
+/// runs are those of sealed datagrams). On error the datagram is discarded.
+#[cold]
+fn unsealed_at(session: &mut TxSession, batch: &mut TxBatch, start: usize) -> Result<(), DatapathError> {
+    let counter = match session.key.take_counter() {
+        Ok(c) => c,
+        Err(e) => {
+            batch.buf.truncate(start);
+            return Err(e.into());
+        }
+    };
+    let mut packet = OuterPacket::new_unchecked(&mut batch.buf[start..start + OUTER_LEN]);
+    OuterHeader { receiver_index: session.receiver_index, counter }.emit_kind(crate::wire::datagram::KIND_DATA, &mut packet);
+    packet.set_flags(crate::wire::datagram::OUTER_FLAG_UNSEALED);
+    packet.set_queue(session.queue);
+    batch.buf.extend_from_slice(&[0u8; crate::session::TAG_LEN]);
+    batch.ends.push(batch.buf.len());
+    Ok(())
 }
 
 /// Seals the datagram of `kind` whose outer header (left to fill) and
@@ -490,6 +529,12 @@ pub struct RxStats {
     pub heartbeats: u64,
     /// Partial units handed to the caller to salvage (counted in `reassembly_drops` too).
     pub salvaged: u64,
+    /// Unsealed datagrams taken (`trusted (userspace)`; counted in `datagrams_ok` too).
+    pub unsealed_ok: u64,
+    /// Unsealed datagrams dropped: from a peer not trusted both ways, from
+    /// another address than the one agreed, on a relay session, broadcast or
+    /// from another origin, or with a nonzero tag.
+    pub unsealed_refused: u64,
 }
 
 /// One partially received chunked unit.
@@ -760,6 +805,38 @@ impl std::hash::Hasher for IndexHasher {
 
 type IndexMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<IndexHasher>>;
 
+/// The plaintext of an unsealed data datagram (`body` = plaintext ‖ zero
+/// tag) for `session`, if it may be taken: the session is a direct one (not a
+/// relay session), its peer may send unsealed from exactly `from`, the tag is
+/// zero, the units come from that peer's own TAP and are not broadcast, and
+/// the counter passes the replay window (marked only then). Anything else is
+/// [`DatapathError::UnsealedRefused`] (or a replay) and changes nothing.
+#[cold]
+fn take_unsealed<'a>(
+    session: &mut RxSession,
+    unsealed_from: &HashMap<PeerName, std::net::IpAddr>,
+    from: Option<std::net::IpAddr>,
+    outer: &OuterHeader,
+    body: &'a mut [u8],
+) -> Result<&'a mut [u8], DatapathError> {
+    let agreed = unsealed_from.get(&session.peer);
+    let from_ok = matches!((from, agreed), (Some(f), Some(a)) if f.to_canonical() == *a);
+    if !from_ok || outer.receiver_index & crate::session::RELAY_INDEX_BIT != 0 {
+        return Err(DatapathError::UnsealedRefused);
+    }
+    let Some(plain_len) = body.len().checked_sub(crate::session::TAG_LEN) else { return Err(DatapathError::TooShort) };
+    let (plain, tag) = body.split_at_mut(plain_len);
+    if tag.iter().any(|&b| b != 0) {
+        return Err(DatapathError::UnsealedRefused);
+    }
+    let (inner, _) = parse_plaintext(plain)?;
+    if inner.broadcast || inner.src != session.peer {
+        return Err(DatapathError::UnsealedRefused);
+    }
+    session.key.accept_unsealed(outer.counter)?;
+    Ok(plain)
+}
+
 /// Where a (receiver index, queue) session lives in [`Receiver`]'s table.
 #[inline]
 fn session_id(receiver_index: u32, queue: u16) -> u64 {
@@ -783,6 +860,9 @@ pub struct Receiver {
     /// Counts `receive*` calls: a unit completed in a slot stays readable
     /// ([`held_unit`](Self::held_unit)) until the next call.
     gen: u64,
+    /// Peers that may send us unsealed data, and the only underlay address
+    /// such datagrams are taken from ([`set_unsealed_from`](Self::set_unsealed_from)).
+    unsealed_from: HashMap<PeerName, std::net::IpAddr>,
 }
 
 /// Where a unit handed out by [`Receiver::receive_placed`] lives until the
@@ -832,6 +912,21 @@ impl Receiver {
     /// count datagrams per peer without a second lookup.
     pub fn last_sender(&self) -> Option<PeerName> {
         self.last_sender
+    }
+
+    /// Takes unsealed data datagrams from `peer` (on its direct sessions, from
+    /// `addr` only) when `addr` is Some, none when None. Survives rekeying;
+    /// the caller sets it only for a peer trusted both ways (see
+    /// [`crate::trusted::DataMode::TrustedUserspace`]).
+    pub fn set_unsealed_from(&mut self, peer: PeerName, addr: Option<std::net::IpAddr>) {
+        match addr {
+            Some(a) => {
+                self.unsealed_from.insert(peer, a.to_canonical());
+            }
+            None => {
+                self.unsealed_from.remove(&peer);
+            }
+        }
     }
 
     /// The peer behind a receiver index.
@@ -896,13 +991,28 @@ impl Receiver {
         &mut self,
         now_ms: u64,
         dgram: &mut [u8],
+        on_unit: impl FnMut(PeerName, &InnerHeader, &[u8], Place),
+        on_heartbeat: impl FnMut(PeerName, Heartbeat, usize),
+        on_partial: impl FnMut(PeerName, &InnerHeader, &[u8], &dyn Fn(usize, usize) -> bool),
+    ) -> Result<usize, DatapathError> {
+        self.receive_placed_from(now_ms, dgram, None, on_unit, on_heartbeat, on_partial)
+    }
+
+    /// [`receive_placed`](Self::receive_placed) of a datagram that came from
+    /// underlay address `from` (None: unknown, so no unsealed datagram is taken).
+    #[allow(clippy::too_many_arguments)]
+    pub fn receive_placed_from(
+        &mut self,
+        now_ms: u64,
+        dgram: &mut [u8],
+        from: Option<std::net::IpAddr>,
         mut on_unit: impl FnMut(PeerName, &InnerHeader, &[u8], Place),
         mut on_heartbeat: impl FnMut(PeerName, Heartbeat, usize),
         mut on_partial: impl FnMut(PeerName, &InnerHeader, &[u8], &dyn Fn(usize, usize) -> bool),
     ) -> Result<usize, DatapathError> {
         self.last_sender = None;
         self.gen += 1;
-        let res = self.receive_inner(now_ms, dgram, &mut on_unit, &mut on_heartbeat, &mut on_partial);
+        let res = self.receive_inner(now_ms, dgram, from, &mut on_unit, &mut on_heartbeat, &mut on_partial);
         let s = &mut self.stats;
         match res {
             Ok(n) => {
@@ -910,6 +1020,7 @@ impl Receiver {
                 s.units_delivered += n as u64;
             }
             Err(DatapathError::UnknownSession(_)) => s.unknown_session += 1,
+            Err(DatapathError::UnsealedRefused) => s.unsealed_refused += 1,
             Err(DatapathError::Session(SessionError::Replay)) => s.replays += 1,
             Err(DatapathError::Session(_)) => s.auth_failures += 1,
             Err(_) => s.malformed += 1,
@@ -921,6 +1032,7 @@ impl Receiver {
         &mut self,
         now_ms: u64,
         dgram: &mut [u8],
+        from: Option<std::net::IpAddr>,
         on_unit: &mut impl FnMut(PeerName, &InnerHeader, &[u8], Place),
         on_heartbeat: &mut impl FnMut(PeerName, Heartbeat, usize),
         on_partial: &mut impl FnMut(PeerName, &InnerHeader, &[u8], &dyn Fn(usize, usize) -> bool),
@@ -941,6 +1053,7 @@ impl Receiver {
             return Err(DatapathError::TooShort);
         }
         let (_, outer) = OuterHeader::parse_any(&packet)?;
+        let unsealed = packet.unsealed();
         let id = session_id(outer.receiver_index, packet.queue());
         let fresh = !self.sessions.contains_key(&id);
         if fresh {
@@ -951,7 +1064,8 @@ impl Receiver {
         }
         let (aad, body) = packet.split_mut();
         let opened = match self.sessions.get_mut(&id) {
-            Some(session) => session.key.open_in_place(outer.counter, aad, body),
+            Some(session) if unsealed => take_unsealed(session, &self.unsealed_from, from, &outer, body),
+            Some(session) => session.key.open_in_place(outer.counter, aad, body).map_err(DatapathError::from),
             None => return Err(DatapathError::UnknownSession(outer.receiver_index)),
         };
         if opened.is_err() && fresh {
@@ -959,6 +1073,9 @@ impl Receiver {
             self.sessions.remove(&id);
         }
         let plain = opened?;
+        if unsealed {
+            self.stats.unsealed_ok += 1;
+        }
         let session = self.sessions.get_mut(&id).ok_or(DatapathError::UnknownSession(outer.receiver_index))?;
         self.last_sender = Some(session.peer);
         if kind == KIND_HEARTBEAT {
@@ -1108,6 +1225,141 @@ mod tests {
         }
         enc.finish(tx, &mut batch).unwrap();
         batch
+    }
+
+    fn encode_as(enc: &mut Encoder, tx: &mut TxSession, h: InnerHeader, units: &[Vec<u8>], unsealed: bool) -> TxBatch {
+        let mut batch = TxBatch::new();
+        enc.begin_as(tx, h, &mut batch, unsealed);
+        for u in units {
+            enc.push(tx, u, &mut batch).unwrap();
+        }
+        enc.finish(tx, &mut batch).unwrap();
+        batch
+    }
+
+    fn receive_from(rx: &mut Receiver, d: &[u8], from: Option<std::net::IpAddr>) -> Result<Vec<Vec<u8>>, DatapathError> {
+        let mut d = d.to_vec();
+        let mut got = Vec::new();
+        let mut slots = Vec::new();
+        rx.receive_placed_from(
+            0,
+            &mut d,
+            from,
+            |_, _, u, place| match place {
+                Place::Datagram => got.push(u.to_vec()),
+                Place::Slot { .. } => slots.push(u.to_vec()),
+            },
+            |_, _, _| {},
+            |_, _, _, _| {},
+        )?;
+        got.extend(slots);
+        Ok(got)
+    }
+
+    fn ip(s: &str) -> std::net::IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// `trusted (userspace)`: unsealed datagrams carry the plaintext where the
+    /// ciphertext was, a zero tag, the same sizes and the session's counters
+    /// (one space with the sealed ones), and are taken from the agreed address
+    /// only; a broadcast stays sealed even when asked.
+    #[test]
+    fn unsealed_datagrams_round_trip_from_the_agreed_address() {
+        let (mut enc, mut tx, mut rx) = pair(1400);
+        rx.set_unsealed_from(PEER, Some(ip("fd00::2")));
+        let marker = b"PLAINTEXT-MARKER".repeat(8);
+        let small = [marker.clone(), unit(300, 7)];
+        let sealed = encode(&mut enc, &mut tx, &small);
+        let plain = encode_as(&mut enc, &mut tx, hdr(), &small, true);
+        let big = encode_as(&mut enc, &mut tx, hdr(), &[unit(20000, 3)], true);
+        let d = plain.datagrams().next().unwrap();
+        assert_eq!(d.len(), sealed.datagrams().next().unwrap().len(), "same framing and size");
+        assert_eq!(d[1], crate::wire::datagram::OUTER_FLAG_UNSEALED);
+        assert!(d.windows(marker.len()).any(|w| w == &marker[..]), "the marker is on the wire");
+        assert!(d[d.len() - TAG_LEN..].iter().all(|&b| b == 0));
+        let counter = |d: &[u8]| OuterHeader::parse(&OuterPacket::new_checked(d).unwrap()).unwrap().counter;
+        assert_eq!(counter(d), counter(sealed.datagrams().next().unwrap()) + 1, "one counter space");
+        assert_eq!(receive_from(&mut rx, sealed.datagrams().next().unwrap(), Some(ip("fd00::2"))).unwrap(), small.to_vec());
+        // From the dual-stack socket's mapped form of an IPv4 address too.
+        let mut rx4 = Receiver::new();
+        rx4.add_session(IDX, PEER, &KEY);
+        rx4.set_unsealed_from(PEER, Some(ip("10.0.0.2")));
+        assert_eq!(receive_from(&mut rx4, d, Some(ip("::ffff:10.0.0.2"))).unwrap(), small.to_vec());
+        assert_eq!(receive_from(&mut rx, d, Some(ip("fd00::2"))).unwrap(), small.to_vec());
+        let mut whole = Vec::new();
+        for d in big.datagrams() {
+            assert_eq!(d[1], crate::wire::datagram::OUTER_FLAG_UNSEALED);
+            whole.extend(receive_from(&mut rx, d, Some(ip("fd00::2"))).unwrap());
+        }
+        assert_eq!(whole, vec![unit(20000, 3)], "chunked units reassemble");
+        assert_eq!(rx.stats().unsealed_ok, 1 + big.datagram_count() as u64);
+        // Replayed: refused by the window like a sealed datagram.
+        assert_eq!(receive_from(&mut rx, d, Some(ip("fd00::2"))), Err(DatapathError::Session(SessionError::Replay)));
+        // A broadcast is never sent unsealed.
+        let b = InnerHeader { ttl: 4, broadcast: true, src: PEER, dst: PeerName::BROADCAST };
+        let bc = encode_as(&mut enc, &mut tx, b, &small, true);
+        assert_eq!(bc.datagrams().next().unwrap()[1], 0);
+    }
+
+    /// An unsealed datagram is dropped and counted, and moves no replay
+    /// window, unless its sender was agreed as trusted both ways from exactly
+    /// the address it came from, on a direct session, from its own TAP,
+    /// unicast, with a zero tag.
+    #[test]
+    fn unsealed_datagrams_are_refused_unless_agreed_from_that_address() {
+        let (mut enc, mut tx, mut rx) = pair(1400);
+        let batch = encode_as(&mut enc, &mut tx, hdr(), &[unit(200, 1)], true);
+        let d = batch.datagrams().next().unwrap().to_vec();
+        let refused = |rx: &mut Receiver, d: &[u8], from: Option<std::net::IpAddr>| {
+            let before = rx.stats();
+            assert_eq!(receive_from(rx, d, from), Err(DatapathError::UnsealedRefused), "from {from:?}");
+            assert_eq!(rx.stats().unsealed_refused, before.unsealed_refused + 1);
+            assert_eq!(rx.stats().units_delivered, before.units_delivered);
+        };
+        // Not agreed (an older configuration, one-sided trust, no record).
+        refused(&mut rx, &d, Some(ip("fd00::2")));
+        // Through the plain receive (no source address): never.
+        rx.set_unsealed_from(PEER, Some(ip("fd00::2")));
+        let mut copy = d.clone();
+        assert_eq!(rx.receive(0, &mut copy, |_, _, _| {}), Err(DatapathError::UnsealedRefused));
+        // Agreed, but from a stranger's address, or none.
+        refused(&mut rx, &d, Some(ip("fd00::66")));
+        refused(&mut rx, &d, Some(ip("10.0.0.2")));
+        refused(&mut rx, &d, None);
+        // Another origin claimed, or a broadcast.
+        let mut other = d.clone();
+        other[OUTER_LEN + 2..OUTER_LEN + 8].copy_from_slice(&[2, 0x33, 0x33, 0x33, 0x33, 0x33]);
+        refused(&mut rx, &other, Some(ip("fd00::2")));
+        let mut bc = d.clone();
+        bc[OUTER_LEN + 1] = crate::wire::datagram::INNER_FLAG_BROADCAST;
+        bc[OUTER_LEN + 8..OUTER_LEN + 14].fill(0);
+        refused(&mut rx, &bc, Some(ip("fd00::2")));
+        // A nonzero tag; a sealed datagram with the flag flipped.
+        let mut tagged = d.clone();
+        let last = tagged.len() - 1;
+        tagged[last] = 1;
+        refused(&mut rx, &tagged, Some(ip("fd00::2")));
+        let sealed = encode(&mut enc, &mut tx, &[unit(200, 2)]);
+        let mut flipped = sealed.datagrams().next().unwrap().to_vec();
+        flipped[1] = crate::wire::datagram::OUTER_FLAG_UNSEALED;
+        refused(&mut rx, &flipped, Some(ip("fd00::2")));
+        // On a relay session (relayed units stay sealed).
+        rx.add_session(IDX | crate::session::RELAY_INDEX_BIT, PEER, &KEY);
+        let mut relay_tx = TxSession::new(IDX | crate::session::RELAY_INDEX_BIT, &KEY);
+        let relayed = encode_as(&mut enc, &mut relay_tx, hdr(), &[unit(200, 3)], true);
+        refused(&mut rx, relayed.datagrams().next().unwrap(), Some(ip("fd00::2")));
+        // Unknown session: counted as such.
+        let mut unknown = d.clone();
+        unknown[4..8].copy_from_slice(&77u32.to_be_bytes());
+        assert_eq!(receive_from(&mut rx, &unknown, Some(ip("fd00::2"))), Err(DatapathError::UnknownSession(77)));
+        // None of that moved the window: the genuine datagram is still taken.
+        assert_eq!(receive_from(&mut rx, &d, Some(ip("fd00::2"))).unwrap(), vec![unit(200, 1)]);
+        // And taken no more once the agreement ends.
+        rx.set_unsealed_from(PEER, None);
+        let next = encode_as(&mut enc, &mut tx, hdr(), &[unit(200, 4)], true);
+        refused(&mut rx, next.datagrams().next().unwrap(), Some(ip("fd00::2")));
+        assert_eq!(rx.stats().unsealed_ok, 1);
     }
 
     /// Each queue of a multi-queue sender seals under its own key and counter
@@ -1616,15 +1868,19 @@ mod tests {
             Err(DatapathError::Session(crate::session::SessionError::AuthFailed))
         );
         let mut bad = d.clone();
-        bad[1] = 1;
+        bad[1] = 2;
         assert_eq!(rx.receive(0, &mut bad, |_, _, _| {}), Err(WireError::Reserved.into()));
+        // UNSEALED on a sealed datagram from a peer never agreed: refused.
+        let mut bad = d.clone();
+        bad[1] = crate::wire::datagram::OUTER_FLAG_UNSEALED;
+        assert_eq!(rx.receive(0, &mut bad, |_, _, _| {}), Err(DatapathError::UnsealedRefused));
         let mut bad = d.clone();
         bad[7] = 9;
         assert_eq!(rx.receive(0, &mut bad, |_, _, _| {}), Err(DatapathError::UnknownSession(9)));
         rx.remove_session(IDX);
         assert_eq!(rx.receive(0, &mut d.clone(), |_, _, _| {}), Err(DatapathError::UnknownSession(IDX)));
         let st = rx.stats();
-        assert_eq!((st.malformed, st.unknown_session), (OVERHEAD as u64 + 2, 2));
+        assert_eq!((st.malformed, st.unknown_session, st.unsealed_refused), (OVERHEAD as u64 + 2, 2, 1));
     }
 
     #[test]
@@ -1861,7 +2117,8 @@ mod tests {
             }
         }
         let s = rx.stats();
-        assert_eq!(s.datagrams_ok + s.replays + s.auth_failures + s.malformed + s.unknown_session, N);
+        assert_eq!(s.datagrams_ok + s.replays + s.auth_failures + s.malformed + s.unknown_session + s.unsealed_refused, N);
+        assert_eq!(s.unsealed_ok, 0, "nothing unsealed is taken from a peer never agreed");
         assert!(s.datagrams_ok > N / 50 && s.units_delivered > 0, "{s:?}");
         assert!(s.malformed > 0 && s.auth_failures > 0 && s.replays > 0 && s.reassembly_drops > 0, "{s:?}");
     }

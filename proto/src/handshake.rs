@@ -69,6 +69,12 @@ pub const CAP_SPLICE: u32 = 1 << 12;
 /// [`crate::dns::DnsMsg6`]): IPv6 record sets, signed apart from the IPv4 ones.
 /// Peers without it are never sent those messages.
 pub const CAP_DNS6: u32 = 1 << 13;
+/// Capability bit: the peer takes unsealed data datagrams (`trusted
+/// (userspace)`, the outer flag [`crate::wire::datagram::OUTER_FLAG_UNSEALED`])
+/// from a peer whose underlay address it trusts and that trusts its own, when
+/// the kernel VXLAN path is not available (see [`crate::trusted::decide`]).
+/// A peer without it is only ever sent sealed datagrams.
+pub const CAP_TRUSTED_USERSPACE: u32 = 1 << 15;
 /// What the responder tells an initiator whose password differs.
 pub const REFUSAL_WRONG_PASSWORD: &str = "authentication failed: passwords differ";
 /// PBKDF2 iterations for [`derive_psk`].

@@ -234,6 +234,21 @@ impl SealKey {
     }
 }
 
+impl SealKey {
+    /// Takes the counter an unsealed datagram (`trusted (userspace)`) carries
+    /// instead of sealing: the same counter space as
+    /// [`seal_in_place`](Self::seal_in_place), so the receiver's replay window
+    /// covers both and no counter is ever used twice under this key.
+    pub fn take_counter(&mut self) -> Result<u64, SessionError> {
+        let counter = if self.shared.is_some() { self.reserve_counter()? } else { self.next_counter()? };
+        self.reserved = None;
+        if self.shared.is_none() {
+            self.next = counter + 1;
+        }
+        Ok(counter)
+    }
+}
+
 impl Drop for SealKey {
     /// Keys are erased when their session goes (after a rekey, or with the connection).
     fn drop(&mut self) {
@@ -292,6 +307,18 @@ impl OpenKey {
             return Err(SessionError::Replay);
         }
         Ok(plain)
+    }
+}
+
+impl OpenKey {
+    /// Takes an unsealed datagram's `counter` into the replay window (the
+    /// caller decided the sender may send unsealed): [`SessionError::Replay`]
+    /// if the window already holds it or it is too old.
+    pub fn accept_unsealed(&mut self, counter: u64) -> Result<(), SessionError> {
+        if !self.window.check(counter) || !self.window.update(counter) {
+            return Err(SessionError::Replay);
+        }
+        Ok(())
     }
 }
 

@@ -10,6 +10,12 @@
 //! crate sends the record on every connection to a peer with
 //! [`crate::handshake::CAP_TRUSTED`] and programs the kernel's VXLAN device
 //! from the decisions.
+//!
+//! Where trust is mutual but the kernel path is not available (an IPv6
+//! underlay, no VXLAN device on either side), data to a peer that advertised
+//! [`crate::handshake::CAP_TRUSTED_USERSPACE`] goes over meshnet's own UDP
+//! path unsealed ([`DataMode::TrustedUserspace`], see
+//! [`crate::wire::datagram`]); to an older peer it stays encrypted.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -212,6 +218,10 @@ pub enum DataMode {
     Encrypted(Why),
     /// Unencrypted, through the kernel's VXLAN device on the bridge.
     TrustedKernel,
+    /// Unencrypted, over meshnet's own UDP path (unsealed datagrams): trust is
+    /// mutual and both sides take them, but the kernel path is unavailable
+    /// for the reason given (`NotIpv4`, `NoLocalDevice` or `NoPeerDevice`).
+    TrustedUserspace(Why),
 }
 
 /// Why a connection stays encrypted.
@@ -248,12 +258,19 @@ impl Why {
 }
 
 impl DataMode {
-    /// `encrypted` or `trusted (kernel)`, as `status connections` shows it.
+    /// `encrypted`, `trusted (kernel)` or `trusted (userspace)`, as `status
+    /// connections` shows it.
     pub fn label(self) -> &'static str {
         match self {
             DataMode::Encrypted(_) => "encrypted",
             DataMode::TrustedKernel => "trusted (kernel)",
+            DataMode::TrustedUserspace(_) => "trusted (userspace)",
         }
+    }
+
+    /// Whether data frames to the peer go over the userspace path unsealed.
+    pub fn unsealed(self) -> bool {
+        matches!(self, DataMode::TrustedUserspace(_))
     }
 }
 
@@ -270,11 +287,15 @@ pub struct Sides<'a> {
     pub remote: IpAddr,
     /// The peer's verified record, if one arrived.
     pub theirs: Option<&'a TrustedSubnets>,
+    /// The peer advertised `CAP_TRUSTED_USERSPACE` (takes unsealed datagrams).
+    pub their_userspace: bool,
 }
 
 /// How data to the peer travels: unencrypted through the kernel only when each
 /// side's address is in a subnet the other trusts, both have a VXLAN device
-/// and the underlay is IPv4. Both sides compute the same answer from the same
+/// and the underlay is IPv4; unencrypted over the userspace path when trust is
+/// mutual, the kernel path is not available and the peer takes unsealed
+/// datagrams (this build always does); encrypted otherwise. Both sides compute the same answer from the same
 /// two addresses (no NAT between them: a NATed peer's addresses differ on the
 /// two sides and at worst one direction stays encrypted).
 pub fn decide(s: Sides<'_>) -> DataMode {
@@ -288,16 +309,20 @@ pub fn decide(s: Sides<'_>) -> DataMode {
     if !trusts(&theirs.subnets, s.local) {
         return DataMode::Encrypted(Why::PeerDoesNotTrustUs);
     }
-    if !unmapped(s.local).is_ipv4() || !unmapped(s.remote).is_ipv4() {
-        return DataMode::Encrypted(Why::NotIpv4);
+    let no_kernel = if !unmapped(s.local).is_ipv4() || !unmapped(s.remote).is_ipv4() {
+        Why::NotIpv4
+    } else if !s.our_kernel {
+        Why::NoLocalDevice
+    } else if !theirs.kernel {
+        Why::NoPeerDevice
+    } else {
+        return DataMode::TrustedKernel;
+    };
+    if s.their_userspace {
+        DataMode::TrustedUserspace(no_kernel)
+    } else {
+        DataMode::Encrypted(no_kernel)
     }
-    if !s.our_kernel {
-        return DataMode::Encrypted(Why::NoLocalDevice);
-    }
-    if !theirs.kernel {
-        return DataMode::Encrypted(Why::NoPeerDevice);
-    }
-    DataMode::TrustedKernel
 }
 
 /// `ip` with an IPv4-mapped IPv6 address turned into IPv4.
@@ -374,7 +399,7 @@ mod tests {
         let ours = parse_list("10.250.0.0/16").unwrap();
         let name = PeerName(1);
         let theirs = record(name, "10.250.0.0/16", true);
-        let base = Sides { ours: &ours, our_kernel: true, local: ip("10.250.1.1"), remote: ip("10.250.1.2"), theirs: Some(&theirs) };
+        let base = Sides { ours: &ours, our_kernel: true, local: ip("10.250.1.1"), remote: ip("10.250.1.2"), theirs: Some(&theirs), their_userspace: false };
         assert_eq!(decide(base), DataMode::TrustedKernel);
         assert_eq!(decide(Sides { ours: &[], ..base }), DataMode::Encrypted(Why::NoTrustedSubnets));
         assert_eq!(decide(Sides { remote: ip("10.9.0.2"), ..base }), DataMode::Encrypted(Why::WeDoNotTrustPeer));
@@ -386,7 +411,33 @@ mod tests {
         assert_eq!(decide(Sides { theirs: Some(&no_dev), ..base }), DataMode::Encrypted(Why::NoPeerDevice));
         let v6 = parse_list("fd00::/8").unwrap();
         let theirs6 = record(name, "fd00::/8", true);
-        let six = Sides { ours: &v6, our_kernel: true, local: ip("fd00::1"), remote: ip("fd00::2"), theirs: Some(&theirs6) };
+        let six = Sides { ours: &v6, our_kernel: true, local: ip("fd00::1"), remote: ip("fd00::2"), theirs: Some(&theirs6), their_userspace: false };
         assert_eq!(decide(six), DataMode::Encrypted(Why::NotIpv4));
+    }
+
+    #[test]
+    fn mutual_trust_without_the_kernel_path_goes_unsealed_to_peers_that_take_it() {
+        let ours = parse_list("10.250.0.0/16,fd00::/8").unwrap();
+        let name = PeerName(1);
+        let theirs = record(name, "10.250.0.0/16,fd00::/8", true);
+        let base = Sides { ours: &ours, our_kernel: true, local: ip("10.250.1.1"), remote: ip("10.250.1.2"), theirs: Some(&theirs), their_userspace: true };
+        // The kernel path wins where it works.
+        assert_eq!(decide(base), DataMode::TrustedKernel);
+        assert_eq!(decide(Sides { our_kernel: false, ..base }), DataMode::TrustedUserspace(Why::NoLocalDevice));
+        let no_dev = record(name, "10.250.0.0/16", false);
+        assert_eq!(decide(Sides { theirs: Some(&no_dev), ..base }), DataMode::TrustedUserspace(Why::NoPeerDevice));
+        let six = Sides { local: ip("fd00::1"), remote: ip("fd00::2"), ..base };
+        assert_eq!(decide(six), DataMode::TrustedUserspace(Why::NotIpv4));
+        assert_eq!(DataMode::TrustedUserspace(Why::NotIpv4).label(), "trusted (userspace)");
+        assert!(DataMode::TrustedUserspace(Why::NotIpv4).unsealed() && !DataMode::TrustedKernel.unsealed());
+        // An older peer (no CAP_TRUSTED_USERSPACE): still encrypted.
+        assert_eq!(decide(Sides { their_userspace: false, ..six }), DataMode::Encrypted(Why::NotIpv4));
+        // One-sided trust never goes unsealed, either way round.
+        let one_sided = record(name, "192.168.0.0/16", false);
+        assert_eq!(decide(Sides { theirs: Some(&one_sided), ..six }), DataMode::Encrypted(Why::PeerDoesNotTrustUs));
+        let v4_only = parse_list("10.250.0.0/16").unwrap();
+        assert_eq!(decide(Sides { ours: &v4_only, ..six }), DataMode::Encrypted(Why::WeDoNotTrustPeer));
+        assert_eq!(decide(Sides { theirs: None, ..six }), DataMode::Encrypted(Why::PeerSaidNothing));
+        assert_eq!(decide(Sides { ours: &[], ..six }), DataMode::Encrypted(Why::NoTrustedSubnets));
     }
 }

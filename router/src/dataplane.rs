@@ -182,6 +182,8 @@ enum TxCmd {
     Switch { peer: PeerName, from: u32, index: u32, key: Key },
     Learn(Mac, PeerName),
     Routes(Arc<Routes>),
+    /// Units for the peer itself go unsealed (`trusted (userspace)`), or sealed again.
+    Unsealed(PeerName, bool),
     Stop,
 }
 
@@ -196,6 +198,8 @@ enum RxCmd {
     /// As [`TxCmd::Switch`], for the relay session.
     SwitchRelay { peer: PeerName, from: u32, index: u32, key: Key },
     Routes(Arc<Routes>),
+    /// Take unsealed datagrams from the peer, from this underlay address only (None: none).
+    Unsealed(PeerName, Option<std::net::IpAddr>),
     Stop,
 }
 
@@ -493,6 +497,16 @@ impl DataPlane {
         lock(&self.links).get(&peer).map_or(0, |l| sealed_under(&l.sealed, index))
     }
 
+    /// `trusted (userspace)`: data frames from our device to `peer` itself go
+    /// unsealed, and unsealed ones from `peer` are taken from underlay address
+    /// `addr` only, when `addr` is Some; sealed both ways again when None.
+    /// The control plane sets it only for a peer trusted both ways that
+    /// advertised `CAP_TRUSTED_USERSPACE`; a peer added again starts sealed.
+    pub fn set_unsealed(&self, peer: PeerName, addr: Option<std::net::IpAddr>) {
+        self.post_tx(|| TxCmd::Unsealed(peer, addr.is_some()));
+        self.post_rx(|| RxCmd::Unsealed(peer, addr));
+    }
+
     /// Replaces the routes (after every topology change).
     pub fn set_routes(&self, routes: Routes) {
         let routes = Arc::new(routes);
@@ -571,6 +585,7 @@ impl TxLoop {
                 self.plane.learn(mac, peer, now);
             }
             TxCmd::Routes(r) => self.plane.set_routes(r),
+            TxCmd::Unsealed(peer, on) => self.plane.set_unsealed(peer, on),
         }
         true
     }
@@ -702,6 +717,7 @@ impl RxLoop {
             RxCmd::RemoveRecv(index) => self.plane.remove_recv(index),
             RxCmd::SwitchRelay { peer, from, index, key } => self.plane.switch_relay(peer, from, index, &key.0),
             RxCmd::Routes(r) => self.plane.set_routes(r),
+            RxCmd::Unsealed(peer, addr) => self.plane.set_unsealed_from(peer, addr),
         }
         true
     }

@@ -326,3 +326,142 @@ fn mutual_trust_works_with_the_pcap_datapath() {
     h1.meshnet(&["stop"]).expect_ok("stop");
     assert!(wait_until(Duration::from_secs(10), || !link_exists(h1, VXLAN_DEV)), "stop left {VXLAN_DEV}");
 }
+
+/// Host `i`'s IPv6 underlay address in this lab (a /64 of its own per lab).
+fn ip6(lab: &Lab, i: u8) -> String {
+    format!("fd00:251:{:x}::{i}", lab.k)
+}
+
+/// Gives `h` only an IPv6 underlay address (no duplicate detection).
+fn ipv6_only(lab: &Lab, h: &Host) {
+    exec_in(&h.ns, &["ip", "-6", "addr", "add", &format!("{}/64", ip6(lab, h.i)), "dev", "eth0", "nodad"]).expect_ok("add IPv6");
+    exec_in(&h.ns, &["ip", "-4", "addr", "flush", "dev", "eth0"]).expect_ok("remove IPv4");
+}
+
+fn dataplane_counter(h: &Host, name: &str) -> u64 {
+    h.status_json()["dataplane"][name].as_u64().unwrap_or(0)
+}
+
+/// Two routers on an IPv6-only underlay (where the kernel path cannot go)
+/// trusting `trust(lab)` each, c1/c2 as 10.43.0.1/2, reachable; and a third
+/// host h3 on the same underlay without meshnet.
+fn v6_pair(test: &str, trust: impl Fn(&Lab) -> [String; 2]) -> Option<(Pair, Host)> {
+    let lab = Lab::new(test)?;
+    let trust = trust(&lab);
+    let h1 = lab.add_host(1);
+    let h2 = lab.add_host(2);
+    let h3 = lab.add_host(3);
+    for h in [&h1, &h2, &h3] {
+        ipv6_only(&lab, h);
+    }
+    let n1 = h1.launch(&["--password", "trust", "--host", "::", "--trusted-subnets", &trust[0]]);
+    let n2 = h2.launch(&["--password", "trust", "--host", "::", "--trusted-subnets", &trust[1], &format!("[{}]:6783", ip6(&lab, 1))]);
+    let c1 = lab.add_container(&h1, 1);
+    let c2 = lab.add_container(&h2, 2);
+    h1.meshnet(&["attach", "10.43.0.1/24", &c1.ns]).expect_ok("attach c1");
+    h2.meshnet(&["attach", "10.43.0.2/24", &c2.ns]).expect_ok("attach c2");
+    assert!(ping_until(&c1.ns, "10.43.0.2", Duration::from_secs(40)), "c1 cannot reach c2 over the IPv6 underlay");
+    Some((Pair { lab, h: [h1, h2], names: [n1, n2], c: [c1, c2] }, h3))
+}
+
+/// UDP payloads of IPv6 frames in `pcap` from `src` (an IPv6 address).
+fn udp6_payloads_from(pcap: &Pcap, src: &str) -> Vec<Vec<u8>> {
+    let src: std::net::Ipv6Addr = src.parse().unwrap();
+    pcap.frames
+        .iter()
+        .filter(|f| f.len() > 62 && f[12..14] == [0x86, 0xdd] && f[20] == 17 && f[22..38] == src.octets())
+        .map(|f| f[62..].to_vec())
+        .collect()
+}
+
+/// `python3 -c SEND_UDP6 HOST PORT HEX`: sends the bytes HEX five times to [HOST]:PORT.
+const SEND_UDP6: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+for _ in range(5):
+    s.sendto(bytes.fromhex(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
+"#;
+/// What the forged unsealed datagrams carry instead of [`MARKER`] (as long).
+const FORGED_MARKER: &[u8] = b"forged-unsealed!";
+
+#[test]
+fn mutual_trust_without_the_kernel_path_goes_unsealed_in_userspace() {
+    // Each trusts exactly the two routers' IPv6 addresses: h3 is a stranger.
+    let trust = |lab: &Lab| {
+        let t = format!("{}/128,{}/128", ip6(lab, 1), ip6(lab, 2));
+        [t.clone(), t]
+    };
+    let Some((p, h3)) = v6_pair("trustus6", trust) else { return };
+    let [h1, h2] = &p.h;
+    wait_mode(&p.lab, h1, &p.names[1], "trusted (userspace)");
+    wait_mode(&p.lab, h2, &p.names[0], "trusted (userspace)");
+    let reason = conn_to(h1, &p.names[1]).and_then(|c| c["data_reason"].as_str().map(String::from)).unwrap_or_default();
+    assert!(reason.contains("IPv4"), "trusted (userspace) without why the kernel path is not used: {reason:?}");
+    let text = h1.meshnet(&["status", "connections"]).expect_ok("status connections");
+    assert!(text.stdout.contains("trusted (userspace)"), "{text}");
+    eprintln!("status connections on h1:\n{}", text.stdout);
+
+    // The marker in plain text on the underlay, through meshnet's TAP.
+    let units_before = tap_units(h1);
+    let out_before = dataplane_counter(h1, "udp_unsealed_out");
+    let in_before = dataplane_counter(h2, "udp_unsealed_in");
+    let pcap = ping_marked(&p.lab, &p.c[0], "10.43.0.2", h1);
+    assert!(pcap.contains(MARKER), "the marker is not in plain text on the IPv6 underlay");
+    assert!(tap_units(h1) - units_before >= 10, "the echoes did not take meshnet's TAP");
+    assert!(dataplane_counter(h1, "udp_unsealed_out") - out_before >= 10, "h1 sent fewer than 10 unsealed datagrams");
+    assert!(dataplane_counter(h2, "udp_unsealed_in") - in_before >= 10, "h2 took fewer than 10 unsealed datagrams");
+    assert!(!link_exists(h1, "vxm-meshnet") || trusted_status(h1)["fdb_entries"].as_u64() == Some(0), "{:#}", trusted_status(h1));
+
+    // A stranger on the underlay (h3, outside both routers' trusted subnets)
+    // replays h2's unsealed datagrams to h1 with another marker, counters far
+    // ahead: dropped, counted, never delivered to c1.
+    let real: Vec<Vec<u8>> = udp6_payloads_from(&pcap, &ip6(&p.lab, 2))
+        .into_iter()
+        .filter(|d| d.len() > 16 && d[0] == 1 && d[1] == 1 && d.windows(MARKER.len()).any(|w| w == MARKER))
+        .collect();
+    assert!(!real.is_empty(), "no unsealed datagram from h2 with the marker captured");
+    let mut forged = real[0].clone();
+    let counter = u64::from_be_bytes(forged[8..16].try_into().unwrap()) + 100_000;
+    forged[8..16].copy_from_slice(&counter.to_be_bytes());
+    let at = forged.windows(MARKER.len()).position(|w| w == MARKER).unwrap();
+    forged[at..at + MARKER.len()].copy_from_slice(FORGED_MARKER);
+    let hex: String = forged.iter().map(|b| format!("{b:02x}")).collect();
+    let refused_before = dataplane_counter(h1, "udp_unsealed_refused");
+    let cap = p.lab.capture(&p.c[0].ns, "ethwe");
+    exec_in(&h3.ns, &["python3", "-c", SEND_UDP6, &ip6(&p.lab, 1), "6783", &hex]).expect_ok("forge from h3");
+    std::thread::sleep(Duration::from_millis(500));
+    let seen = cap.stop();
+    assert!(!seen.contains(FORGED_MARKER), "an unsealed datagram from a stranger reached c1");
+    let refused = dataplane_counter(h1, "udp_unsealed_refused") - refused_before;
+    assert!(refused >= 5, "h1 counted {refused} of 5 forged unsealed datagrams: {:#}", h1.status_json()["dataplane"]);
+
+    // Bulk both ways, checked, unsealed.
+    let before = dataplane_counter(h1, "udp_unsealed_out");
+    checked_transfer(&p.lab, &p.c[0].ns, &p.c[1].ns, "10.43.0.2", 20 << 20, Duration::from_secs(120));
+    checked_transfer(&p.lab, &p.c[1].ns, &p.c[0].ns, "10.43.0.1", 20 << 20, Duration::from_secs(120));
+    assert!(dataplane_counter(h1, "udp_unsealed_out") - before > 10_000, "20 MB did not go unsealed");
+    // Broadcasts stay sealed and still arrive.
+    let cap = p.lab.capture(&h1.ns, UNDERLAY_IF);
+    let _ = exec_in(&p.c[0].ns, &["ping", "-b", "-c", "3", "-i", "0.3", "-W", "1", "-p", &marker_hex(), "10.43.0.255"]);
+    assert!(!cap.stop().contains(MARKER), "a broadcast went unsealed");
+}
+
+#[test]
+fn one_sided_trust_without_the_kernel_path_stays_encrypted() {
+    // h1 trusts h2; h2 trusts only an address h1 does not have.
+    let trust = |lab: &Lab| [format!("{}/128,{}/128", ip6(lab, 1), ip6(lab, 2)), "fd00:dead::/64".to_string()];
+    let Some((p, _h3)) = v6_pair("trustus6one", trust) else { return };
+    let [h1, h2] = &p.h;
+    let said = wait_until(Duration::from_secs(20), || {
+        conn_to(h1, &p.names[1]).and_then(|c| c["data_reason"].as_str().map(String::from)).is_some_and(|r| r.contains("does not trust"))
+            && conn_to(h2, &p.names[0]).and_then(|c| c["data_reason"].as_str().map(String::from)).is_some_and(|r| r.contains("not in our trusted"))
+    });
+    assert!(said, "{:#} / {:#}", conn_to(h1, &p.names[1]).unwrap_or_default(), conn_to(h2, &p.names[0]).unwrap_or_default());
+    assert_eq!(data_mode(h1, &p.names[1]), "encrypted");
+    assert_eq!(data_mode(h2, &p.names[0]), "encrypted");
+    let units_before = tap_units(h1);
+    let pcap = ping_marked(&p.lab, &p.c[0], "10.43.0.2", h1);
+    assert!(!pcap.contains(MARKER), "one-sided trust put the marker in plain text on the underlay");
+    assert!(tap_units(h1) - units_before >= 10, "the echoes did not take meshnet's path");
+    assert_eq!(dataplane_counter(h1, "udp_unsealed_out") + dataplane_counter(h2, "udp_unsealed_out"), 0);
+}

@@ -202,6 +202,10 @@ pub(crate) struct Peer {
     pub(crate) traffic: Arc<PeerTraffic>,
     /// The largest datagram the path to the peer carries (its path MTU).
     pub(crate) max_datagram: usize,
+    /// Units from our TAP to this peer itself go unsealed (`trusted
+    /// (userspace)`, set by [`tx::TxPlane::set_unsealed`]); relayed and
+    /// broadcast units to it stay sealed.
+    pub(crate) unsealed: bool,
 }
 
 /// Direct peers by name, each with its sealing session.

@@ -168,12 +168,13 @@ impl RxPlane {
         traffic: Arc<PeerTraffic>,
     ) {
         let peer = path.peer;
+        self.receiver.set_unsealed_from(peer, None);
         self.add_recv(peer, recv_index, recv_key);
         let session = self.sealing.relay(send_index, send_key, path.multiqueue);
         self.announced.retain(|_, (p, _)| *p != peer);
         self.traffic.insert(peer, traffic.clone());
         let max_datagram = self.max_datagram;
-        self.peers.insert(Peer { path, session, traffic, max_datagram });
+        self.peers.insert(Peer { path, session, traffic, max_datagram, unsealed: false });
     }
 
     /// Stops relaying to `peer` and accepting its sessions `recv_indexes`.
@@ -182,6 +183,7 @@ impl RxPlane {
             self.remove_recv(index);
         }
         self.peers.remove(peer);
+        self.receiver.set_unsealed_from(peer, None);
     }
 
     /// Accepts `peer`'s datagrams under `index` opened with `key`, and
@@ -191,6 +193,13 @@ impl RxPlane {
         let mut relay = relay_key(key);
         self.receiver.add_session(index | RELAY_INDEX_BIT, peer, &relay);
         erase(&mut relay);
+    }
+
+    /// Takes unsealed data datagrams from `peer`, from underlay address `addr`
+    /// only (`trusted (userspace)`), or none (None; the default, also after
+    /// the peer is added again).
+    pub fn set_unsealed_from(&mut self, peer: PeerName, addr: Option<std::net::IpAddr>) {
+        self.receiver.set_unsealed_from(peer, addr);
     }
 
     pub fn remove_recv(&mut self, index: u32) {
@@ -271,12 +280,14 @@ impl RxPlane {
         add(&self.stats.udp_datagrams_in, 1);
         add(&self.stats.udp_bytes_in, dgram.len() as u64);
         let len = dgram.len();
+        let unsealed = dgram.get(1).is_some_and(|&f| f & crate::wire::datagram::OUTER_FLAG_UNSEALED != 0);
         let (receiver, sink) = self.sink(now, dgram.as_ptr() as usize, len, out);
         // The three callbacks never run nested: one borrow at a time.
         let sink = RefCell::new(sink);
-        let result = receiver.receive_placed(
+        let result = receiver.receive_placed_from(
             now,
             dgram,
+            Some(from.ip()),
             |sender, hdr, unit, place| sink.borrow_mut().unit(sender, hdr, unit, place),
             |peer, heartbeat, len| sink.borrow_mut().out.heard.push(Heard { peer, heartbeat, len, from }),
             |sender, hdr, unit, have| sink.borrow_mut().partial(sender, hdr, unit, have),
@@ -284,6 +295,9 @@ impl RxPlane {
         drop(sink);
         match result {
             Ok(_) => {
+                if unsealed {
+                    add(&self.stats.udp_unsealed_in, 1);
+                }
                 if let Some(peer) = self.receiver.last_sender() {
                     if self.last_from.as_ref().is_none_or(|(p, _)| *p != peer) {
                         self.last_from = self.traffic.get(&peer).map(|t| (peer, t.clone()));
@@ -295,6 +309,10 @@ impl RxPlane {
                 }
             }
             Err(DatapathError::UnknownSession(_)) => add(&self.stats.udp_unknown_session, 1),
+            Err(DatapathError::UnsealedRefused) => {
+                add(&self.stats.udp_unsealed_refused, 1);
+                add(&self.stats.udp_rejected, 1);
+            }
             Err(DatapathError::Session(SessionError::AuthFailed)) => {
                 add(&self.stats.udp_auth_failed, 1);
                 add(&self.stats.udp_rejected, 1);

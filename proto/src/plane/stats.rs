@@ -54,6 +54,14 @@ pub struct Stats {
     pub ttl_clamped: Counter,
     /// Of `udp_rejected`, datagrams whose tag did not verify under the session's key.
     pub udp_auth_failed: Counter,
+    /// Data datagrams sent unsealed to peers trusted both ways (`trusted (userspace)`).
+    pub udp_unsealed_out: Counter,
+    /// Unsealed data datagrams taken from such peers (counted in `udp_datagrams_in` too).
+    pub udp_unsealed_in: Counter,
+    /// Of `udp_rejected`, unsealed datagrams dropped: the sender is not trusted
+    /// both ways from that address, or a relay session, broadcast, another
+    /// origin, a nonzero tag (see [`crate::datapath::Receiver::set_unsealed_from`]).
+    pub udp_unsealed_refused: Counter,
     /// Datagrams a queue's socket received for another queue (a receive
     /// batch the kernel's GRO merged across queues), handed to that queue.
     pub udp_other_queue: Counter,
@@ -131,6 +139,11 @@ impl Stats {
         .chain(Refused::ALL.into_iter().map(|r| (r.counter_name(), self.refused[r.index()].get())))
         .chain(self.per_frame.to_json())
         .chain([("udp_other_queue", self.udp_other_queue.get())])
+        .chain([
+            ("udp_unsealed_out", self.udp_unsealed_out.get()),
+            ("udp_unsealed_in", self.udp_unsealed_in.get()),
+            ("udp_unsealed_refused", self.udp_unsealed_refused.get()),
+        ])
         .collect()
     }
 
@@ -228,8 +241,10 @@ mod tests {
         let i = |n: &str| names.iter().position(|k| *k == n).unwrap();
         assert_eq!(i("rekeys"), i("ttl_clamped") + 1);
         assert_eq!(names[0], "tap_units_in");
-        assert_eq!(names[names.len() - 2], "sw_malformed_units");
-        assert_eq!(names.last(), Some(&"udp_other_queue"));
-        assert_eq!(names.len(), 24 + Refused::ALL.len() + 3 + 1);
+        assert_eq!(names[names.len() - 5], "sw_malformed_units");
+        assert_eq!(names[names.len() - 4], "udp_other_queue");
+        // Added after: `trusted (userspace)`.
+        assert_eq!(names[names.len() - 3..], ["udp_unsealed_out", "udp_unsealed_in", "udp_unsealed_refused"]);
+        assert_eq!(names.len(), 24 + Refused::ALL.len() + 3 + 1 + 3);
     }
 }

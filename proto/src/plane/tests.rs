@@ -534,3 +534,58 @@ fn a_mac_that_moves_behind_the_device_is_reported() {
     net.nodes[0].tx.handle(now, &[u.clone()], &[u.len()], &mut out);
     assert!(out.moved_local.is_empty());
 }
+
+/// `trusted (userspace)` between 0 and 1 of the chain 0 – 1 – 2: units from
+/// 0's device for 1 itself go unsealed (the payload visible on the wire) and
+/// are delivered; units relayed through 1, broadcasts and the other link stay
+/// sealed; an unsealed datagram from another address is refused and counted.
+#[test]
+fn unsealed_goes_only_to_the_agreed_peer_itself() {
+    let mut net = Net::new(3, &[(0, 1), (1, 2)], true);
+    net.nodes[0].tx.set_unsealed(name(1), true);
+    net.nodes[1].rx.set_unsealed_from(name(0), Some(addr(0).ip()));
+    // Everyone learns everyone's MAC (flooded, so sealed).
+    for i in 0..3 {
+        net.send(i, vec![unit([0xff; 6], mac(i), 1, 100)]);
+        assert!(net.wire.iter().all(|(_, _, d)| d[1] == 0), "a broadcast went unsealed");
+        net.run();
+    }
+    let marker = 0x5eed_0001;
+    // 0 → 1: unsealed, the payload on the wire in the clear.
+    net.send(0, vec![unit(mac(1), mac(0), marker, 300)]);
+    let on_wire: Vec<Vec<u8>> = net.wire.iter().map(|(_, _, d)| d.clone()).collect();
+    assert_eq!(on_wire.len(), 1);
+    assert_eq!(on_wire[0][1], crate::wire::datagram::OUTER_FLAG_UNSEALED);
+    assert!(on_wire[0].windows(4).any(|w| w == marker.to_be_bytes()), "the unit is not in the clear");
+    net.run();
+    assert_eq!(net.count(1, marker), 1);
+    assert_eq!(net.stat(0, |s| &s.udp_unsealed_out), 1);
+    assert_eq!(net.stat(1, |s| &s.udp_unsealed_in), 1);
+    // 0 → 2 through 1: sealed on both links.
+    net.send(0, vec![unit(mac(2), mac(0), marker + 1, 300)]);
+    assert!(net.wire.iter().all(|(_, _, d)| d[1] == 0), "a unit relayed through the trusted peer went unsealed");
+    net.run();
+    assert_eq!(net.count(2, marker + 1), 1);
+    // 1 → 0: 1 did not agree to send unsealed (its TX plane), so sealed.
+    net.send(1, vec![unit(mac(0), mac(1), marker + 2, 300)]);
+    assert!(net.wire.iter().all(|(_, _, d)| d[1] == 0));
+    net.run();
+    assert_eq!(net.count(0, marker + 2), 1);
+    // The unsealed datagram again, from 2's address: refused, counted, not delivered.
+    net.send(0, vec![unit(mac(1), mac(0), marker + 3, 300)]);
+    let (_, _, mut d) = net.wire.pop_front().unwrap();
+    let mut out = RxOut::default();
+    let before = net.nodes[1].delivered.len();
+    assert!(net.nodes[1].rx.receive(net.now, &mut d.clone(), addr(2), &mut out).is_err());
+    assert_eq!(out.deliveries(), 0);
+    assert_eq!(net.stat(1, |s| &s.udp_unsealed_refused), 1);
+    assert_eq!(net.nodes[1].delivered.len(), before);
+    // From the agreed address it is still taken (the refusal moved no window).
+    net.nodes[1].rx.receive(net.now, &mut d, addr(0), &mut out).unwrap();
+    assert_eq!(out.deliveries(), 1);
+    // A peer added again starts sealed both ways.
+    let path = PeerPath { peer: name(1), addr: addr(1), superframes: true, multiqueue: true };
+    net.nodes[0].tx.add_peer(path, index(0, 1), &key(0, 1), Arc::default());
+    net.send(0, vec![unit(mac(1), mac(0), marker + 4, 300)]);
+    assert!(net.wire.iter().all(|(_, _, d)| d[1] == 0));
+}

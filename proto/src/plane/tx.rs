@@ -120,7 +120,17 @@ impl TxPlane {
     pub fn add_peer(&mut self, path: PeerPath, send_index: u32, send_key: &[u8; 32], traffic: Arc<PeerTraffic>) {
         let session = self.sealing.session(send_index, send_key, path.multiqueue);
         let max_datagram = self.max_datagram;
-        self.peers.insert(Peer { path, session, traffic, max_datagram });
+        self.peers.insert(Peer { path, session, traffic, max_datagram, unsealed: false });
+    }
+
+    /// Sends units for `peer` itself unsealed (`trusted (userspace)`: the
+    /// connection is trusted both ways and the peer has
+    /// `CAP_TRUSTED_USERSPACE`), or sealed again. Broadcasts and units
+    /// relayed through `peer` stay sealed. A peer added again starts sealed.
+    pub fn set_unsealed(&mut self, peer: PeerName, unsealed: bool) {
+        if let Some(p) = self.peers.get_mut(peer) {
+            p.unsealed = unsealed;
+        }
     }
 
     /// Forgets a direct peer and the MACs learned behind it.
@@ -335,7 +345,9 @@ fn encode(
     batch: &mut crate::datapath::TxBatch,
     stats: &Stats,
 ) {
-    encoder.begin(&mut p.session, hdr, batch);
+    let unsealed = p.unsealed && hdr.dst == p.path.peer;
+    let first = batch.datagram_count();
+    encoder.begin_as(&mut p.session, hdr, batch, unsealed);
     for i in which {
         let i = i as usize;
         let unit = &units[i][..lens[i].min(units[i].len())];
@@ -347,5 +359,8 @@ fn encode(
     if encoder.finish(&mut p.session, batch).is_err() {
         stats.encode_error();
         p.traffic.tx.encode_errors.add(1);
+    }
+    if unsealed {
+        add(&stats.udp_unsealed_out, (batch.datagram_count() - first) as u64);
     }
 }

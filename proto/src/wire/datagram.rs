@@ -6,7 +6,8 @@
 //!
 //! outer header                        (all integers big-endian)
 //!   0      u8   kind: 0x01 = data (anything else is rejected)
-//!   1      u8   flags: 0 (reserved; nonzero is rejected)
+//!   1      u8   flags: bit0 UNSEALED (data only, see below); other bits
+//!               reserved, nonzero is rejected
 //!   2..4   u16  queue: the sender's queue (forwarding thread) that sealed it,
 //!               below MAX_QUEUES; 0 to a peer without CAP_MULTIQUEUE, which
 //!               rejects anything else (the field was "reserved, 0" before).
@@ -35,6 +36,16 @@
 //!   12..16 u32  total: the unit's length, at most MAX_UNIT; offset + len <= total
 //!   then `len` bytes of payload
 //! ```
+//!
+//! An UNSEALED data datagram (`trusted (userspace)`, see [`crate::trusted`])
+//! has the same layout and size, but its "ciphertext" is the plaintext and its
+//! tag is 16 zero bytes: nothing is encrypted or authenticated. Its counter
+//! comes from the session's send counter and still passes the receiver's replay
+//! window. It is sent only to a direct peer that advertised
+//! `CAP_TRUSTED_USERSPACE` and with which trust was agreed both ways, only for
+//! units from the sender's own TAP to that peer (never broadcast, never on a
+//! relay session); a receiver drops and counts any other (see
+//! [`crate::datapath::Receiver::set_unsealed_from`]). Heartbeats are always sealed.
 //!
 //! A *unit* is what the router reads from its TAP: a 10-byte `virtio_net_hdr`
 //! followed by an Ethernet frame, up to [`MAX_UNIT`] bytes with TSO. A unit that
@@ -73,6 +84,8 @@ pub const KIND_HEARTBEAT: u8 = 0x02;
 pub const HEARTBEAT_LEN: usize = 8;
 /// Inner header flag: the units are for every peer.
 pub const INNER_FLAG_BROADCAST: u8 = 0x01;
+/// Outer header flag of a data datagram: its payload is not sealed.
+pub const OUTER_FLAG_UNSEALED: u8 = 0x01;
 /// Record flag: the record is one chunk of a larger unit.
 pub const RECORD_FLAG_CHUNK: u16 = 0x0001;
 
@@ -176,6 +189,10 @@ impl<T: AsRef<[u8]>> OuterPacket<T> {
     pub fn reserved(&self) -> u16 {
         be16(&self.buffer.as_ref()[field::OUTER_RESERVED])
     }
+    /// The data datagram says it is not sealed ([`OUTER_FLAG_UNSEALED`]).
+    pub fn unsealed(&self) -> bool {
+        self.flags() & OUTER_FLAG_UNSEALED != 0
+    }
     /// The queue field (bytes 2..4, which were reserved before queues).
     pub fn queue(&self) -> u16 {
         self.reserved()
@@ -239,12 +256,16 @@ impl OuterHeader {
     }
 
     /// Parses a checked view of a data or heartbeat datagram; returns its kind.
+    /// Flags must be zero, or [`OUTER_FLAG_UNSEALED`] on a data datagram (read
+    /// it with [`OuterPacket::unsealed`]; only the receiver decides whether to
+    /// take it).
     pub fn parse_any<T: AsRef<[u8]>>(p: &OuterPacket<T>) -> Result<(u8, Self), WireError> {
         p.check_len()?;
         if p.kind() != KIND_DATA && p.kind() != KIND_HEARTBEAT {
             return Err(WireError::BadKind(p.kind()));
         }
-        if p.flags() != 0 || p.queue() >= crate::session::MAX_QUEUES {
+        let flags_ok = p.flags() == 0 || (p.flags() == OUTER_FLAG_UNSEALED && p.kind() == KIND_DATA);
+        if !flags_ok || p.queue() >= crate::session::MAX_QUEUES {
             return Err(WireError::Reserved);
         }
         Ok((p.kind(), OuterHeader { receiver_index: p.receiver_index(), counter: p.counter() }))
@@ -675,12 +696,24 @@ mod tests {
             let p = OuterPacket::new_checked(&x[..]).unwrap();
             assert_eq!(OuterHeader::parse(&p), Err(WireError::BadKind(kind)));
         }
-        for bit in 0..8 {
+        for bit in 1..8 {
             let mut x = b;
             x[1] |= 1 << bit;
             let p = OuterPacket::new_checked(&x[..]).unwrap();
             assert_eq!(OuterHeader::parse(&p), Err(WireError::Reserved), "flags bit {bit}");
+            x[1] |= OUTER_FLAG_UNSEALED;
+            let p = OuterPacket::new_checked(&x[..]).unwrap();
+            assert_eq!(OuterHeader::parse(&p), Err(WireError::Reserved), "flags bit {bit} with UNSEALED");
         }
+        // UNSEALED parses on data (the receiver decides), never on a heartbeat.
+        let mut x = b;
+        x[1] = OUTER_FLAG_UNSEALED;
+        let p = OuterPacket::new_checked(&x[..]).unwrap();
+        assert_eq!(OuterHeader::parse(&p), Ok(OuterHeader { receiver_index: 1, counter: 2 }));
+        assert!(p.unsealed());
+        x[0] = KIND_HEARTBEAT;
+        let p = OuterPacket::new_checked(&x[..]).unwrap();
+        assert_eq!(OuterHeader::parse_any(&p), Err(WireError::Reserved));
         // The queue field: below MAX_QUEUES is taken, from it on refused.
         for q in [1u16, 63, 64, 0x100, 0xffff] {
             let mut x = b;
