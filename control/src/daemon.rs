@@ -270,7 +270,8 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     // The host's own addresses on the overlay, and meshnet's nftables table.
     let exposed = cfg.state.load_exposed()?;
-    if let Err(e) = expose::apply(&cfg.bridge, ipam.ipam.universe(), &exposed) {
+    let ranges = expose::Ranges { v4: ipam.ipam.universe(), v6: ipam6.as_ref().map(|h| h.ipam.universe()) };
+    if let Err(e) = expose::apply(&cfg.bridge, ranges, &exposed) {
         log::warn!("re-exposing {}: {e:#}", exposed.iter().map(|e| e.addr.as_str()).collect::<Vec<_>>().join(" "));
     }
     // Addresses of targets that vanished while we were down go back to the pool.
@@ -301,7 +302,6 @@ pub fn run(cfg: Config) -> Result<()> {
             let held = h.ipam.addresses_of(EXPOSE_KEY);
             for e in &exposed {
                 if let Ok((ip, subnet)) = expose::parse(e) {
-                    let ip = IpAddr::V4(ip);
                     if h.ipam.universe().contains(ip) && !held.contains(&ip) {
                         h.deferred.push((EXPOSE_KEY.to_string(), ip, subnet.prefix()));
                     }
@@ -399,8 +399,9 @@ pub fn run(cfg: Config) -> Result<()> {
         if cfg.dns.enabled {
             let exposed_ctx = ctx.clone();
             tasks.spawn(crate::dns::serve(dns.clone(), move || {
+                // The first exposed IPv4 address (the records are IPv4 ones).
                 let e = exposed_ctx.exposed.lock().unwrap_or_else(|p| p.into_inner());
-                e.iter().find_map(|x| expose::parse(x).ok()).map(|(ip, _)| IpAddr::V4(ip))
+                e.iter().find_map(|x| expose::parse(x).ok().map(|(ip, _)| ip).filter(IpAddr::is_ipv4))
             }));
         }
         // Docker containers attached by name: attached again when they start,
@@ -1001,11 +1002,24 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
     let mesh = &ctx.mesh;
     let bridge = &mesh.settings.bridge;
     let specs: Vec<AddrSpec> = if cidrs.is_empty() {
-        vec![AddrSpec::Any(None)]
+        // One address of each configured family, from its default subnet (as `attach`).
+        let mut v = vec![AddrSpec::Any(None)];
+        v.extend(mesh.with_ipam_for(true, |h| AddrSpec::Any(Some(h.default_subnet))));
+        v
     } else {
         cidrs.iter().map(|c| ipamd::parse_addr(c)).collect::<Result<_>>()?
     };
     let (range, default_subnet) = mesh.with_ipam(|h| (h.ipam.universe(), h.default_subnet));
+    let range6 = mesh.with_ipam_for(true, |h| h.ipam.universe());
+    let ranges = expose::Ranges { v4: range, v6: range6 };
+    // The range of an address's (or subnet's) family, or why there is none.
+    let range_of = |v6: bool, what: &str| -> Result<Cidr> {
+        match (v6, range6) {
+            (false, _) => Ok(range),
+            (true, Some(r6)) => Ok(r6),
+            (true, None) => bail!("cannot expose {what}: no IPv6 --ipalloc-range was given at launch"),
+        }
+    };
     // One expose or hide at a time (concurrent CNI ADDs must not expose two
     // addresses in one subnet); `exposed` itself is only locked briefly, so
     // `status` never waits for an allocation.
@@ -1022,7 +1036,7 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
                 match spec {
                     AddrSpec::Any(None) => default_subnet.contains(ip),
                     AddrSpec::Any(Some(c)) => c.contains(ip),
-                    AddrSpec::Exact { ip: want, .. } => *want == IpAddr::V4(ip),
+                    AddrSpec::Exact { ip: want, .. } => *want == ip,
                 }
             });
             if let Some(e) = found {
@@ -1031,18 +1045,21 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
             }
             match spec {
                 AddrSpec::Exact { ip, prefix, .. } => {
-                    let inside = matches!(ip, IpAddr::V4(v4) if range.contains(*v4));
-                    if !inside {
+                    let range = range_of(ip.is_ipv6(), &format!("{ip}/{prefix}"))?;
+                    if !range.contains(*ip) {
                         bail!("cannot expose {ip}/{prefix}: it is outside the IP allocation range {range}");
                     }
                     if let Some(holder) = attachments.iter().find(|a| a.addrs.iter().any(|x| attach::same_ip(x, ip))) {
                         bail!("cannot expose {ip}/{prefix}: the address is attached to {}", holder.target);
                     }
                 }
-                AddrSpec::Any(Some(c)) if !range.contains_net(c) => {
-                    bail!("cannot expose an address of {c}: it is outside the IP allocation range {range}")
+                AddrSpec::Any(Some(c)) => {
+                    let range = range_of(c.is_v6(), &format!("an address of {c}"))?;
+                    if !range.contains_net(c) {
+                        bail!("cannot expose an address of {c}: it is outside the IP allocation range {range}")
+                    }
                 }
-                AddrSpec::Any(_) => {}
+                AddrSpec::Any(None) => {}
             }
             answer.push(None);
             new_specs.push(match spec {
@@ -1053,18 +1070,30 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
         }
     }
     let held_before = held(mesh, EXPOSE_KEY);
-    // Exposed addresses are IPv4 only (the nftables rules are).
-    let requests = mesh.with_ipam(|h| new_specs.iter().map(|sp| ipamd::request_for(sp, h, None)).collect::<Result<Vec<_>>>())?;
+    let requests = mesh
+        .with_ipams(|h, h6| new_specs.iter().map(|sp| ipamd::request_for(sp, h, h6.as_deref())).collect::<Result<Vec<_>>>())?;
     let allocated = allocate_all(mesh, EXPOSE_KEY, &new_specs, requests).map_err(|e| {
         release_new(mesh, EXPOSE_KEY, &held_before);
         e.context("expose")
     })?;
     let mut added = Vec::new();
+    // IPv6 on the bridge (quiet) once an IPv6 address is exposed on it; back
+    // off if nothing IPv6 ends up exposed.
+    let v6_before = expose::any_v6(&exposed);
+    let undo_v6 = || {
+        if !v6_before {
+            if let Err(e) = netlink::set_bridge_ipv6(bridge, false) {
+                log::warn!("{e}");
+            }
+        }
+    };
     for (ip, prefix) in &allocated {
-        if let Err(e) = netlink::add_link_address(bridge, *ip, *prefix) {
+        let on = if ip.is_ipv6() { netlink::set_bridge_ipv6(bridge, true) } else { Ok(()) };
+        if let Err(e) = on.and_then(|_| netlink::add_link_address(bridge, *ip, *prefix).map(|_| ())) {
             for (ip, prefix) in &added {
                 let _ = netlink::del_link_address(bridge, *ip, *prefix);
             }
+            undo_v6();
             release_new(mesh, EXPOSE_KEY, &held_before);
             return Err(anyhow::Error::from(e).context("expose"));
         }
@@ -1090,16 +1119,17 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
         }
     }
     let applied = mesh.state.save_exposed(&next).and_then(|_| {
-        expose::enable_forwarding();
-        expose::apply_table(bridge, range, &next)
+        expose::enable_forwarding_for(&next);
+        expose::apply_table(bridge, ranges, &next)
     });
     if let Err(e) = applied {
         for (ip, prefix) in &added {
             let _ = netlink::del_link_address(bridge, *ip, *prefix);
         }
+        undo_v6();
         release_new(mesh, EXPOSE_KEY, &held_before);
         let _ = mesh.state.save_exposed(&exposed);
-        let _ = expose::apply_table(bridge, range, &exposed);
+        let _ = expose::apply_table(bridge, ranges, &exposed);
         return Err(e.context("expose"));
     }
     *ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()) = next;
@@ -1115,6 +1145,7 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
     let mesh = &ctx.mesh;
     let bridge = &mesh.settings.bridge;
     let (range, default_subnet) = mesh.with_ipam(|h| (h.ipam.universe(), h.default_subnet));
+    let ranges = expose::Ranges { v4: range, v6: mesh.with_ipam_for(true, |h| h.ipam.universe()) };
     let _one_at_a_time = ctx.expose_op.lock().unwrap_or_else(|p| p.into_inner());
     let exposed = ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut chosen: Vec<usize> = Vec::new();
@@ -1131,7 +1162,7 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
                 match &spec {
                     AddrSpec::Any(None) => default_subnet.contains(ip),
                     AddrSpec::Any(Some(n)) => n.contains(ip),
-                    AddrSpec::Exact { ip: want, .. } => *want == IpAddr::V4(ip),
+                    AddrSpec::Exact { ip: want, .. } => *want == ip,
                 }
             })
             .map(|(i, _)| i)
@@ -1153,14 +1184,18 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
     mesh.state.save_exposed(&next)?;
     for e in &gone {
         let (ip, subnet) = expose::parse(e)?;
-        netlink::del_link_address(bridge, IpAddr::V4(ip), subnet.prefix()).context("hide")?;
-        mesh.with_ipam(|h| {
+        netlink::del_link_address(bridge, ip, subnet.prefix()).context("hide")?;
+        // The ring of its family (none: exposed under an IPv6 range no longer given).
+        mesh.with_ipam_for(ip.is_ipv6(), |h| {
             h.deferred.retain(|(k, d, _)| !(k == EXPOSE_KEY && *d == ip));
             h.ipam.free(EXPOSE_KEY, ip);
         });
         log::info!("hid {} from {bridge}", e.addr);
     }
-    expose::apply_table(bridge, range, &next).context("hide")?;
+    if !expose::any_v6(&next) {
+        netlink::set_bridge_ipv6(bridge, false).context("hide")?;
+    }
+    expose::apply_table(bridge, ranges, &next).context("hide")?;
     *ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()) = next;
     Ok(json!({ "hidden": gone.iter().map(|e| e.addr.clone()).collect::<Vec<_>>() }))
 }

@@ -1,11 +1,11 @@
 //! meshnet's own nftables tables, as typed nftables JSON (the `nftables`
 //! crate) applied through `nft -j -f -`, one transaction per batch.
 //!
-//! Owns: the building blocks both users share — a table of family `ip`
-//! declared-then-deleted-then-defined (so a batch replaces it whole, whether or
+//! Owns: the building blocks both users share — a table (family `ip`, or
+//! `ip6` for [`crate::expose`]'s IPv6 half) declared-then-deleted-then-defined (so a batch replaces it whole, whether or
 //! not it was there), base chains, rules with counters and comments — and
-//! running `nft`. Users: [`crate::expose`] (table `meshnet[-<bridge>]`: exposed
-//! subnets) and [`crate::trusted`] (table `meshnet-trusted-<bridge>`: who may
+//! running `nft`. Users: [`crate::expose`] (tables `ip meshnet[-<bridge>]` and
+//! `ip6 meshnet[-<bridge>]`: exposed subnets) and [`crate::trusted`] (table `meshnet-trusted-<bridge>`: who may
 //! send to the kernel VXLAN port).
 //!
 //! Never touches another table (iptables-legacy, iptables-nft, Docker and
@@ -31,19 +31,33 @@ pub const PRIO_SRCNAT: i32 = 100;
 /// follows defines it afresh; alone, it deletes it whether or not it is there.
 pub fn declare_and_delete(table: &str) -> Batch<'static> {
     let mut batch = Batch::new();
-    batch.add(NfListObject::Table(our_table(table)));
-    batch.delete(NfListObject::Table(our_table(table)));
+    declare_and_delete_in(&mut batch, NfFamily::IP, table);
     batch
 }
 
+/// Adds the declaration and deletion of `family table` to `batch`.
+pub fn declare_and_delete_in(batch: &mut Batch<'static>, family: NfFamily, table: &str) {
+    batch.add(NfListObject::Table(our_table_in(family, table)));
+    batch.delete(NfListObject::Table(our_table_in(family, table)));
+}
+
 pub fn our_table(table: &str) -> Table<'static> {
-    Table { family: NfFamily::IP, name: table.to_string().into(), handle: None }
+    our_table_in(NfFamily::IP, table)
+}
+
+pub fn our_table_in(family: NfFamily, table: &str) -> Table<'static> {
+    Table { family, name: table.to_string().into(), handle: None }
 }
 
 /// A base chain with policy accept.
 pub fn base_chain(table: &str, name: &'static str, kind: NfChainType, hook: NfHook, prio: i32) -> Chain<'static> {
+    base_chain_in(NfFamily::IP, table, name, kind, hook, prio)
+}
+
+/// A base chain of `family table` with policy accept.
+pub fn base_chain_in(family: NfFamily, table: &str, name: &'static str, kind: NfChainType, hook: NfHook, prio: i32) -> Chain<'static> {
     Chain {
-        family: NfFamily::IP,
+        family,
         table: table.to_string().into(),
         name: name.into(),
         _type: Some(kind),
@@ -55,8 +69,12 @@ pub fn base_chain(table: &str, name: &'static str, kind: NfChainType, hook: NfHo
 }
 
 pub fn rule(table: &str, chain: &'static str, expr: Vec<Statement<'static>>, comment: String) -> Rule<'static> {
+    rule_in(NfFamily::IP, table, chain, expr, comment)
+}
+
+pub fn rule_in(family: NfFamily, table: &str, chain: &'static str, expr: Vec<Statement<'static>>, comment: String) -> Rule<'static> {
     Rule {
-        family: NfFamily::IP,
+        family,
         table: table.to_string().into(),
         chain: chain.into(),
         expr: expr.into(),
@@ -96,25 +114,38 @@ pub fn apply(batch: &Nftables) -> Result<()> {
     helper::apply_ruleset(batch).map_err(error)
 }
 
-/// Deletes `table` if it is there; Ok(false) if it was not.
+/// Deletes `table` (family `ip`) if it is there; Ok(false) if it was not.
 pub fn delete_table(table: &str) -> Result<bool> {
-    if !table_exists(table)? {
+    delete_table_in(NfFamily::IP, table)
+}
+
+/// Deletes `family table` if it is there; Ok(false) if it was not.
+pub fn delete_table_in(family: NfFamily, table: &str) -> Result<bool> {
+    if !table_exists_in(family, table)? {
         return Ok(false);
     }
-    apply(&declare_and_delete(table).to_nftables())?;
+    let mut batch = Batch::new();
+    declare_and_delete_in(&mut batch, family, table);
+    apply(&batch.to_nftables())?;
     Ok(true)
 }
 
 /// Whether `table` (family `ip`) is there (`nft -j list tables ip`); without
 /// `nft` installed it cannot be (meshnet only ever makes it through `nft`).
 pub fn table_exists(table: &str) -> Result<bool> {
-    let listed = match helper::get_current_ruleset_with_args(helper::DEFAULT_NFT, ["list", "tables", "ip"]) {
+    table_exists_in(NfFamily::IP, table)
+}
+
+/// Whether `family table` is there (`nft -j list tables FAMILY`).
+pub fn table_exists_in(family: NfFamily, table: &str) -> Result<bool> {
+    let name = if family == NfFamily::IP6 { "ip6" } else { "ip" };
+    let listed = match helper::get_current_ruleset_with_args(helper::DEFAULT_NFT, ["list", "tables", name]) {
         Ok(listed) => listed,
         Err(NftablesError::NftExecution { inner, .. }) if inner.kind() == std::io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(error(e)),
     };
     Ok(listed.objects.iter().any(|o| {
-        matches!(o, NfObject::ListObject(NfListObject::Table(t)) if t.family == NfFamily::IP && t.name == table)
+        matches!(o, NfObject::ListObject(NfListObject::Table(t)) if t.family == family && t.name == table)
     }))
 }
 

@@ -8,11 +8,18 @@
 //! the namespace of the *calling thread*; work inside a container's namespace
 //! goes through [`crate::netns::run_in`], on a thread that entered it.
 //!
-//! IPv6 is switched off on every device that only carries layer 2 (the bridge,
-//! its ports, the container end unless it is given an IPv6 address) by writing
-//! `/proc/sys/net/ipv6/conf/NAME/disable_ipv6` before the device goes up, so no
-//! link-local address or router solicitation ever leaks onto the overlay. There is
-//! no netlink attribute for that knob.
+//! IPv6 is switched off on every device that only carries layer 2 (the bridge's
+//! ports, the router's TAP, the container end unless it is given an IPv6
+//! address) by writing `/proc/sys/net/ipv6/conf/NAME/disable_ipv6` before the
+//! device goes up, so no link-local address or router solicitation ever leaks
+//! onto the overlay. There is no netlink attribute for that knob. The bridge
+//! itself has IPv6 off too, except while the host has an IPv6 address exposed
+//! on it (`meshnet expose`, [`set_bridge_ipv6`]), and is set up to be quiet
+//! when it is on: no generated address (`addr_gen_mode` none, so no
+//! link-local, DAD probe or solicited-node MLD report of its own), no router
+//! solicitations sent or advertisements taken (`router_solicitations` 0,
+//! `accept_ra` 0) and no DAD (`accept_dad` 0: IPAM makes exposed addresses
+//! unique); see [`quiet_bridge_ipv6`].
 //!
 //! This module never runs `ip` and never touches a namespace other than the
 //! caller's and the one it is told to attach to.
@@ -131,7 +138,9 @@ pub struct Attached {
 // ---------------------------------------------------------------------------
 
 /// Create bridge `name` if missing (an existing bridge of that name is used as it
-/// is, MTU untouched), switch IPv6 off on it, and set it up. Returns its ifindex.
+/// is, MTU untouched), make its IPv6 quiet ([`quiet_bridge_ipv6`]: off, unless
+/// it already was quiet and on, holding exposed addresses), and set it up.
+/// Returns its ifindex.
 pub fn ensure_bridge(name: &str, mtu: u32) -> Result<u32, NetlinkError> {
     let what = format!("ensure bridge {name}");
     check_ifname(&what, "bridge name", name)?;
@@ -166,7 +175,7 @@ pub fn ensure_bridge(name: &str, mtu: u32) -> Result<u32, NetlinkError> {
                 }
             }
         };
-        set_ipv6_disabled(&name, true)?;
+        quiet_bridge_ipv6(&name)?;
         set_link(&h, LinkUnspec::new_with_index(index).up().build())
             .await
             .ctx(|| format!("set bridge {name} up"))?;
@@ -1074,6 +1083,67 @@ async fn addresses(h: &Handle, index: u32) -> Result<Vec<(IpAddr, u8)>, rtnetlin
         out.push((ip, msg.header.prefix_len));
     }
     Ok(out)
+}
+
+/// The bridge's IPv6 knobs (`/proc/sys/net/ipv6/conf/NAME/...`) and the value
+/// [`quiet_bridge_ipv6`] gives each.
+pub const BRIDGE_IPV6_SYSCTLS: [(&str, &str); 4] = [
+    ("addr_gen_mode", "1"),
+    ("accept_ra", "0"),
+    ("router_solicitations", "0"),
+    ("accept_dad", "0"),
+];
+
+/// Makes bridge `name` quiet for when IPv6 is on: the kernel generates no
+/// address for it (`addr_gen_mode` 1, none: no link-local address, so no DAD
+/// probe, no MLD report for a solicited-node group, no router solicitation),
+/// it takes no router advertisements (`accept_ra` 0), solicits none, and runs
+/// no DAD (IPAM already makes exposed addresses unique, and DAD would hold a
+/// fresh address back for a second). A bridge not set so yet gets IPv6
+/// switched off first (which drops any address it had, e.g. a generated
+/// link-local one); one already set so is left as it is, IPv6 on or off, so
+/// the addresses exposed on it stay across a restart. IPv6 itself is switched
+/// on only while an IPv6 address is exposed ([`set_bridge_ipv6`]): with it off
+/// the host neither sends onto the overlay nor routes what arrives from it.
+/// Without IPv6 in the kernel (no such files) there is nothing to do.
+pub fn quiet_bridge_ipv6(name: &str) -> Result<(), NetlinkError> {
+    let dir = format!("/proc/sys/net/ipv6/conf/{name}");
+    let read = |knob: &str| std::fs::read_to_string(format!("{dir}/{knob}")).ok().map(|v| v.trim().to_string());
+    if read("disable_ipv6").is_none() {
+        return Ok(());
+    }
+    if BRIDGE_IPV6_SYSCTLS.iter().all(|(knob, want)| read(knob).as_deref() == Some(*want)) {
+        return Ok(());
+    }
+    set_ipv6_disabled(name, true)?;
+    for (knob, value) in BRIDGE_IPV6_SYSCTLS {
+        let path = format!("{dir}/{knob}");
+        if let Err(source) = std::fs::write(&path, format!("{value}\n")) {
+            return Err(NetlinkError::Io { what: format!("set {path} to {value}"), source });
+        }
+    }
+    Ok(())
+}
+
+/// IPv6 on (`on`, quiet: see [`quiet_bridge_ipv6`]) or off on bridge `name`,
+/// for whether an IPv6 address is exposed on it. Switching it off drops every
+/// IPv6 address it has.
+pub fn set_bridge_ipv6(name: &str, on: bool) -> Result<(), NetlinkError> {
+    let dir = format!("/proc/sys/net/ipv6/conf/{name}");
+    if !on {
+        return set_ipv6_disabled(name, true);
+    }
+    if !std::path::Path::new(&dir).exists() {
+        return Err(NetlinkError::Io {
+            what: format!("enable IPv6 on {name}"),
+            source: io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no {dir}: IPv6 is off in this kernel, or the bridge's MTU is below IPv6's 1280"),
+            ),
+        });
+    }
+    quiet_bridge_ipv6(name)?;
+    set_ipv6_disabled(name, false)
 }
 
 /// Write /proc/sys/net/ipv6/conf/NAME/disable_ipv6 for the calling thread's

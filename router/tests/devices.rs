@@ -253,10 +253,33 @@ fn bridge_create_reuse_delete() {
         assert_eq!(link["mtu"], 1400);
         assert_eq!(link["linkinfo"]["info_kind"], "bridge");
         assert!(flags(&link).contains(&"UP".to_string()), "{link}");
-        assert_eq!(
-            probe.sysctl(&format!("/proc/sys/net/ipv6/conf/{br}/disable_ipv6")),
-            "1"
-        );
+        // IPv6 off, and quiet for when it is switched on: nothing generated, no RA/RS, no DAD.
+        assert_eq!(probe.sysctl(&format!("/proc/sys/net/ipv6/conf/{br}/disable_ipv6")), "1");
+        for (knob, want) in netlink::BRIDGE_IPV6_SYSCTLS {
+            assert_eq!(probe.sysctl(&format!("/proc/sys/net/ipv6/conf/{br}/{knob}")), want, "{knob}");
+        }
+        // On: still no address of its own; an address put on it is the only one,
+        // and it stays when the bridge is ensured again (a restart).
+        netlink::set_bridge_ipv6(&br, true).unwrap();
+        assert_eq!(probe.sysctl(&format!("/proc/sys/net/ipv6/conf/{br}/disable_ipv6")), "0");
+        let v6 = probe.ip(&["-6", "addr", "show", "dev", &br]);
+        assert!(!v6.contains("inet6"), "the bridge has an IPv6 address of its own: {v6}");
+        probe.ip(&["addr", "add", "fd77::1/64", "dev", &br]);
+        netlink::ensure_bridge(&br, 1400).unwrap();
+        let v6 = probe.ip(&["-6", "addr", "show", "dev", &br]);
+        assert!(v6.contains("fd77::1/64") && !v6.contains("fe80"), "{v6}");
+        // Off again drops it.
+        netlink::set_bridge_ipv6(&br, false).unwrap();
+        assert!(!probe.ip(&["-6", "addr", "show", "dev", &br]).contains("inet6"));
+        // A bridge that generates addresses and has a link-local one loses it.
+        let gen_mode = format!("/proc/sys/net/ipv6/conf/{br}/addr_gen_mode");
+        assert!(probe.exec_ok(&["sh", "-c", &format!("echo 0 > /proc/sys/net/ipv6/conf/{br}/disable_ipv6; echo 0 > {gen_mode}")]));
+        probe.ip(&["addr", "add", "fe80::1/64", "dev", &br]);
+        assert!(probe.ip(&["-6", "addr", "show", "dev", &br]).contains("fe80::1"), "no link-local to begin with");
+        netlink::ensure_bridge(&br, 1400).unwrap();
+        let v6 = probe.ip(&["-6", "addr", "show", "dev", &br]);
+        assert!(!v6.contains("inet6"), "the generated link-local address stayed: {v6}");
+        assert_eq!(probe.sysctl(&gen_mode), "1");
 
         // Reuse: same index, MTU untouched.
         assert_eq!(netlink::ensure_bridge(&br, 9000).unwrap(), index);

@@ -16,6 +16,15 @@
 //!   a kube-proxy-style Service (DNAT on every host to a backend pod on host 2),
 //!   the backend its own Service (hairpin), a `hostPort` on host 1's underlay
 //!   address; a pod keeps its address and its reach across a router restart.
+//! - `expose_ipv6_dual_stack`: routers with an IPv4 and an IPv6 range;
+//!   `expose` with no address gives host 1 one address of each family (the
+//!   bridge, IPv6 off before, gets IPv6 on with that address and no other,
+//!   no link-local one); host 1
+//!   pings a container on host 2 with `ping -6`; the container reaches an
+//!   IPv6 "outside" namespace beyond host 1, which sees host 1's address
+//!   (masqueraded by the `ip6 meshnet` table); bad IPv6 input is refused and
+//!   changes nothing; `kill -9` and a relaunch keep both addresses; `hide`
+//!   removes both, and both tables.
 //! - `podman_on_two_routers`: podman (CNI backend, meshnet's conflist) runs
 //!   containers on two routers that ping each other, reach the outside and
 //!   publish a port with `-p`.
@@ -632,4 +641,156 @@ fn podman_on_two_routers() {
     pm1.run(&["rm", "--force", "--time", "0", "web1"]).expect_ok("podman rm web1");
     assert!(!h1.ps_json().iter().any(|e| e["addresses"].to_string().contains(&ip1)), "web1 still attached after rm");
     assert_eq!(ask(&h2.ns, &h1.ip, 8082), None, "the published port still answers after rm");
+}
+
+const RANGE6: &str = "fd52::/64";
+
+/// [`WHO_SERVER`] on IPv6.
+const WHO_SERVER6: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", int(sys.argv[1])))
+s.listen(16)
+print("listening", flush=True)
+while True:
+    c, a = s.accept()
+    c.sendall(("%s %s\n" % (sys.argv[2], a[0])).encode())
+    c.close()
+"#;
+
+/// The global IPv6 addresses (`ip/prefix`) on `dev` in `ns`, and whether it has a link-local one.
+fn ipv6_of(ns: &str, dev: &str) -> (Vec<String>, bool) {
+    let out = exec_in(ns, &["ip", "-6", "-j", "addr", "show", "dev", dev]);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
+    let mut global = Vec::new();
+    let mut link_local = false;
+    for a in v[0]["addr_info"].as_array().into_iter().flatten() {
+        if a["scope"] == "link" {
+            link_local = true;
+        } else if let (Some(ip), Some(len)) = (a["local"].as_str(), a["prefixlen"].as_u64()) {
+            global.push(format!("{ip}/{len}"));
+        }
+    }
+    (global, link_local)
+}
+
+/// `nft list table ip6 meshnet` in the host, or None when there is no such table.
+fn meshnet_table6(h: &Host) -> Option<String> {
+    let out = exec_in(&h.ns, &["nft", "list", "table", "ip6", "meshnet"]);
+    out.ok().then_some(out.stdout)
+}
+
+fn ping6(ns: &str, ip: &str) -> bool {
+    exec_in_timeout(ns, &["ping", "-6", "-n", "-q", "-c", "1", "-W", "1", ip], SECS(5)).ok()
+}
+
+#[test]
+fn expose_ipv6_dual_stack() {
+    let Some(lab) = Lab::new("expose6") else {
+        return;
+    };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let c2 = lab.add_container(&h2, 2);
+    let opts = [&OPTS[..], &["--ipalloc-range", RANGE6]].concat();
+    h1.launch(&opts);
+    h2.launch(&[&opts[..], &[h1.ip.as_str()]].concat());
+    assert!(wait_until(SECS(30), || established(&h1) >= 1 && established(&h2) >= 1), "h1 and h2 did not connect");
+    h1.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime h1");
+
+    // The bridge has IPv6 off before an expose, and set to be quiet once on.
+    let knob = |knob: &str| exec_in(&h1.ns, &["cat", &format!("/proc/sys/net/ipv6/conf/meshnet/{knob}")]).stdout.trim().to_string();
+    let knobs = || (knob("disable_ipv6"), knob("addr_gen_mode"), knob("accept_ra"), knob("accept_dad"));
+    let quiet = |disabled: &str| (disabled.to_string(), "1".to_string(), "0".to_string(), "0".to_string());
+    assert_eq!(knobs(), quiet("1"), "h1's bridge before expose");
+    assert_eq!(ipv6_of(&h1.ns, "meshnet"), (vec![], false), "h1's bridge has IPv6 addresses before expose");
+
+    let out = h2.meshnet(&["attach", &c2.ns]).expect_ok("attach c2");
+    let a2: Vec<String> = out.last_line().unwrap_or_default().split_whitespace().map(String::from).collect();
+    let v6_2 = a2.iter().find(|a| a.contains(':')).map(|a| ip_of(a)).unwrap_or_else(|| panic!("c2 got no IPv6 address: {out}"));
+    assert!(!ping6(&h1.ns, &v6_2), "h1 reached {v6_2} on h2 before expose");
+
+    // Bad input: a clear error, nothing changed.
+    let before = (exposed(&h1), meshnet_table(&h1), meshnet_table6(&h1), ipv6_of(&h1.ns, "meshnet"));
+    for (args, says) in [
+        (vec!["expose", "fd53::1/64"], "outside the IP allocation range"),
+        (vec!["expose", "ip:fd53::1/64"], "outside the IP allocation range"),
+        (vec!["expose", "net:fd53::/64"], "outside the IP allocation range"),
+        (vec!["expose", "net:fd52::/48"], "outside the IP allocation range"),
+        (vec!["expose", "fd52::zz/64"], "invalid"),
+        (vec!["hide", "fd52::99/64"], "is not exposed"),
+    ] {
+        let out = h1.meshnet(&args);
+        assert!(!out.ok() && out.stderr.to_lowercase().contains(&says.to_lowercase()), "{args:?} should fail saying {says:?}: {out}");
+        let now = (exposed(&h1), meshnet_table(&h1), meshnet_table6(&h1), ipv6_of(&h1.ns, "meshnet"));
+        assert_eq!(now, before, "{args:?} changed something");
+    }
+
+    // expose with no address: one of each family.
+    let out = h1.meshnet(&["expose"]).expect_ok("expose");
+    let lines: Vec<String> = out.stdout.lines().map(String::from).collect();
+    assert_eq!(lines.len(), 2, "expose on a dual-stack router prints two addresses: {out}");
+    let (e4, e6) = (lines[0].clone(), lines[1].clone());
+    assert!(e4.starts_with("10.2.1.") && e4.ends_with("/24"), "expose gave {e4}");
+    let r6: meshnet_proto::ipam::Cidr = RANGE6.parse().unwrap();
+    assert!(e6.ends_with("/64") && r6.contains(ip_of(&e6).parse::<std::net::IpAddr>().unwrap()), "expose gave {e6}");
+    assert_eq!(exposed(&h1), vec![e4.clone(), e6.clone()]);
+    assert_eq!(ipv6_of(&h1.ns, "meshnet"), (vec![e6.clone()], false), "the bridge holds the exposed IPv6 address only");
+    assert_eq!(knobs(), quiet("0"), "h1's bridge after expose");
+    assert!(addrs_of(&h1.ns, "meshnet").contains(&e4));
+    let out = h1.meshnet(&["expose"]).expect_ok("expose again");
+    assert_eq!(out.stdout.lines().collect::<Vec<_>>(), vec![e4.as_str(), e6.as_str()], "expose again gave others");
+    let table6 = meshnet_table6(&h1).expect("an ip6 table once IPv6 is exposed");
+    assert!(table6.contains("masquerade") && table6.contains("ip6 saddr fd52::/64"), "{table6}");
+    assert!(meshnet_table(&h1).is_some_and(|t| t.contains("ip saddr 10.2.1.0/24")), "the ip table");
+    assert_eq!(exec_in(&h1.ns, &["cat", "/proc/sys/net/ipv6/conf/all/forwarding"]).stdout.trim(), "1");
+
+    // The host reaches the container over IPv6, and the container the host.
+    assert!(wait_until(SECS(20), || ping6(&h1.ns, &v6_2)), "h1 does not reach c2 ({v6_2}) with ping -6 after expose");
+    assert!(ping6(&c2.ns, &ip_of(&e6)), "c2 does not reach h1's exposed {e6}");
+
+    // Egress over IPv6: an outside namespace beyond h1 (no route back to the
+    // overlay) sees h1's own address there.
+    let o = lab.add_container(&h1, 9);
+    ip(&["-n", &h1.ns, "link", "add", "out6", "type", "veth", "peer", "name", "eth0", "netns", &o.ns]).expect_ok("out6");
+    ip(&["-n", &h1.ns, "addr", "add", "fd99::1/64", "dev", "out6", "nodad"]).expect_ok("h1 out6 address");
+    ip(&["-n", &h1.ns, "link", "set", "out6", "up"]).expect_ok("out6 up");
+    ip(&["-n", &o.ns, "addr", "add", "fd99::2/64", "dev", "eth0", "nodad"]).expect_ok("outside address");
+    ip(&["-n", &o.ns, "link", "set", "eth0", "up"]).expect_ok("outside eth0 up");
+    let _server = {
+        let bg = lab.spawn_in(&o.ns, &["python3", "-c", WHO_SERVER6, "7006", "outside6"]);
+        assert!(wait_until(SECS(30), || bg.stdout().contains("listening")), "server6: {} {}", bg.stdout(), bg.stderr());
+        bg
+    };
+    exec_in(&c2.ns, &["ip", "-6", "route", "add", "fd99::/64", "via", &ip_of(&e6)]).expect_ok("c2 route to the outside");
+    assert_eq!(ask_until(&c2.ns, "fd99::2", 7006), Some("outside6 fd99::1".to_string()), "c2 -> outside over IPv6");
+    let table6 = meshnet_table6(&h1).unwrap_or_default();
+    let masqueraded = table6
+        .lines()
+        .find(|l| l.contains("masquerade"))
+        .and_then(|l| l.split("packets ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(masqueraded > 0, "the ip6 masquerade rule counted nothing: {table6}");
+
+    // kill -9 and a relaunch keep both addresses, on the bridge and in the tables.
+    kill9(&h1);
+    h1.launch(&opts);
+    assert_eq!(exposed(&h1), vec![e4.clone(), e6.clone()], "exposed after kill -9 + launch");
+    assert_eq!(ipv6_of(&h1.ns, "meshnet"), (vec![e6.clone()], false), "the bridge's IPv6 after kill -9 + launch");
+    assert!(meshnet_table6(&h1).is_some_and(|t| t.contains("ip6 saddr fd52::/64")), "the ip6 table after relaunch");
+    assert!(wait_until(SECS(30), || ping6(&h1.ns, &v6_2)), "h1 does not reach c2 with ping -6 after relaunch");
+    assert_eq!(ask_until(&c2.ns, "fd99::2", 7006), Some("outside6 fd99::1".to_string()), "c2 -> outside after relaunch");
+
+    // hide: both gone, both tables deleted, and the host no longer reaches the container.
+    h1.meshnet(&["hide"]).expect_ok("hide");
+    assert!(exposed(&h1).is_empty());
+    assert_eq!(ipv6_of(&h1.ns, "meshnet"), (vec![], false), "IPv6 left on the bridge after hide");
+    assert_eq!(knobs(), quiet("1"), "h1's bridge after hide");
+    assert!(addrs_of(&h1.ns, "meshnet").is_empty(), "IPv4 left on the bridge after hide");
+    assert!(meshnet_table(&h1).is_none() && meshnet_table6(&h1).is_none(), "a table after hide");
+    assert!(!ping6(&h1.ns, &v6_2), "h1 still reaches {v6_2} after hide");
+    let ipam = h1.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json();
+    assert!(!ipam.to_string().contains("meshnet:expose"), "the exposed addresses were not released: {ipam:#}");
 }
