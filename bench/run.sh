@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
     --no-wait) WAIT=0 ;;
     --no-md) WRITE_MD=0 ;;
     --threads) MESHNET_THREADS=$2; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift

@@ -112,11 +112,17 @@ fn define(batch: &mut Batch<'static>, family: NfFamily, table: &str, bridge: &st
     batch.add(NfListObject::Chain(base_chain_in(family, table, FORWARD, NfChainType::Filter, NfHook::Forward, PRIO_FILTER)));
     batch.add(NfListObject::Chain(base_chain_in(family, table, POSTROUTING, NfChainType::NAT, NfHook::Postrouting, PRIO_SRCNAT)));
     for (subnet, _) in subnets {
-        // iifname BRIDGE oifname BRIDGE ip saddr SUBNET ip daddr != SUBNET counter drop
+        // iifname BRIDGE oifname BRIDGE ip saddr SUBNET ip daddr RANGE ip daddr != SUBNET counter drop
+        // Only destinations inside the overlay range: where br_netfilter is
+        // loaded (Docker hosts) frames merely *bridged* between the TAP and a
+        // container pass this hook too, with the bridge as both interfaces,
+        // and their multicast (IPv6 neighbour discovery to ff02::1:ffXX:XXXX,
+        // mDNS, ...) must not be taken for routing between subnets.
         let expr = vec![
             matches(meta(MetaKey::Iifname), Operator::EQ, text(bridge)),
             matches(meta(MetaKey::Oifname), Operator::EQ, text(bridge)),
             matches(nft::field(ip, "saddr"), Operator::EQ, prefix(*subnet)),
+            matches(nft::field(ip, "daddr"), Operator::EQ, prefix(range)),
             matches(nft::field(ip, "daddr"), Operator::NEQ, prefix(*subnet)),
             Statement::Counter(Counter::Anonymous(None)),
             Statement::Drop(None),
@@ -278,11 +284,11 @@ mod tests {
             "right": {"prefix": {"addr": addr, "len": len}}, "op": op}})
     }
 
-    /// iifname B oifname B ip saddr S ip daddr != S counter drop
-    fn isolate(name: &str, bridge: &str, net: &str, len: u32) -> Value {
+    /// iifname B oifname B ip saddr S ip daddr RANGE ip daddr != S counter drop
+    fn isolate(name: &str, bridge: &str, net: &str, len: u32, range: (&str, u32)) -> Value {
         json!({"add": {"rule": {"family": "ip", "table": name, "chain": "forward", "expr": [
             ifname("iifname", "==", bridge), ifname("oifname", "==", bridge),
-            ip("saddr", "==", net, len), ip("daddr", "!=", net, len),
+            ip("saddr", "==", net, len), ip("daddr", "==", range.0, range.1), ip("daddr", "!=", net, len),
             {"counter": null}, {"drop": null},
         ], "comment": format!("isolate {net}/{len} from other overlay subnets")}}})
     }
@@ -320,12 +326,12 @@ mod tests {
     fn one_subnet_with_and_without_masquerade() {
         let range: Cidr = "10.32.0.0/12".parse().unwrap();
         let mut want = head("meshnet");
-        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12));
+        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12, ("10.32.0.0", 12)));
         want.push(masquerade("meshnet", "meshnet", "10.32.0.0", 12, ("10.32.0.0", 12)));
         assert_eq!(to_json(&ruleset("meshnet", v4_only(range), &[ex("10.32.0.1/12", true)])), batch(want));
 
         let mut want = head("meshnet");
-        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12));
+        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12, ("10.32.0.0", 12)));
         assert_eq!(to_json(&ruleset("meshnet", v4_only(range), &[ex("10.32.0.1/12", false)])), batch(want));
     }
 
@@ -335,8 +341,8 @@ mod tests {
         let t = "meshnet-br1";
         let both = |m1: bool, m2: bool| {
             let mut want = head(t);
-            want.push(isolate(t, "br1", "10.2.1.0", 24));
-            want.push(isolate(t, "br1", "10.2.5.0", 24));
+            want.push(isolate(t, "br1", "10.2.1.0", 24, ("10.2.0.0", 16)));
+            want.push(isolate(t, "br1", "10.2.5.0", 24, ("10.2.0.0", 16)));
             if m1 {
                 want.push(masquerade(t, "br1", "10.2.1.0", 24, ("10.2.0.0", 16)));
             }
@@ -372,12 +378,12 @@ mod tests {
         let (v4, v6) = (ex("10.32.0.1/12", true), ex("fd32::1/64", true));
         // The IPv4 table exactly as before, then the IPv6 one of the same shape.
         let mut want = head("meshnet");
-        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12));
+        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12, ("10.32.0.0", 12)));
         want.push(masquerade("meshnet", "meshnet", "10.32.0.0", 12, ("10.32.0.0", 12)));
         want.extend(head_of("ip6", "meshnet"));
         want.push(json!({"add": {"rule": {"family": "ip6", "table": "meshnet", "chain": "forward", "expr": [
             ifname("iifname", "==", "meshnet"), ifname("oifname", "==", "meshnet"),
-            ip6("saddr", "==", "fd32::", 64), ip6("daddr", "!=", "fd32::", 64),
+            ip6("saddr", "==", "fd32::", 64), ip6("daddr", "==", "fd32::", 64), ip6("daddr", "!=", "fd32::", 64),
             {"counter": null}, {"drop": null},
         ], "comment": "isolate fd32::/64 from other overlay subnets"}}}));
         want.push(json!({"add": {"rule": {"family": "ip6", "table": "meshnet", "chain": "postrouting", "expr": [
@@ -390,7 +396,7 @@ mod tests {
 
         // Only IPv4 exposed (with an IPv6 range): the ip6 table is deleted.
         let mut want = head("meshnet");
-        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12));
+        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12, ("10.32.0.0", 12)));
         want.push(masquerade("meshnet", "meshnet", "10.32.0.0", 12, ("10.32.0.0", 12)));
         want.push(json!({"add": table_of("ip6", "meshnet")}));
         want.push(json!({"delete": table_of("ip6", "meshnet")}));
@@ -401,7 +407,7 @@ mod tests {
         want.extend(head_of("ip6", "meshnet-br1"));
         want.push(json!({"add": {"rule": {"family": "ip6", "table": "meshnet-br1", "chain": "forward", "expr": [
             ifname("iifname", "==", "br1"), ifname("oifname", "==", "br1"),
-            ip6("saddr", "==", "fd32::", 64), ip6("daddr", "!=", "fd32::", 64),
+            ip6("saddr", "==", "fd32::", 64), ip6("daddr", "==", "fd32::", 64), ip6("daddr", "!=", "fd32::", 64),
             {"counter": null}, {"drop": null},
         ], "comment": "isolate fd32::/64 from other overlay subnets"}}}));
         assert_eq!(to_json(&ruleset("br1", ranges, &[ex("fd32::1/64", false)])), batch(want));
@@ -416,7 +422,7 @@ mod tests {
         // An IPv6 exposure left over from a launch with an IPv6 range, now without
         // one: its table is deleted, not written with no range to keep inside.
         let mut want = head("meshnet");
-        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12));
+        want.push(isolate("meshnet", "meshnet", "10.32.0.0", 12, ("10.32.0.0", 12)));
         want.push(masquerade("meshnet", "meshnet", "10.32.0.0", 12, ("10.32.0.0", 12)));
         want.push(json!({"add": table_of("ip6", "meshnet")}));
         want.push(json!({"delete": table_of("ip6", "meshnet")}));

@@ -338,14 +338,15 @@ fn idle_multicast_into_the_mesh() {
     std::thread::sleep(Duration::from_secs(6));
     let transient = counted(&hosts, caps);
     report("while exposing", 8, &transient);
-    // Each host's stack resolves a container on the next host (ND across the
-    // mesh, from the bridge's exposed address); whether the ping then crosses
-    // is reported, not required here (see expose.rs for the host-to-container
-    // path asserted end to end).
+    // Each host's stack reaches a container on the next host (ND across the
+    // mesh, from the bridge's exposed address) while every host has its
+    // exposure table: where br_netfilter is loaded, the bridged neighbour
+    // solicitations pass those tables' forward hook too.
     for (k, h) in hosts.iter().enumerate() {
         let to = &v6s[(k * 2 + 2) % v6s.len()];
         let ok = ping6_until(&h.ns, to, Duration::from_secs(10));
         eprintln!("MEASURE {} ping -6 {to} (a container on the next host) after expose: {}", h.ns, if ok { "answered" } else { "no answer" });
+        assert!(ok, "{} cannot ping -6 {to}, a container on the next host, with every host exposed", h.ns);
     }
     std::thread::sleep(Duration::from_secs(5));
     let idle = count_into_mesh(&lab, &hosts, window);
