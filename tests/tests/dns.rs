@@ -140,6 +140,15 @@ fn ip_of(cidr: &str) -> String {
     cidr.split('/').next().unwrap_or_default().to_string()
 }
 
+/// `expose` on a router with an IPv4 and an IPv6 range: one address of each
+/// family, a line each. Returns the IPv4 one (where the DNS server listens).
+fn expose_dual_stack(h: &Host) -> String {
+    let out = h.meshnet(&["expose"]).expect_ok("expose");
+    let v4 = out.stdout.lines().map(ip_of).find(|a| a.parse::<Ipv4Addr>().is_ok());
+    assert!(out.stdout.lines().any(|l| ip_of(l).parse::<std::net::Ipv6Addr>().is_ok()), "expose gave no IPv6 address: {out}");
+    v4.unwrap_or_else(|| panic!("expose gave no IPv4 address: {out}"))
+}
+
 #[test]
 fn names_across_routers() {
     let Some(lab) = Lab::new("names_across_routers") else { return };
@@ -354,8 +363,7 @@ fn ipv6_names_across_routers() {
     assert!(wait_until(SECS(30), || established(&h1) >= 1 && established(&h2) >= 1), "h1 and h2 did not connect");
     h1.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime h1");
     h2.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime h2");
-    let exposed = h1.meshnet(&["expose"]).expect_ok("expose h1").last_line().unwrap_or_default().to_string();
-    let server = ip_of(&exposed);
+    let server = expose_dual_stack(&h1);
     assert!(wait_until(SECS(5), || dns_status(&h1)["listen"] == format!("{server}:53")), "{}", dns_status(&h1));
 
     let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
@@ -481,8 +489,7 @@ fn ipv6_names_with_a_router_of_the_previous_build() {
     for h in [&h1, &h2, &h3] {
         h.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime");
     }
-    let exposed = h1.meshnet(&["expose"]).expect_ok("expose h1").last_line().unwrap_or_default().to_string();
-    let server = ip_of(&exposed);
+    let server = expose_dual_stack(&h1);
     assert!(wait_until(SECS(5), || dns_status(&h1)["listen"] == format!("{server}:53")), "{}", dns_status(&h1));
     let (c1, c2, c3) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2), lab.add_container(&h3, 3));
     h1.meshnet(&["attach", &c1.ns]).expect_ok("attach c1");
