@@ -149,6 +149,16 @@ fn expose_dual_stack(h: &Host) -> String {
     v4.unwrap_or_else(|| panic!("expose gave no IPv4 address: {out}"))
 }
 
+/// `attach` with no address on a router with both ranges: the container's
+/// IPv4 and IPv6 addresses.
+fn attach_dual_stack(h: &Host, c: &Container) -> (String, String) {
+    let out = h.meshnet(&["attach", &c.ns]).expect_ok(&format!("attach {}", c.ns));
+    let addrs: Vec<String> = out.last_line().unwrap_or_default().split_whitespace().map(ip_of).collect();
+    let ip4 = addrs.iter().find(|a| a.parse::<Ipv4Addr>().is_ok()).cloned().unwrap_or_else(|| panic!("no IPv4 address: {out}"));
+    let ip6 = addrs.iter().find(|a| a.parse::<std::net::Ipv6Addr>().is_ok()).cloned().unwrap_or_else(|| panic!("no IPv6 address: {out}"));
+    (ip4, ip6)
+}
+
 #[test]
 fn names_across_routers() {
     let Some(lab) = Lab::new("names_across_routers") else { return };
@@ -368,10 +378,7 @@ fn ipv6_names_across_routers() {
 
     let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
     h1.meshnet(&["attach", &c1.ns]).expect_ok("attach c1");
-    let out = h2.meshnet(&["attach", &c2.ns]).expect_ok("attach c2");
-    let addrs: Vec<String> = out.last_line().unwrap_or_default().split_whitespace().map(ip_of).collect();
-    let ip4 = addrs.iter().find(|a| a.parse::<Ipv4Addr>().is_ok()).cloned().expect("an IPv4 address");
-    let ip6 = addrs.iter().find(|a| a.parse::<std::net::Ipv6Addr>().is_ok()).cloned().expect("an IPv6 address");
+    let (ip4, ip6) = attach_dual_stack(&h2, &c2);
     assert!(ping_until(&c1.ns, &server, SECS(20)), "c1 does not reach h1's exposed {server}");
 
     // Both of c2's addresses, registered on router 2, resolve on router 1.
@@ -493,10 +500,7 @@ fn ipv6_names_with_a_router_of_the_previous_build() {
     assert!(wait_until(SECS(5), || dns_status(&h1)["listen"] == format!("{server}:53")), "{}", dns_status(&h1));
     let (c1, c2, c3) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2), lab.add_container(&h3, 3));
     h1.meshnet(&["attach", &c1.ns]).expect_ok("attach c1");
-    let out = h2.meshnet(&["attach", &c2.ns]).expect_ok("attach c2");
-    let addrs: Vec<String> = out.last_line().unwrap_or_default().split_whitespace().map(ip_of).collect();
-    let ip4 = addrs.iter().find(|a| a.parse::<Ipv4Addr>().is_ok()).cloned().expect("an IPv4 address");
-    let ip6 = addrs.iter().find(|a| a.parse::<std::net::Ipv6Addr>().is_ok()).cloned().expect("an IPv6 address");
+    let (ip4, ip6) = attach_dual_stack(&h2, &c2);
     assert!(ping_until(&c1.ns, &server, SECS(20)), "c1 does not reach h1's exposed {server}");
 
     h2.meshnet(&["dns-add", &c2.ns, "-h", "db"]).expect_ok("dns-add db");
