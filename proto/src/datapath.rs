@@ -604,7 +604,11 @@ impl Slot {
             let n = (64 - bit).min(end - i);
             let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
             if let Some(word) = self.have.get_mut(w) {
-                self.received += (mask & !*word).count_ones();
+                // Bytes arrive once in the normal case: then every bit of the
+                // mask is new and the count is its width, without a popcount
+                // (which, built for baseline x86-64, is a dozen instructions
+                // per word: 6 % of the receiving thread in a profile).
+                self.received += if *word & mask == 0 { n as u32 } else { (mask & !*word).count_ones() };
                 *word |= mask;
             }
             i += n;
