@@ -148,6 +148,8 @@ setup_meshnet() { # [PATH [LAUNCH ARGS...]]: meshnet (default) or meshnet-truste
   # (otherwise the router's default, half the cores): binaries from before the
   # option (compared side by side) refuse it.
   [ -n "${MESHNET_THREADS:-}" ] && mtu+=(--datapath-threads "$MESHNET_THREADS")
+  # bench/run.sh --threads-per-queue 1|2 (likewise only when asked).
+  [ -n "${MESHNET_THREADS_PER_QUEUE:-}" ] && mtu+=(--datapath-threads-per-queue "$MESHNET_THREADS_PER_QUEUE")
   # Extra launch options (e.g. MESHNET_LAUNCH_ARGS="--rekey-interval 1"), word-split.
   [ -n "${MESHNET_LAUNCH_ARGS:-}" ] && read -r -a extra <<<"$MESHNET_LAUNCH_ARGS" && mtu+=("${extra[@]}")
   mtu+=("$@")

@@ -195,7 +195,8 @@ def markdown(summary, out):
     L.append(f"- command: `{run['command']}` (raw JSON: `bench/out/{os.path.basename(out.rstrip('/'))}/`)")
     L.append(f"- machine: {run['nproc']} cores ({run['cpu']}), kernel {run['kernel']}, {run['iperf3']}"
              + (f", {run['tinc']}" if run["tinc"] else ""))
-    L.append(f"- meshnet forwarding queues: `--datapath-threads {run.get('meshnet_threads', 1)}` on both routers")
+    L.append(f"- meshnet forwarding queues: `--datapath-threads {run.get('meshnet_threads', 1)}"
+             f" --datapath-threads-per-queue {run.get('meshnet_threads_per_queue', 1)}` on both routers")
     L.append(f"- load average (1/5/15 min) at start: {run['start_load']}; at end: {run['end_load']} (the end figure includes the benchmark's own load)")
     builds = [(p, i + 1, r["builds"]) for p, s in ps.items() for i, r in enumerate(s["rounds"]) if r.get("builds")]
     n_meas = sum(len(s["rounds"]) for s in ps.values())

@@ -13,6 +13,7 @@
 #          --no-wait (do not wait for a quiet machine)  --no-md (leave BENCHMARKS.md)
 #          --threads N (both meshnet routers launched with --datapath-threads N; default:
 #          the router's own default, half the cores, at least 1)
+#          --threads-per-queue 1|2 (--datapath-threads-per-queue; default: the router's, 1)
 # Env: MESHNET_BIN (use this binary, else build release into $CARGO_TARGET_DIR or
 #      /tmp/tgt-bench), MESHNET_MTU (default: meshnet's own default),
 #      MESHNET_LAUNCH_ARGS (more `meshnet launch` options, e.g. "--rekey-interval 1"),
@@ -36,7 +37,8 @@ while [ $# -gt 0 ]; do
     --no-wait) WAIT=0 ;;
     --no-md) WRITE_MD=0 ;;
     --threads) MESHNET_THREADS=$2; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    --threads-per-queue) MESHNET_THREADS_PER_QUEUE=$2; shift ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
   shift
@@ -47,6 +49,10 @@ if [ -n "${MESHNET_THREADS:-}" ]; then
   THREADS_USED=$MESHNET_THREADS
 else
   THREADS_USED=$(( $(nproc) / 2 )); [ "$THREADS_USED" -ge 1 ] || THREADS_USED=1
+fi
+if [ -n "${MESHNET_THREADS_PER_QUEUE:-}" ]; then
+  [[ $MESHNET_THREADS_PER_QUEUE =~ ^[12]$ ]] || die "--threads-per-queue $MESHNET_THREADS_PER_QUEUE: 1 or 2"
+  export MESHNET_THREADS_PER_QUEUE
 fi
 if [ $SMOKE = 1 ]; then ROUNDS=1 T=2 UDP_T=1 PINGS=20 WAIT=0 WRITE_MD=0; fi
 
@@ -177,7 +183,7 @@ done
   echo "\"start_load\": \"$START_LOAD\", \"end_load\": \"$END_LOAD\", \"nproc\": $(nproc), \"kernel\": \"$(uname -r)\","
   echo "\"cpu\": \"$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)\","
   echo "\"iperf3\": \"$(iperf3 --version | head -1)\", \"tinc\": \"$(tincd --version 2>/dev/null | head -1)\","
-  echo "\"meshnet_threads\": $THREADS_USED,"
+  echo "\"meshnet_threads\": $THREADS_USED, \"meshnet_threads_per_queue\": ${MESHNET_THREADS_PER_QUEUE:-1},"
   echo "\"meshnet_bin\": \"${MESHNET_BIN:-}\", \"meshnet_commit\": \"${MESHNET_COMMIT:-$(meshnet_commit)}\", \"meshnet_mtu\": \"$(overlay_mtu meshnet)\","
   echo "\"paths\": {"
   first=1

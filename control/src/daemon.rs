@@ -59,8 +59,10 @@ pub struct Config {
     pub ipalloc_init: InitMode,
     /// `--datapath`: how the router joins the bridge.
     pub datapath: Datapath,
-    /// `--datapath-threads`: forwarding queues (a TX and an RX thread each).
+    /// `--datapath-threads`: forwarding queues.
     pub datapath_threads: usize,
+    /// `--datapath-threads-per-queue`: 1 (one thread forwards both directions) or 2 (a TX and an RX thread).
+    pub datapath_threads_per_queue: usize,
     /// Docker's plugin API (`--no-docker-plugin` turns it off).
     pub docker_plugin: DockerPlugin,
     /// `--metrics-addr`: where `/metrics`, `/api/mesh` and the map are served (None: off).
@@ -239,10 +241,11 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     let udp_port = udp.local_addr()?.port();
     let trusted_device = trusted_device(&cfg, bridge_index);
-    let dataplane = DataPlane::start_queues([tap].into_iter().chain(queues).collect(), [udp].into_iter().chain(udps).collect(), me, MAX_DATAGRAM)
+    let dataplane = DataPlane::start_queues([tap].into_iter().chain(queues).collect(), [udp].into_iter().chain(udps).collect(), me, MAX_DATAGRAM, cfg.datapath_threads_per_queue)
         .context("start the data plane")?;
-    if threads > 1 {
-        log::info!("data plane: {threads} queues (a TX and an RX thread each)");
+    if threads > 1 || cfg.datapath_threads_per_queue > 1 {
+        let each = if cfg.datapath_threads_per_queue > 1 { "a TX and an RX thread" } else { "one thread" };
+        log::info!("data plane: {threads} queue(s), {each} each");
     }
 
     // Re-attach what was attached before a restart; forget targets that are gone.
@@ -707,6 +710,10 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 trusted: mesh.trusted.status(),
             };
             let mut v = serde_json::to_value(status)?;
+            v["forwarding"] = json!({
+                "queues": mesh.dataplane.queues(),
+                "threads_per_queue": mesh.dataplane.threads_per_queue(),
+            });
             // IPAM's drop counters and save health (the full IPAM view is `status ipam`).
             v["ipam"] = mesh.with_ipam(|h| {
                 json!({ "drops": h.ipam.drops(), "save_failures": h.save_failures, "unsaved": h.ipam.needs_save() })

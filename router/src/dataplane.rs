@@ -1,7 +1,10 @@
-//! The forwarding threads: read → plane → perform. Two threads, one per
-//! direction, each owning its plane ([`meshnet_proto::plane`]), which makes
-//! every forwarding decision; the threads only move bytes between the device,
-//! the planes and the one UDP sender ([`crate::udp`]).
+//! The forwarding threads: read → plane → perform. Each queue has two sides,
+//! one per direction, each owning its plane ([`meshnet_proto::plane`]), which
+//! makes every forwarding decision; the sides only move bytes between the
+//! device, the planes and the one UDP sender ([`crate::udp`]). Each side is a
+//! `step` (one batch, never waiting); one thread runs both steps of a queue
+//! ([`run_queue`], the default), or each side gets a thread of its own
+//! (`--datapath-threads-per-queue 2`).
 //!
 //! * **TAP → UDP** reads units (virtio header + Ethernet frame, up to ~64 KiB
 //!   with TSO) from the device in batches, hands each batch to the
@@ -21,8 +24,8 @@
 //! a connection as established, and so routes data over it, only while UDP
 //! works both ways.
 //!
-//! Neither thread takes a lock or allocates per frame: they own their planes,
-//! and the control plane (and the other thread) reach them through channels
+//! Neither side takes a lock or allocates per frame: they own their planes,
+//! and the control plane (and the other side) reach them through channels
 //! drained once per batch, with an eventfd to wake a thread blocked in `poll`.
 //! The one shared table, the peers' heartbeat state, is locked per heartbeat
 //! round and per batch of heartbeats received, never per frame.
@@ -273,23 +276,55 @@ impl Drop for EventFd {
     }
 }
 
-/// Waits until `fd` is readable (or writable with `POLLOUT`) or the eventfd fires.
-/// Returns (fd ready, woken).
-fn wait(fd: RawFd, events: i16, efd: &EventFd, timeout_ms: i32) -> (bool, bool) {
-    let mut fds = [
-        libc::pollfd { fd, events, revents: 0 },
-        libc::pollfd { fd: efd.0, events: libc::POLLIN, revents: 0 },
-    ];
-    // SAFETY: fds is a valid array of two pollfd.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-    if n <= 0 {
-        return (false, false);
-    }
-    (fds[0].revents != 0, fds[1].revents != 0)
+fn poll_in(fd: RawFd) -> libc::pollfd {
+    libc::pollfd { fd, events: libc::POLLIN, revents: 0 }
 }
 
-/// The running data plane: one queue (a TX and an RX thread, a TAP queue and
-/// a UDP socket of the port's `SO_REUSEPORT` group) per `--datapath-threads`.
+/// Waits until one of `fds` is ready or `timeout_ms` passes; which are ready.
+fn wait<const N: usize>(fds: &mut [libc::pollfd; N], timeout_ms: i32) -> [bool; N] {
+    // SAFETY: fds is a valid array of N pollfd.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
+    std::array::from_fn(|i| n > 0 && fds[i].revents != 0)
+}
+
+/// One thread forwarding both directions of a queue (the default; `--datapath-threads-per-queue 1`):
+/// it waits on the device, the socket and both mailboxes, then runs each
+/// direction's step until neither moved anything. Under load it never sleeps,
+/// so the device and the socket need not wake it: a TCP stream's ACKs, written
+/// into the device while this thread delivers the data, are read by the same
+/// thread in its next step, with no wake-up of another thread between.
+fn run_queue(mut tx: TxLoop, mut rx: RxLoop) {
+    let mut tb = tx.buffers();
+    let mut rb = rx.buffers();
+    let (tap, sock) = (tx.tap.raw_fd(), rx.socket.as_raw_fd());
+    loop {
+        let timeout = rx.timeout_ms().min(TICK_MS as i32);
+        let ready = wait(&mut [poll_in(tap), poll_in(sock), poll_in(tx.efd.0), poll_in(rx.efd.0)], timeout);
+        if ready[2] {
+            tx.efd.drain();
+        }
+        if ready[3] {
+            rx.efd.drain();
+        }
+        // Both steps run at least once (heartbeats, ticks, salvage are due by
+        // time, not by readiness), then again while either moved anything;
+        // commands are taken between rounds, so a busy queue still takes them.
+        loop {
+            if !tx.commands() || !rx.commands() {
+                return;
+            }
+            let sent = tx.step(&mut tb);
+            let received = rx.step(&mut rb);
+            if !sent && !received {
+                break;
+            }
+        }
+    }
+}
+
+/// The running data plane: one queue (a TAP queue, a UDP socket of the port's
+/// `SO_REUSEPORT` group, and one forwarding thread or a TX and an RX thread)
+/// per `--datapath-threads`.
 pub struct DataPlane {
     tx: Vec<Mailbox<TxCmd>>,
     rx: Vec<Mailbox<RxCmd>>,
@@ -305,22 +340,34 @@ pub struct DataPlane {
     counters: Vec<Arc<ThreadCounters>>,
     /// Which peer owns which MAC, for the trusted-subnet sync (see [`crate::mac_owners`]).
     pub mac_owners: Arc<MacOwners>,
+    threads_per_queue: usize,
 }
 
 impl DataPlane {
-    /// Starts both forwarding threads on `tap` (a TAP or a capture device) and
-    /// `socket` (already bound): one queue.
+    /// Starts forwarding on `tap` (a TAP or a capture device) and `socket`
+    /// (already bound): one queue, one thread.
     pub fn start(tap: impl Into<Device>, socket: UdpSocket, me: PeerName, max_datagram: usize) -> io::Result<DataPlane> {
-        Self::start_queues(vec![tap.into()], vec![socket], me, max_datagram)
+        Self::start_queues(vec![tap.into()], vec![socket], me, max_datagram, 1)
     }
 
-    /// Starts a TX and an RX thread per queue: `devices[q]` is the device's
-    /// queue q, `sockets[q]` the socket its kernel steers queue q's datagrams
-    /// to ([`crate::udp::bind_queues`]). Heartbeats (liveness) run on queue 0.
-    pub fn start_queues(devices: Vec<Device>, sockets: Vec<UdpSocket>, me: PeerName, max_datagram: usize) -> io::Result<DataPlane> {
+    /// Starts forwarding per queue, with one thread for both directions
+    /// (`threads_per_queue` 1, see [`run_queue`]) or a TX and an RX thread (2):
+    /// `devices[q]` is the device's queue q, `sockets[q]` the socket its kernel
+    /// steers queue q's datagrams to ([`crate::udp::bind_queues`]). Heartbeats
+    /// (liveness) run on queue 0.
+    pub fn start_queues(
+        devices: Vec<Device>,
+        sockets: Vec<UdpSocket>,
+        me: PeerName,
+        max_datagram: usize,
+        threads_per_queue: usize,
+    ) -> io::Result<DataPlane> {
         let n = devices.len();
         if n == 0 || n != sockets.len() || n > meshnet_proto::plane::MAX_QUEUES as usize {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{n} device queues for {} sockets", sockets.len())));
+        }
+        if !(1..=2).contains(&threads_per_queue) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{threads_per_queue} threads per queue (1 or 2)")));
         }
         let stats = Arc::new(StatsSet::default());
         let clock = Instant::now();
@@ -390,16 +437,25 @@ impl DataPlane {
                 mac_owners: mac_owners.clone(),
             };
             let suffix = if n > 1 { format!("-{q}") } else { String::new() };
-            threads.push(std::thread::Builder::new().name(format!("tap-to-udp{suffix}")).spawn(move || tx_thread.run())?);
-            threads.push(std::thread::Builder::new().name(format!("udp-to-tap{suffix}")).spawn(move || rx_thread.run())?);
+            if threads_per_queue == 1 {
+                threads.push(std::thread::Builder::new().name(format!("forward{suffix}")).spawn(move || run_queue(tx_thread, rx_thread))?);
+            } else {
+                threads.push(std::thread::Builder::new().name(format!("tap-to-udp{suffix}")).spawn(move || tx_thread.run())?);
+                threads.push(std::thread::Builder::new().name(format!("udp-to-tap{suffix}")).spawn(move || rx_thread.run())?);
+            }
         }
         let traffic = Arc::new(TrafficBook::default());
-        Ok(DataPlane { tx: tx_boxes, rx: rx_boxes, threads, links, clock, max_datagram, stats, traffic, counters, mac_owners })
+        Ok(DataPlane { tx: tx_boxes, rx: rx_boxes, threads, links, clock, max_datagram, stats, traffic, counters, mac_owners, threads_per_queue })
     }
 
-    /// How many queues (thread pairs) forward.
+    /// How many queues forward.
     pub fn queues(&self) -> usize {
         self.tx.len()
+    }
+
+    /// Forwarding threads per queue: 1 (both directions) or 2 (one each).
+    pub fn threads_per_queue(&self) -> usize {
+        self.threads_per_queue
     }
 
     /// Superframes read from the device (TX) and written to it whole (RX), all queues.
@@ -590,69 +646,110 @@ impl TxLoop {
         true
     }
 
-    fn run(mut self) {
-        let mut units: Vec<Vec<u8>> = (0..TX_BATCH).map(|_| vec![0u8; UNIT_BUF]).collect();
-        let mut lens = [0usize; TX_BATCH];
-        let mut out = TxOut::default();
-        let mut hb_out = Datagrams::default();
-        let mut sizes = Vec::new();
-        let hdr_room = if self.tap.vnet_hdr() { 0 } else { VNET_HDR_LEN };
-        let fd = self.tap.raw_fd();
-        let mut last_tick = 0u64;
-
-        loop {
-            let (_, woken) = wait(fd, libc::POLLIN, &self.efd, TICK_MS as i32);
-            if woken {
-                self.efd.drain();
-                while let Ok(cmd) = self.cmds.try_recv() {
-                    if !self.handle(cmd) {
-                        return;
-                    }
-                }
-            }
-            let now = self.now();
-            if now.saturating_sub(last_tick) >= TICK_MS {
-                last_tick = now;
-                self.heartbeats(&mut hb_out, &mut sizes);
-                self.counters.tx_mac_entries.store(self.plane.mac_entries() as u64, Ordering::Relaxed);
-            }
-
-            // Read a batch of units.
-            let mut n = 0;
-            while n < TX_BATCH {
-                let buf = &mut units[n];
-                match self.tap.read_unit(&mut buf[hdr_room..]) {
-                    Ok(Some(len)) => {
-                        if hdr_room > 0 {
-                            buf[..VNET_HDR_LEN].fill(0);
-                        }
-                        lens[n] = len + hdr_room;
-                        n += 1;
-                    }
-                    Ok(None) => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        log::warn!("reading the TAP: {e}");
-                        break;
-                    }
-                }
-            }
-            if n == 0 {
-                continue;
-            }
-            let now = self.now();
-            self.plane.handle(now, &units[..n], &lens[..n], &mut out);
-            for &mac in &out.moved_local {
-                self.mac_owners.note(mac, Owner::Local, now);
-            }
-            for frame in out.device_frames() {
-                write_device(&self.tap, &self.stats, frame);
-            }
-            if !out.datagrams.is_empty() {
-                self.sender.send(&self.socket, &out.datagrams);
+    /// Handles the commands posted; false on `Stop`. The caller drains the
+    /// eventfd first when it woke on it.
+    fn commands(&mut self) -> bool {
+        while let Ok(cmd) = self.cmds.try_recv() {
+            if !self.handle(cmd) {
+                return false;
             }
         }
+        true
     }
+
+    fn buffers(&self) -> TxBuffers {
+        TxBuffers {
+            units: (0..TX_BATCH).map(|_| vec![0u8; UNIT_BUF]).collect(),
+            lens: [0; TX_BATCH],
+            out: TxOut::default(),
+            hb_out: Datagrams::default(),
+            sizes: Vec::new(),
+            last_tick: 0,
+        }
+    }
+
+    /// One round: the heartbeats due, then one batch of units from the device
+    /// (without waiting). Whether it read any.
+    fn step(&mut self, b: &mut TxBuffers) -> bool {
+        let hdr_room = if self.tap.vnet_hdr() { 0 } else { VNET_HDR_LEN };
+        let now = self.now();
+        if now.saturating_sub(b.last_tick) >= TICK_MS {
+            b.last_tick = now;
+            self.heartbeats(&mut b.hb_out, &mut b.sizes);
+            self.counters.tx_mac_entries.store(self.plane.mac_entries() as u64, Ordering::Relaxed);
+        }
+
+        // Read a batch of units.
+        let mut n = 0;
+        while n < TX_BATCH {
+            let buf = &mut b.units[n];
+            match self.tap.read_unit(&mut buf[hdr_room..]) {
+                Ok(Some(len)) => {
+                    if hdr_room > 0 {
+                        buf[..VNET_HDR_LEN].fill(0);
+                    }
+                    b.lens[n] = len + hdr_room;
+                    n += 1;
+                }
+                Ok(None) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::warn!("reading the TAP: {e}");
+                    break;
+                }
+            }
+        }
+        if n == 0 {
+            return false;
+        }
+        let now = self.now();
+        let out = &mut b.out;
+        self.plane.handle(now, &b.units[..n], &b.lens[..n], out);
+        for &mac in &out.moved_local {
+            self.mac_owners.note(mac, Owner::Local, now);
+        }
+        for frame in out.device_frames() {
+            write_device(&self.tap, &self.stats, frame);
+        }
+        if !out.datagrams.is_empty() {
+            self.sender.send(&self.socket, &out.datagrams);
+        }
+        true
+    }
+
+    fn run(mut self) {
+        let mut b = self.buffers();
+        let fd = self.tap.raw_fd();
+        loop {
+            let ready = wait(&mut [poll_in(fd), poll_in(self.efd.0)], TICK_MS as i32);
+            if ready[1] {
+                self.efd.drain();
+                if !self.commands() {
+                    return;
+                }
+            }
+            self.step(&mut b);
+        }
+    }
+}
+
+/// The TX thread's buffers, allocated once.
+struct TxBuffers {
+    units: Vec<Vec<u8>>,
+    lens: [usize; TX_BATCH],
+    out: TxOut,
+    hb_out: Datagrams,
+    sizes: Vec<u16>,
+    last_tick: u64,
+}
+
+/// The RX thread's buffers, allocated once.
+struct RxBuffers {
+    bufs: Vec<Vec<u8>>,
+    metas: [RecvMeta; RX_BATCH],
+    out: RxOut,
+    errors: ErrorLog,
+    last_tick: u64,
 }
 
 /// The queue field of a datagram (0 if it is too short to have one).
@@ -760,74 +857,100 @@ impl RxLoop {
         }
     }
 
-    fn run(mut self) {
-        let mut bufs: Vec<Vec<u8>> = (0..RX_BATCH).map(|_| vec![0u8; 65536]).collect();
-        let mut metas = [RecvMeta::default(); RX_BATCH];
-        let mut out = RxOut::default();
-        let mut errors = ErrorLog::default();
-        let fd = self.socket.as_raw_fd();
-        let mut last_tick = 0u64;
+    /// Handles the commands posted; false on `Stop`. The caller drains the
+    /// eventfd first when it woke on it.
+    fn commands(&mut self) -> bool {
+        while let Ok(cmd) = self.cmds.try_recv() {
+            if !self.handle(cmd) {
+                return false;
+            }
+        }
+        true
+    }
 
-        loop {
-            // Partial superframes waiting: wake up in time to salvage them.
-            let timeout = self.plane.timeout_ms().map_or(1000, |t| t as i32);
-            let (_, woken) = wait(fd, libc::POLLIN, &self.efd, timeout);
-            if woken {
-                self.efd.drain();
-                while let Ok(cmd) = self.cmds.try_recv() {
-                    if !self.handle(cmd) {
-                        return;
-                    }
-                }
-            }
-            let now = self.clock.elapsed().as_millis() as u64;
-            if now.saturating_sub(last_tick) > RX_TICK_MS {
-                last_tick = now;
-                self.tick(now, &mut errors);
-            }
-            let n = {
-                let mut iovs: [IoSliceMut<'_>; RX_BATCH] = {
-                    let mut it = bufs.iter_mut();
-                    std::array::from_fn(|_| IoSliceMut::new(it.next().expect("RX_BATCH buffers")))
-                };
-                match self.udp.recv(UdpSockRef::from(&*self.socket), &mut iovs, &mut metas) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                    Err(e) => {
-                        log::debug!("receiving: {e}");
-                        0
-                    }
-                }
+    fn buffers(&self) -> RxBuffers {
+        RxBuffers {
+            bufs: (0..RX_BATCH).map(|_| vec![0u8; 65536]).collect(),
+            metas: [RecvMeta::default(); RX_BATCH],
+            out: RxOut::default(),
+            errors: ErrorLog::default(),
+            last_tick: 0,
+        }
+    }
+
+    /// How long the thread may sleep: partial superframes waiting must be
+    /// salvaged in time.
+    fn timeout_ms(&self) -> i32 {
+        self.plane.timeout_ms().map_or(1000, |t| t as i32)
+    }
+
+    /// One round: the tick when due, one batch of datagrams from the socket
+    /// (without waiting), then salvage. Whether it received any.
+    fn step(&mut self, b: &mut RxBuffers) -> bool {
+        let now = self.clock.elapsed().as_millis() as u64;
+        if now.saturating_sub(b.last_tick) > RX_TICK_MS {
+            b.last_tick = now;
+            self.tick(now, &mut b.errors);
+        }
+        let n = {
+            let mut iovs: [IoSliceMut<'_>; RX_BATCH] = {
+                let mut it = b.bufs.iter_mut();
+                std::array::from_fn(|_| IoSliceMut::new(it.next().expect("RX_BATCH buffers")))
             };
-            let queues = self.others.len();
-            for (buf, meta) in bufs.iter_mut().zip(metas.iter()).take(n) {
-                let stride = meta.stride.max(1);
-                for dgram in buf[..meta.len].chunks_mut(stride) {
-                    if queues > 1 {
-                        // The kernel steers by the queue field; a GRO batch
-                        // that mixed queues lands whole on its first one's
-                        // socket: hand the others over, so that every
-                        // (session, queue) is opened by one thread only.
-                        let q = queue_of(dgram) as usize % queues;
-                        if q != self.queue {
-                            self.stats.udp_other_queue.add(1);
-                            self.others[q].post(RxCmd::Foreign(dgram.to_vec(), meta.addr));
-                            continue;
-                        }
-                    }
-                    // Errors are counted by the plane.
-                    let _ = self.plane.receive(now, dgram, canonical(meta.addr), &mut out);
-                    self.perform(&mut out, dgram, now);
+            match self.udp.recv(UdpSockRef::from(&*self.socket), &mut iovs, &mut b.metas) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    log::debug!("receiving: {e}");
+                    0
                 }
             }
-            // A superframe still missing chunks after SALVAGE_AGE_MS has lost
-            // one: deliver what arrived rather than stall the flow.
-            self.plane.poll(now, &mut out);
-            self.perform(&mut out, &[], now);
-            if !out.heard.is_empty() {
-                self.heard(&mut out, now);
+        };
+        let queues = self.others.len();
+        let out = &mut b.out;
+        for (buf, meta) in b.bufs.iter_mut().zip(b.metas.iter()).take(n) {
+            let stride = meta.stride.max(1);
+            for dgram in buf[..meta.len].chunks_mut(stride) {
+                if queues > 1 {
+                    // The kernel steers by the queue field; a GRO batch
+                    // that mixed queues lands whole on its first one's
+                    // socket: hand the others over, so that every
+                    // (session, queue) is opened by one thread only.
+                    let q = queue_of(dgram) as usize % queues;
+                    if q != self.queue {
+                        self.stats.udp_other_queue.add(1);
+                        self.others[q].post(RxCmd::Foreign(dgram.to_vec(), meta.addr));
+                        continue;
+                    }
+                }
+                // Errors are counted by the plane.
+                let _ = self.plane.receive(now, dgram, canonical(meta.addr), out);
+                self.perform(out, dgram, now);
             }
+        }
+        // A superframe still missing chunks after SALVAGE_AGE_MS has lost
+        // one: deliver what arrived rather than stall the flow.
+        self.plane.poll(now, out);
+        self.perform(out, &[], now);
+        if !out.heard.is_empty() {
+            self.heard(out, now);
+        }
+        n > 0
+    }
+
+    fn run(mut self) {
+        let mut b = self.buffers();
+        let fd = self.socket.as_raw_fd();
+        loop {
+            let ready = wait(&mut [poll_in(fd), poll_in(self.efd.0)], self.timeout_ms());
+            if ready[1] {
+                self.efd.drain();
+                if !self.commands() {
+                    return;
+                }
+            }
+            self.step(&mut b);
         }
     }
 

@@ -4,7 +4,8 @@
 //! reordered (sequence-numbered UDP flows never go backwards, and the
 //! receiving container's TCP saw no out-of-order segment unless it also saw a
 //! retransmission); the queues all forwarded (their threads used the CPU).
-//! Routers with different thread counts (4 and 1) interoperate both ways.
+//! Routers with different queue counts (4 and 1) and thread layouts (a TX and
+//! an RX thread per queue, and one thread for both) interoperate both ways.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -101,12 +102,13 @@ print("sent", flush=True)
 
 /// Hosts h1, h2 launched with `--datapath-threads threads[i]`, h2 joining h1,
 /// and container j on host j as 10.44.0.j/24.
-fn hosts(lab: &Lab, threads: &[u32]) -> (Vec<Host>, Vec<Container>) {
+/// Hosts launched with (`--datapath-threads`, `--datapath-threads-per-queue`) each.
+fn hosts(lab: &Lab, threads: &[(u32, u32)]) -> (Vec<Host>, Vec<Container>) {
     let mut hs: Vec<Host> = Vec::new();
-    for (i, t) in threads.iter().enumerate() {
+    for (i, (t, per)) in threads.iter().enumerate() {
         let h = lab.add_host(i as u8 + 1);
-        let t = t.to_string();
-        let mut args = vec!["--password", "queues", "--datapath-threads", &t];
+        let (t, per) = (t.to_string(), per.to_string());
+        let mut args = vec!["--password", "queues", "--datapath-threads", &t, "--datapath-threads-per-queue", &per];
         let prev = hs.last().map(|p: &Host| p.ip.clone());
         if let Some(p) = &prev {
             args.push(p);
@@ -191,13 +193,15 @@ fn thread_ticks(h: &Host) -> HashMap<String, u64> {
 #[test]
 fn two_queues_carry_parallel_streams_in_order() {
     let Some(lab) = Lab::new("mq2") else { return };
-    let (hs, cs) = hosts(&lab, &[2, 2]);
+    let (hs, cs) = hosts(&lab, &[(2, 1), (2, 1)]);
     assert!(ping_until(&cs[0].ns, &ip_of(&cs[1]), Duration::from_secs(30)), "c1 cannot reach c2");
     for h in &hs {
         let t = thread_ticks(h);
-        for name in ["tap-to-udp-0", "tap-to-udp-1", "udp-to-tap-0", "udp-to-tap-1"] {
+        for name in ["forward-0", "forward-1"] {
             assert!(t.contains_key(name), "no thread {name} in {}: {t:?}", h.ns);
         }
+        let f = &h.status_json()["forwarding"];
+        assert_eq!((f["queues"].as_u64(), f["threads_per_queue"].as_u64()), (Some(2), Some(1)), "{f}");
     }
     let before = thread_ticks(&hs[1]);
 
@@ -236,8 +240,8 @@ fn two_queues_carry_parallel_streams_in_order() {
     // Both queues forwarded: each receive thread of h2 used CPU for it.
     let after = thread_ticks(&hs[1]);
     let used = |n: &str| after.get(n).copied().unwrap_or(0) - before.get(n).copied().unwrap_or(0);
-    eprintln!("h2 RX ticks: queue 0 {}, queue 1 {}; handed over {}", used("udp-to-tap-0"), used("udp-to-tap-1"), counter(&hs[1], "udp_other_queue"));
-    assert!(used("udp-to-tap-0") > 5 && used("udp-to-tap-1") > 5, "a queue carried nothing: {after:?}");
+    eprintln!("h2 ticks: queue 0 {}, queue 1 {}; handed over {}", used("forward-0"), used("forward-1"), counter(&hs[1], "udp_other_queue"));
+    assert!(used("forward-0") > 5 && used("forward-1") > 5, "a queue carried nothing: {after:?}");
     for h in &hs {
         eprintln!("{} data plane: {}", h.ns, h.status_json()["dataplane"]);
         assert_eq!(counter(h, "udp_rejected"), 0, "on {}", h.ns);
@@ -248,14 +252,16 @@ fn two_queues_carry_parallel_streams_in_order() {
 #[test]
 fn different_thread_counts_interoperate() {
     let Some(lab) = Lab::new("mqmix") else { return };
-    let (hs, cs) = hosts(&lab, &[4, 1]);
+    let (hs, cs) = hosts(&lab, &[(4, 2), (1, 1)]);
     assert!(ping_until(&cs[0].ns, &ip_of(&cs[1]), Duration::from_secs(30)), "c1 (4 queues) cannot reach c2 (1)");
     assert!(ping(&cs[1].ns, &ip_of(&cs[0]), 3), "c2 (1 queue) cannot reach c1 (4)");
     parallel_transfer(&lab, &cs[0], &cs[1], 8, 16 * MB);
     parallel_transfer(&lab, &cs[1], &cs[0], 8, 16 * MB);
     checked_transfer(&lab, &cs[0].ns, &cs[1].ns, &ip_of(&cs[1]), 64 * MB, Duration::from_secs(180));
-    assert!(thread_ticks(&hs[0]).contains_key("udp-to-tap-3"));
-    assert!(thread_ticks(&hs[1]).contains_key("udp-to-tap"));
+    let (t1, t2) = (thread_ticks(&hs[0]), thread_ticks(&hs[1]));
+    assert!(t1.contains_key("udp-to-tap-3") && t1.contains_key("tap-to-udp-3") && !t1.contains_key("forward-0"), "{t1:?}");
+    assert!(t2.contains_key("forward") && !t2.contains_key("udp-to-tap"), "{t2:?}");
+    assert_eq!(hs[0].status_json()["forwarding"]["threads_per_queue"].as_u64(), Some(2));
     for h in &hs {
         eprintln!("{} data plane: {}", h.ns, h.status_json()["dataplane"]);
         assert_eq!(counter(h, "udp_rejected"), 0, "on {}", h.ns);
@@ -269,4 +275,9 @@ fn different_thread_counts_interoperate() {
     }
     let out = h3.meshnet(&["launch", "--datapath-threads", "2", "--datapath", "pcap"]);
     assert!(!out.ok() && out.all().contains("needs --datapath tap"), "{out}");
+    for bad in ["0", "3", "x"] {
+        let out = h3.meshnet(&["launch", "--datapath-threads-per-queue", bad]);
+        assert!(!out.ok(), "--datapath-threads-per-queue {bad} accepted");
+        assert!(out.all().contains("--datapath-threads-per-queue"), "{out}");
+    }
 }
