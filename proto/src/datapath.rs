@@ -598,20 +598,40 @@ impl Slot {
         } else {
             return;
         }
-        let mut i = offset;
-        while i < end {
-            let (w, bit) = (i / 64, i % 64);
-            let n = (64 - bit).min(end - i);
-            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
-            if let Some(word) = self.have.get_mut(w) {
-                // Bytes arrive once in the normal case: then every bit of the
-                // mask is new and the count is its width, without a popcount
-                // (which, built for baseline x86-64, is a dozen instructions
-                // per word: 6 % of the receiving thread in a profile).
-                self.received += if *word & mask == 0 { n as u32 } else { (mask & !*word).count_ones() };
-                *word |= mask;
-            }
-            i += n;
+        if end == offset {
+            return;
+        }
+        // The bitmap words the range touches: a partial first and last word,
+        // whole words between (a chunk of ~1400 bytes is ~20 of them).
+        let (first, last) = (offset / 64, (end - 1) / 64);
+        let head = u64::MAX << (offset % 64);
+        let tail = u64::MAX >> (63 - (end - 1) % 64);
+        if first == last {
+            self.mark(first, head & tail);
+            return;
+        }
+        self.mark(first, head);
+        self.mark(last, tail);
+        if let Some(mid) = self.have.get_mut(first + 1..last) {
+            // Bytes arrive once in the normal case: then every bit is new and
+            // the count is the width, without a popcount per word (a dozen
+            // instructions each, built for baseline x86-64; with a loop over
+            // the words, 6 % of the receiving thread in a profile).
+            let new = if mid.iter().all(|w| *w == 0) {
+                64 * mid.len() as u32
+            } else {
+                mid.iter().map(|w| w.count_zeros()).sum()
+            };
+            mid.fill(u64::MAX);
+            self.received += new;
+        }
+    }
+
+    /// Sets `mask`'s bits in bitmap word `w`, counting those not set before.
+    fn mark(&mut self, w: usize, mask: u64) {
+        if let Some(word) = self.have.get_mut(w) {
+            self.received += (mask & !*word).count_ones();
+            *word |= mask;
         }
     }
 }
@@ -1905,6 +1925,31 @@ mod tests {
         assert_eq!(rx.receive(0, &mut d, |_, _, _| {}), Err(WireError::Reserved.into()));
         assert_eq!(rx.stats().malformed, 2);
         assert_eq!(rx.stats().datagrams_ok, 1);
+    }
+
+    /// The bitmap counts every byte once, for any mix of ranges: fresh,
+    /// duplicate, overlapping, within one word, across many.
+    #[test]
+    fn a_slot_counts_each_byte_once_whatever_the_ranges() {
+        const TOTAL: usize = 5000;
+        let mut slot = Slot::default();
+        slot.start(1, TOTAL as u32, 0, 0, hdr());
+        let mut model = vec![false; TOTAL];
+        let data = [7u8; TOTAL];
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        for i in 0..3000 {
+            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let start = (rng >> 33) as usize % TOTAL;
+            // Mostly short ranges, some chunk-sized ones.
+            let max = if i % 7 == 0 { 1500 } else { 150 };
+            let len = ((rng >> 11) as usize % max).min(TOTAL - start);
+            slot.fill(start, &data[..len]);
+            model[start..start + len].iter_mut().for_each(|b| *b = true);
+            assert_eq!(slot.received as usize, model.iter().filter(|b| **b).count(), "after {start}..{}", start + len);
+            let (a, b) = (start.saturating_sub(70), (start + len + 70).min(TOTAL));
+            assert_eq!(slot.covers(a, b), model[a..b].iter().all(|x| *x));
+        }
+        assert!(slot.covers(0, TOTAL));
     }
 
     /// Duplicate and overlapping chunks must never complete a unit with holes.
