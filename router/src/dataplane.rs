@@ -60,6 +60,11 @@ pub use meshnet_proto::plane::{Routes, Stats};
 
 /// Units read from the TAP per batch.
 const TX_BATCH: usize = 64;
+/// Bytes the units of one TX batch are read into, one after the other: 64
+/// small frames, or 15 superframes (a batch ends when a whole unit might not
+/// fit). Pages are touched only as units fill them, so a queue's read buffer
+/// costs at most this much memory, not 64 × 64 KiB.
+const TX_ARENA: usize = 1 << 20;
 /// Receive buffers per `recvmmsg`; each holds a GRO aggregate of up to 64 KiB.
 const RX_BATCH: usize = 16;
 const UNIT_BUF: usize = 65536 + 64;
@@ -659,7 +664,8 @@ impl TxLoop {
 
     fn buffers(&self) -> TxBuffers {
         TxBuffers {
-            units: (0..TX_BATCH).map(|_| vec![0u8; UNIT_BUF]).collect(),
+            arena: vec![0u8; TX_ARENA],
+            starts: [0; TX_BATCH],
             lens: [0; TX_BATCH],
             out: TxOut::default(),
             hb_out: Datagrams::default(),
@@ -679,17 +685,20 @@ impl TxLoop {
             self.counters.tx_mac_entries.store(self.plane.mac_entries() as u64, Ordering::Relaxed);
         }
 
-        // Read a batch of units.
-        let mut n = 0;
-        while n < TX_BATCH {
-            let buf = &mut b.units[n];
+        // Read a batch of units, each where the last one ended (64-byte aligned).
+        let (mut n, mut pos) = (0, 0);
+        while n < TX_BATCH && pos + UNIT_BUF <= b.arena.len() {
+            let buf = &mut b.arena[pos..pos + UNIT_BUF];
             match self.tap.read_unit(&mut buf[hdr_room..]) {
                 Ok(Some(len)) => {
                     if hdr_room > 0 {
                         buf[..VNET_HDR_LEN].fill(0);
                     }
-                    b.lens[n] = len + hdr_room;
+                    let len = len + hdr_room;
+                    b.starts[n] = pos;
+                    b.lens[n] = len;
                     n += 1;
+                    pos += len.next_multiple_of(64);
                 }
                 Ok(None) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -703,8 +712,12 @@ impl TxLoop {
             return false;
         }
         let now = self.now();
-        let out = &mut b.out;
-        self.plane.handle(now, &b.units[..n], &b.lens[..n], out);
+        let (arena, out) = (&b.arena, &mut b.out);
+        let units: [&[u8]; TX_BATCH] = std::array::from_fn(|i| match i < n {
+            true => &arena[b.starts[i]..b.starts[i] + b.lens[i]],
+            false => &[],
+        });
+        self.plane.handle(now, &units[..n], &b.lens[..n], out);
         for &mac in &out.moved_local {
             self.mac_owners.note(mac, Owner::Local, now);
         }
@@ -733,9 +746,11 @@ impl TxLoop {
     }
 }
 
-/// The TX thread's buffers, allocated once.
+/// The TX side's buffers, allocated once.
 struct TxBuffers {
-    units: Vec<Vec<u8>>,
+    /// Units of the batch: `arena[starts[i]..starts[i] + lens[i]]`.
+    arena: Vec<u8>,
+    starts: [usize; TX_BATCH],
     lens: [usize; TX_BATCH],
     out: TxOut,
     hb_out: Datagrams,
@@ -743,7 +758,7 @@ struct TxBuffers {
     last_tick: u64,
 }
 
-/// The RX thread's buffers, allocated once.
+/// The RX side's buffers, allocated once.
 struct RxBuffers {
     bufs: Vec<Vec<u8>>,
     metas: [RecvMeta; RX_BATCH],

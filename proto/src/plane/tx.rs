@@ -203,7 +203,7 @@ impl TxPlane {
     /// Decides and seals what a batch of units read from the device becomes:
     /// `units[i][..lens[i]]` is one unit (virtio header, zeroed if the device
     /// has none, then the Ethernet frame). `out` is cleared first.
-    pub fn handle(&mut self, now: u64, units: &[Vec<u8>], lens: &[usize], out: &mut TxOut) {
+    pub fn handle<U: AsRef<[u8]>>(&mut self, now: u64, units: &[U], lens: &[usize], out: &mut TxOut) {
         out.clear();
         let n = units.len().min(lens.len()).min(u16::MAX as usize);
         if now.saturating_sub(self.last_expire) > MAC_EXPIRE_EVERY_MS {
@@ -216,8 +216,9 @@ impl TxPlane {
         self.flood.clear();
         self.unicast.clear();
         for i in 0..n {
-            let len = lens[i].min(units[i].len());
-            let unit = &units[i][..len];
+            let unit = units[i].as_ref();
+            let len = lens[i].min(unit.len());
+            let unit = &unit[..len];
             add(&self.stats.tap_units_in, 1);
             add(&self.stats.tap_bytes_in, len as u64);
             if len < MIN_UNIT {
@@ -334,13 +335,13 @@ impl TxPlane {
 /// that cannot be sealed, and a last datagram that cannot, are counted in
 /// `encode_errors` and dropped; the others still go.
 #[allow(clippy::too_many_arguments)]
-fn encode(
+fn encode<U: AsRef<[u8]>>(
     encoder: &mut Encoder,
     seg: &mut Segmenter,
     p: &mut Peer,
     hdr: InnerHeader,
     which: impl Iterator<Item = u16>,
-    units: &[Vec<u8>],
+    units: &[U],
     lens: &[usize],
     batch: &mut crate::datapath::TxBatch,
     stats: &Stats,
@@ -350,7 +351,8 @@ fn encode(
     encoder.begin_as(&mut p.session, hdr, batch, unsealed);
     for i in which {
         let i = i as usize;
-        let unit = &units[i][..lens[i].min(units[i].len())];
+        let unit = units[i].as_ref();
+        let unit = &unit[..lens[i].min(unit.len())];
         if seg.push(p.path.superframes, encoder, &mut p.session, unit, batch, stats).is_err() {
             stats.encode_error();
             p.traffic.tx.encode_errors.add(1);
