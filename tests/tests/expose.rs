@@ -40,12 +40,15 @@ const RANGE: &str = "10.2.0.0/16";
 const DEFAULT_SUBNET: &str = "10.2.1.0/24";
 const OPTS: [&str; 4] = ["--ipalloc-range", RANGE, "--ipalloc-default-subnet", DEFAULT_SUBNET];
 
-/// A TCP server that answers every connection with `NAME PEER-IP` and closes.
+/// A TCP server on port `argv[1]` that answers every connection with
+/// `NAME PEER-IP` (`argv[2]`) and closes; bound to `argv[3]` if given (`::`
+/// for IPv6), else to every IPv4 address.
 const WHO_SERVER: &str = r#"
 import socket, sys
-s = socket.socket()
+addr = sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0"
+s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
+s.bind((addr, int(sys.argv[1])))
 s.listen(16)
 print("listening", flush=True)
 while True:
@@ -645,19 +648,6 @@ fn podman_on_two_routers() {
 
 const RANGE6: &str = "fd52::/64";
 
-/// [`WHO_SERVER`] on IPv6.
-const WHO_SERVER6: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET6)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", int(sys.argv[1])))
-s.listen(16)
-print("listening", flush=True)
-while True:
-    c, a = s.accept()
-    c.sendall(("%s %s\n" % (sys.argv[2], a[0])).encode())
-    c.close()
-"#;
 
 /// The global IPv6 addresses (`ip/prefix`) on `dev` in `ns`, and whether it has a link-local one.
 fn ipv6_of(ns: &str, dev: &str) -> (Vec<String>, bool) {
@@ -681,9 +671,6 @@ fn meshnet_table6(h: &Host) -> Option<String> {
     out.ok().then_some(out.stdout)
 }
 
-fn ping6(ns: &str, ip: &str) -> bool {
-    exec_in_timeout(ns, &["ping", "-6", "-n", "-q", "-c", "1", "-W", "1", ip], SECS(5)).ok()
-}
 
 #[test]
 fn expose_ipv6_dual_stack() {
@@ -708,7 +695,7 @@ fn expose_ipv6_dual_stack() {
     let out = h2.meshnet(&["attach", &c2.ns]).expect_ok("attach c2");
     let a2: Vec<String> = out.last_line().unwrap_or_default().split_whitespace().map(String::from).collect();
     let v6_2 = a2.iter().find(|a| a.contains(':')).map(|a| ip_of(a)).unwrap_or_else(|| panic!("c2 got no IPv6 address: {out}"));
-    assert!(!ping6(&h1.ns, &v6_2), "h1 reached {v6_2} on h2 before expose");
+    assert!(!ping(&h1.ns, &v6_2, 1), "h1 reached {v6_2} on h2 before expose");
 
     // Bad input: a clear error, nothing changed.
     let before = (exposed(&h1), meshnet_table(&h1), meshnet_table6(&h1), ipv6_of(&h1.ns, "meshnet"));
@@ -746,8 +733,8 @@ fn expose_ipv6_dual_stack() {
     assert_eq!(exec_in(&h1.ns, &["cat", "/proc/sys/net/ipv6/conf/all/forwarding"]).stdout.trim(), "1");
 
     // The host reaches the container over IPv6, and the container the host.
-    assert!(wait_until(SECS(20), || ping6(&h1.ns, &v6_2)), "h1 does not reach c2 ({v6_2}) with ping -6 after expose");
-    assert!(ping6(&c2.ns, &ip_of(&e6)), "c2 does not reach h1's exposed {e6}");
+    assert!(ping_until(&h1.ns, &v6_2, SECS(20)), "h1 does not reach c2 ({v6_2}) with ping -6 after expose");
+    assert!(ping(&c2.ns, &ip_of(&e6), 1), "c2 does not reach h1's exposed {e6}");
 
     // Egress over IPv6: an outside namespace beyond h1 (no route back to the
     // overlay) sees h1's own address there.
@@ -758,7 +745,7 @@ fn expose_ipv6_dual_stack() {
     ip(&["-n", &o.ns, "addr", "add", "fd99::2/64", "dev", "eth0", "nodad"]).expect_ok("outside address");
     ip(&["-n", &o.ns, "link", "set", "eth0", "up"]).expect_ok("outside eth0 up");
     let _server = {
-        let bg = lab.spawn_in(&o.ns, &["python3", "-c", WHO_SERVER6, "7006", "outside6"]);
+        let bg = lab.spawn_in(&o.ns, &["python3", "-c", WHO_SERVER, "7006", "outside6", "::"]);
         assert!(wait_until(SECS(30), || bg.stdout().contains("listening")), "server6: {} {}", bg.stdout(), bg.stderr());
         bg
     };
@@ -780,7 +767,7 @@ fn expose_ipv6_dual_stack() {
     assert_eq!(exposed(&h1), vec![e4.clone(), e6.clone()], "exposed after kill -9 + launch");
     assert_eq!(ipv6_of(&h1.ns, "meshnet"), (vec![e6.clone()], false), "the bridge's IPv6 after kill -9 + launch");
     assert!(meshnet_table6(&h1).is_some_and(|t| t.contains("ip6 saddr fd52::/64")), "the ip6 table after relaunch");
-    assert!(wait_until(SECS(30), || ping6(&h1.ns, &v6_2)), "h1 does not reach c2 with ping -6 after relaunch");
+    assert!(ping_until(&h1.ns, &v6_2, SECS(30)), "h1 does not reach c2 with ping -6 after relaunch");
     assert_eq!(ask_until(&c2.ns, "fd99::2", 7006), Some("outside6 fd99::1".to_string()), "c2 -> outside after relaunch");
 
     // hide: both gone, both tables deleted, and the host no longer reaches the container.
@@ -790,7 +777,7 @@ fn expose_ipv6_dual_stack() {
     assert_eq!(knobs(), quiet("1"), "h1's bridge after hide");
     assert!(addrs_of(&h1.ns, "meshnet").is_empty(), "IPv4 left on the bridge after hide");
     assert!(meshnet_table(&h1).is_none() && meshnet_table6(&h1).is_none(), "a table after hide");
-    assert!(!ping6(&h1.ns, &v6_2), "h1 still reaches {v6_2} after hide");
+    assert!(!ping(&h1.ns, &v6_2, 1), "h1 still reaches {v6_2} after hide");
     let ipam = h1.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json();
     assert!(!ipam.to_string().contains("meshnet:expose"), "the exposed addresses were not released: {ipam:#}");
 }

@@ -67,13 +67,6 @@ fn relayed(h: &Host) -> u64 {
     h.status_json()["dataplane"]["relayed_units"].as_u64().unwrap_or(0)
 }
 
-/// `ping -6` until one answer (or `timeout`).
-fn ping6_until(ns: &str, ip: &str, timeout: Duration) -> bool {
-    wait_until(timeout, || {
-        exec_in_timeout(ns, &["ping", "-6", "-n", "-q", "-c", "1", "-W", "1", ip], Duration::from_secs(5)).ok()
-    })
-}
-
 #[test]
 fn dual_stack_lab_of_three_hosts() {
     let Some(lab) = Lab::new("ip6") else { return };
@@ -117,11 +110,11 @@ fn dual_stack_lab_of_three_hosts() {
     assert!(text.contains("IPv6 ring:") && text.contains(RANGE6), "{text}");
 
     let (v6_1, v6_2, v6_3) = (v6_of(&all[0]), v6_of(&all[1]), v6_of(&all[2]));
-    assert!(ping6_until(&cs[0].ns, &v6_2, Duration::from_secs(30)), "ping -6 c1 -> c2 across hosts");
-    assert!(ping6_until(&cs[1].ns, &v6_1, Duration::from_secs(10)), "ping -6 c2 -> c1");
+    assert!(ping_until(&cs[0].ns, &v6_2, Duration::from_secs(30)), "ping -6 c1 -> c2 across hosts");
+    assert!(ping_until(&cs[1].ns, &v6_1, Duration::from_secs(10)), "ping -6 c2 -> c1");
     let relayed_before = relayed(&h2);
-    assert!(ping6_until(&cs[0].ns, &v6_3, Duration::from_secs(30)), "ping -6 c1 -> c3 through h2");
-    assert!(ping6_until(&cs[2].ns, &v6_1, Duration::from_secs(10)), "ping -6 c3 -> c1 through h2");
+    assert!(ping_until(&cs[0].ns, &v6_3, Duration::from_secs(30)), "ping -6 c1 -> c3 through h2");
+    assert!(ping_until(&cs[2].ns, &v6_1, Duration::from_secs(10)), "ping -6 c3 -> c1 through h2");
     assert!(!connected_to(&h1, &n3), "h1 is connected to h3 directly");
     assert!(relayed(&h2) > relayed_before, "h2 relayed nothing: {:#}", h2.status_json());
     // Neighbour discovery went across: c1 knows c2's and c3's MACs.
@@ -154,7 +147,7 @@ fn dual_stack_lab_of_three_hosts() {
     let st = h2.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json();
     let held6: Vec<&str> = st["ipv6"]["allocations"].as_array().into_iter().flatten().filter_map(|a| a["ip"].as_str()).collect();
     assert!(held6.contains(&v6_2.as_str()), "h2's IPv6 ring forgot {v6_2} across kill -9: {st:#}");
-    assert!(ping6_until(&cs[0].ns, &v6_2, Duration::from_secs(30)), "ping -6 c1 -> c2 after the relaunch");
+    assert!(ping_until(&cs[0].ns, &v6_2, Duration::from_secs(30)), "ping -6 c1 -> c2 after the relaunch");
     // A new container on h2 gets fresh addresses of both families.
     let c4 = lab.add_container(&h2, 4);
     let a4 = addrs_of(&h2.meshnet(&["attach", &c4.ns]).expect_ok("attach c4"));
@@ -188,7 +181,7 @@ fn ipv6_packet_too_big_then_crosses() {
     let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
     h1.meshnet(&["attach", "fd44::1/64", &c1.ns]).expect_ok("attach c1");
     h2.meshnet(&["attach", "fd44::2/64", &c2.ns]).expect_ok("attach c2");
-    assert!(ping6_until(&c2.ns, "fd44::1", Duration::from_secs(30)), "c2 cannot reach c1 over IPv6");
+    assert!(ping_until(&c2.ns, "fd44::1", Duration::from_secs(30)), "c2 cannot reach c1 over IPv6");
     let before = h2.status_json()["dataplane"]["frag_needed_sent"].as_u64().unwrap_or(0);
     let first = exec_in_timeout(&c2.ns, &["ping", "-6", "-n", "-c", "3", "-i", "0.5", "-W", "2", "-s", "8000", "fd44::1"], Duration::from_secs(15));
     eprintln!("first ping -6 -s 8000:\n{first}");
@@ -313,7 +306,7 @@ fn idle_multicast_into_the_mesh() {
     // Every container talks to the next host's first container once (ND across the mesh).
     for (i, c) in cs.iter().enumerate() {
         let to = &v6s[(i / 2 * 2 + 2) % v6s.len()];
-        assert!(ping6_until(&c.ns, to, Duration::from_secs(30)), "ping -6 {} -> {to}", c.ns);
+        assert!(ping_until(&c.ns, to, Duration::from_secs(30)), "ping -6 {} -> {to}", c.ns);
     }
     std::thread::sleep(Duration::from_secs(5));
     let report = |what: &str, secs: u64, counts: &[(Kinds, Kinds)]| {
@@ -344,7 +337,7 @@ fn idle_multicast_into_the_mesh() {
     // solicitations pass those tables' forward hook too.
     for (k, h) in hosts.iter().enumerate() {
         let to = &v6s[(k * 2 + 2) % v6s.len()];
-        let ok = ping6_until(&h.ns, to, Duration::from_secs(10));
+        let ok = ping_until(&h.ns, to, Duration::from_secs(10));
         eprintln!("MEASURE {} ping -6 {to} (a container on the next host) after expose: {}", h.ns, if ok { "answered" } else { "no answer" });
         assert!(ok, "{} cannot ping -6 {to}, a container on the next host, with every host exposed", h.ns);
     }
