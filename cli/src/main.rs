@@ -249,6 +249,12 @@ struct LaunchArgs {
     #[arg(long, value_name = "1|2", value_parser = clap::value_parser!(u32).range(1..=2))]
     #[serde(default)]
     datapath_threads_per_queue: Option<u32>,
+    /// Microseconds a forwarding thread that has just moved traffic keeps polling before it
+    /// sleeps, so that a reply is picked up without waking it (lower round trips); at most 5 %
+    /// of a core per thread, never while idle. 0 turns it off; at most 1000. Default 100.
+    #[arg(long, value_name = "USEC", value_parser = clap::value_parser!(u32).range(0..=daemon::MAX_BUSY_POLL_US as i64))]
+    #[serde(default)]
+    datapath_busy_poll: Option<u32>,
     /// Do not serve Docker's plugin API (the `meshnet` network and IPAM drivers).
     #[arg(long)]
     #[serde(default)]
@@ -681,7 +687,12 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             ipalloc_init,
             datapath,
             datapath_threads: datapath_threads as usize,
-            datapath_threads_per_queue: args.datapath_threads_per_queue.unwrap_or(1) as usize,
+            datapath_layout: daemon::Layout {
+                threads_per_queue: args.datapath_threads_per_queue.unwrap_or(1) as usize,
+                busy_poll: std::time::Duration::from_micros(
+                    args.datapath_busy_poll.unwrap_or(daemon::DEFAULT_BUSY_POLL_US).into(),
+                ),
+            },
             docker_plugin: daemon::DockerPlugin {
                 enabled: !args.no_docker_plugin,
                 dir: args.docker_plugin_dir.clone(),
@@ -719,6 +730,9 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     }
     if let Some(n) = args.datapath_threads_per_queue {
         cmd.args(["--datapath-threads-per-queue", &n.to_string()]);
+    }
+    if let Some(n) = args.datapath_busy_poll {
+        cmd.args(["--datapath-busy-poll", &n.to_string()]);
     }
     cmd.args(["--rekey-interval", &args.rekey_interval.to_string()]);
     cmd.arg(format!("--metrics-addr={}", args.metrics_addr));

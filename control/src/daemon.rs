@@ -12,6 +12,7 @@ use meshnet_router::netlink;
 use meshnet_router::capture::{self, CaptureDevice};
 use meshnet_router::device::Device;
 pub use meshnet_router::device::Datapath;
+pub use meshnet_router::dataplane::{Layout, DEFAULT_BUSY_POLL_US, MAX_BUSY_POLL_US};
 use meshnet_router::tap::Tap;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -61,8 +62,9 @@ pub struct Config {
     pub datapath: Datapath,
     /// `--datapath-threads`: forwarding queues.
     pub datapath_threads: usize,
-    /// `--datapath-threads-per-queue`: 1 (one thread forwards both directions) or 2 (a TX and an RX thread).
-    pub datapath_threads_per_queue: usize,
+    /// `--datapath-threads-per-queue` (1: one thread forwards both directions, 2: a TX and an RX
+    /// thread) and `--datapath-busy-poll`.
+    pub datapath_layout: Layout,
     /// Docker's plugin API (`--no-docker-plugin` turns it off).
     pub docker_plugin: DockerPlugin,
     /// `--metrics-addr`: where `/metrics`, `/api/mesh` and the map are served (None: off).
@@ -241,12 +243,11 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     let udp_port = udp.local_addr()?.port();
     let trusted_device = trusted_device(&cfg, bridge_index);
-    let dataplane = DataPlane::start_queues([tap].into_iter().chain(queues).collect(), [udp].into_iter().chain(udps).collect(), me, MAX_DATAGRAM, cfg.datapath_threads_per_queue)
+    let dataplane = DataPlane::start_queues([tap].into_iter().chain(queues).collect(), [udp].into_iter().chain(udps).collect(), me, MAX_DATAGRAM, cfg.datapath_layout)
         .context("start the data plane")?;
-    if threads > 1 || cfg.datapath_threads_per_queue > 1 {
-        let each = if cfg.datapath_threads_per_queue > 1 { "a TX and an RX thread" } else { "one thread" };
-        log::info!("data plane: {threads} queue(s), {each} each");
-    }
+    let layout = cfg.datapath_layout;
+    let each = if layout.threads_per_queue > 1 { "a TX and an RX thread" } else { "one thread" };
+    log::info!("data plane: {threads} queue(s), {each} each, busy polling {} µs after traffic", layout.busy_poll.as_micros());
 
     // Re-attach what was attached before a restart; forget targets that are gone.
     let mut attachments = cfg.state.load_attachments()?;
@@ -712,7 +713,8 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let mut v = serde_json::to_value(status)?;
             v["forwarding"] = json!({
                 "queues": mesh.dataplane.queues(),
-                "threads_per_queue": mesh.dataplane.threads_per_queue(),
+                "threads_per_queue": mesh.dataplane.layout().threads_per_queue,
+                "busy_poll_us": mesh.dataplane.layout().busy_poll.as_micros() as u64,
             });
             // IPAM's drop counters and save health (the full IPAM view is `status ipam`).
             v["ipam"] = mesh.with_ipam(|h| {

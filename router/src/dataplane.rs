@@ -39,7 +39,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver as ChanRx, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use meshnet_proto::ingress::Refused;
 use meshnet_proto::liveness::Liveness;
@@ -292,19 +292,105 @@ fn wait<const N: usize>(fds: &mut [libc::pollfd; N], timeout_ms: i32) -> [bool; 
     std::array::from_fn(|i| n > 0 && fds[i].revents != 0)
 }
 
+/// How a data plane's queues are served: `--datapath-threads-per-queue` and
+/// `--datapath-busy-poll`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// 1: one thread forwards both directions of a queue ([`run_queue`]); 2: a
+    /// TX and an RX thread.
+    pub threads_per_queue: usize,
+    /// How long a forwarding thread that has just moved traffic polls before
+    /// it sleeps ([`BusyPoll`]); zero: it sleeps at once.
+    pub busy_poll: Duration,
+}
+
+/// `--datapath-busy-poll`'s default, in microseconds: longer than a reply
+/// takes to come back across a LAN hop and the far router, short enough that
+/// the budget lasts.
+pub const DEFAULT_BUSY_POLL_US: u32 = 100;
+/// The longest `--datapath-busy-poll` taken, in microseconds.
+pub const MAX_BUSY_POLL_US: u32 = 1000;
+
+impl Default for Layout {
+    fn default() -> Layout {
+        Layout { threads_per_queue: 1, busy_poll: Duration::from_micros(DEFAULT_BUSY_POLL_US.into()) }
+    }
+}
+
+/// Polling without sleeping for a while after traffic (`--datapath-busy-poll
+/// USEC`), so that the answer to what was just forwarded (a ping's reply, a
+/// request's response, the next burst) is picked up by a running thread rather
+/// than by waking a sleeping one (on a VM, an interrupt to a halted vCPU).
+/// Polling is capped at [`BUSY_BUDGET`] of each [`BUSY_PERIOD`]: sparse
+/// traffic cannot keep a core spinning, and under load (where the thread
+/// rarely runs out of work, and a spin would only take the CPU from the
+/// programs it serves) the budget is soon spent and the thread sleeps as
+/// without polling. An idle router never polls.
+struct BusyPoll {
+    window: Duration,
+    period_start: Instant,
+    spent: Duration,
+}
+
+/// The period over which polling is capped.
+const BUSY_PERIOD: Duration = Duration::from_secs(1);
+/// Polling allowed per [`BUSY_PERIOD`]: 5 % of a core per thread.
+const BUSY_BUDGET: Duration = Duration::from_millis(50);
+
+impl BusyPoll {
+    fn new(window: Duration) -> BusyPoll {
+        BusyPoll { window, period_start: Instant::now(), spent: Duration::ZERO }
+    }
+
+    /// Polls `fds` without sleeping (yielding the CPU to anything else
+    /// runnable between polls) until one is ready or the window has passed;
+    /// which are ready, or `None` if the caller should sleep.
+    fn spin<const N: usize>(&mut self, fds: &mut [libc::pollfd; N]) -> Option<[bool; N]> {
+        if self.window.is_zero() {
+            return None;
+        }
+        let start = Instant::now();
+        if start.duration_since(self.period_start) >= BUSY_PERIOD {
+            self.period_start = start;
+            self.spent = Duration::ZERO;
+        }
+        let window = self.window.min(BUSY_BUDGET.saturating_sub(self.spent));
+        loop {
+            let ready = wait(fds, 0);
+            let spent = start.elapsed();
+            if ready.iter().any(|r| *r) {
+                self.spent += spent;
+                return Some(ready);
+            }
+            if spent >= window {
+                self.spent += spent;
+                return None;
+            }
+            // SAFETY: plain syscall without arguments.
+            unsafe { libc::sched_yield() };
+        }
+    }
+}
+
 /// One thread forwarding both directions of a queue (the default; `--datapath-threads-per-queue 1`):
 /// it waits on the device, the socket and both mailboxes, then runs each
 /// direction's step until neither moved anything. Under load it never sleeps,
 /// so the device and the socket need not wake it: a TCP stream's ACKs, written
 /// into the device while this thread delivers the data, are read by the same
 /// thread in its next step, with no wake-up of another thread between.
-fn run_queue(mut tx: TxLoop, mut rx: RxLoop) {
+fn run_queue(mut tx: TxLoop, mut rx: RxLoop, mut busy: BusyPoll) {
     let mut tb = tx.buffers();
     let mut rb = rx.buffers();
     let (tap, sock) = (tx.tap.raw_fd(), rx.socket.as_raw_fd());
+    let mut moved = false;
     loop {
         let timeout = rx.timeout_ms().min(TICK_MS as i32);
-        let ready = wait(&mut [poll_in(tap), poll_in(sock), poll_in(tx.efd.0), poll_in(rx.efd.0)], timeout);
+        let mut fds = [poll_in(tap), poll_in(sock), poll_in(tx.efd.0), poll_in(rx.efd.0)];
+        let ready = match moved.then(|| busy.spin(&mut fds)).flatten() {
+            Some(ready) => ready,
+            None => wait(&mut fds, timeout),
+        };
+        moved = false;
         if ready[2] {
             tx.efd.drain();
         }
@@ -323,6 +409,7 @@ fn run_queue(mut tx: TxLoop, mut rx: RxLoop) {
             if !sent && !received {
                 break;
             }
+            moved = true;
         }
     }
 }
@@ -345,18 +432,18 @@ pub struct DataPlane {
     counters: Vec<Arc<ThreadCounters>>,
     /// Which peer owns which MAC, for the trusted-subnet sync (see [`crate::mac_owners`]).
     pub mac_owners: Arc<MacOwners>,
-    threads_per_queue: usize,
+    layout: Layout,
 }
 
 impl DataPlane {
     /// Starts forwarding on `tap` (a TAP or a capture device) and `socket`
     /// (already bound): one queue, one thread.
     pub fn start(tap: impl Into<Device>, socket: UdpSocket, me: PeerName, max_datagram: usize) -> io::Result<DataPlane> {
-        Self::start_queues(vec![tap.into()], vec![socket], me, max_datagram, 1)
+        Self::start_queues(vec![tap.into()], vec![socket], me, max_datagram, Layout::default())
     }
 
     /// Starts forwarding per queue, with one thread for both directions
-    /// (`threads_per_queue` 1, see [`run_queue`]) or a TX and an RX thread (2):
+    /// (`layout.threads_per_queue` 1, see [`run_queue`]) or a TX and an RX thread (2):
     /// `devices[q]` is the device's queue q, `sockets[q]` the socket its kernel
     /// steers queue q's datagrams to ([`crate::udp::bind_queues`]). Heartbeats
     /// (liveness) run on queue 0.
@@ -365,14 +452,18 @@ impl DataPlane {
         sockets: Vec<UdpSocket>,
         me: PeerName,
         max_datagram: usize,
-        threads_per_queue: usize,
+        layout: Layout,
     ) -> io::Result<DataPlane> {
+        let threads_per_queue = layout.threads_per_queue;
         let n = devices.len();
         if n == 0 || n != sockets.len() || n > meshnet_proto::plane::MAX_QUEUES as usize {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{n} device queues for {} sockets", sockets.len())));
         }
         if !(1..=2).contains(&threads_per_queue) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{threads_per_queue} threads per queue (1 or 2)")));
+        }
+        if layout.busy_poll > Duration::from_micros(MAX_BUSY_POLL_US.into()) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("busy poll {:?} (at most {MAX_BUSY_POLL_US} µs)", layout.busy_poll)));
         }
         let stats = Arc::new(StatsSet::default());
         let clock = Instant::now();
@@ -443,14 +534,14 @@ impl DataPlane {
             };
             let suffix = if n > 1 { format!("-{q}") } else { String::new() };
             if threads_per_queue == 1 {
-                threads.push(std::thread::Builder::new().name(format!("forward{suffix}")).spawn(move || run_queue(tx_thread, rx_thread))?);
+                threads.push(std::thread::Builder::new().name(format!("forward{suffix}")).spawn(move || run_queue(tx_thread, rx_thread, BusyPoll::new(layout.busy_poll)))?);
             } else {
-                threads.push(std::thread::Builder::new().name(format!("tap-to-udp{suffix}")).spawn(move || tx_thread.run())?);
-                threads.push(std::thread::Builder::new().name(format!("udp-to-tap{suffix}")).spawn(move || rx_thread.run())?);
+                threads.push(std::thread::Builder::new().name(format!("tap-to-udp{suffix}")).spawn(move || tx_thread.run(BusyPoll::new(layout.busy_poll)))?);
+                threads.push(std::thread::Builder::new().name(format!("udp-to-tap{suffix}")).spawn(move || rx_thread.run(BusyPoll::new(layout.busy_poll)))?);
             }
         }
         let traffic = Arc::new(TrafficBook::default());
-        Ok(DataPlane { tx: tx_boxes, rx: rx_boxes, threads, links, clock, max_datagram, stats, traffic, counters, mac_owners, threads_per_queue })
+        Ok(DataPlane { tx: tx_boxes, rx: rx_boxes, threads, links, clock, max_datagram, stats, traffic, counters, mac_owners, layout })
     }
 
     /// How many queues forward.
@@ -458,9 +549,9 @@ impl DataPlane {
         self.tx.len()
     }
 
-    /// Forwarding threads per queue: 1 (both directions) or 2 (one each).
-    pub fn threads_per_queue(&self) -> usize {
-        self.threads_per_queue
+    /// Threads per queue and busy polling, as started.
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     /// Superframes read from the device (TX) and written to it whole (RX), all queues.
@@ -730,18 +821,23 @@ impl TxLoop {
         true
     }
 
-    fn run(mut self) {
+    fn run(mut self, mut busy: BusyPoll) {
         let mut b = self.buffers();
         let fd = self.tap.raw_fd();
+        let mut moved = false;
         loop {
-            let ready = wait(&mut [poll_in(fd), poll_in(self.efd.0)], TICK_MS as i32);
+            let mut fds = [poll_in(fd), poll_in(self.efd.0)];
+            let ready = match moved.then(|| busy.spin(&mut fds)).flatten() {
+                Some(ready) => ready,
+                None => wait(&mut fds, TICK_MS as i32),
+            };
             if ready[1] {
                 self.efd.drain();
                 if !self.commands() {
                     return;
                 }
             }
-            self.step(&mut b);
+            moved = self.step(&mut b);
         }
     }
 }
@@ -954,18 +1050,23 @@ impl RxLoop {
         n > 0
     }
 
-    fn run(mut self) {
+    fn run(mut self, mut busy: BusyPoll) {
         let mut b = self.buffers();
         let fd = self.socket.as_raw_fd();
+        let mut moved = false;
         loop {
-            let ready = wait(&mut [poll_in(fd), poll_in(self.efd.0)], self.timeout_ms());
+            let mut fds = [poll_in(fd), poll_in(self.efd.0)];
+            let ready = match moved.then(|| busy.spin(&mut fds)).flatten() {
+                Some(ready) => ready,
+                None => wait(&mut fds, self.timeout_ms()),
+            };
             if ready[1] {
                 self.efd.drain();
                 if !self.commands() {
                     return;
                 }
             }
-            self.step(&mut b);
+            moved = self.step(&mut b);
         }
     }
 
@@ -985,5 +1086,75 @@ impl RxLoop {
                 l.addr = h.from;
             }
         }
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn micros(us: u64) -> Duration {
+        Duration::from_micros(us)
+    }
+
+    #[test]
+    fn busy_poll_off_sleeps_at_once() {
+        let efd = EventFd::new().unwrap();
+        efd.signal();
+        let mut busy = BusyPoll::new(Duration::ZERO);
+        assert_eq!(busy.spin(&mut [poll_in(efd.0)]), None, "a zero window must not poll even a ready fd");
+        assert_eq!(busy.spent, Duration::ZERO);
+    }
+
+    #[test]
+    fn busy_poll_finds_what_becomes_ready_while_it_polls() {
+        let (quiet, late) = (EventFd::new().unwrap(), Arc::new(EventFd::new().unwrap()));
+        let mut busy = BusyPoll::new(micros(MAX_BUSY_POLL_US.into()) * 200);
+        let signaller = {
+            let late = late.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(2));
+                late.signal();
+            })
+        };
+        let start = Instant::now();
+        let ready = busy.spin(&mut [poll_in(quiet.0), poll_in(late.0)]);
+        signaller.join().unwrap();
+        assert_eq!(ready, Some([false, true]));
+        assert!(start.elapsed() >= Duration::from_millis(2), "returned before the fd was ready");
+        assert!(busy.spent >= Duration::from_millis(2) && busy.spent <= start.elapsed(), "{:?}", busy.spent);
+    }
+
+    #[test]
+    fn busy_poll_gives_up_after_its_window() {
+        let quiet = EventFd::new().unwrap();
+        let mut busy = BusyPoll::new(micros(2000));
+        let start = Instant::now();
+        assert_eq!(busy.spin(&mut [poll_in(quiet.0)]), None);
+        assert!(start.elapsed() >= micros(2000));
+        assert!(busy.spent >= micros(2000));
+    }
+
+    #[test]
+    fn busy_poll_stops_when_the_periods_budget_is_spent_and_starts_again_next_period() {
+        let quiet = EventFd::new().unwrap();
+        let mut busy = BusyPoll::new(micros(MAX_BUSY_POLL_US.into()));
+        busy.spent = BUSY_BUDGET - micros(300);
+        let start = Instant::now();
+        assert_eq!(busy.spin(&mut [poll_in(quiet.0)]), None);
+        // Only what was left of the budget (300 µs), not the 1 ms window.
+        assert!(start.elapsed() >= micros(300) && busy.spent >= BUSY_BUDGET, "{:?}", busy.spent);
+        let spent = busy.spent;
+        let start = Instant::now();
+        assert_eq!(busy.spin(&mut [poll_in(quiet.0)]), None);
+        assert!(start.elapsed() < micros(MAX_BUSY_POLL_US.into()), "polled the whole window without budget: {:?}", start.elapsed());
+        assert!(busy.spent - spent < micros(MAX_BUSY_POLL_US.into()));
+        // A new period: the whole window again.
+        busy.period_start -= BUSY_PERIOD;
+        let start = Instant::now();
+        assert_eq!(busy.spin(&mut [poll_in(quiet.0)]), None);
+        assert!(start.elapsed() >= micros(MAX_BUSY_POLL_US.into()));
+        assert!(busy.spent >= micros(MAX_BUSY_POLL_US.into()) && busy.spent < BUSY_BUDGET, "{:?}", busy.spent);
     }
 }

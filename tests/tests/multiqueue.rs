@@ -4,8 +4,9 @@
 //! reordered (sequence-numbered UDP flows never go backwards, and the
 //! receiving container's TCP saw no out-of-order segment unless it also saw a
 //! retransmission); the queues all forwarded (their threads used the CPU).
-//! Routers with different queue counts (4 and 1) and thread layouts (a TX and
-//! an RX thread per queue, and one thread for both) interoperate both ways.
+//! Routers with different queue counts (4 and 1), thread layouts (a TX and
+//! an RX thread per queue, and one thread for both) and busy polling (on and
+//! off) interoperate both ways.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -102,13 +103,17 @@ print("sent", flush=True)
 
 /// Hosts h1, h2 launched with `--datapath-threads threads[i]`, h2 joining h1,
 /// and container j on host j as 10.44.0.j/24.
-/// Hosts launched with (`--datapath-threads`, `--datapath-threads-per-queue`) each.
-fn hosts(lab: &Lab, threads: &[(u32, u32)]) -> (Vec<Host>, Vec<Container>) {
+/// Hosts launched with (`--datapath-threads`, `--datapath-threads-per-queue`,
+/// `--datapath-busy-poll` if given) each.
+fn hosts(lab: &Lab, threads: &[(u32, u32, Option<u32>)]) -> (Vec<Host>, Vec<Container>) {
     let mut hs: Vec<Host> = Vec::new();
-    for (i, (t, per)) in threads.iter().enumerate() {
+    for (i, (t, per, poll)) in threads.iter().enumerate() {
         let h = lab.add_host(i as u8 + 1);
-        let (t, per) = (t.to_string(), per.to_string());
+        let (t, per, poll) = (t.to_string(), per.to_string(), poll.map(|p| p.to_string()));
         let mut args = vec!["--password", "queues", "--datapath-threads", &t, "--datapath-threads-per-queue", &per];
+        if let Some(p) = &poll {
+            args.extend(["--datapath-busy-poll", p]);
+        }
         let prev = hs.last().map(|p: &Host| p.ip.clone());
         if let Some(p) = &prev {
             args.push(p);
@@ -193,7 +198,7 @@ fn thread_ticks(h: &Host) -> HashMap<String, u64> {
 #[test]
 fn two_queues_carry_parallel_streams_in_order() {
     let Some(lab) = Lab::new("mq2") else { return };
-    let (hs, cs) = hosts(&lab, &[(2, 1), (2, 1)]);
+    let (hs, cs) = hosts(&lab, &[(2, 1, None), (2, 1, None)]);
     assert!(ping_until(&cs[0].ns, &ip_of(&cs[1]), Duration::from_secs(30)), "c1 cannot reach c2");
     for h in &hs {
         let t = thread_ticks(h);
@@ -202,6 +207,7 @@ fn two_queues_carry_parallel_streams_in_order() {
         }
         let f = &h.status_json()["forwarding"];
         assert_eq!((f["queues"].as_u64(), f["threads_per_queue"].as_u64()), (Some(2), Some(1)), "{f}");
+        assert_eq!(f["busy_poll_us"].as_u64(), Some(100), "the default busy poll: {f}");
     }
     let before = thread_ticks(&hs[1]);
 
@@ -252,7 +258,8 @@ fn two_queues_carry_parallel_streams_in_order() {
 #[test]
 fn different_thread_counts_interoperate() {
     let Some(lab) = Lab::new("mqmix") else { return };
-    let (hs, cs) = hosts(&lab, &[(4, 2), (1, 1)]);
+    // h1 polls after traffic (the default), h2 sleeps at once.
+    let (hs, cs) = hosts(&lab, &[(4, 2, None), (1, 1, Some(0))]);
     assert!(ping_until(&cs[0].ns, &ip_of(&cs[1]), Duration::from_secs(30)), "c1 (4 queues) cannot reach c2 (1)");
     assert!(ping(&cs[1].ns, &ip_of(&cs[0]), 3), "c2 (1 queue) cannot reach c1 (4)");
     parallel_transfer(&lab, &cs[0], &cs[1], 8, 16 * MB);
@@ -262,6 +269,7 @@ fn different_thread_counts_interoperate() {
     assert!(t1.contains_key("udp-to-tap-3") && t1.contains_key("tap-to-udp-3") && !t1.contains_key("forward-0"), "{t1:?}");
     assert!(t2.contains_key("forward") && !t2.contains_key("udp-to-tap"), "{t2:?}");
     assert_eq!(hs[0].status_json()["forwarding"]["threads_per_queue"].as_u64(), Some(2));
+    assert_eq!(hs[1].status_json()["forwarding"]["busy_poll_us"].as_u64(), Some(0));
     for h in &hs {
         eprintln!("{} data plane: {}", h.ns, h.status_json()["dataplane"]);
         assert_eq!(counter(h, "udp_rejected"), 0, "on {}", h.ns);
@@ -279,5 +287,10 @@ fn different_thread_counts_interoperate() {
         let out = h3.meshnet(&["launch", "--datapath-threads-per-queue", bad]);
         assert!(!out.ok(), "--datapath-threads-per-queue {bad} accepted");
         assert!(out.all().contains("--datapath-threads-per-queue"), "{out}");
+    }
+    for bad in ["1001", "-1", "x"] {
+        let out = h3.meshnet(&["launch", &format!("--datapath-busy-poll={bad}")]);
+        assert!(!out.ok(), "--datapath-busy-poll {bad} accepted");
+        assert!(out.all().contains("--datapath-busy-poll"), "{out}");
     }
 }
