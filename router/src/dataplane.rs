@@ -292,6 +292,18 @@ fn wait<const N: usize>(fds: &mut [libc::pollfd; N], timeout_ms: i32) -> [bool; 
     std::array::from_fn(|i| n > 0 && fds[i].revents != 0)
 }
 
+/// What one step of a forwarding thread moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Moved {
+    Nothing,
+    /// Only datagrams of the data plane's own (heartbeats, probes, and
+    /// datagrams dropped): no reason to expect more soon.
+    Control,
+    /// Frames forwarded (read from the device, delivered into it or relayed):
+    /// an answer may follow, so the thread busy-polls before it sleeps.
+    Traffic,
+}
+
 /// How a data plane's queues are served: `--datapath-threads-per-queue` and
 /// `--datapath-busy-poll`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -299,7 +311,7 @@ pub struct Layout {
     /// 1: one thread forwards both directions of a queue ([`run_queue`]); 2: a
     /// TX and an RX thread.
     pub threads_per_queue: usize,
-    /// How long a forwarding thread that has just moved traffic polls before
+    /// How long a forwarding thread that has just forwarded frames polls before
     /// it sleeps ([`BusyPoll`]); zero: it sleeps at once.
     pub busy_poll: Duration,
 }
@@ -325,7 +337,8 @@ impl Default for Layout {
 /// traffic cannot keep a core spinning, and under load (where the thread
 /// rarely runs out of work, and a spin would only take the CPU from the
 /// programs it serves) the budget is soon spent and the thread sleeps as
-/// without polling. An idle router never polls.
+/// without polling. Only forwarded frames start a poll ([`Moved::Traffic`]),
+/// not heartbeats: an idle router never polls, however many peers it has.
 struct BusyPoll {
     window: Duration,
     period_start: Instant,
@@ -382,15 +395,15 @@ fn run_queue(mut tx: TxLoop, mut rx: RxLoop, mut busy: BusyPoll) {
     let mut tb = tx.buffers();
     let mut rb = rx.buffers();
     let (tap, sock) = (tx.tap.raw_fd(), rx.socket.as_raw_fd());
-    let mut moved = false;
+    let mut forwarded = false;
     loop {
         let timeout = rx.timeout_ms().min(TICK_MS as i32);
         let mut fds = [poll_in(tap), poll_in(sock), poll_in(tx.efd.0), poll_in(rx.efd.0)];
-        let ready = match moved.then(|| busy.spin(&mut fds)).flatten() {
+        let ready = match forwarded.then(|| busy.spin(&mut fds)).flatten() {
             Some(ready) => ready,
             None => wait(&mut fds, timeout),
         };
-        moved = false;
+        forwarded = false;
         if ready[2] {
             tx.efd.drain();
         }
@@ -406,10 +419,10 @@ fn run_queue(mut tx: TxLoop, mut rx: RxLoop, mut busy: BusyPoll) {
             }
             let sent = tx.step(&mut tb);
             let received = rx.step(&mut rb);
-            if !sent && !received {
+            if sent == Moved::Nothing && received == Moved::Nothing {
                 break;
             }
-            moved = true;
+            forwarded |= sent == Moved::Traffic || received == Moved::Traffic;
         }
     }
 }
@@ -767,7 +780,7 @@ impl TxLoop {
 
     /// One round: the heartbeats due, then one batch of units from the device
     /// (without waiting). Whether it read any.
-    fn step(&mut self, b: &mut TxBuffers) -> bool {
+    fn step(&mut self, b: &mut TxBuffers) -> Moved {
         let hdr_room = if self.tap.vnet_hdr() { 0 } else { VNET_HDR_LEN };
         let now = self.now();
         if now.saturating_sub(b.last_tick) >= TICK_MS {
@@ -800,7 +813,7 @@ impl TxLoop {
             }
         }
         if n == 0 {
-            return false;
+            return Moved::Nothing;
         }
         let now = self.now();
         let (arena, out) = (&b.arena, &mut b.out);
@@ -818,16 +831,16 @@ impl TxLoop {
         if !out.datagrams.is_empty() {
             self.sender.send(&self.socket, &out.datagrams);
         }
-        true
+        Moved::Traffic
     }
 
     fn run(mut self, mut busy: BusyPoll) {
         let mut b = self.buffers();
         let fd = self.tap.raw_fd();
-        let mut moved = false;
+        let mut forwarded = false;
         loop {
             let mut fds = [poll_in(fd), poll_in(self.efd.0)];
-            let ready = match moved.then(|| busy.spin(&mut fds)).flatten() {
+            let ready = match forwarded.then(|| busy.spin(&mut fds)).flatten() {
                 Some(ready) => ready,
                 None => wait(&mut fds, TICK_MS as i32),
             };
@@ -837,7 +850,7 @@ impl TxLoop {
                     return;
                 }
             }
-            moved = self.step(&mut b);
+            forwarded = self.step(&mut b) == Moved::Traffic;
         }
     }
 }
@@ -951,7 +964,10 @@ impl RxLoop {
     }
 
     /// Performs what the plane decided for one datagram (or poll).
-    fn perform(&mut self, out: &mut RxOut, dgram: &[u8], now: u64) {
+    /// Performs what the plane decided for one datagram; whether it forwarded
+    /// anything (relayed, or delivered into the device).
+    fn perform(&mut self, out: &mut RxOut, dgram: &[u8], now: u64) -> bool {
+        let forwarded = !out.relays.is_empty() || out.deliveries() > 0;
         if !out.relays.is_empty() {
             self.sender.send(&self.socket, &out.relays);
         }
@@ -966,6 +982,7 @@ impl RxLoop {
                 tx.post(TxCmd::Learn(mac, peer));
             }
         }
+        forwarded
     }
 
     /// Handles the commands posted; false on `Stop`. The caller drains the
@@ -996,8 +1013,8 @@ impl RxLoop {
     }
 
     /// One round: the tick when due, one batch of datagrams from the socket
-    /// (without waiting), then salvage. Whether it received any.
-    fn step(&mut self, b: &mut RxBuffers) -> bool {
+    /// (without waiting), then salvage. What it moved.
+    fn step(&mut self, b: &mut RxBuffers) -> Moved {
         let now = self.clock.elapsed().as_millis() as u64;
         if now.saturating_sub(b.last_tick) > RX_TICK_MS {
             b.last_tick = now;
@@ -1020,6 +1037,7 @@ impl RxLoop {
         };
         let queues = self.others.len();
         let out = &mut b.out;
+        let mut forwarded = false;
         for (buf, meta) in b.bufs.iter_mut().zip(b.metas.iter()).take(n) {
             let stride = meta.stride.max(1);
             for dgram in buf[..meta.len].chunks_mut(stride) {
@@ -1037,26 +1055,30 @@ impl RxLoop {
                 }
                 // Errors are counted by the plane.
                 let _ = self.plane.receive(now, dgram, canonical(meta.addr), out);
-                self.perform(out, dgram, now);
+                forwarded |= self.perform(out, dgram, now);
             }
         }
         // A superframe still missing chunks after SALVAGE_AGE_MS has lost
         // one: deliver what arrived rather than stall the flow.
         self.plane.poll(now, out);
-        self.perform(out, &[], now);
+        forwarded |= self.perform(out, &[], now);
         if !out.heard.is_empty() {
             self.heard(out, now);
         }
-        n > 0
+        match (n, forwarded) {
+            (_, true) => Moved::Traffic,
+            (0, false) => Moved::Nothing,
+            _ => Moved::Control,
+        }
     }
 
     fn run(mut self, mut busy: BusyPoll) {
         let mut b = self.buffers();
         let fd = self.socket.as_raw_fd();
-        let mut moved = false;
+        let mut forwarded = false;
         loop {
             let mut fds = [poll_in(fd), poll_in(self.efd.0)];
-            let ready = match moved.then(|| busy.spin(&mut fds)).flatten() {
+            let ready = match forwarded.then(|| busy.spin(&mut fds)).flatten() {
                 Some(ready) => ready,
                 None => wait(&mut fds, self.timeout_ms()),
             };
@@ -1066,7 +1088,7 @@ impl RxLoop {
                     return;
                 }
             }
-            moved = self.step(&mut b);
+            forwarded = self.step(&mut b) == Moved::Traffic;
         }
     }
 
