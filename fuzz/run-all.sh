@@ -5,10 +5,12 @@
 #
 # SECONDS: per target (default 600, the project's bar for "ran clean");
 # JOBS: targets run side by side (default 1); TARGET: a subset (default: all
-# in fuzz/Cargo.toml). Needs cargo-fuzz and a nightly toolchain
-# (`cargo install cargo-fuzz`, `rustup toolchain install nightly`). Logs and
-# crashes stay in fuzz/runs/ and fuzz/artifacts/ (not committed). Exit status
-# non-zero if any target crashed or failed to start.
+# in fuzz/Cargo.toml). Needs cargo-fuzz (`cargo install cargo-fuzz`). Uses
+# `cargo +nightly` when rustup lists a nightly toolchain; otherwise (or when
+# RUSTC_BOOTSTRAP=1 is already set) the default toolchain with
+# RUSTC_BOOTSTRAP=1, which makes stable accept the -Z flags cargo fuzz passes.
+# Logs and crashes stay in fuzz/runs/ and fuzz/artifacts/ (not committed).
+# Exit status non-zero if any target crashed or failed to start.
 set -uo pipefail
 cd "$(dirname "$0")"
 SECS=${1:-600}
@@ -18,12 +20,18 @@ TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
   mapfile -t TARGETS < <(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^meshnet-fuzz$')
 fi
-cargo +nightly fuzz build || exit 1
+if [ -z "${RUSTC_BOOTSTRAP:-}" ] && rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  FUZZ=(cargo +nightly fuzz)
+else
+  export RUSTC_BOOTSTRAP=1
+  FUZZ=(cargo fuzz)
+fi
+"${FUZZ[@]}" build || exit 1
 mkdir -p runs
 run_one() {
   local t=$1 log=runs/$1.log start end
   start=$(date +%s)
-  cargo +nightly fuzz run "$t" -- -max_total_time="$SECS" -print_final_stats=1 >"$log" 2>&1
+  "${FUZZ[@]}" run "$t" -- -max_total_time="$SECS" -print_final_stats=1 >"$log" 2>&1
   local rc=$?
   end=$(date +%s)
   local runs cov

@@ -75,14 +75,17 @@ fuzz_target!(|data: &[u8]| {
 
 /// A well-formed Paxos message from the neighbour or the attacker, built from
 /// `b`: which message, who sends it, the ballot's round and proposer, the
-/// value's names (from 1..=9) and who signs the value and the acceptances.
+/// value's names (from 1..=9, a bit each) and who signs the value and the acceptances.
 fn paxos(u: Cidr, b: &[u8], nb: (PeerName, &Signer), at: (PeerName, &Signer), bindings: Vec<Binding>) -> Vec<u8> {
     let byte = |i: usize| b.get(i).copied().unwrap_or(0);
     let who = |x: u8| if x & 1 == 0 { nb } else { at };
     let (src, key) = who(byte(1));
     let round = u64::from_le_bytes(std::array::from_fn(|i| byte(3 + i))) >> (byte(2) % 64);
     let ballot = Ballot { round: round.max(1), proposer: name(1 + byte(11) as u64 % 9) };
-    let mut value: Vec<PeerName> = (1..=9u64).filter(|i| byte(12) >> (i - 1) & 1 != 0 || *i == 1).map(name).collect();
+    // Nine names, nine bits: byte 12's eight, and bit 7 of byte 2 (whose low
+    // six bits shift the round) for name 9. Shifting byte 12 alone by 8 overflowed.
+    let names = u16::from(byte(12)) | u16::from(byte(2) >> 7) << 8;
+    let mut value: Vec<PeerName> = (1..=9u64).filter(|i| names >> (i - 1) & 1 != 0 || *i == 1).map(name).collect();
     value.dedup();
     let (_, vkey) = who(byte(13));
     match byte(0) % 3 {
