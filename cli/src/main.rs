@@ -249,9 +249,10 @@ struct LaunchArgs {
     #[arg(long, value_name = "1|2", value_parser = clap::value_parser!(u32).range(1..=2))]
     #[serde(default)]
     datapath_threads_per_queue: Option<u32>,
-    /// Microseconds a forwarding thread that has just moved traffic keeps polling before it
-    /// sleeps, so that a reply is picked up without waking it (lower round trips); at most 5 %
-    /// of a core per thread, never while idle. 0 turns it off; at most 1000. Default 100.
+    /// Microseconds a forwarding thread that has just forwarded frames (not heartbeats) keeps
+    /// polling before it sleeps, so that a reply is picked up without waking it (lower round
+    /// trips); at most 5 % of a core per thread, never while idle. 0 turns it off; at most 1000.
+    /// Default 100.
     #[arg(long, value_name = "USEC", value_parser = clap::value_parser!(u32).range(0..=daemon::MAX_BUSY_POLL_US as i64))]
     #[serde(default)]
     datapath_busy_poll: Option<u32>,
