@@ -568,7 +568,17 @@ impl Slot {
         if end > self.total as usize || start > end {
             return false;
         }
-        (start..end).step_by(1).all(|i| self.have.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0))
+        if start == end {
+            return true;
+        }
+        // Word by word, as `fill` marks them (salvage asks this per segment
+        // of every superframe that lost a chunk).
+        let (first, last, head, tail) = span(start, end);
+        let has = |w: usize, mask: u64| self.have.get(w).is_some_and(|word| word & mask == mask);
+        if first == last {
+            return has(first, head & tail);
+        }
+        has(first, head) && has(last, tail) && self.have[first + 1..last].iter().all(|w| *w == u64::MAX)
     }
 
     fn start(&mut self, unit_id: u32, total: u32, now_ms: u64, seq: u64, hdr: InnerHeader) {
@@ -603,9 +613,7 @@ impl Slot {
         }
         // The bitmap words the range touches: a partial first and last word,
         // whole words between (a chunk of ~1400 bytes is ~20 of them).
-        let (first, last) = (offset / 64, (end - 1) / 64);
-        let head = u64::MAX << (offset % 64);
-        let tail = u64::MAX >> (63 - (end - 1) % 64);
+        let (first, last, head, tail) = span(offset, end);
         if first == last {
             self.mark(first, head & tail);
             return;
@@ -634,6 +642,13 @@ impl Slot {
             *word |= mask;
         }
     }
+}
+
+/// The bitmap words a non-empty byte range `start..end` touches: the first's
+/// and the last's index, and the range's bits in each of them (whole words
+/// lie between).
+fn span(start: usize, end: usize) -> (usize, usize, u64, u64) {
+    (start / 64, (end - 1) / 64, u64::MAX << (start % 64), u64::MAX >> (63 - (end - 1) % 64))
 }
 
 /// Reassembly state of one session.
@@ -1948,8 +1963,13 @@ mod tests {
             assert_eq!(slot.received as usize, model.iter().filter(|b| **b).count(), "after {start}..{}", start + len);
             let (a, b) = (start.saturating_sub(70), (start + len + 70).min(TOTAL));
             assert_eq!(slot.covers(a, b), model[a..b].iter().all(|x| *x));
+            // And a range anywhere, of up to five words (empty ones cover).
+            let c = (rng >> 20) as usize % TOTAL;
+            let d = (c + (rng >> 40) as usize % 320).min(TOTAL);
+            assert_eq!(slot.covers(c, d), model[c..d].iter().all(|x| *x), "covers({c}, {d})");
         }
         assert!(slot.covers(0, TOTAL));
+        assert!(!slot.covers(0, TOTAL + 1) && !slot.covers(10, 5));
     }
 
     /// Duplicate and overlapping chunks must never complete a unit with holes.
