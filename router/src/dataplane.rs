@@ -296,8 +296,9 @@ fn wait<const N: usize>(fds: &mut [libc::pollfd; N], timeout_ms: i32) -> [bool; 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Moved {
     Nothing,
-    /// Only datagrams of the data plane's own (heartbeats, probes, and
-    /// datagrams dropped): no reason to expect more soon.
+    /// Datagrams received but nothing forwarded: heartbeats, probes, dropped
+    /// datagrams (or chunks of a superframe not complete yet, whose last chunk
+    /// then counts as traffic).
     Control,
     /// Frames forwarded (read from the device, delivered into it or relayed):
     /// an answer may follow, so the thread busy-polls before it sleeps.
@@ -779,7 +780,8 @@ impl TxLoop {
     }
 
     /// One round: the heartbeats due, then one batch of units from the device
-    /// (without waiting). Whether it read any.
+    /// (without waiting). Traffic if it read any (heartbeats, sent by time, are
+    /// not).
     fn step(&mut self, b: &mut TxBuffers) -> Moved {
         let hdr_room = if self.tap.vnet_hdr() { 0 } else { VNET_HDR_LEN };
         let now = self.now();
@@ -963,9 +965,8 @@ impl RxLoop {
         }
     }
 
-    /// Performs what the plane decided for one datagram (or poll).
-    /// Performs what the plane decided for one datagram; whether it forwarded
-    /// anything (relayed, or delivered into the device).
+    /// Performs what the plane decided for one datagram (or poll); whether it
+    /// forwarded anything (relayed, or delivered into the device).
     fn perform(&mut self, out: &mut RxOut, dgram: &[u8], now: u64) -> bool {
         let forwarded = !out.relays.is_empty() || out.deliveries() > 0;
         if !out.relays.is_empty() {
