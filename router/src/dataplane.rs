@@ -356,6 +356,15 @@ impl BusyPoll {
         BusyPoll { window, period_start: Instant::now(), spent: Duration::ZERO }
     }
 
+    /// Waits for `fds` as [`wait`] does, but first polls them (see
+    /// [`BusyPoll::spin`]) if the last round forwarded traffic.
+    fn wait<const N: usize>(&mut self, forwarded: bool, fds: &mut [libc::pollfd; N], timeout_ms: i32) -> [bool; N] {
+        match forwarded.then(|| self.spin(fds)).flatten() {
+            Some(ready) => ready,
+            None => wait(fds, timeout_ms),
+        }
+    }
+
     /// Polls `fds` without sleeping (yielding the CPU to anything else
     /// runnable between polls) until one is ready or the window has passed;
     /// which are ready, or `None` if the caller should sleep.
@@ -399,11 +408,7 @@ fn run_queue(mut tx: TxLoop, mut rx: RxLoop, mut busy: BusyPoll) {
     let mut forwarded = false;
     loop {
         let timeout = rx.timeout_ms().min(TICK_MS as i32);
-        let mut fds = [poll_in(tap), poll_in(sock), poll_in(tx.efd.0), poll_in(rx.efd.0)];
-        let ready = match forwarded.then(|| busy.spin(&mut fds)).flatten() {
-            Some(ready) => ready,
-            None => wait(&mut fds, timeout),
-        };
+        let ready = busy.wait(forwarded, &mut [poll_in(tap), poll_in(sock), poll_in(tx.efd.0), poll_in(rx.efd.0)], timeout);
         forwarded = false;
         if ready[2] {
             tx.efd.drain();
@@ -841,11 +846,7 @@ impl TxLoop {
         let fd = self.tap.raw_fd();
         let mut forwarded = false;
         loop {
-            let mut fds = [poll_in(fd), poll_in(self.efd.0)];
-            let ready = match forwarded.then(|| busy.spin(&mut fds)).flatten() {
-                Some(ready) => ready,
-                None => wait(&mut fds, TICK_MS as i32),
-            };
+            let ready = busy.wait(forwarded, &mut [poll_in(fd), poll_in(self.efd.0)], TICK_MS as i32);
             if ready[1] {
                 self.efd.drain();
                 if !self.commands() {
@@ -1078,11 +1079,7 @@ impl RxLoop {
         let fd = self.socket.as_raw_fd();
         let mut forwarded = false;
         loop {
-            let mut fds = [poll_in(fd), poll_in(self.efd.0)];
-            let ready = match forwarded.then(|| busy.spin(&mut fds)).flatten() {
-                Some(ready) => ready,
-                None => wait(&mut fds, self.timeout_ms()),
-            };
+            let ready = busy.wait(forwarded, &mut [poll_in(fd), poll_in(self.efd.0)], self.timeout_ms());
             if ready[1] {
                 self.efd.drain();
                 if !self.commands() {
