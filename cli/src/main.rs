@@ -936,7 +936,7 @@ fn process_alive(pid: i32) -> bool {
     // A zombie or a reused pid of another program does not count.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
-            let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start().chars().next()).flatten();
+            let state = stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next());
             state != Some('Z')
                 && std::fs::read_link(format!("/proc/{pid}/exe"))
                     .map(|p| p.to_string_lossy().contains("meshnet"))
