@@ -171,12 +171,15 @@ struct LaunchArgs {
     #[serde(skip)]
     foreground: bool,
     /// Launch again with the options of this state directory's last launch (its
-    /// connect targets, attachments and IPAM state are always kept). A password
+    /// connect targets, attachments and IPAM state are always kept). Takes no other
+    /// option but --foreground, --log-level and the password's, and no PEER. A password
     /// given then by MESHNET_PASSWORD or --password must be given again.
     #[arg(long, conflicts_with_all = [
         "name", "nickname", "port", "host", "mtu", "bridge", "no_discovery", "conn_limit", "rekey_interval",
         "ipalloc_range", "ipalloc_default_subnet", "ipalloc_init", "peers", "metrics_addr",
         "no_dns", "dns_listen_address", "dns_domain", "dns_ttl", "trusted_subnets",
+        "datapath", "datapath_threads", "datapath_threads_per_queue", "datapath_busy_poll",
+        "no_docker_plugin", "docker_plugin_dir", "docker_plugin_name",
     ])]
     #[serde(skip)]
     resume: bool,
@@ -1164,6 +1167,48 @@ mod tests {
         ] {
             let e = parse_ipalloc(&ranges, &subnets).unwrap_err().to_string();
             assert!(e.contains(want), "{ranges:?} {subnets:?}: {e}");
+        }
+    }
+
+    /// `launch --resume` takes no option of the recorded launch: each one is refused
+    /// with it (not silently replaced by the record). Only what a resume takes
+    /// anew (the password, the log level, the foreground) goes with it.
+    #[test]
+    fn resume_refuses_every_recorded_option() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let launch = cmd.find_subcommand("launch").expect("launch subcommand");
+        let taken_anew = ["resume", "foreground", "password", "password_file", "log_level", "state_dir", "help"];
+        let parse = |argv: &[&str]| Cli::try_parse_from(std::iter::once("meshnet").chain(argv.iter().copied()));
+        let mut checked = 0;
+        for arg in launch.get_arguments().filter(|a| !taken_anew.contains(&a.get_id().as_str())) {
+            let id = arg.get_id().as_str();
+            let argv: Vec<String> = match arg.get_long() {
+                None => vec!["10.0.0.1".to_string()], // PEER
+                Some(long) if !arg.get_action().takes_values() => vec![format!("--{long}")],
+                Some(long) => {
+                    // A value the option takes on its own.
+                    let candidates = arg.get_possible_values().into_iter().map(|v| v.get_name().to_string()).chain(
+                        ["1", "1400", "10.0.0.0/8", "0.0.0.0", "/tmp", "127.0.0.1:6782"].map(String::from),
+                    );
+                    let value = candidates
+                        .into_iter()
+                        .find(|v| parse(&["launch", &format!("--{long}"), v]).is_ok())
+                        .unwrap_or_else(|| panic!("no sample value for --{long}"));
+                    vec![format!("--{long}"), value]
+                }
+            };
+            let mut with = vec!["launch", "--resume"];
+            with.extend(argv.iter().map(String::as_str));
+            match parse(&with) {
+                Err(e) if e.kind() == clap::error::ErrorKind::ArgumentConflict => checked += 1,
+                Err(e) => panic!("launch --resume {argv:?} ({id}): {e}"),
+                Ok(_) => panic!("launch --resume {argv:?} is accepted, and the recorded {id} would silently win"),
+            }
+        }
+        assert!(checked > 20, "only {checked} options checked");
+        for ok in [&["launch", "--resume", "--log-level", "debug"][..], &["launch", "--resume", "--password-file", "/f"]] {
+            assert!(parse(ok).is_ok(), "{ok:?} refused");
         }
     }
 

@@ -894,8 +894,14 @@ fn resume_relaunches_with_the_last_options() {
     let pw = [("MESHNET_PASSWORD", "resume-secret")];
     let name = h.launch_env(&["--mtu", "1300", "--nickname", "alpha"], &pw);
     h.meshnet(&["stop"]).expect_ok("stop");
-    let out = h.meshnet(&["launch", "--resume", "--mtu", "1400"]);
-    assert!(!out.ok() && out.all().contains("cannot be used with"), "{out}");
+    // Every option of the recorded launch is refused with --resume, not silently dropped.
+    for other in [&["--mtu", "1400"][..], &["--datapath", "pcap"], &["--datapath-threads", "2"], &["--no-docker-plugin"]] {
+        let mut args = vec!["launch", "--resume"];
+        args.extend_from_slice(other);
+        let out = h.meshnet(&args);
+        assert!(!out.ok() && out.all().contains("cannot be used with"), "{out}");
+    }
+    assert!(h.pids().is_empty(), "a refused resume started a router");
     let out = h.meshnet(&["launch", "--resume"]);
     assert!(!out.ok() && out.all().contains("used a password"), "{out}");
     assert!(h.pids().is_empty(), "a refused resume started a router");
