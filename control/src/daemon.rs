@@ -745,7 +745,16 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 cidrs.iter().map(|c| ipamd::parse_addr(c)).collect::<Result<_>>()?
             };
             let t = attach::resolve(&target)?;
-            let key = ipamd::key(t.kind, &t.name, t.container.as_ref().map(|c| c.id.as_str()));
+            // A namespace attached already, under whatever spelling (its netns name or
+            // path, a PID or /proc/PID/ns/net, a container's name or PID), is the same
+            // target: its addresses stay under the IPAM key it was first attached with,
+            // so attaching it again adds nothing new and `detach` frees them all.
+            let inode = t.netns.inode().ok();
+            let known = inode.and_then(|i| {
+                let a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+                a.iter().find(|x| x.ns_inode == i).map(attachment_key)
+            });
+            let key = known.unwrap_or_else(|| ipamd::key(t.kind, &t.name, t.container.as_ref().map(|c| c.id.as_str())));
             let requests = mesh.with_ipams(|h, h6| specs.iter().map(|sp| ipamd::request_for(sp, h, h6.as_deref())).collect::<Result<Vec<_>>>())?;
             let held_before = held(mesh, &key);
             let addrs = match allocate_all(mesh, &key, &specs, requests) {

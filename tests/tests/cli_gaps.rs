@@ -1,6 +1,7 @@
 //! The last Weave CLI gaps, end to end: `rmpeer PEER...`, `ps [TARGET...]`,
 //! `connect --replace` with no peers, `reset` refused while no router runs
-//! (unless `--force`), `launch --log-level`, and `report [--json]`.
+//! (unless `--force`), `launch --log-level`, `report [--json]`, and one
+//! namespace attached under two spellings being one target.
 
 use std::time::Duration;
 
@@ -57,6 +58,20 @@ fn cli_gaps_and_report() {
     for part in ["Router", "Peers", "Connections", "Routes", "MAC table", "IPAM", "Attachments", "Traffic per peer", "Data plane"] {
         assert!(text.contains(part), "report lacks {part}:\n{text}");
     }
+
+    // One namespace under two spellings (its name, then its path) is one target:
+    // attaching it again by path adds no address, and a detach by path frees
+    // in IPAM what was allocated for it by name.
+    let c3 = lab.add_container(&h1, 3);
+    let allocations = |h: &Host| h.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json()["allocations"].clone();
+    let first = h1.meshnet(&["attach", &c3.ns]).expect_ok("attach c3 by name").stdout.trim().to_string();
+    let path = format!("/var/run/netns/{}", c3.ns);
+    let again = h1.meshnet(&["attach", &path]).expect_ok("attach c3 by path").stdout.trim().to_string();
+    assert_eq!(again, first, "attaching c3 again by its path gave it another address");
+    assert_eq!(allocations(&h1).as_array().map(|a| a.len()), Some(1), "{}", allocations(&h1));
+    h1.meshnet(&["detach", &path]).expect_ok("detach c3 by path");
+    assert!(link(&c3.ns, "ethwe").is_none(), "ethwe left in c3");
+    assert_eq!(allocations(&h1), serde_json::json!([]), "detach left addresses allocated");
 
     // connect --replace with no peers clears the targets; without --replace a peer is needed.
     assert_eq!(h2.targets().len(), 1);
