@@ -869,19 +869,19 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::Rmpeer { peer } => {
             let name = resolve_peer_name(mesh, &peer)?;
             // Its pinned keys go too, so a host reinstalled with a new key can take the name.
-            let identity = mesh.forget_identity(name).map_err(|e| anyhow::anyhow!("rmpeer {peer}: {e}"))?;
+            let identity = mesh.forget_identity(name).map_err(|e| anyhow::anyhow!(e))?;
             let taken = match mesh.with_ipam(|h| h.ipam.rmpeer(name)) {
                 Ok(n) => n,
                 // The identity is gone already; a mesh without an agreed ring has no ranges to take.
                 Err(meshnet_proto::ipam::IpamError::NotAgreed) => 0,
-                Err(e) => return Err(anyhow::anyhow!("rmpeer {peer}: {e}")),
+                Err(e) => return Err(anyhow::anyhow!(e)),
             };
             let mut out = json!({ "peer": name.to_string(), "addresses_taken_over": ipamd::count(taken), "identity_removed": identity });
             if let Some(r) = mesh.with_ipam_for(true, |h| h.ipam.rmpeer(name)) {
                 let taken6 = match r {
                     Ok(n) => n,
                     Err(meshnet_proto::ipam::IpamError::NotAgreed) => 0,
-                    Err(e) => return Err(anyhow::anyhow!("rmpeer {peer} (IPv6 ring): {e}")),
+                    Err(e) => return Err(anyhow::anyhow!("IPv6 ring: {e}")),
                 };
                 out["ipv6_addresses_taken_over"] = ipamd::count(taken6);
             }

@@ -81,6 +81,11 @@ fn cli_gaps_and_report() {
     h2.meshnet(&["connect", "--replace"]).expect_ok("connect --replace");
     assert!(h2.targets().is_empty(), "targets left: {:?}", h2.targets());
 
+    // rmpeer of a live peer is refused, naming it once (not `rmpeer X: rmpeer X: ...`).
+    let live = h1.meshnet(&["rmpeer", &n2]);
+    assert!(!live.ok() && live.stderr.contains("reachable"), "rmpeer of a live peer: {live}");
+    assert_eq!(live.stderr.matches(&format!("rmpeer {n2}:")).count(), 1, "{live}");
+
     // rmpeer takes several peers; an unknown one fails alone, the others are done.
     h2.meshnet(&["stop"]).expect_ok("stop h2");
     let out = h1.meshnet(&["rmpeer", &n2, "nosuchpeer"]);
