@@ -984,6 +984,30 @@ fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<Exit
                 };
                 println!("         Domain: {} (TTL {}s)", s.domain, s.ttl);
                 println!("         Listen: {listen}");
+                let c = &s.counters;
+                let n = |k: &str| c[k].as_u64().unwrap_or(0);
+                println!(
+                    "        Queries: {} ({} answered, {} NXDOMAIN, {} forwarded, {} forward failures, {} garbage dropped, {} refused when busy)",
+                    n("queries"),
+                    n("answered"),
+                    n("nxdomain"),
+                    n("forwarded"),
+                    n("forward_failed"),
+                    n("dropped_garbage"),
+                    n("refused_busy")
+                );
+                let sets = |prefix: &str| {
+                    let rejected = c[format!("{prefix}_rejected")].as_object().cloned().unwrap_or_default();
+                    let by_reason: Vec<String> = rejected.iter().map(|(why, k)| format!("{why} {k}")).collect();
+                    let total: u64 = rejected.values().filter_map(|v| v.as_u64()).sum();
+                    format!(
+                        "{} merged, {} stale, {total} rejected{}",
+                        n(&format!("{prefix}_merged")),
+                        n(&format!("{prefix}_stale")),
+                        if by_reason.is_empty() { String::new() } else { format!(" ({})", by_reason.join(", ")) }
+                    )
+                };
+                println!("    Record sets: IPv4 {}; IPv6 {}", sets("sets"), sets("sets6"));
                 println!("        Records: {}", s.records.len());
                 for r in &s.records {
                     println!("  {:<32} {:<15} {:<20} {}", r.name, r.address, r.target, r.owner);

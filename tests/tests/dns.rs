@@ -347,6 +347,10 @@ fn names_across_routers() {
     let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
     assert_eq!(delta("dropped_garbage"), 1, "{after}");
     assert!(delta("answered") >= u64::from(answered), "{after}");
+    // The plain form shows the counters too.
+    let text = h1.meshnet(&["status", "dns"]).expect_ok("status dns").stdout;
+    let queries = format!("Queries: {} ({} answered,", after["queries"], after["answered"]);
+    assert!(text.contains(&queries) && text.contains("garbage dropped") && text.contains("Record sets: IPv4"), "{text}");
 
     stop.store(true, Ordering::Relaxed);
     let forwarded = resolver.join().unwrap();
