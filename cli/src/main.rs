@@ -294,8 +294,8 @@ struct LaunchArgs {
     #[arg(long, default_value = meshnet_proto::dns::DEFAULT_DOMAIN)]
     #[serde(default = "default_dns_domain")]
     dns_domain: String,
-    /// TTL of meshnet DNS answers, in seconds.
-    #[arg(long, default_value_t = 1)]
+    /// TTL of meshnet DNS answers, in seconds (0 to 2147483647, as RFC 2181 allows).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=i32::MAX as i64))]
     #[serde(default = "default_dns_ttl")]
     dns_ttl: u32,
     /// Underlay subnets this router trusts, as Weave's option: data to a peer whose address is in one
@@ -1233,6 +1233,19 @@ mod tests {
         assert!(checked > 20, "only {checked} options checked");
         for ok in [&["launch", "--resume", "--log-level", "debug"][..], &["launch", "--resume", "--password-file", "/f"]] {
             assert!(parse(ok).is_ok(), "{ok:?} refused");
+        }
+    }
+
+    /// `--dns-ttl` takes what a DNS TTL may be (RFC 2181: a TTL with the top bit
+    /// set is read as 0), not any 32-bit number.
+    #[test]
+    fn dns_ttl_range() {
+        let parse = |v: &str| Cli::try_parse_from(["meshnet", "launch", "--dns-ttl", v]);
+        for ok in ["0", "1", "2147483647"] {
+            assert!(parse(ok).is_ok(), "--dns-ttl {ok} refused");
+        }
+        for bad in ["2147483648", "4294967295", "-1"] {
+            assert!(parse(bad).is_err(), "--dns-ttl {bad} accepted");
         }
     }
 
