@@ -294,9 +294,11 @@ fn default_range_relaunch_with_an_exposed_address() {
 
     // A route of another interface inside the default range is still refused.
     h.meshnet(&["stop"]).expect_ok("stop again");
-    ip(&["-n", &h.ns, "link", "add", "clash0", "type", "dummy"]).expect_ok("add a dummy link");
-    ip(&["-n", &h.ns, "addr", "add", "10.47.0.1/24", "dev", "clash0"]).expect_ok("address the dummy");
-    ip(&["-n", &h.ns, "link", "set", "clash0", "up"]).expect_ok("dummy up");
+    // (A veth pair: not every kernel has the dummy driver.)
+    ip(&["-n", &h.ns, "link", "add", "clash0", "type", "veth", "peer", "name", "clash1"]).expect_ok("add a veth pair");
+    ip(&["-n", &h.ns, "addr", "add", "10.47.0.1/24", "dev", "clash0"]).expect_ok("address it");
+    ip(&["-n", &h.ns, "link", "set", "clash1", "up"]).expect_ok("clash1 up");
+    ip(&["-n", &h.ns, "link", "set", "clash0", "up"]).expect_ok("clash0 up");
     let out = h.meshnet(&["launch"]);
     assert!(!out.ok() && out.all().contains("overlaps route 10.47.0.0/24 on clash0"), "{out}");
     assert!(h.pids().is_empty(), "a refused launch left a router");
