@@ -930,6 +930,13 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::DnsStatus => Ok(serde_json::to_value(mesh.dns.status())?),
         Request::Stop => Ok(json!({ "stopping": true })),
         Request::Reset => {
+            // Our targets go, and their addresses back to IPAM: so do our DNS
+            // records, on every router (queued before the goodbye).
+            match crate::dns::unregister_all(mesh) {
+                Ok(gone) if !gone.is_empty() => log::info!("DNS: removed this router's {} records", gone.len()),
+                Ok(_) => {}
+                Err(e) => log::warn!("DNS: could not remove this router's records: {e:#}"),
+            }
             // Hand our address ranges to a live peer before we go.
             for r in std::iter::once(mesh.with_ipam(|h| h.ipam.reset())).chain(mesh.with_ipam_for(true, |h| h.ipam.reset())) {
                 match r {
