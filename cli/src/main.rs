@@ -308,6 +308,11 @@ struct LaunchArgs {
     #[arg(value_name = "PEER")]
     #[serde(skip)]
     peers: Vec<String>,
+    /// Set by a background `launch` on the router it starts: that `launch` records the
+    /// options itself (with its --password-file), once the router serves.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    no_record_launch: bool,
 }
 
 /// `--docker-plugin-name` of a launch recorded before the option existed.
@@ -668,7 +673,13 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
 
     if args.foreground {
         meshnet_control::logger::init(args.log_level.as_deref());
-        record_launch(state, &args)?;
+        // Recorded once the router serves, so that a launch that fails (a bridge
+        // name taken by another link, a port in use, ...) leaves the last good
+        // launch's options for `launch --resume`.
+        if !args.no_record_launch {
+            let (state, args) = (state.clone(), args.clone());
+            std::thread::spawn(move || record_once_serving(&state, &args));
+        }
         let nickname = args.nickname.clone().unwrap_or_else(hostname);
         let cfg = Config {
             state: state.clone(),
@@ -725,7 +736,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         .with_context(|| format!("open log {}", state.log().display()))?;
     let exe = std::env::current_exe().context("find the meshnet binary")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("--state-dir").arg(&state.root).arg("launch").arg("--foreground");
+    cmd.arg("--state-dir").arg(&state.root).arg("launch").arg("--foreground").arg("--no-record-launch");
     cmd.args(["--port", &args.port.to_string(), "--host", &args.host.to_string()]);
     cmd.args(["--mtu", &args.mtu.to_string(), "--bridge", &args.bridge]);
     cmd.args(["--conn-limit", &args.conn_limit.to_string(), "--datapath", datapath.as_str()]);
@@ -902,6 +913,21 @@ fn record_launch(state: &StateDir, args: &LaunchArgs) -> Result<()> {
     let json = serde_json::to_vec_pretty(&args)?;
     meshnet_control::state::write_atomic(&launch_record(state), &json, 0o600)
         .with_context(|| format!("record the launch options in {}", state.root.display()))
+}
+
+/// Records the launch (see [`record_launch`]) once the router of `state` answers;
+/// never, if it does not within two minutes (it failed, and says why itself).
+fn record_once_serving(state: &StateDir, args: &LaunchArgs) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if api::call(state, &Request::Status, Duration::from_secs(2)).is_ok() {
+            if let Err(e) = record_launch(state, args) {
+                eprintln!("meshnet: warning: {e:#} (launch --resume will not know this launch)");
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn hostname() -> String {
@@ -1202,7 +1228,8 @@ mod tests {
         use clap::CommandFactory;
         let cmd = Cli::command();
         let launch = cmd.find_subcommand("launch").expect("launch subcommand");
-        let taken_anew = ["resume", "foreground", "password", "password_file", "log_level", "state_dir", "help"];
+        let taken_anew =
+            ["resume", "foreground", "password", "password_file", "log_level", "state_dir", "help", "no_record_launch"];
         let parse = |argv: &[&str]| Cli::try_parse_from(std::iter::once("meshnet").chain(argv.iter().copied()));
         let mut checked = 0;
         for arg in launch.get_arguments().filter(|a| !taken_anew.contains(&a.get_id().as_str())) {
