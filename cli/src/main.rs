@@ -171,12 +171,15 @@ struct LaunchArgs {
     #[serde(skip)]
     foreground: bool,
     /// Launch again with the options of this state directory's last launch (its
-    /// connect targets, attachments and IPAM state are always kept). A password
+    /// connect targets, attachments and IPAM state are always kept). Takes no other
+    /// option but --foreground, --log-level and the password's, and no PEER. A password
     /// given then by MESHNET_PASSWORD or --password must be given again.
     #[arg(long, conflicts_with_all = [
         "name", "nickname", "port", "host", "mtu", "bridge", "no_discovery", "conn_limit", "rekey_interval",
         "ipalloc_range", "ipalloc_default_subnet", "ipalloc_init", "peers", "metrics_addr",
         "no_dns", "dns_listen_address", "dns_domain", "dns_ttl", "trusted_subnets",
+        "datapath", "datapath_threads", "datapath_threads_per_queue", "datapath_busy_poll",
+        "no_docker_plugin", "docker_plugin_dir", "docker_plugin_name",
     ])]
     #[serde(skip)]
     resume: bool,
@@ -291,8 +294,8 @@ struct LaunchArgs {
     #[arg(long, default_value = meshnet_proto::dns::DEFAULT_DOMAIN)]
     #[serde(default = "default_dns_domain")]
     dns_domain: String,
-    /// TTL of meshnet DNS answers, in seconds.
-    #[arg(long, default_value_t = 1)]
+    /// TTL of meshnet DNS answers, in seconds (0 to 2147483647, as RFC 2181 allows).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=i32::MAX as i64))]
     #[serde(default = "default_dns_ttl")]
     dns_ttl: u32,
     /// Underlay subnets this router trusts, as Weave's option: data to a peer whose address is in one
@@ -305,6 +308,11 @@ struct LaunchArgs {
     #[arg(value_name = "PEER")]
     #[serde(skip)]
     peers: Vec<String>,
+    /// Set by a background `launch` on the router it starts: that `launch` records the
+    /// options itself (with its --password-file), once the router serves.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    no_record_launch: bool,
 }
 
 /// `--docker-plugin-name` of a launch recorded before the option existed.
@@ -665,7 +673,13 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
 
     if args.foreground {
         meshnet_control::logger::init(args.log_level.as_deref());
-        record_launch(state, &args)?;
+        // Recorded once the router serves, so that a launch that fails (a bridge
+        // name taken by another link, a port in use, ...) leaves the last good
+        // launch's options for `launch --resume`.
+        if !args.no_record_launch {
+            let (state, args) = (state.clone(), args.clone());
+            std::thread::spawn(move || record_once_serving(&state, &args));
+        }
         let nickname = args.nickname.clone().unwrap_or_else(hostname);
         let cfg = Config {
             state: state.clone(),
@@ -722,7 +736,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         .with_context(|| format!("open log {}", state.log().display()))?;
     let exe = std::env::current_exe().context("find the meshnet binary")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("--state-dir").arg(&state.root).arg("launch").arg("--foreground");
+    cmd.arg("--state-dir").arg(&state.root).arg("launch").arg("--foreground").arg("--no-record-launch");
     cmd.args(["--port", &args.port.to_string(), "--host", &args.host.to_string()]);
     cmd.args(["--mtu", &args.mtu.to_string(), "--bridge", &args.bridge]);
     cmd.args(["--conn-limit", &args.conn_limit.to_string(), "--datapath", datapath.as_str()]);
@@ -901,6 +915,21 @@ fn record_launch(state: &StateDir, args: &LaunchArgs) -> Result<()> {
         .with_context(|| format!("record the launch options in {}", state.root.display()))
 }
 
+/// Records the launch (see [`record_launch`]) once the router of `state` answers;
+/// never, if it does not within two minutes (it failed, and says why itself).
+fn record_once_serving(state: &StateDir, args: &LaunchArgs) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if api::call(state, &Request::Status, Duration::from_secs(2)).is_ok() {
+            if let Err(e) = record_launch(state, args) {
+                eprintln!("meshnet: warning: {e:#} (launch --resume will not know this launch)");
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -981,6 +1010,30 @@ fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<Exit
                 };
                 println!("         Domain: {} (TTL {}s)", s.domain, s.ttl);
                 println!("         Listen: {listen}");
+                let c = &s.counters;
+                let n = |k: &str| c[k].as_u64().unwrap_or(0);
+                println!(
+                    "        Queries: {} ({} answered, {} NXDOMAIN, {} forwarded, {} forward failures, {} garbage dropped, {} refused when busy)",
+                    n("queries"),
+                    n("answered"),
+                    n("nxdomain"),
+                    n("forwarded"),
+                    n("forward_failed"),
+                    n("dropped_garbage"),
+                    n("refused_busy")
+                );
+                let sets = |prefix: &str| {
+                    let rejected = c[format!("{prefix}_rejected")].as_object().cloned().unwrap_or_default();
+                    let by_reason: Vec<String> = rejected.iter().map(|(why, k)| format!("{why} {k}")).collect();
+                    let total: u64 = rejected.values().filter_map(|v| v.as_u64()).sum();
+                    format!(
+                        "{} merged, {} stale, {total} rejected{}",
+                        n(&format!("{prefix}_merged")),
+                        n(&format!("{prefix}_stale")),
+                        if by_reason.is_empty() { String::new() } else { format!(" ({})", by_reason.join(", ")) }
+                    )
+                };
+                println!("    Record sets: IPv4 {}; IPv6 {}", sets("sets"), sets("sets6"));
                 println!("        Records: {}", s.records.len());
                 for r in &s.records {
                     println!("  {:<32} {:<15} {:<20} {}", r.name, r.address, r.target, r.owner);
@@ -1164,6 +1217,62 @@ mod tests {
         ] {
             let e = parse_ipalloc(&ranges, &subnets).unwrap_err().to_string();
             assert!(e.contains(want), "{ranges:?} {subnets:?}: {e}");
+        }
+    }
+
+    /// `launch --resume` takes no option of the recorded launch: each one is refused
+    /// with it (not silently replaced by the record). Only what a resume takes
+    /// anew (the password, the log level, the foreground) goes with it.
+    #[test]
+    fn resume_refuses_every_recorded_option() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let launch = cmd.find_subcommand("launch").expect("launch subcommand");
+        let taken_anew =
+            ["resume", "foreground", "password", "password_file", "log_level", "state_dir", "help", "no_record_launch"];
+        let parse = |argv: &[&str]| Cli::try_parse_from(std::iter::once("meshnet").chain(argv.iter().copied()));
+        let mut checked = 0;
+        for arg in launch.get_arguments().filter(|a| !taken_anew.contains(&a.get_id().as_str())) {
+            let id = arg.get_id().as_str();
+            let argv: Vec<String> = match arg.get_long() {
+                None => vec!["10.0.0.1".to_string()], // PEER
+                Some(long) if !arg.get_action().takes_values() => vec![format!("--{long}")],
+                Some(long) => {
+                    // A value the option takes on its own.
+                    let candidates = arg.get_possible_values().into_iter().map(|v| v.get_name().to_string()).chain(
+                        ["1", "1400", "10.0.0.0/8", "0.0.0.0", "/tmp", "127.0.0.1:6782"].map(String::from),
+                    );
+                    let value = candidates
+                        .into_iter()
+                        .find(|v| parse(&["launch", &format!("--{long}"), v]).is_ok())
+                        .unwrap_or_else(|| panic!("no sample value for --{long}"));
+                    vec![format!("--{long}"), value]
+                }
+            };
+            let mut with = vec!["launch", "--resume"];
+            with.extend(argv.iter().map(String::as_str));
+            match parse(&with) {
+                Err(e) if e.kind() == clap::error::ErrorKind::ArgumentConflict => checked += 1,
+                Err(e) => panic!("launch --resume {argv:?} ({id}): {e}"),
+                Ok(_) => panic!("launch --resume {argv:?} is accepted, and the recorded {id} would silently win"),
+            }
+        }
+        assert!(checked > 20, "only {checked} options checked");
+        for ok in [&["launch", "--resume", "--log-level", "debug"][..], &["launch", "--resume", "--password-file", "/f"]] {
+            assert!(parse(ok).is_ok(), "{ok:?} refused");
+        }
+    }
+
+    /// `--dns-ttl` takes what a DNS TTL may be (RFC 2181: a TTL with the top bit
+    /// set is read as 0), not any 32-bit number.
+    #[test]
+    fn dns_ttl_range() {
+        let parse = |v: &str| Cli::try_parse_from(["meshnet", "launch", "--dns-ttl", v]);
+        for ok in ["0", "1", "2147483647"] {
+            assert!(parse(ok).is_ok(), "--dns-ttl {ok} refused");
+        }
+        for bad in ["2147483648", "4294967295", "-1"] {
+            assert!(parse(bad).is_err(), "--dns-ttl {bad} accepted");
         }
     }
 

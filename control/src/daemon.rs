@@ -156,7 +156,7 @@ pub fn run(cfg: Config) -> Result<()> {
     let signer = Arc::new(meshnet_proto::trust::Signer::from_identity(&identity));
     let binding = meshnet_proto::trust::Binding::new(me, &identity, &signer);
     if !cfg.ipalloc_range_given {
-        ipamd::check_default_range(&cfg.ipalloc_range)?;
+        ipamd::check_default_range(&cfg.ipalloc_range, &cfg.bridge)?;
     }
     let mut ipam = IpamHost::open(
         &cfg.state,
@@ -745,7 +745,16 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 cidrs.iter().map(|c| ipamd::parse_addr(c)).collect::<Result<_>>()?
             };
             let t = attach::resolve(&target)?;
-            let key = ipamd::key(t.kind, &t.name, t.container.as_ref().map(|c| c.id.as_str()));
+            // A namespace attached already, under whatever spelling (its netns name or
+            // path, a PID or /proc/PID/ns/net, a container's name or PID), is the same
+            // target: its addresses stay under the IPAM key it was first attached with,
+            // so attaching it again adds nothing new and `detach` frees them all.
+            let inode = t.netns.inode().ok();
+            let known = inode.and_then(|i| {
+                let a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+                a.iter().find(|x| x.ns_inode == i).map(attachment_key)
+            });
+            let key = known.unwrap_or_else(|| ipamd::key(t.kind, &t.name, t.container.as_ref().map(|c| c.id.as_str())));
             let requests = mesh.with_ipams(|h, h6| specs.iter().map(|sp| ipamd::request_for(sp, h, h6.as_deref())).collect::<Result<Vec<_>>>())?;
             let held_before = held(mesh, &key);
             let addrs = match allocate_all(mesh, &key, &specs, requests) {
@@ -860,19 +869,19 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::Rmpeer { peer } => {
             let name = resolve_peer_name(mesh, &peer)?;
             // Its pinned keys go too, so a host reinstalled with a new key can take the name.
-            let identity = mesh.forget_identity(name).map_err(|e| anyhow::anyhow!("rmpeer {peer}: {e}"))?;
+            let identity = mesh.forget_identity(name).map_err(|e| anyhow::anyhow!(e))?;
             let taken = match mesh.with_ipam(|h| h.ipam.rmpeer(name)) {
                 Ok(n) => n,
                 // The identity is gone already; a mesh without an agreed ring has no ranges to take.
                 Err(meshnet_proto::ipam::IpamError::NotAgreed) => 0,
-                Err(e) => return Err(anyhow::anyhow!("rmpeer {peer}: {e}")),
+                Err(e) => return Err(anyhow::anyhow!(e)),
             };
             let mut out = json!({ "peer": name.to_string(), "addresses_taken_over": ipamd::count(taken), "identity_removed": identity });
             if let Some(r) = mesh.with_ipam_for(true, |h| h.ipam.rmpeer(name)) {
                 let taken6 = match r {
                     Ok(n) => n,
                     Err(meshnet_proto::ipam::IpamError::NotAgreed) => 0,
-                    Err(e) => return Err(anyhow::anyhow!("rmpeer {peer} (IPv6 ring): {e}")),
+                    Err(e) => return Err(anyhow::anyhow!("IPv6 ring: {e}")),
                 };
                 out["ipv6_addresses_taken_over"] = ipamd::count(taken6);
             }
@@ -921,6 +930,13 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::DnsStatus => Ok(serde_json::to_value(mesh.dns.status())?),
         Request::Stop => Ok(json!({ "stopping": true })),
         Request::Reset => {
+            // Our targets go, and their addresses back to IPAM: so do our DNS
+            // records, on every router (queued before the goodbye).
+            match crate::dns::unregister_all(mesh) {
+                Ok(gone) if !gone.is_empty() => log::info!("DNS: removed this router's {} records", gone.len()),
+                Ok(_) => {}
+                Err(e) => log::warn!("DNS: could not remove this router's records: {e:#}"),
+            }
             // Hand our address ranges to a live peer before we go.
             for r in std::iter::once(mesh.with_ipam(|h| h.ipam.reset())).chain(mesh.with_ipam_for(true, |h| h.ipam.reset())) {
                 match r {

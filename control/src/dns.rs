@@ -385,6 +385,16 @@ pub fn unregister(mesh: &Mesh, target: &str, name: Option<&str>, addrs: &[IpAddr
     Ok(removed)
 }
 
+/// Removes all of this router's records, of both families, and tells the
+/// neighbours (`reset`: its targets go, and their addresses go back to IPAM).
+pub fn unregister_all(mesh: &Mesh) -> Result<Vec<(String, IpAddr)>> {
+    change_own(mesh, |own4, own6| {
+        let mut gone: Vec<(String, IpAddr)> = own4.drain(..).map(|r| (r.name, r.addr.ip())).collect();
+        gone.extend(own6.drain(..).map(|r| (r.name, r.addr.ip())));
+        gone
+    })
+}
+
 fn drop_matching<A: Family>(own: &mut Vec<Record<A>>, target: &str, name: Option<&str>, addrs: &[IpAddr]) -> Vec<(String, IpAddr)> {
     let (gone, keep): (Vec<Record<A>>, Vec<Record<A>>) = own.drain(..).partition(|r| {
         r.target == target && name.map_or(true, |n| r.name == n) && (addrs.is_empty() || addrs.contains(&r.addr.ip()))

@@ -51,12 +51,18 @@ pub fn parse_init(s: &str, named_peers: usize) -> Result<InitMode> {
 }
 
 /// Refuses the *default* range when it overlaps a route of this host (Weave does
-/// the same): the user must pick another with `--ipalloc-range`.
-pub fn check_default_range(range: &Cidr) -> Result<()> {
-    let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+/// the same): the user must pick another with `--ipalloc-range`. Routes on
+/// `bridge`, meshnet's own (those of addresses `meshnet expose` put there, which
+/// stay across `stop` and `kill -9`), are the range itself and do not count.
+pub fn check_default_range(range: &Cidr, bridge: &str) -> Result<()> {
+    check_routes(range, bridge, &std::fs::read_to_string("/proc/net/route").unwrap_or_default())
+}
+
+/// [`check_default_range`] over the text of `/proc/net/route`.
+fn check_routes(range: &Cidr, bridge: &str, routes: &str) -> Result<()> {
     for line in routes.lines().skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 8 {
+        if f.len() < 8 || f[0] == bridge {
             continue;
         }
         let (Ok(dst), Ok(mask)) = (u32::from_str_radix(f[1], 16), u32::from_str_radix(f[7], 16)) else { continue };
@@ -344,6 +350,21 @@ pub fn request_for(spec: &AddrSpec, host: &IpamHost, host6: Option<&IpamHost>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_range_ignores_routes_on_our_bridge() {
+        let range: Cidr = "10.32.0.0/12".parse().unwrap();
+        // /proc/net/route: 10.32.0.0/12 on the bridge (an exposed address), 10.231.0.0/24 on eth0.
+        let head = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n";
+        let ours = "meshnet\t0000200A\t00000000\t0001\t0\t0\t0\t0000F0FF\t0\t0\t0\n";
+        let eth0 = "eth0\t00E7E70A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
+        let table = format!("{head}{ours}{eth0}");
+        assert!(check_routes(&range, "meshnet", &table).is_ok(), "our own bridge's route refused the range");
+        let e = check_routes(&range, "other", &table).unwrap_err().to_string();
+        assert!(e.contains("10.32.0.0/12 on meshnet"), "{e}");
+        let clash = format!("{head}{}", ours.replace("meshnet", "eth1"));
+        assert!(check_routes(&range, "meshnet", &clash).is_err(), "a route of another interface is not refused");
+    }
 
     #[test]
     fn init_modes_parse() {

@@ -1,6 +1,7 @@
 //! The last Weave CLI gaps, end to end: `rmpeer PEER...`, `ps [TARGET...]`,
 //! `connect --replace` with no peers, `reset` refused while no router runs
-//! (unless `--force`), `launch --log-level`, and `report [--json]`.
+//! (unless `--force`), `launch --log-level`, `report [--json]`, and one
+//! namespace attached under two spellings being one target.
 
 use std::time::Duration;
 
@@ -58,6 +59,24 @@ fn cli_gaps_and_report() {
         assert!(text.contains(part), "report lacks {part}:\n{text}");
     }
 
+    // One namespace under two spellings (its name, then its path) is one target:
+    // attaching it again by path adds no address, and a detach by path frees
+    // in IPAM what was allocated for it by name.
+    let c3 = lab.add_container(&h1, 3);
+    // c3's allocations (c1's and c2's addresses are in the lab's range too), under any key.
+    let allocations = |h: &Host| -> Vec<serde_json::Value> {
+        let all = h.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json()["allocations"].clone();
+        all.as_array().into_iter().flatten().filter(|a| a["target"].as_str().is_some_and(|t| t.contains(&c3.ns))).cloned().collect()
+    };
+    let first = h1.meshnet(&["attach", &c3.ns]).expect_ok("attach c3 by name").stdout.trim().to_string();
+    let path = format!("/var/run/netns/{}", c3.ns);
+    let again = h1.meshnet(&["attach", &path]).expect_ok("attach c3 by path").stdout.trim().to_string();
+    assert_eq!(again, first, "attaching c3 again by its path gave it another address");
+    assert_eq!(allocations(&h1).len(), 1, "{:?}", allocations(&h1));
+    h1.meshnet(&["detach", &path]).expect_ok("detach c3 by path");
+    assert!(link(&c3.ns, "ethwe").is_none(), "ethwe left in c3");
+    assert_eq!(allocations(&h1), Vec::<serde_json::Value>::new(), "detach left addresses allocated");
+
     // connect --replace with no peers clears the targets; without --replace a peer is needed.
     assert_eq!(h2.targets().len(), 1);
     let bad = h2.meshnet(&["connect"]);
@@ -65,6 +84,11 @@ fn cli_gaps_and_report() {
     assert_eq!(h2.targets().len(), 1, "a refused connect changed the targets");
     h2.meshnet(&["connect", "--replace"]).expect_ok("connect --replace");
     assert!(h2.targets().is_empty(), "targets left: {:?}", h2.targets());
+
+    // rmpeer of a live peer is refused, naming it once (not `rmpeer X: rmpeer X: ...`).
+    let live = h1.meshnet(&["rmpeer", &n2]);
+    assert!(!live.ok() && live.stderr.contains("reachable"), "rmpeer of a live peer: {live}");
+    assert_eq!(live.stderr.matches(&format!("rmpeer {n2}:")).count(), 1, "{live}");
 
     // rmpeer takes several peers; an unknown one fails alone, the others are done.
     h2.meshnet(&["stop"]).expect_ok("stop h2");

@@ -347,6 +347,20 @@ fn names_across_routers() {
     let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
     assert_eq!(delta("dropped_garbage"), 1, "{after}");
     assert!(delta("answered") >= u64::from(answered), "{after}");
+    // The plain form shows the counters too.
+    let text = h1.meshnet(&["status", "dns"]).expect_ok("status dns").stdout;
+    let queries = format!("Queries: {} ({} answered,", after["queries"], after["answered"]);
+    assert!(text.contains(&queries) && text.contains("garbage dropped") && text.contains("Record sets: IPv4"), "{text}");
+
+    // `reset` of router 2 takes its records off router 1 too (its targets are
+    // gone and their addresses back in IPAM, for others to get).
+    h2.meshnet(&["reset"]).expect_ok("reset h2");
+    assert!(
+        wait_until(SECS(10), || rcode(&c1.ns, &server, "db.meshnet.local", "A") == "NXDOMAIN"),
+        "router 1 still answers db after router 2's reset: {}",
+        dns_status(&h1)
+    );
+    assert!(own_records(&h1, &n2).is_empty(), "{}", dns_status(&h1));
 
     stop.store(true, Ordering::Relaxed);
     let forwarded = resolver.join().unwrap();

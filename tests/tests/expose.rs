@@ -25,6 +25,10 @@
 //!   (masqueraded by the `ip6 meshnet` table); bad IPv6 input is refused and
 //!   changes nothing; `kill -9` and a relaunch keep both addresses; `hide`
 //!   removes both, and both tables.
+//! - `default_range_relaunch_with_an_exposed_address`: with the default range,
+//!   the exposed address's route on meshnet's bridge does not make `launch`
+//!   (after `stop`) or `launch --resume` (after `kill -9`) refuse the range; a
+//!   route of another interface in it still does.
 //! - `podman_on_two_routers`: podman (CNI backend, meshnet's conflist) runs
 //!   containers on two routers that ping each other, reach the outside and
 //!   publish a port with `-p`.
@@ -263,6 +267,41 @@ fn expose_hide_isolate_reset() {
     assert!(!routes(&h1.ns).contains("10.2."), "reset left a route: {}", routes(&h1.ns));
     let addrs = exec_in(&h1.ns, &["ip", "-4", "addr"]).stdout;
     assert!(!addrs.contains("10.2."), "reset left an address: {addrs}");
+}
+
+/// With the default `--ipalloc-range` (no option), an exposed address's route
+/// on meshnet's own bridge does not make the next launch refuse the range as
+/// "overlapping a route of this host": `stop` and `kill -9` leave the address
+/// on the bridge, and a plain `launch` and `launch --resume` put the router back
+/// with it. A route of another interface in the range is still refused.
+#[test]
+fn default_range_relaunch_with_an_exposed_address() {
+    let Some(lab) = Lab::new("exposedflt") else { return };
+    let h = lab.add_host(1);
+    h.launch(&[]);
+    let e = h.meshnet(&["expose"]).expect_ok("expose").stdout.trim().to_string();
+    assert!(e.starts_with("10."), "{e}");
+
+    h.meshnet(&["stop"]).expect_ok("stop");
+    assert!(addrs_of(&h.ns, "meshnet").contains(&e), "stop took {e} off the bridge");
+    h.launch(&[]);
+    assert_eq!(exposed(&h), vec![e.clone()], "exposed after stop + launch");
+
+    kill9(&h);
+    h.launch(&["--resume"]);
+    assert_eq!(exposed(&h), vec![e.clone()], "exposed after kill -9 + launch --resume");
+    assert!(addrs_of(&h.ns, "meshnet").contains(&e));
+
+    // A route of another interface inside the default range is still refused.
+    h.meshnet(&["stop"]).expect_ok("stop again");
+    // (A veth pair: not every kernel has the dummy driver.)
+    ip(&["-n", &h.ns, "link", "add", "clash0", "type", "veth", "peer", "name", "clash1"]).expect_ok("add a veth pair");
+    ip(&["-n", &h.ns, "addr", "add", "10.47.0.1/24", "dev", "clash0"]).expect_ok("address it");
+    ip(&["-n", &h.ns, "link", "set", "clash1", "up"]).expect_ok("clash1 up");
+    ip(&["-n", &h.ns, "link", "set", "clash0", "up"]).expect_ok("clash0 up");
+    let out = h.meshnet(&["launch"]);
+    assert!(!out.ok() && out.all().contains("overlaps route 10.47.0.0/24 on clash0"), "{out}");
+    assert!(h.pids().is_empty(), "a refused launch left a router");
 }
 
 // ---------------------------------------------------------------------------

@@ -894,8 +894,14 @@ fn resume_relaunches_with_the_last_options() {
     let pw = [("MESHNET_PASSWORD", "resume-secret")];
     let name = h.launch_env(&["--mtu", "1300", "--nickname", "alpha"], &pw);
     h.meshnet(&["stop"]).expect_ok("stop");
-    let out = h.meshnet(&["launch", "--resume", "--mtu", "1400"]);
-    assert!(!out.ok() && out.all().contains("cannot be used with"), "{out}");
+    // Every option of the recorded launch is refused with --resume, not silently dropped.
+    for other in [&["--mtu", "1400"][..], &["--datapath", "pcap"], &["--datapath-threads", "2"], &["--no-docker-plugin"]] {
+        let mut args = vec!["launch", "--resume"];
+        args.extend_from_slice(other);
+        let out = h.meshnet(&args);
+        assert!(!out.ok() && out.all().contains("cannot be used with"), "{out}");
+    }
+    assert!(h.pids().is_empty(), "a refused resume started a router");
     let out = h.meshnet(&["launch", "--resume"]);
     assert!(!out.ok() && out.all().contains("used a password"), "{out}");
     assert!(h.pids().is_empty(), "a refused resume started a router");
@@ -904,4 +910,22 @@ fn resume_relaunches_with_the_last_options() {
     assert_eq!(out.last_line(), Some(name.as_str()));
     let s = h.status_json();
     assert_eq!((s["mtu"].as_u64(), s["nickname"].as_str(), s["password"].as_bool()), (Some(1300), Some("alpha"), Some(true)));
+
+    // A launch that fails once started (its bridge name is the underlay's link)
+    // does not replace the options --resume takes: those of the last launch that ran.
+    h.meshnet(&["stop"]).expect_ok("stop");
+    let out = h.meshnet_env(&["launch", "--bridge", UNDERLAY_IF, "--mtu", "1400"], &pw);
+    assert!(!out.ok() && out.all().contains("not a bridge"), "{out}");
+    assert!(wait_until(SECS(5), || h.pids().is_empty()), "a failed launch left a router");
+    h.meshnet_env(&["launch", "--resume"], &pw).expect_ok("resume after a failed launch");
+    let s = h.status_json();
+    assert_eq!((s["mtu"].as_u64(), s["bridge"].as_str()), (Some(1300), Some("meshnet")), "resumed the failed launch");
+    // --foreground (systemd, containers) records its launch too, once it serves.
+    h.meshnet(&["stop"]).expect_ok("stop");
+    let fg = h.meshnet_full(&["launch", "--foreground", "--mtu", "1320"], &pw, SECS(4));
+    assert!(fg.timed_out, "launch --foreground returned: {fg}");
+    assert!(wait_until(SECS(10), || h.pids().is_empty()), "the foreground router did not end");
+    std::thread::sleep(SECS(1)); // (killed: its last threads may still hold the port a moment)
+    h.meshnet_env(&["launch", "--resume"], &pw).expect_ok("resume after --foreground");
+    assert_eq!(h.status_json()["mtu"].as_u64(), Some(1320), "--foreground's launch not recorded");
 }
