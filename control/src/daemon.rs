@@ -156,7 +156,7 @@ pub fn run(cfg: Config) -> Result<()> {
     let signer = Arc::new(meshnet_proto::trust::Signer::from_identity(&identity));
     let binding = meshnet_proto::trust::Binding::new(me, &identity, &signer);
     if !cfg.ipalloc_range_given {
-        ipamd::check_default_range(&cfg.ipalloc_range)?;
+        ipamd::check_default_range(&cfg.ipalloc_range, &cfg.bridge)?;
     }
     let mut ipam = IpamHost::open(
         &cfg.state,

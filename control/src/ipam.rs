@@ -51,12 +51,14 @@ pub fn parse_init(s: &str, named_peers: usize) -> Result<InitMode> {
 }
 
 /// Refuses the *default* range when it overlaps a route of this host (Weave does
-/// the same): the user must pick another with `--ipalloc-range`.
-pub fn check_default_range(range: &Cidr) -> Result<()> {
+/// the same): the user must pick another with `--ipalloc-range`. Routes on
+/// `bridge`, the router's own bridge, are the overlay's (an address `expose`
+/// left there, kept across a restart) and never conflict, as in Weave.
+pub fn check_default_range(range: &Cidr, bridge: &str) -> Result<()> {
     let routes = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
     for line in routes.lines().skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 8 {
+        if f.len() < 8 || f[0] == bridge {
             continue;
         }
         let (Ok(dst), Ok(mask)) = (u32::from_str_radix(f[1], 16), u32::from_str_radix(f[7], 16)) else { continue };

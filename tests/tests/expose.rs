@@ -268,6 +268,36 @@ fn expose_hide_isolate_reset() {
 // ---------------------------------------------------------------------------
 // CNI chains, driven as runtimes drive them
 
+/// A router that exposed an address of the *default* range (as `expose`, the
+/// Docker plugin's gateway and the CNI plugin's pod gateway do) launches again
+/// with the default range, plainly and with `--resume`, keeping the address:
+/// the route of that address on its own bridge is the overlay's, not a route of
+/// the host's that the range would overlap. (A restarted router container or
+/// DaemonSet pod was refused before.) A route elsewhere still refuses the
+/// default range, naming the route, and starts nothing.
+#[test]
+fn default_range_relaunches_after_expose() {
+    let Some(lab) = Lab::new("exposedefault") else {
+        return;
+    };
+    let h1 = lab.add_host(1);
+    h1.launch(&[]);
+    let addr = h1.meshnet(&["expose"]).expect_ok("expose in the default range").last_line().unwrap_or_default().to_string();
+    assert!(addr.ends_with("/12") && addr.starts_with("10."), "expose printed {addr:?}");
+    assert!(routes(&h1.ns).contains("10.32.0.0/12 dev meshnet"), "{}", routes(&h1.ns));
+    for how in [&["launch"][..], &["launch", "--resume"]] {
+        h1.meshnet(&["stop"]).expect_ok("stop");
+        let out = h1.meshnet(how);
+        assert!(out.ok(), "`meshnet {}` after expose and stop: {out}", how.join(" "));
+        assert_eq!(exposed(&h1), vec![addr.clone()], "exposed after `meshnet {}`", how.join(" "));
+    }
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    ip(&["-n", &h1.ns, "route", "add", "10.40.0.0/16", "dev", UNDERLAY_IF]).expect_ok("route 10.40.0.0/16");
+    let out = h1.meshnet(&["launch"]);
+    assert!(!out.ok() && out.stderr.contains("overlaps route 10.40.0.0/16 on eth0"), "{out}");
+    assert!(!h1.meshnet(&["status"]).ok(), "a refused launch left a router running");
+}
+
 /// The conflist shipped in `deploy/kubernetes/configmap.yaml` (`cni-conflist`).
 fn shipped_conflist() -> Value {
     let path = workspace_root().join("deploy/kubernetes/configmap.yaml");
