@@ -4,7 +4,7 @@
 #   (no arguments)            meshnet launch --foreground
 #   launch [OPTIONS] [PEER..] meshnet launch --foreground [OPTIONS] [PEER..]
 #                             (a container's main process must stay in the foreground)
-#   any other meshnet command meshnet COMMAND ...   (status, ps, attach, ...)
+#   any other meshnet command meshnet COMMAND ...   (status, ps, attach, expose, dns-args, ...)
 #   anything else             run it (sh, ip, ...)
 #
 # Peers can also come from $MESHNET_PEERS (space separated), and from a file
@@ -38,7 +38,8 @@ case "$1" in
         # shellcheck disable=SC2086 # word splitting of the peer list is wanted
         exec meshnet launch $foreground "$@" $peers
         ;;
-    connect|forget|attach|detach|status|ps|report|rmpeer|stop|reset|help|--help|-h|--version|-V)
+    # Every subcommand of `meshnet --help` (tests/tests/docker.rs checks the list).
+    connect|forget|attach|detach|expose|hide|status|ps|rmpeer|report|prime|dns-add|dns-remove|dns-lookup|dns-args|stop|reset|help|--help|-h|--version|-V)
         exec meshnet "$@"
         ;;
     *)

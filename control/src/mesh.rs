@@ -120,6 +120,11 @@ pub struct Inner {
 const RECENT_REFUSALS: usize = 16;
 /// Least time between two log lines about refusals of one name, or about dropped gossip.
 const TRUST_LOG_EVERY: Duration = Duration::from_secs(10);
+/// Reasons of `trust.gossip_rejected` besides the topology's own
+/// ([`meshnet_proto::topology::Rejection::label`]): an entry under a revoked
+/// key, a gossip message that does not decode within its bounds.
+pub const GOSSIP_REVOKED: &str = "revoked";
+pub const GOSSIP_OVERSIZE: &str = "oversize";
 /// Prefix of the Goodbye reason a router sends when it refuses a peer's identity.
 pub const IDENTITY_REFUSED: &str = "identity refused by";
 
@@ -1005,7 +1010,7 @@ impl Mesh {
             infos.retain(|e| {
                 let gone = revoked.get(&e.info.name) == Some(&e.seal.binding.keys);
                 if gone {
-                    dropped.push((e.info.name, "revoked"));
+                    dropped.push((e.info.name, GOSSIP_REVOKED));
                 }
                 !gone
             });
@@ -1013,7 +1018,7 @@ impl Mesh {
         let report = match g.topology.merge_signed(infos, &mut g.keys) {
             Ok(r) => r,
             Err(e) => {
-                *g.trust.gossip_rejected.entry("oversize").or_default() += 1;
+                *g.trust.gossip_rejected.entry(GOSSIP_OVERSIZE).or_default() += 1;
                 return Err(format!("bad gossip: {e}"));
             }
         };

@@ -141,6 +141,16 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every rejection, so counters can show each reason from the start.
+    pub const ALL: [Rejection; 6] = [
+        Rejection::Malformed,
+        Rejection::Version,
+        Rejection::BadBinding,
+        Rejection::KeyConflict,
+        Rejection::BadSignature,
+        Rejection::Full,
+    ];
+
     /// Stable label for counters (`status --json`).
     pub fn label(self) -> &'static str {
         match self {

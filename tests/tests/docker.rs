@@ -380,3 +380,40 @@ fn deploy_files_validate() {
     eprintln!("{}", out.stdout.trim_end());
     assert!(out.ok(), "deploy/validate.sh: {out}");
 }
+
+/// The image's entrypoint hands every `meshnet` subcommand to meshnet (README,
+/// "Running in Docker": "any other `meshnet` command runs that command"), so
+/// `docker run --rm ... meshnet dns-args` works like `weave dns-args`. Runs the
+/// script with the binary under test on PATH; no Docker needed.
+#[test]
+fn entrypoint_runs_every_meshnet_command() {
+    let help = run(Command::new(meshnet_bin()).arg("--help"), SECS(10)).expect_ok("meshnet --help");
+    let commands: Vec<String> = help
+        .stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .filter(|c| c != "launch")
+        .collect();
+    assert!(commands.len() >= 10 && commands.iter().any(|c| c == "status"), "{help}");
+    let bin_dir = std::env::temp_dir().join(format!("meshnet-entrypoint-{}", std::process::id()));
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let link = bin_dir.join("meshnet");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(meshnet_bin(), &link).unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let entrypoint = workspace_root().join("deploy/docker-entrypoint.sh");
+    let mut failed = vec![];
+    for c in &commands {
+        // `help --help` is refused by meshnet itself; `help status` is the same check.
+        let arg = if c == "help" { "status" } else { "--help" };
+        let out = run(Command::new("sh").arg(&entrypoint).args([c.as_str(), arg]).env("PATH", &path), SECS(10));
+        if !out.ok() || !out.stdout.contains("Usage: meshnet") {
+            failed.push(format!("{c}: {}", out.all().trim()));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&bin_dir);
+    assert!(failed.is_empty(), "docker-entrypoint.sh does not run these as meshnet commands:\n{}", failed.join("\n"));
+}

@@ -367,3 +367,78 @@ fn metrics_port_serves_only_reads_and_survives_abuse() {
     let (code, _) = curl(&h2.ns, &["http://127.0.0.1:6782/metrics"]);
     assert_eq!(code, 0, "h2 serves metrics on the default address although --metrics-addr was empty");
 }
+
+/// The metric names, types and reason labels in README's "Metrics and the map"
+/// table, as (name, type, label values named in its last column).
+fn documented_metrics() -> Vec<(String, String, Vec<String>)> {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("README.md");
+    let rows = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| metric | type | labels | what |"))
+        .skip(2)
+        .take_while(|l| l.starts_with('|'));
+    let ticked = |cell: &str| -> Vec<String> { cell.split('`').skip(1).step_by(2).map(String::from).collect() };
+    let mut out = vec![];
+    for row in rows {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let [_, names, ty, _labels, what, ..] = cells.as_slice() else { panic!("README metrics row {row:?}") };
+        for name in ticked(names) {
+            out.push((name, ty.to_string(), ticked(what)));
+        }
+    }
+    assert!(out.len() >= 30, "README's metrics table not found or short: {out:?}");
+    out
+}
+
+/// Every metric README's table lists is served, with the type it says, and
+/// nothing is served that the table leaves out; the reasons it lists for the
+/// `reason`-labelled counters are series from the start (at 0), so an alert on
+/// one of them has a series to watch. Two routers, a container each, a ping.
+#[test]
+fn every_documented_metric_is_served() {
+    let Some(lab) = Lab::new("metricnames") else {
+        return;
+    };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    launch_with_metrics(&h1, &[]);
+    launch_with_metrics(&h2, &[&h1.ip]);
+    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
+    attach(&h1, &c1);
+    attach(&h2, &c2);
+    assert!(ping_until(&c1.ns, &overlay(2), SECS(30)), "c1 cannot ping c2");
+    h1.meshnet(&["expose", "10.40.0.100/16"]).expect_ok("expose (DNS listens)");
+
+    let url = format!("http://{}:{PORT}/metrics", h1.ip);
+    let (code, text) = curl(&h1.ns, &[&url]);
+    assert_eq!(code, 200, "{text}");
+    let mut served: std::collections::BTreeMap<String, String> = Default::default();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let (name, ty) = rest.split_once(' ').unwrap_or((rest, ""));
+            served.insert(name.to_string(), ty.to_string());
+        }
+    }
+    let documented = documented_metrics();
+    let mut wrong = vec![];
+    for (name, ty, values) in &documented {
+        match served.get(name) {
+            None => wrong.push(format!("{name}: documented, not served")),
+            Some(t) if t != ty => wrong.push(format!("{name}: documented as {ty}, served as {t}")),
+            Some(_) => {}
+        }
+        if name.ends_with("_total") && text.contains(&format!("{name}{{reason=")) {
+            for v in values.iter().filter(|v| !v.starts_with("meshnet_")) {
+                if !text.contains(&format!("{name}{{reason=\"{v}\"}}")) {
+                    wrong.push(format!("{name}: no series for reason {v:?}"));
+                }
+            }
+        }
+    }
+    for name in served.keys() {
+        if !documented.iter().any(|(n, _, _)| n == name) {
+            wrong.push(format!("{name}: served, not in README's table"));
+        }
+    }
+    assert!(wrong.is_empty(), "README's metrics table and /metrics differ:\n{}\n\n{text}", wrong.join("\n"));
+    eprintln!("{} metrics served, all documented", served.len());
+}
