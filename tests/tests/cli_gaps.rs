@@ -55,7 +55,7 @@ fn cli_gaps_and_report() {
     assert!(report["traffic"][0]["sent_bytes"].as_u64().unwrap_or(0) > 0, "{:#}", report["traffic"]);
     assert!(report["dataplane"]["udp_datagrams_out"].as_u64().unwrap_or(0) > 0);
     let text = h1.meshnet(&["report"]).expect_ok("report").stdout;
-    for part in ["Router", "Peers", "Connections", "Routes", "MAC table", "IPAM", "Attachments", "Traffic per peer", "Data plane"] {
+    for part in ["Router", "Peers", "Connections", "Routes", "MAC table", "IPAM", "Attachments", "DNS", "Traffic per peer", "Data plane", "Limits", "Control", "Trust"] {
         assert!(text.contains(part), "report lacks {part}:\n{text}");
     }
 
