@@ -76,15 +76,18 @@ enum Cmd {
         #[arg(value_name = "ADDR")]
         addrs: Vec<String>,
     },
-    /// Show the router, its peers, connections or targets.
+    /// Show the router (name, encryption, port, bridge, datapath, exposed addresses, counts), or
+    /// one part: its peers, connections, connect targets, IPAM ring, or DNS table and server.
     Status {
         #[arg(value_enum)]
         what: Option<StatusPart>,
+        /// Print JSON (the full form also has the data-plane, limits, control and trust counters).
         #[arg(long)]
         json: bool,
     },
     /// List attached targets with MAC and addresses (only TARGETs, by name or container ID, when given).
     Ps {
+        /// Print JSON (`target`, `kind`, `mac`, `addresses`, `interface`, `container_id`).
         #[arg(long)]
         json: bool,
         #[arg(value_name = "TARGET")]
@@ -99,6 +102,7 @@ enum Cmd {
     /// Everything this router knows in one document: peers, connections, routes, MAC table,
     /// IPAM ring, exposed addresses, attachments, data-plane counters.
     Report {
+        /// Print JSON instead of sections.
         #[arg(long)]
         json: bool,
     },
@@ -157,10 +161,15 @@ enum Part {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum StatusPart {
+    /// The IP allocation ring: range, agreement, each owner's space.
     Ipam,
+    /// The DNS table of every router, where the server listens, its counters.
     Dns,
+    /// Every peer known by gossip, with its connection count.
     Peers,
+    /// Each connection and connect target: state, route, path MTU, heartbeat, key.
     Connections,
+    /// The persisted connect targets.
     Targets,
 }
 
@@ -1261,6 +1270,19 @@ mod tests {
         for ok in [&["launch", "--resume", "--log-level", "debug"][..], &["launch", "--resume", "--password-file", "/f"]] {
             assert!(parse(ok).is_ok(), "{ok:?} refused");
         }
+    }
+
+    /// `status --help` names every part `status` shows.
+    #[test]
+    fn status_help_names_every_part() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let status = cmd.find_subcommand_mut("status").expect("status subcommand");
+        let help = status.render_long_help().to_string();
+        for part in ["ipam", "dns", "peers", "connections", "targets", "--json"] {
+            assert!(help.contains(part), "status --help lacks {part}:\n{help}");
+        }
+        assert!(help.contains("IPAM ring") && help.contains("DNS table"), "{help}");
     }
 
     /// `--dns-ttl` takes what a DNS TTL may be (RFC 2181: a TTL with the top bit

@@ -195,7 +195,7 @@ pub fn attach(
     let t = resolve(target)?;
     let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
     let ifname = ifname.filter(|s| !s.is_empty()).unwrap_or(CONTAINER_IF);
-    if let Some(e) = attachments.iter().find(|x| x.ns_inode == inode) {
+    if let Some(e) = attachments.iter().find(|x| is_attachment_of(x, &t, inode)) {
         if ifname_of(e) != ifname {
             bail!("{target} is already attached as {} (detach it first to use {ifname})", ifname_of(e));
         }
@@ -204,10 +204,13 @@ pub fn attach(
     // same name (a container re-created under its old name while we did not
     // watch) or an address wanted here, unless that is a stopped container,
     // which keeps its addresses until it is removed or detached.
+    // Also one remembered under this namespace's inode that is neither still there
+    // nor this target: another namespace, gone, whose inode the kernel reused.
     forget_gone(state, attachments, |x| {
-        x.ns_inode != inode
+        (x.ns_inode != inode
             && (same_target(x, &t)
-                || (x.addrs.iter().any(|y| addrs.iter().any(|a| same_ip(y, &a.0))) && !container_exists(x)))
+                || (x.addrs.iter().any(|y| addrs.iter().any(|a| same_ip(y, &a.0))) && !container_exists(x))))
+            || (x.ns_inode == inode && !same_target(x, &t))
     })?;
     // An address may belong to one target only.
     for a in addrs {
@@ -247,6 +250,11 @@ pub fn attach(
             attachments.last_mut().expect("just pushed")
         }
     };
+    if still_there(entry).is_none() {
+        // The same target in a new namespace that got the old one's inode (a
+        // container restarted): enter it through its new path from now on.
+        entry.ns_path = t.netns.path.clone();
+    }
     entry.no_multicast_route = !multicast_route;
     for a in addrs {
         let text = format_cidr(a);
@@ -339,6 +347,13 @@ fn forget_gone(state: &StateDir, attachments: &mut Vec<Attachment>, which: impl 
         state.save_attachments(attachments)?;
     }
     Ok(())
+}
+
+/// Whether remembered attachment `x` is of namespace `t` (whose inode is `inode`),
+/// under whatever spelling: the inode, and either its path still leads there or
+/// it is the same target (a restarted container whose new namespace reused the inode).
+pub fn is_attachment_of(x: &Attachment, t: &Target, inode: u64) -> bool {
+    x.ns_inode == inode && (still_there(x).is_some() || same_target(x, t))
 }
 
 fn same_target(x: &Attachment, t: &Target) -> bool {

@@ -752,7 +752,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let inode = t.netns.inode().ok();
             let known = inode.and_then(|i| {
                 let a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
-                a.iter().find(|x| x.ns_inode == i).map(attachment_key)
+                a.iter().find(|x| attach::is_attachment_of(x, &t, i)).map(attachment_key)
             });
             let key = known.unwrap_or_else(|| ipamd::key(t.kind, &t.name, t.container.as_ref().map(|c| c.id.as_str())));
             let requests = mesh.with_ipams(|h, h6| specs.iter().map(|sp| ipamd::request_for(sp, h, h6.as_deref())).collect::<Result<Vec<_>>>())?;

@@ -161,6 +161,9 @@ pub fn to_text(v: &Value) -> String {
         let _ = writeln!(o, "  {} {:>10} addresses, {:>10} free{}", str_of(&ow["peer"]), ow["size"], ow["free"],
             if ow["reachable"].as_bool() == Some(true) { "" } else { " (unreachable)" });
     }
+    for a in ipam["allocations"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "  allocated {} to {}", str_of(&a["ip"]), str_of(&a["target"]));
+    }
     let _ = writeln!(o, "\nExposed");
     for e in v["exposed"].as_array().into_iter().flatten() {
         let _ = writeln!(o, "  {}{}", str_of(&e["address"]), if e["masquerade"].as_bool() == Some(false) { " (no masquerade)" } else { "" });
@@ -169,6 +172,17 @@ pub fn to_text(v: &Value) -> String {
     for a in v["attachments"].as_array().into_iter().flatten() {
         let addrs: Vec<String> = a["addresses"].as_array().into_iter().flatten().map(str_of).collect();
         let _ = writeln!(o, "  {} {} {} {}", str_of(&a["target"]), str_of(&a["kind"]), str_of(&a["mac"]), addrs.join(" "));
+    }
+    let dns = &v["dns"];
+    let _ = writeln!(o, "\nDNS");
+    let listen = match (dns["enabled"].as_bool(), dns["listen"].as_str()) {
+        (Some(false), _) => "off (--no-dns)".to_string(),
+        (_, Some(a)) => a.to_string(),
+        _ => "not listening".to_string(),
+    };
+    let _ = writeln!(o, "  domain {} (TTL {}s), listening on {listen}", str_of(&dns["domain"]), str_of(&dns["ttl"]));
+    for r in dns["records"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "  {} {} {} {}", str_of(&r["name"]), str_of(&r["address"]), str_of(&r["target"]), str_of(&r["owner"]));
     }
     let _ = writeln!(o, "\nTraffic per peer");
     for t in v["traffic"].as_array().into_iter().flatten() {
@@ -180,7 +194,7 @@ pub fn to_text(v: &Value) -> String {
             let _ = writeln!(o, "     dropped: {}", drops.join(", "));
         }
     }
-    for (title, key) in [("Data plane", "dataplane"), ("Superframes", "superframes"), ("Limits", "limits"), ("Control", "control")] {
+    for (title, key) in [("Data plane", "dataplane"), ("Superframes", "superframes"), ("Limits", "limits"), ("Control", "control"), ("Trust", "trust")] {
         let _ = writeln!(o, "\n{title}");
         for (k, n) in v[key].as_object().into_iter().flatten() {
             let _ = writeln!(o, "  {k:>28}: {}", str_of(n));
@@ -202,9 +216,17 @@ mod tests {
             "routes": [{"peer": "02:00:00:00:00:02", "nickname": "b", "route": "direct", "next_hop": "02:00:00:00:00:02"}],
             "mac_table": {"entries": 3},
             "traffic": [{"peer": "02:00:00:00:00:02", "sent_bytes": 10, "drops": {"no_route": 2, "encode_error": 0}}],
+            "ipam": {"allocations": [{"ip": "10.32.0.1", "target": "netns:c1"}]},
+            "dns": {"enabled": true, "domain": "meshnet.local.", "ttl": 1, "listen": "10.32.0.2:53",
+                    "records": [{"name": "db.meshnet.local.", "address": "10.32.0.1", "target": "c1", "owner": "02:00:00:00:00:01"}]},
+            "trust": {"pinned_keys": 2},
         });
         let t = to_text(&v);
-        for want in ["Router", "Peers", "-> 02:00:00:00:00:02(b) 10.0.0.2:6783 established", "Routes", "MAC table: 3 entries", "IPAM", "Exposed", "Attachments", "dropped: no_route 2"] {
+        for want in [
+            "Router", "Peers", "-> 02:00:00:00:00:02(b) 10.0.0.2:6783 established", "Routes", "MAC table: 3 entries", "IPAM",
+            "allocated 10.32.0.1 to netns:c1", "Exposed", "Attachments", "dropped: no_route 2", "DNS",
+            "listening on 10.32.0.2:53", "db.meshnet.local. 10.32.0.1 c1 02:00:00:00:00:01", "Trust", "pinned_keys: 2",
+        ] {
             assert!(t.contains(want), "{want:?} missing from:\n{t}");
         }
         assert!(!t.contains("encode_error 0"), "zero drops are left out:\n{t}");

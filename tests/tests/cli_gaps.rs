@@ -55,7 +55,7 @@ fn cli_gaps_and_report() {
     assert!(report["traffic"][0]["sent_bytes"].as_u64().unwrap_or(0) > 0, "{:#}", report["traffic"]);
     assert!(report["dataplane"]["udp_datagrams_out"].as_u64().unwrap_or(0) > 0);
     let text = h1.meshnet(&["report"]).expect_ok("report").stdout;
-    for part in ["Router", "Peers", "Connections", "Routes", "MAC table", "IPAM", "Attachments", "Traffic per peer", "Data plane"] {
+    for part in ["Router", "Peers", "Connections", "Routes", "MAC table", "IPAM", "Attachments", "DNS", "Traffic per peer", "Data plane", "Limits", "Control", "Trust"] {
         assert!(text.contains(part), "report lacks {part}:\n{text}");
     }
 
@@ -107,4 +107,48 @@ fn cli_gaps_and_report() {
     h1.meshnet(&["reset", "--force"]).expect_ok("reset --force");
     assert!(!h1.state_dir.exists(), "reset --force left the state directory");
     assert!(link(&h1.ns, "meshnet").is_none(), "reset --force left the bridge");
+}
+
+/// The inode of a network namespace is reused by the kernel once the namespace
+/// is gone. A process attached by PID that exits, and a new process whose new
+/// namespace got the old one's inode, attached by its own PID, is a new target:
+/// `ps` shows it (with its MAC and its address only), not the dead one.
+#[test]
+fn a_reused_namespace_inode_is_a_new_target() {
+    let Some(lab) = Lab::new("inodereuse") else { return };
+    let h1 = lab.add_host(1);
+    h1.launch(&[]);
+    let netns_of = |pid: u32| std::fs::read_link(format!("/proc/{pid}/ns/net")).map(|p| p.display().to_string()).unwrap_or_default();
+    let spawn = || std::process::Command::new("unshare").args(["-n", "sleep", "120"]).spawn().expect("unshare -n sleep");
+    for attempt in 1..=8 {
+        let mut p1 = spawn();
+        std::thread::sleep(Duration::from_millis(200));
+        let (pid1, ns1) = (p1.id().to_string(), netns_of(p1.id()));
+        h1.meshnet(&["attach", "10.99.0.1/24", &pid1]).expect_ok("attach p1 by PID");
+        let _ = p1.kill();
+        let _ = p1.wait();
+        // The namespace is freed a moment after its last process (a kernel work queue).
+        std::thread::sleep(SECS(2));
+        let mut p2 = spawn();
+        std::thread::sleep(Duration::from_millis(200));
+        let (pid2, ns2) = (p2.id().to_string(), netns_of(p2.id()));
+        if ns1 != ns2 {
+            eprintln!("attempt {attempt}: {ns1} not reused ({ns2}); again");
+            let _ = p2.kill();
+            let _ = p2.wait();
+            h1.meshnet(&["detach", &pid1]).expect_ok("detach the dead p1");
+            continue;
+        }
+        eprintln!("attempt {attempt}: {pid2} got {pid1}'s namespace inode {ns2}");
+        h1.meshnet(&["attach", "10.99.0.2/24", &pid2]).expect_ok("attach p2 by PID");
+        let ps = h1.ps_json();
+        let _ = p2.kill();
+        let _ = p2.wait();
+        assert!(!ps.iter().any(|e| e["target"] == pid1.as_str()), "ps still lists the dead {pid1}: {ps:#?}");
+        let e = ps.iter().find(|e| e["target"] == pid2.as_str()).unwrap_or_else(|| panic!("ps does not list {pid2}: {ps:#?}"));
+        assert!(is_mac(e["mac"].as_str().unwrap_or_default()), "{pid2} has no MAC in ps: {ps:#?}");
+        assert_eq!(e["addresses"], serde_json::json!(["10.99.0.2/24"]), "{ps:#?}");
+        return;
+    }
+    eprintln!("the kernel never reused a namespace inode in 8 attempts: nothing checked");
 }
