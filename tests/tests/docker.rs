@@ -271,6 +271,25 @@ fn routers_in_containers_attach_containers_by_name() {
     assert!(pings(&app2, "172.25.11.23", 3), "{app2} cannot ping {app1}");
     eprintln!("{app1} <-> {app2}: ping ok across two router containers");
 
+    // The router container restarts (as `docker restart` or a restart policy
+    // does): the same peer name from its state volume, the container still
+    // attached with its address, the routers connected again, pings across.
+    let n1 = json_of(&r1, &["status", "--json"])["name"].as_str().unwrap().to_string();
+    docker(&["restart", "-t", "5", &r1]).expect_ok("docker restart router 1");
+    assert!(wait_until(SECS(30), || meshnet_in(&r1, &["status"]).ok()), "router 1 is not back: {}", w.logs(&r1));
+    assert_eq!(json_of(&r1, &["status", "--json"])["name"], n1.as_str(), "router 1 has another name after its restart");
+    let ps = json_of(&r1, &["ps", "--json"]);
+    assert!(
+        ps.as_array().unwrap().iter().any(|e| e["target"] == app1.as_str() && e["addresses"] == serde_json::json!(["172.25.11.23/24"])),
+        "{app1} is not attached after router 1's restart: {ps:#}"
+    );
+    assert!(
+        wait_until(SECS(30), || pings(&app1, "172.25.11.24", 1) && pings(&app2, "172.25.11.23", 1)),
+        "{app1} and {app2} do not reach each other after router 1's restart: {}",
+        meshnet_in(&r1, &["status", "connections"])
+    );
+    eprintln!("router 1 restarted: {app1} still attached, pings across");
+
     // `ps` names the container and its short ID; attaching again by ID is the same attachment.
     let id1 = full_id(&app1);
     let ps = json_of(&r1, &["ps", "--json"]);
