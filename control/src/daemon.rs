@@ -472,6 +472,11 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     if how == Shutdown::Reset {
         remove_devices(&cfg.state, &attachments);
+        // The state goes here, not only in the CLI that asked: a CLI run with
+        // `docker exec` in the router's container dies with the router.
+        if let Err(e) = cfg.state.remove() {
+            log::warn!("reset: {e:#}");
+        }
     }
     let _ = std::fs::remove_file(cfg.state.pid());
     log::info!("stopped");

@@ -436,3 +436,42 @@ fn entrypoint_runs_every_meshnet_command() {
     let _ = std::fs::remove_dir_all(&bin_dir);
     assert!(failed.is_empty(), "docker-entrypoint.sh does not run these as meshnet commands:\n{}", failed.join("\n"));
 }
+
+/// `docker exec ROUTER meshnet reset` (README: drive the router with `docker
+/// exec`) leaves the state volume empty: the CLI run in the container dies with
+/// the router, so the router removes its state itself. Before, the identity,
+/// IPAM ring and targets stayed, and a restart policy brought the same router
+/// back.
+#[test]
+fn reset_in_a_router_container_empties_its_state() {
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let mut w = World::new();
+    let base = base_image();
+    let image = build_image(&mut w, &base);
+    let state = std::env::temp_dir().join(format!("meshnet-docker-state-{}", w.tag));
+    std::fs::create_dir_all(&state).unwrap();
+    w.dirs.push(state.clone());
+    let r = w.name("meshnet_reset");
+    let volume = format!("{}:/var/lib/meshnet", state.display());
+    let mut args: Vec<String> = router_privileges(&base);
+    args.extend(["--network", "none", "-v", &volume, &image, "launch"].iter().map(|s| s.to_string()));
+    w.run_container(&r, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(wait_until(SECS(30), || meshnet_in(&r, &["status"]).ok()), "the router does not answer: {}", w.logs(&r));
+    assert!(state.join("identity").exists(), "no identity in the state volume");
+
+    // docker exec may not return once the container's main process is gone
+    // (Docker 20.10): only the outcome counts.
+    let _ = docker_t(&["exec", &r, "meshnet", "reset"], SECS(20));
+    let exited = wait_until(SECS(20), || {
+        docker(&["inspect", "-f", "{{.State.Status}}", &r]).stdout.trim() == "exited"
+    });
+    assert!(exited, "the router container did not exit after reset: {}", w.logs(&r));
+    let left: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "reset left {left:?} in the state volume: {}", w.logs(&r));
+}
