@@ -1336,7 +1336,7 @@ fn start_docker_plugin(
         return Ok(None);
     };
     let host: Arc<dyn crate::plugin::PluginHost> = Arc::new(PluginRouter { ctx: ctx.clone() });
-    let plugin = Arc::new(crate::plugin::Plugin::new(host, state, Some(ctx.mesh.state.docker_plugin())));
+    let plugin = Arc::new(crate::plugin::Plugin::new(host, state, Some(ctx.mesh.state.docker_plugin())).named(&opts.name));
     let listener = tokio::net::UnixListener::from_std(socket.take_listener().expect("just bound"))?;
     log::info!("Docker plugin {:?} (network and IPAM driver) on {}", opts.name, socket.path.display());
     Ok(Some((socket, plugin, listener)))
