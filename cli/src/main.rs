@@ -570,10 +570,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 Err(e) => return Err(e.into()),
             }
-            if state.root.exists() {
-                std::fs::remove_dir_all(&state.root)
-                    .with_context(|| format!("remove state directory {}", state.root.display()))?;
-            }
+            state.remove()?;
             Ok(ExitCode::SUCCESS)
         }
     }

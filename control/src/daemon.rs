@@ -472,6 +472,11 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     if how == Shutdown::Reset {
         remove_devices(&cfg.state, &attachments);
+        // The state goes here, not only in the CLI that asked: a CLI run with
+        // `docker exec` in the router's container dies with the router.
+        if let Err(e) = cfg.state.remove() {
+            log::warn!("reset: {e:#}");
+        }
     }
     let _ = std::fs::remove_file(cfg.state.pid());
     log::info!("stopped");
@@ -1347,7 +1352,7 @@ fn start_docker_plugin(
         return Ok(None);
     };
     let host: Arc<dyn crate::plugin::PluginHost> = Arc::new(PluginRouter { ctx: ctx.clone() });
-    let plugin = Arc::new(crate::plugin::Plugin::new(host, state, Some(ctx.mesh.state.docker_plugin())));
+    let plugin = Arc::new(crate::plugin::Plugin::new(host, state, Some(ctx.mesh.state.docker_plugin())).named(&opts.name));
     let listener = tokio::net::UnixListener::from_std(socket.take_listener().expect("just bound"))?;
     log::info!("Docker plugin {:?} (network and IPAM driver) on {}", opts.name, socket.path.display());
     Ok(Some((socket, plugin, listener)))

@@ -491,7 +491,8 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     // Every reason at 0 from the start, as the other reason counters.
     let reasons = meshnet_proto::topology::Rejection::ALL.map(|r| r.label());
     for r in reasons.into_iter().chain([crate::mesh::GOSSIP_REVOKED, crate::mesh::GOSSIP_OVERSIZE]) {
-        let _ = gossip.get_or_create(&ReasonLabels { reason: r.into() });
+        // Creating the series is the point; the guard it returns is not needed.
+        drop(gossip.get_or_create(&ReasonLabels { reason: r.into() }));
     }
     for (r, n) in &trust.gossip_rejected {
         gossip.get_or_create(&ReasonLabels { reason: r.clone() }).inc_by(*n);

@@ -169,6 +169,8 @@ pub struct Plugin {
     state: Mutex<PluginState>,
     /// Where the state is saved (`None`: not saved, for tests).
     store: Option<PathBuf>,
+    /// The drivers' name (`--docker-plugin-name`), for hints in errors.
+    name: String,
 }
 
 /// A failed call: the message Docker shows.
@@ -301,7 +303,13 @@ fn parse_address(s: &str) -> Option<Ipv4Addr> {
 impl Plugin {
     /// A plugin over `host` with `state`, saved to `store` after every change.
     pub fn new(host: Arc<dyn PluginHost>, state: PluginState, store: Option<PathBuf>) -> Plugin {
-        Plugin { host, state: Mutex::new(state), store }
+        Plugin { host, state: Mutex::new(state), store, name: DEFAULT_NAME.to_string() }
+    }
+
+    /// The same plugin served as `name` (both drivers' name).
+    pub fn named(mut self, name: &str) -> Plugin {
+        self.name = name.to_string();
+        self
     }
 
     /// A copy of the current state.
@@ -523,7 +531,8 @@ impl Plugin {
             d.pool.parse().map_err(|e| format!("meshnet: invalid subnet {:?}: {e}", d.pool))?;
         if !s.pools.values().any(|p| p.subnet == subnet.to_string()) {
             return Err(format!(
-                "meshnet: subnet {subnet} does not come from meshnet's IPAM: create the network with --ipam-driver meshnet"
+                "meshnet: subnet {subnet} does not come from meshnet's IPAM: create the network with --ipam-driver {}",
+                self.name
             ));
         }
         let gateway = (!d.gateway.is_empty()).then(|| d.gateway.clone());
@@ -924,6 +933,10 @@ mod tests {
         // A network without meshnet's IPAM.
         let e = err(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": NET, "IPv4Data": [{"Pool": "172.18.0.0/16", "Gateway": "172.18.0.1/16"}]}));
         assert!(e.contains("--ipam-driver meshnet"), "{e}");
+        // Served under another name, the hint names that one.
+        let other = Plugin::new(fake.clone(), PluginState::default(), None).named("mnp");
+        let e = err(&other, "/NetworkDriver.CreateNetwork", json!({"NetworkID": NET, "IPv4Data": [{"Pool": "172.18.0.0/16", "Gateway": "172.18.0.1/16"}]}));
+        assert!(e.contains("--ipam-driver mnp"), "{e}");
         let e = err(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": "../x", "IPv4Data": []}));
         assert!(e.contains("invalid network ID"), "{e}");
         assert_eq!(p.state(), PluginState::default());

@@ -131,6 +131,36 @@ impl StateDir {
         Ok(())
     }
 
+    /// Removes the state directory and everything in it (`reset`). A directory
+    /// that is a mount point (a router container's volume) cannot go itself:
+    /// it is left empty.
+    pub fn remove(&self) -> Result<()> {
+        let gone = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+        let entries = match fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("read state directory {}", self.root.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("read state directory {}", self.root.display()))?;
+            let path = entry.path();
+            let removed = match entry.file_type() {
+                Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+                _ => fs::remove_file(&path),
+            };
+            match removed {
+                Err(e) if !gone(&e) => return Err(e).with_context(|| format!("remove {}", path.display())),
+                _ => {}
+            }
+        }
+        match fs::remove_dir(&self.root) {
+            Err(e) if !gone(&e) && e.kind() != std::io::ErrorKind::ResourceBusy => {
+                Err(e).with_context(|| format!("remove state directory {}", self.root.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Loads the peer identity, creating and persisting a new one on first use.
     pub fn identity(&self) -> Result<Identity> {
         let path = self.identity_path();

@@ -271,6 +271,25 @@ fn routers_in_containers_attach_containers_by_name() {
     assert!(pings(&app2, "172.25.11.23", 3), "{app2} cannot ping {app1}");
     eprintln!("{app1} <-> {app2}: ping ok across two router containers");
 
+    // The router container restarts (as `docker restart` or a restart policy
+    // does): the same peer name from its state volume, the container still
+    // attached with its address, the routers connected again, pings across.
+    let n1 = json_of(&r1, &["status", "--json"])["name"].as_str().unwrap().to_string();
+    docker(&["restart", "-t", "5", &r1]).expect_ok("docker restart router 1");
+    assert!(wait_until(SECS(30), || meshnet_in(&r1, &["status"]).ok()), "router 1 is not back: {}", w.logs(&r1));
+    assert_eq!(json_of(&r1, &["status", "--json"])["name"], n1.as_str(), "router 1 has another name after its restart");
+    let ps = json_of(&r1, &["ps", "--json"]);
+    assert!(
+        ps.as_array().unwrap().iter().any(|e| e["target"] == app1.as_str() && e["addresses"] == serde_json::json!(["172.25.11.23/24"])),
+        "{app1} is not attached after router 1's restart: {ps:#}"
+    );
+    assert!(
+        wait_until(SECS(30), || pings(&app1, "172.25.11.24", 1) && pings(&app2, "172.25.11.23", 1)),
+        "{app1} and {app2} do not reach each other after router 1's restart: {}",
+        meshnet_in(&r1, &["status", "connections"])
+    );
+    eprintln!("router 1 restarted: {app1} still attached, pings across");
+
     // `ps` names the container and its short ID; attaching again by ID is the same attachment.
     let id1 = full_id(&app1);
     let ps = json_of(&r1, &["ps", "--json"]);
@@ -416,4 +435,43 @@ fn entrypoint_runs_every_meshnet_command() {
     }
     let _ = std::fs::remove_dir_all(&bin_dir);
     assert!(failed.is_empty(), "docker-entrypoint.sh does not run these as meshnet commands:\n{}", failed.join("\n"));
+}
+
+/// `docker exec ROUTER meshnet reset` (README: drive the router with `docker
+/// exec`) leaves the state volume empty: the CLI run in the container dies with
+/// the router, so the router removes its state itself. Before, the identity,
+/// IPAM ring and targets stayed, and a restart policy brought the same router
+/// back.
+#[test]
+fn reset_in_a_router_container_empties_its_state() {
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let mut w = World::new();
+    let base = base_image();
+    let image = build_image(&mut w, &base);
+    let state = std::env::temp_dir().join(format!("meshnet-docker-state-{}", w.tag));
+    std::fs::create_dir_all(&state).unwrap();
+    w.dirs.push(state.clone());
+    let r = w.name("meshnet_reset");
+    let volume = format!("{}:/var/lib/meshnet", state.display());
+    let mut args: Vec<String> = router_privileges(&base);
+    args.extend(["--network", "none", "-v", &volume, &image, "launch"].iter().map(|s| s.to_string()));
+    w.run_container(&r, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(wait_until(SECS(30), || meshnet_in(&r, &["status"]).ok()), "the router does not answer: {}", w.logs(&r));
+    assert!(state.join("identity").exists(), "no identity in the state volume");
+
+    // docker exec may not return once the container's main process is gone
+    // (Docker 20.10): only the outcome counts.
+    let _ = docker_t(&["exec", &r, "meshnet", "reset"], SECS(20));
+    let exited = wait_until(SECS(20), || {
+        docker(&["inspect", "-f", "{{.State.Status}}", &r]).stdout.trim() == "exited"
+    });
+    assert!(exited, "the router container did not exit after reset: {}", w.logs(&r));
+    let left: Vec<String> = std::fs::read_dir(&state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "reset left {left:?} in the state volume: {}", w.logs(&r));
 }

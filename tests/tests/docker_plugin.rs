@@ -363,6 +363,15 @@ fn docker_plugin_networks_and_restarted_containers() {
     b.meshnet(&["stop"]).expect_ok("stop router B");
     b.meshnet(&["launch", "--resume"]).expect_ok("relaunch router B");
     assert!(b.holder(&ip_b).is_some(), "router B lost {ip_b} across a restart");
+    // ...and its network goes on: Docker does not create it again, yet a new
+    // container joins it, gets an address of router B's IPAM and reaches cb.
+    let ce = w.name("mnce");
+    w.run_container(&ce, &["--network", &net_b, &image, "sleep", "3600"]).expect_ok("docker run on router B's network after its restart");
+    let ip_e = ip_in(&ce, &net_b);
+    assert!(ip_e.starts_with("10.213.5.") && ip_e != ip_b, "address {ip_e:?} after the restart");
+    assert!(b.holder(&ip_e).is_some_and(|k| k.starts_with("docker-plugin:")), "{ip_e} not in router B's IPAM");
+    assert!(wait_until(SECS(20), || pings(&ce, &ip_b, 1)), "{ce} ({ip_e}) cannot ping {cb} ({ip_b}) after router B's restart");
+    docker(&["rm", "-f", &ce]).expect_ok("docker rm -f ce");
 
     // Containers attached by name survive docker restart with the same address.
     let (r1, r2) = (w.name("mnr1"), w.name("mnr2"));
