@@ -253,9 +253,13 @@ fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
 /// Writes `bytes` to `path` so that a crash at any point leaves the old or the new
 /// content, never a mix: temporary file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    // One temporary name per call, not per process: two threads saving the
+    // same file at once must not write into one temporary file.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
-        ".{}.tmp{}",
+        ".{}.tmp{}.{seq}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
         std::process::id()
     ));
@@ -364,6 +368,38 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+        fs::remove_dir_all(&s.root).unwrap();
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_file_each_write_whole() {
+        let s = scratch("concurrent");
+        s.ensure().unwrap();
+        let path = s.root.join("shared.json");
+        let writers: Vec<_> = (0..8u8)
+            .map(|i| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    // Lengths differ so a mix of two writes is visible.
+                    let body = vec![b'a' + i; 1000 + 997 * i as usize];
+                    for _ in 0..50 {
+                        write_atomic(&path, &body, 0o600).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let got = fs::read(&path).unwrap();
+        let i = got[0] - b'a';
+        assert_eq!(got, vec![got[0]; 1000 + 997 * i as usize]);
+        let leftovers = fs::read_dir(&s.root)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
+            .count();
+        assert_eq!(leftovers, 0);
         fs::remove_dir_all(&s.root).unwrap();
     }
 }
