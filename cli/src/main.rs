@@ -493,11 +493,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Ps { json, targets } => {
-            let v = call(&state, Request::Ps)?;
-            let mut entries: Vec<PsEntry> = serde_json::from_value(v)?;
-            if !targets.is_empty() {
-                entries.retain(|e| targets.iter().any(|t| ps_matches(e, t)));
-            }
+            let v = call(&state, if targets.is_empty() { Request::Ps } else { Request::PsOf { targets } })?;
+            let entries: Vec<PsEntry> = serde_json::from_value(v)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);
             } else {
@@ -574,12 +571,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// Whether `ps` entry `e` is the target named `t`: its name, its container ID
-/// (or a prefix of 12 or fewer characters), or its namespace path.
-fn ps_matches(e: &PsEntry, t: &str) -> bool {
-    e.target == t || e.container_id.as_deref().is_some_and(|id| !t.is_empty() && (id.starts_with(t) || t.starts_with(id)))
 }
 
 fn call(state: &StateDir, req: Request) -> Result<serde_json::Value> {

@@ -47,6 +47,9 @@ pub enum Request {
     /// Take exposed addresses away again (all when `cidrs` is empty). Answers `hidden`.
     Hide { cidrs: Vec<String> },
     Ps,
+    /// `Ps` of the attachments `targets` name, under any spelling (name, namespace
+    /// path, PID or `/proc/PID/ns/net`, Docker name, ID or ID prefix).
+    PsOf { targets: Vec<String> },
     /// Ranges per owner, free space, unreachable peers' space.
     IpamStatus,
     /// Take over a dead peer's address ranges.

@@ -372,6 +372,26 @@ pub fn find_remembered(attachments: &[Attachment], target: &str) -> Option<usize
     })
 }
 
+/// The remembered attachments `ps TARGET` shows: those whose name, namespace
+/// path or Docker container ID (or any prefix of its 12-digit short form, or
+/// a longer form of it) `target` is; failing that, the one of the namespace
+/// `target` resolves to.
+pub fn ps_matches(attachments: &[Attachment], target: &str) -> Vec<usize> {
+    let by_name: Vec<usize> = (0..attachments.len())
+        .filter(|&i| {
+            let a = &attachments[i];
+            let short = a.container_id.as_deref().map(|id| &id[..id.len().min(12)]);
+            a.target == target
+                || (target.starts_with('/') && a.ns_path == Path::new(target))
+                || short.is_some_and(|s| !target.is_empty() && (s.starts_with(target) || target.starts_with(s)))
+        })
+        .collect();
+    if !by_name.is_empty() {
+        return by_name;
+    }
+    find_remembered(attachments, target).into_iter().collect()
+}
+
 /// [`find_remembered`] without resolving `target`.
 fn find_remembered_by_name(attachments: &[Attachment], target: &str) -> Option<usize> {
     attachments.iter().position(|a| {

@@ -597,6 +597,20 @@ fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trust
 /// Removes every interface and device this router made: container interfaces,
 /// the TAP, the exposed addresses and meshnet's nftables table, and the bridge
 /// if we created it.
+/// What `ps` shows of one attachment: the MAC and addresses its interface has
+/// now (the remembered addresses, and MAC "-", when the namespace is gone).
+fn ps_entry(at: &Attachment) -> api::PsEntry {
+    let seen = attach::still_there(at).and_then(|ns| netlink::inspect(&ns, attach::ifname_of(at)).ok().flatten());
+    api::PsEntry {
+        target: at.target.clone(),
+        kind: at.kind.clone(),
+        mac: seen.as_ref().map(|s| meshnet_proto::peer::format_mac(&s.mac)).unwrap_or_else(|| "-".into()),
+        addresses: seen.map(|s| s.addrs.iter().map(attach::format_cidr).collect()).unwrap_or_else(|| at.addrs.clone()),
+        interface: attach::ifname_of(at).to_string(),
+        container_id: at.container_id.as_ref().map(|id| id[..id.len().min(12)].to_string()),
+    }
+}
+
 pub fn remove_devices(state: &StateDir, attachments: &[Attachment]) {
     for a in attachments {
         if let Some(ns) = attach::still_there(a) {
@@ -854,21 +868,18 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         }
         Request::Ps => {
             let a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let mut out = Vec::new();
-            for at in a {
-                let seen = attach::still_there(&at).and_then(|ns| netlink::inspect(&ns, attach::ifname_of(&at)).ok().flatten());
-                out.push(api::PsEntry {
-                    target: at.target.clone(),
-                    kind: at.kind.clone(),
-                    mac: seen.as_ref().map(|s| meshnet_proto::peer::format_mac(&s.mac)).unwrap_or_else(|| "-".into()),
-                    addresses: seen
-                        .map(|s| s.addrs.iter().map(attach::format_cidr).collect())
-                        .unwrap_or_else(|| at.addrs.clone()),
-                    interface: attach::ifname_of(&at).to_string(),
-                    container_id: at.container_id.as_ref().map(|id| id[..id.len().min(12)].to_string()),
-                });
+            Ok(serde_json::to_value(a.iter().map(ps_entry).collect::<Vec<_>>())?)
+        }
+        Request::PsOf { targets } => {
+            let a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut chosen = Vec::new();
+            for t in &targets {
+                // A target attached to nothing lists nothing (not an error).
+                chosen.extend(attach::ps_matches(&a, t));
             }
-            Ok(serde_json::to_value(out)?)
+            chosen.sort_unstable();
+            chosen.dedup();
+            Ok(serde_json::to_value(chosen.into_iter().map(|i| ps_entry(&a[i])).collect::<Vec<_>>())?)
         }
         Request::IpamStatus => Ok(ipam_status_json(mesh)),
         Request::Rmpeer { peer } => {

@@ -37,6 +37,19 @@ fn cli_gaps_and_report() {
     assert_eq!(json.as_array().map(|a| a.len()), Some(2));
     let none = h1.meshnet(&["ps", "no-such-target"]).expect_ok("ps no-such-target").stdout;
     assert!(none.trim().is_empty(), "{none}");
+    // ...under any spelling of the namespace: its path, a PID in it, /proc/PID/ns/net.
+    let sleeper = lab.spawn_in(&c2.ns, &["sleep", "60"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = sleeper.pid().expect("the sleeper in c2 runs").to_string();
+    for spelling in [format!("/run/netns/{}", c2.ns), pid.clone(), format!("/proc/{pid}/ns/net")] {
+        let out = h1.meshnet(&["ps", &spelling]).expect_ok("ps by another spelling").stdout;
+        assert!(out.lines().count() == 1 && out.starts_with(&c2.ns), "ps {spelling}: {out}");
+    }
+    drop(sleeper);
+    // A namespace that exists but is not attached lists nothing either.
+    let spare = lab.add_container(&h1, 9);
+    let out = h1.meshnet(&["ps", &spare.ns]).expect_ok("ps of an unattached namespace").stdout;
+    assert!(out.trim().is_empty(), "{out}");
 
     // report: everything in one document; text and JSON.
     // (Routes follow the connection within ~100 ms.)
