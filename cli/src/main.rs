@@ -394,6 +394,13 @@ fn resume_args(state: &StateDir, now: LaunchArgs) -> Result<LaunchArgs> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Launch(_)) {
+        // A reader that goes away (`meshnet status | head -1`) ends a command
+        // the way it ends any Unix tool (SIGPIPE), not with a panic in println!.
+        // Not for launch: the router keeps SIGPIPE ignored.
+        // SAFETY: setting a signal's disposition to the default before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
