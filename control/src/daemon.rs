@@ -210,6 +210,11 @@ pub fn run(cfg: Config) -> Result<()> {
     let previous = cfg.state.load_devices()?;
     let bridge_created = !existed || previous.as_ref().is_some_and(|d| d.bridge == cfg.bridge && d.bridge_created);
     let bridge_index = netlink::ensure_bridge(&cfg.bridge, cfg.mtu).with_context(|| format!("bridge {}", cfg.bridge))?;
+    if bridge_created {
+        // Before the TAP joins it: the bridge's MAC (that of its exposed
+        // addresses) must not follow the TAP's, which is new at every launch.
+        netlink::pin_bridge_mac(&cfg.bridge).with_context(|| format!("bridge {}", cfg.bridge))?;
+    }
     let tap_if = port_name(&cfg.bridge, cfg.datapath);
     if let Some(old) = previous.as_ref().filter(|d| d.tap != tap_if) {
         // The port of a run with the other datapath (a capture veth outlives a crash).
