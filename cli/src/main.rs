@@ -642,6 +642,10 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     if args.bridge.is_empty() || args.bridge.len() > 15 || args.bridge.contains(['/', ' ', '\0']) {
         bail!("--bridge {:?}: an interface name of 1 to 15 characters", args.bridge);
     }
+    if let Some(n) = args.nickname.as_deref().filter(|n| n.chars().any(char::is_control)) {
+        // It is shown line by line in every router's status, report and log.
+        bail!("--nickname {n:?}: control characters (a newline, a tab, ...) are not allowed");
+    }
     let ipam_args = parse_ipalloc(&args.ipalloc_range, &args.ipalloc_default_subnet)?;
     let (ipalloc_range, ipalloc_default_subnet) = (ipam_args.range, ipam_args.default_subnet);
     let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, peers.len())?;

@@ -192,3 +192,18 @@ fn output_into_a_closed_pipe_is_no_crash() {
     // The commands did their work before their output was lost.
     assert_eq!(h1.meshnet(&["dns-lookup", "c1"]).expect_ok("dns-lookup").stdout.trim(), "10.40.0.1");
 }
+
+/// `--nickname` with a control character (it would break every router's
+/// line-oriented status) is refused naming it, and nothing starts.
+#[test]
+fn a_nickname_with_control_characters_is_refused() {
+    let Some(lab) = Lab::new("clinick") else { return };
+    let h1 = lab.add_host(1);
+    for bad in ["two\nlines", "tab\there"] {
+        let out = h1.meshnet(&["launch", "--nickname", bad]);
+        assert!(!out.ok() && out.stderr.contains("--nickname") && out.stderr.contains("control characters"), "{out}");
+        assert!(h1.pids().is_empty(), "a refused launch left a router");
+    }
+    h1.launch(&["--nickname", "quote\"and\\backslash are fine"]);
+    assert_eq!(h1.status_json()["nickname"], "quote\"and\\backslash are fine");
+}
