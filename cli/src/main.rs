@@ -394,6 +394,13 @@ fn resume_args(state: &StateDir, now: LaunchArgs) -> Result<LaunchArgs> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Launch(_)) {
+        // A reader that goes away (`meshnet status | head -1`) ends a command
+        // the way it ends any Unix tool (SIGPIPE), not with a panic in println!.
+        // Not for launch: the router keeps SIGPIPE ignored.
+        // SAFETY: setting a signal's disposition to the default before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -625,6 +632,10 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     }
     if args.bridge.is_empty() || args.bridge.len() > 15 || args.bridge.contains(['/', ' ', '\0']) {
         bail!("--bridge {:?}: an interface name of 1 to 15 characters", args.bridge);
+    }
+    if let Some(n) = args.nickname.as_deref().filter(|n| n.chars().any(char::is_control)) {
+        // It is shown line by line in every router's status, report and log.
+        bail!("--nickname {n:?}: control characters (a newline, a tab, ...) are not allowed");
     }
     let ipam_args = parse_ipalloc(&args.ipalloc_range, &args.ipalloc_default_subnet)?;
     let (ipalloc_range, ipalloc_default_subnet) = (ipam_args.range, ipam_args.default_subnet);

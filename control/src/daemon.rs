@@ -210,6 +210,11 @@ pub fn run(cfg: Config) -> Result<()> {
     let previous = cfg.state.load_devices()?;
     let bridge_created = !existed || previous.as_ref().is_some_and(|d| d.bridge == cfg.bridge && d.bridge_created);
     let bridge_index = netlink::ensure_bridge(&cfg.bridge, cfg.mtu).with_context(|| format!("bridge {}", cfg.bridge))?;
+    if bridge_created {
+        // Before the TAP joins it: the bridge's MAC (that of its exposed
+        // addresses) must not follow the TAP's, which is new at every launch.
+        netlink::pin_bridge_mac(&cfg.bridge).with_context(|| format!("bridge {}", cfg.bridge))?;
+    }
     let tap_if = port_name(&cfg.bridge, cfg.datapath);
     if let Some(old) = previous.as_ref().filter(|d| d.tap != tap_if) {
         // The port of a run with the other datapath (a capture veth outlives a crash).
@@ -973,11 +978,19 @@ fn parse_dns_addrs(addrs: &[String]) -> Result<Vec<IpAddr>> {
         .iter()
         .map(|s| {
             let bare = s.strip_prefix("ip:").unwrap_or(s);
-            let bare = bare.split_once('/').map_or(bare, |(a, _)| a);
-            match bare.parse::<IpAddr>() {
-                Ok(ip) => Ok(ip),
+            let (bare, prefix) = bare.split_once('/').map_or((bare, None), |(a, p)| (a, Some(p)));
+            let ip = match bare.parse::<IpAddr>() {
+                Ok(ip) => ip,
                 Err(_) => bail!("{s}: not an IPv4 address, nor an IPv6 one"),
+            };
+            // A prefix (`10.32.1.5/12`, as `attach` prints it) is allowed, but it must be one.
+            if let Some(p) = prefix {
+                let max = if ip.is_ipv4() { 32 } else { 128 };
+                if p.parse::<u8>().ok().filter(|p| *p <= max).is_none() {
+                    bail!("{s}: the prefix length must be 0 to {max}");
+                }
             }
+            Ok(ip)
         })
         .collect()
 }
@@ -1656,4 +1669,22 @@ fn parse_peers(peers: &[String], port: u16) -> Result<Vec<PeerAddr>> {
         .iter()
         .map(|p| PeerAddr::parse(p, port).map_err(anyhow::Error::from))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_addresses_take_a_valid_prefix_or_none() {
+        let ok = |v: &[&str]| parse_dns_addrs(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            ok(&["10.32.1.5", "ip:10.32.1.6", "10.32.1.7/12", "fd32::5/64", "ip:fd32::6/128"]).unwrap(),
+            ["10.32.1.5", "10.32.1.6", "10.32.1.7", "fd32::5", "fd32::6"].map(|a| a.parse::<IpAddr>().unwrap())
+        );
+        for bad in ["10.32.1.5/banana", "10.32.1.5/33", "10.32.1.5/", "ip:10.32.1.5/12/3", "fd32::5/129", "fd32::5/-1", "1.2.3"] {
+            let err = ok(&["10.32.1.1", bad]).expect_err(bad).to_string();
+            assert!(err.starts_with(bad), "{bad}: {err}");
+        }
+    }
 }

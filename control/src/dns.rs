@@ -16,8 +16,8 @@
 //! address is exposed, moves when that address changes and stops when it is
 //! hidden (checked every second). Names in `--dns-domain` are answered from the
 //! tables (A from the IPv4 one, AAAA from the IPv6 one, PTR of `in-addr.arpa`
-//! and `ip6.arpa` names; other types, or the family a name lacks, an empty
-//! NOERROR for a name that exists; NXDOMAIN for one that does not). Other names, and reverse lookups of
+//! and `ip6.arpa` names; other types, the family a name lacks, or a class
+//! other than IN, an empty NOERROR for a name that exists; NXDOMAIN for one that does not). Other names, and reverse lookups of
 //! addresses not in the table, go to the nameservers of the host's
 //! `/etc/resolv.conf` (our own listen address left out); no answer within
 //! [`FORWARD_TIMEOUT`] per nameserver, or an error, is answered SERVFAIL.
@@ -42,7 +42,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use hickory_proto::op::{Message, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, PTR};
-use hickory_proto::rr::{Name, RData, Record as DnsRecord, RecordType};
+use hickory_proto::rr::{DNSClass, Name, RData, Record as DnsRecord, RecordType};
 use meshnet_proto::dns::{self as table, Answer, DnsMsg, Family, QueryType, Record, Record6, RecordSet, SignedSet, Table, Table6};
 use meshnet_proto::handshake::{CAP_DNS, CAP_DNS6};
 use meshnet_proto::trust::Signer;
@@ -630,6 +630,9 @@ impl Dns {
             RecordType::PTR => QueryType::Ptr,
             _ => QueryType::Other,
         };
+        // meshnet's names are of the Internet class: a question of another
+        // class (CH, HS) for one gets no IN record, only NOERROR or NXDOMAIN.
+        let qtype = if matches!(q.query_class(), DNSClass::IN | DNSClass::ANY) { qtype } else { QueryType::Other };
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
         let answer = self.table().resolve(&qname, qtype, turn);
         let ttl = self.config.ttl;
@@ -857,10 +860,16 @@ mod tests {
     }
 
     fn ask(dns: &Dns, name: Name, qtype: RecordType) -> Message {
+        ask_class(dns, name, qtype, DNSClass::IN)
+    }
+
+    fn ask_class(dns: &Dns, name: Name, qtype: RecordType, class: DNSClass) -> Message {
         let mut q = Message::query();
         q.metadata.id = 42;
         q.metadata.message_type = MessageType::Query;
-        q.add_query(Query::query(name, qtype));
+        let mut query = Query::query(name, qtype);
+        query.set_query_class(class);
+        q.add_query(query);
         match dns.handle(&q.to_vec().unwrap()) {
             // Through the wire format and back, as a client sees it.
             Handled::Reply(m) => Message::from_vec(&m.to_vec().unwrap()).unwrap(),
@@ -909,6 +918,38 @@ mod tests {
         let a: Ipv6Addr = "fd32::6".parse().unwrap();
         let reverse = Name::from(a);
         assert_eq!(reverse.to_lowercase().to_ascii(), table::reverse_name6(a));
+        let m = ask(&dns, reverse, RecordType::PTR);
+        assert!(matches!(&m.answers[..], [r] if r.data == RData::PTR(PTR(db.clone()))), "{m:?}");
+        let _ = std::fs::remove_dir_all(&dns.state.root);
+    }
+
+    /// A question of another class than IN (or ANY) for a name of ours gets
+    /// no IN record: NOERROR without data for a name that exists, NXDOMAIN
+    /// for one that does not; class ANY is answered as IN.
+    #[test]
+    fn only_the_internet_class_is_answered_with_records() {
+        let dns = test_dns("classes");
+        {
+            let mut t = dns.table();
+            let rec = Record { name: "db.meshnet.local.".into(), addr: "10.0.0.1".parse().unwrap(), target: "t".into() };
+            t.v4.set_own(vec![rec], 1, &dns.signer).unwrap();
+        }
+        let db = Name::from_ascii("db.meshnet.local.").unwrap();
+        let reverse = Name::from_ascii("1.0.0.10.in-addr.arpa.").unwrap();
+        for class in [DNSClass::CH, DNSClass::HS] {
+            let m = ask_class(&dns, db.clone(), RecordType::A, class);
+            assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::NoError, 0), "{class:?}: {m:?}");
+            // A reverse name of that class is not ours: it goes upstream, as other names do.
+            let mut q = Message::query();
+            let mut query = Query::query(reverse.clone(), RecordType::PTR);
+            query.set_query_class(class);
+            q.add_query(query);
+            assert!(matches!(dns.handle(&q.to_vec().unwrap()), Handled::Forward(_)), "{class:?}: a reverse name not forwarded");
+            let m = ask_class(&dns, Name::from_ascii("nobody.meshnet.local.").unwrap(), RecordType::A, class);
+            assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        }
+        let m = ask_class(&dns, db.clone(), RecordType::A, DNSClass::ANY);
+        assert!(matches!(&m.answers[..], [r] if r.data == RData::A(A("10.0.0.1".parse().unwrap())) && r.dns_class == DNSClass::IN), "{m:?}");
         let m = ask(&dns, reverse, RecordType::PTR);
         assert!(matches!(&m.answers[..], [r] if r.data == RData::PTR(PTR(db.clone()))), "{m:?}");
         let _ = std::fs::remove_dir_all(&dns.state.root);

@@ -382,7 +382,7 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     let conns = mesh.connection_status();
     let peers = mesh.peer_status();
     let nicknames: BTreeMap<String, String> = peers.iter().map(|p| (p.name.clone(), p.nickname.clone())).collect();
-    let labels = |p: PeerName| PeerLabels { peer: p.to_string(), nickname: nicknames.get(&p.to_string()).cloned().unwrap_or_default() };
+    let labels = |p: PeerName| PeerLabels { peer: p.to_string(), nickname: label_value(nicknames.get(&p.to_string()).map_or("", |n| n.as_str())) };
 
     // Connections and peers.
     let by_state = gauges::<StateLabels>(&mut reg, "meshnet_connections", "Connections and connect targets by state (established, pending, connecting, retrying, failed)");
@@ -425,7 +425,7 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     );
     for c in conns.iter() {
         let Some(name) = c.peer.as_ref() else { continue };
-        let l = PeerLabels { peer: name.clone(), nickname: c.nickname.clone() };
+        let l = PeerLabels { peer: name.clone(), nickname: label_value(&c.nickname) };
         if let Some(m) = c.path_mtu {
             mtu.get_or_create(&l).set(m as i64);
         }
@@ -448,7 +448,7 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
                 None => "unreachable",
             };
             for kind in ["direct", "relayed", "unreachable"] {
-                let l = PeerRouteLabels { peer: p.name.to_string(), nickname: p.nickname.clone(), route: kind.into() };
+                let l = PeerRouteLabels { peer: p.name.to_string(), nickname: label_value(&p.nickname), route: kind.into() };
                 route.get_or_create(&l).set((kind == r) as i64);
             }
         }
@@ -544,6 +544,23 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     Ok(out)
 }
 
+/// A label value as the exposition must carry it: `prometheus-client` (0.24)
+/// writes label values as they are, so a nickname (any peer's, from gossip)
+/// holding `"`, `\` or a newline would end the value early and make the whole
+/// scrape fail. Escaped as both formats (classic and OpenMetrics) want.
+fn label_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The OpenMetrics exposition `prometheus-client` writes, in the classic
 /// Prometheus text format (0.0.4): there a counter's family is named as its
 /// samples are (`x_total`), and there is no `# EOF` or `# UNIT` line.
@@ -595,6 +612,21 @@ pub fn family_lines<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A nickname with a quote, a backslash or a newline comes out escaped
+    /// (once) in the exposition: one line per sample, the value intact.
+    #[test]
+    fn odd_nicknames_are_escaped_in_label_values() {
+        let mut reg = Registry::default();
+        let g = gauges::<PeerLabels>(&mut reg, "meshnet_test", "test");
+        g.get_or_create(&PeerLabels { peer: "p".into(), nickname: label_value("a\"b\\c\nd") }).set(1);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        let text = classic_text(&out);
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(samples, [r#"meshnet_test{peer="p",nickname="a\"b\\c\nd"} 1"#], "{text}");
+        assert_eq!(label_value("node-1 (rack 2)"), "node-1 (rack 2)");
+    }
 
     #[test]
     fn metrics_addr_parses_or_turns_off() {

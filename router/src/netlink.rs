@@ -183,6 +183,29 @@ pub fn ensure_bridge(name: &str, mtu: u32) -> Result<u32, NetlinkError> {
     })
 }
 
+/// Pin bridge `name`'s MAC address: set it to the address it has now, so the
+/// kernel stops deriving it from the lowest MAC among its ports. Otherwise it
+/// changes whenever the router's TAP (or pcap veth, made anew with a random
+/// MAC at every launch) or a container's veth comes or goes, and hosts and
+/// containers that cached it (ARP, neighbour discovery) lose the bridge's
+/// exposed addresses, and the DNS server on them, for seconds after a restart.
+/// Returns the address.
+pub fn pin_bridge_mac(name: &str) -> Result<[u8; 6], NetlinkError> {
+    let what = format!("pin the MAC address of bridge {name}");
+    check_ifname(&what, "bridge name", name)?;
+    let name = name.to_string();
+    on_netlink_thread(what.clone(), move |h| async move {
+        let link = link_by_name(&h, &name).await.ctx(|| format!("{what}: look up"))?.ok_or_else(|| NetlinkError::NotFound {
+            what: what.clone(),
+            problem: "no such link".into(),
+        })?;
+        let index = bridge_index_of(&what, &link)?;
+        let mac = mac_of(&link).ok_or_else(|| NetlinkError::NotFound { what: what.clone(), problem: "it has no MAC address".into() })?;
+        set_link(&h, LinkUnspec::new_with_index(index).address(mac.to_vec()).build()).await.ctx(|| what)?;
+        Ok(mac)
+    })
+}
+
 /// The ifindex of link `name` in the calling thread's namespace, if it exists.
 pub fn link_index(name: &str) -> Result<Option<u32>, NetlinkError> {
     let what = format!("look up link {name}");

@@ -240,6 +240,47 @@ fn scratch(n: usize) -> (ScratchNs, Vec<ScratchNs>) {
 // Bridge
 // ---------------------------------------------------------------------------
 
+/// A pinned bridge keeps its MAC when a port with a lower MAC joins and when
+/// its ports go (a router's TAP is made anew at every launch); an unpinned
+/// one follows its ports (which is why meshnet pins the bridges it makes).
+#[test]
+fn a_pinned_bridge_keeps_its_mac_while_ports_come_and_go() {
+    require_root!();
+    let (host, _) = scratch(0);
+    let probe = host.0.clone();
+    in_host(&host, move || {
+        let mac = |dev: &str| probe.link(dev).expect("link exists")["address"].as_str().unwrap().to_string();
+        let port = |br: &str, p: &str, addr: &str| {
+            probe.ip(&["link", "add", p, "address", addr, "type", "veth", "peer", "name", &format!("{p}x")]);
+            probe.ip(&["link", "set", p, "master", br, "up"]);
+        };
+        // Unpinned: a port with a lower MAC gives the bridge that MAC.
+        let loose = format!("mnb{}", unique());
+        netlink::ensure_bridge(&loose, 1400).unwrap();
+        let lp = format!("mnv{}", unique());
+        port(&loose, &lp, "02:00:00:00:00:01");
+        assert_eq!(mac(&loose), "02:00:00:00:00:01", "the kernel no longer derives an unpinned bridge's MAC from its ports");
+
+        let br = format!("mnb{}", unique());
+        netlink::ensure_bridge(&br, 1400).unwrap();
+        let pinned = netlink::pin_bridge_mac(&br).unwrap();
+        let text = pinned.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        assert_eq!(mac(&br), text);
+        let p1 = format!("mnv{}", unique());
+        port(&br, &p1, "02:00:00:00:00:02");
+        assert_eq!(mac(&br), text, "a pinned bridge took its new port's MAC");
+        probe.ip(&["link", "del", &p1]);
+        assert_eq!(mac(&br), text, "a pinned bridge changed its MAC when its port went");
+        // Pinning again (a relaunch) changes nothing; a non-bridge is refused.
+        assert_eq!(netlink::pin_bridge_mac(&br).unwrap(), pinned);
+        assert!(matches!(netlink::pin_bridge_mac(&lp).unwrap_err(), NetlinkError::Conflict { .. }));
+        assert!(matches!(netlink::pin_bridge_mac("mnnosuchbr0").unwrap_err(), NetlinkError::NotFound { .. }));
+        for l in [&loose, &br, &lp] {
+            netlink::delete_link(l).unwrap();
+        }
+    });
+}
+
 #[test]
 fn bridge_create_reuse_delete() {
     require_root!();

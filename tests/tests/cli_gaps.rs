@@ -165,3 +165,58 @@ fn a_reused_namespace_inode_is_a_new_target() {
     }
     eprintln!("the kernel never reused a namespace inode in 8 attempts: nothing checked");
 }
+
+/// A command whose reader has gone (`meshnet status | head -1`) ends quietly,
+/// as any Unix tool does (SIGPIPE), and does not panic in `println!`.
+#[test]
+fn output_into_a_closed_pipe_is_no_crash() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+
+    let Some(lab) = Lab::new("clipipe") else { return };
+    let h1 = lab.add_host(1);
+    h1.launch(&[]);
+    let c1 = lab.add_container(&h1, 1);
+    h1.meshnet(&["attach", "10.40.0.1/16", &c1.ns]).expect_ok("attach c1");
+    for args in [&["status"][..], &["status", "--json"], &["ps"], &["report"], &["dns-add", &c1.ns, "-h", "c1"], &["dns-lookup", "c1"]] {
+        // stdout: a pipe nobody reads (its read end closed before the command starts).
+        let mut fds = [0; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        unsafe { libc::close(fds[0]) };
+        let write_end = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+        let out = Command::new("ip")
+            .args(["netns", "exec", &h1.ns])
+            .arg(meshnet_bin())
+            .args(args)
+            .env("MESHNET_STATE_DIR", &h1.state_dir)
+            .stdout(Stdio::from(write_end))
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run meshnet");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "meshnet {args:?} into a closed pipe panicked: {stderr}");
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "meshnet {args:?} into a closed pipe: {:?}, stderr: {stderr}",
+            out.status
+        );
+    }
+    // The commands did their work before their output was lost.
+    assert_eq!(h1.meshnet(&["dns-lookup", "c1"]).expect_ok("dns-lookup").stdout.trim(), "10.40.0.1");
+}
+
+/// `--nickname` with a control character (it would break every router's
+/// line-oriented status) is refused naming it, and nothing starts.
+#[test]
+fn a_nickname_with_control_characters_is_refused() {
+    let Some(lab) = Lab::new("clinick") else { return };
+    let h1 = lab.add_host(1);
+    for bad in ["two\nlines", "tab\there"] {
+        let out = h1.meshnet(&["launch", "--nickname", bad]);
+        assert!(!out.ok() && out.stderr.contains("--nickname") && out.stderr.contains("control characters"), "{out}");
+        assert!(h1.pids().is_empty(), "a refused launch left a router");
+    }
+    h1.launch(&["--nickname", "quote\"and\\backslash are fine"]);
+    assert_eq!(h1.status_json()["nickname"], "quote\"and\\backslash are fine");
+}

@@ -304,6 +304,37 @@ fn default_range_relaunch_with_an_exposed_address() {
     assert!(h.pids().is_empty(), "a refused launch left a router");
 }
 
+/// The bridge's MAC (that of the host's exposed addresses, and of the DNS
+/// server on them) stays the same across `kill -9` + `launch --resume` and
+/// `stop` + `launch`: the TAP, made anew with a random MAC at every launch,
+/// must not give the bridge its MAC, or containers that cached the old one
+/// lose the host (and DNS) until their neighbour entries expire.
+#[test]
+fn the_bridge_keeps_its_mac_across_restarts() {
+    let Some(lab) = Lab::new("exposemac") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    two_routers(&h1, &h2);
+    let e = h1.meshnet(&["expose"]).expect_ok("expose").stdout.trim().to_string();
+    let c2 = lab.add_container(&h2, 2);
+    h2.meshnet(&["attach", &c2.ns]).expect_ok("attach c2");
+    assert!(ping_until(&c2.ns, &ip_of(&e), SECS(20)), "c2 cannot reach h1's exposed {e}");
+    let mac = |h: &Host| link(&h.ns, "meshnet").expect("bridge exists")["address"].as_str().unwrap_or_default().to_string();
+    let before = mac(&h1);
+    assert!(is_mac(&before), "{before}");
+
+    kill9(&h1);
+    h1.launch(&["--resume"]);
+    assert_eq!(mac(&h1), before, "the bridge's MAC changed across kill -9 + launch --resume");
+    assert!(ping_until(&c2.ns, &ip_of(&e), SECS(20)), "c2 lost h1's exposed {e} after kill -9 + launch --resume");
+
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    assert_eq!(mac(&h1), before, "stop changed the bridge's MAC");
+    h1.launch(&OPTS);
+    assert_eq!(mac(&h1), before, "the bridge's MAC changed across stop + launch");
+    assert!(ping_until(&c2.ns, &ip_of(&e), SECS(20)), "c2 lost h1's exposed {e} after stop + launch");
+    assert_eq!(exposed(&h1), vec![e]);
+}
+
 // ---------------------------------------------------------------------------
 // CNI chains, driven as runtimes drive them
 

@@ -442,3 +442,41 @@ fn every_documented_metric_is_served() {
     assert!(wrong.is_empty(), "README's metrics table and /metrics differ:\n{}\n\n{text}", wrong.join("\n"));
     eprintln!("{} metrics served, all documented", served.len());
 }
+
+/// A peer's nickname is free text that reaches every router by gossip: one
+/// with a quote and a backslash is escaped in the label values, so
+/// both routers' expositions stay valid for `promtool` and carry it intact.
+#[test]
+fn odd_nicknames_keep_the_exposition_valid() {
+    if !have("/usr/bin/promtool") {
+        eprintln!("skipping: needs /usr/bin/promtool (apt-get install prometheus)");
+        return;
+    }
+    let Some(lab) = Lab::new("metricsnick") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let odd = "we\"ird\\name";
+    let n1 = h1.launch(&["--nickname", odd]);
+    h2.launch(&["--nickname", "plain", &h1.ip]);
+    assert!(wait_until(SECS(30), || established_with(&h2.status_json(), &n1)), "h2 did not connect to h1");
+    h1.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime h1");
+    let escaped = r#"nickname="we\"ird\\name""#;
+    for h in [&h1, &h2] {
+        let mut body = String::new();
+        // h2 labels h1's connection, route and IPAM space with h1's nickname (once gossiped).
+        let seen = wait_until(SECS(20), || {
+            body = curl(&h.ns, &["http://127.0.0.1:6782/metrics"]).1;
+            body.lines().any(|l| l.starts_with("meshnet_ipam_owned_addresses{") && l.contains(escaped))
+        });
+        assert!(seen, "h{}: no IPAM series labelled {escaped}:\n{body}", h.i);
+        let file = lab.dir.join(format!("metrics-h{}.txt", h.i));
+        std::fs::write(&file, &body).unwrap();
+        let check = run(
+            std::process::Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", file.display())),
+            SECS(30),
+        );
+        assert!(check.ok(), "promtool check metrics on h{}'s output: {check}\n{body}", h.i);
+    }
+    let body = curl(&h2.ns, &["http://127.0.0.1:6782/metrics"]).1;
+    let route = format!(r#"meshnet_peer_route{{peer="{n1}",{escaped},route="direct"}} 1"#);
+    assert!(body.lines().any(|l| l == route), "h2 lacks {route}:\n{body}");
+}
