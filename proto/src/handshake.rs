@@ -654,6 +654,9 @@ pub fn decode_hello(bytes: &[u8]) -> Result<Hello, HandshakeError> {
     if used != bytes.len() {
         return Err(HandshakeError::BadHello("trailing bytes".into()));
     }
+    if !crate::topology::printable(&hello.nickname) || !crate::topology::printable(&hello.software) {
+        return Err(HandshakeError::BadHello("a control character in its nickname or software string".into()));
+    }
     Ok(hello)
 }
 
@@ -1300,6 +1303,19 @@ mod tests {
         let err = i.feed(&r.take_output()).unwrap_err();
         assert!(matches!(err, HandshakeError::Refused(ref s) if s == "too many connections"));
         assert!(matches!(r.feed(&[1]), Err(HandshakeError::AlreadyFailed)));
+    }
+
+    #[test]
+    fn a_hello_with_a_control_character_is_refused() {
+        for (nickname, software) in [("two\nlines", "meshnet"), ("n", "meshnet\x1b[2J"), ("tab\there", "meshnet")] {
+            let mut hello = cfg(1, None).hello;
+            hello.nickname = nickname.into();
+            hello.software = software.into();
+            let bytes = encode_hello(&hello).unwrap();
+            assert!(matches!(decode_hello(&bytes), Err(HandshakeError::BadHello(_))), "{nickname:?} {software:?}");
+        }
+        let hello = cfg(1, None).hello;
+        assert_eq!(decode_hello(&encode_hello(&hello).unwrap()).unwrap(), hello);
     }
 
     #[test]

@@ -189,6 +189,8 @@ pub enum MergeError {
     TooManyTotalConnections { count: usize },
     #[error("peer {peer} has a nickname or software string over {MAX_TEXT} bytes")]
     TextTooLong { peer: PeerName },
+    #[error("peer {peer} has a control character in its nickname or software string")]
+    ControlCharacter { peer: PeerName },
     #[error("gossip names the broadcast address 00:00:00:00:00:00 as a peer")]
     BroadcastName,
     #[error("peer {peer} has version {version}, at or above the limit of {MAX_VERSION}")]
@@ -210,11 +212,17 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Starts with only myself. Overlong text fields are cut to [`MAX_TEXT`] bytes so
-    /// that other peers never refuse my gossip; my connections are sorted and deduplicated.
+    /// Starts with only myself. Overlong text fields are cut to [`MAX_TEXT`] bytes, and
+    /// control characters in them replaced, so that other peers never refuse my gossip;
+    /// my connections are sorted and deduplicated.
     pub fn new(mut me: PeerInfo) -> Self {
         truncate_text(&mut me.nickname);
         truncate_text(&mut me.software);
+        for s in [&mut me.nickname, &mut me.software] {
+            if !printable(s) {
+                *s = s.chars().map(|c| if c.is_control() { '?' } else { c }).collect();
+            }
+        }
         me.connections = normalise(std::mem::take(&mut me.connections));
         me.version = me.version.min(MAX_VERSION);
         Topology { me, others: BTreeMap::new(), seals: BTreeMap::new(), signer: None, my_seal: None }
@@ -389,6 +397,8 @@ impl Topology {
             || info.connections.iter().any(|c| !trust::valid_name(c.peer))
             || info.nickname.len() > MAX_TEXT
             || info.software.len() > MAX_TEXT
+            || !printable(&info.nickname)
+            || !printable(&info.software)
         {
             return Err(Rejection::Malformed);
         }
@@ -440,6 +450,9 @@ impl Topology {
             }
             if info.nickname.len() > MAX_TEXT || info.software.len() > MAX_TEXT {
                 return Err(MergeError::TextTooLong { peer: info.name });
+            }
+            if !printable(&info.nickname) || !printable(&info.software) {
+                return Err(MergeError::ControlCharacter { peer: info.name });
             }
             if info.version >= MAX_VERSION {
                 return Err(MergeError::VersionOutOfRange { peer: info.name, version: info.version });
@@ -1029,6 +1042,13 @@ fn normalise(mut conns: Vec<ConnInfo>) -> Vec<ConnInfo> {
     conns
 }
 
+/// Whether a peer's nickname or software string is free of control characters:
+/// every router prints them line by line (`status`, `report`, logs), so an
+/// entry with a newline or an escape sequence in them is malformed.
+pub fn printable(s: &str) -> bool {
+    !s.chars().any(char::is_control)
+}
+
 fn truncate_text(s: &mut String) {
     if s.len() > MAX_TEXT {
         let mut end = MAX_TEXT;
@@ -1212,6 +1232,14 @@ mod tests {
         long.nickname = "x".repeat(MAX_TEXT + 1);
         let mut t = Topology::new(info(1, 1, &[]));
         assert_eq!(t.merge(vec![long]), Err(MergeError::TextTooLong { peer: name(4) }));
+        let mut tab = info(4, 1, &[]);
+        tab.software = "meshnet\t1.0".into();
+        assert_eq!(t.merge(vec![tab]), Err(MergeError::ControlCharacter { peer: name(4) }));
+        assert!(t.get(name(4)).is_none(), "nothing applied");
+        // My own entry never carries one (others would refuse it).
+        let mut me = info(1, 1, &[]);
+        me.nickname = "two\nlines".into();
+        assert_eq!(Topology::new(me).me().nickname, "two?lines");
         let mut broadcast = info(5, 1, &[]);
         broadcast.name = PeerName::BROADCAST;
         assert_eq!(t.merge(vec![broadcast]), Err(MergeError::BroadcastName));
@@ -1652,9 +1680,13 @@ mod tests {
         new_bad_sig.seal.sig.0[3] ^= 0x40;
         let mut zero = sealed(entry(&m, 1, &[]), &m);
         zero.info.connections.push(ConnInfo { peer: PeerName(0), addr: addr(1), outbound: true, established: true });
+        // Signed by its owner, but a nickname every router would print raw.
+        let mut escape = entry(&m, 1, &[]);
+        escape.nickname = "m\x1b[2J\nfake line".into();
+        let escape = sealed(escape, &m);
         let honest = sealed(entry(&c, 2, &[&b]), &c);
         let r = t
-            .merge_signed(vec![max, with_b_binding, own_binding_for_b, wrong_binding, new_bad_sig, zero, honest], &mut book)
+            .merge_signed(vec![max, with_b_binding, own_binding_for_b, wrong_binding, new_bad_sig, zero, escape, honest], &mut book)
             .unwrap();
         let reasons: Vec<Rejection> = r.rejected.iter().map(|(_, why)| *why).collect();
         assert_eq!(
@@ -1665,6 +1697,7 @@ mod tests {
                 Rejection::KeyConflict,
                 Rejection::BadBinding,
                 Rejection::BadSignature,
+                Rejection::Malformed,
                 Rejection::Malformed
             ]
         );
