@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use hickory_proto::op::{Message, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, PTR};
 use hickory_proto::rr::{DNSClass, Name, RData, Record as DnsRecord, RecordType};
 use meshnet_proto::dns::{self as table, Answer, DnsMsg, Family, QueryType, Record, Record6, RecordSet, SignedSet, Table, Table6};
@@ -592,6 +592,10 @@ async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
     Ok((udp, tcp))
 }
 
+/// The UDP payload size this server says it takes, in its EDNS record (the
+/// size DNS Flag Day 2020 settled on: no fragmentation on common paths).
+const EDNS_PAYLOAD: u16 = 1232;
+
 /// What a query gets.
 enum Handled {
     Reply(Message),
@@ -614,6 +618,17 @@ impl Dns {
         let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
         resp.metadata = Metadata::response_from_request(&req.metadata);
         resp.metadata.recursion_available = true;
+        // EDNS (RFC 6891): a query with an OPT record gets one back, and only
+        // version 0 exists; a higher one is answered BADVERS.
+        if let Some(asked) = &req.edns {
+            let mut opt = Edns::new();
+            opt.set_max_payload(EDNS_PAYLOAD).set_version(0).set_dnssec_ok(false);
+            resp.set_edns(opt);
+            if asked.version() > 0 {
+                resp.metadata.response_code = ResponseCode::BADVERS;
+                return Handled::Reply(resp);
+            }
+        }
         if req.metadata.op_code != OpCode::Query {
             resp.metadata.response_code = ResponseCode::NotImp;
             return Handled::Reply(resp);
@@ -926,6 +941,36 @@ mod tests {
     /// A question of another class than IN (or ANY) for a name of ours gets
     /// no IN record: NOERROR without data for a name that exists, NXDOMAIN
     /// for one that does not; class ANY is answered as IN.
+    #[test]
+    fn edns_is_answered_with_edns_and_an_unknown_version_with_badvers() {
+        let dns = test_dns("edns");
+        let query = |edns: Option<u8>| {
+            let mut q = Message::query();
+            q.metadata.id = 7;
+            q.add_query(Query::query(Name::from_ascii("nobody.meshnet.local.").unwrap(), RecordType::A));
+            if let Some(version) = edns {
+                let mut e = Edns::new();
+                e.set_max_payload(4096).set_version(version);
+                q.set_edns(e);
+            }
+            match dns.handle(&q.to_vec().unwrap()) {
+                Handled::Reply(m) => Message::from_vec(&m.to_vec().unwrap()).unwrap(),
+                _ => panic!("not answered"),
+            }
+        };
+        let m = query(None);
+        assert!(m.edns.is_none(), "an OPT record to a client that sent none: {m:?}");
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        let m = query(Some(0));
+        let e = m.edns.as_ref().expect("an OPT record back");
+        assert_eq!((e.version(), e.max_payload(), m.metadata.response_code), (0, EDNS_PAYLOAD, ResponseCode::NXDomain));
+        let m = query(Some(1));
+        // 16 on the wire (hickory reads 16 back as BADSIG, which shares it).
+        assert_eq!(u16::from(m.metadata.response_code), u16::from(ResponseCode::BADVERS), "{m:?}");
+        assert_eq!(m.edns.as_ref().map(Edns::version), Some(0));
+        let _ = std::fs::remove_dir_all(&dns.state.root);
+    }
+
     #[test]
     fn only_the_internet_class_is_answered_with_records() {
         let dns = test_dns("classes");
