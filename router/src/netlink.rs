@@ -331,10 +331,11 @@ fn make_veth_port(
 /// Make a veth pair: host end on the bridge (up, IPv6 off), the other moved into
 /// the target namespace (by fd), renamed to container_if, MTU set, addresses
 /// added, up, IPv6 off (unless an IPv6 address is asked for), then a gratuitous
-/// ARP for each IPv4 address sent from inside.
+/// ARP for each IPv4 address and an unsolicited neighbour advertisement for each
+/// IPv6 one sent from inside.
 ///
 /// Idempotent: if container_if already exists in the target and its peer is on
-/// our bridge, only missing addresses are added (and all IPv4 ones re-announced).
+/// our bridge, only missing addresses are added (and all of them re-announced).
 /// If it exists and is anything else, that is a [`NetlinkError::Conflict`].
 /// Errors leave nothing half-made: a new veth is deleted, addresses added by a
 /// failed re-attach are removed.
@@ -649,12 +650,13 @@ fn attach_new(
     }
 }
 
-/// Send the gratuitous ARPs for a new container end from inside its namespace.
+/// Send the gratuitous ARPs and neighbour advertisements for a new container
+/// end from inside its namespace.
 /// The bridge enables the host end only once it has seen the carrier come up
 /// (asynchronously, via linkwatch), and drops what arrives before that, so wait
 /// for the port to forward first (bounded by [`PORT_WAIT`]).
 fn announce_when_forwarding(spec: &AttachSpec, what: &str, host_if: &str, end: &ContainerEnd) {
-    if !spec.addrs.iter().any(|(ip, _)| ip.is_ipv4()) {
+    if spec.addrs.is_empty() {
         return;
     }
     let name = host_if.to_string();
@@ -744,7 +746,7 @@ fn reattach(spec: &AttachSpec, what: &str, host_if: String) -> Result<Attached, 
 }
 
 /// How long [`attach`] waits for a new host end to start forwarding before it
-/// sends the gratuitous ARPs anyway (a bridge with STP on takes much longer).
+/// sends the announcements anyway (a bridge with STP on takes much longer).
 const PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Wait until `name` is a bridge port in forwarding state; false on timeout.
@@ -763,14 +765,19 @@ async fn wait_forwarding(h: &Handle, name: &str, limit: std::time::Duration) -> 
     }
 }
 
-/// Best effort: an announcement can be lost on the wire anyway, so a failure is
-/// logged, not returned.
+/// "`ip` is at `mac`" for each address: a gratuitous ARP (IPv4) or an
+/// unsolicited neighbour advertisement (IPv6), so neighbours that knew the
+/// address at another MAC (a restarted container, an address moved to another
+/// target) take the new one at once. Best effort: an announcement can be lost
+/// on the wire anyway, so a failure is logged, not returned.
 fn announce(ifname: &str, mac: [u8; 6], addrs: &[(IpAddr, u8)]) {
     for (ip, _) in addrs {
-        if let IpAddr::V4(v4) = ip {
-            if let Err(e) = crate::arp::gratuitous_arp(ifname, mac, *v4) {
-                log::warn!("{e}");
-            }
+        let sent = match ip {
+            IpAddr::V4(v4) => crate::arp::gratuitous_arp(ifname, mac, *v4),
+            IpAddr::V6(v6) => crate::arp::unsolicited_na(ifname, mac, *v6),
+        };
+        if let Err(e) = sent {
+            log::warn!("{e}");
         }
     }
 }
