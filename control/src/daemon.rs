@@ -260,7 +260,7 @@ pub fn run(cfg: Config) -> Result<()> {
                 log::info!("container {} is not running; keeping its attachment until it is removed", a.target);
                 return true;
             }
-            log::info!("target {} is gone; forgetting it", a.target);
+            log::info!("forgetting target {}: {}", a.target, attach::gone_reason(a));
             return false;
         };
         let addrs: Vec<_> = a.addrs.iter().filter_map(|s| parse_cidr(s).ok()).collect();
@@ -513,7 +513,7 @@ async fn keys_saver(mesh: Arc<Mesh>) {
 }
 
 fn reattach(cfg: &Config, a: &Attachment, addrs: &[(IpAddr, u8)]) -> Result<()> {
-    let ns = attach::still_there(a).context("namespace gone")?;
+    let ns = attach::still_there(a).with_context(|| attach::gone_reason(a))?;
     netlink::attach(&netlink::AttachSpec {
         target: ns.clone(),
         bridge: cfg.bridge.clone(),
