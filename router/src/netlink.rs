@@ -46,36 +46,34 @@ pub const MAX_IFNAME_LEN: usize = 15;
 
 /// A link operation failed. The message names the operation and the thing it was
 /// done to, e.g. "attach ethwe to netns c1: netns c1: no such namespace (/run/netns/c1)".
+/// It holds its cause, which is therefore not also chained as a `source` (a
+/// chain printed with `{:#}` would show the cause twice).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NetlinkError {
-    /// The kernel refused a request; `source` carries its errno.
-    #[error("{what}: {source}")]
+    /// The kernel refused a request; `cause` carries its errno.
+    #[error("{what}: {cause}")]
     Kernel {
         what: String,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// The netlink conversation itself went wrong (unexpected or undecodable reply).
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Protocol {
         what: String,
-        #[source]
-        source: rtnetlink::Error,
+        cause: rtnetlink::Error,
     },
     /// A local I/O step failed: a sysctl write, a socket, a thread, the TAP device.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         what: String,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// The target namespace could not be opened or entered.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Netns {
         what: String,
-        #[source]
-        source: NetnsError,
+        cause: NetnsError,
     },
     /// An argument is unusable (name too long, prefix out of range).
     #[error("{what}: {problem}")]
@@ -94,7 +92,7 @@ impl NetlinkError {
     /// The errno behind a kernel refusal or I/O failure, if there is one.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            NetlinkError::Kernel { source, .. } | NetlinkError::Io { source, .. } => {
+            NetlinkError::Kernel { cause: source, .. } | NetlinkError::Io { cause: source, .. } => {
                 source.raw_os_error()
             }
             _ => None,
@@ -349,7 +347,7 @@ pub fn attach(spec: &AttachSpec) -> Result<Attached, NetlinkError> {
     // Opening the namespace first means a missing one costs nothing to undo.
     let target_file = spec.target.open().map_err(|source| NetlinkError::Netns {
         what: what.clone(),
-        source,
+        cause: source,
     })?;
     let bridge_index = link_index(&spec.bridge)?.ok_or_else(|| NetlinkError::NotFound {
         what: what.clone(),
@@ -810,7 +808,7 @@ fn in_ns<T: Send + 'static>(
 ) -> Result<T, NetlinkError> {
     netns::run_in(ns, f).map_err(|source| NetlinkError::Netns {
         what: what.to_string(),
-        source,
+        cause: source,
     })?
 }
 
@@ -1126,7 +1124,7 @@ pub fn quiet_bridge_ipv6(name: &str) -> Result<(), NetlinkError> {
     for (knob, value) in BRIDGE_IPV6_SYSCTLS {
         let path = format!("{dir}/{knob}");
         if let Err(source) = std::fs::write(&path, format!("{value}\n")) {
-            return Err(NetlinkError::Io { what: format!("set {path} to {value}"), source });
+            return Err(NetlinkError::Io { what: format!("set {path} to {value}"), cause: source });
         }
     }
     Ok(())
@@ -1143,7 +1141,7 @@ pub fn set_bridge_ipv6(name: &str, on: bool) -> Result<(), NetlinkError> {
     if !std::path::Path::new(&dir).exists() {
         return Err(NetlinkError::Io {
             what: format!("enable IPv6 on {name}"),
-            source: io::Error::new(
+            cause: io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("no {dir}: IPv6 is off in this kernel, or the bridge's MTU is below IPv6's 1280"),
             ),
@@ -1166,7 +1164,7 @@ pub(crate) fn set_ipv6_disabled(name: &str, disabled: bool) -> Result<(), Netlin
                 "{} IPv6 on {name} ({path})",
                 if disabled { "disable" } else { "enable" }
             ),
-            source,
+            cause: source,
         }),
     }
 }
@@ -1231,13 +1229,13 @@ where
         .build()
         .map_err(|source| NetlinkError::Io {
             what: "start a runtime for rtnetlink".into(),
-            source,
+            cause: source,
         })?;
     runtime.block_on(async move {
         let (connection, handle, _) =
             rtnetlink::new_connection().map_err(|source| NetlinkError::Io {
                 what: "open an rtnetlink socket".into(),
-                source,
+                cause: source,
             })?;
         let driver = tokio::spawn(connection);
         let result = work(handle).await;
@@ -1259,7 +1257,7 @@ where
         .spawn(move || with_connection(work))
         .map_err(|source| NetlinkError::Io {
             what: format!("{what}: start a thread"),
-            source,
+            cause: source,
         })?;
     match thread.join() {
         Ok(result) => result,
@@ -1283,9 +1281,9 @@ pub(crate) fn kernel(what: String, e: rtnetlink::Error) -> NetlinkError {
     match errno_of(&e) {
         Some(errno) => NetlinkError::Kernel {
             what,
-            source: io::Error::from_raw_os_error(errno),
+            cause: io::Error::from_raw_os_error(errno),
         },
-        None => NetlinkError::Protocol { what, source: e },
+        None => NetlinkError::Protocol { what, cause: e },
     }
 }
 
@@ -1302,6 +1300,36 @@ impl<T> Context<T> for Result<T, rtnetlink::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error and its sources, as anyhow's `{:#}` prints them.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut next = e.source();
+        while let Some(s) = next {
+            out += &format!(": {s}");
+            next = s.source();
+        }
+        out
+    }
+
+    #[test]
+    fn a_cause_is_printed_once() {
+        let rofs = || io::Error::from_raw_os_error(libc::EROFS);
+        let text = rofs().to_string();
+        let errors = [
+            NetlinkError::Io { what: "set /proc/sys/x to 1".into(), cause: rofs() },
+            NetlinkError::Kernel { what: "add link".into(), cause: rofs() },
+            NetlinkError::Netns {
+                what: "attach ethwe to netns c1".into(),
+                cause: NetnsError::Open { label: "netns c1".into(), path: "/run/netns/c1".into(), cause: rofs() },
+            },
+        ];
+        for e in &errors {
+            let c = chain(e);
+            assert_eq!(c.matches(&text).count(), 1, "{c}");
+        }
+        assert_eq!(errors[0].errno(), Some(libc::EROFS));
+    }
 
     #[test]
     fn names_are_checked_before_the_kernel_sees_them() {
