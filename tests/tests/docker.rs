@@ -437,6 +437,40 @@ fn entrypoint_runs_every_meshnet_command() {
     assert!(failed.is_empty(), "docker-entrypoint.sh does not run these as meshnet commands:\n{}", failed.join("\n"));
 }
 
+/// The entrypoint's `launch --metrics-addr` with an unbracketed IPv6 address
+/// (the DaemonSet's `$(NODE_IP):6782` on an IPv6 node) gets brackets, anything
+/// else stays as given. A stand-in `meshnet` on PATH prints what it was given.
+#[test]
+fn entrypoint_brackets_ipv6_metrics() {
+    let bin_dir = std::env::temp_dir().join(format!("meshnet-entrypoint-args-{}", std::process::id()));
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let fake = bin_dir.join("meshnet");
+    std::fs::write(&fake, "#!/bin/sh\nprintf 'dir=%s' \"${MESHNET_STATE_DIR:-}\"; for a; do printf ' <%s>' \"$a\"; done; echo\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let entrypoint = workspace_root().join("deploy/docker-entrypoint.sh");
+    let run_it = |args: &[&str]| {
+        let mut cmd = Command::new("sh");
+        cmd.arg(&entrypoint).args(args).env("PATH", &path).env_remove("MESHNET_STATE_DIR");
+        run(&mut cmd, SECS(10))
+    };
+    let cases: &[(&[&str], &str)] = &[
+        (&["launch", "--metrics-addr", "fd00::5:6782"], "dir= <launch> <--foreground> <--metrics-addr> <[fd00::5]:6782>"),
+        (&["launch", "--metrics-addr=fd00::5:6782", "--foreground"], "dir= <launch> <--metrics-addr=[fd00::5]:6782> <--foreground>"),
+        (&["launch", "--metrics-addr", "10.0.0.5:6782", "fd00::9"], "dir= <launch> <--foreground> <--metrics-addr> <10.0.0.5:6782> <fd00::9>"),
+        (&["launch", "--metrics-addr=[::1]:6782", "--metrics-addr="], "dir= <launch> <--foreground> <--metrics-addr=[::1]:6782> <--metrics-addr=>"),
+    ];
+    let mut wrong = vec![];
+    for (args, want) in cases {
+        let out = run_it(args);
+        if !out.ok() || out.stdout.trim() != *want {
+            wrong.push(format!("{args:?}: want {want:?}, got {}", out.all().trim()));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&bin_dir);
+    assert!(wrong.is_empty(), "docker-entrypoint.sh:\n{}", wrong.join("\n"));
+}
+
 /// `docker exec ROUTER meshnet reset` (README: drive the router with `docker
 /// exec`) leaves the state volume empty: the CLI run in the container dies with
 /// the router, so the router removes its state itself. Before, the identity,
