@@ -7,6 +7,9 @@
 #   any other meshnet command meshnet COMMAND ...   (status, ps, attach, expose, dns-args, ...)
 #   anything else             run it (sh, ip, ...)
 #
+# A leading `--state-dir DIR` (or `--state-dir=DIR`), meshnet's one global
+# option, may come before any of these; it is passed on as $MESHNET_STATE_DIR.
+#
 # Peers can also come from $MESHNET_PEERS (space separated), and from a file
 # $MESHNET_PEERS_FILE (one per line; the Kubernetes DaemonSet writes it).
 # The password comes from $MESHNET_PASSWORD or --password-file.
@@ -29,6 +32,30 @@ bracket_ipv6() {
         *) printf '%s' "$1" ;;
     esac
 }
+
+while [ "$#" -gt 0 ]; do
+    case "$1" in
+        --state-dir)
+            if [ "$#" -lt 2 ] || [ -z "$2" ]; then
+                echo "docker-entrypoint.sh: --state-dir needs a directory (--state-dir DIR COMMAND ...)" >&2
+                exit 2
+            fi
+            MESHNET_STATE_DIR=$2
+            export MESHNET_STATE_DIR
+            shift 2
+            ;;
+        --state-dir=*)
+            if [ -z "${1#--state-dir=}" ]; then
+                echo "docker-entrypoint.sh: --state-dir needs a directory (--state-dir DIR COMMAND ...)" >&2
+                exit 2
+            fi
+            MESHNET_STATE_DIR=${1#--state-dir=}
+            export MESHNET_STATE_DIR
+            shift
+            ;;
+        *) break ;;
+    esac
+done
 
 # An empty password (say, an unset compose variable) means none, not "".
 if [ -z "${MESHNET_PASSWORD:-}" ]; then

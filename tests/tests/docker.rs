@@ -437,11 +437,13 @@ fn entrypoint_runs_every_meshnet_command() {
     assert!(failed.is_empty(), "docker-entrypoint.sh does not run these as meshnet commands:\n{}", failed.join("\n"));
 }
 
-/// The entrypoint's `launch --metrics-addr` with an unbracketed IPv6 address
+/// The entrypoint honours a leading `--state-dir DIR` (meshnet's global option,
+/// before the command; before, it ran "--state-dir" as a program) and refuses one
+/// without a directory; `launch --metrics-addr` with an unbracketed IPv6 address
 /// (the DaemonSet's `$(NODE_IP):6782` on an IPv6 node) gets brackets, anything
 /// else stays as given. A stand-in `meshnet` on PATH prints what it was given.
 #[test]
-fn entrypoint_brackets_ipv6_metrics() {
+fn entrypoint_takes_a_leading_state_dir_and_brackets_ipv6_metrics() {
     let bin_dir = std::env::temp_dir().join(format!("meshnet-entrypoint-args-{}", std::process::id()));
     std::fs::create_dir_all(&bin_dir).unwrap();
     let fake = bin_dir.join("meshnet");
@@ -455,6 +457,10 @@ fn entrypoint_brackets_ipv6_metrics() {
         run(&mut cmd, SECS(10))
     };
     let cases: &[(&[&str], &str)] = &[
+        (&["--state-dir", "/srv/mn", "status", "--json"], "dir=/srv/mn <status> <--json>"),
+        (&["--state-dir=/srv/mn", "ps"], "dir=/srv/mn <ps>"),
+        (&["--state-dir", "/srv/mn"], "dir=/srv/mn <launch> <--foreground>"),
+        (&["--state-dir", "/srv/mn", "launch", "10.0.0.9"], "dir=/srv/mn <launch> <--foreground> <10.0.0.9>"),
         (&["launch", "--metrics-addr", "fd00::5:6782"], "dir= <launch> <--foreground> <--metrics-addr> <[fd00::5]:6782>"),
         (&["launch", "--metrics-addr=fd00::5:6782", "--foreground"], "dir= <launch> <--metrics-addr=[fd00::5]:6782> <--foreground>"),
         (&["launch", "--metrics-addr", "10.0.0.5:6782", "fd00::9"], "dir= <launch> <--foreground> <--metrics-addr> <10.0.0.5:6782> <fd00::9>"),
@@ -465,6 +471,12 @@ fn entrypoint_brackets_ipv6_metrics() {
         let out = run_it(args);
         if !out.ok() || out.stdout.trim() != *want {
             wrong.push(format!("{args:?}: want {want:?}, got {}", out.all().trim()));
+        }
+    }
+    for args in [&["--state-dir"][..], &["--state-dir", "", "status"], &["--state-dir=", "status"]] {
+        let out = run_it(args);
+        if out.ok() || !out.stderr.contains("--state-dir needs a directory") || out.stdout.contains("dir=") {
+            wrong.push(format!("{args:?}: want a refusal naming --state-dir, got {}", out.all().trim()));
         }
     }
     let _ = std::fs::remove_dir_all(&bin_dir);
