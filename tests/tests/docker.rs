@@ -156,6 +156,29 @@ fn build_image(w: &mut World, base: &str) -> String {
     image
 }
 
+/// What a test of routers in containers starts with: the things it makes (a
+/// [`World`]), the base image, the meshnet image built on it and the `docker
+/// run` flags a router container needs. `None` (said why): no Docker Engine,
+/// skip the test.
+struct Setup {
+    w: World,
+    base: String,
+    image: String,
+    privileges: Vec<String>,
+}
+
+fn setup() -> Option<Setup> {
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return None;
+    }
+    let mut w = World::new();
+    let base = base_image();
+    let image = build_image(&mut w, &base);
+    let privileges = router_privileges(&base);
+    Some(Setup { w, base, image, privileges })
+}
+
 /// `--privileged`, or what the router needs of it where the engine cannot
 /// grant every capability (some sandboxes lack CAP_SYS_RESOURCE).
 fn router_privileges(base: &str) -> Vec<String> {
@@ -206,14 +229,7 @@ fn pings(from: &str, ip: &str, count: u32) -> bool {
 
 #[test]
 fn routers_in_containers_attach_containers_by_name() {
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let mut w = World::new();
-    let base = base_image();
-    let image = build_image(&mut w, &base);
-    let privileges = router_privileges(&base);
+    let Some(Setup { mut w, base, image, privileges }) = setup() else { return };
 
     let net = w.name("meshnet_underlay");
     docker(&["network", "create", &net]).expect_ok("docker network create");
@@ -490,19 +506,13 @@ fn entrypoint_takes_a_leading_state_dir_and_brackets_ipv6_metrics() {
 /// back.
 #[test]
 fn reset_in_a_router_container_empties_its_state() {
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let mut w = World::new();
-    let base = base_image();
-    let image = build_image(&mut w, &base);
+    let Some(Setup { mut w, image, privileges, .. }) = setup() else { return };
     let state = std::env::temp_dir().join(format!("meshnet-docker-state-{}", w.tag));
     std::fs::create_dir_all(&state).unwrap();
     w.dirs.push(state.clone());
     let r = w.name("meshnet_reset");
     let volume = format!("{}:/var/lib/meshnet", state.display());
-    let mut args: Vec<String> = router_privileges(&base);
+    let mut args: Vec<String> = privileges;
     args.extend(["--network", "none", "-v", &volume, &image, "launch"].iter().map(|s| s.to_string()));
     w.run_container(&r, &args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(wait_until(SECS(30), || meshnet_in(&r, &["status"]).ok()), "the router does not answer: {}", w.logs(&r));
