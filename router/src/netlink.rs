@@ -763,6 +763,23 @@ async fn wait_forwarding(h: &Handle, name: &str, limit: std::time::Duration) -> 
     }
 }
 
+/// Announce `addrs` of `container_if` in `target` again (see [`announce`]), for
+/// when nobody beyond this host could hear the announcement of [`attach`] (a
+/// re-attach while the router was not yet connected to the mesh). Nothing to
+/// do when the interface is not there.
+pub fn reannounce(target: &Netns, container_if: &str, addrs: &[(IpAddr, u8)]) -> Result<(), NetlinkError> {
+    let what = format!("announce {container_if} in {}", target.label);
+    check_ifname(&what, "container interface name", container_if)?;
+    let (name, addrs) = (container_if.to_string(), addrs.to_vec());
+    in_ns(target, &what, move || {
+        let end = with_connection(move |h| async move { container_end(&h, &name).await })?;
+        if let Some(end) = end {
+            announce(&end.name, end.mac, &addrs);
+        }
+        Ok(())
+    })
+}
+
 /// "`ip` is at `mac`" for each address: a gratuitous ARP (IPv4) or an
 /// unsolicited neighbour advertisement (IPv6), so neighbours that knew the
 /// address at another MAC (a restarted container, an address moved to another
