@@ -161,6 +161,14 @@ fn run(command: &str, stdin: &str) -> Result<Option<Value>, CniError> {
         "VERSION" => Ok(Some(version_result(stdin))),
         "ADD" | "DEL" | "CHECK" => {
             let conf = parse_conf(stdin)?;
+            if command == "CHECK" && !has_check(&conf.cni_version) {
+                // As the reference plugins' skel: CHECK is defined from 0.4.0 on.
+                return Err(err_details(
+                    E_VERSION,
+                    "config version does not allow CHECK",
+                    format!("CHECK exists from cniVersion 0.4.0 on; this configuration has {}", conf.cni_version),
+                ));
+            }
             let env = read_env(command)?;
             match command {
                 "ADD" => add(&conf, &env).map(Some),
@@ -171,6 +179,11 @@ fn run(command: &str, stdin: &str) -> Result<Option<Value>, CniError> {
         "" => Err(err(E_ENV, "CNI_COMMAND is not set (ADD, DEL, CHECK or VERSION)")),
         other => Err(err(E_ENV, format!("unknown CNI_COMMAND {other:?} (ADD, DEL, CHECK or VERSION)"))),
     }
+}
+
+/// Whether spec version `v` (one of [`SUPPORTED`]) has the CHECK command (0.4.0 and later).
+fn has_check(v: &str) -> bool {
+    !matches!(v, "0.3.0" | "0.3.1")
 }
 
 fn version_result(stdin: &str) -> Value {
@@ -616,6 +629,22 @@ mod tests {
         assert_eq!(r[0].1, 0);
         assert!(parse_routes(&[Route { dst: "10.0.0.0/33".into(), gw: None }]).is_err());
         assert!(parse_routes(&[Route { dst: "10.0.0.0/8".into(), gw: Some("fd00::1".parse().unwrap()) }]).is_err());
+    }
+
+    #[test]
+    fn check_needs_0_4_0() {
+        for v in ["0.3.0", "0.3.1"] {
+            let conf = format!(r#"{{"cniVersion":"{v}","name":"meshnet","type":"meshnet-cni"}}"#);
+            let e = run("CHECK", &conf).unwrap_err();
+            assert_eq!((e.code, e.msg.as_str()), (E_VERSION, "config version does not allow CHECK"), "{v}");
+            assert!(e.details.contains(v) && e.details.contains("0.4.0"), "{}", e.details);
+        }
+        // From 0.4.0 on CHECK goes on (here to the environment, which is unset).
+        for v in ["0.4.0", "1.0.0"] {
+            let conf = format!(r#"{{"cniVersion":"{v}","name":"meshnet","type":"meshnet-cni"}}"#);
+            assert_eq!(run("CHECK", &conf).unwrap_err().code, E_ENV, "{v}");
+        }
+        assert!(SUPPORTED.iter().all(|v| has_check(v) == (*v >= "0.4.0")));
     }
 
     #[test]

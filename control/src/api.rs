@@ -244,7 +244,9 @@ pub struct PsEntry {
     pub container_id: Option<String>,
 }
 
-/// Why the CLI could not reach a router.
+/// Why the CLI could not reach a router. Each message holds its cause, which is
+/// therefore not also chained as a `source` (a chain printed with `{:#}` would
+/// show it twice).
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no router is running for state directory {0} (start one with `meshnet launch`)")]
@@ -252,9 +254,15 @@ pub enum ClientError {
     #[error("{0}")]
     Router(String),
     #[error("talking to the router: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("bad answer from the router: {0}")]
     Protocol(String),
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError::Io(e)
+    }
 }
 
 /// Sends one request to the router of `state` and returns its answer.
@@ -290,3 +298,16 @@ pub fn call(state: &StateDir, req: &Request, timeout: Duration) -> Result<serde_
     }
 }
 
+
+#[cfg(test)]
+mod client_error_tests {
+    use super::*;
+
+    #[test]
+    fn an_io_cause_is_printed_once() {
+        let e = ClientError::from(std::io::Error::from_raw_os_error(libc::EROFS));
+        let text = format!("{:#}", anyhow::Error::new(e).context("status"));
+        assert_eq!(text.matches("Read-only file system").count(), 1, "{text}");
+        assert!(text.starts_with("status: talking to the router: Read-only file system"), "{text}");
+    }
+}

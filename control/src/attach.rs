@@ -206,7 +206,7 @@ pub fn attach(
     // which keeps its addresses until it is removed or detached.
     // Also one remembered under this namespace's inode that is neither still there
     // nor this target: another namespace, gone, whose inode the kernel reused.
-    forget_gone(state, attachments, |x| {
+    forget_gone(state, attachments, Some((inode, &t.name)), |x| {
         (x.ns_inode != inode
             && (same_target(x, &t)
                 || (x.addrs.iter().any(|y| addrs.iter().any(|a| same_ip(y, &a.0))) && !container_exists(x))))
@@ -283,7 +283,7 @@ pub fn detach(
         Ok(t) => {
             let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
             // An earlier incarnation of the same target (a restarted container).
-            forget_gone(state, attachments, |x| x.ns_inode != inode && same_target(x, &t))?;
+            forget_gone(state, attachments, None, |x| x.ns_inode != inode && same_target(x, &t))?;
             let ifname = attachments
                 .iter()
                 .find(|x| x.ns_inode == inode)
@@ -332,12 +332,18 @@ pub fn detach(
 }
 
 /// Forgets the remembered attachments that `which` picks and whose namespace is
-/// gone, removing their host interfaces.
-fn forget_gone(state: &StateDir, attachments: &mut Vec<Attachment>, which: impl Fn(&Attachment) -> bool) -> Result<()> {
+/// gone, removing their host interfaces. `attaching`: the inode and name of the
+/// namespace being attached, to say so when a forgotten one had that inode.
+fn forget_gone(
+    state: &StateDir,
+    attachments: &mut Vec<Attachment>,
+    attaching: Option<(u64, &str)>,
+    which: impl Fn(&Attachment) -> bool,
+) -> Result<()> {
     let before = attachments.len();
     attachments.retain(|x| {
         if which(x) && still_there(x).is_none() {
-            log::info!("forgetting {} ({}): its namespace is gone", x.target, x.addrs.join(" "));
+            log::info!("forgetting {} ({}): {}", x.target, x.addrs.join(" "), forget_reason(x, attaching));
             let _ = netlink::delete_link(&x.host_if);
             return false;
         }
@@ -413,6 +419,30 @@ pub fn is_container(a: &Attachment, id: &ContainerId) -> bool {
 
 pub fn same_ip(cidr: &str, ip: &IpAddr) -> bool {
     cidr.split('/').next().and_then(|s| s.parse::<IpAddr>().ok()) == Some(*ip)
+}
+
+/// Why remembered attachment `a` is no longer reachable (when [`still_there`]
+/// is `None`): its namespace file is gone, or it now leads to another namespace.
+pub fn gone_reason(a: &Attachment) -> String {
+    let path = a.ns_path.display();
+    match std::fs::metadata(&a.ns_path).map(|m| std::os::unix::fs::MetadataExt::ino(&m)) {
+        Ok(i) if i == a.ns_inode => format!("its namespace {path} is still there"),
+        Ok(_) => format!("{path} now leads to another network namespace (its own is gone or out of reach)"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => format!("its namespace is gone ({path} no longer exists)"),
+        Err(e) => format!("its namespace {path} cannot be reached: {e}"),
+    }
+}
+
+/// What [`forget_gone`] logs for `x`: when the namespace being attached has
+/// `x`'s inode, `x`'s namespace is gone for certain (a live one keeps its
+/// inode) and the kernel gave the number to the new one; otherwise [`gone_reason`].
+fn forget_reason(x: &Attachment, attaching: Option<(u64, &str)>) -> String {
+    match attaching {
+        Some((inode, name)) if x.ns_inode == inode => format!(
+            "its namespace is gone and the kernel reused its inode number ({inode}) for the namespace of {name}"
+        ),
+        _ => gone_reason(x),
+    }
 }
 
 /// The namespace of a remembered attachment, if it is still the same one.
@@ -508,6 +538,25 @@ mod tests {
         assert!(a.is_empty());
         assert!(state.load_attachments().unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn forgetting_says_why() {
+        let gone = remembered("/var/run/netns/gone-xyz", "/var/run/netns/gone-xyz", None);
+        let r = gone_reason(&gone);
+        assert_eq!(r, "its namespace is gone (/var/run/netns/gone-xyz no longer exists)");
+        // The path is there but leads to another namespace (inode 1 is nobody's).
+        let other = remembered("/proc/self/ns/net", "/proc/self/ns/net", None);
+        let r = gone_reason(&other);
+        assert!(r.contains("/proc/self/ns/net now leads to another network namespace"), "{r}");
+        assert!(!r.contains("is gone ("), "{r}");
+        // The namespace being attached got the remembered one's inode.
+        let r = forget_reason(&other, Some((1, "web")));
+        assert!(r.contains("reused its inode number (1) for the namespace of web"), "{r}");
+        assert_eq!(forget_reason(&other, Some((2, "web"))), gone_reason(&other));
+        let mut here = other.clone();
+        here.ns_inode = resolve("/proc/self/ns/net").unwrap().netns.inode().unwrap();
+        assert!(gone_reason(&here).contains("still there"));
     }
 
     #[test]

@@ -265,7 +265,7 @@ pub fn run(cfg: Config) -> Result<()> {
                 log::info!("container {} is not running; keeping its attachment until it is removed", a.target);
                 return true;
             }
-            log::info!("target {} is gone; forgetting it", a.target);
+            log::info!("forgetting target {}: {}", a.target, attach::gone_reason(a));
             return false;
         };
         let addrs: Vec<_> = a.addrs.iter().filter_map(|s| parse_cidr(s).ok()).collect();
@@ -392,6 +392,7 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(keys_saver(mesh.clone()));
         tasks.spawn(crate::heap::trim_loop());
         tasks.spawn(crate::trusted::sync_loop(mesh.clone()));
+        tasks.spawn(announce_once_connected(ctx.clone()));
         if let Some(l) = metrics_listener {
             log::info!("serving metrics and the map on http://{}", l.local_addr()?);
             let exposed_ctx = ctx.clone();
@@ -517,8 +518,39 @@ async fn keys_saver(mesh: Arc<Mesh>) {
     }
 }
 
+/// Re-attaching at launch (and a Docker resync soon after) announces each
+/// address (gratuitous ARP, neighbour advertisement) before any peer is
+/// connected, so only this host hears it: a target re-made while the router was
+/// down (a restarted container, a new MAC) stayed unknown to remote neighbours
+/// until their entries timed out. Once the first connection is established,
+/// every attachment is announced again, twice, a moment apart (the first
+/// broadcasts may still find no route).
+async fn announce_once_connected(ctx: Arc<ApiCtx>) {
+    let started = std::time::Instant::now();
+    while !ctx.mesh.has_established() {
+        if started.elapsed() > Duration::from_secs(300) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for pause in [Duration::from_millis(500), Duration::from_secs(2)] {
+        tokio::time::sleep(pause).await;
+        let attachments = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for a in &attachments {
+                let Some(ns) = attach::still_there(a) else { continue };
+                let addrs: Vec<_> = a.addrs.iter().filter_map(|s| parse_cidr(s).ok()).collect();
+                if let Err(e) = netlink::reannounce(&ns, attach::ifname_of(a), &addrs) {
+                    log::debug!("announcing {} again: {e}", a.target);
+                }
+            }
+        })
+        .await;
+    }
+}
+
 fn reattach(cfg: &Config, a: &Attachment, addrs: &[(IpAddr, u8)]) -> Result<()> {
-    let ns = attach::still_there(a).context("namespace gone")?;
+    let ns = attach::still_there(a).with_context(|| attach::gone_reason(a))?;
     netlink::attach(&netlink::AttachSpec {
         target: ns.clone(),
         bridge: cfg.bridge.clone(),

@@ -348,6 +348,11 @@ impl Mesh {
         })
     }
 
+    /// Whether any connection is established.
+    pub fn has_established(&self) -> bool {
+        self.lock().conns.values().any(|c| c.established)
+    }
+
     /// The queue of our established connection to `peer`, if it carries splices.
     pub fn splice_queue(&self, peer: PeerName) -> Option<Arc<Outbox>> {
         let g = self.lock();

@@ -372,11 +372,23 @@ impl Plugin {
         }
     }
 
+    /// What an IPv4 subnet of a meshnet network may be.
+    fn ipv4_hint(&self, range: Cidr) -> String {
+        format!(
+            "give an IPv4 --subnet inside meshnet's IP allocation range {range}, or none for the default subnet {}",
+            self.host.default_subnet()
+        )
+    }
+
     fn request_pool(&self, s: &mut PluginState, r: RequestPool) -> Answer {
-        if r.v6 {
-            return Err("meshnet: meshnet's IPAM hands out IPv4 addresses only (leave out --ipv6)".into());
-        }
         let range = self.host.range();
+        if r.v6 {
+            let asked = if r.pool.is_empty() { String::new() } else { format!(" (asked for IPv6 subnet {})", r.pool) };
+            return Err(format!(
+                "meshnet: meshnet's IPAM hands out IPv4 addresses only{asked}: leave out --ipv6 and any IPv6 --subnet; {}",
+                self.ipv4_hint(range)
+            ));
+        }
         let subnet: Cidr = if r.pool.is_empty() {
             self.host.default_subnet()
         } else {
@@ -520,10 +532,21 @@ impl Plugin {
         if s.networks.contains_key(&r.network_id) {
             return Err(format!("meshnet: network {} exists already", r.network_id));
         }
-        if r.ipv6_data.as_ref().is_some_and(|v| !v.is_empty()) {
-            return Err("meshnet: meshnet networks carry IPv4 only (leave out --ipv6)".into());
-        }
         let data = r.ipv4_data.unwrap_or_default();
+        if let Some(v6) = r.ipv6_data.as_ref().and_then(|v| v.first()) {
+            // Say all that stands in the way: a network whose IPv4 subnet did not
+            // come from meshnet's IPAM fails next without --ipv6 too.
+            let ours = data.iter().all(|d| s.pools.values().any(|p| p.subnet == d.pool));
+            let also = if ours {
+                String::new()
+            } else {
+                format!(" and create it with --ipam-driver {}; {}", self.name, self.ipv4_hint(self.host.range()))
+            };
+            return Err(format!(
+                "meshnet: meshnet networks carry IPv4 only (got IPv6 subnet {}): leave out --ipv6 and any IPv6 --subnet{also}",
+                v6.pool
+            ));
+        }
         let [d] = data.as_slice() else {
             return Err(format!("meshnet: a meshnet network has exactly one IPv4 subnet (got {})", data.len()));
         };
@@ -909,8 +932,16 @@ mod tests {
         assert!(e.contains("outside meshnet's IP allocation range 10.40.0.0/16"), "{e}");
         let e = err(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.5.1/24"}));
         assert!(e.contains("invalid subnet"), "{e}");
+        // IPv6 (`docker network create --ipv6 [--subnet fd..]`): refused, saying what to do.
         let e = err(&p, "/IpamDriver.RequestPool", json!({"Pool": "", "V6": true}));
-        assert!(e.contains("IPv4"), "{e}");
+        assert!(e.contains("IPv4 addresses only: leave out --ipv6"), "{e}");
+        assert!(e.contains("inside meshnet's IP allocation range 10.40.0.0/16, or none for the default subnet 10.40.0.0/24"), "{e}");
+        let e = err(&p, "/IpamDriver.RequestPool", json!({"Pool": "fd99::/64", "V6": true}));
+        assert!(e.contains("(asked for IPv6 subnet fd99::/64)") && e.contains("any IPv6 --subnet"), "{e}");
+        // The driver without meshnet's IPAM and --ipv6: both problems named.
+        let e = err(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": NET, "IPv4Data": [{"Pool": "172.18.0.0/16"}], "IPv6Data": [{"Pool": "fd99::/64"}]}));
+        assert!(e.contains("IPv4 only (got IPv6 subnet fd99::/64): leave out --ipv6"), "{e}");
+        assert!(e.contains("--ipam-driver meshnet") && e.contains("10.40.0.0/16"), "{e}");
         let e = err(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.5.0/24", "SubPool": "10.41.0.0/24"}));
         assert!(e.contains("not inside subnet"), "{e}");
         assert_eq!(p.state(), PluginState::default());
@@ -947,6 +978,9 @@ mod tests {
         assert_eq!(pool["Pool"], "10.40.0.0/24");
         let e = err(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.0.0/24"}));
         assert!(e.contains("already used"), "{e}");
+        // meshnet's IPAM gave the IPv4 subnet, Docker's the IPv6 one: only --ipv6 is in the way.
+        let e = err(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": NET, "IPv4Data": [{"Pool": "10.40.0.0/24"}], "IPv6Data": [{"Pool": "fd99::/64"}]}));
+        assert!(e.ends_with("leave out --ipv6 and any IPv6 --subnet") && !e.contains("--ipam-driver"), "{e}");
         let id = pool["PoolID"].as_str().unwrap();
         let e = err(&p, "/IpamDriver.RequestAddress", json!({"PoolID": id, "Address": "10.40.1.5"}));
         assert!(e.contains("not in subnet"), "{e}");

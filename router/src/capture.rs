@@ -64,7 +64,7 @@ impl std::fmt::Debug for CaptureDevice {
 }
 
 fn pcap_err(what: String) -> impl FnOnce(pcap::Error) -> NetlinkError {
-    move |e| NetlinkError::Io { what, source: io::Error::other(e.to_string()) }
+    move |e| NetlinkError::Io { what, cause: io::Error::other(e.to_string()) }
 }
 
 impl CaptureDevice {
@@ -84,7 +84,7 @@ impl CaptureDevice {
     }
 
     fn open(capture_end: &str, bridge_end: &str) -> Result<CaptureDevice, NetlinkError> {
-        let io_err = |what: String| move |source: io::Error| NetlinkError::Io { what, source };
+        let io_err = |what: String| move |source: io::Error| NetlinkError::Io { what, cause: source };
         for end in [bridge_end, capture_end] {
             ethtool::disable_offloads(end).map_err(io_err(format!("switch offloads off on {end}")))?;
         }
@@ -190,8 +190,8 @@ pub fn plain_frames_only(target: &Netns, ifname: &str) -> Result<(), NetlinkErro
     let name = ifname.to_string();
     let what = format!("switch offloads off on {ifname} in {}", target.label);
     let result = netns::run_in(target, move || ethtool::disable_offloads(&name))
-        .map_err(|source| NetlinkError::Netns { what: what.clone(), source })?;
-    result.map_err(|source| NetlinkError::Io { what, source })
+        .map_err(|source| NetlinkError::Netns { what: what.clone(), cause: source })?;
+    result.map_err(|source| NetlinkError::Io { what, cause: source })
 }
 
 #[cfg(test)]

@@ -46,36 +46,34 @@ pub const MAX_IFNAME_LEN: usize = 15;
 
 /// A link operation failed. The message names the operation and the thing it was
 /// done to, e.g. "attach ethwe to netns c1: netns c1: no such namespace (/run/netns/c1)".
+/// It holds its cause, which is therefore not also chained as a `source` (a
+/// chain printed with `{:#}` would show the cause twice).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NetlinkError {
-    /// The kernel refused a request; `source` carries its errno.
-    #[error("{what}: {source}")]
+    /// The kernel refused a request; `cause` carries its errno.
+    #[error("{what}: {cause}")]
     Kernel {
         what: String,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// The netlink conversation itself went wrong (unexpected or undecodable reply).
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Protocol {
         what: String,
-        #[source]
-        source: rtnetlink::Error,
+        cause: rtnetlink::Error,
     },
     /// A local I/O step failed: a sysctl write, a socket, a thread, the TAP device.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         what: String,
-        #[source]
-        source: io::Error,
+        cause: io::Error,
     },
     /// The target namespace could not be opened or entered.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Netns {
         what: String,
-        #[source]
-        source: NetnsError,
+        cause: NetnsError,
     },
     /// An argument is unusable (name too long, prefix out of range).
     #[error("{what}: {problem}")]
@@ -94,7 +92,7 @@ impl NetlinkError {
     /// The errno behind a kernel refusal or I/O failure, if there is one.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            NetlinkError::Kernel { source, .. } | NetlinkError::Io { source, .. } => {
+            NetlinkError::Kernel { cause: source, .. } | NetlinkError::Io { cause: source, .. } => {
                 source.raw_os_error()
             }
             _ => None,
@@ -354,10 +352,11 @@ fn make_veth_port(
 /// Make a veth pair: host end on the bridge (up, IPv6 off), the other moved into
 /// the target namespace (by fd), renamed to container_if, MTU set, addresses
 /// added, up, IPv6 off (unless an IPv6 address is asked for), then a gratuitous
-/// ARP for each IPv4 address sent from inside.
+/// ARP for each IPv4 address and an unsolicited neighbour advertisement for each
+/// IPv6 one sent from inside.
 ///
 /// Idempotent: if container_if already exists in the target and its peer is on
-/// our bridge, only missing addresses are added (and all IPv4 ones re-announced).
+/// our bridge, only missing addresses are added (and all of them re-announced).
 /// If it exists and is anything else, that is a [`NetlinkError::Conflict`].
 /// Errors leave nothing half-made: a new veth is deleted, addresses added by a
 /// failed re-attach are removed.
@@ -371,7 +370,7 @@ pub fn attach(spec: &AttachSpec) -> Result<Attached, NetlinkError> {
     // Opening the namespace first means a missing one costs nothing to undo.
     let target_file = spec.target.open().map_err(|source| NetlinkError::Netns {
         what: what.clone(),
-        source,
+        cause: source,
     })?;
     let bridge_index = link_index(&spec.bridge)?.ok_or_else(|| NetlinkError::NotFound {
         what: what.clone(),
@@ -672,12 +671,13 @@ fn attach_new(
     }
 }
 
-/// Send the gratuitous ARPs for a new container end from inside its namespace.
+/// Send the gratuitous ARPs and neighbour advertisements for a new container
+/// end from inside its namespace.
 /// The bridge enables the host end only once it has seen the carrier come up
 /// (asynchronously, via linkwatch), and drops what arrives before that, so wait
 /// for the port to forward first (bounded by [`PORT_WAIT`]).
 fn announce_when_forwarding(spec: &AttachSpec, what: &str, host_if: &str, end: &ContainerEnd) {
-    if !spec.addrs.iter().any(|(ip, _)| ip.is_ipv4()) {
+    if spec.addrs.is_empty() {
         return;
     }
     let name = host_if.to_string();
@@ -767,7 +767,7 @@ fn reattach(spec: &AttachSpec, what: &str, host_if: String) -> Result<Attached, 
 }
 
 /// How long [`attach`] waits for a new host end to start forwarding before it
-/// sends the gratuitous ARPs anyway (a bridge with STP on takes much longer).
+/// sends the announcements anyway (a bridge with STP on takes much longer).
 const PORT_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Wait until `name` is a bridge port in forwarding state; false on timeout.
@@ -786,14 +786,36 @@ async fn wait_forwarding(h: &Handle, name: &str, limit: std::time::Duration) -> 
     }
 }
 
-/// Best effort: an announcement can be lost on the wire anyway, so a failure is
-/// logged, not returned.
+/// Announce `addrs` of `container_if` in `target` again (see [`announce`]), for
+/// when nobody beyond this host could hear the announcement of [`attach`] (a
+/// re-attach while the router was not yet connected to the mesh). Nothing to
+/// do when the interface is not there.
+pub fn reannounce(target: &Netns, container_if: &str, addrs: &[(IpAddr, u8)]) -> Result<(), NetlinkError> {
+    let what = format!("announce {container_if} in {}", target.label);
+    check_ifname(&what, "container interface name", container_if)?;
+    let (name, addrs) = (container_if.to_string(), addrs.to_vec());
+    in_ns(target, &what, move || {
+        let end = with_connection(move |h| async move { container_end(&h, &name).await })?;
+        if let Some(end) = end {
+            announce(&end.name, end.mac, &addrs);
+        }
+        Ok(())
+    })
+}
+
+/// "`ip` is at `mac`" for each address: a gratuitous ARP (IPv4) or an
+/// unsolicited neighbour advertisement (IPv6), so neighbours that knew the
+/// address at another MAC (a restarted container, an address moved to another
+/// target) take the new one at once. Best effort: an announcement can be lost
+/// on the wire anyway, so a failure is logged, not returned.
 fn announce(ifname: &str, mac: [u8; 6], addrs: &[(IpAddr, u8)]) {
     for (ip, _) in addrs {
-        if let IpAddr::V4(v4) = ip {
-            if let Err(e) = crate::arp::gratuitous_arp(ifname, mac, *v4) {
-                log::warn!("{e}");
-            }
+        let sent = match ip {
+            IpAddr::V4(v4) => crate::arp::gratuitous_arp(ifname, mac, *v4),
+            IpAddr::V6(v6) => crate::arp::unsolicited_na(ifname, mac, *v6),
+        };
+        if let Err(e) = sent {
+            log::warn!("{e}");
         }
     }
 }
@@ -826,7 +848,7 @@ fn in_ns<T: Send + 'static>(
 ) -> Result<T, NetlinkError> {
     netns::run_in(ns, f).map_err(|source| NetlinkError::Netns {
         what: what.to_string(),
-        source,
+        cause: source,
     })?
 }
 
@@ -1142,7 +1164,7 @@ pub fn quiet_bridge_ipv6(name: &str) -> Result<(), NetlinkError> {
     for (knob, value) in BRIDGE_IPV6_SYSCTLS {
         let path = format!("{dir}/{knob}");
         if let Err(source) = std::fs::write(&path, format!("{value}\n")) {
-            return Err(NetlinkError::Io { what: format!("set {path} to {value}"), source });
+            return Err(NetlinkError::Io { what: format!("set {path} to {value}"), cause: source });
         }
     }
     Ok(())
@@ -1159,7 +1181,7 @@ pub fn set_bridge_ipv6(name: &str, on: bool) -> Result<(), NetlinkError> {
     if !std::path::Path::new(&dir).exists() {
         return Err(NetlinkError::Io {
             what: format!("enable IPv6 on {name}"),
-            source: io::Error::new(
+            cause: io::Error::new(
                 io::ErrorKind::NotFound,
                 format!("no {dir}: IPv6 is off in this kernel, or the bridge's MTU is below IPv6's 1280"),
             ),
@@ -1182,7 +1204,7 @@ pub(crate) fn set_ipv6_disabled(name: &str, disabled: bool) -> Result<(), Netlin
                 "{} IPv6 on {name} ({path})",
                 if disabled { "disable" } else { "enable" }
             ),
-            source,
+            cause: source,
         }),
     }
 }
@@ -1247,13 +1269,13 @@ where
         .build()
         .map_err(|source| NetlinkError::Io {
             what: "start a runtime for rtnetlink".into(),
-            source,
+            cause: source,
         })?;
     runtime.block_on(async move {
         let (connection, handle, _) =
             rtnetlink::new_connection().map_err(|source| NetlinkError::Io {
                 what: "open an rtnetlink socket".into(),
-                source,
+                cause: source,
             })?;
         let driver = tokio::spawn(connection);
         let result = work(handle).await;
@@ -1275,7 +1297,7 @@ where
         .spawn(move || with_connection(work))
         .map_err(|source| NetlinkError::Io {
             what: format!("{what}: start a thread"),
-            source,
+            cause: source,
         })?;
     match thread.join() {
         Ok(result) => result,
@@ -1299,9 +1321,9 @@ pub(crate) fn kernel(what: String, e: rtnetlink::Error) -> NetlinkError {
     match errno_of(&e) {
         Some(errno) => NetlinkError::Kernel {
             what,
-            source: io::Error::from_raw_os_error(errno),
+            cause: io::Error::from_raw_os_error(errno),
         },
-        None => NetlinkError::Protocol { what, source: e },
+        None => NetlinkError::Protocol { what, cause: e },
     }
 }
 
@@ -1318,6 +1340,36 @@ impl<T> Context<T> for Result<T, rtnetlink::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error and its sources, as anyhow's `{:#}` prints them.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut out = e.to_string();
+        let mut next = e.source();
+        while let Some(s) = next {
+            out += &format!(": {s}");
+            next = s.source();
+        }
+        out
+    }
+
+    #[test]
+    fn a_cause_is_printed_once() {
+        let rofs = || io::Error::from_raw_os_error(libc::EROFS);
+        let text = rofs().to_string();
+        let errors = [
+            NetlinkError::Io { what: "set /proc/sys/x to 1".into(), cause: rofs() },
+            NetlinkError::Kernel { what: "add link".into(), cause: rofs() },
+            NetlinkError::Netns {
+                what: "attach ethwe to netns c1".into(),
+                cause: NetnsError::Open { label: "netns c1".into(), path: "/run/netns/c1".into(), cause: rofs() },
+            },
+        ];
+        for e in &errors {
+            let c = chain(e);
+            assert_eq!(c.matches(&text).count(), 1, "{c}");
+        }
+        assert_eq!(errors[0].errno(), Some(libc::EROFS));
+    }
 
     #[test]
     fn names_are_checked_before_the_kernel_sees_them() {

@@ -18,7 +18,8 @@ use std::path::PathBuf;
 const NAMED_DIR: &str = "/run/netns";
 
 /// Something went wrong naming or entering a namespace. Each message names the
-/// namespace by its label ("netns c1", "pid 1234").
+/// namespace by its label ("netns c1", "pid 1234"), and holds its cause, which
+/// is therefore not also chained as a `source`.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NetnsError {
@@ -29,26 +30,23 @@ pub enum NetnsError {
     #[error("netns {name:?}: not a valid namespace name")]
     InvalidName { name: String },
     /// The namespace file exists but could not be opened or read.
-    #[error("open {label} ({path}): {source}")]
+    #[error("open {label} ({path}): {cause}")]
     Open {
         label: String,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// `setns` refused (not a network namespace, or not permitted).
-    #[error("enter {label}: {source}")]
+    #[error("enter {label}: {cause}")]
     Enter {
         label: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The thread that would enter the namespace could not be started.
-    #[error("start a thread for {label}: {source}")]
+    #[error("start a thread for {label}: {cause}")]
     Thread {
         label: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -92,7 +90,7 @@ impl Netns {
             Err(source) => Err(NetnsError::Open {
                 label,
                 path,
-                source,
+                cause: source,
             }),
         }
     }
@@ -120,7 +118,7 @@ impl Netns {
             NetnsError::Open {
                 label: self.label.clone(),
                 path: self.path.clone(),
-                source,
+                cause: source,
             }
         }
     }
@@ -147,13 +145,13 @@ pub fn run_in<T: Send + 'static>(
             if rc != 0 {
                 return Err(NetnsError::Enter {
                     label: thread_label,
-                    source: std::io::Error::last_os_error(),
+                    cause: std::io::Error::last_os_error(),
                 });
             }
             drop(file);
             Ok(f())
         })
-        .map_err(|source| NetnsError::Thread { label, source })?;
+        .map_err(|source| NetnsError::Thread { label, cause: source })?;
     match handle.join() {
         Ok(result) => result,
         Err(panic) => std::panic::resume_unwind(panic),

@@ -67,7 +67,7 @@ impl Tap {
                 problem: format!("name {name:?} must be 1 to {MAX_IFNAME_LEN} bytes"),
             });
         }
-        let io_err = |what: String| move |source: io::Error| NetlinkError::Io { what, source };
+        let io_err = |what: String| move |source: io::Error| NetlinkError::Io { what, cause: source };
         let dev = DeviceBuilder::new()
             .name(name)
             .layer(Layer::L2)

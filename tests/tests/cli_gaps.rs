@@ -125,7 +125,8 @@ fn cli_gaps_and_report() {
 /// The inode of a network namespace is reused by the kernel once the namespace
 /// is gone. A process attached by PID that exits, and a new process whose new
 /// namespace got the old one's inode, attached by its own PID, is a new target:
-/// `ps` shows it (with its MAC and its address only), not the dead one.
+/// `ps` shows it (with its MAC and its address only), not the dead one, and the
+/// log says the dead one's inode was reused.
 #[test]
 fn a_reused_namespace_inode_is_a_new_target() {
     let Some(lab) = Lab::new("inodereuse") else { return };
@@ -161,6 +162,10 @@ fn a_reused_namespace_inode_is_a_new_target() {
         let e = ps.iter().find(|e| e["target"] == pid2.as_str()).unwrap_or_else(|| panic!("ps does not list {pid2}: {ps:#?}"));
         assert!(is_mac(e["mac"].as_str().unwrap_or_default()), "{pid2} has no MAC in ps: {ps:#?}");
         assert_eq!(e["addresses"], serde_json::json!(["10.99.0.2/24"]), "{ps:#?}");
+        // The log says what happened to p1's attachment, not just "gone".
+        let log = h1.log();
+        let said = format!("forgetting {pid1} (10.99.0.1/24): its namespace is gone and the kernel reused its inode number");
+        assert!(log.contains(&said) && log.contains(&format!("for the namespace of {pid2}")), "no {said:?} in the log:\n{log}");
         return;
     }
     eprintln!("the kernel never reused a namespace inode in 8 attempts: nothing checked");

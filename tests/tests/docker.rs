@@ -156,6 +156,29 @@ fn build_image(w: &mut World, base: &str) -> String {
     image
 }
 
+/// What a test of routers in containers starts with: the things it makes (a
+/// [`World`]), the base image, the meshnet image built on it and the `docker
+/// run` flags a router container needs. `None` (said why): no Docker Engine,
+/// skip the test.
+struct Setup {
+    w: World,
+    base: String,
+    image: String,
+    privileges: Vec<String>,
+}
+
+fn setup() -> Option<Setup> {
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return None;
+    }
+    let mut w = World::new();
+    let base = base_image();
+    let image = build_image(&mut w, &base);
+    let privileges = router_privileges(&base);
+    Some(Setup { w, base, image, privileges })
+}
+
 /// `--privileged`, or what the router needs of it where the engine cannot
 /// grant every capability (some sandboxes lack CAP_SYS_RESOURCE).
 fn router_privileges(base: &str) -> Vec<String> {
@@ -206,14 +229,7 @@ fn pings(from: &str, ip: &str, count: u32) -> bool {
 
 #[test]
 fn routers_in_containers_attach_containers_by_name() {
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let mut w = World::new();
-    let base = base_image();
-    let image = build_image(&mut w, &base);
-    let privileges = router_privileges(&base);
+    let Some(Setup { mut w, base, image, privileges }) = setup() else { return };
 
     let net = w.name("meshnet_underlay");
     docker(&["network", "create", &net]).expect_ok("docker network create");
@@ -437,6 +453,52 @@ fn entrypoint_runs_every_meshnet_command() {
     assert!(failed.is_empty(), "docker-entrypoint.sh does not run these as meshnet commands:\n{}", failed.join("\n"));
 }
 
+/// The entrypoint honours a leading `--state-dir DIR` (meshnet's global option,
+/// before the command; before, it ran "--state-dir" as a program) and refuses one
+/// without a directory; `launch --metrics-addr` with an unbracketed IPv6 address
+/// (the DaemonSet's `$(NODE_IP):6782` on an IPv6 node) gets brackets, anything
+/// else stays as given. A stand-in `meshnet` on PATH prints what it was given.
+#[test]
+fn entrypoint_takes_a_leading_state_dir_and_brackets_ipv6_metrics() {
+    let bin_dir = std::env::temp_dir().join(format!("meshnet-entrypoint-args-{}", std::process::id()));
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let fake = bin_dir.join("meshnet");
+    std::fs::write(&fake, "#!/bin/sh\nprintf 'dir=%s' \"${MESHNET_STATE_DIR:-}\"; for a; do printf ' <%s>' \"$a\"; done; echo\n").unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let entrypoint = workspace_root().join("deploy/docker-entrypoint.sh");
+    let run_it = |args: &[&str]| {
+        let mut cmd = Command::new("sh");
+        cmd.arg(&entrypoint).args(args).env("PATH", &path).env_remove("MESHNET_STATE_DIR");
+        run(&mut cmd, SECS(10))
+    };
+    let cases: &[(&[&str], &str)] = &[
+        (&["--state-dir", "/srv/mn", "status", "--json"], "dir=/srv/mn <status> <--json>"),
+        (&["--state-dir=/srv/mn", "ps"], "dir=/srv/mn <ps>"),
+        (&["--state-dir", "/srv/mn"], "dir=/srv/mn <launch> <--foreground>"),
+        (&["--state-dir", "/srv/mn", "launch", "10.0.0.9"], "dir=/srv/mn <launch> <--foreground> <10.0.0.9>"),
+        (&["launch", "--metrics-addr", "fd00::5:6782"], "dir= <launch> <--foreground> <--metrics-addr> <[fd00::5]:6782>"),
+        (&["launch", "--metrics-addr=fd00::5:6782", "--foreground"], "dir= <launch> <--metrics-addr=[fd00::5]:6782> <--foreground>"),
+        (&["launch", "--metrics-addr", "10.0.0.5:6782", "fd00::9"], "dir= <launch> <--foreground> <--metrics-addr> <10.0.0.5:6782> <fd00::9>"),
+        (&["launch", "--metrics-addr=[::1]:6782", "--metrics-addr="], "dir= <launch> <--foreground> <--metrics-addr=[::1]:6782> <--metrics-addr=>"),
+    ];
+    let mut wrong = vec![];
+    for (args, want) in cases {
+        let out = run_it(args);
+        if !out.ok() || out.stdout.trim() != *want {
+            wrong.push(format!("{args:?}: want {want:?}, got {}", out.all().trim()));
+        }
+    }
+    for args in [&["--state-dir"][..], &["--state-dir", "", "status"], &["--state-dir=", "status"]] {
+        let out = run_it(args);
+        if out.ok() || !out.stderr.contains("--state-dir needs a directory") || out.stdout.contains("dir=") {
+            wrong.push(format!("{args:?}: want a refusal naming --state-dir, got {}", out.all().trim()));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&bin_dir);
+    assert!(wrong.is_empty(), "docker-entrypoint.sh:\n{}", wrong.join("\n"));
+}
+
 /// `docker exec ROUTER meshnet reset` (README: drive the router with `docker
 /// exec`) leaves the state volume empty: the CLI run in the container dies with
 /// the router, so the router removes its state itself. Before, the identity,
@@ -444,19 +506,13 @@ fn entrypoint_runs_every_meshnet_command() {
 /// back.
 #[test]
 fn reset_in_a_router_container_empties_its_state() {
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let mut w = World::new();
-    let base = base_image();
-    let image = build_image(&mut w, &base);
+    let Some(Setup { mut w, image, privileges, .. }) = setup() else { return };
     let state = std::env::temp_dir().join(format!("meshnet-docker-state-{}", w.tag));
     std::fs::create_dir_all(&state).unwrap();
     w.dirs.push(state.clone());
     let r = w.name("meshnet_reset");
     let volume = format!("{}:/var/lib/meshnet", state.display());
-    let mut args: Vec<String> = router_privileges(&base);
+    let mut args: Vec<String> = privileges;
     args.extend(["--network", "none", "-v", &volume, &image, "launch"].iter().map(|s| s.to_string()));
     w.run_container(&r, &args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(wait_until(SECS(30), || meshnet_in(&r, &["status"]).ok()), "the router does not answer: {}", w.logs(&r));

@@ -15,6 +15,10 @@
 //! 8. a mesh of five settles to one established connection per pair
 //! 9. `launch --resume`: refused, starting nothing, without an earlier launch,
 //!    with other options, or without the password; with it, the same options
+//! 10. an address moved to another namespace is announced by `attach`: a peer's
+//!     neighbour entry holds the new MAC at once (IPv4 and IPv6)
+//! 11. a target re-made while its router was down is announced again once the
+//!     router is back in the mesh: a remote neighbour entry holds the new MAC
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -928,4 +932,95 @@ fn resume_relaunches_with_the_last_options() {
     std::thread::sleep(SECS(1)); // (killed: its last threads may still hold the port a moment)
     h.meshnet_env(&["launch", "--resume"], &pw).expect_ok("resume after --foreground");
     assert_eq!(h.status_json()["mtu"].as_u64(), Some(1320), "--foreground's launch not recorded");
+}
+
+/// The MAC `ip neigh` in `ns` holds for `ip`, if any.
+fn neighbour_mac(ns: &str, ip: &str) -> Option<String> {
+    let out = exec_in(ns, &["ip", "neigh", "show", "to", ip]).stdout;
+    let words: Vec<&str> = out.split_whitespace().collect();
+    words.iter().position(|w| *w == "lladdr").and_then(|i| words.get(i + 1)).map(|m| lower(m))
+}
+
+/// Scenario 10: an address that moves to another namespace (or comes back in a
+/// restarted one, with a new MAC) is announced by `attach`: a peer that knew it
+/// at the old MAC holds the new one at once (gratuitous ARP for IPv4, unsolicited
+/// neighbour advertisement for IPv6), without sending anything or waiting for
+/// its entry to time out.
+#[test]
+fn a_moved_address_is_announced() {
+    let Some(lab) = Lab::new("announce") else {
+        return;
+    };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let (c1, c2, c3) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2), lab.add_container(&h2, 3));
+    h1.launch(&[]);
+    h2.launch(&[&h1.ip]);
+    h1.meshnet(&["attach", "10.40.0.1/16", "fd40::1/64", &c1.ns]).expect_ok("attach c1");
+    h2.meshnet(&["attach", "10.40.0.2/16", "fd40::2/64", &c2.ns]).expect_ok("attach c2");
+    assert_pings(&c1, 2, SECS(30));
+    assert!(ping_until(&c1.ns, "fd40::2", SECS(10)), "c1 cannot ping fd40::2");
+    let mac_of = |c: &Container| {
+        let ethwe = link(&c.ns, "ethwe").unwrap_or_else(|| panic!("no ethwe in {}: {:#?}", c.ns, links(&c.ns)));
+        lower(ethwe["address"].as_str().unwrap_or_default())
+    };
+    let old = mac_of(&c2);
+    for ip in ["10.40.0.2", "fd40::2"] {
+        assert_eq!(neighbour_mac(&c1.ns, ip).as_deref(), Some(old.as_str()), "c1's neighbour entry for {ip}");
+    }
+
+    h2.meshnet(&["detach", &c2.ns]).expect_ok("detach c2");
+    h2.meshnet(&["attach", "10.40.0.2/16", "fd40::2/64", &c3.ns]).expect_ok("attach c2's addresses to c3");
+    let new = mac_of(&c3);
+    assert_ne!(old, new);
+    for ip in ["10.40.0.2", "fd40::2"] {
+        let mut seen = None;
+        let moved = wait_until(SECS(2), || {
+            seen = neighbour_mac(&c1.ns, ip);
+            seen.as_deref() == Some(new.as_str())
+        });
+        assert!(moved, "c1 still maps {ip} to {seen:?}, not to c3's {new}: the move was not announced");
+    }
+    // And the address works at once (c1's old entry would have sent to c2's MAC).
+    assert!(ping(&c1.ns, "10.40.0.2", 1), "c1 cannot ping 10.40.0.2 in c3 right after the move");
+    assert!(ping_until(&c1.ns, "fd40::2", SECS(3)), "c1 cannot ping fd40::2 in c3 right after the move");
+}
+
+/// Scenario 11: a target whose interface was re-made while its router was down
+/// (a container restarted meanwhile: a new veth, a new MAC) is announced again
+/// once the router is back in the mesh, not only at the re-attach on launch,
+/// which comes before any connection: a remote peer holds the new MAC at once.
+#[test]
+fn a_reattached_target_is_announced_to_the_mesh() {
+    let Some(lab) = Lab::new("reannounce") else {
+        return;
+    };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
+    let n1 = h1.launch(&[]);
+    h2.launch(&[&h1.ip]);
+    h1.meshnet(&["attach", "10.40.0.1/16", "fd40::1/64", &c1.ns]).expect_ok("attach c1");
+    h2.meshnet(&["attach", "10.40.0.2/16", "fd40::2/64", &c2.ns]).expect_ok("attach c2");
+    assert_pings(&c1, 2, SECS(30));
+    assert!(ping_until(&c1.ns, "fd40::2", SECS(10)), "c1 cannot ping fd40::2");
+    let mac_of = |c: &Container| {
+        let ethwe = link(&c.ns, "ethwe").unwrap_or_else(|| panic!("no ethwe in {}: {:#?}", c.ns, links(&c.ns)));
+        lower(ethwe["address"].as_str().unwrap_or_default())
+    };
+    let old = mac_of(&c2);
+
+    h2.meshnet(&["stop"]).expect_ok("stop h2");
+    assert!(wait_until(SECS(10), || h2.pids().is_empty()), "h2 did not stop");
+    exec_in(&c2.ns, &["ip", "link", "del", "ethwe"]).expect_ok("delete c2's ethwe while h2 is down");
+    h2.launch(&[]);
+    assert!(wait_until(SECS(20), || established_with(&h2.status_json(), &n1)), "h2 did not reconnect to h1");
+    let new = mac_of(&c2);
+    assert_ne!(old, new, "the re-attach kept the old MAC");
+    for ip in ["10.40.0.2", "fd40::2"] {
+        let mut seen = None;
+        let moved = wait_until(SECS(3), || {
+            seen = neighbour_mac(&c1.ns, ip);
+            seen.as_deref() == Some(new.as_str())
+        });
+        assert!(moved, "c1 still maps {ip} to {seen:?}, not to c2's new {new}: not announced once h2 was back");
+    }
 }
