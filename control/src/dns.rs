@@ -41,7 +41,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record as DnsRecord, RecordType};
 use meshnet_proto::dns::{self as table, Answer, DnsMsg, Family, QueryType, Record, Record6, RecordSet, SignedSet, Table, Table6};
 use meshnet_proto::handshake::{CAP_DNS, CAP_DNS6};
@@ -669,15 +669,36 @@ impl Dns {
                     resp.add_answer(DnsRecord::from_rdata(q.name().clone(), ttl, RData::PTR(PTR(name))));
                 }
             }
-            Answer::NoData => {}
+            Answer::NoData => self.add_soa(&mut resp, &qname, q.query_class()),
             Answer::NxDomain => {
                 self.stats.nxdomain.fetch_add(1, Ordering::Relaxed);
                 resp.metadata.response_code = ResponseCode::NXDomain;
+                self.add_soa(&mut resp, &qname, q.query_class());
             }
         }
         resp.metadata.authoritative = true;
         self.stats.answered.fetch_add(1, Ordering::Relaxed);
         Handled::Reply(resp)
+    }
+}
+
+impl Dns {
+    /// A negative answer (NXDOMAIN, or a name without data of the type asked)
+    /// for a name of the domain carries the domain's SOA in its authority
+    /// section (RFC 2308): its minimum, the TTL, is how long a resolver may
+    /// remember that the name or type is not there.
+    fn add_soa(&self, resp: &mut Message, qname: &str, class: DNSClass) {
+        let domain = &self.config.domain;
+        if !matches!(class, DNSClass::IN | DNSClass::ANY) || !table::in_domain(qname, domain) {
+            return;
+        }
+        let (Ok(zone), Ok(rname)) = (Name::from_ascii(domain), Name::from_ascii(format!("hostmaster.{domain}"))) else {
+            return;
+        };
+        let ttl = self.config.ttl;
+        // No zone transfers: serial, refresh, retry and expire only fill the record.
+        let soa = SOA::new(zone.clone(), rname, 1, 3600, 600, 86400, ttl);
+        resp.add_authority(DnsRecord::from_rdata(zone, ttl, RData::SOA(soa)));
     }
 }
 
@@ -941,6 +962,34 @@ mod tests {
     /// A question of another class than IN (or ANY) for a name of ours gets
     /// no IN record: NOERROR without data for a name that exists, NXDOMAIN
     /// for one that does not; class ANY is answered as IN.
+    #[test]
+    fn negative_answers_carry_the_domains_soa() {
+        let dns = test_dns("soa");
+        {
+            let mut t = dns.table();
+            let rec = Record { name: "db.meshnet.local.".into(), addr: "10.0.0.1".parse().unwrap(), target: "t".into() };
+            t.v4.set_own(vec![rec], 1, &dns.signer).unwrap();
+        }
+        let soa_of = |m: &Message| match &m.authorities[..] {
+            [r] => match &r.data {
+                RData::SOA(soa) => Some((r.name.to_ascii(), r.ttl, soa.minimum)),
+                _ => None,
+            },
+            _ => None,
+        };
+        let ttl = dns.config.ttl;
+        let m = ask(&dns, Name::from_ascii("nobody.meshnet.local.").unwrap(), RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        assert_eq!(soa_of(&m), Some(("meshnet.local.".to_string(), ttl, ttl)), "{m:?}");
+        let m = ask(&dns, Name::from_ascii("db.meshnet.local.").unwrap(), RecordType::MX);
+        assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::NoError, 0));
+        assert_eq!(soa_of(&m), Some(("meshnet.local.".to_string(), ttl, ttl)), "{m:?}");
+        // A positive answer has none.
+        let m = ask(&dns, Name::from_ascii("db.meshnet.local.").unwrap(), RecordType::A);
+        assert!(m.answers.len() == 1 && m.authorities.is_empty(), "{m:?}");
+        let _ = std::fs::remove_dir_all(&dns.state.root);
+    }
+
     #[test]
     fn edns_is_answered_with_edns_and_an_unknown_version_with_badvers() {
         let dns = test_dns("edns");
