@@ -631,9 +631,6 @@ fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trust
     }
 }
 
-/// Removes every interface and device this router made: container interfaces,
-/// the TAP, the exposed addresses and meshnet's nftables table, and the bridge
-/// if we created it.
 /// What `ps` shows of one attachment: the MAC and addresses its interface has
 /// now (the remembered addresses, and MAC "-", when the namespace is gone).
 fn ps_entry(at: &Attachment) -> api::PsEntry {
@@ -648,6 +645,9 @@ fn ps_entry(at: &Attachment) -> api::PsEntry {
     }
 }
 
+/// Removes every interface and device this router made: container interfaces,
+/// the TAP, the exposed addresses and meshnet's nftables table, and the bridge
+/// if we created it.
 pub fn remove_devices(state: &StateDir, attachments: &[Attachment]) {
     for a in attachments {
         if let Some(ns) = attach::still_there(a) {
