@@ -941,6 +941,26 @@ fn neighbour_mac(ns: &str, ip: &str) -> Option<String> {
     words.iter().position(|w| *w == "lladdr").and_then(|i| words.get(i + 1)).map(|m| lower(m))
 }
 
+/// Two routers, c1 on h1 (10.40.0.1, fd40::1) and c2 on h2 (10.40.0.2,
+/// fd40::2) reaching each other over both families; h1's peer name last.
+fn dual_stack_pair(lab: &Lab) -> (Host, Host, Container, Container, String) {
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
+    let n1 = h1.launch(&[]);
+    h2.launch(&[&h1.ip]);
+    h1.meshnet(&["attach", "10.40.0.1/16", "fd40::1/64", &c1.ns]).expect_ok("attach c1");
+    h2.meshnet(&["attach", "10.40.0.2/16", "fd40::2/64", &c2.ns]).expect_ok("attach c2");
+    assert_pings(&c1, 2, SECS(30));
+    assert!(ping_until(&c1.ns, "fd40::2", SECS(10)), "c1 cannot ping fd40::2");
+    (h1, h2, c1, c2, n1)
+}
+
+/// The MAC of `c`'s `ethwe`, lower case.
+fn ethwe_mac(c: &Container) -> String {
+    let ethwe = link(&c.ns, "ethwe").unwrap_or_else(|| panic!("no ethwe in {}: {:#?}", c.ns, links(&c.ns)));
+    lower(ethwe["address"].as_str().unwrap_or_default())
+}
+
 /// Scenario 10: an address that moves to another namespace (or comes back in a
 /// restarted one, with a new MAC) is announced by `attach`: a peer that knew it
 /// at the old MAC holds the new one at once (gratuitous ARP for IPv4, unsolicited
@@ -951,26 +971,16 @@ fn a_moved_address_is_announced() {
     let Some(lab) = Lab::new("announce") else {
         return;
     };
-    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
-    let (c1, c2, c3) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2), lab.add_container(&h2, 3));
-    h1.launch(&[]);
-    h2.launch(&[&h1.ip]);
-    h1.meshnet(&["attach", "10.40.0.1/16", "fd40::1/64", &c1.ns]).expect_ok("attach c1");
-    h2.meshnet(&["attach", "10.40.0.2/16", "fd40::2/64", &c2.ns]).expect_ok("attach c2");
-    assert_pings(&c1, 2, SECS(30));
-    assert!(ping_until(&c1.ns, "fd40::2", SECS(10)), "c1 cannot ping fd40::2");
-    let mac_of = |c: &Container| {
-        let ethwe = link(&c.ns, "ethwe").unwrap_or_else(|| panic!("no ethwe in {}: {:#?}", c.ns, links(&c.ns)));
-        lower(ethwe["address"].as_str().unwrap_or_default())
-    };
-    let old = mac_of(&c2);
+    let (_h1, h2, c1, c2, _) = dual_stack_pair(&lab);
+    let c3 = lab.add_container(&h2, 3);
+    let old = ethwe_mac(&c2);
     for ip in ["10.40.0.2", "fd40::2"] {
         assert_eq!(neighbour_mac(&c1.ns, ip).as_deref(), Some(old.as_str()), "c1's neighbour entry for {ip}");
     }
 
     h2.meshnet(&["detach", &c2.ns]).expect_ok("detach c2");
     h2.meshnet(&["attach", "10.40.0.2/16", "fd40::2/64", &c3.ns]).expect_ok("attach c2's addresses to c3");
-    let new = mac_of(&c3);
+    let new = ethwe_mac(&c3);
     assert_ne!(old, new);
     for ip in ["10.40.0.2", "fd40::2"] {
         let mut seen = None;
@@ -994,26 +1004,15 @@ fn a_reattached_target_is_announced_to_the_mesh() {
     let Some(lab) = Lab::new("reannounce") else {
         return;
     };
-    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
-    let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
-    let n1 = h1.launch(&[]);
-    h2.launch(&[&h1.ip]);
-    h1.meshnet(&["attach", "10.40.0.1/16", "fd40::1/64", &c1.ns]).expect_ok("attach c1");
-    h2.meshnet(&["attach", "10.40.0.2/16", "fd40::2/64", &c2.ns]).expect_ok("attach c2");
-    assert_pings(&c1, 2, SECS(30));
-    assert!(ping_until(&c1.ns, "fd40::2", SECS(10)), "c1 cannot ping fd40::2");
-    let mac_of = |c: &Container| {
-        let ethwe = link(&c.ns, "ethwe").unwrap_or_else(|| panic!("no ethwe in {}: {:#?}", c.ns, links(&c.ns)));
-        lower(ethwe["address"].as_str().unwrap_or_default())
-    };
-    let old = mac_of(&c2);
+    let (_h1, h2, c1, c2, n1) = dual_stack_pair(&lab);
+    let old = ethwe_mac(&c2);
 
     h2.meshnet(&["stop"]).expect_ok("stop h2");
     assert!(wait_until(SECS(10), || h2.pids().is_empty()), "h2 did not stop");
     exec_in(&c2.ns, &["ip", "link", "del", "ethwe"]).expect_ok("delete c2's ethwe while h2 is down");
     h2.launch(&[]);
     assert!(wait_until(SECS(20), || established_with(&h2.status_json(), &n1)), "h2 did not reconnect to h1");
-    let new = mac_of(&c2);
+    let new = ethwe_mac(&c2);
     assert_ne!(old, new, "the re-attach kept the old MAC");
     for ip in ["10.40.0.2", "fd40::2"] {
         let mut seen = None;

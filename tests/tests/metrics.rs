@@ -25,6 +25,17 @@ fn have(bin: &str) -> bool {
     Path::new(bin).exists()
 }
 
+/// `promtool check metrics` passes on `body`, host `h`'s exposition (kept in the lab's directory).
+fn assert_promtool_accepts(lab: &Lab, h: &Host, body: &str) {
+    let file = lab.dir.join(format!("metrics-h{}.txt", h.i));
+    std::fs::write(&file, body).unwrap();
+    let check = run(
+        std::process::Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", file.display())),
+        SECS(30),
+    );
+    assert!(check.ok(), "promtool check metrics on h{}'s output: {check}\n{body}", h.i);
+}
+
 /// `curl` in `ns`: (HTTP status, body).
 fn curl(ns: &str, args: &[&str]) -> (u16, String) {
     let mut a = vec!["curl", "-s", "-S", "--max-time", "10", "-o", "-", "-w", "\n%{http_code}"];
@@ -118,13 +129,7 @@ fn prometheus_scrapes_three_routers() {
         let url = format!("http://{}:{PORT}/metrics", h.ip);
         let (code, body) = curl(&prom.ns, &[&url]);
         assert_eq!(code, 200, "GET {url}: {body}");
-        let file = lab.dir.join(format!("metrics-h{}.txt", h.i));
-        std::fs::write(&file, &body).unwrap();
-        let check = run(
-            std::process::Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", file.display())),
-            SECS(30),
-        );
-        assert!(check.ok(), "promtool check metrics on h{}'s output: {check}\n{body}", h.i);
+        assert_promtool_accepts(&lab, h, &body);
         for name in [
             "meshnet_connections{state=\"established\"} 2",
             "meshnet_peer_sent_bytes_total{",
@@ -468,13 +473,7 @@ fn odd_nicknames_keep_the_exposition_valid() {
             body.lines().any(|l| l.starts_with("meshnet_ipam_owned_addresses{") && l.contains(escaped))
         });
         assert!(seen, "h{}: no IPAM series labelled {escaped}:\n{body}", h.i);
-        let file = lab.dir.join(format!("metrics-h{}.txt", h.i));
-        std::fs::write(&file, &body).unwrap();
-        let check = run(
-            std::process::Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", file.display())),
-            SECS(30),
-        );
-        assert!(check.ok(), "promtool check metrics on h{}'s output: {check}\n{body}", h.i);
+        assert_promtool_accepts(&lab, h, &body);
     }
     let body = curl(&h2.ns, &["http://127.0.0.1:6782/metrics"]).1;
     let route = format!(r#"meshnet_peer_route{{peer="{n1}",{escaped},route="direct"}} 1"#);
