@@ -16,6 +16,8 @@ have cc       || need+=(gcc)
 have nft      || need+=(nftables)
 have podman   || need+=(podman)
 have curl     || need+=(curl)
+# The DNS tests query meshnet's server with a real resolver client.
+have dig      || need+=(dnsutils)
 # The metrics test runs a real Prometheus and promtool; the map test a headless Chromium.
 have prometheus || need+=(prometheus)
 have promtool   || need+=(prometheus)
