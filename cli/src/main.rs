@@ -487,13 +487,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let deadline = Instant::now() + Duration::from_secs(timeout);
             loop {
                 let v = call(&state, Request::Prime)?;
-                if v["agreed"].as_bool() == Some(true) {
+                // Both rings, where there is an IPv6 one (`--ipalloc-range` of each family).
+                let rings = [("IP allocation ring", &v), ("IPv6 allocation ring", &v["ipv6"])];
+                let waiting = rings.iter().find(|(_, r)| !r.is_null() && r["agreed"].as_bool() != Some(true));
+                let Some((ring, r)) = waiting else {
                     return Ok(ExitCode::SUCCESS);
-                }
+                };
                 if Instant::now() > deadline {
                     bail!(
-                        "the IP allocation ring is not agreed after {timeout}s: waiting for {}",
-                        v["state"]["waiting"].as_str().unwrap_or("consensus")
+                        "the {ring} is not agreed after {timeout}s: waiting for {}",
+                        r["state"]["waiting"].as_str().unwrap_or("consensus")
                     );
                 }
                 std::thread::sleep(Duration::from_millis(250));

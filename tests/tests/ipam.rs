@@ -817,6 +817,29 @@ fn consensus_waits_for_all_n_peers() {
     assert_reaches(&c1b, &ip_of(&a3), SECS(10));
 }
 
+/// `prime` with an IPv6 range too waits for both rings: when it returns, the
+/// IPv6 ring is agreed as well (it used to return once the IPv4 one was).
+#[test]
+fn prime_waits_for_both_rings() {
+    let Some(lab) = Lab::new("prime6") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let h1 = lab.add_host(1);
+    // Alone: consensus of one, which an IPv4 allocation completes for the IPv4
+    // ring; nothing has asked the IPv6 ring yet.
+    h1.launch(&["--ipalloc-range", "fd32::/64"]);
+    let c1 = lab.add_container(&h1, 1);
+    attach_one(&h1, &c1, &["net:10.32.1.0/24"]);
+    assert!(agreed(&ipam(&h1)), "an IPv4 allocation without an agreed ring: {:#}", ipam(&h1));
+    let v = ipam(&h1);
+    assert!(!agreed(&v["ipv6"]), "the IPv6 ring agreed before anything asked for it: {v:#}");
+    let p = h1.meshnet_full(&["prime", "--timeout", "30"], &[], SECS(40));
+    assert!(p.ok(), "prime failed: {p}");
+    let v = ipam(&h1);
+    assert!(agreed(&v["ipv6"]), "IPv6 ring not agreed after prime returned: {v:#}");
+}
+
 /// Scenario 5: bad IPAM input fails clearly and changes nothing.
 #[test]
 fn bad_ipam_input_changes_nothing() {
