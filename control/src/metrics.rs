@@ -24,10 +24,10 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use meshnet_proto::PeerName;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeGaugeValue, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{Atomic, Gauge};
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -336,6 +336,18 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SetLabels {
+    family: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FamilyReasonLabels {
+    family: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: String,
 }
@@ -512,25 +524,12 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
         dp.get_or_create(&KindLabels { kind: name.into() }).inc_by(n);
     }
 
-    // IPAM.
+    // IPAM: the IPv4 ring, and the IPv6 ring where there is one.
     let st = mesh.with_ipam(|h| h.ipam.status());
-    let me = mesh.settings.me;
-    gauge(&mut reg, "meshnet_ipam_range_addresses", "Addresses in the IP allocation range", st.universe.size() as i64);
-    let owned = gauges::<PeerLabels>(&mut reg, "meshnet_ipam_owned_addresses", "Addresses of the range each peer owns");
-    let free = gauges::<PeerLabels>(&mut reg, "meshnet_ipam_free_addresses", "Free addresses each peer owns (as it last reported; exact for this router)");
-    for o in &st.owners {
-        let l = labels(o.peer);
-        owned.get_or_create(&l).set(o.size as i64);
-        free.get_or_create(&l).set(o.free as i64);
+    ipam_metrics::<i64>(&mut reg, "meshnet_ipam", "", &st, &labels, mesh.settings.me);
+    if let Some(st6) = mesh.with_ipam_for(true, |h| h.ipam.status()) {
+        ipam_metrics::<f64>(&mut reg, "meshnet_ipam6", " (IPv6 range)", &st6, &labels, mesh.settings.me);
     }
-    let mine = st.owners.iter().find(|o| o.peer == me);
-    gauge(&mut reg, "meshnet_ipam_owned_here_addresses", "Addresses this router owns", mine.map_or(0, |o| o.size) as i64);
-    gauge(&mut reg, "meshnet_ipam_free_here_addresses", "Free addresses this router owns", mine.map_or(0, |o| o.free) as i64);
-    gauge(&mut reg, "meshnet_ipam_allocated_addresses", "Addresses allocated by this router", st.allocated as i64);
-    gauge(&mut reg, "meshnet_ipam_pending_requests", "Allocation requests waiting here (for consensus, a ring or a donation)", st.pending as i64);
-    gauge(&mut reg, "meshnet_ipam_unreachable_addresses", "Addresses owned by peers this router cannot reach", st.unreachable_space as i64);
-    gauge(&mut reg, "meshnet_ipam_unreachable_peers", "Peers owning space that this router cannot reach", st.owners.iter().filter(|o| !o.reachable).count() as i64);
-    gauge(&mut reg, "meshnet_ipam_ring_agreed", "1 once the allocation ring is agreed", matches!(st.state, meshnet_proto::ipam::RingState::Agreed { .. }) as i64);
 
     // DNS.
     let (records, own, owners) = mesh.dns.table().counts();
@@ -538,10 +537,98 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     gauge(&mut reg, "meshnet_dns_own_records", "DNS records this router registered", own as i64);
     gauge(&mut reg, "meshnet_dns_owners", "Routers whose DNS record sets this router holds", owners as i64);
     gauge(&mut reg, "meshnet_dns_listening", "1 while the DNS server listens", mesh.dns.listening().is_some() as i64);
+    let ds = &mesh.dns.stats;
+    let load = |a: &AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    counter(&mut reg, "meshnet_dns_queries", "DNS queries the server received (UDP and TCP)", load(&ds.queries));
+    let outcomes = counters::<OutcomeLabels>(
+        &mut reg,
+        "meshnet_dns_query_outcomes",
+        "DNS queries by outcome: answered (from the table; nxdomain counts those that were NXDOMAIN), forwarded, forward_failed, dropped_garbage, refused_busy",
+    );
+    for (o, a) in [
+        ("answered", &ds.answered),
+        ("nxdomain", &ds.nxdomain),
+        ("forwarded", &ds.forwarded),
+        ("forward_failed", &ds.forward_failed),
+        ("dropped_garbage", &ds.dropped_garbage),
+        ("refused_busy", &ds.refused_busy),
+    ] {
+        outcomes.get_or_create(&OutcomeLabels { outcome: o.into() }).inc_by(load(a));
+    }
+    let sets = counters::<SetLabels>(&mut reg, "meshnet_dns_record_sets", "Gossiped DNS record sets taken (merged) or not newer than the one held (stale), by family");
+    let rejected = counters::<FamilyReasonLabels>(&mut reg, "meshnet_dns_rejected_record_sets", "Gossiped DNS record sets dropped, by family and reason");
+    {
+        let t = mesh.dns.table();
+        for (family, st) in [("ipv4", &t.v4.stats), ("ipv6", &t.v6.stats)] {
+            for (o, n) in [("merged", st.sets_merged), ("stale", st.sets_stale)] {
+                sets.get_or_create(&SetLabels { family: family.into(), outcome: o.into() }).inc_by(n);
+            }
+            for r in meshnet_proto::dns::Reject::ALL.map(|r| r.label()) {
+                let n = st.sets_rejected.get(r).copied().unwrap_or(0);
+                rejected.get_or_create(&FamilyReasonLabels { family: family.into(), reason: r.into() }).inc_by(n);
+            }
+        }
+    }
 
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)?;
     Ok(out)
+}
+
+/// A number of addresses as a gauge holds it: exact integers for the IPv4 ring
+/// (whose series are integers since they were first exported), floats for the
+/// IPv6 ring, whose sizes (2^64 in a /64) do not fit an `i64`.
+trait Addresses: EncodeGaugeValue + Copy + std::fmt::Debug + Send + Sync + 'static {
+    type Atomic: Atomic<Self> + Default + std::fmt::Debug + Send + Sync + 'static;
+    fn of(n: u128) -> Self;
+}
+
+impl Addresses for i64 {
+    type Atomic = std::sync::atomic::AtomicI64;
+    fn of(n: u128) -> i64 {
+        i64::try_from(n).unwrap_or(i64::MAX)
+    }
+}
+
+impl Addresses for f64 {
+    type Atomic = AtomicU64;
+    fn of(n: u128) -> f64 {
+        n as f64
+    }
+}
+
+/// One ring's gauges, named `PREFIX_...` (`meshnet_ipam`, `meshnet_ipam6`).
+fn ipam_metrics<N: Addresses>(
+    reg: &mut Registry,
+    prefix: &str,
+    which: &str,
+    st: &meshnet_proto::ipam::IpamStatus,
+    labels: &dyn Fn(PeerName) -> PeerLabels,
+    me: PeerName,
+) {
+    let mut one = |name: &str, help: &str, v: u128| {
+        let g = Gauge::<N, N::Atomic>::default();
+        g.set(N::of(v));
+        reg.register(format!("{prefix}_{name}"), format!("{help}{which}"), g);
+    };
+    one("range_addresses", "Addresses in the IP allocation range", st.universe.size());
+    let mine = st.owners.iter().find(|o| o.peer == me);
+    one("owned_here_addresses", "Addresses this router owns", mine.map_or(0, |o| o.size));
+    one("free_here_addresses", "Free addresses this router owns", mine.map_or(0, |o| o.free));
+    one("allocated_addresses", "Addresses allocated by this router", st.allocated as u128);
+    one("pending_requests", "Allocation requests waiting here (for consensus, a ring or a donation)", st.pending as u128);
+    one("unreachable_addresses", "Addresses owned by peers this router cannot reach", st.unreachable_space);
+    one("unreachable_peers", "Peers owning space that this router cannot reach", st.owners.iter().filter(|o| !o.reachable).count() as u128);
+    one("ring_agreed", "1 once the allocation ring is agreed", matches!(st.state, meshnet_proto::ipam::RingState::Agreed { .. }) as u128);
+    let owned = Family::<PeerLabels, Gauge<N, N::Atomic>>::default();
+    reg.register(format!("{prefix}_owned_addresses"), format!("Addresses of the range each peer owns{which}"), owned.clone());
+    let free = Family::<PeerLabels, Gauge<N, N::Atomic>>::default();
+    reg.register(format!("{prefix}_free_addresses"), format!("Free addresses each peer owns (as it last reported; exact for this router){which}"), free.clone());
+    for o in &st.owners {
+        let l = labels(o.peer);
+        owned.get_or_create(&l).set(N::of(o.size));
+        free.get_or_create(&l).set(N::of(o.free));
+    }
 }
 
 /// A label value as the exposition must carry it: `prometheus-client` (0.24)

@@ -212,6 +212,9 @@ pub enum Reject {
 }
 
 impl Reject {
+    /// Every reason (for counters that exist from the start).
+    pub const ALL: [Reject; 5] = [Reject::UnknownOwner, Reject::BadSignature, Reject::Malformed, Reject::Removed, Reject::Own];
+
     pub fn label(self) -> &'static str {
         match self {
             Reject::UnknownOwner => "unknown_owner",

@@ -405,17 +405,40 @@ fn every_documented_metric_is_served() {
         return;
     };
     let (h1, h2) = (lab.add_host(1), lab.add_host(2));
-    launch_with_metrics(&h1, &[]);
-    launch_with_metrics(&h2, &[&h1.ip]);
+    // An IPv6 range too, so the IPv6 ring's gauges are served.
+    let v6 = ["--ipalloc-range", "fd32::/64"];
+    launch_with_metrics(&h1, &v6);
+    launch_with_metrics(&h2, &[v6[0], v6[1], &h1.ip]);
     let (c1, c2) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2));
     attach(&h1, &c1);
     attach(&h2, &c2);
     assert!(ping_until(&c1.ns, &overlay(2), SECS(30)), "c1 cannot ping c2");
     h1.meshnet(&["expose", "10.40.0.100/16"]).expect_ok("expose (DNS listens)");
+    // Questions for a name that is not there (until the server, started by
+    // `expose`, answers one): each counted as a query answered NXDOMAIN.
+    let nx = wait_until(SECS(20), || {
+        let dig = exec_in_timeout(&c1.ns, &["dig", "@10.40.0.100", "+time=2", "+tries=1", "nobody.meshnet.local.", "A"], SECS(10));
+        dig.stdout.contains("status: NXDOMAIN")
+    });
+    assert!(nx, "no NXDOMAIN from h1's DNS server for nobody.meshnet.local.");
+    // Both rings agreed, so each has owners (the per-peer IPAM families).
+    h1.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime h1");
 
     let url = format!("http://{}:{PORT}/metrics", h1.ip);
     let (code, text) = curl(&h1.ns, &[&url]);
     assert_eq!(code, 200, "{text}");
+    let sample = |series: &str| -> Option<f64> {
+        text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    };
+    assert_eq!(sample("meshnet_ipam6_range_addresses"), Some(2f64.powi(64)), "{text}");
+    assert_eq!(sample("meshnet_ipam_range_addresses"), Some(f64::from(1u32 << 20)), "{text}");
+    let queries = sample("meshnet_dns_queries_total").unwrap_or(0.0);
+    assert!(queries >= 1.0, "no DNS query counted:\n{text}");
+    assert_eq!(sample(r#"meshnet_dns_query_outcomes_total{outcome="nxdomain"}"#), Some(queries), "{text}");
+    assert_eq!(sample(r#"meshnet_dns_query_outcomes_total{outcome="answered"}"#), Some(queries), "{text}");
+    if have("/usr/bin/promtool") {
+        assert_promtool_accepts(&lab, &h1, &text);
+    }
     let mut served: std::collections::BTreeMap<String, String> = Default::default();
     for l in text.lines() {
         if let Some(rest) = l.strip_prefix("# TYPE ") {
