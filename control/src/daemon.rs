@@ -524,14 +524,12 @@ async fn keys_saver(mesh: Arc<Mesh>) {
 /// down (a restarted container, a new MAC) stayed unknown to remote neighbours
 /// until their entries timed out. Once the first connection is established,
 /// every attachment is announced again, twice, a moment apart (the first
-/// broadcasts may still find no route).
+/// broadcasts may still find no route), however long that takes (a lone router
+/// whose first peer comes an hour later).
 async fn announce_once_connected(ctx: Arc<ApiCtx>) {
     let started = std::time::Instant::now();
     while !ctx.mesh.has_established() {
-        if started.elapsed() > Duration::from_secs(300) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(connection_poll(started.elapsed())).await;
     }
     for pause in [Duration::from_millis(500), Duration::from_secs(2)] {
         tokio::time::sleep(pause).await;
@@ -546,6 +544,17 @@ async fn announce_once_connected(ctx: Arc<ApiCtx>) {
             }
         })
         .await;
+    }
+}
+
+/// How often [`announce_once_connected`] looks for the first connection:
+/// often while one is likely soon (peers named at launch connect within
+/// seconds), then at a pace that costs an idle router nothing.
+fn connection_poll(waited: Duration) -> Duration {
+    if waited < Duration::from_secs(300) {
+        Duration::from_millis(100)
+    } else {
+        Duration::from_secs(2)
     }
 }
 
@@ -1706,6 +1715,17 @@ fn parse_peers(peers: &[String], port: u16) -> Result<Vec<PeerAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_connection_is_awaited_without_end() {
+        // Ten times a second for five minutes, then every two seconds: never a
+        // point after which the announcement is given up.
+        assert_eq!(connection_poll(Duration::ZERO), Duration::from_millis(100));
+        assert_eq!(connection_poll(Duration::from_secs(299)), Duration::from_millis(100));
+        for h in [1, 24, 24 * 365] {
+            assert_eq!(connection_poll(Duration::from_secs(3600 * h)), Duration::from_secs(2));
+        }
+    }
 
     #[test]
     fn dns_addresses_take_a_valid_prefix_or_none() {
