@@ -971,7 +971,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let mut status = handle(ctx, Request::Status)?;
             let exposed = ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let ps = handle(ctx, Request::Ps)?;
-            let ipam = mesh.with_ipam(|h| h.status_json());
+            let ipam = ipam_status_json(mesh);
             if let Some(o) = status.as_object_mut() {
                 o.remove("ipam");
             }

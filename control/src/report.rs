@@ -153,16 +153,21 @@ pub fn to_text(v: &Value) -> String {
         let _ = writeln!(o, "  {}({}) {} via {}", str_of(&rt["peer"]), str_of(&rt["nickname"]), str_of(&rt["route"]), str_of(&rt["next_hop"]));
     }
     let _ = writeln!(o, "\nMAC table: {} entries", v["mac_table"]["entries"]);
-    let ipam = &v["ipam"];
-    let _ = writeln!(o, "\nIPAM");
-    let _ = writeln!(o, "  range {} (default subnet {}), {} allocated here, {} pending, {} unreachable",
-        str_of(&ipam["range"]), str_of(&ipam["default_subnet"]), ipam["allocated_here"], ipam["pending"], ipam["unreachable_space"]);
-    for ow in ipam["owners"].as_array().into_iter().flatten() {
-        let _ = writeln!(o, "  {} {:>10} addresses, {:>10} free{}", str_of(&ow["peer"]), ow["size"], ow["free"],
-            if ow["reachable"].as_bool() == Some(true) { "" } else { " (unreachable)" });
-    }
-    for a in ipam["allocations"].as_array().into_iter().flatten() {
-        let _ = writeln!(o, "  allocated {} to {}", str_of(&a["ip"]), str_of(&a["target"]));
+    // The IPv4 ring, and the IPv6 one (under `ipv6`) where there is one.
+    for (title, ipam) in [("IPAM", &v["ipam"]), ("IPAM (IPv6 ring)", &v["ipam"]["ipv6"])] {
+        if ipam.is_null() {
+            continue;
+        }
+        let _ = writeln!(o, "\n{title}");
+        let _ = writeln!(o, "  range {} (default subnet {}), {} allocated here, {} pending, {} unreachable",
+            str_of(&ipam["range"]), str_of(&ipam["default_subnet"]), ipam["allocated_here"], ipam["pending"], str_of(&ipam["unreachable_space"]));
+        for ow in ipam["owners"].as_array().into_iter().flatten() {
+            let _ = writeln!(o, "  {} {:>10} addresses, {:>10} free{}", str_of(&ow["peer"]), str_of(&ow["size"]), str_of(&ow["free"]),
+                if ow["reachable"].as_bool() == Some(true) { "" } else { " (unreachable)" });
+        }
+        for a in ipam["allocations"].as_array().into_iter().flatten() {
+            let _ = writeln!(o, "  allocated {} to {}", str_of(&a["ip"]), str_of(&a["target"]));
+        }
     }
     let _ = writeln!(o, "\nExposed");
     for e in v["exposed"].as_array().into_iter().flatten() {
@@ -216,7 +221,9 @@ mod tests {
             "routes": [{"peer": "02:00:00:00:00:02", "nickname": "b", "route": "direct", "next_hop": "02:00:00:00:00:02"}],
             "mac_table": {"entries": 3},
             "traffic": [{"peer": "02:00:00:00:00:02", "sent_bytes": 10, "drops": {"no_route": 2, "encode_error": 0}}],
-            "ipam": {"allocations": [{"ip": "10.32.0.1", "target": "netns:c1"}]},
+            "ipam": {"allocations": [{"ip": "10.32.0.1", "target": "netns:c1"}],
+                     "ipv6": {"range": "fd32::/64", "owners": [{"peer": "02:00:00:00:00:01", "size": "18446744073709551616", "free": 5, "reachable": true}],
+                              "allocations": [{"ip": "fd32::1", "target": "netns:c1"}]}},
             "dns": {"enabled": true, "domain": "meshnet.local.", "ttl": 1, "listen": "10.32.0.2:53",
                     "records": [{"name": "db.meshnet.local.", "address": "10.32.0.1", "target": "c1", "owner": "02:00:00:00:00:01"}]},
             "trust": {"pinned_keys": 2},
@@ -226,6 +233,7 @@ mod tests {
             "Router", "Peers", "-> 02:00:00:00:00:02(b) 10.0.0.2:6783 established", "Routes", "MAC table: 3 entries", "IPAM",
             "allocated 10.32.0.1 to netns:c1", "Exposed", "Attachments", "dropped: no_route 2", "DNS",
             "listening on 10.32.0.2:53", "db.meshnet.local. 10.32.0.1 c1 02:00:00:00:00:01", "Trust", "pinned_keys: 2",
+            "IPAM (IPv6 ring)\n  range fd32::/64", "02:00:00:00:00:01 18446744073709551616 addresses", "allocated fd32::1 to netns:c1",
         ] {
             assert!(t.contains(want), "{want:?} missing from:\n{t}");
         }
