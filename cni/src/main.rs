@@ -522,6 +522,18 @@ fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         // Nothing we know of: already gone.
         return Ok(());
     };
+    // Only CNI_IFNAME is ours to remove. A namespace the router has attached
+    // under another name (this pod's interface of another network, or of this
+    // one: the DEL a runtime sends after an ADD that failed because the pod was
+    // attached already) keeps that interface and its addresses.
+    if Path::new(&netns).exists() {
+        if let Some(entry) = attachment_of(conf, &netns)? {
+            if interface_of(&entry) != env.ifname {
+                let _ = std::fs::remove_file(record_path(conf, env));
+                return Ok(());
+            }
+        }
+    }
     match router(conf, &Request::Detach { target: netns.clone(), cidrs: vec![] }) {
         Ok(_) => {}
         // The namespace is gone and with it the interface; the router forgets it
@@ -540,13 +552,11 @@ fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     if !Path::new(&env.netns).exists() {
         return Err(err(E_UNKNOWN_CONTAINER, format!("network namespace {} does not exist", env.netns)));
     }
-    let ps = router(conf, &Request::Ps)?;
-    let entries: Vec<PsEntry> = serde_json::from_value(ps).map_err(|e| err(E_IO, format!("bad answer from the meshnet router: {e}")))?;
     let same_ns = |t: &str| t == env.netns || same_file(t, &env.netns);
-    let Some(entry) = entries.iter().find(|e| same_ns(&e.target)) else {
+    let Some(entry) = attachment_of(conf, &env.netns)? else {
         return Err(err(E_CHECK, format!("{} is not attached to meshnet", env.netns)));
     };
-    let iface = if entry.interface.is_empty() { "ethwe" } else { entry.interface.as_str() };
+    let iface = interface_of(&entry);
     if iface != env.ifname {
         return Err(err(E_CHECK, format!("{} is attached as {iface}, not {}", env.netns, env.ifname)));
     }
@@ -583,6 +593,18 @@ fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         }
     }
     Ok(())
+}
+
+/// The router's attachment of the namespace at `netns`, if it has one.
+fn attachment_of(conf: &NetConf, netns: &str) -> Result<Option<PsEntry>, CniError> {
+    let ps = router(conf, &Request::Ps)?;
+    let entries: Vec<PsEntry> = serde_json::from_value(ps).map_err(|e| err(E_IO, format!("bad answer from the meshnet router: {e}")))?;
+    Ok(entries.into_iter().find(|e| e.target == netns || same_file(&e.target, netns)))
+}
+
+/// The interface an attachment has inside its namespace.
+fn interface_of(entry: &PsEntry) -> &str {
+    if entry.interface.is_empty() { "ethwe" } else { entry.interface.as_str() }
 }
 
 fn same_file(a: &str, b: &str) -> bool {
