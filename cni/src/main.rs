@@ -214,6 +214,11 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
     if conf.plugin_type.is_empty() {
         return Err(err(E_CONFIG, "the network configuration has no type"));
     }
+    if let Some(dir) = conf.state_dir.as_ref().filter(|d| !d.is_absolute()) {
+        // The runtime's working directory is nobody's business: a relative one
+        // would name no router, and "try again later" would never end.
+        return Err(err(E_CONFIG, format!("stateDir {:?} is not an absolute path", dir.display().to_string())));
+    }
     if let Some(t) = conf.ipam.as_ref().and_then(|i| i.ipam_type.as_deref()) {
         if t != "meshnet" {
             return Err(err_details(
@@ -641,6 +646,12 @@ mod tests {
         assert_eq!(parse_conf(r#"{"name":"x","type":"t"}"#).unwrap_err().code, E_CONFIG);
         assert_eq!(parse_conf(r#"{"cniVersion":"9.9.9","name":"x","type":"t"}"#).unwrap_err().code, E_VERSION);
         assert_eq!(parse_conf(r#"{"cniVersion":"1.0.0","name":"a b","type":"t"}"#).unwrap_err().code, E_CONFIG);
+        for dir in ["var/lib/meshnet", "", "./s"] {
+            let rel = format!(r#"{{"cniVersion":"1.0.0","name":"x","type":"t","stateDir":"{dir}"}}"#);
+            let e = parse_conf(&rel).unwrap_err();
+            assert_eq!(e.code, E_CONFIG, "{dir}");
+            assert!(e.msg.contains("not an absolute path"), "{}", e.msg);
+        }
         let hl = r#"{"cniVersion":"1.0.0","name":"x","type":"t","ipam":{"type":"host-local"}}"#;
         assert_eq!(parse_conf(hl).unwrap_err().code, E_UNSUPPORTED_FIELD);
     }
