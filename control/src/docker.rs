@@ -160,6 +160,23 @@ pub fn container_of_endpoint_blocking(network_id: &str, endpoint_id: &str) -> Re
     })
 }
 
+/// The endpoint IDs the engine lists on network `network_id` (those of its
+/// running containers); `None` when the engine has no such network.
+pub fn endpoints_of_network_blocking(network_id: &str) -> Result<Option<Vec<String>>, DockerError> {
+    if !plausible_reference(network_id) {
+        return Err(DockerError::Engine { socket: socket_path(), message: format!("invalid network ID {network_id:?}") });
+    }
+    let socket = socket_path();
+    block_on_own_thread(async {
+        let docker = connect(&socket).await?;
+        match docker.inspect_network(network_id, None::<bollard::query_parameters::InspectNetworkOptions>).await {
+            Ok(net) => Ok(Some(net.containers.unwrap_or_default().into_values().filter_map(|c| c.endpoint_id).collect())),
+            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(engine_error(&socket, e)),
+        }
+    })
+}
+
 fn block_on_own_thread<T: Send>(fut: impl Future<Output = Result<T, DockerError>> + Send) -> Result<T, DockerError> {
     std::thread::scope(|s| {
         s.spawn(|| {

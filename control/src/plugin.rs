@@ -22,7 +22,7 @@
 //! `ReleaseAddress`. Errors go back as `{"Err": "..."}` (HTTP 500), which
 //! Docker shows to the user.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -661,6 +661,71 @@ impl Plugin {
         Ok(answer)
     }
 
+    /// Forgets the endpoints among `ids` (those the state held when this router
+    /// started) that Docker no longer lists: a container removed while the router
+    /// was down, whose `Leave`, `DeleteEndpoint` and `ReleaseAddress` then failed
+    /// and which Docker does not send again. Their ports (veth pairs left on the
+    /// bridge) go, and their addresses back to IPAM. `listed(network)` is the
+    /// endpoint IDs Docker has on that network, `None` if it has no such network
+    /// (then the network is forgotten too); an error keeps everything of that
+    /// network. Returns the endpoints forgotten.
+    pub fn forget_stale(&self, ids: &[String], listed: impl Fn(&str) -> std::result::Result<Option<Vec<String>>, String>) -> Vec<String> {
+        let networks: BTreeSet<String> = {
+            let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            ids.iter().filter_map(|id| s.endpoints.get(id)).map(|e| e.network.clone()).collect()
+        };
+        // Ask Docker without holding the state: its calls to us wait meanwhile otherwise.
+        let mut answers = BTreeMap::new();
+        for net in networks {
+            match listed(&net) {
+                Ok(l) => {
+                    answers.insert(net, l);
+                }
+                Err(e) => log::info!("docker plugin: cannot tell which endpoints of network {} Docker still has: {e}", short(&net)),
+            }
+        }
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *guard;
+        let mut next = s.clone();
+        let mut gone = Vec::new();
+        for id in ids {
+            let Some(ep) = next.endpoints.get(id) else { continue };
+            let Some(listed) = answers.get(&ep.network) else { continue };
+            if listed.as_ref().is_some_and(|l| l.contains(id)) {
+                continue;
+            }
+            let ep = next.endpoints.remove(id).expect("looked up above");
+            let freed = parse_ip_prefix(&ep.address).and_then(|(ip, _)| {
+                next.pools.values_mut().find_map(|p| p.addresses.remove(&ip.to_string()).map(|key| (key, ip)))
+            });
+            gone.push((id.clone(), ep, freed));
+        }
+        for (net, listed) in &answers {
+            if listed.is_none() && !next.endpoints.values().any(|e| &e.network == net) {
+                next.networks.remove(net);
+            }
+        }
+        if next == *s {
+            return Vec::new();
+        }
+        if let Err(e) = self.save(&next) {
+            log::warn!("docker plugin: not forgetting endpoints Docker no longer has: {e}");
+            return Vec::new();
+        }
+        *s = next;
+        for (id, ep, freed) in &gone {
+            if ep.joined {
+                self.host.left(id, ep);
+            }
+            self.host.delete_port(&ep.host_if);
+            if let Some((key, ip)) = freed {
+                self.host.free(key, *ip);
+            }
+            log::info!("docker plugin: endpoint {} ({}) is gone from Docker: forgot it and its port {}", short(id), ep.address, ep.host_if);
+        }
+        gone.into_iter().map(|(id, _, _)| id).collect()
+    }
+
     fn leave(&self, s: &mut PluginState, r: EndpointRef) -> Answer {
         let ep = endpoint(s, &r)?.clone();
         let mut next = s.clone();
@@ -922,6 +987,60 @@ mod tests {
         assert!(fake.exposed.lock().unwrap().is_empty());
         ok(&p, "/IpamDriver.ReleasePool", json!({"PoolID": pool_id}));
         assert_eq!(p.state().pools.len() + p.state().networks.len() + p.state().endpoints.len(), 0);
+    }
+
+    /// A container removed while the router was down: Docker's Leave,
+    /// DeleteEndpoint and ReleaseAddress failed and are not sent again. At the
+    /// next start the endpoints Docker no longer lists are forgotten, their ports
+    /// deleted and their addresses freed; listed ones stay, and so does every
+    /// endpoint of a network Docker cannot answer for. A network Docker no longer
+    /// has goes with its endpoints.
+    #[test]
+    fn endpoints_docker_no_longer_has_are_forgotten() {
+        const EP2: &str = "1123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        const EP3: &str = "2123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        const NET2: &str = "5a5b6c7d8e9f00112233445566778899aabbccddeeff00112233445566778899";
+        let fake = Arc::new(Fake::default());
+        let p = Plugin::new(fake.clone(), PluginState::default(), None);
+        let mut addrs = BTreeMap::new();
+        for (net, subnet, eps) in [(NET, "10.40.5.0/24", &[EP, EP2][..]), (NET2, "10.40.6.0/24", &[EP3][..])] {
+            let pool = ok(&p, "/IpamDriver.RequestPool", json!({"Pool": subnet, "V6": false}));
+            let pool_id = pool["PoolID"].as_str().unwrap().to_string();
+            ok(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": net, "IPv4Data": [{"Pool": subnet, "Gateway": ""}]}));
+            for ep in eps {
+                let a = ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": pool_id, "Address": ""}))["Address"].as_str().unwrap().to_string();
+                ok(&p, "/NetworkDriver.CreateEndpoint", json!({"NetworkID": net, "EndpointID": ep, "Interface": {"Address": a}}));
+                ok(&p, "/NetworkDriver.Join", json!({"NetworkID": net, "EndpointID": ep, "SandboxKey": "/var/run/docker/netns/x"}));
+                addrs.insert(*ep, a.split('/').next().unwrap().parse::<Ipv4Addr>().unwrap());
+            }
+        }
+        assert_eq!(fake.ports.lock().unwrap().len(), 3);
+        // The router restarts (same state); Docker cannot answer for NET2 yet.
+        let p = Plugin::new(fake.clone(), p.state(), None);
+        let ids: Vec<String> = [EP, EP2, EP3].iter().map(|s| s.to_string()).collect();
+        let gone = p.forget_stale(&ids, |net| match net {
+            NET => Ok(Some(vec![EP2.to_string()])),
+            _ => Err("engine down".into()),
+        });
+        assert_eq!(gone, vec![EP.to_string()]);
+        let s = p.state();
+        assert_eq!(s.endpoints.keys().cloned().collect::<Vec<_>>(), vec![EP2.to_string(), EP3.to_string()]);
+        assert!(!fake.ports.lock().unwrap().contains("vmd0123456789ab"));
+        assert_eq!(fake.ports.lock().unwrap().len(), 2);
+        let allocated = fake.allocated.lock().unwrap().keys().copied().collect::<Vec<_>>();
+        assert_eq!(allocated, vec![addrs[EP2], addrs[EP3]], "the gone endpoint's address must be free");
+        assert!(!s.pools.values().any(|p| p.addresses.contains_key(&addrs[EP].to_string())));
+        assert!(!fake.joined.lock().unwrap().contains(&EP.to_string()));
+        // Docker answers again: NET2 is gone, and with it EP3; EP2 stays.
+        let gone = p.forget_stale(&ids, |net| Ok((net == NET).then(|| vec![EP2.to_string()])));
+        assert_eq!(gone, vec![EP3.to_string()]);
+        let s = p.state();
+        assert_eq!(s.endpoints.keys().cloned().collect::<Vec<_>>(), vec![EP2.to_string()]);
+        assert_eq!(s.networks.keys().cloned().collect::<Vec<_>>(), vec![NET.to_string()]);
+        assert_eq!(fake.allocated.lock().unwrap().keys().copied().collect::<Vec<_>>(), vec![addrs[EP2]]);
+        // Nothing more to forget: nothing changes.
+        assert!(p.forget_stale(&ids, |_| Ok(Some(vec![EP2.to_string()]))).is_empty());
+        assert_eq!(p.state(), s);
     }
 
     #[test]
