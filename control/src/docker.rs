@@ -177,6 +177,25 @@ pub fn endpoints_of_network_blocking(network_id: &str) -> Result<Option<Vec<Stri
     })
 }
 
+/// The subnets of the engine's networks whose IPAM driver is `driver`.
+pub fn subnets_of_ipam_driver_blocking(driver: &str) -> Result<Vec<String>, DockerError> {
+    let socket = socket_path();
+    block_on_own_thread(async {
+        let docker = connect(&socket).await?;
+        let nets = docker
+            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+            .await
+            .map_err(|e| engine_error(&socket, e))?;
+        Ok(nets
+            .into_iter()
+            .filter_map(|n| n.ipam)
+            .filter(|i| i.driver.as_deref() == Some(driver))
+            .flat_map(|i| i.config.unwrap_or_default())
+            .filter_map(|c| c.subnet)
+            .collect())
+    })
+}
+
 fn block_on_own_thread<T: Send>(fut: impl Future<Output = Result<T, DockerError>> + Send) -> Result<T, DockerError> {
     std::thread::scope(|s| {
         s.spawn(|| {

@@ -377,7 +377,15 @@ fn docker_plugin_networks_and_restarted_containers() {
     // DeleteEndpoint and ReleaseAddress fail, and Docker does not send them
     // again. The relaunched router asks Docker which endpoints it still has and
     // forgets the others: the address is free again and the veth pair is off the
-    // bridge. Before, both stayed for good.
+    // bridge. A network removed meanwhile likewise: its subnet can be used
+    // again and its gateway is hidden. Before, all of it stayed for good
+    // ("subnet ... is already used by another meshnet network").
+    let net_x = w.name("mnnetx");
+    let subnet_x = "10.213.7.0/24";
+    w.networks.push(net_x.clone());
+    docker(&["network", "create", "--driver", &pb, "--ipam-driver", &pb, "--subnet", subnet_x, &net_x]).expect_ok("docker network create on router B");
+    let exposed_b = || b.json(&["status", "--json"])["exposed"].to_string();
+    assert!(exposed_b().contains("10.213.7."), "no gateway of {subnet_x} on router B: {}", exposed_b());
     let cf = w.name("mncf");
     w.run_container(&cf, &["--network", &net_b, &image, "sleep", "3600"]).expect_ok("docker run cf on router B's network");
     let ip_f = ip_in(&cf, &net_b);
@@ -393,6 +401,7 @@ fn docker_plugin_networks_and_restarted_containers() {
     run(Command::new("kill").args(["-9", pid.trim()]), SECS(10)).expect_ok("kill -9 router B");
     // Docker tries the dead plugin for a while before it gives up on it.
     run(Command::new("docker").args(["rm", "-f", &cf]), SECS(180)).expect_ok("docker rm -f while router B is down");
+    run(Command::new("docker").args(["network", "rm", &net_x]), SECS(180)).expect_ok("docker network rm while router B is down");
     b.meshnet(&["launch", "--resume"]).expect_ok("relaunch router B after kill -9");
     assert!(
         wait_until(SECS(30), || b.holder(&ip_f).is_none() && !ports_b().contains(&port_f)),
@@ -401,6 +410,10 @@ fn docker_plugin_networks_and_restarted_containers() {
         b.log()
     );
     assert!(b.holder(&ip_b).is_some(), "router B forgot {cb}'s {ip_b}, whose container runs");
+    assert!(wait_until(SECS(10), || !exposed_b().contains("10.213.7.")), "the gateway of removed {net_x} is still exposed: {}", exposed_b());
+    docker(&["network", "create", "--driver", &pb, "--ipam-driver", &pb, "--subnet", subnet_x, &net_x])
+        .expect_ok("docker network create again on a subnet whose network was removed while router B was down");
+    docker(&["network", "rm", &net_x]).expect_ok("docker network rm");
     eprintln!("container removed while its router was down: {ip_f} and {port_f} released at relaunch");
 
     // Containers attached by name survive docker restart with the same address.
