@@ -214,6 +214,11 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
     if conf.plugin_type.is_empty() {
         return Err(err(E_CONFIG, "the network configuration has no type"));
     }
+    if let Some(dir) = conf.state_dir.as_ref().filter(|d| !d.is_absolute()) {
+        // The runtime's working directory is nobody's business: a relative one
+        // would name no router, and "try again later" would never end.
+        return Err(err(E_CONFIG, format!("stateDir {:?} is not an absolute path", dir.display().to_string())));
+    }
     if let Some(t) = conf.ipam.as_ref().and_then(|i| i.ipam_type.as_deref()) {
         if t != "meshnet" {
             return Err(err_details(
@@ -522,6 +527,18 @@ fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         // Nothing we know of: already gone.
         return Ok(());
     };
+    // Only CNI_IFNAME is ours to remove. A namespace the router has attached
+    // under another name (this pod's interface of another network, or of this
+    // one: the DEL a runtime sends after an ADD that failed because the pod was
+    // attached already) keeps that interface and its addresses.
+    if Path::new(&netns).exists() {
+        if let Some(entry) = attachment_of(conf, &netns)? {
+            if interface_of(&entry) != env.ifname {
+                let _ = std::fs::remove_file(record_path(conf, env));
+                return Ok(());
+            }
+        }
+    }
     match router(conf, &Request::Detach { target: netns.clone(), cidrs: vec![] }) {
         Ok(_) => {}
         // The namespace is gone and with it the interface; the router forgets it
@@ -540,13 +557,11 @@ fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     if !Path::new(&env.netns).exists() {
         return Err(err(E_UNKNOWN_CONTAINER, format!("network namespace {} does not exist", env.netns)));
     }
-    let ps = router(conf, &Request::Ps)?;
-    let entries: Vec<PsEntry> = serde_json::from_value(ps).map_err(|e| err(E_IO, format!("bad answer from the meshnet router: {e}")))?;
     let same_ns = |t: &str| t == env.netns || same_file(t, &env.netns);
-    let Some(entry) = entries.iter().find(|e| same_ns(&e.target)) else {
+    let Some(entry) = attachment_of(conf, &env.netns)? else {
         return Err(err(E_CHECK, format!("{} is not attached to meshnet", env.netns)));
     };
-    let iface = if entry.interface.is_empty() { "ethwe" } else { entry.interface.as_str() };
+    let iface = interface_of(&entry);
     if iface != env.ifname {
         return Err(err(E_CHECK, format!("{} is attached as {iface}, not {}", env.netns, env.ifname)));
     }
@@ -585,6 +600,18 @@ fn check(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     Ok(())
 }
 
+/// The router's attachment of the namespace at `netns`, if it has one.
+fn attachment_of(conf: &NetConf, netns: &str) -> Result<Option<PsEntry>, CniError> {
+    let ps = router(conf, &Request::Ps)?;
+    let entries: Vec<PsEntry> = serde_json::from_value(ps).map_err(|e| err(E_IO, format!("bad answer from the meshnet router: {e}")))?;
+    Ok(entries.into_iter().find(|e| e.target == netns || same_file(&e.target, netns)))
+}
+
+/// The interface an attachment has inside its namespace.
+fn interface_of(entry: &PsEntry) -> &str {
+    if entry.interface.is_empty() { "ethwe" } else { entry.interface.as_str() }
+}
+
 fn same_file(a: &str, b: &str) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
@@ -619,6 +646,12 @@ mod tests {
         assert_eq!(parse_conf(r#"{"name":"x","type":"t"}"#).unwrap_err().code, E_CONFIG);
         assert_eq!(parse_conf(r#"{"cniVersion":"9.9.9","name":"x","type":"t"}"#).unwrap_err().code, E_VERSION);
         assert_eq!(parse_conf(r#"{"cniVersion":"1.0.0","name":"a b","type":"t"}"#).unwrap_err().code, E_CONFIG);
+        for dir in ["var/lib/meshnet", "", "./s"] {
+            let rel = format!(r#"{{"cniVersion":"1.0.0","name":"x","type":"t","stateDir":"{dir}"}}"#);
+            let e = parse_conf(&rel).unwrap_err();
+            assert_eq!(e.code, E_CONFIG, "{dir}");
+            assert!(e.msg.contains("not an absolute path"), "{}", e.msg);
+        }
         let hl = r#"{"cniVersion":"1.0.0","name":"x","type":"t","ipam":{"type":"host-local"}}"#;
         assert_eq!(parse_conf(hl).unwrap_err().code, E_UNSUPPORTED_FIELD);
     }

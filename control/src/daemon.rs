@@ -1420,6 +1420,19 @@ fn start_docker_plugin(
     let plugin = Arc::new(crate::plugin::Plugin::new(host, state, Some(ctx.mesh.state.docker_plugin())).named(&opts.name));
     let listener = tokio::net::UnixListener::from_std(socket.take_listener().expect("just bound"))?;
     log::info!("Docker plugin {:?} (network and IPAM driver) on {}", opts.name, socket.path.display());
+    // Containers and networks removed while this router was down: Docker does
+    // not call again. (Taken before the plugin serves.)
+    let at_start = plugin.state();
+    if !at_start.networks.is_empty() || !at_start.pools.is_empty() {
+        let (p, name) = (plugin.clone(), opts.name.clone());
+        std::thread::spawn(move || {
+            p.forget_stale(
+                &at_start,
+                |net| crate::docker::endpoints_of_network_blocking(net).map_err(|e| e.to_string()),
+                || crate::docker::subnets_of_ipam_driver_blocking(&name).map_err(|e| e.to_string()),
+            );
+        });
+    }
     Ok(Some((socket, plugin, listener)))
 }
 

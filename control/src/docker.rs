@@ -160,6 +160,42 @@ pub fn container_of_endpoint_blocking(network_id: &str, endpoint_id: &str) -> Re
     })
 }
 
+/// The endpoint IDs the engine lists on network `network_id` (those of its
+/// running containers); `None` when the engine has no such network.
+pub fn endpoints_of_network_blocking(network_id: &str) -> Result<Option<Vec<String>>, DockerError> {
+    if !plausible_reference(network_id) {
+        return Err(DockerError::Engine { socket: socket_path(), message: format!("invalid network ID {network_id:?}") });
+    }
+    let socket = socket_path();
+    block_on_own_thread(async {
+        let docker = connect(&socket).await?;
+        match docker.inspect_network(network_id, None::<bollard::query_parameters::InspectNetworkOptions>).await {
+            Ok(net) => Ok(Some(net.containers.unwrap_or_default().into_values().filter_map(|c| c.endpoint_id).collect())),
+            Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(engine_error(&socket, e)),
+        }
+    })
+}
+
+/// The subnets of the engine's networks whose IPAM driver is `driver`.
+pub fn subnets_of_ipam_driver_blocking(driver: &str) -> Result<Vec<String>, DockerError> {
+    let socket = socket_path();
+    block_on_own_thread(async {
+        let docker = connect(&socket).await?;
+        let nets = docker
+            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+            .await
+            .map_err(|e| engine_error(&socket, e))?;
+        Ok(nets
+            .into_iter()
+            .filter_map(|n| n.ipam)
+            .filter(|i| i.driver.as_deref() == Some(driver))
+            .flat_map(|i| i.config.unwrap_or_default())
+            .filter_map(|c| c.subnet)
+            .collect())
+    })
+}
+
 fn block_on_own_thread<T: Send>(fut: impl Future<Output = Result<T, DockerError>> + Send) -> Result<T, DockerError> {
     std::thread::scope(|s| {
         s.spawn(|| {

@@ -661,6 +661,107 @@ impl Plugin {
         Ok(answer)
     }
 
+    /// Forgets what Docker removed while this router was down: its calls for it
+    /// (`Leave`, `DeleteEndpoint`, `ReleaseAddress`; `DeleteNetwork`,
+    /// `ReleasePool`) failed then, and Docker does not send them again. `at_start`
+    /// is the state this router started with; of it, the endpoints Docker no
+    /// longer lists go (their ports, the veth pairs left on the bridge, are
+    /// deleted and their addresses freed), networks Docker no longer has go once
+    /// they have no endpoint, and pools that no network uses go (their addresses
+    /// freed, their gateway hidden), so the subnet can be used again.
+    /// `listed(network)` is the endpoint IDs Docker has on that network, `None`
+    /// if it has no such network; an error keeps that network and all of it.
+    /// `ipam_subnets()` is the subnets of Docker's networks whose IPAM driver
+    /// is this plugin (of any network driver); an error keeps every pool.
+    /// Returns the endpoints forgotten.
+    pub fn forget_stale(
+        &self,
+        at_start: &PluginState,
+        listed: impl Fn(&str) -> std::result::Result<Option<Vec<String>>, String>,
+        ipam_subnets: impl Fn() -> std::result::Result<Vec<String>, String>,
+    ) -> Vec<String> {
+        // Ask Docker without holding the state: its calls to us wait meanwhile otherwise.
+        let mut answers = BTreeMap::new();
+        for net in at_start.networks.keys() {
+            match listed(net) {
+                Ok(l) => {
+                    answers.insert(net.clone(), l);
+                }
+                Err(e) => log::info!("docker plugin: cannot tell whether Docker still has network {}: {e}", short(net)),
+            }
+        }
+        let in_use: Option<Vec<Cidr>> = if at_start.pools.is_empty() {
+            None
+        } else {
+            match ipam_subnets() {
+                Ok(l) => Some(l.iter().filter_map(|c| c.parse().ok()).collect()),
+                Err(e) => {
+                    log::info!("docker plugin: cannot tell which subnets Docker still uses: {e}");
+                    None
+                }
+            }
+        };
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *guard;
+        let mut next = s.clone();
+        let mut gone = Vec::new();
+        for id in at_start.endpoints.keys() {
+            let Some(ep) = next.endpoints.get(id) else { continue };
+            let Some(listed) = answers.get(&ep.network) else { continue };
+            if listed.as_ref().is_some_and(|l| l.contains(id)) {
+                continue;
+            }
+            let ep = next.endpoints.remove(id).expect("looked up above");
+            let freed = parse_ip_prefix(&ep.address).and_then(|(ip, _)| {
+                next.pools.values_mut().find_map(|p| p.addresses.remove(&ip.to_string()).map(|key| (key, ip)))
+            });
+            gone.push((id.clone(), ep, freed));
+        }
+        for (net, listed) in &answers {
+            if listed.is_none() && !next.endpoints.values().any(|e| &e.network == net) {
+                next.networks.remove(net);
+            }
+        }
+        let mut pools_gone = Vec::new();
+        for id in at_start.pools.keys().filter(|_| in_use.is_some()) {
+            let Some(pool) = next.pools.get(id) else { continue };
+            let subnet = pool.subnet.parse::<Cidr>().ok();
+            let used = in_use.as_ref().is_some_and(|u| subnet.is_none_or(|c| u.contains(&c)));
+            if used || next.networks.values().any(|n| n.subnet == pool.subnet) {
+                continue;
+            }
+            pools_gone.push(next.pools.remove(id).expect("looked up above"));
+        }
+        if next == *s {
+            return Vec::new();
+        }
+        if let Err(e) = self.save(&next) {
+            log::warn!("docker plugin: not forgetting what Docker removed while this router was down: {e}");
+            return Vec::new();
+        }
+        *s = next;
+        for (id, ep, freed) in &gone {
+            if ep.joined {
+                self.host.left(id, ep);
+            }
+            self.host.delete_port(&ep.host_if);
+            if let Some((key, ip)) = freed {
+                self.host.free(key, *ip);
+            }
+            log::info!("docker plugin: endpoint {} ({}) is gone from Docker: forgot it and its port {}", short(id), ep.address, ep.host_if);
+        }
+        for pool in &pools_gone {
+            for (ip, key) in &pool.addresses {
+                if let Ok(ip) = ip.parse() {
+                    self.host.free(key, ip);
+                }
+            }
+            self.release_gateway_of(pool);
+            log::info!("docker plugin: no Docker network uses pool {} any more: released it", pool.subnet);
+        }
+        gone.into_iter().map(|(id, _, _)| id).collect()
+    }
+
     fn leave(&self, s: &mut PluginState, r: EndpointRef) -> Answer {
         let ep = endpoint(s, &r)?.clone();
         let mut next = s.clone();
@@ -922,6 +1023,80 @@ mod tests {
         assert!(fake.exposed.lock().unwrap().is_empty());
         ok(&p, "/IpamDriver.ReleasePool", json!({"PoolID": pool_id}));
         assert_eq!(p.state().pools.len() + p.state().networks.len() + p.state().endpoints.len(), 0);
+    }
+
+    /// What Docker removed while the router was down: its calls for it failed
+    /// and are not sent again. At the next start the endpoints Docker no longer
+    /// lists are forgotten, their ports deleted and their addresses freed;
+    /// listed ones stay, and so does all of a network Docker cannot answer for.
+    /// A network Docker no longer has goes with its endpoints, and a pool no
+    /// Docker network uses goes (its gateway hidden), unless Docker cannot say.
+    #[test]
+    fn what_docker_removed_meanwhile_is_forgotten() {
+        const EP2: &str = "1123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        const EP3: &str = "2123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        const NET2: &str = "5a5b6c7d8e9f00112233445566778899aabbccddeeff00112233445566778899";
+        let fake = Arc::new(Fake::default());
+        let p = Plugin::new(fake.clone(), PluginState::default(), None);
+        let mut addrs = BTreeMap::new();
+        for (net, subnet, eps) in [(NET, "10.40.5.0/24", &[EP, EP2][..]), (NET2, "10.40.6.0/24", &[EP3][..])] {
+            let pool = ok(&p, "/IpamDriver.RequestPool", json!({"Pool": subnet, "V6": false}));
+            let pool_id = pool["PoolID"].as_str().unwrap().to_string();
+            ok(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": net, "IPv4Data": [{"Pool": subnet, "Gateway": ""}]}));
+            for ep in eps {
+                let a = ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": pool_id, "Address": ""}))["Address"].as_str().unwrap().to_string();
+                ok(&p, "/NetworkDriver.CreateEndpoint", json!({"NetworkID": net, "EndpointID": ep, "Interface": {"Address": a}}));
+                ok(&p, "/NetworkDriver.Join", json!({"NetworkID": net, "EndpointID": ep, "SandboxKey": "/var/run/docker/netns/x"}));
+                addrs.insert(*ep, a.split('/').next().unwrap().parse::<Ipv4Addr>().unwrap());
+            }
+        }
+        // A pool whose network is not meshnet's (or whose network Docker failed to make).
+        let pool = ok(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.7.0/24", "V6": false}));
+        let pool7 = pool["PoolID"].as_str().unwrap().to_string();
+        ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": pool7, "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}}));
+        assert_eq!(fake.ports.lock().unwrap().len(), 3);
+        assert_eq!(fake.exposed.lock().unwrap().len(), 1);
+        // The router restarts (same state); Docker cannot answer for NET2 yet.
+        let at_start = p.state();
+        let p = Plugin::new(fake.clone(), at_start.clone(), None);
+        let all = || Ok(vec!["10.40.5.0/24".to_string(), "10.40.6.0/24".to_string(), "10.40.7.0/24".to_string()]);
+        let gone = p.forget_stale(
+            &at_start,
+            |net| match net {
+                NET => Ok(Some(vec![EP2.to_string()])),
+                _ => Err("engine down".into()),
+            },
+            all,
+        );
+        assert_eq!(gone, vec![EP.to_string()]);
+        let s = p.state();
+        assert_eq!(s.endpoints.keys().cloned().collect::<Vec<_>>(), vec![EP2.to_string(), EP3.to_string()]);
+        assert!(!fake.ports.lock().unwrap().contains("vmd0123456789ab"));
+        assert_eq!(fake.ports.lock().unwrap().len(), 2);
+        let allocated = fake.allocated.lock().unwrap().keys().copied().collect::<Vec<_>>();
+        assert_eq!(allocated, vec![addrs[EP2], addrs[EP3]], "the gone endpoint's address must be free");
+        assert!(!s.pools.values().any(|p| p.addresses.contains_key(&addrs[EP].to_string())));
+        assert!(!fake.joined.lock().unwrap().contains(&EP.to_string()));
+        assert_eq!(s.pools.len(), 3);
+        // Docker cannot list its networks: every pool stays.
+        let networks_only = |net: &str| if net == NET { Ok(Some(vec![EP2.to_string()])) } else { Err("engine down".to_string()) };
+        assert!(p.forget_stale(&at_start, networks_only, || Err("engine down".into())).is_empty());
+        assert_eq!(p.state().pools.len(), 3);
+        // Docker answers: NET2 is gone, and with it EP3 and its pool; so is 10.40.7.0/24's user.
+        let gone = p.forget_stale(&at_start, |net| Ok((net == NET).then(|| vec![EP2.to_string()])), || Ok(vec!["10.40.5.0/24".to_string()]));
+        assert_eq!(gone, vec![EP3.to_string()]);
+        let s = p.state();
+        assert_eq!(s.endpoints.keys().cloned().collect::<Vec<_>>(), vec![EP2.to_string()]);
+        assert_eq!(s.networks.keys().cloned().collect::<Vec<_>>(), vec![NET.to_string()]);
+        assert_eq!(s.pools.values().map(|p| p.subnet.as_str()).collect::<Vec<_>>(), vec!["10.40.5.0/24"]);
+        assert_eq!(fake.allocated.lock().unwrap().keys().copied().collect::<Vec<_>>(), vec![addrs[EP2]]);
+        assert!(fake.exposed.lock().unwrap().is_empty(), "the gateway of a released pool must be hidden");
+        // The subnet can be used again.
+        ok(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.6.0/24", "V6": false}));
+        // Nothing more to forget: nothing changes.
+        let s = p.state();
+        assert!(p.forget_stale(&at_start, |_| Ok(Some(vec![EP2.to_string()])), || Ok(vec!["10.40.5.0/24".to_string(), "10.40.6.0/24".to_string()])).is_empty());
+        assert_eq!(p.state(), s);
     }
 
     #[test]

@@ -307,3 +307,53 @@ fn cni_plugin_add_check_del() {
     let e = expect_error(&pod.call("ADD", &taken), 100, "address taken");
     assert!(e["msg"].as_str().unwrap_or_default().contains("already attached"), "{e:#}");
 }
+
+/// DEL removes only `CNI_IFNAME`. A runtime sends DEL after every failed ADD
+/// (CNI spec), so when a second network's ADD (`net1`) is refused because the
+/// pod is attached as `eth0` already, the DEL that follows must leave `eth0`
+/// and its address alone. Before, DEL detached the whole namespace, whatever
+/// the interface name: the pod lost its network.
+#[test]
+fn cni_del_of_another_interface_leaves_the_pod_alone() {
+    let Some(lab) = Lab::new("cnidel") else {
+        return;
+    };
+    let h1 = lab.add_host(1);
+    let pod_ns = lab.add_container(&h1, 5);
+    h1.launch(&[]);
+    let conf = |name: &str| {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": name,
+            "type": "meshnet-cni",
+            "stateDir": h1.state_dir.to_string_lossy(),
+            "ipam": {"addresses": [{"address": "10.40.0.5/16", "gateway": "10.40.0.1"}]}
+        })
+    };
+    let netns = format!("/run/netns/{}", pod_ns.ns);
+    let id = format!("pod-{}", lab.prefix);
+    let pod = Pod { host_ns: &h1.ns, id: id.clone(), netns: netns.clone(), ifname: "eth0" };
+    let add = pod.call("ADD", &conf("meshnet"));
+    assert!(add.ok(), "ADD eth0: {add:?}");
+    let attached = || h1.ps_json().iter().any(|e| e["target"] == netns.as_str() && e["interface"] == "eth0");
+    assert!(attached());
+
+    // A second network's ADD as net1 is refused; the runtime then sends DEL for net1.
+    let second = Pod { host_ns: &h1.ns, id, netns: netns.clone(), ifname: "net1" };
+    let e = expect_error(&second.call("ADD", &conf("second")), 100, "ADD net1 of an attached pod");
+    assert!(e["msg"].as_str().unwrap_or_default().contains("already attached as eth0"), "{e:#}");
+    let del = second.call("DEL", &conf("second"));
+    assert!(del.ok() && del.stdout.trim().is_empty(), "DEL net1: {del:?}");
+    let l = link(&pod_ns.ns, "eth0").unwrap_or_else(|| panic!("DEL of net1 removed eth0: {:?}", links(&pod_ns.ns)));
+    assert_eq!(ipv4_of(&l), vec!["10.40.0.5/16".to_string()], "DEL of net1 took eth0's address");
+    assert!(attached(), "DEL of net1 detached the pod: {:?}", h1.ps_json());
+    // Without CNI_NETNS too (nothing was recorded for net1).
+    assert!(second.call_raw("DEL", &conf("second").to_string(), "").ok());
+    assert!(attached());
+
+    // DEL of eth0 still removes it.
+    let del = pod.call("DEL", &conf("meshnet"));
+    assert!(del.ok(), "DEL eth0: {del:?}");
+    assert!(link(&pod_ns.ns, "eth0").is_none(), "eth0 still in the pod after its DEL");
+    assert!(!h1.ps_json().iter().any(|e| e["target"] == netns.as_str()));
+}

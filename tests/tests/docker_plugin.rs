@@ -373,6 +373,49 @@ fn docker_plugin_networks_and_restarted_containers() {
     assert!(wait_until(SECS(20), || pings(&ce, &ip_b, 1)), "{ce} ({ip_e}) cannot ping {cb} ({ip_b}) after router B's restart");
     docker(&["rm", "-f", &ce]).expect_ok("docker rm -f ce");
 
+    // A container removed while its router is down (kill -9): Docker's Leave,
+    // DeleteEndpoint and ReleaseAddress fail, and Docker does not send them
+    // again. The relaunched router asks Docker which endpoints it still has and
+    // forgets the others: the address is free again and the veth pair is off the
+    // bridge. A network removed meanwhile likewise: its subnet can be used
+    // again and its gateway is hidden. Before, all of it stayed for good
+    // ("subnet ... is already used by another meshnet network").
+    let net_x = w.name("mnnetx");
+    let subnet_x = "10.213.7.0/24";
+    w.networks.push(net_x.clone());
+    docker(&["network", "create", "--driver", &pb, "--ipam-driver", &pb, "--subnet", subnet_x, &net_x]).expect_ok("docker network create on router B");
+    let exposed_b = || b.json(&["status", "--json"])["exposed"].to_string();
+    assert!(exposed_b().contains("10.213.7."), "no gateway of {subnet_x} on router B: {}", exposed_b());
+    let cf = w.name("mncf");
+    w.run_container(&cf, &["--network", &net_b, &image, "sleep", "3600"]).expect_ok("docker run cf on router B's network");
+    let ip_f = ip_in(&cf, &net_b);
+    let ep_f = docker(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{net_b}\").EndpointID}}}}"), &cf])
+        .expect_ok("docker inspect")
+        .stdout
+        .trim()
+        .to_string();
+    let port_f = format!("vmd{}", &ep_f[..12]);
+    let ports_b = || run(Command::new("ip").args(["-br", "link", "show", "master", &b.bridge]), SECS(10)).stdout;
+    assert!(b.holder(&ip_f).is_some() && ports_b().contains(&port_f), "{cf} ({ip_f}, {port_f}) is not on router B");
+    let pid = std::fs::read_to_string(b.state.join("meshnet.pid")).expect("router B's pid file");
+    run(Command::new("kill").args(["-9", pid.trim()]), SECS(10)).expect_ok("kill -9 router B");
+    // Docker tries the dead plugin for a while before it gives up on it.
+    run(Command::new("docker").args(["rm", "-f", &cf]), SECS(180)).expect_ok("docker rm -f while router B is down");
+    run(Command::new("docker").args(["network", "rm", &net_x]), SECS(180)).expect_ok("docker network rm while router B is down");
+    b.meshnet(&["launch", "--resume"]).expect_ok("relaunch router B after kill -9");
+    assert!(
+        wait_until(SECS(30), || b.holder(&ip_f).is_none() && !ports_b().contains(&port_f)),
+        "{ip_f} or {port_f} of a container removed while router B was down is still held: {}\n{}",
+        ports_b(),
+        b.log()
+    );
+    assert!(b.holder(&ip_b).is_some(), "router B forgot {cb}'s {ip_b}, whose container runs");
+    assert!(wait_until(SECS(10), || !exposed_b().contains("10.213.7.")), "the gateway of removed {net_x} is still exposed: {}", exposed_b());
+    docker(&["network", "create", "--driver", &pb, "--ipam-driver", &pb, "--subnet", subnet_x, &net_x])
+        .expect_ok("docker network create again on a subnet whose network was removed while router B was down");
+    docker(&["network", "rm", &net_x]).expect_ok("docker network rm");
+    eprintln!("container removed while its router was down: {ip_f} and {port_f} released at relaunch");
+
     // Containers attached by name survive docker restart with the same address.
     let (r1, r2) = (w.name("mnr1"), w.name("mnr2"));
     w.run_container(&r1, &["--network", "none", &image, "sleep", "3600"]).expect_ok("docker run r1");
