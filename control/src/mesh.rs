@@ -77,6 +77,8 @@ pub struct Conn {
     pub since: Instant,
     /// The peer's Hello's `CAP_*` bits (0 until established).
     pub capabilities: u32,
+    /// The peer's Hello's `uid`, its incarnation (0 until established).
+    pub peer_uid: u64,
     /// A spliced connection (see `crate::splice`): carried through this peer.
     pub spliced_via: Option<PeerName>,
 }
@@ -549,6 +551,7 @@ impl Mesh {
                 queue,
                 since: Instant::now(),
                 capabilities: 0,
+                peer_uid: 0,
                 spliced_via: None,
             },
         );
@@ -606,11 +609,12 @@ impl Mesh {
     /// `capabilities`: the peer's Hello's `CAP_*` bits. An inbound connection
     /// over `--conn-limit` is refused ([`Refused::topology`] holds what to tell
     /// the peer before the Goodbye), unless the peer has no other connection
-    /// (`CAP_LONELY`): see `meshnet_proto::slots`.
+    /// (`CAP_LONELY`): see `meshnet_proto::slots`. `uid`: the peer's Hello's.
     pub fn establish(
         &self,
         id: u64,
         peer: PeerName,
+        uid: u64,
         nickname: String,
         listen: SocketAddr,
         link: PeerLink,
@@ -625,6 +629,7 @@ impl Mesh {
             return Err(Refused::plain("connection vanished"));
         };
         let this_dir = this.direction;
+        let this_spliced = this.spliced_via.is_some();
         // Accepted connections were not counted while they handshook (one that
         // replaces the peer's old connection takes that one's slot).
         if this_dir == Direction::Inbound {
@@ -653,15 +658,17 @@ impl Mesh {
                 }
             }
         }
-        // One connection per pair of peers: keep the one dialled by the smaller name.
-        let existing: Vec<(u64, Direction)> = g
+        // One connection per pair of peers: keep the one dialled by the smaller name,
+        // and a live one over a second dial of the same incarnation (a splice
+        // is still replaced by a direct connection, as before).
+        let existing: Vec<(u64, Direction, bool)> = g
             .conns
             .iter()
             .filter(|(cid, c)| **cid != id && c.established && c.peer == Some(peer))
-            .map(|(cid, c)| (*cid, c.direction))
+            .map(|(cid, c)| (*cid, c.direction, c.peer_uid == uid && c.spliced_via.is_none() && !this_spliced))
             .collect();
-        for (cid, dir) in existing {
-            match dialer::tie_break(self.settings.me, peer, this_dir, dir) {
+        for (cid, dir, same_incarnation) in existing {
+            match dialer::tie_break_incarnation(self.settings.me, peer, this_dir, dir, same_incarnation) {
                 Keep::New => {
                     if let Some(old) = g.conns.get(&cid) {
                         let _ = old.queue.send(ControlMsg::Goodbye(crate::conn::REPLACED.into()));
@@ -679,6 +686,7 @@ impl Mesh {
         c.since = Instant::now();
         c.key_since = c.since;
         c.capabilities = capabilities;
+        c.peer_uid = uid;
         self.dataplane.add_peer(link);
         log::info!(
             "connection to {peer} ({}) established, {}; waiting for UDP heartbeats both ways",
