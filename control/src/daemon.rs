@@ -1684,8 +1684,7 @@ fn resolve_peer_name(mesh: &Mesh, peer: &str) -> Result<PeerName> {
     if let Ok(p) = peer.parse::<PeerName>() {
         return Ok(p);
     }
-    let g = mesh.lock();
-    let matches: Vec<PeerName> = g.topology.peers().filter(|p| p.nickname == peer).map(|p| p.name).collect();
+    let matches = mesh.peers_by_nickname(peer);
     match matches.as_slice() {
         [one] => Ok(*one),
         [] => bail!("unknown peer {peer:?}: give its name (like 02:ab:cd:ef:01:23) or the nickname of a known peer"),
