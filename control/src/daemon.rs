@@ -323,9 +323,11 @@ pub fn run(cfg: Config) -> Result<()> {
         let _ = h.flush();
     }
 
-    let mut targets = cfg.state.load_targets()?;
-    for p in &cfg.peers {
-        let t = p.to_string();
+    // Targets saved by an earlier build may be spelled otherwise (`[FD00::1]:6783`):
+    // they take the form `connect` gives, so `forget` finds them.
+    let mut targets: Vec<String> = Vec::new();
+    let saved = cfg.state.load_targets()?.into_iter().map(|t| PeerAddr::parse(&t, cfg.port).map_or(t, |p| p.to_string()));
+    for t in saved.chain(cfg.peers.iter().map(|p| p.to_string())) {
         if !targets.contains(&t) {
             targets.push(t);
         }

@@ -56,6 +56,12 @@ impl PeerAddr {
             // All-numeric but not a valid IPv4 address, e.g. 10.0.0.999.
             return Err(BadPeerAddr::Host(s.into()));
         }
+        // One spelling per target: an address in its canonical form
+        // (`FD00:0::1` is `fd00::1`), a host name in lower case (as DNS compares).
+        let host = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => host.to_ascii_lowercase(),
+        };
         Ok(PeerAddr { host, port })
     }
 }
@@ -88,6 +94,18 @@ mod tests {
         assert_eq!(PeerAddr::parse("host-a.example", 6783).unwrap().to_string(), "host-a.example:6783");
         assert_eq!(PeerAddr::parse("[fd00::1]:7000", 6783).unwrap().to_string(), "[fd00::1]:7000");
         assert_eq!(PeerAddr::parse("fd00::1", 6783).unwrap().to_string(), "[fd00::1]:6783");
+    }
+
+    #[test]
+    fn one_spelling_per_target() {
+        for (a, b) in [
+            ("FD00::1", "[fd00::1]:6783"),
+            ("[fd00:0:0::1]:7000", "[fd00::1]:7000"),
+            ("fd00:0000::0001", "[fd00::1]:6783"),
+            ("Host-A.Example:7000", "host-a.example:7000"),
+        ] {
+            assert_eq!(PeerAddr::parse(a, 6783).unwrap().to_string(), b, "{a}");
+        }
     }
 
     #[test]
