@@ -37,6 +37,11 @@ impl PeerAddr {
         } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
             (s.to_string(), default_port)
         } else if let Some((h, p)) = s.rsplit_once(':') {
+            if h.contains(':') {
+                // Not an IPv6 address (`fe80::1%eth0`, `fd00::1:99999`), and a port
+                // after one would be bracketed: the host is wrong, not the port.
+                return Err(BadPeerAddr::Host(s.into()));
+            }
             (h.to_string(), parse_port(s, p)?)
         } else {
             (s.to_string(), default_port)
@@ -105,6 +110,13 @@ mod tests {
             ("Host-A.Example:7000", "host-a.example:7000"),
         ] {
             assert_eq!(PeerAddr::parse(a, 6783).unwrap().to_string(), b, "{a}");
+        }
+    }
+
+    #[test]
+    fn a_bad_ipv6_address_is_a_bad_host_not_a_bad_port() {
+        for bad in ["fe80::1%eth0", "fd00::1:99999", "fd00::zz:6783", "10.0.0.1:6783:1"] {
+            assert_eq!(PeerAddr::parse(bad, 6783), Err(BadPeerAddr::Host(bad.into())), "{bad}");
         }
     }
 
