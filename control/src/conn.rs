@@ -498,7 +498,7 @@ async fn run_connection(
     if !link.superframes {
         log::info!("{} takes no superframes: frames go to it one by one (segmented here)", hello.name);
     }
-    if let Err(refused) = mesh.establish(id, hello.name, hello.nickname.clone(), listen, link, hello.capabilities) {
+    if let Err(refused) = mesh.establish(id, hello.name, hello.uid, hello.nickname.clone(), listen, link, hello.capabilities) {
         let why = refused.reason;
         let mut out = Vec::new();
         // A refusal for --conn-limit tells our topology first: the peer's

@@ -323,9 +323,11 @@ pub fn run(cfg: Config) -> Result<()> {
         let _ = h.flush();
     }
 
-    let mut targets = cfg.state.load_targets()?;
-    for p in &cfg.peers {
-        let t = p.to_string();
+    // Targets saved by an earlier build may be spelled otherwise (`[FD00::1]:6783`):
+    // they take the form `connect` gives, so `forget` finds them.
+    let mut targets: Vec<String> = Vec::new();
+    let saved = cfg.state.load_targets()?.into_iter().map(|t| PeerAddr::parse(&t, cfg.port).map_or(t, |p| p.to_string()));
+    for t in saved.chain(cfg.peers.iter().map(|p| p.to_string())) {
         if !targets.contains(&t) {
             targets.push(t);
         }
@@ -1706,8 +1708,7 @@ fn resolve_peer_name(mesh: &Mesh, peer: &str) -> Result<PeerName> {
     if let Ok(p) = peer.parse::<PeerName>() {
         return Ok(p);
     }
-    let g = mesh.lock();
-    let matches: Vec<PeerName> = g.topology.peers().filter(|p| p.nickname == peer).map(|p| p.name).collect();
+    let matches = mesh.peers_by_nickname(peer);
     match matches.as_slice() {
         [one] => Ok(*one),
         [] => bail!("unknown peer {peer:?}: give its name (like 02:ab:cd:ef:01:23) or the nickname of a known peer"),

@@ -77,6 +77,8 @@ pub struct Conn {
     pub since: Instant,
     /// The peer's Hello's `CAP_*` bits (0 until established).
     pub capabilities: u32,
+    /// The peer's Hello's `uid`, its incarnation (0 until established).
+    pub peer_uid: u64,
     /// A spliced connection (see `crate::splice`): carried through this peer.
     pub spliced_via: Option<PeerName>,
 }
@@ -114,7 +116,13 @@ pub struct Inner {
     /// refusal of a full router tells its topology first): dialled while we
     /// have no connection, although garbage collection forgot their entries.
     hints: Vec<String>,
+    /// Nicknames of peers garbage collection forgot (unreachable), so that
+    /// `rmpeer NICKNAME` still finds a dead peer; at most [`GONE_NICKNAMES`].
+    gone_nicknames: HashMap<PeerName, String>,
 }
+
+/// How many nicknames of forgotten peers are kept for `rmpeer`.
+const GONE_NICKNAMES: usize = 4096;
 
 /// How many refusals `status` lists.
 const RECENT_REFUSALS: usize = 16;
@@ -333,6 +341,7 @@ impl Mesh {
                 trust,
                 gossip: Gossip::new(),
                 hints: Vec::new(),
+                gone_nicknames: HashMap::new(),
             }),
             maker: Notify::new(),
             routes_due: Notify::new(),
@@ -549,6 +558,7 @@ impl Mesh {
                 queue,
                 since: Instant::now(),
                 capabilities: 0,
+                peer_uid: 0,
                 spliced_via: None,
             },
         );
@@ -606,11 +616,12 @@ impl Mesh {
     /// `capabilities`: the peer's Hello's `CAP_*` bits. An inbound connection
     /// over `--conn-limit` is refused ([`Refused::topology`] holds what to tell
     /// the peer before the Goodbye), unless the peer has no other connection
-    /// (`CAP_LONELY`): see `meshnet_proto::slots`.
+    /// (`CAP_LONELY`): see `meshnet_proto::slots`. `uid`: the peer's Hello's.
     pub fn establish(
         &self,
         id: u64,
         peer: PeerName,
+        uid: u64,
         nickname: String,
         listen: SocketAddr,
         link: PeerLink,
@@ -625,6 +636,7 @@ impl Mesh {
             return Err(Refused::plain("connection vanished"));
         };
         let this_dir = this.direction;
+        let this_spliced = this.spliced_via.is_some();
         // Accepted connections were not counted while they handshook (one that
         // replaces the peer's old connection takes that one's slot).
         if this_dir == Direction::Inbound {
@@ -653,15 +665,17 @@ impl Mesh {
                 }
             }
         }
-        // One connection per pair of peers: keep the one dialled by the smaller name.
-        let existing: Vec<(u64, Direction)> = g
+        // One connection per pair of peers: keep the one dialled by the smaller name,
+        // and a live one over a second dial of the same incarnation (a splice
+        // is still replaced by a direct connection, as before).
+        let existing: Vec<(u64, Direction, bool)> = g
             .conns
             .iter()
             .filter(|(cid, c)| **cid != id && c.established && c.peer == Some(peer))
-            .map(|(cid, c)| (*cid, c.direction))
+            .map(|(cid, c)| (*cid, c.direction, c.peer_uid == uid && c.spliced_via.is_none() && !this_spliced))
             .collect();
-        for (cid, dir) in existing {
-            match dialer::tie_break(self.settings.me, peer, this_dir, dir) {
+        for (cid, dir, same_incarnation) in existing {
+            match dialer::tie_break_incarnation(self.settings.me, peer, this_dir, dir, same_incarnation) {
                 Keep::New => {
                     if let Some(old) = g.conns.get(&cid) {
                         let _ = old.queue.send(ControlMsg::Goodbye(crate::conn::REPLACED.into()));
@@ -679,6 +693,7 @@ impl Mesh {
         c.since = Instant::now();
         c.key_since = c.since;
         c.capabilities = capabilities;
+        c.peer_uid = uid;
         self.dataplane.add_peer(link);
         log::info!(
             "connection to {peer} ({}) established, {}; waiting for UDP heartbeats both ways",
@@ -752,7 +767,7 @@ impl Mesh {
                     .collect();
                 g.discovery_stale = true;
             }
-            let removed = g.topology.garbage_collect();
+            let removed = collect_garbage(g);
             if !removed.is_empty() {
                 g.discovery_stale = true;
                 log::info!("forgot unreachable peers: {}", names(&removed));
@@ -946,6 +961,24 @@ impl Mesh {
         }
     }
 
+    /// Peers named `nickname`: those in the topology, or else those garbage
+    /// collection forgot since this router started (a dead peer, for `rmpeer`).
+    pub fn peers_by_nickname(&self, nickname: &str) -> Vec<PeerName> {
+        let g = self.lock();
+        let known: Vec<PeerName> = g.topology.peers().filter(|p| p.nickname == nickname).map(|p| p.name).collect();
+        if !known.is_empty() {
+            return known;
+        }
+        let mut gone: Vec<PeerName> = g
+            .gone_nicknames
+            .iter()
+            .filter(|(name, n)| n.as_str() == nickname && g.topology.get(**name).is_none())
+            .map(|(name, _)| *name)
+            .collect();
+        gone.sort();
+        gone
+    }
+
     /// `rmpeer`: forgets the keys pinned for `name` and its topology entry, so a
     /// host reinstalled with a new key can use the name again; the removed keys
     /// are refused for it until the router restarts. Err if `name` is us or is
@@ -1094,7 +1127,7 @@ impl Mesh {
             let mut g = self.lock();
             // A peer's news may cut others off (a partition): forget who is no
             // longer reachable, or stale entries would keep coming back.
-            let removed = g.topology.garbage_collect();
+            let removed = collect_garbage(&mut g);
             if !removed.is_empty() {
                 g.discovery_stale = true;
                 log::info!("forgot unreachable peers: {}", names(&removed));
@@ -1626,6 +1659,22 @@ pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).expect("system randomness");
     u64::from_le_bytes(b)
+}
+
+/// Forgets the peers no longer reachable ([`Topology::garbage_collect`]),
+/// keeping their nicknames for `rmpeer`. Returns the forgotten peers.
+fn collect_garbage(g: &mut Inner) -> Vec<PeerName> {
+    let nicknames: Vec<(PeerName, String)> = g.topology.peers().map(|p| (p.name, p.nickname.clone())).collect();
+    let removed = g.topology.garbage_collect();
+    for (name, nickname) in nicknames.into_iter().filter(|(n, _)| removed.contains(n)) {
+        if g.gone_nicknames.len() >= GONE_NICKNAMES && !g.gone_nicknames.contains_key(&name) {
+            if let Some(any) = g.gone_nicknames.keys().next().copied() {
+                g.gone_nicknames.remove(&any);
+            }
+        }
+        g.gone_nicknames.insert(name, nickname);
+    }
+    removed
 }
 
 fn names(v: &[PeerName]) -> String {

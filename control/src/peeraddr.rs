@@ -37,6 +37,11 @@ impl PeerAddr {
         } else if s.parse::<std::net::Ipv6Addr>().is_ok() {
             (s.to_string(), default_port)
         } else if let Some((h, p)) = s.rsplit_once(':') {
+            if h.contains(':') {
+                // Not an IPv6 address (`fe80::1%eth0`, `fd00::1:99999`), and a port
+                // after one would be bracketed: the host is wrong, not the port.
+                return Err(BadPeerAddr::Host(s.into()));
+            }
             (h.to_string(), parse_port(s, p)?)
         } else {
             (s.to_string(), default_port)
@@ -56,6 +61,12 @@ impl PeerAddr {
             // All-numeric but not a valid IPv4 address, e.g. 10.0.0.999.
             return Err(BadPeerAddr::Host(s.into()));
         }
+        // One spelling per target: an address in its canonical form
+        // (`FD00:0::1` is `fd00::1`), a host name in lower case (as DNS compares).
+        let host = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => host.to_ascii_lowercase(),
+        };
         Ok(PeerAddr { host, port })
     }
 }
@@ -88,6 +99,25 @@ mod tests {
         assert_eq!(PeerAddr::parse("host-a.example", 6783).unwrap().to_string(), "host-a.example:6783");
         assert_eq!(PeerAddr::parse("[fd00::1]:7000", 6783).unwrap().to_string(), "[fd00::1]:7000");
         assert_eq!(PeerAddr::parse("fd00::1", 6783).unwrap().to_string(), "[fd00::1]:6783");
+    }
+
+    #[test]
+    fn one_spelling_per_target() {
+        for (a, b) in [
+            ("FD00::1", "[fd00::1]:6783"),
+            ("[fd00:0:0::1]:7000", "[fd00::1]:7000"),
+            ("fd00:0000::0001", "[fd00::1]:6783"),
+            ("Host-A.Example:7000", "host-a.example:7000"),
+        ] {
+            assert_eq!(PeerAddr::parse(a, 6783).unwrap().to_string(), b, "{a}");
+        }
+    }
+
+    #[test]
+    fn a_bad_ipv6_address_is_a_bad_host_not_a_bad_port() {
+        for bad in ["fe80::1%eth0", "fd00::1:99999", "fd00::zz:6783", "10.0.0.1:6783:1"] {
+            assert_eq!(PeerAddr::parse(bad, 6783), Err(BadPeerAddr::Host(bad.into())), "{bad}");
+        }
     }
 
     #[test]

@@ -95,6 +95,21 @@ pub fn tie_break(me: PeerName, peer: PeerName, new: Direction, old: Direction) -
     }
 }
 
+/// [`tie_break`], knowing the peer's incarnation (its Hello's `uid`, new at every
+/// launch) on both connections. The same direction from the same incarnation is
+/// not a stale connection: the dialling side still holds the old one and
+/// reached the peer again by another address (two connect targets for one
+/// peer: its IPv4 and IPv6 addresses, a host name and its IP). The new one is
+/// then the duplicate, so the live connection is not replaced at every redial.
+/// Both ends see the same uids, so they keep the same connection.
+pub fn tie_break_incarnation(me: PeerName, peer: PeerName, new: Direction, old: Direction, same_uid: bool) -> Keep {
+    if new == old && same_uid {
+        Keep::Old
+    } else {
+        tie_break(me, peer, new, old)
+    }
+}
+
 /// Why a dial did not give a connection, or why the connection it gave ended.
 /// The text is what `status` shows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -853,5 +868,24 @@ mod tests {
         // The same direction again: the old one is stale.
         assert_eq!(tie_break(a, b, Direction::Inbound, Direction::Inbound), Keep::New);
         assert_eq!(tie_break(b, a, Direction::Outbound, Direction::Outbound), Keep::New);
+    }
+
+    /// A second dial of the same peer (another connect target for it) while the
+    /// first connection lives: both ends keep the first; only a restarted peer
+    /// (another uid) replaces it. Across directions the usual rule holds.
+    #[test]
+    fn a_second_dial_of_the_same_incarnation_keeps_the_live_connection() {
+        let (a, b) = (PeerName(0x0200_0000_0001), PeerName(0x0200_0000_0002));
+        for (me, peer) in [(a, b), (b, a)] {
+            for dir in [Direction::Outbound, Direction::Inbound] {
+                assert_eq!(tie_break_incarnation(me, peer, dir, dir, true), Keep::Old, "{me} {dir:?}");
+                assert_eq!(tie_break_incarnation(me, peer, dir, dir, false), Keep::New, "{me} {dir:?} restarted");
+            }
+            for same_uid in [true, false] {
+                let (out, inb) = (Direction::Outbound, Direction::Inbound);
+                assert_eq!(tie_break_incarnation(me, peer, out, inb, same_uid), tie_break(me, peer, out, inb));
+                assert_eq!(tie_break_incarnation(me, peer, inb, out, same_uid), tie_break(me, peer, inb, out));
+            }
+        }
     }
 }

@@ -225,3 +225,33 @@ fn a_nickname_with_control_characters_is_refused() {
     h1.launch(&["--nickname", "quote\"and\\backslash are fine"]);
     assert_eq!(h1.status_json()["nickname"], "quote\"and\\backslash are fine");
 }
+
+/// `rmpeer NICKNAME` finds a dead peer: the one case it is for. The topology
+/// forgets a peer as soon as it is unreachable, and with it its nickname, so
+/// `rmpeer two` said "unknown peer" once `two` had gone (its name still worked).
+#[test]
+fn rmpeer_by_the_nickname_of_a_dead_peer() {
+    let Some(lab) = Lab::new("rmpeernick") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    h1.launch(&["--nickname", "one"]);
+    let n2 = h2.launch(&[&h1.ip, "--nickname", "two"]);
+    let c2 = lab.add_container(&h2, 2);
+    // The ring is agreed by the two (consensus=2): h2 owns part of it.
+    h2.meshnet(&["attach", &c2.ns]).expect_ok("attach c2 from IPAM");
+    let owners = |h: &Host| -> Vec<String> {
+        let v = h.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json();
+        v["owners"].as_array().into_iter().flatten().filter_map(|o| o["peer"].as_str().map(str::to_string)).collect()
+    };
+    assert!(wait_until(SECS(10), || owners(&h1).contains(&n2)), "h1's ring has no space of h2: {:?}", owners(&h1));
+    h2.meshnet(&["stop"]).expect_ok("stop h2");
+    assert!(
+        wait_until(SECS(20), || !peer_names(&h1.status_json()).contains(&n2)),
+        "h1 still has h2 in its topology"
+    );
+    let out = h1.meshnet(&["rmpeer", "two"]);
+    assert!(out.ok() && out.stdout.contains(&n2), "rmpeer two (dead): {out}");
+    assert!(!owners(&h1).contains(&n2), "h2 still owns space after rmpeer: {:?}", owners(&h1));
+    // A nickname nobody had is still refused.
+    let bad = h1.meshnet(&["rmpeer", "three"]);
+    assert!(!bad.ok() && bad.stderr.contains("unknown peer"), "{bad}");
+}

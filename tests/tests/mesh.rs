@@ -19,6 +19,8 @@
 //!     neighbour entry holds the new MAC at once (IPv4 and IPv6)
 //! 11. a target re-made while its router was down is announced again once the
 //!     router is back in the mesh: a remote neighbour entry holds the new MAC
+//! 12. two connect targets that reach one peer (its two addresses) give one
+//!     connection that lasts: the redial of the other target does not replace it
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -1022,4 +1024,37 @@ fn a_reattached_target_is_announced_to_the_mesh() {
         });
         assert!(moved, "c1 still maps {ip} to {seen:?}, not to c2's new {new}: not announced once h2 was back");
     }
+}
+
+/// Scenario 12: a peer named by two connect targets (a host with two addresses;
+/// likewise its IPv4 and IPv6 addresses, or a host name and its IP). The dial of
+/// the second reaches a peer already connected: it is the duplicate, at once and
+/// at every later redial (about a minute apart), and the live connection stays.
+/// It used to be replaced at each redial, the peer dropping out of the topology
+/// and its data waiting for fresh UDP heartbeats every time.
+#[test]
+fn two_targets_for_one_peer_keep_one_connection() {
+    let Some(lab) = Lab::new("twotargets") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let second = format!("{}.102", h2.ip.rsplit_once('.').expect("an IPv4 address").0);
+    ip(&["-n", &h2.ns, "addr", "add", &format!("{second}/24"), "dev", UNDERLAY_IF]).expect_ok("second address on h2");
+    let n2 = h2.launch(&[]);
+    h1.launch(&[&h2.ip, &second]);
+    assert_eq!(h1.targets().len(), 2, "{:?}", h1.targets());
+    assert!(wait_until(SECS(20), || established_with(&h1.status_json(), &n2)), "h1 did not connect to h2");
+    // Past the longest wait before a satisfied target is dialled again (60 s + 25 %).
+    std::thread::sleep(SECS(80));
+    let replaced = |h: &Host| h.log().lines().filter(|l| l.contains("replaced by a newer connection")).count();
+    let made = h1.log().lines().filter(|l| l.contains("established, outbound")).count();
+    assert!(
+        replaced(&h1) == 0 && replaced(&h2) == 0 && made == 1,
+        "the connection to h2 was replaced ({} times at h1, {} at h2; {made} made by h1):\n{}",
+        replaced(&h1),
+        replaced(&h2),
+        h1.log()
+    );
+    let s = h1.status_json();
+    assert!(established_with(&s, &n2), "{s:#}");
+    assert_eq!(connections(&s).len(), 1, "{:?}", connections(&s));
+    assert_eq!(h1.targets().len(), 2, "{:?}", h1.targets());
 }
