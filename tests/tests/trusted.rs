@@ -309,6 +309,9 @@ fn reset_removes_the_device_and_relaunches_make_it_again() {
     assert!(out.all().contains("host bits are set"), "{out}");
     let out = h1.meshnet(&["launch", "--trusted-subnets", "banana"]);
     assert!(!out.ok() && out.all().contains("--trusted-subnets"), "{out}");
+    // A stray comma too: it usually stands for a subnet that went missing.
+    let out = h1.meshnet(&["launch", "--trusted-subnets", &format!("{t},,")]);
+    assert!(!out.ok() && out.all().contains("empty item"), "{out}");
 }
 
 #[test]
