@@ -210,6 +210,13 @@ pub fn run(cfg: Config) -> Result<()> {
     let previous = cfg.state.load_devices()?;
     let bridge_created = !existed || previous.as_ref().is_some_and(|d| d.bridge == cfg.bridge && d.bridge_created);
     let bridge_index = netlink::ensure_bridge(&cfg.bridge, cfg.mtu).with_context(|| format!("bridge {}", cfg.bridge))?;
+    if existed && bridge_created {
+        // Our bridge, left by an earlier launch perhaps with another --mtu: it
+        // takes this one's, as the TAP and the re-attached interfaces do below.
+        if let Err(e) = netlink::set_mtu(&cfg.bridge, cfg.mtu) {
+            log::warn!("bridge {}: {e}", cfg.bridge);
+        }
+    }
     if bridge_created {
         // Before the TAP joins it: the bridge's MAC (that of its exposed
         // addresses) must not follow the TAP's, which is new at every launch.
