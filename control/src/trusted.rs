@@ -248,6 +248,12 @@ impl Trusted {
         }
     }
 
+    /// The connections in `ok` whose data goes through the kernel.
+    pub fn kernel_connections(&self, ok: &HashSet<u64>) -> HashSet<u64> {
+        let c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.iter().filter(|(id, s)| ok.contains(id) && self.decide(s) == DataMode::TrustedKernel).map(|(id, _)| *id).collect()
+    }
+
     /// Peers on connections in `ok` (established, UDP working) whose data goes
     /// through the kernel, with their underlay addresses.
     fn kernel_peers(&self, ok: &HashSet<u64>) -> HashMap<PeerName, Ipv4Addr> {
