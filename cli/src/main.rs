@@ -311,7 +311,7 @@ struct LaunchArgs {
     /// of them, and which trusts ours back, goes UNENCRYPTED through the kernel's VXLAN device
     /// (UDP --port + 1). The control plane stays encrypted.
     #[arg(long, value_name = "CIDR[,CIDR...]")]
-    #[serde(default)]
+    #[serde(default, deserialize_with = "without_empty_items")]
     trusted_subnets: Option<String>,
     /// Peers to connect to (host or host:port), persisted like `meshnet connect`.
     #[arg(value_name = "PEER")]
@@ -911,6 +911,14 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Ve
     })
 }
 
+/// A recorded `--trusted-subnets` without its empty items: releases that
+/// skipped them (`10.0.0.0/8,,`) recorded such lists, and `launch --resume`
+/// must still start with them now that a new launch refuses them.
+fn without_empty_items<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<String>, D::Error> {
+    let s = <Option<String> as serde::Deserialize>::deserialize(d)?;
+    Ok(s.map(|s| s.split(',').map(str::trim).filter(|i| !i.is_empty()).collect::<Vec<_>>().join(",")))
+}
+
 fn record_launch(state: &StateDir, args: &LaunchArgs) -> Result<()> {
     state.ensure()?;
     let mut args = args.clone();
@@ -1316,5 +1324,24 @@ mod tests {
         let new: Part = serde_json::from_str(r#"{"ipalloc_range": ["10.40.0.0/16", "fd32::/64"], "ipalloc_default_subnet": ["fd32::/80"]}"#).unwrap();
         assert_eq!(new.ipalloc_range.len(), 2);
         assert_eq!(new.ipalloc_default_subnet, v(&["fd32::/80"]));
+    }
+
+    /// Releases that skipped empty `--trusted-subnets` items recorded them;
+    /// `launch --resume` of such a record keeps working.
+    #[test]
+    fn recorded_trusted_subnets_with_stray_commas_resume() {
+        #[derive(serde::Deserialize)]
+        struct Part {
+            #[serde(default, deserialize_with = "without_empty_items")]
+            trusted_subnets: Option<String>,
+        }
+        let p: Part = serde_json::from_str(r#"{"trusted_subnets": "10.0.0.0/8,, 192.168.1.0/24,"}"#).unwrap();
+        let t = p.trusted_subnets.unwrap();
+        assert_eq!(t, "10.0.0.0/8,192.168.1.0/24");
+        assert_eq!(meshnet_proto::trusted::parse_list(&t).unwrap().len(), 2);
+        let p: Part = serde_json::from_str(r#"{"trusted_subnets": null}"#).unwrap();
+        assert!(p.trusted_subnets.is_none());
+        let p: Part = serde_json::from_str("{}").unwrap();
+        assert!(p.trusted_subnets.is_none());
     }
 }

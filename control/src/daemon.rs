@@ -210,6 +210,13 @@ pub fn run(cfg: Config) -> Result<()> {
     let previous = cfg.state.load_devices()?;
     let bridge_created = !existed || previous.as_ref().is_some_and(|d| d.bridge == cfg.bridge && d.bridge_created);
     let bridge_index = netlink::ensure_bridge(&cfg.bridge, cfg.mtu).with_context(|| format!("bridge {}", cfg.bridge))?;
+    if existed && bridge_created {
+        // Our bridge, left by an earlier launch perhaps with another --mtu: it
+        // takes this one's, as the TAP and the re-attached interfaces do below.
+        if let Err(e) = netlink::set_mtu(&cfg.bridge, cfg.mtu) {
+            log::warn!("bridge {}: {e}", cfg.bridge);
+        }
+    }
     if bridge_created {
         // Before the TAP joins it: the bridge's MAC (that of its exposed
         // addresses) must not follow the TAP's, which is new at every launch.
@@ -395,6 +402,7 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(crate::heap::trim_loop());
         tasks.spawn(crate::trusted::sync_loop(mesh.clone()));
         tasks.spawn(announce_once_connected(ctx.clone()));
+        tasks.spawn(announce_to_new_trusted_peers(ctx.clone()));
         if let Some(l) = metrics_listener {
             log::info!("serving metrics and the map on http://{}", l.local_addr()?);
             let exposed_ctx = ctx.clone();
@@ -533,6 +541,12 @@ async fn announce_once_connected(ctx: Arc<ApiCtx>) {
     while !ctx.mesh.has_established() {
         tokio::time::sleep(connection_poll(started.elapsed())).await;
     }
+    announce_attachments(&ctx).await;
+}
+
+/// Every attachment announced again, twice, a moment apart (the first
+/// broadcasts may still find no route).
+async fn announce_attachments(ctx: &ApiCtx) {
     for pause in [Duration::from_millis(500), Duration::from_secs(2)] {
         tokio::time::sleep(pause).await;
         let attachments = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -557,6 +571,35 @@ fn connection_poll(waited: Duration) -> Duration {
         Duration::from_millis(100)
     } else {
         Duration::from_secs(2)
+    }
+}
+
+/// Data to a peer trusted both ways goes through the kernel only to the MACs
+/// this router learned behind it, from frames that came the encrypted way.
+/// Once the peer knows our containers' MACs, its containers' frames to ours
+/// all take the kernel path and teach us nothing (their ARP refreshes are
+/// unicast too), so after a restart of either router one side sent encrypted
+/// for as long as the other's containers broadcast nothing. Each time a
+/// connection turns `trusted (kernel)`, our attachments are announced again
+/// (broadcasts, which go the encrypted way), so the peer learns them.
+async fn announce_to_new_trusted_peers(ctx: Arc<ApiCtx>) {
+    // Without the kernel's VXLAN device no connection is ever `trusted (kernel)`.
+    if ctx.mesh.trusted.device_ok().is_none() {
+        return;
+    }
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let ok = {
+            let g = ctx.mesh.lock();
+            g.conns.iter().filter(|(_, c)| c.established && c.udp_ok).map(|(id, _)| *id).collect()
+        };
+        let now = ctx.mesh.trusted.kernel_connections(&ok);
+        let new = !now.is_subset(&seen);
+        seen = now;
+        if new {
+            announce_attachments(&ctx).await;
+        }
     }
 }
 

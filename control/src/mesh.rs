@@ -1420,11 +1420,11 @@ impl Mesh {
                         None => route.to_string(),
                     });
                     if let Some(v) = c.spliced_via {
-                        info.push(format!("spliced through {v}({}): no TCP path either way (NAT)", nick(v)));
+                        info.push(format!("spliced through {v}({}): no TCP path either way (NAT, firewall or no route)", nick(v)));
                         if !c.udp_ok && c.since.elapsed() >= Duration::from_secs(10) {
                             let to = link.map(|l| l.addr.to_string()).unwrap_or_default();
                             info.push(match link.and_then(|l| l.heard_ms_ago) {
-                                None => format!("no direct path: hole punching failed (no UDP heartbeat from {to}, where {v} sees it; a NAT that maps each destination to another port?)"),
+                                None => format!("no direct path: hole punching failed (no UDP heartbeat from {to}, where {v} sees it; no route to it, a firewall, or a NAT that maps each destination to another port?)"),
                                 Some(_) => format!("no direct path: hole punching works one way only (to {to})"),
                             });
                         }

@@ -174,7 +174,8 @@ impl Trusted {
         self.record.clone()
     }
 
-    fn device_ok(&self) -> Option<&Device> {
+    /// The kernel's VXLAN device, if there is one and it works.
+    pub fn device_ok(&self) -> Option<&Device> {
         self.device.as_ref().ok().and_then(|d| d.as_ref())
     }
 
@@ -246,6 +247,12 @@ impl Trusted {
             Some(DataMode::Encrypted(Why::NoTrustedSubnets)) | None => ("encrypted".into(), None),
             Some(DataMode::Encrypted(w)) => ("encrypted".into(), Some(why(w))),
         }
+    }
+
+    /// The connections in `ok` whose data goes through the kernel.
+    pub fn kernel_connections(&self, ok: &HashSet<u64>) -> HashSet<u64> {
+        let c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.iter().filter(|(id, s)| ok.contains(id) && self.decide(s) == DataMode::TrustedKernel).map(|(id, _)| *id).collect()
     }
 
     /// Peers on connections in `ok` (established, UDP working) whose data goes

@@ -52,6 +52,8 @@ pub enum SubnetError {
     HostBits { given: String, suggest: Subnet },
     #[error("more than {MAX_SUBNETS} trusted subnets")]
     TooMany,
+    #[error("an empty item in the list (a stray comma?); give CIDRs separated by commas, e.g. 10.0.0.0/8,192.168.1.0/24")]
+    EmptyItem,
 }
 
 impl Subnet {
@@ -114,11 +116,19 @@ impl FromStr for Subnet {
     }
 }
 
-/// Parses `--trusted-subnets`: CIDRs separated by commas (empty items skipped),
-/// duplicates dropped, at most [`MAX_SUBNETS`].
+/// Parses `--trusted-subnets`: CIDRs separated by commas, duplicates dropped,
+/// at most [`MAX_SUBNETS`]. An empty item (`10.0.0.0/8,,`) is refused, as Weave
+/// refused it: a stray comma usually stands for a subnet that went missing. A
+/// blank list is empty.
 pub fn parse_list(s: &str) -> Result<Vec<Subnet>, SubnetError> {
     let mut out: Vec<Subnet> = Vec::new();
-    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+    if s.trim().is_empty() {
+        return Ok(out);
+    }
+    for item in s.split(',').map(str::trim) {
+        if item.is_empty() {
+            return Err(SubnetError::EmptyItem);
+        }
         let sub: Subnet = item.parse()?;
         if !out.contains(&sub) {
             out.push(sub);
@@ -344,7 +354,7 @@ mod tests {
 
     #[test]
     fn cidrs_parse_strictly() {
-        assert_eq!(parse_list("10.0.0.0/8, 192.168.1.0/24,,10.0.0.0/8").unwrap().len(), 2);
+        assert_eq!(parse_list("10.0.0.0/8, 192.168.1.0/24, 10.0.0.0/8").unwrap().len(), 2);
         assert_eq!(parse_list("fd00::/8").unwrap()[0].prefix, 8);
         assert!(matches!(parse_list("10.0.0.0"), Err(SubnetError::NotCidr(_))));
         assert!(matches!(parse_list("10.0.0.300/8"), Err(SubnetError::BadAddress(_))));
@@ -355,6 +365,17 @@ mod tests {
         let many: Vec<String> = (0..65).map(|i| format!("10.{i}.0.0/16")).collect();
         assert_eq!(parse_list(&many.join(",")), Err(SubnetError::TooMany));
         assert!(parse_list("").unwrap().is_empty());
+        assert!(parse_list(" ").unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_empty_item_is_not_a_cidr() {
+        // A stray comma (`$A,$B` with B unset) hides a subnet meant to be trusted.
+        for s in ["10.0.0.0/8,,", "10.0.0.0/8,", ",10.0.0.0/8", "10.0.0.0/8,,192.168.1.0/24", "10.0.0.0/8, ,fd00::/8", ","] {
+            let e = parse_list(s).expect_err(s);
+            assert_eq!(e, SubnetError::EmptyItem, "{s:?}");
+            assert_eq!(e.to_string(), "an empty item in the list (a stray comma?); give CIDRs separated by commas, e.g. 10.0.0.0/8,192.168.1.0/24");
+        }
     }
 
     #[test]

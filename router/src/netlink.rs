@@ -217,6 +217,20 @@ pub fn link_index(name: &str) -> Result<Option<u32>, NetlinkError> {
     })
 }
 
+/// Set the MTU of link `name` in the calling thread's namespace.
+pub fn set_mtu(name: &str, mtu: u32) -> Result<(), NetlinkError> {
+    let what = format!("set the MTU of {name} to {mtu}");
+    check_ifname(&what, "link name", name)?;
+    let name = name.to_string();
+    on_netlink_thread(what.clone(), move |h| async move {
+        let link = link_by_name(&h, &name).await.ctx(|| format!("{what}: look up"))?.ok_or_else(|| NetlinkError::NotFound {
+            what: what.clone(),
+            problem: "no such link".into(),
+        })?;
+        set_link(&h, LinkUnspec::new_with_index(link.header.index).mtu(mtu).build()).await.ctx(|| what)
+    })
+}
+
 /// Delete link `name` (a veth takes its peer with it). Returns whether it existed.
 pub fn delete_link(name: &str) -> Result<bool, NetlinkError> {
     let what = format!("delete link {name}");
@@ -356,7 +370,8 @@ fn make_veth_port(
 /// IPv6 one sent from inside.
 ///
 /// Idempotent: if container_if already exists in the target and its peer is on
-/// our bridge, only missing addresses are added (and all of them re-announced).
+/// our bridge, only missing addresses are added, both ends take `spec.mtu` (a
+/// launch with another `--mtu`), and all addresses are re-announced.
 /// If it exists and is anything else, that is a [`NetlinkError::Conflict`].
 /// Errors leave nothing half-made: a new veth is deleted, addresses added by a
 /// failed re-attach are removed.
@@ -701,6 +716,7 @@ fn reattach(spec: &AttachSpec, what: &str, host_if: String) -> Result<Attached, 
     let container_if = spec.container_if.clone();
     let addrs = spec.addrs.clone();
     let multicast = spec.multicast_route;
+    let mtu = spec.mtu;
     let inner_what = what.to_string();
     let end = in_ns(&spec.target, what, move || {
         let what = inner_what;
@@ -734,9 +750,11 @@ fn reattach(spec: &AttachSpec, what: &str, host_if: String) -> Result<Attached, 
                             added.push((ip, prefix));
                         }
                     }
-                    set_link(&h, LinkUnspec::new_with_index(index).up().build())
+                    // The overlay MTU of this launch, which may not be the one
+                    // the interface was made with.
+                    set_link(&h, LinkUnspec::new_with_index(index).mtu(mtu).up().build())
                         .await
-                        .ctx(|| format!("{what}: set {container_if} up"))?;
+                        .ctx(|| format!("{what}: set {container_if} up (mtu {mtu})"))?;
                     if multicast {
                         add_multicast_route(&h, index)
                             .await
@@ -763,6 +781,7 @@ fn reattach(spec: &AttachSpec, what: &str, host_if: String) -> Result<Attached, 
         announce(&end.name, end.mac, &addrs);
         Ok(end)
     })?;
+    set_mtu(&host_if, mtu)?;
     Ok(end.attached(host_if))
 }
 

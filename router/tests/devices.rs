@@ -409,6 +409,11 @@ fn attach_into_named_namespace() {
         assert_eq!(h.link(&host_if).unwrap()["master"], br.as_str());
         let _ = bridge_index;
 
+        // Attached again with another MTU (a launch with another --mtu): both ends take it.
+        netlink::attach(&spec(target.clone(), &br, &host_if, 1400, &[("10.40.1.2", 24)])).unwrap();
+        assert_eq!(c.link("ethwe").unwrap()["mtu"], 1400);
+        assert_eq!(h.link(&host_if).unwrap()["mtu"], 1400);
+
         // Another bridge's ethwe is not ours.
         let other = format!("mnb{}", unique());
         netlink::ensure_bridge(&other, 1376).unwrap();

@@ -21,6 +21,8 @@
 //!     router is back in the mesh: a remote neighbour entry holds the new MAC
 //! 12. two connect targets that reach one peer (its two addresses) give one
 //!     connection that lasts: the redial of the other target does not replace it
+//! 13. a launch with another `--mtu` gives it to the bridge and to the
+//!     interfaces attached before, so old and new containers talk at full size
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
@@ -1057,4 +1059,49 @@ fn two_targets_for_one_peer_keep_one_connection() {
     assert!(established_with(&s, &n2), "{s:#}");
     assert_eq!(connections(&s).len(), 1, "{:?}", connections(&s));
     assert_eq!(h1.targets().len(), 2, "{:?}", h1.targets());
+}
+
+/// The MTU of every port of `bridge` in `ns`, and of the bridge itself.
+fn bridge_mtus(ns: &str, bridge: &str) -> Vec<(String, u64)> {
+    let out = exec_in(ns, &["ip", "-j", "link", "show"]).expect_ok("ip link");
+    let all: Vec<Value> = serde_json::from_str(&out.stdout).unwrap_or_default();
+    all.iter()
+        .filter(|l| l["ifname"] == bridge || l["master"] == bridge)
+        .map(|l| (l["ifname"].as_str().unwrap_or("?").to_string(), l["mtu"].as_u64().unwrap_or(0)))
+        .collect()
+}
+
+/// Scenario 13: a router stopped and launched again with another `--mtu` on its own bridge:
+/// the bridge and the interfaces attached before take the new MTU, as new ones
+/// do, so a full-size frame between an old and a new container is not dropped
+/// by the bridge.
+#[test]
+fn a_launch_with_another_mtu_applies_it_to_what_is_attached() {
+    let Some(lab) = Lab::new("mtuagain") else { return };
+    let h1 = lab.add_host(1);
+    let c1 = lab.add_container(&h1, 1);
+    h1.launch(&["--mtu", "1300"]);
+    attach(&h1, &c1);
+    assert_eq!(link(&c1.ns, "ethwe").and_then(|l| l["mtu"].as_u64()), Some(1300));
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    h1.launch(&["--mtu", "1400"]);
+    assert_eq!(h1.status_json()["mtu"].as_u64(), Some(1400));
+    let c2 = lab.add_container(&h1, 2);
+    attach(&h1, &c2);
+    for c in [&c1, &c2] {
+        assert_eq!(link(&c.ns, "ethwe").and_then(|l| l["mtu"].as_u64()), Some(1400), "ethwe in {}", c.ns);
+    }
+    let mtus = bridge_mtus(&h1.ns, "meshnet");
+    assert!(mtus.len() >= 4 && mtus.iter().all(|(_, m)| *m == 1400), "bridge and its ports: {mtus:?}");
+    // A full-size datagram (DF set) between the container attached before and the new one.
+    for (from, to) in [(&c2, 1), (&c1, 2)] {
+        let ok = exec_in(&from.ns, &["ping", "-n", "-q", "-M", "do", "-s", "1372", "-c", "3", "-i", "0.2", "-W", "1", &overlay(to)]);
+        assert!(ok.ok(), "1400-byte ping from {} to {} lost: {ok}", from.ns, overlay(to));
+    }
+    // Back to a smaller MTU: nothing keeps the larger one.
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    h1.launch(&["--mtu", "1280"]);
+    let mtus = bridge_mtus(&h1.ns, "meshnet");
+    assert!(mtus.iter().all(|(_, m)| *m == 1280), "bridge and its ports: {mtus:?}");
+    assert_eq!(link(&c1.ns, "ethwe").and_then(|l| l["mtu"].as_u64()), Some(1280));
 }

@@ -1,7 +1,8 @@
 //! Routing across a partial mesh: frames for peers without a direct connection
 //! are relayed, and broadcasts reach every container exactly once (per-source
 //! spanning trees), in a full mesh and along a chain; a peer behind a port-rewriting
-//! NAT is reached where its heartbeats come from.
+//! NAT is reached where its heartbeats come from; two hosts that cannot reach
+//! each other at all are spliced and relayed, and status does not blame a NAT.
 
 use std::time::Duration;
 
@@ -145,6 +146,39 @@ fn a_peer_behind_nat_is_reached_where_its_heartbeats_come_from() {
     assert_eq!(to_h1["route"], "direct", "{to_h1:#}");
     assert_eq!(to_h1["udp_addr"], to.as_str(), "h2 did not learn h1's translated address: {to_h1:#}");
     assert!(h2.log().contains(&format!("now sends from {to}")), "h2 did not log the address it learned");
+}
+
+/// Discovery on, h1 and h3 cannot reach each other at all (no NAT: every
+/// packet between them is dropped), both reach h2: they get a connection
+/// spliced through h2 and their data is relayed. `status connections` says
+/// so without blaming a NAT that is not there.
+#[test]
+fn hosts_that_cannot_reach_each_other_are_spliced_and_relayed_and_status_says_why() {
+    let Some(lab) = Lab::new("splice") else { return };
+    let hosts: Vec<Host> = (1..=3).map(|i| lab.add_host(i)).collect();
+    for (from, other) in [(0, 2), (2, 0)] {
+        for chain in [["INPUT", "-s"], ["OUTPUT", "-d"]] {
+            exec_in(&hosts[from].ns, &["iptables", "-A", chain[0], chain[1], &hosts[other].ip, "-j", "DROP"]).expect_ok("drop rule");
+        }
+    }
+    let n1 = hosts[0].launch(&[]);
+    hosts[1].launch(&[&hosts[0].ip]);
+    let n3 = hosts[2].launch(&[&hosts[1].ip]);
+    let c1 = lab.add_container(&hosts[0], 1);
+    let c3 = lab.add_container(&hosts[2], 3);
+    hosts[0].meshnet(&["attach", "10.42.0.1/16", &c1.ns]).expect_ok("attach c1");
+    hosts[2].meshnet(&["attach", "10.42.0.3/16", &c3.ns]).expect_ok("attach c3");
+    assert!(ping_until(&c1.ns, "10.42.0.3", Duration::from_secs(30)), "c1 cannot reach c3 through h2");
+    let info = |h: &Host, peer: &str| {
+        connections(&h.status_json()).into_iter().find(|c| c["peer"] == peer).map(|c| c["info"].as_str().unwrap_or_default().to_string())
+    };
+    let said = wait_until(Duration::from_secs(40), || info(&hosts[0], &n3).is_some_and(|i| i.contains("hole punching failed")));
+    let text = info(&hosts[0], &n3).unwrap_or_default();
+    assert!(said, "h1 does not say why h3 is not direct: {text:?}");
+    assert!(text.contains("spliced through") && text.contains("relayed via"), "{text}");
+    assert!(text.contains("no route") && text.contains("firewall"), "only a NAT is named as the cause: {text}");
+    assert!(!text.contains("either way (NAT)"), "{text}");
+    assert!(info(&hosts[2], &n1).is_some(), "h3 has no connection to h1");
 }
 
 /// UDP between two established hosts stops (TCP still works): within seconds

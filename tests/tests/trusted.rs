@@ -168,6 +168,43 @@ fn mutual_trust_carries_data_in_plain_text_through_the_kernel() {
     assert!(trusted_status(h1)["tx_bytes"].as_u64().unwrap_or(0) > 50 << 20, "{:#}", trusted_status(h1));
 }
 
+/// A router restarted (`stop` then `launch --resume`, and `kill -9` then
+/// `launch --resume`) goes back to the kernel path for the other router's
+/// containers, not only the other way round. The peer already knew the
+/// restarted side's MACs, so its containers' frames all come through the
+/// kernel, which teaches the restarted router nothing; their ARP refreshes are
+/// unicast too. Without an announcement from the peer its data to them stayed
+/// encrypted for as long as they broadcast nothing.
+#[test]
+fn a_restarted_router_sends_through_the_kernel_again() {
+    let Some(p) = pair("trustrestart", |lab| [Some(underlay(lab)), Some(underlay(lab))]) else { return };
+    let [h1, h2] = &p.h;
+    wait_mode(&p.lab, h1, &p.names[1], "trusted (kernel)");
+    wait_mode(&p.lab, h2, &p.names[0], "trusted (kernel)");
+    wait_learned(&p);
+    for how in ["stop", "kill -9"] {
+        if how == "stop" {
+            h2.meshnet(&["stop"]).expect_ok("stop");
+        } else {
+            kill9(h2);
+        }
+        h2.meshnet_env(&["launch", "--resume"], &[("MESHNET_PASSWORD", "trust")]).expect_ok("resume");
+        wait_mode(&p.lab, h2, &p.names[0], "trusted (kernel)");
+        // Traffic both ways, as a user's would be; h2 must learn c1's MAC and
+        // send to it through the device.
+        let learned = wait_until(Duration::from_secs(20), || {
+            assert!(ping(&p.c[1].ns, "10.43.0.1", 1) && ping(&p.c[0].ns, "10.43.0.2", 1));
+            trusted_status(h2)["fdb_entries"].as_u64().unwrap_or(0) >= 1
+        });
+        assert!(learned, "after {how}, h2 never learned c1's MAC: {:#}", trusted_status(h2));
+        let vx_before = dev_tx_packets(h2, VXLAN_DEV);
+        let out = exec_in(&p.c[1].ns, &["ping", "-c", "10", "-i", "0.1", "10.43.0.1"]);
+        assert!(out.ok(), "{out}");
+        let vx = dev_tx_packets(h2, VXLAN_DEV) - vx_before;
+        assert!(vx >= 10, "after {how}, h2's VXLAN device sent {vx} packets for 10 echoes");
+    }
+}
+
 #[test]
 fn one_sided_trust_stays_encrypted() {
     // h1 trusts the underlay; h2 trusts only a subnet h1 is not in.
@@ -309,6 +346,9 @@ fn reset_removes_the_device_and_relaunches_make_it_again() {
     assert!(out.all().contains("host bits are set"), "{out}");
     let out = h1.meshnet(&["launch", "--trusted-subnets", "banana"]);
     assert!(!out.ok() && out.all().contains("--trusted-subnets"), "{out}");
+    // A stray comma too: it usually stands for a subnet that went missing.
+    let out = h1.meshnet(&["launch", "--trusted-subnets", &format!("{t},,")]);
+    assert!(!out.ok() && out.all().contains("empty item"), "{out}");
 }
 
 #[test]
