@@ -331,9 +331,18 @@ pub fn run(cfg: Config) -> Result<()> {
     }
 
     // Targets saved by an earlier build may be spelled otherwise (`[FD00::1]:6783`):
-    // they take the form `connect` gives, so `forget` finds them.
+    // they take the form `connect` gives, so `forget` finds them. One it took
+    // that is no peer's address (`0.0.0.0`, broadcast, multicast; refused now)
+    // is dropped: it could be neither dialled nor forgotten.
     let mut targets: Vec<String> = Vec::new();
-    let saved = cfg.state.load_targets()?.into_iter().map(|t| PeerAddr::parse(&t, cfg.port).map_or(t, |p| p.to_string()));
+    let saved = cfg.state.load_targets()?.into_iter().filter_map(|t| match PeerAddr::parse(&t, cfg.port) {
+        Ok(p) => Some(p.to_string()),
+        Err(e @ crate::peeraddr::BadPeerAddr::NotUnicast(_)) => {
+            log::warn!("connect target dropped: {e}");
+            None
+        }
+        Err(_) => Some(t),
+    });
     for t in saved.chain(cfg.peers.iter().map(|p| p.to_string())) {
         if !targets.contains(&t) {
             targets.push(t);

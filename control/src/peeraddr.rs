@@ -17,6 +17,8 @@ pub enum BadPeerAddr {
     Port(String),
     #[error("invalid peer {0:?}: not a host name or IP address")]
     Host(String),
+    #[error("invalid peer {0:?}: an unspecified, broadcast or multicast address is no peer's")]
+    NotUnicast(String),
 }
 
 impl PeerAddr {
@@ -64,10 +66,20 @@ impl PeerAddr {
         // One spelling per target: an address in its canonical form
         // (`FD00:0::1` is `fd00::1`), a host name in lower case (as DNS compares).
         let host = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) if !is_unicast(ip) => return Err(BadPeerAddr::NotUnicast(s.into())),
             Ok(ip) => ip.to_string(),
             Err(_) => host.to_ascii_lowercase(),
         };
         Ok(PeerAddr { host, port })
+    }
+}
+
+/// An address one host can have and be dialled at: not `0.0.0.0` or `::`
+/// (which dial this host itself), not the broadcast address, not multicast.
+fn is_unicast(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(a) => !(a.is_unspecified() || a.is_broadcast() || a.is_multicast()),
+        std::net::IpAddr::V6(a) => !(a.is_unspecified() || a.is_multicast()),
     }
 }
 
@@ -110,6 +122,16 @@ mod tests {
             ("Host-A.Example:7000", "host-a.example:7000"),
         ] {
             assert_eq!(PeerAddr::parse(a, 6783).unwrap().to_string(), b, "{a}");
+        }
+    }
+
+    #[test]
+    fn an_address_no_peer_can_have_is_refused() {
+        for bad in ["0.0.0.0", "0.0.0.0:6783", "255.255.255.255", "224.0.0.1:7000", "239.1.2.3", "::", "[::]:6783", "ff02::1", "[ff05::2]:7000"] {
+            assert_eq!(PeerAddr::parse(bad, 6783), Err(BadPeerAddr::NotUnicast(bad.into())), "{bad}");
+        }
+        for good in ["127.0.0.1", "10.255.255.255", "223.255.255.254", "::1", "fe80::1", "[fd00::1]:7000"] {
+            assert!(PeerAddr::parse(good, 6783).is_ok(), "{good}");
         }
     }
 
