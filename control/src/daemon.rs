@@ -300,6 +300,10 @@ pub fn run(cfg: Config) -> Result<()> {
     live.extend(plugin_state.ipam_keys());
     let mut ipam6 = ipam6;
     for h in std::iter::once(&mut ipam).chain(ipam6.as_mut()) {
+        // No peer is reachable before a connection is: until routes say
+        // otherwise, other owners' space is unreachable (`status ipam` showed a
+        // seed peer never seen as reachable, and claims were sent to nobody).
+        h.ipam.peers_changed(&[]);
         for (target, ip) in h.ipam.release_missing(&live) {
             log::info!("IPAM: released {ip} of {target}, which is gone");
         }

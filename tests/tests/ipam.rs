@@ -840,6 +840,31 @@ fn prime_waits_for_both_rings() {
     assert!(agreed(&v["ipv6"]), "IPv6 ring not agreed after prime returned: {v:#}");
 }
 
+/// A seed peer this router has never reached owns space it cannot ask for:
+/// `status ipam` shows it unreachable (it showed it reachable until a first
+/// connection), and reachable once it connects.
+#[test]
+fn a_seed_peer_never_seen_is_unreachable() {
+    let Some(lab) = Lab::new("seedgone") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let (n1, n2) = ("02:00:00:00:00:01", "02:00:00:00:00:02");
+    let seed = format!("seed={n1},{n2}");
+    h1.launch(&["--name", n1, "--ipalloc-init", &seed]);
+    let v = ipam(&h1);
+    assert!(agreed(&v), "{v:#}");
+    assert_eq!(owner(&v, n2).map(|o| o["reachable"].clone()), Some(Value::Bool(false)), "{v:#}");
+    assert_eq!(owner(&v, n1).map(|o| o["reachable"].clone()), Some(Value::Bool(true)), "{v:#}");
+    assert_eq!(v["unreachable_space"], 1u64 << 19, "half of 10.32.0.0/12 is n2's: {v:#}");
+    h2.launch(&["--name", n2, "--ipalloc-init", &seed, &h1.ip]);
+    wait_meshed(&[(&h1, n1), (&h2, n2)], SECS(30));
+    let ok = wait_until(SECS(10), || owner(&ipam(&h1), n2).is_some_and(|o| o["reachable"] == true));
+    assert!(ok, "n2 connected but not reachable: {:#}", ipam(&h1));
+    assert_eq!(ipam(&h1)["unreachable_space"], 0, "{:#}", ipam(&h1));
+}
+
 /// Scenario 5: bad IPAM input fails clearly and changes nothing.
 #[test]
 fn bad_ipam_input_changes_nothing() {
