@@ -241,7 +241,7 @@ impl IpamHost {
         let state = match &s.state {
             RingState::Agreed { seeds } => json!({"agreed": true, "seeds": seeds.iter().map(|p| p.to_string()).collect::<Vec<_>>()}),
             RingState::AwaitingConsensus { known, quorum } => {
-                json!({"agreed": false, "waiting": format!("consensus: {known} of {quorum} peers needed")})
+                json!({"agreed": false, "waiting": format!("consensus: {known} of {quorum} peers present")})
             }
             RingState::AwaitingRing => json!({"agreed": false, "waiting": "the ring from a peer"}),
         };
