@@ -152,6 +152,9 @@ pub struct MeshView {
     /// Per direct peer: bytes so far (the page turns them into rates).
     pub traffic: Vec<TrafficView>,
     pub ipam: IpamView,
+    /// The IPv6 ring, where there is one (sizes saturate at 2^64 - 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipam6: Option<IpamView>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -207,6 +210,7 @@ pub fn mesh_view(src: &Sources) -> MeshView {
     let conns = mesh.connection_status();
     let traffic = mesh.dataplane.traffic.snapshot();
     let ipam = mesh.with_ipam(|h| h.ipam.status());
+    let ipam6 = mesh.with_ipam_for(true, |h| h.ipam.status());
     let g = mesh.lock();
     let nick = |p: PeerName| g.topology.get(p).map(|i| i.nickname.clone()).unwrap_or_default();
     let mut peers = Vec::new();
@@ -277,10 +281,10 @@ pub fn mesh_view(src: &Sources) -> MeshView {
             relayed_bytes: t.relayed_bytes,
         })
         .collect();
-    let ipam = IpamView {
-        range: ipam.universe.to_string(),
-        agreed: matches!(ipam.state, meshnet_proto::ipam::RingState::Agreed { .. }),
-        owners: ipam
+    let ring = |st: &meshnet_proto::ipam::IpamStatus| IpamView {
+        range: st.universe.to_string(),
+        agreed: matches!(st.state, meshnet_proto::ipam::RingState::Agreed { .. }),
+        owners: st
             .owners
             .iter()
             .map(|o| OwnerView {
@@ -292,7 +296,8 @@ pub fn mesh_view(src: &Sources) -> MeshView {
             })
             .collect(),
     };
-    MeshView { me: me.to_string(), nickname: mesh.settings.nickname.clone(), peers, edges, traffic, ipam }
+    let (ipam, ipam6) = (ring(&ipam), ipam6.as_ref().map(ring));
+    MeshView { me: me.to_string(), nickname: mesh.settings.nickname.clone(), peers, edges, traffic, ipam, ipam6 }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -2,7 +2,8 @@
 //! keeps the page of a three-host lab open, driven over the DevTools protocol.
 //! The rendered DOM must show three peers and the three direct edges, the
 //! page must log no error, and once a host is stopped the open page must show
-//! it unreachable (or gone) within seconds. Screenshots are saved under the
+//! it unreachable (or gone) within seconds; both IPAM rings (IPv4 and IPv6)
+//! are drawn. Screenshots are saved under the
 //! lab's log directory (`/tmp/meshnet-e2e-logs/<lab>-map/`).
 //!
 //! Chromium runs in a namespace of the lab (`h9`, no router) and reaches the
@@ -93,7 +94,10 @@ STATE = """JSON.stringify({
   refreshes: Number(document.body.dataset.refreshes || 0),
   status: document.getElementById('status').textContent,
   traffic_rows: document.querySelectorAll('#traffic tbody tr').length,
-  ipam_parts: document.querySelectorAll('#ipam div').length})"""
+  ipam_parts: document.querySelectorAll('#ipam div').length,
+  ipam6_parts: document.querySelectorAll('#ipam6 div').length,
+  ipam6_shown: !document.getElementById('ring6').hidden,
+  range6: document.getElementById('range6').textContent})"""
 def state(): return json.loads(js(STATE) or "{}")
 def shot(name):
     png = call("Page.captureScreenshot", format="png")["data"]
@@ -137,7 +141,8 @@ fn the_map_shows_the_mesh_in_a_browser() {
     for (i, h) in hosts.iter().enumerate() {
         let addr = format!("--metrics-addr={}:{PORT}", h.ip);
         let nick = format!("node{}", h.i);
-        let mut args = vec![addr.as_str(), "--nickname", nick.as_str()];
+        // An IPv6 range too: the page draws both rings.
+        let mut args = vec![addr.as_str(), "--nickname", nick.as_str(), "--ipalloc-range", "fd32::/64"];
         let earlier: Vec<String> = hosts[..i].iter().map(|e| e.ip.clone()).collect();
         args.extend(earlier.iter().map(String::as_str));
         names.push(h.launch(&args));
@@ -227,6 +232,9 @@ fn the_map_shows_the_mesh_in_a_browser() {
     assert!(first["refreshes"].as_u64().unwrap_or(0) >= 2, "the page did not refresh: {first}");
     assert_eq!(first["traffic_rows"], 2, "traffic rows: {first}");
     assert!(first["ipam_parts"].as_u64().unwrap_or(0) >= 1, "no IPAM ownership chart: {first}");
+    assert_eq!(first["ipam6_shown"], true, "no IPv6 ring on the page: {first}");
+    assert_eq!(first["range6"], "fd32::/64", "{first}");
+    assert!(first["ipam6_parts"].as_u64().unwrap_or(0) >= 1, "no IPv6 ownership chart: {first}");
 
     // Stop h3: the open page shows it unreachable or gone within seconds.
     let t = Instant::now();
