@@ -193,10 +193,7 @@ pub fn pin_bridge_mac(name: &str) -> Result<[u8; 6], NetlinkError> {
     check_ifname(&what, "bridge name", name)?;
     let name = name.to_string();
     on_netlink_thread(what.clone(), move |h| async move {
-        let link = link_by_name(&h, &name).await.ctx(|| format!("{what}: look up"))?.ok_or_else(|| NetlinkError::NotFound {
-            what: what.clone(),
-            problem: "no such link".into(),
-        })?;
+        let link = existing_link(&h, &what, &name).await?;
         let index = bridge_index_of(&what, &link)?;
         let mac = mac_of(&link).ok_or_else(|| NetlinkError::NotFound { what: what.clone(), problem: "it has no MAC address".into() })?;
         set_link(&h, LinkUnspec::new_with_index(index).address(mac.to_vec()).build()).await.ctx(|| what)?;
@@ -223,10 +220,7 @@ pub fn set_mtu(name: &str, mtu: u32) -> Result<(), NetlinkError> {
     check_ifname(&what, "link name", name)?;
     let name = name.to_string();
     on_netlink_thread(what.clone(), move |h| async move {
-        let link = link_by_name(&h, &name).await.ctx(|| format!("{what}: look up"))?.ok_or_else(|| NetlinkError::NotFound {
-            what: what.clone(),
-            problem: "no such link".into(),
-        })?;
+        let link = existing_link(&h, &what, &name).await?;
         set_link(&h, LinkUnspec::new_with_index(link.header.index).mtu(mtu).build()).await.ctx(|| what)
     })
 }
@@ -950,6 +944,14 @@ pub(crate) async fn link_by_name(h: &Handle, name: &str) -> Result<Option<LinkMe
         Err(e) if errno_of(&e) == Some(libc::ENODEV) => Ok(None),
         Err(e) => Err(e),
     }
+}
+
+/// Link `name`, which must exist (for `what`, the operation's description).
+async fn existing_link(h: &Handle, what: &str, name: &str) -> Result<LinkMessage, NetlinkError> {
+    link_by_name(h, name)
+        .await
+        .ctx(|| format!("{what}: look up"))?
+        .ok_or_else(|| NetlinkError::NotFound { what: what.to_string(), problem: "no such link".into() })
 }
 
 async fn link_by_index(h: &Handle, index: u32) -> Result<Option<LinkMessage>, rtnetlink::Error> {
