@@ -1164,6 +1164,19 @@ fn print_ipam(v: &serde_json::Value) {
             if o["reachable"].as_bool() == Some(true) { "" } else { "  (unreachable)" }
         );
     }
+    let conflicts = v["conflicts"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !conflicts.is_empty() {
+        println!("      Conflicts: {} addresses used here whose claim failed (another target has them too: detach one)", conflicts.len());
+        for c in conflicts {
+            println!(
+                "  {}/{} of {}: {}",
+                c["ip"].as_str().unwrap_or("?"),
+                c["prefix"],
+                c["target"].as_str().unwrap_or("?"),
+                c["error"].as_str().unwrap_or("?")
+            );
+        }
+    }
     if v["ipv6"].is_object() {
         println!();
         println!("IPv6 ring:");

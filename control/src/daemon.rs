@@ -1702,6 +1702,14 @@ fn allocate_all(
                         Waiting::Consensus { .. } | Waiting::Ring | Waiting::Owner { reachable: false, .. }
                     );
                     if let (AddrSpec::Exact { ip, prefix, strict: false }, true) = (spec, nobody_to_ask) {
+                        // Noted as in use: should the claim fail, that is a conflict
+                        // shown in `status ipam` and retried, not a line in the log.
+                        mesh.with_ipam_for(v6, |h| {
+                            let now = h.now_ms();
+                            h.ipam.note_in_use(key, *ip, *prefix, now)
+                        })
+                        .ok_or_else(no_ring)?
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
                         log::info!("IPAM: claim of {ip}/{prefix} for {key} continues in the background: {why}");
                         addrs.push((*ip, *prefix));
                         break;

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use meshnet_proto::identity::Identity;
-use meshnet_proto::ipam::{Cidr, Config, Dest, Event, InitMode, Ipam, IpamError, RingState};
+use meshnet_proto::ipam::{Allocation, Cidr, Config, Dest, Event, InitMode, Ipam, IpamError, RingState};
 use meshnet_proto::PeerName;
 use serde_json::json;
 
@@ -219,16 +219,28 @@ impl IpamHost {
 
     /// Claims the deferred addresses, now that a ring is agreed.
     pub fn claim_deferred(&mut self) {
-        let now = self.now_ms();
         for (key, ip, prefix) in std::mem::take(&mut self.deferred) {
             if !self.ipam.universe().contains(ip) {
                 continue;
             }
-            match self.ipam.allocate(&key, meshnet_proto::ipam::Request::Exact { ip, prefix }, now) {
-                Ok(_) => log::info!("IPAM: claimed {ip}/{prefix} for {key}"),
+            match self.claim_in_use(&key, ip, prefix) {
+                Ok(Allocation::Ready { .. }) => log::info!("IPAM: claimed {ip}/{prefix} for {key}"),
+                Ok(Allocation::Pending(why)) => log::info!("IPAM: claim of {ip}/{prefix} for {key} continues in the background: {why}"),
                 Err(e) => log::warn!("IPAM: {ip}/{prefix} of {key} conflicts with the ring: {e}"),
             }
         }
+    }
+
+    /// Claims `ip` for `key`, which uses it already whatever the answer: a
+    /// claim still waiting is noted, so that its failure is listed as a conflict
+    /// (and retried) rather than forgotten.
+    pub fn claim_in_use(&mut self, key: &str, ip: IpAddr, prefix: u8) -> Result<Allocation, IpamError> {
+        let now = self.now_ms();
+        let answer = self.ipam.allocate(key, meshnet_proto::ipam::Request::Exact { ip, prefix }, now)?;
+        if let Allocation::Pending(_) = answer {
+            self.ipam.note_in_use(key, ip, prefix, now)?;
+        }
+        Ok(answer)
     }
 
     /// Whether the IPAM timer is due.
@@ -265,6 +277,12 @@ impl IpamHost {
                 "ranges": o.ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "allocations": self.ipam.allocations().map(|(ip, t)| json!({"ip": ip.to_string(), "target": t})).collect::<Vec<_>>(),
+            "conflicts": s.conflicts.iter().map(|c| json!({
+                "ip": c.ip.to_string(),
+                "prefix": c.prefix,
+                "target": c.target,
+                "error": c.error.to_string(),
+            })).collect::<Vec<_>>(),
         })
     }
 }

@@ -1222,6 +1222,15 @@ impl Mesh {
                 }
                 Event::Allocated { target, ip, prefix } => log::info!("IPAM: {ip}/{prefix} allocated to {target}"),
                 Event::Failed { target, error, .. } => log::warn!("IPAM: allocation for {target} failed: {error}"),
+                Event::Conflict(c) => log::warn!(
+                    "IPAM: the claim of {}/{} for {} failed: {}; it keeps the address, so two targets use it until one \
+                     lets it go (meshnet detach): `meshnet status ipam` lists it, and the claim is retried every {} s",
+                    c.ip,
+                    c.prefix,
+                    c.target,
+                    c.error,
+                    meshnet_proto::ipam::CONFLICT_RETRY_MS / 1000
+                ),
                 Event::Agreed { seeds } => {
                     log::info!("IPAM: ring agreed, initial owners {}", names(&seeds));
                     let h = Self::host_of(g, v6);

@@ -624,6 +624,7 @@ fn ipam_metrics<N: Addresses>(
     one("pending_requests", "Allocation requests waiting here (for consensus, a ring or a donation)", st.pending as u128);
     one("unreachable_addresses", "Addresses owned by peers this router cannot reach", st.unreachable_space);
     one("unreachable_peers", "Peers owning space that this router cannot reach", st.owners.iter().filter(|o| !o.reachable).count() as u128);
+    one("conflicting_addresses", "Addresses used here whose claim in the ring failed (another target has them too)", st.conflicts.len() as u128);
     one("ring_agreed", "1 once the allocation ring is agreed", matches!(st.state, meshnet_proto::ipam::RingState::Agreed { .. }) as u128);
     let owned = Family::<PeerLabels, Gauge<N, N::Atomic>>::default();
     reg.register(format!("{prefix}_owned_addresses"), format!("Addresses of the range each peer owns{which}"), owned.clone());

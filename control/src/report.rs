@@ -168,6 +168,9 @@ pub fn to_text(v: &Value) -> String {
         for a in ipam["allocations"].as_array().into_iter().flatten() {
             let _ = writeln!(o, "  allocated {} to {}", str_of(&a["ip"]), str_of(&a["target"]));
         }
+        for c in ipam["conflicts"].as_array().into_iter().flatten() {
+            let _ = writeln!(o, "  conflict: {}/{} of {}: {}", str_of(&c["ip"]), c["prefix"], str_of(&c["target"]), str_of(&c["error"]));
+        }
     }
     let _ = writeln!(o, "\nExposed");
     for e in v["exposed"].as_array().into_iter().flatten() {

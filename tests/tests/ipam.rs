@@ -15,7 +15,9 @@
 //! 4. `--ipalloc-init consensus=3`: alone no agreement (attach fails saying so),
 //!    with a second host `prime` succeeds, a late third host gets addresses
 //! 5. bad IPAM input fails clearly and changes nothing; 5b. a bare CIDR held by
-//!    another container (on this host or another) is refused
+//!    another container (on this host or another) is refused; 5c. one used while
+//!    its owner was cut off, and given away there meanwhile, is a listed conflict
+//!    until one container lets go
 //! 6. two meshes with different `--ipalloc-range` refuse each other, both logs
 //!    name both peers, both keep their allocations
 
@@ -1103,6 +1105,75 @@ fn bare_cidr_held_elsewhere_is_refused() {
     assert!(
         out.stderr.contains(&ip_of(&a2)),
         "the error should name {a2}: {out}"
+    );
+    assert_no_duplicates(&all_ps(&[&h1, &h2]));
+}
+
+/// Scenario 5c: a bare CIDR used at once while its owner was unreachable, and
+/// given by the owner to one of its own containers meanwhile: once they meet,
+/// the claim fails and both containers have the address. `status ipam` lists
+/// the conflict (plain and `--json`) and the claim is retried; once the other
+/// container lets go, the retry completes it and the conflict is gone.
+#[test]
+fn a_claim_failed_after_a_partition_is_a_listed_conflict() {
+    let Some(lab) = Lab::new("conflict") else { return };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let (c1, c2, c3) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2), lab.add_container(&h2, 3));
+    let n1 = h1.launch(&[]);
+    let n2 = h2.launch(&[&h1.ip]);
+    wait_meshed(&[(&h1, &n1), (&h2, &n2)], SECS(30));
+    // An address of h2's space, free: next to the one h2 hands out first.
+    let a2 = attach_one(&h2, &c2, &[]);
+    let (first, prefix) = parse_cidr(&a2);
+    let x = format!("{}/{prefix}", Ipv4Addr::from(u32::from(first) + 5));
+
+    // h2 dies; h1 uses x at once (its owner cannot answer).
+    kill9(&h2);
+    assert!(
+        wait_until(SECS(10), || owner(&ipam(&h1), &n2).is_some_and(|o| o["reachable"] == false)),
+        "h1 does not see h2 unreachable: {:#}",
+        ipam(&h1)
+    );
+    assert_eq!(attach_one(&h1, &c1, &[&x]), x);
+    // h2 comes back cut off from h1 and gives x to a container of its own.
+    for chain in [["INPUT", "-s"], ["OUTPUT", "-d"]] {
+        exec_in(&h2.ns, &["iptables", "-w", "-I", chain[0], chain[1], &h1.ip, "-j", "DROP"]).expect_ok("iptables");
+    }
+    assert_eq!(h2.launch(&[]), n2);
+    assert_eq!(attach_one(&h2, &c3, &[&format!("ip:{x}")]), x);
+    assert!(ipam(&h1)["conflicts"].as_array().is_some_and(|c| c.is_empty()), "{:#}", ipam(&h1));
+
+    // They meet: h1's claim fails, and that is listed, not only logged.
+    exec_in(&h2.ns, &["iptables", "-w", "-F"]).expect_ok("iptables -F");
+    h1.meshnet(&["connect", &h2.ip]).expect_ok("connect");
+    let listed = |v: &Value| {
+        v["conflicts"].as_array().is_some_and(|cs| {
+            cs.len() == 1
+                && cs[0]["ip"] == ip_of(&x).as_str()
+                && cs[0]["target"].as_str().is_some_and(|t| t.contains(&c1.ns))
+                && cs[0]["error"].as_str().is_some_and(|e| e.contains(&n2))
+        })
+    };
+    assert!(wait_until(SECS(30), || listed(&ipam(&h1))), "h1 lists no conflict for {x}: {:#}", ipam(&h1));
+    let text = h1.meshnet(&["status", "ipam"]).expect_ok("status ipam");
+    assert!(
+        text.stdout.contains("Conflicts: 1 ") && text.stdout.contains(&x) && text.stdout.contains(&c1.ns),
+        "status ipam does not show the conflict: {text}"
+    );
+    assert!(container_addrs(&c1).contains(&x), "c1 lost {x}");
+    assert!(ipam_allocs(&ipam(&h2)).get(&ip_of(&x)).is_some_and(|t| t.contains(&c3.ns)));
+
+    // c3 lets go: the next retry (every 30 s) completes h1's claim.
+    h2.meshnet(&["detach", &c3.ns]).expect_ok("detach c3");
+    assert!(
+        wait_until(SECS(45), || {
+            let v = ipam(&h1);
+            v["conflicts"].as_array().is_some_and(|c| c.is_empty())
+                && ipam_allocs(&v).get(&ip_of(&x)).is_some_and(|t| t.contains(&c1.ns))
+        }),
+        "h1's claim of {x} did not complete after c3 let go: {:#}",
+        ipam(&h1)
     );
     assert_no_duplicates(&all_ps(&[&h1, &h2]));
 }

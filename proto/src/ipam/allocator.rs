@@ -19,7 +19,7 @@ use super::wire::{
     MAX_TARGET_LEN,
 };
 use super::{
-    Allocation, Config, Dest, DropStats, Event, Holder, InitMode, IpamError, IpamStatus, OwnerStatus, Request, RingState,
+    Allocation, Config, Conflict, Dest, DropStats, Event, Holder, InitMode, IpamError, IpamStatus, OwnerStatus, Request, RingState,
     Rng, Waiting,
 };
 use crate::identity::Identity;
@@ -28,6 +28,8 @@ use crate::trust::{Binding, KeyBook, Signature, Signer, TrustError};
 
 /// Most failed requests remembered for the next `allocate` call.
 const MAX_FAILED: usize = 1024;
+/// How often the claim of an address in conflict is tried again.
+pub const CONFLICT_RETRY_MS: u64 = 30_000;
 /// Most events queued; the oldest are dropped beyond it.
 const MAX_EVENTS: usize = 10_000;
 /// Least time between two full-state answers to the same peer.
@@ -51,6 +53,16 @@ struct Ask {
     id: u64,
     peer: PeerName,
     deadline: u64,
+}
+
+/// An address a target uses while its claim is pending or has failed.
+#[derive(Clone, Debug)]
+struct InUse {
+    prefix: u8,
+    /// Why the last claim failed; `None` while the first one is pending.
+    conflict: Option<IpamError>,
+    /// When to claim again (after a failure).
+    retry_at: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +90,9 @@ pub struct Ipam {
     targets: BTreeMap<String, BTreeSet<Addr>>,
     pending: Vec<PendingReq>,
     failed: VecDeque<(PendingReq, IpamError)>,
+    /// Exact addresses targets use before the ring gave them to them (see
+    /// [`Ipam::note_in_use`]), by target and address. Not persisted.
+    in_use: BTreeMap<(String, Addr), InUse>,
     space_asks: BTreeMap<Cidr, Ask>,
     claim_asks: BTreeMap<Addr, Ask>,
     shunned: BTreeMap<(Cidr, PeerName), u64>,
@@ -183,6 +198,7 @@ impl Ipam {
             targets: BTreeMap::new(),
             pending: Vec::new(),
             failed: VecDeque::new(),
+            in_use: BTreeMap::new(),
             space_asks: BTreeMap::new(),
             claim_asks: BTreeMap::new(),
             shunned: BTreeMap::new(),
@@ -380,6 +396,14 @@ impl Ipam {
         self.targets.get(target).map(|s| s.iter().map(|&ip| self.universe.ip(ip)).collect()).unwrap_or_default()
     }
 
+    /// Addresses targets here use whose claim failed (see [`Ipam::note_in_use`]).
+    pub fn conflicts(&self) -> impl Iterator<Item = Conflict> + '_ {
+        self.in_use.iter().filter_map(|((target, a), u)| {
+            let error = u.conflict.clone()?;
+            Some(Conflict { target: target.clone(), ip: self.universe.ip(*a), prefix: u.prefix, error })
+        })
+    }
+
     /// Number of requests waiting.
     pub fn pending_count(&self) -> usize {
         self.pending.len()
@@ -411,7 +435,10 @@ impl Ipam {
             return Ok(Allocation::Pending(w));
         }
         match self.try_complete(&p) {
-            Step::Done(ip, prefix) => Ok(Allocation::Ready { ip, prefix }),
+            Step::Done(ip, prefix) => {
+                self.in_use.remove(&(p.target, addr_value(ip)));
+                Ok(Allocation::Ready { ip, prefix })
+            }
             Step::Failed(e) => Err(e),
             Step::NeedSpace(subnet) => {
                 self.pending.push(p.clone());
@@ -426,13 +453,45 @@ impl Ipam {
         }
     }
 
+    /// Notes that `target` uses `ip` (with `prefix`) whatever its claim's
+    /// outcome: call it after [`Ipam::allocate`] of `Request::Exact` answered
+    /// `Pending` and the address was configured anyway. A failure of that claim
+    /// is then a [`Conflict`] (see the module docs), not an error for the next
+    /// `allocate`. Nothing is noted for an address `target` already holds.
+    pub fn note_in_use(&mut self, target: &str, ip: IpAddr, prefix: u8, now_ms: u64) -> Result<(), IpamError> {
+        self.tick(now_ms);
+        if target.is_empty() || target.len() > MAX_TARGET_LEN {
+            return Err(IpamError::BadTarget(target.chars().take(64).collect()));
+        }
+        let req = Request::Exact { ip, prefix };
+        self.check_request(&req)?;
+        let a = addr_value(ip);
+        if self.allocs.get(&a).is_some_and(|t| t == target) {
+            return Ok(());
+        }
+        let mut entry = InUse { prefix, conflict: None, retry_at: 0 };
+        // Its claim may have failed already, between `allocate` and now.
+        let p = PendingReq { target: target.to_string(), req };
+        if let Some(i) = self.failed.iter().position(|(f, _)| *f == p) {
+            let (_, e) = self.failed.remove(i).expect("index is in range");
+            entry.conflict = Some(e.clone());
+            entry.retry_at = self.now + CONFLICT_RETRY_MS;
+            self.push_event(Event::Conflict(Conflict { target: p.target.clone(), ip, prefix, error: e }));
+        }
+        self.in_use.insert((p.target, a), entry);
+        Ok(())
+    }
+
     /// Returns `ip` of `target` to the pool; false if it was not allocated to it.
+    /// A claim of it for `target` still waiting is cancelled.
     pub fn free(&mut self, target: &str, ip: impl Into<IpAddr>) -> bool {
         let ip = ip.into();
         if !self.universe.contains(ip) {
             return false;
         }
         let a = addr_value(ip);
+        self.in_use.remove(&(target.to_string(), a));
+        self.pending.retain(|p| !(p.target == target && matches!(p.req, Request::Exact { ip: x, .. } if x == ip)));
         if self.allocs.get(&a).map(String::as_str) != Some(target) {
             return false;
         }
@@ -449,6 +508,7 @@ impl Ipam {
         }
         self.pending.retain(|p| p.target != target);
         self.failed.retain(|(p, _)| p.target != target);
+        self.in_use.retain(|(t, _), _| t != target);
         self.progress();
         ips.into_iter().map(|a| self.universe.ip(a)).collect()
     }
@@ -536,6 +596,7 @@ impl Ipam {
     fn finish_reset(&mut self) {
         self.pending.clear();
         self.failed.clear();
+        self.in_use.clear();
         self.space_asks.clear();
         self.claim_asks.clear();
         self.dirty = true;
@@ -604,6 +665,7 @@ impl Ipam {
             unreachable_space,
             ring_entries: self.ring.len(),
             drops: self.drops,
+            conflicts: self.conflicts().collect(),
         }
     }
 
@@ -809,6 +871,9 @@ impl Ipam {
         if let Some(r) = self.retry_at {
             t = t.min(r);
         }
+        for u in self.in_use.values().filter(|u| u.conflict.is_some()) {
+            t = t.min(u.retry_at);
+        }
         Some(t)
     }
 
@@ -851,6 +916,19 @@ impl Ipam {
         }
         if self.retry_at.is_some_and(|r| r <= now) {
             self.retry_at = None;
+        }
+        // Claim addresses in conflict again: the other holder may have let go.
+        let mut again = Vec::new();
+        for ((target, a), u) in self.in_use.iter_mut() {
+            if u.conflict.is_some() && u.retry_at <= now {
+                u.retry_at = now + CONFLICT_RETRY_MS;
+                again.push(PendingReq { target: target.clone(), req: Request::Exact { ip: self.universe.ip(*a), prefix: u.prefix } });
+            }
+        }
+        for p in again {
+            if !self.pending.contains(&p) {
+                self.pending.push(p);
+            }
         }
         if let Some((asked, until)) = self.want_decision {
             if until <= now {
@@ -1824,6 +1902,19 @@ impl Ipam {
     }
 
     fn fail(&mut self, p: PendingReq, error: IpamError) {
+        if let Request::Exact { ip, prefix } = p.req {
+            if let Some(u) = self.in_use.get_mut(&(p.target.clone(), addr_value(ip))) {
+                // The target uses the address anyway: a conflict, reported once
+                // (again only if the reason changes), and claimed again later.
+                let news = u.conflict.as_ref() != Some(&error);
+                u.conflict = Some(error.clone());
+                u.retry_at = self.now + CONFLICT_RETRY_MS;
+                if news {
+                    self.push_event(Event::Conflict(Conflict { target: p.target, ip, prefix, error }));
+                }
+                return;
+            }
+        }
         self.push_event(Event::Failed { target: p.target.clone(), request: p.req.clone(), error: error.clone() });
         if self.failed.len() >= MAX_FAILED {
             self.failed.pop_front();
@@ -1866,7 +1957,10 @@ impl Ipam {
         let mut keep = Vec::new();
         for p in std::mem::take(&mut self.pending) {
             match self.try_complete(&p) {
-                Step::Done(ip, prefix) => self.push_event(Event::Allocated { target: p.target.clone(), ip, prefix }),
+                Step::Done(ip, prefix) => {
+                    self.in_use.remove(&(p.target.clone(), addr_value(ip)));
+                    self.push_event(Event::Allocated { target: p.target.clone(), ip, prefix })
+                }
                 Step::Failed(e) => self.fail(p, e),
                 Step::NeedSpace(s) => {
                     need_space.insert(s);

@@ -85,6 +85,15 @@
 //! A target is any string naming what holds addresses (a container id);
 //! [`Ipam::free`] returns one address, [`Ipam::free_target`] all of a target's.
 //!
+//! An exact address a target uses before its claim completes (a bare CIDR the
+//! user chose, used at once while the owner is unreachable) is noted with
+//! [`Ipam::note_in_use`] after `allocate` answered `Pending`. If its claim then
+//! fails (the owner gave the address to another target meanwhile), that is a
+//! [`Conflict`]: [`Event::Conflict`] once, listed in [`IpamStatus::conflicts`],
+//! and the claim is retried every [`CONFLICT_RETRY_MS`] until it succeeds (the
+//! other holder let go) or the target frees the address. Not persisted: the
+//! daemon notes its attachments again at start.
+//!
 //! ## Signatures
 //! Every message is signed by its sender, every ring entry by its writer, every
 //! Paxos value by its proposer and every acceptance in a decision by its
@@ -194,7 +203,7 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use allocator::Ipam;
+pub use allocator::{Ipam, CONFLICT_RETRY_MS};
 pub use wire::Proof;
 pub use space::{Addr, Cidr, CidrError};
 
@@ -315,6 +324,9 @@ pub enum Event {
     Failed { target: String, request: Request, error: IpamError },
     /// The ring became agreed here (by consensus or adopted from a peer).
     Agreed { seeds: Vec<PeerName> },
+    /// The claim of an address a target here already uses failed (see
+    /// [`Ipam::note_in_use`]): emitted once per conflict, not per retry.
+    Conflict(Conflict),
 }
 
 /// One owner's share, as this peer sees it.
@@ -355,6 +367,20 @@ pub struct IpamStatus {
     pub ring_entries: usize,
     /// What was dropped from peers, by reason.
     pub drops: DropStats,
+    /// Addresses targets here use whose claim failed (see [`Ipam::note_in_use`]).
+    pub conflicts: Vec<Conflict>,
+}
+
+/// An address a target here uses although its claim in the ring failed (the
+/// owner gave it to another target, e.g. across a partition): two targets use
+/// it. The claim is retried until it succeeds or the target lets the address go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub target: String,
+    pub ip: IpAddr,
+    pub prefix: u8,
+    /// Why the last claim failed.
+    pub error: IpamError,
 }
 
 /// IPAM input dropped, by reason (shown by `meshnet status ipam --json`). Each

@@ -1179,3 +1179,88 @@ fn rings_of_the_two_families_drop_each_others_messages() {
     assert_eq!(a4.drops().version_mismatches, m6.len() as u64);
     assert_eq!(b6.drops().version_mismatches, m4.len() as u64);
 }
+
+/// A bare CIDR used at once while its owner was unreachable, which the owner
+/// gave to another target meanwhile: after the heal the claim fails, which is
+/// a conflict (reported once, listed in the status), not an error waiting for
+/// an `allocate` nobody makes; it is claimed again every CONFLICT_RETRY_MS and
+/// completes once the other holder lets go. Freeing it ends the conflict.
+#[test]
+fn a_failed_claim_of_an_address_in_use_is_a_conflict_until_resolved() {
+    let mut m = seeded(2);
+    let want = ip("10.32.2.7");
+    let req = Request::Exact { ip: want, prefix: 22 };
+    // Cut: peer 1 cannot reach peer 2, the owner of 10.32.2.7.
+    m.up[1] = false;
+    m.topology();
+    match m.alloc(0, "c1", req.clone()) {
+        Ok(Allocation::Pending(Waiting::Owner { owner, reachable: false })) => assert_eq!(owner, p(2)),
+        other => panic!("{other:?}"),
+    }
+    let now = m.now;
+    m.nodes[0].note_in_use("c1", want, 22, now).unwrap();
+    // Meanwhile the owner gives it to a target of its own.
+    assert_eq!(ready(m.alloc(1, "c2", req.clone())), want);
+    assert!(m.nodes[0].status().conflicts.is_empty(), "no conflict while the claim waits");
+
+    // Heal: the claim is answered "in use".
+    m.up[1] = true;
+    m.topology();
+    m.run();
+    let conflict = Conflict { target: "c1".into(), ip: want, prefix: 22, error: IpamError::AddressInUse { ip: want, holder: Holder::Peer(p(2)) } };
+    let events: Vec<Event> = std::iter::from_fn(|| m.nodes[0].poll_event()).collect();
+    assert_eq!(events, vec![Event::Conflict(conflict.clone())]);
+    assert_eq!(m.nodes[0].status().conflicts, vec![conflict.clone()]);
+    // Retried, quietly while the answer stays the same.
+    m.run_secs(CONFLICT_RETRY_MS / 1000 * 2 + 1);
+    assert_eq!(std::iter::from_fn(|| m.nodes[0].poll_event()).count(), 0, "a retry failing the same way is not news");
+    assert_eq!(m.nodes[0].status().conflicts, vec![conflict]);
+    // No `allocate` waits for it: a new ask for the same starts afresh.
+    assert!(matches!(m.alloc(0, "c1", req.clone()), Ok(Allocation::Pending(_))));
+
+    // The owner's target lets go: the next retry completes the claim.
+    assert!(m.nodes[1].free("c2", want));
+    m.run_secs(CONFLICT_RETRY_MS / 1000 + 1);
+    assert_eq!(m.nodes[0].poll_event(), Some(Event::Allocated { target: "c1".into(), ip: want, prefix: 22 }));
+    assert!(m.nodes[0].status().conflicts.is_empty());
+    assert_eq!(m.nodes[0].addresses_of("c1"), vec![want]);
+    m.check_unique();
+
+    // Another conflict, ended by the target letting go of the address.
+    let other = ready(m.alloc(1, "c3", any()));
+    let req = Request::Exact { ip: other, prefix: 22 };
+    m.up[1] = false;
+    m.topology();
+    assert!(matches!(m.alloc(0, "c4", req.clone()), Ok(Allocation::Pending(Waiting::Owner { reachable: false, .. }))));
+    let now = m.now;
+    m.nodes[0].note_in_use("c4", other, 22, now).unwrap();
+    m.up[1] = true;
+    m.topology();
+    m.run();
+    assert_eq!(m.nodes[0].status().conflicts.len(), 1);
+    assert!(!m.nodes[0].free("c4", other), "it was never c4's in the ring");
+    assert!(m.nodes[0].status().conflicts.is_empty());
+    m.run_secs(CONFLICT_RETRY_MS / 1000 + 1);
+    assert!(m.nodes[0].addresses_of("c4").is_empty(), "a freed address is not claimed again");
+    assert_eq!(m.nodes[0].pending_count(), 0);
+}
+
+/// `note_in_use` after the claim already failed: the failure becomes the conflict.
+#[test]
+fn note_in_use_after_the_claim_failed_reports_the_conflict() {
+    let mut m = seeded(2);
+    let taken = ready(m.alloc(1, "x", any()));
+    let req = Request::Exact { ip: taken, prefix: 22 };
+    assert!(matches!(m.alloc(0, "c", req.clone()), Ok(Allocation::Pending(_))));
+    m.run();
+    assert!(matches!(m.nodes[0].poll_event(), Some(Event::Failed { .. })));
+    let now = m.now;
+    m.nodes[0].note_in_use("c", taken, 22, now).unwrap();
+    assert!(matches!(m.nodes[0].poll_event(), Some(Event::Conflict(Conflict { ref target, .. })) if target == "c"));
+    assert_eq!(m.nodes[0].status().conflicts.len(), 1);
+    // Nothing to note for an address the target holds, or a bad one.
+    let mine = ready(m.alloc(0, "d", any()));
+    m.nodes[0].note_in_use("d", mine, 22, now).unwrap();
+    assert_eq!(m.nodes[0].status().conflicts.len(), 1);
+    assert!(m.nodes[0].note_in_use("d", ip("10.99.0.1"), 22, now).is_err());
+}
