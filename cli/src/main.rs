@@ -683,7 +683,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     }
 
     if args.foreground {
-        meshnet_control::logger::init(args.log_level.as_deref());
+        meshnet_control::logger::init(args.log_level.as_deref(), Some(&state.log()));
         // Recorded once the router serves, so that a launch that fails (a bridge
         // name taken by another link, a port in use, ...) leaves the last good
         // launch's options for `launch --resume`.

@@ -181,7 +181,9 @@ pub struct Inside<'a> {
 }
 
 /// Attaches `addrs` to `target` (as interface `inside.ifname`, default
-/// [`CONTAINER_IF`]) and updates the remembered attachments.
+/// [`CONTAINER_IF`]) and updates the remembered attachments. Also returns the
+/// remembered attachments of gone namespaces it forgot on the way: their
+/// addresses and DNS records are the caller's to release.
 pub fn attach(
     state: &StateDir,
     attachments: &mut Vec<Attachment>,
@@ -190,7 +192,7 @@ pub fn attach(
     target: &str,
     addrs: &[(IpAddr, u8)],
     inside: Inside,
-) -> Result<Attached> {
+) -> Result<(Attached, Vec<Attachment>)> {
     let Inside { ifname, multicast_route } = inside;
     let t = resolve(target)?;
     let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
@@ -206,7 +208,7 @@ pub fn attach(
     // which keeps its addresses until it is removed or detached.
     // Also one remembered under this namespace's inode that is neither still there
     // nor this target: another namespace, gone, whose inode the kernel reused.
-    forget_gone(state, attachments, Some((inode, &t.name)), |x| {
+    let forgotten = forget_gone(state, attachments, Some((inode, &t.name)), |x| {
         (x.ns_inode != inode
             && (same_target(x, &t)
                 || (x.addrs.iter().any(|y| addrs.iter().any(|a| same_ip(y, &a.0))) && !container_exists(x))))
@@ -263,7 +265,7 @@ pub fn attach(
         }
     }
     state.save_attachments(attachments)?;
-    Ok(attached)
+    Ok((attached, forgotten))
 }
 
 /// Detaches `addrs` (all when empty) from `target`. Returns whether anything changed.
@@ -332,27 +334,26 @@ pub fn detach(
 }
 
 /// Forgets the remembered attachments that `which` picks and whose namespace is
-/// gone, removing their host interfaces. `attaching`: the inode and name of the
-/// namespace being attached, to say so when a forgotten one had that inode.
+/// gone, removing their host interfaces, and returns them. `attaching`: the
+/// inode and name of the namespace being attached, to say so when a forgotten
+/// one had that inode.
 fn forget_gone(
     state: &StateDir,
     attachments: &mut Vec<Attachment>,
     attaching: Option<(u64, &str)>,
     which: impl Fn(&Attachment) -> bool,
-) -> Result<()> {
-    let before = attachments.len();
-    attachments.retain(|x| {
-        if which(x) && still_there(x).is_none() {
-            log::info!("forgetting {} ({}): {}", x.target, x.addrs.join(" "), forget_reason(x, attaching));
-            let _ = netlink::delete_link(&x.host_if);
-            return false;
-        }
-        true
-    });
-    if attachments.len() != before {
+) -> Result<Vec<Attachment>> {
+    let (gone, kept): (Vec<Attachment>, Vec<Attachment>) =
+        std::mem::take(attachments).into_iter().partition(|x| which(x) && still_there(x).is_none());
+    *attachments = kept;
+    for x in &gone {
+        log::info!("forgetting {} ({}): {}", x.target, x.addrs.join(" "), forget_reason(x, attaching));
+        let _ = netlink::delete_link(&x.host_if);
+    }
+    if !gone.is_empty() {
         state.save_attachments(attachments)?;
     }
-    Ok(())
+    Ok(gone)
 }
 
 /// Whether remembered attachment `x` is of namespace `t` (whose inode is `inode`),

@@ -264,6 +264,8 @@ pub fn run(cfg: Config) -> Result<()> {
     // Re-attach what was attached before a restart; forget targets that are gone.
     let mut attachments = cfg.state.load_attachments()?;
     let before = attachments.len();
+    // Targets forgotten here lose their DNS records too, once the mesh is up.
+    let mut forgotten: Vec<String> = Vec::new();
     attachments.retain(|a| {
         let Some(_) = attach::still_there(a) else {
             if a.container_id.is_some() {
@@ -273,6 +275,7 @@ pub fn run(cfg: Config) -> Result<()> {
                 return true;
             }
             log::info!("forgetting target {}: {}", a.target, attach::gone_reason(a));
+            forgotten.push(a.target.clone());
             return false;
         };
         let addrs: Vec<_> = a.addrs.iter().filter_map(|s| parse_cidr(s).ok()).collect();
@@ -390,6 +393,11 @@ pub fn run(cfg: Config) -> Result<()> {
         let mesh = Mesh::new(settings, state.clone(), dataplane, targets, ipam, keys, dns.clone(), trusted);
         if let Some(h) = ipam6 {
             mesh.set_ipam6(h);
+        }
+        for target in forgotten.iter().filter(|t| !attachments.iter().any(|a| &a.target == *t)) {
+            if let Err(e) = crate::dns::unregister(&mesh, target, None, &[]) {
+                log::warn!("DNS: removing the records of {target}: {e:#}");
+            }
         }
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
@@ -894,7 +902,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             drop(exposed);
             let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
-            let done = match attach::attach(
+            let (done, forgotten) = match attach::attach(
                 &mesh.state,
                 &mut a,
                 &s.bridge,
@@ -917,6 +925,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             plain_frames_if_capturing(ctx.datapath, &t.netns, &done.container_if);
             drop(a);
+            release_forgotten(mesh, &forgotten, &key, &t.name);
             if t.kind == "docker" {
                 // Containers attached by name are found by it: <name>.<domain>
                 // (A for its IPv4 addresses, AAAA for its IPv6 ones).
@@ -1631,6 +1640,30 @@ fn plugin_dns_target(ep_id: &str) -> String {
 }
 
 /// The IPAM key of a remembered attachment (the same one `attach` used).
+/// Releases what `forgotten` attachments (of namespaces that are gone) held:
+/// their addresses (IPAM) and this router's DNS records for them, but not what
+/// the target being attached (IPAM key `key`, name `target`) takes over.
+fn release_forgotten(mesh: &Mesh, forgotten: &[Attachment], key: &str, target: &str) {
+    for f in forgotten {
+        let fkey = attachment_key(f);
+        if fkey != key {
+            mesh.with_ipams(|h4, h6| {
+                for h in std::iter::once(h4).chain(h6) {
+                    h.deferred.retain(|(k, _, _)| k != &fkey);
+                    for ip in h.ipam.free_target(&fkey) {
+                        log::info!("IPAM: released {ip} of {}, which is gone", f.target);
+                    }
+                }
+            });
+        }
+        if f.target != target {
+            if let Err(e) = crate::dns::unregister(mesh, &f.target, None, &[]) {
+                log::warn!("DNS: removing the records of {}: {e:#}", f.target);
+            }
+        }
+    }
+}
+
 fn attachment_key(a: &Attachment) -> String {
     ipamd::key(&a.kind, &a.target, a.container_id.as_deref())
 }

@@ -1166,6 +1166,9 @@ impl Mesh {
         });
         let mut g = self.lock();
         let live: Vec<PeerName> = next_hop.keys().copied().collect();
+        // Traffic counters of peers gone for good (forgotten above, or by rmpeer).
+        let known: HashSet<PeerName> = g.topology.peers().map(|p| p.name).collect();
+        self.dataplane.traffic.retain(|p| known.contains(&p));
         g.next_hop = next_hop;
         g.route_runs += 1;
         g.route_last_ms = took.as_millis() as u64;

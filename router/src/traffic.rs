@@ -1,6 +1,7 @@
 //! The registry of per-peer traffic counters. The counters themselves live in
-//! [`meshnet_proto::plane::traffic`] (the planes write them); this keeps every
-//! peer's for as long as the data plane runs, across reconnects and rekeys.
+//! [`meshnet_proto::plane::traffic`] (the planes write them); this keeps a
+//! peer's across reconnects and rekeys, until the peer is gone for good (no
+//! longer in the topology, and no plane holds its counters).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,10 +10,10 @@ use meshnet_proto::PeerName;
 
 pub use meshnet_proto::plane::traffic::*;
 
-/// Every peer's counters, ever since the data plane started: one
+/// Every known peer's counters, since the data plane first carried it: one
 /// [`PeerTraffic`] per peer and queue (each queue's threads write their own),
-/// summed when read. Locked when a peer is added and when the counters are
-/// read, never per frame.
+/// summed when read. Locked when a peer is added, when the counters are read
+/// and when gone peers are forgotten, never per frame.
 #[derive(Default)]
 pub struct TrafficBook {
     peers: Mutex<HashMap<PeerName, Vec<Arc<PeerTraffic>>>>,
@@ -27,6 +28,17 @@ impl TrafficBook {
             v.push(Arc::default());
         }
         v[queue].clone()
+    }
+
+    /// Forgets the counters of every peer that `keep` refuses and that no plane
+    /// holds any more (a plane holds a peer's counters while it carries the
+    /// peer). Returns how many peers were forgotten. Without this, every peer
+    /// ever seen (each host reinstalled under a new name) stayed in `/metrics`.
+    pub fn retain(&self, keep: impl Fn(PeerName) -> bool) -> usize {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let before = peers.len();
+        peers.retain(|p, queues| keep(*p) || queues.iter().any(|t| Arc::strong_count(t) > 1));
+        before - peers.len()
     }
 
     /// Every peer's counters, summed over the queues, in name order.
@@ -85,5 +97,31 @@ mod tests {
         assert_eq!((s.tx_datagrams, s.tx_bytes, s.rx_bytes), (4, 4000, 15));
         assert!(s.drops.contains(&("not_on_path".to_string(), 2)));
         assert!(s.drops.contains(&("no_route".to_string(), 0)));
+    }
+
+    #[test]
+    fn gone_peers_are_forgotten_once_no_plane_holds_them() {
+        let book = TrafficBook::default();
+        let (kept, gone, held) = (PeerName(1), PeerName(2), PeerName(3));
+        book.of(kept, 0).tx.datagrams.add(1);
+        book.of(gone, 0).tx.datagrams.add(1);
+        book.of(gone, 1).tx.datagrams.add(1);
+        let plane = book.of(held, 1);
+        // Only `kept` is still in the topology; `held` is still carried by a plane.
+        assert_eq!(book.retain(|p| p == kept), 1);
+        let names: Vec<PeerName> = book.snapshot().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(names, vec![kept, held]);
+        // Once the plane lets go, `held` goes too; `kept` stays with its counts.
+        drop(plane);
+        assert_eq!(book.retain(|p| p == kept), 1);
+        let snap = book.snapshot();
+        assert_eq!(snap.len(), 1);
+        assert_eq!((snap[0].0, snap[0].1.tx_datagrams), (kept, 1));
+        // Many peers come and go (hosts replaced under new names): the book stays small.
+        for n in 100..1100 {
+            book.of(PeerName(n), 0).rx.bytes.add(1);
+            book.retain(|p| p == kept);
+        }
+        assert_eq!(book.snapshot().len(), 1);
     }
 }

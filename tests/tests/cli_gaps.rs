@@ -171,6 +171,63 @@ fn a_reused_namespace_inode_is_a_new_target() {
     eprintln!("the kernel never reused a namespace inode in 8 attempts: nothing checked");
 }
 
+/// A namespace deleted without `detach` leaves nothing behind once meshnet
+/// forgets it: neither its IPAM address nor its DNS records. It is forgotten
+/// when a new namespace gets its inode (attached while the router runs) and at
+/// a restart; both used to drop only the attachment, so the address stayed
+/// allocated until a restart and the DNS name answered forever, on every router.
+#[test]
+fn a_deleted_namespace_leaves_no_address_or_name() {
+    let Some(lab) = Lab::new("nsgone") else { return };
+    let h1 = lab.add_host(1);
+    h1.launch(&[]);
+    let inode = |ns: &str| std::fs::metadata(format!("/run/netns/{ns}")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
+    let allocated = |h: &Host| h.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json()["allocations"].to_string();
+    let names = |h: &Host| h.meshnet(&["status", "dns", "--json"]).expect_ok("status dns").json()["records"].to_string();
+    // Attached with an IPAM address and a name, then deleted without detach.
+    let add_dead = |j: u8| {
+        let c = lab.add_container(&h1, j);
+        h1.meshnet(&["attach", &c.ns]).expect_ok("attach");
+        h1.meshnet(&["dns-add", &c.ns, "-h", &format!("dead{j}")]).expect_ok("dns-add");
+        let ino = inode(&c.ns);
+        ip(&["netns", "del", &c.ns]).expect_ok("netns del");
+        // The namespace is freed a moment later (a kernel work queue).
+        std::thread::sleep(SECS(1));
+        (c.ns, ino)
+    };
+    // While the router runs: the next namespace got the dead one's inode.
+    let mut checked = false;
+    for j in 1..=8u8 {
+        let (dead, ino) = add_dead(2 * j);
+        let c = lab.add_container(&h1, 2 * j + 1);
+        if inode(&c.ns) != ino {
+            eprintln!("attempt {j}: inode {ino} of {dead} not reused; again");
+            h1.meshnet(&["detach", &dead]).expect_ok("detach the dead namespace");
+            continue;
+        }
+        h1.meshnet(&["attach", &c.ns]).expect_ok("attach the namespace with the reused inode");
+        let (a, n) = (allocated(&h1), names(&h1));
+        assert!(!a.contains(&format!("netns:{dead}\"")), "{dead}'s address is still allocated: {a}");
+        assert!(!n.contains(&format!("dead{}", 2 * j)), "{dead}'s DNS record is still there: {n}");
+        assert!(a.contains(&format!("netns:{}\"", c.ns)), "{a}");
+        h1.meshnet(&["detach", &c.ns]).expect_ok("detach");
+        checked = true;
+        break;
+    }
+    if !checked {
+        eprintln!("the kernel never reused a namespace inode in 8 attempts: not checked while running");
+    }
+    // Across a restart.
+    let (dead, _) = add_dead(40);
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    h1.meshnet(&["launch", "--resume"]).expect_ok("launch --resume");
+    let (a, n) = (allocated(&h1), names(&h1));
+    assert!(!a.contains(&format!("netns:{dead}\"")), "{dead}'s address is still allocated after a restart: {a}");
+    assert!(!n.contains("dead40"), "{dead}'s DNS record is still there after a restart: {n}");
+    let lookup = h1.meshnet(&["dns-lookup", "dead40"]);
+    assert!(lookup.stdout.trim().is_empty(), "{lookup}");
+}
+
 /// A command whose reader has gone (`meshnet status | head -1`) ends quietly,
 /// as any Unix tool does (SIGPIPE), and does not panic in `println!`.
 #[test]

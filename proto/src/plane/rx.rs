@@ -184,6 +184,12 @@ impl RxPlane {
         }
         self.peers.remove(peer);
         self.receiver.set_unsealed_from(peer, None);
+        // Its counters go back to the router's book, which forgets them once
+        // the peer is gone for good (kept here, every peer ever seen stayed).
+        self.traffic.remove(&peer);
+        if self.last_from.as_ref().is_some_and(|(p, _)| *p == peer) {
+            self.last_from = None;
+        }
     }
 
     /// Accepts `peer`'s datagrams under `index` opened with `key`, and

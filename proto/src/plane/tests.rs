@@ -589,3 +589,24 @@ fn unsealed_goes_only_to_the_agreed_peer_itself() {
     net.send(0, vec![unit(mac(1), mac(0), marker + 4, 300)]);
     assert!(net.wire.iter().all(|(_, _, d)| d[1] == 0));
 }
+
+/// A removed peer's counters are let go by both planes (after traffic, so the
+/// RX plane's cached sender is let go too), so the router's book can forget
+/// them once the peer is gone for good: planes kept every peer ever added.
+#[test]
+fn removed_peers_counters_are_let_go() {
+    let mut net = Net::new(2, &[(0, 1)], true);
+    let path = PeerPath { peer: name(1), addr: addr(1), superframes: true, multiqueue: true };
+    let traffic = Arc::new(PeerTraffic::default());
+    net.nodes[0].tx.add_peer(path.clone(), index(0, 1), &key(0, 1), traffic.clone());
+    net.nodes[0].rx.add_peer(path, index(1, 0), &key(1, 0), index(0, 1), &key(0, 1), traffic.clone());
+    net.route();
+    net.send(1, vec![unit(mac(0), mac(1), 7, 300)]);
+    net.run();
+    assert_eq!(net.count(0, 7), 1);
+    assert!(traffic.rx.bytes.get() > 0, "the frame was counted for the peer");
+    assert!(Arc::strong_count(&traffic) > 1);
+    net.nodes[0].tx.remove_peer(name(1));
+    net.nodes[0].rx.remove_peer(name(1), &[index(1, 0)]);
+    assert_eq!(Arc::strong_count(&traffic), 1, "a plane still holds the removed peer's counters");
+}
