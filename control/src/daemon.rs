@@ -1639,7 +1639,6 @@ fn plugin_dns_target(ep_id: &str) -> String {
     format!("docker-plugin:{}", &ep_id[..12.min(ep_id.len())])
 }
 
-/// The IPAM key of a remembered attachment (the same one `attach` used).
 /// Releases what `forgotten` attachments (of namespaces that are gone) held:
 /// their addresses (IPAM) and this router's DNS records for them, but not what
 /// the target being attached (IPAM key `key`, name `target`) takes over.
@@ -1664,6 +1663,7 @@ fn release_forgotten(mesh: &Mesh, forgotten: &[Attachment], key: &str, target: &
     }
 }
 
+/// The IPAM key of a remembered attachment (the same one `attach` used).
 fn attachment_key(a: &Attachment) -> String {
     ipamd::key(&a.kind, &a.target, a.container_id.as_deref())
 }
