@@ -633,12 +633,9 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     if n.is_empty() || n.len() > 64 || n.starts_with('.') || !n.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
         bail!("--docker-plugin-name {n:?}: 1 to 64 letters, digits, '.', '_' or '-'");
     }
-    if args.bridge.is_empty() || args.bridge.len() > 15 || args.bridge.contains(['/', ' ', '\0']) {
-        bail!("--bridge {:?}: an interface name of 1 to 15 characters", args.bridge);
-    }
-    if let Some(n) = args.nickname.as_deref().filter(|n| n.chars().any(char::is_control)) {
-        // It is shown line by line in every router's status, report and log.
-        bail!("--nickname {n:?}: control characters (a newline, a tab, ...) are not allowed");
+    check_bridge_name(&args.bridge)?;
+    if let Some(n) = &args.nickname {
+        check_nickname(n)?;
     }
     let ipam_args = parse_ipalloc(&args.ipalloc_range, &args.ipalloc_default_subnet)?;
     let (ipalloc_range, ipalloc_default_subnet) = (ipam_args.range, ipam_args.default_subnet);
@@ -745,6 +742,8 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         .append(true)
         .open(state.log())
         .with_context(|| format!("open log {}", state.log().display()))?;
+    // What this launch's router logs starts here: an error shows only that.
+    let log_start = log.metadata().map_or(0, |m| m.len());
     let exe = std::env::current_exe().context("find the meshnet binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("--state-dir").arg(&state.root).arg("launch").arg("--foreground").arg("--no-record-launch");
@@ -798,12 +797,8 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     if let Some(t) = &args.trusted_subnets {
         cmd.args(["--trusted-subnets", t]);
     }
+    pass_password(&mut cmd, &args, password.as_deref())?;
     cmd.args(&args.peers);
-    // The password travels in the environment, never on a command line.
-    cmd.env_remove("MESHNET_PASSWORD");
-    if let Some(p) = &password {
-        cmd.env("MESHNET_PASSWORD", String::from_utf8_lossy(p).as_ref());
-    }
     cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // SAFETY: setsid is async-signal-safe; it detaches the router from our session.
     unsafe {
@@ -816,7 +811,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(exit) = child.try_wait()? {
-            bail!("the router exited ({exit}) during startup:\n{}", log_tail(state, 15));
+            bail!("the router exited ({exit}) during startup:\n{}", log_tail(state, log_start, 15));
         }
         if let Ok(v) = api::call(state, &Request::Status, Duration::from_secs(2)) {
             let s: Status = serde_json::from_value(v)?;
@@ -832,10 +827,58 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            bail!("the router did not start serving within 60s:\n{}", log_tail(state, 15));
+            bail!("the router did not start serving within 60s:\n{}", log_tail(state, log_start, 15));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `--bridge`: a name the kernel takes for a new link as it is (it expands a
+/// `%d` into a number and refuses `.`, `..`, `all`, `default` and names with
+/// `/`, `:` or white space), at most 15 bytes.
+fn check_bridge_name(b: &str) -> Result<()> {
+    let bad = b.is_empty()
+        || b.len() > 15
+        || [".", "..", "all", "default"].contains(&b)
+        || b.chars().any(|c| c == '/' || c == ':' || c == '%' || c.is_whitespace() || c.is_control());
+    if bad {
+        bail!("--bridge {b:?}: an interface name of 1 to 15 bytes without '/', ':', '%' or white space, not '.', '..', 'all' or 'default'");
+    }
+    Ok(())
+}
+
+/// `--nickname`: shown line by line in every router's status, report and log,
+/// and sent in every handshake, whose Hello must fit its limit.
+fn check_nickname(n: &str) -> Result<()> {
+    if n.chars().any(char::is_control) {
+        bail!("--nickname {n:?}: control characters (a newline, a tab, ...) are not allowed");
+    }
+    let max = meshnet_proto::topology::MAX_TEXT;
+    if n.len() > max {
+        bail!("--nickname: {} bytes, at most {max} (peers could not take this router's handshake)", n.len());
+    }
+    Ok(())
+}
+
+/// How the background router gets the password: a `--password-file` is passed
+/// on as the file (read again there, byte for byte: a password that is not
+/// UTF-8, holds a NUL or is larger than an environment variable can be stays
+/// the same), any other password through the environment, never on a command
+/// line.
+fn pass_password(cmd: &mut Command, args: &LaunchArgs, password: Option<&[u8]>) -> Result<()> {
+    cmd.env_remove("MESHNET_PASSWORD");
+    match (&args.password, &args.password_file, password) {
+        (None, Some(f), Some(_)) => {
+            let f = std::fs::canonicalize(f).with_context(|| format!("read password file {}", f.display()))?;
+            cmd.arg("--password-file").arg(f);
+        }
+        (_, _, Some(p)) => {
+            let p = std::str::from_utf8(p).context("the password is not UTF-8 text")?;
+            cmd.env("MESHNET_PASSWORD", p);
+        }
+        (_, _, None) => {}
+    }
+    Ok(())
 }
 
 /// Records the options of a launch for `--resume` (never the password itself).
@@ -955,8 +998,10 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "meshnet".into())
 }
 
-fn log_tail(state: &StateDir, lines: usize) -> String {
-    let text = std::fs::read_to_string(state.log()).unwrap_or_default();
+/// The last `lines` lines the log got from byte `from` on (this launch's).
+fn log_tail(state: &StateDir, from: u64, lines: usize) -> String {
+    let bytes = std::fs::read(state.log()).unwrap_or_default();
+    let text = String::from_utf8_lossy(bytes.get(from as usize..).unwrap_or_default());
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
@@ -1293,6 +1338,67 @@ mod tests {
         for ok in [&["launch", "--resume", "--log-level", "debug"][..], &["launch", "--resume", "--password-file", "/f"]] {
             assert!(parse(ok).is_ok(), "{ok:?} refused");
         }
+    }
+
+    #[test]
+    fn bridge_names_the_kernel_would_change_or_refuse_are_refused() {
+        for ok in ["meshnet", "weave", "br-0", "abcdefghijklmno", "a.b", "a_b"] {
+            assert!(check_bridge_name(ok).is_ok(), "{ok}");
+        }
+        // `ab%d` would become a bridge `ab0`, left behind; the others the kernel refuses.
+        for bad in ["", ".", "..", "all", "default", "ab%d", "a:b", "a b", "a\tb", "a/b", "abcdefghijklmnop"] {
+            let e = check_bridge_name(bad).unwrap_err().to_string();
+            assert!(e.contains("--bridge"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn nicknames_peers_could_not_take_are_refused() {
+        assert!(check_nickname("host-1").is_ok());
+        assert!(check_nickname(&"é".repeat(512)).is_ok());
+        // Longer ones made every handshake fail: "our hello is 3179 bytes, over the limit".
+        let e = check_nickname(&"n".repeat(3000)).unwrap_err().to_string();
+        assert!(e.contains("3000 bytes, at most 1024"), "{e}");
+        assert!(check_nickname("two\nlines").is_err());
+    }
+
+    #[test]
+    fn the_startup_error_shows_only_this_launchs_log() {
+        let dir = std::env::temp_dir().join(format!("meshnet-cli-logtail-{}", std::process::id()));
+        let state = StateDir::new(dir.clone());
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = "09:00:00.000 INFO  stopped\n";
+        std::fs::write(state.log(), format!("{old}09:00:01.000 INFO  bind TCP: Address already in use\n")).unwrap();
+        let from = old.len() as u64;
+        assert_eq!(log_tail(&state, from, 15), "09:00:01.000 INFO  bind TCP: Address already in use");
+        assert_eq!(log_tail(&state, 0, 1), "09:00:01.000 INFO  bind TCP: Address already in use");
+        assert_eq!(log_tail(&state, 1 << 40, 15), "");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_password_file_reaches_the_background_router_as_the_file() {
+        let dir = std::env::temp_dir().join(format!("meshnet-cli-pwfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        // Not UTF-8 and with a NUL: an environment variable cannot carry it as it is.
+        std::fs::write(&file, b"a\0b\xff\n").unwrap();
+        let args = |argv: &[&str]| match Cli::try_parse_from(argv).unwrap().cmd {
+            Cmd::Launch(a) => a,
+            _ => unreachable!(),
+        };
+        let a = args(&["meshnet", "launch", "--password-file", file.to_str().unwrap()]);
+        let mut cmd = Command::new("meshnet");
+        pass_password(&mut cmd, &a, Some(b"a\0b\xff")).unwrap();
+        let argv: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(argv, ["--password-file".to_string(), file.canonicalize().unwrap().display().to_string()]);
+        assert!(cmd.get_envs().all(|(k, v)| k != "MESHNET_PASSWORD" || v.is_none()), "the password is in the environment");
+        let a = args(&["meshnet", "launch", "--password", "s3cret"]);
+        let mut cmd = Command::new("meshnet");
+        pass_password(&mut cmd, &a, Some(b"s3cret")).unwrap();
+        assert_eq!(cmd.get_args().count(), 0, "the password is on the command line");
+        assert!(cmd.get_envs().any(|(k, v)| k == "MESHNET_PASSWORD" && v == Some(std::ffi::OsStr::new("s3cret"))));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// `status --help` names every part `status` shows.

@@ -47,6 +47,61 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8)> {
     Ok((ip, prefix))
 }
 
+/// An address a user gives (not one remembered from an earlier release, which
+/// [`parse_cidr`] takes as it was): refused if no interface can sensibly hold it.
+/// A /0 (a route to everywhere through `ethwe`), the IPv4 broadcast address or
+/// an IPv4 address that is its own subnet's network or broadcast address, and
+/// an IPv6 link-local one (the kernel gives each interface its own, and
+/// `ps`/`detach` do not show them).
+pub fn check_new_address(s: &str, ip: IpAddr, prefix: u8) -> Result<()> {
+    if prefix == 0 {
+        bail!("invalid address {s:?}: prefix must be 1 to {}", if ip.is_ipv4() { 32 } else { 128 });
+    }
+    match ip {
+        IpAddr::V4(v4) if v4.is_broadcast() => bail!("invalid address {s:?}: the broadcast address 255.255.255.255"),
+        IpAddr::V4(v4) if prefix <= 30 => {
+            let host = u32::MAX >> prefix;
+            let net = std::net::Ipv4Addr::from(u32::from(v4) & !host);
+            if u32::from(v4) & host == 0 {
+                bail!("invalid address {s:?}: {v4} is the network address of {net}/{prefix}");
+            }
+            if u32::from(v4) & host == host {
+                bail!("invalid address {s:?}: {v4} is the broadcast address of {net}/{prefix}");
+            }
+        }
+        IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80 => {
+            bail!("invalid address {s:?}: a link-local address (the kernel gives the interface its own)")
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Whether `pid` is a kernel thread (`PF_KTHREAD` in `/proc/PID/stat`).
+pub fn is_kernel_thread(pid: u32) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok()))
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
+/// Refuses targets `attach` must never touch: the router's own network
+/// namespace (the host's: `expose` gives the host an address) and a kernel
+/// thread's (the machine's first namespace, never a container's).
+pub fn check_attachable(target: &str, t: &Target) -> Result<()> {
+    if t.kind == "pid" && target.parse::<u32>().is_ok_and(is_kernel_thread) {
+        bail!("target {target:?}: process {target} is a kernel thread, not a container");
+    }
+    let own = std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+    if let (Ok(own), Ok(theirs)) = (own, t.netns.inode()) {
+        if own == theirs {
+            bail!("target {target:?} is in the router's own network namespace (the host's); use `meshnet expose` to give the host an address on the overlay");
+        }
+    }
+    Ok(())
+}
+
 pub fn format_cidr(a: &(IpAddr, u8)) -> String {
     format!("{}/{}", a.0, a.1)
 }
@@ -195,6 +250,7 @@ pub fn attach(
 ) -> Result<(Attached, Vec<Attachment>)> {
     let Inside { ifname, multicast_route } = inside;
     let t = resolve(target)?;
+    check_attachable(target, &t)?;
     let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
     let ifname = ifname.filter(|s| !s.is_empty()).unwrap_or(CONTAINER_IF);
     if let Some(e) = attachments.iter().find(|x| is_attachment_of(x, &t, inode)) {
@@ -466,6 +522,30 @@ mod tests {
         for bad in ["10.40.0.999/16", "10.40.0.1", "10.40.0.1/33", "x/8", "0.0.0.0/0", "127.0.0.1/8", "224.0.0.1/4", "fd00::1/129", "10.0.0.1/-1"] {
             assert!(parse_cidr(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_routers_own_namespace_and_kernel_threads_are_not_attached() {
+        // The router's own namespace is the host's: an `ethwe` there would be
+        // the host's, outside what `expose` manages.
+        let own = resolve("/proc/self/ns/net").unwrap();
+        let e = check_attachable("/proc/self/ns/net", &own).unwrap_err().to_string();
+        assert!(e.contains("the router's own network namespace") && e.contains("meshnet expose"), "{e}");
+        let me = std::process::id().to_string();
+        let e = check_attachable(&me, &resolve(&me).unwrap()).unwrap_err().to_string();
+        assert!(e.contains("the router's own network namespace"), "{e}");
+        // A kernel thread's namespace is the host's first one, whatever it is.
+        let kthread = std::fs::read_dir("/proc").unwrap().filter_map(|d| d.ok()?.file_name().to_str()?.parse::<u32>().ok()).find(|p| is_kernel_thread(*p));
+        if let Some(pid) = kthread {
+            let pid = pid.to_string();
+            if let Ok(t) = resolve(&pid) {
+                let e = check_attachable(&pid, &t).unwrap_err().to_string();
+                assert!(e.contains("kernel thread"), "{e}");
+            }
+        } else {
+            eprintln!("no kernel thread visible: that half is not checked here");
+        }
+        assert!(!is_kernel_thread(std::process::id()));
     }
 
     #[test]

@@ -488,6 +488,21 @@ pub fn connected(dns: &Dns, g: &Inner, id: u64) {
     send_to(g, id, split(v6));
 }
 
+/// Says (at most once a minute) that a peer's records are for another domain:
+/// a misconfiguration that otherwise shows only as a count in `status dns`.
+fn warn_other_domain(owner: meshnet_proto::PeerName, ours: &str) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if last != 0 && now < last + 60 {
+        return;
+    }
+    LAST.store(now, std::sync::atomic::Ordering::Relaxed);
+    log::warn!(
+        "DNS: the records of peer {owner} are for another domain than ours ({ours}): every router of a mesh must be launched with the same --dns-domain; its records are not served here (status dns: rejected other_domain)"
+    );
+}
+
 /// A DNS gossip message of either family from connection `from`
 /// (`ControlMsg::Dns`, `ControlMsg::Dns6`).
 pub fn on_message<A: Gossiped>(mesh: &Mesh, from: u64, msg: DnsMsg<A>, now_ms: u64) {
@@ -499,6 +514,9 @@ pub fn on_message<A: Gossiped>(mesh: &Mesh, from: u64, msg: DnsMsg<A>, now_ms: u
             if !report.rejected.is_empty() {
                 let (owner, why) = report.rejected[report.rejected.len() - 1];
                 log::debug!("DNS: {} sets dropped (latest of {owner}: {})", report.rejected.len(), why.label());
+            }
+            if let Some((owner, _)) = report.rejected.iter().find(|(_, why)| *why == meshnet_proto::dns::Reject::OtherDomain) {
+                warn_other_domain(*owner, dns.table().v4.domain());
             }
             if !report.changed.is_empty() {
                 // Relay what was news: a router that has it already finds it

@@ -21,6 +21,9 @@ use crate::state::{write_atomic, StateDir};
 /// How long `attach` waits for an address (consensus, donation) before giving up.
 pub const ALLOCATE_TIMEOUT_SECS: u64 = 30;
 
+/// Most peers `--ipalloc-init consensus=N` may wait for (the ring's limit).
+const MAX_CONSENSUS: usize = meshnet_proto::ipam::paxos::MAX_PARTICIPANTS;
+
 /// `--ipalloc-init`.
 pub fn parse_init(s: &str, named_peers: usize) -> Result<InitMode> {
     if s == "observer" {
@@ -35,6 +38,9 @@ pub fn parse_init(s: &str, named_peers: usize) -> Result<InitMode> {
             .ok()
             .filter(|n| *n >= 1)
             .with_context(|| format!("--ipalloc-init {s}: consensus=N needs a whole number N ≥ 1"))?;
+        if n as usize > MAX_CONSENSUS {
+            bail!("--ipalloc-init {s}: consensus=N takes at most {MAX_CONSENSUS} peers");
+        }
         return Ok(InitMode::Consensus(n));
     }
     if let Some(list) = s.strip_prefix("seed=") {
@@ -44,6 +50,9 @@ pub fn parse_init(s: &str, named_peers: usize) -> Result<InitMode> {
             .collect::<Result<Vec<_>>>()?;
         if peers.is_empty() {
             bail!("--ipalloc-init {s}: name at least one peer");
+        }
+        if peers.len() > meshnet_proto::ipam::ring::MAX_SEEDS {
+            bail!("--ipalloc-init seed=...: at most {} peers ({} given)", meshnet_proto::ipam::ring::MAX_SEEDS, peers.len());
         }
         return Ok(InitMode::Seed(peers));
     }
@@ -321,6 +330,7 @@ pub enum AddrSpec {
 pub fn parse_addr(s: &str) -> Result<AddrSpec> {
     if let Some(rest) = s.strip_prefix("ip:") {
         let (ip, prefix) = crate::attach::parse_cidr(rest)?;
+        crate::attach::check_new_address(rest, ip, prefix)?;
         return Ok(AddrSpec::Exact { ip, prefix, strict: true });
     }
     if let Some(rest) = s.strip_prefix("net:") {
@@ -331,6 +341,7 @@ pub fn parse_addr(s: &str) -> Result<AddrSpec> {
         return Ok(AddrSpec::Any(Some(c)));
     }
     let (ip, prefix) = crate::attach::parse_cidr(s)?;
+    crate::attach::check_new_address(s, ip, prefix)?;
     Ok(AddrSpec::Exact { ip, prefix, strict: false })
 }
 
@@ -355,6 +366,11 @@ pub fn request_for(spec: &AddrSpec, host: &IpamHost, host6: Option<&IpamHost>) -
             };
             let universe = h.ipam.universe();
             if universe.contains(*ip) {
+                // The ring never grants the range's own first or last address:
+                // refuse it now, not after it was used while no ring is agreed.
+                if let Some(end) = range_end(*ip, universe.prefix()) {
+                    bail!("address {ip}/{prefix} is the {end} address of the IP allocation range {universe}");
+                }
                 Ok(Some(Request::Exact { ip: *ip, prefix: *prefix }))
             } else if *strict {
                 bail!("address {ip}/{prefix} is outside the IP allocation range {universe}")
@@ -362,6 +378,24 @@ pub fn request_for(spec: &AddrSpec, host: &IpamHost, host6: Option<&IpamHost>) -
                 Ok(None)
             }
         }
+    }
+}
+
+/// "network" or "broadcast" when `ip` is the first or last address of its
+/// `/prefix` (IPAM reserves both in either family, for prefixes with room).
+fn range_end(ip: IpAddr, prefix: u8) -> Option<&'static str> {
+    let (v, width) = match ip {
+        IpAddr::V4(a) => (u128::from(u32::from(a)), 32u8),
+        IpAddr::V6(a) => (u128::from(a), 128u8),
+    };
+    if prefix + 2 > width {
+        return None;
+    }
+    let host = u128::MAX >> (128 - (width - prefix) as u32);
+    match v & host {
+        0 => Some("network"),
+        h if h == host => Some("broadcast"),
+        _ => None,
     }
 }
 
@@ -396,6 +430,17 @@ mod tests {
     }
 
     #[test]
+    fn init_modes_the_ring_cannot_take_are_refused_here() {
+        // The router would refuse these only once started, blaming its state file.
+        let e = parse_init("consensus=100000", 0).unwrap_err().to_string();
+        assert!(e.contains("--ipalloc-init consensus=100000") && e.contains("10000"), "{e}");
+        assert!(parse_init("consensus=10000", 0).is_ok());
+        let many = (1..=10_001u64).map(|i| PeerName(i).to_string()).collect::<Vec<_>>().join(",");
+        let e = parse_init(&format!("seed={many}"), 0).unwrap_err().to_string();
+        assert!(e.contains("at most"), "{e}");
+    }
+
+    #[test]
     fn addresses_parse() {
         assert_eq!(parse_addr("net:default").unwrap(), AddrSpec::Any(None));
         assert!(matches!(parse_addr("net:10.32.1.0/24").unwrap(), AddrSpec::Any(Some(_))));
@@ -404,5 +449,45 @@ mod tests {
         for bad in ["net:10.32.1.0", "net:x", "ip:10.32.0.5", "ip:", "10.32.0.999/12"] {
             assert!(parse_addr(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn addresses_no_interface_can_hold_are_refused() {
+        for (bad, why) in [
+            ("10.40.0.5/0", "prefix"),
+            ("fd40::9/0", "prefix"),
+            ("ip:10.40.0.5/0", "prefix"),
+            ("255.255.255.255/32", "broadcast"),
+            ("10.40.255.255/16", "broadcast address of 10.40.0.0/16"),
+            ("10.50.1.0/24", "network address of 10.50.1.0/24"),
+            ("ip:10.32.1.255/24", "broadcast address of 10.32.1.0/24"),
+            ("fe80::5/64", "link-local"),
+        ] {
+            let e = parse_addr(bad).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        // Point-to-point and host addresses have no network or broadcast address.
+        for good in ["10.40.0.7/31", "10.40.0.6/31", "10.50.0.8/32", "10.50.0.0/32", "fd40::/128", "fd40::ffff/64"] {
+            assert!(parse_addr(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn a_claim_the_ring_will_refuse_is_refused_before_it_is_used() {
+        // A bare CIDR is used at once when no ring is agreed yet; one IPAM can
+        // never grant (the range's own first or last address) must not be.
+        let dir = std::env::temp_dir().join(format!("meshnet-ipam-reserved-{}", std::process::id()));
+        let state = StateDir::new(dir.clone());
+        state.ensure().unwrap();
+        let id = Identity::generate();
+        let range: Cidr = "10.40.0.0/16".parse().unwrap();
+        let host = IpamHost::open(&state, PeerName(0x0200_0000_0001), range, range, InitMode::Consensus(2), &id).unwrap();
+        for (bad, why) in [("10.40.0.0/8", "network address of the IP allocation range"), ("10.40.255.255/8", "broadcast address of the IP allocation range")] {
+            let spec = parse_addr(bad).unwrap();
+            let e = request_for(&spec, &host, None).map(|_| ()).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        assert!(request_for(&parse_addr("10.40.3.4/16").unwrap(), &host, None).unwrap().is_some());
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

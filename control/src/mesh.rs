@@ -136,6 +136,20 @@ pub const GOSSIP_OVERSIZE: &str = "oversize";
 /// Prefix of the Goodbye reason a router sends when it refuses a peer's identity.
 pub const IDENTITY_REFUSED: &str = "identity refused by";
 
+/// Why a peer that claims this router's own name `me` with keys other than
+/// ours is refused: two routers were launched with the same `--name`. (The
+/// key book's answer, "already bound ... rmpeer", would tell the user to
+/// remove this router's own name.) `None` for any other claim.
+fn claims_our_name(me: PeerName, ours: &PeerKeys, claimed: PeerName, keys: &PeerKeys) -> Option<String> {
+    (claimed == me && keys != ours).then(|| {
+        format!(
+            "{me} is this router's own name, claimed with another key ({}, ours is {}): two routers were launched with the same --name; give each its own (or none)",
+            keys.fingerprint(),
+            ours.fingerprint()
+        )
+    })
+}
+
 /// Identities refused and gossip dropped, for `status` and rate-limited logs.
 #[derive(Default)]
 pub struct TrustStats {
@@ -881,17 +895,23 @@ impl Mesh {
         let g = &mut *guard;
         let revoked = g.trust.revoked.get(&hello.name) == Some(&hello.binding.keys);
         let pinned_before = g.keys.get(hello.name).copied();
-        let result = verify_peer(hello, remote_static).and_then(|()| {
-            if revoked {
-                Err(meshnet_proto::trust::TrustError::Conflict {
-                    name: hello.name,
-                    pinned: "(removed by rmpeer)".into(),
-                    offered: hello.binding.keys.fingerprint(),
+        let own = claims_our_name(self.settings.me, &self.settings.binding.keys, hello.name, &hello.binding.keys);
+        let result = match own {
+            Some(why) => Err(why),
+            None => verify_peer(hello, remote_static)
+                .and_then(|()| {
+                    if revoked {
+                        Err(meshnet_proto::trust::TrustError::Conflict {
+                            name: hello.name,
+                            pinned: "(removed by rmpeer)".into(),
+                            offered: hello.binding.keys.fingerprint(),
+                        })
+                    } else {
+                        g.keys.admit_preferring_derived(&hello.binding)
+                    }
                 })
-            } else {
-                g.keys.admit_preferring_derived(&hello.binding)
-            }
-        });
+                .map_err(|e| e.to_string()),
+        };
         match result {
             Ok(Admission::Known) => Ok(()),
             Ok(Admission::Pinned) => {
@@ -1691,4 +1711,22 @@ fn collect_garbage(g: &mut Inner) -> Vec<PeerName> {
 
 fn names(v: &[PeerName]) -> String {
     v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_with_our_own_name_is_told_so_not_told_to_rmpeer_it() {
+        let me = PeerName(0x0200_0000_0005);
+        let ours = PeerKeys { static_key: [1; 32], signing_key: [2; 32] };
+        let theirs = PeerKeys { static_key: [3; 32], signing_key: [4; 32] };
+        let why = claims_our_name(me, &ours, me, &theirs).expect("a duplicate name is refused");
+        assert!(why.contains("02:00:00:00:00:05 is this router's own name") && why.contains("same --name"), "{why}");
+        assert!(!why.contains("rmpeer"), "{why}");
+        // Ourselves (a connection to our own address) and other names are the key book's.
+        assert_eq!(claims_our_name(me, &ours, me, &ours), None);
+        assert_eq!(claims_our_name(me, &ours, PeerName(0x0200_0000_0006), &theirs), None);
+    }
 }

@@ -203,8 +203,11 @@ pub enum Reject {
     /// No key is pinned for the owner (its topology entry has not reached us).
     UnknownOwner,
     BadSignature,
-    /// Bad syntax, a name outside the domain, unsorted or duplicate records, too many.
+    /// Bad syntax, unsorted or duplicate records, too many.
     Malformed,
+    /// A name outside our domain: the owner was launched with another
+    /// `--dns-domain` (every router of a mesh must use the same one).
+    OtherDomain,
     /// `rmpeer` removed the owner and the set is not newer than that.
     Removed,
     /// Our own set, relayed back to us.
@@ -213,13 +216,15 @@ pub enum Reject {
 
 impl Reject {
     /// Every reason (for counters that exist from the start).
-    pub const ALL: [Reject; 5] = [Reject::UnknownOwner, Reject::BadSignature, Reject::Malformed, Reject::Removed, Reject::Own];
+    pub const ALL: [Reject; 6] =
+        [Reject::UnknownOwner, Reject::BadSignature, Reject::Malformed, Reject::OtherDomain, Reject::Removed, Reject::Own];
 
     pub fn label(self) -> &'static str {
         match self {
             Reject::UnknownOwner => "unknown_owner",
             Reject::BadSignature => "bad_signature",
             Reject::Malformed => "malformed",
+            Reject::OtherDomain => "other_domain",
             Reject::Removed => "removed_owner",
             Reject::Own => "own",
         }
@@ -514,7 +519,10 @@ impl<A: Family> Table<A> {
         if self.removed.get(&owner).is_some_and(|&v| s.set.version <= v) {
             return Err(Reject::Removed);
         }
-        s.set.check(&self.domain).map_err(|_| Reject::Malformed)?;
+        s.set.check(&self.domain).map_err(|e| match e {
+            DnsError::OutsideDomain { .. } => Reject::OtherDomain,
+            _ => Reject::Malformed,
+        })?;
         // Cheap checks first: a set no newer than ours is not worth a signature check.
         if self.sets.get(&owner).is_some_and(|h| s.set.version <= h.set.version) {
             return Ok(());
@@ -929,7 +937,7 @@ mod tests {
                 Reject::BadSignature,
                 Reject::UnknownOwner,
                 Reject::BadSignature,
-                Reject::Malformed,
+                Reject::OtherDomain,
                 Reject::Malformed,
                 Reject::Malformed,
                 Reject::Own
@@ -938,6 +946,9 @@ mod tests {
         assert_eq!(t.lookup("db.meshnet.local."), [Ipv4Addr::new(10, 0, 0, 1)]);
         assert_eq!(t.len(), 1);
         assert_eq!(t.stats.sets_rejected["bad_signature"], 3);
+        // A name outside the domain is counted apart: the owner's --dns-domain differs.
+        assert_eq!(t.stats.sets_rejected["other_domain"], 1);
+        assert_eq!(t.stats.sets_rejected["malformed"], 2);
         assert_eq!(t.stats.sets_stale, 1);
     }
 
