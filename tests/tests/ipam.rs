@@ -1400,3 +1400,32 @@ fn attach_whose_record_cannot_be_saved_configures_nothing() {
     assert_eq!(attach_one(&h1, &c1, &["192.168.77.5/24"]), "192.168.77.5/24");
     assert_eq!(h1.ps_json().len(), 1);
 }
+
+/// Scenario 9: a router killed in the middle of an attach leaves the veth pair
+/// half made (the far end in the target under its temporary name). The next
+/// attach of that target (by the relaunched router, or by the user) deletes
+/// it and attaches; it failed with "create veth ...: File exists" forever.
+#[test]
+fn attach_after_a_half_made_pair_works() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(lab) = Lab::new("halfmade") else {
+        return;
+    };
+    let h1 = lab.add_host(1);
+    let c1 = lab.add_container(&h1, 1);
+    h1.launch(&[]);
+    // What the router's attach leaves when killed after moving the far end.
+    let inode = std::fs::metadata(format!("/run/netns/{}", c1.ns)).expect("netns").ino();
+    let host_if = format!("vmn{:08x}", (inode ^ (inode >> 32)) as u32);
+    ip(&["-n", &h1.ns, "link", "add", &host_if, "type", "veth", "peer", "name", "mnt1f-2"]).expect_ok("veth");
+    ip(&["-n", &h1.ns, "link", "set", "mnt1f-2", "netns", &c1.ns]).expect_ok("move the far end");
+    assert_eq!(attach_one(&h1, &c1, &["192.168.77.5/24"]), "192.168.77.5/24");
+    assert!(link(&c1.ns, "mnt1f-2").is_none(), "the half-made end is still in {}", c1.ns);
+    // Cut short before the far end moved: the same.
+    let c2 = lab.add_container(&h1, 2);
+    let inode = std::fs::metadata(format!("/run/netns/{}", c2.ns)).expect("netns").ino();
+    let host_if = format!("vmn{:08x}", (inode ^ (inode >> 32)) as u32);
+    ip(&["-n", &h1.ns, "link", "add", &host_if, "type", "veth", "peer", "name", "mnt1f-3"]).expect_ok("veth");
+    assert_eq!(attach_one(&h1, &c2, &["192.168.77.6/24"]), "192.168.77.6/24");
+    assert!(link(&h1.ns, "mnt1f-3").is_none(), "the half-made end is still in {}", h1.ns);
+}
