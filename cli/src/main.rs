@@ -1017,14 +1017,24 @@ fn kill_stale(state: &StateDir) {
     }
 }
 
-/// Whether `pid` is a meshnet process on its way out: not yet a zombie, but its
-/// executable is gone already (`process_alive` no longer sees it as meshnet).
+/// Whether `pid` is a meshnet process on its way out: its executable is gone
+/// already (`process_alive` no longer sees it as meshnet), or its main thread is
+/// a zombie while other threads still exit (they hold its sockets until the last
+/// one is gone).
 fn process_exiting(pid: i32) -> bool {
+    if !std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("meshnet")) {
+        return false;
+    }
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
-    let state = stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next());
-    !matches!(state, Some('Z') | Some('X'))
-        && std::fs::read_link(format!("/proc/{pid}/exe")).is_err()
-        && std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("meshnet"))
+    let zombie = matches!(stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()), Some('Z') | Some('X'));
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|s| {
+        s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse::<u32>().ok())
+    });
+    if zombie {
+        threads.is_some_and(|n| n > 1)
+    } else {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_err()
+    }
 }
 
 fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<ExitCode> {
