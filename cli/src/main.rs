@@ -373,8 +373,12 @@ fn launch_record(state: &StateDir) -> PathBuf {
 /// The last launch's options, with this invocation's password and `--foreground`.
 fn resume_args(state: &StateDir, now: LaunchArgs) -> Result<LaunchArgs> {
     let path = launch_record(state);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        anyhow!("--resume: no earlier launch recorded in {} ({e}); launch without --resume first", state.root.display())
+    let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            anyhow!("--resume: no earlier launch recorded in {} ({e}); launch without --resume first", state.root.display())
+        }
+        // There is a record, but it cannot be read: say so (a plain launch would replace it).
+        _ => anyhow!("--resume: read {}: {e}", path.display()),
     })?;
     let mut args: LaunchArgs =
         serde_json::from_str(&text).with_context(|| format!("--resume: read {}", path.display()))?;
@@ -1040,13 +1044,41 @@ fn process_alive(pid: i32) -> bool {
 }
 
 /// A router that crashed may leave a process that no longer answers: end it.
+/// One killed a moment ago (`kill -9`, or here) holds its ports until its exit
+/// completes: wait for that (at most 5 s), or the launch fails with "bind UDP
+/// ...: Address already in use".
 fn kill_stale(state: &StateDir) {
-    if let Some(pid) = state.recorded_pid() {
-        if pid > 1 && pid as u32 != std::process::id() && process_alive(pid) {
-            // SAFETY: signalling a pid we checked is a meshnet process.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    let Some(pid) = state.recorded_pid() else { return };
+    if pid <= 1 || pid as u32 == std::process::id() {
+        return;
+    }
+    if process_alive(pid) {
+        // SAFETY: signalling a pid we checked is a meshnet process.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (process_alive(pid) || process_exiting(pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether `pid` is a meshnet process on its way out: its executable is gone
+/// already (`process_alive` no longer sees it as meshnet), or its main thread is
+/// a zombie while other threads still exit (they hold its sockets until the last
+/// one is gone).
+fn process_exiting(pid: i32) -> bool {
+    if !std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with("meshnet")) {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let zombie = matches!(stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()), Some('Z') | Some('X'));
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status")).ok().and_then(|s| {
+        s.lines().find_map(|l| l.strip_prefix("Threads:")).and_then(|n| n.trim().parse::<u32>().ok())
+    });
+    if zombie {
+        threads.is_some_and(|n| n > 1)
+    } else {
+        std::fs::read_link(format!("/proc/{pid}/exe")).is_err()
     }
 }
 
@@ -1425,6 +1457,24 @@ mod tests {
         for bad in ["2147483648", "4294967295", "-1"] {
             assert!(parse(bad).is_err(), "--dns-ttl {bad} accepted");
         }
+    }
+
+    #[test]
+    fn an_unreadable_launch_record_is_named_not_missing() {
+        let dir = std::env::temp_dir().join(format!("meshnet-cli-resume-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = StateDir::new(&dir);
+        let args = || match Cli::try_parse_from(["meshnet", "launch", "--resume"]).unwrap().cmd {
+            Cmd::Launch(a) => a,
+            _ => unreachable!(),
+        };
+        let err = format!("{:#}", resume_args(&state, args()).err().expect("refused"));
+        assert!(err.contains("no earlier launch recorded"), "{err}");
+        std::fs::write(launch_record(&state), b"\x00\xffgarbage").unwrap();
+        let err = format!("{:#}", resume_args(&state, args()).err().expect("refused"));
+        assert!(err.contains("launch.json") && !err.contains("no earlier launch"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

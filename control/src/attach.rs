@@ -290,7 +290,11 @@ pub fn attach(
         addrs: addrs.to_vec(),
         multicast_route,
     };
-    let attached = netlink::attach(&spec).with_context(|| format!("attach to {target}"))?;
+    // The record goes to disk before the interface exists: a crash (or a
+    // record that cannot be written) must never leave an address in a target
+    // that no record holds, or the next launch frees it in IPAM while the
+    // target still uses it. A launch re-creates a recorded interface missing.
+    let before = attachments.clone();
     let entry = match attachments.iter_mut().find(|x| x.ns_inode == inode) {
         Some(e) => e,
         None => {
@@ -320,8 +324,20 @@ pub fn attach(
             entry.addrs.push(text);
         }
     }
-    state.save_attachments(attachments)?;
-    Ok((attached, forgotten))
+    if let Err(e) = state.save_attachments(attachments) {
+        *attachments = before;
+        return Err(e);
+    }
+    match netlink::attach(&spec).with_context(|| format!("attach to {target}")) {
+        Ok(attached) => Ok((attached, forgotten)),
+        Err(e) => {
+            *attachments = before;
+            if let Err(undo) = state.save_attachments(attachments) {
+                log::error!("attach to {target} failed, and its record could not be taken back: {undo:#}");
+            }
+            Err(e)
+        }
+    }
 }
 
 /// Detaches `addrs` (all when empty) from `target`. Returns whether anything changed.

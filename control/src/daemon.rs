@@ -146,6 +146,10 @@ pub fn run(cfg: Config) -> Result<()> {
     if api::call(&cfg.state, &Request::Status, Duration::from_secs(2)).is_ok() {
         bail!("a meshnet router is already running for state directory {}", cfg.state.root.display());
     }
+    let stale = cfg.state.remove_stale_temporaries();
+    if stale > 0 {
+        log::info!("removed {stale} temporary file(s) left in {} by a write cut short", cfg.state.root.display());
+    }
     let identity = cfg.state.identity()?;
     let me = cfg.name.unwrap_or_else(|| identity.name());
     if !meshnet_proto::trust::valid_name(me) {
@@ -1238,29 +1242,6 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
         release_new(mesh, EXPOSE_KEY, &held_before);
         e.context("expose")
     })?;
-    let mut added = Vec::new();
-    // IPv6 on the bridge (quiet) once an IPv6 address is exposed on it; back
-    // off if nothing IPv6 ends up exposed.
-    let v6_before = expose::any_v6(&exposed);
-    let undo_v6 = || {
-        if !v6_before {
-            if let Err(e) = netlink::set_bridge_ipv6(bridge, false) {
-                log::warn!("{e}");
-            }
-        }
-    };
-    for (ip, prefix) in &allocated {
-        let on = if ip.is_ipv6() { netlink::set_bridge_ipv6(bridge, true) } else { Ok(()) };
-        if let Err(e) = on.and_then(|_| netlink::add_link_address(bridge, *ip, *prefix).map(|_| ())) {
-            for (ip, prefix) in &added {
-                let _ = netlink::del_link_address(bridge, *ip, *prefix);
-            }
-            undo_v6();
-            release_new(mesh, EXPOSE_KEY, &held_before);
-            return Err(anyhow::Error::from(e).context("expose"));
-        }
-        added.push((*ip, *prefix));
-    }
     let mut next = exposed.clone();
     let mut fresh = allocated.iter();
     for a in answer.iter_mut() {
@@ -1280,10 +1261,41 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
             }
         }
     }
-    let applied = mesh.state.save_exposed(&next).and_then(|_| {
+    // The record goes to disk before the addresses go on the bridge: a crash in
+    // between must not leave an address there that no record holds (the next
+    // launch would free it in IPAM while the bridge still has it).
+    if let Err(e) = mesh.state.save_exposed(&next) {
+        release_new(mesh, EXPOSE_KEY, &held_before);
+        return Err(e.context("expose"));
+    }
+    let mut added = Vec::new();
+    // IPv6 on the bridge (quiet) once an IPv6 address is exposed on it; back
+    // off if nothing IPv6 ends up exposed.
+    let v6_before = expose::any_v6(&exposed);
+    let undo_v6 = || {
+        if !v6_before {
+            if let Err(e) = netlink::set_bridge_ipv6(bridge, false) {
+                log::warn!("{e}");
+            }
+        }
+    };
+    for (ip, prefix) in &allocated {
+        let on = if ip.is_ipv6() { netlink::set_bridge_ipv6(bridge, true) } else { Ok(()) };
+        if let Err(e) = on.and_then(|_| netlink::add_link_address(bridge, *ip, *prefix).map(|_| ())) {
+            for (ip, prefix) in &added {
+                let _ = netlink::del_link_address(bridge, *ip, *prefix);
+            }
+            undo_v6();
+            release_new(mesh, EXPOSE_KEY, &held_before);
+            let _ = mesh.state.save_exposed(&exposed);
+            return Err(anyhow::Error::from(e).context("expose"));
+        }
+        added.push((*ip, *prefix));
+    }
+    let applied = {
         expose::enable_forwarding_for(&next);
         expose::apply_table(bridge, ranges, &next)
-    });
+    };
     if let Err(e) = applied {
         for (ip, prefix) in &added {
             let _ = netlink::del_link_address(bridge, *ip, *prefix);
@@ -1343,10 +1355,28 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
     let next: Vec<Exposure> =
         exposed.iter().enumerate().filter(|(i, _)| !chosen.contains(i)).map(|(_, e)| e.clone()).collect();
     let gone: Vec<Exposure> = chosen.iter().map(|i| exposed[*i].clone()).collect();
-    mesh.state.save_exposed(&next)?;
+    // Off the bridge before the record goes: a crash in between must not leave
+    // an address there that no record holds (the next launch would free it in
+    // IPAM while the bridge still has it). Put back if the record cannot be written.
+    let mut removed = Vec::new();
     for e in &gone {
         let (ip, subnet) = expose::parse(e)?;
-        netlink::del_link_address(bridge, ip, subnet.prefix()).context("hide")?;
+        if let Err(err) = netlink::del_link_address(bridge, ip, subnet.prefix()) {
+            for (ip, prefix) in &removed {
+                let _ = netlink::add_link_address(bridge, *ip, *prefix);
+            }
+            return Err(anyhow::Error::from(err).context("hide"));
+        }
+        removed.push((ip, subnet.prefix()));
+    }
+    if let Err(err) = mesh.state.save_exposed(&next) {
+        for (ip, prefix) in &removed {
+            let _ = netlink::add_link_address(bridge, *ip, *prefix);
+        }
+        return Err(err.context("hide"));
+    }
+    for e in &gone {
+        let (ip, _) = expose::parse(e)?;
         // The ring of its family (none: exposed under an IPv6 range no longer given).
         mesh.with_ipam_for(ip.is_ipv6(), |h| {
             h.deferred.retain(|(k, d, _)| !(k == EXPOSE_KEY && *d == ip));

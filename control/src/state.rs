@@ -131,6 +131,22 @@ impl StateDir {
         Ok(())
     }
 
+    /// Removes the temporary files of [`write_atomic`] left by a process that
+    /// died mid-write (`.NAME.tmpPID.SEQ`, PID no longer running): a router
+    /// killed often would otherwise gather them. Returns how many went.
+    pub fn remove_stale_temporaries(&self) -> usize {
+        let Ok(entries) = fs::read_dir(&self.root) else { return 0 };
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(temporary_writer) else { continue };
+            if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
     /// Removes the state directory and everything in it (`reset`). A directory
     /// that is a mount point (a router container's volume) cannot go itself:
     /// it is left empty.
@@ -166,6 +182,16 @@ impl StateDir {
         let path = self.identity_path();
         match fs::read_to_string(&path) {
             Ok(text) => {
+                // The private key is for this user alone: a file others may read
+                // (copied in, restored from a backup) is made 0600 again, saying so.
+                if let Ok(meta) = fs::metadata(&path) {
+                    let mode = meta.permissions().mode() & 0o777;
+                    if mode & 0o077 != 0 {
+                        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                            .with_context(|| format!("identity file {} has mode {mode:o}; make it 0600", path.display()))?;
+                        log::warn!("identity file {} had mode {mode:o}: made it 0600 (it holds the private key)", path.display());
+                    }
+                }
                 let bytes = decode_hex(text.trim())
                     .with_context(|| format!("identity file {} is corrupt", path.display()))?;
                 let private: [u8; 32] = bytes.try_into().map_err(|_| {
@@ -250,6 +276,16 @@ fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
     write_atomic(path, &bytes, 0o600)
 }
 
+/// The process that writes temporary file `name` of [`write_atomic`], if it is one.
+fn temporary_writer(name: &str) -> Option<u32> {
+    let (stem, seq) = name.strip_prefix('.')?.rsplit_once('.')?;
+    let (file, pid) = stem.rsplit_once(".tmp")?;
+    if file.is_empty() || seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
 /// Writes `bytes` to `path` so that a crash at any point leaves the old or the new
 /// content, never a mix: temporary file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
@@ -318,6 +354,18 @@ mod tests {
     }
 
     #[test]
+    fn identity_is_kept_for_this_user_alone() {
+        let s = scratch("idmode");
+        let a = s.identity().unwrap();
+        let path = s.root.join("identity");
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(s.identity().unwrap().public, a.public);
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        fs::remove_dir_all(&s.root).unwrap();
+    }
+
+    #[test]
     fn corrupt_identity_is_an_error_not_a_new_identity() {
         let s = scratch("badid");
         fs::write(s.root.join("identity"), "zz").unwrap();
@@ -368,6 +416,36 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+        fs::remove_dir_all(&s.root).unwrap();
+    }
+
+    #[test]
+    fn temporaries_of_dead_writers_are_removed_and_nothing_else() {
+        let s = scratch("stale");
+        // A pid that runs no process (above the kernel's pid_max of 2^22).
+        let dead = 4_194_399u32;
+        let live = std::process::id();
+        let parent = std::os::unix::process::parent_id();
+        let names = [
+            format!(".attachments.json.tmp{dead}.16"),
+            format!(".ipam.bin.tmp{dead}.3"),
+            format!(".ipam.bin.tmp{live}.4"),
+            format!(".dns.json.tmp{parent}.1"),
+            "attachments.json".to_string(),
+            ".tmp1.2".to_string(),
+            format!(".x.tmp{dead}.notanumber"),
+        ];
+        for n in &names {
+            fs::write(s.root.join(n), "x").unwrap();
+        }
+        assert_eq!(temporary_writer(&format!(".ipam.bin.tmp{dead}.3")), Some(dead));
+        assert_eq!(s.remove_stale_temporaries(), 2);
+        let mut left: Vec<String> =
+            fs::read_dir(&s.root).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into()).collect();
+        left.sort();
+        let mut want: Vec<String> = names[2..].to_vec();
+        want.sort();
+        assert_eq!(left, want);
         fs::remove_dir_all(&s.root).unwrap();
     }
 

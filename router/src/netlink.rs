@@ -559,6 +559,7 @@ fn attach_new(
     bridge_index: u32,
     target_file: std::fs::File,
 ) -> Result<Attached, NetlinkError> {
+    clear_half_made(spec, what)?;
     let temp = temp_ifname();
     let host_if = spec.host_if.clone();
     let mtu = spec.mtu;
@@ -838,6 +839,61 @@ async fn undo_veth(h: &Handle, host_if: &str) {
     if let Err(e) = delete_by_name(h, host_if, &what).await {
         log::warn!("{e}");
     }
+}
+
+/// Deletes a pair left by an attach that was cut short (the router killed
+/// between making the veth and renaming its far end, here or in the target):
+/// `spec.host_if` exists and its peer still has its temporary name. Left alone,
+/// it made every later attach of that target fail with "File exists". Anything
+/// else named `host_if` is kept (making the pair then fails, saying so).
+fn clear_half_made(spec: &AttachSpec, what: &str) -> Result<(), NetlinkError> {
+    let host_if = spec.host_if.clone();
+    let w = what.to_string();
+    let found = on_netlink_thread(w.clone(), move |h| async move {
+        let Some(link) = link_by_name(&h, &host_if).await.ctx(|| format!("{w}: look up {host_if}"))? else {
+            return Ok(None);
+        };
+        let (index, Some(peer)) = (link.header.index, peer_of(&link)) else { return Ok(None) };
+        if !is_kind(&link, &InfoKind::Veth) {
+            return Ok(None);
+        }
+        // The peer never left this namespace.
+        let here = link_by_index(&h, peer).await.ctx(|| format!("{w}: look up the peer of {host_if}"))?;
+        if here.is_some_and(|p| is_temp_ifname(name_of(&p).unwrap_or_default()) && peer_of(&p) == Some(index)) {
+            log::info!("{w}: deleting {host_if}, left half made by an earlier attach");
+            undo_veth(&h, &host_if).await;
+            return Ok(None);
+        }
+        Ok(Some((index, peer)))
+    })?;
+    let Some((host_index, peer)) = found else { return Ok(()) };
+    let w = what.to_string();
+    let stale = in_ns(&spec.target, what, move || {
+        with_connection(move |h| async move {
+            let p = link_by_index(&h, peer).await.ctx(|| format!("{w}: look up interface {peer} in the namespace"))?;
+            Ok(p.is_some_and(|p| {
+                is_kind(&p, &InfoKind::Veth) && is_temp_ifname(name_of(&p).unwrap_or_default()) && peer_of(&p) == Some(host_index)
+            }))
+        })
+    })?;
+    if stale {
+        let (host_if, w) = (spec.host_if.clone(), what.to_string());
+        on_netlink_thread(w.clone(), move |h| async move {
+            log::info!("{w}: deleting {host_if}, left half made by an earlier attach");
+            undo_veth(&h, &host_if).await;
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Whether `name` is one [`temp_ifname`] gives (of any process).
+fn is_temp_ifname(name: &str) -> bool {
+    name.strip_prefix("mnt")
+        .and_then(|rest| rest.split_once('-'))
+        .is_some_and(|(pid, n)| {
+            !pid.is_empty() && !n.is_empty() && pid.chars().chain(n.chars()).all(|c| c.is_ascii_hexdigit())
+        })
 }
 
 /// A unique short name for the veth end while it crosses namespaces.
@@ -1433,6 +1489,15 @@ mod tests {
         assert!(a.len() <= MAX_IFNAME_LEN && b.len() <= MAX_IFNAME_LEN);
         assert_ne!(a, b);
         assert!(check_ifname("t", "n", &a).is_ok());
+    }
+
+    #[test]
+    fn temp_names_are_told_from_others() {
+        assert!(is_temp_ifname(&temp_ifname()));
+        assert!(is_temp_ifname("mnt13a-4"));
+        for other in ["ethwe", "mnt", "mnt-1", "mnt12-", "mntx-1", "vmn0000b38", "eth0-1"] {
+            assert!(!is_temp_ifname(other), "{other}");
+        }
     }
 
     #[test]

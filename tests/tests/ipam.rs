@@ -1440,3 +1440,63 @@ fn full_or_read_only_state_dir_blocks_allocation() {
     let snap = std::fs::read(h1.state_dir.join("ipam.bin")).expect("ipam.bin");
     assert_eq!(snap[0], 2, "snapshot version");
 }
+
+/// Scenario 8: an attach whose record cannot be written (the state directory
+/// is full; an address outside the range needs no IPAM save) fails and
+/// configures nothing: no interface in the target, nothing in `ps`. (The
+/// interface was made before the record was written: the target kept an
+/// address that a restart, finding no record, forgot and IPAM could hand out
+/// again; a `kill -9` between the two did the same.) With room again it works.
+#[test]
+fn attach_whose_record_cannot_be_saved_configures_nothing() {
+    let Some(lab) = Lab::new("attfull") else {
+        return;
+    };
+    let h1 = lab.add_host(1);
+    std::fs::create_dir_all(&h1.state_dir).expect("state dir");
+    let dir = h1.state_dir.to_string_lossy().to_string();
+    sh(&["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", &dir]).expect_ok("mount tmpfs");
+    let _unmount = Unmount(h1.state_dir.clone());
+    let c1 = lab.add_container(&h1, 1);
+    h1.launch(&[]);
+    let fill = h1.state_dir.join("fill");
+    let _ = sh(&["dd", "if=/dev/zero", &format!("of={}", fill.display()), "bs=4k"]);
+    let out = attach_out(&h1, &c1, &["192.168.77.5/24"]);
+    assert!(!out.ok(), "attach succeeded on a full state dir: {out}");
+    assert!(out.all().contains("attachments.json") && out.all().contains("No space left on device"), "{out}");
+    assert!(link(&c1.ns, "ethwe").is_none(), "the failed attach left an interface in {}", c1.ns);
+    assert!(h1.ps_json().is_empty(), "the failed attach is listed: {:?}", h1.ps_json());
+
+    std::fs::remove_file(&fill).expect("remove fill");
+    assert_eq!(attach_one(&h1, &c1, &["192.168.77.5/24"]), "192.168.77.5/24");
+    assert_eq!(h1.ps_json().len(), 1);
+}
+
+/// Scenario 9: a router killed in the middle of an attach leaves the veth pair
+/// half made (the far end in the target under its temporary name). The next
+/// attach of that target (by the relaunched router, or by the user) deletes
+/// it and attaches; it failed with "create veth ...: File exists" forever.
+#[test]
+fn attach_after_a_half_made_pair_works() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(lab) = Lab::new("halfmade") else {
+        return;
+    };
+    let h1 = lab.add_host(1);
+    let c1 = lab.add_container(&h1, 1);
+    h1.launch(&[]);
+    // What the router's attach leaves when killed after moving the far end.
+    let inode = std::fs::metadata(format!("/run/netns/{}", c1.ns)).expect("netns").ino();
+    let host_if = format!("vmn{:08x}", (inode ^ (inode >> 32)) as u32);
+    ip(&["-n", &h1.ns, "link", "add", &host_if, "type", "veth", "peer", "name", "mnt1f-2"]).expect_ok("veth");
+    ip(&["-n", &h1.ns, "link", "set", "mnt1f-2", "netns", &c1.ns]).expect_ok("move the far end");
+    assert_eq!(attach_one(&h1, &c1, &["192.168.77.5/24"]), "192.168.77.5/24");
+    assert!(link(&c1.ns, "mnt1f-2").is_none(), "the half-made end is still in {}", c1.ns);
+    // Cut short before the far end moved: the same.
+    let c2 = lab.add_container(&h1, 2);
+    let inode = std::fs::metadata(format!("/run/netns/{}", c2.ns)).expect("netns").ino();
+    let host_if = format!("vmn{:08x}", (inode ^ (inode >> 32)) as u32);
+    ip(&["-n", &h1.ns, "link", "add", &host_if, "type", "veth", "peer", "name", "mnt1f-3"]).expect_ok("veth");
+    assert_eq!(attach_one(&h1, &c2, &["192.168.77.6/24"]), "192.168.77.6/24");
+    assert!(link(&h1.ns, "mnt1f-3").is_none(), "the half-made end is still in {}", h1.ns);
+}
