@@ -1241,6 +1241,13 @@ fn print_ipam(v: &serde_json::Value) {
             if o["reachable"].as_bool() == Some(true) { "" } else { "  (unreachable)" }
         );
     }
+    let refused = v["peer_conflicts"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if !refused.is_empty() {
+        println!("  Refused peers: {} whose IPAM conflicts with ours (their connection was closed)", refused.len());
+        for r in refused {
+            println!("  {} ({}s ago): {}", r["peer"].as_str().unwrap_or("?"), r["seconds_ago"], r["error"].as_str().unwrap_or("?"));
+        }
+    }
     let conflicts = v["conflicts"].as_array().map(Vec::as_slice).unwrap_or_default();
     if !conflicts.is_empty() {
         println!("      Conflicts: {} addresses used here whose claim failed (another target has them too: detach one)", conflicts.len());

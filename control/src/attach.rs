@@ -392,6 +392,7 @@ pub fn detach(
     }
     let removed = netlink::detach(&netns, &ifname, addrs).with_context(|| format!("detach from {target}"))?;
     if let Some(i) = attachments.iter().position(|x| x.ns_inode == inode) {
+        let before = attachments.clone();
         if addrs.is_empty() {
             attachments.remove(i);
         } else {
@@ -400,7 +401,14 @@ pub fn detach(
                 attachments.remove(i);
             }
         }
-        state.save_attachments(attachments)?;
+        if let Err(e) = state.save_attachments(attachments) {
+            // What is remembered stays what is on disk (and what IPAM holds):
+            // `ps` keeps listing the target, and `detach` again completes it.
+            *attachments = before;
+            return Err(e.context(format!(
+                "detach from {target}: its interface is removed, but the record could not be updated                  (a restart would attach it again): run detach again once the state can be saved"
+            )));
+        }
     }
     Ok(removed)
 }

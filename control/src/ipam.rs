@@ -6,6 +6,7 @@
 //! then send what it wants sent, then log its events. [`IpamHost::flush`] does
 //! that; the mesh calls it with its lock held, so IPAM steps never interleave.
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -110,7 +111,16 @@ pub struct IpamHost {
     pub save_error: Option<String>,
     last_save_log: Option<Instant>,
     last_drop_log: Option<Instant>,
+    /// Peers whose IPAM conflicted with ours (another range, another ring), so
+    /// that their connection was closed: the latest per peer, newest last.
+    peer_conflicts: VecDeque<(PeerName, String, Instant)>,
 }
+
+/// Most peers remembered in [`IpamHost::peer_conflicts`].
+const MAX_PEER_CONFLICTS: usize = 8;
+/// How long a peer's conflict is shown after it last happened (a peer still in
+/// conflict is refused again at each redial, well within this).
+const PEER_CONFLICT_SHOWN: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Least time between two log lines about failed saves, or about dropped messages.
 const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -155,6 +165,7 @@ impl IpamHost {
             save_error: None,
             last_save_log: None,
             last_drop_log: None,
+            peer_conflicts: VecDeque::new(),
         })
     }
 
@@ -252,6 +263,15 @@ impl IpamHost {
         Ok(answer)
     }
 
+    /// Records that `peer`'s IPAM conflicts with ours (`why`), for `status ipam`.
+    pub fn peer_conflict(&mut self, peer: PeerName, why: String) {
+        self.peer_conflicts.retain(|(p, _, at)| *p != peer && at.elapsed() < PEER_CONFLICT_SHOWN);
+        if self.peer_conflicts.len() >= MAX_PEER_CONFLICTS {
+            self.peer_conflicts.pop_front();
+        }
+        self.peer_conflicts.push_back((peer, why, Instant::now()));
+    }
+
     /// Whether the IPAM timer is due.
     pub fn timer_due(&self) -> bool {
         self.ipam.poll_timeout().is_some_and(|t| t <= self.now_ms())
@@ -286,6 +306,11 @@ impl IpamHost {
                 "ranges": o.ranges.iter().map(|(a, b)| format!("{a}-{b}")).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
             "allocations": self.ipam.allocations().map(|(ip, t)| json!({"ip": ip.to_string(), "target": t})).collect::<Vec<_>>(),
+            "peer_conflicts": self.peer_conflicts.iter().filter(|(_, _, at)| at.elapsed() < PEER_CONFLICT_SHOWN).map(|(p, why, at)| json!({
+                "peer": p.to_string(),
+                "error": why,
+                "seconds_ago": at.elapsed().as_secs(),
+            })).collect::<Vec<_>>(),
             "conflicts": s.conflicts.iter().map(|c| json!({
                 "ip": c.ip.to_string(),
                 "prefix": c.prefix,
@@ -427,6 +452,30 @@ mod tests {
         for bad in ["consensus=0", "consensus=x", "seed=", "seed=nope", "paxos"] {
             assert!(parse_init(bad, 0).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn peer_conflicts_are_one_per_peer_and_bounded() {
+        let dir = std::env::temp_dir().join(format!("meshnet-ipam-peer-conflicts-{}", std::process::id()));
+        let state = StateDir::new(dir.clone());
+        state.ensure().unwrap();
+        let range: Cidr = "10.40.0.0/16".parse().unwrap();
+        let mut host = IpamHost::open(&state, PeerName(0x0200_0000_0001), range, range, InitMode::Consensus(1), &Identity::generate()).unwrap();
+        assert_eq!(host.status_json()["peer_conflicts"], json!([]));
+        host.peer_conflict(PeerName(7), "uses range 10.41.0.0/16".into());
+        host.peer_conflict(PeerName(7), "rings differ".into());
+        let v = host.status_json();
+        assert_eq!(v["peer_conflicts"].as_array().unwrap().len(), 1, "{v:#}");
+        assert_eq!(v["peer_conflicts"][0]["error"], "rings differ");
+        assert_eq!(v["peer_conflicts"][0]["peer"], PeerName(7).to_string());
+        for p in 10..30 {
+            host.peer_conflict(PeerName(p), format!("conflict {p}"));
+        }
+        let v = host.status_json();
+        let peers: Vec<&str> = v["peer_conflicts"].as_array().unwrap().iter().map(|c| c["error"].as_str().unwrap()).collect();
+        assert_eq!(peers.len(), MAX_PEER_CONFLICTS);
+        assert_eq!(peers.last(), Some(&"conflict 29"), "newest last: {peers:?}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -1288,7 +1288,10 @@ impl Mesh {
         self.ipam_flush(&mut g);
         match result {
             Ok(()) => Ok(()),
-            Err(e) if e.is_conflict() => Err(format!("IPAM conflict between peers {} and {from}: {e}", self.settings.me)),
+            Err(e) if e.is_conflict() => {
+                Self::host_of(&mut g, v6).peer_conflict(from, e.to_string());
+                Err(format!("IPAM conflict between peers {} and {from}: {e}", self.settings.me))
+            }
             Err(e) => {
                 // Counted in `status ipam` (drops); logged at most once every 10 s.
                 if Self::host_of(&mut g, v6).log_drop_due() {

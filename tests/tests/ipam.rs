@@ -1223,6 +1223,17 @@ fn different_ranges_refuse_each_other() {
         names_conflict(&h1.log()),
         names_conflict(&h2.log())
     );
+    // `status ipam` on both sides names the refused peer (the accepting side
+    // showed nothing: its ring only waited for consensus).
+    for (h, other) in [(&h1, &n2), (&h2, &n1)] {
+        let v = ipam(h);
+        let named = v["peer_conflicts"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["peer"] == other.as_str() && c["error"].as_str().is_some_and(|e| e.contains("10.40.0.0/16"))));
+        assert!(named, "{}'s status ipam does not name {other} as refused: {v:#}", h.ns);
+        let text = h.meshnet(&["status", "ipam"]).expect_ok("status ipam");
+        assert!(text.stdout.contains("Refused peers: 1") && text.stdout.contains(other.as_str()), "{text}");
+    }
     for h in [&h1, &h2] {
         let line = names_conflict(&h.log()).unwrap_or_default();
         assert!(
@@ -1363,6 +1374,7 @@ fn owner_view(h: &Host, peer: &str) -> (u64, u64) {
 /// that depends on the unsaved state is sent (the other host's view of this
 /// host's space does not move), and the failures are counted. Once the
 /// directory is writable again, allocation works and the other host hears of it.
+/// A `detach` that cannot save fails and changes nothing the router remembers.
 /// The range is a /28: with a handful of free addresses every allocation moves
 /// a host's free count by more than an eighth, so each one is gossiped at once
 /// (in a large range small moves wait for the next full gossip).
@@ -1439,6 +1451,21 @@ fn full_or_read_only_state_dir_blocks_allocation() {
     // The snapshot on disk holds both allocations (restart-proof).
     let snap = std::fs::read(h1.state_dir.join("ipam.bin")).expect("ipam.bin");
     assert_eq!(snap[0], 2, "snapshot version");
+
+    // 4. A detach whose record cannot be updated fails, and what the router
+    // remembers stays what is on disk and in IPAM (`ps` dropped the target
+    // while the file and the ring kept it); detach again once it can be saved.
+    let listed = |c: &Container| h1.ps_json().iter().any(|e| e["target"] == c.ns.as_str());
+    in_router(&["mount", "--bind", &dir, &dir]).expect_ok("bind mount");
+    in_router(&["mount", "-o", "remount,bind,ro", &dir]).expect_ok("remount ro");
+    let out = h1.meshnet(&["detach", &cs[1].ns]);
+    assert!(!out.ok() && out.all().contains("Read-only file system") && out.all().contains("detach again"), "{out}");
+    assert!(listed(&cs[1]), "ps dropped {} whose record is still on disk", cs[1].ns);
+    assert_eq!(ipam_allocs(&ipam(&h1)).len(), 2, "{:#}", ipam(&h1));
+    in_router(&["umount", &dir]).expect_ok("remove the read-only bind mount");
+    h1.meshnet(&["detach", &cs[1].ns]).expect_ok("detach again");
+    assert!(!listed(&cs[1]), "{:#?}", h1.ps_json());
+    assert_eq!(ipam_allocs(&ipam(&h1)).len(), 1, "{:#}", ipam(&h1));
 }
 
 /// Scenario 8: an attach whose record cannot be written (the state directory
