@@ -1001,6 +1001,8 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::IpamStatus => Ok(ipam_status_json(mesh)),
         Request::Rmpeer { peer } => {
             let name = resolve_peer_name(mesh, &peer)?;
+            // The rings judge reachability on the topology's view, as forget_identity does.
+            mesh.ipam_sees_topology();
             // Its pinned keys go too, so a host reinstalled with a new key can take the name.
             let identity = mesh.forget_identity(name).map_err(|e| anyhow::anyhow!(e))?;
             let taken = match mesh.with_ipam(|h| h.ipam.rmpeer(name)) {

@@ -999,6 +999,20 @@ impl Mesh {
         gone
     }
 
+    /// Tells both IPAM rings which peers are reachable in the topology now.
+    /// `rmpeer` decides on this view (as [`Mesh::forget_identity`] does): the
+    /// rings otherwise learn it only from the next, debounced, route
+    /// computation, and refused a peer already gone from the topology.
+    pub fn ipam_sees_topology(&self) {
+        let mut g = self.lock();
+        let live: Vec<PeerName> = g.topology.routes().into_keys().collect();
+        g.ipam.ipam.peers_changed(&live);
+        if let Some(h) = g.ipam6.as_mut() {
+            h.ipam.peers_changed(&live);
+        }
+        self.ipam_flush(&mut g);
+    }
+
     /// `rmpeer`: forgets the keys pinned for `name` and its topology entry, so a
     /// host reinstalled with a new key can use the name again; the removed keys
     /// are refused for it until the router restarts. Err if `name` is us or is
