@@ -1047,7 +1047,10 @@ fn two_targets_for_one_peer_keep_one_connection() {
     // Past the longest wait before a satisfied target is dialled again (60 s + 25 %).
     std::thread::sleep(SECS(80));
     let replaced = |h: &Host| h.log().lines().filter(|l| l.contains("replaced by a newer connection")).count();
-    let made = h1.log().lines().filter(|l| l.contains("established, outbound")).count();
+    // Both targets are dialled at launch: the second handshake may complete too
+    // and be closed at once by h2 as a duplicate ("already connected").
+    let made = h1.log().lines().filter(|l| l.contains("established, outbound")).count()
+        - h1.log().lines().filter(|l| l.contains("closed: peer said goodbye: already connected")).count();
     assert!(
         replaced(&h1) == 0 && replaced(&h2) == 0 && made == 1,
         "the connection to h2 was replaced ({} times at h1, {} at h2; {made} made by h1):\n{}",
