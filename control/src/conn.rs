@@ -901,6 +901,7 @@ fn drain(
                 if reason.starts_with(crate::mesh::IDENTITY_REFUSED) {
                     mesh.refused_by_peer(peer, remote, &reason);
                 }
+                mesh.ipam_refused_by_peer(peer, &reason);
                 return Err(CloseReason::PeerGoodbye(reason));
             }
             Err(e) => return Err(CloseReason::BadMessage(e.to_string())),

@@ -135,6 +135,11 @@ pub const GOSSIP_REVOKED: &str = "revoked";
 pub const GOSSIP_OVERSIZE: &str = "oversize";
 /// Prefix of the Goodbye reason a router sends when it refuses a peer's identity.
 pub const IDENTITY_REFUSED: &str = "identity refused by";
+/// How the goodbye after an IPAM conflict begins (an IPv4 ring's), so that the
+/// peer told can list the refusal too: it may never see our IPAM message.
+pub const IPAM_CONFLICT: &str = "IPAM conflict between peers";
+/// The same for the IPv6 ring's conflicts.
+pub const IPAM6_CONFLICT: &str = "IPAM conflict (IPv6 ring) between peers";
 
 /// Why a peer that claims this router's own name `me` with keys other than
 /// ours is refused: two routers were launched with the same `--name`. (The
@@ -981,6 +986,16 @@ impl Mesh {
         }
     }
 
+    /// `peer` closed our connection after its IPAM found ours conflicting
+    /// (`reason`, its goodbye): listed in `status ipam` as on its side. Only its
+    /// own word about itself, on its authenticated connection.
+    pub fn ipam_refused_by_peer(&self, peer: PeerName, reason: &str) {
+        if let Some((v6, shown)) = ipam_refusal(peer, reason) {
+            let mut g = self.lock();
+            Self::host_of(&mut g, v6).peer_conflict(peer, shown);
+        }
+    }
+
     /// Peers named `nickname`: those in the topology, or else those garbage
     /// collection forgot since this router started (a dead peer, for `rmpeer`).
     pub fn peers_by_nickname(&self, nickname: &str) -> Vec<PeerName> {
@@ -1304,7 +1319,7 @@ impl Mesh {
             Ok(()) => Ok(()),
             Err(e) if e.is_conflict() => {
                 Self::host_of(&mut g, v6).peer_conflict(from, e.to_string());
-                Err(format!("IPAM conflict between peers {} and {from}: {e}", self.settings.me))
+                Err(format!("{} {} and {from}: {e}", if v6 { IPAM6_CONFLICT } else { IPAM_CONFLICT }, self.settings.me))
             }
             Err(e) => {
                 // Counted in `status ipam` (drops); logged at most once every 10 s.
@@ -1726,6 +1741,17 @@ fn collect_garbage(g: &mut Inner) -> Vec<PeerName> {
     removed
 }
 
+/// Whether `peer`'s goodbye `reason` refused us for an IPAM conflict: of its
+/// IPv6 ring or not, and the line `status ipam` shows (one line, bounded).
+fn ipam_refusal(peer: PeerName, reason: &str) -> Option<(bool, String)> {
+    let v6 = reason.starts_with(IPAM6_CONFLICT);
+    if !v6 && !reason.starts_with(IPAM_CONFLICT) {
+        return None;
+    }
+    let reason: String = reason.chars().take(400).map(|c| if c.is_control() { ' ' } else { c }).collect();
+    Some((v6, format!("refused by {peer}: {reason}")))
+}
+
 fn names(v: &[PeerName]) -> String {
     v.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
 }
@@ -1745,5 +1771,20 @@ mod tests {
         // Ourselves (a connection to our own address) and other names are the key book's.
         assert_eq!(claims_our_name(me, &ours, me, &ours), None);
         assert_eq!(claims_our_name(me, &ours, PeerName(0x0200_0000_0006), &theirs), None);
+    }
+
+    #[test]
+    fn a_goodbye_for_an_ipam_conflict_is_listed_as_a_refusal() {
+        let peer = PeerName(0x0200_0000_0009);
+        let (v6, shown) = ipam_refusal(peer, &format!("{IPAM_CONFLICT} a and b: uses 10.40.0.0/16")).expect("an IPAM refusal");
+        assert!(!v6);
+        assert_eq!(shown, "refused by 02:00:00:00:00:09: IPAM conflict between peers a and b: uses 10.40.0.0/16");
+        let (v6, _) = ipam_refusal(peer, &format!("{IPAM6_CONFLICT} a and b: rings differ")).expect("an IPv6 refusal");
+        assert!(v6);
+        // Other goodbyes are not; a peer's text is one bounded line.
+        assert_eq!(ipam_refusal(peer, "router stopping"), None);
+        assert_eq!(ipam_refusal(peer, &format!("x {IPAM_CONFLICT}")), None);
+        let (_, shown) = ipam_refusal(peer, &format!("{IPAM_CONFLICT}\n\x1b[2J{}", "y".repeat(100_000))).unwrap();
+        assert!(!shown.chars().any(char::is_control) && shown.len() < 500, "{}", shown.len());
     }
 }
