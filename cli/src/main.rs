@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::net::IpAddr;
 use std::os::unix::process::CommandExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -744,6 +745,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(state.log())
         .with_context(|| format!("open log {}", state.log().display()))?;
     // What this launch's router logs starts here: an error shows only that.

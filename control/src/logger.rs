@@ -95,7 +95,7 @@ pub fn rotate_if_full(path: &Path, max: u64) -> std::io::Result<Option<File>> {
     let mut old = path.as_os_str().to_owned();
     old.push(".1");
     std::fs::rename(path, &old)?;
-    let new = OpenOptions::new().create(true).append(true).open(path)?;
+    let new = std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().create(true).append(true), 0o600).open(path)?;
     Ok(Some(new))
 }
 
