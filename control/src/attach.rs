@@ -413,6 +413,15 @@ pub fn detach(
     Ok(removed)
 }
 
+/// Forgets the remembered attachments whose namespace is gone (deleted, its
+/// process exited) and returns them, leaving Docker containers attached by name
+/// alone: a stopped container keeps its addresses for when it starts again, and
+/// the engine's events forget a removed one. On an error nothing is forgotten.
+pub fn forget_gone_namespaces(state: &StateDir, attachments: &mut Vec<Attachment>) -> Result<Vec<Attachment>> {
+    let before = attachments.clone();
+    forget_gone(state, attachments, None, |x| x.container_id.is_none()).inspect_err(|_| *attachments = before)
+}
+
 /// Forgets the remembered attachments that `which` picks and whose namespace is
 /// gone, removing their host interfaces, and returns them. `attaching`: the
 /// inode and name of the namespace being attached, to say so when a forgotten
@@ -642,6 +651,26 @@ mod tests {
         assert!(detach(&state, &mut a, "/var/run/netns/gone-xyz", &[]).unwrap());
         assert!(a.is_empty());
         assert!(state.load_attachments().unwrap().is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn gone_namespaces_are_forgotten_but_not_stopped_containers() {
+        let dir = std::env::temp_dir().join(format!("meshnet-sweep-{}", std::process::id()));
+        let state = StateDir::new(&dir);
+        state.ensure().unwrap();
+        let gone = remembered("/var/run/netns/gone-xyz", "/var/run/netns/gone-xyz", None);
+        let mut here = remembered("/proc/self/ns/net", "/proc/self/ns/net", None);
+        here.ns_inode = resolve("/proc/self/ns/net").unwrap().netns.inode().unwrap();
+        // A stopped container: its namespace is gone, its addresses wait for its start.
+        let stopped = remembered("web", "/proc/999999999/ns/net", Some("3f4e5a6b7c8d9e0f"));
+        let mut a = vec![gone.clone(), here.clone(), stopped.clone()];
+        state.save_attachments(&a).unwrap();
+        let forgotten = forget_gone_namespaces(&state, &mut a).unwrap();
+        assert_eq!(forgotten, vec![gone]);
+        assert_eq!(a, vec![here.clone(), stopped.clone()]);
+        assert_eq!(state.load_attachments().unwrap(), a);
+        assert!(forget_gone_namespaces(&state, &mut a).unwrap().is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

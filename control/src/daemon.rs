@@ -94,7 +94,57 @@ impl Default for DockerPlugin {
     }
 }
 
-/// Name of the TAP for a bridge (at most 15 bytes).
+/// The error of binding `proto` port `listen`; for a port in use, which
+/// process holds it, when this namespace's `/proc` says (a router still
+/// running whose state directory was deleted, say).
+fn in_use(proto: &str, listen: SocketAddr, e: std::io::Error) -> anyhow::Error {
+    let what = format!("bind {proto} {listen}: {e}");
+    if e.kind() != std::io::ErrorKind::AddrInUse {
+        return anyhow::anyhow!(what);
+    }
+    let table = if proto == "TCP" { ["tcp", "tcp6"] } else { ["udp", "udp6"] };
+    match port_holder(&table, listen.port()) {
+        Some((pid, comm)) => anyhow::anyhow!(
+            "{what}: process {pid} ({comm}) holds it (a meshnet router of another state directory, or one whose state directory was deleted: stop it with `kill {pid}`), or launch with --port"
+        ),
+        None => anyhow::anyhow!("{what}: another program holds it; stop it, or launch with --port"),
+    }
+}
+
+/// The process (PID, command name) with a socket bound to local `port` in
+/// `/proc/net/<table>` (a TCP listener, a UDP socket), if one is visible.
+fn port_holder(tables: &[&str], port: u16) -> Option<(u32, String)> {
+    let mut inodes = std::collections::HashSet::new();
+    for t in tables {
+        let text = std::fs::read_to_string(format!("/proc/net/{t}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address rem_address st ... inode (the 10th field).
+            let bound = f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            // TCP: listening (0A); UDP: any.
+            if bound == Some(port) && (t.starts_with("udp") || f.get(3) == Some(&"0A")) {
+                if let Some(i) = f.get(9).filter(|i| **i != "0") {
+                    inodes.insert(format!("socket:[{i}]"));
+                }
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for p in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| inodes.contains(l.to_string_lossy().as_ref())) {
+                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                return Some((pid, comm.trim().to_string()));
+            }
+        }
+    }
+    None
+}
+
 /// A socket of `ty` (`SOCK_DGRAM` or `SOCK_STREAM`, then listening) bound to
 /// `addr`. `::` is dual-stack whatever `net.ipv6.bindv6only` says: IPv4 peers
 /// arrive as mapped addresses (made canonical where they are read), and IPv4
@@ -150,6 +200,34 @@ pub fn run(cfg: Config) -> Result<()> {
     if stale > 0 {
         log::info!("removed {stale} temporary file(s) left in {} by a write cut short", cfg.state.root.display());
     }
+    // Sockets first: a port in use is the most common launch failure, and
+    // before the identity is made: a router still running whose state directory
+    // was deleted holds the ports, and a new identity here would outlive it.
+    let threads = cfg.datapath_threads.max(1);
+    if threads > 1 && cfg.datapath == Datapath::Pcap {
+        anyhow::bail!("--datapath-threads {threads} needs --datapath tap (a capture device has one queue)");
+    }
+    let listen = SocketAddr::new(cfg.host, cfg.port);
+    let mut udps = if threads > 1 {
+        meshnet_router::udp::bind_queues(listen, threads).map_err(|e| in_use("UDP", listen, e))?
+    } else {
+        vec![std::net::UdpSocket::from(bind_listen(listen, libc::SOCK_DGRAM).map_err(|e| in_use("UDP", listen, e))?)]
+    };
+    let udp = udps.remove(0);
+    let std_tcp = std::net::TcpListener::from(bind_listen(listen, libc::SOCK_STREAM).map_err(|e| in_use("TCP", listen, e))?);
+    if cfg.host.is_ipv6() && cfg.host.is_unspecified() {
+        log::info!("listening on {listen}: IPv6 and IPv4 (dual-stack)");
+    }
+    std_tcp.set_nonblocking(true)?;
+    let metrics_listener = match cfg.metrics_addr {
+        Some(a) => {
+            let l = std::net::TcpListener::bind(a).with_context(|| format!("bind the metrics port {a} (--metrics-addr)"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+        None => None,
+    };
+
     let identity = cfg.state.identity()?;
     let me = cfg.name.unwrap_or_else(|| identity.name());
     if !meshnet_proto::trust::valid_name(me) {
@@ -182,32 +260,6 @@ pub fn run(cfg: Config) -> Result<()> {
         None => None,
     };
     let psk = cfg.password.as_deref().map(meshnet_proto::handshake::derive_psk);
-
-    // Sockets first: a port in use is the most common launch failure.
-    let threads = cfg.datapath_threads.max(1);
-    if threads > 1 && cfg.datapath == Datapath::Pcap {
-        anyhow::bail!("--datapath-threads {threads} needs --datapath tap (a capture device has one queue)");
-    }
-    let listen = SocketAddr::new(cfg.host, cfg.port);
-    let mut udps = if threads > 1 {
-        meshnet_router::udp::bind_queues(listen, threads).with_context(|| format!("bind UDP {listen}"))?
-    } else {
-        vec![std::net::UdpSocket::from(bind_listen(listen, libc::SOCK_DGRAM).with_context(|| format!("bind UDP {listen}"))?)]
-    };
-    let udp = udps.remove(0);
-    let std_tcp = std::net::TcpListener::from(bind_listen(listen, libc::SOCK_STREAM).with_context(|| format!("bind TCP {listen}"))?);
-    if cfg.host.is_ipv6() && cfg.host.is_unspecified() {
-        log::info!("listening on {listen}: IPv6 and IPv4 (dual-stack)");
-    }
-    std_tcp.set_nonblocking(true)?;
-    let metrics_listener = match cfg.metrics_addr {
-        Some(a) => {
-            let l = std::net::TcpListener::bind(a).with_context(|| format!("bind the metrics port {a} (--metrics-addr)"))?;
-            l.set_nonblocking(true)?;
-            Some(l)
-        }
-        None => None,
-    };
 
     // Devices.
     let existed = netlink::link_index(&cfg.bridge).context("look up bridge")?.is_some();
@@ -415,6 +467,8 @@ pub fn run(cfg: Config) -> Result<()> {
             expose_op: Mutex::new(()),
             exposed: Mutex::new(exposed),
             attachments: Mutex::new(attachments),
+            attaching: std::sync::RwLock::new(()),
+            swept: Mutex::new(std::collections::VecDeque::new()),
             datapath: cfg.datapath,
         });
         let mut tasks = tokio::task::JoinSet::new();
@@ -428,6 +482,7 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(crate::trusted::sync_loop(mesh.clone()));
         tasks.spawn(announce_once_connected(ctx.clone()));
         tasks.spawn(announce_to_new_trusted_peers(ctx.clone()));
+        tasks.spawn(forget_gone_loop(ctx.clone()));
         if let Some(l) = metrics_listener {
             log::info!("serving metrics and the map on http://{}", l.local_addr()?);
             let exposed_ctx = ctx.clone();
@@ -585,6 +640,52 @@ async fn announce_attachments(ctx: &ApiCtx) {
             }
         })
         .await;
+    }
+}
+
+/// How often [`forget_gone_loop`] looks for namespaces that are gone.
+const GONE_CHECK: Duration = Duration::from_secs(10);
+
+/// A namespace deleted without `detach` (or whose process exited) is forgotten
+/// within [`GONE_CHECK`]: its host interface removed, its addresses returned to
+/// IPAM and its DNS records removed, as a restart would. A failed save is
+/// retried at the next check, with nothing forgotten meanwhile.
+async fn forget_gone_loop(ctx: Arc<ApiCtx>) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(GONE_CHECK).await;
+        let c = ctx.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let _alone = c.attaching.write().unwrap_or_else(|p| p.into_inner());
+            let mut a = c.attachments.lock().unwrap_or_else(|p| p.into_inner());
+            let gone = attach::forget_gone_namespaces(&c.mesh.state, &mut a)?;
+            drop(a);
+            if gone.is_empty() {
+                return anyhow::Ok(());
+            }
+            release_forgotten(&c.mesh, &gone, "", "");
+            let mut swept = c.swept.lock().unwrap_or_else(|p| p.into_inner());
+            for g in &gone {
+                for name in [g.target.clone(), g.ns_path.to_string_lossy().into_owned()] {
+                    if swept.len() >= SWEPT_KEPT {
+                        swept.pop_front();
+                    }
+                    swept.push_back(name);
+                }
+            }
+            anyhow::Ok(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => failing = false,
+            Ok(Err(e)) => {
+                if !failing {
+                    log::error!("forgetting attachments whose namespace is gone (retrying every {}s): {e:#}", GONE_CHECK.as_secs());
+                }
+                failing = true;
+            }
+            Err(e) => log::error!("checking for namespaces that are gone: {e}"),
+        }
     }
 }
 
@@ -765,8 +866,18 @@ struct ApiCtx {
     /// The host's addresses on the overlay (persisted in `exposed.json`).
     exposed: Mutex<Vec<Exposure>>,
     attachments: Mutex<Vec<Attachment>>,
+    /// Held (shared) for a whole `attach`, which takes its addresses before it
+    /// records the target; [`forget_gone_loop`] takes it alone, so it never
+    /// frees what an `attach` of a namespace with the same name just took.
+    attaching: std::sync::RwLock<()>,
+    /// Targets [`forget_gone_loop`] forgot (their names and namespace paths,
+    /// the last [`SWEPT_KEPT`]): `detach` of one is done, not an unknown target.
+    swept: Mutex<std::collections::VecDeque<String>>,
     datapath: Datapath,
 }
+
+/// How many forgotten targets [`ApiCtx::swept`] keeps.
+const SWEPT_KEPT: usize = 256;
 
 async fn api_loop(ctx: Arc<ApiCtx>, listener: UnixListener) {
     loop {
@@ -870,6 +981,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::Expose { cidrs, masquerade } => expose_addrs(ctx, &cidrs, masquerade),
         Request::Hide { cidrs } => hide_addrs(ctx, &cidrs),
         Request::Attach { target, cidrs, ifname, no_multicast_route, hairpin } => {
+            let _attaching = ctx.attaching.read().unwrap_or_else(|p| p.into_inner());
             // Check everything before anything changes.
             let specs: Vec<AddrSpec> = if cidrs.is_empty() {
                 // One address of each configured family, from its default subnet.
@@ -955,7 +1067,12 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
             let remembered = attach::find_remembered(&a, &target).map(|i| a[i].target.clone());
             let key = attach::find_remembered(&a, &target).map(|i| attachment_key(&a[i]));
-            let removed = attach::detach(&mesh.state, &mut a, &target, &addrs)?;
+            let removed = match attach::detach(&mesh.state, &mut a, &target, &addrs) {
+                Ok(r) => r,
+                // Its namespace went without `detach`, and it was forgotten since.
+                Err(_) if ctx.swept.lock().unwrap_or_else(|p| p.into_inner()).contains(&target) => false,
+                Err(e) => return Err(e),
+            };
             drop(a);
             if let Some(name) = remembered {
                 // Its DNS records go with its addresses (all of them, of both

@@ -126,7 +126,8 @@ fn cli_gaps_and_report() {
 /// is gone. A process attached by PID that exits, and a new process whose new
 /// namespace got the old one's inode, attached by its own PID, is a new target:
 /// `ps` shows it (with its MAC and its address only), not the dead one, and the
-/// log says the dead one's inode was reused.
+/// log says the dead one's inode was reused (or that it was gone, when the
+/// router's periodic check forgot it first).
 #[test]
 fn a_reused_namespace_inode_is_a_new_target() {
     let Some(lab) = Lab::new("inodereuse") else { return };
@@ -162,10 +163,15 @@ fn a_reused_namespace_inode_is_a_new_target() {
         let e = ps.iter().find(|e| e["target"] == pid2.as_str()).unwrap_or_else(|| panic!("ps does not list {pid2}: {ps:#?}"));
         assert!(is_mac(e["mac"].as_str().unwrap_or_default()), "{pid2} has no MAC in ps: {ps:#?}");
         assert_eq!(e["addresses"], serde_json::json!(["10.99.0.2/24"]), "{ps:#?}");
-        // The log says what happened to p1's attachment, not just "gone".
+        // The log says what happened to p1's attachment, not just "gone"
+        // (unless the router's check, every 10 s, forgot it before p2 came).
         let log = h1.log();
         let said = format!("forgetting {pid1} (10.99.0.1/24): its namespace is gone and the kernel reused its inode number");
-        assert!(log.contains(&said) && log.contains(&format!("for the namespace of {pid2}")), "no {said:?} in the log:\n{log}");
+        let swept = format!("forgetting {pid1} (10.99.0.1/24): its namespace is gone (/proc/{pid1}/ns/net no longer exists)");
+        assert!(
+            (log.contains(&said) && log.contains(&format!("for the namespace of {pid2}"))) || log.contains(&swept),
+            "no {said:?} in the log:\n{log}"
+        );
         return;
     }
     eprintln!("the kernel never reused a namespace inode in 8 attempts: nothing checked");
@@ -217,6 +223,15 @@ fn a_deleted_namespace_leaves_no_address_or_name() {
     if !checked {
         eprintln!("the kernel never reused a namespace inode in 8 attempts: not checked while running");
     }
+    // While the router runs, with nothing else attached: forgotten within
+    // the router's check (10 s), and `detach` of it afterwards is no error.
+    let (dead, _) = add_dead(30);
+    let forgotten = wait_until(SECS(25), || {
+        !allocated(&h1).contains(&format!("netns:{dead}\"")) && !names(&h1).contains("dead30") && !h1.meshnet(&["ps"]).stdout.contains(&dead)
+    });
+    assert!(forgotten, "{dead}, deleted without detach, still held: {} {} {}", allocated(&h1), names(&h1), h1.meshnet(&["ps"]));
+    assert!(h1.log().lines().any(|l| l.contains("forgetting") && l.contains(&dead)), "{}", h1.log());
+    h1.meshnet(&["detach", &dead]).expect_ok("detach a namespace forgotten already");
     // Across a restart.
     let (dead, _) = add_dead(40);
     h1.meshnet(&["stop"]).expect_ok("stop");
@@ -318,4 +333,27 @@ fn rmpeer_by_the_nickname_of_a_dead_peer() {
     // A nickname nobody had is still refused.
     let bad = h1.meshnet(&["rmpeer", "three"]);
     assert!(!bad.ok() && bad.stderr.contains("unknown peer"), "{bad}");
+}
+
+/// The state directory deleted under a running router: a new `launch` fails
+/// naming the process that holds the ports, and makes no identity of its own
+/// there (it would have outlived the launch and renamed this host once the old
+/// router stopped).
+#[test]
+fn launch_over_a_router_whose_state_directory_was_deleted() {
+    let Some(lab) = Lab::new("stategone") else { return };
+    let h1 = lab.add_host(1);
+    h1.launch(&[]);
+    let pid = router_pid(&h1);
+    std::fs::remove_dir_all(&h1.state_dir).expect("remove the state directory");
+    let out = h1.meshnet(&["launch"]);
+    assert!(!out.ok(), "a second router launched beside the first: {out}");
+    assert!(out.all().contains("Address already in use") && out.all().contains(&format!("kill {pid}")), "{out}");
+    assert!(!h1.state_dir.join("identity").exists(), "the failed launch made an identity: {out}");
+    assert!(h1.pids().contains(&pid), "the running router is gone");
+    // Stopped as told, a launch starts (with a new identity: the old one is gone).
+    std::fs::write(h1.state_dir.join("meshnet.pid"), format!("{pid}\n")).unwrap();
+    kill9(&h1);
+    h1.launch(&[]);
+    assert!(h1.state_dir.join("identity").exists());
 }
