@@ -10,7 +10,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 # The end-to-end tests drive the release binaries.
 cargo build --release --locked -p meshnet -p meshnet-cni
 export MESHNET_BIN="$CARGO_TARGET_DIR/release/meshnet"
-cargo test --release --locked --workspace -- --test-threads="${MESHNET_TEST_THREADS:-2}"
+# Every test binary runs even after one fails, so a run reports all failures.
+cargo test --release --locked --workspace --no-fail-fast -- --test-threads="${MESHNET_TEST_THREADS:-2}"
 deploy/validate.sh
 if [ "$(id -u)" -eq 0 ]; then
   # tinc is a third-party comparison whose own path-MTU probing sometimes is not
