@@ -236,9 +236,10 @@ pub struct Inside<'a> {
 }
 
 /// Attaches `addrs` to `target` (as interface `inside.ifname`, default
-/// [`CONTAINER_IF`]) and updates the remembered attachments. Also returns the
-/// remembered attachments of gone namespaces it forgot on the way: their
-/// addresses and DNS records are the caller's to release.
+/// [`CONTAINER_IF`]) and updates the remembered attachments. Puts in
+/// `forgotten` the remembered attachments of gone namespaces it forgot on the
+/// way, also when it fails after that: their addresses and DNS records are the
+/// caller's to release.
 pub fn attach(
     state: &StateDir,
     attachments: &mut Vec<Attachment>,
@@ -247,7 +248,8 @@ pub fn attach(
     target: &str,
     addrs: &[(IpAddr, u8)],
     inside: Inside,
-) -> Result<(Attached, Vec<Attachment>)> {
+    forgotten: &mut Vec<Attachment>,
+) -> Result<Attached> {
     let Inside { ifname, multicast_route } = inside;
     let t = resolve(target)?;
     check_attachable(target, &t)?;
@@ -264,7 +266,7 @@ pub fn attach(
     // which keeps its addresses until it is removed or detached.
     // Also one remembered under this namespace's inode that is neither still there
     // nor this target: another namespace, gone, whose inode the kernel reused.
-    let forgotten = forget_gone(state, attachments, Some((inode, &t.name)), |x| {
+    *forgotten = forget_gone(state, attachments, Some((inode, &t.name)), |x| {
         (x.ns_inode != inode
             && (same_target(x, &t)
                 || (x.addrs.iter().any(|y| addrs.iter().any(|a| same_ip(y, &a.0))) && !container_exists(x))))
@@ -329,7 +331,7 @@ pub fn attach(
         return Err(e);
     }
     match netlink::attach(&spec).with_context(|| format!("attach to {target}")) {
-        Ok(attached) => Ok((attached, forgotten)),
+        Ok(attached) => Ok(attached),
         Err(e) => {
             *attachments = before;
             if let Err(undo) = state.save_attachments(attachments) {

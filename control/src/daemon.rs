@@ -1018,7 +1018,10 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             drop(exposed);
             let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
-            let (done, forgotten) = match attach::attach(
+            // What attach forgot on the way (gone namespaces) is released
+            // whether or not it succeeds.
+            let mut forgotten = Vec::new();
+            let done = match attach::attach(
                 &mesh.state,
                 &mut a,
                 &s.bridge,
@@ -1026,22 +1029,28 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 &target,
                 &addrs,
                 attach::Inside { ifname: ifname.as_deref(), multicast_route: !no_multicast_route },
+                &mut forgotten,
             ) {
                 Ok(d) => d,
                 Err(e) => {
+                    drop(a);
+                    release_forgotten(mesh, &forgotten, &key, &t.name);
                     release_new(mesh, &key, &held_before);
                     return Err(e);
                 }
             };
-            if hairpin {
-                let inode = t.netns.inode().with_context(|| format!("attach {target}"))?;
-                if let Some(x) = a.iter().find(|x| x.ns_inode == inode) {
-                    netlink::set_hairpin(&x.host_if, true).with_context(|| format!("attach {target}"))?;
-                }
-            }
+            let hairpin_set = if hairpin {
+                t.netns.inode().with_context(|| format!("attach {target}")).and_then(|inode| match a.iter().find(|x| x.ns_inode == inode) {
+                    Some(x) => netlink::set_hairpin(&x.host_if, true).with_context(|| format!("attach {target}")),
+                    None => Ok(()),
+                })
+            } else {
+                Ok(())
+            };
             plain_frames_if_capturing(ctx.datapath, &t.netns, &done.container_if);
             drop(a);
             release_forgotten(mesh, &forgotten, &key, &t.name);
+            hairpin_set?;
             if t.kind == "docker" {
                 // Containers attached by name are found by it: <name>.<domain>
                 // (A for its IPv4 addresses, AAAA for its IPv6 ones).

@@ -224,7 +224,12 @@ impl Dns {
         let mut t = Table::new(&config.domain, me);
         let mut t6 = Table6::new(&config.domain, me);
         let own = state.load_dns()?;
-        let corrupt = || format!("{} is corrupt", state.dns_path().display());
+        let corrupt = || {
+            format!(
+                "{} is corrupt (it holds this router's DNS records: move it away to launch without them, then `meshnet dns-add` them again)",
+                state.dns_path().display()
+            )
+        };
         restore(&mut t, own.records, own.version, &config.domain, &signer).with_context(corrupt)?;
         restore(&mut t6, own.records6, own.version6, &config.domain, &signer).with_context(corrupt)?;
         Ok(Dns {

@@ -148,7 +148,10 @@ impl IpamHost {
                      or `meshnet reset` to start over",
                     path.display()
                 ),
-                e => anyhow::anyhow!("IPAM state in {}: {e}", path.display()),
+                e => anyhow::anyhow!(
+                    "IPAM state in {}: {e} (it holds this router's part of the address ring: restore it from a backup, or `meshnet reset --force` to start this host over, then `meshnet rmpeer` its old name on another peer)",
+                    path.display()
+                ),
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Ipam::with_config(me, range, init, config, identity).map_err(|e| anyhow::anyhow!("IPAM: {e}"))?

@@ -157,7 +157,12 @@ impl PluginState {
 pub fn load(state: &StateDir) -> Result<PluginState> {
     let path = state.docker_plugin();
     match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("{} is corrupt", path.display())),
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is corrupt (it holds the Docker plugin's networks and endpoints: move it away to launch without them, then remove and create those networks again)",
+                path.display()
+            )
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PluginState::default()),
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
     }

@@ -178,6 +178,7 @@ impl StateDir {
     }
 
     /// Loads the peer identity, creating and persisting a new one on first use.
+    /// A corrupt one is an error, never replaced (the peer's name is its key).
     pub fn identity(&self) -> Result<Identity> {
         let path = self.identity_path();
         match fs::read_to_string(&path) {
@@ -193,9 +194,9 @@ impl StateDir {
                     }
                 }
                 let bytes = decode_hex(text.trim())
-                    .with_context(|| format!("identity file {} is corrupt", path.display()))?;
+                    .map_err(|e| anyhow::anyhow!("identity file {} is corrupt: {e} ({IDENTITY_ADVICE})", path.display()))?;
                 let private: [u8; 32] = bytes.try_into().map_err(|_| {
-                    anyhow::anyhow!("identity file {} is corrupt: expected 32 bytes", path.display())
+                    anyhow::anyhow!("identity file {} is corrupt: expected 32 bytes ({IDENTITY_ADVICE})", path.display())
                 })?;
                 Identity::from_private(private)
                     .map_err(|e| anyhow::anyhow!("identity file {}: {e}", path.display()))
@@ -210,25 +211,25 @@ impl StateDir {
     }
 
     pub fn load_targets(&self) -> Result<Vec<String>> {
-        Ok(read_json(&self.targets_path())?.unwrap_or_default())
+        Ok(read_json(&self.targets_path(), "it lists the peers to connect to: move it away to launch without them, then `meshnet connect` them again")?.unwrap_or_default())
     }
     pub fn save_targets(&self, targets: &[String]) -> Result<()> {
         write_json(&self.targets_path(), &targets)
     }
     pub fn load_attachments(&self) -> Result<Vec<Attachment>> {
-        Ok(read_json(&self.attachments_path())?.unwrap_or_default())
+        Ok(read_json(&self.attachments_path(), "it lists the targets attached here: move it away to launch without them, then attach them again")?.unwrap_or_default())
     }
     pub fn save_attachments(&self, a: &[Attachment]) -> Result<()> {
         write_json(&self.attachments_path(), &a)
     }
     pub fn load_exposed(&self) -> Result<Vec<Exposure>> {
-        Ok(read_json(&self.exposed_path())?.unwrap_or_default())
+        Ok(read_json(&self.exposed_path(), "it lists the host's addresses on the overlay: move it away to launch without them, then `meshnet expose` again")?.unwrap_or_default())
     }
     pub fn save_exposed(&self, e: &[Exposure]) -> Result<()> {
         write_json(&self.exposed_path(), &e)
     }
     pub fn load_devices(&self) -> Result<Option<Devices>> {
-        read_json(&self.devices_path())
+        read_json(&self.devices_path(), "it says which devices this router made: move it away to launch (`reset` then leaves the bridge in place)")
     }
     pub fn save_devices(&self, d: &Devices) -> Result<()> {
         write_json(&self.devices_path(), d)
@@ -238,8 +239,7 @@ impl StateDir {
     /// silently starting afresh would unpin every name.
     pub fn load_keys(&self) -> Result<KeyBook> {
         let path = self.keys_path();
-        let book: Option<KeyBook> = read_json(&path)
-            .map_err(|e| anyhow::anyhow!("{e:#} (names pinned to keys; move it away to forget every pin)"))?;
+        let book: Option<KeyBook> = read_json(&path, "names pinned to keys; move it away to forget every pin")?;
         Ok(book.unwrap_or_default())
     }
     pub fn save_keys(&self, book: &KeyBook) -> Result<()> {
@@ -248,7 +248,7 @@ impl StateDir {
 
     /// Our DNS records; none when there is no file yet. A corrupt file is an error.
     pub fn load_dns(&self) -> Result<crate::dns::OwnRecords> {
-        Ok(read_json(&self.dns_path())?.unwrap_or_default())
+        Ok(read_json(&self.dns_path(), "it holds this router's DNS records: move it away to launch without them, then `meshnet dns-add` them again")?.unwrap_or_default())
     }
     pub fn save_dns(&self, own: &crate::dns::OwnRecords) -> Result<()> {
         write_json(&self.dns_path(), own)
@@ -260,11 +260,16 @@ impl StateDir {
     }
 }
 
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
+/// The JSON file at `path`, None when there is none; a corrupt one is an error
+/// that says what it held and what to do (`advice`).
+/// What to do about a corrupt identity file.
+const IDENTITY_ADVICE: &str = "it holds this router's private key: restore it from a backup, or move it away to launch as a new peer (the other peers then `meshnet rmpeer` the old name)";
+
+fn read_json<T: DeserializeOwned>(path: &Path, advice: &str) -> Result<Option<T>> {
     match fs::read(path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
-            .with_context(|| format!("{} is corrupt", path.display())),
+            .map_err(|e| anyhow::anyhow!("{} is corrupt: {e} ({advice})", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
     }
@@ -369,7 +374,8 @@ mod tests {
     fn corrupt_identity_is_an_error_not_a_new_identity() {
         let s = scratch("badid");
         fs::write(s.root.join("identity"), "zz").unwrap();
-        assert!(s.identity().is_err());
+        let err = format!("{:#}", s.identity().unwrap_err());
+        assert!(err.contains("is corrupt") && err.contains("restore it from a backup"), "{err}");
         assert_eq!(fs::read_to_string(s.root.join("identity")).unwrap(), "zz");
         fs::remove_dir_all(&s.root).unwrap();
     }
@@ -386,8 +392,20 @@ mod tests {
         assert_eq!(s.load_keys().unwrap(), book);
         fs::write(s.keys_path(), "{ not json").unwrap();
         let err = format!("{:#}", s.load_keys().unwrap_err());
-        assert!(err.contains("keys.json is corrupt"), "{err}");
+        assert!(err.contains("keys.json is corrupt") && err.contains("move it away to forget every pin"), "{err}");
         assert_eq!(fs::read_to_string(s.keys_path()).unwrap(), "{ not json");
+        // Every state file's error says what it held and what to do.
+        for (file, load) in [
+            ("targets.json", Box::new(|s: &StateDir| s.load_targets().map(|_| ())) as Box<dyn Fn(&StateDir) -> Result<()>>),
+            ("attachments.json", Box::new(|s: &StateDir| s.load_attachments().map(|_| ()))),
+            ("exposed.json", Box::new(|s: &StateDir| s.load_exposed().map(|_| ()))),
+            ("devices.json", Box::new(|s: &StateDir| s.load_devices().map(|_| ()))),
+            ("dns.json", Box::new(|s: &StateDir| s.load_dns().map(|_| ()))),
+        ] {
+            fs::write(s.root.join(file), "[1,").unwrap();
+            let err = format!("{:#}", load(&s).unwrap_err());
+            assert!(err.contains(&format!("{file} is corrupt")) && err.contains("move it away"), "{err}");
+        }
         fs::remove_dir_all(&s.root).unwrap();
     }
 
