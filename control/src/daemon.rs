@@ -656,7 +656,12 @@ async fn forget_gone_loop(ctx: Arc<ApiCtx>) {
         tokio::time::sleep(GONE_CHECK).await;
         let c = ctx.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let _alone = c.attaching.write().unwrap_or_else(|p| p.into_inner());
+            // An attach under way (one may wait for IPAM up to 30 s): next time.
+            let _alone = match c.attaching.try_write() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return anyhow::Ok(()),
+            };
             let mut a = c.attachments.lock().unwrap_or_else(|p| p.into_inner());
             let gone = attach::forget_gone_namespaces(&c.mesh.state, &mut a)?;
             drop(a);
@@ -867,8 +872,9 @@ struct ApiCtx {
     exposed: Mutex<Vec<Exposure>>,
     attachments: Mutex<Vec<Attachment>>,
     /// Held (shared) for a whole `attach`, which takes its addresses before it
-    /// records the target; [`forget_gone_loop`] takes it alone, so it never
-    /// frees what an `attach` of a namespace with the same name just took.
+    /// records the target; [`forget_gone_loop`] runs only when it can take it
+    /// alone, so it never frees what an `attach` of a namespace with the same
+    /// name just took (and never holds attaches up).
     attaching: std::sync::RwLock<()>,
     /// Targets [`forget_gone_loop`] forgot (their names and namespace paths,
     /// the last [`SWEPT_KEPT`]): `detach` of one is done, not an unknown target.
@@ -1079,7 +1085,12 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let removed = match attach::detach(&mesh.state, &mut a, &target, &addrs) {
                 Ok(r) => r,
                 // Its namespace went without `detach`, and it was forgotten since.
-                Err(_) if ctx.swept.lock().unwrap_or_else(|p| p.into_inner()).contains(&target) => false,
+                Err(_)
+                    if attach::resolve(&target).is_err()
+                        && ctx.swept.lock().unwrap_or_else(|p| p.into_inner()).contains(&target) =>
+                {
+                    false
+                }
                 Err(e) => return Err(e),
             };
             drop(a);
