@@ -260,6 +260,25 @@ pub fn attach(
             bail!("{target} is already attached as {} (detach it first to use {ifname})", ifname_of(e));
         }
     }
+    // A stopped Docker container keeps its record, and its addresses, for its
+    // restart; but its namespace is gone and the kernel hands inode numbers
+    // out again, lowest first, so the namespace attached here may have its
+    // old one. Then that record holds no namespace (inode 0) and no host
+    // interface (the name is this namespace's now); it stays, and the
+    // container gets its addresses back when it starts. One whose container
+    // Docker no longer has is forgotten below.
+    for x in attachments.iter_mut() {
+        if x.ns_inode == inode && !same_target(x, &t) && still_there(x).is_none() && container_may_exist(x) {
+            log::info!(
+                "container {} is not running and its old namespace's inode number ({inode}) is {}'s now: keeping its attachment ({}) for its restart",
+                x.target,
+                t.name,
+                x.addrs.join(" ")
+            );
+            x.ns_inode = 0;
+            x.host_if.clear();
+        }
+    }
     // Forget what is remembered of namespaces that are gone and stand in the way:
     // same name (a container re-created under its old name while we did not
     // watch) or an address wanted here, unless that is a stopped container,
@@ -466,7 +485,8 @@ fn same_target(x: &Attachment, t: &Target) -> bool {
 pub fn find_remembered(attachments: &[Attachment], target: &str) -> Option<usize> {
     find_remembered_by_name(attachments, target).or_else(|| {
         let inode = resolve(target).ok()?.netns.inode().ok()?;
-        attachments.iter().position(|a| a.ns_inode == inode)
+        // Still there: not a record of a namespace gone whose inode number `target`'s has now.
+        attachments.iter().position(|a| a.ns_inode == inode && still_there(a).is_some())
     })
 }
 
@@ -502,6 +522,15 @@ fn find_remembered_by_name(attachments: &[Attachment], target: &str) -> Option<u
 /// Whether `a` is a Docker container that still exists (running or stopped).
 fn container_exists(a: &Attachment) -> bool {
     a.container_id.as_deref().is_some_and(|id| docker::inspect_blocking(id).is_ok())
+}
+
+/// Whether `a` is a Docker container the engine may still have: it has it,
+/// or cannot say (not running, not answering).
+fn container_may_exist(a: &Attachment) -> bool {
+    match a.container_id.as_deref() {
+        Some(id) => !matches!(docker::inspect_blocking(id), Err(docker::DockerError::NoSuchContainer(_))),
+        None => false,
+    }
 }
 
 /// Is `a` the attachment of Docker container `id`?

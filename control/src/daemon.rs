@@ -1667,6 +1667,12 @@ fn start_docker_plugin(
                 |net| crate::docker::endpoints_of_network_blocking(net).map_err(|e| e.to_string()),
                 || crate::docker::subnets_of_ipam_driver_blocking(&name).map_err(|e| e.to_string()),
             );
+            // Addresses Docker got (or asked for) but made no endpoint with:
+            // once the calls it retries have come or been given up.
+            if at_start.pools.values().any(|p| !p.addresses.is_empty()) {
+                std::thread::sleep(crate::plugin::DOCKER_RETRY);
+                p.forget_orphans(&at_start);
+            }
         });
     }
     Ok(Some((socket, plugin, listener)))

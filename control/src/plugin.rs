@@ -57,6 +57,9 @@ const GATEWAY_TYPE: &str = "com.docker.network.gateway";
 const POOL_PREFIX: &str = "meshnet/";
 /// IPAM keys of the addresses the plugin hands out are this plus a sequence number.
 pub const IPAM_KEY_PREFIX: &str = "docker-plugin:";
+/// How long Docker's plugin client retries a call that found no plugin (or lost
+/// its connection): 30 s from its first attempt, then it fails the command.
+pub const DOCKER_RETRY: std::time::Duration = std::time::Duration::from_secs(35);
 
 /// What the plugin needs of the router.
 pub trait PluginHost: Send + Sync {
@@ -710,8 +713,13 @@ impl Plugin {
         let s = &mut *guard;
         let mut next = s.clone();
         let mut gone = Vec::new();
-        for id in at_start.endpoints.keys() {
+        for (id, then) in &at_start.endpoints {
             let Some(ep) = next.endpoints.get(id) else { continue };
+            // Docker called for it since (a `Join` it retried once this router
+            // was up again): Docker's answer above may predate that.
+            if ep != then {
+                continue;
+            }
             let Some(listed) = answers.get(&ep.network) else { continue };
             if listed.as_ref().is_some_and(|l| l.contains(id)) {
                 continue;
@@ -728,8 +736,13 @@ impl Plugin {
             }
         }
         let mut pools_gone = Vec::new();
-        for id in at_start.pools.keys().filter(|_| in_use.is_some()) {
+        for (id, then) in at_start.pools.iter().filter(|_| in_use.is_some()) {
             let Some(pool) = next.pools.get(id) else { continue };
+            // Docker called for it since (the gateway of a `docker network
+            // create` it retried): Docker's answer above may predate that.
+            if s.pools.get(id) != Some(then) {
+                continue;
+            }
             let subnet = pool.subnet.parse::<Cidr>().ok();
             let used = in_use.as_ref().is_some_and(|u| subnet.is_none_or(|c| u.contains(&c)));
             if used || next.networks.values().any(|n| n.subnet == pool.subnet) {
@@ -765,6 +778,54 @@ impl Plugin {
             log::info!("docker plugin: no Docker network uses pool {} any more: released it", pool.subnet);
         }
         gone.into_iter().map(|(id, _, _)| id).collect()
+    }
+
+    /// Frees the addresses of `at_start` that no endpoint uses, still held
+    /// under the same IPAM key: Docker asked for them (`RequestAddress`) but
+    /// never made an endpoint with them, because this router went down before
+    /// Docker had its answer or its `CreateEndpoint`, and Docker's
+    /// `ReleaseAddress` for them failed too. Only in pools of a meshnet network
+    /// (a pool used by another network driver has no endpoints here). Call it
+    /// once Docker has given up retrying the calls that were under way when
+    /// this router went down ([`DOCKER_RETRY`] after it serves again), so a late
+    /// `CreateEndpoint` cannot come for an address freed here. Returns them.
+    pub fn forget_orphans(&self, at_start: &PluginState) -> Vec<Ipv4Addr> {
+        let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *guard;
+        let mut next = s.clone();
+        let mut freed = Vec::new();
+        for (id, then) in &at_start.pools {
+            let Some(pool) = next.pools.get_mut(id) else { continue };
+            if !s.networks.values().any(|n| n.subnet == pool.subnet) {
+                continue;
+            }
+            for (ip, key) in &then.addresses {
+                let used = s
+                    .endpoints
+                    .values()
+                    .chain(at_start.endpoints.values())
+                    .any(|e| parse_ip_prefix(&e.address).is_some_and(|(a, _)| a.to_string() == *ip));
+                if used || pool.addresses.get(ip) != Some(key) {
+                    continue;
+                }
+                let Ok(addr) = ip.parse::<Ipv4Addr>() else { continue };
+                pool.addresses.remove(ip);
+                freed.push((key.clone(), addr, pool.subnet.clone()));
+            }
+        }
+        if freed.is_empty() {
+            return Vec::new();
+        }
+        if let Err(e) = self.save(&next) {
+            log::warn!("docker plugin: not freeing addresses no endpoint uses: {e}");
+            return Vec::new();
+        }
+        *s = next;
+        for (key, ip, subnet) in &freed {
+            self.host.free(key, *ip);
+            log::info!("docker plugin: {ip} of pool {subnet} was handed to Docker, which made no endpoint with it (this router went down meanwhile): freed it");
+        }
+        freed.into_iter().map(|(_, ip, _)| ip).collect()
     }
 
     fn leave(&self, s: &mut PluginState, r: EndpointRef) -> Answer {
@@ -1102,6 +1163,59 @@ mod tests {
         let s = p.state();
         assert!(p.forget_stale(&at_start, |_| Ok(Some(vec![EP2.to_string()])), || Ok(vec!["10.40.5.0/24".to_string(), "10.40.6.0/24".to_string()])).is_empty());
         assert_eq!(p.state(), s);
+    }
+
+    /// The router went down in the middle of `docker run`s: Docker had an
+    /// address for one (`RequestAddress` answered) but its `CreateEndpoint`
+    /// failed, and so did its `ReleaseAddress`; another's `CreateEndpoint` was
+    /// answered, and Docker's `Join` for it, retried until this router was up
+    /// again, came after Docker was asked which endpoints it has (it listed
+    /// none: not joined yet). The joined endpoint stays (before, it was
+    /// forgotten: its veth pair deleted under the running container and its
+    /// address freed for another); the orphaned address is freed once Docker
+    /// has stopped retrying (before, it was held for good), and nothing else:
+    /// not an address asked for since the restart, nor one of a pool without a
+    /// meshnet network. Likewise a pool whose gateway Docker asked for after
+    /// the restart (its network is not made yet) stays.
+    #[test]
+    fn a_join_after_the_restart_is_kept_and_orphaned_addresses_freed() {
+        let fake = Arc::new(Fake::default());
+        let p = Plugin::new(fake.clone(), PluginState::default(), None);
+        let pool_id = ok(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.5.0/24"}))["PoolID"].as_str().unwrap().to_string();
+        ok(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": NET, "IPv4Data": [{"Pool": "10.40.5.0/24", "Gateway": ""}]}));
+        let addr = |p: &Plugin, pool: &str| ok(p, "/IpamDriver.RequestAddress", json!({"PoolID": pool}))["Address"].as_str().unwrap().to_string();
+        let ip = |a: &str| a.split('/').next().unwrap().parse::<Ipv4Addr>().unwrap();
+        let a1 = addr(&p, &pool_id);
+        ok(&p, "/NetworkDriver.CreateEndpoint", json!({"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": a1}}));
+        let orphan = addr(&p, &pool_id);
+        // A pool whose network is of another driver: its addresses have no endpoint here.
+        let other = ok(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.6.0/24"}))["PoolID"].as_str().unwrap().to_string();
+        let foreign = addr(&p, &other);
+        // A `docker network create` whose `RequestPool` was answered.
+        let pool7 = ok(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.7.0/24"}))["PoolID"].as_str().unwrap().to_string();
+        // The router restarts; Docker's calls it retried meanwhile come.
+        let at_start = p.state();
+        let p = Plugin::new(fake.clone(), at_start.clone(), None);
+        ok(&p, "/NetworkDriver.Join", json!({"NetworkID": NET, "EndpointID": EP, "SandboxKey": "/var/run/docker/netns/y"}));
+        ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": pool7, "Options": {"RequestAddressType": "com.docker.network.gateway"}}));
+        let later = addr(&p, &pool_id);
+        let gone = p.forget_stale(&at_start, |_| Ok(Some(vec![])), || Ok(vec!["10.40.5.0/24".into(), "10.40.6.0/24".into()]));
+        assert!(gone.is_empty(), "an endpoint Docker joined after the restart was forgotten: {gone:?}");
+        assert!(p.state().pools.contains_key(&pool7), "a pool whose gateway Docker asked for after the restart was released");
+        assert_eq!(fake.exposed.lock().unwrap().len(), 1);
+        assert!(p.state().endpoints[EP].joined);
+        assert!(fake.ports.lock().unwrap().contains("vmd0123456789ab"), "the joined endpoint's port was deleted");
+        assert!(fake.allocated.lock().unwrap().contains_key(&ip(&a1)));
+        // Docker no longer retries: the orphan goes, the rest stays.
+        assert_eq!(p.forget_orphans(&at_start), vec![ip(&orphan)]);
+        let held: Vec<Ipv4Addr> = fake.allocated.lock().unwrap().keys().copied().collect();
+        let mut want = vec![ip(&a1), ip(&later), ip(&foreign)];
+        want.sort();
+        assert_eq!(held, want);
+        assert!(!p.state().pools[&pool_id].addresses.contains_key(&ip(&orphan).to_string()));
+        assert!(p.forget_orphans(&at_start).is_empty(), "nothing more to free");
+        // The freed address is handed out again.
+        assert_eq!(ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": pool_id, "Address": ip(&orphan).to_string()}))["Address"], orphan);
     }
 
     #[test]

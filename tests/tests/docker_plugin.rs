@@ -437,12 +437,32 @@ fn docker_plugin_networks_and_restarted_containers() {
     eprintln!("restart: {r1} back on {addr1}");
 
     // Stopped: kept (address reserved); started: back; removed: released.
+    let netns_inode = |c: &str| {
+        let pid = docker(&["inspect", "-f", "{{.State.Pid}}", c]).expect_ok("docker inspect").stdout.trim().to_string();
+        std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0)
+    };
+    let inode1 = netns_inode(&r1);
     docker(&["stop", "-t", "1", &r1]).expect_ok("docker stop");
     std::thread::sleep(SECS(2));
     assert!(a.json(&["ps", "--json"]).as_array().unwrap().iter().any(|e| e["target"] == r1.as_str()), "stopped container forgotten");
     assert_eq!(a.holder(&ip1), Some(key1.clone()), "the stopped container's address was released");
+    // Another container attached while r1 is stopped; the kernel hands out
+    // namespace inode numbers again (lowest first), so its namespace usually
+    // has r1's old one. r1 keeps its record and address all the same (before,
+    // attaching r3 forgot r1 and freed its address: r1 came back with none).
+    let r3 = w.name("mnr3");
+    w.run_container(&r3, &["--network", "none", &image, "sleep", "3600"]).expect_ok("docker run r3");
+    let inode3 = netns_inode(&r3);
+    eprintln!("r1's old namespace inode {inode1}, r3's {inode3}{}", if inode1 == inode3 { " (reused)" } else { "" });
+    a.meshnet(&["attach", &r3]).expect_ok("attach r3 by name while r1 is stopped");
+    assert!(a.json(&["ps", "--json"]).as_array().unwrap().iter().any(|e| e["target"] == r1.as_str()), "stopped r1 forgotten when r3 was attached");
+    assert_eq!(a.holder(&ip1), Some(key1.clone()), "the stopped container's address was released when r3 was attached");
     docker(&["start", &r1]).expect_ok("docker start");
     assert!(wait_until(SECS(20), || pings(&r2, &ip1, 1)), "{r1} is not back on {ip1} after docker start");
+    let ps = a.json(&["ps", "--json"]);
+    let entry = ps.as_array().unwrap().iter().find(|e| e["target"] == r1.as_str()).cloned().unwrap_or_default();
+    assert_eq!(entry["addresses"], serde_json::json!([addr1]), "{ps:#}");
+    assert!(pings(&r3, &ip1, 1) || wait_until(SECS(10), || pings(&r3, &ip1, 1)), "{r3} cannot ping {r1} ({ip1})");
     docker(&["rm", "-f", &r1]).expect_ok("docker rm -f r1");
     assert!(wait_until(SECS(10), || a.holder(&ip1).is_none()), "{ip1} still allocated after docker rm -f");
     assert!(
