@@ -726,6 +726,12 @@ impl Mesh {
         let now = self.now_ms();
         let out = g.gossip.connected(id, peer, capabilities & CAP_GOSSIP_DIGEST != 0, now, &g.topology);
         self.perform(g, out);
+        // A peer back within one route computation missed what changed meanwhile.
+        g.ipam.ipam.neighbour_connected();
+        if let Some(h) = g.ipam6.as_mut() {
+            h.ipam.neighbour_connected();
+        }
+        self.ipam_flush(g);
         // DNS sets are checked with keys the topology pins: a set whose owner
         // is not pinned yet is refused and comes again with the DNS digests.
         crate::dns::connected(&self.dns, g, id);

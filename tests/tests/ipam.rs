@@ -11,7 +11,8 @@
 //! 2. `kill -9` a router right after two attaches, relaunch: same addresses, new
 //!    attaches anywhere never duplicate one, pings work
 //! 3. `rmpeer` of a dead host: its space is unreachable until then (an allocation
-//!    needing it waits and fails), afterwards it is usable
+//!    needing it waits and fails), afterwards it is usable; 3b. a host removed
+//!    while down comes back with its state: it refuses the takeover loudly
 //! 4. `--ipalloc-init consensus=3`: alone no agreement (attach fails saying so),
 //!    with a second host `prime` succeeds, a late third host gets addresses
 //! 5. bad IPAM input fails clearly and changes nothing; 5b. a bare CIDR held by
@@ -709,6 +710,83 @@ fn rmpeer_takes_over_a_dead_hosts_space() {
         used.len()
     );
     assert_reaches(&c1, &ip_of(ours.last().expect("one")), SECS(10));
+}
+
+/// Scenario 3b: a host removed with `rmpeer` while it was down comes back with
+/// its state. Its old range is someone else's now: it must refuse the takeover
+/// loudly (log, `status ipam` of both sides), never hand out that range quietly
+/// alongside the taker, and the others keep the takeover.
+#[test]
+fn a_host_removed_while_down_refuses_the_takeover_when_back() {
+    const RANGE: &str = "10.34.0.0/28";
+    let Some(lab) = Lab::new("rmback") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let opts = ["--ipalloc-range", RANGE];
+    let n1 = h1.launch(&opts);
+    let n2 = h2.launch(&[&opts[..], &[h1.ip.as_str()]].concat());
+    let n3 = h3.launch(&[&opts[..], &[h2.ip.as_str()]].concat());
+    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
+    let c3 = lab.add_container(&h3, 3);
+    let a3 = attach_one(&h3, &c3, &[]);
+    let owns = wait_until(SECS(10), || {
+        owner(&ipam(&h1), &n3).is_some_and(|o| o["size"].as_u64().unwrap_or(0) > 0)
+    });
+    assert!(owns, "h1 does not see h3 ({n3}) owning space: {:#}", ipam(&h1));
+    let h3_size = owner(&ipam(&h3), &n3).and_then(|o| o["size"].as_u64()).unwrap_or(0);
+
+    // h3 dies; once both others see it gone, h1 removes it.
+    kill9(&h3);
+    let gone = wait_until(SECS(30), || {
+        [&h1, &h2]
+            .iter()
+            .all(|h| owner(&ipam(h), &n3).is_some_and(|o| o["reachable"] == false))
+    });
+    assert!(gone, "h1 and h2 do not both see h3 unreachable: {:#} {:#}", ipam(&h1), ipam(&h2));
+    h1.meshnet(&["rmpeer", &n3]).expect_ok("rmpeer h3 on h1");
+    let taken = wait_until(SECS(10), || owner(&ipam(&h2), &n3).is_none());
+    assert!(taken, "h2 did not take h1's takeover: {:#}", ipam(&h2));
+
+    // h3 comes back with its state (and its allocation of a3).
+    let again = h3.launch(&opts);
+    assert_eq!(again, n3, "h3 changed its peer name");
+    let says = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("took over this peer's range") && l.contains(&n1))
+            .map(String::from)
+    };
+    let refused = wait_until(SECS(30), || says(&h3.log()).is_some());
+    assert!(refused, "h3's log does not refuse h1's takeover of its range: {}", h3.log());
+    eprintln!("h3: {}", says(&h3.log()).unwrap_or_default());
+    let v3 = ipam(&h3);
+    let listed = v3["peer_conflicts"]
+        .as_array()
+        .is_some_and(|cs| cs.iter().any(|c| c["error"].as_str().is_some_and(|e| e.contains("rmpeer") && e.contains(&n1))));
+    assert!(listed, "h3's status ipam does not list the refusal: {v3:#}");
+    let text = h3.meshnet(&["status", "ipam"]).expect_ok("status ipam on h3");
+    assert!(text.stdout.contains("Refused peers"), "{text}");
+    // The side that sent it hears why it was refused.
+    let told = wait_until(SECS(20), || {
+        [&h1, &h2].iter().any(|h| {
+            ipam(h)["peer_conflicts"]
+                .as_array()
+                .is_some_and(|cs| cs.iter().any(|c| c["peer"] == n3.as_str()))
+        })
+    });
+    assert!(told, "neither h1 nor h2 lists h3's refusal: {:#} {:#}", ipam(&h1), ipam(&h2));
+    // Nothing was taken back or given up: h3 keeps its view and its container,
+    // h1 and h2 keep the takeover.
+    assert!(
+        owner(&ipam(&h3), &n3).is_some_and(|o| o["size"].as_u64() == Some(h3_size)),
+        "h3 changed its ring: {:#}",
+        ipam(&h3)
+    );
+    assert!(ipam_allocs(&ipam(&h3)).contains_key(&ip_of(&a3)), "h3 forgot {a3}: {:#}", ipam(&h3));
+    for h in [&h1, &h2] {
+        assert!(owner(&ipam(h), &n3).is_none(), "{} gave h3 its range back: {:#}", h.ns, ipam(h));
+    }
 }
 
 /// Scenario 4: `--ipalloc-init consensus=3` blocks allocation until the third

@@ -12,6 +12,10 @@ use std::sync::Arc;
 
 use super::paxos::{decision_quorum, Ballot, Out, Paxos, SignedValue, MAX_PARTICIPANTS};
 use super::ring::{free_in, Entry, Ring, MAX_SEEDS, TAKEOVER_JUMP};
+
+/// At most this many old owners, and signers per owner, are remembered in
+/// `Ipam::early_takeovers` (each is one sync request later).
+const MAX_EARLY_TAKEOVERS: usize = 16;
 use super::space::{self, addr_value, clip, Addr, Cidr};
 use super::wire::{
     self, Body, Decision, Envelope, Gossip, Outcome, Packet, PaxosState, Proof, Snapshot, DOMAIN_ENTRY,
@@ -118,6 +122,11 @@ pub struct Ipam {
     hold_rebase: bool,
     last_sync: BTreeMap<PeerName, u64>,
     last_sync_req: BTreeMap<PeerName, u64>,
+    /// Takeovers (`rmpeer`) dropped because their old owner was still reachable
+    /// here: old owner -> the peers that signed them. Their full state is asked
+    /// for again once that owner is unreachable here too (an `rmpeer` run right
+    /// after a death that another peer notices a little later). Not persisted.
+    early_takeovers: BTreeMap<PeerName, BTreeSet<PeerName>>,
     /// When the ring became agreed here (0 if it was at start or restore).
     agreed_at: u64,
     transmits: VecDeque<(Dest, Vec<u8>)>,
@@ -214,6 +223,7 @@ impl Ipam {
             hold_rebase: false,
             last_sync: BTreeMap::new(),
             last_sync_req: BTreeMap::new(),
+            early_takeovers: BTreeMap::new(),
             agreed_at: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -626,8 +636,28 @@ impl Ipam {
         }
         self.space_asks.retain(|_, a| new.contains(&a.peer));
         self.claim_asks.retain(|_, a| new.contains(&a.peer));
+        // Takeovers of a peer that was reachable when they came: ask their signers
+        // again now that it is gone from here too.
+        let gone: Vec<PeerName> = self.early_takeovers.keys().copied().filter(|p| !new.contains(p)).collect();
         self.live = Some(new);
+        for owner in gone {
+            for by in self.early_takeovers.remove(&owner).unwrap_or_default() {
+                if self.is_live(by) {
+                    self.last_sync_req.remove(&by);
+                    self.request_sync(by);
+                }
+            }
+        }
         self.progress();
+    }
+
+    /// A connection to a neighbour was established: it gets my full state (with
+    /// my binding). A peer restarted faster than the topology noticed it was
+    /// gone is no new peer to [`Ipam::peers_changed`], yet it missed everything
+    /// that changed while it was down (a takeover of its ranges among them).
+    pub fn neighbour_connected(&mut self) {
+        self.full_due = true;
+        self.sent_binding = false;
     }
 
     /// What `meshnet status ipam` shows.
@@ -1273,6 +1303,10 @@ impl Ipam {
     /// may write them, given my view `base`. Returns them,
     /// their proofs, proofs of entries I hold unsigned with the same content, and
     /// the owners to ask for their full state (entries I could not verify yet).
+    ///
+    /// Takeovers dropped because their old owner is still reachable here are
+    /// added to `early` (old owner, signer). Err if another peer claims one of
+    /// my ranges ([`IpamError::RangeTakenOver`]).
     #[allow(clippy::type_complexity)]
     fn verify_entries(
         &self,
@@ -1281,7 +1315,8 @@ impl Ipam {
         g: &Gossip,
         keys: &KeyBook,
         drops: &mut DropStats,
-    ) -> (Vec<(Addr, Entry)>, BTreeMap<Addr, Proof>, Vec<(Addr, Proof)>, BTreeSet<PeerName>) {
+        early: &mut Vec<(PeerName, PeerName)>,
+    ) -> Result<(Vec<(Addr, Entry)>, BTreeMap<Addr, Proof>, Vec<(Addr, Proof)>, BTreeSet<PeerName>), IpamError> {
         let mut overlay: BTreeMap<Addr, Entry> = BTreeMap::new();
         let mut out = Vec::new();
         let mut proofs = BTreeMap::new();
@@ -1315,12 +1350,27 @@ impl Ipam {
             let mut candidates: Vec<(PeerName, bool)> = Vec::new();
             let mut takeover = false;
             match cur {
+                Some(c) if c.owner == self.me && e.owner == proof.by && e.owner != self.me && e != c => {
+                    // Another peer signed a claim on a range of mine, at a version I
+                    // never wrote. I am the only writer of my ranges, so it took
+                    // them over: `rmpeer` of me while I was down, or of the peer I
+                    // took them from on two routers. Either way both of us would
+                    // hand out the same addresses: refuse it, loudly.
+                    return Err(IpamError::RangeTakenOver {
+                        peer: src,
+                        by: proof.by,
+                        start: self.universe.ip(s),
+                        theirs: e.version,
+                        ours: c.version,
+                    });
+                }
                 Some(c) => {
                     candidates.push((c.owner, e.owner != c.owner || e.size <= c.size));
-                    takeover = proof.by == e.owner
-                        && c.owner != self.me
-                        && !self.is_live(c.owner)
-                        && e.version >= c.version.saturating_add(TAKEOVER_JUMP);
+                    let shaped = proof.by == e.owner && e.version >= c.version.saturating_add(TAKEOVER_JUMP);
+                    takeover = shaped && c.owner != self.me && !self.is_live(c.owner);
+                    if shaped && c.owner != self.me && !takeover && early.len() < MAX_EARLY_TAKEOVERS {
+                        early.push((c.owner, proof.by));
+                    }
                 }
                 None => {
                     let fit = |(cs, c): (Addr, Entry)| (c.owner, s + e.size <= cs + c.size);
@@ -1383,7 +1433,7 @@ impl Ipam {
             proofs.insert(s, *proof);
             out.push((s, e));
         }
-        (out, proofs, fills, ask)
+        Ok((out, proofs, fills, ask))
     }
 
     /// Refuses a merge that would leave one of my allocations outside my ranges.
@@ -1445,7 +1495,18 @@ impl Ipam {
                 None // another ring: refused or synced below, entries unused
             };
             if let Some(base) = base {
-                let (entries, p, f, a) = self.verify_entries(src, base, &g, keys, &mut drops);
+                let mut early = Vec::new();
+                let (entries, p, f, a) = self.verify_entries(src, base, &g, keys, &mut drops, &mut early)?;
+                for (owner, by) in early {
+                    let signers = self.early_takeovers.entry(owner).or_default();
+                    if signers.len() < MAX_EARLY_TAKEOVERS {
+                        signers.insert(by);
+                    }
+                }
+                self.early_takeovers.retain(|_, v| !v.is_empty());
+                while self.early_takeovers.len() > MAX_EARLY_TAKEOVERS {
+                    self.early_takeovers.pop_first();
+                }
                 g.entries = entries;
                 proofs = p;
                 fills = f;

@@ -519,6 +519,8 @@ pub enum IpamError {
     InconsistentEntry { peer: PeerName, start: IpAddr, version: u64 },
     #[error("peer {peer} says the range holding {ip} (allocated here to {target}) belongs to {owner} (was this peer rmpeer'd while running?)")]
     OwnershipConflict { peer: PeerName, ip: IpAddr, target: String, owner: PeerName },
+    #[error("peer {by} took over this peer's range at {start} (its version {theirs}, this peer's {ours}; sent by {peer}): `meshnet rmpeer` removed this router while it was down, or it was run on two routers for the peer whose range this router took over. Both hand out the same addresses: refused. Run `meshnet reset` on this router (`reset --force` if no peer accepts it) and launch it afresh")]
+    RangeTakenOver { peer: PeerName, by: PeerName, start: IpAddr, theirs: u64, ours: u64 },
     #[error("peer {peer} sent consensus claims of {participant} that contradict this peer's")]
     InconsistentClaims { peer: PeerName, participant: PeerName },
 
@@ -540,6 +542,7 @@ impl IpamError {
                 | IpamError::DifferentRings { .. }
                 | IpamError::InconsistentEntry { .. }
                 | IpamError::OwnershipConflict { .. }
+                | IpamError::RangeTakenOver { .. }
                 | IpamError::InconsistentClaims { .. }
         )
     }

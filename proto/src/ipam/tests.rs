@@ -594,16 +594,15 @@ fn conflicts_are_refused_and_change_nothing() {
     assert!(matches!(a.nodes[0].handle_message(p(7), &bytes, 1, &mut a.keys[0]), Err(IpamError::RangeMismatch { .. })));
     assert_eq!(a.nodes[0].snapshot(), before);
     // Someone "takes over" my range that holds an allocation (rmpeer on a live
-    // peer): entries of mine I did not sign are dropped and counted, no conflict.
+    // peer): a conflict naming it; nothing applied.
     let mut thief = new_ipam(p(2), u(), InitMode::Seed(vec![p(1), p(2)])).unwrap();
     thief.peers_changed(&[]);
     thief.rmpeer(p(1)).unwrap();
     while thief.poll_transmit().is_some() {}
     thief.peers_changed(&[p(5)]); // a newly reachable peer: full state to the neighbours
     let (_, bytes) = thief.poll_transmit().unwrap();
-    let forged = a.nodes[0].drops().forged_entries;
-    a.nodes[0].handle_message(p(2), &bytes, 1, &mut a.keys[0]).unwrap();
-    assert_eq!(a.nodes[0].drops().forged_entries, forged + 1);
+    let e = a.nodes[0].handle_message(p(2), &bytes, 1, &mut a.keys[0]).unwrap_err();
+    assert!(e.is_conflict() && matches!(e, IpamError::RangeTakenOver { by, .. } if by == p(2)), "{e}");
     assert_eq!(a.nodes[0].snapshot(), before);
     // Garbage.
     for junk in [&b""[..], &b"\x01"[..], &b"\x02abc"[..], &[1u8, 0xff, 0xff, 0xff, 0xff][..]] {
@@ -660,6 +659,107 @@ fn rmpeer_takes_dead_space_and_reset_hands_over() {
     m.up[1] = false;
     m.topology();
     assert_eq!(m.nodes[0].reset(), Err(IpamError::NoLivePeer));
+}
+
+/// Owners and sizes in `n`'s view of the ring.
+fn owned(n: &Ipam) -> Vec<(PeerName, u128)> {
+    n.status().owners.iter().map(|o| (o.peer, o.size)).collect()
+}
+
+#[test]
+fn a_peer_removed_while_down_refuses_the_takeover_loudly() {
+    let mut m = seeded(3);
+    m.run();
+    let mine = ready(m.alloc(2, "c3", any()));
+    m.run();
+    let snap = m.nodes[2].snapshot();
+    // Peer 3 goes down; peer 1 removes it and takes its space (and may hand out `mine`).
+    m.up[2] = false;
+    m.topology();
+    assert_eq!(m.nodes[0].rmpeer(p(3)), Ok(342));
+    m.run();
+    assert_eq!(m.nodes[1].ring_bytes(), m.nodes[0].ring_bytes());
+    // It comes back with its state: it must not go on handing out its old range.
+    m.nodes[2] = restore_ipam(p(3), u(), InitMode::Seed(vec![p(1), p(2), p(3)]), Config::default(), &snap).unwrap();
+    m.up[2] = true;
+    m.topology();
+    m.tolerate = true;
+    m.run();
+    let refused: Vec<&IpamError> = m.errors.iter().filter(|(j, _)| *j == 2).map(|(_, e)| e).collect();
+    assert!(!refused.is_empty(), "peer 3 took the takeover of its own range silently: {:?}", m.errors);
+    for e in &refused {
+        assert!(matches!(e, IpamError::RangeTakenOver { by, .. } if *by == p(1)), "{e}");
+        assert!(e.is_conflict());
+        assert!(e.to_string().contains("rmpeer"), "{e}");
+    }
+    // Nothing was applied on either side: peer 3 still holds its address, the others keep the takeover.
+    assert!(m.nodes[2].allocations().any(|(ip, _)| ip == mine));
+    assert!(owned(&m.nodes[2]).iter().any(|&(o, size)| o == p(3) && size == 342));
+    assert!(owned(&m.nodes[0]).iter().all(|&(o, _)| o != p(3)));
+    assert_eq!(m.nodes[1].ring_bytes(), m.nodes[0].ring_bytes());
+    assert!(m.errors.iter().all(|(j, _)| *j == 2), "{:?}", m.errors);
+}
+
+#[test]
+fn rmpeer_run_on_two_peers_at_once_is_a_conflict_not_a_silent_split() {
+    let mut m = seeded(3);
+    m.run();
+    m.up[2] = false;
+    m.topology();
+    assert_eq!(m.nodes[0].rmpeer(p(3)), Ok(342));
+    assert_eq!(m.nodes[1].rmpeer(p(3)), Ok(342));
+    m.tolerate = true;
+    m.run();
+    // Both would hand out the same 342 addresses: each refuses the other's takeover.
+    for me in [0, 1] {
+        assert!(
+            m.errors.iter().any(|(j, e)| *j == me && matches!(e, IpamError::RangeTakenOver { .. })),
+            "peer {} did not notice: {:?}",
+            me + 1,
+            m.errors
+        );
+    }
+}
+
+#[test]
+fn a_takeover_that_came_while_the_old_owner_looked_alive_is_fetched_once_it_is_gone() {
+    let mut m = seeded(3);
+    m.run();
+    // Peer 3 dies; peer 1 notices first and removes it at once.
+    m.up[2] = false;
+    m.nodes[0].peers_changed(&[p(1), p(2)]);
+    assert_eq!(m.nodes[0].rmpeer(p(3)), Ok(342));
+    m.run();
+    // Peer 2 still sees peer 3: the takeover cannot be told from a forgery yet.
+    assert!(owned(&m.nodes[1]).contains(&(p(3), 342)));
+    assert!(m.nodes[1].drops().unverifiable_entries > 0);
+    // Once peer 2 notices the death too, it asks peer 1 again (not 30 s later with a digest).
+    m.nodes[1].peers_changed(&[p(1), p(2)]);
+    m.run();
+    assert_eq!(m.nodes[1].ring_bytes(), m.nodes[0].ring_bytes());
+    assert_eq!(m.nodes[1].status().unreachable_space, 0);
+}
+
+#[test]
+fn a_neighbour_reconnecting_gets_what_changed_while_it_was_away() {
+    let mut m = seeded(4);
+    m.run();
+    // Peer 4 dies for good; peer 3 restarts meanwhile, faster than the topology
+    // notices (nobody's view of it changes), and misses peer 1's takeover.
+    m.up[3] = false;
+    m.topology();
+    let snap = m.nodes[2].snapshot();
+    m.up[2] = false;
+    assert_eq!(m.nodes[0].rmpeer(p(4)), Ok(256));
+    m.run();
+    m.nodes[2] = restore_ipam(p(3), u(), InitMode::Seed((1..=4).map(p).collect()), Config::default(), &snap).unwrap();
+    m.up[2] = true;
+    m.nodes[2].peers_changed(&[p(1), p(2), p(3)]);
+    // Its neighbours see new connections to it (the daemon's call).
+    m.nodes[0].neighbour_connected();
+    m.nodes[1].neighbour_connected();
+    m.run();
+    assert_eq!(m.nodes[2].ring_bytes(), m.nodes[0].ring_bytes());
 }
 
 #[test]
@@ -879,10 +979,13 @@ fn forged_entries_are_dropped_and_counted() {
         m.nodes[j].handle_message(p(9), &bytes, m.now, keys)
     };
     let before: Vec<_> = m.nodes.iter_mut().map(state).collect();
-    // 1. The victim's own range, claimed by the attacker under its own signature.
+    // 1. The victim's own range, claimed by a member under its own signature (it
+    //    took over a live peer's range): a conflict naming the signer, as in Weave;
+    //    nothing applied.
     let own_sig = entry_proof(&ms, p(9), rid, start, &stolen);
-    send(&mut m, 0, own_sig, vec![me_binding.clone()]).unwrap();
-    assert_eq!(m.nodes[0].drops().forged_entries, 1);
+    let e = send(&mut m, 0, own_sig, vec![me_binding.clone()]).unwrap_err();
+    assert!(e.is_conflict() && matches!(e, IpamError::RangeTakenOver { by, .. } if by == p(9)), "{e}");
+    assert_eq!(m.nodes[0].drops().forged_entries, 0);
     // 2. A third peer: a live owner's range signed by someone else is not believed
     //    (and the owner is asked for its state).
     send(&mut m, 1, own_sig, vec![me_binding.clone()]).unwrap();
