@@ -727,9 +727,9 @@ impl Mesh {
         let out = g.gossip.connected(id, peer, capabilities & CAP_GOSSIP_DIGEST != 0, now, &g.topology);
         self.perform(g, out);
         // A peer back within one route computation missed what changed meanwhile.
-        g.ipam.ipam.neighbour_connected();
+        g.ipam.ipam.neighbour_connected(peer);
         if let Some(h) = g.ipam6.as_mut() {
-            h.ipam.neighbour_connected();
+            h.ipam.neighbour_connected(peer);
         }
         self.ipam_flush(g);
         // DNS sets are checked with keys the topology pins: a set whose owner

@@ -12,10 +12,6 @@ use std::sync::Arc;
 
 use super::paxos::{decision_quorum, Ballot, Out, Paxos, SignedValue, MAX_PARTICIPANTS};
 use super::ring::{free_in, Entry, Ring, MAX_SEEDS, TAKEOVER_JUMP};
-
-/// At most this many old owners, and signers per owner, are remembered in
-/// `Ipam::early_takeovers` (each is one sync request later).
-const MAX_EARLY_TAKEOVERS: usize = 16;
 use super::space::{self, addr_value, clip, Addr, Cidr};
 use super::wire::{
     self, Body, Decision, Envelope, Gossip, Outcome, Packet, PaxosState, Proof, Snapshot, DOMAIN_ENTRY,
@@ -29,6 +25,10 @@ use super::{
 use crate::identity::Identity;
 use crate::peer::PeerName;
 use crate::trust::{Binding, KeyBook, Signature, Signer, TrustError};
+
+/// At most this many old owners, and signers per owner, are remembered in
+/// `Ipam::early_takeovers` (each is one sync request later).
+const MAX_EARLY_TAKEOVERS: usize = 16;
 
 /// Most failed requests remembered for the next `allocate` call.
 const MAX_FAILED: usize = 1024;
@@ -127,6 +127,10 @@ pub struct Ipam {
     /// for again once that owner is unreachable here too (an `rmpeer` run right
     /// after a death that another peer notices a little later). Not persisted.
     early_takeovers: BTreeMap<PeerName, BTreeSet<PeerName>>,
+    /// Starts this peer took over with [`Ipam::rmpeer`] since it started, with
+    /// their versions before: another takeover of one of them is a conflict
+    /// (`rmpeer` of one peer run on two routers). Not persisted.
+    taken_over: BTreeMap<Addr, u64>,
     /// When the ring became agreed here (0 if it was at start or restore).
     agreed_at: u64,
     transmits: VecDeque<(Dest, Vec<u8>)>,
@@ -224,6 +228,7 @@ impl Ipam {
             last_sync: BTreeMap::new(),
             last_sync_req: BTreeMap::new(),
             early_takeovers: BTreeMap::new(),
+            taken_over: BTreeMap::new(),
             agreed_at: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -556,6 +561,11 @@ impl Ipam {
             return Err(IpamError::PeerReachable(dead));
         }
         let changed = self.ring.reassign_all(dead, self.me, TAKEOVER_JUMP);
+        for &s in &changed {
+            if let Some(e) = self.ring.get(s) {
+                self.taken_over.insert(s, e.version.saturating_sub(TAKEOVER_JUMP));
+            }
+        }
         let total: u128 = changed.iter().filter_map(|s| self.ring.get(*s)).fold(0u128, |t, e| t.saturating_add(e.size));
         for &s in &changed {
             self.recompute_free(s);
@@ -651,13 +661,22 @@ impl Ipam {
         self.progress();
     }
 
-    /// A connection to a neighbour was established: it gets my full state (with
-    /// my binding). A peer restarted faster than the topology noticed it was
-    /// gone is no new peer to [`Ipam::peers_changed`], yet it missed everything
-    /// that changed while it was down (a takeover of its ranges among them).
-    pub fn neighbour_connected(&mut self) {
-        self.full_due = true;
-        self.sent_binding = false;
+    /// A connection to neighbour `peer` was established: it gets my full state
+    /// (with the bindings of its signers). A peer restarted faster than the
+    /// topology noticed it was gone is no new peer to [`Ipam::peers_changed`],
+    /// yet it missed everything that changed while it was down (a takeover of
+    /// its ranges among them).
+    pub fn neighbour_connected(&mut self, peer: PeerName) {
+        if peer == self.me {
+            return;
+        }
+        if self.ring.is_agreed() {
+            self.last_sync.remove(&peer);
+            self.send_sync(peer);
+        } else {
+            self.full_due = true;
+            self.sent_binding = false;
+        }
     }
 
     /// What `meshnet status ipam` shows.
@@ -1350,12 +1369,18 @@ impl Ipam {
             let mut candidates: Vec<(PeerName, bool)> = Vec::new();
             let mut takeover = false;
             match cur {
-                Some(c) if c.owner == self.me && e.owner == proof.by && e.owner != self.me && e != c => {
-                    // Another peer signed a claim on a range of mine, at a version I
-                    // never wrote. I am the only writer of my ranges, so it took
-                    // them over: `rmpeer` of me while I was down, or of the peer I
-                    // took them from on two routers. Either way both of us would
-                    // hand out the same addresses: refuse it, loudly.
+                Some(c)
+                    if c.owner == self.me
+                        && e.owner == proof.by
+                        && e.owner != self.me
+                        && e.version >= self.taken_over.get(&s).copied().unwrap_or(c.version).saturating_add(TAKEOVER_JUMP / 2) =>
+                {
+                    // Another peer signed a takeover of a range of mine (its version
+                    // jumped as only `rmpeer` makes it: my own edits add one each):
+                    // `rmpeer` of me while I was down, or of the peer I took it
+                    // from, on two routers. Both of us would hand out the same
+                    // addresses: refuse it, loudly. (A claim without the jump is
+                    // no takeover, only a forgery: dropped and counted below.)
                     return Err(IpamError::RangeTakenOver {
                         peer: src,
                         by: proof.by,
@@ -1368,7 +1393,7 @@ impl Ipam {
                     candidates.push((c.owner, e.owner != c.owner || e.size <= c.size));
                     let shaped = proof.by == e.owner && e.version >= c.version.saturating_add(TAKEOVER_JUMP);
                     takeover = shaped && c.owner != self.me && !self.is_live(c.owner);
-                    if shaped && c.owner != self.me && !takeover && early.len() < MAX_EARLY_TAKEOVERS {
+                    if shaped && c.owner != self.me && !takeover && early.len() < MAX_EARLY_TAKEOVERS && !early.contains(&(c.owner, proof.by)) {
                         early.push((c.owner, proof.by));
                     }
                 }
