@@ -30,6 +30,16 @@ use crate::trust::{Binding, KeyBook, Signature, Signer, TrustError};
 /// `Ipam::early_takeovers` (each is one sync request later).
 const MAX_EARLY_TAKEOVERS: usize = 16;
 
+/// A takeover dropped because its old owner was still reachable here (see
+/// `Ipam::early_takeovers`): one of its entries, to show that owner.
+struct EarlyTakeover {
+    owner: PeerName,
+    by: PeerName,
+    start: Addr,
+    entry: Entry,
+    proof: Proof,
+}
+
 /// Most failed requests remembered for the next `allocate` call.
 const MAX_FAILED: usize = 1024;
 /// How often the claim of an address in conflict is tried again.
@@ -1324,7 +1334,7 @@ impl Ipam {
     /// the owners to ask for their full state (entries I could not verify yet).
     ///
     /// Takeovers dropped because their old owner is still reachable here are
-    /// added to `early` (old owner, signer). Err if another peer claims one of
+    /// added to `early` (one per old owner and signer). Err if another peer claims one of
     /// my ranges ([`IpamError::RangeTakenOver`]).
     #[allow(clippy::type_complexity)]
     fn verify_entries(
@@ -1334,7 +1344,7 @@ impl Ipam {
         g: &Gossip,
         keys: &KeyBook,
         drops: &mut DropStats,
-        early: &mut Vec<(PeerName, PeerName)>,
+        early: &mut Vec<EarlyTakeover>,
     ) -> Result<(Vec<(Addr, Entry)>, BTreeMap<Addr, Proof>, Vec<(Addr, Proof)>, BTreeSet<PeerName>), IpamError> {
         let mut overlay: BTreeMap<Addr, Entry> = BTreeMap::new();
         let mut out = Vec::new();
@@ -1393,8 +1403,13 @@ impl Ipam {
                     candidates.push((c.owner, e.owner != c.owner || e.size <= c.size));
                     let shaped = proof.by == e.owner && e.version >= c.version.saturating_add(TAKEOVER_JUMP);
                     takeover = shaped && c.owner != self.me && !self.is_live(c.owner);
-                    if shaped && c.owner != self.me && !takeover && early.len() < MAX_EARLY_TAKEOVERS && !early.contains(&(c.owner, proof.by)) {
-                        early.push((c.owner, proof.by));
+                    if shaped
+                        && c.owner != self.me
+                        && !takeover
+                        && early.len() < MAX_EARLY_TAKEOVERS
+                        && !early.iter().any(|t| t.owner == c.owner && t.by == proof.by)
+                    {
+                        early.push(EarlyTakeover { owner: c.owner, by: proof.by, start: s, entry: e, proof: *proof });
                     }
                 }
                 None => {
@@ -1522,10 +1537,25 @@ impl Ipam {
             if let Some(base) = base {
                 let mut early = Vec::new();
                 let (entries, p, f, a) = self.verify_entries(src, base, &g, keys, &mut drops, &mut early)?;
-                for (owner, by) in early {
-                    let signers = self.early_takeovers.entry(owner).or_default();
+                for t in early {
+                    let signers = self.early_takeovers.entry(t.owner).or_default();
                     if signers.len() < MAX_EARLY_TAKEOVERS {
-                        signers.insert(by);
+                        signers.insert(t.by);
+                    }
+                    // The old owner is alive here: `rmpeer` raced its return, or it
+                    // is cut off from the taker only. It refuses a takeover of its
+                    // range (a listed conflict) where I can only drop it: show it.
+                    if t.owner != src {
+                        self.keep_binding(t.by);
+                        let gossip = Gossip {
+                            full: false,
+                            ring_id: g.ring_id,
+                            seeds: Vec::new(),
+                            entries: vec![(t.start, t.entry)],
+                            proofs: vec![t.proof],
+                            consensus: 0,
+                        };
+                        self.send_to(t.owner, Body::Gossip(gossip));
                     }
                 }
                 self.early_takeovers.retain(|_, v| !v.is_empty());

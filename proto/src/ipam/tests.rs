@@ -57,6 +57,8 @@ struct Mesh {
     /// when `tolerate` is set.
     errors: Vec<(usize, IpamError)>,
     tolerate: bool,
+    /// Pairs of peers that do not reach each other (both ways).
+    cut: Vec<(usize, usize)>,
 }
 
 impl Mesh {
@@ -66,7 +68,7 @@ impl Mesh {
 
     fn new_in(universe: Cidr, init: impl Fn(usize) -> InitMode, n: usize) -> Mesh {
         let nodes = (0..n).map(|i| new_ipam(p(i as u64 + 1), universe, init(i)).unwrap()).collect();
-        let mut m = Mesh { nodes, keys: vec![KeyBook::new(); n], up: vec![true; n], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
+        let mut m = Mesh { nodes, keys: vec![KeyBook::new(); n], up: vec![true; n], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false, cut: Vec::new() };
         m.topology();
         m
     }
@@ -110,7 +112,7 @@ impl Mesh {
                     Dest::Peer(name) => self.idx(name).into_iter().collect(),
                 };
                 for j in to {
-                    if self.up[j] {
+                    if self.up[j] && !self.cut.contains(&(from, j)) && !self.cut.contains(&(j, from)) {
                         self.sent += 1;
                         if self.log.len() < 10_000 {
                             self.log.push(bytes.clone());
@@ -290,7 +292,7 @@ fn full_peers_ask_and_exhaustion_waits() {
     let seeds = vec![p(1), p(2)];
     let mut nodes: Vec<Ipam> = (1..=2).map(|i| new_ipam(p(i), tiny, InitMode::Seed(seeds.clone())).unwrap()).collect();
     let mut m =
-        Mesh { nodes: std::mem::take(&mut nodes), keys: vec![KeyBook::new(); 2], up: vec![true; 2], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false };
+        Mesh { nodes: std::mem::take(&mut nodes), keys: vec![KeyBook::new(); 2], up: vec![true; 2], now: 0, sent: 0, log: Vec::new(), errors: Vec::new(), tolerate: false, cut: Vec::new() };
     m.topology();
     let mut got = Vec::new();
     for k in 0..6 {
@@ -738,6 +740,27 @@ fn a_takeover_that_came_while_the_old_owner_looked_alive_is_fetched_once_it_is_g
     m.run();
     assert_eq!(m.nodes[1].ring_bytes(), m.nodes[0].ring_bytes());
     assert_eq!(m.nodes[1].status().unreachable_space, 0);
+}
+
+#[test]
+fn a_takeover_of_a_peer_alive_elsewhere_is_shown_to_it() {
+    let mut m = seeded(3);
+    m.run();
+    // Peer 1 lost peer 3 (cut off, or peer 3 was back before the takeover spread)
+    // and removes it; peer 2 still reaches peer 3.
+    m.cut.push((0, 2));
+    m.nodes[0].peers_changed(&[p(1), p(2)]);
+    assert_eq!(m.nodes[0].rmpeer(p(3)), Ok(342));
+    m.tolerate = true;
+    m.run();
+    // Peer 2 cannot believe it (peer 3 is alive here) but shows it to peer 3,
+    // which refuses it loudly instead of both handing out the same addresses.
+    assert!(owned(&m.nodes[1]).contains(&(p(3), 342)));
+    assert!(
+        m.errors.iter().any(|(j, e)| *j == 2 && matches!(e, IpamError::RangeTakenOver { by, .. } if *by == p(1))),
+        "peer 3 never heard of the takeover: {:?}",
+        m.errors
+    );
 }
 
 #[test]
