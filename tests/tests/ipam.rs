@@ -267,6 +267,17 @@ fn wait_meshed(hosts: &[(&Host, &str)], timeout: Duration) {
 }
 
 
+/// Three hosts on `range`, h2 joined to h1 and h3 to h2, meshed. Their names.
+fn three_in_a_line(lab: &Lab, range: &str) -> [(Host, String); 3] {
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let opts = ["--ipalloc-range", range];
+    let n1 = h1.launch(&opts);
+    let n2 = h2.launch(&[&opts[..], &[h1.ip.as_str()]].concat());
+    let n3 = h3.launch(&[&opts[..], &[h2.ip.as_str()]].concat());
+    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
+    [(h1, n1), (h2, n2), (h3, n3)]
+}
+
 fn lower(s: &str) -> String {
     s.to_ascii_lowercase()
 }
@@ -494,12 +505,7 @@ fn rmpeer_takes_over_a_dead_hosts_space() {
         return;
     };
     let _diag = IpamDiag(&lab);
-    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
-    let opts = ["--ipalloc-range", RANGE];
-    let n1 = h1.launch(&opts);
-    let n2 = h2.launch(&[&opts[..], &[h1.ip.as_str()]].concat());
-    let n3 = h3.launch(&[&opts[..], &[h2.ip.as_str()]].concat());
-    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
+    let [(h1, _), (h2, n2), (h3, n3)] = three_in_a_line(&lab, RANGE);
 
     let mut next_c = 1u8;
     let mut new_container = |h: &Host| {
@@ -723,12 +729,7 @@ fn a_host_removed_while_down_refuses_the_takeover_when_back() {
         return;
     };
     let _diag = IpamDiag(&lab);
-    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
-    let opts = ["--ipalloc-range", RANGE];
-    let n1 = h1.launch(&opts);
-    let n2 = h2.launch(&[&opts[..], &[h1.ip.as_str()]].concat());
-    let n3 = h3.launch(&[&opts[..], &[h2.ip.as_str()]].concat());
-    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
+    let [(h1, n1), (h2, _), (h3, n3)] = three_in_a_line(&lab, RANGE);
     let c3 = lab.add_container(&h3, 3);
     let a3 = attach_one(&h3, &c3, &[]);
     let owns = wait_until(SECS(10), || {
@@ -750,7 +751,7 @@ fn a_host_removed_while_down_refuses_the_takeover_when_back() {
     assert!(taken, "h2 did not take h1's takeover: {:#}", ipam(&h2));
 
     // h3 comes back with its state (and its allocation of a3).
-    let again = h3.launch(&opts);
+    let again = h3.launch(&["--ipalloc-range", RANGE]);
     assert_eq!(again, n3, "h3 changed its peer name");
     let says = |log: &str| {
         log.lines()
