@@ -658,7 +658,7 @@ impl Plugin {
         });
         if let Some((id, _)) = bound {
             return Err(format!(
-                "meshnet: address {ip} is not released: endpoint {} on it still exists (a release of an address that was handed out again?)",
+                "meshnet: address {ip} is not released: endpoint {} still has it (Docker releases an address after deleting its endpoint: a release that came late, after the router restarted?)",
                 short(id)
             ));
         }
@@ -1519,7 +1519,7 @@ mod tests {
         ok(&p, "/NetworkDriver.CreateEndpoint", json!({"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": "10.40.0.9/24"}}));
         let before = p.state();
         let e = err(&p, "/IpamDriver.ReleaseAddress", json!({"PoolID": id, "Address": "10.40.0.9"}));
-        assert!(e.contains("endpoint 0123456789ab on it still exists"), "{e}");
+        assert!(e.contains("not released: endpoint 0123456789ab still has it"), "{e}");
         assert_eq!(p.state(), before);
         assert!(fake.allocated.lock().unwrap().contains_key(&"10.40.0.9".parse().unwrap()));
         // Once the endpoint is deleted, the release goes through.

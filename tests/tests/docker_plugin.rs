@@ -846,41 +846,7 @@ fn docker_plugin_across_a_crash_mid_call() {
 
     // 1. Killed in the middle of a Join.
     if run(Command::new("strace").arg("-V"), SECS(10)).ok() {
-        // Held in the first socket it opens once strace is on: the netlink
-        // socket that makes the veth pair, i.e. in the Join; another socket
-        // of the router's (a timer's) spoils the try: let go and try again.
-        let mut cut = None;
-        for attempt in 0..5 {
-            let trace = w.dir.join(format!("strace{attempt}.out"));
-            let p = pid();
-            let mut strace = Command::new("strace")
-                .args(["-f", "-qq", "-p", &p, "-e", "trace=socket", "-e", "inject=socket:delay_exit=30000000:when=1", "-o"])
-                .arg(&trace)
-                .spawn()
-                .expect("strace");
-            std::thread::sleep(SECS(1));
-            let c2 = w.name(&format!("mnk2{attempt}"));
-            w.containers.push(c2.clone());
-            let (image2, net2, c2r) = (image.clone(), net.clone(), c2.clone());
-            let started = std::thread::spawn(move || {
-                run(Command::new("docker").args(["run", "-d", "--pull=never", "--name", &c2r, "--network", &net2, &image2, "sleep", "3600"]), SECS(120))
-            });
-            let traced = || std::fs::read_to_string(&trace).unwrap_or_default();
-            let held = wait_until(SECS(20), || traced().contains("DELAYED"));
-            if held && traced().contains("socket(AF_NETLINK") {
-                run(Command::new("kill").args(["-9", &p]), SECS(10)).expect_ok("kill -9 the router");
-                let _ = strace.kill();
-                let _ = strace.wait();
-                cut = Some((c2, started));
-                break;
-            }
-            eprintln!("crash: try {attempt}: held elsewhere: {}", traced().trim());
-            let _ = strace.kill();
-            let _ = strace.wait();
-            let _ = started.join();
-            let _ = docker(&["rm", "-f", &c2]);
-        }
-        let (c2, started) = cut.expect("the router was never held in a Join");
+        let (c2, started, _) = held_in_a_join(&mut w, &r, &image, &net, "mnk2");
         relaunch();
         let out = started.join().unwrap();
         assert!(out.ok(), "docker run whose Join was cut short by kill -9 failed: {out}\n{}", r.log());
@@ -893,6 +859,31 @@ fn docker_plugin_across_a_crash_mid_call() {
         eprintln!("crash: {c2} started with {ip2} after kill -9 during its Join");
     } else {
         eprintln!("no strace: not killing the router in the middle of a Join");
+    }
+
+    // 1b. Held in a Join for longer than Docker retries it: Docker gives up
+    // and undoes the command (DeleteEndpoint, then ReleaseAddress of its
+    // address X, each retried for 15 s). The router is back while Docker still
+    // retries the release, and another container is started at once. Before,
+    // the start-up check forgot the endpoint and freed X, the new container got
+    // X, and Docker's late release freed it under that container (`status
+    // ipam` no longer held it). Now X stays held until Docker is done, and a
+    // release of an address an endpoint has is refused.
+    if run(Command::new("strace").arg("-V"), SECS(10)).ok() {
+        let (cl, started, t0) = held_in_a_join(&mut w, &r, &image, &net, "mnkl");
+        while t0.elapsed() < SECS(34) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        relaunch();
+        let cn = w.name("mnkn");
+        w.run_container(&cn, &["--network", &net, &image, "sleep", "3600"]).expect_ok("docker run right after the relaunch");
+        let ipn = ip_in(&cn, &net);
+        let out = started.join().unwrap();
+        assert!(!out.ok(), "{cl} started after all: {out}");
+        // Docker's last retry of the release has come.
+        std::thread::sleep(SECS(12));
+        assert!(r.holder(&ipn).is_some_and(|k| k.starts_with("docker-plugin:")), "{cn}'s {ipn} was freed under it by a late release\n{}", r.log());
+        eprintln!("crash: {cn} kept {ipn} across Docker's late release for {cl}");
     }
 
     // 2. Killed with Docker's call unread: the resend gets a clear error.
@@ -942,4 +933,50 @@ fn docker_plugin_across_a_crash_mid_call() {
     let port1 = format!("vmd{}", &ep1.trim()[..12]);
     assert!(ours.contains(&port1), "{c1}'s port {port1} was deleted: {ours}");
     eprintln!("crash: stray {stray} deleted at the relaunch; {keep_name} and {keep_other} kept");
+}
+
+/// Starts `docker run --network net` of a container named `name`+tag on router
+/// `r` and kills the router (`kill -9`) while it is in that container's `Join`:
+/// `strace` holds the router in the first socket it opens, which is the
+/// netlink socket that makes the veth pair; another socket of the router's (a
+/// timer's) spoils the try, which is let go and made again. Returns the
+/// container, the `docker run` under way and when it started.
+fn held_in_a_join(
+    w: &mut World,
+    r: &Router,
+    image: &str,
+    net: &str,
+    name: &str,
+) -> (String, std::thread::JoinHandle<Out>, std::time::Instant) {
+    for attempt in 0..5 {
+        let trace = w.dir.join(format!("strace-{name}{attempt}.out"));
+        let p = std::fs::read_to_string(r.state.join("meshnet.pid")).expect("pid file").trim().to_string();
+        let mut strace = Command::new("strace")
+            .args(["-f", "-qq", "-p", &p, "-e", "trace=socket", "-e", "inject=socket:delay_exit=60000000:when=1", "-o"])
+            .arg(&trace)
+            .spawn()
+            .expect("strace");
+        std::thread::sleep(SECS(1));
+        let c = w.name(&format!("{name}{attempt}"));
+        w.containers.push(c.clone());
+        let (image, net, cr) = (image.to_string(), net.to_string(), c.clone());
+        let t0 = std::time::Instant::now();
+        let started = std::thread::spawn(move || {
+            run(Command::new("docker").args(["run", "-d", "--pull=never", "--name", &cr, "--network", &net, &image, "sleep", "3600"]), SECS(120))
+        });
+        let traced = || std::fs::read_to_string(&trace).unwrap_or_default();
+        let held = wait_until(SECS(20), || traced().contains("DELAYED"));
+        if held && traced().contains("socket(AF_NETLINK") {
+            run(Command::new("kill").args(["-9", &p]), SECS(10)).expect_ok("kill -9 the router");
+            let _ = strace.kill();
+            let _ = strace.wait();
+            return (c, started, t0);
+        }
+        eprintln!("crash: try {attempt}: held elsewhere: {}", traced().trim());
+        let _ = strace.kill();
+        let _ = strace.wait();
+        let _ = started.join();
+        let _ = docker(&["rm", "-f", &c]);
+    }
+    panic!("the router was never held in a Join");
 }
