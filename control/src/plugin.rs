@@ -981,6 +981,25 @@ impl Plugin {
     /// deleted the pair left it there. No other port of the bridge is touched,
     /// nor any other bridge. Returns the ports deleted.
     pub fn delete_stray_ports(&self, docker_endpoints: impl FnOnce() -> std::result::Result<Vec<String>, String>) -> Vec<String> {
+        // Ports of the plugin's naming of no endpoint it knows. A `Join` makes
+        // its port holding the state: none is made while it is held.
+        let unknown = |listed: &[String]| -> std::result::Result<_, ()> {
+            let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let ports = self.host.ports().map_err(|e| log::warn!("docker plugin: listing the bridge's ports: {e:#}"))?;
+            let stray: Vec<String> = ports
+                .into_iter()
+                .filter(|port| {
+                    let Some(stem) = port_stem(port) else { return false };
+                    !guard.endpoints.values().any(|e| e.host_if == *port)
+                        && !listed.iter().any(|id| id.get(..12) == Some(stem))
+                })
+                .collect();
+            Ok((guard, stray))
+        };
+        match unknown(&[]) {
+            Ok((_, stray)) if !stray.is_empty() => {}
+            _ => return Vec::new(),
+        }
         // Ask Docker without holding the state: its calls to us wait meanwhile otherwise.
         let listed = match docker_endpoints() {
             Ok(l) => l,
@@ -989,24 +1008,8 @@ impl Plugin {
                 return Vec::new();
             }
         };
-        // A `Join` makes its port holding the state: none is made meanwhile.
-        let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let ports = match self.host.ports() {
-            Ok(p) => p,
-            Err(e) => {
-                log::warn!("docker plugin: listing the bridge's ports: {e:#}");
-                return Vec::new();
-            }
-        };
-        let stray: Vec<String> = ports
-            .into_iter()
-            .filter(|port| {
-                let Some(stem) = port_stem(port) else { return false };
-                !guard.endpoints.values().any(|e| e.host_if == *port)
-                    && !listed.iter().any(|id| id.get(..12) == Some(stem))
-            })
-            .collect();
-        drop(guard);
+        // Deleted holding the state: a `Join` meanwhile could make a port of that name.
+        let Ok((_guard, stray)) = unknown(&listed) else { return Vec::new() };
         for port in &stray {
             self.host.delete_port(port);
             log::info!(
@@ -1642,6 +1645,8 @@ mod tests {
         assert_eq!(after.len(), before.len() - 1);
         assert!(after.contains("vmd0123456789ab"), "the joined endpoint's port was deleted");
         assert!(p.delete_stray_ports(|| Ok(vec![])).contains(&"vmdfeedfacecafe".to_string()));
+        // Nothing of the plugin's naming left to look at: Docker is not asked.
+        assert!(p.delete_stray_ports(|| panic!("Docker asked with no stray port")).is_empty());
     }
 
     #[test]
