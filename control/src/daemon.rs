@@ -1659,22 +1659,29 @@ fn start_docker_plugin(
     // Containers and networks removed while this router was down: Docker does
     // not call again. (Taken before the plugin serves.)
     let at_start = plugin.state();
-    if !at_start.networks.is_empty() || !at_start.pools.is_empty() {
-        let (p, name) = (plugin.clone(), opts.name.clone());
-        std::thread::spawn(move || {
+    let (p, name) = (plugin.clone(), opts.name.clone());
+    std::thread::spawn(move || {
+        let forget_stale = || {
             p.forget_stale(
                 &at_start,
                 |net| crate::docker::endpoints_of_network_blocking(net).map_err(|e| e.to_string()),
                 || crate::docker::subnets_of_ipam_driver_blocking(&name).map_err(|e| e.to_string()),
-            );
-            // Addresses Docker got (or asked for) but made no endpoint with:
-            // once the calls it retries have come or been given up.
-            if at_start.pools.values().any(|p| !p.addresses.is_empty()) {
-                std::thread::sleep(crate::plugin::DOCKER_RETRY);
-                p.forget_orphans(&at_start);
-            }
-        });
-    }
+            )
+        };
+        if !at_start.networks.is_empty() || !at_start.pools.is_empty() {
+            forget_stale();
+        }
+        // Veth pairs of endpoints forgotten before their pair was deleted.
+        p.delete_stray_ports(|| crate::docker::endpoints_of_driver_blocking(&name).map_err(|e| e.to_string()));
+        // Once the calls Docker retries have come or been given up: endpoints
+        // named in calls cut short that Docker never completed, and addresses
+        // Docker got (or asked for) but made no endpoint with.
+        if !at_start.endpoints.is_empty() || at_start.pools.values().any(|p| !p.addresses.is_empty()) {
+            std::thread::sleep(crate::plugin::DOCKER_RETRY);
+            forget_stale();
+            p.forget_orphans(&at_start);
+        }
+    });
     Ok(Some((socket, plugin, listener)))
 }
 
@@ -1759,6 +1766,10 @@ impl crate::plugin::PluginHost for PluginRouter {
         if let Err(e) = netlink::delete_link(host_if) {
             log::warn!("docker plugin: deleting {host_if}: {e}");
         }
+    }
+
+    fn ports(&self) -> Result<Vec<String>> {
+        Ok(netlink::veth_ports_of(&self.ctx.mesh.settings.bridge)?)
     }
 
     /// The one place a container joins a meshnet network through the plugin

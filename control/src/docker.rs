@@ -177,6 +177,28 @@ pub fn endpoints_of_network_blocking(network_id: &str) -> Result<Option<Vec<Stri
     })
 }
 
+/// The endpoint IDs the engine lists on its networks of network driver `driver`.
+pub fn endpoints_of_driver_blocking(driver: &str) -> Result<Vec<String>, DockerError> {
+    let socket = socket_path();
+    block_on_own_thread(async {
+        let docker = connect(&socket).await?;
+        let nets = docker
+            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+            .await
+            .map_err(|e| engine_error(&socket, e))?;
+        let mut endpoints = Vec::new();
+        for id in nets.into_iter().filter(|n| n.driver.as_deref() == Some(driver)).filter_map(|n| n.id) {
+            match docker.inspect_network(&id, None::<bollard::query_parameters::InspectNetworkOptions>).await {
+                Ok(net) => endpoints.extend(net.containers.unwrap_or_default().into_values().filter_map(|c| c.endpoint_id)),
+                // Removed since it was listed.
+                Err(BollardError::DockerResponseServerError { status_code: 404, .. }) => {}
+                Err(e) => return Err(engine_error(&socket, e)),
+            }
+        }
+        Ok(endpoints)
+    })
+}
+
 /// The subnets of the engine's networks whose IPAM driver is `driver`.
 pub fn subnets_of_ipam_driver_blocking(driver: &str) -> Result<Vec<String>, DockerError> {
     let socket = socket_path();

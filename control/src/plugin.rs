@@ -50,6 +50,8 @@ pub const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1.2+json";
 pub const MAX_BODY: usize = 1 << 20;
 /// Docker names the container's interface this plus an index (`ethwe0`).
 pub const CONTAINER_IF_PREFIX: &str = "ethwe";
+/// The bridge end of an endpoint's veth pair is named this plus the endpoint ID's first 12 characters.
+const PORT_PREFIX: &str = "vmd";
 /// `RequestAddress` option key saying what the address is for, and its value for a gateway.
 const REQUEST_ADDRESS_TYPE: &str = "RequestAddressType";
 const GATEWAY_TYPE: &str = "com.docker.network.gateway";
@@ -80,6 +82,8 @@ pub trait PluginHost: Send + Sync {
     fn create_port(&self, host_if: &str, container_if: &str) -> Result<()>;
     /// Deletes the pair (either end may be gone already).
     fn delete_port(&self, host_if: &str);
+    /// The veth ends that are ports of meshnet's bridge (of any naming).
+    fn ports(&self) -> Result<Vec<String>>;
     /// A container joined network `net` through endpoint `ep` (the place to
     /// register it by name, e.g. in DNS).
     fn joined(&self, ep_id: &str, ep: &Endpoint, net: &Network);
@@ -102,6 +106,24 @@ pub struct PluginState {
     /// The next IPAM key's number.
     #[serde(default)]
     pub next_key: u64,
+    /// The call being answered (at most one: calls are answered one at a
+    /// time), kept until its answer is on its way: a router that stops meanwhile
+    /// finds it here at its next start, for Docker's retry of it, which comes
+    /// without its request (see [`Plugin::handle`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<Call>,
+}
+
+/// A call of Docker's as received, and its answer once its changes are saved.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Call {
+    /// Like `NetworkDriver.Join`.
+    pub call: String,
+    /// The request's JSON.
+    pub body: String,
+    /// The answer, saved with the changes the call made (`None`: not made yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<Value>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +197,11 @@ pub fn load(state: &StateDir) -> Result<PluginState> {
 pub struct Plugin {
     host: Arc<dyn PluginHost>,
     state: Mutex<PluginState>,
+    /// The calls a previous router process was answering when it stopped
+    /// (taken from the state at start), for Docker's retries of them; with the
+    /// time this plugin started (Docker gives up [`DOCKER_RETRY`] after it).
+    cut_short: Mutex<Vec<Call>>,
+    started: std::time::Instant,
     /// Where the state is saved (`None`: not saved, for tests).
     store: Option<PathBuf>,
     /// The drivers' name (`--docker-plugin-name`), for hints in errors.
@@ -310,8 +337,16 @@ fn parse_address(s: &str) -> Option<Ipv4Addr> {
 
 impl Plugin {
     /// A plugin over `host` with `state`, saved to `store` after every change.
-    pub fn new(host: Arc<dyn PluginHost>, state: PluginState, store: Option<PathBuf>) -> Plugin {
-        Plugin { host, state: Mutex::new(state), store, name: DEFAULT_NAME.to_string() }
+    pub fn new(host: Arc<dyn PluginHost>, mut state: PluginState, store: Option<PathBuf>) -> Plugin {
+        let cut_short = std::mem::take(&mut state.calls);
+        Plugin {
+            host,
+            state: Mutex::new(state),
+            cut_short: Mutex::new(cut_short),
+            started: std::time::Instant::now(),
+            store,
+            name: DEFAULT_NAME.to_string(),
+        }
     }
 
     /// The same plugin served as `name` (both drivers' name).
@@ -332,13 +367,100 @@ impl Plugin {
         write_atomic(path, &bytes, 0o600).map_err(|e| format!("meshnet: {e:#}"))
     }
 
+    /// Saves `next` with `answer` as the answer of the call being answered
+    /// (the changes and the answer are saved together).
+    fn commit(&self, next: &mut PluginState, answer: &Value) -> std::result::Result<(), String> {
+        if let Some(c) = next.calls.last_mut().filter(|c| c.answer.is_none()) {
+            c.answer = Some(answer.clone());
+        }
+        self.save(next)
+    }
+
     /// Answers one call (`path` like `/NetworkDriver.Join`) with the JSON body
     /// Docker expects, or the error message Docker shows. One call at a time:
     /// the state is locked for the whole call.
+    ///
+    /// A call is kept in the state (with its answer once its changes are made)
+    /// until it is answered: Docker sends a call again when its connection
+    /// breaks (this router stopped while answering it), for up to
+    /// [`DOCKER_RETRY`], but without its request (Docker 20.10's plugin client
+    /// sends the request body it already read out); such an empty call is
+    /// answered as the call that was cut short (its saved answer, or the call
+    /// made now), and with an error that says so when there is none, or several.
     pub fn handle(&self, path: &str, body: &[u8]) -> Answer {
         let call = path.trim_start_matches('/');
+        let empty = body.iter().all(u8::is_ascii_whitespace);
+        if empty && changes_state(call) {
+            return self.resent(call);
+        }
+        if empty && matches!(call, "NetworkDriver.ProgramExternalConnectivity" | "NetworkDriver.RevokeExternalConnectivity") {
+            // Nothing to do for any endpoint (see below): the same for the one
+            // whose call was cut short.
+            return Ok(json!({}));
+        }
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut *guard;
+        let text = match std::str::from_utf8(body) {
+            Ok(t) if changes_state(call) => t,
+            _ => return self.dispatch(s, call, body),
+        };
+        let mut next = s.clone();
+        next.calls = vec![Call { call: call.to_string(), body: text.to_string(), answer: None }];
+        self.save(&next)?;
+        *s = next;
+        let answer = self.dispatch(s, call, body);
+        let mut next = s.clone();
+        next.calls.clear();
+        if let Err(e) = self.save(&next) {
+            log::warn!("docker plugin: {call} answered, but not noted so: {e}");
+        }
+        *s = next;
+        answer
+    }
+
+    /// Docker sent `call` again without its request: answers it as the call of
+    /// that name a previous router process was answering when it stopped.
+    fn resent(&self, call: &str) -> Answer {
+        let found = {
+            let mut cut = self.cut_short.lock().unwrap_or_else(|p| p.into_inner());
+            let same: Vec<usize> = (0..cut.len()).filter(|i| cut[*i].call == call).collect();
+            match same.as_slice() {
+                [i] if self.started.elapsed() < DOCKER_RETRY => Some(cut.remove(*i)),
+                _ => None,
+            }
+        };
+        let Some(c) = found else {
+            return Err(format!(
+                "meshnet: Docker sent {call} again without its request (the router stopped while answering it, and Docker resends such a call empty); meshnet has no call of it to answer: nothing was done, run the command again"
+            ));
+        };
+        match c.answer {
+            // A join is made again (the same pair, made anew), so the container
+            // is registered as joined by this router process too.
+            Some(answer) if call != "NetworkDriver.Join" => {
+                log::info!("docker plugin: {call}, cut short when the router stopped, sent again: answered as then");
+                Ok(answer)
+            }
+            _ => {
+                log::info!("docker plugin: {call}, cut short when the router stopped, sent again: answering it now");
+                self.handle(call, c.body.as_bytes())
+            }
+        }
+    }
+
+    /// The endpoints named in calls cut short that Docker may still send again
+    /// (until [`DOCKER_RETRY`] after the start).
+    fn endpoints_cut_short(&self) -> Vec<String> {
+        if self.started.elapsed() >= DOCKER_RETRY {
+            return Vec::new();
+        }
+        let cut = self.cut_short.lock().unwrap_or_else(|p| p.into_inner());
+        cut.iter()
+            .filter_map(|c| serde_json::from_str::<Value>(&c.body).ok()?.get("EndpointID")?.as_str().map(str::to_string))
+            .collect()
+    }
+
+    fn dispatch(&self, s: &mut PluginState, call: &str, body: &[u8]) -> Answer {
         match call {
             "Plugin.Activate" => Ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] })),
             "NetworkDriver.GetCapabilities" => Ok(json!({ "Scope": "local", "ConnectivityScope": "local" })),
@@ -422,10 +544,11 @@ impl Plugin {
         }
         let mut next = s.clone();
         next.pools.insert(id.clone(), Pool { subnet: subnet.to_string(), sub_pool, ..Pool::default() });
-        self.save(&next)?;
+        let answer = json!({ "PoolID": id, "Pool": subnet.to_string(), "Data": {} });
+        self.commit(&mut next, &answer)?;
         *s = next;
         log::info!("docker plugin: pool {subnet}");
-        Ok(json!({ "PoolID": id, "Pool": subnet.to_string(), "Data": {} }))
+        Ok(answer)
     }
 
     fn release_pool(&self, s: &mut PluginState, r: PoolRef) -> Answer {
@@ -434,7 +557,7 @@ impl Plugin {
         };
         let mut next = s.clone();
         next.pools.remove(&r.pool_id);
-        self.save(&next)?;
+        self.commit(&mut next, &json!({}))?;
         *s = next;
         for (ip, key) in &pool.addresses {
             if let Ok(ip) = ip.parse() {
@@ -482,7 +605,8 @@ impl Plugin {
             let text = format!("{ip}/{}", subnet.prefix());
             p.gateway = Some(text.clone());
             p.gateway_exposed = exposed;
-            if let Err(e) = self.save(&next) {
+            let answer = json!({ "Address": text, "Data": {} });
+            if let Err(e) = self.commit(&mut next, &answer) {
                 if exposed {
                     let _ = self.host.release_gateway(ip, subnet.prefix());
                 }
@@ -490,7 +614,7 @@ impl Plugin {
             }
             *s = next;
             log::info!("docker plugin: gateway of {subnet} is this host's {text}");
-            return Ok(json!({ "Address": text, "Data": {} }));
+            return Ok(answer);
         }
         let from = match (&p.sub_pool, exact) {
             (Some(c), None) => c.parse().unwrap_or(subnet),
@@ -501,12 +625,13 @@ impl Plugin {
         let ip = self.host.allocate(&key, from, exact).map_err(|e| format!("meshnet: {e:#}"))?;
         let p = next.pools.get_mut(&r.pool_id).expect("looked up above");
         p.addresses.insert(ip.to_string(), key.clone());
-        if let Err(e) = self.save(&next) {
+        let answer = json!({ "Address": format!("{ip}/{}", subnet.prefix()), "Data": {} });
+        if let Err(e) = self.commit(&mut next, &answer) {
             self.host.free(&key, ip);
             return Err(e);
         }
         *s = next;
-        Ok(json!({ "Address": format!("{ip}/{}", subnet.prefix()), "Data": {} }))
+        Ok(answer)
     }
 
     fn release_address(&self, s: &mut PluginState, r: ReleaseAddress) -> Answer {
@@ -518,17 +643,31 @@ impl Plugin {
             let old = p.clone();
             p.gateway = None;
             p.gateway_exposed = false;
-            self.save(&next)?;
+            self.commit(&mut next, &json!({}))?;
             *s = next;
             self.release_gateway_of(&old);
             return Ok(json!({}));
+        }
+        // Docker releases an address only after it deleted the endpoint that
+        // had it: a release of one an endpoint has is a late one (Docker's undo
+        // of a command the router's restart cut short, sent after the address
+        // went to another container): refused, or that container would lose it.
+        let bound = s.endpoints.iter().find(|(_, e)| {
+            parse_ip_prefix(&e.address).is_some_and(|(a, _)| a == ip)
+                && s.networks.get(&e.network).is_some_and(|n| n.subnet == pool.subnet)
+        });
+        if let Some((id, _)) = bound {
+            return Err(format!(
+                "meshnet: address {ip} is not released: endpoint {} still has it (Docker releases an address after deleting its endpoint: a release that came late, after the router restarted?)",
+                short(id)
+            ));
         }
         let Some(key) = p.addresses.remove(&ip.to_string()) else {
             return Err(format!("meshnet: address {ip} is not allocated in pool {}", pool.subnet));
         };
         // Forget it first: a crash after this leaves the address to be released
         // as unknown at the next start, never handed out twice.
-        self.save(&next)?;
+        self.commit(&mut next, &json!({}))?;
         *s = next;
         self.host.free(&key, ip);
         log::info!("docker plugin: released {ip}");
@@ -569,7 +708,7 @@ impl Plugin {
         let gateway = (!d.gateway.is_empty()).then(|| d.gateway.clone());
         let mut next = s.clone();
         next.networks.insert(r.network_id.clone(), Network { subnet: subnet.to_string(), gateway });
-        self.save(&next)?;
+        self.commit(&mut next, &json!({}))?;
         *s = next;
         log::info!("docker plugin: network {} on {subnet}", short(&r.network_id));
         Ok(json!({}))
@@ -585,7 +724,7 @@ impl Plugin {
         }
         let mut next = s.clone();
         next.networks.remove(&r.network_id);
-        self.save(&next)?;
+        self.commit(&mut next, &json!({}))?;
         *s = next;
         log::info!("docker plugin: network {} deleted", short(&r.network_id));
         Ok(json!({}))
@@ -612,14 +751,14 @@ impl Plugin {
         let ep = Endpoint {
             network: r.network_id.clone(),
             address: iface.address.clone(),
-            host_if: format!("vmd{stem}"),
+            host_if: format!("{PORT_PREFIX}{stem}"),
             container_if: format!("vmc{stem}"),
             joined: false,
             sandbox: None,
         };
         let mut next = s.clone();
         next.endpoints.insert(r.endpoint_id.clone(), ep);
-        self.save(&next)?;
+        self.commit(&mut next, &json!({}))?;
         *s = next;
         // The interface keeps the MAC of the veth end: nothing to add.
         Ok(json!({}))
@@ -629,7 +768,7 @@ impl Plugin {
         let ep = endpoint(s, &r)?.clone();
         let mut next = s.clone();
         next.endpoints.remove(&r.endpoint_id);
-        self.save(&next)?;
+        self.commit(&mut next, &json!({}))?;
         *s = next;
         if ep.joined {
             self.host.left(&r.endpoint_id, &ep);
@@ -650,12 +789,6 @@ impl Plugin {
         e.joined = true;
         e.sandbox = (!r.sandbox_key.is_empty()).then(|| r.sandbox_key.clone());
         let joined = e.clone();
-        if let Err(err) = self.save(&next) {
-            self.host.delete_port(&ep.host_if);
-            return Err(err);
-        }
-        *s = next;
-        self.host.joined(&r.endpoint_id, &joined, &net);
         let mut answer = json!({
             "InterfaceName": { "SrcName": ep.container_if, "DstPrefix": CONTAINER_IF_PREFIX },
             // No multicast route as `attach` adds: Docker 20.10 programs a
@@ -666,6 +799,12 @@ impl Plugin {
         if let Some(gw) = net.gateway.as_deref().and_then(parse_address) {
             answer["Gateway"] = json!(gw.to_string());
         }
+        if let Err(err) = self.commit(&mut next, &answer) {
+            self.host.delete_port(&ep.host_if);
+            return Err(err);
+        }
+        *s = next;
+        self.host.joined(&r.endpoint_id, &joined, &net);
         Ok(answer)
     }
 
@@ -681,7 +820,9 @@ impl Plugin {
     /// if it has no such network; an error keeps that network and all of it.
     /// `ipam_subnets()` is the subnets of Docker's networks whose IPAM driver
     /// is this plugin (of any network driver); an error keeps every pool.
-    /// Returns the endpoints forgotten.
+    /// An endpoint named in a call cut short that Docker may still send again
+    /// is kept (Docker has not listed it yet); call this again once Docker has
+    /// given up ([`DOCKER_RETRY`] after the start). Returns the endpoints forgotten.
     pub fn forget_stale(
         &self,
         at_start: &PluginState,
@@ -709,12 +850,16 @@ impl Plugin {
                 }
             }
         };
+        let cut_short = self.endpoints_cut_short();
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let s = &mut *guard;
         let mut next = s.clone();
         let mut gone = Vec::new();
         for (id, then) in &at_start.endpoints {
             let Some(ep) = next.endpoints.get(id) else { continue };
+            if cut_short.contains(id) {
+                continue;
+            }
             // Docker called for it since (a `Join` it retried once this router
             // was up again): Docker's answer above may predate that.
             if ep != then {
@@ -828,13 +973,59 @@ impl Plugin {
         freed.into_iter().map(|(_, ip, _)| ip).collect()
     }
 
+    /// Deletes the veth pairs of the plugin's naming (`vmd` and 12 characters
+    /// of an endpoint ID) on meshnet's bridge whose endpoint neither the plugin
+    /// knows nor Docker lists (`docker_endpoints()`: the endpoint IDs on
+    /// Docker's networks of this driver; an error keeps every pair): a router
+    /// that stopped after it saved that an endpoint left or went but before it
+    /// deleted the pair left it there. No other port of the bridge is touched,
+    /// nor any other bridge. Returns the ports deleted.
+    pub fn delete_stray_ports(&self, docker_endpoints: impl FnOnce() -> std::result::Result<Vec<String>, String>) -> Vec<String> {
+        // Ports of the plugin's naming of no endpoint it knows. A `Join` makes
+        // its port holding the state: none is made while it is held.
+        let unknown = |listed: &[String]| -> std::result::Result<_, ()> {
+            let guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let ports = self.host.ports().map_err(|e| log::warn!("docker plugin: listing the bridge's ports: {e:#}"))?;
+            let stray: Vec<String> = ports
+                .into_iter()
+                .filter(|port| {
+                    let Some(stem) = port_stem(port) else { return false };
+                    !guard.endpoints.values().any(|e| e.host_if == *port)
+                        && !listed.iter().any(|id| id.get(..12) == Some(stem))
+                })
+                .collect();
+            Ok((guard, stray))
+        };
+        match unknown(&[]) {
+            Ok((_, stray)) if !stray.is_empty() => {}
+            _ => return Vec::new(),
+        }
+        // Ask Docker without holding the state: its calls to us wait meanwhile otherwise.
+        let listed = match docker_endpoints() {
+            Ok(l) => l,
+            Err(e) => {
+                log::info!("docker plugin: cannot tell which endpoints Docker has, so no port is deleted as stray: {e}");
+                return Vec::new();
+            }
+        };
+        // Deleted holding the state: a `Join` meanwhile could make a port of that name.
+        let Ok((_guard, stray)) = unknown(&listed) else { return Vec::new() };
+        for port in &stray {
+            self.host.delete_port(port);
+            log::info!(
+                "docker plugin: deleted {port} from the bridge: the port of an endpoint neither this plugin nor Docker knows (left by a router that stopped while a container left)"
+            );
+        }
+        stray
+    }
+
     fn leave(&self, s: &mut PluginState, r: EndpointRef) -> Answer {
         let ep = endpoint(s, &r)?.clone();
         let mut next = s.clone();
         let e = next.endpoints.get_mut(&r.endpoint_id).expect("looked up above");
         e.joined = false;
         e.sandbox = None;
-        self.save(&next)?;
+        self.commit(&mut next, &json!({}))?;
         *s = next;
         if ep.joined {
             self.host.left(&r.endpoint_id, &ep);
@@ -842,6 +1033,30 @@ impl Plugin {
         self.host.delete_port(&ep.host_if);
         Ok(json!({}))
     }
+}
+
+/// The endpoint ID's first 12 characters in `port`, if it is named as the
+/// plugin names the bridge ends of its veth pairs.
+fn port_stem(port: &str) -> Option<&str> {
+    let stem = port.strip_prefix(PORT_PREFIX)?;
+    (stem.len() == 12 && stem.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(stem)
+}
+
+/// The calls that change the plugin's state (kept until answered, see [`Plugin::handle`]).
+fn changes_state(call: &str) -> bool {
+    matches!(
+        call,
+        "IpamDriver.RequestPool"
+            | "IpamDriver.ReleasePool"
+            | "IpamDriver.RequestAddress"
+            | "IpamDriver.ReleaseAddress"
+            | "NetworkDriver.CreateNetwork"
+            | "NetworkDriver.DeleteNetwork"
+            | "NetworkDriver.CreateEndpoint"
+            | "NetworkDriver.DeleteEndpoint"
+            | "NetworkDriver.Join"
+            | "NetworkDriver.Leave"
+    )
 }
 
 fn endpoint<'a>(s: &'a PluginState, r: &EndpointRef) -> std::result::Result<&'a Endpoint, String> {
@@ -964,6 +1179,15 @@ mod tests {
         ports: Mutex<BTreeSet<String>>,
         exposed: Mutex<Vec<Ipv4Addr>>,
         joined: Mutex<Vec<String>>,
+        /// The host call in which the router "stops" (panics), once.
+        stop_in: Mutex<Option<&'static str>>,
+    }
+
+    impl Fake {
+        fn maybe_stop(&self, here: &str) {
+            let stop = self.stop_in.lock().unwrap().take_if(|s| *s == here).is_some();
+            assert!(!stop, "the router stops in {here}");
+        }
     }
 
     impl PluginHost for Fake {
@@ -1002,13 +1226,18 @@ mod tests {
             Ok(())
         }
         fn create_port(&self, host_if: &str, _container_if: &str) -> Result<()> {
+            self.maybe_stop("create_port");
             self.ports.lock().unwrap().insert(host_if.to_string());
             Ok(())
         }
         fn delete_port(&self, host_if: &str) {
             self.ports.lock().unwrap().remove(host_if);
         }
+        fn ports(&self) -> Result<Vec<String>> {
+            Ok(self.ports.lock().unwrap().iter().cloned().collect())
+        }
         fn joined(&self, ep_id: &str, _ep: &Endpoint, _net: &Network) {
+            self.maybe_stop("joined");
             self.joined.lock().unwrap().push(ep_id.to_string());
         }
         fn left(&self, ep_id: &str, _ep: &Endpoint) {
@@ -1286,6 +1515,20 @@ mod tests {
         assert_eq!(p.state(), before);
         let e = err(&p, "/IpamDriver.ReleaseAddress", json!({"PoolID": id, "Address": "10.40.0.10"}));
         assert!(e.contains("not allocated"), "{e}");
+        // A late release of an address an endpoint has (it was handed out
+        // again): refused, the endpoint keeps it. Before, it was freed under
+        // the container using it.
+        ok(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": NET, "IPv4Data": [{"Pool": "10.40.0.0/24", "Gateway": ""}]}));
+        ok(&p, "/NetworkDriver.CreateEndpoint", json!({"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": "10.40.0.9/24"}}));
+        let before = p.state();
+        let e = err(&p, "/IpamDriver.ReleaseAddress", json!({"PoolID": id, "Address": "10.40.0.9"}));
+        assert!(e.contains("not released: endpoint 0123456789ab still has it"), "{e}");
+        assert_eq!(p.state(), before);
+        assert!(fake.allocated.lock().unwrap().contains_key(&"10.40.0.9".parse().unwrap()));
+        // Once the endpoint is deleted, the release goes through.
+        ok(&p, "/NetworkDriver.DeleteEndpoint", json!({"NetworkID": NET, "EndpointID": EP}));
+        ok(&p, "/IpamDriver.ReleaseAddress", json!({"PoolID": id, "Address": "10.40.0.9"}));
+        assert!(!fake.allocated.lock().unwrap().contains_key(&"10.40.0.9".parse().unwrap()));
     }
 
     #[test]
@@ -1309,6 +1552,101 @@ mod tests {
         std::fs::write(state.docker_plugin(), "{ not json").unwrap();
         assert!(format!("{:#}", load(&state).unwrap_err()).contains("docker-plugin.json is corrupt"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The router stops (`kill -9`) in the middle of Docker's calls; Docker
+    /// sends each again once it is back, but without its request (an empty
+    /// body). Before, every such call was "bad ... request: EOF", so `docker
+    /// run` failed; now the call cut short is answered: made now if its changes
+    /// were not saved, else with the answer saved with them (an address is not
+    /// handed out twice), and a `Join` is made again. A resent call of which
+    /// nothing was kept (never read, or already answered) is an error saying
+    /// so. The endpoint of a call cut short is not forgotten as gone from
+    /// Docker while Docker may still send it.
+    #[test]
+    fn a_call_cut_short_by_a_stop_is_answered_when_docker_sends_it_again_empty() {
+        let dir = std::env::temp_dir().join(format!("meshnet-plugin-cut-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = StateDir::new(&dir);
+        state.ensure().unwrap();
+        let fake = Arc::new(Fake::default());
+        let start = || Plugin::new(fake.clone(), load(&state).unwrap(), Some(state.docker_plugin()));
+        let p = start();
+        let pool_id = ok(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.5.0/24"}))["PoolID"].as_str().unwrap().to_string();
+        ok(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": NET, "IPv4Data": [{"Pool": "10.40.5.0/24", "Gateway": ""}]}));
+        let a = ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": pool_id}))["Address"].as_str().unwrap().to_string();
+        ok(&p, "/NetworkDriver.CreateEndpoint", json!({"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": a}}));
+        assert!(load(&state).unwrap().calls.is_empty(), "an answered call is kept");
+        let join = json!({"NetworkID": NET, "EndpointID": EP, "SandboxKey": "/var/run/docker/netns/x"});
+        for stop in ["create_port", "joined"] {
+            // Stopped before the join was made, and after it was saved.
+            *fake.stop_in.lock().unwrap() = Some(stop);
+            let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| call(&p, "/NetworkDriver.Join", join.clone())));
+            assert!(cut.is_err(), "{stop}: the router did not stop");
+            let at_start = load(&state).unwrap();
+            let p2 = start();
+            // Docker has not listed the endpoint yet: it is kept.
+            assert!(p2.forget_stale(&at_start, |_| Ok(Some(vec![])), || Ok(vec!["10.40.5.0/24".into()])).is_empty(), "{stop}");
+            let j = p2.handle("/NetworkDriver.Join", b"").unwrap_or_else(|e| panic!("{stop}: {e}"));
+            assert_eq!(j["InterfaceName"]["SrcName"], "vmc0123456789ab", "{stop}");
+            assert!(fake.ports.lock().unwrap().contains("vmd0123456789ab"), "{stop}");
+            assert!(p2.state().endpoints[EP].joined, "{stop}");
+            assert!(load(&state).unwrap().calls.is_empty(), "{stop}");
+            // Only once: a second empty Join has nothing to answer.
+            let e = p2.handle("/NetworkDriver.Join", b"").unwrap_err();
+            assert!(e.contains("Docker sent NetworkDriver.Join again without its request") && e.contains("run the command again"), "{e}");
+        }
+        // A RequestAddress whose address was saved, its answer lost: the same
+        // address again, no second one.
+        let p = start();
+        let body = json!({"PoolID": pool_id}).to_string();
+        let b = ok(&p, "/IpamDriver.RequestAddress", serde_json::from_str(&body).unwrap());
+        let held = fake.allocated.lock().unwrap().len();
+        let cut = PluginState { calls: vec![Call { call: "IpamDriver.RequestAddress".into(), body, answer: Some(b.clone()) }], ..p.state() };
+        let p2 = Plugin::new(fake.clone(), cut, Some(state.docker_plugin()));
+        assert_eq!(p2.handle("/IpamDriver.RequestAddress", b"\n").unwrap(), b);
+        assert_eq!(fake.allocated.lock().unwrap().len(), held, "a second address was handed out");
+        // One that was never kept (Docker's call was not read): an error, nothing done.
+        let before = p2.state();
+        let e = p2.handle("/NetworkDriver.CreateEndpoint", b"").unwrap_err();
+        assert!(e.contains("without its request") && e.contains("nothing was done"), "{e}");
+        assert_eq!(p2.state(), before);
+        // The no-op calls are answered as ever.
+        assert_eq!(p2.handle("/NetworkDriver.ProgramExternalConnectivity", b"").unwrap(), json!({}));
+        assert!(p2.handle("/Plugin.Activate", b"").is_ok());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A veth pair of the plugin's naming on the bridge whose endpoint the
+    /// plugin forgot (the router stopped between saving a `Leave` or
+    /// `DeleteEndpoint` and deleting the pair) is deleted; one of an endpoint
+    /// the plugin or Docker knows, and ports of other names, stay. Before,
+    /// nothing removed it.
+    #[test]
+    fn stray_ports_of_the_plugin_are_deleted() {
+        let fake = Arc::new(Fake::default());
+        let p = Plugin::new(fake.clone(), PluginState::default(), None);
+        let pool_id = ok(&p, "/IpamDriver.RequestPool", json!({"Pool": "10.40.5.0/24"}))["PoolID"].as_str().unwrap().to_string();
+        ok(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": NET, "IPv4Data": [{"Pool": "10.40.5.0/24", "Gateway": ""}]}));
+        let a = ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": pool_id}))["Address"].as_str().unwrap().to_string();
+        ok(&p, "/NetworkDriver.CreateEndpoint", json!({"NetworkID": NET, "EndpointID": EP, "Interface": {"Address": a}}));
+        ok(&p, "/NetworkDriver.Join", json!({"NetworkID": NET, "EndpointID": EP}));
+        let docker_only = "feedfacecafe0123456789abcdef0123456789abcdef0123456789abcdef0123";
+        for port in ["vmdaaaaaaaaaaaa", "vmdfeedfacecafe", "vmn0000b38", "vmdshort", "vmdaaaaaaaaaaaaa", "eth0", "vmd-aaaaaaaaaaa"] {
+            fake.ports.lock().unwrap().insert(port.to_string());
+        }
+        let all = || fake.ports.lock().unwrap().clone();
+        let before = all();
+        assert!(p.delete_stray_ports(|| Err("engine down".into())).is_empty());
+        assert_eq!(all(), before, "Docker could not say: nothing is deleted");
+        assert_eq!(p.delete_stray_ports(|| Ok(vec![docker_only.to_string()])), vec!["vmdaaaaaaaaaaaa".to_string()]);
+        let after = all();
+        assert!(!after.contains("vmdaaaaaaaaaaaa"));
+        assert_eq!(after.len(), before.len() - 1);
+        assert!(after.contains("vmd0123456789ab"), "the joined endpoint's port was deleted");
+        assert!(p.delete_stray_ports(|| Ok(vec![])).contains(&"vmdfeedfacecafe".to_string()));
+        // Nothing of the plugin's naming left to look at: Docker is not asked.
+        assert!(p.delete_stray_ports(|| panic!("Docker asked with no stray port")).is_empty());
     }
 
     #[test]

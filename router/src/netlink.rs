@@ -235,6 +235,25 @@ pub fn delete_link(name: &str) -> Result<bool, NetlinkError> {
     })
 }
 
+/// The names of the veth ends that are ports of bridge `bridge` (in the calling
+/// thread's namespace); none if there is no such bridge.
+pub fn veth_ports_of(bridge: &str) -> Result<Vec<String>, NetlinkError> {
+    let what = format!("list the veth ports of {bridge}");
+    check_ifname(&what, "bridge name", bridge)?;
+    let bridge = bridge.to_string();
+    on_netlink_thread(what.clone(), move |h| async move {
+        let Some(br) = link_by_name(&h, &bridge).await.ctx(|| what.clone())? else { return Ok(Vec::new()) };
+        let mut dump = h.link().get().execute();
+        let mut ports = Vec::new();
+        while let Some(link) = dump.try_next().await.ctx(|| what.clone())? {
+            if master_of(&link) == Some(br.header.index) && is_kind(&link, &InfoKind::Veth) {
+                ports.extend(name_of(&link).map(str::to_string));
+            }
+        }
+        Ok(ports)
+    })
+}
+
 /// Make link `name` a port of the bridge with ifindex `bridge_index`: IPv6 off
 /// (a bridge port carries no layer 3), then master, MTU when given, promiscuous
 /// when `promisc` (false leaves the flag as it is), and up.

@@ -783,3 +783,200 @@ fn docker_names_across_routers() {
     assert!(answered >= 2, "the upstream resolver answered {answered} questions for {EXTERNAL}");
     eprintln!("docker dns scenario done; the upstream resolver answered {answered}");
 }
+
+/// The router killed (`kill -9`) in the middle of Docker's calls, then
+/// relaunched with `launch --resume`:
+/// - in the middle of a `Join` (`docker run`): Docker sends the call again
+///   once the router is back, but without its request (its plugin client sends
+///   the body it already read out). Before, the router answered "bad
+///   NetworkDriver.Join request: EOF" and `docker run` failed with it; now it
+///   answers the call that was cut short and the container runs with its
+///   address. The router is held in that call by `strace` delaying the first
+///   socket it opens (the netlink socket that makes the veth pair); skipped
+///   without strace.
+/// - a call Docker sent that the router never read (it was stopped, then
+///   killed): Docker's empty resend gets an error that says what happened.
+/// - a veth pair of the plugin's naming left on the bridge with no endpoint
+///   (a router that stopped between saving that a container left and deleting
+///   its pair): deleted at the relaunch, and logged; a port of another name on
+///   the bridge and a pair of the plugin's naming on another bridge stay.
+///   Before, it stayed for good.
+#[test]
+fn docker_plugin_across_a_crash_mid_call() {
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
+    let tag = format!("{:05x}", (std::process::id() ^ nanos.rotate_left(7)) & 0xfffff);
+    let mut w = World {
+        dir: std::env::temp_dir().join(format!("meshnet-docker-crash-{tag}")),
+        tag,
+        containers: vec![],
+        networks: vec![],
+        image: None,
+        routers: vec![],
+        iptables: vec![],
+    };
+    std::fs::create_dir_all(&w.dir).unwrap();
+    let image = build_image(&mut w, &[]);
+    let name = "02:00:5e:d2:00:0a";
+    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name("mnk"), bridge: w.name("mnk"), port: free_port() });
+    let r = w.routers[0].clone();
+    let port = r.port.to_string();
+    let seed = format!("seed={name}");
+    r.meshnet(&[
+        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", name, "--no-discovery",
+        "--ipalloc-range", "10.215.0.0/16", "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
+    ])
+    .expect_ok("launch");
+    let net = w.name("mnknet");
+    w.networks.push(net.clone());
+    docker(&["network", "create", "--driver", &r.plugin, "--ipam-driver", &r.plugin, "--subnet", "10.215.5.0/24", &net])
+        .expect_ok("docker network create");
+    let c1 = w.name("mnk1");
+    w.run_container(&c1, &["--network", &net, &image, "sleep", "3600"]).expect_ok("docker run c1");
+    let ip1 = ip_in(&c1, &net);
+    // Its registration is done (it opens sockets to the engine meanwhile).
+    let said = format!("({}) is on the overlay as {ip1}/24", &full_id(&c1)[..12]);
+    assert!(wait_until(SECS(10), || r.log().contains(&said)), "{}", r.log());
+    let pid = || std::fs::read_to_string(r.state.join("meshnet.pid")).expect("pid file").trim().to_string();
+    let relaunch = || r.meshnet(&["launch", "--resume"]).expect_ok("launch --resume");
+    let ports = |bridge: &str| run(Command::new("ip").args(["-br", "link", "show", "master", bridge]), SECS(10)).stdout;
+
+    // 1. Killed in the middle of a Join.
+    if run(Command::new("strace").arg("-V"), SECS(10)).ok() {
+        let (c2, started, _) = held_in_a_join(&mut w, &r, &image, &net, "mnk2");
+        relaunch();
+        let out = started.join().unwrap();
+        assert!(out.ok(), "docker run whose Join was cut short by kill -9 failed: {out}\n{}", r.log());
+        let ip2 = ip_in(&c2, &net);
+        assert!(ip2.starts_with("10.215.5.") && ip2 != ip1, "{c2} got {ip2:?}");
+        let link = docker(&["exec", &c2, "ip", "-o", "-4", "addr", "show", "dev", "ethwe0"]).expect_ok("ethwe0 in c2");
+        assert!(link.stdout.contains(&format!("{ip2}/24")), "{link}");
+        assert!(r.holder(&ip2).is_some_and(|k| k.starts_with("docker-plugin:")), "{ip2} is not in IPAM");
+        assert!(r.log().contains("NetworkDriver.Join, cut short when the router stopped, sent again"), "{}", r.log());
+        eprintln!("crash: {c2} started with {ip2} after kill -9 during its Join");
+    } else {
+        eprintln!("no strace: not killing the router in the middle of a Join");
+    }
+
+    // 1b. Held in a Join for longer than Docker retries it: Docker gives up
+    // and undoes the command (DeleteEndpoint, then ReleaseAddress of its
+    // address X, each retried for 15 s). The router is back while Docker still
+    // retries the release, and another container is started at once. Before,
+    // the start-up check forgot the endpoint and freed X, the new container got
+    // X, and Docker's late release freed it under that container (`status
+    // ipam` no longer held it). Now X stays held until Docker is done, and a
+    // release of an address an endpoint has is refused.
+    if run(Command::new("strace").arg("-V"), SECS(10)).ok() {
+        let (cl, started, t0) = held_in_a_join(&mut w, &r, &image, &net, "mnkl");
+        while t0.elapsed() < SECS(34) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        relaunch();
+        let cn = w.name("mnkn");
+        w.run_container(&cn, &["--network", &net, &image, "sleep", "3600"]).expect_ok("docker run right after the relaunch");
+        let ipn = ip_in(&cn, &net);
+        let out = started.join().unwrap();
+        assert!(!out.ok(), "{cl} started after all: {out}");
+        // Docker's last retry of the release has come.
+        std::thread::sleep(SECS(12));
+        assert!(r.holder(&ipn).is_some_and(|k| k.starts_with("docker-plugin:")), "{cn}'s {ipn} was freed under it by a late release\n{}", r.log());
+        eprintln!("crash: {cn} kept {ipn} across Docker's late release for {cl}");
+    }
+
+    // 2. Killed with Docker's call unread: the resend gets a clear error.
+    let p = pid();
+    run(Command::new("kill").args(["-STOP", &p]), SECS(10)).expect_ok("kill -STOP");
+    let c3 = w.name("mnk3");
+    w.containers.push(c3.clone());
+    let (image3, net3, c3r) = (image.clone(), net.clone(), c3.clone());
+    let started = std::thread::spawn(move || {
+        run(Command::new("docker").args(["run", "-d", "--pull=never", "--name", &c3r, "--network", &net3, &image3, "sleep", "3600"]), SECS(120))
+    });
+    std::thread::sleep(SECS(2));
+    run(Command::new("kill").args(["-9", &p]), SECS(10)).expect_ok("kill -9 the router");
+    std::thread::sleep(SECS(1));
+    relaunch();
+    let out = started.join().unwrap();
+    assert!(!out.ok() && out.stderr.contains("again without its request"), "{out}");
+    eprintln!("crash: a call the router never read: {}", out.stderr.trim());
+
+    // 3. A veth pair of the plugin's naming on the bridge, of no endpoint.
+    run(Command::new("kill").args(["-9", &pid()]), SECS(10)).expect_ok("kill -9 the router");
+    let stray = format!("vmd{}dead000", w.tag);
+    let other_bridge = w.name("mnkq");
+    let keep_name = w.name("mnkx");
+    let keep_other = format!("vmd{}beef000", w.tag);
+    let ip = |args: &[&str]| run(Command::new("ip").args(args), SECS(10)).expect_ok(&format!("ip {args:?}"));
+    ip(&["link", "add", &other_bridge, "type", "bridge"]);
+    for (port, bridge) in [(&stray, &r.bridge), (&keep_name, &r.bridge), (&keep_other, &other_bridge)] {
+        let peer = format!("{}p", &port[..port.len().min(13)]);
+        ip(&["link", "add", port, "type", "veth", "peer", "name", &peer]);
+        ip(&["link", "set", port, "master", bridge, "up"]);
+    }
+    relaunch();
+    let said = format!("deleted {stray} from the bridge");
+    let gone = wait_until(SECS(20), || !ports(&r.bridge).contains(&stray) && r.log().contains(&said));
+    let (ours, others) = (ports(&r.bridge), ports(&other_bridge));
+    let _ = run(Command::new("ip").args(["link", "del", &keep_name]), SECS(10));
+    let _ = run(Command::new("ip").args(["link", "del", &keep_other]), SECS(10));
+    let _ = run(Command::new("ip").args(["link", "del", &stray]), SECS(10));
+    let _ = run(Command::new("ip").args(["link", "del", &other_bridge]), SECS(10));
+    assert!(gone, "the stray {stray} is still on {}: {ours}\n{}", r.bridge, r.log());
+    assert!(ours.contains(&keep_name), "{keep_name} (not of the plugin's naming) was deleted: {ours}");
+    assert!(others.contains(&keep_other), "{keep_other} on another bridge was deleted: {others}");
+    let ep1 = docker(&["inspect", "-f", &format!("{{{{(index .NetworkSettings.Networks \"{net}\").EndpointID}}}}"), &c1])
+        .expect_ok("docker inspect")
+        .stdout;
+    let port1 = format!("vmd{}", &ep1.trim()[..12]);
+    assert!(ours.contains(&port1), "{c1}'s port {port1} was deleted: {ours}");
+    eprintln!("crash: stray {stray} deleted at the relaunch; {keep_name} and {keep_other} kept");
+}
+
+/// Starts `docker run --network net` of a container named `name`+tag on router
+/// `r` and kills the router (`kill -9`) while it is in that container's `Join`:
+/// `strace` holds the router in the first socket it opens, which is the
+/// netlink socket that makes the veth pair; another socket of the router's (a
+/// timer's) spoils the try, which is let go and made again. Returns the
+/// container, the `docker run` under way and when it started.
+fn held_in_a_join(
+    w: &mut World,
+    r: &Router,
+    image: &str,
+    net: &str,
+    name: &str,
+) -> (String, std::thread::JoinHandle<Out>, std::time::Instant) {
+    for attempt in 0..5 {
+        let trace = w.dir.join(format!("strace-{name}{attempt}.out"));
+        let p = std::fs::read_to_string(r.state.join("meshnet.pid")).expect("pid file").trim().to_string();
+        let mut strace = Command::new("strace")
+            .args(["-f", "-qq", "-p", &p, "-e", "trace=socket", "-e", "inject=socket:delay_exit=60000000:when=1", "-o"])
+            .arg(&trace)
+            .spawn()
+            .expect("strace");
+        std::thread::sleep(SECS(1));
+        let c = w.name(&format!("{name}{attempt}"));
+        w.containers.push(c.clone());
+        let (image, net, cr) = (image.to_string(), net.to_string(), c.clone());
+        let t0 = std::time::Instant::now();
+        let started = std::thread::spawn(move || {
+            run(Command::new("docker").args(["run", "-d", "--pull=never", "--name", &cr, "--network", &net, &image, "sleep", "3600"]), SECS(120))
+        });
+        let traced = || std::fs::read_to_string(&trace).unwrap_or_default();
+        let held = wait_until(SECS(20), || traced().contains("DELAYED"));
+        if held && traced().contains("socket(AF_NETLINK") {
+            run(Command::new("kill").args(["-9", &p]), SECS(10)).expect_ok("kill -9 the router");
+            let _ = strace.kill();
+            let _ = strace.wait();
+            return (c, started, t0);
+        }
+        eprintln!("crash: try {attempt}: held elsewhere: {}", traced().trim());
+        let _ = strace.kill();
+        let _ = strace.wait();
+        let _ = started.join();
+        let _ = docker(&["rm", "-f", &c]);
+    }
+    panic!("the router was never held in a Join");
+}
