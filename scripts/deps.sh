@@ -22,6 +22,8 @@ have dig      || need+=(dnsutils)
 have prometheus || need+=(prometheus)
 have promtool   || need+=(prometheus)
 have chromium   || need+=(chromium)
+# The Docker plugin test holds the router inside a call (strace) to kill it there.
+have strace     || need+=(strace)
 # The standard CNI plugins (portmap, chained by meshnet's conflist) as Debian ships them.
 [ -x /usr/lib/cni/portmap ] || need+=(containernetworking-plugins)
 [ -e /usr/include/pcap/pcap.h ] || need+=(libpcap-dev)
