@@ -30,6 +30,18 @@ use crate::trust::{Binding, KeyBook, Signature, Signer, TrustError};
 /// `Ipam::early_takeovers` (each is one sync request later).
 const MAX_EARLY_TAKEOVERS: usize = 16;
 
+/// The version a takeover of an entry of mine at `version` jumps from: the
+/// version itself, or, for an entry I took over myself (a version of at least
+/// [`TAKEOVER_JUMP`]: my own edits add one each), the version it had before, as
+/// another peer taking it over from the same dead peer saw it.
+fn takeover_base(version: u64) -> u64 {
+    if version >= TAKEOVER_JUMP {
+        version - TAKEOVER_JUMP
+    } else {
+        version
+    }
+}
+
 /// A takeover dropped because its old owner was still reachable here (see
 /// `Ipam::early_takeovers`): one of its entries, to show that owner.
 struct EarlyTakeover {
@@ -137,10 +149,6 @@ pub struct Ipam {
     /// for again once that owner is unreachable here too (an `rmpeer` run right
     /// after a death that another peer notices a little later). Not persisted.
     early_takeovers: BTreeMap<PeerName, BTreeSet<PeerName>>,
-    /// Starts this peer took over with [`Ipam::rmpeer`] since it started, with
-    /// their versions before: another takeover of one of them is a conflict
-    /// (`rmpeer` of one peer run on two routers). Not persisted.
-    taken_over: BTreeMap<Addr, u64>,
     /// When the ring became agreed here (0 if it was at start or restore).
     agreed_at: u64,
     transmits: VecDeque<(Dest, Vec<u8>)>,
@@ -238,7 +246,6 @@ impl Ipam {
             last_sync: BTreeMap::new(),
             last_sync_req: BTreeMap::new(),
             early_takeovers: BTreeMap::new(),
-            taken_over: BTreeMap::new(),
             agreed_at: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -571,11 +578,6 @@ impl Ipam {
             return Err(IpamError::PeerReachable(dead));
         }
         let changed = self.ring.reassign_all(dead, self.me, TAKEOVER_JUMP);
-        for &s in &changed {
-            if let Some(e) = self.ring.get(s) {
-                self.taken_over.insert(s, e.version.saturating_sub(TAKEOVER_JUMP));
-            }
-        }
         let total: u128 = changed.iter().filter_map(|s| self.ring.get(*s)).fold(0u128, |t, e| t.saturating_add(e.size));
         for &s in &changed {
             self.recompute_free(s);
@@ -1383,7 +1385,7 @@ impl Ipam {
                     if c.owner == self.me
                         && e.owner == proof.by
                         && e.owner != self.me
-                        && e.version >= self.taken_over.get(&s).copied().unwrap_or(c.version).saturating_add(TAKEOVER_JUMP / 2) =>
+                        && e.version >= takeover_base(c.version).saturating_add(TAKEOVER_JUMP / 2) =>
                 {
                     // Another peer signed a takeover of a range of mine (its version
                     // jumped as only `rmpeer` makes it: my own edits add one each):

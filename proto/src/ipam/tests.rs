@@ -713,14 +713,34 @@ fn rmpeer_run_on_two_peers_at_once_is_a_conflict_not_a_silent_split() {
     m.tolerate = true;
     m.run();
     // Both would hand out the same 342 addresses: each refuses the other's takeover.
-    for me in [0, 1] {
-        assert!(
-            m.errors.iter().any(|(j, e)| *j == me && matches!(e, IpamError::RangeTakenOver { .. })),
-            "peer {} did not notice: {:?}",
-            me + 1,
-            m.errors
-        );
-    }
+    let noticed = |m: &Mesh| {
+        for me in [0, 1] {
+            assert!(
+                m.errors.iter().any(|(j, e)| *j == me && matches!(e, IpamError::RangeTakenOver { .. })),
+                "peer {} did not notice: {:?}",
+                me + 1,
+                m.errors
+            );
+        }
+    };
+    noticed(&m);
+    // The same when they meet only after one of them restarted (from its saved state).
+    let mut m = seeded(3);
+    m.run();
+    m.up[2] = false;
+    m.topology();
+    m.cut.push((0, 1));
+    assert_eq!(m.nodes[0].rmpeer(p(3)), Ok(342));
+    assert_eq!(m.nodes[1].rmpeer(p(3)), Ok(342));
+    m.run();
+    let snap = m.nodes[1].snapshot();
+    m.nodes[1] = restore_ipam(p(2), u(), InitMode::Seed((1..=3).map(p).collect()), Config::default(), &snap).unwrap();
+    m.nodes[1].peers_changed(&[p(1), p(2)]);
+    m.cut.clear();
+    m.nodes[0].neighbour_connected(p(2));
+    m.tolerate = true;
+    m.run();
+    noticed(&m);
 }
 
 #[test]
