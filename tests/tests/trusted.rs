@@ -124,9 +124,15 @@ fn pair_with(test: &str, trust: impl Fn(&Lab) -> [Option<String>; 2], extra: &[&
 /// pointed the bridge at the device (an entry each), for at most 20 s.
 fn wait_learned(p: &Pair) {
     let [h1, h2] = &p.h;
+    // Until both sides' entries are in, a reply may come the userspace way and the
+    // bridge learn the far container on that port: wait for a ping that went
+    // through the VXLAN device both ways.
     let learned = wait_until(Duration::from_secs(20), || {
+        let before = [dev_tx_packets(h1, VXLAN_DEV), dev_tx_packets(h2, VXLAN_DEV)];
         assert!(ping(&p.c[0].ns, "10.43.0.2", 1));
         [h1, h2].iter().all(|h| trusted_status(h)["fdb_entries"].as_u64().unwrap_or(0) >= 1)
+            && dev_tx_packets(h1, VXLAN_DEV) > before[0]
+            && dev_tx_packets(h2, VXLAN_DEV) > before[1]
     });
     assert!(learned, "no forwarding entries: {:#} / {:#}", trusted_status(h1), trusted_status(h2));
 }
