@@ -177,15 +177,20 @@ pub fn endpoints_of_network_blocking(network_id: &str) -> Result<Option<Vec<Stri
     })
 }
 
+/// Every network the engine has.
+async fn networks(docker: &Docker, socket: &str) -> Result<Vec<bollard::models::Network>, DockerError> {
+    docker
+        .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+        .await
+        .map_err(|e| engine_error(socket, e))
+}
+
 /// The endpoint IDs the engine lists on its networks of network driver `driver`.
 pub fn endpoints_of_driver_blocking(driver: &str) -> Result<Vec<String>, DockerError> {
     let socket = socket_path();
     block_on_own_thread(async {
         let docker = connect(&socket).await?;
-        let nets = docker
-            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
-            .await
-            .map_err(|e| engine_error(&socket, e))?;
+        let nets = networks(&docker, &socket).await?;
         let mut endpoints = Vec::new();
         for id in nets.into_iter().filter(|n| n.driver.as_deref() == Some(driver)).filter_map(|n| n.id) {
             match docker.inspect_network(&id, None::<bollard::query_parameters::InspectNetworkOptions>).await {
@@ -204,10 +209,7 @@ pub fn subnets_of_ipam_driver_blocking(driver: &str) -> Result<Vec<String>, Dock
     let socket = socket_path();
     block_on_own_thread(async {
         let docker = connect(&socket).await?;
-        let nets = docker
-            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
-            .await
-            .map_err(|e| engine_error(&socket, e))?;
+        let nets = networks(&docker, &socket).await?;
         Ok(nets
             .into_iter()
             .filter_map(|n| n.ipam)

@@ -103,6 +103,13 @@ struct World {
 }
 
 impl World {
+    /// Nothing made yet; its files under a new temporary directory named after `label` and `tag`.
+    fn new(tag: String, label: &str) -> World {
+        let dir = std::env::temp_dir().join(format!("meshnet-docker-{label}-{tag}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        World { dir, tag, containers: vec![], networks: vec![], image: None, routers: vec![], iptables: vec![] }
+    }
+
     fn name(&self, what: &str) -> String {
         format!("{what}{}", self.tag)
     }
@@ -215,16 +222,7 @@ fn docker_plugin_networks_and_restarted_containers() {
     }
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
     let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
-    let mut w = World {
-        dir: std::env::temp_dir().join(format!("meshnet-docker-plugin-{tag}")),
-        tag,
-        containers: vec![],
-        networks: vec![],
-        image: None,
-        routers: vec![],
-        iptables: vec![],
-    };
-    std::fs::create_dir_all(&w.dir).unwrap();
+    let mut w = World::new(tag, "plugin");
     let image = build_image(&mut w, &[]);
 
     // Two routers on the host namespace, seeded so the ring is agreed at once.
@@ -564,16 +562,7 @@ fn docker_names_across_routers() {
     run(Command::new("ip").args(["netns", "add", &upstream_ns]), SECS(10)).expect_ok("ip netns add");
     netns.names.push(upstream_ns.clone());
     run(Command::new("ip").args(["-n", &upstream_ns, "link", "set", "lo", "up"]), SECS(10)).expect_ok("lo up");
-    let mut w = World {
-        dir: std::env::temp_dir().join(format!("meshnet-docker-dns-{tag}")),
-        tag,
-        containers: vec![],
-        networks: vec![],
-        image: None,
-        routers: vec![],
-        iptables: vec![],
-    };
-    std::fs::create_dir_all(&w.dir).unwrap();
+    let mut w = World::new(tag, "dns");
     let image = build_image(&mut w, &["getent"]);
 
     // The routers' resolv.conf: the test's resolver only, on an overlay address.
@@ -809,16 +798,7 @@ fn docker_plugin_across_a_crash_mid_call() {
     }
     let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
     let tag = format!("{:05x}", (std::process::id() ^ nanos.rotate_left(7)) & 0xfffff);
-    let mut w = World {
-        dir: std::env::temp_dir().join(format!("meshnet-docker-crash-{tag}")),
-        tag,
-        containers: vec![],
-        networks: vec![],
-        image: None,
-        routers: vec![],
-        iptables: vec![],
-    };
-    std::fs::create_dir_all(&w.dir).unwrap();
+    let mut w = World::new(tag, "crash");
     let image = build_image(&mut w, &[]);
     let name = "02:00:5e:d2:00:0a";
     w.routers.push(Router { state: w.dir.join("state"), plugin: w.name("mnk"), bridge: w.name("mnk"), port: free_port() });
