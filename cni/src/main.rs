@@ -8,7 +8,8 @@
 //! router sets the MTU. A pod whose address is inside meshnet's range (and
 //! whose configuration names no gateway or default route) gets a default route
 //! through the node's exposed address in its subnet, which the router exposes
-//! the first time one is needed; its bridge port gets hairpin mode. The node's
+//! the first time one is needed; its bridge port gets hairpin mode (unless
+//! `"hairpinMode": false`). `ipam.subnet` allocates inside that subnet. The node's
 //! exposed address stays when pods go.
 //! DEL detaches (idempotent), CHECK compares the router's
 //! view with the previous result, VERSION lists the supported versions.
@@ -88,6 +89,9 @@ struct NetConf {
     dns: Option<Value>,
     #[serde(default)]
     prev_result: Option<Value>,
+    /// Hairpin mode on the pod's bridge port (Weave's key; default on).
+    #[serde(default)]
+    hairpin_mode: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +105,10 @@ struct Ipam {
     routes: Vec<Route>,
     #[serde(default)]
     dns: Option<Value>,
+    /// Allocate from meshnet's IPAM inside this subnet (Weave's `weave-ipam`
+    /// key) rather than the default subnet; excludes `addresses`.
+    #[serde(default)]
+    subnet: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -219,6 +227,14 @@ fn parse_conf(stdin: &str) -> Result<NetConf, CniError> {
         // would name no router, and "try again later" would never end.
         return Err(err(E_CONFIG, format!("stateDir {:?} is not an absolute path", dir.display().to_string())));
     }
+    if let Some(ipam) = conf.ipam.as_ref() {
+        if let Some(subnet) = ipam.subnet.as_deref() {
+            if !ipam.addresses.is_empty() {
+                return Err(err(E_CONFIG, "ipam.subnet and ipam.addresses exclude each other: give one of them"));
+            }
+            parse_cidr(subnet).map_err(|e| err(E_CONFIG, format!("ipam.subnet: {e:#}")))?;
+        }
+    }
     if let Some(t) = conf.ipam.as_ref().and_then(|i| i.ipam_type.as_deref()) {
         if t != "meshnet" {
             return Err(err_details(
@@ -305,15 +321,21 @@ fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
         wanted.push((format!("{ip}/{prefix}"), gw));
     }
     let routes = parse_routes(ipam.map(|i| i.routes.as_slice()).unwrap_or_default())?;
+    let mut cidrs: Vec<String> = wanted.iter().map(|(c, _)| c.clone()).collect();
+    if let Some(subnet) = ipam.and_then(|i| i.subnet.as_deref()) {
+        // The router's `net:` form: any free address of that subnet from its
+        // IPAM (it refuses a subnet outside the range, or with host bits set).
+        cidrs.push(format!("net:{subnet}"));
+    }
 
     let answer = router(
         conf,
         &Request::Attach {
             target: env.netns.clone(),
-            cidrs: wanted.iter().map(|(c, _)| c.clone()).collect(),
+            cidrs,
             ifname: Some(env.ifname.clone()),
             no_multicast_route: false,
-            hairpin: true,
+            hairpin: conf.hairpin_mode.unwrap_or(true),
         },
     )?;
     remember(conf, env);

@@ -92,6 +92,15 @@ impl Pod<'_> {
     }
 }
 
+/// Hairpin mode of the bridge port (in namespace `host_ns`) whose veth peer is
+/// `ifname` in namespace `pod_ns`.
+fn hairpin_of(host_ns: &str, pod_ns: &str, ifname: &str) -> Option<bool> {
+    let peer = link(pod_ns, ifname)?["link_index"].as_u64()?;
+    let out = Command::new("bridge").args(["-n", host_ns, "-d", "-j", "link", "show"]).output().ok()?;
+    let ports: Value = serde_json::from_slice(&out.stdout).ok()?;
+    ports.as_array()?.iter().find(|p| p["ifindex"].as_u64() == Some(peer))?["hairpin"].as_bool()
+}
+
 fn is_cidr(s: &str) -> bool {
     s.split_once('/').is_some_and(|(ip, p)| {
         ip.parse::<IpAddr>().is_ok_and(|ip| p.parse::<u8>().is_ok_and(|p| p <= if ip.is_ipv4() { 32 } else { 128 }))
@@ -218,6 +227,8 @@ fn cni_plugin_add_check_del() {
     assert!(ping(&c2.ns, "10.40.0.5", 3), "c2 cannot ping the pod");
     eprintln!("pod (CNI) <-> c2 on h2: ping ok");
 
+    assert_eq!(hairpin_of(&h1.ns, &pod_ns.ns, "eth0"), Some(true), "the pod's bridge port has no hairpin mode");
+
     // ADD again (a runtime retry) is harmless.
     let again = pod.call("ADD", &conf);
     assert!(again.ok(), "{again:?}");
@@ -278,6 +289,29 @@ fn cni_plugin_add_check_del() {
     assert!(pod.call("CHECK", &chk).ok(), "CHECK after an IPAM ADD");
     assert!(pod.call("DEL", &no_addr).ok());
     assert!(!allocated(&ip), "{ip} is still allocated after DEL");
+
+    // Weave's keys: `ipam.subnet` allocates inside that subnet, and
+    // `"hairpinMode": false` leaves the bridge port's hairpin mode off (the
+    // first ADD above had it on, the default).
+    let mut weave_keys = no_addr.clone();
+    weave_keys["ipam"] = json!({"subnet": "10.40.7.0/24"});
+    weave_keys["hairpinMode"] = json!(false);
+    let out = pod.call("ADD", &weave_keys);
+    assert!(out.ok(), "ADD with ipam.subnet: {out:?}");
+    let got = out.json()["ips"][0]["address"].as_str().unwrap().to_string();
+    assert!(got.starts_with("10.40.7.") && got.ends_with("/24"), "ipam.subnet 10.40.7.0/24 gave {got}");
+    assert!(allocated(got.split('/').next().unwrap()), "{got} is not in the IPAM allocations");
+    assert_eq!(hairpin_of(&h1.ns, &pod_ns.ns, "eth0"), Some(false), "hairpinMode false left hairpin on");
+    assert!(pod.call("DEL", &weave_keys).ok());
+    let mut bad = weave_keys.clone();
+    bad["ipam"]["addresses"] = json!(["10.40.7.9/24"]);
+    expect_error(&pod.call("ADD", &bad), 7, "ipam.subnet with ipam.addresses");
+    bad["ipam"] = json!({"subnet": "banana"});
+    expect_error(&pod.call("ADD", &bad), 7, "ipam.subnet that is no CIDR");
+    bad["ipam"] = json!({"subnet": "192.168.77.0/24"});
+    let e = expect_error(&pod.call("ADD", &bad), 100, "ipam.subnet outside the range");
+    eprintln!("ipam.subnet outside the range: {e}");
+    assert!(link(&pod_ns.ns, "eth0").is_none(), "a refused ADD left eth0 in the pod");
 
     // Bad input: CNI error objects with the spec's codes.
     expect_error(&pod.call_raw("ADD", "{not json", &pod.netns), 6, "configuration that is not JSON");
