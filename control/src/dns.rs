@@ -40,10 +40,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use hickory_proto::op::{Edns, Message, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
-use hickory_proto::rr::{DNSClass, Name, RData, Record as DnsRecord, RecordType};
+use hickory_proto::op::Message;
 use meshnet_proto::dns::{self as table, Answer, DnsMsg, Family, QueryType, Record, Record6, RecordSet, SignedSet, Table, Table6};
+use meshnet_proto::dns_server::{self as server, encode, max_udp, servfail, Handled};
 use meshnet_proto::handshake::{CAP_DNS, CAP_DNS6};
 use meshnet_proto::trust::Signer;
 use meshnet_proto::wire::control::ControlMsg;
@@ -615,138 +614,30 @@ async fn bind(addr: SocketAddr) -> Result<(UdpSocket, TcpListener)> {
     Ok((udp, tcp))
 }
 
-/// The UDP payload size this server says it takes, in its EDNS record (the
-/// size DNS Flag Day 2020 settled on: no fragmentation on common paths).
-const EDNS_PAYLOAD: u16 = 1232;
-
-/// What a query gets.
-enum Handled {
-    Reply(Message),
-    Forward(Message),
-    Drop,
-}
-
 impl Dns {
-    /// Answers `bytes` from the table, or says to forward it.
+    /// What the query in `bytes` gets (`meshnet_proto::dns_server` decides),
+    /// counted.
     fn handle(&self, bytes: &[u8]) -> Handled {
         self.stats.queries.fetch_add(1, Ordering::Relaxed);
-        let Ok(req) = Message::from_vec(bytes) else {
-            self.stats.dropped_garbage.fetch_add(1, Ordering::Relaxed);
-            return Handled::Drop;
-        };
-        if req.metadata.message_type != MessageType::Query {
-            self.stats.dropped_garbage.fetch_add(1, Ordering::Relaxed);
-            return Handled::Drop;
-        }
-        let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
-        resp.metadata = Metadata::response_from_request(&req.metadata);
-        resp.metadata.recursion_available = true;
-        // EDNS (RFC 6891): a query with an OPT record gets one back, and only
-        // version 0 exists; a higher one is answered BADVERS.
-        if let Some(asked) = &req.edns {
-            let mut opt = Edns::new();
-            opt.set_max_payload(EDNS_PAYLOAD).set_version(0).set_dnssec_ok(false);
-            resp.set_edns(opt);
-            if asked.version() > 0 {
-                resp.metadata.response_code = ResponseCode::BADVERS;
-                return Handled::Reply(resp);
-            }
-        }
-        if req.metadata.op_code != OpCode::Query {
-            resp.metadata.response_code = ResponseCode::NotImp;
-            return Handled::Reply(resp);
-        }
-        let [q] = req.queries.as_slice() else {
-            resp.metadata.response_code = ResponseCode::FormErr;
-            return Handled::Reply(resp);
-        };
-        resp.add_query(q.clone());
-        let qname = q.name().to_lowercase().to_ascii();
-        let qtype = match q.query_type() {
-            RecordType::A => QueryType::A,
-            RecordType::AAAA => QueryType::Aaaa,
-            RecordType::PTR => QueryType::Ptr,
-            _ => QueryType::Other,
-        };
-        // meshnet's names are of the Internet class: a question of another
-        // class (CH, HS) for one gets no IN record, only NOERROR or NXDOMAIN.
-        let qtype = if matches!(q.query_class(), DNSClass::IN | DNSClass::ANY) { qtype } else { QueryType::Other };
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        let answer = self.table().resolve(&qname, qtype, turn);
-        let ttl = self.config.ttl;
-        match answer {
-            Answer::Forward => return Handled::Forward(req),
-            Answer::Addresses(v) => {
-                for a in v {
-                    resp.add_answer(DnsRecord::from_rdata(q.name().clone(), ttl, RData::A(A(a))));
-                }
-            }
-            Answer::Addresses6(v) => {
-                for a in v {
-                    resp.add_answer(DnsRecord::from_rdata(q.name().clone(), ttl, RData::AAAA(AAAA(a))));
-                }
-            }
-            Answer::Names(v) => {
-                for n in v {
-                    let Ok(name) = Name::from_ascii(&n) else { continue };
-                    resp.add_answer(DnsRecord::from_rdata(q.name().clone(), ttl, RData::PTR(PTR(name))));
-                }
-            }
-            Answer::NoData => self.add_soa(&mut resp, &qname, q.query_class()),
-            Answer::NxDomain => {
-                self.stats.nxdomain.fetch_add(1, Ordering::Relaxed);
-                resp.metadata.response_code = ResponseCode::NXDomain;
-                self.add_soa(&mut resp, &qname, q.query_class());
-            }
-        }
-        resp.metadata.authoritative = true;
-        self.stats.answered.fetch_add(1, Ordering::Relaxed);
-        Handled::Reply(resp)
-    }
-}
-
-impl Dns {
-    /// A negative answer (NXDOMAIN, or a name without data of the type asked)
-    /// for a name of the domain carries the domain's SOA in its authority
-    /// section (RFC 2308): its minimum, the TTL, is how long a resolver may
-    /// remember that the name or type is not there.
-    fn add_soa(&self, resp: &mut Message, qname: &str, class: DNSClass) {
-        let domain = &self.config.domain;
-        if !matches!(class, DNSClass::IN | DNSClass::ANY) || !table::in_domain(qname, domain) {
-            return;
-        }
-        let (Ok(zone), Ok(rname)) = (Name::from_ascii(domain), Name::from_ascii(format!("hostmaster.{domain}"))) else {
-            return;
+        let handled = {
+            let t = self.table();
+            server::handle(bytes, &t.v4, &t.v6, self.config.ttl, turn)
         };
-        let ttl = self.config.ttl;
-        // No zone transfers: serial, refresh, retry and expire only fill the record.
-        let soa = SOA::new(zone.clone(), rname, 1, 3600, 600, 86400, ttl);
-        resp.add_authority(DnsRecord::from_rdata(zone, ttl, RData::SOA(soa)));
+        match &handled {
+            Handled::Drop => {
+                self.stats.dropped_garbage.fetch_add(1, Ordering::Relaxed);
+            }
+            Handled::Answer { nxdomain, .. } => {
+                self.stats.answered.fetch_add(1, Ordering::Relaxed);
+                if *nxdomain {
+                    self.stats.nxdomain.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Handled::Forward(_) | Handled::Error(_) => {}
+        }
+        handled
     }
-}
-
-/// Encodes a reply; over UDP one larger than the client takes is truncated (TC set).
-fn encode(resp: &Message, max_udp: Option<usize>) -> Option<Vec<u8>> {
-    let bytes = resp.to_vec().ok()?;
-    match max_udp {
-        Some(max) if bytes.len() > max => resp.truncate().to_vec().ok(),
-        _ => Some(bytes),
-    }
-}
-
-fn servfail(req: &Message) -> Message {
-    let mut resp = Message::response(req.metadata.id, req.metadata.op_code);
-    resp.metadata = Metadata::response_from_request(&req.metadata);
-    resp.metadata.recursion_available = true;
-    resp.metadata.response_code = ResponseCode::ServFail;
-    for q in &req.queries {
-        resp.add_query(q.clone());
-    }
-    resp
-}
-
-fn max_udp(req: &Message) -> usize {
-    (req.max_payload() as usize).max(512)
 }
 
 async fn udp_loop(dns: Arc<Dns>, sock: Arc<UdpSocket>) {
@@ -762,7 +653,7 @@ async fn udp_loop(dns: Arc<Dns>, sock: Arc<UdpSocket>) {
         };
         match dns.handle(&buf[..n]) {
             Handled::Drop => {}
-            Handled::Reply(resp) => {
+            Handled::Answer { reply: resp, .. } | Handled::Error(resp) => {
                 // The request parsed, so its payload size is known; replies are small.
                 let max = Message::from_vec(&buf[..n]).map(|r| max_udp(&r)).unwrap_or(512);
                 if let Some(bytes) = encode(&resp, Some(max)) {
@@ -823,7 +714,7 @@ async fn tcp_conn(dns: &Dns, mut stream: TcpStream) -> std::io::Result<()> {
         tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await.map_err(std::io::Error::other)??;
         let reply = match dns.handle(&query) {
             Handled::Drop => return Ok(()),
-            Handled::Reply(resp) => match encode(&resp, None) {
+            Handled::Answer { reply: resp, .. } | Handled::Error(resp) => match encode(&resp, None) {
                 Some(b) => b,
                 None => return Ok(()),
             },
@@ -918,157 +809,33 @@ mod tests {
         Dns::open(&temp_state(tag), config, PeerName(1), signer).unwrap()
     }
 
-    fn ask(dns: &Dns, name: Name, qtype: RecordType) -> Message {
-        ask_class(dns, name, qtype, DNSClass::IN)
-    }
-
-    fn ask_class(dns: &Dns, name: Name, qtype: RecordType, class: DNSClass) -> Message {
-        let mut q = Message::query();
-        q.metadata.id = 42;
-        q.metadata.message_type = MessageType::Query;
-        let mut query = Query::query(name, qtype);
-        query.set_query_class(class);
-        q.add_query(query);
-        match dns.handle(&q.to_vec().unwrap()) {
-            // Through the wire format and back, as a client sees it.
-            Handled::Reply(m) => Message::from_vec(&m.to_vec().unwrap()).unwrap(),
-            Handled::Forward(_) => panic!("forwarded"),
-            Handled::Drop => panic!("dropped"),
-        }
-    }
-
-    /// The server's answers, as hickory encodes and decodes them: AAAA from
-    /// the IPv6 table (every address, rotating, the TTL), A from the IPv4 one,
-    /// PTR of the `ip6.arpa` name hickory makes of an address, NOERROR with no
-    /// data for the family a name lacks, NXDOMAIN for an unknown name.
+    /// Every query is counted; what the tables answer too (NXDOMAIN apart as
+    /// well), garbage as dropped; what `meshnet_proto::dns_server` answers is
+    /// tested there.
     #[test]
-    fn aaaa_and_ip6_arpa_queries_are_answered() {
-        let dns = test_dns("answers");
-        {
-            let mut t = dns.table();
-            let r4 = |n: &str, a: &str| Record { name: format!("{n}.meshnet.local."), addr: a.parse().unwrap(), target: "t".into() };
-            let r6 = |n: &str, a: &str| Record6 { name: format!("{n}.meshnet.local."), addr: a.parse().unwrap(), target: "t".into() };
-            t.v4.set_own(vec![r4("db", "10.0.0.1"), r4("only4", "10.0.0.2")], 1, &dns.signer).unwrap();
-            t.v6.set_own(vec![r6("db", "fd32::5"), r6("db", "fd32::6")], 1, &dns.signer).unwrap();
-        }
-        let db = Name::from_ascii("db.meshnet.local.").unwrap();
-        let mut firsts = Vec::new();
-        for _ in 0..2 {
-            let m = ask(&dns, db.clone(), RecordType::AAAA);
-            assert_eq!(m.metadata.response_code, ResponseCode::NoError);
-            let got: Vec<Ipv6Addr> = m.answers.iter().map(|r| match &r.data {
-                RData::AAAA(a) => a.0,
-                other => panic!("{other:?}"),
-            }).collect();
-            assert!(m.answers.iter().all(|r| r.ttl == 7));
-            let mut sorted = got.clone();
-            sorted.sort();
-            assert_eq!(sorted, ["fd32::5".parse::<Ipv6Addr>().unwrap(), "fd32::6".parse().unwrap()]);
-            firsts.push(got[0]);
-        }
-        assert_ne!(firsts[0], firsts[1], "rotation");
-        let m = ask(&dns, db.clone(), RecordType::A);
-        assert!(matches!(&m.answers[..], [r] if r.data == RData::A(A("10.0.0.1".parse().unwrap()))), "{m:?}");
-        let m = ask(&dns, Name::from_ascii("only4.meshnet.local.").unwrap(), RecordType::AAAA);
-        assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::NoError, 0));
-        let m = ask(&dns, Name::from_ascii("nobody.meshnet.local.").unwrap(), RecordType::AAAA);
-        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-        // hickory's reverse name of an address is ours, and gets the name.
-        let a: Ipv6Addr = "fd32::6".parse().unwrap();
-        let reverse = Name::from(a);
-        assert_eq!(reverse.to_lowercase().to_ascii(), table::reverse_name6(a));
-        let m = ask(&dns, reverse, RecordType::PTR);
-        assert!(matches!(&m.answers[..], [r] if r.data == RData::PTR(PTR(db.clone()))), "{m:?}");
-        let _ = std::fs::remove_dir_all(&dns.state.root);
-    }
-
-    /// A question of another class than IN (or ANY) for a name of ours gets
-    /// no IN record: NOERROR without data for a name that exists, NXDOMAIN
-    /// for one that does not; class ANY is answered as IN.
-    #[test]
-    fn negative_answers_carry_the_domains_soa() {
-        let dns = test_dns("soa");
+    fn queries_are_counted_by_what_they_got() {
+        use hickory_proto::rr::{Name, RecordType};
+        let dns = test_dns("counted");
         {
             let mut t = dns.table();
             let rec = Record { name: "db.meshnet.local.".into(), addr: "10.0.0.1".parse().unwrap(), target: "t".into() };
             t.v4.set_own(vec![rec], 1, &dns.signer).unwrap();
         }
-        let soa_of = |m: &Message| match &m.authorities[..] {
-            [r] => match &r.data {
-                RData::SOA(soa) => Some((r.name.to_ascii(), r.ttl, soa.minimum)),
-                _ => None,
-            },
-            _ => None,
-        };
-        let ttl = dns.config.ttl;
-        let m = ask(&dns, Name::from_ascii("nobody.meshnet.local.").unwrap(), RecordType::A);
-        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-        assert_eq!(soa_of(&m), Some(("meshnet.local.".to_string(), ttl, ttl)), "{m:?}");
-        let m = ask(&dns, Name::from_ascii("db.meshnet.local.").unwrap(), RecordType::MX);
-        assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::NoError, 0));
-        assert_eq!(soa_of(&m), Some(("meshnet.local.".to_string(), ttl, ttl)), "{m:?}");
-        // A positive answer has none.
-        let m = ask(&dns, Name::from_ascii("db.meshnet.local.").unwrap(), RecordType::A);
-        assert!(m.answers.len() == 1 && m.authorities.is_empty(), "{m:?}");
-        let _ = std::fs::remove_dir_all(&dns.state.root);
-    }
-
-    #[test]
-    fn edns_is_answered_with_edns_and_an_unknown_version_with_badvers() {
-        let dns = test_dns("edns");
-        let query = |edns: Option<u8>| {
+        let ask = |name: &str| {
             let mut q = Message::query();
-            q.metadata.id = 7;
-            q.add_query(Query::query(Name::from_ascii("nobody.meshnet.local.").unwrap(), RecordType::A));
-            if let Some(version) = edns {
-                let mut e = Edns::new();
-                e.set_max_payload(4096).set_version(version);
-                q.set_edns(e);
-            }
-            match dns.handle(&q.to_vec().unwrap()) {
-                Handled::Reply(m) => Message::from_vec(&m.to_vec().unwrap()).unwrap(),
-                _ => panic!("not answered"),
-            }
+            q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            dns.handle(&q.to_vec().unwrap())
         };
-        let m = query(None);
-        assert!(m.edns.is_none(), "an OPT record to a client that sent none: {m:?}");
-        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-        let m = query(Some(0));
-        let e = m.edns.as_ref().expect("an OPT record back");
-        assert_eq!((e.version(), e.max_payload(), m.metadata.response_code), (0, EDNS_PAYLOAD, ResponseCode::NXDomain));
-        let m = query(Some(1));
-        // 16 on the wire (hickory reads 16 back as BADSIG, which shares it).
-        assert_eq!(u16::from(m.metadata.response_code), u16::from(ResponseCode::BADVERS), "{m:?}");
-        assert_eq!(m.edns.as_ref().map(Edns::version), Some(0));
-        let _ = std::fs::remove_dir_all(&dns.state.root);
-    }
-
-    #[test]
-    fn only_the_internet_class_is_answered_with_records() {
-        let dns = test_dns("classes");
-        {
-            let mut t = dns.table();
-            let rec = Record { name: "db.meshnet.local.".into(), addr: "10.0.0.1".parse().unwrap(), target: "t".into() };
-            t.v4.set_own(vec![rec], 1, &dns.signer).unwrap();
-        }
-        let db = Name::from_ascii("db.meshnet.local.").unwrap();
-        let reverse = Name::from_ascii("1.0.0.10.in-addr.arpa.").unwrap();
-        for class in [DNSClass::CH, DNSClass::HS] {
-            let m = ask_class(&dns, db.clone(), RecordType::A, class);
-            assert_eq!((m.metadata.response_code, m.answers.len()), (ResponseCode::NoError, 0), "{class:?}: {m:?}");
-            // A reverse name of that class is not ours: it goes upstream, as other names do.
-            let mut q = Message::query();
-            let mut query = Query::query(reverse.clone(), RecordType::PTR);
-            query.set_query_class(class);
-            q.add_query(query);
-            assert!(matches!(dns.handle(&q.to_vec().unwrap()), Handled::Forward(_)), "{class:?}: a reverse name not forwarded");
-            let m = ask_class(&dns, Name::from_ascii("nobody.meshnet.local.").unwrap(), RecordType::A, class);
-            assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-        }
-        let m = ask_class(&dns, db.clone(), RecordType::A, DNSClass::ANY);
-        assert!(matches!(&m.answers[..], [r] if r.data == RData::A(A("10.0.0.1".parse().unwrap())) && r.dns_class == DNSClass::IN), "{m:?}");
-        let m = ask(&dns, reverse, RecordType::PTR);
-        assert!(matches!(&m.answers[..], [r] if r.data == RData::PTR(PTR(db.clone()))), "{m:?}");
+        assert!(matches!(ask("db.meshnet.local."), Handled::Answer { nxdomain: false, .. }));
+        assert!(matches!(ask("nobody.meshnet.local."), Handled::Answer { nxdomain: true, .. }));
+        assert!(matches!(ask("example.org."), Handled::Forward(_)));
+        assert!(matches!(dns.handle(b"\x01garbage"), Handled::Drop));
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let s = &dns.stats;
+        assert_eq!(
+            (load(&s.queries), load(&s.answered), load(&s.nxdomain), load(&s.dropped_garbage)),
+            (4, 2, 1, 1)
+        );
         let _ = std::fs::remove_dir_all(&dns.state.root);
     }
 

@@ -16,6 +16,7 @@ pub mod plane;
 pub mod dialer;
 pub mod discovery;
 pub mod dns;
+pub mod dns_server;
 pub mod gossip;
 pub mod gso;
 pub mod handshake;
