@@ -406,7 +406,17 @@ pub fn run(cfg: Config) -> Result<()> {
         }
         Err(_) => Some(t),
     });
-    for t in saved.chain(cfg.peers.iter().map(|p| p.to_string())) {
+    // A peer named again by a restart (same command line: Docker, systemd)
+    // after it was forgotten stays forgotten, until `meshnet stop`.
+    let forgotten = cfg.state.load_forgotten();
+    let named = cfg.peers.iter().map(|p| p.to_string()).filter(|t| {
+        let keep = !forgotten.contains(t);
+        if !keep {
+            log::info!("not adding {t} named at launch: forgotten since the last meshnet stop (meshnet connect it)");
+        }
+        keep
+    });
+    for t in saved.chain(named) {
         if !targets.contains(&t) {
             targets.push(t);
         }
@@ -1247,7 +1257,13 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             Ok(json!({ "name": fq, "addresses": addrs }))
         }
         Request::DnsStatus => Ok(serde_json::to_value(mesh.dns.status())?),
-        Request::Stop => Ok(json!({ "stopping": true })),
+        Request::Stop => {
+            // A launch after a stop adds every peer it names again.
+            if let Err(e) = mesh.state.save_forgotten(&[]) {
+                log::warn!("clearing the forgotten targets: {e:#}");
+            }
+            Ok(json!({ "stopping": true }))
+        }
         Request::Reset => {
             // Our targets go, and their addresses back to IPAM: so do our DNS
             // records, on every router (queued before the goodbye).
