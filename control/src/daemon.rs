@@ -408,9 +408,9 @@ pub fn run(cfg: Config) -> Result<()> {
     });
     // A peer named again by a restart (same command line: Docker, systemd)
     // after it was forgotten stays forgotten, until `meshnet stop`.
-    let forgotten = cfg.state.load_forgotten();
+    let removed_targets = cfg.state.load_forgotten();
     let named = cfg.peers.iter().map(|p| p.to_string()).filter(|t| {
-        let keep = !forgotten.contains(t);
+        let keep = !removed_targets.contains(t);
         if !keep {
             log::info!("not adding {t} named at launch: forgotten since the last meshnet stop (meshnet connect it)");
         }
