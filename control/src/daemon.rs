@@ -406,7 +406,17 @@ pub fn run(cfg: Config) -> Result<()> {
         }
         Err(_) => Some(t),
     });
-    for t in saved.chain(cfg.peers.iter().map(|p| p.to_string())) {
+    // A peer named again by a restart (same command line: Docker, systemd)
+    // after it was forgotten stays forgotten, until `meshnet stop`.
+    let removed_targets = cfg.state.load_forgotten();
+    let named = cfg.peers.iter().map(|p| p.to_string()).filter(|t| {
+        let keep = !removed_targets.contains(t);
+        if !keep {
+            log::info!("not adding {t} named at launch: forgotten since the last meshnet stop (meshnet connect it)");
+        }
+        keep
+    });
+    for t in saved.chain(named) {
         if !targets.contains(&t) {
             targets.push(t);
         }
@@ -483,6 +493,7 @@ pub fn run(cfg: Config) -> Result<()> {
         tasks.spawn(announce_once_connected(ctx.clone()));
         tasks.spawn(announce_to_new_trusted_peers(ctx.clone()));
         tasks.spawn(forget_gone_loop(ctx.clone()));
+        tasks.spawn(guard_loop(ctx.clone()));
         if let Some(l) = metrics_listener {
             log::info!("serving metrics and the map on http://{}", l.local_addr()?);
             let exposed_ctx = ctx.clone();
@@ -691,6 +702,52 @@ async fn forget_gone_loop(ctx: Arc<ApiCtx>) {
             }
             Err(e) => log::error!("checking for namespaces that are gone: {e}"),
         }
+    }
+}
+
+/// How often [`guard_loop`] checks what others may undo under the router.
+const GUARD_CHECK: Duration = Duration::from_secs(10);
+
+/// Puts back what someone else undid under the running router, saying so in
+/// the log: meshnet's nftables tables while something is exposed (a flushed
+/// ruleset: Weave's iptables "canary"), and hairpin mode on the router's own
+/// bridge port (a kubelet with `--hairpin-mode=hairpin-veth`, say), which
+/// would send every broadcast from another host back to its sender.
+async fn guard_loop(ctx: Arc<ApiCtx>) {
+    let port = match ctx.datapath {
+        Datapath::Tap => tap_name(&ctx.mesh.settings.bridge),
+        Datapath::Pcap => capture::veth_names(&ctx.mesh.settings.bridge).1,
+    };
+    loop {
+        let c = ctx.clone();
+        let port = port.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let hairpin = format!("/sys/class/net/{port}/brport/hairpin_mode");
+            if std::fs::read_to_string(&hairpin).is_ok_and(|v| v.trim() == "1") {
+                match netlink::set_hairpin(&port, false) {
+                    Ok(()) => log::warn!("hairpin mode was on on {port}, the router's bridge port (broadcasts from other hosts would come back to their senders): turned it off"),
+                    Err(e) => log::warn!("hairpin mode is on on {port}, the router's bridge port: {e}"),
+                }
+            }
+            // An expose or hide under way writes the tables itself.
+            let Ok(_one_at_a_time) = c.expose_op.try_lock() else { return };
+            let exposed = c.exposed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if exposed.is_empty() {
+                return;
+            }
+            let bridge = &c.mesh.settings.bridge;
+            let ranges = expose::Ranges {
+                v4: c.mesh.with_ipam(|h| h.ipam.universe()),
+                v6: c.mesh.with_ipam_for(true, |h| h.ipam.universe()),
+            };
+            match expose::restore_tables(bridge, ranges, &exposed) {
+                Ok(true) => log::warn!("meshnet's nftables table for {bridge} was gone (flushed ruleset?): written again"),
+                Ok(false) => {}
+                Err(e) => log::warn!("checking meshnet's nftables tables: {e:#}"),
+            }
+        })
+        .await;
+        tokio::time::sleep(GUARD_CHECK).await;
     }
 }
 
@@ -1200,7 +1257,13 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             Ok(json!({ "name": fq, "addresses": addrs }))
         }
         Request::DnsStatus => Ok(serde_json::to_value(mesh.dns.status())?),
-        Request::Stop => Ok(json!({ "stopping": true })),
+        Request::Stop => {
+            // A launch after a stop adds every peer it names again.
+            if let Err(e) = mesh.state.save_forgotten(&[]) {
+                log::warn!("clearing the forgotten targets: {e:#}");
+            }
+            Ok(json!({ "stopping": true }))
+        }
         Request::Reset => {
             // Our targets go, and their addresses back to IPAM: so do our DNS
             // records, on every router (queued before the goodbye).

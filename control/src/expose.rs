@@ -169,6 +169,26 @@ pub fn delete_table(bridge: &str) -> Result<bool> {
     Ok(v4 || v6)
 }
 
+/// Writes the tables again if one that `exposed` needs is gone (someone ran
+/// `nft flush ruleset`, a firewall reloaded its rules): Ok(true) when it did.
+/// Weave checked for its iptables chains the same way, every 10 s.
+pub fn restore_tables(bridge: &str, ranges: Ranges, exposed: &[Exposure]) -> Result<bool> {
+    let table = table_name(bridge);
+    let mut gone = false;
+    for v6 in [false, true] {
+        let family = if v6 { NfFamily::IP6 } else { NfFamily::IP };
+        if exposed.iter().any(|e| parse(e).is_ok_and(|(ip, _)| ip.is_ipv6() == v6))
+            && !nft::table_exists_in(family, &table).with_context(|| format!("list nftables tables ({table})"))?
+        {
+            gone = true;
+        }
+    }
+    if gone {
+        apply_table(bridge, ranges, exposed)?;
+    }
+    Ok(gone)
+}
+
 /// Exposed traffic is forwarded by this host: make sure it forwards that
 /// family (as Docker does, it is left on). For IPv6 that is
 /// `net.ipv6.conf.all.forwarding`, which also stops interfaces with

@@ -1568,10 +1568,12 @@ impl Mesh {
     /// written before the change is applied, off the mesh lock).
     pub fn set_targets(&self, add: &[PeerAddr], replace: bool) -> anyhow::Result<Vec<String>> {
         let _io = self.targets_io.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = if replace { BTreeSet::new() } else { self.lock().targets.clone() };
+        let before = self.lock().targets.clone();
+        let mut next = if replace { BTreeSet::new() } else { before.clone() };
         next.extend(add.iter().map(|p| p.to_string()));
         let list: Vec<String> = next.iter().cloned().collect();
         self.state.save_targets(&list)?;
+        self.note_forgotten(before.difference(&next).cloned().collect(), &next);
         let mut g = self.lock();
         g.targets = next;
         g.dialer.set_targets(list.iter().cloned());
@@ -1599,6 +1601,7 @@ impl Mesh {
         }
         let list: Vec<String> = next.iter().cloned().collect();
         self.state.save_targets(&list)?;
+        self.note_forgotten(gone.iter().map(|p| p.to_string()).collect(), &next);
         let mut g = self.lock();
         g.targets = next;
         g.dialer.set_targets(list.iter().cloned());
@@ -1607,6 +1610,20 @@ impl Mesh {
 
     pub fn targets(&self) -> Vec<String> {
         self.lock().targets.iter().cloned().collect()
+    }
+
+    /// Keeps the list of targets removed since the last `meshnet stop` (see
+    /// `StateDir::load_forgotten`): `removed` join it, the targets now in
+    /// force leave it.
+    fn note_forgotten(&self, removed: Vec<String>, now: &BTreeSet<String>) {
+        let mut forgotten = self.state.load_forgotten();
+        forgotten.extend(removed);
+        forgotten.retain(|t| !now.contains(t));
+        forgotten.sort();
+        forgotten.dedup();
+        if let Err(e) = self.state.save_forgotten(&forgotten) {
+            log::warn!("recording the forgotten targets: {e:#} (a restart naming them adds them again)");
+        }
     }
 
     /// What the connection maker should dial now (see `meshnet_proto::dialer`):

@@ -185,10 +185,10 @@ pub fn to_text(v: &Value) -> String {
     let _ = writeln!(o, "\nDNS");
     let listen = match (dns["enabled"].as_bool(), dns["listen"].as_str()) {
         (Some(false), _) => "off (--no-dns)".to_string(),
-        (_, Some(a)) => a.to_string(),
-        _ => "not listening".to_string(),
+        (_, Some(a)) => format!("listening on {a}"),
+        _ => "not listening (no address exposed on the bridge)".to_string(),
     };
-    let _ = writeln!(o, "  domain {} (TTL {}s), listening on {listen}", str_of(&dns["domain"]), str_of(&dns["ttl"]));
+    let _ = writeln!(o, "  domain {} (TTL {}s), {listen}", str_of(&dns["domain"]), str_of(&dns["ttl"]));
     for r in dns["records"].as_array().into_iter().flatten() {
         let _ = writeln!(o, "  {} {} {} {}", str_of(&r["name"]), str_of(&r["address"]), str_of(&r["target"]), str_of(&r["owner"]));
     }
@@ -241,5 +241,10 @@ mod tests {
             assert!(t.contains(want), "{want:?} missing from:\n{t}");
         }
         assert!(!t.contains("encode_error 0"), "zero drops are left out:\n{t}");
+        let mut quiet = v.clone();
+        quiet["dns"]["listen"] = serde_json::Value::Null;
+        let t = to_text(&quiet);
+        assert!(t.contains("(TTL 1s), not listening (no address exposed"), "{t}");
+        assert!(!t.contains("listening on not"), "{t}");
     }
 }

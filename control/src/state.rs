@@ -216,6 +216,24 @@ impl StateDir {
     pub fn save_targets(&self, targets: &[String]) -> Result<()> {
         write_json(&self.targets_path(), &targets)
     }
+    /// Targets removed (`forget`, `connect --replace`) since the last
+    /// `meshnet stop`: a launch that names one again after a crash, a `kill`
+    /// or a restart by Docker or systemd (the same command line) leaves it
+    /// out, as Weave's restart kept its persisted peers. Only a filter: an
+    /// unreadable file filters nothing.
+    pub fn load_forgotten(&self) -> Vec<String> {
+        read_json(&self.root.join("forgotten.json"), "").ok().flatten().unwrap_or_default()
+    }
+    pub fn save_forgotten(&self, forgotten: &[String]) -> Result<()> {
+        let path = self.root.join("forgotten.json");
+        if forgotten.is_empty() {
+            return match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            };
+        }
+        write_json(&path, &forgotten)
+    }
     pub fn load_attachments(&self) -> Result<Vec<Attachment>> {
         Ok(read_json(&self.attachments_path(), "it lists the targets attached here: move it away to launch without them, then attach them again")?.unwrap_or_default())
     }

@@ -29,6 +29,9 @@
 //!   the exposed address's route on meshnet's bridge does not make `launch`
 //!   (after `stop`) or `launch --resume` (after `kill -9`) refuse the range; a
 //!   route of another interface in it still does.
+//! - `a_deleted_table_and_hairpin_on_the_router_port_are_put_back`: the
+//!   table deleted under a running router, and hairpin mode switched on on its
+//!   TAP, are put back within 15 s (Weave's iptables canary and hairpin check).
 //! - `podman_on_two_routers`: podman (CNI backend, meshnet's conflist) runs
 //!   containers on two routers that ping each other, reach the outside and
 //!   publish a port with `-p`.
@@ -333,6 +336,54 @@ fn the_bridge_keeps_its_mac_across_restarts() {
     assert_eq!(mac(&h1), before, "the bridge's MAC changed across stop + launch");
     assert!(ping_until(&c2.ns, &ip_of(&e), SECS(20)), "c2 lost h1's exposed {e} after stop + launch");
     assert_eq!(exposed(&h1), vec![e]);
+}
+
+/// `nft list` output without its counters' values, for comparing rules.
+fn without_counts(table: &str) -> String {
+    let mut out = Vec::new();
+    let mut words = table.split_whitespace();
+    while let Some(w) = words.next() {
+        out.push(w);
+        if w == "packets" || w == "bytes" {
+            words.next();
+        }
+    }
+    out.join(" ")
+}
+
+/// Weave's 135_expose_iptables_refresh and 705_detect_hairpin: what others
+/// undo under a running router is put back within seconds, and the log says
+/// so: meshnet's nftables table while something is exposed (a flushed
+/// ruleset, a firewall reloading its rules), and hairpin mode switched on on
+/// the router's own bridge port (by a kubelet's `--hairpin-mode`, say), which
+/// would send broadcasts from other hosts back to their senders.
+#[test]
+fn a_deleted_table_and_hairpin_on_the_router_port_are_put_back() {
+    let Some(lab) = Lab::new("exposeguard") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    two_routers(&h1, &h2);
+    h1.meshnet(&["expose"]).expect_ok("expose");
+    let before = meshnet_table(&h1).expect("expose made the table");
+    let hairpin = || exec_in(&h1.ns, &["cat", "/sys/class/net/meshnet-tap/brport/hairpin_mode"]).stdout.trim().to_string();
+    assert_eq!(hairpin(), "0", "the TAP's hairpin mode at launch");
+
+    exec_in(&h1.ns, &["nft", "delete", "table", "ip", "meshnet"]).expect_ok("delete the table");
+    ip(&["-n", &h1.ns, "link", "set", "meshnet-tap", "type", "bridge_slave", "hairpin", "on"]).expect_ok("hairpin on");
+    assert!(meshnet_table(&h1).is_none() && hairpin() == "1");
+    assert!(
+        wait_until(SECS(15), || meshnet_table(&h1).is_some() && hairpin() == "0"),
+        "not put back within 15 s: table {:?}, hairpin {}",
+        meshnet_table(&h1),
+        hairpin()
+    );
+    assert_eq!(without_counts(&meshnet_table(&h1).unwrap_or_default()), without_counts(&before), "the table written again");
+    let log = h1.log();
+    assert!(log.contains("nftables table for meshnet was gone") && log.contains("hairpin mode was on on meshnet-tap"), "{log}");
+
+    // Nothing exposed: no table is made.
+    h1.meshnet(&["hide"]).expect_ok("hide");
+    std::thread::sleep(SECS(11));
+    assert!(meshnet_table(&h1).is_none(), "a table with nothing exposed");
 }
 
 // ---------------------------------------------------------------------------

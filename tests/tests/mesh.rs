@@ -8,7 +8,8 @@
 //! 1. three hosts, discovery by gossip, attach/ps/attach twice, full-MTU frames
 //! 2. wrong or missing password is refused, both sides say why
 //! 3. no plaintext on the underlay (pcap), with a control capture inside
-//! 4. stop/launch keeps name, targets and attachments
+//! 4. stop/launch keeps name, targets and attachments; a forgotten target
+//!    stays forgotten across a restart with the same command line
 //! 5. reset leaves the host clean; launch works again
 //! 6. bad input fails clearly and changes nothing; network garbage is survived
 //! 7. detach, forget, connect --replace, targets persisted
@@ -545,6 +546,53 @@ fn restart_keeps_name_targets_and_attachments() {
     assert_pings(&c2, 1, SECS(30));
     assert_pings(&c2, 3, SECS(10));
     assert_pings(&c1, 2, SECS(10));
+}
+
+/// Scenario 4b (Weave's 175_target_peer_persistence): a target forgotten
+/// after launch stays forgotten when the router is started again with the
+/// same command line (after `kill -9`, as a restart policy does), and so does
+/// one replaced away by `connect --replace`; `launch --resume` keeps the
+/// targets as they were left; after `meshnet stop` a launch adds the peers it
+/// names again. The targets are addresses nobody answers: only the lists count.
+#[test]
+fn a_forgotten_target_stays_forgotten_across_a_restart() {
+    let Some(lab) = Lab::new("forgotten") else {
+        return;
+    };
+    let h1 = lab.add_host(1);
+    let (me, two, three) = (h1.addr(), format!("{}:6783", lab.host_ip(2)), format!("{}:6783", lab.host_ip(3)));
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let named = [h1.ip.clone(), lab.host_ip(2)];
+    let named: Vec<&str> = named.iter().map(String::as_str).collect();
+    h1.launch(&named);
+    h1.meshnet(&["forget", &h1.ip]).expect_ok("forget h1");
+    h1.meshnet(&["connect", &lab.host_ip(3)]).expect_ok("connect h3");
+    assert_eq!(sorted(h1.targets()), vec![two.clone(), three.clone()]);
+
+    kill9(&h1);
+    h1.launch(&named);
+    assert_eq!(sorted(h1.targets()), vec![two.clone(), three.clone()], "after kill -9 and the same launch");
+    assert!(h1.log().contains(&format!("not adding {me} named at launch")), "{}", h1.log());
+
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    h1.launch(&["--resume"]);
+    assert_eq!(sorted(h1.targets()), vec![two.clone(), three.clone()], "after stop and launch --resume");
+
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    h1.launch(&named);
+    assert_eq!(sorted(h1.targets()), vec![me.clone(), two.clone(), three.clone()], "after stop and a launch naming h1 again");
+
+    h1.meshnet(&["connect", "--replace", &lab.host_ip(2)]).expect_ok("connect --replace");
+    kill9(&h1);
+    h1.launch(&named);
+    assert_eq!(h1.targets(), vec![two.clone()], "after connect --replace, kill -9 and the same launch");
+    h1.meshnet(&["connect", &h1.ip]).expect_ok("connect h1 again");
+    kill9(&h1);
+    h1.launch(&named);
+    assert_eq!(sorted(h1.targets()), vec![me, two], "connected again, then kill -9 and the same launch");
 }
 
 /// Scenario 5: reset leaves the host as it found it; launch works again.
