@@ -65,12 +65,18 @@ enum Cmd {
     },
     /// Give this host an address on the overlay (on the bridge), printed one a line. ADDR as for
     /// attach; none: one in the default subnet. Exposing again gives the same address.
+    #[command(disable_help_flag = true)]
     Expose {
         /// Do not masquerade traffic from the exposed subnet to the outside.
         #[arg(long)]
         without_masquerade: bool,
+        /// Also register NAME in meshnet DNS for the exposed addresses (`hide` removes it).
+        #[arg(short = 'h', long = "hostname", value_name = "NAME")]
+        name: Option<String>,
         #[arg(value_name = "ADDR")]
         addrs: Vec<String>,
+        #[arg(long, action = clap::ArgAction::Help)]
+        help: Option<bool>,
     },
     /// Take this host's exposed addresses (all when none are given) off the overlay.
     Hide {
@@ -114,7 +120,8 @@ enum Cmd {
         timeout: u64,
     },
     /// Register NAME (in the DNS domain; a single label is taken as relative to it) for TARGET with
-    /// ADDRs (IPv4 and/or IPv6); none: the addresses attached to TARGET.
+    /// ADDRs (IPv4 and/or IPv6); none: the addresses attached to TARGET. ADDR... -h NAME without a
+    /// TARGET: those addresses, of no target.
     #[command(disable_help_flag = true)]
     DnsAdd {
         /// The name to register.
@@ -127,6 +134,7 @@ enum Cmd {
         help: Option<bool>,
     },
     /// Remove this router's DNS records of TARGET (only of NAME, and of ADDRs, when given).
+    /// ADDR... -h NAME without a TARGET: the records `dns-add` added without one.
     #[command(disable_help_flag = true)]
     DnsRemove {
         #[arg(short = 'h', long = "hostname", value_name = "NAME")]
@@ -358,6 +366,17 @@ fn default_dns_ttl() -> u32 {
     1
 }
 
+/// The TARGET of `dns-add`/`dns-remove [ADDR...] TARGET`, taken off `args`;
+/// empty when the last is an address too (`dns-add ADDR... -h NAME`: no target).
+fn dns_target(args: &mut Vec<String>) -> String {
+    let last = args.last().expect("clap requires one");
+    let bare = last.strip_prefix("ip:").unwrap_or(last);
+    if bare.split_once('/').map_or(bare, |(a, _)| a).parse::<std::net::IpAddr>().is_ok() {
+        return String::new();
+    }
+    args.pop().expect("clap requires one")
+}
+
 /// `--dns-listen-address`: IP or IP:PORT.
 fn parse_dns_listen(s: &str) -> Result<std::net::SocketAddr> {
     if let Ok(ip) = s.parse::<IpAddr>() {
@@ -444,8 +463,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             call(&state, Request::Detach { target, cidrs: args })?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Expose { without_masquerade, addrs } => {
-            let v = call(&state, Request::Expose { cidrs: addrs, masquerade: Some(!without_masquerade) })?;
+        Cmd::Expose { without_masquerade, name, addrs, .. } => {
+            let v = call(&state, Request::Expose { cidrs: addrs, masquerade: Some(!without_masquerade), name })?;
             let addrs: Vec<String> = serde_json::from_value(v["addresses"].clone()).unwrap_or_default();
             for a in addrs {
                 println!("{a}");
@@ -524,14 +543,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::DnsAdd { name, mut args, .. } => {
-            let target = args.pop().expect("clap requires one");
+            let target = dns_target(&mut args);
             let v = call(&state, Request::DnsAdd { target, addrs: args, name })?;
             let addrs: Vec<String> = serde_json::from_value(v["addresses"].clone()).unwrap_or_default();
             println!("{} {}", v["name"].as_str().unwrap_or("?"), addrs.join(" "));
             Ok(ExitCode::SUCCESS)
         }
         Cmd::DnsRemove { name, mut args, .. } => {
-            let target = args.pop().expect("clap requires one");
+            let target = dns_target(&mut args);
             call(&state, Request::DnsRemove { target, addrs: args, name })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -546,7 +565,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::DnsArgs => {
             let s: meshnet_control::dns::DnsStatus = serde_json::from_value(call(&state, Request::DnsStatus)?)?;
             if !s.enabled {
-                bail!("this router does not serve DNS (launched with --no-dns)");
+                // Nothing to add, as `weave dns-args` without weaveDNS: `docker
+                // run $(meshnet dns-args) ...` still works, with Docker's resolver.
+                eprintln!("meshnet: this router does not serve DNS (launched with --no-dns): no flags");
+                return Ok(ExitCode::SUCCESS);
             }
             let Some(listen) = s.listen else {
                 bail!("the DNS server is not listening yet: expose an address on the bridge (meshnet expose) or launch with --dns-listen-address");

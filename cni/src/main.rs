@@ -418,7 +418,7 @@ fn node_gateway(conf: &NetConf, addresses: &[String]) -> Result<Option<(String, 
     }) else {
         return Ok(None);
     };
-    let answer = router(conf, &Request::Expose { cidrs: vec![format!("net:{}/{}", net.0, net.1)], masquerade: None })
+    let answer = router(conf, &Request::Expose { cidrs: vec![format!("net:{}/{}", net.0, net.1)], masquerade: None, name: None })
         .map_err(|e| err_details(e.code, format!("exposing the node on {}/{}: {}", net.0, net.1, e.msg), e.details))?;
     let gw = answer["addresses"][0]
         .as_str()

@@ -43,6 +43,9 @@ pub enum Request {
         cidrs: Vec<String>,
         #[serde(default)]
         masquerade: Option<bool>,
+        /// A DNS name for the exposed addresses (`expose -h NAME`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
     /// Take exposed addresses away again (all when `cidrs` is empty). Answers `hidden`.
     Hide { cidrs: Vec<String> },
@@ -57,14 +60,16 @@ pub enum Request {
     /// Start IPAM consensus if needed; answers whether the ring is agreed.
     Prime,
     /// Register NAME for TARGET (a netns, PID, Docker container or namespace
-    /// path) with `addrs`; none: the target's attached addresses. Answers `added`.
+    /// path) with `addrs`; none: the target's attached addresses. An empty
+    /// TARGET: `addrs` for no target (`dns-add ADDR... -h NAME`). Answers `added`.
     DnsAdd {
         target: String,
         #[serde(default)]
         addrs: Vec<String>,
         name: String,
     },
-    /// Remove this router's records of TARGET (of `name` and `addrs` when given). Answers `removed`.
+    /// Remove this router's records of TARGET (of `name` and `addrs` when given);
+    /// an empty TARGET: the records added for no target. Answers `removed`.
     DnsRemove {
         target: String,
         #[serde(default)]

@@ -121,6 +121,8 @@ pub struct Target {
     pub name: String,
     /// The container, for kind "docker".
     pub container: Option<ContainerId>,
+    /// The container's host name, when it is a domain name (kind "docker").
+    pub fqdn: Option<String>,
 }
 
 /// Resolves TARGET (see the module docs for the order).
@@ -136,7 +138,7 @@ pub fn resolve(target: &str) -> Result<Target> {
     let mut tried = Vec::new();
     if valid_name && Path::new("/run/netns").join(target).exists() {
         let netns = Netns::named(target).with_context(|| format!("target {target}"))?;
-        return Ok(Target { netns, kind: "netns", name: target.to_string(), container: None });
+        return Ok(Target { netns, kind: "netns", name: target.to_string(), container: None, fqdn: None });
     }
     tried.push(if valid_name {
         format!("network namespace /run/netns/{target} (none)")
@@ -146,7 +148,7 @@ pub fn resolve(target: &str) -> Result<Target> {
     match target.parse::<u32>() {
         Ok(pid) if pid > 0 && Path::new(&format!("/proc/{pid}/ns/net")).exists() => {
             let netns = Netns::of_pid(pid).with_context(|| format!("target {target}"))?;
-            return Ok(Target { netns, kind: "pid", name: target.to_string(), container: None });
+            return Ok(Target { netns, kind: "pid", name: target.to_string(), container: None, fqdn: None });
         }
         Ok(_) => tried.push(format!("process id {target} (no such process)")),
         Err(_) => tried.push("process id (not a number)".to_string()),
@@ -189,7 +191,7 @@ fn docker_target(target: &str, c: docker::Container) -> Result<Target> {
         }
     }
     let name = if c.id.name.is_empty() { target.to_string() } else { c.id.name.clone() };
-    Ok(Target { netns, kind: "docker", name, container: Some(c.id) })
+    Ok(Target { netns, kind: "docker", name, container: Some(c.id), fqdn: c.fqdn })
 }
 
 /// A namespace file given by path: it must exist and be a network namespace.
@@ -218,7 +220,7 @@ fn resolve_path(target: &str) -> Result<Target> {
         bail!("target {target:?}: not a network namespace");
     }
     let netns = Netns { path, label: target.to_string() };
-    Ok(Target { netns, kind: "path", name: target.to_string(), container: None })
+    Ok(Target { netns, kind: "path", name: target.to_string(), container: None, fqdn: None })
 }
 
 /// Host-side veth name for a namespace, stable across restarts.

@@ -1041,8 +1041,39 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let parsed = parse_peers(&peers, s.port)?;
             Ok(json!(mesh.forget_targets(&parsed)?))
         }
-        Request::Expose { cidrs, masquerade } => expose_addrs(ctx, &cidrs, masquerade),
-        Request::Hide { cidrs } => hide_addrs(ctx, &cidrs),
+        Request::Expose { cidrs, masquerade, name } => {
+            // The name is checked before anything is exposed.
+            if let Some(n) = &name {
+                meshnet_proto::dns::normalize_name(n, &ctx.mesh.dns.config.domain).context("expose -h")?;
+            }
+            let v = expose_addrs(ctx, &cidrs, masquerade)?;
+            if let Some(n) = &name {
+                let ips: Vec<IpAddr> = v["addresses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str().and_then(|a| parse_cidr(a).ok()).map(|(ip, _)| ip))
+                    .collect();
+                crate::dns::register(&ctx.mesh, EXPOSE_DNS_TARGET, n, &ips).context("expose -h")?;
+            }
+            Ok(v)
+        }
+        Request::Hide { cidrs } => {
+            let v = hide_addrs(ctx, &cidrs)?;
+            // Names given with `expose -h` go with their addresses.
+            let ips: Vec<IpAddr> = v["hidden"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str().and_then(|a| parse_cidr(a).ok()).map(|(ip, _)| ip))
+                .collect();
+            if !ips.is_empty() && ctx.mesh.dns.table().own_target(EXPOSE_DNS_TARGET) {
+                if let Err(e) = crate::dns::unregister(&ctx.mesh, EXPOSE_DNS_TARGET, None, &ips) {
+                    log::warn!("DNS: removing the names of hidden addresses: {e:#}");
+                }
+            }
+            Ok(v)
+        }
         Request::Attach { target, cidrs, ifname, no_multicast_route, hairpin } => {
             let _attaching = ctx.attaching.read().unwrap_or_else(|p| p.into_inner());
             // Check everything before anything changes.
@@ -1116,11 +1147,20 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             hairpin_set?;
             if t.kind == "docker" {
                 // Containers attached by name are found by it: <name>.<domain>
-                // (A for its IPv4 addresses, AAAA for its IPv6 ones).
+                // (A for its IPv4 addresses, AAAA for its IPv6 ones), and by
+                // their host name when it is a name in the domain
+                // (`docker run -h db.meshnet.local`), as `weave attach` did.
                 let ips: Vec<IpAddr> = done.addrs.iter().map(|(ip, _)| *ip).collect();
                 if !ips.is_empty() {
                     if let Err(e) = crate::dns::register(mesh, &t.name, &t.name, &ips) {
                         log::warn!("DNS: not registering container {}: {e:#}", t.name);
+                    }
+                    let domain = &mesh.dns.config.domain;
+                    let fqdn = t.fqdn.as_deref().filter(|f| meshnet_proto::dns::normalize_name(f, domain).is_ok());
+                    if let Some(fqdn) = fqdn {
+                        if let Err(e) = crate::dns::register(mesh, &t.name, fqdn, &ips) {
+                            log::warn!("DNS: not registering container {} as {fqdn}: {e:#}", t.name);
+                        }
                     }
                 }
             }
@@ -1309,11 +1349,25 @@ fn parse_dns_addrs(addrs: &[String]) -> Result<Vec<IpAddr>> {
         .collect()
 }
 
+/// The target of DNS records added with no target (`dns-add ADDR... -h NAME`; Weave's `weave:extern`).
+const EXTERN_DNS_TARGET: &str = "meshnet:extern";
+/// The target of the names of exposed addresses (`expose -h NAME`; Weave's `weave:expose`).
+const EXPOSE_DNS_TARGET: &str = "meshnet:expose";
+
 /// `meshnet dns-add [ADDR...] TARGET -h NAME`: checked whole before anything changes.
 fn dns_add(ctx: &ApiCtx, target: &str, addrs: &[String], name: &str) -> Result<serde_json::Value> {
     let mesh = &ctx.mesh;
     let given = parse_dns_addrs(addrs)?;
     meshnet_proto::dns::normalize_name(name, &mesh.dns.config.domain)?;
+    if target.is_empty() {
+        // Addresses of no target (a host or service outside the overlay's targets).
+        if given.is_empty() {
+            bail!("dns-add: give a TARGET, or the addresses to register");
+        }
+        let added = crate::dns::register(mesh, EXTERN_DNS_TARGET, name, &given).context("dns-add")?;
+        let fq = meshnet_proto::dns::normalize_name(name, &mesh.dns.config.domain)?;
+        return Ok(json!({ "name": fq, "target": EXTERN_DNS_TARGET, "addresses": given.iter().map(|a| a.to_string()).collect::<Vec<_>>(), "added": added.len() }));
+    }
     let remembered = {
         let a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
         attach::find_remembered(&a, target).map(|i| a[i].clone())
@@ -1345,6 +1399,14 @@ fn dns_remove(ctx: &ApiCtx, target: &str, addrs: &[String], name: Option<&str>) 
     let addrs = parse_dns_addrs(addrs)?;
     if let Some(n) = name {
         meshnet_proto::dns::normalize_name(n, &mesh.dns.config.domain)?;
+    }
+    if target.is_empty() {
+        // The records `dns-add ADDR... -h NAME` added (of NAME, of ADDRs).
+        if addrs.is_empty() || name.is_none() {
+            bail!("dns-remove: give a TARGET, or the addresses and -h NAME");
+        }
+        let removed = crate::dns::unregister(mesh, EXTERN_DNS_TARGET, name, &addrs).context("dns-remove")?;
+        return Ok(json!({ "target": EXTERN_DNS_TARGET, "removed": removed.len() }));
     }
     let remembered = {
         let a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
@@ -1659,7 +1721,12 @@ fn resync_containers(ctx: &ApiCtx) {
         let c = crate::docker::ContainerId { id: id.clone(), name: a.target.clone() };
         match crate::docker::inspect_blocking(&id) {
             Ok(found) if found.pid.is_some() => container_started(ctx, &c),
-            Ok(_) => {}
+            // It stopped while we did not watch: its name stops resolving, as on `Died`.
+            Ok(_) => {
+                if let Err(e) = crate::dns::unregister(&ctx.mesh, &a.target, None, &[]) {
+                    log::warn!("DNS: removing the records of {}: {e:#}", a.target);
+                }
+            }
             Err(crate::docker::DockerError::NoSuchContainer(_)) => container_gone(ctx, c),
             Err(e) => log::debug!("resync of container {}: {e}", a.target),
         }

@@ -53,6 +53,9 @@ pub struct Container {
     pub pid: Option<u32>,
     /// The engine's state word: "running", "exited", "created", ...
     pub status: String,
+    /// Its host name with its domain (`docker run -h db.meshnet.local`, or
+    /// `--hostname db --domainname meshnet.local`), when that has a dot.
+    pub fqdn: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +124,18 @@ pub async fn inspect_at(socket: &str, name_or_id: &str) -> Result<Container, Doc
         (Some(true), Some(p)) if p > 0 => u32::try_from(p).ok(),
         _ => None,
     };
-    Ok(Container { id, pid, status })
+    let config = info.config.unwrap_or_default();
+    let fqdn = fqdn_of(config.hostname.as_deref().unwrap_or(""), config.domainname.as_deref().unwrap_or(""));
+    Ok(Container { id, pid, status, fqdn })
+}
+
+/// `Config.Hostname` + `.` + `Config.Domainname`, as `weave attach` took it: a
+/// name only if it has a dot (Docker's default host name, the short ID, has none).
+pub fn fqdn_of(hostname: &str, domainname: &str) -> Option<String> {
+    let domainname = domainname.trim_matches('.');
+    let fqdn = if domainname.is_empty() { hostname.to_string() } else { format!("{hostname}.{domainname}") };
+    let fqdn = fqdn.trim_end_matches('.');
+    (fqdn.contains('.') && !fqdn.starts_with('.')).then(|| fqdn.to_string())
 }
 
 /// [`inspect_at`] on [`socket_path`].
@@ -353,6 +367,17 @@ fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_names_with_a_domain_are_names() {
+        assert_eq!(fqdn_of("seetwo.meshnet.local", "").as_deref(), Some("seetwo.meshnet.local"));
+        assert_eq!(fqdn_of("seetwo", "meshnet.local.").as_deref(), Some("seetwo.meshnet.local"));
+        assert_eq!(fqdn_of("db.meshnet.local.", "").as_deref(), Some("db.meshnet.local"));
+        // Docker's default host name (the short ID) and empty ones are no names.
+        assert_eq!(fqdn_of("3f4e5a6b7c8d", ""), None);
+        assert_eq!(fqdn_of("", ""), None);
+        assert_eq!(fqdn_of("", "meshnet.local"), None);
+    }
 
     #[test]
     fn references() {

@@ -715,7 +715,16 @@ fn resolve_in(domain: &str, v4: Option<&Table>, v6: Option<&Table6>, name: &str,
         }
     }
     if !in_domain(&q, domain) {
-        return Answer::Forward;
+        // A single label (`db.`): asked by a resolver that did not append the
+        // search domain. A name of the table under the domain answers it (as
+        // Weave's did); any other goes on to the forwarders.
+        let qualified = format!("{q}{domain}");
+        let held = |n: &str| v4.is_some_and(|t| !t.lookup(n).is_empty()) || v6.is_some_and(|t| !t.lookup(n).is_empty());
+        if q.len() > 1 && q.matches('.').count() == 1 && held(&qualified) {
+            q = qualified;
+        } else {
+            return Answer::Forward;
+        }
     }
     let a4 = v4.map_or(&[][..], |t| t.lookup(&q));
     let a6 = v6.map_or(&[][..], |t| t.lookup(&q));
@@ -1035,6 +1044,14 @@ mod tests {
             Answer::Names(vec!["web.meshnet.local.".into()])
         );
         assert_eq!(t.resolve("9.0.0.10.in-addr.arpa.", QueryType::Ptr, 0), Answer::Forward);
+        // A single label (a resolver without the search domain) is a name of
+        // the domain when the table holds it; any other is forwarded.
+        assert_eq!(t.resolve("WEB.", QueryType::A, 0), Answer::Addresses(vec![Ipv4Addr::new(10, 0, 0, 3)]));
+        assert_eq!(t.resolve("web", QueryType::A, 0), Answer::Addresses(vec![Ipv4Addr::new(10, 0, 0, 3)]));
+        assert_eq!(t.resolve("web.", QueryType::Other, 0), Answer::NoData);
+        assert_eq!(t.resolve("nope.", QueryType::A, 0), Answer::Forward);
+        assert_eq!(t.resolve("com.", QueryType::Other, 0), Answer::Forward);
+        assert_eq!(t.resolve(".", QueryType::Other, 0), Answer::Forward);
         assert_eq!(parse_reverse(&reverse_name(Ipv4Addr::new(1, 2, 3, 4))), Some(Ipv4Addr::new(1, 2, 3, 4)));
         assert_eq!(parse_reverse("01.0.0.10.in-addr.arpa."), None);
         assert!(t.set_own(vec![Record { name: "x.example.".into(), addr: Ipv4Addr::LOCALHOST, target: "t".into() }], 2, &b.signer).is_err());

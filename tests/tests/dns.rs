@@ -8,7 +8,10 @@
 //! outside the domain is forwarded to a resolver the test runs in a namespace
 //! of its own (named by the routers' resolv.conf); one that resolver never
 //! answers gets SERVFAIL, not a hang. PTR, AAAA (empty NOERROR), NXDOMAIN,
-//! several addresses in rotating order. Bad input (`dns-add` of an unknown
+//! several addresses in rotating order, a single label without the search
+//! domain, names of no target (`dns-add ADDR... -h NAME`) and of an exposed
+//! address (`expose -h NAME`, gone with `hide`), `dns-args` of a router
+//! launched `--no-dns` (nothing, exit 0). Bad input (`dns-add` of an unknown
 //! target, a name outside the domain, a malformed name) is a clear error and
 //! changes nothing. A removal on router 2 is seen by router 1 within seconds,
 //! also one made while the two are partitioned, once the partition heals.
@@ -178,6 +181,14 @@ fn names_across_routers() {
     h1.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime h1");
     h2.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime h2");
 
+    // A router without DNS: `dns-args` prints nothing and succeeds, as
+    // `weave dns-args` did (`docker run $(meshnet dns-args) ...` still works).
+    let h3 = lab.add_host(3);
+    h3.launch(&["--no-dns"]);
+    let out = h3.meshnet(&["dns-args"]);
+    assert!(out.ok() && out.stdout.trim().is_empty() && out.stderr.contains("--no-dns"), "{out}");
+    h3.meshnet(&["stop"]).expect_ok("stop h3");
+
     // Before anything is exposed, no server listens; `dns-args` says why.
     assert!(dns_status(&h1)["listen"].is_null(), "{}", dns_status(&h1));
     let out = h1.meshnet(&["dns-args"]);
@@ -238,6 +249,29 @@ fn names_across_routers() {
     // Over TCP too.
     let tcp = dig(&c1.ns, &server, &["+tcp", "+short", "db.meshnet.local"]);
     assert_eq!(tcp.stdout.trim(), ip2, "{tcp}");
+
+    // A single label without the search domain (`dig db`: what a resolver
+    // without `search` asks) is the domain's name when the table holds it, as
+    // in Weave; another single label is forwarded (the test's resolver ignores it).
+    assert_eq!(short(&c1.ns, &server, "db", "A"), [ip2.clone()]);
+    assert_eq!(rcode(&c1.ns, &server, "nobody", "A"), "SERVFAIL");
+
+    // Addresses of no target (`dns-add ADDR... -h NAME`, Weave's form), and their removal.
+    let out = h2.meshnet(&["dns-add", "10.2.1.250", "-h", "outside"]).expect_ok("dns-add without a target");
+    assert_eq!(out.stdout.trim(), "outside.meshnet.local. 10.2.1.250");
+    assert!(wait_until(SECS(10), || short(&c1.ns, &server, "outside.meshnet.local", "A") == ["10.2.1.250"]), "{}", dns_status(&h1));
+    h2.meshnet(&["dns-remove", "10.2.1.250", "-h", "outside"]).expect_ok("dns-remove without a target");
+    assert!(wait_until(SECS(5), || rcode(&c1.ns, &server, "outside.meshnet.local", "A") == "NXDOMAIN"), "{}", dns_status(&h1));
+
+    // `expose -h NAME` names the exposed address (a bad name exposes nothing);
+    // `hide` takes the name away with the address.
+    let out = h2.meshnet(&["expose", "-h", "bad name!"]);
+    assert!(!out.ok() && out.stderr.contains("only letters"), "{out}");
+    assert!(h2.status_json()["exposed"].as_array().is_none_or(|e| e.is_empty()), "{}", h2.status_json()["exposed"]);
+    let gw2 = ip_of(h2.meshnet(&["expose", "-h", "gw2"]).expect_ok("expose -h").last_line().unwrap_or_default());
+    assert!(wait_until(SECS(10), || short(&c1.ns, &server, "gw2.meshnet.local", "A") == [gw2.clone()]), "{}", dns_status(&h1));
+    h2.meshnet(&["hide"]).expect_ok("hide");
+    assert!(wait_until(SECS(5), || rcode(&c1.ns, &server, "gw2.meshnet.local", "A") == "NXDOMAIN"), "{}", dns_status(&h1));
 
     // Forwarding: the test's resolver answers; what it ignores is SERVFAIL, quickly.
     assert_eq!(short(&c1.ns, &server, EXTERNAL, "A"), [EXTERNAL_ADDR.to_string()]);

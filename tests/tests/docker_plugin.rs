@@ -543,7 +543,10 @@ fn resolve_in(container: &str, name: &str) -> Option<String> {
 /// resolv.conf bind-mounted, so nothing goes to this host's resolvers). After
 /// `docker rm -f` on router 2 the name stops resolving on router 1 within
 /// seconds, also when it was removed during a partition between the routers
-/// (iptables DROP of their ports), once that heals.
+/// (iptables DROP of their ports), once that heals. A container attached by
+/// name is also found by its host name when that is in the domain
+/// (`--hostname NAME.meshnet.local`), and one stopped while its router was
+/// down stops resolving once the router is back (and resolves again on `docker start`).
 #[test]
 fn docker_names_across_routers() {
     use std::sync::atomic::AtomicBool;
@@ -734,10 +737,17 @@ fn docker_names_across_routers() {
     args.extend(&dns);
     args.extend([&image[..], "sleep", "3600"]);
     w.run_container(&r1, &args).expect_ok("docker run r1");
-    w.run_container(&r2, &["--network", "none", &image, "sleep", "3600"]).expect_ok("docker run r2");
+    // r2's host name is a name of the domain: it is registered too, as `weave attach` did.
+    let host_r2 = format!("{r2}-host.meshnet.local");
+    w.run_container(&r2, &["--network", "none", "--hostname", &host_r2, &image, "sleep", "3600"]).expect_ok("docker run r2");
     a.meshnet(&["attach", "10.214.5.61/24", &r1]).expect_ok("attach r1 by name");
     b.meshnet(&["attach", "10.214.5.62/24", &r2]).expect_ok("attach r2 by name");
     let fqdn_r2 = format!("{r2}.meshnet.local");
+    assert!(
+        wait_until(SECS(15), || resolve_in(&r1, &host_r2).as_deref() == Some("10.214.5.62")),
+        "{r1} does not resolve {r2}'s host name {host_r2}: {}",
+        a.meshnet(&["status", "dns"])
+    );
     assert!(
         wait_until(SECS(15), || resolve_in(&r1, &fqdn_r2).as_deref() == Some("10.214.5.62")),
         "{r1} does not resolve {fqdn_r2}: {:?}; router A: {}; {}; {r1} to router A's server: {}",
@@ -762,9 +772,36 @@ fn docker_names_across_routers() {
     );
     eprintln!("attach: {EXTERNAL} forwarded for {r1} in {} ms ({tries} lookups; router A's DNS counters {before} -> {})", t.elapsed().as_millis(), counters(&a));
     eprintln!("attach: {r1} (router A) resolved and pinged {r2} (router B) by name");
+    // r2 stopped while router B is down: once B is back its names no longer
+    // resolve (as when B sees it stop), and they do again when it starts.
+    b.meshnet(&["stop"]).expect_ok("stop router B");
+    docker(&["stop", "-t", "0", &r2]).expect_ok("docker stop r2");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "slave", "--", "sh", "-c", "mount --bind \"$1\" /etc/resolv.conf && shift && exec \"$@\"", "sh"])
+        .arg(&resolv)
+        .arg(meshnet_bin())
+        .arg("--state-dir")
+        .arg(&b.state)
+        .args(["launch", "--resume"]);
+    cmd.env_remove("MESHNET_PASSWORD");
+    run(&mut cmd, SECS(60)).expect_ok("launch --resume router B");
+    assert!(
+        wait_until(SECS(15), || resolve_in(&r1, &fqdn_r2).is_none() && resolve_in(&r1, &host_r2).is_none()),
+        "{r2}, stopped while router B was down, still resolves: {}",
+        a.meshnet(&["status", "dns"])
+    );
+    docker(&["start", &r2]).expect_ok("docker start r2");
+    assert!(
+        wait_until(SECS(15), || resolve_in(&r1, &host_r2).as_deref() == Some("10.214.5.62")),
+        "{host_r2} does not resolve after docker start: {}",
+        a.meshnet(&["status", "dns"])
+    );
     docker(&["rm", "-f", &r2]).expect_ok("docker rm -f r2");
     let t = Instant::now();
-    assert!(wait_until(SECS(5), || resolve_in(&r1, &fqdn_r2).is_none()), "{fqdn_r2} still resolves after docker rm -f");
+    assert!(
+        wait_until(SECS(5), || resolve_in(&r1, &fqdn_r2).is_none() && resolve_in(&r1, &host_r2).is_none()),
+        "{fqdn_r2} still resolves after docker rm -f"
+    );
     eprintln!("attach: {fqdn_r2} gone on router A {} ms after docker rm -f", t.elapsed().as_millis());
 
     netns.stop.store(true, std::sync::atomic::Ordering::Relaxed);
