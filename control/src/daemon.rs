@@ -374,6 +374,9 @@ pub fn run(cfg: Config) -> Result<()> {
             for (ip, prefix) in a.addrs.iter().filter_map(|s| parse_cidr(s).ok()) {
                 if h.ipam.universe().contains(ip) && !held.contains(&ip) {
                     h.deferred.push((key.clone(), ip, prefix));
+                    // Never handed out to another target meanwhile.
+                    let now = h.now_ms();
+                    let _ = h.ipam.note_in_use(&key, ip, prefix, now);
                 }
             }
         }
@@ -383,6 +386,8 @@ pub fn run(cfg: Config) -> Result<()> {
                 if let Ok((ip, subnet)) = expose::parse(e) {
                     if h.ipam.universe().contains(ip) && !held.contains(&ip) {
                         h.deferred.push((EXPOSE_KEY.to_string(), ip, subnet.prefix()));
+                        let now = h.now_ms();
+                        let _ = h.ipam.note_in_use(EXPOSE_KEY, ip, subnet.prefix(), now);
                     }
                 }
             }
@@ -939,6 +944,9 @@ struct ApiCtx {
     datapath: Datapath,
 }
 
+/// How long `reset` waits for a connection coming up to hand its ranges over.
+const RESET_WAIT_FOR_PEER: Duration = Duration::from_secs(10);
+
 /// How many forgotten targets [`ApiCtx::swept`] keeps.
 const SWEPT_KEPT: usize = 256;
 
@@ -1172,11 +1180,34 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }))
         }
         Request::Detach { target, cidrs } => {
-            let addrs = cidrs
-                .iter()
-                .map(|c| parse_cidr(c.strip_prefix("ip:").unwrap_or(c)))
-                .collect::<Result<Vec<_>>>()?;
+            // `net:CIDR` (`net:default`) stands for each of the target's
+            // addresses in that subnet, as in Weave (`hide` takes it too).
+            let mut nets = Vec::new();
+            let mut addrs = Vec::new();
+            for c in &cidrs {
+                if c.starts_with("net:") {
+                    nets.push(match ipamd::parse_addr(c)? {
+                        AddrSpec::Any(Some(net)) => net,
+                        _ => mesh.with_ipam(|h| h.default_subnet),
+                    });
+                } else {
+                    addrs.push(parse_cidr(c.strip_prefix("ip:").unwrap_or(c))?);
+                }
+            }
             let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+            if !nets.is_empty() {
+                if let Some(i) = attach::find_remembered(&a, &target) {
+                    for (ip, prefix) in a[i].addrs.iter().filter_map(|s| parse_cidr(s).ok()) {
+                        if nets.iter().any(|n| n.contains(ip)) && !addrs.iter().any(|(x, _)| *x == ip) {
+                            addrs.push((ip, prefix));
+                        }
+                    }
+                }
+                if addrs.is_empty() {
+                    // None of its addresses is there: nothing to do (not "all of them").
+                    return Ok(json!({ "target": target, "detached": false }));
+                }
+            }
             let remembered = attach::find_remembered(&a, &target).map(|i| a[i].target.clone());
             let key = attach::find_remembered(&a, &target).map(|i| attachment_key(&a[i]));
             let removed = match attach::detach(&mesh.state, &mut a, &target, &addrs) {
@@ -1312,8 +1343,28 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 Ok(_) => {}
                 Err(e) => log::warn!("DNS: could not remove this router's records: {e:#}"),
             }
-            // Hand our address ranges to a live peer before we go.
-            for r in std::iter::once(mesh.with_ipam(|h| h.ipam.reset())).chain(mesh.with_ipam_for(true, |h| h.ipam.reset())) {
+            // Hand our address ranges to a live peer before we go. A connected
+            // peer not reachable yet (it was launched a moment ago, as in a
+            // rolling `reset` and `launch` of every host) is waited for, a
+            // little, rather than leaving the ranges to a name that is gone.
+            let deadline = std::time::Instant::now() + RESET_WAIT_FOR_PEER;
+            let reset = |v6: bool| loop {
+                let r = if v6 { mesh.with_ipam_for(true, |h| h.ipam.reset()) } else { Some(mesh.with_ipam(|h| h.ipam.reset())) };
+                // A connection up, or coming up, whose peer IPAM does not see
+                // as reachable yet (routes follow the topology's gossip).
+                let coming_up = || {
+                    mesh.connection_status().iter().any(|c| matches!(c.state.as_str(), "connecting" | "pending" | "established"))
+                };
+                if matches!(r, Some(Err(meshnet_proto::ipam::IpamError::NoLivePeer)))
+                    && std::time::Instant::now() < deadline
+                    && coming_up()
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+                break r;
+            };
+            for r in reset(false).into_iter().chain(reset(true)) {
                 match r {
                     Ok(Some(p)) => log::info!("IPAM: handed this peer's ranges to {p}"),
                     Ok(None) => {}
@@ -2013,6 +2064,8 @@ fn allocate_all(
                     let defer = !h.ipam.is_agreed();
                     if defer && !h.deferred.iter().any(|(k, a, _)| k == key && a == want) {
                         h.deferred.push((key.to_string(), *want, *prefix));
+                        let now = h.now_ms();
+                        let _ = h.ipam.note_in_use(key, *want, *prefix, now);
                     }
                     defer
                 })

@@ -141,21 +141,25 @@ impl IpamHost {
         }
         let config = Config { rng_seed: crate::mesh::random_u64() | 1, ..Config::default() };
         let path = if range.is_v6() { state.ipam6() } else { state.ipam() };
+        let fresh = |init, config| Ipam::with_config(me, range, init, config, identity).map_err(|e| anyhow::anyhow!("IPAM: {e}"));
         let ipam = match std::fs::read(&path) {
-            Ok(bytes) => Ipam::restore(me, range, init, config, &bytes, identity).map_err(|e| match e {
-                IpamError::SnapshotRange { found, expected } => anyhow::anyhow!(
-                    "IPAM state in {} is for range {found}, not {expected}: launch with --ipalloc-range {found}, \
-                     or `meshnet reset` to start over",
-                    path.display()
-                ),
-                e => anyhow::anyhow!(
+            Ok(bytes) => match Ipam::restore(me, range, init.clone(), config.clone(), &bytes, identity) {
+                Ok(ipam) => ipam,
+                // Launched with another --ipalloc-range or --name than the state
+                // was made for: as Weave, start afresh (the old state is kept aside).
+                Err(e @ (IpamError::SnapshotRange { .. } | IpamError::SnapshotPeer { .. })) => {
+                    let old = path.with_extension("bin.old");
+                    std::fs::rename(&path, &old)
+                        .with_context(|| format!("IPAM state in {}: {e}; move it aside", path.display()))?;
+                    log::warn!("IPAM: {e}: starting afresh; the old state is kept in {}", old.display());
+                    fresh(init, config)?
+                }
+                Err(e) => return Err(anyhow::anyhow!(
                     "IPAM state in {}: {e} (it holds this router's part of the address ring: restore it from a backup, or `meshnet reset --force` to start this host over, then `meshnet rmpeer` its old name on another peer)",
                     path.display()
-                ),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ipam::with_config(me, range, init, config, identity).map_err(|e| anyhow::anyhow!("IPAM: {e}"))?
-            }
+                )),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => fresh(init, config)?,
             Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
         };
         Ok(IpamHost {
@@ -249,6 +253,13 @@ impl IpamHost {
             match self.claim_in_use(&key, ip, prefix) {
                 Ok(Allocation::Ready { .. }) => log::info!("IPAM: claimed {ip}/{prefix} for {key}"),
                 Ok(Allocation::Pending(why)) => log::info!("IPAM: claim of {ip}/{prefix} for {key} continues in the background: {why}"),
+                // Another target here took it meanwhile: a listed conflict, retried.
+                Err(e @ IpamError::AddressInUse { .. }) => {
+                    let now = self.now_ms();
+                    if let Err(e) = self.ipam.note_conflict(&key, ip, prefix, e, now) {
+                        log::warn!("IPAM: {ip}/{prefix} of {key}: {e}");
+                    }
+                }
                 Err(e) => log::warn!("IPAM: {ip}/{prefix} of {key} conflicts with the ring: {e}"),
             }
         }

@@ -64,13 +64,26 @@ impl fmt::Debug for PeerName {
 
 /// Why a peer name did not parse.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid peer name {0:?}: expected six hex bytes like 02:ab:cd:ef:01:23")]
+#[error("invalid peer name {0:?}: expected six hex bytes like 02:ab:cd:ef:01:23 (or with zero bytes left out as in Weave: ::1)")]
 pub struct BadPeerName(pub String);
 
 impl FromStr for PeerName {
     type Err = BadPeerName;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let parts: Vec<&str> = s.split(':').collect();
+        let mut parts: Vec<&str> = s.split(':').collect();
+        // Weave's short forms: one `::` stands for the zero bytes left out
+        // (`::1` is 00:00:00:00:00:01, `02::1` is 02:00:00:00:00:01).
+        if let Some((left, right)) = s.split_once("::") {
+            fn side(x: &str) -> Vec<&str> {
+                if x.is_empty() { Vec::new() } else { x.split(':').collect() }
+            }
+            let (l, r) = (side(left), side(right));
+            if right.contains("::") || l.len() + r.len() == 0 || l.len() + r.len() > 5 {
+                return Err(BadPeerName(s.to_string()));
+            }
+            let zeros = 6 - l.len() - r.len();
+            parts = l.into_iter().chain(std::iter::repeat_n("0", zeros)).chain(r).collect();
+        }
         if parts.len() != 6 {
             return Err(BadPeerName(s.to_string()));
         }
@@ -92,6 +105,19 @@ impl FromStr for PeerName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weave_short_forms() {
+        let n = |s: &str| s.parse::<PeerName>().map(|p| p.to_string());
+        assert_eq!(n("::1").unwrap(), "00:00:00:00:00:01");
+        assert_eq!(n("::2:3").unwrap(), "00:00:00:00:02:03");
+        assert_eq!(n("02::1").unwrap(), "02:00:00:00:00:01");
+        assert_eq!(n("a:b::").unwrap(), "0a:0b:00:00:00:00");
+        assert_eq!(n("1:2:3:4::5").unwrap(), "01:02:03:04:00:05");
+        for bad in ["::", ":::1", "1::2::3", "1:2:3:4:5::6", "::1:2:3:4:5:6", "::123", "::g", "1:2:3:4:5:6::"] {
+            assert!(n(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn round_trips_through_text() {

@@ -21,6 +21,10 @@
 //!    until one container lets go
 //! 6. two meshes with different `--ipalloc-range` refuse each other, both logs
 //!    name both peers, both keep their allocations
+//! 7. Weave's own tests replayed: an observer calls the election (350), a
+//!    rolling `reset` hands the ranges on (330), a relaunch with another range
+//!    or name starts IPAM afresh and short names work (362, 380), an address
+//!    attached before agreement is not handed out again (320)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -1605,4 +1609,137 @@ fn attach_after_a_half_made_pair_works() {
     ip(&["-n", &h1.ns, "link", "add", &host_if, "type", "veth", "peer", "name", "mnt1f-3"]).expect_ok("veth");
     assert_eq!(attach_one(&h1, &c2, &["192.168.77.6/24"]), "192.168.77.6/24");
     assert!(link(&h1.ns, "mnt1f-3").is_none(), "the half-made end is still in {}", h1.ns);
+}
+
+// ---------------------------------------------------------------------------
+// Weave's own IPAM tests (test/3xx_*.sh), replayed
+
+/// Weave's 350_observers_can_call_election: two `consensus=2` peers that
+/// nobody asked for an address stay idle; an `attach` on an `observer` makes
+/// them agree, and gets an address within 10 s. (340: with one voter only, the
+/// observer cannot make a quorum: covered by `consensus_waits_for_all_n_peers`.)
+#[test]
+fn an_observer_calls_the_election() {
+    let Some(lab) = Lab::new("observer-election") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2, h3) = (lab.add_host(1), lab.add_host(2), lab.add_host(3));
+    let c3 = lab.add_container(&h3, 3);
+    let n1 = h1.launch(&["--ipalloc-init", "consensus=2"]);
+    let n2 = h2.launch(&["--ipalloc-init", "consensus=2", &h1.ip]);
+    let n3 = h3.launch(&["--ipalloc-init", "observer", &h2.ip]);
+    wait_meshed(&[(&h1, &n1), (&h2, &n2), (&h3, &n3)], SECS(30));
+    std::thread::sleep(SECS(2));
+    for h in [&h1, &h2, &h3] {
+        assert!(!agreed(&ipam(h)), "no address was asked for, yet {} has a ring", h.ns);
+    }
+    let t = Instant::now();
+    let addr = attach_one(&h3, &c3, &[]);
+    assert!(t.elapsed() < SECS(10), "the observer's attach took {:?}", t.elapsed());
+    assert!(inside(parse_cidr(&addr).0, DEFAULT_RANGE), "{addr}");
+    let v = ipam(&h3);
+    assert!(owner(&v, &n3).is_some_and(|o| o["size"].as_u64().unwrap_or(0) > 0), "the observer owns no space: {v:#}");
+}
+
+/// Weave's 330_reset_2, a rolling restart with `reset`: each host in turn is
+/// reset and launched again, joined to the other, which is reset right after.
+/// The second reset came before its new neighbour was reachable, and handed
+/// its ranges to nobody: they stayed with a name gone, and every attach failed.
+#[test]
+fn a_rolling_reset_hands_the_ranges_on() {
+    let Some(lab) = Lab::new("rolling-reset") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let (c1, c2, c3) = (lab.add_container(&h1, 1), lab.add_container(&h2, 2), lab.add_container(&h1, 3));
+    let n1 = h1.launch(&[]);
+    let n2 = h2.launch(&[&h1.ip]);
+    wait_meshed(&[(&h1, &n1), (&h2, &n2)], SECS(30));
+    attach_one(&h1, &c1, &[]);
+    attach_one(&h2, &c2, &[]);
+    h1.meshnet(&["reset"]).expect_ok("reset h1");
+    let m1 = h1.launch(&[&h2.ip]);
+    h2.meshnet(&["reset"]).expect_ok("reset h2");
+    let m2 = h2.launch(&[&h1.ip]);
+    assert_ne!(m1, n1);
+    assert_ne!(m2, n2);
+    let t = Instant::now();
+    attach_one(&h1, &c3, &[]);
+    assert!(t.elapsed() < SECS(10), "attach after the rolling reset took {:?}", t.elapsed());
+    let v = ipam(&h1);
+    for gone in [&n1, &n2] {
+        assert!(owner(&v, gone).is_none(), "{gone} (reset) still owns space: {v:#}");
+    }
+}
+
+/// Weave's 362_ipalloc_range_change and the end of 380_ipam_seed_2: a router
+/// launched again with another `--ipalloc-range`, or another `--name`, starts
+/// IPAM afresh (the old state kept aside) instead of refusing to start; and
+/// Weave's short peer names (`--name ::1`, `seed=::1,::2`) are taken.
+#[test]
+fn relaunch_with_another_range_or_name_starts_ipam_afresh() {
+    let Some(lab) = Lab::new("range-change") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let (c1, c2, c3) = (lab.add_container(&h1, 1), lab.add_container(&h1, 2), lab.add_container(&h2, 3));
+    let n1 = h1.launch(&["--ipalloc-range", "10.2.0.0/16"]);
+    h1.meshnet(&["prime"]).expect_ok("prime");
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    assert_eq!(h1.launch(&["--ipalloc-range", "10.3.0.0/16"]), n1);
+    let t = Instant::now();
+    let a = attach_one(&h1, &c1, &[]);
+    assert!(t.elapsed() < SECS(10), "attach took {:?}", t.elapsed());
+    assert!(inside(parse_cidr(&a).0, "10.3.0.0/16"), "{a}");
+    assert!(h1.state_dir.join("ipam.bin.old").exists(), "the old IPAM state is kept aside");
+    assert!(h1.log().contains("starting afresh"), "the log says why IPAM started afresh");
+
+    // Weave's 380: seeded by short names; then relaunched under another name.
+    h1.meshnet(&["reset"]).expect_ok("reset");
+    let seed = ["--ipalloc-init", "seed=::1,::2"];
+    assert_eq!(h1.launch(&[&["--name", "::1"][..], &seed].concat()), "00:00:00:00:00:01");
+    assert_eq!(h2.launch(&[&["--name", "::2"][..], &seed].concat()), "00:00:00:00:00:02");
+    let a2 = attach_one(&h1, &c2, &[]);
+    let a3 = attach_one(&h2, &c3, &[]);
+    assert_ne!(a2, a3);
+    h2.meshnet(&["detach", &c3.ns]).expect_ok("detach");
+    h2.meshnet(&["stop"]).expect_ok("stop h2");
+    assert_eq!(h2.launch(&["--name", "::3"]), "00:00:00:00:00:03");
+    let v = ipam(&h2);
+    assert!(!agreed(&v), "the new name kept the old name's ring: {v:#}");
+}
+
+/// Weave's 320_claim_2 (the part after the IPAM state is lost): an address
+/// attached before the ring was agreed is claimed once it is; the allocation
+/// that started consensus was served first and took it, the claim then failed
+/// unseen, and every later attach was handed that address and refused.
+#[test]
+fn an_address_attached_before_agreement_is_not_handed_out() {
+    let Some(lab) = Lab::new("deferred-claim") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let h1 = lab.add_host(1);
+    let (c1, c2, c3) = (lab.add_container(&h1, 1), lab.add_container(&h1, 2), lab.add_container(&h1, 3));
+    h1.launch(&["--ipalloc-range", "10.2.0.0/16"]);
+    // The lowest address IPAM would hand out, attached before any ring.
+    assert_eq!(attach_one(&h1, &c1, &["10.2.0.1/16"]), "10.2.0.1/16");
+    assert!(!agreed(&ipam(&h1)));
+    let a2 = attach_one(&h1, &c2, &[]);
+    assert_ne!(a2, "10.2.0.1/16", "the address c1 uses was handed out again");
+    let a3 = attach_one(&h1, &c3, &[]);
+    assert_ne!(a3, a2);
+    let ok = wait_until(SECS(5), || ipam_allocs(&ipam(&h1)).contains_key("10.2.0.1"));
+    assert!(ok, "c1's address was not claimed: {:#}", ipam(&h1));
+
+    // Weave's 500/510: `detach net:SUBNET` detaches the target's addresses in
+    // that subnet, and none there is nothing to do (not "all of them").
+    h1.meshnet(&["detach", "net:10.9.0.0/16", &c1.ns]).expect_ok("detach net: of no address of c1");
+    assert_eq!(container_addrs(&c1), vec!["10.2.0.1/16".to_string()]);
+    h1.meshnet(&["detach", "net:10.2.0.0/16", &c1.ns]).expect_ok("detach net:");
+    assert!(container_addrs(&c1).is_empty());
+    assert!(!ipam_allocs(&ipam(&h1)).contains_key("10.2.0.1"), "detached, yet still allocated");
 }

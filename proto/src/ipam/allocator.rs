@@ -81,6 +81,9 @@ struct Ask {
     deadline: u64,
 }
 
+/// Most peers an observer asks at once to start consensus for it.
+const ELECTION_CALLS: usize = 16;
+
 /// An address a target uses while its claim is pending or has failed.
 #[derive(Clone, Debug)]
 struct InUse {
@@ -136,6 +139,10 @@ pub struct Ipam {
     /// consensus, as Weave's `awaitingConsensus`; a request cancelled meanwhile,
     /// like the daemon's `prime`, does not stop it). Not persisted.
     want_ring: bool,
+    /// An observer waiting for the ring asks its reachable peers for space no
+    /// earlier than this again: that makes the participants among them start
+    /// consensus on its behalf (Weave's observers "call an election").
+    next_election_call: u64,
     /// No ballot of mine before this time: a peer just became reachable and its
     /// agreed ring (or its consensus records) may be on the way.
     hold_proposals_until: u64,
@@ -241,6 +248,7 @@ impl Ipam {
             next_paxos_full_ms: 0,
             retry_at: None,
             want_ring: false,
+            next_election_call: 0,
             hold_proposals_until: 0,
             hold_rebase: false,
             last_sync: BTreeMap::new(),
@@ -511,6 +519,26 @@ impl Ipam {
             self.push_event(Event::Conflict(Conflict { target: p.target.clone(), ip, prefix, error: e }));
         }
         self.in_use.insert((p.target, a), entry);
+        Ok(())
+    }
+
+    /// Notes that `target` uses `ip` (with `prefix`) although its claim failed
+    /// at once with `error` (another target here holds it): a [`Conflict`],
+    /// listed and claimed again every [`CONFLICT_RETRY_MS`], as when a claim
+    /// noted by [`Ipam::note_in_use`] fails later.
+    pub fn note_conflict(&mut self, target: &str, ip: IpAddr, prefix: u8, error: IpamError, now_ms: u64) -> Result<(), IpamError> {
+        self.tick(now_ms);
+        if target.is_empty() || target.len() > MAX_TARGET_LEN {
+            return Err(IpamError::BadTarget(target.chars().take(64).collect()));
+        }
+        self.check_request(&Request::Exact { ip, prefix })?;
+        let a = addr_value(ip);
+        if self.allocs.get(&a).is_some_and(|t| t == target) {
+            return Ok(());
+        }
+        let entry = InUse { prefix, conflict: Some(error.clone()), retry_at: self.now + CONFLICT_RETRY_MS };
+        self.in_use.insert((target.to_string(), a), entry);
+        self.push_event(Event::Conflict(Conflict { target: target.to_string(), ip, prefix, error }));
         Ok(())
     }
 
@@ -925,6 +953,9 @@ impl Ipam {
             if let Some((_, until)) = self.want_decision {
                 t = t.min(until);
             }
+            if self.calls_election() {
+                t = t.min(self.next_election_call);
+            }
         }
         for a in self.space_asks.values().chain(self.claim_asks.values()) {
             t = t.min(a.deadline);
@@ -1074,9 +1105,19 @@ impl Ipam {
 
     fn lowest_free(&self, subnet: &Cidr) -> Option<Addr> {
         let (lo, hi) = subnet.usable();
+        // Not an address a target here uses while its claim waits or failed
+        // (an address attached before the ring was agreed, claimed once it is):
+        // it would be on two targets.
+        let noted: BTreeSet<Addr> = self.in_use.keys().map(|(_, a)| *a).collect();
         self.ring.owned_by(self.me).find_map(|(s, e)| {
-            let (l, h) = clip(s, s + e.size, lo, hi)?;
-            space::lowest_free(l, h, &self.allocs)
+            let (mut l, h) = clip(s, s + e.size, lo, hi)?;
+            loop {
+                let a = space::lowest_free(l, h, &self.allocs)?;
+                if !noted.contains(&a) {
+                    return Some(a);
+                }
+                l = a + 1;
+            }
         })
     }
 
@@ -1921,6 +1962,11 @@ impl Ipam {
 
     fn on_space_request(&mut self, src: PeerName, id: u64, subnet: Cidr) {
         if !self.ring.is_agreed() {
+            // Someone (an observer) wants an address: a participant starts
+            // consensus for it, as one of its own requests would.
+            if self.paxos.is_participant() {
+                self.want_ring = true;
+            }
             return self.reply(src, id, Outcome::NotAgreed, Vec::new());
         }
         let (lo, hi) = subnet.usable();
@@ -2067,6 +2113,7 @@ impl Ipam {
                 self.ring = Ring::genesis(self.universe, &seeds);
                 self.on_agreed();
             } else {
+                self.call_election();
                 return;
             }
         }
@@ -2097,6 +2144,29 @@ impl Ipam {
         for ip in need_claim {
             self.ensure_claim_ask(ip);
         }
+    }
+
+    /// Whether I am an observer waiting for the ring with requests pending.
+    fn calls_election(&self) -> bool {
+        !self.ring.is_agreed() && !self.paxos.is_participant() && !self.pending.is_empty()
+    }
+
+    /// As an observer with requests waiting for the ring, asks reachable peers
+    /// (at most [`ELECTION_CALLS`]) for space, again after a request timeout:
+    /// the participants among them start consensus (they answer `NotAgreed`).
+    fn call_election(&mut self) {
+        if !self.calls_election() || self.now < self.next_election_call {
+            return;
+        }
+        let peers: Vec<PeerName> = self.live.iter().flatten().copied().take(ELECTION_CALLS).collect();
+        if peers.is_empty() {
+            return; // Called again when peers become reachable.
+        }
+        for p in peers {
+            let id = self.next_id();
+            self.send_to(p, Body::SpaceRequest { id, subnet: self.universe });
+        }
+        self.next_election_call = self.now + self.config.request_timeout_ms;
     }
 
     fn schedule_retry(&mut self) {

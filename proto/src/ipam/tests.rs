@@ -1407,3 +1407,63 @@ fn note_in_use_after_the_claim_failed_reports_the_conflict() {
     assert_eq!(m.nodes[0].status().conflicts.len(), 1);
     assert!(m.nodes[0].note_in_use("d", ip("10.99.0.1"), 22, now).is_err());
 }
+
+/// An address a target uses before the ring is agreed (noted, its claim
+/// deferred) is not handed to another target when the ring comes: the
+/// allocation that started consensus is served first, and took the lowest
+/// free address, so the deferred claim then failed and nothing claimed it again.
+#[test]
+fn an_address_noted_before_agreement_is_not_handed_out() {
+    let mut one = new_ipam(p(1), u(), InitMode::Consensus(1)).unwrap();
+    let used = ip("10.32.0.1");
+    one.note_in_use("old", used, 22, 0).unwrap();
+    assert!(matches!(one.allocate("new", any(), 0), Ok(Allocation::Pending(_))));
+    for _ in 0..4 {
+        let t = one.poll_timeout().unwrap();
+        one.handle_timeout(t);
+    }
+    assert!(one.is_agreed());
+    assert_eq!(one.poll_event(), Some(Event::Agreed { seeds: vec![p(1)] }));
+    match one.poll_event() {
+        Some(Event::Allocated { target, ip, .. }) => {
+            assert_eq!(target, "new");
+            assert_ne!(ip, used, "the noted address went to another target");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The deferred claim now succeeds.
+    assert!(matches!(one.allocate("old", Request::Exact { ip: used, prefix: 22 }, 1), Ok(Allocation::Ready { .. })));
+    assert_eq!(one.addresses_of("old"), vec![used]);
+
+    // One whose claim fails at once (another target here has it) is a listed conflict.
+    let taken = one.addresses_of("new")[0];
+    let e = one.allocate("late", Request::Exact { ip: taken, prefix: 22 }, 2).unwrap_err();
+    one.note_conflict("late", taken, 22, e.clone(), 2).unwrap();
+    assert_eq!(one.poll_event(), Some(Event::Conflict(Conflict { target: "late".into(), ip: taken, prefix: 22, error: e })));
+    assert_eq!(one.status().conflicts.len(), 1);
+    // Retried: once the holder lets go, the claim completes.
+    assert!(one.free("new", taken));
+    for _ in 0..3 {
+        let t = one.poll_timeout().unwrap();
+        one.handle_timeout(t);
+    }
+    assert_eq!(one.addresses_of("late"), vec![taken]);
+    assert!(one.status().conflicts.is_empty());
+}
+
+/// Weave's 350_observers_can_call_election: participants enough for
+/// consensus that nobody asked for an address stay idle; an allocation on an
+/// observer makes them agree (it asks them for space), and it gets an address.
+#[test]
+fn an_observer_calls_the_election() {
+    let mut m = Mesh::new(|i| if i < 2 { InitMode::Consensus(2) } else { InitMode::Observer }, 3);
+    m.run_secs(10);
+    assert!(m.nodes.iter().all(|n| !n.is_agreed()), "nobody asked: no consensus");
+    assert_eq!(m.alloc(2, "c", any()), Ok(Allocation::Pending(Waiting::Ring)));
+    m.run_secs(10);
+    assert!(m.nodes.iter().all(|n| n.is_agreed()));
+    let events: Vec<Event> = std::iter::from_fn(|| m.nodes[2].poll_event()).collect();
+    assert!(events.iter().any(|e| matches!(e, Event::Allocated { target, .. } if target == "c")), "{events:?}");
+    assert!(m.nodes[2].status().owners.iter().any(|o| o.peer == p(3) && o.size > 0), "the observer got space");
+    m.check_unique();
+}
