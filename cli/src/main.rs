@@ -666,7 +666,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     }
     let ipam_args = parse_ipalloc(&args.ipalloc_range, &args.ipalloc_default_subnet)?;
     let (ipalloc_range, ipalloc_default_subnet) = (ipam_args.range, ipam_args.default_subnet);
-    let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, peers.len())?;
+    let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, other_peers_named(&peers, args.port))?;
     let datapath: Datapath = args.datapath.parse().map_err(|e| anyhow!("--datapath: {e}"))?;
     let max_threads = meshnet_proto::session::MAX_QUEUES as u32;
     let datapath_threads = match args.datapath_threads {
@@ -990,12 +990,65 @@ fn without_empty_items<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::R
     Ok(s.map(|s| s.split(',').map(str::trim).filter(|i| !i.is_empty()).collect::<Vec<_>>().join(",")))
 }
 
+/// How many other hosts the peers named at launch are, for `consensus`'s
+/// default N (1 + them). A PEER at one of this host's own addresses and our
+/// port is this router (`meshnet launch $HOSTS` run on every host, Weave's
+/// way: counting it, N would wait for a peer that never comes), and a peer
+/// named twice counts once.
+fn other_peers_named(peers: &[PeerAddr], port: u16) -> usize {
+    let own = local_ips();
+    let mut seen = std::collections::BTreeSet::new();
+    peers
+        .iter()
+        .filter(|p| {
+            let host = p.host.trim_start_matches('[').trim_end_matches(']');
+            let me = p.port == port && host.parse::<IpAddr>().is_ok_and(|ip| own.contains(&ip));
+            !me && seen.insert(p.to_string())
+        })
+        .count()
+}
+
+/// The addresses of this host's interfaces (in this network namespace).
+fn local_ips() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list we only read, then
+    // free once with freeifaddrs; each `ifa_addr` is checked for null and
+    // read as the sockaddr type its family names.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            return out;
+        }
+        let mut cur = list;
+        while !cur.is_null() {
+            let a = (*cur).ifa_addr;
+            if !a.is_null() {
+                match i32::from((*a).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(a as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(a as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
+}
+
 fn record_launch(state: &StateDir, args: &LaunchArgs) -> Result<()> {
     state.ensure()?;
     let mut args = args.clone();
     // `consensus` counts the peers named at launch; a resume names none.
     if args.ipalloc_init.trim() == "consensus" {
-        args.ipalloc_init = format!("consensus={}", 1 + args.peers.len());
+        let peers: Vec<PeerAddr> = args.peers.iter().filter_map(|p| PeerAddr::parse(p, args.port).ok()).collect();
+        args.ipalloc_init = format!("consensus={}", 1 + other_peers_named(&peers, args.port));
     }
     if let Some(f) = &args.password_file {
         args.password_file = Some(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()));

@@ -902,6 +902,33 @@ fn consensus_waits_for_all_n_peers() {
     assert_reaches(&c1b, &ip_of(&a3), SECS(10));
 }
 
+/// The same `meshnet launch HOST1 HOST2 HOST3` on every host (Weave's way,
+/// each host named in its own list too, one named twice): consensus's default
+/// N counts the other hosts, not this one, so the three agree. Before, each
+/// counted itself (N = 4, one more than a three-host mesh can have) and every
+/// allocation waited for good ("waiting for consensus: 3 of 4 peers").
+#[test]
+fn the_same_launch_on_every_host_agrees() {
+    let Some(lab) = Lab::new("samelaunch") else {
+        return;
+    };
+    let _diag = IpamDiag(&lab);
+    let hosts = [lab.add_host(1), lab.add_host(2), lab.add_host(3)];
+    let cs: Vec<Container> = hosts.iter().enumerate().map(|(i, h)| lab.add_container(h, i as u8 + 1)).collect();
+    let twice = format!("{}:6783", hosts[1].ip);
+    let all: Vec<&str> = hosts.iter().map(|h| h.ip.as_str()).chain([twice.as_str()]).collect();
+    let names: Vec<String> = hosts.iter().map(|h| h.launch(&all)).collect();
+    let pairs: Vec<(&Host, &str)> = hosts.iter().zip(&names).map(|(h, n)| (h, n.as_str())).collect();
+    wait_meshed(&pairs, SECS(30));
+    let p = hosts[0].meshnet_full(&["prime", "--timeout", "30"], &[], SECS(40));
+    assert!(p.ok(), "prime on a mesh launched the same way on every host: {p}\n{:#}", ipam(&hosts[0]));
+    let v = ipam(&hosts[0]);
+    assert_eq!(v["state"]["seeds"].as_array().map(Vec::len), Some(3), "all three own space: {v:#}");
+    let addrs: Vec<String> = hosts.iter().zip(&cs).map(|(h, c)| attach_one(h, c, &[])).collect();
+    assert_no_duplicates(&all_ps(&[&hosts[0], &hosts[1], &hosts[2]]));
+    assert_reaches(&cs[0], &ip_of(&addrs[2]), SECS(30));
+}
+
 /// `prime` with an IPv6 range too waits for both rings: when it returns, the
 /// IPv6 ring is agreed as well (it used to return once the IPv4 one was).
 #[test]
