@@ -1056,12 +1056,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             let v = expose_addrs(ctx, &cidrs, masquerade)?;
             if let Some(n) = &name {
-                let ips: Vec<IpAddr> = v["addresses"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|a| a.as_str().and_then(|a| parse_cidr(a).ok()).map(|(ip, _)| ip))
-                    .collect();
+                let ips = ips_of(&v["addresses"]);
                 crate::dns::register(&ctx.mesh, EXPOSE_DNS_TARGET, n, &ips).context("expose -h")?;
             }
             Ok(v)
@@ -1069,12 +1064,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
         Request::Hide { cidrs } => {
             let v = hide_addrs(ctx, &cidrs)?;
             // Names given with `expose -h` go with their addresses.
-            let ips: Vec<IpAddr> = v["hidden"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|a| a.as_str().and_then(|a| parse_cidr(a).ok()).map(|(ip, _)| ip))
-                .collect();
+            let ips = ips_of(&v["hidden"]);
             if !ips.is_empty() && ctx.mesh.dns.table().own_target(EXPOSE_DNS_TARGET) {
                 if let Err(e) = crate::dns::unregister(&ctx.mesh, EXPOSE_DNS_TARGET, None, &ips) {
                     log::warn!("DNS: removing the names of hidden addresses: {e:#}");
@@ -1397,6 +1387,15 @@ fn parse_dns_addrs(addrs: &[String]) -> Result<Vec<IpAddr>> {
             }
             Ok(ip)
         })
+        .collect()
+}
+
+/// The addresses of a JSON list of `ip/prefix` strings (an expose's or hide's answer).
+fn ips_of(list: &serde_json::Value) -> Vec<IpAddr> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().and_then(|a| parse_cidr(a).ok()).map(|(ip, _)| ip))
         .collect()
 }
 

@@ -188,6 +188,14 @@ mod tests {
             Server { tables: RefCell::new(tables), turn: Cell::new(0), signer, ttl: 7 }
         }
 
+        /// With one record: `db.meshnet.local.` at 10.0.0.1.
+        fn with_db() -> Server {
+            let dns = Server::new();
+            let rec = Record { name: "db.meshnet.local.".into(), addr: "10.0.0.1".parse().unwrap(), target: "t".into() };
+            dns.tables.borrow_mut().v4.set_own(vec![rec], 1, &dns.signer).unwrap();
+            dns
+        }
+
         fn handle(&self, bytes: &[u8]) -> Handled {
             let turn = self.turn.get();
             self.turn.set(turn + 1);
@@ -259,17 +267,11 @@ mod tests {
         assert!(matches!(&m.answers[..], [r] if r.data == RData::PTR(PTR(db.clone()))), "{m:?}");
     }
 
-    /// A question of another class than IN (or ANY) for a name of ours gets
-    /// no IN record: NOERROR without data for a name that exists, NXDOMAIN
-    /// for one that does not; class ANY is answered as IN.
+    /// NXDOMAIN, and NOERROR without data for a type a name lacks, carry the
+    /// domain's SOA (its minimum the TTL); a positive answer has none.
     #[test]
     fn negative_answers_carry_the_domains_soa() {
-        let dns = Server::new();
-        {
-            let mut t = dns.tables.borrow_mut();
-            let rec = Record { name: "db.meshnet.local.".into(), addr: "10.0.0.1".parse().unwrap(), target: "t".into() };
-            t.v4.set_own(vec![rec], 1, &dns.signer).unwrap();
-        }
+        let dns = Server::with_db();
         let soa_of = |m: &Message| match &m.authorities[..] {
             [r] => match &r.data {
                 RData::SOA(soa) => Some((r.name.to_ascii(), r.ttl, soa.minimum)),
@@ -318,14 +320,12 @@ mod tests {
         assert_eq!(m.edns.as_ref().map(Edns::version), Some(0));
     }
 
+    /// A question of another class than IN (or ANY) for a name of ours gets
+    /// no IN record: NOERROR without data for a name that exists, NXDOMAIN
+    /// for one that does not; class ANY is answered as IN.
     #[test]
     fn only_the_internet_class_is_answered_with_records() {
-        let dns = Server::new();
-        {
-            let mut t = dns.tables.borrow_mut();
-            let rec = Record { name: "db.meshnet.local.".into(), addr: "10.0.0.1".parse().unwrap(), target: "t".into() };
-            t.v4.set_own(vec![rec], 1, &dns.signer).unwrap();
-        }
+        let dns = Server::with_db();
         let db = Name::from_ascii("db.meshnet.local.").unwrap();
         let reverse = Name::from_ascii("1.0.0.10.in-addr.arpa.").unwrap();
         for class in [DNSClass::CH, DNSClass::HS] {
