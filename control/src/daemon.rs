@@ -1967,11 +1967,21 @@ impl crate::plugin::PluginHost for PluginRouter {
                 match crate::docker::container_of_endpoint_blocking(&network, &endpoint) {
                     Ok(Some(c)) => {
                         log::info!("docker plugin: container {} ({}) is on the overlay as {address}", c.name, c.short());
-                        // Found by name in meshnet DNS: <name>.<domain>.
+                        // Found by name in meshnet DNS: <name>.<domain>, and by
+                        // its host name when that is a name of the domain
+                        // (`docker run -h db.meshnet.local`), as `attach` does.
                         let ip = address.split('/').next().and_then(|a| a.parse::<IpAddr>().ok());
                         if let Some(ip) = ip {
-                            if let Err(e) = crate::dns::register(&ctx.mesh, &plugin_dns_target(&endpoint), &c.name, &[ip]) {
+                            let target = plugin_dns_target(&endpoint);
+                            if let Err(e) = crate::dns::register(&ctx.mesh, &target, &c.name, &[ip]) {
                                 log::warn!("DNS: not registering container {}: {e:#}", c.name);
+                            }
+                            let domain = &ctx.mesh.dns.config.domain;
+                            let fqdn = crate::docker::inspect_blocking(&c.id).ok().and_then(|found| found.fqdn);
+                            if let Some(fqdn) = fqdn.filter(|f| meshnet_proto::dns::normalize_name(f, domain).is_ok()) {
+                                if let Err(e) = crate::dns::register(&ctx.mesh, &target, &fqdn, &[ip]) {
+                                    log::warn!("DNS: not registering container {} as {fqdn}: {e:#}", c.name);
+                                }
                             }
                         }
                         return;

@@ -544,8 +544,8 @@ fn resolve_in(container: &str, name: &str) -> Option<String> {
 /// `docker rm -f` on router 2 the name stops resolving on router 1 within
 /// seconds, also when it was removed during a partition between the routers
 /// (iptables DROP of their ports), once that heals. A container attached by
-/// name is also found by its host name when that is in the domain
-/// (`--hostname NAME.meshnet.local`), and one stopped while its router was
+/// name, or started through the plugin, is also found by its host name when
+/// that is in the domain (`--hostname NAME.meshnet.local`), and one stopped while its router was
 /// down stops resolving once the router is back (and resolves again on `docker start`).
 #[test]
 fn docker_names_across_routers() {
@@ -654,7 +654,9 @@ fn docker_names_across_routers() {
     args.extend(&dns);
     args.extend([&image[..], "sleep", "3600"]);
     w.run_container(&ca, &args).expect_ok("docker run on router A's network");
-    w.run_container(&cb, &["--network", &net_b, &image, "sleep", "3600"]).expect_ok("docker run on router B's network");
+    // cb's host name is a name of the domain: registered too (Weave's 800 test).
+    let host_b = format!("{cb}-host.meshnet.local");
+    w.run_container(&cb, &["--network", &net_b, "--hostname", &host_b, &image, "sleep", "3600"]).expect_ok("docker run on router B's network");
     let ip_b = ip_in(&cb, &net_b);
     assert!(ip_b.starts_with("10.214.5."), "{ip_b}");
 
@@ -676,6 +678,11 @@ fn docker_names_across_routers() {
     let ping = docker(&["exec", &ca, "ping", "-c", "2", "-i", "0.3", "-W", "2", &cb]);
     assert!(ping.ok() && ping.stdout.contains(&ip_b), "{ca} cannot ping {cb} by name: {ping}");
     eprintln!("dns: {ca} pinged {cb} by name");
+    assert!(
+        wait_until(SECS(15), || resolve_in(&ca, &host_b).as_deref() == Some(&ip_b[..])),
+        "{ca} does not resolve {cb}'s host name {host_b}: {}",
+        a.meshnet(&["status", "dns"])
+    );
 
     // An outside name: forwarded by router A to the test's resolver.
     let before = a.json(&["status", "dns", "--json"])["counters"]["forwarded"].as_u64().unwrap_or(0);
@@ -686,7 +693,10 @@ fn docker_names_across_routers() {
     // docker rm -f on router B: the name is gone on router A within seconds.
     docker(&["rm", "-f", &cb]).expect_ok("docker rm -f cb");
     let t = Instant::now();
-    assert!(wait_until(SECS(5), || resolve_in(&ca, &fqdn_b).is_none()), "{fqdn_b} still resolves after docker rm -f");
+    assert!(
+        wait_until(SECS(5), || resolve_in(&ca, &fqdn_b).is_none() && resolve_in(&ca, &host_b).is_none()),
+        "{fqdn_b} or {host_b} still resolves after docker rm -f"
+    );
     eprintln!("dns: {fqdn_b} gone on router A {} ms after docker rm -f", t.elapsed().as_millis());
 
     // The same with a partition: a container removed on router B while the
