@@ -666,7 +666,12 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
     }
     let ipam_args = parse_ipalloc(&args.ipalloc_range, &args.ipalloc_default_subnet)?;
     let (ipalloc_range, ipalloc_default_subnet) = (ipam_args.range, ipam_args.default_subnet);
-    let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, other_peers_named(&peers, args.port))?;
+    // `consensus` counts the other hosts named (resolving names once, here):
+    // the router started below and the launch record get `consensus=N`.
+    if args.ipalloc_init.trim() == "consensus" {
+        args.ipalloc_init = format!("consensus={}", 1 + other_peers_named(&peers, args.port));
+    }
+    let ipalloc_init = meshnet_control::ipam::parse_init(&args.ipalloc_init, 0)?;
     let datapath: Datapath = args.datapath.parse().map_err(|e| anyhow!("--datapath: {e}"))?;
     let max_threads = meshnet_proto::session::MAX_QUEUES as u32;
     let datapath_threads = match args.datapath_threads {
@@ -991,21 +996,77 @@ fn without_empty_items<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::R
 }
 
 /// How many other hosts the peers named at launch are, for `consensus`'s
-/// default N (1 + them). A PEER at one of this host's own addresses and our
-/// port is this router (`meshnet launch $HOSTS` run on every host, Weave's
-/// way: counting it, N would wait for a peer that never comes), and a peer
-/// named twice counts once.
+/// default N (1 + them). A PEER at one of this host's own addresses (or a
+/// loopback one) and our port is this router (`meshnet launch $HOSTS` run on
+/// every host, Weave's way: counting it, N would wait for a peer that never
+/// comes), and a host named twice (by two names, or by name and by address)
+/// counts once. Host names are resolved for this, waiting at most
+/// [`RESOLVE_WAIT`] for all of them; one that does not resolve in time counts
+/// as another host.
 fn other_peers_named(peers: &[PeerAddr], port: u16) -> usize {
-    let own = local_ips();
-    let mut seen = std::collections::BTreeSet::new();
-    peers
-        .iter()
-        .filter(|p| {
-            let host = p.host.trim_start_matches('[').trim_end_matches(']');
-            let me = p.port == port && host.parse::<IpAddr>().is_ok_and(|ip| own.contains(&ip));
-            !me && seen.insert(p.to_string())
-        })
-        .count()
+    count_other_hosts(peers, &resolve_peers(peers, RESOLVE_WAIT), port, &local_ips())
+}
+
+/// How long `launch` waits for the resolver when counting the hosts named.
+const RESOLVE_WAIT: Duration = Duration::from_secs(2);
+
+/// The socket addresses of each peer (by index): itself when it is an
+/// address, the resolver's answer for a host name, none for a name that does
+/// not resolve within `wait` (all names are asked at once).
+fn resolve_peers(peers: &[PeerAddr], wait: Duration) -> Vec<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let mut out = vec![Vec::new(); peers.len()];
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut asked = 0;
+    for (i, p) in peers.iter().enumerate() {
+        let host = p.host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            out[i].push(std::net::SocketAddr::new(ip, p.port));
+            continue;
+        }
+        let (tx, key) = (tx.clone(), (host.to_string(), p.port));
+        // A resolver that hangs leaves its thread behind; launch goes on.
+        std::thread::spawn(move || {
+            let addrs: Vec<_> = key.to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
+            let _ = tx.send((i, addrs));
+        });
+        asked += 1;
+    }
+    let deadline = Instant::now() + wait;
+    for _ in 0..asked {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((i, addrs)) => out[i] = addrs,
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// [`other_peers_named`] given each peer's resolved addresses (`resolved[i]`
+/// for `peers[i]`, empty when unknown) and this host's addresses.
+fn count_other_hosts(peers: &[PeerAddr], resolved: &[Vec<std::net::SocketAddr>], port: u16, own: &[IpAddr]) -> usize {
+    let mut seen_addrs = std::collections::HashSet::new();
+    let mut seen_names = std::collections::HashSet::new();
+    let mut n = 0;
+    for (p, addrs) in peers.iter().zip(resolved) {
+        let me = addrs.iter().any(|a| {
+            let ip = a.ip().to_canonical();
+            a.port() == port && (ip.is_loopback() || own.contains(&ip))
+        });
+        if me {
+            continue;
+        }
+        let new = if addrs.is_empty() {
+            seen_names.insert(p.to_string())
+        } else {
+            !addrs.iter().any(|a| seen_addrs.contains(a))
+        };
+        seen_addrs.extend(addrs.iter().copied());
+        if new {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// The addresses of this host's interfaces (in this network namespace).
@@ -1045,11 +1106,6 @@ fn local_ips() -> Vec<IpAddr> {
 fn record_launch(state: &StateDir, args: &LaunchArgs) -> Result<()> {
     state.ensure()?;
     let mut args = args.clone();
-    // `consensus` counts the peers named at launch; a resume names none.
-    if args.ipalloc_init.trim() == "consensus" {
-        let peers: Vec<PeerAddr> = args.peers.iter().filter_map(|p| PeerAddr::parse(p, args.port).ok()).collect();
-        args.ipalloc_init = format!("consensus={}", 1 + other_peers_named(&peers, args.port));
-    }
     if let Some(f) = &args.password_file {
         args.password_file = Some(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()));
     }
@@ -1369,6 +1425,51 @@ mod tests {
 
     fn v(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// `consensus`'s default N: the hosts named, resolved, without this host
+    /// (by any of its addresses or a loopback one, at our port) and without
+    /// a host named twice (by two names, or by name and address).
+    #[test]
+    fn the_other_hosts_named_are_counted_once_and_not_this_one() {
+        let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+        let own: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "127.0.0.1".parse().unwrap()];
+        let peers: Vec<PeerAddr> =
+            ["host1", "host2", "host3", "10.0.0.3", "h3-alias", "debian-self", "gone1", "gone1", "gone2", "10.0.0.1:7000"]
+                .iter()
+                .map(|p| PeerAddr::parse(p, 6783).unwrap())
+                .collect();
+        let resolved = vec![
+            vec![sa("10.0.0.1:6783")],                      // host1: ourselves, by name
+            vec![sa("10.0.0.2:6783"), sa("[fd00::2]:6783")], // host2
+            vec![sa("10.0.0.3:6783")],                      // host3
+            vec![sa("10.0.0.3:6783")],                      // host3 again, by address
+            vec![sa("[fd00::3]:6783"), sa("10.0.0.3:6783")], // host3 again, by another name
+            vec![sa("127.0.1.1:6783")],                     // Debian maps its own name to 127.0.1.1
+            vec![],                                         // did not resolve in time
+            vec![],                                         // ... named twice
+            vec![],                                         // another name that did not resolve
+            vec![sa("10.0.0.1:7000")],                      // another router on this host
+        ];
+        assert_eq!(count_other_hosts(&peers, &resolved, 6783, &own), 5, "host2, host3, gone1, gone2, :7000");
+        assert_eq!(count_other_hosts(&peers[..3], &resolved[..3], 6783, &[]), 3, "nothing of ours known: all count");
+    }
+
+    /// Addresses are taken as they are (no resolver); a name that resolves
+    /// nowhere within the wait gives no address, and the wait is bounded.
+    #[test]
+    fn peers_are_resolved_within_the_wait() {
+        let peers: Vec<PeerAddr> = ["10.9.9.9", "[fd00::9]:7000", "localhost", "no-such-host.invalid"]
+            .iter()
+            .map(|p| PeerAddr::parse(p, 6783).unwrap())
+            .collect();
+        let t = Instant::now();
+        let r = resolve_peers(&peers, Duration::from_secs(3));
+        assert!(t.elapsed() < Duration::from_secs(4));
+        assert_eq!(r[0], vec!["10.9.9.9:6783".parse().unwrap()]);
+        assert_eq!(r[1], vec!["[fd00::9]:7000".parse().unwrap()]);
+        assert!(!r[2].is_empty() && r[2].iter().all(|a| a.ip().is_loopback() && a.port() == 6783), "{:?}", r[2]);
+        assert!(r[3].is_empty(), "{:?}", r[3]);
     }
 
     #[test]

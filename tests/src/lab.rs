@@ -874,6 +874,31 @@ impl Lab {
     }
 }
 
+/// Files in `/etc/netns/<ns>/`, which `ip netns exec` mounts over the
+/// namespace's own `/etc/<file>` (`resolv.conf`, `hosts`); removed on drop.
+#[derive(Default)]
+pub struct NetnsEtc(Vec<String>);
+
+impl NetnsEtc {
+    pub fn set(&mut self, ns: &str, file: &str, text: &str) {
+        let dir = format!("/etc/netns/{ns}");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(format!("{dir}/{file}"), text).unwrap();
+        if !self.0.contains(&dir) {
+            self.0.push(dir);
+        }
+    }
+}
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        let _ = std::fs::remove_dir("/etc/netns");
+    }
+}
+
 /// Kills every process living in one of `namespaces` (TERM, then KILL after 3 s),
 /// then deletes the namespaces.
 pub fn kill_and_delete(namespaces: &[String]) {

@@ -44,28 +44,6 @@ const OPTS: [&str; 4] = ["--ipalloc-range", "10.2.0.0/16", "--ipalloc-default-su
 const EXTERNAL: &str = "ext.example.org.";
 const EXTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
 
-/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` mounts over the
-/// namespace's `/etc/resolv.conf`; removed on drop.
-struct ResolvConf(Vec<String>);
-
-impl ResolvConf {
-    fn set(&mut self, ns: &str, text: &str) {
-        let dir = format!("/etc/netns/{ns}");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(format!("{dir}/resolv.conf"), text).unwrap();
-        self.0.push(dir);
-    }
-}
-
-impl Drop for ResolvConf {
-    fn drop(&mut self) {
-        for d in &self.0 {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        let _ = std::fs::remove_dir("/etc/netns");
-    }
-}
-
 /// A tiny upstream resolver on `ip:53` in namespace `ns`: answers [`EXTERNAL`]
 /// with [`EXTERNAL_ADDR`], ignores every other question (so forwarding them
 /// must time out into SERVFAIL). Runs until `stop`.
@@ -170,10 +148,10 @@ fn names_across_routers() {
     let upstream_ip: Ipv4Addr = up.ip.parse().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let resolver = upstream_resolver(&up.ns, upstream_ip, stop.clone());
-    let mut conf = ResolvConf(Vec::new());
+    let mut conf = NetnsEtc::default();
     // The routers' "host resolvers": the test's upstream.
-    conf.set(&h1.ns, &format!("nameserver {upstream_ip}\n"));
-    conf.set(&h2.ns, &format!("nameserver {upstream_ip}\n"));
+    conf.set(&h1.ns, "resolv.conf", &format!("nameserver {upstream_ip}\n"));
+    conf.set(&h2.ns, "resolv.conf", &format!("nameserver {upstream_ip}\n"));
 
     h1.launch(&OPTS);
     let n2 = h2.launch(&[&OPTS[..], &[h1.ip.as_str()]].concat());
@@ -204,7 +182,7 @@ fn names_across_routers() {
     let a2 = h2.meshnet(&["attach", &c2.ns]).expect_ok("attach c2").last_line().unwrap_or_default().to_string();
     let ip2 = ip_of(&a2);
     assert!(ip_of(&a1).parse::<Ipv4Addr>().is_ok(), "{a1}");
-    conf.set(&c1.ns, &format!("nameserver {server}\nsearch meshnet.local\n"));
+    conf.set(&c1.ns, "resolv.conf", &format!("nameserver {server}\nsearch meshnet.local\n"));
     assert!(ping_until(&c1.ns, &server, SECS(20)), "c1 does not reach h1's exposed {server}");
 
     // Bad input: each a clear error, and the table unchanged.

@@ -912,11 +912,42 @@ fn the_same_launch_on_every_host_agrees() {
     let Some(lab) = Lab::new("samelaunch") else {
         return;
     };
-    let _diag = IpamDiag(&lab);
     let hosts = [lab.add_host(1), lab.add_host(2), lab.add_host(3)];
-    let cs: Vec<Container> = hosts.iter().enumerate().map(|(i, h)| lab.add_container(h, i as u8 + 1)).collect();
     let twice = format!("{}:6783", hosts[1].ip);
-    let all: Vec<&str> = hosts.iter().map(|h| h.ip.as_str()).chain([twice.as_str()]).collect();
+    let all: Vec<String> = hosts.iter().map(|h| h.ip.clone()).chain([twice]).collect();
+    same_launch_agrees(&lab, &hosts, &all);
+}
+
+/// The same with host names, as Weave users wrote it (`weave launch $HOST1
+/// $HOST2 $HOST3`): each host resolves its own name (here to 127.0.1.1, as
+/// Debian's `/etc/hosts` does) and one other host is also named by its
+/// address. Names were not resolved when counting, so N was 1 + 4 and
+/// nothing was ever allocated.
+#[test]
+fn the_same_launch_by_host_names_on_every_host_agrees() {
+    let Some(lab) = Lab::new("samenames") else {
+        return;
+    };
+    let hosts = [lab.add_host(1), lab.add_host(2), lab.add_host(3)];
+    let name = |i: u8| format!("{}-node{i}", lab.prefix);
+    let mut etc = NetnsEtc::default();
+    for me in &hosts {
+        let mut text = format!("127.0.0.1 localhost\n127.0.1.1 {}\n", name(me.i));
+        for h in hosts.iter().filter(|h| h.i != me.i) {
+            text += &format!("{} {}\n", h.ip, name(h.i));
+        }
+        etc.set(&me.ns, "hosts", &text);
+    }
+    let all: Vec<String> = hosts.iter().map(|h| name(h.i)).chain([hosts[2].ip.clone()]).collect();
+    same_launch_agrees(&lab, &hosts, &all);
+}
+
+/// Every host launched with the same PEER list `all` (consensus, its default
+/// N): the ring is agreed among the three and every host allocates.
+fn same_launch_agrees(lab: &Lab, hosts: &[Host; 3], all: &[String]) {
+    let _diag = IpamDiag(lab);
+    let cs: Vec<Container> = hosts.iter().enumerate().map(|(i, h)| lab.add_container(h, i as u8 + 1)).collect();
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
     let names: Vec<String> = hosts.iter().map(|h| h.launch(&all)).collect();
     let pairs: Vec<(&Host, &str)> = hosts.iter().zip(&names).map(|(h, n)| (h, n.as_str())).collect();
     wait_meshed(&pairs, SECS(30));
