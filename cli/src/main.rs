@@ -250,7 +250,7 @@ struct LaunchArgs {
     #[arg(long)]
     #[serde(default, deserialize_with = "one_or_many")]
     ipalloc_default_subnet: Vec<String>,
-    /// How the range is first divided: consensus[=N] (default N: 1 + peers named here),
+    /// How the range is first divided: consensus[=N] (default N: 1 + the other hosts named here),
     /// seed=PEER,... (those peers' names), or observer (takes no space at start).
     #[arg(long, default_value = "consensus")]
     ipalloc_init: String,
