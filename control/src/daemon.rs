@@ -466,9 +466,7 @@ pub fn run(cfg: Config) -> Result<()> {
             mesh.set_ipam6(h);
         }
         for target in forgotten.iter().filter(|t| !attachments.iter().any(|a| &a.target == *t)) {
-            if let Err(e) = crate::dns::unregister(&mesh, target, None, &[]) {
-                log::warn!("DNS: removing the records of {target}: {e:#}");
-            }
+            unregister_logged(&mesh, target, &[]);
         }
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
@@ -1149,18 +1147,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 // their host name when it is a name in the domain
                 // (`docker run -h db.meshnet.local`), as `weave attach` did.
                 let ips: Vec<IpAddr> = done.addrs.iter().map(|(ip, _)| *ip).collect();
-                if !ips.is_empty() {
-                    if let Err(e) = crate::dns::register(mesh, &t.name, &t.name, &ips) {
-                        log::warn!("DNS: not registering container {}: {e:#}", t.name);
-                    }
-                    let domain = &mesh.dns.config.domain;
-                    let fqdn = t.fqdn.as_deref().filter(|f| meshnet_proto::dns::normalize_name(f, domain).is_ok());
-                    if let Some(fqdn) = fqdn {
-                        if let Err(e) = crate::dns::register(mesh, &t.name, fqdn, &ips) {
-                            log::warn!("DNS: not registering container {} as {fqdn}: {e:#}", t.name);
-                        }
-                    }
-                }
+                register_container(mesh, &t.name, &t.name, t.fqdn.as_deref(), &ips);
             }
             Ok(json!({
                 "target": target,
@@ -1216,9 +1203,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 // Its DNS records go with its addresses (all of them, of both
                 // families, with the interface).
                 let ips: Vec<IpAddr> = addrs.iter().map(|(ip, _)| *ip).collect();
-                if let Err(e) = crate::dns::unregister(mesh, &name, None, &ips) {
-                    log::warn!("DNS: removing the records of {name}: {e:#}");
-                }
+                unregister_logged(mesh, &name, &ips);
             }
             if let Some(key) = key {
                 mesh.with_ipams(|h4, h6| {
@@ -1721,9 +1706,7 @@ fn engine_event(ctx: &ApiCtx, ev: crate::docker::EngineEvent) {
                     a.addrs.join(" ")
                 );
                 // Its name stops resolving while it is stopped; `start` registers it again.
-                if let Err(e) = crate::dns::unregister(&ctx.mesh, &a.target, None, &[]) {
-                    log::warn!("DNS: removing the records of {}: {e:#}", a.target);
-                }
+                unregister_logged(&ctx.mesh, &a.target, &[]);
             }
         }
         EngineEvent::Destroyed(c) => container_gone(ctx, c),
@@ -1773,9 +1756,7 @@ fn resync_containers(ctx: &ApiCtx) {
             Ok(found) if found.pid.is_some() => container_started(ctx, &c),
             // It stopped while we did not watch: its name stops resolving, as on `Died`.
             Ok(_) => {
-                if let Err(e) = crate::dns::unregister(&ctx.mesh, &a.target, None, &[]) {
-                    log::warn!("DNS: removing the records of {}: {e:#}", a.target);
-                }
+                unregister_logged(&ctx.mesh, &a.target, &[]);
             }
             Err(crate::docker::DockerError::NoSuchContainer(_)) => container_gone(ctx, c),
             Err(e) => log::debug!("resync of container {}: {e}", a.target),
@@ -1972,17 +1953,8 @@ impl crate::plugin::PluginHost for PluginRouter {
                         // (`docker run -h db.meshnet.local`), as `attach` does.
                         let ip = address.split('/').next().and_then(|a| a.parse::<IpAddr>().ok());
                         if let Some(ip) = ip {
-                            let target = plugin_dns_target(&endpoint);
-                            if let Err(e) = crate::dns::register(&ctx.mesh, &target, &c.name, &[ip]) {
-                                log::warn!("DNS: not registering container {}: {e:#}", c.name);
-                            }
-                            let domain = &ctx.mesh.dns.config.domain;
                             let fqdn = crate::docker::inspect_blocking(&c.id).ok().and_then(|found| found.fqdn);
-                            if let Some(fqdn) = fqdn.filter(|f| meshnet_proto::dns::normalize_name(f, domain).is_ok()) {
-                                if let Err(e) = crate::dns::register(&ctx.mesh, &target, &fqdn, &[ip]) {
-                                    log::warn!("DNS: not registering container {} as {fqdn}: {e:#}", c.name);
-                                }
-                            }
+                            register_container(&ctx.mesh, &plugin_dns_target(&endpoint), &c.name, fqdn.as_deref(), &[ip]);
                         }
                         return;
                     }
@@ -2002,10 +1974,41 @@ impl crate::plugin::PluginHost for PluginRouter {
         let (ctx, target) = (self.ctx.clone(), plugin_dns_target(ep_id));
         // Writes dns.json: off the async worker that answers Docker.
         std::thread::spawn(move || {
-            if let Err(e) = crate::dns::unregister(&ctx.mesh, &target, None, &[]) {
-                log::warn!("DNS: removing the records of {target}: {e:#}");
-            }
+            unregister_logged(&ctx.mesh, &target, &[]);
         });
+    }
+}
+
+/// A Docker container's names in meshnet DNS (attached by name, or joined
+/// through the plugin), for its addresses `ips`, kept under `target`:
+/// `<name>.<domain>`, and its host name `fqdn` when that is a name of the
+/// domain (`docker run -h db.meshnet.local`), as `weave attach` did. A name
+/// that cannot be registered is logged: the container is on the overlay anyway.
+fn register_container(mesh: &Mesh, target: &str, name: &str, fqdn: Option<&str>, ips: &[IpAddr]) {
+    if ips.is_empty() {
+        return;
+    }
+    if let Err(e) = crate::dns::register(mesh, target, name, ips) {
+        log::warn!("DNS: not registering container {name}: {e:#}");
+    }
+    if let Some(fqdn) = host_name_in_domain(mesh, fqdn) {
+        if let Err(e) = crate::dns::register(mesh, target, fqdn, ips) {
+            log::warn!("DNS: not registering container {name} as {fqdn}: {e:#}");
+        }
+    }
+}
+
+/// A container's host name (`Config.Hostname` with its domain), when it is a
+/// name of meshnet's DNS domain.
+fn host_name_in_domain<'a>(mesh: &Mesh, fqdn: Option<&'a str>) -> Option<&'a str> {
+    fqdn.filter(|f| meshnet_proto::dns::normalize_name(f, &mesh.dns.config.domain).is_ok())
+}
+
+/// Removes this router's records of `target` (those of `ips`; all when
+/// empty), as a target goes or stops; a failure is logged.
+fn unregister_logged(mesh: &Mesh, target: &str, ips: &[IpAddr]) {
+    if let Err(e) = crate::dns::unregister(mesh, target, None, ips) {
+        log::warn!("DNS: removing the records of {target}: {e:#}");
     }
 }
 
@@ -2032,9 +2035,7 @@ fn release_forgotten(mesh: &Mesh, forgotten: &[Attachment], key: &str, target: &
             });
         }
         if f.target != target {
-            if let Err(e) = crate::dns::unregister(mesh, &f.target, None, &[]) {
-                log::warn!("DNS: removing the records of {}: {e:#}", f.target);
-            }
+            unregister_logged(mesh, &f.target, &[]);
         }
     }
 }
