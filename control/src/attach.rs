@@ -228,13 +228,16 @@ pub fn host_if_name(ns_inode: u64) -> String {
     format!("vmn{:08x}", (ns_inode ^ (ns_inode >> 32)) as u32)
 }
 
-/// How the interface inside an attached target is made.
+/// How the interface inside an attached target is made, and what else is
+/// remembered with the attachment.
 #[derive(Clone, Copy, Debug)]
 pub struct Inside<'a> {
     /// Its name (default [`CONTAINER_IF`]).
     pub ifname: Option<&'a str>,
     /// Route `224.0.0.0/4` through it (off: `attach --no-multicast-route`).
     pub multicast_route: bool,
+    /// Keep a Docker container's names out of meshnet DNS (`attach --without-dns`).
+    pub without_dns: bool,
 }
 
 /// Attaches `addrs` to `target` (as interface `inside.ifname`, default
@@ -252,7 +255,7 @@ pub fn attach(
     inside: Inside,
     forgotten: &mut Vec<Attachment>,
 ) -> Result<Attached> {
-    let Inside { ifname, multicast_route } = inside;
+    let Inside { ifname, multicast_route, without_dns } = inside;
     let t = resolve(target)?;
     check_attachable(target, &t)?;
     let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
@@ -331,6 +334,7 @@ pub fn attach(
                 ifname: (ifname != CONTAINER_IF).then(|| ifname.to_string()),
                 container_id: t.container.as_ref().map(|c| c.id.clone()),
                 no_multicast_route: !multicast_route,
+                without_dns,
             });
             attachments.last_mut().expect("just pushed")
         }
@@ -341,6 +345,7 @@ pub fn attach(
         entry.ns_path = t.netns.path.clone();
     }
     entry.no_multicast_route = !multicast_route;
+    entry.without_dns = without_dns;
     for a in addrs {
         let text = format_cidr(a);
         if !entry.addrs.contains(&text) {
@@ -649,6 +654,7 @@ mod tests {
             ifname: None,
             container_id: id.map(String::from),
             no_multicast_route: false,
+            without_dns: false,
         }
     }
 

@@ -1070,7 +1070,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             Ok(v)
         }
-        Request::Attach { target, cidrs, ifname, no_multicast_route, hairpin } => {
+        Request::Attach { target, cidrs, ifname, no_multicast_route, without_dns, hairpin } => {
             let _attaching = ctx.attaching.read().unwrap_or_else(|p| p.into_inner());
             // Check everything before anything changes.
             let specs: Vec<AddrSpec> = if cidrs.is_empty() {
@@ -1118,7 +1118,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 s.mtu,
                 &target,
                 &addrs,
-                attach::Inside { ifname: ifname.as_deref(), multicast_route: !no_multicast_route },
+                attach::Inside { ifname: ifname.as_deref(), multicast_route: !no_multicast_route, without_dns },
                 &mut forgotten,
             ) {
                 Ok(d) => d,
@@ -1141,11 +1141,13 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             drop(a);
             release_forgotten(mesh, &forgotten, &key, &t.name);
             hairpin_set?;
-            if t.kind == "docker" {
+            if t.kind == "docker" && !without_dns {
                 // Containers attached by name are found by it: <name>.<domain>
                 // (A for its IPv4 addresses, AAAA for its IPv6 ones), and by
                 // their host name when it is a name in the domain
-                // (`docker run -h db.meshnet.local`), as `weave attach` did.
+                // (`docker run -h db.meshnet.local`), as `weave attach` did;
+                // not when attached `--without-dns` (kept with the attachment,
+                // so the router's own attach at its `start` leaves them out too).
                 let ips: Vec<IpAddr> = done.addrs.iter().map(|(ip, _)| *ip).collect();
                 register_container(mesh, &t.name, &t.name, t.fqdn.as_deref(), &ips);
             }
@@ -1290,7 +1292,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             Ok(crate::report::build(mesh, status, ipam, ps, &exposed))
         }
-        Request::DnsAdd { target, addrs, name } => dns_add(ctx, &target, &addrs, &name),
+        Request::DnsAdd { target, addrs, name } => dns_add(ctx, &target, &addrs, name.as_deref()),
         Request::DnsRemove { target, addrs, name } => dns_remove(ctx, &target, &addrs, name.as_deref()),
         Request::DnsLookup { name } => {
             let dns = &mesh.dns;
@@ -1389,10 +1391,16 @@ const EXTERN_DNS_TARGET: &str = "meshnet:extern";
 /// The target of the names of exposed addresses (`expose -h NAME`; Weave's `weave:expose`).
 const EXPOSE_DNS_TARGET: &str = "meshnet:expose";
 
-/// `meshnet dns-add [ADDR...] TARGET -h NAME`: checked whole before anything changes.
-fn dns_add(ctx: &ApiCtx, target: &str, addrs: &[String], name: &str) -> Result<serde_json::Value> {
+/// `meshnet dns-add [ADDR...] TARGET [-h NAME]`: checked whole before anything changes.
+fn dns_add(ctx: &ApiCtx, target: &str, addrs: &[String], name: Option<&str>) -> Result<serde_json::Value> {
     let mesh = &ctx.mesh;
     let given = parse_dns_addrs(addrs)?;
+    let name = match name {
+        Some(n) => n.to_string(),
+        None if target.is_empty() => bail!("dns-add: give -h NAME to register addresses of no target"),
+        None => container_dns_name(ctx, target)?,
+    };
+    let name = name.as_str();
     meshnet_proto::dns::normalize_name(name, &mesh.dns.config.domain)?;
     if target.is_empty() {
         // Addresses of no target (a host or service outside the overlay's targets).
@@ -1426,6 +1434,18 @@ fn dns_add(ctx: &ApiCtx, target: &str, addrs: &[String], name: &str) -> Result<s
     let added = crate::dns::register(mesh, &record_target, name, &addrs).with_context(|| format!("dns-add {target}"))?;
     let fq = meshnet_proto::dns::normalize_name(name, &mesh.dns.config.domain)?;
     Ok(json!({ "name": fq, "target": record_target, "addresses": addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), "added": added.len() }))
+}
+
+/// The name `dns-add TARGET` without `-h` registers, as `weave dns-add` took
+/// the container's host name: a Docker container's host name when that is a
+/// name of the domain (`docker run -h db.meshnet.local`), else its container
+/// name in the domain. Any other target has no such name: an error asking for one.
+fn container_dns_name(ctx: &ApiCtx, target: &str) -> Result<String> {
+    let t = attach::resolve(target).with_context(|| format!("dns-add {target}"))?;
+    if t.kind != "docker" {
+        bail!("dns-add {target}: give -h NAME (only a Docker container has a name of its own to register)");
+    }
+    Ok(host_name_in_domain(&ctx.mesh, t.fqdn.as_deref()).unwrap_or(&t.name).to_string())
 }
 
 /// `meshnet dns-remove [ADDR...] TARGET [-h NAME]`.
@@ -1731,6 +1751,7 @@ fn container_started(ctx: &ApiCtx, c: &crate::docker::ContainerId) {
         cidrs: a.addrs.clone(),
         ifname: a.ifname.clone(),
         no_multicast_route: a.no_multicast_route,
+        without_dns: a.without_dns,
         hairpin: false,
     };
     if let Err(e) = handle(ctx, req) {

@@ -1007,3 +1007,146 @@ fn held_in_a_join(
     }
     panic!("the router was never held in a Join");
 }
+
+/// `attach --without-dns` and `dns-add` without `-h` (Weave's forms), on one
+/// router on the host namespace with containers attached by name:
+/// - `attach --without-dns` registers neither the container's name nor its
+///   host name (a container attached without it is, as a control), with the
+///   flag before or after the addresses and with `--no-multicast-route` too
+///   (no `224.0.0.0/4` route, the other flag kept). Neither is registered
+///   when the router attaches the container again: after `docker restart`,
+///   nor after one while the router was down (`stop`, `launch --resume`).
+/// - `dns-add CONTAINER` without `-h` registers its host name when that is
+///   in the domain, else its container name; for a namespace target, or
+///   addresses of no target, it is an error asking for `-h NAME` that changes
+///   nothing. `dns-remove CONTAINER` removes its records; `detach` works.
+/// - An `attach` again without the flag registers the names (the last attach
+///   decides), also after a `docker restart`.
+#[test]
+fn containers_attached_without_dns_and_named_by_dns_add() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
+    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
+    let ns = format!("mnwns{tag}");
+    // Dropped after the World (its router detaches nothing from a deleted namespace).
+    let mut netns = Netns { names: vec![], stop: Arc::new(AtomicBool::new(false)) };
+    run(Command::new("ip").args(["netns", "add", &ns]), SECS(10)).expect_ok("ip netns add");
+    netns.names.push(ns.clone());
+    let mut w = World::new(tag, "nodns");
+    let image = build_image(&mut w, &[]);
+    let name = "02:00:5e:d1:00:2a";
+    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name("mnw"), bridge: w.name("mnw"), port: free_port() });
+    let r = w.routers[0].clone();
+    let port = r.port.to_string();
+    let seed = format!("seed={name}");
+    r.meshnet(&[
+        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", name, "--no-discovery",
+        "--ipalloc-range", "10.215.0.0/16", "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
+    ])
+    .expect_ok("launch");
+
+    // q: --without-dns; m: --without-dns --no-multicast-route, after the
+    // address (Weave's order); n: neither. q and n have host names in the domain.
+    let (q, m, n) = (w.name("mnwq"), w.name("mnwm"), w.name("mnwn"));
+    let (host_q, host_n) = (format!("{q}-host.meshnet.local"), format!("{n}-host.meshnet.local"));
+    for (c, host) in [(&q, Some(&host_q)), (&m, None), (&n, Some(&host_n))] {
+        let mut args = vec!["--network", "none"];
+        if let Some(h) = host {
+            args.extend(["--hostname", h.as_str()]);
+        }
+        args.extend([&image[..], "sleep", "3600"]);
+        w.run_container(c, &args).expect_ok(&format!("docker run {c}"));
+    }
+    r.meshnet(&["attach", "--without-dns", "10.215.5.61/24", &q]).expect_ok("attach --without-dns q");
+    r.meshnet(&["attach", "10.215.5.62/24", "--without-dns", "--no-multicast-route", &m]).expect_ok("attach --without-dns --no-multicast-route m");
+    r.meshnet(&["attach", "10.215.5.63/24", &n]).expect_ok("attach n");
+    let lookup = |what: &str| {
+        let out = r.meshnet(&["dns-lookup", what]);
+        out.ok().then(|| out.stdout.trim().to_string())
+    };
+    let records = || r.json(&["status", "dns", "--json"])["records"].clone();
+    let has_addr = |c: &str, ip: &str| docker(&["exec", c, "ip", "-o", "addr", "show", "ethwe"]).stdout.contains(&format!("{ip}/24"));
+    let multicast_route = |c: &str| docker(&["exec", c, "ip", "route"]).stdout.contains("224.0.0.0/4");
+    let unnamed = |when: &str| {
+        for name in [&q, &host_q, &m] {
+            assert_eq!(lookup(name), None, "{when}: {name} is in DNS: {}", r.meshnet(&["status", "dns"]));
+        }
+    };
+    assert_eq!(lookup(&n).as_deref(), Some("10.215.5.63"), "the control: n is registered: {}", r.meshnet(&["status", "dns"]));
+    assert_eq!(lookup(&host_n).as_deref(), Some("10.215.5.63"));
+    unnamed("after attach --without-dns");
+    assert!(multicast_route(&q), "q lost its multicast route: {}", docker(&["exec", &q, "ip", "route"]));
+    assert!(!multicast_route(&m), "m has a multicast route: {}", docker(&["exec", &m, "ip", "route"]));
+
+    // docker restart: the router attaches them again, the same way.
+    for c in [&q, &m] {
+        docker(&["restart", "-t", "0", c]).expect_ok(&format!("docker restart {c}"));
+    }
+    assert!(
+        wait_until(SECS(15), || has_addr(&q, "10.215.5.61") && has_addr(&m, "10.215.5.62")),
+        "q and m were not attached again after docker restart: {}",
+        r.log()
+    );
+    std::thread::sleep(SECS(1));
+    unnamed("after docker restart");
+    assert!(multicast_route(&q) && !multicast_route(&m), "the multicast routes after docker restart");
+
+    // Restarted while the router was down: attached again at its launch, still without names.
+    r.meshnet(&["stop"]).expect_ok("stop");
+    for c in [&q, &m] {
+        docker(&["restart", "-t", "0", c]).expect_ok(&format!("docker restart {c} while the router is down"));
+    }
+    r.meshnet(&["launch", "--resume"]).expect_ok("launch --resume");
+    assert!(
+        wait_until(SECS(15), || has_addr(&q, "10.215.5.61") && has_addr(&m, "10.215.5.62")),
+        "q and m were not attached again after the router's restart: {}",
+        r.log()
+    );
+    std::thread::sleep(SECS(1));
+    unnamed("after the router's restart");
+    assert!(!multicast_route(&m), "m has a multicast route after the router's restart");
+    assert_eq!(lookup(&n).as_deref(), Some("10.215.5.63"), "n kept its name");
+
+    // dns-add without -h: a namespace target, or addresses of no target, is
+    // an error asking for -h NAME, and changes nothing.
+    r.meshnet(&["attach", "10.215.5.64/24", &ns]).expect_ok("attach the namespace");
+    let before = records();
+    for args in [vec!["dns-add", ns.as_str()], vec!["dns-add", "10.215.5.99"]] {
+        let out = r.meshnet(&args);
+        assert!(!out.ok() && out.stderr.contains("-h NAME"), "{args:?}: {out}");
+    }
+    assert_eq!(records(), before, "a refused dns-add changed the table");
+    // A container's host name in the domain; one without: its container name.
+    let out = r.meshnet(&["dns-add", &q]).expect_ok("dns-add q");
+    assert_eq!(out.stdout.trim(), format!("{host_q}. 10.215.5.61"));
+    assert_eq!(lookup(&host_q).as_deref(), Some("10.215.5.61"));
+    assert_eq!(lookup(&q), None, "dns-add without -h registers one name");
+    let out = r.meshnet(&["dns-add", &m]).expect_ok("dns-add m");
+    assert_eq!(out.stdout.trim(), format!("{m}.meshnet.local. 10.215.5.62"));
+    assert_eq!(lookup(&m).as_deref(), Some("10.215.5.62"));
+    // dns-remove without -h: all of the target's records.
+    r.meshnet(&["dns-remove", &q]).expect_ok("dns-remove q");
+    assert_eq!(lookup(&host_q), None);
+    // detach works; attached again without the flag, m's names are
+    // registered, and again after a docker restart.
+    r.meshnet(&["detach", &q]).expect_ok("detach q");
+    assert!(!docker(&["exec", &q, "ip", "link", "show", "ethwe"]).ok(), "q kept ethwe after detach");
+    assert!(r.json(&["ps", "--json", &q]).as_array().is_some_and(|a| a.is_empty()), "ps still lists q");
+    r.meshnet(&["dns-remove", &m]).expect_ok("dns-remove m");
+    r.meshnet(&["attach", "10.215.5.62/24", &m]).expect_ok("attach m again without --without-dns");
+    assert_eq!(lookup(&m).as_deref(), Some("10.215.5.62"));
+    r.meshnet(&["dns-remove", &m]).expect_ok("dns-remove m");
+    docker(&["restart", "-t", "0", &m]).expect_ok("docker restart m");
+    assert!(
+        wait_until(SECS(15), || lookup(&m).as_deref() == Some("10.215.5.62")),
+        "m, attached last without --without-dns, is not registered after docker restart: {}",
+        r.meshnet(&["status", "dns"])
+    );
+    r.meshnet(&["detach", &ns]).expect_ok("detach the namespace");
+    eprintln!("attach --without-dns and dns-add without -h: done");
+}
