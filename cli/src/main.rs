@@ -57,6 +57,13 @@ enum Cmd {
         /// the router attaches it again after a restart).
         #[arg(long)]
         without_dns: bool,
+        /// Rewrite a Docker container's /etc/hosts: its host name at its overlay addresses (again
+        /// whenever the router attaches it again).
+        #[arg(long)]
+        rewrite_hosts: bool,
+        /// HOST:IP: also in the rewritten /etc/hosts (with --rewrite-hosts; may be repeated).
+        #[arg(long = "add-host", value_name = "HOST:IP", requires = "rewrite_hosts")]
+        add_host: Vec<String>,
         /// [ADDR...] TARGET
         #[arg(required = true, num_args = 1.., value_name = "[ADDR...] TARGET")]
         args: Vec<String>,
@@ -453,12 +460,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_list("targets", &targets);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Attach { no_multicast_route, without_dns, mut args } => {
+        Cmd::Attach { no_multicast_route, without_dns, rewrite_hosts, add_host, mut args } => {
             let target = args.pop().expect("clap requires one");
-            let v = call(
-                &state,
-                Request::Attach { target, cidrs: args, ifname: None, no_multicast_route, without_dns, hairpin: false },
-            )?;
+            let req = Request::Attach {
+                target,
+                cidrs: args,
+                ifname: None,
+                no_multicast_route,
+                without_dns,
+                rewrite_hosts,
+                add_hosts: add_host,
+                hairpin: false,
+            };
+            let v = call(&state, req)?;
             let addrs: Vec<String> = serde_json::from_value(v["addresses"].clone()).unwrap_or_default();
             println!("{}", addrs.join(" "));
             Ok(ExitCode::SUCCESS)

@@ -35,6 +35,12 @@ pub enum Request {
         /// with the attachment: not when the router attaches it again either).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         without_dns: bool,
+        /// Rewrite a Docker container's `/etc/hosts`: its host name at its
+        /// addresses, and `add_hosts` (HOST:IP); kept with the attachment.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rewrite_hosts: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        add_hosts: Vec<String>,
         /// Hairpin mode on the bridge port (pods: a pod reaches itself through its Service).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         hairpin: bool,

@@ -1070,7 +1070,11 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             Ok(v)
         }
-        Request::Attach { target, cidrs, ifname, no_multicast_route, without_dns, hairpin } => {
+        Request::Attach { target, cidrs, ifname, no_multicast_route, without_dns, rewrite_hosts, add_hosts, hairpin } => {
+            if !add_hosts.is_empty() && !rewrite_hosts {
+                bail!("attach: --add-host goes with --rewrite-hosts");
+            }
+            let extra_hosts = add_hosts.iter().map(|h| crate::hosts::parse_add_host(h)).collect::<Result<Vec<_>>>()?;
             let _attaching = ctx.attaching.read().unwrap_or_else(|p| p.into_inner());
             // Check everything before anything changes.
             let specs: Vec<AddrSpec> = if cidrs.is_empty() {
@@ -1082,6 +1086,9 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 cidrs.iter().map(|c| ipamd::parse_addr(c)).collect::<Result<_>>()?
             };
             let t = attach::resolve(&target)?;
+            if rewrite_hosts && t.hosts_file.is_none() {
+                bail!("attach {target}: --rewrite-hosts takes a Docker container, and {target} is a {}", t.kind);
+            }
             // A namespace attached already, under whatever spelling (its netns name or
             // path, a PID or /proc/PID/ns/net, a container's name or PID), is the same
             // target: its addresses stay under the IPAM key it was first attached with,
@@ -1118,7 +1125,12 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 s.mtu,
                 &target,
                 &addrs,
-                attach::Inside { ifname: ifname.as_deref(), multicast_route: !no_multicast_route, without_dns },
+                attach::Inside {
+                    ifname: ifname.as_deref(),
+                    multicast_route: !no_multicast_route,
+                    without_dns,
+                    rewrite_hosts: rewrite_hosts.then_some(&add_hosts[..]),
+                },
                 &mut forgotten,
             ) {
                 Ok(d) => d,
@@ -1138,6 +1150,12 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 Ok(())
             };
             plain_frames_if_capturing(ctx.datapath, &t.netns, &done.container_if);
+            // All its addresses (an attach again may have added some), for /etc/hosts.
+            let all_ips: Vec<IpAddr> = a
+                .iter()
+                .find(|x| Some(x.ns_inode) == inode)
+                .map(|x| x.addrs.iter().filter_map(|c| parse_cidr(c).ok().map(|(ip, _)| ip)).collect())
+                .unwrap_or_default();
             drop(a);
             release_forgotten(mesh, &forgotten, &key, &t.name);
             hairpin_set?;
@@ -1150,6 +1168,13 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 // so the router's own attach at its `start` leaves them out too).
                 let ips: Vec<IpAddr> = done.addrs.iter().map(|(ip, _)| *ip).collect();
                 register_container(mesh, &t.name, &t.name, t.fqdn.as_deref(), &ips);
+            }
+            if let (true, Some(file)) = (rewrite_hosts, &t.hosts_file) {
+                // As `weave attach --rewrite-hosts`: the container's host name at
+                // its overlay addresses, and the --add-host entries.
+                crate::hosts::rewrite(file, &all_ips, &extra_hosts).with_context(|| {
+                    format!("attach {target}: attached ({}), but its /etc/hosts was not rewritten", done.addrs.iter().map(attach::format_cidr).collect::<Vec<_>>().join(" "))
+                })?;
             }
             Ok(json!({
                 "target": target,
@@ -1752,6 +1777,8 @@ fn container_started(ctx: &ApiCtx, c: &crate::docker::ContainerId) {
         ifname: a.ifname.clone(),
         no_multicast_route: a.no_multicast_route,
         without_dns: a.without_dns,
+        rewrite_hosts: a.rewrite_hosts.is_some(),
+        add_hosts: a.rewrite_hosts.clone().unwrap_or_default(),
         hairpin: false,
     };
     if let Err(e) = handle(ctx, req) {

@@ -52,6 +52,10 @@ pub struct Attachment {
     /// registered in meshnet DNS, also when the router attaches it again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub without_dns: bool,
+    /// Attached with `--rewrite-hosts`: its `--add-host` entries (HOST:IP);
+    /// the container's `/etc/hosts` is written again when the router attaches it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite_hosts: Option<Vec<String>>,
 }
 
 /// An address of this host on the overlay (`meshnet expose`), on the bridge.
@@ -448,6 +452,7 @@ mod tests {
             container_id: None,
             no_multicast_route: true,
             without_dns: true,
+            rewrite_hosts: Some(vec!["static:10.9.9.9".into()]),
         };
         s.save_attachments(std::slice::from_ref(&a)).unwrap();
         assert_eq!(s.load_attachments().unwrap(), vec![a]);
@@ -470,10 +475,10 @@ mod tests {
         fs::write(s.root.join("attachments.json"), old).unwrap();
         let read = s.load_attachments().unwrap();
         assert_eq!(read.len(), 1);
-        assert!(!read[0].without_dns && !read[0].no_multicast_route);
+        assert!(!read[0].without_dns && !read[0].no_multicast_route && read[0].rewrite_hosts.is_none());
         s.save_attachments(&read).unwrap();
         let written = fs::read_to_string(s.root.join("attachments.json")).unwrap();
-        assert!(!written.contains("without_dns"), "{written}");
+        assert!(!written.contains("without_dns") && !written.contains("rewrite_hosts"), "{written}");
         let mut quiet = read[0].clone();
         quiet.without_dns = true;
         s.save_attachments(std::slice::from_ref(&quiet)).unwrap();

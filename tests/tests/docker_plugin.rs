@@ -1150,3 +1150,87 @@ fn containers_attached_without_dns_and_named_by_dns_add() {
     r.meshnet(&["detach", &ns]).expect_ok("detach the namespace");
     eprintln!("attach --without-dns and dns-add without -h: done");
 }
+
+/// `attach --rewrite-hosts [--add-host HOST:IP ...]` (Weave's options), on one
+/// router on the host namespace: the container's `/etc/hosts` maps its host
+/// name (with its domain, and its first label) to its overlay address, plus
+/// the extra hosts (`getent` finds them); a container with Docker's default
+/// host name (its short ID) gets that. After `docker restart` (Docker writes
+/// the file anew) the router's attach writes it again. `--add-host` without
+/// `--rewrite-hosts`, a malformed `HOST:IP`, and `--rewrite-hosts` of a
+/// namespace are errors that attach nothing.
+#[test]
+fn attach_rewrite_hosts() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
+    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
+    let ns = format!("mnhns{tag}");
+    let mut netns = Netns { names: vec![], stop: Arc::new(AtomicBool::new(false)) };
+    run(Command::new("ip").args(["netns", "add", &ns]), SECS(10)).expect_ok("ip netns add");
+    netns.names.push(ns.clone());
+    let mut w = World::new(tag, "hosts");
+    let image = build_image(&mut w, &["getent", "cat"]);
+    let name = "02:00:5e:d1:00:3a";
+    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name("mnh"), bridge: w.name("mnh"), port: free_port() });
+    let r = w.routers[0].clone();
+    let port = r.port.to_string();
+    let seed = format!("seed={name}");
+    r.meshnet(&[
+        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", name, "--no-discovery",
+        "--ipalloc-range", "10.216.0.0/16", "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
+    ])
+    .expect_ok("launch");
+    let (h, d) = (w.name("mnhh"), w.name("mnhd"));
+    let host_h = format!("{h}.meshnet.local");
+    w.run_container(&h, &["--network", "none", "--hostname", &host_h, &image, "sleep", "3600"]).expect_ok("docker run h");
+    w.run_container(&d, &["--network", "none", &image, "sleep", "3600"]).expect_ok("docker run d");
+    let hosts = |c: &str| docker(&["exec", c, "cat", "/etc/hosts"]).stdout;
+    let getent = |c: &str, n: &str| docker(&["exec", c, "getent", "hosts", n]).stdout.split_whitespace().next().map(str::to_string);
+    let attached = |what: &str| r.json(&["ps", "--json", what]).as_array().is_some_and(|a| !a.is_empty());
+
+    // Bad input: errors, nothing attached.
+    let before = hosts(&d);
+    for (args, want) in [
+        (vec!["attach", "--add-host", "x:10.9.9.9", "10.216.5.70/24", d.as_str()], "--rewrite-hosts"),
+        (vec!["attach", "--rewrite-hosts", "--add-host", "static.name", "10.216.5.70/24", d.as_str()], "HOST:IP"),
+        (vec!["attach", "--rewrite-hosts", "--add-host", "s:10.9.9", "10.216.5.70/24", d.as_str()], "not an IP address"),
+        (vec!["attach", "--rewrite-hosts", "10.216.5.71/24", ns.as_str()], "Docker container"),
+    ] {
+        let out = r.meshnet(&args);
+        assert!(!out.ok() && out.stderr.contains(want), "{args:?}: expected an error with {want:?}: {out}");
+    }
+    assert!(!attached(&d) && !attached(&ns), "a refused attach attached: {}", r.meshnet(&["ps"]));
+    assert_eq!(hosts(&d), before, "a refused attach changed d's /etc/hosts");
+
+    r.meshnet(&["attach", "--rewrite-hosts", "--add-host", "static.name:10.9.9.9", "--add-host=other:10.9.9.8", "10.216.5.61/24", &h])
+        .expect_ok("attach --rewrite-hosts h");
+    let line = format!("10.216.5.61     {host_h} {h}");
+    let text = hosts(&h);
+    assert!(text.lines().any(|l| l == line), "{h}'s /etc/hosts lacks {line:?}:\n{text}");
+    assert!(text.lines().any(|l| l == "10.9.9.9        static.name") && text.contains("127.0.0.1       localhost"), "{text}");
+    assert_eq!(getent(&h, &host_h).as_deref(), Some("10.216.5.61"));
+    assert_eq!(getent(&h, &h).as_deref(), Some("10.216.5.61"));
+    assert_eq!(getent(&h, "static.name").as_deref(), Some("10.9.9.9"));
+    assert_eq!(getent(&h, "other").as_deref(), Some("10.9.9.8"));
+    // Docker's default host name: the short ID.
+    r.meshnet(&["attach", "10.216.5.62/24", "--rewrite-hosts", &d]).expect_ok("attach --rewrite-hosts d");
+    let short = full_id(&d)[..12].to_string();
+    assert!(hosts(&d).lines().any(|l| l == format!("10.216.5.62     {short}")), "{}", hosts(&d));
+
+    // docker restart: Docker writes the file anew, the router writes it again.
+    docker(&["restart", "-t", "0", &h]).expect_ok("docker restart h");
+    assert!(
+        wait_until(SECS(15), || hosts(&h).lines().any(|l| l == line) && hosts(&h).contains("static.name")),
+        "{h}'s /etc/hosts after docker restart:\n{}\n{}",
+        hosts(&h),
+        r.log()
+    );
+    assert_eq!(getent(&h, "other").as_deref(), Some("10.9.9.8"));
+    r.meshnet(&["detach", &h]).expect_ok("detach h");
+    eprintln!("attach --rewrite-hosts: done");
+}
