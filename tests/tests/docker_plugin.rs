@@ -1008,6 +1008,44 @@ fn held_in_a_join(
     panic!("the router was never held in a Join");
 }
 
+/// What the one-router tests below start with: a router on the host
+/// namespace (seeded, so its ring is agreed at once; bridge and plugin named
+/// `short` + tag), a network namespace `ns` to attach (deleted after the
+/// World is dropped), and the test image with `extra` binaries.
+struct OneRouter {
+    w: World,
+    r: Router,
+    image: String,
+    ns: String,
+    _netns: Netns,
+}
+
+/// `None` (said why): no Docker Engine, skip the test.
+fn one_router(label: &str, short: &str, range: &str, mac: &str, extra: &[&str]) -> Option<OneRouter> {
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return None;
+    }
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
+    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
+    let ns = format!("{short}ns{tag}");
+    let mut netns = Netns { names: vec![], stop: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)) };
+    run(Command::new("ip").args(["netns", "add", &ns]), SECS(10)).expect_ok("ip netns add");
+    netns.names.push(ns.clone());
+    let mut w = World::new(tag, label);
+    let image = build_image(&mut w, extra);
+    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name(short), bridge: w.name(short), port: free_port() });
+    let r = w.routers[0].clone();
+    let port = r.port.to_string();
+    let seed = format!("seed={mac}");
+    r.meshnet(&[
+        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", mac, "--no-discovery",
+        "--ipalloc-range", range, "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
+    ])
+    .expect_ok("launch");
+    Some(OneRouter { w, r, image, ns, _netns: netns })
+}
+
 /// `attach --without-dns` and `dns-add` without `-h` (Weave's forms), on one
 /// router on the host namespace with containers attached by name:
 /// - `attach --without-dns` registers neither the container's name nor its
@@ -1024,31 +1062,7 @@ fn held_in_a_join(
 ///   decides), also after a `docker restart`.
 #[test]
 fn containers_attached_without_dns_and_named_by_dns_add() {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
-    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
-    let ns = format!("mnwns{tag}");
-    // Dropped after the World (its router detaches nothing from a deleted namespace).
-    let mut netns = Netns { names: vec![], stop: Arc::new(AtomicBool::new(false)) };
-    run(Command::new("ip").args(["netns", "add", &ns]), SECS(10)).expect_ok("ip netns add");
-    netns.names.push(ns.clone());
-    let mut w = World::new(tag, "nodns");
-    let image = build_image(&mut w, &[]);
-    let name = "02:00:5e:d1:00:2a";
-    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name("mnw"), bridge: w.name("mnw"), port: free_port() });
-    let r = w.routers[0].clone();
-    let port = r.port.to_string();
-    let seed = format!("seed={name}");
-    r.meshnet(&[
-        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", name, "--no-discovery",
-        "--ipalloc-range", "10.215.0.0/16", "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
-    ])
-    .expect_ok("launch");
+    let Some(OneRouter { _netns: _netns_kept, mut w, ns, r, image }) = one_router("nodns", "mnw", "10.215.0.0/16", "02:00:5e:d1:00:2a", &[]) else { return };
 
     // q: --without-dns; m: --without-dns --no-multicast-route, after the
     // address (Weave's order); n: neither. q and n have host names in the domain.
@@ -1161,30 +1175,9 @@ fn containers_attached_without_dns_and_named_by_dns_add() {
 /// namespace are errors that attach nothing.
 #[test]
 fn attach_rewrite_hosts() {
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
+    let Some(OneRouter { _netns: _netns_kept, mut w, ns, r, image }) = one_router("hosts", "mnh", "10.216.0.0/16", "02:00:5e:d1:00:3a", &["getent", "cat"]) else {
         return;
-    }
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
-    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
-    let ns = format!("mnhns{tag}");
-    let mut netns = Netns { names: vec![], stop: Arc::new(AtomicBool::new(false)) };
-    run(Command::new("ip").args(["netns", "add", &ns]), SECS(10)).expect_ok("ip netns add");
-    netns.names.push(ns.clone());
-    let mut w = World::new(tag, "hosts");
-    let image = build_image(&mut w, &["getent", "cat"]);
-    let name = "02:00:5e:d1:00:3a";
-    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name("mnh"), bridge: w.name("mnh"), port: free_port() });
-    let r = w.routers[0].clone();
-    let port = r.port.to_string();
-    let seed = format!("seed={name}");
-    r.meshnet(&[
-        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", name, "--no-discovery",
-        "--ipalloc-range", "10.216.0.0/16", "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
-    ])
-    .expect_ok("launch");
+    };
     let (h, d) = (w.name("mnhh"), w.name("mnhd"));
     let host_h = format!("{h}.meshnet.local");
     w.run_container(&h, &["--network", "none", "--hostname", &host_h, &image, "sleep", "3600"]).expect_ok("docker run h");
