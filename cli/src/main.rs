@@ -53,6 +53,17 @@ enum Cmd {
         /// Leave out the route of 224.0.0.0/4 (multicast) through `ethwe`.
         #[arg(long)]
         no_multicast_route: bool,
+        /// Do not register a Docker container's name and host name in meshnet DNS (also not when
+        /// the router attaches it again after a restart).
+        #[arg(long)]
+        without_dns: bool,
+        /// Rewrite a Docker container's /etc/hosts: its host name at its overlay addresses (again
+        /// whenever the router attaches it again).
+        #[arg(long)]
+        rewrite_hosts: bool,
+        /// HOST:IP: also in the rewritten /etc/hosts (with --rewrite-hosts; may be repeated).
+        #[arg(long = "add-host", value_name = "HOST:IP", requires = "rewrite_hosts")]
+        add_host: Vec<String>,
         /// [ADDR...] TARGET
         #[arg(required = true, num_args = 1.., value_name = "[ADDR...] TARGET")]
         args: Vec<String>,
@@ -124,9 +135,10 @@ enum Cmd {
     /// TARGET: those addresses, of no target.
     #[command(disable_help_flag = true)]
     DnsAdd {
-        /// The name to register.
-        #[arg(short = 'h', long = "hostname", value_name = "NAME", required = true)]
-        name: String,
+        /// The name to register. Without it, TARGET must be a Docker container: its host name when
+        /// that is in the domain (`docker run -h db.meshnet.local`), else its container name.
+        #[arg(short = 'h', long = "hostname", value_name = "NAME")]
+        name: Option<String>,
         /// [ADDR...] TARGET
         #[arg(required = true, num_args = 1.., value_name = "[ADDR...] TARGET")]
         args: Vec<String>,
@@ -448,12 +460,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_list("targets", &targets);
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Attach { no_multicast_route, mut args } => {
+        Cmd::Attach { no_multicast_route, without_dns, rewrite_hosts, add_host, mut args } => {
             let target = args.pop().expect("clap requires one");
-            let v = call(
-                &state,
-                Request::Attach { target, cidrs: args, ifname: None, no_multicast_route, hairpin: false },
-            )?;
+            let req = Request::Attach {
+                target,
+                cidrs: args,
+                ifname: None,
+                no_multicast_route,
+                without_dns,
+                rewrite_hosts,
+                add_hosts: add_host,
+                hairpin: false,
+            };
+            let v = call(&state, req)?;
             let addrs: Vec<String> = serde_json::from_value(v["addresses"].clone()).unwrap_or_default();
             println!("{}", addrs.join(" "));
             Ok(ExitCode::SUCCESS)

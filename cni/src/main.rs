@@ -335,6 +335,9 @@ fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
             cidrs,
             ifname: Some(env.ifname.clone()),
             no_multicast_route: false,
+            without_dns: false,
+            rewrite_hosts: false,
+            add_hosts: vec![],
             hairpin: conf.hairpin_mode.unwrap_or(true),
         },
     )?;

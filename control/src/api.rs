@@ -31,6 +31,16 @@ pub enum Request {
         /// Leave out the `224.0.0.0/4` route through the interface.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         no_multicast_route: bool,
+        /// Do not register a Docker container's names in meshnet DNS (kept
+        /// with the attachment: not when the router attaches it again either).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        without_dns: bool,
+        /// Rewrite a Docker container's `/etc/hosts`: its host name at its
+        /// addresses, and `add_hosts` (HOST:IP); kept with the attachment.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        rewrite_hosts: bool,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        add_hosts: Vec<String>,
         /// Hairpin mode on the bridge port (pods: a pod reaches itself through its Service).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         hairpin: bool,
@@ -61,12 +71,15 @@ pub enum Request {
     Prime,
     /// Register NAME for TARGET (a netns, PID, Docker container or namespace
     /// path) with `addrs`; none: the target's attached addresses. An empty
-    /// TARGET: `addrs` for no target (`dns-add ADDR... -h NAME`). Answers `added`.
+    /// TARGET: `addrs` for no target (`dns-add ADDR... -h NAME`). No NAME: a
+    /// Docker container's host name when it is in the domain, else its name
+    /// (refused for other targets). Answers `name`, `added`.
     DnsAdd {
         target: String,
         #[serde(default)]
         addrs: Vec<String>,
-        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
     /// Remove this router's records of TARGET (of `name` and `addrs` when given);
     /// an empty TARGET: the records added for no target. Answers `removed`.

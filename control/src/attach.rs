@@ -123,6 +123,8 @@ pub struct Target {
     pub container: Option<ContainerId>,
     /// The container's host name, when it is a domain name (kind "docker").
     pub fqdn: Option<String>,
+    /// The container's `/etc/hosts` (kind "docker"), for `attach --rewrite-hosts`.
+    pub hosts_file: Option<crate::hosts::HostsFile>,
 }
 
 /// Resolves TARGET (see the module docs for the order).
@@ -138,7 +140,7 @@ pub fn resolve(target: &str) -> Result<Target> {
     let mut tried = Vec::new();
     if valid_name && Path::new("/run/netns").join(target).exists() {
         let netns = Netns::named(target).with_context(|| format!("target {target}"))?;
-        return Ok(Target { netns, kind: "netns", name: target.to_string(), container: None, fqdn: None });
+        return Ok(Target { netns, kind: "netns", name: target.to_string(), container: None, fqdn: None, hosts_file: None });
     }
     tried.push(if valid_name {
         format!("network namespace /run/netns/{target} (none)")
@@ -148,7 +150,7 @@ pub fn resolve(target: &str) -> Result<Target> {
     match target.parse::<u32>() {
         Ok(pid) if pid > 0 && Path::new(&format!("/proc/{pid}/ns/net")).exists() => {
             let netns = Netns::of_pid(pid).with_context(|| format!("target {target}"))?;
-            return Ok(Target { netns, kind: "pid", name: target.to_string(), container: None, fqdn: None });
+            return Ok(Target { netns, kind: "pid", name: target.to_string(), container: None, fqdn: None, hosts_file: None });
         }
         Ok(_) => tried.push(format!("process id {target} (no such process)")),
         Err(_) => tried.push("process id (not a number)".to_string()),
@@ -191,7 +193,8 @@ fn docker_target(target: &str, c: docker::Container) -> Result<Target> {
         }
     }
     let name = if c.id.name.is_empty() { target.to_string() } else { c.id.name.clone() };
-    Ok(Target { netns, kind: "docker", name, container: Some(c.id), fqdn: c.fqdn })
+    let hosts_file = Some(crate::hosts::HostsFile::of(pid, &c.hostname, &c.domainname));
+    Ok(Target { netns, kind: "docker", name, container: Some(c.id), fqdn: c.fqdn, hosts_file })
 }
 
 /// A namespace file given by path: it must exist and be a network namespace.
@@ -220,7 +223,7 @@ fn resolve_path(target: &str) -> Result<Target> {
         bail!("target {target:?}: not a network namespace");
     }
     let netns = Netns { path, label: target.to_string() };
-    Ok(Target { netns, kind: "path", name: target.to_string(), container: None, fqdn: None })
+    Ok(Target { netns, kind: "path", name: target.to_string(), container: None, fqdn: None, hosts_file: None })
 }
 
 /// Host-side veth name for a namespace, stable across restarts.
@@ -228,13 +231,18 @@ pub fn host_if_name(ns_inode: u64) -> String {
     format!("vmn{:08x}", (ns_inode ^ (ns_inode >> 32)) as u32)
 }
 
-/// How the interface inside an attached target is made.
+/// How the interface inside an attached target is made, and what else is
+/// remembered with the attachment.
 #[derive(Clone, Copy, Debug)]
 pub struct Inside<'a> {
     /// Its name (default [`CONTAINER_IF`]).
     pub ifname: Option<&'a str>,
     /// Route `224.0.0.0/4` through it (off: `attach --no-multicast-route`).
     pub multicast_route: bool,
+    /// Keep a Docker container's names out of meshnet DNS (`attach --without-dns`).
+    pub without_dns: bool,
+    /// `attach --rewrite-hosts`: its `--add-host` entries (HOST:IP).
+    pub rewrite_hosts: Option<&'a [String]>,
 }
 
 /// Attaches `addrs` to `target` (as interface `inside.ifname`, default
@@ -252,7 +260,7 @@ pub fn attach(
     inside: Inside,
     forgotten: &mut Vec<Attachment>,
 ) -> Result<Attached> {
-    let Inside { ifname, multicast_route } = inside;
+    let Inside { ifname, multicast_route, without_dns, rewrite_hosts } = inside;
     let t = resolve(target)?;
     check_attachable(target, &t)?;
     let inode = t.netns.inode().with_context(|| format!("target {target}"))?;
@@ -331,6 +339,8 @@ pub fn attach(
                 ifname: (ifname != CONTAINER_IF).then(|| ifname.to_string()),
                 container_id: t.container.as_ref().map(|c| c.id.clone()),
                 no_multicast_route: !multicast_route,
+                without_dns,
+                rewrite_hosts: rewrite_hosts.map(<[String]>::to_vec),
             });
             attachments.last_mut().expect("just pushed")
         }
@@ -341,6 +351,8 @@ pub fn attach(
         entry.ns_path = t.netns.path.clone();
     }
     entry.no_multicast_route = !multicast_route;
+    entry.without_dns = without_dns;
+    entry.rewrite_hosts = rewrite_hosts.map(<[String]>::to_vec);
     for a in addrs {
         let text = format_cidr(a);
         if !entry.addrs.contains(&text) {
@@ -649,6 +661,8 @@ mod tests {
             ifname: None,
             container_id: id.map(String::from),
             no_multicast_route: false,
+            without_dns: false,
+            rewrite_hosts: None,
         }
     }
 

@@ -466,9 +466,7 @@ pub fn run(cfg: Config) -> Result<()> {
             mesh.set_ipam6(h);
         }
         for target in forgotten.iter().filter(|t| !attachments.iter().any(|a| &a.target == *t)) {
-            if let Err(e) = crate::dns::unregister(&mesh, target, None, &[]) {
-                log::warn!("DNS: removing the records of {target}: {e:#}");
-            }
+            unregister_logged(&mesh, target, &[]);
         }
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
@@ -1072,7 +1070,11 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             Ok(v)
         }
-        Request::Attach { target, cidrs, ifname, no_multicast_route, hairpin } => {
+        Request::Attach { target, cidrs, ifname, no_multicast_route, without_dns, rewrite_hosts, add_hosts, hairpin } => {
+            if !add_hosts.is_empty() && !rewrite_hosts {
+                bail!("attach: --add-host goes with --rewrite-hosts");
+            }
+            let extra_hosts = add_hosts.iter().map(|h| crate::hosts::parse_add_host(h)).collect::<Result<Vec<_>>>()?;
             let _attaching = ctx.attaching.read().unwrap_or_else(|p| p.into_inner());
             // Check everything before anything changes.
             let specs: Vec<AddrSpec> = if cidrs.is_empty() {
@@ -1084,6 +1086,9 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 cidrs.iter().map(|c| ipamd::parse_addr(c)).collect::<Result<_>>()?
             };
             let t = attach::resolve(&target)?;
+            if rewrite_hosts && t.hosts_file.is_none() {
+                bail!("attach {target}: --rewrite-hosts takes a Docker container, and {target} is a {}", t.kind);
+            }
             // A namespace attached already, under whatever spelling (its netns name or
             // path, a PID or /proc/PID/ns/net, a container's name or PID), is the same
             // target: its addresses stay under the IPAM key it was first attached with,
@@ -1120,7 +1125,12 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 s.mtu,
                 &target,
                 &addrs,
-                attach::Inside { ifname: ifname.as_deref(), multicast_route: !no_multicast_route },
+                attach::Inside {
+                    ifname: ifname.as_deref(),
+                    multicast_route: !no_multicast_route,
+                    without_dns,
+                    rewrite_hosts: rewrite_hosts.then_some(&add_hosts[..]),
+                },
                 &mut forgotten,
             ) {
                 Ok(d) => d,
@@ -1140,27 +1150,31 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 Ok(())
             };
             plain_frames_if_capturing(ctx.datapath, &t.netns, &done.container_if);
+            // All its addresses (an attach again may have added some), for /etc/hosts.
+            let all_ips: Vec<IpAddr> = a
+                .iter()
+                .find(|x| Some(x.ns_inode) == inode)
+                .map(|x| x.addrs.iter().filter_map(|c| parse_cidr(c).ok().map(|(ip, _)| ip)).collect())
+                .unwrap_or_default();
             drop(a);
             release_forgotten(mesh, &forgotten, &key, &t.name);
             hairpin_set?;
-            if t.kind == "docker" {
+            if t.kind == "docker" && !without_dns {
                 // Containers attached by name are found by it: <name>.<domain>
                 // (A for its IPv4 addresses, AAAA for its IPv6 ones), and by
                 // their host name when it is a name in the domain
-                // (`docker run -h db.meshnet.local`), as `weave attach` did.
+                // (`docker run -h db.meshnet.local`), as `weave attach` did;
+                // not when attached `--without-dns` (kept with the attachment,
+                // so the router's own attach at its `start` leaves them out too).
                 let ips: Vec<IpAddr> = done.addrs.iter().map(|(ip, _)| *ip).collect();
-                if !ips.is_empty() {
-                    if let Err(e) = crate::dns::register(mesh, &t.name, &t.name, &ips) {
-                        log::warn!("DNS: not registering container {}: {e:#}", t.name);
-                    }
-                    let domain = &mesh.dns.config.domain;
-                    let fqdn = t.fqdn.as_deref().filter(|f| meshnet_proto::dns::normalize_name(f, domain).is_ok());
-                    if let Some(fqdn) = fqdn {
-                        if let Err(e) = crate::dns::register(mesh, &t.name, fqdn, &ips) {
-                            log::warn!("DNS: not registering container {} as {fqdn}: {e:#}", t.name);
-                        }
-                    }
-                }
+                register_container(mesh, &t.name, &t.name, t.fqdn.as_deref(), &ips);
+            }
+            if let (true, Some(file)) = (rewrite_hosts, &t.hosts_file) {
+                // As `weave attach --rewrite-hosts`: the container's host name at
+                // its overlay addresses, and the --add-host entries.
+                crate::hosts::rewrite(file, &all_ips, &extra_hosts).with_context(|| {
+                    format!("attach {target}: attached ({}), but its /etc/hosts was not rewritten", done.addrs.iter().map(attach::format_cidr).collect::<Vec<_>>().join(" "))
+                })?;
             }
             Ok(json!({
                 "target": target,
@@ -1216,9 +1230,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 // Its DNS records go with its addresses (all of them, of both
                 // families, with the interface).
                 let ips: Vec<IpAddr> = addrs.iter().map(|(ip, _)| *ip).collect();
-                if let Err(e) = crate::dns::unregister(mesh, &name, None, &ips) {
-                    log::warn!("DNS: removing the records of {name}: {e:#}");
-                }
+                unregister_logged(mesh, &name, &ips);
             }
             if let Some(key) = key {
                 mesh.with_ipams(|h4, h6| {
@@ -1305,7 +1317,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             Ok(crate::report::build(mesh, status, ipam, ps, &exposed))
         }
-        Request::DnsAdd { target, addrs, name } => dns_add(ctx, &target, &addrs, &name),
+        Request::DnsAdd { target, addrs, name } => dns_add(ctx, &target, &addrs, name.as_deref()),
         Request::DnsRemove { target, addrs, name } => dns_remove(ctx, &target, &addrs, name.as_deref()),
         Request::DnsLookup { name } => {
             let dns = &mesh.dns;
@@ -1404,10 +1416,16 @@ const EXTERN_DNS_TARGET: &str = "meshnet:extern";
 /// The target of the names of exposed addresses (`expose -h NAME`; Weave's `weave:expose`).
 const EXPOSE_DNS_TARGET: &str = "meshnet:expose";
 
-/// `meshnet dns-add [ADDR...] TARGET -h NAME`: checked whole before anything changes.
-fn dns_add(ctx: &ApiCtx, target: &str, addrs: &[String], name: &str) -> Result<serde_json::Value> {
+/// `meshnet dns-add [ADDR...] TARGET [-h NAME]`: checked whole before anything changes.
+fn dns_add(ctx: &ApiCtx, target: &str, addrs: &[String], name: Option<&str>) -> Result<serde_json::Value> {
     let mesh = &ctx.mesh;
     let given = parse_dns_addrs(addrs)?;
+    let name = match name {
+        Some(n) => n.to_string(),
+        None if target.is_empty() => bail!("dns-add: give -h NAME to register addresses of no target"),
+        None => container_dns_name(ctx, target)?,
+    };
+    let name = name.as_str();
     meshnet_proto::dns::normalize_name(name, &mesh.dns.config.domain)?;
     if target.is_empty() {
         // Addresses of no target (a host or service outside the overlay's targets).
@@ -1441,6 +1459,18 @@ fn dns_add(ctx: &ApiCtx, target: &str, addrs: &[String], name: &str) -> Result<s
     let added = crate::dns::register(mesh, &record_target, name, &addrs).with_context(|| format!("dns-add {target}"))?;
     let fq = meshnet_proto::dns::normalize_name(name, &mesh.dns.config.domain)?;
     Ok(json!({ "name": fq, "target": record_target, "addresses": addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(), "added": added.len() }))
+}
+
+/// The name `dns-add TARGET` without `-h` registers, as `weave dns-add` took
+/// the container's host name: a Docker container's host name when that is a
+/// name of the domain (`docker run -h db.meshnet.local`), else its container
+/// name in the domain. Any other target has no such name: an error asking for one.
+fn container_dns_name(ctx: &ApiCtx, target: &str) -> Result<String> {
+    let t = attach::resolve(target).with_context(|| format!("dns-add {target}"))?;
+    if t.kind != "docker" {
+        bail!("dns-add {target}: give -h NAME (only a Docker container has a name of its own to register)");
+    }
+    Ok(host_name_in_domain(&ctx.mesh, t.fqdn.as_deref()).unwrap_or(&t.name).to_string())
 }
 
 /// `meshnet dns-remove [ADDR...] TARGET [-h NAME]`.
@@ -1721,9 +1751,7 @@ fn engine_event(ctx: &ApiCtx, ev: crate::docker::EngineEvent) {
                     a.addrs.join(" ")
                 );
                 // Its name stops resolving while it is stopped; `start` registers it again.
-                if let Err(e) = crate::dns::unregister(&ctx.mesh, &a.target, None, &[]) {
-                    log::warn!("DNS: removing the records of {}: {e:#}", a.target);
-                }
+                unregister_logged(&ctx.mesh, &a.target, &[]);
             }
         }
         EngineEvent::Destroyed(c) => container_gone(ctx, c),
@@ -1748,6 +1776,9 @@ fn container_started(ctx: &ApiCtx, c: &crate::docker::ContainerId) {
         cidrs: a.addrs.clone(),
         ifname: a.ifname.clone(),
         no_multicast_route: a.no_multicast_route,
+        without_dns: a.without_dns,
+        rewrite_hosts: a.rewrite_hosts.is_some(),
+        add_hosts: a.rewrite_hosts.clone().unwrap_or_default(),
         hairpin: false,
     };
     if let Err(e) = handle(ctx, req) {
@@ -1773,9 +1804,7 @@ fn resync_containers(ctx: &ApiCtx) {
             Ok(found) if found.pid.is_some() => container_started(ctx, &c),
             // It stopped while we did not watch: its name stops resolving, as on `Died`.
             Ok(_) => {
-                if let Err(e) = crate::dns::unregister(&ctx.mesh, &a.target, None, &[]) {
-                    log::warn!("DNS: removing the records of {}: {e:#}", a.target);
-                }
+                unregister_logged(&ctx.mesh, &a.target, &[]);
             }
             Err(crate::docker::DockerError::NoSuchContainer(_)) => container_gone(ctx, c),
             Err(e) => log::debug!("resync of container {}: {e}", a.target),
@@ -1972,17 +2001,8 @@ impl crate::plugin::PluginHost for PluginRouter {
                         // (`docker run -h db.meshnet.local`), as `attach` does.
                         let ip = address.split('/').next().and_then(|a| a.parse::<IpAddr>().ok());
                         if let Some(ip) = ip {
-                            let target = plugin_dns_target(&endpoint);
-                            if let Err(e) = crate::dns::register(&ctx.mesh, &target, &c.name, &[ip]) {
-                                log::warn!("DNS: not registering container {}: {e:#}", c.name);
-                            }
-                            let domain = &ctx.mesh.dns.config.domain;
                             let fqdn = crate::docker::inspect_blocking(&c.id).ok().and_then(|found| found.fqdn);
-                            if let Some(fqdn) = fqdn.filter(|f| meshnet_proto::dns::normalize_name(f, domain).is_ok()) {
-                                if let Err(e) = crate::dns::register(&ctx.mesh, &target, &fqdn, &[ip]) {
-                                    log::warn!("DNS: not registering container {} as {fqdn}: {e:#}", c.name);
-                                }
-                            }
+                            register_container(&ctx.mesh, &plugin_dns_target(&endpoint), &c.name, fqdn.as_deref(), &[ip]);
                         }
                         return;
                     }
@@ -2002,10 +2022,41 @@ impl crate::plugin::PluginHost for PluginRouter {
         let (ctx, target) = (self.ctx.clone(), plugin_dns_target(ep_id));
         // Writes dns.json: off the async worker that answers Docker.
         std::thread::spawn(move || {
-            if let Err(e) = crate::dns::unregister(&ctx.mesh, &target, None, &[]) {
-                log::warn!("DNS: removing the records of {target}: {e:#}");
-            }
+            unregister_logged(&ctx.mesh, &target, &[]);
         });
+    }
+}
+
+/// A Docker container's names in meshnet DNS (attached by name, or joined
+/// through the plugin), for its addresses `ips`, kept under `target`:
+/// `<name>.<domain>`, and its host name `fqdn` when that is a name of the
+/// domain (`docker run -h db.meshnet.local`), as `weave attach` did. A name
+/// that cannot be registered is logged: the container is on the overlay anyway.
+fn register_container(mesh: &Mesh, target: &str, name: &str, fqdn: Option<&str>, ips: &[IpAddr]) {
+    if ips.is_empty() {
+        return;
+    }
+    if let Err(e) = crate::dns::register(mesh, target, name, ips) {
+        log::warn!("DNS: not registering container {name}: {e:#}");
+    }
+    if let Some(fqdn) = host_name_in_domain(mesh, fqdn) {
+        if let Err(e) = crate::dns::register(mesh, target, fqdn, ips) {
+            log::warn!("DNS: not registering container {name} as {fqdn}: {e:#}");
+        }
+    }
+}
+
+/// A container's host name (`Config.Hostname` with its domain), when it is a
+/// name of meshnet's DNS domain.
+fn host_name_in_domain<'a>(mesh: &Mesh, fqdn: Option<&'a str>) -> Option<&'a str> {
+    fqdn.filter(|f| meshnet_proto::dns::normalize_name(f, &mesh.dns.config.domain).is_ok())
+}
+
+/// Removes this router's records of `target` (those of `ips`; all when
+/// empty), as a target goes or stops; a failure is logged.
+fn unregister_logged(mesh: &Mesh, target: &str, ips: &[IpAddr]) {
+    if let Err(e) = crate::dns::unregister(mesh, target, None, ips) {
+        log::warn!("DNS: removing the records of {target}: {e:#}");
     }
 }
 
@@ -2032,9 +2083,7 @@ fn release_forgotten(mesh: &Mesh, forgotten: &[Attachment], key: &str, target: &
             });
         }
         if f.target != target {
-            if let Err(e) = crate::dns::unregister(mesh, &f.target, None, &[]) {
-                log::warn!("DNS: removing the records of {}: {e:#}", f.target);
-            }
+            unregister_logged(mesh, &f.target, &[]);
         }
     }
 }

@@ -56,6 +56,9 @@ pub struct Container {
     /// Its host name with its domain (`docker run -h db.meshnet.local`, or
     /// `--hostname db --domainname meshnet.local`), when that has a dot.
     pub fqdn: Option<String>,
+    /// `Config.Hostname` and `Config.Domainname` as the engine gives them.
+    pub hostname: String,
+    pub domainname: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,8 +128,9 @@ pub async fn inspect_at(socket: &str, name_or_id: &str) -> Result<Container, Doc
         _ => None,
     };
     let config = info.config.unwrap_or_default();
-    let fqdn = fqdn_of(config.hostname.as_deref().unwrap_or(""), config.domainname.as_deref().unwrap_or(""));
-    Ok(Container { id, pid, status, fqdn })
+    let (hostname, domainname) = (config.hostname.unwrap_or_default(), config.domainname.unwrap_or_default());
+    let fqdn = fqdn_of(&hostname, &domainname);
+    Ok(Container { id, pid, status, fqdn, hostname, domainname })
 }
 
 /// `Config.Hostname` + `.` + `Config.Domainname`, as `weave attach` took it: a

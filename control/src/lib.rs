@@ -25,6 +25,7 @@ pub mod docker;
 pub mod dns;
 pub mod expose;
 pub mod heap;
+pub mod hosts;
 pub mod logger;
 pub mod mesh;
 pub mod metrics;

@@ -48,6 +48,14 @@ pub struct Attachment {
     /// Attached with `--no-multicast-route`: no `224.0.0.0/4` route through the interface.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_multicast_route: bool,
+    /// Attached with `--without-dns`: a Docker container whose names are not
+    /// registered in meshnet DNS, also when the router attaches it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub without_dns: bool,
+    /// Attached with `--rewrite-hosts`: its `--add-host` entries (HOST:IP);
+    /// the container's `/etc/hosts` is written again when the router attaches it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite_hosts: Option<Vec<String>>,
 }
 
 /// An address of this host on the overlay (`meshnet expose`), on the bridge.
@@ -443,6 +451,8 @@ mod tests {
             ifname: None,
             container_id: None,
             no_multicast_route: true,
+            without_dns: true,
+            rewrite_hosts: Some(vec!["static:10.9.9.9".into()]),
         };
         s.save_attachments(std::slice::from_ref(&a)).unwrap();
         assert_eq!(s.load_attachments().unwrap(), vec![a]);
@@ -452,6 +462,27 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+        fs::remove_dir_all(&s.root).unwrap();
+    }
+
+    /// `attachments.json` of a build before `attach --without-dns` (no
+    /// `without_dns` key) still reads: its containers keep their DNS names. A
+    /// flag that is off is not written, so such a file reads the same in the older build.
+    #[test]
+    fn attachments_of_the_previous_build_read_and_without_dns_is_kept() {
+        let s = scratch("olddns");
+        let old = r#"[{"target":"web","kind":"docker","ns_path":"/proc/42/ns/net","ns_inode":9,"host_if":"vmn00000009","addrs":["10.32.0.5/12"],"container_id":"3f4e"}]"#;
+        fs::write(s.root.join("attachments.json"), old).unwrap();
+        let read = s.load_attachments().unwrap();
+        assert_eq!(read.len(), 1);
+        assert!(!read[0].without_dns && !read[0].no_multicast_route && read[0].rewrite_hosts.is_none());
+        s.save_attachments(&read).unwrap();
+        let written = fs::read_to_string(s.root.join("attachments.json")).unwrap();
+        assert!(!written.contains("without_dns") && !written.contains("rewrite_hosts"), "{written}");
+        let mut quiet = read[0].clone();
+        quiet.without_dns = true;
+        s.save_attachments(std::slice::from_ref(&quiet)).unwrap();
+        assert!(s.load_attachments().unwrap()[0].without_dns);
         fs::remove_dir_all(&s.root).unwrap();
     }
 

@@ -1007,3 +1007,223 @@ fn held_in_a_join(
     }
     panic!("the router was never held in a Join");
 }
+
+/// What the one-router tests below start with: a router on the host
+/// namespace (seeded, so its ring is agreed at once; bridge and plugin named
+/// `short` + tag), a network namespace `ns` to attach (deleted after the
+/// World is dropped), and the test image with `extra` binaries.
+struct OneRouter {
+    w: World,
+    r: Router,
+    image: String,
+    ns: String,
+    _netns: Netns,
+}
+
+/// `None` (said why): no Docker Engine, skip the test.
+fn one_router(label: &str, short: &str, range: &str, mac: &str, extra: &[&str]) -> Option<OneRouter> {
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return None;
+    }
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
+    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
+    let ns = format!("{short}ns{tag}");
+    let mut netns = Netns { names: vec![], stop: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)) };
+    run(Command::new("ip").args(["netns", "add", &ns]), SECS(10)).expect_ok("ip netns add");
+    netns.names.push(ns.clone());
+    let mut w = World::new(tag, label);
+    let image = build_image(&mut w, extra);
+    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name(short), bridge: w.name(short), port: free_port() });
+    let r = w.routers[0].clone();
+    let port = r.port.to_string();
+    let seed = format!("seed={mac}");
+    r.meshnet(&[
+        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", mac, "--no-discovery",
+        "--ipalloc-range", range, "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
+    ])
+    .expect_ok("launch");
+    Some(OneRouter { w, r, image, ns, _netns: netns })
+}
+
+/// `attach --without-dns` and `dns-add` without `-h` (Weave's forms), on one
+/// router on the host namespace with containers attached by name:
+/// - `attach --without-dns` registers neither the container's name nor its
+///   host name (a container attached without it is, as a control), with the
+///   flag before or after the addresses and with `--no-multicast-route` too
+///   (no `224.0.0.0/4` route, the other flag kept). Neither is registered
+///   when the router attaches the container again: after `docker restart`,
+///   nor after one while the router was down (`stop`, `launch --resume`).
+/// - `dns-add CONTAINER` without `-h` registers its host name when that is
+///   in the domain, else its container name; for a namespace target, or
+///   addresses of no target, it is an error asking for `-h NAME` that changes
+///   nothing. `dns-remove CONTAINER` removes its records; `detach` works.
+/// - An `attach` again without the flag registers the names (the last attach
+///   decides), also after a `docker restart`.
+#[test]
+fn containers_attached_without_dns_and_named_by_dns_add() {
+    let Some(OneRouter { _netns: _netns_kept, mut w, ns, r, image }) = one_router("nodns", "mnw", "10.215.0.0/16", "02:00:5e:d1:00:2a", &[]) else { return };
+
+    // q: --without-dns; m: --without-dns --no-multicast-route, after the
+    // address (Weave's order); n: neither. q and n have host names in the domain.
+    let (q, m, n) = (w.name("mnwq"), w.name("mnwm"), w.name("mnwn"));
+    let (host_q, host_n) = (format!("{q}-host.meshnet.local"), format!("{n}-host.meshnet.local"));
+    for (c, host) in [(&q, Some(&host_q)), (&m, None), (&n, Some(&host_n))] {
+        let mut args = vec!["--network", "none"];
+        if let Some(h) = host {
+            args.extend(["--hostname", h.as_str()]);
+        }
+        args.extend([&image[..], "sleep", "3600"]);
+        w.run_container(c, &args).expect_ok(&format!("docker run {c}"));
+    }
+    r.meshnet(&["attach", "--without-dns", "10.215.5.61/24", &q]).expect_ok("attach --without-dns q");
+    r.meshnet(&["attach", "10.215.5.62/24", "--without-dns", "--no-multicast-route", &m]).expect_ok("attach --without-dns --no-multicast-route m");
+    r.meshnet(&["attach", "10.215.5.63/24", &n]).expect_ok("attach n");
+    let lookup = |what: &str| {
+        let out = r.meshnet(&["dns-lookup", what]);
+        out.ok().then(|| out.stdout.trim().to_string())
+    };
+    let records = || r.json(&["status", "dns", "--json"])["records"].clone();
+    let has_addr = |c: &str, ip: &str| docker(&["exec", c, "ip", "-o", "addr", "show", "ethwe"]).stdout.contains(&format!("{ip}/24"));
+    let multicast_route = |c: &str| docker(&["exec", c, "ip", "route"]).stdout.contains("224.0.0.0/4");
+    let unnamed = |when: &str| {
+        for name in [&q, &host_q, &m] {
+            assert_eq!(lookup(name), None, "{when}: {name} is in DNS: {}", r.meshnet(&["status", "dns"]));
+        }
+    };
+    assert_eq!(lookup(&n).as_deref(), Some("10.215.5.63"), "the control: n is registered: {}", r.meshnet(&["status", "dns"]));
+    assert_eq!(lookup(&host_n).as_deref(), Some("10.215.5.63"));
+    unnamed("after attach --without-dns");
+    assert!(multicast_route(&q), "q lost its multicast route: {}", docker(&["exec", &q, "ip", "route"]));
+    assert!(!multicast_route(&m), "m has a multicast route: {}", docker(&["exec", &m, "ip", "route"]));
+
+    // docker restart: the router attaches them again, the same way.
+    for c in [&q, &m] {
+        docker(&["restart", "-t", "0", c]).expect_ok(&format!("docker restart {c}"));
+    }
+    assert!(
+        wait_until(SECS(15), || has_addr(&q, "10.215.5.61") && has_addr(&m, "10.215.5.62")),
+        "q and m were not attached again after docker restart: {}",
+        r.log()
+    );
+    std::thread::sleep(SECS(1));
+    unnamed("after docker restart");
+    assert!(multicast_route(&q) && !multicast_route(&m), "the multicast routes after docker restart");
+
+    // Restarted while the router was down: attached again at its launch, still without names.
+    r.meshnet(&["stop"]).expect_ok("stop");
+    for c in [&q, &m] {
+        docker(&["restart", "-t", "0", c]).expect_ok(&format!("docker restart {c} while the router is down"));
+    }
+    r.meshnet(&["launch", "--resume"]).expect_ok("launch --resume");
+    assert!(
+        wait_until(SECS(15), || has_addr(&q, "10.215.5.61") && has_addr(&m, "10.215.5.62")),
+        "q and m were not attached again after the router's restart: {}",
+        r.log()
+    );
+    std::thread::sleep(SECS(1));
+    unnamed("after the router's restart");
+    assert!(!multicast_route(&m), "m has a multicast route after the router's restart");
+    assert_eq!(lookup(&n).as_deref(), Some("10.215.5.63"), "n kept its name");
+
+    // dns-add without -h: a namespace target, or addresses of no target, is
+    // an error asking for -h NAME, and changes nothing.
+    r.meshnet(&["attach", "10.215.5.64/24", &ns]).expect_ok("attach the namespace");
+    let before = records();
+    for args in [vec!["dns-add", ns.as_str()], vec!["dns-add", "10.215.5.99"]] {
+        let out = r.meshnet(&args);
+        assert!(!out.ok() && out.stderr.contains("-h NAME"), "{args:?}: {out}");
+    }
+    assert_eq!(records(), before, "a refused dns-add changed the table");
+    // A container's host name in the domain; one without: its container name.
+    let out = r.meshnet(&["dns-add", &q]).expect_ok("dns-add q");
+    assert_eq!(out.stdout.trim(), format!("{host_q}. 10.215.5.61"));
+    assert_eq!(lookup(&host_q).as_deref(), Some("10.215.5.61"));
+    assert_eq!(lookup(&q), None, "dns-add without -h registers one name");
+    let out = r.meshnet(&["dns-add", &m]).expect_ok("dns-add m");
+    assert_eq!(out.stdout.trim(), format!("{m}.meshnet.local. 10.215.5.62"));
+    assert_eq!(lookup(&m).as_deref(), Some("10.215.5.62"));
+    // dns-remove without -h: all of the target's records.
+    r.meshnet(&["dns-remove", &q]).expect_ok("dns-remove q");
+    assert_eq!(lookup(&host_q), None);
+    // detach works; attached again without the flag, m's names are
+    // registered, and again after a docker restart.
+    r.meshnet(&["detach", &q]).expect_ok("detach q");
+    assert!(!docker(&["exec", &q, "ip", "link", "show", "ethwe"]).ok(), "q kept ethwe after detach");
+    assert!(r.json(&["ps", "--json", &q]).as_array().is_some_and(|a| a.is_empty()), "ps still lists q");
+    r.meshnet(&["dns-remove", &m]).expect_ok("dns-remove m");
+    r.meshnet(&["attach", "10.215.5.62/24", &m]).expect_ok("attach m again without --without-dns");
+    assert_eq!(lookup(&m).as_deref(), Some("10.215.5.62"));
+    r.meshnet(&["dns-remove", &m]).expect_ok("dns-remove m");
+    docker(&["restart", "-t", "0", &m]).expect_ok("docker restart m");
+    assert!(
+        wait_until(SECS(15), || lookup(&m).as_deref() == Some("10.215.5.62")),
+        "m, attached last without --without-dns, is not registered after docker restart: {}",
+        r.meshnet(&["status", "dns"])
+    );
+    r.meshnet(&["detach", &ns]).expect_ok("detach the namespace");
+    eprintln!("attach --without-dns and dns-add without -h: done");
+}
+
+/// `attach --rewrite-hosts [--add-host HOST:IP ...]` (Weave's options), on one
+/// router on the host namespace: the container's `/etc/hosts` maps its host
+/// name (with its domain, and its first label) to its overlay address, plus
+/// the extra hosts (`getent` finds them); a container with Docker's default
+/// host name (its short ID) gets that. After `docker restart` (Docker writes
+/// the file anew) the router's attach writes it again. `--add-host` without
+/// `--rewrite-hosts`, a malformed `HOST:IP`, and `--rewrite-hosts` of a
+/// namespace are errors that attach nothing.
+#[test]
+fn attach_rewrite_hosts() {
+    let Some(OneRouter { _netns: _netns_kept, mut w, ns, r, image }) = one_router("hosts", "mnh", "10.216.0.0/16", "02:00:5e:d1:00:3a", &["getent", "cat"]) else {
+        return;
+    };
+    let (h, d) = (w.name("mnhh"), w.name("mnhd"));
+    let host_h = format!("{h}.meshnet.local");
+    w.run_container(&h, &["--network", "none", "--hostname", &host_h, &image, "sleep", "3600"]).expect_ok("docker run h");
+    w.run_container(&d, &["--network", "none", &image, "sleep", "3600"]).expect_ok("docker run d");
+    let hosts = |c: &str| docker(&["exec", c, "cat", "/etc/hosts"]).stdout;
+    let getent = |c: &str, n: &str| docker(&["exec", c, "getent", "hosts", n]).stdout.split_whitespace().next().map(str::to_string);
+    let attached = |what: &str| r.json(&["ps", "--json", what]).as_array().is_some_and(|a| !a.is_empty());
+
+    // Bad input: errors, nothing attached.
+    let before = hosts(&d);
+    for (args, want) in [
+        (vec!["attach", "--add-host", "x:10.9.9.9", "10.216.5.70/24", d.as_str()], "--rewrite-hosts"),
+        (vec!["attach", "--rewrite-hosts", "--add-host", "static.name", "10.216.5.70/24", d.as_str()], "HOST:IP"),
+        (vec!["attach", "--rewrite-hosts", "--add-host", "s:10.9.9", "10.216.5.70/24", d.as_str()], "not an IP address"),
+        (vec!["attach", "--rewrite-hosts", "10.216.5.71/24", ns.as_str()], "Docker container"),
+    ] {
+        let out = r.meshnet(&args);
+        assert!(!out.ok() && out.stderr.contains(want), "{args:?}: expected an error with {want:?}: {out}");
+    }
+    assert!(!attached(&d) && !attached(&ns), "a refused attach attached: {}", r.meshnet(&["ps"]));
+    assert_eq!(hosts(&d), before, "a refused attach changed d's /etc/hosts");
+
+    r.meshnet(&["attach", "--rewrite-hosts", "--add-host", "static.name:10.9.9.9", "--add-host=other:10.9.9.8", "10.216.5.61/24", &h])
+        .expect_ok("attach --rewrite-hosts h");
+    let line = format!("10.216.5.61     {host_h} {h}");
+    let text = hosts(&h);
+    assert!(text.lines().any(|l| l == line), "{h}'s /etc/hosts lacks {line:?}:\n{text}");
+    assert!(text.lines().any(|l| l == "10.9.9.9        static.name") && text.contains("127.0.0.1       localhost"), "{text}");
+    assert_eq!(getent(&h, &host_h).as_deref(), Some("10.216.5.61"));
+    assert_eq!(getent(&h, &h).as_deref(), Some("10.216.5.61"));
+    assert_eq!(getent(&h, "static.name").as_deref(), Some("10.9.9.9"));
+    assert_eq!(getent(&h, "other").as_deref(), Some("10.9.9.8"));
+    // Docker's default host name: the short ID.
+    r.meshnet(&["attach", "10.216.5.62/24", "--rewrite-hosts", &d]).expect_ok("attach --rewrite-hosts d");
+    let short = full_id(&d)[..12].to_string();
+    assert!(hosts(&d).lines().any(|l| l == format!("10.216.5.62     {short}")), "{}", hosts(&d));
+
+    // docker restart: Docker writes the file anew, the router writes it again.
+    docker(&["restart", "-t", "0", &h]).expect_ok("docker restart h");
+    assert!(
+        wait_until(SECS(15), || hosts(&h).lines().any(|l| l == line) && hosts(&h).contains("static.name")),
+        "{h}'s /etc/hosts after docker restart:\n{}\n{}",
+        hosts(&h),
+        r.log()
+    );
+    assert_eq!(getent(&h, "other").as_deref(), Some("10.9.9.8"));
+    r.meshnet(&["detach", &h]).expect_ok("detach h");
+    eprintln!("attach --rewrite-hosts: done");
+}
