@@ -508,7 +508,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Prime { timeout } => {
-            let deadline = Instant::now() + Duration::from_secs(timeout);
+            // A timeout past what the clock can count waits for good (it panicked).
+            let deadline = Instant::now().checked_add(Duration::from_secs(timeout));
             loop {
                 let v = call(&state, Request::Prime)?;
                 // Both rings, where there is an IPv6 one (`--ipalloc-range` of each family).
@@ -517,7 +518,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let Some((ring, r)) = waiting else {
                     return Ok(ExitCode::SUCCESS);
                 };
-                if Instant::now() > deadline {
+                if deadline.is_some_and(|d| Instant::now() > d) {
                     bail!(
                         "the {ring} is not agreed after {timeout}s: waiting for {}",
                         r["state"]["waiting"].as_str().unwrap_or("consensus")
@@ -571,6 +572,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let Some(listen) = s.listen else {
+                if let Some(e) = s.listen_error {
+                    bail!("the DNS server is not listening: {e} (trying again every second)");
+                }
                 bail!("the DNS server is not listening yet: expose an address on the bridge (meshnet expose) or launch with --dns-listen-address");
             };
             let addr: std::net::SocketAddr = listen.parse()?;
@@ -591,6 +595,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Reset { force } => {
             match api::call(&state, &Request::Reset, Duration::from_secs(10)) {
                 Ok(_) => wait_stopped(&state, Duration::from_secs(30))?,
+                // Reset already (or never launched): no ranges to hand over, nothing to remove.
+                Err(ClientError::NotRunning(_)) if !state.root.exists() => {
+                    eprintln!("meshnet: nothing to reset: {} does not exist", state.root.display());
+                    return Ok(ExitCode::SUCCESS);
+                }
                 Err(ClientError::NotRunning(_)) if !force => bail!(
                     "no router is running for {}: reset hands this peer's address ranges to a live peer, which \
                      only a running router can do. Start it (`meshnet launch --resume`) and reset again, or \
@@ -704,6 +713,11 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             state.root.display(),
             v["name"].as_str().unwrap_or("?")
         );
+    }
+
+    if let Some(dir) = args.docker_plugin_dir.as_deref().filter(|_| !args.no_docker_plugin) {
+        meshnet_control::plugin::Socket::check_dir(dir, &args.docker_plugin_name)
+            .map_err(|e| anyhow!("--docker-plugin-dir {}: {e:#}", dir.display()))?;
     }
 
     if args.foreground {
@@ -1179,7 +1193,7 @@ fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<Exit
                 let listen = match (s.enabled, &s.listen) {
                     (false, _) => "off (--no-dns)".to_string(),
                     (true, Some(a)) => a.clone(),
-                    (true, None) => "not listening (no address exposed on the bridge)".to_string(),
+                    (true, None) => meshnet_control::dns::not_listening(s.listen_error.as_deref()),
                 };
                 println!("         Domain: {} (TTL {}s)", s.domain, s.ttl);
                 println!("         Listen: {listen}");
