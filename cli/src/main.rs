@@ -715,6 +715,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         );
     }
 
+    check_bridge_kept(state, &args.bridge)?;
     if let Some(dir) = args.docker_plugin_dir.as_deref().filter(|_| !args.no_docker_plugin) {
         meshnet_control::plugin::Socket::check_dir(dir, &args.docker_plugin_name)
             .map_err(|e| anyhow!("--docker-plugin-dir {}: {e:#}", dir.display()))?;
@@ -873,6 +874,29 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A launch with another `--bridge` than the last one's, while containers are
+/// attached to that one (their veths are on it) or the host has addresses
+/// exposed on it, is refused: the router would start on the new bridge with
+/// every one of them cut off from the overlay (re-attaching them fails), and
+/// the old bridge would stay behind. Unreadable files are left for the router
+/// to report.
+fn check_bridge_kept(state: &StateDir, bridge: &str) -> Result<()> {
+    let Some(old) = state.load_devices().ok().flatten().map(|d| d.bridge).filter(|b| b != bridge) else {
+        return Ok(());
+    };
+    let attached = state.load_attachments().map_or(0, |a| a.len());
+    let exposed = state.load_exposed().map_or(0, |e| e.len());
+    let endpoints = meshnet_control::plugin::load(state).map_or(0, |p| p.endpoints.len());
+    if attached + exposed + endpoints > 0 {
+        bail!(
+            "--bridge {bridge}: this state directory's router ran on bridge {old}, where {attached} attached target(s), \
+             {exposed} exposed address(es) and {endpoints} Docker endpoint(s) are; launch with --bridge {old} \
+             (or detach and hide them, or `meshnet reset`, first)"
+        );
+    }
+    Ok(())
 }
 
 /// `--bridge`: a name the kernel takes for a new link as it is (it expands a

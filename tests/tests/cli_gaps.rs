@@ -437,3 +437,30 @@ fn a_mapped_target_and_a_second_reset() {
     assert!(again.ok() && again.stderr.contains("nothing to reset"), "a second reset: {again}");
     assert!(!h1.state_dir.exists(), "a second reset made the state directory");
 }
+
+/// A launch with another `--bridge` than the last, while a target is attached
+/// to the last one, is refused and changes nothing: it started the router on
+/// the new bridge with the container cut off from the overlay (its re-attach
+/// failed, in the log only) and the old bridge left behind.
+#[test]
+fn another_bridge_while_targets_are_attached_is_refused() {
+    let Some(lab) = Lab::new("bridgemove") else { return };
+    let h1 = lab.add_host(1);
+    let c1 = lab.add_container(&h1, 1);
+    let name = h1.launch(&[]);
+    h1.meshnet(&["attach", "10.40.0.1/16", &c1.ns]).expect_ok("attach c1");
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    let out = h1.meshnet(&["launch", "--bridge", "mnother"]);
+    if out.ok() {
+        h1.meshnet(&["stop"]);
+    }
+    assert!(!out.ok(), "launch on another bridge with c1 attached to meshnet succeeded: {out}");
+    assert!(out.stderr.contains("--bridge meshnet"), "{out}");
+    assert!(link(&h1.ns, "mnother").is_none(), "the refused launch made the bridge");
+    // The same launch as before starts, with c1 where it was.
+    assert_eq!(h1.launch(&[]), name);
+    let ps = h1.ps_json();
+    assert!(ps.len() == 1 && ps[0]["addresses"][0] == "10.40.0.1/16", "{ps:?}");
+    let veth = links(&h1.ns).into_iter().find(|l| l["master"] == "meshnet" && l["ifname"] != "meshnet-tap");
+    assert!(veth.is_some(), "c1's veth is not on meshnet: {:?}", links(&h1.ns));
+}
