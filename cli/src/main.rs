@@ -715,6 +715,11 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         );
     }
 
+    if args.log_level.is_none() {
+        // As --log-level's value is checked: a level that does not parse was
+        // silently `info`.
+        meshnet_control::logger::check_env().map_err(|e| anyhow!(e))?;
+    }
     check_bridge_kept(state, &args.bridge)?;
     if let Some(dir) = args.docker_plugin_dir.as_deref().filter(|_| !args.no_docker_plugin) {
         meshnet_control::plugin::Socket::check_dir(dir, &args.docker_plugin_name)

@@ -464,3 +464,22 @@ fn another_bridge_while_targets_are_attached_is_refused() {
     let veth = links(&h1.ns).into_iter().find(|l| l["master"] == "meshnet" && l["ifname"] != "meshnet-tap");
     assert!(veth.is_some(), "c1's veth is not on meshnet: {:?}", links(&h1.ns));
 }
+
+/// `MESHNET_LOG` that names no level is refused at launch, as such a
+/// `--log-level` is (it was silently `info`); `--log-level` given wins.
+#[test]
+fn a_meshnet_log_that_names_no_level_is_refused() {
+    let Some(lab) = Lab::new("logenv") else { return };
+    let h1 = lab.add_host(1);
+    let out = h1.meshnet_env(&["launch"], &[("MESHNET_LOG", "loud")]);
+    if out.ok() {
+        h1.meshnet(&["stop"]);
+    }
+    assert!(!out.ok() && out.stderr.contains("MESHNET_LOG=loud"), "{out}");
+    assert!(!h1.state_dir.exists(), "the refused launch made the state directory");
+    h1.launch_env(&["--log-level", "info"], &[("MESHNET_LOG", "loud")]);
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    assert!(!h1.log().contains("DEBUG"), "DEBUG lines at --log-level info");
+    h1.launch_env(&[], &[("MESHNET_LOG", "DEBUG")]);
+    assert!(wait_until(SECS(10), || h1.log().contains("DEBUG")), "MESHNET_LOG=DEBUG logged no DEBUG line");
+}
