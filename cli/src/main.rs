@@ -527,7 +527,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Prime { timeout } => {
-            let deadline = Instant::now() + Duration::from_secs(timeout);
+            // A timeout past what the clock can count waits for good (it panicked).
+            let deadline = Instant::now().checked_add(Duration::from_secs(timeout));
             loop {
                 let v = call(&state, Request::Prime)?;
                 // Both rings, where there is an IPv6 one (`--ipalloc-range` of each family).
@@ -536,7 +537,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let Some((ring, r)) = waiting else {
                     return Ok(ExitCode::SUCCESS);
                 };
-                if Instant::now() > deadline {
+                if deadline.is_some_and(|d| Instant::now() > d) {
                     bail!(
                         "the {ring} is not agreed after {timeout}s: waiting for {}",
                         r["state"]["waiting"].as_str().unwrap_or("consensus")
@@ -590,6 +591,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let Some(listen) = s.listen else {
+                if let Some(e) = s.listen_error {
+                    bail!("the DNS server is not listening: {e} (trying again every second)");
+                }
                 bail!("the DNS server is not listening yet: expose an address on the bridge (meshnet expose) or launch with --dns-listen-address");
             };
             let addr: std::net::SocketAddr = listen.parse()?;
@@ -610,6 +614,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Cmd::Reset { force } => {
             match api::call(&state, &Request::Reset, Duration::from_secs(10)) {
                 Ok(_) => wait_stopped(&state, Duration::from_secs(30))?,
+                // Reset already (or never launched): no ranges to hand over, nothing to remove.
+                Err(ClientError::NotRunning(_)) if !state.root.exists() => {
+                    eprintln!("meshnet: nothing to reset: {} does not exist", state.root.display());
+                    return Ok(ExitCode::SUCCESS);
+                }
                 Err(ClientError::NotRunning(_)) if !force => bail!(
                     "no router is running for {}: reset hands this peer's address ranges to a live peer, which \
                      only a running router can do. Start it (`meshnet launch --resume`) and reset again, or \
@@ -728,6 +737,17 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             state.root.display(),
             v["name"].as_str().unwrap_or("?")
         );
+    }
+
+    if args.log_level.is_none() {
+        // As --log-level's value is checked: a level that does not parse was
+        // silently `info`.
+        meshnet_control::logger::check_env().map_err(|e| anyhow!(e))?;
+    }
+    check_bridge_kept(state, &args.bridge)?;
+    if let Some(dir) = args.docker_plugin_dir.as_deref().filter(|_| !args.no_docker_plugin) {
+        meshnet_control::plugin::Socket::check_dir(dir, &args.docker_plugin_name)
+            .map_err(|e| anyhow!("--docker-plugin-dir {}: {e:#}", dir.display()))?;
     }
 
     if args.foreground {
@@ -883,6 +903,29 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A launch with another `--bridge` than the last one's, while containers are
+/// attached to that one (their veths are on it) or the host has addresses
+/// exposed on it, is refused: the router would start on the new bridge with
+/// every one of them cut off from the overlay (re-attaching them fails), and
+/// the old bridge would stay behind. Unreadable files are left for the router
+/// to report.
+fn check_bridge_kept(state: &StateDir, bridge: &str) -> Result<()> {
+    let Some(old) = state.load_devices().ok().flatten().map(|d| d.bridge).filter(|b| b != bridge) else {
+        return Ok(());
+    };
+    let attached = state.load_attachments().map_or(0, |a| a.len());
+    let exposed = state.load_exposed().map_or(0, |e| e.len());
+    let endpoints = meshnet_control::plugin::load(state).map_or(0, |p| p.endpoints.len());
+    if attached + exposed + endpoints > 0 {
+        bail!(
+            "--bridge {bridge}: this state directory's router ran on bridge {old}, where {attached} attached target(s), \
+             {exposed} exposed address(es) and {endpoints} Docker endpoint(s) are; launch with --bridge {old} \
+             (or detach and hide them, or `meshnet reset`, first)"
+        );
+    }
+    Ok(())
 }
 
 /// `--bridge`: a name the kernel takes for a new link as it is (it expands a
@@ -1254,7 +1297,7 @@ fn status(state: &StateDir, what: Option<StatusPart>, json: bool) -> Result<Exit
                 let listen = match (s.enabled, &s.listen) {
                     (false, _) => "off (--no-dns)".to_string(),
                     (true, Some(a)) => a.clone(),
-                    (true, None) => "not listening (no address exposed on the bridge)".to_string(),
+                    (true, None) => meshnet_control::dns::not_listening(s.listen_error.as_deref()),
                 };
                 println!("         Domain: {} (TTL {}s)", s.domain, s.ttl);
                 println!("         Listen: {listen}");

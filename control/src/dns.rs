@@ -186,6 +186,10 @@ pub struct DnsStatus {
     pub ttl: u32,
     /// Where the server listens now (`ip:port`), if anywhere.
     pub listen: Option<String>,
+    /// Why it does not listen where it should (`cannot listen on ADDR: ...`),
+    /// retried every second; absent while listening or with nowhere to listen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_error: Option<String>,
     pub records: Vec<RecordStatus>,
     pub own_version: u64,
     /// Our IPv6 set's version (0 before the first; absent from older routers' status).
@@ -212,7 +216,18 @@ pub struct Dns {
     signer: Arc<Signer>,
     pub stats: DnsStats,
     listening: Mutex<Option<SocketAddr>>,
+    /// The last failure to listen where the server should, while it lasts.
+    listen_error: Mutex<Option<String>>,
     turn: AtomicUsize,
+}
+
+/// How `status dns`, `report` and `dns-args` say that the server does not
+/// listen, given [`DnsStatus::listen_error`].
+pub fn not_listening(listen_error: Option<&str>) -> String {
+    match listen_error {
+        Some(e) => format!("not listening: {e} (trying again every second)"),
+        None => "not listening (no address exposed on the bridge)".to_string(),
+    }
 }
 
 impl Dns {
@@ -239,6 +254,7 @@ impl Dns {
             signer,
             stats: DnsStats::default(),
             listening: Mutex::new(None),
+            listen_error: Mutex::new(None),
             turn: AtomicUsize::new(0),
         })
     }
@@ -255,6 +271,10 @@ impl Dns {
         *self.listening.lock().unwrap_or_else(|p| p.into_inner()) = a;
     }
 
+    fn set_listen_error(&self, e: Option<String>) {
+        *self.listen_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+    }
+
     pub fn status(&self) -> DnsStatus {
         let t = self.table();
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -264,6 +284,7 @@ impl Dns {
             domain: self.config.domain.clone(),
             ttl: self.config.ttl,
             listen: self.listening().map(|a| a.to_string()),
+            listen_error: self.listen_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             records: t
                 .v4
                 .records()
@@ -582,6 +603,7 @@ pub async fn serve(dns: Arc<Dns>, exposed: impl Fn() -> Option<IpAddr> + Send + 
                 t.abort();
             }
             dns.set_listening(None);
+            dns.set_listen_error(None);
             bound = None;
             match want {
                 None => log::info!("DNS: no address exposed on the bridge: not listening (meshnet expose, or --dns-listen-address)"),
@@ -596,6 +618,7 @@ pub async fn serve(dns: Arc<Dns>, exposed: impl Fn() -> Option<IpAddr> + Send + 
                         failed = None;
                     }
                     Err(e) => {
+                        dns.set_listen_error(Some(format!("cannot listen on {addr}: {e:#}")));
                         if failed != Some(addr) {
                             log::warn!("DNS: cannot listen on {addr}: {e:#} (trying again every second)");
                             failed = Some(addr);

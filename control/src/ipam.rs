@@ -295,9 +295,13 @@ impl IpamHost {
         let s = self.ipam.status();
         let state = match &s.state {
             RingState::Agreed { seeds } => json!({"agreed": true, "seeds": seeds.iter().map(|p| p.to_string()).collect::<Vec<_>>()}),
-            RingState::AwaitingConsensus { known, quorum } => {
+            RingState::AwaitingConsensus { known, quorum } if known < quorum => {
                 json!({"agreed": false, "waiting": format!("consensus: {known} of {quorum} peers present")})
             }
+            // Enough peers (not `3 of 2 peers present`, which read as waiting for them).
+            RingState::AwaitingConsensus { known, quorum } => json!({"agreed": false, "waiting": format!(
+                "consensus of the {known} peers present ({quorum} needed), started by the first request for an address (attach, expose, prime)"
+            )}),
             RingState::AwaitingRing => json!({"agreed": false, "waiting": "the ring from a peer"}),
         };
         json!({
@@ -489,6 +493,27 @@ mod tests {
         let peers: Vec<&str> = v["peer_conflicts"].as_array().unwrap().iter().map(|c| c["error"].as_str().unwrap()).collect();
         assert_eq!(peers.len(), MAX_PEER_CONFLICTS);
         assert_eq!(peers.last(), Some(&"conflict 29"), "newest last: {peers:?}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn waiting_for_consensus_says_for_what() {
+        let dir = std::env::temp_dir().join(format!("meshnet-ipam-waiting-{}", std::process::id()));
+        let state = StateDir::new(dir.clone());
+        state.ensure().unwrap();
+        let range: Cidr = "10.40.0.0/16".parse().unwrap();
+        let id = Identity::generate();
+        // Consensus of one, nothing asked yet: the peers are there, no request is.
+        let host = IpamHost::open(&state, PeerName(0x0200_0000_0001), range, range, InitMode::Consensus(1), &id).unwrap();
+        let waiting = host.status_json()["state"]["waiting"].as_str().unwrap().to_string();
+        assert!(!waiting.contains("1 of 1 peers present") && waiting.contains("first request for an address"), "{waiting}");
+        drop(host);
+        let _ = std::fs::remove_dir_all(&dir);
+        state.ensure().unwrap();
+        // Consensus of three with one peer present: waiting for the others.
+        let host = IpamHost::open(&state, PeerName(0x0200_0000_0001), range, range, InitMode::Consensus(3), &id).unwrap();
+        let waiting = host.status_json()["state"]["waiting"].as_str().unwrap().to_string();
+        assert_eq!(waiting, "consensus: 1 of 3 peers present");
         let _ = std::fs::remove_dir_all(dir);
     }
 

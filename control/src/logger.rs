@@ -111,6 +111,17 @@ fn stderr_is(path: &Path) -> bool {
     st.st_dev == file.dev() && st.st_ino == file.ino()
 }
 
+/// Whether `MESHNET_LOG`, when set, names a level [`init`] takes (a launch
+/// refuses one that does not, as it refuses such a `--log-level`).
+pub fn check_env() -> Result<(), String> {
+    match std::env::var_os("MESHNET_LOG") {
+        Some(v) if v.to_str().and_then(|v| v.parse::<log::LevelFilter>().ok()).is_none() => {
+            Err(format!("MESHNET_LOG={}: give error, warn, info, debug or trace (or off)", v.to_string_lossy()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Installs the logger at `level` (`--log-level`); without one,
 /// `MESHNET_LOG=debug` (or trace, warn...) sets it; default info. When stderr
 /// is `log_file` (the daemonised router's `meshnet.log`), it is rotated.

@@ -64,8 +64,9 @@ impl PeerAddr {
             return Err(BadPeerAddr::Host(s.into()));
         }
         // One spelling per target: an address in its canonical form
-        // (`FD00:0::1` is `fd00::1`), a host name in lower case (as DNS compares).
-        let host = match host.parse::<std::net::IpAddr>() {
+        // (`FD00:0::1` is `fd00::1`, an IPv4-mapped `::ffff:10.0.0.1` is
+        // `10.0.0.1`), a host name in lower case (as DNS compares).
+        let host = match host.parse::<std::net::IpAddr>().map(|ip| ip.to_canonical()) {
             Ok(ip) if !is_unicast(ip) => return Err(BadPeerAddr::NotUnicast(s.into())),
             Ok(ip) => ip.to_string(),
             Err(_) => host.to_ascii_lowercase(),
@@ -120,6 +121,10 @@ mod tests {
             ("[fd00:0:0::1]:7000", "[fd00::1]:7000"),
             ("fd00:0000::0001", "[fd00::1]:6783"),
             ("Host-A.Example:7000", "host-a.example:7000"),
+            // IPv4-mapped: the IPv4 host it is (dialled over IPv4, forgotten as 10.0.0.1).
+            ("::ffff:10.0.0.1", "10.0.0.1:6783"),
+            ("[::FFFF:10.0.0.1]:7000", "10.0.0.1:7000"),
+            ("::ffff:a00:1", "10.0.0.1:6783"),
         ] {
             assert_eq!(PeerAddr::parse(a, 6783).unwrap().to_string(), b, "{a}");
         }
@@ -127,7 +132,20 @@ mod tests {
 
     #[test]
     fn an_address_no_peer_can_have_is_refused() {
-        for bad in ["0.0.0.0", "0.0.0.0:6783", "255.255.255.255", "224.0.0.1:7000", "239.1.2.3", "::", "[::]:6783", "ff02::1", "[ff05::2]:7000"] {
+        for bad in [
+            "0.0.0.0",
+            "0.0.0.0:6783",
+            "255.255.255.255",
+            "224.0.0.1:7000",
+            "239.1.2.3",
+            "::",
+            "[::]:6783",
+            "ff02::1",
+            "[ff05::2]:7000",
+            "::ffff:0.0.0.0",
+            "::ffff:255.255.255.255",
+            "[::ffff:224.0.0.1]:7000",
+        ] {
             assert_eq!(PeerAddr::parse(bad, 6783), Err(BadPeerAddr::NotUnicast(bad.into())), "{bad}");
         }
         for good in ["127.0.0.1", "10.255.255.255", "223.255.255.254", "::1", "fe80::1", "[fd00::1]:7000"] {

@@ -1081,6 +1081,22 @@ pub struct Socket {
 impl Socket {
     /// Binds `DIR/NAME.sock`. A socket there that answers belongs to another
     /// router: `Ok(None)`, and it is left alone; a dead one is replaced.
+    /// Whether a socket `NAME.sock` can be served in `dir` (made if missing):
+    /// a `--docker-plugin-dir` given explicitly is checked before the launch,
+    /// which fails rather than starting a router without the plugin asked for.
+    pub fn check_dir(dir: &Path, name: &str) -> Result<()> {
+        let path = dir.join(format!("{name}.sock"));
+        // sun_path holds 108 bytes, the final NUL included.
+        if path.as_os_str().len() > 107 {
+            anyhow::bail!("the socket path {} is longer than a Unix socket's 107 bytes", path.display());
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        if !std::fs::metadata(dir).with_context(|| format!("{}", dir.display()))?.is_dir() {
+            anyhow::bail!("{} is not a directory", dir.display());
+        }
+        Ok(())
+    }
+
     pub fn bind(dir: &Path, name: &str) -> Result<Option<Socket>> {
         if name.is_empty() || name.contains(['/', '\0']) || name.starts_with('.') {
             anyhow::bail!("docker plugin name {name:?}: not a valid file name");

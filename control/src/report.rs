@@ -186,7 +186,7 @@ pub fn to_text(v: &Value) -> String {
     let listen = match (dns["enabled"].as_bool(), dns["listen"].as_str()) {
         (Some(false), _) => "off (--no-dns)".to_string(),
         (_, Some(a)) => format!("listening on {a}"),
-        _ => "not listening (no address exposed on the bridge)".to_string(),
+        _ => crate::dns::not_listening(dns["listen_error"].as_str()),
     };
     let _ = writeln!(o, "  domain {} (TTL {}s), {listen}", str_of(&dns["domain"]), str_of(&dns["ttl"]));
     for r in dns["records"].as_array().into_iter().flatten() {

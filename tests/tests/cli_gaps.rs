@@ -357,3 +357,129 @@ fn launch_over_a_router_whose_state_directory_was_deleted() {
     h1.launch(&[]);
     assert!(h1.state_dir.join("identity").exists());
 }
+
+/// An explicit `--docker-plugin-dir` the plugin cannot be served in (not
+/// makeable; a socket path over 107 bytes) fails the launch, changing
+/// nothing, instead of starting a router without the plugin it was asked for.
+#[test]
+fn an_unusable_docker_plugin_dir_fails_the_launch() {
+    let Some(lab) = Lab::new("plugindir") else { return };
+    let h1 = lab.add_host(1);
+    for dir in [
+        "/proc/meshnet-no-such-dir/plugins".to_string(),
+        format!("/tmp/meshnet-plugin-{}-{}", std::process::id(), "a".repeat(100)),
+    ] {
+        let out = h1.meshnet(&["launch", "--docker-plugin-dir", &dir]);
+        if out.ok() {
+            h1.meshnet(&["reset"]);
+        }
+        assert!(!out.ok(), "launch with an unusable --docker-plugin-dir {dir} succeeded: {out}");
+        assert!(out.stderr.contains("--docker-plugin-dir"), "{out}");
+        assert!(!h1.meshnet(&["status"]).ok(), "a router runs after the refused launch");
+        assert!(!h1.state_dir.exists(), "the refused launch made the state directory");
+        assert!(!std::path::Path::new(&dir).exists(), "the refused launch made {dir}");
+    }
+}
+
+/// A `--dns-listen-address` the server cannot bind (no address of this host)
+/// is named by `status dns` (text and JSON), `report` and `dns-args`, not
+/// blamed on a missing `expose`.
+#[test]
+fn a_dns_listen_address_that_cannot_be_bound_is_named() {
+    let Some(lab) = Lab::new("dnslisten") else { return };
+    let h1 = lab.add_host(1);
+    h1.launch(&["--dns-listen-address", "10.9.9.9"]);
+    let mut text = String::new();
+    let named = wait_until(SECS(10), || {
+        text = h1.meshnet(&["status", "dns"]).expect_ok("status dns").stdout;
+        text.contains("cannot listen on 10.9.9.9:53")
+    });
+    assert!(named && !text.contains("no address exposed"), "status dns:\n{text}");
+    let json = h1.meshnet(&["status", "dns", "--json"]).expect_ok("status dns --json").json();
+    assert!(json["listen"].is_null(), "{json:#}");
+    assert!(json["listen_error"].as_str().is_some_and(|e| e.contains("10.9.9.9:53")), "{json:#}");
+    let report = h1.meshnet(&["report"]).expect_ok("report").stdout;
+    assert!(report.contains("cannot listen on 10.9.9.9:53"), "{report}");
+    let args = h1.meshnet(&["dns-args"]);
+    assert!(!args.ok() && args.stderr.contains("cannot listen on 10.9.9.9:53"), "{args}");
+}
+
+/// `prime --timeout` of the largest number waits rather than panicking.
+#[test]
+fn prime_with_the_largest_timeout() {
+    let Some(lab) = Lab::new("primemax") else { return };
+    let h1 = lab.add_host(1);
+    h1.launch(&[]);
+    // Consensus of one: agreed at once; the timeout is never reached.
+    let prime = h1.meshnet(&["prime", "--timeout", &u64::MAX.to_string()]);
+    assert!(prime.ok(), "prime --timeout {}: {prime}", u64::MAX);
+}
+
+/// An IPv4-mapped `connect` target is the IPv4 host it names (so an IPv4-only
+/// router dials it, and `forget` of that host removes it); a second `reset`
+/// has nothing to do and succeeds, saying so.
+#[test]
+fn a_mapped_target_and_a_second_reset() {
+    let Some(lab) = Lab::new("mappedreset") else { return };
+    let h1 = lab.add_host(1);
+    h1.launch(&[]);
+    let mapped = format!("::ffff:{}", lab.host_ip(2));
+    let plain = format!("{}:6783", lab.host_ip(2));
+    let out = h1.meshnet(&["connect", &mapped]).expect_ok("connect an IPv4-mapped address");
+    assert_eq!(out.stdout.trim(), plain, "{out}");
+    assert_eq!(h1.targets(), vec![plain.clone()]);
+    h1.meshnet(&["forget", &lab.host_ip(2)]).expect_ok("forget it by its IPv4 address");
+    assert!(h1.targets().is_empty(), "{:?}", h1.targets());
+
+    h1.meshnet(&["reset"]).expect_ok("reset");
+    assert!(!h1.state_dir.exists());
+    let again = h1.meshnet(&["reset"]);
+    assert!(again.ok() && again.stderr.contains("nothing to reset"), "a second reset: {again}");
+    assert!(!h1.state_dir.exists(), "a second reset made the state directory");
+}
+
+/// A launch with another `--bridge` than the last, while a target is attached
+/// to the last one, is refused and changes nothing: it started the router on
+/// the new bridge with the container cut off from the overlay (its re-attach
+/// failed, in the log only) and the old bridge left behind.
+#[test]
+fn another_bridge_while_targets_are_attached_is_refused() {
+    let Some(lab) = Lab::new("bridgemove") else { return };
+    let h1 = lab.add_host(1);
+    let c1 = lab.add_container(&h1, 1);
+    let name = h1.launch(&[]);
+    h1.meshnet(&["attach", "10.40.0.1/16", &c1.ns]).expect_ok("attach c1");
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    let out = h1.meshnet(&["launch", "--bridge", "mnother"]);
+    if out.ok() {
+        h1.meshnet(&["stop"]);
+    }
+    assert!(!out.ok(), "launch on another bridge with c1 attached to meshnet succeeded: {out}");
+    assert!(out.stderr.contains("--bridge meshnet"), "{out}");
+    assert!(link(&h1.ns, "mnother").is_none(), "the refused launch made the bridge");
+    // The same launch as before starts, with c1 where it was.
+    assert_eq!(h1.launch(&[]), name);
+    let ps = h1.ps_json();
+    assert!(ps.len() == 1 && ps[0]["addresses"][0] == "10.40.0.1/16", "{ps:?}");
+    let veth = links(&h1.ns).into_iter().find(|l| l["master"] == "meshnet" && l["ifname"] != "meshnet-tap");
+    assert!(veth.is_some(), "c1's veth is not on meshnet: {:?}", links(&h1.ns));
+}
+
+/// `MESHNET_LOG` that names no level is refused at launch, as such a
+/// `--log-level` is (it was silently `info`); `--log-level` given wins.
+#[test]
+fn a_meshnet_log_that_names_no_level_is_refused() {
+    let Some(lab) = Lab::new("logenv") else { return };
+    let h1 = lab.add_host(1);
+    let out = h1.meshnet_env(&["launch"], &[("MESHNET_LOG", "loud")]);
+    if out.ok() {
+        h1.meshnet(&["stop"]);
+    }
+    assert!(!out.ok() && out.stderr.contains("MESHNET_LOG=loud"), "{out}");
+    assert!(!h1.state_dir.exists(), "the refused launch made the state directory");
+    h1.launch_env(&["--log-level", "info"], &[("MESHNET_LOG", "loud")]);
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    assert!(!h1.log().contains("DEBUG"), "DEBUG lines at --log-level info");
+    h1.launch_env(&[], &[("MESHNET_LOG", "DEBUG")]);
+    assert!(wait_until(SECS(10), || h1.log().contains("DEBUG")), "MESHNET_LOG=DEBUG logged no DEBUG line");
+}
