@@ -1079,8 +1079,6 @@ pub struct Socket {
 }
 
 impl Socket {
-    /// Binds `DIR/NAME.sock`. A socket there that answers belongs to another
-    /// router: `Ok(None)`, and it is left alone; a dead one is replaced.
     /// Whether a socket `NAME.sock` can be served in `dir` (made if missing):
     /// a `--docker-plugin-dir` given explicitly is checked before the launch,
     /// which fails rather than starting a router without the plugin asked for.
@@ -1097,6 +1095,8 @@ impl Socket {
         Ok(())
     }
 
+    /// Binds `DIR/NAME.sock`. A socket there that answers belongs to another
+    /// router: `Ok(None)`, and it is left alone; a dead one is replaced.
     pub fn bind(dir: &Path, name: &str) -> Result<Option<Socket>> {
         if name.is_empty() || name.contains(['/', '\0']) || name.starts_with('.') {
             anyhow::bail!("docker plugin name {name:?}: not a valid file name");
