@@ -1062,7 +1062,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             Ok(v)
         }
         Request::Hide { cidrs } => {
-            let v = hide_addrs(ctx, &cidrs)?;
+            let v = hide_addrs(ctx, &cidrs, true)?;
             // Names given with `expose -h` go with their addresses.
             let ips = ips_of(&v["hidden"]);
             if !ips.is_empty() && ctx.mesh.dns.table().own_target(EXPOSE_DNS_TARGET) {
@@ -1629,7 +1629,9 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
 
 /// `meshnet hide`: removes the exposed addresses `cidrs` name (all when none),
 /// releases them to IPAM, and rewrites (or deletes) the nftables table.
-fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
+/// `by_user`: asked by `meshnet hide` (which may not hide a Docker network's
+/// gateway), not by the Docker plugin releasing one.
+fn hide_addrs(ctx: &ApiCtx, cidrs: &[String], by_user: bool) -> Result<serde_json::Value> {
     let mesh = &ctx.mesh;
     let bridge = &mesh.settings.bridge;
     let (range, default_subnet) = mesh.with_ipam(|h| (h.ipam.universe(), h.default_subnet));
@@ -1669,6 +1671,16 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
     let next: Vec<Exposure> =
         exposed.iter().enumerate().filter(|(i, _)| !chosen.contains(i)).map(|(_, e)| e.clone()).collect();
     let gone: Vec<Exposure> = chosen.iter().map(|i| exposed[*i].clone()).collect();
+    if by_user {
+        let docker = crate::plugin::load(&mesh.state).unwrap_or_default();
+        for e in &gone {
+            if let (std::net::IpAddr::V4(ip), _) = expose::parse(e)? {
+                if let Some(why) = crate::plugin::gateway_of(&docker, ip) {
+                    bail!("{} is {why}", e.addr);
+                }
+            }
+        }
+    }
     // Off the bridge before the record goes: a crash in between must not leave
     // an address there that no record holds (the next launch would free it in
     // IPAM while the bridge still has it). Put back if the record cannot be written.
@@ -1926,7 +1938,7 @@ impl crate::plugin::PluginHost for PluginRouter {
     }
 
     fn release_gateway(&self, ip: std::net::Ipv4Addr, prefix: u8) -> Result<()> {
-        hide_addrs(&self.ctx, &[format!("{ip}/{prefix}")]).map(|_| ())
+        hide_addrs(&self.ctx, &[format!("{ip}/{prefix}")], false).map(|_| ())
     }
 
     fn create_port(&self, host_if: &str, container_if: &str) -> Result<()> {

@@ -193,6 +193,18 @@ pub fn load(state: &StateDir) -> Result<PluginState> {
     }
 }
 
+/// What the Docker network whose gateway `ip` is, if it is one, says about it
+/// (`hide` refuses to hide it: the network's next container would be given
+/// the freed address, its own gateway's).
+pub fn gateway_of(state: &PluginState, ip: Ipv4Addr) -> Option<String> {
+    let pool = state.pools.values().find(|p| p.gateway.as_deref().and_then(parse_ip_prefix).is_some_and(|(g, _)| g == ip))?;
+    let network = state.networks.iter().find(|(_, n)| n.subnet == pool.subnet).map(|(id, _)| short(id));
+    Some(match network {
+        Some(id) => format!("the gateway of Docker network {id} (subnet {}): `docker network rm` it first", pool.subnet),
+        None => format!("the gateway of a Docker network being made (subnet {})", pool.subnet),
+    })
+}
+
 /// The plugin: its state, where it is persisted, and the router behind it.
 pub struct Plugin {
     host: Arc<dyn PluginHost>,

@@ -1007,3 +1007,80 @@ fn held_in_a_join(
     }
     panic!("the router was never held in a Join");
 }
+
+/// A Docker network's gateway and subnet stay its own. One router, its
+/// default subnet 10.217.0.0/24 of 10.217.0.0/16:
+/// - `meshnet hide` of the exposed address a network uses as its gateway is
+///   refused and changes nothing (before, it was hidden and freed, and the
+///   network's next container was given the gateway's address and did not
+///   start: "failed to set gateway ... network is unreachable");
+/// - a network whose subnet overlaps another's on this host is refused
+///   (before, a /25 inside the /24 took the /24's gateway as its own);
+/// - `docker network create` without `--subnet`, once `meshnet expose` put a
+///   route over the default subnet on the host (Docker then asks for another
+///   pool), says to give `--subnet` (before: "already used by another
+///   meshnet network", of which there was none).
+#[test]
+fn a_docker_networks_gateway_and_subnet_stay_its_own() {
+    if let Some(why) = no_docker() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
+    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
+    let mut w = World::new(tag, "gateway");
+    let image = build_image(&mut w, &[]);
+    let name = "02:00:5e:d0:00:1a";
+    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name("mnpg"), bridge: w.name("mnpg"), port: free_port() });
+    let r = w.routers[0].clone();
+    let (port, seed) = (r.port.to_string(), format!("seed={name}"));
+    r.meshnet(&[
+        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", name, "--no-discovery",
+        "--ipalloc-range", "10.217.0.0/16", "--ipalloc-default-subnet", "10.217.0.0/24", "--ipalloc-init", &seed,
+        "--docker-plugin-name", &r.plugin, "--metrics-addr=",
+    ])
+    .expect_ok("launch");
+    let p = r.plugin.clone();
+    let exposed = || r.json(&["status", "--json"])["exposed"].to_string();
+
+    // The host's address in 10.217.9.0/24, then a network there: its gateway.
+    let out = r.meshnet(&["expose", "net:10.217.9.0/24"]).expect_ok("expose");
+    assert_eq!(out.stdout.trim(), "10.217.9.1/24", "{out}");
+    let net9 = w.name("mnnet9");
+    w.networks.push(net9.clone());
+    docker(&["network", "create", "--driver", &p, "--ipam-driver", &p, "--subnet", "10.217.9.0/24", &net9]).expect_ok("network create");
+    let hide = r.meshnet(&["hide", "10.217.9.1/24"]);
+    assert!(!hide.ok() && hide.stderr.contains("is the gateway of Docker network"), "hiding the gateway: {hide}");
+    let hide_all = r.meshnet(&["hide"]);
+    assert!(!hide_all.ok() && hide_all.stderr.contains("10.217.9.1/24 is the gateway"), "hide (all): {hide_all}");
+    assert!(exposed().contains("10.217.9.1/24"), "a refused hide took the gateway away: {}", exposed());
+    assert_eq!(r.holder("10.217.9.1").as_deref(), Some("meshnet:expose"));
+    // So the network's container gets another address and reaches its gateway.
+    let c = w.name("mngw");
+    w.run_container(&c, &["--network", &net9, &image, "sleep", "3600"]).expect_ok("docker run on the network");
+    let ip = ip_in(&c, &net9);
+    assert!(ip.starts_with("10.217.9.") && ip != "10.217.9.1", "{c} got {ip:?}");
+    assert!(wait_until(SECS(15), || pings(&c, "10.217.9.1", 1)), "{c} cannot ping its gateway 10.217.9.1");
+
+    // A subnet overlapping the network's is refused, and so nothing is made.
+    let net_in = w.name("mnnetin");
+    w.networks.push(net_in.clone());
+    let out = docker(&["network", "create", "--driver", &p, "--ipam-driver", &p, "--subnet", "10.217.9.0/25", &net_in]);
+    assert!(!out.ok() && out.stderr.contains("overlaps subnet 10.217.9.0/24"), "an overlapping subnet: {out}");
+
+    // The default subnet under a route of the host's (expose): Docker asks
+    // again, and is told to give --subnet.
+    r.meshnet(&["expose"]).expect_ok("expose in the default subnet");
+    let net_d = w.name("mnnetd");
+    w.networks.push(net_d.clone());
+    let out = docker(&["network", "create", "--driver", &p, "--ipam-driver", &p, &net_d]);
+    assert!(!out.ok() && out.stderr.contains("create the network with --subnet 10.217.0.0/24"), "the default subnet: {out}");
+    docker(&["network", "create", "--driver", &p, "--ipam-driver", &p, "--subnet", "10.217.0.0/24", &net_d])
+        .expect_ok("the default subnet given with --subnet");
+
+    // Once the network is gone, its gateway may be hidden.
+    docker(&["rm", "-f", &c]).expect_ok("docker rm");
+    docker(&["network", "rm", &net9]).expect_ok("network rm");
+    assert!(exposed().contains("10.217.9.1/24"), "the network took away an address it did not expose: {}", exposed());
+    r.meshnet(&["hide", "10.217.9.1/24"]).expect_ok("hide once the network is gone");
+}
