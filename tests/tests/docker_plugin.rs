@@ -54,6 +54,13 @@ fn no_docker() -> Option<String> {
     None
 }
 
+/// A short tag for the names a test makes: unique per process and moment
+/// (`salt` tells apart tests of one process that start at once).
+fn unique_tag(salt: u32) -> String {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{:05x}", (std::process::id() ^ nanos.rotate_left(salt)) & 0xfffff)
+}
+
 /// One router on the host namespace.
 #[derive(Clone)]
 struct Router {
@@ -110,8 +117,33 @@ impl World {
         World { dir, tag, containers: vec![], networks: vec![], image: None, routers: vec![], iptables: vec![] }
     }
 
+    /// A test's world, or `None` (said why) when there is no Docker Engine to test with.
+    fn for_test(label: &str, salt: u32) -> Option<World> {
+        if let Some(why) = no_docker() {
+            eprintln!("skipping: {why}");
+            return None;
+        }
+        Some(World::new(unique_tag(salt), label))
+    }
+
     fn name(&self, what: &str) -> String {
         format!("{what}{}", self.tag)
+    }
+
+    /// Launches a lone router named `name` (its bridge and plugin `prefix` and
+    /// the tag) with IP allocation range `range` agreed at once, and `extra`.
+    #[track_caller]
+    fn lone_router(&mut self, prefix: &str, name: &str, range: &str, extra: &[&str]) -> Router {
+        let r = Router { state: self.dir.join("state"), plugin: self.name(prefix), bridge: self.name(prefix), port: free_port() };
+        self.routers.push(r.clone());
+        let (port, seed) = (r.port.to_string(), format!("seed={name}"));
+        let mut args = vec![
+            "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", name, "--no-discovery",
+            "--ipalloc-range", range, "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
+        ];
+        args.extend_from_slice(extra);
+        r.meshnet(&args).expect_ok("launch");
+        r
     }
 
     #[track_caller]
@@ -216,13 +248,7 @@ fn pings(from: &str, ip: &str, count: u32) -> bool {
 
 #[test]
 fn docker_plugin_networks_and_restarted_containers() {
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
-    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
-    let mut w = World::new(tag, "plugin");
+    let Some(mut w) = World::for_test("plugin", 0) else { return };
     let image = build_image(&mut w, &[]);
 
     // Two routers on the host namespace, seeded so the ring is agreed at once.
@@ -839,24 +865,9 @@ fn docker_names_across_routers() {
 ///   Before, it stayed for good.
 #[test]
 fn docker_plugin_across_a_crash_mid_call() {
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
-    let tag = format!("{:05x}", (std::process::id() ^ nanos.rotate_left(7)) & 0xfffff);
-    let mut w = World::new(tag, "crash");
+    let Some(mut w) = World::for_test("crash", 7) else { return };
     let image = build_image(&mut w, &[]);
-    let name = "02:00:5e:d2:00:0a";
-    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name("mnk"), bridge: w.name("mnk"), port: free_port() });
-    let r = w.routers[0].clone();
-    let port = r.port.to_string();
-    let seed = format!("seed={name}");
-    r.meshnet(&[
-        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", name, "--no-discovery",
-        "--ipalloc-range", "10.215.0.0/16", "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
-    ])
-    .expect_ok("launch");
+    let r = w.lone_router("mnk", "02:00:5e:d2:00:0a", "10.215.0.0/16", &[]);
     let net = w.name("mnknet");
     w.networks.push(net.clone());
     docker(&["network", "create", "--driver", &r.plugin, "--ipam-driver", &r.plugin, "--subnet", "10.215.5.0/24", &net])
@@ -1022,24 +1033,9 @@ fn held_in_a_join(
 ///   meshnet network", of which there was none).
 #[test]
 fn a_docker_networks_gateway_and_subnet_stay_its_own() {
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
-    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
-    let mut w = World::new(tag, "gateway");
+    let Some(mut w) = World::for_test("gateway", 0) else { return };
     let image = build_image(&mut w, &[]);
-    let name = "02:00:5e:d0:00:1a";
-    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name("mnpg"), bridge: w.name("mnpg"), port: free_port() });
-    let r = w.routers[0].clone();
-    let (port, seed) = (r.port.to_string(), format!("seed={name}"));
-    r.meshnet(&[
-        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", name, "--no-discovery",
-        "--ipalloc-range", "10.217.0.0/16", "--ipalloc-default-subnet", "10.217.0.0/24", "--ipalloc-init", &seed,
-        "--docker-plugin-name", &r.plugin, "--metrics-addr=",
-    ])
-    .expect_ok("launch");
+    let r = w.lone_router("mnpg", "02:00:5e:d0:00:1a", "10.217.0.0/16", &["--ipalloc-default-subnet", "10.217.0.0/24"]);
     let p = r.plugin.clone();
     let exposed = || r.json(&["status", "--json"])["exposed"].to_string();
 
