@@ -830,10 +830,15 @@ pub fn port_name(bridge: &str, datapath: Datapath) -> String {
     }
 }
 
+/// What the log says of data when the kernel VXLAN device is missing.
+const USERSPACE_INSTEAD: &str =
+    "data to peers trusted both ways goes unencrypted through meshnet's own UDP path instead (trusted (userspace))";
+
 /// The kernel VXLAN device for `--trusted-subnets` (UDP `--port` + 1), made
 /// afresh (one left by a router killed with -9 is deleted first); without
 /// trusted subnets a left-over one is only deleted. Err: why there is none
-/// (data to trusted peers then stays encrypted; the launch goes on).
+/// (data to peers trusted both ways then goes `trusted (userspace)`,
+/// unencrypted through meshnet's own UDP path; the launch goes on).
 fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trusted::Device>, String> {
     use meshnet_router::vxlan;
     let name = vxlan::device_name(&cfg.bridge);
@@ -862,7 +867,7 @@ fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trust
             // (the sync loop lets peers' addresses in); no filter, no device.
             if let Err(e) = crate::trusted::apply_filter(&cfg.bridge, port, &[]) {
                 let _ = vxlan::remove(&name);
-                log::warn!("trusted subnets: no nftables filter for UDP {port} ({e:#}); data to trusted peers stays encrypted");
+                log::warn!("trusted subnets: no nftables filter for UDP {port} ({e:#}), so no kernel VXLAN device; {USERSPACE_INSTEAD}");
                 return Err(format!("no nftables filter for UDP {port}: {e:#}"));
             }
             log::info!(
@@ -872,7 +877,7 @@ fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trust
             Ok(Some(crate::trusted::Device { name, index, port, bridge: cfg.bridge.clone() }))
         }
         Err(e) => {
-            log::warn!("trusted subnets: no kernel VXLAN device ({e}); data to trusted peers stays encrypted");
+            log::warn!("trusted subnets: no kernel VXLAN device ({e}); {USERSPACE_INSTEAD}");
             Err(e.to_string())
         }
     }
