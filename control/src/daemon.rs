@@ -828,10 +828,15 @@ pub fn port_name(bridge: &str, datapath: Datapath) -> String {
     }
 }
 
+/// What the log says of data when the kernel VXLAN device is missing.
+const USERSPACE_INSTEAD: &str =
+    "data to peers trusted both ways goes unencrypted through meshnet's own UDP path instead (trusted (userspace))";
+
 /// The kernel VXLAN device for `--trusted-subnets` (UDP `--port` + 1), made
 /// afresh (one left by a router killed with -9 is deleted first); without
 /// trusted subnets a left-over one is only deleted. Err: why there is none
-/// (data to trusted peers then stays encrypted; the launch goes on).
+/// (data to peers trusted both ways then goes `trusted (userspace)`,
+/// unencrypted through meshnet's own UDP path; the launch goes on).
 fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trusted::Device>, String> {
     use meshnet_router::vxlan;
     let name = vxlan::device_name(&cfg.bridge);
@@ -860,7 +865,7 @@ fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trust
             // (the sync loop lets peers' addresses in); no filter, no device.
             if let Err(e) = crate::trusted::apply_filter(&cfg.bridge, port, &[]) {
                 let _ = vxlan::remove(&name);
-                log::warn!("trusted subnets: no nftables filter for UDP {port} ({e:#}); data to trusted peers stays encrypted");
+                log::warn!("trusted subnets: no nftables filter for UDP {port} ({e:#}), so no kernel VXLAN device; {USERSPACE_INSTEAD}");
                 return Err(format!("no nftables filter for UDP {port}: {e:#}"));
             }
             log::info!(
@@ -870,7 +875,7 @@ fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trust
             Ok(Some(crate::trusted::Device { name, index, port, bridge: cfg.bridge.clone() }))
         }
         Err(e) => {
-            log::warn!("trusted subnets: no kernel VXLAN device ({e}); data to trusted peers stays encrypted");
+            log::warn!("trusted subnets: no kernel VXLAN device ({e}); {USERSPACE_INSTEAD}");
             Err(e.to_string())
         }
     }
@@ -1060,7 +1065,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             Ok(v)
         }
         Request::Hide { cidrs } => {
-            let v = hide_addrs(ctx, &cidrs)?;
+            let v = hide_addrs(ctx, &cidrs, true)?;
             // Names given with `expose -h` go with their addresses.
             let ips = ips_of(&v["hidden"]);
             if !ips.is_empty() && ctx.mesh.dns.table().own_target(EXPOSE_DNS_TARGET) {
@@ -1659,7 +1664,9 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
 
 /// `meshnet hide`: removes the exposed addresses `cidrs` name (all when none),
 /// releases them to IPAM, and rewrites (or deletes) the nftables table.
-fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
+/// `by_user`: asked by `meshnet hide` (which may not hide a Docker network's
+/// gateway), not by the Docker plugin releasing one.
+fn hide_addrs(ctx: &ApiCtx, cidrs: &[String], by_user: bool) -> Result<serde_json::Value> {
     let mesh = &ctx.mesh;
     let bridge = &mesh.settings.bridge;
     let (range, default_subnet) = mesh.with_ipam(|h| (h.ipam.universe(), h.default_subnet));
@@ -1699,6 +1706,16 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String]) -> Result<serde_json::Value> {
     let next: Vec<Exposure> =
         exposed.iter().enumerate().filter(|(i, _)| !chosen.contains(i)).map(|(_, e)| e.clone()).collect();
     let gone: Vec<Exposure> = chosen.iter().map(|i| exposed[*i].clone()).collect();
+    if by_user {
+        let docker = crate::plugin::load(&mesh.state).unwrap_or_default();
+        for e in &gone {
+            if let (std::net::IpAddr::V4(ip), _) = expose::parse(e)? {
+                if let Some(why) = crate::plugin::gateway_of(&docker, ip) {
+                    bail!("{} is {why}", e.addr);
+                }
+            }
+        }
+    }
     // Off the bridge before the record goes: a crash in between must not leave
     // an address there that no record holds (the next launch would free it in
     // IPAM while the bridge still has it). Put back if the record cannot be written.
@@ -1955,7 +1972,7 @@ impl crate::plugin::PluginHost for PluginRouter {
     }
 
     fn release_gateway(&self, ip: std::net::Ipv4Addr, prefix: u8) -> Result<()> {
-        hide_addrs(&self.ctx, &[format!("{ip}/{prefix}")]).map(|_| ())
+        hide_addrs(&self.ctx, &[format!("{ip}/{prefix}")], false).map(|_| ())
     }
 
     fn create_port(&self, host_if: &str, container_if: &str) -> Result<()> {

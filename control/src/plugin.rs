@@ -193,6 +193,18 @@ pub fn load(state: &StateDir) -> Result<PluginState> {
     }
 }
 
+/// What the Docker network whose gateway `ip` is, if it is one, says about it
+/// (`hide` refuses to hide it: the network's next container would be given
+/// the freed address, its own gateway's).
+pub fn gateway_of(state: &PluginState, ip: Ipv4Addr) -> Option<String> {
+    let pool = state.pools.values().find(|p| p.gateway.as_deref().and_then(parse_ip_prefix).is_some_and(|(g, _)| g == ip))?;
+    let network = state.networks.iter().find(|(_, n)| n.subnet == pool.subnet).map(|(id, _)| short(id));
+    Some(match network {
+        Some(id) => format!("the gateway of Docker network {id} (subnet {}): `docker network rm` it first", pool.subnet),
+        None => format!("the gateway of a Docker network being made (subnet {})", pool.subnet),
+    })
+}
+
 /// The plugin: its state, where it is persisted, and the router behind it.
 pub struct Plugin {
     host: Arc<dyn PluginHost>,
@@ -537,9 +549,29 @@ impl Plugin {
             Some(c.to_string())
         };
         let id = format!("{POOL_PREFIX}{subnet}");
+        let used_by_a_network = s.networks.values().any(|n| n.subnet.parse::<Cidr>().is_ok_and(|c| c == subnet));
+        if s.pools.contains_key(&id) && r.pool.is_empty() && !used_by_a_network {
+            // Docker asks again, still holding the pool it was given, when a
+            // route of this host overlaps a pool it did not ask for by name
+            // (libnetwork's overlap check); the same subnet again cannot help.
+            return Err(format!(
+                "meshnet: Docker did not take the default subnet {subnet}: without --subnet it refuses a subnet that a route of this host overlaps (an address exposed on meshnet's bridge makes one); create the network with --subnet {subnet} (or another subnet inside {range})"
+            ));
+        }
         if s.pools.contains_key(&id) {
             return Err(format!(
                 "meshnet: subnet {subnet} is already used by another meshnet network on this host (give another with --subnet)"
+            ));
+        }
+        // Two pools that overlap would share addresses: the gateway one exposed
+        // and the other took as its own, hidden (and handed to a container)
+        // when the first network goes.
+        if let Some(other) =
+            s.pools.values().find(|p| p.subnet.parse::<Cidr>().is_ok_and(|c| c.contains_net(&subnet) || subnet.contains_net(&c)))
+        {
+            return Err(format!(
+                "meshnet: subnet {subnet} overlaps subnet {} of another meshnet network on this host (give one that does not overlap with --subnet)",
+                other.subnet
             ));
         }
         let mut next = s.clone();
@@ -1334,6 +1366,55 @@ mod tests {
         assert!(fake.exposed.lock().unwrap().is_empty());
         ok(&p, "/IpamDriver.ReleasePool", json!({"PoolID": pool_id}));
         assert_eq!(p.state().pools.len() + p.state().networks.len() + p.state().endpoints.len(), 0);
+    }
+
+    fn request_pool(p: &Plugin, pool: &str) -> Answer {
+        call(p, "/IpamDriver.RequestPool", json!({"AddressSpace": "meshnet", "Pool": pool, "SubPool": "", "Options": {}, "V6": false}))
+    }
+
+    /// Two networks of one host whose subnets overlap are refused: before,
+    /// `--subnet 10.40.5.0/25` after a network on 10.40.5.0/24 was taken, its
+    /// gateway was the /24's exposed address (not exposed for it), and
+    /// `docker network rm` of the /24 network hid and freed that address, which
+    /// the /25 network then handed to a container as its own.
+    #[test]
+    fn overlapping_subnets_are_refused() {
+        let fake = Arc::new(Fake::default());
+        let p = Plugin::new(fake.clone(), PluginState::default(), None);
+        let pool_id = request_pool(&p, "10.40.5.0/24").unwrap()["PoolID"].as_str().unwrap().to_string();
+        ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": pool_id, "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}}));
+        let before = p.state();
+        for (asked, inside) in [("10.40.5.0/25", "10.40.5.0/24"), ("10.40.5.128/26", "10.40.5.0/24"), ("10.40.0.0/16", "10.40.5.0/24")] {
+            let e = request_pool(&p, asked).expect_err(asked);
+            assert!(e.contains(&format!("subnet {asked} overlaps subnet {inside}")), "{e}");
+        }
+        assert_eq!(p.state(), before, "a refused pool changed the state");
+        assert_eq!(*fake.exposed.lock().unwrap(), vec!["10.40.5.1".parse::<Ipv4Addr>().unwrap()]);
+        // A subnet beside it is fine.
+        assert_eq!(request_pool(&p, "10.40.6.0/24").unwrap()["Pool"], "10.40.6.0/24");
+    }
+
+    /// `docker network create` without `--subnet` on a host with a route that
+    /// overlaps the default subnet (an address exposed on the bridge): Docker
+    /// keeps the pool it got and asks again (libnetwork's overlap check), and
+    /// the answer says to give `--subnet` instead of blaming another meshnet
+    /// network that does not exist. With a network on the default subnet, the
+    /// second network is told that one uses it.
+    #[test]
+    fn docker_asking_again_for_the_default_subnet_is_told_to_give_it() {
+        let p = Plugin::new(Arc::new(Fake::default()), PluginState::default(), None);
+        let first = request_pool(&p, "").unwrap();
+        assert_eq!(first["Pool"], "10.40.0.0/24");
+        let e = request_pool(&p, "").unwrap_err();
+        assert!(e.contains("create the network with --subnet 10.40.0.0/24") && !e.contains("another meshnet network"), "{e}");
+        ok(&p, "/IpamDriver.ReleasePool", json!({"PoolID": first["PoolID"]}));
+        assert!(p.state().pools.is_empty());
+
+        let pool_id = request_pool(&p, "").unwrap()["PoolID"].as_str().unwrap().to_string();
+        let gw = ok(&p, "/IpamDriver.RequestAddress", json!({"PoolID": pool_id, "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}}));
+        ok(&p, "/NetworkDriver.CreateNetwork", json!({"NetworkID": NET, "Options": {}, "IPv4Data": [{"AddressSpace": "meshnet", "Pool": "10.40.0.0/24", "Gateway": gw["Address"]}], "IPv6Data": []}));
+        let e = request_pool(&p, "").unwrap_err();
+        assert!(e.contains("already used by another meshnet network"), "{e}");
     }
 
     /// What Docker removed while the router was down: its calls for it failed

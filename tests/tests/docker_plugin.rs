@@ -54,6 +54,13 @@ fn no_docker() -> Option<String> {
     None
 }
 
+/// A short tag for the names a test makes: unique per process and moment
+/// (`salt` tells apart tests of one process that start at once).
+fn unique_tag(salt: u32) -> String {
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
+    format!("{:05x}", (std::process::id() ^ nanos.rotate_left(salt)) & 0xfffff)
+}
+
 /// One router on the host namespace.
 #[derive(Clone)]
 struct Router {
@@ -110,8 +117,33 @@ impl World {
         World { dir, tag, containers: vec![], networks: vec![], image: None, routers: vec![], iptables: vec![] }
     }
 
+    /// A test's world, or `None` (said why) when there is no Docker Engine to test with.
+    fn for_test(label: &str, salt: u32) -> Option<World> {
+        if let Some(why) = no_docker() {
+            eprintln!("skipping: {why}");
+            return None;
+        }
+        Some(World::new(unique_tag(salt), label))
+    }
+
     fn name(&self, what: &str) -> String {
         format!("{what}{}", self.tag)
+    }
+
+    /// Launches a lone router named `name` (its bridge and plugin `prefix` and
+    /// the tag) with IP allocation range `range` agreed at once, and `extra`.
+    #[track_caller]
+    fn lone_router(&mut self, prefix: &str, name: &str, range: &str, extra: &[&str]) -> Router {
+        let r = Router { state: self.dir.join("state"), plugin: self.name(prefix), bridge: self.name(prefix), port: free_port() };
+        self.routers.push(r.clone());
+        let (port, seed) = (r.port.to_string(), format!("seed={name}"));
+        let mut args = vec![
+            "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", name, "--no-discovery",
+            "--ipalloc-range", range, "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
+        ];
+        args.extend_from_slice(extra);
+        r.meshnet(&args).expect_ok("launch");
+        r
     }
 
     #[track_caller]
@@ -216,13 +248,7 @@ fn pings(from: &str, ip: &str, count: u32) -> bool {
 
 #[test]
 fn docker_plugin_networks_and_restarted_containers() {
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
-    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
-    let mut w = World::new(tag, "plugin");
+    let Some(mut w) = World::for_test("plugin", 0) else { return };
     let image = build_image(&mut w, &[]);
 
     // Two routers on the host namespace, seeded so the ring is agreed at once.
@@ -839,24 +865,9 @@ fn docker_names_across_routers() {
 ///   Before, it stayed for good.
 #[test]
 fn docker_plugin_across_a_crash_mid_call() {
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
-        return;
-    }
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
-    let tag = format!("{:05x}", (std::process::id() ^ nanos.rotate_left(7)) & 0xfffff);
-    let mut w = World::new(tag, "crash");
+    let Some(mut w) = World::for_test("crash", 7) else { return };
     let image = build_image(&mut w, &[]);
-    let name = "02:00:5e:d2:00:0a";
-    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name("mnk"), bridge: w.name("mnk"), port: free_port() });
-    let r = w.routers[0].clone();
-    let port = r.port.to_string();
-    let seed = format!("seed={name}");
-    r.meshnet(&[
-        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", name, "--no-discovery",
-        "--ipalloc-range", "10.215.0.0/16", "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
-    ])
-    .expect_ok("launch");
+    let r = w.lone_router("mnk", "02:00:5e:d2:00:0a", "10.215.0.0/16", &[]);
     let net = w.name("mnknet");
     w.networks.push(net.clone());
     docker(&["network", "create", "--driver", &r.plugin, "--ipam-driver", &r.plugin, "--subnet", "10.215.5.0/24", &net])
@@ -1022,27 +1033,13 @@ struct OneRouter {
 
 /// `None` (said why): no Docker Engine, skip the test.
 fn one_router(label: &str, short: &str, range: &str, mac: &str, extra: &[&str]) -> Option<OneRouter> {
-    if let Some(why) = no_docker() {
-        eprintln!("skipping: {why}");
-        return None;
-    }
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().subsec_nanos();
-    let tag = format!("{:05x}", (std::process::id() ^ nanos) & 0xfffff);
-    let ns = format!("{short}ns{tag}");
+    let mut w = World::for_test(label, 0)?;
+    let ns = format!("{short}ns{}", w.tag);
     let mut netns = Netns { names: vec![], stop: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)) };
     run(Command::new("ip").args(["netns", "add", &ns]), SECS(10)).expect_ok("ip netns add");
     netns.names.push(ns.clone());
-    let mut w = World::new(tag, label);
     let image = build_image(&mut w, extra);
-    w.routers.push(Router { state: w.dir.join("state"), plugin: w.name(short), bridge: w.name(short), port: free_port() });
-    let r = w.routers[0].clone();
-    let port = r.port.to_string();
-    let seed = format!("seed={mac}");
-    r.meshnet(&[
-        "launch", "--host", "127.0.0.1", "--port", &port, "--bridge", &r.bridge, "--name", mac, "--no-discovery",
-        "--ipalloc-range", range, "--ipalloc-init", &seed, "--docker-plugin-name", &r.plugin, "--metrics-addr=",
-    ])
-    .expect_ok("launch");
+    let r = w.lone_router(short, mac, range, &[]);
     Some(OneRouter { w, r, image, ns, _netns: netns })
 }
 
@@ -1226,4 +1223,66 @@ fn attach_rewrite_hosts() {
     assert_eq!(getent(&h, "other").as_deref(), Some("10.9.9.8"));
     r.meshnet(&["detach", &h]).expect_ok("detach h");
     eprintln!("attach --rewrite-hosts: done");
+}
+
+/// A Docker network's gateway and subnet stay its own. One router, its
+/// default subnet 10.217.0.0/24 of 10.217.0.0/16:
+/// - `meshnet hide` of the exposed address a network uses as its gateway is
+///   refused and changes nothing (before, it was hidden and freed, and the
+///   network's next container was given the gateway's address and did not
+///   start: "failed to set gateway ... network is unreachable");
+/// - a network whose subnet overlaps another's on this host is refused
+///   (before, a /25 inside the /24 took the /24's gateway as its own);
+/// - `docker network create` without `--subnet`, once `meshnet expose` put a
+///   route over the default subnet on the host (Docker then asks for another
+///   pool), says to give `--subnet` (before: "already used by another
+///   meshnet network", of which there was none).
+#[test]
+fn a_docker_networks_gateway_and_subnet_stay_its_own() {
+    let Some(mut w) = World::for_test("gateway", 0) else { return };
+    let image = build_image(&mut w, &[]);
+    let r = w.lone_router("mnpg", "02:00:5e:d0:00:1a", "10.217.0.0/16", &["--ipalloc-default-subnet", "10.217.0.0/24"]);
+    let p = r.plugin.clone();
+    let exposed = || r.json(&["status", "--json"])["exposed"].to_string();
+
+    // The host's address in 10.217.9.0/24, then a network there: its gateway.
+    let out = r.meshnet(&["expose", "net:10.217.9.0/24"]).expect_ok("expose");
+    assert_eq!(out.stdout.trim(), "10.217.9.1/24", "{out}");
+    let net9 = w.name("mnnet9");
+    w.networks.push(net9.clone());
+    docker(&["network", "create", "--driver", &p, "--ipam-driver", &p, "--subnet", "10.217.9.0/24", &net9]).expect_ok("network create");
+    let hide = r.meshnet(&["hide", "10.217.9.1/24"]);
+    assert!(!hide.ok() && hide.stderr.contains("is the gateway of Docker network"), "hiding the gateway: {hide}");
+    let hide_all = r.meshnet(&["hide"]);
+    assert!(!hide_all.ok() && hide_all.stderr.contains("10.217.9.1/24 is the gateway"), "hide (all): {hide_all}");
+    assert!(exposed().contains("10.217.9.1/24"), "a refused hide took the gateway away: {}", exposed());
+    assert_eq!(r.holder("10.217.9.1").as_deref(), Some("meshnet:expose"));
+    // So the network's container gets another address and reaches its gateway.
+    let c = w.name("mngw");
+    w.run_container(&c, &["--network", &net9, &image, "sleep", "3600"]).expect_ok("docker run on the network");
+    let ip = ip_in(&c, &net9);
+    assert!(ip.starts_with("10.217.9.") && ip != "10.217.9.1", "{c} got {ip:?}");
+    assert!(wait_until(SECS(15), || pings(&c, "10.217.9.1", 1)), "{c} cannot ping its gateway 10.217.9.1");
+
+    // A subnet overlapping the network's is refused, and so nothing is made.
+    let net_in = w.name("mnnetin");
+    w.networks.push(net_in.clone());
+    let out = docker(&["network", "create", "--driver", &p, "--ipam-driver", &p, "--subnet", "10.217.9.0/25", &net_in]);
+    assert!(!out.ok() && out.stderr.contains("overlaps subnet 10.217.9.0/24"), "an overlapping subnet: {out}");
+
+    // The default subnet under a route of the host's (expose): Docker asks
+    // again, and is told to give --subnet.
+    r.meshnet(&["expose"]).expect_ok("expose in the default subnet");
+    let net_d = w.name("mnnetd");
+    w.networks.push(net_d.clone());
+    let out = docker(&["network", "create", "--driver", &p, "--ipam-driver", &p, &net_d]);
+    assert!(!out.ok() && out.stderr.contains("create the network with --subnet 10.217.0.0/24"), "the default subnet: {out}");
+    docker(&["network", "create", "--driver", &p, "--ipam-driver", &p, "--subnet", "10.217.0.0/24", &net_d])
+        .expect_ok("the default subnet given with --subnet");
+
+    // Once the network is gone, its gateway may be hidden.
+    docker(&["rm", "-f", &c]).expect_ok("docker rm");
+    docker(&["network", "rm", &net9]).expect_ok("network rm");
+    assert!(exposed().contains("10.217.9.1/24"), "the network took away an address it did not expose: {}", exposed());
+    r.meshnet(&["hide", "10.217.9.1/24"]).expect_ok("hide once the network is gone");
 }

@@ -511,3 +511,26 @@ fn one_sided_trust_without_the_kernel_path_stays_encrypted() {
     assert!(tap_units(h1) - units_before >= 10, "the echoes did not take meshnet's path");
     assert_eq!(dataplane_counter(h1, "udp_unsealed_out") + dataplane_counter(h2, "udp_unsealed_out"), 0);
 }
+
+/// A router whose VXLAN device cannot be made (here: something else holds UDP
+/// 6784) still starts, and what it logs says what its data does: trust is
+/// mutual, so it goes `trusted (userspace)`, unencrypted. Before, the log said
+/// "data to trusted peers stays encrypted" while the data went unsealed.
+#[test]
+fn without_its_vxlan_device_the_log_says_data_goes_unencrypted() {
+    let Some(lab) = Lab::new("trustnodev") else { return };
+    let (h1, h2) = (lab.add_host(1), lab.add_host(2));
+    let holder = lab.spawn_in(
+        &h2.ns,
+        &["python3", "-c", "import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', 6784)); print('bound', flush=True); time.sleep(600)"],
+    );
+    assert!(wait_until(Duration::from_secs(10), || holder.stdout().contains("bound")), "UDP 6784 not taken: {}", holder.stderr());
+    let net = underlay(&lab);
+    let n1 = h1.launch(&["--password", "trust", "--trusted-subnets", &net]);
+    h2.launch(&["--password", "trust", "--trusted-subnets", &net, &h1.ip]);
+    wait_mode(&lab, &h2, &n1, "trusted (userspace)");
+    let log = h2.log();
+    let line = log.lines().find(|l| l.contains("no kernel VXLAN device")).unwrap_or_else(|| panic!("h2's log does not say it has no VXLAN device:\n{log}"));
+    assert!(line.contains("unencrypted") && !line.contains("stays encrypted"), "h2's log misstates where its data goes: {line}");
+    eprintln!("{line}");
+}
