@@ -689,6 +689,11 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
         bail!("--docker-plugin-name {n:?}: 1 to 64 letters, digits, '.', '_' or '-'");
     }
     check_bridge_name(&args.bridge)?;
+    // An empty (or blank) nickname is no nickname: the host name, as when the
+    // option is left out (`--nickname "$NICK"` with NICK unset showed "name()").
+    if args.nickname.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        args.nickname = None;
+    }
     if let Some(n) = &args.nickname {
         check_nickname(n)?;
     }

@@ -284,15 +284,24 @@ fn output_into_a_closed_pipe_is_no_crash() {
 }
 
 /// `--nickname` with a control character (it would break every router's
-/// line-oriented status) is refused naming it, and nothing starts.
+/// line-oriented status) is refused naming it, and nothing starts; an empty
+/// one is the host name.
 #[test]
-fn a_nickname_with_control_characters_is_refused() {
+fn a_nickname_with_control_characters_is_refused_and_an_empty_one_is_the_host_name() {
     let Some(lab) = Lab::new("clinick") else { return };
     let h1 = lab.add_host(1);
     for bad in ["two\nlines", "tab\there"] {
         let out = h1.meshnet(&["launch", "--nickname", bad]);
         assert!(!out.ok() && out.stderr.contains("--nickname") && out.stderr.contains("control characters"), "{out}");
         assert!(h1.pids().is_empty(), "a refused launch left a router");
+    }
+    // An empty one (`--nickname "$NICK"`, NICK unset) is the host name, as
+    // without the option: it was taken as "", and peers showed "name()".
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    for blank in ["", "  "] {
+        h1.launch(&["--nickname", blank]);
+        assert_eq!(h1.status_json()["nickname"], host_name.as_str(), "--nickname {blank:?}");
+        h1.meshnet(&["stop"]).expect_ok("stop");
     }
     h1.launch(&["--nickname", "quote\"and\\backslash are fine"]);
     assert_eq!(h1.status_json()["nickname"], "quote\"and\\backslash are fine");
