@@ -533,9 +533,28 @@ fn remember(conf: &NetConf, env: &Env) {
     let path = record_path(conf, env);
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
+        prune_notes(dir);
     }
     let body = json!({ "netns": env.netns, "ifname": env.ifname, "containerId": env.container_id });
     let _ = write_atomic(&path, body.to_string().as_bytes(), 0o600);
+}
+
+/// Removes the notes of pods whose network namespace is gone. A DEL that
+/// failed (no router running) while the namespace still existed left its note,
+/// and runtimes do not send it again; once the namespace is gone a DEL needs
+/// no note (the router forgets a deleted namespace itself), so each ADD sweeps.
+fn prune_notes(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let netns = std::fs::read_to_string(e.path())
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["netns"].as_str().map(String::from));
+        // Notes not written by `remember` (no netns in them) are left alone.
+        if netns.is_some_and(|n| !n.is_empty() && !Path::new(&n).exists()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 fn recalled_netns(conf: &NetConf, env: &Env) -> Option<String> {
@@ -648,6 +667,25 @@ fn same_file(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Notes of pods whose namespace is gone go at the next ADD (a DEL that
+    /// failed with no router running left them for good); others stay.
+    #[test]
+    fn notes_of_gone_namespaces_are_pruned() {
+        let dir = std::env::temp_dir().join(format!("meshnet-cni-notes-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let live = dir.join("a-namespace-that-exists");
+        std::fs::write(&live, "").unwrap();
+        let note = |netns: &str| json!({ "netns": netns, "ifname": "eth0", "containerId": "x" }).to_string();
+        std::fs::write(dir.join("net-live-eth0"), note(&live.to_string_lossy())).unwrap();
+        std::fs::write(dir.join("net-gone-eth0"), note("/var/run/netns/meshnet-test-no-such-ns")).unwrap();
+        std::fs::write(dir.join("other-file"), "not a note").unwrap();
+        prune_notes(&dir);
+        let mut left: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["a-namespace-that-exists", "net-live-eth0", "other-file"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn pod_subnets() {
