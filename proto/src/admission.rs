@@ -88,7 +88,7 @@ impl std::fmt::Display for Refusal {
             Refusal::RateLimited => f.write_str("too many connection attempts"),
             Refusal::PasswordBackoff { retry_in_ms } => write!(
                 f,
-                "authentication failed: passwords differ (too many failed attempts; retry in {}s)",
+                "authentication refused: too many failed password attempts from this address, the password was not checked (retry in {}s)",
                 retry_in_ms.div_ceil(1000)
             ),
             Refusal::PendingFull => f.write_str("too many connections handshaking"),
@@ -400,7 +400,10 @@ mod tests {
         assert!(matches!(g.admit(a, now + 999, false), Err(Refusal::PasswordBackoff { .. })), "back to 1 s");
         assert!(g.admit(a, now + 1000, false).is_ok());
         let shown = Refusal::PasswordBackoff { retry_in_ms: 1500 }.to_string();
-        assert!(shown.contains("passwords differ") && shown.contains("retry in 2s"), "{shown}");
+        // Refused before any password is checked: it must not say the (maybe
+        // now right) password differs, as it did.
+        assert!(shown.contains("too many failed password attempts") && shown.contains("retry in 2s"), "{shown}");
+        assert!(!shown.contains("passwords differ"), "{shown}");
     }
 
     #[test]

@@ -142,7 +142,7 @@ pub fn guess_passwords(target: SocketAddr, every: Duration, stop: &AtomicBool, d
             Err(_) => st.dropped += 1,
             Ok(mut s) => match handshake(&mut s, Role::Initiator, config(Some(psk), "guesser")) {
                 Ok(_) => st.other.push("a wrong password completed the handshake".into()),
-                Err(e) if e.contains("passwords differ") && e.contains("retry in") => st.backoff += 1,
+                Err(e) if e.contains("too many failed password attempts") && e.contains("retry in") => st.backoff += 1,
                 Err(e) if e.contains("passwords differ") => st.checked += 1,
                 Err(e)
                     if e.contains("closed")
