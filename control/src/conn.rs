@@ -57,6 +57,9 @@ const INSTALL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const REPLACED: &str = "replaced by a newer connection";
 pub const ALREADY_CONNECTED: &str = "already connected to";
 pub const SELF_CONNECTION: &str = "connected to ourselves";
+/// Why a connection to a router with this router's own name, key and another
+/// incarnation is refused (a state directory copied to a second host).
+pub const CLONED_IDENTITY: &str = "the peer runs with this router's own identity (name and key)";
 
 /// Why a connection ended (or never got established). `Display` gives the text
 /// logged and shown in `status`.
@@ -124,8 +127,9 @@ impl std::fmt::Display for CloseReason {
 }
 
 impl CloseReason {
-    /// Whether the connection ended only because the pair already has one (or it
-    /// looped back to us). Reasons from the peer arrive as text, hence `contains`.
+    /// Whether the connection ended only because the pair already has one (or,
+    /// as the peer tells, it looped back). Reasons from the peer arrive as
+    /// text, hence `contains`.
     pub fn is_duplicate(&self) -> bool {
         match self {
             CloseReason::PeerGoodbye(s)
@@ -134,6 +138,13 @@ impl CloseReason {
             | CloseReason::Establish(s) => [REPLACED, ALREADY_CONNECTED, SELF_CONNECTION].iter().any(|r| s.contains(r)),
             _ => false,
         }
+    }
+
+    /// Whether this router itself found the connection to be to itself. Only
+    /// our own verdict counts: a peer's Goodbye saying so could be anyone's
+    /// words, and would stop our dials of its address for good.
+    pub fn is_ourselves(&self) -> bool {
+        matches!(self, CloseReason::Establish(s) if s == SELF_CONNECTION)
     }
 }
 

@@ -133,6 +133,11 @@ const TRUST_LOG_EVERY: Duration = Duration::from_secs(10);
 /// key, a gossip message that does not decode within its bounds.
 pub const GOSSIP_REVOKED: &str = "revoked";
 pub const GOSSIP_OVERSIZE: &str = "oversize";
+
+/// Every reason `trust.gossip_rejected` counts, each shown from the start.
+pub fn gossip_reasons() -> impl Iterator<Item = &'static str> {
+    meshnet_proto::topology::Rejection::ALL.into_iter().map(|r| r.label()).chain([GOSSIP_REVOKED, GOSSIP_OVERSIZE])
+}
 /// Prefix of the Goodbye reason a router sends when it refuses a peer's identity.
 pub const IDENTITY_REFUSED: &str = "identity refused by";
 /// How the goodbye after an IPAM conflict begins (an IPv4 ring's), so that the
@@ -649,7 +654,18 @@ impl Mesh {
         let mut guard = self.lock();
         let g = &mut *guard;
         if peer == self.settings.me {
-            return Err(Refused::plain(crate::conn::SELF_CONNECTION));
+            if uid == self.settings.uid {
+                return Err(Refused::plain(crate::conn::SELF_CONNECTION));
+            }
+            // Our name and key (the handshake proved the key) in another
+            // incarnation: a second host runs with a copy of this state directory.
+            let why = format!(
+                "{} at {}: a copy of this state directory on another host? on the copy run meshnet reset --force (a plain reset would hand this router's address ranges away), then launch",
+                crate::conn::CLONED_IDENTITY,
+                g.conns.get(&id).map_or_else(|| "?".into(), |c| c.remote.to_string())
+            );
+            log::warn!("{why}");
+            return Err(Refused::plain(&why));
         }
         let Some(this) = g.conns.get(&id) else {
             return Err(Refused::plain("connection vanished"));
@@ -754,7 +770,9 @@ impl Mesh {
                 c.remote
             );
         }
-        let end = if why.is_duplicate() {
+        let end = if why.is_ourselves() {
+            End::Ourselves
+        } else if why.is_duplicate() {
             End::Duplicate
         } else if c.established {
             End::Failed(Failure::Closed(why.to_string()))
@@ -1089,7 +1107,9 @@ impl Mesh {
                 .iter()
                 .map(|(t, r)| Refusal { seconds_ago: now.duration_since(*t).as_secs(), ..r.clone() })
                 .collect(),
-            gossip_rejected: g.trust.gossip_rejected.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            gossip_rejected: gossip_reasons()
+                .map(|r| (r.to_string(), g.trust.gossip_rejected.get(r).copied().unwrap_or(0)))
+                .collect(),
         }
     }
 
@@ -1538,7 +1558,10 @@ impl Mesh {
             })
             .collect();
         for d in g.dialer.shown(self.now_ms()) {
-            let wait = d.retry_in_ms / 1000;
+            let retry = match d.retry_in_ms {
+                Some(ms) => format!("retry in {}s", ms / 1000),
+                None => "retry: never".into(),
+            };
             v.push(ConnectionStatus {
                 peer: None,
                 nickname: String::new(),
@@ -1555,7 +1578,7 @@ impl Mesh {
                 info: if d.dialling {
                     format!("dialling; last attempt: {}", d.error)
                 } else {
-                    format!("{}; retry in {wait}s", d.error)
+                    format!("{}; {retry}", d.error)
                 },
                 ..Default::default()
             });

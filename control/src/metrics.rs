@@ -505,12 +505,7 @@ pub fn encode_metrics(src: &Sources) -> Result<String, std::fmt::Error> {
     counter(&mut reg, "meshnet_identities_refused", "Connections refused because the peer's name and key did not match", trust.refused_identities);
     counter(&mut reg, "meshnet_identities_refused_by_peers", "Connections on which the peer refused our identity", trust.refused_by_peers);
     let gossip = counters::<ReasonLabels>(&mut reg, "meshnet_gossip_rejected_entries", "Gossiped topology entries dropped, by reason");
-    // Every reason at 0 from the start, as the other reason counters.
-    let reasons = meshnet_proto::topology::Rejection::ALL.map(|r| r.label());
-    for r in reasons.into_iter().chain([crate::mesh::GOSSIP_REVOKED, crate::mesh::GOSSIP_OVERSIZE]) {
-        // Creating the series is the point; the guard it returns is not needed.
-        drop(gossip.get_or_create(&ReasonLabels { reason: r.into() }));
-    }
+    // Every reason, at 0 from the start (`trust_status` lists them all).
     for (r, n) in &trust.gossip_rejected {
         gossip.get_or_create(&ReasonLabels { reason: r.clone() }).inc_by(*n);
     }

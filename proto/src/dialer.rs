@@ -125,12 +125,16 @@ pub enum Failure {
     Handshake(String),
     /// An established connection ended.
     Closed(String),
+    /// The address is this router's own: the handshake met our own name, key
+    /// and incarnation (Weave's "cannot connect to ourself").
+    Ourselves,
 }
 
 impl Failure {
     pub fn text(&self) -> &str {
         match self {
             Failure::Resolve(s) | Failure::Connect(s) | Failure::ConnLimit(s) | Failure::Handshake(s) | Failure::Closed(s) => s,
+            Failure::Ourselves => "cannot connect to ourselves",
         }
     }
 }
@@ -145,8 +149,11 @@ impl fmt::Display for Failure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum End {
     /// The pair already had a connection (the tie-break dropped this one, or the
-    /// peer did), or the dial looped back to ourselves: nothing failed.
+    /// peer did): nothing failed.
     Duplicate,
+    /// The dial reached this router itself (one of its own addresses): never
+    /// dialled again while the entry lasts ([`DialState::Ourselves`]).
+    Ourselves,
     /// It failed or closed for this reason.
     Failed(Failure),
 }
@@ -163,9 +170,13 @@ pub enum DialState {
     Dialling { since: u64, dial: DialId, conn: Option<ConnId> },
     /// Our dial made established connection `conn`.
     Connected { since: u64, dial: DialId, conn: ConnId },
-    /// The last dial reached a peer we already had a connection with, or
-    /// ourselves (or a connection the peer made just ended): look again at `until`.
+    /// The last dial reached a peer we already had a connection with (or a
+    /// connection the peer made just ended): look again at `until`.
     Satisfied { until: u64 },
+    /// The last dial reached this router itself: not dialled again until the
+    /// entry is made anew (`forget` and `connect`, or a restart), as Weave's
+    /// "retry: never". A target so marked is listed as failed.
+    Ourselves,
     /// An established connection to this address exists that this entry did not
     /// make (the peer dialled us, or the tie-break kept its dial).
     Covered,
@@ -235,8 +246,9 @@ pub struct Shown<'a> {
     pub dialling: bool,
     pub failures: u32,
     pub error: &'a Failure,
-    /// Milliseconds until the next dial (0 if due or under way).
-    pub retry_in_ms: u64,
+    /// Milliseconds until the next dial (0 if due or under way); `None`: never
+    /// (the address is our own).
+    pub retry_in_ms: Option<u64>,
 }
 
 /// The table of addresses to dial and their [`DialState`]s.
@@ -326,10 +338,11 @@ impl Dialer {
         self.prune();
     }
 
-    /// Dial `key` at the next poll if it is waiting (the operator asked again).
+    /// Dial `key` at the next poll if it is waiting (the operator asked again;
+    /// also an address that was our own, which may have moved).
     pub fn retry_now(&mut self, key: &str) {
         if let Some(e) = self.entries.get_mut(key) {
-            if matches!(e.state, DialState::Backoff { .. } | DialState::Satisfied { .. }) {
+            if matches!(e.state, DialState::Backoff { .. } | DialState::Satisfied { .. } | DialState::Ourselves) {
                 e.state = DialState::Idle;
             }
         }
@@ -504,6 +517,11 @@ impl Dialer {
                 e.failures = 0;
                 e.last_error = None;
             }
+            End::Ourselves => {
+                e.state = DialState::Ourselves;
+                e.failures = 0;
+                e.last_error = Some(Failure::Ourselves);
+            }
             End::Failed(why) => {
                 if lasted.is_some_and(|ms| ms >= STABLE_MS) {
                     e.failures = 0;
@@ -530,9 +548,11 @@ impl Dialer {
         self.entries.iter().filter(|(_, e)| e.wanted()).filter_map(move |(k, e)| {
             let error = e.last_error.as_ref()?;
             let (dialling, retry_in_ms) = match e.state {
-                DialState::Dialling { conn: None, .. } => (true, 0),
-                DialState::Idle => (false, 0),
-                DialState::Backoff { until } => (false, until.saturating_sub(now)),
+                DialState::Dialling { conn: None, .. } => (true, Some(0)),
+                DialState::Idle => (false, Some(0)),
+                DialState::Backoff { until } => (false, Some(until.saturating_sub(now))),
+                // Our own address, listed where the user asked for it.
+                DialState::Ourselves if e.target => (false, None),
                 _ => return None,
             };
             Some(Shown { key: k, dialling, failures: e.failures, error, retry_in_ms })
@@ -718,12 +738,12 @@ mod tests {
         assert_eq!(t2 - t, backoff_ms(2, Draw(2).next()));
         let shown: Vec<Shown> = d.shown(t).collect();
         assert_eq!(shown.len(), 1);
-        assert_eq!((shown[0].dialling, shown[0].failures, shown[0].retry_in_ms), (false, 2, t2 - t));
+        assert_eq!((shown[0].dialling, shown[0].failures, shown[0].retry_in_ms), (false, 2, Some(t2 - t)));
         assert!(shown[0].error.text().contains("Connection refused"));
         let id = one(&d.poll(t2, 0, 10));
         // Dialling again: listed as connecting, with the last error.
         let s = d.shown(t2).next().unwrap();
-        assert!(s.dialling && s.retry_in_ms == 0);
+        assert!(s.dialling && s.retry_in_ms == Some(0));
         d.registered(id, 1);
         assert_eq!(d.shown(t2).count(), 0, "the connection is listed instead");
         d.established(1, t2 + 100);
@@ -813,7 +833,8 @@ mod tests {
         d.failed(id, 0, 0, refused());
         let id = one(&d.poll(5_000, 0, 10));
         d.registered(id, 3);
-        // Reached ourselves (no connection covers it): look again in about a minute.
+        // Reached a peer connected by another address (no connection covers
+        // this one): look again in about a minute.
         assert!(d.ended(3, 5_000, MID as u64, End::Duplicate));
         let e = d.get(key).unwrap();
         assert_eq!((e.failures, &e.last_error), (0, &None));
@@ -823,6 +844,33 @@ mod tests {
         // The operator asks again: dialled at once.
         d.retry_now(key);
         assert_eq!(keys(&d.poll(5_001, 0, 10)), [key]);
+    }
+
+    #[test]
+    fn our_own_address_is_listed_and_never_dialled_again() {
+        let mut d = Dialer::default();
+        let (own, other) = ("10.0.0.1:6783", "10.0.0.9:6783");
+        targets(&mut d, &[own]);
+        d.set_candidates(vec![other.into()]);
+        let p = d.poll(0, 0, 10);
+        assert_eq!(p.dials.len(), 2);
+        for (i, dial) in p.dials.iter().enumerate() {
+            d.registered(dial.id, i as u64);
+            assert!(d.ended(i as u64, 10, 0, End::Ourselves));
+        }
+        // The target is listed, failed for good; the discovered address is not listed.
+        let shown: Vec<Shown> = d.shown(10).collect();
+        assert_eq!(shown.len(), 1);
+        assert_eq!((shown[0].key, shown[0].retry_in_ms, shown[0].error), (own, None, &Failure::Ourselves));
+        assert_eq!(shown[0].error.text(), "cannot connect to ourselves");
+        // Nothing is due, ever, and nothing asks to be woken for it.
+        let p = d.poll(u64::MAX / 2, 0, 10);
+        assert!(p.dials.is_empty() && p.wake_at.is_none(), "{p:?}");
+        // Naming the targets again keeps the verdict; asking again dials once more.
+        targets(&mut d, &[own]);
+        assert!(d.poll(u64::MAX / 2, 0, 10).dials.is_empty());
+        d.retry_now(own);
+        assert_eq!(keys(&d.poll(u64::MAX / 2, 0, 10)), [own]);
     }
 
     #[test]

@@ -242,11 +242,20 @@ pub struct MergeReport {
 }
 
 /// Counters for `status dns`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TableStats {
     pub sets_merged: u64,
     pub sets_stale: u64,
+    /// Every reason of [`Reject::ALL`] by its label, 0 until a set is refused
+    /// for it (so a reader of `status dns --json` finds each key from the start).
     pub sets_rejected: BTreeMap<String, u64>,
+}
+
+impl Default for TableStats {
+    fn default() -> Self {
+        let sets_rejected = Reject::ALL.iter().map(|r| (r.label().to_string(), 0)).collect();
+        TableStats { sets_merged: 0, sets_stale: 0, sets_rejected }
+    }
 }
 
 /// What a question gets (see [`Table::resolve`] and [`resolve`]).
@@ -908,6 +917,13 @@ mod tests {
                 Some(f) => assert_eq!(f, &now),
             }
         }
+    }
+
+    #[test]
+    fn every_rejection_reason_is_counted_from_the_start() {
+        let t = TableStats::default();
+        assert_eq!(t.sets_rejected.len(), Reject::ALL.len());
+        assert!(Reject::ALL.iter().all(|r| t.sets_rejected.get(r.label()) == Some(&0)));
     }
 
     #[test]

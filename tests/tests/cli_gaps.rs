@@ -411,6 +411,19 @@ fn a_dns_listen_address_that_cannot_be_bound_is_named() {
     assert!(report.contains("cannot listen on 10.9.9.9:53"), "{report}");
     let args = h1.meshnet(&["dns-args"]);
     assert!(!args.ok() && args.stderr.contains("cannot listen on 10.9.9.9:53"), "{args}");
+    // Counters by reason list every reason from the start, at 0, so a reader
+    // of the JSON finds each key before anything was refused (they were empty
+    // maps until a first refusal).
+    for k in ["sets_rejected", "sets6_rejected"] {
+        let why = json["counters"][k].as_object().unwrap_or_else(|| panic!("no {k}: {json:#}"));
+        let keys: Vec<&str> = why.keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys, ["bad_signature", "malformed", "other_domain", "own", "removed_owner", "unknown_owner"], "{k}");
+        assert!(why.values().all(|n| n == 0), "{json:#}");
+    }
+    let trust = &h1.status_json()["trust"]["gossip_rejected"];
+    for reason in ["malformed", "version", "bad_binding", "key_conflict", "bad_signature", "full", "revoked", "oversize"] {
+        assert_eq!(trust[reason], 0, "trust.gossip_rejected.{reason}: {trust}");
+    }
 }
 
 /// `prime --timeout` of the largest number waits rather than panicking.
@@ -491,4 +504,50 @@ fn a_meshnet_log_that_names_no_level_is_refused() {
     assert!(!h1.log().contains("DEBUG"), "DEBUG lines at --log-level info");
     h1.launch_env(&[], &[("MESHNET_LOG", "DEBUG")]);
     assert!(wait_until(SECS(10), || h1.log().contains("DEBUG")), "MESHNET_LOG=DEBUG logged no DEBUG line");
+}
+
+/// A connect target that is this router's own address (`launch host1 host2
+/// host3` run on every host names the host itself too) is listed as Weave did,
+/// `failed`, `cannot connect to ourselves; retry: never`: it was redialled
+/// every minute and never listed. A second host launched with a copy of this
+/// router's state directory (same name and key, another run) is refused on
+/// both sides, naming the copy: it was taken for a connection to ourselves and
+/// dropped in silence, so the two hosts never met and nothing said why.
+#[test]
+fn our_own_address_and_a_copied_identity_are_named() {
+    let Some(lab) = Lab::new("selfconn") else { return };
+    let h1 = lab.add_host(1);
+    let h2 = lab.add_host(2);
+    h1.launch(&[&h1.ip]);
+    h1.meshnet(&["connect", "127.0.0.1"]).expect_ok("connect 127.0.0.1");
+    let ourselves = |c: &serde_json::Value| c["state"] == "failed" && c["info"] == "cannot connect to ourselves; retry: never";
+    let mut status = serde_json::Value::Null;
+    let listed = wait_until(SECS(10), || {
+        status = h1.status_json();
+        ["127.0.0.1", h1.ip.as_str()].iter().all(|ip| connections_to(&status, ip).iter().any(ourselves))
+    });
+    assert!(listed, "{:#?}", connections(&status));
+    let text = h1.meshnet(&["status", "connections"]).expect_ok("status connections").stdout;
+    assert!(text.contains("cannot connect to ourselves; retry: never"), "{text}");
+    // Asked again, it is dialled once more and found to be ourselves again.
+    h1.meshnet(&["connect", &h1.ip]).expect_ok("connect again");
+    assert!(wait_until(SECS(10), || connections_to(&h1.status_json(), &h1.ip).iter().any(ourselves)));
+
+    // h2 runs with a copy of h1's state directory.
+    h1.meshnet(&["forget", &h1.ip, "127.0.0.1"]).expect_ok("forget");
+    h1.meshnet(&["stop"]).expect_ok("stop");
+    let copy = std::process::Command::new("cp").arg("-a").arg(&h1.state_dir).arg(&h2.state_dir).status().unwrap();
+    assert!(copy.success());
+    h1.launch(&[]);
+    h2.launch(&[&h1.ip]);
+    let mut info = String::new();
+    let refused = wait_until(SECS(15), || {
+        let c = connections_to(&h2.status_json(), &h1.ip);
+        info = format!("{c:?}");
+        c.iter().any(|c| c["state"] == "retrying" && c["info"].as_str().is_some_and(|i| i.contains("runs with this router's own identity") && i.contains("reset --force")))
+    });
+    assert!(refused, "h2: {info}");
+    for h in [&h1, &h2] {
+        assert!(h.log().contains("runs with this router's own identity"), "{}'s log says nothing of the copy", h.ns);
+    }
 }
