@@ -194,7 +194,8 @@ fn docker_target(target: &str, c: docker::Container) -> Result<Target> {
     }
     let name = if c.id.name.is_empty() { target.to_string() } else { c.id.name.clone() };
     let hosts_file = Some(crate::hosts::HostsFile::of(pid, &c.hostname, &c.domainname));
-    Ok(Target { netns, kind: "docker", name, container: Some(c.id), fqdn: c.fqdn, hosts_file })
+    let fqdn = c.fqdn();
+    Ok(Target { netns, kind: "docker", name, container: Some(c.id), fqdn, hosts_file })
 }
 
 /// A namespace file given by path: it must exist and be a network namespace.

@@ -2018,7 +2018,7 @@ impl crate::plugin::PluginHost for PluginRouter {
                         // (`docker run -h db.meshnet.local`), as `attach` does.
                         let ip = address.split('/').next().and_then(|a| a.parse::<IpAddr>().ok());
                         if let Some(ip) = ip {
-                            let fqdn = crate::docker::inspect_blocking(&c.id).ok().and_then(|found| found.fqdn);
+                            let fqdn = crate::docker::inspect_blocking(&c.id).ok().and_then(|found| found.fqdn());
                             register_container(&ctx.mesh, &plugin_dns_target(&endpoint), &c.name, fqdn.as_deref(), &[ip]);
                         }
                         return;

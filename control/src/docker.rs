@@ -53,12 +53,17 @@ pub struct Container {
     pub pid: Option<u32>,
     /// The engine's state word: "running", "exited", "created", ...
     pub status: String,
-    /// Its host name with its domain (`docker run -h db.meshnet.local`, or
-    /// `--hostname db --domainname meshnet.local`), when that has a dot.
-    pub fqdn: Option<String>,
     /// `Config.Hostname` and `Config.Domainname` as the engine gives them.
     pub hostname: String,
     pub domainname: String,
+}
+
+impl Container {
+    /// Its host name with its domain (`docker run -h db.meshnet.local`, or
+    /// `--hostname db --domainname meshnet.local`), when that has a dot.
+    pub fn fqdn(&self) -> Option<String> {
+        fqdn_of(&self.hostname, &self.domainname)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -129,8 +134,7 @@ pub async fn inspect_at(socket: &str, name_or_id: &str) -> Result<Container, Doc
     };
     let config = info.config.unwrap_or_default();
     let (hostname, domainname) = (config.hostname.unwrap_or_default(), config.domainname.unwrap_or_default());
-    let fqdn = fqdn_of(&hostname, &domainname);
-    Ok(Container { id, pid, status, fqdn, hostname, domainname })
+    Ok(Container { id, pid, status, hostname, domainname })
 }
 
 /// `Config.Hostname` + `.` + `Config.Domainname`, as `weave attach` took it: a
