@@ -60,6 +60,8 @@ pub const SELF_CONNECTION: &str = "connected to ourselves";
 /// Why a connection to a router with this router's own name, key and another
 /// incarnation is refused (a state directory copied to a second host).
 pub const CLONED_IDENTITY: &str = "the peer runs with this router's own identity (name and key)";
+/// Why a third router refuses one of two routers that share a name and key.
+pub const SHARED_IDENTITY: &str = "two routers run with one identity (name and key)";
 
 /// Why a connection ended (or never got established). `Display` gives the text
 /// logged and shown in `status`.

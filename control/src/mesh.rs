@@ -119,6 +119,9 @@ pub struct Inner {
     /// Nicknames of peers garbage collection forgot (unreachable), so that
     /// `rmpeer NICKNAME` still finds a dead peer; at most [`GONE_NICKNAMES`].
     gone_nicknames: HashMap<PeerName, String>,
+    /// Incarnations of peers that a newer one replaced: one coming back is a
+    /// second router with the same identity, refused.
+    replaced: dialer::Replaced,
 }
 
 /// How many nicknames of forgotten peers are kept for `rmpeer`.
@@ -366,6 +369,7 @@ impl Mesh {
                 gossip: Gossip::new(),
                 hints: Vec::new(),
                 gone_nicknames: HashMap::new(),
+                replaced: dialer::Replaced::default(),
             }),
             maker: Notify::new(),
             routes_due: Notify::new(),
@@ -672,6 +676,15 @@ impl Mesh {
         };
         let this_dir = this.direction;
         let this_spliced = this.spliced_via.is_some();
+        if g.replaced.was_replaced(peer, uid) && g.conns.values().any(|c| c.established && c.peer == Some(peer)) {
+            let why = format!(
+                "{}: {peer} at {} is an incarnation of it that another replaced, and that one is connected too: one host uses a copy of the other's state directory; on the copy run meshnet reset --force (a plain reset would hand the address ranges of {peer} away), then launch",
+                crate::conn::SHARED_IDENTITY,
+                this.remote
+            );
+            log::warn!("{why}");
+            return Err(Refused::plain(&why));
+        }
         // Accepted connections were not counted while they handshook (one that
         // replaces the peer's old connection takes that one's slot).
         if this_dir == Direction::Inbound {
@@ -714,6 +727,9 @@ impl Mesh {
                 Keep::New => {
                     if let Some(old) = g.conns.get(&cid) {
                         let _ = old.queue.send(ControlMsg::Goodbye(crate::conn::REPLACED.into()));
+                        if old.peer_uid != uid {
+                            g.replaced.note(peer, old.peer_uid);
+                        }
                     }
                     self.drop_conn_locked(g, cid, End::Duplicate);
                 }

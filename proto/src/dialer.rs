@@ -25,7 +25,7 @@
 //! (time is milliseconds on the caller's monotonic clock, randomness a `u64` seed
 //! per call).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 
 use crate::discovery::{DialBudget, PER_SECOND};
@@ -107,6 +107,43 @@ pub fn tie_break_incarnation(me: PeerName, peer: PeerName, new: Direction, old: 
         Keep::Old
     } else {
         tie_break(me, peer, new, old)
+    }
+}
+
+/// Incarnations (Hello `uid`s, new at every launch) of each peer that a newer
+/// one replaced. A restarted router never comes back under an old uid, so one
+/// that does is a second live router with the same name and key (a copy of the
+/// peer's state directory on another host): taking it would drop the other's
+/// connection, which would come back and drop this one, for ever.
+#[derive(Clone, Debug, Default)]
+pub struct Replaced {
+    by_peer: HashMap<PeerName, VecDeque<u64>>,
+}
+
+impl Replaced {
+    /// Incarnations kept per peer.
+    pub const PER_PEER: usize = 4;
+    /// Peers kept; past that the table starts again (a bound, not a policy:
+    /// a clone is found again at its next replacement).
+    pub const PEERS: usize = 4096;
+
+    /// `old` of `peer` was replaced by a newer incarnation.
+    pub fn note(&mut self, peer: PeerName, old: u64) {
+        if self.by_peer.len() >= Self::PEERS && !self.by_peer.contains_key(&peer) {
+            self.by_peer.clear();
+        }
+        let uids = self.by_peer.entry(peer).or_default();
+        if !uids.contains(&old) {
+            if uids.len() == Self::PER_PEER {
+                uids.pop_front();
+            }
+            uids.push_back(old);
+        }
+    }
+
+    /// Whether `uid` of `peer` was replaced before: a second router with its identity.
+    pub fn was_replaced(&self, peer: PeerName, uid: u64) -> bool {
+        self.by_peer.get(&peer).is_some_and(|u| u.contains(&uid))
     }
 }
 
@@ -871,6 +908,29 @@ mod tests {
         assert!(d.poll(u64::MAX / 2, 0, 10).dials.is_empty());
         d.retry_now(own);
         assert_eq!(keys(&d.poll(u64::MAX / 2, 0, 10)), [own]);
+    }
+
+    #[test]
+    fn an_incarnation_that_was_replaced_is_a_second_router() {
+        let (a, b) = (PeerName(0x0200_0000_0001), PeerName(0x0200_0000_0002));
+        let mut r = Replaced::default();
+        // a restarted twice: its old uids are gone for good, a new one is new.
+        r.note(a, 10);
+        r.note(a, 11);
+        assert!(r.was_replaced(a, 10) && r.was_replaced(a, 11));
+        assert!(!r.was_replaced(a, 12) && !r.was_replaced(b, 10));
+        // Bounded per peer: the oldest goes first; a repeat is kept once.
+        for uid in 20..20 + Replaced::PER_PEER as u64 {
+            r.note(a, uid);
+            r.note(a, uid);
+        }
+        assert!(!r.was_replaced(a, 11));
+        assert!((20..20 + Replaced::PER_PEER as u64).all(|u| r.was_replaced(a, u)));
+        // Bounded in peers.
+        for n in 0..Replaced::PEERS as u64 {
+            r.note(PeerName(0x0300_0000_0000 + n), 1);
+        }
+        assert!(r.by_peer.len() <= Replaced::PEERS);
     }
 
     #[test]

@@ -550,4 +550,28 @@ fn our_own_address_and_a_copied_identity_are_named() {
     for h in [&h1, &h2] {
         assert!(h.log().contains("runs with this router's own identity"), "{}'s log says nothing of the copy", h.ns);
     }
+
+    // Both meet a third router: it took the copy's connection as the peer's
+    // restart, dropping h1's; when h1 comes back (in a minute, or asked
+    // again), its incarnation is one that was replaced, so it is refused
+    // instead of dropping the copy's in turn, for ever.
+    h2.meshnet(&["forget", &h1.ip]).expect_ok("forget");
+    let h3 = lab.add_host(3);
+    h3.launch(&[]);
+    h1.meshnet(&["connect", &h3.ip]).expect_ok("connect h3");
+    let name = h1.status_json()["name"].as_str().unwrap().to_string();
+    let from = |h: &Host| connections_to(&h3.status_json(), &h.ip).iter().any(|c| c["peer"] == name.as_str() && c["state"] == "established");
+    assert!(wait_until(SECS(15), || from(&h1)), "h3 never connected to h1");
+    h2.meshnet(&["connect", &h3.ip]).expect_ok("connect h3 from the copy");
+    assert!(wait_until(SECS(15), || from(&h2)), "h3 never took the copy's connection");
+    h1.meshnet(&["connect", &h3.ip]).expect_ok("connect h3 again");
+    let mut info = String::new();
+    let refused = wait_until(SECS(15), || {
+        let c = connections_to(&h1.status_json(), &h3.ip);
+        info = format!("{c:?}");
+        c.iter().any(|c| c["state"] == "retrying" && c["info"].as_str().is_some_and(|i| i.contains("two routers run with one identity")))
+    });
+    assert!(refused, "h1: {info}");
+    assert!(h3.log().contains("two routers run with one identity"), "h3's log says nothing");
+    assert!(from(&h2) && !from(&h1), "h3 swapped the copy's connection for h1's");
 }
