@@ -14,10 +14,11 @@
 //! `state_of_the_previous_build_resumes`: h1 and h3 run the previous build,
 //! h2 this one; h1 attaches containers (IPAM and explicit addresses),
 //! exposes, registers names and adds a connect target; then h1 is stopped and
-//! h3 killed with SIGKILL, and both are started with `launch --resume` of this
-//! build: the same peer name, targets, attachments, addresses, exposed
-//! address, DNS names and IPAM ranges; new allocations on every host are
-//! unique; the containers ping each other across.
+//! h3 killed with SIGKILL, and both are started by this build (h1 with
+//! `launch --resume`, h3 with its old command line): the same peer name,
+//! targets, attachments, addresses, exposed addresses, DNS names and IPAM
+//! ranges; new allocations on every host are unique; the containers ping each
+//! other across.
 //!
 //! `rmpeer_between_builds`: routers of each build remove a dead router of the
 //! other (`rmpeer`); every live router sees both takeovers, and the two left
@@ -304,11 +305,12 @@ fn state_of_the_previous_build_resumes() {
     assert_eq!(before1.records.len(), 4, "web and db, two addresses each: {before1:#?}");
     assert_eq!(before1.ranges.iter().filter(|r| r.is_array()).count(), 2, "both rings: {before1:#?}");
 
-    // h1 stopped, h3 killed; both resumed by this build.
+    // h1 stopped and resumed by this build; h3 killed and started by this
+    // build with its old command line (a restart policy's way).
     h1.meshnet(&["stop"]).expect_ok("stop h1");
     kill9(&h3);
     assert_eq!(h1new.launch(&["--resume"]), before1.name, "h1's peer name across the upgrade");
-    assert_eq!(h3new.launch(&["--resume"]), before3.name, "h3's peer name across the upgrade");
+    assert_eq!(h3new.launch(&[&opts[..], &[h1.ip.as_str()]].concat()), before3.name, "h3's peer name across the upgrade");
     assert!(wait_until(SECS(40), || [&h1new, &h2, &h3new].iter().all(|h| established(h) == 2)), "no full mesh after the upgrade");
     for (h, before) in [(&h1new, &before1), (&h3new, &before3)] {
         let after = kept(h);
