@@ -23,8 +23,17 @@
 //! `rmpeer_between_builds`: routers of each build remove a dead router of the
 //! other (`rmpeer`); every live router sees both takeovers, and the two left
 //! hand out the whole range, each address once.
+//!
+//! `this_cli_with_a_router_of_the_previous_build`: the binary replaced while
+//! the old router still runs. This build's CLI drives it (`attach`, `ps
+//! TARGET`, `stop`), but refuses, changing nothing, the options it would
+//! ignore (`attach --without-dns`, `--rewrite-hosts` of a Docker container);
+//! once the router is restarted with this build they work. Needs a Docker
+//! Engine (skipped otherwise, saying so).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 use meshnet_tests::lab::*;
@@ -398,4 +407,112 @@ fn rmpeer_between_builds() {
         }
     }
     assert_eq!(assert_unique(&[&h1, &h2]), 30, "the whole /27 but its network and broadcast addresses");
+}
+
+fn docker(args: &[&str]) -> Out {
+    run(Command::new("docker").args(args), SECS(60))
+}
+
+/// Docker containers and an image made by a test, removed on drop.
+struct DockerThings {
+    containers: Vec<String>,
+    image: String,
+    dir: PathBuf,
+}
+
+impl DockerThings {
+    /// A tiny image of this host's `sleep` and its libraries, or `None` (said
+    /// why) without a Docker Engine.
+    fn new(tag: &str) -> Option<DockerThings> {
+        if !docker(&["info", "--format", "{{.ServerVersion}}"]).ok() {
+            eprintln!("skipped: no Docker Engine answers `docker info`");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("meshnet-upgrade-{tag}"));
+        let root = dir.join("rootfs");
+        std::fs::create_dir_all(&root).unwrap();
+        let sleep = run(Command::new("sh").args(["-c", "command -v sleep"]), SECS(5)).expect_ok("sleep").stdout.trim().to_string();
+        let ldd = run(Command::new("ldd").arg(&sleep), SECS(10));
+        let libs = ldd.stdout.lines().filter_map(|l| l.split_whitespace().find(|t| t.starts_with('/')).map(PathBuf::from));
+        for f in libs.chain([PathBuf::from(&sleep)]) {
+            let dst = root.join(f.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::copy(std::fs::canonicalize(&f).unwrap(), &dst).unwrap_or_else(|e| panic!("copy {}: {e}", f.display()));
+        }
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        let tar = dir.join("rootfs.tar");
+        run(Command::new("tar").arg("-C").arg(&root).arg("-cf").arg(&tar).arg("."), SECS(60)).expect_ok("tar");
+        let image = format!("meshnet-upgrade-test:{tag}");
+        let t = DockerThings { containers: vec![], image, dir };
+        docker(&["import", &tar.to_string_lossy(), &t.image]).expect_ok("docker import");
+        eprintln!("made image {} of {sleep}", t.image);
+        Some(t)
+    }
+
+    /// `docker run -d --network none --hostname HOST` of the image, sleeping.
+    #[track_caller]
+    fn run(&mut self, name: &str, hostname: &str) {
+        self.containers.push(name.to_string());
+        docker(&["run", "-d", "--pull=never", "--network", "none", "--name", name, "--hostname", hostname, &self.image, "sleep", "infinity"])
+            .expect_ok(&format!("docker run {name}"));
+    }
+}
+
+impl Drop for DockerThings {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = docker(&["rm", "-f", c]);
+        }
+        let _ = docker(&["image", "rm", "-f", &self.image]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The container's `/etc/hosts` (empty if unreadable).
+fn hosts_of(container: &str) -> String {
+    let pid = docker(&["inspect", "-f", "{{.State.Pid}}", container]).stdout.trim().to_string();
+    std::fs::read_to_string(format!("/proc/{pid}/root/etc/hosts")).unwrap_or_default()
+}
+
+#[test]
+fn this_cli_with_a_router_of_the_previous_build() {
+    let Some(old) = old_bin() else { return };
+    let Some(lab) = Lab::new("upgrade_cli") else { return };
+    let tag = format!("{}-{}", std::process::id(), lab.host_ip(1).replace('.', "-"));
+    let Some(mut d) = DockerThings::new(&tag) else { return };
+    let (quiet, plain) = (format!("upgq-{tag}"), format!("upgp-{tag}"));
+    d.run(&quiet, "db.meshnet.local");
+    d.run(&plain, "web.meshnet.local");
+    let cli = lab.add_host(1);
+    let router = cli.clone().with_bin(&old);
+    let name = router.launch(&["--ipalloc-range", RANGE]);
+    router.meshnet(&["prime", "--timeout", "30"]).expect_ok("prime");
+
+    // This build's CLI, the previous build's router.
+    for opts in [&["--without-dns"][..], &["--rewrite-hosts"], &["--rewrite-hosts", "--add-host", "static:10.9.9.9"]] {
+        let mut a = vec!["attach"];
+        a.extend_from_slice(opts);
+        a.push(&quiet);
+        let out = cli.meshnet(&a);
+        assert!(!out.ok() && out.stderr.contains("older build"), "attach {opts:?} by this CLI on the old router: {out}");
+        eprintln!("attach {opts:?}: {}", out.stderr.trim());
+    }
+    assert!(ps(&router).is_empty(), "a refused attach attached: {:?}", ps(&router));
+    assert!(records(&router, &name).is_empty(), "a refused attach registered names: {:?}", records(&router, &name));
+    assert!(!hosts_of(&quiet).contains("10.48."), "{}", hosts_of(&quiet));
+    let addr = of_family(&attach(&cli, &Container { j: 1, ns: plain.clone(), host: 1 }, &[]), false);
+    let listed = cli.meshnet(&["ps", &plain]).expect_ok("ps TARGET by this CLI on the old router");
+    assert!(listed.stdout.contains(&addr) && listed.stdout.lines().count() == 1, "{listed}");
+    assert!(wait_until(SECS(5), || lookup(&router, &plain) == [addr.clone()]), "{plain}: {:?}", lookup(&router, &plain));
+
+    // Restarted with this build, the options work.
+    cli.meshnet(&["stop"]).expect_ok("stop by this CLI");
+    assert_eq!(cli.launch(&["--resume"]), name);
+    let q = of_family(&attach(&cli, &Container { j: 2, ns: quiet.clone(), host: 1 }, &["--without-dns", "--rewrite-hosts"]), false);
+    assert!(hosts_of(&quiet).lines().any(|l| l.starts_with(&q) && l.contains("db.meshnet.local")), "{}", hosts_of(&quiet));
+    std::thread::sleep(SECS(1));
+    for n in ["db", quiet.as_str()] {
+        assert!(lookup(&cli, n).is_empty(), "{n} registered although --without-dns: {:?}", lookup(&cli, n));
+    }
+    assert_eq!(lookup(&cli, &plain), [addr]);
 }
