@@ -340,8 +340,8 @@ fn older_router(what: &str) -> String {
 
 /// `ps` of the attachments `targets` name (`Request::PsOf`). A router of a
 /// build before `PsOf` is asked for every attachment instead, and those whose
-/// name, container ID (or its prefix) or namespace path is one of `targets`
-/// are kept, as that build's CLI did.
+/// name or container ID (or its prefix) is one of `targets` are kept, as that
+/// build's CLI did.
 pub fn ps_of(state: &StateDir, targets: Vec<String>, timeout: Duration) -> Result<serde_json::Value, ClientError> {
     match call(state, &Request::PsOf { targets: targets.clone() }, timeout) {
         Err(ClientError::Router(e)) if e.contains("unknown variant `ps_of`") => {
@@ -447,6 +447,7 @@ mod client_error_tests {
         let got = router.join().unwrap();
         assert_eq!(got.len(), 1, "{got:?}");
         assert!(got[0].contains("\"status\""), "{got:?}");
+        let _ = std::fs::remove_dir_all(&s.root);
         // A router that lists them gets the request.
         let s = scratch("newer");
         let router = fake_router(

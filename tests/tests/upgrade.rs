@@ -1,15 +1,15 @@
 //! Upgrades as a Weave user does them, with real routers in namespaces: one
 //! host at a time, so a mesh mixes a router of the previous build
 //! (`$MESHNET_OLD_BIN`) with routers of this one for a while, and a state
-//! directory written by the previous build is resumed by this one. Both tests
+//! directory written by the previous build is resumed by this one. The tests
 //! are skipped (saying so) without `MESHNET_OLD_BIN`; see README, Development.
 //!
 //! `a_mesh_mixing_the_previous_build_and_this_one`: a chain h1 (this build) —
-//! h2 (previous) — h3 (this build) with a password and without discovery, so h1 and h3 reach each
-//! other only through the old router: pings both ways between every pair of
-//! containers, IPAM addresses unique across the three, names registered on
-//! each router resolve on the others (and through the old router's DNS
-//! server), every status sane, no connection closed meanwhile.
+//! h2 (previous) — h3 (this build) with a password and without discovery, so
+//! h1 and h3 reach each other only through the old router: pings both ways
+//! between every pair of containers, IPAM addresses unique across the three,
+//! names registered on each router resolve on the others (and through the old
+//! router's DNS server), every status sane, no connection closed meanwhile.
 //!
 //! `state_of_the_previous_build_resumes`: h1 and h3 run the previous build,
 //! h2 this one; h1 attaches containers (IPAM and explicit addresses),
@@ -44,7 +44,7 @@ const RANGE: &str = "10.48.0.0/16";
 const RANGE6: &str = "fd48::/64";
 
 /// `$MESHNET_OLD_BIN`, or `None` after saying the test is skipped.
-fn old_bin() -> Option<std::path::PathBuf> {
+fn old_bin() -> Option<PathBuf> {
     match std::env::var_os("MESHNET_OLD_BIN") {
         Some(b) => {
             eprintln!("previous build: {}", std::path::Path::new(&b).display());
