@@ -547,7 +547,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Ps { json, targets } => {
-            let v = call(&state, if targets.is_empty() { Request::Ps } else { Request::PsOf { targets } })?;
+            let v = if targets.is_empty() {
+                call(&state, Request::Ps)?
+            } else {
+                api::ps_of(&state, targets, Duration::from_secs(60)).map_err(|e| anyhow!(e))?
+            };
             let entries: Vec<PsEntry> = serde_json::from_value(v)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);

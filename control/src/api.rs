@@ -101,6 +101,34 @@ pub enum Request {
     Report,
 }
 
+/// Request options that a router of an older build does not know: it would
+/// skip them as unknown fields and do the rest, silently without them (a CLI
+/// replaced by a newer build while the router still runs the older one, as in
+/// an upgrade one host at a time). A router lists the ones it takes in
+/// [`Status::features`], and [`call`] does not send a request that needs one
+/// the router does not list. Add an option here when a request gains one that
+/// must not be silently ignored.
+pub const FEATURES: &[&str] = &["attach --without-dns", "attach --rewrite-hosts"];
+
+impl Request {
+    /// The [`FEATURES`] this request needs the router to take.
+    pub fn needs(&self) -> Vec<&'static str> {
+        match self {
+            Request::Attach { without_dns, rewrite_hosts, add_hosts, .. } => {
+                let mut v = Vec::new();
+                if *without_dns {
+                    v.push(FEATURES[0]);
+                }
+                if *rewrite_hosts || !add_hosts.is_empty() {
+                    v.push(FEATURES[1]);
+                }
+                v
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
@@ -216,6 +244,10 @@ pub struct Status {
     /// `--trusted-subnets` and the kernel VXLAN device.
     #[serde(default)]
     pub trusted: crate::trusted::TrustedStatus,
+    /// The request options of [`FEATURES`] this router takes (none listed:
+    /// an older build, which ignores them).
+    #[serde(default)]
+    pub features: Vec<String>,
 }
 
 /// What the router refused to believe.
@@ -283,8 +315,50 @@ impl From<std::io::Error> for ClientError {
     }
 }
 
-/// Sends one request to the router of `state` and returns its answer.
+/// Sends one request to the router of `state` and returns its answer. A
+/// request that needs [`FEATURES`] the router does not list (an older build,
+/// which would ignore them) is not sent: an error says so.
 pub fn call(state: &StateDir, req: &Request, timeout: Duration) -> Result<serde_json::Value, ClientError> {
+    let needs = req.needs();
+    if !needs.is_empty() {
+        let status = exchange(state, &Request::Status, timeout)?;
+        let takes: Vec<String> = serde_json::from_value(status["features"].clone()).unwrap_or_default();
+        if let Some(missing) = needs.iter().find(|f| !takes.iter().any(|t| t == *f)) {
+            return Err(ClientError::Router(older_router(missing)));
+        }
+    }
+    exchange(state, req, timeout)
+}
+
+/// What a router of an older build that lacks `what` is told to do.
+fn older_router(what: &str) -> String {
+    format!(
+        "the running router is of an older build, which does not take `{what}` (it would ignore it): \
+         nothing was changed; restart the router with this build (`meshnet stop`, then `meshnet launch --resume`) and try again"
+    )
+}
+
+/// `ps` of the attachments `targets` name (`Request::PsOf`). A router of a
+/// build before `PsOf` is asked for every attachment instead, and those whose
+/// name or container ID (or its prefix) is one of `targets` are kept, as that
+/// build's CLI did.
+pub fn ps_of(state: &StateDir, targets: Vec<String>, timeout: Duration) -> Result<serde_json::Value, ClientError> {
+    match call(state, &Request::PsOf { targets: targets.clone() }, timeout) {
+        Err(ClientError::Router(e)) if e.contains("unknown variant `ps_of`") => {
+            let all: Vec<PsEntry> = serde_json::from_value(call(state, &Request::Ps, timeout)?)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let named = |e: &PsEntry, t: &str| {
+                e.target == t || e.container_id.as_deref().is_some_and(|id| !t.is_empty() && (id.starts_with(t) || t.starts_with(id)))
+            };
+            let kept: Vec<&PsEntry> = all.iter().filter(|e| targets.iter().any(|t| named(e, t))).collect();
+            serde_json::to_value(kept).map_err(|e| ClientError::Protocol(e.to_string()))
+        }
+        other => other,
+    }
+}
+
+/// One request and its answer.
+fn exchange(state: &StateDir, req: &Request, timeout: Duration) -> Result<serde_json::Value, ClientError> {
     let path = state.socket();
     let stream = match UnixStream::connect(&path) {
         Ok(s) => s,
@@ -320,6 +394,91 @@ pub fn call(state: &StateDir, req: &Request, timeout: Duration) -> Result<serde_
 #[cfg(test)]
 mod client_error_tests {
     use super::*;
+
+    /// A router on `state`'s socket that answers `answers` to the requests in
+    /// turn; returns the requests it got.
+    fn fake_router(state: &StateDir, answers: Vec<Response>) -> std::thread::JoinHandle<Vec<String>> {
+        let listener = std::os::unix::net::UnixListener::bind(state.socket()).unwrap();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for answer in answers {
+                let (stream, _) = listener.accept().unwrap();
+                let mut line = String::new();
+                BufReader::new(&stream).read_line(&mut line).unwrap();
+                got.push(line.trim().to_string());
+                let mut out = serde_json::to_vec(&answer).unwrap();
+                out.push(b'\n');
+                (&stream).write_all(&out).unwrap();
+            }
+            got
+        })
+    }
+
+    fn scratch(name: &str) -> StateDir {
+        let d = std::env::temp_dir().join(format!("meshnet-api-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        StateDir::new(d)
+    }
+
+    fn attach(without_dns: bool, rewrite_hosts: bool, add_hosts: &[&str]) -> Request {
+        Request::Attach {
+            target: "web".into(),
+            cidrs: vec![],
+            ifname: None,
+            no_multicast_route: true,
+            without_dns,
+            rewrite_hosts,
+            add_hosts: add_hosts.iter().map(|h| h.to_string()).collect(),
+            hairpin: false,
+        }
+    }
+
+    #[test]
+    fn options_a_router_does_not_list_are_not_sent() {
+        assert!(attach(false, false, &[]).needs().is_empty());
+        assert_eq!(attach(true, false, &[]).needs(), ["attach --without-dns"]);
+        assert_eq!(attach(false, false, &["h:10.0.0.1"]).needs(), ["attach --rewrite-hosts"]);
+        // An older router: its status lists no features. Only the status is asked.
+        let s = scratch("older");
+        let router = fake_router(&s, vec![Response::Ok(serde_json::json!({"name": "02:00:00:00:00:01"}))]);
+        let e = call(&s, &attach(true, true, &[]), Duration::from_secs(5)).unwrap_err().to_string();
+        assert!(e.contains("older build") && e.contains("`attach --without-dns`") && e.contains("nothing was changed"), "{e}");
+        let got = router.join().unwrap();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].contains("\"status\""), "{got:?}");
+        let _ = std::fs::remove_dir_all(&s.root);
+        // A router that lists them gets the request.
+        let s = scratch("newer");
+        let router = fake_router(
+            &s,
+            vec![Response::Ok(serde_json::json!({"features": FEATURES})), Response::Ok(serde_json::json!({"addresses": ["10.32.0.1/12"]}))],
+        );
+        call(&s, &attach(true, true, &["h:10.0.0.1"]), Duration::from_secs(5)).unwrap();
+        let got = router.join().unwrap();
+        assert!(got[1].contains("\"without_dns\":true") && got[1].contains("\"add_hosts\""), "{got:?}");
+        let _ = std::fs::remove_dir_all(&s.root);
+    }
+
+    #[test]
+    fn ps_of_a_router_before_ps_of_filters_its_ps() {
+        let s = scratch("psof");
+        let entry = |target: &str, id: Option<&str>| {
+            serde_json::json!({"target": target, "kind": "netns", "mac": "02:00:00:00:00:01", "addresses": ["10.32.0.1/12"], "container_id": id})
+        };
+        let router = fake_router(
+            &s,
+            vec![
+                Response::Error("bad request: unknown variant `ps_of`, expected one of `status`, `ps` at line 1 column 13".into()),
+                Response::Ok(serde_json::json!([entry("a", None), entry("web", Some("3f4e5d6c7b8a")), entry("b", None)])),
+            ],
+        );
+        let v = ps_of(&s, vec!["a".into(), "3f4e".into()], Duration::from_secs(5)).unwrap();
+        let targets: Vec<&str> = v.as_array().unwrap().iter().map(|e| e["target"].as_str().unwrap()).collect();
+        assert_eq!(targets, ["a", "web"]);
+        assert_eq!(router.join().unwrap().len(), 2);
+        let _ = std::fs::remove_dir_all(&s.root);
+    }
 
     #[test]
     fn an_io_cause_is_printed_once() {

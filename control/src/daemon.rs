@@ -1029,6 +1029,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 trust: mesh.trust_status(),
                 exposed: ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|e| e.addr.clone()).collect(),
                 trusted: mesh.trusted.status(),
+                features: crate::api::FEATURES.iter().map(|f| f.to_string()).collect(),
             };
             let mut v = serde_json::to_value(status)?;
             v["forwarding"] = json!({
