@@ -281,7 +281,7 @@ pub fn run(cfg: Config) -> Result<()> {
     let tap_if = port_name(&cfg.bridge, cfg.datapath);
     if let Some(old) = previous.as_ref().filter(|d| d.tap != tap_if) {
         // The port of a run with the other datapath (a capture veth outlives a crash).
-        let _ = netlink::delete_link(&old.tap);
+        netlink::clean_up_link(&old.tap, "the port of the other datapath");
     }
     cfg.state.save_devices(&Devices { bridge: cfg.bridge.clone(), bridge_created, tap: tap_if.clone() })?;
     let mut queues: Vec<Device> = match cfg.datapath {
@@ -470,6 +470,7 @@ pub fn run(cfg: Config) -> Result<()> {
         }
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
+        // A socket left by a router that died (the launch checked none serves).
         let _ = std::fs::remove_file(&sock_path);
         let api_listener = UnixListener::bind(&sock_path).with_context(|| format!("bind {}", sock_path.display()))?;
         std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
@@ -571,7 +572,7 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     if cfg.datapath == Datapath::Pcap {
         // Dropping the device removes its veth; this covers a data plane still referenced.
-        let _ = netlink::delete_link(&tap_if);
+        netlink::clean_up_link(&tap_if, "the router stopped");
     }
     // The VXLAN device goes with the router (stop and reset); a launch makes it again.
     if let Some(name) = &vxlan_made {
@@ -588,6 +589,7 @@ pub fn run(cfg: Config) -> Result<()> {
             log::warn!("reset: {e:#}");
         }
     }
+    // (Gone already after a reset, which removed the state directory.)
     let _ = std::fs::remove_file(cfg.state.pid());
     log::info!("stopped");
     Ok(())
@@ -644,6 +646,7 @@ async fn announce_attachments(ctx: &ApiCtx) {
     for pause in [Duration::from_millis(500), Duration::from_secs(2)] {
         tokio::time::sleep(pause).await;
         let attachments = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // (Err: the closure panicked, which the panic message said.)
         let _ = tokio::task::spawn_blocking(move || {
             for a in &attachments {
                 let Some(ns) = attach::still_there(a) else { continue };
@@ -724,6 +727,7 @@ async fn guard_loop(ctx: Arc<ApiCtx>) {
     loop {
         let c = ctx.clone();
         let port = port.clone();
+        // (Err: the closure panicked, which the panic message said.)
         let _ = tokio::task::spawn_blocking(move || {
             let hairpin = format!("/sys/class/net/{port}/brport/hairpin_mode");
             if std::fs::read_to_string(&hairpin).is_ok_and(|v| v.trim() == "1") {
@@ -864,7 +868,9 @@ fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trust
             // Nobody may send to the port until a peer is trusted both ways
             // (the sync loop lets peers' addresses in); no filter, no device.
             if let Err(e) = crate::trusted::apply_filter(&cfg.bridge, port, &[]) {
-                let _ = vxlan::remove(&name);
+                if let Err(undo) = vxlan::remove(&name) {
+                    log::warn!("{name} is left behind: {undo}");
+                }
                 log::warn!("trusted subnets: no nftables filter for UDP {port} ({e:#}), so no kernel VXLAN device; {USERSPACE_INSTEAD}");
                 return Err(format!("no nftables filter for UDP {port}: {e:#}"));
             }
@@ -905,12 +911,15 @@ pub fn remove_devices(state: &StateDir, attachments: &[Attachment]) {
                 log::warn!("detaching {}: {e}", a.target);
             }
         }
-        let _ = netlink::delete_link(&a.host_if);
+        netlink::clean_up_link(&a.host_if, &format!("{}'s interface, at reset", a.target));
     }
     if let Ok(Some(d)) = state.load_devices() {
         expose::remove_all(&d.bridge, &state.load_exposed().unwrap_or_default());
-        let _ = netlink::delete_link(&d.tap);
-        let _ = meshnet_router::vxlan::remove(&meshnet_router::vxlan::device_name(&d.bridge));
+        netlink::clean_up_link(&d.tap, "the router's port, at reset");
+        let vxlan = meshnet_router::vxlan::device_name(&d.bridge);
+        if let Err(e) = meshnet_router::vxlan::remove(&vxlan) {
+            log::warn!("{vxlan} is left behind: {e}");
+        }
         crate::trusted::remove_filter(&d.bridge);
         if d.bridge_created {
             if let Err(e) = netlink::delete_link(&d.bridge) {
@@ -961,6 +970,7 @@ async fn api_loop(ctx: Arc<ApiCtx>, listener: UnixListener) {
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            // Err: the client went away (or sent no request); nobody to tell.
             let _ = serve_api(ctx, stream).await;
         });
     }

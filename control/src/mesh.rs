@@ -669,7 +669,7 @@ impl Mesh {
                     let to = g.conns.get(&shed).and_then(|c| c.peer).map(|p| p.to_string()).unwrap_or_default();
                     log::info!("--conn-limit: closing the connection to {to}: {why}");
                     if let Some(c) = g.conns.get(&shed) {
-                        let _ = c.queue.send(ControlMsg::Goodbye(why));
+                        c.queue.offer(ControlMsg::Goodbye(why));
                     }
                     self.drop_conn_locked(g, shed, End::Duplicate);
                 }
@@ -697,7 +697,7 @@ impl Mesh {
             match dialer::tie_break_incarnation(self.settings.me, peer, this_dir, dir, same_incarnation) {
                 Keep::New => {
                     if let Some(old) = g.conns.get(&cid) {
-                        let _ = old.queue.send(ControlMsg::Goodbye(crate::conn::REPLACED.into()));
+                        old.queue.offer(ControlMsg::Goodbye(crate::conn::REPLACED.into()));
                     }
                     self.drop_conn_locked(g, cid, End::Duplicate);
                 }
@@ -865,7 +865,7 @@ impl Mesh {
             let why = format!("UDP heartbeats missed for {}s", UDP_LOST_CLOSE.as_secs());
             log::warn!("closing the connection to {peer}: {why}");
             if let Some(c) = g.conns.get(&id) {
-                let _ = c.queue.send(ControlMsg::Goodbye(why.clone()));
+                c.queue.offer(ControlMsg::Goodbye(why.clone()));
             }
             self.drop_conn_locked(&mut g, id, End::Failed(Failure::Closed(why)));
             changed = false; // dropping recomputed everything
@@ -946,7 +946,7 @@ impl Mesh {
                             self.settings.me, hello.name
                         );
                         if let Some(c) = g.conns.get(&id) {
-                            let _ = c.queue.send(ControlMsg::Goodbye(why.clone()));
+                            c.queue.offer(ControlMsg::Goodbye(why.clone()));
                         }
                         self.drop_conn_locked(g, id, End::Failed(Failure::Closed(why)));
                     }
@@ -1164,7 +1164,7 @@ impl Mesh {
                 gossip::Send::Summary(s) => vec![ControlMsg::GossipSummary(s)],
             };
             for m in msgs {
-                let _ = c.queue.send(m);
+                c.queue.offer(m);
             }
         }
     }
@@ -1418,7 +1418,7 @@ impl Mesh {
         let why = format!("{} is over its connection limit ({})", self.settings.me, self.settings.conn_limit);
         if let Some(c) = g.conns.get(&shed) {
             log::info!("closing the connection to {}: {why}", c.peer.map(|p| p.to_string()).unwrap_or_default());
-            let _ = c.queue.send(ControlMsg::Goodbye(why));
+            c.queue.offer(ControlMsg::Goodbye(why));
         }
         self.drop_conn_locked(g, shed, End::Duplicate);
     }
@@ -1731,7 +1731,7 @@ pub async fn route_loop(mesh: Arc<Mesh>) {
 fn broadcast(g: &mut Inner, except: Option<u64>, msg: &ControlMsg) {
     for (id, c) in g.conns.iter() {
         if Some(*id) != except && c.established {
-            let _ = c.queue.send(msg.clone());
+            c.queue.offer(msg.clone());
         }
     }
 }
