@@ -376,7 +376,9 @@ pub fn run(cfg: Config) -> Result<()> {
                     h.deferred.push((key.clone(), ip, prefix));
                     // Never handed out to another target meanwhile.
                     let now = h.now_ms();
-                    let _ = h.ipam.note_in_use(&key, ip, prefix, now);
+                    if let Err(e) = h.ipam.note_in_use(&key, ip, prefix, now) {
+                        log::warn!("IPAM: {ip}/{prefix} of {key} is not noted as in use ({e}): until its claim completes it may be handed out to another target");
+                    }
                 }
             }
         }
@@ -387,7 +389,9 @@ pub fn run(cfg: Config) -> Result<()> {
                     if h.ipam.universe().contains(ip) && !held.contains(&ip) {
                         h.deferred.push((EXPOSE_KEY.to_string(), ip, subnet.prefix()));
                         let now = h.now_ms();
-                        let _ = h.ipam.note_in_use(EXPOSE_KEY, ip, subnet.prefix(), now);
+                        if let Err(err) = h.ipam.note_in_use(EXPOSE_KEY, ip, subnet.prefix(), now) {
+                            log::warn!("IPAM: exposed {} is not noted as in use ({err}): until its claim completes it may be handed out to a target", e.addr);
+                        }
                     }
                 }
             }
@@ -395,7 +399,14 @@ pub fn run(cfg: Config) -> Result<()> {
         if h.ipam.is_agreed() {
             h.claim_deferred();
         }
-        let _ = h.flush();
+        // No peer is connected yet (none is live to IPAM either): what IPAM
+        // would send now goes to nobody, as the mesh drops a message for a peer
+        // it has no connection to; each peer that connects gets its state in
+        // full. What happened (claims, conflicts) is logged.
+        let (_to_nobody, events) = h.flush();
+        for e in &events {
+            ipamd::log_event(e);
+        }
     }
 
     // Targets saved by an earlier build may be spelled otherwise (`[FD00::1]:6783`):
@@ -1310,6 +1321,8 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let prime = |h: &mut ipamd::IpamHost| {
                 if !h.ipam.is_agreed() {
                     let now = h.now_ms();
+                    // Only to start consensus: what it achieved is `agreed` and
+                    // `state` below (an error, as a Pending, leaves it unagreed).
                     let _ = h.ipam.allocate(ipamd::PRIME_KEY, meshnet_proto::ipam::Request::Any(h.default_subnet), now);
                 }
                 h.ipam.free_target(ipamd::PRIME_KEY);
@@ -2148,13 +2161,16 @@ fn allocate_all(
                 .with_ipam_for(v6, |h| {
                     let defer = !h.ipam.is_agreed();
                     if defer && !h.deferred.iter().any(|(k, a, _)| k == key && a == want) {
-                        h.deferred.push((key.to_string(), *want, *prefix));
+                        // Noted first: an address IPAM would not note could be
+                        // handed out to another target before the claim.
                         let now = h.now_ms();
-                        let _ = h.ipam.note_in_use(key, *want, *prefix, now);
+                        h.ipam.note_in_use(key, *want, *prefix, now)?;
+                        h.deferred.push((key.to_string(), *want, *prefix));
                     }
-                    defer
+                    Ok(defer)
                 })
-                .ok_or_else(no_ring)?;
+                .ok_or_else(no_ring)?
+                .map_err(|e: meshnet_proto::ipam::IpamError| anyhow::anyhow!("{e}"))?;
             if deferred {
                 log::info!("IPAM: {ip}/{prefix} for {key} will be claimed once the ring is agreed");
                 addrs.push((*ip, *prefix));

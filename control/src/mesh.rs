@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use crate::api::{ConnectionStatus, LimitsStatus, PeerStatus, Refusal, TrustStatus};
 use crate::conn::{CloseReason, ConnCounters, Outbox};
 use crate::ipam::IpamHost;
-use meshnet_proto::ipam::{Dest, Event};
+use meshnet_proto::ipam::Dest;
 use crate::peeraddr::PeerAddr;
 use crate::state::StateDir;
 
@@ -1264,39 +1264,14 @@ impl Mesh {
                     Dest::Peer(p) => {
                         let hop = g.next_hop.get(&p).copied().unwrap_or(p);
                         if let Some(c) = g.conns.values().find(|c| c.established && c.peer == Some(hop)) {
-                            let _ = c.queue.send(ControlMsg::Ipam(bytes));
+                            c.queue.offer(ControlMsg::Ipam(bytes));
                         }
                     }
                 }
             }
         }
-        for e in events {
-            match e {
-                Event::Allocated { target, .. } if target == crate::ipam::PRIME_KEY => {
-                    let h = Self::host_of(g, v6);
-                    h.ipam.free_target(&target);
-                    let _ = h.flush();
-                    log::info!("IPAM: primed");
-                }
-                Event::Allocated { target, ip, prefix } => log::info!("IPAM: {ip}/{prefix} allocated to {target}"),
-                Event::Failed { target, error, .. } => log::warn!("IPAM: allocation for {target} failed: {error}"),
-                Event::Conflict(c) => log::warn!(
-                    "IPAM: the claim of {}/{} for {} failed: {}; it keeps the address, so two targets use it until one \
-                     lets it go (meshnet detach): `meshnet status ipam` lists it, and the claim is retried every {} s",
-                    c.ip,
-                    c.prefix,
-                    c.target,
-                    c.error,
-                    meshnet_proto::ipam::CONFLICT_RETRY_MS / 1000
-                ),
-                Event::Agreed { seeds } => {
-                    log::info!("IPAM: ring agreed, initial owners {}", names(&seeds));
-                    let h = Self::host_of(g, v6);
-                    h.claim_deferred();
-                    let _ = h.flush();
-                }
-                other => log::info!("IPAM: {other:?}"),
-            }
+        for e in &events {
+            crate::ipam::log_event(e);
         }
     }
 
