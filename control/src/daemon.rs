@@ -1651,16 +1651,31 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
             }
         }
     };
+    // Undoes what this expose did so far, saying what could not be undone.
+    let undo = |added: &[(IpAddr, u8)], table: bool| {
+        let mut rollback = Rollback::default();
+        for (ip, prefix) in added {
+            rollback.step(netlink::del_link_address(bridge, *ip, *prefix), || format!("{ip}/{prefix} stays on {bridge}"));
+        }
+        undo_v6();
+        release_new(mesh, EXPOSE_KEY, &held_before);
+        rollback.step(mesh.state.save_exposed(&exposed).map_err(|e| format!("{e:#}")), || {
+            format!(
+                "the record of exposed addresses could not be put back, so the next launch exposes {} (meshnet hide it then)",
+                allocated.iter().map(|(ip, prefix)| format!("{ip}/{prefix}")).collect::<Vec<_>>().join(" ")
+            )
+        });
+        if table {
+            rollback.step(expose::apply_table(bridge, ranges, &exposed).map_err(|e| format!("{e:#}")), || {
+                "meshnet's nftables table could not be put back".to_string()
+            });
+        }
+        rollback
+    };
     for (ip, prefix) in &allocated {
         let on = if ip.is_ipv6() { netlink::set_bridge_ipv6(bridge, true) } else { Ok(()) };
         if let Err(e) = on.and_then(|_| netlink::add_link_address(bridge, *ip, *prefix).map(|_| ())) {
-            for (ip, prefix) in &added {
-                let _ = netlink::del_link_address(bridge, *ip, *prefix);
-            }
-            undo_v6();
-            release_new(mesh, EXPOSE_KEY, &held_before);
-            let _ = mesh.state.save_exposed(&exposed);
-            return Err(anyhow::Error::from(e).context("expose"));
+            return Err(undo(&added, false).error(anyhow::Error::from(e).context("expose")));
         }
         added.push((*ip, *prefix));
     }
@@ -1669,14 +1684,7 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
         expose::apply_table(bridge, ranges, &next)
     };
     if let Err(e) = applied {
-        for (ip, prefix) in &added {
-            let _ = netlink::del_link_address(bridge, *ip, *prefix);
-        }
-        undo_v6();
-        release_new(mesh, EXPOSE_KEY, &held_before);
-        let _ = mesh.state.save_exposed(&exposed);
-        let _ = expose::apply_table(bridge, ranges, &exposed);
-        return Err(e.context("expose"));
+        return Err(undo(&added, true).error(e.context("expose")));
     }
     *ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()) = next;
     for (ip, prefix) in &added {
@@ -1739,6 +1747,16 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String], by_user: bool) -> Result<serde_jso
             }
         }
     }
+    // Puts back what this hide took off the bridge, saying what it could not.
+    let put_back = |removed: &[(IpAddr, u8)]| {
+        let mut rollback = Rollback::default();
+        for (ip, prefix) in removed {
+            rollback.step(netlink::add_link_address(bridge, *ip, *prefix), || {
+                format!("{ip}/{prefix} is still exposed but off {bridge} (the next launch puts it back)")
+            });
+        }
+        rollback
+    };
     // Off the bridge before the record goes: a crash in between must not leave
     // an address there that no record holds (the next launch would free it in
     // IPAM while the bridge still has it). Put back if the record cannot be written.
@@ -1746,18 +1764,12 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String], by_user: bool) -> Result<serde_jso
     for e in &gone {
         let (ip, subnet) = expose::parse(e)?;
         if let Err(err) = netlink::del_link_address(bridge, ip, subnet.prefix()) {
-            for (ip, prefix) in &removed {
-                let _ = netlink::add_link_address(bridge, *ip, *prefix);
-            }
-            return Err(anyhow::Error::from(err).context("hide"));
+            return Err(put_back(&removed).error(anyhow::Error::from(err).context("hide")));
         }
         removed.push((ip, subnet.prefix()));
     }
     if let Err(err) = mesh.state.save_exposed(&next) {
-        for (ip, prefix) in &removed {
-            let _ = netlink::add_link_address(bridge, *ip, *prefix);
-        }
-        return Err(err.context("hide"));
+        return Err(put_back(&removed).error(err.context("hide")));
     }
     for e in &gone {
         let (ip, _) = expose::parse(e)?;
@@ -2251,6 +2263,34 @@ fn ipam_status_json(mesh: &Mesh) -> serde_json::Value {
     })
 }
 
+/// The undo of a change that failed half-way. A step that fails too is
+/// logged and said with the change's own error, so the user learns what was
+/// left behind (an address still on the bridge, a record the next launch acts
+/// on) rather than only that the change failed.
+#[derive(Debug, Default)]
+struct Rollback {
+    left_behind: Vec<String>,
+}
+
+impl Rollback {
+    /// One undo step's outcome; `left` says what its failure leaves behind.
+    fn step<T, E: std::fmt::Display>(&mut self, result: Result<T, E>, left: impl FnOnce() -> String) {
+        if let Err(e) = result {
+            let what = format!("{} ({e})", left());
+            log::error!("undoing a failed change: {what}");
+            self.left_behind.push(what);
+        }
+    }
+
+    /// The change's error, with what its undo could not undo.
+    fn error(self, e: anyhow::Error) -> anyhow::Error {
+        if self.left_behind.is_empty() {
+            return e;
+        }
+        anyhow::anyhow!("{e:#}; undoing it failed too: {}", self.left_behind.join("; "))
+    }
+}
+
 /// Undoes the allocations of a failed attach: frees what `key` did not hold before.
 fn release_new(mesh: &Mesh, key: &str, held_before: &[IpAddr]) {
     mesh.with_ipams(|h4, h6| {
@@ -2296,6 +2336,25 @@ fn parse_peers(peers: &[String], port: u16) -> Result<Vec<PeerAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An undo that fails too is said with the change's error (expose and hide
+    /// put records and addresses back with it; its failures were thrown away,
+    /// so the user learned that the change failed but not what it left).
+    #[test]
+    fn a_failed_undo_is_said_with_the_error() {
+        let clean = Rollback::default();
+        assert_eq!(format!("{:#}", clean.error(anyhow::anyhow!("disk full").context("expose"))), "expose: disk full");
+        let mut rollback = Rollback::default();
+        rollback.step(Ok::<(), String>(()), || unreachable!("a step that worked leaves nothing"));
+        rollback.step(Err::<(), _>("Read-only file system"), || "the record still lists 10.32.0.3/12".to_string());
+        rollback.step(Err::<(), _>("No such device"), || "10.32.0.4/12 stays on meshnet".to_string());
+        let e = format!("{:#}", rollback.error(anyhow::anyhow!("no such device").context("expose")));
+        assert_eq!(
+            e,
+            "expose: no such device; undoing it failed too: the record still lists 10.32.0.3/12 (Read-only file system); \
+             10.32.0.4/12 stays on meshnet (No such device)"
+        );
+    }
 
     #[test]
     fn the_first_connection_is_awaited_without_end() {
