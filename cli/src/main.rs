@@ -907,6 +907,7 @@ fn launch(state: &StateDir, args: LaunchArgs) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         if Instant::now() > deadline {
+            // (It may have exited already; the error below says what it logged.)
             let _ = child.kill();
             bail!("the router did not start serving within 60s:\n{}", log_tail(state, log_start, 15));
         }
@@ -1099,6 +1100,7 @@ fn resolve_peers(peers: &[PeerAddr], wait: Duration) -> Vec<Vec<std::net::Socket
         // A resolver that hangs leaves its thread behind; launch goes on.
         std::thread::spawn(move || {
             let addrs: Vec<_> = key.to_socket_addrs().map(|a| a.collect()).unwrap_or_default();
+            // (Err: launch stopped waiting for it; the answer is not needed.)
             let _ = tx.send((i, addrs));
         });
         asked += 1;

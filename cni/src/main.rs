@@ -341,7 +341,7 @@ fn add(conf: &NetConf, env: &Env) -> Result<Value, CniError> {
             hairpin: conf.hairpin_mode.unwrap_or(true),
         },
     )?;
-    remember(conf, env);
+    remember(conf, env)?;
     let mac = answer["mac"].as_str().unwrap_or_default().to_string();
     let addresses: Vec<String> = serde_json::from_value(answer["addresses"].clone()).unwrap_or_default();
     if addresses.is_empty() {
@@ -529,14 +529,28 @@ fn record_path(conf: &NetConf, env: &Env) -> PathBuf {
     state_dir(conf).root.join("cni").join(format!("{}-{}-{}", conf.name, env.container_id, env.ifname))
 }
 
-fn remember(conf: &NetConf, env: &Env) {
+/// Writes the note DEL finds the pod by when the runtime gives no CNI_NETNS.
+/// A note that cannot be written fails the ADD: such a DEL would find nothing
+/// and say the pod is gone while it stays attached. (The runtime's DEL after a
+/// failed ADD carries CNI_NETNS, and detaches it.)
+fn remember(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     let path = record_path(conf, env);
+    let failed = |e: String| {
+        err(
+            E_IO,
+            format!(
+                "the pod is attached, but its note {} could not be written ({e}): a DEL without CNI_NETNS would not find it; make {} writable",
+                path.display(),
+                path.parent().unwrap_or(Path::new(".")).display()
+            ),
+        )
+    };
     if let Some(dir) = path.parent() {
-        let _ = std::fs::create_dir_all(dir);
+        std::fs::create_dir_all(dir).map_err(|e| failed(format!("create {}: {e}", dir.display())))?;
         prune_notes(dir);
     }
     let body = json!({ "netns": env.netns, "ifname": env.ifname, "containerId": env.container_id });
-    let _ = write_atomic(&path, body.to_string().as_bytes(), 0o600);
+    write_atomic(&path, body.to_string().as_bytes(), 0o600).map_err(|e| failed(format!("{e:#}")))
 }
 
 /// Removes the notes of pods whose network namespace is gone. A DEL that
@@ -552,6 +566,7 @@ fn prune_notes(dir: &Path) {
             .and_then(|v| v["netns"].as_str().map(String::from));
         // Notes not written by `remember` (no netns in them) are left alone.
         if netns.is_some_and(|n| !n.is_empty() && !Path::new(&n).exists()) {
+            // (Another ADD may have removed it first.)
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -578,6 +593,7 @@ fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
     if Path::new(&netns).exists() {
         if let Some(entry) = attachment_of(conf, &netns)? {
             if interface_of(&entry) != env.ifname {
+                // (There may be none: net1 of a pod attached as eth0 left none.)
                 let _ = std::fs::remove_file(record_path(conf, env));
                 return Ok(());
             }
@@ -590,6 +606,9 @@ fn del(conf: &NetConf, env: &Env) -> Result<(), CniError> {
         Err(e) if e.code == E_TRY_AGAIN && !Path::new(&netns).exists() => {}
         Err(e) => return Err(e),
     }
+    // The note goes once the pod is detached (none is there after a DEL done
+    // already; one left behind names a detached pod: a later DEL of it
+    // detaches nothing).
     let _ = std::fs::remove_file(record_path(conf, env));
     Ok(())
 }

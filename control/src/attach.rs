@@ -408,7 +408,7 @@ pub fn detach(
                 None => {
                     let gone = attachments.remove(i);
                     log::info!("{} is gone; forgetting its attachment ({})", gone.target, gone.addrs.join(" "));
-                    let _ = netlink::delete_link(&gone.host_if);
+                    netlink::clean_up_link(&gone.host_if, &format!("{} is gone", gone.target));
                     state.save_attachments(attachments)?;
                     return Ok(true);
                 }
@@ -473,7 +473,7 @@ fn forget_gone(
     *attachments = kept;
     for x in &gone {
         log::info!("forgetting {} ({}): {}", x.target, x.addrs.join(" "), forget_reason(x, attaching));
-        let _ = netlink::delete_link(&x.host_if);
+        netlink::clean_up_link(&x.host_if, &format!("{} is gone", x.target));
     }
     if !gone.is_empty() {
         state.save_attachments(attachments)?;

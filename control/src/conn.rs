@@ -201,6 +201,17 @@ impl Outbox {
         Ok(())
     }
 
+    /// [`Outbox::send`] where a message that will never be sent needs nothing
+    /// more: the connection is closing, and a queue that overflowed closes it
+    /// and is counted (`limits.closed_queue_full`). What the peer missed it gets
+    /// again in full when it reconnects (gossip, IPAM, DNS, the trust record);
+    /// a goodbye is the last word to a connection that ends anyway.
+    pub fn offer(&self, msg: ControlMsg) {
+        if self.send(msg).is_err() {
+            log::debug!("a message to a closing connection was dropped");
+        }
+    }
+
     fn pop(&self) -> Option<Next> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner()).pop()
     }
@@ -543,7 +554,7 @@ async fn run_connection(
     let userspace = hello.capabilities & meshnet_proto::handshake::CAP_TRUSTED_USERSPACE != 0;
     mesh.trusted.connected(id, hello.name, local_ip, remote.ip(), hello.binding.keys.signing_key, userspace);
     if hello.capabilities & CAP_TRUSTED != 0 {
-        let _ = queue.send(ControlMsg::Trusted(mesh.trusted.record()));
+        queue.offer(ControlMsg::Trusted(mesh.trusted.record()));
     }
     let rekey = RekeyCtx { mesh: &mesh, id, peer: hello.name, clock };
     let why = run_established(&mesh, id, hello.name, &queue, remote, &mut channel, &mut stream, &mut rekeyer, &rekey).await;

@@ -281,7 +281,7 @@ pub fn run(cfg: Config) -> Result<()> {
     let tap_if = port_name(&cfg.bridge, cfg.datapath);
     if let Some(old) = previous.as_ref().filter(|d| d.tap != tap_if) {
         // The port of a run with the other datapath (a capture veth outlives a crash).
-        let _ = netlink::delete_link(&old.tap);
+        netlink::clean_up_link(&old.tap, "the port of the other datapath");
     }
     cfg.state.save_devices(&Devices { bridge: cfg.bridge.clone(), bridge_created, tap: tap_if.clone() })?;
     let mut queues: Vec<Device> = match cfg.datapath {
@@ -376,7 +376,9 @@ pub fn run(cfg: Config) -> Result<()> {
                     h.deferred.push((key.clone(), ip, prefix));
                     // Never handed out to another target meanwhile.
                     let now = h.now_ms();
-                    let _ = h.ipam.note_in_use(&key, ip, prefix, now);
+                    if let Err(e) = h.ipam.note_in_use(&key, ip, prefix, now) {
+                        log::warn!("IPAM: {ip}/{prefix} of {key} is not noted as in use ({e}): until its claim completes it may be handed out to another target");
+                    }
                 }
             }
         }
@@ -387,7 +389,9 @@ pub fn run(cfg: Config) -> Result<()> {
                     if h.ipam.universe().contains(ip) && !held.contains(&ip) {
                         h.deferred.push((EXPOSE_KEY.to_string(), ip, subnet.prefix()));
                         let now = h.now_ms();
-                        let _ = h.ipam.note_in_use(EXPOSE_KEY, ip, subnet.prefix(), now);
+                        if let Err(err) = h.ipam.note_in_use(EXPOSE_KEY, ip, subnet.prefix(), now) {
+                            log::warn!("IPAM: exposed {} is not noted as in use ({err}): until its claim completes it may be handed out to a target", e.addr);
+                        }
                     }
                 }
             }
@@ -395,7 +399,14 @@ pub fn run(cfg: Config) -> Result<()> {
         if h.ipam.is_agreed() {
             h.claim_deferred();
         }
-        let _ = h.flush();
+        // No peer is connected yet (none is live to IPAM either): what IPAM
+        // would send now goes to nobody, as the mesh drops a message for a peer
+        // it has no connection to; each peer that connects gets its state in
+        // full. What happened (claims, conflicts) is logged.
+        let (_to_nobody, events) = h.flush();
+        for e in &events {
+            ipamd::log_event(e);
+        }
     }
 
     // Targets saved by an earlier build may be spelled otherwise (`[FD00::1]:6783`):
@@ -470,6 +481,7 @@ pub fn run(cfg: Config) -> Result<()> {
         }
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
+        // A socket left by a router that died (the launch checked none serves).
         let _ = std::fs::remove_file(&sock_path);
         let api_listener = UnixListener::bind(&sock_path).with_context(|| format!("bind {}", sock_path.display()))?;
         std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
@@ -571,7 +583,7 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     if cfg.datapath == Datapath::Pcap {
         // Dropping the device removes its veth; this covers a data plane still referenced.
-        let _ = netlink::delete_link(&tap_if);
+        netlink::clean_up_link(&tap_if, "the router stopped");
     }
     // The VXLAN device goes with the router (stop and reset); a launch makes it again.
     if let Some(name) = &vxlan_made {
@@ -588,6 +600,7 @@ pub fn run(cfg: Config) -> Result<()> {
             log::warn!("reset: {e:#}");
         }
     }
+    // (Gone already after a reset, which removed the state directory.)
     let _ = std::fs::remove_file(cfg.state.pid());
     log::info!("stopped");
     Ok(())
@@ -644,6 +657,7 @@ async fn announce_attachments(ctx: &ApiCtx) {
     for pause in [Duration::from_millis(500), Duration::from_secs(2)] {
         tokio::time::sleep(pause).await;
         let attachments = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // (Err: the closure panicked, which the panic message said.)
         let _ = tokio::task::spawn_blocking(move || {
             for a in &attachments {
                 let Some(ns) = attach::still_there(a) else { continue };
@@ -724,6 +738,7 @@ async fn guard_loop(ctx: Arc<ApiCtx>) {
     loop {
         let c = ctx.clone();
         let port = port.clone();
+        // (Err: the closure panicked, which the panic message said.)
         let _ = tokio::task::spawn_blocking(move || {
             let hairpin = format!("/sys/class/net/{port}/brport/hairpin_mode");
             if std::fs::read_to_string(&hairpin).is_ok_and(|v| v.trim() == "1") {
@@ -864,7 +879,9 @@ fn trusted_device(cfg: &Config, bridge_index: u32) -> Result<Option<crate::trust
             // Nobody may send to the port until a peer is trusted both ways
             // (the sync loop lets peers' addresses in); no filter, no device.
             if let Err(e) = crate::trusted::apply_filter(&cfg.bridge, port, &[]) {
-                let _ = vxlan::remove(&name);
+                if let Err(undo) = vxlan::remove(&name) {
+                    log::warn!("{name} is left behind: {undo}");
+                }
                 log::warn!("trusted subnets: no nftables filter for UDP {port} ({e:#}), so no kernel VXLAN device; {USERSPACE_INSTEAD}");
                 return Err(format!("no nftables filter for UDP {port}: {e:#}"));
             }
@@ -905,12 +922,15 @@ pub fn remove_devices(state: &StateDir, attachments: &[Attachment]) {
                 log::warn!("detaching {}: {e}", a.target);
             }
         }
-        let _ = netlink::delete_link(&a.host_if);
+        netlink::clean_up_link(&a.host_if, &format!("{}'s interface, at reset", a.target));
     }
     if let Ok(Some(d)) = state.load_devices() {
         expose::remove_all(&d.bridge, &state.load_exposed().unwrap_or_default());
-        let _ = netlink::delete_link(&d.tap);
-        let _ = meshnet_router::vxlan::remove(&meshnet_router::vxlan::device_name(&d.bridge));
+        netlink::clean_up_link(&d.tap, "the router's port, at reset");
+        let vxlan = meshnet_router::vxlan::device_name(&d.bridge);
+        if let Err(e) = meshnet_router::vxlan::remove(&vxlan) {
+            log::warn!("{vxlan} is left behind: {e}");
+        }
         crate::trusted::remove_filter(&d.bridge);
         if d.bridge_created {
             if let Err(e) = netlink::delete_link(&d.bridge) {
@@ -961,6 +981,7 @@ async fn api_loop(ctx: Arc<ApiCtx>, listener: UnixListener) {
         };
         let ctx = ctx.clone();
         tokio::spawn(async move {
+            // Err: the client went away (or sent no request); nobody to tell.
             let _ = serve_api(ctx, stream).await;
         });
     }
@@ -1301,6 +1322,8 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             let prime = |h: &mut ipamd::IpamHost| {
                 if !h.ipam.is_agreed() {
                     let now = h.now_ms();
+                    // Only to start consensus: what it achieved is `agreed` and
+                    // `state` below (an error, as a Pending, leaves it unagreed).
                     let _ = h.ipam.allocate(ipamd::PRIME_KEY, meshnet_proto::ipam::Request::Any(h.default_subnet), now);
                 }
                 h.ipam.free_target(ipamd::PRIME_KEY);
@@ -1629,16 +1652,31 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
             }
         }
     };
+    // Undoes what this expose did so far, saying what could not be undone.
+    let undo = |added: &[(IpAddr, u8)], table: bool| {
+        let mut rollback = Rollback::default();
+        for (ip, prefix) in added {
+            rollback.step(netlink::del_link_address(bridge, *ip, *prefix), || format!("{ip}/{prefix} stays on {bridge}"));
+        }
+        undo_v6();
+        release_new(mesh, EXPOSE_KEY, &held_before);
+        rollback.step(mesh.state.save_exposed(&exposed).map_err(|e| format!("{e:#}")), || {
+            format!(
+                "the record of exposed addresses could not be put back, so the next launch exposes {} (meshnet hide it then)",
+                allocated.iter().map(|(ip, prefix)| format!("{ip}/{prefix}")).collect::<Vec<_>>().join(" ")
+            )
+        });
+        if table {
+            rollback.step(expose::apply_table(bridge, ranges, &exposed).map_err(|e| format!("{e:#}")), || {
+                "meshnet's nftables table could not be put back".to_string()
+            });
+        }
+        rollback
+    };
     for (ip, prefix) in &allocated {
         let on = if ip.is_ipv6() { netlink::set_bridge_ipv6(bridge, true) } else { Ok(()) };
         if let Err(e) = on.and_then(|_| netlink::add_link_address(bridge, *ip, *prefix).map(|_| ())) {
-            for (ip, prefix) in &added {
-                let _ = netlink::del_link_address(bridge, *ip, *prefix);
-            }
-            undo_v6();
-            release_new(mesh, EXPOSE_KEY, &held_before);
-            let _ = mesh.state.save_exposed(&exposed);
-            return Err(anyhow::Error::from(e).context("expose"));
+            return Err(undo(&added, false).error(anyhow::Error::from(e).context("expose")));
         }
         added.push((*ip, *prefix));
     }
@@ -1647,14 +1685,7 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
         expose::apply_table(bridge, ranges, &next)
     };
     if let Err(e) = applied {
-        for (ip, prefix) in &added {
-            let _ = netlink::del_link_address(bridge, *ip, *prefix);
-        }
-        undo_v6();
-        release_new(mesh, EXPOSE_KEY, &held_before);
-        let _ = mesh.state.save_exposed(&exposed);
-        let _ = expose::apply_table(bridge, ranges, &exposed);
-        return Err(e.context("expose"));
+        return Err(undo(&added, true).error(e.context("expose")));
     }
     *ctx.exposed.lock().unwrap_or_else(|p| p.into_inner()) = next;
     for (ip, prefix) in &added {
@@ -1717,6 +1748,16 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String], by_user: bool) -> Result<serde_jso
             }
         }
     }
+    // Puts back what this hide took off the bridge, saying what it could not.
+    let put_back = |removed: &[(IpAddr, u8)]| {
+        let mut rollback = Rollback::default();
+        for (ip, prefix) in removed {
+            rollback.step(netlink::add_link_address(bridge, *ip, *prefix), || {
+                format!("{ip}/{prefix} is still exposed but off {bridge} (the next launch puts it back)")
+            });
+        }
+        rollback
+    };
     // Off the bridge before the record goes: a crash in between must not leave
     // an address there that no record holds (the next launch would free it in
     // IPAM while the bridge still has it). Put back if the record cannot be written.
@@ -1724,18 +1765,12 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String], by_user: bool) -> Result<serde_jso
     for e in &gone {
         let (ip, subnet) = expose::parse(e)?;
         if let Err(err) = netlink::del_link_address(bridge, ip, subnet.prefix()) {
-            for (ip, prefix) in &removed {
-                let _ = netlink::add_link_address(bridge, *ip, *prefix);
-            }
-            return Err(anyhow::Error::from(err).context("hide"));
+            return Err(put_back(&removed).error(anyhow::Error::from(err).context("hide")));
         }
         removed.push((ip, subnet.prefix()));
     }
     if let Err(err) = mesh.state.save_exposed(&next) {
-        for (ip, prefix) in &removed {
-            let _ = netlink::add_link_address(bridge, *ip, *prefix);
-        }
-        return Err(err.context("hide"));
+        return Err(put_back(&removed).error(err.context("hide")));
     }
     for e in &gone {
         let (ip, _) = expose::parse(e)?;
@@ -2139,13 +2174,16 @@ fn allocate_all(
                 .with_ipam_for(v6, |h| {
                     let defer = !h.ipam.is_agreed();
                     if defer && !h.deferred.iter().any(|(k, a, _)| k == key && a == want) {
-                        h.deferred.push((key.to_string(), *want, *prefix));
+                        // Noted first: an address IPAM would not note could be
+                        // handed out to another target before the claim.
                         let now = h.now_ms();
-                        let _ = h.ipam.note_in_use(key, *want, *prefix, now);
+                        h.ipam.note_in_use(key, *want, *prefix, now)?;
+                        h.deferred.push((key.to_string(), *want, *prefix));
                     }
-                    defer
+                    Ok(defer)
                 })
-                .ok_or_else(no_ring)?;
+                .ok_or_else(no_ring)?
+                .map_err(|e: meshnet_proto::ipam::IpamError| anyhow::anyhow!("{e}"))?;
             if deferred {
                 log::info!("IPAM: {ip}/{prefix} for {key} will be claimed once the ring is agreed");
                 addrs.push((*ip, *prefix));
@@ -2226,6 +2264,34 @@ fn ipam_status_json(mesh: &Mesh) -> serde_json::Value {
     })
 }
 
+/// The undo of a change that failed half-way. A step that fails too is
+/// logged and said with the change's own error, so the user learns what was
+/// left behind (an address still on the bridge, a record the next launch acts
+/// on) rather than only that the change failed.
+#[derive(Debug, Default)]
+struct Rollback {
+    left_behind: Vec<String>,
+}
+
+impl Rollback {
+    /// One undo step's outcome; `left` says what its failure leaves behind.
+    fn step<T, E: std::fmt::Display>(&mut self, result: Result<T, E>, left: impl FnOnce() -> String) {
+        if let Err(e) = result {
+            let what = format!("{} ({e})", left());
+            log::error!("undoing a failed change: {what}");
+            self.left_behind.push(what);
+        }
+    }
+
+    /// The change's error, with what its undo could not undo.
+    fn error(self, e: anyhow::Error) -> anyhow::Error {
+        if self.left_behind.is_empty() {
+            return e;
+        }
+        anyhow::anyhow!("{e:#}; undoing it failed too: {}", self.left_behind.join("; "))
+    }
+}
+
 /// Undoes the allocations of a failed attach: frees what `key` did not hold before.
 fn release_new(mesh: &Mesh, key: &str, held_before: &[IpAddr]) {
     mesh.with_ipams(|h4, h6| {
@@ -2271,6 +2337,25 @@ fn parse_peers(peers: &[String], port: u16) -> Result<Vec<PeerAddr>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An undo that fails too is said with the change's error (expose and hide
+    /// put records and addresses back with it; its failures were thrown away,
+    /// so the user learned that the change failed but not what it left).
+    #[test]
+    fn a_failed_undo_is_said_with_the_error() {
+        let clean = Rollback::default();
+        assert_eq!(format!("{:#}", clean.error(anyhow::anyhow!("disk full").context("expose"))), "expose: disk full");
+        let mut rollback = Rollback::default();
+        rollback.step(Ok::<(), String>(()), || unreachable!("a step that worked leaves nothing"));
+        rollback.step(Err::<(), _>("Read-only file system"), || "the record still lists 10.32.0.3/12".to_string());
+        rollback.step(Err::<(), _>("No such device"), || "10.32.0.4/12 stays on meshnet".to_string());
+        let e = format!("{:#}", rollback.error(anyhow::anyhow!("no such device").context("expose")));
+        assert_eq!(
+            e,
+            "expose: no such device; undoing it failed too: the record still lists 10.32.0.3/12 (Read-only file system); \
+             10.32.0.4/12 stays on meshnet (No such device)"
+        );
+    }
 
     #[test]
     fn the_first_connection_is_awaited_without_end() {

@@ -484,7 +484,7 @@ fn send_to_all<A: Gossiped>(g: &Inner, except: Option<u64>, msgs: Vec<DnsMsg<A>>
     for (id, c) in g.conns.iter() {
         if Some(*id) != except && c.established && c.capabilities & A::CAP != 0 {
             for m in &msgs {
-                let _ = c.queue.send(A::wrap(m.clone()));
+                c.queue.offer(A::wrap(m.clone()));
             }
         }
     }
@@ -497,7 +497,7 @@ fn send_to<A: Gossiped>(g: &Inner, to: u64, msgs: Vec<DnsMsg<A>>) {
             return;
         }
         for m in msgs {
-            let _ = c.queue.send(A::wrap(m));
+            c.queue.offer(A::wrap(m));
         }
     }
 }
@@ -680,6 +680,8 @@ async fn udp_loop(dns: Arc<Dns>, sock: Arc<UdpSocket>) {
                 // The request parsed, so its payload size is known; replies are small.
                 let max = Message::from_vec(&buf[..n]).map(|r| max_udp(&r)).unwrap_or(512);
                 if let Some(bytes) = encode(&resp, Some(max)) {
+                    // A reply the client cannot take (gone, unreachable) is its
+                    // loss: it asks again. So below.
                     let _ = sock.send_to(&bytes, src).await;
                 }
             }
@@ -719,6 +721,7 @@ async fn tcp_loop(dns: Arc<Dns>, listener: TcpListener) {
         };
         let dns = dns.clone();
         tokio::spawn(async move {
+            // Err: the client went away or broke the framing; nobody to tell.
             let _ = tcp_conn(&dns, stream).await;
             drop(permit);
         });

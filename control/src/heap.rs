@@ -44,6 +44,7 @@ pub fn trim() {
 pub async fn trim_loop() {
     loop {
         tokio::time::sleep(TRIM_EVERY).await;
+        // (Err: the trim panicked, which the panic message said; the next one runs anyway.)
         let _ = tokio::task::spawn_blocking(trim).await;
     }
 }

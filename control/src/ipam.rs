@@ -94,6 +94,31 @@ fn check_routes(range: &Cidr, bridge: &str, routes: &str) -> Result<()> {
     Ok(())
 }
 
+/// Logs what IPAM reports (an event [`IpamHost::flush`] returned).
+pub fn log_event(e: &Event) {
+    match e {
+        // (Released again by the flush.)
+        Event::Allocated { target, .. } if target == PRIME_KEY => log::info!("IPAM: primed"),
+        Event::Allocated { target, ip, prefix } => log::info!("IPAM: {ip}/{prefix} allocated to {target}"),
+        Event::Failed { target, error, .. } => log::warn!("IPAM: allocation for {target} failed: {error}"),
+        Event::Conflict(c) => log::warn!(
+            "IPAM: the claim of {}/{} for {} failed: {}; it keeps the address, so two targets use it until one \
+             lets it go (meshnet detach): `meshnet status ipam` lists it, and the claim is retried every {} s",
+            c.ip,
+            c.prefix,
+            c.target,
+            c.error,
+            meshnet_proto::ipam::CONFLICT_RETRY_MS / 1000
+        ),
+        // (The deferred addresses were claimed by the flush.)
+        Event::Agreed { seeds } => log::info!(
+            "IPAM: ring agreed, initial owners {}",
+            seeds.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+        ),
+        other => log::info!("IPAM: {other:?}"),
+    }
+}
+
 /// IPAM plus what the daemon needs around it.
 pub struct IpamHost {
     pub ipam: Ipam,
@@ -121,6 +146,9 @@ const MAX_PEER_CONFLICTS: usize = 8;
 /// How long a peer's conflict is shown after it last happened (a peer still in
 /// conflict is refused again at each redial, well within this).
 const PEER_CONFLICT_SHOWN: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Most rounds of save, drain and follow-up in one [`IpamHost::flush`].
+const FLUSH_ROUNDS: usize = 4;
 
 /// Least time between two log lines about failed saves, or about dropped messages.
 const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
@@ -183,44 +211,82 @@ impl IpamHost {
     /// Persists (if changed), then returns what to send and what happened.
     ///
     /// The state stays dirty until a write succeeds: after a failed write
-    /// nothing is sent and no event is reported (messages stay queued in IPAM and
-    /// go out after the next successful write), so no peer ever hears of state
-    /// this router could lose in a crash.
+    /// nothing more is sent and no more events are reported (messages stay
+    /// queued in IPAM and go out after the next successful write), so no peer
+    /// ever hears of state this router could lose in a crash.
+    ///
+    /// What an event asks of this router is done here, and what that produces
+    /// is saved and returned too: the priming request is released once granted,
+    /// and the addresses deferred until a ring was agreed are claimed when it
+    /// is. (Done by the caller with the output of a second flush thrown away,
+    /// the claims sent to other owners and the conflicts they met were lost.)
     pub fn flush(&mut self) -> (Vec<(Dest, Vec<u8>)>, Vec<Event>) {
-        if self.ipam.needs_save() {
-            let snapshot = self.ipam.snapshot();
-            match write_atomic(&self.path, &snapshot, 0o600) {
-                Ok(()) => {
-                    self.ipam.saved();
-                    if self.save_error.take().is_some() {
-                        log::info!("IPAM state saved again to {}; sending held-back IPAM updates", self.path.display());
+        let mut out = Vec::new();
+        let mut events = Vec::new();
+        // Each round's follow-ups are few and bounded (one release, one set
+        // of claims): a handful of rounds always drains them.
+        for _ in 0..FLUSH_ROUNDS {
+            if !self.save() {
+                break;
+            }
+            let first = events.len();
+            while let Some(t) = self.ipam.poll_transmit() {
+                out.push(t);
+            }
+            while let Some(e) = self.ipam.poll_event() {
+                events.push(e);
+            }
+            let mut more = false;
+            for e in &events[first..] {
+                match e {
+                    Event::Allocated { target, .. } if target == PRIME_KEY => {
+                        self.ipam.free_target(PRIME_KEY);
+                        more = true;
                     }
-                }
-                Err(e) => {
-                    // Sending now could hand out space we could not record: hold it back.
-                    self.save_failures += 1;
-                    let msg = format!("{e:#}");
-                    if self.last_save_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                        self.last_save_log = Some(Instant::now());
-                        log::error!(
-                            "persisting IPAM state failed ({} failures so far): {msg}; IPAM updates are held back until it can be saved",
-                            self.save_failures
-                        );
+                    Event::Agreed { .. } => {
+                        self.claim_deferred();
+                        more = true;
                     }
-                    self.save_error = Some(msg);
-                    return (Vec::new(), Vec::new());
+                    _ => {}
                 }
             }
-        }
-        let mut out = Vec::new();
-        while let Some(t) = self.ipam.poll_transmit() {
-            out.push(t);
-        }
-        let mut events = Vec::new();
-        while let Some(e) = self.ipam.poll_event() {
-            events.push(e);
+            if !more {
+                break;
+            }
         }
         (out, events)
+    }
+
+    /// Writes the state if it changed since the last write; false if that
+    /// failed (logged at most every 10 s, counted in `save_failures`).
+    fn save(&mut self) -> bool {
+        if !self.ipam.needs_save() {
+            return true;
+        }
+        let snapshot = self.ipam.snapshot();
+        match write_atomic(&self.path, &snapshot, 0o600) {
+            Ok(()) => {
+                self.ipam.saved();
+                if self.save_error.take().is_some() {
+                    log::info!("IPAM state saved again to {}; sending held-back IPAM updates", self.path.display());
+                }
+                true
+            }
+            Err(e) => {
+                // Sending now could hand out space we could not record: hold it back.
+                self.save_failures += 1;
+                let msg = format!("{e:#}");
+                if self.last_save_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                    self.last_save_log = Some(Instant::now());
+                    log::error!(
+                        "persisting IPAM state failed ({} failures so far): {msg}; IPAM updates are held back until it can be saved",
+                        self.save_failures
+                    );
+                }
+                self.save_error = Some(msg);
+                false
+            }
+        }
     }
 
     /// Why the current state is not on disk, if it is not (the last write failed).
@@ -493,6 +559,52 @@ mod tests {
         let peers: Vec<&str> = v["peer_conflicts"].as_array().unwrap().iter().map(|c| c["error"].as_str().unwrap()).collect();
         assert_eq!(peers.len(), MAX_PEER_CONFLICTS);
         assert_eq!(peers.last(), Some(&"conflict 29"), "newest last: {peers:?}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// What the ring's agreement asks for (claiming the deferred addresses,
+    /// releasing the priming request) is done by the flush, and what that
+    /// produces comes back from the same flush: a conflict met by a deferred
+    /// claim is reported (it was drained by a second flush whose output the
+    /// mesh threw away, so the log never said it).
+    #[test]
+    fn flush_claims_deferred_addresses_and_reports_their_conflicts() {
+        let dir = std::env::temp_dir().join(format!("meshnet-ipam-flush-deferred-{}", std::process::id()));
+        let state = StateDir::new(dir.clone());
+        state.ensure().unwrap();
+        let range: Cidr = "10.40.0.0/16".parse().unwrap();
+        let mut host = IpamHost::open(&state, PeerName(0x0200_0000_0001), range, range, InitMode::Consensus(1), &Identity::generate()).unwrap();
+        host.ipam.peers_changed(&[]);
+        // Two targets attached 10.40.0.9 before any ring (across a partition, say).
+        let ip: IpAddr = "10.40.0.9".parse().unwrap();
+        for key in ["ns:a", "ns:b"] {
+            host.deferred.push((key.to_string(), ip, 16));
+            let now = host.now_ms();
+            host.ipam.note_in_use(key, ip, 16, now).unwrap();
+        }
+        let now = host.now_ms();
+        let first = host.ipam.allocate(PRIME_KEY, meshnet_proto::ipam::Request::Any(range), now).unwrap();
+        assert!(matches!(first, Allocation::Pending(_)), "{first:?}");
+        let mut events = Vec::new();
+        for _ in 0..50 {
+            let now = host.now_ms();
+            host.ipam.handle_timeout(now);
+            events.extend(host.flush().1);
+            if host.ipam.is_agreed() && events.iter().any(|e| matches!(e, Event::Conflict(_))) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(events.iter().any(|e| matches!(e, Event::Agreed { .. })), "{events:?}");
+        let conflicts: Vec<&str> =
+            events.iter().filter_map(|e| if let Event::Conflict(c) = e { Some(c.target.as_str()) } else { None }).collect();
+        assert_eq!(conflicts.len(), 1, "one of the two deferred claims conflicts: {events:?}");
+        let holder = if conflicts[0] == "ns:a" { "ns:b" } else { "ns:a" };
+        assert_eq!(host.ipam.addresses_of(holder), vec![ip], "the other deferred claim holds the address");
+        assert!(host.deferred.is_empty(), "{:?}", host.deferred);
+        // The priming request does not keep an address, and all of it is saved.
+        assert!(host.ipam.addresses_of(PRIME_KEY).is_empty(), "{events:?}");
+        assert!(!host.ipam.needs_save());
         let _ = std::fs::remove_dir_all(dir);
     }
 

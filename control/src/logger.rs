@@ -37,6 +37,7 @@ impl log::Log for Logger {
         let secs = now.as_secs();
         let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
         let line = format!("{h:02}:{m:02}:{s:02}.{:03} {:<5} {}\n", now.subsec_millis(), r.level(), r.args());
+        // (A line the log cannot take cannot be said anywhere else either.)
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
         if let Some(rot) = &self.rotation {
             rot.wrote(line.len() as u64);

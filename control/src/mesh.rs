@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use crate::api::{ConnectionStatus, LimitsStatus, PeerStatus, Refusal, TrustStatus};
 use crate::conn::{CloseReason, ConnCounters, Outbox};
 use crate::ipam::IpamHost;
-use meshnet_proto::ipam::{Dest, Event};
+use meshnet_proto::ipam::Dest;
 use crate::peeraddr::PeerAddr;
 use crate::state::StateDir;
 
@@ -698,7 +698,7 @@ impl Mesh {
                     let to = g.conns.get(&shed).and_then(|c| c.peer).map(|p| p.to_string()).unwrap_or_default();
                     log::info!("--conn-limit: closing the connection to {to}: {why}");
                     if let Some(c) = g.conns.get(&shed) {
-                        let _ = c.queue.send(ControlMsg::Goodbye(why));
+                        c.queue.offer(ControlMsg::Goodbye(why));
                     }
                     self.drop_conn_locked(g, shed, End::Duplicate);
                 }
@@ -726,7 +726,7 @@ impl Mesh {
             match dialer::tie_break_incarnation(self.settings.me, peer, this_dir, dir, same_incarnation) {
                 Keep::New => {
                     if let Some(old) = g.conns.get(&cid) {
-                        let _ = old.queue.send(ControlMsg::Goodbye(crate::conn::REPLACED.into()));
+                        old.queue.offer(ControlMsg::Goodbye(crate::conn::REPLACED.into()));
                         if old.peer_uid != uid {
                             g.replaced.note(peer, old.peer_uid);
                         }
@@ -899,7 +899,7 @@ impl Mesh {
             let why = format!("UDP heartbeats missed for {}s", UDP_LOST_CLOSE.as_secs());
             log::warn!("closing the connection to {peer}: {why}");
             if let Some(c) = g.conns.get(&id) {
-                let _ = c.queue.send(ControlMsg::Goodbye(why.clone()));
+                c.queue.offer(ControlMsg::Goodbye(why.clone()));
             }
             self.drop_conn_locked(&mut g, id, End::Failed(Failure::Closed(why)));
             changed = false; // dropping recomputed everything
@@ -980,7 +980,7 @@ impl Mesh {
                             self.settings.me, hello.name
                         );
                         if let Some(c) = g.conns.get(&id) {
-                            let _ = c.queue.send(ControlMsg::Goodbye(why.clone()));
+                            c.queue.offer(ControlMsg::Goodbye(why.clone()));
                         }
                         self.drop_conn_locked(g, id, End::Failed(Failure::Closed(why)));
                     }
@@ -1200,7 +1200,7 @@ impl Mesh {
                 gossip::Send::Summary(s) => vec![ControlMsg::GossipSummary(s)],
             };
             for m in msgs {
-                let _ = c.queue.send(m);
+                c.queue.offer(m);
             }
         }
     }
@@ -1300,39 +1300,14 @@ impl Mesh {
                     Dest::Peer(p) => {
                         let hop = g.next_hop.get(&p).copied().unwrap_or(p);
                         if let Some(c) = g.conns.values().find(|c| c.established && c.peer == Some(hop)) {
-                            let _ = c.queue.send(ControlMsg::Ipam(bytes));
+                            c.queue.offer(ControlMsg::Ipam(bytes));
                         }
                     }
                 }
             }
         }
-        for e in events {
-            match e {
-                Event::Allocated { target, .. } if target == crate::ipam::PRIME_KEY => {
-                    let h = Self::host_of(g, v6);
-                    h.ipam.free_target(&target);
-                    let _ = h.flush();
-                    log::info!("IPAM: primed");
-                }
-                Event::Allocated { target, ip, prefix } => log::info!("IPAM: {ip}/{prefix} allocated to {target}"),
-                Event::Failed { target, error, .. } => log::warn!("IPAM: allocation for {target} failed: {error}"),
-                Event::Conflict(c) => log::warn!(
-                    "IPAM: the claim of {}/{} for {} failed: {}; it keeps the address, so two targets use it until one \
-                     lets it go (meshnet detach): `meshnet status ipam` lists it, and the claim is retried every {} s",
-                    c.ip,
-                    c.prefix,
-                    c.target,
-                    c.error,
-                    meshnet_proto::ipam::CONFLICT_RETRY_MS / 1000
-                ),
-                Event::Agreed { seeds } => {
-                    log::info!("IPAM: ring agreed, initial owners {}", names(&seeds));
-                    let h = Self::host_of(g, v6);
-                    h.claim_deferred();
-                    let _ = h.flush();
-                }
-                other => log::info!("IPAM: {other:?}"),
-            }
+        for e in &events {
+            crate::ipam::log_event(e);
         }
     }
 
@@ -1454,7 +1429,7 @@ impl Mesh {
         let why = format!("{} is over its connection limit ({})", self.settings.me, self.settings.conn_limit);
         if let Some(c) = g.conns.get(&shed) {
             log::info!("closing the connection to {}: {why}", c.peer.map(|p| p.to_string()).unwrap_or_default());
-            let _ = c.queue.send(ControlMsg::Goodbye(why));
+            c.queue.offer(ControlMsg::Goodbye(why));
         }
         self.drop_conn_locked(g, shed, End::Duplicate);
     }
@@ -1770,7 +1745,7 @@ pub async fn route_loop(mesh: Arc<Mesh>) {
 fn broadcast(g: &mut Inner, except: Option<u64>, msg: &ControlMsg) {
     for (id, c) in g.conns.iter() {
         if Some(*id) != except && c.established {
-            let _ = c.queue.send(msg.clone());
+            c.queue.offer(msg.clone());
         }
     }
 }

@@ -640,7 +640,11 @@ impl Plugin {
             let answer = json!({ "Address": text, "Data": {} });
             if let Err(e) = self.commit(&mut next, &answer) {
                 if exposed {
-                    let _ = self.host.release_gateway(ip, subnet.prefix());
+                    if let Err(undo) = self.host.release_gateway(ip, subnet.prefix()) {
+                        let left = format!("the gateway {ip}/{} stays exposed ({undo:#}): `meshnet hide` it", subnet.prefix());
+                        log::error!("docker plugin: undoing a failed gateway request: {left}");
+                        return Err(format!("{e}; {left}"));
+                    }
                 }
                 return Err(e);
             }

@@ -140,6 +140,10 @@ fn msg(me: PeerName, to: PeerName, id: u64, body: SpliceBody) -> ControlMsg {
 }
 
 /// Sends `m` towards its `to` through `via`; false if `via` is gone.
+/// Sends `m` through our connection to `via`; false: there is none, or it is
+/// closing. Where a caller ignores that, the other end gives up by itself: an
+/// open nobody answers times out (`OPEN_TIMEOUT`), and a splice whose relay is
+/// gone ends with its data.
 fn send_via(mesh: &Mesh, via: PeerName, m: ControlMsg) -> bool {
     match mesh.splice_queue(via) {
         Some(q) => q.send(m).is_ok(),
@@ -235,7 +239,8 @@ pub fn on_message(mesh: &Mesh, sender: PeerName, m: SpliceMsg) {
     match m.body {
         SpliceBody::Open => {
             let refuse = |why: &str| {
-                let _ = send_via(mesh, sender, msg(me, other, m.id, SpliceBody::Close(why.into())));
+                // (Undelivered: the opener's open times out.)
+                send_via(mesh, sender, msg(me, other, m.id, SpliceBody::Close(why.into())));
             };
             let Some(observed) = m.observed else { return refuse("no observed address") };
             if !mesh.settings.reaches(&observed) {
@@ -265,7 +270,9 @@ pub fn on_message(mesh: &Mesh, sender: PeerName, m: SpliceMsg) {
             drop(g);
             mesh.splices.accepted.fetch_add(1, Ordering::Relaxed);
             log::info!("splice from {other} through {sender}: taken; its UDP address as {sender} sees it: {observed}");
-            let _ = send_via(mesh, sender, msg(me, other, m.id, SpliceBody::Accept));
+            // (Undelivered: the opener's open times out, and this end's data with it.)
+            send_via(mesh, sender, msg(me, other, m.id, SpliceBody::Accept));
+            // (Fails only once the open loop has returned: the router is stopping.)
             let _ = mesh.splices.starts.send(Start { key, via: sender, observed, rx, credits, unwritten, opener: false });
         }
         SpliceBody::Accept => {
@@ -280,6 +287,7 @@ pub fn on_message(mesh: &Mesh, sender: PeerName, m: SpliceMsg) {
             let (credits, unwritten) = (end.credits.clone(), end.unwritten.clone());
             drop(g);
             log::info!("splice to {other} through {sender}: accepted; its UDP address as {sender} sees it: {observed}");
+            // (Fails only once the open loop has returned: the router is stopping.)
             let _ = mesh.splices.starts.send(Start { key, via: sender, observed, rx, credits, unwritten, opener: true });
         }
         SpliceBody::Data(bytes) => {
@@ -292,6 +300,7 @@ pub fn on_message(mesh: &Mesh, sender: PeerName, m: SpliceMsg) {
                 close_end(mesh, key, "window exceeded");
                 return;
             }
+            // (Fails only once the end's pump has ended: the splice is closing.)
             let _ = pump.send(bytes);
         }
         SpliceBody::Ack(n) => {
@@ -317,7 +326,8 @@ pub fn on_message(mesh: &Mesh, sender: PeerName, m: SpliceMsg) {
 fn close_end(mesh: &Mesh, key: (PeerName, u64), why: &str) {
     let removed = mesh.splices.lock().ends.remove(&key);
     if let Some(end) = removed {
-        let _ = send_via(mesh, end.via, msg(mesh.settings.me, key.0, key.1, SpliceBody::Close(why.into())));
+        // (Undelivered: the other end's data stops, and it ends too.)
+        send_via(mesh, end.via, msg(mesh.settings.me, key.0, key.1, SpliceBody::Close(why.into())));
         mesh.splices.failed(key.0);
     }
 }
@@ -335,7 +345,7 @@ fn relay(mesh: &Mesh, sender: PeerName, mut m: SpliceMsg) {
         if !matches!(m.body, SpliceBody::Close(_)) {
             let back = ControlMsg::Splice(SpliceMsg { from: m.to, to: m.from, id: m.id, observed: None, body: SpliceBody::Close(why.into()) });
             if let Some(q) = mesh.splice_queue(sender) {
-                let _ = q.send(back);
+                q.offer(back);
             }
         }
     };

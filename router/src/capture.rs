@@ -77,7 +77,7 @@ impl CaptureDevice {
         match Self::open(&capture_end, &bridge_end) {
             Ok(dev) => Ok(dev),
             Err(e) => {
-                let _ = netlink::delete_link(&capture_end);
+                netlink::clean_up_link(&capture_end, "the capture device could not be opened");
                 Err(e)
             }
         }

@@ -235,6 +235,15 @@ pub fn delete_link(name: &str) -> Result<bool, NetlinkError> {
     })
 }
 
+/// Deletes link `name` as cleanup, where the caller's outcome does not depend
+/// on it: a link already gone is no failure, and a failure (the link stays) is
+/// logged as a warning naming it and `why` it was to go, not returned.
+pub fn clean_up_link(name: &str, why: &str) {
+    if let Err(e) = delete_link(name) {
+        log::warn!("{name} is left behind ({why}): {e}");
+    }
+}
+
 /// The names of the veth ends that are ports of bridge `bridge` (in the calling
 /// thread's namespace); none if there is no such bridge.
 pub fn veth_ports_of(bridge: &str) -> Result<Vec<String>, NetlinkError> {

@@ -105,8 +105,11 @@ pub fn create(spec: &VxlanSpec) -> Result<u32, NetlinkError> {
             .ctx(|| format!("set {} up", s.name))?;
         Ok(index)
     });
-    if made.is_err() {
-        let _ = remove(&spec.name);
+    if let Err(e) = &made {
+        // The error said is the creation's; a device half made and not removed is logged.
+        if let Err(undo) = remove(&spec.name) {
+            log::warn!("{} is left behind (making it failed: {e}): {undo}", spec.name);
+        }
     }
     made
 }

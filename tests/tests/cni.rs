@@ -391,3 +391,57 @@ fn cni_del_of_another_interface_leaves_the_pod_alone() {
     assert!(link(&pod_ns.ns, "eth0").is_none(), "eth0 still in the pod after its DEL");
     assert!(!h1.ps_json().iter().any(|e| e["target"] == netns.as_str()));
 }
+
+/// Takes the immutable attribute off a directory when the test ends.
+struct Mutable(std::path::PathBuf);
+
+impl Drop for Mutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// An ADD whose note (`stateDir/cni/`, by which a DEL without CNI_NETNS finds
+/// the pod) cannot be written fails with an I/O error saying so. It succeeded,
+/// and a later DEL without CNI_NETNS then found nothing, said the pod was gone,
+/// and left it attached. The runtime's DEL after the failed ADD (with
+/// CNI_NETNS) detaches it; with the directory writable again all works.
+#[test]
+fn cni_add_whose_note_cannot_be_written_fails() {
+    let Some(lab) = Lab::new("cninote") else {
+        return;
+    };
+    let h1 = lab.add_host(1);
+    let pod_ns = lab.add_container(&h1, 6);
+    h1.launch(&[]);
+    let conf = json!({
+        "cniVersion": "1.0.0",
+        "name": "meshnet",
+        "type": "meshnet-cni",
+        "stateDir": h1.state_dir.to_string_lossy(),
+        "ipam": {"addresses": [{"address": "10.40.0.6/16"}]}
+    });
+    let notes = h1.state_dir.join("cni");
+    std::fs::create_dir_all(&notes).expect("notes dir");
+    let st = Command::new("chattr").arg("+i").arg(&notes).status().expect("chattr");
+    assert!(st.success(), "chattr +i {}", notes.display());
+    let mutable = Mutable(notes.clone());
+    let netns = format!("/run/netns/{}", pod_ns.ns);
+    let pod = Pod { host_ns: &h1.ns, id: format!("pod-{}", lab.prefix), netns: netns.clone(), ifname: "eth0" };
+    let attached = || h1.ps_json().iter().any(|e| e["target"] == netns.as_str());
+
+    let e = expect_error(&pod.call("ADD", &conf), 5, "ADD whose note cannot be written");
+    let msg = e["msg"].as_str().unwrap_or_default();
+    assert!(msg.contains(&notes.display().to_string()) && msg.contains("DEL without CNI_NETNS"), "{e:#}");
+    // The runtime's DEL after a failed ADD.
+    let del = pod.call("DEL", &conf);
+    assert!(del.ok(), "DEL after the failed ADD: {del:?}");
+    assert!(!attached(), "DEL left the pod attached: {:?}", h1.ps_json());
+
+    drop(mutable);
+    assert!(pod.call("ADD", &conf).ok(), "ADD with the notes dir writable again");
+    assert!(attached());
+    let del = pod.call_raw("DEL", &conf.to_string(), "");
+    assert!(del.ok(), "DEL without CNI_NETNS: {del:?}");
+    assert!(!attached(), "DEL without CNI_NETNS left the pod attached: {:?}", h1.ps_json());
+}

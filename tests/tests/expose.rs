@@ -307,6 +307,47 @@ fn default_range_relaunch_with_an_exposed_address() {
     assert!(h.pids().is_empty(), "a refused launch left a router");
 }
 
+/// Takes the immutable attribute off a file when the test ends.
+struct Mutable(PathBuf);
+
+impl Drop for Mutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// `expose` and `hide` whose record (`exposed.json`, made immutable) cannot be
+/// written fail, naming the file and the OS error, and change nothing: the
+/// address is neither put on the bridge nor taken off, and a restart exposes
+/// what the router said is exposed, no more, no less.
+#[test]
+fn expose_and_hide_whose_record_cannot_be_written_fail() {
+    let Some(lab) = Lab::new("exposero") else { return };
+    let h = lab.add_host(1);
+    h.launch(&OPTS);
+    let first = h.meshnet(&["expose", "net:10.2.3.0/24"]).expect_ok("expose").stdout.trim().to_string();
+    let record = h.state_dir.join("exposed.json");
+    let st = std::process::Command::new("chattr").arg("+i").arg(&record).status().expect("chattr");
+    assert!(st.success(), "chattr +i {}", record.display());
+    let mutable = Mutable(record.clone());
+
+    let out = h.meshnet(&["expose", "net:10.2.4.0/24"]);
+    assert!(!out.ok(), "expose succeeded with an immutable record: {out}");
+    assert!(out.all().contains("exposed.json") && out.all().contains("Operation not permitted"), "{out}");
+    assert_eq!(exposed(&h), vec![first.clone()], "the failed expose is listed");
+    assert!(!addrs_of(&h.ns, "meshnet").iter().any(|a| a.starts_with("10.2.4.")), "the failed expose left an address on the bridge");
+    let out = h.meshnet(&["hide", &first]);
+    assert!(!out.ok(), "hide succeeded with an immutable record: {out}");
+    assert!(out.all().contains("exposed.json") && out.all().contains("Operation not permitted"), "{out}");
+    assert!(addrs_of(&h.ns, "meshnet").contains(&first), "the failed hide took {first} off the bridge");
+
+    drop(mutable);
+    kill9(&h);
+    h.launch(&["--resume"]);
+    assert_eq!(exposed(&h), vec![first.clone()], "exposed after a restart");
+    assert!(addrs_of(&h.ns, "meshnet").contains(&first));
+}
+
 /// The bridge's MAC (that of the host's exposed addresses, and of the DNS
 /// server on them) stays the same across `kill -9` + `launch --resume` and
 /// `stop` + `launch`: the TAP, made anew with a random MAC at every launch,
