@@ -114,6 +114,9 @@ pub struct IpamHost {
     /// Peers whose IPAM conflicted with ours (another range, another ring), so
     /// that their connection was closed: the latest per peer, newest last.
     peer_conflicts: VecDeque<(PeerName, String, Instant)>,
+    /// Messages taken from IPAM whose state could not be saved after taking
+    /// them: sent after the next successful write.
+    held_back: Vec<(Dest, Vec<u8>)>,
 }
 
 /// Most peers remembered in [`IpamHost::peer_conflicts`].
@@ -173,6 +176,7 @@ impl IpamHost {
             last_save_log: None,
             last_drop_log: None,
             peer_conflicts: VecDeque::new(),
+            held_back: Vec::new(),
         })
     }
 
@@ -183,44 +187,61 @@ impl IpamHost {
     /// Persists (if changed), then returns what to send and what happened.
     ///
     /// The state stays dirty until a write succeeds: after a failed write
-    /// nothing is sent and no event is reported (messages stay queued in IPAM and
-    /// go out after the next successful write), so no peer ever hears of state
-    /// this router could lose in a crash.
+    /// nothing is sent and no event is reported (messages stay queued in IPAM, or
+    /// held here, and go out after the next successful write), so no peer ever
+    /// hears of state this router could lose in a crash. Taking the messages can
+    /// change the state too (a digest first publishes this peer's exact free
+    /// counts): that is saved as well before they go, so the state is clean after
+    /// a flush that succeeds (an `attach` checks that its address is on disk).
     pub fn flush(&mut self) -> (Vec<(Dest, Vec<u8>)>, Vec<Event>) {
-        if self.ipam.needs_save() {
-            let snapshot = self.ipam.snapshot();
-            match write_atomic(&self.path, &snapshot, 0o600) {
-                Ok(()) => {
-                    self.ipam.saved();
-                    if self.save_error.take().is_some() {
-                        log::info!("IPAM state saved again to {}; sending held-back IPAM updates", self.path.display());
-                    }
-                }
-                Err(e) => {
-                    // Sending now could hand out space we could not record: hold it back.
-                    self.save_failures += 1;
-                    let msg = format!("{e:#}");
-                    if self.last_save_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
-                        self.last_save_log = Some(Instant::now());
-                        log::error!(
-                            "persisting IPAM state failed ({} failures so far): {msg}; IPAM updates are held back until it can be saved",
-                            self.save_failures
-                        );
-                    }
-                    self.save_error = Some(msg);
-                    return (Vec::new(), Vec::new());
-                }
-            }
+        if !self.save_if_needed() {
+            return (Vec::new(), Vec::new());
         }
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.held_back);
         while let Some(t) = self.ipam.poll_transmit() {
             out.push(t);
+        }
+        if !self.save_if_needed() {
+            self.held_back = out;
+            return (Vec::new(), Vec::new());
         }
         let mut events = Vec::new();
         while let Some(e) = self.ipam.poll_event() {
             events.push(e);
         }
         (out, events)
+    }
+
+    /// Writes the snapshot if the state changed since the last write; false if
+    /// that failed (counted, logged at most every [`LOG_EVERY`], shown in status).
+    fn save_if_needed(&mut self) -> bool {
+        if !self.ipam.needs_save() {
+            return true;
+        }
+        let snapshot = self.ipam.snapshot();
+        match write_atomic(&self.path, &snapshot, 0o600) {
+            Ok(()) => {
+                self.ipam.saved();
+                if self.save_error.take().is_some() {
+                    log::info!("IPAM state saved again to {}; sending held-back IPAM updates", self.path.display());
+                }
+                true
+            }
+            Err(e) => {
+                // Sending now could hand out space we could not record: hold it back.
+                self.save_failures += 1;
+                let msg = format!("{e:#}");
+                if self.last_save_log.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                    self.last_save_log = Some(Instant::now());
+                    log::error!(
+                        "persisting IPAM state failed ({} failures so far): {msg}; IPAM updates are held back until it can be saved",
+                        self.save_failures
+                    );
+                }
+                self.save_error = Some(msg);
+                false
+            }
+        }
     }
 
     /// Why the current state is not on disk, if it is not (the last write failed).
@@ -459,6 +480,34 @@ mod tests {
         assert!(e.contains("10.32.0.0/12 on meshnet"), "{e}");
         let clash = format!("{head}{}", ours.replace("meshnet", "eth1"));
         assert!(check_routes(&range, "meshnet", &clash).is_err(), "a route of another interface is not refused");
+    }
+
+    #[test]
+    fn a_flush_leaves_nothing_unsaved_when_a_digest_publishes_free_counts() {
+        // An allocation moves the exact free count too little to publish it at
+        // once; the periodic digest then publishes it while the flush takes the
+        // messages, after the write. That change must reach the disk in the same
+        // flush: `attach` refuses an address whose state is not saved yet
+        // ("was not allocated: the IPAM state is not saved yet"), and did so
+        // whenever a digest fell due under it.
+        let dir = std::env::temp_dir().join(format!("meshnet-ipam-digest-flush-{}", std::process::id()));
+        let state = StateDir::new(dir.clone());
+        state.ensure().unwrap();
+        let range: Cidr = "10.40.0.0/16".parse().unwrap();
+        let me = PeerName(0x0200_0000_0001);
+        let mut host = IpamHost::open(&state, me, range, range, InitMode::Seed(vec![me]), &Identity::generate()).unwrap();
+        let _ = host.flush();
+        let now = host.now_ms();
+        let got = host.ipam.allocate("netns:c1", meshnet_proto::ipam::Request::Any(range), now).unwrap();
+        assert!(matches!(got, Allocation::Ready { .. }), "{got:?}");
+        let _ = host.flush();
+        assert!(!host.ipam.needs_save(), "unsaved right after an allocation's flush");
+        host.ipam.handle_timeout(now + 1);
+        let (out, _) = host.flush();
+        assert!(!out.is_empty(), "the digest's flush sent nothing");
+        assert!(!host.ipam.needs_save(), "the digest's flush left the state unsaved");
+        assert_eq!(host.unsaved_error(), None);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
