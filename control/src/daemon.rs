@@ -1,5 +1,6 @@
 //! The router process: devices, sockets, tasks, the local API, and shutdown.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
@@ -366,6 +367,7 @@ pub fn run(cfg: Config) -> Result<()> {
         for (target, ip) in h.ipam.release_missing(&live) {
             log::info!("IPAM: released {ip} of {target}, which is gone");
         }
+        release_unrecorded(h, &attachments, &exposed);
         // Addresses attached before a ring was agreed and never claimed: claim them
         // once it is (at once, if it already is).
         for a in &attachments {
@@ -2101,6 +2103,32 @@ fn release_forgotten(mesh: &Mesh, forgotten: &[Attachment], key: &str, target: &
         }
         if f.target != target {
             unregister_logged(mesh, &f.target, &[]);
+        }
+    }
+}
+
+/// At launch: frees the addresses a target still attached (or the host's
+/// exposed set) holds in IPAM that its record does not list. An `attach` adding
+/// an address to an attached target, an `expose` while others are exposed, or a
+/// `detach`/`hide` of some addresses, cut short by a crash between IPAM and the
+/// record, left one there, owned by nobody and never handed out again until the
+/// whole target was detached. The records say what is in use: they are written
+/// before an address reaches a target and after it left it.
+fn release_unrecorded(h: &mut ipamd::IpamHost, attachments: &[Attachment], exposed: &[Exposure]) {
+    let mut recorded: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    for a in attachments {
+        let ips = a.addrs.iter().filter_map(|s| parse_cidr(s).ok().map(|(ip, _)| ip));
+        recorded.entry(attachment_key(a)).or_default().extend(ips);
+    }
+    if !exposed.is_empty() {
+        let ips = exposed.iter().filter_map(|e| expose::parse(e).ok().map(|(ip, _)| ip));
+        recorded.entry(EXPOSE_KEY.to_string()).or_default().extend(ips);
+    }
+    for (key, ips) in &recorded {
+        for ip in h.ipam.addresses_of(key) {
+            if !ips.contains(&ip) && h.ipam.free(key, ip) {
+                log::info!("IPAM: released {ip} of {key}, which its record does not hold (an operation cut short)");
+            }
         }
     }
 }
