@@ -2142,7 +2142,7 @@ fn register_pending_dns(mesh: &Mesh, attachments: &mut [Attachment]) {
         // Its host name, when it is one of the domain (the engine asked by ID).
         let fqdn = a.container_id.as_deref().and_then(|id| attach::resolve(id).ok()).and_then(|t| t.fqdn);
         let ips: Vec<IpAddr> = a.addrs.iter().filter_map(|c| parse_cidr(c).ok().map(|(ip, _)| ip)).collect();
-        log::info!("DNS: registering the names of {}, whose attach was cut short before it did", a.target);
+        log::info!("DNS: registering the names of {}, whose attach or detach a crash cut short", a.target);
         register_container(mesh, &a.target, &a.target, fqdn.as_deref(), &ips);
         a.dns_pending = false;
         changed = true;
