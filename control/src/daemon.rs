@@ -1287,6 +1287,9 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             mesh.ipam_sees_topology();
             // Its pinned keys go too, so a host reinstalled with a new key can take the name.
             let identity = mesh.forget_identity(name).map_err(|e| anyhow::anyhow!(e))?;
+            // Off the disk before the answer (the key saver writes later): a
+            // crash right after a success brought the key back.
+            mesh.save_keys().with_context(|| format!("rmpeer {name}: its key is forgotten, but the key book could not be saved (the router retries every 10 s)"))?;
             let taken = match mesh.with_ipam(|h| h.ipam.rmpeer(name)) {
                 Ok(n) => n,
                 // The identity is gone already; a mesh without an agreed ring has no ranges to take.

@@ -17,8 +17,9 @@
 //! Commands: `attach` adding an address to an attached target, an IPAM dual-stack
 //! `attach`, `detach` of some addresses, `detach` of a named target, `expose`
 //! beside an exposed address, `hide` of a named exposure, and (with a Docker
-//! Engine) a container attached and detached by name. Then the CLI, not the
-//! router, is killed mid-`attach`. Skips the router kills without `strace`.
+//! Engine) a container attached and detached by name; `rmpeer` of a dead peer,
+//! whose answer must hold after the restart. And the CLI, not the router, is
+//! killed mid-`attach`. Skips the router kills without `strace`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -141,9 +142,9 @@ impl Rig<'_> {
 
     /// Runs `meshnet ARGS` while `strace` holds each rename of the router for
     /// a moment, and kills the router while the `n`-th is held (before it
-    /// happens); `launch --resume` then. Returns false, with nothing killed,
-    /// when the command finished with fewer than `n` renames.
-    fn crash_before_write(&self, args: &[&str], n: usize) -> bool {
+    /// happens); `launch --resume` then. Returns what the command said, or
+    /// `None`, with nothing killed, when it finished with fewer than `n` renames.
+    fn crash_before_write(&self, args: &[&str], n: usize) -> Option<Out> {
         let pid = router_pid(self.h);
         let _ = std::fs::remove_file(&self.trace);
         let mut strace = Command::new("strace")
@@ -177,11 +178,11 @@ impl Rig<'_> {
         let out = cli.join().unwrap();
         if !killed {
             assert!(out.ok(), "`meshnet {}` under strace: {out}", args.join(" "));
-            return false;
+            return None;
         }
         eprintln!("killed before write {n} of `meshnet {}`: {}", args.join(" "), out.stderr.trim());
         self.h.meshnet(&["launch", "--resume"]).expect_ok("launch --resume");
-        true
+        Some(out)
     }
 
     /// For n = 1, 2, ...: `prepare`, then `args` with the router killed before
@@ -191,7 +192,7 @@ impl Rig<'_> {
         let free = self.view().free;
         for n in 1.. {
             prepare();
-            let crashed = self.crash_before_write(args, n);
+            let crashed = self.crash_before_write(args, n).is_some();
             let when = format!("{what}, killed before write {n}");
             if crashed {
                 let v = self.check(&when);
@@ -401,4 +402,62 @@ fn a_container_attached_by_name_keeps_its_name_with_its_address_across_a_crash()
 
 fn rig_resolves(h: &Host, name: &str) -> bool {
     h.meshnet(&["dns-lookup", name]).ok()
+}
+
+/// `rmpeer` of a dead peer killed before each of its writes: once it said it
+/// forgot the peer's key, the key stays forgotten (the key book was written
+/// after the answer, and a crash then brought the key back); `rmpeer` again
+/// completes it, and the ring no longer lists the peer.
+#[test]
+fn rmpeer_that_answered_stays_done_across_a_crash() {
+    let Some(lab) = Lab::new("crashrmpeer") else { return };
+    if !have_strace() {
+        return;
+    }
+    let names = ["02:00:00:00:c5:01", "02:00:00:00:c5:02", "02:00:00:00:c5:03", "02:00:00:00:c5:04"];
+    let seed = format!("seed={}", names.join(","));
+    let hosts: Vec<Host> = (1..=4).map(|i| lab.add_host(i)).collect();
+    for (i, h) in hosts.iter().enumerate() {
+        let mut args = vec!["--name", names[i], "--ipalloc-init", &seed, "--ipalloc-range", "10.45.0.0/16", "--no-docker-plugin", "--metrics-addr="];
+        if i > 0 {
+            args.push(&hosts[0].ip);
+        }
+        h.launch(&args);
+    }
+    let h1 = &hosts[0];
+    assert!(
+        wait_until(SECS(30), || names[1..].iter().all(|n| established_with(&h1.status_json(), n))),
+        "h1 did not connect to the others"
+    );
+    let pinned = || h1.status_json()["trust"]["pinned_keys"].as_u64().unwrap();
+    let owners = || -> Vec<String> {
+        let ipam = h1.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json();
+        ipam["owners"].as_array().unwrap().iter().map(|o| o["peer"].as_str().unwrap().to_string()).collect()
+    };
+    // Its own and the three others.
+    assert!(wait_until(SECS(10), || pinned() == 4), "h1 pinned {} keys, not 4", pinned());
+    for h in &hosts[1..] {
+        h.meshnet(&["stop"]).expect_ok("stop");
+    }
+    let gone = wait_until(SECS(30), || {
+        let ipam = h1.meshnet(&["status", "ipam", "--json"]).expect_ok("status ipam").json();
+        ipam["owners"].as_array().unwrap().iter().filter(|o| o["reachable"] == true).count() == 1
+    });
+    assert!(gone, "h1 still reaches a stopped peer");
+    let rig = Rig { h: h1, targets: vec![], trace: lab.dir.join("strace.out") };
+    for (n, peer) in (1..).zip(&names[1..]) {
+        let before = pinned();
+        let when = format!("rmpeer {peer}, killed before write {n}");
+        let Some(out) = rig.crash_before_write(&["rmpeer", peer], n) else {
+            eprintln!("rmpeer: {} crash points", n - 1);
+            break;
+        };
+        if out.ok() {
+            assert_eq!(pinned(), before - 1, "{when}: it answered {:?}, and its key is pinned again after the restart", out.stdout.trim());
+        }
+        let again = h1.meshnet(&["rmpeer", peer]);
+        assert!(again.ok(), "{when}: rmpeer again: {again}");
+        assert_eq!(pinned(), before - 1, "{when}, then again: keys pinned");
+        assert!(!owners().iter().any(|o| o == peer), "{when}, then again: the ring still lists it: {:?}", owners());
+    }
 }
