@@ -342,6 +342,7 @@ pub fn attach(
                 no_multicast_route: !multicast_route,
                 without_dns,
                 rewrite_hosts: rewrite_hosts.map(<[String]>::to_vec),
+                dns_pending: false,
             });
             attachments.last_mut().expect("just pushed")
         }
@@ -354,6 +355,9 @@ pub fn attach(
     entry.no_multicast_route = !multicast_route;
     entry.without_dns = without_dns;
     entry.rewrite_hosts = rewrite_hosts.map(<[String]>::to_vec);
+    // A container attached by name gets its DNS names once attached (the
+    // daemon clears this then); should a crash come first, the next launch does.
+    entry.dns_pending = t.kind == "docker" && !without_dns;
     for a in addrs {
         let text = format_cidr(a);
         if !entry.addrs.contains(&text) {
@@ -664,6 +668,7 @@ mod tests {
             no_multicast_route: false,
             without_dns: false,
             rewrite_hosts: None,
+            dns_pending: false,
         }
     }
 

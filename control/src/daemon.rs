@@ -1,5 +1,6 @@
 //! The router process: devices, sockets, tasks, the local API, and shutdown.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
@@ -366,6 +367,7 @@ pub fn run(cfg: Config) -> Result<()> {
         for (target, ip) in h.ipam.release_missing(&live) {
             log::info!("IPAM: released {ip} of {target}, which is gone");
         }
+        release_unrecorded(h, &attachments, &exposed);
         // Addresses attached before a ring was agreed and never claimed: claim them
         // once it is (at once, if it already is).
         for a in &attachments {
@@ -479,6 +481,7 @@ pub fn run(cfg: Config) -> Result<()> {
         for target in forgotten.iter().filter(|t| !attachments.iter().any(|a| &a.target == *t)) {
             unregister_logged(&mesh, target, &[]);
         }
+        register_pending_dns(&mesh, &mut attachments);
         let listener = TcpListener::from_std(std_tcp)?;
         let sock_path = state.socket();
         // A socket left by a router that died (the launch checked none serves).
@@ -1086,17 +1089,8 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             Ok(v)
         }
-        Request::Hide { cidrs } => {
-            let v = hide_addrs(ctx, &cidrs, true)?;
-            // Names given with `expose -h` go with their addresses.
-            let ips = ips_of(&v["hidden"]);
-            if !ips.is_empty() && ctx.mesh.dns.table().own_target(EXPOSE_DNS_TARGET) {
-                if let Err(e) = crate::dns::unregister(&ctx.mesh, EXPOSE_DNS_TARGET, None, &ips) {
-                    log::warn!("DNS: removing the names of hidden addresses: {e:#}");
-                }
-            }
-            Ok(v)
-        }
+        // Names given with `expose -h` go with their addresses (in hide_addrs).
+        Request::Hide { cidrs } => hide_addrs(ctx, &cidrs, true),
         Request::Attach { target, cidrs, ifname, no_multicast_route, without_dns, rewrite_hosts, add_hosts, hairpin } => {
             if !add_hosts.is_empty() && !rewrite_hosts {
                 bail!("attach: --add-host goes with --rewrite-hosts");
@@ -1195,6 +1189,7 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 // so the router's own attach at its `start` leaves them out too).
                 let ips: Vec<IpAddr> = done.addrs.iter().map(|(ip, _)| *ip).collect();
                 register_container(mesh, &t.name, &t.name, t.fqdn.as_deref(), &ips);
+                dns_registered(ctx, inode);
             }
             if let (true, Some(file)) = (rewrite_hosts, &t.hosts_file) {
                 // As `weave attach --rewrite-hosts`: the container's host name at
@@ -1241,6 +1236,19 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             }
             let remembered = attach::find_remembered(&a, &target).map(|i| a[i].target.clone());
             let key = attach::find_remembered(&a, &target).map(|i| attachment_key(&a[i]));
+            // Its DNS records go with its addresses (all of them, of both
+            // families, with the interface), and before them: the other way
+            // round, a crash in between left names pointing at addresses back
+            // in the pool, and nothing removed them. A crash in between now
+            // leaves it attached without those names, which `detach` again
+            // completes; a container attached by name has them back at the
+            // next launch (its record says so first).
+            let marked = mark_names_pending(&mesh.state, &mut a, &target)?;
+            let ips: Vec<IpAddr> = addrs.iter().map(|(ip, _)| *ip).collect();
+            let unnamed = match &remembered {
+                Some(name) => unregister_returning(mesh, name, &ips),
+                None => Vec::new(),
+            };
             let removed = match attach::detach(&mesh.state, &mut a, &target, &addrs) {
                 Ok(r) => r,
                 // Its namespace went without `detach`, and it was forgotten since.
@@ -1250,15 +1258,17 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
                 {
                     false
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    if let Some(name) = &remembered {
+                        register_again(mesh, name, &unnamed);
+                    }
+                    unmark_names_pending(&mesh.state, &mut a, marked);
+                    return Err(e);
+                }
             };
+            // Some of its addresses detached: the names of the others stay.
+            unmark_names_pending(&mesh.state, &mut a, marked);
             drop(a);
-            if let Some(name) = remembered {
-                // Its DNS records go with its addresses (all of them, of both
-                // families, with the interface).
-                let ips: Vec<IpAddr> = addrs.iter().map(|(ip, _)| *ip).collect();
-                unregister_logged(mesh, &name, &ips);
-            }
             if let Some(key) = key {
                 mesh.with_ipams(|h4, h6| {
                     for h in std::iter::once(h4).chain(h6) {
@@ -1299,6 +1309,9 @@ fn handle(ctx: &ApiCtx, req: Request) -> Result<serde_json::Value> {
             mesh.ipam_sees_topology();
             // Its pinned keys go too, so a host reinstalled with a new key can take the name.
             let identity = mesh.forget_identity(name).map_err(|e| anyhow::anyhow!(e))?;
+            // Off the disk before the answer (the key saver writes later): a
+            // crash right after a success brought the key back.
+            mesh.save_keys().with_context(|| format!("rmpeer {name}: its key is forgotten, but the key book could not be saved (the router retries every 10 s)"))?;
             let taken = match mesh.with_ipam(|h| h.ipam.rmpeer(name)) {
                 Ok(n) => n,
                 // The identity is gone already; a mesh without an agreed ring has no ranges to take.
@@ -1694,8 +1707,9 @@ fn expose_addrs(ctx: &ApiCtx, cidrs: &[String], masquerade: Option<bool>) -> Res
     Ok(json!({ "addresses": answer.into_iter().flatten().collect::<Vec<_>>() }))
 }
 
-/// `meshnet hide`: removes the exposed addresses `cidrs` name (all when none),
-/// releases them to IPAM, and rewrites (or deletes) the nftables table.
+/// `meshnet hide`: removes the exposed addresses `cidrs` name (all when none)
+/// and the names `expose -h` gave them, releases them to IPAM, and rewrites
+/// (or deletes) the nftables table.
 /// `by_user`: asked by `meshnet hide` (which may not hide a Docker network's
 /// gateway), not by the Docker plugin releasing one.
 fn hide_addrs(ctx: &ApiCtx, cidrs: &[String], by_user: bool) -> Result<serde_json::Value> {
@@ -1758,6 +1772,19 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String], by_user: bool) -> Result<serde_jso
         }
         rollback
     };
+    // The names given with `expose -h` go first: a crash before the record
+    // changes leaves the address exposed without its name (`hide` again
+    // completes it); the other way round left a name pointing at an address
+    // back in the pool. Put back if the hide fails.
+    let mut ips = Vec::new();
+    for e in &gone {
+        ips.push(expose::parse(e)?.0);
+    }
+    let unnamed = if !ips.is_empty() && mesh.dns.table().own_target(EXPOSE_DNS_TARGET) {
+        unregister_returning(mesh, EXPOSE_DNS_TARGET, &ips)
+    } else {
+        Vec::new()
+    };
     // Off the bridge before the record goes: a crash in between must not leave
     // an address there that no record holds (the next launch would free it in
     // IPAM while the bridge still has it). Put back if the record cannot be written.
@@ -1765,11 +1792,13 @@ fn hide_addrs(ctx: &ApiCtx, cidrs: &[String], by_user: bool) -> Result<serde_jso
     for e in &gone {
         let (ip, subnet) = expose::parse(e)?;
         if let Err(err) = netlink::del_link_address(bridge, ip, subnet.prefix()) {
+            register_again(mesh, EXPOSE_DNS_TARGET, &unnamed);
             return Err(put_back(&removed).error(anyhow::Error::from(err).context("hide")));
         }
         removed.push((ip, subnet.prefix()));
     }
     if let Err(err) = mesh.state.save_exposed(&next) {
+        register_again(mesh, EXPOSE_DNS_TARGET, &unnamed);
         return Err(put_back(&removed).error(err.context("hide")));
     }
     for e in &gone {
@@ -2099,6 +2128,71 @@ fn register_container(mesh: &Mesh, target: &str, name: &str, fqdn: Option<&str>,
     }
 }
 
+/// The DNS names of the attachment of namespace `inode` are registered: its
+/// record stops saying they are to be (see [`Attachment::dns_pending`]).
+fn dns_registered(ctx: &ApiCtx, inode: Option<u64>) {
+    let mut a = ctx.attachments.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(x) = a.iter_mut().find(|x| Some(x.ns_inode) == inode && x.dns_pending) else { return };
+    x.dns_pending = false;
+    let target = x.target.clone();
+    if let Err(e) = ctx.mesh.state.save_attachments(&a) {
+        log::warn!("DNS: {e:#} (the next launch registers {target}'s names again, which changes nothing)");
+    }
+}
+
+/// Before `detach` removes the DNS names of a container attached by name: its
+/// record says they are to be registered ([`Attachment::dns_pending`]), so a
+/// crash before the record changes gives them back at the next launch.
+/// Returns the namespace inode of the record it marked, if it marked one.
+fn mark_names_pending(state: &StateDir, a: &mut [Attachment], target: &str) -> Result<Option<u64>> {
+    let Some(i) = attach::find_remembered(a, target) else { return Ok(None) };
+    if a[i].kind != "docker" || a[i].without_dns || a[i].dns_pending {
+        return Ok(None);
+    }
+    a[i].dns_pending = true;
+    if let Err(e) = state.save_attachments(a) {
+        a[i].dns_pending = false;
+        return Err(e.context(format!("detach {target}")));
+    }
+    Ok(Some(a[i].ns_inode))
+}
+
+/// Takes back what [`mark_names_pending`] marked, on the record of namespace
+/// `inode` if one is left (a detach of some of its addresses, or one that failed).
+fn unmark_names_pending(state: &StateDir, a: &mut [Attachment], inode: Option<u64>) {
+    let Some(x) = a.iter_mut().find(|x| inode.is_some_and(|i| x.ns_inode == i) && x.dns_pending) else { return };
+    x.dns_pending = false;
+    let target = x.target.clone();
+    if let Err(e) = state.save_attachments(a) {
+        log::warn!("DNS: {e:#} (the next launch registers {target}'s names again)");
+    }
+}
+
+/// At launch: registers the DNS names of the containers attached by name whose
+/// `attach` was cut short (a crash) after the record and before the names, or
+/// whose `detach` was after the names and before the record. One not running
+/// is left to its start, which attaches (and names) it again.
+fn register_pending_dns(mesh: &Mesh, attachments: &mut [Attachment]) {
+    let mut changed = false;
+    for a in attachments.iter_mut().filter(|a| a.dns_pending) {
+        if attach::still_there(a).is_none() {
+            continue;
+        }
+        // Its host name, when it is one of the domain (the engine asked by ID).
+        let fqdn = a.container_id.as_deref().and_then(|id| attach::resolve(id).ok()).and_then(|t| t.fqdn);
+        let ips: Vec<IpAddr> = a.addrs.iter().filter_map(|c| parse_cidr(c).ok().map(|(ip, _)| ip)).collect();
+        log::info!("DNS: registering the names of {}, whose attach or detach a crash cut short", a.target);
+        register_container(mesh, &a.target, &a.target, fqdn.as_deref(), &ips);
+        a.dns_pending = false;
+        changed = true;
+    }
+    if changed {
+        if let Err(e) = mesh.state.save_attachments(attachments) {
+            log::warn!("DNS: {e:#} (the next launch registers those names again, which changes nothing)");
+        }
+    }
+}
+
 /// A container's host name (`Config.Hostname` with its domain), when it is a
 /// name of meshnet's DNS domain.
 fn host_name_in_domain<'a>(mesh: &Mesh, fqdn: Option<&'a str>) -> Option<&'a str> {
@@ -2110,6 +2204,25 @@ fn host_name_in_domain<'a>(mesh: &Mesh, fqdn: Option<&'a str>) -> Option<&'a str
 fn unregister_logged(mesh: &Mesh, target: &str, ips: &[IpAddr]) {
     if let Err(e) = crate::dns::unregister(mesh, target, None, ips) {
         log::warn!("DNS: removing the records of {target}: {e:#}");
+    }
+}
+
+/// Removes this router's records of `target` (those of `ips`; all when
+/// empty) and returns them, to be put back should what they go with fail; a
+/// failure is logged.
+fn unregister_returning(mesh: &Mesh, target: &str, ips: &[IpAddr]) -> Vec<(String, IpAddr)> {
+    crate::dns::unregister(mesh, target, None, ips).unwrap_or_else(|e| {
+        log::warn!("DNS: removing the records of {target}: {e:#}");
+        Vec::new()
+    })
+}
+
+/// Puts back records [`unregister_returning`] removed.
+fn register_again(mesh: &Mesh, target: &str, records: &[(String, IpAddr)]) {
+    for (name, ip) in records {
+        if let Err(e) = crate::dns::register(mesh, target, name, &[*ip]) {
+            log::warn!("DNS: putting back {name} -> {ip} of {target}: {e:#}");
+        }
     }
 }
 
@@ -2137,6 +2250,32 @@ fn release_forgotten(mesh: &Mesh, forgotten: &[Attachment], key: &str, target: &
         }
         if f.target != target {
             unregister_logged(mesh, &f.target, &[]);
+        }
+    }
+}
+
+/// At launch: frees the addresses a target still attached (or the host's
+/// exposed set) holds in IPAM that its record does not list. An `attach` adding
+/// an address to an attached target, an `expose` while others are exposed, or a
+/// `detach`/`hide` of some addresses, cut short by a crash between IPAM and the
+/// record, left one there, owned by nobody and never handed out again until the
+/// whole target was detached. The records say what is in use: they are written
+/// before an address reaches a target and after it left it.
+fn release_unrecorded(h: &mut ipamd::IpamHost, attachments: &[Attachment], exposed: &[Exposure]) {
+    let mut recorded: HashMap<String, Vec<IpAddr>> = HashMap::new();
+    for a in attachments {
+        let ips = a.addrs.iter().filter_map(|s| parse_cidr(s).ok().map(|(ip, _)| ip));
+        recorded.entry(attachment_key(a)).or_default().extend(ips);
+    }
+    if !exposed.is_empty() {
+        let ips = exposed.iter().filter_map(|e| expose::parse(e).ok().map(|(ip, _)| ip));
+        recorded.entry(EXPOSE_KEY.to_string()).or_default().extend(ips);
+    }
+    for (key, ips) in &recorded {
+        for ip in h.ipam.addresses_of(key) {
+            if !ips.contains(&ip) && h.ipam.free(key, ip) {
+                log::info!("IPAM: released {ip} of {key}, which its record does not hold (an operation cut short)");
+            }
         }
     }
 }

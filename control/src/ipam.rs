@@ -139,6 +139,9 @@ pub struct IpamHost {
     /// Peers whose IPAM conflicted with ours (another range, another ring), so
     /// that their connection was closed: the latest per peer, newest last.
     peer_conflicts: VecDeque<(PeerName, String, Instant)>,
+    /// Messages taken from IPAM whose state could not be saved after taking
+    /// them: sent after the next successful write.
+    held_back: Vec<(Dest, Vec<u8>)>,
 }
 
 /// Most peers remembered in [`IpamHost::peer_conflicts`].
@@ -201,6 +204,7 @@ impl IpamHost {
             last_save_log: None,
             last_drop_log: None,
             peer_conflicts: VecDeque::new(),
+            held_back: Vec::new(),
         })
     }
 
@@ -212,8 +216,12 @@ impl IpamHost {
     ///
     /// The state stays dirty until a write succeeds: after a failed write
     /// nothing more is sent and no more events are reported (messages stay
-    /// queued in IPAM and go out after the next successful write), so no peer
-    /// ever hears of state this router could lose in a crash.
+    /// queued in IPAM, or held here, and go out after the next successful
+    /// write), so no peer ever hears of state this router could lose in a
+    /// crash. Taking the messages can change the state too (a digest first
+    /// publishes this peer's exact free counts): that is saved as well before
+    /// they go, so the state is clean after a flush that succeeds (an `attach`
+    /// checks that its address is on disk).
     ///
     /// What an event asks of this router is done here, and what that produces
     /// is saved and returned too: the priming request is released once granted,
@@ -226,13 +234,19 @@ impl IpamHost {
         // Each round's follow-ups are few and bounded (one release, one set
         // of claims): a handful of rounds always drains them.
         for _ in 0..FLUSH_ROUNDS {
-            if !self.save() {
+            if !self.save_if_needed() {
                 break;
             }
-            let first = events.len();
+            let mut sent = std::mem::take(&mut self.held_back);
             while let Some(t) = self.ipam.poll_transmit() {
-                out.push(t);
+                sent.push(t);
             }
+            if !self.save_if_needed() {
+                self.held_back = sent;
+                break;
+            }
+            out.append(&mut sent);
+            let first = events.len();
             while let Some(e) = self.ipam.poll_event() {
                 events.push(e);
             }
@@ -257,9 +271,9 @@ impl IpamHost {
         (out, events)
     }
 
-    /// Writes the state if it changed since the last write; false if that
-    /// failed (logged at most every 10 s, counted in `save_failures`).
-    fn save(&mut self) -> bool {
+    /// Writes the snapshot if the state changed since the last write; false if
+    /// that failed (counted, logged at most every [`LOG_EVERY`], shown in status).
+    fn save_if_needed(&mut self) -> bool {
         if !self.ipam.needs_save() {
             return true;
         }
@@ -525,6 +539,34 @@ mod tests {
         assert!(e.contains("10.32.0.0/12 on meshnet"), "{e}");
         let clash = format!("{head}{}", ours.replace("meshnet", "eth1"));
         assert!(check_routes(&range, "meshnet", &clash).is_err(), "a route of another interface is not refused");
+    }
+
+    #[test]
+    fn a_flush_leaves_nothing_unsaved_when_a_digest_publishes_free_counts() {
+        // An allocation moves the exact free count too little to publish it at
+        // once; the periodic digest then publishes it while the flush takes the
+        // messages, after the write. That change must reach the disk in the same
+        // flush: `attach` refuses an address whose state is not saved yet
+        // ("was not allocated: the IPAM state is not saved yet"), and did so
+        // whenever a digest fell due under it.
+        let dir = std::env::temp_dir().join(format!("meshnet-ipam-digest-flush-{}", std::process::id()));
+        let state = StateDir::new(dir.clone());
+        state.ensure().unwrap();
+        let range: Cidr = "10.40.0.0/16".parse().unwrap();
+        let me = PeerName(0x0200_0000_0001);
+        let mut host = IpamHost::open(&state, me, range, range, InitMode::Seed(vec![me]), &Identity::generate()).unwrap();
+        let _ = host.flush();
+        let now = host.now_ms();
+        let got = host.ipam.allocate("netns:c1", meshnet_proto::ipam::Request::Any(range), now).unwrap();
+        assert!(matches!(got, Allocation::Ready { .. }), "{got:?}");
+        let _ = host.flush();
+        assert!(!host.ipam.needs_save(), "unsaved right after an allocation's flush");
+        host.ipam.handle_timeout(now + 1);
+        let (out, _) = host.flush();
+        assert!(!out.is_empty(), "the digest's flush sent nothing");
+        assert!(!host.ipam.needs_save(), "the digest's flush left the state unsaved");
+        assert_eq!(host.unsaved_error(), None);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -56,6 +56,13 @@ pub struct Attachment {
     /// the container's `/etc/hosts` is written again when the router attaches it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite_hosts: Option<Vec<String>>,
+    /// A Docker container attached by name whose DNS names may be missing:
+    /// written with the record that `attach` saves before the interface and
+    /// cleared once the names are registered, and set by `detach` before it
+    /// removes them. A launch registers the names of a running container whose
+    /// record says so (a crash came in between: they would never come back).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dns_pending: bool,
 }
 
 /// An address of this host on the overlay (`meshnet expose`), on the bridge.
@@ -453,6 +460,7 @@ mod tests {
             no_multicast_route: true,
             without_dns: true,
             rewrite_hosts: Some(vec!["static:10.9.9.9".into()]),
+            dns_pending: true,
         };
         s.save_attachments(std::slice::from_ref(&a)).unwrap();
         assert_eq!(s.load_attachments().unwrap(), vec![a]);
