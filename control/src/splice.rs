@@ -139,7 +139,6 @@ fn msg(me: PeerName, to: PeerName, id: u64, body: SpliceBody) -> ControlMsg {
     ControlMsg::Splice(SpliceMsg { from: me, to, id, observed: None, body })
 }
 
-/// Sends `m` towards its `to` through `via`; false if `via` is gone.
 /// Sends `m` through our connection to `via`; false: there is none, or it is
 /// closing. Where a caller ignores that, the other end gives up by itself: an
 /// open nobody answers times out (`OPEN_TIMEOUT`), and a splice whose relay is
